@@ -1,0 +1,30 @@
+# Two entry points (see README): `make run` serves conf/scriptlb.conf, `make test` runs the suite.
+# Both create .venv and install the project into it first, so a fresh machine needs nothing else.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint bench install
+
+$(BIN)/scriptlb: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(BIN)/scriptlb
+
+install: $(BIN)/scriptlb
+
+run: install
+	$(BIN)/scriptlb -p . -c conf/scriptlb.conf -g 'daemon off;'
+
+test: install
+	bash scripts/install-test-tools
+	$(BIN)/ruff check scriptlb tests bench
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check scriptlb tests bench
+
+bench: install
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run.py $(ARGS)

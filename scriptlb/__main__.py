@@ -1,0 +1,3 @@
+from scriptlb.cli import main
+
+raise SystemExit(main())

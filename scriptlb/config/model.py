@@ -1,0 +1,279 @@
+"""Typed, frozen configuration objects: the only form of the config that runtime code reads.
+
+The config package turns directive text into these objects once, at load time (lexer ->
+parser -> directives -> model). Inheritance (http -> server -> location) is resolved by the
+builder, so every ``LocationConf`` carries the *effective* value of each setting and the hot
+path never walks parent blocks or re-parses strings.
+
+Units: every duration is a float in seconds, every size an int in bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntFlag
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a directive was written, for ``file:line`` in messages."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+# --------------------------------------------------------------------------- templates
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A string with nginx ``$variables``, split once at load time.
+
+    ``parts`` alternates literals (str) and variable references (``Var``). A template without
+    variables has ``static`` set to its text, so callers can skip evaluation entirely.
+    """
+
+    raw: str
+    parts: tuple[str | Var, ...]
+    static: str | None
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.parts if isinstance(p, Var))
+
+
+@dataclass(frozen=True, slots=True)
+class Var:
+    name: str  # without the '$', lower-cased, e.g. "http_user_agent", "upstream_addr"
+
+
+# --------------------------------------------------------------------------- main context
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorLogConf:
+    path: str  # absolute path, or "stderr"
+    level: str = "error"  # debug info notice warn error crit alert emerg
+
+
+@dataclass(frozen=True, slots=True)
+class MainConf:
+    """The whole configuration, as loaded from one file (plus includes)."""
+
+    conf_file: str  # absolute path of the main config file
+    prefix: str  # absolute prefix (-p), relative paths in the config are resolved against it
+    worker_processes: int = 1  # "auto" is resolved to os.cpu_count() by the builder
+    daemon: bool = True
+    master_process: bool = True
+    pid: str | None = None  # absolute path; None means no pid file
+    error_log: tuple[ErrorLogConf, ...] = ()
+    worker_connections: int = 512
+    http: HttpConf | None = None
+
+
+# --------------------------------------------------------------------------- http context
+
+
+@dataclass(frozen=True, slots=True)
+class LogFormat:
+    name: str
+    template: Template
+    escape: str = "default"  # default | json | none
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConf:
+    path: str  # absolute path, or "stderr"/"stdout"
+    format: LogFormat
+
+
+@dataclass(frozen=True, slots=True)
+class HookConf:
+    """A ``balancer_by_python_*`` (or later ``log_by_python_*``) hook."""
+
+    kind: str  # "file" | "block"
+    path: str | None  # absolute path for "file"
+    code: str | None  # dedented Python source for "block"
+    source: Source  # the directive's file:line; a block's code starts on source.line + 1
+    timeout: float = 0.010  # balancer_by_python_timeout: CPU budget of one run
+
+    @property
+    def chunk_name(self) -> str:
+        """The name used in tracebacks and logs, like ngx_lua's chunk names."""
+        if self.kind == "file":
+            assert self.path is not None
+            return self.path
+        return f"balancer_by_python({self.source.file}:{self.source.line})"
+
+
+@dataclass(frozen=True, slots=True)
+class PythonConf:
+    """http-level settings of the hook runtime."""
+
+    package_path: tuple[str, ...] = ()  # absolute patterns, e.g. "/srv/hooks/?.py"
+    code_cache: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConf:
+    upstreams: dict[str, UpstreamConf]  # explicit `upstream` blocks and implicit ones (below)
+    servers: tuple[ServerConf, ...]
+    log_formats: dict[str, LogFormat]
+    python: PythonConf = field(default_factory=PythonConf)
+
+
+# --------------------------------------------------------------------------- upstreams
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddr:
+    """One resolved address of a ``server`` line."""
+
+    host: str | None  # IP literal without brackets; None for unix sockets
+    port: int
+    unix_path: str | None = None
+
+    @property
+    def name(self) -> str:
+        """nginx's peer name as it appears in $upstream_addr: 127.0.0.1:80, [::1]:80, unix:/p."""
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        if self.host is not None and ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamServerConf:
+    """One ``server`` line of an ``upstream`` block (a name may resolve to several addresses)."""
+
+    name: str  # as written, e.g. "127.0.0.1:9001" or "localhost:9001"
+    addrs: tuple[PeerAddr, ...]
+    weight: int = 1
+    max_fails: int = 1
+    fail_timeout: float = 10.0
+    max_conns: int = 0  # 0 = unlimited
+    backup: bool = False
+    down: bool = False
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BalancerMethodConf:
+    """The upstream's balancing method. Only round robin exists today; others will add kinds."""
+
+    kind: str = "round_robin"  # round_robin | least_conn | hash | ip_hash | random | ...
+    args: tuple[str, ...] = ()
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConf:
+    name: str
+    servers: tuple[UpstreamServerConf, ...]
+    method: BalancerMethodConf = field(default_factory=BalancerMethodConf)
+    hook: HookConf | None = None
+    keepalive: int = 0  # max idle connections cached per worker; 0 = no pool
+    keepalive_timeout: float = 60.0
+    keepalive_requests: int = 1000
+    implicit: bool = False  # created by `proxy_pass http://IP:PORT`
+    source: Source | None = None
+
+
+# --------------------------------------------------------------------------- servers/locations
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConf:
+    host: str | None  # IP literal without brackets ("0.0.0.0" when only a port was given)
+    port: int
+    unix_path: str | None = None
+    default_server: bool = False
+    reuseport: bool = False
+    backlog: int = 511
+    source: Source | None = None
+
+    @property
+    def key(self) -> tuple[str | None, int, str | None]:
+        """Identity of the listening socket; servers with the same key share it."""
+        return (self.host, self.port, self.unix_path)
+
+
+class NextUpstream(IntFlag):
+    """``proxy_next_upstream`` conditions, as nginx's NGX_HTTP_UPSTREAM_FT_* bits."""
+
+    ERROR = 0x02
+    TIMEOUT = 0x04
+    INVALID_HEADER = 0x08
+    HTTP_500 = 0x10
+    HTTP_502 = 0x20
+    HTTP_503 = 0x40
+    HTTP_504 = 0x80
+    HTTP_403 = 0x100
+    HTTP_404 = 0x200
+    HTTP_429 = 0x400
+    NON_IDEMPOTENT = 0x2000
+    OFF = 0x40000000
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConf:
+    """Effective proxy_* settings of one location (inheritance already applied)."""
+
+    # (lower-cased name, original-case name, value); an empty static value removes the header.
+    # The default list mirrors nginx: Host $proxy_host, Connection close (or "" with keepalive).
+    set_headers: tuple[tuple[str, str, Template], ...] = ()
+    http_version: str = "1.0"  # "1.0" | "1.1" (nginx's default is 1.0)
+    connect_timeout: float = 60.0
+    send_timeout: float = 60.0
+    read_timeout: float = 60.0
+    next_upstream: NextUpstream = NextUpstream.ERROR | NextUpstream.TIMEOUT
+    next_upstream_tries: int = 0  # 0 = unlimited
+    next_upstream_timeout: float = 0.0  # 0 = unlimited
+    request_buffering: bool = True
+    buffering: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyPassConf:
+    upstream: str  # key into HttpConf.upstreams ("127.0.0.1:9001" for implicit ones)
+    uri: str | None  # the URI part of proxy_pass, None when absent (request URI passed as is)
+    proxy_host: str  # value of $proxy_host: the upstream name, or host:port when not 80
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReturnConf:
+    status: int
+    text: Template | None  # body text, or the URL for 301/302/303/307/308
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LocationConf:
+    modifier: str  # "=" | "" (prefix) | "^~" | "~" | "~*"
+    pattern: str
+    proxy_pass: ProxyPassConf | None = None
+    return_: ReturnConf | None = None
+    proxy: ProxyConf = field(default_factory=ProxyConf)
+    client_max_body_size: int = 1024 * 1024  # 0 = unlimited
+    client_body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0  # 0 disables client keep-alive
+    keepalive_requests: int = 1000
+    access_log: tuple[AccessLogConf, ...] = ()  # empty = off
+    # later phases (log_by_python) go here
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConf:
+    listens: tuple[ListenConf, ...]
+    server_names: tuple[str, ...]
+    locations: tuple[LocationConf, ...]  # in declaration order; matching order is computed at runtime
+    client_header_timeout: float = 60.0
+    large_client_header_buffers: tuple[int, int] = (4, 8192)  # (number, size)
+    # the server-level default used when no location matches (nginx: 404)
+    source: Source | None = None
