@@ -88,6 +88,8 @@ class LogFormat:
 class AccessLogConf:
     path: str  # absolute path, or "stderr"/"stdout"
     format: LogFormat
+    buffer: int = 0  # access_log ... buffer=SIZE: bytes kept before a write; 0 = write per request
+    flush: float = 0.0  # access_log ... flush=TIME: the longest a buffered line may wait
 
 
 @dataclass(frozen=True, slots=True)
