@@ -1,0 +1,124 @@
+"""Smooth weighted round robin with passive health checks: nginx's
+``ngx_http_upstream_round_robin.c`` (get/free), statement for statement where it matters.
+
+Theory of operation
+-------------------
+Every selection adds each eligible peer's ``effective_weight`` to its ``current_weight`` and
+picks the highest (ties: declaration order), then subtracts the round's total from the winner.
+Over ``sum(weights)`` selections each peer is chosen ``weight`` times, interleaved smoothly
+(5:1:1 gives ``a a b a c a a``).
+
+A peer is skipped when it is ``down``, already tried by this request, at ``max_conns``, or has
+``fails >= max_fails`` while ``now - checked <= fail_timeout``. A failure (``free`` with
+``failed=True``) bumps ``fails``, stamps ``accessed``/``checked`` and lowers ``effective_weight``
+by ``weight // max_fails``; each later selection round gives one point back. A success clears
+``fails`` only when a selection after the window (which refreshes ``checked``) proved the peer
+again, so failures inside one window accumulate even across successes.
+
+When the primary list has nothing eligible, the request switches to the backup list once, with
+a fresh tried bitmap; when that has nothing either, ``get`` returns ``None`` (no live upstreams).
+"""
+
+from __future__ import annotations
+
+from scriptlb.balancing.base import BalancerState, initial_tries
+from scriptlb.peers import Peer, PeerSet
+
+
+class RoundRobin:
+    """nginx's default balancing method. Implements ``scriptlb.balancing.base.Balancer``."""
+
+    __slots__ = ("peers",)
+
+    def __init__(self, peers: PeerSet) -> None:
+        self.peers = peers
+
+    def rebuild(self, peers: PeerSet) -> None:
+        self.peers = peers
+
+    def new_request(self, tries_cap: int) -> BalancerState:
+        return BalancerState(self.peers, initial_tries(self.peers, tries_cap))
+
+    # ------------------------------------------------------------------ get
+
+    def get(self, state: BalancerState, now: float) -> Peer | None:
+        peer_set = state.peer_set
+        peer = self._get_single(peer_set.primary[0]) if peer_set.single else self._get_weighted(state, now)
+        if peer is None:
+            if state.on_backup or not peer_set.backup:
+                return None
+            # nginx's "backup servers": the same request now chooses among backups only
+            state.on_backup = True
+            state.tried = 0
+            peer = self._get_weighted(state, now)
+            if peer is None:
+                return None
+        state.current = peer
+        peer.conns += 1
+        return peer
+
+    @staticmethod
+    def _get_single(peer: Peer) -> Peer | None:
+        # A single peer ignores max_fails: there is nothing else to send the request to.
+        if peer.down or peer.is_full():
+            return None
+        return peer
+
+    @staticmethod
+    def _get_weighted(state: BalancerState, now: float) -> Peer | None:
+        tried = state.tried
+        best: Peer | None = None
+        best_index = 0
+        total = 0
+        for index, peer in enumerate(state.peers):
+            if tried >> index & 1 or peer.is_unavailable(now) or peer.is_full():
+                continue
+            peer.current_weight += peer.effective_weight
+            total += peer.effective_weight
+            if peer.effective_weight < peer.weight:
+                peer.effective_weight += 1  # recovery after failures: one point per round
+            if best is None or peer.current_weight > best.current_weight:
+                best = peer
+                best_index = index
+        if best is None:
+            return None
+        state.tried = tried | 1 << best_index
+        best.current_weight -= total
+        if now - best.checked > best.fail_timeout:
+            best.checked = now  # a selection after the window: a success now clears fails
+        return best
+
+    # ------------------------------------------------------------------ free
+
+    def free(self, state: BalancerState, peer: Peer, failed: bool, now: float) -> bool:
+        state.current = None
+        if state.peer_set.single:
+            # nginx: no failure accounting for a single peer, and never a retry on it
+            peer.conns -= 1
+            state.tries = 0
+            return False
+        disabled = False
+        if failed:
+            disabled = self._account_failure(peer, now)
+        elif peer.accessed < peer.checked:
+            peer.fails = 0  # the peer was chosen again after its window and succeeded
+        peer.conns -= 1
+        if state.tries:
+            state.tries -= 1
+        return disabled
+
+    @staticmethod
+    def _account_failure(peer: Peer, now: float) -> bool:
+        peer.fails += 1
+        peer.accessed = now
+        peer.checked = now
+        disabled = False
+        if peer.max_fails:
+            peer.effective_weight -= peer.weight // peer.max_fails
+            disabled = peer.fails >= peer.max_fails
+        if peer.effective_weight < 0:
+            peer.effective_weight = 0
+        return disabled
+
+    def __repr__(self) -> str:
+        return f"<RoundRobin {self.peers!r}>"
