@@ -175,8 +175,16 @@ def test_status_based_kinds() -> None:
 
 @pytest.mark.parametrize(
     ("method", "idempotent"),
-    [("GET", True), ("HEAD", True), ("PUT", True), ("DELETE", True), ("OPTIONS", True),
-     ("POST", False), ("LOCK", False), ("PATCH", False)],
+    [
+        ("GET", True),
+        ("HEAD", True),
+        ("PUT", True),
+        ("DELETE", True),
+        ("OPTIONS", True),
+        ("POST", False),
+        ("LOCK", False),
+        ("PATCH", False),
+    ],
 )
 def test_is_idempotent(method: str, idempotent: bool) -> None:
     assert is_idempotent(method) is idempotent
