@@ -1,0 +1,717 @@
+"""Client-side HTTP/1.x connection: parse requests, write responses, keep-alive, pipelining.
+
+Theory of operation
+-------------------
+``ClientConnection`` is an ``asyncio.Protocol`` that owns one client socket. httptools parses
+every byte we read; the parser callbacks only build a ``Request`` (head + body chunks) and hand it
+to a *handler* (the proxy's ``Exchange``) created by ``ListenerContext.open_exchange``. Routing,
+peers, retries and status decisions all live in the handler, never here.
+
+One request is *active* at a time. Requests that arrive pipelined behind it are parsed ahead into
+``_queue`` (their bodies buffered in their own ``Request``) and reading is paused, so a client can
+not make us parse unbounded input. Responses are therefore written strictly in request order.
+
+What this module does decide is the client side of HTTP: framing of the response (Content-Length,
+chunked for HTTP/1.1, close-delimited for HTTP/1.0), keep-alive, and the nginx client errors
+(400/408/413/414 written here, then the connection is closed).
+
+Timers: one ``TimerHandle`` per connection, re-armed lazily. ``_deadline`` and ``_phase`` say
+what is being waited for (a new request, the rest of the head, more body, the client draining
+our writes); the handle fires, compares with the deadline and either re-arms or times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from email.utils import formatdate
+from typing import Protocol
+
+import httptools
+
+from scriptlb import errorlog
+
+# Hop-by-hop headers (RFC 9110 7.6.1) plus the ones nginx never forwards from a client.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
+
+# nginx's send_timeout default: how long a client may leave our writes unread before we give up.
+CLIENT_SEND_TIMEOUT = 60.0
+# Statuses that never carry a body (RFC 9110 6.4.1).
+_NO_BODY_STATUS = frozenset({204, 304})
+
+_conn_ids = itertools.count(1)
+
+
+def next_connection_id() -> int:
+    """nginx's connection counter ($connection, the ``*N`` in error-log lines)."""
+    return next(_conn_ids)
+
+
+# --------------------------------------------------------------------------- status lines, Date
+
+REASONS: dict[int, str] = {
+    100: "Continue", 101: "Switching Protocols", 103: "Early Hints",
+    200: "OK", 201: "Created", 202: "Accepted", 203: "Non-Authoritative Information",
+    204: "No Content", 205: "Reset Content", 206: "Partial Content",
+    300: "Multiple Choices", 301: "Moved Permanently", 302: "Moved Temporarily", 303: "See Other",
+    304: "Not Modified", 307: "Temporary Redirect", 308: "Permanent Redirect",
+    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
+    404: "Not Found", 405: "Not Allowed", 406: "Not Acceptable", 408: "Request Time-out",
+    409: "Conflict", 410: "Gone", 411: "Length Required", 412: "Precondition Failed",
+    413: "Request Entity Too Large", 414: "Request-URI Too Large", 415: "Unsupported Media Type",
+    416: "Requested Range Not Satisfiable", 421: "Misdirected Request", 429: "Too Many Requests",
+    494: "Request Header Or Cookie Too Large",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Temporarily Unavailable", 504: "Gateway Time-out", 505: "HTTP Version Not Supported",
+    507: "Insufficient Storage",
+}  # fmt: skip
+
+_status_lines: dict[int, bytes] = {}
+
+
+def status_line(status: int) -> bytes:
+    """``HTTP/1.1 200 OK\\r\\n``, built once per status (nginx's reason phrases)."""
+    line = _status_lines.get(status)
+    if line is None:
+        reason = REASONS.get(status, "")
+        line = f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
+        _status_lines[status] = line
+    return line
+
+
+class _DateCache:
+    """The ``Date:`` header line, formatted at most once per second."""
+
+    __slots__ = ("_line", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def line(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._line = b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
+        return self._line
+
+
+date_cache = _DateCache()
+SERVER_LINE = b"Server: scriptlb\r\n"
+
+
+def error_page(status: int) -> bytes:
+    """nginx's built-in error page body for ``status``."""
+    text = f"{status} {REASONS.get(status, '')}".rstrip()
+    if status == 494:  # nginx shows the 494 text with status 400
+        return (
+            b"<html>\r\n<head><title>400 Request Header Or Cookie Too Large</title></head>\r\n"
+            b"<body>\r\n<center><h1>400 Bad Request</h1></center>\r\n"
+            b"<center>Request Header Or Cookie Too Large</center>\r\n"
+            b"<hr><center>scriptlb</center>\r\n</body>\r\n</html>\r\n"
+        )
+    return (
+        f"<html>\r\n<head><title>{text}</title></head>\r\n<body>\r\n"
+        f"<center><h1>{text}</h1></center>\r\n<hr><center>scriptlb</center>\r\n"
+        f"</body>\r\n</html>\r\n"
+    ).encode("latin-1")
+
+
+# --------------------------------------------------------------------------- the request
+
+
+class Request:
+    """One parsed request head plus its body as received so far (the body is never re-framed)."""
+
+    __slots__ = (
+        "body",
+        "body_size",
+        "chunked",
+        "complete",
+        "content_length",
+        "expect_continue",
+        "head_size",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "target",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.target = b""  # raw request target, as sent
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.keep_alive = True
+        self.head_size = 0
+        self.body: list[bytes] = []  # chunks not yet taken by the handler
+        self.body_size = 0  # bytes received so far (decoded, without chunk framing)
+        self.complete = False
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def take_body(self) -> bytes:
+        """Everything buffered so far, joined; the buffer is emptied."""
+        body = self.body
+        if not body:
+            return b""
+        data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        return data
+
+    def request_line(self) -> str:
+        """``GET / HTTP/1.1``: nginx's $request."""
+        return f"{self.method} {self.target.decode('latin-1')} HTTP/{self.version}"
+
+
+class RequestHandler(Protocol):
+    """What the connection needs from whoever serves a request (the proxy's Exchange)."""
+
+    max_body_size: int  # 0 = unlimited
+    body_timeout: float
+    keepalive_timeout: float
+    keepalive_requests: int
+
+    def start(self) -> None: ...  # the request became the active one
+    def body_received(self) -> None: ...  # new chunks in request.body, or request.complete
+    def client_lost(self) -> None: ...  # the client went away before the response finished
+    def writing_paused(self) -> None: ...  # the client reads slower than we write
+    def writing_resumed(self) -> None: ...
+
+
+class OpenExchange(Protocol):
+    def __call__(self, conn: ClientConnection, request: Request) -> RequestHandler: ...
+
+
+class ListenerContext:
+    """Per-listener, per-worker settings shared by its connections."""
+
+    def __init__(
+        self,
+        open_exchange: OpenExchange,
+        header_timeout: float = 60.0,
+        header_buffers: tuple[int, int] = (4, 8192),
+    ) -> None:
+        self.open_exchange = open_exchange
+        # the default server's values: the Host (hence the server) is unknown while reading a head
+        self.header_timeout = header_timeout
+        self.header_buffers = header_buffers
+        self.connections: set[ClientConnection] = set()
+        self.shutting_down = False  # graceful stop: finish the active request, then close
+
+
+class ClientError(Exception):
+    """A client mistake that ends the connection with an nginx status and an info-level log."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# timer phases
+_IDLE, _HEAD, _BODY, _SEND, _NONE = range(5)
+_PHASE_TEXT = {
+    _IDLE: "",
+    _HEAD: "while reading client request headers",
+    _BODY: "while reading client request body",
+    _SEND: "while sending response to client",
+}
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, listener: ListenerContext, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.listener = listener
+        self.loop = loop or asyncio.get_event_loop()
+        self.conn_id = next_connection_id()
+        self.transport: asyncio.Transport | None = None
+        self.remote_addr = ""
+        self.remote_port = 0
+        self.server_addr = ""
+        self.server_port = 0
+        self._parser = httptools.HttpRequestParser(self)
+        self.closed = False
+        self.requests = 0  # requests started on this connection ($connection_requests)
+
+        # timers
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._deadline = 0.0
+        self._phase = _NONE
+
+        # flow control
+        self._reading_paused = False
+        self._writing_paused = False
+
+        # per-request state: the request being parsed, the active one and those queued behind it
+        self._parsing: Request | None = None
+        self._parsing_handler: RequestHandler | None = None
+        self._header_name_bytes = 0
+        self.active: RequestHandler | None = None
+        self._active_request: Request | None = None
+        self._queue: deque[tuple[Request, RequestHandler]] = deque()
+        self._pending_error: ClientError | None = None  # raised while a request was in flight
+        self._eof = False  # the client half-closed: answer what it sent, then close
+        self._last_keepalive_timeout = 75.0
+
+        # response state of the active request
+        self._keep_alive = False
+        self._chunked = False
+        self._body_allowed = True
+        self.response_started = False
+        self.bytes_sent = 0
+        self.body_bytes_sent = 0
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        if isinstance(peer, tuple):
+            self.remote_addr, self.remote_port = peer[0], peer[1]
+        else:  # unix socket
+            self.remote_addr = "unix:"
+        if isinstance(sock, tuple):
+            self.server_addr, self.server_port = sock[0], sock[1]
+        self.listener.connections.add(self)
+        self._arm(_HEAD, self.listener.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.connections.discard(self)
+        self._cancel_timer()
+        active, self.active = self.active, None
+        if active is not None:
+            active.client_lost()
+        self._queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self._pending_error is not None:
+            return  # we stopped parsing this connection; the error is answered in order
+        try:
+            self._feed(data)
+        except ClientError as err:
+            self._client_error(err)
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client may still read our answer to what it already sent.
+        self._eof = True
+        if self.active is None and not self._queue:
+            self.close()
+        return True
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        if self.active is not None:
+            self.active.writing_paused()
+        self._arm(_SEND, CLIENT_SEND_TIMEOUT)
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._phase == _SEND:
+            self._phase = _NONE
+        if self.active is not None:
+            self.active.writing_resumed()
+
+    # ------------------------------------------------------------------ parsing
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # llhttp stops after an "Upgrade" request head; we do not tunnel, so the request was
+            # delivered as a plain one (Upgrade is hop-by-hop and dropped, as nginx does).
+            offset = int(upgrade.args[0])
+            if offset < len(data):
+                self._feed(data[offset:])
+        except httptools.HttpParserCallbackError as err:
+            cause = err.__context__
+            if isinstance(cause, ClientError):
+                raise cause from None
+            raise  # a bug in a callback must not masquerade as a client error
+        except httptools.HttpParserError as err:
+            raise ClientError(400, self._parse_error_message(err)) from None
+
+    def _parse_error_message(self, err: Exception) -> str:
+        where = "request line" if self._parsing is None or not self._parsing.method else "request headers"
+        if self._parsing is not None and self._parsing.headers and "Content-Length" in str(err):
+            return ("client sent duplicate or invalid Content-Length header "
+                    "while reading client request headers")
+        if "Transfer-Encoding" in str(err):
+            return "client sent unknown or invalid \"Transfer-Encoding\" while reading client request headers"
+        if self._parsing is not None and self._parsing.method and where == "request headers":
+            return "client sent invalid header line while reading client request headers"
+        return f"client sent invalid request while reading client {where}"
+
+    def on_message_begin(self) -> None:
+        self._parsing = Request()
+        self._header_name_bytes = 0
+        if self.active is None:
+            self._arm(_HEAD, self.listener.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        request = self._parsing
+        assert request is not None
+        request.target += url
+        if len(request.target) > self.listener.header_buffers[1]:
+            raise ClientError(414, "client sent too long URI while reading client request line")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self._parsing
+        assert request is not None
+        if not request.method:
+            request.method = self._parser.get_method().decode("ascii")
+        if value[-1:] in (b" ", b"\t"):
+            value = value.rstrip(b" \t")
+        line = len(name) + len(value) + 4
+        request.head_size += line
+        number, size = self.listener.header_buffers
+        if line > size or request.head_size > number * size:
+            raise ClientError(494, "client sent too long header line while reading client request headers")
+        request.headers.append((name, value))
+        lower = name.lower()
+        if lower == b"host":
+            if request.host is not None:
+                raise ClientError(400, "client sent duplicate host header "
+                                       "while reading client request headers")
+            request.host = value
+        elif lower == b"expect":
+            request.expect_continue = value.lower() == b"100-continue"
+
+    def on_headers_complete(self) -> None:
+        request = self._parsing
+        assert request is not None
+        parser = self._parser
+        if not request.method:
+            request.method = parser.get_method().decode("ascii")
+        request.version = parser.get_http_version()
+        if request.version not in ("1.1", "1.0"):
+            raise ClientError(400, "client sent invalid request while reading client request line")
+        if request.method == "CONNECT":
+            raise ClientError(405, "client sent invalid method while reading client request line")
+        if request.version == "1.1" and request.host is None:
+            raise ClientError(400, "client sent HTTP/1.1 request without \"Host\" header "
+                                   "while reading client request headers")
+        request.keep_alive = parser.should_keep_alive()
+        self._read_framing(request)
+        handler = self.listener.open_exchange(self, request)
+        limit = handler.max_body_size
+        if limit and request.content_length is not None and request.content_length > limit:
+            raise ClientError(413, f"client intended to send too large body: "
+                                   f"{request.content_length} bytes")
+        self._parsing_handler = handler
+        if request.has_body:
+            self._arm(_BODY, handler.body_timeout)
+        if self.active is None:
+            self._activate(request, handler)
+        else:
+            self._queue.append((request, handler))
+            self._pause_reading()  # parse no further ahead until the active request is answered
+
+    def _read_framing(self, request: Request) -> None:
+        # llhttp already rejects Content-Length together with Transfer-Encoding, duplicate
+        # Content-Length lines and any Transfer-Encoding other than a final "chunked".
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                request.content_length = int(value)
+            elif lower == b"transfer-encoding":
+                request.chunked = True
+        if request.chunked and request.version == "1.0":
+            raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "
+                                   "while reading client request headers")
+
+    def on_body(self, chunk: bytes) -> None:
+        request = self._parsing
+        handler = self._parsing_handler
+        assert request is not None and handler is not None
+        request.body_size += len(chunk)
+        if handler.max_body_size and request.body_size > handler.max_body_size:
+            raise ClientError(413, f"client intended to send too large chunked body: "
+                                   f"{request.body_size} bytes")
+        request.body.append(chunk)
+        if handler is self.active:
+            self._arm(_BODY, handler.body_timeout)
+            handler.body_received()
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        handler = self._parsing_handler
+        assert request is not None and handler is not None
+        request.complete = True
+        self._parsing = None
+        self._parsing_handler = None
+        if handler is self.active:
+            if self._phase == _BODY:
+                self._phase = _NONE
+            handler.body_received()
+
+    # ------------------------------------------------------------------ request lifecycle
+
+    def _activate(self, request: Request, handler: RequestHandler) -> None:
+        self.active = handler
+        self._active_request = request
+        self.requests += 1
+        self.response_started = False
+        self.bytes_sent = 0
+        self.body_bytes_sent = 0
+        self._keep_alive = (
+            request.keep_alive
+            and not self.listener.shutting_down
+            and handler.keepalive_timeout > 0
+            and self.requests < handler.keepalive_requests
+        )
+        if (not request.has_body or request.complete) and self._phase in (_HEAD, _BODY, _IDLE):
+            self._phase = _NONE
+        handler.start()
+
+    def send_continue(self) -> None:
+        """Answer ``Expect: 100-continue`` once the handler is ready to read the body."""
+        request = self._active_request
+        if request is not None and request.expect_continue and not request.body_size and not request.complete:
+            request.expect_continue = False
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def pause_body(self) -> None:
+        """Stop reading the request body (the upstream does not take it as fast as it comes)."""
+        self._pause_reading()
+
+    def resume_body(self) -> None:
+        """Read the request body again, unless we are paused for a pipelined request."""
+        if not self._queue and self._pending_error is None:
+            self._resume_reading()
+
+    def _finish_active(self) -> None:
+        self.active = None
+        self._active_request = None
+        if not self._keep_alive or self.closed or self._eof:
+            self.close()
+            return
+        if self._queue:
+            request, handler = self._queue.popleft()
+            self._activate(request, handler)
+            return
+        if self._pending_error is not None:
+            self._client_error(self._pending_error)
+            return
+        if self._parsing is None:
+            self._arm(_IDLE, self._last_keepalive_timeout)
+        self._resume_reading()
+
+    # ------------------------------------------------------------------ writing responses
+
+    def send_head(
+        self,
+        status: int,
+        headers: bytes,
+        content_length: int | None,
+        head_only: bool | None = None,
+    ) -> None:
+        """Write the status line and headers; framing, Server, Date and Connection are ours.
+
+        ``headers`` are complete ``Name: value\\r\\n`` lines (already filtered by the caller).
+        ``content_length`` None means unknown: chunked for HTTP/1.1, close-delimited for 1.0.
+        """
+        request = self._active_request
+        assert request is not None and not self.response_started
+        self.response_started = True
+        if head_only is None:
+            head_only = request.method == "HEAD"
+        self._body_allowed = not head_only and status not in _NO_BODY_STATUS and status >= 200
+        parts = [status_line(status), SERVER_LINE, date_cache.line(), headers]
+        self._chunked = False
+        if status in _NO_BODY_STATUS:
+            pass
+        elif content_length is not None:
+            parts.append(b"Content-Length: %d\r\n" % content_length)
+        elif request.version == "1.1":
+            if not head_only:
+                self._chunked = True
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif not head_only:
+            self._keep_alive = False  # an HTTP/1.0 client learns the end of the body from the close
+        if status >= 400 and request.has_body and not request.complete:
+            self._keep_alive = False  # we will not read the rest of the body
+        if self._keep_alive:
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"Connection: close\r\n\r\n")
+        head = b"".join(parts)
+        self.bytes_sent += len(head)
+        self._write(head)
+
+    def send_body(self, data: bytes) -> None:
+        if not self._body_allowed or not data:
+            return
+        self.body_bytes_sent += len(data)
+        if self._chunked:
+            frame = b"%x\r\n" % len(data)
+            self.bytes_sent += len(frame) + len(data) + 2
+            if self.transport is not None and not self.closed:
+                self.transport.writelines((frame, data, b"\r\n"))
+        else:
+            self.bytes_sent += len(data)
+            self._write(data)
+
+    def finish_response(self) -> None:
+        """The response is complete: end the chunked body and serve the next request."""
+        if self._chunked and self._body_allowed:
+            self.bytes_sent += 5
+            self._write(b"0\r\n\r\n")
+        request = self._active_request
+        if request is not None and not request.complete:
+            # The handler answered before reading the whole body (return, error): nginx discards
+            # the rest; we do the simple, safe thing and do not reuse the connection.
+            self._keep_alive = False
+        if self.active is not None:
+            self._last_keepalive_timeout = self.active.keepalive_timeout
+        self._finish_active()
+
+    def respond(self, status: int, headers: bytes, body: bytes) -> None:
+        """A complete small response in one write (``return``, error pages)."""
+        self.send_head(status, headers, len(body))
+        if self._body_allowed and body:
+            self.body_bytes_sent += len(body)
+            self.bytes_sent += len(body)
+            self._write(body)
+        self.finish_response()
+
+    def respond_error(self, status: int) -> None:
+        """nginx's own error page for ``status`` (494 is shown as 400, as nginx does)."""
+        page = error_page(status)
+        if status >= 400 and status not in (404, 403, 405, 500, 502, 503, 504, 429):
+            self._keep_alive = False  # nginx closes after client errors
+        self.respond(400 if status == 494 else status, b"Content-Type: text/html\r\n", page)
+
+    def abort(self) -> None:
+        """End a response that cannot complete (upstream failed mid-body): close, never fake an end."""
+        self._keep_alive = False
+        self.active = None
+        self._active_request = None
+        if self.transport is not None:
+            self.transport.abort() if self._chunked else self.transport.close()
+        self.closed = True
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._cancel_timer()
+            if self.transport is not None:
+                self.transport.close()
+
+    def close_if_idle(self) -> bool:
+        """Graceful stop: close now when no request is in flight, else after the active one."""
+        self._keep_alive = False
+        if self.active is None and self._parsing is None and not self._queue:
+            self.close()
+            return True
+        return False
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._writing_paused
+
+    # ------------------------------------------------------------------ errors
+
+    def _client_error(self, err: ClientError) -> None:
+        self._pause_reading()
+        if self.active is not None:
+            self._pending_error = err  # answered after the request in flight, in order
+            self._keep_alive = False
+            return
+        errorlog.log_error("info", str(err), self.conn_id, self._log_context())
+        self._active_request = self._parsing or Request()
+        if self._active_request.version not in ("1.0", "1.1"):
+            self._active_request.version = "1.1"
+        self._active_request.method = self._active_request.method or "GET"
+        self.active = None
+        self._keep_alive = False
+        self.response_started = False
+        self.respond_error(err.status)
+        self.close()
+
+    def _log_context(self) -> str:
+        request = self._parsing
+        ctx = f", client: {self.remote_addr}, server: {self.server_addr}"
+        if request is not None and request.method and request.target:
+            ctx += f', request: "{request.request_line()}"'
+        return ctx
+
+    # ------------------------------------------------------------------ flow control, timers
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _arm(self, phase: int, timeout: float) -> None:
+        self._phase = phase
+        when = self.loop.time() + timeout
+        self._deadline = when
+        if self._timer is None or when < self._timer_when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_when = when
+            self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._phase = _NONE
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._phase == _NONE or self.closed:
+            return
+        if self.loop.time() < self._deadline:
+            self._timer_when = self._deadline
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        phase = self._phase
+        self._phase = _NONE
+        if phase == _IDLE:
+            self.close()  # keepalive_timeout: nginx closes silently
+            return
+        errorlog.log_error(
+            "info", f"client timed out (110: Connection timed out) {_PHASE_TEXT[phase]}",
+            self.conn_id, self._log_context(),
+        )
+        if phase == _BODY and self.active is not None and not self.response_started:
+            handler = self.active
+            handler.client_lost()  # stop proxying; the 408 below ends the request
+            self.active = None
+            self._active_request = self._active_request or Request()
+            self.response_started = False
+            self.respond_error(408)
+        self.close()

@@ -1,0 +1,466 @@
+"""Peer-side HTTP/1.x connection: write one request, parse its response, stream the body.
+
+Theory of operation
+-------------------
+An ``UpstreamConnection`` is an ``asyncio.Protocol`` on one TCP (or unix) connection to a peer.
+It serves one request at a time (no pipelining towards peers, as nginx) and moves through
+
+    NEW --connection_made--> ACTIVE <--release/reuse--> IDLE (in the pool)
+      \\___________________________ any state __________________________--> CLOSED
+
+For a request the exchange calls ``start`` (head bytes and the buffered body, or ``write_body``
+for a streamed one) and awaits the ``head`` future: it resolves with a ``ResponseHead`` or fails
+with an ``UpstreamError`` carrying the nginx failure kind (error / timeout / invalid_header) and
+nginx's log text. Body bytes that arrive before the exchange is ready are held until it calls
+``stream_to(sink)``; from then on every decoded chunk goes straight to the sink (no copy, no
+queue), and ``pause_reading`` is the back-pressure lever when the client is slow.
+
+Timeouts are nginx's idle timers (between two reads, between two writes), kept with one
+``TimerHandle`` re-armed lazily from the time of the last read.
+
+``is_reusable`` is the one predicate that decides whether the connection may go back to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import Protocol
+
+import httptools
+
+from scriptlb.retry import Failure
+
+# Response headers nginx never passes to the client: hop-by-hop ones, the framing we redo, and
+# proxy_hide_header's defaults (Date, Server, X-Pad, X-Accel-*) since we send our own.
+HIDDEN_RESPONSE_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"content-length",
+        b"date",
+        b"server",
+        b"x-pad",
+    }
+)
+
+
+class ConnState(enum.Enum):
+    NEW = "new"
+    ACTIVE = "active"
+    IDLE = "idle"
+    CLOSED = "closed"
+
+
+class UpstreamError(Exception):
+    """A failed try, as nginx classifies it; ``str()`` is nginx's error-log text."""
+
+    def __init__(self, failure: Failure, message: str, response_started: bool = False) -> None:
+        super().__init__(message)
+        self.failure = failure
+        self.response_started = response_started  # any response byte arrived before the failure
+
+
+class ResponseHead:
+    """The parsed status line and headers of one upstream response."""
+
+    __slots__ = ("chunked", "close", "content_length", "headers", "status", "version")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []  # as received, original case
+        self.content_length: int | None = None
+        self.chunked = False
+        self.close = False  # "Connection: close" or an HTTP/1.0 response without keep-alive
+
+    def client_headers(self) -> bytes:
+        """The headers to pass to the client, as ``Name: value\\r\\n`` lines."""
+        headers = self.headers
+        dropped = HIDDEN_RESPONSE_HEADERS
+        listed = _connection_tokens(headers)
+        out = []
+        for name, value in headers:
+            lower = name.lower()
+            if lower in dropped or lower.startswith(b"x-accel-") or (listed and lower in listed):
+                continue
+            out.append(name + b": " + value + b"\r\n")
+        return b"".join(out)
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names listed in Connection (hop-by-hop by declaration), lower-cased."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"close")
+    tokens.discard(b"keep-alive")
+    return frozenset(tokens)
+
+
+class ResponseSink(Protocol):
+    """Where the response body goes (the exchange, which writes it to the client)."""
+
+    def upstream_body(self, data: bytes) -> None: ...
+    def upstream_complete(self) -> None: ...
+    def upstream_failed(self, err: UpstreamError) -> None: ...
+
+
+_PREMATURE = "upstream prematurely closed connection"
+_TIMED_OUT = "upstream timed out (110: Connection timed out)"
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple, peer_name: str) -> None:
+        self.loop = loop
+        self.key = key  # pool key: (peer address name, host name)
+        self.peer_name = peer_name
+        self.state = ConnState.NEW
+        self.transport: asyncio.Transport | None = None
+        self.requests = 0  # requests sent on this connection (keepalive_requests)
+        self.idle_since = 0.0
+        self.on_idle_lost: object = None  # set by the pool: callable(conn) when an idle conn dies
+
+        # timeouts of the request in flight (nginx's idle timers)
+        self._read_timeout = 60.0
+        self._send_timeout = 60.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+        self._read_paused = False  # back-pressure from the client: no read timeout meanwhile
+        self._write_paused = False
+        self._write_paused_at = 0.0
+
+        # per-request state
+        self._parser: httptools.HttpResponseParser | None = None
+        self._head_only = False
+        self.head: asyncio.Future[ResponseHead] | None = None
+        self._response: ResponseHead | None = None
+        self._header_done = False
+        self.response_started = False  # any response byte arrived
+        self.response_complete = False
+        self.request_sent = False  # request bytes were handed to the socket
+        self.request_complete = False  # ... and the body too
+        self._sink: ResponseSink | None = None
+        self._early_body: list[bytes] = []
+        self._early_failure: UpstreamError | None = None
+        self._extra_bytes = False  # bytes after the response's end: the connection is unusable
+        self._closing_after = False  # we asked the peer to close (Connection: close)
+        self._http11 = True
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection {self.peer_name} {self.state.value} requests={self.requests}>"
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.state = ConnState.ACTIVE
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is not ConnState.ACTIVE or self._parser is None or self.response_complete:
+            self._unexpected_bytes()
+            return
+        self._last_read = self.loop.time()
+        self.response_started = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as err:
+            raise (err.__context__ or err) from None  # a bug in our callbacks, not the peer's fault
+        except httptools.HttpParserError:
+            self._fail(Failure.INVALID_HEADER if not self._header_done else Failure.ERROR,
+                       "upstream sent invalid header" if not self._header_done
+                       else "upstream sent invalid chunked response")
+            return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state = self.state
+        self.state = ConnState.CLOSED
+        self._cancel_timer()
+        if state is ConnState.CLOSED:
+            return  # we closed it ourselves and already reported why
+        if state is ConnState.IDLE:
+            self._notify_idle_lost()
+            return
+        if self._parser is None or self.response_complete:
+            return
+        if self._header_done and self._response is not None and self._is_close_delimited():
+            self.on_message_complete()  # a body without length ends with the connection
+            return
+        if exc is not None and isinstance(exc, OSError) and exc.errno:
+            text = f"recv() failed ({exc.errno}: {exc.strerror})"
+            self._fail(Failure.ERROR, text)
+        else:
+            self._fail(Failure.ERROR, _PREMATURE)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._write_paused_at = self.loop.time()
+        self._arm_timer(self._send_timeout)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+
+    # ------------------------------------------------------------------ the exchange's API
+
+    def start(
+        self,
+        head: bytes,
+        body: bytes | None,
+        read_timeout: float,
+        send_timeout: float,
+        head_only: bool,
+        http11: bool,
+        close_after: bool,
+    ) -> asyncio.Future[ResponseHead]:
+        """Send a request (``body`` None: the body follows through ``write_body``)."""
+        assert self.state is ConnState.ACTIVE and self.transport is not None
+        self.requests += 1
+        self._reset_request_state(head_only, http11, close_after)
+        self._read_timeout = read_timeout
+        self._send_timeout = send_timeout
+        self._last_read = self.loop.time()
+        self._arm_timer(read_timeout)
+        if body:
+            self.transport.writelines((head, body))
+        else:
+            self.transport.write(head)
+        self.request_sent = True
+        self.request_complete = body is not None
+        head_future = self.head
+        assert head_future is not None
+        return head_future
+
+    def write_body(self, data: bytes, last: bool) -> None:
+        """Stream request body bytes (already framed by the caller)."""
+        if self.transport is not None and self.state is ConnState.ACTIVE:
+            if data:
+                self.transport.write(data)
+            if last:
+                self.request_complete = True
+
+    @property
+    def write_buffer_full(self) -> bool:
+        return self._write_paused
+
+    def stream_to(self, sink: ResponseSink) -> None:
+        """Deliver the body from now on; hand over what arrived with the head."""
+        self._sink = sink
+        early = self._early_body
+        if early:
+            self._early_body = []
+            for chunk in early:
+                sink.upstream_body(chunk)
+        if self.response_complete:
+            sink.upstream_complete()
+        elif self._early_failure is not None:
+            sink.upstream_failed(self._early_failure)
+
+    def pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and self.state is ConnState.ACTIVE:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and self.state is ConnState.ACTIVE:
+            self._read_paused = False
+            self._last_read = self.loop.time()  # the idle timer restarts from now
+            self.transport.resume_reading()
+            self._arm_timer(self._read_timeout)
+
+    def is_reusable(self, max_requests: int) -> bool:
+        """May this connection carry another request (the pool's one question)?
+
+        Only when the whole response was read, the whole request was sent, HTTP/1.1 both ways,
+        nobody said ``Connection: close``, nothing unexpected arrived, and the connection has
+        not reached ``keepalive_requests``.
+        """
+        response = self._response
+        return (
+            self.state is ConnState.ACTIVE
+            and self.response_complete
+            and self.request_complete
+            and response is not None
+            and not response.close
+            and self._http11
+            and not self._closing_after
+            and not self._extra_bytes
+            and not self._read_paused
+            and (not max_requests or self.requests < max_requests)
+        )
+
+    def make_idle(self, now: float) -> None:
+        self.state = ConnState.IDLE
+        self.idle_since = now
+        self._cancel_timer()
+        self._sink = None
+        self._parser = None
+
+    def reuse(self) -> None:
+        self.state = ConnState.ACTIVE
+
+    def close(self) -> None:
+        if self.state is not ConnState.CLOSED:
+            self.state = ConnState.CLOSED
+            self._cancel_timer()
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now (the response will not be read to its end)."""
+        if self.state is not ConnState.CLOSED:
+            self.state = ConnState.CLOSED
+            self._cancel_timer()
+            if self.transport is not None:
+                self.transport.abort()
+        head = self.head
+        if head is not None and not head.done():
+            head.cancel()
+
+    # ------------------------------------------------------------------ parser callbacks
+
+    def on_status(self, status: bytes) -> None:
+        pass  # the code comes from the parser; the reason phrase is nginx's, not the peer's
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        response = self._response
+        assert response is not None
+        if value[-1:] in (b" ", b"\t"):
+            value = value.rstrip(b" \t")
+        response.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        response = self._response
+        assert parser is not None and response is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            response.headers = []  # 1xx interim response: nginx ignores it, so do we
+            return
+        response.status = status
+        response.version = parser.get_http_version()
+        response.close = not parser.should_keep_alive()
+        for name, value in response.headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                response.content_length = int(value)
+            elif lower == b"transfer-encoding":
+                response.chunked = True
+        if response.chunked:
+            response.content_length = None
+        self._header_done = True
+        if self._head_only or status in (204, 304):
+            self._complete_now_without_body()
+        head = self.head
+        if head is not None and not head.done():
+            head.set_result(response)
+
+    def on_body(self, data: bytes) -> None:
+        if self.response_complete:
+            self._extra_bytes = True  # body bytes for a HEAD response: unusable connection
+            return
+        self._last_read = self.loop.time()
+        sink = self._sink
+        if sink is None:
+            self._early_body.append(data)
+        else:
+            sink.upstream_body(data)
+
+    def on_message_complete(self) -> None:
+        if self._response is None or not self._header_done:
+            self._response = ResponseHead()  # after a 1xx: the real response follows
+            return
+        if self.response_complete:
+            return
+        self.response_complete = True
+        self._cancel_timer()
+        sink = self._sink
+        if sink is not None:
+            sink.upstream_complete()
+
+    # ------------------------------------------------------------------ internals
+
+    def _reset_request_state(self, head_only: bool, http11: bool, close_after: bool) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._response = ResponseHead()
+        self._header_done = False
+        self._head_only = head_only
+        self._http11 = http11
+        self._closing_after = close_after
+        self.response_started = False
+        self.response_complete = False
+        self.request_sent = False
+        self.request_complete = False
+        self._sink = None
+        self._early_body = []
+        self._early_failure = None
+        self._extra_bytes = False
+        self._read_paused = False
+        self.head = self.loop.create_future()
+
+    def _complete_now_without_body(self) -> None:
+        # HEAD, 204, 304: llhttp cannot be told a HEAD response has no body, so we end the
+        # response ourselves; any byte after it marks the connection unusable (on_body).
+        self.response_complete = True
+        self._cancel_timer()
+
+    def _is_close_delimited(self) -> bool:
+        response = self._response
+        return response is not None and response.content_length is None and not response.chunked
+
+    def _fail(self, failure: Failure, message: str) -> None:
+        err = UpstreamError(failure, message, response_started=self.response_started)
+        head = self.head
+        self.close()
+        if head is not None and not head.done():
+            head.set_exception(err)
+            return
+        sink = self._sink
+        if sink is not None and not self.response_complete:
+            sink.upstream_failed(err)
+        elif not self.response_complete:
+            self._early_failure = err
+
+    def _unexpected_bytes(self) -> None:
+        # Data on an idle connection, or after the response ended: the peer is confused or
+        # closing; the connection can not carry another request.
+        self._extra_bytes = True
+        if self.state is ConnState.IDLE:
+            self.close()
+            self._notify_idle_lost()
+
+    def _notify_idle_lost(self) -> None:
+        callback = self.on_idle_lost
+        if callable(callback):
+            callback(self)
+
+    def _arm_timer(self, timeout: float) -> None:
+        if self._timer is None:
+            self._timer = self.loop.call_at(self.loop.time() + timeout, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.state is not ConnState.ACTIVE or self.response_complete:
+            return
+        now = self.loop.time()
+        if self._write_paused:
+            deadline = self._write_paused_at + self._send_timeout
+        elif self._read_paused:
+            return  # the client is slow; the client side's send timer watches that
+        else:
+            deadline = self._last_read + self._read_timeout
+        if now < deadline:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            return
+        self._fail(Failure.TIMEOUT, _TIMED_OUT)
