@@ -1,0 +1,257 @@
+"""nginx's choice of ``server`` (by Host) and of ``location`` (by URI), precomputed per config.
+
+Location order (ngx_http_core_find_location):
+  1. an exact ``= /uri`` location equal to the URI wins at once;
+  2. otherwise the longest matching prefix location is remembered; if it is ``^~``, it wins;
+  3. otherwise regex locations (``~`` case-sensitive, ``~*`` case-insensitive) are tried in
+     declaration order, the first match wins;
+  4. otherwise the remembered longest prefix wins (or nothing: the server answers 404).
+  Besides, a URI that lacks only the trailing slash of a location that proxies (``location /dir/
+  { proxy_pass ...; }`` and ``GET /dir``) gets nginx's automatic 301 to ``/dir/`` (args kept),
+  unless an exact or prefix location equals the URI itself. ``match`` returns a precomputed
+  location whose ``return_`` is that redirect, so the caller needs no special case.
+
+Server order (ngx_http_find_virtual_server), among the servers sharing one listening socket:
+  exact name, then the longest ``*.example.com`` (or ``.example.com``) wildcard, then the longest
+  ``www.example.*`` wildcard, then ``~regex`` names in order, else the ``default_server``, else
+  the first server. The first server to claim a name keeps it (nginx: "conflicting server name").
+Prefix and name comparisons are case-sensitive for URIs (nginx on Linux) and done on the
+lower-cased host for names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+
+from scriptlb.config.model import HttpConf, LocationConf, ReturnConf, ServerConf, Template, Var
+
+ListenKey = tuple[str | None, int, str | None]  # ListenConf.key
+
+# PCRE's named group "(?<name>" is Python's "(?P<name>" (lookbehinds "(?<=" "(?<!" stay)
+_PCRE_NAMED_GROUP = re.compile(r"\(\?<(?=[A-Za-z_])")
+
+
+def compile_nginx_regex(pattern: str, caseless: bool = False) -> re.Pattern[str]:
+    """Compile a PCRE-style nginx regex with Python's ``re``; raises ``re.error``.
+
+    The config builder calls this at load time so a bad regex is a config error.
+    """
+    return re.compile(_PCRE_NAMED_GROUP.sub("(?P<", pattern), re.IGNORECASE if caseless else 0)
+
+
+# --------------------------------------------------------------------------- locations
+
+
+class LocationMatcher:
+    """All locations of one server, arranged for matching; built once per config load."""
+
+    __slots__ = ("_exact", "_prefix", "_prefix_lengths", "_redirects", "_regexes", "named")
+
+    def __init__(self, locations: Iterable[LocationConf]) -> None:
+        self._exact: dict[str, LocationConf] = {}
+        self._prefix: dict[str, LocationConf] = {}
+        self._regexes: list[tuple[re.Pattern[str], LocationConf]] = []
+        self.named: dict[str, LocationConf] = {}  # "@name" locations: reachable only by name
+        for loc in locations:
+            self._add(loc)
+        # longest first: checking one dict per distinct length finds the longest prefix
+        self._prefix_lengths = sorted({len(p) for p in self._prefix}, reverse=True)
+        self._redirects = self._auto_redirects()
+
+    def _add(self, loc: LocationConf) -> None:
+        modifier = loc.modifier
+        if modifier in ("~", "~*"):
+            self._regexes.append((compile_nginx_regex(loc.pattern, modifier == "~*"), loc))
+        elif loc.pattern.startswith("@"):
+            self.named.setdefault(loc.pattern, loc)
+        elif modifier == "=":
+            self._exact.setdefault(loc.pattern, loc)
+        else:  # "" or "^~"
+            self._prefix.setdefault(loc.pattern, loc)
+
+    def _auto_redirects(self) -> dict[str, LocationConf]:
+        """URI without its trailing slash -> a location answering nginx's 301 to the slash form."""
+        redirects: dict[str, LocationConf] = {}
+        for loc in (*self._exact.values(), *self._prefix.values()):
+            name = loc.pattern
+            if loc.proxy_pass is None or len(name) < 2 or not name.endswith("/"):
+                continue
+            uri = name[:-1]
+            if uri in self._exact or uri in self._prefix or uri in redirects:
+                continue  # a location equal to the URI is found first: no redirect
+            target = Template(
+                raw=f"{name}$is_args$args", parts=(name, Var("is_args"), Var("args")), static=None
+            )
+            redirects[uri] = dataclasses.replace(
+                loc, modifier="=", pattern=uri, proxy_pass=None, return_=ReturnConf(301, target, loc.source)
+            )
+        return redirects
+
+    def match(self, uri: str) -> LocationConf | None:
+        """The location nginx would choose for ``uri`` (the decoded, normalized path)."""
+        exact = self._exact.get(uri)
+        if exact is not None:
+            return exact
+        prefix = self._longest_prefix(uri)
+        if prefix is not None and prefix.modifier == "^~":
+            return prefix
+        if prefix is None or len(prefix.pattern) != len(uri):
+            redirect = self._redirects.get(uri)
+            if redirect is not None:
+                return redirect
+        for regex, loc in self._regexes:
+            if regex.search(uri) is not None:
+                return loc
+        return prefix
+
+    def _longest_prefix(self, uri: str) -> LocationConf | None:
+        prefixes = self._prefix
+        size = len(uri)
+        for length in self._prefix_lengths:
+            if length <= size:
+                loc = prefixes.get(uri[:length])
+                if loc is not None:
+                    return loc
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"<LocationMatcher exact={len(self._exact)} prefix={len(self._prefix)} "
+            f"regex={len(self._regexes)}>"
+        )
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def normalize_host(raw: str) -> str | None:
+    """nginx's ngx_http_validate_host: lower-case, drop the port and a trailing dot.
+
+    Returns None for a host nginx rejects with 400 ("client sent invalid host header"):
+    empty after stripping, "..", a "/" or "\\", or a NUL.
+    """
+    host_len = len(raw)
+    dot_pos = -1
+    in_literal = False
+    in_port = False
+    for i, ch in enumerate(raw):
+        if in_port:
+            if ch in "/\\\x00":
+                return None
+            continue
+        if ch == ".":
+            if dot_pos == i - 1:
+                return None
+            dot_pos = i
+        elif ch == ":" and not in_literal:
+            host_len = i
+            in_port = True
+        elif ch == "[" and i == 0:
+            in_literal = True
+        elif ch == "]" and in_literal:
+            host_len = i + 1
+            in_port = True
+        elif ch in "/\\\x00":
+            return None
+    if dot_pos == host_len - 1:
+        host_len -= 1
+    if host_len <= 0:
+        return None
+    return raw[:host_len].lower()
+
+
+class ServerSelector:
+    """The virtual servers of one listening socket, selected by the request's host."""
+
+    __slots__ = ("_exact", "_head", "_regexes", "_tail", "default")
+
+    def __init__(self, servers: Sequence[ServerConf], default: ServerConf | None = None) -> None:
+        if not servers:
+            raise ValueError("a listening socket needs at least one server")
+        self.default = default if default is not None else servers[0]
+        self._exact: dict[str, ServerConf] = {}
+        self._head: dict[str, ServerConf] = {}  # "*.example.com" stored as ".example.com"
+        self._tail: dict[str, ServerConf] = {}  # "www.example.*" stored as "www.example."
+        self._regexes: list[tuple[re.Pattern[str], ServerConf]] = []
+        for server in servers:
+            for name in server.server_names:
+                self._add(name, server)
+
+    def _add(self, name: str, server: ServerConf) -> None:
+        if name.startswith("~"):
+            pattern = name[1:]
+            # nginx compiles a server_name regex caselessly when it has an upper-case letter
+            caseless = any("A" <= ch <= "Z" for ch in pattern)
+            self._regexes.append((compile_nginx_regex(pattern, caseless), server))
+            return
+        name = name.lower()
+        if name.startswith("*."):
+            self._head.setdefault(name[1:], server)
+        elif name.startswith("."):
+            # nginx: ".example.com" is both "example.com" and "*.example.com"
+            self._exact.setdefault(name[1:], server)
+            self._head.setdefault(name, server)
+        elif name.endswith(".*"):
+            self._tail.setdefault(name[:-1], server)
+        else:
+            self._exact.setdefault(name, server)
+
+    @classmethod
+    def for_listen(cls, servers: Sequence[ServerConf], key: ListenKey) -> ServerSelector:
+        """The selector for one listening socket: its servers in order, its default_server."""
+        on_key = [s for s in servers if any(listen.key == key for listen in s.listens)]
+        default = next(
+            (s for s in on_key if any(lc.key == key and lc.default_server for lc in s.listens)), None
+        )
+        return cls(on_key, default)
+
+    def select(self, host: str | None) -> ServerConf:
+        """``host`` already normalized (see ``normalize_host``); None/"" when there is none."""
+        if not host:
+            return self._exact.get("", self.default)
+        server = self._exact.get(host)
+        if server is not None:
+            return server
+        server = self._match_head(host) or self._match_tail(host)
+        if server is not None:
+            return server
+        for regex, candidate in self._regexes:
+            if regex.search(host) is not None:
+                return candidate
+        return self.default
+
+    def _match_head(self, host: str) -> ServerConf | None:
+        """Longest "*.suffix": try each dot of the host from the left."""
+        if not self._head:
+            return None
+        dot = host.find(".")
+        while dot != -1:
+            server = self._head.get(host[dot:])
+            if server is not None:
+                return server
+            dot = host.find(".", dot + 1)
+        return None
+
+    def _match_tail(self, host: str) -> ServerConf | None:
+        """Longest "prefix.*": try each dot of the host from the right (a tail must remain)."""
+        if not self._tail:
+            return None
+        dot = host.rfind(".")
+        while dot > 0:
+            server = self._tail.get(host[: dot + 1])
+            if server is not None:
+                return server
+            dot = host.rfind(".", 0, dot)
+        return None
+
+    def __repr__(self) -> str:
+        names = len(self._exact) + len(self._head) + len(self._tail) + len(self._regexes)
+        return f"<ServerSelector names={names} default={self.default.server_names}>"
+
+
+def selectors_by_listen(http: HttpConf) -> dict[ListenKey, ServerSelector]:
+    """One ServerSelector per listening socket of the http block."""
+    keys = dict.fromkeys(listen.key for server in http.servers for listen in server.listens)
+    return {key: ServerSelector.for_listen(http.servers, key) for key in keys}
