@@ -1,0 +1,604 @@
+"""``python_shared_dict``: ngx.shared.DICT for hooks, shared by every worker of an instance.
+
+Theory of operation
+-------------------
+Storage is LMDB (a memory-mapped copy-on-write B+tree): reads are lock-free snapshots and write
+transactions are serialized across processes by LMDB's own robust mutex, so every method below
+is one transaction and therefore atomic across all workers. The files live under the instance
+prefix, so the data survives a reload or a worker respawn, like nginx's shared-memory zones.
+
+**One LMDB environment per dict** (``<dir>/<name>/data.mdb``), not one environment with a named
+DB per dict: the dict's ``size`` then *is* the environment's map size, so "the zone is full" is
+exactly LMDB's ``MDB_MAP_FULL``, and writers on two different dicts never wait for each other
+(LMDB has one writer lock per environment).
+
+Inside the environment, two named DBs:
+
+``data``  dict key -> record: ``<expires f64><touched f64><flags u32><type 1 byte>`` + payload.
+          ``expires`` is absolute wall-clock time (0 = never); ``touched`` is the last LRU
+          promotion time. Types: ``s`` str (UTF-8), ``b`` bytes, ``i`` int (i64), ``I`` big int
+          (decimal text), ``f`` float (f64), ``T``/``F`` bool. ``None`` is not stored: as in
+          OpenResty, setting a key to ``None`` deletes it.
+``lru``   ``<touched as big-endian f64><dict key>`` -> empty: the entries ordered oldest first,
+          so eviction pops from the front with a cursor.
+
+**LRU, cheaply.** nginx moves an entry to the head of its LRU queue on every access. Doing that
+literally costs a write transaction per ``get`` and two more B-tree updates per ``incr``. Instead
+we use memcached's rule: an entry is promoted at most once per ``PROMOTE_INTERVAL`` (1 s). Writes
+(set/add/replace) always promote; ``incr`` promotes only a stale entry; a ``get`` of a stale
+entry only notes the key in a small per-process list that the process's next write transaction
+applies (or that is flushed once it holds ``PENDING_FLUSH`` keys). Eviction order is therefore
+LRU to within about a second, and the hot paths stay at one B-tree lookup (get) or one lookup and
+one update (incr).
+
+**Expiry** is lazy: reads compare ``expires`` with the injected clock; expired records are removed
+by eviction (oldest first, expired or not), ``flush_expired`` or being overwritten.
+
+**Full.** A write that hits ``MapFullError`` is aborted; ``safe_*`` then return
+``(False, "no memory")``; the others evict the oldest entries in a separate transaction (8, then
+16, 32, ... at a time: LMDB frees whole pages, so one small entry may free nothing) and retry,
+reporting ``forcible=True`` when a live entry was evicted, as nginx's shdict does.
+
+Return conventions are OpenResty's, with Lua's multiple values as fixed-size tuples; flags of 0
+come back as ``None`` (OpenResty returns no flags value then).
+
+Differences from OpenResty, on purpose: keys are at most ``MAX_KEY_BYTES`` (LMDB's key limit, not
+65535); ``flush_all`` removes the entries at once (OpenResty only marks them expired, so
+``get_stale`` could still see them); ``free_space`` counts only never-used pages of the map.
+
+Fork safety: LMDB handles must not cross ``fork()``. Environments are opened lazily and cached per
+process id, so a dict object created in the master and used in a worker reopens its environment
+in the worker (LMDB also forbids opening one environment twice in a process; hence the cache).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import lmdb
+
+Value = str | bytes | int | float | bool
+
+PROMOTE_INTERVAL = 1.0  # seconds between two LRU promotions of one entry (memcached's rule)
+PENDING_FLUSH = 64  # read promotions buffered per process before a write transaction applies them
+MAX_KEY_BYTES = 500  # LMDB's default max key size is 511; the lru key adds 8 bytes of time
+_SHORT_KEY_CHARS = MAX_KEY_BYTES // 4  # a str this short is at most MAX_KEY_BYTES in UTF-8
+MIN_SIZE = 16 * 4096  # a handful of pages: meta pages, two DB roots and a few leaves
+EVICT_FIRST_BATCH = 8
+
+_HEAD = struct.Struct("<ddIc")
+_HEAD_SIZE = _HEAD.size
+_INT_RECORD = struct.Struct("<ddIcq")  # header + i64 in one pack: incr's fast path
+_FLOAT_RECORD = struct.Struct("<ddIcd")
+_I64 = struct.Struct("<q")
+_F64 = struct.Struct("<d")
+_LRU_TIME = struct.Struct(">d")  # big-endian: byte order == numeric order for times >= 0
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+
+_NUMBER_KINDS = (b"i", b"I", b"f")
+
+
+class _BadKey(Exception):
+    """An invalid key: the public method returns OpenResty's error value instead."""
+
+
+def _key_bytes(key: str | bytes) -> bytes:
+    k = key.encode() if isinstance(key, str) else key
+    if not isinstance(k, bytes):
+        raise TypeError(f"shared dict key must be str or bytes, not {type(key).__name__}")
+    if not k:
+        raise _BadKey("empty key")
+    if len(k) > MAX_KEY_BYTES:
+        raise _BadKey("key too long")
+    return k
+
+
+def _record(value: Value, expires: float, touched: float, flags: int) -> bytes:
+    """Encode a value with its header; the type byte keeps str/bytes/int/float/bool apart."""
+    if value is True or value is False:
+        return _HEAD.pack(expires, touched, flags, b"T" if value else b"F")
+    if isinstance(value, int):
+        if _I64_MIN <= value <= _I64_MAX:
+            return _INT_RECORD.pack(expires, touched, flags, b"i", value)
+        return _HEAD.pack(expires, touched, flags, b"I") + str(value).encode()
+    if isinstance(value, float):
+        return _FLOAT_RECORD.pack(expires, touched, flags, b"f", value)
+    if isinstance(value, str):
+        return _HEAD.pack(expires, touched, flags, b"s") + value.encode()
+    if isinstance(value, bytes):
+        return _HEAD.pack(expires, touched, flags, b"b") + value
+    raise TypeError(f"bad value type: {type(value).__name__} (str, bytes, int, float, bool or None)")
+
+
+def _decode(kind: bytes, raw: bytes) -> Value:
+    if kind == b"i":
+        return _I64.unpack_from(raw, _HEAD_SIZE)[0]
+    if kind == b"s":
+        return raw[_HEAD_SIZE:].decode()
+    if kind == b"f":
+        return _F64.unpack_from(raw, _HEAD_SIZE)[0]
+    if kind == b"b":
+        return raw[_HEAD_SIZE:]
+    if kind == b"T":
+        return True
+    if kind == b"F":
+        return False
+    if kind == b"I":
+        return int(raw[_HEAD_SIZE:])
+    raise ValueError(f"corrupt shared dict record type {kind!r}")
+
+
+def _lru_key(touched: float, key: bytes) -> bytes:
+    return _LRU_TIME.pack(touched) + key
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------- environments
+
+# realpath -> (pid, env, data db, lru db). One open per process and path (an LMDB rule); the pid
+# makes a forked child open its own handle instead of using its parent's.
+_ENVS: dict[str, tuple[int, lmdb.Environment, Any, Any]] = {}
+
+
+def _open(path: str, size: int) -> tuple[lmdb.Environment, Any, Any]:
+    cached = _ENVS.get(path)
+    pid = os.getpid()
+    if cached is not None and cached[0] == pid:
+        return cached[1], cached[2], cached[3]
+    os.makedirs(path, exist_ok=True)
+    env = lmdb.open(
+        path,
+        map_size=size,
+        max_dbs=2,
+        # Like nginx's shared memory, the data must outlive a worker, not a power cut: commits go
+        # to the page cache only. writemap writes records straight into the shared mapping,
+        # which makes a write transaction ~3x cheaper than with a private buffer.
+        sync=False,
+        metasync=False,
+        writemap=True,
+        readahead=False,
+        max_spare_txns=4,  # reuse read transaction handles: begin() of a reader gets cheaper
+    )
+    data = env.open_db(b"data")
+    lru = env.open_db(b"lru")
+    _ENVS[path] = (pid, env, data, lru)
+    return env, data, lru
+
+
+# Every dict of this process, so a forked child reopens their environments before first use.
+_LIVE: weakref.WeakSet[SharedDict] = weakref.WeakSet()
+
+
+# A parent's handles, kept alive forever in a forked child: deallocating one would run
+# mdb_env_close, which clears reader slots by the *opening* process's pid, i.e. the parent's.
+_INHERITED: list[object] = []
+
+
+def _reopen_all_after_fork() -> None:
+    _INHERITED.extend(_ENVS.values())
+    _ENVS.clear()
+    for shared in list(_LIVE):
+        shared._reopen_after_fork()
+
+
+os.register_at_fork(after_in_child=_reopen_all_after_fork)
+
+
+def remove_files(directory: str, name: str) -> None:
+    """Delete a dict's files (a cold start that wants nginx's "empty after restart" semantics)."""
+    path = os.path.join(directory, name)
+    for file_name in ("data.mdb", "lock.mdb"):
+        try:
+            os.unlink(os.path.join(path, file_name))
+        except FileNotFoundError:
+            pass
+
+
+class SharedDict:
+    """One ``python_shared_dict NAME SIZE``: an LMDB environment in ``<directory>/<name>/``.
+
+    ``clock`` returns wall-clock seconds; it must agree across processes (expiry times are
+    stored absolute), so the default is ``time.time``. Inject another in tests.
+    """
+
+    __slots__ = ("__weakref__", "_clock", "_data", "_env", "_lru", "_path", "_pending", "name", "size")
+
+    def __init__(
+        self, directory: str, name: str, size: int, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        if size < MIN_SIZE:
+            raise ValueError(f'shared dict "{name}" is too small: {size} bytes (minimum {MIN_SIZE})')
+        self.name = name
+        self.size = size
+        self._path = os.path.realpath(os.path.join(directory, name))
+        self._clock = clock
+        self._pending: dict[bytes, None] = {}  # keys read while due for LRU promotion
+        self._env, self._data, self._lru = _open(self._path, size)
+        _LIVE.add(self)
+
+    def _reopen_after_fork(self) -> None:
+        self._env, self._data, self._lru = _open(self._path, self.size)
+        self._pending.clear()
+
+    def _write_txn(self) -> lmdb.Transaction:
+        env = self._env
+        try:
+            return env.begin(db=self._data, write=True)
+        except lmdb.MapResizedError:
+            env.set_mapsize(0)  # another process grew the map (a reload with a larger size)
+            return env.begin(db=self._data, write=True)
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, key: str | bytes) -> tuple[Value | None, Any]:
+        """``value, flags``; ``(None, None)`` when absent or expired; ``(None, err)`` on a bad key."""
+        try:
+            k = _key_bytes(key)
+        except _BadKey as err:
+            return None, str(err)
+        with self._env.begin(db=self._data) as txn:
+            raw = txn.get(k)
+        if raw is None:
+            return None, None
+        expires, touched, flags, kind = _HEAD.unpack_from(raw)
+        now = self._clock()
+        if expires and expires <= now:
+            return None, None
+        if touched < now - PROMOTE_INTERVAL:
+            self._note_read(k)
+        return _decode(kind, raw), flags or None
+
+    def get_stale(self, key: str | bytes) -> tuple[Value | None, Any, bool]:
+        """``value, flags, stale``: like ``get`` but also returns an expired, not yet removed value."""
+        try:
+            k = _key_bytes(key)
+        except _BadKey as err:
+            return None, str(err), False
+        with self._env.begin(db=self._data) as txn:
+            raw = txn.get(k)
+        if raw is None:
+            return None, None, False
+        expires, _touched, flags, kind = _HEAD.unpack_from(raw)
+        stale = bool(expires) and expires <= self._clock()
+        return _decode(kind, raw), flags or None, stale
+
+    def ttl(self, key: str | bytes) -> tuple[float | None, str | None]:
+        """Remaining seconds (0 = never expires), or ``(None, "not found")``."""
+        try:
+            k = _key_bytes(key)
+        except _BadKey as err:
+            return None, str(err)
+        with self._env.begin(db=self._data) as txn:
+            raw = txn.get(k)
+        if raw is None:
+            return None, "not found"
+        expires = _HEAD.unpack_from(raw)[0]
+        if not expires:
+            return 0, None
+        remaining = expires - self._clock()
+        if remaining <= 0:
+            return None, "not found"
+        return remaining, None
+
+    def get_keys(self, max_count: int = 1024) -> list[str | bytes]:
+        """Up to ``max_count`` live keys (0 = all), in key order. Keys that decode as UTF-8 come
+        back as str, others as bytes."""
+        now = self._clock()
+        keys: list[str | bytes] = []
+        with self._env.begin(db=self._data) as txn:
+            for k, raw in txn.cursor():
+                expires = _HEAD.unpack_from(raw)[0]
+                if expires and expires <= now:
+                    continue
+                keys.append(_key_out(k))
+                if max_count and len(keys) >= max_count:
+                    break
+        return keys
+
+    def capacity(self) -> int:
+        """The dict's size in bytes (the LMDB map size)."""
+        return int(self._env.info()["map_size"])
+
+    def free_space(self) -> int:
+        """Bytes of pages never used yet. Like OpenResty's, it can read 0 while freed pages are
+        still reusable (LMDB keeps them on its free list, which is not counted here)."""
+        info = self._env.info()
+        page_size = self._env.stat()["psize"]
+        return max(0, int(info["map_size"]) - (int(info["last_pgno"]) + 1) * page_size)
+
+    # ------------------------------------------------------------------ writes
+
+    def set(
+        self, key: str | bytes, value: Value | None, exptime: float = 0, flags: int = 0
+    ) -> tuple[bool, str | None, bool]:
+        """``ok, err, forcible``; evicts least recently used entries when the dict is full."""
+        return self._store(key, value, exptime, flags, _SET, safe=False)
+
+    def safe_set(
+        self, key: str | bytes, value: Value | None, exptime: float = 0, flags: int = 0
+    ) -> tuple[bool, str | None]:
+        """Like ``set`` but never evicts: ``(False, "no memory")`` when full."""
+        ok, err, _ = self._store(key, value, exptime, flags, _SET, safe=True)
+        return ok, err
+
+    def add(
+        self, key: str | bytes, value: Value | None, exptime: float = 0, flags: int = 0
+    ) -> tuple[bool, str | None, bool]:
+        """Like ``set`` but only when the key is absent or expired: else ``(False, "exists", False)``."""
+        return self._store(key, value, exptime, flags, _ADD, safe=False)
+
+    def safe_add(
+        self, key: str | bytes, value: Value | None, exptime: float = 0, flags: int = 0
+    ) -> tuple[bool, str | None]:
+        ok, err, _ = self._store(key, value, exptime, flags, _ADD, safe=True)
+        return ok, err
+
+    def replace(
+        self, key: str | bytes, value: Value | None, exptime: float = 0, flags: int = 0
+    ) -> tuple[bool, str | None, bool]:
+        """Like ``set`` but only when the key is live: else ``(False, "not found", False)``."""
+        return self._store(key, value, exptime, flags, _REPLACE, safe=False)
+
+    def delete(self, key: str | bytes) -> None:
+        """Remove the key (no error when absent), like ``set(key, None)``."""
+        self._store(key, None, 0, 0, _SET, safe=False)
+
+    def incr(
+        self,
+        key: str | bytes,
+        value: int | float,
+        init: int | float | None = None,
+        init_ttl: float | None = None,
+    ) -> tuple[int | float | None, str | None, bool]:
+        """``new_value, err, forcible``. An absent/expired key is ``(None, "not found", False)``
+        unless ``init`` is given: it then starts at ``init + value`` with ``init_ttl`` (the TTL
+        of an existing key is kept). A non-number is ``(None, "not a number", False)``."""
+        if not _is_number(value):
+            raise TypeError(f"cannot add value of type {type(value).__name__}")
+        if init is not None and not _is_number(init):
+            raise TypeError(f"bad init value type {type(init).__name__}")
+        if init_ttl is not None and init is None:
+            raise ValueError("init_ttl needs init")
+        # short str keys cannot exceed MAX_KEY_BYTES in UTF-8: skip the full check on the hot path
+        if type(key) is str and 0 < len(key) <= _SHORT_KEY_CHARS:
+            k = key.encode()
+        else:
+            try:
+                k = _key_bytes(key)
+            except _BadKey as err:
+                return None, str(err), False
+        try:
+            with self._env.begin(db=self._data, write=True) as txn:
+                return self._incr_in(txn, k, value, init, init_ttl)
+        except (lmdb.MapFullError, lmdb.MapResizedError) as err:
+            return self._write_again(err, False, self._incr_in, k, value, init, init_ttl)
+
+    def expire(self, key: str | bytes, exptime: float) -> tuple[bool, str | None]:
+        """Set a live key's TTL (0 = never expires): ``(True, None)`` or ``(False, "not found")``."""
+        try:
+            k = _key_bytes(key)
+        except _BadKey as err:
+            return False, str(err)
+        now = self._clock()
+        with self._write_txn() as txn:
+            raw = txn.get(k)
+            if raw is None:
+                return False, "not found"
+            expires, touched, flags, kind = _HEAD.unpack_from(raw)
+            if expires and expires <= now:
+                return False, "not found"
+            new_expires = now + exptime if exptime > 0 else 0.0
+            txn.put(k, _HEAD.pack(new_expires, touched, flags, kind) + raw[_HEAD_SIZE:])
+        return True, None
+
+    def flush_all(self) -> None:
+        """Remove every entry."""
+        with self._write_txn() as txn:
+            txn.drop(self._data, delete=False)
+            txn.drop(self._lru, delete=False)
+        self._pending.clear()
+
+    def flush_expired(self, max_count: int = 0) -> int:
+        """Remove expired entries (at most ``max_count``; 0 = all) and return how many."""
+        now = self._clock()
+        removed = 0
+        with self._write_txn() as txn:
+            expired = []
+            for k, raw in txn.cursor():
+                expires, touched = _HEAD.unpack_from(raw)[:2]
+                if expires and expires <= now:
+                    expired.append((k, touched))
+                    if max_count and len(expired) >= max_count:
+                        break
+            for k, touched in expired:
+                txn.delete(k)
+                txn.delete(_lru_key(touched, k), db=self._lru)
+            removed = len(expired)
+        return removed
+
+    def close(self) -> None:
+        """Forget this process's handle (tests; workers just exit)."""
+        cached = _ENVS.pop(self._path, None)
+        if cached is not None and cached[0] == os.getpid():
+            cached[1].close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _store(
+        self, key: str | bytes, value: Value | None, exptime: float, flags: int, op: int, safe: bool
+    ) -> tuple[bool, str | None, bool]:
+        if type(key) is str and 0 < len(key) <= _SHORT_KEY_CHARS:
+            k = key.encode()
+        else:
+            try:
+                k = _key_bytes(key)
+            except _BadKey as err:
+                return False, str(err), False
+        now = self._clock()
+        record = None
+        if value is not None:
+            record = _record(value, now + exptime if exptime > 0 else 0.0, now, flags)
+        try:
+            with self._env.begin(db=self._data, write=True) as txn:
+                return self._store_in(txn, k, record, op, now)
+        except (lmdb.MapFullError, lmdb.MapResizedError) as err:
+            return self._write_again(err, safe, self._store_in, k, record, op, now)
+
+    def _write_again(
+        self, err: lmdb.Error, safe: bool, apply: Callable[..., tuple[Any, str | None, bool]], *args: Any
+    ) -> tuple[Any, str | None, bool]:
+        """The slow path of a write whose first transaction failed: adopt a map grown by another
+        process, or make room by evicting the oldest entries (unless ``safe``) and retry."""
+        forcible = False
+        batch = EVICT_FIRST_BATCH
+        while True:
+            if isinstance(err, lmdb.MapResizedError):
+                self._env.set_mapsize(0)  # another process opened the dict with a larger size
+            elif safe:
+                return (False if apply == self._store_in else None), "no memory", False
+            else:
+                evicted = self._evict(batch)
+                if evicted is None:  # nothing left to evict: the value alone does not fit
+                    return (False if apply == self._store_in else None), "no memory", forcible
+                forcible = forcible or evicted
+                batch *= 2
+            try:
+                with self._env.begin(db=self._data, write=True) as txn:
+                    ok, message, _ = apply(txn, *args)
+                    return ok, message, forcible
+            except (lmdb.MapFullError, lmdb.MapResizedError) as again:
+                err = again
+
+    def _store_in(
+        self, txn: lmdb.Transaction, k: bytes, record: bytes | None, op: int, now: float
+    ) -> tuple[bool, str | None, bool]:
+        if self._pending:
+            self._promote_pending(txn, now)
+        old = txn.get(k)
+        if op != _SET:
+            live = old is not None and not _expired(old, now)
+            if op == _ADD and live:
+                return False, "exists", False
+            if op == _REPLACE and not live:
+                return False, "not found", False
+        if old is not None:
+            txn.delete(_LRU_TIME.pack(_HEAD.unpack_from(old)[1]) + k, db=self._lru)
+        if record is None:
+            if old is not None:
+                txn.delete(k)
+            return True, None, False
+        txn.put(k, record)
+        txn.put(_LRU_TIME.pack(now) + k, b"", db=self._lru)
+        return True, None, False
+
+    def _incr_in(
+        self,
+        txn: lmdb.Transaction,
+        k: bytes,
+        value: int | float,
+        init: int | float | None,
+        init_ttl: float | None,
+    ) -> tuple[int | float | None, str | None, bool]:
+        now = self._clock()
+        if self._pending:
+            self._promote_pending(txn, now)
+        old = txn.get(k)
+        if old is None or _expired(old, now):
+            if init is None:
+                return None, "not found", False
+            if old is not None:
+                txn.delete(_lru_key(_HEAD.unpack_from(old)[1], k), db=self._lru)
+            new = init + value
+            expires = now + init_ttl if init_ttl else 0.0
+            txn.put(k, _record(new, expires, now, 0))
+            txn.put(_lru_key(now, k), b"", db=self._lru)
+            return new, None, False
+        expires, touched, flags, kind = _HEAD.unpack_from(old)
+        if kind not in _NUMBER_KINDS:
+            return None, "not a number", False
+        new = _decode(kind, old) + value  # type: ignore[operator]
+        if touched < now - PROMOTE_INTERVAL:
+            txn.delete(_lru_key(touched, k), db=self._lru)
+            txn.put(_lru_key(now, k), b"", db=self._lru)
+            touched = now
+        if kind == b"i" and type(new) is int and _I64_MIN <= new <= _I64_MAX:
+            txn.put(k, _INT_RECORD.pack(expires, touched, flags, b"i", new))
+        else:
+            txn.put(k, _record(new, expires, touched, flags))
+        return new, None, False
+
+    def _note_read(self, k: bytes) -> None:
+        pending = self._pending
+        pending[k] = None
+        if len(pending) >= PENDING_FLUSH:
+            try:
+                with self._write_txn() as txn:
+                    self._promote_pending(txn, self._clock())
+            except lmdb.MapFullError:
+                pending.clear()  # promotions are a hint; a full dict simply skips them
+
+    def _promote_pending(self, txn: lmdb.Transaction, now: float) -> None:
+        """Apply the LRU promotions of keys this process read since its last write."""
+        lru = self._lru
+        for k in self._pending:
+            raw = txn.get(k)
+            if raw is None:
+                continue
+            expires, touched, flags, kind = _HEAD.unpack_from(raw)
+            if touched >= now - PROMOTE_INTERVAL or (expires and expires <= now):
+                continue
+            txn.delete(_lru_key(touched, k), db=lru)
+            txn.put(_lru_key(now, k), b"", db=lru)
+            txn.put(k, _HEAD.pack(expires, now, flags, kind) + raw[_HEAD_SIZE:])
+        self._pending.clear()
+
+    def _evict(self, count: int) -> bool | None:
+        """Remove the ``count`` least recently used entries in their own transaction (LMDB reuses
+        freed pages only after the commit). Returns whether a live entry went, or None when the
+        dict was already empty (nothing more can make room)."""
+        now = self._clock()
+        evicted_live = False
+        with self._write_txn() as txn:
+            oldest = []
+            for lru_key, _ in txn.cursor(db=self._lru):
+                oldest.append(lru_key)
+                if len(oldest) >= count:
+                    break
+            for lru_key in oldest:
+                k = lru_key[_LRU_TIME.size :]
+                raw = txn.get(k)
+                if raw is not None:
+                    evicted_live = evicted_live or not _expired(raw, now)
+                    txn.delete(k)
+                txn.delete(lru_key, db=self._lru)
+        removed = len(oldest)
+        self._pending.clear()
+        if removed == 0:
+            return None
+        return evicted_live
+
+    def __repr__(self) -> str:
+        return f"<SharedDict {self.name} size={self.size} path={self._path}>"
+
+
+_SET, _ADD, _REPLACE = 0, 1, 2
+
+
+def _expired(raw: bytes, now: float) -> bool:
+    expires = _HEAD.unpack_from(raw)[0]
+    return bool(expires) and expires <= now
+
+
+def _key_out(k: bytes) -> str | bytes:
+    try:
+        return k.decode()
+    except UnicodeDecodeError:
+        return k
