@@ -1,0 +1,162 @@
+"""nginx's own responses, byte-exact."""
+
+from __future__ import annotations
+
+import pytest
+
+from scriptlb import responses
+from scriptlb.responses import (
+    closes_connection,
+    date_header,
+    error_page,
+    error_response,
+    http_date,
+    reason,
+    status_line,
+    wire_status,
+)
+
+NOV_22 = 1795341600.0  # Sun, 22 Nov 2026 10:00:00 GMT
+
+
+def test_502_page_is_nginx_byte_for_byte() -> None:
+    assert error_page(502) == (
+        b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+        b"<center><h1>502 Bad Gateway</h1></center>\r\n"
+        b"<hr><center>scriptlb</center>\r\n</body>\r\n</html>\r\n"
+    )
+
+
+def test_494_page_says_400_with_the_reason() -> None:
+    assert error_page(494) == (
+        b"<html>\r\n<head><title>400 Request Header Or Cookie Too Large</title></head>\r\n<body>\r\n"
+        b"<center><h1>400 Bad Request</h1></center>\r\n"
+        b"<center>Request Header Or Cookie Too Large</center>\r\n"
+        b"<hr><center>scriptlb</center>\r\n</body>\r\n</html>\r\n"
+    )
+    assert status_line(494) == b"HTTP/1.1 400 Bad Request\r\n"
+    assert wire_status(494) == 400
+
+
+@pytest.mark.parametrize(
+    ("status", "title"),
+    [
+        (301, "301 Moved Permanently"),
+        (302, "302 Found"),
+        (400, "400 Bad Request"),
+        (401, "401 Authorization Required"),
+        (403, "403 Forbidden"),
+        (404, "404 Not Found"),
+        (405, "405 Not Allowed"),
+        (408, "408 Request Time-out"),
+        (413, "413 Request Entity Too Large"),
+        (414, "414 Request-URI Too Large"),
+        (429, "429 Too Many Requests"),
+        (498, "404 Not Found"),
+        (500, "500 Internal Server Error"),
+        (503, "503 Service Temporarily Unavailable"),
+        (504, "504 Gateway Time-out"),
+    ],
+)
+def test_page_titles(status: int, title: str) -> None:
+    page = error_page(status)
+    assert page is not None
+    assert page.startswith(f"<html>\r\n<head><title>{title}</title></head>\r\n".encode())
+    assert f"<center><h1>{title}</h1></center>\r\n<hr>".encode() in page
+
+
+@pytest.mark.parametrize("status", [200, 204, 407, 418, 499, 506])
+def test_statuses_without_a_page(status: int) -> None:
+    assert error_page(status) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "line"),
+    [
+        (200, b"HTTP/1.1 200 OK\r\n"),
+        (302, b"HTTP/1.1 302 Moved Temporarily\r\n"),
+        (405, b"HTTP/1.1 405 Not Allowed\r\n"),
+        (503, b"HTTP/1.1 503 Service Temporarily Unavailable\r\n"),
+        (504, b"HTTP/1.1 504 Gateway Time-out\r\n"),
+        (418, b"HTTP/1.1 418 \r\n"),
+    ],
+)
+def test_status_lines(status: int, line: bytes) -> None:
+    assert status_line(status) == line
+
+
+def test_reason() -> None:
+    assert (reason(502), reason(299)) == ("Bad Gateway", "")
+
+
+def test_http_date_is_rfc_7231_and_cached_per_second() -> None:
+    assert http_date(NOV_22) == "Sun, 22 Nov 2026 10:00:00 GMT"
+    assert http_date(NOV_22 + 0.999) == "Sun, 22 Nov 2026 10:00:00 GMT"
+    assert http_date(NOV_22 + 1.0) == "Sun, 22 Nov 2026 10:00:01 GMT"
+    assert date_header(NOV_22 + 61.5) == b"Date: Sun, 22 Nov 2026 10:01:01 GMT\r\n"
+
+
+def test_http_date_uses_the_clock_by_default() -> None:
+    assert http_date().endswith(" GMT")
+    assert len(http_date()) == 29
+
+
+def test_full_502_response() -> None:
+    page = error_page(502)
+    assert page is not None
+    assert error_response(502, now=NOV_22) == (
+        b"HTTP/1.1 502 Bad Gateway\r\n"
+        b"Server: scriptlb\r\n"
+        b"Date: Sun, 22 Nov 2026 10:00:00 GMT\r\n"
+        b"Content-Type: text/html\r\n"
+        b"Content-Length: 153\r\n"
+        b"Connection: keep-alive\r\n"
+        b"\r\n" + page
+    )
+    assert len(page) == 153  # nginx's is 150: "nginx" is 3 bytes shorter
+
+
+def test_head_response_keeps_the_length_but_not_the_body() -> None:
+    response = error_response(504, keep_alive=False, head=True, now=NOV_22)
+    assert response.endswith(b"Content-Length: 163\r\nConnection: close\r\n\r\n")
+    assert len(error_page(504) or b"") == 163
+
+
+@pytest.mark.parametrize(
+    ("status", "closes"),
+    [
+        (400, True),
+        (413, True),
+        (414, True),
+        (494, True),
+        (500, True),
+        (501, True),
+        (408, True),
+        (404, False),
+        (502, False),
+        (503, False),
+        (504, False),
+    ],
+)
+def test_statuses_that_close_the_connection(status: int, closes: bool) -> None:
+    assert closes_connection(status) is closes
+    response = error_response(status, keep_alive=True, now=NOV_22)
+    assert (b"Connection: close\r\n" in response) is closes
+
+
+def test_extra_headers_go_before_connection() -> None:
+    response = error_response(301, extra_headers=b"Location: http://h/x/\r\n", now=NOV_22)
+    assert b"Content-Length: 165\r\nLocation: http://h/x/\r\nConnection: keep-alive\r\n\r\n<html>" in response
+
+
+def test_status_without_page_has_zero_length() -> None:
+    assert error_response(499, now=NOV_22).endswith(b"Content-Length: 0\r\nConnection: keep-alive\r\n\r\n")
+
+
+def test_prebuilt_responses_are_reused_within_a_second_and_rebuilt_after() -> None:
+    first = error_response(503, now=NOV_22 + 100)
+    assert error_response(503, now=NOV_22 + 100.5) is first
+    later = error_response(503, now=NOV_22 + 101)
+    assert later is not first
+    assert b"Date: Sun, 22 Nov 2026 10:01:41 GMT\r\n" in later
+    assert responses.ERROR_PAGES[503] in later
