@@ -485,7 +485,7 @@ class Master:
         delay = min(BACKOFF_FIRST * 2 ** (deaths - 2), BACKOFF_MAX)
         log(
             "warn",
-            f"worker process {worker_id} died {deaths} times in a row within "
+            f"worker #{worker_id} died {deaths} times in a row within "
             f"{QUICK_DEATH:g}s of its start, respawning in {delay:g}s",
         )
         self._respawn_at[worker_id] = time.monotonic() + delay

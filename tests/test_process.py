@@ -1,0 +1,699 @@
+"""The process model with real processes: `python -m scriptlb` on 127.0.0.1, signals, reloads.
+
+Every process a test starts is killed by a finalizer (the whole tree: master, workers and, for
+the daemon test, the detached master). Waits poll a condition with a bounded deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STARTUP_TIMEOUT = 15.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def scriptlb_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "scriptlb", *args]
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    """Poll ``predicate`` every 20 ms until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the OS considers free right now (bound to port 0, read, closed)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def children(pid: int) -> set[int]:
+    """Live child processes of ``pid`` (scans /proc: works without CONFIG_PROC_CHILDREN)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants (workers first found, then the parent)."""
+    for child in children(pid):
+        kill_tree(child)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, str]:
+    """One request on a fresh connection: (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def try_get(port: int, path: str = "/") -> tuple[int, str] | None:
+    try:
+        return get(port, path, timeout=2.0)
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------- a slow backend
+
+
+class SlowBackend:
+    """An HTTP/1.0-style backend on 127.0.0.1:0 that waits ``delay`` seconds before answering.
+
+    ``received`` is set when a request head has arrived, so a test can act while the request is
+    in flight through scriptlb.
+    """
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.received = threading.Event()
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._accept_thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._answer, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5.0)
+            head = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+            self.received.set()
+            if self._stop.wait(self.delay):
+                return
+            body = b"slow done\n"
+            with contextlib.suppress(OSError):
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                    % (len(body), body)
+                )
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        self._accept_thread.join(2.0)
+        for thread in self._threads:
+            thread.join(2.0)
+
+
+@pytest.fixture
+def slow_backend() -> Iterator[Callable[[float], SlowBackend]]:
+    made: list[SlowBackend] = []
+
+    def make(delay: float) -> SlowBackend:
+        backend = SlowBackend(delay)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+# --------------------------------------------------------------------------- scriptlb instances
+
+
+class Instance:
+    """One scriptlb prefix directory: conf/scriptlb.conf, logs/, and the processes started on it."""
+
+    def __init__(self, prefix: Path) -> None:
+        self.prefix = prefix
+        self.conf = prefix / "conf" / "scriptlb.conf"
+        self.pid_file = prefix / "logs" / "scriptlb.pid"
+        self.error_log = prefix / "logs" / "error.log"
+        self.access_log = prefix / "logs" / "access.log"
+        self.conf.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._masters: set[int] = set()
+
+    # ----- config
+
+    def write(
+        self,
+        port: int,
+        text: str = "gen1",
+        workers: int = 2,
+        main: str = "daemon off;",
+        listen_options: str = "",
+        backend: int | None = None,
+        extra_listens: str = "",
+    ) -> None:
+        slow = f"location /slow {{ proxy_pass http://127.0.0.1:{backend}; }}" if backend else ""
+        self.conf.write_text(
+            f"""
+            {main}
+            worker_processes {workers};
+            pid {self.pid_file};
+            error_log {self.error_log} notice;
+            events {{ worker_connections 256; }}
+            http {{
+                access_log {self.access_log};
+                server {{
+                    listen 127.0.0.1:{port} {listen_options};
+                    {extra_listens}
+                    location / {{ return 200 "{text} $pid\\n"; }}
+                    {slow}
+                }}
+            }}
+            """
+        )
+
+    # ----- processes
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        """Start scriptlb on this prefix; stdout/stderr go to files (a full pipe must never
+        block it), core dumps are off (a test may kill a worker with SIGSEGV)."""
+        old_core = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, old_core[1]))
+        try:
+            self.proc = subprocess.Popen(
+                scriptlb_cmd("-p", str(self.prefix), "-c", str(self.conf), *args),
+                stdout=open(self.prefix / "stdout", "wb"),  # noqa: SIM115 - owned by the child
+                stderr=open(self.prefix / "stderr", "wb"),  # noqa: SIM115
+                stdin=subprocess.DEVNULL,
+                cwd=self.prefix,
+            )
+        finally:
+            resource.setrlimit(resource.RLIMIT_CORE, old_core)
+        self._masters.add(self.proc.pid)
+        return self.proc
+
+    def cli(self, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+        """Run a scriptlb command on this prefix to completion (``-s reload`` ...)."""
+        return subprocess.run(
+            scriptlb_cmd("-p", str(self.prefix), "-c", str(self.conf), *args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.prefix,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def pid(self) -> int | None:
+        """The pid in the pid file, if it holds one."""
+        try:
+            text = self.pid_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def wait_ready(self, port: int) -> int:
+        """Wait for the pid file and a first 200; the master's pid."""
+        pid = wait_until(self.pid, STARTUP_TIMEOUT, "the pid file")
+        assert isinstance(pid, int)
+        self._masters.add(pid)
+        wait_until(lambda: (try_get(port) or (0, ""))[0] == 200, STARTUP_TIMEOUT, "a first 200")
+        return pid
+
+    def workers(self) -> set[int]:
+        pid = self.pid()
+        return children(pid) if pid else set()
+
+    def log_text(self) -> str:
+        try:
+            return self.error_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, needle: str, timeout: float = 10.0) -> str:
+        wait_until(lambda: needle in self.log_text(), timeout, f"{needle!r} in the error log")
+        return self.log_text()
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill_all(self) -> None:
+        for pid in list(self._masters):
+            kill_tree(pid)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def lb(tmp_path: Path) -> Iterator[Instance]:
+    instance = Instance(tmp_path)
+    yield instance
+    instance.kill_all()
+
+
+def served_by(port: int, attempts: int) -> set[str]:
+    """The ``$pid`` values seen over ``attempts`` fresh connections."""
+    pids = set()
+    for _ in range(attempts):
+        status, body = get(port)
+        assert status == 200, body
+        pids.add(body.split()[-1])
+    return pids
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_master_forks_workers_that_serve_and_owns_the_pid_file(lb: Instance) -> None:
+    (port,) = free_ports(1)
+    lb.write(port, workers=2, listen_options="reuseport")
+    lb.start()
+    master = lb.wait_ready(port)
+    assert lb.proc is not None and master == lb.proc.pid
+    workers = wait_until(lambda: len(lb.workers()) == 2 and lb.workers(), what="2 workers")
+    # reuseport: the kernel spreads fresh connections over both workers' sockets
+    seen: set[str] = set()
+    for _ in range(20):
+        seen |= served_by(port, 10)
+        if len(seen) == 2:
+            break
+    assert seen == {str(pid) for pid in workers}
+    log = lb.log_text()
+    for pid in workers:
+        assert f"start worker process {pid}" in log
+
+    os.kill(master, signal.SIGQUIT)
+    assert lb.wait_exit() == 0
+    assert not lb.pid_file.exists()
+    assert not any(alive(pid) for pid in workers)
+    assert "exit" in lb.wait_log("signal 3 (SIGQUIT) received")
+
+
+def test_reload_switches_to_the_new_config_and_retires_old_workers(lb: Instance) -> None:
+    (port,) = free_ports(1)
+    lb.write(port, text="gen1", workers=2)
+    lb.start()
+    master = lb.wait_ready(port)
+    old_workers = wait_until(lambda: len(lb.workers()) == 2 and lb.workers(), what="2 workers")
+
+    lb.write(port, text="gen2", workers=3)
+    result = lb.cli("-s", "reload")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: (try_get(port) or (0, ""))[1].startswith("gen2"), what="gen2 answers")
+    wait_until(lambda: not any(alive(pid) for pid in old_workers), what="old workers to exit")
+    new_workers = wait_until(lambda: len(lb.workers()) == 3 and lb.workers(), what="3 new workers")
+    assert not new_workers & old_workers
+    assert lb.pid() == master
+    log = lb.wait_log("reconfiguring")
+    assert "signal 1 (SIGHUP) received from" in log
+    for pid in old_workers:
+        assert f"worker process {pid} exited with code 0" in lb.wait_log(f"worker process {pid} exited")
+
+
+def test_broken_config_on_reload_keeps_the_old_one_serving(lb: Instance) -> None:
+    (port,) = free_ports(1)
+    lb.write(port, text="gen1")
+    lb.start()
+    lb.wait_ready(port)
+    workers = wait_until(lambda: len(lb.workers()) == 2 and lb.workers(), what="2 workers")
+
+    good = lb.conf.read_text()
+    lb.conf.write_text(good.replace("events", "fooo on;\nevents", 1))
+    os.kill(lb.pid() or 0, signal.SIGHUP)
+    log = lb.wait_log('unknown directive "fooo"')
+    line = next(line for line in log.splitlines() if "fooo" in line)
+    assert "[emerg]" in line and f"{lb.conf}:" in line
+    assert get(port)[1].startswith("gen1")
+    assert lb.workers() == workers  # nothing was restarted
+
+
+def test_no_failed_request_while_reloading_under_load(lb: Instance) -> None:
+    (port,) = free_ports(1)
+    lb.write(port, text="gen0", workers=2)
+    lb.start()
+    lb.wait_ready(port)
+
+    errors: list[str] = []
+    counts = {"fresh": 0, "keepalive": 0, "keepalive_retries": 0}
+    stop = threading.Event()
+
+    def fresh_connections() -> None:
+        while not stop.is_set():
+            try:
+                status, body = get(port)
+            except OSError as err:
+                errors.append(f"fresh: {err!r}")
+                continue
+            if status != 200:
+                errors.append(f"fresh: {status} {body!r}")
+            counts["fresh"] += 1
+
+    def keepalive_connection() -> None:
+        conn: http.client.HTTPConnection | None = None
+        reused = False
+        while not stop.is_set():
+            if conn is None:
+                conn, reused = http.client.HTTPConnection("127.0.0.1", port, timeout=5), False
+            try:
+                conn.request("GET", "/")
+                response = conn.getresponse()
+                body = response.read().decode()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
+                conn.close()
+                conn = None
+                # The server may close an idle keep-alive connection (an old worker retiring)
+                # just as a request is sent on it: every HTTP client retries that case once on
+                # a new connection (RFC 9112 9.3.1). On a fresh connection it is an error.
+                if reused:
+                    counts["keepalive_retries"] += 1
+                else:
+                    errors.append(f"keepalive: {err!r} on a new connection")
+                continue
+            except OSError as err:
+                errors.append(f"keepalive: {err!r}")
+                conn.close()
+                conn = None
+                continue
+            if response.status != 200:
+                errors.append(f"keepalive: {response.status} {body!r}")
+            counts["keepalive"] += 1
+            reused = True
+            if response.will_close:
+                conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    threads = [
+        threading.Thread(target=fresh_connections, daemon=True),
+        threading.Thread(target=fresh_connections, daemon=True),
+        threading.Thread(target=keepalive_connection, daemon=True),
+        threading.Thread(target=keepalive_connection, daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for generation in range(1, 5):
+            before = dict(counts)
+            lb.write(port, text=f"gen{generation}", workers=2)
+            os.kill(lb.pid() or 0, signal.SIGHUP)
+            wait_until(
+                lambda g=generation: (try_get(port) or (0, ""))[1].startswith(f"gen{g}"),
+                what=f"gen{generation} answers",
+            )
+            # traffic kept flowing on both kinds of connection through this reload
+            wait_until(
+                lambda b=before: all(counts[kind] > b[kind] + 20 for kind in ("fresh", "keepalive")),
+                what="requests after the reload",
+            )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert errors == []
+    assert counts["fresh"] > 100 and counts["keepalive"] > 100
+
+
+def test_quit_lets_an_in_flight_request_finish(lb: Instance, slow_backend) -> None:
+    backend = slow_backend(1.0)
+    (port,) = free_ports(1)
+    lb.write(port, backend=backend.port, workers=1)
+    lb.start()
+    master = lb.wait_ready(port)
+
+    result: list[object] = []
+    client = threading.Thread(target=lambda: result.append(get(port, "/slow", timeout=10)), daemon=True)
+    client.start()
+    assert backend.received.wait(5), "the request did not reach the backend"
+    os.kill(master, signal.SIGQUIT)
+    client.join(10)
+    assert result == [(200, "slow done\n")]
+    assert lb.wait_exit() == 0
+    assert not lb.pid_file.exists()
+    log = lb.log_text()
+    assert "signal 3 (SIGQUIT) received" in log and "shutting down" in log
+
+
+def test_term_stops_at_once_without_waiting_for_requests(lb: Instance, slow_backend) -> None:
+    backend = slow_backend(30.0)
+    (port,) = free_ports(1)
+    lb.write(port, backend=backend.port, workers=2)
+    lb.start()
+    master = lb.wait_ready(port)
+    workers = lb.workers()
+
+    outcome: list[object] = []
+
+    def slow_request() -> None:
+        try:
+            outcome.append(get(port, "/slow", timeout=20))
+        except (OSError, http.client.HTTPException) as err:
+            outcome.append(err)
+
+    client = threading.Thread(target=slow_request, daemon=True)
+    client.start()
+    assert backend.received.wait(5)
+    started = time.monotonic()
+    os.kill(master, signal.SIGTERM)
+    assert lb.wait_exit(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    client.join(10)
+    assert outcome and not isinstance(outcome[0], tuple), outcome  # the request was cut short
+    assert not any(alive(pid) for pid in workers)
+    assert not lb.pid_file.exists()
+
+
+def test_usr1_reopens_logs_after_rotation(lb: Instance) -> None:
+    (port,) = free_ports(1)
+    lb.write(port)
+    lb.start()
+    lb.wait_ready(port)
+    wait_until(lambda: lb.access_log.exists(), what="the access log")
+
+    rotated_error, rotated_access = lb.error_log.with_suffix(".log.1"), lb.access_log.with_suffix(".log.1")
+    lb.error_log.rename(rotated_error)
+    lb.access_log.rename(rotated_access)
+    result = lb.cli("-s", "reopen")
+    assert result.returncode == 0, result.stderr
+    lb.wait_log("reopening logs")  # written to the new file: the master reopened it
+    assert "signal 10 (SIGUSR1) received" in rotated_error.read_text() + lb.log_text()
+
+    def new_access_line() -> bool:
+        get(port, "/after-reopen")
+        return lb.access_log.exists() and "/after-reopen" in lb.access_log.read_text()
+
+    wait_until(new_access_line, what="an access line in the new access log")
+    assert "/after-reopen" not in rotated_access.read_text()
+
+
+@pytest.mark.parametrize("signo", [signal.SIGKILL, signal.SIGSEGV])
+def test_a_worker_that_dies_is_replaced(lb: Instance, signo: signal.Signals) -> None:
+    (port,) = free_ports(1)
+    lb.write(port, workers=2)
+    lb.start()
+    lb.wait_ready(port)
+    workers = wait_until(lambda: len(lb.workers()) == 2 and lb.workers(), what="2 workers")
+
+    victim = min(workers)
+    os.kill(victim, signo)
+    replaced = wait_until(
+        lambda: len(lb.workers()) == 2 and victim not in lb.workers() and lb.workers(), what="a replacement"
+    )
+    assert (replaced - workers) and (workers - {victim}) <= replaced
+    log = lb.wait_log(f"worker process {victim} exited on signal {int(signo)}")
+    new_pid = next(iter(replaced - workers))
+    assert f"start worker process {new_pid}" in lb.wait_log(f"start worker process {new_pid}")
+    assert "[alert]" in next(line for line in log.splitlines() if f"{victim} exited" in line)
+    assert get(port)[0] == 200
+
+
+def test_master_process_off_serves_from_one_process(lb: Instance) -> None:
+    (port,) = free_ports(1)
+    lb.write(port, main="daemon off; master_process off;", workers=4)
+    lb.start()
+    pid = lb.wait_ready(port)
+    assert lb.proc is not None and pid == lb.proc.pid
+    assert served_by(port, 5) == {str(pid)}
+    assert children(pid) == set()
+    os.kill(pid, signal.SIGQUIT)
+    assert lb.wait_exit() == 0
+    assert not lb.pid_file.exists()
+
+
+def test_daemon_detaches_and_stops_on_s_stop(lb: Instance) -> None:
+    (port,) = free_ports(1)
+    lb.write(port, main="daemon on;", workers=2)
+    started = lb.cli(timeout=15)  # returns once detached
+    assert started.returncode == 0, started.stderr
+    master = lb.wait_ready(port)
+    assert alive(master)
+    with open(f"/proc/{master}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ppid, session = int(fields[1]), int(fields[3])
+    assert session != os.getsid(0) and session != master  # own session, not its leader
+    assert ppid != os.getpid()
+    workers = wait_until(lambda: len(children(master)) == 2 and children(master), what="2 workers")
+
+    stopped = lb.cli("-s", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    wait_until(lambda: not alive(master), what="the daemon to exit")
+    assert not any(alive(pid) for pid in workers)
+    assert not lb.pid_file.exists()
+    assert try_get(port) is None
+
+
+def test_s_signal_reports_nginx_errors(lb: Instance) -> None:
+    (port,) = free_ports(1)
+    lb.write(port)
+    missing = lb.cli("-s", "reload")
+    assert missing.returncode == 1
+    assert f'[error] open() "{lb.pid_file}" failed (2: No such file or directory)' in missing.stderr
+
+    lb.pid_file.write_text("\n")
+    invalid = lb.cli("-s", "quit")
+    assert invalid.returncode == 1
+    assert f'invalid PID number "" in "{lb.pid_file}"' in invalid.stderr
+
+
+def test_busy_port_fails_the_start_with_nginx_message(lb: Instance) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        lb.write(port)
+        result = lb.cli(timeout=20)
+    finally:
+        holder.close()
+    assert result.returncode == 1
+    assert f"bind() to 127.0.0.1:{port} failed (98: Address already in use)" in result.stderr + lb.log_text()
+    assert "still could not bind()" in result.stderr + lb.log_text()
+    assert not lb.pid_file.exists()
+
+
+def test_unix_socket_listener_replaces_a_stale_file_and_removes_it_on_exit(lb: Instance) -> None:
+    (port,) = free_ports(1)
+    path = lb.prefix / "lb.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # bound and closed without unlink: what a crashed server leaves
+    stale.close()
+    lb.write(port, extra_listens=f"listen unix:{path};")
+    lb.start()
+    master = lb.wait_ready(port)
+
+    client = socket.socket(socket.AF_UNIX)
+    client.settimeout(5)
+    try:
+        client.connect(str(path))
+        client.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := client.recv(4096):
+            data += chunk
+    finally:
+        client.close()
+    assert data.startswith(b"HTTP/1.") and b" 200 " in data.split(b"\r\n", 1)[0]
+    os.kill(master, signal.SIGQUIT)
+    assert lb.wait_exit() == 0
+    assert not path.exists()
+
+
+def test_a_worker_that_dies_at_start_is_respawned_with_backoff(tmp_path: Path) -> None:
+    """A stand-in worker entry that crashes at once (the real worker cannot be made to): the
+    master must keep respawning it, slowly, and still obey QUIT."""
+    script = tmp_path / "crashing.py"
+    script.write_text(
+        "import os, sys\n"
+        "from scriptlb import master\n"
+        "from scriptlb.config.model import MainConf\n"
+        f"conf = MainConf(conf_file={str(tmp_path / 'x.conf')!r}, prefix={str(tmp_path)!r},\n"
+        f"                worker_processes=1, daemon=False, pid={str(tmp_path / 'x.pid')!r})\n"
+        "def crash(conf, listeners, worker_id, worker_count):\n"
+        "    os._exit(1)\n"
+        "sys.exit(master.run(conf, worker_entry=crash))\n"
+    )
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, str(script)],
+            stderr=stderr,
+            stdout=subprocess.DEVNULL,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    try:
+        wait_until(lambda: (tmp_path / "x.pid").exists(), what="the pid file")
+        time.sleep(1.5)  # the observation window itself: how many spawns fit in 1.5 s
+        proc.send_signal(signal.SIGQUIT)
+        assert proc.wait(10) == 0
+    finally:
+        kill_tree(proc.pid)
+        proc.wait(5)
+    log = stderr_path.read_text()
+    spawns = log.count("start worker process ")
+    assert 3 <= spawns <= 12, log
+    assert "respawning in" in log
+    assert "exited with code 1" in log
