@@ -72,6 +72,8 @@ class MainConf:
     error_log: tuple[ErrorLogConf, ...] = ()
     worker_connections: int = 512
     http: HttpConf | None = None
+    files: tuple[str, ...] = ()  # every config file read (main first, then includes), for -T
+    warnings: tuple[str, ...] = ()  # nginx's [warn] lines from loading, e.g. '[warn] duplicate value ...'
 
 
 # --------------------------------------------------------------------------- http context
@@ -101,6 +103,9 @@ class HookConf:
     code: str | None  # dedented Python source for "block"
     source: Source  # the directive's file:line; a block's code starts on source.line + 1
     timeout: float = 0.010  # balancer_by_python_timeout: CPU budget of one run
+    # conf line of the block's first code line: source.line + 1 in the usual layout (nothing
+    # after "{" on its line); source.line for a one-line block. 0 for "file" hooks.
+    first_line: int = 0
 
     @property
     def chunk_name(self) -> str:

@@ -1,0 +1,343 @@
+"""Tree -> drafts -> frozen model: the load-time work nginx splits over its merge/init phases.
+
+1. ``walk`` dispatches every node through the directive table (``directives.lookup``) in
+   order, so errors come out in file order as nginx reports them.
+2. ``finish`` resolves what needs the whole tree: proxy_pass -> upstreams (explicit blocks may
+   come after their use), inheritance http -> server -> location (each LocationConf is
+   effective), listen conflicts across servers, hook budgets, defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from scriptlb.config.addresses import AddressError, ProxyUrl, parse_proxy_url, resolve
+from scriptlb.config.directives import COMBINED_FORMAT, Ctx, State, listen_name, lookup
+from scriptlb.config.drafts import (
+    Header,
+    HttpDraft,
+    LevelDraft,
+    LocationDraft,
+    MainDraft,
+    ServerDraft,
+    UpstreamDraft,
+)
+from scriptlb.config.errors import ConfigError
+from scriptlb.config.model import (
+    AccessLogConf,
+    ErrorLogConf,
+    HookConf,
+    HttpConf,
+    ListenConf,
+    LocationConf,
+    LogFormat,
+    MainConf,
+    PeerAddr,
+    ProxyConf,
+    ProxyPassConf,
+    PythonConf,
+    ServerConf,
+    Source,
+    UpstreamConf,
+    UpstreamServerConf,
+)
+from scriptlb.config.parser import Node
+from scriptlb.config.variables import compile_template
+
+DEFAULT_HOOK_TIMEOUT = 0.010
+_REGEX = ("~", "~*")
+# nginx's ngx_http_proxy_headers that matter to a peer; a level's own list comes first and
+# wins by name (an empty value then removes the header)
+_DEFAULT_HEADERS: tuple[Header, ...] = (
+    ("host", "Host", compile_template("$proxy_host")),
+    ("connection", "Connection", compile_template("close")),
+)
+# OpenResty: an upstream whose only peers come from a hook gets this placeholder
+_PLACEHOLDER_SERVER = UpstreamServerConf("0.0.0.1", (PeerAddr("0.0.0.1", 80),))
+
+
+def build(nodes: Sequence[Node], conf_file: str, prefix: str, files: Sequence[str]) -> MainConf:
+    state = State(prefix)
+    main = MainDraft()
+    walk(state, nodes, Ctx.MAIN, main)
+    return _main_conf(state, main, conf_file, prefix, tuple(files))
+
+
+def walk(state: State, nodes: Sequence[Node], ctx: Ctx, draft: Any) -> None:
+    for node in nodes:
+        spec = lookup(node, ctx)
+        result = spec.handler(state, node, draft)
+        if result is None:
+            continue
+        child_ctx, child_draft = result
+        if child_ctx is Ctx.HTTP:
+            child_draft.log_formats["combined"] = LogFormat("combined", compile_template(COMBINED_FORMAT))
+        walk(state, node.children or (), child_ctx, child_draft)
+        if child_ctx is Ctx.UPSTREAM:
+            _close_upstream(child_draft, node)
+
+
+def _close_upstream(upstream: UpstreamDraft, node: Node) -> None:
+    if not upstream.servers:
+        if upstream.hook is None:
+            raise ConfigError("no servers are inside upstream", node.close)
+        upstream.servers.append(_PLACEHOLDER_SERVER)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _main_conf(
+    state: State, main: MainDraft, conf_file: str, prefix: str, files: tuple[str, ...]
+) -> MainConf:
+    v = main.values
+    http = _http_conf(state, main.http) if main.http is not None else None
+    return MainConf(
+        conf_file=conf_file,
+        prefix=prefix,
+        worker_processes=v.get("worker_processes", 1),
+        daemon=v.get("daemon", True),
+        master_process=v.get("master_process", True),
+        pid=v.get("pid"),
+        # nginx defaults to logs/error.log; scriptlb to stderr, so nothing is written before
+        # the operator chose a place (the default config names one)
+        error_log=tuple(main.error_logs) or (ErrorLogConf("stderr", "error"),),
+        worker_connections=v.get("worker_connections", 512),
+        http=http,
+        files=files,
+        warnings=tuple(state.warnings),
+    )
+
+
+# --------------------------------------------------------------------------- http
+
+
+def _http_conf(state: State, http: HttpDraft) -> HttpConf:
+    upstreams = {u.name: _upstream_conf(u, http) for u in http.upstreams.values()}
+    resolver = _ProxyPassResolver(http, upstreams)
+    servers = tuple(_server_conf(s, http, resolver) for s in http.servers)
+    servers = _check_listens(servers)
+    python = PythonConf(
+        package_path=http.values.get("python_package_path", ()),
+        code_cache=http.values.get("python_code_cache", True),
+    )
+    return HttpConf(upstreams=upstreams, servers=servers, log_formats=dict(http.log_formats), python=python)
+
+
+def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
+    if not any(not s.backup for s in upstream.servers):
+        raise ConfigError(f'no servers in upstream "{upstream.name}"', upstream.source)
+    v = upstream.values
+    hook = None
+    if upstream.hook is not None:
+        h = upstream.hook
+        timeout = v.get("balancer_by_python_timeout", http.values.get("balancer_by_python_timeout"))
+        hook = HookConf(
+            kind=h.kind,
+            path=h.path,
+            code=h.code,
+            source=h.source,
+            timeout=DEFAULT_HOOK_TIMEOUT if timeout is None else timeout,
+            first_line=h.code_line,
+        )
+    return UpstreamConf(
+        name=upstream.name,
+        servers=tuple(upstream.servers),
+        method=upstream.method,
+        hook=hook,
+        keepalive=v.get("keepalive", 0),
+        keepalive_timeout=v.get("keepalive_timeout", 60.0),
+        keepalive_requests=v.get("keepalive_requests", 1000),
+        source=upstream.source,
+    )
+
+
+class _ProxyPassResolver:
+    """proxy_pass URL -> (upstream key, ProxyPassConf); adds implicit upstreams as needed."""
+
+    def __init__(self, http: HttpDraft, upstreams: dict[str, UpstreamConf]) -> None:
+        self.explicit = {key: u.name for key, u in http.upstreams.items()}
+        self.upstreams = upstreams
+
+    def resolve(self, url: str, source: Source, location: LocationDraft) -> ProxyPassConf:
+        if "$" in url:
+            raise ConfigError('variables in "proxy_pass" are not supported by scriptlb', source)
+        try:
+            parsed = parse_proxy_url(url)
+        except AddressError as e:
+            raise ConfigError(_url_error(e.kind, url), source) from None
+        if parsed.uri is not None and location.modifier in _REGEX:
+            raise ConfigError(
+                '"proxy_pass" cannot have URI part in location given by regular expression, '
+                'or inside named location, or inside "if" statement, or inside "limit_except" block',
+                source,
+            )
+        target = parsed.target
+        explicit = self.explicit.get(target.host.lower()) if target.unix_path is None else None
+        if explicit is not None:
+            if target.port is not None:
+                raise ConfigError(f'upstream "{explicit}" may not have port {target.port}', source)
+            return ProxyPassConf(explicit, parsed.uri, explicit, source)
+        key = self._implicit(parsed, source)
+        return ProxyPassConf(key, parsed.uri, _proxy_host(parsed), source)
+
+    def _implicit(self, parsed: ProxyUrl, source: Source) -> str:
+        target = parsed.target
+        if target.unix_path is not None:
+            addrs: tuple[PeerAddr, ...] = (PeerAddr(None, 0, target.unix_path),)
+            key = f"unix:{target.unix_path}"
+        else:
+            port = 80 if target.port is None else target.port
+            key = _host_port(target.host, port)
+            if key in self.upstreams:
+                return key
+            addrs = resolve(target.host, port)
+            if not addrs:
+                raise ConfigError(f'host not found in upstream "{target.host}"', source)
+        if key not in self.upstreams:
+            server = UpstreamServerConf(name=key, addrs=addrs, source=source)
+            self.upstreams[key] = UpstreamConf(name=key, servers=(server,), implicit=True, source=source)
+        return key
+
+
+def _url_error(kind: str, url: str) -> str:
+    if kind in ("invalid URL prefix",) or kind.startswith("https"):
+        return kind
+    return f'{kind} in upstream "{url[7:].split("/")[0]}"'
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _proxy_host(parsed: ProxyUrl) -> str:
+    """nginx's $proxy_host: the URL's host, with the port unless it is 80."""
+    target = parsed.target
+    if target.unix_path is not None:
+        return "localhost"
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    return host if target.port in (None, 80) else f"{host}:{target.port}"
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def _default_listen(server: ServerDraft) -> ListenConf:
+    # nginx: *:80 when started as root, *:8000 otherwise
+    port = 80 if os.geteuid() == 0 else 8000
+    return ListenConf("0.0.0.0", port, source=server.source)
+
+
+def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResolver) -> ServerConf:
+    chain = (server, http)
+    locations = list(server.locations)
+    if server.return_ is not None:
+        # a server-level return answers before any location is chosen: give it to every
+        # location, and make sure one matches every URI
+        if not any(loc.modifier == "" and loc.pattern == "/" for loc in locations):
+            locations.append(LocationDraft(modifier="", pattern="/", source=server.return_.source))
+        for loc in locations:
+            loc.return_ = server.return_
+    return ServerConf(
+        listens=tuple(server.listens) or (_default_listen(server),),
+        server_names=tuple(server.server_names) or ("",),
+        locations=tuple(_location_conf(loc, chain, resolver) for loc in locations),
+        client_header_timeout=_get(chain, "client_header_timeout", 60.0),
+        large_client_header_buffers=_get(chain, "large_client_header_buffers", (4, 8192)),
+        source=server.source,
+    )
+
+
+def _get(chain: Sequence[LevelDraft], name: str, default: Any) -> Any:
+    """The effective value: the innermost level that set it, else nginx's default."""
+    for level in chain:
+        if name in level.values:
+            return level.values[name]
+    return default
+
+
+def _location_conf(
+    loc: LocationDraft, parents: Sequence[LevelDraft], resolver: _ProxyPassResolver
+) -> LocationConf:
+    chain = (loc, *parents)
+    proxy_pass = None
+    if loc.proxy_pass is not None and loc.return_ is None:
+        proxy_pass = resolver.resolve(loc.proxy_pass[0], loc.proxy_pass[1], loc)
+    access_logs: list[AccessLogConf] = next(
+        (lv.access_logs for lv in chain if lv.access_logs is not None), []
+    )
+    return LocationConf(
+        modifier=loc.modifier,
+        pattern=loc.pattern,
+        proxy_pass=proxy_pass,
+        return_=loc.return_,
+        proxy=_proxy_conf(chain),
+        client_max_body_size=_get(chain, "client_max_body_size", 1024 * 1024),
+        client_body_timeout=_get(chain, "client_body_timeout", 60.0),
+        keepalive_timeout=_get(chain, "keepalive_timeout", 75.0),
+        keepalive_requests=_get(chain, "keepalive_requests", 1000),
+        access_log=tuple(access_logs),
+        source=loc.source,
+    )
+
+
+def _proxy_conf(chain: Sequence[LevelDraft]) -> ProxyConf:
+    defaults = ProxyConf()
+    return ProxyConf(
+        set_headers=_headers(chain),
+        http_version=_get(chain, "proxy_http_version", defaults.http_version),
+        connect_timeout=_get(chain, "proxy_connect_timeout", defaults.connect_timeout),
+        send_timeout=_get(chain, "proxy_send_timeout", defaults.send_timeout),
+        read_timeout=_get(chain, "proxy_read_timeout", defaults.read_timeout),
+        next_upstream=_get(chain, "proxy_next_upstream", defaults.next_upstream),
+        next_upstream_tries=_get(chain, "proxy_next_upstream_tries", defaults.next_upstream_tries),
+        next_upstream_timeout=_get(chain, "proxy_next_upstream_timeout", defaults.next_upstream_timeout),
+        request_buffering=_get(chain, "proxy_request_buffering", defaults.request_buffering),
+        buffering=_get(chain, "proxy_buffering", defaults.buffering),
+    )
+
+
+def _headers(chain: Sequence[LevelDraft]) -> tuple[Header, ...]:
+    """nginx's rule: a level's proxy_set_header list replaces the inherited one entirely
+    (inherited only if the level defines none); the defaults fill in names not set."""
+    own = next((lv.set_headers for lv in chain if lv.set_headers is not None), [])
+    names = {h[0] for h in own}
+    return (*own, *(h for h in _DEFAULT_HEADERS if h[0] not in names))
+
+
+# --------------------------------------------------------------------------- listens
+
+
+def _check_listens(servers: tuple[ServerConf, ...]) -> tuple[ServerConf, ...]:
+    """Cross-server listen rules: one default_server and one set of socket options per
+    address; every ListenConf of an address then carries the same socket options."""
+    by_key: dict[tuple[str | None, int, str | None], list[ListenConf]] = {}
+    for server in servers:
+        for listen in server.listens:
+            by_key.setdefault(listen.key, []).append(listen)
+    options: dict[tuple[str | None, int, str | None], ListenConf] = {}
+    for key, listens in by_key.items():
+        defaults = [lc for lc in listens if lc.default_server]
+        if len(defaults) > 1:
+            second = defaults[1]
+            raise ConfigError(f"a duplicate default server for {listen_name(second)}", second.source)
+        with_options = [lc for lc in listens if lc.reuseport or lc.backlog != 511]
+        if len(with_options) > 1:
+            raise ConfigError(
+                f"duplicate listen options for {listen_name(with_options[1])}", with_options[1].source
+            )
+        if with_options:
+            options[key] = with_options[0]
+    if not options:
+        return servers
+
+    def shared(listen: ListenConf) -> ListenConf:
+        opt = options.get(listen.key)
+        if opt is None:
+            return listen
+        return dataclasses.replace(listen, reuseport=opt.reuseport, backlog=opt.backlog)
+
+    return tuple(dataclasses.replace(s, listens=tuple(shared(lc) for lc in s.listens)) for s in servers)

@@ -1,0 +1,551 @@
+"""The directive table: name -> contexts, number of arguments, handler.
+
+Dispatch follows nginx's ``ngx_conf_handler`` check for check, so errors come out in the same
+order and words: unknown directive; "not allowed here" (the name exists, not in this context);
+"is not terminated by ";"" / "has no opening "{""; "invalid number of arguments"; then the
+handler's own value checks. A name may have several specs (``server`` is a block in ``http``
+and a line in ``upstream``; ``keepalive_timeout`` means different things in each).
+
+Handlers parse and validate their arguments and record them on the current draft
+(``drafts.py``). Value syntaxes and nginx's per-slot error wording live in the helpers below.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntFlag
+from typing import Any
+
+from scriptlb.config.addresses import parse_listen, parse_upstream_server
+from scriptlb.config.drafts import (
+    HookDraft,
+    HttpDraft,
+    LevelDraft,
+    LocationDraft,
+    MainDraft,
+    ServerDraft,
+    UpstreamDraft,
+)
+from scriptlb.config.errors import ConfigError
+from scriptlb.config.model import (
+    AccessLogConf,
+    ErrorLogConf,
+    ListenConf,
+    LogFormat,
+    NextUpstream,
+    PeerAddr,
+    ReturnConf,
+    Source,
+    Template,
+)
+from scriptlb.config.parser import Node
+from scriptlb.config.units import parse_int, parse_offset, parse_size, parse_time
+from scriptlb.config.variables import TemplateError, compile_template
+
+
+class Ctx(IntFlag):
+    MAIN = 1
+    EVENTS = 2
+    HTTP = 4
+    SERVER = 8
+    LOCATION = 16
+    UPSTREAM = 32
+
+
+HSL = Ctx.HTTP | Ctx.SERVER | Ctx.LOCATION
+HS = Ctx.HTTP | Ctx.SERVER
+
+LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
+COMBINED_FORMAT = (
+    '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent '
+    '"$http_referer" "$http_user_agent"'
+)
+
+
+@dataclass(slots=True)
+class State:
+    """What handlers need besides the node and the draft."""
+
+    prefix: str
+    warnings: list[str] = field(default_factory=list)
+    http: HttpDraft | None = None  # set on entering http: log formats live there
+
+    def path(self, value: str) -> str:
+        """A path from the config, absolute against the prefix (nginx's ngx_conf_full_name)."""
+        return os.path.normpath(os.path.join(self.prefix, value))
+
+    def warn(self, message: str, source: Source) -> None:
+        self.warnings.append(str(ConfigError(message, source, level="warn")))
+
+
+Handler = Callable[[State, Node, Any], "tuple[Ctx, Any] | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    name: str
+    contexts: Ctx
+    min_args: int
+    max_args: int | None  # None: any number above min_args
+    handler: Handler
+    block: bool = False  # requires "{ ... }" (a Python block counts as a block)
+
+
+# --------------------------------------------------------------------------- value helpers
+
+
+def fail(node: Node, message: str) -> ConfigError:
+    return ConfigError(message, node.source)
+
+
+def _store(node: Node, values: dict[str, Any], value: Any, key: str | None = None) -> None:
+    """nginx's slot semantics: a second occurrence at the same level is "is duplicate"."""
+    key = key or node.name
+    if key in values:
+        raise fail(node, f'"{node.name}" directive is duplicate')
+    values[key] = value
+
+
+def flag(node: Node) -> bool:
+    value = node.args[0]
+    if value.lower() in ("on", "off"):
+        return value.lower() == "on"
+    raise fail(node, f'invalid value "{value}" in "{node.name}" directive, it must be "on" or "off"')
+
+
+def msec(node: Node, value: str | None = None) -> float:
+    result = parse_time(node.args[0] if value is None else value)
+    if result is None:
+        raise fail(node, f'"{node.name}" directive invalid value')
+    return result
+
+
+def number(node: Node) -> int:
+    result = parse_int(node.args[0])
+    if result is None:
+        raise fail(node, f'"{node.name}" directive invalid number')
+    return result
+
+
+def template(node: Node, raw: str) -> Template:
+    try:
+        return compile_template(raw)
+    except TemplateError as e:
+        raise fail(node, str(e)) from None
+
+
+def _slot(parse: Callable[[Node], Any]) -> Handler:
+    def handler(state: State, node: Node, draft: Any) -> None:
+        _store(node, draft.values, parse(node))
+
+    return handler
+
+
+# --------------------------------------------------------------------------- main, events
+
+
+def _worker_processes(state: State, node: Node, draft: MainDraft) -> None:
+    value = node.args[0]
+    count = (os.cpu_count() or 1) if value == "auto" else parse_int(value)
+    if count is None:
+        raise fail(node, f'"{node.name}" directive invalid value')
+    _store(node, draft.values, count)
+
+
+def _pid(state: State, node: Node, draft: MainDraft) -> None:
+    _store(node, draft.values, state.path(node.args[0]))
+
+
+def _error_log(state: State, node: Node, draft: MainDraft) -> None:
+    target = node.args[0]
+    path = "stderr" if target == "stderr" else state.path(target)
+    level = "error"
+    if len(node.args) > 1:
+        level = node.args[1]
+        if level not in LOG_LEVELS:
+            raise fail(node, f'invalid log level "{level}"')
+    draft.error_logs.append(ErrorLogConf(path=path, level=level))
+
+
+def _events(state: State, node: Node, draft: MainDraft) -> tuple[Ctx, Any]:
+    if draft.events:
+        raise fail(node, '"events" directive is duplicate')
+    draft.events = True
+    return Ctx.EVENTS, draft
+
+
+def _worker_connections(state: State, node: Node, draft: MainDraft) -> None:
+    value = parse_int(node.args[0])
+    if value is None:
+        raise fail(node, f'invalid number "{node.args[0]}"')
+    _store(node, draft.values, value)
+
+
+def _http(state: State, node: Node, draft: MainDraft) -> tuple[Ctx, Any]:
+    if draft.http is not None:
+        raise fail(node, '"http" directive is duplicate')
+    draft.http = state.http = HttpDraft()
+    return Ctx.HTTP, draft.http
+
+
+# --------------------------------------------------------------------------- http, server
+
+
+def _upstream(state: State, node: Node, draft: HttpDraft) -> tuple[Ctx, Any]:
+    name = node.args[0]
+    key = name.lower()  # nginx compares upstream names case-insensitively
+    if key in draft.upstreams:
+        raise fail(node, f'duplicate upstream "{name}"')
+    upstream = UpstreamDraft(name=name, source=node.source, close=node.close)
+    draft.upstreams[key] = upstream
+    return Ctx.UPSTREAM, upstream
+
+
+def _server_block(state: State, node: Node, draft: HttpDraft) -> tuple[Ctx, Any]:
+    server = ServerDraft(source=node.source)
+    draft.servers.append(server)
+    return Ctx.SERVER, server
+
+
+def _listen(state: State, node: Node, draft: ServerDraft) -> None:
+    for listen in parse_listen(node):
+        for other in draft.listens:
+            if other.key == listen.key:
+                raise fail(node, f"a duplicate listen {listen_name(listen)}")
+        draft.listens.append(listen)
+
+
+def listen_name(listen: ListenConf) -> str:
+    if listen.unix_path is not None:
+        return f"unix:{listen.unix_path}"
+    return PeerAddr(listen.host, listen.port).name
+
+
+def _server_name(state: State, node: Node, draft: ServerDraft) -> None:
+    for name in node.args:
+        if name.startswith("$"):
+            raise fail(node, f'variables in server name "{name}" are not supported')
+        draft.server_names.append(name.lower())
+
+
+_REGEX_MODIFIERS = {"~": re.NOFLAG, "~*": re.IGNORECASE}
+
+
+def _location(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
+    if isinstance(draft, LocationDraft):
+        raise fail(
+            node,
+            f'nested location "{node.args[-1]}" inside location "{draft.pattern}" '
+            "is not supported by scriptlb",
+        )
+    modifier, pattern = _location_args(node)
+    if modifier in _REGEX_MODIFIERS:
+        try:
+            re.compile(pattern, _REGEX_MODIFIERS[modifier])
+        except re.error as e:
+            raise fail(node, f'regex compile failed: {e.msg} in "{pattern}"') from None
+    else:
+        for other in draft.locations:
+            if other.modifier not in _REGEX_MODIFIERS and other.pattern == pattern and (
+                (other.modifier == "=") == (modifier == "=")
+            ):
+                raise fail(node, f'duplicate location "{pattern}"')
+    location = LocationDraft(modifier=modifier, pattern=pattern, source=node.source)
+    draft.locations.append(location)
+    return Ctx.LOCATION, location
+
+
+def _location_args(node: Node) -> tuple[str, str]:
+    """``location [=|~|~*|^~] uri``; like nginx, a modifier may also be glued to the uri."""
+    if len(node.args) == 2:
+        modifier, pattern = node.args
+        if modifier not in ("=", "~", "~*", "^~"):
+            raise fail(node, f'invalid location modifier "{modifier}"')
+        return modifier, pattern
+    arg = node.args[0]
+    if arg.startswith("@"):
+        raise fail(node, f'named location "{arg}" is not supported by scriptlb')
+    for modifier in ("^~", "~*", "=", "~"):
+        if arg.startswith(modifier) and len(arg) > len(modifier):
+            return modifier, arg[len(modifier) :]
+    return "", arg
+
+
+def _proxy_pass(state: State, node: Node, draft: LocationDraft) -> None:
+    if draft.proxy_pass is not None:
+        raise fail(node, '"proxy_pass" directive is duplicate')
+    draft.proxy_pass = (node.args[0], node.source)
+
+
+def _proxy_set_header(state: State, node: Node, draft: LevelDraft) -> None:
+    name, value = node.args
+    if draft.set_headers is None:
+        draft.set_headers = []
+    draft.set_headers.append((name.lower(), name, template(node, value)))
+
+
+def _proxy_http_version(state: State, node: Node, draft: LevelDraft) -> None:
+    value = node.args[0]
+    if value not in ("1.0", "1.1"):
+        raise fail(node, f'invalid value "{value}"')
+    _store(node, draft.values, value)
+
+
+_NEXT_UPSTREAM = {
+    "error": NextUpstream.ERROR,
+    "timeout": NextUpstream.TIMEOUT,
+    "invalid_header": NextUpstream.INVALID_HEADER,
+    "http_500": NextUpstream.HTTP_500,
+    "http_502": NextUpstream.HTTP_502,
+    "http_503": NextUpstream.HTTP_503,
+    "http_504": NextUpstream.HTTP_504,
+    "http_403": NextUpstream.HTTP_403,
+    "http_404": NextUpstream.HTTP_404,
+    "http_429": NextUpstream.HTTP_429,
+    "non_idempotent": NextUpstream.NON_IDEMPOTENT,
+    "off": NextUpstream.OFF,
+}
+
+
+def _proxy_next_upstream(state: State, node: Node, draft: LevelDraft) -> None:
+    """nginx's bitmask slot; "off" anywhere in the list wins (as its merge does)."""
+    flags = NextUpstream(0)
+    for word in node.args:
+        bit = _NEXT_UPSTREAM.get(word)
+        if bit is None:
+            raise fail(node, f'invalid value "{word}"')
+        if flags & bit:
+            state.warn(f'duplicate value "{word}"', node.source)
+        flags |= bit
+    if flags & NextUpstream.OFF:
+        flags = NextUpstream.OFF
+    _store(node, draft.values, flags)
+
+
+def _keepalive_timeout(state: State, node: Node, draft: LevelDraft) -> None:
+    timeout = msec(node)
+    if len(node.args) > 1 and parse_time(node.args[1], seconds_only=True) is None:
+        raise fail(node, f'"{node.name}" directive invalid value')  # the Keep-Alive header time
+    _store(node, draft.values, timeout)
+
+
+def _size(node: Node) -> int:
+    value = parse_size(node.args[0])
+    if value is None:
+        raise fail(node, f'"{node.name}" directive invalid value')
+    return value
+
+
+def _offset(node: Node) -> int:
+    value = parse_offset(node.args[0])
+    if value is None:
+        raise fail(node, f'"{node.name}" directive invalid value')
+    return value
+
+
+def _large_client_header_buffers(state: State, node: Node, draft: LevelDraft) -> None:
+    count = parse_int(node.args[0])
+    size = parse_size(node.args[1])
+    if not count or not size:
+        raise fail(node, f'"{node.name}" directive invalid value')
+    _store(node, draft.values, (count, size))
+
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+def _return(state: State, node: Node, draft: Any) -> None:
+    """``return code [text]``, ``return code URL`` (redirects), ``return URL`` (302)."""
+    first = node.args[0]
+    if len(node.args) == 1 and first.startswith(("http://", "https://", "$scheme")):
+        conf = ReturnConf(302, template(node, first), node.source)
+    else:
+        status = parse_int(first)
+        if status is None or status > 999:
+            raise fail(node, f'invalid return code "{first}"')
+        text = template(node, node.args[1]) if len(node.args) > 1 else None
+        conf = ReturnConf(status, text, node.source)
+    if draft.return_ is None:  # the first return wins: it ends the rewrite phase
+        draft.return_ = conf
+
+
+def _log_format(state: State, node: Node, draft: HttpDraft) -> None:
+    name, rest = node.args[0], list(node.args[1:])
+    if name in draft.log_formats:
+        raise fail(node, f'duplicate "log_format" name "{name}"')
+    escape = "default"
+    if rest and rest[0].startswith("escape="):
+        escape = rest.pop(0)[len("escape=") :]
+        if escape not in ("default", "json", "none"):
+            raise fail(node, f'unknown log format escaping "{escape}"')
+    if not rest:
+        raise fail(node, 'invalid number of arguments in "log_format" directive')
+    draft.log_formats[name] = LogFormat(name, template(node, "".join(rest)), escape)
+
+
+def _access_log(state: State, node: Node, draft: Any) -> None:
+    assert state.http is not None  # access_log exists only inside http
+    if draft.access_logs is None:
+        draft.access_logs = []
+    target = node.args[0]
+    if target == "off":
+        if len(node.args) > 1:
+            raise fail(node, f'invalid parameter "{node.args[1]}"')
+        return  # an empty list at this level: off, and nothing inherited
+    if target.startswith("syslog:") or "$" in target:
+        raise fail(node, f'access_log "{target}" is not supported by scriptlb')
+    format_name = node.args[1] if len(node.args) > 1 else "combined"
+    log_format = state.http.log_formats.get(format_name)
+    if log_format is None:
+        raise fail(node, f'unknown log format "{format_name}"')
+    buffer, flush = 0, None
+    for param in node.args[2:]:
+        if param.startswith("buffer="):
+            buffer = parse_size(param[len("buffer=") :]) or 0
+            if not buffer:
+                raise fail(node, f'invalid buffer size "{param[len("buffer="):]}"')
+        elif param.startswith("flush="):
+            flush = parse_time(param[len("flush=") :])
+            if not flush:
+                raise fail(node, f'invalid flush time "{param[len("flush="):]}"')
+        else:
+            raise fail(node, f'invalid parameter "{param}"')
+    if flush is not None and not buffer:
+        raise fail(node, f'no buffer is defined for access_log "{target}"')
+    path = target if target in ("stderr", "stdout") else state.path(target)
+    draft.access_logs.append(AccessLogConf(path, log_format, buffer, flush or 0.0))
+
+
+# --------------------------------------------------------------------------- python hooks
+
+
+def _python_package_path(state: State, node: Node, draft: HttpDraft) -> None:
+    patterns = tuple(state.path(p) for p in node.args[0].split(";") if p.strip())
+    _store(node, draft.values, patterns)
+
+
+def _hook_timeout(state: State, node: Node, draft: Any) -> None:
+    value = msec(node)
+    if value <= 0:
+        raise fail(node, f'"{node.name}" directive invalid value')
+    _store(node, draft.values, value)
+
+
+def _hook_file(state: State, node: Node, draft: UpstreamDraft) -> None:
+    _check_hook_duplicate(node, draft)
+    path = state.path(node.args[0])
+    if not os.path.isfile(path):
+        err = os.strerror(2)
+        raise fail(node, f'open() "{path}" failed (2: {err})')
+    draft.hook = HookDraft(node.name, "file", path, None, node.source)
+
+
+def _hook_block(state: State, node: Node, draft: UpstreamDraft) -> None:
+    _check_hook_duplicate(node, draft)
+    draft.hook = HookDraft(node.name, "block", None, node.code, node.source, node.code_line)
+
+
+def _check_hook_duplicate(node: Node, draft: UpstreamDraft) -> None:
+    if draft.hook is not None:
+        raise fail(node, f'"{node.name}" directive is duplicate')
+
+
+# --------------------------------------------------------------------------- upstream
+
+
+def _upstream_server(state: State, node: Node, draft: UpstreamDraft) -> None:
+    draft.servers.append(parse_upstream_server(node, restricted=draft.hook is not None))
+
+
+def _upstream_keepalive(state: State, node: Node, draft: UpstreamDraft) -> None:
+    value = parse_int(node.args[0])
+    if not value:
+        raise fail(node, f'invalid value "{node.args[0]}" in "{node.name}" directive')
+    _store(node, draft.values, value)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _spec(name: str, contexts: Ctx, args: tuple[int, int | None], handler: Handler, **kw: Any) -> Spec:
+    return Spec(name, contexts, args[0], args[1], handler, **kw)
+
+
+ONE, FLAG = (1, 1), (1, 1)
+NONE = (0, 0)
+
+_SPECS: tuple[Spec, ...] = (
+    # main
+    _spec("worker_processes", Ctx.MAIN, ONE, _worker_processes),
+    _spec("daemon", Ctx.MAIN, FLAG, _slot(flag)),
+    _spec("master_process", Ctx.MAIN, FLAG, _slot(flag)),
+    _spec("pid", Ctx.MAIN, ONE, _pid),
+    _spec("error_log", Ctx.MAIN, (1, 2), _error_log),
+    _spec("events", Ctx.MAIN, NONE, _events, block=True),
+    _spec("worker_connections", Ctx.EVENTS, ONE, _worker_connections),
+    _spec("http", Ctx.MAIN, NONE, _http, block=True),
+    # http / server / location
+    _spec("server", Ctx.HTTP, NONE, _server_block, block=True),
+    _spec("upstream", Ctx.HTTP, ONE, _upstream, block=True),
+    _spec("listen", Ctx.SERVER, (1, None), _listen),
+    _spec("server_name", Ctx.SERVER, (1, None), _server_name),
+    _spec("location", Ctx.SERVER | Ctx.LOCATION, (1, 2), _location, block=True),
+    _spec("proxy_pass", Ctx.LOCATION, ONE, _proxy_pass),
+    _spec("proxy_set_header", HSL, (2, 2), _proxy_set_header),
+    _spec("proxy_http_version", HSL, ONE, _proxy_http_version),
+    _spec("proxy_connect_timeout", HSL, ONE, _slot(msec)),
+    _spec("proxy_send_timeout", HSL, ONE, _slot(msec)),
+    _spec("proxy_read_timeout", HSL, ONE, _slot(msec)),
+    _spec("proxy_next_upstream", HSL, (1, None), _proxy_next_upstream),
+    _spec("proxy_next_upstream_tries", HSL, ONE, _slot(number)),
+    _spec("proxy_next_upstream_timeout", HSL, ONE, _slot(msec)),
+    _spec("proxy_request_buffering", HSL, FLAG, _slot(flag)),
+    _spec("proxy_buffering", HSL, FLAG, _slot(flag)),
+    _spec("client_max_body_size", HSL, ONE, _slot(_offset)),
+    _spec("client_header_timeout", HS, ONE, _slot(msec)),
+    _spec("client_body_timeout", HSL, ONE, _slot(msec)),
+    _spec("keepalive_timeout", HSL, (1, 2), _keepalive_timeout),
+    _spec("keepalive_requests", HSL, ONE, _slot(number)),
+    _spec("large_client_header_buffers", HS, (2, 2), _large_client_header_buffers),
+    _spec("return", Ctx.SERVER | Ctx.LOCATION, (1, 2), _return),
+    _spec("log_format", Ctx.HTTP, (2, None), _log_format),
+    _spec("access_log", HSL, (1, None), _access_log),
+    # python hooks
+    _spec("python_package_path", Ctx.HTTP, ONE, _python_package_path),
+    _spec("python_code_cache", Ctx.HTTP, FLAG, _slot(flag)),
+    _spec("balancer_by_python_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _hook_timeout),
+    _spec("balancer_by_python_file", Ctx.UPSTREAM, ONE, _hook_file),
+    _spec("balancer_by_python_block", Ctx.UPSTREAM, NONE, _hook_block, block=True),
+    # upstream
+    _spec("server", Ctx.UPSTREAM, (1, None), _upstream_server),
+    _spec("keepalive", Ctx.UPSTREAM, ONE, _upstream_keepalive),
+    _spec("keepalive_timeout", Ctx.UPSTREAM, ONE, _slot(msec)),
+    _spec("keepalive_requests", Ctx.UPSTREAM, ONE, _slot(number)),
+)
+
+DIRECTIVES: dict[str, tuple[Spec, ...]] = {}
+for _s in _SPECS:
+    DIRECTIVES[_s.name] = (*DIRECTIVES.get(_s.name, ()), _s)
+
+
+def lookup(node: Node, ctx: Ctx) -> Spec:
+    """The spec that handles ``node`` in ``ctx``, checked exactly as nginx checks it."""
+    specs = DIRECTIVES.get(node.name)
+    if specs is None:
+        raise fail(node, f'unknown directive "{node.name}"')
+    for spec in specs:
+        if not spec.contexts & ctx:
+            continue
+        is_block = node.children is not None
+        if not spec.block and is_block:
+            raise fail(node, f'directive "{node.name}" is not terminated by ";"')
+        if spec.block and not is_block:
+            raise fail(node, f'directive "{node.name}" has no opening "{{"')
+        n = len(node.args)
+        if n < spec.min_args or (spec.max_args is not None and n > spec.max_args):
+            raise fail(node, f'invalid number of arguments in "{node.name}" directive')
+        return spec
+    raise fail(node, f'"{node.name}" directive is not allowed here')

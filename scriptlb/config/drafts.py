@@ -1,0 +1,90 @@
+"""Mutable drafts the directive handlers fill while the tree is walked.
+
+A draft is one block being configured (main, http, server, location, upstream). Handlers only
+record what they read (parsed and validated); cross-block work (inheritance, proxy_pass ->
+upstream resolution, listen conflicts, hook timeouts) happens once the whole tree is read, in
+``builder.py``, because nginx allows forward references (an upstream defined after its use, an
+http-level ``balancer_by_python_timeout`` after the upstream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from scriptlb.config.model import (
+    AccessLogConf,
+    BalancerMethodConf,
+    ErrorLogConf,
+    ListenConf,
+    LogFormat,
+    ReturnConf,
+    Source,
+    Template,
+    UpstreamServerConf,
+)
+
+Header = tuple[str, str, Template]  # (lower-case name, name as written, value)
+
+
+@dataclass(eq=False)
+class LevelDraft:
+    """Settings that http, server and location share and inherit (nginx's merge_loc_conf)."""
+
+    values: dict[str, Any] = field(default_factory=dict)  # directive name -> parsed value
+    set_headers: list[Header] | None = None  # None: not defined here, inherit
+    access_logs: list[AccessLogConf] | None = None  # None: inherit; []: access_log off
+
+
+@dataclass(eq=False)
+class LocationDraft(LevelDraft):
+    modifier: str = ""
+    pattern: str = ""
+    source: Source | None = None
+    proxy_pass: tuple[str, Source] | None = None  # the URL as written
+    return_: ReturnConf | None = None
+
+
+@dataclass(eq=False)
+class ServerDraft(LevelDraft):
+    source: Source | None = None
+    listens: list[ListenConf] = field(default_factory=list)
+    server_names: list[str] = field(default_factory=list)
+    locations: list[LocationDraft] = field(default_factory=list)
+    return_: ReturnConf | None = None  # server-level return: answers every request
+
+
+@dataclass(eq=False)
+class HookDraft:
+    name: str  # the directive, for messages
+    kind: str  # "file" | "block"
+    path: str | None
+    code: str | None
+    source: Source
+    code_line: int = 0
+
+
+@dataclass(eq=False)
+class UpstreamDraft:
+    name: str
+    source: Source
+    close: Source | None = None
+    servers: list[UpstreamServerConf] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+    hook: HookDraft | None = None
+    method: BalancerMethodConf = field(default_factory=BalancerMethodConf)
+
+
+@dataclass(eq=False)
+class HttpDraft(LevelDraft):
+    upstreams: dict[str, UpstreamDraft] = field(default_factory=dict)
+    servers: list[ServerDraft] = field(default_factory=list)
+    log_formats: dict[str, LogFormat] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class MainDraft:
+    values: dict[str, Any] = field(default_factory=dict)
+    error_logs: list[ErrorLogConf] = field(default_factory=list)
+    events: bool = False
+    http: HttpDraft | None = None

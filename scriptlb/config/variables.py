@@ -1,0 +1,132 @@
+"""The one list of nginx variable names scriptlb knows, and ``$var`` template splitting.
+
+``scriptlb.variables`` (the runtime evaluator) imports ``KNOWN_VARIABLES`` and
+``VARIABLE_PREFIXES`` from here and must be able to evaluate every name accepted below; the
+config refuses any other name at load time with nginx's ``unknown "foo" variable``.
+"""
+
+from __future__ import annotations
+
+from scriptlb.config.model import Template, Var
+
+KNOWN_VARIABLES: frozenset[str] = frozenset(
+    {
+        # request
+        "remote_addr",
+        "remote_port",
+        "remote_user",
+        "request",
+        "request_method",
+        "request_uri",
+        "request_length",
+        "uri",
+        "document_uri",
+        "args",
+        "query_string",
+        "is_args",
+        "host",
+        "scheme",
+        "server_protocol",
+        "server_addr",
+        "server_port",
+        "server_name",
+        "content_length",
+        "content_type",
+        "hostname",
+        "pid",
+        # response and timing (log phase)
+        "status",
+        "body_bytes_sent",
+        "bytes_sent",
+        "request_time",
+        "time_local",
+        "time_iso8601",
+        "msec",
+        "connection",
+        "connection_requests",
+        # proxy
+        "proxy_host",
+        "proxy_add_x_forwarded_for",
+        # upstream, one entry per try joined with ", " as nginx does
+        "upstream_addr",
+        "upstream_status",
+        "upstream_response_time",
+        "upstream_connect_time",
+        "upstream_header_time",
+    }
+)
+
+# families: $http_user_agent, $arg_id, $cookie_session, $sent_http_content_type, ...
+VARIABLE_PREFIXES: tuple[str, ...] = ("http_", "arg_", "cookie_", "sent_http_", "upstream_http_")
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+class TemplateError(ValueError):
+    """A template that nginx would refuse; the message is nginx's text."""
+
+
+def is_known_variable(name: str) -> bool:
+    """Whether ``name`` (lower-case, without ``$``) is a variable scriptlb can evaluate."""
+    if name in KNOWN_VARIABLES:
+        return True
+    return any(name.startswith(p) and len(name) > len(p) for p in VARIABLE_PREFIXES)
+
+
+def has_variables(raw: str) -> bool:
+    return "$" in raw
+
+
+def compile_template(raw: str) -> Template:
+    """Split ``raw`` into literals and ``Var``s (nginx's ``ngx_http_script_compile`` rules).
+
+    ``$name`` takes ``[A-Za-z0-9_]+``; ``${name}`` delimits a name glued to text. Names are
+    case-insensitive (stored lower-case). Raises TemplateError with nginx's messages.
+    """
+    parts: list[str | Var] = []
+    literal: list[str] = []
+    i, n = 0, len(raw)
+    while i < n:
+        ch = raw[i]
+        if ch != "$":
+            literal.append(ch)
+            i += 1
+            continue
+        name, i = _read_name(raw, i + 1)
+        if literal:
+            parts.append("".join(literal))
+            literal = []
+        parts.append(_variable(name))
+    if literal:
+        parts.append("".join(literal))
+    static = raw if not any(isinstance(p, Var) for p in parts) else None
+    return Template(raw=raw, parts=tuple(parts), static=static)
+
+
+def _read_name(raw: str, i: int) -> tuple[str, int]:
+    """The variable name starting at ``i`` (just after ``$``) and the index after it."""
+    n = len(raw)
+    bracketed = i < n and raw[i] == "{"
+    if bracketed:
+        i += 1
+    start = i
+    while i < n and raw[i] in _NAME_CHARS:
+        i += 1
+    name = raw[start:i]
+    if bracketed:
+        if i >= n or raw[i] != "}":
+            raise TemplateError(f'the closing bracket in "{name}" variable is missing')
+        i += 1
+    if not name:
+        raise TemplateError("invalid variable name")
+    return name, i
+
+
+def _variable(name: str) -> Var:
+    if name[0].isdigit():
+        # nginx: regex captures ($1..$9); scriptlb's locations do not capture (yet)
+        raise TemplateError(f'regex capture "${name}" is not supported')
+    lowered = name.lower()
+    if not is_known_variable(lowered):
+        raise TemplateError(f'unknown "{lowered}" variable')
+    return Var(lowered)
