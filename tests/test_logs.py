@@ -1,0 +1,221 @@
+"""Error log (nginx's line shape, levels, targets, reopen, rate limiting) and access log."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from scriptlb import errorlog
+from scriptlb.config.model import ErrorLogConf
+from scriptlb.errorlog import ErrorLog, RateLimiter, level_rank, os_error_text, request_context
+
+NOV_22_LOCAL = time.mktime((2026, 11, 22, 10, 0, 0, 0, 0, -1))
+LINE = re.compile(r"^2026/11/22 10:00:00 \[(\w+)\] (\d+)#0: (.*)\n$")
+
+
+class FakeExchange:
+    remote_addr = "127.0.0.1"
+    server_name = "localhost"
+    method = "GET"
+    request_uri = "/a?b=1"
+    http_version = "1.1"
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self._headers = headers
+
+    def header(self, name_lower: str) -> str | None:
+        return self._headers.get(name_lower)
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True)
+
+
+@pytest.fixture
+def restore_sink():
+    previous = errorlog.current()
+    yield
+    errorlog.install(previous)
+
+
+def test_line_shape_is_nginx(tmp_path: Path) -> None:
+    path = tmp_path / "error.log"
+    log = ErrorLog([ErrorLogConf(str(path), "error")], clock=lambda: NOV_22_LOCAL + 0.5)
+    ctx = request_context(FakeExchange({"host": "localhost:8080"}), upstream="http://127.0.0.1:9003/")
+    log.log("error", "connect() failed (111: Connection refused) while connecting to upstream", 17, ctx)
+    log.log("error", "no conn id")
+    log.close()
+    assert read_lines(path) == [
+        f"2026/11/22 10:00:00 [error] {os.getpid()}#0: *17 connect() failed (111: Connection refused) "
+        'while connecting to upstream, client: 127.0.0.1, server: localhost, request: "GET /a?b=1 HTTP/1.1", '
+        'upstream: "http://127.0.0.1:9003/", host: "localhost:8080"\n',
+        f"2026/11/22 10:00:00 [error] {os.getpid()}#0: no conn id\n",
+    ]
+
+
+def test_request_context_without_upstream_or_host_but_with_referrer() -> None:
+    ctx = request_context(FakeExchange({"referer": "http://r/"}))
+    assert (
+        ctx == ', client: 127.0.0.1, server: localhost, request: "GET /a?b=1 HTTP/1.1", referrer: "http://r/"'
+    )
+
+
+@pytest.mark.parametrize(
+    ("target_level", "written"),
+    [
+        ("emerg", ["emerg"]),
+        ("crit", ["emerg", "alert", "crit"]),
+        ("error", ["emerg", "alert", "crit", "error"]),
+        ("warn", ["emerg", "alert", "crit", "error", "warn"]),
+        ("info", ["emerg", "alert", "crit", "error", "warn", "notice", "info"]),
+        ("debug", list(errorlog.LEVELS)),
+    ],
+)
+def test_levels_filter_as_nginx(tmp_path: Path, target_level: str, written: list[str]) -> None:
+    path = tmp_path / "error.log"
+    log = ErrorLog([ErrorLogConf(str(path), target_level)], clock=lambda: NOV_22_LOCAL)
+    for level in errorlog.LEVELS:
+        log.log(level, f"at {level}")
+    log.close()
+    assert [LINE.match(line).group(1) for line in read_lines(path)] == written  # type: ignore[union-attr]
+    assert log.enabled("debug") is (target_level == "debug")
+
+
+def test_several_targets_each_with_its_level(tmp_path: Path) -> None:
+    errors, everything = tmp_path / "e.log", tmp_path / "all.log"
+    log = ErrorLog(
+        [ErrorLogConf(str(errors), "error"), ErrorLogConf(str(everything), "info")],
+        clock=lambda: NOV_22_LOCAL,
+    )
+    log.log("info", "i")
+    log.log("error", "e")
+    log.log("debug", "d")
+    log.close()
+    assert [line.rsplit(": ", 1)[1] for line in read_lines(errors)] == ["e\n"]
+    assert [line.rsplit(": ", 1)[1] for line in read_lines(everything)] == ["i\n", "e\n"]
+
+
+def test_reopen_follows_a_rotated_file(tmp_path: Path) -> None:
+    path = tmp_path / "error.log"
+    log = ErrorLog([ErrorLogConf(str(path), "error")], clock=lambda: NOV_22_LOCAL)
+    log.log("error", "before")
+    path.rename(tmp_path / "error.log.1")
+    log.log("error", "still old")
+    log.reopen()
+    log.log("error", "after")
+    log.close()
+    assert [line.rsplit(": ", 1)[1] for line in read_lines(tmp_path / "error.log.1")] == [
+        "before\n",
+        "still old\n",
+    ]
+    assert [line.rsplit(": ", 1)[1] for line in read_lines(path)] == ["after\n"]
+
+
+def test_appends_to_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "error.log"
+    path.write_text("old line\n")
+    log = ErrorLog([ErrorLogConf(str(path), "error")], clock=lambda: NOV_22_LOCAL)
+    log.log("error", "new")
+    log.close()
+    assert read_lines(path)[0] == "old line\n"
+    assert len(read_lines(path)) == 2
+
+
+def test_unopenable_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        ErrorLog([ErrorLogConf(str(tmp_path / "missing" / "error.log"), "error")])
+
+
+def test_default_sink_is_stderr_at_error(capfd: pytest.CaptureFixture[str], restore_sink: None) -> None:
+    errorlog.install(ErrorLog())
+    errorlog.log_error("warn", "not shown")
+    errorlog.log_error("error", "shown", 3, ", client: x")
+    err = capfd.readouterr().err
+    assert err.endswith(f"[error] {os.getpid()}#0: *3 shown, client: x\n")
+    assert "not shown" not in err
+
+
+def test_install_swaps_the_process_sink(tmp_path: Path, restore_sink: None) -> None:
+    path = tmp_path / "error.log"
+    mine = ErrorLog([ErrorLogConf(str(path), "info")], clock=lambda: NOV_22_LOCAL)
+    errorlog.install(mine)
+    assert errorlog.current() is mine
+    assert errorlog.enabled("info") and not errorlog.enabled("debug")
+    errorlog.log_error("info", "via the sink")
+    path.rename(tmp_path / "old.log")
+    errorlog.reopen()
+    errorlog.log_error("info", "after reopen")
+    mine.close()
+    assert read_lines(tmp_path / "old.log")[0].endswith("#0: via the sink\n")
+    assert read_lines(path)[0].endswith("#0: after reopen\n")
+
+
+def test_level_rank_and_unknown_level() -> None:
+    assert [level_rank(n) for n in ("emerg", "error", "debug")] == [0, 3, 7]
+    with pytest.raises(ValueError, match='invalid log level "loud"'):
+        level_rank("loud")
+
+
+def test_os_error_text() -> None:
+    assert os_error_text(ConnectionRefusedError(111, "Connection refused")) == "(111: Connection refused)"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_limiter_suppresses_and_summarizes(tmp_path: Path, restore_sink: None) -> None:
+    path = tmp_path / "error.log"
+    errorlog.install(ErrorLog([ErrorLogConf(str(path), "error")], clock=lambda: NOV_22_LOCAL))
+    clock = FakeClock()
+    limiter = RateLimiter(limit=2, interval=1.0, clock=clock)
+    written = [limiter.log("error", "hook.py:3", f"failure {i}") for i in range(5)]
+    other = limiter.log("error", "other", "another key is limited on its own")
+    clock.now = 100.999
+    late = limiter.log("error", "hook.py:3", "still the same second")
+    clock.now = 101.0
+    next_window = limiter.log("error", "hook.py:3", "failure 5")
+    errorlog.current().close()
+    assert written == [True, True, False, False, False]
+    assert (other, late, next_window) == (True, False, True)
+    assert [line.split("#0: ", 1)[1] for line in read_lines(path)] == [
+        "failure 0\n",
+        "failure 1\n",
+        "another key is limited on its own\n",
+        "hook.py:3: 4 similar messages suppressed\n",
+        "failure 5\n",
+    ]
+
+
+def test_rate_limiter_flush_writes_pending_summaries_once(tmp_path: Path, restore_sink: None) -> None:
+    path = tmp_path / "error.log"
+    errorlog.install(ErrorLog([ErrorLogConf(str(path), "warn")], clock=lambda: NOV_22_LOCAL))
+    limiter = RateLimiter(limit=1, interval=1.0, clock=FakeClock())
+    for _ in range(3):
+        limiter.log("warn", "k", "m")
+    limiter.flush()
+    limiter.flush()
+    errorlog.current().close()
+    assert [line.split("#0: ", 1)[1] for line in read_lines(path)] == [
+        "m\n",
+        "k: 2 similar messages suppressed\n",
+    ]
+
+
+def test_rate_limiter_bounds_its_keys(restore_sink: None, tmp_path: Path) -> None:
+    errorlog.install(ErrorLog([ErrorLogConf(str(tmp_path / "e.log"), "error")]))
+    clock = FakeClock()
+    limiter = RateLimiter(limit=1, interval=1.0, clock=clock, max_keys=8)
+    for i in range(100):
+        clock.now += 0.1
+        limiter.log("error", f"key{i}", "m")
+    errorlog.current().close()
+    assert len(limiter._windows) <= 8
