@@ -1,0 +1,354 @@
+"""Smoke test of the benchmark harness's own pieces (bench/), at a tiny scale.
+
+Needs neither nginx, HAProxy nor wrk, and times nothing: config generation, wrk-output parsing
+on captured samples, /proc sampling of this test process, process-group cleanup, report writing
+from fake figures, the Python fallback load generator and the idle-connection opener against a
+small in-process HTTP server, the py-spy summary, and the hook micro-benchmark parser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import bench_conf  # noqa: E402
+import bench_load  # noqa: E402
+import bench_proc  # noqa: E402
+import bench_profile  # noqa: E402
+import bench_report  # noqa: E402
+import run as bench_run  # noqa: E402
+
+WRK_SMALL = """\
+Running 1s test @ http://127.0.0.1:45349/
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    93.17us  343.23us   6.38ms   98.11%
+    Req/Sec   110.78k    18.04k  130.94k    80.00%
+  Latency Distribution
+     50%   53.00us
+     75%   66.00us
+     90%   89.00us
+     99%    1.60ms
+  109779 requests in 1.00s, 19.79MB read
+Requests/sec: 109758.04
+Transfer/sec:     19.78MB
+"""
+
+WRK_ERRORS = """\
+Running 5s test @ http://127.0.0.1:8080/big
+  1 threads and 2000 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    36.33ms   13.35ms  83.83ms   73.76%
+    Req/Sec    31.65k     2.89k   34.58k    66.67%
+  Latency Distribution
+     50%   30.88ms
+     75%   42.21ms
+     90%   58.34ms
+     99%    1.02s
+  31116 requests in 5.09s, 1.91GB read
+  Socket errors: connect 10, read 2, write 0, timeout 7
+  Non-2xx or 3xx responses: 42
+Requests/sec:   6113.20
+Transfer/sec:    384.20MB
+"""
+
+
+# --------------------------------------------------------------------------- config generation
+
+
+def test_configs_for_every_target(tmp_path: Path) -> None:
+    ports = [9101, 9102, 9103, 9104]
+    conf = bench_conf.write_backends(str(tmp_path / "be"), ports)
+    text = Path(conf).read_text()
+    for p in ports:
+        assert f"listen 127.0.0.1:{p}" in text
+        assert f"X-Backend {p}" in text
+    assert "worker_processes 1;" in text
+    assert (tmp_path / "be/html/big.bin").stat().st_size == bench_conf.BIG_SIZE
+
+    for t in bench_conf.TARGETS:
+        path = Path(bench_conf.write_target(t, str(tmp_path / t.name), 9200, ports, fd_limit=20000))
+        text = path.read_text()
+        for p in ports:
+            assert f"127.0.0.1:{p}" in text, (t.name, p)
+        if t.kind in ("nginx", "scriptlb"):
+            assert "listen 127.0.0.1:9200" in text
+            assert f"keepalive {bench_conf.UPSTREAM_KEEPALIVE};" in text
+            assert "proxy_http_version 1.1;" in text and 'proxy_set_header Connection "";' in text
+            assert f"worker_processes {t.workers};" in text
+            assert text.count("{") == text.count("}")
+        if t.name == "nginx-lua":
+            assert "load_module" in text and "ngx_http_lua_module.so" in text
+            assert "balancer_by_lua_block" in text and "ngx.crc32_long(ngx.var.uri) % 4 + 1" in text
+        if t.name == "scriptlb-hook":
+            assert "balancer_by_python_block" in text and "ngx.crc32_long(ngx.var.uri) % 4" in text
+        if t.kind == "haproxy":
+            assert "balance roundrobin" in text and "http-reuse always" in text
+            assert "bind 127.0.0.1:9200" in text
+            assert "maxconn 9900" in text  # (20000 - 200) // 2: two descriptors per connection
+
+
+def test_python_hook_is_valid_python_and_matches_crc32() -> None:
+    code = bench_conf.python_hook([1, 2, 3, 4])
+    compile(code, "<hook>", "exec")
+    picked = []
+
+    class Balancer:
+        def set_current_peer(self, addr: str, port: int) -> tuple[bool, None]:
+            picked.append((addr, port))
+            return True, None
+
+    class Var:
+        uri = "/some/path"
+
+    class Ngx:
+        var = Var()
+        ERR = 4
+
+        @staticmethod
+        def crc32_long(s: str) -> int:
+            return zlib.crc32(s.encode())
+
+    exec(code, {"balancer": Balancer(), "ngx": Ngx()})
+    assert picked == [("127.0.0.1", [1, 2, 3, 4][bench_conf.hook_backend_index("/some/path")])]
+
+
+def test_scriptlb_accepts_generated_configs(tmp_path: Path) -> None:
+    config = pytest.importorskip("scriptlb.config")
+    if not hasattr(config, "load"):
+        pytest.skip("scriptlb.config.load not there yet")
+    ports = [9101, 9102, 9103, 9104]
+    for t in bench_conf.TARGETS:
+        if t.kind != "scriptlb":
+            continue
+        prefix = tmp_path / t.name
+        path = bench_conf.write_target(t, str(prefix), 9200, ports)
+        conf = config.load(path, prefix=str(prefix))
+        up = conf.http.upstreams["backend"]
+        assert len(up.servers) == 4
+        assert up.keepalive == bench_conf.UPSTREAM_KEEPALIVE
+        assert (up.hook is not None) == t.hook
+        assert conf.worker_processes == t.workers
+
+
+# --------------------------------------------------------------------------- wrk output
+
+
+def test_parse_wrk_samples() -> None:
+    r = bench_load.parse_wrk(WRK_SMALL)
+    assert r.requests == 109779
+    assert r.rps == pytest.approx(109758.04)
+    assert r.duration == pytest.approx(1.0)
+    assert r.p50_ms == pytest.approx(0.053)
+    assert r.p99_ms == pytest.approx(1.6)
+    assert (r.errors, r.non2xx) == (0, 0)
+
+    r = bench_load.parse_wrk(WRK_ERRORS)
+    assert r.requests == 31116 and r.duration == pytest.approx(5.09)
+    assert r.p50_ms == pytest.approx(30.88) and r.p99_ms == pytest.approx(1020.0)
+    assert r.errors == 19 and r.non2xx == 42
+    assert r.bytes_read == pytest.approx(1.91 * 1024**3)
+
+    with pytest.raises(ValueError):
+        bench_load.parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def test_wrk_argv() -> None:
+    argv = bench_load.wrk_argv("/usr/bin/wrk", "http://127.0.0.1:1/", 5, 64)
+    assert argv == ["/usr/bin/wrk", "-t1", "-c64", "-d5s", "--timeout=2s", "--latency",
+                    "http://127.0.0.1:1/"]
+
+
+# --------------------------------------------------------------------------- /proc and processes
+
+
+def test_proc_sampling_of_this_process() -> None:
+    me = os.getpid()
+    assert bench_proc.tree_pids(me)[0] == me
+    sum(i * i for i in range(200_000))  # burn a little CPU so the counters are non-zero
+    assert bench_proc.cpu_seconds(me) >= 0.0
+    rss = bench_proc.rss_kib(me)
+    hwm = bench_proc.rss_kib(me, "VmHWM")
+    assert rss > 0 and hwm >= rss
+    busy, steal = bench_proc.core_ticks(set(os.sched_getaffinity(0)))
+    assert busy > 0 and steal >= 0
+    assert bench_proc.status_kib(me, "NoSuchField") == 0
+
+
+def test_procs_start_and_stop_process_groups(tmp_path: Path) -> None:
+    procs = bench_proc.Procs(tmp_path / "logs")
+    code = ("import subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
+    p = procs.start("sleeper", [sys.executable, "-c", code])
+    try:
+        tree: list[int] = []
+        for _ in range(200):  # bounded wait for the grandchild to appear
+            tree = bench_proc.tree_pids(p.pid)
+            if len(tree) == 2:
+                break
+            threading.Event().wait(0.02)
+        assert p.pid in bench_proc.tree_pids(os.getpid())
+        assert len(tree) == 2
+    finally:
+        procs.stop_all()
+    assert not p.alive()
+    assert procs.procs == []
+    for pid in tree:
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or " Z " in stat.read_text().rsplit(")", 1)[1][:4]  # gone or zombie
+
+
+def test_free_ports_are_distinct() -> None:
+    ports = bench_proc.free_ports(5)
+    assert len(set(ports)) == 5
+
+
+# --------------------------------------------------------------------------- load generators
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = b"hello\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Backend", "test")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        th.join(5)
+
+
+def test_python_fallback_load(http_server: int) -> None:
+    r = bench_load.python_load(http_server, "/", duration=20, connections=2, max_requests=20)
+    assert r.tool == "python"
+    assert 20 <= r.requests <= 22  # bounded by count (each connection may finish its request)
+    assert r.errors == 0 and r.non2xx == 0
+    assert r.p50_ms is not None and r.p99_ms is not None and r.p99_ms >= r.p50_ms
+
+
+def test_hold_idle(http_server: int) -> None:
+    seen = []
+    r = bench_load.hold_idle(http_server, 5, seen.append, concurrency=5, timeout=20)
+    assert seen == [5]
+    assert (r.opened, r.errors) == (5, 0)
+
+
+def test_http_get(http_server: int) -> None:
+    status, headers, body = bench_proc.http_get(http_server, "/")
+    assert (status, headers["x-backend"], body) == (200, "test", b"hello\n")
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _fake_figures() -> dict:
+    def path(rps: float, p99: float) -> dict:
+        reps = [{"rps": rps * f, "p50_ms": 1.0, "p99_ms": p99, "requests": int(rps * 5), "cpu_s": 4.0,
+                 "errors": 0, "non2xx": 0} for f in (0.9, 1.0, 1.1)]
+        return bench_report.summarize_reps(reps)
+
+    targets = {}
+    for name, rps, p99 in (("nginx", 40000, 3.0), ("nginx-lua", 38000, 4.0), ("haproxy", 50000, 2.0),
+                           ("scriptlb", 20000, 6.0), ("scriptlb-hook", 18000, 8.0)):
+        paths = {"/": path(rps, p99), "/big": path(rps / 4, p99)}
+        targets[name] = {"label": name, "status": "ok", "paths": paths,
+                         "peak_rss_kib": 30000, "idle": {"wanted": 10, "opened": 10, "rss_before_kib": 100,
+                                                         "rss_after_kib": 150, "kib_per_conn": 5.0}}
+    targets["scriptlb-2w"] = {"label": "2w", "status": "missing: scriptlb", "paths": {}}
+    return {"meta": {"started": "now", "machine": "test", "cpus": 2, "command": "python bench/run.py"},
+            "settings": {"paths": ["/", "/big"], "connections": 64, "threads": 1, "duration": 5, "warmup": 1,
+                         "reps": 3, "loadgen": "wrk"},
+            "pinning": "fake", "targets": targets, "notes": ["a note"],
+            "hook_micro": {"us_per_try": 2.5, "status": "ok", "output": "2.5 us per try"},
+            "profile": {"scriptlb": {"tool": "py-spy", "samples": 10, "status": "ok",
+                                     "self": [(50.0, "f (a.py)")], "inclusive": [(100.0, "main (m.py)")]}}}
+
+
+def test_report_from_fake_figures(tmp_path: Path) -> None:
+    fig = _fake_figures()
+    assert fig["targets"]["nginx"]["paths"]["/"]["rps"] == pytest.approx(40000)
+    assert fig["targets"]["nginx"]["paths"]["/"]["cpu_s_per_1k"] == pytest.approx(4.0 / 200000 * 1000)
+    ratios = {r["name"]: r for r in bench_report.ratios(fig)}
+    assert ratios["scriptlb / nginx req/s"]["value"] == pytest.approx(0.5)
+    assert ratios["scriptlb / nginx req/s"]["met"] is False
+    assert ratios["scriptlb-hook / nginx-lua p99"]["value"] == pytest.approx(2.0)
+    assert ratios["scriptlb-hook / scriptlb req/s"]["value"] == pytest.approx(0.9)
+    assert ratios["scriptlb-hook / scriptlb req/s"]["met"] is True
+    assert ratios["scriptlb-2w / scriptlb req/s"]["value"] is None
+    written = bench_report.write_all(fig, tmp_path)
+    md = Path(written["md"]).read_text()
+    assert "| nginx | 40,000 |" in md
+    assert "missing: scriptlb" in md
+    assert "| scriptlb / nginx req/s | 0.50 | >= 0.9 | **no** |" in md
+    assert "`f (a.py)`" in md
+    data = json.loads(Path(written["json"]).read_text())
+    assert data["targets"]["scriptlb"]["paths"]["/"]["rps"] == pytest.approx(20000)
+    assert any(r["name"] == "scriptlb / nginx req/s" for r in data["ratios"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert written["png"].startswith("missing: matplotlib")
+    else:
+        assert Path(written["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- other parsers
+
+
+def test_summarize_pyspy_raw() -> None:
+    raw = (
+        "run (scriptlb/worker.py:10);data_received (/x/scriptlb/downstream.py:50);parse (h.py:3) 6\n"
+        "run (scriptlb/worker.py:10);data_received (/x/scriptlb/downstream.py:51) 3\n"
+        "run (scriptlb/worker.py:12);select (/usr/lib/python3.11/selectors.py:468) 1\n"
+    )
+    s = bench_profile.summarize_raw(raw)
+    assert s["samples"] == 10
+    assert s["self"][0] == (60.0, "parse (h.py)")
+    incl = dict((fn, pct) for pct, fn in s["inclusive"])
+    assert incl["run (scriptlb/worker.py)"] == 100.0
+    assert incl["data_received (scriptlb/downstream.py)"] == 90.0
+    assert bench_profile.summarize_raw("")["samples"] == 0
+
+
+def test_parse_hook_micro() -> None:
+    assert bench_run.parse_hook_micro('noise\n{"hook": "crc32", "us_per_try": 1.75}\n') == 1.75
+    assert bench_run.parse_hook_micro("crc32 hook: 2.40 µs per try (1000000 runs)") == 2.40
+    assert bench_run.parse_hook_micro("nothing here") is None
+
+
+def test_cli_arguments() -> None:
+    a = bench_run.parse_args(["--quick", "--targets", "nginx,scriptlb", "--out", "/tmp/x"])
+    h = bench_run.Harness(a)
+    assert [t.name for t in h.targets] == ["nginx", "scriptlb"]
+    assert h.duration == bench_run.QUICK["duration"] and h.paths == ["/"]
+    h = bench_run.Harness(bench_run.parse_args(["--duration", "7"]))
+    assert h.duration == 7 and h.paths == ["/", "/big"] and h.idle_n == 10000
+    with pytest.raises(KeyError):
+        bench_run.Harness(bench_run.parse_args(["--targets", "nope"]))
