@@ -14,8 +14,11 @@ $(BIN)/scriptlb: pyproject.toml
 
 install: $(BIN)/scriptlb
 
+# conf/scriptlb.conf says `daemon off;` itself (nginx refuses the same directive twice, so no
+# -g 'daemon off;' here); logs/ holds its pid file and, as for nginx, must exist.
 run: install
-	$(BIN)/scriptlb -p . -c conf/scriptlb.conf -g 'daemon off;'
+	mkdir -p logs
+	$(BIN)/scriptlb -p . -c conf/scriptlb.conf
 
 test: install
 	bash scripts/install-test-tools

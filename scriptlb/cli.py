@@ -202,7 +202,7 @@ def _run(opts: Options) -> int:
     master = _import("scriptlb.master")
     if master is None:
         return 1
-    return int(master.run(conf))
+    return int(master.run(conf, opts.globals_))
 
 
 def _hook_tool(argv: list[str]) -> int:
