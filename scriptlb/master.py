@@ -35,9 +35,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from scriptlb import daemon
+from scriptlb import daemon, errorlog
 from scriptlb.config.model import MainConf
-from scriptlb.listeners import ListenError, ListenerSet
+from scriptlb.listeners import ListenError, ListenerSet, LogFn
 from scriptlb.signals import (
     COMMAND_SIGNALS,
     EarlyStop,
@@ -60,25 +60,28 @@ FATAL_EXIT_CODE = 2  # nginx: a worker exiting with 2 "cannot be respawned"
 
 
 def log(level: str, message: str) -> None:
-    """One line in the error log (nginx's shape), falling back to stderr before it exists."""
-    try:
-        from scriptlb import errorlog
-    except ImportError:
-        stamp = time.strftime("%Y/%m/%d %H:%M:%S")
-        sys.stderr.write(f"{stamp} [{level}] {os.getpid()}#0: {message}\n")
-        sys.stderr.flush()
-        return
+    """One line in the process's error log (nginx's shape)."""
     errorlog.log_error(level, message)
 
 
-def _reopen_logs() -> None:
+def _log_to_terminal_too(level: str, message: str) -> None:
+    """Startup errors: the error log *and* the terminal, like nginx before it detaches."""
+    log(level, message)
+    if not any(target.path == errorlog.STDERR for target in errorlog.current().targets):
+        _print_error(level, message)
+
+
+def _open_error_log(conf: MainConf, report: LogFn) -> errorlog.ErrorLog | None:
+    """The error log ``conf`` asks for, or None after reporting why it cannot be opened."""
     try:
-        from scriptlb import errorlog
-    except ImportError:
-        return
-    reopen = getattr(errorlog, "reopen", None)
-    if reopen is not None:
-        reopen()
+        return errorlog.ErrorLog(conf.error_log)
+    except OSError as err:
+        report("emerg", f'open() "{err.filename}" failed {daemon.os_error_text(err)}')
+        return None
+
+
+def _install_error_log(new: errorlog.ErrorLog) -> None:
+    errorlog.install(new).close()
 
 
 def _error_log_file(conf: MainConf) -> str | None:
@@ -113,11 +116,15 @@ def run(conf: MainConf, globals_: str | None = None, worker_entry: WorkerEntry |
     ``worker.run`` (tests).
     """
     entry = worker_entry or _default_worker_entry()  # imported before any fork
+    error_log = _open_error_log(conf, _log_to_terminal_too)
+    if error_log is None:
+        return 1
+    _install_error_log(error_log)
     worker_count = conf.worker_processes if conf.master_process else 1
     try:
-        listeners = ListenerSet.open(conf, worker_count, log=log)
+        listeners = ListenerSet.open(conf, worker_count, log=_log_to_terminal_too)
     except ListenError as err:
-        log("emerg", str(err))
+        _log_to_terminal_too("emerg", str(err))
         return 1
     if conf.daemon and not daemon.daemonize(stderr_path=_error_log_file(conf)):
         listeners.close(unlink=False)  # the daemon owns them now
@@ -229,6 +236,7 @@ class Master:
     ) -> None:
         self.conf = conf
         self.listeners = listeners
+        self._daemonized = conf.daemon  # a reload cannot change it (nginx ignores it too)
         self._waiter = waiter
         self._globals = globals_
         self._worker_entry = worker_entry
@@ -329,8 +337,8 @@ class Master:
 
     def _reopen(self) -> None:
         log("notice", "reopening logs")
-        _reopen_logs()
-        if self.conf.daemon:
+        errorlog.reopen()
+        if self._daemonized:
             daemon.redirect_stderr(_error_log_file(self.conf))
         self._signal_workers(signal.SIGUSR1, only_running=False)
 
@@ -363,13 +371,18 @@ class Master:
         new_conf = self._load_new_config()
         if new_conf is None:
             return
+        new_error_log = _open_error_log(new_conf, log)
+        if new_error_log is None:
+            return
         try:
             new_listeners = ListenerSet.open(
                 new_conf, new_conf.worker_processes, previous=self.listeners, log=log, bind_tries=1
             )
         except ListenError as err:
+            new_error_log.close()
             log("emerg", str(err))
             return
+        _install_error_log(new_error_log)
         self._move_pid_file(new_conf.pid)
         old = [p for p in self.workers.values() if not p.exiting]
         for proc in old:
