@@ -8,11 +8,11 @@ is one transaction and therefore atomic across all workers. The files live under
 prefix, so the data survives a reload or a worker respawn, like nginx's shared-memory zones.
 
 **One LMDB environment per dict** (``<dir>/<name>/data.mdb``), not one environment with a named
-DB per dict: the dict's ``size`` then *is* the environment's map size, so "the zone is full" is
-exactly LMDB's ``MDB_MAP_FULL``, and writers on two different dicts never wait for each other
-(LMDB has one writer lock per environment).
+DB per dict: writers on two different dicts never wait for each other (LMDB has one writer lock
+per environment), each dict's map is sized from its own ``size`` and can grow on a reload without
+touching the others, and a dict's files can be removed alone.
 
-Inside the environment, two named DBs:
+Inside the environment, three named DBs:
 
 ``data``  dict key -> record: ``<expires f64><touched f64><flags u32><type 1 byte>`` + payload.
           ``expires`` is absolute wall-clock time (0 = never); ``touched`` is the last LRU
@@ -21,6 +21,7 @@ Inside the environment, two named DBs:
           OpenResty, setting a key to ``None`` deletes it.
 ``lru``   ``<touched as big-endian f64><dict key>`` -> empty: the entries ordered oldest first,
           so eviction pops from the front with a cursor.
+``meta``  ``used`` -> bytes charged to the entries (see Full, below).
 
 **LRU, cheaply.** nginx moves an entry to the head of its LRU queue on every access. Doing that
 literally costs a write transaction per ``get`` and two more B-tree updates per ``incr``. Instead
@@ -34,21 +35,27 @@ one update (incr).
 **Expiry** is lazy: reads compare ``expires`` with the injected clock; expired records are removed
 by eviction (oldest first, expired or not), ``flush_expired`` or being overwritten.
 
-**Full.** A write that hits ``MapFullError`` is aborted; ``safe_*`` then return
-``(False, "no memory")``; the others evict the oldest entries in a separate transaction (8, then
-16, 32, ... at a time: LMDB frees whole pages, so one small entry may free nothing) and retry,
-reporting ``forcible=True`` when a live entry was evicted, as nginx's shdict does.
+**Full.** ``size`` is a byte budget: every entry is charged its record, its key (twice: data
+and index) and a fixed node overhead, and the running total lives in a third DB (``meta``),
+updated in the same transaction as the entry. A write that would exceed the budget evicts the
+oldest entries (expired or not) inside its own transaction until it fits, reporting
+``forcible=True`` when a live entry went, as nginx's shdict does; ``safe_*`` return
+``(False, "no memory")`` instead. Why a budget rather than LMDB's own ``MDB_MAP_FULL``: a map that
+is 100% full cannot even delete (copy-on-write needs free pages), so eviction must start before
+LMDB runs out; the map is made ``MAP_FACTOR`` times the budget to absorb B-tree overhead.
 
 Return conventions are OpenResty's, with Lua's multiple values as fixed-size tuples; flags of 0
 come back as ``None`` (OpenResty returns no flags value then).
 
 Differences from OpenResty, on purpose: keys are at most ``MAX_KEY_BYTES`` (LMDB's key limit, not
 65535); ``flush_all`` removes the entries at once (OpenResty only marks them expired, so
-``get_stale`` could still see them); ``free_space`` counts only never-used pages of the map.
+``get_stale`` could still see them); ``capacity``/``free_space`` report the byte budget, not
+LMDB pages.
 
-Fork safety: LMDB handles must not cross ``fork()``. Environments are opened lazily and cached per
-process id, so a dict object created in the master and used in a worker reopens its environment
-in the worker (LMDB also forbids opening one environment twice in a process; hence the cache).
+Fork safety: LMDB handles must not cross ``fork()``. Environments are cached per process (LMDB
+forbids opening one environment twice in a process) and an at-fork hook reopens every live dict
+in the child, so a dict created in the master works in its workers; a worker should still
+create its dicts after the fork when it can.
 """
 
 from __future__ import annotations
@@ -68,7 +75,14 @@ PROMOTE_INTERVAL = 1.0  # seconds between two LRU promotions of one entry (memca
 PENDING_FLUSH = 64  # read promotions buffered per process before a write transaction applies them
 MAX_KEY_BYTES = 500  # LMDB's default max key size is 511; the lru key adds 8 bytes of time
 _SHORT_KEY_CHARS = MAX_KEY_BYTES // 4  # a str this short is at most MAX_KEY_BYTES in UTF-8
-MIN_SIZE = 16 * 4096  # a handful of pages: meta pages, two DB roots and a few leaves
+MIN_SIZE = 16 * 4096  # as nginx, refuse a zone too small to be useful
+ENTRY_OVERHEAD = 40  # LMDB node headers of the data and index rows, and a little page slack
+# The LMDB map is larger than the dict's byte budget, so that LMDB itself never fills up: B-tree
+# pages may be only 25% full before LMDB merges them, and copy-on-write needs free pages for the
+# transaction in flight and the previous snapshot. The file is sparse: unused map costs nothing.
+MAP_FACTOR = 4
+MAP_SLACK = 1 << 20
+_USED_KEY = b"used"  # meta DB: bytes charged to the entries (see _cost), an i64
 EVICT_FIRST_BATCH = 8
 
 _HEAD = struct.Struct("<ddIc")
@@ -143,21 +157,21 @@ def _is_number(value: object) -> bool:
 
 # --------------------------------------------------------------------------- environments
 
-# realpath -> (pid, env, data db, lru db). One open per process and path (an LMDB rule); the pid
+# realpath -> (pid, env, data db, lru db, meta db). One open per process and path (an LMDB rule); the pid
 # makes a forked child open its own handle instead of using its parent's.
-_ENVS: dict[str, tuple[int, lmdb.Environment, Any, Any]] = {}
+_ENVS: dict[str, tuple[int, lmdb.Environment, Any, Any, Any]] = {}
 
 
-def _open(path: str, size: int) -> tuple[lmdb.Environment, Any, Any]:
+def _open(path: str, size: int) -> tuple[lmdb.Environment, Any, Any, Any]:
     cached = _ENVS.get(path)
     pid = os.getpid()
     if cached is not None and cached[0] == pid:
-        return cached[1], cached[2], cached[3]
+        return cached[1:]
     os.makedirs(path, exist_ok=True)
     env = lmdb.open(
         path,
-        map_size=size,
-        max_dbs=2,
+        map_size=MAP_FACTOR * size + MAP_SLACK,
+        max_dbs=3,
         # Like nginx's shared memory, the data must outlive a worker, not a power cut: commits go
         # to the page cache only. writemap writes records straight into the shared mapping,
         # which makes a write transaction ~3x cheaper than with a private buffer.
@@ -169,8 +183,9 @@ def _open(path: str, size: int) -> tuple[lmdb.Environment, Any, Any]:
     )
     data = env.open_db(b"data")
     lru = env.open_db(b"lru")
-    _ENVS[path] = (pid, env, data, lru)
-    return env, data, lru
+    meta = env.open_db(b"meta")
+    _ENVS[path] = (pid, env, data, lru, meta)
+    return env, data, lru, meta
 
 
 # Every dict of this process, so a forked child reopens their environments before first use.
@@ -209,7 +224,18 @@ class SharedDict:
     stored absolute), so the default is ``time.time``. Inject another in tests.
     """
 
-    __slots__ = ("__weakref__", "_clock", "_data", "_env", "_lru", "_path", "_pending", "name", "size")
+    __slots__ = (
+        "__weakref__",
+        "_clock",
+        "_data",
+        "_env",
+        "_lru",
+        "_meta",
+        "_path",
+        "_pending",
+        "name",
+        "size",
+    )
 
     def __init__(
         self, directory: str, name: str, size: int, *, clock: Callable[[], float] = time.time
@@ -221,20 +247,12 @@ class SharedDict:
         self._path = os.path.realpath(os.path.join(directory, name))
         self._clock = clock
         self._pending: dict[bytes, None] = {}  # keys read while due for LRU promotion
-        self._env, self._data, self._lru = _open(self._path, size)
+        self._env, self._data, self._lru, self._meta = _open(self._path, size)
         _LIVE.add(self)
 
     def _reopen_after_fork(self) -> None:
-        self._env, self._data, self._lru = _open(self._path, self.size)
+        self._env, self._data, self._lru, self._meta = _open(self._path, self.size)
         self._pending.clear()
-
-    def _write_txn(self) -> lmdb.Transaction:
-        env = self._env
-        try:
-            return env.begin(db=self._data, write=True)
-        except lmdb.MapResizedError:
-            env.set_mapsize(0)  # another process grew the map (a reload with a larger size)
-            return env.begin(db=self._data, write=True)
 
     # ------------------------------------------------------------------ reads
 
@@ -304,15 +322,13 @@ class SharedDict:
         return keys
 
     def capacity(self) -> int:
-        """The dict's size in bytes (the LMDB map size)."""
-        return int(self._env.info()["map_size"])
+        """The dict's size in bytes, as configured."""
+        return self.size
 
     def free_space(self) -> int:
-        """Bytes of pages never used yet. Like OpenResty's, it can read 0 while freed pages are
-        still reusable (LMDB keeps them on its free list, which is not counted here)."""
-        info = self._env.info()
-        page_size = self._env.stat()["psize"]
-        return max(0, int(info["map_size"]) - (int(info["last_pgno"]) + 1) * page_size)
+        """Bytes of the size not charged to any entry (expired entries count until removed)."""
+        with self._env.begin(db=self._data) as txn:
+            return max(0, self.size - self._used(txn))
 
     # ------------------------------------------------------------------ writes
 
@@ -375,11 +391,11 @@ class SharedDict:
                 k = _key_bytes(key)
             except _BadKey as err:
                 return None, str(err), False
-        try:
+        try:  # the fast path of _in_write_txn, inlined: incr is the hot write
             with self._env.begin(db=self._data, write=True) as txn:
                 return self._incr_in(txn, k, value, init, init_ttl)
-        except (lmdb.MapFullError, lmdb.MapResizedError) as err:
-            return self._write_again(err, False, self._incr_in, k, value, init, init_ttl)
+        except (lmdb.MapResizedError, lmdb.MapFullError):
+            return self._in_write_txn(self._incr_in, k, value, init, init_ttl)  # type: ignore[return-value]
 
     def expire(self, key: str | bytes, exptime: float) -> tuple[bool, str | None]:
         """Set a live key's TTL (0 = never expires): ``(True, None)`` or ``(False, "not found")``."""
@@ -387,50 +403,42 @@ class SharedDict:
             k = _key_bytes(key)
         except _BadKey as err:
             return False, str(err)
-        now = self._clock()
-        with self._write_txn() as txn:
-            raw = txn.get(k)
-            if raw is None:
-                return False, "not found"
-            expires, touched, flags, kind = _HEAD.unpack_from(raw)
-            if expires and expires <= now:
-                return False, "not found"
-            new_expires = now + exptime if exptime > 0 else 0.0
-            txn.put(k, _HEAD.pack(new_expires, touched, flags, kind) + raw[_HEAD_SIZE:])
-        return True, None
+        ok, err, _ = self._in_write_txn(self._expire_in, k, exptime)
+        return ok, err
 
     def flush_all(self) -> None:
         """Remove every entry."""
-        with self._write_txn() as txn:
-            txn.drop(self._data, delete=False)
-            txn.drop(self._lru, delete=False)
+        self._in_write_txn(self._flush_all_in)
         self._pending.clear()
 
     def flush_expired(self, max_count: int = 0) -> int:
         """Remove expired entries (at most ``max_count``; 0 = all) and return how many."""
-        now = self._clock()
-        removed = 0
-        with self._write_txn() as txn:
-            expired = []
-            for k, raw in txn.cursor():
-                expires, touched = _HEAD.unpack_from(raw)[:2]
-                if expires and expires <= now:
-                    expired.append((k, touched))
-                    if max_count and len(expired) >= max_count:
-                        break
-            for k, touched in expired:
-                txn.delete(k)
-                txn.delete(_lru_key(touched, k), db=self._lru)
-            removed = len(expired)
-        return removed
+        removed, _, _ = self._in_write_txn(self._flush_expired_in, max_count)
+        return removed or 0
 
     def close(self) -> None:
         """Forget this process's handle (tests; workers just exit)."""
+        _LIVE.discard(self)
         cached = _ENVS.pop(self._path, None)
         if cached is not None and cached[0] == os.getpid():
             cached[1].close()
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ write transactions
+
+    def _in_write_txn(self, apply: Callable[..., tuple[Any, Any, bool]], *args: Any) -> tuple[Any, Any, bool]:
+        """Run ``apply(txn, *args)`` in one write transaction: the unit of atomicity across workers.
+
+        The byte budget keeps LMDB itself from filling up, so ``MapFullError`` only comes from
+        pathological page fragmentation; it is reported as "no memory" rather than raised."""
+        try:
+            with self._env.begin(db=self._data, write=True) as txn:
+                return apply(txn, *args)
+        except lmdb.MapResizedError:
+            self._env.set_mapsize(0)  # another process reopened the dict larger (a reload)
+            with self._env.begin(db=self._data, write=True) as txn:
+                return apply(txn, *args)
+        except lmdb.MapFullError:
+            return None, "no memory", False
 
     def _store(
         self, key: str | bytes, value: Value | None, exptime: float, flags: int, op: int, safe: bool
@@ -446,39 +454,15 @@ class SharedDict:
         record = None
         if value is not None:
             record = _record(value, now + exptime if exptime > 0 else 0.0, now, flags)
-        try:
+        try:  # the fast path of _in_write_txn, inlined
             with self._env.begin(db=self._data, write=True) as txn:
-                return self._store_in(txn, k, record, op, now)
-        except (lmdb.MapFullError, lmdb.MapResizedError) as err:
-            return self._write_again(err, safe, self._store_in, k, record, op, now)
-
-    def _write_again(
-        self, err: lmdb.Error, safe: bool, apply: Callable[..., tuple[Any, str | None, bool]], *args: Any
-    ) -> tuple[Any, str | None, bool]:
-        """The slow path of a write whose first transaction failed: adopt a map grown by another
-        process, or make room by evicting the oldest entries (unless ``safe``) and retry."""
-        forcible = False
-        batch = EVICT_FIRST_BATCH
-        while True:
-            if isinstance(err, lmdb.MapResizedError):
-                self._env.set_mapsize(0)  # another process opened the dict with a larger size
-            elif safe:
-                return (False if apply == self._store_in else None), "no memory", False
-            else:
-                evicted = self._evict(batch)
-                if evicted is None:  # nothing left to evict: the value alone does not fit
-                    return (False if apply == self._store_in else None), "no memory", forcible
-                forcible = forcible or evicted
-                batch *= 2
-            try:
-                with self._env.begin(db=self._data, write=True) as txn:
-                    ok, message, _ = apply(txn, *args)
-                    return ok, message, forcible
-            except (lmdb.MapFullError, lmdb.MapResizedError) as again:
-                err = again
+                return self._store_in(txn, k, record, op, safe, now)
+        except (lmdb.MapResizedError, lmdb.MapFullError):
+            ok, err, forcible = self._in_write_txn(self._store_in, k, record, op, safe, now)
+            return bool(ok), err, forcible
 
     def _store_in(
-        self, txn: lmdb.Transaction, k: bytes, record: bytes | None, op: int, now: float
+        self, txn: lmdb.Transaction, k: bytes, record: bytes | None, op: int, safe: bool, now: float
     ) -> tuple[bool, str | None, bool]:
         if self._pending:
             self._promote_pending(txn, now)
@@ -489,15 +473,33 @@ class SharedDict:
                 return False, "exists", False
             if op == _REPLACE and not live:
                 return False, "not found", False
+        # _cost() inlined: the key's share cancels out when an entry is overwritten
+        if record is None:
+            growth = -(len(old) + 2 * len(k) + ENTRY_OVERHEAD) if old is not None else 0
+        elif old is None:
+            growth = len(record) + 2 * len(k) + ENTRY_OVERHEAD
+        else:
+            growth = len(record) - len(old)
+        used_raw = txn.get(_USED_KEY, db=self._meta)
+        used = _I64.unpack(used_raw)[0] if used_raw is not None else 0
+        forcible = False
+        if used + growth > self.size:
+            if safe:
+                return False, "no memory", False
+            room = self._make_room(txn, k, used, growth)
+            if room is None:
+                return False, "no memory", False
+            used, forcible = room
         if old is not None:
             txn.delete(_LRU_TIME.pack(_HEAD.unpack_from(old)[1]) + k, db=self._lru)
-        if record is None:
-            if old is not None:
+            if record is None:
                 txn.delete(k)
-            return True, None, False
-        txn.put(k, record)
-        txn.put(_LRU_TIME.pack(now) + k, b"", db=self._lru)
-        return True, None, False
+        if record is not None:
+            txn.put(k, record)
+            txn.put(_LRU_TIME.pack(now) + k, b"", db=self._lru)
+        if growth:
+            txn.put(_USED_KEY, _I64.pack(used + growth), db=self._meta)
+        return True, None, forcible
 
     def _incr_in(
         self,
@@ -514,36 +516,106 @@ class SharedDict:
         if old is None or _expired(old, now):
             if init is None:
                 return None, "not found", False
-            if old is not None:
-                txn.delete(_lru_key(_HEAD.unpack_from(old)[1], k), db=self._lru)
             new = init + value
             expires = now + init_ttl if init_ttl else 0.0
-            txn.put(k, _record(new, expires, now, 0))
-            txn.put(_lru_key(now, k), b"", db=self._lru)
-            return new, None, False
+            ok, err, forcible = self._store_in(txn, k, _record(new, expires, now, 0), _SET, False, now)
+            return (new if ok else None), err, forcible
         expires, touched, flags, kind = _HEAD.unpack_from(old)
         if kind not in _NUMBER_KINDS:
             return None, "not a number", False
         new = _decode(kind, old) + value  # type: ignore[operator]
-        if touched < now - PROMOTE_INTERVAL:
-            txn.delete(_lru_key(touched, k), db=self._lru)
-            txn.put(_lru_key(now, k), b"", db=self._lru)
-            touched = now
         if kind == b"i" and type(new) is int and _I64_MIN <= new <= _I64_MAX:
+            if touched < now - PROMOTE_INTERVAL:  # memcached's rule: promote at most once a second
+                txn.delete(_LRU_TIME.pack(touched) + k, db=self._lru)
+                txn.put(_LRU_TIME.pack(now) + k, b"", db=self._lru)
+                touched = now
+            # same record size: the byte budget does not change
             txn.put(k, _INT_RECORD.pack(expires, touched, flags, b"i", new))
-        else:
-            txn.put(k, _record(new, expires, touched, flags))
-        return new, None, False
+            return new, None, False
+        # the type changed size (big int, float): account it like a set that keeps ttl and flags
+        ok, err, forcible = self._store_in(txn, k, _record(new, expires, now, flags), _SET, False, now)
+        return (new if ok else None), err, forcible
+
+    def _expire_in(self, txn: lmdb.Transaction, k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
+        raw = txn.get(k)
+        now = self._clock()
+        if raw is None or _expired(raw, now):
+            return False, "not found", False
+        _expires, touched, flags, kind = _HEAD.unpack_from(raw)
+        new_expires = now + exptime if exptime > 0 else 0.0
+        txn.put(k, _HEAD.pack(new_expires, touched, flags, kind) + raw[_HEAD_SIZE:])
+        return True, None, False
+
+    def _flush_all_in(self, txn: lmdb.Transaction) -> tuple[None, None, bool]:
+        txn.drop(self._data, delete=False)
+        txn.drop(self._lru, delete=False)
+        txn.put(_USED_KEY, _I64.pack(0), db=self._meta)
+        return None, None, False
+
+    def _flush_expired_in(self, txn: lmdb.Transaction, max_count: int) -> tuple[int, None, bool]:
+        now = self._clock()
+        expired: list[tuple[bytes, bytes]] = []
+        for k, raw in txn.cursor():
+            if _expired(raw, now):
+                expired.append((k, raw))
+                if max_count and len(expired) >= max_count:
+                    break
+        used = self._used(txn)
+        for k, raw in expired:
+            used -= self._remove(txn, k, raw)
+        if expired:
+            txn.put(_USED_KEY, _I64.pack(used), db=self._meta)
+        return len(expired), None, False
+
+    # ------------------------------------------------------------------ budget and LRU
+
+    def _used(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(_USED_KEY, db=self._meta)
+        return _I64.unpack(raw)[0] if raw is not None else 0
+
+    def _remove(self, txn: lmdb.Transaction, k: bytes, raw: bytes) -> int:
+        """Delete an entry and its LRU index row; returns the bytes it was charged."""
+        txn.delete(k)
+        txn.delete(_LRU_TIME.pack(_HEAD.unpack_from(raw)[1]) + k, db=self._lru)
+        return _cost(k, raw)
+
+    def _make_room(self, txn: lmdb.Transaction, k: bytes, used: int, growth: int) -> tuple[int, bool] | None:
+        """Evict least recently used entries (never ``k``) until ``growth`` more bytes fit, inside
+        the caller's transaction. Returns the new used count and whether a live entry went, or
+        None (and evicts nothing) when even an empty dict could not take the growth."""
+        own = txn.get(k)
+        if growth + (_cost(k, own) if own is not None else 0) > self.size:
+            return None
+        now = self._clock()
+        forcible = False
+        cursor = txn.cursor(db=self._lru)
+        cursor.first()
+        while used + growth > self.size:
+            lru_key = cursor.key()
+            if not lru_key:
+                return None  # index exhausted (cannot happen while the accounting holds)
+            victim = lru_key[_LRU_TIME.size :]
+            if victim == k:
+                cursor.next()
+                continue
+            raw = txn.get(victim)
+            cursor.delete()  # the index row; the cursor moves to the next oldest
+            if raw is None:
+                continue
+            forcible = forcible or not _expired(raw, now)
+            txn.delete(victim)
+            used -= _cost(victim, raw)
+        return used, forcible
 
     def _note_read(self, k: bytes) -> None:
         pending = self._pending
         pending[k] = None
         if len(pending) >= PENDING_FLUSH:
-            try:
-                with self._write_txn() as txn:
-                    self._promote_pending(txn, self._clock())
-            except lmdb.MapFullError:
-                pending.clear()  # promotions are a hint; a full dict simply skips them
+            self._in_write_txn(self._flush_pending_in)
+
+    def _flush_pending_in(self, txn: lmdb.Transaction) -> tuple[None, None, bool]:
+        self._promote_pending(txn, self._clock())
+        return None, None, False
 
     def _promote_pending(self, txn: lmdb.Transaction, now: float) -> None:
         """Apply the LRU promotions of keys this process read since its last write."""
@@ -555,35 +627,10 @@ class SharedDict:
             expires, touched, flags, kind = _HEAD.unpack_from(raw)
             if touched >= now - PROMOTE_INTERVAL or (expires and expires <= now):
                 continue
-            txn.delete(_lru_key(touched, k), db=lru)
-            txn.put(_lru_key(now, k), b"", db=lru)
+            txn.delete(_LRU_TIME.pack(touched) + k, db=lru)
+            txn.put(_LRU_TIME.pack(now) + k, b"", db=lru)
             txn.put(k, _HEAD.pack(expires, now, flags, kind) + raw[_HEAD_SIZE:])
         self._pending.clear()
-
-    def _evict(self, count: int) -> bool | None:
-        """Remove the ``count`` least recently used entries in their own transaction (LMDB reuses
-        freed pages only after the commit). Returns whether a live entry went, or None when the
-        dict was already empty (nothing more can make room)."""
-        now = self._clock()
-        evicted_live = False
-        with self._write_txn() as txn:
-            oldest = []
-            for lru_key, _ in txn.cursor(db=self._lru):
-                oldest.append(lru_key)
-                if len(oldest) >= count:
-                    break
-            for lru_key in oldest:
-                k = lru_key[_LRU_TIME.size :]
-                raw = txn.get(k)
-                if raw is not None:
-                    evicted_live = evicted_live or not _expired(raw, now)
-                    txn.delete(k)
-                txn.delete(lru_key, db=self._lru)
-        removed = len(oldest)
-        self._pending.clear()
-        if removed == 0:
-            return None
-        return evicted_live
 
     def __repr__(self) -> str:
         return f"<SharedDict {self.name} size={self.size} path={self._path}>"
@@ -595,6 +642,12 @@ _SET, _ADD, _REPLACE = 0, 1, 2
 def _expired(raw: bytes, now: float) -> bool:
     expires = _HEAD.unpack_from(raw)[0]
     return bool(expires) and expires <= now
+
+
+def _cost(k: bytes, record: bytes) -> int:
+    """Bytes an entry is charged against the dict's size: its record, its key twice (data and
+    LRU index) and LMDB's per-node overhead, i.e. what it occupies in full B-tree pages."""
+    return len(record) + 2 * len(k) + ENTRY_OVERHEAD
 
 
 def _key_out(k: bytes) -> str | bytes:
