@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections import deque
-from email.utils import formatdate
 from typing import Protocol
 
 import httptools
 
-from scriptlb import errorlog
+from scriptlb import errorlog, responses
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus the ones nginx never forwards from a client.
 HOP_BY_HOP = frozenset(
@@ -59,74 +57,7 @@ def next_connection_id() -> int:
     return next(_conn_ids)
 
 
-# --------------------------------------------------------------------------- status lines, Date
-
-REASONS: dict[int, str] = {
-    100: "Continue", 101: "Switching Protocols", 103: "Early Hints",
-    200: "OK", 201: "Created", 202: "Accepted", 203: "Non-Authoritative Information",
-    204: "No Content", 205: "Reset Content", 206: "Partial Content",
-    300: "Multiple Choices", 301: "Moved Permanently", 302: "Moved Temporarily", 303: "See Other",
-    304: "Not Modified", 307: "Temporary Redirect", 308: "Permanent Redirect",
-    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
-    404: "Not Found", 405: "Not Allowed", 406: "Not Acceptable", 408: "Request Time-out",
-    409: "Conflict", 410: "Gone", 411: "Length Required", 412: "Precondition Failed",
-    413: "Request Entity Too Large", 414: "Request-URI Too Large", 415: "Unsupported Media Type",
-    416: "Requested Range Not Satisfiable", 421: "Misdirected Request", 429: "Too Many Requests",
-    494: "Request Header Or Cookie Too Large",
-    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-    503: "Service Temporarily Unavailable", 504: "Gateway Time-out", 505: "HTTP Version Not Supported",
-    507: "Insufficient Storage",
-}  # fmt: skip
-
-_status_lines: dict[int, bytes] = {}
-
-
-def status_line(status: int) -> bytes:
-    """``HTTP/1.1 200 OK\\r\\n``, built once per status (nginx's reason phrases)."""
-    line = _status_lines.get(status)
-    if line is None:
-        reason = REASONS.get(status, "")
-        line = f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
-        _status_lines[status] = line
-    return line
-
-
-class _DateCache:
-    """The ``Date:`` header line, formatted at most once per second."""
-
-    __slots__ = ("_line", "_second")
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._line = b""
-
-    def line(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._line = b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
-        return self._line
-
-
-date_cache = _DateCache()
-SERVER_LINE = b"Server: scriptlb\r\n"
-
-
-def error_page(status: int) -> bytes:
-    """nginx's built-in error page body for ``status``."""
-    text = f"{status} {REASONS.get(status, '')}".rstrip()
-    if status == 494:  # nginx shows the 494 text with status 400
-        return (
-            b"<html>\r\n<head><title>400 Request Header Or Cookie Too Large</title></head>\r\n"
-            b"<body>\r\n<center><h1>400 Bad Request</h1></center>\r\n"
-            b"<center>Request Header Or Cookie Too Large</center>\r\n"
-            b"<hr><center>scriptlb</center>\r\n</body>\r\n</html>\r\n"
-        )
-    return (
-        f"<html>\r\n<head><title>{text}</title></head>\r\n<body>\r\n"
-        f"<center><h1>{text}</h1></center>\r\n<hr><center>scriptlb</center>\r\n"
-        f"</body>\r\n</html>\r\n"
-    ).encode("latin-1")
+SERVER_LINE = b"Server: " + responses.SERVER_NAME.encode("ascii") + b"\r\n"
 
 
 # --------------------------------------------------------------------------- the request
@@ -211,8 +142,10 @@ class ListenerContext:
         open_exchange: OpenExchange,
         header_timeout: float = 60.0,
         header_buffers: tuple[int, int] = (4, 8192),
+        keys: tuple = (),
     ) -> None:
         self.open_exchange = open_exchange
+        self.keys = keys  # the listen keys this socket serves (routing is the handler's business)
         # the default server's values: the Host (hence the server) is unknown while reading a head
         self.header_timeout = header_timeout
         self.header_buffers = header_buffers
@@ -250,6 +183,7 @@ class ClientConnection(asyncio.Protocol):
         self.server_port = 0
         self._parser = httptools.HttpRequestParser(self)
         self.closed = False
+        self.route: object = None  # the handler layer's per-connection routing cache
         self.requests = 0  # requests started on this connection ($connection_requests)
 
         # timers
@@ -284,8 +218,7 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
         if isinstance(peer, tuple):
@@ -539,7 +472,7 @@ class ClientConnection(asyncio.Protocol):
         if head_only is None:
             head_only = request.method == "HEAD"
         self._body_allowed = not head_only and status not in _NO_BODY_STATUS and status >= 200
-        parts = [status_line(status), SERVER_LINE, date_cache.line(), headers]
+        parts = [responses.status_line(status), SERVER_LINE, responses.date_header(), headers]
         self._chunked = False
         if status in _NO_BODY_STATUS:
             pass
@@ -574,11 +507,16 @@ class ClientConnection(asyncio.Protocol):
             self.bytes_sent += len(data)
             self._write(data)
 
-    def finish_response(self) -> None:
-        """The response is complete: end the chunked body and serve the next request."""
+    def end_body(self) -> None:
+        """Write the end of a chunked body (idempotent)."""
         if self._chunked and self._body_allowed:
+            self._chunked = False
             self.bytes_sent += 5
             self._write(b"0\r\n\r\n")
+
+    def finish_response(self) -> None:
+        """The response is complete: end the chunked body and serve the next request."""
+        self.end_body()
         request = self._active_request
         if request is not None and not request.complete:
             # The handler answered before reading the whole body (return, error): nginx discards
@@ -598,11 +536,18 @@ class ClientConnection(asyncio.Protocol):
         self.finish_response()
 
     def respond_error(self, status: int) -> None:
-        """nginx's own error page for ``status`` (494 is shown as 400, as nginx does)."""
-        page = error_page(status)
-        if status >= 400 and status not in (404, 403, 405, 500, 502, 503, 504, 429):
-            self._keep_alive = False  # nginx closes after client errors
-        self.respond(400 if status == 494 else status, b"Content-Type: text/html\r\n", page)
+        """nginx's own page for ``status`` (494 goes out as 400, as nginx does)."""
+        if responses.closes_connection(status):
+            self._keep_alive = False
+        page = responses.error_page(status)
+        if page is None:
+            self.respond(status, b"", b"")
+        else:
+            self.respond(status, b"Content-Type: text/html\r\n", page)
+
+    def close_after_response(self) -> None:
+        """Do not keep the connection alive after the current response."""
+        self._keep_alive = False
 
     def abort(self) -> None:
         """End a response that cannot complete (upstream failed mid-body): close, never fake an end."""

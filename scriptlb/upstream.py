@@ -60,10 +60,20 @@ class ConnState(enum.Enum):
 class UpstreamError(Exception):
     """A failed try, as nginx classifies it; ``str()`` is nginx's error-log text."""
 
-    def __init__(self, failure: Failure, message: str, response_started: bool = False) -> None:
+    def __init__(
+        self,
+        failure: Failure,
+        message: str,
+        *,
+        phase: str = "reading response header from upstream",
+        response_started: bool = False,
+        request_sent: bool = True,
+    ) -> None:
         super().__init__(message)
         self.failure = failure
+        self.phase = phase  # nginx's "while ..." log action
         self.response_started = response_started  # any response byte arrived before the failure
+        self.request_sent = request_sent  # request bytes went out (no resending a POST then)
 
 
 class ResponseHead:
@@ -159,8 +169,7 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self.state = ConnState.ACTIVE
 
     def data_received(self, data: bytes) -> None:
@@ -414,8 +423,11 @@ class UpstreamConnection(asyncio.Protocol):
         response = self._response
         return response is not None and response.content_length is None and not response.chunked
 
-    def _fail(self, failure: Failure, message: str) -> None:
-        err = UpstreamError(failure, message, response_started=self.response_started)
+    def _fail(self, failure: Failure, message: str, phase: str = "") -> None:
+        if not phase:
+            phase = "reading upstream" if self._header_done else "reading response header from upstream"
+        err = UpstreamError(failure, message, phase=phase, response_started=self.response_started,
+                            request_sent=self.request_sent)
         head = self.head
         self.close()
         if head is not None and not head.done():
@@ -463,4 +475,4 @@ class UpstreamConnection(asyncio.Protocol):
         if now < deadline:
             self._timer = self.loop.call_at(deadline, self._on_timer)
             return
-        self._fail(Failure.TIMEOUT, _TIMED_OUT)
+        self._fail(Failure.TIMEOUT, _TIMED_OUT, "sending request to upstream" if self._write_paused else "")

@@ -1,0 +1,623 @@
+"""One request's life: routing, ``return``, and the tries loop (the ONE place pieces meet).
+
+Theory of operation
+-------------------
+``open_exchange`` (called by the client connection once a request head is parsed) builds an
+``Exchange``: it decodes the URI, selects the server by Host and the location by URI. Nothing
+is sent yet; a pipelined request may wait behind another one.
+
+``Exchange.start`` runs when the request becomes the connection's active one:
+
+* ``return`` locations answer at once (this is how the demo backends and test servers work);
+* proxied locations run ``_proxy`` as a task: read the body (``proxy_request_buffering on``),
+  build the upstream request head once, then the tries loop::
+
+      hook seam -> peer (hook's address, or balancer.get; None = "no live upstreams")
+        -> pool.acquire or connect (connect_timeout) -> send -> response head (read_timeout)
+        -> classify: error / timeout / invalid_header / status listed in proxy_next_upstream
+        -> free the peer -> retry.decide -> next try, or the final status
+
+  A response that is not retried streams to the client with back-pressure both ways; once any
+  response byte went to the client there is no retry. At the end the upstream connection goes
+  back to the pool if it is reusable, the peer is freed and the access log is written.
+
+Timeouts are per request: ``connect_timeout``/``send_timeout``/``read_timeout`` are copied from
+the location when proxying starts and every try reads them from the exchange (a hook's
+``set_timeouts`` changes this request only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+from urllib.parse import quote, unquote
+
+from scriptlb import errorlog, responses
+from scriptlb.config.model import NextUpstream, PeerAddr
+from scriptlb.downstream import ClientConnection, Request
+from scriptlb.locations import normalize_host
+from scriptlb.retry import (
+    RETRY,
+    Failure,
+    decide,
+    failure_for_status,
+    is_counted_failure,
+    is_idempotent,
+    last_failure_state,
+    last_failure_status,
+)
+from scriptlb.upstream import ResponseHead, UpstreamConnection, UpstreamError
+
+if TYPE_CHECKING:
+    from scriptlb.peers import Peer
+    from scriptlb.runtime import Runtime, ServerRoute, UpstreamRuntime
+
+
+class TryRecord:
+    """One try, for the ``$upstream_*`` lists (times in seconds, None when not reached)."""
+
+    __slots__ = ("addr", "connect_time", "header_time", "response_time", "started", "status")
+
+    def __init__(self, addr: str, started: float) -> None:
+        self.addr = addr
+        self.started = started
+        self.status: int | None = None
+        self.connect_time: float | None = None
+        self.header_time: float | None = None
+        self.response_time: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<TryRecord {self.addr} {self.status}>"
+
+
+class ClientGone(Exception):
+    """The client closed its connection while we were proxying (nginx's 499)."""
+
+
+# --------------------------------------------------------------------------- URIs
+
+
+def normalize_uri(path: str) -> str | None:
+    """nginx's ngx_http_parse_complex_uri: decode %XX, merge slashes, resolve ``.``/``..``.
+
+    None when the path escapes the root (nginx answers 400).
+    """
+    if "%" in path:
+        path = unquote(path, errors="surrogateescape")
+    if "//" not in path and "/." not in path:
+        return path
+    trailing = path.endswith("/") or path.endswith("/.") or path.endswith("/..")
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if not segment or segment == ".":
+            continue
+        if segment == "..":
+            if not segments:
+                return None
+            segments.pop()
+        else:
+            segments.append(segment)
+    result = "/" + "/".join(segments)
+    if trailing and result != "/":
+        result += "/"
+    return result
+
+
+def split_target(target: bytes) -> tuple[str, str | None] | None:
+    """``/p?a=1`` -> ("/p", "a=1"); absolute-form targets lose scheme and host. None: invalid."""
+    text = target.decode("latin-1")
+    if not text.startswith("/"):
+        scheme_end = text.find("://")
+        if scheme_end <= 0:
+            return None
+        slash = text.find("/", scheme_end + 3)
+        text = text[slash:] if slash != -1 else "/"
+    path, sep, args = text.partition("?")
+    return path, (args if sep else None)
+
+
+# --------------------------------------------------------------------------- the exchange
+
+
+class Exchange:
+    """One request: what variables, hooks and logs read, and the code that serves it."""
+
+    def __init__(self, conn: ClientConnection, request: Request, runtime: Runtime) -> None:
+        self.conn = conn
+        self.request = request
+        self.runtime = runtime
+        self.loop = conn.loop
+        self.start_time = time.time()
+        self._started_mono = self.loop.time()
+        self.method = request.method
+        self.http_version = request.version
+        self.headers = request.headers
+        self.request_uri = request.target.decode("latin-1")
+        self.scheme = "http"
+        self.status = 0
+        self.body_bytes_sent = 0
+        self.bytes_sent = 0
+        self.ctx: dict = {}
+        self.tries: list[TryRecord] = []
+        self.upstream_name: str | None = None
+        self.upstream_headers: list[tuple[bytes, bytes]] = []  # for $upstream_http_*
+        self.response_headers: bytes = b""  # sent to the client, for $sent_http_*
+        # per-request timeouts (copied from the location when proxying starts; hooks change them)
+        self.connect_timeout = 60.0
+        self.send_timeout = 60.0
+        self.read_timeout = 60.0
+        # the tries loop, for the hook API
+        self.last_failure: tuple[str, int] | None = None
+        self.tries_left = 0
+        self.tries_cap = 0
+        self.proxy_host = ""
+
+        self._early_status = 0  # an error found while routing, answered when we become active
+        self._task: asyncio.Task[None] | None = None
+        self._body_ready: asyncio.Future[None] | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._upstream_conn: UpstreamConnection | None = None
+        self._peer_to_free: tuple[UpstreamRuntime, Peer] | None = None
+        self._state: object = None
+        self._finished = False
+        self._client_gone = False
+        self._route()
+
+    # ------------------------------------------------------------------ routing
+
+    def _route(self) -> None:
+        split = split_target(self.request.target)
+        uri = normalize_uri(split[0]) if split is not None else None
+        if split is None or uri is None:
+            self._early_status = 400
+            self.uri, self.args = "/", None
+            self.host = ""
+            self.server = self.conn_route().default_server
+            self.location = self.server.default_location
+            return
+        self.uri, self.args = uri, split[1]
+        raw_host = self.request.host
+        host = normalize_host(raw_host.decode("latin-1")) if raw_host is not None else None
+        if raw_host is not None and host is None:
+            self._early_status = 400  # nginx: client sent invalid host header
+        route = self.conn_route()
+        self.server = route.select(host)
+        self.host = host or self.server.name
+        self.location = self.server.match(uri)
+
+    def conn_route(self) -> ServerRoute:
+        """The listener's server route, resolved once per connection."""
+        route = self.conn.route
+        if route is None:
+            route = self.conn.route = self.runtime.route_for(self.conn)
+        return route
+
+    # what the client connection reads
+    @property
+    def max_body_size(self) -> int:
+        return self.location.conf.client_max_body_size
+
+    @property
+    def body_timeout(self) -> float:
+        return self.location.conf.client_body_timeout
+
+    @property
+    def keepalive_timeout(self) -> float:
+        return self.location.conf.keepalive_timeout
+
+    @property
+    def keepalive_requests(self) -> int:
+        return self.location.conf.keepalive_requests
+
+    # what variables read
+    @property
+    def remote_addr(self) -> str:
+        return self.conn.remote_addr
+
+    @property
+    def remote_port(self) -> int:
+        return self.conn.remote_port
+
+    @property
+    def server_addr(self) -> str:
+        return self.conn.server_addr
+
+    @property
+    def server_port(self) -> int:
+        return self.conn.server_port
+
+    @property
+    def server_name(self) -> str:
+        return self.server.name
+
+    @property
+    def conn_id(self) -> int:
+        return self.conn.conn_id
+
+    @property
+    def conn_requests(self) -> int:
+        return self.conn.requests
+
+    @property
+    def request_length(self) -> int:
+        return self.request.head_size + len(self.request.target) + self.request.body_size
+
+    def header(self, name_lower: str) -> str | None:
+        """A request header's value (first one; Cookie lines joined with "; " as nginx)."""
+        wanted = name_lower.encode("latin-1")
+        found: list[bytes] = []
+        for name, value in self.headers:
+            if len(name) == len(wanted) and name.lower() == wanted:
+                if wanted != b"cookie":
+                    return value.decode("latin-1")
+                found.append(value)
+        return b"; ".join(found).decode("latin-1") if found else None
+
+    # ------------------------------------------------------------------ the connection's calls
+
+    def start(self) -> None:
+        if self._early_status:
+            self._finish_with_page(self._early_status)
+            return
+        location = self.location
+        if location.conf.return_ is not None or location.upstream is None:
+            if self.request.complete or not self.request.has_body:
+                self._serve_return()
+            else:
+                self.conn.send_continue()  # nginx reads (and discards) the body first
+            return
+        self._task = self.loop.create_task(self._proxy())
+
+    def body_received(self) -> None:
+        request = self.request
+        if self._task is None:
+            if request.complete and not self._finished and not self._early_status:
+                request.body.clear()
+                self._serve_return()
+            elif not self._finished:
+                request.body.clear()  # a body for `return` is read and dropped
+            return
+        ready = self._body_ready
+        if request.complete and ready is not None and not ready.done():
+            ready.set_result(None)
+
+    def client_lost(self) -> None:
+        self._client_gone = True
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+
+    def writing_paused(self) -> None:
+        conn = self._upstream_conn
+        if conn is not None:
+            conn.pause_reading()
+
+    def writing_resumed(self) -> None:
+        conn = self._upstream_conn
+        if conn is not None:
+            conn.resume_reading()
+
+    # ------------------------------------------------------------------ return
+
+    def _serve_return(self) -> None:
+        location = self.location
+        if location.conf.return_ is None:
+            self._finish_with_page(404)
+            return
+        status = location.conf.return_.status
+        if status == 444:  # nginx: close the connection without a response
+            self.status = 444
+            self._log_access()
+            self.conn.abort()
+            return
+        headers, body = location.return_response(self)
+        self.status = status
+        if body is None:
+            self._finish_with_page(status, headers)
+            return
+        self.response_headers = headers
+        self._finish_small(status, headers, body)
+
+    def _finish_small(self, status: int, headers: bytes, body: bytes) -> None:
+        conn = self.conn
+        conn.send_head(status, headers, len(body))
+        conn.send_body(body)
+        self._complete_response()
+
+    def _finish_with_page(self, status: int, extra_headers: bytes = b"") -> None:
+        """nginx's own page for ``status`` (400, 404, 502, 504...)."""
+        self.status = responses.wire_status(status)
+        conn = self.conn
+        if conn.closed:
+            self._log_access()
+            return
+        if responses.closes_connection(status):
+            conn.close_after_response()
+        page = responses.error_page(status) or b""
+        headers = b"Content-Type: text/html\r\n" + extra_headers if page else extra_headers
+        self.response_headers = headers
+        conn.send_head(status, headers, len(page))
+        conn.send_body(page)
+        self._complete_response()
+
+    def _complete_response(self) -> None:
+        conn = self.conn
+        conn.end_body()
+        self.bytes_sent = conn.bytes_sent
+        self.body_bytes_sent = conn.body_bytes_sent
+        self._finished = True
+        self._log_access()
+        conn.finish_response()
+
+    def _log_access(self) -> None:
+        for log in self.location.access_logs:
+            log.write(self)
+
+    # ------------------------------------------------------------------ proxying
+
+    async def _proxy(self) -> None:
+        upstream = self.location.upstream
+        assert upstream is not None
+        try:
+            await self._read_body_if_buffered()
+            await self._tries_loop(upstream)
+        except asyncio.CancelledError:
+            self._abandon(499)
+        except ClientGone:
+            self._abandon(499)
+
+    async def _read_body_if_buffered(self) -> None:
+        request = self.request
+        if request.complete or not request.has_body:
+            return
+        self.conn.send_continue()
+        self._body_ready = self.loop.create_future()
+        await self._body_ready
+
+    def _abandon(self, status: int) -> None:
+        """The client went away: drop the upstream side and log what happened."""
+        conn = self._upstream_conn
+        self._upstream_conn = None
+        if conn is not None:
+            conn.abort()
+        self._free_peer(failed=False)
+        if not self._finished:
+            self._finished = True
+            if not self.status or not self.conn.response_started:
+                self.status = status
+            self.bytes_sent = self.conn.bytes_sent
+            self.body_bytes_sent = self.conn.body_bytes_sent
+            self._log_access()
+
+    async def _tries_loop(self, upstream: UpstreamRuntime) -> None:
+        location = self.location
+        conf = location.conf.proxy
+        self.connect_timeout = conf.connect_timeout
+        self.send_timeout = conf.send_timeout
+        self.read_timeout = conf.read_timeout
+        self.upstream_name = upstream.name
+        self.proxy_host = location.proxy_host
+        body = self.request.take_body()
+        head = location.plan.build_head(self, len(body) if self.request.has_body else None)
+        balancer = upstream.balancer
+        state = balancer.new_request(conf.next_upstream_tries)
+        self._state = state
+        self.tries_cap = conf.next_upstream_tries
+        started = self.loop.time()
+        idempotent = is_idempotent(self.method)
+        hook = upstream.hook
+        while True:
+            self.tries_left = state.tries
+            addr, peer, host = None, None, None
+            if hook is not None:
+                outcome = hook.run(self, upstream)
+                if outcome.exit_status is not None:
+                    self._finish_with_page(outcome.exit_status)
+                    return
+                if outcome.addr is not None:
+                    addr, host = outcome.addr, outcome.host
+                    state.tries += outcome.more_tries
+            if addr is None:
+                peer = balancer.get(state, self.loop.time())
+                if peer is None:
+                    self._no_live_upstreams(upstream)
+                    return
+                addr = peer.addr
+                self._peer_to_free = (upstream, peer)
+            record = TryRecord(addr.name, self.loop.time())
+            self.tries.append(record)
+            try:
+                response = await self._try(upstream, addr, host or "", record, head, body)
+            except UpstreamError as err:
+                failure = err.failure
+                record.status = last_failure_status(failure)
+                self._log_upstream_error(err, addr)
+                self._drop_upstream_conn()
+                self._free_try(state, failed=True, failure=failure)
+                verdict = decide(failure, state.tries, started, self.loop.time(), conf,
+                                 idempotent, request_sent=err.request_sent)
+                if verdict == RETRY:
+                    continue
+                self._finish_with_page(verdict)
+                return
+            record.status = response.status
+            failure = failure_for_status(response.status)
+            if failure is not None and conf.next_upstream & NextUpstream(int(failure)):
+                verdict = decide(failure, state.tries - 1, started, self.loop.time(), conf,
+                                 idempotent, request_sent=True)
+                if verdict == RETRY:
+                    self._drop_upstream_conn()
+                    self._free_try(state, failed=is_counted_failure(failure, True), failure=failure)
+                    continue
+            await self._send_response(response, record)
+            return
+
+    async def _try(
+        self,
+        upstream: UpstreamRuntime,
+        addr: PeerAddr,
+        host: str,
+        record: TryRecord,
+        head: bytes,
+        body: bytes,
+    ) -> ResponseHead:
+        """One try against ``addr``: a pooled connection (once more on a fresh one if the pooled
+        one turns out stale) or a new one; returns the response head."""
+        pool = upstream.pool if self.location.plan.pooled else None
+        key = (addr.name, host)
+        conn = pool.acquire(key) if pool is not None else None
+        if conn is not None:
+            record.connect_time = 0.0
+            try:
+                return await self._send_and_read_head(conn, record, head, body)
+            except UpstreamError as err:
+                if not self._is_stale(err):
+                    raise
+                # nginx: a cached connection failing before any response byte costs no try
+                self._drop_upstream_conn()
+                errorlog.log_error("info", f"{err} while reading response header from upstream "
+                                           f"(cached connection, retrying on a new one)",
+                                   self.conn_id, self._log_context(addr))
+        conn = await self._connect(addr, key)
+        record.connect_time = self.loop.time() - record.started
+        return await self._send_and_read_head(conn, record, head, body)
+
+    def _is_stale(self, err: UpstreamError) -> bool:
+        if err.failure is not Failure.ERROR or err.response_started:
+            return False
+        return is_idempotent(self.method) or bool(self.location.conf.proxy.next_upstream
+                                                   & NextUpstream.NON_IDEMPOTENT)
+
+    async def _connect(self, addr: PeerAddr, key: tuple) -> UpstreamConnection:
+        conn = UpstreamConnection(self.loop, key, addr.name)
+        self._upstream_conn = conn
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if addr.unix_path is not None:
+                    await self.loop.create_unix_connection(lambda: conn, addr.unix_path)
+                else:
+                    await self.loop.create_connection(lambda: conn, addr.host, addr.port)
+        except TimeoutError:
+            conn.abort()
+            raise UpstreamError(Failure.TIMEOUT, "upstream timed out (110: Connection timed out)",
+                                phase="connecting to upstream") from None
+        except OSError as err:
+            conn.abort()
+            text = f"connect() failed ({err.errno}: {err.strerror})" if err.errno else str(err)
+            raise UpstreamError(Failure.ERROR, text, phase="connecting to upstream") from None
+        return conn
+
+    async def _send_and_read_head(
+        self, conn: UpstreamConnection, record: TryRecord, head: bytes, body: bytes
+    ) -> ResponseHead:
+        self._upstream_conn = conn
+        plan = self.location.plan
+        future = conn.start(head, body, self.read_timeout, self.send_timeout,
+                            head_only=self.method == "HEAD", http11=plan.http11,
+                            close_after=plan.close_after)
+        response = await future
+        record.header_time = self.loop.time() - record.started
+        return response
+
+    async def _send_response(self, response: ResponseHead, record: TryRecord) -> None:
+        """Pass the response to the client, streaming its body with back-pressure."""
+        conn = self._upstream_conn
+        assert conn is not None
+        self.status = response.status
+        self.upstream_headers = response.headers
+        headers = response.client_headers()
+        self.response_headers = headers
+        self.conn.send_head(response.status, headers, response.content_length)
+        self._done = self.loop.create_future()
+        conn.stream_to(self)
+        if self.conn.writing_paused:
+            conn.pause_reading()
+        try:
+            await self._done
+        except UpstreamError as err:
+            record.response_time = self.loop.time() - record.started
+            self._log_upstream_error(err, None, "reading upstream")
+            self._drop_upstream_conn()
+            self._free_peer(failed=False)
+            self._finished = True
+            self.bytes_sent = self.conn.bytes_sent
+            self.body_bytes_sent = self.conn.body_bytes_sent
+            self._log_access()
+            self.conn.abort()  # never a silently truncated "complete" response
+            return
+        record.response_time = self.loop.time() - record.started
+        upstream = self.location.upstream
+        self._upstream_conn = None
+        if upstream is not None and self.location.plan.pooled:
+            upstream.pool.release(conn)
+        else:
+            conn.close()
+        self._free_peer(failed=False)
+        self._complete_response()
+
+    # the upstream connection's ResponseSink
+    def upstream_body(self, data: bytes) -> None:
+        self.conn.send_body(data)
+
+    def upstream_complete(self) -> None:
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def upstream_failed(self, err: UpstreamError) -> None:
+        done = self._done
+        if done is not None and not done.done():
+            done.set_exception(err)
+
+    # ------------------------------------------------------------------ tries accounting
+
+    def _free_try(self, state: object, failed: bool, failure: Failure) -> None:
+        """Free the try's peer: the balancer's own, or (hook-set peer) our own accounting."""
+        if self._peer_to_free is not None:
+            self._free_peer(failed)
+        else:
+            tries = getattr(state, "tries", 0)
+            if tries:
+                state.tries = tries - 1  # type: ignore[attr-defined]
+            self.last_failure = (last_failure_state(failure), last_failure_status(failure))
+
+    def _free_peer(self, failed: bool) -> None:
+        pending = self._peer_to_free
+        if pending is None:
+            return
+        self._peer_to_free = None
+        upstream, peer = pending
+        upstream.balancer.free(self._state, peer, failed, self.loop.time())
+
+    def _drop_upstream_conn(self) -> None:
+        conn = self._upstream_conn
+        self._upstream_conn = None
+        if conn is not None:
+            conn.abort()
+
+    def _no_live_upstreams(self, upstream: UpstreamRuntime) -> None:
+        record = TryRecord(upstream.name, self.loop.time())
+        record.status = 502
+        self.tries.append(record)
+        errorlog.log_error("error", "no live upstreams while connecting to upstream",
+                           self.conn_id, self._log_context(None))
+        self._finish_with_page(502)
+
+    # ------------------------------------------------------------------ logs
+
+    def _log_upstream_error(self, err: UpstreamError, addr: PeerAddr | None, phase: str = "") -> None:
+        where = phase or err.phase
+        level = "error"
+        errorlog.log_error(level, f"{err} while {where}", self.conn_id, self._log_context(addr))
+
+    def _log_context(self, addr: PeerAddr | None) -> str:
+        """nginx's ``, client: ..., server: ..., request: "...", upstream: "...", host: "..."``."""
+        name = addr.name if addr is not None else (self.tries[-1].addr if self.tries else None)
+        url = f"http://{name}{self.location.plan.upstream_uri(self)}" if name is not None else None
+        return errorlog.request_context(self, url)
+
+
+def quote_uri(uri: str) -> str:
+    """Re-escape a decoded URI for the upstream request line (nginx's ngx_escape_uri)."""
+    return quote(uri, safe="/:@!$&'()*+,;=-._~", errors="surrogateescape")

@@ -1,0 +1,312 @@
+"""Per-worker objects built once from a ``MainConf``: what the request path reads.
+
+Everything that can be computed before the first request is computed here, so the hot path
+only looks things up: per listening key a ``ServerRoute`` (Host -> ``ServerRuntime``), per
+server a location matcher whose results map to ``LocationRuntime`` objects (the upstream
+request template, ``return`` bodies, access logs), and per upstream an ``UpstreamRuntime``
+(peers, balancer, keep-alive pool, hook).
+
+A reload does not mutate any of this: the master starts new workers with the new config, so a
+worker builds its ``Runtime`` exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from scriptlb.balancing.round_robin import RoundRobin
+from scriptlb.config.model import (
+    HttpConf,
+    LocationConf,
+    MainConf,
+    ServerConf,
+    Template,
+    UpstreamConf,
+)
+from scriptlb.downstream import HOP_BY_HOP
+from scriptlb.locations import LocationMatcher, ServerSelector, selectors_by_listen
+from scriptlb.peers import PeerSet
+from scriptlb.pool import ConnectionPool
+
+if TYPE_CHECKING:
+    from scriptlb.downstream import ClientConnection, Request
+    from scriptlb.proxy import Exchange
+
+Getter = Callable[[Any], str]
+
+# Client headers never forwarded as they are: hop-by-hop ones, the framing we redo, and Expect
+# (we answer 100-continue ourselves), as nginx's default proxy_set_header list does.
+_NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"expect"}
+
+
+def _compile(template: Template) -> Getter:
+    if template.static is not None:
+        text = template.static
+        return lambda exchange: text
+    from scriptlb.variables import compile_template
+
+    return compile_template(template)
+
+
+class UpstreamRuntime:
+    """One upstream block in this worker: peers, balancer, keep-alive pool and optional hook."""
+
+    __slots__ = ("balancer", "conf", "hook", "name", "peers", "pool")
+
+    def __init__(self, conf: UpstreamConf, loop: asyncio.AbstractEventLoop) -> None:
+        self.conf = conf
+        self.name = conf.name
+        self.peers = PeerSet.from_conf(conf)
+        self.balancer = _balancer_for(conf, self.peers)
+        self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests)
+        self.hook: Any = None
+        if conf.hook is not None:
+            # The hook engineer's module; a configured hook is never silently ignored.
+            from scriptlb.hooks import HookRunner
+
+            self.hook = HookRunner(conf.hook, self)
+
+    def __repr__(self) -> str:
+        return f"<UpstreamRuntime {self.name} {self.balancer!r} {self.pool!r}>"
+
+
+def _balancer_for(conf: UpstreamConf, peers: PeerSet) -> RoundRobin:
+    if conf.method.kind != "round_robin":
+        raise ValueError(f'balancing method "{conf.method.kind}" is not implemented')
+    return RoundRobin(peers)
+
+
+class RequestPlan:
+    """The upstream request of one location, precomputed: request-line version, static
+    ``proxy_set_header`` lines as bytes, compiled getters for the dynamic ones, the client
+    headers to drop, the proxy_pass URI replacement and whether connections are pooled."""
+
+    __slots__ = (
+        "close_after",
+        "dynamic_headers",
+        "http11",
+        "location_prefix",
+        "pooled",
+        "replace_uri",
+        "skip_client",
+        "static_headers",
+        "version_line",
+    )
+
+    def __init__(self, location: LocationConf, upstream: UpstreamConf | None, proxy_host: str) -> None:
+        proxy = location.proxy
+        self.http11 = proxy.http_version == "1.1"
+        self.version_line = b" HTTP/1.1\r\n" if self.http11 else b" HTTP/1.0\r\n"
+        static: list[bytes] = []
+        dynamic: list[tuple[bytes, Getter]] = []
+        skip = set(_NOT_FORWARDED)
+        connection_value: str | None = None
+        for lower, name, template in proxy.set_headers:
+            skip.add(lower.encode("latin-1"))
+            if template.static is not None or template.raw == "$proxy_host":
+                value = proxy_host if template.static is None else template.static
+                if lower == "connection":
+                    connection_value = value
+                if value:
+                    static.append(f"{name}: {value}\r\n".encode("latin-1"))
+            else:
+                dynamic.append((name.encode("latin-1"), _compile(template)))
+        self.static_headers = b"".join(static)
+        self.dynamic_headers = tuple(dynamic)
+        self.skip_client = frozenset(skip)
+        # we ask the peer to close unless HTTP/1.1 without "Connection: close" (nginx's recipe)
+        self.close_after = not self.http11 or (connection_value or "").lower() == "close"
+        self.pooled = not self.close_after and upstream is not None and upstream.keepalive > 0
+        pass_conf = location.proxy_pass
+        self.replace_uri = pass_conf.uri if pass_conf is not None else None
+        self.location_prefix = location.pattern if location.modifier in ("", "^~", "=") else ""
+
+    def upstream_uri(self, exchange: Exchange) -> str:
+        """The URI sent to the peer (nginx: the client's URI as sent, or proxy_pass's URI part
+        replacing the location prefix of the normalized URI)."""
+        if self.replace_uri is None:
+            raw = exchange.request_uri
+            return raw if raw.startswith("/") else _path_and_args(exchange)
+        from scriptlb.proxy import quote_uri
+
+        uri = exchange.uri
+        prefix = self.location_prefix
+        rest = uri[len(prefix):] if prefix and uri.startswith(prefix) else uri
+        new = quote_uri(self.replace_uri + rest)
+        return new + "?" + exchange.args if exchange.args is not None else new
+
+    def build_head(self, exchange: Exchange, body_length: int | None) -> bytes:
+        parts = [
+            exchange.method.encode("ascii"),
+            b" ",
+            self.upstream_uri(exchange).encode("latin-1"),
+            self.version_line,
+            self.static_headers,
+        ]
+        for name, getter in self.dynamic_headers:
+            value = getter(exchange)
+            if value:
+                parts.append(name + b": " + value.encode("latin-1", "replace") + b"\r\n")
+        skip = self.skip_client
+        listed = _connection_listed(exchange.headers)
+        for name, value in exchange.headers:
+            lower = name.lower()
+            if lower in skip or (listed and lower in listed):
+                continue
+            parts.append(name + b": " + value + b"\r\n")
+        if body_length is not None:
+            parts.append(b"Content-Length: %d\r\n" % body_length)
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+
+def _path_and_args(exchange: Exchange) -> str:
+    return exchange.uri + ("?" + exchange.args if exchange.args is not None else "")
+
+
+def _connection_listed(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    listed: set[bytes] = set()
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            listed.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(listed)
+
+
+class LocationRuntime:
+    __slots__ = ("access_logs", "conf", "plan", "proxy_host", "return_getter", "upstream")
+
+    def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None, access_logs: tuple) -> None:
+        self.conf = conf
+        self.upstream = upstream
+        self.access_logs = access_logs
+        self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
+        self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
+        ret = conf.return_
+        self.return_getter: Getter | None = (
+            _compile(ret.text) if ret is not None and ret.text is not None else None
+        )
+
+    def return_response(self, exchange: Exchange) -> tuple[bytes, bytes | None]:
+        """(headers, body) of ``return``; body None means nginx's own page for the status."""
+        ret = self.conf.return_
+        assert ret is not None
+        getter = self.return_getter
+        if ret.status in (301, 302, 303, 307, 308):
+            if getter is None:
+                return b"", None
+            location = getter(exchange)
+            return b"Location: " + location.encode("latin-1", "replace") + b"\r\n", None
+        if getter is None:
+            return b"", (b"" if ret.status < 300 else None)
+        return b"Content-Type: text/plain\r\n", getter(exchange).encode("utf-8", "surrogateescape")
+
+
+class ServerRuntime:
+    """One ``server`` block: its name and its locations."""
+
+    __slots__ = ("_builder", "_by_id", "conf", "default_location", "matcher", "name")
+
+    def __init__(self, conf: ServerConf, builder: Callable[[LocationConf], LocationRuntime]) -> None:
+        self.conf = conf
+        self.name = next((n for n in conf.server_names if not n.startswith(("~", "*", "."))), "")
+        self.matcher = LocationMatcher(conf.locations)
+        self._builder = builder
+        self._by_id: dict[int, LocationRuntime] = {}
+        for loc in conf.locations:
+            self._by_id[id(loc)] = builder(loc)
+        self.default_location = builder(LocationConf(modifier="", pattern=""))
+
+    def match(self, uri: str) -> LocationRuntime:
+        conf = self.matcher.match(uri)
+        if conf is None:
+            return self.default_location
+        found = self._by_id.get(id(conf))
+        if found is None:  # the matcher's own locations (automatic 301s): built on first use
+            found = self._by_id[id(conf)] = self._builder(conf)
+        return found
+
+
+class ServerRoute:
+    """The servers of one listening key, selected by host."""
+
+    __slots__ = ("_by_id", "default_server", "selector")
+
+    def __init__(self, selector: ServerSelector, servers: dict[int, ServerRuntime]) -> None:
+        self.selector = selector
+        self._by_id = servers
+        self.default_server = servers[id(selector.default)]
+
+    def select(self, host: str | None) -> ServerRuntime:
+        return self._by_id[id(self.selector.select(host))]
+
+
+class Runtime:
+    """All per-worker runtime objects of one configuration."""
+
+    def __init__(self, conf: MainConf, loop: asyncio.AbstractEventLoop) -> None:
+        self.conf = conf
+        self.loop = loop
+        http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
+        self.upstreams = {name: UpstreamRuntime(up, loop) for name, up in http.upstreams.items()}
+        self._access_logs: dict[tuple, tuple] = {}
+        self.servers = {id(s): ServerRuntime(s, self._build_location) for s in http.servers}
+        self.routes = {
+            key: ServerRoute(selector, self.servers) for key, selector in selectors_by_listen(http).items()
+        }
+
+    def _build_location(self, conf: LocationConf) -> LocationRuntime:
+        upstream = None
+        if conf.proxy_pass is not None and conf.return_ is None:
+            upstream = self.upstreams[conf.proxy_pass.upstream]
+        return LocationRuntime(conf, upstream, self._access_logs_for(conf))
+
+    def _access_logs_for(self, conf: LocationConf) -> tuple:
+        if not conf.access_log:
+            return ()
+        key = conf.access_log
+        logs = self._access_logs.get(key)
+        if logs is None:
+            from scriptlb.accesslog import open_access_log
+
+            logs = self._access_logs[key] = tuple(open_access_log(c) for c in conf.access_log)
+        return logs
+
+    # ------------------------------------------------------------------ the request path
+
+    def open_exchange(self, conn: ClientConnection, request: Request) -> Exchange:
+        from scriptlb.proxy import Exchange
+
+        return Exchange(conn, request, self)
+
+    def route_for(self, conn: ClientConnection) -> ServerRoute:
+        """The listening key a connection arrived on (a wildcard socket may serve several)."""
+        keys = conn.listener.keys
+        if len(keys) == 1:
+            return self.routes[keys[0]]
+        for key in keys:
+            host, port, unix_path = key
+            if unix_path is None and host == conn.server_addr and port == conn.server_port:
+                return self.routes[key]
+        wildcard = next((k for k in keys if k[0] in ("0.0.0.0", "::", None)), keys[0])
+        return self.routes[wildcard]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close pooled connections and flush access logs (worker exit)."""
+        for upstream in self.upstreams.values():
+            upstream.pool.close()
+        for logs in self._access_logs.values():
+            for log in logs:
+                close = getattr(log, "close", None)
+                if close is not None:
+                    close()
+
+    def reopen_logs(self) -> None:
+        for logs in self._access_logs.values():
+            for log in logs:
+                reopen = getattr(log, "reopen", None)
+                if reopen is not None:
+                    reopen()

@@ -1,0 +1,221 @@
+"""One worker: a uvloop event loop serving the inherited listening sockets.
+
+``run(conf, listeners, worker_id, worker_count)`` is what the master calls in each forked worker
+(and in-process with ``master_process off``). It builds the ``Runtime`` once, starts a server per
+distinct listening socket and serves until a signal says stop:
+
+* QUIT (graceful): stop accepting, let in-flight requests finish (their connections then close
+  instead of staying keep-alive), close idle keep-alive connections and pooled upstream ones,
+  exit;
+* TERM / INT (fast): close everything now and exit;
+* USR1: reopen log files.
+
+``WorkerThread`` runs the same worker in a thread of the calling process (tests, benchmarks);
+signals are replaced by ``stop(graceful=...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import threading
+from collections.abc import Callable
+
+import uvloop
+
+from scriptlb import errorlog
+from scriptlb.config.model import MainConf
+from scriptlb.downstream import ClientConnection, ListenerContext
+from scriptlb.runtime import Runtime
+
+Key = tuple
+
+# A graceful stop waits for in-flight requests, checking this often.
+_DRAIN_POLL = 0.05
+
+
+class Worker:
+    def __init__(self, conf: MainConf, listeners: dict[Key, socket.socket], loop: asyncio.AbstractEventLoop,
+                 worker_id: int = 0, worker_count: int = 1) -> None:
+        self.conf = conf
+        self.listeners = listeners
+        self.loop = loop
+        self.worker_id = worker_id
+        self.worker_count = worker_count
+        self.runtime: Runtime | None = None
+        self.contexts: list[ListenerContext] = []
+        self._servers: list[asyncio.AbstractServer] = []
+        self._stop: asyncio.Future[bool] | None = None  # result: graceful?
+        self.ready = threading.Event()
+
+    async def serve(self) -> None:
+        self._stop = self.loop.create_future()
+        self.runtime = Runtime(self.conf, self.loop)
+        await self._start_servers(self.runtime)
+        self.ready.set()
+        graceful = await self._stop
+        await self._shutdown(graceful)
+
+    async def _start_servers(self, runtime: Runtime) -> None:
+        by_socket: dict[int, tuple[socket.socket, list[Key]]] = {}
+        for key, sock in self.listeners.items():
+            by_socket.setdefault(id(sock), (sock, []))[1].append(key)
+        for sock, keys in by_socket.values():
+            route = runtime.routes.get(keys[0])
+            if route is None:
+                continue
+            server_conf = route.default_server.conf
+            context = ListenerContext(
+                runtime.open_exchange,
+                header_timeout=server_conf.client_header_timeout,
+                header_buffers=server_conf.large_client_header_buffers,
+                keys=tuple(keys),
+            )
+            self.contexts.append(context)
+            server = await self.loop.create_server(
+                _protocol_factory(context, self.loop), sock=sock, backlog=server_backlog(sock)
+            )
+            self._servers.append(server)
+
+    def stop(self, graceful: bool) -> None:
+        """Ask the worker to stop (call in the loop's thread)."""
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(graceful)
+        elif self._stop is not None and not graceful:
+            for context in self.contexts:
+                for conn in list(context.connections):
+                    conn.close()
+
+    async def _shutdown(self, graceful: bool) -> None:
+        for server in self._servers:
+            server.close()  # stop accepting
+        for context in self.contexts:
+            context.shutting_down = True
+            for conn in list(context.connections):
+                if not graceful:
+                    conn.close()
+                else:
+                    conn.close_if_idle()
+        if graceful:
+            await self._drain()
+        if self.runtime is not None:
+            self.runtime.close()
+        # give transports one loop turn to close their sockets
+        await asyncio.sleep(0)
+
+    async def _drain(self) -> None:
+        """Wait until every client connection closed (each closes after its active request)."""
+        while any(context.connections for context in self.contexts):
+            for context in self.contexts:
+                for conn in list(context.connections):
+                    conn.close_if_idle()
+            await asyncio.sleep(_DRAIN_POLL)
+
+    def install_signals(self) -> None:
+        loop = self.loop
+        loop.add_signal_handler(signal.SIGQUIT, self._on_signal, signal.SIGQUIT)
+        loop.add_signal_handler(signal.SIGTERM, self._on_signal, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGINT, self._on_signal, signal.SIGINT)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_signal, signal.SIGUSR1)
+
+    def _on_signal(self, signo: signal.Signals) -> None:
+        if signo == signal.SIGUSR1:
+            errorlog.reopen()
+            if self.runtime is not None:
+                self.runtime.reopen_logs()
+            return
+        if signo == signal.SIGQUIT:
+            errorlog.log_error("notice", "gracefully shutting down")
+        else:
+            errorlog.log_error("notice", "exiting")
+        self.stop(graceful=signo == signal.SIGQUIT)
+
+
+def server_backlog(sock: socket.socket) -> int:
+    # The master already called listen() with the configured backlog; asyncio calls listen()
+    # again, so pass the same value nginx uses by default rather than asyncio's 100.
+    return 511
+
+
+def _protocol_factory(
+    context: ListenerContext, loop: asyncio.AbstractEventLoop
+) -> Callable[[], ClientConnection]:
+    def factory() -> ClientConnection:
+        return ClientConnection(context, loop)
+
+    return factory
+
+
+def run(
+    conf: MainConf, listeners: dict[Key, socket.socket], worker_id: int = 0, worker_count: int = 1
+) -> None:
+    """Serve until QUIT/TERM/INT; the master's entry point into a worker process."""
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    worker = Worker(conf, listeners, loop, worker_id, worker_count)
+    try:
+        worker.install_signals()
+        loop.run_until_complete(worker.serve())
+    finally:
+        _close_loop(loop)
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+class WorkerThread:
+    """A worker in a thread of this process, for tests and benchmarks.
+
+    ``use_uvloop=False`` runs it on the plain asyncio loop (the tests run both).
+    """
+
+    def __init__(self, conf: MainConf, listeners: dict[Key, socket.socket], use_uvloop: bool = True) -> None:
+        self.loop = uvloop.new_event_loop() if use_uvloop else asyncio.new_event_loop()
+        self.worker = Worker(conf, listeners, self.loop)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="scriptlb-worker", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.worker.serve())
+        except BaseException as exc:  # reported to the test through .error and start()
+            self.error = exc
+            self.worker.ready.set()
+        finally:
+            _close_loop(self.loop)
+
+    def start(self, timeout: float = 10.0) -> WorkerThread:
+        self._thread.start()
+        if not self.worker.ready.wait(timeout):
+            raise TimeoutError("worker did not start")
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def call(self, fn: Callable[[], object]) -> None:
+        self.loop.call_soon_threadsafe(fn)
+
+    def stop(self, graceful: bool = False, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.worker.stop, graceful)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError("worker did not stop")
+
+    def __enter__(self) -> WorkerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

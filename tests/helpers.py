@@ -1,0 +1,464 @@
+"""Shared test helpers: scriptlb workers from a config string, raw-socket HTTP clients, and tiny
+asyncio backends that misbehave on demand.
+
+Everything listens on 127.0.0.1 with OS-chosen ports: a socket is bound to port 0 and kept, its
+port is written into the config, and the same socket is handed to the worker, so no port is ever
+guessed or raced for. Waits are on readiness (events, futures) and every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import textwrap
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httptools
+
+from scriptlb.config import load
+from scriptlb.config.model import MainConf
+from scriptlb.worker import WorkerThread
+
+IO_TIMEOUT = 10.0
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+def listening_socket() -> socket.socket:
+    """A TCP socket bound to 127.0.0.1 on an OS-chosen port, already listening."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def port_of(sock: socket.socket) -> int:
+    return sock.getsockname()[1]
+
+
+def closed_port() -> int:
+    """A port with nothing listening on it (bound, then closed: connect() is refused)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+# --------------------------------------------------------------------------- scriptlb in a thread
+
+
+def load_conf(text: str, tmp_path: Path) -> MainConf:
+    """Write ``text`` (an nginx-syntax config, dedented) under ``tmp_path`` and load it."""
+    conf_file = tmp_path / "scriptlb.conf"
+    conf_file.write_text(textwrap.dedent(text))
+    return load(str(conf_file), str(tmp_path))
+
+
+class Scriptlb:
+    """A scriptlb worker in a thread serving a config string.
+
+    The config names its listening ports as ``{port0}``, ``{port1}``...; each is replaced by an
+    OS-chosen port whose socket is handed to the worker. ``**values`` fill other placeholders.
+    """
+
+    def __init__(self, text: str, tmp_path: Path, listens: int = 1, use_uvloop: bool = True,
+                 **values: object) -> None:
+        self.sockets = [listening_socket() for _ in range(listens)]
+        self.ports = [port_of(s) for s in self.sockets]
+        ports = {f"port{i}": p for i, p in enumerate(self.ports)}
+        self.conf = load_conf(text.format(**ports, **values), tmp_path)
+        by_port = {port_of(s): s for s in self.sockets}
+        listeners = {}
+        assert self.conf.http is not None
+        for server in self.conf.http.servers:
+            for listen in server.listens:
+                listeners[listen.key] = by_port[listen.port]
+        self.thread = WorkerThread(self.conf, listeners, use_uvloop=use_uvloop)
+
+    @property
+    def port(self) -> int:
+        return self.ports[0]
+
+    def runtime(self):  # noqa: ANN201 - scriptlb.runtime.Runtime, for white-box assertions
+        return self.thread.worker.runtime
+
+    def __enter__(self) -> Scriptlb:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.stop()
+        for sock in self.sockets:
+            sock.close()
+
+
+# --------------------------------------------------------------------------- raw HTTP clients
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    complete: bool = True  # False: the connection closed before the body's end
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+
+class _ResponseReader:
+    """Parses responses from a byte stream with httptools (one parser per response)."""
+
+    def __init__(self, head_only: bool = False) -> None:
+        self.head_only = head_only
+        self.responses: list[Response] = []
+        self._current: Response | None = None
+        self._parser = httptools.HttpResponseParser(self)
+
+    def on_message_begin(self) -> None:
+        self._current = Response(0, [], b"", complete=False)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._current is not None
+        self._current.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        assert self._current is not None
+        self._current.status = self._parser.get_status_code()
+        if self.head_only or self._current.status in (100, 204, 304):
+            if self._current.status != 100:
+                self._current.complete = True
+                self.responses.append(self._current)
+            self._current = None
+
+    def on_body(self, data: bytes) -> None:
+        if self._current is not None:
+            self._current.body += data
+
+    def on_message_complete(self) -> None:
+        if self._current is not None:
+            self._current.complete = True
+            self.responses.append(self._current)
+            self._current = None
+
+    def feed(self, data: bytes) -> None:
+        self._parser.feed_data(data)
+
+    def eof(self) -> None:
+        current = self._current
+        if current is not None and current.status and not _has_length(current):
+            current.complete = True  # close-delimited body
+            self.responses.append(current)
+        elif current is not None and current.status:
+            self.responses.append(current)  # truncated
+        self._current = None
+
+
+def _has_length(response: Response) -> bool:
+    return response.header("content-length") is not None or response.header("transfer-encoding") is not None
+
+
+class HttpConnection:
+    """A blocking client connection: send raw bytes, read whole responses."""
+
+    def __init__(self, port: int, timeout: float = IO_TIMEOUT) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = _ResponseReader()
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, method: str = "GET", path: str = "/", headers: dict[str, str] | None = None,
+                body: bytes = b"", version: str = "1.1") -> Response:
+        self.send(build_request(method, path, headers, body, version))
+        self.reader.head_only = method == "HEAD"
+        return self.read_response()
+
+    def read_response(self, deadline: float = IO_TIMEOUT) -> Response:
+        """The next complete response (or a truncated one if the server closed mid-way)."""
+        end = time.monotonic() + deadline
+        while not self.reader.responses:
+            if self.closed:
+                raise ConnectionError("connection closed before a response")
+            if time.monotonic() > end:
+                raise TimeoutError("no response")
+            self._read_some()
+        return self.reader.responses.pop(0)
+
+    def _read_some(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            self.closed = True
+            self.reader.eof()
+            return
+        self.reader.feed(data)
+
+    def is_closed_by_peer(self, timeout: float = 5.0) -> bool:
+        """True when the server closes the connection within ``timeout`` (extra bytes: False)."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+        return data == b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> HttpConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_request(method: str = "GET", path: str = "/", headers: dict[str, str] | None = None,
+                  body: bytes = b"", version: str = "1.1") -> bytes:
+    lines = [f"{method} {path} HTTP/{version}"]
+    headers = dict(headers or {})
+    if version == "1.1":
+        headers.setdefault("Host", "localhost")
+    if body and not any(k.lower() in ("content-length", "transfer-encoding") for k in headers):
+        headers["Content-Length"] = str(len(body))
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def get(port: int, path: str = "/", headers: dict[str, str] | None = None, method: str = "GET",
+        body: bytes = b"") -> Response:
+    """One request on a fresh connection."""
+    with HttpConnection(port) as conn:
+        return conn.request(method, path, headers, body)
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = IO_TIMEOUT) -> bytes:
+    """Send ``data``, half-close, and return everything the server sent until it closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+@dataclass
+class BackendRequest:
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    version: str
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+
+# A behaviour answers one request: it writes to the writer and says whether to keep going.
+Behaviour = Callable[[BackendRequest, asyncio.StreamWriter], Awaitable[bool]]
+
+
+def respond(status: int = 200, body: bytes = b"ok", headers: dict[str, str] | None = None,
+            close: bool = False) -> Behaviour:
+    """A well-behaved HTTP/1.1 answer with Content-Length."""
+
+    async def behaviour(req: BackendRequest, writer: asyncio.StreamWriter) -> bool:
+        lines = [f"HTTP/1.1 {status} X", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if close:
+            lines.append("Connection: close")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if req.method == "HEAD" else body))
+        await writer.drain()
+        return not close
+
+    return behaviour
+
+
+def echo() -> Behaviour:
+    """Answers with the request it got (method, target, headers, body) as the body."""
+
+    async def behaviour(req: BackendRequest, writer: asyncio.StreamWriter) -> bool:
+        text = f"{req.method} {req.target} HTTP/{req.version}\n"
+        text += "".join(f"{k}: {v}\n" for k, v in req.headers)
+        body = text.encode("latin-1") + b"\n" + req.body
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        return True
+
+    return behaviour
+
+
+def raw(data: bytes, close: bool = True) -> Behaviour:
+    """Writes ``data`` verbatim (garbage, truncated bodies...), then closes."""
+
+    async def behaviour(req: BackendRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(data)
+        await writer.drain()
+        return not close
+
+    return behaviour
+
+
+def hang() -> Behaviour:
+    """Reads the request and never answers (until the proxy gives up)."""
+
+    async def behaviour(req: BackendRequest, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(3600)
+        return False
+
+    return behaviour
+
+
+def close_now() -> Behaviour:
+    """Closes the connection without answering."""
+
+    async def behaviour(req: BackendRequest, writer: asyncio.StreamWriter) -> bool:
+        return False
+
+    return behaviour
+
+
+@dataclass
+class Backend:
+    """One backend server; ``behaviour`` may be swapped between requests."""
+
+    behaviour: Behaviour
+    sock: socket.socket = field(default_factory=listening_socket)
+    connections: int = 0  # connections accepted
+    requests: list[BackendRequest] = field(default_factory=list)
+    server: asyncio.AbstractServer | None = None
+
+    @property
+    def port(self) -> int:
+        return port_of(self.sock)
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                req = await read_request(reader)
+                if req is None:
+                    break
+                self.requests.append(req)
+                if not await self.behaviour(req, writer):
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            pass  # the test is over (Backends.__exit__); end quietly
+        finally:
+            writer.close()
+
+
+class _RequestCollector:
+    def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.headers: list[tuple[str, str]] = []
+        self.body = b""
+        self.done = False
+        self.url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_body(self, data: bytes) -> None:
+        self.body += data
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+async def read_request(reader: asyncio.StreamReader) -> BackendRequest | None:
+    """One request from a backend's connection (None at EOF). Not pipelining-safe: tests'
+    backends get one request at a time, as the proxy sends them."""
+    collector = _RequestCollector()
+    while not collector.done:
+        data = await reader.read(65536)
+        if not data:
+            return None
+        collector.parser.feed_data(data)
+    parser = collector.parser
+    return BackendRequest(parser.get_method().decode(), collector.url.decode("latin-1"),
+                          collector.headers, collector.body, parser.get_http_version())
+
+
+class Backends:
+    """Backends served by one event loop in a thread (context manager)."""
+
+    def __init__(self, *behaviours: Behaviour) -> None:
+        self.backends = [Backend(b) for b in behaviours]
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="backends", daemon=True)
+
+    def __getitem__(self, index: int) -> Backend:
+        return self.backends[index]
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.backends)
+
+    def __enter__(self) -> Backends:
+        self._thread.start()
+        for backend in self.backends:
+            self.run(self._start(backend))
+        return self
+
+    async def _start(self, backend: Backend) -> None:
+        backend.server = await asyncio.start_server(backend.handle, sock=backend.sock)
+
+    def run(self, coro: Awaitable[object], timeout: float = IO_TIMEOUT) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            for backend in self.backends:
+                if backend.server is not None:
+                    backend.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(IO_TIMEOUT)
+        self.loop.close()
+
+
+def read_log_lines(path: Path, count: int, timeout: float = IO_TIMEOUT) -> list[str]:
+    """The first ``count`` lines of a log file, waiting (bounded) until they are written."""
+    end = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count or time.monotonic() > end:
+            return lines
+        time.sleep(0.01)
