@@ -240,33 +240,40 @@ class Harness:
             self.procs.stop(proc)
             return
         time.sleep(0.3)  # let every worker come up
-        fig["check"] = self.routing_check(t, listen)
+        fatal, check = self.routing_check(t, listen)
+        fig["check"] = check
         fig["pids"] = bench_proc.tree_pids(proc.pid)
+        if fatal:
+            self.fail(t.name, f"error: wrong answers, not measured: {check}")
+            self.procs.stop(proc)
+            return
         self.live[t.name] = (proc, listen)
-        log(f"{t.name}: up on {listen}, pids {fig['pids']}, check: {fig['check']}")
+        log(f"{t.name}: up on {listen}, pids {fig['pids']}, check: {check}")
 
-    def routing_check(self, t: bench_conf.Target, port: int) -> str:
-        """Check bodies and which backends answered: RR spreads, the hooks follow crc32(uri)."""
+    def routing_check(self, t: bench_conf.Target, port: int) -> tuple[bool, str]:
+        """(fatal, text): wrong or failed answers are fatal (the target is not measured); a
+        backend choice unlike nginx's (RR spreads over all 4, the hooks follow crc32(uri)) is
+        reported beside the figures."""
         seen = []
         try:
             for _ in range(8):
                 status, headers, body = bench_proc.http_get(port, "/")
                 if status != 200 or body.decode(errors="replace") != bench_conf.SMALL_BODY:
-                    return f"GET / gave {status} {body[:80]!r}"
+                    return True, f"GET / gave {status} {body[:80]!r}"
                 seen.append(headers.get("x-backend"))
-            status, _, body = bench_proc.http_get(port, "/big")
+            status, _, body = bench_proc.http_get(port, "/big", timeout=5)
             if status != 200 or len(body) != bench_conf.BIG_SIZE:
-                return f"GET /big gave {status} with {len(body)} bytes"
+                return True, f"GET /big gave {status} with {len(body)} bytes"
         except OSError as e:
-            return f"request failed: {e}"
+            return True, f"request failed: {e}"
         ports = [str(p) for p in self.backend_ports]
         if t.hook:
             want = ports[bench_conf.hook_backend_index("/")]
             if any(s != want for s in seen):
-                return f"hook not applied: / went to {sorted(set(map(str, seen)))}, crc32 says {want}"
+                return False, f"hook not applied: / went to {sorted(set(map(str, seen)))}, crc32 says {want}"
         elif len(set(seen)) < (len(ports) if t.workers == 1 else 2):
-            return f"round robin not spreading: {seen}"
-        return "ok"
+            return False, f"round robin not spreading: {seen}"
+        return False, "ok"
 
     # ------------------------------------------------------------------ load
 
@@ -302,6 +309,9 @@ class Harness:
             c1 = bench_proc.cpu_seconds(proc.pid)
         if not proc.alive():
             raise RuntimeError(f"process exited during the run: {proc.log_tail(8)}")
+        if res.requests == 0 or res.errors + res.non2xx > res.requests // 2:
+            raise RuntimeError(f"{path}: {res.requests} requests, {res.errors} socket errors, "
+                               f"{res.non2xx} non-2xx: {proc.log_tail(5)}")
         d = res.to_dict()
         d["cpu_s"] = c1 - c0
         wall = k1[2] - k0[2]
