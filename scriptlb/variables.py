@@ -1,0 +1,450 @@
+"""nginx variables, evaluated against a request exchange, and templates compiled to callables.
+
+A *getter* reads one variable from an exchange (the attributes listed under "Request/exchange"
+in docs/architecture.md) and returns its text, or ``None`` when nginx would call it "not found"
+(an absent header, a request that was not proxied, no query string...). Templates decide what
+"not found" becomes: ``""`` in ``proxy_set_header`` and friends; in access logs ``-`` with the
+default escaping and ``""`` with ``escape=json``/``none``, exactly as ngx_http_log_module.
+
+Templates are compiled once at load time into one ``str.format`` call over their getters, so a
+request pays only for its variables. Strings from the exchange are taken as latin-1 text (one
+character per byte, how headers are decoded); log escaping works on those bytes like nginx.
+
+The list of names the config accepts lives in ``scriptlb.config.variables``; every one of them
+has a getter here (a test checks it).
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from scriptlb.config.model import Template, Var
+from scriptlb.config.variables import KNOWN_VARIABLES, VARIABLE_PREFIXES
+
+Getter = Callable[[Any], "str | None"]
+Clock = Callable[[], float]
+Renderer = Callable[[Any], str]
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+# --------------------------------------------------------------------------- request
+
+
+def _request_line(ex: Any) -> str | None:
+    return f"{ex.method} {ex.request_uri} HTTP/{ex.http_version}"
+
+
+def _is_args(ex: Any) -> str | None:
+    return "?" if ex.args else ""  # nginx: "" for "/x?" too (empty args)
+
+
+def _http_host(ex: Any) -> str | None:
+    return ex.header("host")
+
+
+def _remote_user(ex: Any) -> str | None:
+    """nginx's ngx_http_auth_basic_user: the user of "Authorization: Basic base64(user:pass)"."""
+    authorization = ex.header("authorization")
+    if authorization is None:
+        return None
+    scheme, _, encoded = authorization.strip().partition(" ")
+    if scheme.lower() != "basic" or not encoded:
+        return None
+    try:
+        decoded = binascii.a2b_base64(encoded.strip().encode("latin-1"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return None
+    user, colon, _ = decoded.decode("latin-1").partition(":")
+    return user if colon and user else None  # nginx declines without "user:"
+
+
+def _status(ex: Any) -> str | None:
+    return f"{ex.status:03d}"
+
+
+def _proxy_host(ex: Any) -> str | None:
+    return getattr(ex, "proxy_host", None) or None
+
+
+def _proxy_add_x_forwarded_for(ex: Any) -> str | None:
+    forwarded = _join_headers(ex.headers, b"x_forwarded_for", b", ")
+    return ex.remote_addr if forwarded is None else f"{forwarded}, {ex.remote_addr}"
+
+
+def _attr(name: str) -> Getter:
+    """A getter for an exchange attribute, as text (None stays "not found")."""
+
+    def get(ex: Any) -> str | None:
+        value = getattr(ex, name)
+        return None if value is None else str(value)
+
+    get.__name__ = f"get_{name}"
+    return get
+
+
+def _header(name_lower: str) -> Getter:
+    def get(ex: Any) -> str | None:
+        return ex.header(name_lower)
+
+    return get
+
+
+# --------------------------------------------------------------------------- upstream lists
+
+
+def _ms(seconds: float | None) -> str:
+    """nginx's "%T.%03M" of a duration kept in whole milliseconds; "-" when unknown."""
+    if seconds is None:
+        return "-"
+    ms = max(int(seconds * 1000 + 1e-6), 0)
+    return f"{ms // 1000}.{ms % 1000:03d}"
+
+
+def _upstream_addr(ex: Any) -> str | None:
+    tries = ex.tries
+    return ", ".join([t.addr for t in tries]) if tries else None
+
+
+def _upstream_status(ex: Any) -> str | None:
+    tries = ex.tries
+    if not tries:
+        return None
+    return ", ".join([str(t.status) if t.status else "-" for t in tries])
+
+
+def _upstream_times(field: str) -> Getter:
+    def get(ex: Any) -> str | None:
+        tries = ex.tries
+        return ", ".join([_ms(getattr(t, field)) for t in tries]) if tries else None
+
+    return get
+
+
+# --------------------------------------------------------------------------- families
+
+
+def _normalized_name(name: bytes) -> bytes:
+    return name.lower().replace(b"-", b"_")
+
+
+def _join_headers(headers: Any, wanted: bytes, separator: bytes) -> str | None:
+    """All values of a header (name compared as nginx: case-insensitive, "-" == "_")."""
+    size = len(wanted)
+    found = [value for name, value in headers if len(name) == size and _normalized_name(name) == wanted]
+    if not found:
+        return None
+    return (found[0] if len(found) == 1 else separator.join(found)).decode("latin-1")
+
+
+def _http_family(suffix: str) -> Getter:
+    wanted = suffix.encode("latin-1")
+    separator = b"; " if wanted == b"cookie" else b", "
+
+    def get(ex: Any) -> str | None:
+        return _join_headers(ex.headers, wanted, separator)
+
+    return get
+
+
+def _upstream_http_family(suffix: str) -> Getter:
+    wanted = suffix.encode("latin-1")
+
+    def get(ex: Any) -> str | None:
+        headers = ex.upstream_headers
+        return _join_headers(headers, wanted, b", ") if headers else None
+
+    return get
+
+
+def _sent_http_family(suffix: str) -> Getter:
+    wanted = suffix.encode("latin-1")
+
+    def get(ex: Any) -> str | None:
+        headers = ex.response_headers
+        if not headers:
+            return None
+        if isinstance(headers, bytes):
+            headers = _split_header_block(headers)
+        return _join_headers(headers, wanted, b", ")
+
+    return get
+
+
+def _split_header_block(block: bytes) -> list[tuple[bytes, bytes]]:
+    """b"A: 1\\r\\nB: 2\\r\\n" -> [(b"A", b"1"), (b"B", b"2")]."""
+    pairs = []
+    for line in block.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+def find_arg(args: str | None, name: str) -> str | None:
+    """nginx's ngx_http_arg: the raw value of the first ``name=`` (name case-insensitive)."""
+    if not args:
+        return None
+    wanted = name.lower()
+    for pair in args.split("&"):
+        key, sep, value = pair.partition("=")
+        if sep and key.lower() == wanted:
+            return value
+    return None
+
+
+def find_cookie(cookie_header: str | None, name: str) -> str | None:
+    """The value of cookie ``name`` in a Cookie header (nginx: case-insensitive name)."""
+    if not cookie_header:
+        return None
+    wanted = name.lower()
+    for pair in cookie_header.split(";"):
+        key, sep, value = pair.strip().partition("=")
+        if sep and key.lower() == wanted:
+            return value
+    return None
+
+
+def _arg_family(suffix: str) -> Getter:
+    def get(ex: Any) -> str | None:
+        return find_arg(ex.args, suffix)
+
+    return get
+
+
+def _cookie_family(suffix: str) -> Getter:
+    def get(ex: Any) -> str | None:
+        return find_cookie(_join_headers(ex.headers, b"cookie", b"; "), suffix)
+
+    return get
+
+
+_FAMILIES: dict[str, Callable[[str], Getter]] = {
+    "http_": _http_family,
+    "arg_": _arg_family,
+    "cookie_": _cookie_family,
+    "sent_http_": _sent_http_family,
+    "upstream_http_": _upstream_http_family,
+}
+
+
+# --------------------------------------------------------------------------- time
+
+
+class _TimeFormats:
+    """$time_local / $time_iso8601 of the current second, formatted once per second."""
+
+    __slots__ = ("iso8601", "local", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.local = ""
+        self.iso8601 = ""
+
+    def refresh(self, now: float) -> _TimeFormats:
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            tm = time.localtime(second)
+            offset = tm.tm_gmtoff // 60
+            sign = "-" if offset < 0 else "+"
+            hours, minutes = divmod(abs(offset), 60)
+            self.local = (
+                f"{tm.tm_mday:02d}/{_MONTHS[tm.tm_mon - 1]}/{tm.tm_year}:"
+                f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} {sign}{hours:02d}{minutes:02d}"
+            )
+            self.iso8601 = (
+                f"{tm.tm_year}-{tm.tm_mon:02d}-{tm.tm_mday:02d}T"
+                f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d}{sign}{hours:02d}:{minutes:02d}"
+            )
+        return self
+
+
+def _clocked(name: str, clock: Clock) -> Getter:
+    formats = _TimeFormats()
+    if name == "request_time":
+        return lambda ex: _ms(clock() - ex.start_time)
+    if name == "msec":
+        return lambda ex: f"{clock():.3f}"
+    if name == "time_local":
+        return lambda ex: formats.refresh(clock()).local
+    return lambda ex: formats.refresh(clock()).iso8601  # time_iso8601
+
+
+_CLOCKED = frozenset({"request_time", "msec", "time_local", "time_iso8601"})
+
+_HOSTNAME = socket.gethostname()
+
+_SIMPLE: dict[str, Getter] = {
+    "remote_addr": _attr("remote_addr"),
+    "remote_port": _attr("remote_port"),
+    "remote_user": _remote_user,
+    "request": _request_line,
+    "request_method": _attr("method"),
+    "request_uri": _attr("request_uri"),
+    "request_length": _attr("request_length"),
+    "uri": _attr("uri"),
+    "document_uri": _attr("uri"),
+    "args": _attr("args"),
+    "query_string": _attr("args"),
+    "is_args": _is_args,
+    "host": _attr("host"),
+    "http_host": _http_host,
+    "scheme": _attr("scheme"),
+    "server_protocol": lambda ex: f"HTTP/{ex.http_version}",
+    "server_addr": _attr("server_addr"),
+    "server_port": _attr("server_port"),
+    "server_name": _attr("server_name"),
+    "content_length": _header("content-length"),
+    "content_type": _header("content-type"),
+    "hostname": lambda ex: _HOSTNAME,
+    "pid": lambda ex: str(os.getpid()),
+    "status": _status,
+    "body_bytes_sent": _attr("body_bytes_sent"),
+    "bytes_sent": _attr("bytes_sent"),
+    "connection": _attr("conn_id"),
+    "connection_requests": _attr("conn_requests"),
+    "proxy_host": _proxy_host,
+    "proxy_add_x_forwarded_for": _proxy_add_x_forwarded_for,
+    "upstream_addr": _upstream_addr,
+    "upstream_status": _upstream_status,
+    "upstream_response_time": _upstream_times("response_time"),
+    "upstream_connect_time": _upstream_times("connect_time"),
+    "upstream_header_time": _upstream_times("header_time"),
+}
+
+
+def variable_getter(name: str, clock: Clock = time.time) -> Getter:
+    """The getter of ``$name`` (lower-case, without "$"); KeyError for an unknown name.
+
+    ``clock`` (wall-clock seconds) serves $request_time, $msec, $time_local, $time_iso8601.
+    """
+    getter = _SIMPLE.get(name)
+    if getter is not None:
+        return getter
+    if name in _CLOCKED:
+        return _clocked(name, clock)
+    for prefix in VARIABLE_PREFIXES:
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return _FAMILIES[prefix](name[len(prefix) :])
+    raise KeyError(name)
+
+
+def get_variable(ex: Any, name: str) -> str | None:
+    """One variable's value now (for ngx.var reads from hooks); None when not found."""
+    return variable_getter(name.lower())(ex)
+
+
+def supported_names() -> frozenset[str]:
+    """Every fixed variable name this module evaluates (families are prefixes)."""
+    return frozenset(_SIMPLE) | _CLOCKED
+
+
+def missing_names() -> frozenset[str]:
+    """Names the config accepts that have no getter here (a test keeps this empty)."""
+    return KNOWN_VARIABLES - supported_names()
+
+
+# --------------------------------------------------------------------------- escaping
+
+_LOG_UNSAFE = re.compile(r'["\\\x00-\x1f\x7f-\U0010ffff]')
+_JSON_UNSAFE = re.compile(r'["\\\x00-\x1f]')
+_JSON_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f", '"': '\\"', "\\": "\\\\"}
+
+
+def _hex_bytes(match: re.Match[str]) -> str:
+    ch = match.group()
+    code = ord(ch)
+    if code <= 0xFF:
+        return f"\\x{code:02X}"
+    if 0xDC80 <= code <= 0xDCFF:  # a raw byte kept by surrogateescape decoding
+        return f"\\x{code - 0xDC00:02X}"
+    return "".join(f"\\x{byte:02X}" for byte in ch.encode("utf-8"))
+
+
+def log_escape(value: str) -> str:
+    """nginx's default access-log escaping: ``"``, ``\\``, control and high bytes as \\xHH."""
+    if _LOG_UNSAFE.search(value) is None:
+        return value
+    return _LOG_UNSAFE.sub(_hex_bytes, value)
+
+
+def _json_char(match: re.Match[str]) -> str:
+    ch = match.group()
+    return _JSON_SHORT.get(ch) or f"\\u{ord(ch):04X}"
+
+
+def json_escape(value: str) -> str:
+    """nginx's ngx_escape_json: ``"`` and ``\\`` backslashed, control characters as JSON escapes."""
+    if _JSON_UNSAFE.search(value) is None:
+        return value
+    return _JSON_UNSAFE.sub(_json_char, value)
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def _format_string(template: Template) -> str:
+    """The template's literals with one "{}" per variable (literal braces doubled)."""
+    return "".join(
+        "{}" if isinstance(part, Var) else part.replace("{", "{{").replace("}", "}}")
+        for part in template.parts
+    )
+
+
+def compile_template(template: Template, clock: Clock = time.time) -> Renderer:
+    """A callable rendering ``template`` for an exchange; "not found" variables give ""."""
+    if template.static is not None:
+        constant = template.static
+        return lambda ex: constant
+    getters = tuple(variable_getter(v.name, clock) for v in template.parts if isinstance(v, Var))
+    if len(template.parts) == 1:
+        (only,) = getters
+        return lambda ex: only(ex) or ""
+    fmt = _format_string(template).format
+
+    def render(ex: Any) -> str:
+        return fmt(*[g(ex) or "" for g in getters])
+
+    return render
+
+
+def compile_log_format(template: Template, escape: str = "default", clock: Clock = time.time) -> Renderer:
+    """A callable rendering one access-log line (without the newline) as ngx_http_log_module.
+
+    ``escape``: "default" (not found -> "-", \\xHH escaping), "json" (not found -> "", JSON
+    escaping) or "none" (not found -> "", no escaping).
+    """
+    if template.static is not None:
+        constant = template.static
+        return lambda ex: constant
+    getters = tuple(variable_getter(v.name, clock) for v in template.parts if isinstance(v, Var))
+    fmt = _format_string(template).format
+    if escape == "default":
+
+        def render(ex: Any) -> str:
+            values = []
+            for getter in getters:
+                value = getter(ex)
+                values.append("-" if value is None else log_escape(value))
+            return fmt(*values)
+
+    elif escape == "json":
+
+        def render(ex: Any) -> str:
+            return fmt(*[json_escape(v) if (v := g(ex)) else "" for g in getters])
+
+    elif escape == "none":
+
+        def render(ex: Any) -> str:
+            return fmt(*[g(ex) or "" for g in getters])
+
+    else:
+        raise ValueError(f'unknown log escaping "{escape}"')
+    return render
