@@ -1,0 +1,75 @@
+"""``least_conn``: nginx's ``ngx_http_upstream_least_conn_module.c``.
+
+The peer with the fewest active connections relative to its weight wins: ``a`` beats ``b`` when
+``a.conns * b.weight < b.conns * a.weight`` (cross-multiplied, so no division and no floats).
+When several peers tie at that minimum, smooth weighted round robin chooses among them, over
+*those peers only* and starting the scan at the first of them, exactly as nginx does; so equal
+loads still spread by weight and repeat the RR sequences.
+
+Everything else is round robin's: skipping tried/down/failed/full peers, the switch to the backup
+list, a single peer, and ``free``'s failure accounting (``conns`` is what ``free`` decrements).
+"""
+
+from __future__ import annotations
+
+from scriptlb.balancing.base import BalancerState
+from scriptlb.balancing.round_robin import RoundRobin
+from scriptlb.peers import Peer, PeerSet
+
+
+class LeastConn(RoundRobin):
+    """nginx's weighted least connections. Implements ``scriptlb.balancing.base.Balancer``."""
+
+    __slots__ = ()
+
+    def __init__(self, peers: PeerSet, args: tuple[str, ...] = ()) -> None:
+        super().__init__(peers)
+
+    def _get_weighted(self, state: BalancerState, now: float) -> Peer | None:  # type: ignore[override]
+        peers = state.peers
+        tried = state.tried
+        best: Peer | None = None
+        best_index = 0
+        many = False
+        for index, peer in enumerate(peers):
+            if tried >> index & 1 or peer.is_unavailable(now) or peer.is_full():
+                continue
+            if best is None or peer.conns * best.weight < best.conns * peer.weight:
+                best, best_index, many = peer, index, False
+            elif peer.conns * best.weight == best.conns * peer.weight:
+                many = True
+        if best is None:
+            return None
+        if many:
+            best, best_index = _round_robin_among_equals(peers, tried, best, best_index, now)
+        state.tried = tried | 1 << best_index
+        if now - best.checked > best.fail_timeout:
+            best.checked = now
+        return best
+
+    def __repr__(self) -> str:
+        return f"<LeastConn {self.peers!r}>"
+
+
+def _round_robin_among_equals(
+    peers: list[Peer], tried: int, first: Peer, first_index: int, now: float
+) -> tuple[Peer, int]:
+    """Smooth WRR over the eligible peers whose load equals ``first``'s, from ``first`` on."""
+    best, best_index = first, first_index
+    total = 0
+    for index in range(first_index, len(peers)):
+        peer = peers[index]
+        if tried >> index & 1 or peer.down:
+            continue
+        if peer.conns * first.weight != first.conns * peer.weight:
+            continue
+        if peer.is_unavailable(now) or peer.is_full():
+            continue
+        peer.current_weight += peer.effective_weight
+        total += peer.effective_weight
+        if peer.effective_weight < peer.weight:
+            peer.effective_weight += 1
+        if peer.current_weight > best.current_weight:
+            best, best_index = peer, index
+    best.current_weight -= total
+    return best, best_index
