@@ -6,6 +6,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,3 +220,155 @@ def test_rate_limiter_bounds_its_keys(restore_sink: None, tmp_path: Path) -> Non
         limiter.log("error", f"key{i}", "m")
     errorlog.current().close()
     assert len(limiter._windows) <= 8
+
+
+# --------------------------------------------------------------------------- access log
+
+
+class FakeTimer:
+    def __init__(self, delay: float, callback: object) -> None:
+        self.delay = delay
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeLoop:
+    """Records call_later so a test can fire the flush timer by hand."""
+
+    def __init__(self) -> None:
+        self.timers: list[FakeTimer] = []
+
+    def call_later(self, delay: float, callback: object) -> FakeTimer:
+        timer = FakeTimer(delay, callback)
+        self.timers.append(timer)
+        return timer
+
+
+class LogExchange:
+    def __init__(self, uri: str, status: int = 200) -> None:
+        self.uri = uri
+        self.status = status
+        self.remote_addr = "127.0.0.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.tries: list[object] = []
+
+
+def access_conf(path: Path | str, raw: str = "$remote_addr $uri $status $upstream_addr", **kw: Any) -> Any:
+    from scriptlb.config.model import AccessLogConf, LogFormat
+    from scriptlb.config.variables import compile_template
+
+    return AccessLogConf(
+        str(path), LogFormat("test", compile_template(raw), kw.pop("escape", "default")), **kw
+    )
+
+
+def test_access_log_writes_one_line_per_request(tmp_path: Path) -> None:
+    from scriptlb.accesslog import open_access_log
+
+    path = tmp_path / "access.log"
+    log = open_access_log(access_conf(path))
+    log.write(LogExchange("/a"))
+    log.write(LogExchange("/b\x01", 502))
+    assert path.read_bytes() == b"127.0.0.1 /a 200 -\n127.0.0.1 /b\\x01 502 -\n"
+    log.close()
+
+
+def test_access_log_appends_and_encodes_bytes_as_latin1(tmp_path: Path) -> None:
+    from scriptlb.accesslog import open_access_log
+
+    path = tmp_path / "access.log"
+    path.write_bytes(b"old\n")
+    log = open_access_log(access_conf(path, "$uri", escape="none"))
+    log.write(LogExchange("/\xe9"))
+    log.write(LogExchange("/\u20ac"))
+    log.close()
+    assert path.read_bytes() == b"old\n/\xe9\n/\xe2\x82\xac\n"
+
+
+def test_buffered_lines_wait_until_the_buffer_is_full(tmp_path: Path) -> None:
+    from scriptlb.accesslog import open_access_log
+
+    path = tmp_path / "access.log"
+    log = open_access_log(access_conf(path, "$uri", buffer=10))
+    log.write(LogExchange("/1234"))  # 6 bytes
+    log.write(LogExchange("/12"))  # 4 bytes: exactly full, still buffered
+    assert path.read_bytes() == b""
+    log.write(LogExchange("/x"))  # does not fit: the first two lines go out
+    assert path.read_bytes() == b"/1234\n/12\n"
+    log.write(LogExchange("/" + "y" * 20))  # larger than the buffer: flushed, then written
+    assert path.read_bytes() == b"/1234\n/12\n/x\n/" + b"y" * 20 + b"\n"
+    log.close()
+
+
+def test_flush_timer_writes_buffered_lines(tmp_path: Path) -> None:
+    from scriptlb.accesslog import open_access_log
+
+    path = tmp_path / "access.log"
+    loop = FakeLoop()
+    log = open_access_log(access_conf(path, "$uri", buffer=4096, flush=5.0), loop=loop)  # type: ignore[arg-type]
+    log.write(LogExchange("/a"))
+    log.write(LogExchange("/b"))
+    assert [t.delay for t in loop.timers] == [5.0]  # armed once, by the first buffered line
+    assert path.read_bytes() == b""
+    loop.timers[0].callback()  # type: ignore[operator]
+    assert path.read_bytes() == b"/a\n/b\n"
+    log.write(LogExchange("/c"))
+    assert len(loop.timers) == 2
+    log.flush()
+    assert loop.timers[1].cancelled
+    assert path.read_bytes() == b"/a\n/b\n/c\n"
+    log.close()
+
+
+def test_close_flushes_and_reopen_follows_rotation(tmp_path: Path) -> None:
+    from scriptlb.accesslog import open_access_log
+
+    path = tmp_path / "access.log"
+    log = open_access_log(access_conf(path, "$uri", buffer=4096))
+    log.write(LogExchange("/old"))
+    path.rename(tmp_path / "access.log.1")
+    log.reopen()  # the buffered line belongs to the old file
+    log.write(LogExchange("/new"))
+    log.close()
+    assert (tmp_path / "access.log.1").read_bytes() == b"/old\n"
+    assert path.read_bytes() == b"/new\n"
+
+
+def test_logs_on_one_path_share_a_file(tmp_path: Path) -> None:
+    from scriptlb.accesslog import LogFile, open_access_log
+
+    path = tmp_path / "access.log"
+    files: dict[str, LogFile] = {}
+    first = open_access_log(access_conf(path, "one $uri", buffer=4096), files=files)
+    second = open_access_log(access_conf(path, "two $uri", buffer=4096), files=files)
+    assert first.file is second.file
+    first.write(LogExchange("/a"))
+    second.write(LogExchange("/b"))
+    first.close()
+    second.close()
+    assert path.read_bytes() == b"one /a\ntwo /b\n"
+
+
+def test_stdout_target(capfd: pytest.CaptureFixture[str]) -> None:
+    from scriptlb.accesslog import open_access_log
+
+    log = open_access_log(access_conf("stdout", "$uri"))
+    log.write(LogExchange("/out"))
+    log.close()
+    assert capfd.readouterr().out == "/out\n"
+
+
+def test_a_broken_exchange_is_reported_not_raised(tmp_path: Path, restore_sink: None) -> None:
+    from scriptlb.accesslog import open_access_log
+
+    errors = tmp_path / "error.log"
+    errorlog.install(ErrorLog([ErrorLogConf(str(errors), "error")]))
+    log = open_access_log(access_conf(tmp_path / "access.log", "$uri"))
+    log.write(object())
+    log.close()
+    errorlog.current().close()
+    assert "[alert]" in errors.read_text()
+    assert 'format "test" failed' in errors.read_text()
