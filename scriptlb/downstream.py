@@ -126,6 +126,7 @@ class RequestHandler(Protocol):
     def start(self) -> None: ...  # the request became the active one
     def body_received(self) -> None: ...  # new chunks in request.body, or request.complete
     def client_lost(self) -> None: ...  # the client went away before the response finished
+    def abort(self, status: int) -> None: ...  # a client error (413, 408) ends the request
     def writing_paused(self) -> None: ...  # the client reads slower than we write
     def writing_resumed(self) -> None: ...
 
@@ -399,6 +400,9 @@ class ClientConnection(asyncio.Protocol):
             if self._phase == _BODY:
                 self._phase = _NONE
             handler.body_received()
+        elif self.active is None and not self._queue and not self.closed:
+            # answered before its parse ended (no body): now idle until the next request
+            self._arm(_IDLE, self._last_keepalive_timeout)
 
     # ------------------------------------------------------------------ request lifecycle
 
@@ -518,7 +522,7 @@ class ClientConnection(asyncio.Protocol):
         """The response is complete: end the chunked body and serve the next request."""
         self.end_body()
         request = self._active_request
-        if request is not None and not request.complete:
+        if request is not None and request.has_body and not request.complete:
             # The handler answered before reading the whole body (return, error): nginx discards
             # the rest; we do the simple, safe thing and do not reuse the connection.
             self._keep_alive = False
@@ -585,6 +589,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _client_error(self, err: ClientError) -> None:
         self._pause_reading()
+        active = self.active
+        if active is not None and active is self._parsing_handler and not self.response_started:
+            # the active request's own body is at fault (too large): it ends with the error
+            active.abort(err.status)
+            self.active = None
         if self.active is not None:
             self._pending_error = err  # answered after the request in flight, in order
             self._keep_alive = False
@@ -648,15 +657,12 @@ class ClientConnection(asyncio.Protocol):
         if phase == _IDLE:
             self.close()  # keepalive_timeout: nginx closes silently
             return
+        if phase == _BODY and self.active is not None and not self.response_started:
+            self._client_error(ClientError(408, f"client timed out (110: Connection timed out) "
+                                                f"{_PHASE_TEXT[phase]}"))
+            return
         errorlog.log_error(
             "info", f"client timed out (110: Connection timed out) {_PHASE_TEXT[phase]}",
             self.conn_id, self._log_context(),
         )
-        if phase == _BODY and self.active is not None and not self.response_started:
-            handler = self.active
-            handler.client_lost()  # stop proxying; the 408 below ends the request
-            self.active = None
-            self._active_request = self._active_request or Request()
-            self.response_started = False
-            self.respond_error(408)
         self.close()

@@ -162,6 +162,7 @@ class Exchange:
         self._state: object = None
         self._finished = False
         self._client_gone = False
+        self._abort_status = 499  # the status logged if the client side ends the request
         self._route()
 
     # ------------------------------------------------------------------ routing
@@ -288,6 +289,17 @@ class Exchange:
         if task is not None and not task.done():
             task.cancel()
 
+    def abort(self, status: int) -> None:
+        """The client connection ends this request with its own error page (413, 408)."""
+        self._abort_status = status
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+        elif not self._finished:
+            self._finished = True
+            self.status = responses.wire_status(status)
+            self._log_access()
+
     def writing_paused(self) -> None:
         conn = self._upstream_conn
         if conn is not None:
@@ -363,7 +375,7 @@ class Exchange:
             await self._read_body_if_buffered()
             await self._tries_loop(upstream)
         except asyncio.CancelledError:
-            self._abandon(499)
+            self._abandon(self._abort_status)
         except ClientGone:
             self._abandon(499)
 
@@ -385,7 +397,7 @@ class Exchange:
         if not self._finished:
             self._finished = True
             if not self.status or not self.conn.response_started:
-                self.status = status
+                self.status = responses.wire_status(status)
             self.bytes_sent = self.conn.bytes_sent
             self.body_bytes_sent = self.conn.body_bytes_sent
             self._log_access()

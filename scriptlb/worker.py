@@ -180,10 +180,20 @@ class WorkerThread:
     ``use_uvloop=False`` runs it on the plain asyncio loop (the tests run both).
     """
 
-    def __init__(self, conf: MainConf, listeners: dict[Key, socket.socket], use_uvloop: bool = True) -> None:
+    def __init__(
+        self,
+        conf: MainConf,
+        listeners: dict[Key, socket.socket],
+        use_uvloop: bool = True,
+        install_error_log: bool = True,
+    ) -> None:
         self.loop = uvloop.new_event_loop() if use_uvloop else asyncio.new_event_loop()
         self.worker = Worker(conf, listeners, self.loop)
         self.error: BaseException | None = None
+        # the process's error log becomes the config's while the thread runs (the master does
+        # this for real workers); the previous one comes back on stop()
+        self._error_log = errorlog.ErrorLog(conf.error_log) if install_error_log else None
+        self._previous_error_log: errorlog.ErrorLog | None = None
         self._thread = threading.Thread(target=self._main, name="scriptlb-worker", daemon=True)
 
     def _main(self) -> None:
@@ -197,6 +207,8 @@ class WorkerThread:
             _close_loop(self.loop)
 
     def start(self, timeout: float = 10.0) -> WorkerThread:
+        if self._error_log is not None:
+            self._previous_error_log = errorlog.install(self._error_log)
         self._thread.start()
         if not self.worker.ready.wait(timeout):
             raise TimeoutError("worker did not start")
@@ -213,6 +225,9 @@ class WorkerThread:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise TimeoutError("worker did not stop")
+        if self._previous_error_log is not None:
+            errorlog.install(self._previous_error_log).close()
+            self._previous_error_log = None
 
     def __enter__(self) -> WorkerThread:
         return self.start()

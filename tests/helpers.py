@@ -13,7 +13,7 @@ import socket
 import textwrap
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import httptools
 
 from scriptlb.config import load
 from scriptlb.config.model import MainConf
+from scriptlb.runtime import Runtime
 from scriptlb.worker import WorkerThread
 
 IO_TIMEOUT = 10.0
@@ -65,16 +66,19 @@ def load_conf(text: str, tmp_path: Path) -> MainConf:
 class Scriptlb:
     """A scriptlb worker in a thread serving a config string.
 
-    The config names its listening ports as ``{port0}``, ``{port1}``...; each is replaced by an
-    OS-chosen port whose socket is handed to the worker. ``**values`` fill other placeholders.
+    The config names its listening ports ``{port0}``, ``{port1}``...; each is replaced by an
+    OS-chosen port whose socket is handed to the worker. ``**values`` replace other ``{name}``
+    placeholders (plain text replacement: nginx's own braces stay as they are).
     """
 
     def __init__(self, text: str, tmp_path: Path, listens: int = 1, use_uvloop: bool = True,
                  **values: object) -> None:
         self.sockets = [listening_socket() for _ in range(listens)]
         self.ports = [port_of(s) for s in self.sockets]
-        ports = {f"port{i}": p for i, p in enumerate(self.ports)}
-        self.conf = load_conf(text.format(**ports, **values), tmp_path)
+        values.update({f"port{i}": p for i, p in enumerate(self.ports)})
+        for name, value in values.items():
+            text = text.replace("{" + name + "}", str(value))
+        self.conf = load_conf(text, tmp_path)
         by_port = {port_of(s): s for s in self.sockets}
         listeners = {}
         assert self.conf.http is not None
@@ -87,8 +91,11 @@ class Scriptlb:
     def port(self) -> int:
         return self.ports[0]
 
-    def runtime(self):  # noqa: ANN201 - scriptlb.runtime.Runtime, for white-box assertions
-        return self.thread.worker.runtime
+    def runtime(self) -> Runtime:
+        """The worker's runtime, for white-box assertions (pool sizes, peer state)."""
+        runtime = self.thread.worker.runtime
+        assert runtime is not None
+        return runtime
 
     def __enter__(self) -> Scriptlb:
         self.thread.start()
@@ -122,6 +129,7 @@ class _ResponseReader:
         self.head_only = head_only
         self.responses: list[Response] = []
         self._current: Response | None = None
+        self._stale_parser = False
         self._parser = httptools.HttpResponseParser(self)
 
     def on_message_begin(self) -> None:
@@ -134,24 +142,31 @@ class _ResponseReader:
     def on_headers_complete(self) -> None:
         assert self._current is not None
         self._current.status = self._parser.get_status_code()
-        if self.head_only or self._current.status in (100, 204, 304):
-            if self._current.status != 100:
-                self._current.complete = True
-                self.responses.append(self._current)
+        if self.head_only and self._current.status >= 200:
+            # httptools cannot be told a HEAD response has no body: end it here, and parse the
+            # next response with a fresh parser
+            self._current.complete = True
+            self.responses.append(self._current)
             self._current = None
+            self._stale_parser = True
 
     def on_body(self, data: bytes) -> None:
         if self._current is not None:
             self._current.body += data
 
     def on_message_complete(self) -> None:
-        if self._current is not None:
+        if self._current is not None and self._current.status < 200:
+            self._current = None  # 1xx interim response
+        elif self._current is not None:
             self._current.complete = True
             self.responses.append(self._current)
             self._current = None
 
     def feed(self, data: bytes) -> None:
         self._parser.feed_data(data)
+        if self._stale_parser:
+            self._parser = httptools.HttpResponseParser(self)
+            self._stale_parser = False
 
     def eof(self) -> None:
         current = self._current
@@ -423,7 +438,7 @@ class Backends:
     def __getitem__(self, index: int) -> Backend:
         return self.backends[index]
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self) -> Iterator[Backend]:
         return iter(self.backends)
 
     def __enter__(self) -> Backends:
