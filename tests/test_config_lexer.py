@@ -200,3 +200,17 @@ def test_unterminated_single_quote_ends_at_newline() -> None:
     # Python reports the bad literal later; the block still closes where it should
     st = python_block("\n    x = 'oops\n")
     assert st.code == "x = 'oops\n"
+
+
+def test_unclosed_paren_does_not_swallow_the_closing_brace() -> None:
+    # Python will report "'(' was never closed" at the right line; the config still parses
+    st = python_block("\n    x = (1,\n")
+    assert st.code == "x = (1,\n"
+    assert st.close_line == 4
+    with pytest.raises(SyntaxError, match="never closed"):
+        compile(st.code, "hook", "exec")
+
+
+def test_mismatched_closers_inside_braces() -> None:
+    st = python_block("\n    d = {'k': [1, 2)}\n    y = 1\n")
+    assert st.code == "d = {'k': [1, 2)}\ny = 1\n"

@@ -174,13 +174,16 @@ class Lexer:
     def _scan_python(self) -> str:
         """Consume Python source up to the brace closing the block; return the body text.
 
-        Only three things can hide a ``}``: a string literal, a comment and an open bracket.
+        Only three things can hide a ``}``: a string literal, a comment and an open ``{``.
         String prefixes (r, b, f, u) need no special case: in every kind of literal a backslash
         keeps the next character from ending it, and an f-string's ``{}`` sit inside the literal.
+        A ``}`` closes the block when no ``{`` is open, even if a ``(`` or ``[`` is: that code is
+        broken anyway, and Python's compiler then names the unclosed bracket and its line,
+        which says more than the config's "unexpected end of file".
         """
         text, n = self.text, len(self.text)
         begin = i = self.pos
-        depth = 0
+        open_brackets: list[str] = []
         while i < n:
             ch = text[i]
             if ch == "#":
@@ -191,19 +194,24 @@ class Lexer:
                 i = _skip_string(text, i)
                 continue
             if ch in "([{":
-                depth += 1
+                open_brackets.append(ch)
             elif ch in ")]":
-                depth = max(0, depth - 1)
+                if open_brackets and open_brackets[-1] == _OPENER[ch]:
+                    open_brackets.pop()
             elif ch == "}":
-                if depth == 0:
+                if "{" not in open_brackets:
                     self.line += text.count("\n", begin, i)
                     self.pos = i + 1
                     return text[begin:i]
-                depth -= 1
+                while open_brackets.pop() != "{":
+                    pass
             i += 1
         self.line += text.count("\n", begin, n)
         self.pos = n
         raise self.error('unexpected end of file, expecting "}"')
+
+
+_OPENER = {")": "(", "]": "["}
 
 
 def _skip_string(text: str, i: int) -> int:
