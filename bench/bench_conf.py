@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 BIG_SIZE = 64 * 1024
 SMALL_BODY = "hello from the backend\n"
-UPSTREAM_KEEPALIVE = 32
+UPSTREAM_KEEPALIVE = 128  # >= wrk connections, so no target has to churn upstream connections
 # client-side keep-alive: let wrk's connections live through a whole run on every target
 CLIENT_KEEPALIVE_REQUESTS = 1_000_000
 MAX_CONNS = 16_384  # room for the idle-connection measurement (10,000 clients)
@@ -83,7 +83,9 @@ def _nginx_http_common(prefix: str) -> str:
     )
 
 
-def backends_nginx_conf(prefix: str, ports: list[int]) -> str:
+def backends_nginx_conf(prefix: str, ports: list[int], status_port: int | None = None) -> str:
+    """The backends; ``status_port`` adds nginx's stub_status there (its ``accepts`` counter
+    tells how many upstream connections a proxy opened during a run)."""
     servers = "".join(
         f"    server {{\n"
         f"        listen 127.0.0.1:{p} backlog=4096;\n"
@@ -93,6 +95,9 @@ def backends_nginx_conf(prefix: str, ports: list[int]) -> str:
         f"    }}\n"
         for p in ports
     )
+    if status_port:
+        servers += (f"    server {{\n        listen 127.0.0.1:{status_port};\n"
+                    f"        location = /status {{ stub_status; }}\n    }}\n")
     return (
         _nginx_main(prefix)
         + f"events {{ worker_connections {MAX_CONNS}; }}\n"
@@ -276,7 +281,7 @@ def make_prefix(prefix: str) -> None:
         os.makedirs(os.path.join(prefix, sub), exist_ok=True)
 
 
-def write_backends(prefix: str, ports: list[int]) -> str:
+def write_backends(prefix: str, ports: list[int], status_port: int | None = None) -> str:
     """Write the backends' prefix (config + 64 KiB file); returns the config path."""
     make_prefix(prefix)
     big = os.path.join(prefix, "html", "big.bin")
@@ -285,7 +290,7 @@ def write_backends(prefix: str, ports: list[int]) -> str:
             f.write((b"0123456789abcdef" * (BIG_SIZE // 16))[:BIG_SIZE])
     path = os.path.join(prefix, "conf", "nginx.conf")
     with open(path, "w") as f:
-        f.write(backends_nginx_conf(prefix, ports))
+        f.write(backends_nginx_conf(prefix, ports, status_port))
     return path
 
 

@@ -167,6 +167,18 @@ def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, dic
     return status, headers, body
 
 
+def stub_status(port: int) -> dict[str, int]:
+    """nginx stub_status counters: active, accepts, handled, requests (the poll itself counts as
+    one accepted connection and one request)."""
+    return parse_stub_status(http_get(port, "/status")[2])
+
+
+def parse_stub_status(body: bytes) -> dict[str, int]:
+    # "Active connections: A \nserver accepts handled requests\n B C D \nReading: ..."
+    nums = [int(x) for x in body.split() if x.isdigit()]
+    return {"active": nums[0], "accepts": nums[1], "handled": nums[2], "requests": nums[3]}
+
+
 # --------------------------------------------------------------------------- process control
 
 

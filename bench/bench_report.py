@@ -47,7 +47,8 @@ def summarize_reps(reps: list[dict]) -> dict:
     out["cpu_s_per_1k"] = median(
         [r["cpu_s"] / r["requests"] * 1000 for r in reps if r.get("cpu_s") is not None and r["requests"]]
     )
-    for k in ("proxy_util_pct", "other_on_proxy_cores_pct", "steal_pct", "load_core_busy_pct"):
+    for k in ("proxy_util_pct", "other_on_proxy_cores_pct", "steal_pct", "load_core_busy_pct",
+              "upstream_conns_per_1k"):
         out[k] = median([r[k] for r in reps if r.get(k) is not None])
     out["requests"] = sum(r["requests"] for r in reps)
     out["errors"] = sum(r.get("errors", 0) for r in reps)
@@ -134,12 +135,14 @@ def markdown(fig: dict) -> str:
     if health:
         lines += ["", "## Run health (medians): is the proxy the bottleneck, was its core shared?", "",
                   "| target | path | proxy CPU % of its cores | other work on proxy cores % | "
-                  "load core busy % | steal % | req/s per rep |", "|---|---|---|---|---|---|---|"]
+                  "load core busy % | steal % | upstream conns opened per 1k req | req/s per rep |",
+                  "|---|---|---|---|---|---|---|---|"]
         for n, p, pf in health:
             per_rep = ", ".join(f"{r['rps']:,.0f}" for r in pf.get("reps", []))
             lines.append(f"| {n} | {p} | {_f(pf['proxy_util_pct'])} | "
                          f"{_f(pf.get('other_on_proxy_cores_pct'))} | {_f(pf.get('load_core_busy_pct'))} | "
-                         f"{_f(pf.get('steal_pct'), '{:.1f}')} | {per_rep} |")
+                         f"{_f(pf.get('steal_pct'), '{:.1f}')} | "
+                         f"{_f(pf.get('upstream_conns_per_1k'), '{:.1f}')} | {per_rep} |")
     idle_rows = [(n, t["idle"]) for n, t in fig.get("targets", {}).items() if t.get("idle")]
     if idle_rows:
         lines += ["", "## Idle keep-alive client connections", "",

@@ -138,6 +138,7 @@ class Harness:
             "connections": self.args.connections, "threads": 1, "idle_conns": self.idle_n,
             "quick": self.args.quick, "loadgen": "wrk",
         }
+        self.status_port: int | None = None
         if not self.deps.wrk:
             self.loadgen = "python"
             self.fig["settings"]["loadgen"] = "python fallback (wrk missing: figures not comparable)"
@@ -167,9 +168,9 @@ class Harness:
         if not self.deps.nginx:
             self.notes.append("backends need nginx: " + self.deps.missing("nginx"))
             return False
-        self.backend_ports = bench_proc.free_ports(4)
+        *self.backend_ports, self.status_port = bench_proc.free_ports(5)
         prefix = str(self.work / "backends")
-        conf = bench_conf.write_backends(prefix, self.backend_ports)
+        conf = bench_conf.write_backends(prefix, self.backend_ports, self.status_port)
         proc = self.procs.start("backends", [self.deps.nginx, "-p", prefix, "-c", conf, "-e",
                                              f"{prefix}/logs/error.log"], cpus=self.load_cpu)
         for p in self.backend_ports:
@@ -283,6 +284,14 @@ class Harness:
             return set(), set()
         return {int(c) for c in proxy.split(",")}, {int(self.load_cpu)}
 
+    def backend_status(self) -> dict[str, int] | None:
+        if not self.status_port:
+            return None
+        try:
+            return bench_proc.stub_status(self.status_port)
+        except (OSError, ValueError, IndexError):
+            return None
+
     def one_run(self, name: str, path: str) -> dict | None:
         proc, port = self.live[name]
         pcores, lcores = self._cores(name)
@@ -292,6 +301,7 @@ class Harness:
             if self.warmup:
                 bench_load.run_wrk(self.deps.wrk, url, self.warmup, conns, cpus=self.load_cpu,
                                    taskset=self.deps.taskset)
+            s0 = self.backend_status()
             c0 = bench_proc.cpu_seconds(proc.pid)
             k0 = bench_proc.core_ticks(pcores), bench_proc.core_ticks(lcores), time.monotonic()
             res = bench_load.run_wrk(self.deps.wrk, url, self.duration, conns, cpus=self.load_cpu,
@@ -302,6 +312,7 @@ class Harness:
             conns = min(conns, 32)
             if self.warmup:
                 bench_load.python_load(port, path, self.warmup, conns)
+            s0 = self.backend_status()
             c0 = bench_proc.cpu_seconds(proc.pid)
             k0 = bench_proc.core_ticks(pcores), bench_proc.core_ticks(lcores), time.monotonic()
             res = bench_load.python_load(port, path, self.duration, conns)
@@ -314,6 +325,12 @@ class Harness:
                                f"{res.non2xx} non-2xx: {proc.log_tail(5)}")
         d = res.to_dict()
         d["cpu_s"] = c1 - c0
+        if s0 is not None:
+            s1 = self.backend_status()
+            if s1 is not None:
+                # new upstream connections the proxy opened (minus the first poll's own)
+                d["upstream_conns"] = max(0, s1["accepts"] - s0["accepts"] - 1)
+                d["upstream_conns_per_1k"] = d["upstream_conns"] / res.requests * 1000
         wall = k1[2] - k0[2]
         if pcores and wall > 0:
             tck = bench_proc.CLK_TCK
@@ -351,7 +368,11 @@ class Harness:
                         f"p50 {d['p50_ms'] or 0:.2f} ms  p99 {d['p99_ms'] or 0:.2f} ms  "
                         f"cpu {d['cpu_s']:.2f} s / {d['requests']:,} req")
         for (name, path), rs in reps.items():
-            self.tfig(name)["paths"][path] = bench_report.summarize_reps(rs)
+            pf = self.tfig(name)["paths"][path] = bench_report.summarize_reps(rs)
+            other = pf.get("other_on_proxy_cores_pct")
+            if other is not None and other > 10:
+                self.notes.append(f"{name} {path}: other work used {other:.0f}% of the proxy's core(s) "
+                                  "during the runs (a busy machine): its figures understate it")
         for name, (proc, _) in self.live.items():
             self.tfig(name)["peak_rss_kib"] = bench_proc.rss_kib(proc.pid, "VmHWM")
 

@@ -68,8 +68,9 @@ Transfer/sec:    384.20MB
 
 def test_configs_for_every_target(tmp_path: Path) -> None:
     ports = [9101, 9102, 9103, 9104]
-    conf = bench_conf.write_backends(str(tmp_path / "be"), ports)
+    conf = bench_conf.write_backends(str(tmp_path / "be"), ports, status_port=9105)
     text = Path(conf).read_text()
+    assert "listen 127.0.0.1:9105;" in text and "stub_status;" in text
     for p in ports:
         assert f"listen 127.0.0.1:{p}" in text
         assert f"X-Backend {p}" in text
@@ -206,6 +207,12 @@ def test_procs_start_and_stop_process_groups(tmp_path: Path) -> None:
     for pid in tree:
         stat = Path(f"/proc/{pid}/stat")
         assert not stat.exists() or " Z " in stat.read_text().rsplit(")", 1)[1][:4]  # gone or zombie
+
+
+def test_parse_stub_status() -> None:
+    body = (b"Active connections: 3 \nserver accepts handled requests\n 17 17 4242 \n"
+            b"Reading: 0 Writing: 1 Waiting: 2 \n")
+    assert bench_proc.parse_stub_status(body) == {"active": 3, "accepts": 17, "handled": 17, "requests": 4242}
 
 
 def test_free_ports_are_distinct() -> None:
