@@ -634,6 +634,13 @@ def test_s_signal_reports_nginx_errors(lb: Instance) -> None:
     assert invalid.returncode == 1
     assert f'invalid PID number "" in "{lb.pid_file}"' in invalid.stderr
 
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lb.pid_file.write_text(f"{gone.pid}\n")
+    dead = lb.cli("-s", "reopen")
+    assert dead.returncode == 1
+    assert f"[alert] kill({gone.pid}, {int(signal.SIGUSR1)}) failed (3: No such process)" in dead.stderr
+
 
 def test_busy_port_fails_the_start_with_nginx_message(lb: Instance) -> None:
     holder = socket.socket()
@@ -651,30 +658,54 @@ def test_busy_port_fails_the_start_with_nginx_message(lb: Instance) -> None:
     assert not lb.pid_file.exists()
 
 
-def test_unix_socket_listener_replaces_a_stale_file_and_removes_it_on_exit(lb: Instance) -> None:
-    (port,) = free_ports(1)
-    path = lb.prefix / "lb.sock"
-    stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(path))  # bound and closed without unlink: what a crashed server leaves
-    stale.close()
-    lb.write(port, extra_listens=f"listen unix:{path};")
-    lb.start()
-    master = lb.wait_ready(port)
+def ipv6_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
-    client = socket.socket(socket.AF_UNIX)
+
+def raw_get(family: socket.AddressFamily, address: object) -> bytes:
+    """GET / over any socket family, HTTP/1.0 so the server closes; the whole response."""
+    client = socket.socket(family, socket.SOCK_STREAM)
     client.settimeout(5)
     try:
-        client.connect(str(path))
+        client.connect(address)
         client.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
         data = b""
         while chunk := client.recv(4096):
             data += chunk
     finally:
         client.close()
-    assert data.startswith(b"HTTP/1.") and b" 200 " in data.split(b"\r\n", 1)[0]
+    return data
+
+
+def test_unix_and_ipv6_listeners_and_a_stale_socket_file(lb: Instance) -> None:
+    port, port6 = free_ports(2)
+    path = lb.prefix / "lb.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # bound and closed without unlink: what a crashed server leaves
+    stale.close()
+    listens = f"listen unix:{path};"
+    if ipv6_available():
+        listens += f" listen [::1]:{port6};"
+    lb.write(port, extra_listens=listens)
+    lb.start()
+    master = lb.wait_ready(port)
+
+    assert raw_get(socket.AF_UNIX, str(path)).startswith(b"HTTP/1.1 200 ")
+    assert stat_mode(path) & 0o777 == 0o666
+    if ipv6_available():
+        assert raw_get(socket.AF_INET6, ("::1", port6)).startswith(b"HTTP/1.1 200 ")
     os.kill(master, signal.SIGQUIT)
     assert lb.wait_exit() == 0
-    assert not path.exists()
+    assert not path.exists()  # the master removes its unix socket files on exit
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode
 
 
 def test_a_worker_that_dies_at_start_is_respawned_with_backoff(tmp_path: Path) -> None:
