@@ -153,3 +153,66 @@ def test_shipped_configs_pass_nginx_too(tmp_path: Path) -> None:
         conf.write_text(text)
         assert nginx_verdict(conf, tmp_path, "error_log stderr;") == "ok"
         assert scriptlb_verdict(conf, tmp_path, "error_log stderr;") == "ok"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(port: int, path: str) -> bytes:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+ESCAPES = {
+    "/a": r'"q\"d\\b\tt\nn\rr\dx"',
+    "/b": r"""'single \'q\' "d" \\ \n'""",
+    "/c": r"bare\"word\;semi\ space",
+    "/d": r'"{braces} #hash ;semi"',
+}
+
+
+def test_quoting_and_escapes_give_the_bytes_nginx_serves(tmp_path: Path) -> None:
+    """Each string goes through `return 200 STRING;`: what nginx sends is what we parsed."""
+    import time
+
+    assert NGINX is not None
+    port = _free_port()
+    (tmp_path / "logs").mkdir()
+    locations = "".join(f"location {path} {{ return 200 {raw}; }}\n" for path, raw in ESCAPES.items())
+    conf = tmp_path / "t.conf"
+    conf.write_text(
+        "daemon off; master_process off; error_log stderr; pid logs/n.pid;\nevents {}\n"
+        f"http {{ access_log off; server {{ listen 127.0.0.1:{port};\n{locations}}} }}\n"
+    )
+    ours = load(str(conf), str(tmp_path))
+    assert ours.http is not None
+    expected = {loc.pattern: loc.return_.text.static for loc in ours.http.servers[0].locations if loc.return_}
+    proc = subprocess.Popen([NGINX, "-p", f"{tmp_path}/", "-c", str(conf)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # wait until nginx accepts connections
+            try:
+                served = {path: _get(port, path).decode() for path in ESCAPES}
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr and proc.stderr.read()
+                assert time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stderr:
+            proc.stderr.close()
+    assert served == expected
+    assert served["/a"] == 'q"d\\b\tt\nn\rr\\dx'
