@@ -394,6 +394,44 @@ def test_broken_config_on_reload_keeps_the_old_one_serving(lb: Instance) -> None
     assert lb.workers() == workers  # nothing was restarted
 
 
+def connect_refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_reload_opens_new_listeners_closes_dropped_ones_and_survives_a_busy_port(lb: Instance) -> None:
+    port_a, port_b = free_ports(2)
+    lb.write(port_a, text="gen1")
+    lb.start()
+    lb.wait_ready(port_a)
+
+    lb.write(port_a, text="gen2", extra_listens=f"listen 127.0.0.1:{port_b};")
+    os.kill(lb.pid() or 0, signal.SIGHUP)
+    wait_until(lambda: (try_get(port_b) or (0, ""))[1].startswith("gen2"), what="gen2 on the new port")
+    old_gone = wait_until(lambda: len(lb.workers()) == 2 and lb.workers(), what="only the 2 new workers")
+
+    holder = socket.socket()  # a port someone else holds: the reload must fail, not the server
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    busy = holder.getsockname()[1]
+    try:
+        lb.write(port_a, text="gen3", extra_listens=f"listen 127.0.0.1:{busy};")
+        os.kill(lb.pid() or 0, signal.SIGHUP)
+        lb.wait_log(f"bind() to 127.0.0.1:{busy} failed (98: Address already in use)")
+    finally:
+        holder.close()
+    assert get(port_a)[1].startswith("gen2") and get(port_b)[1].startswith("gen2")
+    assert lb.workers() == old_gone  # the failed reload started nothing and stopped nothing
+
+    lb.write(port_b, text="gen4")
+    os.kill(lb.pid() or 0, signal.SIGHUP)
+    wait_until(lambda: (try_get(port_b) or (0, ""))[1].startswith("gen4"), what="gen4")
+    wait_until(lambda: connect_refused(port_a), what="the dropped port to close")
+
+
 @pytest.mark.parametrize(
     ("listen_options", "worker_counts"),
     [
