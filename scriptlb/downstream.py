@@ -215,6 +215,7 @@ class ClientConnection(asyncio.Protocol):
         self.response_started = False
         self.bytes_sent = 0
         self.body_bytes_sent = 0
+        self._pending_head = b""  # a response head not written yet (see send_head)
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -496,27 +497,42 @@ class ClientConnection(asyncio.Protocol):
             parts.append(b"Connection: close\r\n\r\n")
         head = b"".join(parts)
         self.bytes_sent += len(head)
-        self._write(head)
+        # Corked: the head goes out with the first body bytes (one syscall instead of two), or
+        # at flush() when the caller has no body at hand.
+        self._pending_head = head
+
+    def flush(self) -> None:
+        """Write a corked response head now."""
+        head = self._pending_head
+        if head:
+            self._pending_head = b""
+            self._write(head)
 
     def send_body(self, data: bytes) -> None:
         if not self._body_allowed or not data:
+            self.flush()
             return
         self.body_bytes_sent += len(data)
+        head = self._pending_head
+        self._pending_head = b""
         if self._chunked:
             frame = b"%x\r\n" % len(data)
             self.bytes_sent += len(frame) + len(data) + 2
             if self.transport is not None and not self.closed:
-                self.transport.writelines((frame, data, b"\r\n"))
+                self.transport.writelines((head, frame, data, b"\r\n") if head else (frame, data, b"\r\n"))
         else:
             self.bytes_sent += len(data)
-            self._write(data)
+            self._write(head + data if head else data)
 
     def end_body(self) -> None:
-        """Write the end of a chunked body (idempotent)."""
+        """Write the end of a chunked body (idempotent) and anything still corked."""
         if self._chunked and self._body_allowed:
             self._chunked = False
             self.bytes_sent += 5
-            self._write(b"0\r\n\r\n")
+            self._write(self._pending_head + b"0\r\n\r\n")
+            self._pending_head = b""
+        else:
+            self.flush()
 
     def finish_response(self) -> None:
         """The response is complete: end the chunked body and serve the next request."""
@@ -533,10 +549,7 @@ class ClientConnection(asyncio.Protocol):
     def respond(self, status: int, headers: bytes, body: bytes) -> None:
         """A complete small response in one write (``return``, error pages)."""
         self.send_head(status, headers, len(body))
-        if self._body_allowed and body:
-            self.body_bytes_sent += len(body)
-            self.bytes_sent += len(body)
-            self._write(body)
+        self.send_body(body)
         self.finish_response()
 
     def respond_error(self, status: int) -> None:
@@ -558,6 +571,7 @@ class ClientConnection(asyncio.Protocol):
         self._keep_alive = False
         self.active = None
         self._active_request = None
+        self.flush()
         if self.transport is not None:
             self.transport.abort() if self._chunked else self.transport.close()
         self.closed = True

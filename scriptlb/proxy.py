@@ -413,7 +413,11 @@ class Exchange:
         body = self.request.take_body()
         head = location.plan.build_head(self, len(body) if self.request.has_body else None)
         balancer = upstream.balancer
-        state = balancer.new_request(conf.next_upstream_tries)
+        key_getter = upstream.key_getter
+        if key_getter is None:
+            state = balancer.new_request(conf.next_upstream_tries)
+        else:
+            state = balancer.new_request(conf.next_upstream_tries, key_getter(self))  # type: ignore[call-arg]
         self._state = state
         self.tries_cap = conf.next_upstream_tries
         started = self.loop.time()
@@ -542,7 +546,8 @@ class Exchange:
         self.response_headers = headers
         self.conn.send_head(response.status, headers, response.content_length)
         self._done = self.loop.create_future()
-        conn.stream_to(self)
+        conn.stream_to(self)  # the body that came with the head goes out with it
+        self.conn.flush()
         if self.conn.writing_paused:
             conn.pause_reading()
         try:

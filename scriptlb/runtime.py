@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from scriptlb.balancing.round_robin import RoundRobin
+from scriptlb.balancing import create_balancer
 from scriptlb.config.model import (
     HttpConf,
     LocationConf,
@@ -53,13 +53,14 @@ def _compile(template: Template) -> Getter:
 class UpstreamRuntime:
     """One upstream block in this worker: peers, balancer, keep-alive pool and optional hook."""
 
-    __slots__ = ("balancer", "conf", "hook", "name", "peers", "pool")
+    __slots__ = ("balancer", "conf", "hook", "key_getter", "name", "peers", "pool")
 
     def __init__(self, conf: UpstreamConf, loop: asyncio.AbstractEventLoop) -> None:
         self.conf = conf
         self.name = conf.name
         self.peers = PeerSet.from_conf(conf)
-        self.balancer = _balancer_for(conf, self.peers)
+        self.balancer = create_balancer(conf, self.peers)
+        self.key_getter = _balancer_key_getter(self.balancer, conf)
         self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests)
         self.hook: Any = None
         if conf.hook is not None:
@@ -72,10 +73,16 @@ class UpstreamRuntime:
         return f"<UpstreamRuntime {self.name} {self.balancer!r} {self.pool!r}>"
 
 
-def _balancer_for(conf: UpstreamConf, peers: PeerSet) -> RoundRobin:
-    if conf.method.kind != "round_robin":
-        raise ValueError(f'balancing method "{conf.method.kind}" is not implemented')
-    return RoundRobin(peers)
+def _balancer_key_getter(balancer: object, conf: UpstreamConf) -> Getter | None:
+    """What a keyed method (``hash $x``, ``ip_hash``) hashes, evaluated per request."""
+    kind = getattr(balancer, "key_kind", None)
+    if kind == "remote_addr":
+        return lambda exchange: exchange.remote_addr
+    if kind == "template":
+        from scriptlb.config.variables import compile_template as split_template
+
+        return _compile(split_template(conf.method.args[0]))
+    return None
 
 
 class RequestPlan:
@@ -251,6 +258,7 @@ class Runtime:
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
         self.upstreams = {name: UpstreamRuntime(up, loop) for name, up in http.upstreams.items()}
         self._access_logs: dict[tuple, tuple] = {}
+        self._log_files: dict = {}  # one LogFile per path, shared by the access_log directives
         self.servers = {id(s): ServerRuntime(s, self._build_location) for s in http.servers}
         self.routes = {
             key: ServerRoute(selector, self.servers) for key, selector in selectors_by_listen(http).items()
@@ -270,7 +278,9 @@ class Runtime:
         if logs is None:
             from scriptlb.accesslog import open_access_log
 
-            logs = self._access_logs[key] = tuple(open_access_log(c) for c in conf.access_log)
+            logs = self._access_logs[key] = tuple(
+                open_access_log(c, self.loop, self._log_files) for c in conf.access_log
+            )
         return logs
 
     # ------------------------------------------------------------------ the request path

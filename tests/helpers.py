@@ -365,10 +365,10 @@ class Backend:
     connections: int = 0  # connections accepted
     requests: list[BackendRequest] = field(default_factory=list)
     server: asyncio.AbstractServer | None = None
+    port: int = 0
 
-    @property
-    def port(self) -> int:
-        return port_of(self.sock)
+    def __post_init__(self) -> None:
+        self.port = port_of(self.sock)  # kept: still readable after the socket is closed
 
     @property
     def addr(self) -> str:

@@ -1,0 +1,130 @@
+"""The per-try trail through real requests: $upstream_addr / $upstream_status as the access log
+shows them, for failover, status-based retries, timeouts, max_fails windows, backup peers and
+"no live upstreams"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from helpers import Backends, HttpConnection, Scriptlb, closed_port, get, hang, respond
+
+
+def conf(upstream: str, location: str = "") -> str:
+    return f"""
+daemon off;
+master_process off;
+error_log {{tmp}}/error.log info;
+http {{
+    log_format trail '$upstream_addr|$upstream_status|$status|$request';
+    upstream u {{
+        {upstream}
+    }}
+    server {{
+        listen 127.0.0.1:{{port0}};
+        access_log {{tmp}}/access.log trail;
+        location / {{
+            proxy_pass http://u;
+            {location}
+        }}
+    }}
+}}
+"""
+
+
+def start(text: str, tmp_path: Path) -> Scriptlb:
+    return Scriptlb(text, tmp_path, tmp=tmp_path)
+
+
+def trail(tmp_path: Path) -> list[tuple[str, str, str]]:
+    """(upstream_addr, upstream_status, status) per logged request, in order."""
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    return [tuple(line.split("|")[:3]) for line in lines]  # type: ignore[misc]
+
+
+def test_refused_then_next_peer(tmp_path: Path) -> None:
+    dead = closed_port()
+    with Backends(respond(body=b"ok")) as bk, start(conf(f"server 127.0.0.1:{dead}; server {bk[0].addr};"),
+                                                    tmp_path) as lb:
+        assert get(lb.port, "/").status == 200
+    assert trail(tmp_path) == [(f"127.0.0.1:{dead}, {bk[0].addr}", "502, 200", "200")]
+
+
+def test_http_502_retried_then_200(tmp_path: Path) -> None:
+    with Backends(respond(502), respond(200)) as bk, start(
+        conf(f"server {bk[0].addr}; server {bk[1].addr};", "proxy_next_upstream error http_502;"), tmp_path
+    ) as lb:
+        assert get(lb.port, "/").status == 200
+    assert trail(tmp_path) == [(f"{bk[0].addr}, {bk[1].addr}", "502, 200", "200")]
+
+
+def test_timeout_then_all_tries_used(tmp_path: Path) -> None:
+    with Backends(hang(), hang()) as bk, start(
+        conf(f"server {bk[0].addr}; server {bk[1].addr};", "proxy_read_timeout 100ms;"), tmp_path
+    ) as lb:
+        assert get(lb.port, "/").status == 504
+    assert trail(tmp_path) == [(f"{bk[0].addr}, {bk[1].addr}", "504, 504", "504")]
+
+
+def test_next_upstream_tries_caps_the_budget(tmp_path: Path) -> None:
+    dead = [closed_port() for _ in range(3)]
+    servers = "".join(f"server 127.0.0.1:{p};" for p in dead)
+    with start(conf(servers, "proxy_next_upstream_tries 2;"), tmp_path) as lb:
+        assert get(lb.port, "/").status == 502
+    addrs, statuses, status = trail(tmp_path)[0]
+    assert addrs == f"127.0.0.1:{dead[0]}, 127.0.0.1:{dead[1]}"
+    assert (statuses, status) == ("502, 502", "502")
+
+
+def test_max_fails_takes_a_peer_out_for_fail_timeout(tmp_path: Path) -> None:
+    dead = closed_port()
+    with Backends(respond()) as bk, start(
+        conf(f"server 127.0.0.1:{dead} max_fails=1 fail_timeout=30s; server {bk[0].addr};"), tmp_path
+    ) as lb, HttpConnection(lb.port) as client:
+        for _ in range(4):
+            assert client.request("GET", "/").status == 200
+    rows = trail(tmp_path)
+    assert rows[0] == (f"127.0.0.1:{dead}, {bk[0].addr}", "502, 200", "200")
+    # the failed peer is skipped for the rest of the window: no more failed tries
+    assert rows[1:] == [(bk[0].addr, "200", "200")] * 3
+
+
+def test_backup_used_only_when_primaries_fail(tmp_path: Path) -> None:
+    dead = closed_port()
+    with Backends(respond(body=b"backup")) as bk, start(
+        conf(f"server 127.0.0.1:{dead}; server {bk[0].addr} backup;"), tmp_path
+    ) as lb:
+        assert get(lb.port, "/").body == b"backup"
+    assert trail(tmp_path) == [(f"127.0.0.1:{dead}, {bk[0].addr}", "502, 200", "200")]
+
+
+def test_no_live_upstreams_502(tmp_path: Path) -> None:
+    dead = [closed_port(), closed_port()]
+    servers = "".join(f"server 127.0.0.1:{p} max_fails=1 fail_timeout=30s;" for p in dead)
+    with start(conf(servers), tmp_path) as lb:
+        assert get(lb.port, "/").status == 502  # both tried and failed
+        assert get(lb.port, "/").status == 502  # none eligible now
+    rows = trail(tmp_path)
+    assert rows[0] == (f"127.0.0.1:{dead[0]}, 127.0.0.1:{dead[1]}", "502, 502", "502")
+    assert rows[1] == ("u", "502", "502")
+    assert "no live upstreams while connecting to upstream" in (tmp_path / "error.log").read_text()
+
+
+def test_status_not_listed_is_passed_through_without_retry(tmp_path: Path) -> None:
+    with Backends(respond(500, b"app error"), respond(200)) as bk, start(
+        conf(f"server {bk[0].addr}; server {bk[1].addr};"), tmp_path
+    ) as lb:
+        response = get(lb.port, "/")
+    assert (response.status, response.body) == (500, b"app error")
+    assert trail(tmp_path) == [(bk[0].addr, "500", "500")]
+
+
+def test_post_not_retried_after_send_unless_non_idempotent(tmp_path: Path) -> None:
+    with Backends(respond(502), respond(200)) as bk:
+        servers = f"server {bk[0].addr}; server {bk[1].addr};"
+        with start(conf(servers, "proxy_next_upstream error http_502;"), tmp_path) as lb:
+            assert get(lb.port, "/", method="POST", body=b"x").status == 502
+        assert trail(tmp_path) == [(bk[0].addr, "502", "502")]
+        (tmp_path / "access.log").unlink()
+        with start(conf(servers, "proxy_next_upstream error http_502 non_idempotent;"), tmp_path) as lb:
+            assert get(lb.port, "/", method="POST", body=b"x").status == 200
+        assert trail(tmp_path)[0][1] == "502, 200"
