@@ -203,10 +203,10 @@ def test_listen_forms(tmp_path: Path) -> None:
 def test_default_listen_and_server_name(tmp_path: Path) -> None:
     import os
 
-    conf = http(tmp_path, "server { server_name A.example b.example; server_name c; }")
+    conf = http(tmp_path, "server { server_name A.example *.b.example; server_name ~^(?<x>W+)\\.c$; }")
     assert conf.http is not None
     srv = conf.http.servers[0]
-    assert srv.server_names == ("a.example", "b.example", "c")
+    assert srv.server_names == ("A.example", "*.b.example", "~^(?<x>W+)\\.c$")  # matching: locations.py
     assert [(lc.host, lc.port) for lc in srv.listens] == [("0.0.0.0", 80 if os.geteuid() == 0 else 8000)]
     assert srv.locations == ()
     assert (srv.client_header_timeout, srv.large_client_header_buffers) == (60.0, (4, 8192))
@@ -286,7 +286,12 @@ def test_location_modifiers_in_declaration_order(tmp_path: Path) -> None:
         ("location = /a {} location = /a {}", 'duplicate location "/a"'),
         ("location @x b {}", 'invalid location modifier "@x"'),
         ("location a b c {}", 'invalid number of arguments in "location" directive'),
-        ("location @named {}", 'named location "@named" is not supported by scriptlb'),
+        ("location @x {} location @x {}", 'duplicate location "@x"'),
+        (
+            "location @x { proxy_pass http://127.0.0.1/u; }",
+            '"proxy_pass" cannot have URI part in location given by regular expression,'
+            ' or inside named location, or inside "if" statement, or inside "limit_except" block',
+        ),
         ("location ~ ( {}", 'regex compile failed: missing ), unterminated subpattern in "("'),
     ],
 )
@@ -476,7 +481,8 @@ def test_server_level_return_answers_every_request(tmp_path: Path) -> None:
     assert [(loc.modifier, loc.pattern) for loc in srv.locations] == [("=", "/x"), ("", "/")]
     for loc in srv.locations:
         assert loc.return_ is not None and loc.return_.status == 200
-        assert loc.proxy_pass is None  # the return wins, the proxy_pass is never resolved
+    # the return wins at run time (the runtime checks return_ first); proxy_pass is still checked
+    assert srv.locations[0].proxy_pass is not None
 
 
 # --------------------------------------------------------------------------- logs

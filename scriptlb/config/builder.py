@@ -169,7 +169,7 @@ class _ProxyPassResolver:
             parsed = parse_proxy_url(url)
         except AddressError as e:
             raise ConfigError(_url_error(e.kind, url), source) from None
-        if parsed.uri is not None and location.modifier in _REGEX:
+        if parsed.uri is not None and (location.modifier in _REGEX or location.pattern.startswith("@")):
             raise ConfigError(
                 '"proxy_pass" cannot have URI part in location given by regular expression, '
                 'or inside named location, or inside "if" statement, or inside "limit_except" block',
@@ -264,7 +264,7 @@ def _location_conf(
 ) -> LocationConf:
     chain = (loc, *parents)
     proxy_pass = None
-    if loc.proxy_pass is not None and loc.return_ is None:
+    if loc.proxy_pass is not None:  # checked even under a return, as nginx does
         proxy_pass = resolver.resolve(loc.proxy_pass[0], loc.proxy_pass[1], loc)
     access_logs: list[AccessLogConf] = next(
         (lv.access_logs for lv in chain if lv.access_logs is not None), []

@@ -161,6 +161,8 @@ def _pid(state: State, node: Node, draft: MainDraft) -> None:
 
 def _error_log(state: State, node: Node, draft: MainDraft) -> None:
     target = node.args[0]
+    if target.startswith(("syslog:", "memory:")):
+        raise fail(node, f'error_log "{target}" is not supported by scriptlb')
     path = "stderr" if target == "stderr" else state.path(target)
     level = "error"
     if len(node.args) > 1:
@@ -228,10 +230,14 @@ def _server_name(state: State, node: Node, draft: ServerDraft) -> None:
     for name in node.args:
         if name.startswith("$"):
             raise fail(node, f'variables in server name "{name}" are not supported')
-        draft.server_names.append(name.lower())
+        if name.startswith("~"):
+            _check_regex(node, name[1:], caseless=any("A" <= ch <= "Z" for ch in name))
+        # kept as written: scriptlb.locations lower-cases plain names and compiles a regex
+        # caselessly when it has an upper-case letter, as nginx does
+        draft.server_names.append(name)
 
 
-_REGEX_MODIFIERS = {"~": re.NOFLAG, "~*": re.IGNORECASE}
+_REGEX_MODIFIERS = ("~", "~*")
 
 
 def _location(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
@@ -243,10 +249,7 @@ def _location(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
         )
     modifier, pattern = _location_args(node)
     if modifier in _REGEX_MODIFIERS:
-        try:
-            re.compile(pattern, _REGEX_MODIFIERS[modifier])
-        except re.error as e:
-            raise fail(node, f'regex compile failed: {e.msg} in "{pattern}"') from None
+        _check_regex(node, pattern, caseless=modifier == "~*")
     else:
         for other in draft.locations:
             if other.modifier not in _REGEX_MODIFIERS and other.pattern == pattern and (
@@ -258,6 +261,17 @@ def _location(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
     return Ctx.LOCATION, location
 
 
+def _check_regex(node: Node, pattern: str, caseless: bool) -> None:
+    """Compile as the runtime will (PCRE syntax mapped to ``re``), so a bad one fails here."""
+    # imported here: scriptlb.locations imports the config model, which imports this package
+    from scriptlb.locations import compile_nginx_regex
+
+    try:
+        compile_nginx_regex(pattern, caseless)
+    except re.error as e:
+        raise fail(node, f'regex compile failed: {e.msg} in "{pattern}"') from None
+
+
 def _location_args(node: Node) -> tuple[str, str]:
     """``location [=|~|~*|^~] uri``; like nginx, a modifier may also be glued to the uri."""
     if len(node.args) == 2:
@@ -266,8 +280,6 @@ def _location_args(node: Node) -> tuple[str, str]:
             raise fail(node, f'invalid location modifier "{modifier}"')
         return modifier, pattern
     arg = node.args[0]
-    if arg.startswith("@"):
-        raise fail(node, f'named location "{arg}" is not supported by scriptlb')
     for modifier in ("^~", "~*", "=", "~"):
         if arg.startswith(modifier) and len(arg) > len(modifier):
             return modifier, arg[len(modifier) :]
