@@ -248,6 +248,15 @@ def test_listen_conflicts_across_servers(tmp_path: Path) -> None:
     )
 
 
+def test_conflicting_server_names_warn(tmp_path: Path) -> None:
+    conf = http(
+        tmp_path,
+        "server { listen 127.0.0.1:80; server_name a; }\n"
+        "server { listen 127.0.0.1:80; server_name A b; }\nserver { listen 127.0.0.1:81; server_name a; }",
+    )
+    assert conf.warnings == ('[warn] conflicting server name "A" on 127.0.0.1:80, ignored',)
+
+
 def test_listen_options_are_shared_by_every_server_on_the_address(tmp_path: Path) -> None:
     conf = http(
         tmp_path, "server { listen 127.0.0.1:80; }\nserver { listen 127.0.0.1:80 reuseport backlog=9; }"

@@ -120,6 +120,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
     resolver = _ProxyPassResolver(http, upstreams)
     servers = tuple(_server_conf(s, http, resolver) for s in http.servers)
     servers = _check_listens(servers)
+    _warn_conflicting_names(state, servers)
     python = PythonConf(
         package_path=http.values.get("python_package_path", ()),
         code_cache=http.values.get("python_code_cache", True),
@@ -309,6 +310,18 @@ def _headers(chain: Sequence[LevelDraft]) -> tuple[Header, ...]:
 
 
 # --------------------------------------------------------------------------- listens
+
+
+def _warn_conflicting_names(state: State, servers: tuple[ServerConf, ...]) -> None:
+    """nginx's warning for a name served twice on one address: the later server loses it."""
+    seen: set[tuple[tuple[str | None, int, str | None], str]] = set()
+    for server in servers:
+        for listen in server.listens:
+            for name in server.server_names:
+                key = (listen.key, name if name.startswith("~") else name.lower())
+                if key in seen:
+                    state.warn(f'conflicting server name "{name}" on {listen_name(listen)}, ignored', None)
+                seen.add(key)
 
 
 def _check_listens(servers: tuple[ServerConf, ...]) -> tuple[ServerConf, ...]:

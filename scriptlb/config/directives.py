@@ -77,7 +77,7 @@ class State:
         """A path from the config, absolute against the prefix (nginx's ngx_conf_full_name)."""
         return os.path.normpath(os.path.join(self.prefix, value))
 
-    def warn(self, message: str, source: Source) -> None:
+    def warn(self, message: str, source: Source | None) -> None:
         self.warnings.append(str(ConfigError(message, source, level="warn")))
 
 
