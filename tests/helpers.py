@@ -477,3 +477,40 @@ def read_log_lines(path: Path, count: int, timeout: float = IO_TIMEOUT) -> list[
         if len(lines) >= count or time.monotonic() > end:
             return lines
         time.sleep(0.01)
+
+
+def stream(total: int, chunk: int = 65536) -> tuple[Behaviour, list[int]]:
+    """A large Content-Length response written chunk by chunk, honouring back-pressure
+    (``drain``); the returned list's single item counts the bytes written so far."""
+    written = [0]
+
+    async def behaviour(req: BackendRequest, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        block = b"x" * chunk
+        while written[0] < total:
+            size = min(chunk, total - written[0])
+            writer.write(block[:size])
+            await writer.drain()
+            written[0] += size
+        return True
+
+    return behaviour, written
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = IO_TIMEOUT, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` passes (False)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], object], timeout: float = IO_TIMEOUT) -> object:
+    """Run ``fn`` in ``loop``'s thread and return its result (white-box reads of live state)."""
+
+    async def call() -> object:
+        return fn()
+
+    return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout)
