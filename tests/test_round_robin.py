@@ -96,6 +96,26 @@ def test_create_balancer_by_method_name() -> None:
     assert [p.name for p in rr.peers.primary] == ["127.0.0.1:9001", "127.0.0.1:9002"]
 
 
+@pytest.mark.parametrize(
+    ("kind", "args", "cls"),
+    [
+        ("round_robin", (), "RoundRobin"),
+        ("least_conn", (), "LeastConn"),
+        ("hash", ("$request_uri",), "Hash"),
+        ("hash", ("$request_uri", "consistent"), "ConsistentHash"),
+        ("ip_hash", (), "IpHash"),
+        ("random", ("two",), "Random"),
+        ("least_time", ("header",), "LeastTime"),
+        ("ewma", (), "Ewma"),
+    ],
+)
+def test_create_balancer_maps_every_method(kind: str, args: tuple[str, ...], cls: str) -> None:
+    from scriptlb.config.model import BalancerMethodConf
+
+    conf = UpstreamConf(name="u", servers=(server("a"), server("b")), method=BalancerMethodConf(kind, args))
+    assert type(create_balancer(conf)).__name__ == cls
+
+
 def test_create_balancer_rejects_unknown_method() -> None:
     from scriptlb.config.model import BalancerMethodConf
 
