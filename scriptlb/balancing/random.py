@@ -5,9 +5,11 @@ looked up in the cumulative weight ranges by binary search); an unusable peer (t
 failed, full) costs one of 20 attempts, then the request falls back to round robin.
 
 ``random two [least_conn]``: two distinct usable peers are drawn that way and the one with
-fewer connections relative to weight wins (``a.conns * b.weight > b.conns * a.weight`` keeps
-``b``; a tie keeps the first drawn). ``least_conn`` is nginx's only (and default) method for the
-second step. The 20-attempt budget counts draws of the same or an unusable peer.
+fewer connections relative to weight wins (``b.conns * a.weight > a.conns * b.weight`` keeps
+the first drawn ``a``; a tie keeps the second, ``b``, exactly as nginx; so even idle peers are
+not chosen in proportion to weight, see the share test). ``least_conn`` is nginx's only (and
+default) method for the second step. The 20-attempt budget counts draws of the same or an
+unusable peer, and the first good draw too.
 
 Randomness comes from the injected ``random.Random`` (``rng``), so sequences are testable.
 """
