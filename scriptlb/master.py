@@ -35,7 +35,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from scriptlb import daemon, errorlog
+from scriptlb import config, daemon, errorlog
+from scriptlb.config.errors import ConfigError, where
 from scriptlb.config.model import MainConf
 from scriptlb.listeners import ListenError, ListenerSet, LogFn
 from scriptlb.signals import (
@@ -93,11 +94,9 @@ def _error_log_file(conf: MainConf) -> str | None:
 
 
 def _load_config(conf: MainConf, globals_: str | None) -> MainConf:
-    """Load the config again from the same file, prefix and -g directives (raises ConfigError)."""
-    from scriptlb import config
-
-    load = getattr(config, "load_and_check", None) or config.load
-    return load(conf.conf_file, conf.prefix, globals_)
+    """Load and check (hooks compiled) the config again from the same file, prefix and -g
+    directives, as ``scriptlb -t`` would; raises ConfigError."""
+    return config.load_and_check(conf.conf_file, conf.prefix, globals_)
 
 
 def _default_worker_entry() -> WorkerEntry:
@@ -191,12 +190,12 @@ def _run_single(conf: MainConf, listeners: ListenerSet, entry: WorkerEntry) -> i
     The worker handles QUIT/TERM/INT/USR1 itself. HUP is ignored: reloading in place would need
     the worker's cooperation (nginx re-inits the cycle inside its single process).
     """
+    prepare_worker_signals()  # before the pid file exists, so no HUP can find us unprepared
     if not _create_pid_file(conf.pid):
         listeners.close()
         return 1
     code = 0
     try:
-        prepare_worker_signals()
         entry(conf, listeners.for_worker(0), 0, 1)
     except EarlyStop:
         pass
@@ -397,8 +396,6 @@ class Master:
         self._retire_at = time.monotonic() + RETIRE_DELAY
 
     def _load_new_config(self) -> MainConf | None:
-        from scriptlb.config.errors import ConfigError, where
-
         try:
             return _load_config(self.conf, self._globals)
         except ConfigError as err:
