@@ -71,7 +71,12 @@ class RoundRobin:
         best_index = 0
         total = 0
         for index, peer in enumerate(state.peers):
-            if tried >> index & 1 or peer.is_unavailable(now) or peer.is_full():
+            # Peer.is_unavailable/is_full inlined: this loop runs for every peer of every request
+            if tried >> index & 1 or peer.down:
+                continue
+            if peer.max_fails and peer.fails >= peer.max_fails and now - peer.checked <= peer.fail_timeout:
+                continue
+            if peer.max_conns and peer.conns >= peer.max_conns:
                 continue
             peer.current_weight += peer.effective_weight
             total += peer.effective_weight
