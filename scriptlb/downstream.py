@@ -200,6 +200,7 @@ class ClientConnection(asyncio.Protocol):
         # per-request state: the request being parsed, the active one and those queued behind it
         self._parsing: Request | None = None
         self._parsing_handler: RequestHandler | None = None
+        self._head_done = False  # the request being parsed is past its head (errors: body)
         self._header_name_bytes = 0
         self.active: RequestHandler | None = None
         self._active_request: Request | None = None
@@ -289,18 +290,27 @@ class ClientConnection(asyncio.Protocol):
             raise ClientError(400, self._parse_error_message(err)) from None
 
     def _parse_error_message(self, err: Exception) -> str:
-        where = "request line" if self._parsing is None or not self._parsing.method else "request headers"
-        if self._parsing is not None and self._parsing.headers and "Content-Length" in str(err):
-            return ("client sent duplicate or invalid Content-Length header "
+        """nginx's wording for what llhttp rejected (llhttp's reasons are its own)."""
+        reason = str(err)
+        if "can't be present with" in reason:
+            return ('client sent "Content-Length" and "Transfer-Encoding" headers at the same time '
                     "while reading client request headers")
-        if "Transfer-Encoding" in str(err):
-            return "client sent unknown or invalid \"Transfer-Encoding\" while reading client request headers"
-        if self._parsing is not None and self._parsing.method and where == "request headers":
+        if "Duplicate Content-Length" in reason:
+            return 'client sent duplicate header line: "Content-Length" while reading client request headers'
+        if "Content-Length" in reason:
+            return 'client sent invalid "Content-Length" header while reading client request headers'
+        if "Transfer-Encoding" in reason:
+            return 'client sent unknown "Transfer-Encoding" while reading client request headers'
+        request = self._parsing
+        if request is not None and self._head_done:
+            return "client sent invalid chunked body while reading client request body"
+        if (request is not None and request.headers) or "header" in reason.lower():
             return "client sent invalid header line while reading client request headers"
-        return f"client sent invalid request while reading client {where}"
+        return "client sent invalid request while reading client request line"
 
     def on_message_begin(self) -> None:
         self._parsing = Request()
+        self._head_done = False
         self._header_name_bytes = 0
         if self.active is None:
             self._arm(_HEAD, self.listener.header_timeout)
@@ -337,6 +347,7 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         request = self._parsing
         assert request is not None
+        self._head_done = True
         parser = self._parser
         if not request.method:
             request.method = parser.get_method().decode("ascii")
@@ -372,6 +383,11 @@ class ClientConnection(asyncio.Protocol):
             if lower == b"content-length":
                 request.content_length = int(value)
             elif lower == b"transfer-encoding":
+                if value.lower() != b"chunked":
+                    # nginx implements only "chunked" and answers 501 to anything else
+                    shown = value.decode("latin-1")
+                    raise ClientError(501, f'client sent unknown "Transfer-Encoding": "{shown}" '
+                                           "while reading client request headers")
                 request.chunked = True
         if request.chunked and request.version == "1.0":
             raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "

@@ -1,0 +1,357 @@
+"""Client-side protocol on raw bytes: a fake transport records what the connection writes, a
+fake handler records what it is told; no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scriptlb import errorlog
+from scriptlb.config.model import ErrorLogConf
+from scriptlb.downstream import ClientConnection, ListenerContext, Request
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+        self.aborted = False
+        self.reading = True
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed
+        self.data += data
+
+    def writelines(self, chunks: object) -> None:
+        for chunk in chunks:  # type: ignore[attr-defined]
+            self.write(chunk)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str) -> object:
+        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8080)}.get(name)
+
+    def take(self) -> bytes:
+        data = bytes(self.data)
+        self.data.clear()
+        return data
+
+
+class FakeHandler:
+    """Records the calls; answers with ``reply`` as soon as the request is complete."""
+
+    def __init__(self, conn: ClientConnection, request: Request, reply: bytes | None = b"ok",
+                 max_body_size: int = 1024) -> None:
+        self.conn = conn
+        self.request = request
+        self.reply = reply
+        self.max_body_size = max_body_size
+        self.body_timeout = 60.0
+        self.keepalive_timeout = 75.0
+        self.keepalive_requests = 100
+        self.events: list[str] = []
+        self.body = b""
+
+    def start(self) -> None:
+        self.events.append("start")
+        self._maybe_reply()
+
+    def body_received(self) -> None:
+        self.body += self.request.take_body()
+        self.events.append("body")
+        self._maybe_reply()
+
+    def _maybe_reply(self) -> None:
+        if self.reply is not None and (self.request.complete or not self.request.has_body):
+            reply, self.reply = self.reply, None
+            self.conn.respond(200, b"Content-Type: text/plain\r\n", reply + b":" + self.body)
+
+    def client_lost(self) -> None:
+        self.events.append("lost")
+
+    def abort(self, status: int) -> None:
+        self.events.append(f"abort {status}")
+
+    def writing_paused(self) -> None:
+        self.events.append("paused")
+
+    def writing_resumed(self) -> None:
+        self.events.append("resumed")
+
+
+class Harness:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, reply: bytes | None = b"ok", **listener: object
+    ) -> None:
+        self.handlers: list[FakeHandler] = []
+
+        def open_exchange(conn: ClientConnection, request: Request) -> FakeHandler:
+            handler = FakeHandler(conn, request, reply)
+            self.handlers.append(handler)
+            return handler
+
+        self.context = ListenerContext(open_exchange, **listener)  # type: ignore[arg-type]
+        self.conn = ClientConnection(self.context, loop)
+        self.transport = FakeTransport()
+        self.conn.connection_made(self.transport)  # type: ignore[arg-type]
+
+    def feed(self, data: bytes) -> bytes:
+        self.conn.data_received(data)
+        return self.transport.take()
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "error.log"
+    previous = errorlog.install(errorlog.ErrorLog([ErrorLogConf(str(path), "info")]))
+    yield path
+    errorlog.install(previous).close()
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def test_simple_request_and_keepalive_response(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop)
+    out = h.feed(b"GET /a?b=1 HTTP/1.1\r\nHost: example\r\nX-Trail: v  \r\n\r\n")
+    request = h.handlers[0].request
+    assert (request.method, request.target, request.version) == ("GET", b"/a?b=1", "1.1")
+    assert request.headers == [(b"Host", b"example"), (b"X-Trail", b"v")]
+    assert out.startswith(b"HTTP/1.1 200 OK\r\nServer: scriptlb\r\nDate: ")
+    assert out.endswith(b"Content-Length: 3\r\nConnection: keep-alive\r\n\r\nok:")
+    assert not h.transport.closed and h.transport.reading
+
+
+def test_pipelined_requests_are_answered_in_order(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, reply=None)
+    h.feed(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    first, second = h.handlers
+    assert first.events == ["start", "body"] and second.events == []
+    assert not h.transport.reading  # no parsing further ahead while /1 is in flight
+    h.conn.respond(200, b"", b"one")
+    assert second.events == ["start"]  # it was complete before it became active
+    h.conn.respond(200, b"", b"two")
+    out = h.transport.take()
+    assert out.index(b"one") < out.index(b"two")
+    assert h.transport.reading
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "logged"),
+    [
+        (b"\x16\x03\x01garbage\r\n\r\n", 400,
+         "client sent invalid request while reading client request line"),
+        (b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n", 400, "client sent invalid header line"),
+        (b"GET / HTTP/1.1\r\n\r\n", 400, 'client sent HTTP/1.1 request without "Host" header'),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400,
+         'client sent "Content-Length" and "Transfer-Encoding" headers at the same time'),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 400,
+         'client sent "Content-Length" and "Transfer-Encoding" headers at the same time'),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400,
+         'client sent duplicate header line: "Content-Length"'),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc", 400,
+         'client sent duplicate header line: "Content-Length"'),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\nabc", 400,
+         'client sent invalid "Content-Length" header'),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
+         'client sent unknown "Transfer-Encoding": "gzip"'),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400,
+         "client sent invalid chunked body"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "duplicate host header"),
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", 405, "invalid method"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n", 413,
+         "client intended to send too large body: 2000 bytes"),
+    ],
+)
+def test_bad_requests_get_an_error_and_the_connection_closes(
+    loop: asyncio.AbstractEventLoop, log_file: Path, raw: bytes, status: int, logged: str
+) -> None:
+    h = Harness(loop)
+    out = h.feed(raw)
+    assert status_of(out) == status
+    assert b"Connection: close\r\n" in out
+    assert h.transport.closed
+    # nothing was served; a request whose body turned out bad was told so
+    assert all("start" not in handler.events or f"abort {status}" in handler.events for handler in h.handlers)
+    line = log_file.read_text()
+    assert "[info]" in line and logged in line and "client: 127.0.0.1" in line
+
+
+def test_header_over_large_client_header_buffers(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, header_buffers=(2, 1024))
+    out = h.feed(b"GET / HTTP/1.1\r\nHost: x\r\nCookie: " + b"c" * 1100 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"Request Header Or Cookie Too Large" in out
+    h = Harness(loop, header_buffers=(2, 1024))
+    many = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 500) for i in range(5))
+    assert h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n").startswith(b"HTTP/1.1 400 ")
+    h = Harness(loop, header_buffers=(2, 1024))
+    assert h.feed(b"GET /" + b"u" * 1100 + b" HTTP/1.1\r\n").startswith(b"HTTP/1.1 414 ")
+
+
+def test_chunked_body_is_decoded_and_size_limited(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop)
+    out = h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    assert out == b"" and h.handlers[0].body == b"abc"
+    out = h.feed(b"2\r\nde\r\n0\r\n\r\n")
+    assert out.endswith(b"ok:abcde")
+    h = Harness(loop)
+    out = h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"400\r\n" + b"a" * 1024 + b"\r\n1\r\nb\r\n")
+    assert status_of(out) == 413 and h.transport.closed
+    assert h.handlers[0].events[-1] == "abort 413"
+
+
+def test_expect_100_continue_sent_when_the_handler_asks(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, reply=None)
+    assert h.feed(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n") == b""
+    h.conn.send_continue()
+    assert h.transport.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    h.conn.send_continue()  # only once
+    assert h.transport.take() == b""
+
+
+def test_head_response_has_headers_but_no_body(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, reply=None)
+    h.feed(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+    h.conn.send_head(200, b"", 10)
+    h.conn.send_body(b"0123456789")
+    h.conn.finish_response()
+    out = h.transport.take()
+    assert b"Content-Length: 10\r\n" in out and out.endswith(b"\r\n\r\n")
+
+
+def test_unknown_length_is_chunked_for_11_and_close_delimited_for_10(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, reply=None)
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    h.conn.send_head(200, b"", None)
+    h.conn.send_body(b"hello")
+    h.conn.finish_response()
+    out = h.transport.take()
+    assert b"Transfer-Encoding: chunked\r\n" in out and out.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert not h.transport.closed
+    h = Harness(loop, reply=None)
+    h.feed(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    h.conn.send_head(200, b"", None)
+    h.conn.send_body(b"hello")
+    h.conn.finish_response()
+    out = h.transport.take()
+    assert b"Transfer-Encoding" not in out and b"Connection: close\r\n" in out and out.endswith(b"hello")
+    assert h.transport.closed
+
+
+def test_no_body_statuses(loop: asyncio.AbstractEventLoop) -> None:
+    for status in (204, 304):
+        h = Harness(loop, reply=None)
+        h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        h.conn.send_head(status, b"", None)
+        h.conn.send_body(b"ignored")
+        h.conn.finish_response()
+        out = h.transport.take()
+        assert b"Content-Length" not in out and b"Transfer-Encoding" not in out
+        assert out.endswith(b"\r\n\r\n")
+
+
+def test_connection_close_and_http10_without_keepalive(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop)
+    out = h.feed(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b"Connection: close\r\n" in out and h.transport.closed
+    h = Harness(loop)
+    out = h.feed(b"GET / HTTP/1.0\r\n\r\n")
+    assert b"Connection: close\r\n" in out and h.transport.closed
+    h = Harness(loop)
+    out = h.feed(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert b"Connection: keep-alive\r\n" in out and not h.transport.closed
+
+
+def test_keepalive_requests_limit(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop)
+    for _ in range(1, 200):
+        out = h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        if h.transport.closed:
+            break
+    assert len(h.handlers) == 100  # FakeHandler.keepalive_requests
+    assert b"Connection: close\r\n" in out
+
+
+def test_flow_control_is_forwarded_to_the_active_request(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, reply=None)
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    h.conn.pause_writing()
+    h.conn.resume_writing()
+    assert h.handlers[0].events == ["start", "body", "paused", "resumed"]
+
+
+def test_client_gone_is_reported(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, reply=None)
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    h.conn.connection_lost(None)
+    assert h.handlers[0].events == ["start", "body", "lost"]
+    assert h.conn not in h.context.connections
+
+
+def test_abort_closes_without_ending_a_chunked_body(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, reply=None)
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    h.conn.send_head(200, b"", None)
+    h.conn.send_body(b"part")
+    h.conn.abort()
+    out = h.transport.take()
+    assert out.endswith(b"4\r\npart\r\n") and h.transport.aborted
+
+
+def test_header_timeout_closes_a_silent_connection(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, header_timeout=0.05)
+    h.feed(b"GET / HTTP/1.1\r\n")
+
+    async def wait_closed() -> None:
+        for _ in range(200):
+            if h.transport.closed:
+                return
+            await asyncio.sleep(0.01)
+
+    loop.run_until_complete(wait_closed())
+    assert h.transport.closed and h.transport.take() == b""
+
+
+def test_body_timeout_answers_408(loop: asyncio.AbstractEventLoop, log_file: Path) -> None:
+    h = Harness(loop, reply=None)
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    h.handlers[0].body_timeout = 0.05
+    h.feed(b"d")  # re-arms the body timer with the handler's timeout
+
+    async def wait_closed() -> None:
+        for _ in range(200):
+            if h.transport.closed:
+                return
+            await asyncio.sleep(0.01)
+
+    loop.run_until_complete(wait_closed())
+    assert status_of(h.transport.take()) == 408
+    assert "abort 408" in h.handlers[0].events
+    logged = log_file.read_text()
+    assert "client timed out (110: Connection timed out) while reading client request body" in logged
