@@ -1,0 +1,128 @@
+"""The keep-alive pool with stand-in connections: capacity and LRU eviction, keys, reuse order,
+expiry by the sweep timer, connections that die while idle."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from scriptlb.pool import ConnectionPool
+from scriptlb.upstream import ConnState
+
+
+class FakeConn:
+    def __init__(self, key: tuple, reusable: bool = True) -> None:
+        self.key = key
+        self.reusable = reusable
+        self.state = ConnState.ACTIVE
+        self.idle_since = 0.0
+        self.on_idle_lost: object = None
+        self.closed = False
+
+    def is_reusable(self, max_requests: int) -> bool:
+        return self.reusable
+
+    def make_idle(self, now: float) -> None:
+        self.state = ConnState.IDLE
+        self.idle_since = now
+
+    def reuse(self) -> None:
+        self.state = ConnState.ACTIVE
+
+    def close(self) -> None:
+        self.state = ConnState.CLOSED
+        self.closed = True
+
+    def die_while_idle(self) -> None:
+        """What UpstreamConnection does when the peer closes an idle connection."""
+        self.close()
+        callback = self.on_idle_lost
+        if callable(callback):
+            callback(self)
+
+
+A = ("127.0.0.1:1", "")
+B = ("127.0.0.1:2", "")
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def test_release_and_acquire_most_recent_first(loop: asyncio.AbstractEventLoop) -> None:
+    pool = ConnectionPool(loop, max_idle=4)
+    first, second = FakeConn(A), FakeConn(A)
+    assert pool.release(first) and pool.release(second)  # type: ignore[arg-type]
+    assert pool.acquire(A) is second and second.state is ConnState.ACTIVE
+    assert pool.acquire(A) is first
+    assert pool.acquire(A) is None
+    assert len(pool) == 0
+
+
+def test_keys_do_not_mix(loop: asyncio.AbstractEventLoop) -> None:
+    pool = ConnectionPool(loop, max_idle=4)
+    conn = FakeConn(A)
+    pool.release(conn)  # type: ignore[arg-type]
+    assert pool.acquire(B) is None
+    assert pool.acquire(("127.0.0.1:1", "other.name")) is None
+    assert pool.acquire(A) is conn
+
+
+def test_capacity_evicts_the_least_recently_released(loop: asyncio.AbstractEventLoop) -> None:
+    pool = ConnectionPool(loop, max_idle=2)
+    conns = [FakeConn(A), FakeConn(B), FakeConn(A)]
+    for conn in conns:
+        pool.release(conn)  # type: ignore[arg-type]
+    assert conns[0].closed and not conns[1].closed and not conns[2].closed
+    assert len(pool) == 2 and pool.evicted == 1
+    assert pool.acquire(A) is conns[2] and pool.acquire(A) is None
+
+
+def test_unreusable_or_disabled_pool_closes(loop: asyncio.AbstractEventLoop) -> None:
+    pool = ConnectionPool(loop, max_idle=2)
+    conn = FakeConn(A, reusable=False)
+    assert not pool.release(conn) and conn.closed  # type: ignore[arg-type]
+    off = ConnectionPool(loop, max_idle=0)
+    conn = FakeConn(A)
+    assert not off.release(conn) and conn.closed  # type: ignore[arg-type]
+
+
+def test_connection_dying_while_idle_leaves_the_pool(loop: asyncio.AbstractEventLoop) -> None:
+    pool = ConnectionPool(loop, max_idle=4)
+    dying, alive = FakeConn(A), FakeConn(A)
+    pool.release(alive)  # type: ignore[arg-type]
+    pool.release(dying)  # type: ignore[arg-type]
+    dying.die_while_idle()
+    assert len(pool) == 1 and pool.acquire(A) is alive
+
+
+def test_sweep_closes_expired_connections(loop: asyncio.AbstractEventLoop) -> None:
+    pool = ConnectionPool(loop, max_idle=4, idle_timeout=0.1)
+    old = FakeConn(A)
+    pool.release(old)  # type: ignore[arg-type]
+
+    async def wait_expired() -> None:
+        for _ in range(100):
+            if old.closed:
+                return
+            await asyncio.sleep(0.01)
+
+    loop.run_until_complete(wait_expired())
+    assert old.closed and len(pool) == 0 and pool.expired == 1
+    assert pool.acquire(A) is None
+
+
+def test_close_empties_the_pool_and_refuses_more(loop: asyncio.AbstractEventLoop) -> None:
+    pool = ConnectionPool(loop, max_idle=4)
+    conn = FakeConn(A)
+    pool.release(conn)  # type: ignore[arg-type]
+    pool.close()
+    assert conn.closed and len(pool) == 0
+    later = FakeConn(A)
+    assert not pool.release(later) and later.closed  # type: ignore[arg-type]
+    assert "idle=0/4" in repr(pool)
