@@ -37,8 +37,12 @@ Options:
 """
 
 # option letter -> (attribute, what nginx says is missing)
-_VALUE_OPTIONS = {"p": ("prefix", "directory name"), "c": ("conf", "file name"),
-                  "g": ("globals_", "parameter"), "s": ("signal", "parameter")}
+_VALUE_OPTIONS = {
+    "p": ("prefix", "directory name"),
+    "c": ("conf", "file name"),
+    "g": ("globals_", "parameter"),
+    "s": ("signal", "parameter"),
+}
 
 
 @dataclass

@@ -721,3 +721,89 @@ def test_hook_lines_after_it_keep_weight_fails_and_down(tmp_path: Path) -> None:
         "server 127.0.0.1:1 backup; balancer_by_python_block { pass } server 127.0.0.1:2 weight=2 down;",
     )
     assert [(s.backup, s.weight, s.down) for s in up.servers] == [(True, 1, False), (False, 2, True)]
+
+
+# --------------------------------------------------------------------------- balancing methods
+
+
+@pytest.mark.parametrize(
+    ("line", "kind", "args"),
+    [
+        ("least_conn;", "least_conn", ()),
+        ("hash $request_uri;", "hash", ("$request_uri",)),
+        ("hash $http_x_user consistent;", "hash", ("$http_x_user", "consistent")),
+        ("ip_hash;", "ip_hash", ()),
+        ("random;", "random", ()),
+        ("random two;", "random", ("two",)),
+        ("random two least_conn;", "random", ("two", "least_conn")),
+        ("least_time header;", "least_time", ("header",)),
+        ("least_time last_byte inflight;", "least_time", ("last_byte", "inflight")),
+        ("ewma;", "ewma", ()),
+    ],
+)
+def test_balancing_methods(tmp_path: Path, line: str, kind: str, args: tuple[str, ...]) -> None:
+    up = upstream(tmp_path, f"{line} server 127.0.0.1:9001;")
+    assert (up.method.kind, up.method.args) == (kind, args)
+    assert up.method.source is not None and up.method.source.line == 3
+
+
+def test_round_robin_is_the_default_method(tmp_path: Path) -> None:
+    up = upstream(tmp_path, "server 127.0.0.1:9001;")
+    assert (up.method.kind, up.method.args, up.method.source) == ("round_robin", (), None)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("least_conn x;", 'invalid number of arguments in "least_conn" directive'),
+        ("hash;", 'invalid number of arguments in "hash" directive'),
+        ("hash $uri x;", 'invalid parameter "x"'),
+        ("hash $foo;", 'unknown "foo" variable'),
+        ("random three;", 'invalid parameter "three"'),
+        ("random two foo;", 'invalid parameter "foo"'),
+        ("least_time;", 'invalid number of arguments in "least_time" directive'),
+        ("least_time first_byte;", 'invalid parameter "first_byte"'),
+        ("hash $uri; server 127.0.0.1 backup;", 'balancing method does not support parameter "backup"'),
+        ("ip_hash; server 127.0.0.1 backup;", 'balancing method does not support parameter "backup"'),
+        ("random; server 127.0.0.1 backup;", 'balancing method does not support parameter "backup"'),
+    ],
+)
+def test_balancing_method_errors(tmp_path: Path, body: str, message: str) -> None:
+    text = f"upstream u {{ {body} server 127.0.0.1:9001; }}"
+    assert http_error(tmp_path, text) == f"[emerg] {message} in x.conf:2"
+
+
+def test_method_checks_only_the_lines_after_it(tmp_path: Path) -> None:
+    up = upstream(tmp_path, "server 127.0.0.1:1; server 127.0.0.1:2 backup; hash $uri;")
+    assert [s.backup for s in up.servers] == [False, True]  # as nginx: earlier lines pass
+
+
+def test_a_later_method_replaces_the_earlier_one_with_a_warning(tmp_path: Path) -> None:
+    conf = http(tmp_path, "upstream u { least_conn; server 127.0.0.1:1; ip_hash; }")
+    assert conf.http is not None and conf.http.upstreams["u"].method.kind == "ip_hash"
+    assert conf.warnings == (f"[warn] load balancing method redefined in {tmp_path}/x.conf:3",)
+
+
+def test_method_before_a_hook_is_its_fallback(tmp_path: Path) -> None:
+    conf = http(tmp_path, "upstream u { least_conn; server 127.0.0.1:1; balancer_by_python_block { pass } }")
+    assert conf.http is not None
+    up = conf.http.upstreams["u"]
+    assert up.method.kind == "least_conn" and up.hook is not None
+    assert conf.warnings == (f"[warn] load balancing method redefined in {tmp_path}/x.conf:3",)
+
+
+def test_method_after_a_hook_replaces_it(tmp_path: Path) -> None:
+    # nginx/OpenResty: the later balancer wins; the warning says so
+    conf = http(tmp_path, "upstream u { server 127.0.0.1:1; balancer_by_python_block { pass } random; }")
+    assert conf.http is not None
+    up = conf.http.upstreams["u"]
+    assert up.method.kind == "random" and up.hook is None
+    assert len(conf.warnings) == 1
+    assert (
+        http_error(
+            tmp_path,
+            "upstream u { server 127.0.0.1:1; balancer_by_python_block { pass } random;"
+            " balancer_by_python_block { pass } }",
+        )
+        == '[emerg] "balancer_by_python_block" directive is duplicate in x.conf:2'
+    )

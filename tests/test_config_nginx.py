@@ -101,6 +101,12 @@ CASES = [
     "events {}\nhttp { upstream a { server unix:; } }\n",
     "events {}\nhttp { upstream a { server 127.0.0.1; keepalive 0; } }\n",
     "events {}\nhttp { upstream a { server 127.0.0.1; keepalive 1; keepalive 2; } }\n",
+    "events {}\nhttp { upstream a { least_conn x; server 127.0.0.1; } }\n",
+    "events {}\nhttp { upstream a { hash $uri x; server 127.0.0.1; } }\n",
+    "events {}\nhttp { upstream a { hash; server 127.0.0.1; } }\n",
+    "events {}\nhttp { upstream a { random two foo; server 127.0.0.1; } }\n",
+    "events {}\nhttp { upstream a { ip_hash; server 127.0.0.1 backup; } }\n",
+    "events {}\nhttp { upstream a { server 127.0.0.1 backup; server 127.0.0.1; hash $uri; } }\n",
     # servers, locations, proxy_pass
     "events {}\nhttp { server { listen 99999; } }\n",
     "events {}\nhttp { server { listen 127.0.0.1:; } }\n",

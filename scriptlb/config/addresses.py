@@ -137,16 +137,16 @@ def _listen_port(node: Node, text: str) -> int:
 # --------------------------------------------------------------------------- upstream server
 
 
-# parameters a balancer hook leaves usable on later lines (OpenResty resets the flags)
-_HOOK_PARAMS = ("weight=", "max_fails=", "fail_timeout=", "down")
+def parse_upstream_server(node: Node, allowed: frozenset[str] | None = None) -> UpstreamServerConf:
+    """``server ADDR [weight=N] [max_fails=N] [fail_timeout=T] [backup] [down] [max_conns=N]``.
 
-
-def parse_upstream_server(node: Node, restricted: bool) -> UpstreamServerConf:
-    """``server ADDR [weight=N] [max_fails=N] [fail_timeout=T] [backup] [down] [max_conns=N]``."""
+    ``allowed``: the parameter names the upstream's balancing method (declared above this
+    line) supports, as nginx's NGX_HTTP_UPSTREAM_* flags; None: all of them.
+    """
     text = node.args[0]
     params: dict[str, object] = {}
     for param in node.args[1:]:
-        if restricted and not param.startswith(_HOOK_PARAMS):
+        if allowed is not None and param.partition("=")[0] not in allowed:
             raise ConfigError(f'balancing method does not support parameter "{param}"', node.source)
         key, value = _server_param(param)
         if key is None:

@@ -32,6 +32,7 @@ from scriptlb.config.drafts import (
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
     AccessLogConf,
+    BalancerMethodConf,
     ErrorLogConf,
     ListenConf,
     LogFormat,
@@ -252,8 +253,10 @@ def _location(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
         _check_regex(node, pattern, caseless=modifier == "~*")
     else:
         for other in draft.locations:
-            if other.modifier not in _REGEX_MODIFIERS and other.pattern == pattern and (
-                (other.modifier == "=") == (modifier == "=")
+            if (
+                other.modifier not in _REGEX_MODIFIERS
+                and other.pattern == pattern
+                and ((other.modifier == "=") == (modifier == "="))
             ):
                 raise fail(node, f'duplicate location "{pattern}"')
     location = LocationDraft(modifier=modifier, pattern=pattern, source=node.source)
@@ -418,11 +421,11 @@ def _access_log(state: State, node: Node, draft: Any) -> None:
         if param.startswith("buffer="):
             buffer = parse_size(param[len("buffer=") :]) or 0
             if not buffer:
-                raise fail(node, f'invalid buffer size "{param[len("buffer="):]}"')
+                raise fail(node, f'invalid buffer size "{param[len("buffer=") :]}"')
         elif param.startswith("flush="):
             flush = parse_time(param[len("flush=") :])
             if not flush:
-                raise fail(node, f'invalid flush time "{param[len("flush="):]}"')
+                raise fail(node, f'invalid flush time "{param[len("flush=") :]}"')
         else:
             raise fail(node, f'invalid parameter "{param}"')
     if flush is not None and not buffer:
@@ -447,7 +450,7 @@ def _hook_timeout(state: State, node: Node, draft: Any) -> None:
 
 
 def _hook_file(state: State, node: Node, draft: UpstreamDraft) -> None:
-    _check_hook_duplicate(node, draft)
+    _declare_hook(state, node, draft)
     path = state.path(node.args[0])
     if not os.path.isfile(path):
         err = os.strerror(2)
@@ -456,20 +459,75 @@ def _hook_file(state: State, node: Node, draft: UpstreamDraft) -> None:
 
 
 def _hook_block(state: State, node: Node, draft: UpstreamDraft) -> None:
-    _check_hook_duplicate(node, draft)
+    _declare_hook(state, node, draft)
     draft.hook = HookDraft(node.name, "block", None, node.code, node.source, node.code_line)
 
 
-def _check_hook_duplicate(node: Node, draft: UpstreamDraft) -> None:
-    if draft.hook is not None:
+# what lines after a balancer hook may still say (OpenResty resets the upstream's flags)
+_HOOK_SERVER_PARAMS = frozenset({"weight", "max_fails", "fail_timeout", "down"})
+
+
+def _declare_hook(state: State, node: Node, draft: UpstreamDraft) -> None:
+    """One hook per upstream. A method declared before it stays as the fallback balancer
+    (lua-nginx-module >= 0.10.27 does the same, with the same warning)."""
+    if draft.hook_declared:
         raise fail(node, f'"{node.name}" directive is duplicate')
+    draft.hook_declared = True
+    if draft.method_declared:
+        state.warn("load balancing method redefined", node.source)
+    draft.allowed_params = _HOOK_SERVER_PARAMS
 
 
 # --------------------------------------------------------------------------- upstream
 
 
 def _upstream_server(state: State, node: Node, draft: UpstreamDraft) -> None:
-    draft.servers.append(parse_upstream_server(node, restricted=draft.hook is not None))
+    draft.servers.append(parse_upstream_server(node, draft.allowed_params))
+
+
+# --------------------------------------------------------------------------- balancing methods
+
+_ALL_SERVER_PARAMS = frozenset({"weight", "max_fails", "fail_timeout", "down", "backup", "max_conns"})
+_NO_BACKUP = _ALL_SERVER_PARAMS - {"backup"}
+
+
+def _method(params: frozenset[str], check: Callable[[Node], None] | None = None) -> Handler:
+    """A balancing method directive -> BalancerMethodConf(kind=name, args=words).
+
+    As in nginx, a method replaces the one before it (with a warning), and lines after it may
+    only use the server parameters it supports. A method after a balancer hook replaces the
+    hook (nginx's and OpenResty's rule); one before a hook stays as the hook's fallback.
+    """
+
+    def handler(state: State, node: Node, draft: UpstreamDraft) -> None:
+        if check is not None:
+            check(node)
+        if draft.method_declared or draft.hook is not None:
+            state.warn("load balancing method redefined", node.source)
+        draft.hook = None
+        draft.method = BalancerMethodConf(node.name, node.args, node.source)
+        draft.method_declared = True
+        draft.allowed_params = params
+
+    return handler
+
+
+def _check_hash(node: Node) -> None:
+    template(node, node.args[0])  # the key: unknown variables fail here
+    if len(node.args) > 1 and node.args[1] != "consistent":
+        raise fail(node, f'invalid parameter "{node.args[1]}"')
+
+
+def _check_random(node: Node) -> None:
+    for word, expected in zip(node.args, ("two", "least_conn"), strict=False):
+        if word != expected:
+            raise fail(node, f'invalid parameter "{word}"')
+
+
+def _check_least_time(node: Node) -> None:
+    for word, expected in zip(node.args, (("header", "last_byte"), ("inflight",)), strict=False):
+        if word not in expected:
+            raise fail(node, f'invalid parameter "{word}"')
 
 
 def _upstream_keepalive(state: State, node: Node, draft: UpstreamDraft) -> None:
@@ -534,6 +592,12 @@ _SPECS: tuple[Spec, ...] = (
     # upstream
     _spec("server", Ctx.UPSTREAM, (1, None), _upstream_server),
     _spec("keepalive", Ctx.UPSTREAM, ONE, _upstream_keepalive),
+    _spec("least_conn", Ctx.UPSTREAM, NONE, _method(_ALL_SERVER_PARAMS)),
+    _spec("hash", Ctx.UPSTREAM, (1, 2), _method(_NO_BACKUP, _check_hash)),
+    _spec("ip_hash", Ctx.UPSTREAM, NONE, _method(_NO_BACKUP)),
+    _spec("random", Ctx.UPSTREAM, (0, 2), _method(_NO_BACKUP, _check_random)),
+    _spec("least_time", Ctx.UPSTREAM, (1, 2), _method(_ALL_SERVER_PARAMS, _check_least_time)),
+    _spec("ewma", Ctx.UPSTREAM, NONE, _method(_ALL_SERVER_PARAMS)),
     _spec("keepalive_timeout", Ctx.UPSTREAM, ONE, _slot(msec)),
     _spec("keepalive_requests", Ctx.UPSTREAM, ONE, _slot(number)),
 )

@@ -71,8 +71,12 @@ class UpstreamDraft:
     close: Source | None = None
     servers: list[UpstreamServerConf] = field(default_factory=list)
     values: dict[str, Any] = field(default_factory=dict)
-    hook: HookDraft | None = None
+    hook: HookDraft | None = None  # None also when a later balancing method replaced it
+    hook_declared: bool = False  # a second hook directive is "is duplicate" even then
     method: BalancerMethodConf = field(default_factory=BalancerMethodConf)
+    method_declared: bool = False
+    # server parameters the current method supports on the lines that follow (None: all)
+    allowed_params: frozenset[str] | None = None
 
 
 @dataclass(eq=False)

@@ -113,7 +113,7 @@ class Parser:
         if len(st.words) != 2:
             raise ConfigError('invalid number of arguments in "include" directive', source)
         if self._depth >= _MAX_INCLUDE_DEPTH:
-            raise ConfigError(f'include depth exceeds {_MAX_INCLUDE_DEPTH} (recursive include?)', source)
+            raise ConfigError(f"include depth exceeds {_MAX_INCLUDE_DEPTH} (recursive include?)", source)
         pattern = os.path.join(self.conf_dir, st.words[1])
         if glob.has_magic(pattern):
             # nginx: a pattern matching nothing is fine; matches are read in sorted order
