@@ -5,13 +5,25 @@ Pure unit tests: the clock is the ``now`` argument, peers are built from config 
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from scriptlb.balancing import RoundRobin, create_balancer
-from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
+from scriptlb.config.model import NextUpstream, PeerAddr, ProxyConf, UpstreamConf, UpstreamServerConf
 from scriptlb.peers import Peer, PeerSet
+from scriptlb.retry import PASS_THROUGH, RETRY, Failure, decide, is_counted_failure, last_failure_status
 
 PORTS = {"a": 9001, "b": 9002, "c": 9003, "d": 9004, "e": 9005}
 NAMES = {f"127.0.0.1:{port}": letter for letter, port in PORTS.items()}
@@ -394,3 +406,203 @@ def test_rebuild_keeps_requests_in_flight_on_their_peer_set() -> None:
     assert old_peer is not None
     rr.free(old_state, old_peer, False, 1.0)
     assert picks(rr, 2) == "c d"
+
+
+# --------------------------------------------------------------------------- against a real nginx
+#
+# The same upstreams in a real nginx and in RoundRobin + retry.decide: every request's trail
+# ($upstream_addr, $upstream_status) and final status must be identical. Backends are nginx
+# `return` servers, a refused port ("connect() failed") and a server answering 502.
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+
+def free_ports(count: int) -> list[int]:
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        socks.append(sock)
+    ports = [s.getsockname()[1] for s in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+@contextlib.contextmanager
+def nginx_running(tmp_path: Path, http_block: str, wait_ports: list[int]) -> Iterator[Path]:
+    """A real nginx (one process) serving ``http_block``; yields its prefix directory."""
+    assert NGINX is not None
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    (tmp_path / "nginx.conf").write_text(
+        f"""
+        daemon off; master_process off; worker_processes 1; pid {tmp_path}/nginx.pid;
+        error_log {tmp_path}/logs/error.log;
+        events {{ worker_connections 128; }}
+        http {{
+            access_log off;
+            client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
+            fastcgi_temp_path {tmp_path}/fcgi; uwsgi_temp_path {tmp_path}/uwsgi;
+            scgi_temp_path {tmp_path}/scgi;
+            {http_block}
+        }}
+        """
+    )
+    proc = subprocess.Popen(
+        [NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        for port in wait_ports:
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError((tmp_path / "logs/error.log").read_text()) from None
+                    time.sleep(0.02)
+        yield tmp_path
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def simulate(rr: RoundRobin, conf: ProxyConf, behaviour: dict[str, str], now: float) -> str:
+    """One request through RoundRobin + retry, as the proxy's tries loop runs them.
+
+    Returns "addr, addr|status, status|final" like the nginx log line below.
+    """
+    state = rr.new_request(conf.next_upstream_tries)
+    addrs: list[str] = []
+    statuses: list[str] = []
+    while True:
+        peer = rr.get(state, now)
+        if peer is None:
+            addrs.append(rr.peers.name)  # nginx logs the upstream's name for "no live upstreams"
+            statuses.append("502")
+            final = decide(Failure.NOLIVE, 0, now, now, conf, True, False)
+            return f"{', '.join(addrs)}|{', '.join(statuses)}|{final}"
+        addrs.append(peer.name)
+        kind = behaviour[peer.name]
+        if kind == "ok":
+            rr.free(state, peer, False, now)
+            statuses.append("200")
+            return f"{', '.join(addrs)}|{', '.join(statuses)}|200"
+        if kind == "refused":
+            rr.free(state, peer, True, now)
+            statuses.append(str(last_failure_status(Failure.ERROR)))
+            verdict = decide(Failure.ERROR, state.tries, now, now, conf, True, False)
+        else:  # the peer answered with a 502 of its own
+            statuses.append("502")
+            verdict = decide(Failure.HTTP_502, state.tries - 1, now, now, conf, True, True)
+            rr.free(state, peer, is_counted_failure(Failure.HTTP_502, verdict == RETRY), now)
+            if verdict == PASS_THROUGH:
+                verdict = 502  # the upstream's own 502 reaches the client
+        if verdict != RETRY:
+            return f"{', '.join(addrs)}|{', '.join(statuses)}|{verdict}"
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_trails_match_a_real_nginx(tmp_path: Path) -> None:
+    ok_a, ok_b, ok_c, ok_e, bad, dead1, dead2, dead3, proxy = free_ports(9)
+    name = {port: f"127.0.0.1:{port}" for port in (ok_a, ok_b, ok_c, ok_e, bad, dead1, dead2, dead3)}
+    behaviour = {name[p]: "ok" for p in (ok_a, ok_b, ok_c, ok_e)}
+    behaviour |= {name[bad]: "502"} | {name[p]: "refused" for p in (dead1, dead2, dead3)}
+    # (upstream name, server lines, proxy_next_upstream, proxy_next_upstream_tries, requests)
+    cases = [
+        (
+            "weighted",
+            f"server {name[ok_a]} weight=5; server {name[ok_b]}; server {name[ok_c]};",
+            "error",
+            0,
+            14,
+        ),
+        (
+            "failover",
+            f"server {name[ok_a]}; server {name[dead1]} max_fails=2 fail_timeout=30s; "
+            f"server {name[ok_b]} weight=2; server {name[ok_e]} backup;",
+            "error timeout",
+            0,
+            12,
+        ),
+        ("status", f"server {name[ok_a]}; server {name[bad]}; server {name[ok_b]};", "error http_502", 0, 9),
+        ("passthru", f"server {name[bad]}; server {name[ok_a]};", "error", 0, 4),
+        ("capped", f"server {name[dead1]}; server {name[dead2]}; server {name[ok_a]};", "error", 2, 6),
+        ("nolive", f"server {name[dead1]}; server {name[dead2]}; server {name[ok_e]} backup;", "error", 0, 5),
+        ("allgone", f"server {name[dead2]} max_fails=1; server {name[dead3]} max_fails=1;", "error", 0, 4),
+        ("off", f"server {name[dead3]}; server {name[ok_c]};", "off", 0, 4),
+        ("single", f"server {name[dead1]};", "error", 0, 3),
+    ]
+    upstreams = "".join(f"upstream {u} {{ {servers} }}\n" for u, servers, *_ in cases)
+    locations = "".join(
+        f"location /{u} {{ proxy_pass http://{u}; proxy_next_upstream {nu}; "
+        f"proxy_next_upstream_tries {tries}; access_log {tmp_path}/logs/trail.log trail; }}\n"
+        for u, _, nu, tries, _ in cases
+    )
+    backends = (
+        "".join(
+            f"server {{ listen 127.0.0.1:{p}; location / {{ return 200 ok; }} }}\n"
+            for p in (ok_a, ok_b, ok_c, ok_e)
+        )
+        + f"server {{ listen 127.0.0.1:{bad}; location / {{ return 502; }} }}\n"
+    )
+    http_block = f"""
+        log_format trail '$uri|$upstream_addr|$upstream_status|$status';
+        {upstreams}
+        {backends}
+        server {{ listen 127.0.0.1:{proxy}; {locations} }}
+    """
+    order = [u for u, *_, count in cases for _ in range(count)]
+    with nginx_running(tmp_path, http_block, [proxy, ok_a, bad]):
+        conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=5)
+        for upstream_name in order:
+            conn.request("GET", f"/{upstream_name}")
+            conn.getresponse().read()
+        conn.close()
+    nginx_lines = (tmp_path / "logs/trail.log").read_text().splitlines()
+
+    ours = []
+    confs = {u: (f"upstream {u} {{ {servers} }}", nu, tries) for u, servers, nu, tries, _ in cases}
+    balancers = {u: RoundRobin(PeerSet.from_conf(parse_upstream(u, confs[u][0]))) for u in confs}
+    for upstream_name in order:
+        _, nu, tries = confs[upstream_name]
+        conf = ProxyConf(next_upstream=next_upstream_mask(nu), next_upstream_tries=tries)
+        ours.append(f"/{upstream_name}|" + simulate(balancers[upstream_name], conf, behaviour, 1000.0))
+    assert len(nginx_lines) == len(order)
+    assert ours == nginx_lines
+
+
+def parse_upstream(name: str, text: str) -> UpstreamConf:
+    """The few server parameters the nginx comparison uses, parsed by hand."""
+    servers = []
+    for line in text.split("{", 1)[1].rstrip("} ").split(";"):
+        words = line.split()
+        if not words:
+            continue
+        host, port = words[1].rsplit(":", 1)
+        params: dict[str, Any] = {}
+        for word in words[2:]:
+            key, _, val = word.partition("=")
+            if key in ("backup", "down"):
+                params[key] = True
+            elif key == "fail_timeout":
+                params[key] = float(val.rstrip("s"))
+            else:
+                params[key] = int(val)
+        servers.append(UpstreamServerConf(words[1], (PeerAddr(host, int(port)),), **params))
+    return UpstreamConf(name=name, servers=tuple(servers))
+
+
+def next_upstream_mask(words: str) -> NextUpstream:
+    mask = NextUpstream(0)
+    for word in words.split():
+        mask |= NextUpstream[word.upper()]
+    return mask
