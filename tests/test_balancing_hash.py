@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from scriptlb.balancing.hash import ConsistentHash, Hash, _server_hash_prefix, ketama_points
+from scriptlb.balancing.hash import ConsistentHash, Hash, ketama_points, server_hash_prefix
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
 from scriptlb.peers import Peer, PeerSet
 
@@ -206,10 +206,10 @@ def test_consistent_hash_several_addresses_of_one_server_share_points() -> None:
 
 
 def test_server_name_split_like_nginx() -> None:
-    assert _server_hash_prefix("10.0.0.1:80") == zlib.crc32(b"10.0.0.1\x0080")
-    assert _server_hash_prefix("backend.local") == zlib.crc32(b"backend.local\x00")
-    assert _server_hash_prefix("unix:/tmp/x.sock") == zlib.crc32(b"/tmp/x.sock\x00")
-    assert _server_hash_prefix("[::1]:8080") == zlib.crc32(b"[::1]\x008080")
+    assert server_hash_prefix("10.0.0.1:80") == zlib.crc32(b"10.0.0.1\x0080")
+    assert server_hash_prefix("backend.local") == zlib.crc32(b"backend.local\x00")
+    assert server_hash_prefix("unix:/tmp/x.sock") == zlib.crc32(b"/tmp/x.sock\x00")
+    assert server_hash_prefix("[::1]:8080") == zlib.crc32(b"[::1]\x008080")
 
 
 # --------------------------------------------------------------------------- against real nginx

@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import struct
 import zlib
+from collections.abc import Iterable
 
 from scriptlb.balancing.base import BalancerState, initial_tries
 from scriptlb.balancing.round_robin import RoundRobin
@@ -190,28 +191,34 @@ class ConsistentHash(RoundRobin):
 
 
 def ketama_points(peers: list[Peer]) -> tuple[list[int], list[str]]:
-    """nginx's ring: sorted unique point hashes and, in parallel, the server name of each."""
+    """nginx's ring for a peer list: sorted unique point hashes and, in parallel, server names."""
+    return ketama_ring((peer.server, peer.weight) for peer in peers)
+
+
+def ketama_ring(servers: Iterable[tuple[str, int]]) -> tuple[list[int], list[str]]:
+    """The ring of ``(name, weight)`` entries, built exactly as nginx builds it from ``server``
+    lines: ``160 * weight`` CRC32 points per entry, sorted, equal hashes reduced to the first."""
     points: list[tuple[int, int, str]] = []
-    for order, peer in enumerate(peers):
-        base = _server_hash_prefix(peer.server)
+    for order, (server, weight) in enumerate(servers):
+        base = server_hash_prefix(server)
         prev = 0
-        for _ in range(POINTS_PER_WEIGHT * peer.weight):
+        for _ in range(POINTS_PER_WEIGHT * weight):
             prev = zlib.crc32(_PREV.pack(prev), base)
             # order keeps nginx's qsort + "keep the first of equal hashes" deterministic; nginx's
             # qsort is not stable, but equal 32-bit points are vanishingly rare
-            points.append((prev, order, peer.server))
+            points.append((prev, order, server))
     points.sort()
     hashes: list[int] = []
-    servers: list[str] = []
+    names: list[str] = []
     for point_hash, _, server in points:
         if hashes and hashes[-1] == point_hash:
             continue
         hashes.append(point_hash)
-        servers.append(server)
-    return hashes, servers
+        names.append(server)
+    return hashes, names
 
 
-def _server_hash_prefix(server: str) -> int:
+def server_hash_prefix(server: str) -> int:
     """CRC32 state after ``HOST "\\0" PORT``, split as nginx does (a trailing ``:digits`` is the
     port; ``unix:`` paths have none; a name without a port has none)."""
     raw = server.encode()
