@@ -27,13 +27,17 @@ process (``master_process off``) or becomes the master:
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
+import resource
 import signal
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 
 from scriptlb import config, daemon, errorlog
 from scriptlb.config.errors import ConfigError, where
@@ -135,6 +139,7 @@ def run(conf: MainConf, globals_: str | None = None, worker_entry: WorkerEntry |
             listeners.close()
             return 1
         _set_process_name("master")
+        _log_startup(conf)
         master = Master(conf, listeners, waiter, globals_, entry)
         return master.serve()
 
@@ -191,6 +196,7 @@ def _run_single(conf: MainConf, listeners: ListenerSet, entry: WorkerEntry) -> i
     the worker's cooperation (nginx re-inits the cycle inside its single process).
     """
     prepare_worker_signals()  # before the pid file exists, so no HUP can find us unprepared
+    _log_startup(conf)
     if not _create_pid_file(conf.pid):
         listeners.close()
         return 1
@@ -516,13 +522,42 @@ class Master:
             self._signal_workers(signal.SIGKILL, only_running=False)
 
 
-def _set_process_name(role: str) -> None:
-    """Name the process in ``ps -o comm``/top (Linux PR_SET_NAME, 15 bytes); best effort."""
-    try:
-        import ctypes
+PR_SET_NAME = 15
 
+
+def _set_process_name(role: str) -> None:
+    """Name the process in ``ps -o comm``/top (Linux PR_SET_NAME, 15 bytes); best effort.
+
+    nginx rewrites its whole argv ("nginx: worker process"); Python cannot do that cheaply,
+    but the short name is what top and ``ps -o comm`` show.
+    """
+    try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(15, f"scriptlb {role}".encode()[:15], 0, 0, 0)
+        libc.prctl(PR_SET_NAME, f"scriptlb {role}".encode()[:15], 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def _log_startup(conf: MainConf) -> None:
+    """nginx's notice lines at start (ngx_os_status), and its warning when worker_connections
+    cannot fit in the open-files limit."""
+    log("notice", f"scriptlb/{_version()}")
+    log("notice", f"built with Python {platform.python_version()}")
+    uname = os.uname()
+    log("notice", f"OS: {uname.sysname} {uname.release}")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    log("notice", f"getrlimit(RLIMIT_NOFILE): {_rlimit_text(soft)}:{_rlimit_text(hard)}")
+    if soft != resource.RLIM_INFINITY and conf.worker_connections > soft:
+        log("warn", f"{conf.worker_connections} worker_connections exceed open file resource limit: {soft}")
+
+
+def _rlimit_text(value: int) -> str:
+    return "infinity" if value == resource.RLIM_INFINITY else str(value)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("scriptlb")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
