@@ -29,6 +29,14 @@ RATIOS = (
      lambda r: r >= 0.9),
     ("scriptlb / haproxy req/s", "scriptlb", "haproxy", "rps", None, None),
     ("scriptlb-2w / scriptlb req/s", "scriptlb-2w", "scriptlb", "rps", None, None),
+    # CPU-normalized: the inverse ratio of the proxies' CPU seconds per request. It predicts the
+    # req/s ratio when each proxy saturates its own core, and other work on the machine (which
+    # skews req/s) barely moves it.
+    ("CPU-normalized scriptlb-hook / nginx-lua", "nginx-lua", "scriptlb-hook", "cpu_s_per_1k", ">= 1.0",
+     lambda r: r >= 1.0),
+    ("CPU-normalized scriptlb / nginx", "nginx", "scriptlb", "cpu_s_per_1k", ">= 0.9", lambda r: r >= 0.9),
+    ("CPU-normalized scriptlb-hook / scriptlb", "scriptlb", "scriptlb-hook", "cpu_s_per_1k", ">= 0.9",
+     lambda r: r >= 0.9),
 )
 IDLE_GOAL_KIB = 8.0
 
@@ -202,8 +210,10 @@ def chart(fig: dict, path: Path) -> str | None:
         xs = [i + (k - (len(paths) - 1) / 2) * width for i in range(len(names))]
         rps = [fig["targets"][n]["paths"].get(p, {}).get("rps") or 0 for n in names]
         p99 = [fig["targets"][n]["paths"].get(p, {}).get("p99_ms") or 0 for n in names]
-        axes[0].bar(xs, rps, width, label=f"GET {p}")
-        axes[1].bar(xs, p99, width, label=f"GET {p}")
+        bars = axes[0].bar(xs, rps, width, label=f"GET {p}")
+        axes[0].bar_label(bars, labels=[f"{v / 1000:.1f}k" for v in rps], fontsize=7)
+        bars = axes[1].bar(xs, p99, width, label=f"GET {p}")
+        axes[1].bar_label(bars, labels=[f"{v:.1f}" for v in p99], fontsize=7)
     titles = ("requests/s (higher is better)", "p99 latency, ms (lower is better)")
     for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title)
