@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import email.utils
+import socket
+from pathlib import Path
+
 import pytest
 
 from scriptlb import responses
@@ -160,3 +164,84 @@ def test_prebuilt_responses_are_reused_within_a_second_and_rebuilt_after() -> No
     assert later is not first
     assert b"Date: Sun, 22 Nov 2026 10:01:41 GMT\r\n" in later
     assert responses.ERROR_PAGES[503] in later
+
+
+# --------------------------------------------------------------------------- against a real nginx
+
+from test_round_robin import NGINX, free_ports, nginx_running  # noqa: E402  (the shared runner)
+
+
+def exchange_raw(port: int, request: bytes) -> bytes:
+    """Send raw bytes, read the whole answer (nginx closes: the requests say Connection: close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def as_scriptlb(nginx_response: bytes) -> bytes:
+    """nginx's bytes with its name swapped for ours (server_tokens off: no version anywhere)."""
+    head, _, body = nginx_response.partition(b"\r\n\r\n")
+    body = body.replace(b"<center>nginx</center>", b"<center>scriptlb</center>")
+    lines = head.split(b"\r\n")
+    for i, line in enumerate(lines):
+        if line == b"Server: nginx":
+            lines[i] = b"Server: scriptlb"
+        elif line.startswith(b"Content-Length: "):
+            length = int(line[16:])  # a page's tail names the server: 3 bytes longer for us
+            lines[i] = b"Content-Length: %d" % (length + len("scriptlb") - len("nginx") if length else 0)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def date_of(response: bytes) -> float:
+    line = next(x for x in response.split(b"\r\n") if x.startswith(b"Date: "))
+    return email.utils.parsedate_to_datetime(line[6:].decode()).timestamp()
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_error_responses_equal_a_real_nginx(tmp_path: Path) -> None:
+    port, dead = free_ports(2)
+    silent = socket.socket()  # accepts (in the kernel's backlog) and never answers: a read timeout
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    silent_port = silent.getsockname()[1]
+    http_block = f"""
+        server_tokens off;
+        large_client_header_buffers 2 1k;
+        client_max_body_size 10;
+        server {{
+            listen 127.0.0.1:{port};
+            location = /404 {{ return 404; }}
+            location = /403 {{ return 403; }}
+            location = /500 {{ return 500; }}
+            location = /503 {{ return 503; }}
+            location = /429 {{ return 429; }}
+            location = /502 {{ proxy_pass http://127.0.0.1:{dead}; }}
+            location = /504 {{ proxy_pass http://127.0.0.1:{silent_port}; proxy_read_timeout 200ms; }}
+            location / {{ return 200 ok; }}
+        }}
+    """
+    close = b"Host: t\r\nConnection: close\r\n\r\n"
+    cases = [
+        (404, b"GET /404 HTTP/1.1\r\n" + close),
+        (403, b"GET /403 HTTP/1.1\r\n" + close),
+        (500, b"GET /500 HTTP/1.1\r\n" + close),
+        (503, b"GET /503 HTTP/1.1\r\n" + close),
+        (429, b"GET /429 HTTP/1.1\r\n" + close),
+        (502, b"GET /502 HTTP/1.1\r\n" + close),
+        (504, b"GET /504 HTTP/1.1\r\n" + close),
+        (400, b"GARBAGE\r\n\r\n"),
+        (494, b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 1500 + b"\r\n" + close),
+        (414, b"GET /" + b"u" * 1500 + b" HTTP/1.1\r\n" + close),
+        (413, b"POST / HTTP/1.1\r\nContent-Length: 100\r\n" + close + b"x" * 100),
+        (404, b"HEAD /404 HTTP/1.1\r\n" + close),
+    ]
+    with silent, nginx_running(tmp_path, http_block, [port]):
+        answers = [exchange_raw(port, request) for _, request in cases]
+    for (status, request), answer in zip(cases, answers, strict=True):
+        head = request.startswith(b"HEAD")
+        ours = error_response(status, keep_alive=False, head=head, now=date_of(answer))
+        assert ours == as_scriptlb(answer), (status, answer)
