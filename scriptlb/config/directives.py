@@ -102,12 +102,11 @@ def fail(node: Node, message: str) -> ConfigError:
     return ConfigError(message, node.source)
 
 
-def _store(node: Node, values: dict[str, Any], value: Any, key: str | None = None) -> None:
+def _store(node: Node, values: dict[str, Any], value: Any) -> None:
     """nginx's slot semantics: a second occurrence at the same level is "is duplicate"."""
-    key = key or node.name
-    if key in values:
+    if node.name in values:
         raise fail(node, f'"{node.name}" directive is duplicate')
-    values[key] = value
+    values[node.name] = value
 
 
 def flag(node: Node) -> bool:
@@ -117,8 +116,8 @@ def flag(node: Node) -> bool:
     raise fail(node, f'invalid value "{value}" in "{node.name}" directive, it must be "on" or "off"')
 
 
-def msec(node: Node, value: str | None = None) -> float:
-    result = parse_time(node.args[0] if value is None else value)
+def msec(node: Node) -> float:
+    result = parse_time(node.args[0])
     if result is None:
         raise fail(node, f'"{node.name}" directive invalid value')
     return result
