@@ -751,41 +751,98 @@ def stat_mode(path: Path) -> int:
     return path.stat().st_mode
 
 
-def test_a_worker_that_dies_at_start_is_respawned_with_backoff(tmp_path: Path) -> None:
-    """A stand-in worker entry that crashes at once (the real worker cannot be made to): the
-    master must keep respawning it, slowly, and still obey QUIT."""
-    script = tmp_path / "crashing.py"
-    error_log = tmp_path / "error.log"
-    script.write_text(
-        "import os, sys\n"
-        "from scriptlb import master\n"
-        "from scriptlb.config.model import ErrorLogConf, MainConf\n"
-        f"conf = MainConf(conf_file={str(tmp_path / 'x.conf')!r}, prefix={str(tmp_path)!r},\n"
-        f"                worker_processes=1, daemon=False, pid={str(tmp_path / 'x.pid')!r},\n"
-        f"                error_log=(ErrorLogConf({str(error_log)!r}, 'notice'),))\n"
-        "def crash(conf, listeners, worker_id, worker_count):\n"
-        "    os._exit(1)\n"
-        "sys.exit(master.run(conf, worker_entry=crash))\n"
-    )
-    stderr_path = tmp_path / "stderr"
-    with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen(
+# --------------------------------------------------------------------------- stand-in workers
+# Behaviours the real worker cannot be made to show on demand (crash at start, ignore TERM,
+# exit with nginx's fatal code) come from a stand-in worker entry run by the real master code
+# in a real process.
+
+
+class StandIn:
+    """``master.run`` in a child process with ``worker_entry`` = the given function body."""
+
+    def __init__(self, tmp_path: Path, body: str, workers: int = 1) -> None:
+        self.error_log = tmp_path / "error.log"
+        self.pid_file = tmp_path / "x.pid"
+        script = tmp_path / "standin.py"
+        script.write_text(
+            "import os, signal, sys, time\n"
+            "from scriptlb import master\n"
+            "from scriptlb.config.model import ErrorLogConf, MainConf\n"
+            f"conf = MainConf(conf_file={str(tmp_path / 'x.conf')!r}, prefix={str(tmp_path)!r},\n"
+            f"                worker_processes={workers}, daemon=False, pid={str(self.pid_file)!r},\n"
+            f"                error_log=(ErrorLogConf({str(self.error_log)!r}, 'notice'),))\n"
+            "def entry(conf, listeners, worker_id, worker_count):\n"
+            + "".join(f"    {line}\n" for line in body.splitlines())
+            + "sys.exit(master.run(conf, worker_entry=entry))\n"
+        )
+        self.proc = subprocess.Popen(
             [sys.executable, str(script)],
-            stderr=stderr,
             stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
-    try:
-        wait_until(lambda: (tmp_path / "x.pid").exists(), what="the pid file")
-        time.sleep(1.5)  # the observation window itself: how many spawns fit in 1.5 s
-        proc.send_signal(signal.SIGQUIT)
-        assert proc.wait(10) == 0
-    finally:
-        kill_tree(proc.pid)
-        proc.wait(5)
-    log = error_log.read_text()
+        wait_until(self.pid_file.exists, what="the pid file")
+
+    def log(self) -> str:
+        return self.error_log.read_text()
+
+    def kill(self) -> None:
+        kill_tree(self.proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def standin(tmp_path: Path) -> Iterator[Callable[..., StandIn]]:
+    started: list[StandIn] = []
+
+    def start(body: str, workers: int = 1) -> StandIn:
+        started.append(StandIn(tmp_path, body, workers))
+        return started[-1]
+
+    yield start
+    for instance in started:
+        instance.kill()
+
+
+def test_a_worker_that_dies_at_start_is_respawned_with_backoff(standin: Callable[..., StandIn]) -> None:
+    """The master keeps respawning a worker that dies at once, slowly, and still obeys QUIT."""
+    master = standin("os._exit(1)")
+    time.sleep(1.5)  # the observation window itself: how many spawns fit in 1.5 s
+    master.proc.send_signal(signal.SIGQUIT)
+    assert master.proc.wait(10) == 0
+    log = master.log()
     spawns = log.count("start worker process ")
-    assert 3 <= spawns <= 12, log
-    assert "respawning in" in log
+    assert 3 <= spawns <= 12, log  # immediate respawns would be hundreds
+    assert "worker #0 died 3 times in a row within 1s of its start, respawning in 0.2s" in log
     assert "exited with code 1" in log
+
+
+def test_fast_stop_kills_a_worker_that_ignores_term(
+    standin: Callable[..., StandIn], tmp_path: Path
+) -> None:
+    master = standin(
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "open(f'{conf.prefix}/ignoring-{os.getpid()}', 'w').close()\n"
+        "time.sleep(60)",
+        workers=2,
+    )
+    wait_until(lambda: len(list(tmp_path.glob("ignoring-*"))) == 2, what="2 workers ignoring TERM")
+    started = time.monotonic()
+    master.proc.send_signal(signal.SIGTERM)
+    assert master.proc.wait(10) == 0
+    assert 1.0 < time.monotonic() - started < 5.0  # TERM, a grace period, then SIGKILL
+    assert master.log().count("exited on signal 9") == 2
+    assert not master.pid_file.exists()
+
+
+def test_exit_code_2_is_fatal_and_not_respawned(standin: Callable[..., StandIn]) -> None:
+    master = standin("sys.exit(2)")
+    log = wait_until(lambda: "cannot be respawned" in master.log() and master.log(), what="the fatal line")
+    assert isinstance(log, str)
+    assert "exited with fatal code 2 and cannot be respawned" in log
+    time.sleep(0.3)  # an observation window: a respawn would happen at once
+    assert master.log().count("start worker process ") == 1
+    master.proc.send_signal(signal.SIGQUIT)
+    assert master.proc.wait(10) == 0
