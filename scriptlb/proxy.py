@@ -71,6 +71,10 @@ class TryRecord:
         return f"<TryRecord {self.addr} {self.status}>"
 
 
+# proxy_request_buffering off: stop reading the client when this much body waits for a peer
+STREAM_BODY_WAITING = 64 * 1024
+
+
 class ClientGone(Exception):
     """The client closed its connection while we were proxying (nginx's 499)."""
 
@@ -163,6 +167,8 @@ class Exchange:
         self._finished = False
         self._client_gone = False
         self._abort_status = 499  # the status logged if the client side ends the request
+        self._stream_body = False  # proxy_request_buffering off: body sent as it arrives
+        self._body_conn: UpstreamConnection | None = None  # where the streamed body goes now
         self._route()
 
     # ------------------------------------------------------------------ routing
@@ -279,9 +285,33 @@ class Exchange:
             elif not self._finished:
                 request.body.clear()  # a body for `return` is read and dropped
             return
+        if self._stream_body:
+            self._pump_body()
+            return
         ready = self._body_ready
         if request.complete and ready is not None and not ready.done():
             ready.set_result(None)
+
+    def _pump_body(self) -> None:
+        """Streamed body: move what arrived to the upstream connection, with back-pressure
+        both ways (the client is paused while the peer's socket buffer is full, or while we
+        are still connecting and more than a little is waiting)."""
+        request = self.request
+        conn = self._body_conn
+        if conn is None:
+            if sum(map(len, request.body)) > STREAM_BODY_WAITING:
+                self.conn.pause_body()
+            return
+        data = request.take_body()
+        if data:
+            conn.write_body(b"%x\r\n%s\r\n" % (len(data), data) if request.chunked else data, last=False)
+        if request.complete:
+            self._body_conn = None
+            conn.write_body(b"0\r\n\r\n" if request.chunked else b"", last=True)
+        if conn.write_buffer_full:
+            self.conn.pause_body()
+        else:
+            self.conn.resume_body()
 
     def client_lost(self) -> None:
         self._client_gone = True
@@ -372,14 +402,26 @@ class Exchange:
         upstream = self.location.upstream
         assert upstream is not None
         try:
-            await self._read_body_if_buffered()
+            self._stream_body = self._wants_streamed_body()
+            if not self._stream_body:
+                await self._read_whole_body()
+            elif not self.request.complete:
+                self.conn.send_continue()
             await self._tries_loop(upstream)
         except asyncio.CancelledError:
             self._abandon(self._abort_status)
         except ClientGone:
             self._abandon(499)
 
-    async def _read_body_if_buffered(self) -> None:
+    def _wants_streamed_body(self) -> bool:
+        """``proxy_request_buffering off`` streams the body as it arrives, unless it is chunked
+        and the peer speaks HTTP/1.0 (nginx buffers it then, as it must send a length)."""
+        request = self.request
+        if self.location.conf.proxy.request_buffering or request.complete or not request.has_body:
+            return False
+        return not (request.chunked and not self.location.plan.http11)
+
+    async def _read_whole_body(self) -> None:
         request = self.request
         if request.complete or not request.has_body:
             return
@@ -410,8 +452,13 @@ class Exchange:
         self.read_timeout = conf.read_timeout
         self.upstream_name = upstream.name
         self.proxy_host = location.proxy_host
-        body = self.request.take_body()
-        head = location.plan.build_head(self, len(body) if self.request.has_body else None)
+        request = self.request
+        if self._stream_body:
+            body = b""  # taken piece by piece once a peer is connected (_pump_body)
+            head = location.plan.build_head(self, request.content_length, chunked=request.chunked)
+        else:
+            body = request.take_body()
+            head = location.plan.build_head(self, len(body) if request.has_body else None)
         balancer = upstream.balancer
         key_getter = upstream.key_getter
         if key_getter is None:
@@ -500,8 +547,8 @@ class Exchange:
         return await self._send_and_read_head(conn, record, head, body)
 
     def _is_stale(self, err: UpstreamError) -> bool:
-        if err.failure is not Failure.ERROR or err.response_started:
-            return False
+        if err.failure is not Failure.ERROR or err.response_started or self._stream_body:
+            return False  # (a streamed body is gone once sent: nothing to send again)
         return is_idempotent(self.method) or bool(self.location.conf.proxy.next_upstream
                                                    & NextUpstream.NON_IDEMPOTENT)
 
@@ -517,11 +564,13 @@ class Exchange:
         except TimeoutError:
             conn.abort()
             raise UpstreamError(Failure.TIMEOUT, "upstream timed out (110: Connection timed out)",
-                                phase="connecting to upstream") from None
+                                phase="connecting to upstream", request_sent=False) from None
         except OSError as err:
             conn.abort()
             text = f"connect() failed ({err.errno}: {err.strerror})" if err.errno else str(err)
-            raise UpstreamError(Failure.ERROR, text, phase="connecting to upstream") from None
+            raise UpstreamError(
+                Failure.ERROR, text, phase="connecting to upstream", request_sent=False
+            ) from None
         return conn
 
     async def _send_and_read_head(
@@ -529,9 +578,14 @@ class Exchange:
     ) -> ResponseHead:
         self._upstream_conn = conn
         plan = self.location.plan
-        future = conn.start(head, body, self.read_timeout, self.send_timeout,
+        streamed = self._stream_body
+        future = conn.start(head, None if streamed else body, self.read_timeout, self.send_timeout,
                             head_only=self.method == "HEAD", http11=plan.http11,
                             close_after=plan.close_after)
+        if streamed:
+            self._body_conn = conn
+            conn.on_writable = self._pump_body
+            self._pump_body()
         response = await future
         record.header_time = self.loop.time() - record.started
         return response
@@ -610,6 +664,7 @@ class Exchange:
     def _drop_upstream_conn(self) -> None:
         conn = self._upstream_conn
         self._upstream_conn = None
+        self._body_conn = None
         if conn is not None:
             conn.abort()
 

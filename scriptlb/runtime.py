@@ -144,7 +144,7 @@ class RequestPlan:
         new = quote_uri(self.replace_uri + rest)
         return new + "?" + exchange.args if exchange.args is not None else new
 
-    def build_head(self, exchange: Exchange, body_length: int | None) -> bytes:
+    def build_head(self, exchange: Exchange, body_length: int | None, chunked: bool = False) -> bytes:
         parts = [
             exchange.method.encode("ascii"),
             b" ",
@@ -165,6 +165,8 @@ class RequestPlan:
             parts.append(name + b": " + value + b"\r\n")
         if body_length is not None:
             parts.append(b"Content-Length: %d\r\n" % body_length)
+        elif chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")  # a streamed body of unknown length
         parts.append(b"\r\n")
         return b"".join(parts)
 

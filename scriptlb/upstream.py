@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Callable
 from typing import Protocol
 
 import httptools
@@ -136,6 +137,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests = 0  # requests sent on this connection (keepalive_requests)
         self.idle_since = 0.0
         self.on_idle_lost: object = None  # set by the pool: callable(conn) when an idle conn dies
+        self.on_writable: Callable[[], None] | None = None  # a streamed body may flow again
 
         # timeouts of the request in flight (nginx's idle timers)
         self._read_timeout = 60.0
@@ -215,6 +217,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        callback = self.on_writable
+        if callback is not None:
+            callback()
 
     # ------------------------------------------------------------------ the exchange's API
 
@@ -306,6 +311,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def make_idle(self, now: float) -> None:
         self.state = ConnState.IDLE
+        self.on_writable = None
         self.idle_since = now
         self._cancel_timer()
         self._sink = None

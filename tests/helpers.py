@@ -366,6 +366,8 @@ class Backend:
     requests: list[BackendRequest] = field(default_factory=list)
     server: asyncio.AbstractServer | None = None
     port: int = 0
+    # replaces the request/behaviour loop: reads and writes the raw connection itself
+    raw_handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None = None
 
     def __post_init__(self) -> None:
         self.port = port_of(self.sock)  # kept: still readable after the socket is closed
@@ -376,6 +378,9 @@ class Backend:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        if self.raw_handler is not None:
+            await self.raw_handler(reader, writer)
+            return
         try:
             while True:
                 req = await read_request(reader)
