@@ -846,3 +846,19 @@ def test_exit_code_2_is_fatal_and_not_respawned(standin: Callable[..., StandIn])
     assert master.log().count("start worker process ") == 1
     master.proc.send_signal(signal.SIGQUIT)
     assert master.proc.wait(10) == 0
+
+
+def test_signals_before_the_worker_installs_its_handlers(standin: Callable[..., StandIn]) -> None:
+    """Between fork and worker.run's own handlers: HUP is ignored (as nginx workers do) and QUIT
+    stops the worker cleanly (its default action would be a core dump)."""
+    master = standin("time.sleep(60)", workers=2)
+    wait_until(lambda: master.log().count("start worker process ") == 2, what="2 workers")
+    log = master.log()
+    workers = [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if "start worker process " in line]
+    os.kill(workers[0], signal.SIGHUP)
+    os.kill(workers[0], signal.SIGUSR1)
+    master.proc.send_signal(signal.SIGQUIT)
+    assert master.proc.wait(10) == 0
+    log = master.log()
+    assert all(f"worker process {pid} exited with code 0" in log for pid in workers), log
+    assert "exited on signal" not in log
