@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import socket
+from pathlib import Path
 
 import pytest
 
@@ -261,3 +263,139 @@ def test_default_server_and_listen_grouping() -> None:
 def test_selector_needs_a_server() -> None:
     with pytest.raises(ValueError):
         ServerSelector([])
+
+
+# --------------------------------------------------------------------------- against a real nginx
+
+from test_round_robin import NGINX, free_ports, nginx_running  # noqa: E402  (the shared runner)
+
+# (modifier, pattern, proxied): each location answers with its own index
+NGINX_LOCATIONS = [
+    ("=", "/", False),
+    ("", "/", False),
+    ("", "/documents/", False),
+    ("^~", "/images/", False),
+    ("~*", r"\.(gif|jpg|jpeg)$", False),
+    ("", "/a/", False),
+    ("^~", "/a/b/", False),
+    ("", "/a/b/c/", False),
+    ("~", r"^/a/b/c/.*\.txt$", False),
+    ("~", "/cs/Case$", False),
+    ("", "/app/", True),
+    ("~", "app$", False),
+    ("=", "/exact/", True),
+    ("", "/dir", False),
+    ("", "/dir/", True),
+    ("~", r"^/u/(?<user>\w+)$", False),
+]
+NGINX_URIS = [
+    "/", "/index.html", "/documents/x.html", "/documents/x.jpg", "/DOCUMENTS/x", "/images/x.gif",
+    "/a/", "/a/x.gif", "/a/b/x.gif", "/a/b/c/x.gif", "/a/b/c/x.txt", "/cs/Case", "/cs/case",
+    "/app", "/app?x=1", "/app/", "/app/x", "/exact", "/exact/", "/dir", "/dir/", "/dirt", "/u/bob",
+    "/u/bob/",
+]  # fmt: skip
+
+
+def raw_get(port: int, target: str, host: str | None = None) -> tuple[int, dict[str, str], str]:
+    """One HTTP/1.0 request on its own connection: status, headers (lower-cased), body."""
+    request = f"GET {target} HTTP/1.0\r\n" + (f"Host: {host}\r\n" if host is not None else "") + "\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request.encode("latin-1"))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.decode("latin-1").partition("\r\n\r\n")
+    status_line, *lines = head.split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_location_choice_equals_a_real_nginx(tmp_path: Path) -> None:
+    port, backend = free_ports(2)
+    blocks = []
+    for index, (modifier, pattern, proxied) in enumerate(NGINX_LOCATIONS):
+        body = (
+            f"proxy_pass http://127.0.0.1:{backend}; proxy_set_header X-Loc {index};"
+            if proxied
+            else (f"return 200 {index};")
+        )
+        blocks.append(f'location {modifier} "{pattern}" {{ {body} }}')
+    http_block = f"""
+        server {{ listen 127.0.0.1:{backend}; location / {{ return 200 $http_x_loc; }} }}
+        server {{ listen 127.0.0.1:{port}; {" ".join(blocks)} }}
+    """
+    with nginx_running(tmp_path, http_block, [port, backend]):
+        answers = {}
+        for target in NGINX_URIS:
+            status, headers, body = raw_get(port, target, "t")
+            answers[target] = f"301 {headers['location'].split('/', 3)[3]}" if status == 301 else body
+
+    matcher = LocationMatcher([loc(m, p, proxied) for m, p, proxied in NGINX_LOCATIONS])
+    ours = {}
+    for target in NGINX_URIS:
+        uri, _, args = target.partition("?")
+        found = matcher.match(uri)
+        assert found is not None
+        if found.return_ is not None:
+            assert found.return_.status == 301 and found.return_.text is not None
+            ours[target] = f"301 {found.pattern[1:]}/" + (f"?{args}" if args else "")
+        else:
+            ours[target] = str(
+                next(
+                    i
+                    for i, (m, p, _) in enumerate(NGINX_LOCATIONS)
+                    if (m, p) == (found.modifier, found.pattern)
+                )
+            )
+    assert ours == answers
+
+
+NGINX_SERVERS = [
+    ((), False),
+    (("www.example.com", "example.com"), False),
+    (("*.example.com",), False),
+    (("*.api.example.com",), False),
+    (("www.example.*",), False),
+    (("mail.example.co.*",), False),
+    ((".example.org",), False),
+    ((r"~^(?<user>\w+)\.example\.net$",), False),
+    ((r"~\.net$",), False),
+    ((r"~^CAPS\.test$",), False),
+    (("default.test",), True),
+]
+NGINX_HOSTS = [
+    "www.example.com", "EXAMPLE.com", "example.com.", "a.example.com", "a.b.example.com",
+    "x.api.example.com", "api.example.com", "www.example.org", "example.org", "bob.example.net",
+    "www.example.net", "a.b.net", "www.example.co.uk", "mail.example.co.uk", "caps.test",
+    "default.test", "unknown.test", "www.example.com:8080", None,
+]  # fmt: skip
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_server_choice_equals_a_real_nginx(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    blocks = []
+    for index, (names, default) in enumerate(NGINX_SERVERS):
+        listen = f"127.0.0.1:{port}" + (" default_server" if default else "")
+        server_name = f"server_name {' '.join(names)};" if names else ""
+        blocks.append(f"server {{ listen {listen}; {server_name} location / {{ return 200 {index}; }} }}")
+    with nginx_running(tmp_path, "\n".join(blocks), [port]):
+        answers = {host: raw_get(port, "/", host)[2] for host in NGINX_HOSTS}
+
+    servers = [
+        ServerConf(
+            listens=(ListenConf(host="127.0.0.1", port=port, default_server=default),),
+            server_names=names or ("",),  # nginx: a server without server_name is named ""
+            locations=(),
+        )
+        for names, default in NGINX_SERVERS
+    ]
+    selector = ServerSelector.for_listen(servers, ("127.0.0.1", port, None))
+    ours = {}
+    for host in NGINX_HOSTS:
+        chosen_server = selector.select(normalize_host(host) if host is not None else None)
+        ours[host] = str(servers.index(chosen_server))
+    assert ours == answers
