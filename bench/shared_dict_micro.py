@@ -61,8 +61,10 @@ def main() -> None:
             "safe_set": lambda i: shared.safe_set(keys[i % nkeys], "value"),
         }
         overhead = loop_overhead_us(args.n, args.repeat)
-        print(f"n={args.n} repeat={args.repeat} keys={nkeys} (loop+lambda overhead {overhead:.2f} us, "
-              "subtracted)")
+        print(
+            f"n={args.n} repeat={args.repeat} keys={nkeys} (loop+lambda overhead {overhead:.2f} us, "
+            "subtracted)"
+        )
         for name, op in ops.items():
             us = per_call_us(op, args.n, args.repeat) - overhead
             print(f"{name:24s} {us:6.2f} us")

@@ -179,8 +179,11 @@ def _open(path: str, size: int) -> tuple[lmdb.Environment, Any, Any, Any]:
         metasync=False,
         writemap=True,
         readahead=False,
-        max_spare_txns=4,  # reuse read transaction handles: begin() of a reader gets cheaper
+        max_spare_txns=1,  # reuse the read transaction handle: begin() of a reader gets cheaper
     )
+    # A worker killed mid-read leaves its reader slot behind, pinning an old snapshot so that
+    # freed pages are never reused; clear the slots of dead processes whenever one opens.
+    env.reader_check()
     data = env.open_db(b"data")
     lru = env.open_db(b"lru")
     meta = env.open_db(b"meta")
@@ -417,7 +420,8 @@ class SharedDict:
         return removed or 0
 
     def close(self) -> None:
-        """Forget this process's handle (tests; workers just exit)."""
+        """Close this process's handle of the dict, shared by every ``SharedDict`` object of the
+        same path in this process (tests; workers just exit)."""
         _LIVE.discard(self)
         cached = _ENVS.pop(self._path, None)
         if cached is not None and cached[0] == os.getpid():
