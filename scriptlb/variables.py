@@ -41,6 +41,10 @@ def _request_line(ex: Any) -> str | None:
     return f"{ex.method} {ex.request_uri} HTTP/{ex.http_version}"
 
 
+def _args(ex: Any) -> str | None:
+    return ex.args or None  # nginx: "/x?" has no args at all (not found), like "/x"
+
+
 def _is_args(ex: Any) -> str | None:
     return "?" if ex.args else ""  # nginx: "" for "/x?" too (empty args)
 
@@ -291,8 +295,8 @@ _SIMPLE: dict[str, Getter] = {
     "request_length": _attr("request_length"),
     "uri": _attr("uri"),
     "document_uri": _attr("uri"),
-    "args": _attr("args"),
-    "query_string": _attr("args"),
+    "args": _args,
+    "query_string": _args,
     "is_args": _is_args,
     "host": _attr("host"),
     "http_host": _http_host,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,7 +146,7 @@ def test_without_query_string() -> None:
     ex = FakeExchange(request_uri="/p", args=None)
     assert (value("args", ex), value("is_args", ex), value("arg_a", ex)) == (None, "", None)
     empty = FakeExchange(request_uri="/p?", args="")
-    assert (value("args", empty), value("is_args", empty)) == ("", "")
+    assert (value("args", empty), value("is_args", empty)) == (None, "")  # as nginx: not found
 
 
 def test_status_zero_is_000_and_request_time_never_negative() -> None:
@@ -347,3 +349,54 @@ def test_log_escape(raw: str, escaped: str) -> None:
 )
 def test_json_escape(raw: str, escaped: str) -> None:
     assert json_escape(raw) == escaped
+
+
+# --------------------------------------------------------------------------- against a real nginx
+
+from test_round_robin import NGINX, free_ports, nginx_running  # noqa: E402  (the shared runner)
+
+LOGGED = "$http_x_a|$arg_q|$arg_none|$http_missing|$is_args|$args|$request|$cookie_c|$status|$body_bytes_sent"
+NGINX_REQUESTS = [
+    ("/p", [(b"X-A", b"plain")]),
+    ("/p?q=a%22b&x=1", [(b"X-A", b'quote " backslash \\ tab \t end')]),
+    ('/p?q="raw"', [(b"X-A", b"ctl \x01\x1f del \x7f high \xe9\xff"), (b"Cookie", b"a=1; c=cookie\\v")]),
+    ("/p?", [(b"Cookie", b"c=")]),
+    ("/p?Q=upper&q=", []),
+]
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+@pytest.mark.parametrize("escape", ["default", "json", "none"])
+def test_log_lines_equal_a_real_nginx(tmp_path: Path, escape: str) -> None:
+    (port,) = free_ports(1)
+    http_block = f"""
+        log_format probe escape={escape} '{LOGGED}';
+        server {{
+            listen 127.0.0.1:{port};
+            location / {{ return 200 ok; access_log {tmp_path}/logs/probe.log probe; }}
+        }}
+    """
+    with nginx_running(tmp_path, http_block, [port]):
+        for target, headers in NGINX_REQUESTS:
+            head = f"GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n".encode("latin-1")
+            head += b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n"
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(head)
+                while sock.recv(65536):
+                    pass
+    nginx_lines = (tmp_path / "logs/probe.log").read_bytes().decode("latin-1").splitlines()
+
+    render = compile_log_format(parse(LOGGED), escape, clock)
+    ours = []
+    for target, headers in NGINX_REQUESTS:
+        path, sep, args = target.partition("?")
+        ex = FakeExchange(
+            request_uri=target,
+            uri=path,
+            args=args if sep else None,
+            headers=[(b"Host", b"t"), (b"Connection", b"close"), *headers],
+            body_bytes_sent=2,
+        )
+        ours.append(render(ex))
+    assert ours == nginx_lines
