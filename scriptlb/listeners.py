@@ -155,8 +155,8 @@ class ListenerSet:
         bind_tries: int,
     ) -> None:
         slot: Slot = (listen.key, worker_id)
-        inherited = previous._bound.get(slot) if previous is not None else None
-        if inherited is not None and inherited.conf.reuseport == listen.reuseport:
+        inherited = _inheritable(previous, listen, worker_id) if previous is not None else None
+        if inherited is not None:
             if inherited.conf.backlog != listen.backlog:
                 inherited.sock.listen(listen.backlog)  # nginx re-listens to apply a new backlog
             self._bound[slot] = Listener(listen, inherited.sock, worker_id)
@@ -210,6 +210,28 @@ class ListenerSet:
             listener = self._bound.pop(slot, None)
             if listener is not None:
                 _close(listener, unlink=True)
+
+
+def _inheritable(previous: ListenerSet, listen: ListenConf, worker_id: int | None) -> Listener | None:
+    """The previous generation's socket that can serve this slot, if any.
+
+    The same slot keeps its socket. A listen that gains ``reuseport`` turns the old shared
+    socket into worker 0's (SO_REUSEPORT set on it, nginx's ``add_reuseport``) and binds the
+    other slots beside it. One that loses ``reuseport`` keeps worker 0's socket as the shared
+    one; the other slots close, and their queued connections with them, as when
+    ``worker_processes`` shrinks (nginx too).
+    """
+    same = previous._bound.get((listen.key, worker_id))
+    if same is not None:
+        return same
+    if listen.reuseport and worker_id == 0:
+        shared = previous._bound.get((listen.key, None))
+        if shared is not None:
+            shared.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return shared
+    if not listen.reuseport:
+        return previous._bound.get((listen.key, 0))
+    return None
 
 
 def _close(listener: Listener, unlink: bool) -> None:

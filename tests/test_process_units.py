@@ -218,3 +218,27 @@ def test_signal_lines_are_nginx_text() -> None:
     hup = Received(signal.SIGHUP, 4242)
     assert hup.describe("reconfiguring") == "signal 1 (SIGHUP) received from 4242, reconfiguring"
     assert Received(signal.SIGCHLD, 0).describe() == "signal 17 (SIGCHLD) received"
+
+
+def test_reload_can_turn_reuseport_on_and_off_without_rebinding(opened: list[ListenerSet]) -> None:
+    port = free_port()
+    key = ("127.0.0.1", port, None)
+    shared = ListenerSet.open(main_conf(ListenConf("127.0.0.1", port)), 2)
+    opened.append(shared)
+    shared_sock = shared.for_worker(0)[key]
+
+    reuseport = main_conf(ListenConf("127.0.0.1", port, reuseport=True))
+    per_worker = ListenerSet.open(reuseport, 2, previous=shared)
+    opened.append(per_worker)
+    shared.close_unused(per_worker)
+    assert per_worker.for_worker(0)[key] is shared_sock  # its queue lives on as worker 0's
+    assert per_worker.for_worker(1)[key] is not shared_sock
+    assert shared_sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+
+    back = ListenerSet.open(main_conf(ListenConf("127.0.0.1", port)), 2, previous=per_worker)
+    opened.append(back)
+    worker_1_sock = per_worker.for_worker(1)[key]
+    per_worker.close_unused(back)
+    assert back.for_worker(0)[key] is shared_sock and back.for_worker(1)[key] is shared_sock
+    assert worker_1_sock.fileno() == -1
+    assert accepts(shared_sock)
