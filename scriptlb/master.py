@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-``run(conf)`` opens the listening sockets first (a busy port is reported on the terminal, exit
-status 1), then detaches if ``daemon on``, writes the pid file and either serves in this very
-process (``master_process off``) or becomes the master:
+``run(conf)`` installs the configured error log, opens the listening sockets (a busy port is
+reported on the terminal too, exit status 1), then detaches if ``daemon on``, writes the pid
+file and either serves in this very process (``master_process off``) or becomes the master:
 
 - The master blocks its signals and takes them one at a time from the pending set
   (``signals.SignalWaiter``), so all work happens in the main loop, never in a handler. The
