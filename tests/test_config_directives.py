@@ -409,7 +409,7 @@ def test_settings_inherit_http_to_server_to_location(tmp_path: Path) -> None:
     conf = http(
         tmp_path,
         "proxy_read_timeout 5s; proxy_http_version 1.1; client_max_body_size 10m; keepalive_timeout 0;\n"
-        "proxy_next_upstream error timeout http_502 non_idempotent; proxy_next_upstream_tries 3;\n"
+        "proxy_next_upstream error TimeOut http_502 non_idempotent; proxy_next_upstream_tries 3;\n"
         "server { listen 80; proxy_read_timeout 7s; client_header_timeout 2s;"
         " large_client_header_buffers 2 1k;\n"
         "  location /a { proxy_read_timeout 500ms; proxy_connect_timeout 1m30s;"

@@ -328,7 +328,7 @@ def _proxy_next_upstream(state: State, node: Node, draft: LevelDraft) -> None:
     """nginx's bitmask slot; "off" anywhere in the list wins (as its merge does)."""
     flags = NextUpstream(0)
     for word in node.args:
-        bit = _NEXT_UPSTREAM.get(word)
+        bit = _NEXT_UPSTREAM.get(word.lower())  # nginx's bitmask slot ignores case
         if bit is None:
             raise fail(node, f'invalid value "{word}"')
         if flags & bit:
