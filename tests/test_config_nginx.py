@@ -132,7 +132,10 @@ CASES = [
     "events {}\nhttp { access_log logs/a.log combined buffer=x; }\n",
     "events {}\nhttp { access_log logs/a.log combined flush=1s; }\n",
     "events {}\nhttp { access_log off combined; }\n",
+    "events {}\nhttp { upstream a { server 127.0.0.1 BACKUP; } }\n",
+    "events {}\nhttp { server { listen 80 DEFAULT_SERVER; } }\n",
     # accepted by both
+    "events {}\nhttp { proxy_next_upstream error TimeOut; proxy_buffering OFF; }\n",
     "events {}\nhttp { server { listen 8080; location / { return 200 'ok'; } } }\n",
     "events {}\nhttp { upstream u { server 127.0.0.1:9001 weight=5"
     " max_fails=3 fail_timeout=1y; keepalive 4; } }\n",
