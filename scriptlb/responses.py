@@ -58,13 +58,14 @@ REASONS: dict[int, str] = {
     507: "Insufficient Storage",
 }
 
-# nginx-internal codes sent on the wire as 400 Bad Request with their own page
-REQUEST_HEADER_TOO_LARGE = 494  # headers over large_client_header_buffers
-_WIRE_STATUS = {494: 400, 495: 400, 496: 400, 497: 400}
+# nginx-internal codes sent on the wire as 400 Bad Request with their own page. nginx never
+# sends 431: headers over large_client_header_buffers are its 494, so 431 is an alias of 494.
+REQUEST_HEADER_TOO_LARGE = 494
+_WIRE_STATUS = {431: 400, 494: 400, 495: 400, 496: 400, 497: 400}
 
 # ngx_http_special_response_handler: these statuses end the keep-alive connection
 # (494 too: nginx has not enabled keep-alive yet while it is still reading the header)
-_CLOSING = frozenset({400, 408, 413, 414, 494, 495, 496, 497, 500, 501})
+_CLOSING = frozenset({400, 408, 413, 414, 431, 494, 495, 496, 497, 500, 501})
 
 # titles where the page differs from the status line, and pages with a second line
 _PAGE_TITLES = {302: "302 Found", 401: "401 Authorization Required", 494: "400 Bad Request"}
@@ -101,6 +102,7 @@ def _page(status: int) -> bytes:
 
 
 ERROR_PAGES: dict[int, bytes] = {status: _page(status) for status in _PAGE_STATUSES}
+ERROR_PAGES[431] = ERROR_PAGES[494]
 
 
 def reason(status: int) -> str:

@@ -42,6 +42,12 @@ def test_494_page_says_400_with_the_reason() -> None:
     assert wire_status(494) == 400
 
 
+def test_431_is_nginx_494() -> None:
+    assert error_page(431) == error_page(494)
+    assert status_line(431) == b"HTTP/1.1 400 Bad Request\r\n"
+    assert error_response(431, now=NOV_22) == error_response(494, now=NOV_22)
+
+
 @pytest.mark.parametrize(
     ("status", "title"),
     [
