@@ -6,7 +6,7 @@ import random
 from collections import Counter
 
 from scriptlb.balancing.base import BalancerState
-from scriptlb.balancing.least_conn import LeastConn
+from scriptlb.balancing.least_conn import LeastConn, usable_mask
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
 from scriptlb.peers import Peer, PeerSet
 
@@ -131,3 +131,23 @@ def test_shares_are_exact_by_weight_when_requests_do_not_overlap() -> None:
         lc.free(state, peer, False, 100.0)
     for name, weight in (("a", 3), ("b", 2), ("c", 1)):
         assert abs(counts[name] - 100_000 * weight / 6) <= 1  # smooth WRR: exact per period of 6
+
+
+def test_usable_mask_agrees_with_peer_methods() -> None:
+    """usable_mask inlines Peer.is_unavailable/is_full for speed: it must never disagree."""
+    rng = random.Random(9)
+    lc = balancer(server("a", max_conns=2), server("b", max_fails=2), server("c", max_fails=0), server("d"))
+    peers = lc.peers.primary
+    for _ in range(2000):
+        for peer in peers:
+            peer.down = rng.random() < 0.2
+            peer.conns = rng.randrange(4)
+            peer.fails = rng.randrange(3)
+            peer.checked = rng.choice([0.0, 95.0, 99.5])
+        tried = rng.randrange(16)
+        now = rng.choice([100.0, 105.0, 120.0])
+        expected = 0
+        for index, peer in enumerate(peers):
+            if not (tried >> index & 1 or peer.is_unavailable(now) or peer.is_full()):
+                expected |= 1 << index
+        assert usable_mask(peers, tried, now) == expected

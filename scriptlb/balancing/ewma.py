@@ -33,6 +33,7 @@ import math
 import random as _random
 
 from scriptlb.balancing.base import BalancerState
+from scriptlb.balancing.least_conn import usable_mask
 from scriptlb.balancing.round_robin import RoundRobin
 from scriptlb.peers import Peer, PeerSet
 
@@ -146,27 +147,24 @@ class Ewma(RoundRobin):
         if state.peer_set is not self.times.peers:  # a request from before a rebuild
             return RoundRobin._get_weighted(state, now)
         peers = state.peers
-        tried = state.tried
-        usable = 0
-        for index, peer in enumerate(peers):
-            if not (tried >> index & 1 or peer.is_unavailable(now) or peer.is_full()):
-                usable += 1
-        if usable == 0:
+        usable = usable_mask(peers, state.tried, now)
+        count = usable.bit_count()
+        if count == 0:
             return None
-        if usable == 1:
-            index = _nth_usable(peers, tried, 0, now)
+        if count == 1:
+            index = usable.bit_length() - 1
         else:
-            a = self._rng.randrange(usable)
-            b = self._rng.randrange(usable - 1)
+            a = self._rng.randrange(count)
+            b = self._rng.randrange(count - 1)
             if b >= a:
                 b += 1
-            index = _nth_usable(peers, tried, a, now)
-            other = _nth_usable(peers, tried, b, now)
+            index = _nth_set_bit(usable, a)
+            other = _nth_set_bit(usable, b)
             averages = self.times.backup if state.on_backup else self.times.primary
             if averages.decayed(index, now) > averages.decayed(other, now):
                 index = other
         best = peers[index]
-        state.tried = tried | 1 << index
+        state.tried |= 1 << index
         if now - best.checked > best.fail_timeout:
             best.checked = now
         return best
@@ -175,13 +173,9 @@ class Ewma(RoundRobin):
         return f"<Ewma {self.peers!r}>"
 
 
-def _nth_usable(peers: list[Peer], tried: int, n: int, now: float) -> int:
-    """The list index of the ``n``-th (0-based) usable peer: a scan instead of a filtered list,
-    so a pick allocates nothing."""
-    for index, peer in enumerate(peers):
-        if tried >> index & 1 or peer.is_unavailable(now) or peer.is_full():
-            continue
-        if n == 0:
-            return index
-        n -= 1
-    raise IndexError(n)
+def _nth_set_bit(mask: int, n: int) -> int:
+    """The position of the ``n``-th (0-based) set bit of ``mask``: the ``n``-th usable peer,
+    found without building a filtered list."""
+    for _ in range(n):
+        mask &= mask - 1  # clear the lowest set bit
+    return (mask & -mask).bit_length() - 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.ewma import DECAY_TIME, PerPeerTimes
+from scriptlb.balancing.least_conn import usable_mask
 from scriptlb.balancing.round_robin import RoundRobin
 from scriptlb.peers import Peer, PeerSet
 
@@ -69,50 +70,51 @@ class LeastTime(RoundRobin):
         if state.peer_set is not self.times.peers:  # a request from before a rebuild
             return RoundRobin._get_weighted(state, now)
         peers = state.peers
+        usable = usable_mask(peers, state.tried, now)
+        if not usable:
+            return None
         times = (self.times.backup if state.on_backup else self.times.primary).values
-        tried = state.tried
         best: Peer | None = None
         best_index = 0
         best_cost = 0.0  # average * (conns + 1): the score times weight
         many = False
         for index, peer in enumerate(peers):
-            if tried >> index & 1 or peer.is_unavailable(now) or peer.is_full():
+            if not usable >> index & 1:
                 continue
             cost = times[index] * (peer.conns + 1)
             if best is None or cost * best.weight < best_cost * peer.weight:
                 best, best_index, best_cost, many = peer, index, cost, False
             elif cost * best.weight == best_cost * peer.weight:
                 many = True
-        if best is None:
-            return None
+        assert best is not None
         if many:
-            best, best_index = self._round_robin_among_equals(state, times, best, best_index, best_cost, now)
-        state.tried = tried | 1 << best_index
+            best, best_index = _round_robin_among_equals(peers, usable, times, best, best_index, best_cost)
+        state.tried |= 1 << best_index
         if now - best.checked > best.fail_timeout:
             best.checked = now
         return best
 
-    @staticmethod
-    def _round_robin_among_equals(
-        state: BalancerState, times: list[float], first: Peer, first_index: int, first_cost: float, now: float
-    ) -> tuple[Peer, int]:
-        peers = state.peers
-        best, best_index = first, first_index
-        total = 0
-        for index in range(first_index, len(peers)):
-            peer = peers[index]
-            if state.tried >> index & 1 or peer.is_unavailable(now) or peer.is_full():
-                continue
-            if times[index] * (peer.conns + 1) * first.weight != first_cost * peer.weight:
-                continue
-            peer.current_weight += peer.effective_weight
-            total += peer.effective_weight
-            if peer.effective_weight < peer.weight:
-                peer.effective_weight += 1
-            if peer.current_weight > best.current_weight:
-                best, best_index = peer, index
-        best.current_weight -= total
-        return best, best_index
-
     def __repr__(self) -> str:
         return f"<LeastTime {'last_byte' if self.last_byte else 'header'} {self.peers!r}>"
+
+
+def _round_robin_among_equals(
+    peers: list[Peer], usable: int, times: list[float], first: Peer, first_index: int, first_cost: float
+) -> tuple[Peer, int]:
+    """Smooth WRR over the usable peers whose cost per weight equals ``first``'s, from it on."""
+    best, best_index = first, first_index
+    total = 0
+    for index in range(first_index, len(peers)):
+        if not usable >> index & 1:
+            continue
+        peer = peers[index]
+        if times[index] * (peer.conns + 1) * first.weight != first_cost * peer.weight:
+            continue
+        peer.current_weight += peer.effective_weight
+        total += peer.effective_weight
+        if peer.effective_weight < peer.weight:
+            peer.effective_weight += 1
+        if peer.current_weight > best.current_weight:
+            best, best_index = peer, index
+    best.current_weight -= total
+    return best, best_index
