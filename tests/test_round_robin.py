@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +24,15 @@ import pytest
 from scriptlb.balancing import RoundRobin, create_balancer
 from scriptlb.config.model import NextUpstream, PeerAddr, ProxyConf, UpstreamConf, UpstreamServerConf
 from scriptlb.peers import Peer, PeerSet
-from scriptlb.retry import PASS_THROUGH, RETRY, Failure, decide, is_counted_failure, last_failure_status
+from scriptlb.retry import (
+    PASS_THROUGH,
+    RETRY,
+    Failure,
+    decide,
+    is_counted_failure,
+    is_idempotent,
+    last_failure_status,
+)
 
 PORTS = {"a": 9001, "b": 9002, "c": 9003, "d": 9004, "e": 9005}
 NAMES = {f"127.0.0.1:{port}": letter for letter, port in PORTS.items()}
@@ -474,11 +483,15 @@ def nginx_running(tmp_path: Path, http_block: str, wait_ports: list[int]) -> Ite
             proc.wait()
 
 
-def simulate(rr: RoundRobin, conf: ProxyConf, behaviour: dict[str, str], now: float) -> str:
+def simulate(
+    rr: RoundRobin, conf: ProxyConf, behaviour: dict[str, str], now: float, method: str = "GET"
+) -> str:
     """One request through RoundRobin + retry, as the proxy's tries loop runs them.
 
-    Returns "addr, addr|status, status|final" like the nginx log line below.
+    Returns "addr, addr|status, status|final" like the nginx log line below. Behaviours: "ok",
+    "refused" (connect fails), "closes" (reads the request, closes without answering), "502".
     """
+    idempotent = is_idempotent(method)
     state = rr.new_request(conf.next_upstream_tries)
     addrs: list[str] = []
     statuses: list[str] = []
@@ -495,13 +508,14 @@ def simulate(rr: RoundRobin, conf: ProxyConf, behaviour: dict[str, str], now: fl
             rr.free(state, peer, False, now)
             statuses.append("200")
             return f"{', '.join(addrs)}|{', '.join(statuses)}|200"
-        if kind == "refused":
+        if kind in ("refused", "closes"):
             rr.free(state, peer, True, now)
             statuses.append(str(last_failure_status(Failure.ERROR)))
-            verdict = decide(Failure.ERROR, state.tries, now, now, conf, True, False)
+            sent = kind == "closes"
+            verdict = decide(Failure.ERROR, state.tries, now, now, conf, idempotent, request_sent=sent)
         else:  # the peer answered with a 502 of its own
             statuses.append("502")
-            verdict = decide(Failure.HTTP_502, state.tries - 1, now, now, conf, True, True)
+            verdict = decide(Failure.HTTP_502, state.tries - 1, now, now, conf, idempotent, True)
             rr.free(state, peer, is_counted_failure(Failure.HTTP_502, verdict == RETRY), now)
             if verdict == PASS_THROUGH:
                 verdict = 502  # the upstream's own 502 reaches the client
@@ -606,3 +620,82 @@ def next_upstream_mask(words: str) -> NextUpstream:
     for word in words.split():
         mask |= NextUpstream[word.upper()]
     return mask
+
+
+class ClosingBackend:
+    """Reads each request's head, then closes without a byte of response (nginx: "upstream
+    prematurely closed connection", an `error` after the request was sent)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                data = b""
+                with contextlib.suppress(OSError):
+                    while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                        data += chunk
+
+    def __enter__(self) -> ClosingBackend:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_non_idempotent_trails_match_a_real_nginx(tmp_path: Path) -> None:
+    ok, proxy = free_ports(2)
+    with ClosingBackend() as closer:
+        servers = f"server 127.0.0.1:{closer.port} max_fails=0; server 127.0.0.1:{ok};"
+        behaviour = {f"127.0.0.1:{closer.port}": "closes", f"127.0.0.1:{ok}": "ok"}
+        masks = {"plain": "error", "nonidem": "error non_idempotent", "cap1": "error non_idempotent"}
+        tries = {"plain": 0, "nonidem": 0, "cap1": 1}
+        http_block = f"""
+            log_format trail '$request_method $uri|$upstream_addr|$upstream_status|$status';
+            {"".join(f"upstream {u} {{ {servers} }}" for u in masks)}
+            server {{ listen 127.0.0.1:{ok}; location / {{ return 200 ok; }} }}
+            server {{
+                listen 127.0.0.1:{proxy};
+                {
+            "".join(
+                f"location /{u} {{ proxy_pass http://{u}; proxy_next_upstream {masks[u]}; "
+                f"proxy_next_upstream_tries {tries[u]}; access_log {tmp_path}/logs/trail.log trail; }}"
+                for u in masks
+            )
+        }
+            }}
+        """
+        order = [(method, u) for u in masks for method in ("GET", "POST", "POST", "PATCH", "PUT", "GET")]
+        with nginx_running(tmp_path, http_block, [proxy, ok]):
+            conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=5)
+            for method, upstream_name in order:
+                conn.request(method, f"/{upstream_name}", body=b"x" if method != "GET" else None)
+                conn.getresponse().read()
+            conn.close()
+    nginx_lines = (tmp_path / "logs/trail.log").read_text().splitlines()
+
+    upstream_conf = parse_upstream("u", f"upstream u {{ {servers} }}")
+    balancers = {u: RoundRobin(PeerSet.from_conf(upstream_conf)) for u in masks}
+    ours = []
+    for method, u in order:
+        conf = ProxyConf(next_upstream=next_upstream_mask(masks[u]), next_upstream_tries=tries[u])
+        ours.append(f"{method} /{u}|" + simulate(balancers[u], conf, behaviour, 1000.0, method))
+    assert len(nginx_lines) == len(order)
+    assert ours == nginx_lines
