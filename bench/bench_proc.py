@@ -85,6 +85,17 @@ def cpu_seconds(root: int) -> float:
     return cpu_ticks(tree_pids(root)) / CLK_TCK
 
 
+def cpu_split(root: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``root``'s process tree."""
+    user = system = 0
+    for pid in tree_pids(root):
+        st = _read_stat(pid)
+        if st is not None:
+            user += st[1]
+            system += st[2]
+    return user / CLK_TCK, system / CLK_TCK
+
+
 def status_kib(pid: int, key: str) -> int:
     """A ``kB`` field of /proc/PID/status (``VmRSS``, ``VmHWM``), 0 if absent."""
     try:

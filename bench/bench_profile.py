@@ -60,10 +60,16 @@ def summarize_raw(text: str, top: int = 30) -> dict:
     }
 
 
-def pyspy_record(pyspy: str, pid: int, seconds: int, out: Path, rate: int = 250) -> tuple[bool, str]:
-    """Record ``pid`` for ``seconds`` into ``out`` (raw format); (ok, message)."""
+def pyspy_record(pyspy: str, pid: int, seconds: int, out: Path, rate: int = 100,
+                 native: bool = True) -> tuple[bool, str]:
+    """Record ``pid`` for ``seconds`` into ``out`` (raw format); (ok, message).
+
+    ``native`` adds C frames (uvloop, httptools, libc syscalls such as write/read/epoll_pwait),
+    which is where a uvloop proxy spends much of its time; py-spy then has to pause the process
+    for each sample (it cannot unwind native stacks with --nonblocking), so the rate is low."""
     argv = [pyspy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", str(rate),
-            "--format", "raw", "--output", str(out), "--nonblocking"]
+            "--format", "raw", "--output", str(out)]
+    argv.append("--native" if native else "--nonblocking")
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, check=False,
                            start_new_session=True)

@@ -56,7 +56,7 @@ def summarize_reps(reps: list[dict]) -> dict:
         [r["cpu_s"] / r["requests"] * 1000 for r in reps if r.get("cpu_s") is not None and r["requests"]]
     )
     for k in ("proxy_util_pct", "other_on_proxy_cores_pct", "steal_pct", "load_core_busy_pct",
-              "upstream_conns_per_1k"):
+              "upstream_conns_per_1k", "sys_pct"):
         out[k] = median([r[k] for r in reps if r.get(k) is not None])
     out["requests"] = sum(r["requests"] for r in reps)
     out["errors"] = sum(r.get("errors", 0) for r in reps)
@@ -142,12 +142,13 @@ def markdown(fig: dict) -> str:
               for p, pf in t.get("paths", {}).items() if pf.get("proxy_util_pct") is not None]
     if health:
         lines += ["", "## Run health (medians): is the proxy the bottleneck, was its core shared?", "",
-                  "| target | path | proxy CPU % of its cores | other work on proxy cores % | "
-                  "load core busy % | steal % | upstream conns opened per 1k req | req/s per rep |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| target | path | proxy CPU % of its cores | kernel share of proxy CPU % | "
+                  "other work on proxy cores % | load core busy % | steal % | "
+                  "upstream conns opened per 1k req | req/s per rep |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for n, p, pf in health:
             per_rep = ", ".join(f"{r['rps']:,.0f}" for r in pf.get("reps", []))
-            lines.append(f"| {n} | {p} | {_f(pf['proxy_util_pct'])} | "
+            lines.append(f"| {n} | {p} | {_f(pf['proxy_util_pct'])} | {_f(pf.get('sys_pct'))} | "
                          f"{_f(pf.get('other_on_proxy_cores_pct'))} | {_f(pf.get('load_core_busy_pct'))} | "
                          f"{_f(pf.get('steal_pct'), '{:.1f}')} | "
                          f"{_f(pf.get('upstream_conns_per_1k'), '{:.1f}')} | {per_rep} |")

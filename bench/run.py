@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true",
                     help="also profile the scriptlb targets under load with py-spy (installed with pip)")
     ap.add_argument("--profile-seconds", type=int, default=8)
+    ap.add_argument("--profile-native", action="store_true",
+                    help="py-spy --native (C frames too; it stops the process per sample, which "
+                    "seems to over-weight syscalls: compare with the kernel share from /proc)")
     return ap.parse_args(argv)
 
 
@@ -245,7 +248,9 @@ class Harness:
         fig["check"] = check
         fig["pids"] = bench_proc.tree_pids(proc.pid)
         if fatal:
-            self.fail(t.name, f"error: wrong answers, not measured: {check}")
+            tail = proc.log_tail(3).replace("\n", " / ")
+            self.fail(t.name, f"error: wrong answers, not measured: {check}"
+                      + (f"; log: {tail}" if tail else ""))
             self.procs.stop(proc)
             return
         self.live[t.name] = (proc, listen)
@@ -302,29 +307,30 @@ class Harness:
                 bench_load.run_wrk(self.deps.wrk, url, self.warmup, conns, cpus=self.load_cpu,
                                    taskset=self.deps.taskset)
             s0 = self.backend_status()
-            c0 = bench_proc.cpu_seconds(proc.pid)
+            c0 = bench_proc.cpu_split(proc.pid)
             k0 = bench_proc.core_ticks(pcores), bench_proc.core_ticks(lcores), time.monotonic()
             res = bench_load.run_wrk(self.deps.wrk, url, self.duration, conns, cpus=self.load_cpu,
                                      taskset=self.deps.taskset)
             k1 = bench_proc.core_ticks(pcores), bench_proc.core_ticks(lcores), time.monotonic()
-            c1 = bench_proc.cpu_seconds(proc.pid)
+            c1 = bench_proc.cpu_split(proc.pid)
         else:
             conns = min(conns, 32)
             if self.warmup:
                 bench_load.python_load(port, path, self.warmup, conns)
             s0 = self.backend_status()
-            c0 = bench_proc.cpu_seconds(proc.pid)
+            c0 = bench_proc.cpu_split(proc.pid)
             k0 = bench_proc.core_ticks(pcores), bench_proc.core_ticks(lcores), time.monotonic()
             res = bench_load.python_load(port, path, self.duration, conns)
             k1 = bench_proc.core_ticks(pcores), bench_proc.core_ticks(lcores), time.monotonic()
-            c1 = bench_proc.cpu_seconds(proc.pid)
+            c1 = bench_proc.cpu_split(proc.pid)
         if not proc.alive():
             raise RuntimeError(f"process exited during the run: {proc.log_tail(8)}")
         if res.requests == 0 or res.errors + res.non2xx > res.requests // 2:
             raise RuntimeError(f"{path}: {res.requests} requests, {res.errors} socket errors, "
                                f"{res.non2xx} non-2xx: {proc.log_tail(5)}")
         d = res.to_dict()
-        d["cpu_s"] = c1 - c0
+        d["cpu_s"] = (c1[0] - c0[0]) + (c1[1] - c0[1])
+        d["sys_pct"] = 100.0 * (c1[1] - c0[1]) / d["cpu_s"] if d["cpu_s"] > 0 else None
         if s0 is not None:
             s1 = self.backend_status()
             if s1 is not None:
@@ -467,7 +473,9 @@ class Harness:
                                     start_new_session=True)
             try:
                 time.sleep(1)
-                ok, msg = bench_profile.pyspy_record(pyspy, worker, secs, out)
+                native = self.args.profile_native
+                ok, msg = bench_profile.pyspy_record(pyspy, worker, secs, out, rate=100 if native else 250,
+                                                     native=native)
             finally:
                 try:
                     load.wait(secs + 10)
@@ -478,8 +486,9 @@ class Harness:
                 prof[name] = {"status": msg, "tool": "py-spy"}
                 continue
             s = bench_profile.summarize_raw(out.read_text())
-            s.update({"tool": "py-spy (--nonblocking, 250 Hz)", "status": "ok", "pid": worker,
-                      "raw": str(out)})
+            tool = ("py-spy --native, 100 Hz (pauses the process per sample)" if native
+                    else "py-spy --nonblocking, 250 Hz; time in C is charged to the calling Python frame")
+            s.update({"tool": tool, "status": "ok", "pid": worker, "raw": str(out)})
             prof[name] = s
             log(f"profiled {name} (pid {worker}): {s['samples']} samples")
         self.fig["profile"] = prof

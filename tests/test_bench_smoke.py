@@ -178,6 +178,8 @@ def test_proc_sampling_of_this_process() -> None:
     assert bench_proc.tree_pids(me)[0] == me
     sum(i * i for i in range(200_000))  # burn a little CPU so the counters are non-zero
     assert bench_proc.cpu_seconds(me) >= 0.0
+    user, system = bench_proc.cpu_split(me)
+    assert user >= 0.0 and system >= 0.0
     rss = bench_proc.rss_kib(me)
     hwm = bench_proc.rss_kib(me, "VmHWM")
     assert rss > 0 and hwm >= rss
