@@ -174,7 +174,9 @@ def _open(path: str, size: int) -> tuple[lmdb.Environment, Any, Any, Any]:
         max_dbs=3,
         # Like nginx's shared memory, the data must outlive a worker, not a power cut: commits go
         # to the page cache only. writemap writes records straight into the shared mapping,
-        # which makes a write transaction ~3x cheaper than with a private buffer.
+        # which makes a write transaction ~3x cheaper than with a private buffer. The price: an
+        # OS crash may leave the file corrupt, so a cold start should remove_files() first
+        # (nginx starts with empty zones anyway); reloads and worker respawns keep the data.
         sync=False,
         metasync=False,
         writemap=True,
@@ -190,6 +192,29 @@ def _open(path: str, size: int) -> tuple[lmdb.Environment, Any, Any, Any]:
     _ENVS[path] = (pid, env, data, lru, meta)
     return env, data, lru, meta
 
+
+# What a hook may call on ``ngx.shared.NAME`` (the sandbox's attribute allow-list): the
+# OpenResty API, not close() or the internals.
+HOOK_METHODS = frozenset(
+    {
+        "get",
+        "get_stale",
+        "set",
+        "safe_set",
+        "add",
+        "safe_add",
+        "replace",
+        "delete",
+        "incr",
+        "get_keys",
+        "ttl",
+        "expire",
+        "flush_all",
+        "flush_expired",
+        "capacity",
+        "free_space",
+    }
+)
 
 # Every dict of this process, so a forked child reopens their environments before first use.
 _LIVE: weakref.WeakSet[SharedDict] = weakref.WeakSet()

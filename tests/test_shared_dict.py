@@ -433,3 +433,27 @@ def test_forked_child_reopens_and_shares(tmp_path: Path) -> None:
         assert d.get("n") == (1000, None)
     finally:
         d.close()
+
+
+def test_hook_methods_are_the_openresty_api() -> None:
+    assert all(callable(getattr(SharedDict, name)) for name in shared_dict_module.HOOK_METHODS)
+    assert "close" not in shared_dict_module.HOOK_METHODS
+
+
+def test_a_read_only_process_still_promotes_what_it_reads(tmp_path: Path, clock: Clock) -> None:
+    writer = SharedDict(str(tmp_path), "small", MIN_SIZE, clock=clock)
+    try:
+        fill(writer, "old", 70)
+        clock.advance(5)
+        # 64 reads of stale entries fill the pending list, which then flushes in one write txn
+        for i in range(shared_dict_module.PENDING_FLUSH):
+            assert writer.get(f"old{i}")[0] is not None
+        assert not writer._pending
+        # 139 entries of 471 charged bytes fit in 64 KiB: 75 more evict exactly 6, which must be
+        # the six old entries nobody read
+        for i in range(75):
+            clock.advance(0.01)
+            writer.set(f"new{i}", "x" * 400)
+        assert [i for i in range(70) if writer.get(f"old{i}")[0] is None] == list(range(64, 70))
+    finally:
+        writer.close()
