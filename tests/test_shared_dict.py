@@ -457,3 +457,57 @@ def test_a_read_only_process_still_promotes_what_it_reads(tmp_path: Path, clock:
         assert [i for i in range(70) if writer.get(f"old{i}")[0] is None] == list(range(64, 70))
     finally:
         writer.close()
+
+
+def invariants(d: SharedDict) -> None:
+    """The byte budget and the LRU index agree with the entries, and the budget holds."""
+    env = d._env
+    with env.begin() as txn:
+        records = dict(txn.cursor(db=d._data))
+        lru_rows = [k for k, _ in txn.cursor(db=d._lru)]
+        used_raw = txn.get(b"used", db=d._meta)
+    used = int.from_bytes(used_raw, "little", signed=True) if used_raw else 0
+    assert used == sum(shared_dict_module._cost(k, raw) for k, raw in records.items())
+    assert used <= d.size
+    expected_rows = sorted(
+        shared_dict_module._LRU_TIME.pack(shared_dict_module._HEAD.unpack_from(raw)[1]) + k
+        for k, raw in records.items()
+    )
+    assert sorted(lru_rows) == expected_rows
+
+
+def test_random_operations_keep_the_accounting_exact(tmp_path: Path, clock: Clock) -> None:
+    import random
+
+    rng = random.Random(2024)
+    d = SharedDict(str(tmp_path), "fuzz", MIN_SIZE, clock=clock)
+    keys = [f"key{i}" for i in range(60)]
+    try:
+        for step in range(3000):
+            clock.advance(rng.choice([0.0, 0.001, 0.3, 1.5]))
+            key = rng.choice(keys)
+            op = rng.randrange(10)
+            value: object = rng.choice(["x" * rng.randrange(0, 900), 7, 2**70, 1.5, True, b"\x00" * 50])
+            if op == 0:
+                d.set(key, value, rng.choice([0, 0.5, 3]))
+            elif op == 1:
+                d.safe_set(key, value)
+            elif op == 2:
+                d.add(key, value, rng.choice([0, 2]))
+            elif op == 3:
+                d.replace(key, value)
+            elif op == 4:
+                d.delete(key)
+            elif op == 5:
+                d.incr(key, rng.choice([1, -2, 0.5, 2**64]), rng.choice([None, 0]))
+            elif op == 6:
+                d.expire(key, rng.choice([0, 1]))
+            elif op == 7:
+                d.flush_expired(rng.choice([0, 3]))
+            else:
+                d.get(key)
+            if step % 50 == 0:
+                invariants(d)
+        invariants(d)
+    finally:
+        d.close()
