@@ -379,6 +379,15 @@ def log_escape(value: str) -> str:
     return _LOG_UNSAFE.sub(_hex_bytes, value)
 
 
+def _default_log_value(value: str | None) -> str:
+    """ngx_http_log_variable: "-" when not found, else the value with \\xHH escapes."""
+    if value is None:
+        return "-"
+    if _LOG_UNSAFE.search(value) is None:
+        return value
+    return _LOG_UNSAFE.sub(_hex_bytes, value)
+
+
 def _json_char(match: re.Match[str]) -> str:
     ch = match.group()
     return _JSON_SHORT.get(ch) or f"\\u{ord(ch):04X}"
@@ -433,11 +442,7 @@ def compile_log_format(template: Template, escape: str = "default", clock: Clock
     if escape == "default":
 
         def render(ex: Any) -> str:
-            values = []
-            for getter in getters:
-                value = getter(ex)
-                values.append("-" if value is None else log_escape(value))
-            return fmt(*values)
+            return fmt(*[_default_log_value(g(ex)) for g in getters])
 
     elif escape == "json":
 
