@@ -1,0 +1,512 @@
+"""What a hook sees: ``balancer`` (ngx.balancer), the ``ngx`` namespace and ``upstream``.
+
+The three objects are process-wide singletons. A hook run (scriptlb.hooks.HookRunner.run)
+points ``CURRENT`` at its exchange, upstream runtime and outcome before executing the hook and
+clears it afterwards, so no object is allocated per run for the API, and a module imported once
+per worker (python_package_path) that kept a reference to ``ngx`` still talks to the request
+being served. Runs never nest and a worker runs one at a time.
+
+Conventions (docs/hooks.md): argument errors raise ``TypeError``/``ValueError`` with
+OpenResty's message text; refusals are returned as ``(None, "message")``; success is
+``(True, None)`` (``set_more_tries`` may return ``(True, "reduced tries due to limit")``).
+Only plain values (str, int, float, bool, None, tuples/lists/dicts of them) are returned.
+Every public name of these classes is reachable by hook code, so internals start with ``_``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import os
+import re
+import sys
+import time
+import zlib
+from typing import Any
+
+from scriptlb.config.model import PeerAddr
+from scriptlb.sandbox.guards import expose, expose_dynamic
+
+_OK = (True, None)
+MAX_MORE_TRIES = 1000  # one set_more_tries grant, when proxy_next_upstream_tries is 0 (unlimited)
+MAX_LOG_MESSAGE = 2048  # nginx's NGX_MAX_ERROR_STR
+_HOST_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class RunContext:
+    """The run in progress (or none): what the API objects read and write."""
+
+    __slots__ = ("exchange", "log", "outcome", "upstream")
+
+    def __init__(self) -> None:
+        self.exchange: Any = None
+        self.upstream: Any = None
+        self.outcome: Any = None
+        self.log: Any = None  # callable(level: str, msg: str, exchange) from the runner
+
+
+CURRENT = RunContext()
+_WORKER = [0, 1]  # ngx.worker.id(), ngx.worker.count()
+
+
+def set_worker(worker_id: int, worker_count: int) -> None:
+    """worker.py tells the API which worker this is (ngx.worker.id()/count())."""
+    _WORKER[0], _WORKER[1] = worker_id, worker_count
+
+
+def _current() -> RunContext:
+    if CURRENT.outcome is None:
+        raise RuntimeError("no request found")
+    return CURRENT
+
+
+def _type_name(value: Any) -> str:
+    return "nil" if value is None else type(value).__name__
+
+
+def _bad_type(position: int, func: str, expected: str, value: Any) -> TypeError:
+    """Lua's argument error text, e.g. bad argument #3 to 'set_current_peer' (string expected, got int)."""
+    return TypeError(f"bad argument #{position} to '{func}' ({expected} expected, got {_type_name(value)})")
+
+
+def _is_number(value: Any) -> bool:
+    return (type(value) is int or type(value) is float) and value == value  # NaN is not a number
+
+
+# --------------------------------------------------------------------------- peer addresses
+
+_IPV4 = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})")
+_UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
+_PEER_CACHE: dict[Any, PeerAddr | str] = {}  # addr (port 0) or (addr, port) -> parsed
+_PEER_CACHE_MAX = 4096
+
+
+def _ipv4(text: str) -> str | None:
+    match = _IPV4.fullmatch(text)
+    if match is None or any(int(octet) > 255 for octet in match.groups()):
+        return None
+    return ".".join(str(int(octet)) for octet in match.groups())
+
+
+def _parse_port(text: str) -> int | None:
+    """nginx's ngx_atoi over a ``:port`` suffix: digits only, 1..65535."""
+    if not text.isdigit() or not text.isascii() or len(text) > 5 or not 1 <= int(text) <= 65535:
+        return None
+    return int(text)
+
+
+def _parse_ipv6(addr: str, default_port: int) -> PeerAddr | str:
+    end = addr.find("]")
+    if end == -1:
+        return "invalid host"
+    rest = addr[end + 1 :]
+    port = default_port
+    if rest:
+        if rest[0] != ":":
+            return "invalid host"
+        parsed = _parse_port(rest[1:])
+        if parsed is None:
+            return "invalid port"
+        port = parsed
+    inner = addr[1:end]
+    if not inner:
+        return "no host"
+    try:
+        return PeerAddr(str(ipaddress.IPv6Address(inner)), port)
+    except ValueError:
+        return "invalid IPv6 address"
+
+
+def parse_peer(addr: str, default_port: int) -> PeerAddr | str:
+    """``set_current_peer``'s address parsing, as ngx_parse_url with no_resolve: a PeerAddr, or
+    nginx's error text."""
+    if addr[:5].lower() == "unix:":
+        path = addr[5:]
+        if not path:
+            return "no path in the unix domain socket"
+        if len(path.encode()) >= _UNIX_PATH_MAX:
+            return "too long path in the unix domain socket"
+        return PeerAddr(None, 0, path)
+    if addr.startswith("["):
+        return _parse_ipv6(addr, default_port)
+    if "/" in addr or "?" in addr:
+        return "invalid host"
+    host, colon, port_text = addr.partition(":")
+    port = default_port
+    if colon:
+        parsed = _parse_port(port_text)
+        if parsed is None:
+            return "invalid port"
+        port = parsed
+    if not host:
+        return "no host"
+    ip = _ipv4(host)
+    if ip is None:
+        return "no host allowed"
+    return PeerAddr(ip, port)
+
+
+def _parse_cached(addr: str, port: int) -> PeerAddr | str:
+    parsed = parse_peer(addr, port)
+    if len(_PEER_CACHE) >= _PEER_CACHE_MAX:
+        _PEER_CACHE.clear()
+    _PEER_CACHE[addr if port == 0 else (addr, port)] = parsed
+    return parsed
+
+
+def _port_argument(port: Any) -> int:
+    """Lua: nil/false -> 0, numbers truncated to 16 bits, numeric strings converted."""
+    if port is None or port is False:
+        return 0
+    if type(port) is str:
+        try:
+            port = float(port.strip())
+        except ValueError:
+            port = None
+    if not _is_number(port) or math.isinf(port):
+        raise _bad_type(2, "set_current_peer", "number", port)
+    return int(port) & 0xFFFF
+
+
+# --------------------------------------------------------------------------- balancer
+
+
+class Balancer:
+    """``ngx.balancer``: the peer of this try and the request's tries and timeouts."""
+
+    __slots__ = ()
+
+    def set_current_peer(self, addr: Any, port: Any = None, host: Any = None) -> tuple[Any, Any]:
+        outcome = CURRENT.outcome
+        if outcome is None:
+            raise RuntimeError("no request found")
+        parsed = _PEER_CACHE.get(addr) if port is None else None  # the hot path: a cached "ip:port"
+        if parsed is None:
+            if type(addr) is not str:
+                raise _bad_type(1, "set_current_peer", "string", addr)
+            parsed = _parse_cached(addr, _port_argument(port))
+        if host is not None and type(host) is not str:
+            raise _bad_type(3, "set_current_peer", "string", host)
+        if type(parsed) is str:
+            return None, parsed
+        outcome.addr = parsed
+        outcome.host = host or None  # a later call without host clears it; "" is nil
+        return _OK
+
+    def set_more_tries(self, count: Any) -> tuple[Any, Any]:
+        run = _current()
+        if not _is_number(count):
+            raise _bad_type(1, "set_more_tries", "number", count)
+        count = int(count) if math.isfinite(count) else MAX_MORE_TRIES if count > 0 else 0
+        exchange = run.exchange
+        # OpenResty: total = hook runs so far (incl. this one) + u.peer.tries - 1; our
+        # exchange appends one TryRecord per earlier try, so runs so far = len(tries) + 1.
+        total = len(exchange.tries) + exchange.tries_left
+        cap = exchange.tries_cap
+        warning = None
+        if cap and total + count > cap:
+            count = cap - total
+            warning = "reduced tries due to limit"
+        # OpenResty wraps a negative grant into a huge unsigned one; we clamp (docs' intent)
+        run.outcome.more_tries = min(max(count, 0), MAX_MORE_TRIES)
+        return True, warning
+
+    def get_last_failure(self) -> tuple[Any, Any]:
+        failure = _current().exchange.last_failure
+        if failure is None:
+            return None, None
+        return failure[0], failure[1]
+
+    def set_timeouts(self, connect: Any = None, send: Any = None, read: Any = None) -> tuple[Any, Any]:
+        run = _current()
+        values = (("connect", connect), ("send", send), ("read", read))
+        for name, value in values:  # the first bad argument wins, before anything changes
+            if value is not None and not (_is_number(value) and 0 < value < math.inf):
+                raise ValueError(f"bad {name} timeout")
+        exchange = run.exchange
+        for name, value in values:
+            if value is not None:
+                ms = int(value * 1000)  # millisecond precision; sub-ms values keep the old one
+                if ms:
+                    setattr(exchange, f"{name}_timeout", ms / 1000)
+        return _OK
+
+    def enable_keepalive(self, idle_timeout: Any = 60, max_requests: Any = 100) -> tuple[Any, Any]:
+        run = _current()
+        for position, value in ((1, idle_timeout), (2, max_requests)):
+            if not _is_number(value):
+                raise _bad_type(position, "enable_keepalive", "number", value)
+            if value < 0:
+                raise ValueError(f"bad argument #{position} to 'enable_keepalive' (expected >= 0)")
+        outcome = run.outcome
+        if outcome.addr is None:
+            return None, "no current peer set"
+        outcome.keepalive = (float(idle_timeout), int(max_requests))
+        return _OK
+
+    def recreate_request(self) -> tuple[Any, Any]:
+        _current().outcome.recreate = True
+        return _OK
+
+    def bind_to_local_addr(self, addr: Any) -> tuple[Any, Any]:
+        run = _current()
+        if type(addr) is not str:
+            raise _bad_type(1, "bind_to_local_addr", "string", addr)
+        parsed = parse_peer(addr, 0) if addr[:5].lower() != "unix:" else "unix"
+        if type(parsed) is str:
+            return None, f"invalid addr {addr}"  # every unparsable input (OpenResty's http side is UB)
+        run.outcome.local_addr = parsed.name if parsed.port else parsed.host
+        return _OK
+
+
+# --------------------------------------------------------------------------- ngx namespace
+
+
+class VarView:
+    """``ngx.var``: read-only request variables; a missing one is None."""
+
+    __slots__ = ()
+
+    def __getitem__(self, name: Any) -> str | None:
+        return _variable(self, name)
+
+
+_GETTERS: dict[str, Any] = {}  # variable name -> getter
+
+
+def _variable(_view: Any, name: Any) -> str | None:
+    """``ngx.var.NAME`` and ``ngx.var[NAME]``."""
+    exchange = CURRENT.exchange
+    if exchange is None:
+        raise RuntimeError("no request found")
+    getter = _GETTERS.get(name)
+    if getter is None:
+        if type(name) is not str:
+            raise TypeError(f"bad variable name (string expected, got {_type_name(name)})")
+        getter = _variable_getter(name)
+    try:
+        return getter(exchange)
+    except AttributeError:  # a variable this exchange cannot provide (e.g. a fake one)
+        return None
+
+
+def _variable_getter(name: str) -> Any:
+    from scriptlb.variables import variable_getter
+
+    try:
+        getter = variable_getter(name.lower())
+    except KeyError:
+        getter = _missing_variable
+    if len(_GETTERS) < 1024:  # names come from hook code, but stay bounded anyway
+        _GETTERS[name] = getter
+    return getter
+
+
+def _missing_variable(_exchange: Any) -> None:
+    return None
+
+
+class Worker:
+    """``ngx.worker``."""
+
+    __slots__ = ()
+
+    def id(self) -> int:
+        return _WORKER[0]
+
+    def count(self) -> int:
+        return _WORKER[1]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class Req:
+    """``ngx.req``: read-only views of the client request."""
+
+    __slots__ = ()
+
+    def get_headers(self, max_headers: int = 100, raw: bool = False) -> dict[str, Any]:
+        exchange = _current().exchange
+        headers: dict[str, Any] = {}
+        for count, (name, value) in enumerate(exchange.headers):
+            if max_headers and count >= max_headers:
+                break
+            key = name.decode("latin-1")
+            if not raw:
+                key = key.lower()
+            text = value.decode("latin-1")
+            previous = headers.get(key)
+            if previous is None:
+                headers[key] = text
+            elif type(previous) is list:
+                previous.append(text)
+            else:
+                headers[key] = [previous, text]
+        return headers
+
+    def get_method(self) -> str:
+        return str(_current().exchange.method)
+
+    def get_uri_args(self, max_args: int = 100) -> dict[str, Any]:
+        args = _current().exchange.args or ""
+        result: dict[str, Any] = {}
+        for count, part in enumerate(p for p in args.split("&") if p):
+            if max_args and count >= max_args:
+                break
+            key, eq, value = part.partition("=")
+            item: Any = value if eq else True
+            previous = result.get(key)
+            if previous is None:
+                result[key] = item
+            elif type(previous) is list:
+                previous.append(item)
+            else:
+                result[key] = [previous, item]
+        return result
+
+
+_LEVEL_NAMES = ("emerg", "emerg", "alert", "crit", "error", "warn", "notice", "info", "debug")
+
+
+def _text_bytes(value: Any, func: str) -> bytes:
+    if type(value) is bytes:
+        return value
+    if type(value) is not str:
+        raise _bad_type(1, func, "string", value)
+    try:
+        return value.encode("latin-1")  # request text is latin-1 decoded bytes: hash the bytes
+    except UnicodeEncodeError:
+        return value.encode("utf-8")
+
+
+def hook_location() -> str:
+    """file:line of the innermost hook (or hook module) frame calling into the API."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_HOST_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return "?"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+class Ngx:
+    """The ``ngx`` namespace."""
+
+    __slots__ = ()
+
+    OK, ERROR, AGAIN, DONE, DECLINED = 0, -1, -2, -4, -5
+    STDERR, EMERG, ALERT, CRIT, ERR, WARN, NOTICE, INFO, DEBUG = range(9)
+    HTTP_OK, HTTP_CREATED, HTTP_NO_CONTENT = 200, 201, 204
+    HTTP_MOVED_PERMANENTLY, HTTP_MOVED_TEMPORARILY = 301, 302
+    HTTP_BAD_REQUEST, HTTP_UNAUTHORIZED, HTTP_FORBIDDEN, HTTP_NOT_FOUND = 400, 401, 403, 404
+    HTTP_NOT_ALLOWED, HTTP_TOO_MANY_REQUESTS = 405, 429
+    HTTP_INTERNAL_SERVER_ERROR, HTTP_BAD_GATEWAY = 500, 502
+    HTTP_SERVICE_UNAVAILABLE, HTTP_GATEWAY_TIMEOUT = 503, 504
+
+    var = VarView()
+    worker = Worker()
+    req = Req()
+
+    @property
+    def ctx(self) -> dict[str, Any]:
+        return _current().exchange.ctx
+
+    @property
+    def balancer(self) -> Balancer:
+        return balancer
+
+    @property
+    def upstream(self) -> Upstream:
+        return upstream
+
+    def log(self, level: Any, *parts: Any) -> None:
+        run = _current()
+        if type(level) is not int or not 0 <= level <= 8:
+            raise ValueError("bad log level")
+        message = "".join(str(part) for part in parts)[:MAX_LOG_MESSAGE]
+        run.log(_LEVEL_NAMES[level], f"[python] {hook_location()}: {message}", run.exchange)
+
+    def exit(self, status: Any) -> None:
+        """Asynchronous, as in balancer_by_lua: records the status; the hook keeps running."""
+        run = _current()
+        if type(status) is not int:
+            raise _bad_type(1, "exit", "number", status)
+        if status in (self.AGAIN, self.DONE):
+            raise ValueError("bad argument to 'ngx.exit': does not accept NGX_AGAIN or NGX_DONE")
+        if status == self.OK:
+            return
+        run.outcome.exit_status = status  # >= 300 ends the request; anything else -> fallback
+
+    def now(self) -> float:
+        return round(time.time(), 3)
+
+    def time(self) -> int:
+        return int(time.time())
+
+    def get_phase(self) -> str:
+        return "balancer"
+
+    def crc32_short(self, value: Any) -> int:
+        return zlib.crc32(_text_bytes(value, "crc32_short"))
+
+    def crc32_long(self, value: Any) -> int:
+        return zlib.crc32(_text_bytes(value, "crc32_long"))
+
+    def md5(self, value: Any) -> str:
+        return hashlib.md5(_text_bytes(value, "md5"), usedforsecurity=False).hexdigest()
+
+    def md5_bin(self, value: Any) -> bytes:
+        return hashlib.md5(_text_bytes(value, "md5_bin"), usedforsecurity=False).digest()
+
+
+# --------------------------------------------------------------------------- upstream
+
+
+_PEER_FIELDS = ("id", "name", "weight", "backup", "down", "fails", "max_fails", "fail_timeout",
+                "current_weight", "effective_weight", "conns", "max_conns")
+
+
+def _peer_dicts(peers: Any) -> list[dict[str, Any]]:
+    return [{name: getattr(peer, name) for name in _PEER_FIELDS} for peer in peers]
+
+
+class Upstream:
+    """This upstream's peers, like lua-upstream-nginx-module (``ngx.upstream``)."""
+
+    __slots__ = ()
+
+    def get_primary_peers(self) -> list[dict[str, Any]]:
+        return _peer_dicts(_current().upstream.peers.primary)
+
+    def get_backup_peers(self) -> list[dict[str, Any]]:
+        return _peer_dicts(_current().upstream.peers.backup)
+
+    def set_peer_down(self, is_backup: Any, peer_id: Any, down: Any) -> tuple[Any, Any]:
+        peers = _current().upstream.peers
+        group = peers.backup if is_backup else peers.primary
+        if type(peer_id) is not int or not 0 <= peer_id < len(group):
+            return None, "bad peer id"
+        peer = group[peer_id]
+        peer.down = bool(down)
+        if not down:
+            peer.fails = 0  # as lua-upstream-nginx-module: bringing a peer up forgets failures
+        return _OK
+
+    def current_upstream_name(self) -> str:
+        return str(_current().upstream.name)
+
+
+balancer = Balancer()
+ngx = Ngx()
+upstream = Upstream()
+
+_public = [name for name in dir(Ngx) if not name.startswith("_")]
+expose(Ngx, _public)
+expose(Balancer, ["set_current_peer", "set_more_tries", "get_last_failure", "set_timeouts",
+                  "enable_keepalive", "recreate_request", "bind_to_local_addr"])
+expose(Worker, ["id", "count", "pid"])
+expose(Req, ["get_headers", "get_method", "get_uri_args"])
+expose(Upstream, ["get_primary_peers", "get_backup_peers", "set_peer_down", "current_upstream_name"])
+expose_dynamic(VarView, _variable)

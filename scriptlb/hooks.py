@@ -1,0 +1,298 @@
+"""balancer_by_python: compile hooks once, run one per try, hand the outcome to the proxy.
+
+The seam (docs/architecture.md): before every try the exchange calls
+``upstream.hook.run(exchange, upstream)``, which never raises and returns a ``HookOutcome``.
+A run that raises, exceeds its budget, sets no peer or calls ``ngx.exit`` with an error code
+yields an outcome without a peer, so the try falls back to the upstream's balancer; the reason
+is logged (rate-limited) with the hook's file:line.
+
+A run executes the hook's top-level code with fresh globals (``balancer``, ``ngx``,
+``upstream`` and the shared, read-only builtins), like a Lua chunk. The code object is compiled
+when the configuration loads (``precompile``) and cached by source text, so a worker forked
+from the master that checked the config does not compile again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable
+from types import CodeType
+from typing import Any
+
+from scriptlb import api
+from scriptlb.config.errors import ConfigError
+from scriptlb.config.model import HookConf, MainConf, PythonConf, Source
+from scriptlb.sandbox import limits
+from scriptlb.sandbox.guards import make_builtins
+from scriptlb.sandbox.importer import OWNER_KEY, Importer
+from scriptlb.sandbox.limits import HookTimeout
+from scriptlb.sandbox.policy import HookCompileError, compile_hook
+
+LogSink = Callable[[str, str, Any], None]  # (level, message, exchange or None)
+_BUDGET = limits.BUDGET
+_clock = limits.clock
+_HOST_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class HookOutcome:
+    """What one run decided. Class-level defaults keep a run's allocation to one empty object.
+
+    ``error`` says why the try falls back: None (fine), "runtime_error", "timeout",
+    "compile_error", "no_peer" or "exit_error" (``ngx.exit`` with a code below 300).
+    """
+
+    addr: api.PeerAddr | None = None  # set_current_peer's address; None: fall back
+    host: str | None = None  # set_current_peer's host (Host/SNI/pool key)
+    more_tries: int = 0  # granted by set_more_tries (clamped), counted only with a peer
+    exit_status: int | None = None  # ngx.exit(status >= 300): finish with it, contact no peer
+    keepalive: tuple[float, int] | None = None  # enable_keepalive(idle_timeout, max_requests)
+    local_addr: str | None = None  # bind_to_local_addr: "ip" or "ip:port", for this and later tries
+    recreate: bool = False  # recreate_request() was called
+    error: str | None = None
+    message: str | None = None  # the logged text of the error, for `scriptlb hook run`
+
+    def __repr__(self) -> str:
+        fields = ("addr", "host", "more_tries", "exit_status", "keepalive", "local_addr", "error")
+        shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in fields if getattr(self, f) not in (None, 0))
+        return f"HookOutcome({shown})"
+
+
+# --------------------------------------------------------------------------- shared runtime
+
+
+class _Printer:
+    """What ``print()`` in a hook becomes: ngx.log(ngx.NOTICE, ...), like print() in ngx_lua."""
+
+    def _call_print(self, *objects: Any, sep: str = " ", end: str = "\n", **_: Any) -> None:
+        api.ngx.log(api.Ngx.NOTICE, str(sep).join(str(o) for o in objects))
+
+    def __call__(self) -> str:  # `printed` reads nothing: output goes to the error log
+        return ""
+
+
+_PRINTER = _Printer()
+IMPORTER = Importer()
+BUILTINS = make_builtins({"__import__": IMPORTER, "_print_": lambda _getattr=None: _PRINTER})
+_NAMESPACE = {"ngx": api.ngx}
+
+
+def _fresh_globals(name: str) -> dict[str, Any]:
+    return {"__builtins__": BUILTINS, "__name__": name, OWNER_KEY: {},
+            "balancer": api.balancer, "ngx": api.ngx, "upstream": api.upstream}
+
+
+IMPORTER.configure((), _fresh_globals, _NAMESPACE)
+_CODE_CACHE: dict[tuple[str, str], CodeType] = {}
+_PYTHON_CONF = [PythonConf()]  # the http{} settings of the last precompiled config
+
+
+def configure(python: PythonConf) -> None:
+    """Apply http-level hook settings (package path) to this process."""
+    _PYTHON_CONF[0] = python
+    IMPORTER.configure(python.package_path, _fresh_globals, _NAMESPACE)
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+def _read_source(hook: HookConf) -> tuple[str, int]:
+    """(source, line of its first line in the file that holds it)."""
+    if hook.kind == "file":
+        assert hook.path is not None
+        with open(hook.path, encoding="utf-8") as f:
+            return f.read(), 1
+    return hook.code or "", hook.first_line or hook.source.line + 1
+
+
+def _error_file(hook: HookConf) -> str:
+    return hook.path if hook.kind == "file" and hook.path else hook.source.file
+
+
+def load_code(hook: HookConf) -> CodeType:
+    """Compile ``hook`` (cached by source). Raises HookCompileError or OSError."""
+    source, first_line = _read_source(hook)
+    key = (hook.chunk_name, source)
+    code = _CODE_CACHE.get(key)
+    if code is None:
+        code = compile_hook(source, hook.chunk_name, first_line)
+        if len(_CODE_CACHE) > 256:
+            _CODE_CACHE.clear()
+        _CODE_CACHE[key] = code
+    return code
+
+
+def _config_error(hook: HookConf, err: Exception) -> ConfigError:
+    what = (f'failed to load external Python file "{hook.path}"' if hook.kind == "file"
+            else "failed to load inlined Python code")
+    if isinstance(err, HookCompileError):
+        return ConfigError(f"{what}: {err.message}", Source(_error_file(hook), err.lineno or 1))
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return ConfigError(f"{what}: {reason}", hook.source)
+
+
+def precompile(conf: MainConf) -> None:
+    """Compile every hook of ``conf``; a syntax or policy error is a ConfigError at file:line."""
+    if conf.http is None:
+        return
+    configure(conf.http.python)
+    for upstream in conf.http.upstreams.values():
+        if upstream.hook is not None:
+            try:
+                load_code(upstream.hook)
+            except (HookCompileError, OSError, UnicodeDecodeError) as err:
+                raise _config_error(upstream.hook, err) from None
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def errorlog_sink(level: str, message: str, exchange: Any) -> None:
+    """The default sink: the worker's error log, with the request's usual context."""
+    from scriptlb import errorlog
+
+    if exchange is None:
+        errorlog.log_error(level, message)
+        return
+    try:
+        ctx = errorlog.request_context(exchange)
+        conn_id = exchange.conn_id
+    except AttributeError:
+        ctx, conn_id = "", None
+    errorlog.log_error(level, f"{message} while connecting to upstream", conn_id, ctx)
+
+
+class _RateLimit:
+    """At most ``limit`` lines per ``interval`` per kind; then one "N suppressed" note."""
+
+    __slots__ = ("_windows", "interval", "limit")
+
+    def __init__(self, limit: int = 10, interval: float = 1.0) -> None:
+        self.limit = limit
+        self.interval = interval
+        self._windows: dict[str, list[float]] = {}  # kind -> [window start, written, suppressed]
+
+    def admit(self, kind: str, now: float) -> tuple[bool, int]:
+        """(write this line?, lines suppressed in the previous window to report first)."""
+        window = self._windows.get(kind)
+        suppressed = 0
+        if window is None or now - window[0] >= self.interval:
+            suppressed = int(window[2]) if window is not None else 0
+            window = self._windows[kind] = [now, 0, 0]
+        if window[1] >= self.limit:
+            window[2] += 1
+            return False, 0
+        window[1] += 1
+        return True, suppressed
+
+
+def _hook_frame(tb: Any) -> str:
+    """file:line of the innermost hook-code frame of a traceback."""
+    where = "?"
+    for frame, lineno in traceback.walk_tb(tb):
+        if not frame.f_code.co_filename.startswith(_HOST_DIR):
+            where = f"{frame.f_code.co_filename}:{lineno}"
+    return where
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+class HookRunner:
+    """One upstream's hook in one worker: ``run()`` per try."""
+
+    def __init__(self, conf: HookConf, upstream: Any = None, python: PythonConf | None = None,
+                 log: LogSink | None = None) -> None:
+        self.conf = conf
+        self.upstream = upstream
+        self.python = python or _PYTHON_CONF[0]
+        if python is not None:
+            configure(python)
+        self.timeout = conf.timeout
+        self.chunk = conf.chunk_name
+        self.log: LogSink = log or errorlog_sink
+        self._limit = _RateLimit()
+        self._globals = _fresh_globals("__hook__")
+        self._code: CodeType | None = None
+        self._compile_error: str | None = None
+        if self.python.code_cache:
+            self._code = self._load()
+
+    def __repr__(self) -> str:
+        return f"<HookRunner {self.chunk} timeout={self.timeout}>"
+
+    def _load(self) -> CodeType | None:
+        try:
+            code = load_code(self.conf)
+        except (HookCompileError, OSError, UnicodeDecodeError) as err:
+            self._compile_error = str(_config_error(self.conf, err)).removeprefix("[emerg] ")
+            return None
+        self._compile_error = None
+        return code
+
+    def run(self, exchange: Any, upstream: Any = None) -> HookOutcome:
+        """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops)."""
+        outcome = HookOutcome()
+        if self.python.code_cache:
+            code = self._code
+        else:
+            IMPORTER.forget()
+            code = self._load()
+        if code is None:
+            return self._fail(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
+        context = api.CURRENT
+        context.exchange, context.upstream = exchange, upstream or self.upstream
+        context.outcome, context.log = outcome, self.log
+        fuse = limits.current_fuse()
+        if fuse is not None:
+            fuse.run_started()
+        budget = _BUDGET
+        budget.tripped = False
+        budget.deadline = _clock() + self.timeout
+        failure: BaseException | None = None
+        try:
+            exec(code, self._globals.copy())
+        except (Exception, HookTimeout) as err:
+            failure = err
+        finally:
+            budget.deadline = 0.0
+            stopped = budget.tripped
+            context.exchange = context.upstream = context.outcome = None
+            if fuse is not None:
+                fuse.run_ended()
+        if stopped or failure is not None:
+            return self._failed_run(outcome, failure, stopped, exchange)
+        status = outcome.exit_status
+        if status is not None and not 300 <= status <= 999:
+            return self._fail(outcome, "exit_error",
+                              f"{self.chunk}: ngx.exit({status}) in a balancer hook, falling back", exchange)
+        if outcome.addr is None and status is None:
+            return self._fail(outcome, "no_peer", f"{self.chunk}: python balancer: no peer set, "
+                              "falling back", exchange, level="warn")
+        return outcome
+
+    def _failed_run(self, outcome: HookOutcome, failure: BaseException | None, stopped: bool,
+                    exchange: Any) -> HookOutcome:
+        where = _hook_frame(failure.__traceback__) if failure is not None else self.chunk
+        if stopped:
+            ms = round(self.timeout * 1000)
+            return self._fail(outcome, "timeout",
+                              f"balancer_by_python timed out after {ms}ms at {where}", exchange)
+        assert failure is not None
+        text = f"{type(failure).__name__}: {failure}" if str(failure) else type(failure).__name__
+        return self._fail(outcome, "runtime_error", f"failed to run balancer_by_python: {where}: {text}",
+                          exchange)
+
+    def _fail(self, outcome: HookOutcome, kind: str, message: str, exchange: Any,
+              level: str = "error") -> HookOutcome:
+        """Reset the outcome to "fall back" and log why (rate-limited per kind)."""
+        outcome.addr = outcome.host = outcome.exit_status = outcome.keepalive = None
+        outcome.more_tries = 0
+        outcome.error, outcome.message = kind, message
+        write, suppressed = self._limit.admit(kind, time.monotonic())
+        if suppressed:
+            self.log(level, f"{self.chunk}: {suppressed} similar messages suppressed", None)
+        if write:
+            self.log(level, message, exchange)
+        return outcome

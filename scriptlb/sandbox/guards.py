@@ -1,0 +1,481 @@
+"""Runtime guards the compiled hook code calls, and the builtins a hook sees.
+
+RestrictedPython rewrites ``a.b`` into ``_getattr_(a, "b")``, ``a[b]`` into ``_getitem_(a, b)``,
+stores into ``_write_(a)...``; our policy (policy.py) adds ``_add_``/``_mul_``/``_pow_``/
+``_lshift_``/``_mod_`` for the operators that can build huge objects in one C call,
+``_format_``/``_check_size_`` for f-strings and starred displays, and ``_tick_`` for the CPU
+budget. This module implements them.
+
+Attribute reads are deny-by-default: a type is readable only through the names registered with
+``expose()`` (builtin types' safe methods are registered below, the API and module stand-ins
+register theirs). Names starting with ``_`` never pass. Methods that can build huge results
+(``str.ljust``, ``list.extend``...) are handed out as size-checked wrappers.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+import re
+from collections import Counter, OrderedDict, defaultdict, deque
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
+from scriptlb.sandbox import limits
+from scriptlb.sandbox.limits import (
+    MAX_FORMAT_WIDTH,
+    MAX_INT_BITS,
+    MAX_ITEMS,
+    MAX_POWMOD_BITS,
+    MAX_RANGE,
+    MAX_STR,
+    SandboxLimitError,
+)
+
+# --------------------------------------------------------------------------- registry
+
+_ATTRS: dict[type, frozenset[str]] = {}  # type -> names readable with plain getattr
+_CHECKED: dict[type, dict[str, Callable[..., Any]]] = {}  # type -> name -> fn(obj, *args)
+_DYNAMIC: dict[type, Callable[[Any, str], Any]] = {}  # type -> lookup(obj, name) (ngx.var)
+_CLASS_ATTRS: dict[type, frozenset[str]] = {}  # exposed class -> readable class attributes
+_WRITABLE: set[type] = {dict, set, deque, OrderedDict, defaultdict, Counter}
+
+
+def expose(cls: type, names: Iterable[str]) -> None:
+    """Let hook code read ``names`` on instances of exactly ``cls``."""
+    names = frozenset(names)
+    bad = [n for n in names if n.startswith("_")]
+    if bad:
+        raise ValueError(f"cannot expose private names {bad}")
+    _ATTRS[cls] = names
+
+
+def expose_checked(cls: type, methods: dict[str, Callable[..., Any]]) -> None:
+    """Hand out ``methods[name]`` bound to the instance instead of the real method."""
+    _CHECKED.setdefault(cls, {}).update(methods)
+
+
+def expose_dynamic(cls: type, lookup: Callable[[Any, str], Any]) -> None:
+    """Attribute reads on ``cls`` go through ``lookup(obj, name)`` (which raises AttributeError)."""
+    _DYNAMIC[cls] = lookup
+
+
+def too_big(what: str, size: int, limit: int) -> SandboxLimitError:
+    return SandboxLimitError(f"{what} of {size} is over the sandbox limit of {limit}")
+
+
+# --------------------------------------------------------------------------- attributes
+
+
+def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
+    """``_getattr_`` and the hook's ``getattr``: registered names only."""
+    cls = type(obj)
+    names = _ATTRS.get(cls)
+    if names is not None and name in names:
+        return getattr(obj, name)
+    dynamic = _DYNAMIC.get(cls)
+    if dynamic is not None and type(name) is str and not name.startswith("_"):
+        try:
+            return dynamic(obj, name)
+        except AttributeError:
+            if default:
+                return default[0]
+            raise
+    return _getattr_slow(obj, name, default)
+
+
+def _getattr_slow(obj: Any, name: str, default: tuple[Any, ...]) -> Any:
+    if type(name) is not str:
+        raise TypeError("attribute name must be a string")
+    if not name.startswith("_"):
+        cls = type(obj)
+        checked = _CHECKED.get(cls)
+        if checked is not None and name in checked:
+            return partial(checked[name], obj)
+        if cls is type and name in _CLASS_ATTRS.get(obj, ()):
+            return getattr(obj, name)
+        if name == "args" and isinstance(obj, Exception):
+            return obj.args
+    if default:
+        return default[0]
+    raise AttributeError(f"'{type(obj).__name__}' object has no attribute '{name}' visible to hooks")
+
+
+def guarded_hasattr(obj: Any, name: str) -> bool:
+    try:
+        guarded_getattr(obj, name)
+    except AttributeError:
+        return False
+    return True
+
+
+class _ListWriter:
+    """What ``_write_(a_list)`` returns: slice assignment could double a list in one C call."""
+
+    __slots__ = ("_list",)
+
+    def __init__(self, target: list[Any]) -> None:
+        self._list = target
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if type(key) is slice:
+            value = list(value)
+            if len(self._list) + len(value) > MAX_ITEMS:
+                raise too_big("list size", len(self._list) + len(value), MAX_ITEMS)
+        self._list[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        del self._list[key]
+
+
+def guarded_write(obj: Any) -> Any:
+    """``_write_``: item stores on the hook's own containers; never on modules or the API."""
+    cls = type(obj)
+    if cls is list:
+        return _ListWriter(obj)
+    if cls in _WRITABLE:
+        return obj
+    raise TypeError(f"a hook cannot modify a '{cls.__name__}' object")
+
+
+# --------------------------------------------------------------------------- operators
+
+
+def _sized_limit(cls: type) -> int:
+    if cls is str or cls is bytes:
+        return MAX_STR
+    if cls is list or cls is tuple or cls is deque:
+        return MAX_ITEMS
+    return 0
+
+
+def check_size(value: Any) -> Any:
+    """``_check_size_``: after f-strings and starred displays, which can double a value."""
+    limit = _sized_limit(type(value))
+    if limit and len(value) > limit:
+        raise too_big("size", len(value), limit)
+    return value
+
+
+def guarded_add(a: Any, b: Any) -> Any:
+    result = a + b
+    cls = type(result)
+    if cls is int or cls is float:
+        return result
+    limit = _sized_limit(cls)
+    if limit and len(result) > limit:  # at most twice the limit was built: bounded
+        raise too_big("size", len(result), limit)
+    return result
+
+
+def _check_repeat(seq: Any, times: Any) -> None:
+    limit = _sized_limit(type(seq))
+    if limit:
+        n = operator.index(times)
+        if n > 0 and len(seq) * n > limit:
+            raise too_big("size", len(seq) * n, limit)
+
+
+def guarded_mul(a: Any, b: Any) -> Any:
+    ta, tb = type(a), type(b)
+    if ta is int and tb is int:
+        if a.bit_length() + b.bit_length() > MAX_INT_BITS:
+            raise too_big("int size in bits", a.bit_length() + b.bit_length(), MAX_INT_BITS)
+        return a * b
+    if ta is float or tb is float:
+        return a * b
+    if _sized_limit(ta):
+        _check_repeat(a, b)
+    elif _sized_limit(tb):
+        _check_repeat(b, a)
+    return a * b
+
+
+def guarded_pow(base: Any, exp: Any, mod: Any = None) -> Any:
+    """``**`` and ``pow()``: refuse results (or modular exponentiations) too big to compute."""
+    if mod is not None:
+        for value in (exp, mod):
+            if isinstance(value, int) and abs(value).bit_length() > MAX_POWMOD_BITS:
+                raise too_big("pow() argument size in bits", abs(value).bit_length(), MAX_POWMOD_BITS)
+        return pow(base, exp, mod)
+    if isinstance(base, int) and isinstance(exp, int) and exp > 0:
+        bits = abs(base).bit_length()
+        if bits > 1 and (bits - 1) * exp > MAX_INT_BITS:
+            raise too_big("int size in bits", (bits - 1) * exp, MAX_INT_BITS)
+    return base**exp
+
+
+def guarded_lshift(a: Any, n: Any) -> Any:
+    if isinstance(a, int) and isinstance(n, int) and a and a.bit_length() + n > MAX_INT_BITS:
+        raise too_big("int size in bits", a.bit_length() + n, MAX_INT_BITS)
+    return a << n
+
+
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?[hlL]?.?", re.S)
+
+
+def _check_width(text: str) -> None:
+    if text == "*":
+        raise SandboxLimitError("'*' widths are not allowed in hook format strings")
+    if text and (len(text) > 6 or int(text) > MAX_FORMAT_WIDTH):
+        raise too_big("format width", int(text) if len(text) < 20 else 10**19, MAX_FORMAT_WIDTH)
+
+
+def _check_percent_format(fmt: str) -> None:
+    for match in _PERCENT_SPEC.finditer(fmt):
+        _check_width(match.group(1))
+        if match.group(2) is not None:
+            _check_width(match.group(2))
+
+
+def guarded_mod(a: Any, b: Any) -> Any:
+    cls = type(a)
+    if cls is str:
+        _check_percent_format(a)
+        return check_size(a % b)
+    if cls is bytes:
+        _check_percent_format(a.decode("latin-1"))
+        return check_size(a % b)
+    return a % b
+
+
+_INT_IN_SPEC = re.compile(r"\d+")
+
+
+def _check_format_spec(spec: str) -> None:
+    for number in _INT_IN_SPEC.findall(spec):
+        _check_width(number)
+
+
+def guarded_format(value: Any, spec: str = "") -> str:
+    """The hook's ``format()``: widths and precisions are capped."""
+    if type(spec) is not str:
+        raise TypeError("format spec must be a str")
+    if spec:
+        _check_format_spec(spec)
+    return format(value, spec)
+
+
+def fstring_field(value: Any, spec: str, conversion: int) -> str:
+    """``_format_``: one ``{value!c:spec}`` field of an f-string, with the spec checked."""
+    if conversion == ord("r"):
+        value = repr(value)
+    elif conversion == ord("s"):
+        value = str(value)
+    elif conversion == ord("a"):
+        value = ascii(value)
+    return guarded_format(value, spec)
+
+
+_INPLACE: dict[str, Callable[[Any, Any], Any]] = {
+    "-=": operator.isub,
+    "/=": operator.itruediv,
+    "//=": operator.ifloordiv,
+    ">>=": operator.irshift,
+    "&=": operator.iand,
+    "|=": operator.ior,
+    "^=": operator.ixor,
+    "@=": operator.imatmul,
+}
+
+
+def _iadd(a: Any, b: Any) -> Any:
+    if type(a) is list or type(a) is deque:  # in place: check before growing the shared object
+        b = list(b)
+        if len(a) + len(b) > MAX_ITEMS:
+            raise too_big("size", len(a) + len(b), MAX_ITEMS)
+        a += b
+        return a
+    return guarded_add(a, b)
+
+
+def _imul(a: Any, b: Any) -> Any:
+    if type(a) is list:
+        _check_repeat(a, b)
+        a *= b
+        return a
+    return guarded_mul(a, b)
+
+
+_INPLACE.update({"+=": _iadd, "*=": _imul, "**=": guarded_pow, "<<=": guarded_lshift, "%=": guarded_mod})
+
+
+def guarded_inplacevar(op: str, target: Any, value: Any) -> Any:
+    """``_inplacevar_``: ``x op= y`` on a name, with the same size checks as the operators."""
+    return _INPLACE[op](target, value)
+
+
+# --------------------------------------------------------------------------- builtins
+
+
+def guarded_range(*args: int) -> range:
+    r = range(*args)
+    try:
+        n = len(r)
+    except OverflowError:
+        n = MAX_RANGE + 1
+    if n > MAX_RANGE:
+        raise too_big("range() length", n, MAX_RANGE)
+    return r
+
+
+def guarded_bytes(source: Any = b"", *args: Any) -> bytes:
+    if isinstance(source, int) and source > MAX_STR:
+        raise too_big("bytes() length", source, MAX_STR)
+    return bytes(source, *args)
+
+
+def guarded_sum(iterable: Iterable[Any], /, start: Any = 0) -> Any:
+    if type(start) not in (int, float, bool):
+        raise TypeError("sum() in a hook adds numbers only")
+    return sum(iterable, start)
+
+
+def guarded_round(number: Any, ndigits: Any = None) -> Any:
+    # round(1, -10**8) computes 10**(10**8) inside one C call
+    if ndigits is not None and isinstance(ndigits, int) and abs(ndigits) > MAX_FORMAT_WIDTH:
+        raise too_big("round() ndigits", abs(ndigits), MAX_FORMAT_WIDTH)
+    return round(number, ndigits)
+
+
+def guarded_iter(obj: Any) -> Any:
+    """Only the one-argument form: ``iter(callable, sentinel)`` is an unbounded C loop."""
+    return iter(obj)
+
+
+def apply(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``_apply_``: calls with ``*args``/``**kwargs``."""
+    return func(*args, **kwargs)
+
+
+def _checked_join(sep: Any, iterable: Iterable[Any]) -> Any:
+    items = list(iterable)
+    total = len(sep) * max(len(items) - 1, 0)
+    for item in items:
+        total += len(item)
+    if total > MAX_STR:
+        raise too_big("joined size", total, MAX_STR)
+    return sep.join(items)
+
+
+def _checked_pad(method: str) -> Callable[..., Any]:
+    def pad(s: Any, width: int, *args: Any) -> Any:
+        if operator.index(width) > MAX_STR:
+            raise too_big(f"{method}() width", width, MAX_STR)
+        return getattr(s, method)(width, *args)
+
+    pad.__name__ = method
+    return pad
+
+
+def _checked_replace(s: Any, old: Any, new: Any, count: int = -1) -> Any:
+    n = s.count(old) if old else len(s) + 1
+    if count >= 0:
+        n = min(n, count)
+    grown = len(s) + n * (len(new) - len(old))
+    if grown > MAX_STR:
+        raise too_big("replace() result size", grown, MAX_STR)
+    return s.replace(old, new, count)
+
+
+def _checked_extend(target: Any, iterable: Iterable[Any]) -> None:
+    items = list(iterable)
+    if len(target) + len(items) > MAX_ITEMS:
+        raise too_big("size", len(target) + len(items), MAX_ITEMS)
+    target.extend(items)
+
+
+def _checked_extendleft(target: deque[Any], iterable: Iterable[Any]) -> None:
+    items = list(iterable)
+    if len(target) + len(items) > MAX_ITEMS:
+        raise too_big("size", len(target) + len(items), MAX_ITEMS)
+    target.extendleft(items)
+
+
+def _checked_to_bytes(n: int, length: int = 1, *args: Any, **kwargs: Any) -> bytes:
+    if length > MAX_STR:
+        raise too_big("to_bytes() length", length, MAX_STR)
+    return n.to_bytes(length, *args, **kwargs)
+
+
+_STR_METHODS = [
+    "capitalize", "casefold", "count", "encode", "endswith", "find", "index", "isalnum", "isalpha",
+    "isascii", "isdecimal", "isdigit", "isidentifier", "islower", "isnumeric", "isprintable", "isspace",
+    "istitle", "isupper", "lower", "lstrip", "partition", "removeprefix", "removesuffix", "rfind",
+    "rindex", "rpartition", "rsplit", "rstrip", "split", "splitlines", "startswith", "strip",
+    "swapcase", "title", "upper"
+]  # no format/format_map (attribute walking), translate/expandtabs (size blow-ups)
+_BYTES_METHODS = [m for m in _STR_METHODS if m not in ("casefold", "encode", "isdecimal", "isidentifier",
+                                                        "isnumeric", "isprintable")] + ["decode", "hex"]
+_PAD = {name: _checked_pad(name) for name in ("center", "ljust", "rjust", "zfill")}
+_SEQ_CHECKED = {**_PAD, "join": _checked_join, "replace": _checked_replace}
+_DICT_METHODS = ["clear", "copy", "get", "items", "keys", "pop", "popitem", "setdefault", "update", "values"]
+_SET_READ = ["copy", "difference", "intersection", "isdisjoint", "issubset", "issuperset",
+             "symmetric_difference", "union"]
+
+expose(str, _STR_METHODS)
+expose_checked(str, _SEQ_CHECKED)
+expose(bytes, _BYTES_METHODS)
+expose_checked(bytes, _SEQ_CHECKED)
+expose(list, ["append", "clear", "copy", "count", "index", "insert", "pop", "remove", "reverse", "sort"])
+expose_checked(list, {"extend": _checked_extend})
+expose(tuple, ["count", "index"])
+expose(dict, _DICT_METHODS)
+expose(OrderedDict, [*_DICT_METHODS, "move_to_end"])
+expose(defaultdict, _DICT_METHODS)
+expose(Counter, [*_DICT_METHODS, "most_common", "subtract", "total"])
+expose(set, [*_SET_READ, "add", "clear", "difference_update", "discard", "intersection_update", "pop",
+             "remove", "symmetric_difference_update", "update"])
+expose(frozenset, _SET_READ)
+expose(deque, ["append", "appendleft", "clear", "copy", "count", "index", "insert", "maxlen", "pop",
+               "popleft", "remove", "reverse", "rotate"])
+expose_checked(deque, {"extend": _checked_extend, "extendleft": _checked_extendleft})
+_NUMBER = ["conjugate", "real", "imag"]
+expose(int, [*_NUMBER, "bit_length", "bit_count", "numerator", "denominator"])
+expose_checked(int, {"to_bytes": _checked_to_bytes})
+expose(bool, [*_NUMBER, "bit_length", "bit_count", "numerator", "denominator"])
+expose(float, [*_NUMBER, "is_integer", "as_integer_ratio", "hex"])
+expose(range, ["start", "stop", "step", "count", "index"])
+_CLASS_ATTRS[dict] = frozenset({"fromkeys"})
+
+
+_EXCEPTIONS = (
+    Exception, ArithmeticError, AssertionError, AttributeError, IndexError, KeyError, LookupError,
+    NameError, NotImplementedError, OverflowError, RecursionError, RuntimeError, StopIteration,
+    TypeError, UnicodeError, UnicodeDecodeError, UnicodeEncodeError, ValueError, ZeroDivisionError,
+)
+
+_PLAIN_BUILTINS = ["abs", "all", "any", "ascii", "bin", "bool", "callable", "chr", "dict", "divmod",
+                   "enumerate", "filter", "float", "frozenset", "hash", "hex", "int", "isinstance", "len",
+                   "list", "map", "max", "min", "next", "oct", "ord", "repr", "reversed", "set", "slice",
+                   "sorted", "str", "tuple", "zip"]
+
+
+def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
+    """The ``__builtins__`` of hook code: plain builtins, guarded ones, guards and ``extra``.
+
+    Built once per process and shared by every run (the runner never copies it), so hook code
+    must not be able to modify it: it is only reachable as ``__builtins__``, a name hook code
+    cannot spell.
+    """
+    table: dict[str, Any] = {name: getattr(builtins, name) for name in _PLAIN_BUILTINS}
+    table.update({exc.__name__: exc for exc in _EXCEPTIONS})
+    table.update({"None": None, "True": True, "False": False})
+    table.update(
+        range=guarded_range, bytes=guarded_bytes, sum=guarded_sum, round=guarded_round,
+        pow=guarded_pow, iter=guarded_iter, format=guarded_format,
+        getattr=guarded_getattr, hasattr=guarded_hasattr,
+        # names the compiled code calls (hook code cannot spell or shadow them)
+        _getattr_=guarded_getattr, _getitem_=operator.getitem, _write_=guarded_write,
+        _getiter_=iter, _apply_=apply, _inplacevar_=guarded_inplacevar,
+        _add_=guarded_add, _mul_=guarded_mul, _pow_=guarded_pow, _lshift_=guarded_lshift,
+        _mod_=guarded_mod, _format_=fstring_field, _check_size_=check_size, _tick_=limits.tick,
+    )
+    from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
+
+    table["_iter_unpack_sequence_"] = guarded_iter_unpack_sequence
+    table["_unpack_sequence_"] = guarded_unpack_sequence
+    table.update(extra)
+    return table
+

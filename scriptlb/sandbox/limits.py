@@ -1,0 +1,167 @@
+"""Resource bounds of hook code: the per-run CPU budget, size caps, and the worker's hard fuse.
+
+Theory of operation
+-------------------
+*Budget.* The compiler policy (policy.py) plants a call to ``tick()`` at the top of every loop
+body, function body, lambda, comprehension element, ``except`` handler and ``finally`` block.
+``tick()`` compares one clock read with the run's deadline, so straight-line code pays nothing
+and a loop pays ~60 ns per iteration; no ``sys.settrace`` is involved. Past the deadline it
+raises ``HookTimeout``, a ``BaseException`` (``except Exception`` in hook code cannot catch it).
+Hook code that catches it anyway (a bare ``except:``) or swallows it (``return`` in
+``finally``) gains nothing: the handler and the ``finally`` block start with a tick, which
+raises again, and the runner treats a tripped run as a timeout however it ended. Outside a
+run the deadline is in the past, so hook code resumed later (a generator finalized after its
+run) is stopped at its first tick.
+
+*Size caps.* Work done inside one C call (``'x' * 10**10``, ``10**10**8``) cannot be
+interrupted by a tick, so the guards refuse it up front with the caps below.
+
+*Hard fuse.* The last resort for whatever slips through: a watchdog *process* (it must not
+need the worker's GIL, which a runaway C call holds) reads a shared stamp the runner writes at
+the start and end of each run, and SIGKILLs the worker when one run lasts longer than
+``hard_seconds``; the master then replaces the worker. An optional RLIMIT_AS bounds memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import resource
+import signal
+import struct
+import time
+
+# --------------------------------------------------------------------------- size caps
+
+MAX_STR = 1 << 20  # characters of a str / bytes a hook may build
+MAX_ITEMS = 1 << 20  # elements of a list / tuple / deque a hook may build
+MAX_RANGE = 100_000  # elements of one range(); bigger ones are refused up front
+MAX_INT_BITS = 16_384  # bits of an int result of *, **, <<
+MAX_POWMOD_BITS = 2_048  # bits of the exponent and modulus of pow(b, e, m)
+MAX_FORMAT_WIDTH = 10_000  # width / precision in %-formats, format() and f-string specs
+MAX_REPEAT = 32  # itertools.product(repeat=...)
+
+
+class HookTimeout(BaseException):
+    """The run is past its CPU budget. Deliberately not an ``Exception``."""
+
+
+class SandboxLimitError(Exception):
+    """An operation refused up front because of its size (a MemoryError-like refusal)."""
+
+
+# --------------------------------------------------------------------------- budget
+
+class Budget:
+    """The run in progress: its deadline (perf_counter seconds; 0.0 = no run) and whether
+    ``tick()`` has stopped it. One per process; the runner writes the fields directly."""
+
+    __slots__ = ("deadline", "tripped")
+
+    def __init__(self) -> None:
+        self.deadline = 0.0
+        self.tripped = False
+
+
+BUDGET = Budget()
+clock = time.perf_counter
+
+
+def tick() -> None:
+    """Planted by the compiler policy; raises HookTimeout once the run's deadline has passed."""
+    if clock() > BUDGET.deadline:
+        BUDGET.tripped = True
+        raise HookTimeout
+
+
+def arm(budget: float) -> None:
+    """Start a run with ``budget`` seconds (HookRunner.run inlines this)."""
+    BUDGET.tripped = False
+    BUDGET.deadline = clock() + budget
+
+
+def disarm() -> bool:
+    """End the run; returns whether it was stopped (even if hook code swallowed the stop)."""
+    BUDGET.deadline = 0.0
+    return BUDGET.tripped
+
+
+# --------------------------------------------------------------------------- hard fuse
+
+_STAMP = struct.Struct("=q")  # monotonic_ns when the current run started; 0 = idle
+
+
+class WorkerFuse:
+    """The per-worker hard fuse: a watchdog process plus an optional address-space limit.
+
+    ``run_started()``/``run_ended()`` write one 8-byte stamp into a shared anonymous mapping
+    (about 100 ns); the watchdog polls it and kills the worker when a run overstays.
+    """
+
+    def __init__(self, hard_seconds: float = 2.0, poll: float = 0.1) -> None:
+        self.hard_seconds = hard_seconds
+        self.poll = poll
+        self._map = mmap.mmap(-1, _STAMP.size)
+        self._pid = 0
+
+    def start(self) -> int:
+        """Fork the watchdog; returns its pid. Call in the worker, before serving."""
+        worker = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the watchdog: no event loop, no hooks, only this loop
+            try:
+                self._watch(worker)
+            finally:
+                os._exit(0)
+        self._pid = pid
+        return pid
+
+    def run_started(self) -> None:
+        _STAMP.pack_into(self._map, 0, time.monotonic_ns())
+
+    def run_ended(self) -> None:
+        _STAMP.pack_into(self._map, 0, 0)
+
+    def stop(self) -> None:
+        if self._pid:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(self._pid, signal.SIGKILL)
+                os.waitpid(self._pid, 0)
+            self._pid = 0
+
+    def _watch(self, worker: int) -> None:
+        limit_ns = int(self.hard_seconds * 1e9)
+        while os.getppid() == worker:  # the worker died: we were re-parented
+            started = _STAMP.unpack_from(self._map, 0)[0]
+            if started and time.monotonic_ns() - started > limit_ns:
+                msg = (f"scriptlb: a hook run exceeded the hard limit of {self.hard_seconds}s, "
+                       f"killing worker {worker}\n")
+                with contextlib.suppress(OSError):
+                    os.write(2, msg.encode())
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker, signal.SIGKILL)
+                return
+            time.sleep(self.poll)
+
+
+_FUSE: WorkerFuse | None = None
+
+
+def install_worker_fuse(hard_seconds: float = 2.0, memory_bytes: int = 0) -> WorkerFuse:
+    """Arm the hard fuse in this worker (worker.py calls it after the fork).
+
+    ``memory_bytes`` > 0 also sets RLIMIT_AS, so a runaway allocation fails with MemoryError
+    instead of dragging the host into swap.
+    """
+    global _FUSE
+    if memory_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    fuse = WorkerFuse(hard_seconds)
+    fuse.start()
+    _FUSE = fuse
+    return fuse
+
+
+def current_fuse() -> WorkerFuse | None:
+    return _FUSE

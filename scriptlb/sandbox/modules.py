@@ -1,0 +1,264 @@
+"""Read-only stand-ins for the standard modules a hook may import.
+
+``import math`` in a hook returns a ``SafeModule``, never the real module: its members are a
+fixed table (so ``math.sqrt = ...`` or ``random.seed`` on the process-wide generator cannot
+happen), and members that could run unbounded inside one C call are replaced by checked
+versions: capped ``factorial``/``comb``/``perm``/``prod``/``lcm``, infinite or combinatorial
+``itertools`` iterators that tick the CPU budget per item, ``json.dumps`` without huge indents,
+``zlib`` checksums only, ``hashlib`` plain digests only, ``time`` clocks only.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+import heapq
+import itertools
+import json
+import math
+import random
+import time
+import zlib
+from collections import Counter, OrderedDict, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from scriptlb.sandbox import limits
+from scriptlb.sandbox.guards import (
+    expose,
+    expose_checked,
+    expose_dynamic,
+    guarded_add,
+    guarded_mul,
+    too_big,
+)
+from scriptlb.sandbox.limits import MAX_INT_BITS, MAX_ITEMS, MAX_REPEAT
+
+
+class SafeModule:
+    """A module stand-in: a name and a read-only table of members."""
+
+    __slots__ = ("_members", "_name")
+
+    def __init__(self, name: str, members: dict[str, Any]) -> None:
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_members", dict(members))
+
+    def __getattr__(self, name: str) -> Any:  # also serves `from math import sqrt`
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._members[name]
+        except KeyError:
+            raise AttributeError(f"module '{self._name}' has no attribute '{name}' visible to hooks")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise TypeError(f"module '{self._name}' is read-only in hooks")
+
+    def __delattr__(self, name: str) -> None:
+        raise TypeError(f"module '{self._name}' is read-only in hooks")
+
+    def __repr__(self) -> str:
+        return f"<module '{self._name}' (sandboxed)>"
+
+
+expose_dynamic(SafeModule, getattr)
+
+
+def _pick(module: Any, names: str) -> dict[str, Any]:
+    return {name: getattr(module, name) for name in names.split()}
+
+
+def _ticking(iterator: Iterable[Any]) -> Iterator[Any]:
+    """Re-yield ``iterator`` checking the budget per item, so C consumers (list, sum, max...)
+    of an unbounded iterator are stopped like a Python loop."""
+    tick = limits.tick
+    for item in iterator:
+        tick()
+        yield item
+
+
+def _ticking_factory(factory: Callable[..., Iterable[Any]]) -> Callable[..., Iterator[Any]]:
+    @functools.wraps(factory)
+    def make(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        return _ticking(factory(*args, **kwargs))
+
+    return make
+
+
+# --------------------------------------------------------------------------- math
+
+
+def _bits_of_log2(value: float) -> int:
+    return int(value) + 1
+
+
+def _factorial(n: int) -> int:
+    if isinstance(n, int) and n > 1000:
+        raise too_big("factorial() argument", n, 1000)
+    return math.factorial(n)
+
+
+def _log2_comb(n: int, k: int) -> float:
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
+def _comb(n: int, k: int) -> int:
+    if isinstance(n, int) and isinstance(k, int) and 0 <= k <= n and _log2_comb(n, k) > MAX_INT_BITS:
+        raise too_big("comb() result size in bits", _bits_of_log2(_log2_comb(n, k)), MAX_INT_BITS)
+    return math.comb(n, k)
+
+
+def _perm(n: int, k: int | None = None) -> int:
+    k = n if k is None else k
+    if isinstance(n, int) and isinstance(k, int) and 0 <= k <= n:
+        bits = (math.lgamma(n + 1) - math.lgamma(n - k + 1)) / math.log(2)
+        if bits > MAX_INT_BITS:
+            raise too_big("perm() result size in bits", _bits_of_log2(bits), MAX_INT_BITS)
+    return math.perm(n, k)
+
+
+def _prod(iterable: Iterable[Any], /, *, start: Any = 1) -> Any:
+    result = start
+    for item in iterable:
+        limits.tick()
+        result = guarded_mul(result, item)
+    return result
+
+
+def _lcm(*integers: int) -> int:
+    result = 1
+    for n in integers:
+        limits.tick()
+        result = math.lcm(result, n)
+        if result.bit_length() > MAX_INT_BITS:
+            raise too_big("lcm() result size in bits", result.bit_length(), MAX_INT_BITS)
+    return result
+
+
+_MATH = _pick(math, "acos acosh asin asinh atan atan2 atanh ceil copysign cos cosh degrees dist e erf "
+                    "erfc exp expm1 fabs floor fmod frexp fsum gamma gcd hypot inf isclose isfinite isinf "
+                    "isnan isqrt ldexp lgamma log log10 log1p log2 modf nan nextafter pi pow radians "
+                    "remainder sin sinh sqrt tan tanh tau trunc ulp cbrt exp2")
+_MATH.update(factorial=_factorial, comb=_comb, perm=_perm, prod=_prod, lcm=_lcm)
+
+
+# --------------------------------------------------------------------------- random
+
+
+def _random_module() -> SafeModule:
+    """A generator of its own per importer: reseeding it cannot affect anyone else."""
+    rng = random.Random()
+
+    def choices(population: Any, weights: Any = None, *, cum_weights: Any = None, k: int = 1) -> list[Any]:
+        if k > MAX_ITEMS:
+            raise too_big("choices() k", k, MAX_ITEMS)
+        return rng.choices(population, weights, cum_weights=cum_weights, k=k)
+
+    def getrandbits(k: int) -> int:
+        if k > MAX_INT_BITS:
+            raise too_big("getrandbits() bits", k, MAX_INT_BITS)
+        return rng.getrandbits(k)
+
+    def randbytes(n: int) -> bytes:
+        if n > limits.MAX_STR:
+            raise too_big("randbytes() length", n, limits.MAX_STR)
+        return rng.randbytes(n)
+
+    def sample(population: Any, k: int, *, counts: Any = None) -> list[Any]:
+        if counts is not None:
+            raise TypeError("sample() counts are not supported in hooks")
+        return rng.sample(population, k)
+
+    members = {name: getattr(rng, name) for name in ["random", "uniform", "randint", "randrange", "choice",
+                                                     "shuffle", "seed", "gauss", "normalvariate",
+                                                     "expovariate", "betavariate", "triangular",
+                                                     "lognormvariate", "vonmisesvariate", "gammavariate",
+                                                     "paretovariate", "weibullvariate"]}
+    members.update(choices=choices, getrandbits=getrandbits, randbytes=randbytes, sample=sample)
+    return SafeModule("random", members)
+
+
+# --------------------------------------------------------------------------- itertools
+
+
+def _product(*iterables: Iterable[Any], repeat: int = 1) -> Iterator[Any]:
+    if repeat > MAX_REPEAT:
+        raise too_big("product() repeat", repeat, MAX_REPEAT)
+    return _ticking(itertools.product(*iterables, repeat=repeat))
+
+
+def _accumulate(iterable: Iterable[Any], func: Callable[[Any, Any], Any] | None = None, *,
+                initial: Any = None) -> Iterator[Any]:
+    # the default operator.add would grow strings/lists quadratically without any check
+    return _ticking(itertools.accumulate(iterable, func or guarded_add, initial=initial))
+
+
+_ITERTOOLS = _pick(itertools, "chain compress dropwhile filterfalse groupby islice pairwise starmap "
+                              "takewhile tee zip_longest")
+_ITERTOOLS.update({name: _ticking_factory(getattr(itertools, name)) for name in (
+    "count", "cycle", "repeat", "permutations", "combinations", "combinations_with_replacement")})
+_ITERTOOLS.update(product=_product, accumulate=_accumulate)
+
+
+# --------------------------------------------------------------------------- others
+
+
+def _dumps(obj: Any, *, indent: Any = None, separators: Any = None, sort_keys: bool = False,
+           ensure_ascii: bool = True, default: Any = None) -> str:
+    if (isinstance(indent, int) and indent > 16) or (isinstance(indent, str) and len(indent) > 16):
+        raise too_big("json.dumps() indent", indent if isinstance(indent, int) else len(indent), 16)
+    text = json.dumps(obj, indent=indent, separators=separators, sort_keys=sort_keys,
+                      ensure_ascii=ensure_ascii, default=default)
+    if len(text) > limits.MAX_STR:
+        raise too_big("json.dumps() result size", len(text), limits.MAX_STR)
+    return text
+
+
+def _loads(text: str | bytes) -> Any:
+    return json.loads(text)
+
+
+_HASHES = "md5 sha1 sha224 sha256 sha384 sha512 sha3_224 sha3_256 sha3_384 sha3_512 blake2b blake2s"
+_HASHLIB = _pick(hashlib, _HASHES)  # no new()/pbkdf2_hmac/scrypt/shake_* (sized outputs, slow KDFs)
+for _ctor in _HASHLIB.values():
+    expose(type(_ctor()), ["update", "digest", "hexdigest", "copy", "name", "digest_size", "block_size"])
+
+_lru_wrapper = type(functools.lru_cache()(lambda: None))
+expose(_lru_wrapper, ["cache_info", "cache_clear"])
+expose(type(functools.lru_cache()(lambda: None).cache_info()), ["hits", "misses", "maxsize", "currsize"])
+expose_checked(Counter, {"elements": lambda counter: _ticking(counter.elements())})
+
+_STATIC: dict[str, dict[str, Any]] = {
+    "math": _MATH,
+    "itertools": _ITERTOOLS,
+    "functools": _pick(functools, "reduce partial lru_cache cache cmp_to_key"),
+    "bisect": _pick(bisect, "bisect bisect_left bisect_right insort insort_left insort_right"),
+    "heapq": _pick(heapq, "heappush heappop heapify heapreplace heappushpop nlargest nsmallest merge"),
+    "collections": {"deque": deque, "OrderedDict": OrderedDict, "defaultdict": defaultdict,
+                    "Counter": Counter},
+    "json": {"dumps": _dumps, "loads": _loads},
+    "zlib": _pick(zlib, "crc32 adler32"),
+    "hashlib": _HASHLIB,
+    "time": _pick(time, "time time_ns monotonic monotonic_ns perf_counter perf_counter_ns"),
+}
+_SHARED = {name: SafeModule(name, members) for name, members in _STATIC.items()}
+ALLOWED = frozenset([*_STATIC, "random"])
+
+
+def standard_module(name: str, per_importer: dict[str, SafeModule]) -> SafeModule | None:
+    """The stand-in for ``import name``, or None if ``name`` is not on the allow-list.
+
+    ``per_importer`` caches stand-ins with state of their own (``random``) for one hook/module.
+    """
+    module = _SHARED.get(name)
+    if module is not None:
+        return module
+    if name == "random":
+        module = per_importer.get(name)
+        if module is None:
+            module = per_importer[name] = _random_module()
+        return module
+    return None
+

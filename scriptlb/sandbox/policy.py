@@ -1,0 +1,176 @@
+"""The compiler policy: RestrictedPython's transformer plus scriptlb's own rewrites.
+
+On top of RestrictedPython (no ``_`` names, guarded attribute/item access, no ``exec``/``eval``,
+no ``try/except*``, no ``async``, no ``match``), this policy:
+
+* plants ``_tick_()`` (the CPU budget check, see limits.py) at the top of every function and
+  loop body, every ``except`` handler and ``finally`` block, in every lambda and in every
+  comprehension element, so a stopped run cannot be resumed by hook code;
+* routes ``+ * ** << %`` through size-checking guards, f-string fields through ``_format_``
+  (format-spec widths) and f-strings and starred displays through ``_check_size_``;
+* refuses ``class`` statements (they would hand hook code ``__init__``/``__eq__``... hooks called
+  from C, metaclasses and ``__build_class__``) and dunder function names.
+
+``compile_hook`` returns a code object or raises ``HookCompileError`` with the line number.
+"""
+
+from __future__ import annotations
+
+import ast
+from types import CodeType
+from typing import Any
+
+from RestrictedPython.transformer import RestrictingNodeTransformer, copy_locations
+
+
+class HookCompileError(Exception):
+    """A syntax or policy error; ``lineno`` is in the hook's own numbering (file or conf)."""
+
+    def __init__(self, message: str, lineno: int | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.lineno = lineno
+
+
+_GUARDED_BINOPS: dict[type, str] = {
+    ast.Add: "_add_",
+    ast.Mult: "_mul_",
+    ast.Pow: "_pow_",
+    ast.LShift: "_lshift_",
+    ast.Mod: "_mod_",
+}
+
+
+def _call(name: str, args: list[ast.expr], like: ast.AST) -> ast.Call:
+    node = ast.Call(func=ast.Name(name, ast.Load()), args=args, keywords=[])
+    copy_locations(node, like)
+    copy_locations(node.func, like)
+    return node
+
+
+def _tick_stmt(like: ast.AST) -> ast.Expr:
+    stmt = ast.Expr(_call("_tick_", [], like))
+    copy_locations(stmt, like)
+    return stmt
+
+
+class HookPolicy(RestrictingNodeTransformer):
+    """RestrictedPython's policy, tightened for untrusted balancer hooks."""
+
+    def __init__(self, errors: list[str], warnings: list[str], used_names: dict[str, bool]) -> None:
+        super().__init__(errors, warnings, used_names)
+        self.error_lines: list[tuple[int | None, str]] = []
+
+    def error(self, node: ast.AST, info: str) -> None:
+        super().error(node, info)
+        self.error_lines.append((getattr(node, "lineno", None), info))
+
+    # ---------------------------------------------------------------- refusals
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> Any:
+        self.error(node, "class definitions are not allowed in hooks.")
+        return node
+
+    def check_name(self, node: Any, name: str | None, allow_magic_methods: bool = False) -> None:
+        # RestrictedPython lets a few dunder method names through for classes; hooks have none.
+        super().check_name(node, name, allow_magic_methods=False)
+
+    # ---------------------------------------------------------------- budget ticks
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> Any:
+        node = super().visit_FunctionDef(node)
+        node.body.insert(0, _tick_stmt(node))
+        return node
+
+    def visit_Lambda(self, node: ast.Lambda) -> Any:
+        node = super().visit_Lambda(node)
+        body = ast.BoolOp(op=ast.Or(), values=[_call("_tick_", [], node.body), node.body])
+        copy_locations(body, node.body)
+        node.body = body
+        return node
+
+    def visit_For(self, node: ast.For) -> Any:
+        node = super().visit_For(node)
+        node.body.insert(0, _tick_stmt(node))
+        return node
+
+    def visit_While(self, node: ast.While) -> Any:
+        node = super().visit_While(node)
+        node.body.insert(0, _tick_stmt(node))
+        return node
+
+    def visit_comprehension(self, node: ast.comprehension) -> Any:
+        node = super().visit_comprehension(node)
+        check = ast.UnaryOp(op=ast.Not(), operand=_call("_tick_", [], node.iter))
+        copy_locations(check, node.iter)
+        node.ifs.insert(0, check)
+        return node
+
+    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> Any:
+        node = super().visit_ExceptHandler(node)
+        node.body.insert(0, _tick_stmt(node))
+        return node
+
+    def visit_Try(self, node: ast.Try) -> Any:
+        node = super().visit_Try(node)
+        if node.finalbody:
+            node.finalbody.insert(0, _tick_stmt(node.finalbody[0]))
+        return node
+
+    # ---------------------------------------------------------------- size guards
+
+    def visit_BinOp(self, node: ast.BinOp) -> Any:
+        node = super().visit_BinOp(node)
+        guard = _GUARDED_BINOPS.get(type(node.op))
+        if guard is None:
+            return node
+        return _call(guard, [node.left, node.right], node)
+
+    def visit_JoinedStr(self, node: ast.JoinedStr) -> Any:
+        node = super().visit_JoinedStr(node)
+        return _call("_check_size_", [node], node)
+
+    def visit_FormattedValue(self, node: ast.FormattedValue) -> Any:
+        node = super().visit_FormattedValue(node)
+        if node.format_spec is None:
+            return node
+        spec = node.format_spec
+        field = _call("_format_", [node.value, spec, ast.Constant(node.conversion)], node)
+        copy_locations(field.args[2], node)
+        return ast.FormattedValue(value=field, conversion=-1, format_spec=None,
+                                  lineno=node.lineno, col_offset=node.col_offset,
+                                  end_lineno=node.end_lineno, end_col_offset=node.end_col_offset)
+
+    def _starred_display(self, node: Any) -> Any:
+        if any(isinstance(elt, ast.Starred) for elt in node.elts) and isinstance(node.ctx, ast.Load):
+            return _call("_check_size_", [node], node)
+        return node
+
+    def visit_List(self, node: ast.List) -> Any:
+        return self._starred_display(super().visit_List(node))
+
+    def visit_Tuple(self, node: ast.Tuple) -> Any:
+        return self._starred_display(super().visit_Tuple(node))
+
+
+def compile_hook(source: str, filename: str, first_line: int = 1) -> CodeType:
+    """Compile hook (or hook module) source under the policy.
+
+    ``first_line`` is the line of ``source``'s first line in ``filename`` (a config block's
+    body starts inside the config file), so tracebacks and errors carry the real line.
+    """
+    try:
+        tree = ast.parse(source, filename, "exec")
+    except SyntaxError as err:
+        lineno = (err.lineno or 1) + first_line - 1
+        raise HookCompileError(f"{type(err).__name__}: {err.msg}", lineno) from None
+    if first_line != 1:
+        ast.increment_lineno(tree, first_line - 1)
+    errors: list[str] = []
+    policy = HookPolicy(errors, [], {})
+    tree = policy.visit(tree)
+    if policy.error_lines:
+        lineno, info = policy.error_lines[0]
+        raise HookCompileError(f"SandboxError: {info}", lineno)
+    ast.fix_missing_locations(tree)
+    return compile(tree, filename, "exec", dont_inherit=True)
