@@ -4,6 +4,7 @@ persistence across reopen, and atomic incr across real processes."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -477,8 +478,6 @@ def invariants(d: SharedDict) -> None:
 
 
 def test_random_operations_keep_the_accounting_exact(tmp_path: Path, clock: Clock) -> None:
-    import random
-
     rng = random.Random(2024)
     d = SharedDict(str(tmp_path), "fuzz", MIN_SIZE, clock=clock)
     keys = [f"key{i}" for i in range(60)]
