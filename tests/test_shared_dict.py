@@ -510,3 +510,58 @@ def test_random_operations_keep_the_accounting_exact(tmp_path: Path, clock: Cloc
         invariants(d)
     finally:
         d.close()
+
+
+CHURN_SCRIPT = textwrap.dedent(
+    """
+    import random, sys
+    from scriptlb.shared_dict import SharedDict
+    d = SharedDict(sys.argv[1], "churn", 64 * 1024)
+    rng = random.Random(int(sys.argv[2]))
+    sys.stdout.write("ready\\n"); sys.stdout.flush()
+    sys.stdin.readline()
+    for i in range(3000):
+        key = "k%d" % rng.randrange(300)
+        if rng.random() < 0.7:
+            d.set(key, "x" * rng.randrange(600))
+        else:
+            d.incr("n" + key, 1, 0)
+    """
+)
+
+
+def test_two_processes_evicting_keep_the_budget_consistent(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHURN_SCRIPT, str(tmp_path), str(seed)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.close()
+        for p in procs:
+            assert p.wait(timeout=40) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            for stream in (p.stdin, p.stdout):
+                if stream is not None:
+                    stream.close()
+    d = SharedDict(str(tmp_path), "churn", 64 * 1024)
+    try:
+        invariants(d)
+        assert d.free_space() < 64 * 1024 // 4  # it really was filled, so eviction ran
+    finally:
+        d.close()
