@@ -409,8 +409,8 @@ class SharedDict:
             raise TypeError(f"cannot add value of type {type(value).__name__}")
         if init is not None and not _is_number(init):
             raise TypeError(f"bad init value type {type(init).__name__}")
-        if init_ttl is not None and init is None:
-            raise ValueError("init_ttl needs init")
+        if init_ttl is not None and (init is None or init_ttl < 0):
+            raise ValueError('bad "init_ttl" argument' if init is not None else "init_ttl needs init")
         # short str keys cannot exceed MAX_KEY_BYTES in UTF-8: skip the full check on the hot path
         if type(key) is str and 0 < len(key) <= _SHORT_KEY_CHARS:
             k = key.encode()
@@ -427,6 +427,8 @@ class SharedDict:
 
     def expire(self, key: str | bytes, exptime: float) -> tuple[bool, str | None]:
         """Set a live key's TTL (0 = never expires): ``(True, None)`` or ``(False, "not found")``."""
+        if exptime < 0:
+            raise ValueError('bad "exptime" argument')
         try:
             k = _key_bytes(key)
         except _BadKey as err:
@@ -479,6 +481,8 @@ class SharedDict:
                 k = _key_bytes(key)
             except _BadKey as err:
                 return False, str(err), False
+        if exptime < 0:
+            raise ValueError('bad "exptime" argument')  # a Lua error in OpenResty too
         now = self._clock()
         record = None
         if value is not None:

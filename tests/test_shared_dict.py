@@ -565,3 +565,12 @@ def test_two_processes_evicting_keep_the_budget_consistent(tmp_path: Path) -> No
         assert d.free_space() < 64 * 1024 // 4  # it really was filled, so eviction ran
     finally:
         d.close()
+
+
+def test_negative_exptime_is_an_error(shared: SharedDict) -> None:
+    with pytest.raises(ValueError, match="exptime"):
+        shared.set("k", 1, -1)
+    with pytest.raises(ValueError, match="exptime"):
+        shared.expire("k", -1)
+    with pytest.raises(ValueError, match="init_ttl"):
+        shared.incr("k", 1, 0, -1)
