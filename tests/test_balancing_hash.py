@@ -61,10 +61,10 @@ def test_plain_hash_matches_recorded_nginx_choices() -> None:
 def test_plain_hash_is_stable_per_key_and_spreads_by_weight() -> None:
     balancer = Hash(upstream(*SERVERS))
     assert pick(balancer, "same") == pick(balancer, "same") == pick(balancer, "same")
-    shares = Counter(pick(balancer, f"key-{i}") for i in range(20_000))
+    shares = Counter(pick(balancer, f"key-{i}") for i in range(100_000))
     total_weight = sum(w for _, w in SERVERS)
     for port, weight in SERVERS:
-        assert shares[port] / 20_000 == pytest.approx(weight / total_weight, abs=0.02)
+        assert shares[port] / 100_000 == pytest.approx(weight / total_weight, abs=0.02)
 
 
 def test_plain_hash_rehash_skips_tried_peer_deterministically() -> None:
@@ -146,9 +146,9 @@ def test_consistent_hash_matches_recorded_nginx_choices() -> None:
 
 def test_consistent_hash_shares_follow_weights() -> None:
     balancer = ConsistentHash(upstream(*SERVERS))
-    shares = Counter(pick(balancer, f"key-{i}") for i in range(20_000))
+    shares = Counter(pick(balancer, f"key-{i}") for i in range(100_000))
     for port, weight in SERVERS:
-        assert shares[port] / 20_000 == pytest.approx(weight / 7, abs=0.05)
+        assert shares[port] / 100_000 == pytest.approx(weight / 7, abs=0.05)
 
 
 def test_consistent_hash_moves_only_the_removed_servers_keys() -> None:
