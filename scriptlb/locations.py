@@ -127,39 +127,42 @@ class LocationMatcher:
 
 
 def normalize_host(raw: str) -> str | None:
-    """nginx's ngx_http_validate_host: lower-case, drop the port and a trailing dot.
+    """nginx's ngx_http_validate_host: lower-case, drop the port and one trailing dot.
 
     Returns None for a host nginx rejects with 400 ("client sent invalid host header"):
-    empty after stripping, "..", a "/" or "\\", or a NUL.
+    "..", a "/", a space or control character, or nothing left. Statement for statement as
+    nginx: the checks run over the whole value, port included; a "[literal]" ends at its "]".
     """
-    host_len = len(raw)
-    dot_pos = -1
-    in_literal = False
-    in_port = False
+    size = len(raw)
+    host_len = size
+    dot_pos = size  # nginx starts it past the end, so a leading "." is fine
+    state = _USUAL
     for i, ch in enumerate(raw):
-        if in_port:
-            if ch in "/\\\x00":
-                return None
-            continue
         if ch == ".":
             if dot_pos == i - 1:
                 return None
             dot_pos = i
-        elif ch == ":" and not in_literal:
-            host_len = i
-            in_port = True
-        elif ch == "[" and i == 0:
-            in_literal = True
-        elif ch == "]" and in_literal:
-            host_len = i + 1
-            in_port = True
-        elif ch in "/\\\x00":
-            return None
+        elif ch == ":":
+            if state == _USUAL:
+                host_len = i
+                state = _REST
+        elif ch == "[":
+            if i == 0:
+                state = _LITERAL
+        elif ch == "]":
+            if state == _LITERAL:
+                host_len = i + 1
+                state = _REST
+        elif ch == "/" or ch <= " " or ch == "\x7f":
+            return None  # a path separator, NUL, space or another control character
     if dot_pos == host_len - 1:
         host_len -= 1
     if host_len <= 0:
         return None
     return raw[:host_len].lower()
+
+
+_USUAL, _LITERAL, _REST = range(3)  # ngx_http_validate_host's states
 
 
 class ServerSelector:

@@ -167,8 +167,15 @@ def test_auto_redirect_for_an_exact_proxied_location() -> None:
         (".", None),
         ("a..b", None),
         ("a/b", None),
-        ("a\\b", None),
+        ("a\\b", "a\\b"),  # nginx on Unix: only "/" is a path separator
+        (".example.com", ".example.com"),
+        ("x:8..0", None),  # the checks cover the port too
+        ("x:80/", None),
+        ("[::1", "[::1"),
         ("a\x00b", None),
+        ("a b", None),
+        ("a\x7f", None),
+        ("a\xe9", "a\xe9"),
     ],
 )
 def test_normalize_host(raw: str, host: str | None) -> None:
@@ -398,4 +405,32 @@ def test_server_choice_equals_a_real_nginx(tmp_path: Path) -> None:
     for host in NGINX_HOSTS:
         chosen_server = selector.select(normalize_host(host) if host is not None else None)
         ours[host] = str(servers.index(chosen_server))
+    assert ours == answers
+
+
+NGINX_RAW_HOSTS = [
+    "Example.COM", "example.com.", "a..b", ".example.com", "x:80/", "x:8..0", "a\\b", "a b",
+    "[::1]:80", "[::1", "a]b:1", "example.com:", ":80", "www.example.com.:8080", "a\tb", "a\x01b",
+    "a\x7fb", "a\xe9b", 'a"b',
+]  # fmt: skip
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_host_validation_equals_a_real_nginx(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    http_block = f"""
+        server {{ listen 127.0.0.1:{port}; location / {{ return 200 "default"; }} }}
+        server {{ listen 127.0.0.1:{port}; server_name example.com; location / {{ return 200 "$host"; }} }}
+        server {{ listen 127.0.0.1:{port}; server_name ~.; location / {{ return 200 "$host"; }} }}
+    """
+    with nginx_running(tmp_path, http_block, [port]):
+        answers = {}
+        for host in NGINX_RAW_HOSTS:
+            status, _, body = raw_get(port, "/", host)
+            answers[host] = "400" if status == 400 else body
+    ours = {}
+    for host in NGINX_RAW_HOSTS:
+        normalized = normalize_host(host)
+        ours[host] = "400" if normalized is None else normalized
     assert ours == answers
