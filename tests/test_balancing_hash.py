@@ -247,6 +247,8 @@ def test_same_choices_as_real_nginx(tmp_path: Path) -> None:
     servers = "".join(
         f"server 127.0.0.1:{p} weight={w};\n" for p, w in zip(backend_ports, weights, strict=True)
     )
+    # the same list with the second server down: exercises nginx's rehash loop and ring walk
+    servers_down = servers.replace(f"{backend_ports[1]} weight=2;", f"{backend_ports[1]} weight=2 down;")
     backends = "".join(
         f"server {{ listen 127.0.0.1:{p}; location / {{ return 200 '{p}'; }} }}\n" for p in backend_ports
     )
@@ -263,11 +265,15 @@ def test_same_choices_as_real_nginx(tmp_path: Path) -> None:
             scgi_temp_path {tmp_path}/scgi;
             upstream consistent {{ hash $arg_k consistent; {servers} }}
             upstream plain {{ hash $arg_k; {servers} }}
+            upstream consistent_down {{ hash $arg_k consistent; {servers_down} }}
+            upstream plain_down {{ hash $arg_k; {servers_down} }}
             {backends}
             server {{
                 listen 127.0.0.1:{proxy_port};
                 location /c {{ proxy_pass http://consistent; }}
                 location /p {{ proxy_pass http://plain; }}
+                location /cd {{ proxy_pass http://consistent_down; }}
+                location /pd {{ proxy_pass http://plain_down; }}
             }}
         }}
         """
@@ -281,8 +287,8 @@ def test_same_choices_as_real_nginx(tmp_path: Path) -> None:
         wait_listening(proxy_port, time.monotonic() + 10)
         conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=5)
         keys = [f"key-{i}" for i in range(200)] + list(NGINX_CONSISTENT)
-        nginx_choice: dict[str, dict[str, int]] = {"c": {}, "p": {}}
-        for flavour in ("c", "p"):
+        nginx_choice: dict[str, dict[str, int]] = {"c": {}, "p": {}, "cd": {}, "pd": {}}
+        for flavour in nginx_choice:
             for key in keys:
                 conn.request("GET", f"/{flavour}?k={key}")
                 response = conn.getresponse()
@@ -298,8 +304,14 @@ def test_same_choices_as_real_nginx(tmp_path: Path) -> None:
         assert proc.stderr is not None
         proc.stderr.close()
 
-    peers = upstream(*zip(backend_ports, weights, strict=True))
-    ours_c = ConsistentHash(peers)
-    ours_p = Hash(upstream(*zip(backend_ports, weights, strict=True)))
-    assert {k: pick(ours_c, k) for k in keys} == nginx_choice["c"]
-    assert {k: pick(ours_p, k) for k in keys} == nginx_choice["p"]
+    def ours(kind: type[Hash] | type[ConsistentHash], down: bool) -> dict[str, int | None]:
+        peers = upstream(*zip(backend_ports, weights, strict=True))
+        peers.primary[1].down = down
+        balancer = kind(peers)
+        return {k: pick(balancer, k) for k in keys}
+
+    assert ours(ConsistentHash, False) == nginx_choice["c"]
+    assert ours(Hash, False) == nginx_choice["p"]
+    assert ours(ConsistentHash, True) == nginx_choice["cd"]
+    assert ours(Hash, True) == nginx_choice["pd"]
+    assert backend_ports[1] not in nginx_choice["pd"].values()

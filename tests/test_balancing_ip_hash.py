@@ -145,6 +145,7 @@ def test_same_choices_as_real_nginx_for_60_client_networks(tmp_path: Path) -> No
     servers = "".join(
         f"server 127.0.0.1:{p} weight={w}; " for p, w in zip(backend_ports, weights, strict=True)
     )
+    servers_down = servers.replace(f"{backend_ports[2]} weight=1;", f"{backend_ports[2]} weight=1 down;")
     backends = "".join(f"server {{ listen 127.0.0.1:{p}; return 200 '{p}'; }}\n" for p in backend_ports)
     (tmp_path / "logs").mkdir()
     (tmp_path / "nginx.conf").write_text(
@@ -158,8 +159,10 @@ def test_same_choices_as_real_nginx_for_60_client_networks(tmp_path: Path) -> No
             fastcgi_temp_path {tmp_path}/fcgi; uwsgi_temp_path {tmp_path}/uwsgi;
             scgi_temp_path {tmp_path}/scgi;
             upstream sticky {{ ip_hash; {servers} }}
+            upstream sticky_down {{ ip_hash; {servers_down} }}
             {backends}
-            server {{ listen 127.0.0.1:{proxy_port}; location / {{ proxy_pass http://sticky; }} }}
+            server {{ listen 127.0.0.1:{proxy_port}; location / {{ proxy_pass http://sticky; }}
+                location /down {{ proxy_pass http://sticky_down; }} }}
         }}
         """
     )
@@ -179,12 +182,15 @@ def test_same_choices_as_real_nginx_for_60_client_networks(tmp_path: Path) -> No
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
-        nginx_choice = {}
-        for client in clients:  # loopback accepts any 127/8 source address
-            conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=5, source_address=(client, 0))
-            conn.request("GET", "/")
-            nginx_choice[client] = int(conn.getresponse().read())
-            conn.close()
+        nginx_choice: dict[str, dict[str, int]] = {"/": {}, "/down": {}}
+        for path, choices in nginx_choice.items():
+            for client in clients:  # loopback accepts any 127/8 source address
+                conn = http.client.HTTPConnection(
+                    "127.0.0.1", proxy_port, timeout=5, source_address=(client, 0)
+                )
+                conn.request("GET", path)
+                choices[client] = int(conn.getresponse().read())
+                conn.close()
     finally:
         proc.send_signal(signal.SIGQUIT)
         try:
@@ -193,5 +199,10 @@ def test_same_choices_as_real_nginx_for_60_client_networks(tmp_path: Path) -> No
             proc.kill()
             proc.wait()
     ours = IpHash(upstream(*zip(backend_ports, weights, strict=True)))
-    assert {c: pick(ours, c) for c in clients} == nginx_choice
-    assert len(set(nginx_choice.values())) > 1  # the sample really exercises several servers
+    assert {c: pick(ours, c) for c in clients} == nginx_choice["/"]
+    assert len(set(nginx_choice["/"].values())) > 1  # the sample really exercises several servers
+    with_down = upstream(*zip(backend_ports, weights, strict=True))
+    with_down.primary[2].down = True  # nginx re-hashes its clients: the retry sequence must match
+    ours_down = IpHash(with_down)
+    assert {c: pick(ours_down, c) for c in clients} == nginx_choice["/down"]
+    assert any(nginx_choice["/"][c] == backend_ports[2] for c in clients)
