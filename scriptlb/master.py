@@ -428,6 +428,7 @@ class Master:
             self._spawn(worker_id)
 
     def _spawn(self, worker_id: int) -> None:
+        master_pid = os.getpid()
         try:
             pid = os.fork()
         except OSError as err:
@@ -435,16 +436,17 @@ class Master:
             self._schedule_respawn(worker_id, quick=True)
             return
         if pid == 0:
-            self._become_worker(worker_id)  # never returns
+            self._become_worker(worker_id, master_pid)  # never returns
         self.workers[pid] = WorkerProcess(pid, worker_id, self.generation, time.monotonic())
         log("notice", f"start worker process {pid}")
 
-    def _become_worker(self, worker_id: int) -> None:
+    def _become_worker(self, worker_id: int, master_pid: int) -> None:
         """The child side of the fork: run the worker, then leave without running any of the
         master's cleanup (atexit handlers, finally blocks up the stack, socket finalizers)."""
         code = 0
         try:
             prepare_worker_signals()
+            _stop_with_master(master_pid)
             for sock in self.listeners.not_for_worker(worker_id):
                 sock.close()
             _set_process_name("worker")
@@ -522,20 +524,38 @@ class Master:
             self._signal_workers(signal.SIGKILL, only_running=False)
 
 
+PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
 
+def _prctl(option: int, arg: int | bytes) -> None:
+    """Linux prctl(2), best effort: a missing libc symbol or an error changes nothing."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _set_process_name(role: str) -> None:
-    """Name the process in ``ps -o comm``/top (Linux PR_SET_NAME, 15 bytes); best effort.
+    """Name the process in ``ps -o comm``/top (PR_SET_NAME, 15 bytes).
 
     nginx rewrites its whole argv ("nginx: worker process"); Python cannot do that cheaply,
     but the short name is what top and ``ps -o comm`` show.
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_NAME, f"scriptlb {role}".encode()[:15], 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    _prctl(PR_SET_NAME, f"scriptlb {role}".encode()[:15])
+
+
+def _stop_with_master(master_pid: int) -> None:
+    """Have the kernel send this worker QUIT if the master dies (PR_SET_PDEATHSIG).
+
+    A deliberate difference from nginx, whose workers outlive a master killed with SIGKILL:
+    orphans would keep serving an unsupervised config and hold the ports, so the next master
+    could not bind them. QUIT still lets their in-flight requests finish. The parent check
+    covers a master that died between fork() and prctl().
+    """
+    _prctl(PR_SET_PDEATHSIG, int(signal.SIGQUIT))
+    if os.getppid() != master_pid:
+        raise EarlyStop(signal.SIGQUIT)
 
 
 def _log_startup(conf: MainConf) -> None:

@@ -84,7 +84,13 @@ def children(pid: int) -> set[int]:
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and all its descendants (workers first found, then the parent)."""
+    """SIGKILL ``pid`` and all its descendants.
+
+    The parent is frozen first (SIGSTOP) so a master cannot respawn a worker between the scan
+    of its children and its own death; a new child would be orphaned and never cleaned up.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGSTOP)
     for child in children(pid):
         kill_tree(child)
     with contextlib.suppress(ProcessLookupError):
@@ -202,6 +208,7 @@ class Instance:
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
         self._masters: set[int] = set()
+        self._workers_seen: set[int] = set()  # killed at the end even if orphaned by then
 
     # ----- config
 
@@ -287,7 +294,9 @@ class Instance:
 
     def workers(self) -> set[int]:
         pid = self.pid()
-        return children(pid) if pid else set()
+        found = children(pid) if pid else set()
+        self._workers_seen |= found
+        return found
 
     def log_text(self) -> str:
         try:
@@ -306,6 +315,9 @@ class Instance:
     def kill_all(self) -> None:
         for pid in list(self._masters):
             kill_tree(pid)
+        for pid in self._workers_seen:
+            if alive(pid):
+                kill_tree(pid)
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(5)
@@ -628,6 +640,18 @@ def test_a_worker_that_dies_is_replaced(lb: Instance, signo: signal.Signals) -> 
     assert f"start worker process {new_pid}" in lb.wait_log(f"start worker process {new_pid}")
     assert "[alert]" in next(line for line in log.splitlines() if f"{victim} exited" in line)
     assert get(port)[0] == 200
+
+
+def test_workers_stop_when_the_master_is_killed(lb: Instance) -> None:
+    """Not nginx (its workers outlive a SIGKILLed master): orphans would hold the port."""
+    (port,) = free_ports(1)
+    lb.write(port, workers=2)
+    lb.start()
+    master = lb.wait_ready(port)
+    workers = wait_until(lambda: len(lb.workers()) == 2 and lb.workers(), what="2 workers")
+    os.kill(master, signal.SIGKILL)
+    wait_until(lambda: not any(alive(pid) for pid in workers), what="the orphaned workers to exit")
+    wait_until(lambda: connect_refused(port), what="the port to be free")
 
 
 def test_master_process_off_serves_from_one_process(lb: Instance) -> None:
