@@ -484,7 +484,7 @@ def nginx_running(tmp_path: Path, http_block: str, wait_ports: list[int]) -> Ite
 
 
 def simulate(
-    rr: RoundRobin, conf: ProxyConf, behaviour: dict[str, str], now: float, method: str = "GET"
+    rr: RoundRobin, conf: ProxyConf, behaviour: dict[str, Any], now: float, method: str = "GET"
 ) -> str:
     """One request through RoundRobin + retry, as the proxy's tries loop runs them.
 
@@ -504,6 +504,8 @@ def simulate(
             return f"{', '.join(addrs)}|{', '.join(statuses)}|{final}"
         addrs.append(peer.name)
         kind = behaviour[peer.name]
+        if callable(kind):
+            kind = kind()  # a backend whose answer depends on how many requests it has seen
         if kind == "ok":
             rr.free(state, peer, False, now)
             statuses.append("200")
@@ -624,9 +626,12 @@ def next_upstream_mask(words: str) -> NextUpstream:
 
 class ClosingBackend:
     """Reads each request's head, then closes without a byte of response (nginx: "upstream
-    prematurely closed connection", an `error` after the request was sent)."""
+    prematurely closed connection", an `error` after the request was sent). With
+    ``answer_after=N`` the connections after the first N get a 200 instead (a flaky peer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer_after: int | None = None) -> None:
+        self.answer_after = answer_after
+        self.seen = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -647,6 +652,9 @@ class ClosingBackend:
                 with contextlib.suppress(OSError):
                     while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
                         data += chunk
+                    self.seen += 1
+                    if self.answer_after is not None and self.seen > self.answer_after:
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
 
     def __enter__(self) -> ClosingBackend:
         self.thread.start()
@@ -699,3 +707,46 @@ def test_non_idempotent_trails_match_a_real_nginx(tmp_path: Path) -> None:
         ours.append(f"{method} /{u}|" + simulate(balancers[u], conf, behaviour, 1000.0, method))
     assert len(nginx_lines) == len(order)
     assert ours == nginx_lines
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_effective_weight_recovery_matches_a_real_nginx(tmp_path: Path) -> None:
+    """A weight=6 peer fails its first 3 requests (max_fails=4, so it stays eligible): nginx lowers
+    its effective weight by 6 // 4 per failure and gives one point back per selection round."""
+    ok_b, ok_c, proxy = free_ports(3)
+    with ClosingBackend(answer_after=3) as flaky:
+        servers = (
+            f"server 127.0.0.1:{flaky.port} weight=6 max_fails=4 fail_timeout=60s; "
+            f"server 127.0.0.1:{ok_b} weight=2; server 127.0.0.1:{ok_c};"
+        )
+        http_block = f"""
+            log_format trail '$uri|$upstream_addr|$upstream_status|$status';
+            upstream flaky {{ {servers} }}
+            server {{ listen 127.0.0.1:{ok_b}; location / {{ return 200 ok; }} }}
+            server {{ listen 127.0.0.1:{ok_c}; location / {{ return 200 ok; }} }}
+            server {{
+                listen 127.0.0.1:{proxy};
+                location / {{ proxy_pass http://flaky; access_log {tmp_path}/logs/trail.log trail; }}
+            }}
+        """
+        with nginx_running(tmp_path, http_block, [proxy, ok_b, ok_c]):
+            conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=5)
+            for _ in range(30):
+                conn.request("GET", "/r")
+                conn.getresponse().read()
+            conn.close()
+    nginx_lines = (tmp_path / "logs/trail.log").read_text().splitlines()
+
+    answers = iter(["closes"] * 3)
+    behaviour: dict[str, Any] = {
+        f"127.0.0.1:{flaky.port}": lambda: next(answers, "ok"),
+        f"127.0.0.1:{ok_b}": "ok",
+        f"127.0.0.1:{ok_c}": "ok",
+    }
+    rr = RoundRobin(PeerSet.from_conf(parse_upstream("flaky", f"upstream flaky {{ {servers} }}")))
+    conf = ProxyConf()
+    ours = ["/r|" + simulate(rr, conf, behaviour, 1000.0) for _ in range(30)]
+    assert len(nginx_lines) == 30
+    assert ours == nginx_lines
+    assert sum(", " in line for line in ours) == 3  # the three failures were retried elsewhere
