@@ -218,3 +218,13 @@ class ewma(_Weighted):  # named like APISIX's balancer/ewma
         """The node's decayed average rtt now (0 for a node never measured)."""
         index = self._index.get(node)
         return 0.0 if index is None else self._averages.decayed(index, self._clock())
+
+
+# What a hook may call on each object (the sandbox's deny-by-default attribute registry, e.g.
+# ``guards.expose(cls, names)`` for each entry); private names never pass.
+_TABLE_METHODS = ("reinit", "set", "delete", "incr", "decr", "nodes")
+HOOK_API: dict[type, frozenset[str]] = {
+    chash: frozenset(("find", "next", *_TABLE_METHODS)),
+    roundrobin: frozenset(("find", "next", *_TABLE_METHODS)),
+    ewma: frozenset(("find", "next", "observe", "after_balance", "score", *_TABLE_METHODS)),
+}

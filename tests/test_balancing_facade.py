@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from scriptlb.balancers import chash, ewma, roundrobin
+from scriptlb.balancers import HOOK_API, chash, ewma, roundrobin
 
 # recorded from nginx 1.22.1 `hash $arg_k consistent` over these servers (see test_balancing_hash)
 NGINX_SERVERS = {"127.0.0.1:8001": 1, "127.0.0.1:8002": 2, "127.0.0.1:8003": 1, "127.0.0.1:8004": 3}
@@ -157,3 +157,10 @@ def test_ewma_shares_over_100k_picks() -> None:
         balancer.observe(node, rtt[node])
     assert counts["c"] / 100_000 < 0.05
     assert counts["a"] / 100_000 == pytest.approx(counts["b"] / 100_000, abs=0.03)
+
+
+def test_hook_api_names_exist_and_are_public() -> None:
+    for cls, names in HOOK_API.items():
+        for name in names:
+            assert not name.startswith("_")
+            assert callable(getattr(cls, name))
