@@ -9,13 +9,15 @@ is sent yet; a pipelined request may wait behind another one.
 ``Exchange.start`` runs when the request becomes the connection's active one:
 
 * ``return`` locations answer at once (this is how the demo backends and test servers work);
-* proxied locations run ``_proxy`` as a task: read the body (``proxy_request_buffering on``),
-  build the upstream request head once, then the tries loop::
+* proxied locations run nginx's upstream state machine, driven by callbacks (no task per
+  request): read the body (``proxy_request_buffering on``), build the upstream request head
+  once, then the tries loop::
 
-      hook seam -> peer (hook's address, or balancer.get; None = "no live upstreams")
-        -> pool.acquire or connect (connect_timeout) -> send -> response head (read_timeout)
+      _next_try: hook seam -> peer (hook's address, or balancer.get; None = no live upstreams)
+        -> pool.acquire, or _connect (a task only for a new connection, connect_timeout)
+        -> _send_request -> upstream_head (read_timeout) or upstream_failed
         -> classify: error / timeout / invalid_header / status listed in proxy_next_upstream
-        -> free the peer -> retry.decide -> next try, or the final status
+        -> free the peer -> retry.decide -> _next_try again, or the final status
 
   A response that is not retried streams to the client with back-pressure both ways; once any
   response byte went to the client there is no retry. At the end the upstream connection goes
@@ -73,10 +75,6 @@ class TryRecord:
 
 # proxy_request_buffering off: stop reading the client when this much body waits for a peer
 STREAM_BODY_WAITING = 64 * 1024
-
-
-class ClientGone(Exception):
-    """The client closed its connection while we were proxying (nginx's 499)."""
 
 
 # --------------------------------------------------------------------------- URIs
@@ -158,15 +156,24 @@ class Exchange:
         self.proxy_host = ""
 
         self._early_status = 0  # an error found while routing, answered when we become active
-        self._task: asyncio.Task[None] | None = None
-        self._body_ready: asyncio.Future[None] | None = None
-        self._done: asyncio.Future[None] | None = None
-        self._upstream_conn: UpstreamConnection | None = None
-        self._peer_to_free: tuple[UpstreamRuntime, Peer] | None = None
-        self._state: object = None
+        self._proxying = False  # a proxied request (not `return`, not an early error page)
+        self._waiting_body = False  # buffering the request body before the first try
         self._finished = False
-        self._client_gone = False
         self._abort_status = 499  # the status logged if the client side ends the request
+        # the tries loop (see _begin_tries)
+        self._state: object = None  # the balancer's per-request state
+        self._head = b""
+        self._body = b""
+        self._started = 0.0  # for proxy_next_upstream_timeout
+        self._idempotent = True
+        self._record: TryRecord | None = None  # the try in progress
+        self._addr: PeerAddr | None = None
+        self._key: tuple = ()
+        self._peer_to_free: tuple[UpstreamRuntime, Peer] | None = None
+        self._upstream_conn: UpstreamConnection | None = None
+        self._reused = False  # the try's connection came from the pool
+        self._connecting: asyncio.Task[object] | None = None
+        self._passing = False  # the response is going to the client: no retry any more
         self._stream_body = False  # proxy_request_buffering off: body sent as it arrives
         self._body_conn: UpstreamConnection | None = None  # where the streamed body goes now
         self._route()
@@ -274,11 +281,11 @@ class Exchange:
             else:
                 self.conn.send_continue()  # nginx reads (and discards) the body first
             return
-        self._task = self.loop.create_task(self._proxy())
+        self._start_proxy()
 
     def body_received(self) -> None:
         request = self.request
-        if self._task is None:
+        if not self._proxying:
             if request.complete and not self._finished and not self._early_status:
                 request.body.clear()
                 self._serve_return()
@@ -287,48 +294,16 @@ class Exchange:
             return
         if self._stream_body:
             self._pump_body()
-            return
-        ready = self._body_ready
-        if request.complete and ready is not None and not ready.done():
-            ready.set_result(None)
-
-    def _pump_body(self) -> None:
-        """Streamed body: move what arrived to the upstream connection, with back-pressure
-        both ways (the client is paused while the peer's socket buffer is full, or while we
-        are still connecting and more than a little is waiting)."""
-        request = self.request
-        conn = self._body_conn
-        if conn is None:
-            if sum(map(len, request.body)) > STREAM_BODY_WAITING:
-                self.conn.pause_body()
-            return
-        data = request.take_body()
-        if data:
-            conn.write_body(b"%x\r\n%s\r\n" % (len(data), data) if request.chunked else data, last=False)
-        if request.complete:
-            self._body_conn = None
-            conn.write_body(b"0\r\n\r\n" if request.chunked else b"", last=True)
-        if conn.write_buffer_full:
-            self.conn.pause_body()
-        else:
-            self.conn.resume_body()
+        elif self._waiting_body and request.complete:
+            self._waiting_body = False
+            self._begin_tries()
 
     def client_lost(self) -> None:
-        self._client_gone = True
-        task = self._task
-        if task is not None and not task.done():
-            task.cancel()
+        self._abandon(499)
 
     def abort(self, status: int) -> None:
         """The client connection ends this request with its own error page (413, 408)."""
-        self._abort_status = status
-        task = self._task
-        if task is not None and not task.done():
-            task.cancel()
-        elif not self._finished:
-            self._finished = True
-            self.status = responses.wire_status(status)
-            self._log_access()
+        self._abandon(status)
 
     def writing_paused(self) -> None:
         conn = self._upstream_conn
@@ -398,20 +373,28 @@ class Exchange:
 
     # ------------------------------------------------------------------ proxying
 
-    async def _proxy(self) -> None:
-        upstream = self.location.upstream
+    def _start_proxy(self) -> None:
+        """Per-request copies of the location's settings; the body first if it is buffered."""
+        location = self.location
+        upstream = location.upstream
         assert upstream is not None
-        try:
-            self._stream_body = self._wants_streamed_body()
-            if not self._stream_body:
-                await self._read_whole_body()
-            elif not self.request.complete:
-                self.conn.send_continue()
-            await self._tries_loop(upstream)
-        except asyncio.CancelledError:
-            self._abandon(self._abort_status)
-        except ClientGone:
-            self._abandon(499)
+        conf = location.conf.proxy
+        self._proxying = True
+        self.connect_timeout = conf.connect_timeout
+        self.send_timeout = conf.send_timeout
+        self.read_timeout = conf.read_timeout
+        self.upstream_name = upstream.name
+        self.proxy_host = location.proxy_host
+        request = self.request
+        self._stream_body = self._wants_streamed_body()
+        if request.complete or not request.has_body:
+            self._begin_tries()
+            return
+        self.conn.send_continue()
+        if self._stream_body:
+            self._begin_tries()
+        else:
+            self._waiting_body = True  # body_received() starts the tries
 
     def _wants_streamed_body(self) -> bool:
         """``proxy_request_buffering off`` streams the body as it arrives, unless it is chunked
@@ -421,237 +404,278 @@ class Exchange:
             return False
         return not (request.chunked and not self.location.plan.http11)
 
-    async def _read_whole_body(self) -> None:
-        request = self.request
-        if request.complete or not request.has_body:
-            return
-        self.conn.send_continue()
-        self._body_ready = self.loop.create_future()
-        await self._body_ready
-
-    def _abandon(self, status: int) -> None:
-        """The client went away: drop the upstream side and log what happened."""
-        conn = self._upstream_conn
-        self._upstream_conn = None
-        if conn is not None:
-            conn.abort()
-        self._free_peer(failed=False)
-        if not self._finished:
-            self._finished = True
-            if not self.status or not self.conn.response_started:
-                self.status = responses.wire_status(status)
-            self.bytes_sent = self.conn.bytes_sent
-            self.body_bytes_sent = self.conn.body_bytes_sent
-            self._log_access()
-
-    async def _tries_loop(self, upstream: UpstreamRuntime) -> None:
+    def _begin_tries(self) -> None:
+        """Build the upstream request once, start the balancer's request, run the first try."""
         location = self.location
+        upstream = location.upstream
+        assert upstream is not None
         conf = location.conf.proxy
-        self.connect_timeout = conf.connect_timeout
-        self.send_timeout = conf.send_timeout
-        self.read_timeout = conf.read_timeout
-        self.upstream_name = upstream.name
-        self.proxy_host = location.proxy_host
         request = self.request
         if self._stream_body:
-            body = b""  # taken piece by piece once a peer is connected (_pump_body)
-            head = location.plan.build_head(self, request.content_length, chunked=request.chunked)
+            self._head = location.plan.build_head(self, request.content_length, chunked=request.chunked)
         else:
-            body = request.take_body()
-            head = location.plan.build_head(self, len(body) if request.has_body else None)
-        balancer = upstream.balancer
+            self._body = request.take_body()
+            self._head = location.plan.build_head(self, len(self._body) if request.has_body else None)
         key_getter = upstream.key_getter
         if key_getter is None:
-            state = balancer.new_request(conf.next_upstream_tries)
+            self._state = upstream.balancer.new_request(conf.next_upstream_tries)
         else:
-            state = balancer.new_request(conf.next_upstream_tries, key_getter(self))  # type: ignore[call-arg]
-        self._state = state
+            self._state = upstream.balancer.new_request(  # type: ignore[call-arg]
+                conf.next_upstream_tries, key_getter(self)
+            )
         self.tries_cap = conf.next_upstream_tries
-        started = self.loop.time()
-        idempotent = is_idempotent(self.method)
+        self._started = self.loop.time()
+        self._idempotent = is_idempotent(self.method)
+        self._next_try()
+
+    def _next_try(self) -> None:
+        """The hook seam, then a peer, then a connection to it (nginx's upstream_connect)."""
+        upstream = self.location.upstream
+        assert upstream is not None
+        state = self._state
+        self.tries_left = state.tries  # type: ignore[attr-defined]
+        addr: PeerAddr | None = None
+        host = ""
         hook = upstream.hook
-        while True:
-            self.tries_left = state.tries
-            addr, peer, host = None, None, None
-            if hook is not None:
-                outcome = hook.run(self, upstream)
-                if outcome.exit_status is not None:
-                    self._finish_with_page(outcome.exit_status)
-                    return
-                if outcome.addr is not None:
-                    addr, host = outcome.addr, outcome.host
-                    state.tries += outcome.more_tries
-            if addr is None:
-                peer = balancer.get(state, self.loop.time())
-                if peer is None:
-                    self._no_live_upstreams(upstream)
-                    return
-                addr = peer.addr
-                self._peer_to_free = (upstream, peer)
-            record = TryRecord(addr.name, self.loop.time())
-            self.tries.append(record)
-            try:
-                response = await self._try(upstream, addr, host or "", record, head, body)
-            except UpstreamError as err:
-                failure = err.failure
-                record.status = last_failure_status(failure)
-                self._log_upstream_error(err, addr)
-                self._drop_upstream_conn()
-                self._free_try(state, failed=True, failure=failure)
-                verdict = decide(failure, state.tries, started, self.loop.time(), conf,
-                                 idempotent, request_sent=err.request_sent)
-                if verdict == RETRY:
-                    continue
-                self._finish_with_page(verdict)
+        if hook is not None:
+            outcome = hook.run(self, upstream)
+            if outcome.exit_status is not None:
+                self._finish_with_page(outcome.exit_status)
                 return
-            record.status = response.status
-            failure = failure_for_status(response.status)
-            if failure is not None and conf.next_upstream & NextUpstream(int(failure)):
-                verdict = decide(failure, state.tries - 1, started, self.loop.time(), conf,
-                                 idempotent, request_sent=True)
-                if verdict == RETRY:
-                    self._drop_upstream_conn()
-                    self._free_try(state, failed=is_counted_failure(failure, True), failure=failure)
-                    continue
-            await self._send_response(response, record)
-            return
-
-    async def _try(
-        self,
-        upstream: UpstreamRuntime,
-        addr: PeerAddr,
-        host: str,
-        record: TryRecord,
-        head: bytes,
-        body: bytes,
-    ) -> ResponseHead:
-        """One try against ``addr``: a pooled connection (once more on a fresh one if the pooled
-        one turns out stale) or a new one; returns the response head."""
+            if outcome.addr is not None:
+                addr, host = outcome.addr, outcome.host or ""
+                state.tries += outcome.more_tries  # type: ignore[attr-defined]
+        if addr is None:
+            peer = upstream.balancer.get(state, self.loop.time())  # type: ignore[arg-type]
+            if peer is None:
+                self._no_live_upstreams(upstream)
+                return
+            addr = peer.addr
+            self._peer_to_free = (upstream, peer)
+        self._addr = addr
+        self._key = (addr.name, host)
+        self._record = TryRecord(addr.name, self.loop.time())
+        self.tries.append(self._record)
         pool = upstream.pool if self.location.plan.pooled else None
-        key = (addr.name, host)
-        conn = pool.acquire(key) if pool is not None else None
-        if conn is not None:
-            record.connect_time = 0.0
-            try:
-                return await self._send_and_read_head(conn, record, head, body)
-            except UpstreamError as err:
-                if not self._is_stale(err):
-                    raise
-                # nginx: a cached connection failing before any response byte costs no try
-                self._drop_upstream_conn()
-                errorlog.log_error("info", f"{err} while reading response header from upstream "
-                                           f"(cached connection, retrying on a new one)",
-                                   self.conn_id, self._log_context(addr))
-        conn = await self._connect(addr, key)
-        record.connect_time = self.loop.time() - record.started
-        return await self._send_and_read_head(conn, record, head, body)
+        conn = pool.acquire(self._key) if pool is not None else None
+        if conn is None:
+            self._connect()
+        else:
+            self._record.connect_time = 0.0
+            self._reused = True
+            self._send_request(conn)
 
-    def _is_stale(self, err: UpstreamError) -> bool:
-        if err.failure is not Failure.ERROR or err.response_started or self._stream_body:
-            return False  # (a streamed body is gone once sent: nothing to send again)
-        return is_idempotent(self.method) or bool(self.location.conf.proxy.next_upstream
-                                                   & NextUpstream.NON_IDEMPOTENT)
-
-    async def _connect(self, addr: PeerAddr, key: tuple) -> UpstreamConnection:
-        conn = UpstreamConnection(self.loop, key, addr.name)
+    def _connect(self) -> None:
+        addr = self._addr
+        assert addr is not None
+        conn = UpstreamConnection(self.loop, self._key, addr.name)
         self._upstream_conn = conn
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                if addr.unix_path is not None:
-                    await self.loop.create_unix_connection(lambda: conn, addr.unix_path)
-                else:
-                    await self.loop.create_connection(lambda: conn, addr.host, addr.port)
-        except TimeoutError:
-            conn.abort()
-            raise UpstreamError(Failure.TIMEOUT, "upstream timed out (110: Connection timed out)",
-                                phase="connecting to upstream", request_sent=False) from None
-        except OSError as err:
-            conn.abort()
-            text = f"connect() failed ({err.errno}: {err.strerror})" if err.errno else str(err)
-            raise UpstreamError(
-                Failure.ERROR, text, phase="connecting to upstream", request_sent=False
-            ) from None
-        return conn
+        self._reused = False
+        if addr.unix_path is not None:
+            opening = self.loop.create_unix_connection(lambda: conn, addr.unix_path)
+        else:
+            opening = self.loop.create_connection(lambda: conn, addr.host, addr.port)
+        task = self.loop.create_task(opening)
+        timer = self.loop.call_later(self.connect_timeout, task.cancel)
+        self._connecting = task
+        task.add_done_callback(lambda done: self._connected(done, conn, timer))
 
-    async def _send_and_read_head(
-        self, conn: UpstreamConnection, record: TryRecord, head: bytes, body: bytes
-    ) -> ResponseHead:
+    def _connected(self, task: asyncio.Task[object], conn: UpstreamConnection,
+                   timer: asyncio.TimerHandle) -> None:
+        timer.cancel()
+        if self._connecting is not task:
+            conn.abort()  # the request ended while we were connecting (client gone)
+            return
+        self._connecting = None
+        if task.cancelled():
+            err = UpstreamError(Failure.TIMEOUT, "upstream timed out (110: Connection timed out)",
+                                phase="connecting to upstream", request_sent=False)
+        elif (exc := task.exception()) is not None:
+            if not isinstance(exc, OSError):
+                raise exc  # a bug, not a network failure
+            text = f"connect() failed ({exc.errno}: {exc.strerror})" if exc.errno else str(exc)
+            err = UpstreamError(Failure.ERROR, text, phase="connecting to upstream", request_sent=False)
+        else:
+            record = self._record
+            assert record is not None
+            record.connect_time = self.loop.time() - record.started
+            self._send_request(conn)
+            return
+        conn.abort()
+        self._try_failed(err)
+
+    def _send_request(self, conn: UpstreamConnection) -> None:
         self._upstream_conn = conn
         plan = self.location.plan
         streamed = self._stream_body
-        future = conn.start(head, None if streamed else body, self.read_timeout, self.send_timeout,
-                            head_only=self.method == "HEAD", http11=plan.http11,
-                            close_after=plan.close_after)
+        conn.start(self, self._head, None if streamed else self._body, self.read_timeout,
+                   self.send_timeout, head_only=self.method == "HEAD", http11=plan.http11,
+                   close_after=plan.close_after)
         if streamed:
             self._body_conn = conn
             conn.on_writable = self._pump_body
             self._pump_body()
-        response = await future
-        record.header_time = self.loop.time() - record.started
-        return response
 
-    async def _send_response(self, response: ResponseHead, record: TryRecord) -> None:
-        """Pass the response to the client, streaming its body with back-pressure."""
-        conn = self._upstream_conn
-        assert conn is not None
-        self.status = response.status
-        self.upstream_headers = response.headers
-        headers = response.client_headers()
-        self.response_headers = headers
-        self.conn.send_head(response.status, headers, response.content_length)
-        self._done = self.loop.create_future()
-        conn.stream_to(self)  # the body that came with the head goes out with it
-        self.conn.flush()
-        if self.conn.writing_paused:
-            conn.pause_reading()
-        try:
-            await self._done
-        except UpstreamError as err:
-            record.response_time = self.loop.time() - record.started
-            self._log_upstream_error(err, None, "reading upstream")
-            self._drop_upstream_conn()
-            self._free_peer(failed=False)
-            self._finished = True
-            self.bytes_sent = self.conn.bytes_sent
-            self.body_bytes_sent = self.conn.body_bytes_sent
-            self._log_access()
-            self.conn.abort()  # never a silently truncated "complete" response
+    def _pump_body(self) -> None:
+        """Streamed body: move what arrived to the upstream connection, with back-pressure
+        both ways (the client is paused while the peer's socket buffer is full, or while we
+        are still connecting and more than a little is waiting)."""
+        request = self.request
+        conn = self._body_conn
+        if conn is None:
+            if sum(map(len, request.body)) > STREAM_BODY_WAITING:
+                self.conn.pause_body()
             return
-        record.response_time = self.loop.time() - record.started
-        upstream = self.location.upstream
-        self._upstream_conn = None
-        if upstream is not None and self.location.plan.pooled:
-            upstream.pool.release(conn)
+        data = request.take_body()
+        if data:
+            conn.write_body(b"%x\r\n%s\r\n" % (len(data), data) if request.chunked else data, last=False)
+        if request.complete:
+            self._body_conn = None
+            conn.write_body(b"0\r\n\r\n" if request.chunked else b"", last=True)
+        if conn.write_buffer_full:
+            self.conn.pause_body()
         else:
-            conn.close()
-        self._free_peer(failed=False)
-        self._complete_response()
+            self.conn.resume_body()
 
-    # the upstream connection's ResponseSink
+    # the upstream connection's UpstreamHandler callbacks
+
+    def upstream_head(self, response: ResponseHead) -> None:
+        record = self._record
+        assert record is not None
+        record.header_time = self.loop.time() - record.started
+        record.status = response.status
+        conf = self.location.conf.proxy
+        failure = failure_for_status(response.status)
+        if failure is not None and conf.next_upstream & NextUpstream(int(failure)):
+            tries = self._state.tries  # type: ignore[attr-defined]
+            verdict = decide(failure, tries - 1, self._started, self.loop.time(), conf,
+                             self._idempotent, request_sent=True)
+            if verdict == RETRY:
+                self._drop_upstream_conn()
+                self._free_try(failed=is_counted_failure(failure, True), failure=failure)
+                self._next_try()
+                return
+        self._pass_response(response)
+
     def upstream_body(self, data: bytes) -> None:
         self.conn.send_body(data)
 
     def upstream_complete(self) -> None:
-        done = self._done
-        if done is not None and not done.done():
-            done.set_result(None)
+        conn = self._upstream_conn
+        self._upstream_conn = None
+        record = self._record
+        if record is not None:
+            record.response_time = self.loop.time() - record.started
+        upstream = self.location.upstream
+        if conn is not None:
+            if upstream is not None and self.location.plan.pooled:
+                upstream.pool.release(conn)
+            else:
+                conn.close()
+        self._free_peer(failed=False)
+        self._complete_response()
 
     def upstream_failed(self, err: UpstreamError) -> None:
-        done = self._done
-        if done is not None and not done.done():
-            done.set_exception(err)
+        self._upstream_conn = None
+        self._body_conn = None
+        if self._passing:
+            self._failed_mid_body(err)
+        elif self._reused and self._is_stale(err):
+            self._retry_fresh(err)
+        else:
+            self._try_failed(err)
+
+    # try outcomes
+
+    def _pass_response(self, response: ResponseHead) -> None:
+        """Give the client this response, streaming its body with back-pressure."""
+        conn = self._upstream_conn
+        assert conn is not None
+        self._passing = True
+        self.status = response.status
+        self.upstream_headers = response.headers
+        headers = response.client_headers()
+        self.response_headers = headers
+        client = self.conn
+        client.send_head(response.status, headers, response.content_length)
+        conn.stream_to(self)  # the body that came with the head goes out with it
+        if self._upstream_conn is conn:  # still streaming: not completed by stream_to
+            client.flush()
+            if client.writing_paused:
+                conn.pause_reading()
+
+    def _try_failed(self, err: UpstreamError) -> None:
+        """nginx's ngx_http_upstream_next: log, free, and retry or answer with our page."""
+        failure = err.failure
+        record = self._record
+        assert record is not None
+        record.status = last_failure_status(failure)
+        self._log_upstream_error(err, self._addr)
+        self._drop_upstream_conn()
+        self._free_try(failed=True, failure=failure)
+        tries = self._state.tries  # type: ignore[attr-defined]
+        verdict = decide(failure, tries, self._started, self.loop.time(), self.location.conf.proxy,
+                         self._idempotent, request_sent=err.request_sent)
+        if verdict == RETRY:
+            self._next_try()
+        else:
+            self._finish_with_page(verdict)
+
+    def _is_stale(self, err: UpstreamError) -> bool:
+        if err.failure is not Failure.ERROR or err.response_started or self._stream_body:
+            return False  # (a streamed body is gone once sent: nothing to send again)
+        return self._idempotent or bool(self.location.conf.proxy.next_upstream & NextUpstream.NON_IDEMPOTENT)
+
+    def _retry_fresh(self, err: UpstreamError) -> None:
+        """A pooled connection the peer had closed: nginx retries without costing a try; we
+        stay on the same peer, in the same try, on a new connection."""
+        errorlog.log_error("info", f"{err} while {err.phase} (cached connection, retrying on a new one)",
+                           self.conn_id, self._log_context(self._addr))
+        self._connect()
+
+    def _failed_mid_body(self, err: UpstreamError) -> None:
+        """The client already has part of the response: close it, never fake a complete one."""
+        record = self._record
+        if record is not None:
+            record.response_time = self.loop.time() - record.started
+        self._log_upstream_error(err, None, "reading upstream")
+        self._free_peer(failed=False)
+        self._finished = True
+        self.bytes_sent = self.conn.bytes_sent
+        self.body_bytes_sent = self.conn.body_bytes_sent
+        self._log_access()
+        self.conn.abort()
+
+    def _abandon(self, status: int) -> None:
+        """The client side ended the request (gone: 499; 413/408 while reading the body)."""
+        if self._finished:
+            return
+        self._finished = True
+        self._waiting_body = False
+        connecting = self._connecting
+        self._connecting = None
+        if connecting is not None:
+            connecting.cancel()
+        self._drop_upstream_conn()
+        self._free_peer(failed=False)
+        if not self.status or not self.conn.response_started:
+            self.status = responses.wire_status(status)
+        self.bytes_sent = self.conn.bytes_sent
+        self.body_bytes_sent = self.conn.body_bytes_sent
+        self._log_access()
 
     # ------------------------------------------------------------------ tries accounting
 
-    def _free_try(self, state: object, failed: bool, failure: Failure) -> None:
+    def _free_try(self, failed: bool, failure: Failure) -> None:
         """Free the try's peer: the balancer's own, or (hook-set peer) our own accounting."""
         if self._peer_to_free is not None:
             self._free_peer(failed)
-        else:
-            tries = getattr(state, "tries", 0)
-            if tries:
-                state.tries = tries - 1  # type: ignore[attr-defined]
-            self.last_failure = (last_failure_state(failure), last_failure_status(failure))
+            return
+        state = self._state
+        tries = state.tries  # type: ignore[attr-defined]
+        if tries:
+            state.tries = tries - 1  # type: ignore[attr-defined]
+        self.last_failure = (last_failure_state(failure), last_failure_status(failure))
 
     def _free_peer(self, failed: bool) -> None:
         pending = self._peer_to_free

@@ -8,12 +8,21 @@ It serves one request at a time (no pipelining towards peers, as nginx) and move
     NEW --connection_made--> ACTIVE <--release/reuse--> IDLE (in the pool)
       \\___________________________ any state __________________________--> CLOSED
 
-For a request the exchange calls ``start`` (head bytes and the buffered body, or ``write_body``
-for a streamed one) and awaits the ``head`` future: it resolves with a ``ResponseHead`` or fails
-with an ``UpstreamError`` carrying the nginx failure kind (error / timeout / invalid_header) and
-nginx's log text. Body bytes that arrive before the exchange is ready are held until it calls
-``stream_to(sink)``; from then on every decoded chunk goes straight to the sink (no copy, no
-queue), and ``pause_reading`` is the back-pressure lever when the client is slow.
+For a request the exchange calls ``start`` with the head bytes, the buffered body (or None and
+then ``write_body`` for a streamed one) and itself as the ``UpstreamHandler``. The connection
+answers through that handler, never through futures (no task wake-up per request):
+
+* ``upstream_head(response)`` once the response head is parsed (after ``feed_data`` returned,
+  so the handler never runs inside a parser callback). The handler either accepts the body
+  with ``stream_to(handler)`` — body bytes that arrived with the head are delivered then, and
+  from then on every decoded chunk goes straight to ``upstream_body`` — or drops the connection
+  (``abort``) to try another peer;
+* ``upstream_complete()`` at the end of the body;
+* ``upstream_failed(err)`` exactly once if anything goes wrong, with an ``UpstreamError``
+  carrying the nginx failure kind (error / timeout / invalid_header), nginx's log text and the
+  log phase.
+
+``pause_reading`` is the back-pressure lever when the client is slow.
 
 Timeouts are nginx's idle timers (between two reads, between two writes), kept with one
 ``TimerHandle`` re-armed lazily from the time of the last read.
@@ -115,9 +124,10 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-class ResponseSink(Protocol):
-    """Where the response body goes (the exchange, which writes it to the client)."""
+class UpstreamHandler(Protocol):
+    """Who a request's response goes to (the exchange)."""
 
+    def upstream_head(self, response: ResponseHead) -> None: ...
     def upstream_body(self, data: bytes) -> None: ...
     def upstream_complete(self) -> None: ...
     def upstream_failed(self, err: UpstreamError) -> None: ...
@@ -151,16 +161,16 @@ class UpstreamConnection(asyncio.Protocol):
         # per-request state
         self._parser: httptools.HttpResponseParser | None = None
         self._head_only = False
-        self.head: asyncio.Future[ResponseHead] | None = None
+        self._handler: UpstreamHandler | None = None  # None once it was told the outcome
         self._response: ResponseHead | None = None
         self._header_done = False
+        self._head_dispatched = False
         self.response_started = False  # any response byte arrived
         self.response_complete = False
         self.request_sent = False  # request bytes were handed to the socket
         self.request_complete = False  # ... and the body too
-        self._sink: ResponseSink | None = None
+        self._streaming = False  # the handler accepted the body (stream_to)
         self._early_body: list[bytes] = []
-        self._early_failure: UpstreamError | None = None
         self._extra_bytes = False  # bytes after the response's end: the connection is unusable
         self._closing_after = False  # we asked the peer to close (Connection: close)
         self._http11 = True
@@ -185,10 +195,13 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as err:
             raise (err.__context__ or err) from None  # a bug in our callbacks, not the peer's fault
         except httptools.HttpParserError:
-            self._fail(Failure.INVALID_HEADER if not self._header_done else Failure.ERROR,
-                       "upstream sent invalid header" if not self._header_done
-                       else "upstream sent invalid chunked response")
+            if self._header_done:
+                self._fail(Failure.ERROR, "upstream sent invalid chunked response")
+            else:
+                self._fail(Failure.INVALID_HEADER, "upstream sent invalid header")
             return
+        if self._header_done and not self._head_dispatched:
+            self._dispatch_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
         state = self.state
@@ -201,7 +214,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._parser is None or self.response_complete:
             return
-        if self._header_done and self._response is not None and self._is_close_delimited():
+        if self._head_dispatched and self._is_close_delimited():
             self.on_message_complete()  # a body without length ends with the connection
             return
         if exc is not None and isinstance(exc, OSError) and exc.errno:
@@ -225,6 +238,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def start(
         self,
+        handler: UpstreamHandler,
         head: bytes,
         body: bytes | None,
         read_timeout: float,
@@ -232,11 +246,12 @@ class UpstreamConnection(asyncio.Protocol):
         head_only: bool,
         http11: bool,
         close_after: bool,
-    ) -> asyncio.Future[ResponseHead]:
-        """Send a request (``body`` None: the body follows through ``write_body``)."""
+    ) -> None:
+        """Send a request (``body`` None: the body follows through ``write_body``); the
+        response goes to ``handler``."""
         assert self.state is ConnState.ACTIVE and self.transport is not None
         self.requests += 1
-        self._reset_request_state(head_only, http11, close_after)
+        self._reset_request_state(handler, head_only, http11, close_after)
         self._read_timeout = read_timeout
         self._send_timeout = send_timeout
         self._last_read = self.loop.time()
@@ -247,9 +262,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(head)
         self.request_sent = True
         self.request_complete = body is not None
-        head_future = self.head
-        assert head_future is not None
-        return head_future
 
     def write_body(self, data: bytes, last: bool) -> None:
         """Stream request body bytes (already framed by the caller)."""
@@ -263,18 +275,17 @@ class UpstreamConnection(asyncio.Protocol):
     def write_buffer_full(self) -> bool:
         return self._write_paused
 
-    def stream_to(self, sink: ResponseSink) -> None:
-        """Deliver the body from now on; hand over what arrived with the head."""
-        self._sink = sink
+    def stream_to(self, handler: UpstreamHandler) -> None:
+        """The handler accepts the body: hand over what arrived with the head, then stream."""
+        self._streaming = True
         early = self._early_body
         if early:
             self._early_body = []
             for chunk in early:
-                sink.upstream_body(chunk)
-        if self.response_complete:
-            sink.upstream_complete()
-        elif self._early_failure is not None:
-            sink.upstream_failed(self._early_failure)
+                handler.upstream_body(chunk)
+        if self.response_complete and self._handler is not None:
+            self._handler = None
+            handler.upstream_complete()
 
     def pause_reading(self) -> None:
         if not self._read_paused and self.transport is not None and self.state is ConnState.ACTIVE:
@@ -314,7 +325,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_writable = None
         self.idle_since = now
         self._cancel_timer()
-        self._sink = None
+        self._handler = None
         self._parser = None
 
     def reuse(self) -> None:
@@ -328,15 +339,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.close()
 
     def abort(self) -> None:
-        """Drop the connection now (the response will not be read to its end)."""
+        """Drop the connection now, telling nobody (the handler gave up on this response)."""
+        self._handler = None
         if self.state is not ConnState.CLOSED:
             self.state = ConnState.CLOSED
             self._cancel_timer()
             if self.transport is not None:
                 self.transport.abort()
-        head = self.head
-        if head is not None and not head.done():
-            head.cancel()
 
     # ------------------------------------------------------------------ parser callbacks
 
@@ -372,20 +381,18 @@ class UpstreamConnection(asyncio.Protocol):
         self._header_done = True
         if self._head_only or status in (204, 304):
             self._complete_now_without_body()
-        head = self.head
-        if head is not None and not head.done():
-            head.set_result(response)
 
     def on_body(self, data: bytes) -> None:
         if self.response_complete:
             self._extra_bytes = True  # body bytes for a HEAD response: unusable connection
             return
-        self._last_read = self.loop.time()
-        sink = self._sink
-        if sink is None:
-            self._early_body.append(data)
+        handler = self._handler
+        if handler is None:
+            return  # dropped by the handler while this chunk was being parsed
+        if self._streaming:
+            handler.upstream_body(data)
         else:
-            sink.upstream_body(data)
+            self._early_body.append(data)
 
     def on_message_complete(self) -> None:
         if self._response is None or not self._header_done:
@@ -395,16 +402,21 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.response_complete = True
         self._cancel_timer()
-        sink = self._sink
-        if sink is not None:
-            sink.upstream_complete()
+        handler = self._handler
+        if self._streaming and handler is not None:
+            self._handler = None
+            handler.upstream_complete()
 
     # ------------------------------------------------------------------ internals
 
-    def _reset_request_state(self, head_only: bool, http11: bool, close_after: bool) -> None:
+    def _reset_request_state(
+        self, handler: UpstreamHandler, head_only: bool, http11: bool, close_after: bool
+    ) -> None:
         self._parser = httptools.HttpResponseParser(self)
+        self._handler = handler
         self._response = ResponseHead()
         self._header_done = False
+        self._head_dispatched = False
         self._head_only = head_only
         self._http11 = http11
         self._closing_after = close_after
@@ -412,12 +424,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_complete = False
         self.request_sent = False
         self.request_complete = False
-        self._sink = None
+        self._streaming = False
         self._early_body = []
-        self._early_failure = None
         self._extra_bytes = False
         self._read_paused = False
-        self.head = self.loop.create_future()
+
+    def _dispatch_head(self) -> None:
+        self._head_dispatched = True
+        handler = self._handler
+        response = self._response
+        if handler is not None and response is not None:
+            handler.upstream_head(response)
 
     def _complete_now_without_body(self) -> None:
         # HEAD, 204, 304: llhttp cannot be told a HEAD response has no body, so we end the
@@ -430,20 +447,16 @@ class UpstreamConnection(asyncio.Protocol):
         return response is not None and response.content_length is None and not response.chunked
 
     def _fail(self, failure: Failure, message: str, phase: str = "") -> None:
+        """Close the connection and tell the handler, once."""
         if not phase:
-            phase = "reading upstream" if self._header_done else "reading response header from upstream"
+            phase = "reading upstream" if self._head_dispatched else "reading response header from upstream"
         err = UpstreamError(failure, message, phase=phase, response_started=self.response_started,
                             request_sent=self.request_sent)
-        head = self.head
+        handler = self._handler
+        self._handler = None
         self.close()
-        if head is not None and not head.done():
-            head.set_exception(err)
-            return
-        sink = self._sink
-        if sink is not None and not self.response_complete:
-            sink.upstream_failed(err)
-        elif not self.response_complete:
-            self._early_failure = err
+        if handler is not None:
+            handler.upstream_failed(err)
 
     def _unexpected_bytes(self) -> None:
         # Data on an idle connection, or after the response ended: the peer is confused or

@@ -38,11 +38,21 @@ class FakeTransport:
         self.reading = True
 
 
-class Sink:
-    def __init__(self) -> None:
+class Handler:
+    """Records the outcome; accepts the body as soon as the head arrives unless told not to."""
+
+    def __init__(self, conn: UpstreamConnection, accept: bool = True) -> None:
+        self.conn = conn
+        self.accept = accept
+        self.head: ResponseHead | None = None
         self.body = b""
         self.complete = False
         self.error: UpstreamError | None = None
+
+    def upstream_head(self, response: ResponseHead) -> None:
+        self.head = response
+        if self.accept:
+            self.conn.stream_to(self)
 
     def upstream_body(self, data: bytes) -> None:
         self.body += data
@@ -51,6 +61,7 @@ class Sink:
         self.complete = True
 
     def upstream_failed(self, err: UpstreamError) -> None:
+        assert self.error is None, "told twice"
         self.error = err
 
 
@@ -69,35 +80,36 @@ def connect(loop: asyncio.AbstractEventLoop) -> tuple[UpstreamConnection, FakeTr
 
 
 def send(conn: UpstreamConnection, body: bytes | None = b"", head_only: bool = False,
-         read_timeout: float = 60.0) -> asyncio.Future[ResponseHead]:
-    return conn.start(HEAD, body, read_timeout, 60.0, head_only=head_only, http11=True, close_after=False)
+         read_timeout: float = 60.0, accept: bool = True) -> Handler:
+    handler = Handler(conn, accept)
+    conn.start(handler, HEAD, body, read_timeout, 60.0, head_only=head_only, http11=True, close_after=False)
+    return handler
 
 
 def test_request_written_and_response_streamed(loop: asyncio.AbstractEventLoop) -> None:
     conn, transport = connect(loop)
-    head = send(conn, b"body")
+    handler = send(conn, b"body", accept=False)
     assert bytes(transport.data) == HEAD + b"body"
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-A: 1\r\n\r\n01234")
-    response = head.result()
+    response = handler.head
+    assert response is not None
     assert (response.status, response.content_length) == (200, 10)
     assert response.headers == [(b"Content-Length", b"10"), (b"X-A", b"1")]
-    sink = Sink()
-    conn.stream_to(sink)  # what came with the head is handed over first
-    assert sink.body == b"01234" and not sink.complete
+    assert handler.body == b""  # held until the handler accepts the body
+    conn.stream_to(handler)  # what came with the head is handed over first
+    assert handler.body == b"01234" and not handler.complete
     conn.data_received(b"56789")
-    assert sink.body == b"0123456789" and sink.complete
+    assert handler.body == b"0123456789" and handler.complete
     assert conn.is_reusable(max_requests=100)
     assert not conn.is_reusable(max_requests=1)  # keepalive_requests reached
 
 
 def test_chunked_response_is_decoded(loop: asyncio.AbstractEventLoop) -> None:
     conn, _ = connect(loop)
-    head = send(conn)
+    handler = send(conn)
     conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
-    sink = Sink()
-    conn.stream_to(sink)
-    assert head.result().chunked and head.result().content_length is None
-    assert sink.body == b"abc" and sink.complete and conn.is_reusable(0)
+    assert handler.head is not None and handler.head.chunked and handler.head.content_length is None
+    assert handler.body == b"abc" and handler.complete and conn.is_reusable(0)
 
 
 @pytest.mark.parametrize(
@@ -109,76 +121,82 @@ def test_chunked_response_is_decoded(loop: asyncio.AbstractEventLoop) -> None:
 )
 def test_not_reusable_when_the_peer_closes(loop: asyncio.AbstractEventLoop, response: bytes) -> None:
     conn, _ = connect(loop)
-    head = send(conn)
+    handler = send(conn)
     conn.data_received(response)
-    conn.stream_to(Sink())
-    assert head.result().close and not conn.is_reusable(0)
+    assert handler.head is not None and handler.head.close and handler.complete
+    assert not conn.is_reusable(0)
 
 
 def test_interim_1xx_is_skipped(loop: asyncio.AbstractEventLoop) -> None:
     conn, _ = connect(loop)
-    head = send(conn)
+    handler = send(conn)
     conn.data_received(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
                        b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
-    assert head.result().status == 201 and head.result().headers == [(b"Content-Length", b"0")]
+    assert handler.head is not None and handler.head.status == 201
+    assert handler.head.headers == [(b"Content-Length", b"0")]
 
 
 def test_garbage_is_an_invalid_header(loop: asyncio.AbstractEventLoop) -> None:
     conn, transport = connect(loop)
-    head = send(conn)
+    handler = send(conn)
     conn.data_received(b"SSH-2.0-OpenSSH\r\n\r\n")
-    err = head.exception()
-    assert isinstance(err, UpstreamError) and err.failure is Failure.INVALID_HEADER
+    err = handler.error
+    assert err is not None and err.failure is Failure.INVALID_HEADER and handler.head is None
     assert str(err) == "upstream sent invalid header"
     assert transport.closed and conn.state is ConnState.CLOSED
+    conn.connection_lost(None)  # the close that follows reports nothing more
 
 
 def test_close_before_the_head_is_an_error(loop: asyncio.AbstractEventLoop) -> None:
     conn, _ = connect(loop)
-    head = send(conn)
+    handler = send(conn)
     conn.connection_lost(None)
-    err = head.exception()
-    assert isinstance(err, UpstreamError) and err.failure is Failure.ERROR
+    err = handler.error
+    assert err is not None and err.failure is Failure.ERROR
     assert str(err) == "upstream prematurely closed connection"
     assert err.phase == "reading response header from upstream" and not err.response_started
 
 
-def test_close_mid_body_fails_the_sink(loop: asyncio.AbstractEventLoop) -> None:
+def test_close_mid_body_fails_the_handler(loop: asyncio.AbstractEventLoop) -> None:
     conn, _ = connect(loop)
-    send(conn)
+    handler = send(conn)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n012")
-    sink = Sink()
-    conn.stream_to(sink)
     conn.connection_lost(None)
-    assert sink.error is not None and str(sink.error) == "upstream prematurely closed connection"
-    assert sink.error.phase == "reading upstream" and not sink.complete
+    assert handler.error is not None and str(handler.error) == "upstream prematurely closed connection"
+    assert handler.error.phase == "reading upstream" and not handler.complete and handler.body == b"012"
 
 
 def test_close_delimited_body_ends_with_the_connection(loop: asyncio.AbstractEventLoop) -> None:
     conn, _ = connect(loop)
-    send(conn)
+    handler = send(conn)
     conn.data_received(b"HTTP/1.0 200 OK\r\n\r\nuntil")
-    sink = Sink()
-    conn.stream_to(sink)
     conn.data_received(b" close")
     conn.connection_lost(None)
-    assert sink.body == b"until close" and sink.complete and sink.error is None
+    assert handler.body == b"until close" and handler.complete and handler.error is None
 
 
 def test_head_response_ends_at_the_head(loop: asyncio.AbstractEventLoop) -> None:
     conn, _ = connect(loop)
-    head = send(conn, head_only=True)
+    handler = send(conn, head_only=True)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
-    sink = Sink()
-    conn.stream_to(sink)
-    assert head.result().content_length == 10 and sink.complete and conn.is_reusable(0)
+    assert handler.head is not None and handler.head.content_length == 10
+    assert handler.complete and conn.is_reusable(0)
+
+
+def test_dropped_response_tells_nothing_more(loop: asyncio.AbstractEventLoop) -> None:
+    conn, transport = connect(loop)
+    handler = send(conn, accept=False)
+    conn.data_received(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 5\r\n\r\nbad")
+    conn.abort()  # the exchange retries elsewhere
+    conn.data_received(b"ga")
+    conn.connection_lost(None)
+    assert transport.closed and handler.error is None and not handler.complete and handler.body == b""
 
 
 def test_unexpected_bytes_make_the_connection_unusable(loop: asyncio.AbstractEventLoop) -> None:
     conn, _ = connect(loop)
     send(conn)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA")
-    conn.stream_to(Sink())
     assert not conn.is_reusable(0)
 
 
@@ -186,7 +204,6 @@ def test_idle_connection_receiving_data_is_dropped(loop: asyncio.AbstractEventLo
     conn, transport = connect(loop)
     send(conn)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    conn.stream_to(Sink())
     conn.make_idle(0.0)
     lost: list[UpstreamConnection] = []
     conn.on_idle_lost = lost.append
@@ -194,32 +211,33 @@ def test_idle_connection_receiving_data_is_dropped(loop: asyncio.AbstractEventLo
     assert lost == [conn] and transport.closed and conn.state is ConnState.CLOSED
 
 
+def run_until(loop: asyncio.AbstractEventLoop, predicate: object, timeout: float = 5.0) -> None:
+    async def wait() -> None:
+        for _ in range(int(timeout / 0.01)):
+            if predicate():  # type: ignore[operator]
+                return
+            await asyncio.sleep(0.01)
+
+    loop.run_until_complete(wait())
+
+
 def test_read_timeout(loop: asyncio.AbstractEventLoop) -> None:
     conn, _ = connect(loop)
-    head = send(conn, read_timeout=0.05)
-
-    async def wait() -> BaseException | None:
-        try:
-            await asyncio.wait_for(head, 5)
-        except UpstreamError as err:
-            return err
-        return None
-
-    err = loop.run_until_complete(wait())
-    assert isinstance(err, UpstreamError) and err.failure is Failure.TIMEOUT
+    handler = send(conn, read_timeout=0.05)
+    run_until(loop, lambda: handler.error is not None)
+    err = handler.error
+    assert err is not None and err.failure is Failure.TIMEOUT
     assert str(err) == "upstream timed out (110: Connection timed out)"
 
 
 def test_back_pressure_pauses_reading_and_suspends_the_read_timer(loop: asyncio.AbstractEventLoop) -> None:
     conn, transport = connect(loop)
-    send(conn, read_timeout=0.05)
+    handler = send(conn, read_timeout=0.05)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0")
-    sink = Sink()
-    conn.stream_to(sink)
     conn.pause_reading()
     assert not transport.reading
     loop.run_until_complete(asyncio.sleep(0.15))  # longer than the read timeout: paused, not late
-    assert sink.error is None
+    assert handler.error is None
     conn.resume_reading()
     conn.data_received(b"123456789")
-    assert sink.complete and sink.body == b"0123456789" and conn.is_reusable(0)
+    assert handler.complete and handler.body == b"0123456789" and conn.is_reusable(0)
