@@ -230,14 +230,15 @@ def haproxy_conf(prefix: str, listen: int, ports: list[int], maxconn: int = MAX_
 # --------------------------------------------------------------------------- scriptlb
 
 
-def scriptlb_conf(prefix: str, listen: int, ports: list[int], hook: bool, workers: int = 1) -> str:
+def scriptlb_conf(prefix: str, listen: int, ports: list[int], hook: bool, workers: int = 1,
+                  master: bool = True) -> str:
     servers = "".join(f"        server 127.0.0.1:{p};\n" for p in ports)
     hook_text = ""
     if hook:
         hook_text = "        balancer_by_python_block {\n" + _indent(python_hook(ports), 12) + "        }\n"
     return (
         "daemon off;\n"
-        "master_process on;\n"
+        f"master_process {'on' if master else 'off'};\n"
         f"worker_processes {workers};\n"
         f"pid {prefix}/logs/scriptlb.pid;\n"
         f"error_log {prefix}/logs/error.log error;\n"

@@ -187,6 +187,22 @@ def markdown(fig: dict) -> str:
             for pct, fn in p.get("inclusive", [])[:25]:
                 lines.append(f"| {pct:.1f} | `{fn}` |")
             lines.append("")
+    cprof = fig.get("cprofile")
+    if cprof:
+        lines += ["", "## Python function calls per request (cProfile, master_process off)", ""]
+        for name, p in cprof.items():
+            if p.get("status") != "ok":
+                lines += [f"{name}: {p.get('status')}", ""]
+                continue
+            lines += [f"### {name}: {p['calls_per_request']:.0f} calls per request "
+                      f"({p['requests']:,} requests; times inflated by cProfile)", "",
+                      "| own time % | calls/request | own µs/request | cumulative µs/request | function |",
+                      "|---|---|---|---|---|"]
+            for r in p["top"]:
+                lines.append(f"| {r['own_pct']:.1f} | {r['calls_per_request']:.2f} | "
+                             f"{r['own_us_per_request']:.1f} | {r['cum_us_per_request']:.1f} | "
+                             f"`{r['function']}` |")
+            lines.append("")
     if fig.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in fig["notes"]]
     return "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import bench_conf  # noqa: E402
+import bench_cprofile  # noqa: E402
 import bench_deps  # noqa: E402
 import bench_load  # noqa: E402
 import bench_proc  # noqa: E402
@@ -243,6 +244,15 @@ class Harness:
             self.fail(t.name, f"error: did not start listening: {proc.log_tail(8)}")
             self.procs.stop(proc)
             return
+        # the listening socket may be open (the master's) before a worker accepts: wait for one
+        # answer, bounded, before checking
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.alive():
+            try:
+                bench_proc.http_get(listen, "/", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.2)
         time.sleep(0.3)  # let every worker come up
         fatal, check = self.routing_check(t, listen)
         fig["check"] = check
@@ -492,6 +502,47 @@ class Harness:
             prof[name] = s
             log(f"profiled {name} (pid {worker}): {s['samples']} samples")
         self.fig["profile"] = prof
+        self.cprofile()
+
+    def cprofile(self) -> None:
+        """Call counts per request: scriptlb (master_process off) under cProfile, loaded by wrk."""
+        out: dict = {}
+        for name in ("scriptlb", "scriptlb-hook"):
+            if name not in self.live or not self.deps.wrk:
+                continue
+            t = bench_conf.target(name)
+            prefix = str(self.work / f"{name}-cprofile")
+            bench_conf.make_prefix(prefix)
+            listen = bench_proc.free_ports(1)[0]
+            conf = f"{prefix}/conf/scriptlb.conf"
+            Path(conf).write_text(bench_conf.scriptlb_conf(prefix, listen, self.backend_ports, t.hook,
+                                                           master=False))
+            dump = Path(prefix) / "scriptlb.prof"
+            proc = self.procs.start(f"{name}-cprofile", [sys.executable, str(HERE / "bench_cprofile.py"),
+                                                         str(dump), "--", "-p", prefix, "-c", conf],
+                                    cpus=self.proxy_cpu, cwd=str(ROOT))
+            try:
+                if not bench_proc.wait_port(listen, proc, timeout=15):
+                    out[name] = {"status": f"did not start: {proc.log_tail(5)}"}
+                    continue
+                s0 = self.backend_status()
+                res = bench_load.run_wrk(self.deps.wrk, f"http://127.0.0.1:{listen}/",
+                                         self.args.profile_seconds, self.args.connections,
+                                         cpus=self.load_cpu, taskset=self.deps.taskset)
+                s1 = self.backend_status()
+            finally:
+                self.procs.stop(proc, timeout=15)
+            served = s1["requests"] - s0["requests"] - 1 if s0 and s1 else res.requests
+            if not dump.exists():
+                out[name] = {"status": "no profile written (scriptlb did not return from main)"}
+                continue
+            summary = bench_cprofile.summarize(str(dump), served)
+            summary["status"] = "ok"
+            summary["rps_under_cprofile"] = res.rps
+            out[name] = summary
+            log(f"cProfile {name}: {summary['calls_per_request']:.0f} Python calls per request")
+        if out:
+            self.fig["cprofile"] = out
 
     # ------------------------------------------------------------------ main
 
