@@ -29,6 +29,7 @@ from scriptlb.retry import (
     RETRY,
     Failure,
     decide,
+    failure_for_status,
     is_counted_failure,
     is_idempotent,
     last_failure_status,
@@ -515,12 +516,14 @@ def simulate(
             statuses.append(str(last_failure_status(Failure.ERROR)))
             sent = kind == "closes"
             verdict = decide(Failure.ERROR, state.tries, now, now, conf, idempotent, request_sent=sent)
-        else:  # the peer answered with a 502 of its own
-            statuses.append("502")
-            verdict = decide(Failure.HTTP_502, state.tries - 1, now, now, conf, idempotent, True)
-            rr.free(state, peer, is_counted_failure(Failure.HTTP_502, verdict == RETRY), now)
+        else:  # the peer answered with this status of its own ("502", "404"...)
+            statuses.append(kind)
+            failure = failure_for_status(int(kind))
+            assert failure is not None
+            verdict = decide(failure, state.tries - 1, now, now, conf, idempotent, True)
+            rr.free(state, peer, is_counted_failure(failure, verdict == RETRY), now)
             if verdict == PASS_THROUGH:
-                verdict = 502  # the upstream's own 502 reaches the client
+                verdict = int(kind)  # the upstream's own response reaches the client
         if verdict != RETRY:
             return f"{', '.join(addrs)}|{', '.join(statuses)}|{verdict}"
 
@@ -750,3 +753,58 @@ def test_effective_weight_recovery_matches_a_real_nginx(tmp_path: Path) -> None:
     assert len(nginx_lines) == 30
     assert ours == nginx_lines
     assert sum(", " in line for line in ours) == 3  # the three failures were retried elsewhere
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_status_failures_are_counted_as_nginx_counts_them(tmp_path: Path) -> None:
+    """http_5xx/429 count towards max_fails only when nginx moved on; http_403/404 never do."""
+    ok, proxy, *status_ports = free_ports(8)
+    statuses = [500, 503, 504, 429, 403, 404]
+    by_status = dict(zip(statuses, status_ports, strict=True))
+    behaviour: dict[str, Any] = {f"127.0.0.1:{ok}": "ok"}
+    behaviour |= {f"127.0.0.1:{port}": str(status) for status, port in by_status.items()}
+    cases = {}  # upstream -> (servers, proxy_next_upstream)
+    for status, port in by_status.items():
+        servers = f"server 127.0.0.1:{port} max_fails=1 fail_timeout=60s; server 127.0.0.1:{ok};"
+        cases[f"listed{status}"] = (servers, f"error http_{status}")
+        cases[f"unlisted{status}"] = (servers, "error")
+    backends = "".join(
+        f"server {{ listen 127.0.0.1:{port}; location / {{ return {status}; }} }}\n"
+        for status, port in by_status.items()
+    )
+    http_block = f"""
+        log_format trail '$uri|$upstream_addr|$upstream_status|$status';
+        {"".join(f"upstream {u} {{ {servers} }}" for u, (servers, _) in cases.items())}
+        {backends}
+        server {{ listen 127.0.0.1:{ok}; location / {{ return 200 ok; }} }}
+        server {{
+            listen 127.0.0.1:{proxy};
+            {
+        "".join(
+            f"location /{u} {{ proxy_pass http://{u}; proxy_next_upstream {nu}; "
+            f"access_log {tmp_path}/logs/trail.log trail; }}"
+            for u, (_, nu) in cases.items()
+        )
+    }
+        }}
+    """
+    order = [u for u in cases for _ in range(5)]
+    with nginx_running(tmp_path, http_block, [proxy, ok, *status_ports]):
+        conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=5)
+        for upstream_name in order:
+            conn.request("GET", f"/{upstream_name}")
+            conn.getresponse().read()
+        conn.close()
+    nginx_lines = (tmp_path / "logs/trail.log").read_text().splitlines()
+
+    balancers = {
+        u: RoundRobin(PeerSet.from_conf(parse_upstream(u, f"upstream {u} {{ {servers} }}")))
+        for u, (servers, _) in cases.items()
+    }
+    ours = []
+    for u in order:
+        conf = ProxyConf(next_upstream=next_upstream_mask(cases[u][1]))
+        ours.append(f"/{u}|" + simulate(balancers[u], conf, behaviour, 1000.0))
+    assert len(nginx_lines) == len(order)
+    assert ours == nginx_lines
