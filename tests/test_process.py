@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -640,6 +641,26 @@ def test_a_worker_that_dies_is_replaced(lb: Instance, signo: signal.Signals) -> 
     assert f"start worker process {new_pid}" in lb.wait_log(f"start worker process {new_pid}")
     assert "[alert]" in next(line for line in log.splitlines() if f"{victim} exited" in line)
     assert get(port)[0] == 200
+
+
+def listen_backlog(port: int) -> int | None:
+    """The accept-queue limit of the socket listening on 127.0.0.1:port (ss's Send-Q)."""
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.split()
+    return int(out[2]) if len(out) > 2 else None
+
+
+@pytest.mark.skipif(not shutil.which("ss"), reason="needs ss (iproute2)")
+def test_listen_backlog_is_applied(lb: Instance) -> None:
+    """``listen ... backlog=N`` as nginx; a worker must not listen() again with another value."""
+    (port,) = free_ports(1)
+    lb.write(port, listen_options="backlog=37")
+    lb.start()
+    lb.wait_ready(port)
+    wait_until(lambda: len(lb.workers()) == 2, what="2 workers")
+    assert get(port)[0] == 200  # the workers have started serving
+    assert listen_backlog(port) == 37
 
 
 def test_workers_stop_when_the_master_is_killed(lb: Instance) -> None:

