@@ -159,14 +159,15 @@ def _port_argument(port: Any) -> int:
     """Lua: nil/false -> 0, numbers truncated to 16 bits, numeric strings converted."""
     if port is None or port is False:
         return 0
+    number = port
     if type(port) is str:
         try:
-            port = float(port.strip())
+            number = float(port.strip())
         except ValueError:
-            port = None
-    if not _is_number(port) or math.isinf(port):
+            number = None
+    if not _is_number(number) or math.isinf(number):
         raise _bad_type(2, "set_current_peer", "number", port)
-    return int(port) & 0xFFFF
+    return int(number) & 0xFFFF
 
 
 # --------------------------------------------------------------------------- balancer
