@@ -34,6 +34,19 @@ def loop_overhead_us(n: int, repeat: int) -> float:
     return per_call_us(nothing, n, repeat)
 
 
+def add_hook_style(ops: dict[str, Callable[[int], object]], shared: SharedDict, keys: list[str]) -> None:
+    """RestrictedPython turns ``d.get(k)`` into ``_getattr_(d, "get")(k)``; time that path too."""
+    from scriptlb.sandbox import guards
+    from scriptlb.shared_dict import HOOK_METHODS
+
+    guards.expose(SharedDict, HOOK_METHODS)
+    getattr_ = guards.guarded_getattr
+    nkeys = len(keys)
+    ops["hook: get"] = lambda i: getattr_(shared, "get")(keys[i % nkeys])
+    ops["hook: incr"] = lambda i: getattr_(shared, "incr")("counter", 1)
+    ops["hook: set"] = lambda i: getattr_(shared, "set")(keys[i % nkeys], "value")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
@@ -41,6 +54,11 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=1000, help="distinct keys for set/get")
     parser.add_argument("--size", type=int, default=64 << 20, help="dict size in bytes")
     parser.add_argument("--dir", default=None)
+    parser.add_argument(
+        "--hook-style",
+        action="store_true",
+        help="also time calls made the way sandboxed hook code makes them (guarded attribute access)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
@@ -60,6 +78,8 @@ def main() -> None:
             "set (int, exptime)": lambda i: shared.set(keys[i % nkeys], i, 60),
             "safe_set": lambda i: shared.safe_set(keys[i % nkeys], "value"),
         }
+        if args.hook_style:
+            add_hook_style(ops, shared, keys)
         overhead = loop_overhead_us(args.n, args.repeat)
         print(
             f"n={args.n} repeat={args.repeat} keys={nkeys} (loop+lambda overhead {overhead:.2f} us, "
