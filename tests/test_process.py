@@ -663,6 +663,36 @@ def test_listen_backlog_is_applied(lb: Instance) -> None:
     assert listen_backlog(port) == 37
 
 
+def test_a_specific_address_and_a_wildcard_on_one_port(lb: Instance) -> None:
+    """nginx binds only *:port and picks the server block by the connection's local address."""
+    (port,) = free_ports(1)
+    lb.write(port)  # for the paths; replaced below
+    lb.conf.write_text(
+        f"""
+        daemon off;
+        worker_processes 2;
+        pid {lb.pid_file};
+        error_log {lb.error_log} notice;
+        events {{ worker_connections 64; }}
+        http {{
+            server {{ listen {port}; location / {{ return 200 "wildcard\\n"; }} }}
+            server {{ listen 127.0.0.1:{port}; location / {{ return 200 "specific\\n"; }} }}
+        }}
+        """
+    )
+    lb.start()
+    lb.wait_ready(port)
+    assert get(port) == (200, "specific\n")  # to 127.0.0.1
+
+    conn = http.client.HTTPConnection("127.0.0.2", port, timeout=5)  # any other local address
+    try:
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        assert (response.status, response.read().decode()) == (200, "wildcard\n")
+    finally:
+        conn.close()
+
+
 def test_workers_stop_when_the_master_is_killed(lb: Instance) -> None:
     """Not nginx (its workers outlive a SIGKILLed master): orphans would hold the port."""
     (port,) = free_ports(1)
