@@ -388,6 +388,8 @@ class Master:
             log("emerg", str(err))
             return
         _install_error_log(new_error_log)
+        if self._daemonized:  # stderr follows the error log, as nginx's ngx_log_redirect_stderr
+            daemon.redirect_stderr(_error_log_file(new_conf))
         self._move_pid_file(new_conf.pid)
         old = [p for p in self.workers.values() if not p.exiting]
         for proc in old:
