@@ -83,7 +83,6 @@ ENTRY_OVERHEAD = 40  # LMDB node headers of the data and index rows, and a littl
 MAP_FACTOR = 4
 MAP_SLACK = 1 << 20
 _USED_KEY = b"used"  # meta DB: bytes charged to the entries (see _cost), an i64
-EVICT_FIRST_BATCH = 8
 
 _HEAD = struct.Struct("<ddIc")
 _HEAD_SIZE = _HEAD.size
@@ -147,18 +146,14 @@ def _decode(kind: bytes, raw: bytes) -> Value:
     raise ValueError(f"corrupt shared dict record type {kind!r}")
 
 
-def _lru_key(touched: float, key: bytes) -> bytes:
-    return _LRU_TIME.pack(touched) + key
-
-
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------- environments
 
-# realpath -> (pid, env, data db, lru db, meta db). One open per process and path (an LMDB rule); the pid
-# makes a forked child open its own handle instead of using its parent's.
+# realpath -> (pid, env, data db, lru db, meta db). One open per process and path (an LMDB
+# rule); the pid makes a forked child open its own handle instead of using its parent's.
 _ENVS: dict[str, tuple[int, lmdb.Environment, Any, Any, Any]] = {}
 
 
@@ -382,6 +377,7 @@ class SharedDict:
     def safe_add(
         self, key: str | bytes, value: Value | None, exptime: float = 0, flags: int = 0
     ) -> tuple[bool, str | None]:
+        """Like ``add`` but never evicts: ``(False, "no memory")`` when full."""
         ok, err, _ = self._store(key, value, exptime, flags, _ADD, safe=True)
         return ok, err
 
