@@ -366,7 +366,7 @@ def test_master_forks_workers_that_serve_and_owns_the_pid_file(lb: Instance) -> 
     assert lb.wait_exit() == 0
     assert not lb.pid_file.exists()
     assert not any(alive(pid) for pid in workers)
-    assert "exit" in lb.wait_log("signal 3 (SIGQUIT) received")
+    assert "signal 3 (SIGQUIT) received" in lb.wait_log(f"{master}#0: exit\n")
 
 
 def test_reload_switches_to_the_new_config_and_retires_old_workers(lb: Instance) -> None:
