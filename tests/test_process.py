@@ -565,6 +565,27 @@ def test_quit_lets_an_in_flight_request_finish(lb: Instance, slow_backend) -> No
     assert "signal 3 (SIGQUIT) received" in log and "shutting down" in log
 
 
+def test_reload_lets_the_old_workers_finish_in_flight_requests(lb: Instance, slow_backend) -> None:
+    backend = slow_backend(1.0)
+    (port,) = free_ports(1)
+    lb.write(port, text="gen1", backend=backend.port, workers=1)
+    lb.start()
+    lb.wait_ready(port)
+    (old_worker,) = wait_until(lambda: len(lb.workers()) == 1 and lb.workers(), what="the worker")
+
+    result: list[object] = []
+    client = threading.Thread(target=lambda: result.append(get(port, "/slow", timeout=10)), daemon=True)
+    client.start()
+    assert backend.received.wait(5), "the request did not reach the backend"
+    lb.write(port, text="gen2", backend=backend.port, workers=1)
+    os.kill(lb.pid() or 0, signal.SIGHUP)
+    wait_until(lambda: (try_get(port) or (0, ""))[1].startswith("gen2"), what="gen2 answers")
+    assert alive(old_worker)  # still finishing the slow request
+    client.join(10)
+    assert result == [(200, "slow done\n")]
+    wait_until(lambda: not alive(old_worker), what="the old worker to exit after its last request")
+
+
 def test_term_stops_at_once_without_waiting_for_requests(lb: Instance, slow_backend) -> None:
     backend = slow_backend(30.0)
     (port,) = free_ports(1)
