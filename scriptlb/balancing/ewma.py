@@ -118,6 +118,8 @@ class Ewma(RoundRobin):
         decay: float = DECAY_TIME,
         peak: bool = False,
     ) -> None:
+        if args:
+            raise ValueError(f'invalid parameter "{args[0]}"')  # the directive takes none
         super().__init__(peers)
         self._rng = rng if rng is not None else _random.Random()
         self.times = PerPeerTimes(peers, decay, peak)

@@ -60,6 +60,8 @@ class IpHash(RoundRobin):
     key_kind = "remote_addr"  # the caller passes $remote_addr as the key
 
     def __init__(self, peers: PeerSet, args: tuple[str, ...] = ()) -> None:
+        if args:
+            raise ValueError(f'invalid parameter "{args[0]}"')  # the directive takes none
         super().__init__(peers)
         self.total_weight = sum(peer.weight for peer in peers.primary)
 

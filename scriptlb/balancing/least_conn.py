@@ -23,6 +23,8 @@ class LeastConn(RoundRobin):
     __slots__ = ()
 
     def __init__(self, peers: PeerSet, args: tuple[str, ...] = ()) -> None:
+        if args:
+            raise ValueError(f'invalid parameter "{args[0]}"')  # the directive takes none
         super().__init__(peers)
 
     def _get_weighted(self, state: BalancerState, now: float) -> Peer | None:  # type: ignore[override]
