@@ -285,6 +285,8 @@ def install_cleanup(procs: Procs) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit)
+    # a shell without job control starts background jobs with SIGINT ignored: take it back
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def wait_port(port: int, proc: Proc | None = None, timeout: float = 10.0) -> bool:

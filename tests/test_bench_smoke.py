@@ -22,6 +22,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import bench_conf  # noqa: E402
+import bench_cprofile  # noqa: E402
 import bench_load  # noqa: E402
 import bench_proc  # noqa: E402
 import bench_profile  # noqa: E402
@@ -344,6 +345,29 @@ def test_summarize_pyspy_raw() -> None:
     assert incl["run (scriptlb/worker.py)"] == 100.0
     assert incl["data_received (scriptlb/downstream.py)"] == 90.0
     assert bench_profile.summarize_raw("")["samples"] == 0
+
+
+def test_cprofile_summary(tmp_path: Path) -> None:
+    import cProfile
+
+    def handle() -> int:
+        return len(str(42))
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(10):
+        handle()
+    prof.disable()
+    prof.dump_stats(tmp_path / "x.prof")
+    s = bench_cprofile.summarize(str(tmp_path / "x.prof"), requests=10)
+    assert s["requests"] == 10 and s["calls_per_request"] >= 1.0
+    row = next(r for r in s["top"] if r["function"].startswith("handle "))
+    assert row["calls_per_request"] == 1.0
+
+
+def test_single_process_scriptlb_conf() -> None:
+    text = bench_conf.scriptlb_conf("/p", 9200, [1, 2, 3, 4], hook=True, master=False)
+    assert "master_process off;" in text and "balancer_by_python_block {" in text
 
 
 def test_parse_hook_micro() -> None:
