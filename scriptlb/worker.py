@@ -74,9 +74,21 @@ class Worker:
             )
             self.contexts.append(context)
             server = await self.loop.create_server(
-                _protocol_factory(context, self.loop), sock=sock, backlog=server_backlog(sock)
+                _protocol_factory(context, self.loop), sock=sock, backlog=self._backlog(keys)
             )
             self._servers.append(server)
+
+    def _backlog(self, keys: list[Key]) -> int:
+        """The configured ``listen ... backlog=N``: asyncio calls listen() again with it, so it
+        must be the master's value, not asyncio's default of 100."""
+        http = self.conf.http
+        backlogs = [
+            listen.backlog
+            for server in (http.servers if http is not None else ())
+            for listen in server.listens
+            if listen.key in keys
+        ]
+        return max(backlogs, default=511)
 
     def stop(self, graceful: bool) -> None:
         """Ask the worker to stop (call in the loop's thread)."""
@@ -130,12 +142,6 @@ class Worker:
         else:
             errorlog.log_error("notice", "exiting")
         self.stop(graceful=signo == signal.SIGQUIT)
-
-
-def server_backlog(sock: socket.socket) -> int:
-    # The master already called listen() with the configured backlog; asyncio calls listen()
-    # again, so pass the same value nginx uses by default rather than asyncio's 100.
-    return 511
 
 
 def _protocol_factory(
