@@ -413,10 +413,10 @@ def _format_string(template: Template) -> str:
 
 def compile_template(template: Template, clock: Clock = time.time) -> Renderer:
     """A callable rendering ``template`` for an exchange; "not found" variables give ""."""
-    if template.static is not None:
-        constant = template.static
-        return lambda ex: constant
     getters = tuple(variable_getter(v.name, clock) for v in template.parts if isinstance(v, Var))
+    if not getters:
+        constant = template.static if template.static is not None else "".join(map(str, template.parts))
+        return lambda ex: constant
     if len(template.parts) == 1:
         (only,) = getters
         return lambda ex: only(ex) or ""
@@ -434,10 +434,10 @@ def compile_log_format(template: Template, escape: str = "default", clock: Clock
     ``escape``: "default" (not found -> "-", \\xHH escaping), "json" (not found -> "", JSON
     escaping) or "none" (not found -> "", no escaping).
     """
-    if template.static is not None:
-        constant = template.static
-        return lambda ex: constant
     getters = tuple(variable_getter(v.name, clock) for v in template.parts if isinstance(v, Var))
+    if not getters:
+        constant = template.static if template.static is not None else "".join(map(str, template.parts))
+        return lambda ex: constant
     fmt = _format_string(template).format
     if escape == "default":
 

@@ -269,6 +269,12 @@ def test_static_template_returns_the_constant() -> None:
     assert compile_template(parse(""))(FakeExchange()) == ""
 
 
+def test_literal_only_template_without_static_text() -> None:
+    template = Template(raw="ab", parts=("a", "b"), static=None)
+    assert compile_template(template)(FakeExchange()) == "ab"
+    assert compile_log_format(template)(FakeExchange()) == "ab"
+
+
 def test_template_with_variables_and_braces() -> None:
     render = compile_template(parse("{$remote_addr}:${server_port}x $http_referer|"))
     assert render(FakeExchange()) == "{127.0.0.1}:8080x |"
