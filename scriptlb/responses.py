@@ -115,8 +115,14 @@ def wire_status(status: int) -> int:
     return _WIRE_STATUS.get(status, status)
 
 
-def status_line(status: int) -> bytes:
-    """b"HTTP/1.1 502 Bad Gateway\\r\\n" (nginx writes "HTTP/1.1 NNN " for unknown phrases)."""
+def status_line(status: int, reason: bytes | None = None) -> bytes:
+    """b"HTTP/1.1 502 Bad Gateway\\r\\n" (nginx writes "HTTP/1.1 NNN " for unknown phrases).
+
+    ``reason``: a proxied response's own phrase, which nginx passes through as the upstream
+    wrote it ("HTTP/1.1 404 Nope"); our own responses use nginx's table.
+    """
+    if reason is not None:
+        return b"HTTP/1.1 %d %s\r\n" % (status, reason)
     status = wire_status(status)
     return f"HTTP/1.1 {status} {REASONS.get(status, '')}\r\n".encode("ascii")
 

@@ -95,6 +95,11 @@ def test_status_lines(status: int, line: bytes) -> None:
     assert status_line(status) == line
 
 
+def test_status_line_with_the_upstreams_own_reason() -> None:
+    assert status_line(404, b"Nope") == b"HTTP/1.1 404 Nope\r\n"
+    assert status_line(299, b"") == b"HTTP/1.1 299 \r\n"
+
+
 def test_reason() -> None:
     assert (reason(502), reason(299)) == ("Bad Gateway", "")
 
