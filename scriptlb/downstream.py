@@ -71,8 +71,10 @@ class Request:
         "body_size",
         "chunked",
         "complete",
+        "connection",
         "content_length",
         "expect_continue",
+        "has_body",
         "head_size",
         "headers",
         "host",
@@ -90,16 +92,14 @@ class Request:
         self.host: bytes | None = None
         self.content_length: int | None = None
         self.chunked = False
+        self.has_body = False  # chunked, or a Content-Length above 0
+        self.connection: bytes | None = None  # the Connection header (it may list hop-by-hop names)
         self.expect_continue = False
         self.keep_alive = True
         self.head_size = 0
         self.body: list[bytes] = []  # chunks not yet taken by the handler
         self.body_size = 0  # bytes received so far (decoded, without chunk framing)
         self.complete = False
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
 
     def take_body(self) -> bytes:
         """Everything buffered so far, joined; the buffer is emptied."""
@@ -185,6 +185,7 @@ class ClientConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self.closed = False
         self.route: object = None  # the handler layer's per-connection routing cache
+        self.host_cache: tuple | None = None  # the handler layer's (raw Host -> server) cache
         self.requests = 0  # requests started on this connection ($connection_requests)
 
         # timers
@@ -343,6 +344,8 @@ class ClientConnection(asyncio.Protocol):
             request.host = value
         elif lower == b"expect":
             request.expect_continue = value.lower() == b"100-continue"
+        elif lower == b"connection":
+            request.connection = value if request.connection is None else request.connection + b"," + value
 
     def on_headers_complete(self) -> None:
         request = self._parsing
@@ -389,6 +392,7 @@ class ClientConnection(asyncio.Protocol):
                     raise ClientError(501, f'client sent unknown "Transfer-Encoding": "{shown}" '
                                            "while reading client request headers")
                 request.chunked = True
+        request.has_body = request.chunked or bool(request.content_length)
         if request.chunked and request.version == "1.0":
             raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "
                                    "while reading client request headers")

@@ -192,11 +192,17 @@ class Exchange:
             return
         self.uri, self.args = uri, split[1]
         raw_host = self.request.host
-        host = normalize_host(raw_host.decode("latin-1")) if raw_host is not None else None
-        if raw_host is not None and host is None:
-            self._early_status = 400  # nginx: client sent invalid host header
-        route = self.conn_route()
-        self.server = route.select(host)
+        conn = self.conn
+        cached = conn.host_cache
+        if cached is not None and cached[0] == raw_host:
+            host, self.server = cached[1], cached[2]  # keep-alive: same Host, same server
+        else:
+            host = normalize_host(raw_host.decode("latin-1")) if raw_host is not None else None
+            self.server = self.conn_route().select(host)
+            if raw_host is not None and host is None:
+                self._early_status = 400  # nginx: client sent invalid host header
+            else:
+                conn.host_cache = (raw_host, host, self.server)
         self.host = host or self.server.name
         self.location = self.server.match(uri)
 
@@ -347,6 +353,7 @@ class Exchange:
         self.status = responses.wire_status(status)
         conn = self.conn
         if conn.closed:
+            self._finished = True
             self._log_access()
             return
         if responses.closes_connection(status):

@@ -157,7 +157,8 @@ class RequestPlan:
             if value:
                 parts.append(name + b": " + value.encode("latin-1", "replace") + b"\r\n")
         skip = self.skip_client
-        listed = _connection_listed(exchange.headers)
+        connection = exchange.request.connection
+        listed = _connection_listed(connection) if connection is not None else None
         for name, value in exchange.headers:
             lower = name.lower()
             if lower in skip or (listed and lower in listed):
@@ -175,12 +176,9 @@ def _path_and_args(exchange: Exchange) -> str:
     return exchange.uri + ("?" + exchange.args if exchange.args is not None else "")
 
 
-def _connection_listed(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    listed: set[bytes] = set()
-    for name, value in headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            listed.update(token.strip().lower() for token in value.split(b","))
-    return frozenset(listed)
+def _connection_listed(connection: bytes) -> frozenset[bytes]:
+    """Header names a Connection header declares hop-by-hop, lower-cased."""
+    return frozenset(token.strip().lower() for token in connection.split(b","))
 
 
 class LocationRuntime:

@@ -89,7 +89,7 @@ class UpstreamError(Exception):
 class ResponseHead:
     """The parsed status line and headers of one upstream response."""
 
-    __slots__ = ("chunked", "close", "content_length", "headers", "status", "version")
+    __slots__ = ("chunked", "close", "connection", "content_length", "headers", "status", "version")
 
     def __init__(self) -> None:
         self.status = 0
@@ -98,12 +98,13 @@ class ResponseHead:
         self.content_length: int | None = None
         self.chunked = False
         self.close = False  # "Connection: close" or an HTTP/1.0 response without keep-alive
+        self.connection: bytes | None = None  # the Connection header's value
 
     def client_headers(self) -> bytes:
         """The headers to pass to the client, as ``Name: value\\r\\n`` lines."""
         headers = self.headers
         dropped = HIDDEN_RESPONSE_HEADERS
-        listed = _connection_tokens(headers)
+        listed = _connection_tokens(self.connection) if self.connection is not None else None
         out = []
         for name, value in headers:
             lower = name.lower()
@@ -113,12 +114,9 @@ class ResponseHead:
         return b"".join(out)
 
 
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+def _connection_tokens(connection: bytes) -> frozenset[bytes]:
     """Header names listed in Connection (hop-by-hop by declaration), lower-cased."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens = {t.strip().lower() for t in connection.split(b",")}
     tokens.discard(b"close")
     tokens.discard(b"keep-alive")
     return frozenset(tokens)
@@ -376,6 +374,8 @@ class UpstreamConnection(asyncio.Protocol):
                 response.content_length = int(value)
             elif lower == b"transfer-encoding":
                 response.chunked = True
+            elif lower == b"connection":
+                response.connection = value
         if response.chunked:
             response.content_length = None
         self._header_done = True
