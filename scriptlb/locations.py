@@ -126,6 +126,10 @@ class LocationMatcher:
 # --------------------------------------------------------------------------- servers
 
 
+# the usual Host ("Example.com", "example.com.:8080"): valid, and its name is group 1
+_PLAIN_HOST = re.compile(r"([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)\.?(?::[0-9]*)?")
+
+
 def normalize_host(raw: str) -> str | None:
     """nginx's ngx_http_validate_host: lower-case, drop the port and one trailing dot.
 
@@ -133,6 +137,14 @@ def normalize_host(raw: str) -> str | None:
     "..", a "/", a space or control character, or nothing left. Statement for statement as
     nginx: the checks run over the whole value, port included; a "[literal]" ends at its "]".
     """
+    plain = _PLAIN_HOST.fullmatch(raw)
+    if plain is not None:
+        return plain.group(1).lower()
+    return _validate_host(raw)
+
+
+def _validate_host(raw: str) -> str | None:
+    """The character-by-character state machine, for hosts the fast path does not cover."""
     size = len(raw)
     host_len = size
     dot_pos = size  # nginx starts it past the end, so a leading "." is fine

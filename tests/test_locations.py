@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 from pathlib import Path
@@ -180,6 +181,16 @@ def test_auto_redirect_for_an_exact_proxied_location() -> None:
 )
 def test_normalize_host(raw: str, host: str | None) -> None:
     assert normalize_host(raw) == host
+
+
+def test_normalize_host_fast_path_agrees_with_the_state_machine() -> None:
+    from scriptlb.locations import _validate_host
+
+    rng = random.Random(7)
+    alphabet = "aZ9-.:[]/\\ \x00\x7f\xe9_"
+    for _ in range(20000):
+        raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        assert normalize_host(raw) == _validate_host(raw), repr(raw)
 
 
 def server(*names: str, port: int = 80, default: bool = False) -> ServerConf:
