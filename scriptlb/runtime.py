@@ -204,10 +204,21 @@ class LocationRuntime:
             if getter is None:
                 return b"", None
             location = getter(exchange)
+            if location.startswith("/"):
+                location = _absolute_redirect(exchange, location)
             return b"Location: " + location.encode("latin-1", "replace") + b"\r\n", None
         if getter is None:
             return b"", (b"" if ret.status < 300 else None)
         return b"Content-Type: text/plain\r\n", getter(exchange).encode("utf-8", "surrogateescape")
+
+
+def _absolute_redirect(exchange: Exchange, path: str) -> str:
+    """nginx's absolute_redirect on, server_name_in_redirect off, port_in_redirect on."""
+    port = exchange.server_port
+    host = exchange.host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}{'' if port == 80 else f':{port}'}{path}"
 
 
 class ServerRuntime:

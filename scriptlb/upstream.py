@@ -192,6 +192,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as err:
             raise (err.__context__ or err) from None  # a bug in our callbacks, not the peer's fault
+        except httptools.HttpParserUpgrade:
+            # a 101 we never asked for (Upgrade is hop-by-hop and never forwarded)
+            self._fail(Failure.INVALID_HEADER, "upstream sent invalid header")
+            return
         except httptools.HttpParserError:
             if self._header_done:
                 self._fail(Failure.ERROR, "upstream sent invalid chunked response")

@@ -341,3 +341,91 @@ def test_client_max_body_size_413(tmp_path: Path) -> None:
         assert raw_exchange(lb.port, chunked).startswith(b"HTTP/1.1 413 ")
         assert get(lb.port, "/", method="POST", body=b"x" * 10).status == 200
     assert len(bk[0].requests) == 1
+
+
+# --------------------------------------------------------------------------- return, routing
+
+
+RETURNS = """
+daemon off;
+master_process off;
+error_log {tmp}/error.log info;
+http {
+    server {
+        listen 127.0.0.1:{port0};
+        server_name example.test;
+        location = /moved { return 301 /new/place; }
+        location = /away { return 302 http://elsewhere.test/x; }
+        location = /gone { return 444; }
+        location = /teapot { return 418; }
+        location = /empty { return 204; }
+        location /dir/ { proxy_pass http://127.0.0.1:{dead}; }
+    }
+    server {
+        listen 127.0.0.1:{port0};
+        server_name other.test;
+        location / { return 200 "other $host $server_name\\n"; }
+    }
+}
+"""
+
+
+def test_return_redirects_pages_and_444(tmp_path: Path) -> None:
+    with Scriptlb(RETURNS, tmp_path, tmp=tmp_path, dead=closed_port()) as lb:
+        moved = get(lb.port, "/moved", headers={"Host": "example.test"})
+        assert moved.status == 301
+        assert moved.header("location") == f"http://example.test:{lb.port}/new/place"
+        assert b"<title>301 Moved Permanently</title>" in moved.body
+        assert get(lb.port, "/away").header("location") == "http://elsewhere.test/x"
+        teapot = get(lb.port, "/teapot")
+        assert teapot.status == 418
+        empty = get(lb.port, "/empty")
+        assert (empty.status, empty.body) == (204, b"")
+        assert raw_exchange(lb.port, build_request("GET", "/gone")) == b""  # closed, no response
+        # nginx's automatic redirect for a proxied prefix location without its slash
+        assert get(lb.port, "/dir?a=1").header("location") == f"http://localhost:{lb.port}/dir/?a=1"
+
+
+def test_server_selected_by_host_and_invalid_host_is_400(tmp_path: Path) -> None:
+    with (
+        Scriptlb(RETURNS, tmp_path, tmp=tmp_path, dead=closed_port()) as lb,
+        HttpConnection(lb.port) as client,
+    ):
+        other = client.request("GET", "/", headers={"Host": "Other.Test:8080"})
+        assert other.body == b"other other.test other.test\n"
+        again = client.request("GET", "/", headers={"Host": "Other.Test:8080"})  # cached route
+        assert again.body == other.body
+        assert client.request("GET", "/", headers={"Host": "bad/host"}).status == 400
+        assert client.is_closed_by_peer()
+
+
+def test_x_forwarded_for_and_dynamic_headers(tmp_path: Path) -> None:
+    with Backends(echo()) as bk:
+        location = ("proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; "
+                    "proxy_set_header X-Uri $uri; proxy_set_header Host $host;")
+        with run(conf(servers(bk[0]), location), tmp_path) as lb:
+            body = get(lb.port, "/a%20b", headers={"Host": "front.test", "X-Forwarded-For": "10.0.0.1"}).body
+    text = body.decode()
+    assert "X-Forwarded-For: 10.0.0.1, 127.0.0.1\n" in text
+    assert "X-Uri: /a b\n" in text
+    assert "Host: front.test\n" in text
+    assert text.startswith("GET /a%20b HTTP/1.0\n")  # the client's URI as sent
+
+
+def test_unix_socket_peer(tmp_path: Path) -> None:
+    import asyncio
+    import socket as socketlib
+
+    path = tmp_path / "peer.sock"
+    unix = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    unix.bind(str(path))
+    unix.listen(8)
+    with Backends(respond(body=b"via unix")) as bk:
+        bk[0].server.close()  # type: ignore[union-attr]
+
+        async def serve() -> None:
+            bk[0].server = await asyncio.start_unix_server(bk[0].handle, sock=unix)
+
+        bk.run(serve())
+        with run(conf(f"server unix:{path};"), tmp_path) as lb:
+            assert get(lb.port, "/").body == b"via unix"
