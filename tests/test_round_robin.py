@@ -182,6 +182,11 @@ def test_one_request_never_repeats_a_peer_and_ends_with_no_live() -> None:
     assert tries == [2, 1, 0]
 
 
+def test_new_request_ignores_a_key() -> None:
+    rr = balancer(server("a"), server("b"))
+    assert rr.new_request(0, "some-key").tries == rr.new_request(0).tries == 2
+
+
 def test_free_never_takes_tries_below_zero() -> None:
     rr = balancer(server("a"), server("b"))
     state = rr.new_request(1)

@@ -54,8 +54,12 @@ class Balancer(Protocol):
 
     peers: PeerSet
 
-    def new_request(self, tries_cap: int) -> BalancerState:
-        """Start a request; ``tries_cap`` is proxy_next_upstream_tries (0 = no cap)."""
+    def new_request(self, tries_cap: int, key: str | bytes | None = None) -> BalancerState:
+        """Start a request; ``tries_cap`` is proxy_next_upstream_tries (0 = no cap).
+
+        ``key`` is what a keyed method hashes (``hash $key``, ``ip_hash``'s address), evaluated
+        by the caller per request; methods without a key ignore it.
+        """
         ...
 
     def get(self, state: BalancerState, now: float) -> Peer | None:

@@ -36,8 +36,8 @@ class RoundRobin:
     def rebuild(self, peers: PeerSet) -> None:
         self.peers = peers
 
-    def new_request(self, tries_cap: int) -> BalancerState:
-        return BalancerState(self.peers, initial_tries(self.peers, tries_cap))
+    def new_request(self, tries_cap: int, key: str | bytes | None = None) -> BalancerState:
+        return BalancerState(self.peers, initial_tries(self.peers, tries_cap))  # no key: not hashed
 
     # ------------------------------------------------------------------ get
 
