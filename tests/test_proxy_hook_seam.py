@@ -1,0 +1,148 @@
+"""The hook seam of the tries loop, with a stand-in HookRunner plugged into the runtime upstream
+(the real one, scriptlb.hooks, is tested by its own suite): before every try the hook may name
+the peer, add tries, end the request with a status, and change this request's timeouts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from helpers import Backends, Scriptlb, closed_port, get, hang, in_loop, respond
+
+from scriptlb.config.model import PeerAddr
+
+CONF = """
+daemon off;
+master_process off;
+error_log {tmp}/error.log info;
+http {
+    log_format trail '$upstream_addr|$upstream_status|$status';
+    upstream u {
+        server {placeholder};
+    }
+    server {
+        listen 127.0.0.1:{port0};
+        access_log {tmp}/access.log trail;
+        location / {
+            proxy_pass http://u;
+            proxy_next_upstream error timeout http_502;
+        }
+    }
+}
+"""
+
+
+@dataclass
+class Outcome:
+    addr: PeerAddr | None = None
+    host: str | None = None
+    more_tries: int = 0
+    exit_status: int | None = None
+
+
+class FakeHook:
+    """Calls ``decide(exchange, run_number)`` before every try and records what it saw."""
+
+    def __init__(self, decide: Callable[[Any, int], Outcome]) -> None:
+        self.decide = decide
+        self.seen: list[tuple[int, tuple[str, int] | None]] = []  # (tries_left, last_failure)
+
+    def run(self, exchange: Any, upstream: Any) -> Outcome:
+        self.seen.append((exchange.tries_left, exchange.last_failure))
+        return self.decide(exchange, len(self.seen))
+
+
+def peer(port: int) -> PeerAddr:
+    return PeerAddr("127.0.0.1", port)
+
+
+def start(tmp_path: Path, placeholder: str, hook: FakeHook) -> Scriptlb:
+    lb = Scriptlb(CONF, tmp_path, tmp=tmp_path, placeholder=placeholder)
+    lb.__enter__()
+    upstream = lb.runtime().upstreams["u"]
+    in_loop(lb.thread.loop, lambda: setattr(upstream, "hook", hook))
+    return lb
+
+
+def trail(tmp_path: Path) -> list[str]:
+    return (tmp_path / "access.log").read_text().splitlines()
+
+
+def test_hook_names_the_peer_and_grants_a_retry(tmp_path: Path) -> None:
+    dead = closed_port()
+    with Backends(respond(body=b"good")) as bk:
+
+        def decide(exchange: Any, run: int) -> Outcome:
+            if run == 1:
+                return Outcome(addr=peer(dead), more_tries=1)
+            return Outcome(addr=peer(bk[0].port))
+
+        hook = FakeHook(decide)
+        lb = start(tmp_path, f"127.0.0.1:{closed_port()}", hook)
+        try:
+            response = get(lb.port, "/")
+        finally:
+            lb.__exit__()
+    assert response.body == b"good"
+    assert trail(tmp_path) == [f"127.0.0.1:{dead}, {bk[0].addr}|502, 200|200"]
+    # a single placeholder server: budget 1, plus the granted try; the retry saw the failure
+    assert hook.seen == [(1, None), (1, ("failed", 502))]
+
+
+def test_without_more_tries_a_failed_hook_peer_is_final(tmp_path: Path) -> None:
+    dead = closed_port()
+    hook = FakeHook(lambda exchange, run: Outcome(addr=peer(dead)))
+    lb = start(tmp_path, f"127.0.0.1:{closed_port()}", hook)
+    try:
+        assert get(lb.port, "/").status == 502
+    finally:
+        lb.__exit__()
+    assert trail(tmp_path) == [f"127.0.0.1:{dead}|502|502"]
+    assert len(hook.seen) == 1
+
+
+def test_hook_exit_status_ends_the_request_without_a_peer(tmp_path: Path) -> None:
+    with Backends(respond()) as bk:
+        hook = FakeHook(lambda exchange, run: Outcome(exit_status=403))
+        lb = start(tmp_path, bk[0].addr, hook)
+        try:
+            response = get(lb.port, "/")
+        finally:
+            lb.__exit__()
+    assert response.status == 403 and b"403 Forbidden" in response.body
+    assert bk[0].connections == 0
+
+
+def test_no_peer_from_the_hook_falls_back_to_the_balancer(tmp_path: Path) -> None:
+    with Backends(respond(body=b"fallback")) as bk:
+        hook = FakeHook(lambda exchange, run: Outcome())
+        lb = start(tmp_path, bk[0].addr, hook)
+        try:
+            assert get(lb.port, "/").body == b"fallback"
+        finally:
+            lb.__exit__()
+    assert trail(tmp_path) == [f"{bk[0].addr}|200|200"]
+
+
+def test_hook_timeouts_apply_to_this_request_only(tmp_path: Path) -> None:
+    with Backends(hang()) as bk:
+
+        def decide(exchange: Any, run: int) -> Outcome:
+            if exchange.header("x-short") is not None:
+                exchange.read_timeout = 0.1  # balancer.set_timeouts(nil, nil, 0.1)
+            return Outcome(addr=peer(bk[0].port))
+
+        lb = start(tmp_path, bk[0].addr, FakeHook(decide))
+        try:
+            assert get(lb.port, "/", headers={"X-Short": "1"}).status == 504
+            conf_timeout = lb.runtime().servers  # the location's own value is untouched
+            assert all(
+                loc.conf.proxy.read_timeout == 60.0
+                for server in conf_timeout.values()
+                for loc in server._by_id.values()
+                if loc.upstream is not None
+            )
+        finally:
+            lb.__exit__()
