@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from types import CodeType
 from typing import Any
 
+from scriptlb.sandbox import limits
 from scriptlb.sandbox.guards import expose_dynamic
 from scriptlb.sandbox.modules import standard_module
 from scriptlb.sandbox.policy import HookCompileError, compile_hook
@@ -52,6 +54,7 @@ class Importer:
         self._modules: dict[str, PackageModule] = {}
         self._loading: set[str] = set()
         self._special: dict[str, Any] = {}
+        self._code: dict[tuple[str, str], CodeType] = {}  # (path, source) -> code
         self._module_globals: Callable[[str], dict[str, Any]] = dict  # set by the runner module
 
     def configure(self, package_path: tuple[str, ...], module_globals: Callable[[str], dict[str, Any]],
@@ -97,6 +100,21 @@ class Importer:
         self._modules[name] = module
         return module
 
+    def _compile(self, path: str) -> CodeType | str:
+        """The module's code (cached by source text), or the error text with file:line."""
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        code = self._code.get((path, source))
+        if code is None:
+            try:
+                code = compile_hook(source, path)
+            except HookCompileError as err:
+                return f"{err.message} in {path}:{err.lineno}"
+            if len(self._code) > 256:
+                self._code.clear()
+            self._code[(path, source)] = code
+        return code
+
     def _find(self, name: str) -> str | None:
         if not all(part.isidentifier() for part in name.split(".")):
             return None
@@ -108,12 +126,14 @@ class Importer:
         return None
 
     def _load(self, name: str, path: str) -> PackageModule:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
+        started = limits.clock()
         try:
-            code = compile_hook(source, path)
-        except HookCompileError as err:
-            raise ImportError(f"cannot load module '{name}': {err.message} in {path}:{err.lineno}") from None
+            code = self._compile(path)
+        finally:
+            # reading and compiling is the host's work: it does not count against the run
+            limits.BUDGET.deadline += limits.clock() - started
+        if isinstance(code, str):
+            raise ImportError(f"cannot load module '{name}': {code}")
         namespace = self._module_globals(name)
         exec(code, namespace)
         return PackageModule(name, namespace)

@@ -30,7 +30,9 @@ import os
 import resource
 import signal
 import struct
+import sys
 import time
+from typing import Any
 
 # --------------------------------------------------------------------------- size caps
 
@@ -148,6 +150,22 @@ class WorkerFuse:
 _FUSE: WorkerFuse | None = None
 
 
+def quiet_unraisable_stops() -> None:
+    """Keep "Exception ignored in: <generator ...>" noise out of stderr for HookTimeout: a
+    generator closed while being deallocated cannot propagate the stop (the run still ends as a
+    timeout). Other unraisable exceptions go to the previous hook. Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_scriptlb_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, HookTimeout):
+            previous(unraisable)
+
+    hook._scriptlb_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def install_worker_fuse(hard_seconds: float = 2.0, memory_bytes: int = 0) -> WorkerFuse:
     """Arm the hard fuse in this worker (worker.py calls it after the fork).
 
@@ -157,6 +175,7 @@ def install_worker_fuse(hard_seconds: float = 2.0, memory_bytes: int = 0) -> Wor
     global _FUSE
     if memory_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    quiet_unraisable_stops()
     fuse = WorkerFuse(hard_seconds)
     fuse.start()
     _FUSE = fuse
