@@ -490,14 +490,21 @@ def nginx_running(tmp_path: Path, http_block: str, wait_ports: list[int]) -> Ite
 
 
 def simulate(
-    rr: RoundRobin, conf: ProxyConf, behaviour: dict[str, Any], now: float, method: str = "GET"
+    rr: RoundRobin,
+    conf: ProxyConf,
+    behaviour: dict[str, Any],
+    now: float,
+    method: str = "GET",
+    durations: dict[str, float] | None = None,
 ) -> str:
     """One request through RoundRobin + retry, as the proxy's tries loop runs them.
 
     Returns "addr, addr|status, status|final" like the nginx log line below. Behaviours: "ok",
     "refused" (connect fails), "closes" (reads the request, closes without answering), "502".
+    ``durations``: seconds a try on that peer takes (for proxy_next_upstream_timeout).
     """
     idempotent = is_idempotent(method)
+    started = now
     state = rr.new_request(conf.next_upstream_tries)
     addrs: list[str] = []
     statuses: list[str] = []
@@ -509,6 +516,7 @@ def simulate(
             final = decide(Failure.NOLIVE, 0, now, now, conf, True, False)
             return f"{', '.join(addrs)}|{', '.join(statuses)}|{final}"
         addrs.append(peer.name)
+        now += (durations or {}).get(peer.name, 0.0)
         kind = behaviour[peer.name]
         if callable(kind):
             kind = kind()  # a backend whose answer depends on how many requests it has seen
@@ -520,12 +528,12 @@ def simulate(
             rr.free(state, peer, True, now)
             statuses.append(str(last_failure_status(Failure.ERROR)))
             sent = kind == "closes"
-            verdict = decide(Failure.ERROR, state.tries, now, now, conf, idempotent, request_sent=sent)
+            verdict = decide(Failure.ERROR, state.tries, started, now, conf, idempotent, request_sent=sent)
         else:  # the peer answered with this status of its own ("502", "404"...)
             statuses.append(kind)
             failure = failure_for_status(int(kind))
             assert failure is not None
-            verdict = decide(failure, state.tries - 1, now, now, conf, idempotent, True)
+            verdict = decide(failure, state.tries - 1, started, now, conf, idempotent, True)
             rr.free(state, peer, is_counted_failure(failure, verdict == RETRY), now)
             if verdict == PASS_THROUGH:
                 verdict = int(kind)  # the upstream's own response reaches the client
@@ -637,8 +645,9 @@ class ClosingBackend:
     prematurely closed connection", an `error` after the request was sent). With
     ``answer_after=N`` the connections after the first N get a 200 instead (a flaky peer)."""
 
-    def __init__(self, answer_after: int | None = None) -> None:
+    def __init__(self, answer_after: int | None = None, delay: float = 0.0) -> None:
         self.answer_after = answer_after
+        self.delay = delay  # seconds between reading a request and closing
         self.seen = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -661,6 +670,7 @@ class ClosingBackend:
                     while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
                         data += chunk
                     self.seen += 1
+                    time.sleep(self.delay)
                     if self.answer_after is not None and self.seen > self.answer_after:
                         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
 
@@ -813,3 +823,41 @@ def test_status_failures_are_counted_as_nginx_counts_them(tmp_path: Path) -> Non
         ours.append(f"/{u}|" + simulate(balancers[u], conf, behaviour, 1000.0))
     assert len(nginx_lines) == len(order)
     assert ours == nginx_lines
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_next_upstream_timeout_matches_a_real_nginx(tmp_path: Path) -> None:
+    """Peers that fail after 0.4 s with proxy_next_upstream_timeout 0.6 s: a second failed try
+    ends the request (0.8 s >= 0.6 s) however many tries are left."""
+    ok, proxy = free_ports(2)
+    with ClosingBackend(delay=0.4) as s1, ClosingBackend(delay=0.4) as s2, ClosingBackend(delay=0.4) as s3:
+        slow = [f"127.0.0.1:{b.port}" for b in (s1, s2, s3)]
+        servers = "".join(f"server {name} max_fails=0; " for name in slow) + f"server 127.0.0.1:{ok};"
+        http_block = f"""
+            log_format trail '$uri|$upstream_addr|$upstream_status|$status';
+            upstream slow {{ {servers} }}
+            server {{ listen 127.0.0.1:{ok}; location / {{ return 200 ok; }} }}
+            server {{
+                listen 127.0.0.1:{proxy};
+                location / {{
+                    proxy_pass http://slow; proxy_next_upstream_timeout 600ms;
+                    access_log {tmp_path}/logs/trail.log trail;
+                }}
+            }}
+        """
+        with nginx_running(tmp_path, http_block, [proxy, ok]):
+            conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=10)
+            for _ in range(4):
+                conn.request("GET", "/t")
+                conn.getresponse().read()
+            conn.close()
+    nginx_lines = (tmp_path / "logs/trail.log").read_text().splitlines()
+
+    rr = RoundRobin(PeerSet.from_conf(parse_upstream("slow", f"upstream slow {{ {servers} }}")))
+    behaviour = {name: "closes" for name in slow} | {f"127.0.0.1:{ok}": "ok"}
+    conf = ProxyConf(next_upstream_timeout=0.6)
+    durations = dict.fromkeys(slow, 0.4)
+    ours = ["/t|" + simulate(rr, conf, behaviour, 1000.0 + 10 * i, durations=durations) for i in range(4)]
+    assert ours == nginx_lines
+    assert any(line.endswith("|502, 502|502") for line in ours)  # stopped with tries left
