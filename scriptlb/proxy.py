@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 from scriptlb import errorlog, responses
@@ -53,6 +53,7 @@ from scriptlb.upstream import ResponseHead, UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
     from scriptlb.peers import Peer
+    from scriptlb.pool import ConnectionPool
     from scriptlb.runtime import Runtime, ServerRoute, UpstreamRuntime
 
 
@@ -168,7 +169,9 @@ class Exchange:
         self._idempotent = True
         self._record: TryRecord | None = None  # the try in progress
         self._addr: PeerAddr | None = None
-        self._key: tuple = ()
+        self._key: tuple = ()  # pool key: (peer name, host, local address)
+        self._pool: ConnectionPool | None = None  # where the try's connection goes back
+        self._local_addr: tuple[str, int] | None = None  # a hook's bind_to_local_addr
         self._peer_to_free: tuple[UpstreamRuntime, Peer] | None = None
         self._upstream_conn: UpstreamConnection | None = None
         self._reused = False  # the try's connection came from the pool
@@ -417,12 +420,9 @@ class Exchange:
         upstream = location.upstream
         assert upstream is not None
         conf = location.conf.proxy
-        request = self.request
-        if self._stream_body:
-            self._head = location.plan.build_head(self, request.content_length, chunked=request.chunked)
-        else:
-            self._body = request.take_body()
-            self._head = location.plan.build_head(self, len(self._body) if request.has_body else None)
+        if not self._stream_body:
+            self._body = self.request.take_body()
+        self._build_upstream_head()
         key_getter = upstream.key_getter
         if key_getter is None:
             self._state = upstream.balancer.new_request(conf.next_upstream_tries)
@@ -435,6 +435,15 @@ class Exchange:
         self._idempotent = is_idempotent(self.method)
         self._next_try()
 
+    def _build_upstream_head(self) -> None:
+        """The request line and headers for the peer (again after a hook's recreate_request)."""
+        request = self.request
+        plan = self.location.plan
+        if self._stream_body:
+            self._head = plan.build_head(self, request.content_length, chunked=request.chunked)
+        else:
+            self._head = plan.build_head(self, len(self._body) if request.has_body else None)
+
     def _next_try(self) -> None:
         """The hook seam, then a peer, then a connection to it (nginx's upstream_connect)."""
         upstream = self.location.upstream
@@ -443,15 +452,18 @@ class Exchange:
         self.tries_left = state.tries  # type: ignore[attr-defined]
         addr: PeerAddr | None = None
         host = ""
+        pool = upstream.pool if self.location.plan.pooled else None
         hook = upstream.hook
         if hook is not None:
             outcome = hook.run(self, upstream)
             if outcome.exit_status is not None:
                 self._finish_with_page(outcome.exit_status)
                 return
+            self._apply_hook_settings(outcome)
             if outcome.addr is not None:
                 addr, host = outcome.addr, outcome.host or ""
                 state.tries += outcome.more_tries  # type: ignore[attr-defined]
+                pool = self._hook_pool(upstream, outcome.keepalive)
         if addr is None:
             peer = upstream.balancer.get(state, self.loop.time())  # type: ignore[arg-type]
             if peer is None:
@@ -460,10 +472,10 @@ class Exchange:
             addr = peer.addr
             self._peer_to_free = (upstream, peer)
         self._addr = addr
-        self._key = (addr.name, host)
+        self._key = (addr.name, host, self._local_addr)
+        self._pool = pool
         self._record = TryRecord(addr.name, self.loop.time())
         self.tries.append(self._record)
-        pool = upstream.pool if self.location.plan.pooled else None
         conn = pool.acquire(self._key) if pool is not None else None
         if conn is None:
             self._connect()
@@ -471,6 +483,23 @@ class Exchange:
             self._record.connect_time = 0.0
             self._reused = True
             self._send_request(conn)
+
+    def _apply_hook_settings(self, outcome: Any) -> None:
+        """What a hook run changes for this and later tries: bind address, rebuilt request."""
+        if outcome.local_addr is not None:
+            self._local_addr = split_local_addr(outcome.local_addr)
+        if outcome.recreate:
+            self._build_upstream_head()
+
+    def _hook_pool(
+        self, upstream: UpstreamRuntime, keepalive: tuple[float, int] | None
+    ) -> ConnectionPool | None:
+        """``enable_keepalive`` pools this try's connection in the upstream's hook pool (only
+        with nginx's recipe: HTTP/1.1 to the peer, no "Connection: close"); without it a
+        hook-set peer's connection is not pooled, as in OpenResty."""
+        if keepalive is None or self.location.plan.close_after:
+            return None
+        return upstream.hook_pool(*keepalive)
 
     def _connect(self) -> None:
         addr = self._addr
@@ -481,7 +510,8 @@ class Exchange:
         if addr.unix_path is not None:
             opening = self.loop.create_unix_connection(lambda: conn, addr.unix_path)
         else:
-            opening = self.loop.create_connection(lambda: conn, addr.host, addr.port)
+            opening = self.loop.create_connection(lambda: conn, addr.host, addr.port,
+                                                  local_addr=self._local_addr)
         task = self.loop.create_task(opening)
         timer = self.loop.call_later(self.connect_timeout, task.cancel)
         self._connecting = task
@@ -573,10 +603,9 @@ class Exchange:
         record = self._record
         if record is not None:
             record.response_time = self.loop.time() - record.started
-        upstream = self.location.upstream
         if conn is not None:
-            if upstream is not None and self.location.plan.pooled:
-                upstream.pool.release(conn)
+            if self._pool is not None:
+                self._pool.release(conn)
             else:
                 conn.close()
         self._free_peer(failed=False)
@@ -719,6 +748,17 @@ class Exchange:
         name = addr.name if addr is not None else (self.tries[-1].addr if self.tries else None)
         url = f"http://{name}{self.location.plan.upstream_uri(self)}" if name is not None else None
         return errorlog.request_context(self, url)
+
+
+def split_local_addr(text: str) -> tuple[str, int]:
+    """bind_to_local_addr's "ip", "ip:port", "[v6]:port" or "v6" -> (host, port)."""
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]")
+        return host, int(port.lstrip(":") or 0)
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        return host, int(port)
+    return text, 0
 
 
 def quote_uri(uri: str) -> str:

@@ -21,6 +21,7 @@ from scriptlb.config.model import (
     HttpConf,
     LocationConf,
     MainConf,
+    PythonConf,
     ServerConf,
     Template,
     UpstreamConf,
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from scriptlb.proxy import Exchange
 
 Getter = Callable[[Any], str]
+
+HOOK_POOL_SIZE = 32  # OpenResty's balancer_keepalive default
 
 # Client headers never forwarded as they are: hop-by-hop ones, the framing we redo, and Expect
 # (we answer 100-continue ourselves), as nginx's default proxy_set_header list does.
@@ -53,21 +56,41 @@ def _compile(template: Template) -> Getter:
 class UpstreamRuntime:
     """One upstream block in this worker: peers, balancer, keep-alive pool and optional hook."""
 
-    __slots__ = ("balancer", "conf", "hook", "key_getter", "name", "peers", "pool")
+    __slots__ = ("_hook_pool", "balancer", "conf", "hook", "key_getter", "loop", "name", "peers", "pool")
 
-    def __init__(self, conf: UpstreamConf, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, conf: UpstreamConf, loop: asyncio.AbstractEventLoop, python: PythonConf | None = None
+    ) -> None:
         self.conf = conf
+        self.loop = loop
         self.name = conf.name
         self.peers = PeerSet.from_conf(conf)
         self.balancer = create_balancer(conf, self.peers)
         self.key_getter = _balancer_key_getter(self.balancer, conf)
         self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests)
         self.hook: Any = None
+        self._hook_pool: ConnectionPool | None = None
         if conf.hook is not None:
-            # The hook engineer's module; a configured hook is never silently ignored.
+            # imported here: only configs with hooks pay for the sandbox; a configured hook is
+            # never silently ignored (an import error fails the worker's start)
             from scriptlb.hooks import HookRunner
 
-            self.hook = HookRunner(conf.hook, self)
+            self.hook = HookRunner(conf.hook, self, python)
+
+    def hook_pool(self, idle_timeout: float, max_requests: int) -> ConnectionPool:
+        """OpenResty's balancer_keepalive pool for hook-set peers (32 connections per upstream
+        and worker). Its timeout and request limit are the last ``enable_keepalive`` values."""
+        pool = self._hook_pool
+        if pool is None:
+            pool = self._hook_pool = ConnectionPool(self.loop, HOOK_POOL_SIZE, idle_timeout, max_requests)
+        pool.idle_timeout = idle_timeout
+        pool.max_requests = max_requests
+        return pool
+
+    def close(self) -> None:
+        self.pool.close()
+        if self._hook_pool is not None:
+            self._hook_pool.close()
 
     def __repr__(self) -> str:
         return f"<UpstreamRuntime {self.name} {self.balancer!r} {self.pool!r}>"
@@ -267,7 +290,7 @@ class Runtime:
         self.conf = conf
         self.loop = loop
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
-        self.upstreams = {name: UpstreamRuntime(up, loop) for name, up in http.upstreams.items()}
+        self.upstreams = {name: UpstreamRuntime(up, loop, http.python) for name, up in http.upstreams.items()}
         self._access_logs: dict[tuple, tuple] = {}
         self._log_files: dict = {}  # one LogFile per path, shared by the access_log directives
         self.servers = {id(s): ServerRuntime(s, self._build_location) for s in http.servers}
@@ -318,7 +341,7 @@ class Runtime:
     def close(self) -> None:
         """Close pooled connections and flush access logs (worker exit)."""
         for upstream in self.upstreams.values():
-            upstream.pool.close()
+            upstream.close()
         for logs in self._access_logs.values():
             for log in logs:
                 close = getattr(log, "close", None)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from helpers import Backends, Scriptlb, closed_port, get, hang, in_loop, respond
+from helpers import Backends, Scriptlb, closed_port, echo, get, hang, in_loop, respond
 
 from scriptlb.config.model import PeerAddr
 
@@ -29,6 +29,12 @@ http {
             proxy_pass http://u;
             proxy_next_upstream error timeout http_502;
         }
+        location /ka/ {
+            proxy_pass http://u;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Try $upstream_addr;
+        }
     }
 }
 """
@@ -40,6 +46,9 @@ class Outcome:
     host: str | None = None
     more_tries: int = 0
     exit_status: int | None = None
+    keepalive: tuple[float, int] | None = None  # enable_keepalive(idle_timeout, max_requests)
+    local_addr: str | None = None  # bind_to_local_addr
+    recreate: bool = False  # recreate_request
 
 
 class FakeHook:
@@ -146,3 +155,43 @@ def test_hook_timeouts_apply_to_this_request_only(tmp_path: Path) -> None:
             )
         finally:
             lb.__exit__()
+
+
+def test_enable_keepalive_pools_hook_peers_and_bind_address_is_used(tmp_path: Path) -> None:
+    with Backends(echo()) as bk:
+        keepalive = FakeHook(lambda exchange, run: Outcome(
+            addr=peer(bk[0].port), keepalive=(60.0, 100), local_addr="127.0.0.1"))
+        lb = start(tmp_path, bk[0].addr, keepalive)
+        try:
+            for _ in range(3):
+                assert get(lb.port, "/ka/x").status == 200
+            plain = FakeHook(lambda exchange, run: Outcome(addr=peer(bk[0].port)))
+            upstream = lb.runtime().upstreams["u"]
+            in_loop(lb.thread.loop, lambda: setattr(upstream, "hook", plain))
+            for _ in range(2):
+                assert get(lb.port, "/ka/x").status == 200
+        finally:
+            lb.__exit__()
+    # one pooled connection for the three enable_keepalive tries, then one per plain try
+    assert bk[0].connections == 3
+
+
+def test_recreate_request_rebuilds_the_head(tmp_path: Path) -> None:
+    dead = closed_port()
+    with Backends(echo()) as bk:
+
+        def decide(exchange: Any, run: int) -> Outcome:
+            if run == 1:
+                return Outcome(addr=peer(dead), more_tries=1)
+            # the head was built before the first try, when $upstream_addr was empty (so the
+            # X-Try header was left out); rebuilt now, it names the failed first try
+            return Outcome(addr=peer(bk[0].port), recreate=exchange.header("x-recreate") is not None)
+
+        lb = start(tmp_path, bk[0].addr, FakeHook(decide))
+        try:
+            rebuilt = get(lb.port, "/ka/x", headers={"X-Recreate": "1"}).body.decode()
+            kept = get(lb.port, "/ka/x").body.decode()
+        finally:
+            lb.__exit__()
+    assert f"X-Try: 127.0.0.1:{dead}\n" in rebuilt
+    assert "X-Try" not in kept
