@@ -489,6 +489,15 @@ def nginx_running(tmp_path: Path, http_block: str, wait_ports: list[int]) -> Ite
             proc.wait()
 
 
+# behaviours that fail the try itself -> nginx's failure kind
+_TRY_FAILURES = {
+    "refused": Failure.ERROR,
+    "closes": Failure.ERROR,
+    "garbage": Failure.INVALID_HEADER,
+    "hangs": Failure.TIMEOUT,
+}
+
+
 def simulate(
     rr: RoundRobin,
     conf: ProxyConf,
@@ -500,7 +509,8 @@ def simulate(
     """One request through RoundRobin + retry, as the proxy's tries loop runs them.
 
     Returns "addr, addr|status, status|final" like the nginx log line below. Behaviours: "ok",
-    "refused" (connect fails), "closes" (reads the request, closes without answering), "502".
+    "refused" (connect fails), "closes" (reads the request, closes without answering),
+    "garbage" (answers no valid HTTP), "hangs" (never answers: read timeout), "502", "404"...
     ``durations``: seconds a try on that peer takes (for proxy_next_upstream_timeout).
     """
     idempotent = is_idempotent(method)
@@ -524,11 +534,12 @@ def simulate(
             rr.free(state, peer, False, now)
             statuses.append("200")
             return f"{', '.join(addrs)}|{', '.join(statuses)}|200"
-        if kind in ("refused", "closes"):
+        if kind in _TRY_FAILURES:
+            failure = _TRY_FAILURES[kind]
             rr.free(state, peer, True, now)
-            statuses.append(str(last_failure_status(Failure.ERROR)))
-            sent = kind == "closes"
-            verdict = decide(Failure.ERROR, state.tries, started, now, conf, idempotent, request_sent=sent)
+            statuses.append(str(last_failure_status(failure)))
+            sent = kind != "refused"
+            verdict = decide(failure, state.tries, started, now, conf, idempotent, request_sent=sent)
         else:  # the peer answered with this status of its own ("502", "404"...)
             statuses.append(kind)
             failure = failure_for_status(int(kind))
@@ -645,9 +656,10 @@ class ClosingBackend:
     prematurely closed connection", an `error` after the request was sent). With
     ``answer_after=N`` the connections after the first N get a 200 instead (a flaky peer)."""
 
-    def __init__(self, answer_after: int | None = None, delay: float = 0.0) -> None:
+    def __init__(self, answer_after: int | None = None, delay: float = 0.0, reply: bytes = b"") -> None:
         self.answer_after = answer_after
         self.delay = delay  # seconds between reading a request and closing
+        self.reply = reply  # sent before closing (garbage: nginx's invalid_header)
         self.seen = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -671,6 +683,8 @@ class ClosingBackend:
                         data += chunk
                     self.seen += 1
                     time.sleep(self.delay)
+                    if self.reply:
+                        conn.sendall(self.reply)
                     if self.answer_after is not None and self.seen > self.answer_after:
                         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
 
@@ -861,3 +875,55 @@ def test_next_upstream_timeout_matches_a_real_nginx(tmp_path: Path) -> None:
     ours = ["/t|" + simulate(rr, conf, behaviour, 1000.0 + 10 * i, durations=durations) for i in range(4)]
     assert ours == nginx_lines
     assert any(line.endswith("|502, 502|502") for line in ours)  # stopped with tries left
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_invalid_header_and_timeout_match_a_real_nginx(tmp_path: Path) -> None:
+    """Garbage is retried only with invalid_header; a read timeout only with timeout (504)."""
+    ok, proxy = free_ports(2)
+    invalid = b"HTTP/1.1 200 OK\r\nX-A\x00: b\r\n\r\n"  # nginx: "upstream sent invalid header"
+    with ClosingBackend(reply=invalid) as garbage, ClosingBackend(delay=1.0) as hang:
+        bad = {"garbage": f"127.0.0.1:{garbage.port}", "hangs": f"127.0.0.1:{hang.port}"}
+        cases = {  # upstream -> (bad peer kind, proxy_next_upstream)
+            "g_default": ("garbage", "error timeout"),
+            "g_listed": ("garbage", "error timeout invalid_header"),
+            "h_default": ("hangs", "error timeout"),
+            "h_unlisted": ("hangs", "error"),
+        }
+        servers = {u: f"server {bad[k]} max_fails=0; server 127.0.0.1:{ok};" for u, (k, _) in cases.items()}
+        http_block = f"""
+            log_format trail '$uri|$upstream_addr|$upstream_status|$status';
+            {"".join(f"upstream {u} {{ {servers[u]} }}" for u in cases)}
+            server {{ listen 127.0.0.1:{ok}; location / {{ return 200 ok; }} }}
+            server {{
+                listen 127.0.0.1:{proxy};
+                proxy_read_timeout 300ms;
+                {
+            "".join(
+                f"location /{u} {{ proxy_pass http://{u}; proxy_next_upstream {nu}; "
+                f"access_log {tmp_path}/logs/trail.log trail; }}"
+                for u, (_, nu) in cases.items()
+            )
+        }
+            }}
+        """
+        order = [u for u in cases for _ in range(2)]
+        with nginx_running(tmp_path, http_block, [proxy, ok]):
+            conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=10)
+            for upstream_name in order:
+                conn.request("GET", f"/{upstream_name}")
+                conn.getresponse().read()
+            conn.close()
+    nginx_lines = (tmp_path / "logs/trail.log").read_text().splitlines()
+
+    behaviour = {bad["garbage"]: "garbage", bad["hangs"]: "hangs", f"127.0.0.1:{ok}": "ok"}
+    balancers = {
+        u: RoundRobin(PeerSet.from_conf(parse_upstream(u, f"upstream {u} {{ {servers[u]} }}"))) for u in cases
+    }
+    ours = []
+    for u in order:
+        conf = ProxyConf(next_upstream=next_upstream_mask(cases[u][1]))
+        ours.append(f"/{u}|" + simulate(balancers[u], conf, behaviour, 1000.0))
+    assert ours == nginx_lines
+    assert f"/h_unlisted|{bad['hangs']}|504|504" in ours
