@@ -40,6 +40,7 @@ import bench_proc  # noqa: E402
 import bench_profile  # noqa: E402
 import bench_report  # noqa: E402
 
+NOISY_PCT = 15  # other work on the proxy's core above this: the run is repeated once
 QUICK = {"duration": 2, "warmup": 1, "reps": 2, "paths": ["/"], "idle": 2000, "budget": 110}
 DEFAULT = {"duration": 5, "warmup": 1, "reps": 4, "paths": ["/", "/big"], "idle": 10000, "budget": 560}
 
@@ -89,6 +90,8 @@ class Harness:
         self.fig: dict = {"targets": {}}
         self.live: dict[str, tuple[bench_proc.Proc, int]] = {}
         self.loadgen = "wrk"
+        self.reruns = 0
+        self.retries_left = 6 if args.quick else 12
         cpus = sorted(os.sched_getaffinity(0))
         self.cpus = cpus
         if len(cpus) >= 2:
@@ -293,6 +296,9 @@ class Harness:
 
     # ------------------------------------------------------------------ load
 
+    def shares_load_core(self, name: str) -> bool:
+        return self.load_cpu in (self.cpus_for(bench_conf.target(name)) or "").split(",")
+
     def _cores(self, name: str) -> tuple[set[int], set[int]]:
         proxy = self.cpus_for(bench_conf.target(name))
         if proxy is None or self.load_cpu is None:
@@ -374,6 +380,18 @@ class Harness:
                         break
                     try:
                         d = self.one_run(name, path)
+                        other = d.get("other_on_proxy_cores_pct")
+                        if (other is not None and other > NOISY_PCT and self.retries_left > 0
+                                and not self.shares_load_core(name)
+                                and self.elapsed() + per_run <= stop_at):
+                            # something else ran on the proxy's core: run it again, keep the cleaner
+                            self.retries_left -= 1
+                            log(f"rep {rep + 1} {name} {path}: other work took {other:.0f}% of the "
+                                "proxy's core, running it again")
+                            d2 = self.one_run(name, path)
+                            self.reruns += 1
+                            if d2.get("other_on_proxy_cores_pct", 100) < other:
+                                d = d2
                     except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
                         self.fail(name, f"error: {e}")
                         proc, _ = self.live.pop(name)
@@ -383,11 +401,13 @@ class Harness:
                     log(f"rep {rep + 1} {name:14s} {path:5s} {d['rps']:>10,.0f} req/s  "
                         f"p50 {d['p50_ms'] or 0:.2f} ms  p99 {d['p99_ms'] or 0:.2f} ms  "
                         f"cpu {d['cpu_s']:.2f} s / {d['requests']:,} req")
+        if self.reruns:
+            self.notes.append(f"{self.reruns} run(s) repeated because other work used more than "
+                              f"{NOISY_PCT}% of the proxy's core; the cleaner run was kept")
         for (name, path), rs in reps.items():
             pf = self.tfig(name)["paths"][path] = bench_report.summarize_reps(rs)
             other = pf.get("other_on_proxy_cores_pct")
-            shares_load_core = self.load_cpu in (self.cpus_for(bench_conf.target(name)) or "").split(",")
-            if other is not None and other > 10 and not shares_load_core:
+            if other is not None and other > NOISY_PCT and not self.shares_load_core(name):
                 self.notes.append(f"{name} {path}: other work used {other:.0f}% of the proxy's core(s) "
                                   "during the runs (a busy machine): its figures understate it")
         for name, (proc, _) in self.live.items():
@@ -441,7 +461,7 @@ class Harness:
             self.fig["hook_micro"] = {"status": "missing: bench/hook_micro.py (the hook engineer's "
                                       "micro-benchmark is not in the tree yet)", "us_per_try": None}
             return
-        timeout = 40 if self.args.quick else 120
+        timeout = 30 if self.args.quick else 60
         out = ""
         for argv in ([sys.executable, str(script), "--quick"] if self.args.quick else None,
                      [sys.executable, str(script)]):
