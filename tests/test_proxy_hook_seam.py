@@ -195,3 +195,42 @@ def test_recreate_request_rebuilds_the_head(tmp_path: Path) -> None:
             lb.__exit__()
     assert f"X-Try: 127.0.0.1:{dead}\n" in rebuilt
     assert "X-Try" not in kept
+
+
+REAL_HOOK = """
+daemon off;
+master_process off;
+error_log {tmp}/error.log info;
+http {
+    log_format trail '$upstream_addr|$upstream_status|$status';
+    upstream u {
+        server 0.0.0.1;
+        balancer_by_python_block {
+            state, status = balancer.get_last_failure()
+            if state is None:
+                balancer.set_current_peer("127.0.0.1", {dead})
+                balancer.set_more_tries(1)
+            else:
+                balancer.set_current_peer("127.0.0.1", {good})
+        }
+    }
+    server {
+        listen 127.0.0.1:{port0};
+        access_log {tmp}/access.log trail;
+        location / {
+            proxy_pass http://u;
+        }
+    }
+}
+"""
+
+
+def test_real_balancer_by_python_hook_drives_the_tries(tmp_path: Path) -> None:
+    dead = closed_port()
+    with (
+        Backends(respond(body=b"from hook peer")) as bk,
+        Scriptlb(REAL_HOOK, tmp_path, tmp=tmp_path, dead=dead, good=bk[0].port) as lb,
+    ):
+        response = get(lb.port, "/")
+    assert response.body == b"from hook peer"
+    assert trail(tmp_path) == [f"127.0.0.1:{dead}, {bk[0].addr}|502, 200|200"]
