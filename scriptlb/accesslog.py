@@ -137,12 +137,14 @@ def _encode(line: str) -> bytes:
 class AccessLog:
     """One ``access_log`` directive: its compiled format and its file."""
 
-    __slots__ = ("file", "name", "render")
+    __slots__ = ("_errors", "file", "name", "render")
 
     def __init__(self, render: Callable[[Any], str], file: LogFile, name: str = "") -> None:
         self.render = render
         self.file = file
         self.name = name  # the log_format's name, for messages
+        # a broken format fails on every request: say so once a minute, not once per request
+        self._errors = errorlog.RateLimiter(limit=1, interval=_WRITE_ERROR_INTERVAL)
 
     def write(self, exchange: Any) -> None:
         """Log one finished request (called once per request, in the log phase)."""
@@ -150,7 +152,8 @@ class AccessLog:
             line = self.render(exchange)
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             # a bug in a variable must not break serving; say which format failed and why
-            errorlog.log_error("alert", f'access_log "{self.file.path}" format "{self.name}" failed: {err!r}')
+            where = f'access_log "{self.file.path}" format "{self.name}"'
+            self._errors.log("alert", where, f"{where} failed: {err!r}")
             return
         self.file.write(_encode(line) + b"\n")
 
