@@ -375,3 +375,21 @@ def test_a_broken_exchange_is_reported_not_raised(tmp_path: Path, restore_sink: 
     assert len(lines) == 1  # once a minute, not once per request
     assert "[alert]" in lines[0]
     assert 'format "test" failed' in lines[0]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_write_errors_are_reported_once_a_minute(tmp_path: Path, restore_sink: None) -> None:
+    from scriptlb.accesslog import open_access_log
+
+    errors = tmp_path / "error.log"
+    errorlog.install(ErrorLog([ErrorLogConf(str(errors), "error")]))
+    log = open_access_log(access_conf("/dev/full", "$uri"))  # every write fails with ENOSPC
+    for _ in range(3):
+        log.write(LogExchange("/x"))
+    log.close()
+    errorlog.current().close()
+    lines = errors.read_text().splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith(
+        f'[alert] {os.getpid()}#0: write() to "/dev/full" failed (28: No space left on device)'
+    )
