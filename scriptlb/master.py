@@ -33,6 +33,7 @@ import platform
 import resource
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -426,6 +427,7 @@ class Master:
 
     def _start_workers(self) -> None:
         log("notice", "start worker processes")
+        _warn_if_threaded()
         for worker_id in range(self.conf.worker_processes):
             self._spawn(worker_id)
 
@@ -545,6 +547,15 @@ def _set_process_name(role: str) -> None:
     but the short name is what top and ``ps -o comm`` show.
     """
     _prctl(PR_SET_NAME, f"scriptlb {role}".encode()[:15])
+
+
+def _warn_if_threaded() -> None:
+    """fork() copies only the calling thread: a lock another thread holds stays locked forever
+    in the child. The master must stay single-threaded; say so loudly if something (a config
+    loader, a hook compiler) started a thread in it."""
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:
+        log("alert", f"the master process runs threads ({', '.join(others)}); forked workers may hang")
 
 
 def _stop_with_master(master_pid: int) -> None:
