@@ -91,7 +91,7 @@ class Harness:
         self.live: dict[str, tuple[bench_proc.Proc, int]] = {}
         self.loadgen = "wrk"
         self.reruns = 0
-        self.retries_left = 6 if args.quick else 12
+        self.retries_left = 3 if args.quick else 12
         cpus = sorted(os.sched_getaffinity(0))
         self.cpus = cpus
         if len(cpus) >= 2:
@@ -461,7 +461,7 @@ class Harness:
             self.fig["hook_micro"] = {"status": "missing: bench/hook_micro.py (the hook engineer's "
                                       "micro-benchmark is not in the tree yet)", "us_per_try": None}
             return
-        timeout = 30 if self.args.quick else 60
+        timeout = 20 if self.args.quick else 60
         out = ""
         for argv in ([sys.executable, str(script), "--quick"] if self.args.quick else None,
                      [sys.executable, str(script)]):
