@@ -246,19 +246,26 @@ def _close(listener: Listener, unlink: bool) -> None:
 
 
 def _open_socket(listen: ListenConf, log: LogFn | None, tries: int) -> socket.socket:
-    """Bind and listen, retrying a busy address like nginx (``still could not bind()``)."""
+    """Bind and listen, retrying a busy address like nginx (``still could not bind()``).
+
+    Every failure is a ListenError with nginx's wording, so neither a start nor a reload can
+    be taken down by an unexpected OSError (EMFILE, EACCES...).
+    """
     name = address_text(listen)
     if listen.unix_path is not None:
         _remove_stale_unix_socket(listen.unix_path)
     for attempt in range(max(tries, 1)):
         if attempt:
             time.sleep(BIND_RETRY_DELAY)
-        sock = _new_socket(listen)
+        try:
+            sock = _new_socket(listen)
+        except OSError as err:
+            raise ListenError(f"socket() {name} failed {_errno_text(err)}") from None
         try:
             sock.bind(_sockaddr(listen))
         except OSError as err:
             sock.close()
-            message = f"bind() to {name} failed ({err.errno}: {os.strerror(err.errno or 0)})"
+            message = f"bind() to {name} failed {_errno_text(err)}"
             if err.errno != errno.EADDRINUSE:
                 raise ListenError(message) from None
             if log is not None:
@@ -268,9 +275,15 @@ def _open_socket(listen: ListenConf, log: LogFn | None, tries: int) -> socket.so
             _start_listening(sock, listen)
         except OSError as err:
             sock.close()
-            raise ListenError(f"listen() to {name}, backlog {listen.backlog} failed ({err})") from None
+            message = f"listen() to {name}, backlog {listen.backlog} failed {_errno_text(err)}"
+            raise ListenError(message) from None
         return sock
     raise ListenError("still could not bind()")
+
+
+def _errno_text(err: OSError) -> str:
+    """nginx's ``(98: Address already in use)``."""
+    return f"({err.errno}: {os.strerror(err.errno or 0)})"
 
 
 def _new_socket(listen: ListenConf) -> socket.socket:
