@@ -384,7 +384,7 @@ class Master:
             new_listeners = ListenerSet.open(
                 new_conf, new_conf.worker_processes, previous=self.listeners, log=log, bind_tries=1
             )
-        except ListenError as err:
+        except (ListenError, OSError) as err:  # OSError: a setsockopt()/listen() on a kept socket
             new_error_log.close()
             log("emerg", str(err))
             return
