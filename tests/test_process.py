@@ -361,6 +361,8 @@ def test_master_forks_workers_that_serve_and_owns_the_pid_file(lb: Instance) -> 
     log = lb.log_text()
     for pid in workers:
         assert f"start worker process {pid}" in log
+    assert Path(f"/proc/{master}/comm").read_text() == "scriptlb master\n"
+    assert {Path(f"/proc/{pid}/comm").read_text() for pid in workers} == {"scriptlb worker\n"}
 
     os.kill(master, signal.SIGQUIT)
     assert lb.wait_exit() == 0
