@@ -25,12 +25,13 @@ Inside the environment, three named DBs:
 
 **LRU, cheaply.** nginx moves an entry to the head of its LRU queue on every access. Doing that
 literally costs a write transaction per ``get`` and two more B-tree updates per ``incr``. Instead
-we use memcached's rule: an entry is promoted at most once per ``PROMOTE_INTERVAL`` (1 s). Writes
-(set/add/replace) always promote; ``incr`` promotes only a stale entry; a ``get`` of a stale
-entry only notes the key in a small per-process list that the process's next write transaction
-applies (or that is flushed once it holds ``PENDING_FLUSH`` keys). Eviction order is therefore
-LRU to within about a second, and the hot paths stay at one B-tree lookup (get) or one lookup and
-one update (incr).
+we use memcached's rule: an entry is promoted at most once per ``PROMOTE_INTERVAL`` (1 s).
+New entries go to the head; ``set``/``add``/``replace``/``incr`` of an existing entry promote
+it only when its last promotion is older than that; a ``get`` of such an entry only notes the
+key in a small per-process list that the process's next write transaction applies (or that is
+flushed once it holds ``PENDING_FLUSH`` keys). Eviction order is therefore LRU to within about a
+second, and the hot paths stay at one B-tree lookup (get) or one lookup and one update (incr,
+and a same-size set of a recently promoted key).
 
 **Expiry** is lazy: reads compare ``expires`` with the injected clock; expired records are removed
 by eviction (oldest first, expired or not), ``flush_expired`` or being overwritten.
@@ -86,6 +87,7 @@ _USED_KEY = b"used"  # meta DB: bytes charged to the entries (see _cost), an i64
 
 _HEAD = struct.Struct("<ddIc")
 _HEAD_SIZE = _HEAD.size
+_TOUCHED_OFFSET = 8  # the header's second field
 _INT_RECORD = struct.Struct("<ddIcq")  # header + i64 in one pack: incr's fast path
 _FLOAT_RECORD = struct.Struct("<ddIcd")
 _I64 = struct.Struct("<q")
@@ -509,25 +511,36 @@ class SharedDict:
             growth = len(record) + 2 * len(k) + ENTRY_OVERHEAD
         else:
             growth = len(record) - len(old)
-        used_raw = txn.get(_USED_KEY, db=self._meta)
-        used = _I64.unpack(used_raw)[0] if used_raw is not None else 0
         forcible = False
-        if used + growth > self.size:
-            if safe:
-                return False, "no memory", False
-            room = self._make_room(txn, k, used, growth)
-            if room is None:
-                return False, "no memory", False
-            used, forcible = room
-        if old is not None:
-            txn.delete(_LRU_TIME.pack(_HEAD.unpack_from(old)[1]) + k, db=self._lru)
-            if record is None:
-                txn.delete(k)
-        if record is not None:
+        if growth:
+            used_raw = txn.get(_USED_KEY, db=self._meta)
+            used = _I64.unpack(used_raw)[0] if used_raw is not None else 0
+            if used + growth > self.size:
+                if safe:
+                    return False, "no memory", False
+                room = self._make_room(txn, k, used, growth)
+                if room is None:
+                    return False, "no memory", False
+                used, forcible = room
+            txn.put(_USED_KEY, _I64.pack(used + growth), db=self._meta)
+        if old is None:
+            if record is not None:
+                txn.put(k, record)
+                txn.put(_LRU_TIME.pack(now) + k, b"", db=self._lru)
+            return True, None, forcible
+        old_touched = _HEAD.unpack_from(old)[1]
+        if record is None:
+            txn.delete(k)
+            txn.delete(_LRU_TIME.pack(old_touched) + k, db=self._lru)
+        elif old_touched >= now - PROMOTE_INTERVAL:
+            # promoted less than a second ago: keep its index row (memcached's rule, as incr)
+            patched = bytearray(record)
+            _F64.pack_into(patched, _TOUCHED_OFFSET, old_touched)
+            txn.put(k, patched)
+        else:
+            txn.delete(_LRU_TIME.pack(old_touched) + k, db=self._lru)
             txn.put(k, record)
             txn.put(_LRU_TIME.pack(now) + k, b"", db=self._lru)
-        if growth:
-            txn.put(_USED_KEY, _I64.pack(used + growth), db=self._meta)
         return True, None, forcible
 
     def _incr_in(

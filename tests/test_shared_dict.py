@@ -574,3 +574,22 @@ def test_negative_exptime_is_an_error(shared: SharedDict) -> None:
         shared.expire("k", -1)
     with pytest.raises(ValueError, match="init_ttl"):
         shared.incr("k", 1, 0, -1)
+
+
+def lru_order(d: SharedDict) -> list[str]:
+    with d._env.begin() as txn:
+        return [k[8:].decode() for k, _ in txn.cursor(db=d._lru)]
+
+
+def test_overwrites_promote_at_most_once_a_second(shared: SharedDict, clock: Clock) -> None:
+    shared.set("a", "1")
+    clock.advance(0.1)
+    shared.set("b", "1")
+    clock.advance(0.4)
+    shared.set("a", "2")  # promoted 0.5 s ago: keeps its place
+    shared.incr("n", 1, 0)
+    assert lru_order(shared) == ["a", "b", "n"]
+    clock.advance(1.0)
+    shared.set("a", "3")  # now it moves to the head
+    assert lru_order(shared) == ["b", "n", "a"]
+    assert shared.get("a") == ("3", None)
