@@ -385,6 +385,9 @@ def test_parse_hook_micro() -> None:
     assert bench_run.parse_hook_micro('noise\n{"hook": "crc32", "us_per_try": 1.75}\n') == 1.75
     assert bench_run.parse_hook_micro("crc32 hook: 2.40 µs per try (1000000 runs)") == 2.40
     assert bench_run.parse_hook_micro("nothing here") is None
+    out = ("crc32 of URI, literal peers (target <= 3 us)       2.36 us/try\n"
+           "hooks/hash_by_uri.py (peers from upstream)         6.46 us/try\n")
+    assert bench_run.parse_hook_micro(out) == 2.36
 
 
 def test_cli_arguments() -> None:
