@@ -530,7 +530,7 @@ class Exchange:
         elif (exc := task.exception()) is not None:
             if not isinstance(exc, OSError):
                 raise exc  # a bug, not a network failure
-            text = f"connect() failed ({exc.errno}: {exc.strerror})" if exc.errno else str(exc)
+            text = f"connect() failed {errorlog.os_error_text(exc)}"
             err = UpstreamError(Failure.ERROR, text, phase="connecting to upstream", request_sent=False)
         else:
             record = self._record

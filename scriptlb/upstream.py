@@ -39,6 +39,7 @@ from typing import Protocol
 
 import httptools
 
+from scriptlb import errorlog
 from scriptlb.retry import Failure
 
 # Response headers nginx never passes to the client: hop-by-hop ones, the framing we redo, and
@@ -220,7 +221,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.on_message_complete()  # a body without length ends with the connection
             return
         if exc is not None and isinstance(exc, OSError) and exc.errno:
-            text = f"recv() failed ({exc.errno}: {exc.strerror})"
+            text = f"recv() failed {errorlog.os_error_text(exc)}"
             self._fail(Failure.ERROR, text)
         else:
             self._fail(Failure.ERROR, _PREMATURE)
