@@ -281,14 +281,32 @@ class SharedDict:
 
     # ------------------------------------------------------------------ reads
 
+    def _read_txn(self) -> lmdb.Transaction:
+        try:
+            return self._env.begin(db=self._data)
+        except lmdb.MapResizedError:
+            self._env.set_mapsize(0)  # another process reopened the dict larger (a reload)
+            return self._env.begin(db=self._data)
+
+    def _read(self, k: bytes) -> bytes | None:
+        with self._read_txn() as txn:
+            return txn.get(k)
+
+    def _read_after_resize(self, k: bytes) -> bytes | None:
+        self._env.set_mapsize(0)
+        return self._read(k)
+
     def get(self, key: str | bytes) -> tuple[Value | None, Any]:
         """``value, flags``; ``(None, None)`` when absent or expired; ``(None, err)`` on a bad key."""
         try:
             k = _key_bytes(key)
         except _BadKey as err:
             return None, str(err)
-        with self._env.begin(db=self._data) as txn:
-            raw = txn.get(k)
+        try:
+            with self._env.begin(db=self._data) as txn:
+                raw = txn.get(k)
+        except lmdb.MapResizedError:
+            raw = self._read_after_resize(k)
         if raw is None:
             return None, None
         expires, touched, flags, kind = _HEAD.unpack_from(raw)
@@ -305,8 +323,7 @@ class SharedDict:
             k = _key_bytes(key)
         except _BadKey as err:
             return None, str(err), False
-        with self._env.begin(db=self._data) as txn:
-            raw = txn.get(k)
+        raw = self._read(k)
         if raw is None:
             return None, None, False
         expires, _touched, flags, kind = _HEAD.unpack_from(raw)
@@ -319,8 +336,7 @@ class SharedDict:
             k = _key_bytes(key)
         except _BadKey as err:
             return None, str(err)
-        with self._env.begin(db=self._data) as txn:
-            raw = txn.get(k)
+        raw = self._read(k)
         if raw is None:
             return None, "not found"
         expires = _HEAD.unpack_from(raw)[0]
@@ -336,7 +352,7 @@ class SharedDict:
         back as str, others as bytes."""
         now = self._clock()
         keys: list[str | bytes] = []
-        with self._env.begin(db=self._data) as txn:
+        with self._read_txn() as txn:
             for k, raw in txn.cursor():
                 expires = _HEAD.unpack_from(raw)[0]
                 if expires and expires <= now:
@@ -352,7 +368,7 @@ class SharedDict:
 
     def free_space(self) -> int:
         """Bytes of the size not charged to any entry (expired entries count until removed)."""
-        with self._env.begin(db=self._data) as txn:
+        with self._read_txn() as txn:
             return max(0, self.size - self._used(txn))
 
     # ------------------------------------------------------------------ writes

@@ -593,3 +593,39 @@ def test_overwrites_promote_at_most_once_a_second(shared: SharedDict, clock: Clo
     shared.set("a", "3")  # now it moves to the head
     assert lru_order(shared) == ["b", "n", "a"]
     assert shared.get("a") == ("3", None)
+
+
+GROW_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from scriptlb.shared_dict import SharedDict
+    d = SharedDict(sys.argv[1], "grown", int(sys.argv[2]))
+    for i in range(int(sys.argv[3])):
+        ok, err, _ = d.set("big%d" % i, b"x" * 4000)
+        assert ok, err
+    """
+)
+
+
+def test_a_dict_grown_by_another_process_stays_usable(tmp_path: Path) -> None:
+    """A reload may reopen a dict with a larger size while old workers still use it: their
+    handle must adopt the larger map (LMDB's MDB_MAP_RESIZED) instead of failing."""
+    small = MIN_SIZE  # this process maps 4 * 64 KiB + 1 MiB
+    d = SharedDict(str(tmp_path), "grown", small)
+    try:
+        d.set("mine", 1)
+        big = 16 << 20
+        subprocess.run(
+            [sys.executable, "-c", GROW_SCRIPT, str(tmp_path), str(big), "1000"],  # ~4 MB of data
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            check=True,
+            timeout=40,
+        )
+        assert d.get("big999") == (b"x" * 4000, None)
+        assert d.get_stale("big0")[0] == b"x" * 4000
+        assert d.ttl("big1") == (0, None)
+        assert len(d.get_keys(0)) == 1001
+        assert d.incr("mine", 1) == (2, None, False)  # a write: our small budget evicts to fit
+        assert d.free_space() >= 0
+    finally:
+        d.close()
