@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import Scriptlb
 
 from scriptlb.balancing import RoundRobin, create_balancer
 from scriptlb.config.model import NextUpstream, PeerAddr, ProxyConf, UpstreamConf, UpstreamServerConf
@@ -555,6 +556,7 @@ def simulate(
 @pytest.mark.nginx
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
 def test_trails_match_a_real_nginx(tmp_path: Path) -> None:
+    """RoundRobin + retry.decide, nginx and scriptlb's proxy give every request the same trail."""
     ok_a, ok_b, ok_c, ok_e, bad, dead1, dead2, dead3, proxy = free_ports(9)
     name = {port: f"127.0.0.1:{port}" for port in (ok_a, ok_b, ok_c, ok_e, bad, dead1, dead2, dead3)}
     behaviour = {name[p]: "ok" for p in (ok_a, ok_b, ok_c, ok_e)}
@@ -604,13 +606,33 @@ def test_trails_match_a_real_nginx(tmp_path: Path) -> None:
         server {{ listen 127.0.0.1:{proxy}; {locations} }}
     """
     order = [u for u, *_, count in cases for _ in range(count)]
-    with nginx_running(tmp_path, http_block, [proxy, ok_a, bad]):
-        conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=5)
+
+    def drive(port: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         for upstream_name in order:
             conn.request("GET", f"/{upstream_name}")
             conn.getresponse().read()
         conn.close()
+
+    lb_dir = tmp_path / "scriptlb"
+    lb_dir.mkdir()
+    lb_conf = f"""
+        daemon off; master_process off; error_log {lb_dir}/error.log info;
+        events {{}}
+        http {{
+            log_format trail '$uri|$upstream_addr|$upstream_status|$status';
+            {upstreams}
+            server {{ listen 127.0.0.1:{{port0}}; {locations.replace(str(tmp_path / "logs"), str(lb_dir))} }}
+        }}
+    """
+    with nginx_running(tmp_path, http_block, [proxy, ok_a, bad]):
+        drive(proxy)
+        # the same upstreams behind scriptlb's own proxy (nginx still serves the backends)
+        with Scriptlb(lb_conf, lb_dir) as lb:
+            drive(lb.port)
     nginx_lines = (tmp_path / "logs/trail.log").read_text().splitlines()
+    scriptlb_lines = (lb_dir / "trail.log").read_text().splitlines()
+    assert scriptlb_lines == nginx_lines
 
     ours = []
     confs = {u: (f"upstream {u} {{ {servers} }}", nu, tries) for u, servers, nu, tries, _ in cases}
