@@ -610,6 +610,11 @@ class ClientConnection(asyncio.Protocol):
     def close_if_idle(self) -> bool:
         """Graceful stop: close now when no request is in flight, else after the active one."""
         self._keep_alive = False
+        if self.requests == 0:
+            # Not idle: a client that has just connected has (almost surely) sent its first
+            # request already; closing would lose it. nginx closes only keep-alive connections
+            # (c->idle): this one is served once, with "Connection: close", or times out.
+            return False
         if self.active is None and self._parsing is None and not self._queue:
             self.close()
             return True

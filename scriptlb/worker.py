@@ -102,6 +102,9 @@ class Worker:
     async def _shutdown(self, graceful: bool) -> None:
         for server in self._servers:
             server.close()  # stop accepting
+        # connections accepted in this loop turn get connection_made in the next: let them
+        # register before draining, or the worker exits under them
+        await asyncio.sleep(0)
         for context in self.contexts:
             context.shutting_down = True
             for conn in list(context.connections):
