@@ -4,17 +4,19 @@ Theory of operation
 -------------------
 ``open_exchange`` (called by the client connection once a request head is parsed) builds an
 ``Exchange``: it decodes the URI, selects the server by Host and the location by URI. Nothing
-is sent yet; a pipelined request may wait behind another one.
+is sent yet; a pipelined request may wait behind another one. The exchange is also what
+variables, logs and hooks read (docs/architecture.md, "Request/exchange").
 
 ``Exchange.start`` runs when the request becomes the connection's active one:
 
 * ``return`` locations answer at once (this is how the demo backends and test servers work);
-* proxied locations run nginx's upstream state machine, driven by callbacks (no task per
-  request): read the body (``proxy_request_buffering on``), build the upstream request head
-  once, then the tries loop::
+* proxied locations hand over to an ``UpstreamRequest`` (nginx's ``r->upstream``), a state
+  machine driven by callbacks, with no task per request::
 
+      start: per-request timeouts; buffer the body (proxy_request_buffering on)
+      _begin_tries: build the upstream request once; balancer.new_request
       _next_try: hook seam -> peer (hook's address, or balancer.get; None = no live upstreams)
-        -> pool.acquire, or _connect (a task only for a new connection, connect_timeout)
+        -> pool.acquire, or _connect (a task only to open a new connection, connect_timeout)
         -> _send_request -> upstream_head (read_timeout) or upstream_failed
         -> classify: error / timeout / invalid_header / status listed in proxy_next_upstream
         -> free the peer -> retry.decide -> _next_try again, or the final status
@@ -132,7 +134,6 @@ class Exchange:
         self.runtime = runtime
         self.loop = conn.loop
         self.start_time = time.time()
-        self._started_mono = self.loop.time()
         self.method = request.method
         self.http_version = request.version
         self.headers = request.headers
@@ -157,28 +158,8 @@ class Exchange:
         self.proxy_host = ""
 
         self._early_status = 0  # an error found while routing, answered when we become active
-        self._proxying = False  # a proxied request (not `return`, not an early error page)
-        self._waiting_body = False  # buffering the request body before the first try
         self._finished = False
-        self._abort_status = 499  # the status logged if the client side ends the request
-        # the tries loop (see _begin_tries)
-        self._state: object = None  # the balancer's per-request state
-        self._head = b""
-        self._body = b""
-        self._started = 0.0  # for proxy_next_upstream_timeout
-        self._idempotent = True
-        self._record: TryRecord | None = None  # the try in progress
-        self._addr: PeerAddr | None = None
-        self._key: tuple = ()  # pool key: (peer name, host, local address)
-        self._pool: ConnectionPool | None = None  # where the try's connection goes back
-        self._local_addr: tuple[str, int] | None = None  # a hook's bind_to_local_addr
-        self._peer_to_free: tuple[UpstreamRuntime, Peer] | None = None
-        self._upstream_conn: UpstreamConnection | None = None
-        self._reused = False  # the try's connection came from the pool
-        self._connecting: asyncio.Task[object] | None = None
-        self._passing = False  # the response is going to the client: no retry any more
-        self._stream_body = False  # proxy_request_buffering off: body sent as it arrives
-        self._body_conn: UpstreamConnection | None = None  # where the streamed body goes now
+        self.upstream_request: UpstreamRequest | None = None  # set when proxying
         self._route()
 
     # ------------------------------------------------------------------ routing
@@ -281,7 +262,7 @@ class Exchange:
 
     def start(self) -> None:
         if self._early_status:
-            self._finish_with_page(self._early_status)
+            self.finish_with_page(self._early_status)
             return
         location = self.location
         if location.conf.return_ is not None or location.upstream is None:
@@ -290,46 +271,48 @@ class Exchange:
             else:
                 self.conn.send_continue()  # nginx reads (and discards) the body first
             return
-        self._start_proxy()
+        self.upstream_request = UpstreamRequest(self, location.upstream)
+        self.upstream_request.start()
 
     def body_received(self) -> None:
-        request = self.request
-        if not self._proxying:
-            if request.complete and not self._finished and not self._early_status:
-                request.body.clear()
-                self._serve_return()
-            elif not self._finished:
-                request.body.clear()  # a body for `return` is read and dropped
+        upstream_request = self.upstream_request
+        if upstream_request is not None:
+            upstream_request.body_received()
             return
-        if self._stream_body:
-            self._pump_body()
-        elif self._waiting_body and request.complete:
-            self._waiting_body = False
-            self._begin_tries()
+        request = self.request
+        if request.complete and not self._finished and not self._early_status:
+            request.body.clear()
+            self._serve_return()
+        elif not self._finished:
+            request.body.clear()  # a body for `return` is read and dropped
 
     def client_lost(self) -> None:
-        self._abandon(499)
+        self.abort(499)
 
     def abort(self, status: int) -> None:
-        """The client connection ends this request with its own error page (413, 408)."""
-        self._abandon(status)
+        """The client side ends the request: gone (499), or 413/408 while reading the body."""
+        if self._finished:
+            return
+        if self.upstream_request is not None:
+            self.upstream_request.abandon()
+        if not self.status or not self.conn.response_started:
+            self.status = responses.wire_status(status)
+        self.finish_logged()
 
     def writing_paused(self) -> None:
-        conn = self._upstream_conn
-        if conn is not None:
-            conn.pause_reading()
+        if self.upstream_request is not None:
+            self.upstream_request.client_paused()
 
     def writing_resumed(self) -> None:
-        conn = self._upstream_conn
-        if conn is not None:
-            conn.resume_reading()
+        if self.upstream_request is not None:
+            self.upstream_request.client_resumed()
 
     # ------------------------------------------------------------------ return
 
     def _serve_return(self) -> None:
         location = self.location
         if location.conf.return_ is None:
-            self._finish_with_page(404)
+            self.finish_with_page(404)
             return
         status = location.conf.return_.status
         if status == 444:  # nginx: close the connection without a response
@@ -340,7 +323,7 @@ class Exchange:
         headers, body = location.return_response(self)
         self.status = status
         if body is None:
-            self._finish_with_page(status, headers)
+            self.finish_with_page(status, headers)
             return
         self.response_headers = headers
         self._finish_small(status, headers, body)
@@ -349,9 +332,9 @@ class Exchange:
         conn = self.conn
         conn.send_head(status, headers, len(body))
         conn.send_body(body)
-        self._complete_response()
+        self.complete_response()
 
-    def _finish_with_page(self, status: int, extra_headers: bytes = b"") -> None:
+    def finish_with_page(self, status: int, extra_headers: bytes = b"") -> None:
         """nginx's own page for ``status`` (400, 404, 502, 504...)."""
         self.status = responses.wire_status(status)
         conn = self.conn
@@ -366,9 +349,9 @@ class Exchange:
         self.response_headers = headers
         conn.send_head(status, headers, len(page))
         conn.send_body(page)
-        self._complete_response()
+        self.complete_response()
 
-    def _complete_response(self) -> None:
+    def complete_response(self) -> None:
         conn = self.conn
         conn.end_body()
         self.bytes_sent = conn.bytes_sent
@@ -377,105 +360,186 @@ class Exchange:
         self._log_access()
         conn.finish_response()
 
+    def finish_logged(self) -> None:
+        """The request ends without a (complete) response of ours: counters, access log."""
+        self._finished = True
+        self.bytes_sent = self.conn.bytes_sent
+        self.body_bytes_sent = self.conn.body_bytes_sent
+        self._log_access()
+
     def _log_access(self) -> None:
         for log in self.location.access_logs:
             log.write(self)
 
-    # ------------------------------------------------------------------ proxying
+    def log_context(self, peer_name: str | None) -> str:
+        """nginx's ``, client: ..., server: ..., request: "...", upstream: "...", host: "..."``."""
+        url = f"http://{peer_name}{self.location.plan.upstream_uri(self)}" if peer_name is not None else None
+        return errorlog.request_context(self, url)
 
-    def _start_proxy(self) -> None:
+
+class UpstreamRequest:
+    """nginx's ``r->upstream`` for one proxied request: the per-request settings, the tries loop
+    and the response streaming. A state machine driven by callbacks (no task per request):
+
+    ``start`` -> (body buffered) -> ``_begin_tries`` -> ``_next_try`` -> ``_connect`` /
+    pooled connection -> ``_send_request`` -> ``upstream_head`` | ``upstream_failed`` ->
+    ``_pass_response`` (stream to the client) | ``_try_failed`` -> ``_next_try`` or a page.
+
+    What the hook API and variables read stays on the exchange (``tries``, ``tries_left``,
+    ``last_failure``, the three timeouts); this object only drives the tries.
+    """
+
+    def __init__(self, exchange: Exchange, upstream: UpstreamRuntime) -> None:
+        self.exchange = exchange
+        self.upstream = upstream
+        self.location = exchange.location
+        self.loop = exchange.loop
+        self.conf = exchange.location.conf.proxy
+        self.plan = exchange.location.plan
+        self._waiting_body = False  # buffering the request body before the first try
+        self._stream_body = False  # proxy_request_buffering off: body sent as it arrives
+        self._body_conn: UpstreamConnection | None = None  # where the streamed body goes now
+        self._state: Any = None  # the balancer's per-request state (tries budget, tried peers)
+        self._head = b""
+        self._body = b""
+        self._started = 0.0  # for proxy_next_upstream_timeout
+        self._idempotent = True
+        self._local_addr: tuple[str, int] | None = None  # a hook's bind_to_local_addr
+        # the try in progress
+        self._record: TryRecord | None = None
+        self._addr: PeerAddr | None = None
+        self._key: tuple = ()  # pool key: (peer name, host, local address)
+        self._pool: ConnectionPool | None = None  # where the try's connection goes back
+        self._peer_to_free: Peer | None = None  # a balancer peer not freed yet
+        self._conn: UpstreamConnection | None = None
+        self._reused = False  # the try's connection came from the pool
+        self._connecting: asyncio.Task[object] | None = None
+        self._passing = False  # the response is going to the client: no retry any more
+        self._done = False
+
+    @property
+    def connection(self) -> UpstreamConnection | None:
+        """The upstream connection of the try in progress."""
+        return self._conn
+
+    # ------------------------------------------------------------------ the exchange's calls
+
+    def start(self) -> None:
         """Per-request copies of the location's settings; the body first if it is buffered."""
-        location = self.location
-        upstream = location.upstream
-        assert upstream is not None
-        conf = location.conf.proxy
-        self._proxying = True
-        self.connect_timeout = conf.connect_timeout
-        self.send_timeout = conf.send_timeout
-        self.read_timeout = conf.read_timeout
-        self.upstream_name = upstream.name
-        self.proxy_host = location.proxy_host
-        request = self.request
+        ex = self.exchange
+        conf = self.conf
+        ex.connect_timeout = conf.connect_timeout
+        ex.send_timeout = conf.send_timeout
+        ex.read_timeout = conf.read_timeout
+        ex.upstream_name = self.upstream.name
+        ex.proxy_host = self.location.proxy_host
+        request = ex.request
         self._stream_body = self._wants_streamed_body()
         if request.complete or not request.has_body:
             self._begin_tries()
             return
-        self.conn.send_continue()
+        ex.conn.send_continue()
         if self._stream_body:
             self._begin_tries()
         else:
             self._waiting_body = True  # body_received() starts the tries
 
+    def body_received(self) -> None:
+        if self._stream_body:
+            self._pump_body()
+        elif self._waiting_body and self.exchange.request.complete:
+            self._waiting_body = False
+            self._begin_tries()
+
+    def client_paused(self) -> None:
+        if self._conn is not None:
+            self._conn.pause_reading()
+
+    def client_resumed(self) -> None:
+        if self._conn is not None:
+            self._conn.resume_reading()
+
+    def abandon(self) -> None:
+        """The client side ended the request: stop everything, free the peer."""
+        self._done = True
+        self._waiting_body = False
+        connecting = self._connecting
+        self._connecting = None
+        if connecting is not None:
+            connecting.cancel()
+        self._drop_conn()
+        self._free_peer(failed=False)
+
+    # ------------------------------------------------------------------ the tries loop
+
     def _wants_streamed_body(self) -> bool:
         """``proxy_request_buffering off`` streams the body as it arrives, unless it is chunked
         and the peer speaks HTTP/1.0 (nginx buffers it then, as it must send a length)."""
-        request = self.request
-        if self.location.conf.proxy.request_buffering or request.complete or not request.has_body:
+        request = self.exchange.request
+        if self.conf.request_buffering or request.complete or not request.has_body:
             return False
-        return not (request.chunked and not self.location.plan.http11)
+        return not (request.chunked and not self.plan.http11)
 
     def _begin_tries(self) -> None:
         """Build the upstream request once, start the balancer's request, run the first try."""
-        location = self.location
-        upstream = location.upstream
-        assert upstream is not None
-        conf = location.conf.proxy
+        ex = self.exchange
+        upstream = self.upstream
+        tries_cap = self.conf.next_upstream_tries
         if not self._stream_body:
-            self._body = self.request.take_body()
-        self._build_upstream_head()
+            self._body = ex.request.take_body()
+        self._build_head()
         key_getter = upstream.key_getter
         if key_getter is None:
-            self._state = upstream.balancer.new_request(conf.next_upstream_tries)
+            self._state = upstream.balancer.new_request(tries_cap)
         else:
-            self._state = upstream.balancer.new_request(  # type: ignore[call-arg]
-                conf.next_upstream_tries, key_getter(self)
-            )
-        self.tries_cap = conf.next_upstream_tries
+            self._state = upstream.balancer.new_request(tries_cap, key_getter(ex))  # type: ignore[call-arg]
+        ex.tries_cap = tries_cap
         self._started = self.loop.time()
-        self._idempotent = is_idempotent(self.method)
+        self._idempotent = is_idempotent(ex.method)
         self._next_try()
 
-    def _build_upstream_head(self) -> None:
+    def _build_head(self) -> None:
         """The request line and headers for the peer (again after a hook's recreate_request)."""
-        request = self.request
-        plan = self.location.plan
+        ex = self.exchange
+        request = ex.request
         if self._stream_body:
-            self._head = plan.build_head(self, request.content_length, chunked=request.chunked)
+            self._head = self.plan.build_head(ex, request.content_length, chunked=request.chunked)
         else:
-            self._head = plan.build_head(self, len(self._body) if request.has_body else None)
+            self._head = self.plan.build_head(ex, len(self._body) if request.has_body else None)
 
     def _next_try(self) -> None:
         """The hook seam, then a peer, then a connection to it (nginx's upstream_connect)."""
-        upstream = self.location.upstream
-        assert upstream is not None
+        ex = self.exchange
+        upstream = self.upstream
         state = self._state
-        self.tries_left = state.tries  # type: ignore[attr-defined]
+        ex.tries_left = state.tries
         addr: PeerAddr | None = None
         host = ""
-        pool = upstream.pool if self.location.plan.pooled else None
+        pool = upstream.pool if self.plan.pooled else None
         hook = upstream.hook
         if hook is not None:
-            outcome = hook.run(self, upstream)
+            outcome = hook.run(ex, upstream)
             if outcome.exit_status is not None:
-                self._finish_with_page(outcome.exit_status)
+                self._done = True
+                ex.finish_with_page(outcome.exit_status)
                 return
             self._apply_hook_settings(outcome)
             if outcome.addr is not None:
                 addr, host = outcome.addr, outcome.host or ""
-                state.tries += outcome.more_tries  # type: ignore[attr-defined]
-                pool = self._hook_pool(upstream, outcome.keepalive)
+                state.tries += outcome.more_tries
+                pool = self._hook_pool(outcome.keepalive)
         if addr is None:
-            peer = upstream.balancer.get(state, self.loop.time())  # type: ignore[arg-type]
+            peer = upstream.balancer.get(state, self.loop.time())
             if peer is None:
-                self._no_live_upstreams(upstream)
+                self._no_live_upstreams()
                 return
             addr = peer.addr
-            self._peer_to_free = (upstream, peer)
+            self._peer_to_free = peer
         self._addr = addr
         self._key = (addr.name, host, self._local_addr)
         self._pool = pool
         self._record = TryRecord(addr.name, self.loop.time())
-        self.tries.append(self._record)
+        ex.tries.append(self._record)
         conn = pool.acquire(self._key) if pool is not None else None
         if conn is None:
             self._connect()
@@ -489,23 +553,21 @@ class Exchange:
         if outcome.local_addr is not None:
             self._local_addr = split_local_addr(outcome.local_addr)
         if outcome.recreate:
-            self._build_upstream_head()
+            self._build_head()
 
-    def _hook_pool(
-        self, upstream: UpstreamRuntime, keepalive: tuple[float, int] | None
-    ) -> ConnectionPool | None:
+    def _hook_pool(self, keepalive: tuple[float, int] | None) -> ConnectionPool | None:
         """``enable_keepalive`` pools this try's connection in the upstream's hook pool (only
         with nginx's recipe: HTTP/1.1 to the peer, no "Connection: close"); without it a
         hook-set peer's connection is not pooled, as in OpenResty."""
-        if keepalive is None or self.location.plan.close_after:
+        if keepalive is None or self.plan.close_after:
             return None
-        return upstream.hook_pool(*keepalive)
+        return self.upstream.hook_pool(*keepalive)
 
     def _connect(self) -> None:
         addr = self._addr
         assert addr is not None
         conn = UpstreamConnection(self.loop, self._key, addr.name)
-        self._upstream_conn = conn
+        self._conn = conn
         self._reused = False
         if addr.unix_path is not None:
             opening = self.loop.create_unix_connection(lambda: conn, addr.unix_path)
@@ -513,7 +575,7 @@ class Exchange:
             opening = self.loop.create_connection(lambda: conn, addr.host, addr.port,
                                                   local_addr=self._local_addr)
         task = self.loop.create_task(opening)
-        timer = self.loop.call_later(self.connect_timeout, task.cancel)
+        timer = self.loop.call_later(self.exchange.connect_timeout, task.cancel)
         self._connecting = task
         task.add_done_callback(lambda done: self._connected(done, conn, timer))
 
@@ -542,11 +604,12 @@ class Exchange:
         self._try_failed(err)
 
     def _send_request(self, conn: UpstreamConnection) -> None:
-        self._upstream_conn = conn
-        plan = self.location.plan
+        ex = self.exchange
+        self._conn = conn
+        plan = self.plan
         streamed = self._stream_body
-        conn.start(self, self._head, None if streamed else self._body, self.read_timeout,
-                   self.send_timeout, head_only=self.method == "HEAD", http11=plan.http11,
+        conn.start(self, self._head, None if streamed else self._body, ex.read_timeout,
+                   ex.send_timeout, head_only=ex.method == "HEAD", http11=plan.http11,
                    close_after=plan.close_after)
         if streamed:
             self._body_conn = conn
@@ -557,11 +620,12 @@ class Exchange:
         """Streamed body: move what arrived to the upstream connection, with back-pressure
         both ways (the client is paused while the peer's socket buffer is full, or while we
         are still connecting and more than a little is waiting)."""
-        request = self.request
+        client = self.exchange.conn
+        request = self.exchange.request
         conn = self._body_conn
         if conn is None:
             if sum(map(len, request.body)) > STREAM_BODY_WAITING:
-                self.conn.pause_body()
+                client.pause_body()
             return
         data = request.take_body()
         if data:
@@ -570,36 +634,35 @@ class Exchange:
             self._body_conn = None
             conn.write_body(b"0\r\n\r\n" if request.chunked else b"", last=True)
         if conn.write_buffer_full:
-            self.conn.pause_body()
+            client.pause_body()
         else:
-            self.conn.resume_body()
+            client.resume_body()
 
-    # the upstream connection's UpstreamHandler callbacks
+    # ------------------------------------------------------------------ UpstreamHandler callbacks
 
     def upstream_head(self, response: ResponseHead) -> None:
         record = self._record
         assert record is not None
         record.header_time = self.loop.time() - record.started
         record.status = response.status
-        conf = self.location.conf.proxy
+        conf = self.conf
         failure = failure_for_status(response.status)
         if failure is not None and conf.next_upstream & NextUpstream(int(failure)):
-            tries = self._state.tries  # type: ignore[attr-defined]
-            verdict = decide(failure, tries - 1, self._started, self.loop.time(), conf,
+            verdict = decide(failure, self._state.tries - 1, self._started, self.loop.time(), conf,
                              self._idempotent, request_sent=True)
             if verdict == RETRY:
-                self._drop_upstream_conn()
+                self._drop_conn()
                 self._free_try(failed=is_counted_failure(failure, True), failure=failure)
                 self._next_try()
                 return
         self._pass_response(response)
 
     def upstream_body(self, data: bytes) -> None:
-        self.conn.send_body(data)
+        self.exchange.conn.send_body(data)
 
     def upstream_complete(self) -> None:
-        conn = self._upstream_conn
-        self._upstream_conn = None
+        conn = self._conn
+        self._conn = None
         record = self._record
         if record is not None:
             record.response_time = self.loop.time() - record.started
@@ -609,10 +672,11 @@ class Exchange:
             else:
                 conn.close()
         self._free_peer(failed=False)
-        self._complete_response()
+        self._done = True
+        self.exchange.complete_response()
 
     def upstream_failed(self, err: UpstreamError) -> None:
-        self._upstream_conn = None
+        self._conn = None
         self._body_conn = None
         if self._passing:
             self._failed_mid_body(err)
@@ -621,21 +685,22 @@ class Exchange:
         else:
             self._try_failed(err)
 
-    # try outcomes
+    # ------------------------------------------------------------------ try outcomes
 
     def _pass_response(self, response: ResponseHead) -> None:
         """Give the client this response, streaming its body with back-pressure."""
-        conn = self._upstream_conn
+        conn = self._conn
         assert conn is not None
+        ex = self.exchange
         self._passing = True
-        self.status = response.status
-        self.upstream_headers = response.headers
+        ex.status = response.status
+        ex.upstream_headers = response.headers
         headers = response.client_headers()
-        self.response_headers = headers
-        client = self.conn
+        ex.response_headers = headers
+        client = ex.conn
         client.send_head(response.status, headers, response.content_length)
         conn.stream_to(self)  # the body that came with the head goes out with it
-        if self._upstream_conn is conn:  # still streaming: not completed by stream_to
+        if self._conn is conn:  # still streaming: not completed by stream_to
             client.flush()
             if client.writing_paused:
                 conn.pause_reading()
@@ -646,27 +711,26 @@ class Exchange:
         record = self._record
         assert record is not None
         record.status = last_failure_status(failure)
-        self._log_upstream_error(err, self._addr)
-        self._drop_upstream_conn()
+        self._log_error(err, err.phase)
+        self._drop_conn()
         self._free_try(failed=True, failure=failure)
-        tries = self._state.tries  # type: ignore[attr-defined]
-        verdict = decide(failure, tries, self._started, self.loop.time(), self.location.conf.proxy,
+        verdict = decide(failure, self._state.tries, self._started, self.loop.time(), self.conf,
                          self._idempotent, request_sent=err.request_sent)
         if verdict == RETRY:
             self._next_try()
         else:
-            self._finish_with_page(verdict)
+            self._done = True
+            self.exchange.finish_with_page(verdict)
 
     def _is_stale(self, err: UpstreamError) -> bool:
         if err.failure is not Failure.ERROR or err.response_started or self._stream_body:
             return False  # (a streamed body is gone once sent: nothing to send again)
-        return self._idempotent or bool(self.location.conf.proxy.next_upstream & NextUpstream.NON_IDEMPOTENT)
+        return self._idempotent or bool(self.conf.next_upstream & NextUpstream.NON_IDEMPOTENT)
 
     def _retry_fresh(self, err: UpstreamError) -> None:
         """A pooled connection the peer had closed: nginx retries without costing a try; we
         stay on the same peer, in the same try, on a new connection."""
-        errorlog.log_error("info", f"{err} while {err.phase} (cached connection, retrying on a new one)",
-                           self.conn_id, self._log_context(self._addr))
+        self._log_error(err, f"{err.phase} (cached connection, retrying on a new one)", "info")
         self._connect()
 
     def _failed_mid_body(self, err: UpstreamError) -> None:
@@ -674,33 +738,24 @@ class Exchange:
         record = self._record
         if record is not None:
             record.response_time = self.loop.time() - record.started
-        self._log_upstream_error(err, None, "reading upstream")
+        self._log_error(err, "reading upstream")
         self._free_peer(failed=False)
-        self._finished = True
-        self.bytes_sent = self.conn.bytes_sent
-        self.body_bytes_sent = self.conn.body_bytes_sent
-        self._log_access()
-        self.conn.abort()
+        self._done = True
+        ex = self.exchange
+        ex.finish_logged()
+        ex.conn.abort()
 
-    def _abandon(self, status: int) -> None:
-        """The client side ended the request (gone: 499; 413/408 while reading the body)."""
-        if self._finished:
-            return
-        self._finished = True
-        self._waiting_body = False
-        connecting = self._connecting
-        self._connecting = None
-        if connecting is not None:
-            connecting.cancel()
-        self._drop_upstream_conn()
-        self._free_peer(failed=False)
-        if not self.status or not self.conn.response_started:
-            self.status = responses.wire_status(status)
-        self.bytes_sent = self.conn.bytes_sent
-        self.body_bytes_sent = self.conn.body_bytes_sent
-        self._log_access()
+    def _no_live_upstreams(self) -> None:
+        ex = self.exchange
+        record = TryRecord(self.upstream.name, self.loop.time())
+        record.status = 502
+        ex.tries.append(record)
+        errorlog.log_error("error", "no live upstreams while connecting to upstream",
+                           ex.conn_id, ex.log_context(None))
+        self._done = True
+        ex.finish_with_page(502)
 
-    # ------------------------------------------------------------------ tries accounting
+    # ------------------------------------------------------------------ accounting, logs
 
     def _free_try(self, failed: bool, failure: Failure) -> None:
         """Free the try's peer: the balancer's own, or (hook-set peer) our own accounting."""
@@ -708,46 +763,28 @@ class Exchange:
             self._free_peer(failed)
             return
         state = self._state
-        tries = state.tries  # type: ignore[attr-defined]
-        if tries:
-            state.tries = tries - 1  # type: ignore[attr-defined]
-        self.last_failure = (last_failure_state(failure), last_failure_status(failure))
+        if state.tries:
+            state.tries -= 1
+        self.exchange.last_failure = (last_failure_state(failure), last_failure_status(failure))
 
     def _free_peer(self, failed: bool) -> None:
-        pending = self._peer_to_free
-        if pending is None:
-            return
-        self._peer_to_free = None
-        upstream, peer = pending
-        upstream.balancer.free(self._state, peer, failed, self.loop.time())
+        peer = self._peer_to_free
+        if peer is not None:
+            self._peer_to_free = None
+            self.upstream.balancer.free(self._state, peer, failed, self.loop.time())
 
-    def _drop_upstream_conn(self) -> None:
-        conn = self._upstream_conn
-        self._upstream_conn = None
+    def _drop_conn(self) -> None:
+        conn = self._conn
+        self._conn = None
         self._body_conn = None
         if conn is not None:
             conn.abort()
 
-    def _no_live_upstreams(self, upstream: UpstreamRuntime) -> None:
-        record = TryRecord(upstream.name, self.loop.time())
-        record.status = 502
-        self.tries.append(record)
-        errorlog.log_error("error", "no live upstreams while connecting to upstream",
-                           self.conn_id, self._log_context(None))
-        self._finish_with_page(502)
-
-    # ------------------------------------------------------------------ logs
-
-    def _log_upstream_error(self, err: UpstreamError, addr: PeerAddr | None, phase: str = "") -> None:
-        where = phase or err.phase
-        level = "error"
-        errorlog.log_error(level, f"{err} while {where}", self.conn_id, self._log_context(addr))
-
-    def _log_context(self, addr: PeerAddr | None) -> str:
-        """nginx's ``, client: ..., server: ..., request: "...", upstream: "...", host: "..."``."""
-        name = addr.name if addr is not None else (self.tries[-1].addr if self.tries else None)
-        url = f"http://{name}{self.location.plan.upstream_uri(self)}" if name is not None else None
-        return errorlog.request_context(self, url)
+    def _log_error(self, err: UpstreamError, phase: str, level: str = "error") -> None:
+        ex = self.exchange
+        addr = self._addr
+        errorlog.log_error(level, f"{err} while {phase}", ex.conn_id,
+                           ex.log_context(addr.name if addr is not None else None))
 
 
 def split_local_addr(text: str) -> tuple[str, int]:

@@ -60,7 +60,8 @@ def proxy_buffers(lb: Scriptlb) -> tuple[int, bool]:
                 if conn.transport is not None:
                     buffered += conn.transport.get_write_buffer_size()
                 exchange = conn.active
-                upstream = getattr(exchange, "_upstream_conn", None)
+                proxied = getattr(exchange, "upstream_request", None)
+                upstream = proxied.connection if proxied is not None else None
                 paused = paused or bool(upstream is not None and upstream._read_paused)
         return buffered, paused
 
