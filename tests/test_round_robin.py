@@ -949,3 +949,77 @@ def test_invalid_header_and_timeout_match_a_real_nginx(tmp_path: Path) -> None:
         ours.append(f"/{u}|" + simulate(balancers[u], conf, behaviour, 1000.0))
     assert ours == nginx_lines
     assert f"/h_unlisted|{bad['hangs']}|504|504" in ours
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_failure_kinds_through_scriptlb_match_a_real_nginx(tmp_path: Path) -> None:
+    """Every failure kind (status lists, non_idempotent POST, invalid header, read timeout) gives
+    the same trails through scriptlb's proxy as through nginx."""
+    ok, proxy, *status_ports = free_ports(8)
+    by_status = dict(zip([500, 503, 504, 429, 403, 404], status_ports, strict=True))
+    invalid = b"HTTP/1.1 200 OK\r\nX-A\x00: b\r\n\r\n"
+    with (
+        ClosingBackend() as closer,
+        ClosingBackend(reply=invalid) as garbage,
+        ClosingBackend(delay=0.5) as hang,
+    ):
+        cases: dict[str, tuple[str, str, str]] = {}  # upstream -> (servers, proxy_next_upstream, method)
+        for status, port in by_status.items():
+            servers = f"server 127.0.0.1:{port} max_fails=1 fail_timeout=60s; server 127.0.0.1:{ok};"
+            cases[f"listed{status}"] = (servers, f"error http_{status}", "GET")
+            cases[f"unlisted{status}"] = (servers, "error", "GET")
+        for bad, prefix in ((closer, "close"), (garbage, "garbage"), (hang, "hang")):
+            servers = f"server 127.0.0.1:{bad.port} max_fails=0; server 127.0.0.1:{ok};"
+            cases[f"{prefix}_get"] = (servers, "error", "GET")
+            cases[f"{prefix}_post"] = (servers, "error", "POST")
+            cases[f"{prefix}_all"] = (servers, "error timeout invalid_header non_idempotent", "POST")
+        upstreams = "".join(f"upstream {u} {{ {servers} }}\n" for u, (servers, _, _) in cases.items())
+
+        def locations(log_dir: Path) -> str:
+            return "".join(
+                f"location /{u} {{ proxy_pass http://{u}; proxy_next_upstream {nu}; "
+                f"access_log {log_dir}/trail.log trail; }}\n"
+                for u, (_, nu, _) in cases.items()
+            )
+
+        trail = "log_format trail '$request_method $uri|$upstream_addr|$upstream_status|$status';"
+        backends = "".join(
+            f"server {{ listen 127.0.0.1:{port}; location / {{ return {status}; }} }}\n"
+            for status, port in by_status.items()
+        )
+        http_block = f"""
+            {trail}
+            {upstreams}
+            {backends}
+            server {{ listen 127.0.0.1:{ok}; location / {{ return 200 ok; }} }}
+            server {{ listen 127.0.0.1:{proxy}; proxy_read_timeout 200ms; {locations(tmp_path / "logs")} }}
+        """
+        lb_dir = tmp_path / "scriptlb"
+        lb_dir.mkdir()
+        lb_conf = f"""
+            daemon off; master_process off; error_log {lb_dir}/error.log info;
+            events {{}}
+            http {{
+                {trail}
+                {upstreams}
+                server {{ listen 127.0.0.1:{{port0}}; proxy_read_timeout 200ms; {locations(lb_dir)} }}
+            }}
+        """
+        order = [u for u in cases for _ in range(3)]
+
+        def drive(port: int) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            for u in order:
+                method = cases[u][2]
+                conn.request(method, f"/{u}", body=b"x" if method == "POST" else None)
+                conn.getresponse().read()
+            conn.close()
+
+        with nginx_running(tmp_path, http_block, [proxy, ok, *status_ports]):
+            drive(proxy)
+            with Scriptlb(lb_conf, lb_dir) as lb:
+                drive(lb.port)
+    nginx_lines = (tmp_path / "logs/trail.log").read_text().splitlines()
+    assert len(nginx_lines) == len(order)
+    assert (lb_dir / "trail.log").read_text().splitlines() == nginx_lines
