@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from helpers import Scriptlb
 
 from scriptlb import responses
 from scriptlb.responses import (
@@ -250,9 +251,25 @@ def test_error_responses_equal_a_real_nginx(tmp_path: Path) -> None:
         (413, b"POST / HTTP/1.1\r\nContent-Length: 100\r\n" + close + b"x" * 100),
         (404, b"HEAD /404 HTTP/1.1\r\n" + close),
     ]
-    with silent, nginx_running(tmp_path, http_block, [port]):
-        answers = [exchange_raw(port, request) for _, request in cases]
-    for (status, request), answer in zip(cases, answers, strict=True):
+    lb_dir = tmp_path / "scriptlb"
+    lb_dir.mkdir()
+    lb_block = http_block.replace("server_tokens off;", "").replace(
+        f"listen 127.0.0.1:{port};", "listen {port0};"
+    )
+    lb_conf = f"""
+        daemon off; master_process off; error_log {lb_dir}/error.log info;
+        events {{}}
+        http {{ {lb_block} }}
+    """
+    with silent:
+        with nginx_running(tmp_path, http_block, [port]):
+            answers = [exchange_raw(port, request) for _, request in cases]
+        with Scriptlb(lb_conf, lb_dir) as lb:  # the same server behind scriptlb: the whole pipeline
+            lb_answers = [exchange_raw(lb.port, request) for _, request in cases]
+    for (status, request), answer, lb_answer in zip(cases, answers, lb_answers, strict=True):
         head = request.startswith(b"HEAD")
         ours = error_response(status, keep_alive=False, head=head, now=date_of(answer))
         assert ours == as_scriptlb(answer), (status, answer)
+        assert lb_answer == error_response(status, keep_alive=False, head=head, now=date_of(lb_answer)), (
+            status
+        )
