@@ -208,6 +208,7 @@ class ClientConnection(asyncio.Protocol):
         self._queue: deque[tuple[Request, RequestHandler]] = deque()
         self._pending_error: ClientError | None = None  # raised while a request was in flight
         self._eof = False  # the client half-closed: answer what it sent, then close
+        self._activating = False  # _finish_active is serving the queue (no recursion)
         self._last_keepalive_timeout = 75.0
 
         # response state of the active request
@@ -461,20 +462,31 @@ class ClientConnection(asyncio.Protocol):
             self._resume_reading()
 
     def _finish_active(self) -> None:
+        """The active request is answered: serve the queued ones (iteratively: a long pipeline
+        of instant answers must not recurse), then wait for the next request."""
         self.active = None
         self._active_request = None
-        if not self._keep_alive or self.closed or self._eof:
+        if not self._keep_alive or self.closed or (self._eof and not self._queue):
             self.close()
             return
-        if self._queue:
-            request, handler = self._queue.popleft()
-            self._activate(request, handler)
+        if self._activating:
+            return  # an outer call is looping over the queue
+        self._activating = True
+        try:
+            while self.active is None and self._queue and not self.closed:
+                request, handler = self._queue.popleft()
+                self._activate(request, handler)
+        finally:
+            self._activating = False
+        if self.active is not None or self.closed:
             return
         if self._pending_error is not None:
             self._client_error(self._pending_error)
             return
         if self._parsing is None:
             self._arm(_IDLE, self._last_keepalive_timeout)
+        elif not self._head_done:
+            self._arm(_HEAD, self.listener.header_timeout)  # a pipelined head, still incomplete
         self._resume_reading()
 
     # ------------------------------------------------------------------ writing responses

@@ -355,3 +355,28 @@ def test_body_timeout_answers_408(loop: asyncio.AbstractEventLoop, log_file: Pat
     assert "abort 408" in h.handlers[0].events
     logged = log_file.read_text()
     assert "client timed out (110: Connection timed out) while reading client request body" in logged
+
+
+def test_a_long_pipeline_of_instant_answers_does_not_recurse(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, reply=None)
+    count = 3000  # far deeper than the recursion limit if each answer started the next one
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * count)
+    assert len(h.handlers) == count and len(h.conn._queue) == count - 1
+    for handler in h.handlers:
+        handler.keepalive_requests = 10 * count
+        handler.reply = b"ok"
+    h.conn.respond(200, b"", b"first")  # the queued 2999 are answered as soon as they start
+    out = h.transport.take()
+    assert out.count(b"HTTP/1.1 200 OK\r\n") == count
+    assert not h.transport.closed and h.transport.reading
+
+
+def test_half_closed_client_still_gets_its_pipelined_answers(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, reply=None)
+    h.feed(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    h.conn.eof_received()
+    h.conn.respond(200, b"", b"one")
+    assert not h.transport.closed  # /2 is still owed
+    h.conn.respond(200, b"", b"two")
+    out = h.transport.take()
+    assert b"one" in out and b"two" in out and h.transport.closed
