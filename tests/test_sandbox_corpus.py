@@ -103,6 +103,11 @@ RUNTIME_ERRORS = {
     "api private via getattr": ("getattr(balancer, '_current')", "no attribute '_current'"),
     "ngx.var write": ("ngx.var.uri = '/'", "TypeError: a hook cannot modify a 'VarView' object"),
     "ngx attribute write": ("ngx.ctx = {}", "TypeError: a hook cannot modify a 'Ngx' object"),
+    # ngx/balancer/upstream attribute reads skip _getattr_ only while those names are never rebound
+    "rebound api name (param)": ("def g():\n    yield 1\ndef f(ngx):\n    return ngx.gi_running\nf(g())",
+                                 "'generator' object has no attribute 'gi_running' visible to hooks"),
+    "rebound api name (global)": ("def g():\n    yield 1\nupstream = g()\nupstream.gi_running",
+                                  "'generator' object has no attribute 'gi_running' visible to hooks"),
     "api method write": ("balancer.set_current_peer = None", "a hook cannot modify a 'Balancer' object"),
     "function attribute write": ("def f():\n    pass\nf.x = 1", "a hook cannot modify a 'function' object"),
     # imports

@@ -54,12 +54,61 @@ def _tick_stmt(like: ast.AST) -> ast.Expr:
     return stmt
 
 
+# The API globals every run gets. Attribute reads on them skip ``_getattr_`` when the module
+# never rebinds the name (see ``_rebound_names``): every public attribute of those objects is
+# API by construction (api.py keeps internals behind ``_``), so the guard would only cost time.
+# One level deeper is direct too for the namespaces below, e.g. ``ngx.var.uri``.
+API_GLOBALS = frozenset({"ngx", "balancer", "upstream"})
+_API_NAMESPACES = frozenset({"var", "worker", "req", "balancer", "upstream"})
+
+
+def _rebound_names(tree: ast.AST) -> set[str]:
+    """Names the code binds anywhere: assignments, parameters, imports, handlers, del..."""
+    bound: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            bound.add(node.id)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.alias):
+            bound.add(node.asname or node.name.partition(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            bound.update(node.names)
+    return bound
+
+
 class HookPolicy(RestrictingNodeTransformer):
     """RestrictedPython's policy, tightened for untrusted balancer hooks."""
 
     def __init__(self, errors: list[str], warnings: list[str], used_names: dict[str, bool]) -> None:
         super().__init__(errors, warnings, used_names)
         self.error_lines: list[tuple[int | None, str]] = []
+        self.direct_names: frozenset[str] = frozenset()
+
+    def visit_Module(self, node: ast.Module) -> Any:
+        self.direct_names = API_GLOBALS - _rebound_names(node)
+        return super().visit_Module(node)
+
+    # ---------------------------------------------------------------- direct API access
+
+    def _is_direct(self, node: ast.expr) -> bool:
+        """``ngx.X``, ``balancer.X``, ``upstream.X`` and ``ngx.var.X``-style reads."""
+        if not isinstance(node, ast.Attribute) or node.attr.startswith("_"):
+            return False
+        value = node.value
+        if isinstance(value, ast.Name):
+            return value.id in self.direct_names
+        return (isinstance(value, ast.Attribute) and value.attr in _API_NAMESPACES
+                and isinstance(value.value, ast.Name) and value.value.id == "ngx"
+                and "ngx" in self.direct_names)
+
+    def visit_Attribute(self, node: ast.Attribute) -> Any:
+        if isinstance(node.ctx, ast.Load) and self._is_direct(node):
+            node.value = self.visit(node.value)  # a Name, or a direct Attribute: left plain
+            return node
+        return super().visit_Attribute(node)
 
     def error(self, node: ast.AST, info: str) -> None:
         super().error(node, info)
