@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from helpers import Scriptlb
 
 from scriptlb.config.model import (
     HttpConf,
@@ -344,11 +345,25 @@ def test_location_choice_equals_a_real_nginx(tmp_path: Path) -> None:
         server {{ listen 127.0.0.1:{backend}; location / {{ return 200 $http_x_loc; }} }}
         server {{ listen 127.0.0.1:{port}; {" ".join(blocks)} }}
     """
-    with nginx_running(tmp_path, http_block, [port, backend]):
+    lb_dir = tmp_path / "scriptlb"
+    lb_dir.mkdir()
+    lb_conf = f"""
+        daemon off; master_process off; error_log {lb_dir}/error.log info;
+        events {{}}
+        http {{ server {{ listen 127.0.0.1:{{port0}}; {" ".join(blocks)} }} }}
+    """
+
+    def answers_of(server_port: int) -> dict[str, str]:
         answers = {}
         for target in NGINX_URIS:
-            status, headers, body = raw_get(port, target, "t")
+            status, headers, body = raw_get(server_port, target, "t")
             answers[target] = f"301 {headers['location'].split('/', 3)[3]}" if status == 301 else body
+        return answers
+
+    with nginx_running(tmp_path, http_block, [port, backend]):
+        answers = answers_of(port)
+        with Scriptlb(lb_conf, lb_dir) as lb:  # the same locations behind scriptlb's pipeline
+            assert answers_of(lb.port) == answers
 
     matcher = LocationMatcher([loc(m, p, proxied) for m, p, proxied in NGINX_LOCATIONS])
     ours = {}
@@ -402,6 +417,16 @@ def test_server_choice_equals_a_real_nginx(tmp_path: Path) -> None:
         blocks.append(f"server {{ listen {listen}; {server_name} location / {{ return 200 {index}; }} }}")
     with nginx_running(tmp_path, "\n".join(blocks), [port]):
         answers = {host: raw_get(port, "/", host)[2] for host in NGINX_HOSTS}
+    lb_dir = tmp_path / "scriptlb"
+    lb_dir.mkdir()
+    lb_blocks = "\n".join(blocks).replace(f"listen 127.0.0.1:{port}", "listen 127.0.0.1:{port0}")
+    lb_conf = f"""
+        daemon off; master_process off; error_log {lb_dir}/error.log info;
+        events {{}}
+        http {{ {lb_blocks} }}
+    """
+    with Scriptlb(lb_conf, lb_dir) as lb:  # the same servers behind scriptlb's pipeline
+        assert {host: raw_get(lb.port, "/", host)[2] for host in NGINX_HOSTS} == answers
 
     servers = [
         ServerConf(
