@@ -169,6 +169,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.request_sent = False  # request bytes were handed to the socket
         self.request_complete = False  # ... and the body too
         self._streaming = False  # the handler accepted the body (stream_to)
+        self._in_feed = False  # inside feed_data: completion is delivered after it returns
         self._early_body: list[bytes] = []
         self._extra_bytes = False  # bytes after the response's end: the connection is unusable
         self._closing_after = False  # we asked the peer to close (Connection: close)
@@ -189,22 +190,24 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._last_read = self.loop.time()
         self.response_started = True
+        self._in_feed = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as err:
             raise (err.__context__ or err) from None  # a bug in our callbacks, not the peer's fault
-        except httptools.HttpParserUpgrade:
-            # a 101 we never asked for (Upgrade is hop-by-hop and never forwarded)
-            self._fail(Failure.INVALID_HEADER, "upstream sent invalid header")
-            return
-        except httptools.HttpParserError:
-            if self._header_done:
-                self._fail(Failure.ERROR, "upstream sent invalid chunked response")
-            else:
-                self._fail(Failure.INVALID_HEADER, "upstream sent invalid header")
-            return
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # (HttpParserUpgrade: a 101 we never asked for; Upgrade is never forwarded)
+            if not self.response_complete:
+                self._in_feed = False
+                self._fail_parse()
+                return
+            self._extra_bytes = True  # garbage after a complete response: deliver, never reuse
+        finally:
+            self._in_feed = False
         if self._header_done and not self._head_dispatched:
             self._dispatch_head()
+        elif self.response_complete:
+            self._deliver_completion()
 
     def connection_lost(self, exc: Exception | None) -> None:
         state = self.state
@@ -358,6 +361,9 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self._response
         assert response is not None
+        if self.response_complete:
+            self._extra_bytes = True  # a second response we never asked for
+            return
         if value[-1:] in (b" ", b"\t"):
             value = value.rstrip(b" \t")
         response.headers.append((name, value))
@@ -366,6 +372,9 @@ class UpstreamConnection(asyncio.Protocol):
         parser = self._parser
         response = self._response
         assert parser is not None and response is not None
+        if self.response_complete:
+            self._extra_bytes = True
+            return
         status = parser.get_status_code()
         if 100 <= status < 200:
             response.headers = []  # 1xx interim response: nginx ignores it, so do we
@@ -407,8 +416,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.response_complete = True
         self._cancel_timer()
+        if not self._in_feed:
+            self._deliver_completion()  # (inside feed_data: data_received delivers it after)
+
+    def _deliver_completion(self) -> None:
+        """Tell the handler the response is complete, once, and never from inside the parser:
+        the handler may reuse this very connection for the next request right away."""
         handler = self._handler
-        if self._streaming and handler is not None:
+        if self._streaming and self.response_complete and handler is not None:
             self._handler = None
             handler.upstream_complete()
 
@@ -462,6 +477,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.close()
         if handler is not None:
             handler.upstream_failed(err)
+
+    def _fail_parse(self) -> None:
+        if self._header_done:
+            self._fail(Failure.ERROR, "upstream sent invalid chunked response")
+        else:
+            self._fail(Failure.INVALID_HEADER, "upstream sent invalid header")
 
     def _unexpected_bytes(self) -> None:
         # Data on an idle connection, or after the response ended: the peer is confused or

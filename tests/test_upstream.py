@@ -241,3 +241,30 @@ def test_back_pressure_pauses_reading_and_suspends_the_read_timer(loop: asyncio.
     conn.resume_reading()
     conn.data_received(b"123456789")
     assert handler.complete and handler.body == b"0123456789" and conn.is_reusable(0)
+
+
+def test_completion_is_delivered_after_the_parser_returns(loop: asyncio.AbstractEventLoop) -> None:
+    conn, _ = connect(loop)
+    handler = send(conn)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    seen: list[bool] = []
+    handler.upstream_complete = lambda: seen.append(conn._in_feed)  # type: ignore[method-assign]
+    conn.data_received(b"cd")
+    assert seen == [False]  # the handler may reuse the connection at once: not mid-parse
+
+
+def test_a_second_response_after_the_first_is_never_mixed_in(loop: asyncio.AbstractEventLoop) -> None:
+    conn, _ = connect(loop)
+    handler = send(conn)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\n\r\nok"
+                       b"HTTP/1.1 500 Oops\r\nX-B: 2\r\nContent-Length: 0\r\n\r\n")
+    assert handler.head is not None and handler.head.status == 200
+    assert handler.head.headers == [(b"Content-Length", b"2"), (b"X-A", b"1")]
+    assert handler.complete and handler.error is None and not conn.is_reusable(0)
+
+
+def test_garbage_after_a_complete_response_is_not_a_failure(loop: asyncio.AbstractEventLoop) -> None:
+    conn, _ = connect(loop)
+    handler = send(conn)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\x00\x01\x02garbage")
+    assert handler.complete and handler.error is None and not conn.is_reusable(0)
