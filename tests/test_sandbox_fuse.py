@@ -1,0 +1,95 @@
+"""The last-resort fuse: a watchdog process kills a worker stuck in one hook run (work inside a
+single C call that no tick can interrupt), and RLIMIT_AS turns a runaway allocation into a
+MemoryError. Each case runs in its own process."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def python(code: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_a_hook_stuck_in_one_c_call_kills_the_worker() -> None:
+    started = time.monotonic()
+    done = python("""
+        import time
+        from scriptlb import hooks
+        from scriptlb.config.model import HookConf, PythonConf, Source
+        from scriptlb.hooktool import SyntheticExchange, SyntheticUpstream
+        from scriptlb.sandbox import limits
+
+        limits.install_worker_fuse(hard_seconds=0.3)
+        hooks.BUILTINS["stuck"] = time.sleep  # stands for a C call the guards did not foresee
+        hook = HookConf("block", None, "stuck(10)", Source("t.conf", 1))
+        runner = hooks.HookRunner(hook, SyntheticUpstream([]), PythonConf(), log=lambda *a: None)
+        print("running", flush=True)
+        runner.run(SyntheticExchange("GET", "/", [], 1, None, 0))
+        print("survived", flush=True)
+    """)
+    assert done.returncode == -signal.SIGKILL
+    assert done.stdout == "running\n"
+    assert "a hook run exceeded the hard limit of 0.3s, killing worker" in done.stderr
+    assert time.monotonic() - started < 8
+
+
+def test_runs_within_the_limit_are_left_alone() -> None:
+    done = python("""
+        import time
+        from scriptlb.sandbox import limits
+
+        fuse = limits.install_worker_fuse(hard_seconds=0.2)
+        end = time.monotonic() + 0.8
+        while time.monotonic() < end:   # many short runs, and idle time between them
+            fuse.run_started()
+            time.sleep(0.01)
+            fuse.run_ended()
+            time.sleep(0.05)
+        fuse.stop()
+        print("alive")
+    """)
+    assert (done.returncode, done.stdout) == (0, "alive\n"), done.stderr
+
+
+def test_the_watchdog_exits_with_its_worker() -> None:
+    done = python("""
+        from scriptlb.sandbox import limits
+        print(limits.install_worker_fuse(hard_seconds=5)._pid)
+    """)
+    watchdog = int(done.stdout)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(watchdog):
+        time.sleep(0.05)
+    assert not _alive(watchdog)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_memory_limit_turns_a_runaway_allocation_into_memory_error() -> None:
+    done = python("""
+        from scriptlb.sandbox import limits
+
+        fuse = limits.install_worker_fuse(hard_seconds=5, memory_bytes=1 << 30)
+        try:
+            block = bytearray(2 << 30)
+        except MemoryError:
+            print("MemoryError")
+        fuse.stop()
+    """)
+    assert (done.returncode, done.stdout) == (0, "MemoryError\n"), done.stderr
+
