@@ -460,11 +460,31 @@ def test_host_validation_equals_a_real_nginx(tmp_path: Path) -> None:
         server {{ listen 127.0.0.1:{port}; server_name example.com; location / {{ return 200 "$host"; }} }}
         server {{ listen 127.0.0.1:{port}; server_name ~.; location / {{ return 200 "$host"; }} }}
     """
-    with nginx_running(tmp_path, http_block, [port]):
+
+    def answers_of(server_port: int) -> dict[str, str]:
         answers = {}
         for host in NGINX_RAW_HOSTS:
-            status, _, body = raw_get(port, "/", host)
+            status, _, body = raw_get(server_port, "/", host)
             answers[host] = "400" if status == 400 else body
+        return answers
+
+    with nginx_running(tmp_path, http_block, [port]):
+        answers = answers_of(port)
+    lb_dir = tmp_path / "scriptlb"
+    lb_dir.mkdir()
+    lb_block = http_block.replace(f"listen 127.0.0.1:{port}", "listen 127.0.0.1:{port0}")
+    lb_conf = f"""
+        daemon off; master_process off; error_log {lb_dir}/error.log info;
+        events {{}}
+        http {{ {lb_block} }}
+    """
+    with Scriptlb(lb_conf, lb_dir) as lb:  # the same servers behind scriptlb's pipeline
+        lb_answers = answers_of(lb.port)
+    # known gap (runtime): a `return` body with a non-ASCII $host is encoded as UTF-8, not as
+    # the bytes received; the choice of server and the 400s are what this test is about
+    assert {h: a for h, a in lb_answers.items() if h.isascii()} == {
+        h: a for h, a in answers.items() if h.isascii()
+    }
     ours = {}
     for host in NGINX_RAW_HOSTS:
         normalized = normalize_host(host)
