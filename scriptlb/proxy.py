@@ -651,6 +651,7 @@ class UpstreamRequest:
             verdict = decide(failure, self._state.tries - 1, self._started, self.loop.time(), conf,
                              self._idempotent, request_sent=True)
             if verdict == RETRY:
+                record.response_time = self.loop.time() - record.started
                 self._drop_conn()
                 self._free_try(failed=is_counted_failure(failure, True), failure=failure)
                 self._next_try()
@@ -711,6 +712,7 @@ class UpstreamRequest:
         record = self._record
         assert record is not None
         record.status = last_failure_status(failure)
+        record.response_time = self.loop.time() - record.started  # nginx: every try has one
         self._log_error(err, err.phase)
         self._drop_conn()
         self._free_try(failed=True, failure=failure)

@@ -380,3 +380,21 @@ def test_half_closed_client_still_gets_its_pipelined_answers(loop: asyncio.Abstr
     h.conn.respond(200, b"", b"two")
     out = h.transport.take()
     assert b"one" in out and b"two" in out and h.transport.closed
+
+
+def test_keepalive_timeout_closes_an_idle_connection(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, reply=None)
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    h.handlers[0].keepalive_timeout = 0.05
+    h.conn.respond(200, b"", b"done")
+    assert not h.transport.closed
+
+    async def wait_closed() -> None:
+        for _ in range(200):
+            if h.transport.closed:
+                return
+            await asyncio.sleep(0.01)
+
+    loop.run_until_complete(wait_closed())
+    assert h.transport.closed
+    assert h.transport.take().endswith(b"done")  # nothing written at the timeout itself

@@ -128,3 +128,34 @@ def test_post_not_retried_after_send_unless_non_idempotent(tmp_path: Path) -> No
         with start(conf(servers, "proxy_next_upstream error http_502 non_idempotent;"), tmp_path) as lb:
             assert get(lb.port, "/", method="POST", body=b"x").status == 200
         assert trail(tmp_path)[0][1] == "502, 200"
+
+
+def test_next_upstream_timeout_bounds_the_tries(tmp_path: Path) -> None:
+    with Backends(hang(), hang(), hang()) as bk, start(
+        conf("".join(f"server {b.addr};" for b in bk),
+             "proxy_read_timeout 150ms; proxy_next_upstream_timeout 100ms;"), tmp_path
+    ) as lb:
+        assert get(lb.port, "/").status == 504
+    assert trail(tmp_path) == [(bk[0].addr, "504", "504")]  # the window closed after one try
+
+
+def test_upstream_times_are_logged_per_try(tmp_path: Path) -> None:
+    dead = closed_port()
+    text = conf(f"server 127.0.0.1:{dead}; server {{good}} ; keepalive 4;",
+                "proxy_http_version 1.1; proxy_set_header Connection \"\";")
+    text = text.replace("log_format trail '$upstream_addr|$upstream_status|$status|$request';",
+                        "log_format trail '$upstream_connect_time|$upstream_header_time|"
+                        "$upstream_response_time|$request_time';")
+    with Backends(respond()) as bk, Scriptlb(text, tmp_path, tmp=tmp_path, good=bk[0].addr) as lb, \
+            HttpConnection(lb.port) as client:
+        assert client.request("GET", "/").status == 200  # dead peer, then a new connection
+        assert client.request("GET", "/").status == 200  # the pooled connection
+    first, second = (line.split("|") for line in (tmp_path / "access.log").read_text().splitlines())
+    connect, header, response, _ = first
+    # the refused try has no connect or header time (nginx's "-") but a response time
+    assert connect.startswith("-, ") and header.startswith("-, ") and response.count(", ") == 1
+    assert second[0] == "0.000"  # a pooled connection costs no connect
+    numbers = (connect.split(", ")[1], header.split(", ")[1], *response.split(", "), *second[:4], first[3])
+    for value in numbers:
+        whole, _, millis = value.partition(".")
+        assert whole.isdigit() and len(millis) == 3
