@@ -8,6 +8,7 @@ follows the same order (see ``master.run``).
 from __future__ import annotations
 
 import os
+import select
 import sys
 
 
@@ -27,12 +28,45 @@ def os_error_text(err: OSError) -> str:
 # --------------------------------------------------------------------------- daemon
 
 
-def daemonize(stderr_path: str | None = None) -> bool:
-    """Detach: double fork and setsid. Returns False in the original process, True in the daemon.
+READY_TIMEOUT = 30.0  # how long `scriptlb` waits for its daemon to report that it started
 
-    The original process waits for the intermediate child only (which exits as soon as it has
-    forked the daemon), so when it returns the daemon exists and the listening sockets opened
-    before this call are already accepting connections into their backlog.
+
+class Detached:
+    """Both ends of a start: ``daemonize`` returns one in each process.
+
+    In the original process ``status`` is what ``scriptlb`` exits with: 0 once the daemon has
+    written its pid file (so ``scriptlb -s reload`` right after the start finds it), 1 if the
+    daemon failed or died first. nginx's parent exits at once and cannot report either; the
+    daemon here sends one byte through a pipe. In the daemon, ``report`` sends that byte.
+    """
+
+    def __init__(self, status: int | None, report_fd: int | None) -> None:
+        self.status = status  # None in the daemon
+        self._report_fd = report_fd
+
+    @property
+    def is_daemon(self) -> bool:
+        return self.status is None
+
+    def report(self, status: int) -> None:
+        """In the daemon: tell the waiting `scriptlb` how the start went (once; later calls
+        do nothing)."""
+        fd, self._report_fd = self._report_fd, None
+        if fd is None:
+            return
+        try:
+            os.write(fd, b"%d" % status)
+        except OSError:
+            pass  # the original process is gone: nobody to tell
+        finally:
+            os.close(fd)
+
+
+def daemonize(stderr_path: str | None = None) -> Detached:
+    """Detach: double fork and setsid; see ``Detached`` for what each process gets.
+
+    When the original process returns, the listening sockets opened before this call are
+    already accepting connections into their backlog and the pid file exists.
 
     The daemon keeps the working directory (paths were made absolute against the prefix at load
     time) and the umask (Python creates files with 0666 & ~umask; nginx's umask(0) would make
@@ -41,17 +75,39 @@ def daemonize(stderr_path: str | None = None) -> bool:
     to /dev/null.
     """
     flush_stdio()
+    ready_r, ready_w = os.pipe()
     first = os.fork()
     if first:
+        os.close(ready_w)
         os.waitpid(first, 0)
-        return False
+        try:
+            return Detached(_wait_for_report(ready_r, READY_TIMEOUT), None)
+        finally:
+            os.close(ready_r)
+    os.close(ready_r)
     # intermediate child: a new session without a controlling terminal, then fork again so
     # the daemon is not a session leader and can never acquire a terminal
     os.setsid()
     if os.fork():
         os._exit(0)
     redirect_stdio(stderr_path)
-    return True
+    return Detached(None, ready_w)
+
+
+def _wait_for_report(fd: int, timeout: float) -> int:
+    """The daemon's start status; 1 when it closed the pipe (died) or stayed silent too long."""
+    ready, _, _ = select.select([fd], [], [], timeout)
+    if not ready:
+        sys.stderr.write("scriptlb: [alert] the daemon did not report its start in time\n")
+        return 1
+    data = os.read(fd, 8)
+    if not data:
+        sys.stderr.write("scriptlb: [alert] the daemon exited while starting, see the error log\n")
+        return 1
+    status = int(data)
+    if status:
+        sys.stderr.write("scriptlb: [alert] the daemon could not start, see the error log\n")
+    return status
 
 
 def redirect_stdio(stderr_path: str | None) -> None:

@@ -130,13 +130,17 @@ def run(conf: MainConf, globals_: str | None = None, worker_entry: WorkerEntry |
     except ListenError as err:
         _log_to_terminal_too("emerg", str(err))
         return 1
-    if conf.daemon and not daemon.daemonize(stderr_path=_error_log_file(conf)):
+    detached = daemon.daemonize(stderr_path=_error_log_file(conf)) if conf.daemon else None
+    if detached is not None and not detached.is_daemon:
         listeners.close(unlink=False)  # the daemon owns them now
-        return 0
+        return detached.status or 0
     if not conf.master_process:
-        return _run_single(conf, listeners, entry)
+        return _run_single(conf, listeners, entry, detached)
     with SignalWaiter() as waiter:
-        if not _create_pid_file(conf.pid):
+        started = _create_pid_file(conf.pid)
+        if detached is not None:
+            detached.report(0 if started else 1)
+        if not started:
             listeners.close()
             return 1
         _set_process_name("master")
@@ -190,7 +194,9 @@ def _create_pid_file(path: str | None) -> bool:
 # --------------------------------------------------------------------------- single process
 
 
-def _run_single(conf: MainConf, listeners: ListenerSet, entry: WorkerEntry) -> int:
+def _run_single(
+    conf: MainConf, listeners: ListenerSet, entry: WorkerEntry, detached: daemon.Detached | None
+) -> int:
     """``master_process off``: this process is the only worker (nginx's single process cycle).
 
     The worker handles QUIT/TERM/INT/USR1 itself. HUP is ignored: reloading in place would need
@@ -198,7 +204,10 @@ def _run_single(conf: MainConf, listeners: ListenerSet, entry: WorkerEntry) -> i
     """
     prepare_worker_signals()  # before the pid file exists, so no HUP can find us unprepared
     _log_startup(conf)
-    if not _create_pid_file(conf.pid):
+    started = _create_pid_file(conf.pid)
+    if detached is not None:
+        detached.report(0 if started else 1)
+    if not started:
         listeners.close()
         return 1
     code = 0

@@ -746,6 +746,7 @@ def test_daemon_detaches_and_stops_on_s_stop(lb: Instance) -> None:
     lb.write(port, main="daemon on;", workers=2)
     started = lb.cli(timeout=15)  # returns once detached
     assert started.returncode == 0, started.stderr
+    assert lb.pid() is not None  # the command returns only after the daemon wrote its pid file
     master = lb.wait_ready(port)
     assert alive(master)
     with open(f"/proc/{master}/stat") as f:
@@ -761,6 +762,18 @@ def test_daemon_detaches_and_stops_on_s_stop(lb: Instance) -> None:
     assert not any(alive(pid) for pid in workers)
     assert not lb.pid_file.exists()
     assert try_get(port) is None
+
+
+def test_a_daemon_that_cannot_start_fails_the_command(lb: Instance) -> None:
+    (port,) = free_ports(1)
+    lb.write(port, main="daemon on;")
+    missing = lb.prefix / "missing" / "scriptlb.pid"
+    lb.conf.write_text(lb.conf.read_text().replace(f"pid {lb.pid_file};", f"pid {missing};"))
+    result = lb.cli(timeout=15)
+    assert result.returncode == 1
+    assert "the daemon could not start" in result.stderr
+    assert f'open() "{missing}" failed (2: No such file or directory)' in lb.log_text()
+    wait_until(lambda: connect_refused(port), what="the port to be closed again")
 
 
 def test_s_signal_reports_nginx_errors(lb: Instance) -> None:
