@@ -104,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tries-cap", type=int, default=0, help="proxy_next_upstream_tries (0: no cap)")
     run.add_argument("--timeout", type=float, default=10.0, help="CPU budget in ms (default 10)")
     run.add_argument("--package-path", default="", help="python_package_path, e.g. 'hooks/lib/?.py'")
+    run.add_argument("--ctx", type=json.loads, default=None, help="initial ngx.ctx as JSON (a retry's state)")
     return parser
 
 
@@ -117,6 +118,8 @@ def run_hook(opts: argparse.Namespace) -> dict[str, Any]:
     upstream = SyntheticUpstream(peers)
     exchange = SyntheticExchange(opts.method, opts.uri, opts.header, len(peers), opts.last_failure,
                                  opts.tries_cap)
+    if isinstance(opts.ctx, dict):
+        exchange.ctx.update(opts.ctx)
     runner = HookRunner(hook, upstream, PythonConf(package_path=package_path),
                         log=lambda level, msg, _ex: logs.append(f"[{level}] {msg}"))
     outcome = runner.run(exchange, upstream)
