@@ -368,8 +368,12 @@ class Exchange:
         self._log_access()
 
     def _log_access(self) -> None:
+        """The log phase: the request is over."""
         for log in self.location.access_logs:
             log.write(self)
+        # exchange <-> upstream request is a reference cycle: break it, so both go with their
+        # last reference instead of waiting for (and feeding) the cyclic garbage collector
+        self.upstream_request = None
 
     def log_context(self, peer_name: str | None) -> str:
         """nginx's ``, client: ..., server: ..., request: "...", upstream: "...", host: "..."``."""

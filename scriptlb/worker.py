@@ -17,6 +17,7 @@ signals are replaced by ``stop(graceful=...)``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 import threading
@@ -53,6 +54,10 @@ class Worker:
         self._stop = self.loop.create_future()
         self.runtime = Runtime(self.conf, self.loop)
         await self._start_servers(self.runtime)
+        # Everything alive now (modules, config, runtime) lives as long as the worker: keep it
+        # out of the cyclic GC's scans, which would otherwise walk it again and again.
+        gc.collect()
+        gc.freeze()
         self.ready.set()
         graceful = await self._stop
         await self._shutdown(graceful)
