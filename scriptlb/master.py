@@ -32,6 +32,7 @@ import os
 import platform
 import resource
 import signal
+import socket
 import sys
 import threading
 import time
@@ -43,7 +44,7 @@ from importlib import metadata
 from scriptlb import config, daemon, errorlog
 from scriptlb.config.errors import ConfigError, where
 from scriptlb.config.model import MainConf
-from scriptlb.listeners import ListenError, ListenerSet, LogFn
+from scriptlb.listeners import Key, ListenError, ListenerSet, LogFn
 from scriptlb.signals import (
     COMMAND_SIGNALS,
     EarlyStop,
@@ -52,7 +53,8 @@ from scriptlb.signals import (
     prepare_worker_signals,
 )
 
-WorkerEntry = Callable[[MainConf, dict, int, int], None]
+# worker.run(conf, listeners, worker_id, worker_count)
+WorkerEntry = Callable[[MainConf, dict[Key, socket.socket], int, int], None]
 
 RETIRE_DELAY = 0.1  # nginx sleeps 100 ms between starting new workers and QUITting old ones
 KILL_AFTER = 1.5  # TERM, then SIGKILL if still alive (nginx: after ~1.5 s of doubling delays)
