@@ -201,10 +201,11 @@ def _run_single(
 ) -> int:
     """``master_process off``: this process is the only worker (nginx's single process cycle).
 
-    The worker handles QUIT/TERM/INT/USR1 itself. HUP is ignored: reloading in place would need
-    the worker's cooperation (nginx re-inits the cycle inside its single process).
+    The worker handles QUIT/TERM/INT/USR1 itself. HUP only logs a warning: reloading in place
+    would need the worker's cooperation (nginx re-inits the cycle inside its single process).
     """
     prepare_worker_signals()  # before the pid file exists, so no HUP can find us unprepared
+    signal.signal(signal.SIGHUP, _single_process_hup)
     _log_startup(conf)
     started = _create_pid_file(conf.pid)
     if detached is not None:
@@ -225,6 +226,11 @@ def _run_single(
             daemon.remove_pid_file(conf.pid)
     log("notice", "exit")
     return code
+
+
+def _single_process_hup(signo: int, frame: object) -> None:
+    log("notice", Received(signal.SIGHUP, 0).describe("reconfiguring"))
+    log("warn", 'reloading is not supported with "master_process off", the configuration is unchanged')
 
 
 # --------------------------------------------------------------------------- master

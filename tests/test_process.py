@@ -736,6 +736,9 @@ def test_master_process_off_serves_from_one_process(lb: Instance) -> None:
     assert lb.proc is not None and pid == lb.proc.pid
     assert served_by(port, 5) == {str(pid)}
     assert children(pid) == set()
+    os.kill(pid, signal.SIGHUP)  # not supported here: a warning, and it keeps serving
+    lb.wait_log('reloading is not supported with "master_process off"')
+    assert get(port)[0] == 200
     os.kill(pid, signal.SIGQUIT)
     assert lb.wait_exit() == 0
     assert not lb.pid_file.exists()
