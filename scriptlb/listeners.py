@@ -22,6 +22,7 @@ what this module does:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import socket
@@ -75,20 +76,8 @@ def configured_listens(conf: MainConf) -> dict[Key, ListenConf]:
             if first is None:
                 merged[listen.key] = listen
             elif listen.reuseport and not first.reuseport:
-                merged[listen.key] = _with_reuseport(first)
+                merged[listen.key] = dataclasses.replace(first, reuseport=True)
     return merged
-
-
-def _with_reuseport(conf: ListenConf) -> ListenConf:
-    return ListenConf(
-        host=conf.host,
-        port=conf.port,
-        unix_path=conf.unix_path,
-        default_server=conf.default_server,
-        reuseport=True,
-        backlog=conf.backlog,
-        source=conf.source,
-    )
 
 
 def _wildcard_for(listen: ListenConf, listens: dict[Key, ListenConf]) -> Key | None:
