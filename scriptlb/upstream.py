@@ -152,6 +152,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._read_timeout = 60.0
         self._send_timeout = 60.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
         self._last_read = 0.0
         self._read_paused = False  # back-pressure from the client: no read timeout meanwhile
         self._write_paused = False
@@ -330,7 +331,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = ConnState.IDLE
         self.on_writable = None
         self.idle_since = now
-        self._cancel_timer()
         self._handler = None
         self._parser = None
 
@@ -415,7 +415,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self.response_complete:
             return
         self.response_complete = True
-        self._cancel_timer()
         if not self._in_feed:
             self._deliver_completion()  # (inside feed_data: data_received delivers it after)
 
@@ -460,7 +459,6 @@ class UpstreamConnection(asyncio.Protocol):
         # HEAD, 204, 304: llhttp cannot be told a HEAD response has no body, so we end the
         # response ourselves; any byte after it marks the connection unusable (on_body).
         self.response_complete = True
-        self._cancel_timer()
 
     def _is_close_delimited(self) -> bool:
         response = self._response
@@ -498,8 +496,15 @@ class UpstreamConnection(asyncio.Protocol):
             callback(self)
 
     def _arm_timer(self, timeout: float) -> None:
-        if self._timer is None:
-            self._timer = self.loop.call_at(self.loop.time() + timeout, self._on_timer)
+        """Make sure the timer fires no later than ``timeout`` from now. It is left pending
+        between requests (it re-checks the state when it fires), so a busy keep-alive
+        connection schedules about one timer per timeout period, not one per request."""
+        when = self.loop.time() + timeout
+        if self._timer is None or when < self._timer_when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_when = when
+            self._timer = self.loop.call_at(when, self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -518,6 +523,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             deadline = self._last_read + self._read_timeout
         if now < deadline:
+            self._timer_when = deadline
             self._timer = self.loop.call_at(deadline, self._on_timer)
             return
         self._fail(Failure.TIMEOUT, _TIMED_OUT, "sending request to upstream" if self._write_paused else "")
