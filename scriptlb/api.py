@@ -31,19 +31,21 @@ from scriptlb.sandbox.guards import expose, expose_dynamic
 _OK = (True, None)
 MAX_MORE_TRIES = 1000  # one set_more_tries grant, when proxy_next_upstream_tries is 0 (unlimited)
 MAX_LOG_MESSAGE = 2048  # nginx's NGX_MAX_ERROR_STR
+MAX_LOGS_PER_RUN = 100
 _HOST_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class RunContext:
     """The run in progress (or none): what the API objects read and write."""
 
-    __slots__ = ("exchange", "log", "outcome", "upstream")
+    __slots__ = ("exchange", "log", "logged", "outcome", "upstream")
 
     def __init__(self) -> None:
         self.exchange: Any = None
         self.upstream: Any = None
         self.outcome: Any = None
         self.log: Any = None  # callable(level: str, msg: str, exchange) from the runner
+        self.logged = 0  # ngx.log lines of this run (capped: a loop must not flood the log)
 
 
 CURRENT = RunContext()
@@ -440,6 +442,12 @@ class Ngx:
         run = _current()
         if type(level) is not int or not 0 <= level <= 8:
             raise ValueError("bad log level")
+        run.logged += 1
+        if run.logged > MAX_LOGS_PER_RUN:
+            if run.logged == MAX_LOGS_PER_RUN + 1:
+                run.log("warn", f"[python] {hook_location()}: more than {MAX_LOGS_PER_RUN} log lines "
+                        "in one run, dropping the rest", run.exchange)
+            return
         message = "".join(str(part) for part in parts)[:MAX_LOG_MESSAGE]
         run.log(_LEVEL_NAMES[level], f"[python] {hook_location()}: {message}", run.exchange)
 

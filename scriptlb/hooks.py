@@ -243,7 +243,7 @@ class HookRunner:
             return self._fail(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
         context = api.CURRENT
         context.exchange, context.upstream = exchange, upstream or self.upstream
-        context.outcome, context.log = outcome, self.log
+        context.outcome, context.log, context.logged = outcome, self.log, 0
         fuse = limits.current_fuse()
         if fuse is not None:
             fuse.run_started()

@@ -296,6 +296,15 @@ def test_ngx_log_errors_and_print() -> None:
     assert result.logs == [("notice", "[python] balancer_by_python(/t/scriptlb.conf:1):2: hello 42")]
 
 
+def test_ngx_log_lines_per_run_are_capped() -> None:
+    result = run("for i in range(150):\n    ngx.log(ngx.INFO, i)\nbalancer.set_current_peer('127.0.0.1:1')")
+    assert len(result.logs) == 101
+    assert result.logs[99] == ("info", "[python] balancer_by_python(/t/scriptlb.conf:1):3: 99")
+    assert result.logs[100] == (
+        "warn", "[python] balancer_by_python(/t/scriptlb.conf:1):3: more than 100 log lines in one run, "
+        "dropping the rest")
+
+
 def test_ngx_exit() -> None:
     result = run("ngx.exit(403)\nngx.ctx['after'] = True")  # asynchronous: the code after it runs
     assert (result.kind, result.outcome.exit_status, result.outcome.addr) == (None, 403, None)

@@ -52,6 +52,8 @@ COMPILE_ERRORS = {
     "nonlocal": ("def f():\n    x = 1\n    def g():\n        nonlocal x\n",
                  "Nonlocal statements are not allowed"),
     "syntax": ("x = (", "SyntaxError: '(' was never closed"),
+    "too deep for the compiler": ("x = " + "+".join(["1"] * 100_000),
+                                  "RecursionError: maximum recursion depth"),
     "breakpoint": ("x = breakpoint", '"breakpoint" is a reserved name'),
     "import builtins": ("import builtins", '"builtins" is a reserved name'),
 }
@@ -95,7 +97,16 @@ RUNTIME_ERRORS = {
                             "'AttributeError' object has no attribute 'name'"),
     "builtin __self__": ("getattr(len, '__self__')", "no attribute '__self__'"),
     "bound method self": ("[].append.__self__", None),  # compile-time; see COMPILE_ERRORS
-    "unbound str method": ("str.join(',', ['a'])", "'type' object has no attribute 'join'"),
+    "unbound str method": ("str.join(',', ['a'])", "'function' object has no attribute 'join'"),
+    "unbound list method": ("list.append([], 1)", "'type' object has no attribute 'append'"),
+    # codecs written in Python (punycode is quadratic) would run unticked inside one call
+    "encode punycode": ("('\\xe9' * 10**5).encode('punycode')",
+                        "encoding 'punycode' is not allowed in hooks"),
+    "decode rot13": ("b'x'.decode('rot13')", "encoding 'rot13' is not allowed in hooks"),
+    "str() codec": ("str(b'x', 'idna')", "encoding 'idna' is not allowed in hooks"),
+    "bytes() codec": ("bytes('x', encoding='punycode')", "encoding 'punycode' is not allowed in hooks"),
+    "codec error handler": ("'\\xe9'.encode('ascii', 'namereplace')",
+                            "error handler 'namereplace' is not allowed"),
     "str.format": ("'{0.__class__}'.format(1)", "'str' object has no attribute 'format'"),
     "str.format_map": ("'{x.real}'.format_map({'x': 1})", "'str' object has no attribute 'format_map'"),
     "format spec attr": ("format(1, '{0.__class__}')", "Invalid format specifier"),
@@ -265,6 +276,11 @@ HARMLESS = {
     "big but allowed": "x = 'x' * 2**20\ny = len(x.split('x'))",
     "unpacking": "a, (b, c) = 1, (2, 3)\nfor k, v in {'a': 1}.items():\n    pass",
     "dict class attr": "x = dict.fromkeys(['a'], 0)",
+    "isinstance with guarded types": ("assert isinstance('x', str) and isinstance(b'', (bytes, int))\n"
+                                      "assert isinstance(range(3), range)\n"
+                                      "assert not isinstance(1, (str, list))"),
+    "safe codecs": ("x = 'é'.encode('utf-8').decode('latin-1') + str(b'a', 'ascii')\n"
+                    "y = str(bytes('b', 'utf-16'), 'utf-16', 'strict')"),
 }
 
 

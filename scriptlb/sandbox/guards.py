@@ -15,6 +15,7 @@ register theirs). Names starting with ``_`` never pass. Methods that can build h
 from __future__ import annotations
 
 import builtins
+import codecs
 import operator
 import re
 from collections import Counter, OrderedDict, defaultdict, deque
@@ -320,10 +321,38 @@ def guarded_range(*args: int) -> range:
     return r
 
 
-def guarded_bytes(source: Any = b"", *args: Any) -> bytes:
-    if isinstance(source, int) and source > MAX_STR:
-        raise too_big("bytes() length", source, MAX_STR)
-    return bytes(source, *args)
+def _codec_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Check the (encoding, errors) of str(b, encoding, errors) / bytes(s, encoding, errors)."""
+    if len(args) > 1 or kwargs:
+        encoding = args[1] if len(args) > 1 else kwargs.get("encoding", "utf-8")
+        errors = args[2] if len(args) > 2 else kwargs.get("errors", "strict")
+        _check_codec(encoding, errors)
+
+
+def guarded_bytes(*args: Any, **kwargs: Any) -> bytes:
+    if args and isinstance(args[0], int) and args[0] > MAX_STR:
+        raise too_big("bytes() length", args[0], MAX_STR)
+    _codec_arguments(args, kwargs)
+    return bytes(*args, **kwargs)
+
+
+def guarded_str(*args: Any, **kwargs: Any) -> str:
+    _codec_arguments(args, kwargs)
+    return str(*args, **kwargs)
+
+
+_REAL_TYPES: dict[Any, type] = {}  # guarded constructor -> the type it stands for
+
+
+def _real_type(spec: Any) -> Any:
+    if type(spec) is tuple:
+        return tuple(_real_type(item) for item in spec)
+    return _REAL_TYPES.get(spec, spec)
+
+
+def guarded_isinstance(obj: Any, spec: Any) -> bool:
+    """``isinstance(x, str)`` works although ``str`` is a guarded constructor in hooks."""
+    return isinstance(obj, _real_type(spec))
 
 
 def guarded_sum(iterable: Iterable[Any], /, start: Any = 0) -> Any:
@@ -399,15 +428,42 @@ def _checked_to_bytes(n: int, length: int = 1, *args: Any, **kwargs: Any) -> byt
     return n.to_bytes(length, *args, **kwargs)
 
 
+# Codecs implemented in C with linear cost. Others run stdlib Python code (punycode is quadratic)
+# inside one call, where no tick can stop them, or transform rather than encode (rot13, zlib).
+SAFE_CODECS = frozenset({"utf-8", "ascii", "iso8859-1", "utf-16", "utf-16-le", "utf-16-be", "utf-32",
+                         "utf-32-le", "utf-32-be"})
+_SAFE_ERRORS = frozenset({"strict", "ignore", "replace", "backslashreplace", "surrogateescape",
+                          "xmlcharrefreplace"})
+
+
+def _check_codec(encoding: Any, errors: Any) -> None:
+    if type(encoding) is not str or type(errors) is not str:
+        raise TypeError("encoding and errors must be str")
+    if codecs.lookup(encoding).name not in SAFE_CODECS:
+        raise LookupError(f"encoding '{encoding}' is not allowed in hooks")
+    if errors not in _SAFE_ERRORS:
+        raise LookupError(f"error handler '{errors}' is not allowed in hooks")
+
+
+def _checked_encode(s: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    _check_codec(encoding, errors)
+    return s.encode(encoding, errors)
+
+
+def _checked_decode(b: bytes, encoding: str = "utf-8", errors: str = "strict") -> str:
+    _check_codec(encoding, errors)
+    return b.decode(encoding, errors)
+
+
 _STR_METHODS = [
-    "capitalize", "casefold", "count", "encode", "endswith", "find", "index", "isalnum", "isalpha",
+    "capitalize", "casefold", "count", "endswith", "find", "index", "isalnum", "isalpha",
     "isascii", "isdecimal", "isdigit", "isidentifier", "islower", "isnumeric", "isprintable", "isspace",
     "istitle", "isupper", "lower", "lstrip", "partition", "removeprefix", "removesuffix", "rfind",
     "rindex", "rpartition", "rsplit", "rstrip", "split", "splitlines", "startswith", "strip",
     "swapcase", "title", "upper"
 ]  # no format/format_map (attribute walking), translate/expandtabs (size blow-ups)
-_BYTES_METHODS = [m for m in _STR_METHODS if m not in ("casefold", "encode", "isdecimal", "isidentifier",
-                                                        "isnumeric", "isprintable")] + ["decode", "hex"]
+_BYTES_METHODS = [m for m in _STR_METHODS if m not in ("casefold", "isdecimal", "isidentifier",
+                                                        "isnumeric", "isprintable")] + ["hex"]
 _PAD = {name: _checked_pad(name) for name in ("center", "ljust", "rjust", "zfill")}
 _SEQ_CHECKED = {**_PAD, "join": _checked_join, "replace": _checked_replace}
 _DICT_METHODS = ["clear", "copy", "get", "items", "keys", "pop", "popitem", "setdefault", "update", "values"]
@@ -415,9 +471,9 @@ _SET_READ = ["copy", "difference", "intersection", "isdisjoint", "issubset", "is
              "symmetric_difference", "union"]
 
 expose(str, _STR_METHODS)
-expose_checked(str, _SEQ_CHECKED)
+expose_checked(str, {**_SEQ_CHECKED, "encode": _checked_encode})
 expose(bytes, _BYTES_METHODS)
-expose_checked(bytes, _SEQ_CHECKED)
+expose_checked(bytes, {**_SEQ_CHECKED, "decode": _checked_decode})
 expose(list, ["append", "clear", "copy", "count", "index", "insert", "pop", "remove", "reverse", "sort"])
 expose_checked(list, {"extend": _checked_extend})
 expose(tuple, ["count", "index"])
@@ -447,9 +503,12 @@ _EXCEPTIONS = (
 )
 
 _PLAIN_BUILTINS = ["abs", "all", "any", "ascii", "bin", "bool", "callable", "chr", "dict", "divmod",
-                   "enumerate", "filter", "float", "frozenset", "hash", "hex", "int", "isinstance", "len",
+                   "enumerate", "filter", "float", "frozenset", "hash", "hex", "int", "len",
                    "list", "map", "max", "min", "next", "oct", "ord", "repr", "reversed", "set", "slice",
-                   "sorted", "str", "tuple", "zip"]
+                   "sorted", "tuple", "zip"]
+
+
+_REAL_TYPES.update({guarded_str: str, guarded_bytes: bytes, guarded_range: range})
 
 
 def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
@@ -463,7 +522,8 @@ def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
     table.update({exc.__name__: exc for exc in _EXCEPTIONS})
     table.update({"None": None, "True": True, "False": False})
     table.update(
-        range=guarded_range, bytes=guarded_bytes, sum=guarded_sum, round=guarded_round,
+        range=guarded_range, bytes=guarded_bytes, str=guarded_str, isinstance=guarded_isinstance,
+        sum=guarded_sum, round=guarded_round,
         pow=guarded_pow, iter=guarded_iter, format=guarded_format,
         getattr=guarded_getattr, hasattr=guarded_hasattr,
         # names the compiled code calls (hook code cannot spell or shadow them)

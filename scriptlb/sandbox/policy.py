@@ -209,10 +209,17 @@ def compile_hook(source: str, filename: str, first_line: int = 1) -> CodeType:
     body starts inside the config file), so tracebacks and errors carry the real line.
     """
     try:
-        tree = ast.parse(source, filename, "exec")
+        return _compile(source, filename, first_line)
     except SyntaxError as err:
         lineno = (err.lineno or 1) + first_line - 1
         raise HookCompileError(f"{type(err).__name__}: {err.msg}", lineno) from None
+    except (RecursionError, MemoryError, ValueError) as err:
+        # e.g. 1+1+...+1 a hundred thousand times: too deep for the parser or the transformer
+        raise HookCompileError(f"{type(err).__name__}: {err}", first_line) from None
+
+
+def _compile(source: str, filename: str, first_line: int) -> CodeType:
+    tree = ast.parse(source, filename, "exec")
     if first_line != 1:
         ast.increment_lineno(tree, first_line - 1)
     errors: list[str] = []
