@@ -457,7 +457,10 @@ class Master:
             self._schedule_respawn(worker_id, quick=True)
             return
         if pid == 0:
-            self._become_worker(worker_id, master_pid)  # never returns
+            try:
+                self._become_worker(worker_id, master_pid)  # never returns...
+            finally:
+                os._exit(1)  # ...and a child must never get back into the master's loop
         self.workers[pid] = WorkerProcess(pid, worker_id, self.generation, time.monotonic())
         log("notice", f"start worker process {pid}")
 
@@ -485,8 +488,10 @@ class Master:
             except BaseException:
                 pass
         finally:
-            daemon.flush_stdio()
-            os._exit(code)
+            try:
+                daemon.flush_stdio()
+            finally:  # even if a late signal interrupts the flush
+                os._exit(code)
 
     def _reap(self) -> None:
         while True:
