@@ -27,6 +27,13 @@ COMPILE_ERRORS = {
     "shadow _write_ arg": ("def f(_write_):\n    pass", '"_write_" is an invalid variable name'),
     "shadow _getiter_ loop": ("for _getiter_ in []:\n    pass", '"_getiter_" is an invalid variable name'),
     "shadow _tick_ comp": ("[1 for _tick_ in ()]", '"_tick_" is an invalid variable name'),
+    # GHSA-ffg3-p8fm-mjx2: positional-only parameters once escaped the name check
+    "shadow positional-only": ("def f(_getattr_, /):\n    return 1",
+                               '"_getattr_" is an invalid variable name'),
+    "shadow keyword-only": ("def f(*, _write_=None):\n    return 1", '"_write_" is an invalid variable name'),
+    "shadow varargs": ("def f(*_getitem_):\n    return 1", '"_getitem_" is an invalid variable name'),
+    "shadow kwargs": ("def f(**_apply_):\n    return 1", '"_apply_" is an invalid variable name'),
+    "shadow lambda param": ("f = lambda _tick_: 1", '"_tick_" is an invalid variable name'),
     "shadow walrus": ("(_getattr_ := 1)", '"_getattr_" is an invalid variable name'),
     "shadow import as": ("import math as _getattr_", '"_getattr_" is an invalid variable name'),
     "shadow except as": ("try:\n    pass\nexcept Exception as _write_:\n    pass",
