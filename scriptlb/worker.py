@@ -49,15 +49,17 @@ class Worker:
         self._servers: list[asyncio.AbstractServer] = []
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
         self.ready = threading.Event()
+        self.freeze_gc = False  # True in a worker process (run), not in a test's thread
 
     async def serve(self) -> None:
         self._stop = self.loop.create_future()
         self.runtime = Runtime(self.conf, self.loop)
         await self._start_servers(self.runtime)
-        # Everything alive now (modules, config, runtime) lives as long as the worker: keep it
-        # out of the cyclic GC's scans, which would otherwise walk it again and again.
-        gc.collect()
-        gc.freeze()
+        if self.freeze_gc:
+            # Everything alive now (modules, config, runtime) lives as long as the worker
+            # process: keep it out of the cyclic GC's scans, which would walk it again and again.
+            gc.collect()
+            gc.freeze()
         self.ready.set()
         graceful = await self._stop
         await self._shutdown(graceful)
@@ -168,6 +170,7 @@ def run(
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     worker = Worker(conf, listeners, loop, worker_id, worker_count)
+    worker.freeze_gc = True
     try:
         worker.install_signals()
         loop.run_until_complete(worker.serve())
