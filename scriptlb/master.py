@@ -118,6 +118,10 @@ def _default_worker_entry() -> WorkerEntry:
 def run(conf: MainConf, globals_: str | None = None, worker_entry: WorkerEntry | None = None) -> int:
     """Serve ``conf`` until told to stop; the process exit status.
 
+    0 after a stop by signal; 1 when the error log, a listening socket or the pid file cannot
+    be opened. With ``daemon on`` the calling process returns as soon as the daemon has written
+    its pid file (0) or failed to (1), and the daemon carries on.
+
     ``globals_`` is the ``-g`` text, re-applied on every reload. ``worker_entry`` replaces
     ``worker.run`` (tests).
     """
