@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import httptools
@@ -152,6 +153,8 @@ class ListenerContext:
         self.header_buffers = header_buffers
         self.connections: set[ClientConnection] = set()
         self.shutting_down = False  # graceful stop: finish the active request, then close
+        # called after we answered a request no handler saw (malformed, 414, 494...), for logs
+        self.on_client_error: Callable[[ClientConnection, Request, int], None] | None = None
 
 
 class ClientError(Exception):
@@ -641,23 +644,26 @@ class ClientConnection(asyncio.Protocol):
     def _client_error(self, err: ClientError) -> None:
         self._pause_reading()
         active = self.active
+        handler_told = False
         if active is not None and active is self._parsing_handler and not self.response_started:
             # the active request's own body is at fault (too large): it ends with the error
             active.abort(err.status)
             self.active = None
+            handler_told = True
         if self.active is not None:
             self._pending_error = err  # answered after the request in flight, in order
             self._keep_alive = False
             return
         errorlog.log_error("info", str(err), self.conn_id, self._log_context())
-        self._active_request = self._parsing or Request()
-        if self._active_request.version not in ("1.0", "1.1"):
-            self._active_request.version = "1.1"
-        self._active_request.method = self._active_request.method or "GET"
-        self.active = None
+        request = self._active_request = self._parsing or Request()
+        if request.version not in ("1.0", "1.1"):
+            request.version = "1.1"
         self._keep_alive = False
         self.response_started = False
         self.respond_error(err.status)
+        report = self.listener.on_client_error
+        if not handler_told and report is not None:
+            report(self, request, err.status)  # the access log of a request nobody handled
         self.close()
 
     def _log_context(self) -> str:

@@ -367,6 +367,15 @@ class Exchange:
         self.body_bytes_sent = self.conn.body_bytes_sent
         self._log_access()
 
+    def log_rejected(self, status: int) -> None:
+        """The log phase of a request the client connection answered itself (400, 414...).
+        nginx logs it with the server's access_log; our logs are per location, so the ones of
+        the default server's "/" stand in for it."""
+        self.status = responses.wire_status(status)
+        if not self.location.access_logs:
+            self.location = self.server.match("/")
+        self.finish_logged()
+
     def _log_access(self) -> None:
         """The log phase: the request is over."""
         for log in self.location.access_logs:

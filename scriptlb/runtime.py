@@ -324,6 +324,12 @@ class Runtime:
 
         return Exchange(conn, request, self)
 
+    def log_client_error(self, conn: ClientConnection, request: Request, status: int) -> None:
+        """Access-log a request the client connection rejected before any handler saw it."""
+        from scriptlb.proxy import Exchange
+
+        Exchange(conn, request, self).log_rejected(status)
+
     def route_for(self, conn: ClientConnection) -> ServerRoute:
         """The listening key a connection arrived on (a wildcard socket may serve several)."""
         keys = conn.listener.keys

@@ -79,6 +79,7 @@ class Worker:
                 header_buffers=server_conf.large_client_header_buffers,
                 keys=tuple(keys),
             )
+            context.on_client_error = runtime.log_client_error
             self.contexts.append(context)
             server = await self.loop.create_server(
                 _protocol_factory(context, self.loop), sock=sock, backlog=self._backlog(keys)

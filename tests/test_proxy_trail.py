@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers import Backends, HttpConnection, Scriptlb, closed_port, get, hang, respond
+from helpers import Backends, HttpConnection, Scriptlb, closed_port, get, hang, raw_exchange, respond
 
 
 def conf(upstream: str, location: str = "") -> str:
@@ -159,3 +159,15 @@ def test_upstream_times_are_logged_per_try(tmp_path: Path) -> None:
     for value in numbers:
         whole, _, millis = value.partition(".")
         assert whole.isdigit() and len(millis) == 3
+
+
+def test_requests_rejected_by_the_client_side_are_access_logged(tmp_path: Path) -> None:
+    with Backends(respond()) as bk, start(conf(f"server {bk[0].addr};"), tmp_path) as lb:
+        assert raw_exchange(lb.port, b"\x16\x03\x01garbage\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        long_uri = b"GET /" + b"u" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        assert raw_exchange(lb.port, long_uri).startswith(b"HTTP/1.1 414 ")
+        too_big = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n"
+        assert raw_exchange(lb.port, too_big).startswith(b"HTTP/1.1 413 ")
+    statuses = [row[2] for row in trail(tmp_path)]
+    assert statuses == ["400", "414", "413"]
+    assert bk[0].connections == 0
