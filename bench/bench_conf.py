@@ -120,15 +120,26 @@ def lua_hook(ports: list[int]) -> str:
     )
 
 
-def python_hook(ports: list[int]) -> str:
+def python_hook(ports: list[int], keepalive: bool = True) -> str:
+    """The Python twin of ``lua_hook``. With ``keepalive`` it also calls
+    ``balancer.enable_keepalive(60, 0)``: scriptlb follows OpenResty >= 0.10.27, where a
+    hook-set peer's connection is pooled only after that call (0 = no request limit), while
+    Debian's ngx_lua 0.10.23 has no such call and gets keep-alive from nginx's ``keepalive``
+    wrapping the Lua balancer (it follows the Lua block in the upstream)."""
     plist = ", ".join(str(p) for p in ports)
-    return (
+    text = (
         f"PORTS = ({plist})\n"
         f"i = ngx.crc32_long(ngx.var.uri) % {len(ports)}\n"
         'ok, err = balancer.set_current_peer("127.0.0.1", PORTS[i])\n'
-        "if not ok:\n"
-        '    ngx.log(ngx.ERR, "set_current_peer: ", err)\n'
     )
+    if keepalive:
+        return text + (
+            "if ok:\n"
+            "    balancer.enable_keepalive(60, 0)\n"
+            "else:\n"
+            '    ngx.log(ngx.ERR, "set_current_peer: ", err)\n'
+        )
+    return text + 'if not ok:\n    ngx.log(ngx.ERR, "set_current_peer: ", err)\n'
 
 
 def _indent(text: str, n: int) -> str:
@@ -231,11 +242,15 @@ def haproxy_conf(prefix: str, listen: int, ports: list[int], maxconn: int = MAX_
 
 
 def scriptlb_conf(prefix: str, listen: int, ports: list[int], hook: bool, workers: int = 1,
-                  master: bool = True) -> str:
+                  master: bool = True, balancer_keepalive: int | None = UPSTREAM_KEEPALIVE) -> str:
+    """scriptlb's config; with ``hook``, ``balancer_keepalive`` sizes the pool of hook-set peers'
+    connections (OpenResty's directive, default 32; None leaves the directive out)."""
     servers = "".join(f"        server 127.0.0.1:{p};\n" for p in ports)
     hook_text = ""
     if hook:
         hook_text = "        balancer_by_python_block {\n" + _indent(python_hook(ports), 12) + "        }\n"
+        if balancer_keepalive:
+            hook_text += f"        balancer_keepalive {balancer_keepalive};\n"
     return (
         "daemon off;\n"
         f"master_process {'on' if master else 'off'};\n"
@@ -266,14 +281,16 @@ def scriptlb_conf(prefix: str, listen: int, ports: list[int], hook: bool, worker
 
 
 def config_for(t: Target, prefix: str, listen: int, ports: list[int],
-               fd_limit: int | None = None) -> tuple[str, str]:
+               fd_limit: int | None = None, balancer_keepalive: int | None = UPSTREAM_KEEPALIVE
+               ) -> tuple[str, str]:
     """(file name, text) of ``t``'s config, to be written under ``prefix/conf/``."""
     if t.kind == "nginx":
         return "nginx.conf", nginx_proxy_conf(prefix, listen, ports, t.hook)
     if t.kind == "haproxy":
         return "haproxy.cfg", haproxy_conf(prefix, listen, ports, haproxy_maxconn(fd_limit))
     if t.kind == "scriptlb":
-        return "scriptlb.conf", scriptlb_conf(prefix, listen, ports, t.hook, t.workers)
+        return "scriptlb.conf", scriptlb_conf(prefix, listen, ports, t.hook, t.workers,
+                                              balancer_keepalive=balancer_keepalive)
     raise ValueError(t.kind)
 
 
@@ -295,9 +312,10 @@ def write_backends(prefix: str, ports: list[int], status_port: int | None = None
     return path
 
 
-def write_target(t: Target, prefix: str, listen: int, ports: list[int], fd_limit: int | None = None) -> str:
+def write_target(t: Target, prefix: str, listen: int, ports: list[int], fd_limit: int | None = None,
+                 balancer_keepalive: int | None = UPSTREAM_KEEPALIVE) -> str:
     make_prefix(prefix)
-    name, text = config_for(t, prefix, listen, ports, fd_limit)
+    name, text = config_for(t, prefix, listen, ports, fd_limit, balancer_keepalive)
     path = os.path.join(prefix, "conf", name)
     with open(path, "w") as f:
         f.write(text)
