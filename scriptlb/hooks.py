@@ -213,6 +213,7 @@ class HookRunner:
         self.chunk = conf.chunk_name
         self.log: LogSink = log or errorlog_sink
         self._limit = _RateLimit()
+        limits.quiet_unraisable_stops()  # a generator finalized past the budget: no stderr noise
         self._globals = _fresh_globals("__hook__")
         self._code: CodeType | None = None
         self._compile_error: str | None = None
@@ -287,12 +288,20 @@ class HookRunner:
     def _fail(self, outcome: HookOutcome, kind: str, message: str, exchange: Any,
               level: str = "error") -> HookOutcome:
         """Reset the outcome to "fall back" and log why (rate-limited per kind)."""
-        outcome.addr = outcome.host = outcome.exit_status = outcome.keepalive = None
+        outcome.addr = outcome.host = outcome.exit_status = outcome.keepalive = outcome.local_addr = None
         outcome.more_tries = 0
+        outcome.recreate = False
+        message = message[:api.MAX_LOG_MESSAGE]
         outcome.error, outcome.message = kind, message
         write, suppressed = self._limit.admit(kind, time.monotonic())
         if suppressed:
-            self.log(level, f"{self.chunk}: {suppressed} similar messages suppressed", None)
+            self._emit(level, f"{self.chunk}: {suppressed} similar messages suppressed", None)
         if write:
-            self.log(level, message, exchange)
+            self._emit(level, message, exchange)
         return outcome
+
+    def _emit(self, level: str, message: str, exchange: Any) -> None:
+        try:
+            self.log(level, message, exchange)
+        except Exception:  # a failing log sink must not fail the request: run() never raises
+            pass

@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hook_helpers import block as block_conf
 from hook_helpers import exchange, run, runner
 
 from scriptlb.config import ConfigError, load, load_and_check
@@ -303,3 +304,34 @@ def test_package_module_reloaded_with_code_cache_off(tmp_path: Path) -> None:
     assert hook.run(exchange(), hook.upstream).addr == PeerAddr("127.0.0.1", 1)
     (tmp_path / "lib" / "port.py").write_text("PORT = 2\n")
     assert hook.run(exchange(), hook.upstream).addr == PeerAddr("127.0.0.1", 2)
+
+
+def test_a_failing_log_sink_does_not_escape_run() -> None:
+    def broken(level: str, msg: str, exchange: object) -> None:
+        raise OSError("disk full")
+
+    hook = HookRunner(block_conf("1/0"), SyntheticUpstream([]), PythonConf(), log=broken)
+    outcome = hook.run(exchange(), hook.upstream)
+    assert (outcome.error, outcome.addr) == ("runtime_error", None)
+
+
+def test_failed_run_discards_everything_it_set() -> None:
+    result = run("""
+        balancer.set_current_peer("127.0.0.1:1", host="h")
+        balancer.set_more_tries(2)
+        balancer.enable_keepalive()
+        balancer.bind_to_local_addr("127.0.0.2")
+        balancer.recreate_request()
+        ngx.exit(503)
+        1 / 0
+    """)
+    out = result.outcome
+    decided = (out.addr, out.host, out.more_tries, out.keepalive, out.local_addr, out.recreate,
+               out.exit_status)
+    assert decided == (None, None, 0, None, None, False, None)
+
+
+def test_long_error_messages_are_cut() -> None:
+    result = run("raise ValueError('x' * 5000)")
+    assert len(result.outcome.message) == 2048
+    assert len(result.logs[0][1]) == 2048
