@@ -183,7 +183,8 @@ def markdown(fig: dict) -> str:
             lines += ["Self time (leaf frames):", "", "| % | function |", "|---|---|"]
             for pct, fn in p.get("self", [])[:25]:
                 lines.append(f"| {pct:.1f} | `{fn}` |")
-            lines += ["", "Inclusive time:", "", "| % | function |", "|---|---|"]
+            lines += ["", "Inclusive time (without the entry chain on every stack: "
+                      f"{', '.join(p.get('root', [])[:12]) or '—'}):", "", "| % | function |", "|---|---|"]
             for pct, fn in p.get("inclusive", [])[:25]:
                 lines.append(f"| {pct:.1f} | `{fn}` |")
             lines.append("")
