@@ -9,6 +9,8 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
+
 from helpers import (
     BackendRequest,
     Backends,
@@ -68,11 +70,14 @@ def proxy_buffers(lb: Scriptlb) -> tuple[int, bool]:
     return in_loop(lb.thread.loop, read)  # type: ignore[return-value]
 
 
-def test_slow_client_pauses_the_upstream_instead_of_buffering(tmp_path: Path) -> None:
+def test_slow_client_pauses_the_upstream_instead_of_buffering(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     total = 64 * 1024 * 1024
     behaviour, written = stream(total)
     with Backends(behaviour) as bk, start(tmp_path, bk[0].addr) as lb:
         client = socket.socket()
+        request.addfinalizer(client.close)  # closed on failure too (no ResourceWarning later)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         client.connect(("127.0.0.1", lb.port))
         client.settimeout(10)
@@ -170,17 +175,22 @@ def test_graceful_stop_finishes_the_request_in_flight(tmp_path: Path) -> None:
 
     with Backends(slow) as bk:
         lb = start(tmp_path, bk[0].addr).__enter__()
-        client = HttpConnection(lb.port)
-        client.send(build_request("GET", "/"))
-        assert wait_until(lambda: len(bk[0].requests) == 1)
         stopper = threading.Thread(target=lb.thread.stop, kwargs={"graceful": True})
-        stopper.start()
-        release.set()
-        response = client.read_response()
-        stopper.join(10)
-        assert not stopper.is_alive()
-        assert response.status == 200 and response.body == b"done"
-        assert response.header("connection") == "close"
-        client.close()
-        for sock in lb.sockets:
-            sock.close()
+        try:
+            with HttpConnection(lb.port) as client:
+                client.send(build_request("GET", "/"))
+                assert wait_until(lambda: len(bk[0].requests) == 1)
+                stopper.start()
+                # the worker is draining (no longer accepting) while the request is in flight
+                assert wait_until(lambda: lb.thread.worker.contexts[0].shutting_down)
+                release.set()
+                response = client.read_response()
+                assert response.status == 200 and response.body == b"done"
+                assert response.header("connection") == "close"  # no keep-alive while stopping
+                assert client.is_closed_by_peer()
+            stopper.join(10)
+            assert not stopper.is_alive()
+        finally:
+            release.set()
+            for sock in lb.sockets:
+                sock.close()
