@@ -23,6 +23,7 @@ sys.path.insert(0, str(BENCH))
 
 import bench_conf  # noqa: E402
 import bench_cprofile  # noqa: E402
+import bench_deps  # noqa: E402
 import bench_load  # noqa: E402
 import bench_proc  # noqa: E402
 import bench_profile  # noqa: E402
@@ -390,6 +391,19 @@ def test_cprofile_summary(tmp_path: Path) -> None:
 def test_single_process_scriptlb_conf() -> None:
     text = bench_conf.scriptlb_conf("/p", 9200, [1, 2, 3, 4], hook=True, master=False)
     assert "master_process off;" in text and "balancer_by_python_block {" in text
+
+
+def test_missing_software_is_named() -> None:
+    none = bench_deps.Deps()
+    assert none.missing("nginx") == "missing: nginx (Debian package nginx)"
+    lua = none.missing("lua")
+    assert lua is not None and "libnginx-mod-http-lua" in lua and "lua-resty-core" in lua
+    assert "Debian package wrk" in (none.missing("wrk") or "")
+    assert "haproxy" in (none.missing("haproxy") or "")
+    full = bench_deps.Deps(nginx="/n", lua_modules="/m", lua_resty_core="/l", haproxy="/h", wrk="/w",
+                           taskset="/t", matplotlib=True)
+    assert all(full.missing(w) is None for w in ("nginx", "lua", "haproxy", "wrk", "matplotlib"))
+    bench_deps.check()  # looks around without installing anything
 
 
 def test_parse_hook_micro() -> None:
