@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import scriptlb_cmd
 from hook_helpers import block as block_conf
 from hook_helpers import exchange, run, runner
 
@@ -335,3 +337,17 @@ def test_long_error_messages_are_cut() -> None:
     result = run("raise ValueError('x' * 5000)")
     assert len(result.outcome.message) == 2048
     assert len(result.logs[0][1]) == 2048
+
+
+def test_scriptlb_t_reports_a_broken_hook(tmp_path: Path) -> None:
+    (tmp_path / "hooks").mkdir()
+    hook_file = tmp_path / "hooks" / "bad.py"
+    hook_file.write_text("peers = upstream.get_primary_peers()\nx = peers.__len__()\n")
+    conf = _conf(tmp_path, "balancer_by_python_file hooks/bad.py;")
+    done = subprocess.run(scriptlb_cmd("-t", "-p", str(tmp_path), "-c", str(conf)), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 1
+    expected = (f'scriptlb: [emerg] failed to load external Python file "{hook_file}": SandboxError: '
+                f'"__len__" is an invalid attribute name because it starts with "_". in {hook_file}:2')
+    assert expected in done.stderr
+    assert "test failed" in done.stderr
