@@ -255,6 +255,11 @@ def test_ngx_var_reads_request_variables() -> None:
                                "POST", "127.0.0.1", "http", None]
 
 
+def test_ngx_var_name_must_be_a_string() -> None:
+    assert value("ngx.var[1]") == ("TypeError", "bad variable name (string expected, got int)")
+    assert value("getattr(ngx.var, 'uri')", uri="/g") == "/g"
+
+
 def test_ngx_var_is_read_only() -> None:
     result = run("ngx.var.uri = '/x'")
     assert result.kind == "runtime_error"

@@ -184,6 +184,7 @@ def test_deny_with_exit_403(tmp_path: Path) -> None:
     ("1 / 0", "failed to run balancer_by_python: "),
     ("while True:\n            pass", "balancer_by_python timed out after 10ms at "),
     ("x = 1", "python balancer: no peer set, falling back"),
+    ("ngx.exit(200)", "ngx.exit(200) in a balancer hook, falling back"),
 ])
 def test_broken_hooks_fall_back_to_round_robin(tmp_path: Path, body: str, log_text: str) -> None:
     hook = f"balancer_by_python_block {{\n        {body}\n    }}"
