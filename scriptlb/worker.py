@@ -208,11 +208,19 @@ class WorkerThread:
         self.loop = uvloop.new_event_loop() if use_uvloop else asyncio.new_event_loop()
         self.worker = Worker(conf, listeners, self.loop)
         self.error: BaseException | None = None
+        # what reached the loop's exception handler (a bug escaping a callback): tests assert
+        # it stays empty
+        self.loop_errors: list[dict] = []
+        self.loop.set_exception_handler(self._on_loop_error)
         # the process's error log becomes the config's while the thread runs (the master does
         # this for real workers); the previous one comes back on stop()
         self._error_log = errorlog.ErrorLog(conf.error_log) if install_error_log else None
         self._previous_error_log: errorlog.ErrorLog | None = None
         self._thread = threading.Thread(target=self._main, name="scriptlb-worker", daemon=True)
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        self.loop_errors.append(context)
+        loop.default_exception_handler(context)
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)

@@ -17,8 +17,11 @@ from helpers import (
     HttpConnection,
     Scriptlb,
     build_request,
+    close_now,
     get,
+    hang,
     in_loop,
+    raw,
     respond,
     stream,
     wait_until,
@@ -193,3 +196,50 @@ def test_graceful_stop_finishes_the_request_in_flight(tmp_path: Path) -> None:
             release.set()
             for sock in lb.sockets:
                 sock.close()
+
+
+def test_mixed_misbehaving_peers_under_concurrency_leave_no_loop_errors(tmp_path: Path) -> None:
+    """Many concurrent clients, peers that answer, fail, time out, close early or mid-body:
+    every client gets a complete answer or a closed connection, and nothing escapes into the
+    event loop's exception handler."""
+    import random
+
+    truncated = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10
+    behaviours = [respond(body=b"a" * 3000), respond(503), hang(), close_now(), raw(truncated),
+                  raw(b"garbage\r\n\r\n"), respond(body=b"b")]
+    rng = random.Random(7)
+    text = CONF.replace("server {backend};", "{backend}").replace(
+        "keepalive_timeout {idle};", "keepalive_timeout 60s;"
+    ).replace("proxy_set_header Connection \"\";", "proxy_set_header Connection \"\"; "
+              "proxy_read_timeout 300ms; proxy_next_upstream error timeout http_503;")
+    with Backends(*behaviours) as bk:
+        servers = "".join(f"server {b.addr} max_fails=0;" for b in bk)
+        with Scriptlb(text, tmp_path, tmp=tmp_path, backend=servers) as lb:
+            outcomes: dict[str, int] = {}
+            lock = threading.Lock()
+
+            def client(seed: int) -> None:
+                local = random.Random(seed)
+                with HttpConnection(lb.port) as conn:
+                    for _ in range(15):
+                        try:
+                            response = conn.request("GET", f"/{local.randrange(1000)}")
+                        except (ConnectionError, TimeoutError):
+                            kind = "closed"
+                            break
+                        kind = str(response.status) if response.complete else "truncated"
+                        with lock:
+                            outcomes[kind] = outcomes.get(kind, 0) + 1
+                        if not response.complete or response.header("connection") == "close":
+                            break
+
+            threads = [threading.Thread(target=client, args=(rng.random(),)) for _ in range(24)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            assert not any(thread.is_alive() for thread in threads)
+            assert get(lb.port, "/still-serving").status in (200, 502, 504)
+            errors = list(lb.thread.loop_errors)
+    assert errors == []
+    assert outcomes.get("200", 0) > 0 and set(outcomes) <= {"200", "502", "503", "504", "truncated"}
