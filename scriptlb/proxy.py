@@ -518,7 +518,8 @@ class UpstreamRequest:
         if self._stream_body:
             self._head = self.plan.build_head(ex, request.content_length, chunked=request.chunked)
         else:
-            self._head = self.plan.build_head(ex, len(self._body) if request.has_body else None)
+            sends_length = request.has_body or request.content_length is not None  # incl. "0"
+            self._head = self.plan.build_head(ex, len(self._body) if sends_length else None)
 
     def _next_try(self) -> None:
         """The hook seam, then a peer, then a connection to it (nginx's upstream_connect)."""

@@ -438,3 +438,11 @@ def test_unix_socket_peer(tmp_path: Path) -> None:
         bk.run(serve())
         with run(conf(f"server unix:{path};"), tmp_path) as lb:
             assert get(lb.port, "/").body == b"via unix"
+
+
+def test_empty_post_keeps_its_content_length(tmp_path: Path) -> None:
+    with Backends(echo()) as bk, run(conf(servers(bk[0])), tmp_path) as lb:
+        assert get(lb.port, "/", method="POST", headers={"Content-Length": "0"}).status == 200
+        assert get(lb.port, "/", method="GET").status == 200
+    assert bk[0].requests[0].header("content-length") == "0"
+    assert bk[0].requests[1].header("content-length") is None
