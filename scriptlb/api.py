@@ -324,6 +324,34 @@ def _missing_variable(_exchange: Any) -> None:
     return None
 
 
+_SHARED: dict[str, Any] = {}  # python_shared_dict name -> SharedDict, for ngx.shared
+
+
+def set_shared_dicts(dicts: dict[str, Any]) -> None:
+    """The worker's ``python_shared_dict`` zones, for ``ngx.shared.NAME`` in hooks. Hook code
+    may call only the OpenResty API on them (``scriptlb.shared_dict.HOOK_METHODS``)."""
+    from scriptlb.shared_dict import HOOK_METHODS
+
+    _SHARED.clear()
+    _SHARED.update(dicts)
+    for shared in dicts.values():
+        expose(type(shared), HOOK_METHODS)
+
+
+class SharedView:
+    """``ngx.shared``: ``ngx.shared.NAME`` / ``ngx.shared["NAME"]``, None for an unknown name."""
+
+    __slots__ = ()
+
+    def __getitem__(self, name: Any) -> Any:
+        return _SHARED.get(name)
+
+    def __getattribute__(self, name: str) -> Any:  # compiled as a plain read, like ngx.var
+        if name[:1] == "_":
+            return object.__getattribute__(self, name)
+        return _SHARED.get(name)
+
+
 class Worker:
     """``ngx.worker``."""
 
@@ -423,6 +451,7 @@ class Ngx:
     HTTP_SERVICE_UNAVAILABLE, HTTP_GATEWAY_TIMEOUT = 503, 504
 
     var = VarView()
+    shared = SharedView()
     worker = Worker()
     req = Req()
 
@@ -539,3 +568,4 @@ expose(Worker, ["id", "count", "pid"])
 expose(Req, ["get_headers", "get_method", "get_uri_args"])
 expose(Upstream, ["get_primary_peers", "get_backup_peers", "set_peer_down", "current_upstream_name"])
 expose_dynamic(VarView, _variable)
+expose_dynamic(SharedView, lambda _view, name: _SHARED.get(name))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from pathlib import Path
 
 import pytest
 from hook_helpers import run, value
@@ -409,3 +410,27 @@ def test_api_outside_a_run() -> None:
         api.balancer.set_current_peer("127.0.0.1:1")
     with pytest.raises(RuntimeError, match="no request found"):
         _ = api.ngx.ctx
+
+
+def test_ngx_shared(tmp_path: Path) -> None:
+    from scriptlb import api
+    from scriptlb.shared_dict import SharedDict
+
+    counters = SharedDict(str(tmp_path), "counters", 1 << 20)
+    api.set_shared_dicts({"counters": counters})
+    try:
+        code = """
+            d = ngx.shared.counters
+            ngx.ctx["n"] = [d.incr("hits", 1, 0)[0], ngx.shared["counters"].incr("hits", 1)[0]]
+            ngx.ctx["missing"] = ngx.shared.nope
+            d.set("last", ngx.var.uri)
+            balancer.set_current_peer("127.0.0.1:1")
+        """
+        result = run(code, uri="/seen")
+        assert result.ctx == {"n": [1, 2], "missing": None}
+        assert counters.get("last") == ("/seen", None)
+        closed = run("ngx.shared.counters.close()")
+        assert "no attribute 'close' visible to hooks" in closed.outcome.message
+    finally:
+        api.set_shared_dicts({})
+        counters.close()

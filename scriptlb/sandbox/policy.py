@@ -59,7 +59,7 @@ def _tick_stmt(like: ast.AST) -> ast.Expr:
 # API by construction (api.py keeps internals behind ``_``), so the guard would only cost time.
 # One level deeper is direct too for the namespaces below, e.g. ``ngx.var.uri``.
 API_GLOBALS = frozenset({"ngx", "balancer", "upstream"})
-_API_NAMESPACES = frozenset({"var", "worker", "req", "balancer", "upstream"})
+_API_NAMESPACES = frozenset({"var", "shared", "worker", "req", "balancer", "upstream"})
 
 
 def _rebound_names(tree: ast.AST) -> set[str]:
