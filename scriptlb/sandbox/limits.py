@@ -55,6 +55,7 @@ class SandboxLimitError(Exception):
 
 # --------------------------------------------------------------------------- budget
 
+
 class Budget:
     """The run in progress: its deadline (perf_counter seconds; 0.0 = no run) and whether
     ``tick()`` has stopped it. One per process; the runner writes the fields directly."""
@@ -75,18 +76,6 @@ def tick() -> None:
     if clock() > BUDGET.deadline:
         BUDGET.tripped = True
         raise HookTimeout
-
-
-def arm(budget: float) -> None:
-    """Start a run with ``budget`` seconds (HookRunner.run inlines this)."""
-    BUDGET.tripped = False
-    BUDGET.deadline = clock() + budget
-
-
-def disarm() -> bool:
-    """End the run; returns whether it was stopped (even if hook code swallowed the stop)."""
-    BUDGET.deadline = 0.0
-    return BUDGET.tripped
 
 
 # --------------------------------------------------------------------------- hard fuse
