@@ -52,6 +52,10 @@ _NO_BODY_STATUS = frozenset({204, 304})
 
 _conn_ids = itertools.count(1)
 
+# lengths of the request header names on_header acts on: host, expect, connection,
+# content-length, transfer-encoding (every other name is stored without being lower-cased)
+_NOTED_HEADER_LENGTHS = frozenset({4, 6, 10, 14, 17})
+
 
 def next_connection_id() -> int:
     """nginx's connection counter ($connection, the ``*N`` in error-log lines)."""
@@ -186,6 +190,9 @@ class ClientConnection(asyncio.Protocol):
         self.server_addr = ""
         self.server_port = 0
         self._parser = httptools.HttpRequestParser(self)
+        number, size = listener.header_buffers  # large_client_header_buffers
+        self._header_line_max = size
+        self._head_max = number * size
         self.closed = False
         self.route: object = None  # the handler layer's per-connection routing cache
         self.host_cache: tuple | None = None  # the handler layer's (raw Host -> server) cache
@@ -336,16 +343,27 @@ class ClientConnection(asyncio.Protocol):
             value = value.rstrip(b" \t")
         line = len(name) + len(value) + 4
         request.head_size += line
-        number, size = self.listener.header_buffers
-        if line > size or request.head_size > number * size:
+        if line > self._header_line_max or request.head_size > self._head_max:
             raise ClientError(494, "client sent too long header line while reading client request headers")
         request.headers.append((name, value))
-        lower = name.lower()
+        if len(name) in _NOTED_HEADER_LENGTHS:  # lower-case only the few names we act on
+            self._note_header(request, name.lower(), value)
+
+    def _note_header(self, request: Request, lower: bytes, value: bytes) -> None:
         if lower == b"host":
             if request.host is not None:
                 raise ClientError(400, "client sent duplicate host header "
                                        "while reading client request headers")
             request.host = value
+        elif lower == b"content-length":
+            request.content_length = int(value)  # llhttp validated the digits and duplicates
+        elif lower == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                # nginx implements only "chunked" and answers 501 to anything else
+                shown = value.decode("latin-1")
+                raise ClientError(501, f'client sent unknown "Transfer-Encoding": "{shown}" '
+                                       "while reading client request headers")
+            request.chunked = True
         elif lower == b"expect":
             request.expect_continue = value.lower() == b"100-continue"
         elif lower == b"connection":
@@ -384,18 +402,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _read_framing(self, request: Request) -> None:
         # llhttp already rejects Content-Length together with Transfer-Encoding, duplicate
-        # Content-Length lines and any Transfer-Encoding other than a final "chunked".
-        for name, value in request.headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                request.content_length = int(value)
-            elif lower == b"transfer-encoding":
-                if value.lower() != b"chunked":
-                    # nginx implements only "chunked" and answers 501 to anything else
-                    shown = value.decode("latin-1")
-                    raise ClientError(501, f'client sent unknown "Transfer-Encoding": "{shown}" '
-                                           "while reading client request headers")
-                request.chunked = True
+        # Content-Length lines and any Transfer-Encoding other than a final "chunked";
+        # on_header noted the values.
         request.has_body = request.chunked or bool(request.content_length)
         if request.chunked and request.version == "1.0":
             raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "
