@@ -243,3 +243,14 @@ def test_mixed_misbehaving_peers_under_concurrency_leave_no_loop_errors(tmp_path
             errors = list(lb.thread.loop_errors)
     assert errors == []
     assert outcomes.get("200", 0) > 0 and set(outcomes) <= {"200", "502", "503", "504", "truncated"}
+
+
+def test_upstream_keepalive_requests_limits_a_pooled_connection(tmp_path: Path) -> None:
+    with (
+        Backends(respond()) as bk,
+        start(tmp_path, bk[0].addr, idle="60s; keepalive_requests 2") as lb,
+        HttpConnection(lb.port) as client,
+    ):
+        for _ in range(5):
+            assert client.request("GET", "/").status == 200
+    assert bk[0].connections == 3  # 2 + 2 + 1 requests
