@@ -43,8 +43,12 @@ TARGETS: tuple[Target, ...] = (
     Target("scriptlb", "scriptlb round robin", "scriptlb"),
     Target("scriptlb-hook", "scriptlb + balancer_by_python_block (crc32 of URI)", "scriptlb", hook=True),
     Target("scriptlb-2w", "scriptlb round robin, 2 workers", "scriptlb", workers=2),
+    # optional reference, not in the default set: bench/floor_proxy.py, a minimal uvloop+httptools
+    # proxy showing what the same event loop and parser reach here
+    Target("py-floor", "minimal uvloop+httptools proxy (reference floor, not scriptlb)", "floor"),
 )
 TARGET_NAMES = tuple(t.name for t in TARGETS)
+DEFAULT_TARGETS = tuple(t.name for t in TARGETS if t.kind != "floor")
 
 
 def target(name: str) -> Target:
@@ -288,6 +292,8 @@ def config_for(t: Target, prefix: str, listen: int, ports: list[int],
         return "nginx.conf", nginx_proxy_conf(prefix, listen, ports, t.hook)
     if t.kind == "haproxy":
         return "haproxy.cfg", haproxy_conf(prefix, listen, ports, haproxy_maxconn(fd_limit))
+    if t.kind == "floor":
+        return "floor.args", f"{listen} {','.join(str(p) for p in ports)}\n"
     if t.kind == "scriptlb":
         return "scriptlb.conf", scriptlb_conf(prefix, listen, ports, t.hook, t.workers,
                                               balancer_keepalive=balancer_keepalive)

@@ -37,6 +37,9 @@ RATIOS = (
     ("CPU-normalized scriptlb / nginx", "nginx", "scriptlb", "cpu_s_per_1k", ">= 0.9", lambda r: r >= 0.9),
     ("CPU-normalized scriptlb-hook / scriptlb", "scriptlb", "scriptlb-hook", "cpu_s_per_1k", ">= 0.9",
      lambda r: r >= 0.9),
+    # the optional py-floor reference (bench/floor_proxy.py): how far scriptlb is from the floor
+    ("scriptlb / py-floor req/s", "scriptlb", "py-floor", "rps", None, None),
+    ("CPU-normalized scriptlb / py-floor", "py-floor", "scriptlb", "cpu_s_per_1k", None, None),
 )
 IDLE_GOAL_KIB = 8.0
 
@@ -77,7 +80,7 @@ def ratios(fig: dict, path: str = "/") -> list[dict]:
         a, b = _metric(fig, num, metric, path), _metric(fig, den, metric, path)
         value = a / b if a is not None and b else None
         met = None if value is None or test is None else bool(test(value))
-        out.append({"name": name, "value": value, "goal": goal, "met": met})
+        out.append({"name": name, "value": value, "goal": goal, "met": met, "targets": [num, den]})
     idle = fig.get("targets", {}).get("scriptlb", {}).get("idle", {})
     per = idle.get("kib_per_conn")
     out.append({"name": "scriptlb RSS per idle keep-alive connection (KiB)", "value": per,
@@ -135,7 +138,10 @@ def markdown(fig: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Ratios (on `/`, medians) and the targets of issue 4", "",
               "| ratio | measured | goal | met |", "|---|---|---|---|"]
+    ran = set(fig.get("targets", {}))
     for r in ratios(fig):
+        if not set(r.get("targets", ())) <= ran:
+            continue  # a target this run was not asked for
         met = {True: "yes", False: "**no**", None: "—"}[r["met"]]
         lines.append(f"| {r['name']} | {_f(r['value'], '{:.2f}')} | {r['goal'] or '—'} | {met} |")
     health = [(n, p, pf) for n, t in fig.get("targets", {}).items()

@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--duration", type=int, help="seconds per measured wrk run")
     ap.add_argument("--warmup", type=int, help="seconds of warm-up before each measured run")
     ap.add_argument("--reps", type=int, help="interleaved repetitions per target and path")
-    ap.add_argument("--targets", help="comma-separated subset of: " + ",".join(bench_conf.TARGET_NAMES))
+    ap.add_argument("--targets", help="comma-separated subset of: " + ",".join(bench_conf.TARGET_NAMES)
+                    + " (default: all but py-floor, an optional minimal-proxy reference)")
     ap.add_argument("--paths", help="comma-separated URIs to load (default: / and /big; --quick: /)")
     ap.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     ap.add_argument("--idle-conns", type=int, help="idle keep-alive connections to open (default 10000)")
@@ -82,7 +83,7 @@ class Harness:
         self.paths = args.paths.split(",") if args.paths else list(base["paths"])
         self.idle_n = args.idle_conns if args.idle_conns is not None else base["idle"]
         self.budget = base["budget"]
-        names = args.targets.split(",") if args.targets else list(bench_conf.TARGET_NAMES)
+        names = args.targets.split(",") if args.targets else list(bench_conf.DEFAULT_TARGETS)
         self.targets = [bench_conf.target(n.strip()) for n in names if n.strip()]
         self.out = Path(args.out)
         self.work = self.out / "work"
@@ -198,6 +199,8 @@ class Harness:
 
     def config_test(self, t: bench_conf.Target, prefix: str, conf: str) -> str | None:
         """None if the target's own config check passes, else the error text."""
+        if t.kind == "floor":
+            return None
         if t.kind == "nginx":
             argv = [self.deps.nginx, "-t", "-p", prefix, "-c", conf, "-e", f"{prefix}/logs/error.log"]
         elif t.kind == "haproxy":
@@ -218,6 +221,8 @@ class Harness:
             miss = self.deps.missing("lua" if t.hook else "nginx")
         elif t.kind == "haproxy":
             miss = self.deps.missing("haproxy")
+        elif t.kind == "floor":
+            miss = None
         else:
             miss = None
             try:
@@ -257,6 +262,9 @@ class Harness:
             argv = [self.deps.nginx, "-p", prefix, "-c", conf, "-e", f"{prefix}/logs/error.log"]
         elif t.kind == "haproxy":
             argv = [self.deps.haproxy, "-db", "-f", conf]
+        elif t.kind == "floor":
+            argv = [sys.executable, str(HERE / "floor_proxy.py"), str(listen),
+                    ",".join(str(p) for p in self.backend_ports)]
         else:
             argv = [sys.executable, "-m", "scriptlb", "-p", prefix, "-c", conf]
         proc = self.procs.start(t.name, argv, cpus=self.cpus_for(t), cwd=str(ROOT))

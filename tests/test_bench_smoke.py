@@ -82,6 +82,9 @@ def test_configs_for_every_target(tmp_path: Path) -> None:
     for t in bench_conf.TARGETS:
         path = Path(bench_conf.write_target(t, str(tmp_path / t.name), 9200, ports, fd_limit=20000))
         text = path.read_text()
+        if t.kind == "floor":
+            assert text == "9200 9101,9102,9103,9104\n"
+            continue
         for p in ports:
             assert f"127.0.0.1:{p}" in text, (t.name, p)
         if t.kind in ("nginx", "scriptlb"):
@@ -422,5 +425,7 @@ def test_cli_arguments() -> None:
     assert h.duration == bench_run.QUICK["duration"] and h.paths == ["/"]
     h = bench_run.Harness(bench_run.parse_args(["--duration", "7"]))
     assert h.duration == 7 and h.paths == ["/", "/big"] and h.idle_n == 10000
+    assert [t.name for t in h.targets] == ["nginx", "nginx-lua", "haproxy", "scriptlb", "scriptlb-hook",
+                                           "scriptlb-2w"]
     with pytest.raises(KeyError):
         bench_run.Harness(bench_run.parse_args(["--targets", "nope"]))
