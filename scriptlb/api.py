@@ -270,6 +270,7 @@ class VarView:
     """``ngx.var``: read-only request variables; a missing one is None."""
 
     __slots__ = ()
+    __iter__ = None  # not iterable (the sequence protocol would probe ngx.var[0], [1], ...)
 
     def __getitem__(self, name: Any) -> str | None:
         return _variable(self, name)
@@ -343,7 +344,11 @@ class SharedView:
 
     __slots__ = ()
 
+    __iter__ = None  # not iterable: the old sequence protocol would call __getitem__(0, 1, ...) forever
+
     def __getitem__(self, name: Any) -> Any:
+        if type(name) is not str:
+            raise TypeError(f"bad shared dict name (string expected, got {_type_name(name)})")
         return _SHARED.get(name)
 
     def __getattribute__(self, name: str) -> Any:  # compiled as a plain read, like ngx.var
