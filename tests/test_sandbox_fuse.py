@@ -93,3 +93,19 @@ def test_memory_limit_turns_a_runaway_allocation_into_memory_error() -> None:
     """)
     assert (done.returncode, done.stdout) == (0, "MemoryError\n"), done.stderr
 
+
+
+def test_deeply_nested_tuples_hash_without_crashing_the_worker() -> None:
+    """tuple hashing recurses in C without Python's recursion check; the fuse raises the main
+    thread's stack limit so what a hook can build does not overflow it."""
+    done = python("""
+        from scriptlb.sandbox import limits
+
+        fuse = limits.install_worker_fuse(hard_seconds=30)
+        t = ()
+        for _ in range(400_000):
+            t = (t,)
+        print(hash(t) is not None)
+        fuse.stop()
+    """, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "True\n"), done.stderr

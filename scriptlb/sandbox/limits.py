@@ -155,20 +155,35 @@ def quiet_unraisable_stops() -> None:
     sys.unraisablehook = hook
 
 
-def install_worker_fuse(hard_seconds: float = 2.0, memory_bytes: int = 0) -> WorkerFuse:
-    """Arm the hard fuse in this worker (worker.py calls it after the fork).
+def install_worker_fuse(hard_seconds: float = 2.0, memory_bytes: int = 0,
+                        stack_bytes: int = 512 << 20) -> WorkerFuse:
+    """Arm the hard fuse in this worker (worker.py calls it after the fork, on the main thread).
 
     ``memory_bytes`` > 0 also sets RLIMIT_AS, so a runaway allocation fails with MemoryError
-    instead of dragging the host into swap.
+    instead of dragging the host into swap. ``stack_bytes`` raises the main thread's stack limit:
+    a few C routines recurse without Python's recursion check (hashing a tuple nested 150 000
+    deep overflows the default 8 MiB stack and crashes the worker); 512 MiB pushes that past
+    what a hook can build within its budgets.
     """
     global _FUSE
     if memory_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    _raise_stack_limit(stack_bytes)
     quiet_unraisable_stops()
     fuse = WorkerFuse(hard_seconds)
     fuse.start()
     _FUSE = fuse
     return fuse
+
+
+def _raise_stack_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    if soft == resource.RLIM_INFINITY or 0 < wanted <= soft:
+        return
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_STACK, (wanted, hard))
 
 
 def current_fuse() -> WorkerFuse | None:
