@@ -82,6 +82,7 @@ _IPV4 = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})")
 _UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
 _PEER_CACHE: dict[Any, PeerAddr | str] = {}  # addr (port 0) or (addr, port) -> parsed
 _PEER_CACHE_MAX = 4096
+_CACHED_ADDR_MAX = 128  # "unix:" + the longest socket path fits
 
 
 def _ipv4(text: str) -> str | None:
@@ -151,9 +152,10 @@ def parse_peer(addr: str, default_port: int) -> PeerAddr | str:
 
 def _parse_cached(addr: str, port: int) -> PeerAddr | str:
     parsed = parse_peer(addr, port)
-    if len(_PEER_CACHE) >= _PEER_CACHE_MAX:
-        _PEER_CACHE.clear()
-    _PEER_CACHE[addr if port == 0 else (addr, port)] = parsed
+    if len(addr) <= _CACHED_ADDR_MAX:  # real addresses are short; hook-made junk is not kept
+        if len(_PEER_CACHE) >= _PEER_CACHE_MAX:
+            _PEER_CACHE.clear()
+        _PEER_CACHE[addr if port == 0 else (addr, port)] = parsed
     return parsed
 
 
@@ -316,7 +318,7 @@ def _variable_getter(name: str) -> Any:
         getter = variable_getter(name.lower())
     except KeyError:
         getter = _missing_variable
-    if len(_GETTERS) < 1024:  # names come from hook code, but stay bounded anyway
+    if len(_GETTERS) < 1024 and len(name) <= 256:  # names come from hook code: stay bounded
         _GETTERS[name] = getter
     return getter
 

@@ -434,3 +434,18 @@ def test_ngx_shared(tmp_path: Path) -> None:
     finally:
         api.set_shared_dicts({})
         counters.close()
+
+
+def test_caches_keep_no_hook_made_junk() -> None:
+    from scriptlb import api
+
+    peers, getters = len(api._PEER_CACHE), len(api._GETTERS)
+    result = run("""
+        for i in range(50):
+            balancer.set_current_peer("x" * 1000 + str(i))
+            v = ngx.var["http_" + "y" * 1000 + str(i)]
+        balancer.set_current_peer("127.0.0.1:1")
+    """)
+    assert result.kind is None
+    assert len(api._GETTERS) == getters
+    assert len(api._PEER_CACHE) <= peers + 1
