@@ -214,3 +214,12 @@ def test_hook_set_peer_and_more_tries_trail(tmp_path: Path, use_uvloop: bool) ->
             assert get(lb.port, "/").body == b"ok"
     assert trail(tmp_path)[0][:3] == (f"127.0.0.1:{dead}, {bk[0].addr}", "502, 200", "200")
     assert "last failure failed 502" in error_log(tmp_path)
+
+
+def test_method_declared_before_the_hook_is_the_fallback(tmp_path: Path) -> None:
+    hook = "balancer_by_python_block {\n        x = 1\n    }"  # never sets a peer
+    with Backends(respond(body=b"a"), respond(body=b"b"), respond(body=b"c")) as bk, \
+            start(conf("hash $request_uri; " + servers(bk), hook), tmp_path) as lb:
+        by_uri = {uri: {get(lb.port, uri).body for _ in range(4)} for uri in ("/1", "/2", "/3", "/4")}
+    assert all(len(bodies) == 1 for bodies in by_uri.values())  # hash: one peer per URI, no rotation
+    assert len(set().union(*by_uri.values())) > 1
