@@ -149,13 +149,17 @@ class ListenerContext:
         header_timeout: float = 60.0,
         header_buffers: tuple[int, int] = (4, 8192),
         keys: tuple = (),
+        connections: set[ClientConnection] | None = None,
+        max_connections: int = 0,
     ) -> None:
         self.open_exchange = open_exchange
         self.keys = keys  # the listen keys this socket serves (routing is the handler's business)
+        # the worker's client connections (shared by its listeners) and worker_connections
+        self.connections: set[ClientConnection] = connections if connections is not None else set()
+        self.max_connections = max_connections  # 0: no limit
         # the default server's values: the Host (hence the server) is unknown while reading a head
         self.header_timeout = header_timeout
         self.header_buffers = header_buffers
-        self.connections: set[ClientConnection] = set()
         self.shutting_down = False  # graceful stop: finish the active request, then close
         # called after we answered a request no handler saw (malformed, 414, 494...), for logs
         self.on_client_error: Callable[[ClientConnection, Request, int], None] | None = None
@@ -242,7 +246,14 @@ class ClientConnection(asyncio.Protocol):
             self.remote_addr = "unix:"
         if isinstance(sock, tuple):
             self.server_addr, self.server_port = sock[0], sock[1]
-        self.listener.connections.add(self)
+        listener = self.listener
+        if listener.max_connections and len(listener.connections) >= listener.max_connections:
+            # nginx drops the connection it cannot take and says why
+            errorlog.log_error("alert", f"{listener.max_connections} worker_connections are not enough")
+            self.closed = True
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        listener.connections.add(self)
         self._arm(_HEAD, self.listener.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:

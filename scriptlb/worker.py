@@ -65,6 +65,7 @@ class Worker:
         await self._shutdown(graceful)
 
     async def _start_servers(self, runtime: Runtime) -> None:
+        connections: set[ClientConnection] = set()  # worker_connections counts them all
         by_socket: dict[int, tuple[socket.socket, list[Key]]] = {}
         for key, sock in self.listeners.items():
             by_socket.setdefault(id(sock), (sock, []))[1].append(key)
@@ -78,6 +79,8 @@ class Worker:
                 header_timeout=server_conf.client_header_timeout,
                 header_buffers=server_conf.large_client_header_buffers,
                 keys=tuple(keys),
+                connections=connections,
+                max_connections=self.conf.worker_connections,
             )
             context.on_client_error = runtime.log_client_error
             self.contexts.append(context)
@@ -133,7 +136,7 @@ class Worker:
             for context in self.contexts:
                 for conn in list(context.connections):
                     conn.close_if_idle()
-            await asyncio.sleep(_DRAIN_POLL)
+            await asyncio.sleep(_DRAIN_POLL)  # polled: a drain is rare and has no deadline
 
     def install_signals(self) -> None:
         loop = self.loop

@@ -398,3 +398,15 @@ def test_keepalive_timeout_closes_an_idle_connection(loop: asyncio.AbstractEvent
     loop.run_until_complete(wait_closed())
     assert h.transport.closed
     assert h.transport.take().endswith(b"done")  # nothing written at the timeout itself
+
+
+def test_worker_connections_limit_drops_the_extra_connection(
+    loop: asyncio.AbstractEventLoop, log_file: Path
+) -> None:
+    first = Harness(loop, max_connections=1)
+    second = ClientConnection(first.context, loop)
+    transport = FakeTransport()
+    second.connection_made(transport)  # type: ignore[arg-type]
+    assert transport.aborted and second not in first.context.connections
+    assert "[alert]" in log_file.read_text() and "1 worker_connections are not enough" in log_file.read_text()
+    assert first.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
