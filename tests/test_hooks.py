@@ -351,3 +351,31 @@ def test_scriptlb_t_reports_a_broken_hook(tmp_path: Path) -> None:
                 f'"__len__" is an invalid attribute name because it starts with "_". in {hook_file}:2')
     assert expected in done.stderr
     assert "test failed" in done.stderr
+
+
+# --------------------------------------------------------------------------- example: consistent hash
+
+
+def test_consistent_hash_example_moves_only_the_new_peers_share() -> None:
+    from hook_helpers import upstream as make_upstream
+
+    root = Path(__file__).resolve().parent.parent
+    python = PythonConf(package_path=(str(root / "hooks" / "lib" / "?.py"),))
+    hook_conf = HookConf("file", str(root / "hooks" / "consistent_hash.py"), None, Source(CHUNK, 1))
+
+    def owners(peers: int) -> dict[str, PeerAddr]:
+        up = make_upstream(peers)
+        hook = HookRunner(hook_conf, up, python, log=_drop)
+        picks = {}
+        for i in range(300):
+            outcome = hook.run(exchange(f"/item/{i}"), up)
+            assert outcome.error is None, outcome.message
+            picks[f"/item/{i}"] = outcome.addr
+        return picks
+
+    three, four = owners(3), owners(4)
+    moved = [uri for uri in three if three[uri] != four[uri]]
+    new_peer = PeerAddr("127.0.0.1", 9004)
+    assert all(four[uri] == new_peer for uri in moved)  # only to the new server
+    assert 30 < len(moved) < 130  # about a quarter of the keys
+    assert len(set(three.values())) == 3

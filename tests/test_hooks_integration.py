@@ -16,12 +16,13 @@ from scriptlb.config.model import PythonConf
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def conf(servers: str, hook: str, location: str = "", upstream_extra: str = "") -> str:
+def conf(servers: str, hook: str, location: str = "", upstream_extra: str = "", http_extra: str = "") -> str:
     return f"""
 daemon off;
 master_process off;
 error_log {{tmp}}/error.log info;
 http {{
+    {http_extra}
     log_format trail '$upstream_addr|$upstream_status|$status|$request';
     upstream u {{
         {servers}
@@ -223,3 +224,16 @@ def test_method_declared_before_the_hook_is_the_fallback(tmp_path: Path) -> None
         by_uri = {uri: {get(lb.port, uri).body for _ in range(4)} for uri in ("/1", "/2", "/3", "/4")}
     assert all(len(bodies) == 1 for bodies in by_uri.values())  # hash: one peer per URI, no rotation
     assert len(set().union(*by_uri.values())) > 1
+
+
+def test_consistent_hash_with_a_package_module(tmp_path: Path) -> None:
+    install(tmp_path, "consistent_hash")
+    (tmp_path / "hooks" / "lib").mkdir()
+    (tmp_path / "hooks" / "lib" / "ring.py").write_text((ROOT / "hooks" / "lib" / "ring.py").read_text())
+    with Backends(respond(body=b"0"), respond(body=b"1"), respond(body=b"2")) as bk, start(
+            conf(servers(bk), "balancer_by_python_file hooks/consistent_hash.py;",
+                 http_extra='python_package_path "hooks/lib/?.py";'), tmp_path) as lb:
+        by_uri = {f"/{i}": {get(lb.port, f"/{i}").body for _ in range(2)} for i in range(12)}
+    assert all(len(bodies) == 1 for bodies in by_uri.values())
+    assert set().union(*by_uri.values()) == {b"0", b"1", b"2"}
+    assert [t[1] for t in trail(tmp_path)] == ["200"] * 24

@@ -94,6 +94,12 @@ def test_example_hooks_run(name: str, capsys: pytest.CaptureFixture[str]) -> Non
     assert result["peer"] in ("127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003")
 
 
+def test_example_with_a_package_module(capsys: pytest.CaptureFixture[str]) -> None:
+    code, result = hook_run(capsys, str(ROOT / "hooks" / "consistent_hash.py"), "--uri", "/x",
+                            "--package-path", str(ROOT / "hooks" / "lib" / "?.py"))
+    assert (code, result["outcome"], result["peer"]) == (0, "ok", "127.0.0.1:8080")
+
+
 def test_cli_dispatch(tmp_path: Path) -> None:
     hook = write(tmp_path, "balancer.set_current_peer('127.0.0.1:9001')\n")
     done = subprocess.run(scriptlb_cmd("hook", "run", hook), capture_output=True, text=True, timeout=30)
