@@ -299,6 +299,18 @@ class Instance:
         self._workers_seen |= found
         return found
 
+    def wait_workers(self, count: int, without: int | None = None, what: str = "") -> set[int]:
+        """Wait until the master has exactly ``count`` workers (none of them ``without``); one
+        /proc snapshot per poll, so the set returned is the set that matched."""
+
+        def matching() -> set[int] | None:
+            found = self.workers()
+            return found if len(found) == count and without not in found else None
+
+        found = wait_until(matching, what=what or f"{count} workers")
+        assert isinstance(found, set)
+        return found
+
     def log_text(self) -> str:
         try:
             return self.error_log.read_text(errors="replace")
@@ -350,7 +362,7 @@ def test_master_forks_workers_that_serve_and_owns_the_pid_file(lb: Instance) -> 
     lb.start()
     master = lb.wait_ready(port)
     assert lb.proc is not None and master == lb.proc.pid
-    workers = wait_until(lambda: len(lb.workers()) == 2 and lb.workers(), what="2 workers")
+    workers = lb.wait_workers(2, what="2 workers")
     # reuseport: the kernel spreads fresh connections over both workers' sockets
     seen: set[str] = set()
     for _ in range(20):
@@ -376,14 +388,14 @@ def test_reload_switches_to_the_new_config_and_retires_old_workers(lb: Instance)
     lb.write(port, text="gen1", workers=2)
     lb.start()
     master = lb.wait_ready(port)
-    old_workers = wait_until(lambda: len(lb.workers()) == 2 and lb.workers(), what="2 workers")
+    old_workers = lb.wait_workers(2, what="2 workers")
 
     lb.write(port, text="gen2", workers=3)
     result = lb.cli("-s", "reload")
     assert result.returncode == 0, result.stderr
     wait_until(lambda: (try_get(port) or (0, ""))[1].startswith("gen2"), what="gen2 answers")
     wait_until(lambda: not any(alive(pid) for pid in old_workers), what="old workers to exit")
-    new_workers = wait_until(lambda: len(lb.workers()) == 3 and lb.workers(), what="3 new workers")
+    new_workers = lb.wait_workers(3, what="3 new workers")
     assert not new_workers & old_workers
     assert lb.pid() == master
     log = lb.wait_log("reconfiguring")
@@ -397,7 +409,7 @@ def test_broken_config_on_reload_keeps_the_old_one_serving(lb: Instance) -> None
     lb.write(port, text="gen1")
     lb.start()
     lb.wait_ready(port)
-    workers = wait_until(lambda: len(lb.workers()) == 2 and lb.workers(), what="2 workers")
+    workers = lb.wait_workers(2, what="2 workers")
 
     good = lb.conf.read_text()
     lb.conf.write_text(good.replace("events", "fooo on;\nevents", 1))
@@ -426,7 +438,7 @@ def test_reload_opens_new_listeners_closes_dropped_ones_and_survives_a_busy_port
     lb.write(port_a, text="gen2", extra_listens=f"listen 127.0.0.1:{port_b};")
     os.kill(lb.pid() or 0, signal.SIGHUP)
     wait_until(lambda: (try_get(port_b) or (0, ""))[1].startswith("gen2"), what="gen2 on the new port")
-    old_gone = wait_until(lambda: len(lb.workers()) == 2 and lb.workers(), what="only the 2 new workers")
+    old_gone = lb.wait_workers(2, what="only the 2 new workers")
 
     holder = socket.socket()  # a port someone else holds: the reload must fail, not the server
     holder.bind(("127.0.0.1", 0))
@@ -573,7 +585,7 @@ def test_reload_lets_the_old_workers_finish_in_flight_requests(lb: Instance, slo
     lb.write(port, text="gen1", backend=backend.port, workers=1)
     lb.start()
     lb.wait_ready(port)
-    (old_worker,) = wait_until(lambda: len(lb.workers()) == 1 and lb.workers(), what="the worker")
+    (old_worker,) = lb.wait_workers(1, what="the worker")
 
     result: list[object] = []
     client = threading.Thread(target=lambda: result.append(get(port, "/slow", timeout=10)), daemon=True)
@@ -594,7 +606,7 @@ def test_term_stops_at_once_without_waiting_for_requests(lb: Instance, slow_back
     lb.write(port, backend=backend.port, workers=2)
     lb.start()
     master = lb.wait_ready(port)
-    workers = lb.workers()
+    workers = lb.wait_workers(2)
 
     outcome: list[object] = []
 
@@ -651,13 +663,11 @@ def test_a_worker_that_dies_is_replaced(lb: Instance, signo: signal.Signals) -> 
     lb.write(port, workers=2)
     lb.start()
     lb.wait_ready(port)
-    workers = wait_until(lambda: len(lb.workers()) == 2 and lb.workers(), what="2 workers")
+    workers = lb.wait_workers(2, what="2 workers")
 
     victim = min(workers)
     os.kill(victim, signo)
-    replaced = wait_until(
-        lambda: len(lb.workers()) == 2 and victim not in lb.workers() and lb.workers(), what="a replacement"
-    )
+    replaced = lb.wait_workers(2, without=victim, what="a replacement")
     assert (replaced - workers) and (workers - {victim}) <= replaced
     log = lb.wait_log(f"worker process {victim} exited on signal {int(signo)}")
     new_pid = next(iter(replaced - workers))
@@ -681,7 +691,7 @@ def test_listen_backlog_is_applied(lb: Instance) -> None:
     lb.write(port, listen_options="backlog=37")
     lb.start()
     lb.wait_ready(port)
-    wait_until(lambda: len(lb.workers()) == 2, what="2 workers")
+    lb.wait_workers(2)
     assert get(port)[0] == 200  # the workers have started serving
     assert listen_backlog(port) == 37
 
@@ -722,7 +732,7 @@ def test_workers_stop_when_the_master_is_killed(lb: Instance) -> None:
     lb.write(port, workers=2)
     lb.start()
     master = lb.wait_ready(port)
-    workers = wait_until(lambda: len(lb.workers()) == 2 and lb.workers(), what="2 workers")
+    workers = lb.wait_workers(2, what="2 workers")
     os.kill(master, signal.SIGKILL)
     wait_until(lambda: not any(alive(pid) for pid in workers), what="the orphaned workers to exit")
     wait_until(lambda: connect_refused(port), what="the port to be free")
