@@ -128,6 +128,42 @@ def split_target(target: bytes) -> tuple[str, str | None] | None:
 class Exchange:
     """One request: what variables, hooks and logs read, and the code that serves it."""
 
+    __slots__ = (
+        "_early_status",
+        "_finished",
+        "args",
+        "body_bytes_sent",
+        "bytes_sent",
+        "conn",
+        "connect_timeout",
+        "ctx",
+        "headers",
+        "host",
+        "http_version",
+        "last_failure",
+        "location",
+        "loop",
+        "method",
+        "proxy_host",
+        "read_timeout",
+        "request",
+        "request_uri",
+        "response_headers",
+        "runtime",
+        "scheme",
+        "send_timeout",
+        "server",
+        "start_time",
+        "status",
+        "tries",
+        "tries_cap",
+        "tries_left",
+        "upstream_headers",
+        "upstream_name",
+        "upstream_request",
+        "uri",
+    )
+
     def __init__(self, conn: ClientConnection, request: Request, runtime: Runtime) -> None:
         self.conn = conn
         self.request = request
@@ -401,6 +437,34 @@ class UpstreamRequest:
     What the hook API and variables read stays on the exchange (``tries``, ``tries_left``,
     ``last_failure``, the three timeouts); this object only drives the tries.
     """
+
+    __slots__ = (
+        "_addr",
+        "_body",
+        "_body_conn",
+        "_conn",
+        "_connecting",
+        "_done",
+        "_head",
+        "_idempotent",
+        "_key",
+        "_local_addr",
+        "_passing",
+        "_peer_to_free",
+        "_pool",
+        "_record",
+        "_reused",
+        "_started",
+        "_state",
+        "_stream_body",
+        "_waiting_body",
+        "conf",
+        "exchange",
+        "location",
+        "loop",
+        "plan",
+        "upstream",
+    )
 
     def __init__(self, exchange: Exchange, upstream: UpstreamRuntime) -> None:
         self.exchange = exchange
