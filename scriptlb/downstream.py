@@ -184,9 +184,11 @@ _PHASE_TEXT = {
 
 
 class ClientConnection(asyncio.Protocol):
+    """One client socket: parses requests, hands each to a handler, writes its response."""
+
     def __init__(self, listener: ListenerContext, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.listener = listener
-        self.loop = loop or asyncio.get_event_loop()
+        self.loop = loop or asyncio.get_running_loop()
         self.conn_id = next_connection_id()
         self.transport: asyncio.Transport | None = None
         self.remote_addr = ""
@@ -216,7 +218,6 @@ class ClientConnection(asyncio.Protocol):
         self._parsing: Request | None = None
         self._parsing_handler: RequestHandler | None = None
         self._head_done = False  # the request being parsed is past its head (errors: body)
-        self._header_name_bytes = 0
         self.active: RequestHandler | None = None
         self._active_request: Request | None = None
         self._queue: deque[tuple[Request, RequestHandler]] = deque()
@@ -334,7 +335,6 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._parsing = Request()
         self._head_done = False
-        self._header_name_bytes = 0
         if self.active is None:
             self._arm(_HEAD, self.listener.header_timeout)
 
