@@ -241,6 +241,12 @@ def test_mixed_misbehaving_peers_under_concurrency_leave_no_loop_errors(tmp_path
             assert not any(thread.is_alive() for thread in threads)
             assert get(lb.port, "/still-serving").status in (200, 502, 504)
             errors = list(lb.thread.loop_errors)
+            # nothing left behind: no client connection, no task but the worker's own
+            worker = lb.thread.worker
+            assert wait_until(lambda: not any(c.connections for c in worker.contexts))
+            tasks = in_loop(lb.thread.loop, lambda: [
+                t for t in asyncio.all_tasks() if t is not asyncio.current_task()])
+            assert len(tasks) == 1  # Worker.serve itself
     assert errors == []
     assert outcomes.get("200", 0) > 0 and set(outcomes) <= {"200", "502", "503", "504", "truncated"}
 
