@@ -76,6 +76,8 @@ class TryRecord:
         return f"<TryRecord {self.addr} {self.status}>"
 
 
+_READING_HEADER = "reading response header from upstream"  # nginx's log action
+
 # proxy_request_buffering off: stop reading the client when this much body waits for a peer
 STREAM_BODY_WAITING = 64 * 1024
 
@@ -731,7 +733,7 @@ class UpstreamRequest:
             if verdict == RETRY:
                 record.response_time = self.loop.time() - record.started
                 self._drop_conn()
-                self._free_try(failed=is_counted_failure(failure, True), failure=failure)
+                self._free_try(is_counted_failure(failure, True), failure, _READING_HEADER)
                 self._next_try()
                 return
         self._pass_response(response)
@@ -793,7 +795,7 @@ class UpstreamRequest:
         record.response_time = self.loop.time() - record.started  # nginx: every try has one
         self._log_error(err, err.phase)
         self._drop_conn()
-        self._free_try(failed=True, failure=failure)
+        self._free_try(True, failure, err.phase)
         verdict = decide(failure, self._state.tries, self._started, self.loop.time(), self.conf,
                          self._idempotent, request_sent=err.request_sent)
         if verdict == RETRY:
@@ -837,21 +839,25 @@ class UpstreamRequest:
 
     # ------------------------------------------------------------------ accounting, logs
 
-    def _free_try(self, failed: bool, failure: Failure) -> None:
+    def _free_try(self, failed: bool, failure: Failure, phase: str) -> None:
         """Free the try's peer: the balancer's own, or (hook-set peer) our own accounting."""
         if self._peer_to_free is not None:
-            self._free_peer(failed)
+            self._free_peer(failed, phase)
             return
         state = self._state
         if state.tries:
             state.tries -= 1
         self.exchange.last_failure = (last_failure_state(failure), last_failure_status(failure))
 
-    def _free_peer(self, failed: bool) -> None:
+    def _free_peer(self, failed: bool, phase: str = "") -> None:
         peer = self._peer_to_free
-        if peer is not None:
-            self._peer_to_free = None
-            self.upstream.balancer.free(self._state, peer, failed, self.loop.time())
+        if peer is None:
+            return
+        self._peer_to_free = None
+        if self.upstream.balancer.free(self._state, peer, failed, self.loop.time()):
+            ex = self.exchange  # this failure reached max_fails: nginx says so
+            errorlog.log_error("warn", f"upstream server temporarily disabled while {phase}", ex.conn_id,
+                               ex.log_context(peer.name))
 
     def _drop_conn(self) -> None:
         conn = self._conn

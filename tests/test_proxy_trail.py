@@ -86,6 +86,8 @@ def test_max_fails_takes_a_peer_out_for_fail_timeout(tmp_path: Path) -> None:
     assert rows[0] == (f"127.0.0.1:{dead}, {bk[0].addr}", "502, 200", "200")
     # the failed peer is skipped for the rest of the window: no more failed tries
     assert rows[1:] == [(bk[0].addr, "200", "200")] * 3
+    log = (tmp_path / "error.log").read_text()
+    assert "[warn]" in log and "upstream server temporarily disabled while connecting to upstream" in log
 
 
 def test_backup_used_only_when_primaries_fail(tmp_path: Path) -> None:
