@@ -6,6 +6,7 @@ Target (issue 3): a hook that picks a peer by crc32 of the URI costs <= 3 us per
 the best of ``--repeat`` timings (the least disturbed by other processes) for:
 
 * crc32-of-URI with a literal peer list (the target case),
+* the same in the ``(ip, port)`` form with ``enable_keepalive`` (the hook of bench/run.py),
 * the same with the peers read from the upstream (hooks/hash_by_uri.py),
 * an empty hook that only sets a peer (the fixed cost of a run: outcome, globals, budget).
 """
@@ -28,6 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CRC32_OF_URI = """
 peers = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
 balancer.set_current_peer(peers[ngx.crc32_short(ngx.var.uri) % len(peers)])
+"""
+PORT_FORM = """
+PORTS = (9001, 9002, 9003)
+ok, err = balancer.set_current_peer("127.0.0.1", PORTS[ngx.crc32_long(ngx.var.uri) % 3])
+if ok:
+    balancer.enable_keepalive(60, 0)
 """
 SET_PEER_ONLY = 'balancer.set_current_peer("127.0.0.1:9001")\n'
 
@@ -59,6 +66,7 @@ def main() -> None:
     upstream = SyntheticUpstream([PeerAddr("127.0.0.1", 9001 + i) for i in range(3)])
     cases = {
         "crc32 of URI, literal peers (target <= 3 us)": CRC32_OF_URI,
+        "(ip, port) form + enable_keepalive (bench/run.py)": PORT_FORM,
         "hooks/hash_by_uri.py (peers from upstream)": (ROOT / "hooks" / "hash_by_uri.py").read_text(),
         "set_current_peer only (fixed cost of a run)": SET_PEER_ONLY,
     }

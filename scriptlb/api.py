@@ -186,10 +186,14 @@ class Balancer:
         outcome = CURRENT.outcome
         if outcome is None:
             raise RuntimeError("no request found")
-        parsed = _PEER_CACHE.get(addr) if port is None else None  # the hot path: a cached "ip:port"
+        if type(addr) is not str:
+            raise _bad_type(1, "set_current_peer", "string", addr)
+        # the hot path: an address seen before ("ip:port", or "ip" with an int port)
+        if port is None:
+            parsed = _PEER_CACHE.get(addr)
+        else:
+            parsed = _PEER_CACHE.get((addr, port)) if type(port) is int else None
         if parsed is None:
-            if type(addr) is not str:
-                raise _bad_type(1, "set_current_peer", "string", addr)
             parsed = _parse_cached(addr, _port_argument(port))
         if host is not None and type(host) is not str:
             raise _bad_type(3, "set_current_peer", "string", host)

@@ -85,9 +85,25 @@ def test_set_current_peer_last_call_wins_including_host() -> None:
     ('"127.0.0.1", [80]', "bad argument #2 to 'set_current_peer' (number expected, got list)"),
     ('"127.0.0.1", "http"', "bad argument #2 to 'set_current_peer' (number expected, got str)"),
     ('"127.0.0.1:80", None, 5', "bad argument #3 to 'set_current_peer' (string expected, got int)"),
+    ("[80]", "bad argument #1 to 'set_current_peer' (string expected, got list)"),
+    ('"127.0.0.1", True', "bad argument #2 to 'set_current_peer' (number expected, got bool)"),
 ])
 def test_set_current_peer_argument_errors(call: str, message: str) -> None:
     assert value(f"balancer.set_current_peer({call})") == ("TypeError", message)
+
+
+def test_set_current_peer_cached_forms_give_the_same_answers() -> None:
+    result = run("""
+        ngx.ctx["r"] = [balancer.set_current_peer("127.0.0.1", 1), balancer.set_current_peer("127.0.0.1", 1)]
+        try:
+            balancer.set_current_peer("127.0.0.1", True)  # True == 1, but a bool is not a port
+        except TypeError as err:
+            ngx.ctx["err"] = str(err)
+        balancer.set_current_peer("127.0.0.1", 65536 + 1)
+    """)
+    assert result.ctx["r"] == [(True, None), (True, None)]
+    assert result.ctx["err"] == "bad argument #2 to 'set_current_peer' (number expected, got bool)"
+    assert result.outcome.addr == PeerAddr("127.0.0.1", 1)
 
 
 def test_set_current_peer_false_port_is_zero() -> None:
