@@ -92,6 +92,8 @@ def normalize_uri(path: str) -> str | None:
     """
     if "%" in path:
         path = unquote(path, errors="surrogateescape")
+        if "\x00" in path:
+            return None  # nginx: a decoded NUL is a bad request
     if "//" not in path and "/." not in path:
         return path
     trailing = path.endswith("/") or path.endswith("/.") or path.endswith("/..")

@@ -446,3 +446,21 @@ def test_empty_post_keeps_its_content_length(tmp_path: Path) -> None:
         assert get(lb.port, "/", method="GET").status == 200
     assert bk[0].requests[0].header("content-length") == "0"
     assert bk[0].requests[1].header("content-length") is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        ("/a/b", "/a/b"),
+        ("/a//b/./c/", "/a/b/c/"),
+        ("/a/b/../c", "/a/c"),
+        ("/a%20b/%2e%2e/c", "/c"),
+        ("/..", None),
+        ("/a/%00", None),
+        ("/a/..", "/"),
+    ],
+)
+def test_uri_normalization(raw: str, normalized: str | None) -> None:
+    from scriptlb.proxy import normalize_uri
+
+    assert normalize_uri(raw) == normalized
