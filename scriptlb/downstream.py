@@ -572,8 +572,9 @@ class ClientConnection(asyncio.Protocol):
         if self._chunked:
             frame = b"%x\r\n" % len(data)
             self.bytes_sent += len(frame) + len(data) + 2
-            if self.transport is not None and not self.closed:
-                self.transport.writelines((head, frame, data, b"\r\n") if head else (frame, data, b"\r\n"))
+            transport = self.transport
+            if transport is not None and not self.closed and not transport.is_closing():
+                transport.writelines((head, frame, data, b"\r\n") if head else (frame, data, b"\r\n"))
         else:
             self.bytes_sent += len(data)
             self._write(head + data if head else data)
@@ -631,8 +632,11 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
 
     def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        # A client that went away may still have its connection_lost pending, and uvloop
+        # raises on writes to a closed transport: drop the bytes, connection_lost follows.
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            transport.write(data)
 
     def close(self) -> None:
         if not self.closed:

@@ -70,13 +70,15 @@ class ConnectionPool:
         while stack:
             conn = stack.pop()
             del self._idle[conn]
-            if conn.state is ConnState.IDLE:
-                conn.reuse()
-                conn.on_idle_lost = None
-                self.reused += 1
-                if not stack:
-                    del self._by_key[key]
-                return conn
+            conn.on_idle_lost = None
+            if conn.state is not ConnState.IDLE or not conn.is_alive():
+                conn.close()  # closing under us (its connection_lost is still to come)
+                continue
+            conn.reuse()
+            self.reused += 1
+            if not stack:
+                del self._by_key[key]
+            return conn
         if stack is not None:
             del self._by_key[key]
         return None

@@ -263,6 +263,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._send_timeout = send_timeout
         self._last_read = self.loop.time()
         self._arm_timer(read_timeout)
+        if self.transport.is_closing():
+            # the peer closed it a moment ago and connection_lost is still on its way: fail
+            # like a connection closed before the response (a reused one is retried fresh)
+            self.loop.call_soon(self._fail, Failure.ERROR, _PREMATURE)
+            return
         if body:
             self.transport.writelines((head, body))
         else:
@@ -272,9 +277,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write_body(self, data: bytes, last: bool) -> None:
         """Stream request body bytes (already framed by the caller)."""
-        if self.transport is not None and self.state is ConnState.ACTIVE:
+        transport = self.transport
+        if transport is not None and self.state is ConnState.ACTIVE and not transport.is_closing():
             if data:
-                self.transport.write(data)
+                transport.write(data)
             if last:
                 self.request_complete = True
 
@@ -333,6 +339,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = now
         self._handler = None
         self._parser = None
+
+    def is_alive(self) -> bool:
+        """Still open as far as the transport knows (the pool skips ones closing under it)."""
+        return self.transport is not None and not self.transport.is_closing()
 
     def reuse(self) -> None:
         self.state = ConnState.ACTIVE

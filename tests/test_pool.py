@@ -20,9 +20,13 @@ class FakeConn:
         self.idle_since = 0.0
         self.on_idle_lost: object = None
         self.closed = False
+        self.closing = False  # the transport is closing (peer closed, connection_lost pending)
 
     def is_reusable(self, max_requests: int) -> bool:
         return self.reusable
+
+    def is_alive(self) -> bool:
+        return not self.closing
 
     def make_idle(self, now: float) -> None:
         self.state = ConnState.IDLE
@@ -126,3 +130,12 @@ def test_close_empties_the_pool_and_refuses_more(loop: asyncio.AbstractEventLoop
     later = FakeConn(A)
     assert not pool.release(later) and later.closed  # type: ignore[arg-type]
     assert "idle=0/4" in repr(pool)
+
+
+def test_connection_closing_under_the_pool_is_skipped(loop: asyncio.AbstractEventLoop) -> None:
+    pool = ConnectionPool(loop, max_idle=4)
+    good, closing = FakeConn(A), FakeConn(A)
+    pool.release(good)  # type: ignore[arg-type]
+    pool.release(closing)  # type: ignore[arg-type]
+    closing.closing = True
+    assert pool.acquire(A) is good and closing.closed and len(pool) == 0

@@ -29,6 +29,9 @@ class FakeTransport:
     def close(self) -> None:
         self.closed = True
 
+    def is_closing(self) -> bool:
+        return self.closed
+
     abort = close
 
     def pause_reading(self) -> None:
@@ -268,3 +271,15 @@ def test_garbage_after_a_complete_response_is_not_a_failure(loop: asyncio.Abstra
     handler = send(conn)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\x00\x01\x02garbage")
     assert handler.complete and handler.error is None and not conn.is_reusable(0)
+
+
+def test_start_on_a_transport_closing_under_us_fails_soon_instead_of_raising(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    conn, transport = connect(loop)
+    transport.closed = True  # the peer closed; uvloop would raise on write
+    handler = send(conn)
+    assert handler.error is None and transport.data == b""  # nothing raised, nothing written
+    run_until(loop, lambda: handler.error is not None)
+    assert handler.error is not None and str(handler.error) == "upstream prematurely closed connection"
+    assert not handler.error.request_sent
