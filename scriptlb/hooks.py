@@ -86,6 +86,10 @@ def _fresh_globals(name: str) -> dict[str, Any]:
 IMPORTER.configure((), _fresh_globals, _NAMESPACE)
 _CODE_CACHE: dict[tuple[str, str], CodeType] = {}
 _PYTHON_CONF = [PythonConf()]  # the http{} settings of the last precompiled config
+# The code of each hook as compiled when the configuration loaded (precompile). Workers forked
+# from the master inherit it, so a worker the master respawns later runs the hook the config
+# was checked with, even if the file has been edited since (as nginx: only a reload reloads).
+_LOADED: dict[HookConf, CodeType] = {}
 
 
 def configure(python: PythonConf) -> None:
@@ -133,16 +137,22 @@ def _config_error(hook: HookConf, err: Exception) -> ConfigError:
 
 
 def precompile(conf: MainConf) -> None:
-    """Compile every hook of ``conf``; a syntax or policy error is a ConfigError at file:line."""
+    """Compile every hook of ``conf``; a syntax or policy error is a ConfigError at file:line.
+
+    Only a configuration whose hooks all compile replaces the loaded code (a refused reload
+    leaves the running configuration's hooks as they were)."""
     if conf.http is None:
         return
-    configure(conf.http.python)
+    loaded: dict[HookConf, CodeType] = {}
     for upstream in conf.http.upstreams.values():
         if upstream.hook is not None:
             try:
-                load_code(upstream.hook)
+                loaded[upstream.hook] = load_code(upstream.hook)
             except (HookCompileError, OSError, UnicodeDecodeError) as err:
                 raise _config_error(upstream.hook, err) from None
+    configure(conf.http.python)
+    _LOADED.clear()
+    _LOADED.update(loaded)
 
 
 # --------------------------------------------------------------------------- logging
@@ -224,6 +234,10 @@ class HookRunner:
         return f"<HookRunner {self.chunk} timeout={self.timeout}>"
 
     def _load(self) -> CodeType | None:
+        if self.python.code_cache:
+            code = _LOADED.get(self.conf)
+            if code is not None:
+                return code
         try:
             code = load_code(self.conf)
         except (HookCompileError, OSError, UnicodeDecodeError) as err:

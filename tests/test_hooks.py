@@ -379,3 +379,30 @@ def test_consistent_hash_example_moves_only_the_new_peers_share() -> None:
     assert all(four[uri] == new_peer for uri in moved)  # only to the new server
     assert 30 < len(moved) < 130  # about a quarter of the keys
     assert len(set(three.values())) == 3
+
+
+def test_runners_use_the_code_checked_at_load_time(tmp_path: Path) -> None:
+    """A worker started (or respawned) after the file changed still runs what the config load
+    compiled: only a reload reloads."""
+    (tmp_path / "hooks").mkdir()
+    hook_file = tmp_path / "hooks" / "h.py"
+    hook_file.write_text("balancer.set_current_peer('127.0.0.1:1')\n")
+    conf = load_and_check(str(_conf(tmp_path, "balancer_by_python_file hooks/h.py;")), str(tmp_path))
+    hook_file.write_text("balancer.set_current_peer('127.0.0.1:2')\n")
+    hook_conf = conf.http.upstreams["backend"].hook
+    runner_ = HookRunner(hook_conf, SyntheticUpstream([]), conf.http.python, log=_drop)
+    assert runner_.run(exchange(), runner_.upstream).addr == PeerAddr("127.0.0.1", 1)
+
+
+def test_a_refused_config_keeps_the_loaded_code(tmp_path: Path) -> None:
+    (tmp_path / "hooks").mkdir()
+    hook_file = tmp_path / "hooks" / "h.py"
+    hook_file.write_text("balancer.set_current_peer('127.0.0.1:1')\n")
+    conf_file = _conf(tmp_path, "balancer_by_python_file hooks/h.py;")
+    conf = load_and_check(str(conf_file), str(tmp_path))
+    hook_file.write_text("balancer.set_current_peer(\n")
+    with pytest.raises(ConfigError):
+        load_and_check(str(conf_file), str(tmp_path))  # a reload with a broken hook
+    hook_conf = conf.http.upstreams["backend"].hook
+    runner_ = HookRunner(hook_conf, SyntheticUpstream([]), conf.http.python, log=_drop)  # a respawn
+    assert runner_.run(exchange(), runner_.upstream).addr == PeerAddr("127.0.0.1", 1)
