@@ -4,6 +4,7 @@ the real sandbox against a synthetic request."""
 from __future__ import annotations
 
 import hashlib
+import os
 import zlib
 from pathlib import Path
 
@@ -270,6 +271,9 @@ def test_ngx_var_reads_request_variables() -> None:
         method="POST")
     assert result.ctx["r"] == ["/p/q", "/p/q?a=1&b=2", "a=1&b=2", "1", None, "u1", "42", "example.com",
                                "POST", "127.0.0.1", "http", None]
+    more = value("[ngx.var.remote_port, ngx.var.server_addr, ngx.var.server_port, ngx.var.server_name, "
+                 "ngx.var.http_host, ngx.var.is_args]", uri="/x?y=1", headers={"Host": "h:81"})
+    assert more == ["40000", "127.0.0.1", "80", "localhost", "h:81", "?"]
 
 
 def test_ngx_var_name_must_be_a_string() -> None:
@@ -347,6 +351,7 @@ def test_ngx_exit() -> None:
 def test_ngx_helpers() -> None:
     got = value("[ngx.crc32_short('/a/b'), ngx.crc32_long('/a/b'), ngx.md5('abc'), ngx.md5_bin('abc'), "
                 "ngx.crc32_short(b'\\xff'), ngx.get_phase(), ngx.worker.id(), ngx.worker.count()]")
+    assert value("ngx.worker.pid()") == os.getpid()
     assert got == [zlib.crc32(b"/a/b"), zlib.crc32(b"/a/b"), hashlib.md5(b"abc").hexdigest(),
                    hashlib.md5(b"abc").digest(), zlib.crc32(b"\xff"), "balancer", 0, 1]
     assert value("ngx.crc32_short(1)") == (
