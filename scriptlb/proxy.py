@@ -544,6 +544,10 @@ class UpstreamRequest:
         """The client side ended the request: stop everything, free the peer."""
         self._done = True
         self._waiting_body = False
+        record = self._record
+        if record is not None and record.response_time is None:
+            # nginx's finalize_request gives the try in progress its response time too
+            record.response_time = self.loop.time() - record.started
         connecting = self._connecting
         self._connecting = None
         if connecting is not None:
@@ -833,6 +837,7 @@ class UpstreamRequest:
         ex = self.exchange
         record = TryRecord(self.upstream.name, self.loop.time())
         record.status = 502
+        record.response_time = 0.0  # nginx logs "0.000" for it: every try has a response time
         ex.tries.append(record)
         errorlog.log_error("error", "no live upstreams while connecting to upstream",
                            ex.conn_id, ex.log_context(None))

@@ -4,9 +4,23 @@ shows them, for failover, status-based retries, timeouts, max_fails windows, bac
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 
-from helpers import Backends, HttpConnection, Scriptlb, closed_port, get, hang, raw_exchange, respond
+import pytest
+from helpers import (
+    Backends,
+    HttpConnection,
+    Scriptlb,
+    closed_port,
+    get,
+    hang,
+    raw_exchange,
+    read_log_lines,
+    respond,
+)
+from test_round_robin import NGINX, free_ports, nginx_running
 
 
 def conf(upstream: str, location: str = "") -> str:
@@ -173,3 +187,56 @@ def test_requests_rejected_by_the_client_side_are_access_logged(tmp_path: Path) 
     statuses = [row[2] for row in trail(tmp_path)]
     assert statuses == ["400", "414", "413"]
     assert bk[0].connections == 0
+
+
+TIMES_FORMAT = ("$request|$upstream_addr|$upstream_status|$upstream_connect_time|"
+                "$upstream_header_time|$upstream_response_time|$status")
+
+
+def _times_shape(line: str) -> str:
+    """A log line with each time replaced by T (the values differ run to run, "-" must not)."""
+    return re.sub(r"\d+\.\d{3}", "T", line)
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_failed_and_no_live_tries_show_times_as_nginx(tmp_path: Path) -> None:
+    """Refused connect, read timeout, no live upstreams: nginx gives every try a response
+    time (0.000 for "no live"), connect/header times only when reached."""
+    port, dead, dead2 = free_ports(3)
+    silent = socket.socket()  # accepts (kernel backlog), never answers: a read timeout
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    silent_port = silent.getsockname()[1]
+    servers = f"""
+        upstream nolive {{
+            server 127.0.0.1:{dead} max_fails=1 fail_timeout=30s;
+            server 127.0.0.1:{dead2} max_fails=1 fail_timeout=30s;
+        }}
+        server {{
+            listen 127.0.0.1:{port};
+            access_log {{log}} times;
+            location /refused {{ proxy_pass http://127.0.0.1:{dead}; }}
+            location /timeout {{ proxy_pass http://127.0.0.1:{silent_port}; proxy_read_timeout 200ms; }}
+            location /nolive {{ proxy_pass http://nolive; }}
+        }}
+    """
+    paths = ["/refused", "/timeout", "/nolive", "/nolive"]
+    ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
+    ngx_dir.mkdir()
+    lb_dir.mkdir()
+    ngx_block = f"log_format times '{TIMES_FORMAT}';" + servers.replace("{log}", f"{ngx_dir}/times.log")
+    lb_block = ngx_block.replace(f"{ngx_dir}/times.log", f"{lb_dir}/times.log").replace(
+        f"listen 127.0.0.1:{port};", "listen {port0};")
+    with silent:
+        with nginx_running(ngx_dir, ngx_block, [port]):
+            for path in paths:
+                get(port, path)
+            theirs = read_log_lines(ngx_dir / "times.log", len(paths))
+        with Scriptlb(f"daemon off; master_process off; error_log {lb_dir}/error.log info;\n"
+                      f"http {{ {lb_block} }}", lb_dir) as lb:
+            for path in paths:
+                get(lb.port, path)
+            ours = read_log_lines(lb_dir / "times.log", len(paths))
+    assert [_times_shape(line) for line in ours] == [_times_shape(line) for line in theirs]
+    assert ours[3].endswith("|nolive|502|-|-|0.000|502")
