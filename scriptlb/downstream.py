@@ -519,11 +519,14 @@ class ClientConnection(asyncio.Protocol):
         headers: bytes,
         content_length: int | None,
         head_only: bool | None = None,
+        reason: bytes | None = None,
     ) -> None:
         """Write the status line and headers; framing, Server, Date and Connection are ours.
 
         ``headers`` are complete ``Name: value\\r\\n`` lines (already filtered by the caller).
         ``content_length`` None means unknown: chunked for HTTP/1.1, close-delimited for 1.0.
+        ``reason``: a proxied response's own phrase (b"": none, as the peer sent it); None:
+        nginx's phrase for the status.
         """
         request = self._active_request
         assert request is not None and not self.response_started
@@ -531,7 +534,8 @@ class ClientConnection(asyncio.Protocol):
         if head_only is None:
             head_only = request.method == "HEAD"
         self._body_allowed = not head_only and status not in _NO_BODY_STATUS and status >= 200
-        parts = [responses.status_line(status), SERVER_LINE, responses.date_header(), headers]
+        line = responses.status_line(status) if reason is None else responses.peer_status_line(status, reason)
+        parts = [line, SERVER_LINE, responses.date_header(), headers]
         self._chunked = False
         if status in _NO_BODY_STATUS:
             pass

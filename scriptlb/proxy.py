@@ -785,7 +785,7 @@ class UpstreamRequest:
         headers = response.client_headers()
         ex.response_headers = headers
         client = ex.conn
-        client.send_head(response.status, headers, response.content_length)
+        client.send_head(response.status, headers, response.content_length, reason=response.reason)
         conn.stream_to(self)  # the body that came with the head goes out with it
         if self._conn is conn:  # still streaming: not completed by stream_to
             client.flush()

@@ -127,6 +127,14 @@ def status_line(status: int, reason: bytes | None = None) -> bytes:
     return f"HTTP/1.1 {status} {REASONS.get(status, '')}\r\n".encode("ascii")
 
 
+def peer_status_line(status: int, reason: bytes) -> bytes:
+    """A proxied response's status line: nginx copies the peer's "code reason" as it came,
+    so a peer's bare "HTTP/1.1 503" stays without a phrase (and without a trailing space)."""
+    if reason:
+        return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    return b"HTTP/1.1 %d\r\n" % status
+
+
 def error_page(status: int) -> bytes | None:
     """nginx's built-in page for ``status``; None when nginx sends an empty body."""
     return ERROR_PAGES.get(status)

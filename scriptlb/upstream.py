@@ -90,10 +90,11 @@ class UpstreamError(Exception):
 class ResponseHead:
     """The parsed status line and headers of one upstream response."""
 
-    __slots__ = ("chunked", "close", "connection", "content_length", "headers", "status", "version")
+    __slots__ = ("chunked", "close", "connection", "content_length", "headers", "reason", "status", "version")
 
     def __init__(self) -> None:
         self.status = 0
+        self.reason = b""  # the peer's own phrase, passed to the client as nginx does
         self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []  # as received, original case
         self.content_length: int | None = None
@@ -366,7 +367,10 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ parser callbacks
 
     def on_status(self, status: bytes) -> None:
-        pass  # the code comes from the parser; the reason phrase is nginx's, not the peer's
+        # the reason phrase (the code comes from the parser); it may arrive in pieces
+        response = self._response
+        if response is not None and not self._header_done:
+            response.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self._response
@@ -388,6 +392,7 @@ class UpstreamConnection(asyncio.Protocol):
         status = parser.get_status_code()
         if 100 <= status < 200:
             response.headers = []  # 1xx interim response: nginx ignores it, so do we
+            response.reason = b""
             return
         response.status = status
         response.version = parser.get_http_version()

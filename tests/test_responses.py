@@ -16,6 +16,7 @@ from scriptlb.responses import (
     error_page,
     error_response,
     http_date,
+    peer_status_line,
     reason,
     status_line,
     wire_status,
@@ -273,3 +274,8 @@ def test_error_responses_equal_a_real_nginx(tmp_path: Path) -> None:
         assert lb_answer == error_response(status, keep_alive=False, head=head, now=date_of(lb_answer)), (
             status
         )
+
+
+def test_peer_status_line_is_the_peers_code_and_phrase() -> None:
+    assert peer_status_line(404, b"Nope") == b"HTTP/1.1 404 Nope\r\n"
+    assert peer_status_line(503, b"") == b"HTTP/1.1 503\r\n"  # nginx: no phrase, no space
