@@ -91,7 +91,8 @@ def normalize_uri(path: str) -> str | None:
     None when the path escapes the root (nginx answers 400).
     """
     if "%" in path:
-        path = unquote(path, errors="surrogateescape")
+        # a byte per character, as nginx: %C3%A9 is two characters, logged \xC3\xA9
+        path = unquote(path, encoding="latin-1")
         if "\x00" in path:
             return None  # nginx: a decoded NUL is a bad request
     if "//" not in path and "/." not in path:
@@ -893,4 +894,4 @@ def split_local_addr(text: str) -> tuple[str, int]:
 
 def quote_uri(uri: str) -> str:
     """Re-escape a decoded URI for the upstream request line (nginx's ngx_escape_uri)."""
-    return quote(uri, safe="/:@!$&'()*+,;=-._~", errors="surrogateescape")
+    return quote(uri, safe="/:@!$&'()*+,;=-._~", encoding="latin-1", errors="replace")

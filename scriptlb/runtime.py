@@ -214,9 +214,12 @@ class LocationRuntime:
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
         ret = conf.return_
-        self.return_getter: Getter | None = (
-            _compile(ret.text) if ret is not None and ret.text is not None else None
-        )
+        # bytes: a body or Location echoes request bytes as received (nginx copies bytes)
+        self.return_getter: Callable[[Any], bytes] | None = None
+        if ret is not None and ret.text is not None:
+            from scriptlb.variables import compile_template_bytes
+
+            self.return_getter = compile_template_bytes(ret.text)
 
     def return_response(self, exchange: Exchange) -> tuple[bytes, bytes | None]:
         """(headers, body) of ``return``; body None means nginx's own page for the status."""
@@ -227,21 +230,22 @@ class LocationRuntime:
             if getter is None:
                 return b"", None
             location = getter(exchange)
-            if location.startswith("/"):
+            if location.startswith(b"/"):
                 location = _absolute_redirect(exchange, location)
-            return b"Location: " + location.encode("latin-1", "replace") + b"\r\n", None
+            return b"Location: " + location + b"\r\n", None
         if getter is None:
             return b"", (b"" if ret.status < 300 else None)
-        return b"Content-Type: text/plain\r\n", getter(exchange).encode("utf-8", "surrogateescape")
+        return b"Content-Type: text/plain\r\n", getter(exchange)
 
 
-def _absolute_redirect(exchange: Exchange, path: str) -> str:
+def _absolute_redirect(exchange: Exchange, path: bytes) -> bytes:
     """nginx's absolute_redirect on, server_name_in_redirect off, port_in_redirect on."""
     port = exchange.server_port
     host = exchange.host
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}{'' if port == 80 else f':{port}'}{path}"
+    prefix = f"http://{host}{'' if port == 80 else f':{port}'}"
+    return prefix.encode("latin-1", "replace") + path
 
 
 class ServerRuntime:

@@ -428,6 +428,39 @@ def compile_template(template: Template, clock: Clock = time.time) -> Renderer:
     return render
 
 
+def _value_bytes(value: str) -> bytes:
+    """A variable's value as the bytes it came from: request strings are one char per byte
+    (latin-1); a wider character can only come from elsewhere (config text: UTF-8)."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape")
+
+
+def compile_template_bytes(template: Template, clock: Clock = time.time) -> Callable[[Any], bytes]:
+    """``compile_template`` for bytes on the wire (``return`` bodies, Location): literals are
+    the config file's bytes, variables the bytes they were read from (nginx copies bytes)."""
+    pieces: list[bytes | Getter] = [
+        variable_getter(part.name, clock) if isinstance(part, Var)
+        else part.encode("utf-8", "surrogateescape")
+        for part in template.parts
+    ]
+    if not any(callable(p) for p in pieces):
+        constant = b"".join(p for p in pieces if isinstance(p, bytes))
+        return lambda ex: constant
+
+    def render(ex: Any) -> bytes:
+        out = []
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                out.append(piece)
+            elif (value := piece(ex)) is not None:
+                out.append(_value_bytes(value))
+        return b"".join(out)
+
+    return render
+
+
 def compile_log_format(template: Template, escape: str = "default", clock: Clock = time.time) -> Renderer:
     """A callable rendering one access-log line (without the newline) as ngx_http_log_module.
 

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from helpers import BackendRequest, Backends, Scriptlb, raw_exchange
+from helpers import BackendRequest, Backends, Scriptlb, raw_exchange, read_log_lines
 from test_round_robin import NGINX, free_ports, nginx_running
 
 pytestmark = [pytest.mark.nginx, pytest.mark.skipif(NGINX is None, reason="nginx is not installed")]
@@ -52,3 +52,37 @@ def test_the_peers_reason_phrase_reaches_the_client_as_nginx(tmp_path: Path) -> 
             ours = [first_line(raw_exchange(lb.port, r)) for r in requests]
     assert ours == theirs
     assert ours[0] == b"HTTP/1.1 404 Nope"
+
+
+def test_non_ascii_uri_and_host_are_bytes_as_nginx(tmp_path: Path) -> None:
+    """nginx keeps a byte per character: %C3%A9 in the URI is logged as \\xC3\\xA9, and a
+    ``return`` body echoes a non-ASCII Host as the bytes received. (The Host bytes are ones
+    latin-1 lower-casing leaves alone: normalize_host lower-cases beyond ASCII, nginx does not.)"""
+    (port,) = free_ports(1)
+    requests = [
+        b"GET /caf%C3%A9/x%E9?a=%C3%A9 HTTP/1.1\r\nHost: caf\xe9\xa9.test\r\nConnection: close\r\n\r\n",
+        b"GET /plain HTTP/1.1\r\nHost: h\xe9\r\nConnection: close\r\n\r\n",
+    ]
+    block = """
+        log_format uris '$uri|$request_uri|$args|$host';
+        server {{
+            listen 127.0.0.1:{port};
+            access_log {log} uris;
+            location / {{ return 200 "$host|$uri|$request_uri\\n"; }}
+        }}
+    """
+    ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
+    ngx_dir.mkdir()
+    lb_dir.mkdir()
+    with nginx_running(ngx_dir, block.format(port=port, log=f"{ngx_dir}/uris.log"), [port]):
+        theirs = [raw_exchange(port, r).partition(b"\r\n\r\n")[2] for r in requests]
+        their_log = read_log_lines(ngx_dir / "uris.log", len(requests))
+    lb_block = block.format(port="{port0}", log=f"{lb_dir}/uris.log").replace("listen 127.0.0.1:", "listen ")
+    with Scriptlb(f"daemon off; master_process off; error_log {lb_dir}/error.log info;\n"
+                  f"http {{ {lb_block} }}", lb_dir) as lb:
+        ours = [raw_exchange(lb.port, r).partition(b"\r\n\r\n")[2] for r in requests]
+        our_log = read_log_lines(lb_dir / "uris.log", len(requests))
+    assert ours == theirs
+    assert ours[0] == b"caf\xe9\xa9.test|/caf\xc3\xa9/x\xe9|/caf%C3%A9/x%E9?a=%C3%A9\n"
+    assert our_log == their_log
+    assert our_log[0].startswith("/caf\\xC3\\xA9/x\\xE9|")
