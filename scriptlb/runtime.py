@@ -32,6 +32,7 @@ from scriptlb.peers import PeerSet
 from scriptlb.pool import ConnectionPool
 
 if TYPE_CHECKING:
+    from scriptlb.accesslog import LogFile
     from scriptlb.downstream import ClientConnection, Request
     from scriptlb.proxy import Exchange
 
@@ -296,7 +297,9 @@ class Runtime:
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
         self.upstreams = {name: UpstreamRuntime(up, loop, http.python) for name, up in http.upstreams.items()}
         self._access_logs: dict[tuple, tuple] = {}
-        self._log_files: dict = {}  # one LogFile per path, shared by the access_log directives
+        # one LogFile per path, shared by every access_log directive naming it (one open, one
+        # buffer, lines in order), as nginx opens each path once
+        self._log_files: dict[str, LogFile] = {}
         self.servers = {id(s): ServerRuntime(s, self._build_location) for s in http.servers}
         self.routes = {
             key: ServerRoute(selector, self.servers) for key, selector in selectors_by_listen(http).items()
@@ -352,15 +355,10 @@ class Runtime:
         """Close pooled connections and flush access logs (worker exit)."""
         for upstream in self.upstreams.values():
             upstream.close()
-        for logs in self._access_logs.values():
-            for log in logs:
-                close = getattr(log, "close", None)
-                if close is not None:
-                    close()
+        for file in self._log_files.values():  # once per path, however many logs share it
+            file.close()
 
     def reopen_logs(self) -> None:
-        for logs in self._access_logs.values():
-            for log in logs:
-                reopen = getattr(log, "reopen", None)
-                if reopen is not None:
-                    reopen()
+        """USR1: each access-log path is reopened once (nginx reopens each open file once)."""
+        for file in self._log_files.values():
+            file.reopen()

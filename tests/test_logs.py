@@ -393,3 +393,53 @@ def test_write_errors_are_reported_once_a_minute(tmp_path: Path, restore_sink: N
     assert lines[0].endswith(
         f'[alert] {os.getpid()}#0: write() to "/dev/full" failed (28: No space left on device)'
     )
+
+
+def test_runtime_opens_each_access_log_path_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several access_log directives (server and locations, other formats) on one path: one
+    LogFile (one open, one buffer), reopened and closed once, as nginx."""
+    import asyncio
+
+    from helpers import load_conf
+
+    from scriptlb.accesslog import LogFile
+    from scriptlb.runtime import Runtime
+
+    opened: list[str] = []
+    real_open = LogFile._open
+
+    def counting_open(self: LogFile) -> int:
+        opened.append(self.path)
+        return real_open(self)
+
+    monkeypatch.setattr(LogFile, "_open", counting_open)
+    path = tmp_path / "shared.log"
+    conf = load_conf(f"""
+        daemon off; master_process off; error_log {tmp_path}/error.log;
+        http {{
+            log_format short '$uri';
+            access_log {path} combined buffer=4k;
+            server {{
+                listen 127.0.0.1:1;
+                location /a {{ access_log {path} short buffer=4k; return 200; }}
+                location /b {{
+                    access_log {path} combined buffer=4k;
+                    access_log {tmp_path}/other.log;
+                    return 200;
+                }}
+                location / {{ return 200; }}
+            }}
+        }}
+    """, tmp_path)
+    loop = asyncio.new_event_loop()
+    try:
+        runtime = Runtime(conf, loop)
+        server = next(iter(runtime.servers.values()))
+        logs = [log for uri in ("/a", "/b", "/") for log in server.match(uri).access_logs]
+        assert len({id(log.file) for log in logs if log.file.path == str(path)}) == 1
+        assert sorted(opened) == sorted([str(path), f"{tmp_path}/other.log"])
+        runtime.reopen_logs()
+        assert sorted(opened[2:]) == sorted([str(path), f"{tmp_path}/other.log"])
+        runtime.close()
+    finally:
+        loop.close()
