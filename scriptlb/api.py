@@ -20,13 +20,14 @@ import ipaddress
 import math
 import os
 import re
+import reprlib
 import sys
 import time
 import zlib
 from typing import Any
 
 from scriptlb.config.model import PeerAddr
-from scriptlb.sandbox.guards import expose, expose_dynamic
+from scriptlb.sandbox.guards import expose, expose_dynamic, text_size
 
 _OK = (True, None)
 MAX_MORE_TRIES = 1000  # one set_more_tries grant, when proxy_next_upstream_tries is 0 (unlimited)
@@ -437,6 +438,53 @@ def _text_bytes(value: Any, func: str) -> bytes:
         return value.encode("utf-8")
 
 
+class _ShortRepr(reprlib.Repr):
+    """reprlib's bounded repr, also for what it would hand to the builtin repr (which could be
+    huge): exceptions (their args) and dict subclasses (Counter, OrderedDict, defaultdict)."""
+
+    def repr1(self, x: Any, level: int) -> str:
+        if isinstance(x, BaseException):
+            return f"{type(x).__name__}{self.repr1(x.args, level)}"
+        if isinstance(x, dict) and type(x) is not dict:
+            return f"{type(x).__name__}({self.repr_dict(x, level)})"
+        return super().repr1(x, level)
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxstring = _SHORT.maxother = MAX_LOG_MESSAGE
+
+
+def short_text(value: Any) -> str:
+    """``str(value)``, or a bounded abbreviation when its full text would be long (a container
+    of big strings can have a terabyte of text)."""
+    if type(value) is str:
+        return value
+    if text_size(value, MAX_LOG_MESSAGE) > MAX_LOG_MESSAGE:
+        return _SHORT.repr(value)
+    return str(value)
+
+
+def exception_text(err: BaseException) -> str:
+    """``str(err)``, or a bounded rendering of its args when that would be long."""
+    if text_size(err.args, MAX_LOG_MESSAGE) > MAX_LOG_MESSAGE:
+        args = err.args
+        return _SHORT.repr(args[0] if len(args) == 1 else args)
+    return str(err)
+
+
+def log_text(parts: Any, sep: str = "") -> str:
+    """The message of ngx.log/print: the parts' text joined, cut at MAX_LOG_MESSAGE."""
+    pieces: list[str] = []
+    length = 0
+    for part in parts:
+        piece = short_text(part)
+        pieces.append(piece)
+        length += len(piece) + len(sep)
+        if length >= MAX_LOG_MESSAGE:
+            break
+    return sep[:MAX_LOG_MESSAGE].join(pieces)[:MAX_LOG_MESSAGE]
+
+
 def hook_location() -> str:
     """file:line of the innermost hook (or hook module) frame calling into the API."""
     frame = sys._getframe(1)
@@ -488,7 +536,7 @@ class Ngx:
                 run.log("warn", f"[python] {hook_location()}: more than {MAX_LOGS_PER_RUN} log lines "
                         "in one run, dropping the rest", run.exchange)
             return
-        message = "".join(str(part) for part in parts)[:MAX_LOG_MESSAGE]
+        message = log_text(parts)
         run.log(_LEVEL_NAMES[level], f"[python] {hook_location()}: {message}", run.exchange)
 
     def exit(self, status: Any) -> None:

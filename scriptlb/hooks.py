@@ -65,8 +65,8 @@ class HookOutcome:
 class _Printer:
     """What ``print()`` in a hook becomes: ngx.log(ngx.NOTICE, ...), like print() in ngx_lua."""
 
-    def _call_print(self, *objects: Any, sep: str = " ", end: str = "\n", **_: Any) -> None:
-        api.ngx.log(api.Ngx.NOTICE, str(sep).join(str(o) for o in objects))
+    def _call_print(self, *objects: Any, sep: Any = " ", end: str = "\n", **_: Any) -> None:
+        api.ngx.log(api.Ngx.NOTICE, api.log_text(objects, sep if type(sep) is str else " "))
 
     def __call__(self) -> str:  # `printed` reads nothing: output goes to the error log
         return ""
@@ -295,7 +295,8 @@ class HookRunner:
             return self._fail(outcome, "timeout",
                               f"balancer_by_python timed out after {ms}ms at {where}", exchange)
         assert failure is not None
-        text = f"{type(failure).__name__}: {failure}" if str(failure) else type(failure).__name__
+        detail = api.exception_text(failure)  # KeyError(huge key) must not build the key's text
+        text = f"{type(failure).__name__}: {detail}" if detail else type(failure).__name__
         return self._fail(outcome, "runtime_error", f"failed to run balancer_by_python: {where}: {text}",
                           exchange)
 

@@ -19,9 +19,12 @@ import sys
 import time
 from typing import Any
 
+from scriptlb.api import short_text
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source, UpstreamConf, UpstreamServerConf
 from scriptlb.hooks import HookOutcome, HookRunner
 from scriptlb.peers import PeerSet
+from scriptlb.sandbox.guards import text_size
+from scriptlb.sandbox.limits import MAX_STR
 
 _OUTCOMES = {None: "ok", "no_peer": "ok", "runtime_error": "runtime_error", "exit_error": "runtime_error",
              "timeout": "timeout", "compile_error": "compile_error"}
@@ -147,11 +150,13 @@ def _result(outcome: HookOutcome, exchange: SyntheticExchange, logs: list[str]) 
 
 
 def _plain(value: Any) -> Any:
-    """ngx.ctx as JSON: plain values as they are, anything else by repr."""
+    """ngx.ctx as JSON: plain values as they are; anything else, or anything huge, abbreviated."""
+    if text_size(value, MAX_STR) > MAX_STR:
+        return short_text(value)
     try:
         json.dumps(value)
     except (TypeError, ValueError):
-        return repr(value)
+        return short_text(value)
     return value
 
 

@@ -11,7 +11,9 @@ import pytest
 from helpers import Backends, Scriptlb, closed_port, get, hang, respond
 
 from scriptlb import hooks
-from scriptlb.config.model import PythonConf
+from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
+from scriptlb.hooks import HookRunner
+from scriptlb.hooktool import SyntheticExchange, SyntheticUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -234,6 +236,13 @@ def test_consistent_hash_with_a_package_module(tmp_path: Path) -> None:
             conf(servers(bk), "balancer_by_python_file hooks/consistent_hash.py;",
                  http_extra='python_package_path "hooks/lib/?.py";'), tmp_path) as lb:
         by_uri = {f"/{i}": {get(lb.port, f"/{i}").body for _ in range(2)} for i in range(12)}
-    assert all(len(bodies) == 1 for bodies in by_uri.values())
-    assert set().union(*by_uri.values()) == {b"0", b"1", b"2"}
+        # the same ring, computed outside the server for the same peers
+        ports = [b.port for b in bk]
+    up = SyntheticUpstream([PeerAddr("127.0.0.1", p) for p in ports])
+    python = PythonConf(package_path=(str(tmp_path / "hooks" / "lib" / "?.py"),))
+    hook = HookRunner(HookConf("file", str(tmp_path / "hooks" / "consistent_hash.py"), None,
+                               Source("t.conf", 1)), up, python, log=lambda *_: None)
+    expected = {uri: {str(ports.index(hook.run(SyntheticExchange("GET", uri, [], 3, None, 0), up).addr.port))
+                      .encode()} for uri in by_uri}
+    assert by_uri == expected
     assert [t[1] for t in trail(tmp_path)] == ["200"] * 24

@@ -19,6 +19,8 @@ from hook_helpers import run
 
 PEER = "\nbalancer.set_current_peer('127.0.0.1:1')\n"
 
+BIG = "s = 'x' * 2**20\nl = [s] * 2**20\n"
+
 COMPILE_ERRORS = {
     "dunder attribute": ("().__class__.__bases__[0].__subclasses__()", 'is an invalid attribute name'),
     "dunder name": ("__import__('os')", '"__import__" is an invalid variable name'),
@@ -192,6 +194,22 @@ RUNTIME_ERRORS = {
     "iadd doubling": ("l = [0] * 2**20\nl += l", "SandboxLimitError: size of"),
     "imul": ("l = [0]\nl *= 10**9", "SandboxLimitError: size of"),
     "slice doubling": ("l = [0] * 2**20\nl[0:0] = l", "SandboxLimitError: list size"),
+    # a small container with a terabyte of text: [s] * 2**20 for a 1 MiB s
+    "str of shared refs": (BIG + "str(l)", "SandboxLimitError: text size (estimated)"),
+    "repr of shared refs": (BIG + "repr(l)", "SandboxLimitError: text size (estimated)"),
+    "ascii of shared refs": (BIG + "ascii(l)", "SandboxLimitError: text size (estimated)"),
+    "f-string of shared refs": (BIG + "x = f'{l}'", "SandboxLimitError: text size (estimated)"),
+    "f-string !r of shared refs": (BIG + "x = f'{l!r:>5}'", "SandboxLimitError: text size (estimated)"),
+    "format of shared refs": (BIG + "format(l)", "SandboxLimitError: text size (estimated)"),
+    "percent tuple of shared refs": (BIG + "'%s' % (l,)", "SandboxLimitError: text size (estimated)"),
+    "percent list of shared refs": (BIG + "'%s' % l", "SandboxLimitError: text size (estimated)"),
+    "percent dict of shared refs": (BIG + "'%(a)s' % {'a': l}", "SandboxLimitError: text size (estimated)"),
+    "json of shared refs": (BIG + "import json\njson.dumps(l)", "SandboxLimitError: text size (estimated)"),
+    "dict of shared refs": ("d = dict.fromkeys(range(99999), 'x' * 2**20)\nstr(d)",
+                            "SandboxLimitError: text size (estimated)"),
+    "exception of shared refs": (BIG + "str(KeyError(tuple(l)))", "SandboxLimitError: text size (estimated)"),
+    "cyclic list": ("l = [1]\nl.append(l)\nstr(l)", "SandboxLimitError: text size (estimated)"),
+    "missing huge key": (BIG + "{}[tuple(l)]", "KeyError: ('xxxx"),
     "bytes(n)": ("bytes(10**10)", "SandboxLimitError: bytes() length"),
     "to_bytes": ("(1).to_bytes(10**10, 'big')", "SandboxLimitError: to_bytes() length"),
     "int digits": ("int('9' * 5000)", "ValueError: Exceeds the limit (4300 digits)"),
@@ -285,6 +303,8 @@ HARMLESS = {
     "big but allowed": "x = 'x' * 2**20\ny = len(x.split('x'))",
     "unpacking": "a, (b, c) = 1, (2, 3)\nfor k, v in {'a': 1}.items():\n    pass",
     "dict class attr": "x = dict.fromkeys(['a'], 0)",
+    "log and print of shared refs": BIG + "ngx.log(ngx.ERR, l)\nprint(*l)\nngx.log(ngx.ERR, *l)",
+    "small containers print in full": "x = str([1, 'a', (2.5, None)]) + f'{ {1: 2} }' + '%s' % ([3],)",
     "isinstance with guarded types": ("assert isinstance('x', str) and isinstance(b'', (bytes, int))\n"
                                       "assert isinstance(range(3), range)\n"
                                       "assert not isinstance(1, (str, list))"),
@@ -296,10 +316,11 @@ HARMLESS = {
 @pytest.mark.parametrize("code", HARMLESS.values(), ids=HARMLESS.keys())
 def test_harmless(code: str) -> None:
     state = random.getstate()
-    result = run(code + PEER)
+    result = run(code + PEER, timeout=0.05)
     assert result.kind is None, result.outcome.message
     assert result.outcome.addr is not None
     assert random.getstate() == state  # the process-wide generator was not touched
+    assert all(len(message) < 2200 for _, message in result.logs)  # logs are cut, never huge
 
 
 def test_random_is_per_hook() -> None:

@@ -230,15 +230,86 @@ def _check_percent_format(fmt: str) -> None:
             _check_width(match.group(2))
 
 
+def _check_format_args(args: Any) -> None:
+    if type(args) is tuple:
+        for arg in args:
+            check_text(arg)
+    elif isinstance(args, dict):
+        for arg in args.values():
+            check_text(arg)
+    else:
+        check_text(args)
+
+
 def guarded_mod(a: Any, b: Any) -> Any:
     cls = type(a)
     if cls is str:
         _check_percent_format(a)
+        _check_format_args(b)
         return check_size(a % b)
     if cls is bytes:
         _check_percent_format(a.decode("latin-1"))
+        _check_format_args(b)
         return check_size(a % b)
     return a % b
+
+
+# --------------------------------------------------------------------------- text of containers
+
+_SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
+_SEQUENCES = (list, tuple, set, frozenset, deque)
+
+
+def text_size(obj: Any, limit: int) -> int:
+    """An estimate of ``len(repr(obj))``, computed without building it; stops past ``limit``.
+
+    ``[s] * 2**20`` is a small list whose text is a terabyte when ``s`` is a 1 MiB string:
+    str(), repr(), f-strings, %-formatting and json.dumps build that text inside one C call.
+    Shared references count every time (as in the text); a cycle counts until ``limit``.
+    """
+    total = 0
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        cls = type(item)
+        if cls is str or cls is bytes:
+            total += len(item) + 3
+        elif cls is int:
+            total += item.bit_length() // 3 + 2
+        elif isinstance(item, dict):
+            total += 2 + 4 * len(item)
+            if total <= limit:
+                stack.extend(item.keys())
+                stack.extend(item.values())
+        elif isinstance(item, _SEQUENCES):
+            total += 2 + 2 * len(item)
+            if total <= limit:
+                stack.extend(item)
+        elif isinstance(item, BaseException):
+            total += 32
+            stack.extend(item.args)
+        else:
+            total += 32
+        if total > limit:
+            break
+    return total
+
+
+def check_text(value: Any) -> Any:
+    """``_text_``: an f-string field's value, refused when its text would be huge."""
+    if type(value) not in _SCALARS:
+        size = text_size(value, MAX_STR)
+        if size > MAX_STR:
+            raise too_big("text size (estimated)", size, MAX_STR)
+    return value
+
+
+def guarded_repr(obj: Any) -> str:
+    return repr(check_text(obj))
+
+
+def guarded_ascii(obj: Any) -> str:
+    return ascii(check_text(obj))
 
 
 _INT_IN_SPEC = re.compile(r"\d+")
@@ -255,11 +326,12 @@ def guarded_format(value: Any, spec: str = "") -> str:
         raise TypeError("format spec must be a str")
     if spec:
         _check_format_spec(spec)
-    return format(value, spec)
+    return format(check_text(value), spec)
 
 
 def fstring_field(value: Any, spec: str, conversion: int) -> str:
     """``_format_``: one ``{value!c:spec}`` field of an f-string, with the spec checked."""
+    check_text(value)
     if conversion == ord("r"):
         value = repr(value)
     elif conversion == ord("s"):
@@ -337,6 +409,8 @@ def guarded_bytes(*args: Any, **kwargs: Any) -> bytes:
 
 
 def guarded_str(*args: Any, **kwargs: Any) -> str:
+    if len(args) == 1 and not kwargs:
+        return str(check_text(args[0]))
     _codec_arguments(args, kwargs)
     return str(*args, **kwargs)
 
@@ -502,9 +576,9 @@ _EXCEPTIONS = (
     TypeError, UnicodeError, UnicodeDecodeError, UnicodeEncodeError, ValueError, ZeroDivisionError,
 )
 
-_PLAIN_BUILTINS = ["abs", "all", "any", "ascii", "bin", "bool", "callable", "chr", "dict", "divmod",
+_PLAIN_BUILTINS = ["abs", "all", "any", "bin", "bool", "callable", "chr", "dict", "divmod",
                    "enumerate", "filter", "float", "frozenset", "hash", "hex", "int", "len",
-                   "list", "map", "max", "min", "next", "oct", "ord", "repr", "reversed", "set", "slice",
+                   "list", "map", "max", "min", "next", "oct", "ord", "reversed", "set", "slice",
                    "sorted", "tuple", "zip"]
 
 
@@ -523,14 +597,15 @@ def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
     table.update({"None": None, "True": True, "False": False})
     table.update(
         range=guarded_range, bytes=guarded_bytes, str=guarded_str, isinstance=guarded_isinstance,
-        sum=guarded_sum, round=guarded_round,
+        sum=guarded_sum, round=guarded_round, repr=guarded_repr, ascii=guarded_ascii,
         pow=guarded_pow, iter=guarded_iter, format=guarded_format,
         getattr=guarded_getattr, hasattr=guarded_hasattr,
         # names the compiled code calls (hook code cannot spell or shadow them)
         _getattr_=guarded_getattr, _getitem_=operator.getitem, _write_=guarded_write,
         _getiter_=iter, _apply_=apply, _inplacevar_=guarded_inplacevar,
         _add_=guarded_add, _mul_=guarded_mul, _pow_=guarded_pow, _lshift_=guarded_lshift,
-        _mod_=guarded_mod, _format_=fstring_field, _check_size_=check_size, _tick_=limits.tick,
+        _mod_=guarded_mod, _format_=fstring_field, _text_=check_text, _check_size_=check_size,
+        _tick_=limits.tick,
     )
     from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from scriptlb.sandbox import limits
 from scriptlb.sandbox.guards import (
+    check_text,
     expose,
     expose_checked,
     expose_dynamic,
@@ -209,6 +210,7 @@ def _dumps(obj: Any, *, indent: Any = None, separators: Any = None, sort_keys: b
            ensure_ascii: bool = True, default: Any = None) -> str:
     if (isinstance(indent, int) and indent > 16) or (isinstance(indent, str) and len(indent) > 16):
         raise too_big("json.dumps() indent", indent if isinstance(indent, int) else len(indent), 16)
+    check_text(obj)
     text = json.dumps(obj, indent=indent, separators=separators, sort_keys=sort_keys,
                       ensure_ascii=ensure_ascii, default=default)
     if len(text) > limits.MAX_STR:

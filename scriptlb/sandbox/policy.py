@@ -7,7 +7,8 @@ no ``try/except*``, no ``async``, no ``match``), this policy:
   loop body, every ``except`` handler and ``finally`` block, in every lambda and in every
   comprehension element, so a stopped run cannot be resumed by hook code;
 * routes ``+ * ** << %`` through size-checking guards, f-string fields through ``_format_``
-  (format-spec widths) and f-strings and starred displays through ``_check_size_``;
+  (format-spec widths) or ``_text_`` (the text of a container), and f-strings and starred
+  displays through ``_check_size_``;
 * refuses ``class`` statements (they would hand hook code ``__init__``/``__eq__``... hooks called
   from C, metaclasses and ``__build_class__``) and dunder function names.
 
@@ -182,6 +183,8 @@ class HookPolicy(RestrictingNodeTransformer):
     def visit_FormattedValue(self, node: ast.FormattedValue) -> Any:
         node = super().visit_FormattedValue(node)
         if node.format_spec is None:
+            # {value}: the value's text is built in C; _text_ refuses one that would be huge
+            node.value = _call("_text_", [node.value], node.value)
             return node
         spec = node.format_spec
         field = _call("_format_", [node.value, spec, ast.Constant(node.conversion)], node)
