@@ -219,6 +219,7 @@ RUNTIME_ERRORS = {
     "randbytes": ("import random\nrandom.randbytes(10**10)", "SandboxLimitError: randbytes() length"),
     "product repeat": ("import itertools\nitertools.product([1, 2], repeat=10**9)",
                        "SandboxLimitError: product() repeat"),
+    "tee n": ("import itertools\nitertools.tee([1], 10**9)", "SandboxLimitError: tee() n"),
     "round digits": ("round(1, -10**8)", "SandboxLimitError: round() ndigits"),
     "sum of lists": ("sum([[1], [2]], [])", "sum() in a hook adds numbers only"),
     # recursion is bounded by the interpreter's limit: a RecursionError is an ordinary error

@@ -196,8 +196,15 @@ def _accumulate(iterable: Iterable[Any], func: Callable[[Any, Any], Any] | None 
     return _ticking(itertools.accumulate(iterable, func or guarded_add, initial=initial))
 
 
+def _tee(iterable: Iterable[Any], n: int = 2) -> tuple[Iterator[Any], ...]:
+    if isinstance(n, int) and n > MAX_REPEAT:  # tee(x, 10**9) builds a billion iterators at once
+        raise too_big("tee() n", n, MAX_REPEAT)
+    return itertools.tee(iterable, n)
+
+
 _ITERTOOLS = _pick(itertools, "chain compress dropwhile filterfalse groupby islice pairwise starmap "
-                              "takewhile tee zip_longest")
+                              "takewhile zip_longest")
+_ITERTOOLS["tee"] = _tee
 _ITERTOOLS.update({name: _ticking_factory(getattr(itertools, name)) for name in (
     "count", "cycle", "repeat", "permutations", "combinations", "combinations_with_replacement")})
 _ITERTOOLS.update(product=_product, accumulate=_accumulate)
