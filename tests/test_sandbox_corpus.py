@@ -219,6 +219,10 @@ RUNTIME_ERRORS = {
     "randbytes": ("import random\nrandom.randbytes(10**10)", "SandboxLimitError: randbytes() length"),
     "product repeat": ("import itertools\nitertools.product([1, 2], repeat=10**9)",
                        "SandboxLimitError: product() repeat"),
+    "set union of shared refs": ("l = list(range(99999))\nset().union(*[l] * 1000)",
+                                 "SandboxLimitError: union() input size"),
+    "set update of shared refs": ("l = list(range(99999))\ns = set()\ns.update(*[l] * 100)",
+                                  "SandboxLimitError: update() input size"),
     "tee n": ("import itertools\nitertools.tee([1], 10**9)", "SandboxLimitError: tee() n"),
     "round digits": ("round(1, -10**8)", "SandboxLimitError: round() ndigits"),
     "sum of lists": ("sum([[1], [2]], [])", "sum() in a hook adds numbers only"),
@@ -270,6 +274,11 @@ TIMEOUTS = {
     "permutations": "import itertools\nlist(itertools.permutations(range(100)))",
     "accumulate": "import itertools\nlist(itertools.accumulate(itertools.repeat('x')))",
     "while with call": "def f():\n    return True\nwhile f():\n    pass",
+    # C iterators over shared references: a billion items from a few small objects
+    "zip of shared refs": "l = [0] * 2**20\nx = list(zip(*[l] * 1000))",
+    "chain of shared refs": "import itertools\nl = [0] * 2**20\nx = max(itertools.chain(*[l] * 1000))",
+    "map of shared refs": "l = [0] * 2**20\nx = sum(map(max, *([l] * 1000)))",
+    "enumerate in C": "l = [0] * 2**20\nx = dict(enumerate(l))\nwhile True:\n    pass",
 }
 
 
@@ -304,6 +313,9 @@ HARMLESS = {
     "big but allowed": "x = 'x' * 2**20\ny = len(x.split('x'))",
     "unpacking": "a, (b, c) = 1, (2, 3)\nfor k, v in {'a': 1}.items():\n    pass",
     "dict class attr": "x = dict.fromkeys(['a'], 0)",
+    "ticking builtins": ("x = dict(zip('ab', map(len, ['x', 'yy'])))\n"
+                         "y = list(enumerate(filter(None, [0, 1]), 1))\n"
+                         "z = {1, 2}.union([3], (4,)) | frozenset([5]).union([6])"),
     "log and print of shared refs": BIG + "ngx.log(ngx.ERR, l)\nprint(*l)\nngx.log(ngx.ERR, *l)",
     "small containers print in full": "x = str([1, 'a', (2.5, None)]) + f'{ {1: 2} }' + '%s' % ([3],)",
     "isinstance with guarded types": ("assert isinstance('x', str) and isinstance(b'', (bytes, int))\n"

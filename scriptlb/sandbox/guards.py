@@ -19,7 +19,7 @@ import codecs
 import operator
 import re
 from collections import Counter, OrderedDict, defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
 
@@ -447,6 +447,25 @@ def guarded_iter(obj: Any) -> Any:
     return iter(obj)
 
 
+def ticking(iterator: Iterable[Any]) -> Iterator[Any]:
+    """Re-yield ``iterator`` checking the budget per item, so C consumers (list, sum, max, set...)
+    of a long or unbounded C iterator are stopped like a Python loop."""
+    tick = limits.tick
+    for item in iterator:
+        tick()
+        yield item
+
+
+def ticking_factory(factory: Callable[..., Iterable[Any]]) -> Callable[..., Iterator[Any]]:
+    """``factory`` (zip, map, itertools.chain...) whose iterators tick per item."""
+
+    def make(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        return ticking(factory(*args, **kwargs))
+
+    make.__name__ = getattr(factory, "__name__", "iterator")
+    return make
+
+
 def apply(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``_apply_``: calls with ``*args``/``**kwargs``."""
     return func(*args, **kwargs)
@@ -541,8 +560,27 @@ _BYTES_METHODS = [m for m in _STR_METHODS if m not in ("casefold", "isdecimal", 
 _PAD = {name: _checked_pad(name) for name in ("center", "ljust", "rjust", "zfill")}
 _SEQ_CHECKED = {**_PAD, "join": _checked_join, "replace": _checked_replace}
 _DICT_METHODS = ["clear", "copy", "get", "items", "keys", "pop", "popitem", "setdefault", "update", "values"]
-_SET_READ = ["copy", "difference", "intersection", "isdisjoint", "issubset", "issuperset",
-             "symmetric_difference", "union"]
+_SET_READ = ["copy", "isdisjoint", "issubset", "issuperset", "symmetric_difference"]
+
+
+def _checked_multi(method: str) -> Callable[..., Any]:
+    """set.union(*others) and friends loop over every argument in one C call: with ``others``
+    being ``[big] * 1000`` that is a billion steps no tick can stop."""
+
+    def call(target: Any, *others: Any) -> Any:
+        total = sum(len(other) for other in others if isinstance(other, _SIZED_INPUTS))
+        if len(others) > limits.MAX_REPEAT or total > 4 * MAX_ITEMS:
+            raise too_big(f"{method}() input size", max(total, len(others)), 4 * MAX_ITEMS)
+        return getattr(target, method)(*others)
+
+    call.__name__ = method
+    return call
+
+
+_SIZED_INPUTS = (str, bytes, list, tuple, dict, set, frozenset, deque, range)
+_SET_MULTI = {name: _checked_multi(name) for name in ("union", "intersection", "difference")}
+_SET_MULTI_UPDATE = {name: _checked_multi(name) for name in ("update", "intersection_update",
+                                                              "difference_update")}
 
 expose(str, _STR_METHODS)
 expose_checked(str, {**_SEQ_CHECKED, "encode": _checked_encode})
@@ -555,9 +593,10 @@ expose(dict, _DICT_METHODS)
 expose(OrderedDict, [*_DICT_METHODS, "move_to_end"])
 expose(defaultdict, _DICT_METHODS)
 expose(Counter, [*_DICT_METHODS, "most_common", "subtract", "total"])
-expose(set, [*_SET_READ, "add", "clear", "difference_update", "discard", "intersection_update", "pop",
-             "remove", "symmetric_difference_update", "update"])
+expose(set, [*_SET_READ, "add", "clear", "discard", "pop", "remove", "symmetric_difference_update"])
+expose_checked(set, {**_SET_MULTI, **_SET_MULTI_UPDATE})
 expose(frozenset, _SET_READ)
+expose_checked(frozenset, _SET_MULTI)
 expose(deque, ["append", "appendleft", "clear", "copy", "count", "index", "insert", "maxlen", "pop",
                "popleft", "remove", "reverse", "rotate"])
 expose_checked(deque, {"extend": _checked_extend, "extendleft": _checked_extendleft})
@@ -577,12 +616,16 @@ _EXCEPTIONS = (
 )
 
 _PLAIN_BUILTINS = ["abs", "all", "any", "bin", "bool", "callable", "chr", "dict", "divmod",
-                   "enumerate", "filter", "float", "frozenset", "hash", "hex", "int", "len",
-                   "list", "map", "max", "min", "next", "oct", "ord", "reversed", "set", "slice",
-                   "sorted", "tuple", "zip"]
+                   "float", "frozenset", "hash", "hex", "int", "len",
+                   "list", "max", "min", "next", "oct", "ord", "reversed", "set", "slice",
+                   "sorted", "tuple"]
+# C iterators whose output can dwarf their input (zip(*[big] * 1000)): they tick per item
+_TICKING_BUILTINS = {"zip": zip, "map": map, "filter": filter, "enumerate": enumerate}
 
 
 _REAL_TYPES.update({guarded_str: str, guarded_bytes: bytes, guarded_range: range})
+_TICKING = {name: ticking_factory(cls) for name, cls in _TICKING_BUILTINS.items()}
+_REAL_TYPES.update({_TICKING[name]: cls for name, cls in _TICKING_BUILTINS.items()})
 
 
 def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
@@ -595,6 +638,7 @@ def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
     table: dict[str, Any] = {name: getattr(builtins, name) for name in _PLAIN_BUILTINS}
     table.update({exc.__name__: exc for exc in _EXCEPTIONS})
     table.update({"None": None, "True": True, "False": False})
+    table.update(_TICKING)
     table.update(
         range=guarded_range, bytes=guarded_bytes, str=guarded_str, isinstance=guarded_isinstance,
         sum=guarded_sum, round=guarded_round, repr=guarded_repr, ascii=guarded_ascii,

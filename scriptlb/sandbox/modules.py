@@ -32,6 +32,8 @@ from scriptlb.sandbox.guards import (
     expose_dynamic,
     guarded_add,
     guarded_mul,
+    ticking,
+    ticking_factory,
     too_big,
 )
 from scriptlb.sandbox.limits import MAX_INT_BITS, MAX_ITEMS, MAX_REPEAT
@@ -69,23 +71,6 @@ expose_dynamic(SafeModule, getattr)
 
 def _pick(module: Any, names: str) -> dict[str, Any]:
     return {name: getattr(module, name) for name in names.split()}
-
-
-def _ticking(iterator: Iterable[Any]) -> Iterator[Any]:
-    """Re-yield ``iterator`` checking the budget per item, so C consumers (list, sum, max...)
-    of an unbounded iterator are stopped like a Python loop."""
-    tick = limits.tick
-    for item in iterator:
-        tick()
-        yield item
-
-
-def _ticking_factory(factory: Callable[..., Iterable[Any]]) -> Callable[..., Iterator[Any]]:
-    @functools.wraps(factory)
-    def make(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        return _ticking(factory(*args, **kwargs))
-
-    return make
 
 
 # --------------------------------------------------------------------------- math
@@ -187,13 +172,13 @@ def _random_module() -> SafeModule:
 def _product(*iterables: Iterable[Any], repeat: int = 1) -> Iterator[Any]:
     if repeat > MAX_REPEAT:
         raise too_big("product() repeat", repeat, MAX_REPEAT)
-    return _ticking(itertools.product(*iterables, repeat=repeat))
+    return ticking(itertools.product(*iterables, repeat=repeat))
 
 
 def _accumulate(iterable: Iterable[Any], func: Callable[[Any, Any], Any] | None = None, *,
                 initial: Any = None) -> Iterator[Any]:
     # the default operator.add would grow strings/lists quadratically without any check
-    return _ticking(itertools.accumulate(iterable, func or guarded_add, initial=initial))
+    return ticking(itertools.accumulate(iterable, func or guarded_add, initial=initial))
 
 
 def _tee(iterable: Iterable[Any], n: int = 2) -> tuple[Iterator[Any], ...]:
@@ -202,10 +187,11 @@ def _tee(iterable: Iterable[Any], n: int = 2) -> tuple[Iterator[Any], ...]:
     return itertools.tee(iterable, n)
 
 
-_ITERTOOLS = _pick(itertools, "chain compress dropwhile filterfalse groupby islice pairwise starmap "
-                              "takewhile zip_longest")
+_ITERTOOLS = {name: ticking_factory(getattr(itertools, name)) for name in (
+    "chain", "compress", "dropwhile", "filterfalse", "groupby", "islice", "pairwise", "starmap", "takewhile",
+    "zip_longest")}  # C iterators: their output can dwarf their input (chain(*[big] * 1000))
 _ITERTOOLS["tee"] = _tee
-_ITERTOOLS.update({name: _ticking_factory(getattr(itertools, name)) for name in (
+_ITERTOOLS.update({name: ticking_factory(getattr(itertools, name)) for name in (
     "count", "cycle", "repeat", "permutations", "combinations", "combinations_with_replacement")})
 _ITERTOOLS.update(product=_product, accumulate=_accumulate)
 
@@ -237,7 +223,7 @@ for _ctor in _HASHLIB.values():
 _lru_wrapper = type(functools.lru_cache()(lambda: None))
 expose(_lru_wrapper, ["cache_info", "cache_clear"])
 expose(type(functools.lru_cache()(lambda: None).cache_info()), ["hits", "misses", "maxsize", "currsize"])
-expose_checked(Counter, {"elements": lambda counter: _ticking(counter.elements())})
+expose_checked(Counter, {"elements": lambda counter: ticking(counter.elements())})
 
 _STATIC: dict[str, dict[str, Any]] = {
     "math": _MATH,
