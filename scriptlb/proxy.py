@@ -286,7 +286,10 @@ class Exchange:
 
     @property
     def request_length(self) -> int:
-        return self.request.head_size + len(self.request.target) + self.request.body_size
+        """Bytes of the request as nginx counts them: request line, headers, blank line, body."""
+        request = self.request
+        line = len(request.method) + len(request.target) + 12  # " ", " HTTP/1.1\r\n"
+        return line + request.head_size + 2 + request.body_size
 
     def header(self, name_lower: str) -> str | None:
         """A request header's value (first one; Cookie lines joined with "; " as nginx)."""
