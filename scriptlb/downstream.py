@@ -173,6 +173,8 @@ class ClientError(Exception):
         self.status = status
 
 
+_TIMED_OUT = "client timed out (110: Connection timed out)"
+
 # timer phases
 _IDLE, _HEAD, _BODY, _SEND, _NONE = range(5)
 _PHASE_TEXT = {
@@ -218,6 +220,7 @@ class ClientConnection(asyncio.Protocol):
         self._parsing: Request | None = None
         self._parsing_handler: RequestHandler | None = None
         self._head_done = False  # the request being parsed is past its head (errors: body)
+        self._last_data = b""  # the last bytes read while a head is incomplete (timeout logs)
         self.active: RequestHandler | None = None
         self._active_request: Request | None = None
         self._queue: deque[tuple[Request, RequestHandler]] = deque()
@@ -273,6 +276,10 @@ class ClientConnection(asyncio.Protocol):
             self._feed(data)
         except ClientError as err:
             self._client_error(err)
+            return
+        # a head still arriving keeps a reference to its last bytes (the timeout log's wording,
+        # see _line_received); any other connection holds none
+        self._last_data = data if self._parsing is not None and not self._head_done else b""
 
     def eof_received(self) -> bool | None:
         # A half-closed client may still read our answer to what it already sent.
@@ -687,6 +694,7 @@ class ClientConnection(asyncio.Protocol):
             request.version = "1.1"
         self._keep_alive = False
         self.response_started = False
+        self.bytes_sent = self.body_bytes_sent = 0  # (the counters of a previous request)
         self.respond_error(err.status)
         report = self.listener.on_client_error
         if not handler_told and report is not None:
@@ -741,12 +749,60 @@ class ClientConnection(asyncio.Protocol):
         if phase == _IDLE:
             self.close()  # keepalive_timeout: nginx closes silently
             return
+        if phase == _HEAD:
+            self._head_timed_out()
+            return
         if phase == _BODY and self.active is not None and not self.response_started:
-            self._client_error(ClientError(408, f"client timed out (110: Connection timed out) "
-                                                f"{_PHASE_TEXT[phase]}"))
+            self._body_timed_out(self.active)
             return
         errorlog.log_error(
             "info", f"client timed out (110: Connection timed out) {_PHASE_TEXT[phase]}",
             self.conn_id, self._log_context(),
         )
         self.close()
+
+    def _head_timed_out(self) -> None:
+        """client_header_timeout: nginx answers nothing. It closes, says why at info level and,
+        once any byte of a request came, access-logs that request with 408."""
+        request = self._parsing
+        if request is None:
+            errorlog.log_error("info", f"{_TIMED_OUT} while waiting for request", self.conn_id,
+                               self._log_context())
+            self.close()
+            return
+        if not request.method:
+            request.method = self._method_so_far()
+        where = "headers" if self._line_received(request) else "line"
+        errorlog.log_error("info", f"{_TIMED_OUT} while reading client request {where}", self.conn_id,
+                           self._log_context())
+        self._parsing = None
+        self.close()
+        self.bytes_sent = self.body_bytes_sent = 0  # (the counters of a previous request)
+        report = self.listener.on_client_error
+        if report is not None:
+            report(self, request, 408)
+
+    def _line_received(self, request: Request) -> bool:
+        """Did the request line of this incomplete head arrive whole (for the log's wording)?
+        httptools says nothing before a header is complete, so look at the last bytes read:
+        a line end after the previous request's head."""
+        if request.headers:
+            return True
+        tail = self._last_data
+        start = tail.rfind(b"\r\n\r\n")
+        return b"\n" in (tail[start + 4:] if start != -1 else tail)
+
+    def _method_so_far(self) -> str:
+        try:
+            return self._parser.get_method().decode("ascii")
+        except (httptools.HttpParserError, UnicodeDecodeError):
+            return ""  # not even the method arrived whole
+
+    def _body_timed_out(self, active: RequestHandler) -> None:
+        """client_body_timeout: nginx terminates the request without a response (and without
+        an error-log line): the connection closes, the access log says 408."""
+        self.active = None
+        self._active_request = None
+        self._queue.clear()
+        self.close()
+        active.abort(408)

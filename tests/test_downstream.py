@@ -341,7 +341,11 @@ def test_header_timeout_closes_a_silent_connection(loop: asyncio.AbstractEventLo
     assert h.transport.closed and h.transport.take() == b""
 
 
-def test_body_timeout_answers_408(loop: asyncio.AbstractEventLoop, log_file: Path) -> None:
+def test_body_timeout_closes_without_a_response_and_ends_the_request_408(
+    loop: asyncio.AbstractEventLoop, log_file: Path
+) -> None:
+    """nginx (checked with 1.22) terminates the request: no 408 page, no error-log line, the
+    access log says 408 (the handler's abort)."""
     h = Harness(loop, reply=None)
     h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
     h.handlers[0].body_timeout = 0.05
@@ -354,10 +358,34 @@ def test_body_timeout_answers_408(loop: asyncio.AbstractEventLoop, log_file: Pat
             await asyncio.sleep(0.01)
 
     loop.run_until_complete(wait_closed())
-    assert status_of(h.transport.take()) == 408
+    assert h.transport.closed and h.transport.take() == b""
     assert "abort 408" in h.handlers[0].events
+    assert "client timed out" not in (log_file.read_text() if log_file.exists() else "")
+
+
+def test_header_timeout_after_some_bytes_is_reported_as_408(loop: asyncio.AbstractEventLoop,
+                                                             log_file: Path) -> None:
+    """A head that stops arriving: closed silently, logged at info with nginx's wording, and
+    reported (status 408) for the access log; a connection that sent nothing is not."""
+    reported: list[tuple[str, int]] = []
+    h = Harness(loop, header_timeout=0.05)
+    h.context.on_client_error = lambda conn, request, status: reported.append((request.method, status))
+    h.feed(b"GET /x HTTP/1.1\r\nHost: x\r\n")
+    silent = Harness(loop, header_timeout=0.05)
+    silent.context.on_client_error = h.context.on_client_error
+
+    async def wait_closed() -> None:
+        for _ in range(200):
+            if h.transport.closed and silent.transport.closed:
+                return
+            await asyncio.sleep(0.01)
+
+    loop.run_until_complete(wait_closed())
+    assert h.transport.take() == b"" and silent.transport.take() == b""
+    assert reported == [("GET", 408)]
     logged = log_file.read_text()
-    assert "client timed out (110: Connection timed out) while reading client request body" in logged
+    assert "client timed out (110: Connection timed out) while reading client request headers" in logged
+    assert "client timed out (110: Connection timed out) while waiting for request" in logged
 
 
 def test_a_long_pipeline_of_instant_answers_does_not_recurse(loop: asyncio.AbstractEventLoop) -> None:

@@ -4,6 +4,7 @@ the client gets (or what the access log says) must match."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_non_ascii_uri_and_host_are_bytes_as_nginx(tmp_path: Path) -> None:
         b"GET /plain HTTP/1.1\r\nHost: h\xe9\r\nConnection: close\r\n\r\n",
     ]
     block = """
-        log_format uris '$uri|$request_uri|$args|$host';
+        log_format uris '$uri|$request_uri|$args|$host|$request_length';
         server {{
             listen 127.0.0.1:{port};
             access_log {log} uris;
@@ -86,3 +87,50 @@ def test_non_ascii_uri_and_host_are_bytes_as_nginx(tmp_path: Path) -> None:
     assert ours[0] == b"caf\xe9\xa9.test|/caf\xc3\xa9/x\xe9|/caf%C3%A9/x%E9?a=%C3%A9\n"
     assert our_log == their_log
     assert our_log[0].startswith("/caf\\xC3\\xA9/x\\xE9|")
+
+
+def read_until_closed(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_client_timeouts_close_without_a_response_and_log_408_as_nginx(tmp_path: Path) -> None:
+    """client_header_timeout / client_body_timeout: nginx sends nothing, closes, and access-logs
+    a request it had started reading with 408 (a connection that sent nothing: no line)."""
+    port, peer = free_ports(2)
+    cases = [
+        b"",
+        b"GET /x HTTP/1.1\r\nHost: x\r\n",
+        b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc",
+        b"GET /k HTTP/1.1\r\nHost: x\r\n\r\nGET /k2 HTTP/1.1\r\n",
+    ]
+    block = """
+        log_format brief '$status|$request|$body_bytes_sent';
+        server {{
+            listen 127.0.0.1:{port};
+            access_log {log} brief;
+            client_header_timeout 200ms;
+            client_body_timeout 200ms;
+            location /p {{ proxy_pass http://127.0.0.1:{peer}; }}
+            location / {{ return 200 ok; }}
+        }}
+    """
+    ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
+    ngx_dir.mkdir()
+    lb_dir.mkdir()
+    with nginx_running(ngx_dir, block.format(port=port, peer=peer, log=f"{ngx_dir}/brief.log"), [port]):
+        theirs = [read_until_closed(port, data).partition(b"\r\n")[0] for data in cases]
+        their_log = read_log_lines(ngx_dir / "brief.log", 4)
+    lb_block = block.format(port="{port0}", peer=peer, log=f"{lb_dir}/brief.log").replace("127.0.0.1:{port0}",
+                                                                                          "{port0}")
+    with Scriptlb(f"daemon off; master_process off; error_log {lb_dir}/error.log info;\n"
+                  f"http {{ {lb_block} }}", lb_dir) as lb:
+        ours = [read_until_closed(lb.port, data).partition(b"\r\n")[0] for data in cases]
+        our_log = read_log_lines(lb_dir / "brief.log", 4)
+    assert ours == theirs == [b"", b"", b"", b"HTTP/1.1 200 OK"]
+    assert our_log == their_log
+    assert [line.split("|")[0] for line in our_log] == ["408", "408", "200", "408"]
