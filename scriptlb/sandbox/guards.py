@@ -653,8 +653,15 @@ def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
     )
     from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 
+    def unpack_sequence(it: Any, spec: dict[str, Any], getiter: Any) -> Any:
+        """``a, b = value``: a flat tuple needs no guarding (iter is our _getiter_ anyway), and
+        ``ok, err = balancer.set_current_peer(...)`` is on the hot path."""
+        if type(it) is tuple and not spec["childs"]:
+            return it
+        return guarded_unpack_sequence(it, spec, getiter)
+
     table["_iter_unpack_sequence_"] = guarded_iter_unpack_sequence
-    table["_unpack_sequence_"] = guarded_unpack_sequence
+    table["_unpack_sequence_"] = unpack_sequence
     table.update(extra)
     return table
 
