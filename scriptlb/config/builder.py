@@ -18,6 +18,7 @@ from scriptlb.config.addresses import AddressError, ProxyUrl, parse_proxy_url, r
 from scriptlb.config.directives import COMBINED_FORMAT, Ctx, State, listen_name, lookup
 from scriptlb.config.drafts import (
     Header,
+    HookDraft,
     HttpDraft,
     LevelDraft,
     LocationDraft,
@@ -125,7 +126,13 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
         package_path=http.values.get("python_package_path", ()),
         code_cache=http.values.get("python_code_cache", True),
     )
-    return HttpConf(upstreams=upstreams, servers=servers, log_formats=dict(http.log_formats), python=python)
+    return HttpConf(
+        upstreams=upstreams,
+        servers=servers,
+        log_formats=dict(http.log_formats),
+        python=python,
+        shared_dicts=dict(http.shared_dicts),
+    )
 
 
 def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
@@ -134,16 +141,8 @@ def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
     v = upstream.values
     hook = None
     if upstream.hook is not None:
-        h = upstream.hook
         timeout = v.get("balancer_by_python_timeout", http.values.get("balancer_by_python_timeout"))
-        hook = HookConf(
-            kind=h.kind,
-            path=h.path,
-            code=h.code,
-            source=h.source,
-            timeout=DEFAULT_HOOK_TIMEOUT if timeout is None else timeout,
-            first_line=h.code_line,
-        )
+        hook = _hook_conf(upstream.hook, DEFAULT_HOOK_TIMEOUT if timeout is None else timeout)
     return UpstreamConf(
         name=upstream.name,
         servers=tuple(upstream.servers),
@@ -154,6 +153,27 @@ def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
         keepalive_requests=v.get("keepalive_requests", 1000),
         source=upstream.source,
     )
+
+
+def _hook_conf(hook: HookDraft, timeout: float) -> HookConf:
+    return HookConf(
+        kind=hook.kind,
+        path=hook.path,
+        code=hook.code,
+        source=hook.source,
+        timeout=timeout,
+        first_line=hook.code_line,
+        phase=hook.phase,
+    )
+
+
+def _log_hook(chain: Sequence[LevelDraft]) -> HookConf | None:
+    """The innermost level's log hook; its CPU budget is the innermost log_by_python_timeout
+    (which may come from another level than the hook, as nginx merges each slot alone)."""
+    hook = next((lv.log_hook for lv in chain if lv.log_hook is not None), None)
+    if hook is None:
+        return None
+    return _hook_conf(hook, _get(chain, "log_by_python_timeout", DEFAULT_HOOK_TIMEOUT))
 
 
 class _ProxyPassResolver:
@@ -282,6 +302,7 @@ def _location_conf(
         keepalive_requests=_get(chain, "keepalive_requests", 1000),
         access_log=tuple(access_logs),
         source=loc.source,
+        log_hook=_log_hook(chain),
     )
 
 

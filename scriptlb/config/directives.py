@@ -39,6 +39,7 @@ from scriptlb.config.model import (
     NextUpstream,
     PeerAddr,
     ReturnConf,
+    SharedDictConf,
     Source,
     Template,
 )
@@ -441,6 +442,31 @@ def _python_package_path(state: State, node: Node, draft: HttpDraft) -> None:
     _store(node, draft.values, patterns)
 
 
+# scriptlb.shared_dict.MIN_SIZE, repeated so loading a config does not import LMDB; a test
+# keeps the two equal. lua_shared_dict's floor is 8 KiB; an LMDB environment needs more.
+MIN_SHARED_DICT_SIZE = 16 * 4096
+
+
+def _python_shared_dict(state: State, node: Node, draft: HttpDraft) -> None:
+    """``python_shared_dict NAME SIZE``, checked in lua_shared_dict's order and words."""
+    name, size_text = node.args
+    if not name:
+        raise fail(node, f'invalid python shared dict name "{name}"')
+    size = parse_size(size_text)
+    if size is None or size < MIN_SHARED_DICT_SIZE:
+        raise fail(node, f'invalid python shared dict size "{size_text}"')
+    other = draft.shared_dicts.get(name)
+    if other is not None:
+        if other.size != size:  # nginx's shared-memory registry speaks first
+            raise fail(
+                node,
+                f'the size {size} of shared memory zone "{name}" '
+                f"conflicts with already declared size {other.size}",
+            )
+        raise fail(node, f'python_shared_dict "{name}" is already defined as "{other.name}"')
+    draft.shared_dicts[name] = SharedDictConf(name, size, node.source)
+
+
 def _hook_timeout(state: State, node: Node, draft: Any) -> None:
     value = msec(node)
     if value <= 0:
@@ -450,16 +476,36 @@ def _hook_timeout(state: State, node: Node, draft: Any) -> None:
 
 def _hook_file(state: State, node: Node, draft: UpstreamDraft) -> None:
     _declare_hook(state, node, draft)
-    path = state.path(node.args[0])
-    if not os.path.isfile(path):
-        err = os.strerror(2)
-        raise fail(node, f'open() "{path}" failed (2: {err})')
-    draft.hook = HookDraft(node.name, "file", path, None, node.source)
+    draft.hook = HookDraft(node.name, "file", _existing_file(state, node), None, node.source)
 
 
 def _hook_block(state: State, node: Node, draft: UpstreamDraft) -> None:
     _declare_hook(state, node, draft)
     draft.hook = HookDraft(node.name, "block", None, node.code, node.source, node.code_line)
+
+
+def _log_hook_file(state: State, node: Node, draft: LevelDraft) -> None:
+    _declare_log_hook(node, draft)
+    draft.log_hook = HookDraft(node.name, "file", _existing_file(state, node), None, node.source, phase="log")
+
+
+def _log_hook_block(state: State, node: Node, draft: LevelDraft) -> None:
+    _declare_log_hook(node, draft)
+    draft.log_hook = HookDraft(node.name, "block", None, node.code, node.source, node.code_line, "log")
+
+
+def _declare_log_hook(node: Node, draft: LevelDraft) -> None:
+    """One log hook per level, file or block (ngx_lua's log_handler slot): a second one at
+    the same level is "is duplicate"; an inner level's replaces the inherited one."""
+    if draft.log_hook is not None:
+        raise fail(node, f'"{node.name}" directive is duplicate')
+
+
+def _existing_file(state: State, node: Node) -> str:
+    path = state.path(node.args[0])
+    if not os.path.isfile(path):
+        raise fail(node, f'open() "{path}" failed (2: {os.strerror(2)})')
+    return path
 
 
 # what lines after a balancer hook may still say (OpenResty resets the upstream's flags)
@@ -588,6 +634,10 @@ _SPECS: tuple[Spec, ...] = (
     _spec("balancer_by_python_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _hook_timeout),
     _spec("balancer_by_python_file", Ctx.UPSTREAM, ONE, _hook_file),
     _spec("balancer_by_python_block", Ctx.UPSTREAM, NONE, _hook_block, block=True),
+    _spec("python_shared_dict", Ctx.HTTP, (2, 2), _python_shared_dict),
+    _spec("log_by_python_file", HSL, ONE, _log_hook_file),
+    _spec("log_by_python_block", HSL, NONE, _log_hook_block, block=True),
+    _spec("log_by_python_timeout", HSL, ONE, _hook_timeout),
     # upstream
     _spec("server", Ctx.UPSTREAM, (1, None), _upstream_server),
     _spec("keepalive", Ctx.UPSTREAM, ONE, _upstream_keepalive),

@@ -19,6 +19,7 @@ from scriptlb.config.model import (
     ListenConf,
     LogFormat,
     ReturnConf,
+    SharedDictConf,
     Source,
     Template,
     UpstreamServerConf,
@@ -34,6 +35,7 @@ class LevelDraft:
     values: dict[str, Any] = field(default_factory=dict)  # directive name -> parsed value
     set_headers: list[Header] | None = None  # None: not defined here, inherit
     access_logs: list[AccessLogConf] | None = None  # None: inherit; []: access_log off
+    log_hook: HookDraft | None = None  # log_by_python_*; None: inherit
 
 
 @dataclass(eq=False)
@@ -62,6 +64,7 @@ class HookDraft:
     code: str | None
     source: Source
     code_line: int = 0
+    phase: str = "balancer"  # "balancer" | "log": HookConf.phase
 
 
 @dataclass(eq=False)
@@ -84,6 +87,7 @@ class HttpDraft(LevelDraft):
     upstreams: dict[str, UpstreamDraft] = field(default_factory=dict)
     servers: list[ServerDraft] = field(default_factory=list)
     log_formats: dict[str, LogFormat] = field(default_factory=dict)
+    shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)
 
 
 @dataclass(eq=False)

@@ -96,7 +96,7 @@ class AccessLogConf:
 
 @dataclass(frozen=True, slots=True)
 class HookConf:
-    """A ``balancer_by_python_*`` (or later ``log_by_python_*``) hook."""
+    """A ``balancer_by_python_*`` or ``log_by_python_*`` hook (``phase`` says which)."""
 
     kind: str  # "file" | "block"
     path: str | None  # absolute path for "file"
@@ -106,14 +106,16 @@ class HookConf:
     # conf line of the block's first code line: source.line + 1 in the usual layout (nothing
     # after "{" on its line); source.line for a one-line block. 0 for "file" hooks.
     first_line: int = 0
+    phase: str = "balancer"  # "balancer" (UpstreamConf.hook) | "log" (LocationConf.log_hook)
 
     @property
     def chunk_name(self) -> str:
-        """The name used in tracebacks and logs, like ngx_lua's chunk names."""
+        """The name used in tracebacks and logs, like ngx_lua's chunk names:
+        the file's path, or ``balancer_by_python(/abs/x.conf:12)`` / ``log_by_python(...)``."""
         if self.kind == "file":
             assert self.path is not None
             return self.path
-        return f"balancer_by_python({self.source.file}:{self.source.line})"
+        return f"{self.phase}_by_python({self.source.file}:{self.source.line})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +127,34 @@ class PythonConf:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedDictConf:
+    """One ``python_shared_dict NAME SIZE;`` zone (``scriptlb.shared_dict.SharedDict``)."""
+
+    name: str  # as written; ngx.shared.NAME in hooks (case-sensitive, as lua_shared_dict)
+    size: int  # bytes, at least scriptlb.shared_dict.MIN_SIZE
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class HttpConf:
     upstreams: dict[str, UpstreamConf]  # explicit `upstream` blocks and implicit ones (below)
     servers: tuple[ServerConf, ...]
     log_formats: dict[str, LogFormat]
     python: PythonConf = field(default_factory=PythonConf)
+    shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)  # by name, in file order
+
+    def hooks(self) -> tuple[HookConf, ...]:
+        """Every hook to compile, each once: upstreams' balancer hooks, then the distinct
+        log hooks of the locations (an inherited log hook is one HookConf shared by many)."""
+        found: dict[HookConf, None] = {}
+        for upstream in self.upstreams.values():
+            if upstream.hook is not None:
+                found[upstream.hook] = None
+        for server in self.servers:
+            for location in server.locations:
+                if location.log_hook is not None:
+                    found[location.log_hook] = None
+        return tuple(found)
 
 
 # --------------------------------------------------------------------------- upstreams
@@ -271,8 +296,10 @@ class LocationConf:
     keepalive_timeout: float = 75.0  # 0 disables client keep-alive
     keepalive_requests: int = 1000
     access_log: tuple[AccessLogConf, ...] = ()  # empty = off
-    # later phases (log_by_python) go here
     source: Source | None = None
+    # log_by_python_file/_block: the innermost level's, else inherited (http -> server ->
+    # location); runs after the response is finished. None: no log hook.
+    log_hook: HookConf | None = None
 
 
 @dataclass(frozen=True, slots=True)
