@@ -742,6 +742,7 @@ class UpstreamRequest:
                              self._idempotent, request_sent=True)
             if verdict == RETRY:
                 record.response_time = self.loop.time() - record.started
+                self._observe(record)
                 self._drop_conn()
                 self._free_try(is_counted_failure(failure, True), failure, _READING_HEADER)
                 self._next_try()
@@ -757,6 +758,7 @@ class UpstreamRequest:
         record = self._record
         if record is not None:
             record.response_time = self.loop.time() - record.started
+            self._observe(record)
         if conn is not None:
             if self._pool is not None:
                 self._pool.release(conn)
@@ -859,6 +861,15 @@ class UpstreamRequest:
         if state.tries:
             state.tries -= 1
         self.exchange.last_failure = (last_failure_state(failure), last_failure_status(failure))
+
+    def _observe(self, record: TryRecord) -> None:
+        """A balancer peer's try got a response: feed its times to methods that learn from
+        latency (ewma, least_time; a no-op for the others). Hook-set peers are not the
+        balancer's, as in free."""
+        peer = self._peer_to_free
+        if peer is not None:
+            self.upstream.balancer.observe(peer, record.connect_time, record.header_time,
+                                           record.response_time, self.loop.time())
 
     def _free_peer(self, failed: bool, phase: str = "") -> None:
         peer = self._peer_to_free

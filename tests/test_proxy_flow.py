@@ -260,3 +260,37 @@ def test_upstream_keepalive_requests_limits_a_pooled_connection(tmp_path: Path) 
         for _ in range(5):
             assert client.request("GET", "/").status == 200
     assert bk[0].connections == 3  # 2 + 2 + 1 requests
+
+
+def delayed(delay: float) -> Behaviour:
+    """A well-behaved answer after ``delay`` seconds (a slow peer)."""
+
+    async def behaviour(req: BackendRequest, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(delay)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        return True
+
+    return behaviour
+
+
+def test_ewma_learns_from_response_times_and_avoids_a_slow_peer(tmp_path: Path) -> None:
+    """The tries loop feeds each response's times to the balancer (observe): ewma sends clearly
+    fewer of 200 sequential requests to a peer answering 30 ms slower."""
+    with Backends(respond(), delayed(0.03)) as bk, Scriptlb(
+        """
+        daemon off; master_process off; error_log {tmp}/error.log;
+        http {
+            upstream u { ewma; server {fast}; server {slow}; keepalive 4; }
+            server {
+                listen {port0};
+                location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; }
+            }
+        }
+        """, tmp_path, tmp=tmp_path, fast=bk[0].addr, slow=bk[1].addr,
+    ) as lb, HttpConnection(lb.port) as client:
+        for _ in range(200):
+            assert client.request("GET", "/").status == 200
+    fast, slow = len(bk[0].requests), len(bk[1].requests)
+    assert fast + slow == 200
+    assert slow < 40, (fast, slow)  # round robin would give each 100

@@ -71,6 +71,19 @@ class Balancer(Protocol):
         "upstream server temporarily disabled" (the caller logs it with the request context)."""
         ...
 
+    def observe(
+        self,
+        peer: Peer,
+        connect_time: float | None,
+        header_time: float | None,
+        response_time: float | None,
+        now: float,
+    ) -> None:
+        """A try on ``peer`` got a response: its times (seconds, None when not reached), on
+        the clock of ``get``/``free``. Called before that try's ``free``. Methods that learn
+        from latency (ewma, least_time) keep statistics; the others ignore it."""
+        ...
+
     def rebuild(self, peers: PeerSet) -> None:
         """Swap in a new peer set (dynamic upstreams); requests in flight keep their old one."""
         ...

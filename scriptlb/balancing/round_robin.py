@@ -112,6 +112,16 @@ class RoundRobin:
             state.tries -= 1
         return disabled
 
+    def observe(
+        self,
+        peer: Peer,
+        connect_time: float | None,
+        header_time: float | None,
+        response_time: float | None,
+        now: float,
+    ) -> None:
+        """Round robin does not learn from latency (ewma and least_time override this)."""
+
     @staticmethod
     def _account_failure(peer: Peer, now: float) -> bool:
         peer.fails += 1
