@@ -237,6 +237,7 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_sent = 0
         self.body_bytes_sent = 0
         self._pending_head = b""  # a response head not written yet (see send_head)
+        self.sent_head = b""  # the active response's head as written, for the log phase
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -462,6 +463,7 @@ class ClientConnection(asyncio.Protocol):
         self._active_request = request
         self.requests += 1
         self.response_started = False
+        self.sent_head = b""
         self.bytes_sent = 0
         self.body_bytes_sent = 0
         self._keep_alive = (
@@ -495,6 +497,7 @@ class ClientConnection(asyncio.Protocol):
         of instant answers must not recurse), then wait for the next request."""
         self.active = None
         self._active_request = None
+        self.sent_head = b""  # logged already; an idle connection holds no response bytes
         if not self._keep_alive or self.closed or (self._eof and not self._queue):
             self.close()
             return
@@ -560,7 +563,7 @@ class ClientConnection(asyncio.Protocol):
             parts.append(b"Connection: keep-alive\r\n\r\n")
         else:
             parts.append(b"Connection: close\r\n\r\n")
-        head = b"".join(parts)
+        head = self.sent_head = b"".join(parts)  # (kept for $sent_http_content_length & co.)
         self.bytes_sent += len(head)
         # Corked: the head goes out with the first body bytes (one syscall instead of two), or
         # at flush() when the caller has no body at hand.

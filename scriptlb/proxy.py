@@ -285,6 +285,11 @@ class Exchange:
         return self.conn.requests
 
     @property
+    def sent_head(self) -> bytes:
+        """The response head as the client connection wrote it (framing lines included)."""
+        return self.conn.sent_head
+
+    @property
     def request_length(self) -> int:
         """Bytes of the request as nginx counts them: request line, headers, blank line, body."""
         request = self.request

@@ -167,11 +167,20 @@ def _upstream_http_family(suffix: str) -> Getter:
     return get
 
 
+# the framing lines the client connection writes itself: nginx's $sent_http_content_length,
+# _connection and _transfer_encoding report them (Server and Date it writes unlisted: "-")
+_FRAMING_HEADERS = frozenset({b"content_length", b"connection", b"transfer_encoding"})
+
+
 def _sent_http_family(suffix: str) -> Getter:
     wanted = suffix.encode("latin-1")
+    framing = wanted in _FRAMING_HEADERS
 
     def get(ex: Any) -> str | None:
         headers = ex.response_headers
+        if framing:
+            head = getattr(ex, "sent_head", b"")  # the whole head as written (framing included)
+            return _join_headers(_split_header_block(head), wanted, b", ") if head else None
         if not headers:
             return None
         if isinstance(headers, bytes):

@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from helpers import BackendRequest, Backends, Scriptlb, raw_exchange, read_log_lines
+from helpers import BackendRequest, Backends, Scriptlb, raw_exchange, read_log_lines, respond
 from test_round_robin import NGINX, free_ports, nginx_running
 
 pytestmark = [pytest.mark.nginx, pytest.mark.skipif(NGINX is None, reason="nginx is not installed")]
@@ -134,3 +134,41 @@ def test_client_timeouts_close_without_a_response_and_log_408_as_nginx(tmp_path:
     assert ours == theirs == [b"", b"", b"", b"HTTP/1.1 200 OK"]
     assert our_log == their_log
     assert [line.split("|")[0] for line in our_log] == ["408", "408", "200", "408"]
+
+
+def test_sent_http_sees_the_framing_headers_as_nginx(tmp_path: Path) -> None:
+    """$sent_http_content_length / _connection / _transfer_encoding report the framing the
+    server wrote itself, for ``return`` and proxied responses, keep-alive or not."""
+    port, = free_ports(1)
+    requests = [  # one connection: the first response is keep-alive, the second closes
+        b"GET /r HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"GET /p HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    ]
+    with Backends(respond(body=b"hello", headers={"X-Up": "1"})) as bk:
+        block = """
+            log_format sent '$sent_http_content_length|$sent_http_connection|'
+                            '$sent_http_transfer_encoding|$sent_http_x_up|$sent_http_server';
+            server {{
+                listen {listen};
+                access_log {log} sent;
+                location /r {{ return 200 "ok"; }}
+                location /p {{ proxy_pass http://{peer}; }}
+            }}
+        """
+        ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
+        ngx_dir.mkdir()
+        lb_dir.mkdir()
+        with nginx_running(ngx_dir, block.format(listen=f"127.0.0.1:{port}", peer=bk[0].addr,
+                                                 log=f"{ngx_dir}/sent.log"), [port]):
+            raw_exchange(port, b"".join(requests))
+            theirs = read_log_lines(ngx_dir / "sent.log", len(requests))
+        lb_block = block.format(listen="{port0}", peer=bk[0].addr, log=f"{lb_dir}/sent.log")
+        with Scriptlb(f"daemon off; master_process off; error_log {lb_dir}/error.log info;\n"
+                      f"http {{ {lb_block} }}", lb_dir) as lb:
+            raw_exchange(lb.port, b"".join(requests))
+            ours = read_log_lines(lb_dir / "sent.log", len(requests))
+    # nginx 1.22 logs $sent_http_connection "close" even for a response it sent with
+    # "Connection: keep-alive" (it clears r->keepalive before the log phase); we log what we sent
+    assert theirs[0].split("|")[1] == "close"
+    assert ours[0] == theirs[0].replace("|close|", "|keep-alive|", 1)
+    assert ours[1] == theirs[1] == "5|close|-|1|-"
