@@ -28,6 +28,7 @@ from typing import Any
 
 from scriptlb.config.model import PeerAddr
 from scriptlb.sandbox.guards import expose, expose_dynamic, text_size
+from scriptlb.variables import variable_getter  # imported here: not inside a run's budget
 
 _OK = (True, None)
 MAX_MORE_TRIES = 1000  # one set_more_tries grant, when proxy_next_upstream_tries is 0 (unlimited)
@@ -317,8 +318,6 @@ def _variable(_view: Any, name: Any) -> str | None:
 
 
 def _variable_getter(name: str) -> Any:
-    from scriptlb.variables import variable_getter
-
     try:
         getter = variable_getter(name.lower())
     except KeyError:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from types import CodeType
 from typing import Any
 
-from scriptlb import api
+from scriptlb import api, errorlog
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import HookConf, MainConf, PythonConf, Source
 from scriptlb.sandbox import limits
@@ -137,19 +137,19 @@ def _config_error(hook: HookConf, err: Exception) -> ConfigError:
 
 
 def precompile(conf: MainConf) -> None:
-    """Compile every hook of ``conf``; a syntax or policy error is a ConfigError at file:line.
+    """Compile every hook of ``conf`` (balancer_by_python and log_by_python); a syntax or
+    policy error is a ConfigError at file:line.
 
     Only a configuration whose hooks all compile replaces the loaded code (a refused reload
     leaves the running configuration's hooks as they were)."""
     if conf.http is None:
         return
     loaded: dict[HookConf, CodeType] = {}
-    for upstream in conf.http.upstreams.values():
-        if upstream.hook is not None:
-            try:
-                loaded[upstream.hook] = load_code(upstream.hook)
-            except (HookCompileError, OSError, UnicodeDecodeError) as err:
-                raise _config_error(upstream.hook, err) from None
+    for hook in conf.http.hooks():  # balancer hooks, then log hooks (each once)
+        try:
+            loaded[hook] = load_code(hook)
+        except (HookCompileError, OSError, UnicodeDecodeError) as err:
+            raise _config_error(hook, err) from None
     configure(conf.http.python)
     _LOADED.clear()
     _LOADED.update(loaded)
@@ -160,8 +160,6 @@ def precompile(conf: MainConf) -> None:
 
 def errorlog_sink(level: str, message: str, exchange: Any) -> None:
     """The default sink: the worker's error log, with the request's usual context."""
-    from scriptlb import errorlog
-
     if exchange is None:
         errorlog.log_error(level, message)
         return

@@ -406,3 +406,26 @@ def test_a_refused_config_keeps_the_loaded_code(tmp_path: Path) -> None:
     hook_conf = conf.http.upstreams["backend"].hook
     runner_ = HookRunner(hook_conf, SyntheticUpstream([]), conf.http.python, log=_drop)  # a respawn
     assert runner_.run(exchange(), runner_.upstream).addr == PeerAddr("127.0.0.1", 1)
+
+
+def test_precompile_checks_log_hooks_too(tmp_path: Path) -> None:
+    conf = tmp_path / "scriptlb.conf"
+    conf.write_text(textwrap.dedent("""\
+        events {}
+        http {
+            server {
+                listen 127.0.0.1:8080;
+                location / {
+                    return 200;
+                    log_by_python_block {
+                        x = ().__class__
+                    }
+                }
+            }
+        }
+        """))
+    with pytest.raises(ConfigError) as err:
+        load_and_check(str(conf), str(tmp_path))
+    line = next(i for i, t in enumerate(conf.read_text().splitlines(), 1) if "__class__" in t)
+    assert str(err.value) == ('[emerg] failed to load inlined Python code: SandboxError: "__class__" is an '
+                              f'invalid attribute name because it starts with "_". in {conf}:{line}')
