@@ -49,6 +49,8 @@ def per_try_us(hook: HookRunner, upstream: SyntheticUpstream, runs: int, repeat:
     outcome = hook.run(exchange, upstream)
     assert outcome.addr is not None and outcome.error is None, outcome.message
     run = hook.run
+    for _ in range(runs // 10):  # warm-up: caches, branch predictors, CPU frequency
+        run(exchange, upstream)
     best = float("inf")
     for _ in range(repeat):
         started = time.process_time()  # CPU time: robust when other processes share the CPUs
