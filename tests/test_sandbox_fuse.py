@@ -4,6 +4,7 @@ MemoryError. Each case runs in its own process."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -109,3 +110,20 @@ def test_deeply_nested_tuples_hash_without_crashing_the_worker() -> None:
         fuse.stop()
     """, timeout=60)
     assert (done.returncode, done.stdout) == (0, "True\n"), done.stderr
+
+
+def test_the_watchdog_holds_no_file_descriptors_of_the_worker() -> None:
+    done = python("""
+        import os, socket, time
+        from scriptlb.sandbox import limits
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        fuse = limits.install_worker_fuse(hard_seconds=5)
+        time.sleep(0.2)
+        print(sorted(int(fd) for fd in os.listdir(f"/proc/{fuse._pid}/fd")))
+        fuse.stop()
+    """)
+    assert done.returncode == 0, done.stderr
+    assert all(fd <= 2 for fd in json.loads(done.stdout))

@@ -102,6 +102,8 @@ class WorkerFuse:
         pid = os.fork()
         if pid == 0:  # the watchdog: no event loop, no hooks, only this loop
             try:
+                # hold none of the worker's sockets or files (listeners must close with it)
+                os.closerange(3, os.sysconf("SC_OPEN_MAX"))
                 self._watch(worker)
             finally:
                 os._exit(0)
