@@ -68,8 +68,11 @@ class SyntheticExchange:
 
 
 class SyntheticUpstream:
-    def __init__(self, peers: list[PeerAddr]) -> None:
+    """An upstream runtime with ``peers`` (and ``backup`` peers), as the hook API sees it."""
+
+    def __init__(self, peers: list[PeerAddr], backup: list[PeerAddr] | None = None) -> None:
         servers = tuple(UpstreamServerConf(name=p.name, addrs=(p,)) for p in peers)
+        servers += tuple(UpstreamServerConf(name=p.name, addrs=(p,), backup=True) for p in backup or [])
         self.name = "backend"
         self.conf = UpstreamConf(name="backend", servers=servers)
         self.peers = PeerSet.from_conf(self.conf)
@@ -103,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--method", default="GET")
     run.add_argument("--header", action="append", type=_header, default=[], help="'Name: value'")
     run.add_argument("--peers", default="127.0.0.1:8080", help="comma-separated ip:port list")
+    run.add_argument("--backup-peers", default="", help="comma-separated ip:port list (backup)")
     run.add_argument("--last-failure", type=_last_failure, default=None, help="failed:502, next:404")
     run.add_argument("--tries-cap", type=int, default=0, help="proxy_next_upstream_tries (0: no cap)")
     run.add_argument("--timeout", type=float, default=10.0, help="CPU budget in ms (default 10)")
@@ -118,7 +122,7 @@ def run_hook(opts: argparse.Namespace) -> dict[str, Any]:
     hook = HookConf(kind="file", path=path, code=None, source=Source(path, 0), timeout=opts.timeout / 1000)
     package_path = tuple(os.path.abspath(p) for p in opts.package_path.split(";") if p)
     peers = [_peer(p) for p in opts.peers.split(",") if p.strip()]
-    upstream = SyntheticUpstream(peers)
+    upstream = SyntheticUpstream(peers, [_peer(p) for p in opts.backup_peers.split(",") if p.strip()])
     exchange = SyntheticExchange(opts.method, opts.uri, opts.header, len(peers), opts.last_failure,
                                  opts.tries_cap)
     if isinstance(opts.ctx, dict):

@@ -100,6 +100,16 @@ def test_example_with_a_package_module(capsys: pytest.CaptureFixture[str]) -> No
     assert (code, result["outcome"], result["peer"]) == (0, "ok", "127.0.0.1:8080")
 
 
+def test_backup_peers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hook = write(tmp_path, "b = upstream.get_backup_peers()\n"
+                           "ngx.ctx['b'] = [(p['name'], p['backup']) for p in b]\n"
+                           "balancer.set_current_peer(b[0]['name'])\n")
+    code, result = hook_run(capsys, hook, "--peers", "127.0.0.1:1",
+                            "--backup-peers", "127.0.0.1:2,127.0.0.1:3")
+    assert (code, result["peer"]) == (0, "127.0.0.1:2")
+    assert result["ctx"] == {"b": [["127.0.0.1:2", True], ["127.0.0.1:3", True]]}
+
+
 def test_cli_dispatch(tmp_path: Path) -> None:
     hook = write(tmp_path, "balancer.set_current_peer('127.0.0.1:9001')\n")
     done = subprocess.run(scriptlb_cmd("hook", "run", hook), capture_output=True, text=True, timeout=30)
