@@ -87,41 +87,79 @@ class UpstreamError(Exception):
         self.request_sent = request_sent  # request bytes went out (no resending a POST then)
 
 
-class ResponseHead:
-    """The parsed status line and headers of one upstream response."""
+# What on_header does with a response header, by lower-cased name (absent: pass it on).
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _HIDDEN = range(4)
+_HEADER_KIND = {name: _HIDDEN for name in HIDDEN_RESPONSE_HEADERS} | {
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+}
 
-    __slots__ = ("chunked", "close", "connection", "content_length", "headers", "reason", "status", "version")
+
+class ResponseHead:
+    """The parsed status line and headers of one upstream response.
+
+    The headers are classified once, as they are parsed (``UpstreamConnection.on_header``):
+    ``headers`` keeps every pair as received (``$upstream_http_*``), ``lines`` the
+    ``Name: value\\r\\n`` lines the client gets, so a response is not scanned again.
+    """
+
+    __slots__ = ("chunked", "close", "connection", "content_length", "headers", "lines", "reason", "status",
+                 "version")
 
     def __init__(self) -> None:
         self.status = 0
         self.reason = b""  # the peer's own phrase, passed to the client as nginx does
         self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []  # as received, original case
+        self.lines: list[bytes] = []  # the headers passed to the client, as lines
         self.content_length: int | None = None
         self.chunked = False
         self.close = False  # "Connection: close" or an HTTP/1.0 response without keep-alive
         self.connection: bytes | None = None  # the Connection header's value
 
+    def add_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        lower = name.lower()
+        kind = _HEADER_KIND.get(lower)
+        if kind is None:
+            if not lower.startswith(b"x-accel-"):
+                self.lines.append(name + b": " + value + b"\r\n")
+        elif kind == _CONTENT_LENGTH:
+            self.content_length = int(value)  # llhttp validated the digits and duplicates
+        elif kind == _TRANSFER_ENCODING:
+            self.chunked = True
+        elif kind == _CONNECTION:
+            self.connection = value if self.connection is None else self.connection + b", " + value
+
     def client_headers(self) -> bytes:
         """The headers to pass to the client, as ``Name: value\\r\\n`` lines."""
-        headers = self.headers
-        dropped = HIDDEN_RESPONSE_HEADERS
-        listed = _connection_tokens(self.connection) if self.connection is not None else None
-        out = []
-        for name, value in headers:
+        connection = self.connection
+        listed = _connection_tokens(connection) if connection is not None else None
+        if not listed:
+            return b"".join(self.lines)
+        out = []  # Connection names more headers as hop-by-hop (rare): drop those too
+        for name, value in self.headers:
             lower = name.lower()
-            if lower in dropped or lower.startswith(b"x-accel-") or (listed and lower in listed):
+            if lower in _HEADER_KIND or lower.startswith(b"x-accel-") or lower in listed:
                 continue
             out.append(name + b": " + value + b"\r\n")
         return b"".join(out)
 
 
-def _connection_tokens(connection: bytes) -> frozenset[bytes]:
-    """Header names listed in Connection (hop-by-hop by declaration), lower-cased."""
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+
+
+def _connection_tokens(connection: bytes) -> frozenset[bytes] | None:
+    """Header names listed in Connection (hop-by-hop by declaration), lower-cased; None for
+    the usual plain "keep-alive" / "close"."""
+    if connection in _PLAIN_CONNECTION:
+        return None
     tokens = {t.strip().lower() for t in connection.split(b",")}
     tokens.discard(b"close")
     tokens.discard(b"keep-alive")
-    return frozenset(tokens)
+    tokens.discard(b"")
+    return frozenset(tokens) or None
 
 
 class UpstreamHandler(Protocol):
@@ -138,6 +176,44 @@ _TIMED_OUT = "upstream timed out (110: Connection timed out)"
 
 
 class UpstreamConnection(asyncio.Protocol):
+    # __slots__: cheaper attribute access on the per-request path, typos fail loudly
+    __slots__ = (
+        "_closing_after",
+        "_early_body",
+        "_extra_bytes",
+        "_handler",
+        "_head_dispatched",
+        "_head_only",
+        "_header_done",
+        "_http11",
+        "_in_feed",
+        "_last_read",
+        "_parser",
+        "_parser_ended",
+        "_read_paused",
+        "_read_timeout",
+        "_response",
+        "_send_timeout",
+        "_streaming",
+        "_timer",
+        "_timer_when",
+        "_write_paused",
+        "_write_paused_at",
+        "idle_since",
+        "key",
+        "loop",
+        "on_idle_lost",
+        "on_writable",
+        "peer_name",
+        "request_complete",
+        "request_sent",
+        "requests",
+        "response_complete",
+        "response_started",
+        "state",
+        "transport",
+    )
+
     def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple, peer_name: str) -> None:
         self.loop = loop
         self.key = key  # pool key: (peer address name, host name)
@@ -161,6 +237,7 @@ class UpstreamConnection(asyncio.Protocol):
 
         # per-request state
         self._parser: httptools.HttpResponseParser | None = None
+        self._parser_ended = False  # the parser completed its last message on its own
         self._head_only = False
         self._handler: UpstreamHandler | None = None  # None once it was told the outcome
         self._response: ResponseHead | None = None
@@ -338,8 +415,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = ConnState.IDLE
         self.on_writable = None
         self.idle_since = now
-        self._handler = None
-        self._parser = None
+        self._handler = None  # (the parser stays: the next request on this connection reuses it)
 
     def is_alive(self) -> bool:
         """Still open as far as the transport knows (the pool skips ones closing under it)."""
@@ -380,7 +456,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if value[-1:] in (b" ", b"\t"):
             value = value.rstrip(b" \t")
-        response.headers.append((name, value))
+        response.add_header(name, value)
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -391,20 +467,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         status = parser.get_status_code()
         if 100 <= status < 200:
-            response.headers = []  # 1xx interim response: nginx ignores it, so do we
-            response.reason = b""
+            self._response = ResponseHead()  # 1xx interim response: nginx ignores it, so do we
             return
         response.status = status
         response.version = parser.get_http_version()
         response.close = not parser.should_keep_alive()
-        for name, value in response.headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                response.content_length = int(value)
-            elif lower == b"transfer-encoding":
-                response.chunked = True
-            elif lower == b"connection":
-                response.connection = value
         if response.chunked:
             response.content_length = None
         self._header_done = True
@@ -427,6 +494,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._response is None or not self._header_done:
             self._response = ResponseHead()  # after a 1xx: the real response follows
             return
+        self._parser_ended = True  # llhttp saw the end itself: it can parse the next response
         if self.response_complete:
             return
         self.response_complete = True
@@ -446,7 +514,11 @@ class UpstreamConnection(asyncio.Protocol):
     def _reset_request_state(
         self, handler: UpstreamHandler, head_only: bool, http11: bool, close_after: bool
     ) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        if not self._parser_ended or self._parser is None:
+            # a parser is reused on a keep-alive connection only when it ended the previous
+            # response itself (not after HEAD, where we end it: llhttp would wait for a body)
+            self._parser = httptools.HttpResponseParser(self)
+        self._parser_ended = False
         self._handler = handler
         self._response = ResponseHead()
         self._header_done = False
@@ -459,7 +531,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.request_sent = False
         self.request_complete = False
         self._streaming = False
-        self._early_body = []
+        if self._early_body:
+            self._early_body = []
         self._extra_bytes = False
         self._read_paused = False
 

@@ -294,3 +294,33 @@ def test_ewma_learns_from_response_times_and_avoids_a_slow_peer(tmp_path: Path) 
     fast, slow = len(bk[0].requests), len(bk[1].requests)
     assert fast + slow == 200
     assert slow < 40, (fast, slow)  # round robin would give each 100
+
+
+def test_a_pooled_connection_parses_responses_after_head_and_204(tmp_path: Path) -> None:
+    """The response parser is kept across requests on a pooled connection, except after a HEAD
+    (whose end we decide, not llhttp): GET, HEAD, GET, 204, GET all parse right on one peer
+    connection."""
+
+    async def answers(req: BackendRequest, writer: asyncio.StreamWriter) -> bool:
+        if req.target == "/empty":
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        else:
+            body = req.target.encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            if req.method != "HEAD":
+                writer.write(body)
+        await writer.drain()
+        return True
+
+    with Backends(answers) as bk, start(tmp_path, bk[0].addr) as lb, HttpConnection(lb.port) as client:
+        first = client.request("GET", "/one")
+        head = client.request("HEAD", "/two")
+        third = client.request("GET", "/three")
+        empty = client.request("GET", "/empty")
+        last = client.request("GET", "/four")
+    assert (first.status, first.body) == (200, b"/one")
+    assert (head.status, head.body, head.header("content-length")) == (200, b"", "4")
+    assert (third.status, third.body) == (200, b"/three")
+    assert (empty.status, empty.body) == (204, b"")
+    assert (last.status, last.body) == (200, b"/four")
+    assert bk[0].connections == 1
