@@ -123,16 +123,33 @@ def status_line(status: int, reason: bytes | None = None) -> bytes:
     """
     if reason is not None:
         return b"HTTP/1.1 %d %s\r\n" % (status, reason)
-    status = wire_status(status)
-    return f"HTTP/1.1 {status} {REASONS.get(status, '')}\r\n".encode("ascii")
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        wire = wire_status(status)
+        line = f"HTTP/1.1 {wire} {REASONS.get(wire, '')}\r\n".encode("ascii")
+        if len(_STATUS_LINES) < 1000:  # statuses are 3 digits: this bounds nothing real
+            _STATUS_LINES[status] = line
+    return line
+
+
+_STATUS_LINES: dict[int, bytes] = {}  # status -> our status line, built once each
 
 
 def peer_status_line(status: int, reason: bytes) -> bytes:
     """A proxied response's status line: nginx copies the peer's "code reason" as it came,
     so a peer's bare "HTTP/1.1 503" stays without a phrase (and without a trailing space)."""
-    if reason:
-        return b"HTTP/1.1 %d %s\r\n" % (status, reason)
-    return b"HTTP/1.1 %d\r\n" % status
+    key = (status, reason)
+    line = _PEER_STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % key if reason else b"HTTP/1.1 %d\r\n" % status
+        if len(_PEER_STATUS_LINES) < _PEER_STATUS_LINES_MAX:  # peers choose the phrases: bounded
+            _PEER_STATUS_LINES[key] = line
+    return line
+
+
+# (status, peer's phrase) -> status line: peers repeat the same few, built once each
+_PEER_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+_PEER_STATUS_LINES_MAX = 256
 
 
 def error_page(status: int) -> bytes | None:
