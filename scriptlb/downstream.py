@@ -175,6 +175,8 @@ class ClientError(Exception):
 
 _TIMED_OUT = "client timed out (110: Connection timed out)"
 
+_NO_QUEUE: tuple[()] = ()  # ClientConnection._queue when nothing is queued
+
 # timer phases
 _IDLE, _HEAD, _BODY, _SEND, _NONE = range(5)
 _PHASE_TEXT = {
@@ -187,6 +189,50 @@ _PHASE_TEXT = {
 
 class ClientConnection(asyncio.Protocol):
     """One client socket: parses requests, hands each to a handler, writes its response."""
+
+    # __slots__: an idle keep-alive connection is mostly this object, and there may be many
+    __slots__ = (
+        "_activating",
+        "_active_request",
+        "_body_allowed",
+        "_chunked",
+        "_deadline",
+        "_eof",
+        "_head_done",
+        "_head_max",
+        "_header_line_max",
+        "_keep_alive",
+        "_last_data",
+        "_last_keepalive_timeout",
+        "_parser",
+        "_parsing",
+        "_parsing_handler",
+        "_pending_error",
+        "_pending_head",
+        "_phase",
+        "_queue",
+        "_reading_paused",
+        "_timer",
+        "_timer_when",
+        "_writing_paused",
+        "active",
+        "body_bytes_sent",
+        "bytes_sent",
+        "closed",
+        "conn_id",
+        "host_cache",
+        "listener",
+        "loop",
+        "remote_addr",
+        "remote_port",
+        "requests",
+        "response_started",
+        "route",
+        "sent_head",
+        "server_addr",
+        "server_port",
+        "transport",
+    )
 
     def __init__(self, listener: ListenerContext, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.listener = listener
@@ -223,7 +269,9 @@ class ClientConnection(asyncio.Protocol):
         self._last_data = b""  # the last bytes read while a head is incomplete (timeout logs)
         self.active: RequestHandler | None = None
         self._active_request: Request | None = None
-        self._queue: deque[tuple[Request, RequestHandler]] = deque()
+        # requests parsed ahead (pipelining): a deque only once one waits (an empty deque
+        # costs ~600 bytes per connection; most clients never pipeline)
+        self._queue: deque[tuple[Request, RequestHandler]] | tuple[()] = _NO_QUEUE
         self._pending_error: ClientError | None = None  # raised while a request was in flight
         self._eof = False  # the client half-closed: answer what it sent, then close
         self._activating = False  # _finish_active is serving the queue (no recursion)
@@ -268,7 +316,7 @@ class ClientConnection(asyncio.Protocol):
         active, self.active = self.active, None
         if active is not None:
             active.client_lost()
-        self._queue.clear()
+        self._queue = _NO_QUEUE
 
     def data_received(self, data: bytes) -> None:
         if self._pending_error is not None:
@@ -416,7 +464,9 @@ class ClientConnection(asyncio.Protocol):
         if self.active is None:
             self._activate(request, handler)
         else:
-            self._queue.append((request, handler))
+            if not self._queue:
+                self._queue = deque()
+            self._queue.append((request, handler))  # type: ignore[union-attr]
             self._pause_reading()  # parse no further ahead until the active request is answered
 
     def _read_framing(self, request: Request) -> None:
@@ -506,7 +556,7 @@ class ClientConnection(asyncio.Protocol):
         self._activating = True
         try:
             while self.active is None and self._queue and not self.closed:
-                request, handler = self._queue.popleft()
+                request, handler = self._queue.popleft()  # type: ignore[union-attr]
                 self._activate(request, handler)
         finally:
             self._activating = False
@@ -806,6 +856,6 @@ class ClientConnection(asyncio.Protocol):
         an error-log line): the connection closes, the access log says 408."""
         self.active = None
         self._active_request = None
-        self._queue.clear()
+        self._queue = _NO_QUEUE
         self.close()
         active.abort(408)
