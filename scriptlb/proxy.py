@@ -186,7 +186,9 @@ class Exchange:
         self.ctx: dict = {}
         self.tries: list[TryRecord] = []
         self.upstream_name: str | None = None
-        self.upstream_headers: list[tuple[bytes, bytes]] = []  # for $upstream_http_*
+        # for $upstream_http_*: the peer's headers once a response came (a shared empty tuple
+        # until then: no list allocated for requests that never get one)
+        self.upstream_headers: list[tuple[bytes, bytes]] | tuple[()] = ()
         self.response_headers: bytes = b""  # sent to the client, for $sent_http_*
         # per-request timeouts (copied from the location when proxying starts; hooks change them)
         self.connect_timeout = 60.0
@@ -629,11 +631,14 @@ class UpstreamRequest:
                 self._no_live_upstreams()
                 return
             addr = peer.addr
+            name = peer.name  # (addr.name formats the text on every call; the peer keeps it)
             self._peer_to_free = peer
+        else:
+            name = addr.name
         self._addr = addr
-        self._key = (addr.name, host, self._local_addr)
+        self._key = (name, host, self._local_addr)
         self._pool = pool
-        self._record = TryRecord(addr.name, self.loop.time())
+        self._record = TryRecord(name, self.loop.time())
         ex.tries.append(self._record)
         conn = pool.acquire(self._key) if pool is not None else None
         if conn is None:
@@ -661,7 +666,7 @@ class UpstreamRequest:
     def _connect(self) -> None:
         addr = self._addr
         assert addr is not None
-        conn = UpstreamConnection(self.loop, self._key, addr.name)
+        conn = UpstreamConnection(self.loop, self._key, self._key[0])
         self._conn = conn
         self._reused = False
         if addr.unix_path is not None:

@@ -288,6 +288,20 @@ class ServerRoute:
         return self._by_id[id(self.selector.select(host))]
 
 
+def _exchange_class() -> type[Exchange]:
+    """proxy.Exchange, imported on first use (proxy imports this module's neighbours) and
+    then kept: an import statement per request costs a module lookup each time."""
+    global _EXCHANGE
+    if _EXCHANGE is None:
+        from scriptlb.proxy import Exchange
+
+        _EXCHANGE = Exchange
+    return _EXCHANGE
+
+
+_EXCHANGE: type[Exchange] | None = None
+
+
 class Runtime:
     """All per-worker runtime objects of one configuration."""
 
@@ -327,9 +341,7 @@ class Runtime:
     # ------------------------------------------------------------------ the request path
 
     def open_exchange(self, conn: ClientConnection, request: Request) -> Exchange:
-        from scriptlb.proxy import Exchange
-
-        return Exchange(conn, request, self)
+        return _exchange_class()(conn, request, self)
 
     def log_client_error(self, conn: ClientConnection, request: Request, status: int) -> None:
         """Access-log a request the client connection rejected before any handler saw it."""
