@@ -55,7 +55,7 @@ def summarize_raw(text: str, top: int = 30) -> dict:
         return {"samples": 0, "self": [], "inclusive": []}
     # frames on (nearly) every stack are the process's entry chain (runpy, cli, master, the
     # worker's run loop): listed apart so the inclusive table shows the request path
-    root = {fn for fn, c in incl_c.items() if c >= 0.95 * total and self_c[fn] < 0.5 * total}
+    root = {fn for fn, c in incl_c.items() if c >= 0.85 * total and self_c[fn] < 0.5 * total}
     return {
         "samples": total,
         "self": [(100.0 * c / total, fn) for fn, c in self_c.most_common(top)],
