@@ -249,10 +249,15 @@ def _absolute_redirect(exchange: Exchange, path: bytes) -> bytes:
     return prefix.encode("latin-1", "replace") + path
 
 
+# ServerRuntime.match's memo: at most this many URIs (then it starts over), none longer
+_MATCH_CACHE_SIZE = 4096
+_MATCH_CACHE_URI_MAX = 256
+
+
 class ServerRuntime:
     """One ``server`` block: its name and its locations."""
 
-    __slots__ = ("_builder", "_by_id", "conf", "default_location", "matcher", "name")
+    __slots__ = ("_builder", "_by_id", "_matched", "conf", "default_location", "matcher", "name")
 
     def __init__(self, conf: ServerConf, builder: Callable[[LocationConf], LocationRuntime]) -> None:
         self.conf = conf
@@ -260,17 +265,28 @@ class ServerRuntime:
         self.matcher = LocationMatcher(conf.locations)
         self._builder = builder
         self._by_id: dict[int, LocationRuntime] = {}
+        self._matched: dict[str, LocationRuntime] = {}  # uri -> location, see match
         for loc in conf.locations:
             self._by_id[id(loc)] = builder(loc)
         self.default_location = builder(LocationConf(modifier="", pattern=""))
 
     def match(self, uri: str) -> LocationRuntime:
+        """The location for ``uri``; recent answers are remembered (the same few URIs come
+        again and again; the cache is bounded: clients choose URIs)."""
+        found = self._matched.get(uri)
+        if found is not None:
+            return found
         conf = self.matcher.match(uri)
         if conf is None:
-            return self.default_location
-        found = self._by_id.get(id(conf))
-        if found is None:  # the matcher's own locations (automatic 301s): built on first use
-            found = self._by_id[id(conf)] = self._builder(conf)
+            found = self.default_location
+        else:
+            found = self._by_id.get(id(conf))
+            if found is None:  # the matcher's own locations (automatic 301s): built on first use
+                found = self._by_id[id(conf)] = self._builder(conf)
+        if len(uri) <= _MATCH_CACHE_URI_MAX:
+            if len(self._matched) >= _MATCH_CACHE_SIZE:
+                self._matched.clear()
+            self._matched[uri] = found
         return found
 
 

@@ -119,13 +119,19 @@ class ResponseHead:
         self.connection: bytes | None = None  # the Connection header's value
 
     def add_header(self, name: bytes, value: bytes) -> None:
+        """One header as received (UpstreamConnection.on_header has this inlined)."""
         self.headers.append((name, value))
         lower = name.lower()
         kind = _HEADER_KIND.get(lower)
         if kind is None:
             if not lower.startswith(b"x-accel-"):
                 self.lines.append(name + b": " + value + b"\r\n")
-        elif kind == _CONTENT_LENGTH:
+        else:
+            self.note_framing(kind, value)
+
+    def note_framing(self, kind: int, value: bytes) -> None:
+        """A header we do not pass on: note what framing/connection ones say."""
+        if kind == _CONTENT_LENGTH:
             self.content_length = int(value)  # llhttp validated the digits and duplicates
         elif kind == _TRANSFER_ENCODING:
             self.chunked = True
@@ -456,7 +462,15 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if value[-1:] in (b" ", b"\t"):
             value = value.rstrip(b" \t")
-        response.add_header(name, value)
+        # ResponseHead.add_header, inlined: this runs for every header of every response
+        response.headers.append((name, value))
+        lower = name.lower()
+        kind = _HEADER_KIND.get(lower)
+        if kind is None:
+            if not lower.startswith(b"x-accel-"):
+                response.lines.append(name + b": " + value + b"\r\n")
+        else:
+            response.note_framing(kind, value)
 
     def on_headers_complete(self) -> None:
         parser = self._parser

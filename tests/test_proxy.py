@@ -464,3 +464,39 @@ def test_uri_normalization(raw: str, normalized: str | None) -> None:
     from scriptlb.proxy import normalize_uri
 
     assert normalize_uri(raw) == normalized
+
+
+def test_location_match_memo_gives_the_matchers_answer_and_stays_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from helpers import load_conf
+
+    from scriptlb import runtime as runtime_module
+    from scriptlb.runtime import Runtime
+
+    monkeypatch.setattr(runtime_module, "_MATCH_CACHE_SIZE", 8)
+    conf = load_conf(f"""
+        daemon off; master_process off; error_log {tmp_path}/error.log;
+        http {{
+            server {{
+                listen 127.0.0.1:1;
+                location = /exact {{ return 200 exact; }}
+                location /a/ {{ return 200 a; }}
+                location ~ \\.png$ {{ return 200 png; }}
+                location / {{ return 200 root; }}
+            }}
+        }}
+    """, tmp_path)
+    loop = asyncio.new_event_loop()
+    try:
+        server = next(iter(Runtime(conf, loop).servers.values()))
+        uris = ["/exact", "/a/x", "/a/x.png", "/b", "/a", *(f"/n{i}" for i in range(30))]
+        for _ in range(2):  # the second round is answered from the memo (where it kept them)
+            got = [server.match(uri).conf.pattern for uri in uris]
+            assert got[:5] == ["/exact", "/a/", "\\.png$", "/", "/"]
+            assert set(got[5:]) == {"/"}
+            assert len(server._matched) <= 8
+    finally:
+        loop.close()
