@@ -362,14 +362,14 @@ def test_summarize_pyspy_raw() -> None:
     raw = (
         "run (scriptlb/worker.py:10);data_received (/x/scriptlb/downstream.py:50);parse (h.py:3) 6\n"
         "run (scriptlb/worker.py:10);data_received (/x/scriptlb/downstream.py:51) 3\n"
-        "run (scriptlb/worker.py:12);select (/usr/lib/python3.11/selectors.py:468) 1\n"
+        "run (scriptlb/worker.py:12);select (/usr/lib/python3.11/selectors.py:468) 3\n"
     )
     s = bench_profile.summarize_raw(raw)
-    assert s["samples"] == 10
-    assert s["self"][0] == (60.0, "parse (h.py)")
+    assert s["samples"] == 12
+    assert s["self"][0] == (50.0, "parse (h.py)")
     incl = dict((fn, pct) for pct, fn in s["inclusive"])
     assert "run (scriptlb/worker.py)" not in incl and s["root"] == ["run (scriptlb/worker.py)"]
-    assert incl["data_received (scriptlb/downstream.py)"] == 90.0
+    assert incl["data_received (scriptlb/downstream.py)"] == 75.0
     assert bench_profile.summarize_raw("")["samples"] == 0
 
 
