@@ -388,15 +388,6 @@ def log_escape(value: str) -> str:
     return _LOG_UNSAFE.sub(_hex_bytes, value)
 
 
-def _default_log_value(value: str | None) -> str:
-    """ngx_http_log_variable: "-" when not found, else the value with \\xHH escapes."""
-    if value is None:
-        return "-"
-    if _LOG_UNSAFE.search(value) is None:
-        return value
-    return _LOG_UNSAFE.sub(_hex_bytes, value)
-
-
 def _json_char(match: re.Match[str]) -> str:
     ch = match.group()
     return _JSON_SHORT.get(ch) or f"\\u{ord(ch):04X}"
@@ -484,7 +475,14 @@ def compile_log_format(template: Template, escape: str = "default", clock: Clock
     if escape == "default":
 
         def render(ex: Any) -> str:
-            return fmt(*[_default_log_value(g(ex)) for g in getters])
+            values = [g(ex) for g in getters]
+            if None in values:
+                values = ["-" if v is None else v for v in values]  # not found: "-"
+            # one search over the whole line instead of one per value: values rarely need
+            # escaping, and when one does, each is escaped on its own (literals never are)
+            if _LOG_UNSAFE.search("".join(values)) is not None:  # type: ignore[arg-type]
+                values = [_LOG_UNSAFE.sub(_hex_bytes, v) for v in values]  # type: ignore[arg-type]
+            return fmt(*values)
 
     elif escape == "json":
 
