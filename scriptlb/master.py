@@ -45,6 +45,7 @@ from scriptlb import config, daemon, errorlog
 from scriptlb.config.errors import ConfigError, where
 from scriptlb.config.model import MainConf
 from scriptlb.listeners import Key, ListenError, ListenerSet, LogFn
+from scriptlb.shared_dict import remove_files, zone_directory
 from scriptlb.signals import (
     COMMAND_SIGNALS,
     EarlyStop,
@@ -136,6 +137,7 @@ def run(conf: MainConf, globals_: str | None = None, worker_entry: WorkerEntry |
     except ListenError as err:
         _log_to_terminal_too("emerg", str(err))
         return 1
+    _clear_shared_dicts(conf)
     detached = daemon.daemonize(stderr_path=_error_log_file(conf)) if conf.daemon else None
     if detached is not None and not detached.is_daemon:
         listeners.close(unlink=False)  # the daemon owns them now
@@ -153,6 +155,17 @@ def run(conf: MainConf, globals_: str | None = None, worker_entry: WorkerEntry |
         _log_startup(conf)
         master = Master(conf, listeners, waiter, globals_, entry)
         return master.serve()
+
+
+def _clear_shared_dicts(conf: MainConf) -> None:
+    """A cold start begins with empty shared dicts, as nginx's shared zones do; a reload keeps
+    them (it never comes here). Called only once the listeners are ours, so a second instance
+    that fails to bind never wipes the running one's data."""
+    if conf.http is None:
+        return
+    directory = zone_directory(conf.prefix)
+    for name in conf.http.shared_dicts:
+        remove_files(directory, name)
 
 
 def send_signal(conf: MainConf, name: str) -> int:

@@ -232,6 +232,12 @@ def _reopen_all_after_fork() -> None:
 os.register_at_fork(after_in_child=_reopen_all_after_fork)
 
 
+def zone_directory(prefix: str) -> str:
+    """Where an instance keeps its ``python_shared_dict`` zones: under the prefix, so workers of
+    every generation (reloads, respawns) open the same files."""
+    return os.path.join(prefix, "shared_dicts")
+
+
 def remove_files(directory: str, name: str) -> None:
     """Delete a dict's files (a cold start that wants nginx's "empty after restart" semantics)."""
     path = os.path.join(directory, name)

@@ -25,10 +25,12 @@ from collections.abc import Callable
 
 import uvloop
 
-from scriptlb import errorlog
+from scriptlb import api, errorlog
 from scriptlb.config.model import MainConf
 from scriptlb.downstream import ClientConnection, ListenerContext
 from scriptlb.runtime import Runtime
+from scriptlb.sandbox.limits import install_worker_fuse
+from scriptlb.shared_dict import SharedDict, zone_directory
 
 Key = tuple
 
@@ -173,6 +175,7 @@ def run(
     """Serve until QUIT/TERM/INT; the master's entry point into a worker process."""
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
+    attach_hook_runtime(conf, worker_id, worker_count, arm_fuse=conf.master_process)
     worker = Worker(conf, listeners, loop, worker_id, worker_count)
     worker.freeze_gc = True
     try:
@@ -180,6 +183,27 @@ def run(
         loop.run_until_complete(worker.serve())
     finally:
         _close_loop(loop)
+
+
+def attach_hook_runtime(conf: MainConf, worker_id: int, worker_count: int, arm_fuse: bool) -> None:
+    """Give hooks this worker's identity and shared dicts, and arm the sandbox's hard fuse.
+
+    The fuse kills a worker stuck in one hook run (a single C call no budget check can stop);
+    the master then replaces it. It is armed only under a master: with ``master_process off``
+    it would kill the only process.
+    """
+    api.set_worker(worker_id, worker_count)
+    http = conf.http
+    if http is None:
+        return
+    if http.shared_dicts:
+        directory = zone_directory(conf.prefix)
+        api.set_shared_dicts({
+            name: SharedDict(directory, name, zone.size) for name, zone in http.shared_dicts.items()
+        })
+    hooks = http.hooks()
+    if hooks and arm_fuse:
+        install_worker_fuse(hard_seconds=max(2.0, 50 * max(h.timeout for h in hooks)))
 
 
 def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
