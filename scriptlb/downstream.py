@@ -595,25 +595,23 @@ class ClientConnection(asyncio.Protocol):
             head_only = request.method == "HEAD"
         self._body_allowed = not head_only and status not in _NO_BODY_STATUS and status >= 200
         line = responses.status_line(status) if reason is None else responses.peer_status_line(status, reason)
-        parts = [line, SERVER_LINE, responses.date_header(), headers]
+        framing = b""
         self._chunked = False
         if status in _NO_BODY_STATUS:
             pass
         elif content_length is not None:
-            parts.append(b"Content-Length: %d\r\n" % content_length)
+            framing = b"Content-Length: %d\r\n" % content_length
         elif request.version == "1.1":
             if not head_only:
                 self._chunked = True
-                parts.append(b"Transfer-Encoding: chunked\r\n")
+                framing = b"Transfer-Encoding: chunked\r\n"
         elif not head_only:
             self._keep_alive = False  # an HTTP/1.0 client learns the end of the body from the close
         if status >= 400 and request.has_body and not request.complete:
             self._keep_alive = False  # we will not read the rest of the body
-        if self._keep_alive:
-            parts.append(b"Connection: keep-alive\r\n\r\n")
-        else:
-            parts.append(b"Connection: close\r\n\r\n")
-        head = self.sent_head = b"".join(parts)  # (kept for $sent_http_content_length & co.)
+        end = b"Connection: keep-alive\r\n\r\n" if self._keep_alive else b"Connection: close\r\n\r\n"
+        # (the head is kept for $sent_http_content_length & co.)
+        head = self.sent_head = b"".join((line, SERVER_LINE, responses.date_header(), headers, framing, end))
         self.bytes_sent += len(head)
         # Corked: the head goes out with the first body bytes (one syscall instead of two), or
         # at flush() when the caller has no body at hand.

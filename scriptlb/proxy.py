@@ -526,10 +526,10 @@ class UpstreamRequest:
         ex.upstream_name = self.upstream.name
         ex.proxy_host = self.location.proxy_host
         request = ex.request
-        self._stream_body = self._wants_streamed_body()
         if request.complete or not request.has_body:
-            self._begin_tries()
+            self._begin_tries()  # (no body to wait for or stream: the usual GET)
             return
+        self._stream_body = self._wants_streamed_body()
         ex.conn.send_continue()
         if self._stream_body:
             self._begin_tries()
