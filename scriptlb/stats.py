@@ -1,0 +1,484 @@
+"""Live per-peer statistics shared by every worker of one instance (issue 5, part 3).
+
+Theory of operation
+-------------------
+One file, ``<directory>/peer_stats``, mapped with ``mmap(MAP_SHARED)`` by every process that
+records or reads, holds a fixed-layout record per peer of every upstream. The file outlives the
+workers, so a reload (a new generation of workers, the same master and file) keeps the figures
+of every peer it keeps, like an nginx shared zone; the master removes the file at a cold start
+(``reset``) so a restart begins at zero, as nginx's zones do.
+
+Why not LMDB as ``shared_dict``: recording a try must cost about a microsecond (it runs twice per
+try on the proxy's hot path). An LMDB write transaction costs several microseconds, and
+serializes every worker on one writer lock. Plain loads and stores on a shared mapping through
+``memoryview`` cost tens of nanoseconds each; the design below makes every store that must be
+exact single-writer, so no lock is needed on the hot path.
+
+Layout (all fields 8 bytes, native byte order, 8-aligned, so one Python store is one machine
+store and a concurrent reader never sees half a value)::
+
+    header   MAGIC, VERSION, SHARDS, RECORD_WORDS, RECORDS, WEIGHT_GENERATION, 2 reserved
+    shards   SHARDS x (owner pid, reserved)
+    records  RECORDS x RECORD_WORDS words:
+             key (16-byte digest of upstream name, peer name, occurrence), last status,
+             last failure time, ewma, peak ewma, ewma stamp, weight override, weight base,
+             2 reserved, then per shard: requests, failures, active
+
+**Exact counters: one shard per process.** Each recording process claims a shard (a column of
+``requests, failures, active`` in every record) when it opens the file, so each of those cells
+has exactly one writer and ``+= 1`` needs no atomic instruction. Readers sum the shards. A
+shard whose owner has died is adopted by the next process that opens the file: its requests and
+failures stay (they are history), its active count is zeroed (that process's connections died
+with it). A forked child claims its own shard (an at-fork hook), so a master that opened the
+file before forking hands each worker its own. ``SHARDS`` bounds how many processes may record
+at the same time (old and new workers overlap during a reload); the default leaves room for
+several generations of a typical worker count, and ``open`` raises ``StatsFull`` beyond it.
+
+**Benign races, on purpose.** ``last status``, ``last failure time`` and the averages are shared
+by all writers. Each is a single aligned store, so a reader sees an old or a new value, never a
+torn one. Two workers finishing a try on the same peer at the same instant may interleave their
+read-modify-write of the averages: one sample is then lost, or an average is stored with the
+other's stamp. Both only nudge a smoothed estimate (APISIX keeps its ewma in a shared dict
+with the same unlocked get-then-set).
+
+**Averages** (APISIX's ``balancer/ewma.lua``, Finagle's PeakEwma), decayed by time::
+
+    w    = exp(-max(now - stamp, 0) / DECAY_TIME)            # DECAY_TIME = 10 s
+    ewma = ewma * w + rtt * (1 - w)
+    peak = rtt if rtt > peak else peak * w + rtt * (1 - w)   # a slowdown is seen at once
+    stamp = now
+
+The first sample of a peer is taken whole. ``rtt`` is the ``response_time`` given to
+``record_finish`` (the proxy passes the try's ``$upstream_response_time``, which includes the
+connect; ``None`` for a try whose time says nothing about the peer, e.g. a refused connect).
+Readers get the stored values and the stamp, and may decay them to "now" themselves
+(``decayed``), as APISIX's score does.
+
+**Weights set by hooks** (``upstream.set_peer_weight``) are the one write that needs a lock: it
+stores the weight and the configured weight it overrides, then bumps ``WEIGHT_GENERATION``, all
+under ``flock`` on the file (rare, and the bump must not be lost). Each worker's upstream keeps
+the generation it last applied and compares it per request (one load); when it moved, it calls
+``sync_weights`` for its peers. An override is applied only while the peer's configured weight
+is still the one it was set against, so a reload that changes a weight in the config wins over
+an old override, and one that keeps it keeps the override.
+
+Clock: ``now`` is wall-clock seconds (``time.time()``, as ``ngx.now()``); it must be the same
+clock in every process, and positive (a zero stamp means "never").
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import math
+import mmap
+import os
+import struct
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from scriptlb.config.model import HttpConf
+
+DECAY_TIME = 10.0  # seconds, APISIX's ewma DECAY_TIME
+DEFAULT_SHARDS = 32
+FILE_NAME = "peer_stats"
+
+MAGIC = int.from_bytes(b"SLBSTAT1", "little")
+VERSION = 1
+
+# header words
+_MAGIC, _VERSION, _SHARDS, _RECORD_WORDS, _RECORDS, _WEIGHT_GENERATION = range(6)
+_HEADER_WORDS = 8
+_SHARD_WORDS = 2  # owner pid, reserved
+
+# record words (offsets from a slot)
+_KEY = 0  # two words
+_LAST_STATUS = 2
+_LAST_FAILURE = 3
+_EWMA = 4
+_PEAK = 5
+_STAMP = 6
+_WEIGHT = 7  # override; 0 = none
+_WEIGHT_BASE = 8  # the configured weight the override was set against
+_FIXED_WORDS = 11
+# per-shard words (offsets from a slot's shard column)
+_REQUESTS, _FAILURES, _ACTIVE = 0, 1, 2
+_COUNTER_WORDS = 3
+
+_WORD = 8
+
+
+class StatsFull(RuntimeError):
+    """Every shard is owned by a live process: this one cannot record."""
+
+
+class PeerLike(Protocol):
+    """What ``sync_weights`` changes: ``scriptlb.peers.Peer`` has these."""
+
+    weight: int
+    effective_weight: int
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True, slots=True)
+class PeerKey:
+    """A peer's identity across reloads: its upstream, its address name, and which
+    occurrence of that name it is in the upstream (primary list first, then backup)."""
+
+    upstream: str
+    name: str
+    occurrence: int = 0
+
+    def digest(self) -> bytes:
+        text = f"{self.upstream}\0{self.name}\0{self.occurrence}".encode("utf-8", "surrogateescape")
+        return hashlib.blake2b(text, digest_size=16).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamLayout:
+    """One upstream's peers in ``PeerSet`` order: index = ``Peer.id`` of each list."""
+
+    name: str
+    primary: tuple[PeerKey, ...]
+    backup: tuple[PeerKey, ...]
+    weights: tuple[tuple[int, ...], tuple[int, ...]]  # configured weights (primary, backup)
+
+
+def layout_of(http: HttpConf) -> tuple[UpstreamLayout, ...]:
+    """Every peer of every upstream, as ``PeerSet.from_conf`` lists them."""
+    return tuple(_upstream_layout(u.name, u.servers) for u in http.upstreams.values())
+
+
+def _upstream_layout(name: str, servers: Iterable[Any]) -> UpstreamLayout:
+    primary: list[PeerKey] = []
+    backup: list[PeerKey] = []
+    weights: tuple[list[int], list[int]] = ([], [])
+    seen: dict[str, int] = {}
+    ordered = [s for s in servers if not s.backup] + [s for s in servers if s.backup]
+    for server in ordered:
+        for addr in server.addrs:
+            occurrence = seen.get(addr.name, 0)
+            seen[addr.name] = occurrence + 1
+            (backup if server.backup else primary).append(PeerKey(name, addr.name, occurrence))
+            weights[server.backup].append(server.weight)
+    return UpstreamLayout(name, tuple(primary), tuple(backup), (tuple(weights[0]), tuple(weights[1])))
+
+
+# --------------------------------------------------------------------------- the shared file
+
+
+_OPEN: weakref.WeakSet[PeerStats] = weakref.WeakSet()
+
+
+class PeerStats:
+    """This process's view of the instance's peer statistics. Build with ``open``."""
+
+    __slots__ = ("__weakref__", "_d", "_map", "_mine", "_q", "_slots", "_weights", "path", "shards")
+
+    def __init__(
+        self, path: str, mapping: mmap.mmap, slots: dict[tuple[str, bool, int], int], weights: dict[int, int]
+    ) -> None:
+        self.path = path
+        self._map = mapping
+        self._q = memoryview(mapping).cast("q")  # int64 view
+        self._d = memoryview(mapping).cast("d")  # float64 view of the same words
+        self.shards = self._q[_SHARDS]
+        self._slots = slots  # (upstream, is_backup, id) -> slot
+        self._weights = weights  # slot -> configured weight
+        self._mine = 0  # word offset of this process's counters inside a record
+
+    # ----------------------------------------------------------------- opening
+
+    @classmethod
+    def open(
+        cls, directory: str, layout: Sequence[UpstreamLayout], shards: int = DEFAULT_SHARDS
+    ) -> PeerStats:
+        """Map ``<directory>/peer_stats``, creating it or adding records for new peers, and
+        claim a shard for this process. Peers already in the file keep their figures.
+        ``shards`` only applies when the file is created. Raises ``StatsFull``."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, FILE_NAME)
+        with _locked(path) as fd:
+            _init_header(fd, shards)
+            slots, weights = _allocate(fd, layout)
+        stats = cls(path, _map_file(path), slots, weights)
+        stats._claim_shard()
+        _OPEN.add(stats)
+        return stats
+
+    @staticmethod
+    def reset(directory: str) -> None:
+        """Forget everything: the master's cold start (not a reload) calls this."""
+        try:
+            os.unlink(os.path.join(directory, FILE_NAME))
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        """Give the shard back (its counts stay) and unmap. The object is unusable after."""
+        _OPEN.discard(self)
+        owner_word = _HEADER_WORDS + _SHARD_WORDS * self._shard_index()
+        with _locked(self.path):
+            if self._q[owner_word] == os.getpid():
+                self._q[owner_word] = 0
+        self._q.release()
+        self._d.release()
+        self._map.close()
+
+    def _claim_shard(self) -> None:
+        """Take a free shard, or one whose owner is dead (zeroing its active counts)."""
+        pid = os.getpid()
+        with _locked(self.path) as fd:
+            shard = self._free_shard(pid)
+            if shard is None:
+                raise StatsFull(f"all {self.shards} statistics shards of {self.path} are in use")
+            self._mine = _FIXED_WORDS + _COUNTER_WORDS * shard
+            owner_word = _HEADER_WORDS + _SHARD_WORDS * shard
+            if self._q[owner_word] != pid:
+                _zero_column(fd, self._mine + _ACTIVE)
+                self._q[owner_word] = pid
+
+    def _free_shard(self, pid: int) -> int | None:
+        """This process's shard if it has one, else the first free or orphaned one."""
+        free = None
+        for shard in range(self.shards):
+            owner = self._q[_HEADER_WORDS + _SHARD_WORDS * shard]
+            if owner == pid:
+                return shard
+            if free is None and (owner == 0 or not _alive(owner)):
+                free = shard
+        return free
+
+    def _detach(self) -> None:
+        """Keep working on private memory: figures recorded from now on are not shared.
+        For a forked child that found no free shard (better than corrupting another's)."""
+        private = bytearray(self._map)
+        self._q = memoryview(private).cast("q")
+        self._d = memoryview(private).cast("d")
+
+    # ----------------------------------------------------------------- the proxy's side
+
+    def slot(self, upstream: str, is_backup: bool, peer_id: int) -> int:
+        """The slot of ``Peer.id`` in an upstream's primary or backup list (KeyError if the
+        peer was not in this process's layout). Look it up once per peer, not per try."""
+        return self._slots[(upstream, is_backup, peer_id)]
+
+    def record_start(self, slot: int) -> None:
+        """A try to this peer starts: requests += 1, active += 1."""
+        q, i = self._q, slot + self._mine
+        q[i] += 1
+        q[i + _ACTIVE] += 1
+
+    def record_finish(
+        self, slot: int, status: int, response_time: float | None, failed: bool, now: float
+    ) -> None:
+        """A try ends (every try that ``record_start`` counted, whatever its outcome).
+
+        ``status``: the peer's status, 0 when there was no response; ``failed``: the try
+        counts as a failure (``retry.is_counted_failure``); ``response_time``: the sample for
+        the averages, or None; ``now``: wall clock (``time.time()``)."""
+        q, d = self._q, self._d
+        i = slot + self._mine
+        q[i + _ACTIVE] -= 1
+        q[slot + _LAST_STATUS] = status
+        if failed:
+            q[i + _FAILURES] += 1
+            d[slot + _LAST_FAILURE] = now
+        if response_time is None:
+            return
+        stamp = d[slot + _STAMP]
+        if stamp:
+            weight = math.exp(-(now - stamp) / DECAY_TIME) if now > stamp else 1.0
+            rest = response_time * (1.0 - weight)
+            d[slot + _EWMA] = d[slot + _EWMA] * weight + rest
+            peak = d[slot + _PEAK]
+            d[slot + _PEAK] = response_time if response_time > peak else peak * weight + rest
+        else:
+            d[slot + _EWMA] = d[slot + _PEAK] = response_time
+        d[slot + _STAMP] = now
+
+    # ----------------------------------------------------------------- weights
+
+    @property
+    def weight_generation(self) -> int:
+        """Bumped by every ``set_weight``: compare with the last value applied (one load)."""
+        return self._q[_WEIGHT_GENERATION]
+
+    def set_weight(self, slot: int, weight: int) -> None:
+        """``upstream.set_peer_weight``: every worker's balancer takes ``weight`` for this
+        peer at its next request (see ``sync_weights``)."""
+        if weight < 1:
+            raise ValueError("weight must be a positive integer")
+        with _locked(self.path):
+            self._q[slot + _WEIGHT_BASE] = self._weights[slot]
+            self._q[slot + _WEIGHT] = weight
+            self._q[_WEIGHT_GENERATION] += 1  # after the weight: a reader that sees it sees both
+
+    def weight_override(self, slot: int) -> int | None:
+        """The hook-set weight in force for this peer, or None (none, or set against another
+        configured weight: the config changed since)."""
+        weight = self._q[slot + _WEIGHT]
+        if not weight or self._q[slot + _WEIGHT_BASE] != self._weights[slot]:
+            return None
+        return weight
+
+    def sync_weights(self, peers: Sequence[PeerLike], slots: Sequence[int]) -> int:
+        """Apply the overrides to one list of a worker's peers (``slots[i]`` is ``peers[i]``'s
+        slot); returns the generation applied. As nginx Plus' API does, a changed weight also
+        resets the smooth round robin's effective weight to it."""
+        generation = self.weight_generation
+        for peer, slot in zip(peers, slots, strict=True):
+            weight = self.weight_override(slot)
+            if weight is None:
+                weight = self._weights[slot]
+            if peer.weight != weight:
+                peer.weight = weight
+                peer.effective_weight = weight
+        return generation
+
+    # ----------------------------------------------------------------- the hooks' side
+
+    def snapshot(self, upstream: str, is_backup: bool, peer_id: int) -> dict[str, Any]:
+        """Plain values for hooks (``get_primary_peers``' new fields)."""
+        return self.read(self.slot(upstream, is_backup, peer_id))
+
+    def read(self, slot: int) -> dict[str, Any]:
+        q, d = self._q, self._d
+        first, end = slot + _FIXED_WORDS, slot + _FIXED_WORDS + _COUNTER_WORDS * self.shards
+        stamp = d[slot + _STAMP]
+        return {
+            "requests": sum(q[first + _REQUESTS : end : _COUNTER_WORDS]),
+            "failures": sum(q[first + _FAILURES : end : _COUNTER_WORDS]),
+            "active": max(0, sum(q[first + _ACTIVE : end : _COUNTER_WORDS])),
+            "last_status": q[slot + _LAST_STATUS] or None,
+            "last_failure_time": d[slot + _LAST_FAILURE] or None,
+            "ewma": d[slot + _EWMA] if stamp else None,
+            "peak_ewma": d[slot + _PEAK] if stamp else None,
+            "ewma_time": stamp or None,
+            "weight_override": self.weight_override(slot),
+        }
+
+    def __repr__(self) -> str:
+        return f"<PeerStats {self.path} peers={len(self._slots)} shard={self._shard_index()}>"
+
+    def _shard_index(self) -> int:
+        return (self._mine - _FIXED_WORDS) // _COUNTER_WORDS
+
+
+def decayed(value: float | None, stamp: float | None, now: float, decay: float = DECAY_TIME) -> float:
+    """An average decayed towards 0 for the time since its last sample (APISIX's score)."""
+    if not value or stamp is None:
+        return 0.0
+    return value * math.exp(-max(now - stamp, 0.0) / decay)
+
+
+# --------------------------------------------------------------------------- file helpers
+
+
+@contextmanager
+def _locked(path: str) -> Iterator[int]:
+    """An exclusive ``flock`` on a fresh descriptor: locks belong to the open file, so a
+    descriptor inherited across fork would be shared with the parent, not exclude it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _map_file(path: str) -> mmap.mmap:
+    """The whole file, shared. Mapped through its own descriptor: ``mmap`` keeps a dup of the
+    one it is given, and a dup of a locked descriptor would hold the ``flock`` for ever."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _records_start(shards: int) -> int:
+    return _HEADER_WORDS + _SHARD_WORDS * shards
+
+
+def _init_header(fd: int, shards: int) -> None:
+    head = os.pread(fd, _HEADER_WORDS * _WORD, 0)
+    if len(head) == _HEADER_WORDS * _WORD:
+        magic, version = struct.unpack_from("=qq", head)
+        if (magic, version) != (MAGIC, VERSION):
+            raise ValueError(f"{os.readlink(f'/proc/self/fd/{fd}')} is not a peer statistics file")
+        return
+    if shards < 1:
+        raise ValueError("shards must be positive")
+    record_words = _FIXED_WORDS + _COUNTER_WORDS * shards
+    os.ftruncate(fd, _records_start(shards) * _WORD)
+    os.pwrite(fd, struct.pack("=6q", MAGIC, VERSION, shards, record_words, 0, 0), 0)
+
+
+Slots = dict[tuple[str, bool, int], int]  # (upstream, is_backup, Peer.id) -> slot
+
+
+def _allocate(fd: int, layout: Sequence[UpstreamLayout]) -> tuple[Slots, dict[int, int]]:
+    """Slots for every peer of ``layout``: existing records by key, new ones appended."""
+    header = struct.unpack("=6q", os.pread(fd, 6 * _WORD, 0))
+    shards, record_words, records = header[_SHARDS], header[_RECORD_WORDS], header[_RECORDS]
+    first = _records_start(shards)
+    by_key: dict[bytes, int] = {}
+    for index in range(records):
+        slot = first + index * record_words
+        by_key[os.pread(fd, 16, slot * _WORD)] = slot
+    slots: dict[tuple[str, bool, int], int] = {}
+    weights: dict[int, int] = {}
+    for upstream in layout:
+        for is_backup, keys in ((False, upstream.primary), (True, upstream.backup)):
+            for peer_id, key in enumerate(keys):
+                digest = key.digest()
+                slot = by_key.get(digest)
+                if slot is None:
+                    slot = first + records * record_words
+                    records += 1
+                    os.ftruncate(fd, (slot + record_words) * _WORD)  # zero-filled
+                    os.pwrite(fd, digest, slot * _WORD)
+                    by_key[digest] = slot
+                slots[(upstream.name, is_backup, peer_id)] = slot
+                weights[slot] = upstream.weights[is_backup][peer_id]
+    os.pwrite(fd, struct.pack("=q", records), _RECORDS * _WORD)
+    return slots, weights
+
+
+def _zero_column(fd: int, offset: int) -> None:
+    """Zero one word of every record in the file (through the file, so records added after
+    this process mapped it are covered too)."""
+    shards, record_words, records = struct.unpack("=3q", os.pread(fd, 3 * _WORD, _SHARDS * _WORD))
+    first = _records_start(shards)
+    zero = bytes(_WORD)
+    for index in range(records):
+        os.pwrite(fd, zero, (first + index * record_words + offset) * _WORD)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive, and not ours to take
+    return True
+
+
+def _claim_after_fork() -> None:
+    """A forked child must not record in its parent's shard: claim its own, or detach."""
+    for stats in list(_OPEN):
+        try:
+            stats._claim_shard()
+        except StatsFull:
+            _OPEN.discard(stats)
+            stats._detach()
+
+
+os.register_at_fork(after_in_child=_claim_after_fork)
