@@ -484,6 +484,22 @@ def log_text(parts: Any, sep: str = "") -> str:
     return sep[:MAX_LOG_MESSAGE].join(pieces)[:MAX_LOG_MESSAGE]
 
 
+# Control characters (newline, carriage return, escape...) in hook-made text are written as
+# \xNN, as nginx escapes client data in its logs: a hook cannot forge a second error-log line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02X}"
+
+
+def escape_log(text: str) -> str:
+    """``text`` with control characters escaped (one error-log line stays one line)."""
+    if text.isprintable():
+        return text
+    return _CONTROL.sub(_escape_control, text)
+
+
 def hook_location() -> str:
     """file:line of the innermost hook (or hook module) frame calling into the API."""
     frame = sys._getframe(1)
@@ -535,7 +551,7 @@ class Ngx:
                 run.log("warn", f"[python] {hook_location()}: more than {MAX_LOGS_PER_RUN} log lines "
                         "in one run, dropping the rest", run.exchange)
             return
-        message = log_text(parts)
+        message = escape_log(log_text(parts))
         run.log(_LEVEL_NAMES[level], f"[python] {hook_location()}: {message}", run.exchange)
 
     def exit(self, status: Any) -> None:

@@ -304,7 +304,7 @@ class HookRunner:
         outcome.addr = outcome.host = outcome.exit_status = outcome.keepalive = outcome.local_addr = None
         outcome.more_tries = 0
         outcome.recreate = False
-        message = message[:api.MAX_LOG_MESSAGE]
+        message = api.escape_log(message[:api.MAX_LOG_MESSAGE])  # exception text is hook-made
         outcome.error, outcome.message = kind, message
         write, suppressed = self._limit.admit(kind, time.monotonic())
         if suppressed:

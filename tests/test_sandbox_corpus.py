@@ -209,7 +209,10 @@ RUNTIME_ERRORS = {
                             "SandboxLimitError: text size (estimated)"),
     "exception of shared refs": (BIG + "str(KeyError(tuple(l)))", "SandboxLimitError: text size (estimated)"),
     "cyclic list": ("l = [1]\nl.append(l)\nstr(l)", "SandboxLimitError: text size (estimated)"),
-    "missing huge key": (BIG + "{}[tuple(l)]", "KeyError: ('xxxx"),
+    # a key with megabytes of text: the KeyError's message stays bounded
+    "missing huge key": ("{}[('x' * 2**20,) * 10]", "KeyError: ('xxxx"),
+    # a key whose hash/comparison would walk 2**36 elements: refused before hashing
+    "missing key of shared refs": (BIG + "{}[tuple(l)]", "SandboxLimitError: comparison/hash work"),
     "bytes(n)": ("bytes(10**10)", "SandboxLimitError: bytes() length"),
     "to_bytes": ("(1).to_bytes(10**10, 'big')", "SandboxLimitError: to_bytes() length"),
     "int digits": ("int('9' * 5000)", "ValueError: Exceeds the limit (4300 digits)"),

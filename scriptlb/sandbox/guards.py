@@ -571,7 +571,7 @@ def _checked_multi(method: str) -> Callable[..., Any]:
         total = sum(len(other) for other in others if isinstance(other, _SIZED_INPUTS))
         if len(others) > limits.MAX_REPEAT or total > 4 * MAX_ITEMS:
             raise too_big(f"{method}() input size", max(total, len(others)), 4 * MAX_ITEMS)
-        return getattr(target, method)(*others)
+        return getattr(target, method)(*[_checking(other) for other in others])
 
     call.__name__ = method
     return call
@@ -615,10 +615,9 @@ _EXCEPTIONS = (
     TypeError, UnicodeError, UnicodeDecodeError, UnicodeEncodeError, ValueError, ZeroDivisionError,
 )
 
-_PLAIN_BUILTINS = ["abs", "all", "any", "bin", "bool", "callable", "chr", "dict", "divmod",
-                   "float", "frozenset", "hash", "hex", "int", "len",
-                   "list", "max", "min", "next", "oct", "ord", "reversed", "set", "slice",
-                   "sorted", "tuple"]
+_PLAIN_BUILTINS = ["abs", "all", "any", "bin", "bool", "callable", "chr", "divmod",
+                   "float", "hex", "int", "len", "list", "next", "oct", "ord", "reversed", "slice",
+                   "tuple"]  # dict, set, frozenset, sorted, min, max, hash: see _WORK_BUILTINS
 # C iterators whose output can dwarf their input (zip(*[big] * 1000)): they tick per item
 _TICKING_BUILTINS = {"zip": zip, "map": map, "filter": filter, "enumerate": enumerate}
 
@@ -662,6 +661,218 @@ def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
 
     table["_iter_unpack_sequence_"] = guarded_iter_unpack_sequence
     table["_unpack_sequence_"] = unpack_sequence
+    table.update(_WORK_BUILTINS)
+    table.update(_cmpv_=check_work, _key_=check_work, _getitem_=guarded_getitem)
     table.update(extra)
     return table
 
+
+
+# --------------------------------------------------------------------------- comparison / hash work
+#
+# Hashing a tuple and comparing lists/tuples/dicts walk the whole structure inside one C call,
+# counting shared references every time: with ``a = [0] * 2**20``, ``[a] * 2**20 == [b] * 2**20``
+# is 10**12 steps and ``hash((t,) * 2**20)`` likewise, and sort/set/count/in loop such a walk
+# over every item. No tick can stop that, so the consumers reachable from hook code (comparison
+# operators, subscripts, hash(), set/frozenset/dict/sorted/min/max and the container methods
+# that compare or hash) estimate the work first and refuse what is over ``MAX_WORK``.
+
+MAX_WORK = 1 << 22  # estimated element steps of one hash/comparison walk (a few ms of C)
+_WORK_SCALARS = frozenset({int, float, bool, type(None), complex, slice, range})
+_TEXT = frozenset({str, bytes})
+_CONTAINERS = (list, tuple, set, frozenset, deque, dict)
+_DICT_VIEWS = (type({}.keys()), type({}.values()), type({}.items()))
+
+
+def work_size(obj: Any, limit: int = MAX_WORK) -> int:
+    """An upper estimate of the element steps of hashing or comparing ``obj`` (shared references
+    count every time, as the C walk visits them; a string counts 1 + len/16). Stops past
+    ``limit``. Flat containers of scalars or strings are sized at C speed, once per object."""
+    total = 0
+    stack = [obj]
+    pop = stack.pop
+    flat: dict[int, int] = {}  # id -> size of a flat container seen before (shared references)
+    while stack:
+        item = pop()
+        cls = type(item)
+        if cls is str or cls is bytes:
+            total += 1 + (len(item) >> 4)
+        elif cls in _WORK_SCALARS:
+            total += 1
+        elif isinstance(item, _DICT_VIEWS):
+            total += 16
+            stack.append(item.mapping)
+        elif isinstance(item, _CONTAINERS):
+            known = flat.get(id(item))
+            if known is not None:
+                total += known
+            else:
+                total += _container_work(item, stack, flat, limit - total)
+        else:
+            total += 1
+        if total > limit:
+            break
+    return total
+
+
+def _container_work(item: Any, stack: list[Any], flat: dict[int, int], room: int) -> int:
+    """The container's own steps, plus its flat parts; pushes the parts that are not flat."""
+    size = 16 + len(item)
+    if size > room:
+        return size
+    pushed = False
+    for part in ((item.keys(), item.values()) if isinstance(item, dict) else (item,)):
+        kinds = set(map(type, part))
+        if kinds <= _WORK_SCALARS:
+            continue
+        if len(kinds) == 1 and kinds <= _TEXT:
+            size += sum(map(len, part)) >> 4
+        elif kinds <= _WORK_SCALARS | _TEXT:
+            size += sum([len(x) for x in part if type(x) in _TEXT]) >> 4
+        else:
+            stack.extend(part)
+            pushed = True
+    if not pushed:
+        flat[id(item)] = size
+    return size
+
+
+def check_work(value: Any) -> Any:
+    """``_cmpv_`` (each operand of a comparison) and ``_key_`` (a subscript key): refuse a value
+    whose hash or comparison would walk more than MAX_WORK elements. Returns ``value``."""
+    cls = type(value)
+    if cls is str or cls is int or cls in _WORK_SCALARS or cls is bytes:
+        return value
+    if isinstance(value, (*_CONTAINERS, *_DICT_VIEWS)):
+        size = work_size(value)
+        if size > MAX_WORK:
+            raise too_big("comparison/hash work (estimated)", size, MAX_WORK)
+    return value
+
+
+def _checking(iterable: Any) -> Any:
+    """``iterable`` for a C consumer that hashes or compares its items: a container is checked
+    as a whole (then consumed at C speed), an iterator item by item (ticking)."""
+    if isinstance(iterable, (*_CONTAINERS, *_DICT_VIEWS)):
+        check_work(iterable)
+        return iterable
+    if isinstance(iterable, (range, str, bytes)):  # items are scalars
+        return iterable
+    return _checking_items(iterable)
+
+
+def _checking_items(iterable: Any) -> Iterator[Any]:
+    tick = limits.tick
+    for item in iterable:
+        tick()
+        yield check_work(item)
+
+
+def guarded_getitem(obj: Any, key: Any) -> Any:
+    """``_getitem_``: ``obj[key]``; a container key (a tuple) is hashed/compared: check it."""
+    cls = type(key)
+    if cls is not str and cls is not int and cls is not slice:
+        check_work(key)
+    return obj[key]
+
+
+def guarded_hash(obj: Any) -> int:
+    return hash(check_work(obj))
+
+
+def _consumer(func: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """A builtin that hashes or compares the items of its arguments (set, sorted, max...)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if len(args) == 1:
+            return func(_checking(args[0]), **kwargs)
+        return func(*[check_work(arg) for arg in args], **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+def _checked_dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
+    if args and not isinstance(args[0], dict):
+        return dict(_checking(args[0]), **kwargs)
+    if args:
+        check_work(args[0])
+    return dict(*args, **kwargs)
+
+
+def _checked_method(method: str) -> Callable[..., Any]:
+    """``container.method(*args)`` where the method hashes/compares its arguments against the
+    container's items (count, index, remove, add, get...): check both."""
+
+    def call(target: Any, *args: Any) -> Any:
+        if method in _WALKS_TARGET:
+            check_work(target)
+        for arg in args:
+            check_work(arg)
+        return getattr(target, method)(*args)
+
+    call.__name__ = method
+    return call
+
+
+def _checked_sort(target: list[Any], *, key: Any = None, reverse: bool = False) -> None:
+    if key is None:
+        check_work(target)
+    target.sort(key=key, reverse=reverse)
+
+
+_WALKS_TARGET = frozenset({"count", "index", "remove"})
+_LIST_WORK = {name: _checked_method(name) for name in ("count", "index", "remove")}
+_LIST_WORK["sort"] = _checked_sort
+expose(list, ["append", "clear", "copy", "insert", "pop", "reverse"])
+expose_checked(list, _LIST_WORK)
+expose(tuple, [])
+expose_checked(tuple, {name: _checked_method(name) for name in ("count", "index")})
+expose(deque, ["append", "appendleft", "clear", "copy", "insert", "maxlen", "pop", "popleft", "reverse",
+               "rotate"])
+expose_checked(deque, {name: _checked_method(name) for name in ("count", "index", "remove")})
+expose(set, [*_SET_READ, "clear", "pop", "symmetric_difference_update"])
+expose_checked(set, {name: _checked_method(name) for name in ("add", "discard", "remove")})
+_DICT_KEYED = {name: _checked_method(name) for name in ("get", "pop", "setdefault")}
+for _cls in (dict, OrderedDict, defaultdict, Counter):
+    _names = _ATTRS[_cls] - _DICT_KEYED.keys()
+    expose(_cls, _names)
+    expose_checked(_cls, _DICT_KEYED)
+
+
+class _DictType:
+    """The hook's ``dict``: a checked constructor that also offers ``dict.fromkeys``."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return _checked_dict(*args, **kwargs)
+
+    def fromkeys(self, iterable: Any, value: Any = None) -> dict[Any, Any]:
+        return dict.fromkeys(_checking(iterable), value)
+
+    def __repr__(self) -> str:
+        return "<class 'dict'>"
+
+
+def _checked_dict_update(target: Any, *args: Any, **kwargs: Any) -> None:
+    if args:
+        other = args[0]
+        if isinstance(other, dict):
+            check_work(other)
+        else:
+            other = _checking(other)
+        target.update(other, **kwargs)
+    else:
+        target.update(**kwargs)
+
+
+GUARDED_DICT = _DictType()
+expose(_DictType, ["fromkeys"])
+for _cls in (dict, OrderedDict, defaultdict, Counter):
+    expose(_cls, _ATTRS[_cls] - {"update"})
+    expose_checked(_cls, {"update": _checked_dict_update})
+_WORK_BUILTINS: dict[str, Any] = {name: _consumer(getattr(builtins, name), name)
+                                  for name in ("set", "frozenset", "sorted", "min", "max")}
+_WORK_BUILTINS.update(dict=GUARDED_DICT, hash=guarded_hash)
+_REAL_TYPES.update({GUARDED_DICT: dict, _WORK_BUILTINS["set"]: set, _WORK_BUILTINS["frozenset"]: frozenset})

@@ -49,6 +49,21 @@ def _call(name: str, args: list[ast.expr], like: ast.AST) -> ast.Call:
     return node
 
 
+def _is_plain_constant(node: ast.expr) -> bool:
+    if isinstance(node, ast.Constant):
+        return True
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return all(isinstance(elt, ast.Constant) for elt in node.elts)
+    return False
+
+
+def _work_checked(node: ast.expr, guard: str = "_cmpv_") -> ast.expr:
+    """``guard(node)``, unless ``node`` is a constant (or a display of constants)."""
+    if _is_plain_constant(node):
+        return node
+    return _call(guard, [node], node)
+
+
 def _tick_stmt(like: ast.AST) -> ast.Expr:
     stmt = ast.Expr(_call("_tick_", [], like))
     copy_locations(stmt, like)
@@ -165,6 +180,26 @@ class HookPolicy(RestrictingNodeTransformer):
         node = super().visit_Try(node)
         if node.finalbody:
             node.finalbody.insert(0, _tick_stmt(node.finalbody[0]))
+        return node
+
+    # ---------------------------------------------------------------- work guards
+
+    def visit_Compare(self, node: ast.Compare) -> Any:
+        """``a == b``, ``a < b``, ``a in b``: each operand through ``_cmpv_`` (guards.check_work),
+        which refuses containers whose comparison or hash would walk too many elements."""
+        node = super().visit_Compare(node)
+        if all(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
+            return node
+        node.left = _work_checked(node.left)
+        node.comparators = [_work_checked(c) for c in node.comparators]
+        return node
+
+    def visit_Subscript(self, node: ast.Subscript) -> Any:
+        """``d[key] = v`` / ``del d[key]``: the key is hashed or compared; ``_key_`` checks it
+        (loads go through ``_getitem_``, which checks it too)."""
+        node = super().visit_Subscript(node)
+        if isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Slice):
+            node.slice = _work_checked(node.slice, "_key_")
         return node
 
     # ---------------------------------------------------------------- size guards
