@@ -124,6 +124,8 @@ class PeerLike(Protocol):
 
 # --------------------------------------------------------------------------- layout
 
+Slots = dict[tuple[str, bool, int], int]  # (upstream, is_backup, Peer.id) -> slot
+
 
 @dataclass(frozen=True, slots=True)
 class PeerKey:
@@ -178,10 +180,21 @@ _OPEN: weakref.WeakSet[PeerStats] = weakref.WeakSet()
 class PeerStats:
     """This process's view of the instance's peer statistics. Build with ``open``."""
 
-    __slots__ = ("__weakref__", "_d", "_map", "_mine", "_q", "_slots", "_weights", "path", "shards")
+    __slots__ = (
+        "__weakref__",
+        "_by_address",
+        "_d",
+        "_map",
+        "_mine",
+        "_q",
+        "_slots",
+        "_weights",
+        "path",
+        "shards",
+    )
 
     def __init__(
-        self, path: str, mapping: mmap.mmap, slots: dict[tuple[str, bool, int], int], weights: dict[int, int]
+        self, path: str, mapping: mmap.mmap, slots: Slots, weights: dict[int, int], names: dict[int, str]
     ) -> None:
         self.path = path
         self._map = mapping
@@ -190,6 +203,10 @@ class PeerStats:
         self.shards = self._q[_SHARDS]
         self._slots = slots  # (upstream, is_backup, id) -> slot
         self._weights = weights  # slot -> configured weight
+        # (upstream, address) -> slot of its first peer, primary before backup
+        self._by_address: dict[tuple[str, str], int] = {}
+        for (upstream, _, _), slot in sorted(slots.items(), key=lambda item: item[0][1]):
+            self._by_address.setdefault((upstream, names[slot]), slot)
         self._mine = 0  # word offset of this process's counters inside a record
 
     # ----------------------------------------------------------------- opening
@@ -202,11 +219,11 @@ class PeerStats:
         claim a shard for this process. Peers already in the file keep their figures.
         ``shards`` only applies when the file is created. Raises ``StatsFull``."""
         os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, FILE_NAME)
+        path = os.path.realpath(os.path.join(directory, FILE_NAME))
         with _locked(path) as fd:
             _init_header(fd, shards)
-            slots, weights = _allocate(fd, layout)
-        stats = cls(path, _map_file(path), slots, weights)
+            slots, weights, names = _allocate(fd, layout)
+        stats = cls(path, _map_file(path), slots, weights, names)
         stats._claim_shard()
         _OPEN.add(stats)
         return stats
@@ -220,11 +237,13 @@ class PeerStats:
             pass
 
     def close(self) -> None:
-        """Give the shard back (its counts stay) and unmap. The object is unusable after."""
+        """Give the shard back (its counts stay; kept while another object of this process
+        uses the file) and unmap. The object is unusable after."""
         _OPEN.discard(self)
         owner_word = _HEADER_WORDS + _SHARD_WORDS * self._shard_index()
+        shared = any(other.path == self.path for other in _OPEN)  # same process, same shard
         with _locked(self.path):
-            if self._q[owner_word] == os.getpid():
+            if not shared and self._q[owner_word] == os.getpid():
                 self._q[owner_word] = 0
         self._q.release()
         self._d.release()
@@ -267,6 +286,20 @@ class PeerStats:
         """The slot of ``Peer.id`` in an upstream's primary or backup list (KeyError if the
         peer was not in this process's layout). Look it up once per peer, not per try."""
         return self._slots[(upstream, is_backup, peer_id)]
+
+    def slots(self, upstream: str) -> tuple[list[int], list[int]]:
+        """(primary, backup) slots of an upstream, indexed by ``Peer.id``: what a worker's
+        upstream keeps for ``record_*`` and ``sync_weights``."""
+        primary, backup = [], []
+        for (name, is_backup, _), slot in self._slots.items():  # in Peer.id order
+            if name == upstream:
+                (backup if is_backup else primary).append(slot)
+        return primary, backup
+
+    def slot_for_address(self, upstream: str, address: str) -> int | None:
+        """The slot of the upstream's first peer named ``address`` (``PeerAddr.name``), for a
+        try to a hook-chosen address (``set_current_peer``); None if no peer has it."""
+        return self._by_address.get((upstream, address))
 
     def record_start(self, slot: int) -> None:
         """A try to this peer starts: requests += 1, active += 1."""
@@ -420,11 +453,9 @@ def _init_header(fd: int, shards: int) -> None:
     os.pwrite(fd, struct.pack("=6q", MAGIC, VERSION, shards, record_words, 0, 0), 0)
 
 
-Slots = dict[tuple[str, bool, int], int]  # (upstream, is_backup, Peer.id) -> slot
-
-
-def _allocate(fd: int, layout: Sequence[UpstreamLayout]) -> tuple[Slots, dict[int, int]]:
-    """Slots for every peer of ``layout``: existing records by key, new ones appended."""
+def _allocate(fd: int, layout: Sequence[UpstreamLayout]) -> tuple[Slots, dict[int, int], dict[int, str]]:
+    """Slots for every peer of ``layout`` (existing records by key, new ones appended), and
+    each slot's configured weight and address name."""
     header = struct.unpack("=6q", os.pread(fd, 6 * _WORD, 0))
     shards, record_words, records = header[_SHARDS], header[_RECORD_WORDS], header[_RECORDS]
     first = _records_start(shards)
@@ -434,6 +465,7 @@ def _allocate(fd: int, layout: Sequence[UpstreamLayout]) -> tuple[Slots, dict[in
         by_key[os.pread(fd, 16, slot * _WORD)] = slot
     slots: dict[tuple[str, bool, int], int] = {}
     weights: dict[int, int] = {}
+    names: dict[int, str] = {}
     for upstream in layout:
         for is_backup, keys in ((False, upstream.primary), (True, upstream.backup)):
             for peer_id, key in enumerate(keys):
@@ -447,8 +479,9 @@ def _allocate(fd: int, layout: Sequence[UpstreamLayout]) -> tuple[Slots, dict[in
                     by_key[digest] = slot
                 slots[(upstream.name, is_backup, peer_id)] = slot
                 weights[slot] = upstream.weights[is_backup][peer_id]
+                names[slot] = key.name
     os.pwrite(fd, struct.pack("=q", records), _RECORDS * _WORD)
-    return slots, weights
+    return slots, weights, names
 
 
 def _zero_column(fd: int, offset: int) -> None:

@@ -148,8 +148,14 @@ def test_layout_matches_peer_set_order(tmp_path: Path) -> None:
     assert u.weights == ((3, 1, 1), (1,))
     assert [k.name for k in layouts["127.0.0.1:9"].primary] == ["127.0.0.1:9"]  # implicit upstream
     opened = PeerStats.open(str(tmp_path / "stats"), layout_of(conf.http))
-    slots = {opened.slot("u", False, i) for i in range(3)} | {opened.slot("u", True, 0)}
-    assert len(slots) == 4
+    primary, backup = opened.slots("u")
+    assert primary == [opened.slot("u", False, i) for i in range(3)] and backup == [opened.slot("u", True, 0)]
+    assert len({*primary, *backup}) == 4
+    # a hook-chosen address counts against the first peer with that name, backup last
+    assert opened.slot_for_address("u", "127.0.0.1:1") == primary[0]
+    assert opened.slot_for_address("u", "127.0.0.1:2") == backup[0]
+    assert opened.slot_for_address("u", "127.0.0.1:9") is None
+    assert opened.slot_for_address("127.0.0.1:9", "127.0.0.1:9") == opened.slots("127.0.0.1:9")[0][0]
     opened.close()
 
 
@@ -291,7 +297,10 @@ def test_a_weight_set_in_another_process_reaches_this_one(stats: PeerStats, tmp_
 
 def test_no_free_shard(tmp_path: Path) -> None:
     first = PeerStats.open(str(tmp_path), layout(), shards=1)
-    assert PeerStats.open(str(tmp_path), layout()) is not None  # the same process: its own shard
+    again = PeerStats.open(str(tmp_path), layout())  # the same process: the shard it has
+    again.record_start(again.slot("u", False, 0))
+    assert first.snapshot("u", False, 0)["active"] == 1
+    again.close()
     proc = subprocess.run(
         [sys.executable, "-c", RECORDER, str(tmp_path), "0", "finish"],
         input="go\n",
