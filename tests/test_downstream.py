@@ -441,3 +441,21 @@ def test_worker_connections_limit_drops_the_extra_connection(
     assert transport.aborted and second not in first.context.connections
     assert "[alert]" in log_file.read_text() and "1 worker_connections are not enough" in log_file.read_text()
     assert first.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+
+
+def test_an_idle_keep_alive_connection_holds_little(loop: asyncio.AbstractEventLoop) -> None:
+    """Idle keep-alive connections can be many: no instance dict, no queue until a request
+    waits behind another, no request or response bytes kept once answered."""
+    h = Harness(loop)
+    assert status_of(h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")) == 200
+    conn = h.conn
+    assert not hasattr(conn, "__dict__")
+    assert conn._queue == () and conn._last_data == b"" and conn.sent_head == b""
+    assert conn.active is None and conn._parsing is None and conn._active_request is None
+    waiting = Harness(loop, reply=None)  # handlers that wait: the second request is queued
+    waiting.feed(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(waiting.conn._queue) == 1
+    waiting.handlers[-1].reply = b"ok"  # the queued one answers as soon as it starts
+    waiting.conn.respond(200, b"", b"first")
+    assert waiting.transport.take().count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert waiting.conn._queue == ()  # the deque made for the pipelined request is dropped
