@@ -326,19 +326,38 @@ def test_a_forked_child_records_in_its_own_shard(stats: PeerStats) -> None:
         except BaseException:
             code = 1
         os._exit(code)
+    assert wait_child(pid) == 0
+    snap = stats.read(a)
+    assert (snap["requests"], snap["active"]) == (1001, 1)  # the parent's try is still open
+
+
+def wait_child(pid: int) -> int:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            break
+            return os.waitstatus_to_exitcode(status)
         time.sleep(0.01)
-    else:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        pytest.fail("child did not finish")
-    assert os.waitstatus_to_exitcode(status) == 0
-    snap = stats.read(a)
-    assert (snap["requests"], snap["active"]) == (1001, 1)  # the parent's try is still open
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("child did not finish")
+
+
+def test_a_forked_child_without_a_free_shard_records_privately(tmp_path: Path) -> None:
+    only = PeerStats.open(str(tmp_path), layout(), shards=1)
+    a = only.slot("u", False, 0)
+    pid = os.fork()
+    if pid == 0:  # no shard left: the child must not write into its parent's
+        code = 0
+        try:
+            only.record_start(a)
+            code = 0 if only.read(a)["requests"] == 1 else 2
+        except BaseException:
+            code = 1
+        os._exit(code)
+    assert wait_child(pid) == 0
+    assert only.read(a)["requests"] == 0
+    only.close()
 
 
 def test_open_refuses_a_foreign_file(tmp_path: Path) -> None:
