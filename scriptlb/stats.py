@@ -403,6 +403,34 @@ class PeerStats:
         return (self._mine - _FIXED_WORDS) // _COUNTER_WORDS
 
 
+class UpstreamStats:
+    """One upstream's peers in ``PeerStats``: what a worker's upstream runtime holds.
+
+    ``slot_of(peer)`` gives the slot for ``record_start``/``record_finish``;
+    ``refresh_weights(peers)`` is the per-request check for hook-set weights (one load when
+    nothing changed). Balancers that cache weights (``hash``'s total, ``hash consistent``'s
+    ring) need a rebuild when it returns True; round robin and its kin read them live."""
+
+    __slots__ = ("backup", "generation", "primary", "stats")
+
+    def __init__(self, stats: PeerStats, upstream: str) -> None:
+        self.stats = stats
+        self.primary, self.backup = stats.slots(upstream)
+        self.generation = -1  # never applied: the first refresh syncs
+
+    def slot_of(self, peer: Any) -> int:
+        """The slot of a ``Peer`` of this upstream (by its list and ``id``)."""
+        return (self.backup if peer.backup else self.primary)[peer.id]
+
+    def refresh_weights(self, primary: Sequence[PeerLike], backup: Sequence[PeerLike]) -> bool:
+        """Apply weights set since the last call; True when anything was re-read."""
+        if self.stats.weight_generation == self.generation:
+            return False
+        self.generation = self.stats.sync_weights(primary, self.primary)
+        self.stats.sync_weights(backup, self.backup)
+        return True
+
+
 def decayed(value: float | None, stamp: float | None, now: float, decay: float = DECAY_TIME) -> float:
     """An average decayed towards 0 for the time since its last sample (APISIX's score)."""
     if not value or stamp is None:

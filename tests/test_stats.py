@@ -25,6 +25,7 @@ from scriptlb.stats import (
     PeerStats,
     StatsFull,
     UpstreamLayout,
+    UpstreamStats,
     decayed,
     layout_of,
 )
@@ -213,6 +214,33 @@ def test_a_reload_that_changes_the_configured_weight_drops_the_override(tmp_path
     second.sync_weights(peers, [second.slot("u", False, 0), second.slot("u", False, 1)])
     assert peers == [FakePeer(9, 9), FakePeer(4, 4)]
     second.close()
+
+
+def test_upstream_stats_binds_real_peers(tmp_path: Path) -> None:
+    (tmp_path / "x.conf").write_text(
+        "events {}\nhttp {\n upstream u { server 127.0.0.1:1 weight=2; server 127.0.0.1:2;"
+        " server 127.0.0.1:3 backup; }\n}\n"
+    )
+    conf = load("x.conf", str(tmp_path))
+    assert conf.http is not None
+    stats = PeerStats.open(str(tmp_path / "s"), layout_of(conf.http))
+    peers = PeerSet.from_conf(conf.http.upstreams["u"])
+    bound = UpstreamStats(stats, "u")
+    assert [bound.slot_of(p) for p in (*peers.primary, *peers.backup)] == [
+        stats.slot("u", False, 0),
+        stats.slot("u", False, 1),
+        stats.slot("u", True, 0),
+    ]
+    assert bound.refresh_weights(peers.primary, peers.backup)  # first call syncs
+    assert not bound.refresh_weights(peers.primary, peers.backup)
+    stats.set_weight(bound.slot_of(peers.backup[0]), 6)
+    assert bound.refresh_weights(peers.primary, peers.backup)
+    assert [(p.weight, p.effective_weight) for p in (*peers.primary, *peers.backup)] == [
+        (2, 2),
+        (1, 1),
+        (6, 6),
+    ]
+    stats.close()
 
 
 # --------------------------------------------------------------------------- processes
