@@ -13,7 +13,7 @@ import pytest
 from scriptlb.config import ConfigError, load
 from scriptlb.config.directives import MIN_SHARED_DICT_SIZE
 from scriptlb.config.model import HookConf, HttpConf, LocationConf, SharedDictConf, Source
-from scriptlb.shared_dict import MIN_SIZE
+from scriptlb.shared_dict import MIN_SIZE, SharedDict
 
 
 def load_http(tmp_path: Path, body: str) -> HttpConf:
@@ -52,7 +52,11 @@ def test_no_shared_dicts_by_default(tmp_path: Path) -> None:
 
 def test_the_size_floor_is_what_shared_dict_accepts(tmp_path: Path) -> None:
     assert MIN_SHARED_DICT_SIZE == MIN_SIZE
-    assert load_http(tmp_path, "python_shared_dict a 64k;").shared_dicts["a"].size == MIN_SIZE
+    conf = load_http(tmp_path, "python_shared_dict a 64k;").shared_dicts["a"]
+    assert conf.size == MIN_SIZE
+    opened = SharedDict(str(tmp_path / "dicts"), conf.name, conf.size)  # the smallest one opens
+    assert opened.capacity() == MIN_SIZE
+    opened.close()
 
 
 @pytest.mark.parametrize(
