@@ -111,6 +111,12 @@ _COUNTER_WORDS = 3
 _WORD = 8
 
 
+def shards_for(worker_processes: int) -> int:
+    """Shards for an instance of this many workers: room for the old and new generations of
+    a reload twice over (workers still draining when the next reload comes)."""
+    return max(DEFAULT_SHARDS, 4 * worker_processes)
+
+
 class StatsFull(RuntimeError):
     """Every shard is owned by a live process: this one cannot record."""
 

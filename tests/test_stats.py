@@ -28,6 +28,7 @@ from scriptlb.stats import (
     UpstreamStats,
     decayed,
     layout_of,
+    shards_for,
 )
 
 T0 = 1_800_000_000.0  # an injected wall clock
@@ -396,3 +397,7 @@ def test_open_refuses_a_foreign_file(tmp_path: Path) -> None:
 
 def test_stats_full_is_a_runtime_error() -> None:
     assert issubclass(StatsFull, RuntimeError)
+
+
+def test_shards_leave_room_for_overlapping_generations() -> None:
+    assert (shards_for(1), shards_for(8), shards_for(64)) == (32, 32, 256)
