@@ -655,7 +655,8 @@ class ClientConnection(asyncio.Protocol):
 
     def finish_response(self) -> None:
         """The response is complete: end the chunked body and serve the next request."""
-        self.end_body()
+        if self._chunked or self._pending_head:
+            self.end_body()  # (usually done already: the exchange ends the body before its log)
         request = self._active_request
         if request is not None and request.has_body and not request.complete:
             # The handler answered before reading the whole body (return, error): nginx discards

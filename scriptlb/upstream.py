@@ -118,26 +118,6 @@ class ResponseHead:
         self.close = False  # "Connection: close" or an HTTP/1.0 response without keep-alive
         self.connection: bytes | None = None  # the Connection header's value
 
-    def add_header(self, name: bytes, value: bytes) -> None:
-        """One header as received (UpstreamConnection.on_header has this inlined)."""
-        self.headers.append((name, value))
-        lower = name.lower()
-        kind = _HEADER_KIND.get(lower)
-        if kind is None:
-            if not lower.startswith(b"x-accel-"):
-                self.lines.append(name + b": " + value + b"\r\n")
-        else:
-            self.note_framing(kind, value)
-
-    def note_framing(self, kind: int, value: bytes) -> None:
-        """A header we do not pass on: note what framing/connection ones say."""
-        if kind == _CONTENT_LENGTH:
-            self.content_length = int(value)  # llhttp validated the digits and duplicates
-        elif kind == _TRANSFER_ENCODING:
-            self.chunked = True
-        elif kind == _CONNECTION:
-            self.connection = value if self.connection is None else self.connection + b", " + value
-
     def client_headers(self) -> bytes:
         """The headers to pass to the client, as ``Name: value\\r\\n`` lines."""
         connection = self.connection
@@ -462,15 +442,21 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if value[-1:] in (b" ", b"\t"):
             value = value.rstrip(b" \t")
-        # ResponseHead.add_header, inlined: this runs for every header of every response
+        # classified here, once (this runs for every header of every response): passed on as a
+        # line for the client, or noted (framing, Connection), or hidden
         response.headers.append((name, value))
         lower = name.lower()
         kind = _HEADER_KIND.get(lower)
         if kind is None:
             if not lower.startswith(b"x-accel-"):
                 response.lines.append(name + b": " + value + b"\r\n")
-        else:
-            response.note_framing(kind, value)
+        elif kind == _CONTENT_LENGTH:
+            response.content_length = int(value)  # llhttp validated the digits and duplicates
+        elif kind == _CONNECTION:
+            connection = response.connection
+            response.connection = value if connection is None else connection + b", " + value
+        elif kind == _TRANSFER_ENCODING:
+            response.chunked = True
 
     def on_headers_complete(self) -> None:
         parser = self._parser
