@@ -505,6 +505,8 @@ class ClientConnection(asyncio.Protocol):
         elif self.active is None and not self._queue and not self.closed:
             # answered before its parse ended (no body): now idle until the next request
             self._arm(_IDLE, self._last_keepalive_timeout)
+        elif self._phase == _BODY:
+            self._phase = _NONE  # a queued request's body is complete: no body is awaited now
 
     # ------------------------------------------------------------------ request lifecycle
 
@@ -806,9 +808,14 @@ class ClientConnection(asyncio.Protocol):
         if phase == _HEAD:
             self._head_timed_out()
             return
-        if phase == _BODY and self.active is not None and not self.response_started:
-            self._body_timed_out(self.active)
-            return
+        if phase == _BODY:
+            parsing = self._parsing_handler
+            if parsing is not None and parsing is not self.active:
+                self._queued_body_timed_out()
+                return
+            if self.active is not None and not self.response_started:
+                self._body_timed_out(self.active)
+                return
         errorlog.log_error(
             "info", f"client timed out (110: Connection timed out) {_PHASE_TEXT[phase]}",
             self.conn_id, self._log_context(),
@@ -851,6 +858,17 @@ class ClientConnection(asyncio.Protocol):
             return self._parser.get_method().decode("ascii")
         except (httptools.HttpParserError, UnicodeDecodeError):
             return ""  # not even the method arrived whole
+
+    def _queued_body_timed_out(self) -> None:
+        """A pipelined request's body stalled behind the active request: the active one is
+        still answered, then the connection closes; the queued ones end unanswered (408)."""
+        self._keep_alive = False
+        self._pause_reading()
+        queued, self._queue = self._queue, _NO_QUEUE
+        self._parsing = None
+        self._parsing_handler = None
+        for _request, handler in queued:
+            handler.abort(408)
 
     def _body_timed_out(self, active: RequestHandler) -> None:
         """client_body_timeout: nginx terminates the request without a response (and without

@@ -459,3 +459,39 @@ def test_an_idle_keep_alive_connection_holds_little(loop: asyncio.AbstractEventL
     waiting.conn.respond(200, b"", b"first")
     assert waiting.transport.take().count(b"HTTP/1.1 200 OK\r\n") == 2
     assert waiting.conn._queue == ()  # the deque made for the pipelined request is dropped
+
+
+def _short_body_timeouts(h: Harness, timeout: float = 0.05) -> None:
+    """Every handler opened from now on waits ``timeout`` for its body (queued ones too)."""
+    opened = h.context.open_exchange
+
+    def open_exchange(conn: ClientConnection, request: Request) -> FakeHandler:
+        handler = opened(conn, request)
+        handler.body_timeout = timeout  # type: ignore[attr-defined]
+        return handler  # type: ignore[return-value]
+
+    h.context.open_exchange = open_exchange  # type: ignore[assignment]
+
+
+def test_a_queued_requests_stalled_body_ends_it_not_the_active_one(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, reply=None)
+    _short_body_timeouts(h)
+    h.feed(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nPOST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    loop.run_until_complete(asyncio.sleep(0.2))
+    assert "abort 408" in h.handlers[1].events
+    assert not any(e.startswith("abort") for e in h.handlers[0].events)
+    assert not h.transport.closed
+    h.conn.respond(200, b"", b"first")  # the active request is still answered, then we close
+    assert status_of(h.transport.take()) == 200
+    assert h.transport.closed
+
+
+def test_a_queued_requests_complete_body_is_not_timed_out(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop, reply=None)
+    _short_body_timeouts(h)
+    h.feed(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+           b"POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabcdefghij")
+    loop.run_until_complete(asyncio.sleep(0.2))  # the active request is slow: no body is awaited
+    assert not any(e.startswith("abort") for h_ in h.handlers for e in h_.events)
+    h.conn.respond(200, b"", b"first")
+    assert status_of(h.transport.take()) == 200 and not h.transport.closed
