@@ -13,7 +13,8 @@ not make us parse unbounded input. Responses are therefore written strictly in r
 
 What this module does decide is the client side of HTTP: framing of the response (Content-Length,
 chunked for HTTP/1.1, close-delimited for HTTP/1.0), keep-alive, and the nginx client errors
-(400/408/413/414 written here, then the connection is closed).
+(400/413/414 written here, then the connection is closed; client_header_timeout and
+client_body_timeout close without a response, as nginx: the request is logged 408).
 
 Timers: one ``TimerHandle`` per connection, re-armed lazily. ``_deadline`` and ``_phase`` say
 what is being waited for (a new request, the rest of the head, more body, the client draining
@@ -816,10 +817,7 @@ class ClientConnection(asyncio.Protocol):
             if self.active is not None and not self.response_started:
                 self._body_timed_out(self.active)
                 return
-        errorlog.log_error(
-            "info", f"client timed out (110: Connection timed out) {_PHASE_TEXT[phase]}",
-            self.conn_id, self._log_context(),
-        )
+        errorlog.log_error("info", f"{_TIMED_OUT} {_PHASE_TEXT[phase]}", self.conn_id, self._log_context())
         self.close()
 
     def _head_timed_out(self) -> None:
