@@ -416,6 +416,7 @@ def guarded_str(*args: Any, **kwargs: Any) -> str:
 
 
 _REAL_TYPES: dict[Any, type] = {}  # guarded constructor -> the type it stands for
+REAL_TYPES = _REAL_TYPES
 
 
 def _real_type(spec: Any) -> Any:
@@ -571,7 +572,7 @@ def _checked_multi(method: str) -> Callable[..., Any]:
         total = sum(len(other) for other in others if isinstance(other, _SIZED_INPUTS))
         if len(others) > limits.MAX_REPEAT or total > 4 * MAX_ITEMS:
             raise too_big(f"{method}() input size", max(total, len(others)), 4 * MAX_ITEMS)
-        return getattr(target, method)(*[_checking(other) for other in others])
+        return getattr(target, method)(*[checking(other) for other in others])
 
     call.__name__ = method
     return call
@@ -662,7 +663,7 @@ def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
     table["_iter_unpack_sequence_"] = guarded_iter_unpack_sequence
     table["_unpack_sequence_"] = unpack_sequence
     table.update(_WORK_BUILTINS)
-    table.update(_cmpv_=check_work, _key_=check_work, _getitem_=guarded_getitem)
+    table.update(_cmpv_=check_work, _key_=check_work, _items_=checking, _getitem_=guarded_getitem)
     table.update(extra)
     return table
 
@@ -750,7 +751,7 @@ def check_work(value: Any) -> Any:
     return value
 
 
-def _checking(iterable: Any) -> Any:
+def checking(iterable: Any) -> Any:
     """``iterable`` for a C consumer that hashes or compares its items: a container is checked
     as a whole (then consumed at C speed), an iterator item by item (ticking)."""
     if isinstance(iterable, (*_CONTAINERS, *_DICT_VIEWS)):
@@ -785,7 +786,7 @@ def _consumer(func: Callable[..., Any], name: str) -> Callable[..., Any]:
 
     def call(*args: Any, **kwargs: Any) -> Any:
         if len(args) == 1:
-            return func(_checking(args[0]), **kwargs)
+            return func(checking(args[0]), **kwargs)
         return func(*[check_work(arg) for arg in args], **kwargs)
 
     call.__name__ = name
@@ -794,7 +795,7 @@ def _consumer(func: Callable[..., Any], name: str) -> Callable[..., Any]:
 
 def _checked_dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
     if args and not isinstance(args[0], dict):
-        return dict(_checking(args[0]), **kwargs)
+        return dict(checking(args[0]), **kwargs)
     if args:
         check_work(args[0])
     return dict(*args, **kwargs)
@@ -849,7 +850,7 @@ class _DictType:
         return _checked_dict(*args, **kwargs)
 
     def fromkeys(self, iterable: Any, value: Any = None) -> dict[Any, Any]:
-        return dict.fromkeys(_checking(iterable), value)
+        return dict.fromkeys(checking(iterable), value)
 
     def __repr__(self) -> str:
         return "<class 'dict'>"
@@ -861,7 +862,7 @@ def _checked_dict_update(target: Any, *args: Any, **kwargs: Any) -> None:
         if isinstance(other, dict):
             check_work(other)
         else:
-            other = _checking(other)
+            other = checking(other)
         target.update(other, **kwargs)
     else:
         target.update(**kwargs)

@@ -26,7 +26,10 @@ from typing import Any
 
 from scriptlb.sandbox import limits
 from scriptlb.sandbox.guards import (
+    REAL_TYPES,
     check_text,
+    check_work,
+    checking,
     expose,
     expose_checked,
     expose_dynamic,
@@ -225,14 +228,121 @@ expose(_lru_wrapper, ["cache_info", "cache_clear"])
 expose(type(functools.lru_cache()(lambda: None).cache_info()), ["hits", "misses", "maxsize", "currsize"])
 expose_checked(Counter, {"elements": lambda counter: ticking(counter.elements())})
 
+# --------------------------------------------------------------------------- hash/compare work
+# (guards.check_work): what these functions hash or compare in C is checked first.
+
+
+def _check_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    check_work(args)  # the cache key is hashed as a whole: f(*big) is one big tuple
+    if kwargs:
+        check_work(kwargs)
+
+
+class _CheckedCache:
+    """``functools.lru_cache``/``cache`` in hooks: the cache hashes every call's arguments."""
+
+    __slots__ = ("_wrapper",)
+
+    def __init__(self, wrapper: Any) -> None:
+        self._wrapper = wrapper
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _check_args(args, kwargs)
+        return self._wrapper(*args, **kwargs)
+
+    def cache_info(self) -> Any:
+        return self._wrapper.cache_info()
+
+    def cache_clear(self) -> None:
+        self._wrapper.cache_clear()
+
+
+expose(_CheckedCache, ["cache_info", "cache_clear"])
+
+
+def _lru_cache(maxsize: Any = 128, typed: bool = False) -> Any:
+    if callable(maxsize) and not isinstance(maxsize, bool):  # @lru_cache without arguments
+        return _CheckedCache(functools.lru_cache(128, typed)(maxsize))
+    decorate = functools.lru_cache(maxsize, typed)
+    return lambda func: _CheckedCache(decorate(func))
+
+
+def _cache(func: Any) -> _CheckedCache:
+    return _CheckedCache(functools.cache(func))
+
+
+def _item_checked(func: Callable[..., Any], position: int) -> Callable[..., Any]:
+    """``func`` whose argument ``position`` is compared against others in C (heappush's item,
+    bisect's x): checked first."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > position:
+            check_work(args[position])
+        return func(*args, **kwargs)
+
+    call.__name__ = func.__name__
+    return call
+
+
+def _iterable_checked(func: Callable[..., Any], position: int) -> Callable[..., Any]:
+    """``func`` whose argument ``position`` is an iterable whose items it hashes or compares."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > position:
+            args = (*args[:position], checking(args[position]), *args[position + 1:])
+        return func(*args, **kwargs)
+
+    call.__name__ = func.__name__
+    return call
+
+
+def _heappop(heap: list[Any]) -> Any:
+    if type(heap) is list and heap:
+        check_work(heap[-1])  # the last item moves down, compared with the children
+    return heapq.heappop(heap)
+
+
+def _merge(*iterables: Any, key: Any = None, reverse: bool = False) -> Any:
+    return ticking(heapq.merge(*[checking(it) for it in iterables], key=key, reverse=reverse))
+
+
+_HEAPQ = {"heappush": _item_checked(heapq.heappush, 1), "heappop": _heappop,
+          "heapify": _iterable_checked(heapq.heapify, 0),
+          "heapreplace": _item_checked(heapq.heapreplace, 1),
+          "heappushpop": _item_checked(heapq.heappushpop, 1),
+          "nlargest": _iterable_checked(heapq.nlargest, 1),
+          "nsmallest": _iterable_checked(heapq.nsmallest, 1),
+          "merge": _merge}
+_BISECT = {name: _item_checked(getattr(bisect, name), 1)
+           for name in ("bisect", "bisect_left", "bisect_right", "insort", "insort_left", "insort_right")}
+
+
+def _mapping_checked(cls: type, position: int) -> Callable[..., Any]:
+    """A dict subclass constructor (Counter, OrderedDict, defaultdict) hashing its input's keys."""
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > position:
+            source = args[position]
+            source = check_work(source) if isinstance(source, dict) else checking(source)
+            args = (*args[:position], source, *args[position + 1:])
+        return cls(*args, **kwargs)
+
+    make.__name__ = cls.__name__
+    REAL_TYPES[make] = cls
+    return make
+
+
+expose_checked(Counter, {"subtract": lambda counter, *args, **kwargs: counter.subtract(
+    *[check_work(a) if isinstance(a, dict) else checking(a) for a in args], **kwargs)})
+
 _STATIC: dict[str, dict[str, Any]] = {
     "math": _MATH,
     "itertools": _ITERTOOLS,
-    "functools": _pick(functools, "reduce partial lru_cache cache cmp_to_key"),
-    "bisect": _pick(bisect, "bisect bisect_left bisect_right insort insort_left insort_right"),
-    "heapq": _pick(heapq, "heappush heappop heapify heapreplace heappushpop nlargest nsmallest merge"),
-    "collections": {"deque": deque, "OrderedDict": OrderedDict, "defaultdict": defaultdict,
-                    "Counter": Counter},
+    "functools": {**_pick(functools, "reduce partial cmp_to_key"), "lru_cache": _lru_cache, "cache": _cache},
+    "bisect": _BISECT,
+    "heapq": _HEAPQ,
+    "collections": {"deque": deque, "OrderedDict": _mapping_checked(OrderedDict, 0),
+                    "defaultdict": _mapping_checked(defaultdict, 1), "Counter": _mapping_checked(Counter, 0)},
     "json": {"dumps": _dumps, "loads": _loads},
     "zlib": _pick(zlib, "crc32 adler32"),
     "hashlib": _HASHLIB,

@@ -64,6 +64,14 @@ def _work_checked(node: ast.expr, guard: str = "_cmpv_") -> ast.expr:
     return _call(guard, [node], node)
 
 
+def _hashed(elt: ast.expr) -> ast.expr:
+    """A set display item: ``_key_(item)``, or ``*_items_(iterable)`` for a starred one."""
+    if isinstance(elt, ast.Starred):
+        elt.value = _call("_items_", [elt.value], elt.value)
+        return elt
+    return _work_checked(elt, "_key_")
+
+
 def _tick_stmt(like: ast.AST) -> ast.Expr:
     stmt = ast.Expr(_call("_tick_", [], like))
     copy_locations(stmt, like)
@@ -200,6 +208,28 @@ class HookPolicy(RestrictingNodeTransformer):
         node = super().visit_Subscript(node)
         if isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Slice):
             node.slice = _work_checked(node.slice, "_key_")
+        return node
+
+    def visit_Set(self, node: ast.Set) -> Any:
+        """``{a, b, *c}``: the items are hashed."""
+        node = super().visit_Set(node)
+        node.elts = [_hashed(elt) for elt in node.elts]
+        return node
+
+    def visit_Dict(self, node: ast.Dict) -> Any:
+        """``{k: v, **d}``: the keys are hashed (``**d`` reuses d's stored hashes)."""
+        node = super().visit_Dict(node)
+        node.keys = [key if key is None else _work_checked(key, "_key_") for key in node.keys]
+        return node
+
+    def visit_SetComp(self, node: ast.SetComp) -> Any:
+        node = super().visit_SetComp(node)
+        node.elt = _work_checked(node.elt, "_key_")
+        return node
+
+    def visit_DictComp(self, node: ast.DictComp) -> Any:
+        node = super().visit_DictComp(node)
+        node.key = _work_checked(node.key, "_key_")
         return node
 
     # ---------------------------------------------------------------- size guards
