@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -23,3 +24,11 @@ def scriptlb_cmd(*args: str) -> list[str]:
 
 
 os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+
+# A safety net for the sandbox's memory-bomb tests: should a guard ever miss one, the test run
+# fails with MemoryError instead of driving the machine (CI's too) into the OOM killer.
+# Processes the tests start inherit it. 12 GiB of address space is far above what the suite uses.
+_ADDRESS_SPACE_CAP = 12 << 30
+_soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+if _soft == resource.RLIM_INFINITY or _soft > _ADDRESS_SPACE_CAP:
+    resource.setrlimit(resource.RLIMIT_AS, (_ADDRESS_SPACE_CAP, _hard))
