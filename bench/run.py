@@ -538,7 +538,10 @@ class Harness:
                 continue
             proc, port = self.live[name]
             pids = bench_proc.tree_pids(proc.pid)
-            worker = pids[-1]  # the worker (or the only process with master_process off)
+            # the worker is the busiest process of the tree (the master idles; helpers such as a
+            # hook watchdog may be children too); the root itself with master_process off
+            workers = pids[1:] or pids
+            worker = max(workers, key=lambda pid: bench_proc.cpu_ticks([pid]))
             out = self.work / f"pyspy-{name}.txt"
             url = f"http://127.0.0.1:{port}/"
             argv = bench_load.wrk_argv(self.deps.wrk, url, secs + 3, self.args.connections)
