@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 
 Getter = Callable[[Any], str]
 
-HOOK_POOL_SIZE = 32  # OpenResty's balancer_keepalive default
-
 # Client headers never forwarded as they are: hop-by-hop ones, the framing we redo, and Expect
 # (we answer 100-continue ourselves), as nginx's default proxy_set_header list does.
 _NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"expect"}
@@ -79,11 +77,14 @@ class UpstreamRuntime:
             self.hook = HookRunner(conf.hook, self, python)
 
     def hook_pool(self, idle_timeout: float, max_requests: int) -> ConnectionPool:
-        """OpenResty's balancer_keepalive pool for hook-set peers (32 connections per upstream
-        and worker). Its timeout and request limit are the last ``enable_keepalive`` values."""
+        """OpenResty's pool for hook-set peers: ``balancer_keepalive`` connections (default 32) per
+        upstream and worker. Its timeout and request limit are the last ``enable_keepalive``
+        values."""
         pool = self._hook_pool
         if pool is None:
-            pool = self._hook_pool = ConnectionPool(self.loop, HOOK_POOL_SIZE, idle_timeout, max_requests)
+            pool = self._hook_pool = ConnectionPool(
+                self.loop, self.conf.balancer_keepalive, idle_timeout, max_requests
+            )
         pool.idle_timeout = idle_timeout
         pool.max_requests = max_requests
         return pool

@@ -238,3 +238,23 @@ def test_log_hook_in_main_is_not_allowed(tmp_path: Path) -> None:
         load("x.conf", str(tmp_path))
     message = '[emerg] "log_by_python_block" directive is not allowed here'
     assert str(info.value) == f"{message} in {tmp_path}/x.conf:2"
+
+
+# --------------------------------------------------------------------------- balancer_keepalive
+
+_HOOKED = "upstream u {{ server 127.0.0.1:1; {extra} balancer_by_python_block {{ pass }} }}"
+
+
+def test_balancer_keepalive_sizes_the_hook_peer_pool(tmp_path: Path) -> None:
+    default = load_http(tmp_path, _HOOKED.format(extra="")).upstreams["u"]
+    sized = load_http(tmp_path, _HOOKED.format(extra="balancer_keepalive 128;")).upstreams["u"]
+    assert (default.balancer_keepalive, sized.balancer_keepalive) == (32, 128)  # OpenResty's default
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("balancer_keepalive 0;", 'invalid value "0" in "balancer_keepalive" directive'),
+    ("balancer_keepalive many;", 'invalid value "many" in "balancer_keepalive" directive'),
+    ("balancer_keepalive 8; balancer_keepalive 9;", '"balancer_keepalive" directive is duplicate'),
+])
+def test_balancer_keepalive_errors(tmp_path: Path, extra: str, message: str) -> None:
+    assert http_error(tmp_path, _HOOKED.format(extra=extra)) == f"[emerg] {message} in x.conf:3"

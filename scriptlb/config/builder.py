@@ -151,6 +151,7 @@ def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
         keepalive=v.get("keepalive", 0),
         keepalive_timeout=v.get("keepalive_timeout", 60.0),
         keepalive_requests=v.get("keepalive_requests", 1000),
+        balancer_keepalive=v.get("balancer_keepalive", 32),
         source=upstream.source,
     )
 

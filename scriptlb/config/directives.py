@@ -641,6 +641,8 @@ _SPECS: tuple[Spec, ...] = (
     # upstream
     _spec("server", Ctx.UPSTREAM, (1, None), _upstream_server),
     _spec("keepalive", Ctx.UPSTREAM, ONE, _upstream_keepalive),
+    # OpenResty's pool for hook-set peers (enable_keepalive): same checks as keepalive
+    _spec("balancer_keepalive", Ctx.UPSTREAM, ONE, _upstream_keepalive),
     _spec("least_conn", Ctx.UPSTREAM, NONE, _method(_ALL_SERVER_PARAMS)),
     _spec("hash", Ctx.UPSTREAM, (1, 2), _method(_NO_BACKUP, _check_hash)),
     _spec("ip_hash", Ctx.UPSTREAM, NONE, _method(_NO_BACKUP)),

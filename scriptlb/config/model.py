@@ -211,6 +211,9 @@ class UpstreamConf:
     keepalive: int = 0  # max idle connections cached per worker; 0 = no pool
     keepalive_timeout: float = 60.0
     keepalive_requests: int = 1000
+    # OpenResty's balancer_keepalive: idle connections kept per worker for peers a hook set
+    # with enable_keepalive() (one LRU pool per upstream, keyed by address and host)
+    balancer_keepalive: int = 32
     implicit: bool = False  # created by `proxy_pass http://IP:PORT`
     source: Source | None = None
 
