@@ -490,7 +490,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _escape_control(match: re.Match[str]) -> str:
-    return f"\\x{ord(match.group()):02X}"
+    code = ord(match.group())
+    return f"\\x{code:02X}" if code < 256 else f"\\u{code:04X}"
 
 
 def escape_log(text: str) -> str:

@@ -52,6 +52,10 @@ def expose(cls: type, names: Iterable[str]) -> None:
     _ATTRS[cls] = names
 
 
+def readable_names(cls: type) -> frozenset[str]:
+    return _ATTRS.get(cls, frozenset())
+
+
 def expose_checked(cls: type, methods: dict[str, Callable[..., Any]]) -> None:
     """Hand out ``methods[name]`` bound to the instance instead of the real method."""
     _CHECKED.setdefault(cls, {}).update(methods)

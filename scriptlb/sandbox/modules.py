@@ -24,7 +24,7 @@ from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from scriptlb.sandbox import limits
+from scriptlb.sandbox import guards, limits
 from scriptlb.sandbox.guards import (
     REAL_TYPES,
     check_text,
@@ -332,6 +332,7 @@ def _mapping_checked(cls: type, position: int) -> Callable[..., Any]:
     return make
 
 
+expose(Counter, guards.readable_names(Counter) - {"subtract"})
 expose_checked(Counter, {"subtract": lambda counter, *args, **kwargs: counter.subtract(
     *[check_work(a) if isinstance(a, dict) else checking(a) for a in args], **kwargs)})
 
