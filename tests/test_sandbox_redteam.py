@@ -83,6 +83,11 @@ WORK_BOMBS = {
     "Counter.subtract": NEST + "import collections\ncollections.Counter().subtract([T])",
     "OrderedDict": NEST + "import collections\ncollections.OrderedDict([(T, 1)])",
     "defaultdict": NEST + "import collections\ncollections.defaultdict(None, [(T, 1)])",
+    # key= results are compared in C as well
+    "max key": NEST + "max([0, 1], key=lambda v: x if v else y)",
+    "sorted key results": NEST + "sorted([0, 1], key=lambda v: [x, y][v])",
+    "list.sort key results": NEST + "l = [0, 1]\nl.sort(key=lambda v: [x, y][v])",
+    "nlargest key results": NEST + "import heapq\nheapq.nlargest(1, [0, 1], key=lambda v: [x, y][v])",
     "cmp_to_key": NEST + "import functools\nsorted([x, y], key=functools.cmp_to_key(lambda p, q: 0))",
 }
 

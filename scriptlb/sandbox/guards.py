@@ -785,10 +785,19 @@ def guarded_hash(obj: Any) -> int:
     return hash(check_work(obj))
 
 
+def checked_key(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``key=`` results are compared in C too (``max(l, key=lambda v: big)``): check them."""
+    key = kwargs.get("key")
+    if key is not None:
+        kwargs["key"] = lambda item: check_work(key(item))
+    return kwargs
+
+
 def _consumer(func: Callable[..., Any], name: str) -> Callable[..., Any]:
     """A builtin that hashes or compares the items of its arguments (set, sorted, max...)."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        kwargs = checked_key(kwargs)
         if len(args) == 1:
             return func(checking(args[0]), **kwargs)
         return func(*[check_work(arg) for arg in args], **kwargs)
@@ -823,6 +832,8 @@ def _checked_method(method: str) -> Callable[..., Any]:
 def _checked_sort(target: list[Any], *, key: Any = None, reverse: bool = False) -> None:
     if key is None:
         check_work(target)
+    else:
+        key = checked_key({"key": key})["key"]
     target.sort(key=key, reverse=reverse)
 
 

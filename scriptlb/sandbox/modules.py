@@ -29,6 +29,7 @@ from scriptlb.sandbox.guards import (
     REAL_TYPES,
     check_text,
     check_work,
+    checked_key,
     checking,
     expose,
     expose_checked,
@@ -278,7 +279,7 @@ def _item_checked(func: Callable[..., Any], position: int) -> Callable[..., Any]
     def call(*args: Any, **kwargs: Any) -> Any:
         if len(args) > position:
             check_work(args[position])
-        return func(*args, **kwargs)
+        return func(*args, **checked_key(kwargs))
 
     call.__name__ = func.__name__
     return call
@@ -290,7 +291,7 @@ def _iterable_checked(func: Callable[..., Any], position: int) -> Callable[..., 
     def call(*args: Any, **kwargs: Any) -> Any:
         if len(args) > position:
             args = (*args[:position], checking(args[position]), *args[position + 1:])
-        return func(*args, **kwargs)
+        return func(*args, **checked_key(kwargs))
 
     call.__name__ = func.__name__
     return call
@@ -303,6 +304,7 @@ def _heappop(heap: list[Any]) -> Any:
 
 
 def _merge(*iterables: Any, key: Any = None, reverse: bool = False) -> Any:
+    key = checked_key({"key": key})["key"]
     return ticking(heapq.merge(*[checking(it) for it in iterables], key=key, reverse=reverse))
 
 
