@@ -167,7 +167,7 @@ def _open(path: str, size: int) -> tuple[lmdb.Environment, Any, Any, Any]:
     os.makedirs(path, exist_ok=True)
     env = lmdb.open(
         path,
-        map_size=MAP_FACTOR * size + MAP_SLACK,
+        map_size=map_size(size),
         max_dbs=3,
         # Like nginx's shared memory, the data must outlive a worker, not a power cut: commits go
         # to the page cache only. writemap writes records straight into the shared mapping,
@@ -230,6 +230,11 @@ def _reopen_all_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reopen_all_after_fork)
+
+
+def map_size(size: int) -> int:
+    """The LMDB map behind a zone of ``size`` bytes (address space; the file stays sparse)."""
+    return MAP_FACTOR * size + MAP_SLACK
 
 
 def zone_directory(prefix: str) -> str:

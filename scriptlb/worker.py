@@ -26,11 +26,11 @@ from collections.abc import Callable
 import uvloop
 
 from scriptlb import api, errorlog
-from scriptlb.config.model import MainConf
+from scriptlb.config.model import HttpConf, MainConf
 from scriptlb.downstream import ClientConnection, ListenerContext
 from scriptlb.runtime import Runtime
 from scriptlb.sandbox.limits import install_worker_fuse
-from scriptlb.shared_dict import SharedDict, zone_directory
+from scriptlb.shared_dict import SharedDict, map_size, zone_directory
 
 Key = tuple
 
@@ -203,7 +203,17 @@ def attach_hook_runtime(conf: MainConf, worker_id: int, worker_count: int, arm_f
         })
     hooks = http.hooks()
     if hooks and arm_fuse:
-        install_worker_fuse(hard_seconds=max(2.0, 50 * max(h.timeout for h in hooks)))
+        install_worker_fuse(hard_seconds=max(2.0, 50 * max(h.timeout for h in hooks)),
+                            memory_bytes=worker_memory_limit(http))
+
+
+def worker_memory_limit(http: HttpConf) -> int:
+    """RLIMIT_AS for a worker running hooks: ``python_memory_limit`` plus what the shared dict
+    zones map (their maps are address space too, sized by the zones, not by hook code)."""
+    limit = http.python.memory_limit
+    if limit == 0:
+        return 0
+    return limit + sum(map_size(zone.size) for zone in http.shared_dicts.values())
 
 
 def _close_loop(loop: asyncio.AbstractEventLoop) -> None:

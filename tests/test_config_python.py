@@ -258,3 +258,29 @@ def test_balancer_keepalive_sizes_the_hook_peer_pool(tmp_path: Path) -> None:
 ])
 def test_balancer_keepalive_errors(tmp_path: Path, extra: str, message: str) -> None:
     assert http_error(tmp_path, _HOOKED.format(extra=extra)) == f"[emerg] {message} in x.conf:3"
+
+
+# --------------------------------------------------------------------------- python_memory_limit
+
+
+@pytest.mark.parametrize(("directive", "limit"), [
+    ("", 1 << 30),  # default: 1 GiB of address space beyond the shared dict maps
+    ("python_memory_limit 512m;", 512 << 20),
+    ("python_memory_limit off;", 0),
+])
+def test_python_memory_limit(tmp_path: Path, directive: str, limit: int) -> None:
+    assert load_http(tmp_path, directive).python.memory_limit == limit
+
+
+def test_python_memory_limit_rejects_garbage(tmp_path: Path) -> None:
+    message = http_error(tmp_path, "python_memory_limit lots;")
+    assert message == '[emerg] "python_memory_limit" directive invalid value in x.conf:3'
+
+
+def test_the_worker_memory_limit_adds_the_shared_dict_maps(tmp_path: Path) -> None:
+    from scriptlb.shared_dict import map_size
+    from scriptlb.worker import worker_memory_limit
+
+    http = load_http(tmp_path, "python_memory_limit 256m; python_shared_dict a 1m;")
+    assert worker_memory_limit(http) == (256 << 20) + map_size(1 << 20)
+    assert worker_memory_limit(load_http(tmp_path, "python_memory_limit off;")) == 0

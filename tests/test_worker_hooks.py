@@ -106,3 +106,64 @@ def test_a_cold_start_empties_the_shared_dicts(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGQUIT)
         proc.wait(timeout=15)
     assert count == 1
+
+
+GROWING_CONF = """
+daemon off;
+worker_processes 1;
+error_log {tmp}/error.log info;
+pid {tmp}/scriptlb.pid;
+events {{}}
+http {{
+    python_package_path "{tmp}/?.py";
+    python_memory_limit 160m;
+    upstream backend {{
+        server 127.0.0.1:{a};
+        balancer_by_python_block {{
+            import hoard
+            for _ in range(4):   # 4 MiB more on every request (1 MiB strings: the size cap)
+                hoard.keep("x" * ((1 << 20) - 1))
+        }}
+    }}
+    server {{
+        listen 127.0.0.1:{lb};
+        location / {{ proxy_pass http://backend; }}
+    }}
+    server {{ listen 127.0.0.1:{a}; return 200 "served"; }}
+}}
+"""
+
+HOARD = """
+kept = []
+
+
+def keep(item):
+    kept.append(item)
+"""
+
+
+def _worker_pids(master: int) -> set[int]:
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return {int(pid) for pid in children}
+
+
+def test_a_hook_hoarding_memory_hits_the_limit_and_traffic_goes_on(tmp_path: Path) -> None:
+    lb, a = free_ports(2)
+    (tmp_path / "hoard.py").write_text(HOARD)
+    conf = tmp_path / "scriptlb.conf"
+    conf.write_text(GROWING_CONF.format(tmp=tmp_path, lb=lb, a=a))
+    proc = subprocess.Popen(scriptlb_cmd("-p", str(tmp_path), "-c", str(conf)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _answers(lb), what="scriptlb to answer")
+        workers = _worker_pids(proc.pid)
+        limits = [Path(f"/proc/{pid}/limits").read_text() for pid in workers]
+        # 60 requests would hoard 240 MiB: past the 160 MiB limit every run fails, and falls back
+        bodies = [_get(lb) for _ in range(60)]
+        log = (tmp_path / "error.log").read_text()
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        proc.wait(timeout=15)
+    assert any("Max address space" in text and str(160 << 20) in text for text in limits)
+    assert bodies == ["served"] * 60
+    assert "MemoryError" in log

@@ -28,6 +28,7 @@ from scriptlb.config.drafts import (
 )
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
+    DEFAULT_MEMORY_LIMIT,
     AccessLogConf,
     ErrorLogConf,
     HookConf,
@@ -125,6 +126,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
     python = PythonConf(
         package_path=http.values.get("python_package_path", ()),
         code_cache=http.values.get("python_code_cache", True),
+        memory_limit=http.values.get("python_memory_limit", DEFAULT_MEMORY_LIMIT),
     )
     return HttpConf(
         upstreams=upstreams,

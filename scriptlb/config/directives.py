@@ -354,6 +354,10 @@ def _size(node: Node) -> int:
     return value
 
 
+def _size_or_off(node: Node) -> int:
+    return 0 if node.args[0] == "off" else _size(node)
+
+
 def _offset(node: Node) -> int:
     value = parse_offset(node.args[0])
     if value is None:
@@ -631,6 +635,7 @@ _SPECS: tuple[Spec, ...] = (
     # python hooks
     _spec("python_package_path", Ctx.HTTP, ONE, _python_package_path),
     _spec("python_code_cache", Ctx.HTTP, FLAG, _slot(flag)),
+    _spec("python_memory_limit", Ctx.HTTP, ONE, _slot(_size_or_off)),
     _spec("balancer_by_python_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _hook_timeout),
     _spec("balancer_by_python_file", Ctx.UPSTREAM, ONE, _hook_file),
     _spec("balancer_by_python_block", Ctx.UPSTREAM, NONE, _hook_block, block=True),

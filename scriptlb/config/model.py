@@ -118,12 +118,18 @@ class HookConf:
         return f"{self.phase}_by_python({self.source.file}:{self.source.line})"
 
 
+DEFAULT_MEMORY_LIMIT = 1 << 30  # an idle worker maps about 40 MiB
+
+
 @dataclass(frozen=True, slots=True)
 class PythonConf:
     """http-level settings of the hook runtime."""
 
     package_path: tuple[str, ...] = ()  # absolute patterns, e.g. "/srv/hooks/?.py"
     code_cache: bool = True
+    # python_memory_limit: the address space a worker running hooks may use beyond its shared
+    # dict maps (RLIMIT_AS, the sandbox's last-resort memory fuse); 0 = off
+    memory_limit: int = DEFAULT_MEMORY_LIMIT
 
 
 @dataclass(frozen=True, slots=True)
