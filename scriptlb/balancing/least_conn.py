@@ -13,7 +13,7 @@ list, a single peer, and ``free``'s failure accounting (``conns`` is what ``free
 from __future__ import annotations
 
 from scriptlb.balancing.base import BalancerState
-from scriptlb.balancing.round_robin import RoundRobin
+from scriptlb.balancing.round_robin import RoundRobin, smooth_wrr_among
 from scriptlb.peers import Peer, PeerSet
 
 
@@ -43,8 +43,13 @@ class LeastConn(RoundRobin):
             elif peer.conns * best.weight == best.conns * peer.weight:
                 many = True
         assert best is not None
-        if many:
-            best, best_index = _round_robin_among_equals(peers, usable, best, best_index)
+        if many:  # smooth WRR among the usable peers as loaded as best, from best on
+            ties = [
+                i
+                for i in range(best_index, len(peers))
+                if usable >> i & 1 and peers[i].conns * best.weight == best.conns * peers[i].weight
+            ]
+            best, best_index = smooth_wrr_among(peers, ties)
         state.tried |= 1 << best_index
         if now - best.checked > best.fail_timeout:
             best.checked = now
@@ -73,25 +78,3 @@ def usable_mask(peers: list[Peer], tried: int, now: float) -> int:
             mask |= bit
         bit <<= 1
     return mask
-
-
-def _round_robin_among_equals(
-    peers: list[Peer], usable: int, first: Peer, first_index: int
-) -> tuple[Peer, int]:
-    """Smooth WRR over the usable peers whose load equals ``first``'s, from ``first`` on."""
-    best, best_index = first, first_index
-    total = 0
-    for index in range(first_index, len(peers)):
-        if not usable >> index & 1:
-            continue
-        peer = peers[index]
-        if peer.conns * first.weight != first.conns * peer.weight:
-            continue
-        peer.current_weight += peer.effective_weight
-        total += peer.effective_weight
-        if peer.effective_weight < peer.weight:
-            peer.effective_weight += 1
-        if peer.current_weight > best.current_weight:
-            best, best_index = peer, index
-    best.current_weight -= total
-    return best, best_index

@@ -26,7 +26,7 @@ from __future__ import annotations
 from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.ewma import DECAY_TIME, PerPeerTimes
 from scriptlb.balancing.least_conn import usable_mask
-from scriptlb.balancing.round_robin import RoundRobin
+from scriptlb.balancing.round_robin import RoundRobin, smooth_wrr_among
 from scriptlb.peers import Peer, PeerSet
 
 
@@ -87,8 +87,14 @@ class LeastTime(RoundRobin):
             elif cost * best.weight == best_cost * peer.weight:
                 many = True
         assert best is not None
-        if many:
-            best, best_index = _round_robin_among_equals(peers, usable, times, best, best_index, best_cost)
+        if many:  # smooth WRR among the usable peers with best's cost per weight, from best on
+            ties = [
+                i
+                for i in range(best_index, len(peers))
+                if usable >> i & 1
+                and times[i] * (peers[i].conns + 1) * best.weight == best_cost * peers[i].weight
+            ]
+            best, best_index = smooth_wrr_among(peers, ties)
         state.tried |= 1 << best_index
         if now - best.checked > best.fail_timeout:
             best.checked = now
@@ -96,25 +102,3 @@ class LeastTime(RoundRobin):
 
     def __repr__(self) -> str:
         return f"<LeastTime {'last_byte' if self.last_byte else 'header'} {self.peers!r}>"
-
-
-def _round_robin_among_equals(
-    peers: list[Peer], usable: int, times: list[float], first: Peer, first_index: int, first_cost: float
-) -> tuple[Peer, int]:
-    """Smooth WRR over the usable peers whose cost per weight equals ``first``'s, from it on."""
-    best, best_index = first, first_index
-    total = 0
-    for index in range(first_index, len(peers)):
-        if not usable >> index & 1:
-            continue
-        peer = peers[index]
-        if times[index] * (peer.conns + 1) * first.weight != first_cost * peer.weight:
-            continue
-        peer.current_weight += peer.effective_weight
-        total += peer.effective_weight
-        if peer.effective_weight < peer.weight:
-            peer.effective_weight += 1
-        if peer.current_weight > best.current_weight:
-            best, best_index = peer, index
-    best.current_weight -= total
-    return best, best_index

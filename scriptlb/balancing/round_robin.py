@@ -137,3 +137,21 @@ class RoundRobin:
 
     def __repr__(self) -> str:
         return f"<RoundRobin {self.peers!r}>"
+
+
+def smooth_wrr_among(peers: list[Peer], indices: list[int]) -> tuple[Peer, int]:
+    """One smooth weighted round robin step over ``peers[i]`` for ``i`` in ``indices`` (not
+    empty): how least_conn and least_time break a tie among equally loaded peers (nginx)."""
+    best_index = indices[0]
+    best = peers[best_index]
+    total = 0
+    for index in indices:
+        peer = peers[index]
+        peer.current_weight += peer.effective_weight
+        total += peer.effective_weight
+        if peer.effective_weight < peer.weight:
+            peer.effective_weight += 1
+        if peer.current_weight > best.current_weight:
+            best, best_index = peer, index
+    best.current_weight -= total
+    return best, best_index
