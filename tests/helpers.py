@@ -44,6 +44,32 @@ def port_of(sock: socket.socket) -> int:
     return sock.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """Ports the OS considers free right now (bound to port 0, read, closed), for configs run
+    by a separate process, which must bind them itself."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout``
+    seconds saying what was awaited: the readiness wait for real processes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
 def closed_port() -> int:
     """A port with nothing listening on it (bound, then closed: connect() is refused)."""
     sock = socket.socket()

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import free_ports
 
 from scriptlb.balancing.hash import ConsistentHash, Hash, ketama_points, server_hash_prefix
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
@@ -215,18 +216,6 @@ def test_server_name_split_like_nginx() -> None:
 # --------------------------------------------------------------------------- against real nginx
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-
-
-def free_ports(count: int) -> list[int]:
-    socks = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def wait_listening(port: int, deadline: float) -> None:

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import free_ports
 
 from scriptlb.balancing.ip_hash import IpHash, hashed_bytes
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
@@ -125,16 +126,6 @@ def test_single_peer_and_all_down() -> None:
 # --------------------------------------------------------------------------- against real nginx
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-
-
-def free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.mark.nginx

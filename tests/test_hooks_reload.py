@@ -7,39 +7,16 @@ import contextlib
 import http.client
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import free_ports, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def body(port: int, path: str = "/") -> str | None:
@@ -87,7 +64,7 @@ def scriptlb(tmp_path: Path, cache: str = "on") -> Iterator[tuple[subprocess.Pop
     proc = subprocess.Popen([sys.executable, "-m", "scriptlb", "-p", str(tmp_path), "-c", str(conf)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: body(lb) is not None, what="scriptlb to serve")
+        wait_for(lambda: body(lb) is not None, what="scriptlb to serve")
         yield proc, ports
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -121,12 +98,12 @@ def test_reload_picks_up_a_changed_hook_and_refuses_a_broken_one(tmp_path: Path)
         assert {body(ports["lb"]) for _ in range(4)} == {"A"}  # compiled once: no change yet
         os.kill(proc.pid, signal.SIGHUP)
         # the old worker finishes gracefully: wait until only the new one answers
-        wait_until(lambda: {body(ports["lb"]) for _ in range(4)} == {"B"}, what="the reloaded hook")
+        wait_for(lambda: {body(ports["lb"]) for _ in range(4)} == {"B"}, what="the reloaded hook")
 
         hook.write_text("balancer.set_current_peer(\n")  # broken
         os.kill(proc.pid, signal.SIGHUP)
         log = tmp_path / "error.log"
-        wait_until(lambda: "failed to load external Python file" in log.read_text(), what="the refusal")
+        wait_for(lambda: "failed to load external Python file" in log.read_text(), what="the refusal")
         assert f'SyntaxError: \'(\' was never closed in {hook}:1' in log.read_text()
         assert {body(ports["lb"]) for _ in range(4)} == {"B"}  # the old config keeps serving
 

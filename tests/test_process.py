@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import free_ports, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -33,30 +34,6 @@ def scriptlb_cmd(*args: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    """Poll ``predicate`` every 20 ms until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the OS considers free right now (bound to port 0, read, closed)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def alive(pid: int) -> bool:
@@ -287,10 +264,10 @@ class Instance:
 
     def wait_ready(self, port: int) -> int:
         """Wait for the pid file and a first 200; the master's pid."""
-        pid = wait_until(self.pid, STARTUP_TIMEOUT, "the pid file")
+        pid = wait_for(self.pid, STARTUP_TIMEOUT, "the pid file")
         assert isinstance(pid, int)
         self._masters.add(pid)
-        wait_until(lambda: (try_get(port) or (0, ""))[0] == 200, STARTUP_TIMEOUT, "a first 200")
+        wait_for(lambda: (try_get(port) or (0, ""))[0] == 200, STARTUP_TIMEOUT, "a first 200")
         return pid
 
     def workers(self) -> set[int]:
@@ -307,7 +284,7 @@ class Instance:
             found = self.workers()
             return found if len(found) == count and without not in found else None
 
-        found = wait_until(matching, what=what or f"{count} workers")
+        found = wait_for(matching, what=what or f"{count} workers")
         assert isinstance(found, set)
         return found
 
@@ -318,7 +295,7 @@ class Instance:
             return ""
 
     def wait_log(self, needle: str, timeout: float = 10.0) -> str:
-        wait_until(lambda: needle in self.log_text(), timeout, f"{needle!r} in the error log")
+        wait_for(lambda: needle in self.log_text(), timeout, f"{needle!r} in the error log")
         return self.log_text()
 
     def wait_exit(self, timeout: float = 10.0) -> int:
@@ -393,8 +370,8 @@ def test_reload_switches_to_the_new_config_and_retires_old_workers(lb: Instance)
     lb.write(port, text="gen2", workers=3)
     result = lb.cli("-s", "reload")
     assert result.returncode == 0, result.stderr
-    wait_until(lambda: (try_get(port) or (0, ""))[1].startswith("gen2"), what="gen2 answers")
-    wait_until(lambda: not any(alive(pid) for pid in old_workers), what="old workers to exit")
+    wait_for(lambda: (try_get(port) or (0, ""))[1].startswith("gen2"), what="gen2 answers")
+    wait_for(lambda: not any(alive(pid) for pid in old_workers), what="old workers to exit")
     new_workers = lb.wait_workers(3, what="3 new workers")
     assert not new_workers & old_workers
     assert lb.pid() == master
@@ -437,7 +414,7 @@ def test_reload_opens_new_listeners_closes_dropped_ones_and_survives_a_busy_port
 
     lb.write(port_a, text="gen2", extra_listens=f"listen 127.0.0.1:{port_b};")
     os.kill(lb.pid() or 0, signal.SIGHUP)
-    wait_until(lambda: (try_get(port_b) or (0, ""))[1].startswith("gen2"), what="gen2 on the new port")
+    wait_for(lambda: (try_get(port_b) or (0, ""))[1].startswith("gen2"), what="gen2 on the new port")
     old_gone = lb.wait_workers(2, what="only the 2 new workers")
 
     holder = socket.socket()  # a port someone else holds: the reload must fail, not the server
@@ -455,8 +432,8 @@ def test_reload_opens_new_listeners_closes_dropped_ones_and_survives_a_busy_port
 
     lb.write(port_b, text="gen4")
     os.kill(lb.pid() or 0, signal.SIGHUP)
-    wait_until(lambda: (try_get(port_b) or (0, ""))[1].startswith("gen4"), what="gen4")
-    wait_until(lambda: connect_refused(port_a), what="the dropped port to close")
+    wait_for(lambda: (try_get(port_b) or (0, ""))[1].startswith("gen4"), what="gen4")
+    wait_for(lambda: connect_refused(port_a), what="the dropped port to close")
 
 
 @pytest.mark.parametrize(
@@ -542,12 +519,12 @@ def test_no_failed_request_while_reloading_under_load(
             before = dict(counts)
             lb.write(port, text=f"gen{generation}", workers=workers, listen_options=listen_options)
             os.kill(lb.pid() or 0, signal.SIGHUP)
-            wait_until(
+            wait_for(
                 lambda g=generation: (try_get(port) or (0, ""))[1].startswith(f"gen{g}"),
                 what=f"gen{generation} answers",
             )
             # traffic kept flowing on both kinds of connection through this reload
-            wait_until(
+            wait_for(
                 lambda b=before: all(counts[kind] > b[kind] + 50 for kind in ("fresh", "keepalive")),
                 what="requests after the reload",
             )
@@ -593,11 +570,11 @@ def test_reload_lets_the_old_workers_finish_in_flight_requests(lb: Instance, slo
     assert backend.received.wait(5), "the request did not reach the backend"
     lb.write(port, text="gen2", backend=backend.port, workers=1)
     os.kill(lb.pid() or 0, signal.SIGHUP)
-    wait_until(lambda: (try_get(port) or (0, ""))[1].startswith("gen2"), what="gen2 answers")
+    wait_for(lambda: (try_get(port) or (0, ""))[1].startswith("gen2"), what="gen2 answers")
     assert alive(old_worker)  # still finishing the slow request
     client.join(10)
     assert result == [(200, "slow done\n")]
-    wait_until(lambda: not alive(old_worker), what="the old worker to exit after its last request")
+    wait_for(lambda: not alive(old_worker), what="the old worker to exit after its last request")
 
 
 def test_term_stops_at_once_without_waiting_for_requests(lb: Instance, slow_backend) -> None:
@@ -634,7 +611,7 @@ def test_usr1_reopens_logs_after_rotation(lb: Instance) -> None:
     lb.write(port, access_log=True)
     lb.start()
     lb.wait_ready(port)
-    wait_until(lambda: lb.access_log.exists(), what="the access log")
+    wait_for(lambda: lb.access_log.exists(), what="the access log")
 
     rotated_error, rotated_access = lb.error_log.with_suffix(".log.1"), lb.access_log.with_suffix(".log.1")
     lb.error_log.rename(rotated_error)
@@ -642,9 +619,9 @@ def test_usr1_reopens_logs_after_rotation(lb: Instance) -> None:
     result = lb.cli("-s", "reopen")
     assert result.returncode == 0, result.stderr
     # nginx logs "reopening logs" just before reopening: it lands in the rotated file
-    wait_until(lambda: "reopening logs" in rotated_error.read_text(), what="reopening logs")
+    wait_for(lambda: "reopening logs" in rotated_error.read_text(), what="reopening logs")
     assert "signal 10 (SIGUSR1) received" in rotated_error.read_text()
-    wait_until(lb.error_log.exists, what="a new error log")
+    wait_for(lb.error_log.exists, what="a new error log")
     os.kill(lb.pid() or 0, signal.SIGHUP)  # the master's next lines go to the new file
     lb.wait_log("reconfiguring")
     assert "reconfiguring" not in rotated_error.read_text()
@@ -653,7 +630,7 @@ def test_usr1_reopens_logs_after_rotation(lb: Instance) -> None:
         get(port, "/after-reopen")
         return lb.access_log.exists() and "/after-reopen" in lb.access_log.read_text()
 
-    wait_until(new_access_line, what="an access line in the new access log")
+    wait_for(new_access_line, what="an access line in the new access log")
     assert "/after-reopen" not in rotated_access.read_text()
 
 
@@ -734,8 +711,8 @@ def test_workers_stop_when_the_master_is_killed(lb: Instance) -> None:
     master = lb.wait_ready(port)
     workers = lb.wait_workers(2, what="2 workers")
     os.kill(master, signal.SIGKILL)
-    wait_until(lambda: not any(alive(pid) for pid in workers), what="the orphaned workers to exit")
-    wait_until(lambda: connect_refused(port), what="the port to be free")
+    wait_for(lambda: not any(alive(pid) for pid in workers), what="the orphaned workers to exit")
+    wait_for(lambda: connect_refused(port), what="the port to be free")
 
 
 def test_master_process_off_serves_from_one_process(lb: Instance) -> None:
@@ -767,11 +744,11 @@ def test_daemon_detaches_and_stops_on_s_stop(lb: Instance) -> None:
     ppid, session = int(fields[1]), int(fields[3])
     assert session != os.getsid(0) and session != master  # own session, not its leader
     assert ppid != os.getpid()
-    workers = wait_until(lambda: len(children(master)) == 2 and children(master), what="2 workers")
+    workers = wait_for(lambda: len(children(master)) == 2 and children(master), what="2 workers")
 
     stopped = lb.cli("-s", "stop")
     assert stopped.returncode == 0, stopped.stderr
-    wait_until(lambda: not alive(master), what="the daemon to exit")
+    wait_for(lambda: not alive(master), what="the daemon to exit")
     assert not any(alive(pid) for pid in workers)
     assert not lb.pid_file.exists()
     assert try_get(port) is None
@@ -786,7 +763,7 @@ def test_a_daemon_that_cannot_start_fails_the_command(lb: Instance) -> None:
     assert result.returncode == 1
     assert "the daemon could not start" in result.stderr
     assert f'open() "{missing}" failed (2: No such file or directory)' in lb.log_text()
-    wait_until(lambda: connect_refused(port), what="the port to be closed again")
+    wait_for(lambda: connect_refused(port), what="the port to be closed again")
 
 
 def test_s_signal_reports_nginx_errors(lb: Instance) -> None:
@@ -906,7 +883,7 @@ class StandIn:
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
-        wait_until(self.pid_file.exists, what="the pid file")
+        wait_for(self.pid_file.exists, what="the pid file")
 
     def log(self) -> str:
         return self.error_log.read_text()
@@ -952,7 +929,7 @@ def test_fast_stop_kills_a_worker_that_ignores_term(
         "time.sleep(60)",
         workers=2,
     )
-    wait_until(lambda: len(list(tmp_path.glob("ignoring-*"))) == 2, what="2 workers ignoring TERM")
+    wait_for(lambda: len(list(tmp_path.glob("ignoring-*"))) == 2, what="2 workers ignoring TERM")
     started = time.monotonic()
     master.proc.send_signal(signal.SIGTERM)
     assert master.proc.wait(10) == 0
@@ -963,7 +940,7 @@ def test_fast_stop_kills_a_worker_that_ignores_term(
 
 def test_exit_code_2_is_fatal_and_not_respawned(standin: Callable[..., StandIn]) -> None:
     master = standin("sys.exit(2)")
-    log = wait_until(lambda: "cannot be respawned" in master.log() and master.log(), what="the fatal line")
+    log = wait_for(lambda: "cannot be respawned" in master.log() and master.log(), what="the fatal line")
     assert isinstance(log, str)
     assert "exited with fatal code 2 and cannot be respawned" in log
     time.sleep(0.3)  # an observation window: a respawn would happen at once
@@ -976,7 +953,7 @@ def test_signals_before_the_worker_installs_its_handlers(standin: Callable[..., 
     """Between fork and worker.run's own handlers: HUP is ignored (as nginx workers do) and QUIT
     stops the worker cleanly (its default action would be a core dump)."""
     master = standin("time.sleep(60)", workers=2)
-    wait_until(lambda: master.log().count("start worker process ") == 2, what="2 workers")
+    wait_for(lambda: master.log().count("start worker process ") == 2, what="2 workers")
     log = master.log()
     workers = [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if "start worker process " in line]
     os.kill(workers[0], signal.SIGHUP)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Scriptlb
+from helpers import Scriptlb, free_ports
 
 from scriptlb.balancing import RoundRobin, create_balancer
 from scriptlb.config.model import NextUpstream, PeerAddr, ProxyConf, UpstreamConf, UpstreamServerConf
@@ -431,18 +431,6 @@ def test_rebuild_keeps_requests_in_flight_on_their_peer_set() -> None:
 # `return` servers, a refused port ("connect() failed") and a server answering 502.
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-
-
-def free_ports(count: int) -> list[int]:
-    socks = []
-    for _ in range(count):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        socks.append(sock)
-    ports = [s.getsockname()[1] for s in socks]
-    for sock in socks:
-        sock.close()
-    return ports
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import scriptlb_cmd
-from test_hooks_reload import free_ports, wait_until
+from helpers import free_ports, wait_for
 
 from scriptlb.shared_dict import SharedDict, zone_directory
 
@@ -72,7 +72,7 @@ def test_two_workers_share_a_dict_and_know_their_ids(tmp_path: Path) -> None:
     proc = subprocess.Popen(scriptlb_cmd("-p", str(tmp_path), "-c", str(conf)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _answers(lb), what="scriptlb to answer")
+        wait_for(lambda: _answers(lb), what="scriptlb to answer")
         zone = SharedDict(zone_directory(str(tmp_path)), "counters", 1 << 20)
         before, _ = zone.get("requests")
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -100,7 +100,7 @@ def test_a_cold_start_empties_the_shared_dicts(tmp_path: Path) -> None:
     proc = subprocess.Popen(scriptlb_cmd("-p", str(tmp_path), "-c", str(conf)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _answers(lb), what="scriptlb to answer")  # exactly one request
+        wait_for(lambda: _answers(lb), what="scriptlb to answer")  # exactly one request
         count, _ = SharedDict(zone_directory(str(tmp_path)), "counters", 1 << 20).get("requests")
     finally:
         proc.send_signal(signal.SIGQUIT)
@@ -155,7 +155,7 @@ def test_a_hook_hoarding_memory_hits_the_limit_and_traffic_goes_on(tmp_path: Pat
     proc = subprocess.Popen(scriptlb_cmd("-p", str(tmp_path), "-c", str(conf)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _answers(lb), what="scriptlb to answer")
+        wait_for(lambda: _answers(lb), what="scriptlb to answer")
         workers = _worker_pids(proc.pid)
         limits = [Path(f"/proc/{pid}/limits").read_text() for pid in workers]
         # 60 requests would hoard 240 MiB: past the 160 MiB limit every run fails, and falls back
