@@ -601,8 +601,30 @@ def _peer_dict(peer: Any) -> dict[str, Any]:
             "effective_weight": peer.effective_weight, "conns": peer.conns, "max_conns": peer.max_conns}
 
 
-def _peer_dicts(peers: Any) -> list[dict[str, Any]]:
-    return [_peer_dict(peer) for peer in peers]
+# the live statistics' fields (scriptlb.stats.PeerStats.read), None while python_peer_stats is off
+_NO_STATS = dict.fromkeys(("requests", "failures", "active", "last_status", "last_failure_time",
+                           "ewma", "peak_ewma", "ewma_time", "weight_override"))
+MAX_PEER_WEIGHT = 100  # set_peer_weight's ceiling: a consistent-hash ring has 160 points per weight
+
+
+def _peer_dicts(upstream: Any, is_backup: bool) -> list[dict[str, Any]]:
+    """lua-upstream-nginx-module's fields plus the peer's live statistics (shared by all
+    workers: requests, failures, active, last_status, last_failure_time, ewma, peak_ewma,
+    ewma_time, weight_override)."""
+    peers = upstream.peers.backup if is_backup else upstream.peers.primary
+    stats = getattr(upstream, "stats", None)
+    if stats is None:
+        return [{**_peer_dict(peer), **_NO_STATS} for peer in peers]
+    read = stats.stats.read
+    slots = stats.backup if is_backup else stats.primary
+    return [{**_peer_dict(peer), **read(slot)} for peer, slot in zip(peers, slots, strict=True)]
+
+
+def _peer_of(upstream: Any, is_backup: Any, peer_id: Any) -> Any:
+    group = upstream.peers.backup if is_backup else upstream.peers.primary
+    if type(peer_id) is not int or not 0 <= peer_id < len(group):
+        return None
+    return group[peer_id]
 
 
 class Upstream:
@@ -611,17 +633,32 @@ class Upstream:
     __slots__ = ()
 
     def get_primary_peers(self) -> list[dict[str, Any]]:
-        return _peer_dicts(_current().upstream.peers.primary)
+        return _peer_dicts(_current().upstream, False)
 
     def get_backup_peers(self) -> list[dict[str, Any]]:
-        return _peer_dicts(_current().upstream.peers.backup)
+        return _peer_dicts(_current().upstream, True)
+
+    def set_peer_weight(self, is_backup: Any, peer_id: Any, weight: Any) -> tuple[Any, Any]:
+        """The peer's round-robin weight in every worker, from their next request on (what the
+        fastest-first post patched lua-upstream-nginx-module for). It lasts until a reload
+        changes that server's configured weight, or a restart."""
+        upstream_rt = _current().upstream
+        peer = _peer_of(upstream_rt, is_backup, peer_id)
+        if peer is None:
+            return None, "bad peer id"
+        if type(weight) is not int or not 1 <= weight <= MAX_PEER_WEIGHT:
+            return None, f"bad weight (an integer from 1 to {MAX_PEER_WEIGHT} expected)"
+        stats = getattr(upstream_rt, "stats", None)
+        if stats is None:
+            return None, "peer statistics are off (python_peer_stats)"
+        stats.stats.set_weight(stats.slot_of(peer), weight)
+        upstream_rt.refresh_weights()  # this worker at once: the hook may read the peers again
+        return _OK
 
     def set_peer_down(self, is_backup: Any, peer_id: Any, down: Any) -> tuple[Any, Any]:
-        peers = _current().upstream.peers
-        group = peers.backup if is_backup else peers.primary
-        if type(peer_id) is not int or not 0 <= peer_id < len(group):
+        peer = _peer_of(_current().upstream, is_backup, peer_id)
+        if peer is None:
             return None, "bad peer id"
-        peer = group[peer_id]
         peer.down = bool(down)
         if not down:
             peer.fails = 0  # as lua-upstream-nginx-module: bringing a peer up forgets failures
@@ -641,6 +678,7 @@ expose(Balancer, ["set_current_peer", "set_more_tries", "get_last_failure", "set
                   "enable_keepalive", "recreate_request", "bind_to_local_addr"])
 expose(Worker, ["id", "count", "pid"])
 expose(Req, ["get_headers", "get_method", "get_uri_args"])
-expose(Upstream, ["get_primary_peers", "get_backup_peers", "set_peer_down", "current_upstream_name"])
+expose(Upstream, ["get_primary_peers", "get_backup_peers", "set_peer_down", "set_peer_weight",
+                  "current_upstream_name"])
 expose_dynamic(VarView, _variable)
 expose_dynamic(SharedView, lambda _view, name: _SHARED.get(name))

@@ -53,6 +53,7 @@ from scriptlb.signals import (
     SignalWaiter,
     prepare_worker_signals,
 )
+from scriptlb.stats import PeerStats
 
 # worker.run(conf, listeners, worker_id, worker_count)
 WorkerEntry = Callable[[MainConf, dict[Key, socket.socket], int, int], None]
@@ -137,7 +138,7 @@ def run(conf: MainConf, globals_: str | None = None, worker_entry: WorkerEntry |
     except ListenError as err:
         _log_to_terminal_too("emerg", str(err))
         return 1
-    _clear_shared_dicts(conf)
+    _clear_shared_zones(conf)
     detached = daemon.daemonize(stderr_path=_error_log_file(conf)) if conf.daemon else None
     if detached is not None and not detached.is_daemon:
         listeners.close(unlink=False)  # the daemon owns them now
@@ -157,13 +158,14 @@ def run(conf: MainConf, globals_: str | None = None, worker_entry: WorkerEntry |
         return master.serve()
 
 
-def _clear_shared_dicts(conf: MainConf) -> None:
-    """A cold start begins with empty shared dicts, as nginx's shared zones do; a reload keeps
-    them (it never comes here). Called only once the listeners are ours, so a second instance
-    that fails to bind never wipes the running one's data."""
+def _clear_shared_zones(conf: MainConf) -> None:
+    """A cold start begins with empty shared dicts and peer statistics, as nginx's shared zones
+    do; a reload keeps them (it never comes here). Called only once the listeners are ours, so
+    a second instance that fails to bind never wipes the running one's data."""
     if conf.http is None:
         return
     directory = zone_directory(conf.prefix)
+    PeerStats.reset(directory)
     for name in conf.http.shared_dicts:
         remove_files(directory, name)
 

@@ -469,6 +469,7 @@ class UpstreamRequest:
         "_pool",
         "_record",
         "_reused",
+        "_slot",
         "_started",
         "_state",
         "_stream_body",
@@ -505,6 +506,7 @@ class UpstreamRequest:
         self._peer_to_free: Peer | None = None  # a balancer peer not freed yet
         self._conn: UpstreamConnection | None = None
         self._reused = False  # the try's connection came from the pool
+        self._slot = -1  # the try's record in the live peer statistics; -1: none to finish
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
         self._done = False
@@ -559,6 +561,7 @@ class UpstreamRequest:
         if record is not None and record.response_time is None:
             # nginx's finalize_request gives the try in progress its response time too
             record.response_time = self.loop.time() - record.started
+        self._finish_stats(record.status or 0 if record is not None else 0, None, False)
         connecting = self._connecting
         self._connecting = None
         if connecting is not None:
@@ -584,6 +587,8 @@ class UpstreamRequest:
         if not self._stream_body:
             self._body = ex.request.take_body()
         self._build_head()
+        if upstream.stats is not None:
+            upstream.refresh_weights()  # one shared load unless a hook changed a weight
         key_getter = upstream.key_getter
         if key_getter is None:
             self._state = upstream.balancer.new_request(tries_cap)
@@ -633,8 +638,12 @@ class UpstreamRequest:
             addr = peer.addr
             name = peer.name  # (addr.name formats the text on every call; the peer keeps it)
             self._peer_to_free = peer
+            if upstream.stats is not None:
+                self._slot = upstream.stats.start(peer)
         else:
             name = addr.name
+            if upstream.stats is not None:
+                self._slot = upstream.stats.start_address(name)
         self._addr = addr
         self._key = (name, host, self._local_addr)
         self._pool = pool
@@ -753,8 +762,10 @@ class UpstreamRequest:
             if verdict == RETRY:
                 record.response_time = self.loop.time() - record.started
                 self._observe(record)
+                failed = is_counted_failure(failure, True)
+                self._finish_stats(response.status, record.response_time, failed)
                 self._drop_conn()
-                self._free_try(is_counted_failure(failure, True), failure, _READING_HEADER)
+                self._free_try(failed, failure, _READING_HEADER)
                 self._next_try()
                 return
         self._pass_response(response)
@@ -769,6 +780,8 @@ class UpstreamRequest:
         if record is not None:
             record.response_time = self.loop.time() - record.started
             self._observe(record)
+            if self._slot >= 0:
+                self._finish_stats(record.status or 0, record.response_time, False)
         if conn is not None:
             if self._pool is not None:
                 self._pool.release(conn)
@@ -815,6 +828,9 @@ class UpstreamRequest:
         assert record is not None
         record.status = last_failure_status(failure)
         record.response_time = self.loop.time() - record.started  # nginx: every try has one
+        # a timeout's duration says the peer is slow; a refused or reset connection's says
+        # nothing (it would make a dead peer look like the fastest one)
+        self._finish_stats(0, record.response_time if failure is Failure.TIMEOUT else None, True)
         self._log_error(err, err.phase)
         self._drop_conn()
         self._free_try(True, failure, err.phase)
@@ -842,6 +858,7 @@ class UpstreamRequest:
         record = self._record
         if record is not None:
             record.response_time = self.loop.time() - record.started
+        self._finish_stats(record.status or 0 if record is not None else 0, None, True)
         self._log_error(err, "reading upstream")
         self._free_peer(failed=False)
         self._done = True
@@ -880,6 +897,18 @@ class UpstreamRequest:
         if peer is not None:
             self.upstream.balancer.observe(peer, record.connect_time, record.header_time,
                                            record.response_time, self.loop.time())
+
+    def _finish_stats(self, status: int, sample: float | None, failed: bool) -> None:
+        """The try's end in the live peer statistics (once per started try, whatever ended
+        it): its status (0: no response), its time as a latency sample (None: says nothing
+        about the peer), and whether it failed."""
+        slot = self._slot
+        if slot < 0:
+            return
+        self._slot = -1
+        stats = self.upstream.stats
+        assert stats is not None
+        stats.finish(slot, status, sample, failed, time.time())
 
     def _free_peer(self, failed: bool, phase: str = "") -> None:
         peer = self._peer_to_free

@@ -30,6 +30,7 @@ from scriptlb.downstream import HOP_BY_HOP
 from scriptlb.locations import LocationMatcher, ServerSelector, selectors_by_listen
 from scriptlb.peers import PeerSet
 from scriptlb.pool import ConnectionPool
+from scriptlb.stats import PeerStats, UpstreamStats
 
 if TYPE_CHECKING:
     from scriptlb.accesslog import LogFile
@@ -55,10 +56,13 @@ def _compile(template: Template) -> Getter:
 class UpstreamRuntime:
     """One upstream block in this worker: peers, balancer, keep-alive pool and optional hook."""
 
-    __slots__ = ("_hook_pool", "balancer", "conf", "hook", "key_getter", "loop", "name", "peers", "pool")
+    __slots__ = (
+        "_hook_pool", "balancer", "conf", "hook", "key_getter", "loop", "name", "peers", "pool", "stats",
+    )
 
     def __init__(
-        self, conf: UpstreamConf, loop: asyncio.AbstractEventLoop, python: PythonConf | None = None
+        self, conf: UpstreamConf, loop: asyncio.AbstractEventLoop, python: PythonConf | None = None,
+        stats: PeerStats | None = None,
     ) -> None:
         self.conf = conf
         self.loop = loop
@@ -67,6 +71,8 @@ class UpstreamRuntime:
         self.balancer = create_balancer(conf, self.peers)
         self.key_getter = _balancer_key_getter(self.balancer, conf)
         self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests)
+        # this upstream's records in the instance's live peer statistics (python_peer_stats)
+        self.stats = UpstreamStats(stats, conf.name) if stats is not None else None
         self.hook: Any = None
         self._hook_pool: ConnectionPool | None = None
         if conf.hook is not None:
@@ -88,6 +94,13 @@ class UpstreamRuntime:
         pool.idle_timeout = idle_timeout
         pool.max_requests = max_requests
         return pool
+
+    def refresh_weights(self) -> None:
+        """Take weights hooks set (``upstream.set_peer_weight``, in any worker) since the last
+        request; balancers that cache weights (hash's total, the consistent-hash ring) rebuild."""
+        stats = self.stats
+        if stats is not None and stats.refresh_weights(self.peers.primary, self.peers.backup):
+            self.balancer.rebuild(self.peers)
 
     def close(self) -> None:
         self.pool.close()
@@ -322,11 +335,15 @@ _EXCHANGE: type[Exchange] | None = None
 class Runtime:
     """All per-worker runtime objects of one configuration."""
 
-    def __init__(self, conf: MainConf, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, conf: MainConf, loop: asyncio.AbstractEventLoop, stats: PeerStats | None = None
+    ) -> None:
         self.conf = conf
         self.loop = loop
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
-        self.upstreams = {name: UpstreamRuntime(up, loop, http.python) for name, up in http.upstreams.items()}
+        self.upstreams = {
+            name: UpstreamRuntime(up, loop, http.python, stats) for name, up in http.upstreams.items()
+        }
         self._access_logs: dict[tuple, tuple] = {}
         # one LogFile per path, shared by every access_log directive naming it (one open, one
         # buffer, lines in order), as nginx opens each path once

@@ -417,16 +417,34 @@ class UpstreamStats:
     nothing changed). Balancers that cache weights (``hash``'s total, ``hash consistent``'s
     ring) need a rebuild when it returns True; round robin and its kin read them live."""
 
-    __slots__ = ("backup", "generation", "primary", "stats")
+    __slots__ = ("backup", "finish", "generation", "name", "primary", "stats")
 
     def __init__(self, stats: PeerStats, upstream: str) -> None:
         self.stats = stats
+        self.name = upstream
         self.primary, self.backup = stats.slots(upstream)
         self.generation = -1  # never applied: the first refresh syncs
+        # the tries loop's end-of-try call, bound once (a try pays no extra lookup for it)
+        self.finish = stats.record_finish
 
     def slot_of(self, peer: Any) -> int:
         """The slot of a ``Peer`` of this upstream (by its list and ``id``)."""
         return (self.backup if peer.backup else self.primary)[peer.id]
+
+    def start(self, peer: Any) -> int:
+        """A try to a balancer peer starts; returns its slot for ``finish``."""
+        slot = (self.backup if peer.backup else self.primary)[peer.id]
+        self.stats.record_start(slot)
+        return slot
+
+    def start_address(self, address: str) -> int:
+        """A try to a hook-chosen address starts: it counts for the upstream's first peer with
+        that address; -1 (nothing recorded) for an address that is not one of its peers."""
+        slot = self.stats.slot_for_address(self.name, address)
+        if slot is None:
+            return -1
+        self.stats.record_start(slot)
+        return slot
 
     def refresh_weights(self, primary: Sequence[PeerLike], backup: Sequence[PeerLike]) -> bool:
         """Apply weights set since the last call; True when anything was re-read."""

@@ -31,6 +31,7 @@ from scriptlb.downstream import ClientConnection, ListenerContext
 from scriptlb.runtime import Runtime
 from scriptlb.sandbox.limits import install_worker_fuse
 from scriptlb.shared_dict import SharedDict, map_size, zone_directory
+from scriptlb.stats import PeerStats, StatsFull, layout_of, shards_for
 
 Key = tuple
 
@@ -47,6 +48,7 @@ class Worker:
         self.worker_id = worker_id
         self.worker_count = worker_count
         self.runtime: Runtime | None = None
+        self.stats: PeerStats | None = None
         self.contexts: list[ListenerContext] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
@@ -55,7 +57,8 @@ class Worker:
 
     async def serve(self) -> None:
         self._stop = self.loop.create_future()
-        self.runtime = Runtime(self.conf, self.loop)
+        self.stats = open_peer_stats(self.conf)
+        self.runtime = Runtime(self.conf, self.loop, self.stats)
         await self._start_servers(self.runtime)
         if self.freeze_gc:
             # Everything alive now (modules, config, runtime) lives as long as the worker
@@ -129,6 +132,9 @@ class Worker:
             await self._drain()
         if self.runtime is not None:
             self.runtime.close()
+        if self.stats is not None:
+            self.stats.close()  # gives the shard back for the next generation of workers
+            self.stats = None
         # give transports one loop turn to close their sockets
         await asyncio.sleep(0)
 
@@ -205,6 +211,23 @@ def attach_hook_runtime(conf: MainConf, worker_id: int, worker_count: int, arm_f
     if hooks and arm_fuse:
         install_worker_fuse(hard_seconds=max(2.0, 50 * max(h.timeout for h in hooks)),
                             memory_bytes=worker_memory_limit(http))
+
+
+def open_peer_stats(conf: MainConf) -> PeerStats | None:
+    """This worker's view of the instance's live peer statistics (``python_peer_stats``).
+
+    None when they are off, or cannot be had (unwritable prefix, every shard held by a live
+    process): the worker then serves without them and says why once, as a worker must not
+    refuse traffic over a figure hooks may read."""
+    http = conf.http
+    if http is None or not http.upstreams or not http.python.peer_stats:
+        return None
+    try:
+        return PeerStats.open(zone_directory(conf.prefix), layout_of(http),
+                              shards=shards_for(conf.worker_processes))
+    except (OSError, StatsFull, ValueError) as err:
+        errorlog.log_error("alert", f"peer statistics unavailable, serving without them: {err}")
+        return None
 
 
 def worker_memory_limit(http: HttpConf) -> int:

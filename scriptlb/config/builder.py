@@ -127,6 +127,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
         package_path=http.values.get("python_package_path", ()),
         code_cache=http.values.get("python_code_cache", True),
         memory_limit=http.values.get("python_memory_limit", DEFAULT_MEMORY_LIMIT),
+        peer_stats=http.values.get("python_peer_stats", True),
     )
     return HttpConf(
         upstreams=upstreams,

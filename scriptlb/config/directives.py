@@ -636,6 +636,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("python_package_path", Ctx.HTTP, ONE, _python_package_path),
     _spec("python_code_cache", Ctx.HTTP, FLAG, _slot(flag)),
     _spec("python_memory_limit", Ctx.HTTP, ONE, _slot(_size_or_off)),
+    _spec("python_peer_stats", Ctx.HTTP, FLAG, _slot(flag)),
     _spec("balancer_by_python_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _hook_timeout),
     _spec("balancer_by_python_file", Ctx.UPSTREAM, ONE, _hook_file),
     _spec("balancer_by_python_block", Ctx.UPSTREAM, NONE, _hook_block, block=True),

@@ -130,6 +130,9 @@ class PythonConf:
     # python_memory_limit: the address space a worker running hooks may use beyond its shared
     # dict maps (RLIMIT_AS, the sandbox's last-resort memory fuse); 0 = off
     memory_limit: int = DEFAULT_MEMORY_LIMIT
+    # python_peer_stats: keep live per-peer statistics (scriptlb.stats) for hooks; off saves
+    # about a microsecond per try for configs whose hooks never read them
+    peer_stats: bool = True
 
 
 @dataclass(frozen=True, slots=True)
