@@ -34,6 +34,7 @@ class Target:
     kind: str  # nginx | haproxy | scriptlb
     hook: bool = False
     workers: int = 1
+    peer_stats: bool = True  # scriptlb: python_peer_stats (the A/B for what statistics cost)
 
 
 TARGETS: tuple[Target, ...] = (
@@ -43,6 +44,7 @@ TARGETS: tuple[Target, ...] = (
     Target("scriptlb", "scriptlb round robin", "scriptlb"),
     Target("scriptlb-hook", "scriptlb + balancer_by_python_block (crc32 of URI)", "scriptlb", hook=True),
     Target("scriptlb-2w", "scriptlb round robin, 2 workers", "scriptlb", workers=2),
+    Target("scriptlb-nostats", "scriptlb round robin, python_peer_stats off", "scriptlb", peer_stats=False),
     # optional reference, not in the default set: bench/floor_proxy.py, a minimal uvloop+httptools
     # proxy showing what the same event loop and parser reach here
     Target("py-floor", "minimal uvloop+httptools proxy (reference floor, not scriptlb)", "floor"),
@@ -246,7 +248,8 @@ def haproxy_conf(prefix: str, listen: int, ports: list[int], maxconn: int = MAX_
 
 
 def scriptlb_conf(prefix: str, listen: int, ports: list[int], hook: bool, workers: int = 1,
-                  master: bool = True, balancer_keepalive: int | None = UPSTREAM_KEEPALIVE) -> str:
+                  master: bool = True, balancer_keepalive: int | None = UPSTREAM_KEEPALIVE,
+                  peer_stats: bool = True) -> str:
     """scriptlb's config; with ``hook``, ``balancer_keepalive`` sizes the pool of hook-set peers'
     connections (OpenResty's directive, default 32; None leaves the directive out)."""
     servers = "".join(f"        server 127.0.0.1:{p};\n" for p in ports)
@@ -264,7 +267,8 @@ def scriptlb_conf(prefix: str, listen: int, ports: list[int], hook: bool, worker
         f"events {{ worker_connections {MAX_CONNS}; }}\n"
         "http {\n"
         "    access_log off;\n"
-        f"    keepalive_requests {CLIENT_KEEPALIVE_REQUESTS};\n"
+        + ("" if peer_stats else "    python_peer_stats off;\n")
+        + f"    keepalive_requests {CLIENT_KEEPALIVE_REQUESTS};\n"
         "    keepalive_timeout 75s;\n"
         "    upstream backend {\n"
         + servers
@@ -296,7 +300,8 @@ def config_for(t: Target, prefix: str, listen: int, ports: list[int],
         return "floor.args", f"{listen} {','.join(str(p) for p in ports)}\n"
     if t.kind == "scriptlb":
         return "scriptlb.conf", scriptlb_conf(prefix, listen, ports, t.hook, t.workers,
-                                              balancer_keepalive=balancer_keepalive)
+                                              balancer_keepalive=balancer_keepalive,
+                                              peer_stats=t.peer_stats)
     raise ValueError(t.kind)
 
 

@@ -391,6 +391,14 @@ def test_cprofile_summary(tmp_path: Path) -> None:
     assert row["calls_per_request"] == 1.0
 
 
+def test_nostats_target_turns_peer_statistics_off() -> None:
+    t = bench_conf.target("scriptlb-nostats")
+    _, text = bench_conf.config_for(t, "/p", 9200, [1, 2])
+    assert "python_peer_stats off;" in text
+    _, text = bench_conf.config_for(bench_conf.target("scriptlb"), "/p", 9200, [1, 2])
+    assert "python_peer_stats" not in text  # on by default: the plain target keeps them
+
+
 def test_single_process_scriptlb_conf() -> None:
     text = bench_conf.scriptlb_conf("/p", 9200, [1, 2, 3, 4], hook=True, master=False)
     assert "master_process off;" in text and "balancer_by_python_block {" in text
@@ -426,6 +434,6 @@ def test_cli_arguments() -> None:
     h = bench_run.Harness(bench_run.parse_args(["--duration", "7"]))
     assert h.duration == 7 and h.paths == ["/", "/big"] and h.idle_n == 10000
     assert [t.name for t in h.targets] == ["nginx", "nginx-lua", "haproxy", "scriptlb", "scriptlb-hook",
-                                           "scriptlb-2w"]
+                                           "scriptlb-2w", "scriptlb-nostats"]
     with pytest.raises(KeyError):
         bench_run.Harness(bench_run.parse_args(["--targets", "nope"]))
