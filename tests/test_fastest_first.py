@@ -1,0 +1,92 @@
+"""hooks/fastest_first.py through real sockets (issue 5, part 5): a log_by_python hook turning
+the live peer statistics into round-robin weights.
+
+Three backends, one answering 50 ms slower: after a bounded warm-up at least 80% of 500
+sequential requests go to the two fast ones; when a fast one starts failing, its share drops
+within a bounded number of requests, and it comes back once it recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from helpers import BackendRequest, Backends, Scriptlb, get, respond
+
+pytestmark = pytest.mark.slow
+
+HOOK = ROOT / "hooks" / "fastest_first.py"
+FAIL_TIMEOUT = 1  # seconds: how long a failure keeps a peer at weight 1 (fail_timeout)
+
+CONF = """
+events {{}}
+http {{
+    python_shared_dict fastest_first 1m;
+    upstream b {{
+        server {a} max_fails=0 fail_timeout={ft}s;
+        server {b} max_fails=0 fail_timeout={ft}s;
+        server {c} max_fails=0 fail_timeout={ft}s;
+    }}
+    server {{
+        listen 127.0.0.1:{{port0}};
+        location / {{
+            proxy_pass http://b;
+            proxy_next_upstream error timeout http_500;
+            log_by_python_file {hook};
+        }}
+    }}
+}}
+"""
+
+
+def slow(delay: float):
+    answer = respond(body=b"slow")
+
+    async def behaviour(req: BackendRequest, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(delay)
+        return await answer(req, writer)
+
+    return behaviour
+
+
+def tries(backends: Backends) -> list[int]:
+    return [len(b.requests) for b in backends]
+
+
+def send(port: int, backends: Backends, requests: int) -> list[int]:
+    """Send ``requests`` sequential requests (each must succeed); the tries each backend got."""
+    before = tries(backends)
+    for _ in range(requests):
+        assert get(port).status == 200
+    return [x - y for x, y in zip(tries(backends), before, strict=True)]
+
+
+def share_of(port: int, backends: Backends, index: int, requests: int) -> float:
+    """The share of the tries of ``requests`` sequential requests that went to ``index``."""
+    delta = send(port, backends, requests)
+    return delta[index] / sum(delta)
+
+
+def test_fastest_first_prefers_fast_peers_and_moves_off_a_failing_one(tmp_path: Path) -> None:
+    with Backends(respond(body=b"a"), respond(body=b"b"), slow(0.05)) as backends:
+        conf = CONF.format(a=backends[0].addr, b=backends[1].addr, c=backends[2].addr,
+                           ft=FAIL_TIMEOUT, hook=HOOK)
+        with Scriptlb(conf, tmp_path) as lb:
+            send(lb.port, backends, 60)  # warm-up: every peer measured, weights set
+            delta = send(lb.port, backends, 500)
+            fast_share = (delta[0] + delta[1]) / sum(delta)
+            assert fast_share >= 0.8, delta  # plain round robin would give 2/3
+
+            backends[0].behaviour = respond(500, b"broken")  # a fast peer starts failing
+            share_of(lb.port, backends, 0, 40)  # the bound: within 40 requests its weight drops to 1
+            failing_share = share_of(lb.port, backends, 0, 200)
+            assert failing_share <= 0.15, failing_share  # (was about 10/21 before)
+
+            backends[0].behaviour = respond(body=b"a")  # it recovers
+            deadline = time.monotonic() + FAIL_TIMEOUT + 8
+            recovered = 0.0
+            while time.monotonic() < deadline and recovered < 0.3:
+                recovered = share_of(lb.port, backends, 0, 50)
+            assert recovered >= 0.3, recovered  # back to a fast peer's share (about 10/21)
