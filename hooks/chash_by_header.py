@@ -16,14 +16,16 @@
 
 import chash_rings
 
-HEADER = "X-User-Id"  # the request header whose value is the hash key
+# the request header whose value is the hash key, as nginx names its variable: X-User-Id is
+# http_x_user_id (lower case, "-" as "_"); a constant name is cheaper than building it per run
+HEADER_VARIABLE = "http_x_user_id"
 
-ring = chash_rings.ring_for(upstream.get_primary_peers())
+ring = chash_rings.ring()
 ctx = ngx.ctx
 tried = ctx.setdefault("tried", [])
 state, status = balancer.get_last_failure()
 if state is None:
-    key = ngx.var["http_" + HEADER.lower().replace("-", "_")] or ngx.var.uri
+    key = ngx.var[HEADER_VARIABLE] or ngx.var.uri
     node, index = ring.find(key)
 else:
     node, index = ring.next(ctx["index"], tried)

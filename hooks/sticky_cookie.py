@@ -29,17 +29,16 @@
 import chash_rings
 import peer_health
 
-COOKIE = "route"  # the cookie's name
+COOKIE_VARIABLE = "cookie_route"  # the cookie's nginx variable: "cookie_" + its name
 
-peers = upstream.get_primary_peers()
 ctx = ngx.ctx
 tried = ctx.setdefault("tried", [])
 state, status = balancer.get_last_failure()
 node = None
 if state is None:
-    route = ngx.var["cookie_" + COOKIE]
+    route = ngx.var[COOKIE_VARIABLE]
     if route:
-        node = chash_rings.routes_for(peers).get(route)
+        node = chash_rings.route_table().get(route)
         if node is not None and not peer_health.is_up(node):
             node = None
 else:
@@ -47,11 +46,8 @@ else:
     ngx.log(ngx.WARN, "sticky peer ", tried[-1], " failed (", state, " ", status, "), moving on")
 
 if node is None:
-    ring = chash_rings.ring_for(peers)
-    skip = set(tried)
-    for p in peers:
-        if not peer_health.is_up(p["name"]):
-            skip.add(p["name"])
+    ring = chash_rings.ring()
+    skip = tried + peer_health.failed_peers()
     node, _ = ring.find(ngx.var.remote_addr, tried=skip)
     if node is None:  # every untried peer failed lately: better one of them than none
         node, _ = ring.find(ngx.var.remote_addr, tried=tried)

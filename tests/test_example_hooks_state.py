@@ -174,12 +174,16 @@ def test_chash_by_header_same_user_same_peer_and_uri_fallback(tmp_path: Path) ->
 
 
 def test_chash_by_header_distribution_and_removing_a_server_moves_only_its_keys(tmp_path: Path) -> None:
-    install(tmp_path, "chash_by_header")
+    # a reload without bk[3]: new workers, whose per-worker rings start empty (a fresh prefix
+    # gives this process a fresh module, as a new worker process would have)
+    old, new = tmp_path / "old", tmp_path / "new"
+    for prefix in (old, new):
+        install(prefix, "chash_by_header")
     keys = [f"user-{i}" for i in range(300)]
     with bodies_by_index(4) as bk:
-        with start(conf(servers(bk), "chash_by_header"), tmp_path) as lb:
+        with start(conf(servers(bk), "chash_by_header"), old) as lb:
             before = _peer_per_key(lb.port, keys)
-        with start(conf(servers(bk, 3), "chash_by_header"), tmp_path) as lb:  # a reload without bk[3]
+        with start(conf(servers(bk, 3), "chash_by_header"), new) as lb:
             after = _peer_per_key(lb.port, keys)
     shares = Counter(before.values())
     assert sorted(shares) == [0, 1, 2, 3]

@@ -17,3 +17,11 @@ def mark_failed(name):
 def is_up(name):
     when = failed.get(name)
     return when is None or ngx.now() - when >= FAIL_TIMEOUT
+
+
+def failed_peers():
+    """Names of the peers that failed within FAIL_TIMEOUT (usually none: an empty dict)."""
+    if not failed:
+        return []
+    now = ngx.now()
+    return [name for name, when in failed.items() if now - when < FAIL_TIMEOUT]
