@@ -338,3 +338,21 @@ def test_rate_aware_counts_across_two_workers_add_up(tmp_path: Path) -> None:
     assert min(extra) >= 0 and sum(extra) == before
     pids = {m.group(1) for m in re.finditer(r"pid=(\d+)", (tmp_path / "access.log").read_text())}
     assert len(pids) == 2  # both workers served and counted into the one zone
+
+
+def test_chash_by_header_keeps_one_ring_per_upstream(tmp_path: Path) -> None:
+    """chash_rings caches per worker by upstream name: two upstreams sharing the hook each hash
+    over their own peers."""
+    install(tmp_path, "chash_by_header")
+    text = conf("", "chash_by_header").replace("upstream u {", "upstream v {\n{v_servers}\n"
+                                                "balancer_by_python_file hooks/chash_by_header.py;\n}\n"
+                                                "upstream u {")
+    text = text.replace("location / {", "location /v/ { proxy_pass http://v; }\n        location / {")
+    with bodies_by_index(4) as bk:
+        text = text.replace("upstream u {", "upstream u {\n" + servers(bk, 2), 1)
+        text = text.replace("{v_servers}", " ".join(f"server {b.addr};" for b in list(bk)[2:]))
+        with start(text, tmp_path) as lb:
+            on_u = {get(lb.port, "/x", {"X-User-Id": f"u{i}"}).body for i in range(20)}
+            on_v = {get(lb.port, "/v/x", {"X-User-Id": f"u{i}"}).body for i in range(20)}
+    assert on_u == {b"0", b"1"}
+    assert on_v == {b"2", b"3"}
