@@ -35,15 +35,56 @@ from scriptlb.balancing.hash import ketama_ring
 Nodes = Mapping[str, int] | Iterable[str]
 _NOTHING: frozenset[str] = frozenset()
 
+# Hooks call these objects inside a run whose CPU budget only hook code can check: building a
+# ring or walking a node list is host code no tick interrupts, so its size is capped up front.
+MAX_NODES = 1024  # ids in one table
+MAX_ID_LENGTH = 256  # characters of one id ("host:port" is ~20)
+MAX_WEIGHT = 1000  # of one node
+MAX_RING_WEIGHT = 128  # chash: total weight, 160 ring points each (~30 ms to build 128, once)
+MAX_TRIED = 4096  # items of a non-set ``tried`` (copied into a set once per call)
+
 
 def _node_weights(nodes: Nodes) -> dict[str, int]:
-    weights = dict(nodes) if isinstance(nodes, Mapping) else dict.fromkeys(nodes, 1)
-    for node, weight in weights.items():
-        if not isinstance(node, str):
-            raise TypeError(f"node ids are strings, not {type(node).__name__}")
-        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
-            raise ValueError(f"weight of {node!r} must be an int >= 0, not {weight!r}")
+    if isinstance(nodes, Mapping):
+        if len(nodes) > MAX_NODES:
+            raise ValueError(f"{len(nodes)} nodes is over the limit of {MAX_NODES}")
+        weights = dict(nodes)
+        for node, weight in weights.items():
+            _check_node(node, weight)
+        return weights
+    weights = {}
+    for count, node in enumerate(nodes):  # type-checked before hashing: no tuple-hash bombs
+        if count >= MAX_NODES:
+            raise ValueError(f"more than {MAX_NODES} nodes is over the limit")
+        _check_node(node, 1)
+        weights[node] = 1
     return weights
+
+
+def _check_node(node: object, weight: object) -> None:
+    # messages name types and sizes, never the repr of a caller's value (which could be huge)
+    if not isinstance(node, str):
+        raise TypeError(f"node ids are strings, not {type(node).__name__}")
+    if len(node) > MAX_ID_LENGTH:
+        raise ValueError(f"node id of {len(node)} characters is over the limit of {MAX_ID_LENGTH}")
+    if not isinstance(weight, int) or isinstance(weight, bool):
+        raise ValueError(f"weight of {node!r} must be an int >= 0, not {type(weight).__name__}")
+    if not 0 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight of {node!r} must be between 0 and {MAX_WEIGHT}")
+
+
+def _membership(tried: object) -> Container[str]:
+    """``tried`` as something whose ``in`` costs O(1): sets and dicts as they are, other
+    containers (a list kept in ngx.ctx) copied into a frozenset, once per call."""
+    if tried is None:
+        return _NOTHING
+    if isinstance(tried, (set, frozenset, dict)):
+        return tried
+    if isinstance(tried, (list, tuple)):
+        if len(tried) > MAX_TRIED:
+            raise ValueError(f"tried has {len(tried)} items, over the limit of {MAX_TRIED}")
+        return frozenset(item for item in tried if isinstance(item, str))
+    raise TypeError(f"tried must be a set, dict, list or tuple, not {type(tried).__name__}")
 
 
 class _Weighted:
@@ -56,24 +97,40 @@ class _Weighted:
     def _changed(self) -> None:
         raise NotImplementedError
 
+    def __repr__(self) -> str:  # no address: what a hook's log line or f-string shows
+        return f"<{type(self).__name__} with {len(self._weights)} nodes>"
+
     def reinit(self, nodes: Nodes) -> None:
         """Replace the whole node table."""
-        self._weights = _node_weights(nodes)
-        self._changed()
+        self._apply(_node_weights(nodes))
+
+    def _apply(self, weights: dict[str, int]) -> None:
+        # all or nothing: a refused change (chash's total weight) leaves the table as it was
+        old, self._weights = self._weights, weights
+        try:
+            self._changed()
+        except BaseException:
+            self._weights = old
+            raise
 
     def set(self, node: str, weight: int) -> None:
         """Add a node or change its weight (0 keeps it known but never chosen)."""
-        self._weights[node] = _node_weights({node: weight})[node]
-        self._changed()
+        _check_node(node, weight)
+        if node not in self._weights and len(self._weights) >= MAX_NODES:
+            raise ValueError(f"{len(self._weights) + 1} nodes is over the limit of {MAX_NODES}")
+        self._apply({**self._weights, node: weight})
 
     def delete(self, node: str) -> None:
-        if self._weights.pop(node, None) is not None:
-            self._changed()
+        _check_node(node, 0)
+        if node in self._weights:
+            self._apply({n: w for n, w in self._weights.items() if n != node})
 
     def incr(self, node: str, weight: int = 1) -> None:
+        _check_node(node, weight)
         self.set(node, self._weights.get(node, 0) + weight)
 
     def decr(self, node: str, weight: int = 1) -> None:
+        _check_node(node, weight)
         self.set(node, max(0, self._weights.get(node, 0) - weight))
 
     def nodes(self) -> dict[str, int]:
@@ -85,16 +142,21 @@ class chash(_Weighted):  # lower-case: named like resty.chash, which hook author
     """Consistent hashing on nginx's ketama ring."""
 
     def _changed(self) -> None:
+        total = sum(self._weights.values())
+        if total > MAX_RING_WEIGHT:
+            raise ValueError(f"total weight {total} of a chash ring is over the limit of {MAX_RING_WEIGHT}")
         self._hashes, self._ring = ketama_ring((n, w) for n, w in self._weights.items() if w > 0)
 
     def find(self, key: str | bytes, tried: Container[str] | None = None) -> tuple[str | None, int]:
         """The node for ``key`` (the first point at or after crc32(key)) and its ring index; with
         ``tried``, the first untried node clockwise from there."""
+        if not isinstance(key, (str, bytes)):
+            raise TypeError(f"key must be a str or bytes, not {type(key).__name__}")
         if not self._hashes:
             return None, 0
         raw = key.encode() if isinstance(key, str) else key
         index = bisect.bisect_left(self._hashes, zlib.crc32(raw)) % len(self._hashes)
-        return self._walk(index, None, tried or _NOTHING)
+        return self._walk(index, None, _membership(tried))
 
     def next(self, index: int, tried: Container[str] | None = None) -> tuple[str | None, int]:
         """The next node clockwise after ring ``index`` that differs from the node at ``index``
@@ -102,7 +164,7 @@ class chash(_Weighted):  # lower-case: named like resty.chash, which hook author
         if not self._hashes:
             return None, 0
         index %= len(self._hashes)
-        return self._walk(index + 1, self._ring[index], tried or _NOTHING)
+        return self._walk(index + 1, self._ring[index], _membership(tried))
 
     def _walk(self, start: int, skip: str | None, tried: Container[str]) -> tuple[str | None, int]:
         ring = self._ring
@@ -125,7 +187,7 @@ class roundrobin(_Weighted):  # named like resty.roundrobin
 
     def find(self, tried: Container[str] | None = None) -> str | None:
         """The next node in the smooth WRR sequence, among the nodes not in ``tried``."""
-        tried = tried or _NOTHING
+        tried = _membership(tried)
         names, weights, current = self._names, self._node_weight, self._current
         best = -1
         total = 0
@@ -178,7 +240,7 @@ class ewma(_Weighted):  # named like APISIX's balancer/ewma
         self._averages = fresh
 
     def find(self, tried: Container[str] | None = None) -> str | None:
-        tried = tried or _NOTHING
+        tried = _membership(tried)
         names = self._names
         usable = sum(1 for name in names if name not in tried)
         if usable == 0:
@@ -208,6 +270,9 @@ class ewma(_Weighted):  # named like APISIX's balancer/ewma
 
     def observe(self, node: str, rtt: float) -> None:
         """Record a completed request's round-trip time (seconds) to ``node``."""
+        if not isinstance(rtt, (int, float)) or isinstance(rtt, bool):
+            raise TypeError(f"rtt must be a number, not {type(rtt).__name__}")
+        _check_node(node, 0)
         index = self._index.get(node)
         if index is not None:
             self._averages.update(index, rtt, self._clock())
@@ -216,6 +281,7 @@ class ewma(_Weighted):  # named like APISIX's balancer/ewma
 
     def score(self, node: str) -> float:
         """The node's decayed average rtt now (0 for a node never measured)."""
+        _check_node(node, 0)
         index = self._index.get(node)
         return 0.0 if index is None else self._averages.decayed(index, self._clock())
 

@@ -48,7 +48,10 @@ def test_default_config_passes_t() -> None:
 
 
 def test_examples_pass_t() -> None:
-    for conf in sorted((ROOT / "conf" / "examples").glob("*.conf")):
+    # every shipped example, including the hook examples (their hooks compile under -t)
+    confs = [c for folder in ("examples", "hooks") for c in sorted((ROOT / "conf" / folder).glob("*.conf"))]
+    assert {"sticky_cookie.conf", "chash_by_header.conf", "rate_aware.conf"} <= {c.name for c in confs}
+    for conf in confs:
         result = run("-t", "-p", str(ROOT), "-c", str(conf))
         assert result.returncode == 0, (conf, result.stderr)
 

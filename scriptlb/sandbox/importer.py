@@ -16,7 +16,7 @@ from typing import Any
 
 from scriptlb.sandbox import limits
 from scriptlb.sandbox.guards import expose_dynamic
-from scriptlb.sandbox.modules import standard_module
+from scriptlb.sandbox.modules import PARENTS, standard_module
 from scriptlb.sandbox.policy import HookCompileError, compile_hook
 
 OWNER_KEY = "__modules__"  # per hook/module cache of stateful stand-ins (random); not spellable
@@ -77,10 +77,13 @@ class Importer:
         special = self._special.get(top)
         if special is not None:  # ngx, ngx.balancer, ngx.upstream: attributes of the namespace
             return special
+        if fromlist and name in PARENTS:  # `from scriptlb import balancers`; other names fail
+            return PARENTS[name]
         owner = globals.get(OWNER_KEY) if globals is not None else None
         module = standard_module(name, owner if owner is not None else {})
         if module is not None:
-            return module
+            # `import a.b` (no fromlist) returns `a`, as Python's __import__ does
+            return PARENTS[top] if top != name and not fromlist else module
         return self._package_module(name)
 
     def _package_module(self, name: str) -> PackageModule:

@@ -24,6 +24,7 @@ from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from scriptlb import balancers
 from scriptlb.sandbox import guards, limits
 from scriptlb.sandbox.guards import (
     REAL_TYPES,
@@ -351,7 +352,36 @@ _STATIC: dict[str, dict[str, Any]] = {
     "hashlib": _HASHLIB,
     "time": _pick(time, "time time_ns monotonic monotonic_ns perf_counter perf_counter_ns"),
 }
+
+
+# --------------------------------------------------------------------------- scriptlb.balancers
+# `from scriptlb.balancers import chash, roundrobin, ewma`, as resty.chash/resty.roundrobin. The
+# classes are handed out as they are: a class has no attribute a hook can read (no registered
+# names), instances only the methods of HOOK_API, and balancers.py caps the sizes of what one
+# call builds or walks. ewma's test hooks (rng=, clock=) are left out: a hook's own callables
+# would run inside host code.
+
+
+def _hook_ewma(nodes: balancers.Nodes, decay: float = balancers.DECAY_TIME,
+               peak: bool = False) -> balancers.ewma:
+    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 < decay < 1e9:
+        raise ValueError("decay must be a number of seconds > 0")
+    if not isinstance(peak, bool):
+        raise TypeError(f"peak must be a bool, not {type(peak).__name__}")
+    return balancers.ewma(nodes, decay=float(decay), peak=peak)
+
+
+_hook_ewma.__name__ = "ewma"
+REAL_TYPES[_hook_ewma] = balancers.ewma  # isinstance(x, ewma) in hooks
+for _cls, _names in balancers.HOOK_API.items():
+    expose(_cls, _names)
+_STATIC["scriptlb.balancers"] = {"chash": balancers.chash, "roundrobin": balancers.roundrobin,
+                                 "ewma": _hook_ewma}
+
 _SHARED = {name: SafeModule(name, members) for name, members in _STATIC.items()}
+# `import scriptlb.balancers` binds the top-level name, as Python does: a package stand-in
+# holding that one submodule (`import scriptlb` alone stays refused)
+PARENTS = {"scriptlb": SafeModule("scriptlb", {"balancers": _SHARED["scriptlb.balancers"]})}
 ALLOWED = frozenset([*_STATIC, "random"])
 
 
