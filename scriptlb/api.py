@@ -1,10 +1,12 @@
 """What a hook sees: ``balancer`` (ngx.balancer), the ``ngx`` namespace and ``upstream``.
 
-The three objects are process-wide singletons. A hook run (scriptlb.hooks.HookRunner.run)
-points ``CURRENT`` at its exchange, upstream runtime and outcome before executing the hook and
-clears it afterwards, so no object is allocated per run for the API, and a module imported once
-per worker (python_package_path) that kept a reference to ``ngx`` still talks to the request
-being served. Runs never nest and a worker runs one at a time.
+The three objects are process-wide singletons. A hook run (scriptlb.hooks: a balancer run per
+try, a log run per finished request) points ``CURRENT`` at its phase, exchange, upstream
+runtime and outcome before executing the hook and clears it afterwards, so no object is
+allocated per run for the API, and a module imported once per worker (python_package_path)
+that kept a reference to ``ngx`` still talks to the request being served. Runs never nest and a
+worker runs one at a time. In the log phase the balancer API and ``ngx.exit`` are disabled, as
+in OpenResty's log_by_lua.
 
 Conventions (docs/hooks.md): argument errors raise ``TypeError``/``ValueError`` with
 OpenResty's message text; refusals are returned as ``(None, "message")``; success is

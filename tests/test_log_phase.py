@@ -294,7 +294,7 @@ def test_the_hook_runs_once_for_every_way_a_request_ends(tmp_path: Path) -> None
             time.sleep(0.2)  # a second run of any of them would show by now
         statuses = [line[0] for line in seen(tmp_path)]
     assert statuses == ["200", "200", "502", "444", "499", "400"]
-    assert [line[0] for line in access_lines(tmp_path)] == statuses  # the hook after each line
+    assert [line[0] for line in access_lines(tmp_path)] == statuses  # one run per access line
     assert counter(tmp_path) == 6
 
 
