@@ -1,10 +1,12 @@
 """What a hook sees: ``balancer`` (ngx.balancer), the ``ngx`` namespace and ``upstream``.
 
-The three objects are process-wide singletons. A hook run (scriptlb.hooks.HookRunner.run)
-points ``CURRENT`` at its exchange, upstream runtime and outcome before executing the hook and
-clears it afterwards, so no object is allocated per run for the API, and a module imported once
-per worker (python_package_path) that kept a reference to ``ngx`` still talks to the request
-being served. Runs never nest and a worker runs one at a time.
+The three objects are process-wide singletons. A hook run (scriptlb.hooks: a balancer run per
+try, a log run per finished request) points ``CURRENT`` at its phase, exchange, upstream
+runtime and outcome before executing the hook and clears it afterwards, so no object is
+allocated per run for the API, and a module imported once per worker (python_package_path)
+that kept a reference to ``ngx`` still talks to the request being served. Runs never nest and a
+worker runs one at a time. In the log phase the balancer API and ``ngx.exit`` are disabled, as
+in OpenResty's log_by_lua.
 
 Conventions (docs/hooks.md): argument errors raise ``TypeError``/``ValueError`` with
 OpenResty's message text; refusals are returned as ``(None, "message")``; success is
@@ -37,20 +39,37 @@ MAX_LOGS_PER_RUN = 100
 _HOST_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+BALANCER_PHASE = "balancer"
+LOG_PHASE = "log"
+
+
 class RunContext:
     """The run in progress (or none): what the API objects read and write."""
 
-    __slots__ = ("exchange", "log", "logged", "outcome", "upstream")
+    __slots__ = ("exchange", "log", "logged", "now", "outcome", "phase", "upstream")
 
     def __init__(self) -> None:
         self.exchange: Any = None
         self.upstream: Any = None
-        self.outcome: Any = None
+        self.outcome: Any = None  # not None while a run is active (LOG_OUTCOME in the log phase)
+        self.phase = BALANCER_PHASE  # the run's phase: ngx.get_phase(); balancer.* only in "balancer"
         self.log: Any = None  # callable(level: str, msg: str, exchange) from the runner
         self.logged = 0  # ngx.log lines of this run (capped: a loop must not flood the log)
+        self.now = 0.0  # the log phase's time (time.time()) for $request_time & co; 0.0 = the clock
+
+
+class _NoUpstream:
+    """``CURRENT.upstream`` of a log run in a location that proxies to no upstream."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("no upstream")
 
 
 CURRENT = RunContext()
+LOG_OUTCOME = object()  # CURRENT.outcome of a log run: a run is active, with no outcome to write
+NO_UPSTREAM = _NoUpstream()
 _WORKER = [0, 1]  # ngx.worker.id(), ngx.worker.count()
 
 
@@ -63,6 +82,20 @@ def _current() -> RunContext:
     if CURRENT.outcome is None:
         raise RuntimeError("no request found")
     return CURRENT
+
+
+def _disabled(phase: str) -> RuntimeError:
+    return RuntimeError(f"API disabled in the context of {phase}_by_python")  # OpenResty's words
+
+
+def _balancer_run() -> RunContext:
+    """The current run, which must be a balancer run (balancer.* and ngx.exit)."""
+    run = CURRENT  # _current() inlined: these calls are on the balancer's hot path
+    if run.outcome is None:
+        raise RuntimeError("no request found")
+    if run.phase is not BALANCER_PHASE:  # always one of the two constants: identity suffices
+        raise _disabled(run.phase)
+    return run
 
 
 def _type_name(value: Any) -> str:
@@ -185,9 +218,12 @@ class Balancer:
     __slots__ = ()
 
     def set_current_peer(self, addr: Any, port: Any = None, host: Any = None) -> tuple[Any, Any]:
-        outcome = CURRENT.outcome
+        run = CURRENT
+        outcome = run.outcome
         if outcome is None:
             raise RuntimeError("no request found")
+        if run.phase is not BALANCER_PHASE:
+            raise _disabled(run.phase)
         if type(addr) is not str:
             raise _bad_type(1, "set_current_peer", "string", addr)
         # the hot path: an address seen before ("ip:port", or "ip" with an int port)
@@ -206,7 +242,7 @@ class Balancer:
         return _OK
 
     def set_more_tries(self, count: Any) -> tuple[Any, Any]:
-        run = _current()
+        run = _balancer_run()
         if not _is_number(count):
             raise _bad_type(1, "set_more_tries", "number", count)
         count = int(count) if math.isfinite(count) else MAX_MORE_TRIES if count > 0 else 0
@@ -224,13 +260,13 @@ class Balancer:
         return True, warning
 
     def get_last_failure(self) -> tuple[Any, Any]:
-        failure = _current().exchange.last_failure
+        failure = _balancer_run().exchange.last_failure
         if failure is None:
             return None, None
         return failure[0], failure[1]
 
     def set_timeouts(self, connect: Any = None, send: Any = None, read: Any = None) -> tuple[Any, Any]:
-        run = _current()
+        run = _balancer_run()
         values = (("connect", connect), ("send", send), ("read", read))
         for name, value in values:  # the first bad argument wins, before anything changes
             if value is not None and not (_is_number(value) and 0 < value < math.inf):
@@ -244,7 +280,7 @@ class Balancer:
         return _OK
 
     def enable_keepalive(self, idle_timeout: Any = 60, max_requests: Any = 100) -> tuple[Any, Any]:
-        run = _current()
+        run = _balancer_run()
         for position, value in ((1, idle_timeout), (2, max_requests)):
             if not _is_number(value):
                 raise _bad_type(position, "enable_keepalive", "number", value)
@@ -257,11 +293,11 @@ class Balancer:
         return _OK
 
     def recreate_request(self) -> tuple[Any, Any]:
-        _current().outcome.recreate = True
+        _balancer_run().outcome.recreate = True
         return _OK
 
     def bind_to_local_addr(self, addr: Any) -> tuple[Any, Any]:
-        run = _current()
+        run = _balancer_run()
         if type(addr) is not str:
             raise _bad_type(1, "bind_to_local_addr", "string", addr)
         parsed = parse_peer(addr, 0) if addr[:5].lower() != "unix:" else "unix"
@@ -317,9 +353,14 @@ def _variable(_view: Any, name: Any) -> str | None:
         return None
 
 
+def _clock() -> float:
+    """$request_time, $msec...: the log phase's time (the access log's), else the clock."""
+    return CURRENT.now or time.time()
+
+
 def _variable_getter(name: str) -> Any:
     try:
-        getter = variable_getter(name.lower())
+        getter = variable_getter(name.lower(), _clock)
     except KeyError:
         getter = _missing_variable
     if len(_GETTERS) < 1024 and len(name) <= 256:  # names come from hook code: stay bounded
@@ -557,7 +598,7 @@ class Ngx:
 
     def exit(self, status: Any) -> None:
         """Asynchronous, as in balancer_by_lua: records the status; the hook keeps running."""
-        run = _current()
+        run = _balancer_run()
         if type(status) is not int:
             raise _bad_type(1, "exit", "number", status)
         if status in (self.AGAIN, self.DONE):
@@ -573,7 +614,7 @@ class Ngx:
         return int(time.time())
 
     def get_phase(self) -> str:
-        return "balancer"
+        return CURRENT.phase
 
     def crc32_short(self, value: Any) -> int:
         if type(value) is str and value.isascii():  # the hot path of hash-by-URI hooks

@@ -1,4 +1,8 @@
-"""balancer_by_python: compile hooks once, run one per try, hand the outcome to the proxy.
+"""balancer_by_python and log_by_python: compile hooks once, run them under a budget.
+
+``HookRunner`` runs an upstream's balancer hook once per try and hands the outcome to the
+proxy; ``LogHookRunner`` runs a location's log hook once per finished request. Both share
+``_Runner``: the code, the budget, the fuse, ``api.CURRENT`` and the rate-limited error log.
 
 The seam (docs/architecture.md): before every try the exchange calls
 ``upstream.hook.run(exchange, upstream)``, which never raises and returns a ``HookOutcome``.
@@ -158,17 +162,27 @@ def precompile(conf: MainConf) -> None:
 # --------------------------------------------------------------------------- logging
 
 
-def errorlog_sink(level: str, message: str, exchange: Any) -> None:
-    """The default sink: the worker's error log, with the request's usual context."""
-    if exchange is None:
-        errorlog.log_error(level, message)
-        return
-    try:
-        ctx = errorlog.request_context(exchange)
-        conn_id = exchange.conn_id
-    except AttributeError:
-        ctx, conn_id = "", None
-    errorlog.log_error(level, f"{message} while connecting to upstream", conn_id, ctx)
+def errorlog_sink_for(action: str) -> LogSink:
+    """A sink writing to the worker's error log with the request's usual context, ending
+    as nginx's lines of that phase do: ``... while <action>, client: ...``."""
+    suffix = f" while {action}"
+
+    def sink(level: str, message: str, exchange: Any) -> None:
+        if exchange is None:
+            errorlog.log_error(level, message)
+            return
+        try:
+            ctx = errorlog.request_context(exchange)
+            conn_id = exchange.conn_id
+        except AttributeError:
+            ctx, conn_id = "", None
+        errorlog.log_error(level, message + suffix, conn_id, ctx)
+
+    return sink
+
+
+errorlog_sink = errorlog_sink_for("connecting to upstream")  # the balancer phase's default
+log_phase_sink = errorlog_sink_for("logging request")  # nginx's action text of the log phase
 
 
 class _RateLimit:
@@ -204,22 +218,25 @@ def _hook_frame(tb: Any) -> str:
     return where
 
 
-# --------------------------------------------------------------------------- the runner
+# --------------------------------------------------------------------------- the runners
 
 
-class HookRunner:
-    """One upstream's hook in one worker: ``run()`` per try."""
+class _Runner:
+    """What every phase's runner shares: the compiled code (or ``python_code_cache off``'s
+    reload per run), and one run under the budget and the fuse with ``api.CURRENT`` pointing at
+    the request; a failure is reported (escaped, rate-limited per kind) through ``_fail``."""
 
-    def __init__(self, conf: HookConf, upstream: Any = None, python: PythonConf | None = None,
-                 log: LogSink | None = None) -> None:
+    phase = ""  # api.RunContext.phase of a run: what ngx.get_phase() says, what the API allows
+    directive = ""  # the name in error messages: "balancer_by_python", "log_by_python"
+
+    def __init__(self, conf: HookConf, python: PythonConf | None, log: LogSink) -> None:
         self.conf = conf
-        self.upstream = upstream
         self.python = python or _PYTHON_CONF[0]
         if python is not None:
             configure(python)
         self.timeout = conf.timeout
         self.chunk = conf.chunk_name
-        self.log: LogSink = log or errorlog_sink
+        self.log: LogSink = log
         self._limit = _RateLimit()
         limits.quiet_unraisable_stops()  # a generator finalized past the budget: no stderr noise
         self._globals = _fresh_globals("__hook__")
@@ -229,7 +246,7 @@ class HookRunner:
             self._code = self._load()
 
     def __repr__(self) -> str:
-        return f"<HookRunner {self.chunk} timeout={self.timeout}>"
+        return f"<{type(self).__name__} {self.chunk} timeout={self.timeout}>"
 
     def _load(self) -> CodeType | None:
         if self.python.code_cache:
@@ -244,9 +261,11 @@ class HookRunner:
         self._compile_error = None
         return code
 
-    def run(self, exchange: Any, upstream: Any = None) -> HookOutcome:
-        """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops)."""
-        outcome = HookOutcome()
+    def _execute(self, exchange: Any, upstream: Any, outcome: Any) -> Any:
+        """Run the hook once. None when it ran to its end; otherwise what ``_fail`` returned
+        for the error (already logged). Never raises (except KeyboardInterrupt-like stops).
+
+        The subclasses' hot paths go through here: no allocation beyond the globals' copy."""
         if self.python.code_cache:
             code = self._code
         else:
@@ -255,7 +274,7 @@ class HookRunner:
         if code is None:
             return self._fail(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
         context = api.CURRENT
-        context.exchange, context.upstream = exchange, upstream or self.upstream
+        context.exchange, context.upstream, context.phase = exchange, upstream, self.phase
         context.outcome, context.log, context.logged = outcome, self.log, 0
         fuse = limits.current_fuse()
         if fuse is not None:
@@ -276,6 +295,59 @@ class HookRunner:
                 fuse.run_ended()
         if stopped or failure is not None:
             return self._failed_run(outcome, failure, stopped, exchange)
+        return None
+
+    def _failed_run(self, outcome: Any, failure: BaseException | None, stopped: bool, exchange: Any) -> Any:
+        where = _hook_frame(failure.__traceback__) if failure is not None else self.chunk
+        if stopped:
+            ms = round(self.timeout * 1000)
+            return self._fail(outcome, "timeout", f"{self.directive} timed out after {ms}ms at {where}",
+                              exchange)
+        assert failure is not None
+        detail = api.exception_text(failure)  # KeyError(huge key) must not build the key's text
+        text = f"{type(failure).__name__}: {detail}" if detail else type(failure).__name__
+        return self._fail(outcome, "runtime_error", f"failed to run {self.directive}: {where}: {text}",
+                          exchange)
+
+    def _fail(self, outcome: Any, kind: str, message: str, exchange: Any, level: str = "error") -> Any:
+        """Log why a run failed; the subclass says what its run() returns for it."""
+        raise NotImplementedError
+
+    def _report(self, kind: str, message: str, exchange: Any, level: str) -> str:
+        """Log ``message`` (escaped: exception text is hook-made), rate-limited per kind;
+        returns the escaped text."""
+        message = api.escape_log(message[:api.MAX_LOG_MESSAGE])
+        write, suppressed = self._limit.admit(kind, time.monotonic())
+        if suppressed:
+            self._emit(level, f"{self.chunk}: {suppressed} similar messages suppressed", None)
+        if write:
+            self._emit(level, message, exchange)
+        return message
+
+    def _emit(self, level: str, message: str, exchange: Any) -> None:
+        try:
+            self.log(level, message, exchange)
+        except Exception:  # a failing log sink must not fail the request: run() never raises
+            pass
+
+
+class HookRunner(_Runner):
+    """One upstream's balancer_by_python hook in one worker: ``run()`` per try."""
+
+    phase = api.BALANCER_PHASE
+    directive = "balancer_by_python"
+
+    def __init__(self, conf: HookConf, upstream: Any = None, python: PythonConf | None = None,
+                 log: LogSink | None = None) -> None:
+        self.upstream = upstream
+        super().__init__(conf, python, log or errorlog_sink)
+
+    def run(self, exchange: Any, upstream: Any = None) -> HookOutcome:
+        """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops)."""
+        outcome = HookOutcome()
+        failed = self._execute(exchange, upstream or self.upstream, outcome)
+        if failed is not None:
+            return failed
         status = outcome.exit_status
         if status is not None and not 300 <= status <= 999:
             return self._fail(outcome, "exit_error",
@@ -285,36 +357,43 @@ class HookRunner:
                               "falling back", exchange, level="warn")
         return outcome
 
-    def _failed_run(self, outcome: HookOutcome, failure: BaseException | None, stopped: bool,
-                    exchange: Any) -> HookOutcome:
-        where = _hook_frame(failure.__traceback__) if failure is not None else self.chunk
-        if stopped:
-            ms = round(self.timeout * 1000)
-            return self._fail(outcome, "timeout",
-                              f"balancer_by_python timed out after {ms}ms at {where}", exchange)
-        assert failure is not None
-        detail = api.exception_text(failure)  # KeyError(huge key) must not build the key's text
-        text = f"{type(failure).__name__}: {detail}" if detail else type(failure).__name__
-        return self._fail(outcome, "runtime_error", f"failed to run balancer_by_python: {where}: {text}",
-                          exchange)
-
     def _fail(self, outcome: HookOutcome, kind: str, message: str, exchange: Any,
               level: str = "error") -> HookOutcome:
         """Reset the outcome to "fall back" and log why (rate-limited per kind)."""
         outcome.addr = outcome.host = outcome.exit_status = outcome.keepalive = outcome.local_addr = None
         outcome.more_tries = 0
         outcome.recreate = False
-        message = api.escape_log(message[:api.MAX_LOG_MESSAGE])  # exception text is hook-made
-        outcome.error, outcome.message = kind, message
-        write, suppressed = self._limit.admit(kind, time.monotonic())
-        if suppressed:
-            self._emit(level, f"{self.chunk}: {suppressed} similar messages suppressed", None)
-        if write:
-            self._emit(level, message, exchange)
+        outcome.error, outcome.message = kind, self._report(kind, message, exchange, level)
         return outcome
 
-    def _emit(self, level: str, message: str, exchange: Any) -> None:
+
+class LogHookRunner(_Runner):
+    """One log_by_python hook in one worker (shared by the locations inheriting it): ``run()``
+    once per finished request, after its access log lines are written."""
+
+    phase = api.LOG_PHASE
+    directive = "log_by_python"
+
+    def __init__(self, conf: HookConf, python: PythonConf | None = None, log: LogSink | None = None) -> None:
+        super().__init__(conf, python, log or log_phase_sink)
+
+    def run(self, exchange: Any, now: float = 0.0) -> str | None:
+        """Run the hook for this finished request: None, or the kind of error ("runtime_error",
+        "timeout", "compile_error"; already logged). Never raises (except KeyboardInterrupt-like
+        stops) and changes nothing the client sees.
+
+        ``now`` (time.time(), 0.0 = read the clock) is the log phase's time, so $request_time,
+        $msec... read by the hook equal the access log's."""
+        location = getattr(exchange, "location", None)
+        upstream = getattr(location, "upstream", None)
+        context = api.CURRENT
+        context.now = now
         try:
-            self.log(level, message, exchange)
-        except Exception:  # a failing log sink must not fail the request: run() never raises
-            pass
+            return self._execute(exchange, api.NO_UPSTREAM if upstream is None else upstream,
+                                 api.LOG_OUTCOME)
+        finally:
+            context.now = 0.0
+
+    def _fail(self, outcome: Any, kind: str, message: str, exchange: Any, level: str = "error") -> str:
+        self._report(kind, message, exchange, level)
+        return kind

@@ -130,12 +130,21 @@ def split_target(target: bytes) -> tuple[str, str | None] | None:
 # --------------------------------------------------------------------------- the exchange
 
 
+_LOG_TIME = [0.0]  # the log phase's time while it runs (0.0: not in a log phase)
+
+
+def log_clock() -> float:
+    """The access logs' clock in locations with a log hook: the log phase's time."""
+    return _LOG_TIME[0] or time.time()
+
+
 class Exchange:
     """One request: what variables, hooks and logs read, and the code that serves it."""
 
     __slots__ = (
         "_early_status",
         "_finished",
+        "_logged",
         "args",
         "body_bytes_sent",
         "bytes_sent",
@@ -202,6 +211,7 @@ class Exchange:
 
         self._early_status = 0  # an error found while routing, answered when we become active
         self._finished = False
+        self._logged = False  # the log phase ran (it runs once per request)
         self.upstream_request: UpstreamRequest | None = None  # set when proxying
         self._route()
 
@@ -428,9 +438,30 @@ class Exchange:
         self.finish_logged()
 
     def _log_access(self) -> None:
-        """The log phase: the request is over."""
-        for log in self.location.access_logs:
-            log.write(self)
+        """The log phase, once per request: the access logs, then the location's log hook
+        (after them: a slow or failing hook cannot change the lines). Never raises; the hook
+        changes nothing the client sees (status, bytes and connection are settled)."""
+        if self._logged:
+            return
+        self._logged = True
+        location = self.location
+        hook = location.log_hook
+        if hook is None:
+            for log in location.access_logs:
+                log.write(self)
+        else:
+            # one reading of the clock for the whole phase: the access logs' $request_time,
+            # $msec... (their clock is log_clock) and the hook's are the same values
+            now = _LOG_TIME[0] = time.time()
+            try:
+                for log in location.access_logs:
+                    log.write(self)
+            finally:
+                _LOG_TIME[0] = 0.0
+            try:
+                hook.run(self, now)
+            except Exception:  # run() never raises; belt and braces for the connection's sake
+                errorlog.log_error("alert", "log_by_python runner failed while logging request")
         # exchange <-> upstream request is a reference cycle: break it, so both go with their
         # last reference instead of waiting for (and feeding) the cyclic garbage collector
         self.upstream_request = None

@@ -13,11 +13,13 @@ worker builds its ``Runtime`` exactly once.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from scriptlb.balancing import create_balancer
 from scriptlb.config.model import (
+    HookConf,
     HttpConf,
     LocationConf,
     MainConf,
@@ -35,6 +37,7 @@ from scriptlb.stats import PeerStats, UpstreamStats
 if TYPE_CHECKING:
     from scriptlb.accesslog import LogFile
     from scriptlb.downstream import ClientConnection, Request
+    from scriptlb.hooks import LogHookRunner
     from scriptlb.proxy import Exchange
 
 Getter = Callable[[Any], str]
@@ -220,12 +223,14 @@ def _connection_listed(connection: bytes) -> frozenset[bytes]:
 
 
 class LocationRuntime:
-    __slots__ = ("access_logs", "conf", "plan", "proxy_host", "return_getter", "upstream")
+    __slots__ = ("access_logs", "conf", "log_hook", "plan", "proxy_host", "return_getter", "upstream")
 
-    def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None, access_logs: tuple) -> None:
+    def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None, access_logs: tuple,
+                 log_hook: LogHookRunner | None = None) -> None:
         self.conf = conf
         self.upstream = upstream
         self.access_logs = access_logs
+        self.log_hook = log_hook  # log_by_python, run by the exchange after the access logs
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
         ret = conf.return_
@@ -344,7 +349,11 @@ class Runtime:
         self.upstreams = {
             name: UpstreamRuntime(up, loop, http.python, stats) for name, up in http.upstreams.items()
         }
+        self._python = http.python
         self._access_logs: dict[tuple, tuple] = {}
+        # one runner per distinct log hook: locations inheriting a hook share it (and its
+        # error-rate limit), as they share the code compiled once by precompile
+        self._log_hooks: dict[HookConf, LogHookRunner] = {}
         # one LogFile per path, shared by every access_log directive naming it (one open, one
         # buffer, lines in order), as nginx opens each path once
         self._log_files: dict[str, LogFile] = {}
@@ -357,18 +366,40 @@ class Runtime:
         upstream = None
         if conf.proxy_pass is not None and conf.return_ is None:
             upstream = self.upstreams[conf.proxy_pass.upstream]
-        return LocationRuntime(conf, upstream, self._access_logs_for(conf))
+        return LocationRuntime(conf, upstream, self._access_logs_for(conf), self._log_hook_for(conf))
+
+    def _log_hook_for(self, conf: LocationConf) -> LogHookRunner | None:
+        hook = conf.log_hook
+        if hook is None:
+            return None
+        runner = self._log_hooks.get(hook)
+        if runner is None:
+            # imported here: only configs with hooks pay for the sandbox; an import error
+            # fails the worker's start (a configured hook is never silently ignored)
+            from scriptlb.hooks import LogHookRunner
+
+            runner = self._log_hooks[hook] = LogHookRunner(hook, self._python)
+        return runner
 
     def _access_logs_for(self, conf: LocationConf) -> tuple:
         if not conf.access_log:
             return ()
-        key = conf.access_log
+        # With a log hook, the access logs read the log phase's frozen time (proxy.log_clock),
+        # so the hook's $request_time & co equal the line's; without one, the plain clock.
+        frozen = conf.log_hook is not None
+        key = (conf.access_log, frozen)
         logs = self._access_logs.get(key)
         if logs is None:
             from scriptlb.accesslog import open_access_log
 
+            if frozen:
+                from scriptlb.proxy import log_clock
+
+                clock = log_clock
+            else:
+                clock = time.time
             logs = self._access_logs[key] = tuple(
-                open_access_log(c, self.loop, self._log_files) for c in conf.access_log
+                open_access_log(c, self.loop, self._log_files, clock) for c in conf.access_log
             )
         return logs
 
