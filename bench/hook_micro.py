@@ -8,7 +8,8 @@ the best of ``--repeat`` timings (the least disturbed by other processes) for:
 * crc32-of-URI with a literal peer list (the target case),
 * the same in the ``(ip, port)`` form with ``enable_keepalive`` (the hook of bench/run.py),
 * the same with the peers read from the upstream (hooks/hash_by_uri.py),
-* an empty hook that only sets a peer (the fixed cost of a run: outcome, globals, budget).
+* an empty hook that only sets a peer (the fixed cost of a run: outcome, globals, budget),
+* an empty ``log_by_python`` hook (the fixed cost the log phase adds to every request).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
-from scriptlb.hooks import HookRunner
+from scriptlb.hooks import HookRunner, LogHookRunner
 from scriptlb.hooktool import SyntheticExchange, SyntheticUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,20 +46,36 @@ def runner(code: str, upstream: SyntheticUpstream) -> HookRunner:
     return HookRunner(hook, upstream, PythonConf(), log=lambda *_: None)
 
 
-def per_try_us(hook: HookRunner, upstream: SyntheticUpstream, runs: int, repeat: int) -> float:
-    exchange = SyntheticExchange("GET", "/static/app.js?v=1", [(b"Host", b"example.com")], 3, None, 0)
-    outcome = hook.run(exchange, upstream)
-    assert outcome.addr is not None and outcome.error is None, outcome.message
-    run = hook.run
+def _exchange() -> SyntheticExchange:
+    return SyntheticExchange("GET", "/static/app.js?v=1", [(b"Host", b"example.com")], 3, None, 0)
+
+
+def best_us(run: Callable[[], object], runs: int, repeat: int) -> float:
+    """The best of ``repeat`` timings of ``runs`` calls, in microseconds per call."""
     for _ in range(runs // 10):  # warm-up: caches, branch predictors, CPU frequency
-        run(exchange, upstream)
+        run()
     best = float("inf")
     for _ in range(repeat):
         started = time.process_time()  # CPU time: robust when other processes share the CPUs
         for _ in range(runs):
-            run(exchange, upstream)
+            run()
         best = min(best, time.process_time() - started)
     return best / runs * 1e6
+
+
+def per_try_us(hook: HookRunner, upstream: SyntheticUpstream, runs: int, repeat: int) -> float:
+    exchange = _exchange()
+    outcome = hook.run(exchange, upstream)
+    assert outcome.addr is not None and outcome.error is None, outcome.message
+    return best_us(lambda: hook.run(exchange, upstream), runs, repeat)
+
+
+def per_log_run_us(code: str, runs: int, repeat: int) -> float:
+    hook = HookConf("block", None, code, Source("bench.conf", 1), phase="log", first_line=2)
+    runner = LogHookRunner(hook, PythonConf(), log=lambda *_: None)
+    exchange = _exchange()
+    assert runner.run(exchange) is None
+    return best_us(lambda: runner.run(exchange), runs, repeat)
 
 
 def main() -> None:
@@ -75,6 +93,8 @@ def main() -> None:
     for label, code in cases.items():
         us = per_try_us(runner(code, upstream), upstream, opts.runs, opts.repeat)
         print(f"{label:48s} {us:6.2f} us/try")
+    us = per_log_run_us("pass\n", opts.runs, opts.repeat)
+    print(f"{'empty log_by_python hook (per request)':48s} {us:6.2f} us/run")
 
 
 if __name__ == "__main__":

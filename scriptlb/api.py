@@ -634,31 +634,33 @@ class Ngx:
 # --------------------------------------------------------------------------- upstream
 
 
-def _peer_dict(peer: Any) -> dict[str, Any]:
-    """One peer as lua-upstream-nginx-module reports it (a dict display: the fastest build)."""
+def _peer_dict(peer: Any, figures: tuple[Any, ...]) -> dict[str, Any]:
+    """One peer as lua-upstream-nginx-module reports it, plus its live statistics."""
+    requests, failures, active, last_status, last_failure, ewma, peak, stamp, override = figures
     return {"id": peer.id, "name": peer.name, "weight": peer.weight, "backup": peer.backup,
             "down": peer.down, "fails": peer.fails, "max_fails": peer.max_fails,
             "fail_timeout": peer.fail_timeout, "current_weight": peer.current_weight,
-            "effective_weight": peer.effective_weight, "conns": peer.conns, "max_conns": peer.max_conns}
+            "effective_weight": peer.effective_weight, "conns": peer.conns, "max_conns": peer.max_conns,
+            "requests": requests, "failures": failures, "active": active, "last_status": last_status,
+            "last_failure_time": last_failure, "ewma": ewma, "peak_ewma": peak, "ewma_time": stamp,
+            "weight_override": override}
 
 
-# the live statistics' fields (scriptlb.stats.PeerStats.read), None while python_peer_stats is off
-_NO_STATS = dict.fromkeys(("requests", "failures", "active", "last_status", "last_failure_time",
-                           "ewma", "peak_ewma", "ewma_time", "weight_override"))
 MAX_PEER_WEIGHT = 100  # set_peer_weight's ceiling: a consistent-hash ring has 160 points per weight
+_NO_FIGURES = (None,) * 9  # the live statistics' values while python_peer_stats is off
 
 
 def _peer_dicts(upstream: Any, is_backup: bool) -> list[dict[str, Any]]:
-    """lua-upstream-nginx-module's fields plus the peer's live statistics (shared by all
-    workers: requests, failures, active, last_status, last_failure_time, ewma, peak_ewma,
-    ewma_time, weight_override)."""
+    """lua-upstream-nginx-module's fields plus the peer's live statistics, shared by all
+    workers (``scriptlb.stats.FIELDS``; None while ``python_peer_stats`` is off). One dict
+    display per peer: this runs on every try of hooks that read their peers."""
     peers = upstream.peers.backup if is_backup else upstream.peers.primary
     stats = getattr(upstream, "stats", None)
     if stats is None:
-        return [{**_peer_dict(peer), **_NO_STATS} for peer in peers]
-    read = stats.stats.read
+        return [_peer_dict(peer, _NO_FIGURES) for peer in peers]
+    figures = stats.stats.figures
     slots = stats.backup if is_backup else stats.primary
-    return [{**_peer_dict(peer), **read(slot)} for peer, slot in zip(peers, slots, strict=True)]
+    return [_peer_dict(peer, figures(slot)) for peer, slot in zip(peers, slots, strict=True)]
 
 
 def _peer_of(upstream: Any, is_backup: Any, peer_id: Any) -> Any:

@@ -17,7 +17,8 @@ exact single-writer, so no lock is needed on the hot path.
 Layout (all fields 8 bytes, native byte order, 8-aligned, so one Python store is one machine
 store and a concurrent reader never sees half a value)::
 
-    header   MAGIC, VERSION, SHARDS, RECORD_WORDS, RECORDS, WEIGHT_GENERATION, 2 reserved
+    header   MAGIC, VERSION, SHARDS, RECORD_WORDS, RECORDS, WEIGHT_GENERATION, SHARDS_USED,
+             1 reserved
     shards   SHARDS x (owner pid, reserved)
     records  RECORDS x RECORD_WORDS words:
              key (16-byte digest of upstream name, peer name, occurrence), last status,
@@ -83,6 +84,9 @@ from typing import Any, Protocol
 from scriptlb.config.model import HttpConf
 
 DECAY_TIME = 10.0  # seconds, APISIX's ewma DECAY_TIME
+# what ``read`` / ``figures`` give for a peer, in order (None where nothing was recorded)
+FIELDS = ("requests", "failures", "active", "last_status", "last_failure_time", "ewma", "peak_ewma",
+          "ewma_time", "weight_override")
 DEFAULT_SHARDS = 32
 FILE_NAME = "peer_stats"
 
@@ -90,7 +94,7 @@ MAGIC = int.from_bytes(b"SLBSTAT1", "little")
 VERSION = 1
 
 # header words
-_MAGIC, _VERSION, _SHARDS, _RECORD_WORDS, _RECORDS, _WEIGHT_GENERATION = range(6)
+_MAGIC, _VERSION, _SHARDS, _RECORD_WORDS, _RECORDS, _WEIGHT_GENERATION, _SHARDS_USED = range(7)
 _HEADER_WORDS = 8
 _SHARD_WORDS = 2  # owner pid, reserved
 
@@ -267,6 +271,9 @@ class PeerStats:
             if self._q[owner_word] != pid:
                 _zero_column(fd, self._mine + _ACTIVE)
                 self._q[owner_word] = pid
+            # readers sum the columns of the shards ever used only (usually 1-4 of 32)
+            if self._q[_SHARDS_USED] <= shard:
+                self._q[_SHARDS_USED] = shard + 1
 
     def _free_shard(self, pid: int) -> int | None:
         """This process's shard if it has one, else the first free or orphaned one."""
@@ -387,20 +394,27 @@ class PeerStats:
         return self.read(self.slot(upstream, is_backup, peer_id))
 
     def read(self, slot: int) -> dict[str, Any]:
+        return dict(zip(FIELDS, self.figures(slot), strict=True))
+
+    def figures(self, slot: int) -> tuple[Any, ...]:
+        """The values of ``FIELDS`` for one peer (a tuple: the hook API builds its own dict)."""
         q, d = self._q, self._d
-        first, end = slot + _FIXED_WORDS, slot + _FIXED_WORDS + _COUNTER_WORDS * self.shards
+        first = slot + _FIXED_WORDS
+        counters = q[first : first + _COUNTER_WORDS * q[_SHARDS_USED]].tolist()  # one copy
+        active = sum(counters[_ACTIVE::_COUNTER_WORDS])
         stamp = d[slot + _STAMP]
-        return {
-            "requests": sum(q[first + _REQUESTS : end : _COUNTER_WORDS]),
-            "failures": sum(q[first + _FAILURES : end : _COUNTER_WORDS]),
-            "active": max(0, sum(q[first + _ACTIVE : end : _COUNTER_WORDS])),
-            "last_status": q[slot + _LAST_STATUS] or None,
-            "last_failure_time": d[slot + _LAST_FAILURE] or None,
-            "ewma": d[slot + _EWMA] if stamp else None,
-            "peak_ewma": d[slot + _PEAK] if stamp else None,
-            "ewma_time": stamp or None,
-            "weight_override": self.weight_override(slot),
-        }
+        weight = q[slot + _WEIGHT]
+        return (
+            sum(counters[_REQUESTS::_COUNTER_WORDS]),
+            sum(counters[_FAILURES::_COUNTER_WORDS]),
+            active if active > 0 else 0,
+            q[slot + _LAST_STATUS] or None,
+            d[slot + _LAST_FAILURE] or None,
+            d[slot + _EWMA] if stamp else None,
+            d[slot + _PEAK] if stamp else None,
+            stamp or None,
+            weight if weight and q[slot + _WEIGHT_BASE] == self._weights[slot] else None,
+        )
 
     def __repr__(self) -> str:
         return f"<PeerStats {self.path} peers={len(self._slots)} shard={self._shard_index()}>"

@@ -6,7 +6,6 @@ once per worker in a package module, or per run, with a ``next``-style retry ove
 from __future__ import annotations
 
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from hook_helpers import exchange, run, runner, upstream
 
 from scriptlb.config.model import HookConf, PythonConf, Source
 from scriptlb.hooks import HookRunner
-from scriptlb.hooktool import SyntheticExchange
 from scriptlb.sandbox.modules import ALLOWED
 
 PEER = "\nbalancer.set_current_peer('127.0.0.1:1')\n"
@@ -128,12 +126,11 @@ RUNTIME_ERRORS = {
 
 @pytest.mark.parametrize(("code", "message"), RUNTIME_ERRORS.values(), ids=RUNTIME_ERRORS.keys())
 def test_runtime_errors(code: str, message: str) -> None:
-    started = time.perf_counter()
     result = run(SETUP + code + PEER, timeout=0.5)
+    # refused up front: a runtime error, not the budget's timeout after doing the work
     assert result.kind == "runtime_error", result.outcome.message
     assert message in result.outcome.message
     assert result.outcome.addr is None
-    assert time.perf_counter() - started < 1.0  # refused up front, not after the work
 
 
 HARMLESS = {
@@ -249,19 +246,3 @@ def test_a_roundrobin_built_per_run_rotates_with_the_request_ctx() -> None:
     assert ports == [9001, 9002, 9003]  # a fresh table each run: the request's tried drive it
 
 
-def test_per_run_cost_of_a_chash_lookup(tmp_path: Path) -> None:
-    """One ring lookup from a hook (module cached) is a few µs; the bound is generous for CI."""
-    code = "import lbring\nbalancer.set_current_peer(lbring.ring.find(ngx.var.uri)[0])\n"
-    hook = _module_runner(tmp_path, code)
-    up = hook.upstream
-    ex = SyntheticExchange("GET", "/some/path", [], 4, None, 0)
-    assert hook.run(ex, up).error is None
-    runs = 2000
-    best = float("inf")
-    for _ in range(3):
-        started = time.process_time()
-        for _ in range(runs):
-            hook.run(ex, up)
-        best = min(best, (time.process_time() - started) / runs)
-    print(f"chash lookup hook: {best * 1e6:.1f} us per run")
-    assert best < 100e-6
