@@ -592,7 +592,7 @@ class UpstreamRequest:
         if record is not None and record.response_time is None:
             # nginx's finalize_request gives the try in progress its response time too
             record.response_time = self.loop.time() - record.started
-        self._finish_stats(record.status or 0 if record is not None else 0, None, False)
+        self._finish_stats((record.status or 0) if record is not None else 0, None, False)
         connecting = self._connecting
         self._connecting = None
         if connecting is not None:
@@ -889,7 +889,7 @@ class UpstreamRequest:
         record = self._record
         if record is not None:
             record.response_time = self.loop.time() - record.started
-        self._finish_stats(record.status or 0 if record is not None else 0, None, True)
+        self._finish_stats((record.status or 0) if record is not None else 0, None, True)
         self._log_error(err, "reading upstream")
         self._free_peer(failed=False)
         self._done = True
