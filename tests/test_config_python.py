@@ -284,3 +284,27 @@ def test_the_worker_memory_limit_adds_the_shared_dict_maps(tmp_path: Path) -> No
     http = load_http(tmp_path, "python_memory_limit 256m; python_shared_dict a 1m;")
     assert worker_memory_limit(http) == (256 << 20) + map_size(1 << 20)
     assert worker_memory_limit(load_http(tmp_path, "python_memory_limit off;")) == 0
+
+
+# --------------------------------------------------------------------------- python_peer_stats
+
+
+@pytest.mark.parametrize(("directive", "on"), [
+    ("", True),  # default: every upstream's peers have live statistics
+    ("python_peer_stats on;", True),
+    ("python_peer_stats off;", False),
+])
+def test_python_peer_stats(tmp_path: Path, directive: str, on: bool) -> None:
+    assert load_http(tmp_path, directive).python.peer_stats is on
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("python_peer_stats maybe;",
+     '[emerg] invalid value "maybe" in "python_peer_stats" directive, it must be "on" or "off" in x.conf:3'),
+    ("python_peer_stats on;\npython_peer_stats off;",
+     '[emerg] "python_peer_stats" directive is duplicate in x.conf:4'),
+    ("server { python_peer_stats off; }",
+     '[emerg] "python_peer_stats" directive is not allowed here in x.conf:3'),
+])
+def test_python_peer_stats_errors(tmp_path: Path, body: str, message: str) -> None:
+    assert http_error(tmp_path, body) == message
