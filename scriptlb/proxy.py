@@ -225,7 +225,9 @@ class Exchange:
             self.uri, self.args = "/", None
             self.host = ""
             self.server = self.conn_route().default_server
-            self.location = self.server.default_location
+            # nginx logs this 400 with the server's access_log; ours are per location, so the
+            # logs (and log hook) of the server's "/" stand in, as for log_rejected
+            self.location = self.server.match("/")
             return
         self.uri, self.args = uri, split[1]
         raw_host = self.request.host

@@ -1,8 +1,8 @@
 """log_by_python through real sockets: what the hook sees (compared with the access log line
 of the same request), ngx.ctx shared with the balancer hook, innermost-wins inheritance,
 failures that never touch the response or the connection, one run per finished request
-(proxied, return, 444, 502, 499, 400), python_code_cache off, and a real master with two
-workers."""
+(proxied, return, 444, 502, 499, 400 rejected by the connection or for its URI),
+python_code_cache off, and a real master with two workers."""
 
 from __future__ import annotations
 
@@ -289,12 +289,15 @@ def test_the_hook_runs_once_for_every_way_a_request_ends(tmp_path: Path) -> None
             with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as sock:
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
                 assert sock.recv(100).startswith(b"HTTP/1.1 400 ")
-            wait_for(lambda: len(seen(tmp_path)) >= 6, what="six log hook runs")
+            with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as sock:
+                sock.sendall(b"GET /../x HTTP/1.1\r\nHost: x\r\n\r\n")  # above the root: 400
+                assert sock.recv(100).startswith(b"HTTP/1.1 400 ")
+            wait_for(lambda: len(seen(tmp_path)) >= 7, what="seven log hook runs")
             time.sleep(0.2)  # a second run of any of them would show by now
         statuses = [line[0] for line in seen(tmp_path)]
-    assert statuses == ["200", "200", "502", "444", "499", "400"]
+    assert statuses == ["200", "200", "502", "444", "499", "400", "400"]
     assert [line[0] for line in access_lines(tmp_path)] == statuses  # one run per access line
-    assert counter(tmp_path) == 6
+    assert counter(tmp_path) == 7
 
 
 def test_python_code_cache_off_reloads_the_log_hook_file(tmp_path: Path) -> None:
