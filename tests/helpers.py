@@ -9,7 +9,12 @@ guessed or raced for. Waits are on readiness (events, futures) and every loop is
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
+import signal
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -77,6 +82,41 @@ def closed_port() -> int:
     port = sock.getsockname()[1]
     sock.close()
     return port
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+@contextlib.contextmanager
+def master_process(prefix: Path, conf_file: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``scriptlb -p prefix -c conf_file`` as a real master (the config says ``daemon off;``),
+    stopped gracefully (QUIT) when the block ends, whatever happened in it."""
+    proc = subprocess.Popen([sys.executable, "-m", "scriptlb", "-p", str(prefix), "-c", str(conf_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        proc.wait(timeout=15)
+
+
+def fresh_get(port: int, path: str = "/", timeout: float = IO_TIMEOUT) -> str:
+    """The body of a GET over a new connection (with reuseport, new connections are spread
+    over the workers)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def answers(port: int, path: str = "/") -> str | None:
+    """``fresh_get``'s body, or None while nothing answers: the readiness probe."""
+    try:
+        return fresh_get(port, path, timeout=3)
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------- scriptlb in a thread

@@ -6,10 +6,7 @@ the last one also under a real master with two workers."""
 from __future__ import annotations
 
 import hashlib
-import http.client
 import re
-import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import scriptlb_cmd
-from helpers import Backends, Scriptlb, free_ports, get, respond, wait_for
+from helpers import Backends, Scriptlb, answers, free_ports, fresh_get, get, master_process, respond, wait_for
 
 from scriptlb import api, hooks
 from scriptlb.balancers import chash
@@ -283,22 +279,6 @@ def test_rate_aware_answers_503_past_the_limit_within_one_window(
     assert "rate_aware: every peer is at 5 tries this second" in (tmp_path / "error.log").read_text()
 
 
-def _http_get(port: int) -> str:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/")  # a fresh connection each time: reuseport spreads them over workers
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
-
-
-def _answers(port: int) -> str | None:
-    try:
-        return _http_get(port)
-    except OSError:
-        return None
-
-
 @pytest.mark.slow
 def test_rate_aware_counts_across_two_workers_add_up(tmp_path: Path) -> None:
     """The shipped conf/hooks/rate_aware.conf under a real master with two workers."""
@@ -315,20 +295,15 @@ def test_rate_aware_counts_across_two_workers_add_up(tmp_path: Path) -> None:
     (tmp_path / "rate_aware.conf").write_text(text)
     install(tmp_path, "rate_aware", **{"LIMIT = 50": "LIMIT = 100000", "WINDOW_TTL = 3": "WINDOW_TTL = 60"})
     requests = 200
-    proc = subprocess.Popen(scriptlb_cmd("-p", str(tmp_path), "-c", str(tmp_path / "rate_aware.conf")),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: _answers(lb), what="scriptlb to answer")
+    with master_process(tmp_path, tmp_path / "rate_aware.conf"):
+        wait_for(lambda: answers(lb), what="scriptlb to answer")
         zone = _zone(tmp_path)
         before = sum(n for counts in _windows(zone).values() for n in counts.values())
         with ThreadPoolExecutor(max_workers=8) as pool:
-            bodies = list(pool.map(lambda _: _http_get(lb), range(requests)))
+            bodies = list(pool.map(lambda _: fresh_get(lb), range(requests)))
         per_peer: Counter[str] = Counter()
         for counts in _windows(zone).values():
             per_peer.update(counts)
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        proc.wait(timeout=15)
     assert before >= 1  # the request that found the server up
     assert sum(per_peer.values()) - before == requests  # no lost or double counts across workers
     assert set(per_peer) == {f"127.0.0.1:{p}" for p in backend_ports}

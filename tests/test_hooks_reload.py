@@ -4,7 +4,6 @@ off, without one); a reload with a broken hook is refused and the old hook keeps
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import signal
 import subprocess
@@ -13,21 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_ports, wait_for
+from helpers import answers, free_ports, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def body(port: int, path: str = "/") -> str | None:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
-        conn.request("GET", path)
-        return conn.getresponse().read().decode()
-    except OSError:
-        return None
-    finally:
-        conn.close()
 
 
 CONF = """
@@ -64,7 +52,7 @@ def scriptlb(tmp_path: Path, cache: str = "on") -> Iterator[tuple[subprocess.Pop
     proc = subprocess.Popen([sys.executable, "-m", "scriptlb", "-p", str(tmp_path), "-c", str(conf)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: body(lb) is not None, what="scriptlb to serve")
+        wait_for(lambda: answers(lb) is not None, what="scriptlb to serve")
         yield proc, ports
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -93,24 +81,24 @@ def to_port(port: int) -> str:
 def test_reload_picks_up_a_changed_hook_and_refuses_a_broken_one(tmp_path: Path) -> None:
     hook = write_hook(tmp_path, FIRST_PEER)
     with scriptlb(tmp_path) as (proc, ports):
-        assert {body(ports["lb"]) for _ in range(4)} == {"A"}
+        assert {answers(ports["lb"]) for _ in range(4)} == {"A"}
         write_hook(tmp_path, to_port(ports["b"]))
-        assert {body(ports["lb"]) for _ in range(4)} == {"A"}  # compiled once: no change yet
+        assert {answers(ports["lb"]) for _ in range(4)} == {"A"}  # compiled once: no change yet
         os.kill(proc.pid, signal.SIGHUP)
         # the old worker finishes gracefully: wait until only the new one answers
-        wait_for(lambda: {body(ports["lb"]) for _ in range(4)} == {"B"}, what="the reloaded hook")
+        wait_for(lambda: {answers(ports["lb"]) for _ in range(4)} == {"B"}, what="the reloaded hook")
 
         hook.write_text("balancer.set_current_peer(\n")  # broken
         os.kill(proc.pid, signal.SIGHUP)
         log = tmp_path / "error.log"
         wait_for(lambda: "failed to load external Python file" in log.read_text(), what="the refusal")
         assert f'SyntaxError: \'(\' was never closed in {hook}:1' in log.read_text()
-        assert {body(ports["lb"]) for _ in range(4)} == {"B"}  # the old config keeps serving
+        assert {answers(ports["lb"]) for _ in range(4)} == {"B"}  # the old config keeps serving
 
 
 def test_code_cache_off_picks_up_changes_without_reload(tmp_path: Path) -> None:
     write_hook(tmp_path, FIRST_PEER)
     with scriptlb(tmp_path, cache="off") as (_proc, ports):
-        assert body(ports["lb"]) == "A"
+        assert answers(ports["lb"]) == "A"
         write_hook(tmp_path, to_port(ports["b"]))
-        assert {body(ports["lb"]) for _ in range(3)} == {"B"}
+        assert {answers(ports["lb"]) for _ in range(3)} == {"B"}

@@ -6,20 +6,28 @@ python_code_cache off, and a real master with two workers."""
 
 from __future__ import annotations
 
-import http.client
 import re
-import signal
 import socket
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import scriptlb_cmd
-from helpers import Backends, HttpConnection, Scriptlb, closed_port, free_ports, get, hang, respond, wait_for
+from helpers import (
+    Backends,
+    HttpConnection,
+    Scriptlb,
+    answers,
+    closed_port,
+    free_ports,
+    get,
+    hang,
+    master_process,
+    respond,
+    wait_for,
+)
 
 from scriptlb import api, hooks
 from scriptlb.config.model import PythonConf
@@ -335,39 +343,23 @@ http {{
 """
 
 
-def _get_body(port: int) -> str | None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/")  # a fresh connection each time: reuseport spreads them
-        return conn.getresponse().read().decode()
-    except OSError:
-        return None
-    finally:
-        conn.close()
-
-
 @pytest.mark.slow
 def test_two_workers_run_the_log_hook_once_per_request(tmp_path: Path) -> None:
     (lb,) = free_ports(1)
     conf_file = tmp_path / "scriptlb.conf"
     conf_file.write_text(MASTER_CONF.format(tmp=tmp_path, lb=lb))
-    proc = subprocess.Popen(scriptlb_cmd("-p", str(tmp_path), "-c", str(conf_file)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     requests = 200
-    try:
-        wait_for(lambda: _get_body(lb), what="scriptlb to answer")
+    with master_process(tmp_path, conf_file):
+        wait_for(lambda: answers(lb), what="scriptlb to answer")
         # the readiness request's run may land after its response: count it first
         wait_for(lambda: counter(tmp_path) >= 1, what="the first log hook run")
         before = counter(tmp_path)
         with ThreadPoolExecutor(max_workers=8) as pool:
-            bodies = list(pool.map(lambda _: _get_body(lb), range(requests)))
+            bodies = list(pool.map(lambda _: answers(lb), range(requests)))
         wait_for(lambda: counter(tmp_path) - before >= requests, timeout=10, what="every log hook run")
         time.sleep(0.2)  # a duplicate run would land by now
         after = counter(tmp_path)
         per_worker = [counter(tmp_path, "worker0"), counter(tmp_path, "worker1")]
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        proc.wait(timeout=15)
     assert bodies == ["ok"] * requests
     assert after - before == requests
     assert sum(per_worker) == after

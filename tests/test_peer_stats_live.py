@@ -6,25 +6,25 @@ real master with two workers whose figures add up (and survive a reload, not a r
 from __future__ import annotations
 
 import asyncio
-import http.client
 import signal
-import subprocess
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import scriptlb_cmd
 from helpers import (
     BackendRequest,
     Backends,
     Scriptlb,
+    answers,
     closed_port,
     free_ports,
+    fresh_get,
     get,
     hang,
     in_loop,
+    master_process,
     respond,
     wait_for,
 )
@@ -255,22 +255,6 @@ http {{
 """
 
 
-def _fresh_get(port: int) -> str:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/")  # a fresh connection each time: reuseport spreads them
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
-
-
-def _answers(port: int) -> str | None:
-    try:
-        return _fresh_get(port)
-    except OSError:
-        return None
-
-
 def _total_requests(tmp_path: Path, conf_file: Path) -> int:
     conf = load(str(conf_file), str(tmp_path))
     assert conf.http is not None
@@ -281,43 +265,27 @@ def _total_requests(tmp_path: Path, conf_file: Path) -> int:
         view.close()
 
 
-def _start(tmp_path: Path, conf: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(scriptlb_cmd("-p", str(tmp_path), "-c", str(conf)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGQUIT)
-    proc.wait(timeout=15)
-
-
 @pytest.mark.slow
 def test_two_workers_add_up_keep_figures_on_reload_and_restart_at_zero(tmp_path: Path) -> None:
     lb, a, b = free_ports(3)
     conf = tmp_path / "scriptlb.conf"
     conf.write_text(MASTER_CONF.format(tmp=tmp_path, lb=lb, a=a, b=b))
-    proc = _start(tmp_path, conf)
-    try:
-        wait_for(lambda: _answers(lb), what="scriptlb to answer")
+    with master_process(tmp_path, conf) as proc:
+        wait_for(lambda: answers(lb), what="scriptlb to answer")
         start = _total_requests(tmp_path, conf)
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda _: _fresh_get(lb), range(200)))
+            list(pool.map(lambda _: fresh_get(lb), range(200)))
         served = _total_requests(tmp_path, conf) - start
         proc.send_signal(signal.SIGHUP)  # a reload: new workers, same file, same figures
         wait_for(lambda: (tmp_path / "error.log").read_text().count("start worker process") >= 4,
                  what="the reload's new workers")
         for _ in range(10):
-            _fresh_get(lb)
+            fresh_get(lb)
         after_reload = _total_requests(tmp_path, conf)
-    finally:
-        _stop(proc)
     assert served == 200  # every try of both workers counted once, none lost
     assert after_reload >= start + 210  # (+ whatever the wait-for probes added)
 
-    proc = _start(tmp_path, conf)  # a cold start begins at zero, as nginx's zones do
-    try:
-        wait_for(lambda: _answers(lb), what="scriptlb to answer again")
+    with master_process(tmp_path, conf):  # a cold start begins at zero, as nginx's zones do
+        wait_for(lambda: answers(lb), what="scriptlb to answer again")
         restarted = _total_requests(tmp_path, conf)
-    finally:
-        _stop(proc)
     assert 1 <= restarted <= 5  # the probe request(s) only

@@ -4,15 +4,11 @@ atomically (issue 5: two workers each doing N increments leave exactly 2N)."""
 
 from __future__ import annotations
 
-import http.client
-import signal
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import scriptlb_cmd
-from helpers import free_ports, wait_for
+from helpers import answers, free_ports, fresh_get, master_process, wait_for
 
 from scriptlb.shared_dict import SharedDict, zone_directory
 
@@ -49,39 +45,18 @@ http {{
 """
 
 
-def _get(port: int) -> str:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/")  # a fresh connection each time: reuseport spreads them
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
-
-
-def _answers(port: int) -> str | None:
-    try:
-        return _get(port)
-    except OSError:
-        return None
-
-
 def test_two_workers_share_a_dict_and_know_their_ids(tmp_path: Path) -> None:
     lb, a, b = free_ports(3)
     conf = tmp_path / "scriptlb.conf"
     conf.write_text(CONF.format(tmp=tmp_path, lb=lb, a=a, b=b))
-    proc = subprocess.Popen(scriptlb_cmd("-p", str(tmp_path), "-c", str(conf)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: _answers(lb), what="scriptlb to answer")
+    with master_process(tmp_path, conf):
+        wait_for(lambda: answers(lb), what="scriptlb to answer")
         zone = SharedDict(zone_directory(str(tmp_path)), "counters", 1 << 20)
         before, _ = zone.get("requests")
         with ThreadPoolExecutor(max_workers=8) as pool:
-            bodies = list(pool.map(lambda _: _get(lb), range(REQUESTS)))
+            bodies = list(pool.map(lambda _: fresh_get(lb), range(REQUESTS)))
         after, _ = zone.get("requests")
         per_worker = [zone.get("worker0")[0] or 0, zone.get("worker1")[0] or 0]
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        proc.wait(timeout=15)
     # every hook run counted once, whichever worker ran it: no lost updates across processes
     assert after - before == REQUESTS
     assert sum(per_worker) == after
@@ -97,14 +72,9 @@ def test_a_cold_start_empties_the_shared_dicts(tmp_path: Path) -> None:
     stale = SharedDict(zone_directory(str(tmp_path)), "counters", 1 << 20)
     stale.set("requests", 1000)
     stale.close()
-    proc = subprocess.Popen(scriptlb_cmd("-p", str(tmp_path), "-c", str(conf)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: _answers(lb), what="scriptlb to answer")  # exactly one request
+    with master_process(tmp_path, conf):
+        wait_for(lambda: answers(lb), what="scriptlb to answer")  # exactly one request
         count, _ = SharedDict(zone_directory(str(tmp_path)), "counters", 1 << 20).get("requests")
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        proc.wait(timeout=15)
     assert count == 1
 
 
@@ -152,18 +122,13 @@ def test_a_hook_hoarding_memory_hits_the_limit_and_traffic_goes_on(tmp_path: Pat
     (tmp_path / "hoard.py").write_text(HOARD)
     conf = tmp_path / "scriptlb.conf"
     conf.write_text(GROWING_CONF.format(tmp=tmp_path, lb=lb, a=a))
-    proc = subprocess.Popen(scriptlb_cmd("-p", str(tmp_path), "-c", str(conf)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: _answers(lb), what="scriptlb to answer")
+    with master_process(tmp_path, conf) as proc:
+        wait_for(lambda: answers(lb), what="scriptlb to answer")
         workers = _worker_pids(proc.pid)
         limits = [Path(f"/proc/{pid}/limits").read_text() for pid in workers]
         # 60 requests would hoard 240 MiB: past the 160 MiB limit every run fails, and falls back
-        bodies = [_get(lb) for _ in range(60)]
+        bodies = [fresh_get(lb) for _ in range(60)]
         log = (tmp_path / "error.log").read_text()
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        proc.wait(timeout=15)
     assert any("Max address space" in text and str(160 << 20) in text for text in limits)
     assert bodies == ["served"] * 60
     assert "MemoryError" in log
