@@ -100,10 +100,10 @@ class UpstreamRuntime:
 
     def refresh_weights(self) -> None:
         """Take weights hooks set (``upstream.set_peer_weight``, in any worker) since the last
-        request; balancers that cache weights (hash's total, the consistent-hash ring) rebuild."""
+        request; balancers that cache weights (hash's total, random's ranges) recompute them."""
         stats = self.stats
         if stats is not None and stats.refresh_weights(self.peers.primary, self.peers.backup):
-            self.balancer.rebuild(self.peers)
+            self.balancer.weights_changed()
 
     def close(self) -> None:
         self.pool.close()

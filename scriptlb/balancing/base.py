@@ -87,3 +87,9 @@ class Balancer(Protocol):
     def rebuild(self, peers: PeerSet) -> None:
         """Swap in a new peer set (dynamic upstreams); requests in flight keep their old one."""
         ...
+
+    def weights_changed(self) -> None:
+        """Hook-set weights (``upstream.set_peer_weight``) were written into the peers' ``weight``
+        and ``effective_weight``: refresh whatever caches them. Must stay cheap (O(peers)): a
+        hook decides how often this runs."""
+        ...

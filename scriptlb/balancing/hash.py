@@ -130,6 +130,12 @@ class ConsistentHash(RoundRobin):
         super().rebuild(peers)
         self._point_hashes, self._point_servers = ketama_points(peers.primary)
 
+    def weights_changed(self) -> None:
+        """The ring keeps the weights it was built with. Rebuilding it costs 160 points per unit
+        of weight (hundreds of ms for a few peers at weight 100) and would let a hook stall the
+        worker at will; it would also remap keys, which is what consistent hashing avoids. The
+        round robin it falls back to reads the new weights live."""
+
     def new_request(self, tries_cap: int, key: str | bytes | None = None) -> HashState:  # type: ignore[override]
         state = HashState(self.peers, initial_tries(self.peers, tries_cap), _key_bytes(key))
         if self._point_hashes:

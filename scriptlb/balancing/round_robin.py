@@ -36,6 +36,11 @@ class RoundRobin:
     def rebuild(self, peers: PeerSet) -> None:
         self.peers = peers
 
+    def weights_changed(self) -> None:
+        """Methods caching weights (hash's total, random's ranges) recompute them; round robin
+        reads them live. O(peers) for all of them."""
+        self.rebuild(self.peers)
+
     def new_request(self, tries_cap: int, key: str | bytes | None = None) -> BalancerState:
         return BalancerState(self.peers, initial_tries(self.peers, tries_cap))  # no key: not hashed
 
