@@ -694,7 +694,7 @@ class Upstream:
         stats = getattr(upstream_rt, "stats", None)
         if stats is None:
             return None, "peer statistics are off (python_peer_stats)"
-        stats.stats.set_weight(stats.slot_of(peer), weight)
+        stats.stats.set_weight(peer.stats_slot, weight)
         upstream_rt.refresh_weights()  # this worker at once: the hook may read the peers again
         return _OK
 

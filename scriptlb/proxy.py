@@ -51,6 +51,7 @@ from scriptlb.retry import (
     last_failure_state,
     last_failure_status,
 )
+from scriptlb.stats import WEIGHT_GENERATION
 from scriptlb.upstream import ResponseHead, UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
@@ -620,8 +621,9 @@ class UpstreamRequest:
         if not self._stream_body:
             self._body = ex.request.take_body()
         self._build_head()
-        if upstream.stats is not None:
-            upstream.refresh_weights()  # one shared load unless a hook changed a weight
+        stats = upstream.stats
+        if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
+            upstream.refresh_weights()  # a hook set a weight (stats.weights_stale(), inlined)
         key_getter = upstream.key_getter
         if key_getter is None:
             self._state = upstream.balancer.new_request(tries_cap)
@@ -671,8 +673,10 @@ class UpstreamRequest:
             addr = peer.addr
             name = peer.name  # (addr.name formats the text on every call; the peer keeps it)
             self._peer_to_free = peer
-            if upstream.stats is not None:
-                self._slot = upstream.stats.start(peer)
+            stats = upstream.stats
+            if stats is not None:
+                self._slot = slot = peer.stats_slot
+                stats.start(slot)
         else:
             name = addr.name
             if upstream.stats is not None:
@@ -813,8 +817,11 @@ class UpstreamRequest:
         if record is not None:
             record.response_time = self.loop.time() - record.started
             self._observe(record)
-            if self._slot >= 0:
-                self._finish_stats(record.status or 0, record.response_time, False)
+            slot = self._slot
+            if slot >= 0:  # (_finish_stats, inlined: this is every request's path)
+                self._slot = -1
+                self.upstream.stats.finish(slot, record.status or 0, record.response_time, False,  # type: ignore[union-attr]
+                                           time.time())
         if conn is not None:
             if self._pool is not None:
                 self._pool.release(conn)

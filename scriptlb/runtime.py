@@ -76,6 +76,8 @@ class UpstreamRuntime:
         self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests)
         # this upstream's records in the instance's live peer statistics (python_peer_stats)
         self.stats = UpstreamStats(stats, conf.name) if stats is not None else None
+        if self.stats is not None:
+            self.stats.assign_slots(self.peers.primary, self.peers.backup)
         self.hook: Any = None
         self._hook_pool: ConnectionPool | None = None
         if conf.hook is not None:

@@ -23,17 +23,19 @@ store and a concurrent reader never sees half a value)::
     records  RECORDS x RECORD_WORDS words:
              key (16-byte digest of upstream name, peer name, occurrence), last status,
              last failure time, ewma, peak ewma, ewma stamp, weight override, weight base,
-             2 reserved, then per shard: requests, failures, active
+             2 reserved, then per shard: requests, failures, finished
 
 **Exact counters: one shard per process.** Each recording process claims a shard (a column of
-``requests, failures, active`` in every record) when it opens the file, so each of those cells
-has exactly one writer and ``+= 1`` needs no atomic instruction. Readers sum the shards. A
-shard whose owner has died is adopted by the next process that opens the file: its requests and
-failures stay (they are history), its active count is zeroed (that process's connections died
-with it). A forked child claims its own shard (an at-fork hook), so a master that opened the
-file before forking hands each worker its own. ``SHARDS`` bounds how many processes may record
-at the same time (old and new workers overlap during a reload); the default leaves room for
-several generations of a typical worker count, and ``open`` raises ``StatsFull`` beyond it.
+``requests, failures, finished`` in every record) when it opens the file, so each of those cells
+has exactly one writer and ``+= 1`` needs no atomic instruction. Readers sum the shards;
+``active`` is ``requests - finished`` (one store per try start and one per end, the least the
+hot path can do). A shard whose owner has died is adopted by the next process that opens the
+file: its requests and failures stay (they are history), its tries in flight are settled
+(finished := requests: that process's connections died with it). A forked child claims its own
+shard (an at-fork hook), so a master that opened the file before forking hands each worker its
+own. ``SHARDS`` bounds how many processes may record at the same time (old and new workers
+overlap during a reload); the default leaves room for several generations of a typical worker
+count, and ``open`` raises ``StatsFull`` beyond it.
 
 **Benign races, on purpose.** ``last status``, ``last failure time`` and the averages are shared
 by all writers. Each is a single aligned store, so a reader sees an old or a new value, never a
@@ -91,10 +93,11 @@ DEFAULT_SHARDS = 32
 FILE_NAME = "peer_stats"
 
 MAGIC = int.from_bytes(b"SLBSTAT1", "little")
-VERSION = 1
+VERSION = 2  # 2: the third counter is "finished" (was "active")
 
 # header words
 _MAGIC, _VERSION, _SHARDS, _RECORD_WORDS, _RECORDS, _WEIGHT_GENERATION, _SHARDS_USED = range(7)
+WEIGHT_GENERATION = _WEIGHT_GENERATION  # UpstreamStats.words[WEIGHT_GENERATION]: see weights_stale
 _HEADER_WORDS = 8
 _SHARD_WORDS = 2  # owner pid, reserved
 
@@ -109,7 +112,7 @@ _WEIGHT = 7  # override; 0 = none
 _WEIGHT_BASE = 8  # the configured weight the override was set against
 _FIXED_WORDS = 11
 # per-shard words (offsets from a slot's shard column)
-_REQUESTS, _FAILURES, _ACTIVE = 0, 1, 2
+_REQUESTS, _FAILURES, _FINISHED = 0, 1, 2
 _COUNTER_WORDS = 3
 
 _WORD = 8
@@ -260,7 +263,7 @@ class PeerStats:
         self._map.close()
 
     def _claim_shard(self) -> None:
-        """Take a free shard, or one whose owner is dead (zeroing its active counts)."""
+        """Take a free shard, or one whose owner is dead (settling its tries in flight)."""
         pid = os.getpid()
         with _locked(self.path) as fd:
             shard = self._free_shard(pid)
@@ -269,7 +272,7 @@ class PeerStats:
             self._mine = _FIXED_WORDS + _COUNTER_WORDS * shard
             owner_word = _HEADER_WORDS + _SHARD_WORDS * shard
             if self._q[owner_word] != pid:
-                _zero_column(fd, self._mine + _ACTIVE)
+                _settle_column(fd, self._mine)
                 self._q[owner_word] = pid
             # readers sum the columns of the shards ever used only (usually 1-4 of 32)
             if self._q[_SHARDS_USED] <= shard:
@@ -315,10 +318,8 @@ class PeerStats:
         return self._by_address.get((upstream, address))
 
     def record_start(self, slot: int) -> None:
-        """A try to this peer starts: requests += 1, active += 1."""
-        q, i = self._q, slot + self._mine
-        q[i] += 1
-        q[i + _ACTIVE] += 1
+        """A try to this peer starts: requests += 1 (and so active += 1)."""
+        self._q[slot + self._mine] += 1
 
     def record_finish(
         self, slot: int, status: int, response_time: float | None, failed: bool, now: float
@@ -330,7 +331,7 @@ class PeerStats:
         the averages, or None; ``now``: wall clock (``time.time()``)."""
         q, d = self._q, self._d
         i = slot + self._mine
-        q[i + _ACTIVE] -= 1
+        q[i + _FINISHED] += 1
         q[slot + _LAST_STATUS] = status
         if failed:
             q[i + _FAILURES] += 1
@@ -401,11 +402,12 @@ class PeerStats:
         q, d = self._q, self._d
         first = slot + _FIXED_WORDS
         counters = q[first : first + _COUNTER_WORDS * q[_SHARDS_USED]].tolist()  # one copy
-        active = sum(counters[_ACTIVE::_COUNTER_WORDS])
+        requests = sum(counters[_REQUESTS::_COUNTER_WORDS])
+        active = requests - sum(counters[_FINISHED::_COUNTER_WORDS])
         stamp = d[slot + _STAMP]
         weight = q[slot + _WEIGHT]
         return (
-            sum(counters[_REQUESTS::_COUNTER_WORDS]),
+            requests,
             sum(counters[_FAILURES::_COUNTER_WORDS]),
             active if active > 0 else 0,
             q[slot + _LAST_STATUS] or None,
@@ -431,25 +433,32 @@ class UpstreamStats:
     nothing changed). Balancers that cache weights (``hash``'s total, ``hash consistent``'s
     ring) need a rebuild when it returns True; round robin and its kin read them live."""
 
-    __slots__ = ("backup", "finish", "generation", "name", "primary", "stats")
+    __slots__ = ("backup", "finish", "generation", "name", "primary", "start", "stats", "words")
 
     def __init__(self, stats: PeerStats, upstream: str) -> None:
         self.stats = stats
         self.name = upstream
         self.primary, self.backup = stats.slots(upstream)
         self.generation = -1  # never applied: the first refresh syncs
-        # the tries loop's end-of-try call, bound once (a try pays no extra lookup for it)
+        # the tries loop's calls, bound once: a try pays no lookup or wrapper for them
+        self.start = stats.record_start
         self.finish = stats.record_finish
+        self.words = stats._q  # for weights_stale's one load
+
+    def weights_stale(self) -> bool:
+        """Has a hook set a weight since ``refresh_weights`` last ran? (Callers on the hot
+        path inline this: ``stats.words[WEIGHT_GENERATION] != stats.generation``.)"""
+        return self.words[WEIGHT_GENERATION] != self.generation
+
+    def assign_slots(self, primary: Sequence[Any], backup: Sequence[Any]) -> None:
+        """Give each ``Peer`` its ``stats_slot`` (read by the tries loop per try)."""
+        for peers, slots in ((primary, self.primary), (backup, self.backup)):
+            for peer, slot in zip(peers, slots, strict=True):
+                peer.stats_slot = slot
 
     def slot_of(self, peer: Any) -> int:
         """The slot of a ``Peer`` of this upstream (by its list and ``id``)."""
         return (self.backup if peer.backup else self.primary)[peer.id]
-
-    def start(self, peer: Any) -> int:
-        """A try to a balancer peer starts; returns its slot for ``finish``."""
-        slot = (self.backup if peer.backup else self.primary)[peer.id]
-        self.stats.record_start(slot)
-        return slot
 
     def start_address(self, address: str) -> int:
         """A try to a hook-chosen address starts: it counts for the upstream's first peer with
@@ -550,14 +559,15 @@ def _allocate(fd: int, layout: Sequence[UpstreamLayout]) -> tuple[Slots, dict[in
     return slots, weights, names
 
 
-def _zero_column(fd: int, offset: int) -> None:
-    """Zero one word of every record in the file (through the file, so records added after
-    this process mapped it are covered too)."""
+def _settle_column(fd: int, offset: int) -> None:
+    """In every record, mark a shard's tries as all finished (finished := requests), through
+    the file, so records added after this process mapped it are covered too."""
     shards, record_words, records = struct.unpack("=3q", os.pread(fd, 3 * _WORD, _SHARDS * _WORD))
     first = _records_start(shards)
-    zero = bytes(_WORD)
     for index in range(records):
-        os.pwrite(fd, zero, (first + index * record_words + offset) * _WORD)
+        at = (first + index * record_words + offset) * _WORD
+        requests = os.pread(fd, _WORD, at + _REQUESTS * _WORD)
+        os.pwrite(fd, requests, at + _FINISHED * _WORD)
 
 
 def _alive(pid: int) -> bool:
