@@ -28,6 +28,7 @@ import bench_load  # noqa: E402
 import bench_proc  # noqa: E402
 import bench_profile  # noqa: E402
 import bench_report  # noqa: E402
+import instructions as bench_instructions  # noqa: E402
 import run as bench_run  # noqa: E402
 
 WRK_SMALL = """\
@@ -437,3 +438,16 @@ def test_cli_arguments() -> None:
                                            "scriptlb-2w", "scriptlb-nostats"]
     with pytest.raises(KeyError):
         bench_run.Harness(bench_run.parse_args(["--targets", "nope"]))
+
+
+@pytest.mark.parametrize("extra", bench_instructions.CONFIGS.values())
+def test_instruction_count_configs_pass_t(tmp_path: Path, extra: str) -> None:
+    """bench/instructions.py's proxy and backend configs are valid (scriptlb -t)."""
+    import subprocess
+
+    for name, text in (("p.conf", bench_instructions.proxy_conf(tmp_path, 9301, 9302, extra)),
+                       ("b.conf", bench_instructions.backend_conf(tmp_path, 9302))):
+        (tmp_path / name).write_text(text)
+        result = subprocess.run([sys.executable, "-m", "scriptlb", "-t", "-p", str(tmp_path), "-c", name],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr

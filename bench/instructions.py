@@ -1,0 +1,161 @@
+"""Instructions per proxied request, counted by valgrind (callgrind): a noise-free A/B.
+
+    .venv/bin/python bench/instructions.py [--low 200] [--high 1200]
+
+Wall-clock A/Bs on a shared or virtual machine wander by more than the few percent some
+features cost (issue 5's peer statistics must cost <= 3%). Instruction counts do not: this
+script runs one scriptlb worker (``master_process off``) under callgrind for each config,
+sends ``--low`` and then ``--high`` sequential keep-alive requests through it to a backend
+outside valgrind, and reports ``(count(high) - count(low)) / (high - low)``: the user-mode
+instructions of one request, start-up and shutdown cancelled out.
+
+Configs compared: ``python_peer_stats on`` (the default) against ``off``. Kernel work (about 40%
+of the proxy's CPU per request in bench/run.py) is not counted, and an instruction is not a
+cycle: treat the difference as an upper bound of the CPU cost, and the wall-clock micro-cost
+(also printed) as the estimate. Needs valgrind (``apt-get install valgrind``); about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import bench_proc  # noqa: E402
+
+CONFIGS = {"python_peer_stats on": "", "python_peer_stats off": "python_peer_stats off;"}
+
+
+def proxy_conf(prefix: Path, listen: int, backend: int, extra: str) -> str:
+    return (
+        f"daemon off; master_process off; error_log {prefix}/error.log error; pid {prefix}/pid;\n"
+        "events {}\n"
+        f"http {{ access_log off; {extra}\n"
+        f"  upstream b {{ server 127.0.0.1:{backend}; keepalive 16; }}\n"
+        f"  server {{ listen 127.0.0.1:{listen};\n"
+        '    location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; }\n'
+        "  }\n}\n"
+    )
+
+
+def backend_conf(prefix: Path, listen: int) -> str:
+    return (f"daemon off; master_process off; error_log {prefix}/error.log error; events {{}}\n"
+            f'http {{ access_log off; server {{ listen 127.0.0.1:{listen}; return 200 "ok"; }} }}\n')
+
+
+def send(port: int, count: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        for _ in range(count):
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            if response.read() != b"ok":
+                raise SystemExit(f"unexpected answer {response.status}")
+    finally:
+        conn.close()
+
+
+def instructions(procs: bench_proc.Procs, work: Path, name: str, conf: str, port: int, count: int) -> int:
+    """Total instructions of one worker's life that served ``count`` requests (+1 probe)."""
+    prefix = work / name
+    prefix.mkdir(parents=True, exist_ok=True)
+    (prefix / "scriptlb.conf").write_text(conf)
+    out = prefix / "callgrind.out"
+    proc = procs.start(name, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                              sys.executable, "-m", "scriptlb", "-p", str(prefix), "-c",
+                              str(prefix / "scriptlb.conf")], cwd=str(HERE.parent))
+    if not bench_proc.wait_port(port, proc, timeout=300):
+        raise SystemExit(f"{name} did not start:\n{proc.log_tail()}")
+    send(port, 1 + count)
+    procs.stop(proc, timeout=300)  # TERM: the worker exits and callgrind writes its totals
+    match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
+    if match is None:
+        raise SystemExit(f"no totals in {out}")
+    return int(match.group(1))
+
+
+def wall_micro_us() -> float:
+    """The statistics' per-request work alone (weight check, start, finish with a sample),
+    best of 7 x 200k, in microseconds."""
+    import asyncio
+    import timeit
+
+    from scriptlb.config import load
+    from scriptlb.runtime import UpstreamRuntime
+    from scriptlb.stats import WEIGHT_GENERATION, PeerStats, layout_of
+
+    with tempfile.TemporaryDirectory() as tmp:
+        conf_file = Path(tmp) / "s.conf"
+        conf_file.write_text("events {} http { upstream b { server 127.0.0.1:1; server 127.0.0.1:2; }\n"
+                             "server { listen 127.0.0.1:1; location / { proxy_pass http://b; } } }\n")
+        http = load(str(conf_file), tmp).http
+        assert http is not None
+        stats = PeerStats.open(tmp, layout_of(http))
+        loop = asyncio.new_event_loop()
+        upstream = UpstreamRuntime(http.upstreams["b"], loop, None, stats)
+        peer = upstream.peers.primary[1]
+
+        def per_request() -> None:
+            ustats = upstream.stats
+            if ustats is not None and ustats.words[WEIGHT_GENERATION] != ustats.generation:
+                upstream.refresh_weights()
+            if ustats is not None:
+                ustats.start(peer.stats_slot)
+                ustats.finish(peer.stats_slot, 200, 0.0012, False, time.time())
+
+        runs = 200_000
+        best = min(timeit.repeat(per_request, number=runs, repeat=7)) / runs
+        loop.close()
+        stats.close()
+    return best * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--low", type=int, default=200)
+    parser.add_argument("--high", type=int, default=1200)
+    opts = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        print("valgrind is missing: apt-get install valgrind", file=sys.stderr)
+        return 1
+    per_request: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="scriptlb-instr-") as tmp:
+        work = Path(tmp)
+        procs = bench_proc.Procs(work / "logs")
+        bench_proc.install_cleanup(procs)
+        try:
+            backend_port, = bench_proc.free_ports(1)
+            (work / "backend").mkdir()
+            (work / "backend" / "b.conf").write_text(backend_conf(work / "backend", backend_port))
+            backend = procs.start("backend", [sys.executable, "-m", "scriptlb", "-p", str(work / "backend"),
+                                              "-c", str(work / "backend" / "b.conf")], cwd=str(HERE.parent))
+            if not bench_proc.wait_port(backend_port, backend):
+                raise SystemExit(f"backend did not start:\n{backend.log_tail()}")
+            for label, extra in CONFIGS.items():
+                counts = []
+                for count in (opts.low, opts.high):
+                    port, = bench_proc.free_ports(1)
+                    conf = proxy_conf(work / f"{label}-{count}".replace(" ", "_"), port, backend_port, extra)
+                    name = f"{label}-{count}".replace(" ", "_")
+                    counts.append(instructions(procs, work, name, conf, port, count))
+                per_request[label] = (counts[1] - counts[0]) / (opts.high - opts.low)
+                print(f"{label:24s} {per_request[label]:10,.0f} instructions per request", flush=True)
+        finally:
+            procs.stop_all()
+    on, off = per_request["python_peer_stats on"], per_request["python_peer_stats off"]
+    print(f"peer statistics: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
+    print(f"peer statistics, wall-clock micro-cost: {wall_micro_us():.2f} us per request")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
