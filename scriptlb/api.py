@@ -658,9 +658,8 @@ def _peer_dicts(upstream: Any, is_backup: bool) -> list[dict[str, Any]]:
     stats = getattr(upstream, "stats", None)
     if stats is None:
         return [_peer_dict(peer, _NO_FIGURES) for peer in peers]
-    figures = stats.stats.figures
-    slots = stats.backup if is_backup else stats.primary
-    return [_peer_dict(peer, figures(slot)) for peer, slot in zip(peers, slots, strict=True)]
+    figures = stats.figures
+    return [_peer_dict(peer, figures(peer)) for peer in peers]
 
 
 def _peer_of(upstream: Any, is_backup: Any, peer_id: Any) -> Any:
@@ -694,7 +693,7 @@ class Upstream:
         stats = getattr(upstream_rt, "stats", None)
         if stats is None:
             return None, "peer statistics are off (python_peer_stats)"
-        stats.stats.set_weight(peer.stats_slot, weight)
+        stats.stats.set_weight(stats.slot_of(peer), weight)
         upstream_rt.refresh_weights()  # this worker at once: the hook may read the peers again
         return _OK
 

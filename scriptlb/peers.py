@@ -33,7 +33,7 @@ class Peer:
         "max_fails",
         "name",
         "server",
-        "stats_slot",
+        "stats_index",
         "weight",
     )
 
@@ -57,7 +57,7 @@ class Peer:
         self.accessed = 0.0
         self.checked = 0.0
         self.conns = 0  # requests currently using this peer in this worker
-        self.stats_slot = -1  # its record in the live peer statistics (scriptlb.stats); -1: none
+        self.stats_index = -1  # its index in this worker's stats.Recorder; -1: no statistics
 
     def is_unavailable(self, now: float) -> bool:
         """Down, or failed ``max_fails`` times with the ``fail_timeout`` window still open."""

@@ -503,9 +503,9 @@ class UpstreamRequest:
         "_pool",
         "_record",
         "_reused",
-        "_slot",
         "_started",
         "_state",
+        "_stats_index",
         "_stream_body",
         "_waiting_body",
         "conf",
@@ -540,7 +540,7 @@ class UpstreamRequest:
         self._peer_to_free: Peer | None = None  # a balancer peer not freed yet
         self._conn: UpstreamConnection | None = None
         self._reused = False  # the try's connection came from the pool
-        self._slot = -1  # the try's record in the live peer statistics; -1: none to finish
+        self._stats_index = -1  # the try's peer in the statistics recorder; -1: none to finish
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
         self._done = False
@@ -675,12 +675,12 @@ class UpstreamRequest:
             self._peer_to_free = peer
             stats = upstream.stats
             if stats is not None:
-                self._slot = slot = peer.stats_slot
-                stats.start(slot)
+                self._stats_index = index = peer.stats_index
+                stats.start(index)
         else:
             name = addr.name
             if upstream.stats is not None:
-                self._slot = upstream.stats.start_address(name)
+                self._stats_index = upstream.stats.start_address(name)
         self._addr = addr
         self._key = (name, host, self._local_addr)
         self._pool = pool
@@ -817,11 +817,10 @@ class UpstreamRequest:
         if record is not None:
             record.response_time = self.loop.time() - record.started
             self._observe(record)
-            slot = self._slot
-            if slot >= 0:  # (_finish_stats, inlined: this is every request's path)
-                self._slot = -1
-                self.upstream.stats.finish(slot, record.status or 0, record.response_time, False,  # type: ignore[union-attr]
-                                           time.time())
+            index = self._stats_index
+            if index >= 0:  # (_finish_stats, inlined: this is every request's path)
+                self._stats_index = -1
+                self.upstream.stats.finish(index, record.status or 0, record.response_time, False)  # type: ignore[union-attr]
         if conn is not None:
             if self._pool is not None:
                 self._pool.release(conn)
@@ -942,13 +941,13 @@ class UpstreamRequest:
         """The try's end in the live peer statistics (once per started try, whatever ended
         it): its status (0: no response), its time as a latency sample (None: says nothing
         about the peer), and whether it failed."""
-        slot = self._slot
-        if slot < 0:
+        index = self._stats_index
+        if index < 0:
             return
-        self._slot = -1
+        self._stats_index = -1
         stats = self.upstream.stats
         assert stats is not None
-        stats.finish(slot, status, sample, failed, time.time())
+        stats.finish(index, status, sample, failed)
 
     def _free_peer(self, failed: bool, phase: str = "") -> None:
         peer = self._peer_to_free

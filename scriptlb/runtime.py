@@ -32,7 +32,7 @@ from scriptlb.downstream import HOP_BY_HOP
 from scriptlb.locations import LocationMatcher, ServerSelector, selectors_by_listen
 from scriptlb.peers import PeerSet
 from scriptlb.pool import ConnectionPool
-from scriptlb.stats import PeerStats, UpstreamStats
+from scriptlb.stats import Recorder, UpstreamStats
 
 if TYPE_CHECKING:
     from scriptlb.accesslog import LogFile
@@ -65,7 +65,7 @@ class UpstreamRuntime:
 
     def __init__(
         self, conf: UpstreamConf, loop: asyncio.AbstractEventLoop, python: PythonConf | None = None,
-        stats: PeerStats | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.conf = conf
         self.loop = loop
@@ -75,9 +75,9 @@ class UpstreamRuntime:
         self.key_getter = _balancer_key_getter(self.balancer, conf)
         self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests)
         # this upstream's records in the instance's live peer statistics (python_peer_stats)
-        self.stats = UpstreamStats(stats, conf.name) if stats is not None else None
+        self.stats = UpstreamStats(recorder, conf.name) if recorder is not None else None
         if self.stats is not None:
-            self.stats.assign_slots(self.peers.primary, self.peers.backup)
+            self.stats.assign_indexes(self.peers.primary, self.peers.backup)
         self.hook: Any = None
         self._hook_pool: ConnectionPool | None = None
         if conf.hook is not None:
@@ -343,13 +343,13 @@ class Runtime:
     """All per-worker runtime objects of one configuration."""
 
     def __init__(
-        self, conf: MainConf, loop: asyncio.AbstractEventLoop, stats: PeerStats | None = None
+        self, conf: MainConf, loop: asyncio.AbstractEventLoop, recorder: Recorder | None = None
     ) -> None:
         self.conf = conf
         self.loop = loop
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
         self.upstreams = {
-            name: UpstreamRuntime(up, loop, http.python, stats) for name, up in http.upstreams.items()
+            name: UpstreamRuntime(up, loop, http.python, recorder) for name, up in http.upstreams.items()
         }
         self._python = http.python
         self._access_logs: dict[tuple, tuple] = {}

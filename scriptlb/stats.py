@@ -77,6 +77,7 @@ import math
 import mmap
 import os
 import struct
+import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -329,24 +330,41 @@ class PeerStats:
         ``status``: the peer's status, 0 when there was no response; ``failed``: the try
         counts as a failure (``retry.is_counted_failure``); ``response_time``: the sample for
         the averages, or None; ``now``: wall clock (``time.time()``)."""
+        sampled = response_time is not None
+        self.publish(slot, 0, 1, 1 if failed else 0, status, now, 1 if sampled else 0,
+                     response_time or 0.0, response_time or 0.0, now)
+
+    def publish(self, slot: int, started: int, finished: int, failures: int, status: int,
+                failure_time: float, samples: int, sample_sum: float, sample_max: float,
+                now: float) -> None:
+        """Add a batch of one process's tries on one peer (``Recorder.flush``): counts, the
+        last status (when any finished), the last failure time (when any failed), and the
+        batch's samples folded into the averages as one sample of their mean at ``now``
+        (the decay over the batch's span is the same as sample by sample), the peak moving to
+        the batch's maximum when that is above it."""
         q, d = self._q, self._d
-        i = slot + self._mine
-        q[i + _FINISHED] += 1
-        q[slot + _LAST_STATUS] = status
-        if failed:
-            q[i + _FAILURES] += 1
-            d[slot + _LAST_FAILURE] = now
-        if response_time is None:
+        mine = slot + self._mine
+        if started:
+            q[mine + _REQUESTS] += started
+        if finished:
+            q[mine + _FINISHED] += finished
+            q[slot + _LAST_STATUS] = status
+        if failures:
+            q[mine + _FAILURES] += failures
+            d[slot + _LAST_FAILURE] = failure_time
+        if not samples:
             return
+        mean = sample_sum / samples
         stamp = d[slot + _STAMP]
         if stamp:
             weight = math.exp(-(now - stamp) / DECAY_TIME) if now > stamp else 1.0
-            rest = response_time * (1.0 - weight)
+            rest = mean * (1.0 - weight)
             d[slot + _EWMA] = d[slot + _EWMA] * weight + rest
             peak = d[slot + _PEAK]
-            d[slot + _PEAK] = response_time if response_time > peak else peak * weight + rest
+            d[slot + _PEAK] = sample_max if sample_max > peak else peak * weight + rest
         else:
-            d[slot + _EWMA] = d[slot + _PEAK] = response_time
+            d[slot + _EWMA] = mean
+            d[slot + _PEAK] = sample_max
         d[slot + _STAMP] = now
 
     # ----------------------------------------------------------------- weights
@@ -425,24 +443,124 @@ class PeerStats:
         return (self._mine - _FIXED_WORDS) // _COUNTER_WORDS
 
 
-class UpstreamStats:
-    """One upstream's peers in ``PeerStats``: what a worker's upstream runtime holds.
+FLUSH_INTERVAL = 0.05  # seconds: how far behind one worker's tries may look to the others
 
-    ``slot_of(peer)`` gives the slot for ``record_start``/``record_finish``;
-    ``refresh_weights(peers)`` is the per-request check for hook-set weights (one load when
-    nothing changed). Balancers that cache weights (``hash``'s total, ``hash consistent``'s
-    ring) need a rebuild when it returns True; round robin and its kin read them live."""
 
-    __slots__ = ("backup", "finish", "generation", "name", "primary", "start", "stats", "words")
+class Recorder:
+    """One worker's tries, gathered in plain lists and published to the shared file in batches
+    (``PeerStats.publish``) at most ``FLUSH_INTERVAL`` after the first unpublished one, and
+    before the worker exits.
 
-    def __init__(self, stats: PeerStats, upstream: str) -> None:
+    Why batches: in CPython a store into the shared map costs several times a list store, and
+    recording every try straight into the map (start, end, the averages' read-modify-write)
+    came to about 6% of a proxied request's instructions (bench/instructions.py). Gathered
+    here, a try costs two short method calls; a busy peer is published 20 times a second.
+    Other workers see this worker's tries up to ``FLUSH_INTERVAL`` late; this worker's own
+    reads (``UpstreamStats.figures``) add what it has not published yet, so a hook always
+    sees its own worker's tries. A worker killed outright loses its last batch.
+
+    Indexes are dense (``index_of(slot)``): ``Peer.stats_index`` holds a peer's."""
+
+    __slots__ = (
+        "_armed", "_loop", "_slots", "failure_time", "failures", "finished", "index", "sample_max",
+        "sample_sum", "samples", "started", "stats", "status",
+    )
+
+    def __init__(self, stats: PeerStats, loop: Any) -> None:
         self.stats = stats
+        self._loop = loop
+        self._armed = False  # a flush is scheduled
+        self._slots: list[int] = []  # index -> slot
+        self.index: dict[int, int] = {}  # slot -> index
+        self.started: list[int] = []
+        self.finished: list[int] = []
+        self.failures: list[int] = []
+        self.status: list[int] = []
+        self.failure_time: list[float] = []
+        self.samples: list[int] = []
+        self.sample_sum: list[float] = []
+        self.sample_max: list[float] = []
+
+    def index_of(self, slot: int) -> int:
+        index = self.index.get(slot)
+        if index is None:
+            index = self.index[slot] = len(self._slots)
+            self._slots.append(slot)
+            for column in (self.started, self.finished, self.failures, self.status, self.samples):
+                column.append(0)
+            for column in (self.failure_time, self.sample_sum, self.sample_max):
+                column.append(0.0)
+        return index
+
+    def start(self, index: int) -> None:
+        """A try to the peer at ``index`` starts."""
+        self.started[index] += 1
+        if not self._armed:
+            self._armed = True
+            self._loop.call_later(FLUSH_INTERVAL, self.flush)
+
+    def finish(self, index: int, status: int, sample: float | None, failed: bool) -> None:
+        """A started try ends: its status (0: no response), its time as a latency sample (None:
+        it says nothing about the peer), and whether it failed."""
+        self.finished[index] += 1
+        self.status[index] = status
+        if failed:
+            self.failures[index] += 1
+            self.failure_time[index] = time.time()
+        if sample is not None:
+            self.samples[index] += 1
+            self.sample_sum[index] += sample
+            if sample > self.sample_max[index]:
+                self.sample_max[index] = sample
+
+    def flush(self) -> None:
+        """Publish every peer's unpublished tries."""
+        self._armed = False
+        now = time.time()
+        publish = self.stats.publish
+        started, finished, failures, samples = self.started, self.finished, self.failures, self.samples
+        for index, slot in enumerate(self._slots):
+            if not (started[index] or finished[index]):
+                continue
+            publish(slot, started[index], finished[index], failures[index], self.status[index],
+                    self.failure_time[index], samples[index], self.sample_sum[index],
+                    self.sample_max[index], now)
+            started[index] = finished[index] = failures[index] = samples[index] = 0
+            self.sample_sum[index] = self.sample_max[index] = 0.0
+
+    def unpublished(self, index: int, figures: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``PeerStats.figures`` with this worker's unpublished tries added."""
+        started, finished, failures = self.started[index], self.finished[index], self.failures[index]
+        if not (started or finished):
+            return figures
+        requests, failed, active, last_status, last_failure, *averages = figures
+        if finished:
+            last_status = self.status[index] or None
+        if failures:
+            last_failure = self.failure_time[index]
+        active = max(0, active + started - finished)
+        return (requests + started, failed + failures, active, last_status, last_failure, *averages)
+
+
+class UpstreamStats:
+    """One upstream's peers in the live statistics: what a worker's upstream runtime holds.
+
+    ``start``/``finish`` (the recorder's, bound once) take a ``Peer.stats_index``, which
+    ``assign_indexes`` gives each peer; ``refresh_weights(peers)`` is the per-request check for
+    hook-set weights (one load when nothing changed). Balancers that cache weights (``hash``'s
+    total) recompute them when it returns True; round robin and its kin read them live."""
+
+    __slots__ = ("backup", "finish", "generation", "name", "primary", "recorder", "start", "stats", "words")
+
+    def __init__(self, recorder: Recorder, upstream: str) -> None:
+        stats = self.stats = recorder.stats
+        self.recorder = recorder
         self.name = upstream
         self.primary, self.backup = stats.slots(upstream)
         self.generation = -1  # never applied: the first refresh syncs
         # the tries loop's calls, bound once: a try pays no lookup or wrapper for them
-        self.start = stats.record_start
-        self.finish = stats.record_finish
+        self.start = recorder.start
+        self.finish = recorder.finish
         self.words = stats._q  # for weights_stale's one load
 
     def weights_stale(self) -> bool:
@@ -450,24 +568,30 @@ class UpstreamStats:
         path inline this: ``stats.words[WEIGHT_GENERATION] != stats.generation``.)"""
         return self.words[WEIGHT_GENERATION] != self.generation
 
-    def assign_slots(self, primary: Sequence[Any], backup: Sequence[Any]) -> None:
-        """Give each ``Peer`` its ``stats_slot`` (read by the tries loop per try)."""
+    def assign_indexes(self, primary: Sequence[Any], backup: Sequence[Any]) -> None:
+        """Give each ``Peer`` its ``stats_index`` (what the tries loop records under)."""
         for peers, slots in ((primary, self.primary), (backup, self.backup)):
             for peer, slot in zip(peers, slots, strict=True):
-                peer.stats_slot = slot
+                peer.stats_index = self.recorder.index_of(slot)
 
     def slot_of(self, peer: Any) -> int:
         """The slot of a ``Peer`` of this upstream (by its list and ``id``)."""
         return (self.backup if peer.backup else self.primary)[peer.id]
 
+    def figures(self, peer: Any) -> tuple[Any, ...]:
+        """The peer's ``FIELDS`` values: every worker's published tries and this one's all."""
+        return self.recorder.unpublished(peer.stats_index, self.stats.figures(self.slot_of(peer)))
+
     def start_address(self, address: str) -> int:
         """A try to a hook-chosen address starts: it counts for the upstream's first peer with
-        that address; -1 (nothing recorded) for an address that is not one of its peers."""
+        that address. Returns the index for ``finish``; -1 (nothing recorded) for an address
+        that is not one of its peers."""
         slot = self.stats.slot_for_address(self.name, address)
         if slot is None:
             return -1
-        self.stats.record_start(slot)
-        return slot
+        index = self.recorder.index_of(slot)
+        self.recorder.start(index)
+        return index
 
     def refresh_weights(self, primary: Sequence[PeerLike], backup: Sequence[PeerLike]) -> bool:
         """Apply weights set since the last call; True when anything was re-read."""

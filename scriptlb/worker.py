@@ -31,7 +31,7 @@ from scriptlb.downstream import ClientConnection, ListenerContext
 from scriptlb.runtime import Runtime
 from scriptlb.sandbox.limits import install_worker_fuse
 from scriptlb.shared_dict import SharedDict, map_size, zone_directory
-from scriptlb.stats import PeerStats, StatsFull, layout_of, shards_for
+from scriptlb.stats import PeerStats, Recorder, StatsFull, layout_of, shards_for
 
 Key = tuple
 
@@ -49,6 +49,7 @@ class Worker:
         self.worker_count = worker_count
         self.runtime: Runtime | None = None
         self.stats: PeerStats | None = None
+        self.recorder: Recorder | None = None  # this worker's tries, published to self.stats
         self.contexts: list[ListenerContext] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
@@ -58,7 +59,9 @@ class Worker:
     async def serve(self) -> None:
         self._stop = self.loop.create_future()
         self.stats = open_peer_stats(self.conf)
-        self.runtime = Runtime(self.conf, self.loop, self.stats)
+        if self.stats is not None:
+            self.recorder = Recorder(self.stats, self.loop)
+        self.runtime = Runtime(self.conf, self.loop, self.recorder)
         await self._start_servers(self.runtime)
         if self.freeze_gc:
             # Everything alive now (modules, config, runtime) lives as long as the worker
@@ -132,6 +135,8 @@ class Worker:
             await self._drain()
         if self.runtime is not None:
             self.runtime.close()
+        if self.recorder is not None:
+            self.recorder.flush()  # the last tries count too
         if self.stats is not None:
             self.stats.close()  # gives the shard back for the next generation of workers
             self.stats = None

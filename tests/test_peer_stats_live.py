@@ -31,7 +31,7 @@ from helpers import (
 
 from scriptlb.config import load
 from scriptlb.shared_dict import zone_directory
-from scriptlb.stats import FILE_NAME, PeerStats, layout_of
+from scriptlb.stats import FILE_NAME, FLUSH_INTERVAL, PeerStats, layout_of
 
 
 def slow(delay: float, body: bytes = b"slow"):
@@ -71,10 +71,16 @@ def upstream_conf(servers: list[str], extra: str = "", http_extra: str = "", mai
 
 
 def figures(lb: Scriptlb) -> list[dict]:
-    """Every primary peer's record, read in the worker's loop (the worker's own view)."""
+    """Every primary peer's record as another worker sees it: published (the worker publishes
+    within stats.FLUSH_INTERVAL; here at once, in the worker's loop), read from the shared file."""
     up = lb.runtime().upstreams["b"]
     assert up.stats is not None
-    return in_loop(lb.thread.loop, lambda: [up.stats.stats.read(s) for s in up.stats.primary])  # type: ignore[return-value]
+
+    def published() -> list[dict]:
+        up.stats.recorder.flush()
+        return [up.stats.stats.read(slot) for slot in up.stats.primary]
+
+    return in_loop(lb.thread.loop, published)  # type: ignore[return-value]
 
 
 def test_every_try_is_counted_once_per_peer(tmp_path: Path) -> None:
@@ -278,22 +284,28 @@ def test_two_workers_add_up_keep_figures_on_reload_and_restart_at_zero(tmp_path:
     lb, a, b = free_ports(3)
     conf = tmp_path / "scriptlb.conf"
     conf.write_text(MASTER_CONF.format(tmp=tmp_path, lb=lb, a=a, b=b))
+
+    def total() -> int:
+        return _total_requests(tmp_path, conf)
+
     with master_process(tmp_path, conf) as proc:
         wait_for(lambda: answers(lb), what="scriptlb to answer")
-        start = _total_requests(tmp_path, conf)
+        start = wait_for(total, what="the probe request, published")
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda _: fresh_get(lb), range(200)))
-        served = _total_requests(tmp_path, conf) - start
+        # each worker publishes its tries within FLUSH_INTERVAL
+        wait_for(lambda: total() - start >= 200, timeout=5, what="200 tries published")
+        time.sleep(4 * FLUSH_INTERVAL)  # a try counted twice would be published by now
+        served = total() - start
         proc.send_signal(signal.SIGHUP)  # a reload: new workers, same file, same figures
         wait_for(lambda: (tmp_path / "error.log").read_text().count("start worker process") >= 4,
                  what="the reload's new workers")
         for _ in range(10):
             fresh_get(lb)
-        after_reload = _total_requests(tmp_path, conf)
+        wait_for(lambda: total() >= start + 210, timeout=5, what="the new workers' tries, added")
     assert served == 200  # every try of both workers counted once, none lost
-    assert after_reload >= start + 210  # (+ whatever the wait-for probes added)
 
     with master_process(tmp_path, conf):  # a cold start begins at zero, as nginx's zones do
         wait_for(lambda: answers(lb), what="scriptlb to answer again")
-        restarted = _total_requests(tmp_path, conf)
+        restarted = wait_for(total, what="the probe request, published")
     assert 1 <= restarted <= 5  # the probe request(s) only

@@ -6,6 +6,7 @@ real processes (``subprocess`` running the recorder, and ``os.fork``) sharing on
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import subprocess
@@ -21,8 +22,10 @@ from scriptlb.config import load
 from scriptlb.peers import PeerSet
 from scriptlb.stats import (
     DECAY_TIME,
+    FLUSH_INTERVAL,
     PeerKey,
     PeerStats,
+    Recorder,
     StatsFull,
     UpstreamLayout,
     UpstreamStats,
@@ -226,7 +229,7 @@ def test_upstream_stats_binds_real_peers(tmp_path: Path) -> None:
     assert conf.http is not None
     stats = PeerStats.open(str(tmp_path / "s"), layout_of(conf.http))
     peers = PeerSet.from_conf(conf.http.upstreams["u"])
-    bound = UpstreamStats(stats, "u")
+    bound = UpstreamStats(Recorder(stats, loop=None), "u")
     assert [bound.slot_of(p) for p in (*peers.primary, *peers.backup)] == [
         stats.slot("u", False, 0),
         stats.slot("u", False, 1),
@@ -241,6 +244,63 @@ def test_upstream_stats_binds_real_peers(tmp_path: Path) -> None:
         (1, 1),
         (6, 6),
     ]
+    stats.close()
+
+
+# --------------------------------------------------------------------------- the recorder
+
+
+def _recorder(tmp_path: Path) -> tuple[PeerStats, Recorder, list[int], asyncio.AbstractEventLoop]:
+    (tmp_path / "x.conf").write_text(
+        "events {}\nhttp {\n upstream u { server 127.0.0.1:1; server 127.0.0.1:2; }\n}\n")
+    conf = load("x.conf", str(tmp_path))
+    assert conf.http is not None
+    stats = PeerStats.open(str(tmp_path / "s"), layout_of(conf.http))
+    loop = asyncio.new_event_loop()
+    recorder = Recorder(stats, loop)
+    return stats, recorder, [recorder.index_of(stats.slot("u", False, i)) for i in range(2)], loop
+
+
+def test_the_recorder_publishes_a_batch_within_the_flush_interval(tmp_path: Path) -> None:
+    stats, recorder, (a, b), loop = _recorder(tmp_path)
+    slot = stats.slot("u", False, 0)
+    recorder.start(a)
+    recorder.finish(a, 200, 0.010, False)
+    recorder.start(a)  # still in flight
+    recorder.start(b)
+    recorder.finish(b, 0, None, True)
+    assert stats.read(slot)["requests"] == 0  # not published yet
+    # this worker's own reads include what it has not published
+    own = recorder.unpublished(a, stats.figures(slot))
+    assert own[:4] == (2, 0, 1, 200)
+    loop.run_until_complete(asyncio.sleep(FLUSH_INTERVAL * 2))  # the armed flush runs
+    seen = stats.read(slot)
+    assert (seen["requests"], seen["failures"], seen["active"], seen["last_status"]) == (2, 0, 1, 200)
+    assert seen["ewma"] == seen["peak_ewma"] == 0.010
+    other = stats.read(stats.slot("u", False, 1))
+    assert (other["requests"], other["failures"], other["last_status"], other["ewma"]) == (1, 1, None, None)
+    assert other["last_failure_time"] is not None
+    assert recorder.unpublished(a, stats.figures(slot)) == stats.figures(slot)  # nothing pending
+    recorder.finish(a, 200, None, False)
+    recorder.flush()
+    assert stats.read(slot)["active"] == 0
+    loop.close()
+    stats.close()
+
+
+def test_a_batch_moves_the_averages_as_its_samples_one_by_one_would(tmp_path: Path) -> None:
+    stats, _, _, loop = _recorder(tmp_path)
+    one_by_one, batched = stats.slot("u", False, 0), stats.slot("u", False, 1)
+    for target in (one_by_one, batched):
+        stats.record_finish(target, 200, 0.100, False, 1000.0)  # both start at 100 ms
+    samples = [0.010, 0.012, 0.011, 0.013, 0.009]
+    for i, sample in enumerate(samples):  # five samples 10 ms apart
+        stats.record_finish(one_by_one, 200, sample, False, 1000.01 + i * 0.01)
+    stats.publish(batched, 0, 5, 0, 200, 0.0, 5, sum(samples), max(samples), 1000.05)
+    exact, batch = stats.read(one_by_one), stats.read(batched)
+    assert batch["ewma"] == pytest.approx(exact["ewma"], rel=0.01)  # within 1% after 50 ms
+    assert batch["peak_ewma"] == pytest.approx(exact["peak_ewma"], rel=0.01)
+    loop.close()
     stats.close()
 
 
