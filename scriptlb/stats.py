@@ -462,14 +462,14 @@ class Recorder:
     Indexes are dense (``index_of(slot)``): ``Peer.stats_index`` holds a peer's."""
 
     __slots__ = (
-        "_armed", "_loop", "_slots", "failure_time", "failures", "finished", "index", "sample_max",
+        "_loop", "_slots", "_timer", "failure_time", "failures", "finished", "index", "sample_max",
         "sample_sum", "samples", "started", "stats", "status",
     )
 
     def __init__(self, stats: PeerStats, loop: Any) -> None:
         self.stats = stats
         self._loop = loop
-        self._armed = False  # a flush is scheduled
+        self._timer: Any = None  # the scheduled flush, if any
         self._slots: list[int] = []  # index -> slot
         self.index: dict[int, int] = {}  # slot -> index
         self.started: list[int] = []
@@ -495,15 +495,16 @@ class Recorder:
     def start(self, index: int) -> None:
         """A try to the peer at ``index`` starts."""
         self.started[index] += 1
-        if not self._armed:
-            self._armed = True
-            self._loop.call_later(FLUSH_INTERVAL, self.flush)
+        if self._timer is None:
+            self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
 
     def finish(self, index: int, status: int, sample: float | None, failed: bool) -> None:
         """A started try ends: its status (0: no response), its time as a latency sample (None:
         it says nothing about the peer), and whether it failed."""
         self.finished[index] += 1
         self.status[index] = status
+        if self._timer is None:  # (a long try may end after the flush its start armed)
+            self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
         if failed:
             self.failures[index] += 1
             self.failure_time[index] = time.time()
@@ -514,8 +515,11 @@ class Recorder:
                 self.sample_max[index] = sample
 
     def flush(self) -> None:
-        """Publish every peer's unpublished tries."""
-        self._armed = False
+        """Publish every peer's unpublished tries (a scheduled flush is then not needed: an
+        explicit one, at worker exit, must leave no timer to run after the file is closed)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         now = time.time()
         publish = self.stats.publish
         started, finished, failures, samples = self.started, self.finished, self.failures, self.samples

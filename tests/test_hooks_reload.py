@@ -85,12 +85,15 @@ def test_reload_picks_up_a_changed_hook_and_refuses_a_broken_one(tmp_path: Path)
         write_hook(tmp_path, to_port(ports["b"]))
         assert {answers(ports["lb"]) for _ in range(4)} == {"A"}  # compiled once: no change yet
         os.kill(proc.pid, signal.SIGHUP)
-        # the old worker finishes gracefully: wait until only the new one answers
+        # the old worker finishes gracefully: wait until only the new one answers, and until
+        # the old one is gone (the master QUITs it 100 ms after the new one starts: before
+        # that, four answers from the new one can be luck)
         wait_for(lambda: {answers(ports["lb"]) for _ in range(4)} == {"B"}, what="the reloaded hook")
+        log = tmp_path / "error.log"
+        wait_for(lambda: "exited with code 0" in log.read_text(), what="the old worker to exit")
 
         hook.write_text("balancer.set_current_peer(\n")  # broken
         os.kill(proc.pid, signal.SIGHUP)
-        log = tmp_path / "error.log"
         wait_for(lambda: "failed to load external Python file" in log.read_text(), what="the refusal")
         assert f'SyntaxError: \'(\' was never closed in {hook}:1' in log.read_text()
         assert {answers(ports["lb"]) for _ in range(4)} == {"B"}  # the old config keeps serving
