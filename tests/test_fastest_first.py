@@ -90,3 +90,5 @@ def test_fastest_first_prefers_fast_peers_and_moves_off_a_failing_one(tmp_path: 
             while time.monotonic() < deadline and recovered < 0.3:
                 recovered = share_of(lb.port, backends, 0, 50)
             assert recovered >= 0.3, recovered  # back to a fast peer's share (about 10/21)
+    print(f"fastest_first: fast peers {fast_share:.0%} of 500, a failing one {failing_share:.0%}, "
+          f"recovered {recovered:.0%}")
