@@ -21,6 +21,9 @@
 
 W_MAX = 10  # the weight of the fastest peer(s)
 EVERY = 0.1  # seconds between evaluations (with the shared dict)
+# Averages below this (10 us) count as this: a peer answering faster than the clock resolves
+# would otherwise have an average of 0 and make every ratio infinite.
+RESOLUTION = 0.00001
 
 
 def failing(peer, now):
@@ -33,7 +36,8 @@ def target_weight(peer, fastest, now):
         return 1
     if peer["ewma"] is None or fastest is None:
         return W_MAX  # never measured (or nothing to compare with): give it a real chance
-    return max(1, min(W_MAX, round(W_MAX * fastest / peer["ewma"])))
+    own = max(peer["ewma"], RESOLUTION)
+    return max(1, min(W_MAX, round(W_MAX * max(fastest, RESOLUTION) / own)))
 
 
 def worth_changing(current, wanted):

@@ -92,3 +92,23 @@ def test_fastest_first_prefers_fast_peers_and_moves_off_a_failing_one(tmp_path: 
             assert recovered >= 0.3, recovered  # back to a fast peer's share (about 10/21)
     print(f"fastest_first: fast peers {fast_share:.0%} of 500, a failing one {failing_share:.0%}, "
           f"recovered {recovered:.0%}")
+
+
+ERROR_LOG_CONF = "error_log {tmp}/error.log notice;\n"
+
+
+def test_fastest_first_with_sub_millisecond_peers(tmp_path: Path) -> None:
+    """Backends answering in well under a millisecond: $upstream_response_time reads 0.000 and
+    an average can be 0; the hook must keep running (no ZeroDivisionError) and keep every
+    peer at a real weight (all equally fast: the split stays even)."""
+    with Backends(respond(body=b"a"), respond(body=b"b"), respond(body=b"c")) as backends:
+        conf = ERROR_LOG_CONF.format(tmp=tmp_path) + CONF.format(
+            a=backends[0].addr, b=backends[1].addr, c=backends[2].addr, ft=FAIL_TIMEOUT, hook=HOOK)
+        with Scriptlb(conf, tmp_path) as lb:
+            send(lb.port, backends, 30)
+            delta = send(lb.port, backends, 300)
+            weights = [p.weight for p in lb.runtime().upstreams["b"].peers.primary]
+    log = (tmp_path / "error.log").read_text()
+    assert "log_by_python" not in log, log[-2000:]
+    assert min(delta) >= 50, delta  # no peer was starved by a bogus ratio
+    assert all(w >= 1 for w in weights), weights
