@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from scriptlb.accesslog import PhaseClock
 from scriptlb.balancing import create_balancer
 from scriptlb.config.model import (
     HookConf,
@@ -33,12 +34,13 @@ from scriptlb.locations import LocationMatcher, ServerSelector, selectors_by_lis
 from scriptlb.peers import PeerSet
 from scriptlb.pool import ConnectionPool
 from scriptlb.stats import Recorder, UpstreamStats
+from scriptlb.uri import quote_uri
 
 if TYPE_CHECKING:
     from scriptlb.accesslog import LogFile
-    from scriptlb.downstream import ClientConnection, Request
+    from scriptlb.downstream import ClientConnection
+    from scriptlb.exchange import Exchange
     from scriptlb.hooks import LogHookRunner
-    from scriptlb.proxy import Exchange
 
 Getter = Callable[[Any], str]
 
@@ -179,8 +181,6 @@ class RequestPlan:
         if self.replace_uri is None:
             raw = exchange.request_uri
             return raw if raw.startswith("/") else _path_and_args(exchange)
-        from scriptlb.proxy import quote_uri
-
         uri = exchange.uri
         prefix = self.location_prefix
         rest = uri[len(prefix):] if prefix and uri.startswith(prefix) else uri
@@ -325,20 +325,6 @@ class ServerRoute:
         return self._by_id[id(self.selector.select(host))]
 
 
-def _exchange_class() -> type[Exchange]:
-    """proxy.Exchange, imported on first use (proxy imports this module's neighbours) and
-    then kept: an import statement per request costs a module lookup each time."""
-    global _EXCHANGE
-    if _EXCHANGE is None:
-        from scriptlb.proxy import Exchange
-
-        _EXCHANGE = Exchange
-    return _EXCHANGE
-
-
-_EXCHANGE: type[Exchange] | None = None
-
-
 class Runtime:
     """All per-worker runtime objects of one configuration."""
 
@@ -352,6 +338,8 @@ class Runtime:
             name: UpstreamRuntime(up, loop, http.python, recorder) for name, up in http.upstreams.items()
         }
         self._python = http.python
+        # the log phase's frozen clock, for the access logs of locations with a log hook
+        self.log_clock = PhaseClock()
         self._access_logs: dict[tuple, tuple] = {}
         # one runner per distinct log hook: locations inheriting a hook share it (and its
         # error-rate limit), as they share the code compiled once by precompile
@@ -386,7 +374,7 @@ class Runtime:
     def _access_logs_for(self, conf: LocationConf) -> tuple:
         if not conf.access_log:
             return ()
-        # With a log hook, the access logs read the log phase's frozen time (proxy.log_clock),
+        # With a log hook, the access logs read the log phase's frozen time (log_clock),
         # so the hook's $request_time & co equal the line's; without one, the plain clock.
         frozen = conf.log_hook is not None
         key = (conf.access_log, frozen)
@@ -394,27 +382,13 @@ class Runtime:
         if logs is None:
             from scriptlb.accesslog import open_access_log
 
-            if frozen:
-                from scriptlb.proxy import log_clock
-
-                clock = log_clock
-            else:
-                clock = time.time
+            clock: Callable[[], float] = self.log_clock if frozen else time.time
             logs = self._access_logs[key] = tuple(
                 open_access_log(c, self.loop, self._log_files, clock) for c in conf.access_log
             )
         return logs
 
     # ------------------------------------------------------------------ the request path
-
-    def open_exchange(self, conn: ClientConnection, request: Request) -> Exchange:
-        return _exchange_class()(conn, request, self)
-
-    def log_client_error(self, conn: ClientConnection, request: Request, status: int) -> None:
-        """Access-log a request the client connection rejected before any handler saw it."""
-        from scriptlb.proxy import Exchange
-
-        Exchange(conn, request, self).log_rejected(status)
 
     def route_for(self, conn: ClientConnection) -> ServerRoute:
         """The listening key a connection arrived on (a wildcard socket may serve several)."""

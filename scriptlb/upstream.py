@@ -39,7 +39,7 @@ from typing import Protocol
 
 import httptools
 
-from scriptlb import errorlog
+from scriptlb import errorlog, safety
 from scriptlb.retry import Failure
 
 # Response headers nginx never passes to the client: hop-by-hop ones, the framing we redo, and
@@ -155,9 +155,10 @@ class UpstreamHandler(Protocol):
     def upstream_body(self, data: bytes) -> None: ...
     def upstream_complete(self) -> None: ...
     def upstream_failed(self, err: UpstreamError) -> None: ...
+    def upstream_crashed(self, exc: BaseException, where: str) -> None: ...  # a bug in a callback
 
 
-_PREMATURE = "upstream prematurely closed connection"
+PREMATURE = "upstream prematurely closed connection"
 _TIMED_OUT = "upstream timed out (110: Connection timed out)"
 
 
@@ -174,6 +175,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_http11",
         "_in_feed",
         "_last_read",
+        "_owner",
         "_parser",
         "_parser_ended",
         "_read_paused",
@@ -226,6 +228,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser_ended = False  # the parser completed its last message on its own
         self._head_only = False
         self._handler: UpstreamHandler | None = None  # None once it was told the outcome
+        self._owner: UpstreamHandler | None = None  # who to tell about a bug in a callback
         self._response: ResponseHead | None = None
         self._header_done = False
         self._head_dispatched = False
@@ -250,6 +253,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = ConnState.ACTIVE
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._read(data)
+        except Exception as exc:
+            self._crashed(exc, "reading upstream")
+
+    def _read(self, data: bytes) -> None:
         if self.state is not ConnState.ACTIVE or self._parser is None or self.response_complete:
             self._unexpected_bytes()
             return
@@ -275,6 +284,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._deliver_completion()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._lost(exc)
+        except Exception as bug:
+            self._crashed(bug, "reading upstream")
+
+    def _lost(self, exc: Exception | None) -> None:
         state = self.state
         self.state = ConnState.CLOSED
         self._cancel_timer()
@@ -292,7 +307,7 @@ class UpstreamConnection(asyncio.Protocol):
             text = f"recv() failed {errorlog.os_error_text(exc)}"
             self._fail(Failure.ERROR, text)
         else:
-            self._fail(Failure.ERROR, _PREMATURE)
+            self._fail(Failure.ERROR, PREMATURE)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -303,7 +318,21 @@ class UpstreamConnection(asyncio.Protocol):
         self._write_paused = False
         callback = self.on_writable
         if callback is not None:
-            callback()
+            try:
+                callback()
+            except Exception as exc:
+                self._crashed(exc, "sending request to upstream")
+
+    def _crashed(self, exc: BaseException, where: str) -> None:
+        """The safety net: a bug escaped one of our callbacks. Drop the connection (its state
+        is unknown) and let the request it serves finish (or just report it)."""
+        owner = self._owner
+        self._owner = None
+        self.abort()
+        if owner is not None:
+            owner.upstream_crashed(exc, where)
+        else:
+            safety.report(exc, where)
 
     # ------------------------------------------------------------------ the exchange's API
 
@@ -320,24 +349,32 @@ class UpstreamConnection(asyncio.Protocol):
     ) -> None:
         """Send a request (``body`` None: the body follows through ``write_body``); the
         response goes to ``handler``."""
-        assert self.state is ConnState.ACTIVE and self.transport is not None
         self.requests += 1
         self._reset_request_state(handler, head_only, http11, close_after)
+        transport = self.transport
+        if self.state is not ConnState.ACTIVE or transport is None or transport.is_closing():
+            # the peer closed it a moment ago (connection_lost may even have run already):
+            # fail like a connection closed before the response, after this call returns (a
+            # reused one is retried fresh)
+            self.loop.call_soon(self._fail_soon, handler)
+            return
         self._read_timeout = read_timeout
         self._send_timeout = send_timeout
         self._last_read = self.loop.time()
         self._arm_timer(read_timeout)
-        if self.transport.is_closing():
-            # the peer closed it a moment ago and connection_lost is still on its way: fail
-            # like a connection closed before the response (a reused one is retried fresh)
-            self.loop.call_soon(self._fail, Failure.ERROR, _PREMATURE)
-            return
         if body:
-            self.transport.writelines((head, body))
+            transport.writelines((head, body))
         else:
-            self.transport.write(head)
+            transport.write(head)
         self.request_sent = True
         self.request_complete = body is not None
+
+    def _fail_soon(self, handler: UpstreamHandler) -> None:
+        if self._handler is handler:  # (not if the request gave up on us meanwhile)
+            try:
+                self._fail(Failure.ERROR, PREMATURE)
+            except Exception as exc:
+                self._crashed(exc, "reading response header from upstream")
 
     def write_body(self, data: bytes, last: bool) -> None:
         """Stream request body bytes (already framed by the caller)."""
@@ -401,7 +438,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = ConnState.IDLE
         self.on_writable = None
         self.idle_since = now
-        self._handler = None  # (the parser stays: the next request on this connection reuses it)
+        self._handler = self._owner = None  # (the parser stays: the next request reuses it)
 
     def is_alive(self) -> bool:
         """Still open as far as the transport knows (the pool skips ones closing under it)."""
@@ -520,6 +557,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser = httptools.HttpResponseParser(self)
         self._parser_ended = False
         self._handler = handler
+        self._owner = handler
         self._response = ResponseHead()
         self._header_done = False
         self._head_dispatched = False
@@ -600,6 +638,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = None
 
     def _on_timer(self) -> None:
+        try:
+            self._timer_fired()
+        except Exception as exc:
+            self._crashed(exc, "reading upstream")
+
+    def _timer_fired(self) -> None:
         self._timer = None
         if self.state is not ConnState.ACTIVE or self.response_complete:
             return

@@ -22,12 +22,14 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from functools import partial
 
 import uvloop
 
-from scriptlb import api, errorlog
+from scriptlb import api, errorlog, safety
 from scriptlb.config.model import HttpConf, MainConf
 from scriptlb.downstream import ClientConnection, ListenerContext
+from scriptlb.exchange import Exchange, log_client_error
 from scriptlb.runtime import Runtime
 from scriptlb.sandbox.limits import install_worker_fuse
 from scriptlb.shared_dict import SharedDict, map_size, zone_directory
@@ -58,6 +60,10 @@ class Worker:
 
     async def serve(self) -> None:
         self._stop = self.loop.create_future()
+        if self.loop.get_exception_handler() is None:
+            # a bug escaping a callback: an [alert] line in the error log, not a traceback on
+            # stderr (a test's WorkerThread installs its own, which records them)
+            self.loop.set_exception_handler(safety.loop_error)
         self.stats = open_peer_stats(self.conf)
         if self.stats is not None:
             self.recorder = Recorder(self.stats, self.loop)
@@ -83,14 +89,14 @@ class Worker:
                 continue
             server_conf = route.default_server.conf
             context = ListenerContext(
-                runtime.open_exchange,
+                partial(Exchange, runtime),
                 header_timeout=server_conf.client_header_timeout,
                 header_buffers=server_conf.large_client_header_buffers,
                 keys=tuple(keys),
                 connections=connections,
                 max_connections=self.conf.worker_connections,
             )
-            context.on_client_error = runtime.log_client_error
+            context.on_client_error = partial(log_client_error, runtime)
             self.contexts.append(context)
             server = await self.loop.create_server(
                 _protocol_factory(context, self.loop), sock=sock, backlog=self._backlog(keys)
