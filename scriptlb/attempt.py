@@ -123,15 +123,11 @@ class Attempt(TryRecord):
     def __repr__(self) -> str:
         return f"<Attempt {self.addr} {self.status} conn={self.conn!r}>"
 
-    def take_pooled(self) -> UpstreamConnection | None:
-        """A pooled connection for this try, if its pool has one for the key."""
-        pool = self.pool
-        conn = pool.acquire(self.key) if pool is not None else None
-        if conn is not None:
-            self.conn = conn
-            self.connect_time = 0.0
-            self.reused = True
-        return conn
+    def reuse(self, conn: UpstreamConnection) -> None:
+        """This try goes out on ``conn``, from its pool."""
+        self.conn = conn
+        self.connect_time = 0.0
+        self.reused = True
 
     def connected(self, conn: UpstreamConnection) -> None:
         self.conn = conn
@@ -150,9 +146,8 @@ class Attempt(TryRecord):
         if outcome == DONE:
             sample: float | None = elapsed
             counted = stats_failed = False
-            if peer is not None:
-                upstream.balancer.observe(peer, self.connect_time, self.header_time, elapsed,
-                                          upstream.loop.time())
+            if peer is not None and upstream.observe is not None:
+                upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
             if conn is not None:
                 if self.pool is not None:
                     self.pool.release(conn)
@@ -165,9 +160,8 @@ class Attempt(TryRecord):
                 assert failure is not None
                 sample = elapsed
                 counted = stats_failed = is_counted_failure(failure, True)
-                if peer is not None:
-                    upstream.balancer.observe(peer, self.connect_time, self.header_time, elapsed,
-                                              upstream.loop.time())
+                if peer is not None and upstream.observe is not None:
+                    upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
             elif outcome == FAILED:
                 assert failure is not None
                 self.status = last_failure_status(failure)

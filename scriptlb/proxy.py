@@ -239,10 +239,11 @@ class UpstreamRequest:
                           pool_key(name, host, self._local_addr))
         self.attempt = attempt
         self.exchange.tries.append(attempt)
-        conn = attempt.take_pooled()
+        conn = pool.acquire(attempt.key) if pool is not None else None
         if conn is None:
             self._connect(attempt)
         else:
+            attempt.reuse(conn)
             self._send_request(conn)
 
     def _apply_hook_settings(self, outcome: Any) -> None:
@@ -302,8 +303,7 @@ class UpstreamRequest:
         plan = self.plan
         streamed = self._stream_body
         conn.start(self, self._head, None if streamed else self._body, ex.read_timeout,
-                   ex.send_timeout, head_only=ex.method == "HEAD", http11=plan.http11,
-                   close_after=plan.close_after)
+                   ex.send_timeout, ex.method == "HEAD", plan.http11, plan.close_after)
         if streamed:
             self._body_conn = conn
             conn.on_writable = self._pump_body

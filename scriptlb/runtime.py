@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from scriptlb.accesslog import PhaseClock
 from scriptlb.balancing import create_balancer
+from scriptlb.balancing.round_robin import RoundRobin
 from scriptlb.config.model import (
     HookConf,
     HttpConf,
@@ -62,7 +63,8 @@ class UpstreamRuntime:
     """One upstream block in this worker: peers, balancer, keep-alive pool and optional hook."""
 
     __slots__ = (
-        "_hook_pool", "balancer", "conf", "hook", "key_getter", "loop", "name", "peers", "pool", "stats",
+        "_hook_pool", "balancer", "conf", "hook", "key_getter", "loop", "name", "observe", "peers", "pool",
+        "stats",
     )
 
     def __init__(
@@ -74,6 +76,10 @@ class UpstreamRuntime:
         self.name = conf.name
         self.peers = PeerSet.from_conf(conf)
         self.balancer = create_balancer(conf, self.peers)
+        # the balancer's observe, for methods that learn from latency (ewma, least_time); None
+        # for the others, so a try's end skips the call
+        observe = getattr(type(self.balancer), "observe", None)
+        self.observe = None if observe is RoundRobin.observe else self.balancer.observe
         self.key_getter = _balancer_key_getter(self.balancer, conf)
         self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests)
         # this upstream's records in the instance's live peer statistics (python_peer_stats)

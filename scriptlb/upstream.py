@@ -253,35 +253,33 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = ConnState.ACTIVE
 
     def data_received(self, data: bytes) -> None:
+        # (one function: this runs for every read; the try is free until something raises)
         try:
-            self._read(data)
+            if self.state is not ConnState.ACTIVE or self._parser is None or self.response_complete:
+                self._unexpected_bytes()
+                return
+            self._last_read = self.loop.time()
+            self.response_started = True
+            self._in_feed = True
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserCallbackError as err:
+                raise (err.__context__ or err) from None  # a bug in our callbacks, not the peer's fault
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+                # (HttpParserUpgrade: a 101 we never asked for; Upgrade is never forwarded)
+                if not self.response_complete:
+                    self._in_feed = False
+                    self._fail_parse()
+                    return
+                self._extra_bytes = True  # garbage after a complete response: deliver, never reuse
+            finally:
+                self._in_feed = False
+            if self._header_done and not self._head_dispatched:
+                self._dispatch_head()
+            elif self.response_complete:
+                self._deliver_completion()
         except Exception as exc:
             self._crashed(exc, "reading upstream")
-
-    def _read(self, data: bytes) -> None:
-        if self.state is not ConnState.ACTIVE or self._parser is None or self.response_complete:
-            self._unexpected_bytes()
-            return
-        self._last_read = self.loop.time()
-        self.response_started = True
-        self._in_feed = True
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as err:
-            raise (err.__context__ or err) from None  # a bug in our callbacks, not the peer's fault
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            # (HttpParserUpgrade: a 101 we never asked for; Upgrade is never forwarded)
-            if not self.response_complete:
-                self._in_feed = False
-                self._fail_parse()
-                return
-            self._extra_bytes = True  # garbage after a complete response: deliver, never reuse
-        finally:
-            self._in_feed = False
-        if self._header_done and not self._head_dispatched:
-            self._dispatch_head()
-        elif self.response_complete:
-            self._deliver_completion()
 
     def connection_lost(self, exc: Exception | None) -> None:
         try:
