@@ -42,6 +42,7 @@ class Exchange:
         "_logged",
         "args",
         "body_bytes_sent",
+        "body_timeout",
         "bytes_sent",
         "conn",
         "connect_timeout",
@@ -49,9 +50,12 @@ class Exchange:
         "headers",
         "host",
         "http_version",
+        "keepalive_requests",
+        "keepalive_timeout",
         "last_failure",
         "location",
         "loop",
+        "max_body_size",
         "method",
         "proxy_host",
         "read_timeout",
@@ -109,6 +113,12 @@ class Exchange:
         self._logged = False  # the log phase ran (it runs once per request)
         self.upstream_request: UpstreamRequest | None = None  # set when proxying
         self._route()
+        # what the client connection reads (plain attributes: read on every request)
+        conf = self.location.conf
+        self.max_body_size = conf.client_max_body_size  # 0 = unlimited
+        self.body_timeout = conf.client_body_timeout
+        self.keepalive_timeout = conf.keepalive_timeout
+        self.keepalive_requests = conf.keepalive_requests
 
     # ------------------------------------------------------------------ routing
 
@@ -146,23 +156,6 @@ class Exchange:
         if route is None:
             route = self.conn.route = self.runtime.route_for(self.conn)
         return route
-
-    # what the client connection reads
-    @property
-    def max_body_size(self) -> int:
-        return self.location.conf.client_max_body_size
-
-    @property
-    def body_timeout(self) -> float:
-        return self.location.conf.client_body_timeout
-
-    @property
-    def keepalive_timeout(self) -> float:
-        return self.location.conf.keepalive_timeout
-
-    @property
-    def keepalive_requests(self) -> int:
-        return self.location.conf.keepalive_requests
 
     # what variables read
     @property

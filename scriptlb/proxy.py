@@ -338,7 +338,7 @@ class UpstreamRequest:
         assert attempt is not None
         attempt.header_time = clock() - attempt.started
         attempt.status = status = response.status
-        failure = failure_for_status(status)
+        failure = failure_for_status(status) if status >= 403 else None
         if failure is not None and self.conf.next_upstream & NextUpstream(int(failure)):
             verdict = decide(failure, self._state.tries - 1, self._started, self.loop.time(), self.conf,
                              self._idempotent, request_sent=True)

@@ -194,13 +194,11 @@ class RequestPlan:
         return new + "?" + exchange.args if exchange.args is not None else new
 
     def build_head(self, exchange: Exchange, body_length: int | None, chunked: bool = False) -> bytes:
-        parts = [
-            exchange.method.encode("ascii"),
-            b" ",
-            self.upstream_uri(exchange).encode("latin-1"),
-            self.version_line,
-            self.static_headers,
-        ]
+        target = exchange.request.target
+        if self.replace_uri is not None or target[:1] != b"/":
+            target = self.upstream_uri(exchange).encode("latin-1")
+        # (else the client's target, as it came: the bytes upstream_uri would decode and encode)
+        parts = [exchange.method.encode("ascii"), b" ", target, self.version_line, self.static_headers]
         for name, getter in self.dynamic_headers:
             value = getter(exchange)
             if value:

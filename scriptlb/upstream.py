@@ -133,6 +133,8 @@ class ResponseHead:
         return b"".join(out)
 
 
+_BLANKS = frozenset({b" ", b"\t"})  # a value's last byte, when it must be stripped
+
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 
@@ -358,8 +360,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._read_timeout = read_timeout
         self._send_timeout = send_timeout
-        self._last_read = self.loop.time()
-        self._arm_timer(read_timeout)
+        self._last_read = now = self.loop.time()
+        if self._timer is None or now + read_timeout < self._timer_when:
+            self._arm_timer(read_timeout)  # (else the pending timer re-checks when it fires)
         if body:
             transport.writelines((head, body))
         else:
@@ -470,12 +473,11 @@ class UpstreamConnection(asyncio.Protocol):
             response.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        response = self._response
-        assert response is not None
         if self.response_complete:
             self._extra_bytes = True  # a second response we never asked for
             return
-        if value[-1:] in (b" ", b"\t"):
+        response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
+        if value[-1:] in _BLANKS:
             value = value.rstrip(b" \t")
         # classified here, once (this runs for every header of every response): passed on as a
         # line for the client, or noted (framing, Connection), or hidden
@@ -483,7 +485,7 @@ class UpstreamConnection(asyncio.Protocol):
         lower = name.lower()
         kind = _HEADER_KIND.get(lower)
         if kind is None:
-            if not lower.startswith(b"x-accel-"):
+            if lower[:8] != b"x-accel-":
                 response.lines.append(name + b": " + value + b"\r\n")
         elif kind == _CONTENT_LENGTH:
             response.content_length = int(value)  # llhttp validated the digits and duplicates
