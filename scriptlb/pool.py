@@ -71,11 +71,10 @@ class ConnectionPool:
             conn = stack.pop()
             del self._idle[conn]
             conn.on_idle_lost = None
-            transport = conn.transport  # (conn.is_alive(), inlined: every pooled request)
-            if conn.state is not ConnState.IDLE or transport is None or transport.is_closing():
+            if conn.state is not ConnState.IDLE or not conn.is_alive():
                 conn.close()  # closing under us (its connection_lost is still to come)
                 continue
-            conn.state = ConnState.ACTIVE
+            conn.reuse()
             self.reused += 1
             if not stack:
                 del self._by_key[key]
