@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -236,3 +239,38 @@ def test_loop_error_handler_writes_an_alert(tmp_path: Path) -> None:
         errorlog.install(previous).close()
     text = path.read_text()
     assert "[alert]" in text and "Exception in callback x: ZeroDivisionError: division by zero at " in text
+
+
+def test_client_gone_while_connecting(tmp_path: Path, capfd) -> None:
+    """The client leaves while the upstream connection is being opened: the request ends (499
+    in the access log), the connection, once open, is closed unused, nothing is printed."""
+    text = CONF.replace("error_log {tmp}/error.log info;", "error_log {tmp}/error.log info;\n"
+                        "http_placeholder").replace("http_placeholder\nhttp {", "http {\n"
+                        "    log_format st '$status $upstream_addr';\n    access_log {tmp}/access.log st;")
+    with Backends(respond(body=b"ok")) as bk:
+        lb = Scriptlb(text, tmp_path, use_uvloop=False, tmp=tmp_path, servers=servers(bk[0].addr))
+        loop = lb.thread.loop
+        original = loop.create_connection
+        opened: list = []
+
+        async def slow_connection(factory, *args, **kwargs):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0.3)  # the client leaves meanwhile
+            transport, protocol = await original(factory, *args, **kwargs)
+            opened.append(protocol)
+            return transport, protocol
+
+        loop.create_connection = slow_connection  # type: ignore[method-assign]
+        with lb:
+            with HttpConnection(lb.port) as conn:
+                conn.send(b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n")
+                time.sleep(0.05)  # (the request is in, the connect under way)
+                # a reset, not a half-close (a half-closed client may still read the answer)
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            assert wait_until(lambda: (tmp_path / "access.log").exists()
+                              and "499" in (tmp_path / "access.log").read_text())
+            # the connection opened for /gone, once open, is closed unused
+            assert wait_until(lambda: len(opened) == 1 and opened[0].state is ConnState.CLOSED)
+            assert get(lb.port, "/next").status == 200  # the worker serves on
+            assert lb.thread.loop_errors == []
+    assert [r.target for r in bk[0].requests] == ["/next"]  # nothing was sent for /gone
+    assert "Traceback" not in capfd.readouterr().err
