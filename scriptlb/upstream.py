@@ -135,6 +135,23 @@ class ResponseHead:
 
 _BLANKS = frozenset({b" ", b"\t"})  # a value's last byte, when it must be stripped
 
+# on_header's memo: a header name as the peer spells it -> what to do with it (the same few
+# spellings come in every response; bounded, since peers choose names)
+_PASSED = -1
+_KIND_BY_NAME: dict[bytes, int] = {}
+_KIND_MEMO_SIZE = 512
+
+
+def _header_kind(name: bytes) -> int:
+    lower = name.lower()
+    kind = _HEADER_KIND.get(lower)
+    if kind is None:
+        kind = _HIDDEN if lower[:8] == b"x-accel-" else _PASSED
+    if len(_KIND_BY_NAME) >= _KIND_MEMO_SIZE:
+        _KIND_BY_NAME.clear()
+    _KIND_BY_NAME[name] = kind
+    return kind
+
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 
@@ -482,11 +499,11 @@ class UpstreamConnection(asyncio.Protocol):
         # classified here, once (this runs for every header of every response): passed on as a
         # line for the client, or noted (framing, Connection), or hidden
         response.headers.append((name, value))
-        lower = name.lower()
-        kind = _HEADER_KIND.get(lower)
+        kind = _KIND_BY_NAME.get(name)
         if kind is None:
-            if lower[:8] != b"x-accel-":
-                response.lines.append(name + b": " + value + b"\r\n")
+            kind = _header_kind(name)
+        if kind == _PASSED:
+            response.lines.append(name + b": " + value + b"\r\n")
         elif kind == _CONTENT_LENGTH:
             response.content_length = int(value)  # llhttp validated the digits and duplicates
         elif kind == _CONNECTION:
