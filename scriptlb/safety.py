@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import traceback
 from typing import Any
 
@@ -34,11 +35,15 @@ class Counters:
 
 COUNTERS = Counters()
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 
 def describe(exc: BaseException) -> str:
     """``ZeroDivisionError: division by zero at scriptlb/proxy.py:123`` (the innermost frame:
     where to look, without a multi-line traceback in the error log)."""
-    detail = str(exc)[:200]
+    # one line, bounded, printable: the text may carry bytes a peer or client sent
+    detail = str(exc)[:200].encode("ascii", "backslashreplace").decode("ascii")
+    detail = _CONTROL.sub(lambda c: f"\\x{ord(c.group()):02x}", detail)
     text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
     frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
     if frames:
