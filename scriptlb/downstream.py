@@ -63,6 +63,9 @@ def next_connection_id() -> int:
     return next(_conn_ids)
 
 
+# what a lost connection's parser is (a parser without a protocol: holds no reference to it)
+_CLOSED_PARSER = httptools.HttpRequestParser(object())
+
 SERVER_LINE = b"Server: " + responses.SERVER_NAME.encode("ascii") + b"\r\n"
 
 
@@ -318,6 +321,10 @@ class ClientConnection(asyncio.Protocol):
         if active is not None:
             active.client_lost()
         self._queue = _NO_QUEUE
+        # the parser holds this protocol: break the cycle, so a closed connection goes with its
+        # last reference instead of feeding the cyclic garbage collector (whose full passes
+        # stall the loop under many connections); nothing parses after the connection is lost
+        self._parser = _CLOSED_PARSER
 
     def data_received(self, data: bytes) -> None:
         if self._pending_error is not None:

@@ -305,6 +305,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._lost(exc)
         except Exception as bug:
             self._crashed(bug, "reading upstream")
+        # The parser holds this protocol and the callbacks hold the request: break the
+        # cycles, so a closed connection goes with its last reference instead of waiting for
+        # (and feeding) the cyclic garbage collector, whose full passes stall the loop under
+        # many connections.
+        self._parser = None
+        self._owner = self._handler = None
+        self.on_writable = None
+        self.on_idle_lost = None
 
     def _lost(self, exc: Exception | None) -> None:
         state = self.state
