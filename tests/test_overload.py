@@ -276,3 +276,33 @@ def test_client_gone_while_connecting(tmp_path: Path, capfd) -> None:
             assert lb.thread.loop_errors == []
     assert [r.target for r in bk[0].requests] == ["/next"]  # nothing was sent for /gone
     assert "Traceback" not in capfd.readouterr().err
+
+
+# --------------------------------------------------------------------------- garbage
+
+
+def test_closed_connections_leave_no_reference_cycles(tmp_path: Path) -> None:
+    """A request on a fresh client connection to a peer without keep-alive: once both
+    connections are closed, everything of the request is freed by reference counting (a cycle
+    would wait for the cyclic collector, whose full passes stall the loop under load)."""
+    import gc
+
+    text = CONF.replace("keepalive 4;", "")
+    with Backends(respond(body=b"ok")) as bk, \
+            Scriptlb(text, tmp_path, tmp=tmp_path, servers=servers(bk[0].addr)) as lb:
+        assert get(lb.port, "/warm").status == 200
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for i in range(20):
+                assert get(lb.port, f"/{i}", {"Connection": "close"}).status == 200
+            assert wait_until(lambda: len(lb.thread.worker.contexts[0].connections) == 0)
+            gc.collect()
+            ours = sorted({type(o).__qualname__ for o in gc.garbage
+                           if type(o).__module__.startswith("scriptlb")})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert ours == []
