@@ -38,6 +38,9 @@ class FakeTransport:
     def abort(self) -> None:
         self.closed = self.aborted = True
 
+    def can_write_eof(self) -> bool:
+        return False  # (lingering close is tested through real sockets)
+
     def pause_reading(self) -> None:
         self.reading = False
 
@@ -434,13 +437,42 @@ def test_keepalive_timeout_closes_an_idle_connection(loop: asyncio.AbstractEvent
 def test_worker_connections_limit_drops_the_extra_connection(
     loop: asyncio.AbstractEventLoop, log_file: Path
 ) -> None:
+    """A connection that is reading a request is not reusable: the new one is dropped."""
     first = Harness(loop, max_connections=1)
+    assert first.feed(b"GET / HTTP/1.1\r\n") == b""
     second = ClientConnection(first.context, loop)
     transport = FakeTransport()
     second.connection_made(transport)  # type: ignore[arg-type]
     assert transport.aborted and second not in first.context.connections
     assert "[alert]" in log_file.read_text() and "1 worker_connections are not enough" in log_file.read_text()
-    assert first.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+    assert first.feed(b"Host: x\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+
+
+def test_worker_connections_reuses_the_oldest_idle_connection(
+    loop: asyncio.AbstractEventLoop, log_file: Path
+) -> None:
+    """nginx's ngx_drain_connections: idle keep-alive connections and ones that sent nothing
+    yet make room, oldest idle first; a busy one is kept."""
+    silent = Harness(loop, max_connections=3)
+    context = silent.context
+    keep_alive = ClientConnection(context, loop)
+    keep_alive_transport = FakeTransport()
+    keep_alive.connection_made(keep_alive_transport)  # type: ignore[arg-type]
+    busy = ClientConnection(context, loop)
+    busy_transport = FakeTransport()
+    busy.connection_made(busy_transport)  # type: ignore[arg-type]
+    busy.data_received(b"GET / HTTP/1.1\r\n")
+    keep_alive.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # answered: idle again, last
+    assert keep_alive_transport.data.startswith(b"HTTP/1.1 200 OK") and not keep_alive.closed
+    newcomers = []
+    for _ in range(2):
+        newcomer = ClientConnection(context, loop)
+        newcomers.append(FakeTransport())
+        newcomer.connection_made(newcomers[-1])  # type: ignore[arg-type]
+    assert silent.transport.closed and keep_alive_transport.closed and not busy_transport.closed
+    assert not any(t.closed for t in newcomers)
+    log = log_file.read_text()
+    assert "[warn]" in log and "3 worker_connections are not enough, reusing connections" in log
 
 
 def test_an_idle_keep_alive_connection_holds_little(loop: asyncio.AbstractEventLoop) -> None:
