@@ -217,11 +217,12 @@ def long_line(port: int, connections: int, size: int) -> str:
             if sock.recv(100).startswith(b"HTTP/1.1 4"):
                 answered += 1
         sock.close()
-    return f"{connections} x {size // MIB} MiB header line, {sent // MIB} MiB sent each, {answered} answered 4xx"
+    return (f"{connections} x {size // MIB} MiB header line, {sent // MIB} MiB sent each, "
+            f"{answered} answered 4xx")
 
 
 def idle_flood(port: int, count: int, clients: int) -> str:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     idle = []
     for _ in range(count):
@@ -257,7 +258,8 @@ def uploads(port: int, size: int, stalled: int, stalled_size: int) -> str:
     time.sleep(1.0)
     for sock in socks:
         sock.close()
-    return f"one {size // MIB} MiB upload ({status.decode()}), {stalled} uploads stalled at {stalled_size // MIB} MiB"
+    return (f"one {size // MIB} MiB upload ({status.decode()}), {stalled} uploads stalled "
+            f"at {stalled_size // MIB} MiB")
 
 
 def main() -> None:

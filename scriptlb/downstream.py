@@ -33,6 +33,8 @@ from typing import Protocol
 import httptools
 
 from scriptlb import errorlog, responses
+from scriptlb.config.model import ClientBodyConf
+from scriptlb.request_body import EMPTY_BODY, BodyFileError, RequestBody
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus the ones nginx never forwards from a client.
 HOP_BY_HOP = frozenset(
@@ -85,7 +87,8 @@ SERVER_LINE = b"Server: " + responses.SERVER_NAME.encode("ascii") + b"\r\n"
 
 
 class Request:
-    """One parsed request head plus its body as received so far (the body is never re-framed)."""
+    """One parsed request head plus its body as received so far (decoded: the proxy frames it
+    again; a chunked body's trailers are dropped)."""
 
     __slots__ = (
         "body",
@@ -118,18 +121,14 @@ class Request:
         self.expect_continue = False
         self.keep_alive = True
         self.head_size = 0
-        self.body: list[bytes] = []  # chunks not yet taken by the handler
+        # what arrived and was not taken by the handler (memory, then a file: request_body)
+        self.body: RequestBody = EMPTY_BODY
         self.body_size = 0  # bytes received so far (decoded, without chunk framing)
         self.complete = False
 
     def take_body(self) -> bytes:
-        """Everything buffered so far, joined; the buffer is emptied."""
-        body = self.body
-        if not body:
-            return b""
-        data = body[0] if len(body) == 1 else b"".join(body)
-        body.clear()
-        return data
+        """Everything received and held in memory so far, joined; the buffer is emptied."""
+        return self.body.take()
 
     def request_line(self) -> str:
         """``GET / HTTP/1.1``: nginx's $request."""
@@ -140,6 +139,8 @@ class RequestHandler(Protocol):
     """What the connection needs from whoever serves a request (the proxy's Exchange)."""
 
     max_body_size: int  # 0 = unlimited
+    # where the body waits for the handler: None = in memory (streamed as it comes, or dropped)
+    client_body: ClientBodyConf | None
     body_timeout: float
     keepalive_timeout: float
     keepalive_requests: int
@@ -224,9 +225,10 @@ def make_room(listener: ListenerContext) -> bool:
 class ClientError(Exception):
     """A client mistake that ends the connection with an nginx status and an info-level log."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, level: str = "info") -> None:
         super().__init__(message)
         self.status = status
+        self.level = level  # of the error-log line
 
 
 _TIMED_OUT = "client timed out (110: Connection timed out)"
@@ -396,6 +398,8 @@ class ClientConnection(asyncio.Protocol):
         active, self.active = self.active, None
         if active is not None:
             active.client_lost()
+        for request, _handler in self._queue:
+            request.body.close()
         self._queue = _NO_QUEUE
         self._release()
 
@@ -403,6 +407,9 @@ class ClientConnection(asyncio.Protocol):
         """Break the references that make a closed connection a cycle (parser <-> protocol,
         connection <-> exchange, transport <-> protocol), so that its memory (a large request,
         a parser's buffers) is freed now rather than by the cyclic garbage collector."""
+        for request in (self._active_request, self._parsing):
+            if request is not None:
+                request.body.close()
         self._parser = _CLOSED_PARSER
         self._parsing = None
         self._parsing_handler = None
@@ -430,6 +437,9 @@ class ClientConnection(asyncio.Protocol):
             self._check_partial_line(data)
         except ClientError as err:
             self._client_error(err)
+            return
+        except MemoryError:
+            self._out_of_memory()
             return
         # a head still arriving keeps a reference to its last bytes (the timeout log's wording,
         # see _line_received); any other connection holds none
@@ -634,6 +644,7 @@ class ClientConnection(asyncio.Protocol):
                                    f"{request.content_length} bytes")
         self._parsing_handler = handler
         if request.has_body:
+            request.body = RequestBody(handler.client_body)
             self._arm(_BODY, handler.body_timeout)
         if self.active is None:
             self._activate(request, handler)
@@ -661,7 +672,10 @@ class ClientConnection(asyncio.Protocol):
         if handler.max_body_size and request.body_size > handler.max_body_size:
             raise ClientError(413, f"client intended to send too large chunked body: "
                                    f"{request.body_size} bytes")
-        request.body.append(chunk)
+        try:
+            request.body.append(chunk)
+        except BodyFileError as err:
+            raise ClientError(500, f"{err} while reading client request body", level="crit") from None
         if handler is self.active:
             self._arm(_BODY, handler.body_timeout)
             handler.body_received()
@@ -732,7 +746,10 @@ class ClientConnection(asyncio.Protocol):
         """The active request is answered: serve the queued ones (iteratively: a long pipeline
         of instant answers must not recurse), then wait for the next request."""
         self.active = None
-        self._active_request = None
+        request = self._active_request
+        if request is not None:
+            request.body.close()  # (a body file goes now, not when the last reference does)
+            self._active_request = None
         self.sent_head = b""  # logged already; an idle connection holds no response bytes
         if not self._keep_alive or self.closed or (self._eof and not self._queue):
             self._close_after_response()
@@ -965,7 +982,7 @@ class ClientConnection(asyncio.Protocol):
             self._pending_error = err  # answered after the request in flight, in order
             self._keep_alive = False
             return
-        errorlog.log_error("info", str(err), self.conn_id, self._log_context())
+        errorlog.log_error(err.level, str(err), self.conn_id, self._log_context())
         request = self._active_request = self._parsing or Request()
         if request.version not in ("1.0", "1.1"):
             request.version = "1.1"
@@ -977,6 +994,18 @@ class ClientConnection(asyncio.Protocol):
         if not handler_told and report is not None:
             report(self, request, err.status)  # the access log of a request nobody handled
         self.close()
+
+    def _out_of_memory(self) -> None:
+        """An allocation failed while parsing (the process is at its memory limit): this
+        connection ends with a 500 if that can still be written, and nothing is left half-open."""
+        errorlog.log_error("alert", "out of memory while reading client request", self.conn_id)
+        try:
+            self._client_error(ClientError(500, "out of memory while reading client request", level="debug"))
+        except MemoryError:
+            pass
+        if self.transport is not None and not self._linger_until:
+            self.transport.abort() if not self.closed else self.transport.close()
+            self.closed = True
 
     def _log_context(self) -> str:
         request = self._parsing

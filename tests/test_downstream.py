@@ -68,6 +68,7 @@ class FakeHandler:
         self.request = request
         self.reply = reply
         self.max_body_size = max_body_size
+        self.client_body = None  # bodies stay in memory
         self.body_timeout = 60.0
         self.keepalive_timeout = 75.0
         self.keepalive_requests = 100
