@@ -769,6 +769,7 @@ class UpstreamRequest:
         streamed = self._stream_body
         body = None if streamed else self._body
         spooled = isinstance(body, SpooledBody)
+        conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
         conn.start(self, self._head, None if spooled else body, ex.read_timeout,
                    ex.send_timeout, head_only=ex.method == "HEAD", http11=plan.http11,
                    close_after=plan.close_after)
