@@ -946,7 +946,9 @@ class ClientConnection(asyncio.Protocol):
         self._timer = self.loop.call_later(max(delay, 0.0), self._end_lingering)
 
     def _end_lingering(self) -> None:
-        self._timer = None
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()  # (when the client's end came first: the handle holds us)
         if self.transport is not None:
             self.transport.close()
 
