@@ -5,8 +5,8 @@ received (head as sent, body length and digest) and answers with the head it got
 from __future__ import annotations
 
 import contextlib
-import re
 import hashlib
+import re
 import shutil
 import signal
 import socket

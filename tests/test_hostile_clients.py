@@ -93,7 +93,8 @@ def test_a_long_line_costs_other_clients_nothing(tmp_path: Path) -> None:
 
         poller = threading.Thread(target=poll)
         poller.start()
-        attackers = [threading.Thread(target=send_endless, args=(proxy.port, b"GET / HTTP/1.1\r\nX-Big: ", 16 * MIB))
+        start = b"GET / HTTP/1.1\r\nX-Big: "
+        attackers = [threading.Thread(target=send_endless, args=(proxy.port, start, 16 * MIB))
                      for _ in range(8)]
         for attacker in attackers:
             attacker.start()
@@ -134,7 +135,8 @@ def test_header_names_with_underscores_or_invalid_characters_are_dropped(tmp_pat
                 answer, _ = exchange(proxy.port, request)
                 assert answer.startswith(b"HTTP/1.1 200")
                 head = backend.requests[-1].head
-                seen.append(sorted(line.split(b":")[0] for line in head.split(b"\r\n") if line.startswith(b"X")))
+                names = [line.split(b":")[0] for line in head.split(b"\r\n")]
+                seen.append(sorted(name for name in names if name.startswith(b"X")))
             if number == 0 and kind == "scriptlb":
                 assert 'client sent invalid header line: "X_Real_IP: 6.6.6.6"' in proxy.error_log
     assert seen == [[b"X-Good"], [b"X-Good", b"X_Real_IP"], [b"X-Good", b"X.Dot", b"X_Real_IP"]]
@@ -277,8 +279,9 @@ def test_client_body_in_file_only(tmp_path: Path, mode: str, kept: bool) -> None
 
 def test_a_body_file_that_cannot_be_created_is_a_500(tmp_path: Path) -> None:
     (tmp_path / "not-a-directory").write_text("")
-    with RecordingBackend() as backend, proxy_process(
-            "scriptlb", tmp_path, proxied(backend.port, "client_body_temp_path not-a-directory/body;")) as proxy:
+    unusable = "client_body_temp_path not-a-directory/body;"
+    with RecordingBackend() as backend, \
+            proxy_process("scriptlb", tmp_path, proxied(backend.port, unusable)) as proxy:
         answer, _ = exchange(proxy.port, b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n"
                              + b"x" * 100000)
         assert answer.startswith(b"HTTP/1.1 500")
@@ -311,7 +314,8 @@ class BigHeadPeer:
                 data = b""
                 while b"\r\n\r\n" not in data:
                     data += conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * self.size + b"\r\nContent-Length: 2\r\n\r\nok")
+                header = b"X-Big: " + b"a" * self.size
+                conn.sendall(b"HTTP/1.1 200 OK\r\n" + header + b"\r\nContent-Length: 2\r\n\r\nok")
 
     def close(self) -> None:
         self.sock.close()
