@@ -555,7 +555,9 @@ class ClientConnection(asyncio.Protocol):
         return "client sent invalid request while reading client request line"
 
     def on_message_begin(self) -> None:
-        if self._last_request:
+        if self._last_request or self.closed:
+            # nothing after a request without keep-alive, or once we close, is parsed (this
+            # may run inside the feed that closed the connection)
             self._last_request = 2
             raise _ParsingEnded
         self._parsing = Request()
@@ -927,8 +929,6 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self._queue = _NO_QUEUE
-        self._parsing = None
-        self._parsing_handler = None
         self.closed = True  # for everybody else; the transport stays open while we linger
         self._cancel_timer()
         self.listener.reusable.pop(self, None)

@@ -165,6 +165,11 @@ class Proxy:
         path = self.prefix / "error.log"
         return path.read_text() if path.exists() else ""
 
+    @property
+    def stderr(self) -> str:
+        """What the process wrote to its stderr (uncaught exceptions land there)."""
+        return (self.prefix / "stderr.log").read_text(errors="replace")
+
 
 NGINX_ONLY = """
     proxy_temp_path {prefix}/proxy_temp; fastcgi_temp_path {prefix}/fcgi;
@@ -194,7 +199,8 @@ def proxy_process(kind: str, prefix: Path, http_block: str, worker_connections: 
         cmd = [NGINX, "-p", f"{prefix}/", "-c", str(conf)]
     else:
         cmd = [sys.executable, "-m", "scriptlb", "-p", str(prefix), "-c", str(conf)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = (prefix / "stderr.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -203,7 +209,7 @@ def proxy_process(kind: str, prefix: Path, http_block: str, worker_connections: 
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{kind} did not start: {proc.stderr.read() if proc.stderr else ''}")
+                    raise RuntimeError(f"{kind} did not start: {(prefix / 'stderr.log').read_text()}")
                 time.sleep(0.05)
         yield Proxy(kind, proc.pid, port, prefix)
         assert proc.poll() is None, f"{kind} died"
@@ -215,8 +221,7 @@ def proxy_process(kind: str, prefix: Path, http_block: str, worker_connections: 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        stderr.close()
 
 
 def exchange(port: int, data: bytes, timeout: float = 10.0, half_close: bool = False) -> tuple[bytes, str]:
