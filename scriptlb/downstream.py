@@ -60,6 +60,9 @@ _conn_ids = itertools.count(1)
 # underscores_in_headers on). llhttp already refuses what is not an RFC 9110 token.
 _NAME_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-"
 _NAME_CHARS_UNDERSCORE = _NAME_CHARS + b"_"
+# names found valid, so that the common ones cost one set lookup (bounded: clients choose names)
+_VALID_NAMES: set[bytes] = set()
+_VALID_NAMES_MAX = 4096
 
 # nginx's lingering close: after the last response, read and drop what the client still sends
 # (so that its unread bytes do not make the kernel reset the connection under the response)
@@ -434,7 +437,8 @@ class ClientConnection(asyncio.Protocol):
                 self._check_line_start(data)
             self._fed = 0
             self._feed(data)
-            self._check_partial_line(data)
+            if self._parsing is not None or self._line_bytes:
+                self._check_partial_line(data)
         except ClientError as err:
             self._client_error(err)
             return
@@ -585,8 +589,8 @@ class ClientConnection(asyncio.Protocol):
         request.head_size += line
         if line > self._header_line_max or request.head_size > self._head_max:
             raise ClientError(494, "client sent too long header line while reading client request headers")
-        if (not name.replace(b"-", b"").isalnum() and self.listener.ignore_invalid_headers
-                and not self._valid_header_name(name)):
+        if (name not in _VALID_NAMES and not self._valid_header_name(name)
+                and self.listener.ignore_invalid_headers):
             text = (name + b": " + value).decode("latin-1")
             errorlog.log_error("info", f'client sent invalid header line: "{text}" '
                                        "while reading client request headers", self.conn_id,
@@ -597,8 +601,12 @@ class ClientConnection(asyncio.Protocol):
             self._note_header(request, name.lower(), value)
 
     def _valid_header_name(self, name: bytes) -> bool:
-        allowed = _NAME_CHARS_UNDERSCORE if self.listener.underscores_in_headers else _NAME_CHARS
-        return bool(name) and not name.translate(None, allowed)
+        if name and not name.translate(None, _NAME_CHARS):
+            if len(_VALID_NAMES) < _VALID_NAMES_MAX:
+                _VALID_NAMES.add(name)  # (valid whatever underscores_in_headers says)
+            return True
+        underscores = self.listener.underscores_in_headers
+        return bool(name) and underscores and not name.translate(None, _NAME_CHARS_UNDERSCORE)
 
     def _note_header(self, request: Request, lower: bytes, value: bytes) -> None:
         if lower == b"host":
@@ -750,7 +758,8 @@ class ClientConnection(asyncio.Protocol):
         self.active = None
         request = self._active_request
         if request is not None:
-            request.body.close()  # (a body file goes now, not when the last reference does)
+            if request.has_body:
+                request.body.close()  # (a body file goes now, not when the last reference does)
             self._active_request = None
         self.sent_head = b""  # logged already; an idle connection holds no response bytes
         if not self._keep_alive or self.closed or (self._eof and not self._queue):
