@@ -535,6 +535,8 @@ class ClientConnection(asyncio.Protocol):
                 raise cause from None
             if isinstance(cause, _ParsingEnded):
                 return
+            if isinstance(cause, MemoryError):
+                raise cause from None
             raise  # a bug in a callback must not masquerade as a client error
         except httptools.HttpParserError as err:
             raise ClientError(400, self._parse_error_message(err)) from None

@@ -528,3 +528,21 @@ def test_a_queued_requests_complete_body_is_not_timed_out(loop: asyncio.Abstract
     assert not any(e.startswith("abort") for h_ in h.handlers for e in h_.events)
     h.conn.respond(200, b"", b"first")
     assert status_of(h.transport.take()) == 200 and not h.transport.closed
+
+
+def test_memory_error_while_parsing_ends_the_connection_cleanly(
+    loop: asyncio.AbstractEventLoop, log_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An allocation that fails while a request is read (the process at its memory limit):
+    a 500 for that request and the connection closes; nothing is left half-open."""
+    from scriptlb import request_body
+
+    def no_memory(self: object, data: bytes) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(request_body.RequestBody, "append", no_memory)
+    h = Harness(loop)
+    out = h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+    assert out.startswith(b"HTTP/1.1 500") and h.transport.closed
+    log = log_file.read_text()
+    assert "[alert]" in log and "out of memory while reading client request" in log
