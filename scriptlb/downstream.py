@@ -965,6 +965,9 @@ class ClientConnection(asyncio.Protocol):
 
     def close_if_idle(self) -> bool:
         """Graceful stop: close now when no request is in flight, else after the active one."""
+        if self._linger_until:
+            self._end_lingering()  # (what a lingering close waits for is of no use now)
+            return True
         self._keep_alive = False
         if self.requests == 0:
             # Not idle: a client that has just connected has (almost surely) sent its first
