@@ -172,6 +172,7 @@ class Proxy:
 
 
 NGINX_ONLY = """
+    client_body_temp_path {prefix}/client_body_temp;
     proxy_temp_path {prefix}/proxy_temp; fastcgi_temp_path {prefix}/fcgi;
     uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
 """

@@ -214,11 +214,12 @@ def upload(port: int, size: int, method: bytes = b"POST", path: bytes = b"/") ->
     return answer, digest.hexdigest()
 
 
-def test_a_large_upload_waits_in_a_file_not_in_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_large_upload_waits_in_a_file_not_in_memory(tmp_path: Path, kind: str) -> None:
     """Beyond client_body_buffer_size the body goes to client_body_temp (under the prefix),
     the peer gets it whole, and the file is gone with the request."""
     with RecordingBackend() as backend, \
-            proxy_process("scriptlb", tmp_path, proxied(backend.port, "client_max_body_size 0;")) as proxy:
+            proxy_process(kind, tmp_path, proxied(backend.port, "client_max_body_size 0;")) as proxy:
         get_ok_via = exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         assert get_ok_via[0].startswith(b"HTTP/1.1 200")
         before = rss_kib(proxy.pid)
@@ -231,10 +232,11 @@ def test_a_large_upload_waits_in_a_file_not_in_memory(tmp_path: Path) -> None:
     assert temp.is_dir() and not list(temp.iterdir())
 
 
-def test_stalled_uploads_hold_no_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_stalled_uploads_hold_no_memory(tmp_path: Path, kind: str) -> None:
     """Eight uploads that stop halfway hold their bytes in files, not in the worker."""
     with RecordingBackend() as backend, \
-            proxy_process("scriptlb", tmp_path, proxied(backend.port, "client_max_body_size 0;")) as proxy:
+            proxy_process(kind, tmp_path, proxied(backend.port, "client_max_body_size 0;")) as proxy:
         get_ok_direct = exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         assert get_ok_direct[0].startswith(b"HTTP/1.1 200")
         before = rss_kib(proxy.pid)
@@ -254,14 +256,15 @@ def test_stalled_uploads_hold_no_memory(tmp_path: Path) -> None:
     assert grown < 12 * 1024, f"RSS grew {grown} KiB for 8 x 8 MiB stalled uploads"
 
 
-def test_a_retry_sends_the_spooled_body_again_from_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_retry_sends_the_spooled_body_again_from_the_file(tmp_path: Path, kind: str) -> None:
     """The first peer reads the whole body and closes without answering; the next try sends
     the same bytes again (PUT is idempotent, so nginx retries it too)."""
     with RecordingBackend(close_first=1) as backend:
         block = (f"upstream twice {{ server 127.0.0.1:{backend.port}; server 127.0.0.1:{backend.port}; }}"
                  "server { listen 127.0.0.1:{port}; client_max_body_size 0; "
                  "location / { proxy_pass http://twice; } }")
-        with proxy_process("scriptlb", tmp_path, block) as proxy:
+        with proxy_process(kind, tmp_path, block) as proxy:
             answer, digest = upload(proxy.port, 4 * MIB, method=b"PUT")
     assert answer.startswith(b"HTTP/1.1 200")
     assert [(r.body_length, r.body_sha256) for r in backend.requests] == [(4 * MIB, digest)] * 2
