@@ -159,6 +159,7 @@ class Proxy:
     pid: int
     port: int
     prefix: Path
+    stopped_by_test: bool = False  # the test ended the process itself
 
     @property
     def error_log(self) -> str:
@@ -212,8 +213,9 @@ def proxy_process(kind: str, prefix: Path, http_block: str, worker_connections: 
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{kind} did not start: {(prefix / 'stderr.log').read_text()}")
                 time.sleep(0.05)
-        yield Proxy(kind, proc.pid, port, prefix)
-        assert proc.poll() is None, f"{kind} died"
+        proxy = Proxy(kind, proc.pid, port, prefix)
+        yield proxy
+        assert proxy.stopped_by_test or proc.poll() is None, f"{kind} died"
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

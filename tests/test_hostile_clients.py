@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import os
+import signal
 import socket
 import threading
 import time
@@ -172,6 +174,27 @@ def test_after_keepalive_requests_the_connection_closes_without_a_reset(tmp_path
     with proxy_process(kind, tmp_path / kind, block) as proxy:
         answer, end = exchange(proxy.port, requests * 150, half_close=False)
     assert len(status_lines(answer)) == 2 and end == "eof"
+
+
+def test_a_graceful_stop_does_not_wait_for_lingering_closes(tmp_path: Path) -> None:
+    """A connection lingering (its client silent, its socket open) ends at once on QUIT."""
+    block = "server { listen 127.0.0.1:{port}; keepalive_requests 2; location / { return 200 ok; } }"
+    request = b"GET / HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"p" * 7000 + b"\r\n\r\n"
+    with proxy_process("scriptlb", tmp_path, block) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(request * 150)
+        received = b""
+        while len(status_lines(received)) < 2 or not received.endswith(b"ok"):
+            received += sock.recv(65536)
+        proxy.stopped_by_test = True
+        started = time.monotonic()
+        os.kill(proxy.pid, signal.SIGQUIT)
+        while Path(f"/proc/{proxy.pid}").exists() and time.monotonic() - started < 20:
+            if Path(f"/proc/{proxy.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break  # (exited; its parent, the test, has not reaped it yet)
+            time.sleep(0.02)
+        elapsed = time.monotonic() - started
+    assert elapsed < 4.0, f"the worker took {elapsed:.1f} s to stop (lingering_timeout is 5 s)"
 
 
 # --------------------------------------------------------------------------- connections
