@@ -63,6 +63,7 @@ _NAME_CHARS_UNDERSCORE = _NAME_CHARS + b"_"
 # names found valid, so that the common ones cost one set lookup (bounded: clients choose names)
 _VALID_NAMES: set[bytes] = set()
 _VALID_NAMES_MAX = 4096
+_VALID_NAME_LENGTH_MAX = 64
 
 # nginx's lingering close: after the last response, read and drop what the client still sends
 # (so that its unread bytes do not make the kernel reset the connection under the response)
@@ -604,7 +605,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _valid_header_name(self, name: bytes) -> bool:
         if name and not name.translate(None, _NAME_CHARS):
-            if len(_VALID_NAMES) < _VALID_NAMES_MAX:
+            if len(_VALID_NAMES) < _VALID_NAMES_MAX and len(name) <= _VALID_NAME_LENGTH_MAX:
                 _VALID_NAMES.add(name)  # (valid whatever underscores_in_headers says)
             return True
         underscores = self.listener.underscores_in_headers
