@@ -176,6 +176,24 @@ def test_after_keepalive_requests_the_connection_closes_without_a_reset(tmp_path
     assert len(status_lines(answer)) == 2 and end == "eof"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_413_reaches_a_client_still_sending_its_body(tmp_path: Path, kind: str) -> None:
+    """The body nobody will read is read and dropped (lingering close) while the client sends
+    it, so the client gets the 413 instead of a reset."""
+    block = "server { listen 127.0.0.1:{port}; client_max_body_size 1k; location / { return 200 ok; } }"
+    with proxy_process(kind, tmp_path / kind, block) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (4 * MIB))
+        block_of_body = b"x" * 65536
+        for _ in range(64):
+            sock.sendall(block_of_body)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 413")
+
+
 def test_a_graceful_stop_does_not_wait_for_lingering_closes(tmp_path: Path) -> None:
     """A connection lingering (its client silent, its socket open) ends at once on QUIT."""
     block = "server { listen 127.0.0.1:{port}; keepalive_requests 2; location / { return 200 ok; } }"
