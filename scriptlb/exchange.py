@@ -30,6 +30,7 @@ from scriptlb.uri import normalize_uri, split_target
 
 if TYPE_CHECKING:
     from scriptlb.attempt import TryRecord
+    from scriptlb.config.model import ClientBodyConf
     from scriptlb.runtime import Runtime, ServerRoute
 
 
@@ -156,6 +157,18 @@ class Exchange:
         if route is None:
             route = self.conn.route = self.runtime.route_for(self.conn)
         return route
+
+    @property
+    def client_body(self) -> ClientBodyConf | None:
+        """Where the request body waits: the location's memory buffer and temp file when the
+        whole body is read before the first try; None (memory) when it is streamed (the same
+        rule as UpstreamRequest._wants_streamed_body) or dropped (``return``)."""
+        location = self.location
+        if location.upstream is None or location.conf.return_ is not None:
+            return None
+        if not location.conf.proxy.request_buffering and (not self.request.chunked or location.plan.http11):
+            return None
+        return location.conf.client_body
 
     # what variables read
     @property

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from scriptlb import errorlog
 from scriptlb.attempt import ABANDONED, BROKEN, DONE, FAILED, NEXT, Attempt, TryRecord, clock, pool_key
 from scriptlb.config.model import NextUpstream
+from scriptlb.request_body import SpooledBody
 from scriptlb.retry import RETRY, Failure, decide, failure_for_status, is_idempotent, is_stale_connection
 from scriptlb.stats import WEIGHT_GENERATION
 from scriptlb.upstream import PREMATURE, ConnState, ResponseHead, UpstreamConnection, UpstreamError
@@ -182,7 +183,7 @@ class UpstreamRequest:
         upstream = self.upstream
         tries_cap = self.conf.next_upstream_tries
         if not self._stream_body:
-            self._body = ex.request.take_body()
+            self._body = ex.request.body.buffered()  # bytes, or the file it was spooled to
         self._build_head()
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
@@ -302,9 +303,14 @@ class UpstreamRequest:
         ex = self.exchange
         plan = self.plan
         streamed = self._stream_body
-        conn.start(self, self._head, None if streamed else self._body, ex.read_timeout,
+        body = None if streamed else self._body
+        spooled = isinstance(body, SpooledBody)
+        conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
+        conn.start(self, self._head, None if spooled else body, ex.read_timeout,
                    ex.send_timeout, ex.method == "HEAD", plan.http11, plan.close_after)
-        if streamed:
+        if spooled:
+            body.send(conn)  # (every try again from the file's start)
+        elif streamed:
             self._body_conn = conn
             conn.on_writable = self._pump_body
             self._pump_body()
