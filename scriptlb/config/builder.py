@@ -50,6 +50,7 @@ from scriptlb.config.parser import Node
 from scriptlb.config.variables import compile_template
 
 DEFAULT_HOOK_TIMEOUT = 0.010
+DEFAULT_PID = "logs/scriptlb.pid"  # nginx's NGX_PID_PATH, under the prefix
 _REGEX = ("~", "~*")
 # nginx's ngx_http_proxy_headers that matter to a peer; a level's own list comes first and
 # wins by name (an empty value then removes the header)
@@ -103,7 +104,8 @@ def _main_conf(
         worker_processes=v.get("worker_processes", 1),
         daemon=v.get("daemon", True),
         master_process=v.get("master_process", True),
-        pid=v.get("pid"),
+        pid=v.get("pid", state.path(DEFAULT_PID)),
+        user=v.get("user"),
         # nginx defaults to logs/error.log; scriptlb to stderr, so nothing is written before
         # the operator chose a place (the default config names one)
         error_log=tuple(main.error_logs) or (ErrorLogConf("stderr", "error"),),

@@ -160,6 +160,30 @@ def _pid(state: State, node: Node, draft: MainDraft) -> None:
     _store(node, draft.values, state.path(node.args[0]))
 
 
+def _user(state: State, node: Node, draft: MainDraft) -> None:
+    """``user USER [GROUP]``: looked up at load time as nginx does (``getpwnam("x") failed``).
+    Without GROUP, the user's own group. Ignored, with nginx's warning, unless run as root."""
+    import grp
+    import pwd
+
+    if os.geteuid() != 0:
+        state.warn('the "user" directive makes sense only if the master process runs with '
+                   "super-user privileges, ignored", node.source)
+        _store(node, draft.values, None)
+        return
+    try:
+        entry = pwd.getpwnam(node.args[0])
+    except KeyError:
+        raise fail(node, f'getpwnam("{node.args[0]}") failed') from None
+    gid = entry.pw_gid
+    if len(node.args) > 1:
+        try:
+            gid = grp.getgrnam(node.args[1]).gr_gid
+        except KeyError:
+            raise fail(node, f'getgrnam("{node.args[1]}") failed') from None
+    _store(node, draft.values, (entry.pw_uid, gid))
+
+
 def _error_log(state: State, node: Node, draft: MainDraft) -> None:
     target = node.args[0]
     if target.startswith(("syslog:", "memory:")):
@@ -602,6 +626,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("daemon", Ctx.MAIN, FLAG, _slot(flag)),
     _spec("master_process", Ctx.MAIN, FLAG, _slot(flag)),
     _spec("pid", Ctx.MAIN, ONE, _pid),
+    _spec("user", Ctx.MAIN, (1, 2), _user),
     _spec("error_log", Ctx.MAIN, (1, 2), _error_log),
     _spec("events", Ctx.MAIN, NONE, _events, block=True),
     _spec("worker_connections", Ctx.EVENTS, ONE, _worker_connections),

@@ -68,9 +68,12 @@ class MainConf:
     worker_processes: int = 1  # "auto" is resolved to os.cpu_count() by the builder
     daemon: bool = True
     master_process: bool = True
-    pid: str | None = None  # absolute path; None means no pid file
+    pid: str | None = None  # absolute path (default: <prefix>/logs/scriptlb.pid); None: no pid file
     error_log: tuple[ErrorLogConf, ...] = ()
     worker_connections: int = 512
+    # `user USER [GROUP]`: what a master started as root runs its workers as (uid, gid); None:
+    # workers keep the master's identity (nginx would default to nobody; see docs/directives.md)
+    user: tuple[int, int] | None = None
     http: HttpConf | None = None
     files: tuple[str, ...] = ()  # every config file read (main first, then includes), for -T
     warnings: tuple[str, ...] = ()  # nginx's [warn] lines from loading, e.g. '[warn] duplicate value ...'
