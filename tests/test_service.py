@@ -13,11 +13,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import answers, free_ports, wait_for
 
 from scriptlb import cli, config, service
 from scriptlb.config import ConfigError, default_prefix, package_prefix
-
-from helpers import answers, free_ports, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,9 @@ from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import MainConf
 from scriptlb.config.parser import parse
 
-__all__ = ["ConfigError", "MainConf", "default_prefix", "load", "load_and_check", "package_prefix", "resolve_paths"]
+__all__ = [
+    "ConfigError", "MainConf", "default_prefix", "load", "load_and_check", "package_prefix", "resolve_paths",
+]
 
 DEFAULT_CONF = "conf/scriptlb.conf"
 
