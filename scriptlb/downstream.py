@@ -713,6 +713,11 @@ class ClientConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
 
+    @property
+    def reading_head(self) -> bool:
+        """A request head is arriving and no request is being served: stub_status's Reading."""
+        return self._parsing is not None and self.active is None
+
     def close_if_idle(self) -> bool:
         """Graceful stop: close now when no request is in flight, else after the active one."""
         self._keep_alive = False

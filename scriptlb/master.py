@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from scriptlb import config, daemon, errorlog, service
+from scriptlb import status as instance_status
 from scriptlb.config.errors import ConfigError, where
 from scriptlb.config.model import MainConf
 from scriptlb.listeners import Key, ListenError, ListenerSet, LogFn
@@ -167,6 +168,7 @@ def _clear_shared_zones(conf: MainConf) -> None:
         return
     directory = zone_directory(conf.prefix)
     PeerStats.reset(directory)
+    instance_status.reset(directory)
     for name in conf.http.shared_dicts:
         remove_files(directory, name)
 

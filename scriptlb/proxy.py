@@ -329,6 +329,12 @@ class Exchange:
             self.finish_with_page(self._early_status)
             return
         location = self.location
+        # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
+        if location.access is not None and location.conf.return_ is None:
+            refused = location.access(self)
+            if refused is not None:
+                self.finish_with_page(*refused)
+                return
         if location.conf.return_ is not None or location.upstream is None:
             if self.request.complete or not self.request.has_body:
                 self._serve_return()
@@ -345,7 +351,8 @@ class Exchange:
             return
         request = self.request
         if request.complete and not self._finished and not self._early_status:
-            request.body.clear()
+            if self.location.content is None:  # a content handler (the API) reads the body
+                request.body.clear()
             self._serve_return()
         elif not self._finished:
             request.body.clear()  # a body for `return` is read and dropped
@@ -376,6 +383,9 @@ class Exchange:
     def _serve_return(self) -> None:
         location = self.location
         if location.conf.return_ is None:
+            if location.content is not None:  # stub_status, api, prometheus
+                location.content(self)
+                return
             self.finish_with_page(404)
             return
         status = location.conf.return_.status
@@ -389,6 +399,12 @@ class Exchange:
         if body is None:
             self.finish_with_page(status, headers)
             return
+        self.response_headers = headers
+        self._finish_small(status, headers, body)
+
+    def respond(self, status: int, headers: bytes, body: bytes) -> None:
+        """A content handler's whole response (stub_status, the API, the metrics)."""
+        self.status = status
         self.response_headers = headers
         self._finish_small(status, headers, body)
 

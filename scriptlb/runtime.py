@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from scriptlb.downstream import ClientConnection, Request
     from scriptlb.hooks import LogHookRunner
     from scriptlb.proxy import Exchange
+    from scriptlb.status import WorkerStatus
 
 Getter = Callable[[Any], str]
 
@@ -225,7 +226,10 @@ def _connection_listed(connection: bytes) -> frozenset[bytes]:
 
 
 class LocationRuntime:
-    __slots__ = ("access_logs", "conf", "log_hook", "plan", "proxy_host", "return_getter", "upstream")
+    __slots__ = (
+        "access", "access_logs", "conf", "content", "log_hook", "plan", "proxy_host", "return_getter",
+        "upstream",
+    )
 
     def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None, access_logs: tuple,
                  log_hook: LogHookRunner | None = None) -> None:
@@ -233,6 +237,14 @@ class LocationRuntime:
         self.upstream = upstream
         self.access_logs = access_logs
         self.log_hook = log_hook  # log_by_python, run by the exchange after the access logs
+        # allow/deny + auth_basic (scriptlb.access): None, or check(exchange) -> refusal | None
+        self.access: Callable[[Any], tuple[int, bytes] | None] | None = None
+        if conf.access or conf.auth_basic_user_file is not None:
+            from scriptlb.access import access_phase
+
+            self.access = access_phase(conf)
+        # stub_status / api / prometheus (scriptlb.handlers): content(exchange) answers
+        self.content: Callable[[Any], None] | None = None
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
         ret = conf.return_
@@ -347,6 +359,8 @@ class Runtime:
     ) -> None:
         self.conf = conf
         self.loop = loop
+        self.requests = 0  # requests this worker started (stub_status's "requests")
+        self.status: WorkerStatus | None = None  # the instance's counters, set by the worker
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
         self.upstreams = {
             name: UpstreamRuntime(up, loop, http.python, recorder) for name, up in http.upstreams.items()
@@ -368,7 +382,12 @@ class Runtime:
         upstream = None
         if conf.proxy_pass is not None and conf.return_ is None:
             upstream = self.upstreams[conf.proxy_pass.upstream]
-        return LocationRuntime(conf, upstream, self._access_logs_for(conf), self._log_hook_for(conf))
+        location = LocationRuntime(conf, upstream, self._access_logs_for(conf), self._log_hook_for(conf))
+        if conf.handler is not None:
+            from scriptlb.handlers import content_handler
+
+            location.content = content_handler(conf, self)
+        return location
 
     def _log_hook_for(self, conf: LocationConf) -> LogHookRunner | None:
         hook = conf.log_hook
@@ -408,12 +427,14 @@ class Runtime:
     # ------------------------------------------------------------------ the request path
 
     def open_exchange(self, conn: ClientConnection, request: Request) -> Exchange:
+        self.requests += 1
         return _exchange_class()(conn, request, self)
 
     def log_client_error(self, conn: ClientConnection, request: Request, status: int) -> None:
         """Access-log a request the client connection rejected before any handler saw it."""
         from scriptlb.proxy import Exchange
 
+        self.requests += 1
         Exchange(conn, request, self).log_rejected(status)
 
     def route_for(self, conn: ClientConnection) -> ServerRoute:

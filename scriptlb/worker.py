@@ -32,6 +32,7 @@ from scriptlb.runtime import Runtime
 from scriptlb.sandbox.limits import install_worker_fuse
 from scriptlb.shared_dict import SharedDict, map_size, zone_directory
 from scriptlb.stats import PeerStats, Recorder, StatsFull, layout_of, shards_for
+from scriptlb.status import StatusFull, WorkerStatus, rows_for
 
 Key = tuple
 
@@ -50,6 +51,7 @@ class Worker:
         self.runtime: Runtime | None = None
         self.stats: PeerStats | None = None
         self.recorder: Recorder | None = None  # this worker's tries, published to self.stats
+        self.status: WorkerStatus | None = None  # connection/request counters (stub_status)
         self.contexts: list[ListenerContext] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
@@ -62,7 +64,14 @@ class Worker:
         if self.stats is not None:
             self.recorder = Recorder(self.stats, self.loop)
         self.runtime = Runtime(self.conf, self.loop, self.recorder)
+        self.status = open_status(self.conf)
+        self.runtime.status = self.status
         await self._start_servers(self.runtime)
+        if self.status is not None:
+            self.status.runtime = self.runtime
+            shared = {id(c.connections): c.connections for c in self.contexts}  # one set per worker
+            self.status.connection_sets = list(shared.values())
+            self.status.start(self.loop)
         if self.freeze_gc:
             # Everything alive now (modules, config, runtime) lives as long as the worker
             # process: keep it out of the cyclic GC's scans, which would walk it again and again.
@@ -93,7 +102,7 @@ class Worker:
             context.on_client_error = runtime.log_client_error
             self.contexts.append(context)
             server = await self.loop.create_server(
-                _protocol_factory(context, self.loop), sock=sock, backlog=self._backlog(keys)
+                _protocol_factory(context, self.loop, self.status), sock=sock, backlog=self._backlog(keys)
             )
             self._servers.append(server)
 
@@ -137,6 +146,10 @@ class Worker:
             self.runtime.close()
         if self.recorder is not None:
             self.recorder.flush()  # the last tries count too
+        if self.status is not None:
+            self.status.close()
+            self.status = None
+            self.runtime.status = None
         if self.stats is not None:
             self.stats.close()  # gives the shard back for the next generation of workers
             self.stats = None
@@ -172,10 +185,15 @@ class Worker:
 
 
 def _protocol_factory(
-    context: ListenerContext, loop: asyncio.AbstractEventLoop
+    context: ListenerContext, loop: asyncio.AbstractEventLoop, status: WorkerStatus | None = None
 ) -> Callable[[], ClientConnection]:
-    def factory() -> ClientConnection:
-        return ClientConnection(context, loop)
+    if status is None:
+        def factory() -> ClientConnection:
+            return ClientConnection(context, loop)
+    else:
+        def factory() -> ClientConnection:
+            status.accepted += 1  # nginx's "accepts" (stub_status, $connections_*)
+            return ClientConnection(context, loop)
 
     return factory
 
@@ -232,6 +250,18 @@ def open_peer_stats(conf: MainConf) -> PeerStats | None:
                               shards=shards_for(conf.worker_processes))
     except (OSError, StatsFull, ValueError) as err:
         errorlog.log_error("alert", f"peer statistics unavailable, serving without them: {err}")
+        return None
+
+
+def open_status(conf: MainConf) -> WorkerStatus | None:
+    """This worker's row of the instance's connection and request counters, or None (after
+    an alert) when they cannot be had: a worker serves without them rather than not at all."""
+    if conf.http is None:
+        return None
+    try:
+        return WorkerStatus(zone_directory(conf.prefix), rows_for(conf.worker_processes))
+    except (OSError, StatusFull, ValueError) as err:
+        errorlog.log_error("alert", f"connection counters unavailable, serving without them: {err}")
         return None
 
 

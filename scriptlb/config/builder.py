@@ -309,7 +309,23 @@ def _location_conf(
         access_log=tuple(access_logs),
         source=loc.source,
         log_hook=_log_hook(chain),
+        **_access_settings(chain, loc),
     )
+
+
+def _access_settings(chain: Sequence[LevelDraft], loc: LocationDraft) -> dict[str, Any]:
+    """allow/deny (a level's rules replace the inherited ones), auth_basic (active only with
+    a user file, as nginx), and the location's own content handler (never inherited)."""
+    realm = _get(chain, "auth_basic", None)
+    user_file = _get(chain, "auth_basic_user_file", None)
+    handler = loc.values.get("handler")
+    return {
+        "access": tuple(_get(chain, "access_rules", ())),
+        "auth_basic": realm if user_file is not None else None,
+        "auth_basic_user_file": user_file if realm is not None else None,
+        "handler": handler[0] if handler else None,
+        "api_write": bool(handler and handler[1]),
+    }
 
 
 def _proxy_conf(chain: Sequence[LevelDraft]) -> ProxyConf:

@@ -32,6 +32,7 @@ from scriptlb.config.drafts import (
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
     AccessLogConf,
+    AccessRule,
     BalancerMethodConf,
     ErrorLogConf,
     ListenConf,
@@ -610,6 +611,54 @@ def _upstream_keepalive(state: State, node: Node, draft: UpstreamDraft) -> None:
     _store(node, draft.values, value)
 
 
+# --------------------------------------------------------------------------- access, status, api
+
+
+def _access_rule(state: State, node: Node, draft: LevelDraft) -> None:
+    """``allow|deny address | CIDR | unix: | all`` (ngx_http_access_rule's checks and words)."""
+    import ipaddress
+
+    value = node.args[0]
+    if value in ("all", "unix:"):
+        network = value
+    else:
+        try:
+            parsed = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise fail(node, f'invalid parameter "{value}"') from None
+        if "/" in value and str(parsed.network_address) != value.split("/")[0]:
+            state.warn(f"low address bits of {value} are meaningless", node.source)
+        network = str(parsed)
+    rules = draft.values.setdefault("access_rules", [])
+    rules.append(AccessRule(node.name == "allow", network, node.source))
+
+
+def _auth_basic(state: State, node: Node, draft: LevelDraft) -> None:
+    value = node.args[0]
+    if "$" in value:
+        raise fail(node, f'variables in "{node.name}" are not supported by scriptlb')
+    _store(node, draft.values, None if value == "off" else value)
+
+
+def _auth_basic_user_file(state: State, node: Node, draft: LevelDraft) -> None:
+    _store(node, draft.values, state.path(node.args[0]))
+
+
+def _content_handler(state: State, node: Node, draft: LocationDraft) -> None:
+    """stub_status, api [write=on|off], prometheus: the location answers by itself."""
+    write = False
+    for arg in node.args:
+        if node.name == "stub_status" and arg in ("on", "off"):  # nginx < 1.7.5's form
+            continue
+        if node.name == "api" and arg in ("write=on", "write=off"):
+            write = arg == "write=on"
+            continue
+        raise fail(node, f'invalid parameter "{arg}"')
+    if "handler" in draft.values:
+        raise fail(node, f'"{node.name}" directive is duplicate')
+    draft.values["handler"] = (node.name, write)
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -682,6 +731,14 @@ _SPECS: tuple[Spec, ...] = (
     _spec("ewma", Ctx.UPSTREAM, NONE, _method(_ALL_SERVER_PARAMS)),
     _spec("keepalive_timeout", Ctx.UPSTREAM, ONE, _slot(msec)),
     _spec("keepalive_requests", Ctx.UPSTREAM, ONE, _slot(number)),
+    # access control, status and the API
+    _spec("allow", HSL, ONE, _access_rule),
+    _spec("deny", HSL, ONE, _access_rule),
+    _spec("auth_basic", HSL, ONE, _auth_basic),
+    _spec("auth_basic_user_file", HSL, ONE, _auth_basic_user_file),
+    _spec("stub_status", Ctx.LOCATION, (0, 1), _content_handler),
+    _spec("api", Ctx.LOCATION, (0, 1), _content_handler),
+    _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),
 )
 
 DIRECTIVES: dict[str, tuple[Spec, ...]] = {}

@@ -300,6 +300,15 @@ class ReturnConf:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessRule:
+    """One ``allow``/``deny`` line (ngx_http_access_module), checked in order, first match wins."""
+
+    allow: bool
+    network: str  # "all", "unix:", or a normalized CIDR ("10.0.0.0/8", "::1/128")
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LocationConf:
     modifier: str  # "=" | "" (prefix) | "^~" | "~" | "~*"
     pattern: str
@@ -315,6 +324,13 @@ class LocationConf:
     # log_by_python_file/_block: the innermost level's, else inherited (http -> server ->
     # location); runs after the response is finished. None: no log hook.
     log_hook: HookConf | None = None
+    # allow/deny: the innermost level that has rules (nginx's merge); () = everyone allowed
+    access: tuple[AccessRule, ...] = ()
+    auth_basic: str | None = None  # the realm; None = off (or no auth_basic_user_file)
+    auth_basic_user_file: str | None = None  # absolute path, read per request as nginx does
+    # a content handler instead of proxy_pass/return: "stub_status" | "api" | "prometheus"
+    handler: str | None = None
+    api_write: bool = False  # api write=on
 
 
 @dataclass(frozen=True, slots=True)
