@@ -46,6 +46,7 @@ from scriptlb import status as instance_status
 from scriptlb.config.errors import ConfigError, where
 from scriptlb.config.model import MainConf
 from scriptlb.listeners import Key, ListenError, ListenerSet, LogFn
+from scriptlb.peer_lists import PeerListStore
 from scriptlb.shared_dict import remove_files, zone_directory
 from scriptlb.signals import (
     COMMAND_SIGNALS,
@@ -169,6 +170,7 @@ def _clear_shared_zones(conf: MainConf) -> None:
     directory = zone_directory(conf.prefix)
     PeerStats.reset(directory)
     instance_status.reset(directory)
+    PeerListStore.reset(directory)
     for name in conf.http.shared_dicts:
         remove_files(directory, name)
 

@@ -43,7 +43,7 @@ class Peer:
         self.name = addr.name  # "127.0.0.1:9001": what $upstream_addr shows
         self.server = server.name  # the server line as written, for ngx.upstream.get_servers
         self.backup = server.backup
-        self.down = server.down
+        self.down = server.down or server.drain  # draining: chosen by no new request
         self.weight = server.weight
         self.max_fails = server.max_fails
         self.fail_timeout = server.fail_timeout

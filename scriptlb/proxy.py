@@ -350,11 +350,12 @@ class Exchange:
             upstream_request.body_received()
             return
         request = self.request
+        keep = self.location.content is not None  # a content handler (the API) reads the body
         if request.complete and not self._finished and not self._early_status:
-            if self.location.content is None:  # a content handler (the API) reads the body
+            if not keep:
                 request.body.clear()
             self._serve_return()
-        elif not self._finished:
+        elif not self._finished and not keep:
             request.body.clear()  # a body for `return` is read and dropped
 
     def client_lost(self) -> None:

@@ -13,6 +13,7 @@ worker builds its ``Runtime`` exactly once.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,17 @@ class UpstreamRuntime:
         pool.idle_timeout = idle_timeout
         pool.max_requests = max_requests
         return pool
+
+    def replace_servers(self, conf: UpstreamConf) -> None:
+        """A run-time server list (``scriptlb.peer_lists``): new peers, the balancer rebuilt
+        over them; requests in flight keep the peers they hold. The statistics must already
+        have records for the new peers (``Runtime.replace_servers`` sees to it)."""
+        self.conf = conf
+        self.peers = PeerSet.from_conf(conf)
+        if self.stats is not None:
+            self.stats.rebind()
+            self.stats.assign_indexes(self.peers.primary, self.peers.backup)
+        self.balancer.rebuild(self.peers)
 
     def refresh_weights(self) -> None:
         """Take weights hooks set (``upstream.set_peer_weight``, in any worker) since the last
@@ -360,6 +372,8 @@ class Runtime:
         self.conf = conf
         self.loop = loop
         self.requests = 0  # requests this worker started (stub_status's "requests")
+        self.recorder = recorder
+        self.peer_lists: Any = None  # scriptlb.peer_lists.PeerListWatcher, set by the worker
         self.status: WorkerStatus | None = None  # the instance's counters, set by the worker
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
         self.upstreams = {
@@ -423,6 +437,27 @@ class Runtime:
                 open_access_log(c, self.loop, self._log_files, clock) for c in conf.access_log
             )
         return logs
+
+    def replace_servers(self, changed: dict[str, UpstreamConf]) -> None:
+        """New server lists for some upstreams (``scriptlb.peer_lists``), applied between two
+        loop callbacks: statistics records for new peers first, then peers and balancers."""
+        recorder = self.recorder
+        if recorder is not None and self.conf.http is not None:
+            import dataclasses
+
+            from scriptlb.stats import PeerStats, layout_of
+
+            upstreams = {name: changed.get(name, up.conf) for name, up in self.upstreams.items()}
+            old = recorder.stats
+            recorder.stats = PeerStats.open(
+                os.path.dirname(old.path), layout_of(dataclasses.replace(self.conf.http, upstreams=upstreams))
+            )
+            for upstream in self.upstreams.values():
+                if upstream.stats is not None and upstream.name not in changed:
+                    upstream.stats.rebind()
+            old.close()  # the shard stays this process's: the new map holds it
+        for name, conf in changed.items():
+            self.upstreams[name].replace_servers(conf)
 
     # ------------------------------------------------------------------ the request path
 

@@ -23,7 +23,7 @@ store and a concurrent reader never sees half a value)::
     records  RECORDS x RECORD_WORDS words:
              key (16-byte digest of upstream name, peer name, occurrence), last status,
              last failure time, ewma, peak ewma, ewma stamp, weight override, weight base,
-             2 reserved, then per shard: requests, failures, finished
+             2 reserved, then per shard: requests, failures, finished, responses 1xx..5xx
 
 **Exact counters: one shard per process.** Each recording process claims a shard (a column of
 ``requests, failures, finished`` in every record) when it opens the file, so each of those cells
@@ -94,7 +94,7 @@ DEFAULT_SHARDS = 32
 FILE_NAME = "peer_stats"
 
 MAGIC = int.from_bytes(b"SLBSTAT1", "little")
-VERSION = 2  # 2: the third counter is "finished" (was "active")
+VERSION = 3  # 2: the third counter is "finished" (was "active"); 3: response classes 1xx-5xx
 
 # header words
 _MAGIC, _VERSION, _SHARDS, _RECORD_WORDS, _RECORDS, _WEIGHT_GENERATION, _SHARDS_USED = range(7)
@@ -114,7 +114,9 @@ _WEIGHT_BASE = 8  # the configured weight the override was set against
 _FIXED_WORDS = 11
 # per-shard words (offsets from a slot's shard column)
 _REQUESTS, _FAILURES, _FINISHED = 0, 1, 2
-_COUNTER_WORDS = 3
+_CLASSES = 3  # five words: responses 1xx..5xx (the API's and the metrics' "responses")
+_COUNTER_WORDS = 8
+CODE_SLOTS = 10  # Recorder.codes: one counter per status // 100 (0: no response) per peer
 
 _WORD = 8
 
@@ -334,6 +336,21 @@ class PeerStats:
         self.publish(slot, 0, 1, 1 if failed else 0, status, now, 1 if sampled else 0,
                      response_time or 0.0, response_time or 0.0, now)
 
+    def publish_classes(self, slot: int, classes: Sequence[int]) -> None:
+        """Add one process's responses by class (``classes[c]``: how many ``c``xx, c = 1..5)."""
+        q = self._q
+        mine = slot + self._mine + _CLASSES - 1
+        for cls in range(1, 6):
+            if classes[cls]:
+                q[mine + cls] += classes[cls]
+
+    def classes(self, slot: int) -> list[int]:
+        """Responses 1xx..5xx of one peer, every process's published ones."""
+        q = self._q
+        first = slot + _FIXED_WORDS
+        counters = q[first : first + _COUNTER_WORDS * q[_SHARDS_USED]].tolist()
+        return [sum(counters[_CLASSES + c :: _COUNTER_WORDS]) for c in range(5)]
+
     def publish(self, slot: int, started: int, finished: int, failures: int, status: int,
                 failure_time: float, samples: int, sample_sum: float, sample_max: float,
                 now: float) -> None:
@@ -444,6 +461,7 @@ class PeerStats:
 
 
 FLUSH_INTERVAL = 0.05  # seconds: how far behind one worker's tries may look to the others
+_NO_CODES = [0] * CODE_SLOTS
 
 
 class Recorder:
@@ -462,7 +480,7 @@ class Recorder:
     Indexes are dense (``index_of(slot)``): ``Peer.stats_index`` holds a peer's."""
 
     __slots__ = (
-        "_loop", "_slots", "_timer", "failure_time", "failures", "finished", "index", "sample_max",
+        "_loop", "_slots", "_timer", "codes", "failure_time", "failures", "finished", "index", "sample_max",
         "sample_sum", "samples", "started", "stats", "status",
     )
 
@@ -480,6 +498,7 @@ class Recorder:
         self.samples: list[int] = []
         self.sample_sum: list[float] = []
         self.sample_max: list[float] = []
+        self.codes: list[int] = []  # CODE_SLOTS per index: responses by status // 100
 
     def index_of(self, slot: int) -> int:
         index = self.index.get(slot)
@@ -490,6 +509,7 @@ class Recorder:
                 column.append(0)
             for column in (self.failure_time, self.sample_sum, self.sample_max):
                 column.append(0.0)
+            self.codes.extend([0] * CODE_SLOTS)
         return index
 
     def start(self, index: int) -> None:
@@ -503,6 +523,7 @@ class Recorder:
         it says nothing about the peer), and whether it failed."""
         self.finished[index] += 1
         self.status[index] = status
+        self.codes[index * CODE_SLOTS + status // 100] += 1
         if self._timer is None:  # (a long try may end after the flush its start armed)
             self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
         if failed:
@@ -529,8 +550,18 @@ class Recorder:
             publish(slot, started[index], finished[index], failures[index], self.status[index],
                     self.failure_time[index], samples[index], self.sample_sum[index],
                     self.sample_max[index], now)
+            at = index * CODE_SLOTS
+            codes = self.codes[at : at + CODE_SLOTS]
+            if any(codes[1:6]):
+                self.stats.publish_classes(slot, codes)
+            self.codes[at : at + CODE_SLOTS] = _NO_CODES
             started[index] = finished[index] = failures[index] = samples[index] = 0
             self.sample_sum[index] = self.sample_max[index] = 0.0
+
+    def unpublished_classes(self, index: int, classes: list[int]) -> list[int]:
+        """``PeerStats.classes`` with this worker's unpublished responses added."""
+        at = index * CODE_SLOTS
+        return [count + self.codes[at + c + 1] for c, count in enumerate(classes)]
 
     def unpublished(self, index: int, figures: tuple[Any, ...]) -> tuple[Any, ...]:
         """``PeerStats.figures`` with this worker's unpublished tries added."""
@@ -567,6 +598,14 @@ class UpstreamStats:
         self.finish = recorder.finish
         self.words = stats._q  # for weights_stale's one load
 
+    def rebind(self) -> None:
+        """Follow the recorder to its new ``PeerStats`` (reopened with records for run-time
+        peers: ``Runtime.replace_servers``) and re-read this upstream's slots."""
+        stats = self.stats = self.recorder.stats
+        self.primary, self.backup = stats.slots(self.name)
+        self.words = stats._q
+        self.generation = -1  # weights: re-read on the next request
+
     def weights_stale(self) -> bool:
         """Has a hook set a weight since ``refresh_weights`` last ran? (Callers on the hot
         path inline this: ``stats.words[WEIGHT_GENERATION] != stats.generation``.)"""
@@ -585,6 +624,10 @@ class UpstreamStats:
     def figures(self, peer: Any) -> tuple[Any, ...]:
         """The peer's ``FIELDS`` values: every worker's published tries and this one's all."""
         return self.recorder.unpublished(peer.stats_index, self.stats.figures(self.slot_of(peer)))
+
+    def classes(self, peer: Any) -> list[int]:
+        """The peer's responses 1xx..5xx: every worker's published and this one's all."""
+        return self.recorder.unpublished_classes(peer.stats_index, self.stats.classes(self.slot_of(peer)))
 
     def start_address(self, address: str) -> int:
         """A try to a hook-chosen address starts: it counts for the upstream's first peer with

@@ -28,6 +28,7 @@ import uvloop
 from scriptlb import api, errorlog
 from scriptlb.config.model import HttpConf, MainConf
 from scriptlb.downstream import ClientConnection, ListenerContext
+from scriptlb.peer_lists import PeerListStore, PeerListWatcher, effective_conf
 from scriptlb.runtime import Runtime
 from scriptlb.sandbox.limits import install_worker_fuse
 from scriptlb.shared_dict import SharedDict, map_size, zone_directory
@@ -60,12 +61,19 @@ class Worker:
 
     async def serve(self) -> None:
         self._stop = self.loop.create_future()
+        loaded_http = self.conf.http
+        store = PeerListStore(zone_directory(self.conf.prefix)) if loaded_http is not None else None
+        if store is not None:
+            self.conf = effective_conf(self.conf, store)  # run-time server lists (the API)
         self.stats = open_peer_stats(self.conf)
         if self.stats is not None:
             self.recorder = Recorder(self.stats, self.loop)
         self.runtime = Runtime(self.conf, self.loop, self.recorder)
         self.status = open_status(self.conf)
         self.runtime.status = self.status
+        if store is not None and loaded_http is not None:
+            self.runtime.peer_lists = PeerListWatcher(store, loaded_http, self.runtime.replace_servers)
+            self.runtime.peer_lists.start(self.loop)
         await self._start_servers(self.runtime)
         if self.status is not None:
             self.status.runtime = self.runtime
@@ -143,6 +151,8 @@ class Worker:
         if graceful:
             await self._drain()
         if self.runtime is not None:
+            if self.runtime.peer_lists is not None:
+                self.runtime.peer_lists.stop()
             self.runtime.close()
         if self.recorder is not None:
             self.recorder.flush()  # the last tries count too

@@ -84,10 +84,29 @@ def walk(state: State, nodes: Sequence[Node], ctx: Ctx, draft: Any) -> None:
 
 
 def _close_upstream(upstream: UpstreamDraft, node: Node) -> None:
+    if "state" in upstream.values:
+        _load_state_file(upstream, node)
     if not upstream.servers:
         if upstream.hook is None:
             raise ConfigError("no servers are inside upstream", node.close)
         upstream.servers.append(_PLACEHOLDER_SERVER)
+
+
+def _load_state_file(upstream: UpstreamDraft, node: Node) -> None:
+    """nginx Plus's ``state FILE``: the servers the API last left (``server`` lines), read at
+    load time; they replace the block's own. A missing file keeps the block's servers."""
+    from scriptlb.config.addresses import parse_upstream_server
+    from scriptlb.config.parser import parse
+
+    path = upstream.values["state"]
+    if not os.path.exists(path):
+        return
+    servers = []
+    for line in parse(path, None).nodes:
+        if line.name != "server" or line.children is not None or not line.args:
+            raise ConfigError(f'unexpected "{line.name}" in state file', line.source)
+        servers.append(parse_upstream_server(line, upstream.allowed_params))
+    upstream.servers = servers
 
 
 # --------------------------------------------------------------------------- main
@@ -158,6 +177,8 @@ def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
         keepalive_requests=v.get("keepalive_requests", 1000),
         balancer_keepalive=v.get("balancer_keepalive", 32),
         source=upstream.source,
+        zone=v.get("zone"),
+        state_file=v.get("state"),
     )
 
 

@@ -561,7 +561,9 @@ def _upstream_server(state: State, node: Node, draft: UpstreamDraft) -> None:
 
 # --------------------------------------------------------------------------- balancing methods
 
-_ALL_SERVER_PARAMS = frozenset({"weight", "max_fails", "fail_timeout", "down", "backup", "max_conns"})
+_ALL_SERVER_PARAMS = frozenset(
+    {"weight", "max_fails", "fail_timeout", "down", "backup", "max_conns", "slow_start", "drain"}
+)
 _NO_BACKUP = _ALL_SERVER_PARAMS - {"backup"}
 
 
@@ -659,6 +661,18 @@ def _content_handler(state: State, node: Node, draft: LocationDraft) -> None:
     draft.values["handler"] = (node.name, write)
 
 
+def _upstream_zone(state: State, node: Node, draft: UpstreamDraft) -> None:
+    """``zone NAME [SIZE]``: nginx Plus needs it for the API; scriptlb's statistics are shared
+    anyway, so it is checked and recorded only."""
+    if len(node.args) > 1 and parse_size(node.args[1]) is None:
+        raise fail(node, f'invalid zone size "{node.args[1]}"')
+    _store(node, draft.values, node.args[0])
+
+
+def _upstream_state(state: State, node: Node, draft: UpstreamDraft) -> None:
+    _store(node, draft.values, state.path(node.args[0]))
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -731,6 +745,8 @@ _SPECS: tuple[Spec, ...] = (
     _spec("ewma", Ctx.UPSTREAM, NONE, _method(_ALL_SERVER_PARAMS)),
     _spec("keepalive_timeout", Ctx.UPSTREAM, ONE, _slot(msec)),
     _spec("keepalive_requests", Ctx.UPSTREAM, ONE, _slot(number)),
+    _spec("zone", Ctx.UPSTREAM, (1, 2), _upstream_zone),
+    _spec("state", Ctx.UPSTREAM, ONE, _upstream_state),
     # access control, status and the API
     _spec("allow", HSL, ONE, _access_rule),
     _spec("deny", HSL, ONE, _access_rule),

@@ -203,6 +203,10 @@ class UpstreamServerConf:
     backup: bool = False
     down: bool = False
     source: Source | None = None
+    # nginx Plus's parameters (state files, the API): weight ramp after recovery, and
+    # draining (no new requests, those in flight finish)
+    slow_start: float = 0.0
+    drain: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +232,8 @@ class UpstreamConf:
     balancer_keepalive: int = 32
     implicit: bool = False  # created by `proxy_pass http://IP:PORT`
     source: Source | None = None
+    zone: str | None = None  # `zone NAME [SIZE]`: accepted (the statistics are always shared)
+    state_file: str | None = None  # `state FILE`: the servers, kept in step with API changes
 
 
 # --------------------------------------------------------------------------- servers/locations
