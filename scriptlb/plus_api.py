@@ -272,11 +272,14 @@ def _static_list(upstream: Any) -> PeerList:
 def _peer_state(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) -> str:
     if entry is not None and entry.drain:
         return "draining"
-    if peer.down:
+    if peer.config_down:
         return "down"
-    checker = getattr(upstream, "health", None)
-    if checker is not None and not checker.healthy(peer):
-        return "unhealthy"
+    if upstream.conf.health_checks and upstream.stats is not None:
+        from scriptlb.health import HealthView
+
+        health = HealthView.state(upstream, peer)
+        if health != "up":
+            return health
     if peer.max_fails and peer.fails >= peer.max_fails and now - peer.checked <= peer.fail_timeout:
         return "unavail"
     return "up"
@@ -294,13 +297,15 @@ def _peer_json(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) 
     responses: dict[str, Any] = {f"{c + 1}xx": n for c, n in enumerate(classes)}
     responses["codes"] = {}
     responses["total"] = sum(classes)
-    health = getattr(upstream, "health", None)
+    checked = bool(upstream.conf.health_checks) and stats is not None
+    if checked:
+        from scriptlb.health import HealthView
     result = {
         "id": entry.id if entry is not None else peer.id, "server": peer.name, "name": peer.server,
         "backup": peer.backup, "weight": peer.weight, "state": _peer_state(upstream, peer, entry, now),
         "active": active, "requests": requests, "responses": responses, "sent": 0, "received": 0,
         "fails": failures, "unavail": 0,
-        "health_checks": health.figures(peer) if health is not None else
+        "health_checks": HealthView.figures(upstream, peer) if checked else
         {"checks": 0, "fails": 0, "unhealthy": 0},
         "downtime": 0,
     }

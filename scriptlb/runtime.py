@@ -374,6 +374,8 @@ class Runtime:
         self.requests = 0  # requests this worker started (stub_status's "requests")
         self.recorder = recorder
         self.peer_lists: Any = None  # scriptlb.peer_lists.PeerListWatcher, set by the worker
+        self.health: Any = None  # scriptlb.health.HealthView (health_check), set by the worker
+        self.health_checker: Any = None  # scriptlb.health.HealthChecker: this worker's checks
         self.status: WorkerStatus | None = None  # the instance's counters, set by the worker
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
         self.upstreams = {
@@ -458,6 +460,9 @@ class Runtime:
             old.close()  # the shard stays this process's: the new map holds it
         for name, conf in changed.items():
             self.upstreams[name].replace_servers(conf)
+        if self.health is not None:
+            self.health.apply()
+            self.health_checker.sync(self.loop)
 
     # ------------------------------------------------------------------ the request path
 

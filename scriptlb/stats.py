@@ -23,7 +23,8 @@ store and a concurrent reader never sees half a value)::
     records  RECORDS x RECORD_WORDS words:
              key (16-byte digest of upstream name, peer name, occurrence), last status,
              last failure time, ewma, peak ewma, ewma stamp, weight override, weight base,
-             2 reserved, then per shard: requests, failures, finished, responses 1xx..5xx
+             2 reserved, health (state, checks, fails, unhealthy, last passed, run, since),
+             then per shard: requests, failures, finished, responses 1xx..5xx
 
 **Exact counters: one shard per process.** Each recording process claims a shard (a column of
 ``requests, failures, finished`` in every record) when it opens the file, so each of those cells
@@ -111,7 +112,11 @@ _PEAK = 5
 _STAMP = 6
 _WEIGHT = 7  # override; 0 = none
 _WEIGHT_BASE = 8  # the configured weight the override was set against
-_FIXED_WORDS = 11
+# active health checks (scriptlb.health): written by the one process checking the peer
+_HEALTH = 11  # seven words, HEALTH_FIELDS
+_FIXED_WORDS = 18
+HEALTH_FIELDS = ("state", "checks", "fails", "unhealthy", "last_passed", "run", "since")
+UP, UNHEALTHY, CHECKING = 0, 1, 2  # the "state" word
 # per-shard words (offsets from a slot's shard column)
 _REQUESTS, _FAILURES, _FINISHED = 0, 1, 2
 _CLASSES = 3  # five words: responses 1xx..5xx (the API's and the metrics' "responses")
@@ -343,6 +348,22 @@ class PeerStats:
         for cls in range(1, 6):
             if classes[cls]:
                 q[mine + cls] += classes[cls]
+
+    def health(self, slot: int) -> list[float]:
+        """The peer's health-check words (``HEALTH_FIELDS``; ``since`` is a time)."""
+        q, d = self._q, self._d
+        at = slot + _HEALTH
+        values: list[float] = list(q[at : at + 6].tolist())
+        values.append(d[at + 6])
+        return values
+
+    def set_health(self, slot: int, values: Sequence[float]) -> None:
+        """Store the health words (the peer's one checker; readers see each word whole)."""
+        q, d = self._q, self._d
+        at = slot + _HEALTH
+        for offset in range(6):
+            q[at + offset] = int(values[offset])
+        d[at + 6] = float(values[6])
 
     def classes(self, slot: int) -> list[int]:
         """Responses 1xx..5xx of one peer, every process's published ones."""

@@ -74,6 +74,7 @@ class Worker:
         if store is not None and loaded_http is not None:
             self.runtime.peer_lists = PeerListWatcher(store, loaded_http, self.runtime.replace_servers)
             self.runtime.peer_lists.start(self.loop)
+        self._start_health_checks(self.runtime)
         await self._start_servers(self.runtime)
         if self.status is not None:
             self.status.runtime = self.runtime
@@ -88,6 +89,17 @@ class Worker:
         self.ready.set()
         graceful = await self._stop
         await self._shutdown(graceful)
+
+    def _start_health_checks(self, runtime: Runtime) -> None:
+        """health_check: every worker applies the shared state; each checks its share."""
+        from scriptlb.health import HealthChecker, HealthView, checked_upstreams
+
+        if not checked_upstreams(runtime):
+            return
+        runtime.health = HealthView(runtime)
+        runtime.health.start(self.loop)
+        runtime.health_checker = HealthChecker(runtime, self.worker_id, self.worker_count)
+        runtime.health_checker.sync(self.loop, first=True)
 
     async def _start_servers(self, runtime: Runtime) -> None:
         connections: set[ClientConnection] = set()  # worker_connections counts them all
@@ -136,6 +148,10 @@ class Worker:
                     conn.close()
 
     async def _shutdown(self, graceful: bool) -> None:
+        runtime = self.runtime
+        if runtime is not None and runtime.health_checker is not None:
+            runtime.health_checker.stop()  # the next generation's worker takes the checks over
+            runtime.health.stop()
         for server in self._servers:
             server.close()  # stop accepting
         # connections accepted in this loop turn get connection_made in the next: let them
@@ -253,8 +269,9 @@ def open_peer_stats(conf: MainConf) -> PeerStats | None:
     process): the worker then serves without them and says why once, as a worker must not
     refuse traffic over a figure hooks may read."""
     http = conf.http
-    if http is None or not http.upstreams or not http.python.peer_stats:
-        return None
+    checked = any(u.health_checks for u in http.upstreams.values()) if http is not None else False
+    if http is None or not http.upstreams or not (http.python.peer_stats or checked):
+        return None  # health checks keep their state in the statistics: on with them
     try:
         return PeerStats.open(zone_directory(conf.prefix), layout_of(http),
                               shards=shards_for(conf.worker_processes))

@@ -23,6 +23,7 @@ from scriptlb.config.drafts import (
     LevelDraft,
     LocationDraft,
     MainDraft,
+    MatchDraft,
     ServerDraft,
     UpstreamDraft,
 )
@@ -31,12 +32,14 @@ from scriptlb.config.model import (
     DEFAULT_MEMORY_LIMIT,
     AccessLogConf,
     ErrorLogConf,
+    HealthCheckConf,
     HookConf,
     HttpConf,
     ListenConf,
     LocationConf,
     LogFormat,
     MainConf,
+    MatchConf,
     PeerAddr,
     ProxyConf,
     ProxyPassConf,
@@ -142,6 +145,8 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
     upstreams = {u.name: _upstream_conf(u, http) for u in http.upstreams.values()}
     resolver = _ProxyPassResolver(http, upstreams)
     servers = tuple(_server_conf(s, http, resolver) for s in http.servers)
+    for name, checks in resolver.health_checks.items():
+        upstreams[name] = dataclasses.replace(upstreams[name], health_checks=tuple(checks))
     servers = _check_listens(servers)
     _warn_conflicting_names(state, servers)
     python = PythonConf(
@@ -156,6 +161,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
         log_formats=dict(http.log_formats),
         python=python,
         shared_dicts=dict(http.shared_dicts),
+        matches=resolver.matches,
     )
 
 
@@ -209,6 +215,26 @@ class _ProxyPassResolver:
     def __init__(self, http: HttpDraft, upstreams: dict[str, UpstreamConf]) -> None:
         self.explicit = {key: u.name for key, u in http.upstreams.items()}
         self.upstreams = upstreams
+        self.matches = {name: _match_conf(m) for name, m in http.matches.items()}
+        self.health_checks: dict[str, list[HealthCheckConf]] = {}  # upstream name -> its checks
+
+    def add_health_checks(self, location: LocationDraft, conf: LocationConf) -> None:
+        """A location's ``health_check`` lines apply to the upstream it proxies to."""
+        for params in location.values.get("health_checks", ()):
+            source = params.pop("source")
+            if conf.proxy_pass is None:
+                raise ConfigError('"health_check" requires "proxy_pass" to an upstream', source)
+            match_name = params.pop("match", None)
+            match = None
+            if match_name is not None:
+                match = self.matches.get(match_name)
+                if match is None:
+                    raise ConfigError(f'match "{match_name}" not found', source)
+            check = HealthCheckConf(
+                **params, match=match, host=conf.proxy_pass.proxy_host, source=source,
+                connect_timeout=conf.proxy.connect_timeout, read_timeout=conf.proxy.read_timeout,
+            )
+            self.health_checks.setdefault(conf.proxy_pass.upstream, []).append(check)
 
     def resolve(self, url: str, source: Source, location: LocationDraft) -> ProxyPassConf:
         if "$" in url:
@@ -249,6 +275,11 @@ class _ProxyPassResolver:
             server = UpstreamServerConf(name=key, addrs=addrs, source=source)
             self.upstreams[key] = UpstreamConf(name=key, servers=(server,), implicit=True, source=source)
         return key
+
+
+def _match_conf(draft: MatchDraft) -> MatchConf:
+    return MatchConf(draft.name, tuple(draft.statuses), tuple(draft.headers), tuple(draft.bodies),
+                     draft.send, draft.expect, draft.source)
 
 
 def _url_error(kind: str, url: str) -> str:
@@ -317,7 +348,7 @@ def _location_conf(
     access_logs: list[AccessLogConf] = next(
         (lv.access_logs for lv in chain if lv.access_logs is not None), []
     )
-    return LocationConf(
+    conf = LocationConf(
         modifier=loc.modifier,
         pattern=loc.pattern,
         proxy_pass=proxy_pass,
@@ -332,6 +363,9 @@ def _location_conf(
         log_hook=_log_hook(chain),
         **_access_settings(chain, loc),
     )
+    if "health_checks" in loc.values:
+        resolver.add_health_checks(loc, conf)
+    return conf
 
 
 def _access_settings(chain: Sequence[LevelDraft], loc: LocationDraft) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from scriptlb.config.drafts import (
     LevelDraft,
     LocationDraft,
     MainDraft,
+    MatchDraft,
     ServerDraft,
     UpstreamDraft,
 )
@@ -56,6 +57,7 @@ class Ctx(IntFlag):
     SERVER = 8
     LOCATION = 16
     UPSTREAM = 32
+    MATCH = 64  # nginx Plus's `match` block (health checks)
 
 
 HSL = Ctx.HTTP | Ctx.SERVER | Ctx.LOCATION
@@ -673,6 +675,105 @@ def _upstream_state(state: State, node: Node, draft: UpstreamDraft) -> None:
     _store(node, draft.values, state.path(node.args[0]))
 
 
+# --------------------------------------------------------------------------- health checks
+
+
+def _health_check(state: State, node: Node, draft: LocationDraft) -> None:
+    """``health_check [interval=T] [jitter=T] [fails=N] [passes=N] [uri=U] [port=N]
+    [match=NAME] [mandatory [persistent]] [type=http|tcp]`` (nginx Plus), checked here;
+    the builder ties it to the location's upstream."""
+    params: dict[str, Any] = {"source": node.source}
+    for arg in node.args:
+        name, eq, value = arg.partition("=")
+        if not eq and name in ("mandatory", "persistent"):
+            params[name] = True
+        elif name in ("interval", "jitter") and eq:
+            seconds = parse_time(value)
+            if seconds is None or (name == "interval" and seconds <= 0):
+                raise fail(node, f'invalid parameter "{arg}"')
+            params[name] = seconds
+        elif name in ("fails", "passes", "port") and eq:
+            count = parse_int(value)
+            if not count or (name == "port" and count > 65535):
+                raise fail(node, f'invalid parameter "{arg}"')
+            params[name] = count
+        elif name == "uri" and eq and value.startswith("/"):
+            params["uri"] = value
+        elif name == "match" and eq and value:
+            params["match"] = value
+        elif name == "type" and value in ("http", "tcp"):
+            params["type"] = value
+        else:
+            raise fail(node, f'invalid parameter "{arg}"')
+    if params.get("persistent") and not params.get("mandatory"):
+        raise fail(node, '"persistent" requires "mandatory"')
+    draft.values.setdefault("health_checks", []).append(params)
+
+
+def _match(state: State, node: Node, draft: HttpDraft) -> tuple[Ctx, Any]:
+    name = node.args[0]
+    if name in draft.matches:
+        raise fail(node, f'duplicate match "{name}"')
+    match = draft.matches[name] = MatchDraft(name, node.source)
+    return Ctx.MATCH, match
+
+
+def _match_status(state: State, node: Node, draft: MatchDraft) -> None:
+    words = list(node.args)
+    negated = words[0] == "!"
+    if negated:
+        words = words[1:]
+    if not words:
+        raise fail(node, 'invalid number of arguments in "status" directive')
+    for word in words:
+        low_text, _, high_text = word.partition("-")
+        low, high = parse_int(low_text), parse_int(high_text or low_text)
+        if low is None or high is None or not 100 <= low <= high <= 999:
+            raise fail(node, f'invalid status "{word}"')
+        draft.statuses.append((negated, low, high))
+
+
+def _match_header(state: State, node: Node, draft: MatchDraft) -> None:
+    args = node.args
+    if len(args) == 1:
+        draft.headers.append((args[0].lower(), "present", ""))
+    elif len(args) == 2 and args[0] == "!":
+        draft.headers.append((args[1].lower(), "absent", ""))
+    elif len(args) == 3 and args[1] in ("=", "!=", "~", "!~"):
+        if "~" in args[1]:
+            _check_regex(node, args[2], caseless=False)
+        draft.headers.append((args[0].lower(), args[1], args[2]))
+    else:
+        raise fail(node, 'invalid number of arguments in "header" directive')
+
+
+def _match_body(state: State, node: Node, draft: MatchDraft) -> None:
+    operator, regex = node.args
+    if operator not in ("~", "!~"):
+        raise fail(node, f'invalid parameter "{operator}"')
+    _check_regex(node, regex, caseless=False)
+    draft.bodies.append((operator == "!~", regex))
+
+
+def _match_send(state: State, node: Node, draft: MatchDraft) -> None:
+    if draft.send is not None:
+        raise fail(node, '"send" directive is duplicate')
+    draft.send = node.args[0].replace("\\r", "\r").replace("\\n", "\n")
+
+
+def _match_expect(state: State, node: Node, draft: MatchDraft) -> None:
+    if draft.expect is not None:
+        raise fail(node, '"expect" directive is duplicate')
+    value = node.args[-1]
+    if len(node.args) == 2:
+        if node.args[0] != "~":
+            raise fail(node, f'invalid parameter "{node.args[0]}"')
+        _check_regex(node, value, caseless=False)
+    else:
+        value = re.escape(value)
+    draft.expect = value
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -746,6 +847,13 @@ _SPECS: tuple[Spec, ...] = (
     _spec("keepalive_timeout", Ctx.UPSTREAM, ONE, _slot(msec)),
     _spec("keepalive_requests", Ctx.UPSTREAM, ONE, _slot(number)),
     _spec("zone", Ctx.UPSTREAM, (1, 2), _upstream_zone),
+    _spec("health_check", Ctx.LOCATION, (0, None), _health_check),
+    _spec("match", Ctx.HTTP, ONE, _match, block=True),
+    _spec("status", Ctx.MATCH, (1, None), _match_status),
+    _spec("header", Ctx.MATCH, (1, 3), _match_header),
+    _spec("body", Ctx.MATCH, (2, 2), _match_body),
+    _spec("send", Ctx.MATCH, ONE, _match_send),
+    _spec("expect", Ctx.MATCH, (1, 2), _match_expect),
     _spec("state", Ctx.UPSTREAM, ONE, _upstream_state),
     # access control, status and the API
     _spec("allow", HSL, ONE, _access_rule),

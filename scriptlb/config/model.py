@@ -154,6 +154,7 @@ class HttpConf:
     log_formats: dict[str, LogFormat]
     python: PythonConf = field(default_factory=PythonConf)
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)  # by name, in file order
+    matches: dict[str, MatchConf] = field(default_factory=dict)  # `match` blocks by name
 
     def hooks(self) -> tuple[HookConf, ...]:
         """Every hook to compile, each once: upstreams' balancer hooks, then the distinct
@@ -219,6 +220,41 @@ class BalancerMethodConf:
 
 
 @dataclass(frozen=True, slots=True)
+class MatchConf:
+    """``match NAME { ... }`` (nginx Plus): what a health check's response must show."""
+
+    name: str
+    # (negated, low, high) status ranges: `status 200-399;`, `status ! 500;`
+    statuses: tuple[tuple[bool, int, int], ...] = ()
+    # (name lower-cased, operator, value): = != ~ !~, "present", "absent"
+    headers: tuple[tuple[str, str, str], ...] = ()
+    bodies: tuple[tuple[bool, str], ...] = ()  # (negated, regex)
+    send: str | None = None  # type=tcp: bytes to send ("\r\n" escapes resolved)
+    expect: str | None = None  # type=tcp: a regex (or text) the reply must match
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConf:
+    """``health_check`` of a location proxying to an upstream (nginx Plus)."""
+
+    interval: float = 5.0
+    jitter: float = 0.0
+    fails: int = 1
+    passes: int = 1
+    uri: str = "/"
+    port: int = 0  # 0: the peer's own port
+    match: MatchConf | None = None  # None: a 2xx or 3xx status passes
+    mandatory: bool = False
+    persistent: bool = False
+    type: str = "http"  # "http" | "tcp"
+    host: str = ""  # the Host header sent: the location's $proxy_host
+    connect_timeout: float = 60.0  # the location's proxy_connect_timeout
+    read_timeout: float = 60.0  # the location's proxy_read_timeout
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConf:
     name: str
     servers: tuple[UpstreamServerConf, ...]
@@ -233,6 +269,7 @@ class UpstreamConf:
     implicit: bool = False  # created by `proxy_pass http://IP:PORT`
     source: Source | None = None
     zone: str | None = None  # `zone NAME [SIZE]`: accepted (the statistics are always shared)
+    health_checks: tuple[HealthCheckConf, ...] = ()  # from the locations proxying to it
     state_file: str | None = None  # `state FILE`: the servers, kept in step with API changes
 
 
