@@ -375,6 +375,11 @@ def _missing_variable(_exchange: Any) -> None:
 _SHARED: dict[str, Any] = {}  # python_shared_dict name -> SharedDict, for ngx.shared
 
 
+def shared_dicts() -> dict[str, Any]:
+    """This worker's shared dicts by name (the metrics read their sizes)."""
+    return dict(_SHARED)
+
+
 def set_shared_dicts(dicts: dict[str, Any]) -> None:
     """The worker's ``python_shared_dict`` zones, for ``ngx.shared.NAME`` in hooks. Hook code
     may call only the OpenResty API on them (``scriptlb.shared_dict.HOOK_METHODS``)."""

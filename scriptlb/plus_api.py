@@ -269,7 +269,7 @@ def _static_list(upstream: Any) -> PeerList:
     return PeerList(entries, len(entries), 0, fingerprint(upstream.conf))
 
 
-def _peer_state(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) -> str:
+def peer_state(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) -> str:
     if entry is not None and entry.drain:
         return "draining"
     if peer.config_down:
@@ -302,7 +302,7 @@ def _peer_json(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) 
         from scriptlb.health import HealthView
     result = {
         "id": entry.id if entry is not None else peer.id, "server": peer.name, "name": peer.server,
-        "backup": peer.backup, "weight": peer.weight, "state": _peer_state(upstream, peer, entry, now),
+        "backup": peer.backup, "weight": peer.weight, "state": peer_state(upstream, peer, entry, now),
         "active": active, "requests": requests, "responses": responses, "sent": 0, "received": 0,
         "fails": failures, "unavail": 0,
         "health_checks": HealthView.figures(upstream, peer) if checked else

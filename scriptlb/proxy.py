@@ -465,6 +465,9 @@ class Exchange:
             return
         self._logged = True
         location = self.location
+        zone = location.zone
+        if zone is not None:  # status_zone: responses by class, for the metrics
+            zone[self.status // 100] += 1
         hook = location.log_hook
         if hook is None:
             for log in location.access_logs:

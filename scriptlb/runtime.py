@@ -240,7 +240,7 @@ def _connection_listed(connection: bytes) -> frozenset[bytes]:
 class LocationRuntime:
     __slots__ = (
         "access", "access_logs", "conf", "content", "log_hook", "plan", "proxy_host", "return_getter",
-        "upstream",
+        "upstream", "zone",
     )
 
     def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None, access_logs: tuple,
@@ -257,6 +257,7 @@ class LocationRuntime:
             self.access = access_phase(conf)
         # stub_status / api / prometheus (scriptlb.handlers): content(exchange) answers
         self.content: Callable[[Any], None] | None = None
+        self.zone: list[int] | None = None  # status_zone: this worker's counts by status // 100
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
         ret = conf.return_
@@ -376,6 +377,9 @@ class Runtime:
         self.peer_lists: Any = None  # scriptlb.peer_lists.PeerListWatcher, set by the worker
         self.health: Any = None  # scriptlb.health.HealthView (health_check), set by the worker
         self.health_checker: Any = None  # scriptlb.health.HealthChecker: this worker's checks
+        self.metrics: Any = None  # the prometheus location's registry, built on first scrape
+        # status_zone name -> responses by status // 100 in this worker (published by status)
+        self.zone_counts: dict[str, list[int]] = {}
         self.status: WorkerStatus | None = None  # the instance's counters, set by the worker
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
         self.upstreams = {
@@ -399,6 +403,8 @@ class Runtime:
         if conf.proxy_pass is not None and conf.return_ is None:
             upstream = self.upstreams[conf.proxy_pass.upstream]
         location = LocationRuntime(conf, upstream, self._access_logs_for(conf), self._log_hook_for(conf))
+        if conf.status_zone is not None:
+            location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
         if conf.handler is not None:
             from scriptlb.handlers import content_handler
 

@@ -24,7 +24,8 @@ store and a concurrent reader never sees half a value)::
              key (16-byte digest of upstream name, peer name, occurrence), last status,
              last failure time, ewma, peak ewma, ewma stamp, weight override, weight base,
              2 reserved, health (state, checks, fails, unhealthy, last passed, run, since),
-             then per shard: requests, failures, finished, responses 1xx..5xx
+             then per shard: requests, failures, finished, responses 1xx..5xx, samples
+             per response-time bucket (TIME_BUCKETS, +Inf), the samples' sum
 
 **Exact counters: one shard per process.** Each recording process claims a shard (a column of
 ``requests, failures, finished`` in every record) when it opens the file, so each of those cells
@@ -80,6 +81,7 @@ import os
 import struct
 import time
 import weakref
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,7 +122,12 @@ UP, UNHEALTHY, CHECKING = 0, 1, 2  # the "state" word
 # per-shard words (offsets from a slot's shard column)
 _REQUESTS, _FAILURES, _FINISHED = 0, 1, 2
 _CLASSES = 3  # five words: responses 1xx..5xx (the API's and the metrics' "responses")
-_COUNTER_WORDS = 8
+_BUCKETS = 8  # len(TIME_BUCKETS) + 1 words: samples per response-time bucket (the last: +Inf)
+# Prometheus's default buckets (seconds), for scriptlb_upstream_server_response_time_seconds
+TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BUCKET_SLOTS = len(TIME_BUCKETS) + 1
+_TIME_SUM = _BUCKETS + BUCKET_SLOTS  # the samples' sum (a float word)
+_COUNTER_WORDS = _TIME_SUM + 1
 CODE_SLOTS = 10  # Recorder.codes: one counter per status // 100 (0: no response) per peer
 
 _WORD = 8
@@ -365,6 +372,24 @@ class PeerStats:
             q[at + offset] = int(values[offset])
         d[at + 6] = float(values[6])
 
+    def publish_times(self, slot: int, buckets: Sequence[int], total: float) -> None:
+        """Add one process's response-time samples: per bucket, and their sum."""
+        mine = slot + self._mine
+        q = self._q
+        for bucket in range(BUCKET_SLOTS):
+            if buckets[bucket]:
+                q[mine + _BUCKETS + bucket] += buckets[bucket]
+        self._d[mine + _TIME_SUM] += total
+
+    def histogram(self, slot: int) -> tuple[list[int], float]:
+        """(samples per bucket, not cumulative; their sum) of one peer, every process's."""
+        used = self._q[_SHARDS_USED]
+        first = slot + _FIXED_WORDS
+        counters = self._q[first : first + _COUNTER_WORDS * used].tolist()
+        sums = self._d[first : first + _COUNTER_WORDS * used].tolist()
+        buckets = [sum(counters[_BUCKETS + b :: _COUNTER_WORDS]) for b in range(BUCKET_SLOTS)]
+        return buckets, sum(sums[_TIME_SUM::_COUNTER_WORDS])
+
     def classes(self, slot: int) -> list[int]:
         """Responses 1xx..5xx of one peer, every process's published ones."""
         q = self._q
@@ -483,6 +508,7 @@ class PeerStats:
 
 FLUSH_INTERVAL = 0.05  # seconds: how far behind one worker's tries may look to the others
 _NO_CODES = [0] * CODE_SLOTS
+_NO_BUCKETS = [0] * BUCKET_SLOTS
 
 
 class Recorder:
@@ -501,8 +527,8 @@ class Recorder:
     Indexes are dense (``index_of(slot)``): ``Peer.stats_index`` holds a peer's."""
 
     __slots__ = (
-        "_loop", "_slots", "_timer", "codes", "failure_time", "failures", "finished", "index", "sample_max",
-        "sample_sum", "samples", "started", "stats", "status",
+        "_loop", "_slots", "_timer", "buckets", "codes", "failure_time", "failures", "finished", "index",
+        "sample_max", "sample_sum", "samples", "started", "stats", "status",
     )
 
     def __init__(self, stats: PeerStats, loop: Any) -> None:
@@ -520,6 +546,7 @@ class Recorder:
         self.sample_sum: list[float] = []
         self.sample_max: list[float] = []
         self.codes: list[int] = []  # CODE_SLOTS per index: responses by status // 100
+        self.buckets: list[int] = []  # BUCKET_SLOTS per index: samples per response-time bucket
 
     def index_of(self, slot: int) -> int:
         index = self.index.get(slot)
@@ -531,6 +558,7 @@ class Recorder:
             for column in (self.failure_time, self.sample_sum, self.sample_max):
                 column.append(0.0)
             self.codes.extend([0] * CODE_SLOTS)
+            self.buckets.extend([0] * BUCKET_SLOTS)
         return index
 
     def start(self, index: int) -> None:
@@ -552,6 +580,7 @@ class Recorder:
             self.failure_time[index] = time.time()
         if sample is not None:
             self.samples[index] += 1
+            self.buckets[index * BUCKET_SLOTS + bisect_left(TIME_BUCKETS, sample)] += 1
             self.sample_sum[index] += sample
             if sample > self.sample_max[index]:
                 self.sample_max[index] = sample
@@ -576,8 +605,20 @@ class Recorder:
             if any(codes[1:6]):
                 self.stats.publish_classes(slot, codes)
             self.codes[at : at + CODE_SLOTS] = _NO_CODES
+            if samples[index]:
+                at = index * BUCKET_SLOTS
+                self.stats.publish_times(slot, self.buckets[at : at + BUCKET_SLOTS], self.sample_sum[index])
+                self.buckets[at : at + BUCKET_SLOTS] = _NO_BUCKETS
             started[index] = finished[index] = failures[index] = samples[index] = 0
             self.sample_sum[index] = self.sample_max[index] = 0.0
+
+    def unpublished_histogram(
+        self, index: int, histogram: tuple[list[int], float]
+    ) -> tuple[list[int], float]:
+        """``PeerStats.histogram`` with this worker's unpublished samples added."""
+        at = index * BUCKET_SLOTS
+        buckets = [count + self.buckets[at + b] for b, count in enumerate(histogram[0])]
+        return buckets, histogram[1] + (self.sample_sum[index] if self.samples[index] else 0.0)
 
     def unpublished_classes(self, index: int, classes: list[int]) -> list[int]:
         """``PeerStats.classes`` with this worker's unpublished responses added."""
@@ -645,6 +686,10 @@ class UpstreamStats:
     def figures(self, peer: Any) -> tuple[Any, ...]:
         """The peer's ``FIELDS`` values: every worker's published tries and this one's all."""
         return self.recorder.unpublished(peer.stats_index, self.stats.figures(self.slot_of(peer)))
+
+    def histogram(self, peer: Any) -> tuple[list[int], float]:
+        """The peer's response-time samples per bucket and their sum (all workers')."""
+        return self.recorder.unpublished_histogram(peer.stats_index, self.stats.histogram(self.slot_of(peer)))
 
     def classes(self, peer: Any) -> list[int]:
         """The peer's responses 1xx..5xx: every worker's published and this one's all."""

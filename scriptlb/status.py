@@ -7,7 +7,8 @@ One file, ``<zone directory>/status``, mapped by every worker (``mmap``, 8-byte 
 header, then one row per worker process::
 
     header  MAGIC, VERSION, ROWS, ROWS_USED, 4 reserved
-    row     owner pid, accepted, handled, requests, active, reading, writing, reserved
+    row     owner pid, accepted, handled, requests, active, reading, writing, reserved,
+            then MAX_ZONES x 5: responses 1xx..5xx per status_zone (sorted names)
 
 A worker claims a free row (or one whose owner died) and is its only writer. It counts in
 plain Python integers (an accepted connection: one increment in the protocol factory; a
@@ -19,6 +20,9 @@ the gauges of the rows whose owner is alive, with its own live values in place o
 another worker's figures are at most ``PUBLISH_INTERVAL`` old.
 
 The master removes the file at a cold start (with the other shared zones); a reload keeps it.
+Zone counters are each worker's own (a row's next owner starts them at 0, readers sum live
+rows only): they restart when workers do, which Prometheus counters allow (a reset), and
+keeping them across a reload that renames zones would mix them up.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from array import array
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,13 +43,16 @@ PUBLISH_INTERVAL = 0.1  # seconds
 DEFAULT_ROWS = 64
 
 _HEADER_WORDS = 8
-_ROW_WORDS = 8
+MAX_ZONES = 16  # status_zone names counted (the first 16, sorted)
+_ZONES = 8  # row word of the first zone's 1xx
+_ROW_WORDS = _ZONES + 5 * MAX_ZONES
 _MAGIC, _VERSION, _ROWS, _ROWS_USED = range(4)
 # row words
 _OWNER, _ACCEPTED, _HANDLED, _REQUESTS, _ACTIVE, _READING, _WRITING = range(7)
 COUNTERS = ("accepted", "handled", "requests")
 GAUGES = ("active", "reading", "writing")
 _WORD = 8
+_NO_ZONES = array("q", [0] * (5 * MAX_ZONES))
 
 
 class StatusFull(RuntimeError):
@@ -96,6 +104,7 @@ class WorkerStatus:
                 if owner == 0 or owner == pid or not _alive(owner):
                     for gauge in (_ACTIVE, _READING, _WRITING):
                         q[at + gauge] = 0  # a dead owner's connections died with it
+                    q[at + _ZONES : at + _ROW_WORDS] = _NO_ZONES
                     q[at + _OWNER] = pid
                     if q[_ROWS_USED] <= row:
                         q[_ROWS_USED] = row + 1
@@ -122,10 +131,18 @@ class WorkerStatus:
         requests = self.runtime.requests if self.runtime is not None else 0
         return (base[0] + self.accepted, base[1] + self.accepted, base[2] + requests, *self.gauges())
 
+    def zone_names(self) -> list[str]:
+        return sorted(self.runtime.zone_counts)[:MAX_ZONES] if self.runtime is not None else []
+
     def publish(self) -> None:
         q, at = self._q, self._row + _ACCEPTED
         for offset, value in enumerate(self.own()):
             q[at + offset] = value
+        if self.runtime is not None:
+            counts = self.runtime.zone_counts
+            for index, name in enumerate(self.zone_names()):
+                first = self._row + _ZONES + 5 * index
+                q[first : first + 5] = array("q", counts[name][1:6])
 
     def start(self, loop: Any) -> None:
         """Publish now and every ``PUBLISH_INTERVAL`` until ``close``."""
@@ -172,6 +189,23 @@ class WorkerStatus:
         figures = dict(zip(COUNTERS + GAUGES, sums, strict=True))
         figures["waiting"] = max(0, figures["active"] - figures["reading"] - figures["writing"])
         return figures
+
+
+    def zone_totals(self) -> dict[str, list[int]]:
+        """Responses 1xx..5xx per status_zone, summed over the live workers."""
+        names = self.zone_names()
+        totals = {name: list(self.runtime.zone_counts[name][1:6]) for name in names}
+        q = self._q
+        for row in range(q[_ROWS_USED]):
+            at = _HEADER_WORDS + row * _ROW_WORDS
+            owner = q[at + _OWNER]
+            if at == self._row or owner == 0 or not _alive(owner):
+                continue
+            for index, name in enumerate(names):
+                first = at + _ZONES + 5 * index
+                for cls, value in enumerate(q[first : first + 5].tolist()):
+                    totals[name][cls] += value
+        return totals
 
 
 def reset(directory: str) -> None:

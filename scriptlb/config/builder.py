@@ -379,6 +379,7 @@ def _access_settings(chain: Sequence[LevelDraft], loc: LocationDraft) -> dict[st
         "auth_basic": realm if user_file is not None else None,
         "auth_basic_user_file": user_file if realm is not None else None,
         "handler": handler[0] if handler else None,
+        "status_zone": _get(chain, "status_zone", None),
         "api_write": bool(handler and handler[1]),
     }
 

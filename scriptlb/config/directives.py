@@ -863,6 +863,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("stub_status", Ctx.LOCATION, (0, 1), _content_handler),
     _spec("api", Ctx.LOCATION, (0, 1), _content_handler),
     _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),
+    _spec("status_zone", Ctx.SERVER, ONE, _slot(lambda node: node.args[0])),
 )
 
 DIRECTIVES: dict[str, tuple[Spec, ...]] = {}

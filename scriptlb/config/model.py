@@ -374,6 +374,7 @@ class LocationConf:
     # a content handler instead of proxy_pass/return: "stub_status" | "api" | "prometheus"
     handler: str | None = None
     api_write: bool = False  # api write=on
+    status_zone: str | None = None  # the server's `status_zone`: responses counted by class
 
 
 @dataclass(frozen=True, slots=True)
