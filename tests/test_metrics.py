@@ -36,7 +36,8 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def total(samples: dict, name: str, **labels: str) -> float:
-    return sum(v for (n, lbl), v in samples.items() if n == name and all((k, w) in lbl for k, w in labels.items()))
+    return sum(v for (n, lbl), v in samples.items()
+               if n == name and all((k, w) in lbl for k, w in labels.items()))
 
 
 def test_metrics_add_up_over_two_workers(tmp_path: Path) -> None:
