@@ -94,3 +94,18 @@ def _up(port: int) -> bool:
         return fetch(port, "/metrics")[0] == 200
     except OSError:
         return False
+
+
+def test_grafana_dashboard_uses_only_exported_families() -> None:
+    import json
+    import re
+
+    from scriptlb import metrics
+
+    root = Path(__file__).resolve().parent.parent
+    dashboard = json.loads((root / "docs" / "grafana-dashboard.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"scriptlb_[a-z_]+", target["expr"])}
+    exported = set(re.findall(r"``(scriptlb_[a-z_]+)", metrics.__doc__ or ""))
+    histogram_parts = {f"{name}_bucket" for name in exported}
+    assert used and used <= exported | histogram_parts
