@@ -15,11 +15,17 @@ Families (the names operators' dashboards use, docs/grafana-dashboard.json):
 ``scriptlb_upstream_server_responses_total{upstream,server,code}``,
 ``scriptlb_upstream_server_state{upstream,server}`` (1 up, 0 otherwise),
 ``scriptlb_upstream_server_response_time_seconds`` (histogram),
-``scriptlb_upstream_server_health_checks_fails_total``, ``scriptlb_shared_dict_bytes{name,kind}``.
+``scriptlb_upstream_server_health_checks_fails_total``, ``scriptlb_shared_dict_bytes{name,kind}``,
+``scriptlb_hook_runs_total{upstream,phase,outcome}``, ``scriptlb_hook_duration_seconds``
+(histogram). Hook runs are counted in plain attributes of each runner and shared through a
+small JSON file per worker, written at most once a second (``HookFiguresPublisher``).
 """
 
 from __future__ import annotations
 
+import glob
+import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,7 +53,36 @@ class ScriptlbCollector:
     def collect(self) -> Iterator[Metric]:
         yield from self._instance()
         yield from self._upstreams()
+        yield from self._hooks()
         yield from self._shared_dicts()
+
+    def _hooks(self) -> Iterator[Metric]:
+        runs = CounterMetricFamily("scriptlb_hook_runs", "Hook runs by outcome.",
+                                   labels=["upstream", "phase", "outcome"])
+        durations = HistogramMetricFamily("scriptlb_hook_duration_seconds", "CPU-budgeted hook run time.",
+                                          labels=["upstream", "phase"])
+        from scriptlb.hooks import RUN_BUCKETS
+        from scriptlb.shared_dict import zone_directory
+
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        for item in all_hook_figures(self.runtime, zone_directory(self.runtime.conf.prefix)):
+            key = (item["upstream"], item["phase"])
+            into = merged.setdefault(key, {"outcomes": {}, "buckets": [0] * (len(RUN_BUCKETS) + 1),
+                                           "sum": 0.0})
+            for outcome, count in item["outcomes"].items():
+                into["outcomes"][outcome] = into["outcomes"].get(outcome, 0) + count
+            into["buckets"] = [a + b for a, b in zip(into["buckets"], item["buckets"], strict=True)]
+            into["sum"] += item["sum"]
+        for (upstream, phase), item in sorted(merged.items()):
+            for outcome, count in sorted(item["outcomes"].items()):
+                runs.add_metric([upstream, phase, outcome], count)
+            cumulative, running = [], 0
+            for bound, count in zip((*RUN_BUCKETS, float("inf")), item["buckets"], strict=True):
+                running += count
+                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            durations.add_metric([upstream, phase], cumulative, sum_value=item["sum"])
+        yield runs
+        yield durations
 
     def _instance(self) -> Iterator[Metric]:
         status = self.runtime.status
@@ -112,6 +147,86 @@ class ScriptlbCollector:
             family.add_metric([name, "capacity"], zone.capacity())
             family.add_metric([name, "free"], zone.free_space())
         yield family
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+HOOKS_PUBLISH_INTERVAL = 1.0  # seconds: how late another worker's hook runs reach a scrape
+_HOOK_FILE = "hook_runs.{pid}.json"
+
+
+def hook_runners(runtime: Any) -> list[tuple[str, str, Any]]:
+    """(upstream label, phase, runner) of every hook runner of this worker."""
+    found = [(u.name, "balancer", u.hook) for u in runtime.upstreams.values() if u.hook is not None]
+    found += [("", "log", runner) for runner in runtime._log_hooks.values()]
+    return found
+
+
+def hook_figures(runtime: Any) -> list[dict[str, Any]]:
+    """This worker's hook runs, plain data (what it publishes for the other workers)."""
+    figures = []
+    for upstream, phase, runner in hook_runners(runtime):
+        failures = dict(runner.failures)
+        ran_failures = sum(n for kind, n in failures.items() if kind != "compile_error")
+        outcomes = {"ok": runner.runs - ran_failures, **failures}
+        figures.append({"upstream": upstream, "phase": phase, "outcomes": outcomes,
+                        "buckets": list(runner.durations), "sum": runner.duration_sum})
+    return figures
+
+
+class HookFiguresPublisher:
+    """Writes this worker's hook figures to ``<zones>/hook_runs.PID.json`` every
+    ``HOOKS_PUBLISH_INTERVAL`` (when they changed): hook runs are counted in plain attributes
+    of each runner, so sharing them costs nothing per run. Removed at the worker's exit."""
+
+    def __init__(self, runtime: Any, directory: str) -> None:
+        self.runtime = runtime
+        self.path = os.path.join(directory, _HOOK_FILE.format(pid=os.getpid()))
+        self._last: Any = None
+        self._timer: Any = None
+
+    def start(self, loop: Any) -> None:
+        self._timer = loop.call_later(HOOKS_PUBLISH_INTERVAL, self._tick, loop)
+
+    def _tick(self, loop: Any) -> None:
+        figures = hook_figures(self.runtime)
+        if figures != self._last:
+            self._last = figures
+            try:
+                tmp = self.path + ".tmp"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(figures, f)
+                os.replace(tmp, self.path)
+            except OSError:
+                pass  # a full disk costs the other workers' view of the hooks, nothing else
+        self._timer = loop.call_later(HOOKS_PUBLISH_INTERVAL, self._tick, loop)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def all_hook_figures(runtime: Any, directory: str) -> list[dict[str, Any]]:
+    """Every live worker's hook figures: this one's live, the others' as published."""
+    from scriptlb.stats import _alive
+
+    figures = hook_figures(runtime)
+    for path in glob.glob(os.path.join(directory, _HOOK_FILE.format(pid="*"))):
+        pid_text = os.path.basename(path).split(".")[1]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or not _alive(int(pid_text)):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                figures.extend(json.load(f))
+        except (OSError, ValueError):
+            continue
+    return figures
 
 
 def prometheus(exchange: Any) -> None:

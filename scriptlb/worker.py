@@ -22,6 +22,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import uvloop
 
@@ -53,6 +54,7 @@ class Worker:
         self.stats: PeerStats | None = None
         self.recorder: Recorder | None = None  # this worker's tries, published to self.stats
         self.status: WorkerStatus | None = None  # connection/request counters (stub_status)
+        self.hook_figures: Any = None  # scriptlb.metrics.HookFiguresPublisher
         self.contexts: list[ListenerContext] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
@@ -75,6 +77,7 @@ class Worker:
             self.runtime.peer_lists = PeerListWatcher(store, loaded_http, self.runtime.replace_servers)
             self.runtime.peer_lists.start(self.loop)
         self._start_health_checks(self.runtime)
+        self._start_hook_figures(self.runtime)
         await self._start_servers(self.runtime)
         if self.status is not None:
             self.status.runtime = self.runtime
@@ -89,6 +92,18 @@ class Worker:
         self.ready.set()
         graceful = await self._stop
         await self._shutdown(graceful)
+
+    def _start_hook_figures(self, runtime: Runtime) -> None:
+        """With a prometheus location and hooks: share this worker's hook runs."""
+        http = self.conf.http
+        if http is None or not http.hooks() or not any(
+            loc.handler == "prometheus" for server in http.servers for loc in server.locations
+        ):
+            return
+        from scriptlb.metrics import HookFiguresPublisher
+
+        self.hook_figures = HookFiguresPublisher(runtime, zone_directory(self.conf.prefix))
+        self.hook_figures.start(self.loop)
 
     def _start_health_checks(self, runtime: Runtime) -> None:
         """health_check: every worker applies the shared state; each checks its share."""
@@ -172,6 +187,8 @@ class Worker:
             self.runtime.close()
         if self.recorder is not None:
             self.recorder.flush()  # the last tries count too
+        if self.hook_figures is not None:
+            self.hook_figures.close()
         if self.status is not None:
             self.status.close()
             self.status = None

@@ -52,10 +52,17 @@ def test_metrics_add_up_over_two_workers(tmp_path: Path) -> None:
             events {{}}
             http {{
                 upstream backend {{ server {bk[0].addr}; server {bk[1].addr}; }}
+                upstream hooked {{
+                    server {bk[0].addr};
+                    balancer_by_python_block {{
+                        balancer.set_current_peer(upstream.get_primary_peers()[0]["name"])
+                    }}
+                }}
                 server {{
                     listen 127.0.0.1:{port} reuseport;
                     status_zone front;
                     location / {{ proxy_pass http://backend; }}
+                    location /hooked {{ proxy_pass http://hooked; }}
                     location = /metrics {{ prometheus; }}
                     location = /status {{ stub_status; }}
                 }}
@@ -68,23 +75,30 @@ def test_metrics_add_up_over_two_workers(tmp_path: Path) -> None:
             sent = 40
             for _ in range(sent):
                 assert fetch(port)[0] == 200
-            time.sleep(0.4)  # the other worker's figures are published within 100 ms
+            hooked = 6
+            for _ in range(hooked):
+                assert fetch(port, "/hooked")[0] == 200
+            time.sleep(1.3)  # the other worker's figures: within 100 ms; its hook runs: within 1 s
             after = scrape(port)
 
     def delta(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
 
-    assert delta("scriptlb_http_requests_total") == sent + 1  # and the second scrape itself
-    assert delta("scriptlb_upstream_server_requests_total") == sent
-    assert delta("scriptlb_upstream_server_responses_total", code="2xx") == sent
+    assert delta("scriptlb_http_requests_total") == sent + hooked + 1  # and the second scrape itself
+    assert delta("scriptlb_upstream_server_requests_total", upstream="backend") == sent
+    assert delta("scriptlb_hook_runs_total", upstream="hooked", phase="balancer", outcome="ok") == hooked
+    assert delta("scriptlb_hook_duration_seconds_count", upstream="hooked") == hooked
+    assert delta("scriptlb_upstream_server_responses_total", upstream="backend", code="2xx") == sent
     assert delta("scriptlb_upstream_server_responses_total", code="5xx") == 0
-    assert delta("scriptlb_upstream_server_response_time_seconds_count") == sent
-    assert delta("scriptlb_upstream_server_response_time_seconds_bucket", le="+Inf") == sent
-    assert delta("scriptlb_http_responses_total", server_zone="front", code="2xx") == sent + 1  # 1st scrape
+    assert delta("scriptlb_upstream_server_response_time_seconds_count", upstream="backend") == sent
+    assert delta("scriptlb_upstream_server_response_time_seconds_bucket", upstream="backend", le="+Inf") == sent
+    # the first scrape's response is counted in the second
+    assert delta("scriptlb_http_responses_total", server_zone="front", code="2xx") == sent + hooked + 1
     # both servers took a share, and the per-server series add up to the totals
-    shares = [delta("scriptlb_upstream_server_requests_total", server=b.addr) for b in bk]
+    shares = [delta("scriptlb_upstream_server_requests_total", upstream="backend", server=b.addr)
+              for b in bk]
     assert sum(shares) == sent and all(shares)
-    assert total(after, "scriptlb_upstream_server_state") == 2
+    assert total(after, "scriptlb_upstream_server_state") == 3
     assert total(after, "scriptlb_connections", state="accepted") >= sent + 2
     assert total(after, "scriptlb_connections", state="active") >= 1
 
