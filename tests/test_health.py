@@ -200,3 +200,40 @@ def test_mandatory_peer_waits_for_its_first_pass(tmp_path: Path) -> None:
             statuses = [get(lb.port).status for _ in range(10)]
             assert statuses == [200] * 10
             assert proxied(bk[1]) == []
+
+
+def test_tcp_checks_port_and_send_expect(tmp_path: Path) -> None:
+    """type=tcp with match send/expect, on another port than the peer's (port=): the peer is
+    up although its own port is closed; a peer whose check port is closed is unhealthy."""
+    from helpers import Scriptlb, closed_port, get
+
+    async def pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if b"PING" in await reader.readline():
+            writer.write(b"PONG\r\n")
+            await writer.drain()
+        writer.close()
+
+    dead = closed_port()
+    with Backends(None) as bk:  # type: ignore[arg-type]
+        bk[0].raw_handler = pong
+        http = f"""match banner {{ send "PING\\r\\n"; expect ~ "PONG"; }}
+            upstream a {{ server 127.0.0.1:{dead}; }}
+            upstream b {{ server 127.0.0.1:{dead}; }}
+            server {{ listen {{port0}};
+                location /a {{ proxy_pass http://a; health_check type=tcp port={bk[0].port} match=banner
+                                                                interval=100ms mandatory; }}
+                location /b {{ proxy_pass http://b; health_check type=tcp interval=100ms mandatory; }}
+                location /api {{ api; }}
+            }}"""
+        with Scriptlb(f"daemon off; master_process off; error_log {tmp_path}/e.log info;\nhttp {{ {http} }}",
+                      tmp_path) as lb:
+            def states() -> tuple[str, str]:
+                a = json.loads(get(lb.port, "/api/9/http/upstreams/a").body)["peers"][0]["state"]
+                b = json.loads(get(lb.port, "/api/9/http/upstreams/b").body)["peers"][0]["state"]
+                return a, b
+
+            wait_for(lambda: states() == ("up", "unhealthy"), what="a up, b unhealthy")
+            assert get(lb.port, "/b").status == 502  # no live upstreams
+    log = (tmp_path / "e.log").read_text()
+    refused = "connect() failed (111: Connection refused) while connecting to upstream"
+    assert f'{refused}, health check "" of peer 127.0.0.1:{dead} in upstream "b"' in log

@@ -54,9 +54,13 @@ def test_pid_defaults_to_logs_under_the_prefix(tmp_path: Path) -> None:
 
 def test_default_prefix_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    # no conf/scriptlb.conf here: the package's prefix, unless -c names a file
+    # no conf/scriptlb.conf here: the package's prefix (which has it), for -c too
     assert default_prefix(None) == package_prefix()
+    assert default_prefix("conf/scriptlb.conf") == package_prefix()
+    assert default_prefix("my.conf") == str(tmp_path)  # nowhere: errors name the cwd's path
+    (tmp_path / "my.conf").write_text("events {}\n")
     assert default_prefix("my.conf") == str(tmp_path)
+    assert default_prefix("/abs/other.conf") == str(tmp_path)
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "scriptlb.conf").write_text("events {}\n")
     assert default_prefix(None) == str(tmp_path)

@@ -28,14 +28,16 @@ def package_prefix() -> str:
 
 
 def default_prefix(conf_file: str | None) -> str:
-    """The prefix when -p is not given: the current directory when it holds the default
-    config (a checkout, an operator's directory) or when -c names a file; otherwise the
-    installed package's, so ``scriptlb`` alone runs the shipped default config."""
+    """The prefix when -p is not given: the current directory when the config file (-c, else
+    conf/scriptlb.conf) is there, as in a checkout or an operator's directory; otherwise the
+    installed package's when it has that file, so ``scriptlb`` or ``scriptlb -c
+    conf/scriptlb.conf`` runs the shipped default config after a ``pip install``."""
     cwd = os.getcwd()
-    if conf_file is not None or os.path.isfile(os.path.join(cwd, DEFAULT_CONF)):
+    wanted = conf_file or DEFAULT_CONF
+    if os.path.isabs(wanted) or os.path.isfile(os.path.join(cwd, wanted)):
         return cwd
     packaged = package_prefix()
-    return packaged if os.path.isfile(os.path.join(packaged, DEFAULT_CONF)) else cwd
+    return packaged if os.path.isfile(os.path.join(packaged, wanted)) else cwd
 
 
 def resolve_paths(conf_file: str | None, prefix: str | None) -> tuple[str, str]:
