@@ -237,3 +237,19 @@ def test_tcp_checks_port_and_send_expect(tmp_path: Path) -> None:
     log = (tmp_path / "e.log").read_text()
     refused = "connect() failed (111: Connection refused) while connecting to upstream"
     assert f'{refused}, health check "" of peer 127.0.0.1:{dead} in upstream "b"' in log
+
+
+def test_slow_start_ramps_the_weight_back() -> None:
+    from scriptlb.health import HealthView
+
+    view = HealthView(runtime=None)
+    peer = SimpleNamespace(weight=10, effective_weight=10, slow_start=10.0, unhealthy=False)
+    since = 1000.0
+    view._slow_start(peer, since, since + 2.5)
+    assert (peer.weight, peer.effective_weight) == (2, 2)
+    view._slow_start(peer, since, since + 5.0)
+    assert peer.weight == 5
+    view._slow_start(peer, since, since + 10.5)  # over: the full weight again
+    assert peer.weight == 10
+    view._slow_start(peer, since, since + 11.0)
+    assert peer.weight == 10
