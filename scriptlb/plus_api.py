@@ -331,7 +331,7 @@ def _parse_fields(body: bytes, require_server: bool) -> dict[str, Any]:
         raise _format_error("request body too large")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # hostile nesting included
         raise ApiError(400, "invalid JSON", "UpstreamConfFormatError") from None
     if not isinstance(data, dict):
         raise _format_error("JSON object expected")
@@ -364,11 +364,22 @@ def _parse_fields(body: bytes, require_server: bool) -> dict[str, Any]:
 
 
 def _address(value: Any) -> str:
-    """An IP:port (port 80 by default) or unix: path; names are resolved once here."""
+    """An IP:port (port 80 by default) or unix: path. Not a host name: resolving one would
+    block the worker's loop for as long as a (client-chosen) DNS server takes."""
     if type(value) is not str or not value or len(value) > 256:
         raise _format_error('invalid "server" field')
-    from scriptlb.config.addresses import resolve_upstream_address
+    import ipaddress
+
+    from scriptlb.config.addresses import AddressError, resolve_upstream_address, split_host_port
     from scriptlb.config.parser import Node
+
+    try:
+        target = split_host_port(value)
+        if target.unix_path is None:
+            ipaddress.ip_address(target.host)
+    except (AddressError, ValueError):
+        raise ApiError(400, "invalid server address (an IP address or unix: path)",
+                       "UpstreamBadAddress") from None
 
     try:
         addrs = resolve_upstream_address(Node("server", (value,), None), value)  # type: ignore[arg-type]

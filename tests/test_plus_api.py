@@ -241,3 +241,20 @@ def test_read_only_api_refuses_writes_before_reading_anything() -> None:
     with pytest.raises(ApiError) as err:
         api_handler.handle("DELETE", ["9", "http", "upstreams", "x", "servers", "0"], b"")
     assert (err.value.status, err.value.code) == (405, "MethodDisabled")
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    (b"[" * 100_000, "UpstreamConfFormatError"),  # nesting deep enough to exhaust the recursion limit
+    (b'{"server": "example.com:80"}', "UpstreamBadAddress"),  # no DNS lookup in the worker's loop
+    (b'{"server": "127.0.0.1:99999"}', "UpstreamBadAddress"),
+    (b'{"server": 7}', "UpstreamConfFormatError"),
+    (b'{"server": "127.0.0.1:1", "fail_timeout": "soon"}', "UpstreamConfFormatError"),
+    (b'{"server": "127.0.0.1:1", "down": "yes"}', "UpstreamConfFormatError"),
+    (b'"just a string"', "UpstreamConfFormatError"),
+])
+def test_hostile_api_input_is_refused_before_any_change(body: bytes, code: str) -> None:
+    from scriptlb.plus_api import _parse_fields
+
+    with pytest.raises(ApiError) as err:
+        _parse_fields(body, require_server=True)
+    assert (err.value.status, err.value.code) == (400, code)
