@@ -181,7 +181,10 @@ class PeerProbe:
         while True:
             if words[1] or not check.mandatory:
                 await asyncio.sleep(check.interval + random.random() * check.jitter)
-            failure = await self.probe()
+            try:
+                failure = await self.probe()
+            except Exception as err:  # a bug must not end this peer's checks for good
+                failure = f"health check failed ({err!r})"
             words = self.record(self.stats.health(self.slot), failure)
             self.stats.set_health(self.slot, words)
 
