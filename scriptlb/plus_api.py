@@ -105,7 +105,14 @@ class Api:
 
     def _http(self, method: str, rest: list[str], body: bytes) -> tuple[int, Any]:
         if not rest:
-            return self._get_only(method, ["requests", "upstreams"])
+            return self._get_only(method, ["requests", "server_zones", "upstreams"])
+        if rest[0] == "server_zones" and len(rest) <= 2:
+            zones = self._server_zones()
+            if len(rest) == 1:
+                return self._get_only(method, zones)
+            if rest[1] not in zones:
+                raise ApiError(404, "server zone not found", "ServerZoneNotFound")
+            return self._get_only(method, zones[rest[1]])
         if rest[0] == "requests" and len(rest) == 1:
             totals = self._totals()
             return self._get_only(method, {"total": totals["requests"], "current": totals["writing"]})
@@ -144,6 +151,17 @@ class Api:
             return dict.fromkeys(("accepted", "handled", "requests", "active", "reading", "writing",
                                   "waiting"), 0)
         return status.totals()
+
+    def _server_zones(self) -> dict[str, Any]:
+        """``status_zone`` figures: responses by class (and so requests) of every worker."""
+        status = self.runtime.status
+        zones = status.zone_totals() if status is not None else {}
+        result = {}
+        for name, classes in zones.items():
+            responses: dict[str, Any] = {f"{c + 1}xx": n for c, n in enumerate(classes)}
+            responses["total"] = sum(classes)
+            result[name] = {"requests": sum(classes), "responses": responses}
+        return result
 
     def _nginx(self) -> dict[str, Any]:
         from scriptlb.master import _version

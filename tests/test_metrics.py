@@ -4,6 +4,7 @@ prometheus_client's own parser and adds up exactly to the traffic sent."""
 from __future__ import annotations
 
 import http.client
+import json
 import textwrap
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ def test_metrics_add_up_over_two_workers(tmp_path: Path) -> None:
                     location /hooked {{ proxy_pass http://hooked; }}
                     location = /metrics {{ prometheus; }}
                     location = /status {{ stub_status; }}
+                    location /api {{ api; }}
                 }}
             }}
             """))
@@ -80,6 +82,8 @@ def test_metrics_add_up_over_two_workers(tmp_path: Path) -> None:
                 assert fetch(port, "/hooked")[0] == 200
             time.sleep(1.3)  # the other worker's figures: within 100 ms; its hook runs: within 1 s
             after = scrape(port)
+            zone = json.loads(fetch(port, "/api/9/http/server_zones/front")[2])
+            assert zone["responses"]["2xx"] == total(after, "scriptlb_http_responses_total", code="2xx") + 1
 
     def delta(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
