@@ -75,7 +75,8 @@ class Worker:
         self.runtime.status = self.status
         if store is not None and loaded_http is not None:
             self.runtime.peer_lists = PeerListWatcher(store, loaded_http, self.runtime.replace_servers)
-            self.runtime.peer_lists.start(self.loop)
+            if _has_handler(loaded_http, "api", write=True):  # only then can lists change
+                self.runtime.peer_lists.start(self.loop)
         self._start_health_checks(self.runtime)
         self._start_hook_figures(self.runtime)
         await self._start_servers(self.runtime)
@@ -83,7 +84,8 @@ class Worker:
             self.status.runtime = self.runtime
             shared = {id(c.connections): c.connections for c in self.contexts}  # one set per worker
             self.status.connection_sets = list(shared.values())
-            self.status.start(self.loop)
+            if _reads_status(self.conf):  # otherwise nobody reads the other workers' rows
+                self.status.start(self.loop)
         if self.freeze_gc:
             # Everything alive now (modules, config, runtime) lives as long as the worker
             # process: keep it out of the cyclic GC's scans, which would walk it again and again.
@@ -295,6 +297,29 @@ def open_peer_stats(conf: MainConf) -> PeerStats | None:
     except (OSError, StatsFull, ValueError) as err:
         errorlog.log_error("alert", f"peer statistics unavailable, serving without them: {err}")
         return None
+
+
+def _has_handler(http: HttpConf, name: str, write: bool = False) -> bool:
+    return any(loc.handler == name and (loc.api_write or not write)
+               for server in http.servers for loc in server.locations)
+
+
+def _reads_status(conf: MainConf) -> bool:
+    """Does anything read the instance's counters (stub_status, the API, the metrics, the
+    $connections_* variables)? Only then does a worker publish its row every 100 ms."""
+    http = conf.http
+    if http is None:
+        return False
+    if any(_has_handler(http, name) for name in ("stub_status", "api", "prometheus")):
+        return True
+    for path in conf.files:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                if "$connections_" in f.read():
+                    return True
+        except OSError:
+            return True  # cannot tell: publish
+    return False
 
 
 def open_status(conf: MainConf) -> WorkerStatus | None:
