@@ -81,6 +81,7 @@ import os
 import struct
 import time
 import weakref
+from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -348,13 +349,20 @@ class PeerStats:
         self.publish(slot, 0, 1, 1 if failed else 0, status, now, 1 if sampled else 0,
                      response_time or 0.0, response_time or 0.0, now)
 
+    def publish_tallies(self, slot: int, tallies: list[int], total: float) -> None:
+        """Add one process's responses by class 1xx..5xx and response-time samples per
+        bucket (``tallies``: the five, then ``BUCKET_SLOTS``; the words are contiguous: one
+        slice read and one slice write) and the samples' sum."""
+        at = slot + self._mine + _CLASSES
+        q = self._q
+        end = at + len(tallies)
+        q[at:end] = array("q", [a + b for a, b in zip(q[at:end].tolist(), tallies, strict=True)])
+        if total:
+            self._d[slot + self._mine + _TIME_SUM] += total
+
     def publish_classes(self, slot: int, classes: Sequence[int]) -> None:
         """Add one process's responses by class (``classes[c]``: how many ``c``xx, c = 1..5)."""
-        q = self._q
-        mine = slot + self._mine + _CLASSES - 1
-        for cls in range(1, 6):
-            if classes[cls]:
-                q[mine + cls] += classes[cls]
+        self.publish_tallies(slot, [*classes[1:6], *[0] * BUCKET_SLOTS], 0.0)
 
     def health(self, slot: int) -> list[float]:
         """The peer's health-check words (``HEALTH_FIELDS``; ``since`` is a time)."""
@@ -374,12 +382,7 @@ class PeerStats:
 
     def publish_times(self, slot: int, buckets: Sequence[int], total: float) -> None:
         """Add one process's response-time samples: per bucket, and their sum."""
-        mine = slot + self._mine
-        q = self._q
-        for bucket in range(BUCKET_SLOTS):
-            if buckets[bucket]:
-                q[mine + _BUCKETS + bucket] += buckets[bucket]
-        self._d[mine + _TIME_SUM] += total
+        self.publish_tallies(slot, [0] * 5 + list(buckets), total)
 
     def histogram(self, slot: int) -> tuple[list[int], float]:
         """(samples per bucket, not cumulative; their sum) of one peer, every process's."""
@@ -600,15 +603,11 @@ class Recorder:
             publish(slot, started[index], finished[index], failures[index], self.status[index],
                     self.failure_time[index], samples[index], self.sample_sum[index],
                     self.sample_max[index], now)
-            at = index * CODE_SLOTS
-            codes = self.codes[at : at + CODE_SLOTS]
-            if any(codes[1:6]):
-                self.stats.publish_classes(slot, codes)
+            at, bt = index * CODE_SLOTS, index * BUCKET_SLOTS
+            tallies = self.codes[at + 1 : at + 6] + self.buckets[bt : bt + BUCKET_SLOTS]
+            self.stats.publish_tallies(slot, tallies, self.sample_sum[index] if samples[index] else 0.0)
             self.codes[at : at + CODE_SLOTS] = _NO_CODES
-            if samples[index]:
-                at = index * BUCKET_SLOTS
-                self.stats.publish_times(slot, self.buckets[at : at + BUCKET_SLOTS], self.sample_sum[index])
-                self.buckets[at : at + BUCKET_SLOTS] = _NO_BUCKETS
+            self.buckets[bt : bt + BUCKET_SLOTS] = _NO_BUCKETS
             started[index] = finished[index] = failures[index] = samples[index] = 0
             self.sample_sum[index] = self.sample_max[index] = 0.0
 
