@@ -65,11 +65,21 @@ def hand_over(conf: MainConf) -> None:
     directory = zone_directory(conf.prefix)
     os.makedirs(directory, exist_ok=True)
     targets = [directory, *(os.path.join(directory, name) for name in os.listdir(directory))]
+    for temp in _body_temp_paths(conf):  # request bodies spilled to files by the workers
+        os.makedirs(temp, mode=0o700, exist_ok=True)
+        targets.append(temp)
     for path in log_paths(conf):  # error logs too: a worker reopens them on USR1 (as nginx chowns)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
         targets.append(path)
     for path in targets:
         os.chown(path, uid, gid)
+
+
+def _body_temp_paths(conf: MainConf) -> list[str]:
+    if conf.http is None:
+        return []
+    paths = [loc.client_body.temp_path for server in conf.http.servers for loc in server.locations]
+    return list(dict.fromkeys(paths))
 
 
 def drop_privileges(conf: MainConf) -> None:
