@@ -329,6 +329,9 @@ def _peer_json(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) 
     }
     if peer.max_conns:
         result["max_conns"] = peer.max_conns
+    selected = stats.stats.selected(stats.slot_of(peer)) if stats is not None else None
+    if selected is not None:
+        result["selected"] = _iso(selected)
     if response_ms is not None:
         result["response_time"] = response_ms
     return result
