@@ -465,3 +465,23 @@ def _connect_error(task: asyncio.Task[object], conn: UpstreamConnection) -> Upst
     if conn.state is not ConnState.ACTIVE or not conn.is_alive():
         return UpstreamError(Failure.ERROR, PREMATURE, phase=_READING_HEADER, request_sent=False)
     return None
+
+
+# Names that lived here before the split into exchange.py, attempt.py and uri.py, resolved on
+# first use for code written against the old layout (scriptlb itself imports them from their
+# new modules; TryRecord and split_local_addr are still importable from here).
+_MOVED = {
+    "Exchange": "scriptlb.exchange",
+    "normalize_uri": "scriptlb.uri",
+    "split_target": "scriptlb.uri",
+    "quote_uri": "scriptlb.uri",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
