@@ -98,7 +98,7 @@ class Engine:
     """Replays requests against one ``Offline`` upstream."""
 
     def __init__(self, offline: Offline, models: dict[str, PeerModel], default: PeerModel, *,
-                 seed: int = 1, bucket_width: float = 60.0, keep_decisions: bool = False,
+                 seed: int = 1, bucket_width: float = 60.0, buckets: int = 60, keep_decisions: bool = False,
                  latency_samples: int = 2000) -> None:
         self.offline = offline
         self.loop = offline.loop
@@ -117,6 +117,7 @@ class Engine:
         self._peer_models: dict[str, PeerModel] = {}
         self._active: dict[int, int] = {}
         self._latency_every = latency_samples
+        self._buckets = buckets  # requests after the last bucket's end count in the last one
         self._tries_cap = self.conf.next_upstream_tries
         self._key_getter = self.upstream.key_getter
         self._log_hook = offline.log_hook
@@ -342,7 +343,8 @@ class Engine:
             log_hook.run(ex, now)
 
     def _bucket_number(self, when: float) -> int:
-        return max(int((when - self.result.start) / self.result.bucket_width), 0)
+        number = int((when - self.result.start) / self.result.bucket_width)
+        return 0 if number < 0 else number if number < self._buckets else self._buckets - 1
 
     def _bucket(self, when: float) -> list[int]:
         number = self._bucket_number(when)

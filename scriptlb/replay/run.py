@@ -119,7 +119,7 @@ def replay_one(conf: MainConf, options: Options, parser: LineParser, trace: Trac
     """The second pass for one configuration (over ``requests`` if given, else the logs)."""
     span = max(trace.last - trace.first, 1.0) if not options.rate else max(trace.requests / options.rate, 1.0)
     with Offline(conf, options.upstream, start=max(trace.first, 1.0), seed=options.seed) as offline:
-        engine = Engine(offline, models, default, seed=options.seed, bucket_width=span / options.buckets,
+        engine = Engine(offline, models, default, seed=options.seed, bucket_width=span / options.buckets, buckets=options.buckets,
                         keep_decisions=options.decisions)
         loop = offline.loop
         progress = options.progress
