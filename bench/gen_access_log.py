@@ -15,8 +15,10 @@ import math
 import random
 import sys
 
-FORMAT = ('$remote_addr [$msec] "$request" $status $request_time "$http_x_user_id" '
-          '$upstream_addr $upstream_status $upstream_response_time')
+FORMAT = (
+    '$remote_addr [$msec] "$request" $status $request_time "$http_x_user_id" '
+    "$upstream_addr $upstream_status $upstream_response_time"
+)
 PEERS = (("127.0.0.1:9001", 0.020), ("127.0.0.1:9002", 0.025), ("127.0.0.1:9003", 0.060))
 START = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -51,7 +53,8 @@ def generate(hours: float, peak: float, seed: int, out: object) -> int:
         lines.append(
             f'10.0.{count % 250}.{count % 200 + 1} [{now + total:.3f}] "GET {uri} HTTP/1.1" 200 {total:.3f} '
             f'"{user}" {", ".join(t[0] for t in tries)} {", ".join(str(t[1]) for t in tries)} '
-            f'{", ".join(f"{t[2]:.3f}" for t in tries)}\n')
+            f"{', '.join(f'{t[2]:.3f}' for t in tries)}\n"
+        )
         count += 1
         if len(lines) >= 10000:
             out.write("".join(lines))  # type: ignore[attr-defined]

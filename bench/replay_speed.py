@@ -76,8 +76,10 @@ def main() -> None:
         started = time.process_time()
         replay_one(conf, Options(conf=str(conf_file), logs=[]), lines, trace, models, default, parsed)
         alone = time.process_time() - started
-    print(f"{requests} requests, hook {args.hook}: {requests / whole:,.0f} simulated requests per CPU second "
-          f"from the log file (both passes), {requests / alone:,.0f} for the replay alone")
+    print(
+        f"{requests} requests, hook {args.hook}: {requests / whole:,.0f} simulated requests per CPU second "
+        f"from the log file (both passes), {requests / alone:,.0f} for the replay alone"
+    )
 
 
 def _trace(parsed: list) -> object:

@@ -20,8 +20,9 @@ class TryRecord:
 
     __slots__ = ("addr", "connect_time", "header_time", "response_time", "started", "status")
 
-    def __init__(self, addr: str, started: float, status: int | None = None,
-                 response_time: float | None = None) -> None:
+    def __init__(
+        self, addr: str, started: float, status: int | None = None, response_time: float | None = None
+    ) -> None:
         self.addr = addr
         self.started = started
         self.status = status
@@ -34,17 +35,53 @@ class SyntheticExchange:
     """The exchange attributes hooks and variables read, for one made-up request."""
 
     __slots__ = (
-        "args", "body_bytes_sent", "bytes_sent", "conn_id", "conn_requests", "connect_timeout", "ctx",
-        "headers", "host", "http_version", "last_failure", "location", "method", "proxy_host",
-        "read_timeout", "remote_addr", "remote_port", "request_length", "request_uri", "response_headers",
-        "scheme", "send_timeout", "server_addr", "server_name", "server_port", "start_time", "status",
-        "tries", "tries_cap", "tries_left", "upstream_headers", "upstream_name", "uri",
+        "args",
+        "body_bytes_sent",
+        "bytes_sent",
+        "conn_id",
+        "conn_requests",
+        "connect_timeout",
+        "ctx",
+        "headers",
+        "host",
+        "http_version",
+        "last_failure",
+        "location",
+        "method",
+        "proxy_host",
+        "read_timeout",
+        "remote_addr",
+        "remote_port",
+        "request_length",
+        "request_uri",
+        "response_headers",
+        "scheme",
+        "send_timeout",
+        "server_addr",
+        "server_name",
+        "server_port",
+        "start_time",
+        "status",
+        "tries",
+        "tries_cap",
+        "tries_left",
+        "upstream_headers",
+        "upstream_name",
+        "uri",
     )
 
-    def __init__(self, method: str = "GET", target: str = "/", headers: list[tuple[bytes, bytes]] | None = None,
-                 peers: int = 1, last_failure: tuple[str, int] | None = None, tries_cap: int = 0,
-                 remote_addr: str = "127.0.0.1", start_time: float | None = None,
-                 upstream_name: str = "backend") -> None:
+    def __init__(
+        self,
+        method: str = "GET",
+        target: str = "/",
+        headers: list[tuple[bytes, bytes]] | None = None,
+        peers: int = 1,
+        last_failure: tuple[str, int] | None = None,
+        tries_cap: int = 0,
+        remote_addr: str = "127.0.0.1",
+        start_time: float | None = None,
+        upstream_name: str = "backend",
+    ) -> None:
         self.method = method
         self.request_uri = target
         path, sep, query = target.partition("?")
@@ -87,8 +124,9 @@ class SyntheticExchange:
 class SyntheticUpstream:
     """An upstream runtime with ``peers`` (and ``backup`` peers), as the hook API sees it."""
 
-    def __init__(self, peers: list[PeerAddr], backup: list[PeerAddr] | None = None,
-                 name: str = "backend") -> None:
+    def __init__(
+        self, peers: list[PeerAddr], backup: list[PeerAddr] | None = None, name: str = "backend"
+    ) -> None:
         servers = tuple(UpstreamServerConf(name=p.name, addrs=(p,)) for p in peers)
         servers += tuple(UpstreamServerConf(name=p.name, addrs=(p,), backup=True) for p in backup or [])
         self.name = name

@@ -21,8 +21,10 @@ import pytest
 from conftest import ROOT, scriptlb_cmd
 from helpers import BackendRequest, Backends, Scriptlb, get, respond
 
-LOG_FORMAT = ('$remote_addr [$msec] "$request" $status $request_time "$http_x_user_id" '
-              '$upstream_addr $upstream_status $upstream_response_time')
+LOG_FORMAT = (
+    '$remote_addr [$msec] "$request" $status $request_time "$http_x_user_id" '
+    "$upstream_addr $upstream_status $upstream_response_time"
+)
 
 CONF = """
 events {{}}
@@ -52,20 +54,49 @@ DETERMINISTIC = {
 }
 
 
-def _conf(tmp_path: Path, backends: Backends, balancing: str = "", server_args: str = "",
-          http_extra: str = "", location_extra: str = "") -> str:
+def _conf(
+    tmp_path: Path,
+    backends: Backends,
+    balancing: str = "",
+    server_args: str = "",
+    http_extra: str = "",
+    location_extra: str = "",
+) -> str:
     servers = "\n        ".join(f"server {b.addr}{server_args};" for b in backends)
-    return CONF.format(log_format=LOG_FORMAT, root=ROOT, tmp=tmp_path, servers=servers, balancing=balancing,
-                       http_extra=http_extra, location_extra=location_extra)
+    return CONF.format(
+        log_format=LOG_FORMAT,
+        root=ROOT,
+        tmp=tmp_path,
+        servers=servers,
+        balancing=balancing,
+        http_extra=http_extra,
+        location_extra=location_extra,
+    )
 
 
 def _replay(tmp_path: Path, *extra: str) -> tuple[dict, list[dict]]:
     """Replay the live run's access log with its config; (the --json figures, the decisions)."""
     out, decisions = tmp_path / "replay.json", tmp_path / "decisions.jsonl"
     done = subprocess.run(
-        scriptlb_cmd("replay", "--conf", str(tmp_path / "scriptlb.conf"), "--log-format", "trace", "--quiet",
-                     "--json", str(out), "--decisions", str(decisions), *extra, str(tmp_path / "access.log")),
-        capture_output=True, text=True, timeout=120, check=False)
+        scriptlb_cmd(
+            "replay",
+            "--conf",
+            str(tmp_path / "scriptlb.conf"),
+            "--log-format",
+            "trace",
+            "--quiet",
+            "--json",
+            str(out),
+            "--decisions",
+            str(decisions),
+            *extra,
+            str(tmp_path / "access.log"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(out.read_text()), [json.loads(line) for line in decisions.read_text().splitlines()]
 
@@ -82,18 +113,22 @@ def _logged_peers(tmp_path: Path) -> dict[int, list[str]]:
 @pytest.mark.parametrize("balancing", sorted(DETERMINISTIC))
 def test_deterministic_choices_equal_the_live_proxy(tmp_path: Path, balancing: str) -> None:
     rng = random.Random(5)
-    with Backends(*(respond(body=b"x") for _ in range(4))) as backends:
-        with Scriptlb(_conf(tmp_path, backends, DETERMINISTIC[balancing]), tmp_path) as lb:
-            for _ in range(300):
-                user = str(rng.randrange(50))
-                headers = {"X-User-Id": user} if rng.random() < 0.8 else {}  # the hooks' URI fallback too
-                assert get(lb.port, f"/p/{rng.randrange(1000)}?q={rng.randrange(9)}", headers=headers).status == 200
+    backends = Backends(*(respond(body=b"x") for _ in range(4)))
+    with backends, Scriptlb(_conf(tmp_path, backends, DETERMINISTIC[balancing]), tmp_path) as lb:
+        for _ in range(300):
+            user = str(rng.randrange(50))
+            headers = {"X-User-Id": user} if rng.random() < 0.8 else {}  # the hooks' URI fallback too
+            assert (
+                get(lb.port, f"/p/{rng.randrange(1000)}?q={rng.randrange(9)}", headers=headers).status == 200
+            )
     logged = _logged_peers(tmp_path)
     assert len(logged) == 300
     figures, decisions = _replay(tmp_path)
     assert figures["requests"] == 300
     replayed = {d["line"]: d["peers"] for d in decisions}
-    differing = [(line, peers, replayed.get(line)) for line, peers in logged.items() if replayed.get(line) != peers]
+    differing = [
+        (line, peers, replayed.get(line)) for line, peers in logged.items() if replayed.get(line) != peers
+    ]
     assert not differing, differing[:5]
     used = {peers[0] for peers in logged.values()}
     assert len(used) >= 3  # (a trace that hit one peer would prove little)
@@ -111,8 +146,11 @@ def _delayed(delay: float):
 
 DELAYS = (0.004, 0.012, 0.030)
 LATENCY_DRIVEN = {
-    "fastest_first": {"server_args": " max_fails=0", "http_extra": "python_shared_dict fastest_first 1m;",
-                      "location_extra": f"log_by_python_file {ROOT}/hooks/fastest_first.py;"},
+    "fastest_first": {
+        "server_args": " max_fails=0",
+        "http_extra": "python_shared_dict fastest_first 1m;",
+        "location_extra": f"log_by_python_file {ROOT}/hooks/fastest_first.py;",
+    },
     "ewma": {"balancing": "ewma;"},
 }
 REQUESTS = 2400  # from two client threads; ewma's random pairs need this many for 5 points
@@ -132,7 +170,9 @@ def test_latency_driven_shares_within_five_points_of_the_live_proxy(tmp_path: Pa
     with Backends(*(_delayed(d) for d in DELAYS)) as backends:
         with Scriptlb(_conf(tmp_path, backends, **LATENCY_DRIVEN[method]), tmp_path) as lb:
             failures: list[int] = []
-            clients = [threading.Thread(target=_send, args=(lb.port, REQUESTS // 2, failures)) for _ in range(2)]
+            clients = [
+                threading.Thread(target=_send, args=(lb.port, REQUESTS // 2, failures)) for _ in range(2)
+            ]
             for client in clients:
                 client.start()
             for client in clients:
@@ -145,7 +185,9 @@ def test_latency_driven_shares_within_five_points_of_the_live_proxy(tmp_path: Pa
     figures, _ = _replay(tmp_path)
     replayed = {p["peer"]: p["share"] for p in figures["results"][0]["peers"]}
     gaps = {name: round(abs(live[name] - replayed[name]), 4) for name in names}
-    print(f"{method}: live shares {[round(live[n], 3) for n in names]}, "
-          f"replayed {[round(replayed[n], 3) for n in names]}, gaps {list(gaps.values())}")
+    print(
+        f"{method}: live shares {[round(live[n], 3) for n in names]}, "
+        f"replayed {[round(replayed[n], 3) for n in names]}, gaps {list(gaps.values())}"
+    )
     assert max(gaps.values()) <= SHARE_TOLERANCE, (live, replayed)
     assert live[names[0]] > live[names[2]]  # (the method did prefer the fast peer)

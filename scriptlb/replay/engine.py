@@ -76,8 +76,20 @@ class Result:
 class _Flight:
     """One request in flight: the proxy's UpstreamRequest, with a model for a network."""
 
-    __slots__ = ("arrival", "ex", "failure", "first", "index", "peer", "peers", "record", "recorded",
-                 "state", "stats_index", "status")
+    __slots__ = (
+        "arrival",
+        "ex",
+        "failure",
+        "first",
+        "index",
+        "peer",
+        "peers",
+        "record",
+        "recorded",
+        "state",
+        "stats_index",
+        "status",
+    )
 
     def __init__(self, ex: SyntheticExchange, recorded: Recorded, arrival: float) -> None:
         self.ex = ex
@@ -97,9 +109,19 @@ class _Flight:
 class Engine:
     """Replays requests against one ``Offline`` upstream."""
 
-    def __init__(self, offline: Offline, models: dict[str, PeerModel], default: PeerModel, *,
-                 seed: int = 1, bucket_width: float = 60.0, buckets: int = 60, keep_decisions: bool = False,
-                 latency_samples: int = 2000) -> None:
+    def __init__(
+        self,
+        offline: Offline,
+        models: dict[str, PeerModel],
+        default: PeerModel,
+        *,
+        seed: int = 1,
+        bucket_width: float = 60.0,
+        buckets: int = 60,
+        keep_decisions: bool = False,
+        latency_samples: int = 2000,
+        tries_cap: int | None = None,
+    ) -> None:
         self.offline = offline
         self.loop = offline.loop
         self.upstream = offline.upstream
@@ -107,8 +129,12 @@ class Engine:
         self.models = models
         self.default = default
         self.rng = random.Random(seed)
-        self.result = Result(config=offline.conf.conf_file, upstream=offline.upstream_conf.name,
-                             bucket_width=bucket_width, start=offline.loop.now)
+        self.result = Result(
+            config=offline.conf.conf_file,
+            upstream=offline.upstream_conf.name,
+            bucket_width=bucket_width,
+            start=offline.loop.now,
+        )
         if keep_decisions:
             self.result.decisions = []
         for peer in [*self.upstream.peers.primary, *self.upstream.peers.backup]:
@@ -118,10 +144,15 @@ class Engine:
         self._active: dict[int, int] = {}
         self._latency_every = latency_samples
         self._buckets = buckets  # requests after the last bucket's end count in the last one
-        self._tries_cap = self.conf.next_upstream_tries
+        # proxy_next_upstream_tries (a walk in the test kit may impose its own)
+        self._tries_cap = self.conf.next_upstream_tries if tries_cap is None else tries_cap
         self._key_getter = self.upstream.key_getter
         self._log_hook = offline.log_hook
         self._stats = self.upstream.stats
+        # every try's decision, when asked (the test kit's and `hook run --tries`' walk):
+        # (hook outcome or None, peer name or None, logged lines of the hook run)
+        self.trace: list[tuple[Any, str | None, int]] | None = None
+        self.finished: SyntheticExchange | None = None  # the last request that ended
 
     # ------------------------------------------------------------------ arrivals
 
@@ -131,15 +162,23 @@ class Engine:
 
     def _begin(self, recorded: Recorded) -> None:
         now = self.loop.now
-        ex = SyntheticExchange(recorded.method, recorded.target, recorded.headers,
-                               remote_addr=recorded.remote_addr, start_time=now,
-                               upstream_name=self.upstream.name)
+        ex = SyntheticExchange(
+            recorded.method,
+            recorded.target,
+            recorded.headers,
+            remote_addr=recorded.remote_addr,
+            start_time=now,
+            upstream_name=self.upstream.name,
+        )
         ex.tries = []
         ex.last_failure = None
         ex.location = self.offline.location
         conf = self.conf
-        ex.connect_timeout, ex.send_timeout, ex.read_timeout = (conf.connect_timeout, conf.send_timeout,
-                                                                conf.read_timeout)
+        ex.connect_timeout, ex.send_timeout, ex.read_timeout = (
+            conf.connect_timeout,
+            conf.send_timeout,
+            conf.read_timeout,
+        )
         ex.tries_cap = self._tries_cap
         flight = _Flight(ex, recorded, now)
         if self.result.decisions is not None:
@@ -166,12 +205,15 @@ class Engine:
         ex.tries_left = state.tries
         addr = None
         hook = upstream.hook
+        outcome = None
         if hook is not None:
             outcome = hook.run(ex, upstream)
             if outcome.error is not None:
                 fallbacks = self.result.fallbacks
                 fallbacks[outcome.error] = fallbacks.get(outcome.error, 0) + 1
             if outcome.exit_status is not None:
+                if self.trace is not None:
+                    self.trace.append((outcome, None, len(self.offline.logs)))
                 self._finish(flight, outcome.exit_status)
                 return
             if outcome.addr is not None:
@@ -180,6 +222,8 @@ class Engine:
         stats = self._stats
         if addr is None:
             peer = upstream.balancer.get(state, now)
+            if self.trace is not None:
+                self.trace.append((outcome, peer.name if peer is not None else None, len(self.offline.logs)))
             if peer is None:
                 ex.tries.append(TryRecord(upstream.name, now, 502, 0.0))  # no live upstreams
                 self._finish(flight, 502)
@@ -191,6 +235,8 @@ class Engine:
                 stats.start(peer.stats_index)
         else:
             name = addr.name
+            if self.trace is not None:
+                self.trace.append((outcome, name, len(self.offline.logs)))
             flight.peer = None
             if stats is not None:
                 flight.stats_index = stats.start_address(name)
@@ -218,8 +264,11 @@ class Engine:
         """The try's failure or status (on the flight) and its duration, from the model."""
         model = self._model(name)
         ex = flight.ex
-        failure = model.failure_at(self.loop.now - self.result.start, self.rng) \
-            if model.error_rate or model.outages else None
+        failure = (
+            model.failure_at(self.loop.now - self.result.start, self.rng)
+            if model.error_rate or model.outages
+            else None
+        )
         if failure is None or type(failure) is int:
             duration = model.latency(self.rng)
             if model.capacity and in_flight > model.capacity:
@@ -270,8 +319,15 @@ class Engine:
         now = self.loop.now
         failure = failure_for_status(status)
         if failure is not None and conf.next_upstream & NextUpstream(int(failure)):
-            verdict = decide(failure, flight.state.tries - 1, flight.arrival, now, conf,
-                             is_idempotent(flight.ex.method), request_sent=True)
+            verdict = decide(
+                failure,
+                flight.state.tries - 1,
+                flight.arrival,
+                now,
+                conf,
+                is_idempotent(flight.ex.method),
+                request_sent=True,
+            )
             if verdict == RETRY:
                 failed = is_counted_failure(failure, True)
                 self._observe(flight, record)
@@ -290,8 +346,15 @@ class Engine:
         record.status = last_failure_status(failure)
         self._finish_stats(flight, 0, record.response_time if failure is Failure.TIMEOUT else None, True)
         self._free(flight, True, failure)
-        verdict = decide(failure, flight.state.tries, flight.arrival, self.loop.now, self.conf,
-                         is_idempotent(flight.ex.method), request_sent=failure is not Failure.ERROR)
+        verdict = decide(
+            failure,
+            flight.state.tries,
+            flight.arrival,
+            self.loop.now,
+            self.conf,
+            is_idempotent(flight.ex.method),
+            request_sent=failure is not Failure.ERROR,
+        )
         if verdict == RETRY:
             self._next_try(flight)
         else:
@@ -299,8 +362,9 @@ class Engine:
 
     def _observe(self, flight: _Flight, record: TryRecord) -> None:
         if flight.peer is not None:
-            self.upstream.balancer.observe(flight.peer, record.connect_time, record.header_time,
-                                           record.response_time, self.loop.now)
+            self.upstream.balancer.observe(
+                flight.peer, record.connect_time, record.header_time, record.response_time, self.loop.now
+            )
 
     def _finish_stats(self, flight: _Flight, status: int, sample: float | None, failed: bool) -> None:
         index = flight.stats_index
@@ -326,6 +390,7 @@ class Engine:
         result = self.result
         ex = flight.ex
         ex.status = status
+        self.finished = ex
         result.requests += 1
         tries = len(ex.tries)
         if tries > 1:

@@ -28,10 +28,16 @@ from typing import IO, Any
 from scriptlb.config.model import MainConf, Template, Var
 from scriptlb.config.variables import compile_template
 
-COMBINED = ('$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent '
-            '"$http_referer" "$http_user_agent"')
-_MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep",
-                                        "Oct", "Nov", "Dec"), 1)}
+COMBINED = (
+    '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent '
+    '"$http_referer" "$http_user_agent"'
+)
+_MONTHS = {
+    m: i
+    for i, m in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
+    )
+}
 _ESCAPED = re.compile(r"\\x([0-9A-Fa-f]{2})")
 _JSON_KEY = re.compile(r'"([^"]+)"\s*:\s*"?\$\{?([A-Za-z0-9_]+)')
 _TRIES = re.compile(r", | : ")
@@ -98,7 +104,9 @@ def _status(text: str | None) -> int:
     return int(text) if text and text.isdigit() else 0
 
 
-def parse_tries(addrs: str | None, statuses: str | None, times: str | None) -> list[tuple[str, int, float | None]]:
+def parse_tries(
+    addrs: str | None, statuses: str | None, times: str | None
+) -> list[tuple[str, int, float | None]]:
     """nginx's per-try lists back into (addr, status, response time) per try."""
     if not addrs or addrs == "-":
         return []
@@ -126,8 +134,9 @@ class LineParser:
         for part in template.parts:
             if isinstance(part, Var):
                 if previous_var:
-                    raise LogFormatError(f'variables "${self.names[-1]}" and "${part.name}" touch: '
-                                         "they cannot be told apart")
+                    raise LogFormatError(
+                        f'variables "${self.names[-1]}" and "${part.name}" touch: they cannot be told apart'
+                    )
                 pattern.append(f"(?P<v{len(self.names)}>.*?)")
                 self.names.append(part.name)
                 previous_var = True
@@ -138,8 +147,9 @@ class LineParser:
         self._groups = [f"v{i}" for i in range(len(self.names))]
         self._json_keys = {key: name.lower() for key, name in _JSON_KEY.findall(template.raw)}
         # what a line of this format gives back, found once (to_request does it per line for JSON)
-        self._headers = [(name, header[1]) for name in self.names
-                         if (header := _header_name(name)) and header[0] == 0]
+        self._headers = [
+            (name, header[1]) for name in self.names if (header := _header_name(name)) and header[0] == 0
+        ]
         if "host" in self.names and "http_host" not in self.names:
             self._headers.append(("host", b"host"))
         self._generic = any(name.startswith("cookie_") for name in self.names)
@@ -154,14 +164,25 @@ class LineParser:
         method, target = _request_of(fields)
         if method is None:
             return None
-        headers = [(header, value.encode("latin-1", "replace")) for name, header in self._headers
-                   if (value := fields[name]) != "-"]
+        headers = [
+            (header, value.encode("latin-1", "replace"))
+            for name, header in self._headers
+            if (value := fields[name]) != "-"
+        ]
         when, second_only = _time_of(fields)
         get = fields.get
-        return Recorded(number, when, method, target, headers, get("remote_addr") or "127.0.0.1",
-                        _status(get("status")), _number(get("request_time")),
-                        parse_tries(get("upstream_addr"), get("upstream_status"), get("upstream_response_time")),
-                        second_only)
+        return Recorded(
+            number,
+            when,
+            method,
+            target,
+            headers,
+            get("remote_addr") or "127.0.0.1",
+            _status(get("status")),
+            _number(get("request_time")),
+            parse_tries(get("upstream_addr"), get("upstream_status"), get("upstream_response_time")),
+            second_only,
+        )
 
     def timing(self, line: str, number: int) -> Timing | None:
         """What the first pass reads of the line (None: not this format)."""
@@ -177,7 +198,8 @@ class LineParser:
         match = self._regex.match(line)
         if match is None:
             return None
-        fields = dict(zip(self.names, match.groups()))  # "-" (nginx's empty value) stays: see to_request
+        # "-" (nginx's empty value) stays: to_request and the readers below treat it as missing
+        fields = dict(zip(self.names, match.groups(), strict=True))
         if "\\x" in line:
             for name, value in fields.items():
                 fields[name] = _unescape(value)
@@ -191,8 +213,11 @@ class LineParser:
         if not isinstance(data, dict):
             return None
         keys = self._json_keys
-        return {keys.get(key, key): str(value) for key, value in data.items()
-                if value is not None and value != "" and value != "-"}
+        return {
+            keys.get(key, key): str(value)
+            for key, value in data.items()
+            if value is not None and value != "" and value != "-"
+        }
 
 
 def to_request(fields: dict[str, str], line: int) -> Recorded | None:
@@ -219,11 +244,17 @@ def to_request(fields: dict[str, str], line: int) -> Recorded | None:
         headers.append((b"cookie", "; ".join(cookies).encode("latin-1", "replace")))
     when, second_only = _time_of(fields)
     return Recorded(
-        line=line, time=when, method=method, target=target, headers=headers,
-        remote_addr=fields.get("remote_addr") or "127.0.0.1", status=_status(fields.get("status")),
+        line=line,
+        time=when,
+        method=method,
+        target=target,
+        headers=headers,
+        remote_addr=fields.get("remote_addr") or "127.0.0.1",
+        status=_status(fields.get("status")),
         request_time=_number(fields.get("request_time")),
-        tries=parse_tries(fields.get("upstream_addr"), fields.get("upstream_status"),
-                          fields.get("upstream_response_time")),
+        tries=parse_tries(
+            fields.get("upstream_addr"), fields.get("upstream_status"), fields.get("upstream_response_time")
+        ),
         second_only=second_only,
     )
 
@@ -310,8 +341,9 @@ def open_log(path: str) -> IO[str]:
     return open(path, encoding="utf-8", errors="surrogateescape")
 
 
-def read_requests(paths: list[str], parser: LineParser, stats: dict[str, Any] | None = None,
-                  first_pass: bool = False) -> Iterator[Any]:
+def read_requests(
+    paths: list[str], parser: LineParser, stats: dict[str, Any] | None = None, first_pass: bool = False
+) -> Iterator[Any]:
     """Every request of the logs, in file order: ``Recorded``, or ``Timing`` for the first pass.
     Counts lines and unreadable lines in ``stats``."""
     number = 0
@@ -348,6 +380,11 @@ def to_timing(fields: dict[str, str], _line: int) -> Timing | None:
     if "request" not in fields and "request_uri" not in fields and "uri" not in fields:
         return None
     when, second_only = _time_of(fields)
-    return Timing(when, second_only, _number(fields.get("request_time")),
-                  parse_tries(fields.get("upstream_addr"), fields.get("upstream_status"),
-                              fields.get("upstream_response_time")))
+    return Timing(
+        when,
+        second_only,
+        _number(fields.get("request_time")),
+        parse_tries(
+            fields.get("upstream_addr"), fields.get("upstream_status"), fields.get("upstream_response_time")
+        ),
+    )

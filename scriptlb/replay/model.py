@@ -123,8 +123,11 @@ class Learner:
         found: dict[str, PeerModel] = {}
         for addr, count in self.tries.items():
             failures = self.failed.get(addr, [])
-            found[addr] = PeerModel(samples=self.samples.get(addr, []), error_rate=len(failures) / count,
-                                    failures=failures or [502])
+            found[addr] = PeerModel(
+                samples=self.samples.get(addr, []),
+                error_rate=len(failures) / count,
+                failures=failures or [502],
+            )
         return found
 
     def pooled(self) -> PeerModel:
@@ -151,8 +154,10 @@ def load_file(path: str) -> dict[str, Any]:
             try:
                 import yaml
             except ImportError:
-                raise ModelError(f"{path}: YAML needs PyYAML (pip install 'scriptlb[replay]'), "
-                                 "or write the model as .json or .toml") from None
+                raise ModelError(
+                    f"{path}: YAML needs PyYAML (pip install 'scriptlb[replay]'), "
+                    "or write the model as .json or .toml"
+                ) from None
             with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f)
     except (OSError, ValueError) as err:
@@ -210,7 +215,9 @@ def apply_overrides(model: PeerModel, spec: Any, where: str) -> PeerModel:
             raise ModelError(f"{where}.capacity: a whole number >= 0 expected, got {capacity!r}")
         model.capacity = capacity
     if "outages" in spec:
-        model.outages = [_outage(item, f"{where}.outages[{i}]") for i, item in enumerate(spec["outages"] or [])]
+        model.outages = [
+            _outage(item, f"{where}.outages[{i}]") for i, item in enumerate(spec["outages"] or [])
+        ]
     return model
 
 
@@ -240,8 +247,9 @@ def _outage(item: Any, where: str) -> Outage:
     return Outage(start, end, _failure(item.get("status", ERROR), f"{where}.status"))
 
 
-def build_models(learned: dict[str, PeerModel], pooled: PeerModel, data: dict[str, Any] | None,
-                 source: str = "model") -> tuple[dict[str, PeerModel], PeerModel]:
+def build_models(
+    learned: dict[str, PeerModel], pooled: PeerModel, data: dict[str, Any] | None, source: str = "model"
+) -> tuple[dict[str, PeerModel], PeerModel]:
     """(per-peer models, the default model) from what was learned and the file's overrides."""
     models = dict(learned)
     default = pooled
@@ -250,14 +258,17 @@ def build_models(learned: dict[str, PeerModel], pooled: PeerModel, data: dict[st
         if unknown:
             raise ModelError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
         if "default" in data:
-            default = apply_overrides(PeerModel(samples=list(pooled.samples)), data["default"],
-                                      f"{source}: default")
+            default = apply_overrides(
+                PeerModel(samples=list(pooled.samples)), data["default"], f"{source}: default"
+            )
         peers = data.get("peers") or {}
         if not isinstance(peers, dict):
             raise ModelError(f"{source}: peers: a mapping of address -> settings expected")
         for name, spec in peers.items():
             base = models.get(str(name))
             if base is None:
-                base = PeerModel(samples=list(default.samples), fixed=default.fixed, lognormal=default.lognormal)
+                base = PeerModel(
+                    samples=list(default.samples), fixed=default.fixed, lognormal=default.lognormal
+                )
             models[str(name)] = apply_overrides(base, spec, f"{source}: peers.{name}")
     return models, default

@@ -34,8 +34,11 @@ def summary(result: Result) -> dict[str, Any]:
         "fallbacks": dict(sorted(result.fallbacks.items())),
         "error_responses": errors,
         "statuses": {str(k): v for k, v in sorted(result.statuses.items())},
-        "latency": {"p50": round(percentile(latencies, 0.50), 6), "p95": round(percentile(latencies, 0.95), 6),
-                    "p99": round(percentile(latencies, 0.99), 6)},
+        "latency": {
+            "p50": round(percentile(latencies, 0.50), 6),
+            "p95": round(percentile(latencies, 0.95), 6),
+            "p99": round(percentile(latencies, 0.99), 6),
+        },
         "peers": peers,
         "hook_log_lines": result.hook_logs,
     }
@@ -64,7 +67,10 @@ def table(summaries: list[dict[str, Any]]) -> str:
         ("tries", [str(s["tries"]) for s in summaries]),
         ("retries", [str(s["retries"]) for s in summaries]),
         ("error responses (5xx)", [str(s["error_responses"]) for s in summaries]),
-        ("hook fallbacks", [", ".join(f"{k} {v}" for k, v in s["fallbacks"].items()) or "0" for s in summaries]),
+        (
+            "hook fallbacks",
+            [", ".join(f"{k} {v}" for k, v in s["fallbacks"].items()) or "0" for s in summaries],
+        ),
         ("latency p50", [_ms(s["latency"]["p50"]) for s in summaries]),
         ("latency p95", [_ms(s["latency"]["p95"]) for s in summaries]),
         ("latency p99", [_ms(s["latency"]["p99"]) for s in summaries]),
@@ -78,8 +84,9 @@ def table(summaries: list[dict[str, Any]]) -> str:
         cells = []
         for s in summaries:
             peer = next((p for p in s["peers"] if p["peer"] == name), None)
-            cells.append(f"{peer['share']:6.1%} {peer['tries']:>8} tries {peer['failures']:>6} failed"
-                         if peer else "-")
+            cells.append(
+                f"{peer['share']:6.1%} {peer['tries']:>8} tries {peer['failures']:>6} failed" if peer else "-"
+            )
         rows.append((f"peer {name}", cells))
     width = max(len(label) for label, _ in rows)
     columns = [max(len(names[i]), *(len(cells[i]) for _, cells in rows)) for i in range(len(summaries))]
@@ -98,8 +105,7 @@ def plot(results: list[Result], path: str, title: str = "") -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise RuntimeError("--plot needs matplotlib: pip install 'scriptlb[replay]'") from None
-    figure, axes = plt.subplots(2, len(results), figsize=(6.5 * len(results), 7), squeeze=False,
-                                sharey="row")
+    figure, axes = plt.subplots(2, len(results), figsize=(6.5 * len(results), 7), squeeze=False, sharey="row")
     for column, result in enumerate(results):
         minutes = [(i + 0.5) * result.bucket_width / 60 for i in range(len(result.buckets))]
         shares_axis, latency_axis = axes[0][column], axes[1][column]

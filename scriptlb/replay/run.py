@@ -96,7 +96,9 @@ def learn(paths: list[str], parser: LineParser, learner: Learner) -> Trace:
     return trace
 
 
-def arrivals(paths: list[str], parser: LineParser, trace: Trace, rate: float | None) -> Iterator[tuple[Recorded, float]]:
+def arrivals(
+    paths: list[str], parser: LineParser, trace: Trace, rate: float | None
+) -> Iterator[tuple[Recorded, float]]:
     """Pass two: each request with its arrival time."""
     seen_in_second: dict[int, int] = {}
     for number, request in enumerate(read_requests(paths, parser)):
@@ -113,23 +115,37 @@ def arrivals(paths: list[str], parser: LineParser, trace: Trace, rate: float | N
             yield request, _arrival(request)
 
 
-def replay_one(conf: MainConf, options: Options, parser: LineParser, trace: Trace,
-               models: dict[str, PeerModel], default: PeerModel,
-               requests: list[Recorded] | None = None) -> Result:
+def replay_one(
+    conf: MainConf,
+    options: Options,
+    parser: LineParser,
+    trace: Trace,
+    models: dict[str, PeerModel],
+    default: PeerModel,
+    requests: list[Recorded] | None = None,
+) -> Result:
     """The second pass for one configuration (over ``requests`` if given, else the logs)."""
     span = max(trace.last - trace.first, 1.0) if not options.rate else max(trace.requests / options.rate, 1.0)
     with Offline(conf, options.upstream, start=max(trace.first, 1.0), seed=options.seed) as offline:
-        engine = Engine(offline, models, default, seed=options.seed, bucket_width=span / options.buckets, buckets=options.buckets,
-                        keep_decisions=options.decisions)
+        engine = Engine(
+            offline,
+            models,
+            default,
+            seed=options.seed,
+            bucket_width=span / options.buckets,
+            buckets=options.buckets,
+            keep_decisions=options.decisions,
+        )
         loop = offline.loop
         progress = options.progress
-        done = 0
-        source = ((r, _arrival(r)) for r in requests) if requests is not None else \
-            arrivals(options.logs, parser, trace, options.rate)
-        for request, at in source:
+        source = (
+            ((r, _arrival(r)) for r in requests)
+            if requests is not None
+            else arrivals(options.logs, parser, trace, options.rate)
+        )
+        for done, (request, at) in enumerate(source, 1):
             loop.run_until(at - REORDER)
             engine.arrive(request, at)
-            done += 1
             if progress is not None and not done & 1023:
                 progress(done, trace.requests)
         engine.drain()
