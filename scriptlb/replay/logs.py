@@ -41,6 +41,7 @@ _MONTHS = {
 _ESCAPED = re.compile(r"\\x([0-9A-Fa-f]{2})")
 _JSON_KEY = re.compile(r'"([^"]+)"\s*:\s*"?\$\{?([A-Za-z0-9_]+)')
 _TRIES = re.compile(r", | : ")
+_LIST = r"[^ ,]*(?:(?:, | : )[^ ,]*)*"  # nginx's per-try lists: "a, b : c"
 
 
 class LogFormatError(ValueError):
@@ -137,7 +138,10 @@ class LineParser:
                     raise LogFormatError(
                         f'variables "${self.names[-1]}" and "${part.name}" touch: they cannot be told apart'
                     )
-                pattern.append(f"(?P<v{len(self.names)}>.*?)")
+                # a per-try list may hold the ", " a lazy group would stop at: its items have no
+                # spaces and only its separators do
+                value = _LIST if part.name.startswith("upstream_") else ".*?"
+                pattern.append(f"(?P<v{len(self.names)}>{value})")
                 self.names.append(part.name)
                 previous_var = True
             else:
