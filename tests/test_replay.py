@@ -17,7 +17,7 @@ from scriptlb.replay.logs import LineParser, format_template, parse_tries
 from scriptlb.replay.run import progress_bar
 
 sys.path.insert(0, str(ROOT / "bench"))
-from gen_access_log import FORMAT, generate  # noqa: E402
+from gen_access_log import FORMAT, generate
 
 PEERS = ("127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003")
 CONF = """events {{}}

@@ -31,6 +31,7 @@ from scriptlb.retry import (
     last_failure_state,
     last_failure_status,
 )
+from scriptlb.stats import WEIGHT_GENERATION
 from scriptlb.synthetic import SyntheticExchange, TryRecord
 
 _FAILURE_OF = {ERROR: Failure.ERROR, TIMEOUT: Failure.TIMEOUT}
@@ -73,11 +74,77 @@ class Result:
             return len(self.peer_names) - 1
 
 
+class ReplayExchange:
+    """A recorded request as the hook API and variables see it (``SyntheticExchange``'s
+    attributes; what no recorded request varies is shared by the class)."""
+
+    __slots__ = (
+        "args",
+        "connect_timeout",
+        "ctx",
+        "headers",
+        "last_failure",
+        "location",
+        "method",
+        "proxy_host",
+        "read_timeout",
+        "remote_addr",
+        "request_uri",
+        "send_timeout",
+        "start_time",
+        "status",
+        "tries",
+        "tries_cap",
+        "tries_left",
+        "upstream_name",
+        "uri",
+    )
+    http_version = "1.1"
+    remote_port = 40000
+    server_addr, server_port, server_name = "127.0.0.1", 80, "localhost"
+    scheme = "http"
+    body_bytes_sent = bytes_sent = request_length = 0
+    conn_id = conn_requests = 1
+    upstream_headers: tuple[()] = ()
+    response_headers = b""
+    header = SyntheticExchange.header
+
+    def __init__(
+        self, recorded: Recorded, now: float, upstream: str, location: Any, conf: Any, cap: int
+    ) -> None:
+        self.method = recorded.method
+        target = self.request_uri = recorded.target
+        path, sep, query = target.partition("?")
+        self.uri = path or "/"
+        self.args = query if sep else None
+        self.headers = recorded.headers
+        self.remote_addr = recorded.remote_addr
+        self.start_time = now
+        self.status = 0
+        self.upstream_name = self.proxy_host = upstream
+        self.location = location
+        self.ctx: dict[str, Any] = {}
+        self.tries: list[TryRecord] = []
+        self.last_failure: tuple[str, int] | None = None
+        self.connect_timeout, self.send_timeout, self.read_timeout = (
+            conf.connect_timeout,
+            conf.send_timeout,
+            conf.read_timeout,
+        )
+        self.tries_cap = cap
+        self.tries_left = 0
+
+    @property
+    def host(self) -> str:
+        return (self.header("host") or "localhost").split(":")[0].lower()
+
+
 class _Flight:
     """One request in flight: the proxy's UpstreamRequest, with a model for a network."""
 
     __slots__ = (
         "arrival",
+        "bucket",
         "ex",
         "failure",
         "first",
@@ -91,10 +158,11 @@ class _Flight:
         "status",
     )
 
-    def __init__(self, ex: SyntheticExchange, recorded: Recorded, arrival: float) -> None:
+    def __init__(self, ex: ReplayExchange, recorded: Recorded, arrival: float) -> None:
         self.ex = ex
         self.recorded = recorded
         self.arrival = arrival
+        self.bucket = 0  # the time bucket of its arrival (the plot's)
         self.state: Any = None
         self.peer: Any = None  # the balancer's peer of the try in progress (None: a hook's address)
         self.record: TryRecord | None = None
@@ -152,7 +220,7 @@ class Engine:
         # every try's decision, when asked (the test kit's and `hook run --tries`' walk):
         # (hook outcome or None, peer name or None, logged lines of the hook run)
         self.trace: list[tuple[Any, str | None, int]] | None = None
-        self.finished: SyntheticExchange | None = None  # the last request that ended
+        self.finished: ReplayExchange | None = None  # the last request that ended
 
     # ------------------------------------------------------------------ arrivals
 
@@ -162,31 +230,16 @@ class Engine:
 
     def _begin(self, recorded: Recorded) -> None:
         now = self.loop.now
-        ex = SyntheticExchange(
-            recorded.method,
-            recorded.target,
-            recorded.headers,
-            remote_addr=recorded.remote_addr,
-            start_time=now,
-            upstream_name=self.upstream.name,
-        )
-        ex.tries = []
-        ex.last_failure = None
-        ex.location = self.offline.location
         conf = self.conf
-        ex.connect_timeout, ex.send_timeout, ex.read_timeout = (
-            conf.connect_timeout,
-            conf.send_timeout,
-            conf.read_timeout,
-        )
-        ex.tries_cap = self._tries_cap
+        ex = ReplayExchange(recorded, now, self.upstream.name, self.offline.location, conf, self._tries_cap)
         flight = _Flight(ex, recorded, now)
+        flight.bucket = self._bucket_number(now)
         if self.result.decisions is not None:
             flight.peers = []
         upstream = self.upstream
         stats = self._stats
-        if stats is not None and stats.weights_stale():
-            upstream.refresh_weights()
+        if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
+            upstream.refresh_weights()  # a hook set a weight (stats.weights_stale(), inlined)
         getter = self._key_getter
         if getter is None:
             flight.state = upstream.balancer.new_request(self._tries_cap)
@@ -301,8 +354,7 @@ class Engine:
         result = self.result
         result.tries[flight.index] += 1
         result.total_tries += 1
-        bucket = self._bucket(record.started)
-        bucket[flight.index] += 1
+        self._bucket(flight.bucket)[flight.index] += 1
         failure = flight.failure
         if failure is not None or flight.status >= 500:
             result.failures[flight.index] += 1
@@ -402,7 +454,7 @@ class Engine:
         result.lines.append(flight.recorded.line)
         if result.decisions is not None:
             result.decisions.append(flight.peers or [])
-        self._bucket_latency(flight.arrival, latency)
+        self._bucket_latency(flight.bucket, latency)
         log_hook = self._log_hook
         if log_hook is not None:
             log_hook.run(ex, now)
@@ -411,15 +463,13 @@ class Engine:
         number = int((when - self.result.start) / self.result.bucket_width)
         return 0 if number < 0 else number if number < self._buckets else self._buckets - 1
 
-    def _bucket(self, when: float) -> list[int]:
-        number = self._bucket_number(when)
+    def _bucket(self, number: int) -> list[int]:
         buckets = self.result.buckets
         while len(buckets) <= number:
             buckets.append([0] * len(self.result.peer_names))
         return buckets[number]
 
-    def _bucket_latency(self, when: float, latency: float) -> None:
-        number = self._bucket_number(when)
+    def _bucket_latency(self, number: int, latency: float) -> None:
         samples = self.result.bucket_latencies
         while len(samples) <= number:
             samples.append([])

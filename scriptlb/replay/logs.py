@@ -23,6 +23,7 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import IO, Any
 
 from scriptlb.config.model import MainConf, Template, Var
@@ -41,6 +42,7 @@ _MONTHS = {
 _ESCAPED = re.compile(r"\\x([0-9A-Fa-f]{2})")
 _JSON_KEY = re.compile(r'"([^"]+)"\s*:\s*"?\$\{?([A-Za-z0-9_]+)')
 _TRIES = re.compile(r", | : ")
+_PROTOCOLS = ("HTTP/1.0", "HTTP/1.1", "HTTP/2.0")
 _LIST = r"[^ ,]*(?:(?:, | : )[^ ,]*)*"  # nginx's per-try lists: "a, b : c"
 
 
@@ -124,6 +126,26 @@ def parse_tries(
     return tries
 
 
+# variables whose values never hold a space (what a lazy group would backtrack over)
+_NO_SPACE = frozenset({"msec", "status", "request_time", "remote_addr", "remote_port", "body_bytes_sent",
+                       "bytes_sent", "request_length", "connection", "connection_requests", "pid",
+                       "server_port", "server_addr", "scheme", "request_method", "request_uri", "uri",
+                       "args", "query_string", "host"})
+
+
+def _value_pattern(name: str, parts: tuple[str | Var, ...], at: int) -> str:
+    """A variable's group: ``[^"]*`` inside quotes (nginx writes a value's quotes as \\x22),
+    ``[^ ]*`` for a value that has no spaces before a space, else lazy."""
+    before = parts[at - 1] if at > 0 else ""
+    after = parts[at + 1] if at + 1 < len(parts) else None
+    if isinstance(before, str) and isinstance(after, str):
+        if before.endswith('"') and after.startswith('"'):
+            return '[^"]*'
+        if name in _NO_SPACE and after.startswith(" "):
+            return "[^ ]*"
+    return ".*?"
+
+
 class LineParser:
     """Parses lines of one format into field dicts (variable name -> text)."""
 
@@ -132,7 +154,8 @@ class LineParser:
         pattern: list[str] = []
         self.names: list[str] = []
         previous_var = False
-        for part in template.parts:
+        parts = template.parts
+        for at, part in enumerate(parts):
             if isinstance(part, Var):
                 if previous_var:
                     raise LogFormatError(
@@ -140,7 +163,7 @@ class LineParser:
                     )
                 # a per-try list may hold the ", " a lazy group would stop at: its items have no
                 # spaces and only its separators do
-                value = _LIST if part.name.startswith("upstream_") else ".*?"
+                value = _LIST if part.name.startswith("upstream_") else _value_pattern(part.name, parts, at)
                 pattern.append(f"(?P<v{len(self.names)}>{value})")
                 self.names.append(part.name)
                 previous_var = True
@@ -157,9 +180,40 @@ class LineParser:
         if "host" in self.names and "http_host" not in self.names:
             self._headers.append(("host", b"host"))
         self._generic = any(name.startswith("cookie_") for name in self.names)
+        # the common case, read straight from the match's groups (no dict per line): a format
+        # with $msec and the request line
+        index = {name: i for i, name in reversed(list(enumerate(self.names)))}
+        self._fast = "msec" in index and "request" in index and not self._generic
+        self._at = tuple(
+            index.get(name, -1)
+            for name in (
+                "msec",
+                "request_time",
+                "upstream_addr",
+                "upstream_status",
+                "upstream_response_time",
+                "request",
+                "remote_addr",
+                "status",
+            )
+        )
+        self._header_at = [(index[name], header) for name, header in self._headers]
+        self._pick = itemgetter(*self._at)
+        self._pick_timing = itemgetter(*self._at[:5])
+
+    def _groups_of(self, line: str) -> tuple[str, ...] | None:
+        match = self._regex.match(line)
+        if match is None:
+            return None
+        groups = match.groups()
+        if "\\x" in line:
+            groups = tuple(_unescape(value) for value in groups)
+        return (*groups, "-")  # [-1]: a variable the format does not have
 
     def request(self, line: str, number: int) -> Recorded | None:
         """The line as a request (None: not this format, or no request in it)."""
+        if self._fast and line[:1] != "{":
+            return self._fast_request(line, number)
         fields = self.fields(line)
         if fields is None:
             return None
@@ -188,8 +242,41 @@ class LineParser:
             second_only,
         )
 
+    def _fast_request(self, line: str, number: int) -> Recorded | None:
+        groups = self._groups_of(line)
+        if groups is None or groups[self._at[5]] == "-":
+            return None
+        msec, request_time, addrs, statuses, times, request, remote_addr, status = self._pick(groups)
+        method, _, rest = request.partition(" ")
+        target = rest.rpartition(" ")[0] if rest.endswith(_PROTOCOLS) else rest
+        headers = [
+            (header, value.encode("latin-1", "replace"))
+            for i, header in self._header_at
+            if (value := groups[i]) != "-"
+        ]
+        return Recorded(
+            number,
+            _number(msec) or 0.0,
+            method or "GET",
+            target or "/",
+            headers,
+            remote_addr if remote_addr != "-" else "127.0.0.1",
+            _status(status),
+            _number(request_time),
+            parse_tries(addrs, statuses, times),
+            False,
+        )
+
     def timing(self, line: str, number: int) -> Timing | None:
         """What the first pass reads of the line (None: not this format)."""
+        if self._fast and line[:1] != "{":
+            groups = self._groups_of(line)
+            if groups is None or groups[self._at[5]] == "-":
+                return None
+            msec, request_time, addrs, statuses, times = self._pick_timing(groups)
+            return Timing(
+                _number(msec) or 0.0, False, _number(request_time), parse_tries(addrs, statuses, times)
+            )
         fields = self.fields(line)
         if fields is None:
             return None
@@ -281,7 +368,7 @@ def _request_of(fields: dict[str, str]) -> tuple[str | None, str]:
     request = fields.get("request")
     if request is not None:
         method, _, rest = request.partition(" ")
-        target = rest.rpartition(" ")[0] if rest.endswith(("HTTP/1.0", "HTTP/1.1", "HTTP/2.0")) else rest
+        target = rest.rpartition(" ")[0] if rest.endswith(_PROTOCOLS) else rest
         return (method or None), (target or "/")
     method = fields.get("request_method")
     target = fields.get("request_uri")

@@ -93,6 +93,12 @@ class Learner:
     def add(self, tries: list[tuple[str, int, float | None]]) -> None:
         """One request's tries. A 5xx try followed by another try was retried: by a status
         ``proxy_next_upstream`` lists, or else it was nginx's own 502 (error) / 504 (timeout)."""
+        if len(tries) == 1:  # most requests: one try that got an answer
+            addr, status, duration = tries[0]
+            if 0 < status < 500 and duration is not None and addr in self.tries:
+                self.tries[addr] += 1
+                self._sample(addr, duration)
+                return
         last = len(tries) - 1
         for i, (addr, status, duration) in enumerate(tries):
             if addr.startswith("unix:") is False and ":" not in addr:
@@ -111,8 +117,10 @@ class Learner:
 
     def _sample(self, addr: str, duration: float) -> None:
         seen = self._seen[addr] = self._seen.get(addr, 0) + 1
-        kept = self.samples.setdefault(addr, [])
-        if len(kept) < RESERVOIR:
+        kept = self.samples.get(addr)
+        if kept is None:
+            kept = self.samples[addr] = []
+        if seen <= RESERVOIR:
             kept.append(duration)
             return
         slot = int(self._rng.random() * seen)  # reservoir sampling: each try kept with equal chance

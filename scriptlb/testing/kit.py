@@ -417,7 +417,7 @@ class HookKit:
             fallback=outcome.error,
         )
 
-    def _tries(self, engine: Engine, ex: SyntheticExchange, logged: int) -> list[TryResult]:
+    def _tries(self, engine: Engine, ex: Any, logged: int) -> list[TryResult]:
         """The engine's trace of decisions, each with its try's record (an exit has none)."""
         method = self.upstream.conf.method.kind
         records = iter(ex.tries)
