@@ -70,7 +70,7 @@ def main() -> None:
         parsed = list(read_requests([str(log)], lines))
         learner = Learner(random.Random(1), frozenset())
         for request in parsed:
-            learner.add(request.tries)
+            learner.add(request.tries, request.time)
         models, default = build_models(learner.models(), learner.pooled(), None)
         trace = _trace(parsed)
         started = time.process_time()

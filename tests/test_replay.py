@@ -362,3 +362,22 @@ def test_no_request_in_the_log(tmp_path: Path) -> None:
     (tmp_path / "empty.log").write_text("garbage\n")
     done = replay("--conf", str(conf(tmp_path)), str(tmp_path / "empty.log"))
     assert done.returncode == 1 and "no request found in 1 lines" in done.stderr
+
+
+def test_failures_are_learned_per_window_of_the_trace() -> None:
+    """A peer that failed for two minutes only fails in those two minutes of the replay."""
+    import random
+
+    from scriptlb.replay.model import WINDOW, Learner
+
+    learner = Learner(random.Random(1), frozenset())
+    start = 1_767_225_600.0
+    for i in range(6000):  # ten minutes, 10 requests a second
+        when = start + i / 10
+        bad = 120 <= when - start < 240 and i % 2
+        learner.add([(PEERS[1], 502, 0.001), (PEERS[0], 200, 0.002)] if bad else [(PEERS[1], 200, 0.002)], when)
+    model = learner.models()[PEERS[1]]
+    rng = random.Random(2)
+    failing = [t for t in range(0, 600, 5) if any(model.failure_at(start + t, t, rng) for _ in range(20))]
+    assert failing and all(120 <= t < 240 + WINDOW for t in failing)
+    assert min(failing) < 130 and max(failing) >= 230

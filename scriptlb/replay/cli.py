@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         "logs", nargs="+", metavar="LOG", help="access logs ('-': standard input, .gz read as is)"
     )
     parser.add_argument("--conf", required=True, help="the scriptlb/nginx config under test")
+    parser.add_argument("-p", "--prefix", help="the prefix its relative paths are under (default: .)")
     parser.add_argument(
         "--upstream", help="the upstream to replay (default: the one with a hook, or the only one)"
     )
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         upstream=args.upstream,
         log_format=args.log_format,
         model=args.model,
+        prefix=args.prefix,
         compare=args.compare,
         rate=args.rate,
         seed=args.seed,

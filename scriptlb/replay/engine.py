@@ -51,6 +51,7 @@ class Result:
     total_tries: int = 0
     retries: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)  # hook outcome error -> runs
+    log_hook_errors: dict[str, int] = field(default_factory=dict)  # log_by_python error -> runs
     statuses: dict[int, int] = field(default_factory=dict)
     latencies: array = field(default_factory=lambda: array("d"))  # per request, seconds
     first_peer: array = field(default_factory=lambda: array("i"))  # per request (NO_PEER: none)
@@ -318,7 +319,7 @@ class Engine:
         model = self._model(name)
         ex = flight.ex
         failure = (
-            model.failure_at(self.loop.now - self.result.start, self.rng)
+            model.failure_at(self.loop.now, self.loop.now - self.result.start, self.rng)
             if model.error_rate or model.outages
             else None
         )
@@ -457,7 +458,9 @@ class Engine:
         self._bucket_latency(flight.bucket, latency)
         log_hook = self._log_hook
         if log_hook is not None:
-            log_hook.run(ex, now)
+            error = log_hook.run(ex, now)
+            if error is not None:
+                result.log_hook_errors[error] = result.log_hook_errors.get(error, 0) + 1
 
     def _bucket_number(self, when: float) -> int:
         number = int((when - self.result.start) / self.result.bucket_width)

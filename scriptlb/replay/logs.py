@@ -127,10 +127,30 @@ def parse_tries(
 
 
 # variables whose values never hold a space (what a lazy group would backtrack over)
-_NO_SPACE = frozenset({"msec", "status", "request_time", "remote_addr", "remote_port", "body_bytes_sent",
-                       "bytes_sent", "request_length", "connection", "connection_requests", "pid",
-                       "server_port", "server_addr", "scheme", "request_method", "request_uri", "uri",
-                       "args", "query_string", "host"})
+_NO_SPACE = frozenset(
+    {
+        "msec",
+        "status",
+        "request_time",
+        "remote_addr",
+        "remote_port",
+        "body_bytes_sent",
+        "bytes_sent",
+        "request_length",
+        "connection",
+        "connection_requests",
+        "pid",
+        "server_port",
+        "server_addr",
+        "scheme",
+        "request_method",
+        "request_uri",
+        "uri",
+        "args",
+        "query_string",
+        "host",
+    }
+)
 
 
 def _value_pattern(name: str, parts: tuple[str | Var, ...], at: int) -> str:

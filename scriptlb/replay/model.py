@@ -32,6 +32,7 @@ from scriptlb.config.units import parse_time
 ERROR = "error"  # a connection refused or reset: no response
 TIMEOUT = "timeout"  # no response within the read timeout
 RESERVOIR = 10_000  # latency samples kept per peer (a uniform sample of all tries)
+WINDOW = 60.0  # seconds: failures are learned per window, so a bad hour stays a bad hour
 _Z99 = 2.3263478740408408  # the 99th percentile of the standard normal
 
 
@@ -57,6 +58,9 @@ class PeerModel:
     failures: list[int | str] = field(default_factory=lambda: [502])  # what a failure is, by frequency
     capacity: int = 0
     outages: list[Outage] = field(default_factory=list)
+    # learned: the failure rate of each WINDOW of the trace (by int(time // WINDOW)) in which
+    # the peer was tried; other windows use error_rate
+    windows: dict[int, float] | None = None
 
     def latency(self, rng: random.Random) -> float:
         if self.fixed is not None:
@@ -68,12 +72,15 @@ class PeerModel:
             return 0.0
         return samples[int(rng.random() * len(samples))]
 
-    def failure_at(self, elapsed: float, rng: random.Random) -> int | str | None:
-        """The failure of a try starting ``elapsed`` seconds into the trace, or None."""
+    def failure_at(self, now: float, elapsed: float, rng: random.Random) -> int | str | None:
+        """The failure of a try starting at ``now``, ``elapsed`` seconds into the trace, or None."""
         for outage in self.outages:
             if outage.start <= elapsed < outage.end:
                 return outage.failure
-        if self.error_rate and rng.random() < self.error_rate:
+        rate = self.error_rate
+        if self.windows is not None:
+            rate = self.windows.get(int(now // WINDOW), rate)
+        if rate and rng.random() < rate:
             failures = self.failures
             return failures[int(rng.random() * len(failures))]
         return None
@@ -89,14 +96,21 @@ class Learner:
         self.failed: dict[str, list[int | str]] = {}
         self.samples: dict[str, list[float]] = {}
         self._seen: dict[str, int] = {}
+        self._window_tries: dict[tuple[str, int], int] = {}  # (peer, window) -> tries
+        self._window_failures: dict[tuple[str, int], int] = {}
 
-    def add(self, tries: list[tuple[str, int, float | None]]) -> None:
-        """One request's tries. A 5xx try followed by another try was retried: by a status
-        ``proxy_next_upstream`` lists, or else it was nginx's own 502 (error) / 504 (timeout)."""
+    def add(self, tries: list[tuple[str, int, float | None]], when: float = 0.0) -> None:
+        """One request's tries, at ``when``. A 5xx try followed by another try was retried: by
+        a status ``proxy_next_upstream`` lists, or else it was nginx's own 502 (error) / 504
+        (timeout)."""
+        window = int(when // WINDOW)
+        counts = self._window_tries
         if len(tries) == 1:  # most requests: one try that got an answer
             addr, status, duration = tries[0]
             if 0 < status < 500 and duration is not None and addr in self.tries:
                 self.tries[addr] += 1
+                key = (addr, window)
+                counts[key] = counts.get(key, 0) + 1
                 self._sample(addr, duration)
                 return
         last = len(tries) - 1
@@ -104,7 +118,10 @@ class Learner:
             if addr.startswith("unix:") is False and ":" not in addr:
                 continue  # "no live upstreams": the upstream's name, not a peer
             self.tries[addr] = self.tries.get(addr, 0) + 1
+            key = (addr, window)
+            counts[key] = counts.get(key, 0) + 1
             if status >= 500 or status == 0:
+                self._window_failures[key] = self._window_failures.get(key, 0) + 1
                 failure: int | str = status
                 if status == 0 or (i < last and status not in self._retried_statuses):
                     failure = TIMEOUT if status == 504 else ERROR
@@ -135,7 +152,12 @@ class Learner:
                 samples=self.samples.get(addr, []),
                 error_rate=len(failures) / count,
                 failures=failures or [502],
+                windows={} if failures else None,
             )
+        for (addr, window), tried in self._window_tries.items():
+            windows = found[addr].windows
+            if windows is not None:
+                windows[window] = self._window_failures.get((addr, window), 0) / tried
         return found
 
     def pooled(self) -> PeerModel:
@@ -215,6 +237,7 @@ def apply_overrides(model: PeerModel, spec: Any, where: str) -> PeerModel:
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
             raise ModelError(f"{where}.error_rate: a number from 0 to 1 expected, got {rate!r}")
         model.error_rate = float(rate)
+        model.windows = None  # the file's rate holds for the whole trace
     if "error" in spec:
         model.failures = [_failure(spec["error"], f"{where}.error")]
     if "capacity" in spec:

@@ -32,6 +32,7 @@ def summary(result: Result) -> dict[str, Any]:
         "tries": result.total_tries,
         "retries": result.retries,
         "fallbacks": dict(sorted(result.fallbacks.items())),
+        "log_hook_errors": dict(sorted(result.log_hook_errors.items())),
         "error_responses": errors,
         "statuses": {str(k): v for k, v in sorted(result.statuses.items())},
         "latency": {
@@ -71,6 +72,10 @@ def table(summaries: list[dict[str, Any]]) -> str:
             "hook fallbacks",
             [", ".join(f"{k} {v}" for k, v in s["fallbacks"].items()) or "0" for s in summaries],
         ),
+        (
+            "log hook errors",
+            [", ".join(f"{k} {v}" for k, v in s["log_hook_errors"].items()) or "0" for s in summaries],
+        ),
         ("latency p50", [_ms(s["latency"]["p50"]) for s in summaries]),
         ("latency p95", [_ms(s["latency"]["p95"]) for s in summaries]),
         ("latency p99", [_ms(s["latency"]["p99"]) for s in summaries]),
@@ -107,7 +112,9 @@ def plot(results: list[Result], path: str, title: str = "") -> None:
         raise RuntimeError("--plot needs matplotlib: pip install 'scriptlb[replay]'") from None
     figure, axes = plt.subplots(2, len(results), figsize=(6.5 * len(results), 7), squeeze=False, sharey="row")
     for column, result in enumerate(results):
-        minutes = [(i + 0.5) * result.bucket_width / 60 for i in range(len(result.buckets))]
+        hours = result.bucket_width * len(result.buckets) > 3 * 3600  # a long trace: in hours
+        unit, per = ("hours", 3600) if hours else ("minutes", 60)
+        minutes = [(i + 0.5) * result.bucket_width / per for i in range(len(result.buckets))]
         shares_axis, latency_axis = axes[0][column], axes[1][column]
         for index, name in enumerate(result.peer_names):
             shares = [b[index] / sum(b) if sum(b) else 0.0 for b in result.buckets]
@@ -120,7 +127,7 @@ def plot(results: list[Result], path: str, title: str = "") -> None:
         for share, style in ((0.5, "-"), (0.95, "--"), (0.99, ":")):
             values = [percentile(sorted(b), share) * 1000 for b in result.bucket_latencies]
             latency_axis.plot(minutes[: len(values)], values, style, label=f"p{round(share * 100)}")
-        latency_axis.set_xlabel("minutes into the trace")
+        latency_axis.set_xlabel(f"{unit} into the trace")
         latency_axis.set_ylabel("request latency (ms)")
         latency_axis.legend(fontsize="small")
         latency_axis.grid(alpha=0.3)

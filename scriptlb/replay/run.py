@@ -38,6 +38,7 @@ class Options:
     upstream: str | None = None
     log_format: str | None = None
     model: str | None = None
+    prefix: str | None = None  # the configs' prefix (relative paths in them)
     compare: str | None = None
     rate: float | None = None  # requests per second instead of the recorded times
     seed: int = 1
@@ -58,8 +59,8 @@ class Trace:
     skipped: int = 0
 
 
-def load_conf(path: str) -> MainConf:
-    return load(os.path.abspath(path))
+def load_conf(path: str, prefix: str | None = None) -> MainConf:
+    return load(os.path.abspath(path), prefix)
 
 
 def _retried_statuses(conf: MainConf, upstream: str | None) -> frozenset[int]:
@@ -84,8 +85,8 @@ def learn(paths: list[str], parser: LineParser, learner: Learner) -> Trace:
     per_second = trace.per_second
     for request in read_requests(paths, parser, stats, first_pass=True):
         trace.requests += 1
-        learner.add(request.tries)
         when = _arrival(request)
+        learner.add(request.tries, when)
         first = when if first is None or when < first else first
         last = when if last is None or when > last else last
         if request.second_only:
@@ -158,8 +159,8 @@ def replay(options: Options) -> tuple[list[Result], Trace, float]:
     """Replay the logs against the config (and the one to compare with). Returns the results,
     the trace and the seconds the replay took (both passes)."""
     started = time.perf_counter()
-    conf = load_conf(options.conf)
-    other = load_conf(options.compare) if options.compare else None
+    conf = load_conf(options.conf, options.prefix)
+    other = load_conf(options.compare, options.prefix) if options.compare else None
     parser = LineParser(format_template(options.log_format, conf))
     spooled = None
     if "-" in options.logs:

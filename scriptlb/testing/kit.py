@@ -130,7 +130,7 @@ class _Scripted(PeerModel):
         super().__init__(fixed=latency, error_rate=1.0)  # (a rate: the engine asks on every try)
         self.pending = list(failures)
 
-    def failure_at(self, elapsed: float, rng: Any) -> Failure | None:
+    def failure_at(self, now: float, elapsed: float, rng: Any) -> Failure | None:
         return self.pending.pop(0) if self.pending else None
 
 
