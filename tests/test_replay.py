@@ -375,7 +375,8 @@ def test_failures_are_learned_per_window_of_the_trace() -> None:
     for i in range(6000):  # ten minutes, 10 requests a second
         when = start + i / 10
         bad = 120 <= when - start < 240 and i % 2
-        learner.add([(PEERS[1], 502, 0.001), (PEERS[0], 200, 0.002)] if bad else [(PEERS[1], 200, 0.002)], when)
+        retried = [(PEERS[1], 502, 0.001), (PEERS[0], 200, 0.002)]
+        learner.add(retried if bad else [(PEERS[1], 200, 0.002)], when)
     model = learner.models()[PEERS[1]]
     rng = random.Random(2)
     failing = [t for t in range(0, 600, 5) if any(model.failure_at(start + t, t, rng) for _ in range(20))]
