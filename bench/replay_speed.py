@@ -2,6 +2,7 @@
 peer by the CRC32 of the URI (the target: >= 50,000 per second), on a generated log.
 
     .venv/bin/python bench/replay_speed.py [--hours 4] [--rate 50] [--hook crc32|hash_by_uri|none]
+        [--peer-stats off]
 
 Reports both passes (parsing the log twice, learning the model, replaying) and the replay alone
 (the second pass without its parsing), in CPU time (robust when other processes share the CPUs).
@@ -10,7 +11,6 @@ Reports both passes (parsing the log twice, learning the model, replaying) and t
 from __future__ import annotations
 
 import argparse
-import io
 import random
 import sys
 import tempfile
@@ -38,6 +38,7 @@ HOOKS = {
 CONF = """events {{}}
 http {{
     log_format day '{format}';
+    python_peer_stats {peer_stats};
     upstream backend {{
         server 127.0.0.1:9001;
         server 127.0.0.1:9002;
@@ -54,13 +55,15 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=4.0)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--hook", choices=sorted(HOOKS), default="crc32")
+    parser.add_argument("--peer-stats", choices=("on", "off"), default="on",
+                        help="python_peer_stats (off: the hook reads no statistics, none are kept)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "access.log"
         with log.open("w") as out:
             requests = generate(args.hours, args.rate, 7, out)
         conf_file = Path(tmp) / "replay.conf"
-        conf_file.write_text(CONF.format(format=FORMAT, hook=HOOKS[args.hook]))
+        conf_file.write_text(CONF.format(format=FORMAT, hook=HOOKS[args.hook], peer_stats=args.peer_stats))
         started = time.process_time()
         replay(Options(conf=str(conf_file), logs=[str(log)], log_format="day"))
         whole = time.process_time() - started
@@ -90,5 +93,4 @@ def _trace(parsed: list) -> object:
 
 
 if __name__ == "__main__":
-    _ = io
     main()
