@@ -131,7 +131,9 @@ class Offline:
         self.directory = tempfile.mkdtemp(prefix="scriptlb-offline-")
         self._closed = False
         try:
-            self._build(http, seed, http.python.peer_stats if peer_stats is None else peer_stats, precompile)
+            if peer_stats is None:  # only hooks can read them: without one they change nothing
+                peer_stats = http.python.peer_stats and bool(http.hooks())
+            self._build(http, seed, peer_stats, precompile)
         except BaseException:
             self.close()
             raise
