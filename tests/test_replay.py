@@ -358,6 +358,13 @@ def test_bad_config_is_reported_at_file_line(tmp_path: Path, day_log: Path) -> N
     assert done.returncode == 1 and "missing.log" in done.stderr
 
 
+def test_a_log_without_tries_warns(tmp_path: Path) -> None:
+    line = '10.0.0.1 - - [04/Dec/2026:23:10:18 +0000] "GET / HTTP/1.1" 200 5 "-" "ua"\n'
+    (tmp_path / "combined.log").write_text(line * 3)
+    done = replay("--conf", str(conf(tmp_path)), "--quiet", str(tmp_path / "combined.log"))
+    assert done.returncode == 0 and "warning: the log records no $upstream_addr" in done.stderr
+
+
 def test_no_request_in_the_log(tmp_path: Path) -> None:
     (tmp_path / "empty.log").write_text("garbage\n")
     done = replay("--conf", str(conf(tmp_path)), str(tmp_path / "empty.log"))

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             f"scriptlb replay: no request found in {trace.lines} lines (is --log-format the logs' format?)\n"
         )
         return 1
+    if trace.latency_samples == 0 and not args.model:
+        sys.stderr.write(
+            "scriptlb replay: warning: the log records no $upstream_addr/$upstream_response_time: "
+            "every try takes no time (give the peers' latency with --model)\n"
+        )
     summaries = [summary(r) for r in results]
     out: dict[str, Any] = {
         "requests": trace.requests,

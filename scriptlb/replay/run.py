@@ -57,6 +57,7 @@ class Trace:
     per_second: dict[int, int] = field(default_factory=dict)
     lines: int = 0
     skipped: int = 0
+    latency_samples: int = 0  # recorded try times the model learned from
 
 
 def load_conf(path: str, prefix: str | None = None) -> MainConf:
@@ -94,6 +95,7 @@ def learn(paths: list[str], parser: LineParser, learner: Learner) -> Trace:
             per_second[second] = per_second.get(second, 0) + 1
     trace.first, trace.last = first or 0.0, last or 0.0
     trace.lines, trace.skipped = stats.get("lines", 0), stats.get("skipped", 0)
+    trace.latency_samples = sum(len(samples) for samples in learner.samples.values())
     return trace
 
 
