@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_round_robin_over_a_log_and_the_table(tmp_path: Path, day_log: Path) -> 
     done = replay("--conf", str(rr), "--log-format", "day", "--quiet", str(day_log))
     assert done.returncode == 0, done.stderr
     lines = len(day_log.read_text().splitlines())
-    assert f"requests               {lines}" in done.stdout
+    assert re.search(rf"^requests +{lines}$", done.stdout, re.MULTILINE), done.stdout
     for peer in PEERS:
         assert f"peer {peer}" in done.stdout
     result = figures(tmp_path, "--conf", str(rr), "--log-format", "day", str(day_log))["results"][0]
@@ -389,3 +390,50 @@ def test_failures_are_learned_per_window_of_the_trace() -> None:
     failing = [t for t in range(0, 600, 5) if any(model.failure_at(start + t, t, rng) for _ in range(20))]
     assert failing and all(120 <= t < 240 + WINDOW for t in failing)
     assert min(failing) < 130 and max(failing) >= 230
+
+
+def test_only_the_upstreams_requests_are_replayed(tmp_path: Path) -> None:
+    """Requests the config routes elsewhere (another location, a return, another server by
+    Host) are counted, not replayed: the config's own server and location matching."""
+    text = CONF.format(
+        format=FORMAT.replace('"$http_x_user_id"', '"$host"'),
+        http="",
+        method="",
+        args="",
+        hook="",
+        location="",
+    ).replace(
+        "        location / {",
+        "        location = /health { return 200; }\n"
+        "        location /static/ { proxy_pass http://127.0.0.1:9999; }\n        location / {",
+    )
+    text = text.replace(
+        "    server {\n        listen 127.0.0.1:8080;",
+        "    server { listen 127.0.0.1:8080; server_name other.example; location / { return 204; } }\n"
+        "    server {\n        listen 127.0.0.1:8080 default_server;",
+        1,
+    )
+    (tmp_path / "routes.conf").write_text(text)
+    uris = [
+        ("/health", "a.example"),
+        ("/static/x.css", "a.example"),
+        ("/api", "a.example"),
+        ("/api", "other.example"),
+        ("/", "a.example"),
+    ]
+    lines = [
+        f'1.2.3.4 [{1767225600 + i:.3f}] "GET {uri} HTTP/1.1" 200 0.001 "{host}" {PEERS[0]} 200 0.001'
+        for i, (uri, host) in enumerate(uris)
+    ]
+    (tmp_path / "log").write_text("\n".join(lines) + "\n")
+    result = figures(
+        tmp_path,
+        "--conf",
+        str(tmp_path / "routes.conf"),
+        "--upstream",
+        "backend",
+        "--log-format",
+        "day",
+        str(tmp_path / "log"),
+    )["results"][0]
+    assert (result["requests"], result["other_locations"]) == (2, 3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -90,15 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if len(results) == 2:
         out["moved_requests"] = moved(results[0], results[1])
-    print(table(summaries))
-    if len(results) == 2:
-        print(f"requests whose first peer differs: {out['moved_requests']}")
-    if not args.quiet:
-        sys.stderr.write(
-            f"{trace.requests} requests in {seconds:.2f} s "
-            f"({trace.requests * len(results) / max(seconds, 1e-9):,.0f} simulated requests/s)"
-            f"{f', {trace.skipped} lines skipped' if trace.skipped else ''}\n"
-        )
+    # the files first: a reader of the table that goes away (`| head`) must not lose them
     if args.json:
         _write(args.json, json.dumps(out, indent=2) + "\n")
     if args.decisions:
@@ -109,6 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as err:
             sys.stderr.write(f"scriptlb replay: {err}\n")
             return 1
+    try:
+        print(table(summaries))
+        if len(results) == 2:
+            print(f"requests whose first peer differs: {out['moved_requests']}")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    if not args.quiet:
+        sys.stderr.write(
+            f"{trace.requests} requests in {seconds:.2f} s "
+            f"({trace.requests * len(results) / max(seconds, 1e-9):,.0f} simulated requests/s)"
+            f"{f', {trace.skipped} lines skipped' if trace.skipped else ''}\n"
+        )
     return 0
 
 

@@ -48,6 +48,7 @@ class Result:
     tries: list[int] = field(default_factory=list)
     failures: list[int] = field(default_factory=list)
     requests: int = 0
+    elsewhere: int = 0  # logged requests routed to another location or upstream: not replayed
     total_tries: int = 0
     retries: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)  # hook outcome error -> runs

@@ -29,6 +29,7 @@ def summary(result: Result) -> dict[str, Any]:
         "config": result.config,
         "upstream": result.upstream,
         "requests": result.requests,
+        "other_locations": result.elsewhere,
         "tries": result.total_tries,
         "retries": result.retries,
         "fallbacks": dict(sorted(result.fallbacks.items())),
@@ -80,6 +81,8 @@ def table(summaries: list[dict[str, Any]]) -> str:
         ("latency p95", [_ms(s["latency"]["p95"]) for s in summaries]),
         ("latency p99", [_ms(s["latency"]["p99"]) for s in summaries]),
     ]
+    if any(s["other_locations"] for s in summaries):  # only for configs routing elsewhere too
+        rows.insert(1, ("other locations' requests", [str(s["other_locations"]) for s in summaries]))
     peer_names: list[str] = []
     for s in summaries:
         for peer in s["peers"]:

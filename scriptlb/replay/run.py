@@ -26,6 +26,7 @@ from scriptlb.offline import Offline, pick_upstream, proxying_location
 from scriptlb.replay.engine import Engine, Result
 from scriptlb.replay.logs import LineParser, Recorded, Timing, format_template, open_log, read_requests
 from scriptlb.replay.model import Learner, PeerModel, build_models, load_file
+from scriptlb.replay.route import Router
 
 REORDER = 5.0  # seconds of lookahead for requests logged out of arrival order
 _STATUS_BITS = {500: 0x10, 502: 0x20, 503: 0x40, 504: 0x80, 403: 0x100, 404: 0x200, 429: 0x400}
@@ -146,7 +147,12 @@ def replay_one(
             if requests is not None
             else arrivals(options.logs, parser, trace, options.rate)
         )
+        router = Router(conf, offline.upstream_conf.name)
+        routed = router.everything
         for done, (request, at) in enumerate(source, 1):
+            if not routed and not router.serves(_host(request), request.target):
+                engine.result.elsewhere += 1  # another location's (or a return's) request
+                continue
             loop.run_until(at - REORDER)
             engine.arrive(request, at)
             if progress is not None and not done & 1023:
@@ -155,6 +161,13 @@ def replay_one(
         if progress is not None:
             progress(trace.requests, trace.requests)
         return engine.result
+
+
+def _host(request: Recorded) -> str | None:
+    for name, value in request.headers:
+        if name.lower() == b"host":
+            return value.decode("latin-1")
+    return None
 
 
 def replay(options: Options) -> tuple[list[Result], Trace, float]:
