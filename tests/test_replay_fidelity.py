@@ -31,6 +31,10 @@ events {{}}
 http {{
     log_format trace '{log_format}';
     python_package_path "{root}/hooks/lib/?.py";
+    # roomy budgets: a first run building a ring, preempted on a loaded machine, must not fall
+    # back in one run (live or replayed) and not the other
+    balancer_by_python_timeout 500ms;
+    log_by_python_timeout 500ms;
     {http_extra}
     upstream backend {{
         {servers}
