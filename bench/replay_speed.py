@@ -72,8 +72,8 @@ def main() -> None:
         lines = LineParser(format_template("day", conf))
         parsed = list(read_requests([str(log)], lines))
         learner = Learner(random.Random(1), frozenset())
-        for request in parsed:
-            learner.add(request.tries, request.time)
+        for timing in read_requests([str(log)], lines, first_pass=True):
+            learner.add(timing.tries, timing.time)
         models, default = build_models(learner.models(), learner.pooled(), None)
         trace = _trace(parsed)
         started = time.process_time()

@@ -62,8 +62,8 @@ class Recorded:
     remote_addr: str
     status: int  # the final status sent to the client (0: not logged)
     request_time: float | None
-    tries: list[tuple[str, int, float | None]]  # (addr, status or 0, response time)
     second_only: bool  # the time has one-second resolution ($time_local, $time_iso8601)
+    # (its tries are the first pass's: ``Timing``; replaying needs none of them)
 
 
 def _unescape(value: str) -> str:
@@ -218,7 +218,7 @@ class LineParser:
             )
         )
         self._header_at = [(index[name], header) for name, header in self._headers]
-        self._pick = itemgetter(*self._at)
+        self._pick = itemgetter(self._at[0], self._at[1], *self._at[5:])
         self._pick_timing = itemgetter(*self._at[:5])
 
     def _groups_of(self, line: str) -> tuple[str, ...] | None:
@@ -258,7 +258,6 @@ class LineParser:
             get("remote_addr") or "127.0.0.1",
             _status(get("status")),
             _number(get("request_time")),
-            parse_tries(get("upstream_addr"), get("upstream_status"), get("upstream_response_time")),
             second_only,
         )
 
@@ -266,7 +265,7 @@ class LineParser:
         groups = self._groups_of(line)
         if groups is None or groups[self._at[5]] == "-":
             return None
-        msec, request_time, addrs, statuses, times, request, remote_addr, status = self._pick(groups)
+        msec, request_time, request, remote_addr, status = self._pick(groups)
         method, _, rest = request.partition(" ")
         target = rest.rpartition(" ")[0] if rest.endswith(_PROTOCOLS) else rest
         headers = [
@@ -283,7 +282,6 @@ class LineParser:
             remote_addr if remote_addr != "-" else "127.0.0.1",
             _status(status),
             _number(request_time),
-            parse_tries(addrs, statuses, times),
             False,
         )
 
@@ -363,9 +361,6 @@ def to_request(fields: dict[str, str], line: int) -> Recorded | None:
         remote_addr=fields.get("remote_addr") or "127.0.0.1",
         status=_status(fields.get("status")),
         request_time=_number(fields.get("request_time")),
-        tries=parse_tries(
-            fields.get("upstream_addr"), fields.get("upstream_status"), fields.get("upstream_response_time")
-        ),
         second_only=second_only,
     )
 

@@ -344,7 +344,7 @@ class HookKit:
         engine = Engine(self.offline, {}, _Scripted(fail, latency), tries_cap=tries_cap)
         engine.trace = []
         logged = len(self.offline.logs)
-        recorded = Recorded(0, self.now, method, uri, _headers(headers), remote_addr, status, None, [], False)
+        recorded = Recorded(0, self.now, method, uri, _headers(headers), remote_addr, status, None, False)
         engine.arrive(recorded, self.now)
         self.offline.loop.run_until(self.now)
         while engine.finished is None and self.offline.loop.heap:
