@@ -148,16 +148,23 @@ def _delayed(delay: float):
     return behaviour
 
 
-DELAYS = (0.004, 0.012, 0.030)
+# Per method: the backends' added latencies and the requests sent (from two client threads).
+# fastest_first's weights are round(10 x fastest / own): latencies whose ratios stay clear of a
+# rounding edge whatever the machine's load adds (20/30/100 ms: weights 7 and 2), and few
+# requests suffice (its smooth round robin has no randomness). ewma draws random pairs: more
+# requests for its shares to settle within the tolerance.
 LATENCY_DRIVEN = {
-    "fastest_first": {
-        "server_args": " max_fails=0",
-        "http_extra": "python_shared_dict fastest_first 1m;",
-        "location_extra": f"log_by_python_file {ROOT}/hooks/fastest_first.py;",
-    },
-    "ewma": {"balancing": "ewma;"},
+    "fastest_first": (
+        (0.020, 0.030, 0.100),
+        600,
+        {
+            "server_args": " max_fails=0",
+            "http_extra": "python_shared_dict fastest_first 1m;",
+            "location_extra": f"log_by_python_file {ROOT}/hooks/fastest_first.py;",
+        },
+    ),
+    "ewma": ((0.004, 0.012, 0.030), 2400, {"balancing": "ewma;"}),
 }
-REQUESTS = 2400  # from two client threads; ewma's random pairs need this many for 5 points
 SHARE_TOLERANCE = 0.05
 
 
@@ -171,11 +178,12 @@ def _send(port: int, count: int, failures: list[int]) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("method", sorted(LATENCY_DRIVEN))
 def test_latency_driven_shares_within_five_points_of_the_live_proxy(tmp_path: Path, method: str) -> None:
-    with Backends(*(_delayed(d) for d in DELAYS)) as backends:
-        with Scriptlb(_conf(tmp_path, backends, **LATENCY_DRIVEN[method]), tmp_path) as lb:
+    delays, requests, settings = LATENCY_DRIVEN[method]
+    with Backends(*(_delayed(d) for d in delays)) as backends:
+        with Scriptlb(_conf(tmp_path, backends, **settings), tmp_path) as lb:
             failures: list[int] = []
             clients = [
-                threading.Thread(target=_send, args=(lb.port, REQUESTS // 2, failures)) for _ in range(2)
+                threading.Thread(target=_send, args=(lb.port, requests // 2, failures)) for _ in range(2)
             ]
             for client in clients:
                 client.start()
