@@ -137,11 +137,3 @@ class SyntheticUpstream:
     def refresh_weights(self) -> None:
         """Weights a hook set apply at once (there is no other worker to tell)."""
 
-
-def parse_peer_text(text: str) -> PeerAddr:
-    """``ip:port``, ``[v6]:port`` or ``unix:/path`` as written on a command line."""
-    text = text.strip()
-    if text.startswith("unix:"):
-        return PeerAddr(None, 0, text[5:])
-    host, _, port = text.rpartition(":")
-    return PeerAddr(host.strip("[]"), int(port))
