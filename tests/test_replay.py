@@ -437,3 +437,18 @@ def test_only_the_upstreams_requests_are_replayed(tmp_path: Path) -> None:
         str(tmp_path / "log"),
     )["results"][0]
     assert (result["requests"], result["other_locations"]) == (2, 3)
+
+
+def test_rate_and_capacity(tmp_path: Path, day_log: Path) -> None:
+    """--rate replaces the recorded times; a peer past its capacity answers more slowly."""
+    model = tmp_path / "model.json"
+    model.write_text(json.dumps({"peers": {p: {"latency": "10ms", "capacity": 2} for p in PEERS}}))
+    rr = str(conf(tmp_path))
+    calm = figures(
+        tmp_path, "--conf", rr, "--log-format", "day", "--model", str(model), "--rate", "10", str(day_log)
+    )
+    busy = figures(
+        tmp_path, "--conf", rr, "--log-format", "day", "--model", str(model), "--rate", "2000", str(day_log)
+    )
+    assert calm["results"][0]["latency"]["p99"] == pytest.approx(0.010)
+    assert busy["results"][0]["latency"]["p50"] > 0.010
