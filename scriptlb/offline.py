@@ -13,16 +13,18 @@ as they are in a worker.
 
 from __future__ import annotations
 
+import dis
 import heapq
 import random
 import shutil
 import tempfile
 from collections.abc import Callable
+from types import CodeType
 from typing import Any
 
 from scriptlb import api, hooks
 from scriptlb.config.errors import ConfigError
-from scriptlb.config.model import LocationConf, MainConf, ProxyConf, UpstreamConf
+from scriptlb.config.model import HookConf, LocationConf, MainConf, ProxyConf, UpstreamConf
 from scriptlb.runtime import UpstreamRuntime
 from scriptlb.shared_dict import SharedDict
 from scriptlb.stats import PeerStats, Recorder, layout_of
@@ -131,8 +133,8 @@ class Offline:
         self.directory = tempfile.mkdtemp(prefix="scriptlb-offline-")
         self._closed = False
         try:
-            if peer_stats is None:  # only hooks can read them: without one they change nothing
-                peer_stats = http.python.peer_stats and bool(http.hooks())
+            if peer_stats is None:  # only hooks can read them: kept only when one may
+                peer_stats = http.python.peer_stats and any(_may_read_statistics(h) for h in http.hooks())
             self._build(http, seed, peer_stats, precompile)
         except BaseException:
             self.close()
@@ -196,6 +198,32 @@ class Offline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# What a hook needs to reach the peer statistics: ``upstream`` (or ``ngx.upstream``), or a
+# name built at run time (getattr, vars), or a module that might do either.
+_STATISTICS_NAMES = frozenset({"upstream", "getattr", "_getattr_", "vars", "__import__"})
+
+
+def _may_read_statistics(hook: HookConf) -> bool:
+    """False only when the hook's code cannot reach the statistics (the replay then keeps
+    none: unobservable, they would cost half of its time for a cheap hook)."""
+    try:
+        code = hooks.load_code(hook)
+    except Exception:  # it fails every run; what it would read does not matter, be safe anyway
+        return True
+    return _code_may_read(code)
+
+
+def _code_may_read(code: CodeType) -> bool:
+    if not _STATISTICS_NAMES.isdisjoint(code.co_names):
+        return True
+    for const in code.co_consts:
+        if isinstance(const, str) and "upstream" in const:
+            return True
+        if isinstance(const, CodeType) and _code_may_read(const):
+            return True
+    return any(instruction.opname == "IMPORT_NAME" for instruction in dis.get_instructions(code))
 
 
 def pick_upstream(conf: MainConf, name: str | None) -> UpstreamConf:

@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -452,3 +453,29 @@ def test_rate_and_capacity(tmp_path: Path, day_log: Path) -> None:
     )
     assert calm["results"][0]["latency"]["p99"] == pytest.approx(0.010)
     assert busy["results"][0]["latency"]["p50"] > 0.010
+
+
+@pytest.mark.parametrize(
+    ("code", "kept"),
+    [
+        ('balancer.set_current_peer(["127.0.0.1:9001"][ngx.crc32_short(ngx.var.uri) % 1])', False),
+        ('balancer.set_current_peer(upstream.get_primary_peers()[0]["name"])', True),
+        ('balancer.set_current_peer(ngx.upstream.get_primary_peers()[0]["name"])', True),
+        ('u = getattr(ngx, "up" + "stream")', True),
+        ("import ring", True),
+        (
+            "def pick():\n    return upstream\n"
+            "balancer.set_current_peer(pick().get_primary_peers()[0]['name'])",
+            True,
+        ),
+    ],
+)
+def test_statistics_kept_only_for_hooks_that_can_read_them(tmp_path: Path, code: str, kept: bool) -> None:
+    """Unobservable statistics are not kept in a replay (they cost half of it for a cheap hook)."""
+    from scriptlb.config import load
+    from scriptlb.offline import Offline
+
+    block = "balancer_by_python_block {\n" + textwrap.indent(code, "            ") + "\n        }"
+    path = conf(tmp_path, hook=block)
+    with Offline(load(str(path)), precompile=False) as offline:
+        assert (offline.stats is not None) == kept

@@ -272,7 +272,9 @@ class HookKit:
         requests, failures, ewma...), at the current virtual time."""
         stats = self.upstream.stats
         if stats is None:
-            raise RuntimeError("python_peer_stats is off in this config")
+            raise RuntimeError(
+                "no peer statistics: python_peer_stats is off, or no hook of the config can read them"
+            )
         index = stats.start_address(peer)
         if index < 0:
             raise KeyError(peer)
