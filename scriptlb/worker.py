@@ -25,12 +25,12 @@ from collections.abc import Callable
 
 import uvloop
 
-from scriptlb import api, errorlog
+from scriptlb import api, cluster, errorlog
 from scriptlb.config.model import HttpConf, MainConf
 from scriptlb.downstream import ClientConnection, ListenerContext
 from scriptlb.runtime import Runtime
 from scriptlb.sandbox.limits import install_worker_fuse
-from scriptlb.shared_dict import SharedDict, map_size, zone_directory
+from scriptlb.shared_dict import SharedDict, SyncedSharedDict, map_size, zone_directory
 from scriptlb.stats import PeerStats, Recorder, StatsFull, layout_of, shards_for
 
 Key = tuple
@@ -55,6 +55,7 @@ class Worker:
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
         self.ready = threading.Event()
         self.freeze_gc = False  # True in a worker process (run), not in a test's thread
+        self.cluster: cluster.ClusterNode | None = None  # master_process off: the sync tasks
 
     async def serve(self) -> None:
         self._stop = self.loop.create_future()
@@ -63,6 +64,9 @@ class Worker:
             self.recorder = Recorder(self.stats, self.loop)
         self.runtime = Runtime(self.conf, self.loop, self.recorder)
         await self._start_servers(self.runtime)
+        if not self.conf.master_process and cluster.needed(self.conf):
+            self.cluster = cluster.ClusterNode(self.conf)  # no master to fork a cluster process
+            self.cluster.start(self.loop)
         if self.freeze_gc:
             # Everything alive now (modules, config, runtime) lives as long as the worker
             # process: keep it out of the cyclic GC's scans, which would walk it again and again.
@@ -137,6 +141,8 @@ class Worker:
                     conn.close_if_idle()
         if graceful:
             await self._drain()
+        if self.cluster is not None:
+            await self.cluster.stop(graceful)
         if self.runtime is not None:
             self.runtime.close()
         if self.recorder is not None:
@@ -214,7 +220,8 @@ def attach_hook_runtime(conf: MainConf, worker_id: int, worker_count: int, arm_f
     if http.shared_dicts:
         directory = zone_directory(conf.prefix)
         api.set_shared_dicts({
-            name: SharedDict(directory, name, zone.size) for name, zone in http.shared_dicts.items()
+            name: (SyncedSharedDict if zone.sync is not None else SharedDict)(directory, name, zone.size)
+            for name, zone in http.shared_dicts.items()
         })
     hooks = http.hooks()
     if hooks and arm_fuse:

@@ -33,6 +33,7 @@ from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
     AccessLogConf,
     BalancerMethodConf,
+    DictSyncConf,
     ErrorLogConf,
     ListenConf,
     LogFormat,
@@ -477,8 +478,9 @@ MIN_SHARED_DICT_SIZE = 16 * 4096
 
 
 def _python_shared_dict(state: State, node: Node, draft: HttpDraft) -> None:
-    """``python_shared_dict NAME SIZE``, checked in lua_shared_dict's order and words."""
-    name, size_text = node.args
+    """``python_shared_dict NAME SIZE [sync=URL ...]``, checked in lua_shared_dict's order and
+    words, then the cluster parameters."""
+    name, size_text = node.args[:2]
     if not name:
         raise fail(node, f'invalid python shared dict name "{name}"')
     size = parse_size(size_text)
@@ -493,7 +495,37 @@ def _python_shared_dict(state: State, node: Node, draft: HttpDraft) -> None:
                 f"conflicts with already declared size {other.size}",
             )
         raise fail(node, f'python_shared_dict "{name}" is already defined as "{other.name}"')
-    draft.shared_dicts[name] = SharedDictConf(name, size, node.source)
+    sync = _dict_sync(state, node, name, node.args[2:])
+    draft.shared_dicts[name] = SharedDictConf(name, size, node.source, sync)
+
+
+_SYNC_SCHEMES = ("redis://", "rediss://")
+
+
+def _dict_sync(state: State, node: Node, name: str, params: tuple[str, ...]) -> DictSyncConf | None:
+    """``sync=redis://HOST:PORT/DB [sync_interval=T] [sync_prefix=P] [sync_password_file=F]``."""
+    values: dict[str, str] = {}
+    for param in params:
+        key, eq, value = param.partition("=")
+        if not eq or key not in ("sync", "sync_interval", "sync_prefix", "sync_password_file") \
+                or key in values:
+            raise fail(node, f'invalid parameter "{param}"')
+        values[key] = value
+    if not values:
+        return None
+    url = values.get("sync")
+    if url is None:
+        raise fail(node, f'"sync_*" parameters need "sync=" in python_shared_dict "{name}"')
+    if not url.startswith(_SYNC_SCHEMES) or len(url) <= len("rediss://"):
+        raise fail(node, f'invalid sync URL "{url}" (redis://HOST:PORT/DB or rediss://...)')
+    interval = parse_time(values.get("sync_interval", "50ms"))
+    if interval is None or interval <= 0:
+        raise fail(node, f'invalid sync_interval "{values["sync_interval"]}"')
+    password_file = values.get("sync_password_file")
+    return DictSyncConf(
+        url=url, interval=interval, prefix=values.get("sync_prefix", f"scriptlb:{name}:"),
+        password_file=state.path(password_file) if password_file else None,
+    )
 
 
 def _hook_timeout(state: State, node: Node, draft: Any) -> None:
@@ -677,7 +709,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("balancer_by_python_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _hook_timeout),
     _spec("balancer_by_python_file", Ctx.UPSTREAM, ONE, _hook_file),
     _spec("balancer_by_python_block", Ctx.UPSTREAM, NONE, _hook_block, block=True),
-    _spec("python_shared_dict", Ctx.HTTP, (2, 2), _python_shared_dict),
+    _spec("python_shared_dict", Ctx.HTTP, (2, 6), _python_shared_dict),
     _spec("log_by_python_file", HSL, ONE, _log_hook_file),
     _spec("log_by_python_block", HSL, NONE, _log_hook_block, block=True),
     _spec("log_by_python_timeout", HSL, ONE, _hook_timeout),

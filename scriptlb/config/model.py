@@ -137,12 +137,24 @@ class PythonConf:
 
 
 @dataclass(frozen=True, slots=True)
+class DictSyncConf:
+    """``python_shared_dict ... sync=URL``: the zone is merged with Redis by the node's sync
+    process (``scriptlb.dict_sync``)."""
+
+    url: str  # redis://HOST:PORT/DB or rediss://...
+    interval: float = 0.05  # sync_interval=, seconds between two merges
+    prefix: str = ""  # sync_prefix=, the Redis key prefix (default: scriptlb:NAME:)
+    password_file: str | None = None  # sync_password_file=, read by the sync process
+
+
+@dataclass(frozen=True, slots=True)
 class SharedDictConf:
     """One ``python_shared_dict NAME SIZE;`` zone (``scriptlb.shared_dict.SharedDict``)."""
 
     name: str  # as written; ngx.shared.NAME in hooks (case-sensitive, as lua_shared_dict)
     size: int  # bytes, at least scriptlb.shared_dict.MIN_SIZE
     source: Source | None = None
+    sync: DictSyncConf | None = None  # cluster-wide through Redis
 
 
 @dataclass(frozen=True, slots=True)
