@@ -10,12 +10,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import free_ports, wait_for
+from helpers import free_ports, wait_for
 
 
 def require(tool: str) -> str:
@@ -50,7 +48,8 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")],
+             "--appendonly", "no", "--dir", str(self.directory),
+             "--logfile", str(self.directory / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: _port_open(self.port), 10, "redis-server to listen")
         return self
@@ -71,7 +70,7 @@ class RedisServer:
                 self.kill()
             self.proc = None
 
-    def client(self):  # noqa: ANN201 - redis.Redis
+    def client(self):
         import redis
 
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
@@ -81,10 +80,3 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def wait_until_true(predicate, timeout: float = 10.0, interval: float = 0.01) -> float:  # noqa: ANN001
-    """Seconds until ``predicate()`` held; fails after ``timeout``."""
-    start = time.monotonic()
-    wait_for(predicate, timeout, "the cluster to converge")
-    return time.monotonic() - start

@@ -1,0 +1,263 @@
+"""Several scriptlb nodes as one cluster: shared dicts merged through a real Redis (started and
+killed by the tests), three real masters on loopback ports, real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import pytest
+from cluster_servers import RedisServer
+from helpers import Backends, answers, free_ports, master_process, respond, wait_for
+
+from scriptlb.config.model import DictSyncConf
+from scriptlb.dict_sync import DictSync
+from scriptlb.shared_dict import SharedDict, SyncedSharedDict, zone_directory
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+ZONE_SIZE = 1 << 20
+
+
+# --------------------------------------------------------------------------- in one process
+
+
+async def _converged(zones: list[SyncedSharedDict], key: str, value: object, timeout: float = 10.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if all(zone.get(key)[0] == value for zone in zones):
+            return time.monotonic() - start
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{key}: {[zone.get(key)[0] for zone in zones]} != {value}")
+
+
+def test_three_zones_merge_counters_exactly_through_a_redis_crash(tmp_path: Path) -> None:
+    """Three nodes' zones, each with its DictSync: increments add up exactly, sets are
+    last-writer-wins, deletes reach everyone, and a Redis killed (losing everything, no
+    persistence) and restarted under writes loses and doubles nothing."""
+
+    async def scenario(redis: RedisServer) -> None:
+        conf = DictSyncConf(redis.url, 0.02, "t:")
+        zones = [SyncedSharedDict(str(tmp_path / f"node{i}"), "d", ZONE_SIZE) for i in range(3)]
+        syncs = [DictSync(zone, conf) for zone in zones]
+        tasks = [asyncio.create_task(sync.run()) for sync in syncs]
+        try:
+            for _ in range(100):
+                for zone in zones:
+                    zone.incr("hits", 1, 0)
+            await _converged(zones, "hits", 300)
+            zones[0].set("motd", "hello", 30)
+            await _converged(zones, "motd", "hello")
+            assert 29 < zones[2].ttl("motd")[0] <= 30
+            zones[1].set("motd", "bye")
+            await _converged(zones, "motd", "bye")
+            redis.kill()
+            for _ in range(50):
+                for zone in zones:
+                    zone.incr("hits", 1, 0)
+            assert [zone.get("hits")[0] for zone in zones] == [350, 350, 350]  # local, go on serving
+            await asyncio.sleep(0.3)  # a few failed rounds
+            redis.start()
+            await _converged(zones, "hits", 450)
+            await _converged(zones, "motd", "bye")  # restored from the nodes
+            stored = redis.client().hgetall("t:k:hits")
+            assert sorted(int(v) for f, v in stored.items() if f.startswith(b"n:")) == [150, 150, 150]
+            zones[2].delete("motd")
+            zones[0].set("n", 5)
+            await _converged(zones, "motd", None)
+            await _converged(zones, "n", 5)
+            zones[1].incr("n", 2)
+            await _converged(zones, "n", 7)  # a set value, then increments on top
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for sync in syncs:
+                await sync.close()
+            for zone in zones:
+                zone.close()
+
+    with RedisServer(tmp_path / "redis") as redis:
+        asyncio.run(scenario(redis))
+
+
+# --------------------------------------------------------------------------- three real nodes
+
+
+def node_conf(prefix: Path, port: int, backends: str, http_extra: str, hook: str) -> str:
+    return f"""
+daemon off;
+worker_processes 1;
+error_log {prefix}/error.log notice;
+pid {prefix}/scriptlb.pid;
+events {{}}
+http {{
+    access_log off;
+    {http_extra}
+    upstream u {{
+        {backends}
+        {hook}
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://u; }}
+    }}
+}}
+"""
+
+
+@contextmanager
+def three_nodes(tmp_path: Path, conf_for: callable) -> Iterator[list[tuple[Path, int]]]:  # type: ignore[valid-type]
+    """Three masters (one worker and one cluster process each) on their own ports/prefixes."""
+    ports = free_ports(3)
+    nodes = []
+    with ExitStack() as stack:
+        for i, port in enumerate(ports):
+            prefix = tmp_path / f"node{i}"
+            prefix.mkdir()
+            (prefix / "scriptlb.conf").write_text(conf_for(prefix, port))
+            stack.enter_context(master_process(prefix, prefix / "scriptlb.conf"))
+            nodes.append((prefix, port))
+        for _, port in nodes:
+            wait_for(lambda port=port: answers(port, "/ready") is not None, 20, f"node on {port}")
+        yield nodes
+
+
+class Load:
+    """One paced client per node: ``rate`` requests per second over a keep-alive connection,
+    at most ``seconds`` long; statuses collected."""
+
+    def __init__(self, ports: list[int], rate: float, seconds: float) -> None:
+        self.ports = ports
+        self.rate = rate
+        self.seconds = seconds
+        self.statuses: Counter[int] = Counter()
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._client, args=(p,), daemon=True) for p in ports]
+
+    def _client(self, port: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        start = time.monotonic()
+        sent = 0
+        while not self._stop.is_set() and time.monotonic() - start < self.seconds:
+            try:
+                conn.request("GET", f"/{sent}")
+                response = conn.getresponse()
+                response.read()
+                with self._lock:
+                    self.statuses[response.status] += 1
+            except (OSError, http.client.HTTPException) as err:
+                with self._lock:
+                    self.failures.append(f"{port}: {err!r}")
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            sent += 1
+            delay = start + sent / self.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        conn.close()
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def wait(self) -> None:
+        for thread in self._threads:
+            thread.join(self.seconds + 30)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.wait()
+
+
+def _arrivals() -> tuple[list[float], object]:
+    """A backend behaviour recording each request's arrival (wall clock, as the hook's windows)."""
+    times: list[float] = []
+    answer = respond(200, b"ok")
+
+    async def behaviour(req, writer) -> bool:
+        times.append(time.time())
+        return await answer(req, writer)
+
+    return times, behaviour
+
+
+def test_rate_aware_limit_holds_for_the_cluster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """hooks/rate_aware.py in cluster mode on three nodes sharing one Redis: with an even load
+    of twice the limit, every full second admits between 90% and 110% of LIMIT in total."""
+    limit = 60
+    hook_text = (ROOT / "hooks" / "rate_aware.py").read_text()
+    for old, new in {"LIMIT = 50": f"LIMIT = {limit}", "NODES = 1": "NODES = 3"}.items():
+        assert old in hook_text
+        hook_text = hook_text.replace(old, new)
+    hook_file = tmp_path / "rate_aware.py"
+    hook_file.write_text(hook_text)
+    times, behaviour = _arrivals()
+    with RedisServer(tmp_path / "redis") as redis, Backends(behaviour) as backends:
+        zones = (f"python_shared_dict rate 1m sync={redis.url} sync_interval=50ms;\n"
+                 "python_shared_dict rate_local 1m;")
+
+        def conf_for(prefix: Path, port: int) -> str:
+            return node_conf(prefix, port, f"server {backends[0].addr};", zones,
+                             f"balancer_by_python_file {hook_file};")
+
+        with three_nodes(tmp_path, conf_for) as nodes:
+            time.sleep(1.0 - time.time() % 1.0)
+            with Load([port for _, port in nodes], rate=2 * limit / 3, seconds=5.2) as load:
+                load.wait()
+    assert not load.failures
+    assert load.statuses[200] > 0 and load.statuses[503] > 0
+    per_second = Counter(int(t) for t in times)
+    full = [per_second[s] for s in sorted(per_second)[1:-1]]  # the first and last are partial
+    assert len(full) >= 3, per_second
+    with capsys.disabled():
+        print(f"\ncluster rate limit {limit}/s on 3 nodes, admitted per full second: {full}")
+    for admitted in full:
+        assert 0.9 * limit <= admitted <= 1.1 * limit, full
+
+
+def test_counts_survive_a_redis_crash_under_load(tmp_path: Path) -> None:
+    """Every request counts once in a cluster-wide counter: Redis killed (losing its data) and
+    restarted while three nodes serve; no client request fails, and afterwards every node and
+    Redis hold exactly the number of requests served."""
+    with RedisServer(tmp_path / "redis") as redis, Backends(respond(200, b"ok")) as backends:
+        zone = f"python_shared_dict hits 1m sync={redis.url} sync_interval=50ms;"
+        hook = 'balancer_by_python_block { ngx.shared.hits.incr("total", 1, 0) }'
+
+        def conf_for(prefix: Path, port: int) -> str:
+            return node_conf(prefix, port, f"server {backends[0].addr};", zone, hook)
+
+        with three_nodes(tmp_path, conf_for) as nodes:
+            readiness = 3  # the probes counted too
+            with Load([port for _, port in nodes], rate=50, seconds=3.0) as load:
+                time.sleep(1.0)
+                redis.kill()
+                time.sleep(0.7)
+                redis.start()
+                load.wait()
+            served = sum(load.statuses.values()) + readiness
+            zones = [SharedDict(zone_directory(str(prefix)), "hits", ZONE_SIZE) for prefix, _ in nodes]
+            try:
+                wait_for(lambda: all(z.get("total")[0] == served for z in zones), 15,
+                         f"every node to count {served}: {[z.get('total')[0] for z in zones]}")
+            finally:
+                for z in zones:
+                    z.close()
+            stored = redis.client().hgetall("scriptlb:hits:k:total")
+            logs = [(prefix / "error.log").read_text() for prefix, _ in nodes]
+    assert not load.failures
+    assert set(load.statuses) == {200}
+    assert sum(int(v) for f, v in stored.items() if f.startswith(b"n:")) == served
+    for log in logs:
+        assert log.count("unavailable (") == 1, log  # once per state change, not per retry
+        assert log.count("reachable again") == 1
