@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from bisect import bisect_left
 from collections.abc import Callable
 from types import CodeType
 from typing import Any
@@ -37,6 +38,8 @@ from scriptlb.sandbox.policy import HookCompileError, compile_hook
 LogSink = Callable[[str, str, Any], None]  # (level, message, exchange or None)
 _BUDGET = limits.BUDGET
 _clock = limits.clock
+# scriptlb_hook_duration_seconds' buckets: hook runs take microseconds to their budget (10 ms)
+RUN_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
 _HOST_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -240,6 +243,11 @@ class _Runner:
         self._limit = _RateLimit()
         limits.quiet_unraisable_stops()  # a generator finalized past the budget: no stderr noise
         self._globals = _fresh_globals("__hook__")
+        # for the metrics (scriptlb.metrics): runs, failures by kind, durations per bucket
+        self.runs = 0
+        self.failures: dict[str, int] = {}
+        self.durations = [0] * (len(RUN_BUCKETS) + 1)
+        self.duration_sum = 0.0
         self._code: CodeType | None = None
         self._compile_error: str | None = None
         if self.python.code_cache:
@@ -281,7 +289,8 @@ class _Runner:
             fuse.run_started()
         budget = _BUDGET
         budget.tripped = False
-        budget.deadline = _clock() + self.timeout
+        started = _clock()
+        budget.deadline = started + self.timeout
         failure: BaseException | None = None
         try:
             exec(code, self._globals.copy())
@@ -293,6 +302,10 @@ class _Runner:
             context.exchange = context.upstream = context.outcome = None
             if fuse is not None:
                 fuse.run_ended()
+            spent = _clock() - started
+            self.runs += 1
+            self.duration_sum += spent
+            self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
         if stopped or failure is not None:
             return self._failed_run(outcome, failure, stopped, exchange)
         return None
@@ -316,6 +329,7 @@ class _Runner:
     def _report(self, kind: str, message: str, exchange: Any, level: str) -> str:
         """Log ``message`` (escaped: exception text is hook-made), rate-limited per kind;
         returns the escaped text."""
+        self.failures[kind] = self.failures.get(kind, 0) + 1
         message = api.escape_log(message[:api.MAX_LOG_MESSAGE])
         write, suppressed = self._limit.admit(kind, time.monotonic())
         if suppressed:
