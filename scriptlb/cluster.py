@@ -10,6 +10,10 @@ one task per source:
 
 - ``DictSync`` per ``python_shared_dict ... sync=redis://`` zone (scriptlb.dict_sync): merges
   the LMDB zone, which every worker reads and writes locally, with Redis.
+- ``EtcdMembership`` per upstream with ``discovery etcd=...`` (scriptlb.discovery) and
+  ``DnsMembership`` per upstream with ``server ... resolve`` (scriptlb.resolver): both write
+  the upstream's run-time server list (scriptlb.peer_lists), which every worker polls and
+  applies, exactly as it applies an API change.
 
 Why a child and not the master: the master stays single-threaded and loop-free (it forks
 workers; a thread or a loop in it would be copied half-made into every child), and a bug or a
@@ -29,10 +33,18 @@ import contextlib
 import signal
 
 from scriptlb import errorlog
-from scriptlb.config.model import MainConf
+from scriptlb.config.model import HttpConf, MainConf
 from scriptlb.shared_dict import SyncedSharedDict, zone_directory
 
 FINAL_ROUND_TIMEOUT = 1.0  # seconds a stopping node spends pushing its last writes
+
+
+def feeds_peer_lists(http: HttpConf) -> bool:
+    """Whether some upstream's servers come from etcd or DNS at run time."""
+    return any(
+        upstream.discovery is not None or any(s.resolve for s in upstream.servers)
+        for upstream in http.upstreams.values()
+    )
 
 
 def needed(conf: MainConf) -> bool:
@@ -40,7 +52,7 @@ def needed(conf: MainConf) -> bool:
     http = conf.http
     if http is None:
         return False
-    return any(zone.sync is not None for zone in http.shared_dicts.values())
+    return any(zone.sync is not None for zone in http.shared_dicts.values()) or feeds_peer_lists(http)
 
 
 class ClusterNode:
@@ -49,6 +61,7 @@ class ClusterNode:
     def __init__(self, conf: MainConf) -> None:
         self.conf = conf
         self.syncs: list = []
+        self.memberships: list = []
         self._tasks: list[asyncio.Task] = []
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -64,6 +77,20 @@ class ClusterNode:
             shared = SyncedSharedDict(directory, name, zone.size)
             self.syncs.append(DictSync(shared, zone.sync))
         self._tasks = [loop.create_task(sync.run()) for sync in self.syncs]
+        self._start_memberships(http, directory, loop)
+
+    def _start_memberships(self, http: HttpConf, directory: str, loop: asyncio.AbstractEventLoop) -> None:
+        from scriptlb.discovery import EtcdMembership
+        from scriptlb.peer_lists import PeerListStore
+        from scriptlb.resolver import DnsMembership
+
+        store = PeerListStore(directory)
+        for upstream in http.upstreams.values():
+            if upstream.discovery is not None:
+                self.memberships.append(EtcdMembership(upstream, upstream.discovery, store))
+            elif upstream.resolver is not None and any(s.resolve for s in upstream.servers):
+                self.memberships.append(DnsMembership(upstream, upstream.resolver, store))
+        self._tasks += [loop.create_task(member.run()) for member in self.memberships]
 
     async def stop(self, graceful: bool) -> None:
         for sync in self.syncs:

@@ -89,7 +89,7 @@ def member_address(key: bytes, prefix: bytes) -> str:
     """``IP:PORT`` from a key under the prefix (IP literals only: no DNS lookup here)."""
     from scriptlb.config.addresses import AddressError, split_host_port
 
-    text = key[len(prefix):].decode("utf-8", "replace")
+    text = key[len(prefix) :].decode("utf-8", "replace")
     try:
         hp = split_host_port(text)
     except AddressError:
@@ -109,8 +109,9 @@ def _is_ip(host: str | None) -> bool:
         return False
 
 
-def write_members(store: PeerListStore, upstream: UpstreamConf,
-                  members: list[tuple[str, dict[str, Any]]]) -> PeerList:
+def write_members(
+    store: PeerListStore, upstream: UpstreamConf, members: list[tuple[str, dict[str, Any]]]
+) -> PeerList:
     """Make ``members`` (address, fields) the upstream's run-time list. Entries for addresses
     already listed keep their ids (and so their API identity and statistics)."""
 
@@ -157,8 +158,11 @@ class SourceState:
 
     def failed(self, err: BaseException) -> None:
         if self.reachable is not False:
-            errorlog.log_error("error", f"{self.what} unavailable ({err.__class__.__name__}: {err}), "
-                               "keeping the last known servers, retrying")
+            errorlog.log_error(
+                "error",
+                f"{self.what} unavailable ({err.__class__.__name__}: {err}), "
+                "keeping the last known servers, retrying",
+            )
         self.reachable = False
 
     def ok(self) -> None:
@@ -223,8 +227,11 @@ class EtcdMembership:
             except BadMember as err:
                 if (key, value) not in self._bad:
                     self._bad.add((key, value))
-                    errorlog.log_error("warn", f'upstream "{self.upstream.name}": etcd key '
-                                       f'"{key.decode("utf-8", "replace")}" ignored: {err}')
+                    errorlog.log_error(
+                        "warn",
+                        f'upstream "{self.upstream.name}": etcd key '
+                        f'"{key.decode("utf-8", "replace")}" ignored: {err}',
+                    )
         return members
 
     def apply(self) -> None:

@@ -70,12 +70,15 @@ class Etcd:
         self.timeout = timeout
         self.url = f"http://{self.host}:{self.port}"
 
-    async def _open(self, path: str, body: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _open(
+        self, path: str, body: dict[str, Any]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
         payload = json.dumps(body).encode()
         writer.write(
             f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+            + payload
         )
         await writer.drain()
         return reader, writer
@@ -100,11 +103,18 @@ class Etcd:
     async def delete(self, key: bytes) -> None:
         await self.call("/v3/kv/deleterange", {"key": b64(key)})
 
-    async def watch_prefix(self, prefix: bytes, start_revision: int) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
+    async def watch_prefix(
+        self, prefix: bytes, start_revision: int
+    ) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
         """(revision, events) per watch message from ``start_revision`` on; raises EtcdError when
         the revision was compacted away (the caller then reads the range again)."""
-        request = {"create_request": {"key": b64(prefix), "range_end": b64(prefix_end(prefix)),
-                                      "start_revision": start_revision}}
+        request = {
+            "create_request": {
+                "key": b64(prefix),
+                "range_end": b64(prefix_end(prefix)),
+                "start_revision": start_revision,
+            }
+        }
         reader, writer = await self._open("/v3/watch", request)
         try:
             status, headers = await asyncio.wait_for(_read_head(reader), self.timeout)
@@ -117,14 +127,18 @@ class Etcd:
                 if result.get("compact_revision") or result.get("canceled"):
                     raise EtcdError(f"watch canceled at revision {result.get('compact_revision', '?')}")
                 revision = int(result.get("header", {}).get("revision", 0))
-                events = [WatchEvent(e.get("type", "PUT"), _kv(e.get("kv", {}))) for e in result.get("events", [])]
+                events = [
+                    WatchEvent(e.get("type", "PUT"), _kv(e.get("kv", {}))) for e in result.get("events", [])
+                ]
                 yield revision, events
         finally:
             writer.close()
 
 
 def _kv(item: dict[str, Any]) -> KeyValue:
-    return KeyValue(unb64(item.get("key", "")), unb64(item.get("value", "")), int(item.get("mod_revision", 0)))
+    return KeyValue(
+        unb64(item.get("key", "")), unb64(item.get("value", "")), int(item.get("mod_revision", 0))
+    )
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
@@ -173,11 +187,15 @@ async def _read_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
     except ValueError:
         raise EtcdError(f"bad reply ({status}): {body[:200]!r}")
     if status != 200:
-        raise EtcdError(f"etcd answered {status}: {reply.get('error') or reply.get('message') or body[:200]!r}")
+        raise EtcdError(
+            f"etcd answered {status}: {reply.get('error') or reply.get('message') or body[:200]!r}"
+        )
     return reply
 
 
-async def _json_stream(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+async def _json_stream(
+    reader: asyncio.StreamReader, headers: dict[str, str]
+) -> AsyncIterator[dict[str, Any]]:
     """The gateway's streamed messages: JSON objects, one per line."""
     pending = b""
     async for chunk in _body_chunks(reader, headers):

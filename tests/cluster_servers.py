@@ -80,3 +80,85 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class EtcdServer:
+    """A one-member ``etcd`` with its data directory under the test's; a restart keeps the data
+    (and so the revisions a watch resumes from)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = require("etcd")
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port, self.peer_port = free_ports(2)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> EtcdServer:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        with open(self.directory / "etcd.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, "--name", "test", "--data-dir", str(self.directory / "data"),
+                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", f"test={peer}"],
+                stdout=subprocess.DEVNULL, stderr=log)
+        wait_for(lambda: self._ready(), 20, "etcd to serve")
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            self.put("/health-probe", "")
+            return True
+        except OSError:
+            return False
+
+    def _call(self, path: str, body: dict) -> dict:
+        import http.client
+        import json
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            data = json.loads(response.read() or b"{}")
+            if response.status != 200:
+                raise OSError(f"etcd {path}: {response.status} {data}")
+            return data
+        finally:
+            conn.close()
+
+    def put(self, key: str, value: str) -> None:
+        import base64
+
+        self._call("/v3/kv/put", {"key": base64.b64encode(key.encode()).decode(),
+                                  "value": base64.b64encode(value.encode()).decode()})
+
+    def delete(self, key: str) -> None:
+        import base64
+
+        self._call("/v3/kv/deleterange", {"key": base64.b64encode(key.encode()).decode()})
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            self.proc = None
+
+    def __enter__(self) -> EtcdServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
-from cluster_servers import RedisServer
+from cluster_servers import EtcdServer, RedisServer
 from helpers import Backends, answers, free_ports, master_process, respond, wait_for
 
 from scriptlb.config.model import DictSyncConf
@@ -261,3 +261,73 @@ def test_counts_survive_a_redis_crash_under_load(tmp_path: Path) -> None:
     for log in logs:
         assert log.count("unavailable (") == 1, log  # once per state change, not per retry
         assert log.count("reachable again") == 1
+
+
+# --------------------------------------------------------------------------- etcd membership
+
+
+def _bodies(port: int, count: int) -> set[str]:
+    """The backends that answered ``count`` requests on new connections (None: no answer)."""
+    seen = set()
+    for _ in range(count):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            seen.add(response.read().decode() if response.status == 200 else str(response.status))
+        finally:
+            conn.close()
+    return seen
+
+
+def _propagation(ports: list[int], expected: set[str], timeout: float = 10.0) -> float:
+    """Seconds until every node's traffic goes to exactly the ``expected`` backends."""
+    start = time.monotonic()
+    wait_for(lambda: all(_bodies(port, 4) == expected for port in ports), timeout,
+             f"every node to serve {expected}")
+    return time.monotonic() - start
+
+
+def test_etcd_membership_reaches_every_node_and_survives_an_etcd_crash(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Three nodes take an upstream's servers from one etcd prefix: a key added, changed (down)
+    or deleted reaches the traffic of all three within a second; etcd killed under load keeps
+    the last servers (no failed request, one error line per node) and a change made after its
+    restart arrives through the resumed watch."""
+    with EtcdServer(tmp_path / "etcd") as etcd, \
+            Backends(respond(200, b"b0"), respond(200, b"b1")) as backends:
+        prefix = "/scriptlb/upstreams/u/"
+        b0, b1 = (prefix + b.addr for b in backends)
+
+        def conf_for(node_prefix: Path, port: int) -> str:
+            return node_conf(node_prefix, port, "zone u 64k;",
+                             "", f"discovery etcd={etcd.url} prefix={prefix} timeout=1s;")
+
+        etcd.put(b0, "")
+        with three_nodes(tmp_path, conf_for) as nodes:
+            ports = [port for _, port in nodes]
+            delays = []
+            etcd.put(b1, '{"weight": 2}')
+            delays.append(_propagation(ports, {"b0", "b1"}))
+            etcd.put(b0, '{"down": true}')
+            delays.append(_propagation(ports, {"b1"}))
+            etcd.put(b0, "{}")
+            etcd.delete(b1)
+            delays.append(_propagation(ports, {"b0"}))
+            with Load(ports, rate=30, seconds=2.0) as load:
+                time.sleep(0.3)
+                etcd.kill()
+                load.wait()
+            etcd.start()
+            etcd.put(b1, "")
+            after_restart = _propagation(ports, {"b0", "b1"}, timeout=15)
+            logs = [(p / "error.log").read_text() for p, _ in nodes]
+    with capsys.disabled():
+        print(f"\netcd change -> traffic on all 3 nodes: {[round(d, 3) for d in delays]} s; "
+              f"after an etcd restart: {after_restart:.3f} s")
+    assert not load.failures and set(load.statuses) == {200}, (load.failures, load.statuses)
+    assert all(d < 1.0 for d in delays), delays
+    for log in logs:
+        assert log.count(f"etcd {etcd.url} unavailable (") == 1, log
+        assert "keeping the last known servers" in log
+        assert f"etcd {etcd.url} reachable again" in log
