@@ -162,3 +162,48 @@ class EtcdServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class DnsServer:
+    """A small authoritative DNS server (dnslib) on a loopback UDP port; ``records`` maps
+    (name, type) to [(rdata text, ttl)] and may change while it runs; ``fail`` makes it answer
+    SERVFAIL (a broken resolver)."""
+
+    def __init__(self) -> None:
+        import dnslib.server
+
+        self.records: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        self.fail = False
+        self.queries = 0
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self._server = dnslib.server.DNSServer(self, port=self.port, address="127.0.0.1",
+                                               logger=dnslib.server.DNSLogger("-request,-reply,-truncated"
+                                                                              ",-recv,-send,-data,-error"))
+
+    def resolve(self, request, handler):  # noqa: ANN001, ANN201 - dnslib's resolver interface
+        import dnslib
+
+        self.queries += 1
+        reply = request.reply()
+        if self.fail:
+            reply.header.rcode = dnslib.RCODE.SERVFAIL
+            return reply
+        name = str(request.q.qname).rstrip(".")
+        qtype = dnslib.QTYPE[request.q.qtype]
+        answers = self.records.get((name, qtype), [])
+        if not answers and not any(n == name for n, _ in self.records):
+            reply.header.rcode = dnslib.RCODE.NXDOMAIN
+        for rdata, ttl in answers:
+            reply.add_answer(*dnslib.RR.fromZone(f"{name}. {ttl} IN {qtype} {rdata}"))
+        return reply
+
+    def __enter__(self) -> DnsServer:
+        self._server.start_thread()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop()
+        self._server.server.server_close()

@@ -8,12 +8,12 @@ import http.client
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
-from cluster_servers import EtcdServer, RedisServer
+from cluster_servers import DnsServer, EtcdServer, RedisServer
 from helpers import Backends, answers, free_ports, master_process, respond, wait_for
 
 from scriptlb.config.model import DictSyncConf
@@ -114,9 +114,10 @@ http {{
 
 
 @contextmanager
-def three_nodes(tmp_path: Path, conf_for: callable) -> Iterator[list[tuple[Path, int]]]:  # type: ignore[valid-type]
+def three_nodes(tmp_path: Path, conf_for: Callable[[Path, int], str],
+                count: int = 3) -> Iterator[list[tuple[Path, int]]]:
     """Three masters (one worker and one cluster process each) on their own ports/prefixes."""
-    ports = free_ports(3)
+    ports = free_ports(count)
     nodes = []
     with ExitStack() as stack:
         for i, port in enumerate(ports):
@@ -331,3 +332,65 @@ def test_etcd_membership_reaches_every_node_and_survives_an_etcd_crash(
         assert log.count(f"etcd {etcd.url} unavailable (") == 1, log
         assert "keeping the last known servers" in log
         assert f"etcd {etcd.url} reachable again" in log
+
+
+# --------------------------------------------------------------------------- DNS membership
+
+
+def _dns_conf(dns: DnsServer, servers: str) -> Callable[[Path, int], str]:
+    def conf_for(node_prefix: Path, port: int) -> str:
+        text = node_conf(node_prefix, port, "zone u 64k;\n" + servers, "", "")
+        text = text.replace("worker_processes 1;", "worker_processes 2;")
+        return text.replace("access_log off;", f"access_log off;\n    resolver 127.0.0.1:{dns.port} ipv6=off;"
+                                               "\n    resolver_timeout 1s;")
+    return conf_for
+
+
+def test_srv_records_changing_under_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``server svc.test service=_http._tcp resolve``: SRV records give the peers' ports; a
+    record added or removed reaches the traffic of both workers without a reload and without a
+    failed request, a peer that stays keeps its id, and a resolver answering SERVFAIL keeps
+    the last peers."""
+    from scriptlb.peer_lists import PeerListStore
+
+    with DnsServer() as dns, Backends(respond(200, b"b0"), respond(200, b"b1")) as backends:
+        srv = ("_http._tcp.svc.test", "SRV")
+        dns.records = {srv: [(f"10 1 {backends[0].port} b.svc.test.", 1)], ("b.svc.test", "A"): [("127.0.0.1", 1)]}
+        with three_nodes(tmp_path, _dns_conf(dns, "server svc.test service=_http._tcp resolve;"), count=1) as nodes:
+            prefix, port = nodes[0]
+            store = PeerListStore(zone_directory(str(prefix)))
+            wait_for(lambda: _bodies(port, 4) == {"b0"}, 10, "b0 from DNS")
+            with Load([port], rate=40, seconds=8.0) as load:
+                dns.records[srv] = [(f"10 1 {backends[0].port} b.svc.test.", 1),
+                                    (f"10 1 {backends[1].port} b.svc.test.", 1)]
+                added = _propagation([port], {"b0", "b1"})
+                b1_id = {e.server: e.id for e in store.read()["u"].servers}[backends[1].addr]
+                dns.records[srv] = [(f"10 1 {backends[1].port} b.svc.test.", 1)]
+                removed = _propagation([port], {"b1"})
+                assert {e.server: e.id for e in store.read()["u"].servers} == {backends[1].addr: b1_id}
+                dns.fail = True
+                time.sleep(2.5)  # two TTLs of failed lookups
+                assert _bodies(port, 4) == {"b1"}
+                dns.fail = False
+                load.wait()
+            log = (prefix / "error.log").read_text()
+    with capsys.disabled():
+        print(f"\nDNS SRV change -> traffic (TTL 1 s): added {added:.3f} s, removed {removed:.3f} s")
+    assert not load.failures and set(load.statuses) == {200}, (load.failures, load.statuses)
+    assert log.count('resolving "svc.test" via') >= 1 and "SERVFAIL" in log
+    assert "keeping the last known servers" in log
+
+
+def test_a_records_and_nxdomain(tmp_path: Path) -> None:
+    """``server NAME:PORT resolve``: A records give the addresses; NXDOMAIN is an answer (no
+    peer left: 502), and the name coming back brings the peer back."""
+    with DnsServer() as dns, Backends(respond(200, b"b0")) as backends:
+        dns.records = {("app.test", "A"): [("127.0.0.1", 1)]}
+        servers = f"server app.test:{backends[0].port} resolve;"
+        with three_nodes(tmp_path, _dns_conf(dns, servers), count=1) as nodes:
+            port = nodes[0][1]
+            wait_for(lambda: _bodies(port, 2) == {"b0"}, 10, "app.test resolved")
+            dns.records = {("other.test", "A"): [("127.0.0.1", 1)]}
+            wait_for(lambda: _bodies(port, 2) == {"502"}, 10, "app.test gone")
+            dns.records = {("app.test", "A"): [("127.0.0.1", 1)]}
+            wait_for(lambda: _bodies(port, 2) == {"b0"}, 10, "app.test back")
