@@ -183,7 +183,7 @@ class DnsServer:
                                                logger=dnslib.server.DNSLogger("-request,-reply,-truncated"
                                                                               ",-recv,-send,-data,-error"))
 
-    def resolve(self, request, handler):  # noqa: ANN001, ANN201 - dnslib's resolver interface
+    def resolve(self, request, handler):
         import dnslib
 
         self.queries += 1

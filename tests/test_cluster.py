@@ -355,8 +355,10 @@ def test_srv_records_changing_under_load(tmp_path: Path, capsys: pytest.CaptureF
 
     with DnsServer() as dns, Backends(respond(200, b"b0"), respond(200, b"b1")) as backends:
         srv = ("_http._tcp.svc.test", "SRV")
-        dns.records = {srv: [(f"10 1 {backends[0].port} b.svc.test.", 1)], ("b.svc.test", "A"): [("127.0.0.1", 1)]}
-        with three_nodes(tmp_path, _dns_conf(dns, "server svc.test service=_http._tcp resolve;"), count=1) as nodes:
+        dns.records = {srv: [(f"10 1 {backends[0].port} b.svc.test.", 1)],
+                       ("b.svc.test", "A"): [("127.0.0.1", 1)]}
+        conf_for = _dns_conf(dns, "server svc.test service=_http._tcp resolve;")
+        with three_nodes(tmp_path, conf_for, count=1) as nodes:
             prefix, port = nodes[0]
             store = PeerListStore(zone_directory(str(prefix)))
             wait_for(lambda: _bodies(port, 4) == {"b0"}, 10, "b0 from DNS")

@@ -992,7 +992,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("expect", Ctx.MATCH, (1, 2), _match_expect),
     _spec("state", Ctx.UPSTREAM, ONE, _upstream_state),
     # membership at run time (the cluster process): etcd, DNS
-    _spec("discovery", Ctx.UPSTREAM, (2, 3), _discovery),
+    _spec("discovery", Ctx.UPSTREAM, (1, 3), _discovery),
     _spec("resolver", Ctx.HTTP | Ctx.UPSTREAM, (1, None), _resolver),
     _spec("resolver_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _slot(msec)),
     # access control, status and the API
