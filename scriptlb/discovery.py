@@ -149,6 +149,49 @@ def same_members(current: PeerList, members: list[tuple[str, dict[str, Any]]]) -
     return True
 
 
+_WRITES: set[asyncio.Task] = set()  # write-throughs in flight (the loop keeps weak references)
+
+
+def entry_value(entry: ServerEntry) -> bytes:
+    """A server's etcd value: the API's fields (the key holds the address)."""
+    fields = entry.to_json()
+    del fields["id"], fields["server"]
+    return json.dumps(fields, sort_keys=True).encode()
+
+
+def write_through(
+    loop: asyncio.AbstractEventLoop, upstream: UpstreamConf, before: PeerList, after: PeerList
+) -> None:
+    """An API change of an etcd-backed upstream, written to etcd (PUT what was added or changed,
+    DELETE what went), in the background: every node's watch then applies it. A failure is
+    logged; this node keeps the change until etcd says otherwise."""
+    conf = upstream.discovery
+    assert conf is not None
+    old = {e.server: e for e in before.servers if e.server != EMPTY_PLACEHOLDER}
+    new = {e.server: e for e in after.servers if e.server != EMPTY_PLACEHOLDER}
+    prefix = conf.prefix.encode()
+    puts = [(prefix + a.encode(), entry_value(e)) for a, e in new.items() if old.get(a) != e]
+    deletes = [prefix + a.encode() for a in old if a not in new]
+
+    async def write() -> None:
+        etcd = Etcd(conf.etcd, timeout=conf.timeout)
+        try:
+            for key, value in puts:
+                await etcd.put(key, value)
+            for key in deletes:
+                await etcd.delete(key)
+        except Exception as err:
+            errorlog.log_error(
+                "error",
+                f'upstream "{upstream.name}": writing the API change to etcd '
+                f"{etcd.url} failed ({err.__class__.__name__}: {err})",
+            )
+
+    task = loop.create_task(write())
+    _WRITES.add(task)
+    task.add_done_callback(_WRITES.discard)
+
+
 class SourceState:
     """Logs a membership source's reachability once per change of state."""
 

@@ -215,8 +215,19 @@ class Api:
         store = self._store()
         if store is None:
             raise ApiError(500, "run-time upstream changes are unavailable", "InternalError")
-        result = store.change(self._loaded(upstream), edit)
+        loaded = self._loaded(upstream)
+        before: list[PeerList] = []
+
+        def recorded(current: PeerList) -> PeerList:
+            before.append(current)
+            return edit(current)
+
+        result = store.change(loaded, recorded)
         self.runtime.peer_lists.check()  # this worker at once; the others at their next poll
+        if loaded.discovery is not None:  # etcd-backed: the other nodes learn it through etcd
+            from scriptlb.discovery import write_through
+
+            write_through(self.runtime.loop, loaded, before[0], result)
         return result
 
     def _add_server(self, upstream: Any, body: bytes) -> dict[str, Any]:

@@ -4,6 +4,7 @@ killed by the tests), three real masters on loopback ports, real clients."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import threading
 import time
@@ -396,3 +397,42 @@ def test_a_records_and_nxdomain(tmp_path: Path) -> None:
             wait_for(lambda: _bodies(port, 2) == {"502"}, 10, "app.test gone")
             dns.records = {("app.test", "A"): [("127.0.0.1", 1)]}
             wait_for(lambda: _bodies(port, 2) == {"b0"}, 10, "app.test back")
+
+
+def test_api_change_of_an_etcd_backed_upstream_reaches_every_node(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The API on one node writes through to etcd: a server drained with PATCH (down) on node 0
+    stops taking traffic on all three nodes within a second, and the key holds the change."""
+    from test_plus_api import api
+
+    with EtcdServer(tmp_path / "etcd") as etcd, \
+            Backends(respond(200, b"b0"), respond(200, b"b1")) as backends:
+        prefix = "/scriptlb/upstreams/u/"
+        for b in backends:
+            etcd.put(prefix + b.addr, "")
+
+        def conf_for(node_prefix: Path, port: int) -> str:
+            text = node_conf(node_prefix, port, "zone u 64k;", "",
+                             f"discovery etcd={etcd.url} prefix={prefix};")
+            return text.replace("location / {", "location /api { api write=on; }\n        location / {")
+
+        with three_nodes(tmp_path, conf_for) as nodes:
+            ports = [port for _, port in nodes]
+            _propagation(ports, {"b0", "b1"})
+            status, servers = api(ports[0], "GET", "/api/9/http/upstreams/u/servers")
+            assert status == 200, servers
+            b0_id = next(s["id"] for s in servers if s["server"] == backends[0].addr)
+            start = time.monotonic()
+            status, entry = api(ports[0], "PATCH", f"/api/9/http/upstreams/u/servers/{b0_id}", {"down": True})
+            assert (status, entry["down"]) == (200, True)
+            _propagation(ports, {"b1"})
+            delay = time.monotonic() - start
+            stored = etcd._call("/v3/kv/range", {"key": _b64(prefix + backends[0].addr)})
+    with capsys.disabled():
+        print(f"\nAPI PATCH on one node -> traffic on all 3 nodes through etcd: {delay:.3f} s")
+    assert delay < 1.0
+    assert '"down": true' in base64.b64decode(stored["kvs"][0]["value"]).decode()
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
