@@ -30,13 +30,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import signal
+import time
+from typing import Any
 
 from scriptlb import errorlog
 from scriptlb.config.model import HttpConf, MainConf
 from scriptlb.shared_dict import SyncedSharedDict, zone_directory
 
 FINAL_ROUND_TIMEOUT = 1.0  # seconds a stopping node spends pushing its last writes
+STATUS_FILE = "cluster_status.json"
+
+
+class ClusterStatus:
+    """Whether each store this node depends on is reachable, in ``<zones>/cluster_status.json``
+    (written by the cluster process at each change of state; read by the metrics of any
+    worker): ``{"redis": {dict: {...}}, "etcd": {upstream: {...}}, "dns": {upstream: {...}}}``,
+    each ``{"up": bool, "since": unix time, "error": text}``."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, STATUS_FILE)
+        self.state: dict[str, dict[str, dict[str, Any]]] = {}
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a previous run's; this process reports afresh
+
+    def report(self, kind: str, name: str, up: bool, error: str = "") -> None:
+        self.state.setdefault(kind, {})[name] = {"up": up, "since": time.time(), "error": error}
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.state, f)
+            os.replace(tmp, self.path)
+        except OSError as err:
+            errorlog.log_error("alert", f"cannot write {self.path}: {err}")
+
+    @staticmethod
+    def read(directory: str) -> dict[str, dict[str, dict[str, Any]]]:
+        try:
+            with open(os.path.join(directory, STATUS_FILE), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
 
 
 def feeds_peer_lists(http: HttpConf) -> bool:
@@ -62,6 +98,7 @@ class ClusterNode:
         self.conf = conf
         self.syncs: list = []
         self.memberships: list = []
+        self.status: ClusterStatus | None = None
         self._tasks: list[asyncio.Task] = []
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -71,11 +108,14 @@ class ClusterNode:
         if http is None:
             return
         directory = zone_directory(self.conf.prefix)
+        self.status = ClusterStatus(directory)
         for name, zone in http.shared_dicts.items():
             if zone.sync is None:
                 continue
             shared = SyncedSharedDict(directory, name, zone.size)
-            self.syncs.append(DictSync(shared, zone.sync))
+            sync = DictSync(shared, zone.sync)
+            sync.on_state = lambda up, error, name=name: self.status.report("redis", name, up, error)
+            self.syncs.append(sync)
         self._tasks = [loop.create_task(sync.run()) for sync in self.syncs]
         self._start_memberships(http, directory, loop)
 
@@ -87,9 +127,16 @@ class ClusterNode:
         store = PeerListStore(directory)
         for upstream in http.upstreams.values():
             if upstream.discovery is not None:
-                self.memberships.append(EtcdMembership(upstream, upstream.discovery, store))
+                member: Any = EtcdMembership(upstream, upstream.discovery, store)
+                kind = "etcd"
             elif upstream.resolver is not None and any(s.resolve for s in upstream.servers):
-                self.memberships.append(DnsMembership(upstream, upstream.resolver, store))
+                member, kind = DnsMembership(upstream, upstream.resolver, store), "dns"
+            else:
+                continue
+            for state in member.source_states():
+                state.on_state = lambda up, error, kind=kind, name=upstream.name: self.status.report(
+                    kind, name, up, error)
+            self.memberships.append(member)
         self._tasks += [loop.create_task(member.run()) for member in self.memberships]
 
     async def stop(self, graceful: bool) -> None:

@@ -167,6 +167,7 @@ class DictSync:
         self._last_id = b""
         self.connected = False
         self.reachable: bool | None = None  # unknown until the first connection
+        self.on_state: Callable[[bool, str], None] | None = None  # (up, error) at each change
         self.rounds = 0
         self._stopping = False
         self._last_sweep = time.monotonic()
@@ -208,6 +209,8 @@ class DictSync:
     def _lost(self, err: Exception) -> None:
         """Logged once per change of state: at the first failure, not at every retry."""
         if self.reachable is not False:
+            if self.on_state is not None:
+                self.on_state(False, f"{err.__class__.__name__}: {err}")
             errorlog.log_error(
                 "error", f"{self._where()} unavailable ({err.__class__.__name__}: {err}), "
                 "serving local values, retrying")
@@ -222,6 +225,8 @@ class DictSync:
         await self._client.ping()
         merged = await self._resync()
         was_down = self.reachable is False
+        if self.reachable is not True and self.on_state is not None:
+            self.on_state(True, "")
         self.connected = self.reachable = True
         if was_down:
             errorlog.log_error("notice", f"{self._where()} reachable again, merged {merged} keys")

@@ -198,8 +198,11 @@ class SourceState:
     def __init__(self, what: str) -> None:
         self.what = what
         self.reachable: bool | None = None
+        self.on_state: Callable[[bool, str], None] | None = None  # (up, error) at each change
 
     def failed(self, err: BaseException) -> None:
+        if self.reachable is not False and self.on_state is not None:
+            self.on_state(False, f"{err.__class__.__name__}: {err}")
         if self.reachable is not False:
             errorlog.log_error(
                 "error",
@@ -209,6 +212,8 @@ class SourceState:
         self.reachable = False
 
     def ok(self) -> None:
+        if self.reachable is not True and self.on_state is not None:
+            self.on_state(True, "")
         if self.reachable is False:
             errorlog.log_error("notice", f"{self.what} reachable again")
         self.reachable = True
@@ -250,6 +255,9 @@ class EtcdMembership:
                 self.state.failed(err)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def source_states(self) -> list[SourceState]:
+        return [self.state]
 
     def on_events(self, events: list[WatchEvent]) -> None:
         if not events:

@@ -147,6 +147,9 @@ class DnsMembership:
             for line in self.lines
         }
 
+    def source_states(self) -> list[SourceState]:
+        return list(self.states.values())
+
     async def run(self) -> None:
         while True:
             now = time.monotonic()

@@ -573,6 +573,11 @@ class SharedDict:
     # What a public set/add/replace/delete runs in its transaction; a synced dict also notes the
     # key for its sync process there (_store_in itself is also the internal, unnoted write).
     _store_op = _store_in
+    _noting = False  # a synced dict notes increments (_note_incr) in incr's own transaction
+
+    def _note_incr(self, txn: lmdb.Transaction, k: bytes, value: int | float,
+                   init: int | float | None) -> None:
+        raise NotImplementedError
 
     def _incr_in(
         self,
@@ -592,6 +597,8 @@ class SharedDict:
             new = init + value
             expires = now + init_ttl if init_ttl else 0.0
             ok, err, forcible = self._store_in(txn, k, _record(new, expires, now, 0), _SET, False, now)
+            if ok and self._noting:
+                self._note_incr(txn, k, value, init)
             return (new if ok else None), err, forcible
         expires, touched, flags, kind = _HEAD.unpack_from(old)
         if kind not in _NUMBER_KINDS:
@@ -604,9 +611,13 @@ class SharedDict:
                 touched = now
             # same record size: the byte budget does not change
             txn.put(k, _INT_RECORD.pack(expires, touched, flags, b"i", new))
+            if self._noting:
+                self._note_incr(txn, k, value, None)
             return new, None, False
         # the type changed size (big int, float): account it like a set that keeps ttl and flags
         ok, err, forcible = self._store_in(txn, k, _record(new, expires, now, flags), _SET, False, now)
+        if ok and self._noting:
+            self._note_incr(txn, k, value, None)
         return (new if ok else None), err, forcible
 
     def _expire_in(self, txn: lmdb.Transaction, k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
@@ -738,7 +749,7 @@ def _key_out(k: bytes) -> str | bytes:
 #
 # ``dirty``  key -> ``c`` (incremented) or ``v`` (set, added, replaced, deleted, expire changed):
 #            what the node's sync process must push (``collect`` takes and clears them).
-# ``own``    key -> ``<gen><own><base>``: the cluster generation the local value belongs to
+# ``own``    key -> ``<own><base><gen>``: the cluster generation the local value belongs to
 #            (empty until Redis named one), this node's cumulative increments in it, and the
 #            generation's base (the value set, or incr's ``init``). The cluster value of a
 #            counter is ``base + sum of every node's own``: each node only ever *replaces* its
@@ -747,7 +758,6 @@ def _key_out(k: bytes) -> str | bytes:
 # The Redis side (scriptlb.dict_sync) stamps every set/delete with a new generation: last
 # writer wins, and increments made in an older generation are dropped with it.
 
-_OWN_HEAD = struct.Struct("<B")  # generation length
 _NUMBER = struct.Struct("<cq")  # i: an i64; f: the same 8 bytes hold an f64
 _DIRTY_COUNTER, _DIRTY_VALUE = b"c", b"v"
 
@@ -777,14 +787,12 @@ def _unpack_number(raw: bytes, offset: int) -> int | float:
 
 
 def pack_own(gen: bytes, own: int | float, base: int | float) -> bytes:
-    return _OWN_HEAD.pack(len(gen)) + gen + _pack_number(own) + _pack_number(base)
+    """``<own><base><gen>``: the own total first, so that incr's fast path patches 9 bytes."""
+    return _pack_number(own) + _pack_number(base) + gen
 
 
 def unpack_own(raw: bytes) -> tuple[bytes, int | float, int | float]:
-    size = raw[0]
-    gen = raw[1 : 1 + size]
-    at = 1 + size
-    return gen, _unpack_number(raw, at), _unpack_number(raw, at + _NUMBER.size)
+    return raw[2 * _NUMBER.size :], _unpack_number(raw, 0), _unpack_number(raw, _NUMBER.size)
 
 
 class Push:
@@ -849,27 +857,30 @@ class SyncedSharedDict(SharedDict):
             txn.delete(k, db=self._own)  # a set starts a new generation: no increments in it yet
         return result
 
-    def _incr_in(self, txn: lmdb.Transaction, k: bytes, value: int | float, init: int | float | None,
-                 init_ttl: float | None) -> tuple[int | float | None, str | None, bool]:
-        old = txn.get(k)
-        fresh = old is None or _expired(old, self._clock())
-        result = super()._incr_in(txn, k, value, init, init_ttl)
-        if result[0] is None:
-            return result
-        own_raw = None if fresh else txn.get(k, db=self._own)
-        if own_raw is None:
-            # a new lifetime (incr's init), or a value only set locally so far: the set, not
-            # yet pushed, carries the whole value, so the own total starts here
-            gen, own, base = b"", value, (init if fresh and init is not None else 0)
-            if not fresh:
-                txn.put(k, _DIRTY_VALUE, db=self._dirty)  # pushed as a set of the new value
-                return result
+    _noting = True
+
+    def _note_incr(self, txn: lmdb.Transaction, k: bytes, value: int | float,
+                   init: int | float | None) -> None:
+        """In incr's transaction: add ``value`` to this node's own total (``init`` given: the key
+        was created by this incr, a new lifetime with that base)."""
+        if init is None:
+            raw = txn.get(k, db=self._own)
+            if raw is None:
+                # a value set here and not pushed yet: the set carries the whole new value
+                txn.put(k, _DIRTY_VALUE, db=self._dirty)
+                return
+            if raw[0] == 0x69 and type(value) is int:  # b"i": the common case, patched in place
+                own = _I64.unpack_from(raw, 1)[0] + value
+                if _I64_MIN <= own <= _I64_MAX:
+                    txn.put(k, b"i" + _I64.pack(own) + raw[_NUMBER.size :], db=self._own)
+                    txn.put(k, _DIRTY_COUNTER, db=self._dirty, overwrite=False)
+                    return
+            gen, own, base = unpack_own(raw)
+            own_raw = pack_own(gen, own + value, base)
         else:
-            gen, own, base = unpack_own(own_raw)
-            own += value
-        txn.put(k, pack_own(gen, own, base), db=self._own)
+            own_raw = pack_own(b"", value, init)
+        txn.put(k, own_raw, db=self._own)
         txn.put(k, _DIRTY_COUNTER, db=self._dirty, overwrite=False)  # a pending set stays a set
-        return result
 
     def _expire_in(self, txn: lmdb.Transaction, k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
         result = super()._expire_in(txn, k, exptime)

@@ -215,11 +215,12 @@ def test_rate_aware_limit_holds_for_the_cluster(tmp_path: Path, capsys: pytest.C
 
         with three_nodes(tmp_path, conf_for) as nodes:
             time.sleep(1.0 - time.time() % 1.0)
+            started = time.time()
             with Load([port for _, port in nodes], rate=2 * limit / 3, seconds=5.2) as load:
                 load.wait()
     assert not load.failures
     assert load.statuses[200] > 0 and load.statuses[503] > 0
-    per_second = Counter(int(t) for t in times)
+    per_second = Counter(int(t) for t in times if t >= started)  # not the readiness probes
     full = [per_second[s] for s in sorted(per_second)[1:-1]]  # the first and last are partial
     assert len(full) >= 3, per_second
     with capsys.disabled():
@@ -290,6 +291,22 @@ def _propagation(ports: list[int], expected: set[str], timeout: float = 10.0) ->
     return time.monotonic() - start
 
 
+def _store_up(port: int, store: str, name: str) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "scriptlb_cluster_store_up" and sample.labels == {"store": store, "name": name}:
+                return sample.value
+    return None
+
+
 def test_etcd_membership_reaches_every_node_and_survives_an_etcd_crash(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Three nodes take an upstream's servers from one etcd prefix: a key added, changed (down)
@@ -302,8 +319,9 @@ def test_etcd_membership_reaches_every_node_and_survives_an_etcd_crash(
         b0, b1 = (prefix + b.addr for b in backends)
 
         def conf_for(node_prefix: Path, port: int) -> str:
-            return node_conf(node_prefix, port, "zone u 64k;",
+            text = node_conf(node_prefix, port, "zone u 64k;",
                              "", f"discovery etcd={etcd.url} prefix={prefix} timeout=1s;")
+            return text.replace("location / {", "location /metrics { prometheus; }\n        location / {")
 
         etcd.put(b0, "")
         with three_nodes(tmp_path, conf_for) as nodes:
@@ -316,9 +334,11 @@ def test_etcd_membership_reaches_every_node_and_survives_an_etcd_crash(
             etcd.put(b0, "{}")
             etcd.delete(b1)
             delays.append(_propagation(ports, {"b0"}))
+            assert _store_up(ports[0], "etcd", "u") == 1
             with Load(ports, rate=30, seconds=2.0) as load:
                 time.sleep(0.3)
                 etcd.kill()
+                wait_for(lambda: _store_up(ports[0], "etcd", "u") == 0, 10, "the metric to say etcd is down")
                 load.wait()
             etcd.start()
             etcd.put(b1, "")
