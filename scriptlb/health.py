@@ -116,6 +116,14 @@ class HealthView:
         return result
 
     @staticmethod
+    def downtime(upstream: Any, peer: Any, now: float) -> float:
+        """Seconds the peer has been unhealthy, the current spell included."""
+        stats, slot = upstream.stats.stats, upstream.stats.slot_of(peer)
+        words = stats.health(slot)
+        current = now - words[6] if words[0] == UNHEALTHY and words[6] else 0.0
+        return stats.downtime(slot) + max(current, 0.0)
+
+    @staticmethod
     def state(upstream: Any, peer: Any) -> str:
         words = upstream.stats.stats.health(upstream.stats.slot_of(peer))
         return {UP: "up", UNHEALTHY: "unhealthy", CHECKING: "checking"}.get(int(words[0]), "up")
@@ -200,13 +208,17 @@ class PeerProbe:
             if words[0] != UNHEALTHY and -words[5] >= check.fails:
                 words[0] = UNHEALTHY
                 words[3] += 1
+                words[6] = time.time()  # the spell's start, for downtime
                 errorlog.log_error("warn", f"peer is unhealthy while {self._phase(failure)}{self.label}")
         else:
             words[4] = 1
             words[5] = max(words[5], 0) + 1
             if words[0] != UP and words[5] >= check.passes:
+                now = time.time()
+                if words[0] == UNHEALTHY and words[6]:
+                    self.stats.add_downtime(self.slot, now - words[6])
                 words[0] = UP
-                words[6] = time.time()
+                words[6] = now
                 errorlog.log_error("notice", f"peer is healthy while checking status code{self.label}")
         return words
 

@@ -336,10 +336,13 @@ def _peer_json(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) 
         "fails": failures, "unavail": 0,
         "health_checks": HealthView.figures(upstream, peer) if checked else
         {"checks": 0, "fails": 0, "unhealthy": 0},
-        "downtime": 0,
+        "downtime": round(HealthView.downtime(upstream, peer, time.time()) * 1000) if checked else 0,
     }
     if peer.max_conns:
         result["max_conns"] = peer.max_conns
+    selected = stats.stats.selected(stats.slot_of(peer)) if stats is not None else None
+    if selected is not None:
+        result["selected"] = _iso(selected)
     if response_ms is not None:
         result["response_time"] = response_ms
     return result

@@ -23,7 +23,9 @@ store and a concurrent reader never sees half a value)::
     records  RECORDS x RECORD_WORDS words:
              key (16-byte digest of upstream name, peer name, occurrence), last status,
              last failure time, ewma, peak ewma, ewma stamp, weight override, weight base,
-             2 reserved, health (state, checks, fails, unhealthy, last passed, run, since),
+             last selected (a batch's publish time), downtime (seconds unhealthy, ended
+             spells), health (state, checks, fails, unhealthy, last passed, run, since: when it
+             last became healthy, or unhealthy while it is),
              then per shard: requests, failures, finished, responses 1xx..5xx, samples
              per response-time bucket (TIME_BUCKETS, +Inf), the samples' sum
 
@@ -115,6 +117,8 @@ _PEAK = 5
 _STAMP = 6
 _WEIGHT = 7  # override; 0 = none
 _WEIGHT_BASE = 8  # the configured weight the override was set against
+_SELECTED = 9  # when a batch with tries started on it was last published (nginx Plus's "selected")
+_DOWNTIME = 10  # seconds spent unhealthy (the health checker's, ended spells only)
 # active health checks (scriptlb.health): written by the one process checking the peer
 _HEALTH = 11  # seven words, HEALTH_FIELDS
 _FIXED_WORDS = 18
@@ -364,6 +368,17 @@ class PeerStats:
         """Add one process's responses by class (``classes[c]``: how many ``c``xx, c = 1..5)."""
         self.publish_tallies(slot, [*classes[1:6], *[0] * BUCKET_SLOTS], 0.0)
 
+    def selected(self, slot: int) -> float | None:
+        """When the peer was last chosen, to the statistics' batching (50 ms); None: never."""
+        return self._d[slot + _SELECTED] or None
+
+    def downtime(self, slot: int) -> float:
+        return self._d[slot + _DOWNTIME]
+
+    def add_downtime(self, slot: int, seconds: float) -> None:
+        """The peer's checker, when an unhealthy spell ends (its only writer)."""
+        self._d[slot + _DOWNTIME] += seconds
+
     def health(self, slot: int) -> list[float]:
         """The peer's health-check words (``HEALTH_FIELDS``; ``since`` is a time)."""
         q, d = self._q, self._d
@@ -412,6 +427,7 @@ class PeerStats:
         mine = slot + self._mine
         if started:
             q[mine + _REQUESTS] += started
+            d[slot + _SELECTED] = now
         if finished:
             q[mine + _FINISHED] += finished
             q[slot + _LAST_STATUS] = status

@@ -152,6 +152,7 @@ def test_failing_peer_is_avoided_by_every_worker_and_comes_back(tmp_path: Path) 
             checks = peers[1]["health_checks"]
             assert checks["fails"] >= FAILS and checks["unhealthy"] == 1
             assert peers[1]["health_checks"]["last_passed"] is False
+            assert peers[1]["downtime"] > 0 and peers[0]["downtime"] == 0  # milliseconds
 
             flaky["health"] = 200
             time.sleep(INTERVAL * PASSES + 1.0)

@@ -130,6 +130,7 @@ def test_api_reads_writes_in_every_worker_and_survives_a_restart(tmp_path: Path)
             peers = api(port, "GET", "/api/9/http/upstreams/backend")[1]["peers"]
             assert [p["server"] for p in peers] == [bk[0].addr, bk[1].addr, bk[2].addr]
             assert peers[2]["requests"] >= 2  # the shared statistics know the new peer
+            assert peers[2]["selected"].endswith("Z") and peers[2]["responses"]["2xx"] >= 2
 
             # PATCH and DELETE
             assert api(port, "PATCH", f"{servers}/0", {"weight": 5})[1]["weight"] == 5
