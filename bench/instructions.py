@@ -53,15 +53,18 @@ def proxy_conf(prefix: Path, listen: int, backend: int, extra: str, server_extra
 # with a local Redis (python_shared_dict ... sync=); the worker's instructions only, not the
 # cluster process's, which merges in the background whatever the request rate
 SYNC_CONFIGS = {"sync off": "", "sync on": " sync=redis://127.0.0.1:{redis}/0"}
-SYNC_HOOK = ('balancer_by_python_block { d = ngx.shared.d; d.get("seen"); d.incr("hits", 1, 0, 60) }')
+SYNC_HOOKS = {
+    "count": 'balancer_by_python_block { d = ngx.shared.d; d.get("seen"); d.incr("hits", 1, 0, 60) }',
+    "read": 'balancer_by_python_block { d = ngx.shared.d; d.get("seen"); d.get("hits") }',
+}
 
 
-def sync_conf(prefix: Path, listen: int, backend: int, sync: str) -> str:
+def sync_conf(prefix: Path, listen: int, backend: int, sync: str, hook: str = "count") -> str:
     return (
         f"daemon off; worker_processes 1; error_log {prefix}/error.log error; pid {prefix}/pid;\n"
         "events {}\n"
         f"http {{ access_log off; python_shared_dict d 1m{sync};\n"
-        f"  upstream b {{ server 127.0.0.1:{backend}; keepalive 16; {SYNC_HOOK} }}\n"
+        f"  upstream b {{ server 127.0.0.1:{backend}; keepalive 16; {SYNC_HOOKS[hook]} }}\n"
         f"  server {{ listen 127.0.0.1:{listen};\n"
         '    location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; }\n'
         "  }\n}\n"
@@ -168,6 +171,8 @@ def main() -> int:
     parser.add_argument("--metrics", action="store_true", help="compare metrics on/off instead")
     parser.add_argument("--sync", action="store_true",
                         help="compare a shared dict hook with python_shared_dict sync= on/off instead")
+    parser.add_argument("--sync-hook", choices=sorted(SYNC_HOOKS), default="count",
+                        help="--sync: the hook reads and counts (get + incr) or only reads (2 gets)")
     opts = parser.parse_args()
     configs = METRICS_CONFIGS if opts.metrics else SYNC_CONFIGS if opts.sync else CONFIGS
     if opts.sync and shutil.which("redis-server") is None:
@@ -201,7 +206,8 @@ def main() -> int:
                     port, = bench_proc.free_ports(1)
                     prefix = work / f"{label}-{count}".replace(" ", "_")
                     if opts.sync:
-                        conf = sync_conf(prefix, port, backend_port, extra.format(redis=redis_port))
+                        conf = sync_conf(prefix, port, backend_port, extra.format(redis=redis_port),
+                                         opts.sync_hook)
                     elif opts.metrics:
                         conf = proxy_conf(prefix, port, backend_port, "", extra)
                     else:

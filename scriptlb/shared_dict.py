@@ -760,6 +760,15 @@ def _key_out(k: bytes) -> str | bytes:
 
 _NUMBER = struct.Struct("<cq")  # i: an i64; f: the same 8 bytes hold an f64
 _DIRTY_COUNTER, _DIRTY_VALUE = b"c", b"v"
+_VALUE_KINDS = (b"s", b"b", b"T", b"F")  # what a set of a non-number pushes as ``_v``
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def number_text(value: int | float) -> bytes:
@@ -999,38 +1008,48 @@ class SyncedSharedDict(SharedDict):
     def _apply_in(self, txn: lmdb.Transaction, states: list[ClusterState], own_field: bytes) -> None:
         now = self._clock()
         for state in states:
-            k, fields = state.key, state.fields
-            dirty = txn.get(k, db=self._dirty)
-            own_raw = txn.get(k, db=self._own)
-            gen = fields.get(b"_g", b"")
-            if not fields or b"_d" in fields:
-                stale_counter = dirty == _DIRTY_COUNTER and own_raw is not None and unpack_own(own_raw)[0]
-                if dirty is None or stale_counter:
-                    # deleted (or expired) in the cluster: increments of that generation go too
-                    self._store_in(txn, k, None, _SET, False, now)
-                    txn.delete(k, db=self._own)
-                    txn.delete(k, db=self._dirty)
-                continue
-            expires = now + state.pttl / 1000 if state.pttl > 0 else 0.0
-            flags = int(fields.get(b"_f", b"0"))
-            if b"_v" in fields:
-                if dirty is None:
-                    value = fields[b"_v"]
-                    record = _HEAD.pack(expires, now, flags, value[:1]) + value[1:]
-                    self._store_in(txn, k, record, _SET, False, now)
-                    txn.put(k, pack_own(gen, 0, 0), db=self._own)
-                continue
-            base = parse_number(fields.get(b"_b", b"0"))
-            others = sum(parse_number(v) for f, v in fields.items() if f[:2] == b"n:" and f != own_field)
-            own = 0
-            if own_raw is not None:
-                own_gen, own_value, _ = unpack_own(own_raw)
-                if own_gen in (b"", gen):
-                    own = own_value
-            if dirty == _DIRTY_VALUE:
-                continue  # a local set, not yet pushed, wins for now
-            txn.put(k, pack_own(gen, own, base), db=self._own)
-            self._store_in(txn, k, _record(base + others + own, expires, now, flags), _SET, False, now)
+            if not 0 < len(state.key) <= MAX_KEY_BYTES:
+                continue  # not written by a node (Redis is shared): never wedge the merge on it
+            try:
+                self._apply_one(txn, state, own_field, now)
+            except (ValueError, struct.error, lmdb.BadValsizeError):
+                continue  # a malformed hash (idem)
+
+    def _apply_one(self, txn: lmdb.Transaction, state: ClusterState, own_field: bytes, now: float) -> None:
+        k, fields = state.key, state.fields
+        dirty = txn.get(k, db=self._dirty)
+        own_raw = txn.get(k, db=self._own)
+        gen = fields.get(b"_g", b"")
+        if not fields or b"_d" in fields:
+            stale_counter = dirty == _DIRTY_COUNTER and own_raw is not None and unpack_own(own_raw)[0]
+            if dirty is None or stale_counter:
+                # deleted (or expired) in the cluster: increments of that generation go too
+                self._store_in(txn, k, None, _SET, False, now)
+                txn.delete(k, db=self._own)
+                txn.delete(k, db=self._dirty)
+            return
+        expires = now + state.pttl / 1000 if state.pttl > 0 else 0.0
+        flags = int(fields.get(b"_f", b"0"))
+        if b"_v" in fields:
+            value = fields[b"_v"]
+            if value[:1] not in _VALUE_KINDS or (value[:1] == b"s" and not _is_utf8(value[1:])):
+                raise ValueError("not a value a node pushed")
+            if dirty is None:
+                record = _HEAD.pack(expires, now, flags, value[:1]) + value[1:]
+                self._store_in(txn, k, record, _SET, False, now)
+                txn.put(k, pack_own(gen, 0, 0), db=self._own)
+            return
+        base = parse_number(fields.get(b"_b", b"0"))
+        others = sum(parse_number(v) for f, v in fields.items() if f[:2] == b"n:" and f != own_field)
+        own = 0
+        if own_raw is not None:
+            own_gen, own_value, _ = unpack_own(own_raw)
+            if own_gen in (b"", gen):
+                own = own_value
+        if dirty == _DIRTY_VALUE:
+            return  # a local set, not yet pushed, wins for now
+        txn.put(k, pack_own(gen, own, base), db=self._own)
+        self._store_in(txn, k, _record(base + others + own, expires, now, flags), _SET, False, now)
 
     def sweep_own(self, max_count: int = 10000) -> int:
         """Forget the own totals of keys gone from the zone (expired or evicted)."""

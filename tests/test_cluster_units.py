@@ -172,3 +172,15 @@ def test_a_plain_zone_notes_nothing(tmp_path: Path) -> None:
         assert synced.pending() == 0
     finally:
         zone.close()
+
+
+def test_foreign_or_malformed_hashes_are_skipped(synced: SyncedSharedDict) -> None:
+    """Redis is shared: a hash no node wrote must not stop the merge of the others."""
+    synced.apply([
+        ClusterState(b"x" * 600, {b"_g": b"1", b"_b": b"1"}, -1),
+        ClusterState(b"bad", {b"_g": b"1", b"_b": b"one"}, -1),
+        ClusterState(b"kind", {b"_g": b"1", b"_v": b"?junk"}, -1),
+        ClusterState(b"utf", {b"_g": b"1", b"_v": b"s\xff"}, -1),
+        ClusterState(b"good", {b"_g": b"1", b"_b": b"2", b"n:x": b"3"}, -1),
+    ], b"me")
+    assert synced.get_keys(0) == ["good"] and synced.get("good")[0] == 5
