@@ -534,10 +534,11 @@ _SYNC_SCHEMES = ("redis://", "rediss://")
 def _dict_sync(state: State, node: Node, name: str, params: tuple[str, ...]) -> DictSyncConf | None:
     """``sync=redis://HOST:PORT/DB [sync_interval=T] [sync_prefix=P] [sync_password_file=F]``."""
     values: dict[str, str] = {}
+    if any("=" not in param for param in params):  # lua_shared_dict's words for a third word
+        raise fail(node, f'invalid number of arguments in "{node.name}" directive')
     for param in params:
-        key, eq, value = param.partition("=")
-        if not eq or key not in ("sync", "sync_interval", "sync_prefix", "sync_password_file") \
-                or key in values:
+        key, _, value = param.partition("=")
+        if key not in ("sync", "sync_interval", "sync_prefix", "sync_password_file") or key in values:
             raise fail(node, f'invalid parameter "{param}"')
         values[key] = value
     if not values:
