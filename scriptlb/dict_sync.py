@@ -236,7 +236,9 @@ class DictSync:
     async def round(self) -> None:
         """One merge: push noted keys, pull other nodes' changes (repeats while keys remain)."""
         while True:
-            pushes = self.shared.collect(BATCH)
+            # a read transaction first: no write transaction (and no commit every other process
+            # then sees) when no hook wrote since the last round
+            pushes = self.shared.collect(BATCH) if self.shared.pending() else []
             try:
                 last_id, flat = await self._run_script(pushes, self._last_id, restore=False)
             except BaseException:
