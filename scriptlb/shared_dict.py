@@ -749,11 +749,14 @@ def _key_out(k: bytes) -> str | bytes:
 #
 # ``dirty``  key -> ``c`` (incremented) or ``v`` (set, added, replaced, deleted, expire changed):
 #            what the node's sync process must push (``collect`` takes and clears them).
-# ``own``    key -> ``<own><base><gen>``: the cluster generation the local value belongs to
-#            (empty until Redis named one), this node's cumulative increments in it, and the
-#            generation's base (the value set, or incr's ``init``). The cluster value of a
-#            counter is ``base + sum of every node's own``: each node only ever *replaces* its
-#            own total in Redis, so a push repeated after an outage cannot count twice.
+# ``own``    key -> ``<base><others><gen>``: the cluster generation the local value belongs to
+#            (empty until Redis named one), the generation's base (the value set, or incr's
+#            ``init``) and the other nodes' totals, as of the last merge. This node's own
+#            cumulative increments are then ``value - base - others``: a hook's incr changes
+#            only the value (no second B-tree on the hot path), a merge rewrites base and
+#            others and adds this node's total back. The cluster value of a counter is ``base +
+#            sum of every node's own``: each node only ever *replaces* its own total in Redis,
+#            so a push repeated after an outage cannot count twice.
 #
 # The Redis side (scriptlb.dict_sync) stamps every set/delete with a new generation: last
 # writer wins, and increments made in an older generation are dropped with it.
@@ -795,13 +798,21 @@ def _unpack_number(raw: bytes, offset: int) -> int | float:
     return bits if kind == b"i" else _F64.unpack_from(raw, offset + 1)[0]
 
 
-def pack_own(gen: bytes, own: int | float, base: int | float) -> bytes:
-    """``<own><base><gen>``: the own total first, so that incr's fast path patches 9 bytes."""
-    return _pack_number(own) + _pack_number(base) + gen
+def pack_own(gen: bytes, base: int | float, others: int | float) -> bytes:
+    """``<base><others><gen>``: what the last merge said about the rest of the cluster."""
+    return _pack_number(base) + _pack_number(others) + gen
 
 
 def unpack_own(raw: bytes) -> tuple[bytes, int | float, int | float]:
+    """``(gen, base, others)``."""
     return raw[2 * _NUMBER.size :], _unpack_number(raw, 0), _unpack_number(raw, _NUMBER.size)
+
+
+def own_total(record: bytes, own_raw: bytes) -> tuple[bytes, int | float, int | float]:
+    """``(gen, own, base)`` of a live number: this node's increments are what the value holds
+    beyond the base and the other nodes' totals of the last merge."""
+    gen, base, others = unpack_own(own_raw)
+    return gen, _decode(record[_HEAD_SIZE - 1 : _HEAD_SIZE], record) - base - others, base  # type: ignore[operator]
 
 
 class Push:
@@ -872,24 +883,15 @@ class SyncedSharedDict(SharedDict):
                    init: int | float | None) -> None:
         """In incr's transaction: add ``value`` to this node's own total (``init`` given: the key
         was created by this incr, a new lifetime with that base)."""
-        if init is None:
-            raw = txn.get(k, db=self._own)
-            if raw is None:
-                # a value set here and not pushed yet: the set carries the whole new value
-                txn.put(k, _DIRTY_VALUE, db=self._dirty)
-                return
-            if raw[0] == 0x69 and type(value) is int:  # b"i": the common case, patched in place
-                own = _I64.unpack_from(raw, 1)[0] + value
-                if _I64_MIN <= own <= _I64_MAX:
-                    txn.put(k, b"i" + _I64.pack(own) + raw[_NUMBER.size :], db=self._own)
-                    txn.put(k, _DIRTY_COUNTER, db=self._dirty, overwrite=False)
-                    return
-            gen, own, base = unpack_own(raw)
-            own_raw = pack_own(gen, own + value, base)
-        else:
-            own_raw = pack_own(b"", value, init)
-        txn.put(k, own_raw, db=self._own)
-        txn.put(k, _DIRTY_COUNTER, db=self._dirty, overwrite=False)  # a pending set stays a set
+        dirty = self._dirty
+        if init is not None:
+            txn.put(k, pack_own(b"", init, 0), db=self._own)  # a new lifetime
+        elif txn.get(k, db=self._own) is None:
+            # a value set here and not pushed yet: the set carries the whole new value
+            txn.put(k, _DIRTY_VALUE, db=dirty)
+            return
+        if txn.get(k, db=dirty) is None:  # a read: no page copied when already noted
+            txn.put(k, _DIRTY_COUNTER, db=dirty)  # (a pending set stays a set)
 
     def _expire_in(self, txn: lmdb.Transaction, k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
         result = super()._expire_in(txn, k, exptime)
@@ -953,8 +955,8 @@ class SyncedSharedDict(SharedDict):
             return Push(k, b"d", b"", b"", b"", 0, 0) if op == _DIRTY_VALUE else None
         expires, _touched, flags, kind = _HEAD.unpack_from(raw)
         pttl = max(1, int((expires - now) * 1000)) if expires else 0
-        if op == _DIRTY_COUNTER and own_raw is not None:
-            gen, own, base = unpack_own(own_raw)
+        if op == _DIRTY_COUNTER and own_raw is not None and kind in _NUMBER_KINDS:
+            gen, own, base = own_total(raw, own_raw)
             return Push(k, b"c", gen, number_text(own), number_text(base), flags, pttl)
         if own_raw is not None:
             txn.delete(k, db=self._own)  # a set starts a new generation: no own total yet
@@ -983,12 +985,13 @@ class SyncedSharedDict(SharedDict):
                 own_raw = txn.get(k, db=self._own)
                 if own_raw is None:
                     continue  # a local set not pushed yet: its dirty mark pushes it
-                gen, own, base = unpack_own(own_raw)
                 expires, _touched, flags, kind = _HEAD.unpack_from(raw)
                 pttl = max(1, int((expires - now) * 1000)) if expires else 0
                 if kind in _NUMBER_KINDS:
+                    gen, own, base = own_total(raw, own_raw)
                     pushes.append(Push(k, b"c", gen, number_text(own), number_text(base), flags, pttl))
                 else:
+                    gen = unpack_own(own_raw)[0]
                     pushes.append(Push(k, b"v", gen, kind + raw[_HEAD_SIZE:], b"", flags, pttl))
         return pushes
 
@@ -1019,6 +1022,7 @@ class SyncedSharedDict(SharedDict):
         k, fields = state.key, state.fields
         dirty = txn.get(k, db=self._dirty)
         own_raw = txn.get(k, db=self._own)
+        local = txn.get(k)
         gen = fields.get(b"_g", b"")
         if not fields or b"_d" in fields:
             stale_counter = dirty == _DIRTY_COUNTER and own_raw is not None and unpack_own(own_raw)[0]
@@ -1042,13 +1046,14 @@ class SyncedSharedDict(SharedDict):
         base = parse_number(fields.get(b"_b", b"0"))
         others = sum(parse_number(v) for f, v in fields.items() if f[:2] == b"n:" and f != own_field)
         own = 0
-        if own_raw is not None:
-            own_gen, own_value, _ = unpack_own(own_raw)
+        if own_raw is not None and local is not None and not _expired(local, now) \
+                and local[_HEAD_SIZE - 1 : _HEAD_SIZE] in _NUMBER_KINDS:
+            own_gen, own_value, _ = own_total(local, own_raw)
             if own_gen in (b"", gen):
                 own = own_value
         if dirty == _DIRTY_VALUE:
             return  # a local set, not yet pushed, wins for now
-        txn.put(k, pack_own(gen, own, base), db=self._own)
+        txn.put(k, pack_own(gen, base, others), db=self._own)
         self._store_in(txn, k, _record(base + others + own, expires, now, flags), _SET, False, now)
 
     def sweep_own(self, max_count: int = 10000) -> int:
