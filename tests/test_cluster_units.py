@@ -184,3 +184,14 @@ def test_foreign_or_malformed_hashes_are_skipped(synced: SyncedSharedDict) -> No
         ClusterState(b"good", {b"_g": b"1", b"_b": b"2", b"n:x": b"3"}, -1),
     ], b"me")
     assert synced.get_keys(0) == ["good"] and synced.get("good")[0] == 5
+
+
+def test_float_increments_and_a_value_incremented_after_a_merge(synced: SyncedSharedDict) -> None:
+    synced.incr("f", 0.5, 0)
+    synced.collect()
+    fields = {b"_g": b"2", b"_b": b"0", b"n:me": b"0.5", b"n:y": b"1.25"}
+    synced.apply([ClusterState(b"f", fields, -1)], b"me")
+    assert synced.get("f")[0] == 1.75
+    synced.incr("f", 0.25)
+    [push] = synced.collect()
+    assert (push.op, push.gen, push.payload) == (b"c", b"2", b"0.75")
