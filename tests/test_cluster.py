@@ -421,19 +421,23 @@ def test_a_records_and_nxdomain(tmp_path: Path) -> None:
 
 def test_api_change_of_an_etcd_backed_upstream_reaches_every_node(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The API on one node writes through to etcd: a server drained with PATCH (down) on node 0
-    stops taking traffic on all three nodes within a second, and the key holds the change."""
+    """One cluster on one etcd and one Redis: the API on one node writes through to etcd, so a
+    server drained with PATCH (down) on node 0 stops taking traffic on all three nodes within
+    a second and the key holds the change; meanwhile every node counts the requests of all
+    three in a synced dict."""
     from test_plus_api import api
 
-    with EtcdServer(tmp_path / "etcd") as etcd, \
+    with EtcdServer(tmp_path / "etcd") as etcd, RedisServer(tmp_path / "redis") as redis, \
             Backends(respond(200, b"b0"), respond(200, b"b1")) as backends:
         prefix = "/scriptlb/upstreams/u/"
         for b in backends:
             etcd.put(prefix + b.addr, "")
 
         def conf_for(node_prefix: Path, port: int) -> str:
-            text = node_conf(node_prefix, port, "zone u 64k;", "",
-                             f"discovery etcd={etcd.url} prefix={prefix};")
+            text = node_conf(node_prefix, port, "zone u 64k;",
+                             f"python_shared_dict hits 1m sync={redis.url} sync_interval=20ms;",
+                             f"discovery etcd={etcd.url} prefix={prefix};\n"
+                             'balancer_by_python_block { ngx.shared.hits.incr("total", 1, 0) }')
             return text.replace("location / {", "location /api { api write=on; }\n        location / {")
 
         with three_nodes(tmp_path, conf_for) as nodes:
@@ -448,9 +452,24 @@ def test_api_change_of_an_etcd_backed_upstream_reaches_every_node(
             _propagation(ports, {"b1"})
             delay = time.monotonic() - start
             stored = etcd._call("/v3/kv/range", {"key": _b64(prefix + backends[0].addr)})
+            served = sum(len(b.requests) for b in backends)
+            zones = [SharedDict(zone_directory(str(p)), "hits", ZONE_SIZE) for p, _ in nodes]
+
+            def same_total() -> bool:
+                stored = redis.client().hgetall("scriptlb:hits:k:total")
+                in_redis = sum(int(v) for f, v in stored.items() if f.startswith(b"n:"))
+                return {z.get("total")[0] for z in zones} == {in_redis}
+
+            try:
+                wait_for(same_total, 10, "every node to count the requests of all three")
+                counted = zones[0].get("total")[0]
+            finally:
+                for z in zones:
+                    z.close()
     with capsys.disabled():
         print(f"\nAPI PATCH on one node -> traffic on all 3 nodes through etcd: {delay:.3f} s")
     assert delay < 1.0
+    assert counted >= served  # (plus the hooks' runs for the start-up probes, answered 502)
     assert '"down": true' in base64.b64decode(stored["kvs"][0]["value"]).decode()
 
 
