@@ -883,15 +883,15 @@ class SyncedSharedDict(SharedDict):
                    init: int | float | None) -> None:
         """In incr's transaction: add ``value`` to this node's own total (``init`` given: the key
         was created by this incr, a new lifetime with that base)."""
-        dirty = self._dirty
         if init is not None:
             txn.put(k, pack_own(b"", init, 0), db=self._own)  # a new lifetime
-        elif txn.get(k, db=self._own) is None:
-            # a value set here and not pushed yet: the set carries the whole new value
-            txn.put(k, _DIRTY_VALUE, db=dirty)
-            return
-        if txn.get(k, db=dirty) is None:  # a read: no page copied when already noted
-            txn.put(k, _DIRTY_COUNTER, db=dirty)  # (a pending set stays a set)
+        dirty = self._dirty
+        if txn.get(k, db=dirty) is not None:
+            return  # noted since the last merge (the common case: one read, no page copied)
+        if init is None and txn.get(k, db=self._own) is None:
+            txn.put(k, _DIRTY_VALUE, db=dirty)  # a value only set here: pushed as a set
+        else:
+            txn.put(k, _DIRTY_COUNTER, db=dirty)
 
     def _expire_in(self, txn: lmdb.Transaction, k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
         result = super()._expire_in(txn, k, exptime)
