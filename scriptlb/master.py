@@ -557,6 +557,8 @@ class Master:
     def _on_exit(self, pid: int, status: int) -> None:
         proc = self.workers.pop(pid, None)
         name = "worker process" if proc is not None else "unknown process"
+        if proc is not None and proc.worker_id == CLUSTER_PROCESS_ID:
+            name = "cluster process"
         if os.WIFSIGNALED(status):
             core = " (core dumped)" if os.WCOREDUMP(status) else ""
             log("alert", f"{name} {pid} exited on signal {os.WTERMSIG(status)}{core}")

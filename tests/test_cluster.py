@@ -475,3 +475,46 @@ def test_api_change_of_an_etcd_backed_upstream_reaches_every_node(
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+def test_the_cluster_process_follows_reloads_and_is_respawned(tmp_path: Path) -> None:
+    """One cluster process per node: a reload replaces it (the old one pushes and exits), a
+    SIGKILLed one is respawned by the master, and increments made meanwhile still reach Redis
+    exactly once."""
+    import os
+    import re
+    import signal
+
+    with RedisServer(tmp_path / "redis") as redis, Backends(respond(200, b"ok")) as backends:
+        zone = f"python_shared_dict hits 1m sync={redis.url} sync_interval=20ms;"
+        hook = 'balancer_by_python_block { ngx.shared.hits.incr("total", 1, 0) }'
+
+        def conf_for(prefix: Path, port: int) -> str:
+            return node_conf(prefix, port, f"server {backends[0].addr};", zone, hook)
+
+        def in_redis() -> int:
+            stored = redis.client().hgetall("scriptlb:hits:k:total")
+            return sum(int(v) for f, v in stored.items() if f.startswith(b"n:"))
+
+        def cluster_pids(log: Path) -> list[int]:
+            return [int(p) for p in re.findall(r"start cluster process (\d+)", log.read_text())]
+
+        with three_nodes(tmp_path, conf_for, count=1) as nodes:
+            prefix, port = nodes[0]
+            log = prefix / "error.log"
+            master_pid = int((prefix / "scriptlb.pid").read_text())
+            _bodies(port, 5)
+            wait_for(lambda: in_redis() == 6, 10, "6 counted in Redis")  # 5 + the readiness probe
+            os.kill(master_pid, signal.SIGHUP)
+            wait_for(lambda: len(cluster_pids(log)) == 2, 10, "a new cluster process after the reload")
+            _bodies(port, 5)
+            wait_for(lambda: in_redis() == 11, 10, "11 counted in Redis")
+            os.kill(cluster_pids(log)[-1], signal.SIGKILL)
+            wait_for(lambda: len(cluster_pids(log)) == 3, 10, "the cluster process respawned")
+            _bodies(port, 5)
+            wait_for(lambda: in_redis() == 16, 10, "16 counted in Redis")
+            assert len(set(cluster_pids(log))) == 3
+            first, second, _ = cluster_pids(log)
+            text = log.read_text()
+            assert f"cluster process {first} exited with code 0" in text  # QUIT after the reload
+            assert f"cluster process {second} exited on signal 9" in text
