@@ -309,6 +309,8 @@ def _store_up(port: int, store: str, name: str) -> float | None:
 
 def test_etcd_membership_reaches_every_node_and_survives_an_etcd_crash(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_plus_api import api
+
     """Three nodes take an upstream's servers from one etcd prefix: a key added, changed (down)
     or deleted reaches the traffic of all three within a second; etcd killed under load keeps
     the last servers (no failed request, one error line per node) and a change made after its
@@ -321,7 +323,8 @@ def test_etcd_membership_reaches_every_node_and_survives_an_etcd_crash(
         def conf_for(node_prefix: Path, port: int) -> str:
             text = node_conf(node_prefix, port, "zone u 64k;",
                              "", f"discovery etcd={etcd.url} prefix={prefix} timeout=1s;")
-            return text.replace("location / {", "location /metrics { prometheus; }\n        location / {")
+            return text.replace("location / {", "location /metrics { prometheus; }\n"
+                                "        location /api { api; }\n        location / {")
 
         etcd.put(b0, "")
         with three_nodes(tmp_path, conf_for) as nodes:
@@ -339,6 +342,9 @@ def test_etcd_membership_reaches_every_node_and_survives_an_etcd_crash(
                 time.sleep(0.3)
                 etcd.kill()
                 wait_for(lambda: _store_up(ports[0], "etcd", "u") == 0, 10, "the metric to say etcd is down")
+                membership = api(ports[1], "GET", "/api/9/http/upstreams/u")[1]["membership"]
+                assert (membership["store"], membership["up"]) == ("etcd", False), membership
+                assert "Error" in membership["error"] or "error" in membership["error"].lower()
                 load.wait()
             etcd.start()
             etcd.put(b1, "")
