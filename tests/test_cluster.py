@@ -309,12 +309,12 @@ def _store_up(port: int, store: str, name: str) -> float | None:
 
 def test_etcd_membership_reaches_every_node_and_survives_an_etcd_crash(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from test_plus_api import api
-
     """Three nodes take an upstream's servers from one etcd prefix: a key added, changed (down)
     or deleted reaches the traffic of all three within a second; etcd killed under load keeps
-    the last servers (no failed request, one error line per node) and a change made after its
-    restart arrives through the resumed watch."""
+    the last servers (no failed request, one error line per node, the metric and the API say
+    so) and a change made after its restart arrives through the resumed watch."""
+    from test_plus_api import api
+
     with EtcdServer(tmp_path / "etcd") as etcd, \
             Backends(respond(200, b"b0"), respond(200, b"b1")) as backends:
         prefix = "/scriptlb/upstreams/u/"
@@ -344,7 +344,7 @@ def test_etcd_membership_reaches_every_node_and_survives_an_etcd_crash(
                 wait_for(lambda: _store_up(ports[0], "etcd", "u") == 0, 10, "the metric to say etcd is down")
                 membership = api(ports[1], "GET", "/api/9/http/upstreams/u")[1]["membership"]
                 assert (membership["store"], membership["up"]) == ("etcd", False), membership
-                assert "Error" in membership["error"] or "error" in membership["error"].lower()
+                assert membership["error"]
                 load.wait()
             etcd.start()
             etcd.put(b1, "")
@@ -521,6 +521,6 @@ def test_the_cluster_process_follows_reloads_and_is_respawned(tmp_path: Path) ->
             wait_for(lambda: in_redis() == 16, 10, "16 counted in Redis")
             assert len(set(cluster_pids(log))) == 3
             first, second, _ = cluster_pids(log)
-            text = log.read_text()
-            assert f"cluster process {first} exited with code 0" in text  # QUIT after the reload
-            assert f"cluster process {second} exited on signal 9" in text
+            wait_for(lambda: f"cluster process {first} exited with code 0" in log.read_text(), 10,
+                     "the first cluster process to stop after the reload (QUIT)")
+            assert f"cluster process {second} exited on signal 9" in log.read_text()
