@@ -42,16 +42,8 @@ window = "@" + str(ngx.time())
 tried = ngx.ctx.setdefault("tried", [])
 
 mine = ngx.shared[LOCAL_ZONE] if NODES > 1 else None
-share = LIMIT / NODES
-free = LIMIT * (1 - HEADROOM) if NODES > 1 else LIMIT
-
-
-def admits(total, own):
-    """Whether a window with these counts may take one more try (counts after the try)."""
-    if total <= free:
-        return True
-    return total <= LIMIT and (own is None or own <= share)
-
+free = LIMIT * (1 - HEADROOM) if NODES > 1 else LIMIT  # up to here no node holds back
+share = LIMIT / NODES  # cluster mode: this node's part of the last HEADROOM
 
 if counters is None or (NODES > 1 and mine is None):
     # no such zone: set no peer, so the upstream's own balancer serves
@@ -69,16 +61,16 @@ else:
             break  # sorted: every later peer is at its limit too
         key = name + window
         new, err, _ = counters.incr(key, 1, 0, WINDOW_TTL)
-        own = mine.incr(key, 1, 0, WINDOW_TTL)[0] if mine is not None else None
-        if new is None:
-            ngx.log(ngx.ERR, "rate_aware: cannot count ", name, ": ", err)
-        elif admits(new, own):
+        own = (mine.incr(key, 1, 0, WINDOW_TTL)[0] or 0) if mine is not None else 0
+        if new is not None and (new <= free or (new <= LIMIT and own <= share)):
             chosen = name
             break
+        if new is None:
+            ngx.log(ngx.ERR, "rate_aware: cannot count ", name, ": ", err)
         else:
             counters.incr(key, -1)  # lost the last slot to another worker: give it back
-            if mine is not None:
-                mine.incr(key, -1)
+        if mine is not None:
+            mine.incr(key, -1)
     if chosen is None:
         ngx.log(ngx.WARN, "rate_aware: every peer is at ", LIMIT, " tries this second")
         ngx.exit(503)
