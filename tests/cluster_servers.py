@@ -34,8 +34,9 @@ def _port_open(port: int) -> bool:
 class RedisServer:
     """``redis-server`` without persistence (a restart loses everything: the worst case)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *extra: str) -> None:
         self.binary = require("redis-server")
+        self.extra = list(extra)  # more redis-server options, e.g. --requirepass
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = free_ports(1)[0]
@@ -49,7 +50,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.directory),
-             "--logfile", str(self.directory / "redis.log")],
+             "--logfile", str(self.directory / "redis.log"), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: _port_open(self.port), 10, "redis-server to listen")
         return self

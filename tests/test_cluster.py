@@ -89,6 +89,45 @@ def test_three_zones_merge_counters_exactly_through_a_redis_crash(tmp_path: Path
         asyncio.run(scenario(redis))
 
 
+def test_password_from_a_file_and_a_wrong_one(tmp_path: Path) -> None:
+    """``sync_password_file``: the right password merges; a wrong one is "unavailable" (logged
+    once) and the zone keeps serving its local values."""
+    from scriptlb import errorlog
+
+    async def scenario(redis: RedisServer) -> None:
+        (tmp_path / "good").write_text("s3cret\n")
+        (tmp_path / "bad").write_text("nope\n")
+        good = SyncedSharedDict(str(tmp_path / "a"), "d", ZONE_SIZE)
+        bad = SyncedSharedDict(str(tmp_path / "b"), "d", ZONE_SIZE)
+        syncs = [DictSync(good, DictSyncConf(redis.url, 0.02, "p:", str(tmp_path / "good"))),
+                 DictSync(bad, DictSyncConf(redis.url, 0.02, "p:", str(tmp_path / "bad")))]
+        tasks = [asyncio.create_task(sync.run()) for sync in syncs]
+        try:
+            good.incr("n", 2, 0)
+            bad.incr("n", 5, 0)
+            await _converged([good], "n", 2)
+            await asyncio.sleep(0.3)
+            assert bad.get("n")[0] == 5 and syncs[1].reachable is False
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for sync in syncs:
+                await sync.close()
+            good.close()
+            bad.close()
+
+    log = tmp_path / "error.log"
+    previous = errorlog.install(errorlog.ErrorLog((errorlog.ErrorLogConf(str(log), "info"),)))
+    try:
+        with RedisServer(tmp_path / "redis", "--requirepass", "s3cret") as redis:
+            asyncio.run(scenario(redis))
+    finally:
+        errorlog.install(previous).close()
+    text = log.read_text()
+    assert text.count("unavailable (") == 1 and "s3cret" not in text and "nope" not in text
+
+
 # --------------------------------------------------------------------------- three real nodes
 
 
