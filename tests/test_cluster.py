@@ -563,3 +563,43 @@ def test_the_cluster_process_follows_reloads_and_is_respawned(tmp_path: Path) ->
             wait_for(lambda: f"cluster process {first} exited with code 0" in log.read_text(), 10,
                      "the first cluster process to stop after the reload (QUIT)")
             assert f"cluster process {second} exited on signal 9" in log.read_text()
+
+
+def test_dns_lookups_a_aaaa_srv_priorities_and_ttl(tmp_path: Path) -> None:
+    """What one lookup makes of the answers: A and AAAA peers with the line's port and
+    parameters, SRV ports and weights with higher priority numbers as backup peers, the
+    smallest TTL as the next lookup's delay, NXDOMAIN as no peer, SERVFAIL as a failure."""
+    from test_config_directives import http
+
+    from scriptlb.peer_lists import PeerListStore
+    from scriptlb.resolver import DnsMembership, LookupFailed
+
+    with DnsServer() as dns:
+        dns.records = {
+            ("app.test", "A"): [("127.0.0.1", 30)], ("app.test", "AAAA"): [("::1", 20)],
+            ("_http._tcp.svc.test", "SRV"): [("10 5 8001 a.svc.test.", 40), ("20 1 8002 a.svc.test.", 40)],
+            ("a.svc.test", "A"): [("127.0.0.1", 50)],
+        }
+        conf = http(tmp_path, f"resolver 127.0.0.1:{dns.port}; resolver_timeout 1s;\n"
+                              "upstream u { zone u; server app.test:8080 resolve max_fails=3;\n"
+                              "server svc.test service=http resolve weight=7; }")
+        assert conf.http is not None
+        membership = DnsMembership(conf.http.upstreams["u"], conf.http.upstreams["u"].resolver,
+                                   PeerListStore(str(tmp_path)))
+        a_line, srv_line = membership.lines
+
+        async def lookups() -> None:
+            members, ttl = await membership.lookup(a_line)
+            assert [(m, f["max_fails"]) for m, f in members] == [("127.0.0.1:8080", 3), ("[::1]:8080", 3)]
+            assert ttl == 20
+            members, ttl = await membership.lookup(srv_line)
+            assert [(m, f["weight"], f["backup"]) for m, f in members] == [
+                ("127.0.0.1:8001", 5, False), ("127.0.0.1:8002", 1, True)]
+            assert ttl == 40
+            dns.records = {("other.test", "A"): [("127.0.0.1", 1)]}
+            assert await membership.lookup(a_line) == ([], None)  # NXDOMAIN: an answer
+            dns.fail = True
+            with pytest.raises(LookupFailed, match="SERVFAIL"):
+                await membership.lookup(a_line)
+
+        asyncio.run(lookups())
