@@ -37,6 +37,7 @@ from scriptlb.peers import PeerSet
 from scriptlb.pool import ConnectionPool
 from scriptlb.stats import Recorder, UpstreamStats
 from scriptlb.uri import quote_uri
+from scriptlb.variables import use_maps
 
 if TYPE_CHECKING:
     from scriptlb.accesslog import LogFile
@@ -372,6 +373,7 @@ class Runtime:
         self.zone_counts: dict[str, list[int]] = {}
         self.status: WorkerStatus | None = None  # the instance's counters, set by the worker
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
+        use_maps(http.maps)
         self.upstreams = {
             name: UpstreamRuntime(up, loop, http.python, recorder) for name, up in http.upstreams.items()
         }

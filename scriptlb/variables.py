@@ -343,12 +343,25 @@ _SIMPLE: dict[str, Getter] = {
 }
 
 
+# the variables the running configuration declares (``map``), by name; set by use_maps
+_DECLARED: dict[str, Getter] = {}
+
+
+def use_maps(maps: dict[str, Any]) -> None:
+    """Make the ``map`` variables of a configuration (HttpConf.maps) readable, replacing the
+    previous configuration's. Called before the configuration's templates are compiled."""
+    from scriptlb.maps import MapVariable
+
+    _DECLARED.clear()
+    _DECLARED.update({name: MapVariable(conf, compile_template) for name, conf in maps.items()})
+
+
 def variable_getter(name: str, clock: Clock = time.time) -> Getter:
     """The getter of ``$name`` (lower-case, without "$"); KeyError for an unknown name.
 
     ``clock`` (wall-clock seconds) serves $request_time, $msec, $time_local, $time_iso8601.
     """
-    getter = _SIMPLE.get(name)
+    getter = _SIMPLE.get(name) or _DECLARED.get(name)
     if getter is not None:
         return getter
     if name in _CLOCKED:

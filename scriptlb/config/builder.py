@@ -28,6 +28,7 @@ from scriptlb.config.drafts import (
     UpstreamDraft,
 )
 from scriptlb.config.errors import ConfigError
+from scriptlb.config.maps import declared_map_variables
 from scriptlb.config.model import (
     DEFAULT_MEMORY_LIMIT,
     AccessLogConf,
@@ -51,7 +52,7 @@ from scriptlb.config.model import (
     UpstreamServerConf,
 )
 from scriptlb.config.parser import Node
-from scriptlb.config.variables import compile_template
+from scriptlb.config.variables import compile_template, declared_variables
 
 DEFAULT_HOOK_TIMEOUT = 0.010
 DEFAULT_PID = "logs/scriptlb.pid"  # nginx's NGX_PID_PATH, under the prefix
@@ -69,7 +70,8 @@ _PLACEHOLDER_SERVER = UpstreamServerConf("0.0.0.1", (PeerAddr("0.0.0.1", 80),))
 def build(nodes: Sequence[Node], conf_file: str, prefix: str, files: Sequence[str]) -> MainConf:
     state = State(prefix)
     main = MainDraft()
-    walk(state, nodes, Ctx.MAIN, main)
+    with declared_variables(declared_map_variables(nodes)):
+        walk(state, nodes, Ctx.MAIN, main)
     return _main_conf(state, main, conf_file, prefix, tuple(files))
 
 
@@ -163,6 +165,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
         python=python,
         shared_dicts=dict(http.shared_dicts),
         matches=resolver.matches,
+        maps=dict(http.maps),
     )
 
 

@@ -31,6 +31,7 @@ from scriptlb.config.drafts import (
     UpstreamDraft,
 )
 from scriptlb.config.errors import ConfigError
+from scriptlb.config.maps import parse_map
 from scriptlb.config.model import (
     AccessLogConf,
     AccessRule,
@@ -47,7 +48,7 @@ from scriptlb.config.model import (
 )
 from scriptlb.config.parser import Node
 from scriptlb.config.units import parse_int, parse_offset, parse_size, parse_time
-from scriptlb.config.variables import TemplateError, compile_template
+from scriptlb.config.variables import KNOWN_VARIABLES, TemplateError, compile_template
 
 
 class Ctx(IntFlag):
@@ -735,6 +736,15 @@ def _health_check(state: State, node: Node, draft: LocationDraft) -> None:
     draft.values.setdefault("health_checks", []).append(params)
 
 
+def _map(state: State, node: Node, draft: HttpDraft) -> None:
+    conf = parse_map(node, _check_regex)
+    # a map may not redefine a built-in variable; a second map of the same name replaces the
+    # first (nginx's map variables are "changeable")
+    if conf.variable in KNOWN_VARIABLES:
+        raise fail(node, f'the duplicate "{conf.variable}" variable')
+    draft.maps[conf.variable] = conf
+
+
 def _match(state: State, node: Node, draft: HttpDraft) -> tuple[Ctx, Any]:
     name = node.args[0]
     if name in draft.matches:
@@ -886,6 +896,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("zone", Ctx.UPSTREAM, (1, 2), _upstream_zone),
     _spec("health_check", Ctx.LOCATION, (0, None), _health_check),
     _spec("match", Ctx.HTTP, ONE, _match, block=True),
+    _spec("map", Ctx.HTTP, (2, 2), _map, block=True),
     _spec("status", Ctx.MATCH, (1, None), _match_status),
     _spec("header", Ctx.MATCH, (1, 3), _match_header),
     _spec("body", Ctx.MATCH, (2, 2), _match_body),

@@ -149,6 +149,28 @@ class SharedDictConf:
 
 
 @dataclass(frozen=True, slots=True)
+class MapEntry:
+    """One line of a ``map`` block: a source value (or regex) and the template it gives."""
+
+    kind: str  # "exact", "wildcard" (hostnames: *.a.b / .a.b / a.b.*) or "regex"
+    key: str  # exact/wildcard: lower-cased text; regex: the pattern without "~"/"~*"
+    value: Template
+    caseless: bool = False  # regex given as "~*"
+
+
+@dataclass(frozen=True, slots=True)
+class MapConf:
+    """A ``map SOURCE $variable { ... }`` block (ngx_http_map_module), checked at load time."""
+
+    variable: str  # without "$", lower-cased
+    source: Template
+    entries: tuple[MapEntry, ...]  # in file order (regexes are tried in this order)
+    default: Template | None = None
+    hostnames: bool = False
+    volatile: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class HttpConf:
     upstreams: dict[str, UpstreamConf]  # explicit `upstream` blocks and implicit ones (below)
     servers: tuple[ServerConf, ...]
@@ -156,6 +178,7 @@ class HttpConf:
     python: PythonConf = field(default_factory=PythonConf)
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)  # by name, in file order
     matches: dict[str, MatchConf] = field(default_factory=dict)  # `match` blocks by name
+    maps: dict[str, MapConf] = field(default_factory=dict)  # `map` blocks by variable name
 
     def hooks(self) -> tuple[HookConf, ...]:
         """Every hook to compile, each once: upstreams' balancer hooks, then the distinct

@@ -96,6 +96,9 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                      "ngx_http_upstream_hc_module (nginx Plus)",
                      "the first health_check of an upstream is used"),
     "match": ("name { ... }", "-", "ngx_http_upstream_hc_module (nginx Plus)", ""),
+    "map": ("string $variable { ... }", "-", "ngx_http_map_module",
+            "strings (case-insensitive), default, `~`/`~*` regexes in order, hostnames, volatile, include; "
+            "evaluated when read; regex captures ($1) in values are refused"),
     "status": ("[!] code[-code] ...", "-", "ngx_http_upstream_hc_module (match)", ""),
     "header": ("name [= | != | ~ | !~ value] | ! name", "-", "ngx_http_upstream_hc_module (match)", ""),
     "body": ("~ | !~ regex", "-", "ngx_http_upstream_hc_module (match)", ""),
