@@ -18,6 +18,8 @@ A try ends in exactly one place, ``end(outcome, ...)``, whatever ended it:
                ``retry.decide``, from the ``Failure`` that ``end`` hands back)
 ``BROKEN``     the connection failed after part of the response went to the client
 ``ABANDONED``  the client side ended the request
+``UPGRADED``   the tunnel after a 101 ended; it counts as a success, with the time to the 101
+               as the latency sample (a tunnel's life says nothing about the peer's speed)
 =============  ==================================================================================
 
 ``end`` does, in this order: the response time, the latency observation for balancers that
@@ -54,6 +56,7 @@ NEXT = 1
 FAILED = 2
 BROKEN = 3
 ABANDONED = 4
+UPGRADED = 5  # a 101's tunnel ended (its connection belonged to the tunnel, never pooled)
 
 
 class TryRecord:
@@ -143,11 +146,11 @@ class Attempt(TryRecord):
         peer = self.peer
         self.peer = None
         status = self.status or 0
-        if outcome == DONE:
-            sample: float | None = elapsed
+        if outcome in (DONE, UPGRADED):
+            sample: float | None = elapsed if outcome == DONE else self.header_time
             counted = stats_failed = False
-            if peer is not None and upstream.observe is not None:
-                upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
+            if peer is not None and upstream.observe is not None and sample is not None:
+                upstream.observe(peer, self.connect_time, self.header_time, sample, upstream.loop.time())
             if conn is not None:
                 if self.pool is not None:
                     self.pool.release(conn)

@@ -37,11 +37,24 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from scriptlb import errorlog
-from scriptlb.attempt import ABANDONED, BROKEN, DONE, FAILED, NEXT, Attempt, TryRecord, clock, pool_key
+from scriptlb.attempt import (
+    ABANDONED,
+    BROKEN,
+    DONE,
+    FAILED,
+    NEXT,
+    UPGRADED,
+    Attempt,
+    TryRecord,
+    clock,
+    pool_key,
+)
 from scriptlb.config.model import NextUpstream
+from scriptlb.downstream import CLIENT_SEND_TIMEOUT
 from scriptlb.request_body import SpooledBody
 from scriptlb.retry import RETRY, Failure, decide, failure_for_status, is_idempotent, is_stale_connection
 from scriptlb.stats import WEIGHT_GENERATION
+from scriptlb.tunnel import UPSTREAM_TIMED_OUT, Tunnel
 from scriptlb.upstream import PREMATURE, ConnState, ResponseHead, UpstreamConnection, UpstreamError
 from scriptlb.uri import split_local_addr
 
@@ -79,6 +92,7 @@ class UpstreamRequest:
         "_started",
         "_state",
         "_stream_body",
+        "_tunnel",
         "_waiting_body",
         "attempt",
         "conf",
@@ -108,6 +122,7 @@ class UpstreamRequest:
         self.attempt: Attempt | None = None  # the try in progress
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
+        self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
 
     @property
     def connection(self) -> UpstreamConnection | None:
@@ -158,6 +173,8 @@ class UpstreamRequest:
         """The client side ended the request (or a bug did): stop everything, free the peer."""
         self._waiting_body = False
         self._body_conn = None
+        if self._tunnel is not None:
+            self._tunnel.end("")  # (ends the try and logs the request)
         connecting = self._connecting
         self._connecting = None
         if connecting is not None:
@@ -306,6 +323,7 @@ class UpstreamRequest:
         body = None if streamed else self._body
         spooled = isinstance(body, SpooledBody)
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
+        conn.upgrade = _asks_upgrade(ex.request.connection)
         conn.start(self, self._head, None if spooled else body, ex.read_timeout,
                    ex.send_timeout, ex.method == "HEAD", plan.http11, plan.close_after)
         if spooled:
@@ -344,6 +362,9 @@ class UpstreamRequest:
         assert attempt is not None
         attempt.header_time = clock() - attempt.started
         attempt.status = status = response.status
+        if status == 101:  # (only when the client asked to switch: see UpstreamConnection)
+            self._start_tunnel(attempt, response)
+            return
         failure = failure_for_status(status) if status >= 403 else None
         if failure is not None and self.conf.next_upstream & NextUpstream(int(failure)):
             verdict = decide(failure, self._state.tries - 1, self._started, self.loop.time(), self.conf,
@@ -403,6 +424,50 @@ class UpstreamRequest:
             if client.writing_paused:
                 conn.pause_reading()
 
+    def _start_tunnel(self, attempt: Attempt, response: ResponseHead) -> None:
+        """The peer switched protocols: pass its 101 on, then join the two sockets. The try
+        stays in progress (its ``$upstream_*`` are the tunnel's) until the tunnel ends."""
+        conn = attempt.conn
+        assert conn is not None
+        ex = self.exchange
+        self._passing = True
+        ex.status = 101
+        ex.upstream_headers = response.headers
+        headers = response.client_headers() + _upgrade_lines(response.headers)
+        ex.response_headers = headers
+        client = ex.conn
+        client.send_head(101, headers, None, reason=response.reason)
+        client.flush()
+        upstream_transport, from_upstream = conn.detach()
+        attempt.conn = None
+        assert client.transport is not None
+        tunnel = self._tunnel = Tunnel(self.loop, ex.read_timeout, ex.send_timeout, CLIENT_SEND_TIMEOUT,
+                                       self._tunnel_ended)
+        client_side, upstream_side = tunnel.sides(client.transport, upstream_transport)
+        upstream_transport.set_protocol(upstream_side)
+        _transport, from_client = client.switch_protocols(client_side)
+        client_side.lost = client.connection_lost  # (the client connection's own clean-up)
+        tunnel.start(from_client, from_upstream)
+
+    def _tunnel_ended(self, reason: str) -> None:
+        tunnel = self._tunnel
+        attempt = self.attempt
+        self.attempt = None
+        ex = self.exchange
+        try:
+            if reason and attempt is not None:
+                level = "error" if reason == UPSTREAM_TIMED_OUT else "info"
+                errorlog.log_error(level, f"{reason} while proxying upgraded connection", ex.conn_id,
+                                   ex.log_context(attempt.addr))
+            if tunnel is not None:
+                ex.conn.bytes_sent += tunnel.sent_to_client
+                ex.conn.body_bytes_sent += tunnel.sent_to_client
+            if attempt is not None:
+                attempt.end(UPGRADED, ex)
+            ex.finish_logged()
+        except Exception as exc:
+            ex.crashed(exc, "proxying upgraded connection")
+
     def _try_failed(self, err: UpstreamError) -> None:
         """nginx's ngx_http_upstream_next: log, end the try, and retry or answer with our page."""
         attempt = self.attempt
@@ -447,6 +512,17 @@ class UpstreamRequest:
     def _log_error(self, attempt: Attempt, err: UpstreamError, phase: str, level: str = "error") -> None:
         ex = self.exchange
         errorlog.log_error(level, f"{err} while {phase}", ex.conn_id, ex.log_context(attempt.addr))
+
+
+def _asks_upgrade(connection: bytes | None) -> bool:
+    """The client's Connection header names "upgrade" (llhttp then saw an Upgrade request):
+    a 101 from the peer may switch this connection."""
+    return connection is not None and b"upgrade" in connection.lower()
+
+
+def _upgrade_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The peer's Upgrade header (hop-by-hop, hidden from other responses) for a 101."""
+    return b"".join(name + b": " + value + b"\r\n" for name, value in headers if name.lower() == b"upgrade")
 
 
 def _connect_error(task: asyncio.Task[object], conn: UpstreamConnection) -> UpstreamError | None:
