@@ -28,7 +28,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import httptools
 
@@ -304,6 +304,7 @@ class ClientConnection(asyncio.Protocol):
         "sent_head",
         "server_addr",
         "server_port",
+        "tls",
         "transport",
     )
 
@@ -327,6 +328,7 @@ class ClientConnection(asyncio.Protocol):
         self.route: object = None  # the handler layer's per-connection routing cache
         self.host_cache: tuple | None = None  # the handler layer's (raw Host -> server) cache
         self.requests = 0  # requests started on this connection ($connection_requests)
+        self.tls: Any = None  # the ssl.SSLObject of a TLS connection
 
         # timers
         self._timer: asyncio.TimerHandle | None = None
@@ -376,6 +378,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.tls = transport.get_extra_info("ssl_object")  # None: plain TCP ($https, $ssl_*)
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
         if isinstance(peer, tuple):

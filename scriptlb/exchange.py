@@ -89,7 +89,7 @@ class Exchange:
         self.http_version = request.version
         self.headers = request.headers
         self.request_uri = request.target.decode("latin-1")
-        self.scheme = "http"
+        self.scheme = "https" if conn.tls is not None else "http"
         self.status = 0
         self.body_bytes_sent = 0
         self.bytes_sent = 0

@@ -461,6 +461,31 @@ class Runtime:
 
     # ------------------------------------------------------------------ the request path
 
+    def tls_context(self, keys: list | tuple) -> Any:
+        """The SSLContext a listening socket (its keys) is opened with, or None without TLS:
+        the default server's, switching on SNI to the server ``server_name`` picks (a server
+        on the socket without TLS settings of its own answers with the default's)."""
+        servers = [s for s in self.conf.http.servers if any(lc.key in keys for lc in s.listens)] \
+            if self.conf.http is not None else []
+        confs = [s.ssl for s in servers if s.ssl is not None]
+        if not confs:
+            return None
+        from scriptlb.tls import server_context, sni_context  # (only TLS configs load ssl)
+
+        route = self.routes[keys[0]]
+        fallback = route.default_server.conf.ssl or confs[0]
+        contexts: dict[int, Any] = {}
+
+        def context_of(conf: ServerConf) -> Any:
+            ssl_conf = conf.ssl or fallback
+            ctx = contexts.get(id(ssl_conf))
+            if ctx is None:
+                ctx = contexts[id(ssl_conf)] = server_context(ssl_conf)
+            return ctx
+
+        default = context_of(route.default_server.conf)
+        return sni_context(default, lambda name: context_of(route.selector.select(name)))
+
     def route_for(self, conn: ClientConnection) -> ServerRoute:
         """The listening key a connection arrived on (a wildcard socket may serve several)."""
         keys = conn.listener.keys

@@ -26,6 +26,7 @@ from typing import Any
 
 from scriptlb.config.model import Template, Var
 from scriptlb.config.variables import KNOWN_VARIABLES, VARIABLE_PREFIXES
+from scriptlb.tls import TLS_VARIABLES
 
 Getter = Callable[[Any], "str | None"]
 Clock = Callable[[], float]
@@ -354,6 +355,9 @@ def use_maps(maps: dict[str, Any]) -> None:
 
     _DECLARED.clear()
     _DECLARED.update({name: MapVariable(conf, compile_template) for name, conf in maps.items()})
+
+
+_SIMPLE.update(TLS_VARIABLES)
 
 
 def variable_getter(name: str, clock: Clock = time.time) -> Getter:

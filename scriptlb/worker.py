@@ -149,7 +149,8 @@ class Worker:
             context.on_client_error = partial(log_client_error, runtime)
             self.contexts.append(context)
             server = await self.loop.create_server(
-                _protocol_factory(context, self.loop, self.status), sock=sock, backlog=self._backlog(keys)
+                _protocol_factory(context, self.loop, self.status), sock=sock, backlog=self._backlog(keys),
+                ssl=runtime.tls_context(keys),
             )
             self._servers.append(server)
 

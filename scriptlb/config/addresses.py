@@ -94,13 +94,18 @@ def resolve(host: str, port: int) -> tuple[PeerAddr, ...]:
 def parse_listen(node: Node) -> list[ListenConf]:
     """``listen ADDR [default_server] [reuseport] [backlog=N]`` -> one ListenConf per address."""
     text = node.args[0]
-    default_server = reuseport = False
+    default_server = reuseport = ssl = False
     backlog = 511
     for param in node.args[1:]:
         if param in ("default_server", "default"):
             default_server = True
         elif param == "reuseport":
             reuseport = True
+        elif param == "ssl":
+            ssl = True
+        elif param in ("http2", "quic", "proxy_protocol"):
+            raise ConfigError(f'the "{param}" parameter of "listen" is not supported by scriptlb '
+                              "(HTTP/1.1 only)", node.source)
         elif param.startswith("backlog="):
             value = parse_int(param[len("backlog=") :])
             if not value:
@@ -110,7 +115,7 @@ def parse_listen(node: Node) -> list[ListenConf]:
             raise ConfigError(f'invalid parameter "{param}"', node.source)
 
     def listen(host: str | None, port: int, unix_path: str | None = None) -> ListenConf:
-        return ListenConf(host, port, unix_path, default_server, reuseport, backlog, node.source)
+        return ListenConf(host, port, unix_path, default_server, reuseport, backlog, node.source, ssl)
 
     if parse_int(text) is not None:  # a bare port
         return [listen("0.0.0.0", _listen_port(node, text))]

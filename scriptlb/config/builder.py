@@ -48,6 +48,8 @@ from scriptlb.config.model import (
     PythonConf,
     ServerConf,
     Source,
+    SslCertificate,
+    SslConf,
     UpstreamConf,
     UpstreamServerConf,
 )
@@ -334,7 +336,49 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
         underscores_in_headers=_get(chain, "underscores_in_headers", False),
         ignore_invalid_headers=_get(chain, "ignore_invalid_headers", True),
         source=server.source,
+        ssl=_ssl_conf(server, chain),
     )
+
+
+def _ssl_conf(server: ServerDraft, chain: Sequence[LevelDraft]) -> SslConf | None:
+    """The server's TLS settings when one of its listens has ``ssl`` (checked by building the
+    context once, so a bad certificate or key is a config error with its file:line)."""
+    ssl_listen = next((listen for listen in server.listens if listen.ssl), None)
+    if ssl_listen is None:
+        return None
+    certificates = _get(chain, "ssl_certificate", [])
+    keys = _get(chain, "ssl_certificate_key", [])
+    if not certificates:
+        raise ConfigError('no "ssl_certificate" is defined for the "listen ... ssl" directive',
+                          ssl_listen.source)
+    if len(keys) < len(certificates):
+        path, source = certificates[len(keys)]
+        raise ConfigError(f'no "ssl_certificate_key" is defined for certificate "{path}"', source)
+    conf = SslConf(
+        certificates=tuple(
+            SslCertificate(c, k, source) for (c, source), (k, _) in zip(certificates, keys, strict=False)
+        ),
+        protocols=_get(chain, "ssl_protocols", ("TLSv1.2", "TLSv1.3")),
+        ciphers=_get(chain, "ssl_ciphers", "HIGH:!aNULL:!MD5"),
+        prefer_server_ciphers=_get(chain, "ssl_prefer_server_ciphers", False),
+        ecdh_curve=_get(chain, "ssl_ecdh_curve", "auto"),
+        session_cache=_get(chain, "ssl_session_cache", "none"),
+        session_timeout=_get(chain, "ssl_session_timeout", 300.0),
+        session_tickets=_get(chain, "ssl_session_tickets", True),
+        client_certificate=_get(chain, "ssl_client_certificate", None),
+        verify_client=_get(chain, "ssl_verify_client", "off"),
+        verify_depth=_get(chain, "ssl_verify_depth", 1),
+        dhparam=_get(chain, "ssl_dhparam", None),
+        password_file=_get(chain, "ssl_password_file", None),
+        source=ssl_listen.source,
+    )
+    from scriptlb.tls import TlsConfigError, server_context  # (only configs with TLS load ssl)
+
+    try:
+        server_context(conf)
+    except TlsConfigError as e:
+        raise ConfigError(str(e), e.source) from None
+    return conf
 
 
 def _get(chain: Sequence[LevelDraft], name: str, default: Any) -> Any:

@@ -809,6 +809,53 @@ def _match_expect(state: State, node: Node, draft: MatchDraft) -> None:
     draft.expect = value
 
 
+# --------------------------------------------------------------------------- ssl (termination)
+
+SSL_PROTOCOLS = ("SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+def _ssl_file_list(state: State, node: Node, draft: LevelDraft) -> None:
+    """ssl_certificate / ssl_certificate_key: several per level (RSA and ECDSA), in order."""
+    draft.values.setdefault(node.name, []).append((state.path(node.args[0]), node.source))
+
+
+def _ssl_path(state: State, node: Node, draft: LevelDraft) -> None:
+    _store(node, draft.values, state.path(node.args[0]))
+
+
+def _ssl_protocols(state: State, node: Node, draft: LevelDraft) -> None:
+    for name in node.args:
+        if name not in SSL_PROTOCOLS:
+            raise fail(node, f'invalid value "{name}"')
+    _store(node, draft.values, tuple(node.args))
+
+
+def _ssl_verify_client(state: State, node: Node, draft: LevelDraft) -> None:
+    value = node.args[0]
+    if value == "optional_no_ca":
+        # Python's ssl cannot accept a certificate it did not verify while still asking for it
+        raise fail(node, '"ssl_verify_client optional_no_ca" is not supported by scriptlb')
+    if value not in ("on", "off", "optional"):
+        raise fail(node, f'invalid value "{value}" in "{node.name}" directive, '
+                         'it must be "on", "off", "optional" or "optional_no_ca"')
+    _store(node, draft.values, value)
+
+
+def _ssl_session_cache(state: State, node: Node, draft: LevelDraft) -> None:
+    for value in node.args:
+        if value in ("off", "none") or value == "builtin" or value.startswith("builtin:"):
+            continue
+        name, _, size = value[len("shared:"):].partition(":") if value.startswith("shared:") else ("", "", "")
+        if not name or parse_size(size) is None:
+            raise fail(node, f'invalid session cache "{value}"')
+    _store(node, draft.values, " ".join(node.args))
+
+
+def _ssl_unsupported(state: State, node: Node, draft: LevelDraft) -> None:
+    raise fail(node, f'"{node.name}" is not supported by scriptlb (Python\'s ssl module has no '
+                     "way to set ticket keys; each worker makes its own)")
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -912,6 +959,22 @@ _SPECS: tuple[Spec, ...] = (
     _spec("api", Ctx.LOCATION, (0, 1), _content_handler),
     _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),
     _spec("status_zone", Ctx.SERVER, ONE, _slot(lambda node: node.args[0])),
+    # TLS termination (ngx_http_ssl_module)
+    _spec("ssl_certificate", HS, ONE, _ssl_file_list),
+    _spec("ssl_certificate_key", HS, ONE, _ssl_file_list),
+    _spec("ssl_protocols", HS, (1, None), _ssl_protocols),
+    _spec("ssl_ciphers", HS, ONE, _slot(lambda node: node.args[0])),
+    _spec("ssl_prefer_server_ciphers", HS, FLAG, _slot(flag)),
+    _spec("ssl_ecdh_curve", HS, ONE, _slot(lambda node: node.args[0])),
+    _spec("ssl_session_cache", HS, (1, 2), _ssl_session_cache),
+    _spec("ssl_session_timeout", HS, ONE, _slot(msec)),
+    _spec("ssl_session_tickets", HS, FLAG, _slot(flag)),
+    _spec("ssl_session_ticket_key", HS, ONE, _ssl_unsupported),
+    _spec("ssl_client_certificate", HS, ONE, _ssl_path),
+    _spec("ssl_verify_client", HS, ONE, _ssl_verify_client),
+    _spec("ssl_verify_depth", HS, ONE, _slot(number)),
+    _spec("ssl_dhparam", HS, ONE, _ssl_path),
+    _spec("ssl_password_file", HS, ONE, _ssl_path),
 )
 
 DIRECTIVES: dict[str, tuple[Spec, ...]] = {}

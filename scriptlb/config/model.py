@@ -309,6 +309,7 @@ class ListenConf:
     reuseport: bool = False
     backlog: int = 511
     source: Source | None = None
+    ssl: bool = False  # `listen ... ssl`: TLS is terminated on this socket
 
     @property
     def key(self) -> tuple[str | None, int, str | None]:
@@ -420,6 +421,36 @@ class LocationConf:
 
 
 @dataclass(frozen=True, slots=True)
+class SslCertificate:
+    """One ``ssl_certificate`` / ``ssl_certificate_key`` pair (a server may have several:
+    RSA and ECDSA)."""
+
+    certificate: str  # absolute paths
+    key: str
+    source: Source | None = None  # the ssl_certificate line (where load errors point)
+
+
+@dataclass(frozen=True, slots=True)
+class SslConf:
+    """ngx_http_ssl_module's settings of one server (http's inherited), nginx's defaults."""
+
+    certificates: tuple[SslCertificate, ...] = ()
+    protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
+    ciphers: str = "HIGH:!aNULL:!MD5"
+    prefer_server_ciphers: bool = False
+    ecdh_curve: str = "auto"
+    session_cache: str = "none"  # off | none | builtin[:size] | shared:NAME:size (kept as written)
+    session_timeout: float = 300.0
+    session_tickets: bool = True
+    client_certificate: str | None = None
+    verify_client: str = "off"  # off | on | optional
+    verify_depth: int = 1
+    dhparam: str | None = None
+    password_file: str | None = None
+    source: Source | None = None  # the server block
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConf:
     listens: tuple[ListenConf, ...]
     server_names: tuple[str, ...]
@@ -431,3 +462,4 @@ class ServerConf:
     ignore_invalid_headers: bool = True
     # the server-level default used when no location matches (nginx: 404)
     source: Source | None = None
+    ssl: SslConf | None = None  # TLS settings, for servers on a `listen ... ssl` socket

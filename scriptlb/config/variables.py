@@ -62,6 +62,14 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "upstream_response_time",
         "upstream_connect_time",
         "upstream_header_time",
+        # TLS termination (scriptlb.tls)
+        "https",
+        "ssl_protocol",
+        "ssl_cipher",
+        "ssl_server_name",
+        "ssl_session_reused",
+        "ssl_client_verify",
+        "ssl_client_s_dn",
     }
 )
 
