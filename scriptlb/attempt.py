@@ -87,7 +87,8 @@ def pool_key(address: str, host: str, local_addr: tuple[str, int] | None) -> tup
 class Attempt(TryRecord):
     """One try: its peer, connection, pool, statistics index and ``$upstream_*`` record."""
 
-    __slots__ = ("conn", "key", "peer", "peer_addr", "pool", "reused", "state", "stats_index", "upstream")
+    __slots__ = ("conn", "key", "peer", "peer_addr", "pool", "reused", "state", "stats_index", "tls_name",
+                 "upstream")
 
     def __init__(
         self,
@@ -114,6 +115,7 @@ class Attempt(TryRecord):
         self.key = key
         self.conn: UpstreamConnection | None = None
         self.reused = False  # the connection came from the pool
+        self.tls_name: str | None = None  # proxy_pass https://: the name sent / verified
         stats = upstream.stats
         if stats is None:
             self.stats_index = -1  # -1: nothing to finish in the statistics

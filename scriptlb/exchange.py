@@ -431,8 +431,10 @@ class Exchange:
 
     def log_context(self, peer_name: str | None) -> str:
         """nginx's ``, client: ..., server: ..., request: "...", upstream: "...", host: "..."``."""
-        url = f"http://{peer_name}{self.location.plan.upstream_uri(self)}" if peer_name is not None else None
-        return errorlog.request_context(self, url)
+        if peer_name is None:
+            return errorlog.request_context(self, None)
+        scheme = "https" if self.location.tls is not None else "http"
+        return errorlog.request_context(self, f"{scheme}://{peer_name}{self.location.plan.upstream_uri(self)}")
 
 
 def log_client_error(runtime: Runtime, conn: ClientConnection, request: Request, status: int) -> None:

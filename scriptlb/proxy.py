@@ -34,6 +34,7 @@ Callbacks from the upstream connection and the connect task are guarded like the
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import TYPE_CHECKING, Any
 
 from scriptlb import errorlog
@@ -54,6 +55,7 @@ from scriptlb.downstream import CLIENT_SEND_TIMEOUT
 from scriptlb.request_body import SpooledBody
 from scriptlb.retry import RETRY, Failure, decide, failure_for_status, is_idempotent, is_stale_connection
 from scriptlb.stats import WEIGHT_GENERATION
+from scriptlb.tls import handshake_error_text
 from scriptlb.tunnel import UPSTREAM_TIMED_OUT, Tunnel
 from scriptlb.upstream import PREMATURE, ConnState, ResponseHead, UpstreamConnection, UpstreamError
 from scriptlb.uri import split_local_addr
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
 
 _READING_HEADER = "reading response header from upstream"  # nginx's log action
 _CONNECTING = "connecting to upstream"
+_HANDSHAKING = "SSL handshaking to upstream"
 
 # proxy_request_buffering off: stop reading the client when this much body waits for a peer
 STREAM_BODY_WAITING = 64 * 1024
@@ -253,8 +256,16 @@ class UpstreamRequest:
 
     def _start_attempt(self, name: str, addr: PeerAddr, peer: Peer | None, host: str,
                        pool: ConnectionPool | None) -> None:
+        tls = self.location.tls
+        tls_name = None
+        if tls is not None:
+            # the hook's host (set_current_peer's third argument) is this try's TLS name; a
+            # pooled connection is reused only for the same name (and never for plain HTTP)
+            tls_name = host or tls.name(self.exchange)
+            host = "https:" + tls_name
         attempt = Attempt(self.upstream, self._state, name, addr, peer, pool,
                           pool_key(name, host, self._local_addr))
+        attempt.tls_name = tls_name
         self.attempt = attempt
         self.exchange.tries.append(attempt)
         conn = pool.acquire(attempt.key) if pool is not None else None
@@ -287,10 +298,15 @@ class UpstreamRequest:
         conn = UpstreamConnection(loop, attempt.key, attempt.addr)
         attempt.conn = conn
         attempt.reused = False
+        tls = self.location.tls
+        extra: dict[str, Any] = {}
+        if tls is not None:
+            extra = {"ssl": tls.context, "server_hostname": tls.server_hostname(attempt.tls_name or "")}
         if addr.unix_path is not None:
-            opening = loop.create_unix_connection(lambda: conn, addr.unix_path)
+            opening = loop.create_unix_connection(lambda: conn, addr.unix_path, **extra)
         else:
-            opening = loop.create_connection(lambda: conn, addr.host, addr.port, local_addr=self._local_addr)
+            opening = loop.create_connection(lambda: conn, addr.host, addr.port, local_addr=self._local_addr,
+                                             **extra)
         task = loop.create_task(opening)
         timer = loop.call_later(self.exchange.connect_timeout, task.cancel)
         self._connecting = task
@@ -533,6 +549,8 @@ def _connect_error(task: asyncio.Task[object], conn: UpstreamConnection) -> Upst
         return UpstreamError(Failure.TIMEOUT, "upstream timed out (110: Connection timed out)",
                              phase=_CONNECTING, request_sent=False)
     exc = task.exception()
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamError(Failure.ERROR, handshake_error_text(exc), phase=_HANDSHAKING, request_sent=False)
     if exc is not None:
         if not isinstance(exc, OSError):
             raise exc  # a bug, not a network failure (the safety net reports it)

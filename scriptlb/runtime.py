@@ -245,7 +245,7 @@ def _connection_listed(connection: bytes) -> frozenset[bytes]:
 class LocationRuntime:
     __slots__ = (
         "access", "access_logs", "conf", "content", "log_hook", "plan", "proxy_host", "return_getter",
-        "upstream", "zone",
+        "tls", "upstream", "zone",
     )
 
     def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None, access_logs: tuple,
@@ -263,6 +263,7 @@ class LocationRuntime:
         # stub_status / api / prometheus (scriptlb.handlers): content(exchange) answers
         self.content: Callable[[Any], None] | None = None
         self.zone: list[int] | None = None  # status_zone: this worker's counts by status // 100
+        self.tls: Any = None  # proxy_pass https://: a scriptlb.tls.PeerTls (set by the Runtime)
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
         ret = conf.return_
@@ -387,6 +388,7 @@ class Runtime:
         # one LogFile per path, shared by every access_log directive naming it (one open, one
         # buffer, lines in order), as nginx opens each path once
         self._log_files: dict[str, LogFile] = {}
+        self._tls_contexts: dict[Any, Any] = {}  # ProxySslConf -> its client SSLContext
         self.servers = {id(s): ServerRuntime(s, self._build_location) for s in http.servers}
         self.routes = {
             key: ServerRoute(selector, self.servers) for key, selector in selectors_by_listen(http).items()
@@ -397,6 +399,8 @@ class Runtime:
         if conf.proxy_pass is not None and conf.return_ is None:
             upstream = self.upstreams[conf.proxy_pass.upstream]
         location = LocationRuntime(conf, upstream, self._access_logs_for(conf), self._log_hook_for(conf))
+        if conf.proxy_pass is not None and conf.proxy_pass.ssl:
+            location.tls = self._peer_tls(conf, location.proxy_host)
         if conf.status_zone is not None:
             location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
         if conf.handler is not None:
@@ -404,6 +408,21 @@ class Runtime:
 
             location.content = content_handler(conf, self)
         return location
+
+    def _peer_tls(self, conf: LocationConf, proxy_host: str) -> Any:
+        from scriptlb.tls import PeerTls, client_context, proxy_host_name  # (only TLS configs)
+
+        ssl_conf = conf.proxy.ssl
+        contexts = self._tls_contexts
+        context = contexts.get(ssl_conf)
+        if context is None:
+            context = contexts[ssl_conf] = client_context(ssl_conf)
+        if ssl_conf.name is not None:
+            name = _compile(ssl_conf.name)
+        else:
+            host = proxy_host_name(proxy_host)
+            name = lambda ex: host  # noqa: E731
+        return PeerTls(context, name, ssl_conf.server_name)
 
     def _log_hook_for(self, conf: LocationConf) -> LogHookRunner | None:
         hook = conf.log_hook

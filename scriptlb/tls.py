@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from scriptlb.config.model import Source, SslCertificate, SslConf
+from scriptlb.config.model import ProxySslConf, Source, SslCertificate, SslConf
 
 ALPN = ["http/1.1"]
 
@@ -235,3 +235,72 @@ TLS_VARIABLES: dict[str, Callable[[Any], str | None]] = {
     "ssl_client_s_dn": _client_s_dn,
     "https": _https,
 }
+
+
+# --------------------------------------------------------------------------- to the peers
+
+
+def client_context(conf: ProxySslConf) -> ssl.SSLContext:
+    """The SSLContext for TLS to the peers of one location (raises TlsConfigError).
+
+    Python checks the name as part of the handshake when a server_hostname is given: with
+    ``proxy_ssl_verify on`` the name is therefore always sent as SNI too (nginx can verify a
+    name it does not send; a peer seldom minds being told it)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    versions = sorted(_VERSIONS[p] for p in conf.protocols if p in _VERSIONS)
+    if not versions:
+        raise TlsConfigError("no TLS protocol enabled in proxy_ssl_protocols", None)
+    ctx.minimum_version, ctx.maximum_version = versions[0], versions[-1]
+    try:
+        ctx.set_ciphers(conf.ciphers)
+    except ssl.SSLError as e:
+        raise TlsConfigError(f'SSL_CTX_set_cipher_list("{conf.ciphers}") failed ({_reason(e)})', None)
+    if conf.verify:
+        if conf.trusted_certificate is None:
+            raise TlsConfigError("no proxy_ssl_trusted_certificate for proxy_ssl_verify", None)
+        try:
+            ctx.load_verify_locations(conf.trusted_certificate)
+        except (OSError, ssl.SSLError) as e:
+            raise TlsConfigError(f'SSL_CTX_load_verify_locations("{conf.trusted_certificate}") failed '
+                                 f"({_reason(e)})", None)
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if conf.certificate is not None and conf.certificate_key is not None:
+        pair = SslCertificate(conf.certificate, conf.certificate_key)
+        password = _password(SslConf(password_file=conf.password_file))
+        _load_pair(ctx, pair, password)
+    ctx.set_alpn_protocols(ALPN)
+    return ctx
+
+
+def handshake_error_text(exc: ssl.SSLError) -> str:
+    """nginx's error-log text for a failed handshake with a peer (without "while ...")."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"upstream SSL certificate verify error: ({exc.verify_code}:{exc.verify_message})"
+    return f"SSL_do_handshake() failed ({_reason(exc)})"
+
+
+class PeerTls:
+    """A location's TLS to its peers: the context, the name (``proxy_ssl_name``, rendered per
+    request) and whether it is sent as SNI (``proxy_ssl_server_name``)."""
+
+    __slots__ = ("context", "name", "sni")
+
+    def __init__(self, context: ssl.SSLContext, name: Callable[[Any], str], sni: bool) -> None:
+        self.context = context
+        self.name = name
+        self.sni = sni
+
+    def server_hostname(self, name: str) -> str | None:
+        """What to give the handshake: the name when it is sent or verified, else None."""
+        return name if (self.sni or self.context.check_hostname) and name else None
+
+
+def proxy_host_name(proxy_host: str) -> str:
+    """proxy_ssl_name's default: the host of the proxy_pass URL (no port, no brackets)."""
+    if proxy_host.startswith("["):
+        return proxy_host[1:proxy_host.index("]")]
+    return proxy_host.rsplit(":", 1)[0] if proxy_host.count(":") == 1 else proxy_host

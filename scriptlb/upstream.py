@@ -488,6 +488,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = now
         self._handler = self._owner = None  # (the parser stays: the next request reuses it)
 
+    @property
+    def is_tls(self) -> bool:
+        transport = self.transport
+        return transport is not None and transport.get_extra_info("ssl_object") is not None
+
     def is_alive(self) -> bool:
         """Still open as far as the transport knows (the pool skips ones closing under it)."""
         return self.transport is not None and not self.transport.is_closing()

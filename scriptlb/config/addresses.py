@@ -202,20 +202,20 @@ class ProxyUrl:
     authority: str  # "backend", "127.0.0.1:9001", "unix:/tmp/s.sock"
     target: HostPort
     uri: str | None
+    ssl: bool = False  # https://
 
 
 def parse_proxy_url(url: str) -> ProxyUrl:
-    """``http://host[:port][/uri]`` or ``http://unix:/path[:/uri]``; raises AddressError."""
-    if url[:7].lower() != "http://":
-        if url[:8].lower() == "https://":
-            raise AddressError("https protocol is not supported by scriptlb")
+    """``http[s]://host[:port][/uri]`` or ``http[s]://unix:/path[:/uri]``; raises AddressError."""
+    ssl = url[:8].lower() == "https://"
+    if url[:7].lower() != "http://" and not ssl:
         raise AddressError("invalid URL prefix")
-    rest = url[7:]
+    rest = url[8:] if ssl else url[7:]
     if rest.lower().startswith("unix:"):
         path, colon, uri = rest[len("unix:") :].partition(":")
-        return ProxyUrl(f"unix:{path}", split_host_port(f"unix:{path}"), uri if colon else None)
+        return ProxyUrl(f"unix:{path}", split_host_port(f"unix:{path}"), uri if colon else None, ssl)
     slash = rest.find("/")
     authority, uri = (rest, None) if slash < 0 else (rest[:slash], rest[slash:])
     if not authority:
         raise AddressError("no host")
-    return ProxyUrl(authority, split_host_port(authority), uri)
+    return ProxyUrl(authority, split_host_port(authority), uri, ssl)

@@ -45,6 +45,7 @@ from scriptlb.config.model import (
     PeerAddr,
     ProxyConf,
     ProxyPassConf,
+    ProxySslConf,
     PythonConf,
     ServerConf,
     Source,
@@ -153,6 +154,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
     for name, checks in resolver.health_checks.items():
         upstreams[name] = dataclasses.replace(upstreams[name], health_checks=tuple(checks))
     servers = _check_listens(servers)
+    _check_peer_tls(servers)
     _warn_conflicting_names(state, servers)
     python = PythonConf(
         package_path=http.values.get("python_package_path", ()),
@@ -260,9 +262,9 @@ class _ProxyPassResolver:
         if explicit is not None:
             if target.port is not None:
                 raise ConfigError(f'upstream "{explicit}" may not have port {target.port}', source)
-            return ProxyPassConf(explicit, parsed.uri, explicit, source)
+            return ProxyPassConf(explicit, parsed.uri, explicit, source, parsed.ssl)
         key = self._implicit(parsed, source)
-        return ProxyPassConf(key, parsed.uri, _proxy_host(parsed), source)
+        return ProxyPassConf(key, parsed.uri, _proxy_host(parsed), source, parsed.ssl)
 
     def _implicit(self, parsed: ProxyUrl, source: Source) -> str:
         target = parsed.target
@@ -270,7 +272,7 @@ class _ProxyPassResolver:
             addrs: tuple[PeerAddr, ...] = (PeerAddr(None, 0, target.unix_path),)
             key = f"unix:{target.unix_path}"
         else:
-            port = 80 if target.port is None else target.port
+            port = (443 if parsed.ssl else 80) if target.port is None else target.port
             key = _host_port(target.host, port)
             if key in self.upstreams:
                 return key
@@ -289,9 +291,10 @@ def _match_conf(draft: MatchDraft) -> MatchConf:
 
 
 def _url_error(kind: str, url: str) -> str:
-    if kind in ("invalid URL prefix",) or kind.startswith("https"):
+    if kind in ("invalid URL prefix",):
         return kind
-    return f'{kind} in upstream "{url[7:].split("/")[0]}"'
+    rest = url.split("://", 1)[-1]
+    return f'{kind} in upstream "{rest.split("/")[0]}"'
 
 
 def _host_port(host: str, port: int) -> str:
@@ -304,7 +307,7 @@ def _proxy_host(parsed: ProxyUrl) -> str:
     if target.unix_path is not None:
         return "localhost"
     host = f"[{target.host}]" if ":" in target.host else target.host
-    return host if target.port in (None, 80) else f"{host}:{target.port}"
+    return host if target.port in (None, 443 if parsed.ssl else 80) else f"{host}:{target.port}"
 
 
 # --------------------------------------------------------------------------- servers
@@ -338,6 +341,23 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
         source=server.source,
         ssl=_ssl_conf(server, chain),
     )
+
+
+def _check_peer_tls(servers: tuple[ServerConf, ...]) -> None:
+    """proxy_pass https://: build each distinct client context once, for its errors."""
+    from scriptlb.tls import TlsConfigError, client_context
+
+    checked: set = set()
+    for server in servers:
+        for location in server.locations:
+            proxy_pass = location.proxy_pass
+            if proxy_pass is None or not proxy_pass.ssl or location.proxy.ssl in checked:
+                continue
+            checked.add(location.proxy.ssl)
+            try:
+                client_context(location.proxy.ssl)
+            except TlsConfigError as e:
+                raise ConfigError(str(e), e.source or proxy_pass.source) from None
 
 
 def _ssl_conf(server: ServerDraft, chain: Sequence[LevelDraft]) -> SslConf | None:
@@ -484,6 +504,29 @@ def _proxy_conf(chain: Sequence[LevelDraft]) -> ProxyConf:
         next_upstream_timeout=_get(chain, "proxy_next_upstream_timeout", defaults.next_upstream_timeout),
         request_buffering=_get(chain, "proxy_request_buffering", defaults.request_buffering),
         buffering=_get(chain, "proxy_buffering", defaults.buffering),
+        ssl=_proxy_ssl_conf(chain),
+    )
+
+
+def _proxy_ssl_conf(chain: Sequence[LevelDraft]) -> ProxySslConf:
+    d = ProxySslConf()
+    certificate = _get(chain, "proxy_ssl_certificate", None)
+    key = _get(chain, "proxy_ssl_certificate_key", None)
+    if certificate is not None and key is None:
+        raise ConfigError(f'no "proxy_ssl_certificate_key" is defined for certificate "{certificate[0]}"',
+                          certificate[1])
+    return ProxySslConf(
+        server_name=_get(chain, "proxy_ssl_server_name", d.server_name),
+        name=_get(chain, "proxy_ssl_name", d.name),
+        verify=_get(chain, "proxy_ssl_verify", d.verify),
+        trusted_certificate=_get(chain, "proxy_ssl_trusted_certificate", d.trusted_certificate),
+        verify_depth=_get(chain, "proxy_ssl_verify_depth", d.verify_depth),
+        protocols=_get(chain, "proxy_ssl_protocols", d.protocols),
+        ciphers=_get(chain, "proxy_ssl_ciphers", d.ciphers),
+        certificate=certificate[0] if certificate is not None else None,
+        certificate_key=key[0] if key is not None else None,
+        session_reuse=_get(chain, "proxy_ssl_session_reuse", d.session_reuse),
+        password_file=_get(chain, "proxy_ssl_password_file", d.password_file),
     )
 
 

@@ -851,6 +851,15 @@ def _ssl_session_cache(state: State, node: Node, draft: LevelDraft) -> None:
     _store(node, draft.values, " ".join(node.args))
 
 
+def _proxy_ssl_file(state: State, node: Node, draft: LevelDraft) -> None:
+    """proxy_ssl_certificate / _key: the path and the line (where a missing pair points)."""
+    _store(node, draft.values, (state.path(node.args[0]), node.source))
+
+
+def _proxy_ssl_name(state: State, node: Node, draft: LevelDraft) -> None:
+    _store(node, draft.values, template(node, node.args[0]))
+
+
 def _ssl_unsupported(state: State, node: Node, draft: LevelDraft) -> None:
     raise fail(node, f'"{node.name}" is not supported by scriptlb (Python\'s ssl module has no '
                      "way to set ticket keys; each worker makes its own)")
@@ -975,6 +984,18 @@ _SPECS: tuple[Spec, ...] = (
     _spec("ssl_verify_depth", HS, ONE, _slot(number)),
     _spec("ssl_dhparam", HS, ONE, _ssl_path),
     _spec("ssl_password_file", HS, ONE, _ssl_path),
+    # TLS to the peers (ngx_http_proxy_module)
+    _spec("proxy_ssl_server_name", HSL, FLAG, _slot(flag)),
+    _spec("proxy_ssl_name", HSL, ONE, _proxy_ssl_name),
+    _spec("proxy_ssl_verify", HSL, FLAG, _slot(flag)),
+    _spec("proxy_ssl_trusted_certificate", HSL, ONE, _ssl_path),
+    _spec("proxy_ssl_verify_depth", HSL, ONE, _slot(number)),
+    _spec("proxy_ssl_protocols", HSL, (1, None), _ssl_protocols),
+    _spec("proxy_ssl_ciphers", HSL, ONE, _slot(lambda node: node.args[0])),
+    _spec("proxy_ssl_certificate", HSL, ONE, _proxy_ssl_file),
+    _spec("proxy_ssl_certificate_key", HSL, ONE, _proxy_ssl_file),
+    _spec("proxy_ssl_session_reuse", HSL, FLAG, _slot(flag)),
+    _spec("proxy_ssl_password_file", HSL, ONE, _ssl_path),
 )
 
 DIRECTIVES: dict[str, tuple[Spec, ...]] = {}

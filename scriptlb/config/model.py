@@ -335,6 +335,23 @@ class NextUpstream(IntFlag):
 
 
 @dataclass(frozen=True, slots=True)
+class ProxySslConf:
+    """ngx_http_proxy_module's proxy_ssl_* settings (TLS to the peers), nginx's defaults."""
+
+    server_name: bool = False  # send SNI
+    name: Template | None = None  # None: the host of the proxy_pass URL
+    verify: bool = False
+    trusted_certificate: str | None = None
+    verify_depth: int = 1
+    protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
+    ciphers: str = "DEFAULT"
+    certificate: str | None = None  # a client certificate for the peers
+    certificate_key: str | None = None
+    session_reuse: bool = True
+    password_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConf:
     """Effective proxy_* settings of one location (inheritance already applied)."""
 
@@ -355,6 +372,7 @@ class ProxyConf:
     buffer_size: int = mmap.PAGESIZE
     buffers: tuple[int, int] = (8, mmap.PAGESIZE)  # (number, size)
     busy_buffers_size: int = 2 * mmap.PAGESIZE
+    ssl: ProxySslConf = field(default_factory=lambda: ProxySslConf())  # for proxy_pass https://
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +381,7 @@ class ProxyPassConf:
     uri: str | None  # the URI part of proxy_pass, None when absent (request URI passed as is)
     proxy_host: str  # value of $proxy_host: the upstream name, or host:port when not 80
     source: Source | None = None
+    ssl: bool = False  # https://: TLS to the peers (ProxyConf.ssl)
 
 
 @dataclass(frozen=True, slots=True)
