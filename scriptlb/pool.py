@@ -110,9 +110,7 @@ class ConnectionPool:
             self._sweeper = None
         for conn in list(self._idle):
             self._forget(conn)
-            # an idle TLS connection is dropped, not shut down: a TLS close needs loop turns
-            # (close_notify) that a stopping worker does not have, and nothing is pending on it
-            conn.abort() if conn.is_tls else conn.close()
+            conn.close()
 
     # ------------------------------------------------------------------ internals
 

@@ -521,8 +521,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self.state is not ConnState.CLOSED:
             self.state = ConnState.CLOSED
             self._cancel_timer()
-            if self.transport is not None:
-                self.transport.close()
+            transport = self.transport
+            if transport is not None:
+                # TLS: dropped at once. asyncio's TLS close waits for the peer's close_notify
+                # (up to 30 s), holding the socket and a stopping worker's loop; nginx does not
+                # wait for it either. Nothing is lost: we close only after the request's end.
+                transport.abort() if self.is_tls else transport.close()
 
     def abort(self) -> None:
         """Drop the connection now, telling nobody (the handler gave up on this response)."""

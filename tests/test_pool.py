@@ -13,8 +13,6 @@ from scriptlb.upstream import ConnState
 
 
 class FakeConn:
-    is_tls = False
-
     def __init__(self, key: tuple, reusable: bool = True) -> None:
         self.key = key
         self.reusable = reusable
