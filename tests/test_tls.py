@@ -179,3 +179,50 @@ def test_a_tls_listen_without_a_certificate_and_http2_are_config_errors(tmp_path
         load_conf("http {\n server { listen 127.0.0.1:1 ssl; }\n}\n", tmp_path)
     with pytest.raises(ConfigError, match=r'the "http2" parameter of "listen" is not supported.*:2$'):
         load_conf("http {\n server { listen 127.0.0.1:1 ssl http2; }\n}\n", tmp_path)
+
+
+@pytest.mark.slow
+def test_certificates_reload_on_sighup_and_a_bad_one_keeps_the_old(tmp_path: Path, ca: trustme.CA) -> None:
+    import os
+    import signal
+
+    from helpers import master_process, wait_until
+
+    crt, key = tmp_path / "site.crt", tmp_path / "site.key"
+
+    def install(name: str) -> None:
+        cert = ca.issue_cert(name)
+        cert.cert_chain_pems[0].write_to_path(crt)
+        cert.private_key_pem.write_to_path(key)
+
+    def served_name() -> str | None:
+        try:
+            return https_get(port, client_context(ca, verify=False), None)[0]
+        except OSError:
+            return None
+
+    install("first.test")
+    (port,) = free_ports(1)
+    conf = tmp_path / "scriptlb.conf"
+    conf.write_text(f"""
+        daemon off; worker_processes 1; pid {tmp_path}/scriptlb.pid;
+        error_log {tmp_path}/error.log info;
+        http {{
+            server {{
+                listen 127.0.0.1:{port} ssl;
+                ssl_certificate {crt};
+                ssl_certificate_key {key};
+                location / {{ return 200 "ok\\n"; }}
+            }}
+        }}
+    """)
+    with master_process(tmp_path, conf) as proc:
+        assert wait_until(lambda: served_name() == "first.test", timeout=20)
+        install("second.test")
+        os.kill(proc.pid, signal.SIGHUP)
+        assert wait_until(lambda: served_name() == "second.test", timeout=20)
+        key.write_text("not a key\n")  # a broken key: the reload is refused, the old one serves
+        os.kill(proc.pid, signal.SIGHUP)
+        assert wait_until(lambda: "SSL_CTX_use_PrivateKey(" in (tmp_path / "error.log").read_text(),
+                          timeout=20)
+        assert served_name() == "second.test"
