@@ -456,14 +456,15 @@ class ClientConnection(asyncio.Protocol):
         self._last_data = data if self._parsing is not None and not self._head_done else b""
 
     def eof_received(self) -> bool | None:
-        # A half-closed client may still read our answer to what it already sent.
+        # A half-closed client may still read our answer to what it already sent (not over
+        # TLS: the TLS layer closes the connection whatever we answer, and warns if we say True)
         self._eof = True
         if self._linger_until:
             self._end_lingering()  # the client closed its side: the lingering close is over
             return True
         if self.active is None and not self._queue:
             self.close()
-        return True
+        return None if self.tls is not None else True
 
     def pause_writing(self) -> None:
         self._writing_paused = True
