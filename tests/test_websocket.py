@@ -256,3 +256,35 @@ def test_bytes_after_an_upgrade_head_go_where_the_answer_says(tmp_path: Path) ->
         last = b"GET /plain HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
         response = raw_exchange(lb.port, refused + last)
     assert response.count(b"HTTP/1.1 200 ") == 2
+
+
+def test_wss_through_tls_termination(tmp_path: Path) -> None:
+    """The tunnel on a TLS client connection (the TLS transport is handed over like a plain one)."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("ws.test")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "ws.crt")
+    cert.private_key_pem.write_to_path(tmp_path / "ws.key")
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def round_trip(port: int) -> bytes:
+        async with connect(f"wss://127.0.0.1:{port}/", ssl=client_ctx, server_hostname="ws.test",
+                           ping_interval=None, open_timeout=10, max_size=4 * MIB) as ws:
+            payload = os.urandom(256 * 1024)
+            await ws.send(payload)
+            reply = await asyncio.wait_for(ws.recv(), 10)
+            return reply == payload  # type: ignore[return-value]
+
+    with websocket_server() as backend:
+        conf = _recipe("{port0} ssl", tmp_path / "ws.log", backend).replace(
+            "access_log", f"ssl_certificate {tmp_path}/ws.crt; ssl_certificate_key {tmp_path}/ws.key;\n"
+                          "        access_log", 1)
+        main = f"daemon off; master_process off; error_log {tmp_path}/error.log info;\n"
+        with Scriptlb(main + f"http {{ {conf} }}", tmp_path) as lb:
+            assert asyncio.run(round_trip(lb.port)) is True
+            (line,) = read_log_lines(tmp_path / "ws.log", 1)
+    assert line.startswith("101 101 ")
