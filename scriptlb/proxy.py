@@ -301,6 +301,7 @@ class UpstreamRequest:
         tls = self.location.tls
         extra: dict[str, Any] = {}
         if tls is not None:
+            conn.tls = True
             extra = {"ssl": tls.context, "server_hostname": tls.server_hostname(attempt.tls_name or "")}
         if addr.unix_path is not None:
             opening = loop.create_unix_connection(lambda: conn, addr.unix_path, **extra)

@@ -221,6 +221,7 @@ class UpstreamConnection(asyncio.Protocol):
         "response_complete",
         "response_started",
         "state",
+        "tls",
         "transport",
         "upgrade",
         "upgraded_data",
@@ -268,6 +269,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._extra_bytes = False  # bytes after the response's end: the connection is unusable
         self._closing_after = False  # we asked the peer to close (Connection: close)
         self._http11 = True
+        self.tls = False  # opened with TLS (proxy_pass https://)
         self.upgrade = False  # the client asked to switch protocols: a 101 ends the head
         self._upgraded = False  # ... and the peer sent it: the rest is a tunnel's
         self.upgraded_data = b""  # bytes after the 101's head
@@ -488,11 +490,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = now
         self._handler = self._owner = None  # (the parser stays: the next request reuses it)
 
-    @property
-    def is_tls(self) -> bool:
-        transport = self.transport
-        return transport is not None and transport.get_extra_info("ssl_object") is not None
-
     def is_alive(self) -> bool:
         """Still open as far as the transport knows (the pool skips ones closing under it)."""
         return self.transport is not None and not self.transport.is_closing()
@@ -526,7 +523,7 @@ class UpstreamConnection(asyncio.Protocol):
                 # TLS: dropped at once. asyncio's TLS close waits for the peer's close_notify
                 # (up to 30 s), holding the socket and a stopping worker's loop; nginx does not
                 # wait for it either. Nothing is lost: we close only after the request's end.
-                transport.abort() if self.is_tls else transport.close()
+                transport.abort() if self.tls else transport.close()
 
     def abort(self) -> None:
         """Drop the connection now, telling nobody (the handler gave up on this response)."""
