@@ -227,3 +227,20 @@ def test_certificates_reload_on_sighup_and_a_bad_one_keeps_the_old(tmp_path: Pat
         assert wait_until(lambda: "SSL_CTX_use_PrivateKey(" in (tmp_path / "error.log").read_text(),
                           timeout=20)
         assert all(served_name() == "second.test" for _ in range(5))
+
+
+def test_garbage_and_plain_http_on_a_tls_port_leave_the_worker_serving(tmp_path: Path, ca: trustme.CA,
+                                                                        certs: dict[str, Path]) -> None:
+    """A failed handshake closes that connection only (nginx answers plain HTTP with a 400 page;
+    scriptlb's TLS layer cannot: the connection is closed, see docs/tls.md)."""
+    from helpers import raw_exchange
+
+    with _lb(tmp_path, servers("{port0}", certs)) as lb:
+        junks = (b"\x16\x03\x01\x00\x05hello", b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", bytes(range(256)))
+        for junk in junks:
+            try:
+                answer = raw_exchange(lb.port, junk)
+            except OSError:
+                answer = b""
+            assert b"HTTP/1.1 200" not in answer
+        assert https_get(lb.port, client_context(ca), "a.test", "a.test")[0] == "a.test"
