@@ -340,7 +340,7 @@ class UpstreamRequest:
         body = None if streamed else self._body
         spooled = isinstance(body, SpooledBody)
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
-        conn.upgrade = _asks_upgrade(ex.request.connection)
+        conn.upgrade = _asks_upgrade(ex.request.connection) and ex.header("upgrade") is not None
         conn.start(self, self._head, None if spooled else body, ex.read_timeout,
                    ex.send_timeout, ex.method == "HEAD", plan.http11, plan.close_after)
         if spooled:
