@@ -58,6 +58,8 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "upstream_response_time",
         "upstream_connect_time",
         "upstream_header_time",
+        # who chose each try's peer and why (scriptlb.trace)
+        "balancer_trace",
     }
 )
 
