@@ -177,7 +177,8 @@ def test_the_variable_in_a_log_hook_equals_the_access_log(tmp_path: Path) -> Non
 
 
 def test_no_proxying_no_trace(tmp_path: Path) -> None:
-    text = conf("server 127.0.0.1:1;").replace("location / {", 'location = /r { return 200 "x"; }\n location / {')
+    returned = 'location = /r { return 200 "x"; }\n location / {'
+    text = conf("server 127.0.0.1:1;").replace("location / {", returned)
     with serve(text, tmp_path) as lb:
         assert get(lb.port, "/r").status == 200
         (line,) = logged(tmp_path, 1)
@@ -194,7 +195,8 @@ def header_conf(peer: str, allow: str) -> str:
 def test_the_header_goes_to_allowed_clients_that_ask_only(tmp_path: Path) -> None:
     spoofed = {"X-Balancer-Trace": "hook 6.6.6.6:1 1us -"}  # a peer's own header is not ours
     with Backends(respond(body=b"a", headers=spoofed)) as bk, \
-            serve(header_conf(bk[0].addr, "balancer_trace_allow 10.0.0.0/8 127.0.0.0/8 ::1;"), tmp_path) as lb:
+            serve(header_conf(bk[0].addr, "balancer_trace_allow 10.0.0.0/8 127.0.0.0/8 ::1;"),
+                  tmp_path) as lb:
         with HttpConnection(lb.port) as client:
             asked = client.request(headers=ASK)
             not_asked = client.request()
@@ -280,3 +282,25 @@ def test_no_live_upstreams_shows_the_upstreams_name(tmp_path: Path, body: str, w
         (line,) = logged(tmp_path, 1)
     ((found_who, peer, _spent, last),) = entries(line[2])
     assert (found_who, peer, last) == (who, "u", "-") and line[0] == "u"
+
+
+class _Client:
+    def __init__(self, remote_addr: str) -> None:
+        self.remote_addr = remote_addr
+
+
+@pytest.mark.parametrize(("networks", "address", "allowed"), [
+    (["::1/128", "10.0.0.0/8"], "::1", True),
+    (["::1/128", "10.0.0.0/8"], "::2", False),
+    (["::1/128", "10.0.0.0/8"], "10.9.8.7", True),
+    (["::1/128", "10.0.0.0/8"], "::ffff:10.9.8.7", True),  # IPv4-mapped: the IPv4 list, as nginx
+    (["::1/128", "10.0.0.0/8"], "127.0.0.1", False),
+    (["::1/128", "10.0.0.0/8"], "unix:", False),
+    (["unix:"], "unix:", True),
+    (["all"], "2001:db8::1", True),
+    ([], "127.0.0.1", False),  # no list: nobody
+])
+def test_who_is_allowed(networks: list[str], address: str, allowed: bool) -> None:
+    from scriptlb.access import address_matcher
+
+    assert address_matcher(networks)(_Client(address)) is allowed
