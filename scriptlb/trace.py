@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The tries loop records nothing new for the trace: each try's record (an ``attempt.Attempt``, or
+The tries loop builds nothing for the trace: each try's record (an ``attempt.Attempt``, or
 the ``TryRecord`` of "no live upstreams") keeps the ``HookOutcome`` of the hook run that
 preceded it (``None`` without a hook), and the outcome already holds the run's duration, why it
 fell back, and what ``get_last_failure()`` returned if the hook called it. A hook that ends the

@@ -83,8 +83,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                               "a client from a `balancer_trace_allow` address that sends "
                               "`X-Balancer-Trace: 1` gets `$balancer_trace` back in an `X-Balancer-Trace` "
                               "response header (proxied responses and the error pages of proxied requests); "
-                              "a peer's own "
-                              "X-Balancer-Trace header is removed; see docs/hooks.md"),
+                              "a peer's own X-Balancer-Trace header is removed; see docs/hooks.md"),
     "balancer_trace_allow": ("address | CIDR | unix: | all ...", "-", "scriptlb",
                              "who may ask for the trace header; without it nobody may; the lines of a "
                              "level add up, an inner level's list replaces the inherited one"),
