@@ -36,7 +36,6 @@ from typing import Any
 
 HEADER = b"X-Balancer-Trace"
 _HEADER_LOWER = b"x-balancer-trace"
-_REQUEST_HEADER = "x-balancer-trace"  # the client's question: "X-Balancer-Trace: 1"
 _REASONS = {"exit_error": "exit"}  # HookOutcome.error -> the trace's word, when they differ
 
 
@@ -74,8 +73,6 @@ def render(ex: Any) -> str | None:
 
 def _without_peer_trace(headers: bytes) -> bytes:
     """The peer's headers without any X-Balancer-Trace of its own: only ours is one."""
-    if _HEADER_LOWER not in headers.lower():
-        return headers
     lines = headers.split(b"\r\n")
     kept = [line for line in lines if line.split(b":", 1)[0].strip().lower() != _HEADER_LOWER]
     return b"\r\n".join(kept)
@@ -93,13 +90,19 @@ class TraceHeader:
         self.allowed: Callable[[Any], bool] = address_matcher(allow)
 
     def asked(self, ex: Any) -> bool:
-        value = ex.header(_REQUEST_HEADER)
-        return value is not None and value.strip() == "1" and self.allowed(ex)
+        """The client sent ``X-Balancer-Trace: 1`` (its first such header) from an allowed
+        address. (One pass over the request's headers, in line: this runs for every response
+        of the location.)"""
+        for name, value in ex.headers:
+            if len(name) == 16 and name.lower() == _HEADER_LOWER:
+                return value.strip() == b"1" and self.allowed(ex)
+        return False
 
     def headers(self, ex: Any, headers: bytes) -> bytes:
         """The response's header lines (``Name: value\\r\\n``...) with the peer's own
         X-Balancer-Trace removed and ours added when the client may have it."""
-        headers = _without_peer_trace(headers)
+        if _HEADER_LOWER in headers.lower():
+            headers = _without_peer_trace(headers)
         if not self.asked(ex):
             return headers
         text = render(ex) or "-"
