@@ -5,17 +5,20 @@ in a log_by_python hook; the header only for allowed clients that ask, never a p
 
 from __future__ import annotations
 
+import http.client
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Backends, HttpConnection, Scriptlb, closed_port, get, respond, wait_for
+from helpers import Backends, HttpConnection, Scriptlb, closed_port, get, load_conf, respond, wait_for
 
 from scriptlb import hooks
 from scriptlb.config import load
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import PythonConf
+from scriptlb.worker import WorkerThread
 
 # WHO PEER TIME LAST, as docs/hooks.md describes it
 ENTRY = re.compile(r"^(\S+) (\S+) (-|\d+us) (-|last=none|last=\w+/\d+)$")
@@ -304,3 +307,46 @@ def test_who_is_allowed(networks: list[str], address: str, allowed: bool) -> Non
     from scriptlb.access import address_matcher
 
     assert address_matcher(networks)(_Client(address)) is allowed
+
+
+def _ipv6_listener() -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("::1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def _ask_over_ipv6(port: int) -> str | None:
+    client = http.client.HTTPConnection("::1", port, timeout=10)
+    try:
+        client.request("GET", "/", headers=ASK)
+        response = client.getresponse()
+        response.read()
+        return response.getheader("X-Balancer-Trace")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("allow", "expected"), [("::1", True), ("127.0.0.1 fe80::/10", False)])
+def test_an_ipv6_client_against_the_allow_list(tmp_path: Path, allow: str, expected: bool) -> None:
+    try:
+        sock = _ipv6_listener()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    port = sock.getsockname()[1]
+    with Backends(respond(body=b"a")) as bk:
+        text = header_conf(bk[0].addr, f"balancer_trace_allow {allow};").replace(
+            "listen 127.0.0.1:{port0};", f"listen [::1]:{port};").replace("{tmp}", str(tmp_path))
+        main_conf = load_conf(text, tmp_path)
+        assert main_conf.http is not None
+        listeners = {main_conf.http.servers[0].listens[0].key: sock}
+        thread = WorkerThread(main_conf, listeners)
+        thread.start()
+        try:
+            found = _ask_over_ipv6(port)
+        finally:
+            thread.stop()
+            sock.close()
+    assert (found == f"round_robin {bk[0].addr} - -") if expected else found is None
