@@ -62,11 +62,12 @@ UPGRADED = 5  # a 101's tunnel ended (its connection belonged to the tunnel, nev
 class TryRecord:
     """One try, for the ``$upstream_*`` lists (times in seconds, None when not reached)."""
 
-    __slots__ = ("addr", "connect_time", "header_time", "response_time", "started", "status")
+    __slots__ = ("addr", "connect_time", "header_time", "hook", "response_time", "started", "status")
 
-    def __init__(self, addr: str, started: float) -> None:
+    def __init__(self, addr: str, started: float, hook: Any = None) -> None:
         self.addr = addr
         self.started = started
+        self.hook = hook  # the balancer hook run that preceded this try ($balancer_trace)
         self.status: int | None = None
         self.connect_time: float | None = None
         self.header_time: float | None = None
@@ -99,10 +100,13 @@ class Attempt(TryRecord):
         peer: Peer | None,
         pool: ConnectionPool | None,
         key: tuple,
+        hook: Any = None,
     ) -> None:
         # (TryRecord's fields, assigned here: one constructor call per try)
         self.addr = name
         self.started = clock()
+        # the hook run's HookOutcome (None: no hook): kept as is, read only by $balancer_trace
+        self.hook = hook
         self.status: int | None = None
         self.connect_time: float | None = None
         self.header_time: float | None = None

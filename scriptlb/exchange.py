@@ -366,6 +366,9 @@ class Exchange:
             conn.close_after_response()
         page = responses.error_page(status) or b""
         headers = b"Content-Type: text/html\r\n" + extra_headers if page else extra_headers
+        trace = self.location.trace
+        if trace is not None and self.upstream_request is not None:  # balancer_trace_header on
+            headers = trace.headers(self, headers)
         self.response_headers = headers
         conn.send_head(status, headers, len(page))
         conn.send_body(page)

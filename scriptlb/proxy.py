@@ -100,6 +100,7 @@ class UpstreamRequest:
         "attempt",
         "conf",
         "exchange",
+        "hook_exit",
         "location",
         "loop",
         "plan",
@@ -126,6 +127,7 @@ class UpstreamRequest:
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
         self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
+        self.hook_exit: Any = None  # the HookOutcome of a hook's ngx.exit(N): $balancer_trace
 
     @property
     def connection(self) -> UpstreamConnection | None:
@@ -235,9 +237,12 @@ class UpstreamRequest:
         state = self._state
         ex.tries_left = state.tries
         hook = upstream.hook
-        if hook is not None:
+        if hook is None:
+            outcome = None
+        else:
             outcome = hook.run(ex, upstream)
             if outcome.exit_status is not None:
+                self.hook_exit = outcome
                 ex.finish_with_page(outcome.exit_status)
                 return
             self._apply_hook_settings(outcome)
@@ -245,17 +250,18 @@ class UpstreamRequest:
             if addr is not None:
                 state.tries += outcome.more_tries
                 pool = self._hook_pool(outcome.keepalive)
-                self._start_attempt(addr.name, addr, None, outcome.host or "", pool)
+                self._start_attempt(addr.name, addr, None, outcome.host or "", pool, outcome)
                 return
         peer = upstream.balancer.get(state, self.loop.time())
         if peer is None:
-            self._no_live_upstreams()
+            self._no_live_upstreams(outcome)
             return
         # (peer.name: addr.name formats the text on every call; the peer keeps it)
-        self._start_attempt(peer.name, peer.addr, peer, "", upstream.pool if self.plan.pooled else None)
+        pool = upstream.pool if self.plan.pooled else None
+        self._start_attempt(peer.name, peer.addr, peer, "", pool, outcome)
 
     def _start_attempt(self, name: str, addr: PeerAddr, peer: Peer | None, host: str,
-                       pool: ConnectionPool | None) -> None:
+                       pool: ConnectionPool | None, hook: Any) -> None:
         tls = self.location.tls
         tls_name = None
         if tls is not None:
@@ -264,7 +270,7 @@ class UpstreamRequest:
             tls_name = host or tls.name(self.exchange)
             host = "https:" + tls_name
         attempt = Attempt(self.upstream, self._state, name, addr, peer, pool,
-                          pool_key(name, host, self._local_addr))
+                          pool_key(name, host, self._local_addr), hook)
         attempt.tls_name = tls_name
         self.attempt = attempt
         self.exchange.tries.append(attempt)
@@ -432,6 +438,9 @@ class UpstreamRequest:
         ex.status = response.status
         ex.upstream_headers = response.headers
         headers = response.client_headers()
+        trace = self.location.trace
+        if trace is not None:  # balancer_trace_header on
+            headers = trace.headers(ex, headers)
         ex.response_headers = headers
         client = ex.conn
         client.send_head(response.status, headers, response.content_length, reason=response.reason)
@@ -516,9 +525,9 @@ class UpstreamRequest:
         ex.finish_logged()
         ex.conn.abort()
 
-    def _no_live_upstreams(self) -> None:
+    def _no_live_upstreams(self, hook: Any) -> None:
         ex = self.exchange
-        record = TryRecord(self.upstream.name, 0.0)
+        record = TryRecord(self.upstream.name, 0.0, hook)
         record.status = 502
         record.response_time = 0.0  # nginx logs "0.000" for it: every try has a response time
         ex.tries.append(record)

@@ -245,7 +245,7 @@ def _connection_listed(connection: bytes) -> frozenset[bytes]:
 class LocationRuntime:
     __slots__ = (
         "access", "access_logs", "conf", "content", "log_hook", "plan", "proxy_host", "return_getter",
-        "tls", "upstream", "zone",
+        "tls", "trace", "upstream", "zone",
     )
 
     def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None, access_logs: tuple,
@@ -264,6 +264,13 @@ class LocationRuntime:
         self.content: Callable[[Any], None] | None = None
         self.zone: list[int] | None = None  # status_zone: this worker's counts by status // 100
         self.tls: Any = None  # proxy_pass https://: a scriptlb.tls.PeerTls (set by the Runtime)
+        # balancer_trace_header on (scriptlb.trace): adds the trace to proxied responses for
+        # clients that ask from an allowed address; None: the proxy pays one attribute test
+        self.trace: Any = None
+        if conf.trace_header:
+            from scriptlb.trace import TraceHeader
+
+            self.trace = TraceHeader(conf.trace_allow)
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
         ret = conf.return_

@@ -138,6 +138,12 @@ def _upstream_times(field: str) -> Getter:
     return get
 
 
+def _balancer_trace(ex: Any) -> str | None:
+    from scriptlb.trace import render  # (imported on first read: most configs never read it)
+
+    return render(ex)
+
+
 # --------------------------------------------------------------------------- families
 
 
@@ -341,6 +347,7 @@ _SIMPLE: dict[str, Getter] = {
     "upstream_response_time": _upstream_times("response_time"),
     "upstream_connect_time": _upstream_times("connect_time"),
     "upstream_header_time": _upstream_times("header_time"),
+    "balancer_trace": _balancer_trace,
 }
 
 

@@ -479,6 +479,8 @@ def _access_settings(chain: Sequence[LevelDraft], loc: LocationDraft) -> dict[st
         "handler": handler[0] if handler else None,
         "status_zone": _get(chain, "status_zone", None),
         "api_write": bool(handler and handler[1]),
+        "trace_header": _get(chain, "balancer_trace_header", False),
+        "trace_allow": tuple(_get(chain, "balancer_trace_allow", ())),
     }
 
 

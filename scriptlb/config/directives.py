@@ -682,21 +682,31 @@ def _upstream_keepalive(state: State, node: Node, draft: UpstreamDraft) -> None:
 
 def _access_rule(state: State, node: Node, draft: LevelDraft) -> None:
     """``allow|deny address | CIDR | unix: | all`` (ngx_http_access_rule's checks and words)."""
+    rules = draft.values.setdefault("access_rules", [])
+    rules.append(AccessRule(node.name == "allow", _network(state, node, node.args[0]), node.source))
+
+
+def _network(state: State, node: Node, value: str) -> str:
+    """``address | CIDR | unix: | all`` checked as ngx_http_access_rule does; a CIDR comes
+    back normalized ("10.0.0.0/8", "::1/128")."""
     import ipaddress
 
-    value = node.args[0]
     if value in ("all", "unix:"):
-        network = value
-    else:
-        try:
-            parsed = ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            raise fail(node, f'invalid parameter "{value}"') from None
-        if "/" in value and str(parsed.network_address) != value.split("/")[0]:
-            state.warn(f"low address bits of {value} are meaningless", node.source)
-        network = str(parsed)
-    rules = draft.values.setdefault("access_rules", [])
-    rules.append(AccessRule(node.name == "allow", network, node.source))
+        return value
+    try:
+        parsed = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise fail(node, f'invalid parameter "{value}"') from None
+    if "/" in value and str(parsed.network_address) != value.split("/")[0]:
+        state.warn(f"low address bits of {value} are meaningless", node.source)
+    return str(parsed)
+
+
+def _trace_allow(state: State, node: Node, draft: LevelDraft) -> None:
+    """``balancer_trace_allow address | CIDR | unix: | all ...``: the lines of one level add
+    up; an inner level's list replaces the inherited one (as allow/deny)."""
+    networks = draft.values.setdefault(node.name, [])
+    networks.extend(_network(state, node, value) for value in node.args)
 
 
 def _auth_basic(state: State, node: Node, draft: LevelDraft) -> None:
@@ -1036,6 +1046,8 @@ _SPECS: tuple[Spec, ...] = (
     _spec("log_by_python_file", HSL, ONE, _log_hook_file),
     _spec("log_by_python_block", HSL, NONE, _log_hook_block, block=True),
     _spec("log_by_python_timeout", HSL, ONE, _hook_timeout),
+    _spec("balancer_trace_header", HSL, FLAG, _slot(flag)),
+    _spec("balancer_trace_allow", HSL, (1, None), _trace_allow),
     # upstream
     _spec("server", Ctx.UPSTREAM, (1, None), _upstream_server),
     _spec("keepalive", Ctx.UPSTREAM, ONE, _upstream_keepalive),

@@ -475,6 +475,9 @@ class LocationConf:
     handler: str | None = None
     api_write: bool = False  # api write=on
     status_zone: str | None = None  # the server's `status_zone`: responses counted by class
+    # balancer_trace_header / balancer_trace_allow: the trace header, for these clients only
+    trace_header: bool = False
+    trace_allow: tuple[str, ...] = ()  # normalized CIDRs, "unix:" or "all"; () = nobody
 
 
 @dataclass(frozen=True, slots=True)

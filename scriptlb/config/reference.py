@@ -82,6 +82,14 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "log_by_python_file": ("file", "-", "scriptlb (log_by_lua_file)", ""),
     "log_by_python_block": ("{ python }", "-", "scriptlb (log_by_lua_block)", ""),
     "log_by_python_timeout": ("time", "10ms", "scriptlb", ""),
+    "balancer_trace_header": ("on | off", "off", "scriptlb",
+                              "a client from a `balancer_trace_allow` address that sends "
+                              "`X-Balancer-Trace: 1` gets `$balancer_trace` back in an `X-Balancer-Trace` "
+                              "response header (proxied responses and the error pages of proxied requests); "
+                              "a peer's own X-Balancer-Trace header is removed; see docs/hooks.md"),
+    "balancer_trace_allow": ("address | CIDR | unix: | all ...", "-", "scriptlb",
+                             "who may ask for the trace header; without it nobody may; the lines of a "
+                             "level add up, an inner level's list replaces the inherited one"),
     "keepalive": ("connections", "-", "ngx_http_upstream_module", ""),
     "balancer_keepalive": ("connections", "32", "scriptlb (OpenResty's balancer_keepalive)", ""),
     "least_conn": ("", "-", "ngx_http_upstream_module", ""),

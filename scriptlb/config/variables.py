@@ -70,6 +70,8 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "ssl_session_reused",
         "ssl_client_verify",
         "ssl_client_s_dn",
+        # who chose each try's peer and why (scriptlb.trace)
+        "balancer_trace",
     }
 )
 
