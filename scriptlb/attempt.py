@@ -23,7 +23,8 @@ A try ends in exactly one place, ``end(outcome, ...)``, whatever ended it:
 =============  ==================================================================================
 
 ``end`` does, in this order: the response time, the latency observation for balancers that
-learn from it, the live statistics, release-or-close of the connection, and the free (the
+learn from it, the live statistics (with the connection's bytes of this try and the time to
+its header), release-or-close of the connection, and the free (the
 balancer's ``free``, or the hook-set peer's own accounting of the tries budget and
 ``get_last_failure``).
 
@@ -186,9 +187,15 @@ class Attempt(TryRecord):
         index = self.stats_index
         if index >= 0:
             self.stats_index = -1
-            upstream.stats.finish(index, status, sample, stats_failed)  # type: ignore[union-attr]
+            if conn is not None:
+                upstream.stats.finish(index, status, sample, stats_failed,  # type: ignore[union-attr]
+                                      conn.sent, conn.received, self.header_time)
+            else:
+                upstream.stats.finish(index, status, sample, stats_failed)  # type: ignore[union-attr]
         if peer is not None:
             if upstream.balancer.free(self.state, peer, counted, upstream.loop.time()):
+                if index >= 0:
+                    upstream.stats.recorder.became_unavailable(index)  # type: ignore[union-attr]
                 # this failure reached max_fails: nginx says so
                 errorlog.log_error("warn", f"upstream server temporarily disabled while {phase}",
                                    exchange.conn_id, exchange.log_context(peer.name))

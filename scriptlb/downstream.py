@@ -190,6 +190,7 @@ class ListenerContext:
         self.underscores_in_headers = underscores_in_headers
         self.ignore_invalid_headers = ignore_invalid_headers
         self.shutting_down = False  # graceful stop: finish the active request, then close
+        self.dropped = 0  # connections closed at once for want of worker_connections
         # called after we answered a request no handler saw (malformed, 414, 494...), for logs
         self.on_client_error: Callable[[ClientConnection, Request, int], None] | None = None
 
@@ -391,6 +392,7 @@ class ClientConnection(asyncio.Protocol):
         if listener.max_connections and not make_room(listener):
             # nginx drops the connection it cannot take and says why
             errorlog.log_error("alert", f"{listener.max_connections} worker_connections are not enough")
+            listener.dropped += 1  # accepted but not handled (stub_status's "handled")
             self.closed = True
             transport.abort()  # type: ignore[attr-defined]
             return

@@ -335,13 +335,18 @@ def _peer_json(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) 
     stats = upstream.stats
     requests = failures = active = 0
     classes = [0, 0, 0, 0, 0]
+    codes: dict[int, int] = {}
+    sent = received = unavail = header_samples = 0
+    header_sum = 0.0
     response_ms = None
     if stats is not None:
         requests, failures, active, _status, _failure, ewma, _peak, _stamp, _ = stats.figures(peer)
         classes = stats.classes(peer)
+        codes = stats.codes(peer)
+        sent, received, unavail, header_samples, header_sum = stats.traffic(peer)
         response_ms = round(ewma * 1000) if ewma is not None else None
     responses: dict[str, Any] = {f"{c + 1}xx": n for c, n in enumerate(classes)}
-    responses["codes"] = {}
+    responses["codes"] = {str(code): codes[code] for code in sorted(codes)}
     responses["total"] = sum(classes)
     checked = bool(upstream.conf.health_checks) and stats is not None
     if checked:
@@ -349,8 +354,8 @@ def _peer_json(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) 
     result = {
         "id": entry.id if entry is not None else peer.id, "server": peer.name, "name": peer.server,
         "backup": peer.backup, "weight": peer.weight, "state": peer_state(upstream, peer, entry, now),
-        "active": active, "requests": requests, "responses": responses, "sent": 0, "received": 0,
-        "fails": failures, "unavail": 0,
+        "active": active, "requests": requests, "responses": responses, "sent": int(sent),
+        "received": int(received), "fails": failures, "unavail": int(unavail),
         "health_checks": HealthView.figures(upstream, peer) if checked else
         {"checks": 0, "fails": 0, "unhealthy": 0},
         "downtime": round(HealthView.downtime(upstream, peer, time.time()) * 1000) if checked else 0,
@@ -360,6 +365,8 @@ def _peer_json(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) 
     selected = stats.stats.selected(stats.slot_of(peer)) if stats is not None else None
     if selected is not None:
         result["selected"] = _iso(selected)
+    if header_samples:
+        result["header_time"] = round(header_sum / header_samples * 1000)  # mean, milliseconds
     if response_ms is not None:
         result["response_time"] = response_ms
     return result

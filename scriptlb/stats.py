@@ -27,7 +27,14 @@ store and a concurrent reader never sees half a value)::
              spells), health (state, checks, fails, unhealthy, last passed, run, since: when it
              last became healthy, or unhealthy while it is),
              then per shard: requests, failures, finished, responses 1xx..5xx, samples
-             per response-time bucket (TIME_BUCKETS, +Inf), the samples' sum
+             per response-time bucket (TIME_BUCKETS, +Inf), the samples' sum, bytes sent,
+             bytes received, times unavailable, header-time samples and their sum,
+             then per shard: responses by status code (CODE_WORDS: 100..599)
+
+The codes sit after every shard's counters, not inside each column, so the readers of the
+other figures (a hook's ``get_primary_peers``, per request for some balancers) copy no more
+words than before. A shard's code table is 4 KB of a sparse file: only pages a worker wrote
+cost memory.
 
 **Exact counters: one shard per process.** Each recording process claims a shard (a column of
 ``requests, failures, finished`` in every record) when it opens the file, so each of those cells
@@ -100,7 +107,8 @@ DEFAULT_SHARDS = 32
 FILE_NAME = "peer_stats"
 
 MAGIC = int.from_bytes(b"SLBSTAT1", "little")
-VERSION = 3  # 2: the third counter is "finished" (was "active"); 3: response classes 1xx-5xx
+VERSION = 4  # 2: the third counter is "finished" (was "active"); 3: response classes 1xx-5xx;
+# 4: bytes, unavail, header time, status codes
 
 # header words
 _MAGIC, _VERSION, _SHARDS, _RECORD_WORDS, _RECORDS, _WEIGHT_GENERATION, _SHARDS_USED = range(7)
@@ -132,8 +140,13 @@ _BUCKETS = 8  # len(TIME_BUCKETS) + 1 words: samples per response-time bucket (t
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BUCKET_SLOTS = len(TIME_BUCKETS) + 1
 _TIME_SUM = _BUCKETS + BUCKET_SLOTS  # the samples' sum (a float word)
-_COUNTER_WORDS = _TIME_SUM + 1
-CODE_SLOTS = 10  # Recorder.codes: one counter per status // 100 (0: no response) per peer
+# nginx Plus's "sent", "received", "unavail", then header_time's samples and sum (a float word)
+_SENT = _TIME_SUM + 1
+_RECEIVED, _UNAVAIL, _HEADER_SAMPLES, _HEADER_SUM = _SENT + 1, _SENT + 2, _SENT + 3, _SENT + 4
+TRAFFIC_FIELDS = ("sent", "received", "unavail", "header_samples", "header_sum")
+_COUNTER_WORDS = _HEADER_SUM + 1
+FIRST_CODE, CODE_WORDS = 100, 500  # the shared per-code counters: statuses 100..599
+CODE_SLOTS = 1000  # Recorder.codes: one counter per status 0..999 (0: no response) per peer
 
 _WORD = 8
 
@@ -219,6 +232,7 @@ class PeerStats:
         "_d",
         "_map",
         "_mine",
+        "_mine_codes",
         "_q",
         "_slots",
         "_weights",
@@ -241,6 +255,7 @@ class PeerStats:
         for (upstream, _, _), slot in sorted(slots.items(), key=lambda item: item[0][1]):
             self._by_address.setdefault((upstream, names[slot]), slot)
         self._mine = 0  # word offset of this process's counters inside a record
+        self._mine_codes = 0  # ... and of its status-code counters
 
     # ----------------------------------------------------------------- opening
 
@@ -290,6 +305,7 @@ class PeerStats:
             if shard is None:
                 raise StatsFull(f"all {self.shards} statistics shards of {self.path} are in use")
             self._mine = _FIXED_WORDS + _COUNTER_WORDS * shard
+            self._mine_codes = _FIXED_WORDS + _COUNTER_WORDS * self.shards + CODE_WORDS * shard
             owner_word = _HEADER_WORDS + _SHARD_WORDS * shard
             if self._q[owner_word] != pid:
                 _settle_column(fd, self._mine)
@@ -363,6 +379,57 @@ class PeerStats:
         q[at:end] = array("q", [a + b for a, b in zip(q[at:end].tolist(), tallies, strict=True)])
         if total:
             self._d[slot + self._mine + _TIME_SUM] += total
+
+    def publish_traffic(self, slot: int, sent: int, received: int, unavail: int, header_samples: int,
+                        header_sum: float) -> None:
+        """Add one process's bytes to and from the peer, times it became unavailable, and
+        header-time samples (count, sum)."""
+        q = self._q
+        mine = slot + self._mine
+        if sent:
+            q[mine + _SENT] += sent
+        if received:
+            q[mine + _RECEIVED] += received
+        if unavail:
+            q[mine + _UNAVAIL] += unavail
+        if header_samples:
+            q[mine + _HEADER_SAMPLES] += header_samples
+            self._d[mine + _HEADER_SUM] += header_sum
+
+    def publish_codes(self, slot: int, codes: Iterable[tuple[int, int]]) -> None:
+        """Add one process's responses per status code ((code, count); codes outside
+        100..599 are not kept)."""
+        q = self._q
+        at = slot + self._mine_codes - FIRST_CODE
+        for code, count in codes:
+            if FIRST_CODE <= code < FIRST_CODE + CODE_WORDS:
+                q[at + code] += count
+
+    def traffic(self, slot: int) -> list[float]:
+        """``TRAFFIC_FIELDS`` of one peer, every process's published ones."""
+        q = self._q
+        first = slot + _FIXED_WORDS
+        width = _COUNTER_WORDS * q[_SHARDS_USED]
+        counters = q[first : first + width].tolist()
+        values: list[float] = [sum(counters[w::_COUNTER_WORDS]) for w in (_SENT, _RECEIVED, _UNAVAIL,
+                                                                            _HEADER_SAMPLES)]
+        values.append(sum(self._d[first : first + width].tolist()[_HEADER_SUM::_COUNTER_WORDS]))
+        return values
+
+    def codes(self, slot: int) -> dict[int, int]:
+        """Responses per status code of one peer (only codes seen), every process's published."""
+        q = self._q
+        first = slot + _FIXED_WORDS + _COUNTER_WORDS * self.shards
+        table = q[first : first + CODE_WORDS * q[_SHARDS_USED]].tolist()
+        result: dict[int, int] = {}
+        for shard in range(q[_SHARDS_USED]):
+            base = shard * CODE_WORDS
+            for offset in range(CODE_WORDS):
+                count = table[base + offset]
+                if count:
+                    code = FIRST_CODE + offset
+                    result[code] = result.get(code, 0) + count
+        return result
 
     def publish_classes(self, slot: int, classes: Sequence[int]) -> None:
         """Add one process's responses by class (``classes[c]``: how many ``c``xx, c = 1..5)."""
@@ -547,7 +614,8 @@ class Recorder:
 
     __slots__ = (
         "_clock", "_loop", "_slots", "_timer", "buckets", "codes", "failure_time", "failures", "finished",
-        "index", "sample_max", "sample_sum", "samples", "started", "stats", "status",
+        "header_samples", "header_sum", "index", "received", "sample_max", "sample_sum", "samples", "sent",
+        "started", "stats", "status", "unavail",
     )
 
     def __init__(self, stats: PeerStats, loop: Any, clock: Any = time.time) -> None:
@@ -565,7 +633,12 @@ class Recorder:
         self.samples: list[int] = []
         self.sample_sum: list[float] = []
         self.sample_max: list[float] = []
-        self.codes: list[int] = []  # CODE_SLOTS per index: responses by status // 100
+        self.codes: list[int] = []  # CODE_SLOTS per index: responses by status
+        self.sent: list[int] = []  # bytes
+        self.received: list[int] = []
+        self.unavail: list[int] = []  # times max_fails made the peer unavailable
+        self.header_samples: list[int] = []
+        self.header_sum: list[float] = []
         self.buckets: list[int] = []  # BUCKET_SLOTS per index: samples per response-time bucket
 
     def index_of(self, slot: int) -> int:
@@ -573,9 +646,10 @@ class Recorder:
         if index is None:
             index = self.index[slot] = len(self._slots)
             self._slots.append(slot)
-            for column in (self.started, self.finished, self.failures, self.status, self.samples):
+            for column in (self.started, self.finished, self.failures, self.status, self.samples, self.sent,
+                           self.received, self.unavail, self.header_samples):
                 column.append(0)
-            for column in (self.failure_time, self.sample_sum, self.sample_max):
+            for column in (self.failure_time, self.sample_sum, self.sample_max, self.header_sum):
                 column.append(0.0)
             self.codes.extend([0] * CODE_SLOTS)
             self.buckets.extend([0] * BUCKET_SLOTS)
@@ -587,12 +661,21 @@ class Recorder:
         if self._timer is None:
             self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
 
-    def finish(self, index: int, status: int, sample: float | None, failed: bool) -> None:
-        """A started try ends: its status (0: no response), its time as a latency sample (None:
-        it says nothing about the peer), and whether it failed."""
+    def finish(self, index: int, status: int, sample: float | None, failed: bool, sent: int = 0,
+               received: int = 0, header_time: float | None = None) -> None:
+        """A started try ends: its status (0: no response; 0..999), its time as a latency
+        sample (None: it says nothing about the peer), whether it failed, the bytes sent to
+        and received from the peer, and its time to the response header (None: none came)."""
         self.finished[index] += 1
         self.status[index] = status
-        self.codes[index * CODE_SLOTS + status // 100] += 1
+        self.codes[index * CODE_SLOTS + status] += 1
+        if sent:
+            self.sent[index] += sent
+        if received:
+            self.received[index] += received
+        if header_time is not None:
+            self.header_samples[index] += 1
+            self.header_sum[index] += header_time
         if self._timer is None:  # (a long try may end after the flush its start armed)
             self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
         if failed:
@@ -605,6 +688,12 @@ class Recorder:
             if sample > self.sample_max[index]:
                 self.sample_max[index] = sample
 
+    def became_unavailable(self, index: int) -> None:
+        """A failure of a try to the peer at ``index`` reached its max_fails (rare)."""
+        self.unavail[index] += 1
+        if self._timer is None:
+            self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
+
     def flush(self) -> None:
         """Publish every peer's unpublished tries (a scheduled flush is then not needed: an
         explicit one, at worker exit, must leave no timer to run after the file is closed)."""
@@ -615,18 +704,23 @@ class Recorder:
         publish = self.stats.publish
         started, finished, failures, samples = self.started, self.finished, self.failures, self.samples
         for index, slot in enumerate(self._slots):
-            if not (started[index] or finished[index]):
+            if not (started[index] or finished[index] or self.unavail[index]):
                 continue
             publish(slot, started[index], finished[index], failures[index], self.status[index],
                     self.failure_time[index], samples[index], self.sample_sum[index],
                     self.sample_max[index], now)
             at, bt = index * CODE_SLOTS, index * BUCKET_SLOTS
-            tallies = self.codes[at + 1 : at + 6] + self.buckets[bt : bt + BUCKET_SLOTS]
+            classes = _classes(self.codes, at)
+            tallies = classes + self.buckets[bt : bt + BUCKET_SLOTS]
             self.stats.publish_tallies(slot, tallies, self.sample_sum[index] if samples[index] else 0.0)
+            self.stats.publish_codes(slot, _codes_seen(self.codes, at, classes))
+            self.stats.publish_traffic(slot, self.sent[index], self.received[index], self.unavail[index],
+                                       self.header_samples[index], self.header_sum[index])
             self.codes[at : at + CODE_SLOTS] = _NO_CODES
             self.buckets[bt : bt + BUCKET_SLOTS] = _NO_BUCKETS
             started[index] = finished[index] = failures[index] = samples[index] = 0
-            self.sample_sum[index] = self.sample_max[index] = 0.0
+            self.sent[index] = self.received[index] = self.unavail[index] = self.header_samples[index] = 0
+            self.sample_sum[index] = self.sample_max[index] = self.header_sum[index] = 0.0
 
     def unpublished_histogram(
         self, index: int, histogram: tuple[list[int], float]
@@ -638,8 +732,23 @@ class Recorder:
 
     def unpublished_classes(self, index: int, classes: list[int]) -> list[int]:
         """``PeerStats.classes`` with this worker's unpublished responses added."""
+        mine = _classes(self.codes, index * CODE_SLOTS)
+        return [count + mine[c] for c, count in enumerate(classes)]
+
+    def unpublished_codes(self, index: int, codes: dict[int, int]) -> dict[int, int]:
+        """``PeerStats.codes`` with this worker's unpublished responses added."""
         at = index * CODE_SLOTS
-        return [count + self.codes[at + c + 1] for c, count in enumerate(classes)]
+        result = dict(codes)
+        for code, count in _codes_seen(self.codes, at, _classes(self.codes, at)):
+            if FIRST_CODE <= code < FIRST_CODE + CODE_WORDS:
+                result[code] = result.get(code, 0) + count
+        return result
+
+    def unpublished_traffic(self, index: int, traffic: list[float]) -> list[float]:
+        """``PeerStats.traffic`` with this worker's unpublished tries added."""
+        mine = (self.sent[index], self.received[index], self.unavail[index], self.header_samples[index],
+                self.header_sum[index])
+        return [a + b for a, b in zip(traffic, mine, strict=True)]
 
     def unpublished(self, index: int, figures: tuple[Any, ...]) -> tuple[Any, ...]:
         """``PeerStats.figures`` with this worker's unpublished tries added."""
@@ -653,6 +762,21 @@ class Recorder:
             last_failure = self.failure_time[index]
         active = max(0, active + started - finished)
         return (requests + started, failed + failures, active, last_status, last_failure, *averages)
+
+
+def _classes(codes: list[int], at: int) -> list[int]:
+    """Responses 1xx..5xx among one peer's ``CODE_SLOTS`` counters starting at ``at``."""
+    return [sum(codes[at + c * 100 : at + c * 100 + 100]) for c in range(1, 6)]
+
+
+def _codes_seen(codes: list[int], at: int, classes: list[int]) -> list[tuple[int, int]]:
+    """(code, count) of the codes counted, scanning only the classes that have any."""
+    seen = []
+    for c, total in enumerate(classes, 1):
+        if total:
+            base = at + c * 100
+            seen.extend((c * 100 + i, n) for i, n in enumerate(codes[base : base + 100]) if n)
+    return seen
 
 
 class UpstreamStats:
@@ -710,6 +834,14 @@ class UpstreamStats:
     def classes(self, peer: Any) -> list[int]:
         """The peer's responses 1xx..5xx: every worker's published and this one's all."""
         return self.recorder.unpublished_classes(peer.stats_index, self.stats.classes(self.slot_of(peer)))
+
+    def codes(self, peer: Any) -> dict[int, int]:
+        """The peer's responses per status code (100..599): every worker's."""
+        return self.recorder.unpublished_codes(peer.stats_index, self.stats.codes(self.slot_of(peer)))
+
+    def traffic(self, peer: Any) -> list[float]:
+        """The peer's ``TRAFFIC_FIELDS``: every worker's published and this one's all."""
+        return self.recorder.unpublished_traffic(peer.stats_index, self.stats.traffic(self.slot_of(peer)))
 
     def start_address(self, address: str) -> int:
         """A try to a hook-chosen address starts: it counts for the upstream's first peer with
@@ -776,7 +908,7 @@ def _init_header(fd: int, shards: int) -> None:
         return
     if shards < 1:
         raise ValueError("shards must be positive")
-    record_words = _FIXED_WORDS + _COUNTER_WORDS * shards
+    record_words = _FIXED_WORDS + (_COUNTER_WORDS + CODE_WORDS) * shards
     os.ftruncate(fd, _records_start(shards) * _WORD)
     os.pwrite(fd, struct.pack("=6q", MAGIC, VERSION, shards, record_words, 0, 0), 0)
 

@@ -77,6 +77,7 @@ class WorkerStatus:
         self.accepted = 0  # incremented by the worker's protocol factory
         self.runtime: Any = None  # its ``requests`` counts this worker's requests
         self.connection_sets: list[set[Any]] = []
+        self.contexts: list[Any] = []  # the worker's listeners: their ``dropped`` counts
         self._timer: Any = None
         with _locked(self.path) as fd:
             _init_file(fd, rows)
@@ -129,7 +130,8 @@ class WorkerStatus:
         """This worker's row as it would publish it now."""
         base = self._base
         requests = self.runtime.requests if self.runtime is not None else 0
-        return (base[0] + self.accepted, base[1] + self.accepted, base[2] + requests, *self.gauges())
+        handled = self.accepted - sum(context.dropped for context in self.contexts)
+        return (base[0] + self.accepted, base[1] + handled, base[2] + requests, *self.gauges())
 
     def zone_names(self) -> list[str]:
         return sorted(self.runtime.zone_counts)[:MAX_ZONES] if self.runtime is not None else []

@@ -215,11 +215,13 @@ class UpstreamConnection(asyncio.Protocol):
         "on_idle_lost",
         "on_writable",
         "peer_name",
+        "received",
         "request_complete",
         "request_sent",
         "requests",
         "response_complete",
         "response_started",
+        "sent",
         "state",
         "tls",
         "transport",
@@ -239,6 +241,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_writable: Callable[[], None] | None = None  # a streamed body may flow again
         self.head_limit = 0  # proxy_buffer_size of the request in flight: the largest head (0: none)
         self._head_bytes = 0  # response bytes read while its head is incomplete
+        # bytes of the request in flight: to the peer and from it (the peer statistics)
+        self.sent = 0
+        self.received = 0
 
         # timeouts of the request in flight (nginx's idle timers)
         self._read_timeout = 60.0
@@ -291,6 +296,7 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             self._last_read = self.loop.time()
             self.response_started = True
+            self.received += len(data)
             if not self._header_done and self.head_limit and self._head_too_big(data):
                 # nginx reads the head into one proxy_buffer_size buffer
                 self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
@@ -399,6 +405,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Send a request (``body`` None: the body follows through ``write_body``); the
         response goes to ``handler``."""
         self.requests += 1
+        self.sent = self.received = 0
         self._reset_request_state(handler, head_only, http11, close_after)
         transport = self.transport
         if self.state is not ConnState.ACTIVE or transport is None or transport.is_closing():
@@ -414,8 +421,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._arm_timer(read_timeout)  # (else the pending timer re-checks when it fires)
         if body:
             transport.writelines((head, body))
+            self.sent = len(head) + len(body)
         else:
             transport.write(head)
+            self.sent = len(head)
         self.request_sent = True
         self.request_complete = body is not None
 
@@ -432,6 +441,7 @@ class UpstreamConnection(asyncio.Protocol):
         if transport is not None and self.state is ConnState.ACTIVE and not transport.is_closing():
             if data:
                 transport.write(data)
+                self.sent += len(data)
             if last:
                 self.request_complete = True
 

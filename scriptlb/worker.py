@@ -94,6 +94,7 @@ class Worker:
             self.status.runtime = self.runtime
             shared = {id(c.connections): c.connections for c in self.contexts}  # one set per worker
             self.status.connection_sets = list(shared.values())
+            self.status.contexts = self.contexts
             if _reads_status(self.conf):  # otherwise nobody reads the other workers' rows
                 self.status.start(self.loop)
         if not self.conf.master_process and cluster.needed(self.conf):

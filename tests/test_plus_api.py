@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Backends, echo, free_ports, master_process, wait_for
+from helpers import Backend, Backends, closed_port, echo, free_ports, master_process, wait_for
 
 from scriptlb.peer_lists import PeerList, PeerListStore, ServerEntry, entries_from_conf
 from scriptlb.plus_api import Api, ApiError
@@ -259,3 +259,51 @@ def test_hostile_api_input_is_refused_before_any_change(body: bytes, code: str) 
     with pytest.raises(ApiError) as err:
         _parse_fields(body, require_server=True)
     assert (err.value.status, err.value.code) == (400, code)
+
+
+def counting_backend(statuses: list[int], seen: list[int]) -> Backend:
+    """Answers GETs with the next of ``statuses`` (a fixed-size response), keeping the
+    connection; ``seen`` gets the byte count of every request it read."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while statuses:
+                head = await reader.readuntil(b"\r\n\r\n")
+                seen.append(len(head))
+                writer.write(COUNTED_RESPONSE % statuses.pop(0))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    return Backend(echo(), raw_handler=handler)
+
+
+COUNTED_RESPONSE = b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\nhello"
+
+
+def test_peer_codes_bytes_unavail_and_header_time(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    seen: list[int] = []
+    bk = Backends()
+    bk.backends.append(counting_backend([200, 404, 200], seen))
+    dead = f"127.0.0.1:{closed_port()}"
+    with bk:
+        conf = write_conf(tmp_path, port, [bk[0].addr, f"{dead} max_fails=1 fail_timeout=60s"])
+        conf.write_text(conf.read_text().replace("worker_processes 2;", "worker_processes 1;"))
+        with master_process(tmp_path, conf):
+            wait_for(lambda: api_ready(port), what="the API")
+            for _ in range(3):  # the dead peer is tried once, then unavailable for 60 s
+                worker_of(port)
+            time.sleep(0.2)  # the tries reach the statistics within 50 ms
+            live, down = api(port, "GET", "/api/9/http/upstreams/backend")[1]["peers"]
+    assert live["responses"]["codes"] == {"200": 2, "404": 1}
+    assert (live["responses"]["2xx"], live["responses"]["4xx"], live["responses"]["total"]) == (2, 1, 3)
+    assert live["sent"] == sum(seen) and len(seen) == 3
+    assert live["received"] == 3 * len(COUNTED_RESPONSE % 200)
+    assert (live["unavail"], live["fails"]) == (0, 0)
+    assert isinstance(live["header_time"], int) and live["header_time"] >= 0
+    assert (down["requests"], down["fails"], down["unavail"], down["state"]) == (1, 1, 1, "unavail")
+    assert (down["responses"]["codes"], down["sent"], down["received"]) == ({}, 0, 0)
+    assert "header_time" not in down  # no response header ever came
