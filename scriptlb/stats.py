@@ -139,14 +139,16 @@ _BUCKETS = 8  # len(TIME_BUCKETS) + 1 words: samples per response-time bucket (t
 # Prometheus's default buckets (seconds), for scriptlb_upstream_server_response_time_seconds
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BUCKET_SLOTS = len(TIME_BUCKETS) + 1
-_TIME_SUM = _BUCKETS + BUCKET_SLOTS  # the samples' sum (a float word)
-# nginx Plus's "sent", "received", "unavail", then header_time's samples and sum (a float word)
-_SENT = _TIME_SUM + 1
-_RECEIVED, _UNAVAIL, _HEADER_SAMPLES, _HEADER_SUM = _SENT + 1, _SENT + 2, _SENT + 3, _SENT + 4
+# nginx Plus's "sent", "received", "unavail", and header_time's samples: right after the
+# buckets, so a flush adds classes, buckets and these with one slice read and one slice write
+_SENT = _BUCKETS + BUCKET_SLOTS
+_RECEIVED, _UNAVAIL, _HEADER_SAMPLES = _SENT + 1, _SENT + 2, _SENT + 3
+_TIME_SUM = _HEADER_SAMPLES + 1  # the response-time samples' sum (a float word)
+_HEADER_SUM = _TIME_SUM + 1  # the header-time samples' sum (a float word, next to the other)
 TRAFFIC_FIELDS = ("sent", "received", "unavail", "header_samples", "header_sum")
+_TALLY_WORDS = _TIME_SUM - _CLASSES  # Recorder.flush's integer words
 _COUNTER_WORDS = _HEADER_SUM + 1
 FIRST_CODE, CODE_WORDS = 100, 500  # the shared per-code counters: statuses 100..599
-CODE_SLOTS = 1000  # Recorder.codes: one counter per status 0..999 (0: no response) per peer
 
 _WORD = 8
 
@@ -369,32 +371,19 @@ class PeerStats:
         self.publish(slot, 0, 1, 1 if failed else 0, status, now, 1 if sampled else 0,
                      response_time or 0.0, response_time or 0.0, now)
 
-    def publish_tallies(self, slot: int, tallies: list[int], total: float) -> None:
-        """Add one process's responses by class 1xx..5xx and response-time samples per
-        bucket (``tallies``: the five, then ``BUCKET_SLOTS``; the words are contiguous: one
-        slice read and one slice write) and the samples' sum."""
+    def publish_tallies(self, slot: int, tallies: list[int], total: float, header_total: float = 0.0) -> None:
+        """Add one process's responses by class 1xx..5xx, response-time samples per bucket,
+        bytes sent and received, times unavailable and header-time samples (``tallies``: the
+        five, ``BUCKET_SLOTS``, then the four; the words are contiguous: one slice read and
+        one slice write), and the two samples' sums."""
         at = slot + self._mine + _CLASSES
         q = self._q
         end = at + len(tallies)
         q[at:end] = array("q", [a + b for a, b in zip(q[at:end].tolist(), tallies, strict=True)])
-        if total:
-            self._d[slot + self._mine + _TIME_SUM] += total
-
-    def publish_traffic(self, slot: int, sent: int, received: int, unavail: int, header_samples: int,
-                        header_sum: float) -> None:
-        """Add one process's bytes to and from the peer, times it became unavailable, and
-        header-time samples (count, sum)."""
-        q = self._q
-        mine = slot + self._mine
-        if sent:
-            q[mine + _SENT] += sent
-        if received:
-            q[mine + _RECEIVED] += received
-        if unavail:
-            q[mine + _UNAVAIL] += unavail
-        if header_samples:
-            q[mine + _HEADER_SAMPLES] += header_samples
-            self._d[mine + _HEADER_SUM] += header_sum
+        if total or header_total:
+            d, at = self._d, slot + self._mine + _TIME_SUM
+            d[at] += total
+            d[at + 1] += header_total
 
     def publish_codes(self, slot: int, codes: Iterable[tuple[int, int]]) -> None:
         """Add one process's responses per status code ((code, count); codes outside
@@ -433,7 +422,7 @@ class PeerStats:
 
     def publish_classes(self, slot: int, classes: Sequence[int]) -> None:
         """Add one process's responses by class (``classes[c]``: how many ``c``xx, c = 1..5)."""
-        self.publish_tallies(slot, [*classes[1:6], *[0] * BUCKET_SLOTS], 0.0)
+        self.publish_tallies(slot, [*classes[1:6], *[0] * (_TALLY_WORDS - 5)], 0.0)
 
     def selected(self, slot: int) -> float | None:
         """When the peer was last chosen, to the statistics' batching (50 ms); None: never."""
@@ -464,7 +453,7 @@ class PeerStats:
 
     def publish_times(self, slot: int, buckets: Sequence[int], total: float) -> None:
         """Add one process's response-time samples: per bucket, and their sum."""
-        self.publish_tallies(slot, [0] * 5 + list(buckets), total)
+        self.publish_tallies(slot, [0] * 5 + list(buckets) + [0] * (_TALLY_WORDS - 5 - BUCKET_SLOTS), total)
 
     def histogram(self, slot: int) -> tuple[list[int], float]:
         """(samples per bucket, not cumulative; their sum) of one peer, every process's."""
@@ -593,7 +582,6 @@ class PeerStats:
 
 
 FLUSH_INTERVAL = 0.05  # seconds: how far behind one worker's tries may look to the others
-_NO_CODES = [0] * CODE_SLOTS
 _NO_BUCKETS = [0] * BUCKET_SLOTS
 
 
@@ -633,7 +621,9 @@ class Recorder:
         self.samples: list[int] = []
         self.sample_sum: list[float] = []
         self.sample_max: list[float] = []
-        self.codes: list[int] = []  # CODE_SLOTS per index: responses by status
+        # per index: responses by status (0: none), a dict: a peer answers few distinct codes,
+        # so a flush reads one or two items (the parser's statuses bound it to 1000 keys)
+        self.codes: list[dict[int, int]] = []
         self.sent: list[int] = []  # bytes
         self.received: list[int] = []
         self.unavail: list[int] = []  # times max_fails made the peer unavailable
@@ -651,7 +641,7 @@ class Recorder:
                 column.append(0)
             for column in (self.failure_time, self.sample_sum, self.sample_max, self.header_sum):
                 column.append(0.0)
-            self.codes.extend([0] * CODE_SLOTS)
+            self.codes.append({})
             self.buckets.extend([0] * BUCKET_SLOTS)
         return index
 
@@ -668,7 +658,8 @@ class Recorder:
         and received from the peer, and its time to the response header (None: none came)."""
         self.finished[index] += 1
         self.status[index] = status
-        self.codes[index * CODE_SLOTS + status] += 1
+        codes = self.codes[index]
+        codes[status] = codes.get(status, 0) + 1
         if sent:
             self.sent[index] += sent
         if received:
@@ -709,14 +700,16 @@ class Recorder:
             publish(slot, started[index], finished[index], failures[index], self.status[index],
                     self.failure_time[index], samples[index], self.sample_sum[index],
                     self.sample_max[index], now)
-            at, bt = index * CODE_SLOTS, index * BUCKET_SLOTS
-            classes = _classes(self.codes, at)
-            tallies = classes + self.buckets[bt : bt + BUCKET_SLOTS]
-            self.stats.publish_tallies(slot, tallies, self.sample_sum[index] if samples[index] else 0.0)
-            self.stats.publish_codes(slot, _codes_seen(self.codes, at, classes))
-            self.stats.publish_traffic(slot, self.sent[index], self.received[index], self.unavail[index],
-                                       self.header_samples[index], self.header_sum[index])
-            self.codes[at : at + CODE_SLOTS] = _NO_CODES
+            bt = index * BUCKET_SLOTS
+            codes = self.codes[index]
+            tallies = _classes(codes) + self.buckets[bt : bt + BUCKET_SLOTS]
+            tallies += (self.sent[index], self.received[index], self.unavail[index],
+                        self.header_samples[index])
+            self.stats.publish_tallies(slot, tallies, self.sample_sum[index] if samples[index] else 0.0,
+                                       self.header_sum[index])
+            if codes:
+                self.stats.publish_codes(slot, codes.items())
+                codes.clear()
             self.buckets[bt : bt + BUCKET_SLOTS] = _NO_BUCKETS
             started[index] = finished[index] = failures[index] = samples[index] = 0
             self.sent[index] = self.received[index] = self.unavail[index] = self.header_samples[index] = 0
@@ -732,14 +725,13 @@ class Recorder:
 
     def unpublished_classes(self, index: int, classes: list[int]) -> list[int]:
         """``PeerStats.classes`` with this worker's unpublished responses added."""
-        mine = _classes(self.codes, index * CODE_SLOTS)
+        mine = _classes(self.codes[index])
         return [count + mine[c] for c, count in enumerate(classes)]
 
     def unpublished_codes(self, index: int, codes: dict[int, int]) -> dict[int, int]:
         """``PeerStats.codes`` with this worker's unpublished responses added."""
-        at = index * CODE_SLOTS
         result = dict(codes)
-        for code, count in _codes_seen(self.codes, at, _classes(self.codes, at)):
+        for code, count in self.codes[index].items():
             if FIRST_CODE <= code < FIRST_CODE + CODE_WORDS:
                 result[code] = result.get(code, 0) + count
         return result
@@ -764,19 +756,13 @@ class Recorder:
         return (requests + started, failed + failures, active, last_status, last_failure, *averages)
 
 
-def _classes(codes: list[int], at: int) -> list[int]:
-    """Responses 1xx..5xx among one peer's ``CODE_SLOTS`` counters starting at ``at``."""
-    return [sum(codes[at + c * 100 : at + c * 100 + 100]) for c in range(1, 6)]
-
-
-def _codes_seen(codes: list[int], at: int, classes: list[int]) -> list[tuple[int, int]]:
-    """(code, count) of the codes counted, scanning only the classes that have any."""
-    seen = []
-    for c, total in enumerate(classes, 1):
-        if total:
-            base = at + c * 100
-            seen.extend((c * 100 + i, n) for i, n in enumerate(codes[base : base + 100]) if n)
-    return seen
+def _classes(codes: dict[int, int]) -> list[int]:
+    """Responses 1xx..5xx among one peer's counts by status."""
+    classes = [0, 0, 0, 0, 0]
+    for code, count in codes.items():
+        if 100 <= code < 600:
+            classes[code // 100 - 1] += count
+    return classes
 
 
 class UpstreamStats:

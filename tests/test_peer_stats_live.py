@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import (
@@ -320,10 +321,11 @@ def test_samples_have_sub_millisecond_resolution(tmp_path: Path, monkeypatch: py
     samples: list[float] = []
     original = Recorder.finish
 
-    def finish(self: Recorder, index: int, status: int, sample: float | None, failed: bool) -> None:
+    def finish(self: Recorder, index: int, status: int, sample: float | None, failed: bool,
+               *traffic: Any) -> None:
         if sample is not None:
             samples.append(sample)
-        original(self, index, status, sample, failed)
+        original(self, index, status, sample, failed, *traffic)
 
     monkeypatch.setattr(Recorder, "finish", finish)
     with Backends(respond(body=b"a")) as backends:
