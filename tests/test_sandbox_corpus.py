@@ -45,7 +45,7 @@ COMPILE_ERRORS = {
     "import private": ("from math import _x", '"_x" is an invalid variable name'),
     "star import": ("from math import *", '"*" imports are not allowed'),
     "try except*": ("try:\n    pass\nexcept* ValueError:\n    pass", "TryStar statements are not allowed"),
-    "class": ("class A:\n    pass", "class definitions are not allowed"),
+    "class keyword": ("class A(metaclass=1):\n    pass", "class keywords"),
     "dunder method": ("def __init__(self):\n    pass", '"__init__" is an invalid variable name'),
     "async def": ("async def f():\n    pass", "AsyncFunctionDef statements are not allowed"),
     "exec": ("exec('1')", "Exec calls are not allowed"),

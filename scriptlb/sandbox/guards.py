@@ -87,6 +87,9 @@ def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
             if default:
                 return default[0]
             raise
+    if type(cls) is HookClass and type(name) is str and not name.startswith("_"):
+        if name in obj.__dict__ or _defined_by_hook(cls, name):
+            return getattr(obj, name)
     return _getattr_slow(obj, name, default)
 
 
@@ -135,13 +138,92 @@ class _ListWriter:
 
 
 def guarded_write(obj: Any) -> Any:
-    """``_write_``: item stores on the hook's own containers; never on modules or the API."""
+    """``_write_``: item stores on the hook's own containers, attribute stores on the hook's own
+    classes and their instances; never on modules or the API."""
     cls = type(obj)
     if cls is list:
         return _ListWriter(obj)
-    if cls in _WRITABLE:
+    if cls in _WRITABLE or cls is HookClass or type(cls) is HookClass:
         return obj
     raise TypeError(f"a hook cannot modify a '{cls.__name__}' object")
+
+
+# --------------------------------------------------------------------------- hook classes
+#
+# A ``class`` statement in a hook builds a ``HookClass`` (the compiler policy makes it the
+# metaclass of every class statement). What keeps classes as safe as functions:
+#
+# * the only special method a hook class may define is ``__init__`` (refused at compile time and
+#   again here): ``__eq__``, ``__hash__``, ``__lt__``, ``__len__``, ``__iter__``, ``__str__``,
+#   ``__del__``, ``__getattr__``, ``__init_subclass__``, ``__set_name__``... would be called
+#   from C, inside sorted(), dict lookups, json.dumps or host code, and after the run is over
+#   (a finalizer, an error message built by the runner). Instances therefore compare, hash and
+#   print with object's C defaults. ``__init__`` runs only when hook code calls the class, and
+#   starts with a budget check like every hook function (outside a run it stops at once);
+# * bases are other hook classes or the exceptions hooks can raise, never builtin types: a
+#   ``str``/``dict``/``int`` subclass could reach the API or C code posing as the real thing;
+# * no class keywords (metaclass, ``__init_subclass__`` arguments);
+# * attribute reads stay deny-by-default: an instance offers what it was assigned and what its
+#   hook classes define (methods, properties, class attributes), never what ``object``/``type``
+#   define (``mro``, ``__subclasses__``...); ``super()`` resolves only in hook classes.
+
+_CLASS_KEYS = frozenset({"__module__", "__qualname__", "__init__", "__classcell__", "__doc__"})
+MAX_CLASS_MEMBERS = 1000
+
+
+class HookClass(type):
+    """The type of every class a hook defines (see above)."""
+
+    def __new__(mcs, name: str, bases: tuple[Any, ...], namespace: dict[str, Any], **keywords: Any) -> Any:
+        if keywords:
+            raise TypeError("class keywords are not allowed in hooks")
+        for base in bases:
+            if type(base) is not HookClass and base not in _EXCEPTION_BASES:
+                raise TypeError("a hook class can derive only from hook classes and exceptions, "
+                                f"not from '{getattr(base, '__name__', type(base).__name__)}'")
+        for key in namespace:
+            if type(key) is not str or (key.startswith("_") and key not in _CLASS_KEYS):
+                raise TypeError(f"'{key}' is not allowed in a hook class")
+        if len(namespace) > MAX_CLASS_MEMBERS:
+            raise too_big("class members", len(namespace), MAX_CLASS_MEMBERS)
+        return super().__new__(mcs, name, bases, namespace)
+
+
+def _defined_by_hook(cls: type, name: str) -> bool:
+    """``name`` is defined by one of the hook classes of ``cls``'s MRO."""
+    for klass in cls.__mro__:
+        if type(klass) is HookClass and name in klass.__dict__:
+            return True
+    return False
+
+
+def _hook_class_attribute(cls: Any, name: str) -> Any:
+    if _defined_by_hook(cls, name):
+        return getattr(cls, name)
+    raise AttributeError(f"type object '{cls.__name__}' has no attribute '{name}' visible to hooks")
+
+
+def _super_attribute(proxy: Any, name: str) -> Any:
+    """``super().method``: found in the hook classes after the current one, nowhere else."""
+    mro = proxy.__self_class__.__mro__
+    start = mro.index(proxy.__thisclass__) + 1 if proxy.__thisclass__ in mro else len(mro)
+    for klass in mro[start:]:
+        if type(klass) is HookClass and name in klass.__dict__:
+            return getattr(proxy, name)
+    raise AttributeError(f"'super' object has no attribute '{name}' visible to hooks")
+
+
+def super_init(proxy: Any) -> Any:
+    """``_super_init_``: the compiled form of ``super().__init__`` (the one private name a
+    hook may read): the next ``__init__`` of the MRO, a hook's, an exception's or object's."""
+    if type(proxy) is not super:
+        raise TypeError("only super().__init__ is allowed")
+    return proxy.__init__
+
+
+_DYNAMIC[HookClass] = _hook_class_attribute
+_DYNAMIC[super] = _super_attribute
+_PROPERTY_NAMES = ["getter", "setter", "deleter"]
 
 
 # --------------------------------------------------------------------------- operators
@@ -620,6 +702,9 @@ _EXCEPTIONS = (
     TypeError, UnicodeError, UnicodeDecodeError, UnicodeEncodeError, ValueError, ZeroDivisionError,
 )
 
+_EXCEPTION_BASES = frozenset(_EXCEPTIONS)
+expose(property, _PROPERTY_NAMES)
+
 _PLAIN_BUILTINS = ["abs", "all", "any", "bin", "bool", "callable", "chr", "divmod",
                    "float", "hex", "int", "len", "list", "next", "oct", "ord", "reversed", "slice",
                    "tuple"]  # dict, set, frozenset, sorted, min, max, hash: see _WORK_BUILTINS
@@ -654,6 +739,9 @@ def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
         _add_=guarded_add, _mul_=guarded_mul, _pow_=guarded_pow, _lshift_=guarded_lshift,
         _mod_=guarded_mod, _format_=fstring_field, _text_=check_text, _check_size_=check_size,
         _tick_=limits.tick,
+        # class statements: the compiler names HookClass as their metaclass
+        __build_class__=builtins.__build_class__, __metaclass__=HookClass, _super_init_=super_init,
+        staticmethod=staticmethod, classmethod=classmethod, property=property, super=super,
     )
     from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 
