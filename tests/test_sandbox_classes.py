@@ -37,7 +37,8 @@ COMPILE_ERRORS.update({
     "metaclass keyword": ("class M:\n    pass\nclass A(metaclass=M):\n    pass", "class keywords"),
     "init_subclass keyword": ("class A(flag=1):\n    pass", "class keywords"),
     "starred bases": ("bases = ()\nclass A(*bases):\n    pass", "starred base classes"),
-    "dunder assigned in body": ("class A:\n    __eq__ = lambda s, o: True", '"__eq__" is an invalid variable'),
+    "dunder assigned in body": ("class A:\n    __eq__ = lambda s, o: True",
+                                '"__eq__" is an invalid variable'),
     "slots": ("class A:\n    __slots__ = ()", '"__slots__" is an invalid variable name'),
     "__class__ of instance": (A + "A().__class__", '"__class__" is an invalid attribute name'),
     "__mro__": (A + "A.__mro__", '"__mro__" is an invalid attribute name'),
@@ -52,7 +53,8 @@ COMPILE_ERRORS.update({
                           '"__class__" is an invalid attribute name'),
     "super().__self__": ("class A:\n    def f(self):\n        return super().__self__",
                          '"__self__" is an invalid attribute name'),
-    "super(A, a).__init__ (two-argument)": (A + "super(A, A()).__init__", '"__init__" is an invalid attribute'),
+    "super(A, a).__init__ (two-argument)": (A + "super(A, A()).__init__",
+                                            '"__init__" is an invalid attribute'),
     "private class name": ("class _A:\n    pass", '"_A" is an invalid variable name'),
 })
 
@@ -76,9 +78,12 @@ RUNTIME_ERRORS = {
     "deque subclass": ("import collections\nclass S(collections.deque):\n    pass", "not from 'deque'"),
     "Counter subclass": ("import collections\nclass S(collections.Counter):\n    pass",
                          "TypeError: metaclass conflict"),
-    "API method as a base": ("class S(balancer.set_current_peer):\n    pass", "TypeError: metaclass conflict"),
-    "builtin exception outside the list": ("class S(BaseException):\n    pass", "name 'BaseException' is not"),
-    "hook class with a builtin base": ("import collections\nclass B:\n    pass\nclass S(B, collections.deque):\n    pass",
+    "API method as a base": ("class S(balancer.set_current_peer):\n    pass",
+                             "TypeError: metaclass conflict"),
+    "builtin exception outside the list": ("class S(BaseException):\n    pass",
+                                           "name 'BaseException' is not"),
+    "hook class with a builtin base": ("import collections\nclass B:\n    pass\n"
+                                       "class S(B, collections.deque):\n    pass",
                                        "not from 'deque'"),
     "property subclass": ("class S(property):\n    pass", "not from 'property'"),
     "function base": ("def f():\n    pass\nclass S(f):\n    pass", "TypeError: metaclass conflict"),
@@ -111,7 +116,8 @@ RUNTIME_ERRORS = {
     # an instance handed to the API is hostile input, never converted
     "peer address instance": (A + "balancer.set_current_peer(A())", "string expected, got A"),
     "peer port instance": (A + "balancer.set_current_peer('127.0.0.1', A())", "number expected, got A"),
-    "peer host instance": (A + "balancer.set_current_peer('127.0.0.1:1', host=A())", "string expected, got A"),
+    "peer host instance": (A + "balancer.set_current_peer('127.0.0.1:1', host=A())",
+                           "string expected, got A"),
     "set_more_tries instance": (A + "balancer.set_more_tries(A())", "number expected, got A"),
     "set_timeouts instance": (A + "balancer.set_timeouts(A())", "bad connect timeout"),
     "enable_keepalive instance": (A + "balancer.set_current_peer('127.0.0.1:1')\n"
@@ -126,9 +132,10 @@ RUNTIME_ERRORS = {
     "chash node instance": (A + "from scriptlb.balancers import chash\nchash([A()])", "node ids are strings"),
     "chash key instance": (A + "from scriptlb.balancers import chash\nchash(['a']).find(A())",
                            "key must be a str or bytes"),
-    "roundrobin tried instance": (A + "from scriptlb.balancers import roundrobin\nroundrobin(['a']).find(A())",
+    "roundrobin tried instance": (A + "from scriptlb.balancers import roundrobin\n"
+                                  "roundrobin(['a']).find(A())",
                                   "tried must be a set"),
-    "class namespace too big": ("ns = {}\nclass A:\n    x = 1\n" + "".join(f"    m{i} = {i}\n" for i in range(1001)),
+    "class namespace too big": ("class A:\n    x = 1\n" + "".join(f"    m{i} = {i}\n" for i in range(1001)),
                                 "class members of 100"),
 }
 
@@ -145,16 +152,19 @@ def test_runtime_errors(code: str, message: str) -> None:
 
 TIMEOUTS = {
     "__init__ loops": "class A:\n    def __init__(self):\n        while True:\n            pass\nA()",
-    "property loops": "class A:\n    @property\n    def p(self):\n        while True:\n            pass\nA().p",
+    "property loops": ("class A:\n    @property\n    def p(self):\n        while True:\n            pass\n"
+                       "A().p"),
     "__init__ as sort key": ("class A:\n    def __init__(self, v):\n        while True:\n            pass\n"
                              "sorted([1, 2, 3], key=A)"),
     "__init__ as defaultdict factory": ("import collections\nclass A:\n    def __init__(self):\n"
                                         "        while True:\n            pass\n"
                                         "d = collections.defaultdict(A)\nd['x']"),
-    "__init__ in map()": "class A:\n    def __init__(self, v):\n        while True:\n            pass\nlist(map(A, [1]))",
+    "__init__ in map()": ("class A:\n    def __init__(self, v):\n        while True:\n            pass\n"
+                          "list(map(A, [1]))"),
     "deep inheritance": "class B:\n    pass\nwhile True:\n    class B(B):\n        pass",
     "classmethod recursion caught": ("class A:\n    @classmethod\n    def f(cls):\n        try:\n"
-                                     "            cls.f()\n        except RecursionError:\n            cls.f()\nA.f()"),
+                                     "            cls.f()\n        except RecursionError:\n"
+                                     "            cls.f()\nA.f()"),
 }
 
 
@@ -176,12 +186,14 @@ HARMLESS = {
     "log an instance": A + "ngx.log(ngx.ERR, A(), A)",
     "instance attributes": A + "a = A(3)\na.w = a.v + 1\nx = a.w",
     "class attribute state": "class C:\n    n = 0\nC.n = C.n + 1\nx = C.n",
-    "property setter": ("class A:\n    def __init__(self):\n        self.v = 0\n    @property\n    def p(self):\n"
-                        "        return self.v\n    @p.setter\n    def p(self, value):\n        self.v = value\n"
+    "property setter": ("class A:\n    def __init__(self):\n        self.v = 0\n    @property\n"
+                        "    def p(self):\n        return self.v\n    @p.setter\n    def p(self, value):\n"
+                        "        self.v = value\n"
                         "a = A()\na.p = 5\nassert a.p == 5"),
     "exception subclass raised and caught": ("class E(KeyError):\n    def __init__(self, k):\n"
                                              "        super().__init__(k)\n        self.k = k\n"
-                                             "try:\n    raise E('a')\nexcept KeyError as e:\n    x = (e.k, e.args)"),
+                                             "try:\n    raise E('a')\nexcept KeyError as e:\n"
+                                             "    x = (e.k, e.args)"),
     "isinstance": A + "class B(A):\n    pass\nx = isinstance(B(), A) and not isinstance(A(), B)",
     "instance in ngx.ctx": A + "ngx.ctx['a'] = A(1)",
     "json.dumps default=": A + "import json\nx = json.dumps(A(2), default=lambda o: o.v)",
@@ -197,7 +209,8 @@ def test_harmless(code: str) -> None:
 
 
 def test_a_raised_hook_exception_is_reported_with_c_defaults() -> None:
-    code = ("class E(Exception):\n    def __init__(self, n):\n        super().__init__('big', ['x' * 100000] * 1000)\n"
+    code = ("class E(Exception):\n    def __init__(self, n):\n"
+            "        super().__init__('big', ['x' * 100000] * 1000)\n"
             "raise E(1)")
     result = run(code)
     assert result.kind == "runtime_error"

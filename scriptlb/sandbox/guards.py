@@ -87,9 +87,9 @@ def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
             if default:
                 return default[0]
             raise
-    if type(cls) is HookClass and type(name) is str and not name.startswith("_"):
-        if name in obj.__dict__ or _defined_by_hook(cls, name):
-            return getattr(obj, name)
+    if (type(cls) is HookClass and type(name) is str and not name.startswith("_")
+            and (name in obj.__dict__ or _defined_by_hook(cls, name))):
+        return getattr(obj, name)
     return _getattr_slow(obj, name, default)
 
 
@@ -191,10 +191,7 @@ class HookClass(type):
 
 def _defined_by_hook(cls: type, name: str) -> bool:
     """``name`` is defined by one of the hook classes of ``cls``'s MRO."""
-    for klass in cls.__mro__:
-        if type(klass) is HookClass and name in klass.__dict__:
-            return True
-    return False
+    return any(type(klass) is HookClass and name in klass.__dict__ for klass in cls.__mro__)
 
 
 def _hook_class_attribute(cls: Any, name: str) -> Any:
