@@ -66,6 +66,21 @@ def expose_dynamic(cls: type, lookup: Callable[[Any, str], Any]) -> None:
     _DYNAMIC[cls] = lookup
 
 
+def writable(cls: type) -> None:
+    """Let hook code store items and attributes into instances of ``cls`` (ngx.ctx)."""
+    _WRITABLE.add(cls)
+
+
+def checked_method(obj: Any, name: str) -> Any:
+    """The checked (size/work-bounded) method ``name`` of ``obj``'s base dict type, bound to
+    ``obj``, or None: for dict subclasses with attribute-style items (ngx.ctx)."""
+    for cls in type(obj).__mro__:
+        checked = _CHECKED.get(cls)
+        if checked is not None and name in checked:
+            return partial(checked[name], obj)
+    return None
+
+
 def too_big(what: str, size: int, limit: int) -> SandboxLimitError:
     return SandboxLimitError(f"{what} of {size} is over the sandbox limit of {limit}")
 

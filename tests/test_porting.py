@@ -1,0 +1,86 @@
+"""What a port of a balancer_by_lua hook meets: ngx.ctx as attributes, hostile strings refused at
+the API (unit level, against a synthetic request; the real-socket parts are in
+test_porting_process.py)."""
+
+from __future__ import annotations
+
+import pytest
+from hook_helpers import run, value
+
+from scriptlb.config.model import HookConf, PythonConf, Source
+from scriptlb.hooks import LogHookRunner
+
+PEER = "\nbalancer.set_current_peer('127.0.0.1:1')\n"
+
+
+def test_ctx_attributes_read_and_write_the_same_dict() -> None:
+    code = """
+    ngx.ctx.tries = (ngx.ctx.tries or 0) + 1      # a missing name reads as None, like Lua's nil
+    ngx.ctx.first = ngx.ctx.get("first", "x")     # dict methods still read as methods
+    ngx.ctx["item"] = ngx.ctx.never_set
+    ngx.ctx.gone = 1
+    del ngx.ctx.gone
+    ngx.ctx.n = len(ngx.ctx.items())
+    balancer.set_current_peer("127.0.0.1:1")
+    """
+    result = run(code)
+    assert result.kind is None, result.outcome.message
+    assert dict(result.ctx) == {"tries": 1, "first": "x", "item": None, "n": 3}
+
+
+def test_ctx_attributes_keep_the_dict_guards() -> None:
+    result = run("ngx.ctx.big = [0] * 2**20\nngx.ctx.update([(k, 1) for k in [ngx.ctx.big] * 100])" + PEER)
+    assert result.kind == "runtime_error" and "hash work" in result.outcome.message
+
+
+def test_ctx_attributes_in_the_log_phase_see_the_balancer_runs_values() -> None:
+    balancer_run = run("ngx.ctx.tries = 2\nngx.ctx.peer = 'a'" + PEER)
+    assert balancer_run.kind is None
+    hook = HookConf("block", None, "ngx.ctx.seen = (ngx.ctx.tries, ngx.ctx.peer, ngx.ctx.missing)\n",
+                    Source("/t/x.conf", 1), phase="log", first_line=2)
+    logs: list[tuple[str, str]] = []
+    runner = LogHookRunner(hook, PythonConf(), log=lambda level, msg, _ex: logs.append((level, msg)))
+    assert runner.run(balancer_run.exchange) is None, logs
+    assert balancer_run.ctx["seen"] == (2, "a", None)
+
+
+HOSTILE = ["127.0.0.1\r\nX-Evil: 1", "127.0.0.1\n", "127.0.0.1\x00", "127.0.0.1 ", " 127.0.0.1", "127.0.0.1\t",
+           "unix:/tmp/a\nb", "unix:/tmp/a b", "unix:/tmp/\x00", "[::1\r\n]:80", "[fe80::1%eth0\n]",
+           "127.0.0.1:80\r", "127.0.0.1\u2028", "127.0.0.1\x85", "\x1b[31m127.0.0.1"]
+
+
+@pytest.mark.parametrize("addr", HOSTILE)
+def test_hostile_peer_addresses_are_refused(addr: str) -> None:
+    assert value(f"balancer.set_current_peer({addr!r})") == (None, "invalid address")
+
+
+@pytest.mark.parametrize("host", ["a\r\nX-Evil: 1", "a\n", "a\x00", "a b", " a", "a\t", "a\u2028", "é.example",
+                                  "a/b", "a?b", "a#b", "a@b", "a;b", "[::1\n]", "x" * 300])
+def test_hostile_peer_host_names_are_refused(host: str) -> None:
+    assert value(f"balancer.set_current_peer('127.0.0.1:1', host={host!r})") == (None, "invalid host name")
+
+
+@pytest.mark.parametrize("host", ["api.internal", "a-b.example.com", "10.0.0.1", "[::1]", "[::1]:8443",
+                                  "example.com:8080", "under_score.local"])
+def test_ordinary_host_names_pass(host: str) -> None:
+    code = f"ngx.ctx['r'] = balancer.set_current_peer('127.0.0.1:1', host={host!r})"
+    result = run(code)
+    assert result.ctx["r"] == (True, None) and result.outcome.host == host
+
+
+def test_a_refused_host_leaves_the_peer_unset() -> None:
+    result = run("ngx.ctx['r'] = balancer.set_current_peer('127.0.0.1:1', host='a\\r\\nb')")
+    assert result.ctx["r"] == (None, "invalid host name")
+    assert result.outcome.addr is None and result.kind == "no_peer"
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1\n", "127.0.0.1 ", "unix:/x\r"])
+def test_hostile_local_addresses_are_refused(addr: str) -> None:
+    assert value(f"balancer.bind_to_local_addr({addr!r})") == (None, f"invalid addr {addr}")
+
+
+def test_log_lines_from_hooks_stay_one_line() -> None:
+    result = run("ngx.log(ngx.ERR, 'a\\r\\n2026/01/01 [emerg] forged')" + PEER)
+    [(level, message)] = result.logs
+    assert "\n" not in message and "\r" not in message and "\\x0D\\x0A2026" in message
+
