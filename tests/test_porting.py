@@ -45,7 +45,8 @@ def test_ctx_attributes_in_the_log_phase_see_the_balancer_runs_values() -> None:
 
 
 HOSTILE = ["127.0.0.1\r\nX-Evil: 1", "127.0.0.1\n", "127.0.0.1\x00", "127.0.0.1 ", " 127.0.0.1",
-           "127.0.0.1\t", "unix:/tmp/a\nb", "unix:/tmp/a b", "unix:/tmp/\x00", "[::1\r\n]:80", "[fe80::1%eth0\n]",
+           "127.0.0.1\t", "unix:/tmp/a\nb", "unix:/tmp/a b", "unix:/tmp/\x00",
+           "[::1\r\n]:80", "[fe80::1%eth0\n]",
            "127.0.0.1:80\r", "127.0.0.1\u2028", "127.0.0.1\x85", "\x1b[31m127.0.0.1"]
 
 
