@@ -754,6 +754,12 @@ class Upstream:
     def current_upstream_name(self) -> str:
         return str(_current().upstream.name)
 
+    def get_hook_stats(self) -> dict[str, Any] | None:
+        """This worker's figures of the upstream's balancer hook (failed runs by kind, circuit
+        breaker state, trips and skipped runs), or None when it has no hook."""
+        hook = getattr(_current().upstream, "hook", None)
+        return None if hook is None else hook.stats()
+
 
 balancer = Balancer()
 ngx = Ngx()
@@ -766,7 +772,7 @@ expose(Balancer, ["set_current_peer", "set_more_tries", "get_last_failure", "set
 expose(Worker, ["id", "count", "pid"])
 expose(Req, ["get_headers", "get_method", "get_uri_args"])
 expose(Upstream, ["get_primary_peers", "get_backup_peers", "set_peer_down", "set_peer_weight",
-                  "current_upstream_name"])
+                  "current_upstream_name", "get_hook_stats"])
 expose(Ctx, readable_names(dict))
 expose_dynamic(Ctx, _ctx_attribute)
 writable(Ctx)

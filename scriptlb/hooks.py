@@ -27,7 +27,7 @@ from typing import Any
 
 from scriptlb import api, errorlog
 from scriptlb.config.errors import ConfigError
-from scriptlb.config.model import HookConf, MainConf, PythonConf, Source
+from scriptlb.config.model import BreakerConf, HookConf, MainConf, PythonConf, Source
 from scriptlb.sandbox import limits
 from scriptlb.sandbox.guards import make_builtins
 from scriptlb.sandbox.importer import OWNER_KEY, Importer
@@ -44,7 +44,9 @@ class HookOutcome:
     """What one run decided. Class-level defaults keep a run's allocation to one empty object.
 
     ``error`` says why the try falls back: None (fine), "runtime_error", "timeout",
-    "compile_error", "no_peer" or "exit_error" (``ngx.exit`` with a code below 300).
+    "compile_error", "no_peer", "exit_error" (``ngx.exit`` with a code below 300) or
+    "breaker_open" (skipped: the circuit breaker is open). With ``balancer_by_python_fallback
+    off`` every error but "no_peer" comes with ``exit_status`` 500.
     """
 
     addr: api.PeerAddr | None = None  # set_current_peer's address; None: fall back
@@ -218,6 +220,57 @@ def _hook_frame(tb: Any) -> str:
     return where
 
 
+# --------------------------------------------------------------------------- circuit breaker
+
+CLOSED, OPEN, PROBING = "closed", "open", "probing"
+_COUNTED = frozenset({"runtime_error", "timeout", "compile_error"})  # what trips the breaker
+
+
+class Breaker:
+    """The hook's circuit breaker (``balancer_by_python_breaker``), one per runner per worker.
+
+    A hook that keeps failing costs every request its budget (a runaway loop: 10 ms of CPU per
+    try) and then the fallback anyway. After ``fails`` failed runs within ``window`` seconds the
+    breaker opens: runs are skipped (straight to the fallback, or 500 with fallback off) for
+    ``cooldown`` seconds. Then it lets one run through (runs never overlap in a worker, so that
+    is "one request at a time"): success closes it, failure opens it for another cool-off.
+    """
+
+    __slots__ = ("conf", "failures", "open_until", "skipped", "state", "trips", "window_start")
+
+    def __init__(self, conf: BreakerConf) -> None:
+        self.conf = conf
+        self.state = CLOSED
+        self.failures = 0  # failed runs in the current window
+        self.window_start = 0.0
+        self.open_until = 0.0
+        self.trips = 0  # times it opened
+        self.skipped = 0  # runs skipped while open
+
+    def admits(self, now: float) -> bool:
+        """Called only while not CLOSED: False while cooling off, else the probe goes ahead."""
+        if now < self.open_until:
+            self.skipped += 1
+            return False
+        self.state = PROBING
+        return True
+
+    def failed(self, now: float) -> bool:
+        """Count a failed run; True when this failure opened the breaker."""
+        if self.state is not PROBING:
+            if now - self.window_start > self.conf.window:
+                self.window_start, self.failures = now, 0
+            self.failures += 1
+            if self.failures < self.conf.fails:
+                return False
+        self.state, self.open_until, self.failures = OPEN, now + self.conf.cooldown, 0
+        self.trips += 1
+        return True
+
+    def succeeded(self) -> None:
+        self.state, self.failures = CLOSED, 0
+
+
 # --------------------------------------------------------------------------- the runners
 
 
@@ -242,6 +295,8 @@ class _Runner:
         self._globals = _fresh_globals("__hook__")
         self._code: CodeType | None = None
         self._compile_error: str | None = None
+        self.breaker = Breaker(conf.breaker) if conf.breaker is not None else None
+        self.failures: dict[str, int] = {}  # kind -> failed runs in this worker (statistics)
         if self.python.code_cache:
             self._code = self._load()
 
@@ -271,8 +326,11 @@ class _Runner:
         else:
             IMPORTER.forget()
             code = self._load()
+        breaker = self.breaker
+        if breaker is not None and breaker.state is not CLOSED and not breaker.admits(time.monotonic()):
+            return self._skip(outcome, exchange)
         if code is None:
-            return self._fail(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
+            return self._failed(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
         context = api.CURRENT
         context.exchange, context.upstream, context.phase = exchange, upstream, self.phase
         context.outcome, context.log, context.logged = outcome, self.log, 0
@@ -295,19 +353,48 @@ class _Runner:
                 fuse.run_ended()
         if stopped or failure is not None:
             return self._failed_run(outcome, failure, stopped, exchange)
+        if breaker is not None and breaker.state is PROBING:
+            breaker.succeeded()
+            self._emit("notice", f"{self.directive} {self.chunk}: circuit breaker closed, "
+                       "the hook runs again", None)
         return None
 
     def _failed_run(self, outcome: Any, failure: BaseException | None, stopped: bool, exchange: Any) -> Any:
         where = _hook_frame(failure.__traceback__) if failure is not None else self.chunk
         if stopped:
             ms = round(self.timeout * 1000)
-            return self._fail(outcome, "timeout", f"{self.directive} timed out after {ms}ms at {where}",
-                              exchange)
+            return self._failed(outcome, "timeout", f"{self.directive} timed out after {ms}ms at {where}",
+                                exchange)
         assert failure is not None
         detail = api.exception_text(failure)  # KeyError(huge key) must not build the key's text
         text = f"{type(failure).__name__}: {detail}" if detail else type(failure).__name__
-        return self._fail(outcome, "runtime_error", f"failed to run {self.directive}: {where}: {text}",
-                          exchange)
+        return self._failed(outcome, "runtime_error", f"failed to run {self.directive}: {where}: {text}",
+                            exchange)
+
+    def _failed(self, outcome: Any, kind: str, message: str, exchange: Any) -> Any:
+        """A run that failed: counted (statistics, breaker), then ``_fail``."""
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+        result = self._fail(outcome, kind, message, exchange)
+        breaker = self.breaker
+        if breaker is not None and kind in _COUNTED and breaker.failed(time.monotonic()):
+            conf = breaker.conf
+            self._emit("error", f"{self.directive} {self.chunk}: circuit breaker open after {conf.fails} "
+                       f"failed runs in {conf.window:g}s, skipping the hook for {conf.cooldown:g}s "
+                       "(then one request at a time)", None)
+        return result
+
+    def _skip(self, outcome: Any, exchange: Any) -> Any:
+        """A run the open breaker skips: no log line (the opening said it), as a failure of kind
+        "breaker_open" for the caller."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        """This worker's figures of the hook: failed runs by kind, and the breaker's state."""
+        breaker = self.breaker
+        return {"failures": dict(self.failures),
+                "breaker": None if breaker is None else breaker.state,
+                "breaker_trips": 0 if breaker is None else breaker.trips,
+                "breaker_skipped": 0 if breaker is None else breaker.skipped}
 
     def _fail(self, outcome: Any, kind: str, message: str, exchange: Any, level: str = "error") -> Any:
         """Log why a run failed; the subclass says what its run() returns for it."""
@@ -350,8 +437,9 @@ class HookRunner(_Runner):
             return failed
         status = outcome.exit_status
         if status is not None and not 300 <= status <= 999:
-            return self._fail(outcome, "exit_error",
-                              f"{self.chunk}: ngx.exit({status}) in a balancer hook, falling back", exchange)
+            what = "falling back" if self.conf.fallback else "answering 500"
+            return self._failed(outcome, "exit_error",
+                                f"{self.chunk}: ngx.exit({status}) in a balancer hook, {what}", exchange)
         if outcome.addr is None and status is None:
             return self._fail(outcome, "no_peer", f"{self.chunk}: python balancer: no peer set, "
                               "falling back", exchange, level="warn")
@@ -360,10 +448,24 @@ class HookRunner(_Runner):
     def _fail(self, outcome: HookOutcome, kind: str, message: str, exchange: Any,
               level: str = "error") -> HookOutcome:
         """Reset the outcome to "fall back" and log why (rate-limited per kind)."""
+        self._reset(outcome, kind)
+        outcome.message = self._report(kind, message, exchange, level)
+        return outcome
+
+    def _reset(self, outcome: HookOutcome, kind: str) -> None:
+        """Nothing the failed run set counts. With ``balancer_by_python_fallback off`` a failure
+        answers 500 as OpenResty does; a run that sets no peer still uses the upstream's own
+        servers (OpenResty's round robin over them) either way."""
         outcome.addr = outcome.host = outcome.exit_status = outcome.keepalive = outcome.local_addr = None
         outcome.more_tries = 0
         outcome.recreate = False
-        outcome.error, outcome.message = kind, self._report(kind, message, exchange, level)
+        outcome.error = kind
+        if kind != "no_peer" and not self.conf.fallback:
+            outcome.exit_status = 500
+
+    def _skip(self, outcome: HookOutcome, exchange: Any) -> HookOutcome:
+        self._reset(outcome, "breaker_open")
+        outcome.message = f"{self.chunk}: circuit breaker open, hook skipped"
         return outcome
 
 
@@ -397,3 +499,6 @@ class LogHookRunner(_Runner):
     def _fail(self, outcome: Any, kind: str, message: str, exchange: Any, level: str = "error") -> str:
         self._report(kind, message, exchange, level)
         return kind
+
+    def _skip(self, outcome: Any, exchange: Any) -> str:
+        return "breaker_open"

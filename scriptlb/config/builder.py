@@ -30,6 +30,7 @@ from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
     DEFAULT_MEMORY_LIMIT,
     AccessLogConf,
+    BreakerConf,
     ErrorLogConf,
     HookConf,
     HttpConf,
@@ -146,6 +147,7 @@ def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
     if upstream.hook is not None:
         timeout = v.get("balancer_by_python_timeout", http.values.get("balancer_by_python_timeout"))
         hook = _hook_conf(upstream.hook, DEFAULT_HOOK_TIMEOUT if timeout is None else timeout)
+        hook = _hook_failure_policy(hook, v, http.values)
     return UpstreamConf(
         name=upstream.name,
         servers=tuple(upstream.servers),
@@ -157,6 +159,13 @@ def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
         balancer_keepalive=v.get("balancer_keepalive", 32),
         source=upstream.source,
     )
+
+
+def _hook_failure_policy(hook: HookConf, values: dict[str, Any], http: dict[str, Any]) -> HookConf:
+    """balancer_by_python_fallback and balancer_by_python_breaker (upstream, else http)."""
+    fallback = values.get("balancer_by_python_fallback", http.get("balancer_by_python_fallback", True))
+    breaker = values.get("balancer_by_python_breaker", http.get("balancer_by_python_breaker", BreakerConf()))
+    return dataclasses.replace(hook, fallback=fallback, breaker=breaker)
 
 
 def _hook_conf(hook: HookDraft, timeout: float) -> HookConf:

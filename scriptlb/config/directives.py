@@ -33,6 +33,7 @@ from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
     AccessLogConf,
     BalancerMethodConf,
+    BreakerConf,
     ErrorLogConf,
     ListenConf,
     LogFormat,
@@ -478,6 +479,24 @@ def _hook_timeout(state: State, node: Node, draft: Any) -> None:
     _store(node, draft.values, value)
 
 
+def _hook_breaker(state: State, node: Node, draft: Any) -> None:
+    """``balancer_by_python_breaker off | [fails=N] [window=TIME] [cooldown=TIME]``."""
+    if list(node.args) == ["off"]:
+        _store(node, draft.values, None)
+        return
+    values = {"fails": 10, "window": 10.0, "cooldown": 30.0}
+    for arg in node.args:
+        name, eq, text = arg.partition("=")
+        if not eq or name not in values:
+            raise fail(node, f'invalid parameter "{arg}"')
+        value = (int(text) if text.isdigit() else None) if name == "fails" else parse_time(text)
+        if not value or value <= 0:
+            raise fail(node, f'invalid {name} value "{text}"')
+        values[name] = value
+    _store(node, draft.values, BreakerConf(int(values["fails"]), float(values["window"]),
+                                           float(values["cooldown"])))
+
+
 def _hook_file(state: State, node: Node, draft: UpstreamDraft) -> None:
     _declare_hook(state, node, draft)
     draft.hook = HookDraft(node.name, "file", _existing_file(state, node), None, node.source)
@@ -638,6 +657,8 @@ _SPECS: tuple[Spec, ...] = (
     _spec("python_memory_limit", Ctx.HTTP, ONE, _slot(_size_or_off)),
     _spec("python_peer_stats", Ctx.HTTP, FLAG, _slot(flag)),
     _spec("balancer_by_python_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _hook_timeout),
+    _spec("balancer_by_python_fallback", Ctx.HTTP | Ctx.UPSTREAM, FLAG, _slot(flag)),
+    _spec("balancer_by_python_breaker", Ctx.HTTP | Ctx.UPSTREAM, (1, 3), _hook_breaker),
     _spec("balancer_by_python_file", Ctx.UPSTREAM, ONE, _hook_file),
     _spec("balancer_by_python_block", Ctx.UPSTREAM, NONE, _hook_block, block=True),
     _spec("python_shared_dict", Ctx.HTTP, (2, 2), _python_shared_dict),
