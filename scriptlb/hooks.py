@@ -30,7 +30,7 @@ from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import BreakerConf, HookConf, MainConf, PythonConf, Source
 from scriptlb.sandbox import limits
 from scriptlb.sandbox.guards import make_builtins
-from scriptlb.sandbox.importer import OWNER_KEY, Importer
+from scriptlb.sandbox.importer import HOOK_DIR_KEY, OWNER_KEY, Importer
 from scriptlb.sandbox.limits import HookTimeout
 from scriptlb.sandbox.policy import HookCompileError, compile_hook
 
@@ -84,8 +84,8 @@ BUILTINS = make_builtins({"__import__": IMPORTER, "_print_": lambda _getattr=Non
 _NAMESPACE = {"ngx": api.ngx}
 
 
-def _fresh_globals(name: str) -> dict[str, Any]:
-    return {"__builtins__": BUILTINS, "__name__": name, OWNER_KEY: {},
+def _fresh_globals(name: str, hook_dir: str | None = None) -> dict[str, Any]:
+    return {"__builtins__": BUILTINS, "__name__": name, OWNER_KEY: {}, HOOK_DIR_KEY: hook_dir,
             "balancer": api.balancer, "ngx": api.ngx, "upstream": api.upstream}
 
 
@@ -292,7 +292,7 @@ class _Runner:
         self.log: LogSink = log
         self._limit = _RateLimit()
         limits.quiet_unraisable_stops()  # a generator finalized past the budget: no stderr noise
-        self._globals = _fresh_globals("__hook__")
+        self._globals = _fresh_globals("__hook__", os.path.dirname(_error_file(conf)))
         self._code: CodeType | None = None
         self._compile_error: str | None = None
         self.breaker = Breaker(conf.breaker) if conf.breaker is not None else None

@@ -443,8 +443,20 @@ def _access_log(state: State, node: Node, draft: Any) -> None:
 
 
 def _python_package_path(state: State, node: Node, draft: HttpDraft) -> None:
-    patterns = tuple(state.path(p) for p in node.args[0].split(";") if p.strip())
+    patterns = tuple(_package_pattern(state, node, p.strip()) for p in node.args[0].split(";") if p.strip())
     _store(node, draft.values, patterns)
+
+
+def _package_pattern(state: State, node: Node, pattern: str) -> str:
+    """One pattern, absolute: ``$prefix`` is the prefix (as in lua_package_path); ``$hook_dir``
+    stays, for the importer to expand with the importing file's directory."""
+    if pattern.startswith("$hook_dir"):
+        return pattern
+    if pattern.startswith("$prefix"):
+        pattern = state.prefix + "/" + pattern[len("$prefix"):]
+    if "$" in pattern:
+        raise fail(node, f'unknown variable in "{pattern}": only $prefix and $hook_dir are allowed')
+    return state.path(pattern)
 
 
 # scriptlb.shared_dict.MIN_SIZE, repeated so loading a config does not import LMDB; a test

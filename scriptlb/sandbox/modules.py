@@ -71,7 +71,15 @@ class SafeModule:
         return f"<module '{self._name}' (sandboxed)>"
 
 
-expose_dynamic(SafeModule, getattr)
+def _member(module: SafeModule, name: str) -> Any:
+    """``math.sqrt`` in hooks: straight to the member table (no failed lookup first)."""
+    try:
+        return module._members[name]
+    except KeyError:
+        raise AttributeError(f"module '{module._name}' has no attribute '{name}' visible to hooks") from None
+
+
+expose_dynamic(SafeModule, _member)
 
 
 def _pick(module: Any, names: str) -> dict[str, Any]:
