@@ -18,6 +18,7 @@ from the master that checked the config does not compile again.
 
 from __future__ import annotations
 
+import ast
 import os
 import time
 import traceback
@@ -28,7 +29,7 @@ from typing import Any
 from scriptlb import api, errorlog
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import BreakerConf, HookConf, MainConf, PythonConf, Source
-from scriptlb.sandbox import limits
+from scriptlb.sandbox import limits, lint
 from scriptlb.sandbox.guards import make_builtins
 from scriptlb.sandbox.importer import HOOK_DIR_KEY, OWNER_KEY, Importer
 from scriptlb.sandbox.limits import HookTimeout
@@ -133,13 +134,48 @@ def load_code(hook: HookConf) -> CodeType:
     return code
 
 
-def _config_error(hook: HookConf, err: Exception) -> ConfigError:
+def _config_error(hook: HookConf, err: Exception, where: str | None = None) -> ConfigError:
     what = (f'failed to load external Python file "{hook.path}"' if hook.kind == "file"
             else "failed to load inlined Python code")
     if isinstance(err, HookCompileError):
-        return ConfigError(f"{what}: {err.message}", Source(_error_file(hook), err.lineno or 1))
+        return ConfigError(f"{what}: {err.message}", Source(where or _error_file(hook), err.lineno or 1))
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
     return ConfigError(f"{what}: {reason}", hook.source)
+
+
+_LINT_API = {"balancer": api.balancer, "ngx": api.ngx, "upstream": api.upstream,
+             "ngx.balancer": api.balancer, "ngx.upstream": api.upstream, "ngx.req": api.Ngx.req,
+             "ngx.worker": api.Ngx.worker}
+
+
+def _module_tree(path: str) -> ast.Module | str:
+    """A package module's AST for the load-time checks, or its compile error with file:line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        compile_hook(source, path)
+    except HookCompileError as err:
+        return f"{err.message} in {path}:{err.lineno}"
+    except (OSError, UnicodeDecodeError) as err:
+        return f"{err} in {path}:1"
+    return ast.parse(source, path)
+
+
+def lint_hook(hook: HookConf, python: PythonConf) -> None:
+    """The load-time checks (scriptlb.sandbox.lint) of a hook that compiled: the first finding
+    is a ConfigError at its file:line."""
+    source, first_line = _read_source(hook)
+    tree = ast.parse(source, hook.chunk_name)
+    if first_line != 1:
+        ast.increment_lineno(tree, first_line - 1)
+    finder = Importer()
+    finder.package_path = python.package_path  # the new config's path, without touching IMPORTER
+    context = lint.Context(builtins=frozenset(name for name in BUILTINS if not name.startswith("_")),
+                           api=_LINT_API, find=finder.find, compile_tree=_module_tree)
+    findings = lint.check(tree, _error_file(hook), os.path.dirname(_error_file(hook)), context)
+    if findings:
+        first = findings[0]
+        raise _config_error(hook, HookCompileError(first.message, first.line), first.file)
 
 
 def precompile(conf: MainConf) -> None:
@@ -156,6 +192,7 @@ def precompile(conf: MainConf) -> None:
             loaded[hook] = load_code(hook)
         except (HookCompileError, OSError, UnicodeDecodeError) as err:
             raise _config_error(hook, err) from None
+        lint_hook(hook, conf.http.python)
     configure(conf.http.python)
     _LOADED.clear()
     _LOADED.update(loaded)

@@ -124,6 +124,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
     servers = tuple(_server_conf(s, http, resolver) for s in http.servers)
     servers = _check_listens(servers)
     _warn_conflicting_names(state, servers)
+    _warn_placeholder_fallback(state, upstreams)
     python = PythonConf(
         package_path=http.values.get("python_package_path", ()),
         code_cache=http.values.get("python_code_cache", True),
@@ -344,6 +345,29 @@ def _headers(chain: Sequence[LevelDraft]) -> tuple[Header, ...]:
 
 
 # --------------------------------------------------------------------------- listens
+
+
+def _is_placeholder(addr: PeerAddr) -> bool:
+    """OpenResty's ``server 0.0.0.1;``: an address in 0.0.0.0/8 (but 0.0.0.0, which Linux
+    connects to the local host), or port 0: nothing can be connected to there."""
+    if addr.port == 0:
+        return True
+    return addr.host is not None and addr.host.startswith("0.") and addr.host != "0.0.0.0"
+
+
+def _warn_placeholder_fallback(state: State, upstreams: dict[str, UpstreamConf]) -> None:
+    """A config mirrored from OpenResty keeps ``server 0.0.0.1;`` beside its hook: with
+    balancer_by_python_fallback on, a failed run would fall back to it."""
+    for upstream in upstreams.values():
+        hook = upstream.hook
+        if hook is None or not hook.fallback:
+            continue
+        if all(_is_placeholder(addr) for server in upstream.servers for addr in server.addrs):
+            names = ", ".join(server.name for server in upstream.servers)
+            state.warn(f'upstream "{upstream.name}" has only placeholder servers ({names}) and '
+                       "balancer_by_python_fallback on: a failed hook run falls back to a server that "
+                       'cannot be connected to; "balancer_by_python_fallback off;" answers 500 as OpenResty',
+                       hook.source)
 
 
 def _warn_conflicting_names(state: State, servers: tuple[ServerConf, ...]) -> None:
