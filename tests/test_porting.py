@@ -85,3 +85,60 @@ def test_log_lines_from_hooks_stay_one_line() -> None:
     [(_level, message)] = result.logs
     assert "\n" not in message and "\r" not in message and "\\x0D\\x0A2026" in message
 
+
+
+# --------------------------------------------------------------------------- widened stand-ins
+
+STAND_INS = {
+    "namedtuple": ("import collections\nPoint = collections.namedtuple('Point', 'x y', defaults=[0])\n"
+                   "p = Point(1)\nr = (p.x, p.y, p == Point(1, 0), Point(3, 4).count(3), "
+                   "collections.namedtuple('Point', ['x', 'y'], defaults=[0]) is Point)",
+                   (1, 0, True, 1, True)),
+    "json.loads object_hook": ("import json, collections\n"
+                               "r = json.loads('{\"a\": {\"b\": 1}}', object_hook=lambda o: len(o))", 1),
+    "json.loads parse_int": ("import json\nr = json.loads('[1, 2]', parse_int=float)", [1.0, 2.0]),
+    "operator.itemgetter": ("import operator\nr = sorted([(2, 'b'), (1, 'a')], key=operator.itemgetter(0))",
+                            [(1, "a"), (2, "b")]),
+    "string constants": ("import string\nr = string.hexdigits", "0123456789abcdefABCDEF"),
+    "base64": ("import base64\nr = base64.urlsafe_b64decode(base64.urlsafe_b64encode(b'\\xff\\xfe'))",
+               b"\xff\xfe"),
+}
+
+
+@pytest.mark.parametrize(("code", "expected"), STAND_INS.values(), ids=STAND_INS.keys())
+def test_widened_stand_ins(code: str, expected: object) -> None:
+    result = run(code + "\nngx.ctx['r'] = r" + PEER)
+    assert result.kind is None, result.outcome.message
+    assert result.ctx["r"] == expected
+
+
+REFUSED = {
+    "namedtuple private field": ("import collections\ncollections.namedtuple('P', ['_x'])",
+                                 "a field name must be a public identifier"),
+    "namedtuple helper": ("import collections\nP = collections.namedtuple('P', 'x')\n"
+                          "getattr(P(1), '_replace')",
+                          "no attribute '_replace'"),
+    "namedtuple object default": ("import collections\ncollections.namedtuple('P', 'x', defaults=[[]])",
+                                  "defaults in hooks are str, int, float, bool or None"),
+    "namedtuple subclass": ("import collections\nP = collections.namedtuple('P', 'x')\nclass Q(P):\n    pass",
+                            "can derive only from hook classes"),
+    "attrgetter": ("import operator\noperator.attrgetter('x')", "no attribute 'attrgetter'"),
+    "itemgetter of a huge key": ("import operator\nk = ([0] * 2**20,) * 8\noperator.itemgetter(k)",
+                                 "hash work"),
+    "json.loads cls": ("import json\njson.loads('[1]', cls=dict)", "unexpected keyword argument 'cls'"),
+    "re": ("import re", "No module named 're'"),
+    "dataclasses": ("import dataclasses", "No module named 'dataclasses'"),
+    "copy": ("import copy", "No module named 'copy'"),
+}
+
+
+@pytest.mark.parametrize(("code", "message"), REFUSED.values(), ids=REFUSED.keys())
+def test_refused_stand_ins(code: str, message: str) -> None:
+    result = run(code + PEER)
+    assert result.kind == "runtime_error", result.outcome.message
+    assert message in result.outcome.message
+
+
+def test_json_object_hook_runs_inside_the_budget() -> None:
+    code = "import json\ndef hook(o):\n    while True:\n        pass\njson.loads('[{}]', object_hook=hook)"
+    assert run(code + PEER, timeout=0.02).kind == "timeout"

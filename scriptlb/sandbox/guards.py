@@ -71,6 +71,11 @@ def writable(cls: type) -> None:
     _WRITABLE.add(cls)
 
 
+def checked_methods(cls: type) -> dict[str, Callable[..., Any]]:
+    """The checked methods registered for ``cls`` (to register them for a subclass too)."""
+    return dict(_CHECKED.get(cls, {}))
+
+
 def checked_method(obj: Any, name: str) -> Any:
     """The checked (size/work-bounded) method ``name`` of ``obj``'s base dict type, bound to
     ``obj``, or None: for dict subclasses with attribute-style items (ngx.ctx)."""
