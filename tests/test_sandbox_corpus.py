@@ -135,7 +135,7 @@ RUNTIME_ERRORS = {
     # imports
     "import os": ("import os", "No module named 'os'"),
     "import sys": ("import sys", "No module named 'sys'"),
-    "import string": ("import string", "No module named 'string'"),
+    "import struct": ("import struct", "No module named 'struct'"),
     "import re": ("import re", "No module named 're'"),
     "import importlib": ("import importlib", "No module named 'importlib'"),
     "import ctypes": ("import ctypes", "No module named 'ctypes'"),
@@ -151,7 +151,7 @@ RUNTIME_ERRORS = {
     "hashlib.new": ("import hashlib\nhashlib.new('md5')", "no attribute 'new'"),
     "zlib.decompress": ("import zlib\nzlib.decompress(b'')", "no attribute 'decompress'"),
     "time.sleep": ("import time\ntime.sleep(1)", "no attribute 'sleep'"),
-    "collections.namedtuple": ("import collections\ncollections.namedtuple", "no attribute 'namedtuple'"),
+    "collections.ChainMap": ("import collections\ncollections.ChainMap", "no attribute 'ChainMap'"),
     "iter sentinel": ("iter(lambda: 1, 2)", "takes 1 positional argument"),
     # resource bombs refused up front (one C call each: a tick could not stop them)
     "str repeat": ("'x' * 10**10", "SandboxLimitError: size of 10000000000"),
