@@ -25,13 +25,17 @@ from typing import Any
 
 from scriptlb.sandbox import limits
 from scriptlb.sandbox.limits import (
+    COPY_NS,
+    HASH_NS,
     MAX_FORMAT_WIDTH,
     MAX_INT_BITS,
     MAX_ITEMS,
     MAX_POWMOD_BITS,
     MAX_RANGE,
     MAX_STR,
+    SCAN_NS,
     SandboxLimitError,
+    charge,
 )
 
 # --------------------------------------------------------------------------- registry
@@ -263,6 +267,11 @@ def check_size(value: Any) -> Any:
 
 
 def guarded_add(a: Any, b: Any) -> Any:
+    limit = _sized_limit(type(a))
+    if limit and _sized_limit(type(b)):
+        if len(a) + len(b) > limit:  # refused before building it
+            raise too_big("size", len(a) + len(b), limit)
+        charge(len(a) + len(b), COPY_NS)
     result = a + b
     cls = type(result)
     if cls is int or cls is float:
@@ -279,6 +288,7 @@ def _check_repeat(seq: Any, times: Any) -> None:
         n = operator.index(times)
         if n > 0 and len(seq) * n > limit:
             raise too_big("size", len(seq) * n, limit)
+        charge(len(seq) * n, COPY_NS)
 
 
 def guarded_mul(a: Any, b: Any) -> Any:
@@ -360,6 +370,7 @@ def guarded_mod(a: Any, b: Any) -> Any:
 # --------------------------------------------------------------------------- text of containers
 
 _SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
+_COPIED = (list, tuple, str, bytes, set, frozenset, dict, deque, range)  # sized: charge by len()
 _SEQUENCES = (list, tuple, set, frozenset, deque)
 
 
@@ -536,6 +547,8 @@ def guarded_isinstance(obj: Any, spec: Any) -> bool:
 def guarded_sum(iterable: Iterable[Any], /, start: Any = 0) -> Any:
     if type(start) not in (int, float, bool):
         raise TypeError("sum() in a hook adds numbers only")
+    if isinstance(iterable, _COPIED):
+        charge(len(iterable), SCAN_NS)
     return sum(iterable, start)
 
 
@@ -576,6 +589,8 @@ def apply(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def _checked_join(sep: Any, iterable: Iterable[Any]) -> Any:
+    if isinstance(iterable, _COPIED):
+        charge(len(iterable), COPY_NS)
     items = list(iterable)
     total = len(sep) * max(len(items) - 1, 0)
     for item in items:
@@ -606,6 +621,10 @@ def _checked_replace(s: Any, old: Any, new: Any, count: int = -1) -> Any:
 
 
 def _checked_extend(target: Any, iterable: Iterable[Any]) -> None:
+    if isinstance(iterable, _COPIED):
+        if len(target) + len(iterable) > MAX_ITEMS:  # refused before any work
+            raise too_big("size", len(target) + len(iterable), MAX_ITEMS)
+        charge(len(iterable), COPY_NS)
     items = list(iterable)
     if len(target) + len(items) > MAX_ITEMS:
         raise too_big("size", len(target) + len(items), MAX_ITEMS)
@@ -722,13 +741,28 @@ _EXCEPTIONS = (
 _EXCEPTION_BASES = frozenset(_EXCEPTIONS)
 expose(property, _PROPERTY_NAMES)
 
-_PLAIN_BUILTINS = ["abs", "all", "any", "bin", "bool", "callable", "chr", "divmod",
-                   "float", "hex", "int", "len", "list", "next", "oct", "ord", "reversed", "slice",
-                   "tuple"]  # dict, set, frozenset, sorted, min, max, hash: see _WORK_BUILTINS
+_PLAIN_BUILTINS = ["abs", "bin", "bool", "callable", "chr", "divmod",
+                   "float", "hex", "int", "len", "next", "oct", "ord", "reversed", "slice",
+                   ]  # dict, set, frozenset, sorted, min, max, hash: see _WORK_BUILTINS
 # C iterators whose output can dwarf their input (zip(*[big] * 1000)): they tick per item
 _TICKING_BUILTINS = {"zip": zip, "map": map, "filter": filter, "enumerate": enumerate}
 
 
+def _charged(func: Callable[..., Any], ns_per_item: float) -> Callable[..., Any]:
+    """A builtin that walks its argument in one C call (list(), tuple(), any(), all())."""
+
+    def call(*args: Any) -> Any:
+        if args and isinstance(args[0], _COPIED):
+            charge(len(args[0]), ns_per_item)
+        return func(*args)
+
+    call.__name__ = func.__name__
+    return call
+
+
+_CHARGED = {"list": _charged(list, COPY_NS), "tuple": _charged(tuple, COPY_NS),
+            "any": _charged(any, SCAN_NS), "all": _charged(all, SCAN_NS)}
+_REAL_TYPES.update({_CHARGED["list"]: list, _CHARGED["tuple"]: tuple})
 _REAL_TYPES.update({guarded_str: str, guarded_bytes: bytes, guarded_range: range})
 _TICKING = {name: ticking_factory(cls) for name, cls in _TICKING_BUILTINS.items()}
 _REAL_TYPES.update({_TICKING[name]: cls for name, cls in _TICKING_BUILTINS.items()})
@@ -745,6 +779,7 @@ def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
     table.update({exc.__name__: exc for exc in _EXCEPTIONS})
     table.update({"None": None, "True": True, "False": False})
     table.update(_TICKING)
+    table.update(_CHARGED)
     table.update(
         range=guarded_range, bytes=guarded_bytes, str=guarded_str, isinstance=guarded_isinstance,
         sum=guarded_sum, round=guarded_round, repr=guarded_repr, ascii=guarded_ascii,
@@ -854,9 +889,11 @@ def check_work(value: Any) -> Any:
     if cls is str or cls is int or cls in _WORK_SCALARS or cls is bytes:
         return value
     if isinstance(value, (*_CONTAINERS, *_DICT_VIEWS)):
+        charge(len(value), HASH_NS)  # before the estimate, which walks the top level too
         size = work_size(value)
         if size > MAX_WORK:
             raise too_big("comparison/hash work (estimated)", size, MAX_WORK)
+        charge(size, SCAN_NS)  # a unit is an item or 16 characters of a string
     return value
 
 
@@ -904,6 +941,8 @@ def _consumer(func: Callable[..., Any], name: str) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         kwargs = checked_key(kwargs)
         if len(args) == 1:
+            if isinstance(args[0], _COPIED):
+                charge(len(args[0]), HASH_NS)
             return func(checking(args[0]), **kwargs)
         return func(*[check_work(arg) for arg in args], **kwargs)
 
@@ -938,6 +977,7 @@ def _checked_sort(target: list[Any], *, key: Any = None, reverse: bool = False) 
     if key is None:
         check_work(target)
     else:
+        charge(len(target), HASH_NS)
         key = checked_key({"key": key})["key"]
     target.sort(key=key, reverse=reverse)
 

@@ -78,6 +78,26 @@ def tick() -> None:
         raise HookTimeout
 
 
+# Work done inside one C call runs past the deadline until the call returns: sorting or hashing
+# a million items takes tens of milliseconds. The guards of such calls ``charge()`` their
+# estimated cost first, and a call that would outlast the remaining budget stops the run
+# before it starts, so an overrun is bounded by the cheap calls no guard sees (a few ms).
+CHARGE_FLOOR = 4096  # items below which a call is too cheap to check
+COPY_NS = 2.0  # per item: repeat, concatenation, list()/tuple() copies, join
+SCAN_NS = 5.0  # per item: sum, count/index, membership
+HASH_NS = 25.0  # per item: sort, set/dict building, hashing and comparing walks
+
+
+def charge(items: int, ns_per_item: float) -> None:
+    """Stop the run (HookTimeout) when ``items`` of C work at ``ns_per_item`` would outlast its
+    budget. Outside a run (deadline 0.0) nothing is charged: tick() stops resumed hook code."""
+    if items > CHARGE_FLOOR:
+        deadline = BUDGET.deadline
+        if deadline and clock() + items * ns_per_item * 1e-9 > deadline:
+            BUDGET.tripped = True
+            raise HookTimeout
+
+
 # --------------------------------------------------------------------------- hard fuse
 
 _STAMP = struct.Struct("=q")  # monotonic_ns when the current run started; 0 = idle
