@@ -4,11 +4,15 @@ test_porting_process.py)."""
 
 from __future__ import annotations
 
-import pytest
-from hook_helpers import run, value
+from pathlib import Path
 
+import pytest
+from hook_helpers import exchange, run, upstream, value
+
+from scriptlb import hooks
+from scriptlb.config import ConfigError, load
 from scriptlb.config.model import HookConf, PythonConf, Source
-from scriptlb.hooks import LogHookRunner
+from scriptlb.hooks import HookRunner, LogHookRunner
 
 PEER = "\nbalancer.set_current_peer('127.0.0.1:1')\n"
 
@@ -142,3 +146,50 @@ def test_refused_stand_ins(code: str, message: str) -> None:
 def test_json_object_hook_runs_inside_the_budget() -> None:
     code = "import json\ndef hook(o):\n    while True:\n        pass\njson.loads('[{}]', object_hook=hook)"
     assert run(code + PEER, timeout=0.02).kind == "timeout"
+
+
+# --------------------------------------------------------------------------- package path and imports
+
+
+def _http(tmp_path: Path, line: str) -> PythonConf:
+    (tmp_path / "x.conf").write_text("events {}\nhttp {\n    " + line + "\n}\n")
+    conf = load(str(tmp_path / "x.conf"), str(tmp_path))
+    assert conf.http is not None
+    return conf.http.python
+
+
+def test_package_path_expands_prefix_and_keeps_hook_dir(tmp_path: Path) -> None:
+    python = _http(tmp_path, 'python_package_path "$prefix/lib/?.py;$hook_dir/?.py;rel/?.py;;";')
+    assert python.package_path == (f"{tmp_path}/lib/?.py", "$hook_dir/?.py", f"{tmp_path}/rel/?.py")
+
+
+def test_package_path_refuses_other_variables(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        _http(tmp_path, 'python_package_path "$home/?.py";')
+    assert "only $prefix and $hook_dir are allowed" in str(err.value)
+    assert f"{tmp_path}/x.conf:3" in str(err.value)
+
+
+def _file_hook(path: Path) -> HookRunner:
+    hook = HookConf("file", str(path), None, Source(str(path), 1), breaker=None)
+    return HookRunner(hook, upstream(), PythonConf(package_path=("$hook_dir/?.py",)), log=lambda *_: None)
+
+
+def test_hook_dir_finds_the_modules_beside_each_hook(tmp_path: Path) -> None:
+    for name in ("a", "b"):  # two hooks, each with its own `helper` beside it
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "helper.py").write_text(f"PEER = '127.0.0.1:{ord(name)}'\n")
+        (tmp_path / name / "hook.py").write_text("import helper\nbalancer.set_current_peer(helper.PEER)\n")
+    ports = {name: _file_hook(tmp_path / name / "hook.py").run(exchange()).addr.port for name in ("a", "b")}
+    assert ports == {"a": ord("a"), "b": ord("b")}
+
+
+def test_an_import_after_the_first_is_a_cache_hit(tmp_path: Path) -> None:
+    (tmp_path / "helper.py").write_text("PEER = '127.0.0.1:7'\n")
+    (tmp_path / "hook.py").write_text("import helper\nbalancer.set_current_peer(helper.PEER)\n")
+    hook = _file_hook(tmp_path / "hook.py")
+    assert hook.run(exchange()).addr.port == 7
+    (tmp_path / "helper.py").unlink()  # not looked up again: resolved once per hook, per worker
+    assert hook.run(exchange()).addr.port == 7
+    hooks.IMPORTER.forget()  # python_code_cache off / a new package path: resolved again
+    assert hook.run(exchange()).error == "runtime_error"
