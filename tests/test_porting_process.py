@@ -136,6 +136,8 @@ MISTAKES = {
     "unknown ngx.req attribute": ("ngx.req.get_header()", "'ngx.req' has no attribute 'get_header'"),
     "unknown upstream attribute": ("upstream.get_peers()", "'upstream' has no attribute 'get_peers'"),
     "unknown stand-in member": ("import math; x = math.sqrtt(2)", "module 'math' has no attribute 'sqrtt'"),
+    "a package alone": ("import scriptlb", "No module named 'scriptlb'"),
+    "relative import": ("from . import helper", "relative imports are not allowed in hooks"),
 }
 
 T_CONF = """
@@ -372,3 +374,11 @@ def test_reload_with_a_broken_config_exits_1_with_the_error_and_the_old_config_s
             proc.kill()
             proc.wait()
 
+
+
+def test_t_accepts_every_example_config() -> None:
+    """The shipped hooks (conf/hooks/*.conf) pass the load-time checks."""
+    for conf in sorted((ROOT / "conf" / "hooks").glob("*.conf")):
+        result = subprocess.run([sys.executable, "-m", "scriptlb", "-p", str(ROOT), "-c", str(conf), "-t"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert result.returncode == 0, (conf, result.stderr)

@@ -119,7 +119,10 @@ def _import(name: str, names: tuple[str, ...], node: ast.stmt, filename: str, ho
             if member not in ("balancers",):
                 yield LintError(f"ImportError: cannot import name '{member}' from '{name}'", filename, line)
         return
-    if name in ALLOWED or name in PARENTS:
+    if name in PARENTS:  # `import scriptlb` alone: only its submodule is importable
+        yield LintError(_not_importable(name), filename, line)
+        return
+    if name in ALLOWED:
         module = standard_module(name, {})
         for member in names:
             if module is not None and not _has_member(module, member):
