@@ -10,6 +10,7 @@ the best of ``--repeat`` timings (the least disturbed by other processes) for:
 * the same with the peers read from the upstream (hooks/hash_by_uri.py),
 * an empty hook that only sets a peer (the fixed cost of a run: outcome, globals, budget),
 * the crc32 pick in a module on ``python_package_path`` (``import picker``), as ported hooks do,
+  and as a method of a class instance kept in such a module (a ported metatable),
 * an empty ``log_by_python`` hook (the fixed cost the log phase adds to every request).
 """
 
@@ -51,6 +52,22 @@ def pick(uri):
 IMPORTED = """
 import picker
 balancer.set_current_peer(picker.pick(ngx.var.uri))
+"""
+# the same pick as a method of a class instance kept in the module (a ported metatable)
+CLASS_MODULE = """
+class Ring:
+    def __init__(self, peers):
+        self.peers = peers
+
+    def pick(self, uri):
+        return self.peers[ngx.crc32_short(uri) % len(self.peers)]
+
+
+RING = Ring(["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"])
+"""
+CLASS_IMPORTED = """
+import ring
+balancer.set_current_peer(ring.RING.pick(ngx.var.uri))
 """
 
 
@@ -111,6 +128,9 @@ def main() -> None:
         python = PythonConf(package_path=(f"{lib}/?.py",))
         us = per_try_us(runner(IMPORTED, upstream, python), upstream, opts.runs, opts.repeat)
         print(f"{'the crc32 pick imported from a module':48s} {us:6.2f} us/try")
+        Path(lib, "ring.py").write_text(CLASS_MODULE)
+        us = per_try_us(runner(CLASS_IMPORTED, upstream, python), upstream, opts.runs, opts.repeat)
+        print(f"{'the pick as a method of a module class':48s} {us:6.2f} us/try")
     us = per_log_run_us("pass\n", opts.runs, opts.repeat)
     print(f"{'empty log_by_python hook (per request)':48s} {us:6.2f} us/run")
 

@@ -215,7 +215,9 @@ class HookClass(type):
 
 def _defined_by_hook(cls: type, name: str) -> bool:
     """``name`` is defined by one of the hook classes of ``cls``'s MRO."""
-    return any(type(klass) is HookClass and name in klass.__dict__ for klass in cls.__mro__)
+    if type(cls) is HookClass and name in cls.__dict__:  # the common case, without a generator
+        return True
+    return any(type(klass) is HookClass and name in klass.__dict__ for klass in cls.__mro__[1:])
 
 
 def _hook_class_attribute(cls: Any, name: str) -> Any:
