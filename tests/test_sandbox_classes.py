@@ -241,3 +241,33 @@ def test_hook_classes_are_hook_class_instances() -> None:
         HookClass("S", (str,), {})
     with pytest.raises(TypeError):
         HookClass("S", (), {"__eq__": lambda a, b: True})
+
+
+class _HostMadeStr(str):
+    """A str subclass (hook code cannot make one; host code could hand one over by mistake)."""
+
+    def __eq__(self, other: object) -> bool:
+        raise AssertionError("called")
+
+    __hash__ = str.__hash__
+
+
+@pytest.mark.parametrize("expr", [
+    "balancer.set_current_peer(S('127.0.0.1:1'))",
+    "balancer.set_current_peer('127.0.0.1:1', host=S('a'))",
+    "balancer.set_current_peer('127.0.0.1', S('80'))",
+    "balancer.bind_to_local_addr(S('127.0.0.1'))",
+    "ngx.crc32_short(S('a'))",
+    "chash([S('a')])",
+    "chash(['a']).find(S('k'))",
+])
+def test_a_str_subclass_is_not_a_string_to_the_api(expr: str) -> None:
+    from scriptlb import hooks
+
+    hooks.BUILTINS["S"] = _HostMadeStr
+    try:
+        result = run("from scriptlb.balancers import chash\n" + expr + PEER)
+    finally:
+        del hooks.BUILTINS["S"]
+    assert result.kind == "runtime_error", result.outcome.message
+    assert "TypeError" in result.outcome.message and "_HostMadeStr" in result.outcome.message
