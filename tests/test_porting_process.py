@@ -258,18 +258,26 @@ def test_fallback_off_answers_500_where_openresty_does(tmp_path: Path) -> None:
         py_up = "".join(f"    upstream {n} {{ server {live}; balancer_by_python_fallback off;\n"
                         f"        balancer_by_python_block {{\n{py.format(peer=live)}\n        }}\n    }}\n"
                         for n, (_, py) in zip(names, FAILING_HOOKS.values(), strict=True))
-        locations = " ".join(f"location /{n} {{ proxy_pass http://{n}; }}" for n in names)
+        # a run that sets no peer is not a failure: both use the upstream's servers
+        lua_up += f"    upstream nopeer {{ server {live}; balancer_by_lua_block {{ local x = 1 }} }}\n"
+        py_up += (f"    upstream nopeer {{ server {live}; balancer_by_python_fallback off;\n"
+                  "        balancer_by_python_block { x = 1 }\n    }\n")
+        locations = " ".join(f"location /{n} {{ proxy_pass http://{n}; }}" for n in [*names, "nopeer"])
         ngx_port = free_ports(1)[0]
         with nginx_lua(tmp_path / "nginx", lua_up, locations, ngx_port):
             oracle = [get(ngx_port, f"/{n}").status for n in names]
+            oracle_no_peer = get(ngx_port, "/nopeer").status
         conf = (f"daemon off;\nmaster_process off;\nerror_log {tmp_path}/error.log info;\nhttp {{\n{py_up}"
                 f"    server {{ listen 127.0.0.1:{{port0}}; {locations} }}\n}}\n")
         (tmp_path / "lb").mkdir()
         with Scriptlb(conf, tmp_path / "lb") as lb:
             ours = [get(lb.port, f"/{n}").status for n in names]
+            ours_no_peer = get(lb.port, "/nopeer").status
     assert oracle == [500] * len(names)
     assert ours == oracle
-    assert bk[0].requests == []  # neither contacted the server the failed runs would fall back to
+    assert oracle_no_peer == ours_no_peer == 200
+    # only the no-peer requests reached the server the failed runs would have fallen back to
+    assert [r.target for r in bk[0].requests] == ["/nopeer", "/nopeer"]
 
 
 def test_fallback_on_serves_failed_runs_from_the_servers(tmp_path: Path) -> None:
