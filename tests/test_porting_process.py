@@ -390,3 +390,18 @@ def test_t_accepts_every_example_config() -> None:
         result = subprocess.run([sys.executable, "-m", "scriptlb", "-p", str(ROOT), "-c", str(conf), "-t"],
                                 capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert result.returncode == 0, (conf, result.stderr)
+
+
+def test_t_leaves_probes_the_hook_handles_itself(tmp_path: Path) -> None:
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "h.py").write_text(
+        "try:\n    import optional_helper\nexcept ImportError:\n    optional_helper = None\n"
+        "try:\n    balancer.set_upstream_tls(False)\nexcept AttributeError:\n    pass\n"
+        "try:\n    x = not_defined_here\nexcept Exception:\n    x = 1\n"
+        "balancer.set_current_peer('127.0.0.1:1')\n")
+    (tmp_path / "t.conf").write_text(T_CONF.format())
+    result = scriptlb_t(tmp_path)
+    assert result.returncode == 0, result.stderr
+    (tmp_path / "hooks" / "h.py").write_text(  # a handler for another error does not hide it
+        "try:\n    import optional_helper\nexcept KeyError:\n    pass\n")
+    assert "No module named 'optional_helper'" in scriptlb_t(tmp_path).stderr

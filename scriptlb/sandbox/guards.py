@@ -735,7 +735,8 @@ _CLASS_ATTRS[dict] = frozenset({"fromkeys"})
 
 
 _EXCEPTIONS = (
-    Exception, ArithmeticError, AssertionError, AttributeError, IndexError, KeyError, LookupError,
+    Exception, ArithmeticError, AssertionError, AttributeError, ImportError, ModuleNotFoundError,
+    IndexError, KeyError, LookupError,
     NameError, NotImplementedError, OverflowError, RecursionError, RuntimeError, StopIteration,
     TypeError, UnicodeError, UnicodeDecodeError, UnicodeEncodeError, ValueError, ZeroDivisionError,
 )

@@ -48,13 +48,51 @@ class Context:
 
 
 def check(tree: ast.Module, filename: str, hook_dir: str | None, ctx: Context) -> list[LintError]:
-    """Every finding in ``tree`` (and in the package modules it imports), in line order."""
+    """Every finding in ``tree`` (and in the package modules it imports), in line order.
+    Code inside a ``try`` whose handlers catch the error is the hook's own business (an optional
+    module probed with ``try: import x`` / ``except ImportError``), so it is not reported."""
     found: list[LintError] = []
     bindings = _bindings(tree)
     found += _undefined_names(tree, filename, set(bindings), ctx)
     found += _imports(tree, filename, hook_dir, ctx)
     found += _attributes(tree, filename, bindings, ctx)
+    caught = _caught_errors(tree)
+    found = [e for e in found if e.file != filename or not _is_caught(e, caught)]
     return sorted(found, key=lambda e: (e.file != filename, e.file, e.line))
+
+
+_CATCH_ALL = frozenset({"Exception", "BaseException", "*"})
+_ERROR_FAMILY = {"NameError": {"NameError"}, "ImportError": {"ImportError"},
+                 "ModuleNotFoundError": {"ModuleNotFoundError", "ImportError"},
+                 "AttributeError": {"AttributeError"}}
+
+
+def _caught_errors(tree: ast.AST) -> dict[int, set[str]]:
+    """line -> the exception names caught around it (``*`` for a bare ``except:``)."""
+    caught: dict[int, set[str]] = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Try):
+            continue
+        names: set[str] = set()
+        for handler in node.handlers:
+            types = handler.type
+            items = types.elts if isinstance(types, ast.Tuple) else [types]
+            for item in items:
+                names.add("*" if item is None else item.id if isinstance(item, ast.Name) else "?")
+        for stmt in node.body:
+            for inner in ast.walk(stmt):
+                line = getattr(inner, "lineno", None)
+                if line is not None:
+                    caught.setdefault(line, set()).update(names)
+    return caught
+
+
+def _is_caught(error: LintError, caught: dict[int, set[str]]) -> bool:
+    names = caught.get(error.line)
+    if not names:
+        return False
+    kind = error.message.partition(":")[0]
+    return bool(names & (_CATCH_ALL | _ERROR_FAMILY.get(kind, set())))
 
 
 # --------------------------------------------------------------------------- names
