@@ -25,6 +25,7 @@ from typing import Any
 
 from scriptlb.sandbox import limits
 from scriptlb.sandbox.limits import (
+    BYTE_NS,
     COPY_NS,
     HASH_NS,
     MAX_FORMAT_WIDTH,
@@ -273,7 +274,7 @@ def guarded_add(a: Any, b: Any) -> Any:
     if limit and _sized_limit(type(b)):
         if len(a) + len(b) > limit:  # refused before building it
             raise too_big("size", len(a) + len(b), limit)
-        charge(len(a) + len(b), COPY_NS)
+        charge(len(a) + len(b), COPY_NS if limit == MAX_ITEMS else BYTE_NS)
     result = a + b
     cls = type(result)
     if cls is int or cls is float:
@@ -290,7 +291,7 @@ def _check_repeat(seq: Any, times: Any) -> None:
         n = operator.index(times)
         if n > 0 and len(seq) * n > limit:
             raise too_big("size", len(seq) * n, limit)
-        charge(len(seq) * n, COPY_NS)
+        charge(len(seq) * n, COPY_NS if limit == MAX_ITEMS else BYTE_NS)
 
 
 def guarded_mul(a: Any, b: Any) -> Any:
