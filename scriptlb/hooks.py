@@ -358,14 +358,14 @@ class _Runner:
         for the error (already logged). Never raises (except KeyboardInterrupt-like stops).
 
         The subclasses' hot paths go through here: no allocation beyond the globals' copy."""
+        breaker = self.breaker
+        if breaker is not None and breaker.state is not CLOSED and not breaker.admits(time.monotonic()):
+            return self._skip(outcome, exchange)
         if self.python.code_cache:
             code = self._code
         else:
             IMPORTER.forget()
             code = self._load()
-        breaker = self.breaker
-        if breaker is not None and breaker.state is not CLOSED and not breaker.admits(time.monotonic()):
-            return self._skip(outcome, exchange)
         if code is None:
             return self._failed(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
         context = api.CURRENT
