@@ -136,3 +136,27 @@ def test_the_watchdog_holds_no_file_descriptors_of_the_worker() -> None:
     """)
     assert done.returncode == 0, done.stderr
     assert all(fd <= 2 for fd in json.loads(done.stdout))
+
+
+def test_a_worker_growing_past_twice_the_limit_is_killed() -> None:
+    done = python("""
+        import signal, time
+        from scriptlb.sandbox import limits
+
+        signal.signal(signal.SIGQUIT, lambda *_: None)  # a drain that keeps growing
+        fuse = limits.install_worker_fuse(hard_seconds=5, memory_bytes=100 << 20)
+        blocks = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            block = bytearray(50 << 20)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            blocks.append(block)
+            if len(blocks) > 8:
+                blocks.pop(0)
+            time.sleep(0.05)
+        print("survived")
+    """)
+    assert done.returncode == -signal.SIGKILL, done.stdout
+    assert "twice python_memory_limit: killing it" in done.stderr
+

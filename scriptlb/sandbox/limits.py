@@ -25,8 +25,9 @@ the start and end of each run, and SIGKILLs the worker when one run lasts longer
 bounded by the same watchdog: when the worker's resident memory passes ``memory_bytes``
 (``python_memory_limit``) it asks the worker to shut down gracefully (SIGQUIT, as ``nginx -s
 quit`` does for each worker): the worker stops accepting, finishes its requests and exits, and
-the master starts a fresh one. No address-space limit is set: RLIMIT_AS would cap the proxy
-too, and a MemoryError in the request parser or a body buffer fails a client, not the hook.
+the master starts a fresh one; should it pass twice the limit while draining, it is killed.
+No address-space limit is set: RLIMIT_AS would cap the proxy too, and a MemoryError in the
+request parser or a body buffer fails a client, not the hook.
 """
 
 from __future__ import annotations
@@ -169,9 +170,15 @@ class WorkerFuse:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker, signal.SIGKILL)
                 return
-            if self.memory_bytes and not retiring:
+            if self.memory_bytes:
                 resident = resident_bytes(worker)
-                if resident > self.memory_bytes:
+                if resident > 2 * self.memory_bytes:  # still growing while it drains: the host first
+                    _log("alert", f"worker process {worker} uses {resident >> 20} MiB, twice "
+                         "python_memory_limit: killing it")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker, signal.SIGKILL)
+                    return
+                if resident > self.memory_bytes and not retiring:
                     _log("alert", f"worker process {worker} uses {resident >> 20} MiB, over "
                          f"python_memory_limit ({self.memory_bytes >> 20} MiB): shutting it down "
                          "gracefully, the master starts a fresh one")
