@@ -195,6 +195,9 @@ HARMLESS = {
                                              "try:\n    raise E('a')\nexcept KeyError as e:\n"
                                              "    x = (e.k, e.args)"),
     "isinstance": A + "class B(A):\n    pass\nx = isinstance(B(), A) and not isinstance(A(), B)",
+    "issubclass": ("class E(ValueError):\n    pass\n"
+                   "assert issubclass(E, ValueError) and issubclass(list, list)\n"
+                   "assert not issubclass(E, KeyError)"),
     "instance in ngx.ctx": A + "ngx.ctx['a'] = A(1)",
     "json.dumps default=": A + "import json\nx = json.dumps(A(2), default=lambda o: o.v)",
     "sorted with key": A + "x = sorted([A(2), A(1)], key=lambda a: a.v)",

@@ -547,6 +547,11 @@ def guarded_isinstance(obj: Any, spec: Any) -> bool:
     return isinstance(obj, _real_type(spec))
 
 
+def guarded_issubclass(cls: Any, spec: Any) -> bool:
+    """``issubclass(MyError, ValueError)``, with the same mapping as isinstance."""
+    return issubclass(_real_type(cls), _real_type(spec))
+
+
 def guarded_sum(iterable: Iterable[Any], /, start: Any = 0) -> Any:
     if type(start) not in (int, float, bool):
         raise TypeError("sum() in a hook adds numbers only")
@@ -784,6 +789,7 @@ def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
     table.update(_CHARGED)
     table.update(
         range=guarded_range, bytes=guarded_bytes, str=guarded_str, isinstance=guarded_isinstance,
+        issubclass=guarded_issubclass,
         sum=guarded_sum, round=guarded_round, repr=guarded_repr, ascii=guarded_ascii,
         pow=guarded_pow, iter=guarded_iter, format=guarded_format,
         getattr=guarded_getattr, hasattr=guarded_hasattr,
