@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,18 +305,13 @@ def test_the_breaker_skips_an_overrunning_hook_and_logs_once(tmp_path: Path) -> 
                 "        }\n    }\n"
                 "    server { listen 127.0.0.1:{port0}; location / { proxy_pass http://u; } }\n}\n")
         with Scriptlb(conf, tmp_path) as lb:
-            statuses = [get(lb.port, f"/{i}").status for i in range(20)]
-            started = time.perf_counter()
-            for i in range(20):
-                get(lb.port, f"/fast{i}")
-            skipped_run = (time.perf_counter() - started) / 20
+            statuses = [get(lb.port, f"/{i}").status for i in range(40)]
             stats = lb.runtime().upstreams["u"].hook.stats()
-    assert statuses == [200] * 20  # every request served by the fallback
+    assert statuses == [200] * 40  # every request served by the fallback
     log = (tmp_path / "error.log").read_text()
     assert log.count("timed out after 5ms") == 3
     assert log.count("circuit breaker open after 3 failed runs in 60s, skipping the hook for 60s") == 1
     assert stats["breaker"] == "open" and stats["breaker_skipped"] == 37 and stats["breaker_trips"] == 1
-    assert skipped_run < 1.0  # bounded loosely: a shared machine; the figure is in the docs
 
 
 # --------------------------------------------------------------------------- -s reload
