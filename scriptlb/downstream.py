@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -32,6 +33,8 @@ from typing import Protocol
 import httptools
 
 from scriptlb import errorlog, responses
+from scriptlb.config.model import ClientBodyConf
+from scriptlb.request_body import EMPTY_BODY, BodyFileError, RequestBody
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus the ones nginx never forwards from a client.
 HOP_BY_HOP = frozenset(
@@ -53,6 +56,24 @@ _NO_BODY_STATUS = frozenset({204, 304})
 
 _conn_ids = itertools.count(1)
 
+# Header names nginx accepts (ignore_invalid_headers): letters, digits, "-" (and "_" with
+# underscores_in_headers on). llhttp already refuses what is not an RFC 9110 token.
+_NAME_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-"
+_NAME_CHARS_UNDERSCORE = _NAME_CHARS + b"_"
+# names found valid, so that the common ones cost one set lookup (bounded: clients choose names)
+_VALID_NAMES: set[bytes] = set()
+_VALID_NAMES_MAX = 4096
+_VALID_NAME_LENGTH_MAX = 64
+
+# nginx's lingering close: after the last response, read and drop what the client still sends
+# (so that its unread bytes do not make the kernel reset the connection under the response)
+LINGERING_TIME = 30.0
+LINGERING_TIMEOUT = 5.0
+
+# what the parser callbacks saw during one feed (ClientConnection._fed)
+_FED_BODY = 1  # body bytes
+_FED_CHUNK = 2  # a chunk boundary
+
 # lengths of the request header names on_header acts on: host, expect, connection,
 # content-length, transfer-encoding (every other name is stored without being lower-cased)
 _NOTED_HEADER_LENGTHS = frozenset({4, 6, 10, 14, 17})
@@ -70,7 +91,8 @@ SERVER_LINE = b"Server: " + responses.SERVER_NAME.encode("ascii") + b"\r\n"
 
 
 class Request:
-    """One parsed request head plus its body as received so far (the body is never re-framed)."""
+    """One parsed request head plus its body as received so far (decoded: the proxy frames it
+    again; a chunked body's trailers are dropped)."""
 
     __slots__ = (
         "body",
@@ -103,18 +125,14 @@ class Request:
         self.expect_continue = False
         self.keep_alive = True
         self.head_size = 0
-        self.body: list[bytes] = []  # chunks not yet taken by the handler
+        # what arrived and was not taken by the handler (memory, then a file: request_body)
+        self.body: RequestBody = EMPTY_BODY
         self.body_size = 0  # bytes received so far (decoded, without chunk framing)
         self.complete = False
 
     def take_body(self) -> bytes:
-        """Everything buffered so far, joined; the buffer is emptied."""
-        body = self.body
-        if not body:
-            return b""
-        data = body[0] if len(body) == 1 else b"".join(body)
-        body.clear()
-        return data
+        """Everything received and held in memory so far, joined; the buffer is emptied."""
+        return self.body.take()
 
     def request_line(self) -> str:
         """``GET / HTTP/1.1``: nginx's $request."""
@@ -125,6 +143,8 @@ class RequestHandler(Protocol):
     """What the connection needs from whoever serves a request (the proxy's Exchange)."""
 
     max_body_size: int  # 0 = unlimited
+    # where the body waits for the handler: None = in memory (streamed as it comes, or dropped)
+    client_body: ClientBodyConf | None
     body_timeout: float
     keepalive_timeout: float
     keepalive_requests: int
@@ -152,31 +172,77 @@ class ListenerContext:
         keys: tuple = (),
         connections: set[ClientConnection] | None = None,
         max_connections: int = 0,
+        underscores_in_headers: bool = False,
+        ignore_invalid_headers: bool = True,
+        reusable: dict[ClientConnection, None] | None = None,
     ) -> None:
         self.open_exchange = open_exchange
         self.keys = keys  # the listen keys this socket serves (routing is the handler's business)
         # the worker's client connections (shared by its listeners) and worker_connections
         self.connections: set[ClientConnection] = connections if connections is not None else set()
         self.max_connections = max_connections  # 0: no limit
+        # the worker's connections that may be closed to make room (nginx's reusable queue):
+        # waiting for their first byte or idle between keep-alive requests, oldest first
+        self.reusable: dict[ClientConnection, None] = reusable if reusable is not None else {}
         # the default server's values: the Host (hence the server) is unknown while reading a head
         self.header_timeout = header_timeout
         self.header_buffers = header_buffers
+        self.underscores_in_headers = underscores_in_headers
+        self.ignore_invalid_headers = ignore_invalid_headers
         self.shutting_down = False  # graceful stop: finish the active request, then close
         # called after we answered a request no handler saw (malformed, 414, 494...), for logs
         self.on_client_error: Callable[[ClientConnection, Request, int], None] | None = None
 
 
+class _NoCallbacks:
+    """The protocol of the parser a closed connection keeps (its own one is released)."""
+
+
+_CLOSED_PARSER = httptools.HttpRequestParser(_NoCallbacks())
+
+
+# nginx closes this many reusable connections at most when it runs short (ngx_drain_connections)
+_DRAIN_MAX = 32
+_reuse_logged = [0.0]  # when "reusing connections" was last logged (once a second, as nginx)
+
+
+def make_room(listener: ListenerContext) -> bool:
+    """May one more connection be accepted? When fewer than 1/16 of worker_connections are
+    free, close the oldest reusable ones (waiting for a first byte, or idle between keep-alive
+    requests) as nginx does: an eighth of them, between 1 and 32."""
+    limit = listener.max_connections
+    connections = listener.connections
+    reusable = listener.reusable
+    if limit - len(connections) > limit // 16 or not reusable:
+        return len(connections) < limit
+    now = time.monotonic()
+    if int(now) != int(_reuse_logged[0]):
+        _reuse_logged[0] = now
+        errorlog.log_error("warn", f"{limit} worker_connections are not enough, reusing connections")
+    for _ in range(max(min(_DRAIN_MAX, len(reusable) // 8), 1)):
+        oldest = next(iter(reusable))
+        connections.discard(oldest)  # its slot is free now (its connection_lost comes later)
+        oldest.close()
+    return len(connections) < limit
+
+
 class ClientError(Exception):
     """A client mistake that ends the connection with an nginx status and an info-level log."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, level: str = "info") -> None:
         super().__init__(message)
         self.status = status
+        self.level = level  # of the error-log line
 
 
 _TIMED_OUT = "client timed out (110: Connection timed out)"
 
 _NO_QUEUE: tuple[()] = ()  # ClientConnection._queue when nothing is queued
+
+
+class _ParsingEnded(Exception):
+    """Raised by a parser callback to stop parsing: nothing after a request without
+    keep-alive is read (nginx does not look past it)."""
 
 # timer phases
 _IDLE, _HEAD, _BODY, _SEND, _NONE = range(5)
@@ -199,12 +265,17 @@ class ClientConnection(asyncio.Protocol):
         "_chunked",
         "_deadline",
         "_eof",
+        "_fed",
+        "_framing_bytes",
         "_head_done",
         "_head_max",
         "_header_line_max",
         "_keep_alive",
         "_last_data",
         "_last_keepalive_timeout",
+        "_last_request",
+        "_line_bytes",
+        "_linger_until",
         "_parser",
         "_parsing",
         "_parsing_handler",
@@ -245,6 +316,9 @@ class ClientConnection(asyncio.Protocol):
         self.server_addr = ""
         self.server_port = 0
         self._parser = httptools.HttpRequestParser(self)
+        # Keep-alive is decided once per request, from its head: llhttp would otherwise also
+        # obey a "Connection: close" trailer and refuse the next pipelined request.
+        self._parser.set_dangerous_leniencies(lenient_keep_alive=True)
         number, size = listener.header_buffers  # large_client_header_buffers
         self._header_line_max = size
         self._head_max = number * size
@@ -268,6 +342,14 @@ class ClientConnection(asyncio.Protocol):
         self._parsing_handler: RequestHandler | None = None
         self._head_done = False  # the request being parsed is past its head (errors: body)
         self._last_data = b""  # the last bytes read while a head is incomplete (timeout logs)
+        # Limits on what httptools accumulates itself (a header line, a trailer) before any of
+        # our callbacks sees it: counted from the bytes read, checked before and after a feed.
+        self._line_bytes = 0  # bytes of the head's incomplete last line
+        self._framing_bytes = 0  # chunked body: bytes since the last chunk boundary or body byte
+        self._fed = 0  # _FED_* flags of the feed in progress
+        # 1: a request without keep-alive was parsed (nothing after it is read), 2: more came
+        self._last_request = 0
+        self._linger_until = 0.0  # lingering close: its deadline (0: not lingering)
         self.active: RequestHandler | None = None
         self._active_request: Request | None = None
         # requests parsed ahead (pipelining): a deque only once one waits (an empty deque
@@ -301,31 +383,68 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(sock, tuple):
             self.server_addr, self.server_port = sock[0], sock[1]
         listener = self.listener
-        if listener.max_connections and len(listener.connections) >= listener.max_connections:
+        if listener.max_connections and not make_room(listener):
             # nginx drops the connection it cannot take and says why
             errorlog.log_error("alert", f"{listener.max_connections} worker_connections are not enough")
             self.closed = True
             transport.abort()  # type: ignore[attr-defined]
             return
         listener.connections.add(self)
+        listener.reusable[self] = None  # until its first byte: may be closed to make room
         self._arm(_HEAD, self.listener.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.listener.connections.discard(self)
+        listener = self.listener
+        listener.connections.discard(self)
+        listener.reusable.pop(self, None)
         self._cancel_timer()
         active, self.active = self.active, None
         if active is not None:
             active.client_lost()
+        for request, _handler in self._queue:
+            request.body.close()
         self._queue = _NO_QUEUE
+        self._release()
+
+    def _release(self) -> None:
+        """Break the references that make a closed connection a cycle (parser <-> protocol,
+        connection <-> exchange, transport <-> protocol), so that its memory (a large request,
+        a parser's buffers) is freed now rather than by the cyclic garbage collector."""
+        for request in (self._active_request, self._parsing):
+            if request is not None:
+                request.body.close()
+        self._parser = _CLOSED_PARSER
+        self._parsing = None
+        self._parsing_handler = None
+        self._active_request = None
+        self.transport = None
+        self._last_data = b""
 
     def data_received(self, data: bytes) -> None:
-        if self._pending_error is not None:
-            return  # we stopped parsing this connection; the error is answered in order
+        if self._linger_until:
+            self._lingering_data()
+            return
+        if self._pending_error is not None or self._last_request:
+            # we stopped parsing this connection; the error is answered in order
+            self._last_request += self._last_request == 1
+            return
+        reusable = self.listener.reusable
+        if reusable:
+            reusable.pop(self, None)  # a connection that reads is no longer idle
+        heading = self._parsing is None or not self._head_done
         try:
+            if heading and (self._line_bytes or len(data) > self._header_line_max):
+                self._check_line_start(data)
+            self._fed = 0
             self._feed(data)
+            if self._parsing is not None or self._line_bytes:
+                self._check_partial_line(data)
         except ClientError as err:
             self._client_error(err)
+            return
+        except MemoryError:
+            self._out_of_memory()
             return
         # a head still arriving keeps a reference to its last bytes (the timeout log's wording,
         # see _line_received); any other connection holds none
@@ -334,6 +453,9 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # A half-closed client may still read our answer to what it already sent.
         self._eof = True
+        if self._linger_until:
+            self._end_lingering()  # the client closed its side: the lingering close is over
+            return True
         if self.active is None and not self._queue:
             self.close()
         return True
@@ -353,6 +475,52 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ parsing
 
+    def _check_line_start(self, data: bytes) -> None:
+        """Before a feed: the line in progress must not outgrow large_client_header_buffers
+        (httptools would keep adding to its copy of it)."""
+        line_end = data.find(b"\n")
+        if self._line_bytes + (len(data) if line_end == -1 else line_end) > self._header_line_max:
+            raise self._too_long_line()
+
+    def _check_partial_line(self, data: bytes) -> None:
+        """After a feed: remember how long the head's (or chunked body's) unfinished part is,
+        and refuse what no limit would otherwise stop: an endless line, a trailer."""
+        request = self._parsing
+        if request is None:
+            self._line_bytes = 0
+            return
+        if not self._head_done:
+            if self._fed & _FED_BODY:
+                # this head began after a body in the same read: its first bytes are not
+                # counted (at most one read: still bounded)
+                self._line_bytes = 0
+                return
+            line_end = data.rfind(b"\n")
+            self._line_bytes = self._line_bytes + len(data) if line_end == -1 else len(data) - line_end - 1
+            if self._line_bytes > self._header_line_max:
+                raise self._too_long_line()
+            if line_end != -1 and not request.headers and request.target and self._is_http09(data):
+                # nginx would answer HTTP/0.9; we do not speak it: refused at once
+                raise ClientError(400, "client sent invalid request while reading client request line")
+        elif request.chunked:
+            self._framing_bytes = 0 if self._fed else self._framing_bytes + len(data)
+            if self._framing_bytes > self._head_max:
+                # chunk-size lines or trailers that never end (trailers are dropped anyway)
+                raise ClientError(400, "client sent invalid chunked body while reading client request body")
+
+    def _is_http09(self, data: bytes) -> bool:
+        """A request line ended without an HTTP version (llhttp then waits for headers)."""
+        if self._parser.get_http_version() != "0.0":
+            return False
+        tail = data[data.rfind(b"\r\n\r\n") + 4:] if b"\r\n\r\n" in data else data
+        return b"\n" in tail.lstrip(b"\r\n")
+
+    def _too_long_line(self) -> ClientError:
+        request = self._parsing
+        if request is None or (not request.headers and self._parser.get_http_version() == "0.0"):
+            return ClientError(414, "client sent too long URI while reading client request line")
+        return ClientError(494, "client sent too long header line while reading client request headers")
+
     def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
@@ -365,6 +533,10 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as err:
             cause = err.__context__
             if isinstance(cause, ClientError):
+                raise cause from None
+            if isinstance(cause, _ParsingEnded):
+                return
+            if isinstance(cause, MemoryError):
                 raise cause from None
             raise  # a bug in a callback must not masquerade as a client error
         except httptools.HttpParserError as err:
@@ -390,6 +562,11 @@ class ClientConnection(asyncio.Protocol):
         return "client sent invalid request while reading client request line"
 
     def on_message_begin(self) -> None:
+        if self._last_request or self.closed:
+            # nothing after a request without keep-alive, or once we close, is parsed (this
+            # may run inside the feed that closed the connection)
+            self._last_request = 2
+            raise _ParsingEnded
         self._parsing = Request()
         self._head_done = False
         if self.active is None:
@@ -403,6 +580,8 @@ class ClientConnection(asyncio.Protocol):
             raise ClientError(414, "client sent too long URI while reading client request line")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            return  # a trailer: dropped, as nginx does (never merged into the request head)
         request = self._parsing
         assert request is not None
         if not request.method:
@@ -413,9 +592,24 @@ class ClientConnection(asyncio.Protocol):
         request.head_size += line
         if line > self._header_line_max or request.head_size > self._head_max:
             raise ClientError(494, "client sent too long header line while reading client request headers")
+        if (name not in _VALID_NAMES and not self._valid_header_name(name)
+                and self.listener.ignore_invalid_headers):
+            text = (name + b": " + value).decode("latin-1")
+            errorlog.log_error("info", f'client sent invalid header line: "{text}" '
+                                       "while reading client request headers", self.conn_id,
+                               self._log_context())
+            return
         request.headers.append((name, value))
         if len(name) in _NOTED_HEADER_LENGTHS:  # lower-case only the few names we act on
             self._note_header(request, name.lower(), value)
+
+    def _valid_header_name(self, name: bytes) -> bool:
+        if name and not name.translate(None, _NAME_CHARS):
+            if len(_VALID_NAMES) < _VALID_NAMES_MAX and len(name) <= _VALID_NAME_LENGTH_MAX:
+                _VALID_NAMES.add(name)  # (valid whatever underscores_in_headers says)
+            return True
+        underscores = self.listener.underscores_in_headers
+        return bool(name) and underscores and not name.translate(None, _NAME_CHARS_UNDERSCORE)
 
     def _note_header(self, request: Request, lower: bytes, value: bytes) -> None:
         if lower == b"host":
@@ -441,6 +635,8 @@ class ClientConnection(asyncio.Protocol):
         request = self._parsing
         assert request is not None
         self._head_done = True
+        self._line_bytes = 0
+        self._framing_bytes = 0
         parser = self._parser
         if not request.method:
             request.method = parser.get_method().decode("ascii")
@@ -461,6 +657,7 @@ class ClientConnection(asyncio.Protocol):
                                    f"{request.content_length} bytes")
         self._parsing_handler = handler
         if request.has_body:
+            request.body = RequestBody(handler.client_body)
             self._arm(_BODY, handler.body_timeout)
         if self.active is None:
             self._activate(request, handler)
@@ -484,13 +681,23 @@ class ClientConnection(asyncio.Protocol):
         handler = self._parsing_handler
         assert request is not None and handler is not None
         request.body_size += len(chunk)
+        self._fed |= _FED_BODY
         if handler.max_body_size and request.body_size > handler.max_body_size:
             raise ClientError(413, f"client intended to send too large chunked body: "
                                    f"{request.body_size} bytes")
-        request.body.append(chunk)
+        try:
+            request.body.append(chunk)
+        except BodyFileError as err:
+            raise ClientError(500, f"{err} while reading client request body", level="crit") from None
         if handler is self.active:
             self._arm(_BODY, handler.body_timeout)
             handler.body_received()
+
+    def on_chunk_header(self) -> None:
+        self._fed |= _FED_CHUNK
+
+    def on_chunk_complete(self) -> None:
+        self._fed |= _FED_CHUNK
 
     def on_message_complete(self) -> None:
         request = self._parsing
@@ -499,6 +706,8 @@ class ClientConnection(asyncio.Protocol):
         request.complete = True
         self._parsing = None
         self._parsing_handler = None
+        if not request.keep_alive:
+            self._last_request = 1
         if handler is self.active:
             if self._phase == _BODY:
                 self._phase = _NONE
@@ -506,6 +715,7 @@ class ClientConnection(asyncio.Protocol):
         elif self.active is None and not self._queue and not self.closed:
             # answered before its parse ended (no body): now idle until the next request
             self._arm(_IDLE, self._last_keepalive_timeout)
+            self.listener.reusable[self] = None
         elif self._phase == _BODY:
             self._phase = _NONE  # a queued request's body is complete: no body is awaited now
 
@@ -549,10 +759,14 @@ class ClientConnection(asyncio.Protocol):
         """The active request is answered: serve the queued ones (iteratively: a long pipeline
         of instant answers must not recurse), then wait for the next request."""
         self.active = None
-        self._active_request = None
+        request = self._active_request
+        if request is not None:
+            if request.has_body:
+                request.body.close()  # (a body file goes now, not when the last reference does)
+            self._active_request = None
         self.sent_head = b""  # logged already; an idle connection holds no response bytes
         if not self._keep_alive or self.closed or (self._eof and not self._queue):
-            self.close()
+            self._close_after_response()
             return
         if self._activating:
             return  # an outer call is looping over the queue
@@ -572,6 +786,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._parsing is None:
             self._arm(_IDLE, self._last_keepalive_timeout)
+            self.listener.reusable[self] = None  # idle keep-alive: may be closed to make room
         elif not self._head_done:
             self._arm(_HEAD, self.listener.header_timeout)  # a pipelined head, still incomplete
         self._resume_reading()
@@ -710,11 +925,50 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self._cancel_timer()
+            self.listener.reusable.pop(self, None)
             if self.transport is not None:
                 self.transport.close()
 
+    def _close_after_response(self) -> None:
+        """nginx's lingering close when the client may still be sending (pipelined requests
+        after the last one we answer, a body we did not read): our side is shut, what comes
+        is read and dropped for up to lingering_time, then the socket closes. Closing with
+        unread bytes would make the kernel reset the connection, and a reset can destroy the
+        response the client has not read yet."""
+        transport = self.transport
+        pending = self._queue or self._parsing is not None or self._reading_paused or self._last_request > 1
+        if self.closed or transport is None or self._eof or not pending or not transport.can_write_eof():
+            self.close()
+            return
+        self._queue = _NO_QUEUE
+        self.closed = True  # for everybody else; the transport stays open while we linger
+        self._cancel_timer()
+        self.listener.reusable.pop(self, None)
+        self._linger_until = self.loop.time() + LINGERING_TIME
+        transport.write_eof()
+        self._timer = self.loop.call_later(LINGERING_TIMEOUT, self._end_lingering)
+        self._reading_paused = False
+        transport.resume_reading()
+
+    def _lingering_data(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+        delay = min(LINGERING_TIMEOUT, self._linger_until - self.loop.time())
+        self._timer = self.loop.call_later(max(delay, 0.0), self._end_lingering)
+
+    def _end_lingering(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()  # (when the client's end came first: the handle holds us)
+        if self.transport is not None:
+            self.transport.close()
+
     def close_if_idle(self) -> bool:
         """Graceful stop: close now when no request is in flight, else after the active one."""
+        if self._linger_until:
+            self._end_lingering()  # (what a lingering close waits for is of no use now)
+            return True
         self._keep_alive = False
         if self.requests == 0:
             # Not idle: a client that has just connected has (almost surely) sent its first
@@ -745,7 +999,7 @@ class ClientConnection(asyncio.Protocol):
             self._pending_error = err  # answered after the request in flight, in order
             self._keep_alive = False
             return
-        errorlog.log_error("info", str(err), self.conn_id, self._log_context())
+        errorlog.log_error(err.level, str(err), self.conn_id, self._log_context())
         request = self._active_request = self._parsing or Request()
         if request.version not in ("1.0", "1.1"):
             request.version = "1.1"
@@ -757,6 +1011,18 @@ class ClientConnection(asyncio.Protocol):
         if not handler_told and report is not None:
             report(self, request, err.status)  # the access log of a request nobody handled
         self.close()
+
+    def _out_of_memory(self) -> None:
+        """An allocation failed while parsing (the process is at its memory limit): this
+        connection ends with a 500 if that can still be written, and nothing is left half-open."""
+        errorlog.log_error("alert", "out of memory while reading client request", self.conn_id)
+        try:
+            self._client_error(ClientError(500, "out of memory while reading client request", level="debug"))
+        except MemoryError:
+            pass
+        if self.transport is not None and not self._linger_until:
+            self.transport.abort() if not self.closed else self.transport.close()
+            self.closed = True
 
     def _log_context(self) -> str:
         request = self._parsing

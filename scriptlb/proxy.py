@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 from scriptlb import errorlog, responses
-from scriptlb.config.model import NextUpstream, PeerAddr
+from scriptlb.config.model import ClientBodyConf, NextUpstream, PeerAddr
 from scriptlb.downstream import ClientConnection, Request
 from scriptlb.locations import normalize_host
+from scriptlb.request_body import SpooledBody
 from scriptlb.retry import (
     RETRY,
     Failure,
@@ -261,6 +262,18 @@ class Exchange:
     @property
     def body_timeout(self) -> float:
         return self.location.conf.client_body_timeout
+
+    @property
+    def client_body(self) -> ClientBodyConf | None:
+        """Where the request body waits: the location's memory buffer and temp file when the
+        whole body is read before the first try; None (memory) when it is streamed (the same
+        rule as UpstreamRequest._wants_streamed_body) or dropped (``return``)."""
+        location = self.location
+        if location.upstream is None or location.conf.return_ is not None:
+            return None
+        if not location.conf.proxy.request_buffering and (not self.request.chunked or location.plan.http11):
+            return None
+        return location.conf.client_body
 
     @property
     def keepalive_timeout(self) -> float:
@@ -619,7 +632,7 @@ class UpstreamRequest:
         upstream = self.upstream
         tries_cap = self.conf.next_upstream_tries
         if not self._stream_body:
-            self._body = ex.request.take_body()
+            self._body = ex.request.body.buffered()  # bytes, or the file it was spooled to
         self._build_head()
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
@@ -754,10 +767,15 @@ class UpstreamRequest:
         self._conn = conn
         plan = self.plan
         streamed = self._stream_body
-        conn.start(self, self._head, None if streamed else self._body, ex.read_timeout,
+        body = None if streamed else self._body
+        spooled = isinstance(body, SpooledBody)
+        conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
+        conn.start(self, self._head, None if spooled else body, ex.read_timeout,
                    ex.send_timeout, head_only=ex.method == "HEAD", http11=plan.http11,
                    close_after=plan.close_after)
-        if streamed:
+        if spooled:
+            body.send(conn)  # (every try again from the file's start)
+        elif streamed:
             self._body_conn = conn
             conn.on_writable = self._pump_body
             self._pump_body()

@@ -168,6 +168,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_early_body",
         "_extra_bytes",
         "_handler",
+        "_head_bytes",
         "_head_dispatched",
         "_head_only",
         "_header_done",
@@ -185,6 +186,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_timer_when",
         "_write_paused",
         "_write_paused_at",
+        "head_limit",
         "idle_since",
         "key",
         "loop",
@@ -210,6 +212,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.on_idle_lost: object = None  # set by the pool: callable(conn) when an idle conn dies
         self.on_writable: Callable[[], None] | None = None  # a streamed body may flow again
+        self.head_limit = 0  # proxy_buffer_size of the request in flight: the largest head (0: none)
+        self._head_bytes = 0  # response bytes read while its head is incomplete
 
         # timeouts of the request in flight (nginx's idle timers)
         self._read_timeout = 60.0
@@ -255,6 +259,10 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._last_read = self.loop.time()
         self.response_started = True
+        if not self._header_done and self.head_limit and self._head_too_big(data):
+            # nginx reads the head into one proxy_buffer_size buffer
+            self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
+            return
         self._in_feed = True
         try:
             self._parser.feed_data(data)
@@ -522,6 +530,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._handler = handler
         self._response = ResponseHead()
         self._header_done = False
+        self._head_bytes = 0
         self._head_dispatched = False
         self._head_only = head_only
         self._http11 = http11
@@ -535,6 +544,17 @@ class UpstreamConnection(asyncio.Protocol):
             self._early_body = []
         self._extra_bytes = False
         self._read_paused = False
+
+    def _head_too_big(self, data: bytes) -> bool:
+        """Would the head outgrow ``head_limit`` with ``data``? (Checked before httptools
+        accumulates a header line of any length.)"""
+        before = self._head_bytes
+        self._head_bytes = before + len(data)
+        if self._head_bytes <= self.head_limit:
+            return False
+        room = self.head_limit - before  # the head must end within these bytes of data
+        return (data.find(b"\n\r\n", 0, room) == -1 and data.find(b"\n\n", 0, room) == -1
+                and not data.startswith((b"\n", b"\r\n")))
 
     def _dispatch_head(self) -> None:
         self._head_dispatched = True

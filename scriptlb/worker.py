@@ -74,6 +74,7 @@ class Worker:
 
     async def _start_servers(self, runtime: Runtime) -> None:
         connections: set[ClientConnection] = set()  # worker_connections counts them all
+        reusable: dict[ClientConnection, None] = {}  # the ones that may make room, oldest first
         by_socket: dict[int, tuple[socket.socket, list[Key]]] = {}
         for key, sock in self.listeners.items():
             by_socket.setdefault(id(sock), (sock, []))[1].append(key)
@@ -89,6 +90,9 @@ class Worker:
                 keys=tuple(keys),
                 connections=connections,
                 max_connections=self.conf.worker_connections,
+                underscores_in_headers=server_conf.underscores_in_headers,
+                ignore_invalid_headers=server_conf.ignore_invalid_headers,
+                reusable=reusable,
             )
             context.on_client_error = runtime.log_client_error
             self.contexts.append(context)

@@ -807,3 +807,33 @@ def test_method_after_a_hook_replaces_it(tmp_path: Path) -> None:
         )
         == '[emerg] "balancer_by_python_block" directive is duplicate in x.conf:2'
     )
+
+
+def test_client_body_and_proxy_buffer_defaults_and_inheritance(tmp_path: Path) -> None:
+    import mmap
+
+    conf = http(tmp_path, """
+        client_body_buffer_size 64k;
+        server {
+            listen 8080; underscores_in_headers on; client_header_buffer_size 2k;
+            location / { client_body_temp_path spool 1 2; client_body_in_file_only clean; }
+            location /b { proxy_buffer_size 16k; proxy_busy_buffers_size 16k; }
+        }
+        server { listen 8081; ignore_invalid_headers off; location / { } }
+    """)
+    assert conf.http is not None
+    first, second = conf.http.servers
+    plain, buffered = first.locations
+    assert (first.underscores_in_headers, first.ignore_invalid_headers, first.client_header_buffer_size) == (
+        True, True, 2048)
+    assert (second.underscores_in_headers, second.ignore_invalid_headers) == (False, False)
+    assert plain.client_body.buffer_size == 64 * 1024
+    assert plain.client_body.temp_path == str(tmp_path / "spool")
+    assert plain.client_body.in_file_only == "clean" and not plain.client_body.in_single_buffer
+    assert buffered.client_body.temp_path == str(tmp_path / "client_body_temp")  # the default
+    assert buffered.client_body.in_file_only == "off"
+    assert (buffered.proxy.buffer_size, buffered.proxy.busy_buffers_size) == (16384, 16384)
+    page = mmap.PAGESIZE
+    assert (plain.proxy.buffer_size, plain.proxy.buffers, plain.proxy.busy_buffers_size) == (
+        page, (8, page), 2 * page)
+    assert second.locations[0].client_body.buffer_size == 64 * 1024  # (from http)

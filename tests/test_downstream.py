@@ -38,6 +38,9 @@ class FakeTransport:
     def abort(self) -> None:
         self.closed = self.aborted = True
 
+    def can_write_eof(self) -> bool:
+        return False  # (lingering close is tested through real sockets)
+
     def pause_reading(self) -> None:
         self.reading = False
 
@@ -65,6 +68,7 @@ class FakeHandler:
         self.request = request
         self.reply = reply
         self.max_body_size = max_body_size
+        self.client_body = None  # bodies stay in memory
         self.body_timeout = 60.0
         self.keepalive_timeout = 75.0
         self.keepalive_requests = 100
@@ -434,13 +438,42 @@ def test_keepalive_timeout_closes_an_idle_connection(loop: asyncio.AbstractEvent
 def test_worker_connections_limit_drops_the_extra_connection(
     loop: asyncio.AbstractEventLoop, log_file: Path
 ) -> None:
+    """A connection that is reading a request is not reusable: the new one is dropped."""
     first = Harness(loop, max_connections=1)
+    assert first.feed(b"GET / HTTP/1.1\r\n") == b""
     second = ClientConnection(first.context, loop)
     transport = FakeTransport()
     second.connection_made(transport)  # type: ignore[arg-type]
     assert transport.aborted and second not in first.context.connections
     assert "[alert]" in log_file.read_text() and "1 worker_connections are not enough" in log_file.read_text()
-    assert first.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+    assert first.feed(b"Host: x\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+
+
+def test_worker_connections_reuses_the_oldest_idle_connection(
+    loop: asyncio.AbstractEventLoop, log_file: Path
+) -> None:
+    """nginx's ngx_drain_connections: idle keep-alive connections and ones that sent nothing
+    yet make room, oldest idle first; a busy one is kept."""
+    silent = Harness(loop, max_connections=3)
+    context = silent.context
+    keep_alive = ClientConnection(context, loop)
+    keep_alive_transport = FakeTransport()
+    keep_alive.connection_made(keep_alive_transport)  # type: ignore[arg-type]
+    busy = ClientConnection(context, loop)
+    busy_transport = FakeTransport()
+    busy.connection_made(busy_transport)  # type: ignore[arg-type]
+    busy.data_received(b"GET / HTTP/1.1\r\n")
+    keep_alive.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # answered: idle again, last
+    assert keep_alive_transport.data.startswith(b"HTTP/1.1 200 OK") and not keep_alive.closed
+    newcomers = []
+    for _ in range(2):
+        newcomer = ClientConnection(context, loop)
+        newcomers.append(FakeTransport())
+        newcomer.connection_made(newcomers[-1])  # type: ignore[arg-type]
+    assert silent.transport.closed and keep_alive_transport.closed and not busy_transport.closed
+    assert not any(t.closed for t in newcomers)
+    log = log_file.read_text()
+    assert "[warn]" in log and "3 worker_connections are not enough, reusing connections" in log
 
 
 def test_an_idle_keep_alive_connection_holds_little(loop: asyncio.AbstractEventLoop) -> None:
@@ -495,3 +528,21 @@ def test_a_queued_requests_complete_body_is_not_timed_out(loop: asyncio.Abstract
     assert not any(e.startswith("abort") for h_ in h.handlers for e in h_.events)
     h.conn.respond(200, b"", b"first")
     assert status_of(h.transport.take()) == 200 and not h.transport.closed
+
+
+def test_memory_error_while_parsing_ends_the_connection_cleanly(
+    loop: asyncio.AbstractEventLoop, log_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An allocation that fails while a request is read (the process at its memory limit):
+    a 500 for that request and the connection closes; nothing is left half-open."""
+    from scriptlb import request_body
+
+    def no_memory(self: object, data: bytes) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(request_body.RequestBody, "append", no_memory)
+    h = Harness(loop)
+    out = h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+    assert out.startswith(b"HTTP/1.1 500") and h.transport.closed
+    log = log_file.read_text()
+    assert "[alert]" in log and "out of memory while reading client request" in log

@@ -31,6 +31,7 @@ from scriptlb.config.model import (
     DEFAULT_MEMORY_LIMIT,
     AccessLogConf,
     BreakerConf,
+    ClientBodyConf,
     ErrorLogConf,
     HookConf,
     HttpConf,
@@ -282,6 +283,9 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
         locations=tuple(_location_conf(loc, chain, resolver) for loc in locations),
         client_header_timeout=_get(chain, "client_header_timeout", 60.0),
         large_client_header_buffers=_get(chain, "large_client_header_buffers", (4, 8192)),
+        client_header_buffer_size=_get(chain, "client_header_buffer_size", 1024),
+        underscores_in_headers=_get(chain, "underscores_in_headers", False),
+        ignore_invalid_headers=_get(chain, "ignore_invalid_headers", True),
         source=server.source,
     )
 
@@ -314,15 +318,51 @@ def _location_conf(
         client_body_timeout=_get(chain, "client_body_timeout", 60.0),
         keepalive_timeout=_get(chain, "keepalive_timeout", 75.0),
         keepalive_requests=_get(chain, "keepalive_requests", 1000),
+        client_body=_client_body_conf(chain),
         access_log=tuple(access_logs),
         source=loc.source,
         log_hook=_log_hook(chain),
     )
 
 
+def _client_body_conf(chain: Sequence[LevelDraft]) -> ClientBodyConf:
+    defaults = ClientBodyConf()
+    prefix = getattr(chain[-1], "prefix", "")
+    return ClientBodyConf(
+        buffer_size=_get(chain, "client_body_buffer_size", defaults.buffer_size),
+        temp_path=_get(chain, "client_body_temp_path", os.path.join(prefix, defaults.temp_path)),
+        in_file_only=_get(chain, "client_body_in_file_only", defaults.in_file_only),
+        in_single_buffer=_get(chain, "client_body_in_single_buffer", defaults.in_single_buffer),
+    )
+
+
+def _proxy_buffers(chain: Sequence[LevelDraft]) -> tuple[int, tuple[int, int], int]:
+    """proxy_buffer_size, proxy_buffers, proxy_busy_buffers_size, checked as nginx's merge
+    does (the error points at the http block's end, as nginx's)."""
+    defaults = ProxyConf()
+    buffer_size = _get(chain, "proxy_buffer_size", defaults.buffer_size)
+    number, size = _get(chain, "proxy_buffers", defaults.buffers)
+    where = getattr(chain[-1], "close", None)
+    if number < 2:
+        raise ConfigError('there must be at least 2 "proxy_buffers"', where)
+    largest = max(buffer_size, size)
+    busy = _get(chain, "proxy_busy_buffers_size", 2 * largest)
+    if busy < largest:
+        raise ConfigError('"proxy_busy_buffers_size" must be equal to or greater than the maximum of the '
+                          'value of "proxy_buffer_size" and one of the "proxy_buffers"', where)
+    if busy > (number - 1) * size:
+        raise ConfigError('"proxy_busy_buffers_size" must be less than the size of all "proxy_buffers" '
+                          "minus one buffer", where)
+    return buffer_size, (number, size), busy
+
+
 def _proxy_conf(chain: Sequence[LevelDraft]) -> ProxyConf:
     defaults = ProxyConf()
+    buffer_size, buffers, busy_buffers_size = _proxy_buffers(chain)
     return ProxyConf(
+        buffer_size=buffer_size,
+        buffers=buffers,
+        busy_buffers_size=busy_buffers_size,
         set_headers=_headers(chain),
         http_version=_get(chain, "proxy_http_version", defaults.http_version),
         connect_timeout=_get(chain, "proxy_connect_timeout", defaults.connect_timeout),

@@ -191,7 +191,7 @@ def _worker_connections(state: State, node: Node, draft: MainDraft) -> None:
 def _http(state: State, node: Node, draft: MainDraft) -> tuple[Ctx, Any]:
     if draft.http is not None:
         raise fail(node, '"http" directive is duplicate')
-    draft.http = state.http = HttpDraft()
+    draft.http = state.http = HttpDraft(close=node.close, prefix=state.prefix)
     return Ctx.HTTP, draft.http
 
 
@@ -372,6 +372,31 @@ def _large_client_header_buffers(state: State, node: Node, draft: LevelDraft) ->
     if not count or not size:
         raise fail(node, f'"{node.name}" directive invalid value')
     _store(node, draft.values, (count, size))
+
+
+def _bufs(node: Node) -> tuple[int, int]:
+    """``number size`` (proxy_buffers): nginx's ngx_conf_set_bufs_slot."""
+    count = parse_int(node.args[0])
+    size = parse_size(node.args[1])
+    if not count or not size:
+        raise fail(node, f'"{node.name}" directive invalid value')
+    return count, size
+
+
+def _in_file_only(node: Node) -> str:
+    value = node.args[0]
+    if value not in ("on", "off", "clean"):
+        raise fail(node, f'invalid value "{value}"')
+    return value
+
+
+def _temp_path(state: State, node: Node, draft: LevelDraft) -> None:
+    """``client_body_temp_path path [level1 [level2 [level3]]]``: the levels are checked and
+    not used (one directory holds the files, each unlinked as soon as it is open)."""
+    for level in node.args[1:]:
+        if not parse_int(level):
+            raise fail(node, f'"{node.name}" directive invalid value')
+    _store(node, draft.values, state.path(node.args[0]))
 
 
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -663,6 +688,18 @@ _SPECS: tuple[Spec, ...] = (
     _spec("return", Ctx.SERVER | Ctx.LOCATION, (1, 2), _return),
     _spec("log_format", Ctx.HTTP, (2, None), _log_format),
     _spec("access_log", HSL, (1, None), _access_log),
+    # client request heads and bodies
+    _spec("client_header_buffer_size", HS, ONE, _slot(_size)),
+    _spec("underscores_in_headers", HS, FLAG, _slot(flag)),
+    _spec("ignore_invalid_headers", HS, FLAG, _slot(flag)),
+    _spec("client_body_buffer_size", HSL, ONE, _slot(_size)),
+    _spec("client_body_temp_path", HSL, (1, 4), _temp_path),
+    _spec("client_body_in_file_only", HSL, ONE, _slot(_in_file_only)),
+    _spec("client_body_in_single_buffer", HSL, FLAG, _slot(flag)),
+    # upstream response buffers
+    _spec("proxy_buffer_size", HSL, ONE, _slot(_size)),
+    _spec("proxy_buffers", HSL, (2, 2), _slot(_bufs)),
+    _spec("proxy_busy_buffers_size", HSL, ONE, _slot(_size)),
     # python hooks
     _spec("python_package_path", Ctx.HTTP, ONE, _python_package_path),
     _spec("python_code_cache", Ctx.HTTP, FLAG, _slot(flag)),

@@ -84,6 +84,8 @@ class UpstreamDraft:
 
 @dataclass(eq=False)
 class HttpDraft(LevelDraft):
+    close: Source | None = None  # the block's "}": where merge-time checks point, as nginx
+    prefix: str = ""  # where relative default paths (client_body_temp) live
     upstreams: dict[str, UpstreamDraft] = field(default_factory=dict)
     servers: list[ServerDraft] = field(default_factory=list)
     log_formats: dict[str, LogFormat] = field(default_factory=dict)

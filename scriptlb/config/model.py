@@ -10,6 +10,7 @@ Units: every duration is a float in seconds, every size an int in bytes.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 from enum import IntFlag
 
@@ -294,6 +295,11 @@ class ProxyConf:
     next_upstream_timeout: float = 0.0  # 0 = unlimited
     request_buffering: bool = True
     buffering: bool = True
+    # proxy_buffer_size: the largest response head (nginx: one memory page); proxy_buffers and
+    # proxy_busy_buffers_size are accepted and checked as nginx does, the body is streamed
+    buffer_size: int = mmap.PAGESIZE
+    buffers: tuple[int, int] = (8, mmap.PAGESIZE)  # (number, size)
+    busy_buffers_size: int = 2 * mmap.PAGESIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +318,18 @@ class ReturnConf:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientBodyConf:
+    """Where a buffered request body is kept: ``buffer_size`` bytes in memory, the rest in a
+    file under ``temp_path`` (client_body_buffer_size, client_body_temp_path,
+    client_body_in_file_only, client_body_in_single_buffer)."""
+
+    buffer_size: int = 2 * mmap.PAGESIZE  # nginx: two memory pages
+    temp_path: str = "client_body_temp"  # absolute once built (under the prefix)
+    in_file_only: str = "off"  # "off" | "on" (file kept) | "clean" (file removed)
+    in_single_buffer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class LocationConf:
     modifier: str  # "=" | "" (prefix) | "^~" | "~" | "~*"
     pattern: str
@@ -322,6 +340,7 @@ class LocationConf:
     client_body_timeout: float = 60.0
     keepalive_timeout: float = 75.0  # 0 disables client keep-alive
     keepalive_requests: int = 1000
+    client_body: ClientBodyConf = field(default_factory=ClientBodyConf)
     access_log: tuple[AccessLogConf, ...] = ()  # empty = off
     source: Source | None = None
     # log_by_python_file/_block: the innermost level's, else inherited (http -> server ->
@@ -336,5 +355,8 @@ class ServerConf:
     locations: tuple[LocationConf, ...]  # in declaration order; matching order is computed at runtime
     client_header_timeout: float = 60.0
     large_client_header_buffers: tuple[int, int] = (4, 8192)  # (number, size)
+    client_header_buffer_size: int = 1024  # accepted (the head's limit is the line above)
+    underscores_in_headers: bool = False
+    ignore_invalid_headers: bool = True
     # the server-level default used when no location matches (nginx: 404)
     source: Source | None = None
