@@ -92,7 +92,7 @@ def test_memory_limit_retires_the_worker_gracefully_without_capping_it() -> None
         fuse = limits.install_worker_fuse(hard_seconds=5, memory_bytes=200 << 20)
         print(resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY
               or resource.getrlimit(resource.RLIMIT_AS)[0] > (2 << 30))
-        block = bytearray(400 << 20)  # touched: resident
+        block = bytearray(300 << 20)  # touched: resident, between the limit and twice it
         for i in range(0, len(block), 4096):
             block[i] = 1
         deadline = time.monotonic() + 10
