@@ -201,6 +201,9 @@ HARMLESS = {
     "instance in ngx.ctx": A + "ngx.ctx['a'] = A(1)",
     "json.dumps default=": A + "import json\nx = json.dumps(A(2), default=lambda o: o.v)",
     "sorted with key": A + "x = sorted([A(2), A(1)], key=lambda a: a.v)",
+    "getattr with a default": ("class A:\n    @property\n    def p(self):\n        return self.missing\n"
+                               "assert getattr(A(), 'p', 0) == 0 and getattr(A(), 'q', 5) == 5\n"
+                               "assert hasattr(A, 'p') and not hasattr(A(), 'mro')"),
 }
 
 

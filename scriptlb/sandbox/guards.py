@@ -104,6 +104,9 @@ def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
     names = _ATTRS.get(cls)
     if names is not None and name in names:
         return getattr(obj, name)
+    if (type(cls) is HookClass and type(name) is str and not name.startswith("_")  # a hook object
+            and (name in obj.__dict__ or _defined_by_hook(cls, name))):
+        return getattr(obj, name, *default)
     dynamic = _DYNAMIC.get(cls)
     if dynamic is not None and type(name) is str and not name.startswith("_"):
         try:
@@ -112,9 +115,6 @@ def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
             if default:
                 return default[0]
             raise
-    if (type(cls) is HookClass and type(name) is str and not name.startswith("_")
-            and (name in obj.__dict__ or _defined_by_hook(cls, name))):
-        return getattr(obj, name)
     return _getattr_slow(obj, name, default)
 
 
