@@ -333,6 +333,7 @@ class _Runner:
         self._code: CodeType | None = None
         self._compile_error: str | None = None
         self.breaker = Breaker(conf.breaker) if conf.breaker is not None else None
+        self._tripped = False  # the breaker is open or probing (one test on the hot path)
         self.failures: dict[str, int] = {}  # kind -> failed runs in this worker (statistics)
         if self.python.code_cache:
             self._code = self._load()
@@ -358,8 +359,7 @@ class _Runner:
         for the error (already logged). Never raises (except KeyboardInterrupt-like stops).
 
         The subclasses' hot paths go through here: no allocation beyond the globals' copy."""
-        breaker = self.breaker
-        if breaker is not None and breaker.state is not CLOSED and not breaker.admits(time.monotonic()):
+        if self._tripped and not self.breaker.admits(time.monotonic()):  # type: ignore[union-attr]
             return self._skip(outcome, exchange)
         if self.python.code_cache:
             code = self._code
@@ -390,8 +390,9 @@ class _Runner:
                 fuse.run_ended()
         if stopped or failure is not None:
             return self._failed_run(outcome, failure, stopped, exchange)
-        if breaker is not None and breaker.state is PROBING:
-            breaker.succeeded()
+        if self._tripped:  # the probe succeeded
+            self.breaker.succeeded()  # type: ignore[union-attr]
+            self._tripped = False
             self._emit("notice", f"{self.directive} {self.chunk}: circuit breaker closed, "
                        "the hook runs again", None)
         return None
@@ -414,6 +415,7 @@ class _Runner:
         result = self._fail(outcome, kind, message, exchange)
         breaker = self.breaker
         if breaker is not None and kind in _COUNTED and breaker.failed(time.monotonic()):
+            self._tripped = True
             conf = breaker.conf
             self._emit("error", f"{self.directive} {self.chunk}: circuit breaker open after {conf.fails} "
                        f"failed runs in {conf.window:g}s, skipping the hook for {conf.cooldown:g}s "
