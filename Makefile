@@ -6,18 +6,22 @@ BIN := $(VENV)/bin
 
 .PHONY: run test lint bench install
 
+# `run` installs what running needs; `install` (and so test, lint) adds the test tools.
 $(BIN)/scriptlb: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e .
 	touch $(BIN)/scriptlb
 
-install: $(BIN)/scriptlb
+$(VENV)/.test-tools: $(BIN)/scriptlb
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(VENV)/.test-tools
+
+install: $(VENV)/.test-tools
 
 # conf/scriptlb.conf says `daemon off;` itself (nginx refuses the same directive twice, so no
-# -g 'daemon off;' here); logs/ holds its pid file and, as for nginx, must exist.
-run: install
-	mkdir -p logs
+# -g 'daemon off;' here); scriptlb creates logs/ (its pid file) when it is missing.
+run: $(BIN)/scriptlb
 	$(BIN)/scriptlb -p . -c conf/scriptlb.conf
 
 test: install

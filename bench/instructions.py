@@ -32,15 +32,18 @@ sys.path.insert(0, str(HERE.parent))
 import bench_proc  # noqa: E402
 
 CONFIGS = {"python_peer_stats on": "", "python_peer_stats off": "python_peer_stats off;"}
+# --metrics: the same proxy with everything the metrics count switched on (a status_zone on the
+# server, a prometheus location; the per-peer counters are on in both runs)
+METRICS_CONFIGS = {"metrics off": "", "metrics on": "status_zone front; location = /metrics { prometheus; }"}
 
 
-def proxy_conf(prefix: Path, listen: int, backend: int, extra: str) -> str:
+def proxy_conf(prefix: Path, listen: int, backend: int, extra: str, server_extra: str = "") -> str:
     return (
         f"daemon off; master_process off; error_log {prefix}/error.log error; pid {prefix}/pid;\n"
         "events {}\n"
         f"http {{ access_log off; {extra}\n"
         f"  upstream b {{ server 127.0.0.1:{backend}; keepalive 16; }}\n"
-        f"  server {{ listen 127.0.0.1:{listen};\n"
+        f"  server {{ listen 127.0.0.1:{listen}; {server_extra}\n"
         '    location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; }\n'
         "  }\n}\n"
     )
@@ -125,7 +128,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--low", type=int, default=200)
     parser.add_argument("--high", type=int, default=1200)
+    parser.add_argument("--metrics", action="store_true", help="compare metrics on/off instead")
     opts = parser.parse_args()
+    configs = METRICS_CONFIGS if opts.metrics else CONFIGS
     if shutil.which("valgrind") is None:
         print("valgrind is missing: apt-get install valgrind", file=sys.stderr)
         return 1
@@ -142,17 +147,23 @@ def main() -> int:
                                               "-c", str(work / "backend" / "b.conf")], cwd=str(HERE.parent))
             if not bench_proc.wait_port(backend_port, backend):
                 raise SystemExit(f"backend did not start:\n{backend.log_tail()}")
-            for label, extra in CONFIGS.items():
+            for label, extra in configs.items():
                 counts = []
                 for count in (opts.low, opts.high):
                     port, = bench_proc.free_ports(1)
-                    conf = proxy_conf(work / f"{label}-{count}".replace(" ", "_"), port, backend_port, extra)
+                    prefix = work / f"{label}-{count}".replace(" ", "_")
+                    conf = (proxy_conf(prefix, port, backend_port, "", extra) if opts.metrics
+                            else proxy_conf(prefix, port, backend_port, extra))
                     name = f"{label}-{count}".replace(" ", "_")
                     counts.append(instructions(procs, work, name, conf, port, count))
                 per_request[label] = (counts[1] - counts[0]) / (opts.high - opts.low)
                 print(f"{label:24s} {per_request[label]:10,.0f} instructions per request", flush=True)
         finally:
             procs.stop_all()
+    if opts.metrics:
+        on, off = per_request["metrics on"], per_request["metrics off"]
+        print(f"metrics: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
+        return 0
     on, off = per_request["python_peer_stats on"], per_request["python_peer_stats off"]
     print(f"peer statistics: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
     print(f"peer statistics, wall-clock micro-cost: {wall_micro_us():.2f} us per request")

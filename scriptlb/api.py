@@ -393,6 +393,11 @@ def _missing_variable(_exchange: Any) -> None:
 _SHARED: dict[str, Any] = {}  # python_shared_dict name -> SharedDict, for ngx.shared
 
 
+def shared_dicts() -> dict[str, Any]:
+    """This worker's shared dicts by name (the metrics read their sizes)."""
+    return dict(_SHARED)
+
+
 def set_shared_dicts(dicts: dict[str, Any]) -> None:
     """The worker's ``python_shared_dict`` zones, for ``ngx.shared.NAME`` in hooks. Hook code
     may call only the OpenResty API on them (``scriptlb.shared_dict.HOOK_METHODS``)."""
@@ -688,7 +693,8 @@ def _peer_dict(peer: Any, figures: tuple[Any, ...]) -> dict[str, Any]:
             "effective_weight": peer.effective_weight, "conns": peer.conns, "max_conns": peer.max_conns,
             "requests": requests, "failures": failures, "active": active, "last_status": last_status,
             "last_failure_time": last_failure, "ewma": ewma, "peak_ewma": peak, "ewma_time": stamp,
-            "weight_override": override}
+            "weight_override": override, "healthy": not peer.unhealthy,
+            "state": "down" if peer.config_down else "unhealthy" if peer.unhealthy else "up"}
 
 
 MAX_PEER_WEIGHT = 100  # set_peer_weight's ceiling: a consistent-hash ring has 160 points per weight
@@ -746,7 +752,7 @@ class Upstream:
         peer = _peer_of(_current().upstream, is_backup, peer_id)
         if peer is None:
             return None, "bad peer id"
-        peer.down = bool(down)
+        peer.down = peer.config_down = bool(down)  # config_down: what health checks restore
         if not down:
             peer.fails = 0  # as lua-upstream-nginx-module: bringing a peer up forgets failures
         return _OK

@@ -9,6 +9,7 @@ This module only parses and dispatches: loading is ``scriptlb.config``, running 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -24,17 +25,23 @@ USAGE = f"""Usage: {PROG} [-?hvVtTq] [-s signal] [-p prefix] [-c filename] [-g d
        {PROG} hook run FILE [options]   (run a balancer hook once; see `{PROG} hook run -h`)
 
 Options:
-  -?,-h         : this help
+  -?,-h,--help  : this help
+  --demo        : run the shipped default config (a balancer on 127.0.0.1:8080 over three
+                  demo backends) with a temporary prefix, in the foreground
   -v            : show version and exit
   -V            : show version and build information then exit
   -t            : test configuration and exit
   -T            : test configuration, dump it and exit
   -q            : suppress non-error messages during configuration testing
   -s signal     : send signal to a master process: stop, quit, reopen, reload
-  -p prefix     : set prefix path (default: the current directory)
+  -p prefix     : set prefix path (default: the current directory if it holds
+                  conf/scriptlb.conf or -c is given, else the installed package's)
   -c filename   : set configuration file (default: conf/scriptlb.conf under the prefix)
   -g directives : set global directives out of configuration file
 """
+
+# the only long options (nginx has none): --help as every tool, --demo to try it out
+_LONG_OPTIONS = {"--help": "help", "--demo": "demo"}
 
 # option letter -> (attribute, what nginx says is missing)
 _VALUE_OPTIONS = {
@@ -48,6 +55,7 @@ _VALUE_OPTIONS = {
 @dataclass
 class Options:
     help: bool = False
+    demo: bool = False
     version: bool = False
     build_info: bool = False
     test: bool = False
@@ -68,6 +76,9 @@ def parse_options(argv: list[str]) -> Options:
     opts = Options()
     args = iter(argv)
     for arg in args:
+        if arg in _LONG_OPTIONS:
+            setattr(opts, _LONG_OPTIONS[arg], True)
+            continue
         if not arg.startswith("-") or arg == "-":
             raise UsageError(f'invalid option: "{arg}"')
         letters = arg[1:]
@@ -118,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return _test_config(opts)
     if opts.signal is not None:
         return _send_signal(opts)
+    if opts.demo:
+        _demo_paths(opts)
     return _run(opts)
 
 
@@ -144,9 +157,9 @@ def _version(dist: str) -> str:
 
 
 def _test_config(opts: Options) -> int:
-    conf_file, _ = resolve_paths(opts.conf, opts.prefix)
+    conf_file, prefix = resolve_paths(opts.conf, opts.prefix)
     try:
-        conf = load_and_check(conf_file, opts.prefix, opts.globals_)
+        conf = load_and_check(conf_file, prefix, opts.globals_)
     except ConfigError as e:
         say(str(e))
         say(f"configuration file {conf_file} test failed")
@@ -176,10 +189,10 @@ def _dump(conf: MainConf) -> None:
 
 
 def _load_for_run(opts: Options, check_hooks: bool) -> MainConf | None:
-    conf_file, _ = resolve_paths(opts.conf, opts.prefix)
+    conf_file, prefix = resolve_paths(opts.conf, opts.prefix)
     loader = load_and_check if check_hooks else load
     try:
-        conf = loader(conf_file, opts.prefix, opts.globals_)
+        conf = loader(conf_file, prefix, opts.globals_)
     except ConfigError as e:
         say(str(e))
         return None
@@ -213,6 +226,18 @@ def _run(opts: Options) -> int:
     if master is None:
         return 1
     return int(master.run(conf, opts.globals_))
+
+
+def _demo_paths(opts: Options) -> None:
+    """--demo: the packaged default config, with logs and zones in a fresh temporary prefix
+    (the installed package's directory may not be writable)."""
+    import tempfile
+
+    from scriptlb.config import DEFAULT_CONF, package_prefix
+
+    opts.conf = os.path.join(package_prefix(), DEFAULT_CONF)
+    opts.prefix = opts.prefix or tempfile.mkdtemp(prefix="scriptlb-demo-")
+    say(f"demo: {opts.conf} with prefix {opts.prefix}; try: curl http://127.0.0.1:8080/")
 
 
 def _hook_tool(argv: list[str]) -> int:

@@ -929,6 +929,11 @@ class ClientConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
 
+    @property
+    def reading_head(self) -> bool:
+        """A request head is arriving and no request is being served: stub_status's Reading."""
+        return self._parsing is not None and self.active is None
+
     def _close_after_response(self) -> None:
         """nginx's lingering close when the client may still be sending (pipelined requests
         after the last one we answer, a body we did not read): our side is shut, what comes

@@ -22,6 +22,7 @@ import ast
 import os
 import time
 import traceback
+from bisect import bisect_left
 from collections.abc import Callable
 from types import CodeType
 from typing import Any
@@ -38,6 +39,8 @@ from scriptlb.sandbox.policy import HookCompileError, compile_hook
 LogSink = Callable[[str, str, Any], None]  # (level, message, exchange or None)
 _BUDGET = limits.BUDGET
 _clock = limits.clock
+# scriptlb_hook_duration_seconds' buckets: hook runs take microseconds to their budget (10 ms)
+RUN_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
 _HOST_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -330,11 +333,15 @@ class _Runner:
         self._limit = _RateLimit()
         limits.quiet_unraisable_stops()  # a generator finalized past the budget: no stderr noise
         self._globals = _fresh_globals("__hook__", os.path.dirname(_error_file(conf)))
+        # for the metrics (scriptlb.metrics): runs, failures by kind, durations per bucket
+        self.runs = 0
+        self.failures: dict[str, int] = {}
+        self.durations = [0] * (len(RUN_BUCKETS) + 1)
+        self.duration_sum = 0.0
         self._code: CodeType | None = None
         self._compile_error: str | None = None
         self.breaker = Breaker(conf.breaker) if conf.breaker is not None else None
         self._tripped = False  # the breaker is open or probing (one test on the hot path)
-        self.failures: dict[str, int] = {}  # kind -> failed runs in this worker (statistics)
         if self.python.code_cache:
             self._code = self._load()
 
@@ -376,7 +383,8 @@ class _Runner:
             fuse.run_started()
         budget = _BUDGET
         budget.tripped = False
-        budget.deadline = _clock() + self.timeout
+        started = _clock()
+        budget.deadline = started + self.timeout
         failure: BaseException | None = None
         try:
             exec(code, self._globals.copy())
@@ -388,6 +396,10 @@ class _Runner:
             context.exchange = context.upstream = context.outcome = None
             if fuse is not None:
                 fuse.run_ended()
+            spent = _clock() - started
+            self.runs += 1
+            self.duration_sum += spent
+            self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
         if stopped or failure is not None:
             return self._failed_run(outcome, failure, stopped, exchange)
         if self._tripped:  # the probe succeeded
@@ -410,8 +422,7 @@ class _Runner:
                             exchange)
 
     def _failed(self, outcome: Any, kind: str, message: str, exchange: Any) -> Any:
-        """A run that failed: counted (statistics, breaker), then ``_fail``."""
-        self.failures[kind] = self.failures.get(kind, 0) + 1
+        """A run that failed: ``_fail`` (which counts it), then the breaker's count."""
         result = self._fail(outcome, kind, message, exchange)
         breaker = self.breaker
         if breaker is not None and kind in _COUNTED and breaker.failed(time.monotonic()):
@@ -423,12 +434,16 @@ class _Runner:
         return result
 
     def _skip(self, outcome: Any, exchange: Any) -> Any:
-        """A run the open breaker skips: no log line (the opening said it), as a failure of kind
-        "breaker_open" for the caller."""
+        """A run the open breaker skips: counted (outcome "breaker_open" in the metrics), no log
+        line (the opening said it); the subclass says what its run() returns for it."""
         raise NotImplementedError
 
+    def _count_skip(self) -> None:
+        self.failures["breaker_open"] = self.failures.get("breaker_open", 0) + 1
+
     def stats(self) -> dict[str, Any]:
-        """This worker's figures of the hook: failed runs by kind, and the breaker's state."""
+        """This worker's figures of the hook: failed (or skipped) runs by kind, and the
+        breaker's state."""
         breaker = self.breaker
         return {"failures": dict(self.failures),
                 "breaker": None if breaker is None else breaker.state,
@@ -442,6 +457,7 @@ class _Runner:
     def _report(self, kind: str, message: str, exchange: Any, level: str) -> str:
         """Log ``message`` (escaped: exception text is hook-made), rate-limited per kind;
         returns the escaped text."""
+        self.failures[kind] = self.failures.get(kind, 0) + 1
         message = api.escape_log(message[:api.MAX_LOG_MESSAGE])
         write, suppressed = self._limit.admit(kind, time.monotonic())
         if suppressed:
@@ -503,6 +519,7 @@ class HookRunner(_Runner):
             outcome.exit_status = 500
 
     def _skip(self, outcome: HookOutcome, exchange: Any) -> HookOutcome:
+        self._count_skip()
         self._reset(outcome, "breaker_open")
         outcome.message = f"{self.chunk}: circuit breaker open, hook skipped"
         return outcome
@@ -540,4 +557,5 @@ class LogHookRunner(_Runner):
         return kind
 
     def _skip(self, outcome: Any, exchange: Any) -> str:
+        self._count_skip()
         return "breaker_open"

@@ -41,10 +41,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
-from scriptlb import config, daemon, errorlog
+from scriptlb import config, daemon, errorlog, service
+from scriptlb import status as instance_status
 from scriptlb.config.errors import ConfigError, where
 from scriptlb.config.model import MainConf
 from scriptlb.listeners import Key, ListenError, ListenerSet, LogFn
+from scriptlb.peer_lists import PeerListStore
 from scriptlb.shared_dict import remove_files, zone_directory
 from scriptlb.signals import (
     COMMAND_SIGNALS,
@@ -128,6 +130,7 @@ def run(conf: MainConf, globals_: str | None = None, worker_entry: WorkerEntry |
     ``worker.run`` (tests).
     """
     entry = worker_entry or _default_worker_entry()  # imported before any fork
+    service.make_log_dirs(conf)
     error_log = _open_error_log(conf, _log_to_terminal_too)
     if error_log is None:
         return 1
@@ -166,6 +169,8 @@ def _clear_shared_zones(conf: MainConf) -> None:
         return
     directory = zone_directory(conf.prefix)
     PeerStats.reset(directory)
+    instance_status.reset(directory)
+    PeerListStore.reset(directory)
     for name in conf.http.shared_dicts:
         remove_files(directory, name)
 
@@ -304,6 +309,8 @@ class Master:
     def serve(self) -> int:
         try:
             self._start_workers()
+            # systemd (Type=notify): the sockets are open and the workers forked
+            service.notify(f"READY=1\nMAINPID={os.getpid()}")
             while not (self.stopping and not self.workers):
                 received = self._waiter.wait(self._next_timeout())
                 if received is not None:
@@ -361,6 +368,7 @@ class Master:
     def _terminate(self) -> None:
         if self.stopping == "terminate":
             return
+        service.notify("STOPPING=1")
         self.stopping = "terminate"
         self._respawn_at.clear()
         self._retire_at = None
@@ -371,6 +379,7 @@ class Master:
     def _quit(self) -> None:
         if self.stopping:
             return
+        service.notify("STOPPING=1")
         self.stopping = "quit"
         self._respawn_at.clear()
         self._retire_at = None
@@ -410,6 +419,14 @@ class Master:
 
     def _reload(self) -> None:
         log("notice", "reconfiguring")
+        monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        service.notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec}")
+        try:
+            self._reconfigure()
+        finally:
+            service.notify("READY=1")  # done, whether the new config was taken or refused
+
+    def _reconfigure(self) -> None:
         new_conf = self._load_new_config()
         if new_conf is None:
             return
@@ -463,6 +480,10 @@ class Master:
 
     def _start_workers(self) -> None:
         log("notice", "start worker processes")
+        try:
+            service.hand_over(self.conf)
+        except OSError as err:
+            log("alert", f"giving files to the worker user failed {daemon.os_error_text(err)}")
         _warn_if_threaded()
         for worker_id in range(self.conf.worker_processes):
             self._spawn(worker_id)
@@ -492,6 +513,7 @@ class Master:
             _stop_with_master(master_pid)
             for sock in self.listeners.not_for_worker(worker_id):
                 sock.close()
+            service.drop_privileges(self.conf)
             _set_process_name("worker")
             self._worker_entry(
                 self.conf, self.listeners.for_worker(worker_id), worker_id, self.conf.worker_processes

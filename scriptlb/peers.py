@@ -22,6 +22,7 @@ class Peer:
         "addr",
         "backup",
         "checked",
+        "config_down",
         "conns",
         "current_weight",
         "down",
@@ -33,7 +34,9 @@ class Peer:
         "max_fails",
         "name",
         "server",
+        "slow_start",
         "stats_index",
+        "unhealthy",
         "weight",
     )
 
@@ -43,7 +46,11 @@ class Peer:
         self.name = addr.name  # "127.0.0.1:9001": what $upstream_addr shows
         self.server = server.name  # the server line as written, for ngx.upstream.get_servers
         self.backup = server.backup
-        self.down = server.down
+        self.down = server.down or server.drain  # draining: chosen by no new request
+        # active health checks (scriptlb.health) set down while unhealthy, then back to this
+        self.config_down = self.down
+        self.unhealthy = False
+        self.slow_start = server.slow_start  # seconds of weight ramp after recovering
         self.weight = server.weight
         self.max_fails = server.max_fails
         self.fail_timeout = server.fail_timeout

@@ -342,6 +342,12 @@ class Exchange:
             self.finish_with_page(self._early_status)
             return
         location = self.location
+        # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
+        if location.access is not None and location.conf.return_ is None:
+            refused = location.access(self)
+            if refused is not None:
+                self.finish_with_page(*refused)
+                return
         if location.conf.return_ is not None or location.upstream is None:
             if self.request.complete or not self.request.has_body:
                 self._serve_return()
@@ -357,10 +363,12 @@ class Exchange:
             upstream_request.body_received()
             return
         request = self.request
+        keep = self.location.content is not None  # a content handler (the API) reads the body
         if request.complete and not self._finished and not self._early_status:
-            request.body.clear()
+            if not keep:
+                request.body.clear()
             self._serve_return()
-        elif not self._finished:
+        elif not self._finished and not keep:
             request.body.clear()  # a body for `return` is read and dropped
 
     def client_lost(self) -> None:
@@ -389,6 +397,9 @@ class Exchange:
     def _serve_return(self) -> None:
         location = self.location
         if location.conf.return_ is None:
+            if location.content is not None:  # stub_status, api, prometheus
+                location.content(self)
+                return
             self.finish_with_page(404)
             return
         status = location.conf.return_.status
@@ -402,6 +413,12 @@ class Exchange:
         if body is None:
             self.finish_with_page(status, headers)
             return
+        self.response_headers = headers
+        self._finish_small(status, headers, body)
+
+    def respond(self, status: int, headers: bytes, body: bytes) -> None:
+        """A content handler's whole response (stub_status, the API, the metrics)."""
+        self.status = status
         self.response_headers = headers
         self._finish_small(status, headers, body)
 
@@ -461,6 +478,9 @@ class Exchange:
             return
         self._logged = True
         location = self.location
+        zone = location.zone
+        if zone is not None:  # status_zone: responses by class, for the metrics
+            zone[self.status // 100] += 1
         hook = location.log_hook
         if hook is None:
             for log in location.access_logs:

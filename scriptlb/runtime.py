@@ -13,6 +13,7 @@ worker builds its ``Runtime`` exactly once.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from scriptlb.downstream import ClientConnection, Request
     from scriptlb.hooks import LogHookRunner
     from scriptlb.proxy import Exchange
+    from scriptlb.status import WorkerStatus
 
 Getter = Callable[[Any], str]
 
@@ -99,6 +101,17 @@ class UpstreamRuntime:
         pool.idle_timeout = idle_timeout
         pool.max_requests = max_requests
         return pool
+
+    def replace_servers(self, conf: UpstreamConf) -> None:
+        """A run-time server list (``scriptlb.peer_lists``): new peers, the balancer rebuilt
+        over them; requests in flight keep the peers they hold. The statistics must already
+        have records for the new peers (``Runtime.replace_servers`` sees to it)."""
+        self.conf = conf
+        self.peers = PeerSet.from_conf(conf)
+        if self.stats is not None:
+            self.stats.rebind()
+            self.stats.assign_indexes(self.peers.primary, self.peers.backup)
+        self.balancer.rebuild(self.peers)
 
     def refresh_weights(self) -> None:
         """Take weights hooks set (``upstream.set_peer_weight``, in any worker) since the last
@@ -225,7 +238,10 @@ def _connection_listed(connection: bytes) -> frozenset[bytes]:
 
 
 class LocationRuntime:
-    __slots__ = ("access_logs", "conf", "log_hook", "plan", "proxy_host", "return_getter", "upstream")
+    __slots__ = (
+        "access", "access_logs", "conf", "content", "log_hook", "plan", "proxy_host", "return_getter",
+        "upstream", "zone",
+    )
 
     def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None, access_logs: tuple,
                  log_hook: LogHookRunner | None = None) -> None:
@@ -233,6 +249,15 @@ class LocationRuntime:
         self.upstream = upstream
         self.access_logs = access_logs
         self.log_hook = log_hook  # log_by_python, run by the exchange after the access logs
+        # allow/deny + auth_basic (scriptlb.access): None, or check(exchange) -> refusal | None
+        self.access: Callable[[Any], tuple[int, bytes] | None] | None = None
+        if conf.access or conf.auth_basic_user_file is not None:
+            from scriptlb.access import access_phase
+
+            self.access = access_phase(conf)
+        # stub_status / api / prometheus (scriptlb.handlers): content(exchange) answers
+        self.content: Callable[[Any], None] | None = None
+        self.zone: list[int] | None = None  # status_zone: this worker's counts by status // 100
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
         ret = conf.return_
@@ -347,6 +372,15 @@ class Runtime:
     ) -> None:
         self.conf = conf
         self.loop = loop
+        self.requests = 0  # requests this worker started (stub_status's "requests")
+        self.recorder = recorder
+        self.peer_lists: Any = None  # scriptlb.peer_lists.PeerListWatcher, set by the worker
+        self.health: Any = None  # scriptlb.health.HealthView (health_check), set by the worker
+        self.health_checker: Any = None  # scriptlb.health.HealthChecker: this worker's checks
+        self.metrics: Any = None  # the prometheus location's registry, built on first scrape
+        # status_zone name -> responses by status // 100 in this worker (published by status)
+        self.zone_counts: dict[str, list[int]] = {}
+        self.status: WorkerStatus | None = None  # the instance's counters, set by the worker
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
         self.upstreams = {
             name: UpstreamRuntime(up, loop, http.python, recorder) for name, up in http.upstreams.items()
@@ -368,7 +402,14 @@ class Runtime:
         upstream = None
         if conf.proxy_pass is not None and conf.return_ is None:
             upstream = self.upstreams[conf.proxy_pass.upstream]
-        return LocationRuntime(conf, upstream, self._access_logs_for(conf), self._log_hook_for(conf))
+        location = LocationRuntime(conf, upstream, self._access_logs_for(conf), self._log_hook_for(conf))
+        if conf.status_zone is not None:
+            location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
+        if conf.handler is not None:
+            from scriptlb.handlers import content_handler
+
+            location.content = content_handler(conf, self)
+        return location
 
     def _log_hook_for(self, conf: LocationConf) -> LogHookRunner | None:
         hook = conf.log_hook
@@ -405,15 +446,41 @@ class Runtime:
             )
         return logs
 
+    def replace_servers(self, changed: dict[str, UpstreamConf]) -> None:
+        """New server lists for some upstreams (``scriptlb.peer_lists``), applied between two
+        loop callbacks: statistics records for new peers first, then peers and balancers."""
+        recorder = self.recorder
+        if recorder is not None and self.conf.http is not None:
+            import dataclasses
+
+            from scriptlb.stats import PeerStats, layout_of
+
+            upstreams = {name: changed.get(name, up.conf) for name, up in self.upstreams.items()}
+            old = recorder.stats
+            recorder.stats = PeerStats.open(
+                os.path.dirname(old.path), layout_of(dataclasses.replace(self.conf.http, upstreams=upstreams))
+            )
+            for upstream in self.upstreams.values():
+                if upstream.stats is not None and upstream.name not in changed:
+                    upstream.stats.rebind()
+            old.close()  # the shard stays this process's: the new map holds it
+        for name, conf in changed.items():
+            self.upstreams[name].replace_servers(conf)
+        if self.health is not None:
+            self.health.apply()
+            self.health_checker.sync(self.loop)
+
     # ------------------------------------------------------------------ the request path
 
     def open_exchange(self, conn: ClientConnection, request: Request) -> Exchange:
+        self.requests += 1
         return _exchange_class()(conn, request, self)
 
     def log_client_error(self, conn: ClientConnection, request: Request, status: int) -> None:
         """Access-log a request the client connection rejected before any handler saw it."""
         from scriptlb.proxy import Exchange
 
+        self.requests += 1
         Exchange(conn, request, self).log_rejected(status)
 
     def route_for(self, conn: ClientConnection) -> ServerRoute:

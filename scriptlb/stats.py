@@ -23,7 +23,11 @@ store and a concurrent reader never sees half a value)::
     records  RECORDS x RECORD_WORDS words:
              key (16-byte digest of upstream name, peer name, occurrence), last status,
              last failure time, ewma, peak ewma, ewma stamp, weight override, weight base,
-             2 reserved, then per shard: requests, failures, finished
+             last selected (a batch's publish time), downtime (seconds unhealthy, ended
+             spells), health (state, checks, fails, unhealthy, last passed, run, since: when it
+             last became healthy, or unhealthy while it is),
+             then per shard: requests, failures, finished, responses 1xx..5xx, samples
+             per response-time bucket (TIME_BUCKETS, +Inf), the samples' sum
 
 **Exact counters: one shard per process.** Each recording process claims a shard (a column of
 ``requests, failures, finished`` in every record) when it opens the file, so each of those cells
@@ -79,6 +83,8 @@ import os
 import struct
 import time
 import weakref
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,7 +100,7 @@ DEFAULT_SHARDS = 32
 FILE_NAME = "peer_stats"
 
 MAGIC = int.from_bytes(b"SLBSTAT1", "little")
-VERSION = 2  # 2: the third counter is "finished" (was "active")
+VERSION = 3  # 2: the third counter is "finished" (was "active"); 3: response classes 1xx-5xx
 
 # header words
 _MAGIC, _VERSION, _SHARDS, _RECORD_WORDS, _RECORDS, _WEIGHT_GENERATION, _SHARDS_USED = range(7)
@@ -111,10 +117,23 @@ _PEAK = 5
 _STAMP = 6
 _WEIGHT = 7  # override; 0 = none
 _WEIGHT_BASE = 8  # the configured weight the override was set against
-_FIXED_WORDS = 11
+_SELECTED = 9  # when a batch with tries started on it was last published (nginx Plus's "selected")
+_DOWNTIME = 10  # seconds spent unhealthy (the health checker's, ended spells only)
+# active health checks (scriptlb.health): written by the one process checking the peer
+_HEALTH = 11  # seven words, HEALTH_FIELDS
+_FIXED_WORDS = 18
+HEALTH_FIELDS = ("state", "checks", "fails", "unhealthy", "last_passed", "run", "since")
+UP, UNHEALTHY, CHECKING = 0, 1, 2  # the "state" word
 # per-shard words (offsets from a slot's shard column)
 _REQUESTS, _FAILURES, _FINISHED = 0, 1, 2
-_COUNTER_WORDS = 3
+_CLASSES = 3  # five words: responses 1xx..5xx (the API's and the metrics' "responses")
+_BUCKETS = 8  # len(TIME_BUCKETS) + 1 words: samples per response-time bucket (the last: +Inf)
+# Prometheus's default buckets (seconds), for scriptlb_upstream_server_response_time_seconds
+TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BUCKET_SLOTS = len(TIME_BUCKETS) + 1
+_TIME_SUM = _BUCKETS + BUCKET_SLOTS  # the samples' sum (a float word)
+_COUNTER_WORDS = _TIME_SUM + 1
+CODE_SLOTS = 10  # Recorder.codes: one counter per status // 100 (0: no response) per peer
 
 _WORD = 8
 
@@ -334,6 +353,68 @@ class PeerStats:
         self.publish(slot, 0, 1, 1 if failed else 0, status, now, 1 if sampled else 0,
                      response_time or 0.0, response_time or 0.0, now)
 
+    def publish_tallies(self, slot: int, tallies: list[int], total: float) -> None:
+        """Add one process's responses by class 1xx..5xx and response-time samples per
+        bucket (``tallies``: the five, then ``BUCKET_SLOTS``; the words are contiguous: one
+        slice read and one slice write) and the samples' sum."""
+        at = slot + self._mine + _CLASSES
+        q = self._q
+        end = at + len(tallies)
+        q[at:end] = array("q", [a + b for a, b in zip(q[at:end].tolist(), tallies, strict=True)])
+        if total:
+            self._d[slot + self._mine + _TIME_SUM] += total
+
+    def publish_classes(self, slot: int, classes: Sequence[int]) -> None:
+        """Add one process's responses by class (``classes[c]``: how many ``c``xx, c = 1..5)."""
+        self.publish_tallies(slot, [*classes[1:6], *[0] * BUCKET_SLOTS], 0.0)
+
+    def selected(self, slot: int) -> float | None:
+        """When the peer was last chosen, to the statistics' batching (50 ms); None: never."""
+        return self._d[slot + _SELECTED] or None
+
+    def downtime(self, slot: int) -> float:
+        return self._d[slot + _DOWNTIME]
+
+    def add_downtime(self, slot: int, seconds: float) -> None:
+        """The peer's checker, when an unhealthy spell ends (its only writer)."""
+        self._d[slot + _DOWNTIME] += seconds
+
+    def health(self, slot: int) -> list[float]:
+        """The peer's health-check words (``HEALTH_FIELDS``; ``since`` is a time)."""
+        q, d = self._q, self._d
+        at = slot + _HEALTH
+        values: list[float] = list(q[at : at + 6].tolist())
+        values.append(d[at + 6])
+        return values
+
+    def set_health(self, slot: int, values: Sequence[float]) -> None:
+        """Store the health words (the peer's one checker; readers see each word whole)."""
+        q, d = self._q, self._d
+        at = slot + _HEALTH
+        for offset in range(6):
+            q[at + offset] = int(values[offset])
+        d[at + 6] = float(values[6])
+
+    def publish_times(self, slot: int, buckets: Sequence[int], total: float) -> None:
+        """Add one process's response-time samples: per bucket, and their sum."""
+        self.publish_tallies(slot, [0] * 5 + list(buckets), total)
+
+    def histogram(self, slot: int) -> tuple[list[int], float]:
+        """(samples per bucket, not cumulative; their sum) of one peer, every process's."""
+        used = self._q[_SHARDS_USED]
+        first = slot + _FIXED_WORDS
+        counters = self._q[first : first + _COUNTER_WORDS * used].tolist()
+        sums = self._d[first : first + _COUNTER_WORDS * used].tolist()
+        buckets = [sum(counters[_BUCKETS + b :: _COUNTER_WORDS]) for b in range(BUCKET_SLOTS)]
+        return buckets, sum(sums[_TIME_SUM::_COUNTER_WORDS])
+
+    def classes(self, slot: int) -> list[int]:
+        """Responses 1xx..5xx of one peer, every process's published ones."""
+        q = self._q
+        first = slot + _FIXED_WORDS
+        counters = q[first : first + _COUNTER_WORDS * q[_SHARDS_USED]].tolist()
+        return [sum(counters[_CLASSES + c :: _COUNTER_WORDS]) for c in range(5)]
+
     def publish(self, slot: int, started: int, finished: int, failures: int, status: int,
                 failure_time: float, samples: int, sample_sum: float, sample_max: float,
                 now: float) -> None:
@@ -346,6 +427,7 @@ class PeerStats:
         mine = slot + self._mine
         if started:
             q[mine + _REQUESTS] += started
+            d[slot + _SELECTED] = now
         if finished:
             q[mine + _FINISHED] += finished
             q[slot + _LAST_STATUS] = status
@@ -444,6 +526,8 @@ class PeerStats:
 
 
 FLUSH_INTERVAL = 0.05  # seconds: how far behind one worker's tries may look to the others
+_NO_CODES = [0] * CODE_SLOTS
+_NO_BUCKETS = [0] * BUCKET_SLOTS
 
 
 class Recorder:
@@ -462,8 +546,8 @@ class Recorder:
     Indexes are dense (``index_of(slot)``): ``Peer.stats_index`` holds a peer's."""
 
     __slots__ = (
-        "_loop", "_slots", "_timer", "failure_time", "failures", "finished", "index", "sample_max",
-        "sample_sum", "samples", "started", "stats", "status",
+        "_loop", "_slots", "_timer", "buckets", "codes", "failure_time", "failures", "finished", "index",
+        "sample_max", "sample_sum", "samples", "started", "stats", "status",
     )
 
     def __init__(self, stats: PeerStats, loop: Any) -> None:
@@ -480,6 +564,8 @@ class Recorder:
         self.samples: list[int] = []
         self.sample_sum: list[float] = []
         self.sample_max: list[float] = []
+        self.codes: list[int] = []  # CODE_SLOTS per index: responses by status // 100
+        self.buckets: list[int] = []  # BUCKET_SLOTS per index: samples per response-time bucket
 
     def index_of(self, slot: int) -> int:
         index = self.index.get(slot)
@@ -490,6 +576,8 @@ class Recorder:
                 column.append(0)
             for column in (self.failure_time, self.sample_sum, self.sample_max):
                 column.append(0.0)
+            self.codes.extend([0] * CODE_SLOTS)
+            self.buckets.extend([0] * BUCKET_SLOTS)
         return index
 
     def start(self, index: int) -> None:
@@ -503,6 +591,7 @@ class Recorder:
         it says nothing about the peer), and whether it failed."""
         self.finished[index] += 1
         self.status[index] = status
+        self.codes[index * CODE_SLOTS + status // 100] += 1
         if self._timer is None:  # (a long try may end after the flush its start armed)
             self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
         if failed:
@@ -510,6 +599,7 @@ class Recorder:
             self.failure_time[index] = time.time()
         if sample is not None:
             self.samples[index] += 1
+            self.buckets[index * BUCKET_SLOTS + bisect_left(TIME_BUCKETS, sample)] += 1
             self.sample_sum[index] += sample
             if sample > self.sample_max[index]:
                 self.sample_max[index] = sample
@@ -529,8 +619,26 @@ class Recorder:
             publish(slot, started[index], finished[index], failures[index], self.status[index],
                     self.failure_time[index], samples[index], self.sample_sum[index],
                     self.sample_max[index], now)
+            at, bt = index * CODE_SLOTS, index * BUCKET_SLOTS
+            tallies = self.codes[at + 1 : at + 6] + self.buckets[bt : bt + BUCKET_SLOTS]
+            self.stats.publish_tallies(slot, tallies, self.sample_sum[index] if samples[index] else 0.0)
+            self.codes[at : at + CODE_SLOTS] = _NO_CODES
+            self.buckets[bt : bt + BUCKET_SLOTS] = _NO_BUCKETS
             started[index] = finished[index] = failures[index] = samples[index] = 0
             self.sample_sum[index] = self.sample_max[index] = 0.0
+
+    def unpublished_histogram(
+        self, index: int, histogram: tuple[list[int], float]
+    ) -> tuple[list[int], float]:
+        """``PeerStats.histogram`` with this worker's unpublished samples added."""
+        at = index * BUCKET_SLOTS
+        buckets = [count + self.buckets[at + b] for b, count in enumerate(histogram[0])]
+        return buckets, histogram[1] + (self.sample_sum[index] if self.samples[index] else 0.0)
+
+    def unpublished_classes(self, index: int, classes: list[int]) -> list[int]:
+        """``PeerStats.classes`` with this worker's unpublished responses added."""
+        at = index * CODE_SLOTS
+        return [count + self.codes[at + c + 1] for c, count in enumerate(classes)]
 
     def unpublished(self, index: int, figures: tuple[Any, ...]) -> tuple[Any, ...]:
         """``PeerStats.figures`` with this worker's unpublished tries added."""
@@ -567,6 +675,14 @@ class UpstreamStats:
         self.finish = recorder.finish
         self.words = stats._q  # for weights_stale's one load
 
+    def rebind(self) -> None:
+        """Follow the recorder to its new ``PeerStats`` (reopened with records for run-time
+        peers: ``Runtime.replace_servers``) and re-read this upstream's slots."""
+        stats = self.stats = self.recorder.stats
+        self.primary, self.backup = stats.slots(self.name)
+        self.words = stats._q
+        self.generation = -1  # weights: re-read on the next request
+
     def weights_stale(self) -> bool:
         """Has a hook set a weight since ``refresh_weights`` last ran? (Callers on the hot
         path inline this: ``stats.words[WEIGHT_GENERATION] != stats.generation``.)"""
@@ -585,6 +701,14 @@ class UpstreamStats:
     def figures(self, peer: Any) -> tuple[Any, ...]:
         """The peer's ``FIELDS`` values: every worker's published tries and this one's all."""
         return self.recorder.unpublished(peer.stats_index, self.stats.figures(self.slot_of(peer)))
+
+    def histogram(self, peer: Any) -> tuple[list[int], float]:
+        """The peer's response-time samples per bucket and their sum (all workers')."""
+        return self.recorder.unpublished_histogram(peer.stats_index, self.stats.histogram(self.slot_of(peer)))
+
+    def classes(self, peer: Any) -> list[int]:
+        """The peer's responses 1xx..5xx: every worker's published and this one's all."""
+        return self.recorder.unpublished_classes(peer.stats_index, self.stats.classes(self.slot_of(peer)))
 
     def start_address(self, address: str) -> int:
         """A try to a hook-chosen address starts: it counts for the upstream's first peer with

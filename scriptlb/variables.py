@@ -53,6 +53,12 @@ def _http_host(ex: Any) -> str | None:
     return ex.header("host")
 
 
+def _connections(ex: Any, name: str) -> str:
+    """``$connections_*``: the instance's counters, as stub_status shows them."""
+    status = ex.runtime.status
+    return str(status.totals()[name]) if status is not None else "0"
+
+
 def _remote_user(ex: Any) -> str | None:
     """nginx's ngx_http_auth_basic_user: the user of "Authorization: Basic base64(user:pass)"."""
     authorization = ex.header("authorization")
@@ -318,6 +324,10 @@ _SIMPLE: dict[str, Getter] = {
     "content_type": _header("content-type"),
     "hostname": lambda ex: _HOSTNAME,
     "pid": lambda ex: str(os.getpid()),
+    "connections_active": lambda ex: _connections(ex, "active"),
+    "connections_reading": lambda ex: _connections(ex, "reading"),
+    "connections_writing": lambda ex: _connections(ex, "writing"),
+    "connections_waiting": lambda ex: _connections(ex, "waiting"),
     "status": _status,
     "body_bytes_sent": _attr("body_bytes_sent"),
     "bytes_sent": _attr("bytes_sent"),

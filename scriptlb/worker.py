@@ -22,16 +22,19 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import uvloop
 
 from scriptlb import api, errorlog
 from scriptlb.config.model import HttpConf, MainConf
 from scriptlb.downstream import ClientConnection, ListenerContext
+from scriptlb.peer_lists import PeerListStore, PeerListWatcher, effective_conf
 from scriptlb.runtime import Runtime
 from scriptlb.sandbox.limits import install_worker_fuse
 from scriptlb.shared_dict import SharedDict, map_size, zone_directory
 from scriptlb.stats import PeerStats, Recorder, StatsFull, layout_of, shards_for
+from scriptlb.status import StatusFull, WorkerStatus, rows_for
 
 Key = tuple
 
@@ -50,6 +53,8 @@ class Worker:
         self.runtime: Runtime | None = None
         self.stats: PeerStats | None = None
         self.recorder: Recorder | None = None  # this worker's tries, published to self.stats
+        self.status: WorkerStatus | None = None  # connection/request counters (stub_status)
+        self.hook_figures: Any = None  # scriptlb.metrics.HookFiguresPublisher
         self.contexts: list[ListenerContext] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
@@ -58,11 +63,29 @@ class Worker:
 
     async def serve(self) -> None:
         self._stop = self.loop.create_future()
+        loaded_http = self.conf.http
+        store = PeerListStore(zone_directory(self.conf.prefix)) if loaded_http is not None else None
+        if store is not None:
+            self.conf = effective_conf(self.conf, store)  # run-time server lists (the API)
         self.stats = open_peer_stats(self.conf)
         if self.stats is not None:
             self.recorder = Recorder(self.stats, self.loop)
         self.runtime = Runtime(self.conf, self.loop, self.recorder)
+        self.status = open_status(self.conf)
+        self.runtime.status = self.status
+        if store is not None and loaded_http is not None:
+            self.runtime.peer_lists = PeerListWatcher(store, loaded_http, self.runtime.replace_servers)
+            if _has_handler(loaded_http, "api", write=True):  # only then can lists change
+                self.runtime.peer_lists.start(self.loop)
+        self._start_health_checks(self.runtime)
+        self._start_hook_figures(self.runtime)
         await self._start_servers(self.runtime)
+        if self.status is not None:
+            self.status.runtime = self.runtime
+            shared = {id(c.connections): c.connections for c in self.contexts}  # one set per worker
+            self.status.connection_sets = list(shared.values())
+            if _reads_status(self.conf):  # otherwise nobody reads the other workers' rows
+                self.status.start(self.loop)
         if self.freeze_gc:
             # Everything alive now (modules, config, runtime) lives as long as the worker
             # process: keep it out of the cyclic GC's scans, which would walk it again and again.
@@ -71,6 +94,29 @@ class Worker:
         self.ready.set()
         graceful = await self._stop
         await self._shutdown(graceful)
+
+    def _start_hook_figures(self, runtime: Runtime) -> None:
+        """With a prometheus location and hooks: share this worker's hook runs."""
+        http = self.conf.http
+        if http is None or not http.hooks() or not any(
+            loc.handler == "prometheus" for server in http.servers for loc in server.locations
+        ):
+            return
+        from scriptlb.metrics import HookFiguresPublisher
+
+        self.hook_figures = HookFiguresPublisher(runtime, zone_directory(self.conf.prefix))
+        self.hook_figures.start(self.loop)
+
+    def _start_health_checks(self, runtime: Runtime) -> None:
+        """health_check: every worker applies the shared state; each checks its share."""
+        from scriptlb.health import HealthChecker, HealthView, checked_upstreams
+
+        if not checked_upstreams(runtime):
+            return
+        runtime.health = HealthView(runtime)
+        runtime.health.start(self.loop)
+        runtime.health_checker = HealthChecker(runtime, self.worker_id, self.worker_count)
+        runtime.health_checker.sync(self.loop, first=True)
 
     async def _start_servers(self, runtime: Runtime) -> None:
         connections: set[ClientConnection] = set()  # worker_connections counts them all
@@ -97,7 +143,7 @@ class Worker:
             context.on_client_error = runtime.log_client_error
             self.contexts.append(context)
             server = await self.loop.create_server(
-                _protocol_factory(context, self.loop), sock=sock, backlog=self._backlog(keys)
+                _protocol_factory(context, self.loop, self.status), sock=sock, backlog=self._backlog(keys)
             )
             self._servers.append(server)
 
@@ -123,6 +169,10 @@ class Worker:
                     conn.close()
 
     async def _shutdown(self, graceful: bool) -> None:
+        runtime = self.runtime
+        if runtime is not None and runtime.health_checker is not None:
+            runtime.health_checker.stop()  # the next generation's worker takes the checks over
+            runtime.health.stop()
         for server in self._servers:
             server.close()  # stop accepting
         # connections accepted in this loop turn get connection_made in the next: let them
@@ -138,9 +188,17 @@ class Worker:
         if graceful:
             await self._drain()
         if self.runtime is not None:
+            if self.runtime.peer_lists is not None:
+                self.runtime.peer_lists.stop()
             self.runtime.close()
         if self.recorder is not None:
             self.recorder.flush()  # the last tries count too
+        if self.hook_figures is not None:
+            self.hook_figures.close()
+        if self.status is not None:
+            self.status.close()
+            self.status = None
+            self.runtime.status = None
         if self.stats is not None:
             self.stats.close()  # gives the shard back for the next generation of workers
             self.stats = None
@@ -176,10 +234,15 @@ class Worker:
 
 
 def _protocol_factory(
-    context: ListenerContext, loop: asyncio.AbstractEventLoop
+    context: ListenerContext, loop: asyncio.AbstractEventLoop, status: WorkerStatus | None = None
 ) -> Callable[[], ClientConnection]:
-    def factory() -> ClientConnection:
-        return ClientConnection(context, loop)
+    if status is None:
+        def factory() -> ClientConnection:
+            return ClientConnection(context, loop)
+    else:
+        def factory() -> ClientConnection:
+            status.accepted += 1  # nginx's "accepts" (stub_status, $connections_*)
+            return ClientConnection(context, loop)
 
     return factory
 
@@ -229,13 +292,49 @@ def open_peer_stats(conf: MainConf) -> PeerStats | None:
     process): the worker then serves without them and says why once, as a worker must not
     refuse traffic over a figure hooks may read."""
     http = conf.http
-    if http is None or not http.upstreams or not http.python.peer_stats:
-        return None
+    checked = any(u.health_checks for u in http.upstreams.values()) if http is not None else False
+    if http is None or not http.upstreams or not (http.python.peer_stats or checked):
+        return None  # health checks keep their state in the statistics: on with them
     try:
         return PeerStats.open(zone_directory(conf.prefix), layout_of(http),
                               shards=shards_for(conf.worker_processes))
     except (OSError, StatsFull, ValueError) as err:
         errorlog.log_error("alert", f"peer statistics unavailable, serving without them: {err}")
+        return None
+
+
+def _has_handler(http: HttpConf, name: str, write: bool = False) -> bool:
+    return any(loc.handler == name and (loc.api_write or not write)
+               for server in http.servers for loc in server.locations)
+
+
+def _reads_status(conf: MainConf) -> bool:
+    """Does anything read the instance's counters (stub_status, the API, the metrics, the
+    $connections_* variables)? Only then does a worker publish its row every 100 ms."""
+    http = conf.http
+    if http is None:
+        return False
+    if any(_has_handler(http, name) for name in ("stub_status", "api", "prometheus")):
+        return True
+    for path in conf.files:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                if "$connections_" in f.read():
+                    return True
+        except OSError:
+            return True  # cannot tell: publish
+    return False
+
+
+def open_status(conf: MainConf) -> WorkerStatus | None:
+    """This worker's row of the instance's connection and request counters, or None (after
+    an alert) when they cannot be had: a worker serves without them rather than not at all."""
+    if conf.http is None:
+        return None
+    try:
+        return WorkerStatus(zone_directory(conf.prefix), rows_for(conf.worker_processes))
+    except (OSError, StatusFull, ValueError) as err:
+        errorlog.log_error("alert", f"connection counters unavailable, serving without them: {err}")
         return None
 
 

@@ -399,7 +399,9 @@ def test_upstream_peers() -> None:
                           # no live statistics in this runtime: the fields are there, as None
                           "requests": None, "failures": None, "active": None, "last_status": None,
                           "last_failure_time": None, "ewma": None, "peak_ewma": None,
-                          "ewma_time": None, "weight_override": None}
+                          "ewma_time": None, "weight_override": None,
+                          # active health checks (none here): healthy, state from down/unhealthy
+                          "healthy": True, "state": "up"}
     assert result.ctx["backup"] == []
     assert result.ctx["name"] == "backend"
     assert result.outcome.addr == PeerAddr("127.0.0.1", 9002)

@@ -62,7 +62,8 @@ def upstream(tmp_path: Path, body: str, name: str = "u") -> UpstreamConf:
 def test_main_defaults(tmp_path: Path) -> None:
     conf = load_text(tmp_path, "")
     assert conf.conf_file == str(tmp_path / "x.conf") and conf.prefix == str(tmp_path)
-    assert (conf.worker_processes, conf.daemon, conf.master_process, conf.pid) == (1, True, True, None)
+    assert (conf.worker_processes, conf.daemon, conf.master_process) == (1, True, True)
+    assert conf.pid == str(tmp_path / "logs" / "scriptlb.pid")  # nginx: NGX_PID_PATH under the prefix
     assert conf.worker_connections == 512 and conf.http is None
     assert [(e.path, e.level) for e in conf.error_log] == [("stderr", "error")]
 

@@ -38,8 +38,8 @@ def test_overruns_open_the_breaker_which_skips_the_hook_and_logs_once() -> None:
     opened = [msg for _, msg in logs if "circuit breaker open" in msg]
     assert len(opened) == 1 and "after 3 failed runs in 60s, skipping the hook for 60s" in opened[0]
     assert len(logs) == 4  # three timeouts, one opening
-    assert hook.stats() == {"failures": {"timeout": 3}, "breaker": "open", "breaker_trips": 1,
-                            "breaker_skipped": 50}
+    assert hook.stats() == {"failures": {"timeout": 3, "breaker_open": 50}, "breaker": "open",
+                            "breaker_trips": 1, "breaker_skipped": 50}
 
 
 def test_after_the_cooldown_one_run_probes_and_success_closes() -> None:

@@ -97,7 +97,8 @@ def test_every_try_is_counted_once_per_peer(tmp_path: Path) -> None:
     assert [s["last_status"] for s in stats] == [200, 200, 200]
     assert all(s["last_failure_time"] is None for s in stats)
     for s in stats:
-        assert 0 < s["ewma"] < 0.25 and 0 < s["peak_ewma"] < 0.25
+        # a local peer may answer within the millisecond $upstream_response_time resolves: 0.0
+        assert 0 <= s["ewma"] < 0.25 and 0 <= s["peak_ewma"] < 0.25
         assert before <= s["ewma_time"] <= time.time()
 
 

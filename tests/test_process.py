@@ -757,12 +757,14 @@ def test_daemon_detaches_and_stops_on_s_stop(lb: Instance) -> None:
 def test_a_daemon_that_cannot_start_fails_the_command(lb: Instance) -> None:
     (port,) = free_ports(1)
     lb.write(port, main="daemon on;")
-    missing = lb.prefix / "missing" / "scriptlb.pid"
+    # a missing directory would be created: a regular file where the directory should be
+    (lb.prefix / "not-a-dir").write_text("")
+    missing = lb.prefix / "not-a-dir" / "scriptlb.pid"
     lb.conf.write_text(lb.conf.read_text().replace(f"pid {lb.pid_file};", f"pid {missing};"))
     result = lb.cli(timeout=15)
     assert result.returncode == 1
     assert "the daemon could not start" in result.stderr
-    assert f'open() "{missing}" failed (2: No such file or directory)' in lb.log_text()
+    assert f'open() "{missing}" failed (20: Not a directory)' in lb.log_text()
     wait_for(lambda: connect_refused(port), what="the port to be closed again")
 
 

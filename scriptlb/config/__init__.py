@@ -14,15 +14,36 @@ from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import MainConf
 from scriptlb.config.parser import parse
 
-__all__ = ["ConfigError", "MainConf", "load", "load_and_check", "resolve_paths"]
+__all__ = [
+    "ConfigError", "MainConf", "default_prefix", "load", "load_and_check", "package_prefix", "resolve_paths",
+]
 
 DEFAULT_CONF = "conf/scriptlb.conf"
 
 
+def package_prefix() -> str:
+    """The prefix shipped inside the installed package: its default config and example hooks
+    (``scriptlb/data/conf``, ``scriptlb/data/hooks``)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+
+
+def default_prefix(conf_file: str | None) -> str:
+    """The prefix when -p is not given: the current directory when the config file (-c, else
+    conf/scriptlb.conf) is there, as in a checkout or an operator's directory; otherwise the
+    installed package's when it has that file, so ``scriptlb`` or ``scriptlb -c
+    conf/scriptlb.conf`` runs the shipped default config after a ``pip install``."""
+    cwd = os.getcwd()
+    wanted = conf_file or DEFAULT_CONF
+    if os.path.isabs(wanted) or os.path.isfile(os.path.join(cwd, wanted)):
+        return cwd
+    packaged = package_prefix()
+    return packaged if os.path.isfile(os.path.join(packaged, wanted)) else cwd
+
+
 def resolve_paths(conf_file: str | None, prefix: str | None) -> tuple[str, str]:
-    """(absolute config file, absolute prefix) as nginx resolves -c and -p: the prefix
-    defaults to the current directory and a relative -c is taken under the prefix."""
-    abs_prefix = os.path.abspath(prefix or os.getcwd())
+    """(absolute config file, absolute prefix) as nginx resolves -c and -p: a relative -c is
+    taken under the prefix; the prefix defaults as ``default_prefix`` says."""
+    abs_prefix = os.path.abspath(prefix or default_prefix(conf_file))
     path = os.path.normpath(os.path.join(abs_prefix, conf_file or DEFAULT_CONF))
     return path, abs_prefix
 

@@ -158,7 +158,7 @@ def parse_upstream_server(node: Node, allowed: frozenset[str] | None = None) -> 
 
 def _server_param(param: str) -> tuple[str | None, object]:
     """(field, value) of one server parameter, or (None, None) if invalid."""
-    if param in ("backup", "down"):
+    if param in ("backup", "down", "drain"):
         return param, True
     name, eq, value = param.partition("=")
     if not eq:
@@ -169,9 +169,9 @@ def _server_param(param: str) -> tuple[str | None, object]:
     if name in ("max_fails", "max_conns"):
         count = parse_int(value)
         return (name, count) if count is not None else (None, None)
-    if name == "fail_timeout":
+    if name in ("fail_timeout", "slow_start"):
         seconds = parse_time(value, seconds_only=True)
-        return ("fail_timeout", seconds) if seconds is not None else (None, None)
+        return (name, seconds) if seconds is not None else (None, None)
     return None, None
 
 

@@ -23,6 +23,7 @@ from scriptlb.config.drafts import (
     LevelDraft,
     LocationDraft,
     MainDraft,
+    MatchDraft,
     ServerDraft,
     UpstreamDraft,
 )
@@ -33,12 +34,14 @@ from scriptlb.config.model import (
     BreakerConf,
     ClientBodyConf,
     ErrorLogConf,
+    HealthCheckConf,
     HookConf,
     HttpConf,
     ListenConf,
     LocationConf,
     LogFormat,
     MainConf,
+    MatchConf,
     PeerAddr,
     ProxyConf,
     ProxyPassConf,
@@ -52,6 +55,7 @@ from scriptlb.config.parser import Node
 from scriptlb.config.variables import compile_template
 
 DEFAULT_HOOK_TIMEOUT = 0.010
+DEFAULT_PID = "logs/scriptlb.pid"  # nginx's NGX_PID_PATH, under the prefix
 _REGEX = ("~", "~*")
 # nginx's ngx_http_proxy_headers that matter to a peer; a level's own list comes first and
 # wins by name (an empty value then removes the header)
@@ -85,10 +89,29 @@ def walk(state: State, nodes: Sequence[Node], ctx: Ctx, draft: Any) -> None:
 
 
 def _close_upstream(upstream: UpstreamDraft, node: Node) -> None:
+    if "state" in upstream.values:
+        _load_state_file(upstream, node)
     if not upstream.servers:
         if upstream.hook is None:
             raise ConfigError("no servers are inside upstream", node.close)
         upstream.servers.append(_PLACEHOLDER_SERVER)
+
+
+def _load_state_file(upstream: UpstreamDraft, node: Node) -> None:
+    """nginx Plus's ``state FILE``: the servers the API last left (``server`` lines), read at
+    load time; they replace the block's own. A missing file keeps the block's servers."""
+    from scriptlb.config.addresses import parse_upstream_server
+    from scriptlb.config.parser import parse
+
+    path = upstream.values["state"]
+    if not os.path.exists(path):
+        return
+    servers = []
+    for line in parse(path, None).nodes:
+        if line.name != "server" or line.children is not None or not line.args:
+            raise ConfigError(f'unexpected "{line.name}" in state file', line.source)
+        servers.append(parse_upstream_server(line, upstream.allowed_params))
+    upstream.servers = servers
 
 
 # --------------------------------------------------------------------------- main
@@ -105,7 +128,8 @@ def _main_conf(
         worker_processes=v.get("worker_processes", 1),
         daemon=v.get("daemon", True),
         master_process=v.get("master_process", True),
-        pid=v.get("pid"),
+        pid=v.get("pid", state.path(DEFAULT_PID)),
+        user=v.get("user"),
         # nginx defaults to logs/error.log; scriptlb to stderr, so nothing is written before
         # the operator chose a place (the default config names one)
         error_log=tuple(main.error_logs) or (ErrorLogConf("stderr", "error"),),
@@ -123,6 +147,8 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
     upstreams = {u.name: _upstream_conf(u, http) for u in http.upstreams.values()}
     resolver = _ProxyPassResolver(http, upstreams)
     servers = tuple(_server_conf(s, http, resolver) for s in http.servers)
+    for name, checks in resolver.health_checks.items():
+        upstreams[name] = dataclasses.replace(upstreams[name], health_checks=tuple(checks))
     servers = _check_listens(servers)
     _warn_conflicting_names(state, servers)
     _warn_placeholder_fallback(state, upstreams)
@@ -138,6 +164,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
         log_formats=dict(http.log_formats),
         python=python,
         shared_dicts=dict(http.shared_dicts),
+        matches=resolver.matches,
     )
 
 
@@ -160,6 +187,8 @@ def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
         keepalive_requests=v.get("keepalive_requests", 1000),
         balancer_keepalive=v.get("balancer_keepalive", 32),
         source=upstream.source,
+        zone=v.get("zone"),
+        state_file=v.get("state"),
     )
 
 
@@ -197,6 +226,26 @@ class _ProxyPassResolver:
     def __init__(self, http: HttpDraft, upstreams: dict[str, UpstreamConf]) -> None:
         self.explicit = {key: u.name for key, u in http.upstreams.items()}
         self.upstreams = upstreams
+        self.matches = {name: _match_conf(m) for name, m in http.matches.items()}
+        self.health_checks: dict[str, list[HealthCheckConf]] = {}  # upstream name -> its checks
+
+    def add_health_checks(self, location: LocationDraft, conf: LocationConf) -> None:
+        """A location's ``health_check`` lines apply to the upstream it proxies to."""
+        for params in location.values.get("health_checks", ()):
+            source = params.pop("source")
+            if conf.proxy_pass is None:
+                raise ConfigError('"health_check" requires "proxy_pass" to an upstream', source)
+            match_name = params.pop("match", None)
+            match = None
+            if match_name is not None:
+                match = self.matches.get(match_name)
+                if match is None:
+                    raise ConfigError(f'match "{match_name}" not found', source)
+            check = HealthCheckConf(
+                **params, match=match, host=conf.proxy_pass.proxy_host, source=source,
+                connect_timeout=conf.proxy.connect_timeout, read_timeout=conf.proxy.read_timeout,
+            )
+            self.health_checks.setdefault(conf.proxy_pass.upstream, []).append(check)
 
     def resolve(self, url: str, source: Source, location: LocationDraft) -> ProxyPassConf:
         if "$" in url:
@@ -237,6 +286,11 @@ class _ProxyPassResolver:
             server = UpstreamServerConf(name=key, addrs=addrs, source=source)
             self.upstreams[key] = UpstreamConf(name=key, servers=(server,), implicit=True, source=source)
         return key
+
+
+def _match_conf(draft: MatchDraft) -> MatchConf:
+    return MatchConf(draft.name, tuple(draft.statuses), tuple(draft.headers), tuple(draft.bodies),
+                     draft.send, draft.expect, draft.source)
 
 
 def _url_error(kind: str, url: str) -> str:
@@ -308,7 +362,7 @@ def _location_conf(
     access_logs: list[AccessLogConf] = next(
         (lv.access_logs for lv in chain if lv.access_logs is not None), []
     )
-    return LocationConf(
+    conf = LocationConf(
         modifier=loc.modifier,
         pattern=loc.pattern,
         proxy_pass=proxy_pass,
@@ -322,7 +376,27 @@ def _location_conf(
         access_log=tuple(access_logs),
         source=loc.source,
         log_hook=_log_hook(chain),
+        **_access_settings(chain, loc),
     )
+    if "health_checks" in loc.values:
+        resolver.add_health_checks(loc, conf)
+    return conf
+
+
+def _access_settings(chain: Sequence[LevelDraft], loc: LocationDraft) -> dict[str, Any]:
+    """allow/deny (a level's rules replace the inherited ones), auth_basic (active only with
+    a user file, as nginx), and the location's own content handler (never inherited)."""
+    realm = _get(chain, "auth_basic", None)
+    user_file = _get(chain, "auth_basic_user_file", None)
+    handler = loc.values.get("handler")
+    return {
+        "access": tuple(_get(chain, "access_rules", ())),
+        "auth_basic": realm if user_file is not None else None,
+        "auth_basic_user_file": user_file if realm is not None else None,
+        "handler": handler[0] if handler else None,
+        "status_zone": _get(chain, "status_zone", None),
+        "api_write": bool(handler and handler[1]),
+    }
 
 
 def _client_body_conf(chain: Sequence[LevelDraft]) -> ClientBodyConf:

@@ -26,12 +26,14 @@ from scriptlb.config.drafts import (
     LevelDraft,
     LocationDraft,
     MainDraft,
+    MatchDraft,
     ServerDraft,
     UpstreamDraft,
 )
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
     AccessLogConf,
+    AccessRule,
     BalancerMethodConf,
     BreakerConf,
     ErrorLogConf,
@@ -56,6 +58,7 @@ class Ctx(IntFlag):
     SERVER = 8
     LOCATION = 16
     UPSTREAM = 32
+    MATCH = 64  # nginx Plus's `match` block (health checks)
 
 
 HSL = Ctx.HTTP | Ctx.SERVER | Ctx.LOCATION
@@ -159,6 +162,30 @@ def _worker_processes(state: State, node: Node, draft: MainDraft) -> None:
 
 def _pid(state: State, node: Node, draft: MainDraft) -> None:
     _store(node, draft.values, state.path(node.args[0]))
+
+
+def _user(state: State, node: Node, draft: MainDraft) -> None:
+    """``user USER [GROUP]``: looked up at load time as nginx does (``getpwnam("x") failed``).
+    Without GROUP, the user's own group. Ignored, with nginx's warning, unless run as root."""
+    import grp
+    import pwd
+
+    if os.geteuid() != 0:
+        state.warn('the "user" directive makes sense only if the master process runs with '
+                   "super-user privileges, ignored", node.source)
+        _store(node, draft.values, None)
+        return
+    try:
+        entry = pwd.getpwnam(node.args[0])
+    except KeyError:
+        raise fail(node, f'getpwnam("{node.args[0]}") failed') from None
+    gid = entry.pw_gid
+    if len(node.args) > 1:
+        try:
+            gid = grp.getgrnam(node.args[1]).gr_gid
+        except KeyError:
+            raise fail(node, f'getgrnam("{node.args[1]}") failed') from None
+    _store(node, draft.values, (entry.pw_uid, gid))
 
 
 def _error_log(state: State, node: Node, draft: MainDraft) -> None:
@@ -592,7 +619,9 @@ def _upstream_server(state: State, node: Node, draft: UpstreamDraft) -> None:
 
 # --------------------------------------------------------------------------- balancing methods
 
-_ALL_SERVER_PARAMS = frozenset({"weight", "max_fails", "fail_timeout", "down", "backup", "max_conns"})
+_ALL_SERVER_PARAMS = frozenset(
+    {"weight", "max_fails", "fail_timeout", "down", "backup", "max_conns", "slow_start", "drain"}
+)
 _NO_BACKUP = _ALL_SERVER_PARAMS - {"backup"}
 
 
@@ -642,6 +671,165 @@ def _upstream_keepalive(state: State, node: Node, draft: UpstreamDraft) -> None:
     _store(node, draft.values, value)
 
 
+# --------------------------------------------------------------------------- access, status, api
+
+
+def _access_rule(state: State, node: Node, draft: LevelDraft) -> None:
+    """``allow|deny address | CIDR | unix: | all`` (ngx_http_access_rule's checks and words)."""
+    import ipaddress
+
+    value = node.args[0]
+    if value in ("all", "unix:"):
+        network = value
+    else:
+        try:
+            parsed = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise fail(node, f'invalid parameter "{value}"') from None
+        if "/" in value and str(parsed.network_address) != value.split("/")[0]:
+            state.warn(f"low address bits of {value} are meaningless", node.source)
+        network = str(parsed)
+    rules = draft.values.setdefault("access_rules", [])
+    rules.append(AccessRule(node.name == "allow", network, node.source))
+
+
+def _auth_basic(state: State, node: Node, draft: LevelDraft) -> None:
+    value = node.args[0]
+    if "$" in value:
+        raise fail(node, f'variables in "{node.name}" are not supported by scriptlb')
+    _store(node, draft.values, None if value == "off" else value)
+
+
+def _auth_basic_user_file(state: State, node: Node, draft: LevelDraft) -> None:
+    _store(node, draft.values, state.path(node.args[0]))
+
+
+def _content_handler(state: State, node: Node, draft: LocationDraft) -> None:
+    """stub_status, api [write=on|off], prometheus: the location answers by itself."""
+    write = False
+    for arg in node.args:
+        if node.name == "stub_status" and arg in ("on", "off"):  # nginx < 1.7.5's form
+            continue
+        if node.name == "api" and arg in ("write=on", "write=off"):
+            write = arg == "write=on"
+            continue
+        raise fail(node, f'invalid parameter "{arg}"')
+    if "handler" in draft.values:
+        raise fail(node, f'"{node.name}" directive is duplicate')
+    draft.values["handler"] = (node.name, write)
+
+
+def _upstream_zone(state: State, node: Node, draft: UpstreamDraft) -> None:
+    """``zone NAME [SIZE]``: nginx Plus needs it for the API; scriptlb's statistics are shared
+    anyway, so it is checked and recorded only."""
+    if len(node.args) > 1 and parse_size(node.args[1]) is None:
+        raise fail(node, f'invalid zone size "{node.args[1]}"')
+    _store(node, draft.values, node.args[0])
+
+
+def _upstream_state(state: State, node: Node, draft: UpstreamDraft) -> None:
+    _store(node, draft.values, state.path(node.args[0]))
+
+
+# --------------------------------------------------------------------------- health checks
+
+
+def _health_check(state: State, node: Node, draft: LocationDraft) -> None:
+    """``health_check [interval=T] [jitter=T] [fails=N] [passes=N] [uri=U] [port=N]
+    [match=NAME] [mandatory [persistent]] [type=http|tcp]`` (nginx Plus), checked here;
+    the builder ties it to the location's upstream."""
+    params: dict[str, Any] = {"source": node.source}
+    for arg in node.args:
+        name, eq, value = arg.partition("=")
+        if not eq and name in ("mandatory", "persistent"):
+            params[name] = True
+        elif name in ("interval", "jitter") and eq:
+            seconds = parse_time(value)
+            if seconds is None or (name == "interval" and seconds <= 0):
+                raise fail(node, f'invalid parameter "{arg}"')
+            params[name] = seconds
+        elif name in ("fails", "passes", "port") and eq:
+            count = parse_int(value)
+            if not count or (name == "port" and count > 65535):
+                raise fail(node, f'invalid parameter "{arg}"')
+            params[name] = count
+        elif name == "uri" and eq and value.startswith("/"):
+            params["uri"] = value
+        elif name == "match" and eq and value:
+            params["match"] = value
+        elif name == "type" and value in ("http", "tcp"):
+            params["type"] = value
+        else:
+            raise fail(node, f'invalid parameter "{arg}"')
+    if params.get("persistent") and not params.get("mandatory"):
+        raise fail(node, '"persistent" requires "mandatory"')
+    draft.values.setdefault("health_checks", []).append(params)
+
+
+def _match(state: State, node: Node, draft: HttpDraft) -> tuple[Ctx, Any]:
+    name = node.args[0]
+    if name in draft.matches:
+        raise fail(node, f'duplicate match "{name}"')
+    match = draft.matches[name] = MatchDraft(name, node.source)
+    return Ctx.MATCH, match
+
+
+def _match_status(state: State, node: Node, draft: MatchDraft) -> None:
+    words = list(node.args)
+    negated = words[0] == "!"
+    if negated:
+        words = words[1:]
+    if not words:
+        raise fail(node, 'invalid number of arguments in "status" directive')
+    for word in words:
+        low_text, _, high_text = word.partition("-")
+        low, high = parse_int(low_text), parse_int(high_text or low_text)
+        if low is None or high is None or not 100 <= low <= high <= 999:
+            raise fail(node, f'invalid status "{word}"')
+        draft.statuses.append((negated, low, high))
+
+
+def _match_header(state: State, node: Node, draft: MatchDraft) -> None:
+    args = node.args
+    if len(args) == 1:
+        draft.headers.append((args[0].lower(), "present", ""))
+    elif len(args) == 2 and args[0] == "!":
+        draft.headers.append((args[1].lower(), "absent", ""))
+    elif len(args) == 3 and args[1] in ("=", "!=", "~", "!~"):
+        if "~" in args[1]:
+            _check_regex(node, args[2], caseless=False)
+        draft.headers.append((args[0].lower(), args[1], args[2]))
+    else:
+        raise fail(node, 'invalid number of arguments in "header" directive')
+
+
+def _match_body(state: State, node: Node, draft: MatchDraft) -> None:
+    operator, regex = node.args
+    if operator not in ("~", "!~"):
+        raise fail(node, f'invalid parameter "{operator}"')
+    _check_regex(node, regex, caseless=False)
+    draft.bodies.append((operator == "!~", regex))
+
+
+def _match_send(state: State, node: Node, draft: MatchDraft) -> None:
+    if draft.send is not None:
+        raise fail(node, '"send" directive is duplicate')
+    draft.send = node.args[0].replace("\\r", "\r").replace("\\n", "\n")
+
+
+def _match_expect(state: State, node: Node, draft: MatchDraft) -> None:
+    if draft.expect is not None:
+        raise fail(node, '"expect" directive is duplicate')
+    value = node.args[-1]
+    if len(node.args) == 2:
+        if node.args[0] != "~":
+            raise fail(node, f'invalid parameter "{node.args[0]}"')
+        _check_regex(node, value, caseless=False)
+    else:
+        value = re.escape(value)
+    draft.expect = value
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -658,6 +846,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("daemon", Ctx.MAIN, FLAG, _slot(flag)),
     _spec("master_process", Ctx.MAIN, FLAG, _slot(flag)),
     _spec("pid", Ctx.MAIN, ONE, _pid),
+    _spec("user", Ctx.MAIN, (1, 2), _user),
     _spec("error_log", Ctx.MAIN, (1, 2), _error_log),
     _spec("events", Ctx.MAIN, NONE, _events, block=True),
     _spec("worker_connections", Ctx.EVENTS, ONE, _worker_connections),
@@ -727,6 +916,24 @@ _SPECS: tuple[Spec, ...] = (
     _spec("ewma", Ctx.UPSTREAM, NONE, _method(_ALL_SERVER_PARAMS)),
     _spec("keepalive_timeout", Ctx.UPSTREAM, ONE, _slot(msec)),
     _spec("keepalive_requests", Ctx.UPSTREAM, ONE, _slot(number)),
+    _spec("zone", Ctx.UPSTREAM, (1, 2), _upstream_zone),
+    _spec("health_check", Ctx.LOCATION, (0, None), _health_check),
+    _spec("match", Ctx.HTTP, ONE, _match, block=True),
+    _spec("status", Ctx.MATCH, (1, None), _match_status),
+    _spec("header", Ctx.MATCH, (1, 3), _match_header),
+    _spec("body", Ctx.MATCH, (2, 2), _match_body),
+    _spec("send", Ctx.MATCH, ONE, _match_send),
+    _spec("expect", Ctx.MATCH, (1, 2), _match_expect),
+    _spec("state", Ctx.UPSTREAM, ONE, _upstream_state),
+    # access control, status and the API
+    _spec("allow", HSL, ONE, _access_rule),
+    _spec("deny", HSL, ONE, _access_rule),
+    _spec("auth_basic", HSL, ONE, _auth_basic),
+    _spec("auth_basic_user_file", HSL, ONE, _auth_basic_user_file),
+    _spec("stub_status", Ctx.LOCATION, (0, 1), _content_handler),
+    _spec("api", Ctx.LOCATION, (0, 1), _content_handler),
+    _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),
+    _spec("status_zone", Ctx.SERVER, ONE, _slot(lambda node: node.args[0])),
 )
 
 DIRECTIVES: dict[str, tuple[Spec, ...]] = {}

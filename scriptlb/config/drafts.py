@@ -90,6 +90,20 @@ class HttpDraft(LevelDraft):
     servers: list[ServerDraft] = field(default_factory=list)
     log_formats: dict[str, LogFormat] = field(default_factory=dict)
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)
+    matches: dict[str, MatchDraft] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class MatchDraft:
+    """A ``match`` block being read (nginx Plus)."""
+
+    name: str
+    source: Source
+    statuses: list[tuple[bool, int, int]] = field(default_factory=list)
+    headers: list[tuple[str, str, str]] = field(default_factory=list)
+    bodies: list[tuple[bool, str]] = field(default_factory=list)
+    send: str | None = None
+    expect: str | None = None
 
 
 @dataclass(eq=False)

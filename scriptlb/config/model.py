@@ -69,9 +69,12 @@ class MainConf:
     worker_processes: int = 1  # "auto" is resolved to os.cpu_count() by the builder
     daemon: bool = True
     master_process: bool = True
-    pid: str | None = None  # absolute path; None means no pid file
+    pid: str | None = None  # absolute path (default: <prefix>/logs/scriptlb.pid); None: no pid file
     error_log: tuple[ErrorLogConf, ...] = ()
     worker_connections: int = 512
+    # `user USER [GROUP]`: what a master started as root runs its workers as (uid, gid); None:
+    # workers keep the master's identity (nginx would default to nobody; see docs/directives.md)
+    user: tuple[int, int] | None = None
     http: HttpConf | None = None
     files: tuple[str, ...] = ()  # every config file read (main first, then includes), for -T
     warnings: tuple[str, ...] = ()  # nginx's [warn] lines from loading, e.g. '[warn] duplicate value ...'
@@ -167,6 +170,7 @@ class HttpConf:
     log_formats: dict[str, LogFormat]
     python: PythonConf = field(default_factory=PythonConf)
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)  # by name, in file order
+    matches: dict[str, MatchConf] = field(default_factory=dict)  # `match` blocks by name
 
     def hooks(self) -> tuple[HookConf, ...]:
         """Every hook to compile, each once: upstreams' balancer hooks, then the distinct
@@ -216,6 +220,10 @@ class UpstreamServerConf:
     backup: bool = False
     down: bool = False
     source: Source | None = None
+    # nginx Plus's parameters (state files, the API): weight ramp after recovery, and
+    # draining (no new requests, those in flight finish)
+    slow_start: float = 0.0
+    drain: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +232,41 @@ class BalancerMethodConf:
 
     kind: str = "round_robin"  # round_robin | least_conn | hash | ip_hash | random | ...
     args: tuple[str, ...] = ()
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MatchConf:
+    """``match NAME { ... }`` (nginx Plus): what a health check's response must show."""
+
+    name: str
+    # (negated, low, high) status ranges: `status 200-399;`, `status ! 500;`
+    statuses: tuple[tuple[bool, int, int], ...] = ()
+    # (name lower-cased, operator, value): = != ~ !~, "present", "absent"
+    headers: tuple[tuple[str, str, str], ...] = ()
+    bodies: tuple[tuple[bool, str], ...] = ()  # (negated, regex)
+    send: str | None = None  # type=tcp: bytes to send ("\r\n" escapes resolved)
+    expect: str | None = None  # type=tcp: a regex (or text) the reply must match
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConf:
+    """``health_check`` of a location proxying to an upstream (nginx Plus)."""
+
+    interval: float = 5.0
+    jitter: float = 0.0
+    fails: int = 1
+    passes: int = 1
+    uri: str = "/"
+    port: int = 0  # 0: the peer's own port
+    match: MatchConf | None = None  # None: a 2xx or 3xx status passes
+    mandatory: bool = False
+    persistent: bool = False
+    type: str = "http"  # "http" | "tcp"
+    host: str = ""  # the Host header sent: the location's $proxy_host
+    connect_timeout: float = 60.0  # the location's proxy_connect_timeout
+    read_timeout: float = 60.0  # the location's proxy_read_timeout
     source: Source | None = None
 
 
@@ -241,6 +284,9 @@ class UpstreamConf:
     balancer_keepalive: int = 32
     implicit: bool = False  # created by `proxy_pass http://IP:PORT`
     source: Source | None = None
+    zone: str | None = None  # `zone NAME [SIZE]`: accepted (the statistics are always shared)
+    health_checks: tuple[HealthCheckConf, ...] = ()  # from the locations proxying to it
+    state_file: str | None = None  # `state FILE`: the servers, kept in step with API changes
 
 
 # --------------------------------------------------------------------------- servers/locations
@@ -318,6 +364,15 @@ class ReturnConf:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessRule:
+    """One ``allow``/``deny`` line (ngx_http_access_module), checked in order, first match wins."""
+
+    allow: bool
+    network: str  # "all", "unix:", or a normalized CIDR ("10.0.0.0/8", "::1/128")
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ClientBodyConf:
     """Where a buffered request body is kept: ``buffer_size`` bytes in memory, the rest in a
     file under ``temp_path`` (client_body_buffer_size, client_body_temp_path,
@@ -346,6 +401,14 @@ class LocationConf:
     # log_by_python_file/_block: the innermost level's, else inherited (http -> server ->
     # location); runs after the response is finished. None: no log hook.
     log_hook: HookConf | None = None
+    # allow/deny: the innermost level that has rules (nginx's merge); () = everyone allowed
+    access: tuple[AccessRule, ...] = ()
+    auth_basic: str | None = None  # the realm; None = off (or no auth_basic_user_file)
+    auth_basic_user_file: str | None = None  # absolute path, read per request as nginx does
+    # a content handler instead of proxy_pass/return: "stub_status" | "api" | "prometheus"
+    handler: str | None = None
+    api_write: bool = False  # api write=on
+    status_zone: str | None = None  # the server's `status_zone`: responses counted by class
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,11 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "content_type",
         "hostname",
         "pid",
+        # the instance's connection counters (stub_status module)
+        "connections_active",
+        "connections_reading",
+        "connections_writing",
+        "connections_waiting",
         # response and timing (log phase)
         "status",
         "body_bytes_sent",

@@ -1,0 +1,167 @@
+"""The directive reference: docs/directives.md is generated from this and the directive table.
+
+    .venv/bin/python -m scriptlb.config.reference > docs/directives.md
+
+``REFERENCE`` describes every directive of ``directives.DIRECTIVES`` (a test keeps the two and
+the generated page in step); contexts and argument counts come from the table itself.
+``REFUSED`` lists nginx directives scriptlb does not accept, on purpose, and why.
+"""
+
+from __future__ import annotations
+
+from scriptlb.config.directives import DIRECTIVES, Ctx, Spec
+
+# name -> (syntax, default, module of origin, note)
+REFERENCE: dict[str, tuple[str, str, str, str]] = {
+    "worker_processes": ("number | auto", "1", "core", ""),
+    "daemon": ("on | off", "on", "core", ""),
+    "master_process": ("on | off", "on", "core", ""),
+    "pid": ("file", "logs/scriptlb.pid", "core", "relative to the prefix; missing directories are created"),
+    "user": ("user [group]", "-", "core",
+             "only for a master started as root: workers switch to it; unlike nginx, no `nobody` default "
+             "(without the directive workers keep the master's identity); group defaults to the user's own"),
+    "error_log": ("file | stderr [level]", "stderr error", "core",
+                  "nginx defaults to logs/error.log; syslog: and memory: are refused"),
+    "events": ("{ ... }", "-", "core", ""),
+    "worker_connections": ("number", "512", "core (events)", ""),
+    "http": ("{ ... }", "-", "ngx_http_core_module", ""),
+    "server": ("{ ... } (http) / address [parameters] (upstream)", "-",
+               "ngx_http_core_module / ngx_http_upstream_module",
+               "upstream parameters: weight, max_fails, fail_timeout, max_conns, backup, down, "
+               "slow_start and drain (nginx Plus)"),
+    "upstream": ("name { ... }", "-", "ngx_http_upstream_module", ""),
+    "listen": ("address[:port] [default_server] [reuseport] [backlog=N]", "*:80 | *:8000",
+               "ngx_http_core_module", "ssl, http2 and quic are refused"),
+    "server_name": ("name ...", '""', "ngx_http_core_module", ""),
+    "location": ("[ = | ~ | ~* | ^~ ] uri { ... }", "-", "ngx_http_core_module", "not nested"),
+    "proxy_pass": ("URL", "-", "ngx_http_proxy_module", "http:// and unix: only; no variables"),
+    "proxy_set_header": ("field value", "Host $proxy_host; Connection close", "ngx_http_proxy_module", ""),
+    "proxy_http_version": ("1.0 | 1.1", "1.0", "ngx_http_proxy_module", ""),
+    "proxy_connect_timeout": ("time", "60s", "ngx_http_proxy_module", ""),
+    "proxy_send_timeout": ("time", "60s", "ngx_http_proxy_module", ""),
+    "proxy_read_timeout": ("time", "60s", "ngx_http_proxy_module", ""),
+    "proxy_next_upstream": ("error | timeout | invalid_header | http_500 | ... | non_idempotent | off ...",
+                            "error timeout", "ngx_http_proxy_module", ""),
+    "proxy_next_upstream_tries": ("number", "0", "ngx_http_proxy_module", ""),
+    "proxy_next_upstream_timeout": ("time", "0", "ngx_http_proxy_module", ""),
+    "proxy_request_buffering": ("on | off", "on", "ngx_http_proxy_module", ""),
+    "proxy_buffering": ("on | off", "on", "ngx_http_proxy_module", ""),
+    "client_max_body_size": ("size", "1m", "ngx_http_core_module", ""),
+    "client_body_buffer_size": ("size", "8k|16k", "ngx_http_core_module", "two memory pages"),
+    "client_body_temp_path": ("path [level1 [level2 [level3]]]", "client_body_temp", "ngx_http_core_module",
+                              "given to the `user` at start"),
+    "client_body_in_file_only": ("on | clean | off", "off", "ngx_http_core_module", ""),
+    "client_body_in_single_buffer": ("on | off", "off", "ngx_http_core_module", ""),
+    "client_header_buffer_size": ("size", "1k", "ngx_http_core_module", ""),
+    "ignore_invalid_headers": ("on | off", "on", "ngx_http_core_module", ""),
+    "underscores_in_headers": ("on | off", "off", "ngx_http_core_module", ""),
+    "proxy_buffer_size": ("size", "4k|8k", "ngx_http_proxy_module", ""),
+    "proxy_buffers": ("number size", "8 4k|8k", "ngx_http_proxy_module", ""),
+    "proxy_busy_buffers_size": ("size", "8k|16k", "ngx_http_proxy_module", ""),
+    "client_header_timeout": ("time", "60s", "ngx_http_core_module", ""),
+    "client_body_timeout": ("time", "60s", "ngx_http_core_module", ""),
+    "keepalive_timeout": ("timeout [header_timeout] (http) / timeout (upstream)", "75s / 60s",
+                          "ngx_http_core_module / ngx_http_upstream_module", ""),
+    "keepalive_requests": ("number", "1000", "ngx_http_core_module / ngx_http_upstream_module", ""),
+    "large_client_header_buffers": ("number size", "4 8k", "ngx_http_core_module", ""),
+    "return": ("code [text] | code URL | URL", "-", "ngx_http_rewrite_module", ""),
+    "log_format": ("name [escape=default|json|none] string ...", "combined", "ngx_http_log_module", ""),
+    "access_log": ("path [format [buffer=size] [flush=time]] | off", "off", "ngx_http_log_module",
+                   "nginx defaults to logs/access.log combined"),
+    "python_package_path": ("patterns", "-", "scriptlb (lua_package_path)", ""),
+    "python_code_cache": ("on | off", "on", "scriptlb (lua_code_cache)", ""),
+    "python_memory_limit": ("size | off", "1g", "scriptlb", "a worker's address-space fuse"),
+    "python_peer_stats": ("on | off", "on", "scriptlb", "on anyway when an upstream has a health_check"),
+    "balancer_by_python_timeout": ("time", "10ms", "scriptlb", "CPU budget of one hook run"),
+    "balancer_by_python_file": ("file", "-", "scriptlb (balancer_by_lua_file)", ""),
+    "balancer_by_python_block": ("{ python }", "-", "scriptlb (balancer_by_lua_block)", ""),
+    "python_shared_dict": ("name size", "-", "scriptlb (lua_shared_dict)", "at least 64k"),
+    "log_by_python_file": ("file", "-", "scriptlb (log_by_lua_file)", ""),
+    "log_by_python_block": ("{ python }", "-", "scriptlb (log_by_lua_block)", ""),
+    "log_by_python_timeout": ("time", "10ms", "scriptlb", ""),
+    "keepalive": ("connections", "-", "ngx_http_upstream_module", ""),
+    "balancer_keepalive": ("connections", "32", "scriptlb (OpenResty's balancer_keepalive)", ""),
+    "least_conn": ("", "-", "ngx_http_upstream_module", ""),
+    "hash": ("key [consistent]", "-", "ngx_http_upstream_module", ""),
+    "ip_hash": ("", "-", "ngx_http_upstream_module", ""),
+    "random": ("[two [least_conn]]", "-", "ngx_http_upstream_module", ""),
+    "least_time": ("header | last_byte [inflight]", "-", "ngx_http_upstream_module (nginx Plus)", ""),
+    "ewma": ("", "-", "scriptlb (APISIX's ewma)", ""),
+    "zone": ("name [size]", "-", "ngx_http_upstream_module",
+             "accepted; scriptlb shares statistics, health and run-time lists without it"),
+    "state": ("file", "-", "ngx_http_upstream_module (nginx Plus)",
+              "the servers the API leaves, read at load time; replaces the block's server lines"),
+    "health_check": ("[interval=T] [jitter=T] [fails=N] [passes=N] [uri=U] [port=N] [match=NAME] "
+                     "[mandatory [persistent]] [type=http|tcp]", "interval=5s fails=1 passes=1 uri=/",
+                     "ngx_http_upstream_hc_module (nginx Plus)",
+                     "the first health_check of an upstream is used"),
+    "match": ("name { ... }", "-", "ngx_http_upstream_hc_module (nginx Plus)", ""),
+    "status": ("[!] code[-code] ...", "-", "ngx_http_upstream_hc_module (match)", ""),
+    "header": ("name [= | != | ~ | !~ value] | ! name", "-", "ngx_http_upstream_hc_module (match)", ""),
+    "body": ("~ | !~ regex", "-", "ngx_http_upstream_hc_module (match)", ""),
+    "send": ("string", "-", "ngx_stream_upstream_hc_module (match)", "type=tcp"),
+    "expect": ("[~] string", "-", "ngx_stream_upstream_hc_module (match)", "type=tcp"),
+    "allow": ("address | CIDR | unix: | all", "-", "ngx_http_access_module", ""),
+    "deny": ("address | CIDR | unix: | all", "-", "ngx_http_access_module", ""),
+    "auth_basic": ("string | off", "off", "ngx_http_auth_basic_module", "no variables"),
+    "auth_basic_user_file": ("file", "-", "ngx_http_auth_basic_module",
+                             "bcrypt, {SHA}, {SSHA}, {PLAIN}, $apr1$ and $1$ hashes"),
+    "stub_status": ("", "-", "ngx_http_stub_status_module", ""),
+    "api": ("[write=on|off]", "write=off", "ngx_http_api_module (nginx Plus)", "version 9 paths"),
+    "prometheus": ("", "-", "scriptlb (nginx-lua-prometheus)", "text exposition, see docs/architecture.md"),
+    "status_zone": ("zone", "-", "ngx_http_api_module (nginx Plus)",
+                    "responses by class per zone, in the metrics"),
+}
+
+# nginx directives scriptlb refuses on purpose (an "unknown directive" error), and why
+REFUSED: dict[str, str] = {
+    "if, rewrite, set, break": "request rewriting belongs in a balancer or log hook (Python), not a "
+                               "second language in the config",
+    "ssl_*, listen ... ssl, http2, quic": "TLS termination is left to a dedicated terminator in front",
+    "proxy_cache*, proxy_store, proxy_temp_path": "a load balancer, not a cache: responses are streamed",
+    "gzip*, sub_filter, add_header": "responses pass as the peer sent them",
+    "resolver": "names resolve at load time (and for API-added servers); DNS-fed lists come later",
+    "limit_req*, limit_conn*": "rate limiting fits in a hook with a shared dict (hooks/rate_aware.py)",
+    "fastcgi_*, uwsgi_*, scgi_*, grpc_*, memcached_*": "HTTP/1.x peers only",
+    "stream": "no TCP/UDP proxying yet",
+    "*_by_lua*": "the hooks are Python: *_by_python*",
+    "root, alias, index, try_files": "no static files: every location proxies, returns or reports",
+}
+
+
+def _contexts(specs: tuple[Spec, ...]) -> str:
+    names = []
+    for spec in specs:
+        for ctx in (Ctx.MAIN, Ctx.EVENTS, Ctx.HTTP, Ctx.SERVER, Ctx.LOCATION, Ctx.UPSTREAM, Ctx.MATCH):
+            if spec.contexts & ctx and ctx.name is not None and ctx.name.lower() not in names:
+                names.append(ctx.name.lower())
+    return ", ".join(names)
+
+
+def render() -> str:
+    """The text of docs/directives.md."""
+    lines = [
+        "# Directives",
+        "",
+        "Generated from the directive table (`python -m scriptlb.config.reference > docs/directives.md`;",
+        "tests/test_reference.py keeps it complete). Syntax, units, defaults and error messages are",
+        "nginx's unless the note says otherwise. `include` is handled by the parser, in every context.",
+        "",
+        "| Directive | Context | Syntax | Default | Origin | Note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in sorted(DIRECTIVES):
+        syntax, default, origin, note = REFERENCE[name]
+        cells = [f"`{name}`", _contexts(DIRECTIVES[name]), f"`{syntax}`" if syntax else "", f"`{default}`",
+                 origin, note]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    lines += ["", "## nginx directives refused on purpose", "",
+              "They are `unknown directive` errors (file:line), never silently ignored.", ""]
+    lines += [f"- `{names}`: {why}." for names, why in REFUSED.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(render())

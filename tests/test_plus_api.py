@@ -1,0 +1,261 @@
+"""nginx Plus's API (``api [write=on]``) on a real master with two workers: reads, servers
+added/changed/removed without a reload in every worker, ``state`` across a restart, drain,
+and bad input that changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import Backends, echo, free_ports, master_process, wait_for
+
+from scriptlb.peer_lists import PeerList, PeerListStore, ServerEntry, entries_from_conf
+from scriptlb.plus_api import Api, ApiError
+
+pytestmark = pytest.mark.slow
+
+
+def api(port: int, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        text = response.read()
+        return response.status, json.loads(text) if text else None
+    finally:
+        conn.close()
+
+
+def api_ready(port: int) -> bool:
+    try:
+        return api(port, "GET", "/api/9/http/upstreams/backend")[0] == 200
+    except OSError:
+        return False
+
+
+def worker_of(port: int) -> str:
+    """A proxied GET over a new connection; the backend echoes the LB worker's pid."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/")
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def write_conf(prefix: Path, port: int, servers: list[str]) -> Path:
+    lines = "\n".join(f"server {s};" for s in servers)
+    conf = prefix / "conf" / "scriptlb.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(textwrap.dedent(f"""\
+        daemon off;
+        worker_processes 2;
+        error_log logs/error.log info;
+        events {{}}
+        http {{
+            upstream backend {{
+                zone backend 64k;
+                state backend.state;
+        {textwrap.indent(lines, "        ")}
+            }}
+            server {{
+                listen 127.0.0.1:{port} reuseport;
+                location / {{ proxy_pass http://backend; proxy_set_header X-Worker $pid; }}
+                location /api {{ api write=on; allow 127.0.0.1; deny all; }}
+                location /ro/api {{ api; }}
+            }}
+        }}
+        """))
+    return conf
+
+
+def workers_seen(backend: Any) -> set[str]:
+    return {r.header("X-Worker") or "" for r in backend.requests}
+
+
+def test_api_reads_writes_in_every_worker_and_survives_a_restart(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    with Backends(echo(), echo(), echo()) as bk:
+        conf = write_conf(tmp_path, port, [bk[0].addr, bk[1].addr])
+        with master_process(tmp_path, conf):
+            wait_for(lambda: api_ready(port), what="the API")
+            status, upstream = api(port, "GET", "/api/9/http/upstreams/backend")
+            assert [p["server"] for p in upstream["peers"]] == [bk[0].addr, bk[1].addr]
+            assert [p["id"] for p in upstream["peers"]] == [0, 1]
+            assert {p["state"] for p in upstream["peers"]} == {"up"}
+            assert api(port, "GET", "/api/")[1] == list(range(1, 10))
+            before = api(port, "GET", "/api/9/http/upstreams/backend/servers")[1]
+
+            # bad input: nginx Plus's error JSON, and nothing changes
+            servers = "/api/9/http/upstreams/backend/servers"
+            bad = [
+                ("POST", servers, None, b"{not json", 400, "UpstreamConfFormatError"),
+                ("POST", servers, {"server": bk[2].addr, "colour": 1}, None, 400, "UpstreamConfFormatError"),
+                ("POST", servers, {"server": bk[2].addr, "weight": 0}, None, 400, "UpstreamConfFormatError"),
+                ("POST", servers, {"weight": 2}, None, 400, "UpstreamConfFormatError"),
+                ("POST", "/api/9/http/upstreams/nope/servers", {"server": bk[2].addr}, None, 404,
+                 "UpstreamNotFound"),
+                ("PATCH", "/api/9/http/upstreams/backend/servers/7", {"weight": 2}, None, 404,
+                 "UpstreamServerNotFound"),
+                ("PATCH", "/api/9/http/upstreams/backend/servers/0", {"backup": True}, None, 400,
+                 "UpstreamServerImmutable"),
+                ("POST", "/ro/api/9/http/upstreams/backend/servers", {"server": bk[2].addr}, None, 405,
+                 "MethodDisabled"),
+                ("GET", "/api/9/nothing", None, None, 404, "PathNotFound"),
+                ("GET", "/api/10/nginx", None, None, 404, "UnknownVersion"),
+            ]
+            for method, path, body, raw, status, code in bad:
+                got_status, error = api(port, method, path, body, raw)
+                got = (got_status, error["error"]["status"], error["error"]["code"])
+                assert got == (status, status, code), error
+                assert error["href"].startswith("https://nginx.org/")
+            assert api(port, "GET", "/api/9/http/upstreams/backend/servers")[1] == before
+
+            # add a server: both workers send it traffic, without a reload
+            status, added = api(port, "POST", "/api/9/http/upstreams/backend/servers",
+                                {"server": bk[2].addr, "weight": 2})
+            assert status == 201 and added["id"] == 2 and added["weight"] == 2
+            deadline = time.monotonic() + 30
+            while len(workers_seen(bk[2])) < 2 and time.monotonic() < deadline:
+                worker_of(port)
+            assert len(workers_seen(bk[2])) == 2, "both workers use the added server"
+            time.sleep(0.2)  # another worker's tries reach the statistics within 50 ms
+            peers = api(port, "GET", "/api/9/http/upstreams/backend")[1]["peers"]
+            assert [p["server"] for p in peers] == [bk[0].addr, bk[1].addr, bk[2].addr]
+            assert peers[2]["requests"] >= 2  # the shared statistics know the new peer
+            assert peers[2]["selected"].endswith("Z") and peers[2]["responses"]["2xx"] >= 2
+
+            # PATCH and DELETE
+            assert api(port, "PATCH", f"{servers}/0", {"weight": 5})[1]["weight"] == 5
+            status, left = api(port, "DELETE", "/api/9/http/upstreams/backend/servers/1")
+            assert status == 200 and [s["id"] for s in left] == [0, 2]
+            assert (tmp_path / "backend.state").read_text() == (
+                f"server {bk[0].addr} weight=5 max_fails=1 fail_timeout=10s max_conns=0;\n"
+                f"server {bk[2].addr} weight=2 max_fails=1 fail_timeout=10s max_conns=0;\n"
+            )
+            time.sleep(0.3)  # every worker polled the change
+            served = len(bk[1].requests)
+            for _ in range(20):
+                worker_of(port)
+            assert len(bk[1].requests) == served, "a removed server gets no new request"
+
+        # a restart keeps the list through the state file
+        with master_process(tmp_path, conf):
+            wait_for(lambda: api_ready(port), what="the API")
+            servers = api(port, "GET", "/api/9/http/upstreams/backend/servers")[1]
+            assert [(s["server"], s["weight"]) for s in servers] == [(bk[0].addr, 5), (bk[2].addr, 2)]
+
+
+def test_drain_lets_requests_in_flight_finish(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    started = []
+
+    def slow() -> Any:
+        async def behaviour(req: Any, writer: asyncio.StreamWriter) -> bool:
+            started.append(time.monotonic())
+            await asyncio.sleep(1.0)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+            await writer.drain()
+            return True
+        return behaviour
+
+    with Backends(slow(), echo()) as bk:
+        conf = write_conf(tmp_path, port, [bk[0].addr, bk[1].addr])
+        with master_process(tmp_path, conf):
+            wait_for(lambda: api_ready(port), what="the API")
+            conn = None
+            for _ in range(10):  # a request in flight on the slow server
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("GET", "/")
+                if wait_for_started(started):
+                    break
+                conn.getresponse().read()
+                conn.close()
+            assert conn is not None and started
+            status, entry = api(port, "PATCH", "/api/9/http/upstreams/backend/servers/0", {"drain": True})
+            assert status == 200 and entry["drain"] is True
+            assert conn.getresponse().read() == b"slow"  # the one in flight finished
+            conn.close()
+            time.sleep(0.3)
+            served = len(bk[0].requests)
+            for _ in range(10):
+                worker_of(port)
+            assert len(bk[0].requests) == served
+            peers = api(port, "GET", "/api/9/http/upstreams/backend")[1]["peers"]
+            assert peers[0]["state"] == "draining"
+
+
+def wait_for_started(started: list[float], timeout: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while not started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(started)
+
+
+# --------------------------------------------------------------------------- in-process
+
+
+def test_concurrent_changes_never_half_apply(tmp_path: Path) -> None:
+    """Several writers at once: each change is whole, none is lost (the store's lock)."""
+    import threading
+
+    from scriptlb.config import load
+
+    conf_file = tmp_path / "x.conf"
+    conf_file.write_text("http { upstream u { server 127.0.0.1:1; } server { listen 127.0.0.1:1; } }")
+    upstream = load(str(conf_file), str(tmp_path)).http.upstreams["u"]  # type: ignore[union-attr]
+    store = PeerListStore(str(tmp_path / "zones"))
+
+    def add(port: int) -> None:
+        def edit(current: PeerList) -> PeerList:
+            entry = ServerEntry(id=current.next_id, server=f"127.0.0.1:{port}")
+            return PeerList((*current.servers, entry), current.next_id + 1, 0, current.fingerprint)
+        store.change(upstream, edit)
+
+    threads = [threading.Thread(target=add, args=(1000 + i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    final = store.current(upstream)
+    assert len(final.servers) == 21 and final.next_id == 21 and final.generation == 20
+    assert sorted(e.id for e in final.servers) == list(range(21))
+
+    def refuse(current: PeerList) -> PeerList:
+        raise ApiError(400, "no", "UpstreamConfFormatError")
+
+    with pytest.raises(ApiError):
+        store.change(upstream, refuse)
+    assert store.current(upstream) == final
+    assert entries_from_conf(upstream)[0].server == "127.0.0.1:1"
+
+
+def test_read_only_api_refuses_writes_before_reading_anything() -> None:
+    api_handler = Api(runtime=None, write=False)
+    with pytest.raises(ApiError) as err:
+        api_handler.handle("DELETE", ["9", "http", "upstreams", "x", "servers", "0"], b"")
+    assert (err.value.status, err.value.code) == (405, "MethodDisabled")
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    (b"[" * 100_000, "UpstreamConfFormatError"),  # nesting deep enough to exhaust the recursion limit
+    (b'{"server": "example.com:80"}', "UpstreamBadAddress"),  # no DNS lookup in the worker's loop
+    (b'{"server": "127.0.0.1:99999"}', "UpstreamBadAddress"),
+    (b'{"server": 7}', "UpstreamConfFormatError"),
+    (b'{"server": "127.0.0.1:1", "fail_timeout": "soon"}', "UpstreamConfFormatError"),
+    (b'{"server": "127.0.0.1:1", "down": "yes"}', "UpstreamConfFormatError"),
+    (b'"just a string"', "UpstreamConfFormatError"),
+])
+def test_hostile_api_input_is_refused_before_any_change(body: bytes, code: str) -> None:
+    from scriptlb.plus_api import _parse_fields
+
+    with pytest.raises(ApiError) as err:
+        _parse_fields(body, require_server=True)
+    assert (err.value.status, err.value.code) == (400, code)
