@@ -68,7 +68,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "log_format": ("name [escape=default|json|none] string ...", "combined", "ngx_http_log_module", ""),
     "access_log": ("path [format [buffer=size] [flush=time]] | off", "off", "ngx_http_log_module",
                    "nginx defaults to logs/access.log combined"),
-    "python_package_path": ("patterns", "-", "scriptlb (lua_package_path)", ""),
+    "python_package_path": ("patterns", "-", "scriptlb (lua_package_path)", "$prefix and $hook_dir expand"),
     "python_code_cache": ("on | off", "on", "scriptlb (lua_code_cache)", ""),
     "python_memory_limit": ("size | off", "1g", "scriptlb",
                             "a hook worker's resident memory: past it, retired gracefully"),
