@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
 from scriptlb.hooks import HookRunner, LogHookRunner
-from scriptlb.hooktool import SyntheticExchange, SyntheticUpstream
+from scriptlb.synthetic import SyntheticExchange, SyntheticUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 

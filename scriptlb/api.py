@@ -78,6 +78,14 @@ CURRENT = RunContext()
 LOG_OUTCOME = object()  # CURRENT.outcome of a log run: a run is active, with no outcome to write
 NO_UPSTREAM = _NoUpstream()
 _WORKER = [0, 1]  # ngx.worker.id(), ngx.worker.count()
+# What ngx.now(), ngx.time() and the clocked variables read outside the log phase: the wall
+# clock, or the virtual clock of an offline replay (scriptlb.replay).
+_WALL = [time.time]
+
+
+def set_clock(clock: Any = None) -> None:
+    """Make hooks' time ``clock()`` (seconds since the epoch); None restores the wall clock."""
+    _WALL[0] = clock or time.time
 
 
 def set_worker(worker_id: int, worker_count: int) -> None:
@@ -373,7 +381,7 @@ def _variable(_view: Any, name: Any) -> str | None:
 
 def _clock() -> float:
     """$request_time, $msec...: the log phase's time (the access log's), else the clock."""
-    return CURRENT.now or time.time()
+    return CURRENT.now or _WALL[0]()
 
 
 def _variable_getter(name: str) -> Any:
@@ -658,10 +666,10 @@ class Ngx:
         run.outcome.exit_status = status  # >= 300 ends the request; anything else -> fallback
 
     def now(self) -> float:
-        return round(time.time(), 3)
+        return round(_WALL[0](), 3)
 
     def time(self) -> int:
-        return int(time.time())
+        return int(_WALL[0]())
 
     def get_phase(self) -> str:
         return CURRENT.phase

@@ -23,6 +23,7 @@ SIGNALS = ("stop", "quit", "reopen", "reload")
 
 USAGE = f"""Usage: {PROG} [-?hvVtTq] [-s signal] [-p prefix] [-c filename] [-g directives]
        {PROG} hook run FILE [options]   (run a balancer hook once; see `{PROG} hook run -h`)
+       {PROG} replay --conf FILE LOG...  (a hook against recorded traffic; `{PROG} replay -h`)
 
 Options:
   -?,-h,--help  : this help
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "hook":
         return _hook_tool(argv[1:])
+    if argv and argv[0] == "replay":
+        return _tool("scriptlb.replay.cli", argv[1:])
     try:
         opts = parse_options(argv)
     except UsageError as e:
@@ -241,10 +244,15 @@ def _demo_paths(opts: Options) -> None:
 
 
 def _hook_tool(argv: list[str]) -> int:
-    hooktool = _import("scriptlb.hooktool")
-    if hooktool is None:
+    return _tool("scriptlb.hooktool", argv)
+
+
+def _tool(module: str, argv: list[str]) -> int:
+    """A subcommand: its module's ``main(argv)``."""
+    tool = _import(module)
+    if tool is None:
         return 1
-    return int(hooktool.main(argv))
+    return int(tool.main(argv))
 
 
 def _import(module: str) -> ModuleType | None:

@@ -618,7 +618,7 @@ class ClientConnection(asyncio.Protocol):
                                        "while reading client request headers")
             request.host = value
         elif lower == b"content-length":
-            request.content_length = int(value)  # llhttp validated the digits and duplicates
+            request.content_length = _content_length(value)
         elif lower == b"transfer-encoding":
             if value.lower() != b"chunked":
                 # nginx implements only "chunked" and answers 501 to anything else
@@ -1147,3 +1147,18 @@ class ClientConnection(asyncio.Protocol):
         self._queue = _NO_QUEUE
         self.close()
         active.abort(408)
+
+
+_MAX_OFF_T = 2**63 - 1  # nginx's NGX_MAX_OFF_T_VALUE
+
+
+def _content_length(value: bytes) -> int:
+    """The length nginx's ngx_atoof accepts (llhttp validated the digits and duplicates); a
+    value past off_t is a 400, as in nginx, and never reaches int() (whose digit limit would
+    raise in the middle of parsing)."""
+    digits = value.lstrip(b"0") or b"0"
+    length = int(digits) if len(digits) <= 19 else _MAX_OFF_T + 1
+    if length > _MAX_OFF_T:
+        raise ClientError(400, 'client sent invalid "Content-Length" header '
+                               "while reading client request headers")
+    return length

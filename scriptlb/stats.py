@@ -546,13 +546,14 @@ class Recorder:
     Indexes are dense (``index_of(slot)``): ``Peer.stats_index`` holds a peer's."""
 
     __slots__ = (
-        "_loop", "_slots", "_timer", "buckets", "codes", "failure_time", "failures", "finished", "index",
-        "sample_max", "sample_sum", "samples", "started", "stats", "status",
+        "_clock", "_loop", "_slots", "_timer", "buckets", "codes", "failure_time", "failures", "finished",
+        "index", "sample_max", "sample_sum", "samples", "started", "stats", "status",
     )
 
-    def __init__(self, stats: PeerStats, loop: Any) -> None:
+    def __init__(self, stats: PeerStats, loop: Any, clock: Any = time.time) -> None:
         self.stats = stats
         self._loop = loop
+        self._clock = clock  # wall-clock seconds (an offline replay passes its virtual clock)
         self._timer: Any = None  # the scheduled flush, if any
         self._slots: list[int] = []  # index -> slot
         self.index: dict[int, int] = {}  # slot -> index
@@ -596,7 +597,7 @@ class Recorder:
             self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
         if failed:
             self.failures[index] += 1
-            self.failure_time[index] = time.time()
+            self.failure_time[index] = self._clock()
         if sample is not None:
             self.samples[index] += 1
             self.buckets[index * BUCKET_SLOTS + bisect_left(TIME_BUCKETS, sample)] += 1
@@ -610,7 +611,7 @@ class Recorder:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        now = time.time()
+        now = self._clock()
         publish = self.stats.publish
         started, finished, failures, samples = self.started, self.finished, self.failures, self.samples
         for index, slot in enumerate(self._slots):

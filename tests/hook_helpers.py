@@ -8,7 +8,7 @@ from typing import Any
 
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
 from scriptlb.hooks import HookOutcome, HookRunner
-from scriptlb.hooktool import SyntheticExchange, SyntheticUpstream
+from scriptlb.synthetic import SyntheticExchange, SyntheticUpstream
 
 CONF = "/t/scriptlb.conf"
 

@@ -14,7 +14,7 @@ from hook_helpers import exchange, run, runner
 from scriptlb.config import ConfigError, load, load_and_check
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
 from scriptlb.hooks import HookRunner, precompile
-from scriptlb.hooktool import SyntheticUpstream
+from scriptlb.synthetic import SyntheticUpstream
 
 CHUNK = "balancer_by_python(/t/scriptlb.conf:1)"
 

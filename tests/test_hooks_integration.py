@@ -13,7 +13,7 @@ from helpers import Backends, Scriptlb, closed_port, get, hang, respond
 from scriptlb import hooks
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
 from scriptlb.hooks import HookRunner
-from scriptlb.hooktool import SyntheticExchange, SyntheticUpstream
+from scriptlb.synthetic import SyntheticExchange, SyntheticUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 

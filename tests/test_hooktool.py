@@ -124,3 +124,90 @@ def test_bad_arguments() -> None:
     with pytest.raises(SystemExit) as err:
         hooktool.main(["run", "x.py", "--last-failure", "oops"])
     assert err.value.code == 2
+
+
+# --------------------------------------------------------------------------- --conf, --tries, --phase log
+
+
+def hook_lines(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[dict]]:
+    code = hooktool.main(["run", *args])
+    return code, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+BLOCK_CONF = """
+events {}
+http {
+    upstream other { server 127.0.0.1:1; }
+    upstream api {
+        server 127.0.0.1:7001;
+        server 127.0.0.1:7002;
+        balancer_by_python_block {
+            peers = upstream.get_primary_peers()
+            balancer.set_current_peer(peers[1 if ngx.var.remote_addr == "10.0.0.2" else 0]["name"])
+        }
+    }
+    server {
+        listen 127.0.0.1:1;
+        location / { proxy_pass http://api; proxy_connect_timeout 2s; }
+    }
+}
+"""
+
+
+def test_conf_block_and_remote_addr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "block.conf"
+    conf.write_text(BLOCK_CONF)
+    code, result = hook_run(capsys, "--conf", str(conf), "--upstream", "api", "--remote-addr", "10.0.0.2")
+    assert (code, result["peer"]) == (0, "127.0.0.1:7002")
+    assert result["timeouts"]["connect"] == 2.0  # the location's proxy_connect_timeout
+    code, result = hook_run(capsys, "--conf", str(conf), "--upstream", "api")
+    assert (code, result["peer"]) == (0, "127.0.0.1:7001")
+
+
+def test_conf_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "block.conf"
+    conf.write_text(BLOCK_CONF)
+    assert hooktool.main(["run", "--conf", str(conf), "--upstream", "nosuch"]) == 1
+    assert 'no upstream "nosuch"' in capsys.readouterr().err
+    bad = tmp_path / "bad.conf"
+    bad.write_text("events {}\nhttp {\n  upstream a { server 127.0.0.1:1 weight=0; }\n}\n")
+    assert hooktool.main(["run", "--conf", str(bad)]) == 1
+    assert f"in {bad}:3" in capsys.readouterr().err
+    for argv in (["run"], ["run", "x.py", "--conf", str(conf)], ["run", "x.py", "--fail", "oops"],
+                 ["run", "x.py", "--phase", "log", "--var", "nosuch=1"]):
+        with pytest.raises(SystemExit) as err:
+            hooktool.main(argv)
+        assert err.value.code == 2
+
+
+def test_tries_walk_a_request(capsys: pytest.CaptureFixture[str]) -> None:
+    code, lines = hook_lines(capsys, str(ROOT / "hooks" / "retry_other_peer.py"), "--uri", "/a",
+                             "--peers", "127.0.0.1:9001,127.0.0.1:9002,127.0.0.1:9003",
+                             "--tries", "3", "--fail", "502", "--fail", "timeout")
+    assert code == 0
+    assert [(line["peer"], line["chosen_by"], line["status"]) for line in lines[:-1]] == [
+        ("127.0.0.1:9001", "hook", 502), ("127.0.0.1:9002", "hook", 504), ("127.0.0.1:9003", "hook", 200)]
+    assert lines[1]["hook"]["logs"][0].endswith("127.0.0.1:9001 failed (failed 502), trying the next peer")
+    assert lines[-1] == {"status": 200, "tries": 3}
+    code, lines = hook_lines(capsys, str(ROOT / "hooks" / "hash_by_uri.py"), "--tries", "2",
+                             "--peers", "127.0.0.1:9001,127.0.0.1:9002,127.0.0.1:9003",
+                             "--fail", "error", "--fail", "error", "--fail", "error")
+    assert lines[-1] == {"status": 502, "tries": 2}  # at most N tries, then nginx's 502
+
+
+def test_tries_with_a_failing_hook_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, lines = hook_lines(capsys, write(tmp_path, "1 / 0\n"), "--tries", "1")
+    assert code == 1 and lines[0]["chosen_by"] == "fallback(runtime_error): round_robin"
+    assert lines[0]["peer"] == "127.0.0.1:8080" and lines[-1]["status"] == 200
+
+
+def test_log_phase(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hook = write(tmp_path, 'ngx.log(ngx.WARN, ngx.var.status, " ", ngx.var.upstream_addr, " ",\n'
+                           '        ngx.var.upstream_status, " ", ngx.var.request_time)\n')
+    code, result = hook_run(capsys, hook, "--phase", "log", "--var", "status=502",
+                            "--var", "upstream_addr=127.0.0.1:9001, 127.0.0.1:9002",
+                            "--var", "upstream_status=502, 200", "--var", "request_time=0.25")
+    assert (code, result["outcome"]) == (0, "ok")
+    assert result["logs"] == [f"[warn] [python] {hook}:1: 502 127.0.0.1:9001, 127.0.0.1:9002 502, 200 0.250"]
+    code, result = hook_run(capsys, write(tmp_path, "1 / 0\n"), "--phase", "log")
+    assert (code, result["outcome"]) == (1, "runtime_error")
