@@ -88,6 +88,11 @@ def set_clock(clock: Any = None) -> None:
     _WALL[0] = clock or time.time
 
 
+def clock() -> float:
+    """The hooks' time: the wall clock, or a replay's virtual one (the circuit breaker's too)."""
+    return _WALL[0]()
+
+
 def set_worker(worker_id: int, worker_count: int) -> None:
     """worker.py tells the API which worker this is (ngx.worker.id()/count())."""
     _WORKER[0], _WORKER[1] = worker_id, worker_count

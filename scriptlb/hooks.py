@@ -288,8 +288,10 @@ class Breaker:
         self.skipped = 0  # runs skipped while open
 
     def admits(self, now: float) -> bool:
-        """Called only while not CLOSED: False while cooling off, else the probe goes ahead."""
-        if now < self.open_until:
+        """Called only while not CLOSED: False while cooling off, else the probe goes ahead.
+        ``now`` is the hooks' clock (a replay's virtual time); a clock set back past the
+        opening ends the cool-off rather than stretching it."""
+        if self.open_until - self.conf.cooldown <= now < self.open_until:
             self.skipped += 1
             return False
         self.state = PROBING
@@ -366,7 +368,7 @@ class _Runner:
         for the error (already logged). Never raises (except KeyboardInterrupt-like stops).
 
         The subclasses' hot paths go through here: no allocation beyond the globals' copy."""
-        if self._tripped and not self.breaker.admits(time.monotonic()):  # type: ignore[union-attr]
+        if self._tripped and not self.breaker.admits(api.clock()):  # type: ignore[union-attr]
             return self._skip(outcome, exchange)
         if self.python.code_cache:
             code = self._code
@@ -425,7 +427,7 @@ class _Runner:
         """A run that failed: ``_fail`` (which counts it), then the breaker's count."""
         result = self._fail(outcome, kind, message, exchange)
         breaker = self.breaker
-        if breaker is not None and kind in _COUNTED and breaker.failed(time.monotonic()):
+        if breaker is not None and kind in _COUNTED and breaker.failed(api.clock()):
             self._tripped = True
             conf = breaker.conf
             self._emit("error", f"{self.directive} {self.chunk}: circuit breaker open after {conf.fails} "

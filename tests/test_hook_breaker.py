@@ -161,3 +161,25 @@ def test_bad_directives_name_file_and_line(tmp_path: Path, line: str, message: s
     with pytest.raises(ConfigError) as err:
         hook_of(tmp_path, line)
     assert message in str(err.value) and f"{tmp_path}/x.conf:7" in str(err.value)
+
+
+def test_the_breaker_keeps_the_hooks_clock() -> None:
+    """A replay's virtual time drives it, and a clock set back does not stretch a cool-off."""
+    from scriptlb import api
+
+    now = [1000.0]
+    api.set_clock(lambda: now[0])
+    try:
+        hook = runner("1/0", [], breaker=BreakerConf(fails=2, window=10, cooldown=30))
+        run(hook)
+        now[0] += 11  # outside the window: the first failure does not count
+        run(hook)
+        assert hook.breaker is not None and hook.breaker.state is CLOSED
+        run(hook)
+        assert hook.breaker.state is OPEN and run(hook) == "breaker_open"
+        now[0] += 29
+        assert run(hook) == "breaker_open"
+        now[0] -= 3600  # set back an hour: the cool-off ends, one run probes
+        assert run(hook) == "runtime_error" and hook.breaker.state is OPEN
+    finally:
+        api.set_clock(None)
