@@ -35,6 +35,10 @@ class Target:
     hook: bool = False
     workers: int = 1
     peer_stats: bool = True  # scriptlb: python_peer_stats (the A/B for what statistics cost)
+    # scriptlb hooks: "inline" (the code in the block, plus enable_keepalive), "ported" (as an
+    # OpenResty user ports it: `keepalive N` pools the hook's peers, no enable_keepalive), or
+    # "module" (ported, and the picking function imported from a module on python_package_path)
+    hook_style: str = "inline"
 
 
 TARGETS: tuple[Target, ...] = (
@@ -45,12 +49,23 @@ TARGETS: tuple[Target, ...] = (
     Target("scriptlb-hook", "scriptlb + balancer_by_python_block (crc32 of URI)", "scriptlb", hook=True),
     Target("scriptlb-2w", "scriptlb round robin, 2 workers", "scriptlb", workers=2),
     Target("scriptlb-nostats", "scriptlb round robin, python_peer_stats off", "scriptlb", peer_stats=False),
+    # optional: the hook as an OpenResty user ports it (`keepalive 128` pools its peers, no
+    # enable_keepalive), the picking function imported from a module on python_package_path,
+    # and the same written inline (its A/B partner)
+    Target("scriptlb-hook-module", "scriptlb + hook importing its picker from python_package_path "
+           "(keepalive 128, no enable_keepalive)", "scriptlb", hook=True, hook_style="module"),
+    Target("scriptlb-hook-ported", "scriptlb + hook as ported from OpenResty (keepalive 128, inline)",
+           "scriptlb", hook=True, hook_style="ported"),
     # optional reference, not in the default set: bench/floor_proxy.py, a minimal uvloop+httptools
     # proxy showing what the same event loop and parser reach here
     Target("py-floor", "minimal uvloop+httptools proxy (reference floor, not scriptlb)", "floor"),
 )
 TARGET_NAMES = tuple(t.name for t in TARGETS)
-DEFAULT_TARGETS = tuple(t.name for t in TARGETS if t.kind != "floor")
+# optional targets (named with --targets): the py-floor reference and the two ported-hook styles
+OPTIONAL_TARGETS = ("py-floor", "scriptlb-hook-module", "scriptlb-hook-ported")
+DEFAULT_TARGETS = tuple(t.name for t in TARGETS if t.name not in OPTIONAL_TARGETS)
+# the high-concurrency run (--overload-connections): scriptlb beside nginx and HAProxy
+OVERLOAD_TARGETS = ("scriptlb", "nginx", "haproxy")  # scriptlb first: a short budget keeps it
 
 
 def target(name: str) -> Target:
@@ -146,6 +161,28 @@ def python_hook(ports: list[int], keepalive: bool = True) -> str:
             '    ngx.log(ngx.ERR, "set_current_peer: ", err)\n'
         )
     return text + 'if not ok:\n    ngx.log(ngx.ERR, "set_current_peer: ", err)\n'
+
+
+PICKER_MODULE = "picker"
+
+
+def picker_module(ports: list[int]) -> str:
+    """The module the "module" hook imports (from python_package_path): the same crc32 choice."""
+    plist = ", ".join(str(p) for p in ports)
+    return (
+        "import zlib\n\n"
+        f"PORTS = ({plist})\n\n\n"
+        "def pick(uri):\n"
+        "    return PORTS[zlib.crc32(uri.encode()) % len(PORTS)]\n"
+    )
+
+
+def python_module_hook() -> str:
+    return (
+        f"import {PICKER_MODULE}\n"
+        f'ok, err = balancer.set_current_peer("127.0.0.1", {PICKER_MODULE}.pick(ngx.var.uri))\n'
+        'if not ok:\n    ngx.log(ngx.ERR, "set_current_peer: ", err)\n'
+    )
 
 
 def _indent(text: str, n: int) -> str:
@@ -249,15 +286,22 @@ def haproxy_conf(prefix: str, listen: int, ports: list[int], maxconn: int = MAX_
 
 def scriptlb_conf(prefix: str, listen: int, ports: list[int], hook: bool, workers: int = 1,
                   master: bool = True, balancer_keepalive: int | None = UPSTREAM_KEEPALIVE,
-                  peer_stats: bool = True) -> str:
+                  peer_stats: bool = True, hook_style: str = "inline") -> str:
     """scriptlb's config; with ``hook``, ``balancer_keepalive`` sizes the pool of hook-set peers'
-    connections (OpenResty's directive, default 32; None leaves the directive out)."""
+    connections (OpenResty's directive, default 32; None leaves the directive out) for the
+    "inline" style; the "ported" and "module" styles rely on ``keepalive N`` alone."""
     servers = "".join(f"        server 127.0.0.1:{p};\n" for p in ports)
     hook_text = ""
-    if hook:
+    package_path = ""
+    if hook and hook_style == "inline":
         hook_text = "        balancer_by_python_block {\n" + _indent(python_hook(ports), 12) + "        }\n"
         if balancer_keepalive:
             hook_text += f"        balancer_keepalive {balancer_keepalive};\n"
+    elif hook:
+        code = python_module_hook() if hook_style == "module" else python_hook(ports, keepalive=False)
+        hook_text = "        balancer_by_python_block {\n" + _indent(code, 12) + "        }\n"
+        if hook_style == "module":
+            package_path = f'    python_package_path "{prefix}/lib/?.py";\n'
     return (
         "daemon off;\n"
         f"master_process {'on' if master else 'off'};\n"
@@ -267,6 +311,7 @@ def scriptlb_conf(prefix: str, listen: int, ports: list[int], hook: bool, worker
         f"events {{ worker_connections {MAX_CONNS}; }}\n"
         "http {\n"
         "    access_log off;\n"
+        + package_path
         + ("" if peer_stats else "    python_peer_stats off;\n")
         + f"    keepalive_requests {CLIENT_KEEPALIVE_REQUESTS};\n"
         "    keepalive_timeout 75s;\n"
@@ -301,7 +346,7 @@ def config_for(t: Target, prefix: str, listen: int, ports: list[int],
     if t.kind == "scriptlb":
         return "scriptlb.conf", scriptlb_conf(prefix, listen, ports, t.hook, t.workers,
                                               balancer_keepalive=balancer_keepalive,
-                                              peer_stats=t.peer_stats)
+                                              peer_stats=t.peer_stats, hook_style=t.hook_style)
     raise ValueError(t.kind)
 
 
@@ -326,6 +371,10 @@ def write_backends(prefix: str, ports: list[int], status_port: int | None = None
 def write_target(t: Target, prefix: str, listen: int, ports: list[int], fd_limit: int | None = None,
                  balancer_keepalive: int | None = UPSTREAM_KEEPALIVE) -> str:
     make_prefix(prefix)
+    if t.kind == "scriptlb" and t.hook and t.hook_style == "module":
+        os.makedirs(os.path.join(prefix, "lib"), exist_ok=True)
+        with open(os.path.join(prefix, "lib", f"{PICKER_MODULE}.py"), "w") as f:
+            f.write(picker_module(ports))
     name, text = config_for(t, prefix, listen, ports, fd_limit, balancer_keepalive)
     path = os.path.join(prefix, "conf", name)
     with open(path, "w") as f:

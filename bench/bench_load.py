@@ -30,6 +30,7 @@ class LoadResult:
     non2xx: int = 0
     bytes_read: float = 0.0
     tool: str = "wrk"
+    timeouts: int = 0  # of the errors: requests not answered within wrk's --timeout
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,13 +69,15 @@ def parse_wrk(out: str) -> LoadResult:
     if len(dist) == 2:
         for pm in re.finditer(r"^\s*(\d+(?:\.\d+)?)%\s+([\d.]+(?:us|ms|s|m|h))\s*$", dist[1], re.M):
             pct[pm.group(1)] = _ms(pm.group(2))
-    errors = 0
+    errors = timeouts = 0
     em = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if em:
         errors = sum(int(x) for x in em.groups())
+        timeouts = int(em.group(4))
     nm = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     non2xx = int(nm.group(1)) if nm else 0
-    return LoadResult(requests, duration, rps, pct.get("50"), pct.get("99"), errors, non2xx, bytes_read)
+    return LoadResult(requests, duration, rps, pct.get("50"), pct.get("99"), errors, non2xx, bytes_read,
+                      timeouts=timeouts)
 
 
 def wrk_argv(wrk: str, url: str, duration: float, connections: int, threads: int = 1,
@@ -84,9 +87,9 @@ def wrk_argv(wrk: str, url: str, duration: float, connections: int, threads: int
 
 
 def run_wrk(wrk: str, url: str, duration: float, connections: int, threads: int = 1,
-            cpus: str | None = None, taskset: str | None = None) -> LoadResult:
+            cpus: str | None = None, taskset: str | None = None, timeout: float = 2.0) -> LoadResult:
     """Run wrk (pinned with taskset when given) and parse it; bounded by duration + 30 s."""
-    argv = wrk_argv(wrk, url, duration, connections, threads)
+    argv = wrk_argv(wrk, url, duration, connections, threads, timeout)
     if cpus is not None and taskset:
         argv = [taskset, "-c", cpus, *argv]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30, check=False,

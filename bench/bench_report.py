@@ -20,6 +20,9 @@ from pathlib import Path
 
 # (name, numerator target, denominator target, metric, goal text, goal test)
 RATIOS = (
+    ("scriptlb-hook-module / scriptlb-hook-ported req/s", "scriptlb-hook-module", "scriptlb-hook-ported",
+     "rps",
+     ">= 0.95 (a module import costs what inline code does)", lambda r: r >= 0.95),
     ("scriptlb-hook / nginx-lua req/s", "scriptlb-hook", "nginx-lua", "rps", ">= 1.0", lambda r: r >= 1.0),
     ("scriptlb-hook / nginx-lua p99", "scriptlb-hook", "nginx-lua", "p99_ms", "<= 1.5", lambda r: r <= 1.5),
     ("scriptlb / nginx-lua req/s", "scriptlb", "nginx-lua", "rps", None, None),
@@ -163,6 +166,19 @@ def markdown(fig: dict) -> str:
                          f"{_f(pf.get('other_on_proxy_cores_pct'))} | {_f(pf.get('load_core_busy_pct'))} | "
                          f"{_f(pf.get('steal_pct'), '{:.1f}')} | "
                          f"{_f(pf.get('upstream_conns_per_1k'), '{:.1f}')} | {per_rep} |")
+    overload = fig.get("overload")
+    if overload and overload.get("targets"):
+        title = f"## {overload['connections']:,} concurrent connections (one run each, wrk timeout 5 s)"
+        lines += ["", title, "",
+                  "| target | path | req/s | p99 ms | socket errors | of which timeouts | non-2xx |",
+                  "|---|---|---|---|---|---|---|"]
+        for n, per_path in overload["targets"].items():
+            for p, d in per_path.items():
+                if "rps" not in d:
+                    lines.append(f"| {n} | {p} | {d.get('status', '?')} | | | | |")
+                    continue
+                lines.append(f"| {n} | {p} | {_f(d['rps'])} | {_f(d.get('p99_ms'), '{:.1f}')} | "
+                             f"{d.get('errors', 0)} | {d.get('timeouts', 0)} | {d.get('non2xx', 0)} |")
     idle_rows = [(n, t["idle"]) for n, t in fig.get("targets", {}).items() if t.get("idle")]
     if idle_rows:
         lines += ["", "## Idle keep-alive client connections", "",

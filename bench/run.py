@@ -56,10 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, help="seconds of warm-up before each measured run")
     ap.add_argument("--reps", type=int, help="interleaved repetitions per target and path")
     ap.add_argument("--targets", help="comma-separated subset of: " + ",".join(bench_conf.TARGET_NAMES)
-                    + " (default: all but py-floor, an optional minimal-proxy reference)")
+                    + " (default: all but the optional " + ", ".join(bench_conf.OPTIONAL_TARGETS) + ")")
     ap.add_argument("--paths", help="comma-separated URIs to load (default: / and /big; --quick: /)")
     ap.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     ap.add_argument("--idle-conns", type=int, help="idle keep-alive connections to open (default 10000)")
+    ap.add_argument("--overload-connections", type=int, default=1000,
+                    help="the high-concurrency run: wrk connections on / and /big for nginx, HAProxy "
+                    "and scriptlb, reporting p99 and errors (default 1000; 0: skip)")
     ap.add_argument("--out", default=str(HERE / "results"), help="output directory (default bench/results)")
     ap.add_argument("--loadgen", choices=("wrk", "python"), default="wrk",
                     help="load generator; python is the bounded asyncio fallback used when wrk is missing")
@@ -456,6 +459,36 @@ class Harness:
         for name, (proc, _) in self.live.items():
             self.tfig(name)["peak_rss_kib"] = bench_proc.rss_kib(proc.pid, "VmHWM")
 
+    def overload(self) -> None:
+        """One run per target and path at --overload-connections (wrk's timeout 5 s): under
+        overload the tail latency and the errors (timeouts: requests left hanging) count."""
+        conns = self.args.overload_connections
+        names = [n for n in bench_conf.OVERLOAD_TARGETS if n in self.live]
+        if conns <= 0 or not names or self.loadgen != "wrk":
+            return
+        out: dict = {}
+        stop_at = self.budget - (15 if self.args.quick else 60)
+        for path in ("/", "/big"):
+            for name in names:
+                if self.elapsed() + self.duration + 2 > stop_at:
+                    self.notes.append(f"time budget: skipped the {conns}-connection run of {name} {path}")
+                    continue
+                proc, port = self.live[name]
+                try:
+                    url = f"http://127.0.0.1:{port}{path}"
+                    res = bench_load.run_wrk(self.deps.wrk, url, self.duration, conns, cpus=self.load_cpu,
+                                             taskset=self.deps.taskset, timeout=5.0)
+                except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+                    out.setdefault(name, {})[path] = {"status": f"error: {e}"}
+                    continue
+                d = res.to_dict()
+                d["alive"] = proc.alive()
+                out.setdefault(name, {})[path] = d
+                log(f"{conns} conns {name:10s} {path:5s} {d['rps']:>10,.0f} req/s  "
+                    f"p99 {d['p99_ms'] or 0:.1f} ms  errors {d['errors']} (timeouts {d['timeouts']}), "
+                    f"non-2xx {d['non2xx']}")
+        self.fig["overload"] = {"connections": conns, "targets": out}
+
     def idle(self) -> None:
         n_all = self.idle_n
         if n_all <= 0:
@@ -624,6 +657,7 @@ class Harness:
                     self.start_target(t)
                 if self.live:
                     self.measure()
+                    self.overload()
                     self.idle()
                     if self.args.profile:
                         self.profile()

@@ -170,6 +170,20 @@ class AccessLog:
         return f"<AccessLog {self.name} -> {self.file!r}>"
 
 
+class PhaseClock:
+    """The access logs' clock in locations with a log hook: the log phase's time while it runs
+    (the exchange sets ``frozen``), so the hook's ``$request_time``, ``$msec``... equal the
+    line's; the plain clock otherwise. One per runtime, passed to the logs that need it."""
+
+    __slots__ = ("frozen",)
+
+    def __init__(self) -> None:
+        self.frozen = 0.0  # 0.0: not in a log phase
+
+    def __call__(self) -> float:
+        return self.frozen or time.time()
+
+
 def open_access_log(
     conf: AccessLogConf,
     loop: asyncio.AbstractEventLoop | None = None,

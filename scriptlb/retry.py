@@ -152,6 +152,23 @@ def decide(
     return _FAILURE_STATUS[failure]
 
 
+def is_stale_connection(
+    failure: Failure,
+    response_started: bool,
+    reused: bool,
+    body_streamed: bool,
+    method_idempotent: bool,
+    next_upstream: int,
+) -> bool:
+    """A reused keep-alive connection the peer had already closed: nginx sends the request
+    again on a new connection without counting a try. Only for a plain error before any
+    response byte, when the request can be sent again: its body is not streamed (gone once
+    sent) and it is idempotent, or ``non_idempotent`` allows it."""
+    if not reused or failure is not Failure.ERROR or response_started or body_streamed:
+        return False
+    return method_idempotent or bool(next_upstream & _NON_IDEMPOTENT)
+
+
 def is_counted_failure(failure: Failure, retried: bool) -> bool:
     """Whether the peer is freed as FAILED (counts towards max_fails, lowers its weight).
 

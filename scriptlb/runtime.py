@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from scriptlb.accesslog import PhaseClock
 from scriptlb.balancing import create_balancer
+from scriptlb.balancing.round_robin import RoundRobin
 from scriptlb.config.model import (
     HookConf,
     HttpConf,
@@ -34,12 +36,14 @@ from scriptlb.locations import LocationMatcher, ServerSelector, selectors_by_lis
 from scriptlb.peers import PeerSet
 from scriptlb.pool import ConnectionPool
 from scriptlb.stats import Recorder, UpstreamStats
+from scriptlb.uri import quote_uri
+from scriptlb.variables import use_maps
 
 if TYPE_CHECKING:
     from scriptlb.accesslog import LogFile
-    from scriptlb.downstream import ClientConnection, Request
+    from scriptlb.downstream import ClientConnection
+    from scriptlb.exchange import Exchange
     from scriptlb.hooks import LogHookRunner
-    from scriptlb.proxy import Exchange
     from scriptlb.status import WorkerStatus
 
 Getter = Callable[[Any], str]
@@ -62,7 +66,8 @@ class UpstreamRuntime:
     """One upstream block in this worker: peers, balancer, keep-alive pool and optional hook."""
 
     __slots__ = (
-        "_hook_pool", "balancer", "conf", "hook", "key_getter", "loop", "name", "peers", "pool", "stats",
+        "_hook_pool", "balancer", "conf", "hook", "key_getter", "loop", "name", "observe", "peers", "pool",
+        "stats",
     )
 
     def __init__(
@@ -74,6 +79,10 @@ class UpstreamRuntime:
         self.name = conf.name
         self.peers = PeerSet.from_conf(conf)
         self.balancer = create_balancer(conf, self.peers)
+        # the balancer's observe, for methods that learn from latency (ewma, least_time); None
+        # for the others, so a try's end skips the call
+        observe = getattr(type(self.balancer), "observe", None)
+        self.observe = None if observe is RoundRobin.observe else self.balancer.observe
         self.key_getter = _balancer_key_getter(self.balancer, conf)
         self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests)
         # this upstream's records in the instance's live peer statistics (python_peer_stats)
@@ -192,8 +201,6 @@ class RequestPlan:
         if self.replace_uri is None:
             raw = exchange.request_uri
             return raw if raw.startswith("/") else _path_and_args(exchange)
-        from scriptlb.proxy import quote_uri
-
         uri = exchange.uri
         prefix = self.location_prefix
         rest = uri[len(prefix):] if prefix and uri.startswith(prefix) else uri
@@ -201,13 +208,11 @@ class RequestPlan:
         return new + "?" + exchange.args if exchange.args is not None else new
 
     def build_head(self, exchange: Exchange, body_length: int | None, chunked: bool = False) -> bytes:
-        parts = [
-            exchange.method.encode("ascii"),
-            b" ",
-            self.upstream_uri(exchange).encode("latin-1"),
-            self.version_line,
-            self.static_headers,
-        ]
+        target = exchange.request.target
+        if self.replace_uri is not None or target[:1] != b"/":
+            target = self.upstream_uri(exchange).encode("latin-1")
+        # (else the client's target, as it came: the bytes upstream_uri would decode and encode)
+        parts = [exchange.method.encode("ascii"), b" ", target, self.version_line, self.static_headers]
         for name, getter in self.dynamic_headers:
             value = getter(exchange)
             if value:
@@ -240,7 +245,7 @@ def _connection_listed(connection: bytes) -> frozenset[bytes]:
 class LocationRuntime:
     __slots__ = (
         "access", "access_logs", "conf", "content", "log_hook", "plan", "proxy_host", "return_getter",
-        "upstream", "zone",
+        "tls", "trace", "upstream", "zone",
     )
 
     def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None, access_logs: tuple,
@@ -258,6 +263,14 @@ class LocationRuntime:
         # stub_status / api / prometheus (scriptlb.handlers): content(exchange) answers
         self.content: Callable[[Any], None] | None = None
         self.zone: list[int] | None = None  # status_zone: this worker's counts by status // 100
+        self.tls: Any = None  # proxy_pass https://: a scriptlb.tls.PeerTls (set by the Runtime)
+        # balancer_trace_header on (scriptlb.trace): adds the trace to proxied responses for
+        # clients that ask from an allowed address; None: the proxy pays one attribute test
+        self.trace: Any = None
+        if conf.trace_header:
+            from scriptlb.trace import TraceHeader
+
+            self.trace = TraceHeader(conf.trace_allow)
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
         ret = conf.return_
@@ -350,20 +363,6 @@ class ServerRoute:
         return self._by_id[id(self.selector.select(host))]
 
 
-def _exchange_class() -> type[Exchange]:
-    """proxy.Exchange, imported on first use (proxy imports this module's neighbours) and
-    then kept: an import statement per request costs a module lookup each time."""
-    global _EXCHANGE
-    if _EXCHANGE is None:
-        from scriptlb.proxy import Exchange
-
-        _EXCHANGE = Exchange
-    return _EXCHANGE
-
-
-_EXCHANGE: type[Exchange] | None = None
-
-
 class Runtime:
     """All per-worker runtime objects of one configuration."""
 
@@ -382,10 +381,13 @@ class Runtime:
         self.zone_counts: dict[str, list[int]] = {}
         self.status: WorkerStatus | None = None  # the instance's counters, set by the worker
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
+        use_maps(http.maps)
         self.upstreams = {
             name: UpstreamRuntime(up, loop, http.python, recorder) for name, up in http.upstreams.items()
         }
         self._python = http.python
+        # the log phase's frozen clock, for the access logs of locations with a log hook
+        self.log_clock = PhaseClock()
         self._access_logs: dict[tuple, tuple] = {}
         # one runner per distinct log hook: locations inheriting a hook share it (and its
         # error-rate limit), as they share the code compiled once by precompile
@@ -393,6 +395,7 @@ class Runtime:
         # one LogFile per path, shared by every access_log directive naming it (one open, one
         # buffer, lines in order), as nginx opens each path once
         self._log_files: dict[str, LogFile] = {}
+        self._tls_contexts: dict[Any, Any] = {}  # ProxySslConf -> its client SSLContext
         self.servers = {id(s): ServerRuntime(s, self._build_location) for s in http.servers}
         self.routes = {
             key: ServerRoute(selector, self.servers) for key, selector in selectors_by_listen(http).items()
@@ -403,6 +406,8 @@ class Runtime:
         if conf.proxy_pass is not None and conf.return_ is None:
             upstream = self.upstreams[conf.proxy_pass.upstream]
         location = LocationRuntime(conf, upstream, self._access_logs_for(conf), self._log_hook_for(conf))
+        if conf.proxy_pass is not None and conf.proxy_pass.ssl:
+            location.tls = self._peer_tls(conf, location.proxy_host)
         if conf.status_zone is not None:
             location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
         if conf.handler is not None:
@@ -410,6 +415,21 @@ class Runtime:
 
             location.content = content_handler(conf, self)
         return location
+
+    def _peer_tls(self, conf: LocationConf, proxy_host: str) -> Any:
+        from scriptlb.tls import PeerTls, client_context, proxy_host_name  # (only TLS configs)
+
+        ssl_conf = conf.proxy.ssl
+        contexts = self._tls_contexts
+        context = contexts.get(ssl_conf)
+        if context is None:
+            context = contexts[ssl_conf] = client_context(ssl_conf)
+        if ssl_conf.name is not None:
+            name = _compile(ssl_conf.name)
+        else:
+            host = proxy_host_name(proxy_host)
+            name = lambda ex: host  # noqa: E731
+        return PeerTls(context, name, ssl_conf.server_name)
 
     def _log_hook_for(self, conf: LocationConf) -> LogHookRunner | None:
         hook = conf.log_hook
@@ -427,7 +447,7 @@ class Runtime:
     def _access_logs_for(self, conf: LocationConf) -> tuple:
         if not conf.access_log:
             return ()
-        # With a log hook, the access logs read the log phase's frozen time (proxy.log_clock),
+        # With a log hook, the access logs read the log phase's frozen time (log_clock),
         # so the hook's $request_time & co equal the line's; without one, the plain clock.
         frozen = conf.log_hook is not None
         key = (conf.access_log, frozen)
@@ -435,12 +455,7 @@ class Runtime:
         if logs is None:
             from scriptlb.accesslog import open_access_log
 
-            if frozen:
-                from scriptlb.proxy import log_clock
-
-                clock = log_clock
-            else:
-                clock = time.time
+            clock: Callable[[], float] = self.log_clock if frozen else time.time
             logs = self._access_logs[key] = tuple(
                 open_access_log(c, self.loop, self._log_files, clock) for c in conf.access_log
             )
@@ -472,16 +487,30 @@ class Runtime:
 
     # ------------------------------------------------------------------ the request path
 
-    def open_exchange(self, conn: ClientConnection, request: Request) -> Exchange:
-        self.requests += 1
-        return _exchange_class()(conn, request, self)
+    def tls_context(self, keys: list | tuple) -> Any:
+        """The SSLContext a listening socket (its keys) is opened with, or None without TLS:
+        the default server's, switching on SNI to the server ``server_name`` picks (a server
+        on the socket without TLS settings of its own answers with the default's)."""
+        servers = [s for s in self.conf.http.servers if any(lc.key in keys for lc in s.listens)] \
+            if self.conf.http is not None else []
+        confs = [s.ssl for s in servers if s.ssl is not None]
+        if not confs:
+            return None
+        from scriptlb.tls import server_context, sni_context  # (only TLS configs load ssl)
 
-    def log_client_error(self, conn: ClientConnection, request: Request, status: int) -> None:
-        """Access-log a request the client connection rejected before any handler saw it."""
-        from scriptlb.proxy import Exchange
+        route = self.routes[keys[0]]
+        fallback = route.default_server.conf.ssl or confs[0]
+        contexts: dict[int, Any] = {}
 
-        self.requests += 1
-        Exchange(conn, request, self).log_rejected(status)
+        def context_of(conf: ServerConf) -> Any:
+            ssl_conf = conf.ssl or fallback
+            ctx = contexts.get(id(ssl_conf))
+            if ctx is None:
+                ctx = contexts[id(ssl_conf)] = server_context(ssl_conf)
+            return ctx
+
+        default = context_of(route.default_server.conf)
+        return sni_context(default, lambda name: context_of(route.selector.select(name)))
 
     def route_for(self, conn: ClientConnection) -> ServerRoute:
         """The listening key a connection arrived on (a wildcard socket may serve several)."""

@@ -12,7 +12,7 @@ header, then one row per worker process::
 
 A worker claims a free row (or one whose owner died) and is its only writer. It counts in
 plain Python integers (an accepted connection: one increment in the protocol factory; a
-request: one in ``Runtime.open_exchange``) and publishes its row every ``PUBLISH_INTERVAL``:
+request: one in ``Exchange.__init__``) and publishes its row every ``PUBLISH_INTERVAL``:
 its counters (on top of what the row's earlier owners counted: history is kept across
 reloads and crashes, as nginx's shared counters are) and its gauges, computed by looking at
 its open connections then (nothing per request). A reader sums the counters of every row and

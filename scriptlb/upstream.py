@@ -39,7 +39,7 @@ from typing import Protocol
 
 import httptools
 
-from scriptlb import errorlog
+from scriptlb import errorlog, safety
 from scriptlb.retry import Failure
 
 # Response headers nginx never passes to the client: hop-by-hop ones, the framing we redo, and
@@ -133,6 +133,25 @@ class ResponseHead:
         return b"".join(out)
 
 
+_BLANKS = frozenset({b" ", b"\t"})  # a value's last byte, when it must be stripped
+
+# on_header's memo: a header name as the peer spells it -> what to do with it (the same few
+# spellings come in every response; bounded, since peers choose names)
+_PASSED = -1
+_KIND_BY_NAME: dict[bytes, int] = {}
+_KIND_MEMO_SIZE = 512
+
+
+def _header_kind(name: bytes) -> int:
+    lower = name.lower()
+    kind = _HEADER_KIND.get(lower)
+    if kind is None:
+        kind = _HIDDEN if lower[:8] == b"x-accel-" else _PASSED
+    if len(_KIND_BY_NAME) >= _KIND_MEMO_SIZE:
+        _KIND_BY_NAME.clear()
+    _KIND_BY_NAME[name] = kind
+    return kind
+
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 
@@ -155,9 +174,10 @@ class UpstreamHandler(Protocol):
     def upstream_body(self, data: bytes) -> None: ...
     def upstream_complete(self) -> None: ...
     def upstream_failed(self, err: UpstreamError) -> None: ...
+    def upstream_crashed(self, exc: BaseException, where: str) -> None: ...  # a bug in a callback
 
 
-_PREMATURE = "upstream prematurely closed connection"
+PREMATURE = "upstream prematurely closed connection"
 _TIMED_OUT = "upstream timed out (110: Connection timed out)"
 
 
@@ -175,6 +195,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_http11",
         "_in_feed",
         "_last_read",
+        "_owner",
         "_parser",
         "_parser_ended",
         "_read_paused",
@@ -184,6 +205,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_streaming",
         "_timer",
         "_timer_when",
+        "_upgraded",
         "_write_paused",
         "_write_paused_at",
         "head_limit",
@@ -199,7 +221,10 @@ class UpstreamConnection(asyncio.Protocol):
         "response_complete",
         "response_started",
         "state",
+        "tls",
         "transport",
+        "upgrade",
+        "upgraded_data",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple, peer_name: str) -> None:
@@ -230,6 +255,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser_ended = False  # the parser completed its last message on its own
         self._head_only = False
         self._handler: UpstreamHandler | None = None  # None once it was told the outcome
+        self._owner: UpstreamHandler | None = None  # who to tell about a bug in a callback
         self._response: ResponseHead | None = None
         self._header_done = False
         self._head_dispatched = False
@@ -243,6 +269,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._extra_bytes = False  # bytes after the response's end: the connection is unusable
         self._closing_after = False  # we asked the peer to close (Connection: close)
         self._http11 = True
+        self.tls = False  # opened with TLS (proxy_pass https://)
+        self.upgrade = False  # the client asked to switch protocols: a 101 ends the head
+        self._upgraded = False  # ... and the peer sent it: the rest is a tunnel's
+        self.upgraded_data = b""  # bytes after the 101's head
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.peer_name} {self.state.value} requests={self.requests}>"
@@ -254,35 +284,61 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = ConnState.ACTIVE
 
     def data_received(self, data: bytes) -> None:
-        if self.state is not ConnState.ACTIVE or self._parser is None or self.response_complete:
-            self._unexpected_bytes()
-            return
-        self._last_read = self.loop.time()
-        self.response_started = True
-        if not self._header_done and self.head_limit and self._head_too_big(data):
-            # nginx reads the head into one proxy_buffer_size buffer
-            self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
-            return
-        self._in_feed = True
+        # (one function: this runs for every read; the try is free until something raises)
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as err:
-            raise (err.__context__ or err) from None  # a bug in our callbacks, not the peer's fault
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            # (HttpParserUpgrade: a 101 we never asked for; Upgrade is never forwarded)
-            if not self.response_complete:
-                self._in_feed = False
-                self._fail_parse()
+            if self.state is not ConnState.ACTIVE or self._parser is None or self.response_complete:
+                self._unexpected_bytes()
                 return
-            self._extra_bytes = True  # garbage after a complete response: deliver, never reuse
-        finally:
-            self._in_feed = False
-        if self._header_done and not self._head_dispatched:
-            self._dispatch_head()
-        elif self.response_complete:
-            self._deliver_completion()
+            self._last_read = self.loop.time()
+            self.response_started = True
+            if not self._header_done and self.head_limit and self._head_too_big(data):
+                # nginx reads the head into one proxy_buffer_size buffer
+                self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
+                return
+            self._in_feed = True
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserCallbackError as err:
+                raise (err.__context__ or err) from None  # a bug in our callbacks, not the peer's fault
+            except httptools.HttpParserUpgrade as upgrade:
+                if self._upgraded:  # the 101 we may take: what follows is the new protocol's
+                    self.upgraded_data = data[int(upgrade.args[0]):]
+                elif not self.response_complete:  # a 101 the client did not ask for
+                    self._in_feed = False
+                    self._fail_parse()
+                    return
+                else:
+                    self._extra_bytes = True
+            except httptools.HttpParserError:
+                if not self.response_complete:
+                    self._in_feed = False
+                    self._fail_parse()
+                    return
+                self._extra_bytes = True  # garbage after a complete response: deliver, never reuse
+            finally:
+                self._in_feed = False
+            if self._header_done and not self._head_dispatched:
+                self._dispatch_head()
+            elif self.response_complete:
+                self._deliver_completion()
+        except Exception as exc:
+            self._crashed(exc, "reading upstream")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._lost(exc)
+        except Exception as bug:
+            self._crashed(bug, "reading upstream")
+        # The parser holds this protocol and the callbacks hold the request: break the
+        # cycles, so a closed connection goes with its last reference instead of waiting for
+        # (and feeding) the cyclic garbage collector, whose full passes stall the loop under
+        # many connections.
+        self._parser = None
+        self._owner = self._handler = None
+        self.on_writable = None
+        self.on_idle_lost = None
+
+    def _lost(self, exc: Exception | None) -> None:
         state = self.state
         self.state = ConnState.CLOSED
         self._cancel_timer()
@@ -300,7 +356,7 @@ class UpstreamConnection(asyncio.Protocol):
             text = f"recv() failed {errorlog.os_error_text(exc)}"
             self._fail(Failure.ERROR, text)
         else:
-            self._fail(Failure.ERROR, _PREMATURE)
+            self._fail(Failure.ERROR, PREMATURE)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -311,7 +367,21 @@ class UpstreamConnection(asyncio.Protocol):
         self._write_paused = False
         callback = self.on_writable
         if callback is not None:
-            callback()
+            try:
+                callback()
+            except Exception as exc:
+                self._crashed(exc, "sending request to upstream")
+
+    def _crashed(self, exc: BaseException, where: str) -> None:
+        """The safety net: a bug escaped one of our callbacks. Drop the connection (its state
+        is unknown) and let the request it serves finish (or just report it)."""
+        owner = self._owner
+        self._owner = None
+        self.abort()
+        if owner is not None:
+            owner.upstream_crashed(exc, where)
+        else:
+            safety.report(exc, where)
 
     # ------------------------------------------------------------------ the exchange's API
 
@@ -328,24 +398,33 @@ class UpstreamConnection(asyncio.Protocol):
     ) -> None:
         """Send a request (``body`` None: the body follows through ``write_body``); the
         response goes to ``handler``."""
-        assert self.state is ConnState.ACTIVE and self.transport is not None
         self.requests += 1
         self._reset_request_state(handler, head_only, http11, close_after)
+        transport = self.transport
+        if self.state is not ConnState.ACTIVE or transport is None or transport.is_closing():
+            # the peer closed it a moment ago (connection_lost may even have run already):
+            # fail like a connection closed before the response, after this call returns (a
+            # reused one is retried fresh)
+            self.loop.call_soon(self._fail_soon, handler)
+            return
         self._read_timeout = read_timeout
         self._send_timeout = send_timeout
-        self._last_read = self.loop.time()
-        self._arm_timer(read_timeout)
-        if self.transport.is_closing():
-            # the peer closed it a moment ago and connection_lost is still on its way: fail
-            # like a connection closed before the response (a reused one is retried fresh)
-            self.loop.call_soon(self._fail, Failure.ERROR, _PREMATURE)
-            return
+        self._last_read = now = self.loop.time()
+        if self._timer is None or now + read_timeout < self._timer_when:
+            self._arm_timer(read_timeout)  # (else the pending timer re-checks when it fires)
         if body:
-            self.transport.writelines((head, body))
+            transport.writelines((head, body))
         else:
-            self.transport.write(head)
+            transport.write(head)
         self.request_sent = True
         self.request_complete = body is not None
+
+    def _fail_soon(self, handler: UpstreamHandler) -> None:
+        if self._handler is handler:  # (not if the request gave up on us meanwhile)
+            try:
+                self._fail(Failure.ERROR, PREMATURE)
+            except Exception as exc:
+                self._crashed(exc, "reading response header from upstream")
 
     def write_body(self, data: bytes, last: bool) -> None:
         """Stream request body bytes (already framed by the caller)."""
@@ -409,7 +488,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = ConnState.IDLE
         self.on_writable = None
         self.idle_since = now
-        self._handler = None  # (the parser stays: the next request on this connection reuses it)
+        self._handler = self._owner = None  # (the parser stays: the next request reuses it)
 
     def is_alive(self) -> bool:
         """Still open as far as the transport knows (the pool skips ones closing under it)."""
@@ -418,12 +497,33 @@ class UpstreamConnection(asyncio.Protocol):
     def reuse(self) -> None:
         self.state = ConnState.ACTIVE
 
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101: hand the socket over (to a tunnel), with the bytes that came after the
+        head; this object hears nothing more about it."""
+        transport = self.transport
+        assert transport is not None
+        self.state = ConnState.CLOSED
+        self._cancel_timer()
+        self._handler = self._owner = None
+        self._parser = None
+        self.on_writable = self.on_idle_lost = None
+        data, self.upgraded_data = self.upgraded_data, b""
+        self.transport = None
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        return transport, data
+
     def close(self) -> None:
         if self.state is not ConnState.CLOSED:
             self.state = ConnState.CLOSED
             self._cancel_timer()
-            if self.transport is not None:
-                self.transport.close()
+            transport = self.transport
+            if transport is not None:
+                # TLS: dropped at once. asyncio's TLS close waits for the peer's close_notify
+                # (up to 30 s), holding the socket and a stopping worker's loop; nginx does not
+                # wait for it either. Nothing is lost: we close only after the request's end.
+                transport.abort() if self.tls else transport.close()
 
     def abort(self) -> None:
         """Drop the connection now, telling nobody (the handler gave up on this response)."""
@@ -443,21 +543,20 @@ class UpstreamConnection(asyncio.Protocol):
             response.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        response = self._response
-        assert response is not None
         if self.response_complete:
             self._extra_bytes = True  # a second response we never asked for
             return
-        if value[-1:] in (b" ", b"\t"):
+        response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
+        if value[-1:] in _BLANKS:
             value = value.rstrip(b" \t")
         # classified here, once (this runs for every header of every response): passed on as a
         # line for the client, or noted (framing, Connection), or hidden
         response.headers.append((name, value))
-        lower = name.lower()
-        kind = _HEADER_KIND.get(lower)
+        kind = _KIND_BY_NAME.get(name)
         if kind is None:
-            if not lower.startswith(b"x-accel-"):
-                response.lines.append(name + b": " + value + b"\r\n")
+            kind = _header_kind(name)
+        if kind == _PASSED:
+            response.lines.append(name + b": " + value + b"\r\n")
         elif kind == _CONTENT_LENGTH:
             response.content_length = int(value)  # llhttp validated the digits and duplicates
         elif kind == _CONNECTION:
@@ -474,7 +573,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._extra_bytes = True
             return
         status = parser.get_status_code()
-        if 100 <= status < 200:
+        if status == 101 and self.upgrade:
+            self._upgraded = True  # a final head: the exchange decides (a tunnel)
+        elif 100 <= status < 200:
             self._response = ResponseHead()  # 1xx interim response: nginx ignores it, so do we
             return
         response.status = status
@@ -499,6 +600,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._early_body.append(data)
 
     def on_message_complete(self) -> None:
+        if self._upgraded:
+            return  # (llhttp ends the 101's "message" at its head: the connection is no HTTP now)
         if self._response is None or not self._header_done:
             self._response = ResponseHead()  # after a 1xx: the real response follows
             return
@@ -528,6 +631,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser = httptools.HttpResponseParser(self)
         self._parser_ended = False
         self._handler = handler
+        self._owner = handler
         self._response = ResponseHead()
         self._header_done = False
         self._head_bytes = 0
@@ -544,6 +648,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._early_body = []
         self._extra_bytes = False
         self._read_paused = False
+        self._upgraded = False
 
     def _head_too_big(self, data: bytes) -> bool:
         """Would the head outgrow ``head_limit`` with ``data``? (Checked before httptools
@@ -620,6 +725,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = None
 
     def _on_timer(self) -> None:
+        try:
+            self._timer_fired()
+        except Exception as exc:
+            self._crashed(exc, "reading upstream")
+
+    def _timer_fired(self) -> None:
         self._timer = None
         if self.state is not ConnState.ACTIVE or self.response_complete:
             return

@@ -22,13 +22,15 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import uvloop
 
-from scriptlb import api, cluster, errorlog
+from scriptlb import api, cluster, errorlog, safety
 from scriptlb.config.model import HttpConf, MainConf
 from scriptlb.downstream import ClientConnection, ListenerContext
+from scriptlb.exchange import Exchange, log_client_error
 from scriptlb.peer_lists import PeerListStore, PeerListWatcher, effective_conf
 from scriptlb.runtime import Runtime
 from scriptlb.sandbox.limits import install_worker_fuse
@@ -40,6 +42,7 @@ Key = tuple
 
 # A graceful stop waits for in-flight requests, checking this often.
 _DRAIN_POLL = 0.05
+_TLS_CLOSE_GRACE = 0.1  # seconds a stopping worker leaves TLS connections to close
 
 
 class Worker:
@@ -57,6 +60,7 @@ class Worker:
         self.hook_figures: Any = None  # scriptlb.metrics.HookFiguresPublisher
         self.contexts: list[ListenerContext] = []
         self._servers: list[asyncio.AbstractServer] = []
+        self._tls = False  # a listener terminates TLS
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
         self.ready = threading.Event()
         self.freeze_gc = False  # True in a worker process (run), not in a test's thread
@@ -64,6 +68,10 @@ class Worker:
 
     async def serve(self) -> None:
         self._stop = self.loop.create_future()
+        if self.loop.get_exception_handler() is None:
+            # a bug escaping a callback: an [alert] line in the error log, not a traceback on
+            # stderr (a test's WorkerThread installs its own, which records them)
+            self.loop.set_exception_handler(safety.loop_error)
         loaded_http = self.conf.http
         store = PeerListStore(zone_directory(self.conf.prefix)) if loaded_http is not None else None
         if store is not None:
@@ -135,7 +143,7 @@ class Worker:
                 continue
             server_conf = route.default_server.conf
             context = ListenerContext(
-                runtime.open_exchange,
+                partial(Exchange, runtime),
                 header_timeout=server_conf.client_header_timeout,
                 header_buffers=server_conf.large_client_header_buffers,
                 keys=tuple(keys),
@@ -145,10 +153,13 @@ class Worker:
                 ignore_invalid_headers=server_conf.ignore_invalid_headers,
                 reusable=reusable,
             )
-            context.on_client_error = runtime.log_client_error
+            context.on_client_error = partial(log_client_error, runtime)
             self.contexts.append(context)
+            tls = runtime.tls_context(keys)
+            self._tls = self._tls or tls is not None
             server = await self.loop.create_server(
-                _protocol_factory(context, self.loop, self.status), sock=sock, backlog=self._backlog(keys)
+                _protocol_factory(context, self.loop, self.status), sock=sock, backlog=self._backlog(keys),
+                ssl=tls,
             )
             self._servers.append(server)
 
@@ -209,8 +220,9 @@ class Worker:
         if self.stats is not None:
             self.stats.close()  # gives the shard back for the next generation of workers
             self.stats = None
-        # give transports one loop turn to close their sockets
-        await asyncio.sleep(0)
+        # give transports one loop turn to close their sockets (TLS ones a moment more: their
+        # close is a close_notify exchange with the client)
+        await asyncio.sleep(_TLS_CLOSE_GRACE if self._tls else 0)
 
     async def _drain(self) -> None:
         """Wait until every client connection closed (each closes after its active request)."""

@@ -451,3 +451,35 @@ def test_instruction_count_configs_pass_t(tmp_path: Path, extra: str) -> None:
         result = subprocess.run([sys.executable, "-m", "scriptlb", "-t", "-p", str(tmp_path), "-c", name],
                                 capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr
+
+
+def test_module_hook_target_imports_its_picker(tmp_path: Path) -> None:
+    """The ported-hook target: `keepalive 128`, no enable_keepalive, the picking function in a
+    module on python_package_path that chooses as the inline hooks do."""
+    ports = [9101, 9102, 9103, 9104]
+    t = bench_conf.target("scriptlb-hook-module")
+    prefix = tmp_path / t.name
+    text = Path(bench_conf.write_target(t, str(prefix), 9200, ports)).read_text()
+    assert f'python_package_path "{prefix}/lib/?.py";' in text
+    assert "import picker" in text and "enable_keepalive" not in text and "balancer_keepalive" not in text
+    namespace: dict = {}
+    exec((prefix / "lib" / "picker.py").read_text(), namespace)
+    for uri in ("/", "/big", "/x/y"):
+        assert namespace["pick"](uri) == ports[bench_conf.hook_backend_index(uri)]
+    assert "scriptlb-hook-module" not in bench_conf.DEFAULT_TARGETS
+
+
+def test_parse_wrk_counts_timeouts() -> None:
+    out = ("Running 1s test @ http://127.0.0.1:1/\n  1 threads and 1000 connections\n"
+           "  100 requests in 1.00s, 10.00KB read\n"
+           "  Socket errors: connect 0, read 3, write 0, timeout 7\nRequests/sec:    100.00\n")
+    res = bench_load.parse_wrk(out)
+    assert (res.errors, res.timeouts) == (10, 7)
+
+
+def test_report_shows_the_overload_run(tmp_path: Path) -> None:
+    fig = {"targets": {}, "overload": {"connections": 1000, "targets": {
+        "scriptlb": {"/": {"rps": 5000.0, "p99_ms": 80.0, "errors": 2, "timeouts": 1, "non2xx": 0}}}}}
+    text = bench_report.markdown(fig)
+    assert "## 1,000 concurrent connections" in text
+    assert "| scriptlb | / | 5,000 | 80.0 | 2 | 1 | 0 |" in text

@@ -310,3 +310,29 @@ def test_two_workers_add_up_keep_figures_on_reload_and_restart_at_zero(tmp_path:
         wait_for(lambda: answers(lb), what="scriptlb to answer again")
         restarted = wait_for(total, what="the probe request, published")
     assert 1 <= restarted <= 5  # the probe request(s) only
+
+
+def test_samples_have_sub_millisecond_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop's clock ticks in milliseconds: a peer answering in under one would record 0.0 (and
+    an average of 0 divides by zero in a hook); the tries' own clock is finer."""
+    from scriptlb.stats import Recorder
+
+    samples: list[float] = []
+    original = Recorder.finish
+
+    def finish(self: Recorder, index: int, status: int, sample: float | None, failed: bool) -> None:
+        if sample is not None:
+            samples.append(sample)
+        original(self, index, status, sample, failed)
+
+    monkeypatch.setattr(Recorder, "finish", finish)
+    with Backends(respond(body=b"a")) as backends:
+        conf = upstream_conf([backends[0].addr], extra="keepalive 4;").replace(
+            "location / { proxy_pass http://b; }",
+            'location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; }')
+        with Scriptlb(conf, tmp_path) as lb:
+            for _ in range(20):
+                assert get(lb.port).status == 200
+    assert len(samples) == 20
+    assert all(s > 0 for s in samples)
+    assert any(abs(s * 1000 - round(s * 1000)) > 1e-6 for s in samples)  # not whole milliseconds

@@ -461,7 +461,7 @@ def test_empty_post_keeps_its_content_length(tmp_path: Path) -> None:
     ],
 )
 def test_uri_normalization(raw: str, normalized: str | None) -> None:
-    from scriptlb.proxy import normalize_uri
+    from scriptlb.uri import normalize_uri
 
     assert normalize_uri(raw) == normalized
 

@@ -15,6 +15,7 @@ from scriptlb.retry import (
     failure_for_status,
     is_counted_failure,
     is_idempotent,
+    is_stale_connection,
     is_status_based,
     last_failure_state,
     last_failure_status,
@@ -189,3 +190,21 @@ def test_status_based_kinds() -> None:
 def test_is_idempotent(method: str, idempotent: bool) -> None:
     assert is_idempotent(method) is idempotent
     assert (method in NON_IDEMPOTENT_METHODS) is not idempotent
+
+
+# --------------------------------------------------------------------------- stale connections
+
+
+@pytest.mark.parametrize(("failure", "started", "reused", "streamed", "idempotent", "mask", "stale"), [
+    (F.ERROR, False, True, False, True, DEFAULT, True),  # the pooled connection the peer closed
+    (F.ERROR, False, False, False, True, DEFAULT, False),  # a fresh connection: a real failure
+    (F.ERROR, True, True, False, True, DEFAULT, False),  # a response had begun
+    (F.TIMEOUT, False, True, False, True, DEFAULT, False),  # only a plain error is staleness
+    (F.INVALID_HEADER, False, True, False, True, DEFAULT, False),
+    (F.ERROR, False, True, True, True, DEFAULT, False),  # a streamed body cannot be sent again
+    (F.ERROR, False, True, False, False, DEFAULT, False),  # POST: sent once only...
+    (F.ERROR, False, True, False, False, DEFAULT | NU.NON_IDEMPOTENT, True),  # ...unless allowed
+])
+def test_stale_connection_rule(failure: Failure, started: bool, reused: bool, streamed: bool,
+                               idempotent: bool, mask: NextUpstream, stale: bool) -> None:
+    assert is_stale_connection(failure, started, reused, streamed, idempotent, int(mask)) is stale

@@ -1,0 +1,68 @@
+"""URI helpers of the request path: nginx's URI normalization, request-target splitting, the
+re-escaping of a rewritten URI for the peer, and ``bind_to_local_addr``'s address text.
+
+Pure functions on strings; runtime (the upstream request template) and the exchange both use
+them, so they live below both.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote, unquote
+
+
+def normalize_uri(path: str) -> str | None:
+    """nginx's ngx_http_parse_complex_uri: decode %XX, merge slashes, resolve ``.``/``..``.
+
+    None when the path escapes the root (nginx answers 400).
+    """
+    if "%" in path:
+        # a byte per character, as nginx: %C3%A9 is two characters, logged \xC3\xA9
+        path = unquote(path, encoding="latin-1")
+        if "\x00" in path:
+            return None  # nginx: a decoded NUL is a bad request
+    if "//" not in path and "/." not in path:
+        return path
+    trailing = path.endswith("/") or path.endswith("/.") or path.endswith("/..")
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if not segment or segment == ".":
+            continue
+        if segment == "..":
+            if not segments:
+                return None
+            segments.pop()
+        else:
+            segments.append(segment)
+    result = "/" + "/".join(segments)
+    if trailing and result != "/":
+        result += "/"
+    return result
+
+
+def split_target(target: bytes) -> tuple[str, str | None] | None:
+    """``/p?a=1`` -> ("/p", "a=1"); absolute-form targets lose scheme and host. None: invalid."""
+    text = target.decode("latin-1")
+    if not text.startswith("/"):
+        scheme_end = text.find("://")
+        if scheme_end <= 0:
+            return None
+        slash = text.find("/", scheme_end + 3)
+        text = text[slash:] if slash != -1 else "/"
+    path, sep, args = text.partition("?")
+    return path, (args if sep else None)
+
+
+def quote_uri(uri: str) -> str:
+    """Re-escape a decoded URI for the upstream request line (nginx's ngx_escape_uri)."""
+    return quote(uri, safe="/:@!$&'()*+,;=-._~", encoding="latin-1", errors="replace")
+
+
+def split_local_addr(text: str) -> tuple[str, int]:
+    """bind_to_local_addr's "ip", "ip:port", "[v6]:port" or "v6" -> (host, port)."""
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]")
+        return host, int(port.lstrip(":") or 0)
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        return host, int(port)
+    return text, 0
