@@ -9,9 +9,11 @@ the change itself is one atomic read-modify-write: a refused request changes not
 concurrent writers never half-apply.
 
 Errors are nginx Plus's JSON: ``{"error": {"status", "text", "code"}, "request_id", "href"}``.
-Figures: peers' requests, active, fails and responses by class come from the shared
-statistics (all workers); ``state`` and ``unavail`` from this worker's passive health state
-(nginx Plus keeps that in the zone; scriptlb's balancers keep it per worker).
+Figures: peers' requests, active, fails, responses (by class and by code), sent, received,
+unavail (times a failure reached max_fails, counted by the worker whose balancer saw it) and
+header_time (mean, ms) come from the shared statistics (all workers); ``state`` from this
+worker's passive health state (nginx Plus keeps that in the zone; scriptlb's balancers keep
+it per worker).
 """
 
 from __future__ import annotations

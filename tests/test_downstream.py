@@ -449,6 +449,7 @@ def test_worker_connections_limit_drops_the_extra_connection(
     transport = FakeTransport()
     second.connection_made(transport)  # type: ignore[arg-type]
     assert transport.aborted and second not in first.context.connections
+    assert first.context.dropped == 1  # accepted, not handled (stub_status, the API)
     assert "[alert]" in log_file.read_text() and "1 worker_connections are not enough" in log_file.read_text()
     assert first.feed(b"Host: x\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
 

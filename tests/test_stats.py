@@ -288,6 +288,27 @@ def test_the_recorder_publishes_a_batch_within_the_flush_interval(tmp_path: Path
     stats.close()
 
 
+def test_codes_bytes_unavail_and_header_times_add_up_over_batches(tmp_path: Path) -> None:
+    stats, recorder, (a, _), loop = _recorder(tmp_path)
+    slot = stats.slot("u", False, 0)
+    for status, header in ((200, 0.002), (404, 0.004), (200, None), (0, None), (999, 0.006)):
+        recorder.start(a)
+        recorder.finish(a, status, None, status == 0, 100, 40 if status else 0, header)
+        if status == 0:
+            recorder.became_unavailable(a)
+        if status == 404:
+            recorder.flush()  # two batches: the shared words add up
+    assert recorder.unpublished_codes(a, stats.codes(slot)) == {200: 2, 404: 1}  # 999: not kept
+    recorder.flush()
+    assert stats.codes(slot) == {200: 2, 404: 1}
+    sent, received, unavail, samples, total = stats.traffic(slot)
+    assert (sent, received, unavail, samples) == (500, 160, 1, 3)
+    assert abs(total - 0.012) < 1e-9
+    assert stats.classes(slot) == [0, 2, 0, 1, 0]
+    loop.close()
+    stats.close()
+
+
 def test_a_batch_moves_the_averages_as_its_samples_one_by_one_would(tmp_path: Path) -> None:
     stats, _, _, loop = _recorder(tmp_path)
     one_by_one, batched = stats.slot("u", False, 0), stats.slot("u", False, 1)

@@ -55,6 +55,16 @@ def test_two_live_rows_add_up(tmp_path: Path) -> None:
     second.close()
 
 
+def test_handled_is_accepted_minus_dropped(tmp_path: Path) -> None:
+    status = WorkerStatus(str(tmp_path))
+    status.accepted = 5
+    status.contexts = [SimpleNamespace(dropped=2), SimpleNamespace(dropped=1)]  # two listeners
+    status.publish()
+    totals = status.totals()
+    assert (totals["accepted"], totals["handled"]) == (5, 2)
+    status.close()
+
+
 def test_stub_status_text_is_nginx_s() -> None:
     figures = {"active": 291, "accepted": 16630948, "handled": 16630948, "requests": 31070465,
                "reading": 6, "writing": 179, "waiting": 106}
