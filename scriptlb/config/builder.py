@@ -25,6 +25,7 @@ from scriptlb.config.drafts import (
     MainDraft,
     MatchDraft,
     ServerDraft,
+    StreamDraft,
     UpstreamDraft,
 )
 from scriptlb.config.errors import ConfigError
@@ -51,6 +52,7 @@ from scriptlb.config.model import (
     UpstreamServerConf,
 )
 from scriptlb.config.parser import Node
+from scriptlb.config.stream import stream_conf
 from scriptlb.config.variables import compile_template
 
 DEFAULT_HOOK_TIMEOUT = 0.010
@@ -83,7 +85,7 @@ def walk(state: State, nodes: Sequence[Node], ctx: Ctx, draft: Any) -> None:
         if child_ctx is Ctx.HTTP:
             child_draft.log_formats["combined"] = LogFormat("combined", compile_template(COMBINED_FORMAT))
         walk(state, node.children or (), child_ctx, child_draft)
-        if child_ctx is Ctx.UPSTREAM:
+        if child_ctx in (Ctx.UPSTREAM, Ctx.STREAM_UPSTREAM):
             _close_upstream(child_draft, node)
 
 
@@ -134,6 +136,8 @@ def _main_conf(
         error_log=tuple(main.error_logs) or (ErrorLogConf("stderr", "error"),),
         worker_connections=v.get("worker_connections", 512),
         http=http,
+        stream=stream_conf(main.stream, _upstream_conf) if main.stream is not None else None,
+        worker_shutdown_timeout=v.get("worker_shutdown_timeout", 0.0),
         files=files,
         warnings=tuple(state.warnings),
     )
@@ -166,7 +170,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
     )
 
 
-def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
+def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft | StreamDraft) -> UpstreamConf:
     if not any(not s.backup for s in upstream.servers):
         raise ConfigError(f'no servers in upstream "{upstream.name}"', upstream.source)
     v = upstream.values

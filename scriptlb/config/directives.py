@@ -58,6 +58,9 @@ class Ctx(IntFlag):
     LOCATION = 16
     UPSTREAM = 32
     MATCH = 64  # nginx Plus's `match` block (health checks)
+    STREAM = 128
+    STREAM_SERVER = 256
+    STREAM_UPSTREAM = 512
 
 
 HSL = Ctx.HTTP | Ctx.SERVER | Ctx.LOCATION
@@ -77,6 +80,7 @@ class State:
     prefix: str
     warnings: list[str] = field(default_factory=list)
     http: HttpDraft | None = None  # set on entering http: log formats live there
+    stream: Any = None  # the StreamDraft, set on entering stream (its own log formats)
 
     def path(self, value: str) -> str:
         """A path from the config, absolute against the prefix (nginx's ngx_conf_full_name)."""
@@ -134,9 +138,9 @@ def number(node: Node) -> int:
     return result
 
 
-def template(node: Node, raw: str) -> Template:
+def template(node: Node, raw: str, known: Callable[[str], bool] | None = None) -> Template:
     try:
-        return compile_template(raw)
+        return compile_template(raw, known)
     except TemplateError as e:
         raise fail(node, str(e)) from None
 
@@ -444,8 +448,14 @@ def _return(state: State, node: Node, draft: Any) -> None:
 
 
 def _log_format(state: State, node: Node, draft: HttpDraft) -> None:
+    add_log_format(node, draft.log_formats)
+
+
+def add_log_format(node: Node, formats: dict[str, LogFormat],
+                   known: Callable[[str], bool] | None = None) -> None:
+    """``log_format NAME [escape=...] STRING...`` into ``formats`` (http's or stream's)."""
     name, rest = node.args[0], list(node.args[1:])
-    if name in draft.log_formats:
+    if name in formats:
         raise fail(node, f'duplicate "log_format" name "{name}"')
     escape = "default"
     if rest and rest[0].startswith("escape="):
@@ -454,11 +464,18 @@ def _log_format(state: State, node: Node, draft: HttpDraft) -> None:
             raise fail(node, f'unknown log format escaping "{escape}"')
     if not rest:
         raise fail(node, 'invalid number of arguments in "log_format" directive')
-    draft.log_formats[name] = LogFormat(name, template(node, "".join(rest)), escape)
+    formats[name] = LogFormat(name, template(node, "".join(rest), known), escape)
 
 
 def _access_log(state: State, node: Node, draft: Any) -> None:
     assert state.http is not None  # access_log exists only inside http
+    add_access_log(state, node, draft, state.http.log_formats, "combined")
+
+
+def add_access_log(state: State, node: Node, draft: Any, formats: dict[str, LogFormat],
+                   default_format: str | None) -> None:
+    """``access_log PATH [FORMAT [buffer=SIZE [flush=TIME]]] | off`` onto ``draft.access_logs``;
+    stream has no default format (nginx: "log format is not specified")."""
     if draft.access_logs is None:
         draft.access_logs = []
     target = node.args[0]
@@ -468,8 +485,10 @@ def _access_log(state: State, node: Node, draft: Any) -> None:
         return  # an empty list at this level: off, and nothing inherited
     if target.startswith("syslog:") or "$" in target:
         raise fail(node, f'access_log "{target}" is not supported by scriptlb')
-    format_name = node.args[1] if len(node.args) > 1 else "combined"
-    log_format = state.http.log_formats.get(format_name)
+    format_name = node.args[1] if len(node.args) > 1 else default_format
+    if format_name is None:
+        raise fail(node, "log format is not specified")
+    log_format = formats.get(format_name)
     if log_format is None:
         raise fail(node, f'unknown log format "{format_name}"')
     buffer, flush = 0, None

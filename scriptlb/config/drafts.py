@@ -112,3 +112,25 @@ class MainDraft:
     error_logs: list[ErrorLogConf] = field(default_factory=list)
     events: bool = False
     http: HttpDraft | None = None
+    stream: StreamDraft | None = None
+
+
+@dataclass(eq=False)
+class StreamServerDraft:
+    source: Source | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+    listens: list[ListenConf] = field(default_factory=list)
+    proxy_pass: tuple[str, Source] | None = None
+    access_logs: list[AccessLogConf] | None = None
+
+
+@dataclass(eq=False)
+class StreamDraft:
+    """The ``stream`` block: its own upstreams, servers and log formats (nginx keeps them apart
+    from http's)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    upstreams: dict[str, UpstreamDraft] = field(default_factory=dict)
+    servers: list[StreamServerDraft] = field(default_factory=list)
+    log_formats: dict[str, LogFormat] = field(default_factory=dict)
+    access_logs: list[AccessLogConf] | None = None

@@ -76,6 +76,9 @@ class MainConf:
     # workers keep the master's identity (nginx would default to nobody; see docs/directives.md)
     user: tuple[int, int] | None = None
     http: HttpConf | None = None
+    stream: StreamConf | None = None  # the `stream` block (TCP balancing), None when absent
+    # how long old workers keep established connections after a reload or QUIT; 0: no limit
+    worker_shutdown_timeout: float = 0.0
     files: tuple[str, ...] = ()  # every config file read (main first, then includes), for -T
     warnings: tuple[str, ...] = ()  # nginx's [warn] lines from loading, e.g. '[warn] duplicate value ...'
 
@@ -408,3 +411,50 @@ class ServerConf:
     ignore_invalid_headers: bool = True
     # the server-level default used when no location matches (nginx: 404)
     source: Source | None = None
+
+
+# --------------------------------------------------------------------------- stream context
+
+
+@dataclass(frozen=True, slots=True)
+class StreamProxyConf:
+    """ngx_stream_proxy_module's settings of one stream server, nginx's defaults."""
+
+    connect_timeout: float = 60.0
+    timeout: float = 600.0  # proxy_timeout: idle time between two successive reads or writes
+    next_upstream: bool = True
+    next_upstream_tries: int = 0  # 0 = unlimited
+    next_upstream_timeout: float = 0.0  # 0 = unlimited
+    buffer_size: int = 16384
+    download_rate: int = 0  # bytes per second towards the client, 0 = unlimited
+    upload_rate: int = 0  # bytes per second towards the upstream, 0 = unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class StreamProxyPass:
+    """``proxy_pass NAME | ADDR | $variable``: an upstream key, or a template evaluated per
+    session whose value names an upstream or is an address."""
+
+    upstream: str | None  # key into StreamConf.upstreams
+    template: Template | None = None
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamServerConf:
+    listens: tuple[ListenConf, ...]
+    proxy_pass: StreamProxyPass | None
+    proxy: StreamProxyConf
+    access_logs: tuple[AccessLogConf, ...] = ()
+    source: Source | None = None
+    ssl_preread: bool = False  # read the TLS ClientHello for $ssl_preread_* before proxying
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConf:
+    upstreams: dict[str, UpstreamConf]
+    servers: tuple[StreamServerConf, ...]
+    log_formats: dict[str, LogFormat]
+
+    def hooks(self) -> tuple[HookConf, ...]:
+        return tuple(u.hook for u in self.upstreams.values() if u.hook is not None)
