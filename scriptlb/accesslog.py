@@ -189,6 +189,7 @@ def open_access_log(
     loop: asyncio.AbstractEventLoop | None = None,
     files: dict[str, LogFile] | None = None,
     clock: Callable[[], float] = time.time,
+    lookup: Callable[..., Any] | None = None,
 ) -> AccessLog:
     """Build the writer of one ``access_log``; ``files`` shares one LogFile per path.
 
@@ -199,5 +200,8 @@ def open_access_log(
         file = LogFile(conf.path, conf.buffer, conf.flush, loop)
         if files is not None:
             files[conf.path] = file
-    render = compile_log_format(conf.format.template, conf.format.escape, clock)
+    if lookup is None:
+        render = compile_log_format(conf.format.template, conf.format.escape, clock)
+    else:  # another module's variables (stream)
+        render = compile_log_format(conf.format.template, conf.format.escape, clock, lookup)
     return AccessLog(render, file, conf.format.name)

@@ -421,9 +421,10 @@ def _format_string(template: Template) -> str:
     )
 
 
-def compile_template(template: Template, clock: Clock = time.time) -> Renderer:
+def compile_template(template: Template, clock: Clock = time.time,
+                     lookup: Callable[[str, Clock], Getter] = variable_getter) -> Renderer:
     """A callable rendering ``template`` for an exchange; "not found" variables give ""."""
-    getters = tuple(variable_getter(v.name, clock) for v in template.parts if isinstance(v, Var))
+    getters = tuple(lookup(v.name, clock) for v in template.parts if isinstance(v, Var))
     if not getters:
         constant = template.static if template.static is not None else "".join(map(str, template.parts))
         return lambda ex: constant
@@ -471,13 +472,15 @@ def compile_template_bytes(template: Template, clock: Clock = time.time) -> Call
     return render
 
 
-def compile_log_format(template: Template, escape: str = "default", clock: Clock = time.time) -> Renderer:
+def compile_log_format(template: Template, escape: str = "default", clock: Clock = time.time,
+                       lookup: Callable[[str, Clock], Getter] = variable_getter) -> Renderer:
     """A callable rendering one access-log line (without the newline) as ngx_http_log_module.
 
     ``escape``: "default" (not found -> "-", \\xHH escaping), "json" (not found -> "", JSON
-    escaping) or "none" (not found -> "", no escaping).
+    escaping) or "none" (not found -> "", no escaping). ``lookup`` gives a variable's getter
+    (stream sessions have their own variables).
     """
-    getters = tuple(variable_getter(v.name, clock) for v in template.parts if isinstance(v, Var))
+    getters = tuple(lookup(v.name, clock) for v in template.parts if isinstance(v, Var))
     if not getters:
         constant = template.static if template.static is not None else "".join(map(str, template.parts))
         return lambda ex: constant

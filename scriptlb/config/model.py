@@ -428,6 +428,7 @@ class StreamProxyConf:
     buffer_size: int = 16384
     download_rate: int = 0  # bytes per second towards the client, 0 = unlimited
     upload_rate: int = 0  # bytes per second towards the upstream, 0 = unlimited
+    half_close: bool = False  # proxy_half_close: pass an EOF on and wait for the other side's
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ _PROXY_FIELDS = {
     "proxy_buffer_size": "buffer_size",
     "proxy_download_rate": "download_rate",
     "proxy_upload_rate": "upload_rate",
+    "proxy_half_close": "half_close",
 }
 
 
@@ -151,6 +152,7 @@ _SPECS = (
     d._spec("proxy_buffer_size", SS, d.ONE, d._slot(_size)),
     d._spec("proxy_download_rate", SS, d.ONE, d._slot(_size)),
     d._spec("proxy_upload_rate", SS, d.ONE, d._slot(_size)),
+    d._spec("proxy_half_close", SS, d.FLAG, d._slot(flag)),
     d._spec("log_format", Ctx.STREAM, (2, None), _log_format),
     d._spec("access_log", SS, (1, None), _access_log),
 )
