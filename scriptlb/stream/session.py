@@ -376,8 +376,9 @@ class Session(asyncio.Protocol):
         if idle < timeout:  # activity since the timer was armed: wait for the rest
             self._timer = self.loop.call_at(self._active + timeout, self._on_timer, timeout)
             return
+        peer_name = self.attempt.addr if self.attempt is not None else None
         errorlog.log_error("info", "connection timed out (110: Connection timed out) while "
-                           "proxying connection", self.conn_id, self.log_context(self.attempt.addr if self.attempt else None))
+                           "proxying connection", self.conn_id, self.log_context(peer_name))
         self._finish(OK)
 
     # ------------------------------------------------------------------ ending
