@@ -401,7 +401,16 @@ class Session(asyncio.Protocol):
                 attempt.end(ABANDONED, self)  # the client left while connecting
         if self.transport is not None:
             self.transport.close()
+        transports = self._transports()
+        if any(t is not None and t.get_write_buffer_size() for t in transports):
+            # close() waits for the write buffers to drain; a side that never reads again
+            # must not keep the sockets forever (proxy_timeout bounds the wait)
+            self.loop.call_later(self.read_timeout or 60.0, _abort_all, transports)
         self.server.log_session(self)
+
+    def _transports(self) -> tuple[Any, Any]:
+        peer = self.peer
+        return self.transport, peer.transport if peer is not None else None
 
     def _gone(self) -> None:
         self.server.sessions.discard(self)
@@ -409,9 +418,11 @@ class Session(asyncio.Protocol):
 
     def close(self) -> None:
         """Close now (a worker's fast stop, or worker_shutdown_timeout)."""
+        transports = self._transports()
         self._finish(self.status if self.peer is None else OK)
-        if self.transport is not None:
-            self.transport.abort()
+        for transport in transports:
+            if transport is not None:
+                transport.abort()
 
     def _crashed(self, exc: BaseException, where: str) -> None:
         safety.report(exc, f"{where} (stream session)")
@@ -505,6 +516,12 @@ class PeerSide(asyncio.Protocol):
         self.session = None
         if self.transport is not None:
             self.transport.abort()
+
+
+def _abort_all(transports: tuple[Any, ...]) -> None:
+    for transport in transports:
+        if transport is not None:
+            transport.abort()
 
 
 def _connect_failure(task: asyncio.Task) -> tuple[Failure | None, str]:
