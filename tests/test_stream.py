@@ -64,6 +64,9 @@ def session_log(tmp_path: Path, count: int) -> list[str]:
         ("stream { upstream u { server 127.0.0.1:1; keepalive 2; } }",
          '"keepalive" directive is not allowed here'),
         ("stream { } stream { }", '"stream" directive is duplicate'),
+        ("stream { map $remote_addr $x { a b c; } }", "invalid number of the map parameters"),
+        ("stream { map $remote_addr $x { default a; default b; } }", "duplicate default map parameter"),
+        ("stream { log_format f $nope; }", 'unknown "nope" variable'),
     ],
 )
 def test_config_errors_are_nginx_s(tmp_path: Path, block: str, message: str) -> None:
@@ -210,17 +213,17 @@ def test_a_peer_that_does_not_read_holds_the_client_back(tmp_path: Path) -> None
 
 
 def test_upload_rate_limits_the_client_to_peer_direction(tmp_path: Path) -> None:
-    data = b"y" * 160000
+    data = b"y" * 600000
     with TcpPeer(echo) as peer, Scriptlb(f"""
             stream {{ server {{ listen 127.0.0.1:{{port0}}; proxy_pass {peer.addr};
-                               proxy_upload_rate 64k; }} }}
+                               proxy_upload_rate 200k; }} }}
             """, tmp_path) as lb:
         started = time.monotonic()
         assert round_trip(lb.port, data) == data
         elapsed = time.monotonic() - started
-    # 160000 bytes at 64 KiB/s with one second's worth up front; reads come in blocks of up to
-    # 64 KiB, and the last one may start once the budget is positive: at least ~0.44 s
-    assert elapsed >= 0.4
+    # 600000 bytes at 200 KiB/s with one second's worth up front; one read takes up to
+    # 256 KiB and may start once the budget is positive: at least ~0.7 s
+    assert elapsed >= 0.5
 
 
 def test_half_close_passes_the_eof_on(tmp_path: Path) -> None:
@@ -317,7 +320,27 @@ def test_client_hello_parser_reads_sni_protocol_and_alpn() -> None:
         parse_client_hello(hello[:cut] + b"\xff" * 8)
 
 
-def test_sni_routes_tls_without_terminating_it(tmp_path: Path) -> None:
+ROUTE_BY_NAME = """
+    upstream a.test {{ server {a}; }}
+    upstream b.test {{ server {b}; }}
+    server {{ listen 127.0.0.1:{{port0}}; ssl_preread on; proxy_pass $ssl_preread_server_name; }}
+"""
+ROUTE_BY_MAP = """
+    map $ssl_preread_server_name $route {{
+        hostnames;
+        *.a.test   {a};
+        a.test     first;
+        ~^b\\.   second;
+        default    {a};
+    }}
+    upstream first {{ server {a}; }}
+    upstream second {{ server {b}; }}
+    server {{ listen 127.0.0.1:{{port0}}; ssl_preread on; proxy_pass $route; }}
+"""
+
+
+@pytest.mark.parametrize("routing", [ROUTE_BY_NAME, ROUTE_BY_MAP], ids=["upstream-name", "map"])
+def test_sni_routes_tls_without_terminating_it(tmp_path: Path, routing: str) -> None:
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     contexts = {}
@@ -331,9 +354,7 @@ def test_sni_routes_tls_without_terminating_it(tmp_path: Path) -> None:
             stream {{
                 log_format sni '$ssl_preread_server_name $ssl_preread_protocol "$upstream_addr"';
                 access_log {tmp_path}/s.log sni;
-                upstream a.test {{ server {a.addr}; }}
-                upstream b.test {{ server {b.addr}; }}
-                server {{ listen 127.0.0.1:{{port0}}; ssl_preread on; proxy_pass $ssl_preread_server_name; }}
+                {routing.format(a=a.addr, b=b.addr)}
             }}""", tmp_path) as lb:
         for name in ("b.test", "a.test"):
             with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as raw, \

@@ -134,3 +134,4 @@ class StreamDraft:
     servers: list[StreamServerDraft] = field(default_factory=list)
     log_formats: dict[str, LogFormat] = field(default_factory=dict)
     access_logs: list[AccessLogConf] | None = None
+    maps: dict[str, Any] = field(default_factory=dict)  # variable name -> MapConf

@@ -452,10 +452,25 @@ class StreamServerConf:
 
 
 @dataclass(frozen=True, slots=True)
+class MapConf:
+    """``map SOURCE $variable { ... }`` (ngx_stream_map_module): the first match of exact keys
+    (case-insensitive), then with ``hostnames`` the wildcard masks, then the regexes in order."""
+
+    variable: str  # the defined name, without "$"
+    source: Template
+    exact: tuple[tuple[str, Template], ...] = ()  # lower-cased keys
+    wildcards: tuple[tuple[str, Template], ...] = ()  # ("*.example.com" / ".example.com" / "www.*")
+    regexes: tuple[tuple[str, bool, Template], ...] = ()  # (pattern, caseless, value)
+    default: Template | None = None
+    hostnames: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class StreamConf:
     upstreams: dict[str, UpstreamConf]
     servers: tuple[StreamServerConf, ...]
     log_formats: dict[str, LogFormat]
+    maps: dict[str, MapConf] = field(default_factory=dict)  # by variable name
 
     def hooks(self) -> tuple[HookConf, ...]:
         return tuple(u.hook for u in self.upstreams.values() if u.hook is not None)

@@ -18,6 +18,7 @@ from scriptlb.config.drafts import MainDraft, StreamDraft, StreamServerDraft, Up
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
     ListenConf,
+    MapConf,
     PeerAddr,
     Source,
     StreamConf,
@@ -110,12 +111,62 @@ def _proxy_pass(state: State, node: Node, draft: StreamServerDraft) -> None:
 
 
 def _log_format(state: State, node: Node, draft: StreamDraft) -> None:
-    d.add_log_format(node, draft.log_formats, is_stream_variable)
+    d.add_log_format(node, draft.log_formats, _known(state))
 
 
 def _access_log(state: State, node: Node, draft: Any) -> None:
     assert state.stream is not None
     d.add_access_log(state, node, draft, state.stream.log_formats, None)
+
+
+def _known(state: State) -> Any:
+    """Stream's variable names plus the ``map`` variables defined so far."""
+    maps = state.stream.maps if state.stream is not None else {}
+    return lambda name: is_stream_variable(name) or name in maps
+
+
+def _map(state: State, node: Node, draft: StreamDraft) -> None:
+    """``map SOURCE $var { key value; ... }``: read here, its lines are not directives."""
+    source_text, target = node.args
+    if not target.startswith("$"):
+        raise fail(node, f'invalid variable name "{target}"')
+    name = target[1:].lower()
+    known = _known(state)
+    source = d.template(node, source_text, known)
+    exact: dict[str, Any] = {}
+    wildcards: list[tuple[str, Any]] = []
+    regexes: list[tuple[str, bool, Any]] = []
+    default = None
+    hostnames = False
+    for line in node.children or ():
+        words = (line.name, *line.args)
+        if line.children is not None:
+            raise fail(line, "unexpected \"{\"")
+        if words == ("hostnames",):
+            hostnames = True
+            continue
+        if len(words) != 2:
+            raise fail(line, "invalid number of the map parameters")
+        key, raw = words
+        value = d.template(line, raw, known)
+        if key == "default":
+            if default is not None:
+                raise fail(line, 'duplicate default map parameter')
+            default = value
+        elif key.startswith("~"):
+            caseless = key.startswith("~*")
+            pattern = key[2:] if caseless else key[1:]
+            d._check_regex(line, pattern, caseless)
+            regexes.append((pattern, caseless, value))
+        elif hostnames and (key.startswith(("*.", ".")) or key.endswith(".*")):
+            wildcards.append((key.lower(), value))
+        else:
+            key = key[1:] if key.startswith("\\") else key
+            if key.lower() in exact:
+                raise fail(line, f'duplicate entry "{key}"')
+            exact[key.lower()] = value
+    draft.maps[name] = MapConf(name, source, tuple(exact.items()), tuple(wildcards), tuple(regexes),
+                               default, hostnames)
 
 
 def _size(node: Node) -> int:
@@ -154,6 +205,7 @@ _SPECS = (
     d._spec("proxy_upload_rate", SS, d.ONE, d._slot(_size)),
     d._spec("proxy_half_close", SS, d.FLAG, d._slot(flag)),
     d._spec("log_format", Ctx.STREAM, (2, None), _log_format),
+    d._spec("map", Ctx.STREAM, (2, 2), _map, block=True),
     d._spec("access_log", SS, (1, None), _access_log),
 )
 
@@ -172,7 +224,8 @@ def stream_conf(draft: StreamDraft, upstream_conf: Any) -> StreamConf:
     }
     servers = tuple(_server_conf(s, draft, upstreams) for s in draft.servers)
     _check_listens(servers)
-    return StreamConf(upstreams=upstreams, servers=servers, log_formats=dict(draft.log_formats))
+    return StreamConf(upstreams=upstreams, servers=servers, log_formats=dict(draft.log_formats),
+                      maps=dict(draft.maps))
 
 
 def _server_conf(server: StreamServerDraft, stream: StreamDraft,
@@ -183,7 +236,7 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
     })
     proxy_pass = None
     if server.proxy_pass is not None:
-        proxy_pass = _resolve_proxy_pass(*server.proxy_pass, upstreams)
+        proxy_pass = _resolve_proxy_pass(*server.proxy_pass, upstreams, stream.maps)
     logs = server.access_logs if server.access_logs is not None else stream.access_logs
     listens = tuple(server.listens)
     if not listens:
@@ -193,10 +246,11 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
                             ssl_preread=bool(values.get("ssl_preread", False)))
 
 
-def _resolve_proxy_pass(text: str, source: Source, upstreams: dict[str, UpstreamConf]) -> StreamProxyPass:
+def _resolve_proxy_pass(text: str, source: Source, upstreams: dict[str, UpstreamConf],
+                        maps: dict[str, Any]) -> StreamProxyPass:
     if "$" in text:
         try:
-            template = compile_template(text, is_stream_variable)
+            template = compile_template(text, lambda name: is_stream_variable(name) or name in maps)
         except ValueError as err:
             raise ConfigError(str(err), source) from None
         return StreamProxyPass(None, template, source)

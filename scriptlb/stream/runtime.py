@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import Any
 
 from scriptlb import errorlog
@@ -18,6 +19,7 @@ from scriptlb.config.model import MainConf, PythonConf, StreamServerConf, Upstre
 from scriptlb.runtime import UpstreamRuntime
 from scriptlb.stats import Recorder, UpstreamStats
 from scriptlb.stream import variables
+from scriptlb.stream.maps import map_getter
 from scriptlb.stream.session import Session
 from scriptlb.variables import compile_template
 
@@ -44,6 +46,9 @@ class StreamRuntime:
         }
         self._dynamic: dict[str, UpstreamRuntime] = {}
         self._getters: dict[str, Any] = {}
+        self._maps: dict[str, Any] = {}
+        for name, map_conf in self.conf.maps.items():  # in file order: a map may use an earlier one
+            self._maps[name] = map_getter(map_conf, self._compile)
         self._files: dict[str, LogFile] = {}
         self.conn_ids = itertools.count(1)
         self.servers: dict[tuple, StreamServerRuntime] = {}
@@ -64,19 +69,26 @@ class StreamRuntime:
 
     def template(self, raw: str) -> Any:
         from scriptlb.config.variables import compile_template as split
-        from scriptlb.config.variables import is_stream_variable
 
-        return compile_template(split(raw, is_stream_variable), lookup=variables.variable_getter)
+        return self._compile(split(raw, lambda name: True))  # (checked at load time)
+
+    def _compile(self, template: Any) -> Any:
+        return compile_template(template, lookup=self.lookup)
+
+    def lookup(self, name: str, clock: Any = time.time) -> Any:
+        """A stream variable's getter: a ``map``'s, else the session's own."""
+        getter = self._maps.get(name)
+        return getter if getter is not None else variables.variable_getter(name, clock)
 
     def open_log(self, conf: Any) -> AccessLog:
-        return open_access_log(conf, self.loop, self._files, lookup=variables.variable_getter)
+        return open_access_log(conf, self.loop, self._files, lookup=self.lookup)
 
     def variable(self, session: Session, name: str) -> str | None:
         """``ngx.var.NAME`` in a stream hook: a session variable, None when stream has none."""
         getter = self._getters.get(name)
         if getter is None:
             try:
-                getter = variables.variable_getter(name.lower())
+                getter = self.lookup(name.lower())
             except KeyError:
                 return None
             if len(self._getters) < 256:

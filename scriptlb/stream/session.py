@@ -80,6 +80,7 @@ class Session(asyncio.Protocol):
         self.bytes_received = 0  # from the client
         self.tries: list[TryRecord] = []
         self.ctx: dict = {}
+        self.ctx_cache: dict = {}  # map values, evaluated once per session
         self.last_failure: tuple[str, int] | None = None
         self.tries_left = 0
         self.tries_cap = proxy.next_upstream_tries
