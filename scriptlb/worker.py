@@ -163,7 +163,7 @@ class Worker:
         stream_server = self.stream.servers.get(keys[0]) if self.stream is not None else None
         if stream_server is None:
             return
-        server = await self.loop.create_server(stream_server.new_session, sock=sock,
+        server = await self.loop.create_server(stream_server.session_factory(keys[0]), sock=sock,
                                                backlog=self._backlog(keys))
         self._servers.append(server)
 

@@ -379,6 +379,62 @@ def test_not_tls_with_ssl_preread_is_proxied_without_the_variables(tmp_path: Pat
     assert line == "[] 200"
 
 
+# --------------------------------------------------------------------------- PROXY protocol
+
+
+def _v2(src: str, dst: str, sport: int, dport: int) -> bytes:
+    body = socket.inet_aton(src) + socket.inet_aton(dst) + sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + len(body).to_bytes(2, "big") + body
+
+
+@pytest.mark.parametrize("header", [b"PROXY TCP4 10.1.2.3 10.9.9.9 4567 443\r\n",
+                                    _v2("10.1.2.3", "10.9.9.9", 4567, 443)], ids=["v1", "v2"])
+def test_listen_proxy_protocol_reads_the_client_address(tmp_path: Path, header: bytes) -> None:
+    with TcpPeer(echo) as peer, Scriptlb(f"""
+            stream {{
+                log_format pp '$proxy_protocol_addr:$proxy_protocol_port $remote_addr $bytes_received';
+                access_log {tmp_path}/s.log pp;
+                server {{ listen 127.0.0.1:{{port0}} proxy_protocol; proxy_pass {peer.addr}; }}
+            }}""", tmp_path) as lb:
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as conn:
+            conn.sendall(header[:7])
+            time.sleep(0.05)  # the header in two pieces
+            conn.sendall(header[7:] + b"payload")
+            assert conn.recv(100) == b"payload"
+        (line,) = session_log(tmp_path, 1)
+    assert line.startswith("10.1.2.3:4567 127.0.0.1 ")
+
+
+def test_a_broken_proxy_header_closes_the_session_with_nginx_s_line(tmp_path: Path) -> None:
+    with TcpPeer(echo) as peer, Scriptlb(f"""
+            error_log {tmp_path}/error.log;
+            stream {{
+                log_format pp '$status "$upstream_addr"';
+                access_log {tmp_path}/s.log pp;
+                server {{ listen 127.0.0.1:{{port0}} proxy_protocol; proxy_pass {peer.addr}; }}
+            }}""", tmp_path) as lb:
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as conn:
+            conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert read_until_closed(conn) == b""
+        (line,) = session_log(tmp_path, 1)
+        assert peer.accepted == 0
+    assert line == '400 "-"'
+    assert 'broken header: "GET / HTTP/1.0\\r\\n\\r\\n" while reading PROXY protocol, client: 127.0.0.1' in (
+        tmp_path / "error.log").read_text()
+
+
+def test_proxy_protocol_on_sends_the_client_address_to_the_peer(tmp_path: Path) -> None:
+    with TcpPeer(echo) as peer, Scriptlb(f"""
+            stream {{ server {{ listen 127.0.0.1:{{port0}}; proxy_pass {peer.addr}; proxy_protocol on; }} }}
+            """, tmp_path) as lb, socket.create_connection(("127.0.0.1", lb.port), timeout=10) as conn:
+        conn.sendall(b"x")
+        got = b""
+        while not got.endswith(b"x"):
+            got += conn.recv(200)
+        client_port = conn.getsockname()[1]
+    assert got == f"PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {lb.port}\r\nx".encode()
+
+
 # --------------------------------------------------------------------------- process model
 
 

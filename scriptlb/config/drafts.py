@@ -122,6 +122,7 @@ class StreamServerDraft:
     listens: list[ListenConf] = field(default_factory=list)
     proxy_pass: tuple[str, Source] | None = None
     access_logs: list[AccessLogConf] | None = None
+    proxy_protocol_listens: list[tuple] = field(default_factory=list)
 
 
 @dataclass(eq=False)

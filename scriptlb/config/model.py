@@ -429,6 +429,7 @@ class StreamProxyConf:
     download_rate: int = 0  # bytes per second towards the client, 0 = unlimited
     upload_rate: int = 0  # bytes per second towards the upstream, 0 = unlimited
     half_close: bool = False  # proxy_half_close: pass an EOF on and wait for the other side's
+    proxy_protocol: bool = False  # send a PROXY protocol (v1) header to the peer first
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +450,7 @@ class StreamServerConf:
     access_logs: tuple[AccessLogConf, ...] = ()
     source: Source | None = None
     ssl_preread: bool = False  # read the TLS ClientHello for $ssl_preread_* before proxying
+    proxy_protocol_listens: tuple[tuple, ...] = ()  # keys of `listen ... proxy_protocol`
 
 
 @dataclass(frozen=True, slots=True)

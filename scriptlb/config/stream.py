@@ -46,6 +46,7 @@ _PROXY_FIELDS = {
     "proxy_download_rate": "download_rate",
     "proxy_upload_rate": "upload_rate",
     "proxy_half_close": "half_close",
+    "proxy_protocol": "proxy_protocol",
 }
 
 
@@ -95,13 +96,18 @@ def _server(state: State, node: Node, draft: StreamDraft) -> tuple[Ctx, Any]:
 
 
 def _listen(state: State, node: Node, draft: StreamServerDraft) -> None:
-    for param in node.args[1:]:
-        if param in ("default_server", "default", "ssl", "udp", "proxy_protocol"):
-            # accepted by nginx's stream listen; scriptlb does not do these (yet)
-            if param in ("ssl", "udp", "proxy_protocol"):
-                raise fail(node, f'the "{param}" parameter of "listen" is not supported by scriptlb')
+    params = list(node.args[1:])
+    for param in params:
+        if param in ("ssl", "udp"):
+            raise fail(node, f'the "{param}" parameter of "listen" is not supported by scriptlb')
+        if param in ("default_server", "default"):
             raise fail(node, f'invalid parameter "{param}"')
-    draft.listens.extend(parse_listen(node))
+    accepts_header = "proxy_protocol" in params
+    plain = Node(node.name, tuple(a for a in node.args if a != "proxy_protocol"), node.source)
+    listens = parse_listen(plain)
+    draft.listens.extend(listens)
+    if accepts_header:
+        draft.proxy_protocol_listens.extend(listen.key for listen in listens)
 
 
 def _proxy_pass(state: State, node: Node, draft: StreamServerDraft) -> None:
@@ -204,6 +210,7 @@ _SPECS = (
     d._spec("proxy_download_rate", SS, d.ONE, d._slot(_size)),
     d._spec("proxy_upload_rate", SS, d.ONE, d._slot(_size)),
     d._spec("proxy_half_close", SS, d.FLAG, d._slot(flag)),
+    d._spec("proxy_protocol", SS, d.FLAG, d._slot(flag)),
     d._spec("log_format", Ctx.STREAM, (2, None), _log_format),
     d._spec("map", Ctx.STREAM, (2, 2), _map, block=True),
     d._spec("access_log", SS, (1, None), _access_log),
@@ -243,7 +250,8 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
         raise ConfigError('no "listen" is defined for server', server.source)
     return StreamServerConf(listens=listens, proxy_pass=proxy_pass, proxy=proxy,
                             access_logs=tuple(logs or ()), source=server.source,
-                            ssl_preread=bool(values.get("ssl_preread", False)))
+                            ssl_preread=bool(values.get("ssl_preread", False)),
+                            proxy_protocol_listens=tuple(server.proxy_protocol_listens))
 
 
 def _resolve_proxy_pass(text: str, source: Source, upstreams: dict[str, UpstreamConf],

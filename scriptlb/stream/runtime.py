@@ -152,8 +152,14 @@ class StreamServerRuntime:
             else:
                 self._upstream = runtime.upstreams[proxy_pass.upstream]
 
-    def new_session(self) -> Session:
-        return Session(self, next(self.runtime.conn_ids))
+    def session_factory(self, key: tuple) -> Any:
+        """What a listening socket of ``key`` makes of each accepted connection."""
+        reads_header = key in self.conf.proxy_protocol_listens
+
+        def new_session() -> Session:
+            return Session(self, next(self.runtime.conn_ids), reads_header)
+
+        return new_session
 
     def upstream_for(self, session: Session) -> UpstreamRuntime | None:
         if self._upstream is not None:

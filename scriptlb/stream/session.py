@@ -31,6 +31,8 @@ from scriptlb.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord, clock
 from scriptlb.retry import Failure
 from scriptlb.stream.preread import DONE as HELLO_DONE
 from scriptlb.stream.preread import NEED_MORE, parse_client_hello
+from scriptlb.stream.proxy_protocol import NEED_MORE as PP_NEED_MORE
+from scriptlb.stream.proxy_protocol import V1_MAX, Header, read_header, v1_header
 from scriptlb.stream.relay import PEER_FULL, RATE, WAITING, ReadGate, rate_delay
 
 if TYPE_CHECKING:
@@ -66,7 +68,7 @@ class Session(asyncio.Protocol):
     headers: tuple = ()
     args = None
 
-    def __init__(self, server: StreamServerRuntime, conn_id: int) -> None:
+    def __init__(self, server: StreamServerRuntime, conn_id: int, reads_header: bool = False) -> None:
         self.server = server
         self.loop = server.loop
         self.conn_id = conn_id
@@ -99,6 +101,7 @@ class Session(asyncio.Protocol):
         self._started = 0.0
         self._connecting: asyncio.Task | None = None
         self._prereading = server.conf.ssl_preread
+        self._proxy_header = reads_header  # `listen ... proxy_protocol`: a PROXY header comes first
         self._timer: asyncio.TimerHandle | None = None
         self._active = 0.0  # loop time of the last read or write
         self._ended = False
@@ -122,7 +125,7 @@ class Session(asyncio.Protocol):
             self.server_name = f"{local[0]}:{local[1]}" if ":" not in local[0] else f"[{local[0]}]:{local[1]}"
         self.server.sessions.add(self)
         try:
-            if self._prereading:
+            if self._prereading or self._proxy_header:
                 self._arm_timer(_PREREAD_TIMEOUT)
             else:
                 self._begin_tries()
@@ -141,7 +144,9 @@ class Session(asyncio.Protocol):
                 return
             self._pending.append(data)
             self._pending_size += len(data)
-            if self._prereading:
+            if self._proxy_header:
+                self._read_proxy_header()
+            elif self._prereading:
                 self._preread()
             elif self._pending_size >= self.server.conf.proxy.buffer_size:
                 self.gate.close(WAITING)
@@ -150,7 +155,7 @@ class Session(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         try:
-            if self.peer is None and not self._prereading and not self._ended:
+            if self.peer is None and not (self._prereading or self._proxy_header or self._ended):
                 self._client_eof = True  # relayed once connected: what was sent goes first
                 return True
             self._eof_from(client=True)
@@ -177,6 +182,28 @@ class Session(asyncio.Protocol):
             peer.gate.open(PEER_FULL)
 
     # ------------------------------------------------------------------ preread
+
+    def _read_proxy_header(self) -> None:
+        data = b"".join(self._pending)
+        header = read_header(data)
+        if header == PP_NEED_MORE:
+            return
+        if not isinstance(header, Header):
+            shown = data[:V1_MAX].decode("latin-1").encode("unicode_escape").decode("ascii")
+            errorlog.log_error("error", f'broken header: "{shown}" while reading PROXY protocol',
+                               self.conn_id, self.log_context(None))
+            self._finish(BAD_REQUEST)
+            return
+        self.proxy_protocol_addr, self.proxy_protocol_port = header.addr, header.port
+        self._proxy_header = False
+        rest = data[header.length:]
+        self._pending, self._pending_size = ([rest], len(rest)) if rest else ([], 0)
+        if self._prereading:
+            if rest:
+                self._preread()
+            return
+        self._cancel_timer()
+        self._begin_tries()
 
     def _preread(self) -> None:
         data = b"".join(self._pending)
@@ -295,6 +322,9 @@ class Session(asyncio.Protocol):
         self.peer = side
         side.transport.set_write_buffer_limits(high=self.server.conf.proxy.buffer_size)
         pending, self._pending, self._pending_size = self._pending, [], 0
+        if self.server.conf.proxy.proxy_protocol:
+            header = v1_header(self.remote_addr, self.remote_port, self.server_addr, self.server_port)
+            pending.insert(0, header)
         for chunk in pending:
             attempt.bytes_sent += len(chunk)
             side.transport.write(chunk)
