@@ -136,8 +136,9 @@ def test_refused_peer_fails_over_and_counts_one_try_each(tmp_path: Path) -> None
         (line,) = session_log(tmp_path, 1)
     assert line.startswith(f'200 6 0 "127.0.0.1:{dead}, {peer.addr}" "0, 0" "0, 6" "-, 0.0')
     errors = (tmp_path / "error.log").read_text()
-    assert (f"connect() failed (111: Connection refused) while connecting to upstream, client: 127.0.0.1, "
-            f'server: 127.0.0.1:{lb.port}, upstream: "127.0.0.1:{dead}"') in errors
+    assert (f"connect() failed (111: Connection refused) while proxying connection, client: 127.0.0.1, "
+            f'server: 127.0.0.1:{lb.port}, upstream: "127.0.0.1:{dead}", bytes from/to client:0/0, '
+            "bytes from/to upstream:0/0") in errors
 
 
 def test_next_upstream_off_gives_502_after_one_try(tmp_path: Path) -> None:

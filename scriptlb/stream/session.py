@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from scriptlb.peers import Peer
     from scriptlb.stream.runtime import StreamServerRuntime
 
-_CONNECTING = "connecting to upstream"
+_CONNECTING = "proxying connection"  # nginx's log action for the whole proxy phase
 _PREREAD_LIMIT = 16384  # preread_buffer_size
 _PREREAD_TIMEOUT = 30.0  # preread_timeout
 
@@ -124,6 +124,9 @@ class Session(asyncio.Protocol):
             self.server_addr, self.server_port = local[0], str(local[1])
             self.server_name = f"{local[0]}:{local[1]}" if ":" not in local[0] else f"[{local[0]}]:{local[1]}"
         self.server.sessions.add(self)
+        if errorlog.enabled("info"):
+            errorlog.log_error("info", f"client {_joined(self.remote_addr, self.remote_port)} connected to "
+                               f"{self.server_name}", self.conn_id)
         try:
             if self._prereading or self._proxy_header:
                 self._arm_timer(_PREREAD_TIMEOUT)
@@ -262,7 +265,7 @@ class Session(asyncio.Protocol):
             record = TryRecord(upstream.name, clock())
             record.response_time = 0.0
             self.tries.append(record)
-            errorlog.log_error("error", "no live upstreams while connecting to upstream",
+            errorlog.log_error("error", f"no live upstreams while {_CONNECTING}",
                                self.conn_id, self.log_context(None))
             self._finish(BAD_GATEWAY)
             return
@@ -463,9 +466,8 @@ class Session(asyncio.Protocol):
             self.transport.abort()
 
     def _info(self, what: str) -> None:
-        if errorlog.enabled("info"):
-            errorlog.log_error("info", f"{what}, {self.byte_counts()}", self.conn_id,
-                               self.log_context(self.attempt.addr if self.attempt else None))
+        if errorlog.enabled("info"):  # (nginx writes this one without the session's context)
+            errorlog.log_error("info", f"{what}, {self.byte_counts()}", self.conn_id)
 
     def byte_counts(self) -> str:
         attempt = self.attempt
@@ -477,11 +479,14 @@ class Session(asyncio.Protocol):
     # ------------------------------------------------------------------ what logs and hooks read
 
     def log_context(self, peer_name: str | None) -> str:
-        """nginx's stream suffix: ``, client: ..., server: ..., upstream: "..."``."""
+        """nginx's stream suffix: ``, client: ..., server: ...`` and, once proxying,
+        ``, upstream: "...", bytes from/to client:R/S, bytes from/to upstream:R/S``."""
         text = f", client: {self.remote_addr}, server: {self.server_name}"
+        if self._upstream is None:
+            return text
         if peer_name is not None:
             text += f', upstream: "{peer_name}"'
-        return text
+        return f"{text}, {self.byte_counts()}"
 
     def header(self, name: str) -> None:
         return None
@@ -547,6 +552,10 @@ class PeerSide(asyncio.Protocol):
         self.session = None
         if self.transport is not None:
             self.transport.abort()
+
+
+def _joined(addr: str, port: str) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def _abort_all(transports: tuple[Any, ...]) -> None:
