@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench install
+.PHONY: run test lint bench bench-stream install
 
 # `run` installs what running needs; `install` (and so test, lint) adds the test tools.
 $(BIN)/scriptlb: pyproject.toml
@@ -35,3 +35,7 @@ lint: install
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py $(ARGS)
+
+# TCP (stream block) beside nginx's stream module and HAProxy mode tcp: bulk MB/s, sessions/s
+bench-stream: install
+	$(BIN)/python bench/stream_bench.py $(ARGS)
