@@ -9,6 +9,7 @@ the generated page in step); contexts and argument counts come from the table it
 
 from __future__ import annotations
 
+from scriptlb.config import stream as _stream  # noqa: F401  (registers the stream directives)
 from scriptlb.config.directives import DIRECTIVES, Ctx, Spec
 
 # name -> (syntax, default, module of origin, note)
@@ -25,6 +26,17 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "events": ("{ ... }", "-", "core", ""),
     "worker_connections": ("number", "512", "core (events)", ""),
     "http": ("{ ... }", "-", "ngx_http_core_module", ""),
+    "stream": ("{ ... }", "-", "ngx_stream_core_module", "TCP balancing: see docs/stream.md"),
+    "worker_shutdown_timeout": ("time", "0 (none)", "core",
+                                "old workers' wait for open connections and stream sessions"),
+    "proxy_timeout": ("time", "10m", "ngx_stream_proxy_module", "idle time between reads/writes"),
+    "proxy_download_rate": ("size", "0", "ngx_stream_proxy_module", "bytes/s towards the client"),
+    "proxy_upload_rate": ("size", "0", "ngx_stream_proxy_module", "bytes/s towards the peer"),
+    "proxy_half_close": ("on | off", "off", "ngx_stream_proxy_module", ""),
+    "proxy_protocol": ("on | off", "off", "ngx_stream_proxy_module", "PROXY v1 to the peer"),
+    "ssl_preread": ("on | off", "off", "ngx_stream_ssl_preread_module", "SNI/ALPN without termination"),
+    "map": ("source $variable { ... }", "-", "ngx_stream_map_module",
+            "stream only: exact, hostnames masks, regexes, default"),
     "server": ("{ ... } (http) / address [parameters] (upstream)", "-",
                "ngx_http_core_module / ngx_http_upstream_module",
                "upstream parameters: weight, max_fails, fail_timeout, max_conns, backup, down, "
@@ -132,7 +144,8 @@ REFUSED: dict[str, str] = {
 def _contexts(specs: tuple[Spec, ...]) -> str:
     names = []
     for spec in specs:
-        for ctx in (Ctx.MAIN, Ctx.EVENTS, Ctx.HTTP, Ctx.SERVER, Ctx.LOCATION, Ctx.UPSTREAM, Ctx.MATCH):
+        for ctx in (Ctx.MAIN, Ctx.EVENTS, Ctx.HTTP, Ctx.SERVER, Ctx.LOCATION, Ctx.UPSTREAM, Ctx.MATCH,
+                    Ctx.STREAM, Ctx.STREAM_SERVER, Ctx.STREAM_UPSTREAM):
             if spec.contexts & ctx and ctx.name is not None and ctx.name.lower() not in names:
                 names.append(ctx.name.lower())
     return ", ".join(names)
