@@ -266,6 +266,26 @@ def test_hook_picks_the_peer_by_remote_addr_on_a_consistent_ring(tmp_path: Path)
     assert len(set(first.values())) >= 2  # 8 addresses on 3 peers: not all on one
 
 
+def test_hash_remote_addr_consistent_and_statistics(tmp_path: Path) -> None:
+    sources = [f"127.0.0.{n}" for n in range(2, 8)]
+    with TcpPeer(banner(b"A")) as a, TcpPeer(banner(b"B")) as b, Scriptlb(f"""
+            stream {{
+                upstream u {{ hash $remote_addr consistent; server {a.addr}; server {b.addr}; }}
+                server {{ listen 127.0.0.1:{{port0}}; proxy_pass u; }}
+            }}""", tmp_path) as lb:
+        def which(source: str) -> bytes:
+            with socket.create_connection(("127.0.0.1", lb.port), 10, (source, 0)) as conn:
+                return conn.recv(1)
+
+        first = {source: which(source) for source in sources}
+        again = {source: which(source) for source in sources}
+        upstream = lb.thread.worker.stream.upstreams["u"]
+        stats = upstream.stats
+        assert stats is not None
+        assert wait_until(lambda: sum(stats.figures(p)[0] for p in upstream.peers.primary) == 12)
+    assert first == again
+
+
 def test_hook_sees_the_last_failure_and_grants_more_tries(tmp_path: Path) -> None:
     dead = free_ports(3)
     with TcpPeer(banner(b"ok")) as good, Scriptlb(f"""

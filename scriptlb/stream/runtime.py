@@ -41,14 +41,14 @@ class StreamRuntime:
         self.loop = loop
         self.recorder = recorder
         self.python = conf.http.python if conf.http is not None else PythonConf()
+        self._maps: dict[str, Any] = {}
+        for name, map_conf in self.conf.maps.items():  # in file order: a map may use an earlier one
+            self._maps[name] = map_getter(map_conf, self._compile)
         self.upstreams: dict[str, UpstreamRuntime] = {
             key: self._upstream(u) for key, u in self.conf.upstreams.items()
         }
         self._dynamic: dict[str, UpstreamRuntime] = {}
         self._getters: dict[str, Any] = {}
-        self._maps: dict[str, Any] = {}
-        for name, map_conf in self.conf.maps.items():  # in file order: a map may use an earlier one
-            self._maps[name] = map_getter(map_conf, self._compile)
         self._files: dict[str, LogFile] = {}
         self.conn_ids = itertools.count(1)
         self.servers: dict[tuple, StreamServerRuntime] = {}
