@@ -483,6 +483,28 @@ def test_reload_keeps_established_sessions(tmp_path: Path) -> None:
                 assert old.recv(10) == b"after"
 
 
+@pytest.mark.slow
+def test_worker_shutdown_timeout_closes_what_old_workers_still_hold(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    with TcpPeer(echo) as peer:
+        conf = tmp_path / "scriptlb.conf"
+        text = (f"daemon off; pid {tmp_path}/pid; error_log {tmp_path}/error.log notice;\n"
+                "worker_shutdown_timeout 500ms;\n"
+                f"stream {{ server {{ listen 127.0.0.1:{port}; proxy_pass {peer.addr}; }} }}\n")
+        conf.write_text(text)
+        with master_process(tmp_path, conf) as proc:
+            assert wait_until(lambda: _answers(port))
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as old:
+                old.sendall(b"before")
+                assert old.recv(10) == b"before"
+                proc.send_signal(signal.SIGHUP)
+                started = time.monotonic()
+                assert read_until_closed(old) == b""  # closed by the old worker's deadline
+                assert 0.4 <= time.monotonic() - started < 8
+            log = (tmp_path / "error.log").read_text()
+            assert "worker_shutdown_timeout: closing the remaining connections" in log
+
+
 def _answers(port: int) -> bool:
     try:
         return round_trip(port, b"ping", timeout=2) == b"ping"
@@ -546,3 +568,40 @@ class _Process:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGQUIT)
         self.proc.wait(timeout=15)
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(not HAS_NGINX_STREAM, reason="nginx stream module missing")
+def test_sni_routing_with_map_matches_nginx(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    contexts = {}
+    for name in ("a.test", "b.test"):
+        contexts[name] = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ca.issue_cert(name, "x.a.test").configure_cert(contexts[name])
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    client.set_alpn_protocols(["h2", "http/1.1"])
+    (port,) = free_ports(1)
+    with TlsPeer(contexts["a.test"], "a") as a, TlsPeer(contexts["b.test"], "b") as b:
+        block = f"""
+            log_format sni '$ssl_preread_server_name|$ssl_preread_protocol|$ssl_preread_alpn_protocols|'
+                           '$route|$upstream_addr|$status';
+            access_log {{dir}}/s.log sni;
+            {ROUTE_BY_MAP.format(a=a.addr, b=b.addr).replace("{port0}", str(port))}
+        """.replace("{{", "{").replace("}}", "}")
+        results = {}
+        for who in ("nginx", "scriptlb"):
+            where = tmp_path / who
+            where.mkdir()
+            text = block.replace("{dir}", str(where))
+            runner = nginx_stream(where, text) if who == "nginx" else _scriptlb_process(where, text)
+            answers = []
+            with runner:
+                for name in ("b.test", "a.test", "x.a.test"):
+                    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                            client.wrap_socket(raw, server_hostname=name) as tls:
+                        answers.append(tls.recv(10))
+                        tls.sendall(b"bye")
+                results[who] = (answers, read_log_lines(where / "s.log", 3))
+    assert results["scriptlb"] == results["nginx"]

@@ -136,3 +136,5 @@ class StreamDraft:
     log_formats: dict[str, LogFormat] = field(default_factory=dict)
     access_logs: list[AccessLogConf] | None = None
     maps: dict[str, Any] = field(default_factory=dict)  # variable name -> MapConf
+    # variables named before any map defined them, checked at the block's end
+    deferred_names: list[tuple[str, Source]] = field(default_factory=list)

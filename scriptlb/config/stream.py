@@ -117,7 +117,7 @@ def _proxy_pass(state: State, node: Node, draft: StreamServerDraft) -> None:
 
 
 def _log_format(state: State, node: Node, draft: StreamDraft) -> None:
-    d.add_log_format(node, draft.log_formats, _known(state))
+    d.add_log_format(node, draft.log_formats, _known(state, node))
 
 
 def _access_log(state: State, node: Node, draft: Any) -> None:
@@ -125,10 +125,17 @@ def _access_log(state: State, node: Node, draft: Any) -> None:
     d.add_access_log(state, node, draft, state.stream.log_formats, None)
 
 
-def _known(state: State) -> Any:
-    """Stream's variable names plus the ``map`` variables defined so far."""
-    maps = state.stream.maps if state.stream is not None else {}
-    return lambda name: is_stream_variable(name) or name in maps
+def _known(state: State, node: Node) -> Any:
+    """Stream's variable names, or a ``map`` variable: as nginx resolves variables once the
+    whole block is read, a name that is neither yet is checked at the block's end."""
+    stream = state.stream
+
+    def known(name: str) -> bool:
+        if not is_stream_variable(name) and stream is not None and name not in stream.maps:
+            stream.deferred_names.append((name, node.source))
+        return True
+
+    return known
 
 
 def _map(state: State, node: Node, draft: StreamDraft) -> None:
@@ -137,7 +144,7 @@ def _map(state: State, node: Node, draft: StreamDraft) -> None:
     if not target.startswith("$"):
         raise fail(node, f'invalid variable name "{target}"')
     name = target[1:].lower()
-    known = _known(state)
+    known = _known(state, node)
     source = d.template(node, source_text, known)
     exact: dict[str, Any] = {}
     wildcards: list[tuple[str, Any]] = []
@@ -226,6 +233,9 @@ for _s in _SPECS:
 def stream_conf(draft: StreamDraft, upstream_conf: Any) -> StreamConf:
     """The frozen stream block; ``upstream_conf(UpstreamDraft, values_owner)`` is http's
     builder (the same UpstreamConf for TCP)."""
+    for name, source in draft.deferred_names:
+        if name not in draft.maps:
+            raise ConfigError(f'unknown "{name}" variable', source)
     upstreams: dict[str, UpstreamConf] = {
         key: upstream_conf(u, draft) for key, u in draft.upstreams.items()
     }

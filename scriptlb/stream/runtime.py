@@ -42,8 +42,8 @@ class StreamRuntime:
         self.recorder = recorder
         self.python = conf.http.python if conf.http is not None else PythonConf()
         self._maps: dict[str, Any] = {}
-        for name, map_conf in self.conf.maps.items():  # in file order: a map may use an earlier one
-            self._maps[name] = map_getter(map_conf, self._compile)
+        for name in self.conf.maps:
+            self.lookup(name)
         self.upstreams: dict[str, UpstreamRuntime] = {
             key: self._upstream(u) for key, u in self.conf.upstreams.items()
         }
@@ -78,7 +78,15 @@ class StreamRuntime:
     def lookup(self, name: str, clock: Any = time.time) -> Any:
         """A stream variable's getter: a ``map``'s, else the session's own."""
         getter = self._maps.get(name)
-        return getter if getter is not None else variables.variable_getter(name, clock)
+        if getter is not None:
+            return getter
+        map_conf = self.conf.maps.get(name)
+        if map_conf is None:
+            return variables.variable_getter(name, clock)
+        # built on first use: a map may name a map defined after it (a cycle reads "")
+        self._maps[name] = _empty
+        getter = self._maps[name] = map_getter(map_conf, self._compile)
+        return getter
 
     def open_log(self, conf: Any) -> AccessLog:
         return open_access_log(conf, self.loop, self._files, lookup=self.lookup)
@@ -180,6 +188,10 @@ class StreamServerRuntime:
     def log_session(self, session: Session) -> None:
         for log in self.access_logs:
             log.write(session)
+
+
+def _empty(session: Any) -> str:
+    return ""
 
 
 def _is_ip(host: str | None) -> bool:
