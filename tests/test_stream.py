@@ -286,6 +286,27 @@ def test_hash_remote_addr_consistent_and_statistics(tmp_path: Path) -> None:
     assert first == again
 
 
+def test_a_failing_hook_falls_back_to_the_balancer_and_says_so(tmp_path: Path) -> None:
+    with TcpPeer(banner(b"ok")) as peer, Scriptlb(f"""
+            error_log {tmp_path}/error.log;
+            stream {{
+                upstream u {{
+                    server {peer.addr};
+                    balancer_by_python_block {{
+                        if ngx.var.no_such_variable is None and ngx.var.protocol == "TCP":
+                            raise ValueError("boom " + ngx.var.remote_addr)
+                    }}
+                }}
+                server {{ listen 127.0.0.1:{{port0}}; proxy_pass u; }}
+            }}""", tmp_path) as lb:
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as conn:
+                assert conn.recv(10) == b"ok"
+    errors = (tmp_path / "error.log").read_text()
+    assert "ValueError: boom 127.0.0.1" in errors
+    assert f"client: 127.0.0.1, server: 127.0.0.1:{lb.port}" in errors
+
+
 def test_hook_sees_the_last_failure_and_grants_more_tries(tmp_path: Path) -> None:
     dead = free_ports(3)
     with TcpPeer(banner(b"ok")) as good, Scriptlb(f"""
