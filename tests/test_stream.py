@@ -141,6 +141,30 @@ def test_refused_peer_fails_over_and_counts_one_try_each(tmp_path: Path) -> None
             "bytes from/to upstream:0/0") in errors
 
 
+def test_a_peer_that_greets_and_closes_at_once_is_a_complete_session(tmp_path: Path) -> None:
+    """Its bytes and EOF may arrive before the connect's own completion callback runs: the
+    try is still connected, timed and counted as a success."""
+    def greet_and_close(conn: socket.socket) -> None:
+        conn.sendall(b"hi")
+
+    with TcpPeer(greet_and_close) as peer, Scriptlb(f"""
+            stream {{
+                {LOG}
+                access_log {tmp_path}/s.log s;
+                upstream u {{ server {peer.addr}; }}
+                server {{ listen 127.0.0.1:{{port0}}; proxy_pass u; }}
+            }}""", tmp_path) as lb:
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as conn:
+                assert read_until_closed(conn) == b"hi"
+        lines = session_log(tmp_path, 5)
+        upstream = lb.thread.worker.stream.upstreams["u"]
+        (only,) = upstream.peers.primary
+        assert wait_until(lambda: upstream.stats.figures(only)[:2] == (5, 0))  # 5 tries, 0 failures
+    for line in lines:
+        assert line.startswith(f'200 2 0 "{peer.addr}" "0" "2" "0.0')
+
+
 def test_next_upstream_off_gives_502_after_one_try(tmp_path: Path) -> None:
     dead = free_ports(2)
     with Scriptlb(f"""

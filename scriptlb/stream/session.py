@@ -100,6 +100,7 @@ class Session(asyncio.Protocol):
         self._state: Any = None
         self._started = 0.0
         self._connecting: asyncio.Task | None = None
+        self._connect_timer: Any = None
         self._prereading = server.conf.ssl_preread
         self._proxy_header = reads_header  # `listen ... proxy_protocol`: a PROXY header comes first
         self._timer: asyncio.TimerHandle | None = None
@@ -282,16 +283,29 @@ class Session(asyncio.Protocol):
         else:
             opening = loop.create_connection(lambda: side, addr.host, addr.port)
         task = loop.create_task(opening)
-        timer = loop.call_later(self.connect_timeout, task.cancel)
+        self._connect_timer = loop.call_later(self.connect_timeout, task.cancel)
         self._connecting = task
-        task.add_done_callback(lambda done: self._connected(done, side, timer))
+        task.add_done_callback(lambda done: self._connected(done, side))
 
-    def _connected(self, task: asyncio.Task, side: PeerSide, timer: asyncio.TimerHandle) -> None:
-        timer.cancel()
-        if self._connecting is not task:
+    def peer_connected(self, side: PeerSide) -> None:
+        """The peer's connection is up (its connection_made: before the opening task's own
+        callback, and before any byte the peer sends)."""
+        if self._ended or self._connecting is None:
             side.abort()  # the session ended while connecting
             return
         self._connecting = None
+        self._connect_timer.cancel()
+        self._relay(side)
+
+    def _connected(self, task: asyncio.Task, side: PeerSide) -> None:
+        if self._connecting is not task:  # relayed already (peer_connected), or the session ended
+            if not task.cancelled():
+                task.exception()  # (retrieved: asyncio would warn about it)
+            if side is not self.peer:
+                side.abort()
+            return
+        self._connecting = None
+        self._connect_timer.cancel()
         try:
             failure, text = _connect_failure(task)
             if failure is None:
@@ -508,6 +522,12 @@ class PeerSide(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.gate = ReadGate(transport)
+        session = self.session
+        if session is not None:
+            try:
+                session.peer_connected(self)
+            except Exception as exc:
+                session._crashed(exc, _CONNECTING)
 
     def data_received(self, data: bytes) -> None:
         session = self.session
