@@ -331,6 +331,25 @@ def test_a_failing_hook_falls_back_to_the_balancer_and_says_so(tmp_path: Path) -
     assert f"client: 127.0.0.1, server: 127.0.0.1:{lb.port}" in errors
 
 
+def test_hook_set_timeouts_read_is_the_session_s_proxy_timeout(tmp_path: Path) -> None:
+    with TcpPeer(never_read) as peer, Scriptlb(f"""
+            stream {{
+                upstream u {{
+                    server {peer.addr};
+                    balancer_by_python_block {{
+                        balancer.set_timeouts(1, 1, 0.2)
+                        balancer.set_current_peer("{peer.addr}")
+                    }}
+                }}
+                server {{ listen 127.0.0.1:{{port0}}; proxy_pass u; proxy_timeout 1h; }}
+            }}""", tmp_path) as lb:
+        conn = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+        started = time.monotonic()
+        assert read_until_closed(conn) == b""  # not after an hour
+        assert 0.15 <= time.monotonic() - started < 8
+        conn.close()
+
+
 def test_hook_sees_the_last_failure_and_grants_more_tries(tmp_path: Path) -> None:
     dead = free_ports(3)
     with TcpPeer(banner(b"ok")) as good, Scriptlb(f"""
