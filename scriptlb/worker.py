@@ -160,11 +160,10 @@ class Worker:
             self._servers.append(server)
 
     async def _start_stream_server(self, sock: socket.socket, keys: list[Key]) -> None:
-        stream_server = self.stream.servers.get(keys[0]) if self.stream is not None else None
-        if stream_server is None:
+        factory = self.stream.session_factory(keys) if self.stream is not None else None
+        if factory is None:
             return
-        server = await self.loop.create_server(stream_server.session_factory(keys[0]), sock=sock,
-                                               backlog=self._backlog(keys))
+        server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys))
         self._servers.append(server)
 
     def _backlog(self, keys: list[Key]) -> int:

@@ -165,6 +165,17 @@ def test_a_peer_that_greets_and_closes_at_once_is_a_complete_session(tmp_path: P
         assert line.startswith(f'200 2 0 "{peer.addr}" "0" "2" "0.0')
 
 
+def test_a_specific_listen_beside_a_wildcard_one_gets_its_own_connections(tmp_path: Path) -> None:
+    with TcpPeer(banner(b"W")) as wild, TcpPeer(banner(b"S")) as specific, Scriptlb(f"""
+            stream {{
+                server {{ listen {{port0}}; proxy_pass {wild.addr}; }}
+                server {{ listen 127.0.0.1:{{port0}}; proxy_pass {specific.addr}; }}
+            }}""", tmp_path) as lb:
+        conn = socket.create_connection(("127.0.0.1", lb.port), timeout=10)
+        assert conn.recv(1) == b"S"
+        conn.close()
+
+
 def test_next_upstream_off_gives_502_after_one_try(tmp_path: Path) -> None:
     dead = free_ports(2)
     with Scriptlb(f"""

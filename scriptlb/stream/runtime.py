@@ -128,6 +128,18 @@ class StreamRuntime:
         self._dynamic[value] = upstream
         return upstream
 
+    def session_factory(self, keys: list[tuple]) -> Any:
+        """The protocol factory of a listening socket serving ``keys`` (None: not stream's).
+        Several keys share a wildcard socket: then each connection's local address picks the
+        server, as nginx does."""
+        served = [key for key in keys if key in self.servers]
+        if not served:
+            return None
+        if len(served) == 1:
+            return self.servers[served[0]].session_factory(served[0])
+        factories = {key: self.servers[key].session_factory(key) for key in served}
+        return lambda: _Dispatch(factories)
+
     def sessions(self) -> list[Session]:
         seen = {id(s): s for s in self.servers.values()}
         return [session for server in seen.values() for session in server.sessions]
@@ -188,6 +200,27 @@ class StreamServerRuntime:
     def log_session(self, session: Session) -> None:
         for log in self.access_logs:
             log.write(session)
+
+
+class _Dispatch(asyncio.Protocol):
+    """Picks a connection's server by its local address, then hands the transport over."""
+
+    def __init__(self, factories: dict[tuple, Any]) -> None:
+        self.factories = factories
+
+    def connection_made(self, transport: Any) -> None:
+        local = transport.get_extra_info("sockname")
+        factory = None
+        if isinstance(local, tuple):
+            factory = self.factories.get((local[0], local[1], None))
+            if factory is None:
+                wildcard = "::" if ":" in local[0] else "0.0.0.0"
+                factory = self.factories.get((wildcard, local[1], None))
+        if factory is None:
+            factory = next(iter(self.factories.values()))
+        session = factory()
+        transport.set_protocol(session)
+        session.connection_made(transport)
 
 
 def _empty(session: Any) -> str:
