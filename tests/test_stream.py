@@ -7,6 +7,7 @@ config runs on it and the observable results must match.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -460,6 +461,27 @@ def test_sni_routes_tls_without_terminating_it(tmp_path: Path, routing: str) -> 
         lines = session_log(tmp_path, 2)
     assert lines[0].startswith(f'b.test TLSv1.3 "{b.addr}"')
     assert lines[1].startswith(f'a.test TLSv1.3 "{a.addr}"')
+
+
+def test_a_hello_that_never_ends_fills_the_preread_buffer_400(tmp_path: Path) -> None:
+    # one full-size record that starts a ClientHello claiming 16 MiB
+    record = b"\x16\x03\x01\x40\x00" + b"\x01\xff\xff\xff" + b"\x00" * (16384 - 4)
+    with TcpPeer(echo) as peer, Scriptlb(f"""
+            error_log {tmp_path}/error.log;
+            stream {{
+                log_format st '$status $bytes_received "$upstream_addr"';
+                access_log {tmp_path}/s.log st;
+                server {{ listen 127.0.0.1:{{port0}}; ssl_preread on; proxy_pass {peer.addr}; }}
+            }}""", tmp_path) as lb:
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as conn:
+            with contextlib.suppress(OSError):
+                conn.sendall(record)
+            assert read_until_closed(conn) == b""
+        (line,) = session_log(tmp_path, 1)
+        assert round_trip(lb.port, b"still serving") == b"still serving"
+    assert line.startswith("400 ") and line.endswith(' "-"')
+    assert peer.accepted == 1  # only the second session reached it
+    assert "preread buffer full" in (tmp_path / "error.log").read_text()
 
 
 def test_not_tls_with_ssl_preread_is_proxied_without_the_variables(tmp_path: Path) -> None:
