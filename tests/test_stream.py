@@ -683,7 +683,7 @@ def test_sni_routing_with_map_matches_nginx(tmp_path: Path) -> None:
     with TlsPeer(contexts["a.test"], "a") as a, TlsPeer(contexts["b.test"], "b") as b:
         block = f"""
             log_format sni '$ssl_preread_server_name|$ssl_preread_protocol|$ssl_preread_alpn_protocols|'
-                           '$route|$upstream_addr|$status';
+                           '$route|$upstream_addr|$status|$bytes_received|$upstream_bytes_sent';
             access_log {{dir}}/s.log sni;
             {ROUTE_BY_MAP.format(a=a.addr, b=b.addr).replace("{port0}", str(port))}
         """.replace("{{", "{").replace("}}", "}")
@@ -702,3 +702,39 @@ def test_sni_routing_with_map_matches_nginx(tmp_path: Path) -> None:
                         tls.sendall(b"bye")
                 results[who] = (answers, read_log_lines(where / "s.log", 3))
     assert results["scriptlb"] == results["nginx"]
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(not HAS_NGINX_STREAM, reason="nginx stream module missing")
+def test_proxy_protocol_in_and_out_match_nginx(tmp_path: Path) -> None:
+    """A v1 header in, the peer gets nginx's v1 header (the real client's addresses) and the
+    payload; $proxy_protocol_addr is the announced one; a broken header is a 400."""
+    (port,) = free_ports(1)
+    with TcpPeer(echo) as peer:
+        block = f"""
+            log_format pp '$status $proxy_protocol_addr $proxy_protocol_port $bytes_received';
+            access_log {{dir}}/s.log pp;
+            server {{ listen 127.0.0.1:{port} proxy_protocol; proxy_pass {peer.addr}; proxy_protocol on; }}
+        """
+        results = {}
+        for who in ("nginx", "scriptlb"):
+            where = tmp_path / who
+            where.mkdir()
+            text = block.replace("{dir}", str(where))
+            runner = nginx_stream(where, text) if who == "nginx" else _scriptlb_process(where, text)
+            with runner:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                    conn.sendall(b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\nhello")
+                    got = b""
+                    while not got.endswith(b"hello"):
+                        chunk = conn.recv(200)
+                        if not chunk:
+                            break
+                        got += chunk
+                    sent_as = got.replace(str(conn.getsockname()[1]).encode(), b"CPORT")
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                    conn.sendall(b"PROXY BOGUS\r\n")
+                    broken = read_until_closed(conn)
+                results[who] = (sent_as, broken, read_log_lines(where / "s.log", 2))
+    assert results["scriptlb"] == results["nginx"]
+    assert results["nginx"][0] == f"PROXY TCP4 127.0.0.1 127.0.0.1 CPORT {port}\r\nhello".encode()

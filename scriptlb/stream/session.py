@@ -196,10 +196,12 @@ class Session(asyncio.Protocol):
             shown = data[:V1_MAX].decode("latin-1").encode("unicode_escape").decode("ascii")
             errorlog.log_error("error", f'broken header: "{shown}" while reading PROXY protocol',
                                self.conn_id, self.log_context(None))
+            self.bytes_received = 0  # (nginx counts what the proxy reads, not the handshake)
             self._finish(BAD_REQUEST)
             return
         self.proxy_protocol_addr, self.proxy_protocol_port = header.addr, header.port
         self._proxy_header = False
+        self.bytes_received -= header.length  # $bytes_received counts the payload only, as nginx
         rest = data[header.length:]
         self._pending, self._pending_size = ([rest], len(rest)) if rest else ([], 0)
         if self._prereading:
@@ -224,6 +226,8 @@ class Session(asyncio.Protocol):
         else:
             errorlog.log_error("debug", "ssl preread: not a handshake", self.conn_id, self.log_context(None))
         self._prereading = False
+        # nginx hands the preread bytes to the peer without counting them in $bytes_received
+        self.bytes_received -= len(data)
         self._pending = [data]
         self._cancel_timer()
         self._begin_tries()
