@@ -738,3 +738,44 @@ def test_proxy_protocol_in_and_out_match_nginx(tmp_path: Path) -> None:
                 results[who] = (sent_as, broken, read_log_lines(where / "s.log", 2))
     assert results["scriptlb"] == results["nginx"]
     assert results["nginx"][0] == f"PROXY TCP4 127.0.0.1 127.0.0.1 CPORT {port}\r\nhello".encode()
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(not HAS_NGINX_STREAM, reason="nginx stream module missing")
+def test_eof_and_idle_timeout_match_nginx(tmp_path: Path) -> None:
+    """Without proxy_half_close a client's EOF ends the session (a late answer is lost); with
+    it, the answer comes back; an idle session ends after proxy_timeout, status 200."""
+    ports = free_ports(3)
+
+    def late_answer(conn: socket.socket) -> None:
+        data = conn.recv(100)
+        time.sleep(0.2)
+        conn.sendall(data.upper())
+
+    with TcpPeer(late_answer) as late, TcpPeer(never_read) as silent:
+        block = f"""
+            log_format e '$status $bytes_sent $bytes_received "$upstream_bytes_received"';
+            access_log {{dir}}/s.log e;
+            server {{ listen 127.0.0.1:{ports[0]}; proxy_pass {late.addr}; }}
+            server {{ listen 127.0.0.1:{ports[1]}; proxy_pass {late.addr}; proxy_half_close on; }}
+            server {{ listen 127.0.0.1:{ports[2]}; proxy_pass {silent.addr}; proxy_timeout 300ms; }}
+        """
+        results = {}
+        for who in ("nginx", "scriptlb"):
+            where = tmp_path / who
+            where.mkdir()
+            text = block.replace("{dir}", str(where))
+            runner = nginx_stream(where, text) if who == "nginx" else _scriptlb_process(where, text)
+            answers = []
+            with runner:
+                for port in ports:
+                    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                        conn.sendall(b"abc")
+                        if port != ports[2]:
+                            time.sleep(0.05)
+                            conn.shutdown(socket.SHUT_WR)
+                        answers.append(read_until_closed(conn))
+                    time.sleep(0.1)
+                results[who] = (answers, read_log_lines(where / "s.log", 3))
+    assert results["scriptlb"] == results["nginx"]
+    assert results["nginx"][0] == [b"", b"ABC", b""]
