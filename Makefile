@@ -35,6 +35,7 @@ lint: install
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py $(ARGS)
+	$(BIN)/python bench/stream_bench.py --seconds 2 --out bench/results/stream
 
 # TCP (stream block) beside nginx's stream module and HAProxy mode tcp: bulk MB/s, sessions/s
 bench-stream: install
