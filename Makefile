@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench bench-stream install
+.PHONY: run test lint bench bench-stream bench-tls install
 
 # `run` installs what running needs; `install` (and so test, lint) adds the test tools.
 $(BIN)/scriptlb: pyproject.toml
@@ -40,3 +40,8 @@ bench: install
 # TCP (stream block) beside nginx's stream module and HAProxy mode tcp: bulk MB/s, sessions/s
 bench-stream: install
 	$(BIN)/python bench/stream_bench.py $(ARGS)
+
+# HTTPS keep-alive and handshake rate through nginx and scriptlb (needs nginx, wrk, trustme)
+bench-tls: install
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/python bench/tls_bench.py $(ARGS)

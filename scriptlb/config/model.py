@@ -184,6 +184,28 @@ class SharedDictConf:
 
 
 @dataclass(frozen=True, slots=True)
+class MapEntry:
+    """One line of a ``map`` block: a source value (or regex) and the template it gives."""
+
+    kind: str  # "exact", "wildcard" (hostnames: *.a.b / .a.b / a.b.*) or "regex"
+    key: str  # exact/wildcard: lower-cased text; regex: the pattern without "~"/"~*"
+    value: Template
+    caseless: bool = False  # regex given as "~*"
+
+
+@dataclass(frozen=True, slots=True)
+class MapConf:
+    """A ``map SOURCE $variable { ... }`` block (ngx_http_map_module), checked at load time."""
+
+    variable: str  # without "$", lower-cased
+    source: Template
+    entries: tuple[MapEntry, ...]  # in file order (regexes are tried in this order)
+    default: Template | None = None
+    hostnames: bool = False
+    volatile: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class HttpConf:
     upstreams: dict[str, UpstreamConf]  # explicit `upstream` blocks and implicit ones (below)
     servers: tuple[ServerConf, ...]
@@ -191,6 +213,7 @@ class HttpConf:
     python: PythonConf = field(default_factory=PythonConf)
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)  # by name, in file order
     matches: dict[str, MatchConf] = field(default_factory=dict)  # `match` blocks by name
+    maps: dict[str, MapConf] = field(default_factory=dict)  # `map` blocks by variable name
 
     def hooks(self) -> tuple[HookConf, ...]:
         """Every hook to compile, each once: upstreams' balancer hooks, then the distinct
@@ -327,6 +350,7 @@ class ListenConf:
     reuseport: bool = False
     backlog: int = 511
     source: Source | None = None
+    ssl: bool = False  # `listen ... ssl`: TLS is terminated on this socket
 
     @property
     def key(self) -> tuple[str | None, int, str | None]:
@@ -352,6 +376,23 @@ class NextUpstream(IntFlag):
 
 
 @dataclass(frozen=True, slots=True)
+class ProxySslConf:
+    """ngx_http_proxy_module's proxy_ssl_* settings (TLS to the peers), nginx's defaults."""
+
+    server_name: bool = False  # send SNI
+    name: Template | None = None  # None: the host of the proxy_pass URL
+    verify: bool = False
+    trusted_certificate: str | None = None
+    verify_depth: int = 1
+    protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
+    ciphers: str = "DEFAULT"
+    certificate: str | None = None  # a client certificate for the peers
+    certificate_key: str | None = None
+    session_reuse: bool = True
+    password_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConf:
     """Effective proxy_* settings of one location (inheritance already applied)."""
 
@@ -372,6 +413,7 @@ class ProxyConf:
     buffer_size: int = mmap.PAGESIZE
     buffers: tuple[int, int] = (8, mmap.PAGESIZE)  # (number, size)
     busy_buffers_size: int = 2 * mmap.PAGESIZE
+    ssl: ProxySslConf = field(default_factory=lambda: ProxySslConf())  # for proxy_pass https://
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +422,7 @@ class ProxyPassConf:
     uri: str | None  # the URI part of proxy_pass, None when absent (request URI passed as is)
     proxy_host: str  # value of $proxy_host: the upstream name, or host:port when not 80
     source: Source | None = None
+    ssl: bool = False  # https://: TLS to the peers (ProxyConf.ssl)
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,6 +478,39 @@ class LocationConf:
     handler: str | None = None
     api_write: bool = False  # api write=on
     status_zone: str | None = None  # the server's `status_zone`: responses counted by class
+    # balancer_trace_header / balancer_trace_allow: the trace header, for these clients only
+    trace_header: bool = False
+    trace_allow: tuple[str, ...] = ()  # normalized CIDRs, "unix:" or "all"; () = nobody
+
+
+@dataclass(frozen=True, slots=True)
+class SslCertificate:
+    """One ``ssl_certificate`` / ``ssl_certificate_key`` pair (a server may have several:
+    RSA and ECDSA)."""
+
+    certificate: str  # absolute paths
+    key: str
+    source: Source | None = None  # the ssl_certificate line (where load errors point)
+
+
+@dataclass(frozen=True, slots=True)
+class SslConf:
+    """ngx_http_ssl_module's settings of one server (http's inherited), nginx's defaults."""
+
+    certificates: tuple[SslCertificate, ...] = ()
+    protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
+    ciphers: str = "HIGH:!aNULL:!MD5"
+    prefer_server_ciphers: bool = False
+    ecdh_curve: str = "auto"
+    session_cache: str = "none"  # off | none | builtin[:size] | shared:NAME:size (kept as written)
+    session_timeout: float = 300.0
+    session_tickets: bool = True
+    client_certificate: str | None = None
+    verify_client: str = "off"  # off | on | optional
+    verify_depth: int = 1
+    dhparam: str | None = None
+    password_file: str | None = None
+    source: Source | None = None  # the server block
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +525,7 @@ class ServerConf:
     ignore_invalid_headers: bool = True
     # the server-level default used when no location matches (nginx: 404)
     source: Source | None = None
+    ssl: SslConf | None = None  # TLS settings, for servers on a `listen ... ssl` socket
 
 
 # --------------------------------------------------------------------------- stream context
@@ -492,7 +569,7 @@ class StreamServerConf:
 
 
 @dataclass(frozen=True, slots=True)
-class MapConf:
+class StreamMapConf:
     """``map SOURCE $variable { ... }`` (ngx_stream_map_module): the first match of exact keys
     (case-insensitive), then with ``hostnames`` the wildcard masks, then the regexes in order."""
 
@@ -510,7 +587,7 @@ class StreamConf:
     upstreams: dict[str, UpstreamConf]
     servers: tuple[StreamServerConf, ...]
     log_formats: dict[str, LogFormat]
-    maps: dict[str, MapConf] = field(default_factory=dict)  # by variable name
+    maps: dict[str, StreamMapConf] = field(default_factory=dict)  # by variable name
 
     def hooks(self) -> tuple[HookConf, ...]:
         return tuple(u.hook for u in self.upstreams.values() if u.hook is not None)

@@ -18,10 +18,10 @@ from scriptlb.config.drafts import MainDraft, StreamDraft, StreamServerDraft, Up
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
     ListenConf,
-    MapConf,
     PeerAddr,
     Source,
     StreamConf,
+    StreamMapConf,
     StreamProxyConf,
     StreamProxyPass,
     StreamServerConf,
@@ -178,7 +178,7 @@ def _map(state: State, node: Node, draft: StreamDraft) -> None:
             if key.lower() in exact:
                 raise fail(line, f'duplicate entry "{key}"')
             exact[key.lower()] = value
-    draft.maps[name] = MapConf(name, source, tuple(exact.items()), tuple(wildcards), tuple(regexes),
+    draft.maps[name] = StreamMapConf(name, source, tuple(exact.items()), tuple(wildcards), tuple(regexes),
                                default, hostnames)
 
 

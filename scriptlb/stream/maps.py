@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from scriptlb.config.model import MapConf
+from scriptlb.config.model import StreamMapConf
 from scriptlb.locations import compile_nginx_regex
 
 Getter = Callable[[Any], "str | None"]
 Compile = Callable[[Any], Callable[[Any], str]]  # Template -> renderer
 
 
-def map_getter(conf: MapConf, compile_value: Compile) -> Getter:
+def map_getter(conf: StreamMapConf, compile_value: Compile) -> Getter:
     """The getter of ``$conf.variable``; ``compile_value`` renders a value template."""
     source = compile_value(conf.source)
     exact = {key: compile_value(value) for key, value in conf.exact}
