@@ -173,7 +173,8 @@ class Worker:
         factory = self.stream.session_factory(keys) if self.stream is not None else None
         if factory is None:
             return
-        server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys))
+        server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys),
+                                               ssl=self.stream.ssl_context(keys))
         self._servers.append(server)
 
     def _backlog(self, keys: list[Key]) -> int:

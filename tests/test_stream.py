@@ -779,3 +779,35 @@ def test_eof_and_idle_timeout_match_nginx(tmp_path: Path) -> None:
                 results[who] = (answers, read_log_lines(where / "s.log", 3))
     assert results["scriptlb"] == results["nginx"]
     assert results["nginx"][0] == [b"", b"ABC", b""]
+
+
+def test_listen_ssl_terminates_tls_and_relays_plain_bytes(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("lb.test")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "lb.pem"))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    with TcpPeer(echo) as peer, Scriptlb(f"""
+            stream {{
+                log_format t '$status $bytes_received "$upstream_bytes_sent"';
+                access_log {tmp_path}/s.log t;
+                server {{
+                    listen 127.0.0.1:{{port0}} ssl;
+                    ssl_certificate {tmp_path}/lb.pem;
+                    ssl_certificate_key {tmp_path}/lb.pem;
+                    proxy_pass {peer.addr};
+                }}
+            }}""", tmp_path) as lb:
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=10) as raw, \
+                client.wrap_socket(raw, server_hostname="lb.test") as tls:
+            tls.sendall(b"over tls")
+            assert tls.recv(100) == b"over tls"
+        (line,) = session_log(tmp_path, 1)
+    assert line == '200 8 "8"'
+
+
+def test_listen_ssl_without_a_certificate_is_nginx_s_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_conf("stream { server { listen 1 ssl; proxy_pass 127.0.0.1:2; } }", tmp_path)
+    assert 'no "ssl_certificate" is defined for the "listen ... ssl" directive' in str(err.value)

@@ -147,7 +147,7 @@ def _main_conf(
         error_log=tuple(main.error_logs) or (ErrorLogConf("stderr", "error"),),
         worker_connections=v.get("worker_connections", 512),
         http=http,
-        stream=stream_conf(main.stream, _upstream_conf) if main.stream is not None else None,
+        stream=stream_conf(main.stream, _upstream_conf, _ssl_conf) if main.stream is not None else None,
         worker_shutdown_timeout=v.get("worker_shutdown_timeout", 0.0),
         files=files,
         warnings=tuple(state.warnings),

@@ -566,6 +566,7 @@ class StreamServerConf:
     source: Source | None = None
     ssl_preread: bool = False  # read the TLS ClientHello for $ssl_preread_* before proxying
     proxy_protocol_listens: tuple[tuple, ...] = ()  # keys of `listen ... proxy_protocol`
+    ssl: SslConf | None = None  # TLS termination on its `listen ... ssl` sockets (http's settings)
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,7 +98,7 @@ def _server(state: State, node: Node, draft: StreamDraft) -> tuple[Ctx, Any]:
 def _listen(state: State, node: Node, draft: StreamServerDraft) -> None:
     params = list(node.args[1:])
     for param in params:
-        if param in ("ssl", "udp"):
+        if param == "udp":
             raise fail(node, f'the "{param}" parameter of "listen" is not supported by scriptlb')
         if param in ("default_server", "default"):
             raise fail(node, f'invalid parameter "{param}"')
@@ -230,23 +230,23 @@ for _s in _SPECS:
 # --------------------------------------------------------------------------- building
 
 
-def stream_conf(draft: StreamDraft, upstream_conf: Any) -> StreamConf:
-    """The frozen stream block; ``upstream_conf(UpstreamDraft, values_owner)`` is http's
-    builder (the same UpstreamConf for TCP)."""
+def stream_conf(draft: StreamDraft, upstream_conf: Any, ssl_conf: Any) -> StreamConf:
+    """The frozen stream block; ``upstream_conf(UpstreamDraft, values_owner)`` and
+    ``ssl_conf(server, chain)`` are http's builders (the same UpstreamConf and SslConf)."""
     for name, source in draft.deferred_names:
         if name not in draft.maps:
             raise ConfigError(f'unknown "{name}" variable', source)
     upstreams: dict[str, UpstreamConf] = {
         key: upstream_conf(u, draft) for key, u in draft.upstreams.items()
     }
-    servers = tuple(_server_conf(s, draft, upstreams) for s in draft.servers)
+    servers = tuple(_server_conf(s, draft, upstreams, ssl_conf) for s in draft.servers)
     _check_listens(servers)
     return StreamConf(upstreams=upstreams, servers=servers, log_formats=dict(draft.log_formats),
                       maps=dict(draft.maps))
 
 
 def _server_conf(server: StreamServerDraft, stream: StreamDraft,
-                 upstreams: dict[str, UpstreamConf]) -> StreamServerConf:
+                 upstreams: dict[str, UpstreamConf], ssl_conf: Any) -> StreamServerConf:
     values = {**stream.values, **server.values}
     proxy = StreamProxyConf(**{
         field: values[name] for name, field in _PROXY_FIELDS.items() if name in values
@@ -261,7 +261,8 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
     return StreamServerConf(listens=listens, proxy_pass=proxy_pass, proxy=proxy,
                             access_logs=tuple(logs or ()), source=server.source,
                             ssl_preread=bool(values.get("ssl_preread", False)),
-                            proxy_protocol_listens=tuple(server.proxy_protocol_listens))
+                            proxy_protocol_listens=tuple(server.proxy_protocol_listens),
+                            ssl=ssl_conf(server, (server, stream)))
 
 
 def _resolve_proxy_pass(text: str, source: Source, upstreams: dict[str, UpstreamConf],
@@ -315,3 +316,15 @@ def _ssl_preread(state: State, node: Node, draft: Any) -> None:
 
 
 d.DIRECTIVES["ssl_preread"] = (d._spec("ssl_preread", SS, d.FLAG, _ssl_preread),)
+
+# TLS termination: http's certificate directives, with the same handlers and checks
+_SSL_DIRECTIVES = (
+    "ssl_certificate", "ssl_certificate_key", "ssl_protocols", "ssl_ciphers", "ssl_prefer_server_ciphers",
+    "ssl_ecdh_curve", "ssl_session_cache", "ssl_session_timeout", "ssl_session_tickets",
+    "ssl_session_ticket_key", "ssl_client_certificate", "ssl_verify_client", "ssl_verify_depth",
+    "ssl_dhparam", "ssl_password_file",
+)
+for _name in _SSL_DIRECTIVES:
+    _http = next(s for s in d.DIRECTIVES[_name] if s.contexts & Ctx.SERVER)
+    d.DIRECTIVES[_name] = (*d.DIRECTIVES[_name],
+                           d._spec(_name, SS, (_http.min_args, _http.max_args), _http.handler))

@@ -140,6 +140,16 @@ class StreamRuntime:
         factories = {key: self.servers[key].session_factory(key) for key in served}
         return lambda: _Dispatch(factories)
 
+    def ssl_context(self, keys: list[tuple]) -> Any:
+        """The TLS context of a socket whose listen has ``ssl`` (None: plain TCP)."""
+        for key in keys:
+            server = self.servers.get(key)
+            if server is None or server.conf.ssl is None:
+                continue
+            if any(listen.key == key and listen.ssl for listen in server.conf.listens):
+                return server.tls_context()
+        return None
+
     def sessions(self) -> list[Session]:
         seen = {id(s): s for s in self.servers.values()}
         return [session for server in seen.values() for session in server.sessions]
@@ -162,6 +172,7 @@ class StreamServerRuntime:
         self.runtime = runtime
         self.loop = runtime.loop
         self.sessions: set[Session] = set()
+        self._tls: Any = None  # the server's TLS context, built on first use
         self.access_logs = [runtime.open_log(log) for log in conf.access_logs]
         proxy_pass = conf.proxy_pass
         self._upstream = None
@@ -171,6 +182,13 @@ class StreamServerRuntime:
                 self._route = runtime.template(proxy_pass.template.raw)
             else:
                 self._upstream = runtime.upstreams[proxy_pass.upstream]
+
+    def tls_context(self) -> Any:
+        if self._tls is None:
+            from scriptlb.tls import server_context  # (only configs with TLS load ssl)
+
+            self._tls = server_context(self.conf.ssl)
+        return self._tls
 
     def session_factory(self, key: tuple) -> Any:
         """What a listening socket of ``key`` makes of each accepted connection."""
