@@ -33,6 +33,7 @@ from typing import Protocol
 import httptools
 
 from scriptlb import errorlog, responses
+from scriptlb.line_ends import HeadLineEnds
 from scriptlb.config.model import ClientBodyConf
 from scriptlb.request_body import EMPTY_BODY, BodyFileError, RequestBody
 
@@ -272,6 +273,7 @@ class ClientConnection(asyncio.Protocol):
         "_header_line_max",
         "_keep_alive",
         "_last_data",
+        "_line_ends",
         "_last_keepalive_timeout",
         "_last_request",
         "_line_bytes",
@@ -342,6 +344,7 @@ class ClientConnection(asyncio.Protocol):
         self._parsing_handler: RequestHandler | None = None
         self._head_done = False  # the request being parsed is past its head (errors: body)
         self._last_data = b""  # the last bytes read while a head is incomplete (timeout logs)
+        self._line_ends = HeadLineEnds()  # bare LF -> CRLF in heads (llhttp wants CRLF)
         # Limits on what httptools accumulates itself (a header line, a trailer) before any of
         # our callbacks sees it: counted from the bytes read, checked before and after a feed.
         self._line_bytes = 0  # bytes of the head's incomplete last line
@@ -433,6 +436,10 @@ class ClientConnection(asyncio.Protocol):
         if reusable:
             reusable.pop(self, None)  # a connection that reads is no longer idle
         heading = self._parsing is None or not self._head_done
+        if heading:
+            if self._parsing is None:
+                self._line_ends.reset()
+            data = self._line_ends.fix(data)
         try:
             if heading and (self._line_bytes or len(data) > self._header_line_max):
                 self._check_line_start(data)

@@ -401,6 +401,10 @@ class Runtime:
             from scriptlb.handlers import content_handler
 
             location.content = content_handler(conf, self)
+        elif upstream is None and conf.return_ is None and conf.proxy_pass is None:
+            from scriptlb.static import StaticFiles
+
+            location.content = StaticFiles(conf.root, conf.index)
         return location
 
     def _log_hook_for(self, conf: LocationConf) -> LogHookRunner | None:

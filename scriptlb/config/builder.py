@@ -366,6 +366,8 @@ def _location_conf(
         access_log=tuple(access_logs),
         source=loc.source,
         log_hook=_log_hook(chain),
+        root=_get(chain, "root", os.path.join(getattr(chain[-1], "prefix", ""), "html")),
+        index=_get(chain, "index", ("index.html",)),
         **_access_settings(chain, loc),
     )
     if "health_checks" in loc.values:

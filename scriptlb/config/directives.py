@@ -425,6 +425,24 @@ def _temp_path(state: State, node: Node, draft: LevelDraft) -> None:
     _store(node, draft.values, state.path(node.args[0]))
 
 
+def _root(state: State, node: Node, draft: LevelDraft) -> None:
+    """``root path``: the static handler's directory, absolute against the prefix."""
+    _store(node, draft.values, state.path(node.args[0]) if node.args[0] else "")
+
+
+def _index(state: State, node: Node, draft: LevelDraft) -> None:
+    for name in node.args:
+        if not name:
+            raise fail(node, 'index "" in "index" directive is invalid')
+    _store(node, draft.values, tuple(node.args))
+
+
+def _accepted(parse: Callable[[Node], Any]) -> Handler:
+    """A tuning directive nginx needs and scriptlb's runtime has no use for (a hash table's
+    size, a memory pool's): checked as nginx checks it, then kept only in the config."""
+    return _slot(parse)
+
+
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -901,6 +919,23 @@ _SPECS: tuple[Spec, ...] = (
     _spec("api", Ctx.LOCATION, (0, 1), _content_handler),
     _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),
     _spec("status_zone", Ctx.SERVER, ONE, _slot(lambda node: node.args[0])),
+    # static files (ngx_http_core_module's root, ngx_http_index_module)
+    _spec("root", HSL, ONE, _root),
+    _spec("index", HSL, (1, None), _index),
+    # tuning that has no counterpart in scriptlb's runtime: accepted, checked, unused
+    _spec("proxy_temp_path", HSL, (1, 4), _temp_path),
+    _spec("connection_pool_size", HS, ONE, _accepted(_size)),
+    _spec("request_pool_size", HS, ONE, _accepted(_size)),
+    _spec("server_names_hash_bucket_size", Ctx.HTTP, ONE, _accepted(_size)),
+    _spec("server_names_hash_max_size", Ctx.HTTP, ONE, _accepted(_size)),
+    _spec("variables_hash_bucket_size", Ctx.HTTP, ONE, _accepted(_size)),
+    _spec("variables_hash_max_size", Ctx.HTTP, ONE, _accepted(_size)),
+    _spec("types_hash_bucket_size", HSL, ONE, _accepted(_size)),
+    _spec("types_hash_max_size", HSL, ONE, _accepted(_size)),
+    _spec("sendfile", HSL, FLAG, _accepted(flag)),
+    _spec("tcp_nopush", HSL, FLAG, _accepted(flag)),
+    _spec("tcp_nodelay", HSL, FLAG, _accepted(flag)),
+    _spec("keepalive_time", HSL, ONE, _accepted(msec)),
 )
 
 DIRECTIVES: dict[str, tuple[Spec, ...]] = {}

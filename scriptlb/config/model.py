@@ -394,6 +394,8 @@ class LocationConf:
     handler: str | None = None
     api_write: bool = False  # api write=on
     status_zone: str | None = None  # the server's `status_zone`: responses counted by class
+    root: str = "html"  # the static handler's directory (absolute once built)
+    index: tuple[str, ...] = ("index.html",)
 
 
 @dataclass(frozen=True, slots=True)
