@@ -350,6 +350,9 @@ class Exchange:
 
     def _finish_small(self, status: int, headers: bytes, body: bytes) -> None:
         conn = self.conn
+        add_headers = self.location.add_headers
+        if add_headers is not None:
+            headers = self.response_headers = headers + add_headers(self, status)
         conn.send_head(status, headers, len(body))
         conn.send_body(body)
         self.complete_response()
@@ -366,6 +369,9 @@ class Exchange:
             conn.close_after_response()
         page = responses.error_page(status) or b""
         headers = b"Content-Type: text/html\r\n" + extra_headers if page else extra_headers
+        add_headers = self.location.add_headers if self.location is not None else None
+        if add_headers is not None:
+            headers += add_headers(self, status)
         self.response_headers = headers
         conn.send_head(status, headers, len(page))
         conn.send_body(page)

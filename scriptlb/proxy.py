@@ -394,6 +394,9 @@ class UpstreamRequest:
         ex.status = response.status
         ex.upstream_headers = response.headers
         headers = response.client_headers()
+        add_headers = ex.location.add_headers
+        if add_headers is not None:
+            headers += add_headers(ex, response.status)
         ex.response_headers = headers
         client = ex.conn
         client.send_head(response.status, headers, response.content_length, reason=response.reason)

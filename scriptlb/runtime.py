@@ -243,7 +243,7 @@ def _connection_listed(connection: bytes) -> frozenset[bytes]:
 
 class LocationRuntime:
     __slots__ = (
-        "access", "access_logs", "conf", "content", "log_hook", "plan", "proxy_host", "return_getter",
+        "access", "access_logs", "add_headers", "conf", "content", "log_hook", "plan", "proxy_host", "return_getter",
         "upstream", "zone",
     )
 
@@ -261,6 +261,12 @@ class LocationRuntime:
             self.access = access_phase(conf)
         # stub_status / api / prometheus (scriptlb.handlers): content(exchange) answers
         self.content: Callable[[Any], None] | None = None
+        # add_header (scriptlb.headers_filter): None, or lines(exchange, status) -> bytes
+        self.add_headers: Callable[[Any, int], bytes] | None = None
+        if conf.add_headers:
+            from scriptlb.headers_filter import AddHeaders
+
+            self.add_headers = AddHeaders(conf.add_headers).lines
         self.zone: list[int] | None = None  # status_zone: this worker's counts by status // 100
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)

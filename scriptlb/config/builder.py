@@ -366,6 +366,7 @@ def _location_conf(
         access_log=tuple(access_logs),
         source=loc.source,
         log_hook=_log_hook(chain),
+        add_headers=tuple(_get(chain, "add_header", ())),
         root=_get(chain, "root", os.path.join(getattr(chain[-1], "prefix", ""), "html")),
         index=_get(chain, "index", ("index.html",)),
         **_access_settings(chain, loc),

@@ -33,6 +33,7 @@ from scriptlb.config.drafts import (
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
     AccessLogConf,
+    AddHeaderConf,
     AccessRule,
     BalancerMethodConf,
     ErrorLogConf,
@@ -423,6 +424,15 @@ def _temp_path(state: State, node: Node, draft: LevelDraft) -> None:
         if not parse_int(level):
             raise fail(node, f'"{node.name}" directive invalid value')
     _store(node, draft.values, state.path(node.args[0]))
+
+
+def _add_header(state: State, node: Node, draft: LevelDraft) -> None:
+    """``add_header name value [always]``: the lines of a level, in order."""
+    always = len(node.args) == 3
+    if always and node.args[2] != "always":
+        raise fail(node, f'invalid parameter "{node.args[2]}"')
+    headers = draft.values.setdefault("add_header", [])
+    headers.append(AddHeaderConf(node.args[0], template(node, node.args[1]), always))
 
 
 def _root(state: State, node: Node, draft: LevelDraft) -> None:
@@ -919,6 +929,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("api", Ctx.LOCATION, (0, 1), _content_handler),
     _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),
     _spec("status_zone", Ctx.SERVER, ONE, _slot(lambda node: node.args[0])),
+    _spec("add_header", HSL, (2, 3), _add_header),
     # static files (ngx_http_core_module's root, ngx_http_index_module)
     _spec("root", HSL, ONE, _root),
     _spec("index", HSL, (1, None), _index),

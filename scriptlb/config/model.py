@@ -370,6 +370,15 @@ class ClientBodyConf:
 
 
 @dataclass(frozen=True, slots=True)
+class AddHeaderConf:
+    """``add_header name value [always]``."""
+
+    name: str
+    value: Template
+    always: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class LocationConf:
     modifier: str  # "=" | "" (prefix) | "^~" | "~" | "~*"
     pattern: str
@@ -394,6 +403,7 @@ class LocationConf:
     handler: str | None = None
     api_write: bool = False  # api write=on
     status_zone: str | None = None  # the server's `status_zone`: responses counted by class
+    add_headers: tuple[AddHeaderConf, ...] = ()  # add_header: the innermost level's list
     root: str = "html"  # the static handler's directory (absolute once built)
     index: tuple[str, ...] = ("index.html",)
 
