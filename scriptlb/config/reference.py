@@ -111,6 +111,25 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "prometheus": ("", "-", "scriptlb (nginx-lua-prometheus)", "text exposition, see docs/architecture.md"),
     "status_zone": ("zone", "-", "ngx_http_api_module (nginx Plus)",
                     "responses by class per zone, in the metrics"),
+    "add_header": ("name value [always]", "-", "ngx_http_headers_module",
+                   "compiled at load; a level's lines replace the inherited ones"),
+    "root": ("path", "html", "ngx_http_core_module",
+             "static files of a location without proxy_pass/return: GET/HEAD, read whole (64m at most)"),
+    "index": ("file ...", "index.html", "ngx_http_index_module", "no variables"),
+    "proxy_temp_path": ("path [level1 [level2 [level3]]]", "proxy_temp", "ngx_http_proxy_module",
+                        "accepted: responses are streamed, never buffered to disk"),
+    "connection_pool_size": ("size", "256|512", "ngx_http_core_module", "accepted, unused"),
+    "request_pool_size": ("size", "4k", "ngx_http_core_module", "accepted, unused"),
+    "server_names_hash_bucket_size": ("size", "32|64|128", "ngx_http_core_module", "accepted, unused"),
+    "server_names_hash_max_size": ("size", "512", "ngx_http_core_module", "accepted, unused"),
+    "variables_hash_bucket_size": ("size", "64", "ngx_http_core_module", "accepted, unused"),
+    "variables_hash_max_size": ("size", "1024", "ngx_http_core_module", "accepted, unused"),
+    "types_hash_bucket_size": ("size", "64", "ngx_http_core_module", "accepted, unused"),
+    "types_hash_max_size": ("size", "1024", "ngx_http_core_module", "accepted, unused"),
+    "sendfile": ("on | off", "off", "ngx_http_core_module", "accepted, unused"),
+    "tcp_nopush": ("on | off", "off", "ngx_http_core_module", "accepted, unused"),
+    "tcp_nodelay": ("on | off", "on", "ngx_http_core_module", "accepted; scriptlb always sets TCP_NODELAY"),
+    "keepalive_time": ("time", "1h", "ngx_http_core_module", "accepted, not enforced yet"),
 }
 
 # nginx directives scriptlb refuses on purpose (an "unknown directive" error), and why
@@ -118,14 +137,14 @@ REFUSED: dict[str, str] = {
     "if, rewrite, set, break": "request rewriting belongs in a balancer or log hook (Python), not a "
                                "second language in the config",
     "ssl_*, listen ... ssl, http2, quic": "TLS termination is left to a dedicated terminator in front",
-    "proxy_cache*, proxy_store, proxy_temp_path": "a load balancer, not a cache: responses are streamed",
-    "gzip*, sub_filter, add_header": "responses pass as the peer sent them",
+    "proxy_cache*, proxy_store": "a load balancer, not a cache: responses are streamed",
+    "gzip*, sub_filter": "responses pass as the peer sent them",
     "resolver": "names resolve at load time (and for API-added servers); DNS-fed lists come later",
     "limit_req*, limit_conn*": "rate limiting fits in a hook with a shared dict (hooks/rate_aware.py)",
     "fastcgi_*, uwsgi_*, scgi_*, grpc_*, memcached_*": "HTTP/1.x peers only",
     "stream": "no TCP/UDP proxying yet",
     "*_by_lua*": "the hooks are Python: *_by_python*",
-    "root, alias, index, try_files": "no static files: every location proxies, returns or reports",
+    "alias, try_files, autoindex": "static files are root + index only (fixtures and error pages)",
 }
 
 

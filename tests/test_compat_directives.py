@@ -1,0 +1,135 @@
+"""nginx directives that real configs (and nginx's own test suite) rely on: add_header, static
+files (root, index), accepted tuning directives. Real sockets, scriptlb in a thread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import Backends, Scriptlb, get, load_conf, respond
+
+from scriptlb.config import ConfigError
+
+
+def conf(body: str, http: str = "") -> str:
+    return f"""
+daemon off;
+master_process off;
+error_log {{tmp}}/error.log info;
+http {{
+    {http}
+    server {{
+        listen 127.0.0.1:{{port0}};
+        {body}
+    }}
+}}
+"""
+
+
+def load(text: str, tmp_path: Path) -> None:
+    load_conf(text.replace("{tmp}", str(tmp_path)).replace("{port0}", "1"), tmp_path)
+
+
+def run(text: str, tmp_path: Path) -> Scriptlb:
+    return Scriptlb(text, tmp_path, tmp=tmp_path)
+
+
+# --------------------------------------------------------------------------- add_header
+
+
+def test_add_header_on_return_proxy_and_inheritance(tmp_path: Path) -> None:
+    with Backends(respond(headers={"X-Peer": "1"})) as bk:
+        text = conf(f"""
+            add_header X-Server "s $uri";
+            location /own {{ add_header X-Own own; return 204; }}
+            location /inherit {{ return 200 ok; }}
+            location /proxy {{ add_header X-Up $upstream_addr; proxy_pass http://{bk[0].addr}; }}
+        """)
+        with run(text, tmp_path) as lb:
+            own = get(lb.port, "/own")
+            inherited = get(lb.port, "/inherit")
+            proxied = get(lb.port, "/proxy")
+    assert own.status == 204 and own.header("x-own") == "own"
+    assert own.header("x-server") is None  # a level's list replaces the inherited one
+    assert inherited.header("x-server") == "s /inherit"
+    assert proxied.header("x-peer") == "1" and proxied.header("x-up") == bk[0].addr
+
+
+def test_add_header_always_and_error_statuses(tmp_path: Path) -> None:
+    text = conf("""
+        location /plain { add_header X-A a; return 404; }
+        location /always { add_header X-A a always; add_header X-Empty $arg_none always; return 404; }
+    """)
+    with run(text, tmp_path) as lb:
+        plain = get(lb.port, "/plain")
+        always = get(lb.port, "/always")
+    assert plain.status == 404 and plain.header("x-a") is None
+    assert always.status == 404 and always.header("x-a") == "a"
+    assert always.header("x-empty") is None  # an empty value adds nothing
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("add_header X;", 'invalid number of arguments in "add_header" directive'),
+        ("add_header X y sometimes;", 'invalid parameter "sometimes"'),
+        ("add_header X $nope;", 'unknown "nope" variable'),
+    ],
+)
+def test_add_header_errors(tmp_path: Path, line: str, error: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(conf(f"location / {{ {line} return 204; }}"), tmp_path)
+    assert error in str(err.value) and ".conf:" in str(err.value)
+
+
+# --------------------------------------------------------------------------- static files
+
+
+def test_static_files_index_redirect_and_methods(tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    (root / "dir").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "index.html").write_text("home")
+    (root / "dir" / "a.txt").write_text("file a")
+    text = conf(f"root {root}; location / {{ }}")
+    with run(text, tmp_path) as lb:
+        home = get(lb.port, "/")
+        a = get(lb.port, "/dir/a.txt")
+        head = get(lb.port, "/dir/a.txt", method="HEAD")
+        missing = get(lb.port, "/nope")
+        redirect = get(lb.port, "/dir")
+        no_index = get(lb.port, "/empty/")
+        post = get(lb.port, "/dir/a.txt", method="POST")
+    assert home.status == 200 and home.body == b"home" and home.header("content-type") == "text/html"
+    assert a.body == b"file a" and a.header("content-type") == "text/plain"
+    assert a.header("last-modified") and a.header("etag")
+    assert head.status == 200 and head.body == b"" and head.header("content-length") == "6"
+    assert missing.status == 404
+    assert redirect.status == 301 and (redirect.header("location") or "").endswith("/dir/")
+    assert no_index.status == 403
+    assert post.status == 405
+
+
+def test_static_files_stay_under_root(tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    root.mkdir()
+    (tmp_path / "secret").write_text("no")
+    with run(conf(f"root {root}; location / {{ }}"), tmp_path) as lb:
+        assert get(lb.port, "/../secret").status in (400, 404)
+        assert get(lb.port, "/%2e%2e/secret").status in (400, 404)
+
+
+# --------------------------------------------------------------------------- accepted tuning
+
+
+def test_tuning_directives_are_accepted_and_checked(tmp_path: Path) -> None:
+    http = """
+        proxy_temp_path proxy_temp 1 2;
+        server_names_hash_bucket_size 64; server_names_hash_max_size 512;
+        variables_hash_max_size 1024; types_hash_max_size 2048;
+        sendfile on; tcp_nopush on; tcp_nodelay off; keepalive_time 1h;
+    """
+    load(conf("connection_pool_size 512; location / { return 204; }", http), tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load(conf("location / { return 204; }", "sendfile maybe;"), tmp_path)
+    assert "sendfile" in str(err.value)
