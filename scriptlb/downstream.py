@@ -33,8 +33,8 @@ from typing import Protocol
 import httptools
 
 from scriptlb import errorlog, responses
-from scriptlb.line_ends import HeadLineEnds
 from scriptlb.config.model import ClientBodyConf
+from scriptlb.line_ends import HeadLineEnds
 from scriptlb.request_body import EMPTY_BODY, BodyFileError, RequestBody
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus the ones nginx never forwards from a client.
@@ -273,10 +273,10 @@ class ClientConnection(asyncio.Protocol):
         "_header_line_max",
         "_keep_alive",
         "_last_data",
-        "_line_ends",
         "_last_keepalive_timeout",
         "_last_request",
         "_line_bytes",
+        "_line_ends",
         "_linger_until",
         "_parser",
         "_parsing",

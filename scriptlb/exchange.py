@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from scriptlb import errorlog, responses, safety
 from scriptlb.downstream import ClientConnection, Request
+from scriptlb.error_pages import split_uri
 from scriptlb.locations import normalize_host
 from scriptlb.proxy import UpstreamRequest
 from scriptlb.uri import normalize_uri, split_target
@@ -31,6 +32,7 @@ from scriptlb.uri import normalize_uri, split_target
 if TYPE_CHECKING:
     from scriptlb.attempt import TryRecord
     from scriptlb.config.model import ClientBodyConf
+    from scriptlb.error_pages import ErrorPage
     from scriptlb.runtime import Runtime, ServerRoute
 
 
@@ -41,6 +43,7 @@ class Exchange:
         "_early_status",
         "_finished",
         "_logged",
+        "_redirected",
         "args",
         "body_bytes_sent",
         "body_timeout",
@@ -48,6 +51,7 @@ class Exchange:
         "conn",
         "connect_timeout",
         "ctx",
+        "err_status",
         "headers",
         "host",
         "http_version",
@@ -111,6 +115,8 @@ class Exchange:
         self.proxy_host = ""
 
         self._early_status = 0  # an error found while routing, answered when we become active
+        self._redirected = False  # error_page redirected this request (once, as nginx)
+        self.err_status = 0  # error_page: the status the final response carries (0: its own)
         self._finished = False
         self._logged = False  # the log phase ran (it runs once per request)
         self.upstream_request: UpstreamRequest | None = None  # set when proxying
@@ -350,6 +356,7 @@ class Exchange:
 
     def _finish_small(self, status: int, headers: bytes, body: bytes) -> None:
         conn = self.conn
+        status = self.status = self.err_status or status
         add_headers = self.location.add_headers
         if add_headers is not None:
             headers = self.response_headers = headers + add_headers(self, status)
@@ -358,7 +365,13 @@ class Exchange:
         self.complete_response()
 
     def finish_with_page(self, status: int, extra_headers: bytes = b"") -> None:
-        """nginx's own page for ``status`` (400, 404, 502, 504...)."""
+        """nginx's own page for ``status`` (400, 404, 502, 504...), or its error_page."""
+        pages = self.location.error_pages if self.location is not None else None
+        if pages is not None and not self._redirected:
+            page = pages.get(status)
+            if page is not None and self._error_page(page, status):
+                return
+        status = self.err_status or status
         self.status = responses.wire_status(status)
         conn = self.conn
         if conn.closed:
@@ -376,6 +389,38 @@ class Exchange:
         conn.send_head(status, headers, len(page))
         conn.send_body(page)
         self.complete_response()
+
+    def intercepts(self, status: int) -> bool:
+        """proxy_intercept_errors: whether a peer's ``status`` response gives way to an
+        error_page (the proxy then calls finish_with_page)."""
+        location = self.location
+        return (location.conf.intercept_errors and location.error_pages is not None
+                and not self._redirected and status in location.error_pages)
+
+    def _error_page(self, page: ErrorPage, status: int) -> bool:
+        """Redirect to the error page (see scriptlb.error_pages); False: no such location."""
+        self._redirected = True
+        uri = page.uri(self)
+        code = page.external(uri)
+        if code:
+            self.finish_with_page(code, b"Location: " + uri.encode("latin-1", "replace") + b"\r\n")
+            return True
+        if uri.startswith("@"):
+            location = self.server.named(uri)
+        else:
+            path, args = split_uri(uri)
+            self.uri, self.args = path, args
+            location = self.server.match(path)
+        if location is None:
+            return False
+        self.err_status = status if page.response is None else page.response
+        if self.method != "HEAD":
+            self.method = "GET"
+        self.location = location
+        self.upstream_request = None
+        self._early_status = 0
+        self.start()
+        return True
 
     def complete_response(self) -> None:
         conn = self.conn

@@ -20,7 +20,7 @@ _BODY_HEADERS = (b"content-length:", b"transfer-encoding:")
 class HeadLineEnds:
     """One connection's position in the head being received, across reads."""
 
-    __slots__ = ("prev", "line_start", "seen_line")
+    __slots__ = ("line_start", "prev", "seen_line")
 
     def __init__(self) -> None:
         self.reset()

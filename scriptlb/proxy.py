@@ -353,7 +353,20 @@ class UpstreamRequest:
                 attempt.end(NEXT, self.exchange, failure, _READING_HEADER)
                 self._next_try()
                 return
+        if status >= 300 and self.exchange.intercepts(status):
+            self._intercepted(attempt, status)
+            return
         self._pass_response(attempt, response)
+
+    def _intercepted(self, attempt: Attempt, status: int) -> None:
+        """proxy_intercept_errors: the peer's response is dropped (its connection with it: the
+        body is unread) and the request goes on to its error_page."""
+        self.attempt = None
+        conn, attempt.conn = attempt.conn, None
+        if conn is not None:
+            conn.abort()
+        attempt.end(DONE, self.exchange)
+        self.exchange.finish_with_page(status)
 
     def upstream_body(self, data: bytes) -> None:
         self.exchange.conn.send_body(data)
@@ -399,7 +412,11 @@ class UpstreamRequest:
             headers += add_headers(ex, response.status)
         ex.response_headers = headers
         client = ex.conn
-        client.send_head(response.status, headers, response.content_length, reason=response.reason)
+        if ex.err_status:  # the answer to an error_page redirect carries the original code
+            ex.status = ex.err_status
+            client.send_head(ex.status, headers, response.content_length)
+        else:
+            client.send_head(response.status, headers, response.content_length, reason=response.reason)
         conn.stream_to(self)  # the body that came with the head goes out with it
         if self.attempt is attempt:  # still streaming: not completed by stream_to
             client.flush()

@@ -243,8 +243,18 @@ def _connection_listed(connection: bytes) -> frozenset[bytes]:
 
 class LocationRuntime:
     __slots__ = (
-        "access", "access_logs", "add_headers", "conf", "content", "log_hook", "plan", "proxy_host", "return_getter",
-        "upstream", "zone",
+        "access",
+        "access_logs",
+        "add_headers",
+        "conf",
+        "content",
+        "error_pages",
+        "log_hook",
+        "plan",
+        "proxy_host",
+        "return_getter",
+        "upstream",
+        "zone",
     )
 
     def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None, access_logs: tuple,
@@ -267,6 +277,12 @@ class LocationRuntime:
             from scriptlb.headers_filter import AddHeaders
 
             self.add_headers = AddHeaders(conf.add_headers).lines
+        # error_page (scriptlb.error_pages): None, or status -> ErrorPage
+        self.error_pages: dict | None = None
+        if conf.error_pages:
+            from scriptlb.error_pages import error_pages
+
+            self.error_pages = error_pages(conf.error_pages)
         self.zone: list[int] | None = None  # status_zone: this worker's counts by status // 100
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
@@ -325,6 +341,16 @@ class ServerRuntime:
         for loc in conf.locations:
             self._by_id[id(loc)] = builder(loc)
         self.default_location = builder(LocationConf(modifier="", pattern=""))
+
+    def named(self, name: str) -> LocationRuntime | None:
+        """The ``location @name`` (error_page's target), None if there is none."""
+        conf = self.matcher.named.get(name)
+        if conf is None:
+            return None
+        found = self._by_id.get(id(conf))
+        if found is None:
+            found = self._by_id[id(conf)] = self._builder(conf)
+        return found
 
     def match(self, uri: str) -> LocationRuntime:
         """The location for ``uri``; recent answers are remembered (the same few URIs come

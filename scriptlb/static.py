@@ -26,14 +26,14 @@ MAX_FILE = 64 * 1024 * 1024
 class StaticFiles:
     """``content(exchange)`` for one location: its root and index files, from the config."""
 
-    __slots__ = ("root", "index")
+    __slots__ = ("index", "root")
 
     def __init__(self, root: str, index: tuple[str, ...]) -> None:
         self.root = root.rstrip("/") or "/"
         self.index = index
 
     def __call__(self, exchange: Any) -> None:
-        method = exchange.request.method
+        method = exchange.method
         if method not in ("GET", "HEAD"):
             exchange.finish_with_page(405)
             return

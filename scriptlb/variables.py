@@ -300,7 +300,20 @@ _CLOCKED = frozenset({"request_time", "msec", "time_local", "time_iso8601"})
 
 _HOSTNAME = socket.gethostname()
 
+def _request_body(ex: Any) -> str | None:
+    body = getattr(ex.request, "body", None)  # (offline tools' requests have none)
+    body = body.kept if body is not None else None
+    return body.decode("latin-1") if body is not None else None
+
+
+def _request_body_file(ex: Any) -> str | None:
+    body = getattr(ex.request, "body", None)
+    return body.file_path if body is not None and body.in_file else None
+
+
 _SIMPLE: dict[str, Getter] = {
+    "request_body": _request_body,
+    "request_body_file": _request_body_file,
     "remote_addr": _attr("remote_addr"),
     "remote_port": _attr("remote_port"),
     "remote_user": _remote_user,

@@ -133,3 +133,84 @@ def test_tuning_directives_are_accepted_and_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load(conf("location / { return 204; }", "sendfile maybe;"), tmp_path)
     assert "sendfile" in str(err.value)
+
+
+# --------------------------------------------------------------------------- error_page
+
+
+def test_error_page_internal_named_and_external(tmp_path: Path) -> None:
+    from helpers import closed_port
+
+    dead = closed_port()
+    text = conf(f"""
+        location /missing {{ error_page 404 /page; return 404; }}
+        location /changed {{ error_page 404 =200 /page; return 404; }}
+        location /own {{ error_page 404 = /created; return 404; }}
+        location /named {{ error_page 502 @fallback; proxy_pass http://127.0.0.1:{dead}; }}
+        location /away {{ error_page 404 https://example.test/x; return 404; }}
+        location /page {{ return 200 "page for $uri $request_method"; }}
+        location /created {{ return 201 created; }}
+        location @fallback {{ return 200 fallback; }}
+    """)
+    with run(text, tmp_path) as lb:
+        missing = get(lb.port, "/missing", method="POST")
+        changed = get(lb.port, "/changed")
+        own = get(lb.port, "/own")
+        named = get(lb.port, "/named")
+        away = get(lb.port, "/away")
+    assert missing.status == 404 and missing.body == b"page for /page GET"
+    assert changed.status == 200
+    assert own.status == 201 and own.body == b"created"
+    assert named.status == 502 and named.body == b"fallback"
+    assert away.status == 302 and away.header("location") == "https://example.test/x"
+
+
+def test_error_page_redirects_once(tmp_path: Path) -> None:
+    text = conf("""
+        location /a { error_page 404 /b; return 404; }
+        location /b { error_page 404 /c; return 404; }
+        location /c { return 200 c; }
+    """)
+    with run(text, tmp_path) as lb:
+        response = get(lb.port, "/a")
+    assert response.status == 404 and b"c" != response.body  # /b's 404 is not redirected again
+
+
+def test_proxy_intercept_errors(tmp_path: Path) -> None:
+    with Backends(respond(status=503, body=b"peer page")) as bk:
+        text = conf(f"""
+            location /on {{ proxy_intercept_errors on; error_page 503 /mine; proxy_pass http://{bk[0].addr}; }}
+            location /off {{ error_page 503 /mine; proxy_pass http://{bk[0].addr}; }}
+            location /mine {{ return 200 "my page"; }}
+        """)
+        with run(text, tmp_path) as lb:
+            on = get(lb.port, "/on")
+            off = get(lb.port, "/off")
+            again = get(lb.port, "/on")
+    assert on.status == 503 and on.body == b"my page"
+    assert off.status == 503 and off.body == b"peer page"
+    assert again.body == b"my page"  # the dropped peer connection left nothing behind
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("error_page 200 /x;", 'value "200" must be between 300 and 599'),
+        ("error_page 404 =abc /x;", 'invalid value "=abc"'),
+        ("error_page =200 /x;", 'invalid number of arguments in "error_page" directive'),
+    ],
+)
+def test_error_page_errors(tmp_path: Path, line: str, error: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(conf(f"location / {{ {line} return 204; }}"), tmp_path)
+    assert error in str(err.value)
+
+
+def test_request_body_variable(tmp_path: Path) -> None:
+    from helpers import echo
+
+    with Backends(echo()) as bk:
+        text = conf(f"location / {{ add_header X-Body $request_body; proxy_pass http://{bk[0].addr}; }}")
+        with run(text, tmp_path) as lb:
+            response = get(lb.port, "/", method="POST", body=b"hello")
+    assert response.header("x-body") == "hello"

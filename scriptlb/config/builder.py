@@ -367,6 +367,8 @@ def _location_conf(
         source=loc.source,
         log_hook=_log_hook(chain),
         add_headers=tuple(_get(chain, "add_header", ())),
+        error_pages=tuple(_get(chain, "error_page", ())),
+        intercept_errors=_get(chain, "proxy_intercept_errors", False),
         root=_get(chain, "root", os.path.join(getattr(chain[-1], "prefix", ""), "html")),
         index=_get(chain, "index", ("index.html",)),
         **_access_settings(chain, loc),

@@ -33,10 +33,11 @@ from scriptlb.config.drafts import (
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
     AccessLogConf,
-    AddHeaderConf,
     AccessRule,
+    AddHeaderConf,
     BalancerMethodConf,
     ErrorLogConf,
+    ErrorPageConf,
     ListenConf,
     LogFormat,
     NextUpstream,
@@ -433,6 +434,36 @@ def _add_header(state: State, node: Node, draft: LevelDraft) -> None:
         raise fail(node, f'invalid parameter "{node.args[2]}"')
     headers = draft.values.setdefault("add_header", [])
     headers.append(AddHeaderConf(node.args[0], template(node, node.args[1]), always))
+
+
+def _error_page(state: State, node: Node, draft: LevelDraft) -> None:
+    """``error_page code ... [=[response]] uri`` (nginx's checks and words)."""
+    args = node.args
+    uri = args[-1]
+    response: int | None = None
+    codes_args = args[:-1]
+    if codes_args and codes_args[-1].startswith("="):
+        text = codes_args[-1][1:]
+        codes_args = codes_args[:-1]
+        if text == "":
+            response = 0
+        else:
+            value = parse_int(text)
+            if value is None or value < 100:  # (nginx: any non-negative number)
+                raise fail(node, f'invalid value "{args[-2]}"')
+            response = value
+    if not codes_args:
+        raise fail(node, f'invalid number of arguments in "{node.name}" directive')
+    codes = []
+    for text in codes_args:
+        code = parse_int(text)
+        if code is None or code < 300 or code > 599:
+            raise fail(node, f'value "{text}" must be between 300 and 599')
+        if code == 499:
+            raise fail(node, 'value "499" must be between 300 and 599')
+        codes.append(code)
+    pages = draft.values.setdefault("error_page", [])
+    pages.append(ErrorPageConf(tuple(codes), response, template(node, uri)))
 
 
 def _root(state: State, node: Node, draft: LevelDraft) -> None:
@@ -930,6 +961,8 @@ _SPECS: tuple[Spec, ...] = (
     _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),
     _spec("status_zone", Ctx.SERVER, ONE, _slot(lambda node: node.args[0])),
     _spec("add_header", HSL, (2, 3), _add_header),
+    _spec("error_page", HSL, (2, None), _error_page),
+    _spec("proxy_intercept_errors", HSL, FLAG, _slot(flag)),
     # static files (ngx_http_core_module's root, ngx_http_index_module)
     _spec("root", HSL, ONE, _root),
     _spec("index", HSL, (1, None), _index),

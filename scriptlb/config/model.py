@@ -379,6 +379,16 @@ class AddHeaderConf:
 
 
 @dataclass(frozen=True, slots=True)
+class ErrorPageConf:
+    """``error_page code ... [=[response]] uri``: response None keeps the code, 0 (a bare
+    "=") takes the redirect's own status."""
+
+    codes: tuple[int, ...]
+    response: int | None
+    uri: Template
+
+
+@dataclass(frozen=True, slots=True)
 class LocationConf:
     modifier: str  # "=" | "" (prefix) | "^~" | "~" | "~*"
     pattern: str
@@ -404,6 +414,8 @@ class LocationConf:
     api_write: bool = False  # api write=on
     status_zone: str | None = None  # the server's `status_zone`: responses counted by class
     add_headers: tuple[AddHeaderConf, ...] = ()  # add_header: the innermost level's list
+    error_pages: tuple[ErrorPageConf, ...] = ()  # error_page: the innermost level's list
+    intercept_errors: bool = False  # proxy_intercept_errors
     root: str = "html"  # the static handler's directory (absolute once built)
     index: tuple[str, ...] = ("index.html",)
 

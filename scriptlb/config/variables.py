@@ -19,6 +19,8 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "request_method",
         "request_uri",
         "request_length",
+        "request_body",
+        "request_body_file",
         "uri",
         "document_uri",
         "args",
