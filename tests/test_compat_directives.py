@@ -173,13 +173,15 @@ def test_error_page_redirects_once(tmp_path: Path) -> None:
     """)
     with run(text, tmp_path) as lb:
         response = get(lb.port, "/a")
-    assert response.status == 404 and b"c" != response.body  # /b's 404 is not redirected again
+    assert response.status == 404 and response.body != b"c"  # /b's 404 is not redirected again
 
 
 def test_proxy_intercept_errors(tmp_path: Path) -> None:
     with Backends(respond(status=503, body=b"peer page")) as bk:
         text = conf(f"""
-            location /on {{ proxy_intercept_errors on; error_page 503 /mine; proxy_pass http://{bk[0].addr}; }}
+            location /on {{
+                proxy_intercept_errors on; error_page 503 /mine; proxy_pass http://{bk[0].addr};
+            }}
             location /off {{ error_page 503 /mine; proxy_pass http://{bk[0].addr}; }}
             location /mine {{ return 200 "my page"; }}
         """)
