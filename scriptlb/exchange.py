@@ -27,7 +27,7 @@ from scriptlb.downstream import ClientConnection, Request
 from scriptlb.error_pages import split_uri
 from scriptlb.locations import normalize_host
 from scriptlb.proxy import UpstreamRequest
-from scriptlb.uri import normalize_uri, split_target
+from scriptlb.uri import absolute_host, normalize_uri, split_target
 
 if TYPE_CHECKING:
     from scriptlb.attempt import TryRecord
@@ -131,9 +131,13 @@ class Exchange:
     # ------------------------------------------------------------------ routing
 
     def _route(self) -> None:
-        split = split_target(self.request.target)
+        target = self.request.target
+        split = split_target(target)
         uri = normalize_uri(split[0]) if split is not None else None
-        if split is None or uri is None:
+        raw_host = self.request.host
+        if target[:1] != b"/" and split is not None:  # absolute-form: the URI's host wins
+            raw_host = absolute_host(target)
+        if split is None or uri is None or (raw_host is None and target[:1] != b"/"):
             self._early_status = 400
             self.uri, self.args = "/", None
             self.host = ""
@@ -143,7 +147,6 @@ class Exchange:
             self.location = self.server.match("/")
             return
         self.uri, self.args = uri, split[1]
-        raw_host = self.request.host
         conn = self.conn
         cached = conn.host_cache
         if cached is not None and cached[0] == raw_host:

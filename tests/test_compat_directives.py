@@ -216,3 +216,16 @@ def test_request_body_variable(tmp_path: Path) -> None:
         with run(text, tmp_path) as lb:
             response = get(lb.port, "/", method="POST", body=b"hello")
     assert response.header("x-body") == "hello"
+
+
+# --------------------------------------------------------------------------- absolute-form
+
+
+def test_absolute_form_host_wins_over_host_header(tmp_path: Path) -> None:
+    from helpers import raw_exchange
+
+    with run(conf("location / { return 200 $host; }"), tmp_path) as lb:
+        good = raw_exchange(lb.port, b"GET http://Example.ORG:81/x HTTP/1.0\r\nHost: other\r\n\r\n")
+        bad = raw_exchange(lb.port, b"GET http://example.com.:1.2/ HTTP/1.0\r\nHost: other\r\n\r\n")
+    assert good.endswith(b"\r\n\r\nexample.org")
+    assert b" 400 " in bad.split(b"\r\n", 1)[0]
