@@ -8,7 +8,6 @@ them, so they live below both.
 from __future__ import annotations
 
 import re
-
 from urllib.parse import quote, unquote
 
 
