@@ -38,3 +38,32 @@ class AddHeaders:
                 if value:
                     out.append(prefix + value + b"\r\n")
         return b"".join(out)
+
+
+# headers scriptlb writes itself: proxy_pass_header cannot bring the peer's back
+_OURS = frozenset((b"server", b"date", b"content-length", b"transfer-encoding", b"connection"))
+
+
+def response_filter(hide: tuple[str, ...], passed: tuple[str, ...]) -> Callable[[bytes, Any], bytes]:
+    """``filter(lines, peer_headers) -> lines``: proxy_hide_header drops the named headers of
+    the peer's response; proxy_pass_header lets through one nginx hides by default (X-Accel-*)."""
+    hidden = frozenset(name.encode("latin-1") for name in hide)
+    wanted = frozenset(name.encode("latin-1") for name in passed) - _OURS
+
+    def apply(lines: bytes, peer_headers: Any) -> bytes:
+        out = []
+        if hidden:
+            for line in lines.split(b"\r\n"):
+                if line and line.partition(b":")[0].strip().lower() not in hidden:
+                    out.append(line + b"\r\n")
+        else:
+            out.append(lines)
+        if wanted:
+            present = b"\n" + lines.lower()
+            for name, value in peer_headers:
+                lower = name.lower()
+                if lower in wanted and b"\n" + lower + b":" not in present:
+                    out.append(name + b": " + value + b"\r\n")
+        return b"".join(out)
+
+    return apply

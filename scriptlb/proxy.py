@@ -175,6 +175,8 @@ class UpstreamRequest:
         request = self.exchange.request
         if self.conf.request_buffering or request.complete or not request.has_body:
             return False
+        if self.plan.body_override is not None:
+            return False  # (proxy_set_body, proxy_pass_request_body off: the client's is dropped)
         return not (request.chunked and not self.plan.http11)
 
     def _begin_tries(self) -> None:
@@ -184,6 +186,8 @@ class UpstreamRequest:
         tries_cap = self.conf.next_upstream_tries
         if not self._stream_body:
             self._body = ex.request.body.buffered()  # bytes, or the file it was spooled to
+        if self.plan.body_override is not None:
+            self._body = self.plan.body_override(ex)
         self._build_head()
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
@@ -204,8 +208,11 @@ class UpstreamRequest:
         request = ex.request
         if self._stream_body:
             self._head = self.plan.build_head(ex, request.content_length, chunked=request.chunked)
+        elif self.plan.sends_no_body:  # proxy_pass_request_body off
+            self._head = self.plan.build_head(ex, None)
         else:
-            sends_length = request.has_body or request.content_length is not None  # incl. "0"
+            sends_length = (request.has_body or request.content_length is not None  # incl. "0"
+                            or self.plan.body_override is not None)
             self._head = self.plan.build_head(ex, len(self._body) if sends_length else None)
 
     def _next_try(self) -> None:
@@ -407,9 +414,11 @@ class UpstreamRequest:
         ex.status = response.status
         ex.upstream_headers = response.headers
         headers = response.client_headers()
-        add_headers = ex.location.add_headers
-        if add_headers is not None:
-            headers += add_headers(ex, response.status)
+        location = ex.location
+        if location.response_filter is not None:  # proxy_hide_header, proxy_pass_header
+            headers = location.response_filter(headers, response.headers)
+        if location.add_headers is not None:
+            headers += location.add_headers(ex, response.status)
         ex.response_headers = headers
         client = ex.conn
         if ex.err_status:  # the answer to an error_page redirect carries the original code

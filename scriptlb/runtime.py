@@ -155,12 +155,16 @@ class RequestPlan:
     headers to drop, the proxy_pass URI replacement and whether connections are pooled."""
 
     __slots__ = (
+        "body_override",
         "close_after",
         "dynamic_headers",
         "http11",
         "location_prefix",
+        "method",
+        "pass_client_headers",
         "pooled",
         "replace_uri",
+        "sends_no_body",
         "skip_client",
         "static_headers",
         "version_line",
@@ -193,6 +197,17 @@ class RequestPlan:
         pass_conf = location.proxy_pass
         self.replace_uri = pass_conf.uri if pass_conf is not None else None
         self.location_prefix = location.pattern if location.modifier in ("", "^~", "=") else ""
+        self.method = _compile(proxy.method) if proxy.method is not None else None
+        self.pass_client_headers = proxy.pass_request_headers
+        # proxy_set_body / proxy_pass_request_body off: body(exchange) -> bytes
+        self.body_override: Callable[[Any], bytes] | None = None
+        self.sends_no_body = proxy.set_body is None and not proxy.pass_request_body
+        if proxy.set_body is not None:
+            from scriptlb.variables import compile_template_bytes
+
+            self.body_override = compile_template_bytes(proxy.set_body)
+        elif not proxy.pass_request_body:
+            self.body_override = _no_body
 
     def upstream_uri(self, exchange: Exchange) -> str:
         """The URI sent to the peer (nginx: the client's URI as sent, or proxy_pass's URI part
@@ -211,7 +226,8 @@ class RequestPlan:
         if self.replace_uri is not None or target[:1] != b"/":
             target = self.upstream_uri(exchange).encode("latin-1")
         # (else the client's target, as it came: the bytes upstream_uri would decode and encode)
-        parts = [exchange.method.encode("ascii"), b" ", target, self.version_line, self.static_headers]
+        method = exchange.method if self.method is None else self.method(exchange)
+        parts = [method.encode("latin-1"), b" ", target, self.version_line, self.static_headers]
         for name, getter in self.dynamic_headers:
             value = getter(exchange)
             if value:
@@ -219,7 +235,7 @@ class RequestPlan:
         skip = self.skip_client
         connection = exchange.request.connection
         listed = _connection_listed(connection) if connection is not None else None
-        for name, value in exchange.headers:
+        for name, value in exchange.headers if self.pass_client_headers else ():
             lower = name.lower()
             if lower in skip or (listed and lower in listed):
                 continue
@@ -230,6 +246,10 @@ class RequestPlan:
             parts.append(b"Transfer-Encoding: chunked\r\n")  # a streamed body of unknown length
         parts.append(b"\r\n")
         return b"".join(parts)
+
+
+def _no_body(exchange: Exchange) -> bytes:
+    return b""
 
 
 def _path_and_args(exchange: Exchange) -> str:
@@ -252,6 +272,7 @@ class LocationRuntime:
         "log_hook",
         "plan",
         "proxy_host",
+        "response_filter",
         "return_getter",
         "upstream",
         "zone",
@@ -277,6 +298,12 @@ class LocationRuntime:
             from scriptlb.headers_filter import AddHeaders
 
             self.add_headers = AddHeaders(conf.add_headers).lines
+        # proxy_hide_header / proxy_pass_header (scriptlb.headers_filter)
+        self.response_filter: Callable[[bytes, Any], bytes] | None = None
+        if conf.proxy.hide_headers or conf.proxy.pass_headers:
+            from scriptlb.headers_filter import response_filter
+
+            self.response_filter = response_filter(conf.proxy.hide_headers, conf.proxy.pass_headers)
         # error_page (scriptlb.error_pages): None, or status -> ErrorPage
         self.error_pages: dict | None = None
         if conf.error_pages:

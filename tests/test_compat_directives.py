@@ -229,3 +229,59 @@ def test_absolute_form_host_wins_over_host_header(tmp_path: Path) -> None:
         bad = raw_exchange(lb.port, b"GET http://example.com.:1.2/ HTTP/1.0\r\nHost: other\r\n\r\n")
     assert good.endswith(b"\r\n\r\nexample.org")
     assert b" 400 " in bad.split(b"\r\n", 1)[0]
+
+
+# --------------------------------------------------------------------------- proxy request/response
+
+
+def test_proxy_method_headers_and_body_directives(tmp_path: Path) -> None:
+    from helpers import echo
+
+    with Backends(echo()) as bk:
+        peer = f"proxy_pass http://{bk[0].addr};"
+        text = conf(f"""
+            location /method {{ proxy_method PUT; {peer} }}
+            location /noheaders {{ proxy_pass_request_headers off; {peer} }}
+            location /nobody {{ proxy_pass_request_body off; {peer} }}
+            location /setbody {{ proxy_set_body "new $request_method"; {peer} }}
+        """)
+        with run(text, tmp_path) as lb:
+            method = get(lb.port, "/method", method="POST", body=b"b").body
+            noheaders = get(lb.port, "/noheaders", headers={"X-Client": "1"}).body
+            nobody = get(lb.port, "/nobody", method="POST", body=b"secret").body
+            setbody = get(lb.port, "/setbody", method="POST", body=b"old").body
+    assert method.startswith(b"PUT /method ") and method.endswith(b"\n\nb")
+    assert b"X-Client" not in noheaders and b"Host: " in noheaders  # proxy_set_header still applies
+    assert b"secret" not in nobody and b"Content-Length" not in nobody
+    assert setbody.endswith(b"\n\nnew POST") and b"Content-Length: 8" in setbody
+
+
+def test_proxy_hide_and_pass_header(tmp_path: Path) -> None:
+    headers = {"X-Secret": "s", "X-Kept": "k", "X-Accel-Mine": "a"}
+    with Backends(respond(headers=headers)) as bk:
+        text = conf(f"""
+            location / {{
+                proxy_hide_header X-Secret; proxy_pass_header X-Accel-Mine;
+                proxy_ignore_headers X-Accel-Redirect Expires;
+                proxy_pass http://{bk[0].addr};
+            }}
+        """)
+        with run(text, tmp_path) as lb:
+            response = get(lb.port, "/")
+    assert response.header("x-secret") is None and response.header("x-kept") == "k"
+    assert response.header("x-accel-mine") == "a"
+
+
+def test_peer_response_with_bare_lf_lines(tmp_path: Path) -> None:
+    from helpers import raw
+
+    with Backends(raw(b"HTTP/1.1 200 OK\nX-A: b\nContent-Length: 2\n\nok")) as bk:
+        with run(conf(f"location / {{ proxy_pass http://{bk[0].addr}; }}"), tmp_path) as lb:
+            response = get(lb.port, "/")
+    assert response.status == 200 and response.header("x-a") == "b" and response.body == b"ok"
+
+
+def test_proxy_ignore_headers_refuses_unknown(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(conf("location / { proxy_ignore_headers X-Nope; return 204; }"), tmp_path)
+    assert 'invalid value "X-Nope"' in str(err.value)

@@ -442,6 +442,13 @@ def _proxy_conf(chain: Sequence[LevelDraft]) -> ProxyConf:
         next_upstream_timeout=_get(chain, "proxy_next_upstream_timeout", defaults.next_upstream_timeout),
         request_buffering=_get(chain, "proxy_request_buffering", defaults.request_buffering),
         buffering=_get(chain, "proxy_buffering", defaults.buffering),
+        method=_get(chain, "proxy_method", None),
+        pass_request_headers=_get(chain, "proxy_pass_request_headers", True),
+        pass_request_body=_get(chain, "proxy_pass_request_body", True),
+        set_body=_get(chain, "proxy_set_body", None),
+        hide_headers=tuple(_get(chain, "proxy_hide_header", ())),
+        pass_headers=tuple(_get(chain, "proxy_pass_header", ())),
+        ignore_headers=tuple(_get(chain, "proxy_ignore_headers", ())),
     )
 
 

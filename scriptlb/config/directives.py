@@ -466,6 +466,23 @@ def _error_page(state: State, node: Node, draft: LevelDraft) -> None:
     pages.append(ErrorPageConf(tuple(codes), response, template(node, uri)))
 
 
+def _header_name_list(state: State, node: Node, draft: LevelDraft) -> None:
+    """proxy_hide_header / proxy_pass_header: one name per directive, a level's names
+    together (nginx: the innermost level that has any)."""
+    draft.values.setdefault(node.name, []).append(node.args[0].lower())
+
+
+_IGNORABLE = ("x-accel-redirect", "x-accel-expires", "x-accel-limit-rate", "x-accel-buffering",
+              "x-accel-charset", "expires", "cache-control", "set-cookie", "vary")
+
+
+def _proxy_ignore_headers(state: State, node: Node, draft: LevelDraft) -> None:
+    for name in node.args:
+        if name.lower() not in _IGNORABLE:
+            raise fail(node, f'invalid value "{name}"')
+    _store(node, draft.values, tuple(name.lower() for name in node.args))
+
+
 def _root(state: State, node: Node, draft: LevelDraft) -> None:
     """``root path``: the static handler's directory, absolute against the prefix."""
     _store(node, draft.values, state.path(node.args[0]) if node.args[0] else "")
@@ -963,6 +980,13 @@ _SPECS: tuple[Spec, ...] = (
     _spec("add_header", HSL, (2, 3), _add_header),
     _spec("error_page", HSL, (2, None), _error_page),
     _spec("proxy_intercept_errors", HSL, FLAG, _slot(flag)),
+    _spec("proxy_method", HSL, ONE, _slot(lambda node: template(node, node.args[0]))),
+    _spec("proxy_pass_request_headers", HSL, FLAG, _slot(flag)),
+    _spec("proxy_pass_request_body", HSL, FLAG, _slot(flag)),
+    _spec("proxy_set_body", HSL, ONE, _slot(lambda node: template(node, node.args[0]))),
+    _spec("proxy_hide_header", HSL, ONE, _header_name_list),
+    _spec("proxy_pass_header", HSL, ONE, _header_name_list),
+    _spec("proxy_ignore_headers", HSL, (1, None), _proxy_ignore_headers),
     # static files (ngx_http_core_module's root, ngx_http_index_module)
     _spec("root", HSL, ONE, _root),
     _spec("index", HSL, (1, None), _index),

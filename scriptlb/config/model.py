@@ -331,6 +331,13 @@ class ProxyConf:
     buffer_size: int = mmap.PAGESIZE
     buffers: tuple[int, int] = (8, mmap.PAGESIZE)  # (number, size)
     busy_buffers_size: int = 2 * mmap.PAGESIZE
+    method: Template | None = None  # proxy_method (None: the client's)
+    pass_request_headers: bool = True
+    pass_request_body: bool = True
+    set_body: Template | None = None  # proxy_set_body
+    hide_headers: tuple[str, ...] = ()  # proxy_hide_header (lower-cased), all levels' merged
+    pass_headers: tuple[str, ...] = ()  # proxy_pass_header (lower-cased)
+    ignore_headers: tuple[str, ...] = ()  # proxy_ignore_headers: accepted (no cache, no X-Accel)
 
 
 @dataclass(frozen=True, slots=True)
