@@ -276,7 +276,8 @@ def test_peer_response_with_bare_lf_lines(tmp_path: Path) -> None:
     from helpers import raw
 
     with Backends(raw(b"HTTP/1.1 200 OK\nX-A: b\nContent-Length: 2\n\nok")) as bk:
-        with run(conf(f"location / {{ proxy_pass http://{bk[0].addr}; }}"), tmp_path) as lb:
+        text = conf(f"location / {{ proxy_pass http://{bk[0].addr}; }}")
+        with run(text, tmp_path) as lb:
             response = get(lb.port, "/")
     assert response.status == 200 and response.header("x-a") == "b" and response.body == b"ok"
 
