@@ -286,3 +286,15 @@ def test_proxy_ignore_headers_refuses_unknown(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load(conf("location / { proxy_ignore_headers X-Nope; return 204; }"), tmp_path)
     assert 'invalid value "X-Nope"' in str(err.value)
+
+
+def test_access_log_if(tmp_path: Path) -> None:
+    from helpers import read_log_lines
+
+    log = tmp_path / "cond.log"
+    text = conf(f"location / {{ access_log {log} short if=$arg_log; return 204; }}",
+                'log_format short "$uri";')
+    with run(text, tmp_path) as lb:
+        for path in ("/a", "/b?log=0", "/c?log=1", "/d?log=", "/e?log=yes"):
+            get(lb.port, path)
+    assert read_log_lines(log, 2) == ["/c", "/e"]

@@ -548,9 +548,11 @@ def _access_log(state: State, node: Node, draft: Any) -> None:
     log_format = state.http.log_formats.get(format_name)
     if log_format is None:
         raise fail(node, f'unknown log format "{format_name}"')
-    buffer, flush = 0, None
+    buffer, flush, condition = 0, None, None
     for param in node.args[2:]:
-        if param.startswith("buffer="):
+        if param.startswith("if="):
+            condition = template(node, param[len("if="):])
+        elif param.startswith("buffer="):
             buffer = parse_size(param[len("buffer=") :]) or 0
             if not buffer:
                 raise fail(node, f'invalid buffer size "{param[len("buffer=") :]}"')
@@ -563,7 +565,7 @@ def _access_log(state: State, node: Node, draft: Any) -> None:
     if flush is not None and not buffer:
         raise fail(node, f'no buffer is defined for access_log "{target}"')
     path = target if target in ("stderr", "stdout") else state.path(target)
-    draft.access_logs.append(AccessLogConf(path, log_format, buffer, flush or 0.0))
+    draft.access_logs.append(AccessLogConf(path, log_format, buffer, flush or 0.0, condition))
 
 
 # --------------------------------------------------------------------------- python hooks

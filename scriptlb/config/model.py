@@ -96,6 +96,7 @@ class AccessLogConf:
     format: LogFormat
     buffer: int = 0  # access_log ... buffer=SIZE: bytes kept before a write; 0 = write per request
     flush: float = 0.0  # access_log ... flush=TIME: the longest a buffered line may wait
+    condition: Template | None = None  # access_log ... if=COND: logged unless "" or "0"
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,7 +66,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "large_client_header_buffers": ("number size", "4 8k", "ngx_http_core_module", ""),
     "return": ("code [text] | code URL | URL", "-", "ngx_http_rewrite_module", ""),
     "log_format": ("name [escape=default|json|none] string ...", "combined", "ngx_http_log_module", ""),
-    "access_log": ("path [format [buffer=size] [flush=time]] | off", "off", "ngx_http_log_module",
+    "access_log": ("path [format [buffer=size] [flush=time] [if=condition]] | off", "off", "ngx_http_log_module",
                    "nginx defaults to logs/access.log combined"),
     "python_package_path": ("patterns", "-", "scriptlb (lua_package_path)", ""),
     "python_code_cache": ("on | off", "on", "scriptlb (lua_code_cache)", ""),
