@@ -27,6 +27,7 @@ from scriptlb.downstream import ClientConnection, Request
 from scriptlb.error_pages import split_uri
 from scriptlb.locations import normalize_host
 from scriptlb.proxy import UpstreamRequest
+from scriptlb.rewrite import BREAK, CONTINUE, DONE, target_of
 from scriptlb.uri import absolute_host, normalize_uri, split_target
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class Exchange:
         "body_bytes_sent",
         "body_timeout",
         "bytes_sent",
+        "captures",
         "conn",
         "connect_timeout",
         "ctx",
@@ -80,6 +82,7 @@ class Exchange:
         "upstream_name",
         "upstream_request",
         "uri",
+        "variables",
     )
 
     def __init__(self, runtime: Runtime, conn: ClientConnection, request: Request) -> None:
@@ -117,6 +120,8 @@ class Exchange:
         self._early_status = 0  # an error found while routing, answered when we become active
         self._redirected = False  # error_page redirected this request (once, as nginx)
         self.err_status = 0  # error_page: the status the final response carries (0: its own)
+        self.variables: dict[str, str] | None = None  # the rewrite module's `set` values
+        self.captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
         self._finished = False
         self._logged = False  # the log phase ran (it runs once per request)
         self.upstream_request: UpstreamRequest | None = None  # set when proxying
@@ -239,6 +244,8 @@ class Exchange:
             if self._early_status:
                 self.finish_with_page(self._early_status)
                 return
+            if self.location.rewrite is not None and self._rewrite_phase():
+                return  # answered (return, redirect) or refused (a rewrite cycle)
             location = self.location
             # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
             if location.access is not None and location.conf.return_ is None:
@@ -344,6 +351,15 @@ class Exchange:
             self.conn.abort()
             return
         headers, body = location.return_response(self)
+        self.answer_return(status, headers, body)
+
+    def answer_return(self, status: int, headers: bytes, body: bytes | None) -> None:
+        """``return``'s answer: ``body`` None is nginx's own page for the status."""
+        if status == 444:
+            self.status = 444
+            self._log_access()
+            self.conn.abort()
+            return
         self.status = status
         if body is None:
             self.finish_with_page(status, headers)
@@ -393,6 +409,44 @@ class Exchange:
         conn.send_body(page)
         self.complete_response()
 
+    # ------------------------------------------------------------------ the rewrite phase
+
+    def _rewrite_phase(self) -> bool:
+        """Run the location's rewrite directives, finding the location again after a changed
+        URI (at most 10 times, nginx's limit); True when the request is answered."""
+        for _ in range(10):
+            location = self.location
+            phase = location.rewrite
+            if phase is None:
+                return False
+            before = self.uri
+            result = phase.run(self)
+            if result == DONE:
+                return True
+            if result == BREAK or (result == CONTINUE and self.uri == before):
+                return False
+            self.location = self.server.match(self.uri)
+        errorlog.log_error("error", f'rewrite or internal redirection cycle while processing "{self.uri}"',
+                           self.conn_id, self.log_context(None))
+        self.finish_with_page(500)
+        return True
+
+    def set_uri(self, path: str, args: str | None) -> None:
+        """A rewritten URI: $uri, $args and the target sent upstream follow it."""
+        self.uri, self.args = path, args
+        self.request.target = target_of(path, args)
+
+    def redirect(self, status: int, location: str) -> None:
+        target = self.absolute_location(location.encode("latin-1", "replace"))
+        self.finish_with_page(status, b"Location: " + target + b"\r\n")
+
+    def absolute_location(self, location: bytes) -> bytes:
+        if location.startswith(b"/"):
+            from scriptlb.runtime import absolute_redirect
+
+            return absolute_redirect(self, location)
+        return location
+
     def intercepts(self, status: int) -> bool:
         """proxy_intercept_errors: whether a peer's ``status`` response gives way to an
         error_page (the proxy then calls finish_with_page)."""
@@ -412,7 +466,7 @@ class Exchange:
             location = self.server.named(uri)
         else:
             path, args = split_uri(uri)
-            self.uri, self.args = path, args
+            self.set_uri(path, args)
             location = self.server.match(path)
         if location is None:
             return False

@@ -274,6 +274,7 @@ class LocationRuntime:
         "proxy_host",
         "response_filter",
         "return_getter",
+        "rewrite",
         "upstream",
         "zone",
     )
@@ -304,6 +305,12 @@ class LocationRuntime:
             from scriptlb.headers_filter import response_filter
 
             self.response_filter = response_filter(conf.proxy.hide_headers, conf.proxy.pass_headers)
+        # set / if / rewrite / break (scriptlb.rewrite): None, or the compiled phase
+        self.rewrite: Any = None
+        if conf.rewrite:
+            from scriptlb.rewrite import RewritePhase
+
+            self.rewrite = RewritePhase(conf.rewrite)
         # error_page (scriptlb.error_pages): None, or status -> ErrorPage
         self.error_pages: dict | None = None
         if conf.error_pages:
@@ -331,14 +338,14 @@ class LocationRuntime:
                 return b"", None
             location = getter(exchange)
             if location.startswith(b"/"):
-                location = _absolute_redirect(exchange, location)
+                location = absolute_redirect(exchange, location)
             return b"Location: " + location + b"\r\n", None
         if getter is None:
             return b"", (b"" if ret.status < 300 else None)
         return b"Content-Type: text/plain\r\n", getter(exchange)
 
 
-def _absolute_redirect(exchange: Exchange, path: bytes) -> bytes:
+def absolute_redirect(exchange: Exchange, path: bytes) -> bytes:
     """nginx's absolute_redirect on, server_name_in_redirect off, port_in_redirect on."""
     port = exchange.server_port
     host = exchange.host

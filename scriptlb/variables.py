@@ -372,6 +372,33 @@ def variable_getter(name: str, clock: Clock = time.time) -> Getter:
     raise KeyError(name)
 
 
+def var_getter(var: Var, clock: Clock = time.time) -> Getter:
+    """The getter of a template's variable: a built-in one, a `set` one or a capture."""
+    if var.kind == "set":
+        return _set_variable(var.name)
+    if var.kind == "capture":
+        return _capture(int(var.name))
+    return variable_getter(var.name, clock)
+
+
+def _set_variable(name: str) -> Getter:
+    def get(ex: Any) -> str | None:
+        values = getattr(ex, "variables", None)
+        return values.get(name) if values else None
+
+    return get
+
+
+def _capture(number: int) -> Getter:
+    def get(ex: Any) -> str | None:
+        captures = getattr(ex, "captures", None)
+        if not captures or number >= len(captures):
+            return None
+        return captures[number]
+
+    return get
+
+
 def get_variable(ex: Any, name: str) -> str | None:
     """One variable's value now (for ngx.var reads from hooks); None when not found."""
     return variable_getter(name.lower())(ex)
@@ -436,7 +463,7 @@ def _format_string(template: Template) -> str:
 
 def compile_template(template: Template, clock: Clock = time.time) -> Renderer:
     """A callable rendering ``template`` for an exchange; "not found" variables give ""."""
-    getters = tuple(variable_getter(v.name, clock) for v in template.parts if isinstance(v, Var))
+    getters = tuple(var_getter(v, clock) for v in template.parts if isinstance(v, Var))
     if not getters:
         constant = template.static if template.static is not None else "".join(map(str, template.parts))
         return lambda ex: constant
@@ -464,7 +491,7 @@ def compile_template_bytes(template: Template, clock: Clock = time.time) -> Call
     """``compile_template`` for bytes on the wire (``return`` bodies, Location): literals are
     the config file's bytes, variables the bytes they were read from (nginx copies bytes)."""
     pieces: list[bytes | Getter] = [
-        variable_getter(part.name, clock) if isinstance(part, Var)
+        var_getter(part, clock) if isinstance(part, Var)
         else part.encode("utf-8", "surrogateescape")
         for part in template.parts
     ]
@@ -490,7 +517,7 @@ def compile_log_format(template: Template, escape: str = "default", clock: Clock
     ``escape``: "default" (not found -> "-", \\xHH escaping), "json" (not found -> "", JSON
     escaping) or "none" (not found -> "", no escaping).
     """
-    getters = tuple(variable_getter(v.name, clock) for v in template.parts if isinstance(v, Var))
+    getters = tuple(var_getter(v, clock) for v in template.parts if isinstance(v, Var))
     if not getters:
         constant = template.static if template.static is not None else "".join(map(str, template.parts))
         return lambda ex: constant

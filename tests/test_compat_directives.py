@@ -298,3 +298,71 @@ def test_access_log_if(tmp_path: Path) -> None:
         for path in ("/a", "/b?log=0", "/c?log=1", "/d?log=", "/e?log=yes"):
             get(lb.port, path)
     assert read_log_lines(log, 2) == ["/c", "/e"]
+
+
+# --------------------------------------------------------------------------- the rewrite module
+
+
+def test_set_if_and_return_in_if(tmp_path: Path) -> None:
+    text = conf("""
+        set $who server;
+        location / {
+            set $greeting "hello $who";
+            if ($arg_mode = quiet) { return 204; }
+            if ($arg_name) { set $greeting "hi $arg_name"; }
+            if ($http_user_agent ~* ^(curl|wget)/([0-9]+)) { set $greeting "tool $1 v$2"; }
+            return 200 $greeting;
+        }
+    """)
+    with run(text, tmp_path) as lb:
+        plain = get(lb.port, "/").body
+        quiet = get(lb.port, "/?mode=quiet").status
+        named = get(lb.port, "/?name=ann").body
+        zero = get(lb.port, "/?name=0").body
+        tool = get(lb.port, "/", headers={"User-Agent": "Curl/8"}).body
+    assert plain == b"hello server"
+    assert quiet == 204
+    assert named == b"hi ann" and zero == b"hello server"  # "0" is false, as nginx
+    assert tool == b"tool Curl v8"
+
+
+def test_rewrite_flags(tmp_path: Path) -> None:
+    from helpers import echo
+
+    with Backends(echo()) as bk:
+        text = conf(f"""
+            location /old/ {{ rewrite ^/old/(.*)$ /new/$1 last; return 500; }}
+            location /new/ {{ return 200 "new $uri $args"; }}
+            location /brk/ {{ rewrite ^/brk/(.*)$ /up/$1?x=1 break; proxy_pass http://{bk[0].addr}; }}
+            location /perm {{ rewrite ^ /new/p permanent; }}
+            location /ext {{ rewrite ^ https://example.test/e?; }}
+            location /loop {{ rewrite ^ /loop last; }}
+        """)
+        with run(text, tmp_path) as lb:
+            last = get(lb.port, "/old/a?q=1").body
+            brk = get(lb.port, "/brk/b?y=2").body
+            perm = get(lb.port, "/perm?z=3")
+            ext = get(lb.port, "/ext?z=3")
+            loop = get(lb.port, "/loop").status
+    assert last == b"new /new/a q=1"
+    assert brk.startswith(b"GET /up/b?x=1&y=2 HTTP/1.0")
+    assert perm.status == 301 and (perm.header("location") or "").endswith("/new/p?z=3")
+    assert ext.status == 302 and ext.header("location") == "https://example.test/e"
+    assert loop == 500
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("set a b;", 'invalid variable name "a"'),
+        ("rewrite ^ /x sometimes;", 'invalid parameter "sometimes"'),
+        ("if ($uri) return 204;", 'directive "if" has no opening "{"'),
+        ("if (-f $uri) { return 204; }", "file tests"),
+        ("if ($uri) { proxy_pass http://127.0.0.1:1; }", '"proxy_pass" directive is not allowed here'),
+        ("return 200 $undeclared;", 'unknown "undeclared" variable'),
+    ],
+)
+def test_rewrite_module_errors(tmp_path: Path, line: str, error: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(conf(f"location / {{ {line} }}"), tmp_path)
+    assert error in str(err.value)

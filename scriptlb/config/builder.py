@@ -45,12 +45,14 @@ from scriptlb.config.model import (
     ProxyConf,
     ProxyPassConf,
     PythonConf,
+    RewriteOp,
     ServerConf,
     Source,
     UpstreamConf,
     UpstreamServerConf,
 )
 from scriptlb.config.parser import Node
+from scriptlb.config.rewrite import with_body
 from scriptlb.config.variables import compile_template
 
 DEFAULT_HOOK_TIMEOUT = 0.010
@@ -334,6 +336,25 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
     )
 
 
+def _rewrite_ops(chain: Sequence[LevelDraft]) -> tuple[RewriteOp, ...]:
+    """The server's rewrite-module directives, then the location's (each level its own, in
+    order; http has none). An ``if`` comes with the block read after it."""
+    ops: list[RewriteOp] = []
+    for level in reversed(chain[:2]):
+        ops += _resolved(level.values.get("rewrite_ops", ()))
+    return tuple(ops)
+
+
+def _resolved(entries: Sequence[Any]) -> list[RewriteOp]:
+    out = []
+    for entry in entries:
+        if isinstance(entry, tuple):
+            op, body = entry
+            entry = with_body(op, _resolved(body.ops))
+        out.append(entry)
+    return out
+
+
 def _get(chain: Sequence[LevelDraft], name: str, default: Any) -> Any:
     """The effective value: the innermost level that set it, else nginx's default."""
     for level in chain:
@@ -367,6 +388,7 @@ def _location_conf(
         source=loc.source,
         log_hook=_log_hook(chain),
         add_headers=tuple(_get(chain, "add_header", ())),
+        rewrite=_rewrite_ops(chain),
         error_pages=tuple(_get(chain, "error_page", ())),
         intercept_errors=_get(chain, "proxy_intercept_errors", False),
         root=_get(chain, "root", os.path.join(getattr(chain[-1], "prefix", ""), "html")),

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import Any
 
+from scriptlb.config import rewrite
 from scriptlb.config.addresses import parse_listen, parse_upstream_server
 from scriptlb.config.drafts import (
     HookDraft,
@@ -43,6 +44,7 @@ from scriptlb.config.model import (
     NextUpstream,
     PeerAddr,
     ReturnConf,
+    RewriteOp,
     SharedDictConf,
     Source,
     Template,
@@ -60,6 +62,7 @@ class Ctx(IntFlag):
     LOCATION = 16
     UPSTREAM = 32
     MATCH = 64  # nginx Plus's `match` block (health checks)
+    IF = 128  # the rewrite module's `if` block (its own directives only)
 
 
 HSL = Ctx.HTTP | Ctx.SERVER | Ctx.LOCATION
@@ -506,6 +509,12 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 
 def _return(state: State, node: Node, draft: Any) -> None:
     """``return code [text]``, ``return code URL`` (redirects), ``return URL`` (302)."""
+    conf = _return_conf(node)
+    if draft.return_ is None:  # the first return wins: it ends the rewrite phase
+        draft.return_ = conf
+
+
+def _return_conf(node: Node) -> ReturnConf:
     first = node.args[0]
     if len(node.args) == 1 and first.startswith(("http://", "https://", "$scheme")):
         conf = ReturnConf(302, template(node, first), node.source)
@@ -515,8 +524,31 @@ def _return(state: State, node: Node, draft: Any) -> None:
             raise fail(node, f'invalid return code "{first}"')
         text = template(node, node.args[1]) if len(node.args) > 1 else None
         conf = ReturnConf(status, text, node.source)
-    if draft.return_ is None:  # the first return wins: it ends the rewrite phase
-        draft.return_ = conf
+    return conf
+
+
+# --------------------------------------------------------------------------- rewrite module
+
+
+def _rewrite_directive(build: Callable[..., RewriteOp]) -> Handler:
+    def handler(state: State, node: Node, draft: Any) -> None:
+        try:
+            op = build(node)
+        except ValueError as e:
+            raise fail(node, str(e)) from None
+        rewrite.ops_of(draft).append(op)
+
+    return handler
+
+
+def _if(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
+    try:
+        op = rewrite.if_op(node, template, _check_regex)
+    except ValueError as e:
+        raise fail(node, str(e)) from None
+    body = rewrite.IfDraft()
+    rewrite.ops_of(draft).append((op, body))  # (the body is read next; the builder joins them)
+    return Ctx.IF, body
 
 
 def _log_format(state: State, node: Node, draft: HttpDraft) -> None:
@@ -980,6 +1012,15 @@ _SPECS: tuple[Spec, ...] = (
     _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),
     _spec("status_zone", Ctx.SERVER, ONE, _slot(lambda node: node.args[0])),
     _spec("add_header", HSL, (2, 3), _add_header),
+    # the rewrite module (return is above; inside `if` it is one of the ordered directives)
+    _spec("set", Ctx.SERVER | Ctx.LOCATION | Ctx.IF, (2, 2),
+          _rewrite_directive(lambda node: rewrite.set_op(node, template))),
+    _spec("rewrite", Ctx.SERVER | Ctx.LOCATION | Ctx.IF, (2, 3),
+          _rewrite_directive(lambda node: rewrite.rewrite_op(node, template, _check_regex))),
+    _spec("break", Ctx.SERVER | Ctx.LOCATION | Ctx.IF, NONE,
+          _rewrite_directive(lambda node: RewriteOp("break"))),
+    _spec("return", Ctx.IF, (1, 2), _rewrite_directive(lambda node: rewrite.return_op(_return_conf(node)))),
+    _spec("if", Ctx.SERVER | Ctx.LOCATION, (1, None), _if, block=True),
     _spec("error_page", HSL, (2, None), _error_page),
     _spec("proxy_intercept_errors", HSL, FLAG, _slot(flag)),
     _spec("proxy_method", HSL, ONE, _slot(lambda node: template(node, node.args[0]))),

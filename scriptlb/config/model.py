@@ -49,6 +49,8 @@ class Template:
 @dataclass(frozen=True, slots=True)
 class Var:
     name: str  # without the '$', lower-cased, e.g. "http_user_agent", "upstream_addr"
+    # "": a built-in variable; "set": one a `set` directive declares; "capture": $1..$9
+    kind: str = ""
 
 
 # --------------------------------------------------------------------------- main context
@@ -387,6 +389,22 @@ class AddHeaderConf:
 
 
 @dataclass(frozen=True, slots=True)
+class RewriteOp:
+    """One directive of the rewrite module, run in order in the rewrite phase:
+    ``set`` (name, value), ``if`` (operator, value, pattern, body), ``rewrite`` (pattern,
+    value = the replacement, flag), ``break``, ``return`` (ret)."""
+
+    kind: str  # "set" | "if" | "rewrite" | "break" | "return"
+    name: str = ""
+    value: Template | None = None
+    operator: str = ""  # if: "" (the value is true: neither "" nor "0"), "=", "!=", "~", "~*", "!~", "!~*"
+    pattern: str = ""  # a regex (rewrite, if ~) or the string compared (if =)
+    flag: str = ""  # rewrite: "" | "last" | "break" | "redirect" | "permanent"
+    body: tuple[RewriteOp, ...] = ()
+    ret: ReturnConf | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorPageConf:
     """``error_page code ... [=[response]] uri``: response None keeps the code, 0 (a bare
     "=") takes the redirect's own status."""
@@ -422,6 +440,7 @@ class LocationConf:
     api_write: bool = False  # api write=on
     status_zone: str | None = None  # the server's `status_zone`: responses counted by class
     add_headers: tuple[AddHeaderConf, ...] = ()  # add_header: the innermost level's list
+    rewrite: tuple[RewriteOp, ...] = ()  # the server's rewrite-module directives, then the location's
     error_pages: tuple[ErrorPageConf, ...] = ()  # error_page: the innermost level's list
     intercept_errors: bool = False  # proxy_intercept_errors
     root: str = "html"  # the static handler's directory (absolute once built)

@@ -66,8 +66,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "large_client_header_buffers": ("number size", "4 8k", "ngx_http_core_module", ""),
     "return": ("code [text] | code URL | URL", "-", "ngx_http_rewrite_module", ""),
     "log_format": ("name [escape=default|json|none] string ...", "combined", "ngx_http_log_module", ""),
-    "access_log": ("path [format [buffer=size] [flush=time] [if=condition]] | off", "off", "ngx_http_log_module",
-                   "nginx defaults to logs/access.log combined"),
+    "access_log": ("path [format [buffer=size] [flush=time] [if=condition]] | off", "off",
+                   "ngx_http_log_module", "nginx defaults to logs/access.log combined"),
     "python_package_path": ("patterns", "-", "scriptlb (lua_package_path)", ""),
     "python_code_cache": ("on | off", "on", "scriptlb (lua_code_cache)", ""),
     "python_memory_limit": ("size | off", "1g", "scriptlb", "a worker's address-space fuse"),
@@ -125,6 +125,13 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                           "Server, Date and the framing headers stay scriptlb's own"),
     "proxy_ignore_headers": ("field ...", "-", "ngx_http_proxy_module",
                              "accepted: scriptlb neither caches nor follows X-Accel-*"),
+    "set": ("$variable value", "-", "ngx_http_rewrite_module", "compiled at load"),
+    "if": ("(condition) { ... }", "-", "ngx_http_rewrite_module",
+           "$var, = / != (a literal), ~ ~* !~ !~* (captures $1..$9); no file tests; only set, rewrite, "
+           "break and return inside"),
+    "rewrite": ("regex replacement [last | break | redirect | permanent]", "-",
+                "ngx_http_rewrite_module", ""),
+    "break": ("", "-", "ngx_http_rewrite_module", ""),
     "root": ("path", "html", "ngx_http_core_module",
              "static files of a location without proxy_pass/return: GET/HEAD, read whole (64m at most)"),
     "index": ("file ...", "index.html", "ngx_http_index_module", "no variables"),
@@ -146,8 +153,6 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
 
 # nginx directives scriptlb refuses on purpose (an "unknown directive" error), and why
 REFUSED: dict[str, str] = {
-    "if, rewrite, set, break": "request rewriting belongs in a balancer or log hook (Python), not a "
-                               "second language in the config",
     "ssl_*, listen ... ssl, http2, quic": "TLS termination is left to a dedicated terminator in front",
     "proxy_cache*, proxy_store": "a load balancer, not a cache: responses are streamed",
     "gzip*, sub_filter": "responses pass as the peer sent them",

@@ -7,7 +7,13 @@ config refuses any other name at load time with nginx's ``unknown "foo" variable
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 from scriptlb.config.model import Template, Var
+
+# the variables the config being loaded declares with `set` (nginx: a variable set anywhere
+# exists everywhere); the loader sets it before building
+DECLARED: ContextVar[frozenset[str]] = ContextVar("DECLARED", default=frozenset())
 
 KNOWN_VARIABLES: frozenset[str] = frozenset(
     {
@@ -131,9 +137,13 @@ def _read_name(raw: str, i: int) -> tuple[str, int]:
 
 def _variable(name: str) -> Var:
     if name[0].isdigit():
-        # nginx: regex captures ($1..$9); scriptlb's locations do not capture (yet)
-        raise TemplateError(f'regex capture "${name}" is not supported')
+        # regex captures ($1..$9) of the last rewrite / if match (locations do not capture)
+        if not name.isdigit() or int(name) > 9:
+            raise TemplateError(f'regex capture "${name}" is not supported')
+        return Var(name, "capture")
     lowered = name.lower()
+    if lowered in DECLARED.get() and lowered not in KNOWN_VARIABLES:
+        return Var(lowered, "set")
     if not is_known_variable(lowered):
         raise TemplateError(f'unknown "{lowered}" variable')
     return Var(lowered)
