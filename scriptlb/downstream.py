@@ -437,9 +437,7 @@ class ClientConnection(asyncio.Protocol):
             reusable.pop(self, None)  # a connection that reads is no longer idle
         heading = self._parsing is None or not self._head_done
         if heading:
-            if self._parsing is None:
-                self._line_ends.reset()
-            data = self._line_ends.fix(data)
+            data = self._line_ends.fix(data, self._parsing is None)
         try:
             if heading and (self._line_bytes or len(data) > self._header_line_max):
                 self._check_line_start(data)

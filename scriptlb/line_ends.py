@@ -6,6 +6,9 @@ it forwards (its own head, its own body framing), so accepting them here adds no
 surface: the parser still sees one unambiguous head. A bare CR and every other control byte
 stay the parser's to refuse. Only heads are touched: the caller hands over only reads that
 carry a head, and within a read the bytes after a head that announces a body are left alone.
+
+The common read (CRLF everywhere) costs two ``bytes.count`` calls and one slice: the only
+state kept across reads is the head's last two bytes.
 """
 
 from __future__ import annotations
@@ -18,61 +21,58 @@ _BODY_HEADERS = (b"content-length:", b"transfer-encoding:")
 
 
 class HeadLineEnds:
-    """One connection's position in the head being received, across reads."""
+    """One connection's position in the head being received: its last two bytes so far."""
 
-    __slots__ = ("line_start", "prev", "seen_line")
+    __slots__ = ("tail",)
 
     def __init__(self) -> None:
-        self.reset()
+        self.tail = b""
 
-    def reset(self) -> None:
-        """A new head begins (the previous request was parsed to its end)."""
-        self.prev = 0            # the last byte received of this head (0: none yet)
-        self.line_start = True   # the current line holds nothing yet (a lone CR at most)
-        self.seen_line = False   # the request line has begun (blank lines before it are skipped)
-
-    def fix(self, data: bytes) -> bytes:
-        """``data`` with every bare LF of the head(s) it carries preceded by a CR."""
-        if data.count(b"\n") == data.count(b"\r\n") and not (data[:1] == b"\n" and self.prev != CR):
-            self._note_tail(data)  # CRLF everywhere, the common case: nothing to copy
+    def fix(self, data: bytes, new_head: bool) -> bytes:
+        """``data`` with every bare LF of the head(s) it carries preceded by a CR.
+        ``new_head``: no byte of the head being received came before ``data``."""
+        if new_head:
+            self.tail = b""
+        if data.count(b"\n") == data.count(b"\r\n"):  # (a leading bare LF makes them differ)
+            self.tail = (self.tail + data)[-2:] if len(data) < 2 else data[-2:]
             return data
+        return self._rewrite(data)
+
+    def _rewrite(self, data: bytes) -> bytes:
+        tail = self.tail
+        prev = tail[-1] if tail else 0
+        # where the previous reads left the current line: empty (or a lone CR) at its start
+        line_start = not tail or tail[-1] == LF or tail in (b"\r", b"\n\r")
+        # an earlier read of this head: the parser had begun a request (its line has begun)
+        seen_line = bool(tail)
         out: list[bytes] = []
-        self._rewrite(data, out)
-        return b"".join(out)
-
-    def _note_tail(self, data: bytes) -> None:
-        if not data:
-            return
-        self.prev = data[-1]
-        tail = data[data.rfind(b"\n") + 1:]
-        self.line_start = tail.strip(b"\r") == b"" and (self.line_start or b"\n" in data)
-        if data.strip(b"\r\n"):
-            self.seen_line = True
-
-    def _rewrite(self, data: bytes, out: list[bytes]) -> None:
         pos = 0
         size = len(data)
         announces_body = False
+        whole_head = not tail  # this head began in this read (else: did it announce a body?)
         while pos < size:
             lf = data.find(b"\n", pos)
             if lf == -1:
                 out.append(data[pos:])
-                self._note_tail(data[pos:])
-                return
+                break
             line = data[pos:lf]
-            before = data[lf - 1] if lf > pos else self.prev
+            before = data[lf - 1] if lf > pos else prev
             out.append(line)
             out.append(b"\n" if before == CR else b"\r\n")
             pos = lf + 1
-            blank = self.line_start and line in (b"", b"\r")
-            self.line_start = True
-            self.prev = LF
+            blank = line_start and line in (b"", b"\r")
+            line_start = True
+            prev = LF
             if not blank:
-                self.seen_line = True
+                seen_line = True
                 announces_body = announces_body or line[:18].lower().startswith(_BODY_HEADERS)
-            elif self.seen_line:
-                # the head ends here; a body's bytes are never rewritten
-                if announces_body:
+            elif seen_line:
+                # the head ends here; a body's bytes are never rewritten (nor whatever follows
+                # a head whose beginning came in an earlier read: it may have announced one)
+                if announces_body or not whole_head:
                     out.append(data[pos:])
-                    return
-                self.seen_line = False
+                    break
+                seen_line = False
+                whole_head = True
+        self.tail = (tail + data)[-2:]
+        return b"".join(out)

@@ -7,13 +7,13 @@ from scriptlb.line_ends import HeadLineEnds
 
 def fixed(*reads: bytes) -> bytes:
     ends = HeadLineEnds()
-    return b"".join(ends.fix(r) for r in reads)
+    return b"".join(ends.fix(r, i == 0) for i, r in enumerate(reads))
 
 
 def test_crlf_heads_are_returned_unchanged() -> None:
     head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
     ends = HeadLineEnds()
-    assert ends.fix(head) is head
+    assert ends.fix(head, True) is head
 
 
 def test_bare_lf_becomes_crlf() -> None:
@@ -36,3 +36,14 @@ def test_pipelined_heads_without_body_are_all_fixed() -> None:
 
 def test_bare_cr_is_left_for_the_parser_to_refuse() -> None:
     assert fixed(b"GET / HTTP/1.0\rHost: a\n\n") == b"GET / HTTP/1.0\rHost: a\r\n\r\n"
+
+
+def test_body_after_a_head_split_across_reads_is_untouched() -> None:
+    head = b"POST / HTTP/1.0\r\nContent-Length: 5\r\n"
+    assert fixed(head, b"\na\nb\nc") == head + b"\r\na\nb\nc"
+
+
+def test_a_new_head_forgets_the_previous_one() -> None:
+    ends = HeadLineEnds()
+    ends.fix(b"GET / HTTP/1.0\r", True)
+    assert ends.fix(b"\nHost: a\n\n", True) == b"\r\nHost: a\r\n\r\n"
