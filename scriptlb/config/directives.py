@@ -1046,7 +1046,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("sendfile", HSL, FLAG, _accepted(flag)),
     _spec("tcp_nopush", HSL, FLAG, _accepted(flag)),
     _spec("tcp_nodelay", HSL, FLAG, _accepted(flag)),
-    _spec("keepalive_time", HSL, ONE, _accepted(msec)),
+    _spec("keepalive_time", HSL | Ctx.UPSTREAM, ONE, _accepted(msec)),
 )
 
 DIRECTIVES: dict[str, tuple[Spec, ...]] = {}
