@@ -34,7 +34,7 @@ import httptools
 
 from scriptlb import errorlog, responses
 from scriptlb.config.model import ClientBodyConf
-from scriptlb.line_ends import HeadLineEnds
+from scriptlb.line_ends import crlf_head
 from scriptlb.request_body import EMPTY_BODY, BodyFileError, RequestBody
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus the ones nginx never forwards from a client.
@@ -276,7 +276,6 @@ class ClientConnection(asyncio.Protocol):
         "_last_keepalive_timeout",
         "_last_request",
         "_line_bytes",
-        "_line_ends",
         "_linger_until",
         "_parser",
         "_parsing",
@@ -297,6 +296,7 @@ class ClientConnection(asyncio.Protocol):
         "host_cache",
         "listener",
         "loop",
+        "opened",
         "remote_addr",
         "remote_port",
         "requests",
@@ -328,6 +328,7 @@ class ClientConnection(asyncio.Protocol):
         self.route: object = None  # the handler layer's per-connection routing cache
         self.host_cache: tuple | None = None  # the handler layer's (raw Host -> server) cache
         self.requests = 0  # requests started on this connection ($connection_requests)
+        self.opened = self.loop.time()  # ($connection_time)
 
         # timers
         self._timer: asyncio.TimerHandle | None = None
@@ -344,7 +345,6 @@ class ClientConnection(asyncio.Protocol):
         self._parsing_handler: RequestHandler | None = None
         self._head_done = False  # the request being parsed is past its head (errors: body)
         self._last_data = b""  # the last bytes read while a head is incomplete (timeout logs)
-        self._line_ends = HeadLineEnds()  # bare LF -> CRLF in heads (llhttp wants CRLF)
         # Limits on what httptools accumulates itself (a header line, a trailer) before any of
         # our callbacks sees it: counted from the bytes read, checked before and after a feed.
         self._line_bytes = 0  # bytes of the head's incomplete last line
@@ -436,8 +436,8 @@ class ClientConnection(asyncio.Protocol):
         if reusable:
             reusable.pop(self, None)  # a connection that reads is no longer idle
         heading = self._parsing is None or not self._head_done
-        if heading:
-            data = self._line_ends.fix(data, self._parsing is None)
+        if heading and data.count(b"\n") != data.count(b"\r\n"):  # bare LFs (rare)
+            data = crlf_head(data, self._last_data if self._parsing is not None else b"")
         try:
             if heading and (self._line_bytes or len(data) > self._header_line_max):
                 self._check_line_start(data)

@@ -244,7 +244,23 @@ def _cookie_family(suffix: str) -> Getter:
     return get
 
 
+def _upstream_cookie_family(suffix: str) -> Getter:
+    """$upstream_cookie_NAME: the value of cookie NAME the peer set (its Set-Cookie lines)."""
+    wanted = suffix.lower()
+
+    def get(ex: Any) -> str | None:
+        for name, value in ex.upstream_headers:
+            if name.lower() == b"set-cookie":
+                key, sep, rest = value.decode("latin-1").partition("=")
+                if sep and key.strip().lower() == wanted:
+                    return rest.partition(";")[0].strip()
+        return None
+
+    return get
+
+
 _FAMILIES: dict[str, Callable[[str], Getter]] = {
+    "upstream_cookie_": _upstream_cookie_family,
     "http_": _http_family,
     "arg_": _arg_family,
     "cookie_": _cookie_family,
@@ -311,7 +327,15 @@ def _request_body_file(ex: Any) -> str | None:
     return body.file_path if body is not None and body.in_file else None
 
 
+def _connection_time(ex: Any) -> str | None:
+    conn = getattr(ex, "conn", None)
+    if conn is None:
+        return None
+    return f"{conn.loop.time() - conn.opened:.3f}"
+
+
 _SIMPLE: dict[str, Getter] = {
+    "connection_time": _connection_time,
     "request_body": _request_body,
     "request_body_file": _request_body_file,
     "remote_addr": _attr("remote_addr"),
@@ -367,7 +391,7 @@ def variable_getter(name: str, clock: Clock = time.time) -> Getter:
     if name in _CLOCKED:
         return _clocked(name, clock)
     for prefix in VARIABLE_PREFIXES:
-        if name.startswith(prefix) and len(name) > len(prefix):
+        if name.startswith(prefix) and (len(name) > len(prefix) or prefix == "arg_"):
             return _FAMILIES[prefix](name[len(prefix) :])
     raise KeyError(name)
 

@@ -57,6 +57,7 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "msec",
         "connection",
         "connection_requests",
+        "connection_time",
         # proxy
         "proxy_host",
         "proxy_add_x_forwarded_for",
@@ -70,7 +71,9 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
 )
 
 # families: $http_user_agent, $arg_id, $cookie_session, $sent_http_content_type, ...
-VARIABLE_PREFIXES: tuple[str, ...] = ("http_", "arg_", "cookie_", "sent_http_", "upstream_http_")
+VARIABLE_PREFIXES: tuple[str, ...] = (
+    "http_", "arg_", "cookie_", "sent_http_", "upstream_http_", "upstream_cookie_",
+)
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
@@ -83,7 +86,8 @@ def is_known_variable(name: str) -> bool:
     """Whether ``name`` (lower-case, without ``$``) is a variable scriptlb can evaluate."""
     if name in KNOWN_VARIABLES:
         return True
-    return any(name.startswith(p) and len(name) > len(p) for p in VARIABLE_PREFIXES)
+    # ($arg_ with an empty name is nginx's too: it is never found)
+    return any(name.startswith(p) and (len(name) > len(p) or p == "arg_") for p in VARIABLE_PREFIXES)
 
 
 def has_variables(raw: str) -> bool:
