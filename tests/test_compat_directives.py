@@ -366,3 +366,24 @@ def test_rewrite_module_errors(tmp_path: Path, line: str, error: str) -> None:
     with pytest.raises(ConfigError) as err:
         load(conf(f"location / {{ {line} }}"), tmp_path)
     assert error in str(err.value)
+
+
+# --------------------------------------------------------------------------- variables
+
+
+def test_upstream_cookie_connection_time_and_empty_arg(tmp_path: Path) -> None:
+    with Backends(respond(headers={"Set-Cookie": "tc=abc; path=/"})) as bk:
+        text = conf(f"""
+            location / {{
+                add_header X-Cookie $upstream_cookie_tc;
+                add_header X-Time $connection_time;
+                add_header X-Empty "[$arg_]";
+                proxy_pass http://{bk[0].addr};
+            }}
+        """)
+        with run(text, tmp_path) as lb:
+            response = get(lb.port, "/?a=1")
+    assert response.header("x-cookie") == "abc"
+    seconds = response.header("x-time") or ""
+    assert seconds.count(".") == 1 and len(seconds.split(".")[1]) == 3 and float(seconds) >= 0
+    assert response.header("x-empty") == "[]"
