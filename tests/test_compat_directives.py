@@ -127,7 +127,7 @@ def test_tuning_directives_are_accepted_and_checked(tmp_path: Path) -> None:
         proxy_temp_path proxy_temp 1 2;
         server_names_hash_bucket_size 64; server_names_hash_max_size 512;
         variables_hash_max_size 1024; types_hash_max_size 2048;
-        sendfile on; tcp_nopush on; tcp_nodelay off; keepalive_time 1h;
+        sendfile on; tcp_nopush on; tcp_nodelay off; keepalive_time 1h; keepalive_disable msie6 safari;
     """
     load(conf("connection_pool_size 512; location / { return 204; }", http), tmp_path)
     with pytest.raises(ConfigError) as err:

@@ -486,6 +486,13 @@ def _proxy_ignore_headers(state: State, node: Node, draft: LevelDraft) -> None:
     _store(node, draft.values, tuple(name.lower() for name in node.args))
 
 
+def _keepalive_disable(node: Node) -> tuple[str, ...]:
+    for value in node.args:
+        if value not in ("none", "msie6", "safari"):
+            raise fail(node, f'invalid value "{value}"')
+    return tuple(node.args)
+
+
 def _root(state: State, node: Node, draft: LevelDraft) -> None:
     """``root path``: the static handler's directory, absolute against the prefix."""
     _store(node, draft.values, state.path(node.args[0]) if node.args[0] else "")
@@ -1047,6 +1054,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("tcp_nopush", HSL, FLAG, _accepted(flag)),
     _spec("tcp_nodelay", HSL, FLAG, _accepted(flag)),
     _spec("keepalive_time", HSL | Ctx.UPSTREAM, ONE, _accepted(msec)),
+    _spec("keepalive_disable", HSL, (1, None), _accepted(_keepalive_disable)),
 )
 
 DIRECTIVES: dict[str, tuple[Spec, ...]] = {}

@@ -148,6 +148,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "sendfile": ("on | off", "off", "ngx_http_core_module", "accepted, unused"),
     "tcp_nopush": ("on | off", "off", "ngx_http_core_module", "accepted, unused"),
     "tcp_nodelay": ("on | off", "on", "ngx_http_core_module", "accepted; scriptlb always sets TCP_NODELAY"),
+    "keepalive_disable": ("none | browser ...", "msie6", "ngx_http_core_module",
+                          "accepted: no browser is told apart (keep-alive stays on for all)"),
     "keepalive_time": ("time", "1h", "ngx_http_core_module", "accepted, not enforced yet"),
 }
 
