@@ -1,6 +1,6 @@
 """Instructions per proxied request, counted by valgrind (callgrind): a noise-free A/B.
 
-    .venv/bin/python bench/instructions.py [--low 200] [--high 1200]
+    .venv/bin/python bench/instructions.py [--low 200] [--high 1200] [--metrics | --sync]
 
 Wall-clock A/Bs on a shared or virtual machine wander by more than the few percent some
 features cost (issue 5's peer statistics must cost <= 3%). Instruction counts do not: this
@@ -49,6 +49,45 @@ def proxy_conf(prefix: Path, listen: int, backend: int, extra: str, server_extra
     )
 
 
+# --sync: a hook reading and counting in a shared dict on every request, the dict plain or merged
+# with a local Redis (python_shared_dict ... sync=); the worker's instructions only, not the
+# cluster process's, which merges in the background whatever the request rate
+SYNC_CONFIGS = {"sync off": "", "sync on": " sync=redis://127.0.0.1:{redis}/0"}
+SYNC_HOOKS = {
+    "count": 'balancer_by_python_block { d = ngx.shared.d; d.get("seen"); d.incr("hits", 1, 0, 60) }',
+    "read": 'balancer_by_python_block { d = ngx.shared.d; d.get("seen"); d.get("hits") }',
+}
+
+
+def sync_conf(prefix: Path, listen: int, backend: int, sync: str, hook: str = "count") -> str:
+    return (
+        f"daemon off; worker_processes 1; error_log {prefix}/error.log error; pid {prefix}/pid;\n"
+        "events {}\n"
+        f"http {{ access_log off; python_shared_dict d 1m{sync};\n"
+        f"  upstream b {{ server 127.0.0.1:{backend}; keepalive 16; {SYNC_HOOKS[hook]} }}\n"
+        f"  server {{ listen 127.0.0.1:{listen};\n"
+        '    location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; }\n'
+        "  }\n}\n"
+    )
+
+
+def worker_instructions(out: Path, master_pid: int) -> int:
+    """With a master: callgrind writes one file per process (``out.PID``); the worker is the
+    master's first child (the cluster process, when there is one, is forked after it)."""
+    children = sorted((int(f.name.rsplit(".", 1)[1]), f) for f in out.parent.glob(out.name + ".*")
+                      if int(f.name.rsplit(".", 1)[1]) != master_pid)
+    if not children:
+        raise SystemExit(f"no worker output beside {out}")
+    return _totals(children[0][1])
+
+
+def _totals(path: Path) -> int:
+    match = re.search(r"^(?:summary|totals): (\d+)", path.read_text(), re.M)
+    if match is None:
+        raise SystemExit(f"no totals in {path}")
+    return int(match.group(1))
+
+
 def backend_conf(prefix: Path, listen: int) -> str:
     return (f"daemon off; master_process off; error_log {prefix}/error.log error; events {{}}\n"
             f'http {{ access_log off; server {{ listen 127.0.0.1:{listen}; return 200 "ok"; }} }}\n')
@@ -66,23 +105,24 @@ def send(port: int, count: int) -> None:
         conn.close()
 
 
-def instructions(procs: bench_proc.Procs, work: Path, name: str, conf: str, port: int, count: int) -> int:
+def instructions(procs: bench_proc.Procs, work: Path, name: str, conf: str, port: int, count: int,
+                 master: bool = False) -> int:
     """Total instructions of one worker's life that served ``count`` requests (+1 probe)."""
     prefix = work / name
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "scriptlb.conf").write_text(conf)
     out = prefix / "callgrind.out"
-    proc = procs.start(name, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+    pattern = f"{out}.%p" if master else str(out)
+    proc = procs.start(name, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={pattern}",
                               sys.executable, "-m", "scriptlb", "-p", str(prefix), "-c",
                               str(prefix / "scriptlb.conf")], cwd=str(HERE.parent))
     if not bench_proc.wait_port(port, proc, timeout=300):
         raise SystemExit(f"{name} did not start:\n{proc.log_tail()}")
     send(port, 1 + count)
     procs.stop(proc, timeout=300)  # TERM: the worker exits and callgrind writes its totals
-    match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.M)
-    if match is None:
-        raise SystemExit(f"no totals in {out}")
-    return int(match.group(1))
+    if master:
+        return worker_instructions(out, proc.pid)
+    return _totals(out)
 
 
 def wall_micro_us() -> float:
@@ -129,8 +169,15 @@ def main() -> int:
     parser.add_argument("--low", type=int, default=200)
     parser.add_argument("--high", type=int, default=1200)
     parser.add_argument("--metrics", action="store_true", help="compare metrics on/off instead")
+    parser.add_argument("--sync", action="store_true",
+                        help="compare a shared dict hook with python_shared_dict sync= on/off instead")
+    parser.add_argument("--sync-hook", choices=sorted(SYNC_HOOKS), default="count",
+                        help="--sync: the hook reads and counts (get + incr) or only reads (2 gets)")
     opts = parser.parse_args()
-    configs = METRICS_CONFIGS if opts.metrics else CONFIGS
+    configs = METRICS_CONFIGS if opts.metrics else SYNC_CONFIGS if opts.sync else CONFIGS
+    if opts.sync and shutil.which("redis-server") is None:
+        print("redis-server is missing: bash scripts/install-test-tools", file=sys.stderr)
+        return 1
     if shutil.which("valgrind") is None:
         print("valgrind is missing: apt-get install valgrind", file=sys.stderr)
         return 1
@@ -147,19 +194,34 @@ def main() -> int:
                                               "-c", str(work / "backend" / "b.conf")], cwd=str(HERE.parent))
             if not bench_proc.wait_port(backend_port, backend):
                 raise SystemExit(f"backend did not start:\n{backend.log_tail()}")
+            redis_port, = bench_proc.free_ports(1)
+            if opts.sync:
+                redis = procs.start("redis", ["redis-server", "--port", str(redis_port), "--bind",
+                                              "127.0.0.1", "--save", "", "--appendonly", "no"], cwd=tmp)
+                if not bench_proc.wait_port(redis_port, redis):
+                    raise SystemExit(f"redis-server did not start:\n{redis.log_tail()}")
             for label, extra in configs.items():
                 counts = []
                 for count in (opts.low, opts.high):
                     port, = bench_proc.free_ports(1)
                     prefix = work / f"{label}-{count}".replace(" ", "_")
-                    conf = (proxy_conf(prefix, port, backend_port, "", extra) if opts.metrics
-                            else proxy_conf(prefix, port, backend_port, extra))
+                    if opts.sync:
+                        conf = sync_conf(prefix, port, backend_port, extra.format(redis=redis_port),
+                                         opts.sync_hook)
+                    elif opts.metrics:
+                        conf = proxy_conf(prefix, port, backend_port, "", extra)
+                    else:
+                        conf = proxy_conf(prefix, port, backend_port, extra)
                     name = f"{label}-{count}".replace(" ", "_")
-                    counts.append(instructions(procs, work, name, conf, port, count))
+                    counts.append(instructions(procs, work, name, conf, port, count, master=opts.sync))
                 per_request[label] = (counts[1] - counts[0]) / (opts.high - opts.low)
                 print(f"{label:24s} {per_request[label]:10,.0f} instructions per request", flush=True)
         finally:
             procs.stop_all()
+    if opts.sync:
+        on, off = per_request["sync on"], per_request["sync off"]
+        print(f"shared dict sync: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
+        return 0
     if opts.metrics:
         on, off = per_request["metrics on"], per_request["metrics off"]
         print(f"metrics: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")

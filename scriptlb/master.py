@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
-from scriptlb import config, daemon, errorlog, service
+from scriptlb import cluster, config, daemon, errorlog, service
 from scriptlb import status as instance_status
 from scriptlb.config.errors import ConfigError, where
 from scriptlb.config.model import MainConf
@@ -66,6 +66,7 @@ QUICK_DEATH = 1.0  # a worker dying sooner than this after its start counts as a
 BACKOFF_FIRST = 0.1  # delay before the 2nd quick respawn in a row; doubles up to BACKOFF_MAX
 BACKOFF_MAX = 5.0
 FATAL_EXIT_CODE = 2  # nginx: a worker exiting with 2 "cannot be respawned"
+CLUSTER_PROCESS_ID = -1  # the worker table's id of the cluster process (scriptlb.cluster)
 
 
 # --------------------------------------------------------------------------- logging
@@ -487,6 +488,8 @@ class Master:
         _warn_if_threaded()
         for worker_id in range(self.conf.worker_processes):
             self._spawn(worker_id)
+        if cluster.needed(self.conf):
+            self._spawn(CLUSTER_PROCESS_ID)
 
     def _spawn(self, worker_id: int) -> None:
         master_pid = os.getpid()
@@ -502,7 +505,8 @@ class Master:
             finally:
                 os._exit(1)  # ...and a child must never get back into the master's loop
         self.workers[pid] = WorkerProcess(pid, worker_id, self.generation, time.monotonic())
-        log("notice", f"start worker process {pid}")
+        role = "cluster" if worker_id == CLUSTER_PROCESS_ID else "worker"
+        log("notice", f"start {role} process {pid}")
 
     def _become_worker(self, worker_id: int, master_pid: int) -> None:
         """The child side of the fork: run the worker, then leave without running any of the
@@ -511,6 +515,12 @@ class Master:
         try:
             prepare_worker_signals()
             _stop_with_master(master_pid)
+            if worker_id == CLUSTER_PROCESS_ID:
+                self.listeners.close(unlink=False)  # it serves no client
+                service.drop_privileges(self.conf)
+                _set_process_name("cluster")
+                cluster.run(self.conf)
+                return
             for sock in self.listeners.not_for_worker(worker_id):
                 sock.close()
             service.drop_privileges(self.conf)
@@ -547,6 +557,8 @@ class Master:
     def _on_exit(self, pid: int, status: int) -> None:
         proc = self.workers.pop(pid, None)
         name = "worker process" if proc is not None else "unknown process"
+        if proc is not None and proc.worker_id == CLUSTER_PROCESS_ID:
+            name = "cluster process"
         if os.WIFSIGNALED(status):
             core = " (core dumped)" if os.WCOREDUMP(status) else ""
             log("alert", f"{name} {pid} exited on signal {os.WTERMSIG(status)}{core}")

@@ -16,6 +16,8 @@ Families (the names operators' dashboards use, docs/grafana-dashboard.json):
 ``scriptlb_upstream_server_state{upstream,server}`` (1 up, 0 otherwise),
 ``scriptlb_upstream_server_response_time_seconds`` (histogram),
 ``scriptlb_upstream_server_health_checks_fails_total``, ``scriptlb_shared_dict_bytes{name,kind}``,
+``scriptlb_cluster_store_up{store,name}`` (1 reachable, 0 not: Redis per synced dict, etcd or
+DNS per upstream; from the cluster process),
 ``scriptlb_hook_runs_total{upstream,phase,outcome}``, ``scriptlb_hook_duration_seconds``
 (histogram). Hook runs are counted in plain attributes of each runner and shared through a
 small JSON file per worker, written at most once a second (``HookFiguresPublisher``).
@@ -146,6 +148,21 @@ class ScriptlbCollector:
         for name, zone in sorted(api.shared_dicts().items()):
             family.add_metric([name, "capacity"], zone.capacity())
             family.add_metric([name, "free"], zone.free_space())
+        yield family
+        yield from self._cluster_stores()
+
+    def _cluster_stores(self) -> Iterator[Metric]:
+        from scriptlb.cluster import ClusterStatus
+        from scriptlb.shared_dict import zone_directory
+
+        state = ClusterStatus.read(zone_directory(self.runtime.conf.prefix))
+        if not state:
+            return
+        family = GaugeMetricFamily("scriptlb_cluster_store_up", "Cluster stores as this node sees them.",
+                                   labels=["store", "name"])
+        for store, items in sorted(state.items()):
+            for name, item in sorted(items.items()):
+                family.add_metric([store, name], 1 if item.get("up") else 0)
         yield family
 
 

@@ -191,8 +191,25 @@ class Api:
             candidates = by_address.get(peer.name) or []
             entry = candidates.pop(0) if candidates else None
             peers.append(_peer_json(upstream, peer, entry, now))
-        return {"peers": peers, "keepalive": len(upstream.pool), "zombies": 0,
-                "zone": upstream.conf.zone or upstream.name}
+        result = {"peers": peers, "keepalive": len(upstream.pool), "zombies": 0,
+                  "zone": upstream.conf.zone or upstream.name}
+        membership = self._membership(upstream.name)
+        if membership is not None:  # a scriptlb extension: servers from etcd or DNS
+            result["membership"] = membership
+        return result
+
+    def _membership(self, name: str) -> dict[str, Any] | None:
+        """Whether the store an upstream's servers come from is reachable (the cluster process's
+        ``cluster_status.json``): ``{"store", "up", "since", "error"}``."""
+        from scriptlb.cluster import ClusterStatus
+        from scriptlb.shared_dict import zone_directory
+
+        for store, items in ClusterStatus.read(zone_directory(self.runtime.conf.prefix)).items():
+            item = items.get(name)
+            if store in ("etcd", "dns") and item is not None:
+                return {"store": store, "up": bool(item.get("up")), "since": _iso(item.get("since", 0)),
+                        "error": item.get("error", "")}
+        return None
 
     def _entry(self, upstream: Any, server_id: int) -> ServerEntry:
         for entry in self._list(upstream).servers:
@@ -215,8 +232,19 @@ class Api:
         store = self._store()
         if store is None:
             raise ApiError(500, "run-time upstream changes are unavailable", "InternalError")
-        result = store.change(self._loaded(upstream), edit)
+        loaded = self._loaded(upstream)
+        before: list[PeerList] = []
+
+        def recorded(current: PeerList) -> PeerList:
+            before.append(current)
+            return edit(current)
+
+        result = store.change(loaded, recorded)
         self.runtime.peer_lists.check()  # this worker at once; the others at their next poll
+        if loaded.discovery is not None:  # etcd-backed: the other nodes learn it through etcd
+            from scriptlb.discovery import write_through
+
+            write_through(self.runtime.loop, loaded, before[0], result)
         return result
 
     def _add_server(self, upstream: Any, body: bytes) -> dict[str, Any]:

@@ -168,7 +168,7 @@ def _open(path: str, size: int) -> tuple[lmdb.Environment, Any, Any, Any]:
     env = lmdb.open(
         path,
         map_size=map_size(size),
-        max_dbs=3,
+        max_dbs=5,  # data, lru, meta, and a synced dict's own and dirty (SyncedSharedDict)
         # Like nginx's shared memory, the data must outlive a worker, not a power cut: commits go
         # to the page cache only. writemap writes records straight into the shared mapping,
         # which makes a write transaction ~3x cheaper than with a private buffer. The price: an
@@ -514,9 +514,9 @@ class SharedDict:
             record = _record(value, now + exptime if exptime > 0 else 0.0, now, flags)
         try:  # the fast path of _in_write_txn, inlined
             with self._env.begin(db=self._data, write=True) as txn:
-                return self._store_in(txn, k, record, op, safe, now)
+                return self._store_op(txn, k, record, op, safe, now)
         except (lmdb.MapResizedError, lmdb.MapFullError):
-            ok, err, forcible = self._in_write_txn(self._store_in, k, record, op, safe, now)
+            ok, err, forcible = self._in_write_txn(self._store_op, k, record, op, safe, now)
             return bool(ok), err, forcible
 
     def _store_in(
@@ -570,6 +570,15 @@ class SharedDict:
             txn.put(_LRU_TIME.pack(now) + k, b"", db=self._lru)
         return True, None, forcible
 
+    # What a public set/add/replace/delete runs in its transaction; a synced dict also notes the
+    # key for its sync process there (_store_in itself is also the internal, unnoted write).
+    _store_op = _store_in
+    _noting = False  # a synced dict notes increments (_note_incr) in incr's own transaction
+
+    def _note_incr(self, txn: lmdb.Transaction, k: bytes, value: int | float,
+                   init: int | float | None) -> None:
+        raise NotImplementedError
+
     def _incr_in(
         self,
         txn: lmdb.Transaction,
@@ -588,6 +597,8 @@ class SharedDict:
             new = init + value
             expires = now + init_ttl if init_ttl else 0.0
             ok, err, forcible = self._store_in(txn, k, _record(new, expires, now, 0), _SET, False, now)
+            if ok and self._noting:
+                self._note_incr(txn, k, value, init)
             return (new if ok else None), err, forcible
         expires, touched, flags, kind = _HEAD.unpack_from(old)
         if kind not in _NUMBER_KINDS:
@@ -600,9 +611,13 @@ class SharedDict:
                 touched = now
             # same record size: the byte budget does not change
             txn.put(k, _INT_RECORD.pack(expires, touched, flags, b"i", new))
+            if self._noting:
+                self._note_incr(txn, k, value, None)
             return new, None, False
         # the type changed size (big int, float): account it like a set that keeps ttl and flags
         ok, err, forcible = self._store_in(txn, k, _record(new, expires, now, flags), _SET, False, now)
+        if ok and self._noting:
+            self._note_incr(txn, k, value, None)
         return (new if ok else None), err, forcible
 
     def _expire_in(self, txn: lmdb.Transaction, k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
@@ -724,3 +739,332 @@ def _key_out(k: bytes) -> str | bytes:
         return k.decode()
     except UnicodeDecodeError:
         return k
+
+
+# --------------------------------------------------------------------------- cluster sync
+#
+# A ``python_shared_dict ... sync=redis://...`` zone is a SyncedSharedDict: the same LMDB zone,
+# read the same way (``get`` never leaves the node), whose writes also note the key in two
+# more named DBs, inside the writing transaction:
+#
+# ``dirty``  key -> ``c`` (incremented) or ``v`` (set, added, replaced, deleted, expire changed):
+#            what the node's sync process must push (``collect`` takes and clears them).
+# ``own``    key -> ``<base><others><gen>``: the cluster generation the local value belongs to
+#            (empty until Redis named one), the generation's base (the value set, or incr's
+#            ``init``) and the other nodes' totals, as of the last merge. This node's own
+#            cumulative increments are then ``value - base - others``: a hook's incr changes
+#            only the value (no second B-tree on the hot path), a merge rewrites base and
+#            others and adds this node's total back. The cluster value of a counter is ``base +
+#            sum of every node's own``: each node only ever *replaces* its own total in Redis,
+#            so a push repeated after an outage cannot count twice.
+#
+# The Redis side (scriptlb.dict_sync) stamps every set/delete with a new generation: last
+# writer wins, and increments made in an older generation are dropped with it.
+
+_NUMBER = struct.Struct("<cq")  # i: an i64; f: the same 8 bytes hold an f64
+_DIRTY_COUNTER, _DIRTY_VALUE = b"c", b"v"
+_VALUE_KINDS = (b"s", b"b", b"T", b"F")  # what a set of a non-number pushes as ``_v``
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def number_text(value: int | float) -> bytes:
+    """A number as Redis keeps it (decimal text; exact for any int)."""
+    return (repr(value) if isinstance(value, float) else str(value)).encode()
+
+
+def parse_number(text: bytes | str) -> int | float:
+    raw = text.decode() if isinstance(text, bytes) else text
+    try:
+        return int(raw)
+    except ValueError:
+        return float(raw)
+
+
+def _pack_number(value: int | float) -> bytes:
+    if isinstance(value, int) and _I64_MIN <= value <= _I64_MAX:
+        return _NUMBER.pack(b"i", value)
+    return b"f" + _F64.pack(float(value))
+
+
+def _unpack_number(raw: bytes, offset: int) -> int | float:
+    kind, bits = _NUMBER.unpack_from(raw, offset)
+    return bits if kind == b"i" else _F64.unpack_from(raw, offset + 1)[0]
+
+
+def pack_own(gen: bytes, base: int | float, others: int | float) -> bytes:
+    """``<base><others><gen>``: what the last merge said about the rest of the cluster."""
+    return _pack_number(base) + _pack_number(others) + gen
+
+
+def unpack_own(raw: bytes) -> tuple[bytes, int | float, int | float]:
+    """``(gen, base, others)``."""
+    return raw[2 * _NUMBER.size :], _unpack_number(raw, 0), _unpack_number(raw, _NUMBER.size)
+
+
+def own_total(record: bytes, own_raw: bytes) -> tuple[bytes, int | float, int | float]:
+    """``(gen, own, base)`` of a live number: this node's increments are what the value holds
+    beyond the base and the other nodes' totals of the last merge."""
+    gen, base, others = unpack_own(own_raw)
+    return gen, _decode(record[_HEAD_SIZE - 1 : _HEAD_SIZE], record) - base - others, base  # type: ignore[operator]
+
+
+class Push:
+    """One key's local state, as the sync process sends it to Redis."""
+
+    __slots__ = ("base", "flags", "gen", "key", "op", "payload", "pttl")
+
+    def __init__(self, key: bytes, op: bytes, gen: bytes, payload: bytes, base: bytes, flags: int,
+                 pttl: int) -> None:
+        self.key = key
+        self.op = op  # c: counter (own total), b: number set, v: other value set, d: delete
+        self.gen = gen
+        self.payload = payload
+        self.base = base
+        self.flags = flags
+        self.pttl = pttl  # milliseconds left, 0 = never expires
+
+    def args(self) -> list[bytes]:
+        return [self.key, self.op, self.gen, self.payload, self.base, str(self.flags).encode(),
+                str(self.pttl).encode()]
+
+    def __repr__(self) -> str:
+        return f"<Push {self.key!r} {self.op!r} gen={self.gen!r} {self.payload!r}>"
+
+
+class ClusterState:
+    """One key as Redis holds it: the fields of its hash and its time to live."""
+
+    __slots__ = ("fields", "key", "pttl")
+
+    def __init__(self, key: bytes, fields: dict[bytes, bytes], pttl: int) -> None:
+        self.key = key
+        self.fields = fields
+        self.pttl = pttl
+
+
+class SyncedSharedDict(SharedDict):
+    """A shared dict whose writes are noted for the node's sync process (see above)."""
+
+    __slots__ = ("_dirty", "_own")
+
+    def __init__(self, directory: str, name: str, size: int, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(directory, name, size, clock=clock)
+        self._open_sync_dbs()
+
+    def _open_sync_dbs(self) -> None:
+        self._own = self._env.open_db(b"own")
+        self._dirty = self._env.open_db(b"dirty")
+
+    def _reopen_after_fork(self) -> None:
+        super()._reopen_after_fork()
+        self._open_sync_dbs()
+
+    # ------------------------------------------------------------------ hook side
+
+    def _store_op(self, txn: lmdb.Transaction, k: bytes, record: bytes | None, op: int, safe: bool,
+                  now: float) -> tuple[bool, str | None, bool]:
+        result = self._store_in(txn, k, record, op, safe, now)
+        if result[0]:
+            txn.put(k, _DIRTY_VALUE, db=self._dirty)
+            txn.delete(k, db=self._own)  # a set starts a new generation: no increments in it yet
+        return result
+
+    _noting = True
+
+    def _note_incr(self, txn: lmdb.Transaction, k: bytes, value: int | float,
+                   init: int | float | None) -> None:
+        """In incr's transaction: add ``value`` to this node's own total (``init`` given: the key
+        was created by this incr, a new lifetime with that base)."""
+        if init is not None:
+            txn.put(k, pack_own(b"", init, 0), db=self._own)  # a new lifetime
+        dirty = self._dirty
+        if txn.get(k, db=dirty) is not None:
+            return  # noted since the last merge (the common case: one read, no page copied)
+        if init is None and txn.get(k, db=self._own) is None:
+            txn.put(k, _DIRTY_VALUE, db=dirty)  # a value only set here: pushed as a set
+        else:
+            txn.put(k, _DIRTY_COUNTER, db=dirty)
+
+    def _expire_in(self, txn: lmdb.Transaction, k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
+        result = super()._expire_in(txn, k, exptime)
+        if result[0]:
+            txn.put(k, _DIRTY_VALUE, db=self._dirty)
+        return result
+
+    def _flush_all_in(self, txn: lmdb.Transaction) -> tuple[None, None, bool]:
+        for k in txn.cursor().iternext(keys=True, values=False):
+            txn.put(k, _DIRTY_VALUE, db=self._dirty)  # pushed as deletes
+        txn.drop(self._own, delete=False)
+        return super()._flush_all_in(txn)
+
+    # ------------------------------------------------------------------ sync process side
+
+    def node_id(self) -> bytes:
+        """This node's name in the counters' hashes: random, made once per zone lifetime (a cold
+        start empties the zone and so takes a new name, leaving the old totals counted)."""
+        with self._env.begin(db=self._meta, write=True) as txn:
+            node = txn.get(b"node")
+            if node is None:
+                node = os.urandom(6).hex().encode()
+                txn.put(b"node", node)
+            return node
+
+    def pending(self) -> int:
+        with self._env.begin() as txn:
+            return txn.stat(self._dirty)["entries"]
+
+    def collect(self, max_count: int = 500) -> list[Push]:
+        """Take up to ``max_count`` noted keys and their pushes (one write transaction)."""
+        try:
+            with self._env.begin(db=self._data, write=True) as txn:
+                return self._collect_in(txn, max_count)
+        except lmdb.MapResizedError:
+            self._env.set_mapsize(0)
+            with self._env.begin(db=self._data, write=True) as txn:
+                return self._collect_in(txn, max_count)
+
+    def _collect_in(self, txn: lmdb.Transaction, max_count: int) -> list[Push]:
+        now = self._clock()
+        pushes = []
+        taken = []
+        for k, op in txn.cursor(db=self._dirty):
+            taken.append(k)
+            push = self._push_of(txn, k, op, now)
+            if push is not None:
+                pushes.append(push)
+            if len(taken) >= max_count:
+                break
+        for k in taken:
+            txn.delete(k, db=self._dirty)
+        return pushes
+
+    def _push_of(self, txn: lmdb.Transaction, k: bytes, op: bytes, now: float) -> Push | None:
+        raw = txn.get(k)
+        own_raw = txn.get(k, db=self._own)
+        if raw is None or _expired(raw, now):
+            if own_raw is not None:
+                txn.delete(k, db=self._own)
+            return Push(k, b"d", b"", b"", b"", 0, 0) if op == _DIRTY_VALUE else None
+        expires, _touched, flags, kind = _HEAD.unpack_from(raw)
+        pttl = max(1, int((expires - now) * 1000)) if expires else 0
+        if op == _DIRTY_COUNTER and own_raw is not None and kind in _NUMBER_KINDS:
+            gen, own, base = own_total(raw, own_raw)
+            return Push(k, b"c", gen, number_text(own), number_text(base), flags, pttl)
+        if own_raw is not None:
+            txn.delete(k, db=self._own)  # a set starts a new generation: no own total yet
+        if kind in _NUMBER_KINDS:
+            return Push(k, b"b", b"", number_text(_decode(kind, raw)), b"", flags, pttl)  # type: ignore[arg-type]
+        return Push(k, b"v", b"", kind + raw[_HEAD_SIZE:], b"", flags, pttl)
+
+    def requeue(self, pushes: list[Push]) -> None:
+        """Note again keys whose push did not reach Redis (pushes are whole states: idempotent)."""
+        with self._env.begin(write=True) as txn:
+            for push in pushes:
+                if push.op == b"c":
+                    txn.put(push.key, _DIRTY_COUNTER, db=self._dirty, overwrite=False)
+                else:
+                    txn.put(push.key, _DIRTY_VALUE, db=self._dirty)
+
+    def restore_pushes(self) -> list[Push]:
+        """Every live key as a push, for a Redis that may have lost them (``restore`` mode
+        recreates only what Redis does not hold)."""
+        now = self._clock()
+        pushes = []
+        with self._env.begin(db=self._data) as txn:
+            for k, raw in txn.cursor():
+                if _expired(raw, now):
+                    continue
+                own_raw = txn.get(k, db=self._own)
+                if own_raw is None:
+                    continue  # a local set not pushed yet: its dirty mark pushes it
+                expires, _touched, flags, kind = _HEAD.unpack_from(raw)
+                pttl = max(1, int((expires - now) * 1000)) if expires else 0
+                if kind in _NUMBER_KINDS:
+                    gen, own, base = own_total(raw, own_raw)
+                    pushes.append(Push(k, b"c", gen, number_text(own), number_text(base), flags, pttl))
+                else:
+                    gen = unpack_own(own_raw)[0]
+                    pushes.append(Push(k, b"v", gen, kind + raw[_HEAD_SIZE:], b"", flags, pttl))
+        return pushes
+
+    def apply(self, states: list[ClusterState], node: bytes) -> None:
+        """Take the cluster's state of these keys (one write transaction). A key noted dirty
+        again since its push keeps its local value until its own push comes back."""
+        if not states:
+            return
+        try:
+            with self._env.begin(db=self._data, write=True) as txn:
+                self._apply_in(txn, states, b"n:" + node)
+        except lmdb.MapResizedError:
+            self._env.set_mapsize(0)
+            with self._env.begin(db=self._data, write=True) as txn:
+                self._apply_in(txn, states, b"n:" + node)
+
+    def _apply_in(self, txn: lmdb.Transaction, states: list[ClusterState], own_field: bytes) -> None:
+        now = self._clock()
+        for state in states:
+            if not 0 < len(state.key) <= MAX_KEY_BYTES:
+                continue  # not written by a node (Redis is shared): never wedge the merge on it
+            try:
+                self._apply_one(txn, state, own_field, now)
+            except (ValueError, struct.error, lmdb.BadValsizeError):
+                continue  # a malformed hash (idem)
+
+    def _apply_one(self, txn: lmdb.Transaction, state: ClusterState, own_field: bytes, now: float) -> None:
+        k, fields = state.key, state.fields
+        dirty = txn.get(k, db=self._dirty)
+        own_raw = txn.get(k, db=self._own)
+        local = txn.get(k)
+        gen = fields.get(b"_g", b"")
+        if not fields or b"_d" in fields:
+            stale_counter = dirty == _DIRTY_COUNTER and own_raw is not None and unpack_own(own_raw)[0]
+            if dirty is None or stale_counter:
+                # deleted (or expired) in the cluster: increments of that generation go too
+                self._store_in(txn, k, None, _SET, False, now)
+                txn.delete(k, db=self._own)
+                txn.delete(k, db=self._dirty)
+            return
+        expires = now + state.pttl / 1000 if state.pttl > 0 else 0.0
+        flags = int(fields.get(b"_f", b"0"))
+        if b"_v" in fields:
+            value = fields[b"_v"]
+            if value[:1] not in _VALUE_KINDS or (value[:1] == b"s" and not _is_utf8(value[1:])):
+                raise ValueError("not a value a node pushed")
+            if dirty is None:
+                record = _HEAD.pack(expires, now, flags, value[:1]) + value[1:]
+                self._store_in(txn, k, record, _SET, False, now)
+                txn.put(k, pack_own(gen, 0, 0), db=self._own)
+            return
+        base = parse_number(fields.get(b"_b", b"0"))
+        others = sum(parse_number(v) for f, v in fields.items() if f[:2] == b"n:" and f != own_field)
+        own = 0
+        if own_raw is not None and local is not None and not _expired(local, now) \
+                and local[_HEAD_SIZE - 1 : _HEAD_SIZE] in _NUMBER_KINDS:
+            own_gen, own_value, _ = own_total(local, own_raw)
+            if own_gen in (b"", gen):
+                own = own_value
+        if dirty == _DIRTY_VALUE:
+            return  # a local set, not yet pushed, wins for now
+        txn.put(k, pack_own(gen, base, others), db=self._own)
+        self._store_in(txn, k, _record(base + others + own, expires, now, flags), _SET, False, now)
+
+    def sweep_own(self, max_count: int = 10000) -> int:
+        """Forget the own totals of keys gone from the zone (expired or evicted)."""
+        now = self._clock()
+        removed = 0
+        with self._env.begin(db=self._data, write=True) as txn:
+            gone = [k for k in txn.cursor(db=self._own).iternext(values=False)
+                    if (raw := txn.get(k)) is None or _expired(raw, now)][:max_count]
+            for k in gone:
+                if txn.get(k, db=self._dirty) is None:
+                    txn.delete(k, db=self._own)
+                    removed += 1
+        return removed

@@ -27,14 +27,14 @@ from typing import Any
 
 import uvloop
 
-from scriptlb import api, errorlog, safety
+from scriptlb import api, cluster, errorlog, safety
 from scriptlb.config.model import HttpConf, MainConf
 from scriptlb.downstream import ClientConnection, ListenerContext
 from scriptlb.exchange import Exchange, log_client_error
 from scriptlb.peer_lists import PeerListStore, PeerListWatcher, effective_conf
 from scriptlb.runtime import Runtime
 from scriptlb.sandbox.limits import install_worker_fuse
-from scriptlb.shared_dict import SharedDict, map_size, zone_directory
+from scriptlb.shared_dict import SharedDict, SyncedSharedDict, map_size, zone_directory
 from scriptlb.stats import PeerStats, Recorder, StatsFull, layout_of, shards_for
 from scriptlb.status import StatusFull, WorkerStatus, rows_for
 
@@ -62,6 +62,7 @@ class Worker:
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
         self.ready = threading.Event()
         self.freeze_gc = False  # True in a worker process (run), not in a test's thread
+        self.cluster: cluster.ClusterNode | None = None  # master_process off: the sync tasks
 
     async def serve(self) -> None:
         self._stop = self.loop.create_future()
@@ -81,7 +82,8 @@ class Worker:
         self.runtime.status = self.status
         if store is not None and loaded_http is not None:
             self.runtime.peer_lists = PeerListWatcher(store, loaded_http, self.runtime.replace_servers)
-            if _has_handler(loaded_http, "api", write=True):  # only then can lists change
+            # only then can lists change: the API, or membership from etcd or DNS
+            if _has_handler(loaded_http, "api", write=True) or cluster.feeds_peer_lists(loaded_http):
                 self.runtime.peer_lists.start(self.loop)
         self._start_health_checks(self.runtime)
         self._start_hook_figures(self.runtime)
@@ -92,6 +94,9 @@ class Worker:
             self.status.connection_sets = list(shared.values())
             if _reads_status(self.conf):  # otherwise nobody reads the other workers' rows
                 self.status.start(self.loop)
+        if not self.conf.master_process and cluster.needed(self.conf):
+            self.cluster = cluster.ClusterNode(self.conf)  # no master to fork a cluster process
+            self.cluster.start(self.loop)
         if self.freeze_gc:
             # Everything alive now (modules, config, runtime) lives as long as the worker
             # process: keep it out of the cyclic GC's scans, which would walk it again and again.
@@ -193,6 +198,8 @@ class Worker:
                     conn.close_if_idle()
         if graceful:
             await self._drain()
+        if self.cluster is not None:
+            await self.cluster.stop(graceful)
         if self.runtime is not None:
             if self.runtime.peer_lists is not None:
                 self.runtime.peer_lists.stop()
@@ -283,7 +290,8 @@ def attach_hook_runtime(conf: MainConf, worker_id: int, worker_count: int, arm_f
     if http.shared_dicts:
         directory = zone_directory(conf.prefix)
         api.set_shared_dicts({
-            name: SharedDict(directory, name, zone.size) for name, zone in http.shared_dicts.items()
+            name: (SyncedSharedDict if zone.sync is not None else SharedDict)(directory, name, zone.size)
+            for name, zone in http.shared_dicts.items()
         })
     hooks = http.hooks()
     if hooks and arm_fuse:

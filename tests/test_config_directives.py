@@ -597,7 +597,7 @@ def test_upstream_defaults(tmp_path: Path) -> None:
         ("server 127.0.0.1 max_fails=x;", 'invalid parameter "max_fails=x"'),
         ("server 127.0.0.1 fail_timeout=500ms;", 'invalid parameter "fail_timeout=500ms"'),
         ("server 127.0.0.1 max_conns=-1;", 'invalid parameter "max_conns=-1"'),
-        ("server 127.0.0.1 resolve;", 'invalid parameter "resolve"'),
+        ("server 127.0.0.1 service=http;", 'service parameter requires "resolve" in upstream "127.0.0.1"'),
         ("server 127.0.0.1:0;", 'invalid port in upstream "127.0.0.1:0"'),
         ("server 127.0.0.1:99999;", 'invalid port in upstream "127.0.0.1:99999"'),
         ("server nosuchhost.invalid:8080;", 'host not found in upstream "nosuchhost.invalid:8080"'),

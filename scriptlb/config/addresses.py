@@ -152,14 +152,33 @@ def parse_upstream_server(node: Node, allowed: frozenset[str] | None = None) -> 
         if key is None:
             raise ConfigError(f'invalid parameter "{param}"', node.source)
         params[key] = value
+    if "service" in params and not params.get("resolve"):
+        raise ConfigError(f'service parameter requires "resolve" in upstream "{text}"', node.source)
+    if params.get("resolve"):
+        # resolved at run time by the cluster process (scriptlb.resolver): nothing here
+        _check_resolvable(node, text, bool(params.get("service")))
+        return UpstreamServerConf(name=text, addrs=(), source=node.source, **params)  # type: ignore[arg-type]
     addrs = resolve_upstream_address(node, text)
     return UpstreamServerConf(name=text, addrs=addrs, source=node.source, **params)  # type: ignore[arg-type]
 
 
+def _check_resolvable(node: Node, text: str, service: bool) -> None:
+    try:
+        hp = split_host_port(text)
+    except AddressError as e:
+        raise ConfigError(f'{e.kind} in upstream "{text}"', node.source) from None
+    if hp.unix_path is not None:
+        raise ConfigError(f'invalid address "{text}" for resolve in upstream', node.source)
+    if service and hp.port is not None:
+        raise ConfigError(f'service upstream "{text}" may not have port', node.source)
+
+
 def _server_param(param: str) -> tuple[str | None, object]:
     """(field, value) of one server parameter, or (None, None) if invalid."""
-    if param in ("backup", "down", "drain"):
+    if param in ("backup", "down", "drain", "resolve"):
         return param, True
+    if param.startswith("service="):
+        return ("service", param[8:]) if param[8:] else (None, None)
     name, eq, value = param.partition("=")
     if not eq:
         return None, None

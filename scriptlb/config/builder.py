@@ -45,6 +45,7 @@ from scriptlb.config.model import (
     ProxyConf,
     ProxyPassConf,
     PythonConf,
+    ResolverConf,
     RewriteOp,
     ServerConf,
     Source,
@@ -66,6 +67,7 @@ _DEFAULT_HEADERS: tuple[Header, ...] = (
 )
 # OpenResty: an upstream whose only peers come from a hook gets this placeholder
 _PLACEHOLDER_SERVER = UpstreamServerConf("0.0.0.1", (PeerAddr("0.0.0.1", 80),))
+_DOWN_PLACEHOLDER = UpstreamServerConf("0.0.0.1:80", (PeerAddr("0.0.0.1", 80),), down=True)
 
 
 def build(nodes: Sequence[Node], conf_file: str, prefix: str, files: Sequence[str]) -> MainConf:
@@ -92,6 +94,10 @@ def walk(state: State, nodes: Sequence[Node], ctx: Ctx, draft: Any) -> None:
 def _close_upstream(upstream: UpstreamDraft, node: Node) -> None:
     if "state" in upstream.values:
         _load_state_file(upstream, node)
+    dynamic = "discovery" in upstream.values or any(s.resolve for s in upstream.servers)
+    if dynamic and not any(s.addrs for s in upstream.servers if not s.backup):
+        # no address until etcd or DNS answers: a peer that is always down (502) until then
+        upstream.servers.append(_DOWN_PLACEHOLDER)
     if not upstream.servers:
         if upstream.hook is None:
             raise ConfigError("no servers are inside upstream", node.close)
@@ -168,6 +174,24 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
     )
 
 
+def _upstream_resolver(upstream: UpstreamDraft, http: HttpDraft) -> ResolverConf | None:
+    """The upstream's ``resolver`` (else http's), with its ``resolver_timeout``; checks that
+    run-time membership has what it needs, in nginx Plus's words."""
+    dynamic = [s for s in upstream.servers if s.resolve]
+    if (dynamic or "discovery" in upstream.values) and "zone" not in upstream.values:
+        name = dynamic[0].name if dynamic else upstream.name
+        raise ConfigError(f'resolving names at run time requires upstream "{upstream.name}" '
+                          f'to be in shared memory ("{name}" needs "zone")', upstream.source)
+    v, h = upstream.values, http.values
+    resolver = v.get("resolver", h.get("resolver"))
+    if resolver is None:
+        if dynamic:
+            raise ConfigError(f'no resolver defined to resolve {dynamic[0].name}', dynamic[0].source)
+        return None
+    timeout = v.get("resolver_timeout", h.get("resolver_timeout", 30.0))
+    return dataclasses.replace(resolver, timeout=timeout)
+
+
 def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
     if not any(not s.backup for s in upstream.servers):
         raise ConfigError(f'no servers in upstream "{upstream.name}"', upstream.source)
@@ -188,6 +212,8 @@ def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
         source=upstream.source,
         zone=v.get("zone"),
         state_file=v.get("state"),
+        discovery=v.get("discovery"),
+        resolver=_upstream_resolver(upstream, http),
     )
 
 

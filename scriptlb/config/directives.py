@@ -37,12 +37,15 @@ from scriptlb.config.model import (
     AccessRule,
     AddHeaderConf,
     BalancerMethodConf,
+    DictSyncConf,
+    DiscoveryConf,
     ErrorLogConf,
     ErrorPageConf,
     ListenConf,
     LogFormat,
     NextUpstream,
     PeerAddr,
+    ResolverConf,
     ReturnConf,
     RewriteOp,
     SharedDictConf,
@@ -621,8 +624,9 @@ MIN_SHARED_DICT_SIZE = 16 * 4096
 
 
 def _python_shared_dict(state: State, node: Node, draft: HttpDraft) -> None:
-    """``python_shared_dict NAME SIZE``, checked in lua_shared_dict's order and words."""
-    name, size_text = node.args
+    """``python_shared_dict NAME SIZE [sync=URL ...]``, checked in lua_shared_dict's order and
+    words, then the cluster parameters."""
+    name, size_text = node.args[:2]
     if not name:
         raise fail(node, f'invalid python shared dict name "{name}"')
     size = parse_size(size_text)
@@ -637,7 +641,38 @@ def _python_shared_dict(state: State, node: Node, draft: HttpDraft) -> None:
                 f"conflicts with already declared size {other.size}",
             )
         raise fail(node, f'python_shared_dict "{name}" is already defined as "{other.name}"')
-    draft.shared_dicts[name] = SharedDictConf(name, size, node.source)
+    sync = _dict_sync(state, node, name, node.args[2:])
+    draft.shared_dicts[name] = SharedDictConf(name, size, node.source, sync)
+
+
+_SYNC_SCHEMES = ("redis://", "rediss://")
+
+
+def _dict_sync(state: State, node: Node, name: str, params: tuple[str, ...]) -> DictSyncConf | None:
+    """``sync=redis://HOST:PORT/DB [sync_interval=T] [sync_prefix=P] [sync_password_file=F]``."""
+    values: dict[str, str] = {}
+    if any("=" not in param for param in params):  # lua_shared_dict's words for a third word
+        raise fail(node, f'invalid number of arguments in "{node.name}" directive')
+    for param in params:
+        key, _, value = param.partition("=")
+        if key not in ("sync", "sync_interval", "sync_prefix", "sync_password_file") or key in values:
+            raise fail(node, f'invalid parameter "{param}"')
+        values[key] = value
+    if not values:
+        return None
+    url = values.get("sync")
+    if url is None:
+        raise fail(node, f'"sync_*" parameters need "sync=" in python_shared_dict "{name}"')
+    if not url.startswith(_SYNC_SCHEMES) or len(url) <= len("rediss://"):
+        raise fail(node, f'invalid sync URL "{url}" (redis://HOST:PORT/DB or rediss://...)')
+    interval = parse_time(values.get("sync_interval", "50ms"))
+    if interval is None or interval <= 0:
+        raise fail(node, f'invalid sync_interval "{values["sync_interval"]}"')
+    password_file = values.get("sync_password_file")
+    return DictSyncConf(
+        url=url, interval=interval, prefix=values.get("sync_prefix", f"scriptlb:{name}:"),
+        password_file=state.path(password_file) if password_file else None,
+    )
 
 
 def _hook_timeout(state: State, node: Node, draft: Any) -> None:
@@ -706,7 +741,8 @@ def _upstream_server(state: State, node: Node, draft: UpstreamDraft) -> None:
 # --------------------------------------------------------------------------- balancing methods
 
 _ALL_SERVER_PARAMS = frozenset(
-    {"weight", "max_fails", "fail_timeout", "down", "backup", "max_conns", "slow_start", "drain"}
+    {"weight", "max_fails", "fail_timeout", "down", "backup", "max_conns", "slow_start", "drain",
+     "resolve", "service"}
 )
 _NO_BACKUP = _ALL_SERVER_PARAMS - {"backup"}
 
@@ -815,6 +851,70 @@ def _upstream_zone(state: State, node: Node, draft: UpstreamDraft) -> None:
 
 def _upstream_state(state: State, node: Node, draft: UpstreamDraft) -> None:
     _store(node, draft.values, state.path(node.args[0]))
+
+
+def _discovery(state: State, node: Node, draft: UpstreamDraft) -> None:
+    """``discovery etcd=http://HOST:PORT prefix=/KEY/PREFIX/ [timeout=T]``: the servers are the
+    keys under the prefix in etcd (scriptlb.discovery)."""
+    values: dict[str, str] = {}
+    for param in node.args:
+        key, eq, value = param.partition("=")
+        if not eq or not value or key not in ("etcd", "prefix", "timeout") or key in values:
+            raise fail(node, f'invalid parameter "{param}"')
+        values[key] = value
+    if "etcd" not in values or "prefix" not in values:
+        raise fail(node, '"discovery" needs "etcd=" and "prefix="')
+    if not values["etcd"].startswith("http://"):
+        raise fail(node, f'invalid etcd URL "{values["etcd"]}" (http://HOST:PORT)')
+    timeout = parse_time(values.get("timeout", "3s"))
+    if timeout is None or timeout <= 0:
+        raise fail(node, f'invalid timeout "{values["timeout"]}"')
+    _store(node, draft.values, DiscoveryConf(values["etcd"], values["prefix"], timeout))
+
+
+def _resolver(state: State, node: Node, draft: Any) -> None:
+    """``resolver ADDRESS ... [valid=T] [ipv4=on|off] [ipv6=on|off]`` (name servers: IP
+    literals, port 53 unless given)."""
+    addresses: list[tuple[str, int]] = []
+    options: dict[str, Any] = {}
+    for arg in node.args:
+        name, eq, value = arg.partition("=")
+        if eq and name == "valid":
+            valid = parse_time(value, seconds_only=True)
+            if valid is None:
+                raise fail(node, f'invalid parameter "{arg}"')
+            options["valid"] = valid
+        elif eq and name in ("ipv4", "ipv6"):
+            if value not in ("on", "off"):
+                raise fail(node, f'invalid parameter "{arg}"')
+            options[name] = value == "on"
+        elif eq:
+            raise fail(node, f'invalid parameter "{arg}"')
+        else:
+            addresses.append(_name_server(node, arg))
+    if not options.get("ipv4", True) and not options.get("ipv6", True):
+        raise fail(node, '"ipv4" and "ipv6" cannot both be "off"')
+    _store(node, draft.values, ResolverConf(tuple(addresses), **options))
+
+
+def _name_server(node: Node, text: str) -> tuple[str, int]:
+    import ipaddress
+
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            port = parse_int(rest[1:]) if rest.startswith(":") else None  # type: ignore[assignment]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = parse_int(port_text)  # type: ignore[assignment]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise fail(node, f'invalid resolver address "{text}" (an IP address is needed)')
+    if port is None or not 0 < port < 65536:
+        raise fail(node, f'invalid port in resolver "{text}"')
+    return host, port
 
 
 # --------------------------------------------------------------------------- health checks
@@ -983,7 +1083,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("balancer_by_python_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _hook_timeout),
     _spec("balancer_by_python_file", Ctx.UPSTREAM, ONE, _hook_file),
     _spec("balancer_by_python_block", Ctx.UPSTREAM, NONE, _hook_block, block=True),
-    _spec("python_shared_dict", Ctx.HTTP, (2, 2), _python_shared_dict),
+    _spec("python_shared_dict", Ctx.HTTP, (2, 6), _python_shared_dict),
     _spec("log_by_python_file", HSL, ONE, _log_hook_file),
     _spec("log_by_python_block", HSL, NONE, _log_hook_block, block=True),
     _spec("log_by_python_timeout", HSL, ONE, _hook_timeout),
@@ -1009,6 +1109,10 @@ _SPECS: tuple[Spec, ...] = (
     _spec("send", Ctx.MATCH, ONE, _match_send),
     _spec("expect", Ctx.MATCH, (1, 2), _match_expect),
     _spec("state", Ctx.UPSTREAM, ONE, _upstream_state),
+    # membership at run time (the cluster process): etcd, DNS
+    _spec("discovery", Ctx.UPSTREAM, (1, 3), _discovery),
+    _spec("resolver", Ctx.HTTP | Ctx.UPSTREAM, (1, None), _resolver),
+    _spec("resolver_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _slot(msec)),
     # access control, status and the API
     _spec("allow", HSL, ONE, _access_rule),
     _spec("deny", HSL, ONE, _access_rule),

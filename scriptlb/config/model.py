@@ -143,12 +143,44 @@ class PythonConf:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscoveryConf:
+    """``discovery etcd=URL prefix=PREFIX [timeout=T]`` in an upstream (scriptlb.discovery)."""
+
+    etcd: str  # http://HOST:PORT (etcd's v3 HTTP/JSON gateway)
+    prefix: str  # each key below it is one server
+    timeout: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverConf:
+    """``resolver ADDR[:PORT] ... [valid=T] [ipv6=on|off]; resolver_timeout T;`` (nginx's)."""
+
+    addresses: tuple[tuple[str, int], ...]  # name servers, tried in order
+    valid: float | None = None  # overrides the answers' TTL
+    ipv4: bool = True
+    ipv6: bool = True
+    timeout: float = 30.0  # resolver_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class DictSyncConf:
+    """``python_shared_dict ... sync=URL``: the zone is merged with Redis by the node's sync
+    process (``scriptlb.dict_sync``)."""
+
+    url: str  # redis://HOST:PORT/DB or rediss://...
+    interval: float = 0.05  # sync_interval=, seconds between two merges
+    prefix: str = ""  # sync_prefix=, the Redis key prefix (default: scriptlb:NAME:)
+    password_file: str | None = None  # sync_password_file=, read by the sync process
+
+
+@dataclass(frozen=True, slots=True)
 class SharedDictConf:
     """One ``python_shared_dict NAME SIZE;`` zone (``scriptlb.shared_dict.SharedDict``)."""
 
     name: str  # as written; ngx.shared.NAME in hooks (case-sensitive, as lua_shared_dict)
     size: int  # bytes, at least scriptlb.shared_dict.MIN_SIZE
     source: Source | None = None
+    sync: DictSyncConf | None = None  # cluster-wide through Redis
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +244,10 @@ class UpstreamServerConf:
     # draining (no new requests, those in flight finish)
     slow_start: float = 0.0
     drain: bool = False
+    # nginx Plus's `resolve [service=NAME]`: addresses come from DNS at run time (the cluster
+    # process, scriptlb.resolver), not from the config loader
+    resolve: bool = False
+    service: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +311,8 @@ class UpstreamConf:
     zone: str | None = None  # `zone NAME [SIZE]`: accepted (the statistics are always shared)
     health_checks: tuple[HealthCheckConf, ...] = ()  # from the locations proxying to it
     state_file: str | None = None  # `state FILE`: the servers, kept in step with API changes
+    discovery: DiscoveryConf | None = None  # `discovery etcd=...`: servers from etcd
+    resolver: ResolverConf | None = None  # the upstream's, else http's `resolver`
 
 
 # --------------------------------------------------------------------------- servers/locations

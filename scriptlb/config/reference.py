@@ -28,7 +28,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "server": ("{ ... } (http) / address [parameters] (upstream)", "-",
                "ngx_http_core_module / ngx_http_upstream_module",
                "upstream parameters: weight, max_fails, fail_timeout, max_conns, backup, down, "
-               "slow_start and drain (nginx Plus)"),
+               "slow_start, drain, resolve and service= (nginx Plus)"),
     "upstream": ("name { ... }", "-", "ngx_http_upstream_module", ""),
     "listen": ("address[:port] [default_server] [reuseport] [backlog=N]", "*:80 | *:8000",
                "ngx_http_core_module", "ssl, http2 and quic are refused"),
@@ -75,7 +75,10 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "balancer_by_python_timeout": ("time", "10ms", "scriptlb", "CPU budget of one hook run"),
     "balancer_by_python_file": ("file", "-", "scriptlb (balancer_by_lua_file)", ""),
     "balancer_by_python_block": ("{ python }", "-", "scriptlb (balancer_by_lua_block)", ""),
-    "python_shared_dict": ("name size", "-", "scriptlb (lua_shared_dict)", "at least 64k"),
+    "python_shared_dict": ("name size [sync=redis://HOST:PORT/DB] [sync_interval=time] [sync_prefix=P] "
+                           "[sync_password_file=F]", "-", "scriptlb (lua_shared_dict)",
+                           "at least 64k; sync= merges the zone with Redis across nodes (docs/cluster.md), "
+                           "sync_interval defaults to 50ms, sync_prefix to scriptlb:NAME:"),
     "log_by_python_file": ("file", "-", "scriptlb (log_by_lua_file)", ""),
     "log_by_python_block": ("{ python }", "-", "scriptlb (log_by_lua_block)", ""),
     "log_by_python_timeout": ("time", "10ms", "scriptlb", ""),
@@ -89,6 +92,13 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "ewma": ("", "-", "scriptlb (APISIX's ewma)", ""),
     "zone": ("name [size]", "-", "ngx_http_upstream_module",
              "accepted; scriptlb shares statistics, health and run-time lists without it"),
+    "discovery": ("etcd=http://HOST:PORT prefix=/KEY/PREFIX/ [timeout=time]", "-", "scriptlb",
+                  "needs zone: the servers are the keys under the prefix (value: JSON with the API's "
+                  "fields), watched in etcd (docs/cluster.md); timeout defaults to 3s"),
+    "resolver": ("address[:port] ... [valid=time] [ipv4=on|off] [ipv6=on|off]", "-", "ngx_http_core_module",
+                 "http and upstream contexts; used by `server NAME resolve` (IP addresses only, no "
+                 "status_zone)"),
+    "resolver_timeout": ("time", "30s", "ngx_http_core_module", ""),
     "state": ("file", "-", "ngx_http_upstream_module (nginx Plus)",
               "the servers the API leaves, read at load time; replaces the block's server lines"),
     "health_check": ("[interval=T] [jitter=T] [fails=N] [passes=N] [uri=U] [port=N] [match=NAME] "
@@ -158,7 +168,6 @@ REFUSED: dict[str, str] = {
     "ssl_*, listen ... ssl, http2, quic": "TLS termination is left to a dedicated terminator in front",
     "proxy_cache*, proxy_store": "a load balancer, not a cache: responses are streamed",
     "gzip*, sub_filter": "responses pass as the peer sent them",
-    "resolver": "names resolve at load time (and for API-added servers); DNS-fed lists come later",
     "limit_req*, limit_conn*": "rate limiting fits in a hook with a shared dict (hooks/rate_aware.py)",
     "fastcgi_*, uwsgi_*, scgi_*, grpc_*, memcached_*": "HTTP/1.x peers only",
     "stream": "no TCP/UDP proxying yet",
