@@ -467,7 +467,9 @@ class Runtime:
             from scriptlb.handlers import content_handler
 
             location.content = content_handler(conf, self)
-        elif upstream is None and conf.return_ is None and conf.proxy_pass is None:
+        elif conf.return_ is None and conf.proxy_pass is None and os.path.isabs(conf.root):
+            # (a location the config did not build, the server's "no location matched" one,
+            # has no root of its own: it answers 404 as before)
             from scriptlb.static import StaticFiles
 
             location.content = StaticFiles(conf.root, conf.index)

@@ -387,3 +387,12 @@ def test_upstream_cookie_connection_time_and_empty_arg(tmp_path: Path) -> None:
     seconds = response.header("x-time") or ""
     assert seconds.count(".") == 1 and len(seconds.split(".")[1]) == 3 and float(seconds) >= 0
     assert response.header("x-empty") == "[]"
+
+
+def test_default_root_is_under_the_prefix_and_unmatched_uris_get_404(tmp_path: Path) -> None:
+    (tmp_path / "html" / "a").mkdir(parents=True)
+    (tmp_path / "html" / "a" / "f").write_text("under prefix")
+    (tmp_path / "html" / "x").write_text("not reachable: no location matches /x")
+    with run(conf("location /a/ { }"), tmp_path) as lb:
+        assert get(lb.port, "/a/f").body == b"under prefix"
+        assert get(lb.port, "/x").status == 404
