@@ -13,6 +13,8 @@ log line), which says how the current line began.
 
 from __future__ import annotations
 
+import re
+
 CR = 13
 LF = 10
 
@@ -20,44 +22,46 @@ LF = 10
 _BODY_HEADERS = (b"content-length:", b"transfer-encoding:")
 
 
+# the most of a read rewritten: a longer head is refused by the head limits anyway
+_REWRITE_MAX = 64 * 1024
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
 def crlf_head(data: bytes, before: bytes) -> bytes:
     """``data`` with every bare LF of the head(s) it carries preceded by a CR. ``before``: the
     bytes of this head read earlier (b"" when ``data`` begins it). The caller calls this only
     when ``data.count(b"\n") != data.count(b"\r\n")``: a read with CRLF everywhere (the
     common case) costs two counts and nothing else."""
-    tail = before[-2:]
-    prev = tail[-1] if tail else 0
+    end = _rewritten_end(data, before[-2:])
+    first = 1 if data[:1] == b"\n" and before[-1:] == b"\r" else 0  # a CRLF split by the read
+    return data[:first] + _BARE_LF.sub(b"\r\n", data[first:end]) + data[end:]
+
+
+def _rewritten_end(data: bytes, tail: bytes) -> int:
+    """Where the rewriting stops: after the first head that announces a body (or whose
+    beginning came in an earlier read: it may have), else the end of ``data``."""
     # where the earlier reads left the current line: empty (or a lone CR) at its start
     line_start = not tail or tail[-1] == LF or tail in (b"\r", b"\n\r")
     # an earlier read of this head: the parser had begun a request (its line has begun)
     seen_line = bool(tail)
-    out: list[bytes] = []
-    pos = 0
-    size = len(data)
+    whole_head = not tail
     announces_body = False
-    whole_head = not tail  # this head began in this read (else: did it announce a body?)
+    pos = 0
+    size = min(len(data), _REWRITE_MAX)
     while pos < size:
-        lf = data.find(b"\n", pos)
+        lf = data.find(b"\n", pos, size)
         if lf == -1:
-            out.append(data[pos:])
-            break
+            return size
         line = data[pos:lf]
-        before_lf = data[lf - 1] if lf > pos else prev
-        out.append(line)
-        out.append(b"\n" if before_lf == CR else b"\r\n")
         pos = lf + 1
         blank = line_start and line in (b"", b"\r")
         line_start = True
-        prev = LF
         if not blank:
             seen_line = True
             announces_body = announces_body or line[:18].lower().startswith(_BODY_HEADERS)
         elif seen_line:
-            # the head ends here; a body's bytes are never rewritten (nor whatever follows
-            # a head whose beginning came in an earlier read: it may have announced one)
             if announces_body or not whole_head:
-                out.append(data[pos:])
-                break
+                return pos  # a body's bytes are never rewritten
             seen_line = False
             whole_head = True
-    return b"".join(out)
+    return size
