@@ -22,8 +22,9 @@ LF = 10
 _BODY_HEADERS = (b"content-length:", b"transfer-encoding:")
 
 
-# the most of a read rewritten: a longer head is refused by the head limits anyway
-_REWRITE_MAX = 64 * 1024
+# the most of a read rewritten (a longer head is refused by the head limits anyway); the
+# rest of the read is passed on as it came
+_REWRITE_MAX = 32 * 1024  # (its copy stays below malloc's mmap threshold: no heap growth)
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
@@ -32,9 +33,17 @@ def crlf_head(data: bytes, before: bytes) -> bytes:
     bytes of this head read earlier (b"" when ``data`` begins it). The caller calls this only
     when ``data.count(b"\n") != data.count(b"\r\n")``: a read with CRLF everywhere (the
     common case) costs two counts and nothing else."""
+    fixed, end = crlf_head_part(data, before)
+    return fixed + data[end:]
+
+
+def crlf_head_part(data: bytes, before: bytes) -> tuple[bytes, int]:
+    """The rewritten head part of ``data`` and where it ends in ``data`` (what follows, a
+    body, is to be used as it came: the caller can pass it on without copying it here)."""
     end = _rewritten_end(data, before[-2:])
     first = 1 if data[:1] == b"\n" and before[-1:] == b"\r" else 0  # a CRLF split by the read
-    return data[:first] + _BARE_LF.sub(b"\r\n", data[first:end]) + data[end:]
+    fixed = _BARE_LF.sub(b"\r\n", data[first:end] if first or end < len(data) else data)
+    return (b"\n" + fixed if first else fixed), end
 
 
 def _rewritten_end(data: bytes, tail: bytes) -> int:
