@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench install
+.PHONY: run test lint bench bench-tls install
 
 # `run` installs what running needs; `install` (and so test, lint) adds the test tools.
 $(BIN)/scriptlb: pyproject.toml
@@ -35,3 +35,8 @@ lint: install
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py $(ARGS)
+
+# HTTPS keep-alive and handshake rate through nginx and scriptlb (needs nginx, wrk, trustme)
+bench-tls: install
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/python bench/tls_bench.py $(ARGS)

@@ -1,6 +1,6 @@
 """Instructions per proxied request, counted by valgrind (callgrind): a noise-free A/B.
 
-    .venv/bin/python bench/instructions.py [--low 200] [--high 1200] [--metrics | --sync]
+    .venv/bin/python bench/instructions.py [--low 200] [--high 1200] [--metrics | --sync | --trace]
 
 Wall-clock A/Bs on a shared or virtual machine wander by more than the few percent some
 features cost (issue 5's peer statistics must cost <= 3%). Instruction counts do not: this
@@ -35,6 +35,10 @@ CONFIGS = {"python_peer_stats on": "", "python_peer_stats off": "python_peer_sta
 # --metrics: the same proxy with everything the metrics count switched on (a status_zone on the
 # server, a prometheus location; the per-peer counters are on in both runs)
 METRICS_CONFIGS = {"metrics off": "", "metrics on": "status_zone front; location = /metrics { prometheus; }"}
+# --trace: balancer_trace_header on in the proxied location, for a client that does not ask for
+# the header (every response is checked for a peer's own X-Balancer-Trace and for the question)
+TRACE_CONFIGS = {"trace header off": "",
+                 "trace header on": "balancer_trace_header on; balancer_trace_allow 127.0.0.1;"}
 
 
 def proxy_conf(prefix: Path, listen: int, backend: int, extra: str, server_extra: str = "") -> str:
@@ -173,8 +177,10 @@ def main() -> int:
                         help="compare a shared dict hook with python_shared_dict sync= on/off instead")
     parser.add_argument("--sync-hook", choices=sorted(SYNC_HOOKS), default="count",
                         help="--sync: the hook reads and counts (get + incr) or only reads (2 gets)")
+    parser.add_argument("--trace", action="store_true", help="compare balancer_trace_header off/on instead")
     opts = parser.parse_args()
-    configs = METRICS_CONFIGS if opts.metrics else SYNC_CONFIGS if opts.sync else CONFIGS
+    configs = (METRICS_CONFIGS if opts.metrics else SYNC_CONFIGS if opts.sync
+               else TRACE_CONFIGS if opts.trace else CONFIGS)
     if opts.sync and shutil.which("redis-server") is None:
         print("redis-server is missing: bash scripts/install-test-tools", file=sys.stderr)
         return 1
@@ -225,6 +231,10 @@ def main() -> int:
     if opts.metrics:
         on, off = per_request["metrics on"], per_request["metrics off"]
         print(f"metrics: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
+        return 0
+    if opts.trace:
+        on, off = per_request["trace header on"], per_request["trace header off"]
+        print(f"trace header: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
         return 0
     on, off = per_request["python_peer_stats on"], per_request["python_peer_stats off"]
     print(f"peer statistics: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from scriptlb import errorlog
@@ -76,6 +76,13 @@ def _allowed(rules: list[tuple[bool, Network]], exchange: Any) -> bool:
         elif address is not None and address.version == network.version and address in network:  # type: ignore[union-attr]
             return allow
     return True
+
+
+def address_matcher(networks: Sequence[str]) -> Callable[[Any], bool]:
+    """Whether a client's address is in ``networks`` (``allow``'s words: a normalized CIDR,
+    "unix:" or "all"); an empty list matches nobody."""
+    rules = [*_compile_rules(tuple(AccessRule(True, network) for network in networks)), (False, "all")]
+    return lambda exchange: _allowed(rules, exchange)
 
 
 # --------------------------------------------------------------------------- auth_basic

@@ -268,7 +268,11 @@ class Balancer:
         return True, warning
 
     def get_last_failure(self) -> tuple[Any, Any]:
-        failure = _balancer_run().exchange.last_failure
+        run = _balancer_run()
+        failure = run.exchange.last_failure
+        outcome = run.outcome  # what the hook read, for $balancer_trace
+        outcome.failure_read = True
+        outcome.failure_seen = failure
         if failure is None:
             return None, None
         return failure[0], failure[1]

@@ -18,6 +18,8 @@ A try ends in exactly one place, ``end(outcome, ...)``, whatever ended it:
                ``retry.decide``, from the ``Failure`` that ``end`` hands back)
 ``BROKEN``     the connection failed after part of the response went to the client
 ``ABANDONED``  the client side ended the request
+``UPGRADED``   the tunnel after a 101 ended; it counts as a success, with the time to the 101
+               as the latency sample (a tunnel's life says nothing about the peer's speed)
 =============  ==================================================================================
 
 ``end`` does, in this order: the response time, the latency observation for balancers that
@@ -54,16 +56,18 @@ NEXT = 1
 FAILED = 2
 BROKEN = 3
 ABANDONED = 4
+UPGRADED = 5  # a 101's tunnel ended (its connection belonged to the tunnel, never pooled)
 
 
 class TryRecord:
     """One try, for the ``$upstream_*`` lists (times in seconds, None when not reached)."""
 
-    __slots__ = ("addr", "connect_time", "header_time", "response_time", "started", "status")
+    __slots__ = ("addr", "connect_time", "header_time", "hook", "response_time", "started", "status")
 
-    def __init__(self, addr: str, started: float) -> None:
+    def __init__(self, addr: str, started: float, hook: Any = None) -> None:
         self.addr = addr
         self.started = started
+        self.hook = hook  # the balancer hook run that preceded this try ($balancer_trace)
         self.status: int | None = None
         self.connect_time: float | None = None
         self.header_time: float | None = None
@@ -84,7 +88,8 @@ def pool_key(address: str, host: str, local_addr: tuple[str, int] | None) -> tup
 class Attempt(TryRecord):
     """One try: its peer, connection, pool, statistics index and ``$upstream_*`` record."""
 
-    __slots__ = ("conn", "key", "peer", "peer_addr", "pool", "reused", "state", "stats_index", "upstream")
+    __slots__ = ("conn", "key", "peer", "peer_addr", "pool", "reused", "state", "stats_index", "tls_name",
+                 "upstream")
 
     def __init__(
         self,
@@ -95,10 +100,13 @@ class Attempt(TryRecord):
         peer: Peer | None,
         pool: ConnectionPool | None,
         key: tuple,
+        hook: Any = None,
     ) -> None:
         # (TryRecord's fields, assigned here: one constructor call per try)
         self.addr = name
         self.started = clock()
+        # the hook run's HookOutcome (None: no hook): kept as is, read only by $balancer_trace
+        self.hook = hook
         self.status: int | None = None
         self.connect_time: float | None = None
         self.header_time: float | None = None
@@ -111,6 +119,7 @@ class Attempt(TryRecord):
         self.key = key
         self.conn: UpstreamConnection | None = None
         self.reused = False  # the connection came from the pool
+        self.tls_name: str | None = None  # proxy_pass https://: the name sent / verified
         stats = upstream.stats
         if stats is None:
             self.stats_index = -1  # -1: nothing to finish in the statistics
@@ -143,11 +152,11 @@ class Attempt(TryRecord):
         peer = self.peer
         self.peer = None
         status = self.status or 0
-        if outcome == DONE:
-            sample: float | None = elapsed
+        if outcome in (DONE, UPGRADED):
+            sample: float | None = elapsed if outcome == DONE else self.header_time
             counted = stats_failed = False
-            if peer is not None and upstream.observe is not None:
-                upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
+            if peer is not None and upstream.observe is not None and sample is not None:
+                upstream.observe(peer, self.connect_time, self.header_time, sample, upstream.loop.time())
             if conn is not None:
                 if self.pool is not None:
                     self.pool.release(conn)

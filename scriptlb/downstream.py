@@ -28,7 +28,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import httptools
 
@@ -53,7 +53,7 @@ HOP_BY_HOP = frozenset(
 # nginx's send_timeout default: how long a client may leave our writes unread before we give up.
 CLIENT_SEND_TIMEOUT = 60.0
 # Statuses that never carry a body (RFC 9110 6.4.1).
-_NO_BODY_STATUS = frozenset({204, 304})
+_NO_BODY_STATUS = frozenset({101, 204, 304})
 
 _conn_ids = itertools.count(1)
 
@@ -287,6 +287,7 @@ class ClientConnection(asyncio.Protocol):
         "_reading_paused",
         "_timer",
         "_timer_when",
+        "_upgrade_early",
         "_writing_paused",
         "active",
         "body_bytes_sent",
@@ -305,6 +306,7 @@ class ClientConnection(asyncio.Protocol):
         "sent_head",
         "server_addr",
         "server_port",
+        "tls",
         "transport",
     )
 
@@ -329,6 +331,7 @@ class ClientConnection(asyncio.Protocol):
         self.host_cache: tuple | None = None  # the handler layer's (raw Host -> server) cache
         self.requests = 0  # requests started on this connection ($connection_requests)
         self.opened = self.loop.time()  # ($connection_time)
+        self.tls: Any = None  # the ssl.SSLObject of a TLS connection
 
         # timers
         self._timer: asyncio.TimerHandle | None = None
@@ -362,6 +365,7 @@ class ClientConnection(asyncio.Protocol):
         self._eof = False  # the client half-closed: answer what it sent, then close
         self._activating = False  # _finish_active is serving the queue (no recursion)
         self._last_keepalive_timeout = 75.0
+        self._upgrade_early = b""  # bytes after an Upgrade request's head (see _feed)
 
         # response state of the active request
         self._keep_alive = False
@@ -377,6 +381,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.tls = transport.get_extra_info("ssl_object")  # None: plain TCP ($https, $ssl_*)
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
         if isinstance(peer, tuple):
@@ -463,14 +468,15 @@ class ClientConnection(asyncio.Protocol):
         self._last_data = data if self._parsing is not None and not self._head_done else b""
 
     def eof_received(self) -> bool | None:
-        # A half-closed client may still read our answer to what it already sent.
+        # A half-closed client may still read our answer to what it already sent (not over
+        # TLS: the TLS layer closes the connection whatever we answer, and warns if we say True)
         self._eof = True
         if self._linger_until:
             self._end_lingering()  # the client closed its side: the lingering close is over
             return True
         if self.active is None and not self._queue:
             self.close()
-        return True
+        return None if self.tls is not None else True
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -537,11 +543,14 @@ class ClientConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            # llhttp stops after an "Upgrade" request head; we do not tunnel, so the request was
-            # delivered as a plain one (Upgrade is hop-by-hop and dropped, as nginx does).
+            # llhttp stops after an "Upgrade" request head (delivered as a plain request). What
+            # follows belongs to the new protocol if the peer switches (a tunnel takes it, see
+            # switch_protocols), else it is the next request: nothing more is read until the
+            # answer, and what came with the head waits for it (_finish_active feeds it).
+            self._pause_reading()
             offset = int(upgrade.args[0])
             if offset < len(data):
-                self._feed(data[offset:])
+                self._upgrade_early += data[offset:]
         except httptools.HttpParserCallbackError as err:
             cause = err.__context__
             if isinstance(cause, ClientError):
@@ -802,6 +811,28 @@ class ClientConnection(asyncio.Protocol):
         elif not self._head_done:
             self._arm(_HEAD, self.listener.header_timeout)  # a pipelined head, still incomplete
         self._resume_reading()
+        early = self._upgrade_early
+        if early:  # the upgrade was refused: what came after its head is the next request
+            self._upgrade_early = b""
+            self.data_received(early)
+
+    def switch_protocols(self, protocol: asyncio.Protocol) -> tuple[asyncio.Transport, bytes]:
+        """The active request got a 101 (its head is written): the socket now belongs to
+        ``protocol`` (a tunnel), which gets its events and must hand ``connection_lost`` back
+        here. Returns the transport and the bytes that came after the request's head."""
+        transport = self.transport
+        assert transport is not None
+        self._cancel_timer()
+        self._keep_alive = False
+        self.listener.reusable.pop(self, None)
+        for request, _handler in self._queue:  # (no HTTP request follows a switch)
+            request.body.close()
+        self._queue = _NO_QUEUE
+        early, self._upgrade_early = self._upgrade_early, b""
+        transport.set_protocol(protocol)
+        self._reading_paused = False
+        transport.resume_reading()
+        return transport, early
 
     # ------------------------------------------------------------------ writing responses
 
@@ -841,7 +872,10 @@ class ClientConnection(asyncio.Protocol):
             self._keep_alive = False  # an HTTP/1.0 client learns the end of the body from the close
         if status >= 400 and request.has_body and not request.complete:
             self._keep_alive = False  # we will not read the rest of the body
-        end = b"Connection: keep-alive\r\n\r\n" if self._keep_alive else b"Connection: close\r\n\r\n"
+        if status == 101:  # (nginx's header filter: a switch says so, whatever keep-alive was)
+            end = b"Connection: upgrade\r\n\r\n"
+        else:
+            end = b"Connection: keep-alive\r\n\r\n" if self._keep_alive else b"Connection: close\r\n\r\n"
         # (the head is kept for $sent_http_content_length & co.)
         head = self.sent_head = b"".join((line, SERVER_LINE, responses.date_header(), headers, framing, end))
         self.bytes_sent += len(head)

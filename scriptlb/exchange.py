@@ -96,7 +96,7 @@ class Exchange:
         self.http_version = request.version
         self.headers = request.headers
         self.request_uri = request.target.decode("latin-1")
-        self.scheme = "http"
+        self.scheme = "https" if conn.tls is not None else "http"
         self.status = 0
         self.body_bytes_sent = 0
         self.bytes_sent = 0
@@ -404,6 +404,9 @@ class Exchange:
         add_headers = self.location.add_headers if self.location is not None else None
         if add_headers is not None:
             headers += add_headers(self, status)
+        trace = self.location.trace
+        if trace is not None and self.upstream_request is not None:  # balancer_trace_header on
+            headers = trace.headers(self, headers)
         self.response_headers = headers
         conn.send_head(status, headers, len(page))
         conn.send_body(page)
@@ -539,8 +542,10 @@ class Exchange:
 
     def log_context(self, peer_name: str | None) -> str:
         """nginx's ``, client: ..., server: ..., request: "...", upstream: "...", host: "..."``."""
-        url = f"http://{peer_name}{self.location.plan.upstream_uri(self)}" if peer_name is not None else None
-        return errorlog.request_context(self, url)
+        if peer_name is None:
+            return errorlog.request_context(self, None)
+        scheme = "https" if self.location.tls is not None else "http"
+        return errorlog.request_context(self, f"{scheme}://{peer_name}{self.location.plan.upstream_uri(self)}")
 
 
 def log_client_error(runtime: Runtime, conn: ClientConnection, request: Request, status: int) -> None:

@@ -59,6 +59,11 @@ class HookOutcome:
     recreate: bool = False  # recreate_request() was called
     error: str | None = None
     message: str | None = None  # the logged text of the error, for `scriptlb hook run`
+    # for $balancer_trace (read only when the variable is): the run's duration in seconds,
+    # and what get_last_failure() returned, if the hook called it
+    spent: float = 0.0
+    failure_read: bool = False
+    failure_seen: tuple[str, int] | None = None
 
     def __repr__(self) -> str:
         fields = ("addr", "host", "more_tries", "exit_status", "keepalive", "local_addr", "error")
@@ -248,6 +253,7 @@ class _Runner:
         self.failures: dict[str, int] = {}
         self.durations = [0] * (len(RUN_BUCKETS) + 1)
         self.duration_sum = 0.0
+        self.last_spent = 0.0  # the last run's duration (seconds): HookOutcome.spent
         self._code: CodeType | None = None
         self._compile_error: str | None = None
         if self.python.code_cache:
@@ -280,6 +286,7 @@ class _Runner:
             IMPORTER.forget()
             code = self._load()
         if code is None:
+            self.last_spent = 0.0
             return self._fail(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
         context = api.CURRENT
         context.exchange, context.upstream, context.phase = exchange, upstream, self.phase
@@ -302,7 +309,7 @@ class _Runner:
             context.exchange = context.upstream = context.outcome = None
             if fuse is not None:
                 fuse.run_ended()
-            spent = _clock() - started
+            self.last_spent = spent = _clock() - started
             self.runs += 1
             self.duration_sum += spent
             self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
@@ -360,6 +367,7 @@ class HookRunner(_Runner):
         """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops)."""
         outcome = HookOutcome()
         failed = self._execute(exchange, upstream or self.upstream, outcome)
+        outcome.spent = self.last_spent
         if failed is not None:
             return failed
         status = outcome.exit_status

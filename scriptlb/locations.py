@@ -24,8 +24,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterable, Sequence
+from typing import Generic, TypeVar
 
 from scriptlb.config.model import HttpConf, LocationConf, ReturnConf, ServerConf, Template, Var
+
+T = TypeVar("T")
 
 ListenKey = tuple[str | None, int, str | None]  # ListenConf.key
 
@@ -183,18 +186,84 @@ def _validate_host(raw: str) -> str | None:
 _USUAL, _LITERAL, _REST = range(3)  # ngx_http_validate_host's states
 
 
+class HostnameTable(Generic[T]):
+    """nginx's combined hostname hash: exact names, ``*.example.com`` / ``.example.com`` head
+    wildcards and ``www.example.*`` tail wildcards, looked up in that order, the longest
+    wildcard winning; the first value added for a name stays (nginx warns about the rest)."""
+
+    __slots__ = ("_exact", "_head", "_tail")
+
+    def __init__(self) -> None:
+        self._exact: dict[str, T] = {}
+        self._head: dict[str, T] = {}  # "*.example.com" stored as ".example.com"
+        self._tail: dict[str, T] = {}  # "www.example.*" stored as "www.example."
+
+    def __len__(self) -> int:
+        return len(self._exact) + len(self._head) + len(self._tail)
+
+    def add(self, name: str, value: T) -> None:
+        """``name`` lower-cased already."""
+        if name.startswith("*."):
+            self._head.setdefault(name[1:], value)
+        elif name.startswith("."):
+            # nginx: ".example.com" is both "example.com" and "*.example.com"
+            self._exact.setdefault(name[1:], value)
+            self._head.setdefault(name, value)
+        elif name.endswith(".*"):
+            self._tail.setdefault(name[:-1], value)
+        else:
+            self._exact.setdefault(name, value)
+
+    def exact(self, host: str) -> T | None:
+        return self._exact.get(host)
+
+    def find(self, host: str) -> T | None:
+        """The value for ``host`` (lower-case): exact, longest head, longest tail, or None."""
+        value = self._exact.get(host)
+        if value is not None:
+            return value
+        value = self._match_head(host)
+        return value if value is not None else self._match_tail(host)
+
+    def _match_head(self, host: str) -> T | None:
+        """Longest "*.suffix": try each dot of the host from the left."""
+        if not self._head:
+            return None
+        dot = host.find(".")
+        while dot != -1:
+            value = self._head.get(host[dot:])
+            if value is not None:
+                return value
+            dot = host.find(".", dot + 1)
+        return None
+
+    def _match_tail(self, host: str) -> T | None:
+        """Longest "prefix.*": try each dot of the host from the right (a tail must remain)."""
+        if not self._tail:
+            return None
+        dot = host.rfind(".")
+        while dot > 0:
+            value = self._tail.get(host[: dot + 1])
+            if value is not None:
+                return value
+            dot = host.rfind(".", 0, dot)
+        return None
+
+
+def is_hostname_wildcard(name: str) -> bool:
+    return name.startswith(("*.", ".")) or name.endswith(".*")
+
+
 class ServerSelector:
     """The virtual servers of one listening socket, selected by the request's host."""
 
-    __slots__ = ("_exact", "_head", "_regexes", "_tail", "default")
+    __slots__ = ("_names", "_regexes", "default")
 
     def __init__(self, servers: Sequence[ServerConf], default: ServerConf | None = None) -> None:
         if not servers:
             raise ValueError("a listening socket needs at least one server")
         self.default = default if default is not None else servers[0]
-        self._exact: dict[str, ServerConf] = {}
-        self._head: dict[str, ServerConf] = {}  # "*.example.com" stored as ".example.com"
-        self._tail: dict[str, ServerConf] = {}  # "www.example.*" stored as "www.example."
+        self._names: HostnameTable[ServerConf] = HostnameTable()
         self._regexes: list[tuple[re.Pattern[str], ServerConf]] = []
         for server in servers:
             for name in server.server_names:
@@ -207,17 +276,7 @@ class ServerSelector:
             caseless = any("A" <= ch <= "Z" for ch in pattern)
             self._regexes.append((compile_nginx_regex(pattern, caseless), server))
             return
-        name = name.lower()
-        if name.startswith("*."):
-            self._head.setdefault(name[1:], server)
-        elif name.startswith("."):
-            # nginx: ".example.com" is both "example.com" and "*.example.com"
-            self._exact.setdefault(name[1:], server)
-            self._head.setdefault(name, server)
-        elif name.endswith(".*"):
-            self._tail.setdefault(name[:-1], server)
-        else:
-            self._exact.setdefault(name, server)
+        self._names.add(name.lower(), server)
 
     @classmethod
     def for_listen(cls, servers: Sequence[ServerConf], key: ListenKey) -> ServerSelector:
@@ -231,11 +290,9 @@ class ServerSelector:
     def select(self, host: str | None) -> ServerConf:
         """``host`` already normalized (see ``normalize_host``); None/"" when there is none."""
         if not host:
-            return self._exact.get("", self.default)
-        server = self._exact.get(host)
-        if server is not None:
-            return server
-        server = self._match_head(host) or self._match_tail(host)
+            server = self._names.exact("")
+            return server if server is not None else self.default
+        server = self._names.find(host)
         if server is not None:
             return server
         for regex, candidate in self._regexes:
@@ -243,32 +300,8 @@ class ServerSelector:
                 return candidate
         return self.default
 
-    def _match_head(self, host: str) -> ServerConf | None:
-        """Longest "*.suffix": try each dot of the host from the left."""
-        if not self._head:
-            return None
-        dot = host.find(".")
-        while dot != -1:
-            server = self._head.get(host[dot:])
-            if server is not None:
-                return server
-            dot = host.find(".", dot + 1)
-        return None
-
-    def _match_tail(self, host: str) -> ServerConf | None:
-        """Longest "prefix.*": try each dot of the host from the right (a tail must remain)."""
-        if not self._tail:
-            return None
-        dot = host.rfind(".")
-        while dot > 0:
-            server = self._tail.get(host[: dot + 1])
-            if server is not None:
-                return server
-            dot = host.rfind(".", 0, dot)
-        return None
-
     def __repr__(self) -> str:
-        names = len(self._exact) + len(self._head) + len(self._tail) + len(self._regexes)
+        names = len(self._names) + len(self._regexes)
         return f"<ServerSelector names={names} default={self.default.server_names}>"
 
 

@@ -34,14 +34,29 @@ Callbacks from the upstream connection and the connect task are guarded like the
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import TYPE_CHECKING, Any
 
 from scriptlb import errorlog
-from scriptlb.attempt import ABANDONED, BROKEN, DONE, FAILED, NEXT, Attempt, TryRecord, clock, pool_key
+from scriptlb.attempt import (
+    ABANDONED,
+    BROKEN,
+    DONE,
+    FAILED,
+    NEXT,
+    UPGRADED,
+    Attempt,
+    TryRecord,
+    clock,
+    pool_key,
+)
 from scriptlb.config.model import NextUpstream
+from scriptlb.downstream import CLIENT_SEND_TIMEOUT
 from scriptlb.request_body import SpooledBody
 from scriptlb.retry import RETRY, Failure, decide, failure_for_status, is_idempotent, is_stale_connection
 from scriptlb.stats import WEIGHT_GENERATION
+from scriptlb.tls import handshake_error_text
+from scriptlb.tunnel import UPSTREAM_TIMED_OUT, Tunnel
 from scriptlb.upstream import PREMATURE, ConnState, ResponseHead, UpstreamConnection, UpstreamError
 from scriptlb.uri import split_local_addr
 
@@ -55,6 +70,7 @@ if TYPE_CHECKING:
 
 _READING_HEADER = "reading response header from upstream"  # nginx's log action
 _CONNECTING = "connecting to upstream"
+_HANDSHAKING = "SSL handshaking to upstream"
 
 # proxy_request_buffering off: stop reading the client when this much body waits for a peer
 STREAM_BODY_WAITING = 64 * 1024
@@ -79,10 +95,12 @@ class UpstreamRequest:
         "_started",
         "_state",
         "_stream_body",
+        "_tunnel",
         "_waiting_body",
         "attempt",
         "conf",
         "exchange",
+        "hook_exit",
         "location",
         "loop",
         "plan",
@@ -108,6 +126,8 @@ class UpstreamRequest:
         self.attempt: Attempt | None = None  # the try in progress
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
+        self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
+        self.hook_exit: Any = None  # the HookOutcome of a hook's ngx.exit(N): $balancer_trace
 
     @property
     def connection(self) -> UpstreamConnection | None:
@@ -158,6 +178,8 @@ class UpstreamRequest:
         """The client side ended the request (or a bug did): stop everything, free the peer."""
         self._waiting_body = False
         self._body_conn = None
+        if self._tunnel is not None:
+            self._tunnel.end("")  # (ends the try and logs the request)
         connecting = self._connecting
         self._connecting = None
         if connecting is not None:
@@ -222,9 +244,12 @@ class UpstreamRequest:
         state = self._state
         ex.tries_left = state.tries
         hook = upstream.hook
-        if hook is not None:
+        if hook is None:
+            outcome = None
+        else:
             outcome = hook.run(ex, upstream)
             if outcome.exit_status is not None:
+                self.hook_exit = outcome
                 ex.finish_with_page(outcome.exit_status)
                 return
             self._apply_hook_settings(outcome)
@@ -232,19 +257,28 @@ class UpstreamRequest:
             if addr is not None:
                 state.tries += outcome.more_tries
                 pool = self._hook_pool(outcome.keepalive)
-                self._start_attempt(addr.name, addr, None, outcome.host or "", pool)
+                self._start_attempt(addr.name, addr, None, outcome.host or "", pool, outcome)
                 return
         peer = upstream.balancer.get(state, self.loop.time())
         if peer is None:
-            self._no_live_upstreams()
+            self._no_live_upstreams(outcome)
             return
         # (peer.name: addr.name formats the text on every call; the peer keeps it)
-        self._start_attempt(peer.name, peer.addr, peer, "", upstream.pool if self.plan.pooled else None)
+        pool = upstream.pool if self.plan.pooled else None
+        self._start_attempt(peer.name, peer.addr, peer, "", pool, outcome)
 
     def _start_attempt(self, name: str, addr: PeerAddr, peer: Peer | None, host: str,
-                       pool: ConnectionPool | None) -> None:
+                       pool: ConnectionPool | None, hook: Any) -> None:
+        tls = self.location.tls
+        tls_name = None
+        if tls is not None:
+            # the hook's host (set_current_peer's third argument) is this try's TLS name; a
+            # pooled connection is reused only for the same name (and never for plain HTTP)
+            tls_name = host or tls.name(self.exchange)
+            host = "https:" + tls_name
         attempt = Attempt(self.upstream, self._state, name, addr, peer, pool,
-                          pool_key(name, host, self._local_addr))
+                          pool_key(name, host, self._local_addr), hook)
+        attempt.tls_name = tls_name
         self.attempt = attempt
         self.exchange.tries.append(attempt)
         conn = pool.acquire(attempt.key) if pool is not None else None
@@ -277,10 +311,16 @@ class UpstreamRequest:
         conn = UpstreamConnection(loop, attempt.key, attempt.addr)
         attempt.conn = conn
         attempt.reused = False
+        tls = self.location.tls
+        extra: dict[str, Any] = {}
+        if tls is not None:
+            conn.tls = True
+            extra = {"ssl": tls.context, "server_hostname": tls.server_hostname(attempt.tls_name or "")}
         if addr.unix_path is not None:
-            opening = loop.create_unix_connection(lambda: conn, addr.unix_path)
+            opening = loop.create_unix_connection(lambda: conn, addr.unix_path, **extra)
         else:
-            opening = loop.create_connection(lambda: conn, addr.host, addr.port, local_addr=self._local_addr)
+            opening = loop.create_connection(lambda: conn, addr.host, addr.port, local_addr=self._local_addr,
+                                             **extra)
         task = loop.create_task(opening)
         timer = loop.call_later(self.exchange.connect_timeout, task.cancel)
         self._connecting = task
@@ -313,6 +353,7 @@ class UpstreamRequest:
         body = None if streamed else self._body
         spooled = isinstance(body, SpooledBody)
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
+        conn.upgrade = _asks_upgrade(ex.request.connection) and ex.header("upgrade") is not None
         conn.start(self, self._head, None if spooled else body, ex.read_timeout,
                    ex.send_timeout, ex.method == "HEAD", plan.http11, plan.close_after)
         if spooled:
@@ -351,6 +392,9 @@ class UpstreamRequest:
         assert attempt is not None
         attempt.header_time = clock() - attempt.started
         attempt.status = status = response.status
+        if status == 101:  # (only when the client asked to switch: see UpstreamConnection)
+            self._start_tunnel(attempt, response)
+            return
         failure = failure_for_status(status) if status >= 403 else None
         if failure is not None and self.conf.next_upstream & NextUpstream(int(failure)):
             verdict = decide(failure, self._state.tries - 1, self._started, self.loop.time(), self.conf,
@@ -419,6 +463,9 @@ class UpstreamRequest:
             headers = location.response_filter(headers, response.headers)
         if location.add_headers is not None:
             headers += location.add_headers(ex, response.status)
+        trace = self.location.trace
+        if trace is not None:  # balancer_trace_header on
+            headers = trace.headers(ex, headers)
         ex.response_headers = headers
         client = ex.conn
         if ex.err_status:  # the answer to an error_page redirect carries the original code
@@ -431,6 +478,50 @@ class UpstreamRequest:
             client.flush()
             if client.writing_paused:
                 conn.pause_reading()
+
+    def _start_tunnel(self, attempt: Attempt, response: ResponseHead) -> None:
+        """The peer switched protocols: pass its 101 on, then join the two sockets. The try
+        stays in progress (its ``$upstream_*`` are the tunnel's) until the tunnel ends."""
+        conn = attempt.conn
+        assert conn is not None
+        ex = self.exchange
+        self._passing = True
+        ex.status = 101
+        ex.upstream_headers = response.headers
+        headers = response.client_headers() + _upgrade_lines(response.headers)
+        ex.response_headers = headers
+        client = ex.conn
+        client.send_head(101, headers, None, reason=response.reason)
+        client.flush()
+        upstream_transport, from_upstream = conn.detach()
+        attempt.conn = None
+        assert client.transport is not None
+        tunnel = self._tunnel = Tunnel(self.loop, ex.read_timeout, ex.send_timeout, CLIENT_SEND_TIMEOUT,
+                                       self._tunnel_ended)
+        client_side, upstream_side = tunnel.sides(client.transport, upstream_transport)
+        upstream_transport.set_protocol(upstream_side)
+        _transport, from_client = client.switch_protocols(client_side)
+        client_side.lost = client.connection_lost  # (the client connection's own clean-up)
+        tunnel.start(from_client, from_upstream)
+
+    def _tunnel_ended(self, reason: str) -> None:
+        tunnel = self._tunnel
+        attempt = self.attempt
+        self.attempt = None
+        ex = self.exchange
+        try:
+            if reason and attempt is not None:
+                level = "error" if reason == UPSTREAM_TIMED_OUT else "info"
+                errorlog.log_error(level, f"{reason} while proxying upgraded connection", ex.conn_id,
+                                   ex.log_context(attempt.addr))
+            if tunnel is not None:
+                ex.conn.bytes_sent += tunnel.sent_to_client
+                ex.conn.body_bytes_sent += tunnel.sent_to_client
+            if attempt is not None:
+                attempt.end(UPGRADED, ex)
+            ex.finish_logged()
+        except Exception as exc:
+            ex.crashed(exc, "proxying upgraded connection")
 
     def _try_failed(self, err: UpstreamError) -> None:
         """nginx's ngx_http_upstream_next: log, end the try, and retry or answer with our page."""
@@ -463,9 +554,9 @@ class UpstreamRequest:
         ex.finish_logged()
         ex.conn.abort()
 
-    def _no_live_upstreams(self) -> None:
+    def _no_live_upstreams(self, hook: Any) -> None:
         ex = self.exchange
-        record = TryRecord(self.upstream.name, 0.0)
+        record = TryRecord(self.upstream.name, 0.0, hook)
         record.status = 502
         record.response_time = 0.0  # nginx logs "0.000" for it: every try has a response time
         ex.tries.append(record)
@@ -478,6 +569,17 @@ class UpstreamRequest:
         errorlog.log_error(level, f"{err} while {phase}", ex.conn_id, ex.log_context(attempt.addr))
 
 
+def _asks_upgrade(connection: bytes | None) -> bool:
+    """The client's Connection header names "upgrade" (llhttp then saw an Upgrade request):
+    a 101 from the peer may switch this connection."""
+    return connection is not None and b"upgrade" in connection.lower()
+
+
+def _upgrade_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The peer's Upgrade header (hop-by-hop, hidden from other responses) for a 101."""
+    return b"".join(name + b": " + value + b"\r\n" for name, value in headers if name.lower() == b"upgrade")
+
+
 def _connect_error(task: asyncio.Task[object], conn: UpstreamConnection) -> UpstreamError | None:
     """Why opening the connection failed (None: it is open). A connection the peer closed
     between the connect and this callback (an overloaded peer accepting then dropping) is a
@@ -486,6 +588,8 @@ def _connect_error(task: asyncio.Task[object], conn: UpstreamConnection) -> Upst
         return UpstreamError(Failure.TIMEOUT, "upstream timed out (110: Connection timed out)",
                              phase=_CONNECTING, request_sent=False)
     exc = task.exception()
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamError(Failure.ERROR, handshake_error_text(exc), phase=_HANDSHAKING, request_sent=False)
     if exc is not None:
         if not isinstance(exc, OSError):
             raise exc  # a bug, not a network failure (the safety net reports it)

@@ -37,6 +37,7 @@ from scriptlb.peers import PeerSet
 from scriptlb.pool import ConnectionPool
 from scriptlb.stats import Recorder, UpstreamStats
 from scriptlb.uri import quote_uri
+from scriptlb.variables import use_maps
 
 if TYPE_CHECKING:
     from scriptlb.accesslog import LogFile
@@ -275,6 +276,8 @@ class LocationRuntime:
         "response_filter",
         "return_getter",
         "rewrite",
+        "tls",
+        "trace",
         "upstream",
         "zone",
     )
@@ -318,6 +321,14 @@ class LocationRuntime:
 
             self.error_pages = error_pages(conf.error_pages)
         self.zone: list[int] | None = None  # status_zone: this worker's counts by status // 100
+        self.tls: Any = None  # proxy_pass https://: a scriptlb.tls.PeerTls (set by the Runtime)
+        # balancer_trace_header on (scriptlb.trace): adds the trace to proxied responses for
+        # clients that ask from an allowed address; None: the proxy pays one attribute test
+        self.trace: Any = None
+        if conf.trace_header:
+            from scriptlb.trace import TraceHeader
+
+            self.trace = TraceHeader(conf.trace_allow)
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
         ret = conf.return_
@@ -438,6 +449,7 @@ class Runtime:
         self.zone_counts: dict[str, list[int]] = {}
         self.status: WorkerStatus | None = None  # the instance's counters, set by the worker
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
+        use_maps(http.maps)
         self.upstreams = {
             name: UpstreamRuntime(up, loop, http.python, recorder) for name, up in http.upstreams.items()
         }
@@ -451,6 +463,7 @@ class Runtime:
         # one LogFile per path, shared by every access_log directive naming it (one open, one
         # buffer, lines in order), as nginx opens each path once
         self._log_files: dict[str, LogFile] = {}
+        self._tls_contexts: dict[Any, Any] = {}  # ProxySslConf -> its client SSLContext
         self.servers = {id(s): ServerRuntime(s, self._build_location) for s in http.servers}
         self.routes = {
             key: ServerRoute(selector, self.servers) for key, selector in selectors_by_listen(http).items()
@@ -461,6 +474,8 @@ class Runtime:
         if conf.proxy_pass is not None and conf.return_ is None:
             upstream = self.upstreams[conf.proxy_pass.upstream]
         location = LocationRuntime(conf, upstream, self._access_logs_for(conf), self._log_hook_for(conf))
+        if conf.proxy_pass is not None and conf.proxy_pass.ssl:
+            location.tls = self._peer_tls(conf, location.proxy_host)
         if conf.status_zone is not None:
             location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
         if conf.handler is not None:
@@ -474,6 +489,21 @@ class Runtime:
 
             location.content = StaticFiles(conf.root, conf.index)
         return location
+
+    def _peer_tls(self, conf: LocationConf, proxy_host: str) -> Any:
+        from scriptlb.tls import PeerTls, client_context, proxy_host_name  # (only TLS configs)
+
+        ssl_conf = conf.proxy.ssl
+        contexts = self._tls_contexts
+        context = contexts.get(ssl_conf)
+        if context is None:
+            context = contexts[ssl_conf] = client_context(ssl_conf)
+        if ssl_conf.name is not None:
+            name = _compile(ssl_conf.name)
+        else:
+            host = proxy_host_name(proxy_host)
+            name = lambda ex: host  # noqa: E731
+        return PeerTls(context, name, ssl_conf.server_name)
 
     def _log_hook_for(self, conf: LocationConf) -> LogHookRunner | None:
         hook = conf.log_hook
@@ -530,6 +560,31 @@ class Runtime:
             self.health_checker.sync(self.loop)
 
     # ------------------------------------------------------------------ the request path
+
+    def tls_context(self, keys: list | tuple) -> Any:
+        """The SSLContext a listening socket (its keys) is opened with, or None without TLS:
+        the default server's, switching on SNI to the server ``server_name`` picks (a server
+        on the socket without TLS settings of its own answers with the default's)."""
+        servers = [s for s in self.conf.http.servers if any(lc.key in keys for lc in s.listens)] \
+            if self.conf.http is not None else []
+        confs = [s.ssl for s in servers if s.ssl is not None]
+        if not confs:
+            return None
+        from scriptlb.tls import server_context, sni_context  # (only TLS configs load ssl)
+
+        route = self.routes[keys[0]]
+        fallback = route.default_server.conf.ssl or confs[0]
+        contexts: dict[int, Any] = {}
+
+        def context_of(conf: ServerConf) -> Any:
+            ssl_conf = conf.ssl or fallback
+            ctx = contexts.get(id(ssl_conf))
+            if ctx is None:
+                ctx = contexts[id(ssl_conf)] = server_context(ssl_conf)
+            return ctx
+
+        default = context_of(route.default_server.conf)
+        return sni_context(default, lambda name: context_of(route.selector.select(name)))
 
     def route_for(self, conn: ClientConnection) -> ServerRoute:
         """The listening key a connection arrived on (a wildcard socket may serve several)."""

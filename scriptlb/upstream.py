@@ -205,6 +205,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_streaming",
         "_timer",
         "_timer_when",
+        "_upgraded",
         "_write_paused",
         "_write_paused_at",
         "head_limit",
@@ -220,7 +221,10 @@ class UpstreamConnection(asyncio.Protocol):
         "response_complete",
         "response_started",
         "state",
+        "tls",
         "transport",
+        "upgrade",
+        "upgraded_data",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple, peer_name: str) -> None:
@@ -265,6 +269,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._extra_bytes = False  # bytes after the response's end: the connection is unusable
         self._closing_after = False  # we asked the peer to close (Connection: close)
         self._http11 = True
+        self.tls = False  # opened with TLS (proxy_pass https://)
+        self.upgrade = False  # the client asked to switch protocols: a 101 ends the head
+        self._upgraded = False  # ... and the peer sent it: the rest is a tunnel's
+        self.upgraded_data = b""  # bytes after the 101's head
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.peer_name} {self.state.value} requests={self.requests}>"
@@ -292,8 +300,16 @@ class UpstreamConnection(asyncio.Protocol):
                 self._parser.feed_data(data)
             except httptools.HttpParserCallbackError as err:
                 raise (err.__context__ or err) from None  # a bug in our callbacks, not the peer's fault
-            except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-                # (HttpParserUpgrade: a 101 we never asked for; Upgrade is never forwarded)
+            except httptools.HttpParserUpgrade as upgrade:
+                if self._upgraded:  # the 101 we may take: what follows is the new protocol's
+                    self.upgraded_data = data[int(upgrade.args[0]):]
+                elif not self.response_complete:  # a 101 the client did not ask for
+                    self._in_feed = False
+                    self._fail_parse()
+                    return
+                else:
+                    self._extra_bytes = True
+            except httptools.HttpParserError:
                 if not self.response_complete:
                     self._in_feed = False
                     self._fail_parse()
@@ -481,12 +497,33 @@ class UpstreamConnection(asyncio.Protocol):
     def reuse(self) -> None:
         self.state = ConnState.ACTIVE
 
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101: hand the socket over (to a tunnel), with the bytes that came after the
+        head; this object hears nothing more about it."""
+        transport = self.transport
+        assert transport is not None
+        self.state = ConnState.CLOSED
+        self._cancel_timer()
+        self._handler = self._owner = None
+        self._parser = None
+        self.on_writable = self.on_idle_lost = None
+        data, self.upgraded_data = self.upgraded_data, b""
+        self.transport = None
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        return transport, data
+
     def close(self) -> None:
         if self.state is not ConnState.CLOSED:
             self.state = ConnState.CLOSED
             self._cancel_timer()
-            if self.transport is not None:
-                self.transport.close()
+            transport = self.transport
+            if transport is not None:
+                # TLS: dropped at once. asyncio's TLS close waits for the peer's close_notify
+                # (up to 30 s), holding the socket and a stopping worker's loop; nginx does not
+                # wait for it either. Nothing is lost: we close only after the request's end.
+                transport.abort() if self.tls else transport.close()
 
     def abort(self) -> None:
         """Drop the connection now, telling nobody (the handler gave up on this response)."""
@@ -536,7 +573,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._extra_bytes = True
             return
         status = parser.get_status_code()
-        if 100 <= status < 200:
+        if status == 101 and self.upgrade:
+            self._upgraded = True  # a final head: the exchange decides (a tunnel)
+        elif 100 <= status < 200:
             self._response = ResponseHead()  # 1xx interim response: nginx ignores it, so do we
             return
         response.status = status
@@ -561,6 +600,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._early_body.append(data)
 
     def on_message_complete(self) -> None:
+        if self._upgraded:
+            return  # (llhttp ends the 101's "message" at its head: the connection is no HTTP now)
         if self._response is None or not self._header_done:
             self._response = ResponseHead()  # after a 1xx: the real response follows
             return
@@ -610,6 +651,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._early_body = []
         self._extra_bytes = False
         self._read_paused = False
+        self._upgraded = False
 
     def _head_too_big(self, data: bytes) -> bool:
         """Would the head outgrow ``head_limit`` with ``data``? (Checked before httptools

@@ -26,6 +26,7 @@ from typing import Any
 
 from scriptlb.config.model import Template, Var
 from scriptlb.config.variables import KNOWN_VARIABLES, VARIABLE_PREFIXES
+from scriptlb.tls import TLS_VARIABLES
 
 Getter = Callable[[Any], "str | None"]
 Clock = Callable[[], float]
@@ -135,6 +136,12 @@ def _upstream_times(field: str) -> Getter:
         return ", ".join([_ms(getattr(t, field)) for t in tries]) if tries else None
 
     return get
+
+
+def _balancer_trace(ex: Any) -> str | None:
+    from scriptlb.trace import render  # (imported on first read: most configs never read it)
+
+    return render(ex)
 
 
 # --------------------------------------------------------------------------- families
@@ -377,7 +384,24 @@ _SIMPLE: dict[str, Getter] = {
     "upstream_response_time": _upstream_times("response_time"),
     "upstream_connect_time": _upstream_times("connect_time"),
     "upstream_header_time": _upstream_times("header_time"),
+    "balancer_trace": _balancer_trace,
 }
+
+
+# the variables the running configuration declares (``map``), by name; set by use_maps
+_DECLARED: dict[str, Getter] = {}
+
+
+def use_maps(maps: dict[str, Any]) -> None:
+    """Make the ``map`` variables of a configuration (HttpConf.maps) readable, replacing the
+    previous configuration's. Called before the configuration's templates are compiled."""
+    from scriptlb.maps import MapVariable
+
+    _DECLARED.clear()
+    _DECLARED.update({name: MapVariable(conf, compile_template) for name, conf in maps.items()})
+
+
+_SIMPLE.update(TLS_VARIABLES)
 
 
 def variable_getter(name: str, clock: Clock = time.time) -> Getter:
@@ -385,7 +409,7 @@ def variable_getter(name: str, clock: Clock = time.time) -> Getter:
 
     ``clock`` (wall-clock seconds) serves $request_time, $msec, $time_local, $time_iso8601.
     """
-    getter = _SIMPLE.get(name)
+    getter = _SIMPLE.get(name) or _DECLARED.get(name)
     if getter is not None:
         return getter
     if name in _CLOCKED:

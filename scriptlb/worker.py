@@ -42,6 +42,7 @@ Key = tuple
 
 # A graceful stop waits for in-flight requests, checking this often.
 _DRAIN_POLL = 0.05
+_TLS_CLOSE_GRACE = 0.1  # seconds a stopping worker leaves TLS connections to close
 
 
 class Worker:
@@ -59,6 +60,7 @@ class Worker:
         self.hook_figures: Any = None  # scriptlb.metrics.HookFiguresPublisher
         self.contexts: list[ListenerContext] = []
         self._servers: list[asyncio.AbstractServer] = []
+        self._tls = False  # a listener terminates TLS
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
         self.ready = threading.Event()
         self.freeze_gc = False  # True in a worker process (run), not in a test's thread
@@ -153,8 +155,11 @@ class Worker:
             )
             context.on_client_error = partial(log_client_error, runtime)
             self.contexts.append(context)
+            tls = runtime.tls_context(keys)
+            self._tls = self._tls or tls is not None
             server = await self.loop.create_server(
-                _protocol_factory(context, self.loop, self.status), sock=sock, backlog=self._backlog(keys)
+                _protocol_factory(context, self.loop, self.status), sock=sock, backlog=self._backlog(keys),
+                ssl=tls,
             )
             self._servers.append(server)
 
@@ -215,8 +220,9 @@ class Worker:
         if self.stats is not None:
             self.stats.close()  # gives the shard back for the next generation of workers
             self.stats = None
-        # give transports one loop turn to close their sockets
-        await asyncio.sleep(0)
+        # give transports one loop turn to close their sockets (TLS ones a moment more: their
+        # close is a close_notify exchange with the client)
+        await asyncio.sleep(_TLS_CLOSE_GRACE if self._tls else 0)
 
     async def _drain(self) -> None:
         """Wait until every client connection closed (each closes after its active request)."""

@@ -35,6 +35,7 @@ http {{
             proxy_pass http://b;
             proxy_next_upstream error timeout http_500;
             log_by_python_file {hook};
+            log_by_python_timeout 1s;  # (the weights are checked here, not the budget)
         }}
     }}
 }}

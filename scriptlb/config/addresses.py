@@ -94,13 +94,18 @@ def resolve(host: str, port: int) -> tuple[PeerAddr, ...]:
 def parse_listen(node: Node) -> list[ListenConf]:
     """``listen ADDR [default_server] [reuseport] [backlog=N]`` -> one ListenConf per address."""
     text = node.args[0]
-    default_server = reuseport = False
+    default_server = reuseport = ssl = False
     backlog = 511
     for param in node.args[1:]:
         if param in ("default_server", "default"):
             default_server = True
         elif param == "reuseport":
             reuseport = True
+        elif param == "ssl":
+            ssl = True
+        elif param in ("http2", "quic", "proxy_protocol"):
+            raise ConfigError(f'the "{param}" parameter of "listen" is not supported by scriptlb '
+                              "(HTTP/1.1 only)", node.source)
         elif param.startswith("backlog="):
             value = parse_int(param[len("backlog=") :])
             if not value:
@@ -110,7 +115,7 @@ def parse_listen(node: Node) -> list[ListenConf]:
             raise ConfigError(f'invalid parameter "{param}"', node.source)
 
     def listen(host: str | None, port: int, unix_path: str | None = None) -> ListenConf:
-        return ListenConf(host, port, unix_path, default_server, reuseport, backlog, node.source)
+        return ListenConf(host, port, unix_path, default_server, reuseport, backlog, node.source, ssl)
 
     if parse_int(text) is not None:  # a bare port
         return [listen("0.0.0.0", _listen_port(node, text))]
@@ -216,20 +221,20 @@ class ProxyUrl:
     authority: str  # "backend", "127.0.0.1:9001", "unix:/tmp/s.sock"
     target: HostPort
     uri: str | None
+    ssl: bool = False  # https://
 
 
 def parse_proxy_url(url: str) -> ProxyUrl:
-    """``http://host[:port][/uri]`` or ``http://unix:/path[:/uri]``; raises AddressError."""
-    if url[:7].lower() != "http://":
-        if url[:8].lower() == "https://":
-            raise AddressError("https protocol is not supported by scriptlb")
+    """``http[s]://host[:port][/uri]`` or ``http[s]://unix:/path[:/uri]``; raises AddressError."""
+    ssl = url[:8].lower() == "https://"
+    if url[:7].lower() != "http://" and not ssl:
         raise AddressError("invalid URL prefix")
-    rest = url[7:]
+    rest = url[8:] if ssl else url[7:]
     if rest.lower().startswith("unix:"):
         path, colon, uri = rest[len("unix:") :].partition(":")
-        return ProxyUrl(f"unix:{path}", split_host_port(f"unix:{path}"), uri if colon else None)
+        return ProxyUrl(f"unix:{path}", split_host_port(f"unix:{path}"), uri if colon else None, ssl)
     slash = rest.find("/")
     authority, uri = (rest, None) if slash < 0 else (rest[:slash], rest[slash:])
     if not authority:
         raise AddressError("no host")
-    return ProxyUrl(authority, split_host_port(authority), uri)
+    return ProxyUrl(authority, split_host_port(authority), uri, ssl)

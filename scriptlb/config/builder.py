@@ -28,6 +28,7 @@ from scriptlb.config.drafts import (
     UpstreamDraft,
 )
 from scriptlb.config.errors import ConfigError
+from scriptlb.config.maps import declared_map_variables
 from scriptlb.config.model import (
     DEFAULT_MEMORY_LIMIT,
     AccessLogConf,
@@ -44,17 +45,20 @@ from scriptlb.config.model import (
     PeerAddr,
     ProxyConf,
     ProxyPassConf,
+    ProxySslConf,
     PythonConf,
     ResolverConf,
     RewriteOp,
     ServerConf,
     Source,
+    SslCertificate,
+    SslConf,
     UpstreamConf,
     UpstreamServerConf,
 )
 from scriptlb.config.parser import Node
 from scriptlb.config.rewrite import with_body
-from scriptlb.config.variables import compile_template
+from scriptlb.config.variables import compile_template, declared_variables
 
 DEFAULT_HOOK_TIMEOUT = 0.010
 DEFAULT_PID = "logs/scriptlb.pid"  # nginx's NGX_PID_PATH, under the prefix
@@ -73,7 +77,8 @@ _DOWN_PLACEHOLDER = UpstreamServerConf("0.0.0.1:80", (PeerAddr("0.0.0.1", 80),),
 def build(nodes: Sequence[Node], conf_file: str, prefix: str, files: Sequence[str]) -> MainConf:
     state = State(prefix)
     main = MainDraft()
-    walk(state, nodes, Ctx.MAIN, main)
+    with declared_variables(declared_map_variables(nodes)):
+        walk(state, nodes, Ctx.MAIN, main)
     return _main_conf(state, main, conf_file, prefix, tuple(files))
 
 
@@ -157,6 +162,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
     for name, checks in resolver.health_checks.items():
         upstreams[name] = dataclasses.replace(upstreams[name], health_checks=tuple(checks))
     servers = _check_listens(servers)
+    _check_peer_tls(servers)
     _warn_conflicting_names(state, servers)
     python = PythonConf(
         package_path=http.values.get("python_package_path", ()),
@@ -171,6 +177,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
         python=python,
         shared_dicts=dict(http.shared_dicts),
         matches=resolver.matches,
+        maps=dict(http.maps),
     )
 
 
@@ -283,9 +290,9 @@ class _ProxyPassResolver:
         if explicit is not None:
             if target.port is not None:
                 raise ConfigError(f'upstream "{explicit}" may not have port {target.port}', source)
-            return ProxyPassConf(explicit, parsed.uri, explicit, source)
+            return ProxyPassConf(explicit, parsed.uri, explicit, source, parsed.ssl)
         key = self._implicit(parsed, source)
-        return ProxyPassConf(key, parsed.uri, _proxy_host(parsed), source)
+        return ProxyPassConf(key, parsed.uri, _proxy_host(parsed), source, parsed.ssl)
 
     def _implicit(self, parsed: ProxyUrl, source: Source) -> str:
         target = parsed.target
@@ -293,7 +300,7 @@ class _ProxyPassResolver:
             addrs: tuple[PeerAddr, ...] = (PeerAddr(None, 0, target.unix_path),)
             key = f"unix:{target.unix_path}"
         else:
-            port = 80 if target.port is None else target.port
+            port = (443 if parsed.ssl else 80) if target.port is None else target.port
             key = _host_port(target.host, port)
             if key in self.upstreams:
                 return key
@@ -312,9 +319,10 @@ def _match_conf(draft: MatchDraft) -> MatchConf:
 
 
 def _url_error(kind: str, url: str) -> str:
-    if kind in ("invalid URL prefix",) or kind.startswith("https"):
+    if kind in ("invalid URL prefix",):
         return kind
-    return f'{kind} in upstream "{url[7:].split("/")[0]}"'
+    rest = url.split("://", 1)[-1]
+    return f'{kind} in upstream "{rest.split("/")[0]}"'
 
 
 def _host_port(host: str, port: int) -> str:
@@ -327,7 +335,7 @@ def _proxy_host(parsed: ProxyUrl) -> str:
     if target.unix_path is not None:
         return "localhost"
     host = f"[{target.host}]" if ":" in target.host else target.host
-    return host if target.port in (None, 80) else f"{host}:{target.port}"
+    return host if target.port in (None, 443 if parsed.ssl else 80) else f"{host}:{target.port}"
 
 
 # --------------------------------------------------------------------------- servers
@@ -359,6 +367,7 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
         underscores_in_headers=_get(chain, "underscores_in_headers", False),
         ignore_invalid_headers=_get(chain, "ignore_invalid_headers", True),
         source=server.source,
+        ssl=_ssl_conf(server, chain),
     )
 
 
@@ -379,6 +388,62 @@ def _resolved(entries: Sequence[Any]) -> list[RewriteOp]:
             entry = with_body(op, _resolved(body.ops))
         out.append(entry)
     return out
+def _check_peer_tls(servers: tuple[ServerConf, ...]) -> None:
+    """proxy_pass https://: build each distinct client context once, for its errors."""
+    from scriptlb.tls import TlsConfigError, client_context
+
+    checked: set = set()
+    for server in servers:
+        for location in server.locations:
+            proxy_pass = location.proxy_pass
+            if proxy_pass is None or not proxy_pass.ssl or location.proxy.ssl in checked:
+                continue
+            checked.add(location.proxy.ssl)
+            try:
+                client_context(location.proxy.ssl)
+            except TlsConfigError as e:
+                raise ConfigError(str(e), e.source or proxy_pass.source) from None
+
+
+def _ssl_conf(server: ServerDraft, chain: Sequence[LevelDraft]) -> SslConf | None:
+    """The server's TLS settings when one of its listens has ``ssl`` (checked by building the
+    context once, so a bad certificate or key is a config error with its file:line)."""
+    ssl_listen = next((listen for listen in server.listens if listen.ssl), None)
+    if ssl_listen is None:
+        return None
+    certificates = _get(chain, "ssl_certificate", [])
+    keys = _get(chain, "ssl_certificate_key", [])
+    if not certificates:
+        raise ConfigError('no "ssl_certificate" is defined for the "listen ... ssl" directive',
+                          ssl_listen.source)
+    if len(keys) < len(certificates):
+        path, source = certificates[len(keys)]
+        raise ConfigError(f'no "ssl_certificate_key" is defined for certificate "{path}"', source)
+    conf = SslConf(
+        certificates=tuple(
+            SslCertificate(c, k, source) for (c, source), (k, _) in zip(certificates, keys, strict=False)
+        ),
+        protocols=_get(chain, "ssl_protocols", ("TLSv1.2", "TLSv1.3")),
+        ciphers=_get(chain, "ssl_ciphers", "HIGH:!aNULL:!MD5"),
+        prefer_server_ciphers=_get(chain, "ssl_prefer_server_ciphers", False),
+        ecdh_curve=_get(chain, "ssl_ecdh_curve", "auto"),
+        session_cache=_get(chain, "ssl_session_cache", "none"),
+        session_timeout=_get(chain, "ssl_session_timeout", 300.0),
+        session_tickets=_get(chain, "ssl_session_tickets", True),
+        client_certificate=_get(chain, "ssl_client_certificate", None),
+        verify_client=_get(chain, "ssl_verify_client", "off"),
+        verify_depth=_get(chain, "ssl_verify_depth", 1),
+        dhparam=_get(chain, "ssl_dhparam", None),
+        password_file=_get(chain, "ssl_password_file", None),
+        source=ssl_listen.source,
+    )
+    from scriptlb.tls import TlsConfigError, server_context  # (only configs with TLS load ssl)
+
+    try:
+        server_context(conf)
+    except TlsConfigError as e:
+        raise ConfigError(str(e), e.source) from None
+    return conf
 
 
 def _get(chain: Sequence[LevelDraft], name: str, default: Any) -> Any:
@@ -439,6 +504,8 @@ def _access_settings(chain: Sequence[LevelDraft], loc: LocationDraft) -> dict[st
         "handler": handler[0] if handler else None,
         "status_zone": _get(chain, "status_zone", None),
         "api_write": bool(handler and handler[1]),
+        "trace_header": _get(chain, "balancer_trace_header", False),
+        "trace_allow": tuple(_get(chain, "balancer_trace_allow", ())),
     }
 
 
@@ -497,6 +564,29 @@ def _proxy_conf(chain: Sequence[LevelDraft]) -> ProxyConf:
         hide_headers=tuple(_get(chain, "proxy_hide_header", ())),
         pass_headers=tuple(_get(chain, "proxy_pass_header", ())),
         ignore_headers=tuple(_get(chain, "proxy_ignore_headers", ())),
+        ssl=_proxy_ssl_conf(chain),
+    )
+
+
+def _proxy_ssl_conf(chain: Sequence[LevelDraft]) -> ProxySslConf:
+    d = ProxySslConf()
+    certificate = _get(chain, "proxy_ssl_certificate", None)
+    key = _get(chain, "proxy_ssl_certificate_key", None)
+    if certificate is not None and key is None:
+        raise ConfigError(f'no "proxy_ssl_certificate_key" is defined for certificate "{certificate[0]}"',
+                          certificate[1])
+    return ProxySslConf(
+        server_name=_get(chain, "proxy_ssl_server_name", d.server_name),
+        name=_get(chain, "proxy_ssl_name", d.name),
+        verify=_get(chain, "proxy_ssl_verify", d.verify),
+        trusted_certificate=_get(chain, "proxy_ssl_trusted_certificate", d.trusted_certificate),
+        verify_depth=_get(chain, "proxy_ssl_verify_depth", d.verify_depth),
+        protocols=_get(chain, "proxy_ssl_protocols", d.protocols),
+        ciphers=_get(chain, "proxy_ssl_ciphers", d.ciphers),
+        certificate=certificate[0] if certificate is not None else None,
+        certificate_key=key[0] if key is not None else None,
+        session_reuse=_get(chain, "proxy_ssl_session_reuse", d.session_reuse),
+        password_file=_get(chain, "proxy_ssl_password_file", d.password_file),
     )
 
 

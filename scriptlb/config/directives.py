@@ -32,6 +32,7 @@ from scriptlb.config.drafts import (
     UpstreamDraft,
 )
 from scriptlb.config.errors import ConfigError
+from scriptlb.config.maps import parse_map
 from scriptlb.config.model import (
     AccessLogConf,
     AccessRule,
@@ -54,7 +55,7 @@ from scriptlb.config.model import (
 )
 from scriptlb.config.parser import Node
 from scriptlb.config.units import parse_int, parse_offset, parse_size, parse_time
-from scriptlb.config.variables import TemplateError, compile_template
+from scriptlb.config.variables import KNOWN_VARIABLES, TemplateError, compile_template
 
 
 class Ctx(IntFlag):
@@ -798,21 +799,31 @@ def _upstream_keepalive(state: State, node: Node, draft: UpstreamDraft) -> None:
 
 def _access_rule(state: State, node: Node, draft: LevelDraft) -> None:
     """``allow|deny address | CIDR | unix: | all`` (ngx_http_access_rule's checks and words)."""
+    rules = draft.values.setdefault("access_rules", [])
+    rules.append(AccessRule(node.name == "allow", _network(state, node, node.args[0]), node.source))
+
+
+def _network(state: State, node: Node, value: str) -> str:
+    """``address | CIDR | unix: | all`` checked as ngx_http_access_rule does; a CIDR comes
+    back normalized ("10.0.0.0/8", "::1/128")."""
     import ipaddress
 
-    value = node.args[0]
     if value in ("all", "unix:"):
-        network = value
-    else:
-        try:
-            parsed = ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            raise fail(node, f'invalid parameter "{value}"') from None
-        if "/" in value and str(parsed.network_address) != value.split("/")[0]:
-            state.warn(f"low address bits of {value} are meaningless", node.source)
-        network = str(parsed)
-    rules = draft.values.setdefault("access_rules", [])
-    rules.append(AccessRule(node.name == "allow", network, node.source))
+        return value
+    try:
+        parsed = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise fail(node, f'invalid parameter "{value}"') from None
+    if "/" in value and str(parsed.network_address) != value.split("/")[0]:
+        state.warn(f"low address bits of {value} are meaningless", node.source)
+    return str(parsed)
+
+
+def _trace_allow(state: State, node: Node, draft: LevelDraft) -> None:
+    """``balancer_trace_allow address | CIDR | unix: | all ...``: the lines of one level add
+    up; an inner level's list replaces the inherited one (as allow/deny)."""
+    networks = draft.values.setdefault(node.name, [])
+    networks.extend(_network(state, node, value) for value in node.args)
 
 
 def _auth_basic(state: State, node: Node, draft: LevelDraft) -> None:
@@ -952,6 +963,15 @@ def _health_check(state: State, node: Node, draft: LocationDraft) -> None:
     draft.values.setdefault("health_checks", []).append(params)
 
 
+def _map(state: State, node: Node, draft: HttpDraft) -> None:
+    conf = parse_map(node, _check_regex)
+    # a map may not redefine a built-in variable; a second map of the same name replaces the
+    # first (nginx's map variables are "changeable")
+    if conf.variable in KNOWN_VARIABLES:
+        raise fail(node, f'the duplicate "{conf.variable}" variable')
+    draft.maps[conf.variable] = conf
+
+
 def _match(state: State, node: Node, draft: HttpDraft) -> tuple[Ctx, Any]:
     name = node.args[0]
     if name in draft.matches:
@@ -1014,6 +1034,62 @@ def _match_expect(state: State, node: Node, draft: MatchDraft) -> None:
     else:
         value = re.escape(value)
     draft.expect = value
+
+
+# --------------------------------------------------------------------------- ssl (termination)
+
+SSL_PROTOCOLS = ("SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+def _ssl_file_list(state: State, node: Node, draft: LevelDraft) -> None:
+    """ssl_certificate / ssl_certificate_key: several per level (RSA and ECDSA), in order."""
+    draft.values.setdefault(node.name, []).append((state.path(node.args[0]), node.source))
+
+
+def _ssl_path(state: State, node: Node, draft: LevelDraft) -> None:
+    _store(node, draft.values, state.path(node.args[0]))
+
+
+def _ssl_protocols(state: State, node: Node, draft: LevelDraft) -> None:
+    for name in node.args:
+        if name not in SSL_PROTOCOLS:
+            raise fail(node, f'invalid value "{name}"')
+    _store(node, draft.values, tuple(node.args))
+
+
+def _ssl_verify_client(state: State, node: Node, draft: LevelDraft) -> None:
+    value = node.args[0]
+    if value == "optional_no_ca":
+        # Python's ssl cannot accept a certificate it did not verify while still asking for it
+        raise fail(node, '"ssl_verify_client optional_no_ca" is not supported by scriptlb')
+    if value not in ("on", "off", "optional"):
+        raise fail(node, f'invalid value "{value}" in "{node.name}" directive, '
+                         'it must be "on", "off", "optional" or "optional_no_ca"')
+    _store(node, draft.values, value)
+
+
+def _ssl_session_cache(state: State, node: Node, draft: LevelDraft) -> None:
+    for value in node.args:
+        if value in ("off", "none") or value == "builtin" or value.startswith("builtin:"):
+            continue
+        name, _, size = value[len("shared:"):].partition(":") if value.startswith("shared:") else ("", "", "")
+        if not name or parse_size(size) is None:
+            raise fail(node, f'invalid session cache "{value}"')
+    _store(node, draft.values, " ".join(node.args))
+
+
+def _proxy_ssl_file(state: State, node: Node, draft: LevelDraft) -> None:
+    """proxy_ssl_certificate / _key: the path and the line (where a missing pair points)."""
+    _store(node, draft.values, (state.path(node.args[0]), node.source))
+
+
+def _proxy_ssl_name(state: State, node: Node, draft: LevelDraft) -> None:
+    _store(node, draft.values, template(node, node.args[0]))
+
+
+def _ssl_unsupported(state: State, node: Node, draft: LevelDraft) -> None:
+    raise fail(node, f'"{node.name}" is not supported by scriptlb (Python\'s ssl module has no '
+                     "way to set ticket keys; each worker makes its own)")
 
 
 # --------------------------------------------------------------------------- the table
@@ -1087,6 +1163,8 @@ _SPECS: tuple[Spec, ...] = (
     _spec("log_by_python_file", HSL, ONE, _log_hook_file),
     _spec("log_by_python_block", HSL, NONE, _log_hook_block, block=True),
     _spec("log_by_python_timeout", HSL, ONE, _hook_timeout),
+    _spec("balancer_trace_header", HSL, FLAG, _slot(flag)),
+    _spec("balancer_trace_allow", HSL, (1, None), _trace_allow),
     # upstream
     _spec("server", Ctx.UPSTREAM, (1, None), _upstream_server),
     _spec("keepalive", Ctx.UPSTREAM, ONE, _upstream_keepalive),
@@ -1103,6 +1181,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("zone", Ctx.UPSTREAM, (1, 2), _upstream_zone),
     _spec("health_check", Ctx.LOCATION, (0, None), _health_check),
     _spec("match", Ctx.HTTP, ONE, _match, block=True),
+    _spec("map", Ctx.HTTP, (2, 2), _map, block=True),
     _spec("status", Ctx.MATCH, (1, None), _match_status),
     _spec("header", Ctx.MATCH, (1, 3), _match_header),
     _spec("body", Ctx.MATCH, (2, 2), _match_body),
@@ -1159,6 +1238,34 @@ _SPECS: tuple[Spec, ...] = (
     _spec("tcp_nodelay", HSL, FLAG, _accepted(flag)),
     _spec("keepalive_time", HSL | Ctx.UPSTREAM, ONE, _accepted(msec)),
     _spec("keepalive_disable", HSL, (1, None), _accepted(_keepalive_disable)),
+    # TLS termination (ngx_http_ssl_module)
+    _spec("ssl_certificate", HS, ONE, _ssl_file_list),
+    _spec("ssl_certificate_key", HS, ONE, _ssl_file_list),
+    _spec("ssl_protocols", HS, (1, None), _ssl_protocols),
+    _spec("ssl_ciphers", HS, ONE, _slot(lambda node: node.args[0])),
+    _spec("ssl_prefer_server_ciphers", HS, FLAG, _slot(flag)),
+    _spec("ssl_ecdh_curve", HS, ONE, _slot(lambda node: node.args[0])),
+    _spec("ssl_session_cache", HS, (1, 2), _ssl_session_cache),
+    _spec("ssl_session_timeout", HS, ONE, _slot(msec)),
+    _spec("ssl_session_tickets", HS, FLAG, _slot(flag)),
+    _spec("ssl_session_ticket_key", HS, ONE, _ssl_unsupported),
+    _spec("ssl_client_certificate", HS, ONE, _ssl_path),
+    _spec("ssl_verify_client", HS, ONE, _ssl_verify_client),
+    _spec("ssl_verify_depth", HS, ONE, _slot(number)),
+    _spec("ssl_dhparam", HS, ONE, _ssl_path),
+    _spec("ssl_password_file", HS, ONE, _ssl_path),
+    # TLS to the peers (ngx_http_proxy_module)
+    _spec("proxy_ssl_server_name", HSL, FLAG, _slot(flag)),
+    _spec("proxy_ssl_name", HSL, ONE, _proxy_ssl_name),
+    _spec("proxy_ssl_verify", HSL, FLAG, _slot(flag)),
+    _spec("proxy_ssl_trusted_certificate", HSL, ONE, _ssl_path),
+    _spec("proxy_ssl_verify_depth", HSL, ONE, _slot(number)),
+    _spec("proxy_ssl_protocols", HSL, (1, None), _ssl_protocols),
+    _spec("proxy_ssl_ciphers", HSL, ONE, _slot(lambda node: node.args[0])),
+    _spec("proxy_ssl_certificate", HSL, ONE, _proxy_ssl_file),
+    _spec("proxy_ssl_certificate_key", HSL, ONE, _proxy_ssl_file),
+    _spec("proxy_ssl_session_reuse", HSL, FLAG, _slot(flag)),
+    _spec("proxy_ssl_password_file", HSL, ONE, _ssl_path),
 )
 
 DIRECTIVES: dict[str, tuple[Spec, ...]] = {}

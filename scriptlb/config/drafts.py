@@ -18,6 +18,7 @@ from scriptlb.config.model import (
     ErrorLogConf,
     ListenConf,
     LogFormat,
+    MapConf,
     ReturnConf,
     SharedDictConf,
     Source,
@@ -91,6 +92,7 @@ class HttpDraft(LevelDraft):
     log_formats: dict[str, LogFormat] = field(default_factory=dict)
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)
     matches: dict[str, MatchDraft] = field(default_factory=dict)
+    maps: dict[str, MapConf] = field(default_factory=dict)  # by variable name
 
 
 @dataclass(eq=False)

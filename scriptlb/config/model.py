@@ -184,6 +184,28 @@ class SharedDictConf:
 
 
 @dataclass(frozen=True, slots=True)
+class MapEntry:
+    """One line of a ``map`` block: a source value (or regex) and the template it gives."""
+
+    kind: str  # "exact", "wildcard" (hostnames: *.a.b / .a.b / a.b.*) or "regex"
+    key: str  # exact/wildcard: lower-cased text; regex: the pattern without "~"/"~*"
+    value: Template
+    caseless: bool = False  # regex given as "~*"
+
+
+@dataclass(frozen=True, slots=True)
+class MapConf:
+    """A ``map SOURCE $variable { ... }`` block (ngx_http_map_module), checked at load time."""
+
+    variable: str  # without "$", lower-cased
+    source: Template
+    entries: tuple[MapEntry, ...]  # in file order (regexes are tried in this order)
+    default: Template | None = None
+    hostnames: bool = False
+    volatile: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class HttpConf:
     upstreams: dict[str, UpstreamConf]  # explicit `upstream` blocks and implicit ones (below)
     servers: tuple[ServerConf, ...]
@@ -191,6 +213,7 @@ class HttpConf:
     python: PythonConf = field(default_factory=PythonConf)
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)  # by name, in file order
     matches: dict[str, MatchConf] = field(default_factory=dict)  # `match` blocks by name
+    maps: dict[str, MapConf] = field(default_factory=dict)  # `map` blocks by variable name
 
     def hooks(self) -> tuple[HookConf, ...]:
         """Every hook to compile, each once: upstreams' balancer hooks, then the distinct
@@ -327,6 +350,7 @@ class ListenConf:
     reuseport: bool = False
     backlog: int = 511
     source: Source | None = None
+    ssl: bool = False  # `listen ... ssl`: TLS is terminated on this socket
 
     @property
     def key(self) -> tuple[str | None, int, str | None]:
@@ -349,6 +373,23 @@ class NextUpstream(IntFlag):
     HTTP_429 = 0x400
     NON_IDEMPOTENT = 0x2000
     OFF = 0x40000000
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySslConf:
+    """ngx_http_proxy_module's proxy_ssl_* settings (TLS to the peers), nginx's defaults."""
+
+    server_name: bool = False  # send SNI
+    name: Template | None = None  # None: the host of the proxy_pass URL
+    verify: bool = False
+    trusted_certificate: str | None = None
+    verify_depth: int = 1
+    protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
+    ciphers: str = "DEFAULT"
+    certificate: str | None = None  # a client certificate for the peers
+    certificate_key: str | None = None
+    session_reuse: bool = True
+    password_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +420,7 @@ class ProxyConf:
     hide_headers: tuple[str, ...] = ()  # proxy_hide_header (lower-cased), all levels' merged
     pass_headers: tuple[str, ...] = ()  # proxy_pass_header (lower-cased)
     ignore_headers: tuple[str, ...] = ()  # proxy_ignore_headers: accepted (no cache, no X-Accel)
+    ssl: ProxySslConf = field(default_factory=lambda: ProxySslConf())  # for proxy_pass https://
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,6 +429,7 @@ class ProxyPassConf:
     uri: str | None  # the URI part of proxy_pass, None when absent (request URI passed as is)
     proxy_host: str  # value of $proxy_host: the upstream name, or host:port when not 80
     source: Source | None = None
+    ssl: bool = False  # https://: TLS to the peers (ProxyConf.ssl)
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,6 +526,39 @@ class LocationConf:
     intercept_errors: bool = False  # proxy_intercept_errors
     root: str = "html"  # the static handler's directory (absolute once built)
     index: tuple[str, ...] = ("index.html",)
+    # balancer_trace_header / balancer_trace_allow: the trace header, for these clients only
+    trace_header: bool = False
+    trace_allow: tuple[str, ...] = ()  # normalized CIDRs, "unix:" or "all"; () = nobody
+
+
+@dataclass(frozen=True, slots=True)
+class SslCertificate:
+    """One ``ssl_certificate`` / ``ssl_certificate_key`` pair (a server may have several:
+    RSA and ECDSA)."""
+
+    certificate: str  # absolute paths
+    key: str
+    source: Source | None = None  # the ssl_certificate line (where load errors point)
+
+
+@dataclass(frozen=True, slots=True)
+class SslConf:
+    """ngx_http_ssl_module's settings of one server (http's inherited), nginx's defaults."""
+
+    certificates: tuple[SslCertificate, ...] = ()
+    protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
+    ciphers: str = "HIGH:!aNULL:!MD5"
+    prefer_server_ciphers: bool = False
+    ecdh_curve: str = "auto"
+    session_cache: str = "none"  # off | none | builtin[:size] | shared:NAME:size (kept as written)
+    session_timeout: float = 300.0
+    session_tickets: bool = True
+    client_certificate: str | None = None
+    verify_client: str = "off"  # off | on | optional
+    verify_depth: int = 1
+    dhparam: str | None = None
+    password_file: str | None = None
+    source: Source | None = None  # the server block
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,3 +573,4 @@ class ServerConf:
     ignore_invalid_headers: bool = True
     # the server-level default used when no location matches (nginx: 404)
     source: Source | None = None
+    ssl: SslConf | None = None  # TLS settings, for servers on a `listen ... ssl` socket

@@ -7,6 +7,8 @@ config refuses any other name at load time with nginx's ``unknown "foo" variable
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 from scriptlb.config.model import Template, Var
@@ -67,6 +69,16 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "upstream_response_time",
         "upstream_connect_time",
         "upstream_header_time",
+        # TLS termination (scriptlb.tls)
+        "https",
+        "ssl_protocol",
+        "ssl_cipher",
+        "ssl_server_name",
+        "ssl_session_reused",
+        "ssl_client_verify",
+        "ssl_client_s_dn",
+        # who chose each try's peer and why (scriptlb.trace)
+        "balancer_trace",
     }
 )
 
@@ -82,9 +94,24 @@ class TemplateError(ValueError):
     """A template that nginx would refuse; the message is nginx's text."""
 
 
+# variables the config being loaded declares itself (``map``): nginx resolves variable names
+# after the whole file is read, so a map may be used above the line that defines it
+_DECLARED: ContextVar[frozenset[str]] = ContextVar("declared_variables", default=frozenset())
+
+
+@contextmanager
+def declared_variables(names: frozenset[str]) -> Iterator[None]:
+    """Accept ``names`` as known variables while one config is being built."""
+    token = _DECLARED.set(names)
+    try:
+        yield
+    finally:
+        _DECLARED.reset(token)
+
+
 def is_known_variable(name: str) -> bool:
     """Whether ``name`` (lower-case, without ``$``) is a variable scriptlb can evaluate."""
-    if name in KNOWN_VARIABLES:
+    if name in KNOWN_VARIABLES or name in _DECLARED.get():
         return True
     # ($arg_ with an empty name is nginx's too: it is never found)
     return any(name.startswith(p) and (len(name) > len(p) or p == "arg_") for p in VARIABLE_PREFIXES)

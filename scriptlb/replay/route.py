@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from scriptlb.config.model import MainConf, ServerConf
 from scriptlb.locations import LocationMatcher, ServerSelector, normalize_host
-from scriptlb.proxy import normalize_uri
+from scriptlb.uri import normalize_uri
 
 _CACHE_MAX = 4096  # (host, path) answers kept: the same few come again and again
 
