@@ -9,6 +9,8 @@ the best of ``--repeat`` timings (the least disturbed by other processes) for:
 * the same in the ``(ip, port)`` form with ``enable_keepalive`` (the hook of bench/run.py),
 * the same with the peers read from the upstream (hooks/hash_by_uri.py),
 * an empty hook that only sets a peer (the fixed cost of a run: outcome, globals, budget),
+* the crc32 pick in a module on ``python_package_path`` (``import picker``), as ported hooks do,
+  and as a method of a class instance kept in such a module (a ported metatable),
 * an empty ``log_by_python`` hook (the fixed cost the log phase adds to every request).
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,11 +42,38 @@ if ok:
     balancer.enable_keepalive(60, 0)
 """
 SET_PEER_ONLY = 'balancer.set_current_peer("127.0.0.1:9001")\n'
+# the same picking logic in a module on python_package_path, as OpenResty users write it
+PICKER_MODULE = """
+PEERS = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
+
+def pick(uri):
+    return PEERS[ngx.crc32_short(uri) % len(PEERS)]
+"""
+IMPORTED = """
+import picker
+balancer.set_current_peer(picker.pick(ngx.var.uri))
+"""
+# the same pick as a method of a class instance kept in the module (a ported metatable)
+CLASS_MODULE = """
+class Ring:
+    def __init__(self, peers):
+        self.peers = peers
+
+    def pick(self, uri):
+        return self.peers[ngx.crc32_short(uri) % len(self.peers)]
 
 
-def runner(code: str, upstream: SyntheticUpstream) -> HookRunner:
+RING = Ring(["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"])
+"""
+CLASS_IMPORTED = """
+import ring
+balancer.set_current_peer(ring.RING.pick(ngx.var.uri))
+"""
+
+
+def runner(code: str, upstream: SyntheticUpstream, python: PythonConf | None = None) -> HookRunner:
     hook = HookConf("block", None, code, Source("bench.conf", 1), first_line=2)
-    return HookRunner(hook, upstream, PythonConf(), log=lambda *_: None)
+    return HookRunner(hook, upstream, python or PythonConf(), log=lambda *_: None)
 
 
 def _exchange() -> SyntheticExchange:
@@ -93,6 +123,14 @@ def main() -> None:
     for label, code in cases.items():
         us = per_try_us(runner(code, upstream), upstream, opts.runs, opts.repeat)
         print(f"{label:48s} {us:6.2f} us/try")
+    with tempfile.TemporaryDirectory() as lib:
+        Path(lib, "picker.py").write_text(PICKER_MODULE)
+        python = PythonConf(package_path=(f"{lib}/?.py",))
+        us = per_try_us(runner(IMPORTED, upstream, python), upstream, opts.runs, opts.repeat)
+        print(f"{'the crc32 pick imported from a module':48s} {us:6.2f} us/try")
+        Path(lib, "ring.py").write_text(CLASS_MODULE)
+        us = per_try_us(runner(CLASS_IMPORTED, upstream, python), upstream, opts.runs, opts.repeat)
+        print(f"{'the pick as a method of a module class':48s} {us:6.2f} us/try")
     us = per_log_run_us("pass\n", opts.runs, opts.repeat)
     print(f"{'empty log_by_python hook (per request)':48s} {us:6.2f} us/run")
 

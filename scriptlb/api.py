@@ -29,7 +29,14 @@ import zlib
 from typing import Any
 
 from scriptlb.config.model import PeerAddr
-from scriptlb.sandbox.guards import expose, expose_dynamic, text_size
+from scriptlb.sandbox.guards import (
+    checked_method,
+    expose,
+    expose_dynamic,
+    readable_names,
+    text_size,
+    writable,
+)
 from scriptlb.variables import variable_getter  # imported here: not inside a run's budget
 
 _OK = (True, None)
@@ -81,6 +88,11 @@ def set_clock(clock: Any = None) -> None:
     _WALL[0] = clock or time.time
 
 
+def clock() -> float:
+    """The hooks' time: the wall clock, or a replay's virtual one (the circuit breaker's too)."""
+    return _WALL[0]()
+
+
 def set_worker(worker_id: int, worker_count: int) -> None:
     """worker.py tells the API which worker this is (ngx.worker.id()/count())."""
     _WORKER[0], _WORKER[1] = worker_id, worker_count
@@ -121,11 +133,16 @@ def _is_number(value: Any) -> bool:
 
 # --------------------------------------------------------------------------- peer addresses
 
-_IPV4 = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})")
+_IPV4 = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})")
 _UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
 _PEER_CACHE: dict[Any, PeerAddr | str] = {}  # addr (port 0) or (addr, port) -> parsed
 _PEER_CACHE_MAX = 4096
 _CACHED_ADDR_MAX = 128  # "unix:" + the longest socket path fits
+
+
+# set_current_peer's host: a DNS name, an IPv4 literal or a bracketed IPv6 one, with an optional
+# port; no whitespace, control characters or anything else a request head could be split on
+_HOST_NAME = re.compile(r"[A-Za-z0-9._~-]{1,253}(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?")
 
 
 def _ipv4(text: str) -> str | None:
@@ -166,7 +183,10 @@ def _parse_ipv6(addr: str, default_port: int) -> PeerAddr | str:
 
 def parse_peer(addr: str, default_port: int) -> PeerAddr | str:
     """``set_current_peer``'s address parsing, as ngx_parse_url with no_resolve: a PeerAddr, or
-    nginx's error text."""
+    nginx's error text. Whitespace and control characters are refused before anything else:
+    hook-made text must never reach a socket call, a request head or a log line."""
+    if not addr.isprintable() or " " in addr:
+        return "invalid address"
     if addr[:5].lower() == "unix:":
         path = addr[5:]
         if not path:
@@ -241,8 +261,11 @@ class Balancer:
             parsed = _PEER_CACHE.get((addr, port)) if type(port) is int else None
         if parsed is None:
             parsed = _parse_cached(addr, _port_argument(port))
-        if host is not None and type(host) is not str:
-            raise _bad_type(3, "set_current_peer", "string", host)
+        if host is not None:
+            if type(host) is not str:
+                raise _bad_type(3, "set_current_peer", "string", host)
+            if host and _HOST_NAME.fullmatch(host) is None:
+                return None, "invalid host name"  # it would become a Host header and TLS SNI
         if type(parsed) is str:
             return None, parsed
         outcome.addr = parsed
@@ -569,6 +592,33 @@ def hook_location() -> str:
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
+class Ctx(dict):  # type: ignore[type-arg]
+    """``ngx.ctx``: the request's dict, also read and written as attributes the Lua way
+    (``ngx.ctx.tries = 0``; a missing name reads as None, like Lua's nil). The names of dict
+    methods (``get``, ``items``...) read as the methods; ``ngx.ctx["get"]`` reaches such a key."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        self.pop(name, None)
+
+
+def _ctx_attribute(ctx: Ctx, name: str) -> Any:
+    """What ``ngx.ctx.NAME`` reads in a hook (after the dict methods exposed like dict's)."""
+    method = checked_method(ctx, name)
+    return ctx.get(name) if method is None else method
+
+
+def _request_ctx(exchange: Any) -> Ctx:
+    ctx = exchange.ctx
+    if type(ctx) is not Ctx:  # the exchange starts with a plain dict; hooks get the Lua-style view
+        ctx = exchange.ctx = Ctx(ctx)
+    return ctx
+
+
 class Ngx:
     """The ``ngx`` namespace."""
 
@@ -589,8 +639,8 @@ class Ngx:
     req = Req()
 
     @property
-    def ctx(self) -> dict[str, Any]:
-        return _current().exchange.ctx
+    def ctx(self) -> Ctx:
+        return _request_ctx(_current().exchange)
 
     @property
     def balancer(self) -> Balancer:
@@ -727,6 +777,12 @@ class Upstream:
     def current_upstream_name(self) -> str:
         return str(_current().upstream.name)
 
+    def get_hook_stats(self) -> dict[str, Any] | None:
+        """This worker's figures of the upstream's balancer hook (failed runs by kind, circuit
+        breaker state, trips and skipped runs), or None when it has no hook."""
+        hook = getattr(_current().upstream, "hook", None)
+        return None if hook is None else hook.stats()
+
 
 balancer = Balancer()
 ngx = Ngx()
@@ -739,6 +795,9 @@ expose(Balancer, ["set_current_peer", "set_more_tries", "get_last_failure", "set
 expose(Worker, ["id", "count", "pid"])
 expose(Req, ["get_headers", "get_method", "get_uri_args"])
 expose(Upstream, ["get_primary_peers", "get_backup_peers", "set_peer_down", "set_peer_weight",
-                  "current_upstream_name"])
+                  "current_upstream_name", "get_hook_stats"])
+expose(Ctx, readable_names(dict))
+expose_dynamic(Ctx, _ctx_attribute)
+writable(Ctx)
 expose_dynamic(VarView, _variable)
 expose_dynamic(SharedView, lambda _view, name: _SHARED.get(name))

@@ -62,12 +62,13 @@ def _node_weights(nodes: Nodes) -> dict[str, int]:
 
 
 def _check_node(node: object, weight: object) -> None:
-    # messages name types and sizes, never the repr of a caller's value (which could be huge)
-    if not isinstance(node, str):
+    # messages name types and sizes, never the repr of a caller's value (which could be huge);
+    # exact types: a subclass of str or int is hostile input posing as one
+    if type(node) is not str:
         raise TypeError(f"node ids are strings, not {type(node).__name__}")
     if len(node) > MAX_ID_LENGTH:
         raise ValueError(f"node id of {len(node)} characters is over the limit of {MAX_ID_LENGTH}")
-    if not isinstance(weight, int) or isinstance(weight, bool):
+    if type(weight) is not int:
         raise ValueError(f"weight of {node!r} must be an int >= 0, not {type(weight).__name__}")
     if not 0 <= weight <= MAX_WEIGHT:
         raise ValueError(f"weight of {node!r} must be between 0 and {MAX_WEIGHT}")
@@ -83,7 +84,7 @@ def _membership(tried: object) -> Container[str]:
     if isinstance(tried, (list, tuple)):
         if len(tried) > MAX_TRIED:
             raise ValueError(f"tried has {len(tried)} items, over the limit of {MAX_TRIED}")
-        return frozenset(item for item in tried if isinstance(item, str))
+        return frozenset(item for item in tried if type(item) is str)
     raise TypeError(f"tried must be a set, dict, list or tuple, not {type(tried).__name__}")
 
 
@@ -150,11 +151,11 @@ class chash(_Weighted):  # lower-case: named like resty.chash, which hook author
     def find(self, key: str | bytes, tried: Container[str] | None = None) -> tuple[str | None, int]:
         """The node for ``key`` (the first point at or after crc32(key)) and its ring index; with
         ``tried``, the first untried node clockwise from there."""
-        if not isinstance(key, (str, bytes)):
+        if type(key) is not str and type(key) is not bytes:
             raise TypeError(f"key must be a str or bytes, not {type(key).__name__}")
         if not self._hashes:
             return None, 0
-        raw = key.encode() if isinstance(key, str) else key
+        raw = key.encode() if type(key) is str else key
         index = bisect.bisect_left(self._hashes, zlib.crc32(raw)) % len(self._hashes)
         return self._walk(index, None, _membership(tried))
 
@@ -270,7 +271,7 @@ class ewma(_Weighted):  # named like APISIX's balancer/ewma
 
     def observe(self, node: str, rtt: float) -> None:
         """Record a completed request's round-trip time (seconds) to ``node``."""
-        if not isinstance(rtt, (int, float)) or isinstance(rtt, bool):
+        if type(rtt) is not int and type(rtt) is not float:
             raise TypeError(f"rtt must be a number, not {type(rtt).__name__}")
         _check_node(node, 0)
         index = self._index.get(node)

@@ -205,8 +205,14 @@ def _load_for_run(opts: Options, check_hooks: bool) -> MainConf | None:
 
 
 def _send_signal(opts: Options) -> int:
-    conf = _load_for_run(opts, check_hooks=False)  # nginx reads the config for the pid path
+    # nginx reads the config for the pid path. A reload also tests the new config here, hooks
+    # included, so a broken one is reported on the terminal with exit status 1 and the master
+    # is never asked (nginx would signal and leave the reason in the error log only).
+    reload = opts.signal == "reload"
+    conf = _load_for_run(opts, check_hooks=reload)
     if conf is None:
+        if reload:
+            say(f"configuration file {resolve_paths(opts.conf, opts.prefix)[0]} test failed")
         return 1
     master = _import("scriptlb.master")
     if master is None:

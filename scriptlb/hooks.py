@@ -18,6 +18,7 @@ from the master that checked the config does not compile again.
 
 from __future__ import annotations
 
+import ast
 import os
 import time
 import traceback
@@ -28,10 +29,10 @@ from typing import Any
 
 from scriptlb import api, errorlog
 from scriptlb.config.errors import ConfigError
-from scriptlb.config.model import HookConf, MainConf, PythonConf, Source
-from scriptlb.sandbox import limits
+from scriptlb.config.model import BreakerConf, HookConf, MainConf, PythonConf, Source
+from scriptlb.sandbox import limits, lint
 from scriptlb.sandbox.guards import make_builtins
-from scriptlb.sandbox.importer import OWNER_KEY, Importer
+from scriptlb.sandbox.importer import HOOK_DIR_KEY, OWNER_KEY, Importer
 from scriptlb.sandbox.limits import HookTimeout
 from scriptlb.sandbox.policy import HookCompileError, compile_hook
 
@@ -47,7 +48,9 @@ class HookOutcome:
     """What one run decided. Class-level defaults keep a run's allocation to one empty object.
 
     ``error`` says why the try falls back: None (fine), "runtime_error", "timeout",
-    "compile_error", "no_peer" or "exit_error" (``ngx.exit`` with a code below 300).
+    "compile_error", "no_peer", "exit_error" (``ngx.exit`` with a code below 300) or
+    "breaker_open" (skipped: the circuit breaker is open). With ``balancer_by_python_fallback
+    off`` every error but "no_peer" comes with ``exit_status`` 500.
     """
 
     addr: api.PeerAddr | None = None  # set_current_peer's address; None: fall back
@@ -90,8 +93,8 @@ BUILTINS = make_builtins({"__import__": IMPORTER, "_print_": lambda _getattr=Non
 _NAMESPACE = {"ngx": api.ngx}
 
 
-def _fresh_globals(name: str) -> dict[str, Any]:
-    return {"__builtins__": BUILTINS, "__name__": name, OWNER_KEY: {},
+def _fresh_globals(name: str, hook_dir: str | None = None) -> dict[str, Any]:
+    return {"__builtins__": BUILTINS, "__name__": name, OWNER_KEY: {}, HOOK_DIR_KEY: hook_dir,
             "balancer": api.balancer, "ngx": api.ngx, "upstream": api.upstream}
 
 
@@ -139,13 +142,48 @@ def load_code(hook: HookConf) -> CodeType:
     return code
 
 
-def _config_error(hook: HookConf, err: Exception) -> ConfigError:
+def _config_error(hook: HookConf, err: Exception, where: str | None = None) -> ConfigError:
     what = (f'failed to load external Python file "{hook.path}"' if hook.kind == "file"
             else "failed to load inlined Python code")
     if isinstance(err, HookCompileError):
-        return ConfigError(f"{what}: {err.message}", Source(_error_file(hook), err.lineno or 1))
+        return ConfigError(f"{what}: {err.message}", Source(where or _error_file(hook), err.lineno or 1))
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
     return ConfigError(f"{what}: {reason}", hook.source)
+
+
+_LINT_API = {"balancer": api.balancer, "ngx": api.ngx, "upstream": api.upstream,
+             "ngx.balancer": api.balancer, "ngx.upstream": api.upstream, "ngx.req": api.Ngx.req,
+             "ngx.worker": api.Ngx.worker}
+
+
+def _module_tree(path: str) -> ast.Module | str:
+    """A package module's AST for the load-time checks, or its compile error with file:line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        compile_hook(source, path)
+    except HookCompileError as err:
+        return f"{err.message} in {path}:{err.lineno}"
+    except (OSError, UnicodeDecodeError) as err:
+        return f"{err} in {path}:1"
+    return ast.parse(source, path)
+
+
+def lint_hook(hook: HookConf, python: PythonConf) -> None:
+    """The load-time checks (scriptlb.sandbox.lint) of a hook that compiled: the first finding
+    is a ConfigError at its file:line."""
+    source, first_line = _read_source(hook)
+    tree = ast.parse(source, hook.chunk_name)
+    if first_line != 1:
+        ast.increment_lineno(tree, first_line - 1)
+    finder = Importer()
+    finder.package_path = python.package_path  # the new config's path, without touching IMPORTER
+    context = lint.Context(builtins=frozenset(name for name in BUILTINS if not name.startswith("_")),
+                           api=_LINT_API, find=finder.find, compile_tree=_module_tree)
+    findings = lint.check(tree, _error_file(hook), os.path.dirname(_error_file(hook)), context)
+    if findings:
+        first = findings[0]
+        raise _config_error(hook, HookCompileError(first.message, first.line), first.file)
 
 
 def precompile(conf: MainConf) -> None:
@@ -162,6 +200,7 @@ def precompile(conf: MainConf) -> None:
             loaded[hook] = load_code(hook)
         except (HookCompileError, OSError, UnicodeDecodeError) as err:
             raise _config_error(hook, err) from None
+        lint_hook(hook, conf.http.python)
     configure(conf.http.python)
     _LOADED.clear()
     _LOADED.update(loaded)
@@ -226,6 +265,59 @@ def _hook_frame(tb: Any) -> str:
     return where
 
 
+# --------------------------------------------------------------------------- circuit breaker
+
+CLOSED, OPEN, PROBING = "closed", "open", "probing"
+_COUNTED = frozenset({"runtime_error", "timeout", "compile_error"})  # what trips the breaker
+
+
+class Breaker:
+    """The hook's circuit breaker (``balancer_by_python_breaker``), one per runner per worker.
+
+    A hook that keeps failing costs every request its budget (a runaway loop: 10 ms of CPU per
+    try) and then the fallback anyway. After ``fails`` failed runs within ``window`` seconds the
+    breaker opens: runs are skipped (straight to the fallback, or 500 with fallback off) for
+    ``cooldown`` seconds. Then it lets one run through (runs never overlap in a worker, so that
+    is "one request at a time"): success closes it, failure opens it for another cool-off.
+    """
+
+    __slots__ = ("conf", "failures", "open_until", "skipped", "state", "trips", "window_start")
+
+    def __init__(self, conf: BreakerConf) -> None:
+        self.conf = conf
+        self.state = CLOSED
+        self.failures = 0  # failed runs in the current window
+        self.window_start = 0.0
+        self.open_until = 0.0
+        self.trips = 0  # times it opened
+        self.skipped = 0  # runs skipped while open
+
+    def admits(self, now: float) -> bool:
+        """Called only while not CLOSED: False while cooling off, else the probe goes ahead.
+        ``now`` is the hooks' clock (a replay's virtual time); a clock set back past the
+        opening ends the cool-off rather than stretching it."""
+        if self.open_until - self.conf.cooldown <= now < self.open_until:
+            self.skipped += 1
+            return False
+        self.state = PROBING
+        return True
+
+    def failed(self, now: float) -> bool:
+        """Count a failed run; True when this failure opened the breaker."""
+        if self.state is not PROBING:
+            if now - self.window_start > self.conf.window:
+                self.window_start, self.failures = now, 0
+            self.failures += 1
+            if self.failures < self.conf.fails:
+                return False
+        self.state, self.open_until, self.failures = OPEN, now + self.conf.cooldown, 0
+        self.trips += 1
+        return True
+
+    def succeeded(self) -> None:
+        self.state, self.failures = CLOSED, 0
+
+
 # --------------------------------------------------------------------------- the runners
 
 
@@ -247,7 +339,7 @@ class _Runner:
         self.log: LogSink = log
         self._limit = _RateLimit()
         limits.quiet_unraisable_stops()  # a generator finalized past the budget: no stderr noise
-        self._globals = _fresh_globals("__hook__")
+        self._globals = _fresh_globals("__hook__", os.path.dirname(_error_file(conf)))
         # for the metrics (scriptlb.metrics): runs, failures by kind, durations per bucket
         self.runs = 0
         self.failures: dict[str, int] = {}
@@ -256,6 +348,8 @@ class _Runner:
         self.last_spent = 0.0  # the last run's duration (seconds): HookOutcome.spent
         self._code: CodeType | None = None
         self._compile_error: str | None = None
+        self.breaker = Breaker(conf.breaker) if conf.breaker is not None else None
+        self._tripped = False  # the breaker is open or probing (one test on the hot path)
         if self.python.code_cache:
             self._code = self._load()
 
@@ -280,6 +374,8 @@ class _Runner:
         for the error (already logged). Never raises (except KeyboardInterrupt-like stops).
 
         The subclasses' hot paths go through here: no allocation beyond the globals' copy."""
+        if self._tripped and not self.breaker.admits(api.clock()):  # type: ignore[union-attr]
+            return self._skip(outcome, exchange)
         if self.python.code_cache:
             code = self._code
         else:
@@ -287,7 +383,7 @@ class _Runner:
             code = self._load()
         if code is None:
             self.last_spent = 0.0
-            return self._fail(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
+            return self._failed(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
         context = api.CURRENT
         context.exchange, context.upstream, context.phase = exchange, upstream, self.phase
         context.outcome, context.log, context.logged = outcome, self.log, 0
@@ -315,19 +411,54 @@ class _Runner:
             self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
         if stopped or failure is not None:
             return self._failed_run(outcome, failure, stopped, exchange)
+        if self._tripped:  # the probe succeeded
+            self.breaker.succeeded()  # type: ignore[union-attr]
+            self._tripped = False
+            self._emit("notice", f"{self.directive} {self.chunk}: circuit breaker closed, "
+                       "the hook runs again", None)
         return None
 
     def _failed_run(self, outcome: Any, failure: BaseException | None, stopped: bool, exchange: Any) -> Any:
         where = _hook_frame(failure.__traceback__) if failure is not None else self.chunk
         if stopped:
             ms = round(self.timeout * 1000)
-            return self._fail(outcome, "timeout", f"{self.directive} timed out after {ms}ms at {where}",
-                              exchange)
+            return self._failed(outcome, "timeout", f"{self.directive} timed out after {ms}ms at {where}",
+                                exchange)
         assert failure is not None
         detail = api.exception_text(failure)  # KeyError(huge key) must not build the key's text
         text = f"{type(failure).__name__}: {detail}" if detail else type(failure).__name__
-        return self._fail(outcome, "runtime_error", f"failed to run {self.directive}: {where}: {text}",
-                          exchange)
+        return self._failed(outcome, "runtime_error", f"failed to run {self.directive}: {where}: {text}",
+                            exchange)
+
+    def _failed(self, outcome: Any, kind: str, message: str, exchange: Any) -> Any:
+        """A run that failed: ``_fail`` (which counts it), then the breaker's count."""
+        result = self._fail(outcome, kind, message, exchange)
+        breaker = self.breaker
+        if breaker is not None and kind in _COUNTED and breaker.failed(api.clock()):
+            self._tripped = True
+            conf = breaker.conf
+            self._emit("error", f"{self.directive} {self.chunk}: circuit breaker open after {conf.fails} "
+                       f"failed runs in {conf.window:g}s, skipping the hook for {conf.cooldown:g}s "
+                       "(then one request at a time)", None)
+        return result
+
+    def _skip(self, outcome: Any, exchange: Any) -> Any:
+        """A run the open breaker skips: counted (outcome "breaker_open" in the metrics), no log
+        line (the opening said it); the subclass says what its run() returns for it."""
+        raise NotImplementedError
+
+    def _count_skip(self) -> None:
+        self.last_spent = 0.0
+        self.failures["breaker_open"] = self.failures.get("breaker_open", 0) + 1
+
+    def stats(self) -> dict[str, Any]:
+        """This worker's figures of the hook: failed (or skipped) runs by kind, and the
+        breaker's state."""
+        breaker = self.breaker
+        return {"failures": dict(self.failures),
+                "breaker": None if breaker is None else breaker.state,
+                "breaker_trips": 0 if breaker is None else breaker.trips,
+                "breaker_skipped": 0 if breaker is None else breaker.skipped}
 
     def _fail(self, outcome: Any, kind: str, message: str, exchange: Any, level: str = "error") -> Any:
         """Log why a run failed; the subclass says what its run() returns for it."""
@@ -372,8 +503,9 @@ class HookRunner(_Runner):
             return failed
         status = outcome.exit_status
         if status is not None and not 300 <= status <= 999:
-            return self._fail(outcome, "exit_error",
-                              f"{self.chunk}: ngx.exit({status}) in a balancer hook, falling back", exchange)
+            what = "falling back" if self.conf.fallback else "answering 500"
+            return self._failed(outcome, "exit_error",
+                                f"{self.chunk}: ngx.exit({status}) in a balancer hook, {what}", exchange)
         if outcome.addr is None and status is None:
             return self._fail(outcome, "no_peer", f"{self.chunk}: python balancer: no peer set, "
                               "falling back", exchange, level="warn")
@@ -382,10 +514,25 @@ class HookRunner(_Runner):
     def _fail(self, outcome: HookOutcome, kind: str, message: str, exchange: Any,
               level: str = "error") -> HookOutcome:
         """Reset the outcome to "fall back" and log why (rate-limited per kind)."""
+        self._reset(outcome, kind)
+        outcome.message = self._report(kind, message, exchange, level)
+        return outcome
+
+    def _reset(self, outcome: HookOutcome, kind: str) -> None:
+        """Nothing the failed run set counts. With ``balancer_by_python_fallback off`` a failure
+        answers 500 as OpenResty does; a run that sets no peer still uses the upstream's own
+        servers (OpenResty's round robin over them) either way."""
         outcome.addr = outcome.host = outcome.exit_status = outcome.keepalive = outcome.local_addr = None
         outcome.more_tries = 0
         outcome.recreate = False
-        outcome.error, outcome.message = kind, self._report(kind, message, exchange, level)
+        outcome.error = kind
+        if kind != "no_peer" and not self.conf.fallback:
+            outcome.exit_status = 500
+
+    def _skip(self, outcome: HookOutcome, exchange: Any) -> HookOutcome:
+        self._count_skip()
+        self._reset(outcome, "breaker_open")
+        outcome.message = f"{self.chunk}: circuit breaker open, hook skipped"
         return outcome
 
 
@@ -419,3 +566,7 @@ class LogHookRunner(_Runner):
     def _fail(self, outcome: Any, kind: str, message: str, exchange: Any, level: str = "error") -> str:
         self._report(kind, message, exchange, level)
         return kind
+
+    def _skip(self, outcome: Any, exchange: Any) -> str:
+        self._count_skip()
+        return "breaker_open"

@@ -185,7 +185,8 @@ def hook_figures(runtime: Any) -> list[dict[str, Any]]:
     figures = []
     for upstream, phase, runner in hook_runners(runtime):
         failures = dict(runner.failures)
-        ran_failures = sum(n for kind, n in failures.items() if kind != "compile_error")
+        # compile errors and runs the circuit breaker skipped never ran
+        ran_failures = sum(n for kind, n in failures.items() if kind not in ("compile_error", "breaker_open"))
         outcomes = {"ok": runner.runs - ran_failures, **failures}
         figures.append({"upstream": upstream, "phase": phase, "outcomes": outcomes,
                         "buckets": list(runner.durations), "sum": runner.duration_sum})

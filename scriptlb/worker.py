@@ -359,8 +359,9 @@ def open_status(conf: MainConf) -> WorkerStatus | None:
 
 
 def worker_memory_limit(http: HttpConf) -> int:
-    """RLIMIT_AS for a worker running hooks: ``python_memory_limit`` plus what the shared dict
-    zones map (their maps are address space too, sized by the zones, not by hook code)."""
+    """The resident memory above which the fuse retires a worker running hooks:
+    ``python_memory_limit`` plus what the shared dict zones map (their pages count as resident
+    too, sized by the zones, not by hook code)."""
     limit = http.python.memory_limit
     if limit == 0:
         return 0

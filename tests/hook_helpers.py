@@ -29,9 +29,12 @@ class Run:
         return self.outcome.error
 
 
-def block(code: str, timeout: float = 0.010) -> HookConf:
-    """A balancer_by_python_block whose body starts on line 2 of CONF."""
-    return HookConf("block", None, textwrap.dedent(code), Source(CONF, 1), timeout=timeout, first_line=2)
+def block(code: str, timeout: float = 0.010, **settings: Any) -> HookConf:
+    """A balancer_by_python_block whose body starts on line 2 of CONF; without its circuit
+    breaker unless ``breaker=`` says (tests that fail a hook many times test one thing each)."""
+    settings.setdefault("breaker", None)
+    return HookConf("block", None, textwrap.dedent(code), Source(CONF, 1), timeout=timeout, first_line=2,
+                    **settings)
 
 
 def runner(code: str, timeout: float = 0.010, python: PythonConf | None = None,

@@ -1,6 +1,6 @@
 """The last-resort fuse: a watchdog process kills a worker stuck in one hook run (work inside a
-single C call that no tick can interrupt), and RLIMIT_AS turns a runaway allocation into a
-MemoryError. Each case runs in its own process."""
+single C call that no tick can interrupt), and retires a worker whose memory passes
+python_memory_limit. Each case runs in its own process."""
 
 from __future__ import annotations
 
@@ -81,19 +81,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_memory_limit_turns_a_runaway_allocation_into_memory_error() -> None:
+def test_memory_limit_retires_the_worker_gracefully_without_capping_it() -> None:
+    """Past the limit the watchdog sends SIGQUIT (graceful shutdown); no allocation fails."""
     done = python("""
+        import resource, signal, sys, time
         from scriptlb.sandbox import limits
 
-        fuse = limits.install_worker_fuse(hard_seconds=5, memory_bytes=1 << 30)
-        try:
-            block = bytearray(2 << 30)
-        except MemoryError:
-            print("MemoryError")
+        quit = []
+        signal.signal(signal.SIGQUIT, lambda *_: quit.append(1))
+        fuse = limits.install_worker_fuse(hard_seconds=5, memory_bytes=200 << 20)
+        print(resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY
+              or resource.getrlimit(resource.RLIMIT_AS)[0] > (2 << 30))
+        block = bytearray(300 << 20)  # touched: resident, between the limit and twice it
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        deadline = time.monotonic() + 10
+        while not quit and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print("quit" if quit else "not asked")
         fuse.stop()
     """)
-    assert (done.returncode, done.stdout) == (0, "MemoryError\n"), done.stderr
-
+    assert (done.returncode, done.stdout) == (0, "True\nquit\n"), done.stderr
+    assert "over python_memory_limit (200 MiB): shutting it down gracefully" in done.stderr
 
 
 def test_deeply_nested_tuples_hash_without_crashing_the_worker() -> None:
@@ -127,3 +136,27 @@ def test_the_watchdog_holds_no_file_descriptors_of_the_worker() -> None:
     """)
     assert done.returncode == 0, done.stderr
     assert all(fd <= 2 for fd in json.loads(done.stdout))
+
+
+def test_a_worker_growing_past_twice_the_limit_is_killed() -> None:
+    done = python("""
+        import signal, time
+        from scriptlb.sandbox import limits
+
+        signal.signal(signal.SIGQUIT, lambda *_: None)  # a drain that keeps growing
+        fuse = limits.install_worker_fuse(hard_seconds=5, memory_bytes=100 << 20)
+        blocks = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            block = bytearray(50 << 20)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            blocks.append(block)
+            if len(blocks) > 8:
+                blocks.pop(0)
+            time.sleep(0.05)
+        print("survived")
+    """)
+    assert done.returncode == -signal.SIGKILL, done.stdout
+    assert "twice python_memory_limit: killing it" in done.stderr
+

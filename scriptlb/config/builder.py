@@ -32,6 +32,7 @@ from scriptlb.config.maps import declared_map_variables
 from scriptlb.config.model import (
     DEFAULT_MEMORY_LIMIT,
     AccessLogConf,
+    BreakerConf,
     ClientBodyConf,
     ErrorLogConf,
     HealthCheckConf,
@@ -164,6 +165,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
     servers = _check_listens(servers)
     _check_peer_tls(servers)
     _warn_conflicting_names(state, servers)
+    _warn_placeholder_fallback(state, upstreams)
     python = PythonConf(
         package_path=http.values.get("python_package_path", ()),
         code_cache=http.values.get("python_code_cache", True),
@@ -207,6 +209,7 @@ def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
     if upstream.hook is not None:
         timeout = v.get("balancer_by_python_timeout", http.values.get("balancer_by_python_timeout"))
         hook = _hook_conf(upstream.hook, DEFAULT_HOOK_TIMEOUT if timeout is None else timeout)
+        hook = _hook_failure_policy(hook, v, http.values)
     return UpstreamConf(
         name=upstream.name,
         servers=tuple(upstream.servers),
@@ -222,6 +225,13 @@ def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
         discovery=v.get("discovery"),
         resolver=_upstream_resolver(upstream, http),
     )
+
+
+def _hook_failure_policy(hook: HookConf, values: dict[str, Any], http: dict[str, Any]) -> HookConf:
+    """balancer_by_python_fallback and balancer_by_python_breaker (upstream, else http)."""
+    fallback = values.get("balancer_by_python_fallback", http.get("balancer_by_python_fallback", True))
+    breaker = values.get("balancer_by_python_breaker", http.get("balancer_by_python_breaker", BreakerConf()))
+    return dataclasses.replace(hook, fallback=fallback, breaker=breaker)
 
 
 def _hook_conf(hook: HookDraft, timeout: float) -> HookConf:
@@ -599,6 +609,29 @@ def _headers(chain: Sequence[LevelDraft]) -> tuple[Header, ...]:
 
 
 # --------------------------------------------------------------------------- listens
+
+
+def _is_placeholder(addr: PeerAddr) -> bool:
+    """OpenResty's ``server 0.0.0.1;``: an address in 0.0.0.0/8 (but 0.0.0.0, which Linux
+    connects to the local host), or port 0: nothing can be connected to there."""
+    if addr.port == 0:
+        return True
+    return addr.host is not None and addr.host.startswith("0.") and addr.host != "0.0.0.0"
+
+
+def _warn_placeholder_fallback(state: State, upstreams: dict[str, UpstreamConf]) -> None:
+    """A config mirrored from OpenResty keeps ``server 0.0.0.1;`` beside its hook: with
+    balancer_by_python_fallback on, a failed run would fall back to it."""
+    for upstream in upstreams.values():
+        hook = upstream.hook
+        if hook is None or not hook.fallback:
+            continue
+        if all(_is_placeholder(addr) for server in upstream.servers for addr in server.addrs):
+            names = ", ".join(server.name for server in upstream.servers)
+            state.warn(f'upstream "{upstream.name}" has only placeholder servers ({names}) and '
+                       "balancer_by_python_fallback on: a failed hook run falls back to a server that "
+                       'cannot be connected to; "balancer_by_python_fallback off;" answers 500 as OpenResty',
+                       hook.source)
 
 
 def _warn_conflicting_names(state: State, servers: tuple[ServerConf, ...]) -> None:

@@ -38,6 +38,7 @@ from scriptlb.config.model import (
     AccessRule,
     AddHeaderConf,
     BalancerMethodConf,
+    BreakerConf,
     DictSyncConf,
     DiscoveryConf,
     ErrorLogConf,
@@ -615,8 +616,20 @@ def _access_log(state: State, node: Node, draft: Any) -> None:
 
 
 def _python_package_path(state: State, node: Node, draft: HttpDraft) -> None:
-    patterns = tuple(state.path(p) for p in node.args[0].split(";") if p.strip())
+    patterns = tuple(_package_pattern(state, node, p.strip()) for p in node.args[0].split(";") if p.strip())
     _store(node, draft.values, patterns)
+
+
+def _package_pattern(state: State, node: Node, pattern: str) -> str:
+    """One pattern, absolute: ``$prefix`` is the prefix (as in lua_package_path); ``$hook_dir``
+    stays, for the importer to expand with the importing file's directory."""
+    if pattern.startswith("$hook_dir"):
+        return pattern
+    if pattern.startswith("$prefix"):
+        pattern = state.prefix + "/" + pattern[len("$prefix"):]
+    if "$" in pattern:
+        raise fail(node, f'unknown variable in "{pattern}": only $prefix and $hook_dir are allowed')
+    return state.path(pattern)
 
 
 # scriptlb.shared_dict.MIN_SIZE, repeated so loading a config does not import LMDB; a test
@@ -681,6 +694,24 @@ def _hook_timeout(state: State, node: Node, draft: Any) -> None:
     if value <= 0:
         raise fail(node, f'"{node.name}" directive invalid value')
     _store(node, draft.values, value)
+
+
+def _hook_breaker(state: State, node: Node, draft: Any) -> None:
+    """``balancer_by_python_breaker off | [fails=N] [window=TIME] [cooldown=TIME]``."""
+    if list(node.args) == ["off"]:
+        _store(node, draft.values, None)
+        return
+    values = {"fails": 10, "window": 10.0, "cooldown": 30.0}
+    for arg in node.args:
+        name, eq, text = arg.partition("=")
+        if not eq or name not in values:
+            raise fail(node, f'invalid parameter "{arg}"')
+        value = (int(text) if text.isdigit() else None) if name == "fails" else parse_time(text)
+        if not value or value <= 0:
+            raise fail(node, f'invalid {name} value "{text}"')
+        values[name] = value
+    _store(node, draft.values, BreakerConf(int(values["fails"]), float(values["window"]),
+                                           float(values["cooldown"])))
 
 
 def _hook_file(state: State, node: Node, draft: UpstreamDraft) -> None:
@@ -1157,6 +1188,8 @@ _SPECS: tuple[Spec, ...] = (
     _spec("python_memory_limit", Ctx.HTTP, ONE, _slot(_size_or_off)),
     _spec("python_peer_stats", Ctx.HTTP, FLAG, _slot(flag)),
     _spec("balancer_by_python_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _hook_timeout),
+    _spec("balancer_by_python_fallback", Ctx.HTTP | Ctx.UPSTREAM, FLAG, _slot(flag)),
+    _spec("balancer_by_python_breaker", Ctx.HTTP | Ctx.UPSTREAM, (1, 3), _hook_breaker),
     _spec("balancer_by_python_file", Ctx.UPSTREAM, ONE, _hook_file),
     _spec("balancer_by_python_block", Ctx.UPSTREAM, NONE, _hook_block, block=True),
     _spec("python_shared_dict", Ctx.HTTP, (2, 6), _python_shared_dict),

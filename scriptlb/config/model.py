@@ -102,6 +102,17 @@ class AccessLogConf:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerConf:
+    """``balancer_by_python_breaker fails=N window=T cooldown=T``: after ``fails`` failed runs
+    (errors, budget overruns) within ``window`` seconds, the hook is skipped for ``cooldown``
+    seconds, then tried again one request at a time (scriptlb.hooks.Breaker)."""
+
+    fails: int = 10
+    window: float = 10.0
+    cooldown: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class HookConf:
     """A ``balancer_by_python_*`` or ``log_by_python_*`` hook (``phase`` says which)."""
 
@@ -114,6 +125,10 @@ class HookConf:
     # after "{" on its line); source.line for a one-line block. 0 for "file" hooks.
     first_line: int = 0
     phase: str = "balancer"  # "balancer" (UpstreamConf.hook) | "log" (LocationConf.log_hook)
+    # balancer_by_python_fallback: a failed run falls back to the upstream's balancer (on) or
+    # answers 500 as OpenResty does (off)
+    fallback: bool = True
+    breaker: BreakerConf | None = BreakerConf()  # balancer_by_python_breaker; None = off
 
     @property
     def chunk_name(self) -> str:

@@ -25,13 +25,18 @@ from typing import Any
 
 from scriptlb.sandbox import limits
 from scriptlb.sandbox.limits import (
+    BYTE_NS,
+    COPY_NS,
+    HASH_NS,
     MAX_FORMAT_WIDTH,
     MAX_INT_BITS,
     MAX_ITEMS,
     MAX_POWMOD_BITS,
     MAX_RANGE,
     MAX_STR,
+    SCAN_NS,
     SandboxLimitError,
+    charge,
 )
 
 # --------------------------------------------------------------------------- registry
@@ -66,6 +71,26 @@ def expose_dynamic(cls: type, lookup: Callable[[Any, str], Any]) -> None:
     _DYNAMIC[cls] = lookup
 
 
+def writable(cls: type) -> None:
+    """Let hook code store items and attributes into instances of ``cls`` (ngx.ctx)."""
+    _WRITABLE.add(cls)
+
+
+def checked_methods(cls: type) -> dict[str, Callable[..., Any]]:
+    """The checked methods registered for ``cls`` (to register them for a subclass too)."""
+    return dict(_CHECKED.get(cls, {}))
+
+
+def checked_method(obj: Any, name: str) -> Any:
+    """The checked (size/work-bounded) method ``name`` of ``obj``'s base dict type, bound to
+    ``obj``, or None: for dict subclasses with attribute-style items (ngx.ctx)."""
+    for cls in type(obj).__mro__:
+        checked = _CHECKED.get(cls)
+        if checked is not None and name in checked:
+            return partial(checked[name], obj)
+    return None
+
+
 def too_big(what: str, size: int, limit: int) -> SandboxLimitError:
     return SandboxLimitError(f"{what} of {size} is over the sandbox limit of {limit}")
 
@@ -79,6 +104,9 @@ def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
     names = _ATTRS.get(cls)
     if names is not None and name in names:
         return getattr(obj, name)
+    if (type(cls) is HookClass and type(name) is str and not name.startswith("_")  # a hook object
+            and (name in obj.__dict__ or _defined_by_hook(cls, name))):
+        return getattr(obj, name, *default)
     dynamic = _DYNAMIC.get(cls)
     if dynamic is not None and type(name) is str and not name.startswith("_"):
         try:
@@ -135,13 +163,91 @@ class _ListWriter:
 
 
 def guarded_write(obj: Any) -> Any:
-    """``_write_``: item stores on the hook's own containers; never on modules or the API."""
+    """``_write_``: item stores on the hook's own containers, attribute stores on the hook's own
+    classes and their instances; never on modules or the API."""
     cls = type(obj)
     if cls is list:
         return _ListWriter(obj)
-    if cls in _WRITABLE:
+    if cls in _WRITABLE or cls is HookClass or type(cls) is HookClass:
         return obj
     raise TypeError(f"a hook cannot modify a '{cls.__name__}' object")
+
+
+# --------------------------------------------------------------------------- hook classes
+#
+# A ``class`` statement in a hook builds a ``HookClass`` (the compiler policy makes it the
+# metaclass of every class statement). What keeps classes as safe as functions:
+#
+# * the only special method a hook class may define is ``__init__`` (refused at compile time and
+#   again here): ``__eq__``, ``__hash__``, ``__lt__``, ``__len__``, ``__iter__``, ``__str__``,
+#   ``__del__``, ``__getattr__``, ``__init_subclass__``, ``__set_name__``... would be called
+#   from C, inside sorted(), dict lookups, json.dumps or host code, and after the run is over
+#   (a finalizer, an error message built by the runner). Instances therefore compare, hash and
+#   print with object's C defaults. ``__init__`` runs only when hook code calls the class, and
+#   starts with a budget check like every hook function (outside a run it stops at once);
+# * bases are other hook classes or the exceptions hooks can raise, never builtin types: a
+#   ``str``/``dict``/``int`` subclass could reach the API or C code posing as the real thing;
+# * no class keywords (metaclass, ``__init_subclass__`` arguments);
+# * attribute reads stay deny-by-default: an instance offers what it was assigned and what its
+#   hook classes define (methods, properties, class attributes), never what ``object``/``type``
+#   define (``mro``, ``__subclasses__``...); ``super()`` resolves only in hook classes.
+
+_CLASS_KEYS = frozenset({"__module__", "__qualname__", "__init__", "__classcell__", "__doc__"})
+MAX_CLASS_MEMBERS = 1000
+
+
+class HookClass(type):
+    """The type of every class a hook defines (see above)."""
+
+    def __new__(mcs, name: str, bases: tuple[Any, ...], namespace: dict[str, Any], **keywords: Any) -> Any:
+        if keywords:
+            raise TypeError("class keywords are not allowed in hooks")
+        for base in bases:
+            if type(base) is not HookClass and base not in _EXCEPTION_BASES:
+                raise TypeError("a hook class can derive only from hook classes and exceptions, "
+                                f"not from '{getattr(base, '__name__', type(base).__name__)}'")
+        for key in namespace:
+            if type(key) is not str or (key.startswith("_") and key not in _CLASS_KEYS):
+                raise TypeError(f"'{key}' is not allowed in a hook class")
+        if len(namespace) > MAX_CLASS_MEMBERS:
+            raise too_big("class members", len(namespace), MAX_CLASS_MEMBERS)
+        return super().__new__(mcs, name, bases, namespace)
+
+
+def _defined_by_hook(cls: type, name: str) -> bool:
+    """``name`` is defined by one of the hook classes of ``cls``'s MRO."""
+    if type(cls) is HookClass and name in cls.__dict__:  # the common case, without a generator
+        return True
+    return any(type(klass) is HookClass and name in klass.__dict__ for klass in cls.__mro__[1:])
+
+
+def _hook_class_attribute(cls: Any, name: str) -> Any:
+    if _defined_by_hook(cls, name):
+        return getattr(cls, name)
+    raise AttributeError(f"type object '{cls.__name__}' has no attribute '{name}' visible to hooks")
+
+
+def _super_attribute(proxy: Any, name: str) -> Any:
+    """``super().method``: found in the hook classes after the current one, nowhere else."""
+    mro = proxy.__self_class__.__mro__
+    start = mro.index(proxy.__thisclass__) + 1 if proxy.__thisclass__ in mro else len(mro)
+    for klass in mro[start:]:
+        if type(klass) is HookClass and name in klass.__dict__:
+            return getattr(proxy, name)
+    raise AttributeError(f"'super' object has no attribute '{name}' visible to hooks")
+
+
+def super_init(proxy: Any) -> Any:
+    """``_super_init_``: the compiled form of ``super().__init__`` (the one private name a
+    hook may read): the next ``__init__`` of the MRO, a hook's, an exception's or object's."""
+    if type(proxy) is not super:
+        raise TypeError("only super().__init__ is allowed")
+    return proxy.__init__
+
+
+_DYNAMIC[HookClass] = _hook_class_attribute
+_DYNAMIC[super] = _super_attribute
+_PROPERTY_NAMES = ["getter", "setter", "deleter"]
 
 
 # --------------------------------------------------------------------------- operators
@@ -164,6 +270,11 @@ def check_size(value: Any) -> Any:
 
 
 def guarded_add(a: Any, b: Any) -> Any:
+    limit = _sized_limit(type(a))
+    if limit and _sized_limit(type(b)):
+        if len(a) + len(b) > limit:  # refused before building it
+            raise too_big("size", len(a) + len(b), limit)
+        charge(len(a) + len(b), COPY_NS if limit == MAX_ITEMS else BYTE_NS)
     result = a + b
     cls = type(result)
     if cls is int or cls is float:
@@ -180,6 +291,7 @@ def _check_repeat(seq: Any, times: Any) -> None:
         n = operator.index(times)
         if n > 0 and len(seq) * n > limit:
             raise too_big("size", len(seq) * n, limit)
+        charge(len(seq) * n, COPY_NS if limit == MAX_ITEMS else BYTE_NS)
 
 
 def guarded_mul(a: Any, b: Any) -> Any:
@@ -261,6 +373,7 @@ def guarded_mod(a: Any, b: Any) -> Any:
 # --------------------------------------------------------------------------- text of containers
 
 _SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
+_COPIED = (list, tuple, str, bytes, set, frozenset, dict, deque, range)  # sized: charge by len()
 _SEQUENCES = (list, tuple, set, frozenset, deque)
 
 
@@ -434,9 +547,16 @@ def guarded_isinstance(obj: Any, spec: Any) -> bool:
     return isinstance(obj, _real_type(spec))
 
 
+def guarded_issubclass(cls: Any, spec: Any) -> bool:
+    """``issubclass(MyError, ValueError)``, with the same mapping as isinstance."""
+    return issubclass(_real_type(cls), _real_type(spec))
+
+
 def guarded_sum(iterable: Iterable[Any], /, start: Any = 0) -> Any:
     if type(start) not in (int, float, bool):
         raise TypeError("sum() in a hook adds numbers only")
+    if isinstance(iterable, _COPIED):
+        charge(len(iterable), SCAN_NS)
     return sum(iterable, start)
 
 
@@ -477,10 +597,10 @@ def apply(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def _checked_join(sep: Any, iterable: Iterable[Any]) -> Any:
+    if isinstance(iterable, _COPIED):
+        charge(len(iterable), SCAN_NS)  # the copy, the lengths and the join
     items = list(iterable)
-    total = len(sep) * max(len(items) - 1, 0)
-    for item in items:
-        total += len(item)
+    total = len(sep) * max(len(items) - 1, 0) + sum(map(len, items))  # at C speed
     if total > MAX_STR:
         raise too_big("joined size", total, MAX_STR)
     return sep.join(items)
@@ -507,6 +627,10 @@ def _checked_replace(s: Any, old: Any, new: Any, count: int = -1) -> Any:
 
 
 def _checked_extend(target: Any, iterable: Iterable[Any]) -> None:
+    if isinstance(iterable, _COPIED):
+        if len(target) + len(iterable) > MAX_ITEMS:  # refused before any work
+            raise too_big("size", len(target) + len(iterable), MAX_ITEMS)
+        charge(len(iterable), COPY_NS)
     items = list(iterable)
     if len(target) + len(items) > MAX_ITEMS:
         raise too_big("size", len(target) + len(items), MAX_ITEMS)
@@ -615,18 +739,37 @@ _CLASS_ATTRS[dict] = frozenset({"fromkeys"})
 
 
 _EXCEPTIONS = (
-    Exception, ArithmeticError, AssertionError, AttributeError, IndexError, KeyError, LookupError,
+    Exception, ArithmeticError, AssertionError, AttributeError, ImportError, ModuleNotFoundError,
+    IndexError, KeyError, LookupError,
     NameError, NotImplementedError, OverflowError, RecursionError, RuntimeError, StopIteration,
     TypeError, UnicodeError, UnicodeDecodeError, UnicodeEncodeError, ValueError, ZeroDivisionError,
 )
 
-_PLAIN_BUILTINS = ["abs", "all", "any", "bin", "bool", "callable", "chr", "divmod",
-                   "float", "hex", "int", "len", "list", "next", "oct", "ord", "reversed", "slice",
-                   "tuple"]  # dict, set, frozenset, sorted, min, max, hash: see _WORK_BUILTINS
+_EXCEPTION_BASES = frozenset(_EXCEPTIONS)
+expose(property, _PROPERTY_NAMES)
+
+_PLAIN_BUILTINS = ["abs", "bin", "bool", "callable", "chr", "divmod",
+                   "float", "hex", "int", "len", "next", "oct", "ord", "reversed", "slice",
+                   ]  # dict, set, frozenset, sorted, min, max, hash: see _WORK_BUILTINS
 # C iterators whose output can dwarf their input (zip(*[big] * 1000)): they tick per item
 _TICKING_BUILTINS = {"zip": zip, "map": map, "filter": filter, "enumerate": enumerate}
 
 
+def _charged(func: Callable[..., Any], ns_per_item: float) -> Callable[..., Any]:
+    """A builtin that walks its argument in one C call (list(), tuple(), any(), all())."""
+
+    def call(*args: Any) -> Any:
+        if args and isinstance(args[0], _COPIED):
+            charge(len(args[0]), ns_per_item)
+        return func(*args)
+
+    call.__name__ = func.__name__
+    return call
+
+
+_CHARGED = {"list": _charged(list, COPY_NS), "tuple": _charged(tuple, COPY_NS),
+            "any": _charged(any, SCAN_NS), "all": _charged(all, SCAN_NS)}
+_REAL_TYPES.update({_CHARGED["list"]: list, _CHARGED["tuple"]: tuple})
 _REAL_TYPES.update({guarded_str: str, guarded_bytes: bytes, guarded_range: range})
 _TICKING = {name: ticking_factory(cls) for name, cls in _TICKING_BUILTINS.items()}
 _REAL_TYPES.update({_TICKING[name]: cls for name, cls in _TICKING_BUILTINS.items()})
@@ -643,8 +786,10 @@ def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
     table.update({exc.__name__: exc for exc in _EXCEPTIONS})
     table.update({"None": None, "True": True, "False": False})
     table.update(_TICKING)
+    table.update(_CHARGED)
     table.update(
         range=guarded_range, bytes=guarded_bytes, str=guarded_str, isinstance=guarded_isinstance,
+        issubclass=guarded_issubclass,
         sum=guarded_sum, round=guarded_round, repr=guarded_repr, ascii=guarded_ascii,
         pow=guarded_pow, iter=guarded_iter, format=guarded_format,
         getattr=guarded_getattr, hasattr=guarded_hasattr,
@@ -654,6 +799,9 @@ def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
         _add_=guarded_add, _mul_=guarded_mul, _pow_=guarded_pow, _lshift_=guarded_lshift,
         _mod_=guarded_mod, _format_=fstring_field, _text_=check_text, _check_size_=check_size,
         _tick_=limits.tick,
+        # class statements: the compiler names HookClass as their metaclass
+        __build_class__=builtins.__build_class__, __metaclass__=HookClass, _super_init_=super_init,
+        staticmethod=staticmethod, classmethod=classmethod, property=property, super=super,
     )
     from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 
@@ -749,9 +897,11 @@ def check_work(value: Any) -> Any:
     if cls is str or cls is int or cls in _WORK_SCALARS or cls is bytes:
         return value
     if isinstance(value, (*_CONTAINERS, *_DICT_VIEWS)):
+        charge(len(value), HASH_NS)  # before the estimate, which walks the top level too
         size = work_size(value)
         if size > MAX_WORK:
             raise too_big("comparison/hash work (estimated)", size, MAX_WORK)
+        charge(size, SCAN_NS)  # a unit is an item or 16 characters of a string
     return value
 
 
@@ -799,6 +949,8 @@ def _consumer(func: Callable[..., Any], name: str) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         kwargs = checked_key(kwargs)
         if len(args) == 1:
+            if isinstance(args[0], _COPIED):
+                charge(len(args[0]), HASH_NS)
             return func(checking(args[0]), **kwargs)
         return func(*[check_work(arg) for arg in args], **kwargs)
 
@@ -833,6 +985,7 @@ def _checked_sort(target: list[Any], *, key: Any = None, reverse: bool = False) 
     if key is None:
         check_work(target)
     else:
+        charge(len(target), HASH_NS)
         key = checked_key({"key": key})["key"]
     target.sort(key=key, reverse=reverse)
 

@@ -5,6 +5,15 @@ A package module is compiled under the same policy as hooks and executed once pe
 first import, inside the importing run's budget); its globals then live as long as the worker,
 so it can keep worker-level state such as caches. With ``python_code_cache off`` the runner
 calls ``forget()`` before each run, so modules are re-read like hook files.
+
+After the first import, ``import x`` costs a dict lookup, as ``require`` does in OpenResty
+(``package.loaded``): each hook and module keeps what its imports resolved to in its own cache
+(its globals' ``OWNER_KEY`` entry, a name hook code cannot spell), valid while the importer's
+generation (package path, loaded modules) is unchanged.
+
+``$hook_dir`` in a ``python_package_path`` pattern is the directory of the importing file (the
+hook file, the config file of a ``*_by_python_block``, or the importing module's own file), so a
+hook and its helpers can live together.
 """
 
 from __future__ import annotations
@@ -19,7 +28,10 @@ from scriptlb.sandbox.guards import expose_dynamic
 from scriptlb.sandbox.modules import PARENTS, standard_module
 from scriptlb.sandbox.policy import HookCompileError, compile_hook
 
-OWNER_KEY = "__modules__"  # per hook/module cache of stateful stand-ins (random); not spellable
+OWNER_KEY = "__modules__"  # per hook/module cache of resolved imports; not spellable
+HOOK_DIR_KEY = "__hook_dir__"  # the importing file's directory, for $hook_dir; not spellable
+HOOK_DIR = "$hook_dir"
+_GENERATION = 0  # the owner cache's key for the importer generation it was filled in
 
 
 class PackageModule:
@@ -43,7 +55,15 @@ class PackageModule:
         return f"<module '{self._name}' (sandboxed)>"
 
 
-expose_dynamic(PackageModule, getattr)
+def _module_attribute(module: PackageModule, name: str) -> Any:
+    """``module.name`` in hooks: straight to the module's globals (private names never get here)."""
+    try:
+        return module._globals[name]
+    except KeyError:
+        raise AttributeError(f"module '{module._name}' has no attribute '{name}'") from None
+
+
+expose_dynamic(PackageModule, _module_attribute)
 
 
 class Importer:
@@ -51,7 +71,8 @@ class Importer:
 
     def __init__(self) -> None:
         self.package_path: tuple[str, ...] = ()
-        self._modules: dict[str, PackageModule] = {}
+        self._modules: dict[str, PackageModule] = {}  # file path -> loaded module
+        self._generation = 1  # bumped whenever a resolved import may change meaning
         self._loading: set[str] = set()
         self._special: dict[str, Any] = {}
         self._code: dict[tuple[str, str], CodeType] = {}  # (path, source) -> code
@@ -61,6 +82,7 @@ class Importer:
                   special: dict[str, Any]) -> None:
         if package_path != self.package_path:
             self._modules.clear()
+            self._generation += 1
         self.package_path = package_path
         self._module_globals = module_globals
         self._special = special
@@ -68,9 +90,27 @@ class Importer:
     def forget(self) -> None:
         """Drop loaded package modules (python_code_cache off)."""
         self._modules.clear()
+        self._generation += 1
 
     def __call__(self, name: str, globals: dict[str, Any] | None = None, locals: Any = None,
                  fromlist: Any = (), level: int = 0) -> Any:
+        owner = globals.get(OWNER_KEY) if globals is not None else None
+        if owner is None:
+            return self._resolve(name, fromlist, level, {}, None)
+        key = name if fromlist or "." not in name else ("import", name)
+        if owner.get(_GENERATION) == self._generation:
+            module = owner.get(key)
+            if module is not None:
+                return module
+        else:
+            owner.clear()
+            owner[_GENERATION] = self._generation
+        module = self._resolve(name, fromlist, level, owner, globals.get(HOOK_DIR_KEY))
+        owner[key] = module
+        return module
+
+    def _resolve(self, name: str, fromlist: Any, level: int, owner: dict[Any, Any],
+                 hook_dir: str | None) -> Any:
         if level:
             raise ImportError("relative imports are not allowed in hooks")
         top = name.partition(".")[0]
@@ -79,28 +119,27 @@ class Importer:
             return special
         if fromlist and name in PARENTS:  # `from scriptlb import balancers`; other names fail
             return PARENTS[name]
-        owner = globals.get(OWNER_KEY) if globals is not None else None
-        module = standard_module(name, owner if owner is not None else {})
+        module = standard_module(name, owner)
         if module is not None:
             # `import a.b` (no fromlist) returns `a`, as Python's __import__ does
             return PARENTS[top] if top != name and not fromlist else module
-        return self._package_module(name)
+        return self._package_module(name, hook_dir)
 
-    def _package_module(self, name: str) -> PackageModule:
-        module = self._modules.get(name)
-        if module is not None:
-            return module
-        if name in self._loading:
-            raise ImportError(f"circular import of module '{name}'")
-        path = self._find(name)
+    def _package_module(self, name: str, hook_dir: str | None) -> PackageModule:
+        path = self.find(name, hook_dir)
         if path is None:
             raise ModuleNotFoundError(f"No module named '{name}' (not allowed, not on python_package_path)")
-        self._loading.add(name)
+        module = self._modules.get(path)
+        if module is not None:
+            return module
+        if path in self._loading:
+            raise ImportError(f"circular import of module '{name}'")
+        self._loading.add(path)
         try:
             module = self._load(name, path)
         finally:
-            self._loading.discard(name)
-        self._modules[name] = module
+            self._loading.discard(path)
+        self._modules[path] = module
         return module
 
     def _compile(self, path: str) -> CodeType | str:
@@ -118,12 +157,17 @@ class Importer:
             self._code[(path, source)] = code
         return code
 
-    def _find(self, name: str) -> str | None:
+    def find(self, name: str, hook_dir: str | None = None) -> str | None:
+        """The file ``import name`` loads for a file in ``hook_dir``, or None."""
         if not all(part.isidentifier() for part in name.split(".")):
             return None
         relative = name.replace(".", os.sep)
         for pattern in self.package_path:
-            candidate = pattern.replace("?", relative)
+            if pattern.startswith(HOOK_DIR):
+                if hook_dir is None:
+                    continue
+                pattern = hook_dir + pattern[len(HOOK_DIR):]
+            candidate = os.path.normpath(pattern.replace("?", relative))
             if os.path.isfile(candidate):
                 return candidate
         return None
@@ -138,5 +182,6 @@ class Importer:
         if isinstance(code, str):
             raise ImportError(f"cannot load module '{name}': {code}")
         namespace = self._module_globals(name)
+        namespace[HOOK_DIR_KEY] = os.path.dirname(path)
         exec(code, namespace)
         return PackageModule(name, namespace)

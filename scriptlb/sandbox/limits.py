@@ -19,7 +19,15 @@ interrupted by a tick, so the guards refuse it up front with the caps below.
 *Hard fuse.* The last resort for whatever slips through: a watchdog *process* (it must not
 need the worker's GIL, which a runaway C call holds) reads a shared stamp the runner writes at
 the start and end of each run, and SIGKILLs the worker when one run lasts longer than
-``hard_seconds``; the master then replaces the worker. An optional RLIMIT_AS bounds memory.
+``hard_seconds``; the master then replaces the worker.
+
+*Memory.* Hook state that grows without end (a module-level cache fed on every request) is
+bounded by the same watchdog: when the worker's resident memory passes ``memory_bytes``
+(``python_memory_limit``) it asks the worker to shut down gracefully (SIGQUIT, as ``nginx -s
+quit`` does for each worker): the worker stops accepting, finishes its requests and exits, and
+the master starts a fresh one; should it pass twice the limit while draining, it is killed.
+No address-space limit is set: RLIMIT_AS would cap the proxy too, and a MemoryError in the
+request parser or a body buffer fails a client, not the hook.
 """
 
 from __future__ import annotations
@@ -78,6 +86,32 @@ def tick() -> None:
         raise HookTimeout
 
 
+# Work done inside one C call runs past the deadline until the call returns: sorting or hashing
+# a million items takes tens of milliseconds. The guards of such calls ``charge()`` their
+# estimated cost first, and a call that would outlast the remaining budget stops the run
+# before it starts, so an overrun is bounded by the cheap calls no guard sees (a few ms).
+CHARGE_FLOOR = 4096  # items below which a call is too cheap to check
+CHARGE_SLACK = 0.005  # seconds a call may run past the deadline: only longer ones are stopped
+BYTE_NS = 0.1  # per character or byte: building str/bytes (memcpy-class work)
+COPY_NS = 2.0  # per item: repeat, concatenation, list()/tuple() copies, join
+SCAN_NS = 5.0  # per item: sum, count/index, membership
+HASH_NS = 25.0  # per item: sort, set/dict building, hashing and comparing walks
+
+
+def charge(items: int, ns_per_item: float) -> None:
+    """Stop the run (HookTimeout) when ``items`` of C work at ``ns_per_item`` would end more than
+    CHARGE_SLACK past its deadline. A call estimated under CHARGE_SLACK is never stopped here
+    (the budget checks of loops stop a run made of many of them), so straight-line code does
+    not depend on the clock. Outside a run (deadline 0.0) nothing is charged: tick() stops
+    resumed hook code."""
+    if items > CHARGE_FLOOR:
+        cost = items * ns_per_item * 1e-9
+        deadline = BUDGET.deadline
+        if cost > CHARGE_SLACK and deadline and clock() + cost > deadline + CHARGE_SLACK:
+            BUDGET.tripped = True
+            raise HookTimeout
+
+
 # --------------------------------------------------------------------------- hard fuse
 
 _STAMP = struct.Struct("=q")  # monotonic_ns when the current run started; 0 = idle
@@ -90,20 +124,23 @@ class WorkerFuse:
     (about 100 ns); the watchdog polls it and kills the worker when a run overstays.
     """
 
-    def __init__(self, hard_seconds: float = 2.0, poll: float = 0.1) -> None:
+    def __init__(self, hard_seconds: float = 2.0, poll: float = 0.1, memory_bytes: int = 0) -> None:
         self.hard_seconds = hard_seconds
         self.poll = poll
+        self.memory_bytes = memory_bytes  # resident memory above which the worker is retired; 0: off
         self._map = mmap.mmap(-1, _STAMP.size)
         self._pid = 0
 
     def start(self) -> int:
         """Fork the watchdog; returns its pid. Call in the worker, before serving."""
         worker = os.getpid()
+        keep = _error_log_fds()
         pid = os.fork()
         if pid == 0:  # the watchdog: no event loop, no hooks, only this loop
             try:
-                # hold none of the worker's sockets or files (listeners must close with it)
-                os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+                # hold none of the worker's sockets or files (listeners must close with it),
+                # except the error log's
+                _close_all_but(keep)
                 self._watch(worker)
             finally:
                 os._exit(0)
@@ -125,6 +162,7 @@ class WorkerFuse:
 
     def _watch(self, worker: int) -> None:
         limit_ns = int(self.hard_seconds * 1e9)
+        retiring = False
         while os.getppid() == worker:  # the worker died: we were re-parented
             started = _STAMP.unpack_from(self._map, 0)[0]
             if started and time.monotonic_ns() - started > limit_ns:
@@ -135,7 +173,55 @@ class WorkerFuse:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker, signal.SIGKILL)
                 return
+            if self.memory_bytes:
+                resident = resident_bytes(worker)
+                if resident > 2 * self.memory_bytes:  # still growing while it drains: the host first
+                    _log("alert", f"worker process {worker} uses {resident >> 20} MiB, twice "
+                         "python_memory_limit: killing it")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker, signal.SIGKILL)
+                    return
+                if resident > self.memory_bytes and not retiring:
+                    _log("alert", f"worker process {worker} uses {resident >> 20} MiB, over "
+                         f"python_memory_limit ({self.memory_bytes >> 20} MiB): shutting it down "
+                         "gracefully, the master starts a fresh one")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker, signal.SIGQUIT)
+                    retiring = True
             time.sleep(self.poll)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes(pid: int) -> int:
+    """The resident set size of ``pid`` (from /proc; 0 when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _error_log_fds() -> list[int]:
+    from scriptlb import errorlog  # imported late: the sandbox does not need it otherwise
+
+    return sorted(t.fd for t in errorlog.current().targets if t.fd > 2)
+
+
+def _close_all_but(keep: list[int]) -> None:
+    start = 3
+    for fd in keep:
+        os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, os.sysconf("SC_OPEN_MAX"))
+
+
+def _log(level: str, message: str) -> None:
+    from scriptlb import errorlog
+
+    with contextlib.suppress(Exception):
+        errorlog.log_error(level, message)
 
 
 _FUSE: WorkerFuse | None = None
@@ -161,18 +247,16 @@ def install_worker_fuse(hard_seconds: float = 2.0, memory_bytes: int = 0,
                         stack_bytes: int = 512 << 20) -> WorkerFuse:
     """Arm the hard fuse in this worker (worker.py calls it after the fork, on the main thread).
 
-    ``memory_bytes`` > 0 also sets RLIMIT_AS, so a runaway allocation fails with MemoryError
-    instead of dragging the host into swap. ``stack_bytes`` raises the main thread's stack limit:
+    ``memory_bytes`` > 0: the watchdog retires the worker gracefully once its resident memory
+    passes it (see the module's docstring). ``stack_bytes`` raises the main thread's stack limit:
     a few C routines recurse without Python's recursion check (hashing a tuple nested 150 000
     deep overflows the default 8 MiB stack and crashes the worker); 512 MiB pushes that past
     what a hook can build within its budgets.
     """
     global _FUSE
-    if memory_bytes > 0:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     _raise_stack_limit(stack_bytes)
     quiet_unraisable_stops()
-    fuse = WorkerFuse(hard_seconds)
+    fuse = WorkerFuse(hard_seconds, memory_bytes=max(memory_bytes, 0))
     fuse.start()
     _FUSE = fuse
     return fuse

@@ -10,14 +10,18 @@ versions: capped ``factorial``/``comb``/``perm``/``prod``/``lcm``, infinite or c
 
 from __future__ import annotations
 
+import base64
 import bisect
+import collections
 import functools
 import hashlib
 import heapq
 import itertools
 import json
 import math
+import operator
 import random
+import string
 import time
 import zlib
 from collections import Counter, OrderedDict, defaultdict, deque
@@ -71,7 +75,15 @@ class SafeModule:
         return f"<module '{self._name}' (sandboxed)>"
 
 
-expose_dynamic(SafeModule, getattr)
+def _member(module: SafeModule, name: str) -> Any:
+    """``math.sqrt`` in hooks: straight to the member table (no failed lookup first)."""
+    try:
+        return module._members[name]
+    except KeyError:
+        raise AttributeError(f"module '{module._name}' has no attribute '{name}' visible to hooks") from None
+
+
+expose_dynamic(SafeModule, _member)
 
 
 def _pick(module: Any, names: str) -> dict[str, Any]:
@@ -216,8 +228,75 @@ def _dumps(obj: Any, *, indent: Any = None, separators: Any = None, sort_keys: b
     return text
 
 
-def _loads(text: str | bytes) -> Any:
-    return json.loads(text)
+def _loads(text: str | bytes, *, object_hook: Any = None, object_pairs_hook: Any = None,
+           parse_float: Any = None, parse_int: Any = None, parse_constant: Any = None) -> Any:
+    """json.loads with its hooks: they are called from C once per decoded value, so the work is
+    bounded by the text (capped) and each hook function checks the budget. No ``cls=``."""
+    if isinstance(text, (str, bytes)) and len(text) > limits.MAX_STR:
+        raise too_big("json.loads() text size", len(text), limits.MAX_STR)
+    return json.loads(text, object_hook=object_hook, object_pairs_hook=object_pairs_hook,
+                      parse_float=parse_float, parse_int=parse_int, parse_constant=parse_constant)
+
+
+# --------------------------------------------------------------------------- namedtuple
+
+MAX_FIELDS = 64
+MAX_NAMEDTUPLES = 256  # distinct classes per process: a hook's top level runs on every try
+_NAMEDTUPLES: dict[tuple[Any, ...], type] = {}
+_SCALAR_DEFAULTS = (str, int, float, bool, type(None))
+
+
+def _identifier(name: Any, what: str) -> str:
+    if type(name) is not str or not name.isidentifier() or name.startswith("_") or len(name) > 64:
+        raise ValueError(f"{what} must be a public identifier of at most 64 characters")
+    return name
+
+
+def _namedtuple(typename: str, field_names: Any, *, defaults: Any = None) -> type:
+    """collections.namedtuple for hooks: public field names only (``_replace``/``_asdict`` and the
+    other underscore helpers stay unreachable), scalar defaults, and each distinct class made
+    once per process (later calls with the same definition return it)."""
+    _identifier(typename, "typename")
+    fields = field_names.replace(",", " ").split() if type(field_names) is str else field_names
+    if type(fields) not in (list, tuple) or len(fields) > MAX_FIELDS:
+        raise ValueError(f"field_names must be a string or a list of at most {MAX_FIELDS} names")
+    fields = tuple(_identifier(name, "a field name") for name in fields)
+    if len(set(fields)) != len(fields):
+        raise ValueError("duplicate field names")
+    defaults = () if defaults is None else defaults
+    if type(defaults) not in (list, tuple) or len(defaults) > len(fields):
+        raise ValueError("defaults must be a list no longer than the fields")
+    if any(type(value) not in _SCALAR_DEFAULTS for value in defaults):
+        raise TypeError("namedtuple defaults in hooks are str, int, float, bool or None")
+    key = (typename, fields, tuple((type(value), value) for value in defaults))
+    cls = _NAMEDTUPLES.get(key)
+    if cls is None:
+        if len(_NAMEDTUPLES) >= MAX_NAMEDTUPLES:
+            raise too_big("namedtuple classes", len(_NAMEDTUPLES) + 1, MAX_NAMEDTUPLES)
+        cls = collections.namedtuple(typename, fields, defaults=defaults, module="__hook__")
+        expose(cls, fields)
+        expose_checked(cls, guards.checked_methods(tuple))
+        _NAMEDTUPLES[key] = cls
+    return cls
+
+
+# --------------------------------------------------------------------------- operator, string, base64
+
+
+def _itemgetter(*items: Any) -> Any:
+    for item in items:  # the getter hashes or compares them against every object it is given
+        check_work(item)
+    return operator.itemgetter(*items)
+
+
+def _b64_checked(func: Callable[..., bytes]) -> Callable[..., bytes]:
+    def call(data: Any, *args: Any, **kwargs: Any) -> bytes:
+        if isinstance(data, (str, bytes)) and len(data) > limits.MAX_STR * 3 // 4:
+            raise too_big(f"{func.__name__}() input size", len(data), limits.MAX_STR * 3 // 4)
+        return func(data, *args, **kwargs)
+
+    call.__name__ = func.__name__
+    return call
 
 
 _HASHES = "md5 sha1 sha224 sha256 sha384 sha512 sha3_224 sha3_256 sha3_384 sha3_512 blake2b blake2s"
@@ -346,8 +425,14 @@ _STATIC: dict[str, dict[str, Any]] = {
     "bisect": _BISECT,
     "heapq": _HEAPQ,
     "collections": {"deque": deque, "OrderedDict": _mapping_checked(OrderedDict, 0),
-                    "defaultdict": _mapping_checked(defaultdict, 1), "Counter": _mapping_checked(Counter, 0)},
+                    "defaultdict": _mapping_checked(defaultdict, 1), "Counter": _mapping_checked(Counter, 0),
+                    "namedtuple": _namedtuple},
     "json": {"dumps": _dumps, "loads": _loads},
+    "operator": {"itemgetter": _itemgetter},
+    "string": _pick(string, "ascii_letters ascii_lowercase ascii_uppercase digits hexdigits octdigits "
+                            "punctuation printable whitespace"),
+    "base64": {name: _b64_checked(getattr(base64, name)) for name in (
+        "b64encode", "b64decode", "urlsafe_b64encode", "urlsafe_b64decode", "b16encode", "b16decode")},
     "zlib": _pick(zlib, "crc32 adler32"),
     "hashlib": _HASHLIB,
     "time": _pick(time, "time time_ns monotonic monotonic_ns perf_counter perf_counter_ns"),

@@ -9,8 +9,9 @@ no ``try/except*``, no ``async``, no ``match``), this policy:
 * routes ``+ * ** << %`` through size-checking guards, f-string fields through ``_format_``
   (format-spec widths) or ``_text_`` (the text of a container), and f-strings and starred
   displays through ``_check_size_``;
-* refuses ``class`` statements (they would hand hook code ``__init__``/``__eq__``... hooks called
-  from C, metaclasses and ``__build_class__``) and dunder function names.
+* lets ``class`` statements through as ``HookClass`` instances (guards.py says what they may
+  hold): no class keywords, no special method but ``__init__``, no other dunder function name;
+  ``super().__init__`` is the one private attribute read (compiled to ``_super_init_``).
 
 ``compile_hook`` returns a code object or raises ``HookCompileError`` with the line number.
 """
@@ -100,7 +101,17 @@ def _rebound_names(tree: ast.AST) -> set[str]:
             bound.add(node.name)
         elif isinstance(node, (ast.Global, ast.Nonlocal)):
             bound.update(node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
     return bound
+
+
+def _is_super_init(node: ast.Attribute) -> bool:
+    """``super().__init__`` (zero-argument super only)."""
+    call = node.value
+    return (node.attr == "__init__" and isinstance(node.ctx, ast.Load) and isinstance(call, ast.Call)
+            and isinstance(call.func, ast.Name) and call.func.id == "super" and not call.args
+            and not call.keywords)
 
 
 class HookPolicy(RestrictingNodeTransformer):
@@ -110,6 +121,7 @@ class HookPolicy(RestrictingNodeTransformer):
         super().__init__(errors, warnings, used_names)
         self.error_lines: list[tuple[int | None, str]] = []
         self.direct_names: frozenset[str] = frozenset()
+        self._class_inits: set[int] = set()  # ids of the `def __init__` nodes of class bodies
 
     def visit_Module(self, node: ast.Module) -> Any:
         self.direct_names = API_GLOBALS - _rebound_names(node)
@@ -129,6 +141,8 @@ class HookPolicy(RestrictingNodeTransformer):
                 and "ngx" in self.direct_names)
 
     def visit_Attribute(self, node: ast.Attribute) -> Any:
+        if _is_super_init(node):
+            return _call("_super_init_", [self.visit(node.value)], node)
         if isinstance(node.ctx, ast.Load) and self._is_direct(node):
             node.value = self.visit(node.value)  # a Name, or a direct Attribute: left plain
             return node
@@ -141,11 +155,25 @@ class HookPolicy(RestrictingNodeTransformer):
     # ---------------------------------------------------------------- refusals
 
     def visit_ClassDef(self, node: ast.ClassDef) -> Any:
-        self.error(node, "class definitions are not allowed in hooks.")
-        return node
+        if node.keywords:
+            self.error(node, "class keywords (metaclass=...) are not allowed in hooks.")
+        if any(isinstance(base, ast.Starred) for base in node.bases):
+            self.error(node, "starred base classes are not allowed in hooks.")
+        for stmt in node.body:
+            if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if stmt.name == "__init__":
+                self._class_inits.add(id(stmt))
+            elif stmt.name.startswith("__") and stmt.name.endswith("__"):
+                self.error(stmt, f'special method "{stmt.name}" is not allowed in hook classes (only '
+                           "__init__): C code would call it outside the hook's control.")
+        return super().visit_ClassDef(node)
 
     def check_name(self, node: Any, name: str | None, allow_magic_methods: bool = False) -> None:
-        # RestrictedPython lets a few dunder method names through for classes; hooks have none.
+        # RestrictedPython lets a few dunder method names through for classes; hooks get only
+        # __init__, and only as a method directly in a class body.
+        if name == "__init__" and id(node) in self._class_inits:
+            return
         super().check_name(node, name, allow_magic_methods=False)
 
     # ---------------------------------------------------------------- budget ticks
