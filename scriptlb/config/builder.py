@@ -50,6 +50,7 @@ from scriptlb.config.model import (
     ProxySslConf,
     PythonConf,
     ResolverConf,
+    RewriteOp,
     ServerConf,
     Source,
     SslCertificate,
@@ -58,6 +59,7 @@ from scriptlb.config.model import (
     UpstreamServerConf,
 )
 from scriptlb.config.parser import Node
+from scriptlb.config.rewrite import with_body
 from scriptlb.config.stream import stream_conf
 from scriptlb.config.variables import compile_template, declared_variables
 
@@ -383,6 +385,23 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
     )
 
 
+def _rewrite_ops(chain: Sequence[LevelDraft]) -> tuple[RewriteOp, ...]:
+    """The server's rewrite-module directives, then the location's (each level its own, in
+    order; http has none). An ``if`` comes with the block read after it."""
+    ops: list[RewriteOp] = []
+    for level in reversed(chain[:2]):
+        ops += _resolved(level.values.get("rewrite_ops", ()))
+    return tuple(ops)
+
+
+def _resolved(entries: Sequence[Any]) -> list[RewriteOp]:
+    out = []
+    for entry in entries:
+        if isinstance(entry, tuple):
+            op, body = entry
+            entry = with_body(op, _resolved(body.ops))
+        out.append(entry)
+    return out
 def _check_peer_tls(servers: tuple[ServerConf, ...]) -> None:
     """proxy_pass https://: build each distinct client context once, for its errors."""
     from scriptlb.tls import TlsConfigError, client_context
@@ -473,6 +492,12 @@ def _location_conf(
         access_log=tuple(access_logs),
         source=loc.source,
         log_hook=_log_hook(chain),
+        add_headers=tuple(_get(chain, "add_header", ())),
+        rewrite=_rewrite_ops(chain),
+        error_pages=tuple(_get(chain, "error_page", ())),
+        intercept_errors=_get(chain, "proxy_intercept_errors", False),
+        root=_get(chain, "root", os.path.join(getattr(chain[-1], "prefix", ""), "html")),
+        index=_get(chain, "index", ("index.html",)),
         **_access_settings(chain, loc),
     )
     if "health_checks" in loc.values:
@@ -546,6 +571,13 @@ def _proxy_conf(chain: Sequence[LevelDraft]) -> ProxyConf:
         next_upstream_timeout=_get(chain, "proxy_next_upstream_timeout", defaults.next_upstream_timeout),
         request_buffering=_get(chain, "proxy_request_buffering", defaults.request_buffering),
         buffering=_get(chain, "proxy_buffering", defaults.buffering),
+        method=_get(chain, "proxy_method", None),
+        pass_request_headers=_get(chain, "proxy_pass_request_headers", True),
+        pass_request_body=_get(chain, "proxy_pass_request_body", True),
+        set_body=_get(chain, "proxy_set_body", None),
+        hide_headers=tuple(_get(chain, "proxy_hide_header", ())),
+        pass_headers=tuple(_get(chain, "proxy_pass_header", ())),
+        ignore_headers=tuple(_get(chain, "proxy_ignore_headers", ())),
         ssl=_proxy_ssl_conf(chain),
     )
 

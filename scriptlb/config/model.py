@@ -49,6 +49,8 @@ class Template:
 @dataclass(frozen=True, slots=True)
 class Var:
     name: str  # without the '$', lower-cased, e.g. "http_user_agent", "upstream_addr"
+    # "": a built-in variable; "set": one a `set` directive declares; "capture": $1..$9
+    kind: str = ""
 
 
 # --------------------------------------------------------------------------- main context
@@ -99,6 +101,7 @@ class AccessLogConf:
     format: LogFormat
     buffer: int = 0  # access_log ... buffer=SIZE: bytes kept before a write; 0 = write per request
     flush: float = 0.0  # access_log ... flush=TIME: the longest a buffered line may wait
+    condition: Template | None = None  # access_log ... if=COND: logged unless "" or "0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +431,13 @@ class ProxyConf:
     buffer_size: int = mmap.PAGESIZE
     buffers: tuple[int, int] = (8, mmap.PAGESIZE)  # (number, size)
     busy_buffers_size: int = 2 * mmap.PAGESIZE
+    method: Template | None = None  # proxy_method (None: the client's)
+    pass_request_headers: bool = True
+    pass_request_body: bool = True
+    set_body: Template | None = None  # proxy_set_body
+    hide_headers: tuple[str, ...] = ()  # proxy_hide_header (lower-cased), all levels' merged
+    pass_headers: tuple[str, ...] = ()  # proxy_pass_header (lower-cased)
+    ignore_headers: tuple[str, ...] = ()  # proxy_ignore_headers: accepted (no cache, no X-Accel)
     ssl: ProxySslConf = field(default_factory=lambda: ProxySslConf())  # for proxy_pass https://
 
 
@@ -469,6 +479,41 @@ class ClientBodyConf:
 
 
 @dataclass(frozen=True, slots=True)
+class AddHeaderConf:
+    """``add_header name value [always]``."""
+
+    name: str
+    value: Template
+    always: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteOp:
+    """One directive of the rewrite module, run in order in the rewrite phase:
+    ``set`` (name, value), ``if`` (operator, value, pattern, body), ``rewrite`` (pattern,
+    value = the replacement, flag), ``break``, ``return`` (ret)."""
+
+    kind: str  # "set" | "if" | "rewrite" | "break" | "return"
+    name: str = ""
+    value: Template | None = None
+    operator: str = ""  # if: "" (the value is true: neither "" nor "0"), "=", "!=", "~", "~*", "!~", "!~*"
+    pattern: str = ""  # a regex (rewrite, if ~) or the string compared (if =)
+    flag: str = ""  # rewrite: "" | "last" | "break" | "redirect" | "permanent"
+    body: tuple[RewriteOp, ...] = ()
+    ret: ReturnConf | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorPageConf:
+    """``error_page code ... [=[response]] uri``: response None keeps the code, 0 (a bare
+    "=") takes the redirect's own status."""
+
+    codes: tuple[int, ...]
+    response: int | None
+    uri: Template
+
+
+@dataclass(frozen=True, slots=True)
 class LocationConf:
     modifier: str  # "=" | "" (prefix) | "^~" | "~" | "~*"
     pattern: str
@@ -493,6 +538,12 @@ class LocationConf:
     handler: str | None = None
     api_write: bool = False  # api write=on
     status_zone: str | None = None  # the server's `status_zone`: responses counted by class
+    add_headers: tuple[AddHeaderConf, ...] = ()  # add_header: the innermost level's list
+    rewrite: tuple[RewriteOp, ...] = ()  # the server's rewrite-module directives, then the location's
+    error_pages: tuple[ErrorPageConf, ...] = ()  # error_page: the innermost level's list
+    intercept_errors: bool = False  # proxy_intercept_errors
+    root: str = "html"  # the static handler's directory (absolute once built)
+    index: tuple[str, ...] = ("index.html",)
     # balancer_trace_header / balancer_trace_allow: the trace header, for these clients only
     trace_header: bool = False
     trace_allow: tuple[str, ...] = ()  # normalized CIDRs, "unix:" or "all"; () = nobody

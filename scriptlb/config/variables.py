@@ -13,6 +13,10 @@ from contextvars import ContextVar
 
 from scriptlb.config.model import Template, Var
 
+# the variables the config being loaded declares with `set` (nginx: a variable set anywhere
+# exists everywhere); the loader sets it before building
+DECLARED: ContextVar[frozenset[str]] = ContextVar("DECLARED", default=frozenset())
+
 KNOWN_VARIABLES: frozenset[str] = frozenset(
     {
         # request
@@ -23,6 +27,8 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "request_method",
         "request_uri",
         "request_length",
+        "request_body",
+        "request_body_file",
         "uri",
         "document_uri",
         "args",
@@ -53,6 +59,7 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "msec",
         "connection",
         "connection_requests",
+        "connection_time",
         # proxy
         "proxy_host",
         "proxy_add_x_forwarded_for",
@@ -94,7 +101,9 @@ def is_stream_variable(name: str) -> bool:
 
 
 # families: $http_user_agent, $arg_id, $cookie_session, $sent_http_content_type, ...
-VARIABLE_PREFIXES: tuple[str, ...] = ("http_", "arg_", "cookie_", "sent_http_", "upstream_http_")
+VARIABLE_PREFIXES: tuple[str, ...] = (
+    "http_", "arg_", "cookie_", "sent_http_", "upstream_http_", "upstream_cookie_",
+)
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
@@ -122,7 +131,8 @@ def is_known_variable(name: str) -> bool:
     """Whether ``name`` (lower-case, without ``$``) is a variable scriptlb can evaluate."""
     if name in KNOWN_VARIABLES or name in _DECLARED.get():
         return True
-    return any(name.startswith(p) and len(name) > len(p) for p in VARIABLE_PREFIXES)
+    # ($arg_ with an empty name is nginx's too: it is never found)
+    return any(name.startswith(p) and (len(name) > len(p) or p == "arg_") for p in VARIABLE_PREFIXES)
 
 
 def has_variables(raw: str) -> bool:
@@ -177,9 +187,13 @@ def _read_name(raw: str, i: int) -> tuple[str, int]:
 
 def _variable(name: str, known: Callable[[str], bool]) -> Var:
     if name[0].isdigit():
-        # nginx: regex captures ($1..$9); scriptlb's locations do not capture (yet)
-        raise TemplateError(f'regex capture "${name}" is not supported')
+        # regex captures ($1..$9) of the last rewrite / if match (locations do not capture)
+        if not name.isdigit() or int(name) > 9:
+            raise TemplateError(f'regex capture "${name}" is not supported')
+        return Var(name, "capture")
     lowered = name.lower()
+    if lowered in DECLARED.get() and lowered not in KNOWN_VARIABLES:
+        return Var(lowered, "set")
     if not known(lowered):
         raise TemplateError(f'unknown "{lowered}" variable')
     return Var(lowered)
