@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench bench-tls install
+.PHONY: run test lint bench bench-stream bench-tls install
 
 # `run` installs what running needs; `install` (and so test, lint) adds the test tools.
 $(BIN)/scriptlb: pyproject.toml
@@ -35,6 +35,11 @@ lint: install
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py $(ARGS)
+	$(BIN)/python bench/stream_bench.py --seconds 2 --out bench/results/stream
+
+# TCP (stream block) beside nginx's stream module and HAProxy mode tcp: bulk MB/s, sessions/s
+bench-stream: install
+	$(BIN)/python bench/stream_bench.py $(ARGS)
 
 # HTTPS keep-alive and handshake rate through nginx and scriptlb (needs nginx, wrk, trustme)
 bench-tls: install

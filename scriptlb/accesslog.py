@@ -170,6 +170,23 @@ class AccessLog:
         return f"<AccessLog {self.name} -> {self.file!r}>"
 
 
+class ConditionalAccessLog(AccessLog):
+    """``access_log ... if=condition``: a request is logged unless the condition renders
+    empty or "0" (a class of its own: unconditional logs pay nothing for it)."""
+
+    __slots__ = ("condition",)
+
+    def __init__(self, render: Callable[[Any], str], file: LogFile, name: str,
+                 condition: Callable[[Any], str]) -> None:
+        super().__init__(render, file, name)
+        self.condition = condition
+
+    def write(self, exchange: Any) -> None:
+        value = self.condition(exchange)
+        if value and value != "0":
+            super().write(exchange)
+
+
 class PhaseClock:
     """The access logs' clock in locations with a log hook: the log phase's time while it runs
     (the exchange sets ``frozen``), so the hook's ``$request_time``, ``$msec``... equal the
@@ -189,6 +206,7 @@ def open_access_log(
     loop: asyncio.AbstractEventLoop | None = None,
     files: dict[str, LogFile] | None = None,
     clock: Callable[[], float] = time.time,
+    lookup: Callable[..., Any] | None = None,
 ) -> AccessLog:
     """Build the writer of one ``access_log``; ``files`` shares one LogFile per path.
 
@@ -199,5 +217,12 @@ def open_access_log(
         file = LogFile(conf.path, conf.buffer, conf.flush, loop)
         if files is not None:
             files[conf.path] = file
-    render = compile_log_format(conf.format.template, conf.format.escape, clock)
+    if lookup is None:
+        render = compile_log_format(conf.format.template, conf.format.escape, clock)
+    else:  # another module's variables (stream)
+        render = compile_log_format(conf.format.template, conf.format.escape, clock, lookup)
+    if conf.condition is not None:
+        from scriptlb.variables import compile_template
+
+        return ConditionalAccessLog(render, file, conf.format.name, compile_template(conf.condition, clock))
     return AccessLog(render, file, conf.format.name)

@@ -377,6 +377,11 @@ def _variable(_view: Any, name: Any) -> str | None:
     exchange = CURRENT.exchange
     if exchange is None:
         raise RuntimeError("no request found")
+    stream_variable = getattr(exchange, "stream_variable", None)
+    if stream_variable is not None:  # a stream session: its own variables
+        if type(name) is not str:
+            raise TypeError(f"bad variable name (string expected, got {_type_name(name)})")
+        return stream_variable(name)
     getter = _GETTERS.get(name)
     if getter is None:
         if type(name) is not str:

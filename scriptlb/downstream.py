@@ -34,6 +34,7 @@ import httptools
 
 from scriptlb import errorlog, responses
 from scriptlb.config.model import ClientBodyConf
+from scriptlb.line_ends import crlf_head_part
 from scriptlb.request_body import EMPTY_BODY, BodyFileError, RequestBody
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus the ones nginx never forwards from a client.
@@ -297,6 +298,7 @@ class ClientConnection(asyncio.Protocol):
         "host_cache",
         "listener",
         "loop",
+        "opened",
         "remote_addr",
         "remote_port",
         "requests",
@@ -329,6 +331,7 @@ class ClientConnection(asyncio.Protocol):
         self.route: object = None  # the handler layer's per-connection routing cache
         self.host_cache: tuple | None = None  # the handler layer's (raw Host -> server) cache
         self.requests = 0  # requests started on this connection ($connection_requests)
+        self.opened = self.loop.time()  # ($connection_time)
         self.tls: Any = None  # the ssl.SSLObject of a TLS connection
 
         # timers
@@ -440,6 +443,15 @@ class ClientConnection(asyncio.Protocol):
         if reusable:
             reusable.pop(self, None)  # a connection that reads is no longer idle
         heading = self._parsing is None or not self._head_done
+        if heading and data.count(b"\n") != data.count(b"\r\n"):  # bare LFs (rare)
+            fixed, end = crlf_head_part(data, self._last_data if self._parsing is not None else b"")
+            if end < len(data):
+                # a body came with the head: handled as a read of its own, as it came (one
+                # copy, instead of joining it to the rewritten head)
+                self.data_received(fixed)
+                self.data_received(data[end:])
+                return
+            data = fixed
         try:
             if heading and (self._line_bytes or len(data) > self._header_line_max):
                 self._check_line_start(data)

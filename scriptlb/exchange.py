@@ -24,13 +24,16 @@ from typing import TYPE_CHECKING
 
 from scriptlb import errorlog, responses, safety
 from scriptlb.downstream import ClientConnection, Request
+from scriptlb.error_pages import split_uri
 from scriptlb.locations import normalize_host
 from scriptlb.proxy import UpstreamRequest
-from scriptlb.uri import normalize_uri, split_target
+from scriptlb.rewrite import BREAK, CONTINUE, DONE, target_of
+from scriptlb.uri import absolute_host, normalize_uri, split_target
 
 if TYPE_CHECKING:
     from scriptlb.attempt import TryRecord
     from scriptlb.config.model import ClientBodyConf
+    from scriptlb.error_pages import ErrorPage
     from scriptlb.runtime import Runtime, ServerRoute
 
 
@@ -41,13 +44,16 @@ class Exchange:
         "_early_status",
         "_finished",
         "_logged",
+        "_redirected",
         "args",
         "body_bytes_sent",
         "body_timeout",
         "bytes_sent",
+        "captures",
         "conn",
         "connect_timeout",
         "ctx",
+        "err_status",
         "headers",
         "host",
         "http_version",
@@ -76,6 +82,7 @@ class Exchange:
         "upstream_name",
         "upstream_request",
         "uri",
+        "variables",
     )
 
     def __init__(self, runtime: Runtime, conn: ClientConnection, request: Request) -> None:
@@ -111,6 +118,10 @@ class Exchange:
         self.proxy_host = ""
 
         self._early_status = 0  # an error found while routing, answered when we become active
+        self._redirected = False  # error_page redirected this request (once, as nginx)
+        self.err_status = 0  # error_page: the status the final response carries (0: its own)
+        self.variables: dict[str, str] | None = None  # the rewrite module's `set` values
+        self.captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
         self._finished = False
         self._logged = False  # the log phase ran (it runs once per request)
         self.upstream_request: UpstreamRequest | None = None  # set when proxying
@@ -125,9 +136,13 @@ class Exchange:
     # ------------------------------------------------------------------ routing
 
     def _route(self) -> None:
-        split = split_target(self.request.target)
+        target = self.request.target
+        split = split_target(target)
         uri = normalize_uri(split[0]) if split is not None else None
-        if split is None or uri is None:
+        raw_host = self.request.host
+        if target[:1] != b"/" and split is not None:  # absolute-form: the URI's host wins
+            raw_host = absolute_host(target)
+        if split is None or uri is None or (raw_host is None and target[:1] != b"/"):
             self._early_status = 400
             self.uri, self.args = "/", None
             self.host = ""
@@ -137,7 +152,6 @@ class Exchange:
             self.location = self.server.match("/")
             return
         self.uri, self.args = uri, split[1]
-        raw_host = self.request.host
         conn = self.conn
         cached = conn.host_cache
         if cached is not None and cached[0] == raw_host:
@@ -230,6 +244,8 @@ class Exchange:
             if self._early_status:
                 self.finish_with_page(self._early_status)
                 return
+            if self.location.rewrite is not None and self._rewrite_phase():
+                return  # answered (return, redirect) or refused (a rewrite cycle)
             location = self.location
             # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
             if location.access is not None and location.conf.return_ is None:
@@ -335,6 +351,15 @@ class Exchange:
             self.conn.abort()
             return
         headers, body = location.return_response(self)
+        self.answer_return(status, headers, body)
+
+    def answer_return(self, status: int, headers: bytes, body: bytes | None) -> None:
+        """``return``'s answer: ``body`` None is nginx's own page for the status."""
+        if status == 444:
+            self.status = 444
+            self._log_access()
+            self.conn.abort()
+            return
         self.status = status
         if body is None:
             self.finish_with_page(status, headers)
@@ -350,12 +375,22 @@ class Exchange:
 
     def _finish_small(self, status: int, headers: bytes, body: bytes) -> None:
         conn = self.conn
+        status = self.status = self.err_status or status
+        add_headers = self.location.add_headers
+        if add_headers is not None:
+            headers = self.response_headers = headers + add_headers(self, status)
         conn.send_head(status, headers, len(body))
         conn.send_body(body)
         self.complete_response()
 
     def finish_with_page(self, status: int, extra_headers: bytes = b"") -> None:
-        """nginx's own page for ``status`` (400, 404, 502, 504...)."""
+        """nginx's own page for ``status`` (400, 404, 502, 504...), or its error_page."""
+        pages = self.location.error_pages if self.location is not None else None
+        if pages is not None and not self._redirected:
+            page = pages.get(status)
+            if page is not None and self._error_page(page, status):
+                return
+        status = self.err_status or status
         self.status = responses.wire_status(status)
         conn = self.conn
         if conn.closed:
@@ -366,6 +401,9 @@ class Exchange:
             conn.close_after_response()
         page = responses.error_page(status) or b""
         headers = b"Content-Type: text/html\r\n" + extra_headers if page else extra_headers
+        add_headers = self.location.add_headers if self.location is not None else None
+        if add_headers is not None:
+            headers += add_headers(self, status)
         trace = self.location.trace
         if trace is not None and self.upstream_request is not None:  # balancer_trace_header on
             headers = trace.headers(self, headers)
@@ -373,6 +411,76 @@ class Exchange:
         conn.send_head(status, headers, len(page))
         conn.send_body(page)
         self.complete_response()
+
+    # ------------------------------------------------------------------ the rewrite phase
+
+    def _rewrite_phase(self) -> bool:
+        """Run the location's rewrite directives, finding the location again after a changed
+        URI (at most 10 times, nginx's limit); True when the request is answered."""
+        for _ in range(10):
+            location = self.location
+            phase = location.rewrite
+            if phase is None:
+                return False
+            before = self.uri
+            result = phase.run(self)
+            if result == DONE:
+                return True
+            if result == BREAK or (result == CONTINUE and self.uri == before):
+                return False
+            self.location = self.server.match(self.uri)
+        errorlog.log_error("error", f'rewrite or internal redirection cycle while processing "{self.uri}"',
+                           self.conn_id, self.log_context(None))
+        self.finish_with_page(500)
+        return True
+
+    def set_uri(self, path: str, args: str | None) -> None:
+        """A rewritten URI: $uri, $args and the target sent upstream follow it."""
+        self.uri, self.args = path, args
+        self.request.target = target_of(path, args)
+
+    def redirect(self, status: int, location: str) -> None:
+        target = self.absolute_location(location.encode("latin-1", "replace"))
+        self.finish_with_page(status, b"Location: " + target + b"\r\n")
+
+    def absolute_location(self, location: bytes) -> bytes:
+        if location.startswith(b"/"):
+            from scriptlb.runtime import absolute_redirect
+
+            return absolute_redirect(self, location)
+        return location
+
+    def intercepts(self, status: int) -> bool:
+        """proxy_intercept_errors: whether a peer's ``status`` response gives way to an
+        error_page (the proxy then calls finish_with_page)."""
+        location = self.location
+        return (location.conf.intercept_errors and location.error_pages is not None
+                and not self._redirected and status in location.error_pages)
+
+    def _error_page(self, page: ErrorPage, status: int) -> bool:
+        """Redirect to the error page (see scriptlb.error_pages); False: no such location."""
+        self._redirected = True
+        uri = page.uri(self)
+        code = page.external(uri)
+        if code:
+            self.finish_with_page(code, b"Location: " + uri.encode("latin-1", "replace") + b"\r\n")
+            return True
+        if uri.startswith("@"):
+            location = self.server.named(uri)
+        else:
+            path, args = split_uri(uri)
+            self.set_uri(path, args)
+            location = self.server.match(path)
+        if location is None:
+            return False
+        self.err_status = status if page.response is None else page.response
+        if self.method != "HEAD":
+            self.method = "GET"
+        self.location = location
+        self.upstream_request = None
+        self._early_status = 0
+        self.start()
+        return True
 
     def complete_response(self) -> None:
         conn = self.conn

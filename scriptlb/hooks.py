@@ -192,16 +192,20 @@ def precompile(conf: MainConf) -> None:
 
     Only a configuration whose hooks all compile replaces the loaded code (a refused reload
     leaves the running configuration's hooks as they were)."""
-    if conf.http is None:
+    hooks = conf.http.hooks() if conf.http is not None else ()  # balancer, then log hooks
+    hooks += conf.stream.hooks() if conf.stream is not None else ()
+    if not hooks:
         return
     loaded: dict[HookConf, CodeType] = {}
-    for hook in conf.http.hooks():  # balancer hooks, then log hooks (each once)
+    python = conf.http.python if conf.http is not None else PythonConf()
+    for hook in hooks:
         try:
             loaded[hook] = load_code(hook)
         except (HookCompileError, OSError, UnicodeDecodeError) as err:
             raise _config_error(hook, err) from None
-        lint_hook(hook, conf.http.python)
-    configure(conf.http.python)
+        lint_hook(hook, python)
+    if conf.http is not None:
+        configure(conf.http.python)
     _LOADED.clear()
     _LOADED.update(loaded)
 

@@ -69,7 +69,8 @@ def configured_listens(conf: MainConf) -> dict[Key, ListenConf]:
     """Every distinct listen key in declaration order, options merged the way nginx allows
     them (once per address): the first declaration wins, ``reuseport`` anywhere counts."""
     merged: dict[Key, ListenConf] = {}
-    servers = conf.http.servers if conf.http is not None else ()
+    servers = [*(conf.http.servers if conf.http is not None else ()),
+               *(conf.stream.servers if conf.stream is not None else ())]
     for server in servers:
         for listen in server.listens:
             first = merged.get(listen.key)

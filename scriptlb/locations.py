@@ -41,7 +41,13 @@ def compile_nginx_regex(pattern: str, caseless: bool = False) -> re.Pattern[str]
 
     The config builder calls this at load time so a bad regex is a config error.
     """
+    if "\\Q" in pattern:
+        pattern = _PCRE_QUOTED.sub(lambda m: re.escape(m.group(1)), pattern)
     return re.compile(_PCRE_NAMED_GROUP.sub("(?P<", pattern), re.IGNORECASE if caseless else 0)
+
+
+# PCRE's \Q...\E: the characters between are literal (to the end when \E is missing)
+_PCRE_QUOTED = re.compile(r"\\Q(.*?)(?:\\E|$)", re.DOTALL)
 
 
 # --------------------------------------------------------------------------- locations

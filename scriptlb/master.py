@@ -166,13 +166,13 @@ def _clear_shared_zones(conf: MainConf) -> None:
     """A cold start begins with empty shared dicts and peer statistics, as nginx's shared zones
     do; a reload keeps them (it never comes here). Called only once the listeners are ours, so
     a second instance that fails to bind never wipes the running one's data."""
-    if conf.http is None:
+    if conf.http is None and conf.stream is None:
         return
     directory = zone_directory(conf.prefix)
     PeerStats.reset(directory)
     instance_status.reset(directory)
     PeerListStore.reset(directory)
-    for name in conf.http.shared_dicts:
+    for name in (conf.http.shared_dicts if conf.http is not None else ()):
         remove_files(directory, name)
 
 

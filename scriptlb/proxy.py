@@ -197,6 +197,8 @@ class UpstreamRequest:
         request = self.exchange.request
         if self.conf.request_buffering or request.complete or not request.has_body:
             return False
+        if self.plan.body_override is not None:
+            return False  # (proxy_set_body, proxy_pass_request_body off: the client's is dropped)
         return not (request.chunked and not self.plan.http11)
 
     def _begin_tries(self) -> None:
@@ -206,6 +208,8 @@ class UpstreamRequest:
         tries_cap = self.conf.next_upstream_tries
         if not self._stream_body:
             self._body = ex.request.body.buffered()  # bytes, or the file it was spooled to
+        if self.plan.body_override is not None:
+            self._body = self.plan.body_override(ex)
         self._build_head()
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
@@ -226,8 +230,11 @@ class UpstreamRequest:
         request = ex.request
         if self._stream_body:
             self._head = self.plan.build_head(ex, request.content_length, chunked=request.chunked)
+        elif self.plan.sends_no_body:  # proxy_pass_request_body off
+            self._head = self.plan.build_head(ex, None)
         else:
-            sends_length = request.has_body or request.content_length is not None  # incl. "0"
+            sends_length = (request.has_body or request.content_length is not None  # incl. "0"
+                            or self.plan.body_override is not None)
             self._head = self.plan.build_head(ex, len(self._body) if sends_length else None)
 
     def _next_try(self) -> None:
@@ -397,7 +404,20 @@ class UpstreamRequest:
                 attempt.end(NEXT, self.exchange, failure, _READING_HEADER)
                 self._next_try()
                 return
+        if status >= 300 and self.exchange.intercepts(status):
+            self._intercepted(attempt, status)
+            return
         self._pass_response(attempt, response)
+
+    def _intercepted(self, attempt: Attempt, status: int) -> None:
+        """proxy_intercept_errors: the peer's response is dropped (its connection with it: the
+        body is unread) and the request goes on to its error_page."""
+        self.attempt = None
+        conn, attempt.conn = attempt.conn, None
+        if conn is not None:
+            conn.abort()
+        attempt.end(DONE, self.exchange)
+        self.exchange.finish_with_page(status)
 
     def upstream_body(self, data: bytes) -> None:
         self.exchange.conn.send_body(data)
@@ -438,12 +458,21 @@ class UpstreamRequest:
         ex.status = response.status
         ex.upstream_headers = response.headers
         headers = response.client_headers()
+        location = ex.location
+        if location.response_filter is not None:  # proxy_hide_header, proxy_pass_header
+            headers = location.response_filter(headers, response.headers)
+        if location.add_headers is not None:
+            headers += location.add_headers(ex, response.status)
         trace = self.location.trace
         if trace is not None:  # balancer_trace_header on
             headers = trace.headers(ex, headers)
         ex.response_headers = headers
         client = ex.conn
-        client.send_head(response.status, headers, response.content_length, reason=response.reason)
+        if ex.err_status:  # the answer to an error_page redirect carries the original code
+            ex.status = ex.err_status
+            client.send_head(ex.status, headers, response.content_length)
+        else:
+            client.send_head(response.status, headers, response.content_length, reason=response.reason)
         conn.stream_to(self)  # the body that came with the head goes out with it
         if self.attempt is attempt:  # still streaming: not completed by stream_to
             client.flush()

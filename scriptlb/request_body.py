@@ -85,7 +85,7 @@ class SpooledBody:
 class RequestBody:
     """The body of one request as it arrives (see the module docstring)."""
 
-    __slots__ = ("_chunks", "_conf", "_fd", "_in_memory", "_path", "_spooled", "_written")
+    __slots__ = ("_chunks", "_conf", "_fd", "_in_memory", "_kept", "_path", "_spooled", "_written")
 
     def __init__(self, conf: ClientBodyConf | None = None) -> None:
         self._conf = conf  # None: memory only (a streamed or discarded body)
@@ -95,6 +95,7 @@ class RequestBody:
         self._written = 0  # bytes in the file
         self._path = ""
         self._spooled: SpooledBody | None = None
+        self._kept = b""  # the complete in-memory body handed out by buffered() ($request_body)
 
     def __iter__(self) -> Iterator[bytes]:
         """The chunks held in memory and not taken yet."""
@@ -135,10 +136,16 @@ class RequestBody:
     def buffered(self) -> bytes | SpooledBody:
         """The complete body: bytes, or the file that holds it."""
         if self._fd < 0:
-            return self.take()
+            self._kept = self.take()
+            return self._kept
         if self._spooled is None:
             self._spooled = SpooledBody(self._fd, self._written)
         return self._spooled
+
+    @property
+    def kept(self) -> bytes | None:
+        """The complete body when it was buffered in memory ($request_body), else None."""
+        return self._kept if self._fd < 0 and self._kept else None
 
     def clear(self) -> None:
         """Drop what arrived so far (a body nobody reads: ``return``)."""

@@ -156,12 +156,16 @@ class RequestPlan:
     headers to drop, the proxy_pass URI replacement and whether connections are pooled."""
 
     __slots__ = (
+        "body_override",
         "close_after",
         "dynamic_headers",
         "http11",
         "location_prefix",
+        "method",
+        "pass_client_headers",
         "pooled",
         "replace_uri",
+        "sends_no_body",
         "skip_client",
         "static_headers",
         "version_line",
@@ -194,6 +198,17 @@ class RequestPlan:
         pass_conf = location.proxy_pass
         self.replace_uri = pass_conf.uri if pass_conf is not None else None
         self.location_prefix = location.pattern if location.modifier in ("", "^~", "=") else ""
+        self.method = _compile(proxy.method) if proxy.method is not None else None
+        self.pass_client_headers = proxy.pass_request_headers
+        # proxy_set_body / proxy_pass_request_body off: body(exchange) -> bytes
+        self.body_override: Callable[[Any], bytes] | None = None
+        self.sends_no_body = proxy.set_body is None and not proxy.pass_request_body
+        if proxy.set_body is not None:
+            from scriptlb.variables import compile_template_bytes
+
+            self.body_override = compile_template_bytes(proxy.set_body)
+        elif not proxy.pass_request_body:
+            self.body_override = _no_body
 
     def upstream_uri(self, exchange: Exchange) -> str:
         """The URI sent to the peer (nginx: the client's URI as sent, or proxy_pass's URI part
@@ -212,7 +227,8 @@ class RequestPlan:
         if self.replace_uri is not None or target[:1] != b"/":
             target = self.upstream_uri(exchange).encode("latin-1")
         # (else the client's target, as it came: the bytes upstream_uri would decode and encode)
-        parts = [exchange.method.encode("ascii"), b" ", target, self.version_line, self.static_headers]
+        method = exchange.method if self.method is None else self.method(exchange)
+        parts = [method.encode("latin-1"), b" ", target, self.version_line, self.static_headers]
         for name, getter in self.dynamic_headers:
             value = getter(exchange)
             if value:
@@ -220,7 +236,7 @@ class RequestPlan:
         skip = self.skip_client
         connection = exchange.request.connection
         listed = _connection_listed(connection) if connection is not None else None
-        for name, value in exchange.headers:
+        for name, value in exchange.headers if self.pass_client_headers else ():
             lower = name.lower()
             if lower in skip or (listed and lower in listed):
                 continue
@@ -231,6 +247,10 @@ class RequestPlan:
             parts.append(b"Transfer-Encoding: chunked\r\n")  # a streamed body of unknown length
         parts.append(b"\r\n")
         return b"".join(parts)
+
+
+def _no_body(exchange: Exchange) -> bytes:
+    return b""
 
 
 def _path_and_args(exchange: Exchange) -> str:
@@ -244,8 +264,22 @@ def _connection_listed(connection: bytes) -> frozenset[bytes]:
 
 class LocationRuntime:
     __slots__ = (
-        "access", "access_logs", "conf", "content", "log_hook", "plan", "proxy_host", "return_getter",
-        "tls", "trace", "upstream", "zone",
+        "access",
+        "access_logs",
+        "add_headers",
+        "conf",
+        "content",
+        "error_pages",
+        "log_hook",
+        "plan",
+        "proxy_host",
+        "response_filter",
+        "return_getter",
+        "rewrite",
+        "tls",
+        "trace",
+        "upstream",
+        "zone",
     )
 
     def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None, access_logs: tuple,
@@ -262,6 +296,30 @@ class LocationRuntime:
             self.access = access_phase(conf)
         # stub_status / api / prometheus (scriptlb.handlers): content(exchange) answers
         self.content: Callable[[Any], None] | None = None
+        # add_header (scriptlb.headers_filter): None, or lines(exchange, status) -> bytes
+        self.add_headers: Callable[[Any, int], bytes] | None = None
+        if conf.add_headers:
+            from scriptlb.headers_filter import AddHeaders
+
+            self.add_headers = AddHeaders(conf.add_headers).lines
+        # proxy_hide_header / proxy_pass_header (scriptlb.headers_filter)
+        self.response_filter: Callable[[bytes, Any], bytes] | None = None
+        if conf.proxy.hide_headers or conf.proxy.pass_headers:
+            from scriptlb.headers_filter import response_filter
+
+            self.response_filter = response_filter(conf.proxy.hide_headers, conf.proxy.pass_headers)
+        # set / if / rewrite / break (scriptlb.rewrite): None, or the compiled phase
+        self.rewrite: Any = None
+        if conf.rewrite:
+            from scriptlb.rewrite import RewritePhase
+
+            self.rewrite = RewritePhase(conf.rewrite)
+        # error_page (scriptlb.error_pages): None, or status -> ErrorPage
+        self.error_pages: dict | None = None
+        if conf.error_pages:
+            from scriptlb.error_pages import error_pages
+
+            self.error_pages = error_pages(conf.error_pages)
         self.zone: list[int] | None = None  # status_zone: this worker's counts by status // 100
         self.tls: Any = None  # proxy_pass https://: a scriptlb.tls.PeerTls (set by the Runtime)
         # balancer_trace_header on (scriptlb.trace): adds the trace to proxied responses for
@@ -291,14 +349,14 @@ class LocationRuntime:
                 return b"", None
             location = getter(exchange)
             if location.startswith(b"/"):
-                location = _absolute_redirect(exchange, location)
+                location = absolute_redirect(exchange, location)
             return b"Location: " + location + b"\r\n", None
         if getter is None:
             return b"", (b"" if ret.status < 300 else None)
         return b"Content-Type: text/plain\r\n", getter(exchange)
 
 
-def _absolute_redirect(exchange: Exchange, path: bytes) -> bytes:
+def absolute_redirect(exchange: Exchange, path: bytes) -> bytes:
     """nginx's absolute_redirect on, server_name_in_redirect off, port_in_redirect on."""
     port = exchange.server_port
     host = exchange.host
@@ -328,6 +386,16 @@ class ServerRuntime:
         for loc in conf.locations:
             self._by_id[id(loc)] = builder(loc)
         self.default_location = builder(LocationConf(modifier="", pattern=""))
+
+    def named(self, name: str) -> LocationRuntime | None:
+        """The ``location @name`` (error_page's target), None if there is none."""
+        conf = self.matcher.named.get(name)
+        if conf is None:
+            return None
+        found = self._by_id.get(id(conf))
+        if found is None:
+            found = self._by_id[id(conf)] = self._builder(conf)
+        return found
 
     def match(self, uri: str) -> LocationRuntime:
         """The location for ``uri``; recent answers are remembered (the same few URIs come
@@ -414,6 +482,12 @@ class Runtime:
             from scriptlb.handlers import content_handler
 
             location.content = content_handler(conf, self)
+        elif conf.return_ is None and conf.proxy_pass is None and os.path.isabs(conf.root):
+            # (a location the config did not build, the server's "no location matched" one,
+            # has no root of its own: it answers 404 as before)
+            from scriptlb.static import StaticFiles
+
+            location.content = StaticFiles(conf.root, conf.index)
         return location
 
     def _peer_tls(self, conf: LocationConf, proxy_host: str) -> Any:

@@ -204,6 +204,14 @@ def layout_of(http: HttpConf) -> tuple[UpstreamLayout, ...]:
     return tuple(_upstream_layout(u.name, u.servers) for u in http.upstreams.values())
 
 
+def stream_layout_of(stream: Any) -> tuple[UpstreamLayout, ...]:
+    """The stream block's upstreams, named ``stream:NAME`` (apart from http's of that name)."""
+    if stream is None:
+        return ()
+    return tuple(_upstream_layout("stream:" + u.name, u.servers)
+                 for u in stream.upstreams.values() if not u.implicit)
+
+
 def _upstream_layout(name: str, servers: Iterable[Any]) -> UpstreamLayout:
     primary: list[PeerKey] = []
     backup: list[PeerKey] = []

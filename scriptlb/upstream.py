@@ -639,6 +639,9 @@ class UpstreamConnection(asyncio.Protocol):
             # a parser is reused on a keep-alive connection only when it ended the previous
             # response itself (not after HEAD, where we end it: llhttp would wait for a body)
             self._parser = httptools.HttpResponseParser(self)
+            # nginx reads a peer's lines ended by a bare LF (its own parser's rule); the
+            # response is re-framed for the client, so this opens no smuggling path
+            self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self._parser_ended = False
         self._handler = handler
         self._owner = handler

@@ -7,6 +7,7 @@ them, so they live below both.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote, unquote
 
 
@@ -50,6 +51,24 @@ def split_target(target: bytes) -> tuple[str, str | None] | None:
         text = text[slash:] if slash != -1 else "/"
     path, sep, args = text.partition("?")
     return path, (args if sep else None)
+
+
+# what nginx's request-line parser lets through as an absolute URI's host[:port]
+_AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(?::[0-9]*)?")
+
+
+def absolute_host(target: bytes) -> bytes | None:
+    """An absolute-form target's authority (``http://h:1/p`` -> ``h:1``): nginx takes the
+    request's host from it rather than from the Host header (RFC 9112 section 3.2.2).
+    None: not a host nginx's request-line parser accepts (a 400)."""
+    start = target.find(b"://") + 3
+    end = len(target)
+    for stop in (b"/", b"?"):
+        found = target.find(stop, start)
+        if found != -1 and found < end:
+            end = found
+    authority = target[start:end]
+    return authority if _AUTHORITY.fullmatch(authority) else None
 
 
 def quote_uri(uri: str) -> str:

@@ -251,7 +251,23 @@ def _cookie_family(suffix: str) -> Getter:
     return get
 
 
+def _upstream_cookie_family(suffix: str) -> Getter:
+    """$upstream_cookie_NAME: the value of cookie NAME the peer set (its Set-Cookie lines)."""
+    wanted = suffix.lower()
+
+    def get(ex: Any) -> str | None:
+        for name, value in ex.upstream_headers:
+            if name.lower() == b"set-cookie":
+                key, sep, rest = value.decode("latin-1").partition("=")
+                if sep and key.strip().lower() == wanted:
+                    return rest.partition(";")[0].strip()
+        return None
+
+    return get
+
+
 _FAMILIES: dict[str, Callable[[str], Getter]] = {
+    "upstream_cookie_": _upstream_cookie_family,
     "http_": _http_family,
     "arg_": _arg_family,
     "cookie_": _cookie_family,
@@ -307,7 +323,28 @@ _CLOCKED = frozenset({"request_time", "msec", "time_local", "time_iso8601"})
 
 _HOSTNAME = socket.gethostname()
 
+def _request_body(ex: Any) -> str | None:
+    body = getattr(ex.request, "body", None)  # (offline tools' requests have none)
+    body = body.kept if body is not None else None
+    return body.decode("latin-1") if body is not None else None
+
+
+def _request_body_file(ex: Any) -> str | None:
+    body = getattr(ex.request, "body", None)
+    return body.file_path if body is not None and body.in_file else None
+
+
+def _connection_time(ex: Any) -> str | None:
+    conn = getattr(ex, "conn", None)
+    if conn is None:
+        return None
+    return f"{conn.loop.time() - conn.opened:.3f}"
+
+
 _SIMPLE: dict[str, Getter] = {
+    "connection_time": _connection_time,
+    "request_body": _request_body,
+    "request_body_file": _request_body_file,
     "remote_addr": _attr("remote_addr"),
     "remote_port": _attr("remote_port"),
     "remote_user": _remote_user,
@@ -378,9 +415,42 @@ def variable_getter(name: str, clock: Clock = time.time) -> Getter:
     if name in _CLOCKED:
         return _clocked(name, clock)
     for prefix in VARIABLE_PREFIXES:
-        if name.startswith(prefix) and len(name) > len(prefix):
+        if name.startswith(prefix) and (len(name) > len(prefix) or prefix == "arg_"):
             return _FAMILIES[prefix](name[len(prefix) :])
     raise KeyError(name)
+
+
+def var_getter(var: Var, clock: Clock = time.time) -> Getter:
+    """The getter of a template's variable: a built-in one, a `set` one or a capture."""
+    if var.kind == "set":
+        return _set_variable(var.name)
+    if var.kind == "capture":
+        return _capture(int(var.name))
+    return variable_getter(var.name, clock)
+
+
+def _getter(var: Var, clock: Clock, lookup: Callable[[str, Clock], Getter]) -> Getter:
+    """A template variable's getter: http's (``var_getter``: built-in, `set` or capture), or
+    by name from another module's table (stream sessions have their own variables)."""
+    return var_getter(var, clock) if lookup is variable_getter else lookup(var.name, clock)
+
+
+def _set_variable(name: str) -> Getter:
+    def get(ex: Any) -> str | None:
+        values = getattr(ex, "variables", None)
+        return values.get(name) if values else None
+
+    return get
+
+
+def _capture(number: int) -> Getter:
+    def get(ex: Any) -> str | None:
+        captures = getattr(ex, "captures", None)
+        if not captures or number >= len(captures):
+            return None
+        return captures[number]
+
+    return get
 
 
 def get_variable(ex: Any, name: str) -> str | None:
@@ -445,9 +515,10 @@ def _format_string(template: Template) -> str:
     )
 
 
-def compile_template(template: Template, clock: Clock = time.time) -> Renderer:
+def compile_template(template: Template, clock: Clock = time.time,
+                     lookup: Callable[[str, Clock], Getter] = variable_getter) -> Renderer:
     """A callable rendering ``template`` for an exchange; "not found" variables give ""."""
-    getters = tuple(variable_getter(v.name, clock) for v in template.parts if isinstance(v, Var))
+    getters = tuple(_getter(v, clock, lookup) for v in template.parts if isinstance(v, Var))
     if not getters:
         constant = template.static if template.static is not None else "".join(map(str, template.parts))
         return lambda ex: constant
@@ -475,7 +546,7 @@ def compile_template_bytes(template: Template, clock: Clock = time.time) -> Call
     """``compile_template`` for bytes on the wire (``return`` bodies, Location): literals are
     the config file's bytes, variables the bytes they were read from (nginx copies bytes)."""
     pieces: list[bytes | Getter] = [
-        variable_getter(part.name, clock) if isinstance(part, Var)
+        var_getter(part, clock) if isinstance(part, Var)
         else part.encode("utf-8", "surrogateescape")
         for part in template.parts
     ]
@@ -495,13 +566,15 @@ def compile_template_bytes(template: Template, clock: Clock = time.time) -> Call
     return render
 
 
-def compile_log_format(template: Template, escape: str = "default", clock: Clock = time.time) -> Renderer:
+def compile_log_format(template: Template, escape: str = "default", clock: Clock = time.time,
+                       lookup: Callable[[str, Clock], Getter] = variable_getter) -> Renderer:
     """A callable rendering one access-log line (without the newline) as ngx_http_log_module.
 
     ``escape``: "default" (not found -> "-", \\xHH escaping), "json" (not found -> "", JSON
-    escaping) or "none" (not found -> "", no escaping).
+    escaping) or "none" (not found -> "", no escaping). ``lookup`` gives a variable's getter
+    (stream sessions have their own variables).
     """
-    getters = tuple(variable_getter(v.name, clock) for v in template.parts if isinstance(v, Var))
+    getters = tuple(_getter(v, clock, lookup) for v in template.parts if isinstance(v, Var))
     if not getters:
         constant = template.static if template.static is not None else "".join(map(str, template.parts))
         return lambda ex: constant

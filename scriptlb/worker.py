@@ -35,7 +35,7 @@ from scriptlb.peer_lists import PeerListStore, PeerListWatcher, effective_conf
 from scriptlb.runtime import Runtime
 from scriptlb.sandbox.limits import install_worker_fuse
 from scriptlb.shared_dict import SharedDict, SyncedSharedDict, map_size, zone_directory
-from scriptlb.stats import PeerStats, Recorder, StatsFull, layout_of, shards_for
+from scriptlb.stats import PeerStats, Recorder, StatsFull, layout_of, shards_for, stream_layout_of
 from scriptlb.status import StatusFull, WorkerStatus, rows_for
 
 Key = tuple
@@ -59,6 +59,7 @@ class Worker:
         self.status: WorkerStatus | None = None  # connection/request counters (stub_status)
         self.hook_figures: Any = None  # scriptlb.metrics.HookFiguresPublisher
         self.contexts: list[ListenerContext] = []
+        self.stream: Any = None  # scriptlb.stream.runtime.StreamRuntime with a stream block
         self._servers: list[asyncio.AbstractServer] = []
         self._tls = False  # a listener terminates TLS
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
@@ -80,6 +81,10 @@ class Worker:
         if self.stats is not None:
             self.recorder = Recorder(self.stats, self.loop)
         self.runtime = Runtime(self.conf, self.loop, self.recorder)
+        if self.conf.stream is not None:
+            from scriptlb.stream.runtime import StreamRuntime
+
+            self.stream = StreamRuntime(self.conf, self.loop, self.recorder)
         self.status = open_status(self.conf)
         self.runtime.status = self.status
         if store is not None and loaded_http is not None:
@@ -141,6 +146,7 @@ class Worker:
         for sock, keys in by_socket.values():
             route = runtime.routes.get(keys[0])
             if route is None:
+                await self._start_stream_server(sock, keys)
                 continue
             server_conf = route.default_server.conf
             context = ListenerContext(
@@ -164,16 +170,21 @@ class Worker:
             )
             self._servers.append(server)
 
+    async def _start_stream_server(self, sock: socket.socket, keys: list[Key]) -> None:
+        factory = self.stream.session_factory(keys) if self.stream is not None else None
+        if factory is None:
+            return
+        server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys),
+                                               ssl=self.stream.ssl_context(keys))
+        self._servers.append(server)
+
     def _backlog(self, keys: list[Key]) -> int:
         """The configured ``listen ... backlog=N``: asyncio calls listen() again with it, so it
         must be the master's value, not asyncio's default of 100."""
         http = self.conf.http
-        backlogs = [
-            listen.backlog
-            for server in (http.servers if http is not None else ())
-            for listen in server.listens
-            if listen.key in keys
-        ]
+        servers = [*(http.servers if http is not None else ()),
+                   *(self.conf.stream.servers if self.conf.stream is not None else ())]
+        backlogs = [listen.backlog for server in servers for listen in server.listens if listen.key in keys]
         return max(backlogs, default=511)
 
     def stop(self, graceful: bool) -> None:
@@ -181,9 +192,15 @@ class Worker:
         if self._stop is not None and not self._stop.done():
             self._stop.set_result(graceful)
         elif self._stop is not None and not graceful:
-            for context in self.contexts:
-                for conn in list(context.connections):
-                    conn.close()
+            self._close_all()
+
+    def _close_all(self) -> None:
+        for context in self.contexts:
+            for conn in list(context.connections):
+                conn.close()
+        if self.stream is not None:
+            for session in self.stream.sessions():
+                session.close()
 
     async def _shutdown(self, graceful: bool) -> None:
         runtime = self.runtime
@@ -202,7 +219,9 @@ class Worker:
                     conn.close()
                 else:
                     conn.close_if_idle()
-        if graceful:
+        if not graceful:
+            self._close_all()
+        else:
             await self._drain()
         if self.cluster is not None:
             await self.cluster.stop(graceful)
@@ -210,6 +229,8 @@ class Worker:
             if self.runtime.peer_lists is not None:
                 self.runtime.peer_lists.stop()
             self.runtime.close()
+        if self.stream is not None:
+            self.stream.close()
         if self.recorder is not None:
             self.recorder.flush()  # the last tries count too
         if self.hook_figures is not None:
@@ -226,12 +247,22 @@ class Worker:
         await asyncio.sleep(_TLS_CLOSE_GRACE if self._tls else 0)
 
     async def _drain(self) -> None:
-        """Wait until every client connection closed (each closes after its active request)."""
-        while any(context.connections for context in self.contexts):
+        """Wait until every client connection closed (each closes after its active request)
+        and every stream session ended, at most ``worker_shutdown_timeout`` (0: no limit);
+        then what is left is closed, as nginx does."""
+        limit = self.conf.worker_shutdown_timeout
+        deadline = self.loop.time() + limit if limit else None
+        while any(context.connections for context in self.contexts) or (
+                self.stream is not None and self.stream.sessions()):
+            if deadline is not None and self.loop.time() >= deadline:
+                errorlog.log_error("notice", "worker_shutdown_timeout: closing the remaining connections")
+                self._close_all()
+                await asyncio.sleep(0)
+                return
             for context in self.contexts:
                 for conn in list(context.connections):
                     conn.close_if_idle()
-            await asyncio.sleep(_DRAIN_POLL)  # polled: a drain is rare and has no deadline
+            await asyncio.sleep(_DRAIN_POLL)  # polled: a drain is rare
 
     def install_signals(self) -> None:
         loop = self.loop
@@ -245,6 +276,8 @@ class Worker:
             errorlog.reopen()
             if self.runtime is not None:
                 self.runtime.reopen_logs()
+            if self.stream is not None:
+                self.stream.reopen_logs()
             return
         if signo == signal.SIGQUIT:
             errorlog.log_error("notice", "gracefully shutting down")
@@ -293,6 +326,10 @@ def attach_hook_runtime(conf: MainConf, worker_id: int, worker_count: int, arm_f
     api.set_worker(worker_id, worker_count)
     http = conf.http
     if http is None:
+        stream_hooks = conf.stream.hooks() if conf.stream is not None else ()
+        if stream_hooks and arm_fuse:
+            install_worker_fuse(hard_seconds=max(2.0, 50 * max(h.timeout for h in stream_hooks)),
+                                memory_bytes=0)
         return
     if http.shared_dicts:
         directory = zone_directory(conf.prefix)
@@ -300,7 +337,7 @@ def attach_hook_runtime(conf: MainConf, worker_id: int, worker_count: int, arm_f
             name: (SyncedSharedDict if zone.sync is not None else SharedDict)(directory, name, zone.size)
             for name, zone in http.shared_dicts.items()
         })
-    hooks = http.hooks()
+    hooks = http.hooks() + (conf.stream.hooks() if conf.stream is not None else ())
     if hooks and arm_fuse:
         install_worker_fuse(hard_seconds=max(2.0, 50 * max(h.timeout for h in hooks)),
                             memory_bytes=worker_memory_limit(http))
@@ -314,10 +351,12 @@ def open_peer_stats(conf: MainConf) -> PeerStats | None:
     refuse traffic over a figure hooks may read."""
     http = conf.http
     checked = any(u.health_checks for u in http.upstreams.values()) if http is not None else False
-    if http is None or not http.upstreams or not (http.python.peer_stats or checked):
+    layout = (layout_of(http) if http is not None else ()) + stream_layout_of(conf.stream)
+    wanted = http.python.peer_stats if http is not None else True
+    if not layout or not (wanted or checked):
         return None  # health checks keep their state in the statistics: on with them
     try:
-        return PeerStats.open(zone_directory(conf.prefix), layout_of(http),
+        return PeerStats.open(zone_directory(conf.prefix), layout,
                               shards=shards_for(conf.worker_processes))
     except (OSError, StatsFull, ValueError) as err:
         errorlog.log_error("alert", f"peer statistics unavailable, serving without them: {err}")

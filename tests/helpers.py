@@ -147,8 +147,9 @@ class Scriptlb:
         self.conf = load_conf(text, tmp_path)
         by_port = {port_of(s): s for s in self.sockets}
         listeners = {}
-        assert self.conf.http is not None
-        for server in self.conf.http.servers:
+        servers = [*(self.conf.http.servers if self.conf.http is not None else ()),
+                   *(self.conf.stream.servers if self.conf.stream is not None else ())]
+        for server in servers:
             for listen in server.listens:
                 listeners[listen.key] = by_port[listen.port]
         self.thread = WorkerThread(self.conf, listeners, use_uvloop=use_uvloop)

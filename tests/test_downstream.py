@@ -551,3 +551,29 @@ def test_memory_error_while_parsing_ends_the_connection_cleanly(
     assert out.startswith(b"HTTP/1.1 500") and h.transport.closed
     log = log_file.read_text()
     assert "[alert]" in log and "out of memory while reading client request" in log
+
+
+# bare LF line endings (scriptlb.line_ends): accepted in heads as nginx does
+
+def test_server_answers_bare_lf_requests(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop)
+    out = h.feed(b"GET /a HTTP/1.1\nHost: example\nX-A: 1\n\n")
+    request = h.handlers[0].request
+    assert request.target == b"/a"
+    assert request.headers == [(b"Host", b"example"), (b"X-A", b"1")]
+    assert status_of(out) == 200
+
+
+def test_body_bytes_with_lf_reach_the_handler_intact(loop: asyncio.AbstractEventLoop) -> None:
+    h = Harness(loop)
+    out = h.feed(b"POST / HTTP/1.1\nHost: x\nContent-Length: 4\n\na\nb\n")
+    assert out.endswith(b"ok:a\nb\n")
+    h.feed(b"GET /next HTTP/1.1\nHost: x\n\n")  # the next head: fixed again
+    assert h.handlers[1].request.target == b"/next"
+
+
+@pytest.mark.parametrize("raw", [b"GET / HTTP/1.1\rHost: x\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\rY: z\n\n",
+                                 b"GET / HTTP/1.1\nHost: x\x00y\n\n"])
+def test_bare_cr_and_control_bytes_are_still_refused(loop: asyncio.AbstractEventLoop, raw: bytes) -> None:
+    h = Harness(loop)
+    assert status_of(h.feed(raw)) == 400

@@ -490,3 +490,11 @@ def test_host_validation_equals_a_real_nginx(tmp_path: Path) -> None:
         normalized = normalize_host(host)
         ours[host] = "400" if normalized is None else normalized
     assert ours == answers
+
+
+def test_pcre_quoted_literals() -> None:
+    from scriptlb.locations import compile_nginx_regex
+
+    regex = compile_nginx_regex(r"^(?<name>[a-z]+)\Q.example.com\E$")
+    assert regex.match("ab.example.com") and not regex.match("abxexampleycom")
+    assert compile_nginx_regex(r"\Qa.b").match("a.b") and not compile_nginx_regex(r"\Qa.b").match("axb")

@@ -57,7 +57,14 @@ def load(conf_file: str, prefix: str | None = None, globals_: str | None = None)
     """
     path, abs_prefix = resolve_paths(conf_file, prefix)
     result = parse(path, globals_)
-    return build(result.nodes, path, abs_prefix, result.files)
+    from scriptlb.config.rewrite import declared_variables
+    from scriptlb.config.variables import DECLARED
+
+    token = DECLARED.set(declared_variables(result.nodes))
+    try:
+        return build(result.nodes, path, abs_prefix, result.files)
+    finally:
+        DECLARED.reset(token)
 
 
 def load_and_check(conf_file: str, prefix: str | None = None, globals_: str | None = None) -> MainConf:

@@ -25,6 +25,7 @@ from scriptlb.config.drafts import (
     MainDraft,
     MatchDraft,
     ServerDraft,
+    StreamDraft,
     UpstreamDraft,
 )
 from scriptlb.config.errors import ConfigError
@@ -49,6 +50,7 @@ from scriptlb.config.model import (
     ProxySslConf,
     PythonConf,
     ResolverConf,
+    RewriteOp,
     ServerConf,
     Source,
     SslCertificate,
@@ -57,6 +59,8 @@ from scriptlb.config.model import (
     UpstreamServerConf,
 )
 from scriptlb.config.parser import Node
+from scriptlb.config.rewrite import with_body
+from scriptlb.config.stream import stream_conf
 from scriptlb.config.variables import compile_template, declared_variables
 
 DEFAULT_HOOK_TIMEOUT = 0.010
@@ -91,7 +95,7 @@ def walk(state: State, nodes: Sequence[Node], ctx: Ctx, draft: Any) -> None:
         if child_ctx is Ctx.HTTP:
             child_draft.log_formats["combined"] = LogFormat("combined", compile_template(COMBINED_FORMAT))
         walk(state, node.children or (), child_ctx, child_draft)
-        if child_ctx is Ctx.UPSTREAM:
+        if child_ctx in (Ctx.UPSTREAM, Ctx.STREAM_UPSTREAM):
             _close_upstream(child_draft, node)
 
 
@@ -146,6 +150,8 @@ def _main_conf(
         error_log=tuple(main.error_logs) or (ErrorLogConf("stderr", "error"),),
         worker_connections=v.get("worker_connections", 512),
         http=http,
+        stream=stream_conf(main.stream, _upstream_conf, _ssl_conf) if main.stream is not None else None,
+        worker_shutdown_timeout=v.get("worker_shutdown_timeout", 0.0),
         files=files,
         warnings=tuple(state.warnings),
     )
@@ -199,7 +205,7 @@ def _upstream_resolver(upstream: UpstreamDraft, http: HttpDraft) -> ResolverConf
     return dataclasses.replace(resolver, timeout=timeout)
 
 
-def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft) -> UpstreamConf:
+def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft | StreamDraft) -> UpstreamConf:
     if not any(not s.backup for s in upstream.servers):
         raise ConfigError(f'no servers in upstream "{upstream.name}"', upstream.source)
     v = upstream.values
@@ -379,6 +385,23 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
     )
 
 
+def _rewrite_ops(chain: Sequence[LevelDraft]) -> tuple[RewriteOp, ...]:
+    """The server's rewrite-module directives, then the location's (each level its own, in
+    order; http has none). An ``if`` comes with the block read after it."""
+    ops: list[RewriteOp] = []
+    for level in reversed(chain[:2]):
+        ops += _resolved(level.values.get("rewrite_ops", ()))
+    return tuple(ops)
+
+
+def _resolved(entries: Sequence[Any]) -> list[RewriteOp]:
+    out = []
+    for entry in entries:
+        if isinstance(entry, tuple):
+            op, body = entry
+            entry = with_body(op, _resolved(body.ops))
+        out.append(entry)
+    return out
 def _check_peer_tls(servers: tuple[ServerConf, ...]) -> None:
     """proxy_pass https://: build each distinct client context once, for its errors."""
     from scriptlb.tls import TlsConfigError, client_context
@@ -469,6 +492,12 @@ def _location_conf(
         access_log=tuple(access_logs),
         source=loc.source,
         log_hook=_log_hook(chain),
+        add_headers=tuple(_get(chain, "add_header", ())),
+        rewrite=_rewrite_ops(chain),
+        error_pages=tuple(_get(chain, "error_page", ())),
+        intercept_errors=_get(chain, "proxy_intercept_errors", False),
+        root=_get(chain, "root", os.path.join(getattr(chain[-1], "prefix", ""), "html")),
+        index=_get(chain, "index", ("index.html",)),
         **_access_settings(chain, loc),
     )
     if "health_checks" in loc.values:
@@ -542,6 +571,13 @@ def _proxy_conf(chain: Sequence[LevelDraft]) -> ProxyConf:
         next_upstream_timeout=_get(chain, "proxy_next_upstream_timeout", defaults.next_upstream_timeout),
         request_buffering=_get(chain, "proxy_request_buffering", defaults.request_buffering),
         buffering=_get(chain, "proxy_buffering", defaults.buffering),
+        method=_get(chain, "proxy_method", None),
+        pass_request_headers=_get(chain, "proxy_pass_request_headers", True),
+        pass_request_body=_get(chain, "proxy_pass_request_body", True),
+        set_body=_get(chain, "proxy_set_body", None),
+        hide_headers=tuple(_get(chain, "proxy_hide_header", ())),
+        pass_headers=tuple(_get(chain, "proxy_pass_header", ())),
+        ignore_headers=tuple(_get(chain, "proxy_ignore_headers", ())),
         ssl=_proxy_ssl_conf(chain),
     )
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import Any
 
+from scriptlb.config import rewrite
 from scriptlb.config.addresses import parse_listen, parse_upstream_server
 from scriptlb.config.drafts import (
     HookDraft,
@@ -35,17 +36,20 @@ from scriptlb.config.maps import parse_map
 from scriptlb.config.model import (
     AccessLogConf,
     AccessRule,
+    AddHeaderConf,
     BalancerMethodConf,
     BreakerConf,
     DictSyncConf,
     DiscoveryConf,
     ErrorLogConf,
+    ErrorPageConf,
     ListenConf,
     LogFormat,
     NextUpstream,
     PeerAddr,
     ResolverConf,
     ReturnConf,
+    RewriteOp,
     SharedDictConf,
     Source,
     Template,
@@ -63,6 +67,10 @@ class Ctx(IntFlag):
     LOCATION = 16
     UPSTREAM = 32
     MATCH = 64  # nginx Plus's `match` block (health checks)
+    STREAM = 128
+    STREAM_SERVER = 256
+    STREAM_UPSTREAM = 512
+    IF = 1024  # the rewrite module's `if` block (its own directives only)
 
 
 HSL = Ctx.HTTP | Ctx.SERVER | Ctx.LOCATION
@@ -82,6 +90,7 @@ class State:
     prefix: str
     warnings: list[str] = field(default_factory=list)
     http: HttpDraft | None = None  # set on entering http: log formats live there
+    stream: Any = None  # the StreamDraft, set on entering stream (its own log formats)
 
     def path(self, value: str) -> str:
         """A path from the config, absolute against the prefix (nginx's ngx_conf_full_name)."""
@@ -139,9 +148,9 @@ def number(node: Node) -> int:
     return result
 
 
-def template(node: Node, raw: str) -> Template:
+def template(node: Node, raw: str, known: Callable[[str], bool] | None = None) -> Template:
     try:
-        return compile_template(raw)
+        return compile_template(raw, known)
     except TemplateError as e:
         raise fail(node, str(e)) from None
 
@@ -430,11 +439,98 @@ def _temp_path(state: State, node: Node, draft: LevelDraft) -> None:
     _store(node, draft.values, state.path(node.args[0]))
 
 
+def _add_header(state: State, node: Node, draft: LevelDraft) -> None:
+    """``add_header name value [always]``: the lines of a level, in order."""
+    always = len(node.args) == 3
+    if always and node.args[2] != "always":
+        raise fail(node, f'invalid parameter "{node.args[2]}"')
+    headers = draft.values.setdefault("add_header", [])
+    headers.append(AddHeaderConf(node.args[0], template(node, node.args[1]), always))
+
+
+def _error_page(state: State, node: Node, draft: LevelDraft) -> None:
+    """``error_page code ... [=[response]] uri`` (nginx's checks and words)."""
+    args = node.args
+    uri = args[-1]
+    response: int | None = None
+    codes_args = args[:-1]
+    if codes_args and codes_args[-1].startswith("="):
+        text = codes_args[-1][1:]
+        codes_args = codes_args[:-1]
+        if text == "":
+            response = 0
+        else:
+            value = parse_int(text)
+            if value is None or value < 100:  # (nginx: any non-negative number)
+                raise fail(node, f'invalid value "{args[-2]}"')
+            response = value
+    if not codes_args:
+        raise fail(node, f'invalid number of arguments in "{node.name}" directive')
+    codes = []
+    for text in codes_args:
+        code = parse_int(text)
+        if code is None or code < 300 or code > 599:
+            raise fail(node, f'value "{text}" must be between 300 and 599')
+        if code == 499:
+            raise fail(node, 'value "499" must be between 300 and 599')
+        codes.append(code)
+    pages = draft.values.setdefault("error_page", [])
+    pages.append(ErrorPageConf(tuple(codes), response, template(node, uri)))
+
+
+def _header_name_list(state: State, node: Node, draft: LevelDraft) -> None:
+    """proxy_hide_header / proxy_pass_header: one name per directive, a level's names
+    together (nginx: the innermost level that has any)."""
+    draft.values.setdefault(node.name, []).append(node.args[0].lower())
+
+
+_IGNORABLE = ("x-accel-redirect", "x-accel-expires", "x-accel-limit-rate", "x-accel-buffering",
+              "x-accel-charset", "expires", "cache-control", "set-cookie", "vary")
+
+
+def _proxy_ignore_headers(state: State, node: Node, draft: LevelDraft) -> None:
+    for name in node.args:
+        if name.lower() not in _IGNORABLE:
+            raise fail(node, f'invalid value "{name}"')
+    _store(node, draft.values, tuple(name.lower() for name in node.args))
+
+
+def _keepalive_disable(node: Node) -> tuple[str, ...]:
+    for value in node.args:
+        if value not in ("none", "msie6", "safari"):
+            raise fail(node, f'invalid value "{value}"')
+    return tuple(node.args)
+
+
+def _root(state: State, node: Node, draft: LevelDraft) -> None:
+    """``root path``: the static handler's directory, absolute against the prefix."""
+    _store(node, draft.values, state.path(node.args[0]) if node.args[0] else "")
+
+
+def _index(state: State, node: Node, draft: LevelDraft) -> None:
+    for name in node.args:
+        if not name:
+            raise fail(node, 'index "" in "index" directive is invalid')
+    _store(node, draft.values, tuple(node.args))
+
+
+def _accepted(parse: Callable[[Node], Any]) -> Handler:
+    """A tuning directive nginx needs and scriptlb's runtime has no use for (a hash table's
+    size, a memory pool's): checked as nginx checks it, then kept only in the config."""
+    return _slot(parse)
+
+
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
 def _return(state: State, node: Node, draft: Any) -> None:
     """``return code [text]``, ``return code URL`` (redirects), ``return URL`` (302)."""
+    conf = _return_conf(node)
+    if draft.return_ is None:  # the first return wins: it ends the rewrite phase
+        draft.return_ = conf
+
+
+def _return_conf(node: Node) -> ReturnConf:
     first = node.args[0]
     if len(node.args) == 1 and first.startswith(("http://", "https://", "$scheme")):
         conf = ReturnConf(302, template(node, first), node.source)
@@ -444,13 +540,42 @@ def _return(state: State, node: Node, draft: Any) -> None:
             raise fail(node, f'invalid return code "{first}"')
         text = template(node, node.args[1]) if len(node.args) > 1 else None
         conf = ReturnConf(status, text, node.source)
-    if draft.return_ is None:  # the first return wins: it ends the rewrite phase
-        draft.return_ = conf
+    return conf
+
+
+# --------------------------------------------------------------------------- rewrite module
+
+
+def _rewrite_directive(build: Callable[..., RewriteOp]) -> Handler:
+    def handler(state: State, node: Node, draft: Any) -> None:
+        try:
+            op = build(node)
+        except ValueError as e:
+            raise fail(node, str(e)) from None
+        rewrite.ops_of(draft).append(op)
+
+    return handler
+
+
+def _if(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
+    try:
+        op = rewrite.if_op(node, template, _check_regex)
+    except ValueError as e:
+        raise fail(node, str(e)) from None
+    body = rewrite.IfDraft()
+    rewrite.ops_of(draft).append((op, body))  # (the body is read next; the builder joins them)
+    return Ctx.IF, body
 
 
 def _log_format(state: State, node: Node, draft: HttpDraft) -> None:
+    add_log_format(node, draft.log_formats)
+
+
+def add_log_format(node: Node, formats: dict[str, LogFormat],
+                   known: Callable[[str], bool] | None = None) -> None:
+    """``log_format NAME [escape=...] STRING...`` into ``formats`` (http's or stream's)."""
     name, rest = node.args[0], list(node.args[1:])
-    if name in draft.log_formats:
+    if name in formats:
         raise fail(node, f'duplicate "log_format" name "{name}"')
     escape = "default"
     if rest and rest[0].startswith("escape="):
@@ -459,11 +584,18 @@ def _log_format(state: State, node: Node, draft: HttpDraft) -> None:
             raise fail(node, f'unknown log format escaping "{escape}"')
     if not rest:
         raise fail(node, 'invalid number of arguments in "log_format" directive')
-    draft.log_formats[name] = LogFormat(name, template(node, "".join(rest)), escape)
+    formats[name] = LogFormat(name, template(node, "".join(rest), known), escape)
 
 
 def _access_log(state: State, node: Node, draft: Any) -> None:
     assert state.http is not None  # access_log exists only inside http
+    add_access_log(state, node, draft, state.http.log_formats, "combined")
+
+
+def add_access_log(state: State, node: Node, draft: Any, formats: dict[str, LogFormat],
+                   default_format: str | None) -> None:
+    """``access_log PATH [FORMAT [buffer=SIZE [flush=TIME]]] | off`` onto ``draft.access_logs``;
+    stream has no default format (nginx: "log format is not specified")."""
     if draft.access_logs is None:
         draft.access_logs = []
     target = node.args[0]
@@ -473,13 +605,17 @@ def _access_log(state: State, node: Node, draft: Any) -> None:
         return  # an empty list at this level: off, and nothing inherited
     if target.startswith("syslog:") or "$" in target:
         raise fail(node, f'access_log "{target}" is not supported by scriptlb')
-    format_name = node.args[1] if len(node.args) > 1 else "combined"
-    log_format = state.http.log_formats.get(format_name)
+    format_name = node.args[1] if len(node.args) > 1 else default_format
+    if format_name is None:
+        raise fail(node, "log format is not specified")
+    log_format = formats.get(format_name)
     if log_format is None:
         raise fail(node, f'unknown log format "{format_name}"')
-    buffer, flush = 0, None
+    buffer, flush, condition = 0, None, None
     for param in node.args[2:]:
-        if param.startswith("buffer="):
+        if param.startswith("if="):
+            condition = template(node, param[len("if="):])
+        elif param.startswith("buffer="):
             buffer = parse_size(param[len("buffer=") :]) or 0
             if not buffer:
                 raise fail(node, f'invalid buffer size "{param[len("buffer=") :]}"')
@@ -492,7 +628,7 @@ def _access_log(state: State, node: Node, draft: Any) -> None:
     if flush is not None and not buffer:
         raise fail(node, f'no buffer is defined for access_log "{target}"')
     path = target if target in ("stderr", "stdout") else state.path(target)
-    draft.access_logs.append(AccessLogConf(path, log_format, buffer, flush or 0.0))
+    draft.access_logs.append(AccessLogConf(path, log_format, buffer, flush or 0.0, condition))
 
 
 # --------------------------------------------------------------------------- python hooks
@@ -1117,6 +1253,43 @@ _SPECS: tuple[Spec, ...] = (
     _spec("api", Ctx.LOCATION, (0, 1), _content_handler),
     _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),
     _spec("status_zone", Ctx.SERVER, ONE, _slot(lambda node: node.args[0])),
+    _spec("add_header", HSL, (2, 3), _add_header),
+    # the rewrite module (return is above; inside `if` it is one of the ordered directives)
+    _spec("set", Ctx.SERVER | Ctx.LOCATION | Ctx.IF, (2, 2),
+          _rewrite_directive(lambda node: rewrite.set_op(node, template))),
+    _spec("rewrite", Ctx.SERVER | Ctx.LOCATION | Ctx.IF, (2, 3),
+          _rewrite_directive(lambda node: rewrite.rewrite_op(node, template, _check_regex))),
+    _spec("break", Ctx.SERVER | Ctx.LOCATION | Ctx.IF, NONE,
+          _rewrite_directive(lambda node: RewriteOp("break"))),
+    _spec("return", Ctx.IF, (1, 2), _rewrite_directive(lambda node: rewrite.return_op(_return_conf(node)))),
+    _spec("if", Ctx.SERVER | Ctx.LOCATION, (1, None), _if, block=True),
+    _spec("error_page", HSL, (2, None), _error_page),
+    _spec("proxy_intercept_errors", HSL, FLAG, _slot(flag)),
+    _spec("proxy_method", HSL, ONE, _slot(lambda node: template(node, node.args[0]))),
+    _spec("proxy_pass_request_headers", HSL, FLAG, _slot(flag)),
+    _spec("proxy_pass_request_body", HSL, FLAG, _slot(flag)),
+    _spec("proxy_set_body", HSL, ONE, _slot(lambda node: template(node, node.args[0]))),
+    _spec("proxy_hide_header", HSL, ONE, _header_name_list),
+    _spec("proxy_pass_header", HSL, ONE, _header_name_list),
+    _spec("proxy_ignore_headers", HSL, (1, None), _proxy_ignore_headers),
+    # static files (ngx_http_core_module's root, ngx_http_index_module)
+    _spec("root", HSL, ONE, _root),
+    _spec("index", HSL, (1, None), _index),
+    # tuning that has no counterpart in scriptlb's runtime: accepted, checked, unused
+    _spec("proxy_temp_path", HSL, (1, 4), _temp_path),
+    _spec("connection_pool_size", HS, ONE, _accepted(_size)),
+    _spec("request_pool_size", HS, ONE, _accepted(_size)),
+    _spec("server_names_hash_bucket_size", Ctx.HTTP, ONE, _accepted(_size)),
+    _spec("server_names_hash_max_size", Ctx.HTTP, ONE, _accepted(_size)),
+    _spec("variables_hash_bucket_size", Ctx.HTTP, ONE, _accepted(_size)),
+    _spec("variables_hash_max_size", Ctx.HTTP, ONE, _accepted(_size)),
+    _spec("types_hash_bucket_size", HSL, ONE, _accepted(_size)),
+    _spec("types_hash_max_size", HSL, ONE, _accepted(_size)),
+    _spec("sendfile", HSL, FLAG, _accepted(flag)),
+    _spec("tcp_nopush", HSL, FLAG, _accepted(flag)),
+    _spec("tcp_nodelay", HSL, FLAG, _accepted(flag)),
+    _spec("keepalive_time", HSL | Ctx.UPSTREAM, ONE, _accepted(msec)),
+    _spec("keepalive_disable", HSL, (1, None), _accepted(_keepalive_disable)),
     # TLS termination (ngx_http_ssl_module)
     _spec("ssl_certificate", HS, ONE, _ssl_file_list),
     _spec("ssl_certificate_key", HS, ONE, _ssl_file_list),

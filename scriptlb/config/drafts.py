@@ -114,3 +114,29 @@ class MainDraft:
     error_logs: list[ErrorLogConf] = field(default_factory=list)
     events: bool = False
     http: HttpDraft | None = None
+    stream: StreamDraft | None = None
+
+
+@dataclass(eq=False)
+class StreamServerDraft:
+    source: Source | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+    listens: list[ListenConf] = field(default_factory=list)
+    proxy_pass: tuple[str, Source] | None = None
+    access_logs: list[AccessLogConf] | None = None
+    proxy_protocol_listens: list[tuple] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class StreamDraft:
+    """The ``stream`` block: its own upstreams, servers and log formats (nginx keeps them apart
+    from http's)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    upstreams: dict[str, UpstreamDraft] = field(default_factory=dict)
+    servers: list[StreamServerDraft] = field(default_factory=list)
+    log_formats: dict[str, LogFormat] = field(default_factory=dict)
+    access_logs: list[AccessLogConf] | None = None
+    maps: dict[str, Any] = field(default_factory=dict)  # variable name -> MapConf
+    # variables named before any map defined them, checked at the block's end
+    deferred_names: list[tuple[str, Source]] = field(default_factory=list)

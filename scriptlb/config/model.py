@@ -49,6 +49,8 @@ class Template:
 @dataclass(frozen=True, slots=True)
 class Var:
     name: str  # without the '$', lower-cased, e.g. "http_user_agent", "upstream_addr"
+    # "": a built-in variable; "set": one a `set` directive declares; "capture": $1..$9
+    kind: str = ""
 
 
 # --------------------------------------------------------------------------- main context
@@ -76,6 +78,9 @@ class MainConf:
     # workers keep the master's identity (nginx would default to nobody; see docs/directives.md)
     user: tuple[int, int] | None = None
     http: HttpConf | None = None
+    stream: StreamConf | None = None  # the `stream` block (TCP balancing), None when absent
+    # how long old workers keep established connections after a reload or QUIT; 0: no limit
+    worker_shutdown_timeout: float = 0.0
     files: tuple[str, ...] = ()  # every config file read (main first, then includes), for -T
     warnings: tuple[str, ...] = ()  # nginx's [warn] lines from loading, e.g. '[warn] duplicate value ...'
 
@@ -96,6 +101,7 @@ class AccessLogConf:
     format: LogFormat
     buffer: int = 0  # access_log ... buffer=SIZE: bytes kept before a write; 0 = write per request
     flush: float = 0.0  # access_log ... flush=TIME: the longest a buffered line may wait
+    condition: Template | None = None  # access_log ... if=COND: logged unless "" or "0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +431,13 @@ class ProxyConf:
     buffer_size: int = mmap.PAGESIZE
     buffers: tuple[int, int] = (8, mmap.PAGESIZE)  # (number, size)
     busy_buffers_size: int = 2 * mmap.PAGESIZE
+    method: Template | None = None  # proxy_method (None: the client's)
+    pass_request_headers: bool = True
+    pass_request_body: bool = True
+    set_body: Template | None = None  # proxy_set_body
+    hide_headers: tuple[str, ...] = ()  # proxy_hide_header (lower-cased), all levels' merged
+    pass_headers: tuple[str, ...] = ()  # proxy_pass_header (lower-cased)
+    ignore_headers: tuple[str, ...] = ()  # proxy_ignore_headers: accepted (no cache, no X-Accel)
     ssl: ProxySslConf = field(default_factory=lambda: ProxySslConf())  # for proxy_pass https://
 
 
@@ -466,6 +479,41 @@ class ClientBodyConf:
 
 
 @dataclass(frozen=True, slots=True)
+class AddHeaderConf:
+    """``add_header name value [always]``."""
+
+    name: str
+    value: Template
+    always: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteOp:
+    """One directive of the rewrite module, run in order in the rewrite phase:
+    ``set`` (name, value), ``if`` (operator, value, pattern, body), ``rewrite`` (pattern,
+    value = the replacement, flag), ``break``, ``return`` (ret)."""
+
+    kind: str  # "set" | "if" | "rewrite" | "break" | "return"
+    name: str = ""
+    value: Template | None = None
+    operator: str = ""  # if: "" (the value is true: neither "" nor "0"), "=", "!=", "~", "~*", "!~", "!~*"
+    pattern: str = ""  # a regex (rewrite, if ~) or the string compared (if =)
+    flag: str = ""  # rewrite: "" | "last" | "break" | "redirect" | "permanent"
+    body: tuple[RewriteOp, ...] = ()
+    ret: ReturnConf | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorPageConf:
+    """``error_page code ... [=[response]] uri``: response None keeps the code, 0 (a bare
+    "=") takes the redirect's own status."""
+
+    codes: tuple[int, ...]
+    response: int | None
+    uri: Template
+
+
+@dataclass(frozen=True, slots=True)
 class LocationConf:
     modifier: str  # "=" | "" (prefix) | "^~" | "~" | "~*"
     pattern: str
@@ -490,6 +538,12 @@ class LocationConf:
     handler: str | None = None
     api_write: bool = False  # api write=on
     status_zone: str | None = None  # the server's `status_zone`: responses counted by class
+    add_headers: tuple[AddHeaderConf, ...] = ()  # add_header: the innermost level's list
+    rewrite: tuple[RewriteOp, ...] = ()  # the server's rewrite-module directives, then the location's
+    error_pages: tuple[ErrorPageConf, ...] = ()  # error_page: the innermost level's list
+    intercept_errors: bool = False  # proxy_intercept_errors
+    root: str = "html"  # the static handler's directory (absolute once built)
+    index: tuple[str, ...] = ("index.html",)
     # balancer_trace_header / balancer_trace_allow: the trace header, for these clients only
     trace_header: bool = False
     trace_allow: tuple[str, ...] = ()  # normalized CIDRs, "unix:" or "all"; () = nobody
@@ -538,3 +592,69 @@ class ServerConf:
     # the server-level default used when no location matches (nginx: 404)
     source: Source | None = None
     ssl: SslConf | None = None  # TLS settings, for servers on a `listen ... ssl` socket
+
+
+# --------------------------------------------------------------------------- stream context
+
+
+@dataclass(frozen=True, slots=True)
+class StreamProxyConf:
+    """ngx_stream_proxy_module's settings of one stream server, nginx's defaults."""
+
+    connect_timeout: float = 60.0
+    timeout: float = 600.0  # proxy_timeout: idle time between two successive reads or writes
+    next_upstream: bool = True
+    next_upstream_tries: int = 0  # 0 = unlimited
+    next_upstream_timeout: float = 0.0  # 0 = unlimited
+    buffer_size: int = 16384
+    download_rate: int = 0  # bytes per second towards the client, 0 = unlimited
+    upload_rate: int = 0  # bytes per second towards the upstream, 0 = unlimited
+    half_close: bool = False  # proxy_half_close: pass an EOF on and wait for the other side's
+    proxy_protocol: bool = False  # send a PROXY protocol (v1) header to the peer first
+
+
+@dataclass(frozen=True, slots=True)
+class StreamProxyPass:
+    """``proxy_pass NAME | ADDR | $variable``: an upstream key, or a template evaluated per
+    session whose value names an upstream or is an address."""
+
+    upstream: str | None  # key into StreamConf.upstreams
+    template: Template | None = None
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamServerConf:
+    listens: tuple[ListenConf, ...]
+    proxy_pass: StreamProxyPass | None
+    proxy: StreamProxyConf
+    access_logs: tuple[AccessLogConf, ...] = ()
+    source: Source | None = None
+    ssl_preread: bool = False  # read the TLS ClientHello for $ssl_preread_* before proxying
+    proxy_protocol_listens: tuple[tuple, ...] = ()  # keys of `listen ... proxy_protocol`
+    ssl: SslConf | None = None  # TLS termination on its `listen ... ssl` sockets (http's settings)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMapConf:
+    """``map SOURCE $variable { ... }`` (ngx_stream_map_module): the first match of exact keys
+    (case-insensitive), then with ``hostnames`` the wildcard masks, then the regexes in order."""
+
+    variable: str  # the defined name, without "$"
+    source: Template
+    exact: tuple[tuple[str, Template], ...] = ()  # lower-cased keys
+    wildcards: tuple[tuple[str, Template], ...] = ()  # ("*.example.com" / ".example.com" / "www.*")
+    regexes: tuple[tuple[str, bool, Template], ...] = ()  # (pattern, caseless, value)
+    default: Template | None = None
+    hostnames: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConf:
+    upstreams: dict[str, UpstreamConf]
+    servers: tuple[StreamServerConf, ...]
+    log_formats: dict[str, LogFormat]
+    maps: dict[str, StreamMapConf] = field(default_factory=dict)  # by variable name
+
+    def hooks(self) -> tuple[HookConf, ...]:
+        return tuple(u.hook for u in self.upstreams.values() if u.hook is not None)

@@ -9,6 +9,7 @@ the generated page in step); contexts and argument counts come from the table it
 
 from __future__ import annotations
 
+from scriptlb.config import stream as _stream  # noqa: F401  (registers the stream directives)
 from scriptlb.config.directives import DIRECTIVES, Ctx, Spec
 
 # name -> (syntax, default, module of origin, note)
@@ -25,6 +26,15 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "events": ("{ ... }", "-", "core", ""),
     "worker_connections": ("number", "512", "core (events)", ""),
     "http": ("{ ... }", "-", "ngx_http_core_module", ""),
+    "stream": ("{ ... }", "-", "ngx_stream_core_module", "TCP balancing: see docs/stream.md"),
+    "worker_shutdown_timeout": ("time", "0 (none)", "core",
+                                "old workers' wait for open connections and stream sessions"),
+    "proxy_timeout": ("time", "10m", "ngx_stream_proxy_module", "idle time between reads/writes"),
+    "proxy_download_rate": ("size", "0", "ngx_stream_proxy_module", "bytes/s towards the client"),
+    "proxy_upload_rate": ("size", "0", "ngx_stream_proxy_module", "bytes/s towards the peer"),
+    "proxy_half_close": ("on | off", "off", "ngx_stream_proxy_module", ""),
+    "proxy_protocol": ("on | off", "off", "ngx_stream_proxy_module", "PROXY v1 to the peer"),
+    "ssl_preread": ("on | off", "off", "ngx_stream_ssl_preread_module", "SNI/ALPN without termination"),
     "server": ("{ ... } (http) / address [parameters] (upstream)", "-",
                "ngx_http_core_module / ngx_http_upstream_module",
                "upstream parameters: weight, max_fails, fail_timeout, max_conns, backup, down, "
@@ -66,8 +76,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "large_client_header_buffers": ("number size", "4 8k", "ngx_http_core_module", ""),
     "return": ("code [text] | code URL | URL", "-", "ngx_http_rewrite_module", ""),
     "log_format": ("name [escape=default|json|none] string ...", "combined", "ngx_http_log_module", ""),
-    "access_log": ("path [format [buffer=size] [flush=time]] | off", "off", "ngx_http_log_module",
-                   "nginx defaults to logs/access.log combined"),
+    "access_log": ("path [format [buffer=size] [flush=time] [if=condition]] | off", "off",
+                   "ngx_http_log_module", "nginx defaults to logs/access.log combined"),
     "python_package_path": ("patterns", "-", "scriptlb (lua_package_path)", "$prefix and $hook_dir expand"),
     "python_code_cache": ("on | off", "on", "scriptlb (lua_code_cache)", ""),
     "python_memory_limit": ("size | off", "1g", "scriptlb",
@@ -164,9 +174,10 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "ssl_verify_depth": ("number", "1", "ngx_http_ssl_module", "accepted (OpenSSL's default depth applies)"),
     "ssl_dhparam": ("file", "-", "ngx_http_ssl_module", ""),
     "ssl_password_file": ("file", "-", "ngx_http_ssl_module", "each line is tried in turn"),
-    "map": ("string $variable { ... }", "-", "ngx_http_map_module",
+    "map": ("string $variable { ... }", "-", "ngx_http_map_module / ngx_stream_map_module",
             "strings (case-insensitive), default, `~`/`~*` regexes in order, hostnames, volatile, include; "
-            "evaluated when read; regex captures ($1) in values are refused"),
+            "evaluated when read; regex captures ($1) in values are refused; "
+            "stream's own map (docs/stream.md): strings, hostnames, regexes, default"),
     "status": ("[!] code[-code] ...", "-", "ngx_http_upstream_hc_module (match)", ""),
     "header": ("name [= | != | ~ | !~ value] | ! name", "-", "ngx_http_upstream_hc_module (match)", ""),
     "body": ("~ | !~ regex", "-", "ngx_http_upstream_hc_module (match)", ""),
@@ -182,27 +193,65 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "prometheus": ("", "-", "scriptlb (nginx-lua-prometheus)", "text exposition, see docs/architecture.md"),
     "status_zone": ("zone", "-", "ngx_http_api_module (nginx Plus)",
                     "responses by class per zone, in the metrics"),
+    "add_header": ("name value [always]", "-", "ngx_http_headers_module",
+                   "compiled at load; a level's lines replace the inherited ones"),
+    "error_page": ("code ... [=[response]] uri", "-", "ngx_http_core_module",
+                   "internal (a location or @name) or external redirect; one per request"),
+    "proxy_intercept_errors": ("on | off", "off", "ngx_http_proxy_module", ""),
+    "proxy_method": ("method", "-", "ngx_http_proxy_module", ""),
+    "proxy_pass_request_headers": ("on | off", "on", "ngx_http_proxy_module", ""),
+    "proxy_pass_request_body": ("on | off", "on", "ngx_http_proxy_module", ""),
+    "proxy_set_body": ("value", "-", "ngx_http_proxy_module", ""),
+    "proxy_hide_header": ("field", "-", "ngx_http_proxy_module", ""),
+    "proxy_pass_header": ("field", "-", "ngx_http_proxy_module",
+                          "Server, Date and the framing headers stay scriptlb's own"),
+    "proxy_ignore_headers": ("field ...", "-", "ngx_http_proxy_module",
+                             "accepted: scriptlb neither caches nor follows X-Accel-*"),
+    "set": ("$variable value", "-", "ngx_http_rewrite_module", "compiled at load"),
+    "if": ("(condition) { ... }", "-", "ngx_http_rewrite_module",
+           "$var, = / != (a literal), ~ ~* !~ !~* (captures $1..$9); no file tests; only set, rewrite, "
+           "break and return inside"),
+    "rewrite": ("regex replacement [last | break | redirect | permanent]", "-",
+                "ngx_http_rewrite_module", ""),
+    "break": ("", "-", "ngx_http_rewrite_module", ""),
+    "root": ("path", "html", "ngx_http_core_module",
+             "static files of a location without proxy_pass/return: GET/HEAD, read whole (64m at most)"),
+    "index": ("file ...", "index.html", "ngx_http_index_module", "no variables"),
+    "proxy_temp_path": ("path [level1 [level2 [level3]]]", "proxy_temp", "ngx_http_proxy_module",
+                        "accepted: responses are streamed, never buffered to disk"),
+    "connection_pool_size": ("size", "256|512", "ngx_http_core_module", "accepted, unused"),
+    "request_pool_size": ("size", "4k", "ngx_http_core_module", "accepted, unused"),
+    "server_names_hash_bucket_size": ("size", "32|64|128", "ngx_http_core_module", "accepted, unused"),
+    "server_names_hash_max_size": ("size", "512", "ngx_http_core_module", "accepted, unused"),
+    "variables_hash_bucket_size": ("size", "64", "ngx_http_core_module", "accepted, unused"),
+    "variables_hash_max_size": ("size", "1024", "ngx_http_core_module", "accepted, unused"),
+    "types_hash_bucket_size": ("size", "64", "ngx_http_core_module", "accepted, unused"),
+    "types_hash_max_size": ("size", "1024", "ngx_http_core_module", "accepted, unused"),
+    "sendfile": ("on | off", "off", "ngx_http_core_module", "accepted, unused"),
+    "tcp_nopush": ("on | off", "off", "ngx_http_core_module", "accepted, unused"),
+    "tcp_nodelay": ("on | off", "on", "ngx_http_core_module", "accepted; scriptlb always sets TCP_NODELAY"),
+    "keepalive_disable": ("none | browser ...", "msie6", "ngx_http_core_module",
+                          "accepted: no browser is told apart (keep-alive stays on for all)"),
+    "keepalive_time": ("time", "1h", "ngx_http_core_module", "accepted, not enforced yet"),
 }
 
 # nginx directives scriptlb refuses on purpose (an "unknown directive" error), and why
 REFUSED: dict[str, str] = {
-    "if, rewrite, set, break": "request rewriting belongs in a balancer or log hook (Python), not a "
-                               "second language in the config",
-    "ssl_*, listen ... ssl, http2, quic": "TLS termination is left to a dedicated terminator in front",
-    "proxy_cache*, proxy_store, proxy_temp_path": "a load balancer, not a cache: responses are streamed",
-    "gzip*, sub_filter, add_header": "responses pass as the peer sent them",
+    "http2, quic, listen ... udp": "HTTP/1.x and TCP only",
+    "proxy_cache*, proxy_store": "a load balancer, not a cache: responses are streamed",
+    "gzip*, sub_filter": "responses pass as the peer sent them",
     "limit_req*, limit_conn*": "rate limiting fits in a hook with a shared dict (hooks/rate_aware.py)",
     "fastcgi_*, uwsgi_*, scgi_*, grpc_*, memcached_*": "HTTP/1.x peers only",
-    "stream": "no TCP/UDP proxying yet",
     "*_by_lua*": "the hooks are Python: *_by_python*",
-    "root, alias, index, try_files": "no static files: every location proxies, returns or reports",
+    "alias, try_files, autoindex": "static files are root + index only (fixtures and error pages)",
 }
 
 
 def _contexts(specs: tuple[Spec, ...]) -> str:
     names = []
     for spec in specs:
-        for ctx in (Ctx.MAIN, Ctx.EVENTS, Ctx.HTTP, Ctx.SERVER, Ctx.LOCATION, Ctx.UPSTREAM, Ctx.MATCH):
+        for ctx in (Ctx.MAIN, Ctx.EVENTS, Ctx.HTTP, Ctx.SERVER, Ctx.LOCATION, Ctx.IF, Ctx.UPSTREAM,
+                    Ctx.MATCH, Ctx.STREAM, Ctx.STREAM_SERVER, Ctx.STREAM_UPSTREAM):
             if spec.contexts & ctx and ctx.name is not None and ctx.name.lower() not in names:
                 names.append(ctx.name.lower())
     return ", ".join(names)

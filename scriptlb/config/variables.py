@@ -7,11 +7,15 @@ config refuses any other name at load time with nginx's ``unknown "foo" variable
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 from scriptlb.config.model import Template, Var
+
+# the variables the config being loaded declares with `set` (nginx: a variable set anywhere
+# exists everywhere); the loader sets it before building
+DECLARED: ContextVar[frozenset[str]] = ContextVar("DECLARED", default=frozenset())
 
 KNOWN_VARIABLES: frozenset[str] = frozenset(
     {
@@ -23,6 +27,8 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "request_method",
         "request_uri",
         "request_length",
+        "request_body",
+        "request_body_file",
         "uri",
         "document_uri",
         "args",
@@ -53,6 +59,7 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "msec",
         "connection",
         "connection_requests",
+        "connection_time",
         # proxy
         "proxy_host",
         "proxy_add_x_forwarded_for",
@@ -75,8 +82,28 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
     }
 )
 
+# ngx_stream_*_module variables: a session has no request, so the http names mostly do not apply
+STREAM_VARIABLES: frozenset[str] = frozenset(
+    {
+        "remote_addr", "remote_port", "server_addr", "server_port", "binary_remote_addr",
+        "bytes_sent", "bytes_received", "session_time", "status", "protocol", "connection",
+        "hostname", "pid", "msec", "time_local", "time_iso8601",
+        "upstream_addr", "upstream_connect_time", "upstream_first_byte_time",
+        "upstream_session_time", "upstream_bytes_sent", "upstream_bytes_received",
+        "ssl_preread_server_name", "ssl_preread_protocol", "ssl_preread_alpn_protocols",
+        "proxy_protocol_addr", "proxy_protocol_port",
+    }
+)
+
+
+def is_stream_variable(name: str) -> bool:
+    return name in STREAM_VARIABLES
+
+
 # families: $http_user_agent, $arg_id, $cookie_session, $sent_http_content_type, ...
-VARIABLE_PREFIXES: tuple[str, ...] = ("http_", "arg_", "cookie_", "sent_http_", "upstream_http_")
+VARIABLE_PREFIXES: tuple[str, ...] = (
+    "http_", "arg_", "cookie_", "sent_http_", "upstream_http_", "upstream_cookie_",
+)
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 
@@ -104,18 +131,20 @@ def is_known_variable(name: str) -> bool:
     """Whether ``name`` (lower-case, without ``$``) is a variable scriptlb can evaluate."""
     if name in KNOWN_VARIABLES or name in _DECLARED.get():
         return True
-    return any(name.startswith(p) and len(name) > len(p) for p in VARIABLE_PREFIXES)
+    # ($arg_ with an empty name is nginx's too: it is never found)
+    return any(name.startswith(p) and (len(name) > len(p) or p == "arg_") for p in VARIABLE_PREFIXES)
 
 
 def has_variables(raw: str) -> bool:
     return "$" in raw
 
 
-def compile_template(raw: str) -> Template:
+def compile_template(raw: str, known: Callable[[str], bool] | None = None) -> Template:
     """Split ``raw`` into literals and ``Var``s (nginx's ``ngx_http_script_compile`` rules).
 
     ``$name`` takes ``[A-Za-z0-9_]+``; ``${name}`` delimits a name glued to text. Names are
     case-insensitive (stored lower-case). Raises TemplateError with nginx's messages.
+    ``known`` says which names exist (default: http's; ``is_stream_variable`` in stream).
     """
     parts: list[str | Var] = []
     literal: list[str] = []
@@ -130,7 +159,7 @@ def compile_template(raw: str) -> Template:
         if literal:
             parts.append("".join(literal))
             literal = []
-        parts.append(_variable(name))
+        parts.append(_variable(name, known or is_known_variable))
     if literal:
         parts.append("".join(literal))
     static = raw if not any(isinstance(p, Var) for p in parts) else None
@@ -156,11 +185,15 @@ def _read_name(raw: str, i: int) -> tuple[str, int]:
     return name, i
 
 
-def _variable(name: str) -> Var:
+def _variable(name: str, known: Callable[[str], bool]) -> Var:
     if name[0].isdigit():
-        # nginx: regex captures ($1..$9); scriptlb's locations do not capture (yet)
-        raise TemplateError(f'regex capture "${name}" is not supported')
+        # regex captures ($1..$9) of the last rewrite / if match (locations do not capture)
+        if not name.isdigit() or int(name) > 9:
+            raise TemplateError(f'regex capture "${name}" is not supported')
+        return Var(name, "capture")
     lowered = name.lower()
-    if not is_known_variable(lowered):
+    if lowered in DECLARED.get() and lowered not in KNOWN_VARIABLES:
+        return Var(lowered, "set")
+    if not known(lowered):
         raise TemplateError(f'unknown "{lowered}" variable')
     return Var(lowered)

@@ -1,0 +1,330 @@
+"""The ``stream`` block (ngx_stream_*_module): its directives and the frozen ``StreamConf``.
+
+Upstream blocks reuse http's handlers (``server`` lines, balancing methods, balancer hooks) and
+build the same ``UpstreamConf``, so the runtime balances TCP with the same classes. What differs
+is kept here: the variable names a session has, ``proxy_pass NAME | ADDR | $var`` and the
+proxy settings of ngx_stream_proxy_module (nginx's names, defaults and messages).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from scriptlb.config import directives as d
+from scriptlb.config.addresses import AddressError, parse_listen, split_host_port
+from scriptlb.config.directives import Ctx, State, fail, flag, msec, number
+from scriptlb.config.drafts import MainDraft, StreamDraft, StreamServerDraft, UpstreamDraft
+from scriptlb.config.errors import ConfigError
+from scriptlb.config.model import (
+    ListenConf,
+    PeerAddr,
+    Source,
+    StreamConf,
+    StreamMapConf,
+    StreamProxyConf,
+    StreamProxyPass,
+    StreamServerConf,
+    UpstreamConf,
+    UpstreamServerConf,
+)
+from scriptlb.config.parser import Node
+from scriptlb.config.units import parse_size
+from scriptlb.config.variables import compile_template, is_stream_variable
+
+SS = Ctx.STREAM | Ctx.STREAM_SERVER
+SU = Ctx.STREAM_UPSTREAM
+
+# directive -> (StreamProxyConf field, default); the defaults are nginx's
+_PROXY_FIELDS = {
+    "proxy_connect_timeout": "connect_timeout",
+    "proxy_timeout": "timeout",
+    "proxy_next_upstream": "next_upstream",
+    "proxy_next_upstream_tries": "next_upstream_tries",
+    "proxy_next_upstream_timeout": "next_upstream_timeout",
+    "proxy_buffer_size": "buffer_size",
+    "proxy_download_rate": "download_rate",
+    "proxy_upload_rate": "upload_rate",
+    "proxy_half_close": "half_close",
+    "proxy_protocol": "proxy_protocol",
+}
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _stream(state: State, node: Node, draft: MainDraft) -> tuple[Ctx, Any]:
+    if draft.stream is not None:
+        raise fail(node, '"stream" directive is duplicate')
+    draft.stream = state.stream = StreamDraft()
+    return Ctx.STREAM, draft.stream
+
+
+def _upstream(state: State, node: Node, draft: StreamDraft) -> tuple[Ctx, Any]:
+    name = node.args[0]
+    key = name.lower()
+    if key in draft.upstreams:
+        raise fail(node, f'duplicate upstream "{name}"')
+    upstream = UpstreamDraft(name=name, source=node.source, close=node.close)
+    draft.upstreams[key] = upstream
+    return Ctx.STREAM_UPSTREAM, upstream
+
+
+def _upstream_server(state: State, node: Node, draft: UpstreamDraft) -> None:
+    """Stream peers need a port (nginx: ``no port in upstream "x"``)."""
+    text = node.args[0]
+    if not text.startswith("unix:"):
+        try:
+            target = split_host_port(text)
+        except AddressError:
+            target = None  # the shared parser words the error
+        if target is not None and target.port is None:
+            raise fail(node, f'no port in upstream "{text}"')
+    d._upstream_server(state, node, draft)
+
+
+def _check_hash(node: Node) -> None:
+    d.template(node, node.args[0], is_stream_variable)
+    if len(node.args) > 1 and node.args[1] != "consistent":
+        raise fail(node, f'invalid parameter "{node.args[1]}"')
+
+
+def _server(state: State, node: Node, draft: StreamDraft) -> tuple[Ctx, Any]:
+    server = StreamServerDraft(source=node.source)
+    draft.servers.append(server)
+    return Ctx.STREAM_SERVER, server
+
+
+def _listen(state: State, node: Node, draft: StreamServerDraft) -> None:
+    params = list(node.args[1:])
+    for param in params:
+        if param == "udp":
+            raise fail(node, f'the "{param}" parameter of "listen" is not supported by scriptlb')
+        if param in ("default_server", "default"):
+            raise fail(node, f'invalid parameter "{param}"')
+    accepts_header = "proxy_protocol" in params
+    plain = Node(node.name, tuple(a for a in node.args if a != "proxy_protocol"), node.source)
+    listens = parse_listen(plain)
+    draft.listens.extend(listens)
+    if accepts_header:
+        draft.proxy_protocol_listens.extend(listen.key for listen in listens)
+
+
+def _proxy_pass(state: State, node: Node, draft: StreamServerDraft) -> None:
+    if draft.proxy_pass is not None:
+        raise fail(node, '"proxy_pass" directive is duplicate')
+    draft.proxy_pass = (node.args[0], node.source)
+
+
+def _log_format(state: State, node: Node, draft: StreamDraft) -> None:
+    d.add_log_format(node, draft.log_formats, _known(state, node))
+
+
+def _access_log(state: State, node: Node, draft: Any) -> None:
+    assert state.stream is not None
+    d.add_access_log(state, node, draft, state.stream.log_formats, None)
+
+
+def _known(state: State, node: Node) -> Any:
+    """Stream's variable names, or a ``map`` variable: as nginx resolves variables once the
+    whole block is read, a name that is neither yet is checked at the block's end."""
+    stream = state.stream
+
+    def known(name: str) -> bool:
+        if not is_stream_variable(name) and stream is not None and name not in stream.maps:
+            stream.deferred_names.append((name, node.source))
+        return True
+
+    return known
+
+
+def _map(state: State, node: Node, draft: StreamDraft) -> None:
+    """``map SOURCE $var { key value; ... }``: read here, its lines are not directives."""
+    source_text, target = node.args
+    if not target.startswith("$"):
+        raise fail(node, f'invalid variable name "{target}"')
+    name = target[1:].lower()
+    known = _known(state, node)
+    source = d.template(node, source_text, known)
+    exact: dict[str, Any] = {}
+    wildcards: list[tuple[str, Any]] = []
+    regexes: list[tuple[str, bool, Any]] = []
+    default = None
+    hostnames = False
+    for line in node.children or ():
+        words = (line.name, *line.args)
+        if line.children is not None:
+            raise fail(line, "unexpected \"{\"")
+        if words == ("hostnames",):
+            hostnames = True
+            continue
+        if len(words) != 2:
+            raise fail(line, "invalid number of the map parameters")
+        key, raw = words
+        value = d.template(line, raw, known)
+        if key == "default":
+            if default is not None:
+                raise fail(line, 'duplicate default map parameter')
+            default = value
+        elif key.startswith("~"):
+            caseless = key.startswith("~*")
+            pattern = key[2:] if caseless else key[1:]
+            d._check_regex(line, pattern, caseless)
+            regexes.append((pattern, caseless, value))
+        elif hostnames and (key.startswith(("*.", ".")) or key.endswith(".*")):
+            wildcards.append((key.lower(), value))
+        else:
+            key = key[1:] if key.startswith("\\") else key
+            if key.lower() in exact:
+                raise fail(line, f'duplicate entry "{key}"')
+            exact[key.lower()] = value
+    draft.maps[name] = StreamMapConf(name, source, tuple(exact.items()), tuple(wildcards), tuple(regexes),
+                               default, hostnames)
+
+
+def _size(node: Node) -> int:
+    value = parse_size(node.args[0])
+    if value is None:
+        raise fail(node, f'"{node.name}" directive invalid value')
+    return value
+
+
+def _worker_shutdown_timeout(state: State, node: Node, draft: MainDraft) -> None:
+    d._store(node, draft.values, msec(node))
+
+
+_SPECS = (
+    d._spec("stream", Ctx.MAIN, d.NONE, _stream, block=True),
+    d._spec("worker_shutdown_timeout", Ctx.MAIN, d.ONE, _worker_shutdown_timeout),
+    d._spec("upstream", Ctx.STREAM, d.ONE, _upstream, block=True),
+    d._spec("server", Ctx.STREAM, d.NONE, _server, block=True),
+    d._spec("server", SU, (1, None), _upstream_server),
+    d._spec("least_conn", SU, d.NONE, d._method(d._ALL_SERVER_PARAMS)),
+    d._spec("hash", SU, (1, 2), d._method(d._NO_BACKUP, _check_hash)),
+    d._spec("random", SU, (0, 2), d._method(d._NO_BACKUP, d._check_random)),
+    d._spec("zone", SU, (1, 2), d._upstream_zone),
+    d._spec("balancer_by_python_file", SU, d.ONE, d._hook_file),
+    d._spec("balancer_by_python_block", SU, d.NONE, d._hook_block, block=True),
+    d._spec("balancer_by_python_timeout", Ctx.STREAM | SU, d.ONE, d._hook_timeout),
+    d._spec("listen", Ctx.STREAM_SERVER, (1, None), _listen),
+    d._spec("proxy_pass", Ctx.STREAM_SERVER, d.ONE, _proxy_pass),
+    d._spec("proxy_connect_timeout", SS, d.ONE, d._slot(msec)),
+    d._spec("proxy_timeout", SS, d.ONE, d._slot(msec)),
+    d._spec("proxy_next_upstream", SS, d.FLAG, d._slot(flag)),
+    d._spec("proxy_next_upstream_tries", SS, d.ONE, d._slot(number)),
+    d._spec("proxy_next_upstream_timeout", SS, d.ONE, d._slot(msec)),
+    d._spec("proxy_buffer_size", SS, d.ONE, d._slot(_size)),
+    d._spec("proxy_download_rate", SS, d.ONE, d._slot(_size)),
+    d._spec("proxy_upload_rate", SS, d.ONE, d._slot(_size)),
+    d._spec("proxy_half_close", SS, d.FLAG, d._slot(flag)),
+    d._spec("proxy_protocol", SS, d.FLAG, d._slot(flag)),
+    d._spec("log_format", Ctx.STREAM, (2, None), _log_format),
+    d._spec("map", Ctx.STREAM, (2, 2), _map, block=True),
+    d._spec("access_log", SS, (1, None), _access_log),
+)
+
+for _s in _SPECS:
+    d.DIRECTIVES[_s.name] = (*d.DIRECTIVES.get(_s.name, ()), _s)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def stream_conf(draft: StreamDraft, upstream_conf: Any, ssl_conf: Any) -> StreamConf:
+    """The frozen stream block; ``upstream_conf(UpstreamDraft, values_owner)`` and
+    ``ssl_conf(server, chain)`` are http's builders (the same UpstreamConf and SslConf)."""
+    for name, source in draft.deferred_names:
+        if name not in draft.maps:
+            raise ConfigError(f'unknown "{name}" variable', source)
+    upstreams: dict[str, UpstreamConf] = {
+        key: upstream_conf(u, draft) for key, u in draft.upstreams.items()
+    }
+    servers = tuple(_server_conf(s, draft, upstreams, ssl_conf) for s in draft.servers)
+    _check_listens(servers)
+    return StreamConf(upstreams=upstreams, servers=servers, log_formats=dict(draft.log_formats),
+                      maps=dict(draft.maps))
+
+
+def _server_conf(server: StreamServerDraft, stream: StreamDraft,
+                 upstreams: dict[str, UpstreamConf], ssl_conf: Any) -> StreamServerConf:
+    values = {**stream.values, **server.values}
+    proxy = StreamProxyConf(**{
+        field: values[name] for name, field in _PROXY_FIELDS.items() if name in values
+    })
+    proxy_pass = None
+    if server.proxy_pass is not None:
+        proxy_pass = _resolve_proxy_pass(*server.proxy_pass, upstreams, stream.maps)
+    logs = server.access_logs if server.access_logs is not None else stream.access_logs
+    listens = tuple(server.listens)
+    if not listens:
+        raise ConfigError('no "listen" is defined for server', server.source)
+    return StreamServerConf(listens=listens, proxy_pass=proxy_pass, proxy=proxy,
+                            access_logs=tuple(logs or ()), source=server.source,
+                            ssl_preread=bool(values.get("ssl_preread", False)),
+                            proxy_protocol_listens=tuple(server.proxy_protocol_listens),
+                            ssl=ssl_conf(server, (server, stream)))
+
+
+def _resolve_proxy_pass(text: str, source: Source, upstreams: dict[str, UpstreamConf],
+                        maps: dict[str, Any]) -> StreamProxyPass:
+    if "$" in text:
+        try:
+            template = compile_template(text, lambda name: is_stream_variable(name) or name in maps)
+        except ValueError as err:
+            raise ConfigError(str(err), source) from None
+        return StreamProxyPass(None, template, source)
+    key = text.lower()
+    if key in upstreams:
+        return StreamProxyPass(key, None, source)
+    addrs = implicit_addresses(text, source)
+    upstreams[key] = UpstreamConf(
+        name=text, servers=(UpstreamServerConf(text, addrs, source=source),), implicit=True, source=source
+    )
+    return StreamProxyPass(key, None, source)
+
+
+def implicit_addresses(text: str, source: Source | None) -> tuple[PeerAddr, ...]:
+    """``proxy_pass ADDR``: a literal address with a port (nginx resolves names at load time)."""
+    from scriptlb.config.addresses import resolve
+
+    try:
+        target = split_host_port(text)
+    except AddressError as err:
+        raise ConfigError(f'{err.kind} in upstream "{text}"', source) from None
+    if target.unix_path is not None:
+        return (PeerAddr(None, 0, target.unix_path),)
+    if target.port is None:
+        raise ConfigError(f'no port in upstream "{text}"', source)
+    addrs = resolve(target.host, target.port)
+    if not addrs:
+        raise ConfigError(f'host not found in upstream "{text}"', source)
+    return addrs
+
+
+def _check_listens(servers: Sequence[StreamServerConf]) -> None:
+    seen: dict[tuple, ListenConf] = {}
+    for server in servers:
+        for listen in server.listens:
+            if listen.key in seen:
+                raise ConfigError(f'duplicate "{d.listen_name(listen)}" address and port pair',
+                                  listen.source)
+            seen[listen.key] = listen
+
+
+def _ssl_preread(state: State, node: Node, draft: Any) -> None:
+    d._store(node, draft.values, flag(node))
+
+
+d.DIRECTIVES["ssl_preread"] = (d._spec("ssl_preread", SS, d.FLAG, _ssl_preread),)
+
+# TLS termination: http's certificate directives, with the same handlers and checks
+_SSL_DIRECTIVES = (
+    "ssl_certificate", "ssl_certificate_key", "ssl_protocols", "ssl_ciphers", "ssl_prefer_server_ciphers",
+    "ssl_ecdh_curve", "ssl_session_cache", "ssl_session_timeout", "ssl_session_tickets",
+    "ssl_session_ticket_key", "ssl_client_certificate", "ssl_verify_client", "ssl_verify_depth",
+    "ssl_dhparam", "ssl_password_file",
+)
+for _name in _SSL_DIRECTIVES:
+    _http = next(s for s in d.DIRECTIVES[_name] if s.contexts & Ctx.SERVER)
+    d.DIRECTIVES[_name] = (*d.DIRECTIVES[_name],
+                           d._spec(_name, SS, (_http.min_args, _http.max_args), _http.handler))

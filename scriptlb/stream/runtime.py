@@ -1,0 +1,255 @@
+"""Per-worker objects of the ``stream`` block: upstreams, servers by listen key, access logs.
+
+Upstreams are http's ``UpstreamRuntime`` (peers, balancer, hook, statistics): one balancing
+and hook implementation for both. Only the hash key differs: it is evaluated over a session's
+variables. Statistics records of stream upstreams are named ``stream:NAME`` so an http and a
+stream upstream of the same name keep apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+from scriptlb import errorlog
+from scriptlb.accesslog import AccessLog, LogFile, open_access_log
+from scriptlb.config.model import MainConf, PythonConf, StreamServerConf, UpstreamConf, UpstreamServerConf
+from scriptlb.runtime import UpstreamRuntime
+from scriptlb.stats import Recorder, UpstreamStats
+from scriptlb.stream import variables
+from scriptlb.stream.maps import map_getter
+from scriptlb.stream.session import Session
+from scriptlb.variables import compile_template
+
+STATS_PREFIX = "stream:"
+_MAX_DYNAMIC = 256  # `proxy_pass $var` addresses kept per worker (values come from clients)
+
+
+def stats_name(upstream: str) -> str:
+    return STATS_PREFIX + upstream
+
+
+class StreamRuntime:
+    """The stream block in one worker."""
+
+    def __init__(self, conf: MainConf, loop: asyncio.AbstractEventLoop,
+                 recorder: Recorder | None = None) -> None:
+        assert conf.stream is not None
+        self.conf = conf.stream
+        self.loop = loop
+        self.recorder = recorder
+        self.python = conf.http.python if conf.http is not None else PythonConf()
+        self._maps: dict[str, Any] = {}
+        for name in self.conf.maps:
+            self.lookup(name)
+        self.upstreams: dict[str, UpstreamRuntime] = {
+            key: self._upstream(u) for key, u in self.conf.upstreams.items()
+        }
+        self._dynamic: dict[str, UpstreamRuntime] = {}
+        self._getters: dict[str, Any] = {}
+        self._files: dict[str, LogFile] = {}
+        self.conn_ids = itertools.count(1)
+        self.servers: dict[tuple, StreamServerRuntime] = {}
+        for server in self.conf.servers:
+            runtime = StreamServerRuntime(server, self)
+            for listen in server.listens:
+                self.servers[listen.key] = runtime
+
+    def _upstream(self, conf: UpstreamConf) -> UpstreamRuntime:
+        upstream = UpstreamRuntime(conf, self.loop, self.python, None)
+        kind = getattr(upstream.balancer, "key_kind", None)
+        if kind == "template":
+            upstream.key_getter = self.template(conf.method.args[0])
+        if self.recorder is not None and not conf.implicit:
+            upstream.stats = UpstreamStats(self.recorder, stats_name(conf.name))
+            upstream.stats.assign_indexes(upstream.peers.primary, upstream.peers.backup)
+        return upstream
+
+    def template(self, raw: str) -> Any:
+        from scriptlb.config.variables import compile_template as split
+
+        return self._compile(split(raw, lambda name: True))  # (checked at load time)
+
+    def _compile(self, template: Any) -> Any:
+        return compile_template(template, lookup=self.lookup)
+
+    def lookup(self, name: str, clock: Any = time.time) -> Any:
+        """A stream variable's getter: a ``map``'s, else the session's own."""
+        getter = self._maps.get(name)
+        if getter is not None:
+            return getter
+        map_conf = self.conf.maps.get(name)
+        if map_conf is None:
+            return variables.variable_getter(name, clock)
+        # built on first use: a map may name a map defined after it (a cycle reads "")
+        self._maps[name] = _empty
+        getter = self._maps[name] = map_getter(map_conf, self._compile)
+        return getter
+
+    def open_log(self, conf: Any) -> AccessLog:
+        return open_access_log(conf, self.loop, self._files, lookup=self.lookup)
+
+    def variable(self, session: Session, name: str) -> str | None:
+        """``ngx.var.NAME`` in a stream hook: a session variable, None when stream has none."""
+        getter = self._getters.get(name)
+        if getter is None:
+            try:
+                getter = self.lookup(name.lower())
+            except KeyError:
+                return None
+            if len(self._getters) < 256:
+                self._getters[name] = getter
+        return getter(session)
+
+    def dynamic_upstream(self, value: str) -> UpstreamRuntime | None:
+        """``proxy_pass $var``'s value: an upstream's name, else an ``IP:PORT`` address."""
+        upstream = self.upstreams.get(value.lower())
+        if upstream is not None:
+            return upstream
+        upstream = self._dynamic.get(value)
+        if upstream is not None:
+            return upstream
+        from scriptlb.config.addresses import AddressError, split_host_port
+        from scriptlb.config.model import PeerAddr
+
+        try:
+            target = split_host_port(value)
+        except AddressError:
+            return None
+        if target.unix_path is not None or target.port is None or not _is_ip(target.host):
+            return None  # names would need a resolver
+        addr = PeerAddr(target.host, target.port)
+        conf = UpstreamConf(name=value, servers=(UpstreamServerConf(value, (addr,)),), implicit=True)
+        upstream = UpstreamRuntime(conf, self.loop, self.python, None)
+        if len(self._dynamic) >= _MAX_DYNAMIC:
+            self._dynamic.pop(next(iter(self._dynamic)))
+        self._dynamic[value] = upstream
+        return upstream
+
+    def session_factory(self, keys: list[tuple]) -> Any:
+        """The protocol factory of a listening socket serving ``keys`` (None: not stream's).
+        Several keys share a wildcard socket: then each connection's local address picks the
+        server, as nginx does."""
+        served = [key for key in keys if key in self.servers]
+        if not served:
+            return None
+        if len(served) == 1:
+            return self.servers[served[0]].session_factory(served[0])
+        factories = {key: self.servers[key].session_factory(key) for key in served}
+        return lambda: _Dispatch(factories)
+
+    def ssl_context(self, keys: list[tuple]) -> Any:
+        """The TLS context of a socket whose listen has ``ssl`` (None: plain TCP)."""
+        for key in keys:
+            server = self.servers.get(key)
+            if server is None or server.conf.ssl is None:
+                continue
+            if any(listen.key == key and listen.ssl for listen in server.conf.listens):
+                return server.tls_context()
+        return None
+
+    def sessions(self) -> list[Session]:
+        seen = {id(s): s for s in self.servers.values()}
+        return [session for server in seen.values() for session in server.sessions]
+
+    def reopen_logs(self) -> None:
+        for file in self._files.values():
+            file.reopen()
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.flush()
+            file.close()
+
+
+class StreamServerRuntime:
+    """One stream ``server`` block in a worker: where its sessions go and what logs them."""
+
+    def __init__(self, conf: StreamServerConf, runtime: StreamRuntime) -> None:
+        self.conf = conf
+        self.runtime = runtime
+        self.loop = runtime.loop
+        self.sessions: set[Session] = set()
+        self._tls: Any = None  # the server's TLS context, built on first use
+        self.access_logs = [runtime.open_log(log) for log in conf.access_logs]
+        proxy_pass = conf.proxy_pass
+        self._upstream = None
+        self._route = None
+        if proxy_pass is not None:
+            if proxy_pass.template is not None:
+                self._route = runtime.template(proxy_pass.template.raw)
+            else:
+                self._upstream = runtime.upstreams[proxy_pass.upstream]
+
+    def tls_context(self) -> Any:
+        if self._tls is None:
+            from scriptlb.tls import server_context  # (only configs with TLS load ssl)
+
+            self._tls = server_context(self.conf.ssl)
+        return self._tls
+
+    def session_factory(self, key: tuple) -> Any:
+        """What a listening socket of ``key`` makes of each accepted connection."""
+        reads_header = key in self.conf.proxy_protocol_listens
+
+        def new_session() -> Session:
+            return Session(self, next(self.runtime.conn_ids), reads_header)
+
+        return new_session
+
+    def upstream_for(self, session: Session) -> UpstreamRuntime | None:
+        if self._upstream is not None:
+            return self._upstream
+        if self._route is None:
+            errorlog.log_error("error", "no upstream configuration", session.conn_id,
+                               session.log_context(None))
+            session.status = 500
+            return None
+        value = self._route(session)
+        upstream = self.runtime.dynamic_upstream(value) if value else None
+        if upstream is None:
+            errorlog.log_error("error", f'no upstream for "{value}"', session.conn_id,
+                               session.log_context(None))
+            return None
+        return upstream
+
+    def log_session(self, session: Session) -> None:
+        for log in self.access_logs:
+            log.write(session)
+
+
+class _Dispatch(asyncio.Protocol):
+    """Picks a connection's server by its local address, then hands the transport over."""
+
+    def __init__(self, factories: dict[tuple, Any]) -> None:
+        self.factories = factories
+
+    def connection_made(self, transport: Any) -> None:
+        local = transport.get_extra_info("sockname")
+        factory = None
+        if isinstance(local, tuple):
+            factory = self.factories.get((local[0], local[1], None))
+            if factory is None:
+                wildcard = "::" if ":" in local[0] else "0.0.0.0"
+                factory = self.factories.get((wildcard, local[1], None))
+        if factory is None:
+            factory = next(iter(self.factories.values()))
+        session = factory()
+        transport.set_protocol(session)
+        session.connection_made(transport)
+
+
+def _empty(session: Any) -> str:
+    return ""
+
+
+def _is_ip(host: str | None) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    return True

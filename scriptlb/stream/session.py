@@ -1,0 +1,599 @@
+"""One stream session: a client connection relayed to a peer (ngx_stream_proxy_module).
+
+Theory of operation
+-------------------
+``Session`` is the client side's protocol. It starts with optional preread (``ssl_preread``),
+then the tries loop: the hook seam (``balancer_by_python``), else the upstream's balancer, then
+one ``StreamAttempt`` per connection attempt (the http ``Attempt``: the same free, statistics
+and ``get_last_failure`` accounting). A refused or timed-out connect goes to the next peer while
+the budget lasts (``proxy_next_upstream``, ``_tries``, ``_timeout``); once connected, bytes flow
+and nothing is retried.
+
+The relay copies bytes as they come, both ways. Back-pressure: each transport's write buffer
+is capped at ``proxy_buffer_size``; past it the *other* side stops reading until it drains, so
+a slow reader holds at most about that much per direction. ``proxy_upload_rate`` /
+``proxy_download_rate`` pause reading as nginx's limit_rate does.
+
+Ending (nginx's default, ``proxy_half_close`` off): when either side sends EOF, the session
+ends once what that side sent has been written on (``close()`` flushes), status 200.
+``proxy_timeout`` is the longest time without a read or write on either side (one timer,
+re-armed lazily). The access log line is written once, when the session ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from scriptlb import errorlog, safety
+from scriptlb.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord, clock
+from scriptlb.retry import Failure
+from scriptlb.stream.preread import DONE as HELLO_DONE
+from scriptlb.stream.preread import NEED_MORE, parse_client_hello
+from scriptlb.stream.proxy_protocol import NEED_MORE as PP_NEED_MORE
+from scriptlb.stream.proxy_protocol import V1_MAX, Header, read_header, v1_header
+from scriptlb.stream.relay import PEER_FULL, RATE, WAITING, ReadGate, rate_delay
+
+if TYPE_CHECKING:
+    from scriptlb.config.model import PeerAddr
+    from scriptlb.peers import Peer
+    from scriptlb.stream.runtime import StreamServerRuntime
+
+_CONNECTING = "proxying connection"  # nginx's log action for the whole proxy phase
+_PREREAD_LIMIT = 16384  # preread_buffer_size
+_PREREAD_TIMEOUT = 30.0  # preread_timeout
+
+OK, BAD_REQUEST, INTERNAL_ERROR, BAD_GATEWAY = 200, 400, 500, 502
+
+
+class StreamAttempt(Attempt):
+    """One connection attempt of a session, with the bytes that crossed it ($upstream_bytes_*)."""
+
+    __slots__ = ("bytes_received", "bytes_sent")
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+
+class Session(asyncio.Protocol):
+    """The client connection of one stream session (see the module docstring)."""
+
+    # what the hook API and the shared log helpers read on an http exchange, empty here
+    method = ""
+    request_uri = ""
+    http_version = ""
+    headers: tuple = ()
+    args = None
+
+    def __init__(self, server: StreamServerRuntime, conn_id: int, reads_header: bool = False) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.conn_id = conn_id
+        proxy = server.conf.proxy
+        self.connect_timeout = proxy.connect_timeout
+        self.send_timeout = proxy.timeout
+        self.read_timeout = proxy.timeout
+        self.start_time = time.time()
+        self.status = OK
+        self.bytes_sent = 0  # to the client
+        self.bytes_received = 0  # from the client
+        self.tries: list[TryRecord] = []
+        self.ctx: dict = {}
+        self.ctx_cache: dict = {}  # map values, evaluated once per session
+        self.last_failure: tuple[str, int] | None = None
+        self.tries_left = 0
+        self.tries_cap = proxy.next_upstream_tries
+        self.remote_addr = self.remote_port = self.server_addr = self.server_port = ""
+        self.server_name = ""
+        self.ssl_server_name = self.ssl_protocol = self.ssl_alpn_protocols = ""
+        self.proxy_protocol_addr = self.proxy_protocol_port = None
+        self.transport: asyncio.Transport | None = None
+        self.gate: ReadGate | None = None
+        self.peer: PeerSide | None = None
+        self.attempt: StreamAttempt | None = None
+        self._pending: list[bytes] = []  # read before the upstream connection is ready
+        self._pending_size = 0
+        self._upstream: Any = None
+        self._state: Any = None
+        self._started = 0.0
+        self._connecting: asyncio.Task | None = None
+        self._connect_timer: Any = None
+        self._prereading = server.conf.ssl_preread
+        self._proxy_header = reads_header  # `listen ... proxy_protocol`: a PROXY header comes first
+        self._timer: asyncio.TimerHandle | None = None
+        self._active = 0.0  # loop time of the last read or write
+        self._ended = False
+        self._client_eof = False  # the client finished sending before the peer was connected
+        self._eofs = 0  # proxy_half_close: 1 = the client's EOF seen, 2 = the peer's
+
+    # ------------------------------------------------------------------ client side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.gate = ReadGate(transport)
+        transport.set_write_buffer_limits(high=self.server.conf.proxy.buffer_size)
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        if isinstance(peer, tuple):
+            self.remote_addr, self.remote_port = peer[0], str(peer[1])
+        else:
+            self.remote_addr = "unix:"
+        if isinstance(local, tuple):
+            self.server_addr, self.server_port = local[0], str(local[1])
+            self.server_name = f"{local[0]}:{local[1]}" if ":" not in local[0] else f"[{local[0]}]:{local[1]}"
+        self.server.sessions.add(self)
+        if errorlog.enabled("info"):
+            errorlog.log_error("info", f"client {_joined(self.remote_addr, self.remote_port)} connected to "
+                               f"{self.server_name}", self.conn_id)
+        try:
+            if self._prereading or self._proxy_header:
+                self._arm_timer(_PREREAD_TIMEOUT)
+            else:
+                self._begin_tries()
+        except Exception as exc:
+            self._crashed(exc, "starting the session")
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._active = self.loop.time()
+            self.bytes_received += len(data)
+            peer = self.peer
+            if peer is not None and self.attempt is not None:
+                self.attempt.bytes_sent += len(data)
+                peer.transport.write(data)
+                self._limit(self.gate, self.server.conf.proxy.upload_rate, self.bytes_received)
+                return
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._proxy_header:
+                self._read_proxy_header()
+            elif self._prereading:
+                self._preread()
+            elif self._pending_size >= self.server.conf.proxy.buffer_size:
+                self.gate.close(WAITING)
+        except Exception as exc:
+            self._crashed(exc, "reading from client")
+
+    def eof_received(self) -> bool:
+        try:
+            if self.peer is None and not (self._prereading or self._proxy_header or self._ended):
+                self._client_eof = True  # relayed once connected: what was sent goes first
+                return True
+            self._eof_from(client=True)
+        except Exception as exc:
+            self._crashed(exc, "reading from client")
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            if not self._ended:
+                self._finish(OK)
+            self._gone()
+        except Exception as err:
+            safety.report(err, "closing the client connection")
+
+    def pause_writing(self) -> None:
+        peer = self.peer
+        if peer is not None:
+            peer.gate.close(PEER_FULL)
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None:
+            peer.gate.open(PEER_FULL)
+
+    # ------------------------------------------------------------------ preread
+
+    def _read_proxy_header(self) -> None:
+        data = b"".join(self._pending)
+        header = read_header(data)
+        if header == PP_NEED_MORE:
+            return
+        if not isinstance(header, Header):
+            shown = data[:V1_MAX].decode("latin-1").encode("unicode_escape").decode("ascii")
+            errorlog.log_error("error", f'broken header: "{shown}" while reading PROXY protocol',
+                               self.conn_id, self.log_context(None))
+            self.bytes_received = 0  # (nginx counts what the proxy reads, not the handshake)
+            self._finish(BAD_REQUEST)
+            return
+        self.proxy_protocol_addr, self.proxy_protocol_port = header.addr, header.port
+        self._proxy_header = False
+        self.bytes_received -= header.length  # $bytes_received counts the payload only, as nginx
+        rest = data[header.length:]
+        self._pending, self._pending_size = ([rest], len(rest)) if rest else ([], 0)
+        if self._prereading:
+            if rest:
+                self._preread()
+            return
+        self._cancel_timer()
+        self._begin_tries()
+
+    def _preread(self) -> None:
+        data = b"".join(self._pending)
+        hello = parse_client_hello(data)
+        if hello.status == NEED_MORE:
+            if len(data) >= _PREREAD_LIMIT:
+                errorlog.log_error("error", "preread buffer full", self.conn_id, self.log_context(None))
+                self._finish(BAD_REQUEST)
+            return
+        if hello.status == HELLO_DONE:
+            self.ssl_server_name = hello.server_name
+            self.ssl_protocol = hello.protocol
+            self.ssl_alpn_protocols = hello.alpn
+        else:
+            errorlog.log_error("debug", "ssl preread: not a handshake", self.conn_id, self.log_context(None))
+        self._prereading = False
+        # nginx hands the preread bytes to the peer without counting them in $bytes_received
+        self.bytes_received -= len(data)
+        self._pending = [data]
+        self._cancel_timer()
+        self._begin_tries()
+
+    # ------------------------------------------------------------------ the tries loop
+
+    def _begin_tries(self) -> None:
+        upstream = self.server.upstream_for(self)
+        if upstream is None:
+            self._finish(BAD_GATEWAY if self.status == OK else self.status)
+            return
+        self._upstream = upstream
+        tries_cap = self.server.conf.proxy.next_upstream_tries
+        key_getter = upstream.key_getter
+        if key_getter is None:
+            self._state = upstream.balancer.new_request(tries_cap)
+        else:
+            self._state = upstream.balancer.new_request(tries_cap, key_getter(self))
+        self._started = self.loop.time()
+        if self._pending_size >= self.server.conf.proxy.buffer_size:
+            self.gate.close(WAITING)
+        self._next_try()
+
+    def _next_try(self) -> None:
+        upstream = self._upstream
+        state = self._state
+        self.tries_left = state.tries
+        hook = upstream.hook
+        if hook is not None:
+            outcome = hook.run(self, upstream)
+            if outcome.exit_status is not None:
+                self._finish(outcome.exit_status)
+                return
+            if outcome.addr is not None:
+                state.tries += outcome.more_tries
+                self._connect(outcome.addr.name, outcome.addr, None)
+                return
+        peer = upstream.balancer.get(state, self.loop.time())
+        if peer is None:
+            record = TryRecord(upstream.name, clock())
+            record.response_time = 0.0
+            self.tries.append(record)
+            errorlog.log_error("error", f"no live upstreams while {_CONNECTING}",
+                               self.conn_id, self.log_context(None))
+            self._finish(BAD_GATEWAY)
+            return
+        self._connect(peer.name, peer.addr, peer)
+
+    def _connect(self, name: str, addr: PeerAddr, peer: Peer | None) -> None:
+        attempt = StreamAttempt(self._upstream, self._state, name, addr, peer, None, (name,))
+        self.attempt = attempt
+        self.tries.append(attempt)
+        side = PeerSide(self)
+        loop = self.loop
+        if addr.unix_path is not None:
+            opening = loop.create_unix_connection(lambda: side, addr.unix_path)
+        else:
+            opening = loop.create_connection(lambda: side, addr.host, addr.port)
+        task = loop.create_task(opening)
+        self._connect_timer = loop.call_later(self.connect_timeout, task.cancel)
+        self._connecting = task
+        task.add_done_callback(lambda done: self._connected(done, side))
+
+    def peer_connected(self, side: PeerSide) -> None:
+        """The peer's connection is up (its connection_made: before the opening task's own
+        callback, and before any byte the peer sends)."""
+        if self._ended or self._connecting is None:
+            side.abort()  # the session ended while connecting
+            return
+        self._connecting = None
+        self._connect_timer.cancel()
+        self._relay(side)
+
+    def _connected(self, task: asyncio.Task, side: PeerSide) -> None:
+        if self._connecting is not task:  # relayed already (peer_connected), or the session ended
+            if not task.cancelled():
+                task.exception()  # (retrieved: asyncio would warn about it)
+            if side is not self.peer:
+                side.abort()
+            return
+        self._connecting = None
+        self._connect_timer.cancel()
+        try:
+            failure, text = _connect_failure(task)
+            if failure is None:
+                self._relay(side)
+                return
+            side.abort()
+            self._try_failed(failure, text)
+        except Exception as exc:
+            self._crashed(exc, _CONNECTING)
+
+    def _try_failed(self, failure: Failure, text: str) -> None:
+        """nginx's ngx_stream_proxy_next_upstream: log, free as failed, retry or 502."""
+        attempt = self.attempt
+        assert attempt is not None
+        self.attempt = None
+        errorlog.log_error("error", f"{text} while {_CONNECTING}", self.conn_id,
+                           self.log_context(attempt.addr))
+        attempt.end(FAILED, self, failure, _CONNECTING)
+        proxy = self.server.conf.proxy
+        timeout = proxy.next_upstream_timeout
+        if (self._state.tries == 0 or not proxy.next_upstream
+                or (timeout and self.loop.time() - self._started >= timeout)):
+            self._finish(BAD_GATEWAY)
+            return
+        self._next_try()
+
+    def _relay(self, side: PeerSide) -> None:
+        attempt = self.attempt
+        assert attempt is not None
+        attempt.connected(side)  # type: ignore[arg-type]
+        self.peer = side
+        side.transport.set_write_buffer_limits(high=self.server.conf.proxy.buffer_size)
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        if self.server.conf.proxy.proxy_protocol:
+            header = v1_header(self.remote_addr, self.remote_port, self.server_addr, self.server_port)
+            pending.insert(0, header)
+        for chunk in pending:
+            attempt.bytes_sent += len(chunk)
+            side.transport.write(chunk)
+        self.gate.open(WAITING)
+        self._active = self.loop.time()
+        self._arm_timer(self.read_timeout)
+        if self._client_eof:
+            self._eof_from(client=True)
+
+    # ------------------------------------------------------------------ peer side (PeerSide calls)
+
+    def peer_data(self, data: bytes) -> None:
+        self._active = self.loop.time()
+        attempt = self.attempt
+        if attempt is not None:
+            if not attempt.bytes_received:
+                attempt.header_time = clock() - attempt.started  # $upstream_first_byte_time
+            attempt.bytes_received += len(data)
+        self.bytes_sent += len(data)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+        peer = self.peer
+        if peer is not None:
+            self._limit(peer.gate, self.server.conf.proxy.download_rate, self.bytes_sent)
+
+    def peer_eof(self) -> None:
+        self._eof_from(client=False)
+
+    def _eof_from(self, client: bool) -> None:
+        """One side finished sending. nginx's default ends the session (once what it sent is
+        written on); with proxy_half_close the EOF is passed on and the session ends when both
+        sides have finished."""
+        if self.server.conf.proxy.half_close and self.peer is not None:
+            self._eofs |= 1 if client else 2
+            if self._eofs != 3:
+                target = self.peer.transport if client else self.transport
+                if target is not None and target.can_write_eof() and not target.is_closing():
+                    target.write_eof()
+                return
+        self._info("client disconnected" if client else "upstream disconnected")
+        self._finish(OK)
+
+    def peer_lost(self) -> None:
+        if not self._ended:
+            self._info("upstream disconnected")
+            self._finish(OK)
+
+    # ------------------------------------------------------------------ limits, timers
+
+    def _limit(self, gate: ReadGate | None, rate: int, done: int) -> None:
+        if not rate or gate is None:
+            return
+        delay = rate_delay(rate, self._started_loop(), done, self.loop.time())
+        if delay:
+            gate.close(RATE)
+            self.loop.call_later(delay, gate.open, RATE)
+
+    def _started_loop(self) -> float:
+        return self._started
+
+    def _arm_timer(self, timeout: float) -> None:
+        self._cancel_timer()
+        if timeout > 0:
+            self._timer = self.loop.call_at(self.loop.time() + timeout, self._on_timer, timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self, timeout: float) -> None:
+        self._timer = None
+        if self._ended:
+            return
+        if self._prereading:
+            self._finish(OK)
+            return
+        idle = self.loop.time() - self._active
+        if idle < timeout:  # activity since the timer was armed: wait for the rest
+            self._timer = self.loop.call_at(self._active + timeout, self._on_timer, timeout)
+            return
+        peer_name = self.attempt.addr if self.attempt is not None else None
+        errorlog.log_error("info", "connection timed out (110: Connection timed out) while "
+                           "proxying connection", self.conn_id, self.log_context(peer_name))
+        self._finish(OK)
+
+    # ------------------------------------------------------------------ ending
+
+    def _finish(self, status: int) -> None:
+        """End the session once: close both sides (flushing what is buffered), log it."""
+        if self._ended:
+            return
+        self._ended = True
+        self.status = status
+        self._cancel_timer()
+        task, self._connecting = self._connecting, None
+        if task is not None:
+            task.cancel()
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            if self.peer is not None:
+                attempt.end(DONE, self)  # closes the peer connection, after flushing
+            else:
+                attempt.end(ABANDONED, self)  # the client left while connecting
+        if self.transport is not None:
+            self.transport.close()
+        transports = self._transports()
+        if any(t is not None and t.get_write_buffer_size() for t in transports):
+            # close() waits for the write buffers to drain; a side that never reads again
+            # must not keep the sockets forever (proxy_timeout bounds the wait)
+            self.loop.call_later(self.read_timeout or 60.0, _abort_all, transports)
+        self.server.log_session(self)
+
+    def _transports(self) -> tuple[Any, Any]:
+        peer = self.peer
+        return self.transport, peer.transport if peer is not None else None
+
+    def _gone(self) -> None:
+        self.server.sessions.discard(self)
+        self.peer = None
+
+    def close(self) -> None:
+        """Close now (a worker's fast stop, or worker_shutdown_timeout)."""
+        transports = self._transports()
+        self._finish(self.status if self.peer is None else OK)
+        for transport in transports:
+            if transport is not None:
+                transport.abort()
+
+    def _crashed(self, exc: BaseException, where: str) -> None:
+        safety.report(exc, f"{where} (stream session)")
+        if not self._ended:
+            self._finish(INTERNAL_ERROR)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _info(self, what: str) -> None:
+        if errorlog.enabled("info"):  # (nginx writes this one without the session's context)
+            errorlog.log_error("info", f"{what}, {self.byte_counts()}", self.conn_id)
+
+    def byte_counts(self) -> str:
+        attempt = self.attempt
+        up_in = attempt.bytes_received if attempt is not None else 0
+        up_out = attempt.bytes_sent if attempt is not None else 0
+        return (f"bytes from/to client:{self.bytes_received}/{self.bytes_sent}, "
+                f"bytes from/to upstream:{up_in}/{up_out}")
+
+    # ------------------------------------------------------------------ what logs and hooks read
+
+    def log_context(self, peer_name: str | None) -> str:
+        """nginx's stream suffix: ``, client: ..., server: ...`` and, once proxying,
+        ``, upstream: "...", bytes from/to client:R/S, bytes from/to upstream:R/S``."""
+        text = f", client: {self.remote_addr}, server: {self.server_name}"
+        if self._upstream is None:
+            return text
+        if peer_name is not None:
+            text += f', upstream: "{peer_name}"'
+        return f"{text}, {self.byte_counts()}"
+
+    def header(self, name: str) -> None:
+        return None
+
+    def stream_variable(self, name: str) -> str | None:
+        return self.server.runtime.variable(self, name)
+
+
+class PeerSide(asyncio.Protocol):
+    """The upstream connection of a session: hands its bytes and events to the session."""
+
+    __slots__ = ("gate", "session", "transport")
+
+    def __init__(self, session: Session) -> None:
+        self.session: Session | None = session
+        self.transport: Any = None
+        self.gate: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.gate = ReadGate(transport)
+        session = self.session
+        if session is not None:
+            try:
+                session.peer_connected(self)
+            except Exception as exc:
+                session._crashed(exc, _CONNECTING)
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is not None:
+            try:
+                session.peer_data(data)
+            except Exception as exc:
+                session._crashed(exc, "reading from upstream")
+
+    def eof_received(self) -> bool:
+        session = self.session
+        if session is not None:
+            try:
+                session.peer_eof()
+            except Exception as exc:
+                session._crashed(exc, "reading from upstream")
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        session, self.session = self.session, None
+        if session is not None and session.peer is self:
+            try:
+                session.peer_lost()
+            except Exception as err:
+                safety.report(err, "closing the upstream connection")
+
+    def pause_writing(self) -> None:
+        session = self.session
+        if session is not None and session.gate is not None:
+            session.gate.close(PEER_FULL)
+
+    def resume_writing(self) -> None:
+        session = self.session
+        if session is not None and session.gate is not None:
+            session.gate.open(PEER_FULL)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.session = None
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _joined(addr: str, port: str) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _abort_all(transports: tuple[Any, ...]) -> None:
+    for transport in transports:
+        if transport is not None:
+            transport.abort()
+
+
+def _connect_failure(task: asyncio.Task) -> tuple[Failure | None, str]:
+    if task.cancelled():
+        return Failure.TIMEOUT, "upstream timed out (110: Connection timed out)"
+    exc = task.exception()
+    if exc is None:
+        return None, ""
+    if not isinstance(exc, OSError):
+        raise exc
+    return Failure.ERROR, f"connect() failed {errorlog.os_error_text(exc)}"

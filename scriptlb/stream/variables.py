@@ -1,0 +1,112 @@
+"""The variables of a stream session (ngx_stream_core/upstream/ssl_preread modules).
+
+Getters take a ``scriptlb.stream.session.Session`` (duck-typed: its attributes below) and
+return the value as nginx prints it, or None ("not found": "-" in a log line). Per-try values
+(``$upstream_*``) are joined with ", " as nginx does, one entry per try.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from scriptlb.config.variables import STREAM_VARIABLES
+from scriptlb.variables import _ms, _TimeFormats
+
+Getter = Callable[[Any], "str | None"]
+Clock = Callable[[], float]
+
+_HOSTNAME = socket.gethostname()
+
+
+def _attr(name: str) -> Getter:
+    def get(session: Any) -> str | None:
+        value = getattr(session, name)
+        return None if value is None else str(value)
+
+    return get
+
+
+def _per_try(field: str, timed: bool) -> Getter:
+    def get(session: Any) -> str | None:
+        tries = session.tries
+        if not tries:
+            return None
+        if timed:
+            return ", ".join([_ms(getattr(t, field)) for t in tries])
+        return ", ".join([str(getattr(t, field, 0) or 0) for t in tries])
+
+    return get
+
+
+def _upstream_addr(session: Any) -> str | None:
+    tries = session.tries
+    return ", ".join([t.addr for t in tries]) if tries else None
+
+
+def _binary_remote_addr(session: Any) -> str | None:
+    addr = session.remote_addr
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    try:
+        return socket.inet_pton(family, addr).decode("latin-1")
+    except OSError:
+        return None
+
+
+_SIMPLE: dict[str, Getter] = {
+    "remote_addr": _attr("remote_addr"),
+    "remote_port": _attr("remote_port"),
+    "binary_remote_addr": _binary_remote_addr,
+    "server_addr": _attr("server_addr"),
+    "server_port": _attr("server_port"),
+    "bytes_sent": _attr("bytes_sent"),
+    "bytes_received": _attr("bytes_received"),
+    "status": _attr("status"),
+    "protocol": lambda s: "TCP",
+    "connection": _attr("conn_id"),
+    "hostname": lambda s: _HOSTNAME,
+    "pid": lambda s: str(os.getpid()),
+    "upstream_addr": _upstream_addr,
+    "upstream_connect_time": _per_try("connect_time", timed=True),
+    "upstream_first_byte_time": _per_try("header_time", timed=True),
+    "upstream_session_time": _per_try("response_time", timed=True),
+    "upstream_bytes_sent": _per_try("bytes_sent", timed=False),
+    "upstream_bytes_received": _per_try("bytes_received", timed=False),
+    "ssl_preread_server_name": _attr("ssl_server_name"),
+    "ssl_preread_protocol": _attr("ssl_protocol"),
+    "ssl_preread_alpn_protocols": _attr("ssl_alpn_protocols"),
+    "proxy_protocol_addr": _attr("proxy_protocol_addr"),
+    "proxy_protocol_port": _attr("proxy_protocol_port"),
+}
+
+
+def _clocked(name: str, clock: Clock) -> Getter:
+    formats = _TimeFormats()
+    if name == "session_time":
+        return lambda s: _ms(clock() - s.start_time)
+    if name == "msec":
+        return lambda s: f"{clock():.3f}"
+    if name == "time_local":
+        return lambda s: formats.refresh(clock()).local
+    return lambda s: formats.refresh(clock()).iso8601
+
+
+_CLOCKED = frozenset({"session_time", "msec", "time_local", "time_iso8601"})
+
+
+def variable_getter(name: str, clock: Clock = time.time) -> Getter:
+    """The getter of stream variable ``$name``; KeyError for a name stream does not have."""
+    getter = _SIMPLE.get(name)
+    if getter is not None:
+        return getter
+    if name in _CLOCKED:
+        return _clocked(name, clock)
+    raise KeyError(name)
+
+
+def missing_names() -> frozenset[str]:
+    """Names the config accepts in stream that have no getter here (kept empty by a test)."""
+    return STREAM_VARIABLES - frozenset(_SIMPLE) - _CLOCKED

@@ -1,0 +1,162 @@
+"""TCP peers and clients for the stream tests: real sockets on 127.0.0.1, threads, bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from test_round_robin import NGINX
+
+IO_TIMEOUT = 10.0
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+HAS_NGINX_STREAM = NGINX is not None and os.path.exists(NGINX_STREAM_MODULE)
+
+Handler = Callable[[socket.socket], None]
+
+
+def echo(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+def banner(text: bytes) -> Handler:
+    """Says ``text`` at once, then echoes."""
+
+    def handle(conn: socket.socket) -> None:
+        conn.sendall(text)
+        echo(conn)
+
+    return handle
+
+
+def close_at_once(conn: socket.socket) -> None:
+    return None
+
+
+def never_read(conn: socket.socket) -> None:
+    """Accepts and reads nothing: the proxy's writes to it must stop at its buffers."""
+    time.sleep(IO_TIMEOUT)
+
+
+class TcpPeer:
+    """A TCP server in a thread running ``handler`` per connection (closed after it)."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.addr = f"127.0.0.1:{self.port}"
+        self.accepted = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.accepted += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        conn.settimeout(IO_TIMEOUT)
+        with contextlib.suppress(OSError), conn:
+            self.handler(conn)
+
+    def __enter__(self) -> TcpPeer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+class TlsPeer(TcpPeer):
+    """A TLS server: completes the handshake with its own certificate, then says its name."""
+
+    def __init__(self, context: ssl.SSLContext, name: str) -> None:
+        self.context = context
+        self.name = name
+        super().__init__(self._tls)
+
+    def _tls(self, conn: socket.socket) -> None:
+        with self.context.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(self.name.encode() + b"\n")
+            tls.recv(100)
+
+
+def round_trip(port: int, data: bytes, timeout: float = IO_TIMEOUT) -> bytes:
+    """Send ``data`` while reading what comes back, until as many bytes came back (or EOF)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        sender = threading.Thread(target=conn.sendall, args=(data,), daemon=True)
+        sender.start()
+        got = bytearray()
+        while len(got) < len(data):
+            chunk = conn.recv(262144)
+            if not chunk:
+                break
+            got += chunk
+        sender.join(timeout)
+        return bytes(got)
+
+
+def read_until_closed(conn: socket.socket, limit: int = 1 << 20) -> bytes:
+    got = bytearray()
+    while len(got) < limit:
+        try:
+            chunk = conn.recv(65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
+
+
+@contextlib.contextmanager
+def nginx_stream(tmp_path: Path, stream_block: str) -> Iterator[Path]:
+    """A real nginx (one process) with its stream module serving ``stream_block``. Ready once
+    its pid file exists (written after the listening sockets are bound): no probe connection
+    that would show up in its logs."""
+    assert NGINX is not None
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    (tmp_path / "nginx.conf").write_text(
+        f"""
+        load_module {NGINX_STREAM_MODULE};
+        daemon off; master_process off; worker_processes 1; pid {tmp_path}/nginx.pid;
+        error_log {tmp_path}/logs/error.log info;
+        events {{ worker_connections 128; }}
+        stream {{ {stream_block} }}
+        """
+    )
+    proc = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "nginx.pid").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((tmp_path / "logs/error.log").read_text())
+            time.sleep(0.02)
+        time.sleep(0.05)
+        yield tmp_path
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
