@@ -517,6 +517,10 @@ class PeerSide(asyncio.Protocol):
     """The upstream connection of a session: hands its bytes and events to the session."""
 
     __slots__ = ("gate", "session", "transport")
+    # what ``Attempt.end`` reads off an http connection for the peer statistics' bytes: a
+    # session's bytes are counted on its ``StreamAttempt`` ($upstream_bytes_*) instead
+    sent = 0
+    received = 0
 
     def __init__(self, session: Session) -> None:
         self.session: Session | None = session
