@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from scriptlb import errorlog, responses, safety
 from scriptlb.downstream import ClientConnection, Request
 from scriptlb.error_pages import split_uri
+from scriptlb.headers_filter import request_header
 from scriptlb.locations import normalize_host
 from scriptlb.proxy import UpstreamRequest
 from scriptlb.rewrite import BREAK, CONTINUE, DONE, target_of
@@ -228,14 +229,7 @@ class Exchange:
 
     def header(self, name_lower: str) -> str | None:
         """A request header's value (first one; Cookie lines joined with "; " as nginx)."""
-        wanted = name_lower.encode("latin-1")
-        found: list[bytes] = []
-        for name, value in self.headers:
-            if len(name) == len(wanted) and name.lower() == wanted:
-                if wanted != b"cookie":
-                    return value.decode("latin-1")
-                found.append(value)
-        return b"; ".join(found).decode("latin-1") if found else None
+        return request_header(self.headers, name_lower)
 
     # ------------------------------------------------------------------ the connection's calls
 

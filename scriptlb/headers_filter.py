@@ -67,3 +67,16 @@ def response_filter(hide: tuple[str, ...], passed: tuple[str, ...]) -> Callable[
         return b"".join(out)
 
     return apply
+
+
+def request_header(headers: list[tuple[bytes, bytes]], name_lower: str) -> str | None:
+    """A request header's value as variables and hooks read it: the first line of that name,
+    except Cookie, whose lines are joined with "; " (as nginx's $http_cookie)."""
+    wanted = name_lower.encode("latin-1")
+    found: list[bytes] = []
+    for name, value in headers:
+        if len(name) == len(wanted) and name.lower() == wanted:
+            if wanted != b"cookie":
+                return value.decode("latin-1")
+            found.append(value)
+    return b"; ".join(found).decode("latin-1") if found else None

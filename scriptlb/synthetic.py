@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
+from scriptlb.headers_filter import request_header
 from scriptlb.peers import PeerSet
 
 
@@ -111,14 +112,7 @@ class SyntheticExchange:
 
     def header(self, name_lower: str) -> str | None:
         """A request header's value (the first; Cookie lines joined with "; " as nginx)."""
-        wanted = name_lower.encode("latin-1")
-        found: list[bytes] = []
-        for name, value in self.headers:
-            if len(name) == len(wanted) and name.lower() == wanted:
-                if wanted != b"cookie":
-                    return value.decode("latin-1")
-                found.append(value)
-        return b"; ".join(found).decode("latin-1") if found else None
+        return request_header(self.headers, name_lower)
 
 
 class SyntheticUpstream:
