@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import answers, free_ports, fresh_get, master_process, wait_for
+from helpers import Backends, answers, free_ports, fresh_get, master_process, respond, wait_for
 
 from scriptlb.shared_dict import SharedDict, zone_directory
 
@@ -88,7 +88,7 @@ http {{
     python_package_path "{tmp}/?.py";
     python_memory_limit 160m;
     upstream backend {{
-        server 127.0.0.1:{a};
+        server {a};
         balancer_by_python_block {{
             import hoard
             for _ in range(4):   # 4 MiB more on every request (1 MiB strings: the size cap)
@@ -99,7 +99,6 @@ http {{
         listen 127.0.0.1:{lb};
         location / {{ proxy_pass http://backend; }}
     }}
-    server {{ listen 127.0.0.1:{a}; return 200 "served"; }}
 }}
 """
 
@@ -118,20 +117,23 @@ def _worker_pids(master: int) -> set[int]:
 
 
 def test_a_hook_hoarding_memory_retires_the_worker_and_traffic_goes_on(tmp_path: Path) -> None:
-    lb, a = free_ports(2)
+    # the backend lives outside scriptlb: a worker draining for its retirement stops accepting,
+    # so a backend served by that same worker would hold its last proxied request until timeout
+    lb, = free_ports(1)
     (tmp_path / "hoard.py").write_text(HOARD)
     conf = tmp_path / "scriptlb.conf"
-    conf.write_text(GROWING_CONF.format(tmp=tmp_path, lb=lb, a=a))
-    with master_process(tmp_path, conf) as proc:
-        wait_for(lambda: answers(lb), what="scriptlb to answer")
-        first = _worker_pids(proc.pid)
-        limits = [Path(f"/proc/{pid}/limits").read_text() for pid in first]
-        # 60 requests would hoard 240 MiB: past the 160 MiB limit the worker is retired
-        # gracefully and a fresh one (with an empty hoard) serves on; no allocation fails
-        bodies = [fresh_get(lb) for _ in range(60)]
-        log = wait_for(lambda: "exited with code 0" in (tmp_path / "error.log").read_text()
-                       and (tmp_path / "error.log").read_text(), what="the retired worker to exit")
-        later = wait_for(lambda: _worker_pids(proc.pid) - first, what="a fresh worker")
+    with Backends(respond(body=b"served")) as backends:
+        conf.write_text(GROWING_CONF.format(tmp=tmp_path, lb=lb, a=backends[0].addr))
+        with master_process(tmp_path, conf) as proc:
+            wait_for(lambda: answers(lb), what="scriptlb to answer")
+            first = _worker_pids(proc.pid)
+            limits = [Path(f"/proc/{pid}/limits").read_text() for pid in first]
+            # 60 requests would hoard 240 MiB: past the 160 MiB limit the worker is retired
+            # gracefully and a fresh one (with an empty hoard) serves on; no allocation fails
+            bodies = [fresh_get(lb) for _ in range(60)]
+            log = wait_for(lambda: "exited with code 0" in (tmp_path / "error.log").read_text()
+                           and (tmp_path / "error.log").read_text(), what="the retired worker to exit")
+            later = wait_for(lambda: _worker_pids(proc.pid) - first, what="a fresh worker")
     assert not any(str(160 << 20) in text for text in limits)  # no address-space cap
     assert bodies == ["served"] * 60
     assert "over python_memory_limit (160 MiB): shutting it down gracefully" in str(log)
