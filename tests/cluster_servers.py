@@ -31,7 +31,29 @@ def _port_open(port: int) -> bool:
         return False
 
 
-class RedisServer:
+class _ServerProcess:
+    """A server process a test started: stopped (TERM, then KILL) or crashed (KILL) by PID."""
+
+    proc: subprocess.Popen[bytes] | None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a shutdown."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            self.proc = None
+
+
+class RedisServer(_ServerProcess):
     """``redis-server`` without persistence (a restart loses everything: the worst case)."""
 
     def __init__(self, directory: Path, *extra: str) -> None:
@@ -55,22 +77,6 @@ class RedisServer:
         wait_for(lambda: _port_open(self.port), 10, "redis-server to listen")
         return self
 
-    def kill(self) -> None:
-        """SIGKILL: a crash, not a shutdown."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-            self.proc = None
-
     def client(self):
         import redis
 
@@ -83,7 +89,7 @@ class RedisServer:
         self.stop()
 
 
-class EtcdServer:
+class EtcdServer(_ServerProcess):
     """A one-member ``etcd`` with its data directory under the test's; a restart keeps the data
     (and so the revisions a watch resumes from)."""
 
@@ -142,21 +148,6 @@ class EtcdServer:
         import base64
 
         self._call("/v3/kv/deleterange", {"key": base64.b64encode(key.encode()).decode()})
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-            self.proc = None
 
     def __enter__(self) -> EtcdServer:
         return self.start()
