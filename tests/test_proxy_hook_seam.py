@@ -177,8 +177,8 @@ def test_enable_keepalive_pools_hook_peers_and_bind_address_is_used(tmp_path: Pa
 
 
 def test_recreate_request_rebuilds_the_head(tmp_path: Path) -> None:
-    dead = closed_port()
     with Backends(echo()) as bk:
+        dead = closed_port()  # chosen while the backend listens: the OS cannot hand it that port
 
         def decide(exchange: Any, run: int) -> Outcome:
             if run == 1:
