@@ -27,10 +27,12 @@ run: $(BIN)/scriptlb
 test: install
 	bash scripts/install-test-tools
 	$(BIN)/ruff check scriptlb tests bench
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: install
 	$(BIN)/ruff check scriptlb tests bench
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
