@@ -66,9 +66,12 @@ import struct
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar, TypeVarTuple
 
 import lmdb
+
+if TYPE_CHECKING:
+    from lmdb import _Database  # the stubs' name of an open_db() handle
 
 Value = str | bytes | int | float | bool
 
@@ -96,6 +99,8 @@ _LRU_TIME = struct.Struct(">d")  # big-endian: byte order == numeric order for t
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 _NUMBER_KINDS = (b"i", b"I", b"f")
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
 
 
 class _BadKey(Exception):
@@ -132,11 +137,11 @@ def _record(value: Value, expires: float, touched: float, flags: int) -> bytes:
 
 def _decode(kind: bytes, raw: bytes) -> Value:
     if kind == b"i":
-        return _I64.unpack_from(raw, _HEAD_SIZE)[0]
+        return _int_at(raw, _HEAD_SIZE)
     if kind == b"s":
         return raw[_HEAD_SIZE:].decode()
     if kind == b"f":
-        return _F64.unpack_from(raw, _HEAD_SIZE)[0]
+        return _float_at(raw, _HEAD_SIZE)
     if kind == b"b":
         return raw[_HEAD_SIZE:]
     if kind == b"T":
@@ -148,6 +153,25 @@ def _decode(kind: bytes, raw: bytes) -> Value:
     raise ValueError(f"corrupt shared dict record type {kind!r}")
 
 
+def _int_at(raw: bytes, offset: int) -> int:
+    value: int = _I64.unpack_from(raw, offset)[0]
+    return value
+
+
+def _float_at(raw: bytes, offset: int) -> float:
+    value: float = _F64.unpack_from(raw, offset)[0]
+    return value
+
+
+def _decode_number(kind: bytes, raw: bytes) -> int | float:
+    """The value of a record whose kind is one of _NUMBER_KINDS."""
+    if kind == b"i":
+        return _int_at(raw, _HEAD_SIZE)
+    if kind == b"f":
+        return _float_at(raw, _HEAD_SIZE)
+    return int(raw[_HEAD_SIZE:])
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -156,10 +180,10 @@ def _is_number(value: object) -> bool:
 
 # realpath -> (pid, env, data db, lru db, meta db). One open per process and path (an LMDB
 # rule); the pid makes a forked child open its own handle instead of using its parent's.
-_ENVS: dict[str, tuple[int, lmdb.Environment, Any, Any, Any]] = {}
+_ENVS: dict[str, tuple[int, lmdb.Environment, _Database, _Database, _Database]] = {}
 
 
-def _open(path: str, size: int) -> tuple[lmdb.Environment, Any, Any, Any]:
+def _open(path: str, size: int) -> tuple[lmdb.Environment, _Database, _Database, _Database]:
     cached = _ENVS.get(path)
     pid = os.getpid()
     if cached is not None and cached[0] == pid:
@@ -292,7 +316,7 @@ class SharedDict:
 
     # ------------------------------------------------------------------ reads
 
-    def _read_txn(self) -> lmdb.Transaction:
+    def _read_txn(self) -> lmdb.Transaction[bytes]:
         try:
             return self._env.begin(db=self._data)
         except lmdb.MapResizedError:
@@ -307,7 +331,7 @@ class SharedDict:
         self._env.set_mapsize(0)
         return self._read(k)
 
-    def get(self, key: str | bytes) -> tuple[Value | None, Any]:
+    def get(self, key: str | bytes) -> tuple[Value | None, int | str | None]:
         """``value, flags``; ``(None, None)`` when absent or expired; ``(None, err)`` on a bad key."""
         try:
             k = _key_bytes(key)
@@ -328,7 +352,7 @@ class SharedDict:
             self._note_read(k)
         return _decode(kind, raw), flags or None
 
-    def get_stale(self, key: str | bytes) -> tuple[Value | None, Any, bool]:
+    def get_stale(self, key: str | bytes) -> tuple[Value | None, int | str | None, bool]:
         """``value, flags, stale``: like ``get`` but also returns an expired, not yet removed value."""
         try:
             k = _key_bytes(key)
@@ -448,7 +472,7 @@ class SharedDict:
             with self._env.begin(db=self._data, write=True) as txn:
                 return self._incr_in(txn, k, value, init, init_ttl)
         except (lmdb.MapResizedError, lmdb.MapFullError):
-            return self._in_write_txn(self._incr_in, k, value, init, init_ttl)  # type: ignore[return-value]
+            return self._in_write_txn(self._incr_in, k, value, init, init_ttl)
 
     def expire(self, key: str | bytes, exptime: float) -> tuple[bool, str | None]:
         """Set a live key's TTL (0 = never expires): ``(True, None)`` or ``(False, "not found")``."""
@@ -456,10 +480,10 @@ class SharedDict:
             raise ValueError('bad "exptime" argument')
         try:
             k = _key_bytes(key)
-        except _BadKey as err:
-            return False, str(err)
+        except _BadKey as bad:
+            return False, str(bad)
         ok, err, _ = self._in_write_txn(self._expire_in, k, exptime)
-        return ok, err
+        return bool(ok), err
 
     def flush_all(self) -> None:
         """Remove every entry."""
@@ -481,7 +505,9 @@ class SharedDict:
 
     # ------------------------------------------------------------------ write transactions
 
-    def _in_write_txn(self, apply: Callable[..., tuple[Any, Any, bool]], *args: Any) -> tuple[Any, Any, bool]:
+    def _in_write_txn(
+        self, apply: Callable[[lmdb.Transaction[bytes], *_Args], tuple[_T, str | None, bool]], *args: *_Args
+    ) -> tuple[_T | None, str | None, bool]:
         """Run ``apply(txn, *args)`` in one write transaction: the unit of atomicity across workers.
 
         The byte budget keeps LMDB itself from filling up, so ``MapFullError`` only comes from
@@ -504,8 +530,8 @@ class SharedDict:
         else:
             try:
                 k = _key_bytes(key)
-            except _BadKey as err:
-                return False, str(err), False
+            except _BadKey as bad:
+                return False, str(bad), False
         if exptime < 0:
             raise ValueError('bad "exptime" argument')  # a Lua error in OpenResty too
         now = self._clock()
@@ -520,7 +546,7 @@ class SharedDict:
             return bool(ok), err, forcible
 
     def _store_in(
-        self, txn: lmdb.Transaction, k: bytes, record: bytes | None, op: int, safe: bool, now: float
+        self, txn: lmdb.Transaction[bytes], k: bytes, record: bytes | None, op: int, safe: bool, now: float
     ) -> tuple[bool, str | None, bool]:
         if self._pending:
             self._promote_pending(txn, now)
@@ -575,13 +601,13 @@ class SharedDict:
     _store_op = _store_in
     _noting = False  # a synced dict notes increments (_note_incr) in incr's own transaction
 
-    def _note_incr(self, txn: lmdb.Transaction, k: bytes, value: int | float,
+    def _note_incr(self, txn: lmdb.Transaction[bytes], k: bytes, value: int | float,
                    init: int | float | None) -> None:
         raise NotImplementedError
 
     def _incr_in(
         self,
-        txn: lmdb.Transaction,
+        txn: lmdb.Transaction[bytes],
         k: bytes,
         value: int | float,
         init: int | float | None,
@@ -603,7 +629,7 @@ class SharedDict:
         expires, touched, flags, kind = _HEAD.unpack_from(old)
         if kind not in _NUMBER_KINDS:
             return None, "not a number", False
-        new = _decode(kind, old) + value  # type: ignore[operator]
+        new = _decode_number(kind, old) + value
         if kind == b"i" and type(new) is int and _I64_MIN <= new <= _I64_MAX:
             if touched < now - PROMOTE_INTERVAL:  # memcached's rule: promote at most once a second
                 txn.delete(_LRU_TIME.pack(touched) + k, db=self._lru)
@@ -620,7 +646,7 @@ class SharedDict:
             self._note_incr(txn, k, value, None)
         return (new if ok else None), err, forcible
 
-    def _expire_in(self, txn: lmdb.Transaction, k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
+    def _expire_in(self, txn: lmdb.Transaction[bytes], k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
         raw = txn.get(k)
         now = self._clock()
         if raw is None or _expired(raw, now):
@@ -630,13 +656,13 @@ class SharedDict:
         txn.put(k, _HEAD.pack(new_expires, touched, flags, kind) + raw[_HEAD_SIZE:])
         return True, None, False
 
-    def _flush_all_in(self, txn: lmdb.Transaction) -> tuple[None, None, bool]:
+    def _flush_all_in(self, txn: lmdb.Transaction[bytes]) -> tuple[None, None, bool]:
         txn.drop(self._data, delete=False)
         txn.drop(self._lru, delete=False)
         txn.put(_USED_KEY, _I64.pack(0), db=self._meta)
         return None, None, False
 
-    def _flush_expired_in(self, txn: lmdb.Transaction, max_count: int) -> tuple[int, None, bool]:
+    def _flush_expired_in(self, txn: lmdb.Transaction[bytes], max_count: int) -> tuple[int, None, bool]:
         now = self._clock()
         expired: list[tuple[bytes, bytes]] = []
         for k, raw in txn.cursor():
@@ -653,17 +679,17 @@ class SharedDict:
 
     # ------------------------------------------------------------------ budget and LRU
 
-    def _used(self, txn: lmdb.Transaction) -> int:
+    def _used(self, txn: lmdb.Transaction[bytes]) -> int:
         raw = txn.get(_USED_KEY, db=self._meta)
         return _I64.unpack(raw)[0] if raw is not None else 0
 
-    def _remove(self, txn: lmdb.Transaction, k: bytes, raw: bytes) -> int:
+    def _remove(self, txn: lmdb.Transaction[bytes], k: bytes, raw: bytes) -> int:
         """Delete an entry and its LRU index row; returns the bytes it was charged."""
         txn.delete(k)
         txn.delete(_LRU_TIME.pack(_HEAD.unpack_from(raw)[1]) + k, db=self._lru)
         return _cost(k, raw)
 
-    def _make_room(self, txn: lmdb.Transaction, k: bytes, used: int, growth: int) -> tuple[int, bool] | None:
+    def _make_room(self, txn: lmdb.Transaction[bytes], k: bytes, used: int, growth: int) -> tuple[int, bool] | None:
         """Evict least recently used entries (never ``k``) until ``growth`` more bytes fit, inside
         the caller's transaction. Returns the new used count and whether a live entry went, or
         None (and evicts nothing) when even an empty dict could not take the growth."""
@@ -697,11 +723,11 @@ class SharedDict:
         if len(pending) >= PENDING_FLUSH:
             self._in_write_txn(self._flush_pending_in)
 
-    def _flush_pending_in(self, txn: lmdb.Transaction) -> tuple[None, None, bool]:
+    def _flush_pending_in(self, txn: lmdb.Transaction[bytes]) -> tuple[None, None, bool]:
         self._promote_pending(txn, self._clock())
         return None, None, False
 
-    def _promote_pending(self, txn: lmdb.Transaction, now: float) -> None:
+    def _promote_pending(self, txn: lmdb.Transaction[bytes], now: float) -> None:
         """Apply the LRU promotions of keys this process read since its last write."""
         lru = self._lru
         for k in self._pending:
@@ -794,8 +820,8 @@ def _pack_number(value: int | float) -> bytes:
 
 
 def _unpack_number(raw: bytes, offset: int) -> int | float:
-    kind, bits = _NUMBER.unpack_from(raw, offset)
-    return bits if kind == b"i" else _F64.unpack_from(raw, offset + 1)[0]
+    kind: bytes = _NUMBER.unpack_from(raw, offset)[0]
+    return _int_at(raw, offset + 1) if kind == b"i" else _float_at(raw, offset + 1)
 
 
 def pack_own(gen: bytes, base: int | float, others: int | float) -> bytes:
@@ -812,7 +838,7 @@ def own_total(record: bytes, own_raw: bytes) -> tuple[bytes, int | float, int | 
     """``(gen, own, base)`` of a live number: this node's increments are what the value holds
     beyond the base and the other nodes' totals of the last merge."""
     gen, base, others = unpack_own(own_raw)
-    return gen, _decode(record[_HEAD_SIZE - 1 : _HEAD_SIZE], record) - base - others, base  # type: ignore[operator]
+    return gen, _decode_number(record[_HEAD_SIZE - 1 : _HEAD_SIZE], record) - base - others, base
 
 
 class Push:
@@ -869,7 +895,7 @@ class SyncedSharedDict(SharedDict):
 
     # ------------------------------------------------------------------ hook side
 
-    def _store_op(self, txn: lmdb.Transaction, k: bytes, record: bytes | None, op: int, safe: bool,
+    def _store_op(self, txn: lmdb.Transaction[bytes], k: bytes, record: bytes | None, op: int, safe: bool,
                   now: float) -> tuple[bool, str | None, bool]:
         result = self._store_in(txn, k, record, op, safe, now)
         if result[0]:
@@ -879,7 +905,7 @@ class SyncedSharedDict(SharedDict):
 
     _noting = True
 
-    def _note_incr(self, txn: lmdb.Transaction, k: bytes, value: int | float,
+    def _note_incr(self, txn: lmdb.Transaction[bytes], k: bytes, value: int | float,
                    init: int | float | None) -> None:
         """In incr's transaction: add ``value`` to this node's own total (``init`` given: the key
         was created by this incr, a new lifetime with that base)."""
@@ -893,13 +919,13 @@ class SyncedSharedDict(SharedDict):
         else:
             txn.put(k, _DIRTY_COUNTER, db=dirty)
 
-    def _expire_in(self, txn: lmdb.Transaction, k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
+    def _expire_in(self, txn: lmdb.Transaction[bytes], k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
         result = super()._expire_in(txn, k, exptime)
         if result[0]:
             txn.put(k, _DIRTY_VALUE, db=self._dirty)
         return result
 
-    def _flush_all_in(self, txn: lmdb.Transaction) -> tuple[None, None, bool]:
+    def _flush_all_in(self, txn: lmdb.Transaction[bytes]) -> tuple[None, None, bool]:
         for k in txn.cursor().iternext(keys=True, values=False):
             txn.put(k, _DIRTY_VALUE, db=self._dirty)  # pushed as deletes
         txn.drop(self._own, delete=False)
@@ -931,7 +957,7 @@ class SyncedSharedDict(SharedDict):
             with self._env.begin(db=self._data, write=True) as txn:
                 return self._collect_in(txn, max_count)
 
-    def _collect_in(self, txn: lmdb.Transaction, max_count: int) -> list[Push]:
+    def _collect_in(self, txn: lmdb.Transaction[bytes], max_count: int) -> list[Push]:
         now = self._clock()
         pushes = []
         taken = []
@@ -946,7 +972,7 @@ class SyncedSharedDict(SharedDict):
             txn.delete(k, db=self._dirty)
         return pushes
 
-    def _push_of(self, txn: lmdb.Transaction, k: bytes, op: bytes, now: float) -> Push | None:
+    def _push_of(self, txn: lmdb.Transaction[bytes], k: bytes, op: bytes, now: float) -> Push | None:
         raw = txn.get(k)
         own_raw = txn.get(k, db=self._own)
         if raw is None or _expired(raw, now):
@@ -961,7 +987,7 @@ class SyncedSharedDict(SharedDict):
         if own_raw is not None:
             txn.delete(k, db=self._own)  # a set starts a new generation: no own total yet
         if kind in _NUMBER_KINDS:
-            return Push(k, b"b", b"", number_text(_decode(kind, raw)), b"", flags, pttl)  # type: ignore[arg-type]
+            return Push(k, b"b", b"", number_text(_decode_number(kind, raw)), b"", flags, pttl)
         return Push(k, b"v", b"", kind + raw[_HEAD_SIZE:], b"", flags, pttl)
 
     def requeue(self, pushes: list[Push]) -> None:
@@ -1008,7 +1034,7 @@ class SyncedSharedDict(SharedDict):
             with self._env.begin(db=self._data, write=True) as txn:
                 self._apply_in(txn, states, b"n:" + node)
 
-    def _apply_in(self, txn: lmdb.Transaction, states: list[ClusterState], own_field: bytes) -> None:
+    def _apply_in(self, txn: lmdb.Transaction[bytes], states: list[ClusterState], own_field: bytes) -> None:
         now = self._clock()
         for state in states:
             if not 0 < len(state.key) <= MAX_KEY_BYTES:
@@ -1018,7 +1044,7 @@ class SyncedSharedDict(SharedDict):
             except (ValueError, struct.error, lmdb.BadValsizeError):
                 continue  # a malformed hash (idem)
 
-    def _apply_one(self, txn: lmdb.Transaction, state: ClusterState, own_field: bytes, now: float) -> None:
+    def _apply_one(self, txn: lmdb.Transaction[bytes], state: ClusterState, own_field: bytes, now: float) -> None:
         k, fields = state.key, state.fields
         dirty = txn.get(k, db=self._dirty)
         own_raw = txn.get(k, db=self._own)
@@ -1045,7 +1071,7 @@ class SyncedSharedDict(SharedDict):
             return
         base = parse_number(fields.get(b"_b", b"0"))
         others = sum(parse_number(v) for f, v in fields.items() if f[:2] == b"n:" and f != own_field)
-        own = 0
+        own: int | float = 0
         if own_raw is not None and local is not None and not _expired(local, now) \
                 and local[_HEAD_SIZE - 1 : _HEAD_SIZE] in _NUMBER_KINDS:
             own_gen, own_value, _ = own_total(local, own_raw)

@@ -19,10 +19,14 @@ no ``try/except*``, no ``async``, no ``match``), this policy:
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable
 from types import CodeType
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 from RestrictedPython.transformer import RestrictingNodeTransformer, copy_locations
+
+if TYPE_CHECKING:
+    from RestrictedPython._types import T_pos_ast  # what copy_locations and check_name take
 
 
 class HookCompileError(Exception):
@@ -43,7 +47,22 @@ _GUARDED_BINOPS: dict[type, str] = {
 }
 
 
-def _call(name: str, args: list[ast.expr], like: ast.AST) -> ast.Call:
+# the nodes _call copies a position from (RestrictedPython's copy_locations)
+_Located = ast.expr | ast.stmt | ast.excepthandler
+_Node = TypeVar("_Node", bound=ast.AST)
+# what a RestrictedPython visitor returns (as ast.NodeTransformer's: a node, nodes, or None)
+_Visited = ast.AST | Iterable[ast.AST] | None
+
+
+def _in_place(node: _Node, visited: _Visited) -> _Node:
+    """``node`` after RestrictedPython's visitor of its kind, which transforms it in place and
+    returns it; one that replaced it would bypass the guards added here, so that is an error."""
+    if visited is not node:
+        raise TypeError(f"RestrictedPython replaced a {type(node).__name__} node")
+    return node
+
+
+def _call(name: str, args: list[ast.expr], like: _Located) -> ast.Call:
     node = ast.Call(func=ast.Name(name, ast.Load()), args=args, keywords=[])
     copy_locations(node, like)
     copy_locations(node.func, like)
@@ -73,7 +92,7 @@ def _hashed(elt: ast.expr) -> ast.expr:
     return _work_checked(elt, "_key_")
 
 
-def _tick_stmt(like: ast.AST) -> ast.Expr:
+def _tick_stmt(like: _Located) -> ast.Expr:
     stmt = ast.Expr(_call("_tick_", [], like))
     copy_locations(stmt, like)
     return stmt
@@ -123,7 +142,7 @@ class HookPolicy(RestrictingNodeTransformer):
         self.direct_names: frozenset[str] = frozenset()
         self._class_inits: set[int] = set()  # ids of the `def __init__` nodes of class bodies
 
-    def visit_Module(self, node: ast.Module) -> Any:
+    def visit_Module(self, node: ast.Module) -> _Visited:
         self.direct_names = API_GLOBALS - _rebound_names(node)
         return super().visit_Module(node)
 
@@ -140,7 +159,7 @@ class HookPolicy(RestrictingNodeTransformer):
                 and isinstance(value.value, ast.Name) and value.value.id == "ngx"
                 and "ngx" in self.direct_names)
 
-    def visit_Attribute(self, node: ast.Attribute) -> Any:
+    def visit_Attribute(self, node: ast.Attribute) -> _Visited:
         if _is_super_init(node):
             return _call("_super_init_", [self.visit(node.value)], node)
         if isinstance(node.ctx, ast.Load) and self._is_direct(node):
@@ -154,7 +173,7 @@ class HookPolicy(RestrictingNodeTransformer):
 
     # ---------------------------------------------------------------- refusals
 
-    def visit_ClassDef(self, node: ast.ClassDef) -> Any:
+    def visit_ClassDef(self, node: ast.ClassDef) -> _Visited:
         if node.keywords:
             self.error(node, "class keywords (metaclass=...) are not allowed in hooks.")
         if any(isinstance(base, ast.Starred) for base in node.bases):
@@ -169,7 +188,7 @@ class HookPolicy(RestrictingNodeTransformer):
                            "__init__): C code would call it outside the hook's control.")
         return super().visit_ClassDef(node)
 
-    def check_name(self, node: Any, name: str | None, allow_magic_methods: bool = False) -> None:
+    def check_name(self, node: T_pos_ast, name: str | None, allow_magic_methods: bool = False) -> None:
         # RestrictedPython lets a few dunder method names through for classes; hooks get only
         # __init__, and only as a method directly in a class body.
         if name == "__init__" and id(node) in self._class_inits:
@@ -178,103 +197,103 @@ class HookPolicy(RestrictingNodeTransformer):
 
     # ---------------------------------------------------------------- budget ticks
 
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> Any:
-        node = super().visit_FunctionDef(node)
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> _Visited:
+        node = _in_place(node, super().visit_FunctionDef(node))
         node.body.insert(0, _tick_stmt(node))
         return node
 
-    def visit_Lambda(self, node: ast.Lambda) -> Any:
-        node = super().visit_Lambda(node)
+    def visit_Lambda(self, node: ast.Lambda) -> _Visited:
+        node = _in_place(node, super().visit_Lambda(node))
         body = ast.BoolOp(op=ast.Or(), values=[_call("_tick_", [], node.body), node.body])
         copy_locations(body, node.body)
         node.body = body
         return node
 
-    def visit_For(self, node: ast.For) -> Any:
-        node = super().visit_For(node)
+    def visit_For(self, node: ast.For) -> _Visited:
+        node = _in_place(node, super().visit_For(node))
         node.body.insert(0, _tick_stmt(node))
         return node
 
-    def visit_While(self, node: ast.While) -> Any:
-        node = super().visit_While(node)
+    def visit_While(self, node: ast.While) -> _Visited:
+        node = _in_place(node, super().visit_While(node))
         node.body.insert(0, _tick_stmt(node))
         return node
 
-    def visit_comprehension(self, node: ast.comprehension) -> Any:
-        node = super().visit_comprehension(node)
+    def visit_comprehension(self, node: ast.comprehension) -> _Visited:
+        node = _in_place(node, super().visit_comprehension(node))
         check = ast.UnaryOp(op=ast.Not(), operand=_call("_tick_", [], node.iter))
         copy_locations(check, node.iter)
         node.ifs.insert(0, check)
         return node
 
-    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> Any:
-        node = super().visit_ExceptHandler(node)
+    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> _Visited:
+        node = _in_place(node, super().visit_ExceptHandler(node))
         node.body.insert(0, _tick_stmt(node))
         return node
 
-    def visit_Try(self, node: ast.Try) -> Any:
-        node = super().visit_Try(node)
+    def visit_Try(self, node: ast.Try) -> _Visited:
+        node = _in_place(node, super().visit_Try(node))
         if node.finalbody:
             node.finalbody.insert(0, _tick_stmt(node.finalbody[0]))
         return node
 
     # ---------------------------------------------------------------- work guards
 
-    def visit_Compare(self, node: ast.Compare) -> Any:
+    def visit_Compare(self, node: ast.Compare) -> _Visited:
         """``a == b``, ``a < b``, ``a in b``: each operand through ``_cmpv_`` (guards.check_work),
         which refuses containers whose comparison or hash would walk too many elements."""
-        node = super().visit_Compare(node)
+        node = _in_place(node, super().visit_Compare(node))
         if all(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
             return node
         node.left = _work_checked(node.left)
         node.comparators = [_work_checked(c) for c in node.comparators]
         return node
 
-    def visit_Subscript(self, node: ast.Subscript) -> Any:
+    def visit_Subscript(self, node: ast.Subscript) -> _Visited:
         """``d[key] = v`` / ``del d[key]``: the key is hashed or compared; ``_key_`` checks it
         (loads go through ``_getitem_``, which checks it too)."""
-        node = super().visit_Subscript(node)
-        if isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Slice):
-            node.slice = _work_checked(node.slice, "_key_")
-        return node
+        visited = super().visit_Subscript(node)  # a load becomes a _getitem_ call
+        if isinstance(visited, ast.Subscript) and not isinstance(visited.slice, ast.Slice):
+            visited.slice = _work_checked(visited.slice, "_key_")
+        return visited
 
-    def visit_Set(self, node: ast.Set) -> Any:
+    def visit_Set(self, node: ast.Set) -> _Visited:
         """``{a, b, *c}``: the items are hashed."""
-        node = super().visit_Set(node)
+        node = _in_place(node, super().visit_Set(node))
         node.elts = [_hashed(elt) for elt in node.elts]
         return node
 
-    def visit_Dict(self, node: ast.Dict) -> Any:
+    def visit_Dict(self, node: ast.Dict) -> _Visited:
         """``{k: v, **d}``: the keys are hashed (``**d`` reuses d's stored hashes)."""
-        node = super().visit_Dict(node)
+        node = _in_place(node, super().visit_Dict(node))
         node.keys = [key if key is None else _work_checked(key, "_key_") for key in node.keys]
         return node
 
-    def visit_SetComp(self, node: ast.SetComp) -> Any:
-        node = super().visit_SetComp(node)
+    def visit_SetComp(self, node: ast.SetComp) -> _Visited:
+        node = _in_place(node, super().visit_SetComp(node))
         node.elt = _work_checked(node.elt, "_key_")
         return node
 
-    def visit_DictComp(self, node: ast.DictComp) -> Any:
-        node = super().visit_DictComp(node)
+    def visit_DictComp(self, node: ast.DictComp) -> _Visited:
+        node = _in_place(node, super().visit_DictComp(node))
         node.key = _work_checked(node.key, "_key_")
         return node
 
     # ---------------------------------------------------------------- size guards
 
-    def visit_BinOp(self, node: ast.BinOp) -> Any:
-        node = super().visit_BinOp(node)
+    def visit_BinOp(self, node: ast.BinOp) -> _Visited:
+        node = _in_place(node, super().visit_BinOp(node))
         guard = _GUARDED_BINOPS.get(type(node.op))
         if guard is None:
             return node
         return _call(guard, [node.left, node.right], node)
 
-    def visit_JoinedStr(self, node: ast.JoinedStr) -> Any:
-        node = super().visit_JoinedStr(node)
+    def visit_JoinedStr(self, node: ast.JoinedStr) -> _Visited:
+        node = _in_place(node, super().visit_JoinedStr(node))
         return _call("_check_size_", [node], node)
 
-    def visit_FormattedValue(self, node: ast.FormattedValue) -> Any:
-        node = super().visit_FormattedValue(node)
+    def visit_FormattedValue(self, node: ast.FormattedValue) -> _Visited:
+        node = _in_place(node, super().visit_FormattedValue(node))
         if node.format_spec is None:
             # {value}: the value's text is built in C; _text_ refuses one that would be huge
             node.value = _call("_text_", [node.value], node.value)
@@ -286,16 +305,16 @@ class HookPolicy(RestrictingNodeTransformer):
                                   lineno=node.lineno, col_offset=node.col_offset,
                                   end_lineno=node.end_lineno, end_col_offset=node.end_col_offset)
 
-    def _starred_display(self, node: Any) -> Any:
+    def _starred_display(self, node: ast.List | ast.Tuple) -> ast.expr:
         if any(isinstance(elt, ast.Starred) for elt in node.elts) and isinstance(node.ctx, ast.Load):
             return _call("_check_size_", [node], node)
         return node
 
-    def visit_List(self, node: ast.List) -> Any:
-        return self._starred_display(super().visit_List(node))
+    def visit_List(self, node: ast.List) -> _Visited:
+        return self._starred_display(_in_place(node, super().visit_List(node)))
 
-    def visit_Tuple(self, node: ast.Tuple) -> Any:
-        return self._starred_display(super().visit_Tuple(node))
+    def visit_Tuple(self, node: ast.Tuple) -> _Visited:
+        return self._starred_display(_in_place(node, super().visit_Tuple(node)))
 
 
 def compile_hook(source: str, filename: str, first_line: int = 1) -> CodeType:
