@@ -71,7 +71,11 @@ from typing import TYPE_CHECKING, TypeVar, TypeVarTuple
 import lmdb
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from lmdb import _Database  # the stubs' name of an open_db() handle
+
+    _Txn: TypeAlias = lmdb.Transaction[bytes]  # (this module never asks for buffers=True)
 
 Value = str | bytes | int | float | bool
 
@@ -316,7 +320,7 @@ class SharedDict:
 
     # ------------------------------------------------------------------ reads
 
-    def _read_txn(self) -> lmdb.Transaction[bytes]:
+    def _read_txn(self) -> _Txn:
         try:
             return self._env.begin(db=self._data)
         except lmdb.MapResizedError:
@@ -506,7 +510,7 @@ class SharedDict:
     # ------------------------------------------------------------------ write transactions
 
     def _in_write_txn(
-        self, apply: Callable[[lmdb.Transaction[bytes], *_Args], tuple[_T, str | None, bool]], *args: *_Args
+        self, apply: Callable[[_Txn, *_Args], tuple[_T, str | None, bool]], *args: *_Args
     ) -> tuple[_T | None, str | None, bool]:
         """Run ``apply(txn, *args)`` in one write transaction: the unit of atomicity across workers.
 
@@ -546,7 +550,7 @@ class SharedDict:
             return bool(ok), err, forcible
 
     def _store_in(
-        self, txn: lmdb.Transaction[bytes], k: bytes, record: bytes | None, op: int, safe: bool, now: float
+        self, txn: _Txn, k: bytes, record: bytes | None, op: int, safe: bool, now: float
     ) -> tuple[bool, str | None, bool]:
         if self._pending:
             self._promote_pending(txn, now)
@@ -601,13 +605,13 @@ class SharedDict:
     _store_op = _store_in
     _noting = False  # a synced dict notes increments (_note_incr) in incr's own transaction
 
-    def _note_incr(self, txn: lmdb.Transaction[bytes], k: bytes, value: int | float,
+    def _note_incr(self, txn: _Txn, k: bytes, value: int | float,
                    init: int | float | None) -> None:
         raise NotImplementedError
 
     def _incr_in(
         self,
-        txn: lmdb.Transaction[bytes],
+        txn: _Txn,
         k: bytes,
         value: int | float,
         init: int | float | None,
@@ -646,7 +650,7 @@ class SharedDict:
             self._note_incr(txn, k, value, None)
         return (new if ok else None), err, forcible
 
-    def _expire_in(self, txn: lmdb.Transaction[bytes], k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
+    def _expire_in(self, txn: _Txn, k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
         raw = txn.get(k)
         now = self._clock()
         if raw is None or _expired(raw, now):
@@ -656,13 +660,13 @@ class SharedDict:
         txn.put(k, _HEAD.pack(new_expires, touched, flags, kind) + raw[_HEAD_SIZE:])
         return True, None, False
 
-    def _flush_all_in(self, txn: lmdb.Transaction[bytes]) -> tuple[None, None, bool]:
+    def _flush_all_in(self, txn: _Txn) -> tuple[None, None, bool]:
         txn.drop(self._data, delete=False)
         txn.drop(self._lru, delete=False)
         txn.put(_USED_KEY, _I64.pack(0), db=self._meta)
         return None, None, False
 
-    def _flush_expired_in(self, txn: lmdb.Transaction[bytes], max_count: int) -> tuple[int, None, bool]:
+    def _flush_expired_in(self, txn: _Txn, max_count: int) -> tuple[int, None, bool]:
         now = self._clock()
         expired: list[tuple[bytes, bytes]] = []
         for k, raw in txn.cursor():
@@ -679,17 +683,17 @@ class SharedDict:
 
     # ------------------------------------------------------------------ budget and LRU
 
-    def _used(self, txn: lmdb.Transaction[bytes]) -> int:
+    def _used(self, txn: _Txn) -> int:
         raw = txn.get(_USED_KEY, db=self._meta)
         return _I64.unpack(raw)[0] if raw is not None else 0
 
-    def _remove(self, txn: lmdb.Transaction[bytes], k: bytes, raw: bytes) -> int:
+    def _remove(self, txn: _Txn, k: bytes, raw: bytes) -> int:
         """Delete an entry and its LRU index row; returns the bytes it was charged."""
         txn.delete(k)
         txn.delete(_LRU_TIME.pack(_HEAD.unpack_from(raw)[1]) + k, db=self._lru)
         return _cost(k, raw)
 
-    def _make_room(self, txn: lmdb.Transaction[bytes], k: bytes, used: int, growth: int) -> tuple[int, bool] | None:
+    def _make_room(self, txn: _Txn, k: bytes, used: int, growth: int) -> tuple[int, bool] | None:
         """Evict least recently used entries (never ``k``) until ``growth`` more bytes fit, inside
         the caller's transaction. Returns the new used count and whether a live entry went, or
         None (and evicts nothing) when even an empty dict could not take the growth."""
@@ -723,11 +727,11 @@ class SharedDict:
         if len(pending) >= PENDING_FLUSH:
             self._in_write_txn(self._flush_pending_in)
 
-    def _flush_pending_in(self, txn: lmdb.Transaction[bytes]) -> tuple[None, None, bool]:
+    def _flush_pending_in(self, txn: _Txn) -> tuple[None, None, bool]:
         self._promote_pending(txn, self._clock())
         return None, None, False
 
-    def _promote_pending(self, txn: lmdb.Transaction[bytes], now: float) -> None:
+    def _promote_pending(self, txn: _Txn, now: float) -> None:
         """Apply the LRU promotions of keys this process read since its last write."""
         lru = self._lru
         for k in self._pending:
@@ -895,7 +899,7 @@ class SyncedSharedDict(SharedDict):
 
     # ------------------------------------------------------------------ hook side
 
-    def _store_op(self, txn: lmdb.Transaction[bytes], k: bytes, record: bytes | None, op: int, safe: bool,
+    def _store_op(self, txn: _Txn, k: bytes, record: bytes | None, op: int, safe: bool,
                   now: float) -> tuple[bool, str | None, bool]:
         result = self._store_in(txn, k, record, op, safe, now)
         if result[0]:
@@ -905,7 +909,7 @@ class SyncedSharedDict(SharedDict):
 
     _noting = True
 
-    def _note_incr(self, txn: lmdb.Transaction[bytes], k: bytes, value: int | float,
+    def _note_incr(self, txn: _Txn, k: bytes, value: int | float,
                    init: int | float | None) -> None:
         """In incr's transaction: add ``value`` to this node's own total (``init`` given: the key
         was created by this incr, a new lifetime with that base)."""
@@ -919,13 +923,13 @@ class SyncedSharedDict(SharedDict):
         else:
             txn.put(k, _DIRTY_COUNTER, db=dirty)
 
-    def _expire_in(self, txn: lmdb.Transaction[bytes], k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
+    def _expire_in(self, txn: _Txn, k: bytes, exptime: float) -> tuple[bool, str | None, bool]:
         result = super()._expire_in(txn, k, exptime)
         if result[0]:
             txn.put(k, _DIRTY_VALUE, db=self._dirty)
         return result
 
-    def _flush_all_in(self, txn: lmdb.Transaction[bytes]) -> tuple[None, None, bool]:
+    def _flush_all_in(self, txn: _Txn) -> tuple[None, None, bool]:
         for k in txn.cursor().iternext(keys=True, values=False):
             txn.put(k, _DIRTY_VALUE, db=self._dirty)  # pushed as deletes
         txn.drop(self._own, delete=False)
@@ -957,7 +961,7 @@ class SyncedSharedDict(SharedDict):
             with self._env.begin(db=self._data, write=True) as txn:
                 return self._collect_in(txn, max_count)
 
-    def _collect_in(self, txn: lmdb.Transaction[bytes], max_count: int) -> list[Push]:
+    def _collect_in(self, txn: _Txn, max_count: int) -> list[Push]:
         now = self._clock()
         pushes = []
         taken = []
@@ -972,7 +976,7 @@ class SyncedSharedDict(SharedDict):
             txn.delete(k, db=self._dirty)
         return pushes
 
-    def _push_of(self, txn: lmdb.Transaction[bytes], k: bytes, op: bytes, now: float) -> Push | None:
+    def _push_of(self, txn: _Txn, k: bytes, op: bytes, now: float) -> Push | None:
         raw = txn.get(k)
         own_raw = txn.get(k, db=self._own)
         if raw is None or _expired(raw, now):
@@ -1034,7 +1038,7 @@ class SyncedSharedDict(SharedDict):
             with self._env.begin(db=self._data, write=True) as txn:
                 self._apply_in(txn, states, b"n:" + node)
 
-    def _apply_in(self, txn: lmdb.Transaction[bytes], states: list[ClusterState], own_field: bytes) -> None:
+    def _apply_in(self, txn: _Txn, states: list[ClusterState], own_field: bytes) -> None:
         now = self._clock()
         for state in states:
             if not 0 < len(state.key) <= MAX_KEY_BYTES:
@@ -1044,7 +1048,7 @@ class SyncedSharedDict(SharedDict):
             except (ValueError, struct.error, lmdb.BadValsizeError):
                 continue  # a malformed hash (idem)
 
-    def _apply_one(self, txn: lmdb.Transaction[bytes], state: ClusterState, own_field: bytes, now: float) -> None:
+    def _apply_one(self, txn: _Txn, state: ClusterState, own_field: bytes, now: float) -> None:
         k, fields = state.key, state.fields
         dirty = txn.get(k, db=self._dirty)
         own_raw = txn.get(k, db=self._own)
