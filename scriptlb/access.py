@@ -198,8 +198,8 @@ def check_password(password: str, stored: str) -> bool:
         return hmac.compare_digest(hashlib.sha1(raw + salt).digest(), digest)
     for magic in ("$apr1$", "$1$"):
         if stored.startswith(magic):
-            salt = stored[len(magic):].split("$", 1)[0]
-            return hmac.compare_digest(md5_crypt(raw, salt.encode("ascii", "replace"), magic), stored)
+            salt_text = stored[len(magic):].split("$", 1)[0]
+            return hmac.compare_digest(md5_crypt(raw, salt_text.encode("ascii", "replace"), magic), stored)
     return False
 
 

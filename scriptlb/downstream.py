@@ -28,12 +28,15 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
 from scriptlb import errorlog, responses
-from scriptlb.config.model import ClientBodyConf
+from scriptlb.config.model import ClientBodyConf, ListenKey
+
+if TYPE_CHECKING:  # (the handler layer's caches below: typed here, never used here)
+    from scriptlb.runtime import ServerRoute, ServerRuntime
 from scriptlb.line_ends import crlf_head_part
 from scriptlb.request_body import EMPTY_BODY, BodyFileError, RequestBody
 
@@ -144,11 +147,13 @@ class RequestHandler(Protocol):
     """What the connection needs from whoever serves a request (the proxy's Exchange)."""
 
     max_body_size: int  # 0 = unlimited
-    # where the body waits for the handler: None = in memory (streamed as it comes, or dropped)
-    client_body: ClientBodyConf | None
     body_timeout: float
     keepalive_timeout: float
     keepalive_requests: int
+
+    @property
+    def client_body(self) -> ClientBodyConf | None:
+        """Where the body waits for the handler: None = in memory (streamed as it comes, or dropped)."""
 
     def start(self) -> None: ...  # the request became the active one
     def body_received(self) -> None: ...  # new chunks in request.body, or request.complete
@@ -170,7 +175,7 @@ class ListenerContext:
         open_exchange: OpenExchange,
         header_timeout: float = 60.0,
         header_buffers: tuple[int, int] = (4, 8192),
-        keys: tuple = (),
+        keys: tuple[ListenKey, ...] = (),
         connections: set[ClientConnection] | None = None,
         max_connections: int = 0,
         underscores_in_headers: bool = False,
@@ -328,8 +333,9 @@ class ClientConnection(asyncio.Protocol):
         self._header_line_max = size
         self._head_max = number * size
         self.closed = False
-        self.route: object = None  # the handler layer's per-connection routing cache
-        self.host_cache: tuple | None = None  # the handler layer's (raw Host -> server) cache
+        self.route: ServerRoute | None = None  # the handler layer's per-connection routing cache
+        # the handler layer's cache: (raw Host, normalized host, the server it selected)
+        self.host_cache: tuple[bytes | None, str | None, ServerRuntime] | None = None
         self.requests = 0  # requests started on this connection ($connection_requests)
         self.opened = self.loop.time()  # ($connection_time)
         self.tls: Any = None  # the ssl.SSLObject of a TLS connection
@@ -687,7 +693,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             if not self._queue:
                 self._queue = deque()
-            self._queue.append((request, handler))  # type: ignore[union-attr]
+            self._queue.append((request, handler))
             self._pause_reading()  # parse no further ahead until the active request is answered
 
     def _read_framing(self, request: Request) -> None:
@@ -796,7 +802,7 @@ class ClientConnection(asyncio.Protocol):
         self._activating = True
         try:
             while self.active is None and self._queue and not self.closed:
-                request, handler = self._queue.popleft()  # type: ignore[union-attr]
+                request, handler = self._queue.popleft()
                 self._activate(request, handler)
         finally:
             self._activating = False

@@ -31,10 +31,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from scriptlb.config.model import ListenConf, MainConf
+from scriptlb.config.model import ListenConf, ListenKey, MainConf, ServerConf, StreamServerConf
 
-Key = tuple[str | None, int, str | None]  # ListenConf.key
-Slot = tuple[Key, int | None]  # (bound key, worker id for reuseport sockets else None)
+Slot = tuple[ListenKey, int | None]  # (bound key, worker id for reuseport sockets else None)
 LogFn = Callable[[str, str], None]  # (level, message)
 
 WILDCARDS = frozenset({"0.0.0.0", "::"})
@@ -65,12 +64,13 @@ class Listener:
 # --------------------------------------------------------------------------- planning
 
 
-def configured_listens(conf: MainConf) -> dict[Key, ListenConf]:
+def configured_listens(conf: MainConf) -> dict[ListenKey, ListenConf]:
     """Every distinct listen key in declaration order, options merged the way nginx allows
     them (once per address): the first declaration wins, ``reuseport`` anywhere counts."""
-    merged: dict[Key, ListenConf] = {}
-    servers = [*(conf.http.servers if conf.http is not None else ()),
-               *(conf.stream.servers if conf.stream is not None else ())]
+    merged: dict[ListenKey, ListenConf] = {}
+    servers: list[ServerConf | StreamServerConf] = [
+        *(conf.http.servers if conf.http is not None else ()),
+        *(conf.stream.servers if conf.stream is not None else ())]
     for server in servers:
         for listen in server.listens:
             first = merged.get(listen.key)
@@ -81,7 +81,7 @@ def configured_listens(conf: MainConf) -> dict[Key, ListenConf]:
     return merged
 
 
-def _wildcard_for(listen: ListenConf, listens: dict[Key, ListenConf]) -> Key | None:
+def _wildcard_for(listen: ListenConf, listens: dict[ListenKey, ListenConf]) -> ListenKey | None:
     """The key of the wildcard listen that covers ``listen``, if it must share that socket."""
     if listen.unix_path is not None or listen.host in WILDCARDS or listen.reuseport:
         return None
@@ -100,7 +100,7 @@ class ListenerSet:
 
     def __init__(self) -> None:
         self._bound: dict[Slot, Listener] = {}
-        self._routes: dict[Key, Key] = {}  # every configured key -> the key actually bound
+        self._routes: dict[ListenKey, ListenKey] = {}  # every configured key -> the key actually bound
         self._fresh: set[Slot] = set()  # opened by this set (not taken over from the previous)
 
     def __repr__(self) -> str:
@@ -157,9 +157,9 @@ class ListenerSet:
 
     # ----------------------------------------------------------------------- views
 
-    def for_worker(self, worker_id: int) -> dict[Key, socket.socket]:
+    def for_worker(self, worker_id: int) -> dict[ListenKey, socket.socket]:
         """What ``worker.run`` gets: every configured key -> the socket this worker accepts on."""
-        result: dict[Key, socket.socket] = {}
+        result: dict[ListenKey, socket.socket] = {}
         for key, bound_key in self._routes.items():
             listener = self._bound.get((bound_key, None)) or self._bound.get((bound_key, worker_id))
             if listener is not None:

@@ -26,11 +26,10 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar
 
-from scriptlb.config.model import HttpConf, LocationConf, ReturnConf, ServerConf, Template, Var
+from scriptlb.config.model import HttpConf, ListenKey, LocationConf, ReturnConf, ServerConf, Template, Var
 
 T = TypeVar("T")
 
-ListenKey = tuple[str | None, int, str | None]  # ListenConf.key
 
 # PCRE's named group "(?<name>" is Python's "(?P<name>" (lookbehinds "(?<=" "(?<!" stay)
 _PCRE_NAMED_GROUP = re.compile(r"\(\?<(?=[A-Za-z_])")

@@ -44,8 +44,8 @@ from importlib import metadata
 from scriptlb import cluster, config, daemon, errorlog, service
 from scriptlb import status as instance_status
 from scriptlb.config.errors import ConfigError, where
-from scriptlb.config.model import MainConf
-from scriptlb.listeners import Key, ListenError, ListenerSet, LogFn
+from scriptlb.config.model import ListenKey, MainConf
+from scriptlb.listeners import ListenError, ListenerSet, LogFn
 from scriptlb.peer_lists import PeerListStore
 from scriptlb.shared_dict import remove_files, zone_directory
 from scriptlb.signals import (
@@ -58,7 +58,7 @@ from scriptlb.signals import (
 from scriptlb.stats import PeerStats
 
 # worker.run(conf, listeners, worker_id, worker_count)
-WorkerEntry = Callable[[MainConf, dict[Key, socket.socket], int, int], None]
+WorkerEntry = Callable[[MainConf, dict[ListenKey, socket.socket], int, int], None]
 
 RETIRE_DELAY = 0.1  # nginx sleeps 100 ms between starting new workers and QUITting old ones
 KILL_AFTER = 1.5  # TERM, then SIGKILL if still alive (nginx: after ~1.5 s of doubling delays)

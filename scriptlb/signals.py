@@ -62,7 +62,7 @@ class SignalWaiter:
 
     def __init__(self, signals: Iterable[signal.Signals] = MASTER_SIGNALS) -> None:
         self._signals = frozenset(signals)
-        self._previous_mask: set[signal.Signals] | None = None
+        self._previous_mask: set[int | signal.Signals] | None = None
 
     def __enter__(self) -> SignalWaiter:
         self._previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._signals)
@@ -75,12 +75,13 @@ class SignalWaiter:
 
     def wait(self, timeout: float | None) -> Received | None:
         """The next pending signal, waiting at most ``timeout`` seconds (None: forever)."""
+        info: signal.struct_siginfo | None
         if timeout is None:
             info = signal.sigwaitinfo(self._signals)
         else:
             info = signal.sigtimedwait(self._signals, max(timeout, 0.0))
-            if info is None:
-                return None
+        if info is None:
+            return None
         return Received(signal.Signals(info.si_signo), info.si_pid)
 
 

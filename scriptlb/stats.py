@@ -95,9 +95,12 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from scriptlb.config.model import HttpConf
+
+if TYPE_CHECKING:
+    from scriptlb.peers import Peer
 
 DECAY_TIME = 10.0  # seconds, APISIX's ewma DECAY_TIME
 # what ``read`` / ``figures`` give for a peer, in order (None where nothing was recorded)
@@ -352,7 +355,8 @@ class PeerStats:
     def slots(self, upstream: str) -> tuple[list[int], list[int]]:
         """(primary, backup) slots of an upstream, indexed by ``Peer.id``: what a worker's
         upstream keeps for ``record_*`` and ``sync_weights``."""
-        primary, backup = [], []
+        primary: list[int] = []
+        backup: list[int] = []
         for (name, is_backup, _), slot in self._slots.items():  # in Peer.id order
             if name == upstream:
                 (backup if is_backup else primary).append(slot)
@@ -647,8 +651,8 @@ class Recorder:
             for column in (self.started, self.finished, self.failures, self.status, self.samples, self.sent,
                            self.received, self.unavail, self.header_samples):
                 column.append(0)
-            for column in (self.failure_time, self.sample_sum, self.sample_max, self.header_sum):
-                column.append(0.0)
+            for float_column in (self.failure_time, self.sample_sum, self.sample_max, self.header_sum):
+                float_column.append(0.0)
             self.codes.append({})
             self.buckets.extend([0] * BUCKET_SLOTS)
         return index
@@ -807,33 +811,33 @@ class UpstreamStats:
         path inline this: ``stats.words[WEIGHT_GENERATION] != stats.generation``.)"""
         return self.words[WEIGHT_GENERATION] != self.generation
 
-    def assign_indexes(self, primary: Sequence[Any], backup: Sequence[Any]) -> None:
+    def assign_indexes(self, primary: Sequence[Peer], backup: Sequence[Peer]) -> None:
         """Give each ``Peer`` its ``stats_index`` (what the tries loop records under)."""
         for peers, slots in ((primary, self.primary), (backup, self.backup)):
             for peer, slot in zip(peers, slots, strict=True):
                 peer.stats_index = self.recorder.index_of(slot)
 
-    def slot_of(self, peer: Any) -> int:
+    def slot_of(self, peer: Peer) -> int:
         """The slot of a ``Peer`` of this upstream (by its list and ``id``)."""
         return (self.backup if peer.backup else self.primary)[peer.id]
 
-    def figures(self, peer: Any) -> tuple[Any, ...]:
+    def figures(self, peer: Peer) -> tuple[Any, ...]:
         """The peer's ``FIELDS`` values: every worker's published tries and this one's all."""
         return self.recorder.unpublished(peer.stats_index, self.stats.figures(self.slot_of(peer)))
 
-    def histogram(self, peer: Any) -> tuple[list[int], float]:
+    def histogram(self, peer: Peer) -> tuple[list[int], float]:
         """The peer's response-time samples per bucket and their sum (all workers')."""
         return self.recorder.unpublished_histogram(peer.stats_index, self.stats.histogram(self.slot_of(peer)))
 
-    def classes(self, peer: Any) -> list[int]:
+    def classes(self, peer: Peer) -> list[int]:
         """The peer's responses 1xx..5xx: every worker's published and this one's all."""
         return self.recorder.unpublished_classes(peer.stats_index, self.stats.classes(self.slot_of(peer)))
 
-    def codes(self, peer: Any) -> dict[int, int]:
+    def codes(self, peer: Peer) -> dict[int, int]:
         """The peer's responses per status code (100..599): every worker's."""
         return self.recorder.unpublished_codes(peer.stats_index, self.stats.codes(self.slot_of(peer)))
 
-    def traffic(self, peer: Any) -> list[float]:
+    def traffic(self, peer: Peer) -> list[float]:
         """The peer's ``TRAFFIC_FIELDS``: every worker's published and this one's all."""
         return self.recorder.unpublished_traffic(peer.stats_index, self.stats.traffic(self.slot_of(peer)))
 

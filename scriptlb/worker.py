@@ -28,7 +28,7 @@ from typing import Any
 import uvloop
 
 from scriptlb import api, cluster, errorlog, safety
-from scriptlb.config.model import HttpConf, MainConf
+from scriptlb.config.model import HttpConf, ListenKey, MainConf, ServerConf, StreamServerConf
 from scriptlb.downstream import ClientConnection, ListenerContext
 from scriptlb.exchange import Exchange, log_client_error
 from scriptlb.peer_lists import PeerListStore, PeerListWatcher, effective_conf
@@ -38,16 +38,14 @@ from scriptlb.shared_dict import SharedDict, SyncedSharedDict, map_size, zone_di
 from scriptlb.stats import PeerStats, Recorder, StatsFull, layout_of, shards_for, stream_layout_of
 from scriptlb.status import StatusFull, WorkerStatus, rows_for
 
-Key = tuple
-
 # A graceful stop waits for in-flight requests, checking this often.
 _DRAIN_POLL = 0.05
 _TLS_CLOSE_GRACE = 0.1  # seconds a stopping worker leaves TLS connections to close
 
 
 class Worker:
-    def __init__(self, conf: MainConf, listeners: dict[Key, socket.socket], loop: asyncio.AbstractEventLoop,
-                 worker_id: int = 0, worker_count: int = 1) -> None:
+    def __init__(self, conf: MainConf, listeners: dict[ListenKey, socket.socket],
+                 loop: asyncio.AbstractEventLoop, worker_id: int = 0, worker_count: int = 1) -> None:
         self.conf = conf
         self.listeners = listeners
         self.loop = loop
@@ -140,7 +138,7 @@ class Worker:
     async def _start_servers(self, runtime: Runtime) -> None:
         connections: set[ClientConnection] = set()  # worker_connections counts them all
         reusable: dict[ClientConnection, None] = {}  # the ones that may make room, oldest first
-        by_socket: dict[int, tuple[socket.socket, list[Key]]] = {}
+        by_socket: dict[int, tuple[socket.socket, list[ListenKey]]] = {}
         for key, sock in self.listeners.items():
             by_socket.setdefault(id(sock), (sock, []))[1].append(key)
         for sock, keys in by_socket.values():
@@ -170,7 +168,7 @@ class Worker:
             )
             self._servers.append(server)
 
-    async def _start_stream_server(self, sock: socket.socket, keys: list[Key]) -> None:
+    async def _start_stream_server(self, sock: socket.socket, keys: list[ListenKey]) -> None:
         factory = self.stream.session_factory(keys) if self.stream is not None else None
         if factory is None:
             return
@@ -178,12 +176,13 @@ class Worker:
                                                ssl=self.stream.ssl_context(keys))
         self._servers.append(server)
 
-    def _backlog(self, keys: list[Key]) -> int:
+    def _backlog(self, keys: list[ListenKey]) -> int:
         """The configured ``listen ... backlog=N``: asyncio calls listen() again with it, so it
         must be the master's value, not asyncio's default of 100."""
         http = self.conf.http
-        servers = [*(http.servers if http is not None else ()),
-                   *(self.conf.stream.servers if self.conf.stream is not None else ())]
+        servers: list[ServerConf | StreamServerConf] = [
+            *(http.servers if http is not None else ()),
+            *(self.conf.stream.servers if self.conf.stream is not None else ())]
         backlogs = [listen.backlog for server in servers for listen in server.listens if listen.key in keys]
         return max(backlogs, default=511)
 
@@ -301,7 +300,7 @@ def _protocol_factory(
 
 
 def run(
-    conf: MainConf, listeners: dict[Key, socket.socket], worker_id: int = 0, worker_count: int = 1
+    conf: MainConf, listeners: dict[ListenKey, socket.socket], worker_id: int = 0, worker_count: int = 1
 ) -> None:
     """Serve until QUIT/TERM/INT; the master's entry point into a worker process."""
     loop = uvloop.new_event_loop()
@@ -430,7 +429,7 @@ class WorkerThread:
     def __init__(
         self,
         conf: MainConf,
-        listeners: dict[Key, socket.socket],
+        listeners: dict[ListenKey, socket.socket],
         use_uvloop: bool = True,
         install_error_log: bool = True,
     ) -> None:
@@ -439,7 +438,7 @@ class WorkerThread:
         self.error: BaseException | None = None
         # what reached the loop's exception handler (a bug escaping a callback): tests assert
         # it stays empty
-        self.loop_errors: list[dict] = []
+        self.loop_errors: list[dict[str, Any]] = []
         self.loop.set_exception_handler(self._on_loop_error)
         # the process's error log becomes the config's while the thread runs (the master does
         # this for real workers); the previous one comes back on stop()
@@ -447,7 +446,7 @@ class WorkerThread:
         self._previous_error_log: errorlog.ErrorLog | None = None
         self._thread = threading.Thread(target=self._main, name="scriptlb-worker", daemon=True)
 
-    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         self.loop_errors.append(context)
         loop.default_exception_handler(context)
 

@@ -234,7 +234,7 @@ def parse_proxy_url(url: str) -> ProxyUrl:
         path, colon, uri = rest[len("unix:") :].partition(":")
         return ProxyUrl(f"unix:{path}", split_host_port(f"unix:{path}"), uri if colon else None, ssl)
     slash = rest.find("/")
-    authority, uri = (rest, None) if slash < 0 else (rest[:slash], rest[slash:])
+    authority, path_uri = (rest, None) if slash < 0 else (rest[:slash], rest[slash:])
     if not authority:
         raise AddressError("no host")
-    return ProxyUrl(authority, split_host_port(authority), uri, ssl)
+    return ProxyUrl(authority, split_host_port(authority), path_uri, ssl)

@@ -59,7 +59,7 @@ from scriptlb.config.model import (
     UpstreamServerConf,
 )
 from scriptlb.config.parser import Node
-from scriptlb.config.rewrite import with_body
+from scriptlb.config.rewrite import DraftOp, with_body
 from scriptlb.config.stream import stream_conf
 from scriptlb.config.variables import compile_template, declared_variables
 
@@ -187,7 +187,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
     )
 
 
-def _upstream_resolver(upstream: UpstreamDraft, http: HttpDraft) -> ResolverConf | None:
+def _upstream_resolver(upstream: UpstreamDraft, http: HttpDraft | StreamDraft) -> ResolverConf | None:
     """The upstream's ``resolver`` (else http's), with its ``resolver_timeout``; checks that
     run-time membership has what it needs, in nginx Plus's words."""
     dynamic = [s for s in upstream.servers if s.resolve]
@@ -202,7 +202,8 @@ def _upstream_resolver(upstream: UpstreamDraft, http: HttpDraft) -> ResolverConf
             raise ConfigError(f'no resolver defined to resolve {dynamic[0].name}', dynamic[0].source)
         return None
     timeout = v.get("resolver_timeout", h.get("resolver_timeout", 30.0))
-    return dataclasses.replace(resolver, timeout=timeout)
+    conf: ResolverConf = dataclasses.replace(resolver, timeout=timeout)
+    return conf
 
 
 def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft | StreamDraft) -> UpstreamConf:
@@ -394,19 +395,20 @@ def _rewrite_ops(chain: Sequence[LevelDraft]) -> tuple[RewriteOp, ...]:
     return tuple(ops)
 
 
-def _resolved(entries: Sequence[Any]) -> list[RewriteOp]:
+def _resolved(entries: Sequence[DraftOp]) -> list[RewriteOp]:
     out = []
     for entry in entries:
         if isinstance(entry, tuple):
             op, body = entry
-            entry = with_body(op, _resolved(body.ops))
-        out.append(entry)
+            out.append(with_body(op, _resolved(body.ops)))
+        else:
+            out.append(entry)
     return out
 def _check_peer_tls(servers: tuple[ServerConf, ...]) -> None:
     """proxy_pass https://: build each distinct client context once, for its errors."""
     from scriptlb.tls import TlsConfigError, client_context
 
-    checked: set = set()
+    checked: set[ProxySslConf] = set()
     for server in servers:
         for location in server.locations:
             proxy_pass = location.proxy_pass

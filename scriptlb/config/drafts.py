@@ -17,6 +17,7 @@ from scriptlb.config.model import (
     BalancerMethodConf,
     ErrorLogConf,
     ListenConf,
+    ListenKey,
     LogFormat,
     MapConf,
     ReturnConf,
@@ -124,7 +125,7 @@ class StreamServerDraft:
     listens: list[ListenConf] = field(default_factory=list)
     proxy_pass: tuple[str, Source] | None = None
     access_logs: list[AccessLogConf] | None = None
-    proxy_protocol_listens: list[tuple] = field(default_factory=list)
+    proxy_protocol_listens: list[ListenKey] = field(default_factory=list)
 
 
 @dataclass(eq=False)

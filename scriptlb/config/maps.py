@@ -8,7 +8,7 @@ module reads the same blocks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import MapConf, MapEntry, Template
@@ -109,7 +109,7 @@ def _template(node: Node, raw: str) -> Template:
         raise ConfigError(str(e), node.source) from None
 
 
-def declared_map_variables(nodes: tuple[Node, ...] | list[Node]) -> frozenset[str]:
+def declared_map_variables(nodes: Sequence[Node]) -> frozenset[str]:
     """The variables the ``map`` blocks of the http blocks in ``nodes`` define (pre-scan: a
     map may be used above the lines that define it, as nginx resolves names at the end)."""
     names: set[str] = set()

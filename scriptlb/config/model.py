@@ -14,6 +14,9 @@ import mmap
 from dataclasses import dataclass, field
 from enum import IntFlag
 
+# ListenConf.key: (host, port, unix path), the identity of a listening socket
+ListenKey = tuple[str | None, int, str | None]
+
 
 @dataclass(frozen=True, slots=True)
 class Source:
@@ -371,7 +374,7 @@ class ListenConf:
     ssl: bool = False  # `listen ... ssl`: TLS is terminated on this socket
 
     @property
-    def key(self) -> tuple[str | None, int, str | None]:
+    def key(self) -> ListenKey:
         """Identity of the listening socket; servers with the same key share it."""
         return (self.host, self.port, self.unix_path)
 
@@ -631,7 +634,7 @@ class StreamServerConf:
     access_logs: tuple[AccessLogConf, ...] = ()
     source: Source | None = None
     ssl_preread: bool = False  # read the TLS ClientHello for $ssl_preread_* before proxying
-    proxy_protocol_listens: tuple[tuple, ...] = ()  # keys of `listen ... proxy_protocol`
+    proxy_protocol_listens: tuple[ListenKey, ...] = ()  # keys of `listen ... proxy_protocol`
     ssl: SslConf | None = None  # TLS termination on its `listen ... ssl` sockets (http's settings)
 
 

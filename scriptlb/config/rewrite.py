@@ -11,9 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from scriptlb.config.model import ReturnConf, RewriteOp
+
+if TYPE_CHECKING:
+    from scriptlb.config.drafts import LevelDraft
 
 _NAME = re.compile(r"[A-Za-z0-9_]+")
 _FLAGS = ("last", "break", "redirect", "permanent")
@@ -24,8 +27,12 @@ _OPERATORS = ("=", "!=", "~", "~*", "!~", "!~*")
 class IfDraft:
     """An ``if`` block being read: its directives, in order."""
 
-    ops: list[RewriteOp] = field(default_factory=list)
+    ops: list[DraftOp] = field(default_factory=list)
     values: dict[str, Any] = field(default_factory=dict)
+
+
+# a level's directive as read: an ``if`` comes with the block read after it (the builder joins them)
+DraftOp: TypeAlias = "RewriteOp | tuple[RewriteOp, IfDraft]"
 
 
 def declared_variables(nodes: Iterable[Any]) -> frozenset[str]:
@@ -41,11 +48,12 @@ def declared_variables(nodes: Iterable[Any]) -> frozenset[str]:
     return frozenset(names)
 
 
-def ops_of(draft: Any) -> list[RewriteOp]:
+def ops_of(draft: IfDraft | LevelDraft) -> list[DraftOp]:
     """A level's list of rewrite-module directives."""
     if isinstance(draft, IfDraft):
         return draft.ops
-    return draft.values.setdefault("rewrite_ops", [])
+    ops: list[DraftOp] = draft.values.setdefault("rewrite_ops", [])
+    return ops
 
 
 def set_op(node: Any, template: Any) -> RewriteOp:

@@ -18,6 +18,7 @@ from scriptlb.config.drafts import MainDraft, StreamDraft, StreamServerDraft, Up
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
     ListenConf,
+    ListenKey,
     PeerAddr,
     Source,
     StreamConf,
@@ -302,7 +303,7 @@ def implicit_addresses(text: str, source: Source | None) -> tuple[PeerAddr, ...]
 
 
 def _check_listens(servers: Sequence[StreamServerConf]) -> None:
-    seen: dict[tuple, ListenConf] = {}
+    seen: dict[ListenKey, ListenConf] = {}
     for server in servers:
         for listen in server.listens:
             if listen.key in seen:
