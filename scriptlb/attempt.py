@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from scriptlb.peers import Peer
     from scriptlb.pool import ConnectionPool
     from scriptlb.runtime import UpstreamRuntime
-    from scriptlb.upstream import UpstreamConnection
+    from scriptlb.upstream import PoolKey, UpstreamConnection
 
 clock = time.perf_counter  # the tries' clock (see the module docstring)
 
@@ -78,7 +78,7 @@ class TryRecord:
         return f"<TryRecord {self.addr} {self.status}>"
 
 
-def pool_key(address: str, host: str, local_addr: tuple[str, int] | None) -> tuple:
+def pool_key(address: str, host: str, local_addr: tuple[str, int] | None) -> PoolKey:
     """What makes two connections interchangeable: the peer's address text (with its port, or
     ``unix:path``), the name the peer is addressed by (a hook's ``set_current_peer`` host; the
     TLS server name once TLS exists, so two names on one address never share a connection),
@@ -100,7 +100,7 @@ class Attempt(TryRecord):
         peer_addr: PeerAddr,
         peer: Peer | None,
         pool: ConnectionPool | None,
-        key: tuple,
+        key: PoolKey,
         hook: Any = None,
     ) -> None:
         # (TryRecord's fields, assigned here: one constructor call per try)

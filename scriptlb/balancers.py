@@ -155,7 +155,7 @@ class chash(_Weighted):  # lower-case: named like resty.chash, which hook author
             raise TypeError(f"key must be a str or bytes, not {type(key).__name__}")
         if not self._hashes:
             return None, 0
-        raw = key.encode() if type(key) is str else key
+        raw = key.encode() if isinstance(key, str) else key
         index = bisect.bisect_left(self._hashes, zlib.crc32(raw)) % len(self._hashes)
         return self._walk(index, None, _membership(tried))
 

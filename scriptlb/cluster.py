@@ -34,11 +34,16 @@ import json
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scriptlb import errorlog
 from scriptlb.config.model import HttpConf, MainConf
 from scriptlb.shared_dict import SyncedSharedDict, zone_directory
+
+if TYPE_CHECKING:
+    from scriptlb.dict_sync import DictSync
+    from scriptlb.discovery import EtcdMembership
+    from scriptlb.resolver import DnsMembership
 
 FINAL_ROUND_TIMEOUT = 1.0  # seconds a stopping node spends pushing its last writes
 STATUS_FILE = "cluster_status.json"
@@ -70,7 +75,8 @@ class ClusterStatus:
     def read(directory: str) -> dict[str, dict[str, dict[str, Any]]]:
         try:
             with open(os.path.join(directory, STATUS_FILE), encoding="utf-8") as f:
-                return json.load(f)
+                states: dict[str, dict[str, dict[str, Any]]] = json.load(f)
+                return states
         except (OSError, ValueError):
             return {}
 
@@ -96,10 +102,10 @@ class ClusterNode:
 
     def __init__(self, conf: MainConf) -> None:
         self.conf = conf
-        self.syncs: list = []
-        self.memberships: list = []
+        self.syncs: list[DictSync] = []
+        self.memberships: list[EtcdMembership | DnsMembership] = []
         self.status: ClusterStatus | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         from scriptlb.dict_sync import DictSync
@@ -108,18 +114,19 @@ class ClusterNode:
         if http is None:
             return
         directory = zone_directory(self.conf.prefix)
-        self.status = ClusterStatus(directory)
+        status = self.status = ClusterStatus(directory)
         for name, zone in http.shared_dicts.items():
             if zone.sync is None:
                 continue
             shared = SyncedSharedDict(directory, name, zone.size)
             sync = DictSync(shared, zone.sync)
-            sync.on_state = lambda up, error, name=name: self.status.report("redis", name, up, error)
+            sync.on_state = lambda up, error, name=name: status.report("redis", name, up, error)
             self.syncs.append(sync)
         self._tasks = [loop.create_task(sync.run()) for sync in self.syncs]
-        self._start_memberships(http, directory, loop)
+        self._start_memberships(http, directory, status, loop)
 
-    def _start_memberships(self, http: HttpConf, directory: str, loop: asyncio.AbstractEventLoop) -> None:
+    def _start_memberships(self, http: HttpConf, directory: str, status: ClusterStatus,
+                           loop: asyncio.AbstractEventLoop) -> None:
         from scriptlb.discovery import EtcdMembership
         from scriptlb.peer_lists import PeerListStore
         from scriptlb.resolver import DnsMembership
@@ -127,14 +134,14 @@ class ClusterNode:
         store = PeerListStore(directory)
         for upstream in http.upstreams.values():
             if upstream.discovery is not None:
-                member: Any = EtcdMembership(upstream, upstream.discovery, store)
+                member: EtcdMembership | DnsMembership = EtcdMembership(upstream, upstream.discovery, store)
                 kind = "etcd"
             elif upstream.resolver is not None and any(s.resolve for s in upstream.servers):
                 member, kind = DnsMembership(upstream, upstream.resolver, store), "dns"
             else:
                 continue
             for state in member.source_states():
-                state.on_state = lambda up, error, kind=kind, name=upstream.name: self.status.report(
+                state.on_state = lambda up, error, kind=kind, name=upstream.name: status.report(
                     kind, name, up, error)
             self.memberships.append(member)
         self._tasks += [loop.create_task(member.run()) for member in self.memberships]

@@ -253,7 +253,7 @@ class DictSync:
             self._last_sweep = time.monotonic()
             self.shared.sweep_own()
 
-    async def _run_script(self, pushes: list[Push], last_id: bytes, restore: bool) -> tuple[bytes, list]:
+    async def _run_script(self, pushes: list[Push], last_id: bytes, restore: bool) -> tuple[bytes, list[Any]]:
         args: list[Any] = [self.node, last_id, b"1" if restore else b"0", self.prefix, TOMBSTONE_MS,
                            STREAM_MAXLEN]
         for push in pushes:

@@ -149,7 +149,7 @@ def same_members(current: PeerList, members: list[tuple[str, dict[str, Any]]]) -
     return True
 
 
-_WRITES: set[asyncio.Task] = set()  # write-throughs in flight (the loop keeps weak references)
+_WRITES: set[asyncio.Task[None]] = set()  # write-throughs in flight (the loop keeps weak references)
 
 
 def entry_value(entry: ServerEntry) -> bytes:

@@ -121,7 +121,8 @@ class HealthView:
         stats, slot = upstream.stats.stats, upstream.stats.slot_of(peer)
         words = stats.health(slot)
         current = now - words[6] if words[0] == UNHEALTHY and words[6] else 0.0
-        return stats.downtime(slot) + max(current, 0.0)
+        downtime: float = stats.downtime(slot)
+        return downtime + max(current, 0.0)
 
     @staticmethod
     def state(upstream: Any, peer: Any) -> str:

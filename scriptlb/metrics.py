@@ -256,5 +256,5 @@ def prometheus(exchange: Any) -> None:
     registry = runtime.metrics
     if registry is None:
         registry = runtime.metrics = CollectorRegistry(auto_describe=False)
-        registry.register(ScriptlbCollector(runtime))  # type: ignore[arg-type]
+        registry.register(ScriptlbCollector(runtime))
     exchange.respond(200, _HEADERS, generate_latest(registry))

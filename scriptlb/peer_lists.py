@@ -102,7 +102,7 @@ class PeerList:
 def entries_from_conf(conf: UpstreamConf) -> tuple[ServerEntry, ...]:
     """A config block's servers as entries, ids in file order. A line naming several
     addresses (a host name) becomes one entry per address, as nginx Plus lists its peers."""
-    entries = []
+    entries: list[ServerEntry] = []
     for server in conf.servers:
         for addr in server.addrs:
             entries.append(ServerEntry(

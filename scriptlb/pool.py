@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 
-from scriptlb.upstream import ConnState, UpstreamConnection
+from scriptlb.upstream import ConnState, PoolKey, UpstreamConnection
 
 # The sweep checks expiry at this fraction of keepalive_timeout (bounded below and above), so a
 # connection outlives its timeout by at most this slack.
@@ -46,7 +46,7 @@ class ConnectionPool:
         # every idle connection, least recently released first (LRU order for eviction)
         self._idle: OrderedDict[UpstreamConnection, None] = OrderedDict()
         # per key, a stack of idle connections (most recent last)
-        self._by_key: dict[tuple, list[UpstreamConnection]] = {}
+        self._by_key: dict[PoolKey, list[UpstreamConnection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.closed = False
         # counters, for tests and the status page
@@ -64,7 +64,7 @@ class ConnectionPool:
     def __len__(self) -> int:
         return len(self._idle)
 
-    def acquire(self, key: tuple) -> UpstreamConnection | None:
+    def acquire(self, key: PoolKey) -> UpstreamConnection | None:
         """An idle connection to ``key``, now ACTIVE and out of the pool, or None."""
         stack = self._by_key.get(key)
         while stack:

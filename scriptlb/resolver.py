@@ -199,7 +199,7 @@ class DnsMembership:
             t for t, on in ((dns.rdatatype.A, self.conf.ipv4), (dns.rdatatype.AAAA, self.conf.ipv6)) if on
         ]
         for rdtype in wanted:
-            items = []
+            items: list[Any] = []
             if reply is not None:
                 for rrset in reply.additional:
                     if rrset.rdtype == rdtype and rrset.name.to_text().rstrip(".") == host.rstrip("."):
@@ -221,7 +221,7 @@ class DnsMembership:
         if not records:
             return [], ttl
         best = min(r.priority for r in records)
-        members = []
+        members: list[Member] = []
         ttls = [ttl] if ttl is not None else []
         for record in sorted(records, key=lambda r: (r.priority, r.target.to_text(), r.port))[:MAX_TARGETS]:
             addresses, target_ttl = await self._addresses(record.target.to_text(), reply)

@@ -71,7 +71,7 @@ def report(exc: BaseException, where: str, exchange: Any = None, peer_name: str 
     errorlog.log_error("alert", message, exchange.conn_id, context)
 
 
-def loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+def loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """The worker loop's exception handler: an alert line instead of a traceback on stderr."""
     COUNTERS.loop_errors += 1
     exc = context.get("exception")

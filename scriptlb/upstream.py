@@ -42,6 +42,10 @@ import httptools
 from scriptlb import errorlog, safety
 from scriptlb.retry import Failure
 
+# what makes two upstream connections interchangeable (attempt.pool_key): the peer's
+# address text, the name it is addressed by, and the local address a hook bound to
+PoolKey = tuple[str, str, tuple[str, int] | None]
+
 # Response headers nginx never passes to the client: hop-by-hop ones, the framing we redo, and
 # proxy_hide_header's defaults (Date, Server, X-Pad, X-Accel-*) since we send our own.
 HIDDEN_RESPONSE_HEADERS = frozenset(
@@ -229,7 +233,7 @@ class UpstreamConnection(asyncio.Protocol):
         "upgraded_data",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple, peer_name: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: PoolKey, peer_name: str) -> None:
         self.loop = loop
         self.key = key  # pool key: (peer address name, host name)
         self.peer_name = peer_name

@@ -237,7 +237,8 @@ class Worker:
         if self.status is not None:
             self.status.close()
             self.status = None
-            self.runtime.status = None
+            if self.runtime is not None:
+                self.runtime.status = None
         if self.stats is not None:
             self.stats.close()  # gives the shard back for the next generation of workers
             self.stats = None

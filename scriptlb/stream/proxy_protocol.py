@@ -84,7 +84,8 @@ def _read_v2(data: bytes) -> Header | str:
         return BROKEN
     body = data[16:total]
     if family >> 4 == 1 and len(body) >= 12:  # AF_INET
-        src, dst = ipaddress.IPv4Address(body[0:4]), ipaddress.IPv4Address(body[4:8])
+        src: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(body[0:4])
+        dst: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(body[4:8])
         ports = body[8:12]
     elif family >> 4 == 2 and len(body) >= 36:  # AF_INET6
         src, dst = ipaddress.IPv6Address(body[0:16]), ipaddress.IPv6Address(body[16:32])
