@@ -21,16 +21,17 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TypeGuard
 
-from scriptlb.config.model import Template, Var
+from scriptlb.config.model import MapConf, Template, Var
 from scriptlb.config.variables import KNOWN_VARIABLES, VARIABLE_PREFIXES
+from scriptlb.request_view import Header, RequestView
 from scriptlb.tls import TLS_VARIABLES
 
-Getter = Callable[[Any], "str | None"]
+Getter = Callable[[RequestView], "str | None"]
 Clock = Callable[[], float]
-Renderer = Callable[[Any], str]
+Renderer = Callable[[RequestView], str]
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -38,29 +39,32 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 # --------------------------------------------------------------------------- request
 
 
-def _request_line(ex: Any) -> str | None:
+def _request_line(ex: RequestView) -> str | None:
     return f"{ex.method} {ex.request_uri} HTTP/{ex.http_version}"
 
 
-def _args(ex: Any) -> str | None:
+def _args(ex: RequestView) -> str | None:
     return ex.args or None  # nginx: "/x?" has no args at all (not found), like "/x"
 
 
-def _is_args(ex: Any) -> str | None:
+def _is_args(ex: RequestView) -> str | None:
     return "?" if ex.args else ""  # nginx: "" for "/x?" too (empty args)
 
 
-def _http_host(ex: Any) -> str | None:
+def _http_host(ex: RequestView) -> str | None:
     return ex.header("host")
 
 
-def _connections(ex: Any, name: str) -> str:
+def _connections(ex: RequestView, name: str) -> str | None:
     """``$connections_*``: the instance's counters, as stub_status shows them."""
-    status = ex.runtime.status
+    runtime = getattr(ex, "runtime", None)  # (a made-up request has no worker: not found)
+    if runtime is None:
+        return None
+    status = runtime.status
     return str(status.totals()[name]) if status is not None else "0"
 
 
-def _remote_user(ex: Any) -> str | None:
+def _remote_user(ex: RequestView) -> str | None:
     """nginx's ngx_http_auth_basic_user: the user of "Authorization: Basic base64(user:pass)"."""
     authorization = ex.header("authorization")
     if authorization is None:
@@ -76,15 +80,15 @@ def _remote_user(ex: Any) -> str | None:
     return user if colon and user else None  # nginx declines without "user:"
 
 
-def _status(ex: Any) -> str | None:
+def _status(ex: RequestView) -> str | None:
     return f"{ex.status:03d}"
 
 
-def _proxy_host(ex: Any) -> str | None:
+def _proxy_host(ex: RequestView) -> str | None:
     return getattr(ex, "proxy_host", None) or None
 
 
-def _proxy_add_x_forwarded_for(ex: Any) -> str | None:
+def _proxy_add_x_forwarded_for(ex: RequestView) -> str | None:
     forwarded = _join_headers(ex.headers, b"x_forwarded_for", b", ")
     return ex.remote_addr if forwarded is None else f"{forwarded}, {ex.remote_addr}"
 
@@ -92,7 +96,7 @@ def _proxy_add_x_forwarded_for(ex: Any) -> str | None:
 def _attr(name: str) -> Getter:
     """A getter for an exchange attribute, as text (None stays "not found")."""
 
-    def get(ex: Any) -> str | None:
+    def get(ex: RequestView) -> str | None:
         value = getattr(ex, name)
         return None if value is None else str(value)
 
@@ -101,7 +105,7 @@ def _attr(name: str) -> Getter:
 
 
 def _header(name_lower: str) -> Getter:
-    def get(ex: Any) -> str | None:
+    def get(ex: RequestView) -> str | None:
         return ex.header(name_lower)
 
     return get
@@ -118,12 +122,12 @@ def _ms(seconds: float | None) -> str:
     return f"{ms // 1000}.{ms % 1000:03d}"
 
 
-def _upstream_addr(ex: Any) -> str | None:
+def _upstream_addr(ex: RequestView) -> str | None:
     tries = ex.tries
     return ", ".join([t.addr for t in tries]) if tries else None
 
 
-def _upstream_status(ex: Any) -> str | None:
+def _upstream_status(ex: RequestView) -> str | None:
     tries = ex.tries
     if not tries:
         return None
@@ -131,14 +135,14 @@ def _upstream_status(ex: Any) -> str | None:
 
 
 def _upstream_times(field: str) -> Getter:
-    def get(ex: Any) -> str | None:
+    def get(ex: RequestView) -> str | None:
         tries = ex.tries
         return ", ".join([_ms(getattr(t, field)) for t in tries]) if tries else None
 
     return get
 
 
-def _balancer_trace(ex: Any) -> str | None:
+def _balancer_trace(ex: RequestView) -> str | None:
     from scriptlb.trace import render  # (imported on first read: most configs never read it)
 
     return render(ex)
@@ -151,7 +155,7 @@ def _normalized_name(name: bytes) -> bytes:
     return name.lower().replace(b"-", b"_")
 
 
-def _join_headers(headers: Any, wanted: bytes, separator: bytes) -> str | None:
+def _join_headers(headers: Iterable[Header], wanted: bytes, separator: bytes) -> str | None:
     """All values of a header (name compared as nginx: case-insensitive, "-" == "_")."""
     size = len(wanted)
     found = [value for name, value in headers if len(name) == size and _normalized_name(name) == wanted]
@@ -164,7 +168,7 @@ def _http_family(suffix: str) -> Getter:
     wanted = suffix.encode("latin-1")
     separator = b"; " if wanted == b"cookie" else b", "
 
-    def get(ex: Any) -> str | None:
+    def get(ex: RequestView) -> str | None:
         return _join_headers(ex.headers, wanted, separator)
 
     return get
@@ -173,7 +177,7 @@ def _http_family(suffix: str) -> Getter:
 def _upstream_http_family(suffix: str) -> Getter:
     wanted = suffix.encode("latin-1")
 
-    def get(ex: Any) -> str | None:
+    def get(ex: RequestView) -> str | None:
         headers = ex.upstream_headers
         return _join_headers(headers, wanted, b", ") if headers else None
 
@@ -189,16 +193,14 @@ def _sent_http_family(suffix: str) -> Getter:
     wanted = suffix.encode("latin-1")
     framing = wanted in _FRAMING_HEADERS
 
-    def get(ex: Any) -> str | None:
-        headers = ex.response_headers
+    def get(ex: RequestView) -> str | None:
         if framing:
             head = getattr(ex, "sent_head", b"")  # the whole head as written (framing included)
             return _join_headers(_split_header_block(head), wanted, b", ") if head else None
-        if not headers:
+        block = ex.response_headers
+        if not block:
             return None
-        if isinstance(headers, bytes):
-            headers = _split_header_block(headers)
-        return _join_headers(headers, wanted, b", ")
+        return _join_headers(_split_header_block(block), wanted, b", ")
 
     return get
 
@@ -238,14 +240,14 @@ def find_cookie(cookie_header: str | None, name: str) -> str | None:
 
 
 def _arg_family(suffix: str) -> Getter:
-    def get(ex: Any) -> str | None:
+    def get(ex: RequestView) -> str | None:
         return find_arg(ex.args, suffix)
 
     return get
 
 
 def _cookie_family(suffix: str) -> Getter:
-    def get(ex: Any) -> str | None:
+    def get(ex: RequestView) -> str | None:
         return find_cookie(_join_headers(ex.headers, b"cookie", b"; "), suffix)
 
     return get
@@ -255,7 +257,7 @@ def _upstream_cookie_family(suffix: str) -> Getter:
     """$upstream_cookie_NAME: the value of cookie NAME the peer set (its Set-Cookie lines)."""
     wanted = suffix.lower()
 
-    def get(ex: Any) -> str | None:
+    def get(ex: RequestView) -> str | None:
         for name, value in ex.upstream_headers:
             if name.lower() == b"set-cookie":
                 key, sep, rest = value.decode("latin-1").partition("=")
@@ -323,18 +325,18 @@ _CLOCKED = frozenset({"request_time", "msec", "time_local", "time_iso8601"})
 
 _HOSTNAME = socket.gethostname()
 
-def _request_body(ex: Any) -> str | None:
-    body = getattr(ex.request, "body", None)  # (offline tools' requests have none)
+def _request_body(ex: RequestView) -> str | None:
+    body = getattr(getattr(ex, "request", None), "body", None)  # (offline tools' requests have none)
     body = body.kept if body is not None else None
     return body.decode("latin-1") if body is not None else None
 
 
-def _request_body_file(ex: Any) -> str | None:
-    body = getattr(ex.request, "body", None)
+def _request_body_file(ex: RequestView) -> str | None:
+    body = getattr(getattr(ex, "request", None), "body", None)
     return body.file_path if body is not None and body.in_file else None
 
 
-def _connection_time(ex: Any) -> str | None:
+def _connection_time(ex: RequestView) -> str | None:
     conn = getattr(ex, "conn", None)
     if conn is None:
         return None
@@ -392,7 +394,7 @@ _SIMPLE: dict[str, Getter] = {
 _DECLARED: dict[str, Getter] = {}
 
 
-def use_maps(maps: dict[str, Any]) -> None:
+def use_maps(maps: dict[str, MapConf]) -> None:
     """Make the ``map`` variables of a configuration (HttpConf.maps) readable, replacing the
     previous configuration's. Called before the configuration's templates are compiled."""
     from scriptlb.maps import MapVariable
@@ -436,7 +438,7 @@ def _getter(var: Var, clock: Clock, lookup: Callable[[str, Clock], Getter]) -> G
 
 
 def _set_variable(name: str) -> Getter:
-    def get(ex: Any) -> str | None:
+    def get(ex: RequestView) -> str | None:
         values = getattr(ex, "variables", None)
         return values.get(name) if values else None
 
@@ -444,8 +446,8 @@ def _set_variable(name: str) -> Getter:
 
 
 def _capture(number: int) -> Getter:
-    def get(ex: Any) -> str | None:
-        captures = getattr(ex, "captures", None)
+    def get(ex: RequestView) -> str | None:
+        captures: tuple[str, ...] | None = getattr(ex, "captures", None)
         if not captures or number >= len(captures):
             return None
         return captures[number]
@@ -453,7 +455,7 @@ def _capture(number: int) -> Getter:
     return get
 
 
-def get_variable(ex: Any, name: str) -> str | None:
+def get_variable(ex: RequestView, name: str) -> str | None:
     """One variable's value now (for ngx.var reads from hooks); None when not found."""
     return variable_getter(name.lower())(ex)
 
@@ -527,7 +529,7 @@ def compile_template(template: Template, clock: Clock = time.time,
         return lambda ex: only(ex) or ""
     fmt = _format_string(template).format
 
-    def render(ex: Any) -> str:
+    def render(ex: RequestView) -> str:
         return fmt(*[g(ex) or "" for g in getters])
 
     return render
@@ -542,7 +544,7 @@ def _value_bytes(value: str) -> bytes:
         return value.encode("utf-8", "surrogateescape")
 
 
-def compile_template_bytes(template: Template, clock: Clock = time.time) -> Callable[[Any], bytes]:
+def compile_template_bytes(template: Template, clock: Clock = time.time) -> Callable[[RequestView], bytes]:
     """``compile_template`` for bytes on the wire (``return`` bodies, Location): literals are
     the config file's bytes, variables the bytes they were read from (nginx copies bytes)."""
     pieces: list[bytes | Getter] = [
@@ -554,7 +556,7 @@ def compile_template_bytes(template: Template, clock: Clock = time.time) -> Call
         constant = b"".join(p for p in pieces if isinstance(p, bytes))
         return lambda ex: constant
 
-    def render(ex: Any) -> bytes:
+    def render(ex: RequestView) -> bytes:
         out = []
         for piece in pieces:
             if isinstance(piece, bytes):
@@ -564,6 +566,10 @@ def compile_template_bytes(template: Template, clock: Clock = time.time) -> Call
         return b"".join(out)
 
     return render
+
+
+def _all_found(values: list[str | None]) -> TypeGuard[list[str]]:
+    return None not in values
 
 
 def compile_log_format(template: Template, escape: str = "default", clock: Clock = time.time,
@@ -581,24 +587,23 @@ def compile_log_format(template: Template, escape: str = "default", clock: Clock
     fmt = _format_string(template).format
     if escape == "default":
 
-        def render(ex: Any) -> str:
-            values = [g(ex) for g in getters]
-            if None in values:
-                values = ["-" if v is None else v for v in values]  # not found: "-"
+        def render(ex: RequestView) -> str:
+            found = [g(ex) for g in getters]
+            values = found if _all_found(found) else ["-" if v is None else v for v in found]  # not found: -
             # one search over the whole line instead of one per value: values rarely need
             # escaping, and when one does, each is escaped on its own (literals never are)
-            if _LOG_UNSAFE.search("".join(values)) is not None:  # type: ignore[arg-type]
-                values = [_LOG_UNSAFE.sub(_hex_bytes, v) for v in values]  # type: ignore[arg-type]
+            if _LOG_UNSAFE.search("".join(values)) is not None:
+                values = [_LOG_UNSAFE.sub(_hex_bytes, v) for v in values]
             return fmt(*values)
 
     elif escape == "json":
 
-        def render(ex: Any) -> str:
+        def render(ex: RequestView) -> str:
             return fmt(*[json_escape(v) if (v := g(ex)) else "" for g in getters])
 
     elif escape == "none":
 
-        def render(ex: Any) -> str:
+        def render(ex: RequestView) -> str:
             return fmt(*[g(ex) or "" for g in getters])
 
     else:

@@ -220,7 +220,7 @@ def test_sent_and_upstream_header_families() -> None:
     assert value("upstream_http_set_cookie", ex) == "s=1"
     assert value("upstream_http_none", ex) is None
     assert value("sent_http_content_type") is None  # nothing sent yet
-    listed = FakeExchange(response_headers=[(b"Content-Type", b"a/b")])  # type: ignore[arg-type]
+    listed = FakeExchange(response_headers=b"Content-Type: a/b\r\n")
     assert value("sent_http_content_type", listed) == "a/b"
 
 
