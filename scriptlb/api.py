@@ -26,9 +26,11 @@ import reprlib
 import sys
 import time
 import zlib
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Literal, NoReturn, Protocol, TypeGuard
 
 from scriptlb.config.model import PeerAddr
+from scriptlb.request_view import HookRequest, RequestView, StreamRequest, is_stream
 from scriptlb.sandbox.guards import (
     checked_method,
     expose,
@@ -37,9 +39,21 @@ from scriptlb.sandbox.guards import (
     text_size,
     writable,
 )
-from scriptlb.variables import variable_getter  # imported here: not inside a run's budget
+from scriptlb.variables import Getter, variable_getter  # imported here: not inside a run's budget
 
-_OK = (True, None)
+if TYPE_CHECKING:
+    from scriptlb.peers import Peer, PeerSet
+    from scriptlb.shared_dict import SharedDict
+    from scriptlb.stats import UpstreamStats
+
+# What the API functions return to hook code: (True, None) on success, (None, "why") when
+# refused (set_more_tries: (True, "reduced tries due to limit")). Their arguments come from hook
+# code and are typed ``object``: each function checks what it was given.
+Result = tuple[Literal[True] | None, str | None]
+Figures = tuple[object, ...]  # a peer's live statistics (scriptlb.stats.FIELDS), None: unrecorded
+LogSink = Callable[[str, str, "HookRequest | None"], None]  # (level, message, request or None)
+
+_OK: Result = (True, None)
 MAX_MORE_TRIES = 1000  # one set_more_tries grant, when proxy_next_upstream_tries is 0 (unlimited)
 MAX_LOG_MESSAGE = 2048  # nginx's NGX_MAX_ERROR_STR
 MAX_LOGS_PER_RUN = 100
@@ -50,17 +64,65 @@ BALANCER_PHASE = "balancer"
 LOG_PHASE = "log"
 
 
+class HookOutcome:
+    """What one balancer run decided. Class-level defaults keep a run's allocation to one empty
+    object.
+
+    ``error`` says why the try falls back: None (fine), "runtime_error", "timeout",
+    "compile_error", "no_peer", "exit_error" (``ngx.exit`` with a code below 300) or
+    "breaker_open" (skipped: the circuit breaker is open). With ``balancer_by_python_fallback
+    off`` every error but "no_peer" comes with ``exit_status`` 500.
+    """
+
+    addr: PeerAddr | None = None  # set_current_peer's address; None: fall back
+    host: str | None = None  # set_current_peer's host (Host/SNI/pool key)
+    more_tries: int = 0  # granted by set_more_tries (clamped), counted only with a peer
+    exit_status: int | None = None  # ngx.exit(status >= 300): finish with it, contact no peer
+    keepalive: tuple[float, int] | None = None  # enable_keepalive(idle_timeout, max_requests)
+    local_addr: str | None = None  # bind_to_local_addr: "ip" or "ip:port", for this and later tries
+    recreate: bool = False  # recreate_request() was called
+    error: str | None = None
+    message: str | None = None  # the logged text of the error, for `scriptlb hook run`
+    # for $balancer_trace (read only when the variable is): the run's duration in seconds,
+    # and what get_last_failure() returned, if the hook called it
+    spent: float = 0.0
+    failure_read: bool = False
+    failure_seen: tuple[str, int] | None = None
+
+    def __repr__(self) -> str:
+        fields = ("addr", "host", "more_tries", "exit_status", "keepalive", "local_addr", "error")
+        shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in fields if getattr(self, f) not in (None, 0))
+        return f"HookOutcome({shown})"
+
+
+class HookUpstream(Protocol):
+    """The upstream a run serves, as ``ngx.upstream`` reads it (``runtime.UpstreamRuntime``;
+    ``synthetic.SyntheticUpstream`` offline)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def peers(self) -> PeerSet: ...
+    @property
+    def stats(self) -> UpstreamStats | None: ...  # None: python_peer_stats off
+
+    def refresh_weights(self) -> object: ...
+
+
 class RunContext:
     """The run in progress (or none): what the API objects read and write."""
 
-    __slots__ = ("exchange", "log", "logged", "now", "outcome", "phase", "upstream")
+    __slots__ = ("exchange", "http", "log", "logged", "now", "outcome", "phase", "stream", "upstream")
 
     def __init__(self) -> None:
-        self.exchange: Any = None
-        self.upstream: Any = None
-        self.outcome: Any = None  # not None while a run is active (LOG_OUTCOME in the log phase)
+        self.exchange: HookRequest | None = None
+        # the same request by kind (set by point_at): ngx.var reads http's variables or the session's
+        self.http: RequestView | None = None
+        self.stream: StreamRequest | None = None
+        self.upstream: HookUpstream | None = None
+        self.outcome: HookOutcome | None = None  # not None while a run is active (LOG_OUTCOME: log phase)
         self.phase = BALANCER_PHASE  # the run's phase: ngx.get_phase(); balancer.* only in "balancer"
-        self.log: Any = None  # callable(level: str, msg: str, exchange) from the runner
+        self.log: LogSink | None = None  # the runner's
         self.logged = 0  # ngx.log lines of this run (capped: a loop must not flood the log)
         self.now = 0.0  # the log phase's time (time.time()) for $request_time & co; 0.0 = the clock
 
@@ -70,20 +132,23 @@ class _NoUpstream:
 
     __slots__ = ()
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> NoReturn:
+        raise RuntimeError("no upstream")
+
+    def refresh_weights(self) -> NoReturn:
         raise RuntimeError("no upstream")
 
 
 CURRENT = RunContext()
-LOG_OUTCOME = object()  # CURRENT.outcome of a log run: a run is active, with no outcome to write
-NO_UPSTREAM = _NoUpstream()
+LOG_OUTCOME = HookOutcome()  # CURRENT.outcome of a log run: a run is active, with no outcome to write
+NO_UPSTREAM: HookUpstream = _NoUpstream()
 _WORKER = [0, 1]  # ngx.worker.id(), ngx.worker.count()
 # What ngx.now(), ngx.time() and the clocked variables read outside the log phase: the wall
 # clock, or the virtual clock of an offline replay (scriptlb.replay).
 _WALL = [time.time]
 
 
-def set_clock(clock: Any = None) -> None:
+def set_clock(clock: Callable[[], float] | None = None) -> None:
     """Make hooks' time ``clock()`` (seconds since the epoch); None restores the wall clock."""
     _WALL[0] = clock or time.time
 
@@ -108,26 +173,51 @@ def _disabled(phase: str) -> RuntimeError:
     return RuntimeError(f"API disabled in the context of {phase}_by_python")  # OpenResty's words
 
 
-def _balancer_run() -> RunContext:
-    """The current run, which must be a balancer run (balancer.* and ngx.exit)."""
+def _request() -> HookRequest:
+    """The request of the run in progress (set with its outcome and upstream, cleared with them)."""
+    exchange = CURRENT.exchange
+    if exchange is None:
+        raise RuntimeError("no request found")
+    return exchange
+
+
+def _run_upstream() -> HookUpstream:
+    upstream = CURRENT.upstream
+    if upstream is None:
+        raise RuntimeError("no request found")
+    return upstream
+
+
+def _balancer_outcome() -> HookOutcome:
+    """The outcome of the current run, which must be a balancer run (balancer.* and ngx.exit)."""
     run = CURRENT  # _current() inlined: these calls are on the balancer's hot path
-    if run.outcome is None:
+    outcome = run.outcome
+    if outcome is None:
         raise RuntimeError("no request found")
     if run.phase is not BALANCER_PHASE:  # always one of the two constants: identity suffices
         raise _disabled(run.phase)
-    return run
+    return outcome
 
 
-def _type_name(value: Any) -> str:
+def point_at(run: RunContext, request: RequestView | StreamRequest) -> None:
+    """Make ``request`` the run's (the runner sets the rest of ``run``)."""
+    run.exchange = request
+    if is_stream(request):
+        run.stream, run.http = request, None
+    else:
+        run.http, run.stream = request, None
+
+
+def _type_name(value: object) -> str:
     return "nil" if value is None else type(value).__name__
 
 
-def _bad_type(position: int, func: str, expected: str, value: Any) -> TypeError:
+def _bad_type(position: int, func: str, expected: str, value: object) -> TypeError:
     """Lua's argument error text, e.g. bad argument #3 to 'set_current_peer' (string expected, got int)."""
     return TypeError(f"bad argument #{position} to '{func}' ({expected} expected, got {_type_name(value)})")
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return (type(value) is int or type(value) is float) and value == value  # NaN is not a number
 
 
@@ -135,7 +225,7 @@ def _is_number(value: Any) -> bool:
 
 _IPV4 = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})")
 _UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
-_PEER_CACHE: dict[Any, PeerAddr | str] = {}  # addr (port 0) or (addr, port) -> parsed
+_PEER_CACHE: dict[str | tuple[str, int], PeerAddr | str] = {}  # addr (port 0) or (addr, port) -> parsed
 _PEER_CACHE_MAX = 4096
 _CACHED_ADDR_MAX = 128  # "unix:" + the longest socket path fits
 
@@ -222,11 +312,11 @@ def _parse_cached(addr: str, port: int) -> PeerAddr | str:
     return parsed
 
 
-def _port_argument(port: Any) -> int:
+def _port_argument(port: object) -> int:
     """Lua: nil/false -> 0, numbers truncated to 16 bits, numeric strings converted."""
     if port is None or port is False:
         return 0
-    number = port
+    number: object = port
     if type(port) is str:
         try:
             number = float(port.strip())
@@ -245,7 +335,7 @@ class Balancer:
 
     __slots__ = ()
 
-    def set_current_peer(self, addr: Any, port: Any = None, host: Any = None) -> tuple[Any, Any]:
+    def set_current_peer(self, addr: object, port: object = None, host: object = None) -> Result:
         run = CURRENT
         outcome = run.outcome
         if outcome is None:
@@ -266,18 +356,18 @@ class Balancer:
                 raise _bad_type(3, "set_current_peer", "string", host)
             if host and _HOST_NAME.fullmatch(host) is None:
                 return None, "invalid host name"  # it would become a Host header and TLS SNI
-        if type(parsed) is str:
+        if isinstance(parsed, str):
             return None, parsed
         outcome.addr = parsed
         outcome.host = host or None  # a later call without host clears it; "" is nil
         return _OK
 
-    def set_more_tries(self, count: Any) -> tuple[Any, Any]:
-        run = _balancer_run()
+    def set_more_tries(self, count: object) -> Result:
+        outcome = _balancer_outcome()
         if not _is_number(count):
             raise _bad_type(1, "set_more_tries", "number", count)
         count = int(count) if math.isfinite(count) else MAX_MORE_TRIES if count > 0 else 0
-        exchange = run.exchange
+        exchange = _request()
         # OpenResty: total = hook runs so far (incl. this one) + u.peer.tries - 1; our
         # exchange appends one TryRecord per earlier try, so runs so far = len(tries) + 1.
         total = len(exchange.tries) + exchange.tries_left
@@ -287,58 +377,62 @@ class Balancer:
             count = cap - total
             warning = "reduced tries due to limit"
         # OpenResty wraps a negative grant into a huge unsigned one; we clamp (docs' intent)
-        run.outcome.more_tries = min(max(count, 0), MAX_MORE_TRIES)
+        outcome.more_tries = min(max(count, 0), MAX_MORE_TRIES)
         return True, warning
 
-    def get_last_failure(self) -> tuple[Any, Any]:
-        run = _balancer_run()
-        failure = run.exchange.last_failure
-        outcome = run.outcome  # what the hook read, for $balancer_trace
-        outcome.failure_read = True
+    def get_last_failure(self) -> tuple[str | None, int | None]:
+        outcome = _balancer_outcome()
+        failure = _request().last_failure
+        outcome.failure_read = True  # what the hook read, for $balancer_trace
         outcome.failure_seen = failure
         if failure is None:
             return None, None
         return failure[0], failure[1]
 
-    def set_timeouts(self, connect: Any = None, send: Any = None, read: Any = None) -> tuple[Any, Any]:
-        run = _balancer_run()
+    def set_timeouts(self, connect: object = None, send: object = None, read: object = None) -> Result:
+        _balancer_outcome()
         values = (("connect", connect), ("send", send), ("read", read))
+        seconds: list[tuple[str, float]] = []
         for name, value in values:  # the first bad argument wins, before anything changes
-            if value is not None and not (_is_number(value) and 0 < value < math.inf):
+            if value is None:
+                continue
+            if not (_is_number(value) and 0 < value < math.inf):
                 raise ValueError(f"bad {name} timeout")
-        exchange = run.exchange
-        for name, value in values:
-            if value is not None:
-                ms = int(value * 1000)  # millisecond precision; sub-ms values keep the old one
-                if ms:
-                    setattr(exchange, f"{name}_timeout", ms / 1000)
+            seconds.append((name, value))
+        exchange = _request()
+        for name, value in seconds:
+            ms = int(value * 1000)  # millisecond precision; sub-ms values keep the old one
+            if ms:
+                setattr(exchange, f"{name}_timeout", ms / 1000)
         return _OK
 
-    def enable_keepalive(self, idle_timeout: Any = 60, max_requests: Any = 100) -> tuple[Any, Any]:
-        run = _balancer_run()
-        for position, value in ((1, idle_timeout), (2, max_requests)):
-            if not _is_number(value):
-                raise _bad_type(position, "enable_keepalive", "number", value)
-            if value < 0:
-                raise ValueError(f"bad argument #{position} to 'enable_keepalive' (expected >= 0)")
-        outcome = run.outcome
+    def enable_keepalive(self, idle_timeout: object = 60, max_requests: object = 100) -> Result:
+        outcome = _balancer_outcome()
+        if not _is_number(idle_timeout):
+            raise _bad_type(1, "enable_keepalive", "number", idle_timeout)
+        if idle_timeout < 0:
+            raise ValueError("bad argument #1 to 'enable_keepalive' (expected >= 0)")
+        if not _is_number(max_requests):
+            raise _bad_type(2, "enable_keepalive", "number", max_requests)
+        if max_requests < 0:
+            raise ValueError("bad argument #2 to 'enable_keepalive' (expected >= 0)")
         if outcome.addr is None:
             return None, "no current peer set"
         outcome.keepalive = (float(idle_timeout), int(max_requests))
         return _OK
 
-    def recreate_request(self) -> tuple[Any, Any]:
-        _balancer_run().outcome.recreate = True
+    def recreate_request(self) -> Result:
+        _balancer_outcome().recreate = True
         return _OK
 
-    def bind_to_local_addr(self, addr: Any) -> tuple[Any, Any]:
-        run = _balancer_run()
-        if type(addr) is not str:
+    def bind_to_local_addr(self, addr: object) -> Result:
+        outcome = _balancer_outcome()
+        if type(addr) is not str:  # exactly str: a hook's subclass could override its methods
             raise _bad_type(1, "bind_to_local_addr", "string", addr)
         parsed = parse_peer(addr, 0) if addr[:5].lower() != "unix:" else "unix"
-        if type(parsed) is str:
+        if isinstance(parsed, str):
             return None, f"invalid addr {addr}"  # every unparsable input (OpenResty's http side is UB)
-        run.outcome.local_addr = parsed.name if parsed.port else parsed.host
+        outcome.local_addr = parsed.name if parsed.port else parsed.host
         return _OK
 
 
@@ -351,15 +445,15 @@ class VarView:
     __slots__ = ()
     __iter__ = None  # not iterable (the sequence protocol would probe ngx.var[0], [1], ...)
 
-    def __getitem__(self, name: Any) -> str | None:
+    def __getitem__(self, name: object) -> str | None:
         return _variable(self, name)
 
-    def __getattribute__(self, name: str) -> Any:
+    def __getattribute__(self, name: str) -> object:
         """``ngx.var.uri`` (compiled as a plain attribute read): straight to the variable, with
         no failed normal lookup first (``__getattr__`` would cost an internal AttributeError)."""
         if name[:1] == "_":
             return object.__getattribute__(self, name)
-        exchange = CURRENT.exchange
+        exchange = CURRENT.http  # (None in a stream session: its variables are its own)
         getter = _GETTERS.get(name)
         if getter is None or exchange is None:
             return _variable(self, name)
@@ -369,23 +463,26 @@ class VarView:
             return None
 
 
-_GETTERS: dict[str, Any] = {}  # variable name -> getter
+_GETTERS: dict[str, Getter] = {}  # variable name (as hook code wrote it) -> getter
 
 
-def _variable(_view: Any, name: Any) -> str | None:
+def _variable(_view: VarView, name: object) -> str | None:
     """``ngx.var.NAME`` and ``ngx.var[NAME]``."""
-    exchange = CURRENT.exchange
+    run = CURRENT
+    if run.exchange is None:
+        raise RuntimeError("no request found")
+    stream = run.stream
+    if stream is not None:  # a stream session: its own variables
+        if type(name) is not str:
+            raise TypeError(f"bad variable name (string expected, got {_type_name(name)})")
+        return stream.stream_variable(name)
+    exchange = run.http
     if exchange is None:
         raise RuntimeError("no request found")
-    stream_variable = getattr(exchange, "stream_variable", None)
-    if stream_variable is not None:  # a stream session: its own variables
-        if type(name) is not str:
-            raise TypeError(f"bad variable name (string expected, got {_type_name(name)})")
-        return stream_variable(name)
+    if type(name) is not str:
+        raise TypeError(f"bad variable name (string expected, got {_type_name(name)})")
     getter = _GETTERS.get(name)
     if getter is None:
-        if type(name) is not str:
-            raise TypeError(f"bad variable name (string expected, got {_type_name(name)})")
         getter = _variable_getter(name)
     try:
         return getter(exchange)
@@ -398,7 +495,7 @@ def _clock() -> float:
     return CURRENT.now or _WALL[0]()
 
 
-def _variable_getter(name: str) -> Any:
+def _variable_getter(name: str) -> Getter:
     try:
         getter = variable_getter(name.lower(), _clock)
     except KeyError:
@@ -408,19 +505,19 @@ def _variable_getter(name: str) -> Any:
     return getter
 
 
-def _missing_variable(_exchange: Any) -> None:
+def _missing_variable(_exchange: RequestView) -> None:
     return None
 
 
-_SHARED: dict[str, Any] = {}  # python_shared_dict name -> SharedDict, for ngx.shared
+_SHARED: dict[str, SharedDict] = {}  # python_shared_dict name -> SharedDict, for ngx.shared
 
 
-def shared_dicts() -> dict[str, Any]:
+def shared_dicts() -> dict[str, SharedDict]:
     """This worker's shared dicts by name (the metrics read their sizes)."""
     return dict(_SHARED)
 
 
-def set_shared_dicts(dicts: dict[str, Any]) -> None:
+def set_shared_dicts(dicts: Mapping[str, SharedDict]) -> None:
     """The worker's ``python_shared_dict`` zones, for ``ngx.shared.NAME`` in hooks. Hook code
     may call only the OpenResty API on them (``scriptlb.shared_dict.HOOK_METHODS``)."""
     from scriptlb.shared_dict import HOOK_METHODS
@@ -438,12 +535,12 @@ class SharedView:
 
     __iter__ = None  # not iterable: the old sequence protocol would call __getitem__(0, 1, ...) forever
 
-    def __getitem__(self, name: Any) -> Any:
+    def __getitem__(self, name: object) -> SharedDict | None:
         if type(name) is not str:
             raise TypeError(f"bad shared dict name (string expected, got {_type_name(name)})")
         return _SHARED.get(name)
 
-    def __getattribute__(self, name: str) -> Any:  # compiled as a plain read, like ngx.var
+    def __getattribute__(self, name: str) -> object:  # compiled as a plain read, like ngx.var
         if name[:1] == "_":
             return object.__getattribute__(self, name)
         return _SHARED.get(name)
@@ -464,14 +561,17 @@ class Worker:
         return os.getpid()
 
 
+ArgValue = str | bool  # ngx.req.get_uri_args: "a=1" -> "1", a bare "a" -> True
+
+
 class Req:
     """``ngx.req``: read-only views of the client request."""
 
     __slots__ = ()
 
-    def get_headers(self, max_headers: int = 100, raw: bool = False) -> dict[str, Any]:
-        exchange = _current().exchange
-        headers: dict[str, Any] = {}
+    def get_headers(self, max_headers: int = 100, raw: bool = False) -> dict[str, str | list[str]]:
+        exchange = _request()
+        headers: dict[str, str | list[str]] = {}
         for count, (name, value) in enumerate(exchange.headers):
             if max_headers and count >= max_headers:
                 break
@@ -482,27 +582,27 @@ class Req:
             previous = headers.get(key)
             if previous is None:
                 headers[key] = text
-            elif type(previous) is list:
+            elif isinstance(previous, list):
                 previous.append(text)
             else:
                 headers[key] = [previous, text]
         return headers
 
     def get_method(self) -> str:
-        return str(_current().exchange.method)
+        return str(_request().method)
 
-    def get_uri_args(self, max_args: int = 100) -> dict[str, Any]:
-        args = _current().exchange.args or ""
-        result: dict[str, Any] = {}
+    def get_uri_args(self, max_args: int = 100) -> dict[str, ArgValue | list[ArgValue]]:
+        args = _request().args or ""
+        result: dict[str, ArgValue | list[ArgValue]] = {}
         for count, part in enumerate(p for p in args.split("&") if p):
             if max_args and count >= max_args:
                 break
             key, eq, value = part.partition("=")
-            item: Any = value if eq else True
+            item: ArgValue = value if eq else True
             previous = result.get(key)
             if previous is None:
                 result[key] = item
-            elif type(previous) is list:
+            elif isinstance(previous, list):
                 previous.append(item)
             else:
                 result[key] = [previous, item]
@@ -512,7 +612,7 @@ class Req:
 _LEVEL_NAMES = ("emerg", "emerg", "alert", "crit", "error", "warn", "notice", "info", "debug")
 
 
-def _text_bytes(value: Any, func: str) -> bytes:
+def _text_bytes(value: object, func: str) -> bytes:
     if type(value) is bytes:
         return value
     if type(value) is not str:
@@ -527,7 +627,7 @@ class _ShortRepr(reprlib.Repr):
     """reprlib's bounded repr, also for what it would hand to the builtin repr (which could be
     huge): exceptions (their args) and dict subclasses (Counter, OrderedDict, defaultdict)."""
 
-    def repr1(self, x: Any, level: int) -> str:
+    def repr1(self, x: object, level: int) -> str:
         if isinstance(x, BaseException):
             return f"{type(x).__name__}{self.repr1(x.args, level)}"
         if isinstance(x, dict) and type(x) is not dict:
@@ -539,7 +639,7 @@ _SHORT = _ShortRepr()
 _SHORT.maxstring = _SHORT.maxother = MAX_LOG_MESSAGE
 
 
-def short_text(value: Any) -> str:
+def short_text(value: object) -> str:
     """``str(value)``, or a bounded abbreviation when its full text would be long (a container
     of big strings can have a terabyte of text)."""
     if type(value) is str:
@@ -557,7 +657,7 @@ def exception_text(err: BaseException) -> str:
     return str(err)
 
 
-def log_text(parts: Any, sep: str = "") -> str:
+def log_text(parts: Iterable[object], sep: str = "") -> str:
     """The message of ngx.log/print: the parts' text joined, cut at MAX_LOG_MESSAGE."""
     pieces: list[str] = []
     length = 0
@@ -604,20 +704,20 @@ class Ctx(dict):  # type: ignore[type-arg]
 
     __slots__ = ()
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         self[name] = value
 
     def __delattr__(self, name: str) -> None:
         self.pop(name, None)
 
 
-def _ctx_attribute(ctx: Ctx, name: str) -> Any:
+def _ctx_attribute(ctx: Ctx, name: str) -> object:
     """What ``ngx.ctx.NAME`` reads in a hook (after the dict methods exposed like dict's)."""
     method = checked_method(ctx, name)
     return ctx.get(name) if method is None else method
 
 
-def _request_ctx(exchange: Any) -> Ctx:
+def _request_ctx(exchange: HookRequest) -> Ctx:
     ctx = exchange.ctx
     if type(ctx) is not Ctx:  # the exchange starts with a plain dict; hooks get the Lua-style view
         ctx = exchange.ctx = Ctx(ctx)
@@ -645,7 +745,7 @@ class Ngx:
 
     @property
     def ctx(self) -> Ctx:
-        return _request_ctx(_current().exchange)
+        return _request_ctx(_request())
 
     @property
     def balancer(self) -> Balancer:
@@ -655,29 +755,32 @@ class Ngx:
     def upstream(self) -> Upstream:
         return upstream
 
-    def log(self, level: Any, *parts: Any) -> None:
+    def log(self, level: object, *parts: object) -> None:
         run = _current()
+        log = run.log
+        if log is None:
+            raise RuntimeError("no request found")
         if type(level) is not int or not 0 <= level <= 8:
             raise ValueError("bad log level")
         run.logged += 1
         if run.logged > MAX_LOGS_PER_RUN:
             if run.logged == MAX_LOGS_PER_RUN + 1:
-                run.log("warn", f"[python] {hook_location()}: more than {MAX_LOGS_PER_RUN} log lines "
-                        "in one run, dropping the rest", run.exchange)
+                log("warn", f"[python] {hook_location()}: more than {MAX_LOGS_PER_RUN} log lines "
+                    "in one run, dropping the rest", run.exchange)
             return
         message = escape_log(log_text(parts))
-        run.log(_LEVEL_NAMES[level], f"[python] {hook_location()}: {message}", run.exchange)
+        log(_LEVEL_NAMES[level], f"[python] {hook_location()}: {message}", run.exchange)
 
-    def exit(self, status: Any) -> None:
+    def exit(self, status: object) -> None:
         """Asynchronous, as in balancer_by_lua: records the status; the hook keeps running."""
-        run = _balancer_run()
+        outcome = _balancer_outcome()
         if type(status) is not int:
             raise _bad_type(1, "exit", "number", status)
         if status in (self.AGAIN, self.DONE):
             raise ValueError("bad argument to 'ngx.exit': does not accept NGX_AGAIN or NGX_DONE")
         if status == self.OK:
             return
-        run.outcome.exit_status = status  # >= 300 ends the request; anything else -> fallback
+        outcome.exit_status = status  # >= 300 ends the request; anything else -> fallback
 
     def now(self) -> float:
         return round(_WALL[0](), 3)
@@ -688,25 +791,25 @@ class Ngx:
     def get_phase(self) -> str:
         return CURRENT.phase
 
-    def crc32_short(self, value: Any) -> int:
+    def crc32_short(self, value: object) -> int:
         if type(value) is str and value.isascii():  # the hot path of hash-by-URI hooks
             return zlib.crc32(value.encode("ascii"))
         return zlib.crc32(_text_bytes(value, "crc32_short"))
 
-    def crc32_long(self, value: Any) -> int:
+    def crc32_long(self, value: object) -> int:
         return zlib.crc32(_text_bytes(value, "crc32_long"))
 
-    def md5(self, value: Any) -> str:
+    def md5(self, value: object) -> str:
         return hashlib.md5(_text_bytes(value, "md5"), usedforsecurity=False).hexdigest()
 
-    def md5_bin(self, value: Any) -> bytes:
+    def md5_bin(self, value: object) -> bytes:
         return hashlib.md5(_text_bytes(value, "md5_bin"), usedforsecurity=False).digest()
 
 
 # --------------------------------------------------------------------------- upstream
 
 
-def _peer_dict(peer: Any, figures: tuple[Any, ...]) -> dict[str, Any]:
+def _peer_dict(peer: Peer, figures: Figures) -> dict[str, object]:
     """One peer as lua-upstream-nginx-module reports it, plus its live statistics."""
     requests, failures, active, last_status, last_failure, ewma, peak, stamp, override = figures
     return {"id": peer.id, "name": peer.name, "weight": peer.weight, "backup": peer.backup,
@@ -723,19 +826,19 @@ MAX_PEER_WEIGHT = 100  # set_peer_weight's ceiling: a consistent-hash ring has 1
 _NO_FIGURES = (None,) * 9  # the live statistics' values while python_peer_stats is off
 
 
-def _peer_dicts(upstream: Any, is_backup: bool) -> list[dict[str, Any]]:
+def _peer_dicts(upstream: HookUpstream, is_backup: bool) -> list[dict[str, object]]:
     """lua-upstream-nginx-module's fields plus the peer's live statistics, shared by all
     workers (``scriptlb.stats.FIELDS``; None while ``python_peer_stats`` is off). One dict
     display per peer: this runs on every try of hooks that read their peers."""
     peers = upstream.peers.backup if is_backup else upstream.peers.primary
-    stats = getattr(upstream, "stats", None)
+    stats = upstream.stats
     if stats is None:
         return [_peer_dict(peer, _NO_FIGURES) for peer in peers]
     figures = stats.figures
     return [_peer_dict(peer, figures(peer)) for peer in peers]
 
 
-def _peer_of(upstream: Any, is_backup: Any, peer_id: Any) -> Any:
+def _peer_of(upstream: HookUpstream, is_backup: object, peer_id: object) -> Peer | None:
     group = upstream.peers.backup if is_backup else upstream.peers.primary
     if type(peer_id) is not int or not 0 <= peer_id < len(group):
         return None
@@ -747,31 +850,31 @@ class Upstream:
 
     __slots__ = ()
 
-    def get_primary_peers(self) -> list[dict[str, Any]]:
-        return _peer_dicts(_current().upstream, False)
+    def get_primary_peers(self) -> list[dict[str, object]]:
+        return _peer_dicts(_run_upstream(), False)
 
-    def get_backup_peers(self) -> list[dict[str, Any]]:
-        return _peer_dicts(_current().upstream, True)
+    def get_backup_peers(self) -> list[dict[str, object]]:
+        return _peer_dicts(_run_upstream(), True)
 
-    def set_peer_weight(self, is_backup: Any, peer_id: Any, weight: Any) -> tuple[Any, Any]:
+    def set_peer_weight(self, is_backup: object, peer_id: object, weight: object) -> Result:
         """The peer's round-robin weight in every worker, from their next request on (what the
         fastest-first post patched lua-upstream-nginx-module for). It lasts until a reload
         changes that server's configured weight, or a restart."""
-        upstream_rt = _current().upstream
+        upstream_rt = _run_upstream()
         peer = _peer_of(upstream_rt, is_backup, peer_id)
         if peer is None:
             return None, "bad peer id"
         if type(weight) is not int or not 1 <= weight <= MAX_PEER_WEIGHT:
             return None, f"bad weight (an integer from 1 to {MAX_PEER_WEIGHT} expected)"
-        stats = getattr(upstream_rt, "stats", None)
+        stats = upstream_rt.stats
         if stats is None:
             return None, "peer statistics are off (python_peer_stats)"
         stats.stats.set_weight(stats.slot_of(peer), weight)
         upstream_rt.refresh_weights()  # this worker at once: the hook may read the peers again
         return _OK
 
-    def set_peer_down(self, is_backup: Any, peer_id: Any, down: Any) -> tuple[Any, Any]:
-        peer = _peer_of(_current().upstream, is_backup, peer_id)
+    def set_peer_down(self, is_backup: object, peer_id: object, down: object) -> Result:
+        peer = _peer_of(_run_upstream(), is_backup, peer_id)
         if peer is None:
             return None, "bad peer id"
         peer.down = peer.config_down = bool(down)  # config_down: what health checks restore
@@ -780,12 +883,12 @@ class Upstream:
         return _OK
 
     def current_upstream_name(self) -> str:
-        return str(_current().upstream.name)
+        return str(_run_upstream().name)
 
-    def get_hook_stats(self) -> dict[str, Any] | None:
+    def get_hook_stats(self) -> dict[str, object] | None:
         """This worker's figures of the upstream's balancer hook (failed runs by kind, circuit
         breaker state, trips and skipped runs), or None when it has no hook."""
-        hook = getattr(_current().upstream, "hook", None)
+        hook = getattr(_run_upstream(), "hook", None)  # (an offline upstream may have none)
         return None if hook is None else hook.stats()
 
 

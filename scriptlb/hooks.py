@@ -23,55 +23,27 @@ import os
 import time
 import traceback
 from bisect import bisect_left
-from collections.abc import Callable
-from types import CodeType
-from typing import Any
+from types import CodeType, TracebackType
+from typing import Any, Generic, TypeVar
 
 from scriptlb import api, errorlog
+from scriptlb.api import HookOutcome as HookOutcome  # (beside the API that writes it)
+from scriptlb.api import HookUpstream, LogSink
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import BreakerConf, HookConf, MainConf, PythonConf, Source
+from scriptlb.request_view import HookedRequest, HookRequest, RequestView
 from scriptlb.sandbox import limits, lint
 from scriptlb.sandbox.guards import make_builtins
 from scriptlb.sandbox.importer import HOOK_DIR_KEY, OWNER_KEY, Importer
 from scriptlb.sandbox.limits import HookTimeout
 from scriptlb.sandbox.policy import HookCompileError, compile_hook
 
-LogSink = Callable[[str, str, Any], None]  # (level, message, exchange or None)
+_Result = TypeVar("_Result")  # what a runner's run() returns for a failed run
 _BUDGET = limits.BUDGET
 _clock = limits.clock
 # scriptlb_hook_duration_seconds' buckets: hook runs take microseconds to their budget (10 ms)
 RUN_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
 _HOST_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-class HookOutcome:
-    """What one run decided. Class-level defaults keep a run's allocation to one empty object.
-
-    ``error`` says why the try falls back: None (fine), "runtime_error", "timeout",
-    "compile_error", "no_peer", "exit_error" (``ngx.exit`` with a code below 300) or
-    "breaker_open" (skipped: the circuit breaker is open). With ``balancer_by_python_fallback
-    off`` every error but "no_peer" comes with ``exit_status`` 500.
-    """
-
-    addr: api.PeerAddr | None = None  # set_current_peer's address; None: fall back
-    host: str | None = None  # set_current_peer's host (Host/SNI/pool key)
-    more_tries: int = 0  # granted by set_more_tries (clamped), counted only with a peer
-    exit_status: int | None = None  # ngx.exit(status >= 300): finish with it, contact no peer
-    keepalive: tuple[float, int] | None = None  # enable_keepalive(idle_timeout, max_requests)
-    local_addr: str | None = None  # bind_to_local_addr: "ip" or "ip:port", for this and later tries
-    recreate: bool = False  # recreate_request() was called
-    error: str | None = None
-    message: str | None = None  # the logged text of the error, for `scriptlb hook run`
-    # for $balancer_trace (read only when the variable is): the run's duration in seconds,
-    # and what get_last_failure() returned, if the hook called it
-    spent: float = 0.0
-    failure_read: bool = False
-    failure_seen: tuple[str, int] | None = None
-
-    def __repr__(self) -> str:
-        fields = ("addr", "host", "more_tries", "exit_status", "keepalive", "local_addr", "error")
-        shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in fields if getattr(self, f) not in (None, 0))
-        return f"HookOutcome({shown})"
 
 
 # --------------------------------------------------------------------------- shared runtime
@@ -218,7 +190,7 @@ def errorlog_sink_for(action: str) -> LogSink:
     as nginx's lines of that phase do: ``... while <action>, client: ...``."""
     suffix = f" while {action}"
 
-    def sink(level: str, message: str, exchange: Any) -> None:
+    def sink(level: str, message: str, exchange: HookRequest | None) -> None:
         if exchange is None:
             errorlog.log_error(level, message)
             return
@@ -260,7 +232,7 @@ class _RateLimit:
         return True, suppressed
 
 
-def _hook_frame(tb: Any) -> str:
+def _hook_frame(tb: TracebackType | None) -> str:
     """file:line of the innermost hook-code frame of a traceback."""
     where = "?"
     for frame, lineno in traceback.walk_tb(tb):
@@ -325,7 +297,7 @@ class Breaker:
 # --------------------------------------------------------------------------- the runners
 
 
-class _Runner:
+class _Runner(Generic[_Result]):
     """What every phase's runner shares: the compiled code (or ``python_code_cache off``'s
     reload per run), and one run under the budget and the fuse with ``api.CURRENT`` pointing at
     the request; a failure is reported (escaped, rate-limited per kind) through ``_fail``."""
@@ -373,12 +345,14 @@ class _Runner:
         self._compile_error = None
         return code
 
-    def _execute(self, exchange: Any, upstream: Any, outcome: Any) -> Any:
+    def _execute(self, exchange: HookedRequest, upstream: HookUpstream,
+                 outcome: HookOutcome) -> _Result | None:
         """Run the hook once. None when it ran to its end; otherwise what ``_fail`` returned
         for the error (already logged). Never raises (except KeyboardInterrupt-like stops).
 
         The subclasses' hot paths go through here: no allocation beyond the globals' copy."""
-        if self._tripped and not self.breaker.admits(api.clock()):  # type: ignore[union-attr]
+        breaker = self.breaker
+        if self._tripped and breaker is not None and not breaker.admits(api.clock()):
             return self._skip(outcome, exchange)
         if self.python.code_cache:
             code = self._code
@@ -389,7 +363,8 @@ class _Runner:
             self.last_spent = 0.0
             return self._failed(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
         context = api.CURRENT
-        context.exchange, context.upstream, context.phase = exchange, upstream, self.phase
+        api.point_at(context, exchange)
+        context.upstream, context.phase = upstream, self.phase
         context.outcome, context.log, context.logged = outcome, self.log, 0
         fuse = limits.current_fuse()
         if fuse is not None:
@@ -406,7 +381,8 @@ class _Runner:
         finally:
             budget.deadline = 0.0
             stopped = budget.tripped
-            context.exchange = context.upstream = context.outcome = None
+            context.exchange = context.http = context.stream = None
+            context.upstream = context.outcome = None
             if fuse is not None:
                 fuse.run_ended()
             self.last_spent = spent = _clock() - started
@@ -415,14 +391,15 @@ class _Runner:
             self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
         if stopped or failure is not None:
             return self._failed_run(outcome, failure, stopped, exchange)
-        if self._tripped:  # the probe succeeded
-            self.breaker.succeeded()  # type: ignore[union-attr]
+        if self._tripped and breaker is not None:  # the probe succeeded
+            breaker.succeeded()
             self._tripped = False
             self._emit("notice", f"{self.directive} {self.chunk}: circuit breaker closed, "
                        "the hook runs again", None)
         return None
 
-    def _failed_run(self, outcome: Any, failure: BaseException | None, stopped: bool, exchange: Any) -> Any:
+    def _failed_run(self, outcome: HookOutcome, failure: BaseException | None, stopped: bool,
+                    exchange: HookRequest) -> _Result:
         where = _hook_frame(failure.__traceback__) if failure is not None else self.chunk
         if stopped:
             ms = round(self.timeout * 1000)
@@ -434,7 +411,7 @@ class _Runner:
         return self._failed(outcome, "runtime_error", f"failed to run {self.directive}: {where}: {text}",
                             exchange)
 
-    def _failed(self, outcome: Any, kind: str, message: str, exchange: Any) -> Any:
+    def _failed(self, outcome: HookOutcome, kind: str, message: str, exchange: HookRequest) -> _Result:
         """A run that failed: ``_fail`` (which counts it), then the breaker's count."""
         result = self._fail(outcome, kind, message, exchange)
         breaker = self.breaker
@@ -446,7 +423,7 @@ class _Runner:
                        "(then one request at a time)", None)
         return result
 
-    def _skip(self, outcome: Any, exchange: Any) -> Any:
+    def _skip(self, outcome: HookOutcome, exchange: HookRequest) -> _Result:
         """A run the open breaker skips: counted (outcome "breaker_open" in the metrics), no log
         line (the opening said it); the subclass says what its run() returns for it."""
         raise NotImplementedError
@@ -455,7 +432,7 @@ class _Runner:
         self.last_spent = 0.0
         self.failures["breaker_open"] = self.failures.get("breaker_open", 0) + 1
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, object]:
         """This worker's figures of the hook: failed (or skipped) runs by kind, and the
         breaker's state."""
         breaker = self.breaker
@@ -464,11 +441,12 @@ class _Runner:
                 "breaker_trips": 0 if breaker is None else breaker.trips,
                 "breaker_skipped": 0 if breaker is None else breaker.skipped}
 
-    def _fail(self, outcome: Any, kind: str, message: str, exchange: Any, level: str = "error") -> Any:
+    def _fail(self, outcome: HookOutcome, kind: str, message: str, exchange: HookRequest | None,
+              level: str = "error") -> _Result:
         """Log why a run failed; the subclass says what its run() returns for it."""
         raise NotImplementedError
 
-    def _report(self, kind: str, message: str, exchange: Any, level: str) -> str:
+    def _report(self, kind: str, message: str, exchange: HookRequest | None, level: str) -> str:
         """Log ``message`` (escaped: exception text is hook-made), rate-limited per kind;
         returns the escaped text."""
         self.failures[kind] = self.failures.get(kind, 0) + 1
@@ -480,28 +458,28 @@ class _Runner:
             self._emit(level, message, exchange)
         return message
 
-    def _emit(self, level: str, message: str, exchange: Any) -> None:
+    def _emit(self, level: str, message: str, exchange: HookRequest | None) -> None:
         try:
             self.log(level, message, exchange)
         except Exception:  # a failing log sink must not fail the request: run() never raises
             pass
 
 
-class HookRunner(_Runner):
+class HookRunner(_Runner[HookOutcome]):
     """One upstream's balancer_by_python hook in one worker: ``run()`` per try."""
 
     phase = api.BALANCER_PHASE
     directive = "balancer_by_python"
 
-    def __init__(self, conf: HookConf, upstream: Any = None, python: PythonConf | None = None,
+    def __init__(self, conf: HookConf, upstream: HookUpstream | None = None, python: PythonConf | None = None,
                  log: LogSink | None = None) -> None:
         self.upstream = upstream
         super().__init__(conf, python, log or errorlog_sink)
 
-    def run(self, exchange: Any, upstream: Any = None) -> HookOutcome:
+    def run(self, exchange: HookedRequest, upstream: HookUpstream | None = None) -> HookOutcome:
         """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops)."""
         outcome = HookOutcome()
-        failed = self._execute(exchange, upstream or self.upstream, outcome)
+        failed = self._execute(exchange, upstream or self.upstream or api.NO_UPSTREAM, outcome)
         outcome.spent = self.last_spent
         if failed is not None:
             return failed
@@ -515,7 +493,7 @@ class HookRunner(_Runner):
                               "falling back", exchange, level="warn")
         return outcome
 
-    def _fail(self, outcome: HookOutcome, kind: str, message: str, exchange: Any,
+    def _fail(self, outcome: HookOutcome, kind: str, message: str, exchange: HookRequest | None,
               level: str = "error") -> HookOutcome:
         """Reset the outcome to "fall back" and log why (rate-limited per kind)."""
         self._reset(outcome, kind)
@@ -533,14 +511,14 @@ class HookRunner(_Runner):
         if kind != "no_peer" and not self.conf.fallback:
             outcome.exit_status = 500
 
-    def _skip(self, outcome: HookOutcome, exchange: Any) -> HookOutcome:
+    def _skip(self, outcome: HookOutcome, exchange: HookRequest) -> HookOutcome:
         self._count_skip()
         self._reset(outcome, "breaker_open")
         outcome.message = f"{self.chunk}: circuit breaker open, hook skipped"
         return outcome
 
 
-class LogHookRunner(_Runner):
+class LogHookRunner(_Runner[str]):
     """One log_by_python hook in one worker (shared by the locations inheriting it): ``run()``
     once per finished request, after its access log lines are written."""
 
@@ -550,7 +528,7 @@ class LogHookRunner(_Runner):
     def __init__(self, conf: HookConf, python: PythonConf | None = None, log: LogSink | None = None) -> None:
         super().__init__(conf, python, log or log_phase_sink)
 
-    def run(self, exchange: Any, now: float = 0.0) -> str | None:
+    def run(self, exchange: RequestView, now: float = 0.0) -> str | None:
         """Run the hook for this finished request: None, or the kind of error ("runtime_error",
         "timeout", "compile_error"; already logged). Never raises (except KeyboardInterrupt-like
         stops) and changes nothing the client sees.
@@ -567,10 +545,11 @@ class LogHookRunner(_Runner):
         finally:
             context.now = 0.0
 
-    def _fail(self, outcome: Any, kind: str, message: str, exchange: Any, level: str = "error") -> str:
+    def _fail(self, outcome: HookOutcome, kind: str, message: str, exchange: HookRequest | None,
+              level: str = "error") -> str:
         self._report(kind, message, exchange, level)
         return kind
 
-    def _skip(self, outcome: Any, exchange: Any) -> str:
+    def _skip(self, outcome: HookOutcome, exchange: HookRequest) -> str:
         self._count_skip()
         return "breaker_open"

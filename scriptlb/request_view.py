@@ -14,7 +14,10 @@ readers fetch them with ``getattr`` and a default.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # (typing's own from Python 3.13)
 
 Header = tuple[bytes, bytes]  # (name as received, value), in arrival order
 
@@ -113,3 +116,17 @@ class RequestView(HookRequest, Protocol):
     def upstream_headers(self) -> Sequence[Header]: ...  # the peer's response headers
     @property
     def proxy_host(self) -> str: ...
+
+
+class StreamRequest(HookRequest, Protocol):
+    """A stream session as the hook API reads it: ``ngx.var`` reads its own variables."""
+
+    def stream_variable(self, name: str) -> str | None: ...
+
+
+HookedRequest = RequestView | StreamRequest  # what a hook runs for
+
+
+def is_stream(request: HookedRequest) -> TypeIs[StreamRequest]:
+    """A stream session rather than an http request."""
+    return getattr(request, "stream_variable", None) is not None
