@@ -218,7 +218,7 @@ class UpstreamRequest:
         if key_getter is None:
             self._state = upstream.balancer.new_request(tries_cap)
         else:
-            self._state = upstream.balancer.new_request(tries_cap, key_getter(ex))  # type: ignore[call-arg]
+            self._state = upstream.balancer.new_request(tries_cap, key_getter(ex))
         ex.tries_cap = tries_cap
         self._started = self.loop.time()
         self._idempotent = is_idempotent(ex.method)

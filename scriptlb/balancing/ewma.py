@@ -145,9 +145,9 @@ class Ewma(RoundRobin):
         averages = self.times.of(peer)
         return averages.decayed(peer.id, now) if averages is not None else 0.0
 
-    def _get_weighted(self, state: BalancerState, now: float) -> Peer | None:  # type: ignore[override]
+    def _get_weighted(self, state: BalancerState, now: float) -> Peer | None:
         if state.peer_set is not self.times.peers:  # a request from before a rebuild
-            return RoundRobin._get_weighted(state, now)
+            return super()._get_weighted(state, now)
         peers = state.peers
         usable = usable_mask(peers, state.tried, now)
         count = usable.bit_count()

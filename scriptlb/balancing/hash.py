@@ -76,7 +76,7 @@ class Hash(RoundRobin):
         super().rebuild(peers)
         self.total_weight = sum(peer.weight for peer in peers.primary)
 
-    def new_request(self, tries_cap: int, key: str | bytes | None = None) -> HashState:  # type: ignore[override]
+    def new_request(self, tries_cap: int, key: str | bytes | None = None) -> HashState:
         return HashState(self.peers, initial_tries(self.peers, tries_cap), _key_bytes(key))
 
     def get(self, state: BalancerState, now: float) -> Peer | None:
@@ -136,7 +136,7 @@ class ConsistentHash(RoundRobin):
         worker at will; it would also remap keys, which is what consistent hashing avoids. The
         round robin it falls back to reads the new weights live."""
 
-    def new_request(self, tries_cap: int, key: str | bytes | None = None) -> HashState:  # type: ignore[override]
+    def new_request(self, tries_cap: int, key: str | bytes | None = None) -> HashState:
         state = HashState(self.peers, initial_tries(self.peers, tries_cap), _key_bytes(key))
         if self._point_hashes:
             state.hash = bisect.bisect_left(self._point_hashes, zlib.crc32(state.key))

@@ -69,7 +69,9 @@ class IpHash(RoundRobin):
         super().rebuild(peers)
         self.total_weight = sum(peer.weight for peer in peers.primary)
 
-    def new_request(self, tries_cap: int, key: str | None = None) -> IpHashState:  # type: ignore[override]
+    def new_request(self, tries_cap: int, key: str | bytes | None = None) -> IpHashState:
+        if isinstance(key, bytes):  # (the tries loop passes $remote_addr's text)
+            key = key.decode("latin-1")
         return IpHashState(self.peers, initial_tries(self.peers, tries_cap), hashed_bytes(key))
 
     def get(self, state: BalancerState, now: float) -> Peer | None:

@@ -27,7 +27,7 @@ class LeastConn(RoundRobin):
             raise ValueError(f'invalid parameter "{args[0]}"')  # the directive takes none
         super().__init__(peers)
 
-    def _get_weighted(self, state: BalancerState, now: float) -> Peer | None:  # type: ignore[override]
+    def _get_weighted(self, state: BalancerState, now: float) -> Peer | None:
         peers = state.peers
         usable = usable_mask(peers, state.tried, now)
         if not usable:

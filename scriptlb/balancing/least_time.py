@@ -66,9 +66,9 @@ class LeastTime(RoundRobin):
         averages = self.times.of(peer)
         return averages.values[peer.id] if averages is not None else 0.0
 
-    def _get_weighted(self, state: BalancerState, now: float) -> Peer | None:  # type: ignore[override]
+    def _get_weighted(self, state: BalancerState, now: float) -> Peer | None:
         if state.peer_set is not self.times.peers:  # a request from before a rebuild
-            return RoundRobin._get_weighted(state, now)
+            return super()._get_weighted(state, now)
         peers = state.peers
         usable = usable_mask(peers, state.tried, now)
         if not usable:

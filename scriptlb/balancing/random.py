@@ -53,7 +53,7 @@ class Random(RoundRobin):
         super().rebuild(peers)
         self._range_starts, self.total_weight = _ranges(peers.primary)
 
-    def new_request(self, tries_cap: int, key: object = None) -> RandomState:  # type: ignore[override]
+    def new_request(self, tries_cap: int, key: object = None) -> RandomState:
         return RandomState(self.peers, initial_tries(self.peers, tries_cap))
 
     def get(self, state: BalancerState, now: float) -> Peer | None:

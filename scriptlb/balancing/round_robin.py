@@ -69,8 +69,7 @@ class RoundRobin:
             return None
         return peer
 
-    @staticmethod
-    def _get_weighted(state: BalancerState, now: float) -> Peer | None:
+    def _get_weighted(self, state: BalancerState, now: float) -> Peer | None:
         tried = state.tried
         best: Peer | None = None
         best_index = 0

@@ -246,7 +246,7 @@ class Engine:
         if getter is None:
             flight.state = upstream.balancer.new_request(self._tries_cap)
         else:
-            flight.state = upstream.balancer.new_request(self._tries_cap, getter(ex))  # type: ignore[call-arg]
+            flight.state = upstream.balancer.new_request(self._tries_cap, getter(ex))
         self._next_try(flight)
 
     # ------------------------------------------------------------------ one try
