@@ -15,15 +15,17 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from scriptlb.accesslog import PhaseClock
 from scriptlb.balancing import create_balancer
 from scriptlb.balancing.round_robin import RoundRobin
 from scriptlb.config.model import (
+    AccessLogConf,
     HookConf,
     HttpConf,
+    ListenKey,
     LocationConf,
     MainConf,
     PythonConf,
@@ -40,8 +42,11 @@ from scriptlb.uri import quote_uri
 from scriptlb.variables import use_maps
 
 if TYPE_CHECKING:
-    from scriptlb.accesslog import LogFile
+    import ssl
+
+    from scriptlb.accesslog import AccessLog, LogFile
     from scriptlb.downstream import ClientConnection
+    from scriptlb.error_pages import ErrorPage
     from scriptlb.exchange import Exchange
     from scriptlb.hooks import LogHookRunner
     from scriptlb.status import WorkerStatus
@@ -229,10 +234,10 @@ class RequestPlan:
         # (else the client's target, as it came: the bytes upstream_uri would decode and encode)
         method = exchange.method if self.method is None else self.method(exchange)
         parts = [method.encode("latin-1"), b" ", target, self.version_line, self.static_headers]
-        for name, getter in self.dynamic_headers:
-            value = getter(exchange)
-            if value:
-                parts.append(name + b": " + value.encode("latin-1", "replace") + b"\r\n")
+        for header_name, getter in self.dynamic_headers:
+            text = getter(exchange)
+            if text:
+                parts.append(header_name + b": " + text.encode("latin-1", "replace") + b"\r\n")
         skip = self.skip_client
         connection = exchange.request.connection
         listed = _connection_listed(connection) if connection is not None else None
@@ -282,8 +287,8 @@ class LocationRuntime:
         "zone",
     )
 
-    def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None, access_logs: tuple,
-                 log_hook: LogHookRunner | None = None) -> None:
+    def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None,
+                 access_logs: tuple[AccessLog, ...], log_hook: LogHookRunner | None = None) -> None:
         self.conf = conf
         self.upstream = upstream
         self.access_logs = access_logs
@@ -315,7 +320,7 @@ class LocationRuntime:
 
             self.rewrite = RewritePhase(conf.rewrite)
         # error_page (scriptlb.error_pages): None, or status -> ErrorPage
-        self.error_pages: dict | None = None
+        self.error_pages: dict[int, ErrorPage] | None = None
         if conf.error_pages:
             from scriptlb.error_pages import error_pages
 
@@ -456,7 +461,7 @@ class Runtime:
         self._python = http.python
         # the log phase's frozen clock, for the access logs of locations with a log hook
         self.log_clock = PhaseClock()
-        self._access_logs: dict[tuple, tuple] = {}
+        self._access_logs: dict[tuple[tuple[AccessLogConf, ...], bool], tuple[AccessLog, ...]] = {}
         # one runner per distinct log hook: locations inheriting a hook share it (and its
         # error-rate limit), as they share the code compiled once by precompile
         self._log_hooks: dict[HookConf, LogHookRunner] = {}
@@ -518,7 +523,7 @@ class Runtime:
             runner = self._log_hooks[hook] = LogHookRunner(hook, self._python)
         return runner
 
-    def _access_logs_for(self, conf: LocationConf) -> tuple:
+    def _access_logs_for(self, conf: LocationConf) -> tuple[AccessLog, ...]:
         if not conf.access_log:
             return ()
         # With a log hook, the access logs read the log phase's frozen time (log_clock),
@@ -561,7 +566,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ the request path
 
-    def tls_context(self, keys: list | tuple) -> Any:
+    def tls_context(self, keys: Sequence[ListenKey]) -> ssl.SSLContext | None:
         """The SSLContext a listening socket (its keys) is opened with, or None without TLS:
         the default server's, switching on SNI to the server ``server_name`` picks (a server
         on the socket without TLS settings of its own answers with the default's)."""

@@ -11,11 +11,22 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ssl
 
 from scriptlb import errorlog
 from scriptlb.accesslog import AccessLog, LogFile, open_access_log
-from scriptlb.config.model import MainConf, PythonConf, StreamServerConf, UpstreamConf, UpstreamServerConf
+from scriptlb.config.model import (
+    ListenKey,
+    MainConf,
+    PythonConf,
+    StreamServerConf,
+    UpstreamConf,
+    UpstreamServerConf,
+)
 from scriptlb.runtime import UpstreamRuntime
 from scriptlb.stats import Recorder, UpstreamStats
 from scriptlb.stream import variables
@@ -48,10 +59,10 @@ class StreamRuntime:
             key: self._upstream(u) for key, u in self.conf.upstreams.items()
         }
         self._dynamic: dict[str, UpstreamRuntime] = {}
-        self._getters: dict[str, Any] = {}
+        self._getters: dict[str, variables.Getter] = {}
         self._files: dict[str, LogFile] = {}
         self.conn_ids = itertools.count(1)
-        self.servers: dict[tuple, StreamServerRuntime] = {}
+        self.servers: dict[ListenKey, StreamServerRuntime] = {}
         for server in self.conf.servers:
             runtime = StreamServerRuntime(server, self)
             for listen in server.listens:
@@ -128,7 +139,7 @@ class StreamRuntime:
         self._dynamic[value] = upstream
         return upstream
 
-    def session_factory(self, keys: list[tuple]) -> Any:
+    def session_factory(self, keys: list[ListenKey]) -> Callable[[], asyncio.Protocol] | None:
         """The protocol factory of a listening socket serving ``keys`` (None: not stream's).
         Several keys share a wildcard socket: then each connection's local address picks the
         server, as nginx does."""
@@ -140,7 +151,7 @@ class StreamRuntime:
         factories = {key: self.servers[key].session_factory(key) for key in served}
         return lambda: _Dispatch(factories)
 
-    def ssl_context(self, keys: list[tuple]) -> Any:
+    def ssl_context(self, keys: list[ListenKey]) -> ssl.SSLContext | None:
         """The TLS context of a socket whose listen has ``ssl`` (None: plain TCP)."""
         for key in keys:
             server = self.servers.get(key)
@@ -172,7 +183,7 @@ class StreamServerRuntime:
         self.runtime = runtime
         self.loop = runtime.loop
         self.sessions: set[Session] = set()
-        self._tls: Any = None  # the server's TLS context, built on first use
+        self._tls: ssl.SSLContext | None = None  # the server's TLS context, built on first use
         self.access_logs = [runtime.open_log(log) for log in conf.access_logs]
         proxy_pass = conf.proxy_pass
         self._upstream = None
@@ -180,17 +191,17 @@ class StreamServerRuntime:
         if proxy_pass is not None:
             if proxy_pass.template is not None:
                 self._route = runtime.template(proxy_pass.template.raw)
-            else:
+            elif proxy_pass.upstream is not None:
                 self._upstream = runtime.upstreams[proxy_pass.upstream]
 
-    def tls_context(self) -> Any:
-        if self._tls is None:
+    def tls_context(self) -> ssl.SSLContext | None:
+        if self._tls is None and self.conf.ssl is not None:
             from scriptlb.tls import server_context  # (only configs with TLS load ssl)
 
             self._tls = server_context(self.conf.ssl)
         return self._tls
 
-    def session_factory(self, key: tuple) -> Any:
+    def session_factory(self, key: ListenKey) -> Callable[[], Session]:
         """What a listening socket of ``key`` makes of each accepted connection."""
         reads_header = key in self.conf.proxy_protocol_listens
 
@@ -223,7 +234,7 @@ class StreamServerRuntime:
 class _Dispatch(asyncio.Protocol):
     """Picks a connection's server by its local address, then hands the transport over."""
 
-    def __init__(self, factories: dict[tuple, Any]) -> None:
+    def __init__(self, factories: dict[ListenKey, Callable[[], Session]]) -> None:
         self.factories = factories
 
     def connection_made(self, transport: Any) -> None:
