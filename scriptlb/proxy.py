@@ -119,7 +119,7 @@ class UpstreamRequest:
         self._body_conn: UpstreamConnection | None = None  # where the streamed body goes now
         self._state: Any = None  # the balancer's per-request state (tries budget, tried peers)
         self._head = b""
-        self._body = b""
+        self._body: bytes | SpooledBody = b""  # (bytes, or the file a big body was spooled to)
         self._started = 0.0  # for proxy_next_upstream_timeout
         self._idempotent = True
         self._local_addr: tuple[str, int] | None = None  # a hook's bind_to_local_addr
@@ -319,6 +319,7 @@ class UpstreamRequest:
         if addr.unix_path is not None:
             opening = loop.create_unix_connection(lambda: conn, addr.unix_path, **extra)
         else:
+            assert addr.host is not None  # (an address without unix_path has a host)
             opening = loop.create_connection(lambda: conn, addr.host, addr.port, local_addr=self._local_addr,
                                              **extra)
         task = loop.create_task(opening)
@@ -351,13 +352,13 @@ class UpstreamRequest:
         plan = self.plan
         streamed = self._stream_body
         body = None if streamed else self._body
-        spooled = isinstance(body, SpooledBody)
+        spooled = body if isinstance(body, SpooledBody) else None
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
         conn.upgrade = _asks_upgrade(ex.request.connection) and ex.header("upgrade") is not None
-        conn.start(self, self._head, None if spooled else body, ex.read_timeout,
+        conn.start(self, self._head, body if isinstance(body, bytes) else None, ex.read_timeout,
                    ex.send_timeout, ex.method == "HEAD", plan.http11, plan.close_after)
-        if spooled:
-            body.send(conn)  # (every try again from the file's start)
+        if spooled is not None:
+            spooled.send(conn)  # (every try again from the file's start)
         elif streamed:
             self._body_conn = conn
             conn.on_writable = self._pump_body

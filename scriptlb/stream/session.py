@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from scriptlb import errorlog, safety
 from scriptlb.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord, clock
@@ -47,6 +47,8 @@ _PREREAD_TIMEOUT = 30.0  # preread_timeout
 OK, BAD_REQUEST, INTERNAL_ERROR, BAD_GATEWAY = 200, 400, 500, 502
 
 
+_Opening: TypeAlias = "asyncio.Task[tuple[asyncio.BaseTransport, PeerSide]]"  # a peer connection opening
+
 class StreamAttempt(Attempt):
     """One connection attempt of a session, with the bytes that crossed it ($upstream_bytes_*)."""
 
@@ -65,7 +67,7 @@ class Session(asyncio.Protocol):
     method = ""
     request_uri = ""
     http_version = ""
-    headers: tuple = ()
+    headers: tuple[tuple[bytes, bytes], ...] = ()
     args = None
 
     def __init__(self, server: StreamServerRuntime, conn_id: int, reads_header: bool = False) -> None:
@@ -81,15 +83,16 @@ class Session(asyncio.Protocol):
         self.bytes_sent = 0  # to the client
         self.bytes_received = 0  # from the client
         self.tries: list[TryRecord] = []
-        self.ctx: dict = {}
-        self.ctx_cache: dict = {}  # map values, evaluated once per session
+        self.ctx: dict[str, object] = {}
+        self.ctx_cache: dict[str, str | None] = {}  # map values, evaluated once per session
         self.last_failure: tuple[str, int] | None = None
         self.tries_left = 0
         self.tries_cap = proxy.next_upstream_tries
         self.remote_addr = self.remote_port = self.server_addr = self.server_port = ""
         self.server_name = ""
         self.ssl_server_name = self.ssl_protocol = self.ssl_alpn_protocols = ""
-        self.proxy_protocol_addr = self.proxy_protocol_port = None
+        self.proxy_protocol_addr: str | None = None
+        self.proxy_protocol_port: str | None = None
         self.transport: asyncio.Transport | None = None
         self.gate: ReadGate | None = None
         self.peer: PeerSide | None = None
@@ -99,8 +102,8 @@ class Session(asyncio.Protocol):
         self._upstream: Any = None
         self._state: Any = None
         self._started = 0.0
-        self._connecting: asyncio.Task | None = None
-        self._connect_timer: Any = None
+        self._connecting: _Opening | None = None
+        self._connect_timer: asyncio.TimerHandle | None = None
         self._prereading = server.conf.ssl_preread
         self._proxy_header = reads_header  # `listen ... proxy_protocol`: a PROXY header comes first
         self._timer: asyncio.TimerHandle | None = None
@@ -111,8 +114,9 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ client side
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # a connection's transport: asyncio's, or uvloop's (which does not subclass Transport)
+        self.transport = transport = cast(asyncio.Transport, base)
         self.gate = ReadGate(transport)
         transport.set_write_buffer_limits(high=self.server.conf.proxy.buffer_size)
         peer = transport.get_extra_info("peername")
@@ -136,6 +140,11 @@ class Session(asyncio.Protocol):
         except Exception as exc:
             self._crashed(exc, "starting the session")
 
+    def _gate(self) -> ReadGate:
+        gate = self.gate
+        assert gate is not None  # (connection_made sets it, before any other callback)
+        return gate
+
     def data_received(self, data: bytes) -> None:
         try:
             self._active = self.loop.time()
@@ -153,7 +162,7 @@ class Session(asyncio.Protocol):
             elif self._prereading:
                 self._preread()
             elif self._pending_size >= self.server.conf.proxy.buffer_size:
-                self.gate.close(WAITING)
+                self._gate().close(WAITING)
         except Exception as exc:
             self._crashed(exc, "reading from client")
 
@@ -248,7 +257,7 @@ class Session(asyncio.Protocol):
             self._state = upstream.balancer.new_request(tries_cap, key_getter(self))
         self._started = self.loop.time()
         if self._pending_size >= self.server.conf.proxy.buffer_size:
-            self.gate.close(WAITING)
+            self._gate().close(WAITING)
         self._next_try()
 
     def _next_try(self) -> None:
@@ -285,6 +294,7 @@ class Session(asyncio.Protocol):
         if addr.unix_path is not None:
             opening = loop.create_unix_connection(lambda: side, addr.unix_path)
         else:
+            assert addr.host is not None  # (an address without unix_path has a host)
             opening = loop.create_connection(lambda: side, addr.host, addr.port)
         task = loop.create_task(opening)
         self._connect_timer = loop.call_later(self.connect_timeout, task.cancel)
@@ -298,10 +308,11 @@ class Session(asyncio.Protocol):
             side.abort()  # the session ended while connecting
             return
         self._connecting = None
-        self._connect_timer.cancel()
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
         self._relay(side)
 
-    def _connected(self, task: asyncio.Task, side: PeerSide) -> None:
+    def _connected(self, task: _Opening, side: PeerSide) -> None:
         if self._connecting is not task:  # relayed already (peer_connected), or the session ended
             if not task.cancelled():
                 task.exception()  # (retrieved: asyncio would warn about it)
@@ -309,7 +320,8 @@ class Session(asyncio.Protocol):
                 side.abort()
             return
         self._connecting = None
-        self._connect_timer.cancel()
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
         try:
             failure, text = _connect_failure(task)
             if failure is None:
@@ -349,7 +361,7 @@ class Session(asyncio.Protocol):
         for chunk in pending:
             attempt.bytes_sent += len(chunk)
             side.transport.write(chunk)
-        self.gate.open(WAITING)
+        self._gate().open(WAITING)
         self._active = self.loop.time()
         self._arm_timer(self.read_timeout)
         if self._client_eof:
@@ -527,8 +539,9 @@ class PeerSide(asyncio.Protocol):
         self.transport: Any = None
         self.gate: Any = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # a connection's transport: asyncio's, or uvloop's (which does not subclass Transport)
+        self.transport = transport = cast(asyncio.Transport, base)
         self.gate = ReadGate(transport)
         session = self.session
         if session is not None:
@@ -592,7 +605,7 @@ def _abort_all(transports: tuple[Any, ...]) -> None:
             transport.abort()
 
 
-def _connect_failure(task: asyncio.Task) -> tuple[Failure | None, str]:
+def _connect_failure(task: _Opening) -> tuple[Failure | None, str]:
     if task.cancelled():
         return Failure.TIMEOUT, "upstream timed out (110: Connection timed out)"
     exc = task.exception()
