@@ -101,7 +101,7 @@ class Exchange:
         self.status = 0
         self.body_bytes_sent = 0
         self.bytes_sent = 0
-        self.ctx: dict = {}
+        self.ctx: dict[str, object] = {}  # ngx.ctx (the hook API wraps it in its Lua-style view)
         self.tries: list[TryRecord] = []
         self.upstream_name: str | None = None
         # for $upstream_http_*: the peer's headers once a response came (a shared empty tuple
@@ -393,8 +393,8 @@ class Exchange:
             return
         if responses.closes_connection(status):
             conn.close_after_response()
-        page = responses.error_page(status) or b""
-        headers = b"Content-Type: text/html\r\n" + extra_headers if page else extra_headers
+        body = responses.error_page(status) or b""
+        headers = b"Content-Type: text/html\r\n" + extra_headers if body else extra_headers
         add_headers = self.location.add_headers if self.location is not None else None
         if add_headers is not None:
             headers += add_headers(self, status)
@@ -402,8 +402,8 @@ class Exchange:
         if trace is not None and self.upstream_request is not None:  # balancer_trace_header on
             headers = trace.headers(self, headers)
         self.response_headers = headers
-        conn.send_head(status, headers, len(page))
-        conn.send_body(page)
+        conn.send_head(status, headers, len(body))
+        conn.send_body(body)
         self.complete_response()
 
     # ------------------------------------------------------------------ the rewrite phase

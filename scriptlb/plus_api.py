@@ -22,11 +22,18 @@ import json
 import os
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.units import parse_time
-from scriptlb.peer_lists import PeerList, ServerEntry
+from scriptlb.peer_lists import PeerList, PeerListStore, ServerEntry
+
+if TYPE_CHECKING:
+    from scriptlb.config.model import UpstreamConf
+    from scriptlb.exchange import Exchange
+    from scriptlb.peers import Peer
+    from scriptlb.runtime import Runtime, UpstreamRuntime
 
 API_VERSION = 9
 _HREF = "https://nginx.org/en/docs/http/ngx_http_api_module.html"
@@ -53,12 +60,12 @@ def _format_error(text: str) -> ApiError:
 class Api:
     """The content handler of an ``api`` location."""
 
-    def __init__(self, runtime: Any, write: bool) -> None:
+    def __init__(self, runtime: Runtime, write: bool) -> None:
         self.runtime = runtime
         self.write = write
         self.started = time.time()
 
-    def __call__(self, exchange: Any) -> None:
+    def __call__(self, exchange: Exchange) -> None:
         try:
             status, payload = self.handle(exchange.method, self._path(exchange), exchange.request.take_body())
         except ApiError as err:
@@ -70,7 +77,7 @@ class Api:
         exchange.respond(status, _JSON if body else b"", body)
 
     @staticmethod
-    def _path(exchange: Any) -> list[str]:
+    def _path(exchange: Exchange) -> list[str]:
         conf = exchange.location.conf
         prefix = conf.pattern if conf.modifier in ("", "^~", "=") else ""
         rest = exchange.uri[len(prefix):] if exchange.uri.startswith(prefix) else exchange.uri
@@ -178,15 +185,15 @@ class Api:
         return {"accepted": t["accepted"], "dropped": t["accepted"] - t["handled"],
                 "active": t["reading"] + t["writing"], "idle": t["waiting"]}
 
-    def _list(self, upstream: Any) -> PeerList:
+    def _list(self, upstream: UpstreamRuntime) -> PeerList:
         store = self._store()
         return store.current(self._loaded(upstream)) if store is not None else _static_list(upstream)
 
-    def _upstream(self, upstream: Any) -> dict[str, Any]:
+    def _upstream(self, upstream: UpstreamRuntime) -> dict[str, Any]:
         entries = self._list(upstream).servers
         by_address: dict[str, list[ServerEntry]] = {}
-        for entry in entries:
-            by_address.setdefault(entry.server, []).append(entry)
+        for listed in entries:
+            by_address.setdefault(listed.server, []).append(listed)
         now = self.runtime.loop.time()
         peers = []
         for peer in [*upstream.peers.primary, *upstream.peers.backup]:
@@ -213,7 +220,7 @@ class Api:
                         "error": item.get("error", "")}
         return None
 
-    def _entry(self, upstream: Any, server_id: int) -> ServerEntry:
+    def _entry(self, upstream: UpstreamRuntime, server_id: int) -> ServerEntry:
         for entry in self._list(upstream).servers:
             if entry.id == server_id:
                 return entry
@@ -221,16 +228,16 @@ class Api:
 
     # ----------------------------------------------------------------- writes
 
-    def _store(self) -> Any:
+    def _store(self) -> PeerListStore | None:
         watcher = self.runtime.peer_lists
         return watcher.store if watcher is not None else None
 
-    def _loaded(self, upstream: Any) -> Any:
+    def _loaded(self, upstream: UpstreamRuntime) -> UpstreamConf:
         """The upstream's block as the config loaded it (the store keys lists by it)."""
         watcher = self.runtime.peer_lists
         return watcher.http.upstreams[upstream.name] if watcher is not None else upstream.conf
 
-    def _change(self, upstream: Any, edit: Any) -> PeerList:
+    def _change(self, upstream: UpstreamRuntime, edit: Callable[[PeerList], PeerList]) -> PeerList:
         store = self._store()
         if store is None:
             raise ApiError(500, "run-time upstream changes are unavailable", "InternalError")
@@ -249,7 +256,7 @@ class Api:
             write_through(self.runtime.loop, loaded, before[0], result)
         return result
 
-    def _add_server(self, upstream: Any, body: bytes) -> dict[str, Any]:
+    def _add_server(self, upstream: UpstreamRuntime, body: bytes) -> dict[str, Any]:
         fields = _parse_fields(body, require_server=True)
         added: list[ServerEntry] = []
 
@@ -262,7 +269,7 @@ class Api:
         self._change(upstream, edit)
         return _server_json(added[0])
 
-    def _patch_server(self, upstream: Any, server_id: int, body: bytes) -> dict[str, Any]:
+    def _patch_server(self, upstream: UpstreamRuntime, server_id: int, body: bytes) -> dict[str, Any]:
         fields = _parse_fields(body, require_server=False)
         changed: list[ServerEntry] = []
 
@@ -280,7 +287,7 @@ class Api:
         self._change(upstream, edit)
         return _server_json(changed[0])
 
-    def _delete_server(self, upstream: Any, server_id: int) -> None:
+    def _delete_server(self, upstream: UpstreamRuntime, server_id: int) -> None:
         def edit(current: PeerList) -> PeerList:
             servers = tuple(e for e in current.servers if e.id != server_id)
             if len(servers) == len(current.servers):
@@ -310,14 +317,14 @@ def _server_json(entry: ServerEntry) -> dict[str, Any]:
             "down": entry.down, "drain": entry.drain}
 
 
-def _static_list(upstream: Any) -> PeerList:
+def _static_list(upstream: UpstreamRuntime) -> PeerList:
     from scriptlb.peer_lists import entries_from_conf, fingerprint
 
     entries = entries_from_conf(upstream.conf)
     return PeerList(entries, len(entries), 0, fingerprint(upstream.conf))
 
 
-def peer_state(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) -> str:
+def peer_state(upstream: UpstreamRuntime, peer: Peer, entry: ServerEntry | None, now: float) -> str:
     if entry is not None and entry.drain:
         return "draining"
     if peer.config_down:
@@ -333,20 +340,21 @@ def peer_state(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) 
     return "up"
 
 
-def _peer_json(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) -> dict[str, Any]:
+def _peer_json(upstream: UpstreamRuntime, peer: Peer, entry: ServerEntry | None,
+               now: float) -> dict[str, Any]:
     stats = upstream.stats
     requests = failures = active = 0
     classes = [0, 0, 0, 0, 0]
     codes: dict[int, int] = {}
-    sent = received = unavail = header_samples = 0
-    header_sum = 0.0
+    traffic: list[float] = [0, 0, 0, 0, 0.0]  # TRAFFIC_FIELDS
     response_ms = None
     if stats is not None:
         requests, failures, active, _status, _failure, ewma, _peak, _stamp, _ = stats.figures(peer)
         classes = stats.classes(peer)
         codes = stats.codes(peer)
-        sent, received, unavail, header_samples, header_sum = stats.traffic(peer)
+        traffic = stats.traffic(peer)
         response_ms = round(ewma * 1000) if ewma is not None else None
+    sent, received, unavail, header_samples, header_sum = traffic
     responses: dict[str, Any] = {f"{c + 1}xx": n for c, n in enumerate(classes)}
     responses["codes"] = {str(code): codes[code] for code in sorted(codes)}
     responses["total"] = sum(classes)
