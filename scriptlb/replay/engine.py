@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scriptlb.config.model import NextUpstream
+from scriptlb.headers_filter import request_header
 from scriptlb.offline import Offline
 from scriptlb.replay.logs import Recorded
 from scriptlb.replay.model import ERROR, TIMEOUT, PeerModel
@@ -32,7 +33,7 @@ from scriptlb.retry import (
     last_failure_status,
 )
 from scriptlb.stats import WEIGHT_GENERATION
-from scriptlb.synthetic import SyntheticExchange, TryRecord
+from scriptlb.synthetic import TryRecord
 
 _FAILURE_OF = {ERROR: Failure.ERROR, TIMEOUT: Failure.TIMEOUT}
 NO_PEER = -1  # Result.first_peer of a request that reached no peer
@@ -54,9 +55,9 @@ class Result:
     fallbacks: dict[str, int] = field(default_factory=dict)  # hook outcome error -> runs
     log_hook_errors: dict[str, int] = field(default_factory=dict)  # log_by_python error -> runs
     statuses: dict[int, int] = field(default_factory=dict)
-    latencies: array = field(default_factory=lambda: array("d"))  # per request, seconds
-    first_peer: array = field(default_factory=lambda: array("i"))  # per request (NO_PEER: none)
-    lines: array = field(default_factory=lambda: array("i"))  # per request: its log line
+    latencies: array[float] = field(default_factory=lambda: array("d"))  # per request, seconds
+    first_peer: array[int] = field(default_factory=lambda: array("i"))  # per request (NO_PEER: none)
+    lines: array[int] = field(default_factory=lambda: array("i"))  # per request: its log line
     buckets: list[list[int]] = field(default_factory=list)  # per time bucket: tries per peer
     bucket_latencies: list[list[float]] = field(default_factory=list)  # a sample per bucket
     bucket_width: float = 60.0
@@ -109,7 +110,10 @@ class ReplayExchange:
     conn_id = conn_requests = 1
     upstream_headers: tuple[()] = ()
     response_headers = b""
-    header = SyntheticExchange.header
+
+    def header(self, name_lower: str) -> str | None:
+        """A request header's value (the first; Cookie lines joined with "; " as nginx)."""
+        return request_header(self.headers, name_lower)
 
     def __init__(
         self, recorded: Recorded, now: float, upstream: str, location: Any, conf: Any, cap: int
@@ -332,7 +336,8 @@ class Engine:
             duration = 0.0
         if failure == TIMEOUT or duration > ex.read_timeout:
             flight.failure, flight.status = Failure.TIMEOUT, 0
-            return ex.read_timeout
+            timeout: float = ex.read_timeout
+            return timeout
         if failure == ERROR:
             flight.failure, flight.status = Failure.ERROR, 0
             return 0.0

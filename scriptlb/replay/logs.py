@@ -192,7 +192,7 @@ class LineParser:
                 previous_var = False
         self._regex = re.compile("".join(pattern) + r"\Z", re.DOTALL)
         self._groups = [f"v{i}" for i in range(len(self.names))]
-        self._json_keys = {key: name.lower() for key, name in _JSON_KEY.findall(template.raw)}
+        self._json_keys: dict[str, str] = {key: name.lower() for key, name in _JSON_KEY.findall(template.raw)}
         # what a line of this format gives back, found once (to_request does it per line for JSON)
         self._headers = [
             (name, header[1]) for name in self.names if (header := _header_name(name)) and header[0] == 0
@@ -322,9 +322,10 @@ class LineParser:
         if not isinstance(data, dict):
             return None
         keys = self._json_keys
+        fields: dict[str, object] = data  # (a JSON object's keys are strings)
         return {
             keys.get(key, key): str(value)
-            for key, value in data.items()
+            for key, value in fields.items()
             if value is not None and value != "" and value != "-"
         }
 
@@ -382,11 +383,11 @@ def _header_name(variable: str) -> tuple[int, bytes] | tuple[()]:
 def _request_of(fields: dict[str, str]) -> tuple[str | None, str]:
     request = fields.get("request")
     if request is not None:
-        method, _, rest = request.partition(" ")
-        target = rest.rpartition(" ")[0] if rest.endswith(_PROTOCOLS) else rest
-        return (method or None), (target or "/")
-    method = fields.get("request_method")
-    target = fields.get("request_uri")
+        verb, _, rest = request.partition(" ")
+        line_target = rest.rpartition(" ")[0] if rest.endswith(_PROTOCOLS) else rest
+        return (verb or None), (line_target or "/")
+    method: str | None = fields.get("request_method")
+    target: str | None = fields.get("request_uri")
     if target is None and "uri" in fields:
         args = fields.get("args") or fields.get("query_string")
         target = fields["uri"] + (f"?{args}" if args else "")
