@@ -21,7 +21,7 @@ import re
 from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scriptlb.sandbox import limits
 from scriptlb.sandbox.limits import (
@@ -38,6 +38,9 @@ from scriptlb.sandbox.limits import (
     SandboxLimitError,
     charge,
 )
+
+if TYPE_CHECKING:
+    from _collections_abc import dict_items, dict_keys, dict_values
 
 # --------------------------------------------------------------------------- registry
 
@@ -242,7 +245,7 @@ def super_init(proxy: Any) -> Any:
     hook may read): the next ``__init__`` of the MRO, a hook's, an exception's or object's."""
     if type(proxy) is not super:
         raise TypeError("only super().__init__ is allowed")
-    return proxy.__init__
+    return super.__getattribute__(proxy, "__init__")  # (what proxy.__init__ reads)
 
 
 _DYNAMIC[HookClass] = _hook_class_attribute
@@ -687,7 +690,7 @@ _STR_METHODS = [
 _BYTES_METHODS = [m for m in _STR_METHODS if m not in ("casefold", "isdecimal", "isidentifier",
                                                         "isnumeric", "isprintable")] + ["hex"]
 _PAD = {name: _checked_pad(name) for name in ("center", "ljust", "rjust", "zfill")}
-_SEQ_CHECKED = {**_PAD, "join": _checked_join, "replace": _checked_replace}
+_SEQ_CHECKED: dict[str, Callable[..., Any]] = {**_PAD, "join": _checked_join, "replace": _checked_replace}
 _DICT_METHODS = ["clear", "copy", "get", "items", "keys", "pop", "popitem", "setdefault", "update", "values"]
 _SET_READ = ["copy", "isdisjoint", "issubset", "issuperset", "symmetric_difference"]
 
@@ -805,12 +808,14 @@ def make_builtins(extra: dict[str, Any]) -> dict[str, Any]:
     )
     from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 
+    guarded_unpack: Callable[..., Any] = guarded_unpack_sequence  # (RestrictedPython's is untyped)
+
     def unpack_sequence(it: Any, spec: dict[str, Any], getiter: Any) -> Any:
         """``a, b = value``: a flat tuple needs no guarding (iter is our _getiter_ anyway), and
         ``ok, err = balancer.set_current_peer(...)`` is on the hot path."""
         if type(it) is tuple and not spec["childs"]:
             return it
-        return guarded_unpack_sequence(it, spec, getiter)
+        return guarded_unpack(it, spec, getiter)
 
     table["_iter_unpack_sequence_"] = guarded_iter_unpack_sequence
     table["_unpack_sequence_"] = unpack_sequence
@@ -834,7 +839,8 @@ MAX_WORK = 1 << 22  # estimated element steps of one hash/comparison walk (a few
 _WORK_SCALARS = frozenset({int, float, bool, type(None), complex, slice, range})
 _TEXT = frozenset({str, bytes})
 _CONTAINERS = (list, tuple, set, frozenset, deque, dict)
-_DICT_VIEWS = (type({}.keys()), type({}.values()), type({}.items()))
+_DICT_VIEWS: tuple[type[dict_keys[Any, Any]], type[dict_values[Any, Any]], type[dict_items[Any, Any]]] = (
+    type({}.keys()), type({}.values()), type({}.items()))
 
 
 def work_size(obj: Any, limit: int = MAX_WORK) -> int:

@@ -66,17 +66,21 @@ def _module_attribute(module: PackageModule, name: str) -> Any:
 expose_dynamic(PackageModule, _module_attribute)
 
 
+def _unconfigured(name: str) -> dict[str, Any]:
+    raise RuntimeError("the hook importer is not configured")
+
+
 class Importer:
     """The ``__import__`` of hook code. One per process; ``configure()`` sets the search path."""
 
     def __init__(self) -> None:
-        self.package_path: tuple[str, ...] = ()
+        self.package_path: tuple[str, ...] = ()  # (configure() sets what follows)
         self._modules: dict[str, PackageModule] = {}  # file path -> loaded module
         self._generation = 1  # bumped whenever a resolved import may change meaning
         self._loading: set[str] = set()
         self._special: dict[str, Any] = {}
         self._code: dict[tuple[str, str], CodeType] = {}  # (path, source) -> code
-        self._module_globals: Callable[[str], dict[str, Any]] = dict  # set by the runner module
+        self._module_globals: Callable[[str], dict[str, Any]] = _unconfigured  # set by the runner module
 
     def configure(self, package_path: tuple[str, ...], module_globals: Callable[[str], dict[str, Any]],
                   special: dict[str, Any]) -> None:
@@ -95,7 +99,7 @@ class Importer:
     def __call__(self, name: str, globals: dict[str, Any] | None = None, locals: Any = None,
                  fromlist: Any = (), level: int = 0) -> Any:
         owner = globals.get(OWNER_KEY) if globals is not None else None
-        if owner is None:
+        if owner is None or globals is None:
             return self._resolve(name, fromlist, level, {}, None)
         key = name if fromlist or "." not in name else ("import", name)
         if owner.get(_GENERATION) == self._generation:

@@ -204,7 +204,7 @@ def _tee(iterable: Iterable[Any], n: int = 2) -> tuple[Iterator[Any], ...]:
     return itertools.tee(iterable, n)
 
 
-_ITERTOOLS = {name: ticking_factory(getattr(itertools, name)) for name in (
+_ITERTOOLS: dict[str, Callable[..., object]] = {name: ticking_factory(getattr(itertools, name)) for name in (
     "chain", "compress", "dropwhile", "filterfalse", "groupby", "islice", "pairwise", "starmap", "takewhile",
     "zip_longest")}  # C iterators: their output can dwarf their input (chain(*[big] * 1000))
 _ITERTOOLS["tee"] = _tee
@@ -243,6 +243,9 @@ def _loads(text: str | bytes, *, object_hook: Any = None, object_pairs_hook: Any
 MAX_FIELDS = 64
 MAX_NAMEDTUPLES = 256  # distinct classes per process: a hook's top level runs on every try
 _NAMEDTUPLES: dict[tuple[Any, ...], type] = {}
+# called by another name: mypy reads a direct namedtuple() call as a class definition, which
+# needs literal arguments; here the name and fields are the hook's (checked above)
+_make_namedtuple: Callable[..., type] = collections.namedtuple
 _SCALAR_DEFAULTS = (str, int, float, bool, type(None))
 
 
@@ -273,7 +276,7 @@ def _namedtuple(typename: str, field_names: Any, *, defaults: Any = None) -> typ
     if cls is None:
         if len(_NAMEDTUPLES) >= MAX_NAMEDTUPLES:
             raise too_big("namedtuple classes", len(_NAMEDTUPLES) + 1, MAX_NAMEDTUPLES)
-        cls = collections.namedtuple(typename, fields, defaults=defaults, module="__hook__")
+        cls = _make_namedtuple(typename, fields, defaults=defaults, module="__hook__")
         expose(cls, fields)
         expose_checked(cls, guards.checked_methods(tuple))
         _NAMEDTUPLES[key] = cls
