@@ -8,14 +8,23 @@ The value is evaluated once per session and cached on it, as nginx caches a map'
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from scriptlb.config.model import StreamMapConf
+from scriptlb.config.model import StreamMapConf, Template
 from scriptlb.locations import compile_nginx_regex
 
-Getter = Callable[[Any], "str | None"]
-Compile = Callable[[Any], Callable[[Any], str]]  # Template -> renderer
+
+class MapSession(Protocol):
+    """What a map reads on a session besides the variables its templates read."""
+
+    ctx_cache: dict[str, str | None]  # the session's map values, evaluated once
+
+
+Renderer = Callable[[Any], str]  # a value template, rendered for a session
+Getter = Callable[[MapSession], "str | None"]
+Compile = Callable[[Template], Renderer]
 
 
 def map_getter(conf: StreamMapConf, compile_value: Compile) -> Getter:
@@ -29,7 +38,7 @@ def map_getter(conf: StreamMapConf, compile_value: Compile) -> Getter:
     default = compile_value(conf.default) if conf.default is not None else None
     slot = "map_" + conf.variable
 
-    def get(session: Any) -> str | None:
+    def get(session: MapSession) -> str | None:
         cache = session.ctx_cache
         if slot in cache:
             return cache[slot]
@@ -42,7 +51,9 @@ def map_getter(conf: StreamMapConf, compile_value: Compile) -> Getter:
     return get
 
 
-def _choose(key: str, exact: dict, wildcards: list, regexes: list, default: Any, hostnames: bool) -> Any:
+def _choose(key: str, exact: dict[str, Renderer], wildcards: list[tuple[str, Renderer]],
+            regexes: list[tuple[re.Pattern[str], Renderer]], default: Renderer | None,
+            hostnames: bool) -> Renderer | None:
     lowered = key.lower()
     if hostnames:
         lowered = lowered.rstrip(".")
