@@ -68,12 +68,10 @@ def _allowed(rules: list[tuple[bool, Network]], exchange: Any) -> bool:
         if mapped is not None:  # nginx checks an IPv4-mapped IPv6 client against IPv4 rules too
             address = mapped
     for allow, network in rules:
-        if network == "all":
-            return allow
-        if network == "unix:":
-            if address is None:
+        if isinstance(network, str):  # "all", "unix:"
+            if network == "all" or address is None:
                 return allow
-        elif address is not None and address.version == network.version and address in network:  # type: ignore[union-attr]
+        elif address is not None and address.version == network.version and address in network:
             return allow
     return True
 

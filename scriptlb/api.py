@@ -27,6 +27,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping
+from types import FrameType
 from typing import TYPE_CHECKING, Literal, NoReturn, Protocol, TypeGuard
 
 from scriptlb.config.model import PeerAddr
@@ -689,15 +690,15 @@ def escape_log(text: str) -> str:
 
 def hook_location() -> str:
     """file:line of the innermost hook (or hook module) frame calling into the API."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_HOST_DIR):
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
     if frame is None:
         return "?"
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
-class Ctx(dict):  # type: ignore[type-arg]
+class Ctx(dict[str, object]):
     """``ngx.ctx``: the request's dict, also read and written as attributes the Lua way
     (``ngx.ctx.tries = 0``; a missing name reads as None, like Lua's nil). The names of dict
     methods (``get``, ``items``...) read as the methods; ``ngx.ctx["get"]`` reaches such a key."""

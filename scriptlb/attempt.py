@@ -185,17 +185,17 @@ class Attempt(TryRecord):
                 counted = False
                 stats_failed = outcome == BROKEN
         index = self.stats_index
-        if index >= 0:
+        stats = upstream.stats  # (an index is only given out with statistics)
+        if index >= 0 and stats is not None:
             self.stats_index = -1
             if conn is not None:
-                upstream.stats.finish(index, status, sample, stats_failed,  # type: ignore[union-attr]
-                                      conn.sent, conn.received, self.header_time)
+                stats.finish(index, status, sample, stats_failed, conn.sent, conn.received, self.header_time)
             else:
-                upstream.stats.finish(index, status, sample, stats_failed)  # type: ignore[union-attr]
+                stats.finish(index, status, sample, stats_failed)
         if peer is not None:
             if upstream.balancer.free(self.state, peer, counted, upstream.loop.time()):
-                if index >= 0:
-                    upstream.stats.recorder.became_unavailable(index)  # type: ignore[union-attr]
+                if index >= 0 and stats is not None:
+                    stats.recorder.became_unavailable(index)
                 # this failure reached max_fails: nginx says so
                 errorlog.log_error("warn", f"upstream server temporarily disabled while {phase}",
                                    exchange.conn_id, exchange.log_context(peer.name))

@@ -28,7 +28,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
@@ -386,8 +386,9 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ asyncio callbacks
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # a connection's transport: asyncio's, or uvloop's (which does not subclass Transport)
+        self.transport = transport = cast(asyncio.Transport, base)
         self.tls = transport.get_extra_info("ssl_object")  # None: plain TCP ($https, $ssl_*)
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
@@ -403,7 +404,7 @@ class ClientConnection(asyncio.Protocol):
             errorlog.log_error("alert", f"{listener.max_connections} worker_connections are not enough")
             listener.dropped += 1  # accepted but not handled (stub_status's "handled")
             self.closed = True
-            transport.abort()  # type: ignore[attr-defined]
+            transport.abort()
             return
         listener.connections.add(self)
         listener.reusable[self] = None  # until its first byte: may be closed to make room

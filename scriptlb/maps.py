@@ -32,7 +32,7 @@ class MapVariable:
         self._source: Renderer | None = None
         self._busy = False
 
-    def _build(self) -> None:
+    def _build(self) -> Renderer:
         conf, compile_ = self._conf, self._compile
         self._exact: dict[str, Renderer] = {}
         self._wild: HostnameTable[Renderer] = HostnameTable()
@@ -46,16 +46,18 @@ class MapVariable:
             else:
                 self._exact[entry.key] = value
         self._default = compile_(conf.default) if conf.default is not None else None
-        self._source = compile_(conf.source)
+        self._source = source = compile_(conf.source)
+        return source
 
     def __call__(self, ex: Any) -> str | None:
-        if self._source is None:
-            self._build()
+        source = self._source
+        if source is None:
+            source = self._build()
         if self._busy:
             return ""
         self._busy = True
         try:
-            value = self._find(self._source(ex))  # type: ignore[misc]
+            value = self._find(source(ex))
             return value(ex) if value is not None else ""
         finally:
             self._busy = False

@@ -164,6 +164,7 @@ class Offline:
             self.stats = PeerStats.open(self.directory, layout_of(http))
             recorder = Recorder(self.stats, self.loop, clock=self.loop.time)
         self.recorder = recorder
+        # a VirtualLoop for the asyncio loop: it has what the tries loop calls (time, call_later)
         self.upstream = UpstreamRuntime(self.upstream_conf, self.loop, http.python, recorder)  # type: ignore[arg-type]
         rng = getattr(self.upstream.balancer, "_rng", None)
         if isinstance(rng, random.Random):
@@ -189,8 +190,9 @@ class Offline:
         recorder = getattr(self, "recorder", None)
         if recorder is not None:
             recorder._timer = None  # (its virtual timer dies with the loop)
-        if getattr(self, "stats", None) is not None:
-            self.stats.close()  # type: ignore[union-attr]
+        stats: PeerStats | None = getattr(self, "stats", None)  # (None too if __init__ failed early)
+        if stats is not None:
+            stats.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> Offline:

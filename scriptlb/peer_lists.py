@@ -66,9 +66,8 @@ class ServerEntry:
 
     def conf(self) -> UpstreamServerConf:
         from scriptlb.config.addresses import resolve_upstream_address
-        from scriptlb.config.parser import Node
 
-        addrs = resolve_upstream_address(Node("server", (self.server,), None), self.server)  # type: ignore[arg-type]
+        addrs = resolve_upstream_address(self.server)
         return UpstreamServerConf(
             name=self.server, addrs=addrs, weight=self.weight, max_fails=self.max_fails,
             fail_timeout=self.fail_timeout, max_conns=self.max_conns, backup=self.backup,

@@ -437,7 +437,6 @@ def _address(value: Any) -> str:
     import ipaddress
 
     from scriptlb.config.addresses import AddressError, resolve_upstream_address, split_host_port
-    from scriptlb.config.parser import Node
 
     try:
         target = split_host_port(value)
@@ -448,7 +447,7 @@ def _address(value: Any) -> str:
                        "UpstreamBadAddress") from None
 
     try:
-        addrs = resolve_upstream_address(Node("server", (value,), None), value)  # type: ignore[arg-type]
+        addrs = resolve_upstream_address(value)
     except ConfigError:
         raise ApiError(400, "invalid server address", "UpstreamBadAddress") from None
     if len(addrs) != 1:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import httptools
 
@@ -289,7 +289,8 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        # a connection's transport: asyncio's, or uvloop's (which does not subclass Transport)
+        self.transport = cast(asyncio.Transport, transport)
         self.state = ConnState.ACTIVE
 
     def data_received(self, data: bytes) -> None:
@@ -560,7 +561,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.response_complete:
             self._extra_bytes = True  # a second response we never asked for
             return
-        response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
+        # start() set it before any byte: no None check on this per-header path
+        response: ResponseHead = self._response  # type: ignore[assignment]
         if value[-1:] in _BLANKS:
             value = value.rstrip(b" \t")
         # classified here, once (this runs for every header of every response): passed on as a

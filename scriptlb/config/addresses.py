@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 
 from scriptlb.config.errors import ConfigError
-from scriptlb.config.model import ListenConf, PeerAddr, UpstreamServerConf
+from scriptlb.config.model import ListenConf, PeerAddr, Source, UpstreamServerConf
 from scriptlb.config.parser import Node
 from scriptlb.config.units import parse_int, parse_time
 
@@ -162,8 +162,10 @@ def parse_upstream_server(node: Node, allowed: frozenset[str] | None = None) -> 
     if params.get("resolve"):
         # resolved at run time by the cluster process (scriptlb.resolver): nothing here
         _check_resolvable(node, text, bool(params.get("service")))
-        return UpstreamServerConf(name=text, addrs=(), source=node.source, **params)  # type: ignore[arg-type]
-    addrs = resolve_upstream_address(node, text)
+        addrs: tuple[PeerAddr, ...] = ()
+    else:
+        addrs = resolve_upstream_address(text, node.source)
+    # params holds each field's value as _server_param parsed it: a field name -> its type
     return UpstreamServerConf(name=text, addrs=addrs, source=node.source, **params)  # type: ignore[arg-type]
 
 
@@ -199,17 +201,18 @@ def _server_param(param: str) -> tuple[str | None, object]:
     return None, None
 
 
-def resolve_upstream_address(node: Node, text: str) -> tuple[PeerAddr, ...]:
-    """The peers of one upstream ``server`` address (port 80 when none is written)."""
+def resolve_upstream_address(text: str, source: Source | None = None) -> tuple[PeerAddr, ...]:
+    """The peers of one upstream ``server`` address (port 80 when none is written); errors
+    name ``source`` (None: an address from the API or a state file, not from the config)."""
     try:
         hp = split_host_port(text)
     except AddressError as e:
-        raise ConfigError(f'{e.kind} in upstream "{text}"', node.source) from None
+        raise ConfigError(f'{e.kind} in upstream "{text}"', source) from None
     if hp.unix_path is not None:
         return (PeerAddr(None, 0, hp.unix_path),)
     addrs = resolve(hp.host, 80 if hp.port is None else hp.port)
     if not addrs:
-        raise ConfigError(f'host not found in upstream "{text}"', node.source)
+        raise ConfigError(f'host not found in upstream "{text}"', source)
     return addrs
 
 

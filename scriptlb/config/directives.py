@@ -961,14 +961,15 @@ def _resolver(state: State, node: Node, draft: Any) -> None:
 def _name_server(node: Node, text: str) -> tuple[str, int]:
     import ipaddress
 
-    host, port = text, 53
+    host = text
+    port: int | None = 53
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         if rest:
-            port = parse_int(rest[1:]) if rest.startswith(":") else None  # type: ignore[assignment]
+            port = parse_int(rest[1:]) if rest.startswith(":") else None
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
-        port = parse_int(port_text)  # type: ignore[assignment]
+        port = parse_int(port_text)
     try:
         ipaddress.ip_address(host)
     except ValueError:

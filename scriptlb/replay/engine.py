@@ -344,8 +344,8 @@ class Engine:
         if failure is None:
             recorded = flight.recorded.status
             flight.status = recorded if 0 < recorded < 500 else 200
-        else:
-            flight.status = failure  # type: ignore[assignment]
+        elif isinstance(failure, int):  # a status the model answers with
+            flight.status = failure
         flight.failure = None
         return duration
 
@@ -429,7 +429,8 @@ class Engine:
         index = flight.stats_index
         if index >= 0:
             flight.stats_index = -1
-            self._stats.finish(index, status, sample, failed)  # type: ignore[union-attr]
+            if self._stats is not None:  # (an index is only given out with statistics)
+                self._stats.finish(index, status, sample, failed)
 
     def _free(self, flight: _Flight, failed: bool, failure: Failure) -> None:
         """proxy.UpstreamRequest._free_try: the balancer's peer, or a hook's address."""

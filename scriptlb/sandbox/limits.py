@@ -239,7 +239,7 @@ def quiet_unraisable_stops() -> None:
         if not isinstance(unraisable.exc_value, HookTimeout):
             previous(unraisable)
 
-    hook._scriptlb_quiet = True  # type: ignore[attr-defined]
+    hook._scriptlb_quiet = True  # type: ignore[attr-defined]  # a mark on the function: installed once
     sys.unraisablehook = hook
 
 

@@ -351,6 +351,8 @@ class Session(asyncio.Protocol):
     def _relay(self, side: PeerSide) -> None:
         attempt = self.attempt
         assert attempt is not None
+        # a session's try is connected by its PeerSide, which answers what Attempt.end reads
+        # of a connection (sent, received), not an UpstreamConnection
         attempt.connected(side)  # type: ignore[arg-type]
         self.peer = side
         side.transport.set_write_buffer_limits(high=self.server.conf.proxy.buffer_size)
