@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from scriptlb.config.model import ErrorLogConf
+from scriptlb.request_view import HookRequest
 
 # nginx's order: a target at level L receives every line at L or more severe
 LEVELS: tuple[str, ...] = ("emerg", "alert", "crit", "error", "warn", "notice", "info", "debug")
@@ -171,7 +172,7 @@ def reopen() -> None:
     _SINK.log.reopen()
 
 
-def request_context(exchange: Any, upstream: str | None = None) -> str:
+def request_context(exchange: HookRequest, upstream: str | None = None) -> str:
     """nginx's suffix for a request: ``, client: ..., server: ..., request: "...",
     upstream: "...", host: "..."`` (``upstream`` is the full URL, e.g. "http://10.0.0.1:80/x").
     """

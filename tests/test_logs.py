@@ -13,23 +13,16 @@ import pytest
 from scriptlb import errorlog
 from scriptlb.config.model import ErrorLogConf
 from scriptlb.errorlog import ErrorLog, RateLimiter, level_rank, os_error_text, request_context
+from scriptlb.synthetic import SyntheticExchange
 
 NOV_22_LOCAL = time.mktime((2026, 11, 22, 10, 0, 0, 0, 0, -1))
 LINE = re.compile(r"^2026/11/22 10:00:00 \[(\w+)\] (\d+)#0: (.*)\n$")
 
 
-class FakeExchange:
-    remote_addr = "127.0.0.1"
-    server_name = "localhost"
-    method = "GET"
-    request_uri = "/a?b=1"
-    http_version = "1.1"
-
-    def __init__(self, headers: dict[str, str]) -> None:
-        self._headers = headers
-
-    def header(self, name_lower: str) -> str | None:
-        return self._headers.get(name_lower)
+def logged_request(headers: dict[str, str]) -> SyntheticExchange:
+    """GET /a?b=1 from 127.0.0.1 to server localhost, with ``headers``."""
+    lines = [(name.encode(), value.encode()) for name, value in headers.items()]
+    return SyntheticExchange("GET", "/a?b=1", headers=lines)
 
 
 def read_lines(path: Path) -> list[str]:
@@ -46,7 +39,7 @@ def restore_sink():
 def test_line_shape_is_nginx(tmp_path: Path) -> None:
     path = tmp_path / "error.log"
     log = ErrorLog([ErrorLogConf(str(path), "error")], clock=lambda: NOV_22_LOCAL + 0.5)
-    ctx = request_context(FakeExchange({"host": "localhost:8080"}), upstream="http://127.0.0.1:9003/")
+    ctx = request_context(logged_request({"host": "localhost:8080"}), upstream="http://127.0.0.1:9003/")
     log.log("error", "connect() failed (111: Connection refused) while connecting to upstream", 17, ctx)
     log.log("error", "no conn id")
     log.close()
@@ -59,7 +52,7 @@ def test_line_shape_is_nginx(tmp_path: Path) -> None:
 
 
 def test_request_context_without_upstream_or_host_but_with_referrer() -> None:
-    ctx = request_context(FakeExchange({"referer": "http://r/"}))
+    ctx = request_context(logged_request({"referer": "http://r/"}))
     assert (
         ctx == ', client: 127.0.0.1, server: localhost, request: "GET /a?b=1 HTTP/1.1", referrer: "http://r/"'
     )
@@ -247,13 +240,11 @@ class FakeLoop:
         return timer
 
 
-class LogExchange:
-    def __init__(self, uri: str, status: int = 200) -> None:
-        self.uri = uri
-        self.status = status
-        self.remote_addr = "127.0.0.1"
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.tries: list[object] = []
+def served(uri: str, status: int = 200) -> SyntheticExchange:
+    """A finished request from 127.0.0.1 for ``uri``, answered with ``status``."""
+    ex = SyntheticExchange(target=uri)
+    ex.status = status
+    return ex
 
 
 def access_conf(path: Path | str, raw: str = "$remote_addr $uri $status $upstream_addr", **kw: Any) -> Any:
@@ -270,8 +261,8 @@ def test_access_log_writes_one_line_per_request(tmp_path: Path) -> None:
 
     path = tmp_path / "access.log"
     log = open_access_log(access_conf(path))
-    log.write(LogExchange("/a"))
-    log.write(LogExchange("/b\x01", 502))
+    log.write(served("/a"))
+    log.write(served("/b\x01", 502))
     assert path.read_bytes() == b"127.0.0.1 /a 200 -\n127.0.0.1 /b\\x01 502 -\n"
     log.close()
 
@@ -282,8 +273,8 @@ def test_access_log_appends_and_encodes_bytes_as_latin1(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     path.write_bytes(b"old\n")
     log = open_access_log(access_conf(path, "$uri", escape="none"))
-    log.write(LogExchange("/\xe9"))
-    log.write(LogExchange("/\u20ac"))
+    log.write(served("/\xe9"))
+    log.write(served("/\u20ac"))
     log.close()
     assert path.read_bytes() == b"old\n/\xe9\n/\xe2\x82\xac\n"
 
@@ -293,12 +284,12 @@ def test_buffered_lines_wait_until_the_buffer_is_full(tmp_path: Path) -> None:
 
     path = tmp_path / "access.log"
     log = open_access_log(access_conf(path, "$uri", buffer=10))
-    log.write(LogExchange("/1234"))  # 6 bytes
-    log.write(LogExchange("/12"))  # 4 bytes: exactly full, still buffered
+    log.write(served("/1234"))  # 6 bytes
+    log.write(served("/12"))  # 4 bytes: exactly full, still buffered
     assert path.read_bytes() == b""
-    log.write(LogExchange("/x"))  # does not fit: the first two lines go out
+    log.write(served("/x"))  # does not fit: the first two lines go out
     assert path.read_bytes() == b"/1234\n/12\n"
-    log.write(LogExchange("/" + "y" * 20))  # larger than the buffer: flushed, then written
+    log.write(served("/" + "y" * 20))  # larger than the buffer: flushed, then written
     assert path.read_bytes() == b"/1234\n/12\n/x\n/" + b"y" * 20 + b"\n"
     log.close()
 
@@ -309,13 +300,13 @@ def test_flush_timer_writes_buffered_lines(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     loop = FakeLoop()
     log = open_access_log(access_conf(path, "$uri", buffer=4096, flush=5.0), loop=loop)  # type: ignore[arg-type]
-    log.write(LogExchange("/a"))
-    log.write(LogExchange("/b"))
+    log.write(served("/a"))
+    log.write(served("/b"))
     assert [t.delay for t in loop.timers] == [5.0]  # armed once, by the first buffered line
     assert path.read_bytes() == b""
     loop.timers[0].callback()  # type: ignore[operator]
     assert path.read_bytes() == b"/a\n/b\n"
-    log.write(LogExchange("/c"))
+    log.write(served("/c"))
     assert len(loop.timers) == 2
     log.flush()
     assert loop.timers[1].cancelled
@@ -328,10 +319,10 @@ def test_close_flushes_and_reopen_follows_rotation(tmp_path: Path) -> None:
 
     path = tmp_path / "access.log"
     log = open_access_log(access_conf(path, "$uri", buffer=4096))
-    log.write(LogExchange("/old"))
+    log.write(served("/old"))
     path.rename(tmp_path / "access.log.1")
     log.reopen()  # the buffered line belongs to the old file
-    log.write(LogExchange("/new"))
+    log.write(served("/new"))
     log.close()
     assert (tmp_path / "access.log.1").read_bytes() == b"/old\n"
     assert path.read_bytes() == b"/new\n"
@@ -345,8 +336,8 @@ def test_logs_on_one_path_share_a_file(tmp_path: Path) -> None:
     first = open_access_log(access_conf(path, "one $uri", buffer=4096), files=files)
     second = open_access_log(access_conf(path, "two $uri", buffer=4096), files=files)
     assert first.file is second.file
-    first.write(LogExchange("/a"))
-    second.write(LogExchange("/b"))
+    first.write(served("/a"))
+    second.write(served("/b"))
     first.close()
     second.close()
     assert path.read_bytes() == b"one /a\ntwo /b\n"
@@ -356,7 +347,7 @@ def test_stdout_target(capfd: pytest.CaptureFixture[str]) -> None:
     from scriptlb.accesslog import open_access_log
 
     log = open_access_log(access_conf("stdout", "$uri"))
-    log.write(LogExchange("/out"))
+    log.write(served("/out"))
     log.close()
     assert capfd.readouterr().out == "/out\n"
 
@@ -385,7 +376,7 @@ def test_write_errors_are_reported_once_a_minute(tmp_path: Path, restore_sink: N
     errorlog.install(ErrorLog([ErrorLogConf(str(errors), "error")]))
     log = open_access_log(access_conf("/dev/full", "$uri"))  # every write fails with ENOSPC
     for _ in range(3):
-        log.write(LogExchange("/x"))
+        log.write(served("/x"))
     log.close()
     errorlog.current().close()
     lines = errors.read_text().splitlines()

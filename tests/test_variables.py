@@ -6,7 +6,6 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httptools
 import pytest
@@ -15,6 +14,7 @@ from helpers import Scriptlb
 from scriptlb.config.model import Template, Var
 from scriptlb.config.variables import KNOWN_VARIABLES
 from scriptlb.config.variables import compile_template as parse
+from scriptlb.headers_filter import request_header
 from scriptlb.variables import (
     compile_log_format,
     compile_template,
@@ -39,6 +39,7 @@ def clock() -> float:
 class Try:
     addr: str
     status: int | None
+    started: float = START
     connect_time: float | None = None
     header_time: float | None = None
     response_time: float | None = None
@@ -46,7 +47,8 @@ class Try:
 
 @dataclass
 class FakeExchange:
-    """The attributes of the Request/exchange contract (docs/architecture.md)."""
+    """A request as variables read it: ``scriptlb.request_view.RequestView``, which
+    tests/test_request_view.py checks this class against."""
 
     method: str = "GET"
     request_uri: str = "/path/x?a=1&B=two&empty="
@@ -80,16 +82,19 @@ class FakeExchange:
     request_length: int = 95
     upstream_name: str | None = "backend"
     proxy_host: str = "backend"
-    tries: list[Any] = field(default_factory=list)
+    tries: list[Try] = field(default_factory=list)
     upstream_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     response_headers: bytes = b""
-    ctx: dict[str, Any] = field(default_factory=dict)
+    ctx: dict[str, object] = field(default_factory=dict)
+    tries_left: int = 0
+    tries_cap: int = 0
+    last_failure: tuple[str, int] | None = None
+    connect_timeout: float = 60.0
+    send_timeout: float = 60.0
+    read_timeout: float = 60.0
 
     def header(self, name_lower: str) -> str | None:
-        for name, value in self.headers:
-            if name.lower() == name_lower.encode():
-                return value.decode("latin-1")
-        return None
+        return request_header(self.headers, name_lower)
 
 
 def value(name: str, ex: FakeExchange | None = None) -> str | None:
