@@ -43,6 +43,7 @@ from scriptlb import errorlog
 from scriptlb.retry import Failure, is_counted_failure, last_failure_state, last_failure_status
 
 if TYPE_CHECKING:
+    from scriptlb.api import HookOutcome
     from scriptlb.config.model import PeerAddr
     from scriptlb.peers import Peer
     from scriptlb.pool import ConnectionPool
@@ -65,7 +66,7 @@ class TryRecord:
 
     __slots__ = ("addr", "connect_time", "header_time", "hook", "response_time", "started", "status")
 
-    def __init__(self, addr: str, started: float, hook: Any = None) -> None:
+    def __init__(self, addr: str, started: float, hook: HookOutcome | None = None) -> None:
         self.addr = addr
         self.started = started
         self.hook = hook  # the balancer hook run that preceded this try ($balancer_trace)
@@ -101,7 +102,7 @@ class Attempt(TryRecord):
         peer: Peer | None,
         pool: ConnectionPool | None,
         key: PoolKey,
-        hook: Any = None,
+        hook: HookOutcome | None = None,
     ) -> None:
         # (TryRecord's fields, assigned here: one constructor call per try)
         self.addr = name

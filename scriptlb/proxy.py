@@ -61,6 +61,7 @@ from scriptlb.upstream import PREMATURE, ConnState, ResponseHead, UpstreamConnec
 from scriptlb.uri import split_local_addr
 
 if TYPE_CHECKING:
+    from scriptlb.api import HookOutcome
     from scriptlb.config.model import PeerAddr
     from scriptlb.exchange import Exchange
     from scriptlb.peers import Peer
@@ -127,7 +128,7 @@ class UpstreamRequest:
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
         self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
-        self.hook_exit: Any = None  # the HookOutcome of a hook's ngx.exit(N): $balancer_trace
+        self.hook_exit: HookOutcome | None = None  # a hook's ngx.exit(N) run: $balancer_trace
 
     @property
     def connection(self) -> UpstreamConnection | None:
@@ -268,7 +269,7 @@ class UpstreamRequest:
         self._start_attempt(peer.name, peer.addr, peer, "", pool, outcome)
 
     def _start_attempt(self, name: str, addr: PeerAddr, peer: Peer | None, host: str,
-                       pool: ConnectionPool | None, hook: Any) -> None:
+                       pool: ConnectionPool | None, hook: HookOutcome | None) -> None:
         tls = self.location.tls
         tls_name = None
         if tls is not None:
@@ -288,7 +289,7 @@ class UpstreamRequest:
             attempt.reuse(conn)
             self._send_request(conn)
 
-    def _apply_hook_settings(self, outcome: Any) -> None:
+    def _apply_hook_settings(self, outcome: HookOutcome) -> None:
         """What a hook run changes for this and later tries: bind address, rebuilt request."""
         if outcome.local_addr is not None:
             self._local_addr = split_local_addr(outcome.local_addr)
@@ -555,7 +556,7 @@ class UpstreamRequest:
         ex.finish_logged()
         ex.conn.abort()
 
-    def _no_live_upstreams(self, hook: Any) -> None:
+    def _no_live_upstreams(self, hook: HookOutcome | None) -> None:
         ex = self.exchange
         record = TryRecord(self.upstream.name, 0.0, hook)
         record.status = 502

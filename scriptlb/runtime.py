@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from scriptlb.downstream import ClientConnection
     from scriptlb.error_pages import ErrorPage
     from scriptlb.exchange import Exchange
-    from scriptlb.hooks import LogHookRunner
+    from scriptlb.hooks import HookRunner, LogHookRunner
     from scriptlb.status import WorkerStatus
 
 Getter = Callable[[Any], str]
@@ -94,7 +94,7 @@ class UpstreamRuntime:
         self.stats = UpstreamStats(recorder, conf.name) if recorder is not None else None
         if self.stats is not None:
             self.stats.assign_indexes(self.peers.primary, self.peers.backup)
-        self.hook: Any = None
+        self.hook: HookRunner | None = None
         self._hook_pool: ConnectionPool | None = None
         if conf.hook is not None:
             # imported here: only configs with hooks pay for the sandbox; a configured hook is

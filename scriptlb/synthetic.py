@@ -9,11 +9,14 @@ has the attributes the hook API and the variables read from the proxy's ``Exchan
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
 from scriptlb.headers_filter import request_header
 from scriptlb.peers import PeerSet
+
+if TYPE_CHECKING:
+    from scriptlb.stats import UpstreamStats
 
 
 class TryRecord:
@@ -101,11 +104,13 @@ class SyntheticExchange:
         self.upstream_headers: list[tuple[bytes, bytes]] = []
         self.response_headers = b""
         self.proxy_host = upstream_name
-        self.ctx: dict[str, Any] = {}
+        self.ctx: dict[str, object] = {}
         self.connect_timeout = self.send_timeout = self.read_timeout = 60.0
         self.last_failure = last_failure
         # one earlier try, if it failed (what get_last_failure and set_more_tries count)
-        self.tries: list[Any] = [TryRecord("-", self.start_time, last_failure[1])] if last_failure else []
+        self.tries: list[TryRecord] = []
+        if last_failure:
+            self.tries.append(TryRecord("-", self.start_time, last_failure[1]))
         self.tries_left = max(peers - len(self.tries), 1)
         self.tries_cap = tries_cap
         self.location: Any = None  # a log hook's upstream is its location's (None: no upstream)
@@ -126,7 +131,7 @@ class SyntheticUpstream:
         self.name = name
         self.conf = UpstreamConf(name=name, servers=servers)
         self.peers = PeerSet.from_conf(self.conf)
-        self.stats: Any = None
+        self.stats: UpstreamStats | None = None
 
     def refresh_weights(self) -> None:
         """Weights a hook set apply at once (there is no other worker to tell)."""
