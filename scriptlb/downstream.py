@@ -28,15 +28,12 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
 from scriptlb import errorlog, responses
 from scriptlb.config.model import ClientBodyConf, ListenKey
-
-if TYPE_CHECKING:  # (the handler layer's caches below: typed here, never used here)
-    from scriptlb.runtime import ServerRoute, ServerRuntime
 from scriptlb.line_ends import crlf_head_part
 from scriptlb.request_body import EMPTY_BODY, BodyFileError, RequestBody
 
@@ -333,9 +330,11 @@ class ClientConnection(asyncio.Protocol):
         self._header_line_max = size
         self._head_max = number * size
         self.closed = False
-        self.route: ServerRoute | None = None  # the handler layer's per-connection routing cache
-        # the handler layer's cache: (raw Host, normalized host, the server it selected)
-        self.host_cache: tuple[bytes | None, str | None, ServerRuntime] | None = None
+        # The request layer's per-connection caches, opaque here (this layer cannot name their
+        # types): its runtime.ServerRoute, and (raw Host, normalized host, the ServerRuntime
+        # it selected)
+        self.route: Any = None
+        self.host_cache: tuple[bytes | None, str | None, Any] | None = None
         self.requests = 0  # requests started on this connection ($connection_requests)
         self.opened = self.loop.time()  # ($connection_time)
         self.tls: Any = None  # the ssl.SSLObject of a TLS connection

@@ -169,7 +169,7 @@ class Exchange:
 
     def conn_route(self) -> ServerRoute:
         """The listener's server route, resolved once per connection."""
-        route = self.conn.route
+        route: ServerRoute | None = self.conn.route
         if route is None:
             route = self.conn.route = self.runtime.route_for(self.conn)
         return route

@@ -31,9 +31,13 @@ from scriptlb.peer_lists import PeerList, PeerListStore, ServerEntry
 
 if TYPE_CHECKING:
     from scriptlb.config.model import UpstreamConf
-    from scriptlb.exchange import Exchange
     from scriptlb.peers import Peer
-    from scriptlb.runtime import Runtime, UpstreamRuntime
+
+# The request layer's objects this handler reads (its Runtime, Exchange and UpstreamRuntime):
+# a lower layer cannot name their types.
+Runtime = Any
+Exchange = Any
+UpstreamRuntime = Any
 
 API_VERSION = 9
 _HREF = "https://nginx.org/en/docs/http/ngx_http_api_module.html"
@@ -159,7 +163,8 @@ class Api:
         if status is None:
             return dict.fromkeys(("accepted", "handled", "requests", "active", "reading", "writing",
                                   "waiting"), 0)
-        return status.totals()
+        totals: dict[str, int] = status.totals()
+        return totals
 
     def _server_zones(self) -> dict[str, Any]:
         """``status_zone`` figures: responses by class (and so requests) of every worker."""
@@ -235,7 +240,8 @@ class Api:
     def _loaded(self, upstream: UpstreamRuntime) -> UpstreamConf:
         """The upstream's block as the config loaded it (the store keys lists by it)."""
         watcher = self.runtime.peer_lists
-        return watcher.http.upstreams[upstream.name] if watcher is not None else upstream.conf
+        conf: UpstreamConf = watcher.http.upstreams[upstream.name] if watcher is not None else upstream.conf
+        return conf
 
     def _change(self, upstream: UpstreamRuntime, edit: Callable[[PeerList], PeerList]) -> PeerList:
         store = self._store()
