@@ -31,7 +31,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Literal, NoReturn, Protocol, TypeGuard
 
 from scriptlb.config.model import PeerAddr
-from scriptlb.request_view import HookRequest, RequestView, StreamRequest, is_stream
+from scriptlb.request_view import HookRequest, RequestView, StreamRequest
 from scriptlb.sandbox.guards import (
     checked_method,
     expose,
@@ -117,7 +117,7 @@ class RunContext:
 
     def __init__(self) -> None:
         self.exchange: HookRequest | None = None
-        # the same request by kind (set by point_at): ngx.var reads http's variables or the session's
+        # the same request by kind: ngx.var reads http's variables, or the session's own
         self.http: RequestView | None = None
         self.stream: StreamRequest | None = None
         self.upstream: HookUpstream | None = None
@@ -198,15 +198,6 @@ def _balancer_outcome() -> HookOutcome:
     if run.phase is not BALANCER_PHASE:  # always one of the two constants: identity suffices
         raise _disabled(run.phase)
     return outcome
-
-
-def point_at(run: RunContext, request: RequestView | StreamRequest) -> None:
-    """Make ``request`` the run's (the runner sets the rest of ``run``)."""
-    run.exchange = request
-    if is_stream(request):
-        run.stream, run.http = request, None
-    else:
-        run.http, run.stream = request, None
 
 
 def _type_name(value: object) -> str:
@@ -368,7 +359,8 @@ class Balancer:
         if not _is_number(count):
             raise _bad_type(1, "set_more_tries", "number", count)
         count = int(count) if math.isfinite(count) else MAX_MORE_TRIES if count > 0 else 0
-        exchange = _request()
+        exchange = CURRENT.exchange
+        assert exchange is not None  # (set with the outcome; _request() costs a call)
         # OpenResty: total = hook runs so far (incl. this one) + u.peer.tries - 1; our
         # exchange appends one TryRecord per earlier try, so runs so far = len(tries) + 1.
         total = len(exchange.tries) + exchange.tries_left
@@ -383,7 +375,9 @@ class Balancer:
 
     def get_last_failure(self) -> tuple[str | None, int | None]:
         outcome = _balancer_outcome()
-        failure = _request().last_failure
+        exchange = CURRENT.exchange
+        assert exchange is not None  # (set with the outcome)
+        failure = exchange.last_failure
         outcome.failure_read = True  # what the hook read, for $balancer_trace
         outcome.failure_seen = failure
         if failure is None:

@@ -20,7 +20,7 @@ is a bug, reported as an ``[alert]`` (``safety.report``) and the request is fini
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from scriptlb import errorlog, responses, safety
 from scriptlb.downstream import ClientConnection, Request
@@ -85,6 +85,7 @@ class Exchange:
         "uri",
         "variables",
     )
+    is_stream: Literal[False] = False  # (request_view: an http request)
 
     def __init__(self, runtime: Runtime, conn: ClientConnection, request: Request) -> None:
         runtime.requests += 1  # (stub_status's "requests": every request, rejected ones too)

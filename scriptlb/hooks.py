@@ -363,7 +363,11 @@ class _Runner(Generic[_Result]):
             self.last_spent = 0.0
             return self._failed(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
         context = api.CURRENT
-        api.point_at(context, exchange)
+        context.exchange = exchange
+        if exchange.is_stream:
+            context.stream, context.http = exchange, None
+        else:
+            context.http, context.stream = exchange, None
         context.upstream, context.phase = upstream, self.phase
         context.outcome, context.log, context.logged = outcome, self.log, 0
         fuse = limits.current_fuse()

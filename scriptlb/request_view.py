@@ -14,10 +14,7 @@ readers fetch them with ``getattr`` and a default.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from typing_extensions import TypeIs  # (typing's own from Python 3.13)
+from typing import Literal, Protocol
 
 Header = tuple[bytes, bytes]  # (name as received, value), in arrival order
 
@@ -49,6 +46,8 @@ class HookRequest(Protocol):
     send_timeout: float
     read_timeout: float
 
+    @property
+    def is_stream(self) -> bool: ...  # a stream session (the protocols below say which)
     @property
     def method(self) -> str: ...
     @property
@@ -83,6 +82,9 @@ class HookRequest(Protocol):
 
 class RequestView(HookRequest, Protocol):
     """An http request as variables, access logs and log hooks read it (``Exchange``)."""
+
+    @property
+    def is_stream(self) -> Literal[False]: ...
 
     @property
     def uri(self) -> str: ...  # decoded and normalized, without the query
@@ -121,12 +123,11 @@ class RequestView(HookRequest, Protocol):
 class StreamRequest(HookRequest, Protocol):
     """A stream session as the hook API reads it: ``ngx.var`` reads its own variables."""
 
+    @property
+    def is_stream(self) -> Literal[True]: ...
+
     def stream_variable(self, name: str) -> str | None: ...
 
 
 HookedRequest = RequestView | StreamRequest  # what a hook runs for
 
-
-def is_stream(request: HookedRequest) -> TypeIs[StreamRequest]:
-    """A stream session rather than an http request."""
-    return getattr(request, "stream_variable", None) is not None

@@ -9,7 +9,7 @@ has the attributes the hook API and the variables read from the proxy's ``Exchan
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
 from scriptlb.headers_filter import request_header
@@ -73,6 +73,7 @@ class SyntheticExchange:
         "upstream_name",
         "uri",
     )
+    is_stream: Literal[False] = False  # (request_view: an http request)
 
     def __init__(
         self,

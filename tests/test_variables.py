@@ -6,6 +6,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import httptools
 import pytest
@@ -92,6 +93,7 @@ class FakeExchange:
     connect_timeout: float = 60.0
     send_timeout: float = 60.0
     read_timeout: float = 60.0
+    is_stream: Literal[False] = False
 
     def header(self, name_lower: str) -> str | None:
         return request_header(self.headers, name_lower)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from array import array
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from scriptlb.config.model import NextUpstream
 from scriptlb.headers_filter import request_header
@@ -102,6 +102,7 @@ class ReplayExchange:
         "upstream_name",
         "uri",
     )
+    is_stream: Literal[False] = False  # (request_view: an http request)
     http_version = "1.1"
     remote_port = 40000
     server_addr, server_port, server_name = "127.0.0.1", 80, "localhost"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 from scriptlb import errorlog, safety
 from scriptlb.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord, clock
@@ -63,6 +63,7 @@ class StreamAttempt(Attempt):
 class Session(asyncio.Protocol):
     """The client connection of one stream session (see the module docstring)."""
 
+    is_stream: Literal[True] = True  # (request_view: a stream session)
     # what the hook API and the shared log helpers read on an http exchange, empty here
     method = ""
     request_uri = ""
