@@ -6,7 +6,6 @@ import random
 from collections import Counter
 
 import pytest
-
 from scriptlb.balancers import HOOK_API, chash, ewma, roundrobin
 
 # recorded from nginx 1.22.1 `hash $arg_k consistent` over these servers (see test_balancing_hash)

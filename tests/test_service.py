@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from helpers import answers, free_ports, wait_for
 
-from scriptlb import cli, config, service
+from scriptlb import cli, config
 from scriptlb.config import ConfigError, default_prefix, package_prefix
+from scriptlb.process import service
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -58,7 +58,7 @@ def load(conf_file: str, prefix: str | None = None, globals_: str | None = None)
     path, abs_prefix = resolve_paths(conf_file, prefix)
     result = parse(path, globals_)
     from scriptlb.config.rewrite import declared_variables
-    from scriptlb.config.variables import DECLARED
+    from scriptlb.config.templates import DECLARED
 
     token = DECLARED.set(declared_variables(result.nodes))
     try:
@@ -68,13 +68,13 @@ def load(conf_file: str, prefix: str | None = None, globals_: str | None = None)
 
 
 def load_and_check(conf_file: str, prefix: str | None = None, globals_: str | None = None) -> MainConf:
-    """``load()``, then compile every hook (``scriptlb.hooks.precompile``) so a hook's syntax
+    """``load()``, then compile every hook (``scriptlb.hookrt.hooks.precompile``) so a hook's syntax
     or sandbox-policy error is a config error too. Skipped only while that module is absent."""
     conf = load(conf_file, prefix, globals_)
     try:
-        hooks = importlib.import_module("scriptlb.hooks")
+        hooks = importlib.import_module("scriptlb.hookrt.hooks")
     except ModuleNotFoundError as e:
-        if e.name != "scriptlb.hooks":
+        if e.name != "scriptlb.hookrt.hooks":
             raise
         return conf
     precompile = getattr(hooks, "precompile", None)

@@ -28,7 +28,7 @@ from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from scriptlb import balancers
+from scriptlb.balancing import resty as balancers
 from scriptlb.sandbox import guards, limits
 from scriptlb.sandbox.guards import (
     REAL_TYPES,
