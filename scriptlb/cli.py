@@ -16,7 +16,7 @@ from importlib import metadata
 from types import ModuleType
 from typing import TextIO
 
-from scriptlb.config import ConfigError, MainConf, load, load_and_check, resolve_paths
+from scriptlb.config import ConfigError, MainConf, load, resolve_paths
 
 PROG = "scriptlb"
 SIGNALS = ("stop", "quit", "reopen", "reload")
@@ -157,6 +157,14 @@ def _version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def load_and_check(conf_file: str, prefix: str | None = None, globals_: str | None = None) -> MainConf:
+    """The config with its hooks compiled (``hooks.load_and_check``); the hook runtime is
+    imported only by the commands that need it, so -v and -h stay quick."""
+    from scriptlb.hookrt import hooks
+
+    return hooks.load_and_check(conf_file, prefix, globals_)
 
 
 def _test_config(opts: Options) -> int:

@@ -12,6 +12,7 @@ import pytest
 from scriptlb import cli
 from scriptlb.config import ConfigError
 from scriptlb.config.model import MainConf, Source
+from scriptlb.hookrt import hooks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -184,7 +185,7 @@ def test_t_compiles_hooks_through_scriptlb_hooks(
         assert hook is not None
         raise ConfigError("'(' was never closed", Source(hook.source.file, hook.first_line))
 
-    monkeypatch.setitem(sys.modules, "scriptlb.hookrt.hooks", types.SimpleNamespace(precompile=precompile))
+    monkeypatch.setattr(hooks, "precompile", precompile)
     assert cli.main(["-t", "-p", str(tmp_path), "-c", "conf/t.conf"]) == 1
     assert len(seen) == 1
     assert capsys.readouterr().err == (

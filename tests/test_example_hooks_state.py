@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from helpers import Backends, Scriptlb, answers, free_ports, fresh_get, get, master_process, respond, wait_for
-from scriptlb.balancers import chash
 
+from scriptlb.balancing.resty import chash
 from scriptlb.config.model import PythonConf
 from scriptlb.hookrt import api, hooks
 from scriptlb.state.shared_dict import SharedDict, zone_directory

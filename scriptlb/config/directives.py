@@ -55,6 +55,7 @@ from scriptlb.config.model import (
     Template,
 )
 from scriptlb.config.parser import Node
+from scriptlb.config.regex import compile_nginx_regex
 from scriptlb.config.templates import KNOWN_VARIABLES, TemplateError, compile_template
 from scriptlb.config.units import parse_int, parse_offset, parse_size, parse_time
 
@@ -307,9 +308,6 @@ def _location(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
 
 def _check_regex(node: Node, pattern: str, caseless: bool) -> None:
     """Compile as the runtime will (PCRE syntax mapped to ``re``), so a bad one fails here."""
-    # imported here: scriptlb.routing.locations imports the config model, which imports this package
-    from scriptlb.routing.locations import compile_nginx_regex
-
     try:
         compile_nginx_regex(pattern, caseless)
     except re.error as e:

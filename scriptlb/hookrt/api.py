@@ -43,7 +43,8 @@ _OK = (True, None)
 MAX_MORE_TRIES = 1000  # one set_more_tries grant, when proxy_next_upstream_tries is 0 (unlimited)
 MAX_LOG_MESSAGE = 2048  # nginx's NGX_MAX_ERROR_STR
 MAX_LOGS_PER_RUN = 100
-_HOST_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# the scriptlb package (this file is one level below it): frames from there are host code
+_HOST_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 BALANCER_PHASE = "balancer"
@@ -240,7 +241,7 @@ def _port_argument(port: Any) -> int:
 # --------------------------------------------------------------------------- balancer
 
 
-class Balancer:
+class NgxBalancer:
     """``ngx.balancer``: the peer of this try and the request's tries and timeouts."""
 
     __slots__ = ()
@@ -648,7 +649,7 @@ class Ngx:
         return _request_ctx(_current().exchange)
 
     @property
-    def balancer(self) -> Balancer:
+    def balancer(self) -> NgxBalancer:
         return balancer
 
     @property
@@ -789,13 +790,13 @@ class Upstream:
         return None if hook is None else hook.stats()
 
 
-balancer = Balancer()
+balancer = NgxBalancer()
 ngx = Ngx()
 upstream = Upstream()
 
 _public = [name for name in dir(Ngx) if not name.startswith("_")]
 expose(Ngx, _public)
-expose(Balancer, ["set_current_peer", "set_more_tries", "get_last_failure", "set_timeouts",
+expose(NgxBalancer, ["set_current_peer", "set_more_tries", "get_last_failure", "set_timeouts",
                   "enable_keepalive", "recreate_request", "bind_to_local_addr"])
 expose(Worker, ["id", "count", "pid"])
 expose(Req, ["get_headers", "get_method", "get_uri_args"])

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from types import CodeType
 from typing import Any
 
+from scriptlb.config import load
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import BreakerConf, HookConf, MainConf, PythonConf, Source
 from scriptlb.hookrt import api
@@ -42,7 +43,8 @@ _BUDGET = limits.BUDGET
 _clock = limits.clock
 # scriptlb_hook_duration_seconds' buckets: hook runs take microseconds to their budget (10 ms)
 RUN_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
-_HOST_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# the scriptlb package (this file is one level below it): frames from there are host code
+_HOST_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 class HookOutcome:
@@ -185,6 +187,14 @@ def lint_hook(hook: HookConf, python: PythonConf) -> None:
     if findings:
         first = findings[0]
         raise _config_error(hook, HookCompileError(first.message, first.line), first.file)
+
+
+def load_and_check(conf_file: str, prefix: str | None = None, globals_: str | None = None) -> MainConf:
+    """``config.load()``, then ``precompile`` every hook, so a hook's syntax or sandbox-policy
+    error is a config error too (``scriptlb -t``, a reload, a start)."""
+    conf = load(conf_file, prefix, globals_)
+    precompile(conf)
+    return conf
 
 
 def precompile(conf: MainConf) -> None:

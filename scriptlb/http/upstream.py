@@ -39,9 +39,27 @@ from typing import Protocol
 
 import httptools
 
+from scriptlb.config.model import NextUpstream
 from scriptlb.http import safety
 from scriptlb.logs import errorlog
-from scriptlb.request.retry import Failure
+
+
+class Failure(enum.IntEnum):
+    """Why a try failed. The value is the ``proxy_next_upstream`` bit that allows a retry."""
+
+    ERROR = NextUpstream.ERROR
+    TIMEOUT = NextUpstream.TIMEOUT
+    INVALID_HEADER = NextUpstream.INVALID_HEADER
+    HTTP_500 = NextUpstream.HTTP_500
+    HTTP_502 = NextUpstream.HTTP_502
+    HTTP_503 = NextUpstream.HTTP_503
+    HTTP_504 = NextUpstream.HTTP_504
+    HTTP_403 = NextUpstream.HTTP_403
+    HTTP_404 = NextUpstream.HTTP_404
+    HTTP_429 = NextUpstream.HTTP_429
+    # "no live upstreams": a bit no proxy_next_upstream keyword sets, so it is never retried
+    NOLIVE = 0x80000000
+
 
 # Response headers nginx never passes to the client: hop-by-hop ones, the framing we redo, and
 # proxy_hide_header's defaults (Date, Server, X-Pad, X-Accel-*) since we send our own.

@@ -24,6 +24,7 @@ import time
 import uuid
 from typing import Any
 
+import scriptlb
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.units import parse_time
 from scriptlb.state.peer_lists import PeerList, ServerEntry
@@ -166,10 +167,8 @@ class Api:
         return result
 
     def _nginx(self) -> dict[str, Any]:
-        from scriptlb.process.master import _version
-
         now = time.time()
-        return {"version": _version(), "build": "scriptlb", "address": "127.0.0.1",
+        return {"version": scriptlb.version(), "build": "scriptlb", "address": "127.0.0.1",
                 "load_timestamp": _iso(self.started), "timestamp": _iso(now), "pid": os.getpid(),
                 "ppid": os.getppid()}
 

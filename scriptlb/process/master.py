@@ -39,11 +39,11 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 
-from scriptlb import config
+import scriptlb
 from scriptlb.config.errors import ConfigError, where
 from scriptlb.config.model import MainConf
+from scriptlb.hookrt import hooks
 from scriptlb.logs import errorlog
 from scriptlb.ops import cluster
 from scriptlb.ops import status as instance_status
@@ -111,7 +111,7 @@ def _error_log_file(conf: MainConf) -> str | None:
 def _load_config(conf: MainConf, globals_: str | None) -> MainConf:
     """Load and check (hooks compiled) the config again from the same file, prefix and -g
     directives, as ``scriptlb -t`` would; raises ConfigError."""
-    return config.load_and_check(conf.conf_file, conf.prefix, globals_)
+    return hooks.load_and_check(conf.conf_file, conf.prefix, globals_)
 
 
 def _default_worker_entry() -> WorkerEntry:
@@ -652,7 +652,7 @@ def _stop_with_master(master_pid: int) -> None:
 def _log_startup(conf: MainConf) -> None:
     """nginx's notice lines at start (ngx_os_status), and its warning when worker_connections
     cannot fit in the open-files limit."""
-    log("notice", f"scriptlb/{_version()}")
+    log("notice", f"scriptlb/{scriptlb.version()}")
     log("notice", f"built with Python {platform.python_version()}")
     uname = os.uname()
     log("notice", f"OS: {uname.sysname} {uname.release}")
@@ -664,11 +664,3 @@ def _log_startup(conf: MainConf) -> None:
 
 def _rlimit_text(value: int) -> str:
     return "infinity" if value == resource.RLIM_INFINITY else str(value)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("scriptlb")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-

@@ -22,32 +22,14 @@ nginx's ``NGX_PEER_FAILED`` (counts towards ``max_fails``) or ``NEXT``/0 (does n
 
 from __future__ import annotations
 
-from enum import IntEnum
-
 from scriptlb.config.model import NextUpstream, ProxyConf
+from scriptlb.http.upstream import Failure as Failure  # defined where a try's failure is detected
 
 RETRY = 0  # decide(): start the next try
 PASS_THROUGH = -1  # decide(): send the upstream response we hold (status-based failures)
 
 # nginx: ngx_http_upstream_next adds NGX_HTTP_UPSTREAM_FT_NON_IDEMPOTENT for these methods
 NON_IDEMPOTENT_METHODS = frozenset({"POST", "LOCK", "PATCH"})
-
-
-class Failure(IntEnum):
-    """Why a try failed. The value is the ``proxy_next_upstream`` bit that allows a retry."""
-
-    ERROR = NextUpstream.ERROR
-    TIMEOUT = NextUpstream.TIMEOUT
-    INVALID_HEADER = NextUpstream.INVALID_HEADER
-    HTTP_500 = NextUpstream.HTTP_500
-    HTTP_502 = NextUpstream.HTTP_502
-    HTTP_503 = NextUpstream.HTTP_503
-    HTTP_504 = NextUpstream.HTTP_504
-    HTTP_403 = NextUpstream.HTTP_403
-    HTTP_404 = NextUpstream.HTTP_404
-    HTTP_429 = NextUpstream.HTTP_429
-    # "no live upstreams": a bit no proxy_next_upstream keyword sets, so it is never retried
-    NOLIVE = 0x80000000
 
 
 _STATUS_FAILURE: dict[int, Failure] = {

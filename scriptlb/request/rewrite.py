@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from scriptlb.config.model import ReturnConf, RewriteOp
-from scriptlb.routing.locations import compile_nginx_regex
+from scriptlb.config.regex import compile_nginx_regex
 from scriptlb.routing.uri import quote_uri
 from scriptlb.variables.evaluate import compile_template
 

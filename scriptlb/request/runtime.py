@@ -326,9 +326,10 @@ class LocationRuntime:
         # clients that ask from an allowed address; None: the proxy pays one attribute test
         self.trace: Any = None
         if conf.trace_header:
+            from scriptlb.request.access import address_matcher
             from scriptlb.variables.trace import TraceHeader
 
-            self.trace = TraceHeader(conf.trace_allow)
+            self.trace = TraceHeader(address_matcher(conf.trace_allow))
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
         ret = conf.return_

@@ -27,28 +27,11 @@ from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar
 
 from scriptlb.config.model import HttpConf, LocationConf, ReturnConf, ServerConf, Template, Var
+from scriptlb.config.regex import compile_nginx_regex
 
 T = TypeVar("T")
 
 ListenKey = tuple[str | None, int, str | None]  # ListenConf.key
-
-# PCRE's named group "(?<name>" is Python's "(?P<name>" (lookbehinds "(?<=" "(?<!" stay)
-_PCRE_NAMED_GROUP = re.compile(r"\(\?<(?=[A-Za-z_])")
-
-
-def compile_nginx_regex(pattern: str, caseless: bool = False) -> re.Pattern[str]:
-    """Compile a PCRE-style nginx regex with Python's ``re``; raises ``re.error``.
-
-    The config builder calls this at load time so a bad regex is a config error.
-    """
-    if "\\Q" in pattern:
-        pattern = _PCRE_QUOTED.sub(lambda m: re.escape(m.group(1)), pattern)
-    return re.compile(_PCRE_NAMED_GROUP.sub("(?P<", pattern), re.IGNORECASE if caseless else 0)
-
-
-# PCRE's \Q...\E: the characters between are literal (to the end when \E is missing)
-_PCRE_QUOTED = re.compile(r"\\Q(.*?)(?:\\E|$)", re.DOTALL)
-
 
 # --------------------------------------------------------------------------- locations
 

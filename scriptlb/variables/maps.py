@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from scriptlb.config.model import MapConf
-from scriptlb.routing.locations import HostnameTable, compile_nginx_regex
+from scriptlb.config.regex import compile_nginx_regex
+from scriptlb.routing.locations import HostnameTable
 
 Renderer = Callable[[Any], str]
 Compile = Callable[[Any], Renderer]  # Template -> renderer (scriptlb.variables.evaluate.compile_template)

@@ -31,7 +31,7 @@ gets one more entry, ``exit(N) - TIME LAST``, after its tries (there are none, u
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 HEADER = b"X-Balancer-Trace"
@@ -84,10 +84,10 @@ class TraceHeader:
 
     __slots__ = ("allowed",)
 
-    def __init__(self, allow: Sequence[str]) -> None:
-        from scriptlb.request.access import address_matcher
-
-        self.allowed: Callable[[Any], bool] = address_matcher(allow)
+    def __init__(self, allowed: Callable[[Any], bool]) -> None:
+        # the matcher of balancer_trace_allow's addresses, built by the caller with the access
+        # phase's address_matcher (the request layer owns address matching)
+        self.allowed = allowed
 
     def asked(self, ex: Any) -> bool:
         """The client sent ``X-Balancer-Trace: 1`` (its first such header) from an allowed
