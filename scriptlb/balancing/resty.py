@@ -1,5 +1,6 @@
 """Balancers a hook can build and drive itself, as lua-resty-balancer's ``resty.chash`` and
-``resty.roundrobin`` (plus APISIX's ``ewma``):
+``resty.roundrobin`` (plus APISIX's ``ewma``). Hooks import them as ``scriptlb.balancers``
+(the sandbox's stand-in for this module, ``scriptlb.sandbox.modules``):
 
     from scriptlb.balancers import chash, roundrobin, ewma
 
