@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from test_variables import FakeExchange, Try
 
-from scriptlb.attempt import TryRecord
-from scriptlb.exchange import Exchange
 from scriptlb.replay.engine import ReplayExchange
+from scriptlb.replay.synthetic import SyntheticExchange
+from scriptlb.replay.synthetic import TryRecord as SyntheticTry
+from scriptlb.request.attempt import TryRecord
+from scriptlb.request.exchange import Exchange
 from scriptlb.request_view import HookRequest, RequestView, StreamRequest, TryView
 from scriptlb.stream.session import Session
-from scriptlb.synthetic import SyntheticExchange
-from scriptlb.synthetic import TryRecord as SyntheticTry
 
 
 def proxied(ex: Exchange) -> RequestView:

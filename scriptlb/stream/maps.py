@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from scriptlb.config.model import StreamMapConf, Template
-from scriptlb.locations import compile_nginx_regex
+from scriptlb.config.regex import compile_nginx_regex
 
 
 class MapSession(Protocol):
