@@ -141,8 +141,17 @@ class _NoUpstream:
         raise RuntimeError("no upstream")
 
 
+class _LogOutcome(HookOutcome):
+    """A log run's outcome: a run is active, with nothing to decide. The balancer API refuses
+    the log phase before it writes; were a write to get through, it fails here instead of
+    carrying over to the next log run."""
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise RuntimeError("API disabled in the context of log_by_python")
+
+
 CURRENT = RunContext()
-LOG_OUTCOME = HookOutcome()  # CURRENT.outcome of a log run: a run is active, with no outcome to write
+LOG_OUTCOME: HookOutcome = _LogOutcome()  # CURRENT.outcome of a log run: active, nothing to write
 NO_UPSTREAM: HookUpstream = _NoUpstream()
 _WORKER = [0, 1]  # ngx.worker.id(), ngx.worker.count()
 # What ngx.now(), ngx.time() and the clocked variables read outside the log phase: the wall
