@@ -1,7 +1,7 @@
 """What a request offers to the code that reads it: variables, logs and hooks.
 
 The proxy's ``Exchange`` is one implementation; the offline tools have others (the made-up
-request of ``scriptlb.synthetic``, the replay's, a stream session for the hook API), and tests
+request of ``scriptlb.replay.synthetic``, the replay's, a stream session for the hook API), and tests
 have small doubles. These protocols are the contract they all meet, checked by mypy (and by
 tests/test_request_view.py, which type-checks each implementation against them), instead of a
 list of attribute names kept in sync by hand.
@@ -9,6 +9,8 @@ list of attribute names kept in sync by hand.
 Members a reader may only find on some implementations (``location``, ``request``, ``conn``,
 ``sent_head``, the rewrite module's ``variables``/``captures``) are not part of the contract:
 readers fetch them with ``getattr`` and a default.
+
+It imports nothing of scriptlb, so every layer may read it (the error log is the lowest that does).
 """
 
 from __future__ import annotations
