@@ -8,7 +8,7 @@ that returns bytes would not) is a type error here.
 
 from __future__ import annotations
 
-from test_variables import FakeExchange, Try
+from fake_request import FakeExchange, Try
 
 from scriptlb.replay.engine import ReplayExchange
 from scriptlb.replay.synthetic import SyntheticExchange
