@@ -196,6 +196,12 @@ class ListenerContext:
         self.on_client_error: Callable[[ClientConnection, Request, int], None] | None = None
 
 
+def mark_plain_http(conn: Any) -> None:
+    """A TLS port's first byte was not TLS: the connection is served as plain HTTP and every
+    request on it gets nginx's 497 (see Exchange)."""
+    conn.http_on_https = True
+
+
 class _NoCallbacks:
     """The protocol of the parser a closed connection keeps (its own one is released)."""
 
@@ -296,6 +302,7 @@ class ClientConnection(asyncio.Protocol):
         "closed",
         "conn_id",
         "host_cache",
+        "http_on_https",
         "listener",
         "loop",
         "opened",
@@ -333,6 +340,7 @@ class ClientConnection(asyncio.Protocol):
         self.requests = 0  # requests started on this connection ($connection_requests)
         self.opened = self.loop.time()  # ($connection_time)
         self.tls: Any = None  # the ssl.SSLObject of a TLS connection
+        self.http_on_https = False  # plain HTTP came to a TLS port (each request answers 497)
 
         # timers
         self._timer: asyncio.TimerHandle | None = None

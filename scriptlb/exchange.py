@@ -127,6 +127,8 @@ class Exchange:
         self._logged = False  # the log phase ran (it runs once per request)
         self.upstream_request: UpstreamRequest | None = None  # set when proxying
         self._route()
+        if conn.http_on_https and not self._early_status:
+            self._plain_http_on_tls_port()
         # what the client connection reads (plain attributes: read on every request)
         conf = self.location.conf
         self.max_body_size = conf.client_max_body_size  # 0 = unlimited
@@ -166,6 +168,13 @@ class Exchange:
                 conn.host_cache = (raw_host, host, self.server)
         self.host = host or self.server.name
         self.location = self.server.match(uri)
+
+    def _plain_http_on_tls_port(self) -> None:
+        """nginx's check before any phase: a request that came in clear on a TLS port is
+        answered 497 (sent as 400 with its own page; ``error_page 497`` may redirect it)."""
+        errorlog.log_error("info", "client sent plain HTTP request to HTTPS port", self.conn.conn_id,
+                           errorlog.request_context(self))
+        self._early_status = 497
 
     def conn_route(self) -> ServerRoute:
         """The listener's server route, resolved once per connection."""

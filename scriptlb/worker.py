@@ -29,7 +29,7 @@ import uvloop
 
 from scriptlb import api, cluster, errorlog, safety
 from scriptlb.config.model import HttpConf, MainConf
-from scriptlb.downstream import ClientConnection, ListenerContext
+from scriptlb.downstream import ClientConnection, ListenerContext, mark_plain_http
 from scriptlb.exchange import Exchange, log_client_error
 from scriptlb.peer_lists import PeerListStore, PeerListWatcher, effective_conf
 from scriptlb.runtime import Runtime
@@ -163,11 +163,15 @@ class Worker:
             context.on_client_error = partial(log_client_error, runtime)
             self.contexts.append(context)
             tls = runtime.tls_context(keys)
-            self._tls = self._tls or tls is not None
-            server = await self.loop.create_server(
-                _protocol_factory(context, self.loop, self.status), sock=sock, backlog=self._backlog(keys),
-                ssl=tls,
-            )
+            factory: Callable[[], asyncio.Protocol] = _protocol_factory(context, self.loop, self.status)
+            if tls is not None:
+                # TLS is terminated by our own protocol (memory BIOs), not the loop's
+                from scriptlb.tls_transport import listen_text, tls_protocol_factory  # (TLS configs only)
+
+                self._tls = True
+                factory = tls_protocol_factory(factory, tls, self.loop, server_conf.client_header_timeout,
+                                               listen_text(keys[0]), mark_plain_http)
+            server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys))
             self._servers.append(server)
 
     async def _start_stream_server(self, sock: socket.socket, keys: list[Key]) -> None:
