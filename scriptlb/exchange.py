@@ -172,8 +172,8 @@ class Exchange:
     def _plain_http_on_tls_port(self) -> None:
         """nginx's check before any phase: a request that came in clear on a TLS port is
         answered 497 (sent as 400 with its own page; ``error_page 497`` may redirect it)."""
-        errorlog.log_error("info", "client sent plain HTTP request to HTTPS port", self.conn.conn_id,
-                           errorlog.request_context(self))
+        message = "client sent plain HTTP request to HTTPS port while reading client request headers"
+        errorlog.log_error("info", message, self.conn.conn_id, errorlog.request_context(self))
         self._early_status = 497
 
     def conn_route(self) -> ServerRoute:
@@ -388,6 +388,9 @@ class Exchange:
 
     def finish_with_page(self, status: int, extra_headers: bytes = b"") -> None:
         """nginx's own page for ``status`` (400, 404, 502, 504...), or its error_page."""
+        if responses.closes_connection(status):
+            # (before error_page, as nginx: a redirected 400, 497, 500... still ends the connection)
+            self.conn.close_after_response()
         pages = self.location.error_pages if self.location is not None else None
         if pages is not None and not self._redirected:
             page = pages.get(status)

@@ -20,13 +20,12 @@ nginx. ``close()`` sends a close_notify and closes without waiting for the clien
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import errno
 import ssl
 from collections.abc import Callable
 from typing import Any
-
-import _ssl
 
 from scriptlb import errorlog
 
@@ -107,8 +106,21 @@ def listen_text(key: tuple) -> str:
 class TlsTransport(asyncio.Protocol, asyncio.Transport):
     """One TLS connection: the socket's protocol below, the HTTP protocol's transport above."""
 
-    __slots__ = ("_app", "_incoming", "_loop", "_on_plain", "_outgoing", "_paused", "_raw",
-                 "_server_text", "_ssl", "_sslobj", "_state", "_timer", "_timeout")
+    __slots__ = (
+        "_app",
+        "_incoming",
+        "_loop",
+        "_on_plain",
+        "_outgoing",
+        "_paused",
+        "_raw",
+        "_server_text",
+        "_ssl",
+        "_sslobj",
+        "_state",
+        "_timeout",
+        "_timer",
+    )
 
     def __init__(self, context: ssl.SSLContext, app: asyncio.Protocol, loop: asyncio.AbstractEventLoop,
                  handshake_timeout: float, server_text: str,
@@ -212,9 +224,8 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
             self._handshake_failed("info", text)
 
     def _handshake_failed(self, level: str, text: str) -> None:
-        peer = self._raw.get_extra_info("peername") if self._raw is not None else None
-        client = peer[0] if isinstance(peer, tuple) else "unix:"
-        errorlog.log_error(level, text, None, f" while SSL handshaking, client: {client}, server: {self._server_text}")
+        conn_id = getattr(self._app, "conn_id", None)
+        errorlog.log_error(level, text, conn_id, self._log_context("SSL handshaking"))
         self._cancel_timer()
         self._state = _CLOSED
         if self._raw is not None:
@@ -257,12 +268,17 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
             self._app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _read_failed(self, exc: ssl.SSLError) -> None:
+        text = f"SSL_read() failed (SSL: {openssl_error_text(exc)})"
+        errorlog.log_error(handshake_failure_level(exc), text, getattr(self._app, "conn_id", None),
+                           self._log_context("waiting for request"))
+        self.abort()
+
+    def _log_context(self, action: str) -> str:
+        """nginx's suffix of a line logged before any request: `` while ACTION, client: ..., server:
+        LISTEN`` (the listening address, as nginx's ngx_http_log_error without a request)."""
         peer = self._raw.get_extra_info("peername") if self._raw is not None else None
         client = peer[0] if isinstance(peer, tuple) else "unix:"
-        level = handshake_failure_level(exc)
-        errorlog.log_error(level, f"SSL_read() failed (SSL: {openssl_error_text(exc)})", None,
-                           f" while waiting for request, client: {client}, server: {self._server_text}")
-        self.abort()
+        return f" while {action}, client: {client}, server: {self._server_text}"
 
     # ------------------------------------------------------------------ above: the transport
 

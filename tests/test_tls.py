@@ -231,8 +231,8 @@ def test_certificates_reload_on_sighup_and_a_bad_one_keeps_the_old(tmp_path: Pat
 
 def test_garbage_and_plain_http_on_a_tls_port_leave_the_worker_serving(tmp_path: Path, ca: trustme.CA,
                                                                         certs: dict[str, Path]) -> None:
-    """A failed handshake closes that connection only (nginx answers plain HTTP with a 400 page;
-    scriptlb's TLS layer cannot: the connection is closed, see docs/tls.md)."""
+    """A failed handshake closes that connection only; plain HTTP gets the 400 page (compared
+    with nginx in test_tls_termination)."""
     from helpers import raw_exchange
 
     with _lb(tmp_path, servers("{port0}", certs)) as lb:
