@@ -196,10 +196,10 @@ class ListenerContext:
         self.on_client_error: Callable[[ClientConnection, Request, int], None] | None = None
 
 
-def mark_plain_http(conn: Any) -> None:
-    """A TLS port's first byte was not TLS: the connection is served as plain HTTP and every
-    request on it gets nginx's 497 (see Exchange)."""
-    conn.http_on_https = True
+def refuse_requests(conn: Any, refusal: tuple[int, str]) -> None:
+    """Every request on ``conn`` is to be answered with ``refusal`` (status, error-log text):
+    what the TLS layer found before HTTP began (see Exchange)."""
+    conn.refusal = refusal
 
 
 class _NoCallbacks:
@@ -302,10 +302,10 @@ class ClientConnection(asyncio.Protocol):
         "closed",
         "conn_id",
         "host_cache",
-        "http_on_https",
         "listener",
         "loop",
         "opened",
+        "refusal",
         "remote_addr",
         "remote_port",
         "requests",
@@ -340,7 +340,9 @@ class ClientConnection(asyncio.Protocol):
         self.requests = 0  # requests started on this connection ($connection_requests)
         self.opened = self.loop.time()  # ($connection_time)
         self.tls: Any = None  # the ssl.SSLObject of a TLS connection
-        self.http_on_https = False  # plain HTTP came to a TLS port (each request answers 497)
+        # (status, error-log text) every request on this connection is answered with: plain
+        # HTTP on a TLS port (497), a client certificate ssl_verify_client refuses (495, 496)
+        self.refusal: tuple[int, str] | None = None
 
         # timers
         self._timer: asyncio.TimerHandle | None = None

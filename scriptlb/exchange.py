@@ -127,8 +127,8 @@ class Exchange:
         self._logged = False  # the log phase ran (it runs once per request)
         self.upstream_request: UpstreamRequest | None = None  # set when proxying
         self._route()
-        if conn.http_on_https and not self._early_status:
-            self._plain_http_on_tls_port()
+        if conn.refusal is not None and not self._early_status:
+            self._refuse(conn.refusal)
         # what the client connection reads (plain attributes: read on every request)
         conf = self.location.conf
         self.max_body_size = conf.client_max_body_size  # 0 = unlimited
@@ -169,12 +169,15 @@ class Exchange:
         self.host = host or self.server.name
         self.location = self.server.match(uri)
 
-    def _plain_http_on_tls_port(self) -> None:
-        """nginx's check before any phase: a request that came in clear on a TLS port is
-        answered 497 (sent as 400 with its own page; ``error_page 497`` may redirect it)."""
-        message = "client sent plain HTTP request to HTTPS port while reading client request headers"
+    def _refuse(self, refusal: tuple[int, str]) -> None:
+        """nginx's checks before any phase (ngx_http_process_request): a request that came in
+        clear on a TLS port (497), a client certificate that failed verification (495) or is
+        missing (496) gets that status (sent as 400 with its own page; ``error_page`` may
+        redirect it)."""
+        status, text = refusal
+        message = f"{text} while reading client request headers"
         errorlog.log_error("info", message, self.conn.conn_id, errorlog.request_context(self))
-        self._early_status = 497
+        self._early_status = status
 
     def conn_route(self) -> ServerRoute:
         """The listener's server route, resolved once per connection."""

@@ -8,14 +8,20 @@ listening socket is opened with: its SNI callback switches the handshake to the 
 server ``server_name`` picks (exact, wildcard, regex, else the default server), as nginx's
 ``ngx_http_ssl_servername`` does.
 
-What Python's ssl module cannot do is refused at load time rather than ignored (see the
-directive reference): ``ssl_session_ticket_key``, ``ssl_verify_client optional_no_ca``.
-``ssl_session_cache``/``ssl_session_timeout``/``ssl_verify_depth`` are accepted; OpenSSL's
-built-in per-process cache and tickets serve resumption within a worker.
+What Python's ssl module lacks comes from ``scriptlb.tls_native`` (ctypes on the same libssl):
+nginx's ``ssl_verify_client`` (the handshake finishes, the request gets a 495/496 page, see
+``client_refusal``), ``optional_no_ca``, ``ssl_verify_depth``, ``ssl_session_timeout`` and
+``ssl_session_ticket_key``.
+Session tickets are encrypted with one key per configuration shared by every worker (the
+file's, else a random one made in the master before the workers fork), so a session made on one
+worker resumes on any other: that is what ``ssl_session_cache shared:`` is for in nginx, and
+clients that resume by session ID only stay on OpenSSL's per-worker cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -40,8 +46,21 @@ class TlsConfigError(Exception):
         self.source = source
 
 
-def server_context(conf: SslConf) -> ssl.SSLContext:
-    """The SSLContext terminating TLS for one server (raises TlsConfigError)."""
+# session tickets' key when no ssl_session_ticket_key is set: made once in the master (the config
+# is loaded there first), inherited by every worker it forks
+_RANDOM_TICKET_KEYS = os.urandom(80)
+
+# verification errors ssl_verify_client optional_no_ca lets through (nginx's
+# ngx_ssl_verify_error_optional: an issuer that is unknown or untrusted, a self-signed one)
+_OPTIONAL_NO_CA_ERRORS = frozenset({18, 19, 20, 21, 27})
+
+
+def server_context(conf: SslConf, deferred_verification: bool = True) -> ssl.SSLContext:
+    """The SSLContext terminating TLS for one server (raises TlsConfigError).
+
+    ``deferred_verification`` (http): a client certificate is asked for and checked after the
+    handshake (``client_refusal``), as nginx does; False (stream): a certificate that fails
+    verification fails the handshake."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _set_protocols(ctx, conf)
     try:
@@ -52,6 +71,11 @@ def server_context(conf: SslConf) -> ssl.SSLContext:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     if not conf.session_tickets:
         ctx.options |= ssl.OP_NO_TICKET
+    else:
+        _set_ticket_keys(ctx, conf)
+    from scriptlb import tls_native
+
+    tls_native.set_session_timeout(ctx, max(1, int(conf.session_timeout)))
     _set_curve(ctx, conf)
     if conf.dhparam is not None:
         try:
@@ -62,9 +86,43 @@ def server_context(conf: SslConf) -> ssl.SSLContext:
     password = _password(conf)
     for pair in conf.certificates:
         _load_pair(ctx, pair, password)
-    _set_client_verification(ctx, conf)
+    _set_client_verification(ctx, conf, deferred_verification)
     ctx.set_alpn_protocols(ALPN)
     return ctx
+
+
+def ticket_keys(data: bytes) -> bytes:
+    """OpenSSL's 80 ticket-key bytes (name, HMAC key, AES key) from an ssl_session_ticket_key
+    file: an 80-byte file is in that layout already (as nginx reads it); a 48-byte one (name,
+    AES-128 key, HMAC key for nginx) has its two 16-byte keys stretched to OpenSSL's 32 with
+    SHA-256 (OpenSSL's built-in tickets use AES-256: same file, same keys in every worker)."""
+    if len(data) == 80:
+        return data
+    name, aes, hmac = data[:16], data[16:32], data[32:48]
+    return name + hashlib.sha256(b"hmac" + hmac).digest() + hashlib.sha256(b"aes" + aes).digest()
+
+
+def _set_ticket_keys(ctx: ssl.SSLContext, conf: SslConf) -> None:
+    from scriptlb import tls_native
+
+    if not conf.session_ticket_keys:
+        if tls_native.available():
+            tls_native.set_ticket_keys(ctx, _RANDOM_TICKET_KEYS)
+        return
+    if not tls_native.available():
+        raise TlsConfigError('"ssl_session_ticket_key" is not supported by scriptlb on this Python '
+                             "(its libssl could not be reached)", conf.source)
+    keys = []
+    for path, source in conf.session_ticket_keys:  # all are read (checked); the first encrypts
+        try:
+            with open(path, "rb") as f:
+                data = f.read(81)
+        except OSError as e:
+            raise TlsConfigError(f'open() "{path}" failed ({e.errno}: {e.strerror})', source)
+        if len(data) not in (48, 80):
+            raise TlsConfigError(f'"{path}" must be 48 or 80 bytes', source)
+        keys.append(ticket_keys(data))
+    tls_native.set_ticket_keys(ctx, keys[0])
 
 
 def _set_protocols(ctx: ssl.SSLContext, conf: SslConf) -> None:
@@ -133,7 +191,8 @@ def _load_pair(ctx: ssl.SSLContext, pair: SslCertificate, password: Any) -> None
             raise TlsConfigError(f'SSL_CTX_use_PrivateKey("{pair.key}") failed ({_reason(e)})', pair.source)
 
 
-def _set_client_verification(ctx: ssl.SSLContext, conf: SslConf) -> None:
+def _set_client_verification(ctx: ssl.SSLContext, conf: SslConf, deferred: bool) -> None:
+    ctx.scriptlb_verify_client = conf.verify_client  # type: ignore[attr-defined]  # (client_refusal)
     if conf.verify_client == "off":
         return
     if conf.client_certificate is None:
@@ -143,7 +202,35 @@ def _set_client_verification(ctx: ssl.SSLContext, conf: SslConf) -> None:
     except (OSError, ssl.SSLError) as e:
         raise TlsConfigError(f'SSL_CTX_load_verify_locations("{conf.client_certificate}") failed '
                              f"({_reason(e)})", conf.source)
+    from scriptlb import tls_native
+
+    if deferred and tls_native.available():
+        tls_native.verify_without_failing(ctx, conf.verify_depth)
+        return
+    if deferred and conf.verify_client == "optional_no_ca":
+        raise TlsConfigError('"ssl_verify_client optional_no_ca" is not supported by scriptlb on this '
+                             "Python (its libssl could not be reached)", conf.source)
+    # the handshake verifies (stream: a certificate that fails ends the connection, as nginx's
+    # stream module does after its handshake; optional_no_ca is as strict as optional there)
+    ctx.scriptlb_verify_client = "off"  # type: ignore[attr-defined]
     ctx.verify_mode = ssl.CERT_REQUIRED if conf.verify_client == "on" else ssl.CERT_OPTIONAL
+
+
+def client_refusal(tls: Any) -> tuple[int, str] | None:
+    """After a handshake: nginx's answer to every request of a connection whose client
+    certificate ssl_verify_client refuses, as (status, error-log text): 495 for a certificate
+    that failed verification, 496 for none where one is required; None: served."""
+    verify = getattr(tls.context, "scriptlb_verify_client", "off")
+    if verify == "off":
+        return None
+    from scriptlb import tls_native
+
+    code = tls_native.verify_result(tls)
+    if code and (verify != "optional_no_ca" or code not in _OPTIONAL_NO_CA_ERRORS):
+        return 495, f"client SSL certificate verify error: ({code}:{tls_native.verify_error_text(code)})"
+    if verify == "on" and tls.getpeercert(True) is None:
+        return 496, "client sent no required SSL certificate"
+    return None
 
 
 def _reason(e: Exception) -> str:
@@ -166,6 +253,9 @@ def sni_context(default: ssl.SSLContext, pick: Callable[[str | None], ssl.SSLCon
         chosen = pick(name.lower() if name else None)
         if chosen is not default:
             sock.context = chosen
+            from scriptlb import tls_native
+
+            tls_native.adopt_verification(sock, chosen)
 
     default.sni_callback = on_server_name
     return default
@@ -208,8 +298,12 @@ def _client_verify(ex: Any) -> str | None:
     tls = _tls(ex)
     if tls is None:
         return None
-    # (a certificate that failed verification ends the handshake: one that is here passed)
-    return "SUCCESS" if tls.getpeercert() else "NONE"
+    if tls.getpeercert(True) is None:
+        return "NONE"
+    from scriptlb import tls_native
+
+    code = tls_native.verify_result(tls)
+    return f"FAILED:{tls_native.verify_error_text(code)}" if code else "SUCCESS"
 
 
 def _client_s_dn(ex: Any) -> str | None:

@@ -28,6 +28,10 @@ from collections.abc import Callable
 from typing import Any
 
 from scriptlb import errorlog
+from scriptlb.tls import client_refusal
+
+Refuse = Callable[[asyncio.Protocol, tuple[int, str]], None]
+PLAIN_HTTP = (497, "client sent plain HTTP request to HTTPS port")
 
 _HANDSHAKE = 0
 _OPEN = 1
@@ -108,12 +112,13 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
 
     __slots__ = (
         "_app",
+        "_first",
         "_incoming",
         "_loop",
-        "_on_plain",
         "_outgoing",
         "_paused",
         "_raw",
+        "_refuse",
         "_server_text",
         "_ssl",
         "_sslobj",
@@ -123,8 +128,7 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
     )
 
     def __init__(self, context: ssl.SSLContext, app: asyncio.Protocol, loop: asyncio.AbstractEventLoop,
-                 handshake_timeout: float, server_text: str,
-                 on_plain: Callable[[asyncio.Protocol], None] | None = None) -> None:
+                 handshake_timeout: float, server_text: str, refuse: Refuse | None = None) -> None:
         self._app = app
         self._loop = loop
         self._incoming = ssl.MemoryBIO()
@@ -139,7 +143,10 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         self._timer: asyncio.TimerHandle | None = None
         self._timeout = handshake_timeout
         self._server_text = server_text
-        self._on_plain = on_plain  # marks the HTTP protocol before it serves plain HTTP
+        # tells the HTTP protocol to answer every request with an error status (plain HTTP,
+        # a client certificate ssl_verify_client refuses); None: such connections are closed
+        self._refuse = refuse
+        self._first = True  # the connection's first bytes are yet to come
 
     # ------------------------------------------------------------------ below: the socket
 
@@ -181,12 +188,11 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
     # ------------------------------------------------------------------ the handshake
 
     def _handshake_data(self, data: bytes) -> None:
-        if self._on_plain is not None:
-            first = data[0]
-            if first != _TLS_RECORD and not first & _SSLV2_HELLO:
+        if self._first:
+            self._first = False
+            if data[0] != _TLS_RECORD and not data[0] & _SSLV2_HELLO and self._refuse is not None:
                 self._serve_plain(data)
                 return
-            self._on_plain = None  # (looked at once: the first byte of the connection)
         self._incoming.write(data)
         try:
             self._sslobj.do_handshake()
@@ -201,16 +207,22 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         self._flush()  # the server's last flight (and TLSv1.3 session tickets)
         self._cancel_timer()
         self._state = _OPEN
+        refusal = client_refusal(self._sslobj)
+        if refusal is not None:
+            if self._refuse is None:
+                self.close()
+                return
+            self._refuse(self._app, refusal)
         self._app.connection_made(self)
         if self._state == _OPEN and self._incoming.pending and not self._paused:
             self._decrypt()  # a request sent with the client's last flight
 
     def _serve_plain(self, data: bytes) -> None:
         """Plain HTTP on a TLS port: the HTTP protocol takes the socket (and answers 497)."""
-        assert self._on_plain is not None
+        assert self._refuse is not None
         self._cancel_timer()
         self._state = _PLAIN
-        self._on_plain(self._app)
+        self._refuse(self._app, PLAIN_HTTP)
         raw = self._raw
         raw.set_protocol(self._app)
         self._app.connection_made(raw)
@@ -381,10 +393,10 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
 
 def tls_protocol_factory(make_app: Callable[[], asyncio.Protocol], context: ssl.SSLContext,
                          loop: asyncio.AbstractEventLoop, handshake_timeout: float, server_text: str,
-                         on_plain: Callable[[asyncio.Protocol], None] | None) -> Callable[[], TlsTransport]:
+                         refuse: Refuse | None) -> Callable[[], TlsTransport]:
     """The protocol factory of a ``listen ... ssl`` socket."""
 
     def factory() -> TlsTransport:
-        return TlsTransport(context, make_app(), loop, handshake_timeout, server_text, on_plain)
+        return TlsTransport(context, make_app(), loop, handshake_timeout, server_text, refuse)
 
     return factory

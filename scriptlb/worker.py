@@ -29,7 +29,7 @@ import uvloop
 
 from scriptlb import api, cluster, errorlog, safety
 from scriptlb.config.model import HttpConf, MainConf
-from scriptlb.downstream import ClientConnection, ListenerContext, mark_plain_http
+from scriptlb.downstream import ClientConnection, ListenerContext, refuse_requests
 from scriptlb.exchange import Exchange, log_client_error
 from scriptlb.peer_lists import PeerListStore, PeerListWatcher, effective_conf
 from scriptlb.runtime import Runtime
@@ -170,7 +170,7 @@ class Worker:
 
                 self._tls = True
                 factory = tls_protocol_factory(factory, tls, self.loop, server_conf.client_header_timeout,
-                                               listen_text(keys[0]), mark_plain_http)
+                                               listen_text(keys[0]), refuse_requests)
             server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys))
             self._servers.append(server)
 

@@ -8,8 +8,9 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -146,3 +147,187 @@ def test_a_silent_client_is_closed_at_client_header_timeout(tmp_path: Path, ca: 
         assert line == ("[info] client timed out (110: Connection timed out) while SSL handshaking, "
                         f"client: 127.0.0.1, server: 127.0.0.1:{lb.port}")
         assert https_get(lb.port, client_context(ca), "a.test", "a.test")[1] == b"ok https\n"
+
+
+# --------------------------------------------------------------------------- client certificates
+
+VERIFY_BODY = '"$ssl_client_verify|$ssl_client_s_dn\\n"'
+
+
+def mtls_servers(port: str, paths: dict[str, Path], trusted: Path) -> str:
+    """a.test (the default server) asks for nothing; b.test requires a certificate; c.test takes
+    one from an unknown issuer (optional_no_ca)."""
+    blocks = []
+    for name, verify in (("a.test", ""), ("b.test", "ssl_verify_client on;"),
+                         ("c.test", "ssl_verify_client optional_no_ca;")):
+        blocks.append(f"""
+        server {{
+            listen 127.0.0.1:{port} ssl;
+            server_name {name};
+            ssl_certificate {paths['a.test.crt']};
+            ssl_certificate_key {paths['a.test.key']};
+            ssl_protocols TLSv1.2 TLSv1.3;
+            ssl_client_certificate {trusted};
+            {verify}
+            location / {{ return 200 {VERIFY_BODY}; }}
+        }}""")
+    return "".join(blocks)
+
+
+def test_client_certificates_as_nginx_pages_and_log_lines(tmp_path: Path, ca: trustme.CA,
+                                                        certs: dict[str, Path]) -> None:  # noqa: F811
+    """SNI picks a server whose ssl_verify_client differs from the default server's; a missing
+    or unverifiable certificate finishes the handshake and gets nginx's 400 pages."""
+    good = client_context(ca, verify=False)  # (one server certificate, a.test, for all names)
+    ca.issue_cert("client@example.test", common_name="client one").configure_cert(good)
+    stranger = client_context(ca, verify=False)
+    trustme.CA().issue_cert("who@example.test", common_name="stranger").configure_cert(stranger)
+    none = client_context(ca, verify=False)
+    cases = [(good, "b.test"), (none, "b.test"), (stranger, "b.test"), (stranger, "c.test"),
+             (none, "c.test"), (good, "a.test")]
+    results = []
+    for name, port_text, log, run in _mtls_targets(tmp_path, certs):
+        with run:
+            port = int(port_text)
+            bodies = [normalized(b"\r\n\r\n" + https_get(port, ctx, sni, sni)[1])[2] for ctx, sni in cases]
+            lines = [log_line(log, "no required SSL certificate"), log_line(log, "certificate verify error")]
+        results.append((name, bodies, lines))
+    _, ours, our_lines = results[0]
+    assert ours[0].startswith(b"SUCCESS|CN=client one,")
+    assert b"<center>No required SSL certificate was sent</center>" in ours[1]
+    assert b"<center>The SSL certificate error</center>" in ours[2]
+    assert ours[3].startswith(b"FAILED:unable to verify the first certificate|CN=stranger,")
+    assert ours[4] == b"NONE|\n" and ours[5] == b"NONE|\n"
+    assert our_lines[0].startswith("[info] client sent no required SSL certificate while reading client "
+                                   "request headers, client: 127.0.0.1, server: b.test, "
+                                   'request: "GET / HTTP/1.1"')
+    assert our_lines[1].startswith("[info] client SSL certificate verify error: (")
+    if len(results) == 2:
+        _, theirs, their_lines = results[1]
+        assert ours == theirs
+        assert our_lines == their_lines
+
+
+Target = tuple[str, str, Path, AbstractContextManager[Any]]  # (name, port, error log, what runs it)
+
+
+def _mtls_targets(tmp_path: Path, paths: dict[str, Path]) -> list[Target]:
+    ours = tmp_path / "ours.log"
+    main = f"daemon off; master_process off; error_log {ours} info;\n"
+    lb = Scriptlb(main + f"http {{ {mtls_servers('{port0}', paths, paths['ca'])} }}", tmp_path)
+    targets: list[Target] = [("scriptlb", str(lb.port), ours, lb)]
+    if NGINX is not None:
+        (port,) = free_ports(1)
+        ngx = tmp_path / "nginx"
+        ngx.mkdir()
+        theirs = ngx / "info.log"
+        http = f"error_log {theirs} info;" + mtls_servers(str(port), paths, paths["ca"])
+        targets.append(("nginx", str(port), theirs, nginx_running(ngx, http, [port])))
+    return targets
+
+
+# --------------------------------------------------------------------------- session resumption
+
+
+def _resumed_on(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, session: ssl.SSLSession | None
+                ) -> tuple[bool, ssl.SSLSession | None]:
+    """One in-memory handshake (and a request/answer, so TLSv1.3 tickets arrive): (resumed, session)."""
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    server = server_ctx.wrap_bio(bios[0], bios[1], server_side=True)
+    client = client_ctx.wrap_bio(bios[2], bios[3], server_hostname="a.test", session=session)
+    for _ in range(8):
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        bios[0].write(bios[3].read())
+        bios[2].write(bios[1].read())
+    client.write(b"ping")
+    bios[0].write(bios[3].read())
+    server.read(10)
+    server.write(b"pong")
+    bios[2].write(bios[1].read())
+    client.read(10)
+    return client.session_reused, client.session
+
+
+@pytest.mark.parametrize("key_file", [None, 48, 80])
+def test_a_session_made_by_one_worker_resumes_on_another(tmp_path: Path, ca: trustme.CA,
+                                                        certs: dict[str, Path],  # noqa: F811
+                                                        key_file: int | None) -> None:
+    """Each worker builds its own contexts from the config: tickets must be readable by all of
+    them (the master's random key, or ssl_session_ticket_key's file)."""
+    import os
+
+    from test_tls import _lb
+
+    from scriptlb.tls import server_context
+
+    extra = ""
+    if key_file is not None:
+        (tmp_path / "ticket.key").write_bytes(os.urandom(key_file))
+        extra = f"ssl_session_ticket_key {tmp_path}/ticket.key;"
+    with _lb(tmp_path, tls_server("{port0}", certs, extra)) as lb:
+        conf = lb.conf.http.servers[0].ssl
+    first, second = server_context(conf), server_context(conf)  # two workers' contexts
+    client = client_context(ca)
+    resumed, session = _resumed_on(first, client, None)
+    assert not resumed and session is not None
+    assert _resumed_on(second, client, session)[0]
+    # and a context made from another key does not resume it
+    if key_file is not None:
+        (tmp_path / "ticket.key").write_bytes(os.urandom(key_file))
+        with _lb(tmp_path, tls_server("{port0}", certs, extra)) as lb:
+            other = server_context(lb.conf.http.servers[0].ssl)
+        assert not _resumed_on(other, client, session)[0]
+
+
+@pytest.mark.slow
+def test_sessions_resume_across_the_workers_of_a_master(tmp_path: Path, ca: trustme.CA,
+                                                       certs: dict[str, Path]) -> None:  # noqa: F811
+    from helpers import master_process
+
+    (port,) = free_ports(1)
+    conf = tmp_path / "scriptlb.conf"
+    conf.write_text(f"""
+        daemon off; worker_processes 2; pid {tmp_path}/scriptlb.pid; error_log {tmp_path}/error.log;
+        http {{
+            server {{
+                listen 127.0.0.1:{port} ssl reuseport;
+                ssl_certificate {certs['a.test.crt']}; ssl_certificate_key {certs['a.test.key']};
+                ssl_session_cache shared:SSL:1m;
+                location / {{ return 200 "$pid|$ssl_session_reused"; }}
+            }}
+        }}
+    """)
+    client = client_context(ca)
+
+    def get(session: ssl.SSLSession | None) -> tuple[str, ssl.SSLSession | None]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                client.wrap_socket(raw, server_hostname="a.test", session=session) as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            return data.partition(b"\r\n\r\n")[2].decode(), tls.session
+
+    with master_process(tmp_path, conf):
+        wait_for(lambda: _answers(port), timeout=20, what="the workers")
+        body, session = get(None)
+        seen = {body}
+        for _ in range(40):  # until both workers answered a resumed session (bounded)
+            seen.add(get(session)[0])
+            if len({b.split("|")[0] for b in seen}) >= 2 and len(seen) >= 3:
+                break
+    pids = {b.split("|")[0] for b in seen}
+    assert len(pids) == 2, seen
+    assert all(b.endswith("|r") for b in seen if b != body), seen
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
