@@ -503,7 +503,7 @@ class Runtime:
         else:
             host = proxy_host_name(proxy_host)
             name = lambda ex: host  # noqa: E731
-        return PeerTls(context, name, ssl_conf.server_name)
+        return PeerTls(context, name, ssl_conf.server_name, ssl_conf.session_reuse)
 
     def _log_hook_for(self, conf: LocationConf) -> LogHookRunner | None:
         hook = conf.log_hook

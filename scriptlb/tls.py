@@ -372,21 +372,47 @@ def client_context(conf: ProxySslConf) -> ssl.SSLContext:
 
 def handshake_error_text(exc: ssl.SSLError) -> str:
     """nginx's error-log text for a failed handshake with a peer (without "while ...")."""
+    if isinstance(exc, ssl.SSLEOFError):
+        return "peer closed connection in SSL handshake"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"upstream SSL certificate verify error: ({exc.verify_code}:{exc.verify_message})"
     return f"SSL_do_handshake() failed ({_reason(exc)})"
 
 
+MAX_PEER_SESSIONS = 1024  # sessions kept per location for proxy_ssl_session_reuse (oldest go)
+
+
 class PeerTls:
     """A location's TLS to its peers: the context, the name (``proxy_ssl_name``, rendered per
-    request) and whether it is sent as SNI (``proxy_ssl_server_name``)."""
+    request), whether it is sent as SNI (``proxy_ssl_server_name``), and with
+    ``proxy_ssl_session_reuse`` the last session of each peer (by address and TLS name, as
+    nginx keeps one per peer) for the next new connection to resume."""
 
-    __slots__ = ("context", "name", "sni")
+    __slots__ = ("context", "name", "sessions", "sni")
 
-    def __init__(self, context: ssl.SSLContext, name: Callable[[Any], str], sni: bool) -> None:
+    def __init__(self, context: ssl.SSLContext, name: Callable[[Any], str], sni: bool,
+                 session_reuse: bool = True) -> None:
         self.context = context
         self.name = name
         self.sni = sni
+        self.sessions: dict[tuple[str, str | None], ssl.SSLSession] | None = {} if session_reuse else None
+
+    def session(self, key: tuple[str, str | None]) -> ssl.SSLSession | None:
+        return self.sessions.get(key) if self.sessions is not None else None
+
+    def keeper(self, key: tuple[str, str | None]) -> Callable[[ssl.SSLSession], None] | None:
+        """What stores a new connection's session under ``key`` (None: reuse is off)."""
+        sessions = self.sessions
+        if sessions is None:
+            return None
+
+        def keep(session: ssl.SSLSession) -> None:
+            sessions.pop(key, None)
+            if len(sessions) >= MAX_PEER_SESSIONS:
+                del sessions[next(iter(sessions))]
+            sessions[key] = session
+
+        return keep
 
     def server_hostname(self, name: str) -> str | None:
         """What to give the handshake: the name when it is sent or verified, else None."""

@@ -128,12 +128,15 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
     )
 
     def __init__(self, context: ssl.SSLContext, app: asyncio.Protocol, loop: asyncio.AbstractEventLoop,
-                 handshake_timeout: float, server_text: str, refuse: Refuse | None = None) -> None:
+                 handshake_timeout: float, server_text: str, refuse: Refuse | None = None,
+                 sslobj: ssl.SSLObject | None = None) -> None:
         self._app = app
         self._loop = loop
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        if sslobj is None:
+            sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._sslobj = sslobj
         # read/write/pending straight on _ssl's object: SSLObject's methods only forward to it
         # (one Python frame less per call on every request)
         self._ssl = getattr(self._sslobj, "_sslobj", self._sslobj)
@@ -389,6 +392,99 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         data = self._outgoing.read()
         if data and self._raw is not None and not self._raw.is_closing():
             self._raw.write(data)
+
+
+class TlsClientTransport(TlsTransport):
+    """TLS to a peer (``proxy_pass https://``): the same transport, the client's side of the
+    handshake, and the session it may resume (``proxy_ssl_session_reuse``). ``handshake`` is
+    done when the peer protocol has its ``connection_made``, or holds why it failed."""
+
+    __slots__ = ("_on_session", "handshake")
+
+    def __init__(self, context: ssl.SSLContext, app: asyncio.Protocol, loop: asyncio.AbstractEventLoop,
+                 server_hostname: str | None, session: ssl.SSLSession | None,
+                 on_session: Callable[[ssl.SSLSession], None] | None) -> None:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        sslobj = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname, session=session)
+        super().__init__(context, app, loop, 0.0, "", None, sslobj)
+        self._incoming, self._outgoing = incoming, outgoing
+        self._on_session = on_session  # told of the session once the peer gave it (a ticket)
+        self.handshake: asyncio.Future[None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._raw = transport
+        self._handshake_step()  # the ClientHello
+
+    def _handshake_data(self, data: bytes) -> None:
+        self._incoming.write(data)
+        self._handshake_step()
+
+    def _handshake_step(self) -> None:
+        try:
+            self._sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except ssl.SSLError as exc:
+            self._flush()
+            self._fail(exc)
+            return
+        self._flush()
+        self._state = _OPEN
+        self._save_session()  # (TLSv1.2: now; TLSv1.3: its ticket comes with the first answer)
+        if not self.handshake.done():
+            self.handshake.set_result(None)
+        self._app.connection_made(self)
+        if self._state == _OPEN and self._incoming.pending and not self._paused:
+            self._decrypt()
+
+    def _handshake_failed(self, level: str, text: str) -> None:
+        self._fail(ssl.SSLEOFError(8, "peer closed connection in SSL handshake"))
+
+    def _fail(self, exc: BaseException) -> None:
+        self._state = _CLOSED
+        if not self.handshake.done():
+            self.handshake.set_exception(exc)
+        if self._raw is not None:
+            self._raw.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._state == _HANDSHAKE:
+            self._fail(exc or ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
+        super().connection_lost(exc)
+
+    def _decrypt(self) -> None:
+        super()._decrypt()
+        if self._on_session is not None:
+            self._save_session()
+
+    def _save_session(self) -> None:
+        on_session = self._on_session
+        session = self._sslobj.session
+        if on_session is not None and session is not None and (
+                session.has_ticket or self._sslobj.version() != "TLSv1.3"):
+            self._on_session = None  # (once per connection)
+            on_session(session)
+
+
+async def open_tls_connection(loop: asyncio.AbstractEventLoop, app: asyncio.Protocol, host: str | None,
+                              port: int, unix_path: str | None, local_addr: tuple[str, int] | None,
+                              context: ssl.SSLContext, server_hostname: str | None,
+                              session: ssl.SSLSession | None,
+                              on_session: Callable[[ssl.SSLSession], None] | None) -> None:
+    """Connect, then handshake (both under the caller's connect timeout, as nginx's
+    proxy_connect_timeout); ``app`` gets ``connection_made`` once TLS is up. Raises the
+    handshake's SSLError or the connect's OSError."""
+    transport = TlsClientTransport(context, app, loop, server_hostname, session, on_session)
+    try:
+        if unix_path is not None:
+            await loop.create_unix_connection(lambda: transport, unix_path)
+        else:
+            await loop.create_connection(lambda: transport, host, port, local_addr=local_addr)
+        await transport.handshake
+    except BaseException:
+        transport.abort()
+        raise
 
 
 def tls_protocol_factory(make_app: Callable[[], asyncio.Protocol], context: ssl.SSLContext,

@@ -146,8 +146,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "proxy_ssl_certificate_key": ("file", "-", "ngx_http_proxy_module", ""),
     "proxy_ssl_password_file": ("file", "-", "ngx_http_proxy_module", ""),
     "proxy_ssl_session_reuse": ("on | off", "on", "ngx_http_proxy_module",
-                                "accepted; kept-alive connections (keepalive N) are the reuse "
-                                "(Python's asyncio cannot resume a session on a new connection)"),
+                                "a new connection resumes the last session of its peer (by address "
+                                "and TLS name; per worker)"),
     "ssl_certificate": ("file", "-",
                         "ngx_http_ssl_module", "several per server (RSA + ECDSA), paired in order with "
                         "ssl_certificate_key; `data:` and variables are not supported"),
