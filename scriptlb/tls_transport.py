@@ -2,11 +2,11 @@
 
 ``TlsTransport`` is the protocol of an accepted TCP (or unix) socket on a ``listen ... ssl``
 port and the transport its HTTP protocol (``ClientConnection``) writes to. It replaces the
-event loop's own TLS layer (``create_server(ssl=...)``) for three reasons:
+event loop's own TLS layer (``create_server(ssl=...)``) for what that layer cannot do (at the
+same cost: a read is one ``MemoryBIO.write`` and ``SSLObject.read`` calls until the BIO is
+empty, checked so that no ``SSLWantReadError`` is raised per read; a response is one
+``SSLObject.write`` and one socket write; OpenSSL does most of the work either way):
 
-- cost: a read is one ``MemoryBIO.write`` and ``SSLObject.read`` calls until the BIO is empty
-  (checked, so no ``SSLWantReadError`` is raised per read), a response one ``SSLObject.write``
-  and one socket write; no per-call flow-control bookkeeping or extra copies;
 - the first bytes are looked at before any TLS: plain HTTP sent to a TLS port is served as HTTP
   and answered with nginx's 400 page ("The plain HTTP request was sent to HTTPS port"), as
   nginx decides on the first byte (0x16: a TLS record; bit 0x80: an SSLv2 hello);
@@ -39,8 +39,8 @@ _CLOSED = 2
 _PLAIN = 3  # plain HTTP on the TLS port: the HTTP protocol owns the socket now
 
 # decrypted bytes asked of one read: a record carries at most 16 KiB, and _ssl allocates the
-# size asked before shrinking the result, so a large size costs on every read (256 KiB, the
-# event loop's TLS layer's, took 12.6 us per small request against 1.8 us for 16 KiB)
+# size asked before shrinking the result, so a larger size only costs (256 KiB took 12.6 us
+# per small request in a micro-benchmark, 16 KiB 1.8 us)
 READ_SIZE = 16384
 _TLS_RECORD = 0x16  # first byte of a TLS handshake record
 _SSLV2_HELLO = 0x80  # high bit of an SSLv2-framed ClientHello's first byte
