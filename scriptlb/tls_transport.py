@@ -99,10 +99,10 @@ def handshake_failure_level(exc: ssl.SSLError) -> str:
     return "crit"
 
 
-def listen_text(key: tuple) -> str:
+def listen_text(key: tuple[str | None, int, str | None]) -> str:
     """nginx's listening ``addr_text`` (the "server:" of a line logged before any request)."""
     host, port, unix_path = key
-    if unix_path is not None:
+    if unix_path is not None or host is None:
         return f"unix:{unix_path}"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -112,6 +112,7 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
 
     __slots__ = (
         "_app",
+        "_connected",
         "_first",
         "_incoming",
         "_loop",
@@ -150,6 +151,7 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         # a client certificate ssl_verify_client refuses); None: such connections are closed
         self._refuse = refuse
         self._first = True  # the connection's first bytes are yet to come
+        self._connected = False  # the HTTP protocol got connection_made (so it gets connection_lost)
 
     # ------------------------------------------------------------------ below: the socket
 
@@ -176,11 +178,16 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        state, self._state = self._state, _CLOSED
+        self._state = _CLOSED
         self._cancel_timer()
-        if state != _HANDSHAKE:  # (the HTTP protocol never saw a handshake that did not end)
+        if self._connected:  # (the HTTP protocol never saw a handshake that did not end)
+            self._connected = False
             self._app.connection_lost(exc)
         self._raw = None
+
+    def _connect_app(self) -> None:
+        self._connected = True
+        self._app.connection_made(self)
 
     def pause_writing(self) -> None:
         self._app.pause_writing()
@@ -216,7 +223,7 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
                 self.close()
                 return
             self._refuse(self._app, refusal)
-        self._app.connection_made(self)
+        self._connect_app()
         if self._state == _OPEN and self._incoming.pending and not self._paused:
             self._decrypt()  # a request sent with the client's last flight
 
@@ -257,7 +264,7 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         """Hand the HTTP protocol what the incoming BIO holds, decrypted, in one call."""
         sslobj = self._ssl
         incoming = self._incoming
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             try:
                 chunk = sslobj.read(READ_SIZE)
@@ -434,7 +441,7 @@ class TlsClientTransport(TlsTransport):
         self._save_session()  # (TLSv1.2: now; TLSv1.3: its ticket comes with the first answer)
         if not self.handshake.done():
             self.handshake.set_result(None)
-        self._app.connection_made(self)
+        self._connect_app()
         if self._state == _OPEN and self._incoming.pending and not self._paused:
             self._decrypt()
 
@@ -480,6 +487,7 @@ async def open_tls_connection(loop: asyncio.AbstractEventLoop, app: asyncio.Prot
         if unix_path is not None:
             await loop.create_unix_connection(lambda: transport, unix_path)
         else:
+            assert host is not None
             await loop.create_connection(lambda: transport, host, port, local_addr=local_addr)
         await transport.handshake
     except BaseException:
