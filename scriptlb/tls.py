@@ -204,6 +204,7 @@ def _set_client_verification(ctx: ssl.SSLContext, conf: SslConf, deferred: bool)
                              f"({_reason(e)})", conf.source)
     from scriptlb import tls_native
 
+    tls_native.send_client_ca_names(ctx, conf.client_certificate)
     if deferred and tls_native.available():
         tls_native.verify_without_failing(ctx, conf.verify_depth)
         return

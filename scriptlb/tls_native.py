@@ -9,6 +9,8 @@ nginx behaviours that need them:
   ``optional_no_ca`` lets some errors pass. Python's ssl fails the handshake instead, so the
   context gets an accept-all verify callback here and the result is read afterwards
   (``SSL_get_verify_result``), with ``ssl_verify_depth`` applied by OpenSSL.
+- ``ssl_client_certificate``: its CA names sent in the certificate request
+  (``SSL_CTX_set_client_CA_list``).
 - ``ssl_session_timeout``: a session's lifetime (``SSL_CTX_set_timeout``).
 - ``ssl_session_ticket_key``: the ticket keys (``SSL_CTRL_SET_TLSEXT_TICKET_KEYS``), so that
   every worker (and every node sharing the file) can resume the others' sessions.
@@ -68,6 +70,12 @@ class _Lib:
         self.ctx_get_options = lib.SSL_CTX_get_options
         self.ctx_get_options.argtypes = [ctypes.c_void_p]
         self.ctx_get_options.restype = ctypes.c_uint64
+        self.load_client_ca_file = lib.SSL_load_client_CA_file
+        self.load_client_ca_file.argtypes = [ctypes.c_char_p]
+        self.load_client_ca_file.restype = ctypes.c_void_p
+        self.ctx_set_client_ca_list = lib.SSL_CTX_set_client_CA_list
+        self.ctx_set_client_ca_list.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.ctx_set_client_ca_list.restype = None
         self.ctx_set_timeout = lib.SSL_CTX_set_timeout
         self.ctx_set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_long]
         self.ctx_set_timeout.restype = ctypes.c_long
@@ -168,6 +176,20 @@ def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> None:
     buffer = ctypes.create_string_buffer(keys, TICKET_KEYS_SIZE)
     if lib.ctx_ctrl(_context_pointer(ctx), SSL_CTRL_SET_TLSEXT_TICKET_KEYS, TICKET_KEYS_SIZE, buffer) != 1:
         raise ssl.SSLError("SSL_CTX_set_tlsext_ticket_keys() failed")
+
+
+def send_client_ca_names(ctx: ssl.SSLContext, path: str) -> bool:
+    """Name the certificate authorities of ``path`` in the handshake's certificate request, as
+    nginx does for ssl_client_certificate (a client picks its certificate by them); False when
+    the file holds none OpenSSL can read."""
+    lib = _lib()
+    if lib is None:
+        return False
+    names = lib.load_client_ca_file(path.encode())
+    if not names:
+        return False
+    lib.ctx_set_client_ca_list(_context_pointer(ctx), names)  # (the context owns the list now)
+    return True
 
 
 def set_session_timeout(ctx: ssl.SSLContext, seconds: int) -> None:

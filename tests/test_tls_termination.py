@@ -191,6 +191,7 @@ def test_client_certificates_as_nginx_pages_and_log_lines(tmp_path: Path, ca: tr
             port = int(port_text)
             bodies = [normalized(b"\r\n\r\n" + https_get(port, ctx, sni, sni)[1])[2] for ctx, sni in cases]
             lines = [log_line(log, "no required SSL certificate"), log_line(log, "certificate verify error")]
+            lines.append(_ca_names(port, "b.test"))
         results.append((name, bodies, lines))
     _, ours, our_lines = results[0]
     assert ours[0].startswith(b"SUCCESS|CN=client one,")
@@ -202,10 +203,25 @@ def test_client_certificates_as_nginx_pages_and_log_lines(tmp_path: Path, ca: tr
                                    "request headers, client: 127.0.0.1, server: b.test, "
                                    'request: "GET / HTTP/1.1"')
     assert our_lines[1].startswith("[info] client SSL certificate verify error: (")
+    assert "O = trustme" in our_lines[2]  # ssl_client_certificate's CA named to the client
     if len(results) == 2:
         _, theirs, their_lines = results[1]
         assert ours == theirs
         assert our_lines == their_lines
+
+
+def _ca_names(port: int, sni: str) -> str:
+    """The certificate authorities a server names when it asks for a client certificate, as
+    openssl s_client prints them ("" without openssl)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        return ""
+    out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", sni],
+                         input=b"", capture_output=True, timeout=20).stdout.decode(errors="replace")
+    section = out.partition("Acceptable client certificate CA names")[2]
+    return section.partition("Requested Signature Algorithms")[0].partition("---")[0].strip()
 
 
 Target = tuple[str, str, Path, AbstractContextManager[Any]]  # (name, port, error log, what runs it)
