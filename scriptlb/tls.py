@@ -23,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import os
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from scriptlb.config.model import ProxySslConf, Source, SslCertificate, SslConf
 
@@ -307,14 +309,80 @@ def _client_verify(ex: Any) -> str | None:
     return f"FAILED:{tls_native.verify_error_text(code)}" if code else "SUCCESS"
 
 
-def _client_s_dn(ex: Any) -> str | None:
-    """RFC 2253 order, as nginx's $ssl_client_s_dn: the last RDN first, "," between."""
+def _client_cert(ex: Any) -> dict[str, Any] | None:
+    """The client certificate's fields as Python decodes them (None: no certificate)."""
     tls = _tls(ex)
-    cert = tls.getpeercert() if tls is not None else None
-    if not cert:
+    return (tls.getpeercert() or None) if tls is not None else None
+
+
+def _client_der(ex: Any) -> bytes | None:
+    tls = _tls(ex)
+    return tls.getpeercert(True) if tls is not None else None
+
+
+def _dn(name: tuple[tuple[tuple[str, str], ...], ...]) -> str:
+    """RFC 2253 order, as nginx's $ssl_client_s_dn: the last RDN first, "," between."""
+    return ",".join(f"{_DN_NAMES.get(k, k)}={v}" for rdn in reversed(name) for k, v in rdn)
+
+
+def _client_s_dn(ex: Any) -> str | None:
+    cert = _client_cert(ex)
+    return _dn(cert.get("subject", ())) if cert else None
+
+
+def _client_i_dn(ex: Any) -> str | None:
+    cert = _client_cert(ex)
+    return _dn(cert.get("issuer", ())) if cert else None
+
+
+def _client_serial(ex: Any) -> str | None:
+    cert = _client_cert(ex)
+    return cert.get("serialNumber") if cert else None  # (i2a_ASN1_INTEGER's hex, as nginx's)
+
+
+def _client_v_start(ex: Any) -> str | None:
+    cert = _client_cert(ex)
+    return cert.get("notBefore") if cert else None  # (ASN1_TIME_print's text, as nginx's)
+
+
+def _client_v_end(ex: Any) -> str | None:
+    cert = _client_cert(ex)
+    return cert.get("notAfter") if cert else None
+
+
+def _client_v_remain(ex: Any) -> str | None:
+    """Whole days left; "0" in the last day or past it (nginx's ngx_ssl_get_client_v_remain)."""
+    cert = _client_cert(ex)
+    if not cert or "notAfter" not in cert:
         return None
-    parts = [f"{_DN_NAMES.get(k, k)}={v}" for rdn in reversed(cert.get("subject", ())) for k, v in rdn]
-    return ",".join(parts)
+    left = ssl.cert_time_to_seconds(cert["notAfter"]) - time.time()
+    return str(int(left // 86400)) if left >= 86400 else "0"
+
+
+def _client_fingerprint(ex: Any) -> str | None:
+    der = _client_der(ex)
+    return hashlib.sha1(der).hexdigest() if der else None  # (nginx's digest: SHA-1)
+
+
+def _client_raw_cert(ex: Any) -> str | None:
+    der = _client_der(ex)
+    return ssl.DER_cert_to_PEM_cert(der) if der else None
+
+
+def _client_escaped_cert(ex: Any) -> str | None:
+    pem = _client_raw_cert(ex)
+    return quote(pem, safe="") if pem else None
+
+
+def _alpn_protocol(ex: Any) -> str | None:
+    tls = _tls(ex)
+    return (tls.selected_alpn_protocol() or "") if tls is not None else None
+
+
+def _session_id(ex: Any) -> str | None:
+    tls = _tls(ex)
+    session = tls.session if tls is not None else None
+    return session.id.hex() if session is not None else None
 
 
 def _https(ex: Any) -> str | None:
@@ -328,6 +396,16 @@ TLS_VARIABLES: dict[str, Callable[[Any], str | None]] = {
     "ssl_session_reused": _session_reused,
     "ssl_client_verify": _client_verify,
     "ssl_client_s_dn": _client_s_dn,
+    "ssl_client_i_dn": _client_i_dn,
+    "ssl_client_serial": _client_serial,
+    "ssl_client_fingerprint": _client_fingerprint,
+    "ssl_client_v_start": _client_v_start,
+    "ssl_client_v_end": _client_v_end,
+    "ssl_client_v_remain": _client_v_remain,
+    "ssl_client_raw_cert": _client_raw_cert,
+    "ssl_client_escaped_cert": _client_escaped_cert,
+    "ssl_alpn_protocol": _alpn_protocol,
+    "ssl_session_id": _session_id,
     "https": _https,
 }
 

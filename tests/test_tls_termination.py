@@ -347,3 +347,39 @@ def _answers(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+CLIENT_VARIABLES = ("ssl_client_verify", "ssl_client_s_dn", "ssl_client_i_dn", "ssl_client_serial",
+                    "ssl_client_fingerprint", "ssl_client_v_start", "ssl_client_v_end", "ssl_client_v_remain",
+                    "ssl_client_escaped_cert", "ssl_alpn_protocol", "ssl_protocol", "ssl_cipher",
+                    "ssl_session_reused", "https", "scheme")
+
+
+def test_the_client_certificate_variables_as_nginx(tmp_path: Path, ca: trustme.CA,
+                                                  certs: dict[str, Path]) -> None:  # noqa: F811
+    """Every $ssl_client_* variable (and ALPN) read in one response, the same as nginx's."""
+    body = '"' + "\\n".join(f"{name}=${name}" for name in CLIENT_VARIABLES) + '\\n$ssl_client_raw_cert"'
+    extra = (f"ssl_client_certificate {certs['ca']}; ssl_verify_client on; "
+             f"location /v {{ return 200 {body}; }}")
+    ctx = client_context(ca)
+    ctx.set_alpn_protocols(["http/1.1"])
+    client = ca.issue_cert("client@example.test", common_name="client one")
+    client.configure_cert(ctx)
+    answers = []
+    with both(tmp_path, certs, extra) as targets:
+        for port, _log in targets:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="a.test") as tls:
+                tls.sendall(b"GET /v HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+            answers.append(data.partition(b"\r\n\r\n")[2].decode())
+    ours = dict(line.split("=", 1) for line in answers[0].splitlines()[:len(CLIENT_VARIABLES)])
+    assert ours["ssl_client_verify"] == "SUCCESS"
+    assert ours["ssl_client_i_dn"].startswith("OU=Testing CA #") and "O=trustme" in ours["ssl_client_i_dn"]
+    assert len(ours["ssl_client_fingerprint"]) == 40 and ours["ssl_alpn_protocol"] == "http/1.1"
+    assert int(ours["ssl_client_v_remain"]) > 300
+    assert "-----BEGIN CERTIFICATE-----\n" in answers[0]
+    assert ours["ssl_client_escaped_cert"].startswith("-----BEGIN%20CERTIFICATE-----%0A")
+    assert answers[1:] in ([], [answers[0]])
