@@ -78,6 +78,7 @@ def server_context(conf: SslConf, deferred_verification: bool = True) -> ssl.SSL
     from scriptlb import tls_native
 
     tls_native.set_session_timeout(ctx, max(1, int(conf.session_timeout)))
+    tls_native.set_session_cache(ctx, *session_cache_mode(conf.session_cache))
     _set_curve(ctx, conf)
     if conf.dhparam is not None:
         try:
@@ -91,6 +92,40 @@ def server_context(conf: SslConf, deferred_verification: bool = True) -> ssl.SSL
     _set_client_verification(ctx, conf, deferred_verification)
     ctx.set_alpn_protocols(ALPN)
     return ctx
+
+
+SESSIONS_PER_MEGABYTE = 4000  # nginx: "one megabyte of the cache can store about 4000 sessions"
+
+
+def session_cache_mode(text: str) -> tuple[int, int | None]:
+    """(OpenSSL cache mode, sessions kept or None for OpenSSL's default) of ssl_session_cache,
+    as nginx's ngx_ssl_session_cache: ``off`` says sessions are not reusable, ``none`` (the
+    default) says they are but keeps none, ``builtin[:N]`` keeps N per worker; a ``shared:``
+    zone is a per-worker cache of the zone's size here (tickets are what crosses workers)."""
+    from scriptlb.config.units import parse_size
+    from scriptlb.tls_native import (
+        SSL_SESS_CACHE_NO_AUTO_CLEAR,
+        SSL_SESS_CACHE_NO_INTERNAL_STORE,
+        SSL_SESS_CACHE_OFF,
+        SSL_SESS_CACHE_SERVER,
+    )
+
+    words = text.split()
+    if "off" in words:
+        return SSL_SESS_CACHE_OFF, None
+    size: int | None = None
+    cached = False
+    for word in words:
+        if word.startswith("builtin"):
+            cached = True
+            size = int(word.partition(":")[2]) if ":" in word else size
+        elif word.startswith("shared:"):
+            cached = True
+            megabytes = (parse_size(word.rsplit(":", 1)[1]) or 0) / (1024 * 1024)
+            size = size or max(1, int(megabytes * SESSIONS_PER_MEGABYTE))
+    if not cached:  # none
+        return SSL_SESS_CACHE_SERVER | SSL_SESS_CACHE_NO_AUTO_CLEAR | SSL_SESS_CACHE_NO_INTERNAL_STORE, 1
+    return SSL_SESS_CACHE_SERVER, size
 
 
 def ticket_keys(data: bytes) -> bytes:

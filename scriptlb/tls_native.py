@@ -11,6 +11,7 @@ nginx behaviours that need them:
   (``SSL_get_verify_result``), with ``ssl_verify_depth`` applied by OpenSSL.
 - ``ssl_client_certificate``: its CA names sent in the certificate request
   (``SSL_CTX_set_client_CA_list``).
+- ``ssl_session_cache``: the cache mode and size (``off``, ``none``, ``builtin:N``).
 - ``ssl_session_timeout``: a session's lifetime (``SSL_CTX_set_timeout``).
 - ``ssl_session_ticket_key``: the ticket keys (``SSL_CTRL_SET_TLSEXT_TICKET_KEYS``), so that
   every worker (and every node sharing the file) can resume the others' sessions.
@@ -32,6 +33,12 @@ from typing import Any
 
 SSL_VERIFY_PEER = 0x01
 SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+SSL_CTRL_SET_SESS_CACHE_SIZE = 42
+SSL_CTRL_SET_SESS_CACHE_MODE = 44
+SSL_SESS_CACHE_OFF = 0x0
+SSL_SESS_CACHE_SERVER = 0x2
+SSL_SESS_CACHE_NO_AUTO_CLEAR = 0x80
+SSL_SESS_CACHE_NO_INTERNAL_STORE = 0x200
 TICKET_KEYS_SIZE = 80  # OpenSSL's layout: name (16), HMAC key (32), AES key (32)
 
 _HEAD = ctypes.sizeof(ctypes.c_ssize_t) + ctypes.sizeof(ctypes.c_void_p)  # PyObject_HEAD
@@ -190,6 +197,17 @@ def send_client_ca_names(ctx: ssl.SSLContext, path: str) -> bool:
         return False
     lib.ctx_set_client_ca_list(_context_pointer(ctx), names)  # (the context owns the list now)
     return True
+
+
+def set_session_cache(ctx: ssl.SSLContext, mode: int, size: int | None) -> None:
+    """SSL_CTX_set_session_cache_mode (and the number of sessions kept, when given)."""
+    lib = _lib()
+    if lib is None:
+        return
+    pointer = _context_pointer(ctx)
+    lib.ctx_ctrl(pointer, SSL_CTRL_SET_SESS_CACHE_MODE, mode, None)
+    if size is not None:
+        lib.ctx_ctrl(pointer, SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
 
 
 def set_session_timeout(ctx: ssl.SSLContext, seconds: int) -> None:

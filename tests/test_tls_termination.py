@@ -24,14 +24,14 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-def tls_server(port: str, paths: dict[str, Path], extra: str = "") -> str:
+def tls_server(port: str, paths: dict[str, Path], extra: str = "", protocols: str = "TLSv1.3") -> str:
     return f"""
         server {{
             listen 127.0.0.1:{port} ssl;
             server_name a.test;
             ssl_certificate {paths['a.test.crt']};
             ssl_certificate_key {paths['a.test.key']};
-            ssl_protocols TLSv1.3;
+            ssl_protocols {protocols};
             {extra}
             location / {{ return 200 "ok $scheme\\n"; }}
         }}
@@ -39,11 +39,12 @@ def tls_server(port: str, paths: dict[str, Path], extra: str = "") -> str:
 
 
 @contextmanager
-def both(tmp_path: Path, paths: dict[str, Path], extra: str = "") -> Iterator[list[tuple[int, Path]]]:
+def both(tmp_path: Path, paths: dict[str, Path], extra: str = "",
+         protocols: str = "TLSv1.3") -> Iterator[list[tuple[int, Path]]]:
     """scriptlb, then nginx when installed, serving the same server: [(port, its error log)]."""
     ours = tmp_path / "ours.log"
     main = f"daemon off; master_process off; error_log {ours} info;\n"
-    with Scriptlb(main + f"http {{ {tls_server('{port0}', paths, extra)} }}", tmp_path) as lb:
+    with Scriptlb(main + f"http {{ {tls_server('{port0}', paths, extra, protocols)} }}", tmp_path) as lb:
         if NGINX is None:
             yield [(lb.port, ours)]
             return
@@ -52,7 +53,8 @@ def both(tmp_path: Path, paths: dict[str, Path], extra: str = "") -> Iterator[li
         ngx.mkdir()
         theirs = ngx / "info.log"
         # (nginx's main error_log is the helper's: an http-level one takes these lines)
-        with nginx_running(ngx, f"error_log {theirs} info;" + tls_server(str(port), paths, extra), [port]):
+        http = f"error_log {theirs} info;" + tls_server(str(port), paths, extra, protocols)
+        with nginx_running(ngx, http, [port]):
             yield [(lb.port, ours), (port, theirs)]
 
 
@@ -383,3 +385,31 @@ def test_the_client_certificate_variables_as_nginx(tmp_path: Path, ca: trustme.C
     assert "-----BEGIN CERTIFICATE-----\n" in answers[0]
     assert ours["ssl_client_escaped_cert"].startswith("-----BEGIN%20CERTIFICATE-----%0A")
     assert answers[1:] in ([], [answers[0]])
+
+
+@pytest.mark.parametrize("cache", ["none", "off", "builtin:100", "shared:SSL:1m"])
+def test_session_id_resumption_follows_ssl_session_cache_as_nginx(tmp_path: Path, ca: trustme.CA,
+                                                                  certs: dict[str, Path],  # noqa: F811
+                                                                  cache: str) -> None:
+    """TLSv1.2 without tickets: a session ID resumes only where ssl_session_cache keeps it."""
+    extra = (f"ssl_session_tickets off; ssl_session_cache {cache}; "
+             'location /r { return 200 "$ssl_session_reused"; }')
+    client = client_context(ca)
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    seen = []
+    with both(tmp_path, certs, extra, protocols="TLSv1.2") as targets:
+        for port, _log in targets:
+            session = None
+            answers = []
+            for _ in range(2):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                        client.wrap_socket(raw, server_hostname="a.test", session=session) as tls:
+                    tls.sendall(b"GET /r HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+                    data = b""
+                    while chunk := tls.recv(65536):
+                        data += chunk
+                    session = tls.session
+                answers.append(data.partition(b"\r\n\r\n")[2])
+            seen.append(answers)
+    assert seen[0] == ([b".", b"r"] if cache.startswith(("builtin", "shared")) else [b".", b"."])
+    assert seen[1:] in ([], [seen[0]])

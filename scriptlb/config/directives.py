@@ -1117,7 +1117,8 @@ def _ssl_verify_client(state: State, node: Node, draft: LevelDraft) -> None:
 
 def _ssl_session_cache(state: State, node: Node, draft: LevelDraft) -> None:
     for value in node.args:
-        if value in ("off", "none") or value == "builtin" or value.startswith("builtin:"):
+        if value in ("off", "none") or value == "builtin" or (
+                value.startswith("builtin:") and value[len("builtin:"):].isdigit()):
             continue
         name, _, size = value[len("shared:"):].partition(":") if value.startswith("shared:") else ("", "", "")
         if not name or parse_size(size) is None:

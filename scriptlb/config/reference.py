@@ -161,10 +161,10 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "ssl_ecdh_curve": ("curve", "auto",
                        "ngx_http_ssl_module", "of a list, the first curve is used (Python sets one)"),
     "ssl_session_cache": ("off | none | [builtin[:size]] [shared:name:size]", "none", "ngx_http_ssl_module",
-                          "accepted; session tickets (on by default) are encrypted with one key "
-                          "shared by every worker (the master's random one, or ssl_session_ticket_key), "
-                          "so a session resumes on any worker; session-ID resumption is OpenSSL's "
-                          "per-worker cache"),
+                          "off / none / builtin:N as nginx; shared:NAME:SIZE is a per-worker cache "
+                          "of about 4000 sessions per MB; session tickets (on by default) are "
+                          "encrypted with one key shared by every worker (the master's random one, "
+                          "or ssl_session_ticket_key), so a session resumes on any worker"),
     "ssl_session_timeout": ("time", "5m", "ngx_http_ssl_module", ""),
     "ssl_session_tickets": ("on | off", "on", "ngx_http_ssl_module", ""),
     "ssl_session_ticket_key": ("file", "-",
