@@ -317,7 +317,6 @@ class UpstreamRequest:
         opening: Coroutine[Any, Any, object]
         if tls is not None:
             # our own TLS transport (tls_transport): it can resume the peer's last session
-            conn.tls = True
             name = attempt.tls_name
             key = (attempt.addr, name)
             opening = open_tls_connection(loop, conn, addr.host, addr.port, addr.unix_path, self._local_addr,

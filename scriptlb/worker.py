@@ -42,7 +42,7 @@ Key = tuple
 
 # A graceful stop waits for in-flight requests, checking this often.
 _DRAIN_POLL = 0.05
-_TLS_CLOSE_GRACE = 0.1  # seconds a stopping worker leaves TLS connections to close
+_TLS_CLOSE_GRACE = 0.1  # seconds a stopping worker leaves the loop's TLS connections (stream) to close
 
 
 class Worker:
@@ -168,7 +168,6 @@ class Worker:
                 # TLS is terminated by our own protocol (memory BIOs), not the loop's
                 from scriptlb.tls_transport import listen_text, tls_protocol_factory  # (TLS configs only)
 
-                self._tls = True
                 factory = tls_protocol_factory(factory, tls, self.loop, server_conf.client_header_timeout,
                                                listen_text(keys[0]), refuse_requests)
             server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys))
@@ -178,8 +177,9 @@ class Worker:
         factory = self.stream.session_factory(keys) if self.stream is not None else None
         if factory is None:
             return
-        server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys),
-                                               ssl=self.stream.ssl_context(keys))
+        tls = self.stream.ssl_context(keys)
+        self._tls = self._tls or tls is not None  # (the loop's TLS layer: its close takes a moment)
+        server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys), ssl=tls)
         self._servers.append(server)
 
     def _backlog(self, keys: list[Key]) -> int:
