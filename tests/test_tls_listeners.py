@@ -11,6 +11,7 @@ import ssl
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -200,3 +201,35 @@ def test_a_certificate_reload_keeps_a_request_in_flight(tmp_path: Path, ca: trus
                     data += chunk
             assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"slow answer")
             assert wait_until(lambda: all(served_name() == "second.test" for _ in range(3)), timeout=20)
+
+
+def test_a_server_with_a_plain_and_a_tls_listen_as_nginx(tmp_path: Path, ca: trustme.CA,
+                                                         certs: dict[str, Path]) -> None:  # noqa: F811
+    """`listen 80; listen 443 ssl;` in one server (the usual production block): TLS only where
+    the listen says ssl."""
+    from helpers import raw_exchange
+
+    ctx = client_context(ca)
+    results = []
+    for name in ("scriptlb", "nginx"):
+        if name == "nginx" and NGINX is None:
+            break
+        plain, secure = free_ports(2)
+        block = listen_server(f"listen 127.0.0.1:{plain}; listen 127.0.0.1:{secure} ssl;", certs)
+        if name == "scriptlb":
+            ours = block.replace(str(plain), "{port0}").replace(str(secure), "{port1}")
+            runner: Any = Scriptlb(f"daemon off; master_process off; error_log {tmp_path}/e.log;\n"
+                                   f"http {{ {ours} }}", tmp_path, listens=2)
+        else:
+            ngx = tmp_path / "nginx"
+            ngx.mkdir()
+            runner = nginx_running(ngx, block, [plain, secure])
+        with runner:
+            if name == "scriptlb":
+                plain, secure = runner.ports
+            answer = raw_exchange(plain, b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            body = tls_get(socket.AF_INET, ("127.0.0.1", secure), ctx)
+        results.append((answer.partition(b"\r\n\r\n")[2].replace(str(plain).encode(), b"PORT"),
+                        body.replace(str(secure).encode(), b"PORT")))
+    assert results[0] == (b"|||127.0.0.1|PORT\n", b"on|TLSv1.3|a.test|127.0.0.1|PORT\n")
+    assert results[1:] in ([], [results[0]])
