@@ -280,7 +280,7 @@ def test_a_session_made_by_one_worker_resumes_on_another(tmp_path: Path, ca: tru
 
     from test_tls import _lb
 
-    from scriptlb.tls import server_context
+    from scriptlb.http.tls import server_context
 
     extra = ""
     if key_file is not None:
