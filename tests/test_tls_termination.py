@@ -413,3 +413,21 @@ def test_session_id_resumption_follows_ssl_session_cache_as_nginx(tmp_path: Path
             seen.append(answers)
     assert seen[0] == ([b".", b"r"] if cache.startswith(("builtin", "shared")) else [b".", b"."])
     assert seen[1:] in ([], [seen[0]])
+
+
+def test_every_curve_of_ssl_ecdh_curve_is_offered_as_nginx(tmp_path: Path, ca: trustme.CA,
+                                                          certs: dict[str, Path]) -> None:  # noqa: F811
+    """A client that has only the list's second curve still gets a handshake."""
+    client = client_context(ca)
+    client.set_ecdh_curve("prime256v1")
+    answers = []
+    with both(tmp_path, certs, "ssl_ecdh_curve secp384r1:prime256v1;") as targets:
+        for port, _log in targets:
+            answers.append(https_get(port, client, "a.test", "a.test")[1])
+    assert answers == [b"ok https\n"] * len(targets)
+    from helpers import load_conf
+
+    from scriptlb.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r'SSL_CTX_set1_curves_list\("secp384r1:nosuch"\) failed'):
+        load_conf(f"http {{ {tls_server('1', certs, 'ssl_ecdh_curve secp384r1:nosuch;')} }}", tmp_path)

@@ -158,8 +158,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "ssl_ciphers": ("ciphers", "HIGH:!aNULL:!MD5",
                     "ngx_http_ssl_module", "TLS 1.2 and below (OpenSSL's TLS 1.3 suites stay)"),
     "ssl_prefer_server_ciphers": ("on | off", "off", "ngx_http_ssl_module", ""),
-    "ssl_ecdh_curve": ("curve", "auto",
-                       "ngx_http_ssl_module", "of a list, the first curve is used (Python sets one)"),
+    "ssl_ecdh_curve": ("curve", "auto", "ngx_http_ssl_module", "a list (X25519:prime256v1) as nginx"),
     "ssl_session_cache": ("off | none | [builtin[:size]] [shared:name:size]", "none", "ngx_http_ssl_module",
                           "off / none / builtin:N as nginx; shared:NAME:SIZE is a per-worker cache "
                           "of about 4000 sessions per MB; session tickets (on by default) are "

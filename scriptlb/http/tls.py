@@ -174,7 +174,13 @@ def _set_curve(ctx: ssl.SSLContext, conf: SslConf) -> None:
     curve = conf.ecdh_curve
     if curve == "auto":
         return
-    # Python sets one curve; of a list ("X25519:prime256v1") the first is the preferred one
+    from scriptlb.http import tls_native
+
+    if tls_native.available():  # the whole list, in its order, as nginx sets it
+        if not tls_native.set_groups_list(ctx, curve):
+            raise TlsConfigError(f'SSL_CTX_set1_curves_list("{curve}") failed', conf.source)
+        return
+    # (Python alone sets one curve: of a list, the first, the preferred one)
     first = curve.split(":")[0]
     try:
         ctx.set_ecdh_curve(first)

@@ -11,6 +11,7 @@ nginx behaviours that need them:
   (``SSL_get_verify_result``), with ``ssl_verify_depth`` applied by OpenSSL.
 - ``ssl_client_certificate``: its CA names sent in the certificate request
   (``SSL_CTX_set_client_CA_list``).
+- ``ssl_ecdh_curve``: a list of curves (Python sets one).
 - ``ssl_session_cache``: the cache mode and size (``off``, ``none``, ``builtin:N``).
 - ``ssl_session_timeout``: a session's lifetime (``SSL_CTX_set_timeout``).
 - ``ssl_session_ticket_key``: the ticket keys (``SSL_CTRL_SET_TLSEXT_TICKET_KEYS``), so that
@@ -33,6 +34,7 @@ from typing import Any
 
 SSL_VERIFY_PEER = 0x01
 SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+SSL_CTRL_SET_GROUPS_LIST = 92
 SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 SSL_CTRL_SET_SESS_CACHE_MODE = 44
 SSL_SESS_CACHE_OFF = 0x0
@@ -197,6 +199,15 @@ def send_client_ca_names(ctx: ssl.SSLContext, path: str) -> bool:
         return False
     lib.ctx_set_client_ca_list(_context_pointer(ctx), names)  # (the context owns the list now)
     return True
+
+
+def set_groups_list(ctx: ssl.SSLContext, groups: str) -> bool:
+    """ssl_ecdh_curve's list ("X25519:prime256v1"), SSL_CTX_set1_groups_list; False: refused."""
+    lib = _lib()
+    if lib is None:
+        return False
+    text = ctypes.create_string_buffer(groups.encode("ascii", "replace"))
+    return bool(lib.ctx_ctrl(_context_pointer(ctx), SSL_CTRL_SET_GROUPS_LIST, 0, text) == 1)
 
 
 def set_session_cache(ctx: ssl.SSLContext, mode: int, size: int | None) -> None:
