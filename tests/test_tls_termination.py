@@ -431,3 +431,30 @@ def test_every_curve_of_ssl_ecdh_curve_is_offered_as_nginx(tmp_path: Path, ca: t
 
     with pytest.raises(ConfigError, match=r'SSL_CTX_set1_curves_list\("secp384r1:nosuch"\) failed'):
         load_conf(f"http {{ {tls_server('1', certs, 'ssl_ecdh_curve secp384r1:nosuch;')} }}", tmp_path)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_ssl_verify_depth_as_nginx(tmp_path: Path, ca: trustme.CA, certs: dict[str, Path],  # noqa: F811
+                                   depth: int) -> None:
+    """A client certificate two intermediate CAs below the root: verified at depth 2, not at
+    depth 1 (OpenSSL's depth counts the intermediates)."""
+    intermediate = ca.create_child_ca().create_child_ca()
+    client = client_context(ca)
+    intermediate.issue_cert("deep@example.test", common_name="deep").configure_cert(client)  # (+ chain)
+    extra = (f"ssl_client_certificate {certs['ca']}; ssl_verify_client on; ssl_verify_depth {depth}; "
+             'location /v { return 200 "$ssl_client_verify"; }')
+    answers = []
+    with both(tmp_path, certs, extra) as targets:
+        for port, _log in targets:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                    client.wrap_socket(raw, server_hostname="a.test") as tls:
+                tls.sendall(b"GET /v HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+            answers.append(normalized(data)[2])
+    if depth == 2:
+        assert answers[0] == b"SUCCESS"
+    else:
+        assert b"<center>The SSL certificate error</center>" in answers[0]
+    assert answers[1:] in ([], [answers[0]])
