@@ -173,9 +173,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "ssl_client_certificate": ("file", "-", "ngx_http_ssl_module", ""),
     "ssl_verify_client": ("on | off | optional | optional_no_ca", "off", "ngx_http_ssl_module",
                           "as nginx: the handshake finishes and requests get the 400 pages "
-                          "(495/496); stream: a certificate that fails verification ends the "
-                          "handshake, optional_no_ca is as strict as optional"),
-    "ssl_verify_depth": ("number", "1", "ngx_http_ssl_module", "stream: OpenSSL's default depth applies"),
+                          "(495/496); stream: the connection is closed after the handshake"),
+    "ssl_verify_depth": ("number", "1", "ngx_http_ssl_module", ""),
     "ssl_dhparam": ("file", "-", "ngx_http_ssl_module", ""),
     "ssl_password_file": ("file", "-", "ngx_http_ssl_module", "each line is tried in turn"),
     "map": ("string $variable { ... }", "-", "ngx_http_map_module / ngx_stream_map_module",

@@ -57,12 +57,10 @@ _RANDOM_TICKET_KEYS = os.urandom(80)
 _OPTIONAL_NO_CA_ERRORS = frozenset({18, 19, 20, 21, 27})
 
 
-def server_context(conf: SslConf, deferred_verification: bool = True) -> ssl.SSLContext:
-    """The SSLContext terminating TLS for one server (raises TlsConfigError).
-
-    ``deferred_verification`` (http): a client certificate is asked for and checked after the
-    handshake (``client_refusal``), as nginx does; False (stream): a certificate that fails
-    verification fails the handshake."""
+def server_context(conf: SslConf) -> ssl.SSLContext:
+    """The SSLContext terminating TLS for one server, http's or stream's (raises
+    TlsConfigError). A client certificate is asked for and checked after the handshake
+    (``client_refusal``), as nginx does."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _set_protocols(ctx, conf)
     try:
@@ -89,7 +87,7 @@ def server_context(conf: SslConf, deferred_verification: bool = True) -> ssl.SSL
     password = _password(conf)
     for pair in conf.certificates:
         _load_pair(ctx, pair, password)
-    _set_client_verification(ctx, conf, deferred_verification)
+    _set_client_verification(ctx, conf)
     ctx.set_alpn_protocols(ALPN)
     return ctx
 
@@ -234,7 +232,7 @@ def _load_pair(ctx: ssl.SSLContext, pair: SslCertificate, password: Any) -> None
             raise TlsConfigError(f'SSL_CTX_use_PrivateKey("{pair.key}") failed ({_reason(e)})', pair.source)
 
 
-def _set_client_verification(ctx: ssl.SSLContext, conf: SslConf, deferred: bool) -> None:
+def _set_client_verification(ctx: ssl.SSLContext, conf: SslConf) -> None:
     ctx.scriptlb_verify_client = conf.verify_client  # type: ignore[attr-defined]  # (client_refusal)
     if conf.verify_client == "off":
         return
@@ -248,14 +246,13 @@ def _set_client_verification(ctx: ssl.SSLContext, conf: SslConf, deferred: bool)
     from scriptlb.http import tls_native
 
     tls_native.send_client_ca_names(ctx, conf.client_certificate)
-    if deferred and tls_native.available():
+    if tls_native.available():
         tls_native.verify_without_failing(ctx, conf.verify_depth)
         return
-    if deferred and conf.verify_client == "optional_no_ca":
+    if conf.verify_client == "optional_no_ca":
         raise TlsConfigError('"ssl_verify_client optional_no_ca" is not supported by scriptlb on this '
                              "Python (its libssl could not be reached)", conf.source)
-    # the handshake verifies (stream: a certificate that fails ends the connection, as nginx's
-    # stream module does after its handshake; optional_no_ca is as strict as optional there)
+    # (without libssl's verify callback: the handshake itself verifies, and fails)
     ctx.scriptlb_verify_client = "off"  # type: ignore[attr-defined]
     ctx.verify_mode = ssl.CERT_REQUIRED if conf.verify_client == "on" else ssl.CERT_OPTIONAL
 

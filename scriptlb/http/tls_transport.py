@@ -172,9 +172,9 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
             self._handshake_failed("info", "peer closed connection in SSL handshake")
             return None
         if self._state == _OPEN:
-            keep_open = self._app.eof_received()
-            if not keep_open:
-                self.close()
+            if self._app.eof_received():
+                return True  # (a stream session relays the half-close)
+            self.close()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -219,7 +219,9 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         self._state = _OPEN
         refusal = client_refusal(self._sslobj)
         if refusal is not None:
-            if self._refuse is None:
+            if self._refuse is None:  # (stream: nginx logs why and closes)
+                conn_id = getattr(self._app, "conn_id", None)
+                errorlog.log_error("info", refusal[1], conn_id, self._log_context("SSL handshaking"))
                 self.close()
                 return
             self._refuse(self._app, refusal)

@@ -45,7 +45,7 @@ Key = tuple
 
 # A graceful stop waits for in-flight requests, checking this often.
 _DRAIN_POLL = 0.05
-_TLS_CLOSE_GRACE = 0.1  # seconds a stopping worker leaves the loop's TLS connections (stream) to close
+STREAM_HANDSHAKE_TIMEOUT = 60.0
 
 
 class Worker:
@@ -64,7 +64,6 @@ class Worker:
         self.contexts: list[ListenerContext] = []
         self.stream: Any = None  # scriptlb.stream.runtime.StreamRuntime with a stream block
         self._servers: list[asyncio.AbstractServer] = []
-        self._tls = False  # a listener terminates TLS
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
         self.ready = threading.Event()
         self.freeze_gc = False  # True in a worker process (run), not in a test's thread
@@ -184,8 +183,12 @@ class Worker:
         if factory is None:
             return
         tls = self.stream.ssl_context(keys)
-        self._tls = self._tls or tls is not None  # (the loop's TLS layer: its close takes a moment)
-        server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys), ssl=tls)
+        if tls is not None:  # (nginx's stream handshake timeout: ssl_handshake_timeout's 60 s default)
+            from scriptlb.http.tls_transport import listen_text, tls_protocol_factory  # (TLS configs only)
+
+            factory = tls_protocol_factory(factory, tls, self.loop, STREAM_HANDSHAKE_TIMEOUT,
+                                           listen_text(keys[0]), None)
+        server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys))
         self._servers.append(server)
 
     def _backlog(self, keys: list[Key]) -> int:
@@ -252,9 +255,9 @@ class Worker:
         if self.stats is not None:
             self.stats.close()  # gives the shard back for the next generation of workers
             self.stats = None
-        # give transports one loop turn to close their sockets (TLS ones a moment more: their
-        # close is a close_notify exchange with the client)
-        await asyncio.sleep(_TLS_CLOSE_GRACE if self._tls else 0)
+        # give transports one loop turn to close their sockets (TLS ones too: ours send their
+        # close_notify and do not wait for the client's)
+        await asyncio.sleep(0)
 
     async def _drain(self) -> None:
         """Wait until every client connection closed (each closes after its active request)

@@ -187,7 +187,7 @@ class StreamServerRuntime:
         if self._tls is None:
             from scriptlb.http.tls import server_context  # (only configs with TLS load ssl)
 
-            self._tls = server_context(self.conf.ssl, deferred_verification=False)
+            self._tls = server_context(self.conf.ssl)
         return self._tls
 
     def session_factory(self, key: tuple) -> Any:
