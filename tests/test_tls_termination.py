@@ -458,3 +458,42 @@ def test_ssl_verify_depth_as_nginx(tmp_path: Path, ca: trustme.CA, certs: dict[s
     else:
         assert b"<center>The SSL certificate error</center>" in answers[0]
     assert answers[1:] in ([], [answers[0]])
+
+
+def _handshake_then(port: int, ctx: ssl.SSLContext, raw_bytes: bytes) -> bytes:
+    """A TLS handshake over memory BIOs, then ``raw_bytes`` written to the socket as they are
+    (not through TLS); what the server sent after them until it closed."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="a.test")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        sock.sendall(outgoing.read() + raw_bytes)
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return data
+
+
+def test_a_forged_record_after_the_handshake_is_logged_at_info_as_nginx(
+        tmp_path: Path, ca: trustme.CA, certs: dict[str, Path]) -> None:  # noqa: F811
+    forged = b"\x17\x03\x03\x00\x20" + bytes(range(32))  # application data no key made
+    lines = []
+    with both(tmp_path, certs) as targets:
+        for port, log in targets:
+            _handshake_then(port, client_context(ca), forged)
+            lines.append(log_line(log, "SSL_read() failed"))
+            assert https_get(port, client_context(ca), "a.test", "a.test")[1] == b"ok https\n"
+    server = f"server: 127.0.0.1:{targets[0][0]}"
+    assert lines[0] == ("[info] SSL_read() failed (SSL: error:0A000119:SSL routines::decryption failed or "
+                        f"bad record mac) while waiting for request, client: 127.0.0.1, {server}")
+    if len(targets) == 2:
+        assert lines[1].replace(f"127.0.0.1:{targets[1][0]}", f"127.0.0.1:{targets[0][0]}") == lines[0]
