@@ -497,3 +497,25 @@ def test_a_forged_record_after_the_handshake_is_logged_at_info_as_nginx(
                         f"bad record mac) while waiting for request, client: 127.0.0.1, {server}")
     if len(targets) == 2:
         assert lines[1].replace(f"127.0.0.1:{targets[1][0]}", f"127.0.0.1:{targets[0][0]}") == lines[0]
+
+
+def test_without_libssl_access_the_directives_that_need_it_are_refused(
+        tmp_path: Path, certs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """tls_native unusable (another Python's object layout): optional_no_ca and ticket-key files
+    are config errors at their line; the rest falls back to Python's ssl."""
+    from helpers import load_conf
+
+    from scriptlb.config import ConfigError
+    from scriptlb.http import tls_native
+
+    monkeypatch.setattr(tls_native, "_CHECKED", True)
+    monkeypatch.setattr(tls_native, "_LIB", None)
+    assert not tls_native.available()
+    (tmp_path / "ticket.key").write_bytes(bytes(80))
+    base = tls_server("1", certs, "ssl_ecdh_curve prime256v1:secp384r1; ssl_session_cache builtin:10;")
+    load_conf(f"http {{ {base} }}", tmp_path)  # (works: Python's own ssl does this much)
+    for extra, error in ((f"ssl_client_certificate {certs['ca']}; ssl_verify_client optional_no_ca;",
+                          "optional_no_ca"),
+                         (f"ssl_session_ticket_key {tmp_path}/ticket.key;", "ssl_session_ticket_key")):
+        with pytest.raises(ConfigError, match=error):
+            load_conf(f"http {{ {tls_server('1', certs, extra)} }}", tmp_path)
