@@ -813,6 +813,7 @@ def test_listen_ssl_without_a_certificate_is_nginx_s_error(tmp_path: Path) -> No
     assert 'no "ssl_certificate" is defined for the "listen ... ssl" directive' in str(err.value)
 
 
+@pytest.mark.nginx
 @pytest.mark.skipif(not HAS_NGINX_STREAM, reason="nginx stream module missing")
 def test_stream_ssl_verify_client_as_nginx(tmp_path: Path) -> None:
     """A verified client is relayed; one without a certificate (on) or with one from an unknown

@@ -55,6 +55,7 @@ def listen_server(listens: str, paths: dict[str, Path]) -> str:
     """
 
 
+@pytest.mark.nginx
 def test_tls_on_ipv4_ipv6_and_unix_sockets_as_nginx(tmp_path: Path, ca: trustme.CA,
                                                    certs: dict[str, Path]) -> None:  # noqa: F811
     ctx = client_context(ca)
@@ -203,6 +204,7 @@ def test_a_certificate_reload_keeps_a_request_in_flight(tmp_path: Path, ca: trus
             assert wait_until(lambda: all(served_name() == "second.test" for _ in range(3)), timeout=20)
 
 
+@pytest.mark.nginx
 def test_a_server_with_a_plain_and_a_tls_listen_as_nginx(tmp_path: Path, ca: trustme.CA,
                                                          certs: dict[str, Path]) -> None:  # noqa: F811
     """`listen 80; listen 443 ssl;` in one server (the usual production block): TLS only where

@@ -74,6 +74,7 @@ def log_line(log: Path, needle: str) -> str:
     return re.sub(r"\d+#\d+: \*\d+ ", "", line[line.index("["):])
 
 
+@pytest.mark.nginx
 def test_plain_http_to_a_tls_port_gets_nginx_400_page(tmp_path: Path, ca: trustme.CA,
                                                     certs: dict[str, Path]) -> None:  # noqa: F811
     request = b"GET /x HTTP/1.1\r\nHost: a.test\r\n\r\n"
@@ -93,6 +94,7 @@ def test_plain_http_to_a_tls_port_gets_nginx_400_page(tmp_path: Path, ca: trustm
     assert lines[1:] in ([], [lines[0]])
 
 
+@pytest.mark.nginx
 def test_error_page_497_redirects_plain_http_as_nginx(tmp_path: Path, ca: trustme.CA,
                                                      certs: dict[str, Path]) -> None:  # noqa: F811
     request = b"GET /path?q=1 HTTP/1.1\r\nHost: a.test\r\n\r\n"
@@ -105,6 +107,7 @@ def test_error_page_497_redirects_plain_http_as_nginx(tmp_path: Path, ca: trustm
     assert answers[1:] in ([], [answers[0]])
 
 
+@pytest.mark.nginx
 def test_failed_handshakes_are_logged_at_info_and_the_worker_serves(tmp_path: Path, ca: trustme.CA,
                                                                    certs: dict[str, Path]) -> None:  # noqa: F811
     old = client_context(ca)
@@ -176,6 +179,7 @@ def mtls_servers(port: str, paths: dict[str, Path], trusted: Path) -> str:
     return "".join(blocks)
 
 
+@pytest.mark.nginx
 def test_client_certificates_as_nginx_pages_and_log_lines(tmp_path: Path, ca: trustme.CA,
                                                         certs: dict[str, Path]) -> None:  # noqa: F811
     """SNI picks a server whose ssl_verify_client differs from the default server's; a missing
@@ -357,6 +361,7 @@ CLIENT_VARIABLES = ("ssl_client_verify", "ssl_client_s_dn", "ssl_client_i_dn", "
                     "ssl_session_reused", "https", "scheme")
 
 
+@pytest.mark.nginx
 def test_the_client_certificate_variables_as_nginx(tmp_path: Path, ca: trustme.CA,
                                                   certs: dict[str, Path]) -> None:  # noqa: F811
     """Every $ssl_client_* variable (and ALPN) read in one response, the same as nginx's."""
@@ -388,6 +393,7 @@ def test_the_client_certificate_variables_as_nginx(tmp_path: Path, ca: trustme.C
 
 
 @pytest.mark.parametrize("cache", ["none", "off", "builtin:100", "shared:SSL:1m"])
+@pytest.mark.nginx
 def test_session_id_resumption_follows_ssl_session_cache_as_nginx(tmp_path: Path, ca: trustme.CA,
                                                                   certs: dict[str, Path],  # noqa: F811
                                                                   cache: str) -> None:
@@ -415,6 +421,7 @@ def test_session_id_resumption_follows_ssl_session_cache_as_nginx(tmp_path: Path
     assert seen[1:] in ([], [seen[0]])
 
 
+@pytest.mark.nginx
 def test_every_curve_of_ssl_ecdh_curve_is_offered_as_nginx(tmp_path: Path, ca: trustme.CA,
                                                           certs: dict[str, Path]) -> None:  # noqa: F811
     """A client that has only the list's second curve still gets a handshake."""
@@ -434,6 +441,7 @@ def test_every_curve_of_ssl_ecdh_curve_is_offered_as_nginx(tmp_path: Path, ca: t
 
 
 @pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.nginx
 def test_ssl_verify_depth_as_nginx(tmp_path: Path, ca: trustme.CA, certs: dict[str, Path],  # noqa: F811
                                    depth: int) -> None:
     """A client certificate two intermediate CAs below the root: verified at depth 2, not at
@@ -483,6 +491,7 @@ def _handshake_then(port: int, ctx: ssl.SSLContext, raw_bytes: bytes) -> bytes:
     return data
 
 
+@pytest.mark.nginx
 def test_a_forged_record_after_the_handshake_is_logged_at_info_as_nginx(
         tmp_path: Path, ca: trustme.CA, certs: dict[str, Path]) -> None:  # noqa: F811
     forged = b"\x17\x03\x03\x00\x20" + bytes(range(32))  # application data no key made
