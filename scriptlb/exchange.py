@@ -204,6 +204,14 @@ class Exchange:
         return self.conn.server_port
 
     @property
+    def host_given(self) -> bool:
+        """Whether the request named a valid host (nginx's headers_in.server): redirects fall
+        back to the local address without one."""
+        target = self.request.target
+        raw = self.request.host if target[:1] == b"/" else absolute_host(target)
+        return raw is not None and normalize_host(raw.decode("latin-1")) is not None
+
+    @property
     def server_name(self) -> str:
         return self.server.name
 

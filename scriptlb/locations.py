@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar
 
 from scriptlb.config.model import HttpConf, LocationConf, ReturnConf, ServerConf, Template, Var
+from scriptlb.uri import quote_uri
 
 T = TypeVar("T")
 
@@ -90,8 +91,9 @@ class LocationMatcher:
             uri = name[:-1]
             if uri in self._exact or uri in self._prefix or uri in redirects:
                 continue  # a location equal to the URI is found first: no redirect
+            escaped = quote_uri(name)  # (nginx escapes the URI it redirects to)
             target = Template(
-                raw=f"{name}$is_args$args", parts=(name, Var("is_args"), Var("args")), static=None
+                raw=f"{escaped}$is_args$args", parts=(escaped, Var("is_args"), Var("args")), static=None
             )
             redirects[uri] = dataclasses.replace(
                 loc, modifier="=", pattern=uri, proxy_pass=None, return_=ReturnConf(301, target, loc.source)

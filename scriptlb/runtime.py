@@ -357,12 +357,27 @@ class LocationRuntime:
 
 
 def absolute_redirect(exchange: Exchange, path: bytes) -> bytes:
-    """nginx's absolute_redirect on, server_name_in_redirect off, port_in_redirect on."""
-    port = exchange.server_port
-    host = exchange.host
+    """A Location nginx makes itself (``return``, a directory's 301...) as ngx_http_header_filter
+    writes it: left relative with ``absolute_redirect off``; else prefixed with the scheme, the
+    host (the server's name with ``server_name_in_redirect on``, else the request's host, else the
+    local address) and the port (unless the scheme's own or ``port_in_redirect off``)."""
+    conf = exchange.location.conf
+    if not conf.absolute_redirect:
+        return path
+    if conf.server_name_in_redirect:
+        host = exchange.server.name
+    elif exchange.host_given:
+        host = exchange.host
+    else:
+        host = exchange.server_addr
     if ":" in host:
         host = f"[{host}]"
-    prefix = f"http://{host}{'' if port == 80 else f':{port}'}"
+    scheme = exchange.scheme
+    port = exchange.server_port
+    if not conf.port_in_redirect or port == (443 if scheme == "https" else 80):
+        prefix = f"{scheme}://{host}"
+    else:
+        prefix = f"{scheme}://{host}:{port}"
     return prefix.encode("latin-1", "replace") + path
 
 
@@ -487,7 +502,7 @@ class Runtime:
             # has no root of its own: it answers 404 as before)
             from scriptlb.static import StaticFiles
 
-            location.content = StaticFiles(conf.root, conf.index)
+            location.content = StaticFiles(conf)
         return location
 
     def _peer_tls(self, conf: LocationConf, proxy_host: str) -> Any:

@@ -14,7 +14,9 @@ import os
 import stat
 from typing import Any
 
+from scriptlb.config.model import LocationConf
 from scriptlb.responses import http_date
+from scriptlb.uri import quote_uri
 
 # nginx's built-in `types` (used when no mime.types is included) and its default_type
 _TYPES = {".html": b"text/html", ".gif": b"image/gif", ".jpg": b"image/jpeg"}
@@ -26,11 +28,15 @@ MAX_FILE = 64 * 1024 * 1024
 class StaticFiles:
     """``content(exchange)`` for one location: its root and index files, from the config."""
 
-    __slots__ = ("index", "root")
+    __slots__ = ("alias", "index", "prefix", "root")
 
-    def __init__(self, root: str, index: tuple[str, ...]) -> None:
-        self.root = root.rstrip("/") or "/"
-        self.index = index
+    def __init__(self, conf: LocationConf) -> None:
+        self.root = conf.root.rstrip("/") or "/"
+        self.index = conf.index
+        # alias: the location's prefix is replaced by the alias path (a regex location's
+        # alias names the file itself)
+        self.alias = conf.alias
+        self.prefix = len(conf.pattern) if conf.modifier in ("", "^~", "=") else -1
 
     def __call__(self, exchange: Any) -> None:
         method = exchange.method
@@ -38,7 +44,13 @@ class StaticFiles:
             exchange.finish_with_page(405)
             return
         uri = exchange.uri
-        path = self.root + uri
+        alias = self.alias
+        if alias is None:
+            path = self.root + uri
+        elif self.prefix < 0:
+            path = alias
+        else:
+            path = alias + uri[self.prefix:]
         if uri.endswith("/"):
             self._index(exchange, path)
             return
@@ -65,8 +77,10 @@ class StaticFiles:
             exchange.finish_with_page(403)
             return
         if stat.S_ISDIR(info.st_mode):
-            location = f"http://{exchange.host}:{exchange.server_port}{uri}/"
-            exchange.finish_with_page(301, f"Location: {location}\r\n".encode("latin-1"))
+            args = exchange.args
+            location = quote_uri(uri) + "/" + (f"?{args}" if args else "")
+            target = exchange.absolute_location(location.encode("latin-1", "replace"))
+            exchange.finish_with_page(301, b"Location: " + target + b"\r\n")
             return
         if info.st_size > MAX_FILE:
             exchange.finish_with_page(500)

@@ -498,6 +498,10 @@ def _location_conf(
         intercept_errors=_get(chain, "proxy_intercept_errors", False),
         root=_get(chain, "root", os.path.join(getattr(chain[-1], "prefix", ""), "html")),
         index=_get(chain, "index", ("index.html",)),
+        alias=loc.values.get("alias"),
+        absolute_redirect=_get(chain, "absolute_redirect", True),
+        server_name_in_redirect=_get(chain, "server_name_in_redirect", False),
+        port_in_redirect=_get(chain, "port_in_redirect", True),
         **_access_settings(chain, loc),
     )
     if "health_checks" in loc.values:

@@ -504,7 +504,28 @@ def _keepalive_disable(node: Node) -> tuple[str, ...]:
 
 def _root(state: State, node: Node, draft: LevelDraft) -> None:
     """``root path``: the static handler's directory, absolute against the prefix."""
+    _check_root_slot(node, draft)
     _store(node, draft.values, state.path(node.args[0]) if node.args[0] else "")
+
+
+def _alias(state: State, node: Node, draft: LocationDraft) -> None:
+    """``alias path``: the location's prefix is replaced by ``path``."""
+    _check_root_slot(node, draft)
+    if draft.pattern.startswith("@"):
+        raise fail(node, 'the "alias" directive cannot be used inside the named location')
+    path = node.args[0]
+    # (the prefix is replaced textually: a trailing slash is kept, as written)
+    draft.values["alias"] = state.path(path) + ("/" if path.endswith("/") and path != "/" else "")
+
+
+def _check_root_slot(node: Node, draft: LevelDraft) -> None:
+    """root and alias share one slot in nginx: either is duplicate after the other."""
+    for other in ("root", "alias"):
+        if other in draft.values:
+            if other == node.name:
+                raise fail(node, f'"{node.name}" directive is duplicate')
+            raise fail(node, f'"{node.name}" directive is duplicate, '
+                             f'"{other}" directive was specified earlier')
 
 
 def _index(state: State, node: Node, draft: LevelDraft) -> None:
@@ -1275,6 +1296,10 @@ _SPECS: tuple[Spec, ...] = (
     # static files (ngx_http_core_module's root, ngx_http_index_module)
     _spec("root", HSL, ONE, _root),
     _spec("index", HSL, (1, None), _index),
+    _spec("alias", Ctx.LOCATION, ONE, _alias),
+    _spec("absolute_redirect", HSL, FLAG, _slot(flag)),
+    _spec("server_name_in_redirect", HSL, FLAG, _slot(flag)),
+    _spec("port_in_redirect", HSL, FLAG, _slot(flag)),
     # tuning that has no counterpart in scriptlb's runtime: accepted, checked, unused
     _spec("proxy_temp_path", HSL, (1, 4), _temp_path),
     _spec("connection_pool_size", HS, ONE, _accepted(_size)),

@@ -543,10 +543,15 @@ class LocationConf:
     error_pages: tuple[ErrorPageConf, ...] = ()  # error_page: the innermost level's list
     intercept_errors: bool = False  # proxy_intercept_errors
     root: str = "html"  # the static handler's directory (absolute once built)
+    alias: str | None = None  # alias: replaces the location's prefix instead of root
     index: tuple[str, ...] = ("index.html",)
     # balancer_trace_header / balancer_trace_allow: the trace header, for these clients only
     trace_header: bool = False
     trace_allow: tuple[str, ...] = ()  # normalized CIDRs, "unix:" or "all"; () = nobody
+    # how a relative Location nginx makes itself becomes absolute (ngx_http_header_filter)
+    absolute_redirect: bool = True
+    server_name_in_redirect: bool = False
+    port_in_redirect: bool = True
 
 
 @dataclass(frozen=True, slots=True)
