@@ -459,6 +459,8 @@ class UpstreamRequest:
         ex.upstream_headers = response.headers
         headers = response.client_headers()
         location = ex.location
+        if response.rewritable and location.header_rewrite is not None:  # proxy_redirect, proxy_cookie_*
+            headers = location.header_rewrite(ex, headers)
         if location.response_filter is not None:  # proxy_hide_header, proxy_pass_header
             headers = location.response_filter(headers, response.headers)
         if location.add_headers is not None:

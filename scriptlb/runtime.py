@@ -270,6 +270,7 @@ class LocationRuntime:
         "conf",
         "content",
         "error_pages",
+        "header_rewrite",
         "log_hook",
         "plan",
         "proxy_host",
@@ -308,6 +309,13 @@ class LocationRuntime:
             from scriptlb.headers_filter import response_filter
 
             self.response_filter = response_filter(conf.proxy.hide_headers, conf.proxy.pass_headers)
+        # proxy_redirect / proxy_cookie_* (scriptlb.peer_rewrite): None, or
+        # rewrite(exchange, lines) -> lines, for responses with Location, Refresh or Set-Cookie
+        self.header_rewrite: Callable[[Any, bytes], bytes] | None = None
+        if conf.proxy_pass is not None:
+            from scriptlb.peer_rewrite import header_rewrite
+
+            self.header_rewrite = header_rewrite(conf.proxy)
         # set / if / rewrite / break (scriptlb.rewrite): None, or the compiled phase
         self.rewrite: Any = None
         if conf.rewrite:

@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from scriptlb.config.addresses import AddressError, ProxyUrl, parse_proxy_url, resolve
-from scriptlb.config.directives import COMBINED_FORMAT, Ctx, State, listen_name, lookup
+from scriptlb.config.directives import (
+    COMBINED_FORMAT,
+    OFF,
+    Ctx,
+    State,
+    default_redirect,
+    listen_name,
+    lookup,
+)
 from scriptlb.config.drafts import (
     Header,
     HookDraft,
@@ -55,6 +63,7 @@ from scriptlb.config.model import (
     Source,
     SslCertificate,
     SslConf,
+    TextRewrite,
     UpstreamConf,
     UpstreamServerConf,
 )
@@ -374,7 +383,7 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
     return ServerConf(
         listens=tuple(server.listens) or (_default_listen(server),),
         server_names=tuple(server.server_names) or ("",),
-        locations=tuple(_location_conf(loc, chain, resolver) for loc in locations),
+        locations=tuple(conf for loc in locations for conf in _location_tree(loc, chain, resolver)),
         client_header_timeout=_get(chain, "client_header_timeout", 60.0),
         large_client_header_buffers=_get(chain, "large_client_header_buffers", (4, 8192)),
         client_header_buffer_size=_get(chain, "client_header_buffer_size", 1024),
@@ -389,7 +398,8 @@ def _rewrite_ops(chain: Sequence[LevelDraft]) -> tuple[RewriteOp, ...]:
     """The server's rewrite-module directives, then the location's (each level its own, in
     order; http has none). An ``if`` comes with the block read after it."""
     ops: list[RewriteOp] = []
-    for level in reversed(chain[:2]):
+    server = next(level for level in chain if isinstance(level, ServerDraft))
+    for level in (server, chain[0]):
         ops += _resolved(level.values.get("rewrite_ops", ()))
     return tuple(ops)
 
@@ -466,6 +476,22 @@ def _get(chain: Sequence[LevelDraft], name: str, default: Any) -> Any:
         if name in level.values:
             return level.values[name]
     return default
+
+
+def _location_tree(
+    loc: LocationDraft, parents: Sequence[LevelDraft], resolver: _ProxyPassResolver, nested: bool = False
+) -> list[LocationConf]:
+    """A location and every location nested in it (they inherit from it), parents first."""
+    below: list[LocationConf] = []
+    inner: list[LocationConf] = []
+    for child in loc.locations:
+        tree = _location_tree(child, (loc, *parents), resolver, nested=True)
+        inner.append(tree[0])
+        below += tree
+    conf = _location_conf(loc, parents, resolver)
+    if inner or nested:
+        conf = dataclasses.replace(conf, inner=tuple(inner), nested=nested)
+    return [conf, *below]
 
 
 def _location_conf(
@@ -583,7 +609,32 @@ def _proxy_conf(chain: Sequence[LevelDraft]) -> ProxyConf:
         pass_headers=tuple(_get(chain, "proxy_pass_header", ())),
         ignore_headers=tuple(_get(chain, "proxy_ignore_headers", ())),
         ssl=_proxy_ssl_conf(chain),
+        redirects=_redirects(chain),
+        cookie_domains=_rules(chain, "proxy_cookie_domain"),
+        cookie_paths=_rules(chain, "proxy_cookie_path"),
+        cookie_flags=_rules(chain, "proxy_cookie_flags"),
     )
+
+
+def _rules(chain: Sequence[LevelDraft], name: str) -> tuple[Any, ...]:
+    """proxy_cookie_*: the innermost level's rules; () when that level says ``off``."""
+    rules = _get(chain, name, OFF)
+    return () if rules == OFF else tuple(rules)
+
+
+def _redirects(chain: Sequence[LevelDraft]) -> tuple[TextRewrite, ...]:
+    """proxy_redirect as nginx merges it, outermost level first: a level's own rules (or
+    ``off``) replace the inherited ones; a location with proxy_pass that inherits none gets
+    ``default`` for its own URL."""
+    rules: Any = None
+    for level in reversed(chain):
+        own = level.values.get("proxy_redirect")
+        if own is not None:
+            rules = own
+        elif rules is None and isinstance(level, LocationDraft) and level.proxy_pass is not None \
+                and "$" not in level.proxy_pass[0]:
+            rules = [default_redirect(level.proxy_pass[0], level.pattern)]
+    return () if rules is None or rules == OFF else tuple(rules)
 
 
 def _proxy_ssl_conf(chain: Sequence[LevelDraft]) -> ProxySslConf:

@@ -39,6 +39,7 @@ from scriptlb.config.model import (
     AddHeaderConf,
     BalancerMethodConf,
     BreakerConf,
+    CookieFlagsConf,
     DictSyncConf,
     DiscoveryConf,
     ErrorLogConf,
@@ -53,6 +54,7 @@ from scriptlb.config.model import (
     SharedDictConf,
     Source,
     Template,
+    TextRewrite,
 )
 from scriptlb.config.parser import Node
 from scriptlb.config.units import parse_int, parse_offset, parse_size, parse_time
@@ -283,13 +285,9 @@ _REGEX_MODIFIERS = ("~", "~*")
 
 
 def _location(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
-    if isinstance(draft, LocationDraft):
-        raise fail(
-            node,
-            f'nested location "{node.args[-1]}" inside location "{draft.pattern}" '
-            "is not supported by scriptlb",
-        )
     modifier, pattern = _location_args(node)
+    if isinstance(draft, LocationDraft):
+        _check_nested(node, draft, modifier, pattern)
     if modifier in _REGEX_MODIFIERS:
         _check_regex(node, pattern, caseless=modifier == "~*")
     else:
@@ -303,6 +301,18 @@ def _location(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
     location = LocationDraft(modifier=modifier, pattern=pattern, source=node.source)
     draft.locations.append(location)
     return Ctx.LOCATION, location
+
+
+def _check_nested(node: Node, parent: LocationDraft, modifier: str, pattern: str) -> None:
+    """A location inside a location: nginx's rules (ngx_http_core_location)."""
+    if parent.modifier == "=":
+        raise fail(node, f'location "{pattern}" cannot be inside the exact location "{parent.pattern}"')
+    if parent.pattern.startswith("@"):
+        raise fail(node, f'location "{pattern}" cannot be inside the named location "{parent.pattern}"')
+    if pattern.startswith("@"):
+        raise fail(node, f'named location "{pattern}" can be on the server level only')
+    if modifier not in _REGEX_MODIFIERS and not pattern.startswith(parent.pattern):
+        raise fail(node, f'location "{pattern}" is outside location "{parent.pattern}"')
 
 
 def _check_regex(node: Node, pattern: str, caseless: bool) -> None:
@@ -482,6 +492,114 @@ def _header_name_list(state: State, node: Node, draft: LevelDraft) -> None:
     """proxy_hide_header / proxy_pass_header: one name per directive, a level's names
     together (nginx: the innermost level that has any)."""
     draft.values.setdefault(node.name, []).append(node.args[0].lower())
+
+
+# proxy_redirect / proxy_cookie_*: a level's value is its list of rules, or OFF
+OFF = "off"
+
+
+def _rewrite_rules(node: Node, draft: LevelDraft, allow_default: bool) -> list[Any] | None:
+    """The level's list to append to (None: this line was ``off``), with nginx's checks."""
+    current = draft.values.get(node.name)
+    if current == OFF:
+        raise fail(node, f'"{node.name}" directive is duplicate')
+    if len(node.args) == 1:
+        value = node.args[0]
+        if value == "off":
+            if current is not None:
+                raise fail(node, f'"{node.name}" directive is duplicate')
+            draft.values[node.name] = OFF
+            return None
+        if not (allow_default and value == "default"):
+            raise fail(node, f'invalid parameter "{value}"')
+    return draft.values.setdefault(node.name, [])
+
+
+def _rewrite_regex(node: Node, text: str) -> tuple[str, bool]:
+    """``~regex`` / ``~*regex`` -> (regex, caseless), checked now."""
+    caseless = text.startswith("~*")
+    regex = text[2:] if caseless else text[1:]
+    _check_regex(node, regex, caseless)
+    return regex, caseless
+
+
+def default_redirect(url: str, location_name: str) -> TextRewrite:
+    """``proxy_redirect default``: the proxy_pass URL -> the location's name when the URL has
+    a URI part, else the URL + "/" -> "/"."""
+    start = url.find("://")
+    has_uri = start != -1 and url.find("/", start + 3) != -1
+    if has_uri:
+        return TextRewrite("prefix", _literal(location_name), pattern=_literal(url))
+    return TextRewrite("prefix", _literal("/"), pattern=_literal(url + "/"))
+
+
+def _literal(text: str) -> Template:
+    """A template that is ``text`` itself (nginx copies these values, "$" included)."""
+    return Template(raw=text, parts=(text,), static=text)
+
+
+def _proxy_redirect(state: State, node: Node, draft: LevelDraft) -> None:
+    """``proxy_redirect default | off | redirect replacement``."""
+    rules = _rewrite_rules(node, draft, allow_default=True)
+    if rules is None:
+        return
+    if len(node.args) == 1:  # default
+        proxy_pass = getattr(draft, "proxy_pass", None)
+        if proxy_pass is None:
+            raise fail(node, '"proxy_redirect default" should be placed after the "proxy_pass" directive')
+        if "$" in proxy_pass[0]:
+            raise fail(node, '"proxy_redirect default" cannot be used with "proxy_pass" directive '
+                             "with variables")
+        rules.append(default_redirect(proxy_pass[0], draft.pattern))
+        return
+    pattern, replacement = node.args
+    if pattern.startswith("~"):
+        regex, caseless = _rewrite_regex(node, pattern)
+        rules.append(TextRewrite("regex", template(node, replacement), regex=regex, caseless=caseless))
+    else:
+        rules.append(TextRewrite("prefix", template(node, replacement), pattern=template(node, pattern)))
+
+
+def _proxy_cookie_domain(state: State, node: Node, draft: LevelDraft) -> None:
+    """``proxy_cookie_domain off | domain replacement`` (a regex is always caseless)."""
+    rules = _rewrite_rules(node, draft, allow_default=False)
+    if rules is None:
+        return
+    pattern, replacement = node.args
+    if pattern.startswith("~"):
+        regex, _ = _rewrite_regex(node, "~*" + pattern[1:])
+        rules.append(TextRewrite("regex", template(node, replacement), regex=regex, caseless=True))
+        return
+    rules.append(TextRewrite("domain", template(node, replacement.removeprefix(".")),
+                             pattern=template(node, pattern.removeprefix("."))))
+
+
+def _proxy_cookie_path(state: State, node: Node, draft: LevelDraft) -> None:
+    """``proxy_cookie_path off | path replacement``."""
+    rules = _rewrite_rules(node, draft, allow_default=False)
+    if rules is None:
+        return
+    pattern, replacement = node.args
+    if pattern.startswith("~"):
+        regex, caseless = _rewrite_regex(node, pattern)
+        rules.append(TextRewrite("regex", template(node, replacement), regex=regex, caseless=caseless))
+    else:
+        rules.append(TextRewrite("prefix", template(node, replacement), pattern=template(node, pattern)))
+
+
+def _proxy_cookie_flags(state: State, node: Node, draft: LevelDraft) -> None:
+    """``proxy_cookie_flags off | cookie flag ...``: flags are templates, read per response
+    (an unknown one is ignored then, as nginx)."""
+    rules = _rewrite_rules(node, draft, allow_default=False)
+    if rules is None:
+        return
+    flags = tuple(template(node, text) for text in node.args[1:])
+    cookie = node.args[0]
+    if cookie.startswith("~"):
+        regex, _ = _rewrite_regex(node, "~*" + cookie[1:])
+        rules.append(CookieFlagsConf(flags, regex=regex))
+    else:
+        rules.append(CookieFlagsConf(flags, cookie=template(node, cookie)))
 
 
 _IGNORABLE = ("x-accel-redirect", "x-accel-expires", "x-accel-limit-rate", "x-accel-buffering",
@@ -1293,6 +1411,10 @@ _SPECS: tuple[Spec, ...] = (
     _spec("proxy_hide_header", HSL, ONE, _header_name_list),
     _spec("proxy_pass_header", HSL, ONE, _header_name_list),
     _spec("proxy_ignore_headers", HSL, (1, None), _proxy_ignore_headers),
+    _spec("proxy_redirect", HSL, (1, 2), _proxy_redirect),
+    _spec("proxy_cookie_domain", HSL, (1, 2), _proxy_cookie_domain),
+    _spec("proxy_cookie_path", HSL, (1, 2), _proxy_cookie_path),
+    _spec("proxy_cookie_flags", HSL, (1, 4), _proxy_cookie_flags),
     # static files (ngx_http_core_module's root, ngx_http_index_module)
     _spec("root", HSL, ONE, _root),
     _spec("index", HSL, (1, None), _index),

@@ -411,6 +411,31 @@ class ProxySslConf:
 
 
 @dataclass(frozen=True, slots=True)
+class TextRewrite:
+    """One ``proxy_redirect`` / ``proxy_cookie_domain`` / ``proxy_cookie_path`` rule.
+
+    ``kind``: "prefix" (``pattern`` starts the text: it is replaced), "domain" (``pattern``
+    equals the domain, a leading dot ignored, case-insensitively), "regex" (``regex`` matches
+    the text: the whole text is replaced, ``$1``... are its captures)."""
+
+    kind: str
+    replacement: Template
+    pattern: Template | None = None
+    regex: str = ""
+    caseless: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CookieFlagsConf:
+    """``proxy_cookie_flags cookie|~regex flag ...``: ``cookie`` (a template, compared
+    case-insensitively) or ``regex`` (caseless) names the cookie."""
+
+    flags: tuple[Template, ...]
+    cookie: Template | None = None
+    regex: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConf:
     """Effective proxy_* settings of one location (inheritance already applied)."""
 
@@ -439,6 +464,11 @@ class ProxyConf:
     pass_headers: tuple[str, ...] = ()  # proxy_pass_header (lower-cased)
     ignore_headers: tuple[str, ...] = ()  # proxy_ignore_headers: accepted (no cache, no X-Accel)
     ssl: ProxySslConf = field(default_factory=lambda: ProxySslConf())  # for proxy_pass https://
+    # proxy_redirect: rules for Location and Refresh (the implicit "default" included); () = off
+    redirects: tuple[TextRewrite, ...] = ()
+    cookie_domains: tuple[TextRewrite, ...] = ()  # proxy_cookie_domain; () = off
+    cookie_paths: tuple[TextRewrite, ...] = ()  # proxy_cookie_path
+    cookie_flags: tuple[CookieFlagsConf, ...] = ()  # proxy_cookie_flags
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,6 +582,10 @@ class LocationConf:
     absolute_redirect: bool = True
     server_name_in_redirect: bool = False
     port_in_redirect: bool = True
+    # nested locations: the ones directly inside this one (ServerConf.locations lists every
+    # location, nested ones after their parent; matching starts from the non-nested ones)
+    inner: tuple[LocationConf, ...] = ()
+    nested: bool = False
 
 
 @dataclass(frozen=True, slots=True)
