@@ -77,7 +77,8 @@ BLOCK = """
 REQUESTS = [
     ("/dir", "main.test"), ("/dir?a=b", "main.test"), ("/i/dir", "main.test"), ("/ret", "other.test"),
     ("/ret", None), ("/ret/name", "other.test"), ("/ret/port", "other.test"), ("/ret/rel", "x"),
-    ("/auto", "main.test"), ("/def/loc", "main.test"), ("/p/nested/loc", "main.test"), ("/p/nested/regex", "main.test"),
+    ("/auto", "main.test"), ("/def/loc", "main.test"), ("/p/nested/loc", "main.test"),
+    ("/p/nested/regex", "main.test"),
     ("/p/nested/deeper/loc", "main.test"), ("/p/off/loc", "main.test"), ("/p/rel", "main.test"),
     ("/c/cookie", "main.test"), ("/nr/ax", "x"), ("/nr/ay", "x"), ("/zy", "x"),
 ]
@@ -122,7 +123,8 @@ def test_redirects_nested_locations_and_cookies_as_nginx(tmp_path: Path) -> None
     assert ours[0][:2] == ["HTTP/1.1 301 Moved Permanently", "Location: http://main.test:PORT/dir/"]
     assert ours[7][1] == "Location: /to"
     assert ours[9][1] == "Location: http://main.test:PORT/def/x?a=b"  # proxy_redirect default
-    assert ours[10][1:3] == ["Location: http://main.test:PORT/moved/loc/x?a=b", "Refresh: 5; url=/moved/loc/r"]
+    assert ours[10][1:3] == ["Location: http://main.test:PORT/moved/loc/x?a=b",
+                             "Refresh: 5; url=/moved/loc/r"]
     assert ours[16][-1] == "inner regex" and ours[17][-1] == "prefix"
 
 
@@ -130,8 +132,9 @@ def test_redirects_nested_locations_and_cookies_as_nginx(tmp_path: Path) -> None
 
 
 def _loc(modifier: str, pattern: str, *inner: LocationConf) -> LocationConf:
-    inner = tuple(LocationConf(modifier=i.modifier, pattern=i.pattern, inner=i.inner, nested=True) for i in inner)
-    return LocationConf(modifier=modifier, pattern=pattern, inner=inner)
+    marked = tuple(LocationConf(modifier=i.modifier, pattern=i.pattern, inner=i.inner, nested=True)
+                   for i in inner)
+    return LocationConf(modifier=modifier, pattern=pattern, inner=marked)
 
 
 def test_nested_location_search_order() -> None:
@@ -187,7 +190,8 @@ def test_proxy_redirect_rules() -> None:
 
 def test_proxy_cookie_rules() -> None:
     rewrite = header_rewrite(_proxy(
-        cookie_domains=(TextRewrite("domain", compile_template("b.example"), pattern=compile_template("A.example")),),
+        cookie_domains=(TextRewrite("domain", compile_template("b.example"),
+                                    pattern=compile_template("A.example")),),
         cookie_paths=(TextRewrite("prefix", compile_template("/"), pattern=compile_template("/x/")),),
         cookie_flags=(CookieFlagsConf((compile_template("secure"), compile_template("nohttponly"),
                                        compile_template("bogus")), cookie=compile_template("S")),),
