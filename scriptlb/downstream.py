@@ -75,9 +75,36 @@ LINGERING_TIMEOUT = 5.0
 _FED_BODY = 1  # body bytes
 _FED_CHUNK = 2  # a chunk boundary
 
+# request headers nginx allows once (ngx_http_process_unique_header_line: a second one is a 400)
+_UNIQUE_HEADERS = frozenset((
+    b"if-modified-since", b"if-unmodified-since", b"if-match", b"if-none-match", b"content-length",
+    b"content-range", b"if-range", b"transfer-encoding", b"expect", b"authorization",
+    b"proxy-authorization",
+))
 # lengths of the request header names on_header acts on: host, expect, connection,
-# content-length, transfer-encoding (every other name is stored without being lower-cased)
-_NOTED_HEADER_LENGTHS = frozenset({4, 6, 10, 14, 17})
+# content-length, transfer-encoding and the unique ones (every other name is stored without
+# being lower-cased)
+_NOTED_HEADER_LENGTHS = frozenset({4, 6, 10, 14, 17} | {len(name) for name in _UNIQUE_HEADERS})
+
+
+def _check_transfer_encoding(headers: list[tuple[bytes, bytes]]) -> None:
+    """nginx implements only "chunked" and answers 501 to anything else."""
+    value = next(v for n, v in headers if len(n) == 17 and n.lower() == b"transfer-encoding")
+    if value.lower() != b"chunked":
+        shown = value.decode("latin-1")
+        raise ClientError(501, f'client sent unknown "Transfer-Encoding": "{shown}" '
+                               "while reading client request headers")
+
+
+def _refuse_duplicate(headers: list[tuple[bytes, bytes]], lower: bytes) -> None:
+    """A unique header's second line (the last one in ``headers``): nginx's 400."""
+    name, value = headers[-1]
+    for earlier, earlier_value in headers[:-1]:
+        if len(earlier) == len(lower) and earlier.lower() == lower:
+            text = (name + b": " + value).decode("latin-1")
+            previous = (earlier + b": " + earlier_value).decode("latin-1")
+            raise ClientError(400, f'client sent duplicate header line: "{text}", previous value: '
+                                   f'"{previous}" while reading client request headers')
 
 
 def next_connection_id() -> int:
@@ -635,6 +662,8 @@ class ClientConnection(asyncio.Protocol):
         return bool(name) and underscores and not name.translate(None, _NAME_CHARS_UNDERSCORE)
 
     def _note_header(self, request: Request, lower: bytes, value: bytes) -> None:
+        if lower in _UNIQUE_HEADERS:
+            _refuse_duplicate(request.headers, lower)
         if lower == b"host":
             if request.host is not None:
                 raise ClientError(400, "client sent duplicate host header "
@@ -643,12 +672,7 @@ class ClientConnection(asyncio.Protocol):
         elif lower == b"content-length":
             request.content_length = _content_length(value)
         elif lower == b"transfer-encoding":
-            if value.lower() != b"chunked":
-                # nginx implements only "chunked" and answers 501 to anything else
-                shown = value.decode("latin-1")
-                raise ClientError(501, f'client sent unknown "Transfer-Encoding": "{shown}" '
-                                       "while reading client request headers")
-            request.chunked = True
+            request.chunked = True  # (its value is checked once the head is read, as nginx)
         elif lower == b"expect":
             request.expect_continue = value.lower() == b"100-continue"
         elif lower == b"connection":
@@ -671,6 +695,8 @@ class ClientConnection(asyncio.Protocol):
         if request.version == "1.1" and request.host is None:
             raise ClientError(400, "client sent HTTP/1.1 request without \"Host\" header "
                                    "while reading client request headers")
+        if request.chunked:
+            _check_transfer_encoding(request.headers)
         request.keep_alive = parser.should_keep_alive()
         self._read_framing(request)
         handler = self.listener.open_exchange(self, request)
@@ -909,12 +935,19 @@ class ClientConnection(asyncio.Protocol):
             self.bytes_sent += len(data)
             self._write(head + data if head else data)
 
-    def end_body(self) -> None:
-        """Write the end of a chunked body (idempotent) and anything still corked."""
+    @property
+    def chunked_body(self) -> bool:
+        """The response body is being sent chunked and is not ended yet."""
+        return self._chunked and self._body_allowed
+
+    def end_body(self, trailers: bytes = b"") -> None:
+        """Write the end of a chunked body (idempotent; ``trailers``: add_trailer's lines) and
+        anything still corked."""
         if self._chunked and self._body_allowed:
             self._chunked = False
-            self.bytes_sent += 5
-            self._write(self._pending_head + b"0\r\n\r\n")
+            end = b"0\r\n" + trailers + b"\r\n" if trailers else b"0\r\n\r\n"
+            self.bytes_sent += len(end)
+            self._write(self._pending_head + end)
             self._pending_head = b""
         else:
             self.flush()

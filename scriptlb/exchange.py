@@ -73,6 +73,7 @@ class Exchange:
         "runtime",
         "scheme",
         "send_timeout",
+        "sent_trailers",  # add_trailer's lines, once sent (unset otherwise: $sent_trailer_*)
         "server",
         "start_time",
         "status",
@@ -380,8 +381,8 @@ class Exchange:
         status = self.status = self.err_status or status
         add_headers = self.location.add_headers
         if add_headers is not None:
-            headers = self.response_headers = headers + add_headers(self, status)
-        conn.send_head(status, headers, len(body))
+            headers = self.response_headers = headers + add_headers(self, status, headers)
+        conn.send_head(status, headers, self.body_length(status, len(body)))
         conn.send_body(body)
         self.complete_response()
 
@@ -405,12 +406,12 @@ class Exchange:
         headers = b"Content-Type: text/html\r\n" + extra_headers if page else extra_headers
         add_headers = self.location.add_headers if self.location is not None else None
         if add_headers is not None:
-            headers += add_headers(self, status)
+            headers += add_headers(self, status, headers)
         trace = self.location.trace
         if trace is not None and self.upstream_request is not None:  # balancer_trace_header on
             headers = trace.headers(self, headers)
         self.response_headers = headers
-        conn.send_head(status, headers, len(page))
+        conn.send_head(status, headers, self.body_length(status, len(page)))
         conn.send_body(page)
         self.complete_response()
 
@@ -484,9 +485,25 @@ class Exchange:
         self.start()
         return True
 
+    def body_length(self, status: int, length: int | None) -> int | None:
+        """The Content-Length to announce: none (chunked) when add_trailer has lines for this
+        response to an HTTP/1.1 client (nginx's expect_trailers)."""
+        location = self.location
+        trailers = location.add_trailers if location is not None else None
+        if trailers is not None and self.http_version == "1.1" and trailers.applies(status):
+            return None
+        return length
+
     def complete_response(self) -> None:
         conn = self.conn
-        conn.end_body()
+        location = self.location
+        trailers = location.add_trailers if location is not None else None
+        if trailers is not None and conn.chunked_body:
+            self.sent_trailers = b""
+            self.sent_trailers = lines = trailers.lines(self, self.status, b"")
+            conn.end_body(lines)
+        else:
+            conn.end_body()
         self.bytes_sent = conn.bytes_sent
         self.body_bytes_sent = conn.body_bytes_sent
         self._finished = True

@@ -17,23 +17,38 @@ _STATUSES = frozenset((200, 201, 204, 206, 301, 302, 303, 304, 307, 308))
 
 
 class AddHeaders:
-    """``lines(exchange, status) -> bytes``: the ``Name: value\\r\\n`` lines to add."""
+    """``lines(exchange, status, headers) -> bytes``: the ``Name: value\r\n`` lines to add to
+    ``headers``."""
 
-    __slots__ = ("_headers",)
+    __slots__ = ("_always", "_headers", "_sees_sent", "_sent")
 
-    def __init__(self, confs: tuple[AddHeaderConf, ...]) -> None:
+    def __init__(self, confs: tuple[AddHeaderConf, ...], trailers: bool = False) -> None:
         from scriptlb.variables import compile_template_bytes
 
         self._headers: tuple[tuple[bytes, Callable[[Any], bytes], bool], ...] = tuple(
             (conf.name.encode("latin-1") + b": ", compile_template_bytes(conf.value), conf.always)
             for conf in confs
         )
+        # a value reading $sent_http_* ($sent_trailer_*) sees the lines added before it (nginx
+        # adds them in order)
+        family = "sent_trailer_" if trailers else "sent_http_"
+        self._sees_sent = any(name.startswith(family) for conf in confs
+                              for name in conf.value.variables)
+        self._sent = "sent_trailers" if trailers else "response_headers"  # the exchange's attribute
+        self._always = any(conf.always for conf in confs)
 
-    def lines(self, exchange: Any, status: int) -> bytes:
+    def applies(self, status: int) -> bool:
+        """Whether a response of ``status`` gets at least one line."""
+        return self._always or status in _STATUSES
+
+    def lines(self, exchange: Any, status: int, headers: bytes = b"") -> bytes:
         usual = status in _STATUSES
-        out = []
+        out: list[bytes] = []
+        sees_sent = self._sees_sent
         for prefix, render, always in self._headers:
             if always or usual:
+                if sees_sent:
+                    setattr(exchange, self._sent, headers + b"".join(out))
                 value = render(exchange)
                 if value:
                     out.append(prefix + value + b"\r\n")

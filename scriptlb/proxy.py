@@ -464,7 +464,7 @@ class UpstreamRequest:
         if location.response_filter is not None:  # proxy_hide_header, proxy_pass_header
             headers = location.response_filter(headers, response.headers)
         if location.add_headers is not None:
-            headers += location.add_headers(ex, response.status)
+            headers += location.add_headers(ex, response.status, headers)
         trace = self.location.trace
         if trace is not None:  # balancer_trace_header on
             headers = trace.headers(ex, headers)
@@ -472,9 +472,12 @@ class UpstreamRequest:
         client = ex.conn
         if ex.err_status:  # the answer to an error_page redirect carries the original code
             ex.status = ex.err_status
-            client.send_head(ex.status, headers, response.content_length)
+            client.send_head(ex.status, headers, ex.body_length(ex.status, response.content_length))
         else:
-            client.send_head(response.status, headers, response.content_length, reason=response.reason)
+            length = response.content_length
+            if location.add_trailers is not None:
+                length = ex.body_length(response.status, length)
+            client.send_head(response.status, headers, length, reason=response.reason)
         conn.stream_to(self)  # the body that came with the head goes out with it
         if self.attempt is attempt:  # still streaming: not completed by stream_to
             client.flush()

@@ -267,6 +267,7 @@ class LocationRuntime:
         "access",
         "access_logs",
         "add_headers",
+        "add_trailers",
         "conf",
         "content",
         "error_pages",
@@ -297,12 +298,18 @@ class LocationRuntime:
             self.access = access_phase(conf)
         # stub_status / api / prometheus (scriptlb.handlers): content(exchange) answers
         self.content: Callable[[Any], None] | None = None
-        # add_header (scriptlb.headers_filter): None, or lines(exchange, status) -> bytes
-        self.add_headers: Callable[[Any, int], bytes] | None = None
+        # add_header (scriptlb.headers_filter): None, or lines(exchange, status, headers) -> bytes
+        self.add_headers: Callable[[Any, int, bytes], bytes] | None = None
         if conf.add_headers:
             from scriptlb.headers_filter import AddHeaders
 
             self.add_headers = AddHeaders(conf.add_headers).lines
+        # add_trailer (scriptlb.headers_filter): None, or the trailers of a chunked response
+        self.add_trailers: Any = None
+        if conf.add_trailers:
+            from scriptlb.headers_filter import AddHeaders
+
+            self.add_trailers = AddHeaders(conf.add_trailers, trailers=True)
         # proxy_hide_header / proxy_pass_header (scriptlb.headers_filter)
         self.response_filter: Callable[[bytes, Any], bytes] | None = None
         if conf.proxy.hide_headers or conf.proxy.pass_headers:

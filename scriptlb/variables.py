@@ -185,6 +185,17 @@ def _upstream_http_family(suffix: str) -> Getter:
 _FRAMING_HEADERS = frozenset({b"content_length", b"connection", b"transfer_encoding"})
 
 
+def _sent_trailer_family(suffix: str) -> Getter:
+    """$sent_trailer_NAME: a trailer add_trailer sent (lines joined with ", ", as nginx)."""
+    wanted = suffix.encode("latin-1")
+
+    def get(ex: Any) -> str | None:
+        trailers = getattr(ex, "sent_trailers", b"")
+        return _join_headers(_split_header_block(trailers), wanted, b", ") if trailers else None
+
+    return get
+
+
 def _sent_http_family(suffix: str) -> Getter:
     wanted = suffix.encode("latin-1")
     framing = wanted in _FRAMING_HEADERS
@@ -272,6 +283,7 @@ _FAMILIES: dict[str, Callable[[str], Getter]] = {
     "arg_": _arg_family,
     "cookie_": _cookie_family,
     "sent_http_": _sent_http_family,
+    "sent_trailer_": _sent_trailer_family,
     "upstream_http_": _upstream_http_family,
 }
 
