@@ -46,6 +46,7 @@ class Exchange:
         "_finished",
         "_logged",
         "_redirected",
+        "_redirects_left",  # internal redirects still allowed (unset until the first one)
         "args",
         "body_bytes_sent",
         "body_timeout",
@@ -146,7 +147,7 @@ class Exchange:
             raw_host = absolute_host(target)
         if split is None or uri is None or (raw_host is None and target[:1] != b"/"):
             self._early_status = 400
-            self.uri, self.args = "/", None
+            self.uri, self.args = "", None  # (nginx: no $uri for a request line it refused)
             self.host = ""
             self.server = self.conn_route().default_server
             # nginx logs this 400 with the server's access_log; ours are per location, so the
@@ -256,6 +257,9 @@ class Exchange:
                 if refused is not None:
                     self.finish_with_page(*refused)
                     return
+            if location.try_files is not None and location.try_files(self):
+                return  # answered, or redirected
+            location = self.location
             if location.conf.return_ is not None or location.upstream is None:
                 if self.request.complete or not self.request.has_body:
                     self._serve_return()
@@ -381,7 +385,7 @@ class Exchange:
         status = self.status = self.err_status or status
         add_headers = self.location.add_headers
         if add_headers is not None:
-            headers = self.response_headers = headers + add_headers(self, status, headers)
+            headers = self.response_headers = add_headers(self, status, headers)
         conn.send_head(status, headers, self.body_length(status, len(body)))
         conn.send_body(body)
         self.complete_response()
@@ -406,7 +410,7 @@ class Exchange:
         headers = b"Content-Type: text/html\r\n" + extra_headers if page else extra_headers
         add_headers = self.location.add_headers if self.location is not None else None
         if add_headers is not None:
-            headers += add_headers(self, status, headers)
+            headers = add_headers(self, status, headers)
         trace = self.location.trace
         if trace is not None and self.upstream_request is not None:  # balancer_trace_header on
             headers = trace.headers(self, headers)
@@ -436,6 +440,30 @@ class Exchange:
                            self.conn_id, self.log_context(None))
         self.finish_with_page(500)
         return True
+
+    def internal_redirect(self, uri: str) -> None:
+        """try_files' fallback: the request starts again in the location of ``uri`` (a path
+        with args, or @name); at most 10 times, nginx's limit."""
+        left = getattr(self, "_redirects_left", 10)
+        if left <= 0:
+            errorlog.log_error("error", f'rewrite or internal redirection cycle while internally redirecting '
+                                        f'to "{uri}"', self.conn_id, self.log_context(None))
+            self.finish_with_page(500)
+            return
+        self._redirects_left = left - 1
+        if uri.startswith("@"):
+            location = self.server.named(uri)
+            if location is None:
+                errorlog.log_error("error", f'could not find named location "{uri}"', self.conn_id,
+                                   self.log_context(None))
+                self.finish_with_page(500)
+                return
+        else:
+            path, args = split_uri(uri)
+            self.set_uri(path, args if args is not None else self.args)
+            location = self.server.match(path)
+        self.location = location
+        self.start()
 
     def set_uri(self, path: str, args: str | None) -> None:
         """A rewritten URI: $uri, $args and the target sent upstream follow it."""

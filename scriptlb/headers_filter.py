@@ -7,10 +7,12 @@ lines replace the inherited ones). A line is added to responses whose status is 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
 
-from scriptlb.config.model import AddHeaderConf
+from scriptlb.config.model import AddHeaderConf, ExpiresConf
 
 # nginx: 200, 201, 204, 206, 301, 302, 303, 304, 307 and 308 get the headers without `always`
 _STATUSES = frozenset((200, 201, 204, 206, 301, 302, 303, 304, 307, 308))
@@ -53,6 +55,105 @@ class AddHeaders:
                 if value:
                     out.append(prefix + value + b"\r\n")
         return b"".join(out)
+
+
+def response_headers_filter(add: tuple[AddHeaderConf, ...], expires: ExpiresConf | None
+                            ) -> Callable[[Any, int, bytes], bytes]:
+    """``apply(exchange, status, headers) -> headers``: ``expires``, then ``add_header``'s lines
+    (nginx's headers filter order)."""
+    adder = AddHeaders(add) if add else None
+    if expires is None:
+        assert adder is not None
+        lines = adder.lines
+        return lambda exchange, status, headers: headers + lines(exchange, status, headers)
+    set_expires = Expires(expires)
+
+    def apply(exchange: Any, status: int, headers: bytes) -> bytes:
+        if status in _STATUSES:
+            headers = set_expires(exchange, headers)
+        return headers if adder is None else headers + adder.lines(exchange, status, headers)
+
+    return apply
+
+
+_EPOCH = b"Thu, 01 Jan 1970 00:00:01 GMT"
+_MAX = b"Thu, 31 Dec 2037 23:55:55 GMT"
+_DAY = 24 * 60 * 60
+
+
+class Expires:
+    """``expires``: the response's Expires and (one) Cache-Control, replacing the ones it had
+    (ngx_http_set_expires)."""
+
+    __slots__ = ("conf", "value")
+
+    def __init__(self, conf: ExpiresConf) -> None:
+        from scriptlb.variables import compile_template
+
+        self.conf = conf
+        self.value = compile_template(conf.value) if conf.value is not None else None
+
+    def __call__(self, exchange: Any, headers: bytes) -> bytes:
+        kind, seconds = self.conf.kind, self.conf.seconds
+        if self.value is not None:
+            from scriptlb.config.directives import parse_expires
+
+            parsed = parse_expires(self.value(exchange), kind == "modified")
+            if isinstance(parsed, str) or parsed[0] == "off":
+                return headers  # (nginx: an invalid value leaves the response alone)
+            kind, seconds = parsed
+        expires, cache_control = _expiry(kind, seconds, headers)
+        kept = [line for line in headers.split(b"\r\n")
+                if line and line.partition(b":")[0].strip().lower() not in (b"expires", b"cache-control")]
+        kept += [b"Expires: " + expires, b"Cache-Control: " + cache_control]
+        return b"\r\n".join(kept) + b"\r\n"
+
+
+def _expiry(kind: str, seconds: int, headers: bytes) -> tuple[bytes, bytes]:
+    """(Expires, Cache-Control) values."""
+    if kind == "epoch":
+        return _EPOCH, b"no-cache"
+    if kind == "max":
+        return _MAX, b"max-age=315360000"
+    now = int(time.time())
+    if seconds == 0 and kind != "daily":
+        return _date(now), b"max-age=0"
+    if kind == "daily":
+        at = _next_time(now, seconds)
+        max_age = at - now
+    else:
+        modified = _last_modified(headers) if kind == "modified" else None
+        if modified is None:
+            at, max_age = now + seconds, seconds
+        else:
+            at = modified + seconds
+            max_age = at - now
+    if seconds < 0 or max_age < 0:
+        return _date(at), b"no-cache"
+    return _date(at), b"max-age=%d" % max_age
+
+
+def _date(when: int) -> bytes:
+    return formatdate(when, usegmt=True).encode("ascii")
+
+
+def _next_time(now: int, seconds: int) -> int:
+    """ngx_next_time: the next moment (local time) at ``seconds`` past midnight."""
+    local = time.localtime(now)
+    midnight = time.mktime((local.tm_year, local.tm_mon, local.tm_mday, 0, 0, 0, 0, 0, -1))
+    at = int(midnight) + seconds
+    return at if at > now else at + _DAY
+
+
+def _last_modified(headers: bytes) -> int | None:
+    for line in headers.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"last-modified":
+            try:
+                return int(parsedate_to_datetime(value.strip().decode("latin-1")).timestamp())
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 # headers scriptlb writes itself: proxy_pass_header cannot bring the peer's back

@@ -464,7 +464,7 @@ class UpstreamRequest:
         if location.response_filter is not None:  # proxy_hide_header, proxy_pass_header
             headers = location.response_filter(headers, response.headers)
         if location.add_headers is not None:
-            headers += location.add_headers(ex, response.status, headers)
+            headers = location.add_headers(ex, response.status, headers)
         trace = self.location.trace
         if trace is not None:  # balancer_trace_header on
             headers = trace.headers(ex, headers)

@@ -280,6 +280,7 @@ class LocationRuntime:
         "rewrite",
         "tls",
         "trace",
+        "try_files",
         "upstream",
         "zone",
     )
@@ -298,12 +299,13 @@ class LocationRuntime:
             self.access = access_phase(conf)
         # stub_status / api / prometheus (scriptlb.handlers): content(exchange) answers
         self.content: Callable[[Any], None] | None = None
-        # add_header (scriptlb.headers_filter): None, or lines(exchange, status, headers) -> bytes
+        # expires + add_header (scriptlb.headers_filter): None, or
+        # apply(exchange, status, headers) -> headers
         self.add_headers: Callable[[Any, int, bytes], bytes] | None = None
-        if conf.add_headers:
-            from scriptlb.headers_filter import AddHeaders
+        if conf.add_headers or conf.expires is not None:
+            from scriptlb.headers_filter import response_headers_filter
 
-            self.add_headers = AddHeaders(conf.add_headers).lines
+            self.add_headers = response_headers_filter(conf.add_headers, conf.expires)
         # add_trailer (scriptlb.headers_filter): None, or the trailers of a chunked response
         self.add_trailers: Any = None
         if conf.add_trailers:
@@ -323,6 +325,8 @@ class LocationRuntime:
             from scriptlb.peer_rewrite import header_rewrite
 
             self.header_rewrite = header_rewrite(conf.proxy)
+        # try_files (scriptlb.static): None, or check(exchange) -> answered
+        self.try_files: Callable[[Any], bool] | None = None
         # set / if / rewrite / break (scriptlb.rewrite): None, or the compiled phase
         self.rewrite: Any = None
         if conf.rewrite:
@@ -512,12 +516,16 @@ class Runtime:
             from scriptlb.handlers import content_handler
 
             location.content = content_handler(conf, self)
-        elif conf.return_ is None and conf.proxy_pass is None and os.path.isabs(conf.root):
+        elif conf.return_ is None and conf.proxy_pass is None and (os.path.isabs(conf.root) or conf.alias):
             # (a location the config did not build, the server's "no location matched" one,
             # has no root of its own: it answers 404 as before)
             from scriptlb.static import StaticFiles
 
             location.content = StaticFiles(conf)
+        if conf.try_files is not None:
+            from scriptlb.static import TryFiles
+
+            location.try_files = TryFiles(conf, location.content)
         return location
 
     def _peer_tls(self, conf: LocationConf, proxy_host: str) -> Any:

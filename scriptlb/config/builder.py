@@ -44,6 +44,7 @@ from scriptlb.config.model import (
     BreakerConf,
     ClientBodyConf,
     ErrorLogConf,
+    ExpiresConf,
     HealthCheckConf,
     HookConf,
     HttpConf,
@@ -520,12 +521,13 @@ def _location_conf(
         log_hook=_log_hook(chain),
         add_headers=tuple(_get(chain, "add_header", ())),
         add_trailers=tuple(_get(chain, "add_trailer", ())),
+        expires=_expires(chain),
+        try_files=_get(chain, "try_files", None),
         rewrite=_rewrite_ops(chain),
         error_pages=tuple(_get(chain, "error_page", ())),
         intercept_errors=_get(chain, "proxy_intercept_errors", False),
-        root=_get(chain, "root", os.path.join(getattr(chain[-1], "prefix", ""), "html")),
         index=_get(chain, "index", ("index.html",)),
-        alias=loc.values.get("alias"),
+        **_root_or_alias(chain),
         absolute_redirect=_get(chain, "absolute_redirect", True),
         server_name_in_redirect=_get(chain, "server_name_in_redirect", False),
         port_in_redirect=_get(chain, "port_in_redirect", True),
@@ -534,6 +536,23 @@ def _location_conf(
     if "health_checks" in loc.values:
         resolver.add_health_checks(loc, conf)
     return conf
+
+
+def _root_or_alias(chain: Sequence[LevelDraft]) -> dict[str, Any]:
+    """root and alias share nginx's slot: the innermost level that sets either wins (a
+    nested location inherits its parent's alias, with the parent's prefix)."""
+    for level in chain:
+        if "alias" in level.values:
+            path, prefix = level.values["alias"]
+            return {"alias": path, "alias_prefix": prefix}
+        if "root" in level.values:
+            return {"root": level.values["root"]}
+    return {"root": os.path.join(getattr(chain[-1], "prefix", ""), "html")}
+
+
+def _expires(chain: Sequence[LevelDraft]) -> ExpiresConf | None:
+    conf = _get(chain, "expires", None)
+    return None if conf is None or conf.kind == "off" else conf
 
 
 def _access_settings(chain: Sequence[LevelDraft], loc: LocationDraft) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from scriptlb.config.model import (
     DiscoveryConf,
     ErrorLogConf,
     ErrorPageConf,
+    ExpiresConf,
     ListenConf,
     LogFormat,
     NextUpstream,
@@ -55,6 +56,7 @@ from scriptlb.config.model import (
     Source,
     Template,
     TextRewrite,
+    TryFilesConf,
 )
 from scriptlb.config.parser import Node
 from scriptlb.config.units import parse_int, parse_offset, parse_size, parse_time
@@ -458,6 +460,63 @@ def _add_header(state: State, node: Node, draft: LevelDraft) -> None:
     headers.append(AddHeaderConf(node.args[0], template(node, node.args[1]), always))
 
 
+def parse_expires(text: str, modified: bool) -> tuple[str, int] | str:
+    """ngx_http_parse_expires: (kind, seconds), or nginx's error text."""
+    if not modified and text in ("epoch", "max", "off"):
+        return text, 0
+    kind = "modified" if modified else "access"
+    sign = 1
+    if text.startswith("@"):
+        if modified:
+            return 'daily time cannot be used with "modified" parameter'
+        kind, text = "daily", text[1:]
+    elif text[:1] in ("+", "-"):
+        sign, text = (-1 if text[0] == "-" else 1), text[1:]
+    seconds = parse_time(text, seconds_only=True)
+    if seconds is None:
+        return "invalid value"
+    if kind == "daily" and seconds > 24 * 60 * 60:
+        return "daily time value must be less than 24 hours"
+    return kind, sign * int(seconds)
+
+
+def _try_files(state: State, node: Node, draft: LevelDraft) -> None:
+    """``try_files file ... uri | =code``."""
+    if "try_files" in draft.values:
+        raise fail(node, '"try_files" directive is duplicate')
+    files = []
+    for text in node.args[:-1]:
+        test_dir = len(text) > 1 and text.endswith("/")
+        files.append((template(node, text[:-1] if test_dir else text), test_dir))
+    last = node.args[-1]
+    if last.startswith("="):
+        code = parse_int(last[1:])
+        if code is None or code > 999:
+            raise fail(node, f'invalid code "{last}"')
+        draft.values["try_files"] = TryFilesConf(tuple(files), code=code)
+        return
+    draft.values["try_files"] = TryFilesConf(tuple(files), fallback=template(node, last))
+
+
+def _expires(state: State, node: Node, draft: LevelDraft) -> None:
+    """``expires [modified] time | epoch | max | off`` (a value with variables is parsed per
+    response, as nginx)."""
+    if "expires" in draft.values:
+        raise fail(node, '"expires" directive is duplicate')
+    modified = len(node.args) == 2
+    if modified and node.args[0] != "modified":
+        raise fail(node, '"expires" directive invalid value')
+    text = node.args[-1]
+    value = template(node, text)
+    if value.static is None:
+        draft.values["expires"] = ExpiresConf("modified" if modified else "access", value=value)
+        return
+    parsed = parse_expires(text, modified)
+    if isinstance(parsed, str):
+        raise fail(node, f'"expires" directive {parsed}')
+    draft.values["expires"] = ExpiresConf(*parsed)
+
+
 def _error_page(state: State, node: Node, draft: LevelDraft) -> None:
     """``error_page code ... [=[response]] uri`` (nginx's checks and words)."""
     args = node.args
@@ -633,7 +692,10 @@ def _alias(state: State, node: Node, draft: LocationDraft) -> None:
         raise fail(node, 'the "alias" directive cannot be used inside the named location')
     path = node.args[0]
     # (the prefix is replaced textually: a trailing slash is kept, as written)
-    draft.values["alias"] = state.path(path) + ("/" if path.endswith("/") and path != "/" else "")
+    absolute = state.path(path) + ("/" if path.endswith("/") and path != "/" else "")
+    # (the prefix length it replaces; -1: a regex location's alias names the file)
+    prefix = -1 if draft.modifier in _REGEX_MODIFIERS else len(draft.pattern)
+    draft.values["alias"] = (absolute, prefix)
 
 
 def _check_root_slot(node: Node, draft: LevelDraft) -> None:
@@ -1394,6 +1456,8 @@ _SPECS: tuple[Spec, ...] = (
     _spec("status_zone", Ctx.SERVER, ONE, _slot(lambda node: node.args[0])),
     _spec("add_header", HSL, (2, 3), _add_header),
     _spec("add_trailer", HSL, (2, 3), _add_header),  # (same syntax and merge)
+    _spec("expires", HSL, (1, 2), _expires),
+    _spec("try_files", Ctx.SERVER | Ctx.LOCATION, (2, None), _try_files),
     # the rewrite module (return is above; inside `if` it is one of the ordered directives)
     _spec("set", Ctx.SERVER | Ctx.LOCATION | Ctx.IF, (2, 2),
           _rewrite_directive(lambda node: rewrite.set_op(node, template))),

@@ -518,6 +518,28 @@ class AddHeaderConf:
 
 
 @dataclass(frozen=True, slots=True)
+class TryFilesConf:
+    """``try_files file ... uri | =code``: ``files`` are (name, test_dir) with the trailing "/"
+    of a directory test removed; the last argument is ``fallback`` (a URI or @name) or
+    ``code``."""
+
+    files: tuple[tuple[Template, bool], ...]
+    fallback: Template | None = None
+    code: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiresConf:
+    """``expires [modified] time | epoch | max | off``: ``kind`` is "off", "epoch", "max",
+    "access" (now + seconds), "modified" (Last-Modified + seconds) or "daily" (``@time``);
+    ``value`` is set instead when the argument has variables (parsed per response)."""
+
+    kind: str
+    seconds: int = 0
+    value: Template | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RewriteOp:
     """One directive of the rewrite module, run in order in the rewrite phase:
     ``set`` (name, value), ``if`` (operator, value, pattern, body), ``rewrite`` (pattern,
@@ -570,11 +592,14 @@ class LocationConf:
     status_zone: str | None = None  # the server's `status_zone`: responses counted by class
     add_headers: tuple[AddHeaderConf, ...] = ()  # add_header: the innermost level's list
     add_trailers: tuple[AddHeaderConf, ...] = ()  # add_trailer: the same, for chunked trailers
+    expires: ExpiresConf | None = None  # None: off
     rewrite: tuple[RewriteOp, ...] = ()  # the server's rewrite-module directives, then the location's
     error_pages: tuple[ErrorPageConf, ...] = ()  # error_page: the innermost level's list
     intercept_errors: bool = False  # proxy_intercept_errors
     root: str = "html"  # the static handler's directory (absolute once built)
     alias: str | None = None  # alias: replaces the location's prefix instead of root
+    alias_prefix: int = -1  # the length of the prefix it replaces; -1: a regex location's file
+    try_files: TryFilesConf | None = None
     index: tuple[str, ...] = ("index.html",)
     # balancer_trace_header / balancer_trace_allow: the trace header, for these clients only
     trace_header: bool = False
