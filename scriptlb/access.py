@@ -33,8 +33,26 @@ _VERIFIED_MAX = 1024  # remembered successful password checks per worker
 
 
 def access_phase(conf: LocationConf) -> Callable[[Any], Verdict] | None:
-    rules = _compile_rules(conf.access) if conf.access else None
-    auth = BasicAuth(conf.auth_basic, conf.auth_basic_user_file) if conf.auth_basic_user_file else None
+    """The location's check; with ``limit_except``, the block's settings for the methods it
+    does not name."""
+    check = _access_check(conf.access, conf.auth_basic, conf.auth_basic_user_file)
+    limit = conf.limit_except
+    if limit is None:
+        return check
+    limited = _access_check(limit.access, limit.auth_basic, limit.auth_basic_user_file)
+    methods = limit.methods
+
+    def by_method(exchange: Any) -> Verdict:
+        chosen = check if exchange.method in methods else limited
+        return chosen(exchange) if chosen is not None else None
+
+    return by_method
+
+
+def _access_check(access: tuple[AccessRule, ...], realm: str | None, user_file: str | None
+                  ) -> Callable[[Any], Verdict] | None:
+    rules = _compile_rules(access) if access else None
+    auth = BasicAuth(realm, user_file) if user_file else None
     if rules is None and auth is None:
         return None
 

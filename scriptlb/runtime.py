@@ -293,7 +293,7 @@ class LocationRuntime:
         self.log_hook = log_hook  # log_by_python, run by the exchange after the access logs
         # allow/deny + auth_basic (scriptlb.access): None, or check(exchange) -> refusal | None
         self.access: Callable[[Any], tuple[int, bytes] | None] | None = None
-        if conf.access or conf.auth_basic_user_file is not None:
+        if conf.access or conf.auth_basic_user_file is not None or conf.limit_except is not None:
             from scriptlb.access import access_phase
 
             self.access = access_phase(conf)

@@ -48,6 +48,7 @@ from scriptlb.config.model import (
     HealthCheckConf,
     HookConf,
     HttpConf,
+    LimitExceptConf,
     ListenConf,
     LocationConf,
     LogFormat,
@@ -523,6 +524,7 @@ def _location_conf(
         add_trailers=tuple(_get(chain, "add_trailer", ())),
         expires=_expires(chain),
         try_files=_get(chain, "try_files", None),
+        limit_except=_limit_except(loc, chain),
         rewrite=_rewrite_ops(chain),
         error_pages=tuple(_get(chain, "error_page", ())),
         intercept_errors=_get(chain, "proxy_intercept_errors", False),
@@ -548,6 +550,17 @@ def _root_or_alias(chain: Sequence[LevelDraft]) -> dict[str, Any]:
         if "root" in level.values:
             return {"root": level.values["root"]}
     return {"root": os.path.join(getattr(chain[-1], "prefix", ""), "html")}
+
+
+def _limit_except(loc: LocationDraft, chain: Sequence[LevelDraft]) -> LimitExceptConf | None:
+    """The location's own limit_except (a nested location does not inherit it, as nginx)."""
+    found = loc.values.get("limit_except")
+    if found is None:
+        return None
+    methods, block = found
+    settings = _access_settings((block, *chain), loc)
+    return LimitExceptConf(methods, settings["access"], settings["auth_basic"],
+                           settings["auth_basic_user_file"])
 
 
 def _expires(chain: Sequence[LevelDraft]) -> ExpiresConf | None:

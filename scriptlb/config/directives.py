@@ -75,6 +75,7 @@ class Ctx(IntFlag):
     STREAM_SERVER = 256
     STREAM_UPSTREAM = 512
     IF = 1024  # the rewrite module's `if` block (its own directives only)
+    LIMIT_EXCEPT = 2048  # a location's `limit_except` block (access directives only)
 
 
 HSL = Ctx.HTTP | Ctx.SERVER | Ctx.LOCATION
@@ -1088,6 +1089,28 @@ def _auth_basic_user_file(state: State, node: Node, draft: LevelDraft) -> None:
     _store(node, draft.values, state.path(node.args[0]))
 
 
+# ngx_methods_names: the methods limit_except can name
+_LIMIT_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "MKCOL", "COPY", "MOVE", "OPTIONS", "PROPFIND",
+                  "PROPPATCH", "LOCK", "UNLOCK", "PATCH")
+
+
+def _limit_except(state: State, node: Node, draft: LocationDraft) -> tuple[Ctx, Any]:
+    """``limit_except method ... { ... }``: the block's access rules apply to the other methods
+    (GET allows HEAD too)."""
+    if "limit_except" in draft.values:
+        raise fail(node, '"limit_except" directive is duplicate')
+    methods = set()
+    for name in node.args:
+        if name.upper() not in _LIMIT_METHODS:  # (nginx compares caselessly)
+            raise fail(node, f'invalid method "{name}"')
+        methods.add(name.upper())
+    if "GET" in methods:
+        methods.add("HEAD")
+    block = LevelDraft()
+    draft.values["limit_except"] = (frozenset(methods), block)
+    return Ctx.LIMIT_EXCEPT, block
+
+
 def _content_handler(state: State, node: Node, draft: LocationDraft) -> None:
     """stub_status, api [write=on|off], prometheus: the location answers by itself."""
     write = False
@@ -1446,10 +1469,11 @@ _SPECS: tuple[Spec, ...] = (
     _spec("resolver", Ctx.HTTP | Ctx.UPSTREAM, (1, None), _resolver),
     _spec("resolver_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _slot(msec)),
     # access control, status and the API
-    _spec("allow", HSL, ONE, _access_rule),
-    _spec("deny", HSL, ONE, _access_rule),
-    _spec("auth_basic", HSL, ONE, _auth_basic),
-    _spec("auth_basic_user_file", HSL, ONE, _auth_basic_user_file),
+    _spec("allow", HSL | Ctx.LIMIT_EXCEPT, ONE, _access_rule),
+    _spec("deny", HSL | Ctx.LIMIT_EXCEPT, ONE, _access_rule),
+    _spec("auth_basic", HSL | Ctx.LIMIT_EXCEPT, ONE, _auth_basic),
+    _spec("auth_basic_user_file", HSL | Ctx.LIMIT_EXCEPT, ONE, _auth_basic_user_file),
+    _spec("limit_except", Ctx.LOCATION, (1, None), _limit_except, block=True),
     _spec("stub_status", Ctx.LOCATION, (0, 1), _content_handler),
     _spec("api", Ctx.LOCATION, (0, 1), _content_handler),
     _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),

@@ -518,6 +518,17 @@ class AddHeaderConf:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitExceptConf:
+    """``limit_except``: requests whose method is not in ``methods`` get these access
+    settings (the block's own, else the location's)."""
+
+    methods: frozenset[str]
+    access: tuple[AccessRule, ...] = ()
+    auth_basic: str | None = None
+    auth_basic_user_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TryFilesConf:
     """``try_files file ... uri | =code``: ``files`` are (name, test_dir) with the trailing "/"
     of a directory test removed; the last argument is ``fallback`` (a URI or @name) or
@@ -600,6 +611,7 @@ class LocationConf:
     alias: str | None = None  # alias: replaces the location's prefix instead of root
     alias_prefix: int = -1  # the length of the prefix it replaces; -1: a regex location's file
     try_files: TryFilesConf | None = None
+    limit_except: LimitExceptConf | None = None
     index: tuple[str, ...] = ("index.html",)
     # balancer_trace_header / balancer_trace_allow: the trace header, for these clients only
     trace_header: bool = False
