@@ -11,12 +11,17 @@ import re
 from urllib.parse import quote, unquote
 
 
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
 def normalize_uri(path: str) -> str | None:
     """nginx's ngx_http_parse_complex_uri: decode %XX, merge slashes, resolve ``.``/``..``.
 
     None when the path escapes the root (nginx answers 400).
     """
     if "%" in path:
+        if _BAD_ESCAPE.search(path):
+            return None  # nginx: "%" not followed by two hex digits is a bad request
         # a byte per character, as nginx: %C3%A9 is two characters, logged \xC3\xA9
         path = unquote(path, encoding="latin-1")
         if "\x00" in path:
@@ -41,14 +46,20 @@ def normalize_uri(path: str) -> str | None:
 
 
 def split_target(target: bytes) -> tuple[str, str | None] | None:
-    """``/p?a=1`` -> ("/p", "a=1"); absolute-form targets lose scheme and host. None: invalid."""
+    """``/p?a=1`` -> ("/p", "a=1"); absolute-form targets lose scheme and host, and a
+    ``#fragment`` is dropped (nginx ends the URI there). None: invalid."""
     text = target.decode("latin-1")
+    if "#" in text:
+        text = text.partition("#")[0]
     if not text.startswith("/"):
         scheme_end = text.find("://")
         if scheme_end <= 0:
             return None
-        slash = text.find("/", scheme_end + 3)
-        text = text[slash:] if slash != -1 else "/"
+        rest = text[scheme_end + 3:]
+        start = min((i for i in (rest.find("/"), rest.find("?")) if i != -1), default=-1)
+        text = "/" if start == -1 else rest[start:]
+        if text.startswith("?"):
+            text = "/" + text
     path, sep, args = text.partition("?")
     return path, (args if sep else None)
 

@@ -458,12 +458,33 @@ def test_empty_post_keeps_its_content_length(tmp_path: Path) -> None:
         ("/..", None),
         ("/a/%00", None),
         ("/a/..", "/"),
+        ("/a/b%", None),  # an escape without its two hex digits: 400, as nginx
+        ("/a/b%1", None),
+        ("/a/b%zz", None),
     ],
 )
 def test_uri_normalization(raw: str, normalized: str | None) -> None:
     from scriptlb.uri import normalize_uri
 
     assert normalize_uri(raw) == normalized
+
+
+@pytest.mark.parametrize(
+    ("target", "split"),
+    [
+        (b"/a?x=1", ("/a", "x=1")),
+        (b"/a/.#frag", ("/a/.", None)),  # the fragment is dropped
+        (b"/a?x#frag", ("/a", "x")),
+        (b"http://h", ("/", None)),
+        (b"http://h?args#f", ("/", "args")),
+        (b"http://h:80/p?q", ("/p", "q")),
+        (b"h/p", None),
+    ],
+)
+def test_request_target_split(target: bytes, split: tuple[str, str | None] | None) -> None:
+    from scriptlb.uri import split_target
+
+    assert split_target(target) == split
 
 
 def test_location_match_memo_gives_the_matchers_answer_and_stays_bounded(
