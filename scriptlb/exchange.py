@@ -44,6 +44,7 @@ class Exchange:
     __slots__ = (
         "_early_status",
         "_finished",
+        "_kept_headers",  # see kept_headers (unset until an intercepted 401 sets it)
         "_logged",
         "_redirected",
         "_redirects_left",  # internal redirects still allowed (unset until the first one)
@@ -204,6 +205,15 @@ class Exchange:
     @property
     def server_port(self) -> int:
         return self.conn.server_port
+
+    @property
+    def kept_headers(self) -> bytes:
+        """Lines an error_page redirect carries to the final response (an intercepted 401's
+        WWW-Authenticate, as nginx's upstream module copies it)."""
+        return getattr(self, "_kept_headers", b"")
+
+    def keep_headers(self, lines: bytes) -> None:
+        self._kept_headers = lines
 
     @property
     def host_given(self) -> bool:
@@ -382,7 +392,10 @@ class Exchange:
 
     def _finish_small(self, status: int, headers: bytes, body: bytes) -> None:
         conn = self.conn
-        status = self.status = self.err_status or status
+        if self.err_status:
+            status = self.err_status
+            headers = self.kept_headers + headers
+        self.status = status
         add_headers = self.location.add_headers
         if add_headers is not None:
             headers = self.response_headers = add_headers(self, status, headers)
@@ -397,8 +410,11 @@ class Exchange:
             page = pages.get(status)
             if page is not None and self._error_page(page, status):
                 return
-        status = self.err_status or status
+        # (after an error_page redirect, a page the target makes carries the target's own status:
+        # nginx's special response handler sets err_status anew)
         self.status = responses.wire_status(status)
+        if self.err_status:
+            extra_headers = self.kept_headers + extra_headers
         conn = self.conn
         if conn.closed:
             self._finished = True

@@ -405,11 +405,11 @@ class UpstreamRequest:
                 self._next_try()
                 return
         if status >= 300 and self.exchange.intercepts(status):
-            self._intercepted(attempt, status)
+            self._intercepted(attempt, response)
             return
         self._pass_response(attempt, response)
 
-    def _intercepted(self, attempt: Attempt, status: int) -> None:
+    def _intercepted(self, attempt: Attempt, response: ResponseHead) -> None:
         """proxy_intercept_errors: the peer's response is dropped (its connection with it: the
         body is unread) and the request goes on to its error_page."""
         self.attempt = None
@@ -417,6 +417,10 @@ class UpstreamRequest:
         if conn is not None:
             conn.abort()
         attempt.end(DONE, self.exchange)
+        status = response.status
+        if status == 401:  # nginx keeps the peer's challenges for the error page's answer
+            self.exchange.keep_headers(b"".join(name + b": " + value + b"\r\n" for name, value in
+                                                response.headers if name.lower() == b"www-authenticate"))
         self.exchange.finish_with_page(status)
 
     def upstream_body(self, data: bytes) -> None:
@@ -472,6 +476,7 @@ class UpstreamRequest:
         client = ex.conn
         if ex.err_status:  # the answer to an error_page redirect carries the original code
             ex.status = ex.err_status
+            headers = ex.response_headers = ex.kept_headers + headers
             client.send_head(ex.status, headers, ex.body_length(ex.status, response.content_length))
         else:
             length = response.content_length

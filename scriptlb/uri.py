@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from urllib.parse import quote, unquote
 
-
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
