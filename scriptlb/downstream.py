@@ -291,6 +291,7 @@ class ClientConnection(asyncio.Protocol):
         "_activating",
         "_active_request",
         "_body_allowed",
+        "_body_for",
         "_chunked",
         "_deadline",
         "_eof",
@@ -381,6 +382,7 @@ class ClientConnection(asyncio.Protocol):
         self._line_bytes = 0  # bytes of the head's incomplete last line
         self._framing_bytes = 0  # chunked body: bytes since the last chunk boundary or body byte
         self._fed = 0  # _FED_* flags of the feed in progress
+        self._body_for: Any = None  # the handler that got body bytes in the feed in progress
         # 1: a request without keep-alive was parsed (nothing after it is read), 2: more came
         self._last_request = 0
         self._linger_until = 0.0  # lingering close: its deadline (0: not lingering)
@@ -484,6 +486,11 @@ class ClientConnection(asyncio.Protocol):
                 self._check_line_start(data)
             self._fed = 0
             self._feed(data)
+            body_for = self._body_for
+            if body_for is not None:
+                self._body_for = None
+                if body_for is self.active:
+                    body_for.body_received()
             if self._parsing is not None or self._line_bytes:
                 self._check_partial_line(data)
         except ClientError as err:
@@ -740,7 +747,9 @@ class ClientConnection(asyncio.Protocol):
             raise ClientError(500, f"{err} while reading client request body", level="crit") from None
         if handler is self.active:
             self._arm(_BODY, handler.body_timeout)
-            handler.body_received()
+            # told once the read is parsed: the body of one read goes on in one piece (with
+            # the end of a chunked body when it came in the same read, as nginx writes it)
+            self._body_for = handler
 
     def on_chunk_header(self) -> None:
         self._fed |= _FED_CHUNK
@@ -760,6 +769,7 @@ class ClientConnection(asyncio.Protocol):
         if handler is self.active:
             if self._phase == _BODY:
                 self._phase = _NONE
+            self._body_for = None  # (told now, with the end)
             handler.body_received()
         elif self.active is None and not self._queue and not self.closed:
             # answered before its parse ended (no body): now idle until the next request

@@ -375,11 +375,14 @@ class UpstreamRequest:
                 client.pause_body()
             return
         data = request.take_body()
-        if data:
-            conn.write_body(b"%x\r\n%s\r\n" % (len(data), data) if request.chunked else data, last=False)
+        if data and request.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
         if request.complete:
             self._body_conn = None
-            conn.write_body(b"0\r\n\r\n" if request.chunked else b"", last=True)
+            # (the last bytes and the end in one write, as nginx sends them)
+            conn.write_body(data + b"0\r\n\r\n" if request.chunked else data, last=True)
+        elif data:
+            conn.write_body(data, last=False)
         if conn.write_buffer_full:
             client.pause_body()
         else:
