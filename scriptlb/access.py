@@ -33,20 +33,18 @@ _VERIFIED_MAX = 1024  # remembered successful password checks per worker
 
 
 def access_phase(conf: LocationConf) -> Callable[[Any], Verdict] | None:
-    """The location's check; with ``limit_except``, the block's settings for the methods it
-    does not name."""
-    check = _access_check(conf.access, conf.auth_basic, conf.auth_basic_user_file)
+    """The location's check (None: nothing to check)."""
+    return _access_check(conf.access, conf.auth_basic, conf.auth_basic_user_file)
+
+
+def limit_except_phase(conf: LocationConf) -> tuple[frozenset[str], Callable[[Any], Verdict]]:
+    """``limit_except``: (the methods it names, the check of every other method). nginx gives
+    those requests the block's configuration, where the location's rewrite directives
+    (``return``...) do not run: the check comes first and decides."""
     limit = conf.limit_except
-    if limit is None:
-        return check
-    limited = _access_check(limit.access, limit.auth_basic, limit.auth_basic_user_file)
-    methods = limit.methods
-
-    def by_method(exchange: Any) -> Verdict:
-        chosen = check if exchange.method in methods else limited
-        return chosen(exchange) if chosen is not None else None
-
-    return by_method
+    assert limit is not None
+    check = _access_check(limit.access, limit.auth_basic, limit.auth_basic_user_file)
+    return limit.methods, check if check is not None else (lambda exchange: None)
 
 
 def _access_check(access: tuple[AccessRule, ...], realm: str | None, user_file: str | None

@@ -258,6 +258,12 @@ class Exchange:
             if self._early_status:
                 self.finish_with_page(self._early_status)
                 return
+            limit = self.location.limit_except
+            if limit is not None and self.method not in limit[0]:
+                refused = limit[1](self)
+                if refused is not None:
+                    self.finish_with_page(*refused)
+                    return
             if self.location.rewrite is not None and self._rewrite_phase():
                 return  # answered (return, redirect) or refused (a rewrite cycle)
             location = self.location

@@ -354,14 +354,34 @@ class UpstreamRequest:
         spooled = isinstance(body, SpooledBody)
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
         conn.upgrade = _asks_upgrade(ex.request.connection) and ex.header("upgrade") is not None
-        conn.start(self, self._head, None if spooled else body, ex.read_timeout,
+        head = self._head
+        last = False
+        if streamed:  # what arrived already goes with the head, in one write (as nginx)
+            early, last = self._body_bytes()
+            head += early
+        conn.start(self, head, None if spooled else body, ex.read_timeout,
                    ex.send_timeout, ex.method == "HEAD", plan.http11, plan.close_after)
         if spooled:
             body.send(conn)  # (every try again from the file's start)
         elif streamed:
+            if last:
+                conn.write_body(b"", last=True)
+                ex.conn.resume_body()  # (paused while connecting if much was waiting)
+                return
             self._body_conn = conn
             conn.on_writable = self._pump_body
             self._pump_body()
+
+    def _body_bytes(self) -> tuple[bytes, bool]:
+        """A streamed body's bytes that arrived and were not sent yet, framed for the peer,
+        and whether they end it."""
+        request = self.exchange.request
+        data = request.take_body()
+        if data and request.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if request.complete:
+            return (data + b"0\r\n\r\n" if request.chunked else data), True
+        return data, False
 
     def _pump_body(self) -> None:
         """Streamed body: move what arrived to the upstream connection, with back-pressure
@@ -374,13 +394,10 @@ class UpstreamRequest:
             if sum(map(len, request.body)) > STREAM_BODY_WAITING:
                 client.pause_body()
             return
-        data = request.take_body()
-        if data and request.chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        if request.complete:
+        data, last = self._body_bytes()
+        if last:
             self._body_conn = None
-            # (the last bytes and the end in one write, as nginx sends them)
-            conn.write_body(data + b"0\r\n\r\n" if request.chunked else data, last=True)
+            conn.write_body(data, last=True)  # (the last bytes and the end in one write, as nginx)
         elif data:
             conn.write_body(data, last=False)
         if conn.write_buffer_full:

@@ -272,6 +272,7 @@ class LocationRuntime:
         "content",
         "error_pages",
         "header_rewrite",
+        "limit_except",
         "log_hook",
         "plan",
         "proxy_host",
@@ -293,7 +294,7 @@ class LocationRuntime:
         self.log_hook = log_hook  # log_by_python, run by the exchange after the access logs
         # allow/deny + auth_basic (scriptlb.access): None, or check(exchange) -> refusal | None
         self.access: Callable[[Any], tuple[int, bytes] | None] | None = None
-        if conf.access or conf.auth_basic_user_file is not None or conf.limit_except is not None:
+        if conf.access or conf.auth_basic_user_file is not None:
             from scriptlb.access import access_phase
 
             self.access = access_phase(conf)
@@ -325,6 +326,12 @@ class LocationRuntime:
             from scriptlb.peer_rewrite import header_rewrite
 
             self.header_rewrite = header_rewrite(conf.proxy)
+        # limit_except (scriptlb.access): None, or (methods named, the others' check)
+        self.limit_except: tuple[frozenset[str], Callable[[Any], Any]] | None = None
+        if conf.limit_except is not None:
+            from scriptlb.access import limit_except_phase
+
+            self.limit_except = limit_except_phase(conf)
         # try_files (scriptlb.static): None, or check(exchange) -> answered
         self.try_files: Callable[[Any], bool] | None = None
         # set / if / rewrite / break (scriptlb.rewrite): None, or the compiled phase
