@@ -25,17 +25,20 @@ from typing import TYPE_CHECKING
 from scriptlb import errorlog, responses, safety
 from scriptlb.downstream import ClientConnection, Request
 from scriptlb.error_pages import split_uri
-from scriptlb.headers_filter import request_header
+from scriptlb.headers_filter import request_header, with_kept
 from scriptlb.locations import normalize_host
 from scriptlb.proxy import UpstreamRequest
 from scriptlb.rewrite import BREAK, CONTINUE, DONE, target_of
-from scriptlb.uri import absolute_host, normalize_uri, split_target
+from scriptlb.uri import absolute_host, normalize_uri, split_target, unsafe_uri_split
 
 if TYPE_CHECKING:
     from scriptlb.attempt import TryRecord
     from scriptlb.config.model import ClientBodyConf
     from scriptlb.error_pages import ErrorPage
     from scriptlb.runtime import Runtime, ServerRoute
+
+
+OWN_STATUS = -1  # err_status: the final response keeps its own status (see Exchange.err_status)
 
 
 class Exchange:
@@ -123,7 +126,9 @@ class Exchange:
 
         self._early_status = 0  # an error found while routing, answered when we become active
         self._redirected = False  # error_page redirected this request (once, as nginx)
-        self.err_status = 0  # error_page: the status the final response carries (0: its own)
+        # error_page: the status the final response carries (0: its own; OWN_STATUS: its own,
+        # with kept_headers, after X-Accel-Redirect)
+        self.err_status = 0
         self.variables: dict[str, str] | None = None  # the rewrite module's `set` values
         self.captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
         self._finished = False
@@ -208,12 +213,14 @@ class Exchange:
 
     @property
     def kept_headers(self) -> bytes:
-        """Lines an error_page redirect carries to the final response (an intercepted 401's
-        WWW-Authenticate, as nginx's upstream module copies it)."""
+        """Lines an internal redirect carries to the final response (an intercepted 401's
+        WWW-Authenticate, the headers X-Accel-Redirect keeps), as nginx's upstream module
+        copies them to the request's own headers."""
         return getattr(self, "_kept_headers", b"")
 
     def keep_headers(self, lines: bytes) -> None:
-        self._kept_headers = lines
+        """More lines for kept_headers (nginx adds them up over redirects)."""
+        self._kept_headers = self.kept_headers + lines
 
     @property
     def host_given(self) -> bool:
@@ -398,9 +405,11 @@ class Exchange:
 
     def _finish_small(self, status: int, headers: bytes, body: bytes) -> None:
         conn = self.conn
-        if self.err_status:
-            status = self.err_status
-            headers = self.kept_headers + headers
+        err_status = self.err_status
+        if err_status:
+            if err_status > 0:
+                status = err_status
+            headers = with_kept(self.kept_headers, headers, kept_wins=True)
         self.status = status
         add_headers = self.location.add_headers
         if add_headers is not None:
@@ -419,8 +428,6 @@ class Exchange:
         # (after an error_page redirect, a page the target makes carries the target's own status:
         # nginx's special response handler sets err_status anew)
         self.status = responses.wire_status(status)
-        if self.err_status:
-            extra_headers = self.kept_headers + extra_headers
         conn = self.conn
         if conn.closed:
             self._finished = True
@@ -430,6 +437,8 @@ class Exchange:
             conn.close_after_response()
         page = responses.error_page(status) or b""
         headers = b"Content-Type: text/html\r\n" + extra_headers if page else extra_headers
+        if self.err_status:
+            headers = with_kept(self.kept_headers, headers, kept_wins=False)
         add_headers = self.location.add_headers if self.location is not None else None
         if add_headers is not None:
             headers = add_headers(self, status, headers)
@@ -463,16 +472,33 @@ class Exchange:
         self.finish_with_page(500)
         return True
 
+    def accel_redirect(self, uri: str, kept: bytes) -> None:
+        """X-Accel-Redirect: the request starts again at ``uri`` (a path, made safe, or @name)
+        as a GET (HEAD stays HEAD), with ``kept`` headers; an unsafe path answers 404."""
+        self.keep_headers(kept)
+        self.err_status = OWN_STATUS
+        self.upstream_request = None
+        if uri.startswith("@"):
+            self.internal_redirect(uri)
+            return
+        if not self._may_redirect(uri):
+            return
+        safe = unsafe_uri_split(uri)
+        if safe is None:
+            self.finish_with_page(404)
+            return
+        if self.method != "HEAD":
+            self.method = "GET"
+        path, args = safe
+        self.set_uri(path, args)
+        self.location = self.server.match(path)
+        self.start()
+
     def internal_redirect(self, uri: str) -> None:
         """try_files' fallback: the request starts again in the location of ``uri`` (a path
         with args, or @name); at most 10 times, nginx's limit."""
-        left = getattr(self, "_redirects_left", 10)
-        if left <= 0:
-            errorlog.log_error("error", f'rewrite or internal redirection cycle while internally redirecting '
-                                        f'to "{uri}"', self.conn_id, self.log_context(None))
-            self.finish_with_page(500)
+        if not self._may_redirect(uri):
             return
-        self._redirects_left = left - 1
         if uri.startswith("@"):
             location = self.server.named(uri)
             if location is None:
@@ -486,6 +512,17 @@ class Exchange:
             location = self.server.match(path)
         self.location = location
         self.start()
+
+    def _may_redirect(self, uri: str) -> bool:
+        """One more internal redirect (nginx allows 10); past that, a 500 and False."""
+        left = getattr(self, "_redirects_left", 10)
+        if left <= 0:
+            errorlog.log_error("error", f'rewrite or internal redirection cycle while internally redirecting '
+                                        f'to "{uri}"', self.conn_id, self.log_context(None))
+            self.finish_with_page(500)
+            return False
+        self._redirects_left = left - 1
+        return True
 
     def set_uri(self, path: str, args: str | None) -> None:
         """A rewritten URI: $uri, $args and the target sent upstream follow it."""

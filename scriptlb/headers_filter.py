@@ -185,6 +185,25 @@ def response_filter(hide: tuple[str, ...], passed: tuple[str, ...]) -> Callable[
     return apply
 
 
+def with_kept(kept: bytes, headers: bytes, kept_wins: bool) -> bytes:
+    """Headers an internal redirect carried, before the final response's own; one Content-Type:
+    the carried one (``kept_wins``: a response that has no type of its own in nginx, ``return``
+    or a file) or the response's."""
+    if not kept:
+        return headers
+    if kept_wins:
+        if b"content-type:" in kept.lower():
+            headers = _without(headers, b"content-type")
+    elif b"content-type:" in headers.lower():
+        kept = _without(kept, b"content-type")
+    return kept + headers
+
+
+def _without(lines: bytes, name: bytes) -> bytes:
+    return b"".join(line + b"\r\n" for line in lines.split(b"\r\n")
+                    if line and line.partition(b":")[0].strip().lower() != name)
+
+
 def request_header(headers: list[tuple[bytes, bytes]], name_lower: str) -> str | None:
     """A request header's value as variables and hooks read it: the first line of that name,
     except Cookie, whose lines are joined with "; " (as nginx's $http_cookie)."""

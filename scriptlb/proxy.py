@@ -52,6 +52,7 @@ from scriptlb.attempt import (
 )
 from scriptlb.config.model import NextUpstream
 from scriptlb.downstream import CLIENT_SEND_TIMEOUT
+from scriptlb.headers_filter import with_kept
 from scriptlb.request_body import SpooledBody
 from scriptlb.retry import RETRY, Failure, decide, failure_for_status, is_idempotent, is_stale_connection
 from scriptlb.stats import WEIGHT_GENERATION
@@ -69,6 +70,9 @@ if TYPE_CHECKING:
 
 
 _READING_HEADER = "reading response header from upstream"  # nginx's log action
+# the peer's headers X-Accel-Redirect passes on to the final response (nginx's "redirect" flag)
+_KEPT_BY_ACCEL_REDIRECT = frozenset((b"content-type", b"set-cookie", b"content-disposition", b"cache-control",
+                                     b"expires", b"accept-ranges"))
 _CONNECTING = "connecting to upstream"
 _HANDSHAKING = "SSL handshaking to upstream"
 
@@ -424,10 +428,30 @@ class UpstreamRequest:
                 attempt.end(NEXT, self.exchange, failure, _READING_HEADER)
                 self._next_try()
                 return
+        if response.rewritable and self._accel_redirect(attempt, response):
+            return
         if status >= 300 and self.exchange.intercepts(status):
             self._intercepted(attempt, response)
             return
         self._pass_response(attempt, response)
+
+    def _accel_redirect(self, attempt: Attempt, response: ResponseHead) -> bool:
+        """X-Accel-Redirect (unless proxy_ignore_headers names it): the peer's response is
+        dropped, a few of its headers kept, and the request goes on at the URI it names."""
+        uri = next((value for name, value in response.headers if name.lower() == b"x-accel-redirect"), None)
+        if uri is None or "x-accel-redirect" in self.conf.ignore_headers:
+            return False
+        self.attempt = None
+        conn, attempt.conn = attempt.conn, None
+        if conn is not None:
+            conn.abort()
+        ex = self.exchange
+        ex.upstream_headers = response.headers
+        attempt.end(DONE, ex)
+        kept = b"".join(name + b": " + value + b"\r\n" for name, value in response.headers
+                        if name.lower() in _KEPT_BY_ACCEL_REDIRECT)
+        ex.accel_redirect(uri.decode("latin-1"), kept)
+        return True
 
     def _intercepted(self, attempt: Attempt, response: ResponseHead) -> None:
         """proxy_intercept_errors: the peer's response is dropped (its connection with it: the
@@ -494,10 +518,12 @@ class UpstreamRequest:
             headers = trace.headers(ex, headers)
         ex.response_headers = headers
         client = ex.conn
-        if ex.err_status:  # the answer to an error_page redirect carries the original code
-            ex.status = ex.err_status
-            headers = ex.response_headers = ex.kept_headers + headers
-            client.send_head(ex.status, headers, ex.body_length(ex.status, response.content_length))
+        err_status = ex.err_status
+        if err_status:  # after an internal redirect: the headers it kept
+            headers = ex.response_headers = with_kept(ex.kept_headers, headers, kept_wins=False)
+        if err_status > 0:  # the answer to an error_page redirect carries the original code
+            ex.status = err_status
+            client.send_head(err_status, headers, ex.body_length(err_status, response.content_length))
         else:
             length = response.content_length
             if location.add_trailers is not None:

@@ -117,8 +117,9 @@ class ResponseHead:
         self.chunked = False
         self.close = False  # "Connection: close" or an HTTP/1.0 response without keep-alive
         self.connection: bytes | None = None  # the Connection header's value
-        # a Location, Refresh or Set-Cookie is among the lines: proxy_redirect / proxy_cookie_*
-        # may have to edit them (other responses are not looked at again)
+        # a Location, Refresh or Set-Cookie is among the lines (proxy_redirect / proxy_cookie_*
+        # may have to edit them), or an X-Accel-Redirect came: other responses are not looked
+        # at again
         self.rewritable = False
 
     def client_headers(self) -> bytes:
@@ -143,6 +144,7 @@ _BLANKS = frozenset({b" ", b"\t"})  # a value's last byte, when it must be strip
 _PASSED = -1
 _REWRITABLE = -2  # passed on, and noted (ResponseHead.rewritable)
 _REWRITABLE_NAMES = frozenset((b"location", b"refresh", b"set-cookie"))
+_ACCEL_REDIRECT = -3  # hidden, and noted (ResponseHead.rewritable)
 _KIND_BY_NAME: dict[bytes, int] = {}
 _KIND_MEMO_SIZE = 512
 
@@ -151,7 +153,11 @@ def _header_kind(name: bytes) -> int:
     lower = name.lower()
     kind = _HEADER_KIND.get(lower)
     if kind is None:
-        kind = _HIDDEN if lower[:8] == b"x-accel-" else _REWRITABLE if lower in _REWRITABLE_NAMES else _PASSED
+        if lower == b"x-accel-redirect":
+            kind = _ACCEL_REDIRECT
+        else:
+            kind = _HIDDEN if lower[:8] == b"x-accel-" else (
+                _REWRITABLE if lower in _REWRITABLE_NAMES else _PASSED)
     if len(_KIND_BY_NAME) >= _KIND_MEMO_SIZE:
         _KIND_BY_NAME.clear()
     _KIND_BY_NAME[name] = kind
@@ -574,6 +580,8 @@ class UpstreamConnection(asyncio.Protocol):
             response.lines.append(name + b": " + value + b"\r\n")
         elif kind == _REWRITABLE:
             response.lines.append(name + b": " + value + b"\r\n")
+            response.rewritable = True
+        elif kind == _ACCEL_REDIRECT:
             response.rewritable = True
         elif kind == _CONTENT_LENGTH:
             response.content_length = int(value)  # llhttp validated the digits and duplicates

@@ -44,6 +44,19 @@ def normalize_uri(path: str) -> str | None:
     return result
 
 
+def unsafe_uri_split(uri: str) -> tuple[str, str | None] | None:
+    """ngx_http_parse_unsafe_uri (X-Accel-Redirect's value): (path decoded, args), None when
+    the path could leave the tree ("..", "/../", a NUL) or is empty."""
+    if not uri or uri.startswith("?"):
+        return None
+    path, sep, args = uri.partition("?")
+    if "%" in path:
+        path = unquote(path, encoding="latin-1")
+    if "\x00" in path or path == ".." or path.startswith("../") or "/../" in path or path.endswith("/.."):
+        return None
+    return path, (args if sep else None)
+
+
 def split_target(target: bytes) -> tuple[str, str | None] | None:
     """``/p?a=1`` -> ("/p", "a=1"); absolute-form targets lose scheme and host, and a
     ``#fragment`` is dropped (nginx ends the URI there). None: invalid."""

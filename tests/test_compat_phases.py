@@ -44,6 +44,9 @@ BLOCK = """
         location /dir {{ }}
         location /auth {{ proxy_pass http://{peer}; proxy_intercept_errors on; error_page 401 /denied; }}
         location /denied {{ return 200 "denied page"; }}
+        location /xar {{ proxy_pass http://{peer}; }}
+        location /xar-off {{ proxy_pass http://{peer}; proxy_ignore_headers X-Accel-Redirect; }}
+        location /after-xar {{ return 200 "after $request_method $uri $args"; }}
     }}
 """
 
@@ -74,6 +77,10 @@ REQUESTS = [
     b"GET /unique HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
     b"GET /err HTTP/1.0\r\nHost: main.test\r\n\r\n",
     b"GET /auth HTTP/1.0\r\n\r\n",
+    b"POST /xar HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
+    b"GET /xar-off HTTP/1.0\r\n\r\n",
+    b"GET /xar/unsafe HTTP/1.0\r\n\r\n",
+    b"GET /xar/loop HTTP/1.0\r\n\r\n",
 ]
 # what may differ between two servers: the date, our Server name, the listening port
 _VOLATILE = re.compile(rb"^(Date|Server|Expires|Last-Modified|ETag): .*\r\n", re.M | re.I)
@@ -81,7 +88,12 @@ _VOLATILE = re.compile(rb"^(Date|Server|Expires|Last-Modified|ETag): .*\r\n", re
 
 def peer():  # type: ignore[no-untyped-def]
     async def behaviour(req: BackendRequest, writer: asyncio.StreamWriter) -> bool:
-        if req.target.startswith("/auth"):
+        if req.target.startswith("/xar"):
+            target = {"/xar/unsafe": b"/after-xar/../x", "/xar/loop": b"/xar/loop"}.get(
+                req.target, b"/after%2Dxar?q=1")
+            head = (b"HTTP/1.1 200 OK\r\nX-Accel-Redirect: " + target + b"\r\nContent-Type: text/kept\r\n"
+                    b"Set-Cookie: c=1\r\nX-Dropped: 1\r\n")
+        elif req.target.startswith("/auth"):
             # (one challenge: nginx 1.22 keeps only the first; newer nginx, the suite and we, all)
             head = b"HTTP/1.1 401 No\r\nWWW-Authenticate: Basic realm=a\r\n"
         else:
@@ -143,6 +155,10 @@ def test_phases_and_header_filters_as_nginx(tmp_path: Path) -> None:
     assert ours[20].startswith(b"HTTP/1.1 400") and ours[23].startswith(b"HTTP/1.1 501")
     assert ours[24].startswith(b"HTTP/1.1 301")  # the target's own redirect, not the 404
     assert b"WWW-Authenticate: Basic realm=a\r\n" in ours[25]
+    assert ours[26].endswith(b"after GET /after-xar q=1") and b"Content-Type: text/kept" in ours[26]
+    assert b"X-Dropped" not in ours[26] and b"Set-Cookie: c=1" in ours[26]
+    assert ours[27].endswith(b"ok") and ours[28].startswith(b"HTTP/1.1 404")
+    assert ours[29].startswith(b"HTTP/1.1 500")  # a redirect cycle: 10 at most
 
 
 @pytest.mark.parametrize(
@@ -154,7 +170,8 @@ def test_phases_and_header_filters_as_nginx(tmp_path: Path) -> None:
         ("location / { try_files x y; try_files x y; }", '"try_files" directive is duplicate'),
         ("location / { limit_except FOO { } }", 'invalid method "FOO"'),
         ("location / { limit_except GET { return 200; } }", '"return" directive is not allowed here'),
-        ("location / { limit_except GET { } limit_except POST { } }", '"limit_except" directive is duplicate'),
+        ("location / { limit_except GET { } limit_except POST { } }",
+         '"limit_except" directive is duplicate'),
         ("limit_except GET { }", '"limit_except" directive is not allowed here'),
         ("location / { expires 1x; }", '"expires" directive invalid value'),
         ("location / { expires later 1h; }", '"expires" directive invalid value'),

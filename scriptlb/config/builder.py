@@ -393,6 +393,7 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
         ignore_invalid_headers=_get(chain, "ignore_invalid_headers", True),
         source=server.source,
         ssl=_ssl_conf(server, chain),
+        rewrite=tuple(_resolved(server.values.get("rewrite_ops", ()))),
     )
 
 
@@ -401,7 +402,10 @@ def _rewrite_ops(chain: Sequence[LevelDraft]) -> tuple[RewriteOp, ...]:
     order; http has none). An ``if`` comes with the block read after it."""
     ops: list[RewriteOp] = []
     server = next(level for level in chain if isinstance(level, ServerDraft))
-    for level in (server, chain[0]):
+    own = chain[0]
+    # (a named location is entered past the server's rewrite phase, as nginx)
+    levels = (own,) if isinstance(own, LocationDraft) and own.pattern.startswith("@") else (server, own)
+    for level in levels:
         ops += _resolved(level.values.get("rewrite_ops", ()))
     return tuple(ops)
 

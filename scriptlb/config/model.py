@@ -669,6 +669,9 @@ class ServerConf:
     # the server-level default used when no location matches (nginx: 404)
     source: Source | None = None
     ssl: SslConf | None = None  # TLS settings, for servers on a `listen ... ssl` socket
+    # the server's own rewrite directives (each location's list starts with them): what runs
+    # for a URI no location matches
+    rewrite: tuple[RewriteOp, ...] = ()
 
 
 # --------------------------------------------------------------------------- stream context
