@@ -597,7 +597,16 @@ class ClientConnection(asyncio.Protocol):
                 raise cause from None
             raise  # a bug in a callback must not masquerade as a client error
         except httptools.HttpParserError as err:
-            raise ClientError(400, self._parse_error_message(err)) from None
+            message = self._parse_error_message(err)
+            # (a coding after "chunked" is one nginx does not implement: 501, as any other; a
+            # second Transfer-Encoding line is a duplicate: 400)
+            unknown = "unknown \"Transfer-Encoding\"" in message
+            parsing = self._parsing
+            if unknown and parsing is not None and parsing.chunked:
+                message = ('client sent duplicate header line: "Transfer-Encoding" '
+                           "while reading client request headers")
+                unknown = False
+            raise ClientError(501 if unknown else 400, message) from None
 
     def _parse_error_message(self, err: Exception) -> str:
         """nginx's wording for what llhttp rejected (llhttp's reasons are its own)."""

@@ -267,11 +267,15 @@ def _upstream_cookie_family(suffix: str) -> Getter:
     wanted = suffix.lower()
 
     def get(ex: Any) -> str | None:
+        # ngx_http_parse_set_cookie_lines: the name first, spaces (not tabs) around "="
         for name, value in ex.upstream_headers:
             if name.lower() == b"set-cookie":
-                key, sep, rest = value.decode("latin-1").partition("=")
-                if sep and key.strip().lower() == wanted:
-                    return rest.partition(";")[0].strip()
+                text = value.decode("latin-1")
+                if text[:len(wanted)].lower() != wanted:
+                    continue
+                rest = text[len(wanted):].lstrip(" ")
+                if rest[:1] == "=":
+                    return rest[1:].partition(";")[0].strip(" ")
         return None
 
     return get
