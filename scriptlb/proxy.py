@@ -126,7 +126,10 @@ class UpstreamRequest:
         self._body = b""
         self._started = 0.0  # for proxy_next_upstream_timeout
         self._idempotent = True
-        self._local_addr: tuple[str, int] | None = None  # a hook's bind_to_local_addr
+        # proxy_bind, or a hook's bind_to_local_addr
+        self._local_addr: tuple[str, int] | None = None
+        if self.location.proxy_bind is not None:
+            self._local_addr = _bind_address(self.location.proxy_bind(exchange), exchange)
         self.attempt: Attempt | None = None  # the try in progress
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
@@ -629,6 +632,19 @@ def _asks_upgrade(connection: bytes | None) -> bool:
     """The client's Connection header names "upgrade" (llhttp then saw an Upgrade request):
     a 101 from the peer may switch this connection."""
     return connection is not None and b"upgrade" in connection.lower()
+
+
+def _bind_address(text: str, exchange: Exchange) -> tuple[str, int] | None:
+    """proxy_bind's value for this request; an empty one binds nothing, an invalid one is
+    logged and binds nothing (nginx's ngx_http_upstream_set_local)."""
+    if not text:
+        return None
+    try:
+        return split_local_addr(text)
+    except ValueError:
+        errorlog.log_error("error", f'invalid local address "{text}"', exchange.conn_id,
+                           exchange.log_context(None))
+        return None
 
 
 def _upgrade_lines(headers: list[tuple[bytes, bytes]]) -> bytes:

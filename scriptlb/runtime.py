@@ -275,6 +275,7 @@ class LocationRuntime:
         "limit_except",
         "log_hook",
         "plan",
+        "proxy_bind",
         "proxy_host",
         "response_filter",
         "return_getter",
@@ -326,6 +327,12 @@ class LocationRuntime:
             from scriptlb.peer_rewrite import header_rewrite
 
             self.header_rewrite = header_rewrite(conf.proxy)
+        # proxy_bind: None, or the local address (text) of this request's connections to peers
+        self.proxy_bind: Callable[[Any], str] | None = None
+        if conf.proxy.bind is not None:
+            from scriptlb.variables import compile_template
+
+            self.proxy_bind = compile_template(conf.proxy.bind)
         # limit_except (scriptlb.access): None, or (methods named, the others' check)
         self.limit_except: tuple[frozenset[str], Callable[[Any], Any]] | None = None
         if conf.limit_except is not None:

@@ -47,6 +47,9 @@ BLOCK = """
         location /xar {{ proxy_pass http://{peer}; }}
         location /xar-off {{ proxy_pass http://{peer}; proxy_ignore_headers X-Accel-Redirect; }}
         location /after-xar {{ return 200 "after $request_method $uri $args"; }}
+        location /bind {{ proxy_bind $arg_b; proxy_pass http://127.0.0.1:{port}/ip; }}
+        location /bind-off {{ proxy_bind off; proxy_pass http://127.0.0.1:{port}/ip; }}
+        location /ip {{ return 200 "from $remote_addr"; }}
     }}
 """
 
@@ -81,6 +84,11 @@ REQUESTS = [
     b"GET /xar-off HTTP/1.0\r\n\r\n",
     b"GET /xar/unsafe HTTP/1.0\r\n\r\n",
     b"GET /xar/loop HTTP/1.0\r\n\r\n",
+    b"POST /unique HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    b"POST /unique HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET /bind?b=127.0.0.2 HTTP/1.0\r\n\r\n",
+    b"GET /bind HTTP/1.0\r\n\r\n",
+    b"GET /bind-off HTTP/1.0\r\n\r\n",
 ]
 # what may differ between two servers: the date, our Server name, the listening port
 _VOLATILE = re.compile(rb"^(Date|Server|Expires|Last-Modified|ETag): .*\r\n", re.M | re.I)
@@ -138,7 +146,8 @@ def test_phases_and_header_filters_as_nginx(tmp_path: Path) -> None:
         block = BLOCK.format(port=port, root=root, peer=bk[0].addr)
         with nginx_running(ngx_dir, block, [port]):
             theirs = _answers(port)
-        lb_block = block.replace(f"listen 127.0.0.1:{port};", "listen {port0};")
+        lb_block = block.replace(f"listen 127.0.0.1:{port};", "listen {port0};").replace(
+            f"127.0.0.1:{port}/", "127.0.0.1:{port0}/")
         with Scriptlb(f"daemon off; master_process off; error_log {lb_dir}/error.log info;\n"
                       f"http {{ {lb_block} }}", lb_dir) as lb:
             ours = [answer.replace(b":%d/" % lb.port, b":PORT/") for answer in _answers(lb.port)]
@@ -159,6 +168,8 @@ def test_phases_and_header_filters_as_nginx(tmp_path: Path) -> None:
     assert b"X-Dropped" not in ours[26] and b"Set-Cookie: c=1" in ours[26]
     assert ours[27].endswith(b"ok") and ours[28].startswith(b"HTTP/1.1 404")
     assert ours[29].startswith(b"HTTP/1.1 500")  # a redirect cycle: 10 at most
+    assert ours[30].startswith(b"HTTP/1.1 501") and ours[31].startswith(b"HTTP/1.1 400")
+    assert ours[32].endswith(b"from 127.0.0.2") and ours[33].endswith(b"from 127.0.0.1")
 
 
 @pytest.mark.parametrize(
@@ -179,6 +190,10 @@ def test_phases_and_header_filters_as_nginx(tmp_path: Path) -> None:
         ("location / { expires modified @1h; }",
          '"expires" directive daily time cannot be used with "modified" parameter'),
         ("location / { expires 1h; expires 2h; }", '"expires" directive is duplicate'),
+        ("proxy_bind 127.0.0.1 transparent;",
+         'the "transparent" parameter of "proxy_bind" is not supported by scriptlb'),
+        ("proxy_bind nowhere;", 'invalid address "nowhere"'),
+        ("proxy_bind off; proxy_bind off;", '"proxy_bind" directive is duplicate'),
         ("location / { add_trailer X; }", 'invalid number of arguments in "add_trailer" directive'),
         ("location / { add_trailer X $nope; }", 'unknown "nope" variable'),
     ],

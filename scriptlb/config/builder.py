@@ -65,6 +65,7 @@ from scriptlb.config.model import (
     Source,
     SslCertificate,
     SslConf,
+    Template,
     TextRewrite,
     UpstreamConf,
     UpstreamServerConf,
@@ -650,13 +651,14 @@ def _proxy_conf(chain: Sequence[LevelDraft]) -> ProxyConf:
         cookie_domains=_rules(chain, "proxy_cookie_domain"),
         cookie_paths=_rules(chain, "proxy_cookie_path"),
         cookie_flags=_rules(chain, "proxy_cookie_flags"),
+        bind=_rules(chain, "proxy_bind") or None,
     )
 
 
-def _rules(chain: Sequence[LevelDraft], name: str) -> tuple[Any, ...]:
-    """proxy_cookie_*: the innermost level's rules; () when that level says ``off``."""
+def _rules(chain: Sequence[LevelDraft], name: str) -> Any:
+    """proxy_cookie_*, proxy_bind: the innermost level's value; () when that level says ``off``."""
     rules = _get(chain, name, OFF)
-    return () if rules == OFF else tuple(rules)
+    return () if rules == OFF else rules if isinstance(rules, Template) else tuple(rules)
 
 
 def _redirects(chain: Sequence[LevelDraft]) -> tuple[TextRewrite, ...]:

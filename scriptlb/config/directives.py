@@ -647,6 +647,39 @@ def _proxy_cookie_path(state: State, node: Node, draft: LevelDraft) -> None:
         rules.append(TextRewrite("prefix", template(node, replacement), pattern=template(node, pattern)))
 
 
+def _proxy_bind(state: State, node: Node, draft: LevelDraft) -> None:
+    """``proxy_bind address [transparent] | off``: the address may have variables (an empty
+    value binds nothing, as nginx)."""
+    if "proxy_bind" in draft.values:
+        raise fail(node, '"proxy_bind" directive is duplicate')
+    if len(node.args) == 2:
+        if node.args[1] != "transparent":
+            raise fail(node, f'invalid parameter "{node.args[1]}"')
+        raise fail(node, 'the "transparent" parameter of "proxy_bind" is not supported by scriptlb')
+    value = node.args[0]
+    if value == "off":
+        draft.values["proxy_bind"] = OFF
+        return
+    bind = template(node, value)
+    if bind.static is not None and _bind_address(bind.static) is None:
+        raise fail(node, f'invalid address "{value}"')
+    draft.values["proxy_bind"] = bind
+
+
+def _bind_address(text: str) -> tuple[str, int] | None:
+    """"ip", "ip:port", "[v6]:port": the (host, port) to bind, None if it is not one."""
+    import ipaddress
+
+    from scriptlb.uri import split_local_addr
+
+    try:
+        host, port = split_local_addr(text)
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (host, port) if 0 <= port <= 65535 else None
+
+
 def _proxy_cookie_flags(state: State, node: Node, draft: LevelDraft) -> None:
     """``proxy_cookie_flags off | cookie flag ...``: flags are templates, read per response
     (an unknown one is ignored then, as nginx)."""
@@ -1504,6 +1537,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("proxy_cookie_domain", HSL, (1, 2), _proxy_cookie_domain),
     _spec("proxy_cookie_path", HSL, (1, 2), _proxy_cookie_path),
     _spec("proxy_cookie_flags", HSL, (1, 4), _proxy_cookie_flags),
+    _spec("proxy_bind", HSL, (1, 2), _proxy_bind),
     # static files (ngx_http_core_module's root, ngx_http_index_module)
     _spec("root", HSL, ONE, _root),
     _spec("index", HSL, (1, None), _index),

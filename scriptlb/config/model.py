@@ -469,6 +469,7 @@ class ProxyConf:
     cookie_domains: tuple[TextRewrite, ...] = ()  # proxy_cookie_domain; () = off
     cookie_paths: tuple[TextRewrite, ...] = ()  # proxy_cookie_path
     cookie_flags: tuple[CookieFlagsConf, ...] = ()  # proxy_cookie_flags
+    bind: Template | None = None  # proxy_bind: the local address of connections to peers
 
 
 @dataclass(frozen=True, slots=True)

@@ -234,6 +234,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "port_in_redirect": ("on | off", "on", "ngx_http_core_module", ""),
     "proxy_redirect": ("default | off | redirect replacement", "default", "ngx_http_proxy_module",
                        "Location and Refresh; prefix, ~regex, ~*regex; variables in both"),
+    "proxy_bind": ("address | off", "off", "ngx_http_proxy_module",
+                   "variables allowed (an empty value binds nothing); no transparent"),
     "proxy_cookie_domain": ("off | domain replacement", "off", "ngx_http_proxy_module", ""),
     "proxy_cookie_path": ("off | path replacement", "off", "ngx_http_proxy_module", ""),
     "proxy_cookie_flags": ("off | cookie [flag ...]", "off", "ngx_http_proxy_module",
