@@ -336,6 +336,7 @@ class ClientConnection(asyncio.Protocol):
         "server_addr",
         "server_port",
         "tls",
+        "trailers",
         "transport",
     )
 
@@ -383,6 +384,8 @@ class ClientConnection(asyncio.Protocol):
         self._framing_bytes = 0  # chunked body: bytes since the last chunk boundary or body byte
         self._fed = 0  # _FED_* flags of the feed in progress
         self._body_for: Any = None  # the handler that got body bytes in the feed in progress
+        # add_trailer: None, or what makes the trailers of the chunked response in progress
+        self.trailers: Callable[[], bytes] | None = None
         # 1: a request without keep-alive was parsed (nothing after it is read), 2: more came
         self._last_request = 0
         self._linger_until = 0.0  # lingering close: its deadline (0: not lingering)
@@ -954,17 +957,18 @@ class ClientConnection(asyncio.Protocol):
             self.bytes_sent += len(data)
             self._write(head + data if head else data)
 
-    @property
-    def chunked_body(self) -> bool:
-        """The response body is being sent chunked and is not ended yet."""
-        return self._chunked and self._body_allowed
-
-    def end_body(self, trailers: bytes = b"") -> None:
-        """Write the end of a chunked body (idempotent; ``trailers``: add_trailer's lines) and
-        anything still corked."""
+    def end_body(self) -> None:
+        """Write the end of a chunked body (idempotent; with the ``trailers`` the response has)
+        and anything still corked."""
         if self._chunked and self._body_allowed:
             self._chunked = False
-            end = b"0\r\n" + trailers + b"\r\n" if trailers else b"0\r\n\r\n"
+            make_trailers = self.trailers
+            if make_trailers is not None:
+                self.trailers = None
+                trailers = make_trailers()
+                end = b"0\r\n" + trailers + b"\r\n" if trailers else b"0\r\n\r\n"
+            else:
+                end = b"0\r\n\r\n"
             self.bytes_sent += len(end)
             self._write(self._pending_head + end)
             self._pending_head = b""
@@ -975,6 +979,7 @@ class ClientConnection(asyncio.Protocol):
         """The response is complete: end the chunked body and serve the next request."""
         if self._chunked or self._pending_head:
             self.end_body()  # (usually done already: the exchange ends the body before its log)
+        self.trailers = None  # (a response without a body did not use them)
         request = self._active_request
         if request is not None and request.has_body and not request.complete:
             # The handler answered before reading the whole body (return, error): nginx discards

@@ -23,9 +23,10 @@ import time
 from typing import TYPE_CHECKING
 
 from scriptlb import errorlog, responses, safety
+from scriptlb.access import ANSWERED
 from scriptlb.downstream import ClientConnection, Request
 from scriptlb.error_pages import split_uri
-from scriptlb.headers_filter import request_header, with_kept
+from scriptlb.headers_filter import AddHeaders, request_header, with_kept
 from scriptlb.locations import normalize_host
 from scriptlb.proxy import UpstreamRequest
 from scriptlb.rewrite import BREAK, CONTINUE, DONE, target_of
@@ -265,24 +266,18 @@ class Exchange:
             if self._early_status:
                 self.finish_with_page(self._early_status)
                 return
-            limit = self.location.limit_except
-            if limit is not None and self.method not in limit[0]:
-                refused = limit[1](self)
-                if refused is not None:
-                    self.finish_with_page(*refused)
-                    return
             if self.location.rewrite is not None and self._rewrite_phase():
                 return  # answered (return, redirect) or refused (a rewrite cycle)
             location = self.location
             # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
+            # (then try_files, which the same callable runs: ANSWERED when it did)
             if location.access is not None and location.conf.return_ is None:
                 refused = location.access(self)
                 if refused is not None:
-                    self.finish_with_page(*refused)
+                    if refused is not ANSWERED:
+                        self.finish_with_page(*refused)
                     return
-            if location.try_files is not None and location.try_files(self):
-                return  # answered, or redirected
-            location = self.location
+                location = self.location
             if location.conf.return_ is not None or location.upstream is None:
                 if self.request.complete or not self.request.has_body:
                     self._serve_return()
@@ -578,19 +573,19 @@ class Exchange:
         location = self.location
         trailers = location.add_trailers if location is not None else None
         if trailers is not None and self.http_version == "1.1" and trailers.applies(status):
+            self.conn.trailers = lambda: self._trailer_lines(trailers, status)
             return None
         return length
 
+    def _trailer_lines(self, trailers: AddHeaders, status: int) -> bytes:
+        """add_trailer's lines, made as the chunked body ends ($sent_trailer_* then sees them)."""
+        self.sent_trailers = b""
+        self.sent_trailers = lines = trailers.lines(self, status, b"")
+        return lines
+
     def complete_response(self) -> None:
         conn = self.conn
-        location = self.location
-        trailers = location.add_trailers if location is not None else None
-        if trailers is not None and conn.chunked_body:
-            self.sent_trailers = b""
-            self.sent_trailers = lines = trailers.lines(self, self.status, b"")
-            conn.end_body(lines)
-        else:
-            conn.end_body()
+        conn.end_body()
         self.bytes_sent = conn.bytes_sent
         self.body_bytes_sent = conn.body_bytes_sent
         self._finished = True

@@ -521,17 +521,10 @@ class UpstreamRequest:
             headers = trace.headers(ex, headers)
         ex.response_headers = headers
         client = ex.conn
-        err_status = ex.err_status
-        if err_status:  # after an internal redirect: the headers it kept
-            headers = ex.response_headers = with_kept(ex.kept_headers, headers, kept_wins=False)
-        if err_status > 0:  # the answer to an error_page redirect carries the original code
-            ex.status = err_status
-            client.send_head(err_status, headers, ex.body_length(err_status, response.content_length))
+        if not ex.err_status and location.add_trailers is None:  # (the usual response)
+            client.send_head(response.status, headers, response.content_length, reason=response.reason)
         else:
-            length = response.content_length
-            if location.add_trailers is not None:
-                length = ex.body_length(response.status, length)
-            client.send_head(response.status, headers, length, reason=response.reason)
+            _send_head_unusual(ex, response, headers)
         conn.stream_to(self)  # the body that came with the head goes out with it
         if self.attempt is attempt:  # still streaming: not completed by stream_to
             client.flush()
@@ -632,6 +625,20 @@ def _asks_upgrade(connection: bytes | None) -> bool:
     """The client's Connection header names "upgrade" (llhttp then saw an Upgrade request):
     a 101 from the peer may switch this connection."""
     return connection is not None and b"upgrade" in connection.lower()
+
+
+def _send_head_unusual(ex: Exchange, response: ResponseHead, headers: bytes) -> None:
+    """The head of a peer's response after an internal redirect (the headers it kept; after
+    error_page, the original status) or with add_trailer (chunked, to carry them)."""
+    err_status = ex.err_status
+    if err_status:
+        headers = ex.response_headers = with_kept(ex.kept_headers, headers, kept_wins=False)
+    if err_status > 0:
+        ex.status = err_status
+        ex.conn.send_head(err_status, headers, ex.body_length(err_status, response.content_length))
+    else:
+        length = ex.body_length(response.status, response.content_length)
+        ex.conn.send_head(response.status, headers, length, reason=response.reason)
 
 
 def _bind_address(text: str, exchange: Exchange) -> tuple[str, int] | None:

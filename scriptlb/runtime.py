@@ -272,7 +272,6 @@ class LocationRuntime:
         "content",
         "error_pages",
         "header_rewrite",
-        "limit_except",
         "log_hook",
         "plan",
         "proxy_bind",
@@ -282,7 +281,6 @@ class LocationRuntime:
         "rewrite",
         "tls",
         "trace",
-        "try_files",
         "upstream",
         "zone",
     )
@@ -333,20 +331,18 @@ class LocationRuntime:
             from scriptlb.variables import compile_template
 
             self.proxy_bind = compile_template(conf.proxy.bind)
-        # limit_except (scriptlb.access): None, or (methods named, the others' check)
-        self.limit_except: tuple[frozenset[str], Callable[[Any], Any]] | None = None
-        if conf.limit_except is not None:
-            from scriptlb.access import limit_except_phase
-
-            self.limit_except = limit_except_phase(conf)
-        # try_files (scriptlb.static): None, or check(exchange) -> answered
-        self.try_files: Callable[[Any], bool] | None = None
-        # set / if / rewrite / break (scriptlb.rewrite): None, or the compiled phase
+        # set / if / rewrite / break (scriptlb.rewrite): None, or the compiled phase; with
+        # limit_except (scriptlb.access), wrapped in it (its check comes first for the methods
+        # it does not name)
         self.rewrite: Any = None
         if conf.rewrite:
             from scriptlb.rewrite import RewritePhase
 
             self.rewrite = RewritePhase(conf.rewrite)
+        if conf.limit_except is not None:
+            from scriptlb.access import LimitExcept
+
+            self.rewrite = LimitExcept(conf, self.rewrite)
         # error_page (scriptlb.error_pages): None, or status -> ErrorPage
         self.error_pages: dict | None = None
         if conf.error_pages:
@@ -536,10 +532,11 @@ class Runtime:
             from scriptlb.static import StaticFiles
 
             location.content = StaticFiles(conf)
-        if conf.try_files is not None:
+        if conf.try_files is not None:  # (run with the access phase: see Exchange.start)
+            from scriptlb.access import access_phase
             from scriptlb.static import TryFiles
 
-            location.try_files = TryFiles(conf, location.content)
+            location.access = access_phase(conf, TryFiles(conf, location.content))
         return location
 
     def _peer_tls(self, conf: LocationConf, proxy_host: str) -> Any:
