@@ -681,21 +681,24 @@ class ClientConnection(asyncio.Protocol):
         return bool(name) and underscores and not name.translate(None, _NAME_CHARS_UNDERSCORE)
 
     def _note_header(self, request: Request, lower: bytes, value: bytes) -> None:
-        if lower in _UNIQUE_HEADERS:
-            _refuse_duplicate(request.headers, lower)
         if lower == b"host":
             if request.host is not None:
                 raise ClientError(400, "client sent duplicate host header "
                                        "while reading client request headers")
             request.host = value
         elif lower == b"content-length":
+            _refuse_duplicate(request.headers, lower)
             request.content_length = _content_length(value)
         elif lower == b"transfer-encoding":
+            _refuse_duplicate(request.headers, lower)
             request.chunked = True  # (its value is checked once the head is read, as nginx)
         elif lower == b"expect":
+            _refuse_duplicate(request.headers, lower)
             request.expect_continue = value.lower() == b"100-continue"
         elif lower == b"connection":
             request.connection = value if request.connection is None else request.connection + b"," + value
+        elif lower in _UNIQUE_HEADERS:  # (the If-*, Authorization...)
+            _refuse_duplicate(request.headers, lower)
 
     def on_headers_complete(self) -> None:
         request = self._parsing

@@ -362,7 +362,6 @@ class UpstreamRequest:
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
         conn.upgrade = _asks_upgrade(ex.request.connection) and ex.header("upgrade") is not None
         head = self._head
-        last = False
         if streamed:  # what arrived already goes with the head, in one write (as nginx)
             early, last = self._body_bytes()
             head += early

@@ -578,11 +578,6 @@ class UpstreamConnection(asyncio.Protocol):
             kind = _header_kind(name)
         if kind == _PASSED:
             response.lines.append(name + b": " + value + b"\r\n")
-        elif kind == _REWRITABLE:
-            response.lines.append(name + b": " + value + b"\r\n")
-            response.rewritable = True
-        elif kind == _ACCEL_REDIRECT:
-            response.rewritable = True
         elif kind == _CONTENT_LENGTH:
             response.content_length = int(value)  # llhttp validated the digits and duplicates
         elif kind == _CONNECTION:
@@ -590,6 +585,10 @@ class UpstreamConnection(asyncio.Protocol):
             response.connection = value if connection is None else connection + b", " + value
         elif kind == _TRANSFER_ENCODING:
             response.chunked = True
+        elif kind < _PASSED:  # (Location, Refresh, Set-Cookie; X-Accel-Redirect: hidden)
+            if kind == _REWRITABLE:
+                response.lines.append(name + b": " + value + b"\r\n")
+            response.rewritable = True
 
     def on_headers_complete(self) -> None:
         parser = self._parser
