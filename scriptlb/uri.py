@@ -76,8 +76,9 @@ def split_target(target: bytes) -> tuple[str, str | None] | None:
     return path, (args if sep else None)
 
 
-# what nginx's request-line parser lets through as an absolute URI's host[:port]
-_AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(?::[0-9]*)?")
+# what nginx's request-line parser lets through as an absolute URI's host[:port] (an IPv6 or
+# IPvFuture literal in brackets)
+_AUTHORITY = re.compile(rb"(?:\[[0-9A-Za-z:.!$&'()*+,;=_~-]+\]|[A-Za-z0-9._-]*)(?::[0-9]*)?")
 
 
 def absolute_host(target: bytes) -> bytes | None:
