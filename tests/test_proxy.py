@@ -521,3 +521,18 @@ def test_location_match_memo_gives_the_matchers_answer_and_stays_bounded(
             assert len(server._matched) <= 8
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize(
+    ("target", "host"),
+    [
+        (b"http://h:8/p", b"h:8"),
+        (b"http://[::1]:8/", b"[::1]:8"),
+        (b"http://[v1.a!$&'()*+,;=-._~:]/", b"[v1.a!$&'()*+,;=-._~:]"),  # IPvFuture
+        (b"http://h h/", None),
+    ],
+)
+def test_absolute_form_host(target: bytes, host: bytes | None) -> None:
+    from scriptlb.uri import absolute_host
+
+    assert absolute_host(target) == host
