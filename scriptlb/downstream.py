@@ -489,12 +489,13 @@ class ClientConnection(asyncio.Protocol):
                 self._check_line_start(data)
             self._fed = 0
             self._feed(data)
-            body_for = self._body_for
-            if body_for is not None:
-                self._body_for = None
-                if body_for is self.active:
-                    body_for.body_received()
             if self._parsing is not None or self._line_bytes:
+                # (a body read in this feed and not ended by it: its handler is told now)
+                body_for = self._body_for
+                if body_for is not None:
+                    self._body_for = None
+                    if body_for is self.active:
+                        body_for.body_received()
                 self._check_partial_line(data)
         except ClientError as err:
             self._client_error(err)
@@ -717,8 +718,6 @@ class ClientConnection(asyncio.Protocol):
         if request.version == "1.1" and request.host is None:
             raise ClientError(400, "client sent HTTP/1.1 request without \"Host\" header "
                                    "while reading client request headers")
-        if request.chunked:
-            _check_transfer_encoding(request.headers)
         request.keep_alive = parser.should_keep_alive()
         self._read_framing(request)
         handler = self.listener.open_exchange(self, request)
@@ -740,12 +739,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _read_framing(self, request: Request) -> None:
         # llhttp already rejects Content-Length together with Transfer-Encoding, duplicate
-        # Content-Length lines and any Transfer-Encoding other than a final "chunked";
-        # on_header noted the values.
+        # Content-Length lines and a coding after "chunked"; on_header noted the values.
         request.has_body = request.chunked or bool(request.content_length)
-        if request.chunked and request.version == "1.0":
-            raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "
-                                   "while reading client request headers")
+        if request.chunked:
+            if request.version == "1.0":
+                raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "
+                                       "while reading client request headers")
+            _check_transfer_encoding(request.headers)
 
     def on_body(self, chunk: bytes) -> None:
         request = self._parsing
