@@ -12,9 +12,9 @@ from helpers import BackendRequest, Backends, Scriptlb, raw_exchange
 from test_round_robin import NGINX, free_ports, nginx_running
 
 from scriptlb.config.model import CookieFlagsConf, LocationConf, ProxyConf, TextRewrite
-from scriptlb.config.variables import compile_template
-from scriptlb.locations import LocationMatcher
-from scriptlb.peer_rewrite import header_rewrite, parse_cookie
+from scriptlb.config.templates import compile_template
+from scriptlb.request.peer_rewrite import header_rewrite, parse_cookie
+from scriptlb.routing.locations import LocationMatcher
 
 # the peer answers every request with these headers (the path picks the set)
 PEER_HEADERS = {

@@ -59,8 +59,9 @@ from scriptlb.config.model import (
     TryFilesConf,
 )
 from scriptlb.config.parser import Node
+from scriptlb.config.regex import compile_nginx_regex
+from scriptlb.config.templates import KNOWN_VARIABLES, TemplateError, compile_template
 from scriptlb.config.units import parse_int, parse_offset, parse_size, parse_time
-from scriptlb.config.variables import KNOWN_VARIABLES, TemplateError, compile_template
 
 
 class Ctx(IntFlag):
@@ -279,7 +280,7 @@ def _server_name(state: State, node: Node, draft: ServerDraft) -> None:
             raise fail(node, f'variables in server name "{name}" are not supported')
         if name.startswith("~"):
             _check_regex(node, name[1:], caseless=any("A" <= ch <= "Z" for ch in name))
-        # kept as written: scriptlb.locations lower-cases plain names and compiles a regex
+        # kept as written: scriptlb.routing.locations lower-cases plain names and compiles a regex
         # caselessly when it has an upper-case letter, as nginx does
         draft.server_names.append(name)
 
@@ -320,9 +321,6 @@ def _check_nested(node: Node, parent: LocationDraft, modifier: str, pattern: str
 
 def _check_regex(node: Node, pattern: str, caseless: bool) -> None:
     """Compile as the runtime will (PCRE syntax mapped to ``re``), so a bad one fails here."""
-    # imported here: scriptlb.locations imports the config model, which imports this package
-    from scriptlb.locations import compile_nginx_regex
-
     try:
         compile_nginx_regex(pattern, caseless)
     except re.error as e:
@@ -667,17 +665,22 @@ def _proxy_bind(state: State, node: Node, draft: LevelDraft) -> None:
 
 
 def _bind_address(text: str) -> tuple[str, int] | None:
-    """"ip", "ip:port", "[v6]:port": the (host, port) to bind, None if it is not one."""
+    """"ip", "ip:port", "[v6]:port" or "v6": the (host, port) to bind, None if it is not one."""
     import ipaddress
 
-    from scriptlb.uri import split_local_addr
-
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, "0"
+    number = parse_int(port or "0")
     try:
-        host, port = split_local_addr(text)
         ipaddress.ip_address(host)
     except ValueError:
         return None
-    return (host, port) if 0 <= port <= 65535 else None
+    return (host, number) if number is not None and number <= 65535 else None
 
 
 def _proxy_cookie_flags(state: State, node: Node, draft: LevelDraft) -> None:
@@ -886,7 +889,7 @@ def _package_pattern(state: State, node: Node, pattern: str) -> str:
     return state.path(pattern)
 
 
-# scriptlb.shared_dict.MIN_SIZE, repeated so loading a config does not import LMDB; a test
+# scriptlb.state.shared_dict.MIN_SIZE, repeated so loading a config does not import LMDB; a test
 # keeps the two equal. lua_shared_dict's floor is 8 KiB; an LMDB environment needs more.
 MIN_SHARED_DICT_SIZE = 16 * 4096
 
@@ -1173,7 +1176,7 @@ def _upstream_state(state: State, node: Node, draft: UpstreamDraft) -> None:
 
 def _discovery(state: State, node: Node, draft: UpstreamDraft) -> None:
     """``discovery etcd=http://HOST:PORT prefix=/KEY/PREFIX/ [timeout=T]``: the servers are the
-    keys under the prefix in etcd (scriptlb.discovery)."""
+    keys under the prefix in etcd (scriptlb.ops.discovery)."""
     values: dict[str, str] = {}
     for param in node.args:
         key, eq, value = param.partition("=")
