@@ -27,6 +27,7 @@ BLOCK = """
         location /fallback {{ return 200 "fallback $uri $args"; }}
         location /files/ {{ alias {root}/sub/; try_files $uri =404; }}
         location /lim {{ limit_except GET {{ deny all; }} return 200 "allowed $request_method"; }}
+        location /lim2 {{ deny all; limit_except GET {{ allow 127.0.0.1; }} proxy_pass http://{peer}; }}
         location /exp/epoch {{ expires epoch; return 200 x; }}
         location /exp/max {{ expires max; add_header Cache-Control extra; return 200 x; }}
         location /exp/neg {{ expires -1h; return 200 x; }}
@@ -89,6 +90,8 @@ REQUESTS = [
     b"GET /bind?b=127.0.0.2 HTTP/1.0\r\n\r\n",
     b"GET /bind HTTP/1.0\r\n\r\n",
     b"GET /bind-off HTTP/1.0\r\n\r\n",
+    b"GET /lim2 HTTP/1.0\r\n\r\n",
+    b"DELETE /lim2 HTTP/1.0\r\n\r\n",
 ]
 # what may differ between two servers: the date, our Server name, the listening port
 _VOLATILE = re.compile(rb"^(Date|Server|Expires|Last-Modified|ETag): .*\r\n", re.M | re.I)
@@ -170,6 +173,7 @@ def test_phases_and_header_filters_as_nginx(tmp_path: Path) -> None:
     assert ours[29].startswith(b"HTTP/1.1 500")  # a redirect cycle: 10 at most
     assert ours[30].startswith(b"HTTP/1.1 501") and ours[31].startswith(b"HTTP/1.1 400")
     assert ours[32].endswith(b"from 127.0.0.2") and ours[33].endswith(b"from 127.0.0.1")
+    assert ours[-2].startswith(b"HTTP/1.1 403") and ours[-1].endswith(b"ok")  # the block's rules only
 
 
 @pytest.mark.parametrize(

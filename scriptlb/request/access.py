@@ -41,6 +41,9 @@ def access_phase(conf: LocationConf, try_files: Callable[[Any], bool] | None = N
     """The location's check (None: nothing to check), followed by ``try_files`` (nginx's
     phase after access) when the location has it: one callable, one test per request."""
     check = _access_check(conf.access, conf.auth_basic, conf.auth_basic_user_file)
+    if check is not None and conf.limit_except is not None:
+        # (the methods limit_except does not name had the block's check instead: LimitExcept)
+        check = _for_methods(conf.limit_except.methods, check)
     if try_files is None:
         return check
 
@@ -51,6 +54,13 @@ def access_phase(conf: LocationConf, try_files: Callable[[Any], bool] | None = N
         return ANSWERED if try_files(exchange) else None
 
     return check_then_try_files
+
+
+def _for_methods(methods: frozenset[str], check: Callable[[Any], Verdict]) -> Callable[[Any], Verdict]:
+    def only_named(exchange: Any) -> Verdict:
+        return check(exchange) if exchange.method in methods else None
+
+    return only_named
 
 
 class LimitExcept:

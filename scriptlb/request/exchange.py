@@ -49,7 +49,7 @@ class Exchange:
     __slots__ = (
         "_early_status",
         "_finished",
-        "_kept_headers",  # see kept_headers (unset until an intercepted 401 sets it)
+        "_kept_headers",  # see kept_headers (unset until an internal redirect keeps some)
         "_logged",
         "_redirected",
         "_redirects_left",  # internal redirects still allowed (unset until the first one)
