@@ -167,9 +167,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "ssl_session_timeout": ("time", "5m", "ngx_http_ssl_module", ""),
     "ssl_session_tickets": ("on | off", "on", "ngx_http_ssl_module", ""),
     "ssl_session_ticket_key": ("file", "-",
-                               "ngx_http_ssl_module", "nginx's 48- or 80-byte file; several: all are "
-                               "checked, the first encrypts and decrypts (tickets made with the others "
-                               "fall back to a full handshake)"),
+                               "ngx_http_ssl_module", "nginx's 48- or 80-byte file; several (key "
+                               "rotation): the first encrypts, all decrypt, as nginx"),
     "ssl_client_certificate": ("file", "-", "ngx_http_ssl_module", ""),
     "ssl_verify_client": ("on | off | optional | optional_no_ca", "off", "ngx_http_ssl_module",
                           "as nginx: the handshake finishes and requests get the 400 pages "

@@ -148,7 +148,7 @@ def _set_ticket_keys(ctx: ssl.SSLContext, conf: SslConf) -> None:
         raise TlsConfigError('"ssl_session_ticket_key" is not supported by scriptlb on this Python '
                              "(its libssl could not be reached)", conf.source)
     keys = []
-    for path, source in conf.session_ticket_keys:  # all are read (checked); the first encrypts
+    for path, source in conf.session_ticket_keys:  # the first encrypts, all decrypt
         try:
             with open(path, "rb") as f:
                 data = f.read(81)
@@ -157,7 +157,10 @@ def _set_ticket_keys(ctx: ssl.SSLContext, conf: SslConf) -> None:
         if len(data) not in (48, 80):
             raise TlsConfigError(f'"{path}" must be 48 or 80 bytes', source)
         keys.append(ticket_keys(data))
-    tls_native.set_ticket_keys(ctx, keys[0])
+    if len(keys) == 1:  # (OpenSSL's own tickets: no Python call per ticket)
+        tls_native.set_ticket_keys(ctx, keys[0])
+    else:
+        tls_native.set_ticket_key_list(ctx, keys)
 
 
 def _set_protocols(ctx: ssl.SSLContext, conf: SslConf) -> None:
@@ -407,6 +410,31 @@ def _client_raw_cert(ex: Any) -> str | None:
     return ssl.DER_cert_to_PEM_cert(der) if der else None
 
 
+def _client_cert_tabbed(ex: Any) -> str | None:
+    """$ssl_client_cert (deprecated in nginx, still in configs): the PEM without its last newline,
+    every line after the first starting with a tab (to fit in a header, as nginx's)."""
+    pem = _client_raw_cert(ex)
+    return pem[:-1].replace("\n", "\n\t") if pem else None
+
+
+def _client_ciphers(ex: Any) -> str | None:
+    tls = _tls(ex)
+    if tls is None:
+        return None
+    from scriptlb.http import tls_native
+
+    return tls_native.client_ciphers(tls)
+
+
+def _client_curves(ex: Any) -> str | None:
+    tls = _tls(ex)
+    if tls is None:
+        return None
+    from scriptlb.http import tls_native
+
+    return tls_native.client_curves(tls)
+
+
 def _client_escaped_cert(ex: Any) -> str | None:
     pem = _client_raw_cert(ex)
     return quote(pem, safe="") if pem else None
@@ -441,6 +469,9 @@ TLS_VARIABLES: dict[str, Callable[[Any], str | None]] = {
     "ssl_client_v_end": _client_v_end,
     "ssl_client_v_remain": _client_v_remain,
     "ssl_client_raw_cert": _client_raw_cert,
+    "ssl_client_cert": _client_cert_tabbed,
+    "ssl_ciphers": _client_ciphers,
+    "ssl_curves": _client_curves,
     "ssl_client_escaped_cert": _client_escaped_cert,
     "ssl_alpn_protocol": _alpn_protocol,
     "ssl_session_id": _session_id,

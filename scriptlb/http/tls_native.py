@@ -15,7 +15,11 @@ nginx behaviours that need them:
 - ``ssl_session_cache``: the cache mode and size (``off``, ``none``, ``builtin:N``).
 - ``ssl_session_timeout``: a session's lifetime (``SSL_CTX_set_timeout``).
 - ``ssl_session_ticket_key``: the ticket keys (``SSL_CTRL_SET_TLSEXT_TICKET_KEYS``), so that
-  every worker (and every node sharing the file) can resume the others' sessions.
+  every worker (and every node sharing the file) can resume the others' sessions; several files
+  (key rotation): a ticket key callback, as nginx's, encrypting with the first key and
+  decrypting with any (``SSL_CTX_set_tlsext_ticket_key_cb``).
+- ``$ssl_ciphers`` and ``$ssl_curves``: the client's offered lists
+  (``SSL_get0_raw_cipherlist``, ``SSL_get1_curves``).
 - SNI: switching a connection to another server's context must also switch the verification
   settings (OpenSSL keeps the first context's on the connection; nginx copies them too).
 
@@ -37,6 +41,12 @@ SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 SSL_CTRL_SET_GROUPS_LIST = 92
 SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 SSL_CTRL_SET_SESS_CACHE_MODE = 44
+SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB = 72
+SSL_CTRL_GET_GROUPS = 90
+SSL_CTRL_GET_RAW_CIPHERLIST = 110
+TLSEXT_NID_UNKNOWN = 0x1000000
+TICKET_KEY_NAME_SIZE = 16
+TICKET_IV_SIZE = 16  # AES-CBC's
 SSL_SESS_CACHE_OFF = 0x0
 SSL_SESS_CACHE_SERVER = 0x2
 SSL_SESS_CACHE_NO_AUTO_CLEAR = 0x80
@@ -55,12 +65,18 @@ def _accept_all(ok: int, store: int | None) -> int:
 
 _ACCEPT_ALL = _VERIFY_CALLBACK_TYPE(_accept_all)  # (kept alive as long as the module)
 
+# int cb(SSL *s, unsigned char key_name[16], unsigned char iv[16], EVP_CIPHER_CTX *cipher,
+#        HMAC_CTX *hmac, int enc)
+_TICKET_CALLBACK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+
 
 class _Lib:
     """libssl's functions, typed."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, crypto_path: str) -> None:
         lib = ctypes.CDLL(path)
+        self._crypto(ctypes.CDLL(crypto_path))
         self.ctx_set_verify = lib.SSL_CTX_set_verify
         self.ctx_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         self.ctx_set_verify.restype = None
@@ -106,15 +122,57 @@ class _Lib:
         self.verify_cert_error_string = lib.X509_verify_cert_error_string  # (libcrypto's, via libssl)
         self.verify_cert_error_string.argtypes = [ctypes.c_long]
         self.verify_cert_error_string.restype = ctypes.c_char_p
+        self.ctx_callback_ctrl = lib.SSL_CTX_callback_ctrl
+        self.ctx_callback_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        self.ctx_callback_ctrl.restype = ctypes.c_long
+        self.ctrl = lib.SSL_ctrl
+        self.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        self.ctrl.restype = ctypes.c_long
+        self.cipher_find = lib.SSL_CIPHER_find
+        self.cipher_find.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.cipher_find.restype = ctypes.c_void_p
+        self.cipher_get_name = lib.SSL_CIPHER_get_name
+        self.cipher_get_name.argtypes = [ctypes.c_void_p]
+        self.cipher_get_name.restype = ctypes.c_char_p
+        self.group_to_name = lib.SSL_group_to_name
+        self.group_to_name.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.group_to_name.restype = ctypes.c_char_p
+
+    def _crypto(self, crypto: ctypes.CDLL) -> None:
+        """libcrypto's, for session tickets and curve names."""
+        self.rand_bytes = crypto.RAND_bytes
+        self.rand_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.rand_bytes.restype = ctypes.c_int
+        self.aes_256_cbc = crypto.EVP_aes_256_cbc
+        self.aes_256_cbc.argtypes = []
+        self.aes_256_cbc.restype = ctypes.c_void_p
+        self.sha256 = crypto.EVP_sha256
+        self.sha256.argtypes = []
+        self.sha256.restype = ctypes.c_void_p
+        cipher_init = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        self.encrypt_init = crypto.EVP_EncryptInit_ex
+        self.encrypt_init.argtypes = cipher_init
+        self.encrypt_init.restype = ctypes.c_int
+        self.decrypt_init = crypto.EVP_DecryptInit_ex
+        self.decrypt_init.argtypes = cipher_init
+        self.decrypt_init.restype = ctypes.c_int
+        self.hmac_init = crypto.HMAC_Init_ex
+        self.hmac_init.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p,
+                                   ctypes.c_void_p]
+        self.hmac_init.restype = ctypes.c_int
+        self.nid2sn = crypto.OBJ_nid2sn
+        self.nid2sn.argtypes = [ctypes.c_int]
+        self.nid2sn.restype = ctypes.c_char_p
 
 
-def _loaded_libssl() -> str | None:
-    """The path of the libssl mapped into this process (the one _ssl is linked with)."""
+def _loaded_library(name: str) -> str | None:
+    """The path of the library ``name`` ("libssl") mapped into this process (the one _ssl is
+    linked with)."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
                 path = line.rstrip("\n").split(None, 5)[-1] if line.count(" ") >= 5 else ""
-                if "/libssl.so" in path:
+                if f"/{name}.so" in path:
                     return path
     except OSError:
         return None
@@ -136,11 +194,11 @@ def _lib() -> _Lib | None:
 def _probe() -> _Lib | None:
     if sys.implementation.name != "cpython":
         return None
-    path = _loaded_libssl()
-    if path is None:
+    path, crypto_path = _loaded_library("libssl"), _loaded_library("libcrypto")
+    if path is None or crypto_path is None:
         return None
     try:
-        lib = _Lib(path)
+        lib = _Lib(path, crypto_path)
     except (OSError, AttributeError):
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -251,3 +309,96 @@ def verify_error_text(code: int) -> str:
     lib = _lib()
     text = lib.verify_cert_error_string(code) if lib is not None else None
     return text.decode("ascii", "replace") if text else f"error {code}"
+
+
+def set_ticket_key_list(ctx: ssl.SSLContext, keys: list[bytes]) -> None:
+    """Several ssl_session_ticket_key files (key rotation), as nginx's
+    ngx_ssl_ticket_key_callback: new tickets are encrypted with the first key, a ticket made
+    with any of them is decrypted (and, when not the first's, renewed with it). Each key is
+    TICKET_KEYS_SIZE bytes in OpenSSL's layout, used as OpenSSL's built-in tickets use theirs
+    (AES-256-CBC, HMAC-SHA256), so a ticket made by a server with one of these keys alone
+    (``set_ticket_keys``) resumes here and the other way round."""
+    lib = _lib()
+    assert lib is not None and keys and all(len(key) == TICKET_KEYS_SIZE for key in keys)
+    by_name: dict[bytes, tuple[int, bytes]] = {}
+    for index, key in enumerate(keys):
+        by_name.setdefault(key[:TICKET_KEY_NAME_SIZE], (index, key))
+    first = keys[0]
+
+    def on_ticket(_ssl: int, name: int, iv: int, cipher_ctx: int, hmac_ctx: int, encrypt: int) -> int:
+        try:
+            if encrypt == 1:
+                ctypes.memmove(name, first, TICKET_KEY_NAME_SIZE)
+                if lib.rand_bytes(iv, TICKET_IV_SIZE) != 1:
+                    return -1
+                return 1 if _init_ticket_crypto(lib, first, iv, cipher_ctx, hmac_ctx, encrypt=True) else -1
+            found = by_name.get(ctypes.string_at(name, TICKET_KEY_NAME_SIZE))
+            if found is None:
+                return 0  # an unknown key: a full handshake
+            index, key = found
+            if not _init_ticket_crypto(lib, key, iv, cipher_ctx, hmac_ctx, encrypt=False):
+                return -1
+            return 1 if index == 0 else 2  # 2: OpenSSL issues a ticket under the first key
+        except Exception:  # (never let an exception cross into OpenSSL: fail this handshake)
+            return -1
+
+    callback = _TICKET_CALLBACK_TYPE(on_ticket)
+    ctx.scriptlb_ticket_callback = callback  # type: ignore[attr-defined]  # (alive as long as ctx)
+    pointer = _context_pointer(ctx)
+    function = ctypes.cast(callback, ctypes.c_void_p)
+    if lib.ctx_callback_ctrl(pointer, SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB, function) != 1:
+        raise ssl.SSLError("SSL_CTX_set_tlsext_ticket_key_cb() failed")
+
+
+def _init_ticket_crypto(lib: _Lib, key: bytes, iv: int, cipher_ctx: int, hmac_ctx: int,
+                        encrypt: bool) -> bool:
+    hmac_key = key[TICKET_KEY_NAME_SIZE:TICKET_KEY_NAME_SIZE + 32]
+    aes_key = key[TICKET_KEY_NAME_SIZE + 32:]
+    if lib.hmac_init(hmac_ctx, hmac_key, len(hmac_key), lib.sha256(), None) != 1:
+        return False
+    init = lib.encrypt_init if encrypt else lib.decrypt_init
+    return bool(init(cipher_ctx, lib.aes_256_cbc(), None, aes_key, iv) == 1)
+
+
+def client_ciphers(obj: Any) -> str:
+    """$ssl_ciphers: the ciphers the client offered, in its order, by OpenSSL's names; one
+    OpenSSL does not know as "0x" and its hex bytes (nginx's ngx_ssl_get_ciphers)."""
+    lib = _lib()
+    if lib is None:
+        return ""
+    connection = _connection_pointer(obj)
+    size = lib.ctrl(connection, SSL_CTRL_GET_RAW_CIPHERLIST, 0, None)
+    raw = ctypes.c_void_p()
+    length = lib.ctrl(connection, SSL_CTRL_GET_RAW_CIPHERLIST, 0, ctypes.byref(raw))
+    if length <= 0 or size <= 0 or not raw.value:
+        return ""
+    data = ctypes.string_at(raw.value, length)
+    names = []
+    for start in range(0, length - size + 1, size):
+        cipher = lib.cipher_find(connection, raw.value + start)
+        name = lib.cipher_get_name(cipher) if cipher else None
+        names.append(name.decode("ascii", "replace") if name else "0x" + data[start:start + size].hex())
+    return ":".join(names)
+
+
+def client_curves(obj: Any) -> str:
+    """$ssl_curves: the groups the client supports, in its order (nginx's ngx_ssl_get_curves:
+    OpenSSL's short names, "0x" and the group's hex number for one it does not know)."""
+    lib = _lib()
+    if lib is None:
+        return ""
+    connection = _connection_pointer(obj)
+    count = lib.ctrl(connection, SSL_CTRL_GET_GROUPS, 0, None)
+    if count <= 0:
+        return ""
+    nids = (ctypes.c_int * count)()
+    count = min(count, lib.ctrl(connection, SSL_CTRL_GET_GROUPS, 0, nids))
+    names = []
+    for nid in nids[:count]:
+        if nid & TLSEXT_NID_UNKNOWN:
+            name = lib.group_to_name(connection, nid)
+            names.append(name.decode("ascii", "replace") if name else f"0x{nid & 0xffff:04x}")
+        else:
+            short = lib.nid2sn(nid)
+            names.append(short.decode("ascii", "replace") if short else "")
+    return ":".join(names)
