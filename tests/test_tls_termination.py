@@ -361,9 +361,15 @@ def test_several_ticket_keys_the_first_encrypts_all_decrypt_as_nginx(tmp_path: P
     assert seen[1:] in ([], [seen[0]])
 
 
+@pytest.mark.parametrize(("extra", "protocol"), [("", "TLSv1.2 TLSv1.3"),
+                                                ("ssl_session_tickets off;", "TLSv1.2"),
+                                                ("ssl_session_tickets off;", "TLSv1.3")])
 @pytest.mark.slow
 def test_sessions_resume_across_the_workers_of_a_master(tmp_path: Path, ca: trustme.CA,
-                                                       certs: dict[str, Path]) -> None:  # noqa: F811
+                                                       certs: dict[str, Path],  # noqa: F811
+                                                       extra: str, protocol: str) -> None:
+    """Tickets (the default) carry the session to any worker; without them the session ID (or
+    TLSv1.3's stateful ticket) is looked up in the ssl_session_cache shared: zone."""
     from helpers import master_process
 
     (port,) = free_ports(1)
@@ -374,7 +380,7 @@ def test_sessions_resume_across_the_workers_of_a_master(tmp_path: Path, ca: trus
             server {{
                 listen 127.0.0.1:{port} ssl reuseport;
                 ssl_certificate {certs['a.test.crt']}; ssl_certificate_key {certs['a.test.key']};
-                ssl_session_cache shared:SSL:1m;
+                ssl_session_cache shared:SSL:1m; ssl_protocols {protocol}; {extra}
                 location / {{ return 200 "$pid|$ssl_session_reused"; }}
             }}
         }}

@@ -160,10 +160,10 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "ssl_prefer_server_ciphers": ("on | off", "off", "ngx_http_ssl_module", ""),
     "ssl_ecdh_curve": ("curve", "auto", "ngx_http_ssl_module", "a list (X25519:prime256v1) as nginx"),
     "ssl_session_cache": ("off | none | [builtin[:size]] [shared:name:size]", "none", "ngx_http_ssl_module",
-                          "off / none / builtin:N as nginx; shared:NAME:SIZE is a per-worker cache "
-                          "of about 4000 sessions per MB; session tickets (on by default) are "
-                          "encrypted with one key shared by every worker (the master's random one, "
-                          "or ssl_session_ticket_key), so a session resumes on any worker"),
+                          "off / none / builtin:N as nginx; shared:NAME:SIZE with ssl_session_tickets "
+                          "off: a zone every worker reads (LMDB, under the prefix); with tickets on, "
+                          "a per-worker cache of about 4000 sessions per MB, as tickets (one key "
+                          "shared by every worker) resume on any worker"),
     "ssl_session_timeout": ("time", "5m", "ngx_http_ssl_module", ""),
     "ssl_session_tickets": ("on | off", "on", "ngx_http_ssl_module", ""),
     "ssl_session_ticket_key": ("file", "-",

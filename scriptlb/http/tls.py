@@ -14,8 +14,9 @@ nginx's ``ssl_verify_client`` (the handshake finishes, the request gets a 495/49
 ``ssl_session_ticket_key``.
 Session tickets are encrypted with one key per configuration shared by every worker (the
 file's, else a random one made in the master before the workers fork), so a session made on one
-worker resumes on any other: that is what ``ssl_session_cache shared:`` is for in nginx, and
-clients that resume by session ID only stay on OpenSSL's per-worker cache.
+worker resumes on any other: that is what ``ssl_session_cache shared:`` is for in nginx. With
+``ssl_session_tickets off`` a ``shared:`` zone keeps session IDs for every worker
+(``scriptlb.http.tls_sessions``); with tickets on, IDs stay in OpenSSL's per-worker cache.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ _RANDOM_TICKET_KEYS = os.urandom(80)
 _OPTIONAL_NO_CA_ERRORS = frozenset({18, 19, 20, 21, 27})
 
 
-def server_context(conf: SslConf) -> ssl.SSLContext:
+def server_context(conf: SslConf, sessions_directory: str | None = None) -> ssl.SSLContext:
     """The SSLContext terminating TLS for one server, http's or stream's (raises
     TlsConfigError). A client certificate is asked for and checked after the handshake
-    (``client_refusal``), as nginx does."""
+    (``client_refusal``), as nginx does. ``sessions_directory``: where a worker finds the
+    ``ssl_session_cache shared:`` zones (None at load time: no zone is opened)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _set_protocols(ctx, conf)
     try:
@@ -77,6 +79,8 @@ def server_context(conf: SslConf) -> ssl.SSLContext:
 
     tls_native.set_session_timeout(ctx, max(1, int(conf.session_timeout)))
     tls_native.set_session_cache(ctx, *session_cache_mode(conf.session_cache))
+    if sessions_directory is not None and not conf.session_tickets:
+        _share_sessions(ctx, conf, sessions_directory)
     _set_curve(ctx, conf)
     if conf.dhparam is not None:
         try:
@@ -99,7 +103,8 @@ def session_cache_mode(text: str) -> tuple[int, int | None]:
     """(OpenSSL cache mode, sessions kept or None for OpenSSL's default) of ssl_session_cache,
     as nginx's ngx_ssl_session_cache: ``off`` says sessions are not reusable, ``none`` (the
     default) says they are but keeps none, ``builtin[:N]`` keeps N per worker; a ``shared:``
-    zone is a per-worker cache of the zone's size here (tickets are what crosses workers)."""
+    zone is a per-worker cache of the zone's size here unless tickets are off (then the zone
+    itself is used, see _share_sessions)."""
     from scriptlb.config.units import parse_size
     from scriptlb.http.tls_native import (
         SSL_SESS_CACHE_NO_AUTO_CLEAR,
@@ -124,6 +129,16 @@ def session_cache_mode(text: str) -> tuple[int, int | None]:
     if not cached:  # none
         return SSL_SESS_CACHE_SERVER | SSL_SESS_CACHE_NO_AUTO_CLEAR | SSL_SESS_CACHE_NO_INTERNAL_STORE, 1
     return SSL_SESS_CACHE_SERVER, size
+
+
+def _share_sessions(ctx: ssl.SSLContext, conf: SslConf, directory: str) -> None:
+    """Session IDs in the ``shared:`` zone, for every worker (see scriptlb.http.tls_sessions)."""
+    from scriptlb.http import tls_native
+    from scriptlb.http.tls_sessions import shared_sessions, shared_zone
+
+    zone = shared_zone(conf.session_cache)
+    if zone is not None and tls_native.available():
+        tls_native.share_sessions(ctx, shared_sessions(directory, *zone))
 
 
 def ticket_keys(data: bytes) -> bytes:

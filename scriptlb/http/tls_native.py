@@ -18,6 +18,9 @@ nginx behaviours that need them:
   every worker (and every node sharing the file) can resume the others' sessions; several files
   (key rotation): a ticket key callback, as nginx's, encrypting with the first key and
   decrypting with any (``SSL_CTX_set_tlsext_ticket_key_cb``).
+- ``ssl_session_cache shared:`` with ``ssl_session_tickets off``: the session cache callbacks
+  (``SSL_CTX_sess_set_new_cb``/``get_cb``/``remove_cb``), sessions serialised with
+  ``i2d_SSL_SESSION`` into a store every worker reads.
 - ``$ssl_ciphers`` and ``$ssl_curves``: the client's offered lists
   (``SSL_get0_raw_cipherlist``, ``SSL_get1_curves``).
 - SNI: switching a connection to another server's context must also switch the verification
@@ -34,7 +37,7 @@ from __future__ import annotations
 import ctypes
 import ssl
 import sys
-from typing import Any
+from typing import Any, Protocol
 
 SSL_VERIFY_PEER = 0x01
 SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
@@ -50,7 +53,9 @@ TICKET_IV_SIZE = 16  # AES-CBC's
 SSL_SESS_CACHE_OFF = 0x0
 SSL_SESS_CACHE_SERVER = 0x2
 SSL_SESS_CACHE_NO_AUTO_CLEAR = 0x80
+SSL_SESS_CACHE_NO_INTERNAL_LOOKUP = 0x100
 SSL_SESS_CACHE_NO_INTERNAL_STORE = 0x200
+SSL_SESS_CACHE_NO_INTERNAL = SSL_SESS_CACHE_NO_INTERNAL_LOOKUP | SSL_SESS_CACHE_NO_INTERNAL_STORE
 TICKET_KEYS_SIZE = 80  # OpenSSL's layout: name (16), HMAC key (32), AES key (32)
 
 _HEAD = ctypes.sizeof(ctypes.c_ssize_t) + ctypes.sizeof(ctypes.c_void_p)  # PyObject_HEAD
@@ -67,6 +72,14 @@ _ACCEPT_ALL = _VERIFY_CALLBACK_TYPE(_accept_all)  # (kept alive as long as the m
 
 # int cb(SSL *s, unsigned char key_name[16], unsigned char iv[16], EVP_CIPHER_CTX *cipher,
 #        HMAC_CTX *hmac, int enc)
+# int new_session_cb(SSL *, SSL_SESSION *); SSL_SESSION *get_session_cb(SSL *, const unsigned char
+# *id, int len, int *copy); void remove_session_cb(SSL_CTX *, SSL_SESSION *)
+_NEW_SESSION_TYPE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_GET_SESSION_TYPE = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                     ctypes.POINTER(ctypes.c_int))
+_REMOVE_SESSION_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+MAX_SESSION_SIZE = 4096  # nginx's NGX_SSL_MAX_SESSION_SIZE: a larger session is not shared
+
 _TICKET_CALLBACK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
 
@@ -137,6 +150,25 @@ class _Lib:
         self.group_to_name = lib.SSL_group_to_name
         self.group_to_name.argtypes = [ctypes.c_void_p, ctypes.c_int]
         self.group_to_name.restype = ctypes.c_char_p
+
+        self.ctx_sess_set_new_cb = lib.SSL_CTX_sess_set_new_cb
+        self.ctx_sess_set_get_cb = lib.SSL_CTX_sess_set_get_cb
+        self.ctx_sess_set_remove_cb = lib.SSL_CTX_sess_set_remove_cb
+        for setter in (self.ctx_sess_set_new_cb, self.ctx_sess_set_get_cb, self.ctx_sess_set_remove_cb):
+            setter.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+            setter.restype = None
+        self.session_get_id = lib.SSL_SESSION_get_id
+        self.session_get_id.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]
+        self.session_get_id.restype = ctypes.c_void_p
+        self.session_get_timeout = lib.SSL_SESSION_get_timeout
+        self.session_get_timeout.argtypes = [ctypes.c_void_p]
+        self.session_get_timeout.restype = ctypes.c_long
+        self.i2d_session = lib.i2d_SSL_SESSION
+        self.i2d_session.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.i2d_session.restype = ctypes.c_int
+        self.d2i_session = lib.d2i_SSL_SESSION
+        self.d2i_session.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        self.d2i_session.restype = ctypes.c_void_p
 
     def _crypto(self, crypto: ctypes.CDLL) -> None:
         """libcrypto's, for session tickets and curve names."""
@@ -402,3 +434,71 @@ def client_curves(obj: Any) -> str:
             short = lib.nid2sn(nid)
             names.append(short.decode("ascii", "replace") if short else "")
     return ":".join(names)
+
+
+class SessionStore(Protocol):
+    """Where sessions are kept for every worker, by session ID (serialised by OpenSSL)."""
+
+    def put(self, session_id: bytes, data: bytes, timeout: float) -> None: ...
+
+    def get(self, session_id: bytes) -> bytes | None: ...
+
+    def remove(self, session_id: bytes) -> None: ...
+
+
+def share_sessions(ctx: ssl.SSLContext, store: SessionStore) -> bool:
+    """Keep this context's sessions in ``store`` (nginx's ssl_session_cache shared:, its
+    ngx_ssl_new_session / get_cached_session / remove_session), OpenSSL's own cache off; False:
+    libssl is not reachable. Store errors only cost a full handshake."""
+    lib = _lib()
+    if lib is None:
+        return False
+
+    def session_id(session: int) -> bytes:
+        length = ctypes.c_uint()
+        pointer = lib.session_get_id(session, ctypes.byref(length))
+        return ctypes.string_at(pointer, length.value) if pointer and length.value else b""
+
+    def on_new(_ssl: int, session: int) -> int:
+        try:
+            key = session_id(session)
+            size = lib.i2d_session(session, None)
+            if key and 0 < size <= MAX_SESSION_SIZE:
+                buffer = ctypes.create_string_buffer(size)
+                cursor = ctypes.c_void_p(ctypes.addressof(buffer))
+                if lib.i2d_session(session, ctypes.byref(cursor)) == size:
+                    store.put(key, buffer.raw, float(lib.session_get_timeout(session)))
+        except Exception:  # (never let an exception cross into OpenSSL)
+            pass
+        return 0  # no reference kept: OpenSSL frees the session as usual
+
+    def on_get(_ssl: int, key: int, length: int, copy: Any) -> int | None:
+        try:
+            data = store.get(ctypes.string_at(key, length)) if key and length > 0 else None
+            if not data:
+                return None
+            buffer = ctypes.create_string_buffer(data, len(data))
+            cursor = ctypes.c_void_p(ctypes.addressof(buffer))
+            session = lib.d2i_session(None, ctypes.byref(cursor), len(data))
+            copy[0] = 0  # OpenSSL takes the one reference d2i made
+            return int(session) if session else None
+        except Exception:
+            return None
+
+    def on_remove(_ctx: int, session: int) -> None:
+        try:
+            key = session_id(session)
+            if key:
+                store.remove(key)
+        except Exception:
+            pass
+
+    callbacks = (_NEW_SESSION_TYPE(on_new), _GET_SESSION_TYPE(on_get), _REMOVE_SESSION_TYPE(on_remove))
+    ctx.scriptlb_session_callbacks = callbacks  # type: ignore[attr-defined]  # (alive as long as ctx)
+    pointer = _context_pointer(ctx)
+    setters = (lib.ctx_sess_set_new_cb, lib.ctx_sess_set_get_cb, lib.ctx_sess_set_remove_cb)
+    for setter, callback in zip(setters, callbacks, strict=True):
+        setter(pointer, ctypes.cast(callback, ctypes.c_void_p))
+    mode = SSL_SESS_CACHE_SERVER | SSL_SESS_CACHE_NO_AUTO_CLEAR | SSL_SESS_CACHE_NO_INTERNAL
+    set_session_cache(ctx, mode, None)
+    return True
