@@ -361,6 +361,40 @@ def test_several_ticket_keys_the_first_encrypts_all_decrypt_as_nginx(tmp_path: P
     assert seen[1:] in ([], [seen[0]])
 
 
+@pytest.mark.parametrize("cache", ["builtin:100", "shared:SSL:1m"])
+@pytest.mark.nginx
+def test_a_session_outlives_a_client_reset_as_nginx(tmp_path: Path, ca: trustme.CA,
+                                                    certs: dict[str, Path], cache: str) -> None:  # noqa: F811
+    """A client that resets its connection (no close_notify) can still resume its session: nginx
+    marks such a connection shut down, so OpenSSL does not drop the session from the cache."""
+    import struct
+
+    extra = (f"ssl_session_tickets off; ssl_session_cache {cache}; "
+             'location /r { return 200 "$ssl_session_reused"; }')
+    client = client_context(ca)
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    seen = []
+    with both(tmp_path, certs, extra, protocols="TLSv1.2") as targets:
+        for port, _log in targets:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            tls = client.wrap_socket(raw, server_hostname="a.test")
+            tls.sendall(b"GET /r HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            assert tls.recv(65536).endswith(b".")
+            session = tls.session
+            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            tls.close()  # a reset, without close_notify
+            time.sleep(0.2)  # (the server sees the reset before the next handshake)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw2, \
+                    client.wrap_socket(raw2, server_hostname="a.test", session=session) as again:
+                again.sendall(b"GET /r HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := again.recv(65536):
+                    data += chunk
+            seen.append(data.partition(b"\r\n\r\n")[2])
+    assert seen[0] == b"r"
+    assert seen[1:] in ([], [seen[0]])
+
+
 @pytest.mark.parametrize(("extra", "protocol"), [("", "TLSv1.2 TLSv1.3"),
                                                 ("ssl_session_tickets off;", "TLSv1.2"),
                                                 ("ssl_session_tickets off;", "TLSv1.3")])

@@ -40,6 +40,8 @@ import sys
 from typing import Any, Protocol
 
 SSL_VERIFY_PEER = 0x01
+SSL_SENT_SHUTDOWN = 1
+SSL_RECEIVED_SHUTDOWN = 2
 SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 SSL_CTRL_SET_GROUPS_LIST = 92
 SSL_CTRL_SET_SESS_CACHE_SIZE = 42
@@ -129,6 +131,9 @@ class _Lib:
         self.get_ssl_ctx = lib.SSL_get_SSL_CTX
         self.get_ssl_ctx.argtypes = [ctypes.c_void_p]
         self.get_ssl_ctx.restype = ctypes.c_void_p
+        self.set_shutdown = lib.SSL_set_shutdown
+        self.set_shutdown.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.set_shutdown.restype = None
         self.get_verify_result = lib.SSL_get_verify_result
         self.get_verify_result.argtypes = [ctypes.c_void_p]
         self.get_verify_result.restype = ctypes.c_long
@@ -502,3 +507,12 @@ def share_sessions(ctx: ssl.SSLContext, store: SessionStore) -> bool:
     mode = SSL_SESS_CACHE_SERVER | SSL_SESS_CACHE_NO_AUTO_CLEAR | SSL_SESS_CACHE_NO_INTERNAL
     set_session_cache(ctx, mode, None)
     return True
+
+
+def keep_session(obj: Any) -> None:
+    """A connection ended without close_notify (aborted, reset) keeps its session resumable,
+    as nginx's ngx_ssl_shutdown marks such a connection shut down both ways: else OpenSSL
+    drops the session from the caches when the connection is freed."""
+    lib = _lib()
+    if lib is not None:
+        lib.set_shutdown(_connection_pointer(obj), SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN)
