@@ -186,7 +186,7 @@ class _Lib:
         self.sha256 = crypto.EVP_sha256
         self.sha256.argtypes = []
         self.sha256.restype = ctypes.c_void_p
-        cipher_init = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        cipher_init = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
         self.encrypt_init = crypto.EVP_EncryptInit_ex
         self.encrypt_init.argtypes = cipher_init
         self.encrypt_init.restype = ctypes.c_int
