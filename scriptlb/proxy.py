@@ -48,12 +48,18 @@ from scriptlb.attempt import (
     Attempt,
     TryRecord,
     clock,
-    pool_key,
 )
 from scriptlb.config.model import NextUpstream
 from scriptlb.downstream import CLIENT_SEND_TIMEOUT
 from scriptlb.request_body import SpooledBody
-from scriptlb.retry import RETRY, Failure, decide, failure_for_status, is_idempotent, is_stale_connection
+from scriptlb.retry import (
+    NON_IDEMPOTENT_METHODS,
+    RETRY,
+    Failure,
+    decide,
+    failure_for_status,
+    is_stale_connection,
+)
 from scriptlb.stats import WEIGHT_GENERATION
 from scriptlb.tls import handshake_error_text
 from scriptlb.tunnel import UPSTREAM_TIMED_OUT, Tunnel
@@ -221,7 +227,7 @@ class UpstreamRequest:
             self._state = upstream.balancer.new_request(tries_cap, key_getter(ex))  # type: ignore[call-arg]
         ex.tries_cap = tries_cap
         self._started = self.loop.time()
-        self._idempotent = is_idempotent(ex.method)
+        self._idempotent = ex.method not in NON_IDEMPOTENT_METHODS  # (retry.is_idempotent, inlined)
         self._next_try()
 
     def _build_head(self) -> None:
@@ -276,16 +282,17 @@ class UpstreamRequest:
             # pooled connection is reused only for the same name (and never for plain HTTP)
             tls_name = host or tls.name(self.exchange)
             host = "https:" + tls_name
-        attempt = Attempt(self.upstream, self._state, name, addr, peer, pool,
-                          pool_key(name, host, self._local_addr), hook)
-        attempt.tls_name = tls_name
-        self.attempt = attempt
+        key = (name, host, self._local_addr)  # the pool key (see Attempt)
+        attempt = self.attempt = Attempt(self.upstream, self._state, name, addr, peer, pool, key, hook,
+                                         tls_name)
         self.exchange.tries.append(attempt)
-        conn = pool.acquire(attempt.key) if pool is not None else None
+        conn = pool.acquire(key) if pool is not None else None
         if conn is None:
             self._connect(attempt)
         else:
-            attempt.reuse(conn)
+            attempt.conn = conn  # (from its pool: no connect time)
+            attempt.connect_time = 0.0
+            attempt.reused = True
             self._send_request(conn)
 
     def _apply_hook_settings(self, outcome: Any) -> None:
@@ -353,7 +360,11 @@ class UpstreamRequest:
         body = None if streamed else self._body
         spooled = isinstance(body, SpooledBody)
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
-        conn.upgrade = _asks_upgrade(ex.request.connection) and ex.header("upgrade") is not None
+        # a 101 from the peer may switch this connection only if the client's Connection header
+        # names "upgrade" (llhttp then saw an Upgrade request) and it sent an Upgrade header
+        connection = ex.request.connection
+        conn.upgrade = (connection is not None and b"upgrade" in connection.lower()
+                        and ex.header("upgrade") is not None)
         conn.start(self, self._head, None if spooled else body, ex.read_timeout,
                    ex.send_timeout, ex.method == "HEAD", plan.http11, plan.close_after)
         if spooled:
@@ -407,7 +418,33 @@ class UpstreamRequest:
         if status >= 300 and self.exchange.intercepts(status):
             self._intercepted(attempt, status)
             return
-        self._pass_response(attempt, response)
+        # the response goes to the client, its body streamed with back-pressure
+        conn = attempt.conn
+        assert conn is not None
+        ex = self.exchange
+        self._passing = True
+        ex.status = status
+        ex.upstream_headers = response.headers
+        headers = response.client_headers()
+        location = ex.location
+        if location.response_filter is not None:  # proxy_hide_header, proxy_pass_header
+            headers = location.response_filter(headers, response.headers)
+        if location.add_headers is not None:
+            headers += location.add_headers(ex, status)
+        if location.trace is not None:  # balancer_trace_header on
+            headers = location.trace.headers(ex, headers)
+        ex.response_headers = headers
+        client = ex.conn
+        if ex.err_status:  # the answer to an error_page redirect carries the original code
+            ex.status = ex.err_status
+            client.send_head(ex.status, headers, response.content_length)
+        else:
+            client.send_head(status, headers, response.content_length, reason=response.reason)
+        conn.stream_to(self)  # the body that came with the head goes out with it
+        if self.attempt is attempt:  # still streaming: not completed by stream_to
+            client.flush()
+            if client.writing_paused:
+                conn.pause_reading()
 
     def _intercepted(self, attempt: Attempt, status: int) -> None:
         """proxy_intercept_errors: the peer's response is dropped (its connection with it: the
@@ -448,36 +485,6 @@ class UpstreamRequest:
         self.exchange.crashed(exc, where)
 
     # ------------------------------------------------------------------ try outcomes
-
-    def _pass_response(self, attempt: Attempt, response: ResponseHead) -> None:
-        """Give the client this response, streaming its body with back-pressure."""
-        conn = attempt.conn
-        assert conn is not None
-        ex = self.exchange
-        self._passing = True
-        ex.status = response.status
-        ex.upstream_headers = response.headers
-        headers = response.client_headers()
-        location = ex.location
-        if location.response_filter is not None:  # proxy_hide_header, proxy_pass_header
-            headers = location.response_filter(headers, response.headers)
-        if location.add_headers is not None:
-            headers += location.add_headers(ex, response.status)
-        trace = self.location.trace
-        if trace is not None:  # balancer_trace_header on
-            headers = trace.headers(ex, headers)
-        ex.response_headers = headers
-        client = ex.conn
-        if ex.err_status:  # the answer to an error_page redirect carries the original code
-            ex.status = ex.err_status
-            client.send_head(ex.status, headers, response.content_length)
-        else:
-            client.send_head(response.status, headers, response.content_length, reason=response.reason)
-        conn.stream_to(self)  # the body that came with the head goes out with it
-        if self.attempt is attempt:  # still streaming: not completed by stream_to
-            client.flush()
-            if client.writing_paused:
-                conn.pause_reading()
 
     def _start_tunnel(self, attempt: Attempt, response: ResponseHead) -> None:
         """The peer switched protocols: pass its 101 on, then join the two sockets. The try
@@ -567,12 +574,6 @@ class UpstreamRequest:
     def _log_error(self, attempt: Attempt, err: UpstreamError, phase: str, level: str = "error") -> None:
         ex = self.exchange
         errorlog.log_error(level, f"{err} while {phase}", ex.conn_id, ex.log_context(attempt.addr))
-
-
-def _asks_upgrade(connection: bytes | None) -> bool:
-    """The client's Connection header names "upgrade" (llhttp then saw an Upgrade request):
-    a 101 from the peer may switch this connection."""
-    return connection is not None and b"upgrade" in connection.lower()
 
 
 def _upgrade_lines(headers: list[tuple[bytes, bytes]]) -> bytes:

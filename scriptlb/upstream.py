@@ -297,10 +297,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._last_read = self.loop.time()
             self.response_started = True
             self.received += len(data)
-            if not self._header_done and self.head_limit and self._head_too_big(data):
+            if not self._header_done and self.head_limit:
                 # nginx reads the head into one proxy_buffer_size buffer
-                self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
-                return
+                before = self._head_bytes
+                self._head_bytes = before + len(data)
+                if self._head_bytes > self.head_limit and self._head_too_big(data, before):
+                    self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
+                    return
             self._in_feed = True
             try:
                 self._parser.feed_data(data)
@@ -324,7 +327,10 @@ class UpstreamConnection(asyncio.Protocol):
             finally:
                 self._in_feed = False
             if self._header_done and not self._head_dispatched:
-                self._dispatch_head()
+                self._head_dispatched = True
+                handler = self._handler
+                if handler is not None:
+                    handler.upstream_head(self._response)  # type: ignore[arg-type]  # (set by start)
             elif self.response_complete:
                 self._deliver_completion()
         except Exception as exc:
@@ -406,7 +412,34 @@ class UpstreamConnection(asyncio.Protocol):
         response goes to ``handler``."""
         self.requests += 1
         self.sent = self.received = 0
-        self._reset_request_state(handler, head_only, http11, close_after)
+        # (the per-request state, reset here: one call per request)
+        if not self._parser_ended or self._parser is None:
+            # a parser is reused on a keep-alive connection only when it ended the previous
+            # response itself (not after HEAD, where we end it: llhttp would wait for a body)
+            self._parser = httptools.HttpResponseParser(self)
+            # nginx reads a peer's lines ended by a bare LF (its own parser's rule); the
+            # response is re-framed for the client, so this opens no smuggling path
+            self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+        self._parser_ended = False
+        self._handler = handler
+        self._owner = handler
+        self._response = ResponseHead()
+        self._header_done = False
+        self._head_bytes = 0
+        self._head_dispatched = False
+        self._head_only = head_only
+        self._http11 = http11
+        self._closing_after = close_after
+        self.response_started = False
+        self.response_complete = False
+        self.request_sent = False
+        self.request_complete = False
+        self._streaming = False
+        if self._early_body:
+            self._early_body = []
+        self._extra_bytes = False
+        self._read_paused = False
+        self._upgraded = False
         transport = self.transport
         if self.state is not ConnState.ACTIVE or transport is None or transport.is_closing():
             # the peer closed it a moment ago (connection_lost may even have run already):
@@ -556,9 +589,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.response_complete:
             self._extra_bytes = True  # a second response we never asked for
             return
-        response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
         if value[-1:] in _BLANKS:
             value = value.rstrip(b" \t")
+        response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
         # classified here, once (this runs for every header of every response): passed on as a
         # line for the client, or noted (framing, Connection), or hidden
         response.headers.append((name, value))
@@ -632,54 +665,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ internals
 
-    def _reset_request_state(
-        self, handler: UpstreamHandler, head_only: bool, http11: bool, close_after: bool
-    ) -> None:
-        if not self._parser_ended or self._parser is None:
-            # a parser is reused on a keep-alive connection only when it ended the previous
-            # response itself (not after HEAD, where we end it: llhttp would wait for a body)
-            self._parser = httptools.HttpResponseParser(self)
-            # nginx reads a peer's lines ended by a bare LF (its own parser's rule); the
-            # response is re-framed for the client, so this opens no smuggling path
-            self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
-        self._parser_ended = False
-        self._handler = handler
-        self._owner = handler
-        self._response = ResponseHead()
-        self._header_done = False
-        self._head_bytes = 0
-        self._head_dispatched = False
-        self._head_only = head_only
-        self._http11 = http11
-        self._closing_after = close_after
-        self.response_started = False
-        self.response_complete = False
-        self.request_sent = False
-        self.request_complete = False
-        self._streaming = False
-        if self._early_body:
-            self._early_body = []
-        self._extra_bytes = False
-        self._read_paused = False
-        self._upgraded = False
-
-    def _head_too_big(self, data: bytes) -> bool:
-        """Would the head outgrow ``head_limit`` with ``data``? (Checked before httptools
-        accumulates a header line of any length.)"""
-        before = self._head_bytes
-        self._head_bytes = before + len(data)
-        if self._head_bytes <= self.head_limit:
-            return False
+    def _head_too_big(self, data: bytes, before: int) -> bool:
+        """``data`` takes the head past ``head_limit`` (``before``: head bytes read until now):
+        does the head end within the limit? (Checked before httptools accumulates a header line
+        of any length.)"""
         room = self.head_limit - before  # the head must end within these bytes of data
         return (data.find(b"\n\r\n", 0, room) == -1 and data.find(b"\n\n", 0, room) == -1
                 and not data.startswith((b"\n", b"\r\n")))
-
-    def _dispatch_head(self) -> None:
-        self._head_dispatched = True
-        handler = self._handler
-        response = self._response
-        if handler is not None and response is not None:
-            handler.upstream_head(response)
 
     def _complete_now_without_body(self) -> None:
         # HEAD, 204, 304: llhttp cannot be told a HEAD response has no body, so we end the
