@@ -85,7 +85,13 @@ def next_connection_id() -> int:
     return next(_conn_ids)
 
 
-SERVER_LINE = b"Server: " + responses.SERVER_NAME.encode("ascii") + b"\r\n"
+
+
+# How a request ends, as the exchange's one finish (Exchange.finish) takes it: what becomes
+# of the client connection after the log phase.
+SENT = 0  # our response went out whole: end its body, then serve the connection's next request
+UNSENT = 1  # no complete response of ours (client gone, a tunnel's end, a rejected head): log only
+DROPPED = 2  # drop the connection (444, a response the peer cut short, a bug)
 
 
 # --------------------------------------------------------------------------- the request
@@ -151,7 +157,9 @@ class RequestHandler(Protocol):
     keepalive_requests: int
 
     def start(self) -> None: ...  # the request became the active one
-    def body_received(self) -> None: ...  # new chunks in request.body, or request.complete
+    # new chunks in request.body, or request.complete (only for a request with a body: one
+    # without is whole when start() runs)
+    def body_received(self) -> None: ...
     def client_lost(self) -> None: ...  # the client went away before the response finished
     def abort(self, status: int) -> None: ...  # a client error (413, 408) ends the request
     def writing_paused(self) -> None: ...  # the client reads slower than we write
@@ -366,7 +374,7 @@ class ClientConnection(asyncio.Protocol):
         self._eof = False  # the client half-closed: answer what it sent, then close
         self._activating = False  # _finish_active is serving the queue (no recursion)
         self._last_keepalive_timeout = 75.0
-        self._upgrade_early = b""  # bytes after an Upgrade request's head (see _feed)
+        self._upgrade_early = b""  # bytes after an Upgrade request's head (see data_received)
 
         # response state of the active request
         self._keep_alive = False
@@ -456,7 +464,25 @@ class ClientConnection(asyncio.Protocol):
             if heading and (self._line_bytes or len(data) > self._header_line_max):
                 self._check_line_start(data)
             self._fed = 0
-            self._feed(data)
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                # llhttp stops after an "Upgrade" request head (delivered as a plain request). What
+                # follows belongs to the new protocol if the peer switches (a tunnel takes it, see
+                # switch_protocols), else it is the next request: nothing more is read until the
+                # answer, and what came with the head waits for it (_finish_active feeds it).
+                self._pause_reading()
+                offset = int(upgrade.args[0])
+                if offset < len(data):
+                    self._upgrade_early += data[offset:]
+            except httptools.HttpParserCallbackError as err:
+                cause = err.__context__
+                if isinstance(cause, (ClientError, MemoryError)):
+                    raise cause from None
+                if not isinstance(cause, _ParsingEnded):  # (that one: parsing stopped on purpose)
+                    raise  # a bug in a callback must not masquerade as a client error
+            except httptools.HttpParserError as err:
+                raise ClientError(400, self._parse_error_message(err)) from None
             if self._parsing is not None or self._line_bytes:
                 self._check_partial_line(data)
         except ClientError as err:
@@ -541,30 +567,6 @@ class ClientConnection(asyncio.Protocol):
             return ClientError(414, "client sent too long URI while reading client request line")
         return ClientError(494, "client sent too long header line while reading client request headers")
 
-    def _feed(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            # llhttp stops after an "Upgrade" request head (delivered as a plain request). What
-            # follows belongs to the new protocol if the peer switches (a tunnel takes it, see
-            # switch_protocols), else it is the next request: nothing more is read until the
-            # answer, and what came with the head waits for it (_finish_active feeds it).
-            self._pause_reading()
-            offset = int(upgrade.args[0])
-            if offset < len(data):
-                self._upgrade_early += data[offset:]
-        except httptools.HttpParserCallbackError as err:
-            cause = err.__context__
-            if isinstance(cause, ClientError):
-                raise cause from None
-            if isinstance(cause, _ParsingEnded):
-                return
-            if isinstance(cause, MemoryError):
-                raise cause from None
-            raise  # a bug in a callback must not masquerade as a client error
-        except httptools.HttpParserError as err:
-            raise ClientError(400, self._parse_error_message(err)) from None
-
     def _parse_error_message(self, err: Exception) -> str:
         """nginx's wording for what llhttp rejected (llhttp's reasons are its own)."""
         reason = str(err)
@@ -623,18 +625,9 @@ class ClientConnection(asyncio.Protocol):
                                self._log_context())
             return
         request.headers.append((name, value))
-        if len(name) in _NOTED_HEADER_LENGTHS:  # lower-case only the few names we act on
-            self._note_header(request, name.lower(), value)
-
-    def _valid_header_name(self, name: bytes) -> bool:
-        if name and not name.translate(None, _NAME_CHARS):
-            if len(_VALID_NAMES) < _VALID_NAMES_MAX and len(name) <= _VALID_NAME_LENGTH_MAX:
-                _VALID_NAMES.add(name)  # (valid whatever underscores_in_headers says)
-            return True
-        underscores = self.listener.underscores_in_headers
-        return bool(name) and underscores and not name.translate(None, _NAME_CHARS_UNDERSCORE)
-
-    def _note_header(self, request: Request, lower: bytes, value: bytes) -> None:
+        if len(name) not in _NOTED_HEADER_LENGTHS:  # lower-case only the few names we act on
+            return
+        lower = name.lower()
         if lower == b"host":
             if request.host is not None:
                 raise ClientError(400, "client sent duplicate host header "
@@ -654,6 +647,14 @@ class ClientConnection(asyncio.Protocol):
         elif lower == b"connection":
             request.connection = value if request.connection is None else request.connection + b"," + value
 
+    def _valid_header_name(self, name: bytes) -> bool:
+        if name and not name.translate(None, _NAME_CHARS):
+            if len(_VALID_NAMES) < _VALID_NAMES_MAX and len(name) <= _VALID_NAME_LENGTH_MAX:
+                _VALID_NAMES.add(name)  # (valid whatever underscores_in_headers says)
+            return True
+        underscores = self.listener.underscores_in_headers
+        return bool(name) and underscores and not name.translate(None, _NAME_CHARS_UNDERSCORE)
+
     def on_headers_complete(self) -> None:
         request = self._parsing
         assert request is not None
@@ -672,7 +673,13 @@ class ClientConnection(asyncio.Protocol):
             raise ClientError(400, "client sent HTTP/1.1 request without \"Host\" header "
                                    "while reading client request headers")
         request.keep_alive = parser.should_keep_alive()
-        self._read_framing(request)
+        # llhttp already rejects Content-Length together with Transfer-Encoding, duplicate
+        # Content-Length lines and any Transfer-Encoding other than a final "chunked";
+        # on_header noted the values.
+        request.has_body = request.chunked or bool(request.content_length)
+        if request.chunked and request.version == "1.0":
+            raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "
+                                   "while reading client request headers")
         handler = self.listener.open_exchange(self, request)
         limit = handler.max_body_size
         if limit and request.content_length is not None and request.content_length > limit:
@@ -689,15 +696,6 @@ class ClientConnection(asyncio.Protocol):
                 self._queue = deque()
             self._queue.append((request, handler))  # type: ignore[union-attr]
             self._pause_reading()  # parse no further ahead until the active request is answered
-
-    def _read_framing(self, request: Request) -> None:
-        # llhttp already rejects Content-Length together with Transfer-Encoding, duplicate
-        # Content-Length lines and any Transfer-Encoding other than a final "chunked";
-        # on_header noted the values.
-        request.has_body = request.chunked or bool(request.content_length)
-        if request.chunked and request.version == "1.0":
-            raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "
-                                   "while reading client request headers")
 
     def on_body(self, chunk: bytes) -> None:
         request = self._parsing
@@ -734,7 +732,8 @@ class ClientConnection(asyncio.Protocol):
         if handler is self.active:
             if self._phase == _BODY:
                 self._phase = _NONE
-            handler.body_received()
+            if request.has_body:  # (a request without one was served or proxied by start())
+                handler.body_received()
         elif self.active is None and not self._queue and not self.closed:
             # answered before its parse ended (no body): now idle until the next request
             self._arm(_IDLE, self._last_keepalive_timeout)
@@ -812,7 +811,8 @@ class ClientConnection(asyncio.Protocol):
             self.listener.reusable[self] = None  # idle keep-alive: may be closed to make room
         elif not self._head_done:
             self._arm(_HEAD, self.listener.header_timeout)  # a pipelined head, still incomplete
-        self._resume_reading()
+        if self._reading_paused:
+            self._resume_reading()
         early = self._upgrade_early
         if early:  # the upgrade was refused: what came after its head is the next request
             self._upgrade_early = b""
@@ -859,7 +859,6 @@ class ClientConnection(asyncio.Protocol):
         if head_only is None:
             head_only = request.method == "HEAD"
         self._body_allowed = not head_only and status not in _NO_BODY_STATUS and status >= 200
-        line = responses.status_line(status) if reason is None else responses.peer_status_line(status, reason)
         framing = b""
         self._chunked = False
         if status in _NO_BODY_STATUS:
@@ -879,7 +878,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             end = b"Connection: keep-alive\r\n\r\n" if self._keep_alive else b"Connection: close\r\n\r\n"
         # (the head is kept for $sent_http_content_length & co.)
-        head = self.sent_head = b"".join((line, SERVER_LINE, responses.date_header(), headers, framing, end))
+        head = self.sent_head = b"".join((responses.head_start(status, reason), headers, framing, end))
         self.bytes_sent += len(head)
         # Corked: the head goes out with the first body bytes (one syscall instead of two), or
         # at flush() when the caller has no body at hand.
@@ -907,7 +906,9 @@ class ClientConnection(asyncio.Protocol):
                 transport.writelines((head, frame, data, b"\r\n") if head else (frame, data, b"\r\n"))
         else:
             self.bytes_sent += len(data)
-            self._write(head + data if head else data)
+            transport = self.transport  # (_write, inlined: once per response)
+            if transport is not None and not self.closed and not transport.is_closing():
+                transport.write(head + data if head else data)
 
     def end_body(self) -> None:
         """Write the end of a chunked body (idempotent) and anything still corked."""
@@ -916,7 +917,7 @@ class ClientConnection(asyncio.Protocol):
             self.bytes_sent += 5
             self._write(self._pending_head + b"0\r\n\r\n")
             self._pending_head = b""
-        else:
+        elif self._pending_head:
             self.flush()
 
     def finish_response(self) -> None:

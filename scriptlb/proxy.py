@@ -50,7 +50,7 @@ from scriptlb.attempt import (
     clock,
 )
 from scriptlb.config.model import NextUpstream
-from scriptlb.downstream import CLIENT_SEND_TIMEOUT
+from scriptlb.downstream import CLIENT_SEND_TIMEOUT, DROPPED, UNSENT
 from scriptlb.request_body import SpooledBody
 from scriptlb.retry import (
     NON_IDEMPOTENT_METHODS,
@@ -464,7 +464,7 @@ class UpstreamRequest:
         if attempt is not None:
             self.attempt = None
             attempt.end(DONE, self.exchange)
-        self.exchange.complete_response()
+        self.exchange.finish()
 
     def upstream_failed(self, err: UpstreamError) -> None:
         self._body_conn = None
@@ -526,7 +526,7 @@ class UpstreamRequest:
                 ex.conn.body_bytes_sent += tunnel.sent_to_client
             if attempt is not None:
                 attempt.end(UPGRADED, ex)
-            ex.finish_logged()
+            ex.finish(UNSENT)
         except Exception as exc:
             ex.crashed(exc, "proxying upgraded connection")
 
@@ -557,9 +557,7 @@ class UpstreamRequest:
         self.attempt = None
         self._log_error(attempt, err, "reading upstream")
         attempt.end(BROKEN, self.exchange)
-        ex = self.exchange
-        ex.finish_logged()
-        ex.conn.abort()
+        self.exchange.finish(DROPPED)
 
     def _no_live_upstreams(self, hook: Any) -> None:
         ex = self.exchange
