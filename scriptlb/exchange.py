@@ -97,7 +97,7 @@ class Exchange:
         self.method = request.method
         self.http_version = request.version
         self.headers = request.headers
-        self.request_uri = request.target.decode("latin-1")
+        self.request_uri = request_uri = request.target.decode("latin-1")
         self.scheme = "https" if conn.tls is not None else "http"
         self.status = 0
         self.body_bytes_sent = 0
@@ -127,7 +127,19 @@ class Exchange:
         self._finished = False
         self._logged = False  # the log phase ran (it runs once per request)
         self.upstream_request: UpstreamRequest | None = None  # set when proxying
-        self._route()
+        # routing: the usual case inlined (an origin-form target whose path needs no
+        # normalizing, the Host of the connection's previous request); _route does all cases
+        path, sep, args = request_uri.partition("?")
+        cached = conn.host_cache
+        if (request_uri[:1] == "/" and "%" not in path and "//" not in path and "/." not in path
+                and cached is not None and cached[0] == request.host):
+            self.uri = path
+            self.args = args if sep else None
+            self.server = server = cached[2]
+            self.host = cached[1] or server.name
+            self.location = server.match(path)
+        else:
+            self._route()
         # what the client connection reads (plain attributes: read on every request)
         conf = self.location.conf
         self.max_body_size = conf.client_max_body_size  # 0 = unlimited
