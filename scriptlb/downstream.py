@@ -372,7 +372,7 @@ class ClientConnection(asyncio.Protocol):
         self._queue: deque[tuple[Request, RequestHandler]] | tuple[()] = _NO_QUEUE
         self._pending_error: ClientError | None = None  # raised while a request was in flight
         self._eof = False  # the client half-closed: answer what it sent, then close
-        self._activating = False  # _finish_active is serving the queue (no recursion)
+        self._activating = False  # finish_response is serving the queue (no recursion)
         self._last_keepalive_timeout = 75.0
         self._upgrade_early = b""  # bytes after an Upgrade request's head (see data_received)
 
@@ -470,7 +470,7 @@ class ClientConnection(asyncio.Protocol):
                 # llhttp stops after an "Upgrade" request head (delivered as a plain request). What
                 # follows belongs to the new protocol if the peer switches (a tunnel takes it, see
                 # switch_protocols), else it is the next request: nothing more is read until the
-                # answer, and what came with the head waits for it (_finish_active feeds it).
+                # answer, and what came with the head waits for it (finish_response feeds it).
                 self._pause_reading()
                 offset = int(upgrade.args[0])
                 if offset < len(data):
@@ -777,47 +777,6 @@ class ClientConnection(asyncio.Protocol):
         if not self._queue and self._pending_error is None:
             self._resume_reading()
 
-    def _finish_active(self) -> None:
-        """The active request is answered: serve the queued ones (iteratively: a long pipeline
-        of instant answers must not recurse), then wait for the next request."""
-        self.active = None
-        request = self._active_request
-        if request is not None:
-            if request.has_body:
-                request.body.close()  # (a body file goes now, not when the last reference does)
-            self._active_request = None
-        self.sent_head = b""  # logged already; an idle connection holds no response bytes
-        if not self._keep_alive or self.closed or (self._eof and not self._queue):
-            self._close_after_response()
-            return
-        if self._activating:
-            return  # an outer call is looping over the queue
-        self._activating = True
-        try:
-            while self.active is None and self._queue and not self.closed:
-                request, handler = self._queue.popleft()  # type: ignore[union-attr]
-                self._activate(request, handler)
-        finally:
-            self._activating = False
-        if not self._queue:
-            self._queue = _NO_QUEUE  # (an emptied deque still holds its ~600-byte block)
-        if self.active is not None or self.closed:
-            return
-        if self._pending_error is not None:
-            self._client_error(self._pending_error)
-            return
-        if self._parsing is None:
-            self._arm(_IDLE, self._last_keepalive_timeout)
-            self.listener.reusable[self] = None  # idle keep-alive: may be closed to make room
-        elif not self._head_done:
-            self._arm(_HEAD, self.listener.header_timeout)  # a pipelined head, still incomplete
-        if self._reading_paused:
-            self._resume_reading()
-        early = self._upgrade_early
-        if early:  # the upgrade was refused: what came after its head is the next request
-            self._upgrade_early = b""
-            self.data_received(early)
-
     def switch_protocols(self, protocol: asyncio.Protocol) -> tuple[asyncio.Transport, bytes]:
         """The active request got a 101 (its head is written): the socket now belongs to
         ``protocol`` (a tunnel), which gets its events and must hand ``connection_lost`` back
@@ -921,17 +880,57 @@ class ClientConnection(asyncio.Protocol):
             self.flush()
 
     def finish_response(self) -> None:
-        """The response is complete: end the chunked body and serve the next request."""
+        """The response is complete: end the chunked body and serve the next request (or the
+        queued ones)."""
         if self._chunked or self._pending_head:
             self.end_body()  # (usually done already: the exchange ends the body before its log)
         request = self._active_request
-        if request is not None and request.has_body and not request.complete:
-            # The handler answered before reading the whole body (return, error): nginx discards
-            # the rest; we do the simple, safe thing and do not reuse the connection.
-            self._keep_alive = False
-        if self.active is not None:
-            self._last_keepalive_timeout = self.active.keepalive_timeout
-        self._finish_active()
+        if request is not None:
+            if request.has_body:
+                if not request.complete:
+                    # The handler answered before reading the whole body (return, error): nginx
+                    # discards the rest; we do the simple, safe thing: no reuse of the connection.
+                    self._keep_alive = False
+                request.body.close()  # (a body file goes now, not when the last reference does)
+            self._active_request = None
+        active = self.active
+        if active is not None:
+            self._last_keepalive_timeout = active.keepalive_timeout
+            self.active = None
+        self.sent_head = b""  # logged already; an idle connection holds no response bytes
+        if not self._keep_alive or self.closed or (self._eof and not self._queue):
+            self._close_after_response()
+            return
+        if self._activating:
+            return  # an outer call is looping over the queue
+        if self._queue:
+            # serve the queued requests (iteratively: a long pipeline of instant answers must
+            # not recurse), then wait for the next request
+            self._activating = True
+            try:
+                while self.active is None and self._queue and not self.closed:
+                    request, handler = self._queue.popleft()  # type: ignore[union-attr]
+                    self._activate(request, handler)
+            finally:
+                self._activating = False
+            if not self._queue:
+                self._queue = _NO_QUEUE  # (an emptied deque still holds its ~600-byte block)
+        if self.active is not None or self.closed:
+            return
+        if self._pending_error is not None:
+            self._client_error(self._pending_error)
+            return
+        if self._parsing is None:
+            self._arm(_IDLE, self._last_keepalive_timeout)
+            self.listener.reusable[self] = None  # idle keep-alive: may be closed to make room
+        elif not self._head_done:
+            self._arm(_HEAD, self.listener.header_timeout)  # a pipelined head, still incomplete
+        if self._reading_paused:
+            self._resume_reading()
+        early = self._upgrade_early
+        if early:  # the upgrade was refused: what came after its head is the next request
+            self._upgrade_early = b""
+            self.data_received(early)
 
     def respond(self, status: int, headers: bytes, body: bytes) -> None:
         """A complete small response in one write (``return``, error pages)."""
