@@ -71,10 +71,11 @@ class ConnectionPool:
             conn = stack.pop()
             del self._idle[conn]
             conn.on_idle_lost = None
-            if conn.state is not ConnState.IDLE or not conn.is_alive():
+            transport = conn.transport  # (conn.is_alive(), inlined: once per request)
+            if conn.state is not ConnState.IDLE or transport is None or transport.is_closing():
                 conn.close()  # closing under us (its connection_lost is still to come)
                 continue
-            conn.reuse()
+            conn.state = ConnState.ACTIVE
             self.reused += 1
             if not stack:
                 del self._by_key[key]

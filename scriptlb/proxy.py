@@ -212,8 +212,9 @@ class UpstreamRequest:
         ex = self.exchange
         upstream = self.upstream
         tries_cap = self.conf.next_upstream_tries
-        if not self._stream_body:
-            self._body = ex.request.body.buffered()  # bytes, or the file it was spooled to
+        request = ex.request
+        if not self._stream_body and request.has_body:
+            self._body = request.body.buffered()  # bytes, or the file it was spooled to
         if self.plan.body_override is not None:
             self._body = self.plan.body_override(ex)
         self._build_head()

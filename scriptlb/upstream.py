@@ -121,7 +121,8 @@ class ResponseHead:
     def client_headers(self) -> bytes:
         """The headers to pass to the client, as ``Name: value\\r\\n`` lines."""
         connection = self.connection
-        listed = _connection_tokens(connection) if connection is not None else None
+        listed = (_connection_tokens(connection)
+                  if connection is not None and connection not in _PLAIN_CONNECTION else None)
         if not listed:
             return b"".join(self.lines)
         out = []  # Connection names more headers as hop-by-hop (rare): drop those too
@@ -536,9 +537,6 @@ class UpstreamConnection(asyncio.Protocol):
     def is_alive(self) -> bool:
         """Still open as far as the transport knows (the pool skips ones closing under it)."""
         return self.transport is not None and not self.transport.is_closing()
-
-    def reuse(self) -> None:
-        self.state = ConnState.ACTIVE
 
     def detach(self) -> tuple[asyncio.Transport, bytes]:
         """After a 101: hand the socket over (to a tunnel), with the bytes that came after the
