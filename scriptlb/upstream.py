@@ -104,13 +104,11 @@ class ResponseHead:
     ``Name: value\\r\\n`` lines the client gets, so a response is not scanned again.
     """
 
-    __slots__ = ("chunked", "close", "connection", "content_length", "headers", "lines", "reason", "status",
-                 "version")
+    __slots__ = ("chunked", "close", "connection", "content_length", "headers", "lines", "reason", "status")
 
     def __init__(self) -> None:
         self.status = 0
         self.reason = b""  # the peer's own phrase, passed to the client as nginx does
-        self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []  # as received, original case
         self.lines: list[bytes] = []  # the headers passed to the client, as lines
         self.content_length: int | None = None
@@ -620,7 +618,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._response = ResponseHead()  # 1xx interim response: nginx ignores it, so do we
             return
         response.status = status
-        response.version = parser.get_http_version()
+        # (no get_http_version(): nobody reads the peer's version, and httptools formats it
+        # with str.format, about 2k instructions)
         response.close = not parser.should_keep_alive()
         if response.chunked:
             response.content_length = None
