@@ -598,8 +598,7 @@ class ClientConnection(asyncio.Protocol):
             self._arm(_HEAD, self.listener.header_timeout)
 
     def on_url(self, url: bytes) -> None:
-        request = self._parsing
-        assert request is not None
+        request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         request.target += url
         if len(request.target) > self.listener.header_buffers[1]:
             raise ClientError(414, "client sent too long URI while reading client request line")
@@ -607,8 +606,7 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head_done:
             return  # a trailer: dropped, as nginx does (never merged into the request head)
-        request = self._parsing
-        assert request is not None
+        request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         if not request.method:
             request.method = self._parser.get_method().decode("ascii")
         if value[-1:] in (b" ", b"\t"):

@@ -45,7 +45,6 @@ class Exchange:
     __slots__ = (
         "_early_status",
         "_finished",
-        "_logged",
         "_redirected",
         "args",
         "body_bytes_sent",
@@ -72,7 +71,6 @@ class Exchange:
         "request_uri",
         "response_headers",
         "runtime",
-        "scheme",
         "send_timeout",
         "server",
         "start_time",
@@ -98,7 +96,6 @@ class Exchange:
         self.http_version = request.version
         self.headers = request.headers
         self.request_uri = request_uri = request.target.decode("latin-1")
-        self.scheme = "https" if conn.tls is not None else "http"
         self.status = 0
         self.body_bytes_sent = 0
         self.bytes_sent = 0
@@ -124,8 +121,7 @@ class Exchange:
         self.err_status = 0  # error_page: the status the final response carries (0: its own)
         self.variables: dict[str, str] | None = None  # the rewrite module's `set` values
         self.captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
-        self._finished = False
-        self._logged = False  # the log phase ran (it runs once per request)
+        self._finished = False  # finish() ran: the log phase too (it runs once per request)
         self.upstream_request: UpstreamRequest | None = None  # set when proxying
         # routing: the usual case inlined (an origin-form target whose path needs no
         # normalizing, the Host of the connection's previous request); _route does all cases
@@ -200,6 +196,10 @@ class Exchange:
         return location.conf.client_body
 
     # what variables read
+    @property
+    def scheme(self) -> str:
+        return "https" if self.conn.tls is not None else "http"
+
     @property
     def remote_addr(self) -> str:
         return self.conn.remote_addr
@@ -490,11 +490,10 @@ class Exchange:
         conn = self.conn
         if end == SENT:
             conn.end_body()
-        self._finished = True
         self.bytes_sent = conn.bytes_sent
         self.body_bytes_sent = conn.body_bytes_sent
-        if not self._logged:
-            self._logged = True
+        if not self._finished:
+            self._finished = True
             location = self.location
             zone = location.zone
             if zone is not None:  # status_zone: responses by class, for the metrics

@@ -596,6 +596,8 @@ class UpstreamConnection(asyncio.Protocol):
             kind = _header_kind(name)
         if kind == _PASSED:
             response.lines.append(name + b": " + value + b"\r\n")
+        elif kind == _HIDDEN:  # (Date, Server: in most responses, tested before the framing)
+            return
         elif kind == _CONTENT_LENGTH:
             response.content_length = int(value)  # llhttp validated the digits and duplicates
         elif kind == _CONNECTION:
