@@ -87,6 +87,9 @@ def next_connection_id() -> int:
 
 
 
+# the last bytes of a request line -> its HTTP version (httptools validated it when it parses)
+_VERSION_HINTS = {b" HTTP/1.1": "1.1", b" HTTP/1.0": "1.0"}
+
 # How a request ends, as the exchange's one finish (Exchange.finish) takes it: what becomes
 # of the client connection after the log phase.
 SENT = 0  # our response went out whole: end its body, then serve the connection's next request
@@ -297,6 +300,7 @@ class ClientConnection(asyncio.Protocol):
         "_timer",
         "_timer_when",
         "_upgrade_early",
+        "_version_hint",
         "_writing_paused",
         "active",
         "body_bytes_sent",
@@ -362,6 +366,7 @@ class ClientConnection(asyncio.Protocol):
         self._line_bytes = 0  # bytes of the head's incomplete last line
         self._framing_bytes = 0  # chunked body: bytes since the last chunk boundary or body byte
         self._fed = 0  # _FED_* flags of the feed in progress
+        self._version_hint: str | None = None  # see data_received
         # 1: a request without keep-alive was parsed (nothing after it is read), 2: more came
         self._last_request = 0
         self._linger_until = 0.0  # lingering close: its deadline (0: not lingering)
@@ -460,6 +465,12 @@ class ClientConnection(asyncio.Protocol):
                 self.data_received(data[end:])
                 return
             data = fixed
+        if self._parsing is None:
+            # A read that starts a request (the usual one) has its HTTP version at the end of
+            # its first line: on_headers_complete takes it from there, as httptools's
+            # get_http_version() formats it with str.format (~2k instructions per request).
+            line_end = data.find(b"\r\n")
+            self._version_hint = _VERSION_HINTS.get(data[line_end - 9:line_end]) if line_end > 9 else None
         try:
             if heading and (self._line_bytes or len(data) > self._header_line_max):
                 self._check_line_start(data)
@@ -662,7 +673,12 @@ class ClientConnection(asyncio.Protocol):
         parser = self._parser
         if not request.method:
             request.method = parser.get_method().decode("ascii")
-        request.version = parser.get_http_version()
+        version = self._version_hint
+        if version is None:
+            version = parser.get_http_version()
+        else:
+            self._version_hint = None  # (it was this request's, the first in its read)
+        request.version = version
         if request.version not in ("1.1", "1.0"):
             raise ClientError(400, "client sent invalid request while reading client request line")
         if request.method == "CONNECT":

@@ -578,3 +578,18 @@ def test_body_bytes_with_lf_reach_the_handler_intact(loop: asyncio.AbstractEvent
 def test_bare_cr_and_control_bytes_are_still_refused(loop: asyncio.AbstractEventLoop, raw: bytes) -> None:
     h = Harness(loop)
     assert status_of(h.feed(raw)) == 400
+
+
+def test_each_pipelined_request_keeps_its_own_http_version(loop: asyncio.AbstractEventLoop) -> None:
+    # the version of the first request of a read comes from its request line's last bytes,
+    # the others' from the parser: a mix in one read, and a head split inside its first line
+    h = Harness(loop, reply=None)
+    h.feed(b"GET /1 HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    h.conn.respond(200, b"", b"one")
+    h.conn.respond(200, b"", b"two")
+    h.feed(b"GET /3 HT")
+    h.feed(b"TP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+    h.conn.respond(200, b"", b"three")
+    h.feed(b"\r\nGET /4 HTTP/1.1\r\nHost: x\r\n\r\n")  # (an empty line before a request is skipped)
+    assert [(handler.request.target, handler.request.version) for handler in h.handlers] == [
+        (b"/1", "1.0"), (b"/2", "1.1"), (b"/3", "1.0"), (b"/4", "1.1")]
