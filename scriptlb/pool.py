@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 
-from scriptlb.upstream import ConnState, UpstreamConnection
+from scriptlb.upstream import ACTIVE, IDLE, UpstreamConnection
 
 # The sweep checks expiry at this fraction of keepalive_timeout (bounded below and above), so a
 # connection outlives its timeout by at most this slack.
@@ -72,10 +72,10 @@ class ConnectionPool:
             del self._idle[conn]
             conn.on_idle_lost = None
             transport = conn.transport  # (conn.is_alive(), inlined: once per request)
-            if conn.state is not ConnState.IDLE or transport is None or transport.is_closing():
+            if conn.state is not IDLE or transport is None or transport.is_closing():
                 conn.close()  # closing under us (its connection_lost is still to come)
                 continue
-            conn.state = ConnState.ACTIVE
+            conn.state = ACTIVE
             self.reused += 1
             if not stack:
                 del self._by_key[key]

@@ -68,6 +68,11 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
+# The states as module constants, for the per-request code: reading an attribute of an Enum
+# class goes through EnumType's __getattr__ hook (about 5x a plain attribute read).
+NEW, ACTIVE, IDLE, CLOSED = ConnState.NEW, ConnState.ACTIVE, ConnState.IDLE, ConnState.CLOSED
+
+
 class UpstreamError(Exception):
     """A failed try, as nginx classifies it; ``str()`` is nginx's error-log text."""
 
@@ -232,7 +237,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.loop = loop
         self.key = key  # pool key: (peer address name, host name)
         self.peer_name = peer_name
-        self.state = ConnState.NEW
+        self.state = NEW
         self.transport: asyncio.Transport | None = None
         self.requests = 0  # requests sent on this connection (keepalive_requests)
         self.idle_since = 0.0
@@ -285,12 +290,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self.state = ConnState.ACTIVE
+        self.state = ACTIVE
 
     def data_received(self, data: bytes) -> None:
         # (one function: this runs for every read; the try is free until something raises)
         try:
-            if self.state is not ConnState.ACTIVE or self._parser is None or self.response_complete:
+            if self.state is not ACTIVE or self._parser is None or self.response_complete:
                 self._unexpected_bytes()
                 return
             self._last_read = self.loop.time()
@@ -351,11 +356,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _lost(self, exc: Exception | None) -> None:
         state = self.state
-        self.state = ConnState.CLOSED
+        self.state = CLOSED
         self._cancel_timer()
-        if state is ConnState.CLOSED:
+        if state is CLOSED:
             return  # we closed it ourselves and already reported why
-        if state is ConnState.IDLE:
+        if state is IDLE:
             self._notify_idle_lost()
             return
         if self._parser is None or self.response_complete:
@@ -440,7 +445,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._read_paused = False
         self._upgraded = False
         transport = self.transport
-        if self.state is not ConnState.ACTIVE or transport is None or transport.is_closing():
+        if self.state is not ACTIVE or transport is None or transport.is_closing():
             # the peer closed it a moment ago (connection_lost may even have run already):
             # fail like a connection closed before the response, after this call returns (a
             # reused one is retried fresh)
@@ -470,7 +475,7 @@ class UpstreamConnection(asyncio.Protocol):
     def write_body(self, data: bytes, last: bool) -> None:
         """Stream request body bytes (already framed by the caller)."""
         transport = self.transport
-        if transport is not None and self.state is ConnState.ACTIVE and not transport.is_closing():
+        if transport is not None and self.state is ACTIVE and not transport.is_closing():
             if data:
                 transport.write(data)
                 self.sent += len(data)
@@ -494,12 +499,12 @@ class UpstreamConnection(asyncio.Protocol):
             handler.upstream_complete()
 
     def pause_reading(self) -> None:
-        if not self._read_paused and self.transport is not None and self.state is ConnState.ACTIVE:
+        if not self._read_paused and self.transport is not None and self.state is ACTIVE:
             self._read_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._read_paused and self.transport is not None and self.state is ConnState.ACTIVE:
+        if self._read_paused and self.transport is not None and self.state is ACTIVE:
             self._read_paused = False
             self._last_read = self.loop.time()  # the idle timer restarts from now
             self.transport.resume_reading()
@@ -514,7 +519,7 @@ class UpstreamConnection(asyncio.Protocol):
         """
         response = self._response
         return (
-            self.state is ConnState.ACTIVE
+            self.state is ACTIVE
             and self.response_complete
             and self.request_complete
             and response is not None
@@ -527,7 +532,7 @@ class UpstreamConnection(asyncio.Protocol):
         )
 
     def make_idle(self, now: float) -> None:
-        self.state = ConnState.IDLE
+        self.state = IDLE
         self.on_writable = None
         self.idle_since = now
         self._handler = self._owner = None  # (the parser stays: the next request reuses it)
@@ -541,7 +546,7 @@ class UpstreamConnection(asyncio.Protocol):
         head; this object hears nothing more about it."""
         transport = self.transport
         assert transport is not None
-        self.state = ConnState.CLOSED
+        self.state = CLOSED
         self._cancel_timer()
         self._handler = self._owner = None
         self._parser = None
@@ -554,8 +559,8 @@ class UpstreamConnection(asyncio.Protocol):
         return transport, data
 
     def close(self) -> None:
-        if self.state is not ConnState.CLOSED:
-            self.state = ConnState.CLOSED
+        if self.state is not CLOSED:
+            self.state = CLOSED
             self._cancel_timer()
             transport = self.transport
             if transport is not None:
@@ -567,8 +572,8 @@ class UpstreamConnection(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the connection now, telling nobody (the handler gave up on this response)."""
         self._handler = None
-        if self.state is not ConnState.CLOSED:
-            self.state = ConnState.CLOSED
+        if self.state is not CLOSED:
+            self.state = CLOSED
             self._cancel_timer()
             if self.transport is not None:
                 self.transport.abort()
@@ -703,7 +708,7 @@ class UpstreamConnection(asyncio.Protocol):
         # Data on an idle connection, or after the response ended: the peer is confused or
         # closing; the connection can not carry another request.
         self._extra_bytes = True
-        if self.state is ConnState.IDLE:
+        if self.state is IDLE:
             self.close()
             self._notify_idle_lost()
 
@@ -736,7 +741,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _timer_fired(self) -> None:
         self._timer = None
-        if self.state is not ConnState.ACTIVE or self.response_complete:
+        if self.state is not ACTIVE or self.response_complete:
             return
         now = self.loop.time()
         if self._write_paused:
