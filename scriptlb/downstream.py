@@ -90,6 +90,10 @@ def next_connection_id() -> int:
 # the last bytes of a request line -> its HTTP version (httptools validated it when it parses)
 _VERSION_HINTS = {b" HTTP/1.1": "1.1", b" HTTP/1.0": "1.0"}
 
+# Content-Length -> its header line, built once each (bounded: lengths are the peers' choice)
+_LENGTH_LINES: dict[int, bytes] = {}
+_LENGTH_LINES_MAX = 1024
+
 # How a request ends, as the exchange's one finish (Exchange.finish) takes it: what becomes
 # of the client connection after the log phase.
 SENT = 0  # our response went out whole: end its body, then serve the connection's next request
@@ -837,7 +841,12 @@ class ClientConnection(asyncio.Protocol):
         if status in _NO_BODY_STATUS:
             pass
         elif content_length is not None:
-            framing = b"Content-Length: %d\r\n" % content_length
+            framing = _LENGTH_LINES.get(content_length)  # (the same few lengths come again and again)
+            if framing is None:
+                framing = b"Content-Length: %d\r\n" % content_length
+                if len(_LENGTH_LINES) >= _LENGTH_LINES_MAX:
+                    _LENGTH_LINES.clear()
+                _LENGTH_LINES[content_length] = framing
         elif request.version == "1.1":
             if not head_only:
                 self._chunked = True

@@ -240,7 +240,7 @@ class RequestPlan:
             lower = name.lower()
             if lower in skip or (listed and lower in listed):
                 continue
-            parts.append(name + b": " + value + b"\r\n")
+            parts += (name, b": ", value, b"\r\n")
         if body_length is not None:
             parts.append(b"Content-Length: %d\r\n" % body_length)
         elif chunked:
