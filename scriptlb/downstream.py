@@ -471,8 +471,8 @@ class ClientConnection(asyncio.Protocol):
             data = fixed
         if self._parsing is None:
             # A read that starts a request (the usual one) has its HTTP version at the end of
-            # its first line: on_headers_complete takes it from there, as httptools's
-            # get_http_version() formats it with str.format (~2k instructions per request).
+            # its first line: on_headers_complete takes it from there (httptools's
+            # get_http_version() builds the string with str.format, costly per request).
             line_end = data.find(b"\r\n")
             self._version_hint = _VERSION_HINTS.get(data[line_end - 9:line_end]) if line_end > 9 else None
         try:

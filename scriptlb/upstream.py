@@ -69,7 +69,7 @@ class ConnState(enum.Enum):
 
 
 # The states as module constants, for the per-request code: reading an attribute of an Enum
-# class goes through EnumType's __getattr__ hook (about 5x a plain attribute read).
+# class goes through EnumType's __getattr__ hook (several times a plain attribute read).
 NEW, ACTIVE, IDLE, CLOSED = ConnState.NEW, ConnState.ACTIVE, ConnState.IDLE, ConnState.CLOSED
 
 
@@ -625,8 +625,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._response = ResponseHead()  # 1xx interim response: nginx ignores it, so do we
             return
         response.status = status
-        # (no get_http_version(): nobody reads the peer's version, and httptools formats it
-        # with str.format, about 2k instructions)
+        # (no get_http_version(): nobody reads the peer's version, and httptools builds it with
+        # str.format, costly per response)
         response.close = not parser.should_keep_alive()
         if response.chunked:
             response.content_length = None
