@@ -259,11 +259,23 @@ class UpstreamRequest:
                 self.hook_exit = outcome
                 ex.finish_with_page(outcome.exit_status)
                 return
-            self._apply_hook_settings(outcome)
+            # what the run changes for this and later tries: bind address, rebuilt request
+            if outcome.local_addr is not None:
+                self._local_addr = split_local_addr(outcome.local_addr)
+            if outcome.recreate:
+                self._build_head()
             addr = outcome.addr
             if addr is not None:
                 state.tries += outcome.more_tries
-                pool = self._hook_pool(outcome.keepalive)
+                # A hook-set peer's pool: the hook pool when enable_keepalive asked for it (this
+                # try's override), else the upstream's keepalive N pool as for its own peers (as
+                # OpenResty's keepalive module pools whatever peer the balancer hook set). Either
+                # needs nginx's recipe: HTTP/1.1 to the peer, no "Connection: close".
+                keepalive = outcome.keepalive
+                if keepalive is None:
+                    pool = upstream.pool if self.plan.pooled else None
+                else:
+                    pool = None if self.plan.close_after else upstream.hook_pool(*keepalive)
                 self._start_attempt(addr.name, addr, None, outcome.host or "", pool, outcome)
                 return
         peer = upstream.balancer.get(state, self.loop.time())
@@ -295,23 +307,6 @@ class UpstreamRequest:
             attempt.connect_time = 0.0
             attempt.reused = True
             self._send_request(conn)
-
-    def _apply_hook_settings(self, outcome: Any) -> None:
-        """What a hook run changes for this and later tries: bind address, rebuilt request."""
-        if outcome.local_addr is not None:
-            self._local_addr = split_local_addr(outcome.local_addr)
-        if outcome.recreate:
-            self._build_head()
-
-    def _hook_pool(self, keepalive: tuple[float, int] | None) -> ConnectionPool | None:
-        """A hook-set peer's pool: the hook pool when ``enable_keepalive`` asked for it (this
-        try's override), else the upstream's ``keepalive N`` pool as for its own peers (as
-        OpenResty's keepalive module pools whatever peer the balancer hook set). Either needs
-        nginx's recipe: HTTP/1.1 to the peer, no "Connection: close"."""
-        plan = self.plan
-        if keepalive is not None:
-            return None if plan.close_after else self.upstream.hook_pool(*keepalive)
-        return self.upstream.pool if plan.pooled else None
 
     def _connect(self, attempt: Attempt) -> None:
         addr = attempt.peer_addr
