@@ -77,23 +77,28 @@ class RoundRobin:
         tried = state.tried
         best: Peer | None = None
         best_index = 0
+        best_weight = 0  # (best's current_weight: it does not change during the loop)
         total = 0
         peer_set = state.peer_set  # (state.peers, inlined: this runs for every request)
         for index, peer in enumerate(peer_set.backup if state.on_backup else peer_set.primary):
             # Peer.is_unavailable/is_full inlined: this loop runs for every peer of every request
             if tried >> index & 1 or peer.down:
                 continue
-            if peer.max_fails and peer.fails >= peer.max_fails and now - peer.checked <= peer.fail_timeout:
+            # (fails first: 0 for a healthy peer, which ends the test at once)
+            if (peer.fails and peer.max_fails and peer.fails >= peer.max_fails
+                    and now - peer.checked <= peer.fail_timeout):
                 continue
             if peer.max_conns and peer.conns >= peer.max_conns:
                 continue
-            peer.current_weight += peer.effective_weight
-            total += peer.effective_weight
-            if peer.effective_weight < peer.weight:
-                peer.effective_weight += 1  # recovery after failures: one point per round
-            if best is None or peer.current_weight > best.current_weight:
+            effective = peer.effective_weight
+            peer.current_weight = current = peer.current_weight + effective
+            total += effective
+            if effective < peer.weight:
+                peer.effective_weight = effective + 1  # recovery after failures: one point per round
+            if best is None or current > best_weight:
                 best = peer
                 best_index = index
+                best_weight = current
         if best is None:
             return None
         state.tried = tried | 1 << best_index
