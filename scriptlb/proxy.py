@@ -213,11 +213,15 @@ class UpstreamRequest:
         upstream = self.upstream
         tries_cap = self.conf.next_upstream_tries
         request = ex.request
-        if not self._stream_body and request.has_body:
-            self._body = request.body.buffered()  # bytes, or the file it was spooled to
-        if self.plan.body_override is not None:
-            self._body = self.plan.body_override(ex)
-        self._build_head()
+        plan = self.plan
+        if plan.body_override is None and request.content_length is None and not request.has_body:
+            self._head = plan.build_head(ex, None)  # (the usual GET: _build_head's last case)
+        else:
+            if not self._stream_body and request.has_body:
+                self._body = request.body.buffered()  # bytes, or the file it was spooled to
+            if plan.body_override is not None:
+                self._body = plan.body_override(ex)
+            self._build_head()
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
             upstream.refresh_weights()  # a hook set a weight (stats.weights_stale(), inlined)
