@@ -97,7 +97,11 @@ class ConnectionPool:
         conn.make_idle(self.loop.time())
         conn.on_idle_lost = self._forget
         self._idle[conn] = None
-        self._by_key.setdefault(conn.key, []).append(conn)
+        stack = self._by_key.get(conn.key)
+        if stack is None:
+            self._by_key[conn.key] = [conn]  # (setdefault would build a list for every release)
+        else:
+            stack.append(conn)
         self.released += 1
         if self._sweeper is None:
             self._schedule_sweep()
