@@ -842,12 +842,13 @@ class ClientConnection(asyncio.Protocol):
         if status in _NO_BODY_STATUS:
             pass
         elif content_length is not None:
-            framing = _LENGTH_LINES.get(content_length)  # (the same few lengths come again and again)
-            if framing is None:
-                framing = b"Content-Length: %d\r\n" % content_length
+            known = _LENGTH_LINES.get(content_length)  # (the same few lengths come again and again)
+            if known is None:
+                known = b"Content-Length: %d\r\n" % content_length
                 if len(_LENGTH_LINES) >= _LENGTH_LINES_MAX:
                     _LENGTH_LINES.clear()
-                _LENGTH_LINES[content_length] = framing
+                _LENGTH_LINES[content_length] = known
+            framing = known
         elif request.version == "1.1":
             if not head_only:
                 self._chunked = True
