@@ -286,7 +286,6 @@ class UpstreamRequest:
         if peer is None:
             self._no_live_upstreams(outcome)
             return
-        # (peer.name: addr.name formats the text on every call; the peer keeps it)
         pool = upstream.pool if self.plan.pooled else None
         self._start_attempt(peer.name, peer.addr, peer, "", pool, outcome)
 
