@@ -100,6 +100,17 @@ def _attr(name: str) -> Getter:
     return get
 
 
+def _port(name: str) -> Getter:
+    """$remote_port / $server_port: empty on a unix socket (its "port" is 0), as nginx."""
+
+    def get(ex: Any) -> str:
+        value = getattr(ex, name)
+        return str(value) if value else ""
+
+    get.__name__ = f"get_{name}"
+    return get
+
+
 def _header(name_lower: str) -> Getter:
     def get(ex: Any) -> str | None:
         return ex.header(name_lower)
@@ -346,7 +357,7 @@ _SIMPLE: dict[str, Getter] = {
     "request_body": _request_body,
     "request_body_file": _request_body_file,
     "remote_addr": _attr("remote_addr"),
-    "remote_port": _attr("remote_port"),
+    "remote_port": _port("remote_port"),
     "remote_user": _remote_user,
     "request": _request_line,
     "request_method": _attr("method"),
@@ -362,7 +373,7 @@ _SIMPLE: dict[str, Getter] = {
     "scheme": _attr("scheme"),
     "server_protocol": lambda ex: f"HTTP/{ex.http_version}",
     "server_addr": _attr("server_addr"),
-    "server_port": _attr("server_port"),
+    "server_port": _port("server_port"),
     "server_name": _attr("server_name"),
     "content_length": _header("content-length"),
     "content_type": _header("content-type"),
