@@ -271,7 +271,7 @@ def _set_client_verification(ctx: ssl.SSLContext, conf: SslConf) -> None:
         raise TlsConfigError('"ssl_verify_client optional_no_ca" is not supported by scriptlb on this '
                              "Python (its libssl could not be reached)", conf.source)
     # (without libssl's verify callback: the handshake itself verifies, and fails)
-    ctx.scriptlb_verify_client = "off"  # type: ignore[attr-defined]
+    ctx.scriptlb_verify_client = "off"  # type: ignore[attr-defined]  # (a mark on the context, as above)
     ctx.verify_mode = ssl.CERT_REQUIRED if conf.verify_client == "on" else ssl.CERT_OPTIONAL
 
 

@@ -386,6 +386,7 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         return self._raw.get_write_buffer_limits() if self._raw is not None else (0, 0)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        # asyncio's signature takes any protocol; ours is always a streaming one (the app's)
         self._app = protocol  # type: ignore[assignment]
 
     def get_protocol(self) -> asyncio.BaseProtocol:
