@@ -63,7 +63,8 @@ UPGRADED = 5  # a 101's tunnel ended (its connection belonged to the tunnel, nev
 class TryRecord:
     """One try, for the ``$upstream_*`` lists (times in seconds, None when not reached)."""
 
-    __slots__ = ("addr", "connect_time", "header_time", "hook", "response_time", "started", "status")
+    __slots__ = ("addr", "bytes_received", "bytes_sent", "connect_time", "header_time", "hook", "response_length",
+                 "response_time", "started", "status")
 
     def __init__(self, addr: str, started: float, hook: Any = None) -> None:
         self.addr = addr
@@ -73,6 +74,9 @@ class TryRecord:
         self.connect_time: float | None = None
         self.header_time: float | None = None
         self.response_time: float | None = None
+        # $upstream_bytes_sent / _received / $upstream_response_length: copied from the
+        # connection when the try ends (a pooled connection counts its next request afresh)
+        self.bytes_sent = self.bytes_received = self.response_length = 0
 
     def __repr__(self) -> str:
         return f"<TryRecord {self.addr} {self.status}>"
@@ -153,6 +157,10 @@ class Attempt(TryRecord):
         peer = self.peer
         self.peer = None
         status = self.status or 0
+        if conn is not None:
+            self.bytes_sent = conn.sent
+            self.bytes_received = conn.received
+            self.response_length = conn.body_received
         if outcome in (DONE, UPGRADED):
             sample: float | None = elapsed if outcome == DONE else self.header_time
             counted = stats_failed = False

@@ -216,6 +216,7 @@ class UpstreamConnection(asyncio.Protocol):
         "on_writable",
         "peer_name",
         "received",
+        "body_received",
         "request_complete",
         "request_sent",
         "requests",
@@ -244,6 +245,7 @@ class UpstreamConnection(asyncio.Protocol):
         # bytes of the request in flight: to the peer and from it (the peer statistics)
         self.sent = 0
         self.received = 0
+        self.body_received = 0  # response body bytes of the request in progress (decoded)
 
         # timeouts of the request in flight (nginx's idle timers)
         self._read_timeout = 60.0
@@ -405,7 +407,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Send a request (``body`` None: the body follows through ``write_body``); the
         response goes to ``handler``."""
         self.requests += 1
-        self.sent = self.received = 0
+        self.sent = self.received = self.body_received = 0
         self._reset_request_state(handler, head_only, http11, close_after)
         transport = self.transport
         if self.state is not ConnState.ACTIVE or transport is None or transport.is_closing():
@@ -604,6 +606,7 @@ class UpstreamConnection(asyncio.Protocol):
         handler = self._handler
         if handler is None:
             return  # dropped by the handler while this chunk was being parsed
+        self.body_received += len(data)
         if self._streaming:
             handler.upstream_body(data)
         else:

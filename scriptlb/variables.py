@@ -138,6 +138,15 @@ def _upstream_times(field: str) -> Getter:
     return get
 
 
+def _upstream_counts(field: str) -> Getter:
+    """$upstream_bytes_sent & co: one byte count per try."""
+    def get(ex: Any) -> str | None:
+        tries = ex.tries
+        return ", ".join([str(getattr(t, field)) for t in tries]) if tries else None
+
+    return get
+
+
 def _balancer_trace(ex: Any) -> str | None:
     from scriptlb.trace import render  # (imported on first read: most configs never read it)
 
@@ -384,6 +393,9 @@ _SIMPLE: dict[str, Getter] = {
     "upstream_response_time": _upstream_times("response_time"),
     "upstream_connect_time": _upstream_times("connect_time"),
     "upstream_header_time": _upstream_times("header_time"),
+    "upstream_response_length": _upstream_counts("response_length"),
+    "upstream_bytes_sent": _upstream_counts("bytes_sent"),
+    "upstream_bytes_received": _upstream_counts("bytes_received"),
     "balancer_trace": _balancer_trace,
 }
 

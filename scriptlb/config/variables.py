@@ -69,6 +69,9 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "upstream_response_time",
         "upstream_connect_time",
         "upstream_header_time",
+        "upstream_response_length",
+        "upstream_bytes_sent",
+        "upstream_bytes_received",
         # TLS termination (scriptlb.tls)
         "https",
         "ssl_protocol",
