@@ -63,8 +63,8 @@ UPGRADED = 5  # a 101's tunnel ended (its connection belonged to the tunnel, nev
 class TryRecord:
     """One try, for the ``$upstream_*`` lists (times in seconds, None when not reached)."""
 
-    __slots__ = ("addr", "bytes_received", "bytes_sent", "connect_time", "header_time", "hook", "response_length",
-                 "response_time", "started", "status")
+    __slots__ = ("addr", "bytes_received", "bytes_sent", "connect_time", "header_time", "hook",
+                 "response_length", "response_time", "started", "status")
 
     def __init__(self, addr: str, started: float, hook: Any = None) -> None:
         self.addr = addr
