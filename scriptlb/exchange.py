@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from scriptlb.attempt import TryRecord
     from scriptlb.config.model import ClientBodyConf
     from scriptlb.error_pages import ErrorPage
-    from scriptlb.runtime import Runtime, ServerRoute
+    from scriptlb.runtime import Runtime, ServerRoute, UpstreamRuntime
 
 
 class Exchange:
@@ -180,7 +180,7 @@ class Exchange:
         whole body is read before the first try; None (memory) when it is streamed (the same
         rule as UpstreamRequest._wants_streamed_body) or dropped (``return``)."""
         location = self.location
-        if location.upstream is None or location.conf.return_ is not None:
+        if (location.upstream is None and location.dynamic is None) or location.conf.return_ is not None:
             return None
         if not location.conf.proxy.request_buffering and (not self.request.chunked or location.plan.http11):
             return None
@@ -247,6 +247,9 @@ class Exchange:
                 if refused is not None:
                     self.finish_with_page(*refused)
                     return
+            if location.dynamic is not None and location.conf.return_ is None:
+                location.dynamic.start(self)  # proxy_pass with variables (scriptlb.dynamic_pass)
+                return
             if location.conf.return_ is not None or location.upstream is None:
                 if self.request.complete or not self.request.has_body:
                     self._serve_return()
@@ -257,6 +260,13 @@ class Exchange:
             self.upstream_request.start()
         except Exception as exc:
             self.crashed(exc, "starting request")
+
+    def proxy_to(self, upstream: UpstreamRuntime, pass_uri: str | None) -> None:
+        """Proxy to an upstream proxy_pass with variables chose (``pass_uri``: the URI to send,
+        None for the client's)."""
+        self.upstream_request = UpstreamRequest(self, upstream)
+        self.upstream_request.pass_uri = pass_uri
+        self.upstream_request.start()
 
     def body_received(self) -> None:
         try:

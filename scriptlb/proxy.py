@@ -103,6 +103,7 @@ class UpstreamRequest:
         "hook_exit",
         "location",
         "loop",
+        "pass_uri",
         "plan",
         "upstream",
     )
@@ -128,6 +129,7 @@ class UpstreamRequest:
         self._passing = False  # the response is going to the client: no retry any more
         self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
         self.hook_exit: Any = None  # the HookOutcome of a hook's ngx.exit(N): $balancer_trace
+        self.pass_uri: str | None = None  # proxy_pass with variables: its URI part, as evaluated
 
     @property
     def connection(self) -> UpstreamConnection | None:
@@ -145,7 +147,7 @@ class UpstreamRequest:
         ex.send_timeout = conf.send_timeout
         ex.read_timeout = conf.read_timeout
         ex.upstream_name = self.upstream.name
-        ex.proxy_host = self.location.proxy_host
+        ex.proxy_host = self.location.proxy_host or ex.proxy_host  # (proxy_pass with variables set it)
         request = ex.request
         if request.complete or not request.has_body:
             self._begin_tries()  # (no body to wait for or stream: the usual GET)

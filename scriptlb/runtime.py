@@ -158,6 +158,7 @@ class RequestPlan:
     __slots__ = (
         "body_override",
         "close_after",
+        "dynamic",
         "dynamic_headers",
         "http11",
         "location_prefix",
@@ -172,6 +173,7 @@ class RequestPlan:
     )
 
     def __init__(self, location: LocationConf, upstream: UpstreamConf | None, proxy_host: str) -> None:
+        """(``proxy_host`` "" for proxy_pass with variables: $proxy_host is then per request)"""
         proxy = location.proxy
         self.http11 = proxy.http_version == "1.1"
         self.version_line = b" HTTP/1.1\r\n" if self.http11 else b" HTTP/1.0\r\n"
@@ -181,7 +183,7 @@ class RequestPlan:
         connection_value: str | None = None
         for lower, name, template in proxy.set_headers:
             skip.add(lower.encode("latin-1"))
-            if template.static is not None or template.raw == "$proxy_host":
+            if template.static is not None or (template.raw == "$proxy_host" and proxy_host):
                 value = proxy_host if template.static is None else template.static
                 if lower == "connection":
                     connection_value = value
@@ -197,6 +199,8 @@ class RequestPlan:
         self.pooled = not self.close_after and upstream is not None and upstream.keepalive > 0
         pass_conf = location.proxy_pass
         self.replace_uri = pass_conf.uri if pass_conf is not None else None
+        # proxy_pass with variables: the URI part evaluated per request replaces the whole URI
+        self.dynamic = pass_conf is not None and pass_conf.template is not None
         self.location_prefix = location.pattern if location.modifier in ("", "^~", "=") else ""
         self.method = _compile(proxy.method) if proxy.method is not None else None
         self.pass_client_headers = proxy.pass_request_headers
@@ -213,6 +217,11 @@ class RequestPlan:
     def upstream_uri(self, exchange: Exchange) -> str:
         """The URI sent to the peer (nginx: the client's URI as sent, or proxy_pass's URI part
         replacing the location prefix of the normalized URI)."""
+        if self.dynamic:
+            upstream_request = exchange.upstream_request
+            pass_uri = upstream_request.pass_uri if upstream_request is not None else None
+            if pass_uri is not None:
+                return pass_uri
         if self.replace_uri is None:
             raw = exchange.request_uri
             return raw if raw.startswith("/") else _path_and_args(exchange)
@@ -224,7 +233,7 @@ class RequestPlan:
 
     def build_head(self, exchange: Exchange, body_length: int | None, chunked: bool = False) -> bytes:
         target = exchange.request.target
-        if self.replace_uri is not None or target[:1] != b"/":
+        if self.replace_uri is not None or target[:1] != b"/" or self.dynamic:
             target = self.upstream_uri(exchange).encode("latin-1")
         # (else the client's target, as it came: the bytes upstream_uri would decode and encode)
         method = exchange.method if self.method is None else self.method(exchange)
@@ -269,6 +278,7 @@ class LocationRuntime:
         "add_headers",
         "conf",
         "content",
+        "dynamic",
         "error_pages",
         "log_hook",
         "plan",
@@ -322,6 +332,8 @@ class LocationRuntime:
             self.error_pages = error_pages(conf.error_pages)
         self.zone: list[int] | None = None  # status_zone: this worker's counts by status // 100
         self.tls: Any = None  # proxy_pass https://: a scriptlb.tls.PeerTls (set by the Runtime)
+        # proxy_pass with variables: a scriptlb.dynamic_pass.DynamicPass (set by the Runtime)
+        self.dynamic: Any = None
         # balancer_trace_header on (scriptlb.trace): adds the trace to proxied responses for
         # clients that ask from an allowed address; None: the proxy pays one attribute test
         self.trace: Any = None
@@ -464,6 +476,8 @@ class Runtime:
         # buffer, lines in order), as nginx opens each path once
         self._log_files: dict[str, LogFile] = {}
         self._tls_contexts: dict[Any, Any] = {}  # ProxySslConf -> its client SSLContext
+        self._adhoc: Any = None  # proxy_pass with variables: scriptlb.dynamic_pass.AdhocUpstreams
+        self._name_resolvers: dict[Any, Any] = {}  # ResolverConf -> scriptlb.dynamic_pass.NameResolver
         self.servers = {id(s): ServerRuntime(s, self._build_location) for s in http.servers}
         self.routes = {
             key: ServerRoute(selector, self.servers) for key, selector in selectors_by_listen(http).items()
@@ -471,11 +485,14 @@ class Runtime:
 
     def _build_location(self, conf: LocationConf) -> LocationRuntime:
         upstream = None
-        if conf.proxy_pass is not None and conf.return_ is None:
+        dynamic = conf.proxy_pass is not None and conf.proxy_pass.template is not None
+        if conf.proxy_pass is not None and conf.return_ is None and not dynamic:
             upstream = self.upstreams[conf.proxy_pass.upstream]
         location = LocationRuntime(conf, upstream, self._access_logs_for(conf), self._log_hook_for(conf))
         if conf.proxy_pass is not None and conf.proxy_pass.ssl:
             location.tls = self._peer_tls(conf, location.proxy_host)
+        if dynamic and conf.return_ is None:
+            location.dynamic = self._dynamic_pass(conf)
         if conf.status_zone is not None:
             location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
         if conf.handler is not None:
@@ -490,6 +507,23 @@ class Runtime:
             location.content = StaticFiles(conf.root, conf.index)
         return location
 
+    def _dynamic_pass(self, conf: LocationConf) -> Any:
+        """proxy_pass with variables: one-off upstreams and name caches are the worker's, shared
+        by every such location (one cache per distinct ``resolver`` configuration)."""
+        from scriptlb.dynamic_pass import AdhocUpstreams, DynamicPass, NameResolver  # (only such configs)
+
+        pass_conf = conf.proxy_pass
+        assert pass_conf is not None and pass_conf.template is not None
+        if self._adhoc is None:
+            python, loop = self._python, self.loop
+            self._adhoc = AdhocUpstreams(lambda up: UpstreamRuntime(up, loop, python))
+        resolver = None
+        if pass_conf.resolver is not None:
+            resolver = self._name_resolvers.get(pass_conf.resolver)
+            if resolver is None:
+                resolver = self._name_resolvers[pass_conf.resolver] = NameResolver(pass_conf.resolver)
+        return DynamicPass(_compile(pass_conf.template), resolver, self.upstreams, self._adhoc)
+
     def _peer_tls(self, conf: LocationConf, proxy_host: str) -> Any:
         from scriptlb.tls import PeerTls, client_context, proxy_host_name  # (only TLS configs)
 
@@ -500,6 +534,8 @@ class Runtime:
             context = contexts[ssl_conf] = client_context(ssl_conf)
         if ssl_conf.name is not None:
             name = _compile(ssl_conf.name)
+        elif not proxy_host:  # proxy_pass with variables: the host it evaluated to
+            name = lambda ex: proxy_host_name(ex.proxy_host)  # noqa: E731
         else:
             host = proxy_host_name(proxy_host)
             name = lambda ex: host  # noqa: E731

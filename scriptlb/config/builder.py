@@ -272,7 +272,7 @@ class _ProxyPassResolver:
         """A location's ``health_check`` lines apply to the upstream it proxies to."""
         for params in location.values.get("health_checks", ()):
             source = params.pop("source")
-            if conf.proxy_pass is None:
+            if conf.proxy_pass is None or conf.proxy_pass.template is not None:
                 raise ConfigError('"health_check" requires "proxy_pass" to an upstream', source)
             match_name = params.pop("match", None)
             match = None
@@ -286,9 +286,10 @@ class _ProxyPassResolver:
             )
             self.health_checks.setdefault(conf.proxy_pass.upstream, []).append(check)
 
-    def resolve(self, url: str, source: Source, location: LocationDraft) -> ProxyPassConf:
-        if "$" in url:
-            raise ConfigError('variables in "proxy_pass" are not supported by scriptlb', source)
+    def resolve(self, url: str, source: Source, location: LocationDraft,
+                chain: Sequence[LevelDraft] = ()) -> ProxyPassConf:
+        if location.proxy_pass_template is not None:
+            return self._dynamic(url, source, location.proxy_pass_template, chain)
         try:
             parsed = parse_proxy_url(url)
         except AddressError as e:
@@ -307,6 +308,15 @@ class _ProxyPassResolver:
             return ProxyPassConf(explicit, parsed.uri, explicit, source, parsed.ssl)
         key = self._implicit(parsed, source)
         return ProxyPassConf(key, parsed.uri, _proxy_host(parsed), source, parsed.ssl)
+
+    @staticmethod
+    def _dynamic(url: str, source: Source, template: Any, chain: Sequence[LevelDraft]) -> ProxyPassConf:
+        """proxy_pass with variables: only the scheme is known before the request."""
+        lowered = url.lower()  # (nginx checks the prefix of the evaluated URL only)
+        resolver = _get(chain, "resolver", None)
+        if resolver is not None:
+            resolver = dataclasses.replace(resolver, timeout=_get(chain, "resolver_timeout", 30.0))
+        return ProxyPassConf("", None, "", source, lowered.startswith("https://"), template, resolver)
 
     def _implicit(self, parsed: ProxyUrl, source: Source) -> str:
         target = parsed.target
@@ -474,7 +484,7 @@ def _location_conf(
     chain = (loc, *parents)
     proxy_pass = None
     if loc.proxy_pass is not None:  # checked even under a return, as nginx does
-        proxy_pass = resolver.resolve(loc.proxy_pass[0], loc.proxy_pass[1], loc)
+        proxy_pass = resolver.resolve(loc.proxy_pass[0], loc.proxy_pass[1], loc, chain)
     access_logs: list[AccessLogConf] = next(
         (lv.access_logs for lv in chain if lv.access_logs is not None), []
     )

@@ -334,6 +334,8 @@ def _proxy_pass(state: State, node: Node, draft: LocationDraft) -> None:
     if draft.proxy_pass is not None:
         raise fail(node, '"proxy_pass" directive is duplicate')
     draft.proxy_pass = (node.args[0], node.source)
+    if "$" in node.args[0]:  # evaluated per request (scriptlb.dynamic_pass)
+        draft.proxy_pass_template = template(node, node.args[0])
 
 
 def _proxy_set_header(state: State, node: Node, draft: LevelDraft) -> None:
@@ -1242,8 +1244,8 @@ _SPECS: tuple[Spec, ...] = (
     _spec("state", Ctx.UPSTREAM, ONE, _upstream_state),
     # membership at run time (the cluster process): etcd, DNS
     _spec("discovery", Ctx.UPSTREAM, (1, 3), _discovery),
-    _spec("resolver", Ctx.HTTP | Ctx.UPSTREAM, (1, None), _resolver),
-    _spec("resolver_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _slot(msec)),
+    _spec("resolver", HSL | Ctx.UPSTREAM, (1, None), _resolver),
+    _spec("resolver_timeout", HSL | Ctx.UPSTREAM, ONE, _slot(msec)),
     # access control, status and the API
     _spec("allow", HSL, ONE, _access_rule),
     _spec("deny", HSL, ONE, _access_rule),

@@ -45,6 +45,7 @@ class LocationDraft(LevelDraft):
     pattern: str = ""
     source: Source | None = None
     proxy_pass: tuple[str, Source] | None = None  # the URL as written
+    proxy_pass_template: Any = None  # the URL's Template when it has variables
     return_: ReturnConf | None = None
 
 

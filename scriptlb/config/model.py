@@ -448,6 +448,10 @@ class ProxyPassConf:
     proxy_host: str  # value of $proxy_host: the upstream name, or host:port when not 80
     source: Source | None = None
     ssl: bool = False  # https://: TLS to the peers (ProxyConf.ssl)
+    # proxy_pass with variables: the URL, evaluated per request (``upstream`` is then "");
+    # names that are no upstream's are looked up with ``resolver`` (scriptlb.dynamic_pass)
+    template: Template | None = None
+    resolver: ResolverConf | None = None
 
 
 @dataclass(frozen=True, slots=True)
