@@ -217,11 +217,14 @@ class Target:
 
 def parse_target(url: str) -> Target:
     """The evaluated URL; raises AddressError with nginx's error head."""
+    start = url.find("://") + 3
+    rest = url[start:]
+    query, slash = rest.find("?"), rest.find("/")
+    if start > 2 and query >= 0 and (slash < 0 or query < slash) and not rest.lower().startswith("unix:"):
+        url = url[: start + query] + "/" + url[start + query :]  # nginx: "http://h?a" sends "/?a"
     parsed = parse_proxy_url(url)
     target = parsed.target
     uri = parsed.uri
-    if uri is not None and uri.startswith("?"):
-        uri = "/" + uri  # nginx: "http://h?a" sends "/?a"
     if target.unix_path is not None:
         proxy_host = "localhost"
     else:

@@ -44,7 +44,9 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                "ngx_http_core_module", "http2, quic and proxy_protocol are refused (HTTP/1.1 only)"),
     "server_name": ("name ...", '""', "ngx_http_core_module", ""),
     "location": ("[ = | ~ | ~* | ^~ ] uri { ... }", "-", "ngx_http_core_module", "not nested"),
-    "proxy_pass": ("URL", "-", "ngx_http_proxy_module", "http://, https:// and unix:; no variables"),
+    "proxy_pass": ("URL", "-", "ngx_http_proxy_module",
+                   "http://, https:// and unix:; with variables: an upstream's name, else an address, else "
+                   "a name looked up with `resolver` per request"),
     "proxy_set_header": ("field value", "Host $proxy_host; Connection close", "ngx_http_proxy_module", ""),
     "proxy_http_version": ("1.0 | 1.1", "1.0", "ngx_http_proxy_module", ""),
     "proxy_connect_timeout": ("time", "60s", "ngx_http_proxy_module", ""),
@@ -120,8 +122,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                   "needs zone: the servers are the keys under the prefix (value: JSON with the API's "
                   "fields), watched in etcd (docs/cluster.md); timeout defaults to 3s"),
     "resolver": ("address[:port] ... [valid=time] [ipv4=on|off] [ipv6=on|off]", "-", "ngx_http_core_module",
-                 "http and upstream contexts; used by `server NAME resolve` (IP addresses only, no "
-                 "status_zone)"),
+                 "used by `server NAME resolve` and by proxy_pass with variables (IP addresses only, "
+                 "no status_zone)"),
     "resolver_timeout": ("time", "30s", "ngx_http_core_module", ""),
     "state": ("file", "-", "ngx_http_upstream_module (nginx Plus)",
               "the servers the API leaves, read at load time; replaces the block's server lines"),
