@@ -104,53 +104,58 @@ class NameResolver:
 
     async def _lookup(self, name: str) -> tuple[str, ...]:
         deadline = time.monotonic() + self.conf.timeout
-        conf = self.conf
-        kinds = [t for t, on in ((dns.rdatatype.A, conf.ipv4), (dns.rdatatype.AAAA, conf.ipv6)) if on]
-        addresses: list[str] = []
-        ttl: float | None = None
-        first_error: ResolveFailed | None = None
-        for kind in kinds:
-            try:
-                found, found_ttl = await self._chase(name, kind, deadline)
-            except ResolveFailed as err:
-                first_error = first_error or err
-                continue
-            addresses.extend(found)
-            if found:
-                ttl = found_ttl if ttl is None else min(ttl, found_ttl)
-        if not addresses:
-            raise first_error or ResolveFailed(*_RCODE_TEXT[dns.rcode.NXDOMAIN])
-        result = tuple(addresses)
-        valid = self.conf.valid if self.conf.valid is not None else ttl
-        if valid:  # (a TTL of 0: not cached)
-            self._cache[name] = (result, time.monotonic() + valid)
-            while len(self._cache) > MAX_CACHED_NAMES:
-                self._cache.popitem(last=False)
-        return result
-
-    async def _chase(self, name: str, kind: dns.rdatatype.RdataType,
-                     deadline: float) -> tuple[list[str], float]:
-        """Addresses of one type, following CNAMEs the answers do not resolve themselves."""
+        server = self._next_server  # nginx sends a name's questions to one server (then the next)
+        self._next_server += 1
         target = dns.name.from_text(name)
         min_ttl = float("inf")
         for _ in range(MAX_CNAME_HOPS):
-            reply = await self._query(target, kind, deadline)
-            rcode = reply.rcode()
-            if rcode != dns.rcode.NOERROR:
-                raise ResolveFailed(*_RCODE_TEXT.get(rcode, (rcode, "Unknown error")))
-            try:
-                chain = reply.resolve_chaining()
-            except dns.exception.DNSException:
-                raise ResolveFailed(*_RCODE_TEXT[dns.rcode.FORMERR]) from None
-            min_ttl = min(min_ttl, chain.minimum_ttl)
-            if chain.answer is not None:
-                return [rdata.address for rdata in chain.answer], min_ttl
-            if chain.canonical_name == target:
-                return [], min_ttl  # no record of this type
-            target = chain.canonical_name  # a CNAME without its target's records: ask again
+            addresses, ttl, cname = await self._ask_all(target, server, deadline)
+            min_ttl = min(min_ttl, ttl)
+            if addresses:
+                result = tuple(addresses)
+                valid = self.conf.valid if self.conf.valid is not None else min_ttl
+                if valid and valid != float("inf"):  # (a TTL of 0: not cached)
+                    self._cache[name] = (result, time.monotonic() + valid)
+                    while len(self._cache) > MAX_CACHED_NAMES:
+                        self._cache.popitem(last=False)
+                return result
+            if cname is None:
+                raise ResolveFailed(*_RCODE_TEXT[dns.rcode.NXDOMAIN])
+            target = cname  # only a CNAME: its target is asked for both types
         raise ResolveFailed(*_RCODE_TEXT[dns.rcode.SERVFAIL])
 
-    async def _query(self, name: dns.name.Name, kind: dns.rdatatype.RdataType,
+    async def _ask_all(self, name: dns.name.Name, server: int,
+                       deadline: float) -> tuple[list[str], float, dns.name.Name | None]:
+        """A and AAAA (as configured) at once, combined as nginx does: any error fails the
+        lookup; the addresses of both types; a bare CNAME is followed only when it is the
+        answer nginx processes last (AAAA's, or A's without ipv6) and no address came."""
+        conf = self.conf
+        kinds = [t for t, on in ((dns.rdatatype.A, conf.ipv4), (dns.rdatatype.AAAA, conf.ipv6)) if on]
+        answers = await asyncio.gather(*(self._ask(name, kind, server, deadline) for kind in kinds),
+                                       return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        addresses: list[str] = []
+        min_ttl = float("inf")
+        for _canonical, ttl, found in answers:  # type: ignore[misc]
+            if found:
+                addresses.extend(found)
+                min_ttl = min(min_ttl, ttl)
+        canonical, ttl, found = answers[-1]  # type: ignore[misc]
+        if addresses or canonical == name:
+            return addresses, min_ttl, None
+        return [], ttl, canonical
+
+    async def _ask(self, name: dns.name.Name, kind: dns.rdatatype.RdataType, server: int,
+                   deadline: float) -> tuple[dns.name.Name, float, list[str]]:
+        reply = await self._query(name, kind, server, deadline)
+        rcode = reply.rcode()
+        if rcode != dns.rcode.NOERROR:
+            raise ResolveFailed(*_RCODE_TEXT.get(rcode, (rcode, "Unknown error")))
+        return _follow(reply, name, kind)
+
+    async def _query(self, name: dns.name.Name, kind: dns.rdatatype.RdataType, server: int,
                      deadline: float) -> dns.message.Message:
         """One question, resent to the next name server every RESEND seconds until the
         deadline (UDP; TCP when the answer comes truncated)."""
@@ -162,14 +167,16 @@ class NameResolver:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise last_error
-            host, port = servers[self._next_server % len(servers)]
-            self._next_server += 1
+            host, port = servers[server % len(servers)]
+            server += 1
             try:
                 reply = await dns.asyncquery.udp(request, host, port=port, timeout=min(RESEND, left),
-                                                 ignore_unexpected=True, ignore_errors=True)
+                                                 ignore_unexpected=True, ignore_errors=True,
+                                                 one_rr_per_rrset=True, ignore_trailing=True)
                 if reply.flags & dns.flags.TC:
                     left = deadline - time.monotonic()
-                    reply = await dns.asyncquery.tcp(request, host, port=port, timeout=max(left, 0.001))
+                    reply = await dns.asyncquery.tcp(request, host, port=port, timeout=max(left, 0.001),
+                                                     one_rr_per_rrset=True)
             except dns.exception.Timeout:
                 last_error = ResolveFailed(*_TIMED_OUT)
                 continue
@@ -178,6 +185,31 @@ class NameResolver:
                 await asyncio.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
                 continue
             return reply
+
+
+def _follow(reply: dns.message.Message, name: dns.name.Name,
+            kind: dns.rdatatype.RdataType) -> tuple[dns.name.Name, float, list[str]]:
+    """The answer's CNAME chain from ``name``: where it ends, its smallest TTL, and that
+    name's addresses of ``kind`` (repeated records kept, as nginx does: each is a peer)."""
+    cnames: dict[dns.name.Name, tuple[dns.name.Name, int]] = {}
+    addresses: dict[dns.name.Name, tuple[list[str], int]] = {}
+    for rrset in reply.answer:
+        if rrset.rdtype == dns.rdatatype.CNAME:
+            cnames.setdefault(rrset.name, (rrset[0].target, rrset.ttl))
+        elif rrset.rdtype == kind:
+            found, ttl = addresses.setdefault(rrset.name, ([], rrset.ttl))
+            found.extend(rdata.address for rdata in rrset)
+            addresses[rrset.name] = (found, min(ttl, rrset.ttl))
+    min_ttl = float("inf")
+    for _ in range(MAX_CNAME_HOPS):
+        if name in addresses:
+            found, ttl = addresses[name]
+            return name, min(min_ttl, ttl), found
+        if name not in cnames:
+            break
+        name, ttl = cnames[name]
+        min_ttl = min(min_ttl, ttl)
+    return name, min_ttl, []
 
 
 class AdhocUpstreams:
@@ -193,7 +225,9 @@ class AdhocUpstreams:
         if upstream is not None:
             self._table.move_to_end(table_key)
             return upstream
-        servers = tuple(UpstreamServerConf(name=addr.name, addrs=(addr,)) for addr in addrs)
+        # max_fails=0: nginx makes these peers afresh for every request, so a failure is
+        # never remembered (the round robin still turns over them request after request)
+        servers = tuple(UpstreamServerConf(name=addr.name, addrs=(addr,), max_fails=0) for addr in addrs)
         upstream = self._table[table_key] = self._make(UpstreamConf(name=key, servers=servers, implicit=True))
         while len(self._table) > MAX_ADHOC_UPSTREAMS:
             self._table.popitem(last=False)

@@ -221,6 +221,9 @@ class Worker:
                     conn.close_if_idle()
         if not graceful:
             self._close_all()
+            # connection_lost comes a loop turn after close(): let requests in flight end
+            # (and write their access log lines) before the logs close
+            await asyncio.sleep(0)
         else:
             await self._drain()
         if self.cluster is not None:
