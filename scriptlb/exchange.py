@@ -67,6 +67,7 @@ class Exchange:
         "method",
         "proxy_host",
         "read_timeout",
+        "realip",
         "request",
         "request_uri",
         "response_headers",
@@ -117,6 +118,7 @@ class Exchange:
         self.tries_left = 0
         self.tries_cap = 0
         self.proxy_host = ""
+        self.realip: tuple[str, int] | None = None  # the client a trusted proxy named (scriptlb.realip)
 
         self._early_status = 0  # an error found while routing, answered when we become active
         self._redirected = False  # error_page redirected this request (once, as nginx)
@@ -189,11 +191,13 @@ class Exchange:
     # what variables read
     @property
     def remote_addr(self) -> str:
-        return self.conn.remote_addr
+        real = self.realip
+        return self.conn.remote_addr if real is None else real[0]
 
     @property
     def remote_port(self) -> int:
-        return self.conn.remote_port
+        real = self.realip
+        return self.conn.remote_port if real is None else real[1]
 
     @property
     def server_addr(self) -> str:
@@ -238,9 +242,15 @@ class Exchange:
             if self._early_status:
                 self.finish_with_page(self._early_status)
                 return
+            realip = self.location.realip_server  # (nginx's post-read phase)
+            if realip is not None and self.realip is None:
+                self.realip = realip.client(self)
             if self.location.rewrite is not None and self._rewrite_phase():
                 return  # answered (return, redirect) or refused (a rewrite cycle)
             location = self.location
+            realip = location.realip  # (preaccess: not once the address was changed)
+            if realip is not None and self.realip is None and location.conf.return_ is None:
+                self.realip = realip.client(self)
             # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
             if location.access is not None and location.conf.return_ is None:
                 refused = location.access(self)

@@ -283,6 +283,8 @@ class LocationRuntime:
         "log_hook",
         "plan",
         "proxy_host",
+        "realip",
+        "realip_server",
         "response_filter",
         "return_getter",
         "rewrite",
@@ -334,6 +336,17 @@ class LocationRuntime:
         self.tls: Any = None  # proxy_pass https://: a scriptlb.tls.PeerTls (set by the Runtime)
         # proxy_pass with variables: a scriptlb.dynamic_pass.DynamicPass (set by the Runtime)
         self.dynamic: Any = None
+        # set_real_ip_from & co (scriptlb.realip): None, or client(exchange) -> (addr, port) | None;
+        # the server's before the rewrite phase, the location's (when it differs) after it
+        self.realip: Any = None
+        self.realip_server: Any = None
+        if conf.realip is not None or conf.realip_server is not None:
+            from scriptlb.realip import RealIp
+
+            if conf.realip_server is not None:
+                self.realip_server = RealIp(conf.realip_server)
+            if conf.realip is not None and conf.realip != conf.realip_server:
+                self.realip = RealIp(conf.realip)
         # balancer_trace_header on (scriptlb.trace): adds the trace to proxied responses for
         # clients that ask from an allowed address; None: the proxy pays one attribute test
         self.trace: Any = None

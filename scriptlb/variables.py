@@ -80,6 +80,27 @@ def _status(ex: Any) -> str | None:
     return f"{ex.status:03d}"
 
 
+def _port(name: str) -> Getter:
+    """A port as nginx prints it: "" when there is none (0: a unix socket, a realip address
+    given without one)."""
+    def get(ex: Any) -> str | None:
+        port = getattr(ex, name)
+        return str(port) if port else ""
+
+    return get
+
+
+def _realip_remote_addr(ex: Any) -> str | None:
+    conn = getattr(ex, "conn", None)
+    return conn.remote_addr if conn is not None else ex.remote_addr
+
+
+def _realip_remote_port(ex: Any) -> str | None:
+    conn = getattr(ex, "conn", None)
+    port = conn.remote_port if conn is not None else ex.remote_port
+    return str(port) if port else ""
+
+
 def _proxy_host(ex: Any) -> str | None:
     return getattr(ex, "proxy_host", None) or None
 
@@ -355,7 +376,9 @@ _SIMPLE: dict[str, Getter] = {
     "request_body": _request_body,
     "request_body_file": _request_body_file,
     "remote_addr": _attr("remote_addr"),
-    "remote_port": _attr("remote_port"),
+    "remote_port": _port("remote_port"),
+    "realip_remote_addr": _realip_remote_addr,
+    "realip_remote_port": _realip_remote_port,
     "remote_user": _remote_user,
     "request": _request_line,
     "request_method": _attr("method"),

@@ -26,15 +26,19 @@ LOCATIONS = """
         listen {listen};
         location /u {{ proxy_pass http://$arg_u; }}
         location /a/ {{ proxy_pass http://{peer}/fixed$is_args$args; }}
-        location /n {{ resolver 127.0.0.1:{dns} valid=30s; resolver_timeout 2s; proxy_pass http://$host:{port}; }}
-        location /slow {{ resolver 127.0.0.1:{silent}; resolver_timeout 300ms; proxy_pass http://$host:{port}; }}
+        location /n {{
+            resolver 127.0.0.1:{dns} valid=30s; resolver_timeout 2s; proxy_pass http://$host:{port};
+        }}
+        location /slow {{
+            resolver 127.0.0.1:{silent}; resolver_timeout 300ms; proxy_pass http://$host:{port};
+        }}
         location /nores {{ proxy_pass http://$host:{port}; }}
     }}
 """
 
 REQUESTS = [
     ("/u?u=up", "x"),  # an upstream block's name
-    (f"/u?u=127.0.0.1:{{port}}", "x"),  # an address
+    ("/u?u=127.0.0.1:{port}", "x"),  # an address
     ("/a/b?y=1", "x"),  # the URI part as evaluated, the client's arguments not added
     ("/n/p?q", "backend.test"),  # a name the resolver knows
     ("/n", "nx.test"),  # NXDOMAIN
@@ -101,7 +105,7 @@ def test_variables_pick_upstream_address_or_name_as_nginx(tmp_path: Path) -> Non
     assert ours[3] == f"200 GET /n/p?q HTTP/1.0 Host: backend.test:{peer_port}"
     assert ours[4:] == ["502", "502", "502", "500"]
     assert _errors(lb_dir / "error.log") == _errors(ngx_dir / "logs" / "error.log")
-    assert f"no resolver defined to resolve backend.test" in _errors(lb_dir / "error.log")
+    assert "no resolver defined to resolve backend.test" in _errors(lb_dir / "error.log")
 
 
 NAMES = """
@@ -181,7 +185,8 @@ def test_config_errors_name_file_and_line(tmp_path: Path) -> None:
     from helpers import load_conf
 
     with pytest.raises(ConfigError, match=r'unknown "nope" variable in .*scriptlb.conf:2'):
-        load_conf("http { server { listen 127.0.0.1:1;\nlocation / { proxy_pass http://$nope; } } }", tmp_path)
+        load_conf("http { server { listen 127.0.0.1:1;\nlocation / { proxy_pass http://$nope; } } }",
+                  tmp_path)
     with pytest.raises(ConfigError, match=r'invalid port in resolver "127.0.0.1:0" in .*:2'):
         load_conf("http { server { listen 127.0.0.1:1;\nlocation / { resolver 127.0.0.1:0; } } }", tmp_path)
     with pytest.raises(ConfigError, match=r'"health_check" requires "proxy_pass" to an upstream'):

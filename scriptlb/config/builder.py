@@ -49,6 +49,7 @@ from scriptlb.config.model import (
     ProxyPassConf,
     ProxySslConf,
     PythonConf,
+    RealIpConf,
     ResolverConf,
     RewriteOp,
     ServerConf,
@@ -530,7 +531,17 @@ def _access_settings(chain: Sequence[LevelDraft], loc: LocationDraft) -> dict[st
         "api_write": bool(handler and handler[1]),
         "trace_header": _get(chain, "balancer_trace_header", False),
         "trace_allow": tuple(_get(chain, "balancer_trace_allow", ())),
+        "realip": _realip_conf(chain),
+        "realip_server": _realip_conf(chain[-2:]),
     }
+
+
+def _realip_conf(chain: Sequence[LevelDraft]) -> RealIpConf | None:
+    trusted = _get(chain, "set_real_ip_from", ())
+    if not trusted:
+        return None  # (nginx: without set_real_ip_from the module does nothing)
+    return RealIpConf(tuple(trusted), _get(chain, "real_ip_header", "x-real-ip"),
+                      _get(chain, "real_ip_recursive", False))
 
 
 def _client_body_conf(chain: Sequence[LevelDraft]) -> ClientBodyConf:

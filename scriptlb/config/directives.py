@@ -878,6 +878,28 @@ def _trace_allow(state: State, node: Node, draft: LevelDraft) -> None:
     networks.extend(_network(state, node, value) for value in node.args)
 
 
+def _set_real_ip_from(state: State, node: Node, draft: LevelDraft) -> None:
+    """``set_real_ip_from address | CIDR | unix: | name``: the lines of one level add up, an
+    inner level's list replaces the inherited one; a name stands for its addresses."""
+    trusted = draft.values.setdefault(node.name, [])
+    value = node.args[0]
+    if value == "all":
+        raise fail(node, f'invalid parameter "{value}"')
+    try:
+        trusted.append(_network(state, node, value))
+    except ConfigError:
+        from scriptlb.config.addresses import resolve
+
+        addrs = resolve(value, 0)
+        if not addrs:
+            raise fail(node, f'host not found in set_real_ip_from "{value}"') from None
+        trusted.extend(_network(state, node, addr.host or "") for addr in addrs)
+
+
+def _real_ip_header(state: State, node: Node, draft: LevelDraft) -> None:
+    _store(node, draft.values, node.args[0].lower())
+
+
 def _auth_basic(state: State, node: Node, draft: LevelDraft) -> None:
     value = node.args[0]
     if "$" in value:
@@ -1219,6 +1241,9 @@ _SPECS: tuple[Spec, ...] = (
     _spec("log_by_python_timeout", HSL, ONE, _hook_timeout),
     _spec("balancer_trace_header", HSL, FLAG, _slot(flag)),
     _spec("balancer_trace_allow", HSL, (1, None), _trace_allow),
+    _spec("set_real_ip_from", HSL, ONE, _set_real_ip_from),
+    _spec("real_ip_header", HSL, ONE, _real_ip_header),
+    _spec("real_ip_recursive", HSL, FLAG, _slot(flag)),
     # upstream
     _spec("server", Ctx.UPSTREAM, (1, None), _upstream_server),
     _spec("keepalive", Ctx.UPSTREAM, ONE, _upstream_keepalive),

@@ -551,6 +551,19 @@ class LocationConf:
     # balancer_trace_header / balancer_trace_allow: the trace header, for these clients only
     trace_header: bool = False
     trace_allow: tuple[str, ...] = ()  # normalized CIDRs, "unix:" or "all"; () = nobody
+    # set_real_ip_from & co (None without set_real_ip_from): the server's settings apply before
+    # the rewrite phase (nginx's post-read phase), the location's after it (preaccess)
+    realip: RealIpConf | None = None
+    realip_server: RealIpConf | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RealIpConf:
+    """ngx_http_realip_module: ``set_real_ip_from``, ``real_ip_header``, ``real_ip_recursive``."""
+
+    trusted: tuple[str, ...]  # normalized CIDRs or "unix:"
+    header: str = "x-real-ip"  # lower-case; "proxy_protocol": the PROXY protocol's address
+    recursive: bool = False
 
 
 @dataclass(frozen=True, slots=True)

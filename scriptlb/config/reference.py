@@ -235,6 +235,12 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "keepalive_disable": ("none | browser ...", "msie6", "ngx_http_core_module",
                           "accepted: no browser is told apart (keep-alive stays on for all)"),
     "keepalive_time": ("time", "1h", "ngx_http_core_module", "accepted, not enforced yet"),
+    "set_real_ip_from": ("address | CIDR | unix: | name", "-", "ngx_http_realip_module",
+                         "a name stands for the addresses it resolves to at load time"),
+    "real_ip_header": ("field | X-Real-IP | X-Forwarded-For | proxy_protocol", "X-Real-IP",
+                       "ngx_http_realip_module", "the server's settings apply before the rewrite phase, "
+                       "a location's after it (nginx's post-read and preaccess phases)"),
+    "real_ip_recursive": ("on | off", "off", "ngx_http_realip_module", ""),
 }
 
 # nginx directives scriptlb refuses on purpose (an "unknown directive" error), and why

@@ -69,6 +69,8 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "upstream_response_time",
         "upstream_connect_time",
         "upstream_header_time",
+        "realip_remote_addr",
+        "realip_remote_port",
         "upstream_response_length",
         "upstream_bytes_sent",
         "upstream_bytes_received",
