@@ -101,6 +101,16 @@ def _realip_remote_port(ex: Any) -> str | None:
     return str(port) if port else ""
 
 
+def _proxy_protocol(field: str) -> Getter:
+    """$proxy_protocol_addr & co: what the connection's PROXY header announced ("" without)."""
+    def get(ex: Any) -> str | None:
+        header = getattr(getattr(ex, "conn", None), "proxy_protocol", None)
+        value = getattr(header, field, None) if header is not None else None
+        return "" if value is None else str(value)
+
+    return get
+
+
 def _proxy_host(ex: Any) -> str | None:
     return getattr(ex, "proxy_host", None) or None
 
@@ -378,6 +388,10 @@ _SIMPLE: dict[str, Getter] = {
     "remote_addr": _attr("remote_addr"),
     "remote_port": _port("remote_port"),
     "realip_remote_addr": _realip_remote_addr,
+    "proxy_protocol_addr": _proxy_protocol("addr"),
+    "proxy_protocol_port": _proxy_protocol("port"),
+    "proxy_protocol_server_addr": _proxy_protocol("server_addr"),
+    "proxy_protocol_server_port": _proxy_protocol("server_port"),
     "realip_remote_port": _realip_remote_port,
     "remote_user": _remote_user,
     "request": _request_line,

@@ -160,6 +160,8 @@ class Worker:
                 ignore_invalid_headers=server_conf.ignore_invalid_headers,
                 reusable=reusable,
             )
+            context.proxy_protocol = any(listen.proxy_protocol for server in runtime.servers.values()
+                                         for listen in server.conf.listens if listen.key in keys)
             context.on_client_error = partial(log_client_error, runtime)
             self.contexts.append(context)
             tls = runtime.tls_context(keys)

@@ -371,10 +371,9 @@ def test_proxy_pass_resolves_host_names_at_load_time(tmp_path: Path) -> None:
         ("location / { proxy_pass http://127.0.0.1:99999; }", 'invalid port in upstream "127.0.0.1:99999"'),
         ("location / { proxy_pass http://127.0.0.1:abc/x; }", 'invalid port in upstream "127.0.0.1:abc"'),
         ("location / { proxy_pass http://; }", 'no host in upstream ""'),
-        (
-            "location / { proxy_pass http://$host; }",
-            'variables in "proxy_pass" are not supported by scriptlb',
-        ),
+        ("location / { proxy_pass http://$nosuch; }", 'unknown "nosuch" variable'),
+        ("location / { proxy_pass http://$host; health_check; }",
+         '"health_check" requires "proxy_pass" to an upstream'),
         ("location / { proxy_pass http://u:8080; }", 'upstream "u" may not have port 8080'),
         ("location / { proxy_pass http://u; proxy_pass http://u; }", '"proxy_pass" directive is duplicate'),
         (

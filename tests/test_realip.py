@@ -115,3 +115,71 @@ def test_config_errors_name_file_and_line(tmp_path: Path) -> None:
         load_conf("http {\nset_real_ip_from no.such.host.invalid; }", tmp_path)
     with pytest.raises(ConfigError, match=r'"real_ip_recursive" .* in .*:2'):
         load_conf("http {\nreal_ip_recursive maybe; }", tmp_path)
+
+
+PP_BLOCK = """
+    server {{
+        listen {listen} proxy_protocol;
+        set_real_ip_from 127.0.0.1;
+        real_ip_header proxy_protocol;
+        add_header X-A "$remote_addr|$remote_port|$realip_remote_addr" always;
+        add_header X-PP "$proxy_protocol_addr|$proxy_protocol_port" always;
+        add_header X-PPS "$proxy_protocol_server_addr|$proxy_protocol_server_port" always;
+        location / {{ return 204; }}
+    }}
+"""
+
+_V2_TCP4 = (b"\r\n\r\n\x00\r\nQUIT\n" + b"\x21\x11\x00\x0c" + bytes([192, 0, 2, 1, 192, 0, 2, 2])
+            + (123).to_bytes(2, "big") + (5678).to_bytes(2, "big"))
+
+PP_CASES = [
+    b"PROXY TCP4 192.0.2.1 192.0.2.2 123 5678\r\n",
+    b"PROXY TCP6 2001:DB8::1 2001:DB8::2 123 5678\r\n",
+    b"PROXY UNKNOWN\r\n",
+    _V2_TCP4,
+]
+
+
+def _pp_seen(response: bytes) -> str:
+    lines = response.split(b"\r\n")
+    a = next(x for x in lines if x.startswith(b"X-A: "))[5:].decode()
+    pp = next(x for x in lines if x.startswith(b"X-PP: "))[6:].decode()
+    pp += "|" + next(x for x in lines if x.startswith(b"X-PPS: "))[7:].decode()
+    addr, port, real = a.split("|")
+    return f"{addr}|{'P' if addr == '127.0.0.1' else port}|{real}|{pp}"
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_proxy_protocol_listen_and_realip_as_nginx(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    requests = [header + b"GET / HTTP/1.0\r\nHost: t\r\n\r\n" for header in PP_CASES]
+    broken = b"PROXY TCP4 nonsense\r\nGET / HTTP/1.0\r\n\r\n"
+    ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
+    ngx_dir.mkdir()
+    lb_dir.mkdir()
+    with nginx_running(ngx_dir, PP_BLOCK.format(listen=f"127.0.0.1:{port}"), [port]):
+        theirs = [_pp_seen(raw_exchange(port, r)) for r in requests]
+        theirs_broken = raw_exchange(port, broken)
+    with Scriptlb(f"daemon off; master_process off; error_log {lb_dir}/error.log info;\n"
+                  "http { " + PP_BLOCK.format(listen="{port0}") + " }", lb_dir) as lb:
+        ours = [_pp_seen(raw_exchange(lb.port, r)) for r in requests]
+        ours_broken = raw_exchange(lb.port, broken)
+        assert get_ok(lb.port)  # (the worker keeps serving)
+    assert ours == theirs
+    assert ours[0] == "192.0.2.1|123|127.0.0.1|192.0.2.1|123|192.0.2.2|5678"
+    assert ours_broken == theirs_broken == b""
+    assert 'broken header: "PROXY TCP4 nonsense\\r\\nGET / HTTP/1.0\\r\\n\\r\\n" while reading PROXY protocol' \
+        in (lb_dir / "error.log").read_text()
+
+
+def get_ok(port: int) -> bool:
+    response = raw_exchange(port, b"PROXY UNKNOWN\r\nGET / HTTP/1.0\r\n\r\n")
+    return response.startswith(b"HTTP/1.1 204")
+
+
+def test_proxy_protocol_with_ssl_is_refused(tmp_path: Path) -> None:
+    from helpers import load_conf
+
+    with pytest.raises(ConfigError, match=r'"proxy_protocol" parameter of "listen" with "ssl" .*:2'):
+        load_conf("http { server {\nlisten 127.0.0.1:1 ssl proxy_protocol; } }", tmp_path)

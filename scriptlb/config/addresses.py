@@ -94,7 +94,7 @@ def resolve(host: str, port: int) -> tuple[PeerAddr, ...]:
 def parse_listen(node: Node) -> list[ListenConf]:
     """``listen ADDR [default_server] [reuseport] [backlog=N]`` -> one ListenConf per address."""
     text = node.args[0]
-    default_server = reuseport = ssl = False
+    default_server = reuseport = ssl = proxy_protocol = False
     backlog = 511
     for param in node.args[1:]:
         if param in ("default_server", "default"):
@@ -103,7 +103,9 @@ def parse_listen(node: Node) -> list[ListenConf]:
             reuseport = True
         elif param == "ssl":
             ssl = True
-        elif param in ("http2", "quic", "proxy_protocol"):
+        elif param == "proxy_protocol":
+            proxy_protocol = True
+        elif param in ("http2", "quic"):
             raise ConfigError(f'the "{param}" parameter of "listen" is not supported by scriptlb '
                               "(HTTP/1.1 only)", node.source)
         elif param.startswith("backlog="):
@@ -114,8 +116,13 @@ def parse_listen(node: Node) -> list[ListenConf]:
         else:
             raise ConfigError(f'invalid parameter "{param}"', node.source)
 
+    if ssl and proxy_protocol:  # (the PROXY header comes before the TLS handshake)
+        raise ConfigError('the "proxy_protocol" parameter of "listen" with "ssl" is not supported by '
+                          "scriptlb", node.source)
+
     def listen(host: str | None, port: int, unix_path: str | None = None) -> ListenConf:
-        return ListenConf(host, port, unix_path, default_server, reuseport, backlog, node.source, ssl)
+        return ListenConf(host, port, unix_path, default_server, reuseport, backlog, node.source, ssl,
+                          proxy_protocol)
 
     if parse_int(text) is not None:  # a bare port
         return [listen("0.0.0.0", _listen_port(node, text))]

@@ -866,7 +866,7 @@ def _network(state: State, node: Node, value: str) -> str:
         parsed = ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise fail(node, f'invalid parameter "{value}"') from None
-    if "/" in value and str(parsed.network_address) != value.split("/")[0]:
+    if "/" in value and parsed.network_address != ipaddress.ip_address(value.split("/")[0]):
         state.warn(f"low address bits of {value} are meaningless", node.source)
     return str(parsed)
 

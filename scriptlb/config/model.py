@@ -369,6 +369,7 @@ class ListenConf:
     backlog: int = 511
     source: Source | None = None
     ssl: bool = False  # `listen ... ssl`: TLS is terminated on this socket
+    proxy_protocol: bool = False  # `listen ... proxy_protocol`: connections start with a PROXY header
 
     @property
     def key(self) -> tuple[str | None, int, str | None]:
