@@ -169,7 +169,8 @@ def test_proxy_protocol_listen_and_realip_as_nginx(tmp_path: Path) -> None:
     assert ours == theirs
     assert ours[0] == "192.0.2.1|123|127.0.0.1|192.0.2.1|123|192.0.2.2|5678"
     assert ours_broken == theirs_broken == b""
-    expected = 'broken header: "PROXY TCP4 nonsense\\r\\nGET / HTTP/1.0\\r\\n\\r\\n" while reading PROXY protocol'
+    expected = ('broken header: "PROXY TCP4 nonsense'
+                '\\r\\nGET / HTTP/1.0\\r\\n\\r\\n" while reading PROXY protocol')
     assert expected in (lb_dir / "error.log").read_text()
 
 
