@@ -336,12 +336,14 @@ class DynamicPass:
         if cached is not None:
             exchange.proxy_to(self._resolved(target.host, cached, port), target.uri)
             return
-        pending = PendingLookup()
+        from scriptlb.exchange import Waiting
+
+        pending = Waiting(None)
         exchange.upstream_request = pending  # (the exchange's calls land there meanwhile)
         lookup = self._after_lookup(exchange, pending, resolver, name, target, port)
-        pending.task = asyncio.ensure_future(lookup)
+        pending.pending = asyncio.ensure_future(lookup)
 
-    async def _after_lookup(self, exchange: Any, pending: PendingLookup, resolver: NameResolver, name: str,
+    async def _after_lookup(self, exchange: Any, pending: Any, resolver: NameResolver, name: str,
                             target: Target, port: int) -> None:
         try:
             addresses = await resolver.resolve(name)
@@ -367,28 +369,3 @@ class DynamicPass:
         # (the one-off upstream is kept: its round robin turns over the name's addresses
         # request after request)
         return self.adhoc.get(f"{host}:{port}", tuple(PeerAddr(ip, port) for ip in sorted(addresses)))
-
-
-class PendingLookup:
-    """Stands in for the upstream request while a name is looked up: the client going away
-    abandons the wait (the lookup itself goes on for the other requests that share it)."""
-
-    __slots__ = ("task",)
-    attempt = None
-    hook_exit = None
-
-    def __init__(self) -> None:
-        self.task: asyncio.Future[None] | None = None
-
-    def body_received(self) -> None:
-        """(the body waits in the request until the upstream request starts)"""
-
-    def client_paused(self) -> None:
-        """(nothing is being sent yet)"""
-
-    def client_resumed(self) -> None:
-        """(nothing is being sent yet)"""
-
-    def abandon(self) -> None:
-        if self.task is not None:
-            self.task.cancel()

@@ -20,7 +20,7 @@ is a bug, reported as an ``[alert]`` (``safety.report``) and the request is fini
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scriptlb import errorlog, responses, safety
 from scriptlb.downstream import ClientConnection, Request
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from scriptlb.attempt import TryRecord
     from scriptlb.config.model import ClientBodyConf
     from scriptlb.error_pages import ErrorPage
+    from scriptlb.limits import LimitState
     from scriptlb.runtime import Runtime, ServerRoute, UpstreamRuntime
 
 
@@ -61,6 +62,7 @@ class Exchange:
         "keepalive_requests",
         "keepalive_timeout",
         "last_failure",
+        "limit",
         "location",
         "loop",
         "max_body_size",
@@ -119,6 +121,7 @@ class Exchange:
         self.tries_cap = 0
         self.proxy_host = ""
         self.realip: tuple[str, int] | None = None  # the client a trusted proxy named (scriptlb.realip)
+        self.limit: LimitState | None = None  # limit_req / limit_conn outcome (scriptlb.limits)
 
         self._early_status = 0  # an error found while routing, answered when we become active
         self._redirected = False  # error_page redirected this request (once, as nginx)
@@ -251,25 +254,49 @@ class Exchange:
             realip = location.realip  # (preaccess: not once the address was changed)
             if realip is not None and self.realip is None and location.conf.return_ is None:
                 self.realip = realip.client(self)
-            # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
-            if location.access is not None and location.conf.return_ is None:
-                refused = location.access(self)
-                if refused is not None:
-                    self.finish_with_page(*refused)
+            limits = location.limits  # limit_req / limit_conn (preaccess, once per request)
+            if limits is not None and self.limit is None and location.conf.return_ is None:
+                status, delay = limits.run(self)
+                if status:
+                    self.finish_with_page(status)
                     return
-            if location.dynamic is not None and location.conf.return_ is None:
-                location.dynamic.start(self)  # proxy_pass with variables (scriptlb.dynamic_pass)
-                return
-            if location.conf.return_ is not None or location.upstream is None:
-                if self.request.complete or not self.request.has_body:
-                    self._serve_return()
-                else:
-                    self.conn.send_continue()  # nginx reads (and discards) the body first
-                return
-            self.upstream_request = UpstreamRequest(self, location.upstream)
-            self.upstream_request.start()
+                if delay:
+                    self.upstream_request = Waiting(self.loop.call_later(delay, self._delayed))
+                    return
+            self._handle()
         except Exception as exc:
             self.crashed(exc, "starting request")
+
+    def _delayed(self) -> None:
+        """limit_req's delay is over: the request goes on (unless the client went away)."""
+        if not isinstance(self.upstream_request, Waiting):
+            return
+        self.upstream_request = None
+        try:
+            self._handle()
+        except Exception as exc:
+            self.crashed(exc, "starting request")
+
+    def _handle(self) -> None:
+        """The access phase, then the content: return, proxy_pass, a handler."""
+        location = self.location
+        # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
+        if location.access is not None and location.conf.return_ is None:
+            refused = location.access(self)
+            if refused is not None:
+                self.finish_with_page(*refused)
+                return
+        if location.dynamic is not None and location.conf.return_ is None:
+            location.dynamic.start(self)  # proxy_pass with variables (scriptlb.dynamic_pass)
+            return
+        if location.conf.return_ is not None or location.upstream is None:
+            if self.request.complete or not self.request.has_body:
+                self._serve_return()
+            else:
+                self.conn.send_continue()  # nginx reads (and discards) the body first
+            return
+        self.upstream_request = UpstreamRequest(self, location.upstream)
+        self.upstream_request.start()
 
     def proxy_to(self, upstream: UpstreamRuntime, pass_uri: str | None) -> None:
         """Proxy to an upstream proxy_pass with variables chose (``pass_uri``: the URI to send,
@@ -550,6 +577,9 @@ class Exchange:
                 hook.run(self, now)
             except Exception:  # run() never raises; belt and braces for the connection's sake
                 errorlog.log_error("alert", "log_by_python runner failed while logging request")
+        limit = self.limit
+        if limit is not None and limit.held:
+            limit.release()  # limit_conn: this request no longer counts
         # exchange <-> upstream request is a reference cycle: break it, so both go with their
         # last reference instead of waiting for (and feeding) the cyclic garbage collector
         self.upstream_request = None
@@ -565,3 +595,28 @@ class Exchange:
 def log_client_error(runtime: Runtime, conn: ClientConnection, request: Request, status: int) -> None:
     """Access-log a request the client connection rejected before any handler saw it."""
     Exchange(runtime, conn, request).log_rejected(status)
+
+
+class Waiting:
+    """Stands in for the upstream request while the request waits before its content phase
+    (a limit_req delay, a proxy_pass name lookup): the client going away cancels the wait."""
+
+    __slots__ = ("pending",)
+    attempt = None
+    hook_exit = None
+
+    def __init__(self, pending: Any) -> None:
+        self.pending = pending  # an asyncio Handle or Future: what abandon() cancels
+
+    def body_received(self) -> None:
+        """(the body waits in the request until the content phase starts)"""
+
+    def client_paused(self) -> None:
+        """(nothing is being sent yet)"""
+
+    def client_resumed(self) -> None:
+        """(nothing is being sent yet)"""
+
+    def abandon(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()

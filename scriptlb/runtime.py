@@ -280,6 +280,7 @@ class LocationRuntime:
         "content",
         "dynamic",
         "error_pages",
+        "limits",
         "log_hook",
         "plan",
         "proxy_host",
@@ -336,6 +337,7 @@ class LocationRuntime:
         self.tls: Any = None  # proxy_pass https://: a scriptlb.tls.PeerTls (set by the Runtime)
         # proxy_pass with variables: a scriptlb.dynamic_pass.DynamicPass (set by the Runtime)
         self.dynamic: Any = None
+        self.limits: Any = None  # limit_req / limit_conn: a scriptlb.limits.LimitPhase (set by the Runtime)
         # set_real_ip_from & co (scriptlb.realip): None, or client(exchange) -> (addr, port) | None;
         # the server's before the rewrite phase, the location's (when it differs) after it
         self.realip: Any = None
@@ -489,6 +491,7 @@ class Runtime:
         # buffer, lines in order), as nginx opens each path once
         self._log_files: dict[str, LogFile] = {}
         self._tls_contexts: dict[Any, Any] = {}  # ProxySslConf -> its client SSLContext
+        self._limit_zone_table: dict[str, Any] | None = None  # scriptlb.limits.LimitZone by name
         self._adhoc: Any = None  # proxy_pass with variables: scriptlb.dynamic_pass.AdhocUpstreams
         self._name_resolvers: dict[Any, Any] = {}  # ResolverConf -> scriptlb.dynamic_pass.NameResolver
         self.servers = {id(s): ServerRuntime(s, self._build_location) for s in http.servers}
@@ -506,6 +509,10 @@ class Runtime:
             location.tls = self._peer_tls(conf, location.proxy_host)
         if dynamic and conf.return_ is None:
             location.dynamic = self._dynamic_pass(conf)
+        if conf.limits is not None:
+            from scriptlb.limits import LimitPhase  # (only configs with limits)
+
+            location.limits = LimitPhase(conf.limits, self._limit_zones(), _compile)
         if conf.status_zone is not None:
             location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
         if conf.handler is not None:
@@ -519,6 +526,17 @@ class Runtime:
 
             location.content = StaticFiles(conf.root, conf.index)
         return location
+
+    def _limit_zones(self) -> dict[str, Any]:
+        """limit_req_zone / limit_conn_zone: one scriptlb.limits.LimitZone per zone and worker."""
+        if self._limit_zone_table is None:
+            from scriptlb.limits import LimitZone
+            from scriptlb.shared_dict import zone_directory
+
+            directory = zone_directory(self.conf.prefix)
+            zones = self.conf.http.limit_zones if self.conf.http is not None else {}
+            self._limit_zone_table = {name: LimitZone(zone, directory) for name, zone in zones.items()}
+        return self._limit_zone_table
 
     def _dynamic_pass(self, conf: LocationConf) -> Any:
         """proxy_pass with variables: one-off upstreams and name caches are the worker's, shared

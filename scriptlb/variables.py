@@ -17,6 +17,7 @@ has a getter here (a test checks it).
 from __future__ import annotations
 
 import binascii
+import ipaddress
 import os
 import re
 import socket
@@ -86,6 +87,26 @@ def _port(name: str) -> Getter:
     def get(ex: Any) -> str | None:
         port = getattr(ex, name)
         return str(port) if port else ""
+
+    return get
+
+
+def _binary_remote_addr(ex: Any) -> str | None:
+    """The client address as 4 or 16 bytes (one char per byte), the usual limit_*_zone key."""
+    addr = ex.remote_addr
+    if addr == "unix:":
+        return ""
+    try:
+        return ipaddress.ip_address(addr).packed.decode("latin-1")
+    except ValueError:
+        return addr
+
+
+def _limit_status(field: str) -> Getter:
+    """$limit_req_status / $limit_conn_status: not found until the limit ran."""
+    def get(ex: Any) -> str | None:
+        limit = getattr(ex, "limit", None)
+        return (getattr(limit, field) or None) if limit is not None else None
 
     return get
 
@@ -388,6 +409,9 @@ _SIMPLE: dict[str, Getter] = {
     "remote_addr": _attr("remote_addr"),
     "remote_port": _port("remote_port"),
     "realip_remote_addr": _realip_remote_addr,
+    "binary_remote_addr": _binary_remote_addr,
+    "limit_req_status": _limit_status("req_status"),
+    "limit_conn_status": _limit_status("conn_status"),
     "proxy_protocol_addr": _proxy_protocol("addr"),
     "proxy_protocol_port": _proxy_protocol("port"),
     "proxy_protocol_server_addr": _proxy_protocol("server_addr"),

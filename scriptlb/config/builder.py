@@ -39,6 +39,7 @@ from scriptlb.config.model import (
     HealthCheckConf,
     HookConf,
     HttpConf,
+    LimitsConf,
     ListenConf,
     LocationConf,
     LogFormat,
@@ -183,6 +184,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
         log_formats=dict(http.log_formats),
         python=python,
         shared_dicts=dict(http.shared_dicts),
+        limit_zones=dict(http.limit_zones),
         matches=resolver.matches,
         maps=dict(http.maps),
     )
@@ -533,7 +535,29 @@ def _access_settings(chain: Sequence[LevelDraft], loc: LocationDraft) -> dict[st
         "trace_allow": tuple(_get(chain, "balancer_trace_allow", ())),
         "realip": _realip_conf(chain),
         "realip_server": _realip_conf(chain[-2:]),
+        "limits": _limits_conf(chain),
     }
+
+
+def _limits_conf(chain: Sequence[LevelDraft]) -> LimitsConf | None:
+    reqs = _get(chain, "limit_req", ())
+    conns = _get(chain, "limit_conn", ())
+    if not reqs and not conns:
+        return None
+    zones = getattr(chain[-1], "limit_zones", {})
+    for kind, limits in (("limit_req", reqs), ("limit_conn", conns)):
+        for limit in limits:
+            zone = zones.get(limit.zone)
+            if zone is None or zone.kind != kind:
+                raise ConfigError(f'zero size shared memory zone "{limit.zone}"', limit.source)
+    return LimitsConf(
+        reqs=tuple(reqs), req_status=_get(chain, "limit_req_status", 503),
+        req_log_level=_get(chain, "limit_req_log_level", "error"),
+        req_dry_run=_get(chain, "limit_req_dry_run", False),
+        conns=tuple(conns), conn_status=_get(chain, "limit_conn_status", 503),
+        conn_log_level=_get(chain, "limit_conn_log_level", "error"),
+        conn_dry_run=_get(chain, "limit_conn_dry_run", False),
+    )
 
 
 def _realip_conf(chain: Sequence[LevelDraft]) -> RealIpConf | None:

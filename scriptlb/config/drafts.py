@@ -94,6 +94,7 @@ class HttpDraft(LevelDraft):
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)
     matches: dict[str, MatchDraft] = field(default_factory=dict)
     maps: dict[str, MapConf] = field(default_factory=dict)  # by variable name
+    limit_zones: dict[str, Any] = field(default_factory=dict)  # LimitZoneConf by name
 
 
 @dataclass(eq=False)

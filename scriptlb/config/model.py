@@ -232,6 +232,7 @@ class HttpConf:
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)  # by name, in file order
     matches: dict[str, MatchConf] = field(default_factory=dict)  # `match` blocks by name
     maps: dict[str, MapConf] = field(default_factory=dict)  # `map` blocks by variable name
+    limit_zones: dict[str, LimitZoneConf] = field(default_factory=dict)  # limit_req/conn zones by name
 
     def hooks(self) -> tuple[HookConf, ...]:
         """Every hook to compile, each once: upstreams' balancer hooks, then the distinct
@@ -556,6 +557,52 @@ class LocationConf:
     # the rewrite phase (nginx's post-read phase), the location's after it (preaccess)
     realip: RealIpConf | None = None
     realip_server: RealIpConf | None = None
+    limits: LimitsConf | None = None  # limit_req / limit_conn; None when neither applies
+
+
+@dataclass(frozen=True, slots=True)
+class LimitZoneConf:
+    """``limit_req_zone`` / ``limit_conn_zone``: a key and a zone shared by every worker."""
+
+    kind: str  # "limit_req" | "limit_conn"
+    name: str
+    size: int  # bytes
+    key: Template
+    rate: int = 0  # limit_req: requests per 1000 s (nginx's rate * 1000, per second)
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitReqConf:
+    """One ``limit_req zone=NAME [burst=N] [nodelay | delay=N]`` (burst, delay: x1000)."""
+
+    zone: str
+    burst: int = 0
+    delay: int = 0
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitConnConf:
+    """One ``limit_conn ZONE NUMBER``."""
+
+    zone: str
+    conn: int
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConf:
+    """A location's limit_req and limit_conn settings (each list the innermost level's)."""
+
+    reqs: tuple[LimitReqConf, ...] = ()
+    req_status: int = 503
+    req_log_level: str = "error"
+    req_dry_run: bool = False
+    conns: tuple[LimitConnConf, ...] = ()
+    conn_status: int = 503
+    conn_log_level: str = "error"
+    conn_dry_run: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,6 +242,20 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                        "ngx_http_realip_module", "the server's settings apply before the rewrite phase, "
                        "a location's after it (nginx's post-read and preaccess phases)"),
     "real_ip_recursive": ("on | off", "off", "ngx_http_realip_module", ""),
+    "limit_req_zone": ("key zone=name:size rate=rate", "-", "ngx_http_limit_req_module",
+                       "the zone is shared by every worker (LMDB under the prefix, kept across reloads); "
+                       "no sync parameter"),
+    "limit_req": ("zone=name [burst=number] [nodelay | delay=number]", "-", "ngx_http_limit_req_module", ""),
+    "limit_req_status": ("code", "503", "ngx_http_limit_req_module", ""),
+    "limit_req_log_level": ("info | notice | warn | error", "error", "ngx_http_limit_req_module", ""),
+    "limit_req_dry_run": ("on | off", "off", "ngx_http_limit_req_module", ""),
+    "limit_conn_zone": ("key zone=name:size", "-", "ngx_http_limit_conn_module",
+                        "shared by every worker, as limit_req_zone"),
+    "limit_conn": ("zone number", "-", "ngx_http_limit_conn_module",
+                   "counts a key's requests from the preaccess phase to the end of the log phase"),
+    "limit_conn_status": ("code", "503", "ngx_http_limit_conn_module", ""),
+    "limit_conn_log_level": ("info | notice | warn | error", "error", "ngx_http_limit_conn_module", ""),
+    "limit_conn_dry_run": ("on | off", "off", "ngx_http_limit_conn_module", ""),
 }
 
 # nginx directives scriptlb refuses on purpose (an "unknown directive" error), and why
@@ -249,7 +263,6 @@ REFUSED: dict[str, str] = {
     "http2, quic, listen ... udp": "HTTP/1.x and TCP only",
     "proxy_cache*, proxy_store": "a load balancer, not a cache: responses are streamed",
     "gzip*, sub_filter": "responses pass as the peer sent them",
-    "limit_req*, limit_conn*": "rate limiting fits in a hook with a shared dict (hooks/rate_aware.py)",
     "fastcgi_*, uwsgi_*, scgi_*, grpc_*, memcached_*": "HTTP/1.x peers only",
     "*_by_lua*": "the hooks are Python: *_by_python*",
     "alias, try_files, autoindex": "static files are root + index only (fixtures and error pages)",
