@@ -116,6 +116,7 @@ class Attempt(TryRecord):
         self.connect_time: float | None = None
         self.header_time: float | None = None
         self.response_time: float | None = None
+        self.bytes_sent = self.bytes_received = self.response_length = 0
         self.upstream = upstream
         self.state = state  # the balancer's per-request state (tries budget, tried peers)
         self.peer_addr = peer_addr
@@ -143,6 +144,12 @@ class Attempt(TryRecord):
         self.connect_time = 0.0
         self.reused = True
 
+    def take_counts(self, conn: Any) -> None:
+        """$upstream_bytes_* and $upstream_response_length of this try, from its connection."""
+        self.bytes_sent = conn.sent
+        self.bytes_received = conn.received
+        self.response_length = conn.body_received
+
     def connected(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         self.connect_time = clock() - self.started
@@ -158,9 +165,7 @@ class Attempt(TryRecord):
         self.peer = None
         status = self.status or 0
         if conn is not None:
-            self.bytes_sent = conn.sent
-            self.bytes_received = conn.received
-            self.response_length = conn.body_received
+            self.take_counts(conn)
         if outcome in (DONE, UPGRADED):
             sample: float | None = elapsed if outcome == DONE else self.header_time
             counted = stats_failed = False

@@ -48,14 +48,13 @@ OK, BAD_REQUEST, INTERNAL_ERROR, BAD_GATEWAY = 200, 400, 500, 502
 
 
 class StreamAttempt(Attempt):
-    """One connection attempt of a session, with the bytes that crossed it ($upstream_bytes_*)."""
+    """One connection attempt of a session, with the bytes that crossed it ($upstream_bytes_*,
+    the fields every try has: the session counts them as it relays)."""
 
-    __slots__ = ("bytes_received", "bytes_sent")
+    __slots__ = ()
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.bytes_sent = 0
-        self.bytes_received = 0
+    def take_counts(self, conn: Any) -> None:
+        """(the session counted this try's bytes itself; its PeerSide has none)"""
 
 
 class Session(asyncio.Protocol):
