@@ -148,6 +148,8 @@ class UpstreamRequest:
         ex.read_timeout = conf.read_timeout
         ex.upstream_name = self.upstream.name
         ex.proxy_host = self.location.proxy_host or ex.proxy_host  # (proxy_pass with variables set it)
+        if self.plan.bind is not None:
+            self._bind_local(self.plan.bind(ex))
         request = ex.request
         if request.complete or not request.has_body:
             self._begin_tries()  # (no body to wait for or stream: the usual GET)
@@ -289,6 +291,20 @@ class UpstreamRequest:
         else:
             attempt.reuse(conn)
             self._send_request(conn)
+
+    def _bind_local(self, value: str) -> None:
+        """proxy_bind: the local address of this request's connections ("": none; not an
+        address: nginx says so and connects unbound)."""
+        if not value:
+            return
+        from scriptlb.realip import parse_addr_port
+
+        parsed = parse_addr_port(value)
+        if parsed is None:
+            ex = self.exchange
+            errorlog.log_error("error", f'invalid local address "{value}"', ex.conn_id, ex.log_context(None))
+            return
+        self._local_addr = parsed
 
     def _apply_hook_settings(self, outcome: Any) -> None:
         """What a hook run changes for this and later tries: bind address, rebuilt request."""

@@ -156,6 +156,7 @@ class RequestPlan:
     headers to drop, the proxy_pass URI replacement and whether connections are pooled."""
 
     __slots__ = (
+        "bind",
         "body_override",
         "close_after",
         "dynamic",
@@ -203,6 +204,7 @@ class RequestPlan:
         self.dynamic = pass_conf is not None and pass_conf.template is not None
         self.location_prefix = location.pattern if location.modifier in ("", "^~", "=") else ""
         self.method = _compile(proxy.method) if proxy.method is not None else None
+        self.bind = _compile(proxy.bind) if proxy.bind is not None else None  # proxy_bind
         self.pass_client_headers = proxy.pass_request_headers
         # proxy_set_body / proxy_pass_request_body off: body(exchange) -> bytes
         self.body_override: Callable[[Any], bytes] | None = None

@@ -624,6 +624,7 @@ def _proxy_conf(chain: Sequence[LevelDraft]) -> ProxyConf:
         pass_headers=tuple(_get(chain, "proxy_pass_header", ())),
         ignore_headers=tuple(_get(chain, "proxy_ignore_headers", ())),
         ssl=_proxy_ssl_conf(chain),
+        bind=_get(chain, "proxy_bind", None),
     )
 
 

@@ -972,6 +972,17 @@ def _limit_conn(state: State, node: Node, draft: LevelDraft) -> None:
     limits.append(LimitConnConf(zone, number, node.source))
 
 
+def _proxy_bind(state: State, node: Node, draft: LevelDraft) -> None:
+    """``proxy_bind address | off``: the local address (variables allowed) of connections to
+    peers; ``off`` cancels an inherited one."""
+    if len(node.args) > 1:
+        if node.args[1] == "transparent":
+            raise fail(node, 'the "transparent" parameter of "proxy_bind" is not supported by scriptlb')
+        raise fail(node, f'invalid parameter "{node.args[1]}"')
+    value = node.args[0]
+    _store(node, draft.values, None if value == "off" else template(node, value))
+
+
 def _limit_status(state: State, node: Node, draft: LevelDraft) -> None:
     status = parse_int(node.args[0])
     if status is None or not 400 <= status <= 599:
@@ -1351,6 +1362,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("balancer_trace_header", HSL, FLAG, _slot(flag)),
     _spec("balancer_trace_allow", HSL, (1, None), _trace_allow),
     _spec("set_real_ip_from", HSL, ONE, _set_real_ip_from),
+    _spec("proxy_bind", HSL, (1, 2), _proxy_bind),
     _spec("limit_req_zone", Ctx.HTTP, (2, 3), _limit_zone),
     _spec("limit_req", HSL, (1, 3), _limit_req),
     _spec("limit_req_status", HSL, ONE, _limit_status),

@@ -441,6 +441,8 @@ class ProxyConf:
     pass_headers: tuple[str, ...] = ()  # proxy_pass_header (lower-cased)
     ignore_headers: tuple[str, ...] = ()  # proxy_ignore_headers: accepted (no cache, no X-Accel)
     ssl: ProxySslConf = field(default_factory=lambda: ProxySslConf())  # for proxy_pass https://
+    # proxy_bind: the local address of connections to peers (a template; "" or None: none)
+    bind: Template | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,6 +242,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                        "ngx_http_realip_module", "the server's settings apply before the rewrite phase, "
                        "a location's after it (nginx's post-read and preaccess phases)"),
     "real_ip_recursive": ("on | off", "off", "ngx_http_realip_module", ""),
+    "proxy_bind": ("address | off", "-", "ngx_http_proxy_module",
+                   "variables allowed; an address with a port binds that port; no transparent"),
     "limit_req_zone": ("key zone=name:size rate=rate", "-", "ngx_http_limit_req_module",
                        "the zone is shared by every worker (LMDB under the prefix, kept across reloads); "
                        "no sync parameter"),
