@@ -920,12 +920,14 @@ class ClientConnection(asyncio.Protocol):
             self.bytes_sent += len(data)
             self._write(head + data if head else data)
 
-    def end_body(self) -> None:
-        """Write the end of a chunked body (idempotent) and anything still corked."""
+    def end_body(self, trailers: bytes = b"") -> None:
+        """Write the end of a chunked body (idempotent), with ``trailers`` (header lines), and
+        anything still corked."""
         if self._chunked and self._body_allowed:
             self._chunked = False
-            self.bytes_sent += 5
-            self._write(self._pending_head + b"0\r\n\r\n")
+            end = b"0\r\n" + trailers + b"\r\n"
+            self.bytes_sent += len(end)
+            self._write(self._pending_head + end)
             self._pending_head = b""
         else:
             self.flush()

@@ -76,6 +76,7 @@ class Exchange:
         "runtime",
         "scheme",
         "send_timeout",
+        "sent_trailers",
         "server",
         "start_time",
         "status",
@@ -420,6 +421,15 @@ class Exchange:
         add_headers = self.location.add_headers
         if add_headers is not None:
             headers = self.response_headers = headers + add_headers(self, status)
+        trailers = self.location.add_trailers
+        if trailers is not None and self.http_version == "1.1" and self.method != "HEAD":
+            lines = trailers(self, status)
+            if lines:  # (nginx: trailers need a chunked body, whatever its length)
+                conn.send_head(status, headers, None)
+                conn.send_body(body)
+                conn.end_body(lines)
+                self.complete_response()
+                return
         conn.send_head(status, headers, len(body))
         conn.send_body(body)
         self.complete_response()

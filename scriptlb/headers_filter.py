@@ -19,7 +19,7 @@ _STATUSES = frozenset((200, 201, 204, 206, 301, 302, 303, 304, 307, 308))
 class AddHeaders:
     """``lines(exchange, status) -> bytes``: the ``Name: value\\r\\n`` lines to add."""
 
-    __slots__ = ("_headers",)
+    __slots__ = ("_headers", "lines")
 
     def __init__(self, confs: tuple[AddHeaderConf, ...]) -> None:
         from scriptlb.variables import compile_template_bytes
@@ -28,8 +28,28 @@ class AddHeaders:
             (conf.name.encode("latin-1") + b": ", compile_template_bytes(conf.value), conf.always)
             for conf in confs
         )
+        # a value reading $sent_http_NAME sees the lines added before it, as in nginx (which
+        # adds them in order); decided here so the usual lists pay nothing for it
+        reads_sent = any(getattr(part, "name", "").startswith("sent_http_")
+                         for conf in confs for part in conf.value.parts)
+        self.lines: Callable[[Any, int], bytes] = self._lines_in_order if reads_sent else self._lines
 
-    def lines(self, exchange: Any, status: int) -> bytes:
+    def _lines_in_order(self, exchange: Any, status: int) -> bytes:
+        usual = status in _STATUSES
+        base = exchange.response_headers if isinstance(exchange.response_headers, bytes) else b""
+        out = b""
+        try:
+            for prefix, render, always in self._headers:
+                if always or usual:
+                    exchange.response_headers = base + out
+                    value = render(exchange)
+                    if value:
+                        out += prefix + value + b"\r\n"
+        finally:
+            exchange.response_headers = base
+        return out
+
+    def _lines(self, exchange: Any, status: int) -> bytes:
         usual = status in _STATUSES
         out = []
         for prefix, render, always in self._headers:
@@ -38,6 +58,27 @@ class AddHeaders:
                 if value:
                     out.append(prefix + value + b"\r\n")
         return b"".join(out)
+
+
+class AddTrailers(AddHeaders):
+    """add_trailer: the lines, each value seeing the trailers before it ($sent_trailer_NAME
+    reads ``exchange.sent_trailers``, as nginx builds its trailer list in order)."""
+
+    __slots__ = ()
+
+    def __init__(self, confs: tuple[AddHeaderConf, ...]) -> None:
+        super().__init__(confs)
+        self.lines = self._trailer_lines
+
+    def _trailer_lines(self, exchange: Any, status: int) -> bytes:
+        usual = status in _STATUSES
+        exchange.sent_trailers = b""
+        for prefix, render, always in self._headers:
+            if always or usual:
+                value = render(exchange)
+                if value:
+                    exchange.sent_trailers += prefix + value + b"\r\n"
+        return exchange.sent_trailers
 
 
 # headers scriptlb writes itself: proxy_pass_header cannot bring the peer's back

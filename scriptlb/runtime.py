@@ -278,6 +278,7 @@ class LocationRuntime:
         "access",
         "access_logs",
         "add_headers",
+        "add_trailers",
         "conf",
         "content",
         "dynamic",
@@ -317,6 +318,12 @@ class LocationRuntime:
             from scriptlb.headers_filter import AddHeaders
 
             self.add_headers = AddHeaders(conf.add_headers).lines
+        # add_trailer: None, or lines(exchange, status) -> bytes (chunked responses we make)
+        self.add_trailers: Callable[[Any, int], bytes] | None = None
+        if conf.add_trailers:
+            from scriptlb.headers_filter import AddTrailers
+
+            self.add_trailers = AddTrailers(conf.add_trailers).lines
         # proxy_hide_header / proxy_pass_header (scriptlb.headers_filter)
         self.response_filter: Callable[[bytes, Any], bytes] | None = None
         if conf.proxy.hide_headers or conf.proxy.pass_headers:

@@ -264,6 +264,21 @@ def _sent_http_family(suffix: str) -> Getter:
     return get
 
 
+def _sent_trailer_family(suffix: str) -> Getter:
+    """$sent_trailer_NAME: an add_trailer line already made for this response (the first
+    one, as nginx 1.22; later nginx joins them)."""
+    wanted = suffix.encode("latin-1")
+
+    def get(ex: Any) -> str | None:
+        trailers = getattr(ex, "sent_trailers", None)
+        if not trailers:
+            return None
+        found = _join_headers(_split_header_block(trailers), wanted, b"\n")
+        return found.split("\n", 1)[0] if found is not None else None
+
+    return get
+
+
 def _split_header_block(block: bytes) -> list[tuple[bytes, bytes]]:
     """b"A: 1\\r\\nB: 2\\r\\n" -> [(b"A", b"1"), (b"B", b"2")]."""
     pairs = []
@@ -333,6 +348,7 @@ _FAMILIES: dict[str, Callable[[str], Getter]] = {
     "arg_": _arg_family,
     "cookie_": _cookie_family,
     "sent_http_": _sent_http_family,
+    "sent_trailer_": _sent_trailer_family,
     "upstream_http_": _upstream_http_family,
 }
 

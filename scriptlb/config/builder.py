@@ -506,6 +506,7 @@ def _location_conf(
         source=loc.source,
         log_hook=_log_hook(chain),
         add_headers=tuple(_get(chain, "add_header", ())),
+        add_trailers=tuple(_get(chain, "add_trailer", ())),
         rewrite=_rewrite_ops(chain),
         error_pages=tuple(_get(chain, "error_page", ())),
         intercept_errors=_get(chain, "proxy_intercept_errors", False),

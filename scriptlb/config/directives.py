@@ -446,7 +446,7 @@ def _add_header(state: State, node: Node, draft: LevelDraft) -> None:
     always = len(node.args) == 3
     if always and node.args[2] != "always":
         raise fail(node, f'invalid parameter "{node.args[2]}"')
-    headers = draft.values.setdefault("add_header", [])
+    headers = draft.values.setdefault(node.name, [])  # (add_header or add_trailer)
     headers.append(AddHeaderConf(node.args[0], template(node, node.args[1]), always))
 
 
@@ -1412,6 +1412,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),
     _spec("status_zone", Ctx.SERVER, ONE, _slot(lambda node: node.args[0])),
     _spec("add_header", HSL, (2, 3), _add_header),
+    _spec("add_trailer", HSL, (2, 3), _add_header),
     # the rewrite module (return is above; inside `if` it is one of the ordered directives)
     _spec("set", Ctx.SERVER | Ctx.LOCATION | Ctx.IF, (2, 2),
           _rewrite_directive(lambda node: rewrite.set_op(node, template))),

@@ -547,6 +547,7 @@ class LocationConf:
     api_write: bool = False  # api write=on
     status_zone: str | None = None  # the server's `status_zone`: responses counted by class
     add_headers: tuple[AddHeaderConf, ...] = ()  # add_header: the innermost level's list
+    add_trailers: tuple[AddHeaderConf, ...] = ()  # add_trailer: the innermost level's list
     rewrite: tuple[RewriteOp, ...] = ()  # the server's rewrite-module directives, then the location's
     error_pages: tuple[ErrorPageConf, ...] = ()  # error_page: the innermost level's list
     intercept_errors: bool = False  # proxy_intercept_errors

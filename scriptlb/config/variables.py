@@ -114,7 +114,7 @@ def is_stream_variable(name: str) -> bool:
 
 # families: $http_user_agent, $arg_id, $cookie_session, $sent_http_content_type, ...
 VARIABLE_PREFIXES: tuple[str, ...] = (
-    "http_", "arg_", "cookie_", "sent_http_", "upstream_http_", "upstream_cookie_",
+    "http_", "arg_", "cookie_", "sent_http_", "sent_trailer_", "upstream_http_", "upstream_cookie_",
 )
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
