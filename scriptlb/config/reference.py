@@ -243,8 +243,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                        "a location's after it (nginx's post-read and preaccess phases)"),
     "real_ip_recursive": ("on | off", "off", "ngx_http_realip_module", ""),
     "add_trailer": ("name value [always]", "-", "ngx_http_headers_module",
-                    "on the responses scriptlb makes itself (return, its pages) to HTTP/1.1 clients, sent "
-                    "chunked; not on proxied responses"),
+                    "on the responses of return and content handlers to HTTP/1.1 clients (sent "
+                    "chunked); not yet on proxied responses or error pages"),
     "proxy_bind": ("address | off", "-", "ngx_http_proxy_module",
                    "variables allowed; an address with a port binds that port; no transparent"),
     "limit_req_zone": ("key zone=name:size rate=rate", "-", "ngx_http_limit_req_module",
