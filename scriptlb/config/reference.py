@@ -40,7 +40,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                "upstream parameters: weight, max_fails, fail_timeout, max_conns, backup, down, "
                "slow_start, drain, resolve and service= (nginx Plus)"),
     "upstream": ("name { ... }", "-", "ngx_http_upstream_module", ""),
-    "listen": ("address[:port] [default_server] [ssl] [proxy_protocol] [reuseport] [backlog=N]",
+    "listen": ("address[:port[-port]] [default_server] [ssl] [proxy_protocol] [reuseport] [backlog=N]",
                "*:80 | *:8000", "ngx_http_core_module",
                "http2 and quic are refused (HTTP/1.1 only); proxy_protocol (v1, v2) not with ssl"),
     "server_name": ("name ...", '""', "ngx_http_core_module", ""),
