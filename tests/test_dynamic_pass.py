@@ -1,4 +1,4 @@
-"""proxy_pass with variables and the resolver for names at request time (scriptlb.dynamic_pass):
+"""proxy_pass with variables and the resolver for names at request time (scriptlb.request.dynamic_pass):
 beside a real nginx where the config is shared, against a real DNS server on 127.0.0.1."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from test_round_robin import NGINX, free_ports, nginx_running
 
 from scriptlb.config.addresses import AddressError
 from scriptlb.config.errors import ConfigError
-from scriptlb.dynamic_pass import parse_target
+from scriptlb.request.dynamic_pass import parse_target
 
 pytest.importorskip("dnslib")
 

@@ -1,4 +1,4 @@
-"""limit_req / limit_conn (scriptlb.limits): nginx's leaky bucket and concurrency limit, beside a
+"""limit_req / limit_conn (scriptlb.request.limits): nginx's leaky bucket and concurrency limit, beside a
 real nginx where the config is shared, and one zone shared by the workers of a real master."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from helpers import (
 )
 from test_round_robin import NGINX, free_ports, nginx_running
 
-from scriptlb import limits
 from scriptlb.config.errors import ConfigError
+from scriptlb.request import limits
 
 BLOCK = """
     limit_req_zone $binary_remote_addr zone=one:64k rate=1r/m;

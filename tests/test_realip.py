@@ -1,4 +1,4 @@
-"""realip (set_real_ip_from, real_ip_header, real_ip_recursive; scriptlb.realip) beside a real
+"""realip (set_real_ip_from, real_ip_header, real_ip_recursive; scriptlb.request.realip) beside a real
 nginx: the same hostile headers must give the same $remote_addr and $remote_port."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from helpers import Scriptlb, raw_exchange
 from test_round_robin import NGINX, free_ports, nginx_running
 
 from scriptlb.config.errors import ConfigError
-from scriptlb.realip import parse_addr_port
+from scriptlb.request.realip import parse_addr_port
 
 BLOCK = """
     server {{
