@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -171,3 +172,25 @@ def test_config_errors_name_file_and_line(tmp_path: Path) -> None:
     for body, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message) + r".* in .*scriptlb.conf:2"):
             load_conf(f"http {{\n{body} }}", tmp_path)
+
+
+def test_a_request_over_the_rate_waits_then_goes_on(tmp_path: Path) -> None:
+    log = tmp_path / "lim.log"
+    conf = ("daemon off; master_process off;\nhttp {"
+            " limit_req_zone $binary_remote_addr zone=z:64k rate=4r/s;"
+            " log_format lim '$status $limit_req_status';"
+            " server { listen {port0}; access_log " + str(log) + " lim;"
+            " location / { limit_req zone=z burst=5; proxy_pass http://{peer}; } } }")
+    with Backends(respond()) as bk, Scriptlb(conf, tmp_path, peer=bk[0].addr) as lb:
+        statuses = [_status(raw_exchange(lb.port, _request("/", None))) for _ in range(3)]
+        # a client that leaves while its request waits: nothing reaches the peer for it
+        gone = socket.create_connection(("127.0.0.1", lb.port))
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+        gone.sendall(_request("/", None))
+        time.sleep(0.02)
+        gone.close()
+        wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 4, what="4 log lines")
+    assert statuses == [200, 200, 200]
+    lines = log.read_text().splitlines()
+    assert lines[0] == "200 PASSED" and "200 DELAYED" in lines[1:3]
+    assert lines[3] == "499 DELAYED"

@@ -116,7 +116,8 @@ class Attempt(TryRecord):
         self.connect_time: float | None = None
         self.header_time: float | None = None
         self.response_time: float | None = None
-        self.bytes_sent = self.bytes_received = self.response_length = 0
+        # (bytes_sent, bytes_received, response_length: set by end() when a request was
+        # sent; $upstream_bytes_* read 0 until then)
         self.upstream = upstream
         self.state = state  # the balancer's per-request state (tries budget, tried peers)
         self.peer_addr = peer_addr
@@ -144,12 +145,6 @@ class Attempt(TryRecord):
         self.connect_time = 0.0
         self.reused = True
 
-    def take_counts(self, conn: Any) -> None:
-        """$upstream_bytes_* and $upstream_response_length of this try, from its connection."""
-        self.bytes_sent = conn.sent
-        self.bytes_received = conn.received
-        self.response_length = conn.body_received
-
     def connected(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         self.connect_time = clock() - self.started
@@ -164,8 +159,11 @@ class Attempt(TryRecord):
         peer = self.peer
         self.peer = None
         status = self.status or 0
-        if conn is not None:
-            self.take_counts(conn)
+        # (a stream session's PeerSide counts nothing: its StreamAttempt keeps its own counts)
+        if conn is not None and conn.sent:
+            self.bytes_sent = conn.sent
+            self.bytes_received = conn.received
+            self.response_length = conn.body_received
         if outcome in (DONE, UPGRADED):
             sample: float | None = elapsed if outcome == DONE else self.header_time
             counted = stats_failed = False

@@ -243,63 +243,58 @@ class Exchange:
 
     # ------------------------------------------------------------------ the connection's calls
 
-    def start(self) -> None:
+    def start(self, delayed: bool = False) -> None:
+        """The request's phases (``delayed``: from the access phase on, after limit_req's
+        delay; one function, not two: this runs for every request)."""
         try:
-            if self._early_status:
-                self.finish_with_page(self._early_status)
-                return
-            realip = self.location.realip_server  # (nginx's post-read phase)
-            if realip is not None and self.realip is None:
-                self.realip = realip.client(self)
-            if self.location.rewrite is not None and self._rewrite_phase():
-                return  # answered (return, redirect) or refused (a rewrite cycle)
+            if not delayed:
+                if self._early_status:
+                    self.finish_with_page(self._early_status)
+                    return
+                realip = self.location.realip_server  # (nginx's post-read phase)
+                if realip is not None and self.realip is None:
+                    self.realip = realip.client(self)
+                if self.location.rewrite is not None and self._rewrite_phase():
+                    return  # answered (return, redirect) or refused (a rewrite cycle)
+                location = self.location
+                realip = location.realip  # (preaccess: not once the address was changed)
+                if realip is not None and self.realip is None and location.conf.return_ is None:
+                    self.realip = realip.client(self)
+                limits = location.limits  # limit_req / limit_conn (preaccess, once per request)
+                if limits is not None and self.limit is None and location.conf.return_ is None:
+                    status, delay = limits.run(self)
+                    if status:
+                        self.finish_with_page(status)
+                        return
+                    if delay:
+                        self.upstream_request = Waiting(self.loop.call_later(delay, self._delayed))
+                        return
             location = self.location
-            realip = location.realip  # (preaccess: not once the address was changed)
-            if realip is not None and self.realip is None and location.conf.return_ is None:
-                self.realip = realip.client(self)
-            limits = location.limits  # limit_req / limit_conn (preaccess, once per request)
-            if limits is not None and self.limit is None and location.conf.return_ is None:
-                status, delay = limits.run(self)
-                if status:
-                    self.finish_with_page(status)
+            # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
+            if location.access is not None and location.conf.return_ is None:
+                refused = location.access(self)
+                if refused is not None:
+                    self.finish_with_page(*refused)
                     return
-                if delay:
-                    self.upstream_request = Waiting(self.loop.call_later(delay, self._delayed))
-                    return
-            self._handle()
+            if location.dynamic is not None and location.conf.return_ is None:
+                location.dynamic.start(self)  # proxy_pass with variables (scriptlb.request.dynamic_pass)
+                return
+            if location.conf.return_ is not None or location.upstream is None:
+                if self.request.complete or not self.request.has_body:
+                    self._serve_return()
+                else:
+                    self.conn.send_continue()  # nginx reads (and discards) the body first
+                return
+            self.upstream_request = UpstreamRequest(self, location.upstream)
+            self.upstream_request.start()
         except Exception as exc:
             self.crashed(exc, "starting request")
 
     def _delayed(self) -> None:
         """limit_req's delay is over: the request goes on (unless the client went away)."""
-        if not isinstance(self.upstream_request, Waiting):
-            return
-        self.upstream_request = None
-        try:
-            self._handle()
-        except Exception as exc:
-            self.crashed(exc, "starting request")
-
-    def _handle(self) -> None:
-        """The access phase, then the content: return, proxy_pass, a handler."""
-        location = self.location
-        # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
-        if location.access is not None and location.conf.return_ is None:
-            refused = location.access(self)
-            if refused is not None:
-                self.finish_with_page(*refused)
-                return
-        if location.dynamic is not None and location.conf.return_ is None:
-            location.dynamic.start(self)  # proxy_pass with variables (scriptlb.request.dynamic_pass)
-            return
-        if location.conf.return_ is not None or location.upstream is None:
-            if self.request.complete or not self.request.has_body:
-                self._serve_return()
-            else:
-                self.conn.send_continue()  # nginx reads (and discards) the body first
-            return
-        self.upstream_request = UpstreamRequest(self, location.upstream)
-        self.upstream_request.start()
+        if isinstance(self.upstream_request, Waiting):
+            self.upstream_request = None
+            self.start(delayed=True)
 
     def proxy_to(self, upstream: UpstreamRuntime, pass_uri: str | None) -> None:
         """Proxy to an upstream proxy_pass with variables chose (``pass_uri``: the URI to send,

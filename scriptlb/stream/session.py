@@ -54,8 +54,10 @@ class StreamAttempt(Attempt):
 
     __slots__ = ()
 
-    def take_counts(self, conn: Any) -> None:
-        """(the session counted this try's bytes itself; its PeerSide has none)"""
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
 
 class Session(asyncio.Protocol):

@@ -194,7 +194,7 @@ def _upstream_counts(field: str) -> Getter:
     """$upstream_bytes_sent & co: one byte count per try."""
     def get(ex: Any) -> str | None:
         tries = ex.tries
-        return ", ".join([str(getattr(t, field)) for t in tries]) if tries else None
+        return ", ".join([str(getattr(t, field, 0)) for t in tries]) if tries else None
 
     return get
 
