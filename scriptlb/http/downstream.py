@@ -443,10 +443,6 @@ class ClientConnection(asyncio.Protocol):
         if self._linger_until:
             self._lingering_data()
             return
-        if self._pp_pending is not None:
-            data = self._proxy_protocol_header(data)
-            if not data:
-                return
         if self._pending_error is not None or self._last_request:
             # we stopped parsing this connection; the error is answered in order
             self._last_request += self._last_request == 1
@@ -1246,3 +1242,17 @@ def _content_length(value: bytes) -> int:
         raise ClientError(400, 'client sent invalid "Content-Length" header '
                                "while reading client request headers")
     return length
+
+
+class ProxyProtocolConnection(ClientConnection):
+    """A connection of a ``listen ... proxy_protocol`` socket: the PROXY header comes first (a
+    class of its own, so the other listeners' reads pay no test for it)."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        if self._pp_pending is not None:
+            data = self._proxy_protocol_header(data)
+            if not data:
+                return
+        super().data_received(data)

@@ -30,7 +30,7 @@ import uvloop
 from scriptlb.config.model import HttpConf, MainConf
 from scriptlb.hookrt import api
 from scriptlb.http import safety
-from scriptlb.http.downstream import ClientConnection, ListenerContext
+from scriptlb.http.downstream import ClientConnection, ListenerContext, ProxyProtocolConnection
 from scriptlb.logs import errorlog
 from scriptlb.ops import cluster
 from scriptlb.ops.status import StatusFull, WorkerStatus, rows_for
@@ -297,13 +297,14 @@ class Worker:
 def _protocol_factory(
     context: ListenerContext, loop: asyncio.AbstractEventLoop, status: WorkerStatus | None = None
 ) -> Callable[[], ClientConnection]:
+    kind = ProxyProtocolConnection if context.proxy_protocol else ClientConnection
     if status is None:
         def factory() -> ClientConnection:
-            return ClientConnection(context, loop)
+            return kind(context, loop)
     else:
         def factory() -> ClientConnection:
             status.accepted += 1  # nginx's "accepts" (stub_status, $connections_*)
-            return ClientConnection(context, loop)
+            return kind(context, loop)
 
     return factory
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from scriptlb.logs import errorlog
 from scriptlb.request.retry import Failure, is_counted_failure, last_failure_state, last_failure_status
+from scriptlb.variables.evaluate import BYTE_COUNTS_READ
 
 if TYPE_CHECKING:
     from scriptlb.config.model import PeerAddr
@@ -160,7 +161,7 @@ class Attempt(TryRecord):
         self.peer = None
         status = self.status or 0
         # (a stream session's PeerSide counts nothing: its StreamAttempt keeps its own counts)
-        if conn is not None and conn.sent:
+        if conn is not None and BYTE_COUNTS_READ[0] and conn.sent:
             self.bytes_sent = conn.sent
             self.bytes_received = conn.received
             self.response_length = conn.body_received

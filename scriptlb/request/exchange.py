@@ -257,18 +257,8 @@ class Exchange:
                 if self.location.rewrite is not None and self._rewrite_phase():
                     return  # answered (return, redirect) or refused (a rewrite cycle)
                 location = self.location
-                realip = location.realip  # (preaccess: not once the address was changed)
-                if realip is not None and self.realip is None and location.conf.return_ is None:
-                    self.realip = realip.client(self)
-                limits = location.limits  # limit_req / limit_conn (preaccess, once per request)
-                if limits is not None and self.limit is None and location.conf.return_ is None:
-                    status, delay = limits.run(self)
-                    if status:
-                        self.finish_with_page(status)
-                        return
-                    if delay:
-                        self.upstream_request = Waiting(self.loop.call_later(delay, self._delayed))
-                        return
+                if location.preaccess and self._preaccess_phase(location):
+                    return  # answered (limit_req, limit_conn) or delayed (limit_req)
             location = self.location
             # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
             if location.access is not None and location.conf.return_ is None:
@@ -289,6 +279,23 @@ class Exchange:
             self.upstream_request.start()
         except Exception as exc:
             self.crashed(exc, "starting request")
+
+    def _preaccess_phase(self, location: Any) -> bool:
+        """realip's second look (the location's settings), then limit_req / limit_conn, each once
+        per request. True when the request was answered or must wait."""
+        realip = location.realip  # (not once the address was changed)
+        if realip is not None and self.realip is None:
+            self.realip = realip.client(self)
+        limits = location.limits
+        if limits is not None and self.limit is None:
+            status, delay = limits.run(self)
+            if status:
+                self.finish_with_page(status)
+                return True
+            if delay:
+                self.upstream_request = Waiting(self.loop.call_later(delay, self._delayed))
+                return True
+        return False
 
     def _delayed(self) -> None:
         """limit_req's delay is over: the request goes on (unless the client went away)."""

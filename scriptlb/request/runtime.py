@@ -286,6 +286,7 @@ class LocationRuntime:
         "limits",
         "log_hook",
         "plan",
+        "preaccess",
         "proxy_host",
         "realip",
         "realip_server",
@@ -348,6 +349,7 @@ class LocationRuntime:
         self.dynamic: Any = None
         # limit_req / limit_conn: a scriptlb.request.limits.LimitPhase (set by the Runtime)
         self.limits: Any = None
+        self.preaccess = False  # realip or limits to run before the access phase (the Runtime sets it)
         # set_real_ip_from & co (scriptlb.request.realip): None, or client(exchange) -> (addr, port) | None;
         # the server's before the rewrite phase, the location's (when it differs) after it
         self.realip: Any = None
@@ -525,6 +527,9 @@ class Runtime:
             from scriptlb.request.limits import LimitPhase  # (only configs with limits)
 
             location.limits = LimitPhase(conf.limits, self._limit_zones(), _compile)
+        # nginx's preaccess phase has work here (realip's second look, limit_req/limit_conn)
+        has_work = location.realip is not None or location.limits is not None
+        location.preaccess = has_work and conf.return_ is None
         if conf.status_zone is not None:
             location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
         if conf.handler is not None:

@@ -190,6 +190,12 @@ def _upstream_times(field: str) -> Getter:
     return get
 
 
+# $upstream_bytes_* / $upstream_response_length: a try copies its connection's counts only once
+# some template reads them (a config that never does pays nothing per try)
+_BYTE_COUNTS = frozenset({"upstream_bytes_sent", "upstream_bytes_received", "upstream_response_length"})
+BYTE_COUNTS_READ = [False]
+
+
 def _upstream_counts(field: str) -> Getter:
     """$upstream_bytes_sent & co: one byte count per try."""
     def get(ex: Any) -> str | None:
@@ -500,6 +506,8 @@ def variable_getter(name: str, clock: Clock = time.time) -> Getter:
     """
     getter = _SIMPLE.get(name) or _DECLARED.get(name)
     if getter is not None:
+        if name in _BYTE_COUNTS:
+            BYTE_COUNTS_READ[0] = True  # tries keep their byte counts from now on
         return getter
     if name in _CLOCKED:
         return _clocked(name, clock)
