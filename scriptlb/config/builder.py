@@ -457,6 +457,7 @@ def _ssl_conf(server: ServerDraft, chain: Sequence[LevelDraft]) -> SslConf | Non
         session_cache=_get(chain, "ssl_session_cache", "none"),
         session_timeout=_get(chain, "ssl_session_timeout", 300.0),
         session_tickets=_get(chain, "ssl_session_tickets", True),
+        session_ticket_keys=tuple(_get(chain, "ssl_session_ticket_key", [])),
         client_certificate=_get(chain, "ssl_client_certificate", None),
         verify_client=_get(chain, "ssl_verify_client", "off"),
         verify_depth=_get(chain, "ssl_verify_depth", 1),

@@ -1251,10 +1251,7 @@ def _ssl_protocols(state: State, node: Node, draft: LevelDraft) -> None:
 
 def _ssl_verify_client(state: State, node: Node, draft: LevelDraft) -> None:
     value = node.args[0]
-    if value == "optional_no_ca":
-        # Python's ssl cannot accept a certificate it did not verify while still asking for it
-        raise fail(node, '"ssl_verify_client optional_no_ca" is not supported by scriptlb')
-    if value not in ("on", "off", "optional"):
+    if value not in ("on", "off", "optional", "optional_no_ca"):
         raise fail(node, f'invalid value "{value}" in "{node.name}" directive, '
                          'it must be "on", "off", "optional" or "optional_no_ca"')
     _store(node, draft.values, value)
@@ -1262,7 +1259,8 @@ def _ssl_verify_client(state: State, node: Node, draft: LevelDraft) -> None:
 
 def _ssl_session_cache(state: State, node: Node, draft: LevelDraft) -> None:
     for value in node.args:
-        if value in ("off", "none") or value == "builtin" or value.startswith("builtin:"):
+        if value in ("off", "none") or value == "builtin" or (
+                value.startswith("builtin:") and value[len("builtin:"):].isdigit()):
             continue
         name, _, size = value[len("shared:"):].partition(":") if value.startswith("shared:") else ("", "", "")
         if not name or parse_size(size) is None:
@@ -1277,11 +1275,6 @@ def _proxy_ssl_file(state: State, node: Node, draft: LevelDraft) -> None:
 
 def _proxy_ssl_name(state: State, node: Node, draft: LevelDraft) -> None:
     _store(node, draft.values, template(node, node.args[0]))
-
-
-def _ssl_unsupported(state: State, node: Node, draft: LevelDraft) -> None:
-    raise fail(node, f'"{node.name}" is not supported by scriptlb (Python\'s ssl module has no '
-                     "way to set ticket keys; each worker makes its own)")
 
 
 # --------------------------------------------------------------------------- the table
@@ -1457,7 +1450,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("ssl_session_cache", HS, (1, 2), _ssl_session_cache),
     _spec("ssl_session_timeout", HS, ONE, _slot(msec)),
     _spec("ssl_session_tickets", HS, FLAG, _slot(flag)),
-    _spec("ssl_session_ticket_key", HS, ONE, _ssl_unsupported),
+    _spec("ssl_session_ticket_key", HS, ONE, _ssl_file_list),
     _spec("ssl_client_certificate", HS, ONE, _ssl_path),
     _spec("ssl_verify_client", HS, ONE, _ssl_verify_client),
     _spec("ssl_verify_depth", HS, ONE, _slot(number)),

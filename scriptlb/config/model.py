@@ -639,8 +639,10 @@ class SslConf:
     session_cache: str = "none"  # off | none | builtin[:size] | shared:NAME:size (kept as written)
     session_timeout: float = 300.0
     session_tickets: bool = True
+    # ssl_session_ticket_key: (file, its directive) in order (the first encrypts)
+    session_ticket_keys: tuple[tuple[str, Source | None], ...] = ()
     client_certificate: str | None = None
-    verify_client: str = "off"  # off | on | optional
+    verify_client: str = "off"  # off | on | optional | optional_no_ca
     verify_depth: int = 1
     dhparam: str | None = None
     password_file: str | None = None

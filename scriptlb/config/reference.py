@@ -149,8 +149,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "proxy_ssl_certificate_key": ("file", "-", "ngx_http_proxy_module", ""),
     "proxy_ssl_password_file": ("file", "-", "ngx_http_proxy_module", ""),
     "proxy_ssl_session_reuse": ("on | off", "on", "ngx_http_proxy_module",
-                                "accepted; kept-alive connections (keepalive N) are the reuse "
-                                "(Python's asyncio cannot resume a session on a new connection)"),
+                                "a new connection resumes the last session of its peer (by address "
+                                "and TLS name; per worker)"),
     "ssl_certificate": ("file", "-",
                         "ngx_http_ssl_module", "several per server (RSA + ECDSA), paired in order with "
                         "ssl_certificate_key; `data:` and variables are not supported"),
@@ -161,20 +161,23 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "ssl_ciphers": ("ciphers", "HIGH:!aNULL:!MD5",
                     "ngx_http_ssl_module", "TLS 1.2 and below (OpenSSL's TLS 1.3 suites stay)"),
     "ssl_prefer_server_ciphers": ("on | off", "off", "ngx_http_ssl_module", ""),
-    "ssl_ecdh_curve": ("curve", "auto",
-                       "ngx_http_ssl_module", "of a list, the first curve is used (Python sets one)"),
+    "ssl_ecdh_curve": ("curve", "auto", "ngx_http_ssl_module", "a list (X25519:prime256v1) as nginx"),
     "ssl_session_cache": ("off | none | [builtin[:size]] [shared:name:size]", "none", "ngx_http_ssl_module",
-                          "accepted; resumption is OpenSSL's per-worker cache and session tickets "
-                          "(per worker: each worker has its own ticket key)"),
-    "ssl_session_timeout": ("time", "5m", "ngx_http_ssl_module", "accepted (OpenSSL's default applies)"),
+                          "off / none / builtin:N as nginx; shared:NAME:SIZE is a per-worker cache "
+                          "of about 4000 sessions per MB; session tickets (on by default) are "
+                          "encrypted with one key shared by every worker (the master's random one, "
+                          "or ssl_session_ticket_key), so a session resumes on any worker"),
+    "ssl_session_timeout": ("time", "5m", "ngx_http_ssl_module", ""),
     "ssl_session_tickets": ("on | off", "on", "ngx_http_ssl_module", ""),
     "ssl_session_ticket_key": ("file", "-",
-                               "ngx_http_ssl_module", "refused: Python's ssl module cannot set ticket keys"),
+                               "ngx_http_ssl_module", "nginx's 48- or 80-byte file; several: all are "
+                               "checked, the first encrypts and decrypts (tickets made with the others "
+                               "fall back to a full handshake)"),
     "ssl_client_certificate": ("file", "-", "ngx_http_ssl_module", ""),
     "ssl_verify_client": ("on | off | optional | optional_no_ca", "off", "ngx_http_ssl_module",
-                          "optional_no_ca is refused; a failed verification fails the handshake "
-                          "(nginx answers 400 instead)"),
-    "ssl_verify_depth": ("number", "1", "ngx_http_ssl_module", "accepted (OpenSSL's default depth applies)"),
+                          "as nginx: the handshake finishes and requests get the 400 pages "
+                          "(495/496); stream: the connection is closed after the handshake"),
+    "ssl_verify_depth": ("number", "1", "ngx_http_ssl_module", ""),
     "ssl_dhparam": ("file", "-", "ngx_http_ssl_module", ""),
     "ssl_password_file": ("file", "-", "ngx_http_ssl_module", "each line is tried in turn"),
     "map": ("string $variable { ... }", "-", "ngx_http_map_module / ngx_stream_map_module",

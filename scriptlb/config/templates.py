@@ -89,6 +89,16 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "ssl_session_reused",
         "ssl_client_verify",
         "ssl_client_s_dn",
+        "ssl_client_i_dn",
+        "ssl_client_serial",
+        "ssl_client_fingerprint",
+        "ssl_client_v_start",
+        "ssl_client_v_end",
+        "ssl_client_v_remain",
+        "ssl_client_raw_cert",
+        "ssl_client_escaped_cert",
+        "ssl_alpn_protocol",
+        "ssl_session_id",
         # who chose each try's peer and why (scriptlb.variables.trace)
         "balancer_trace",
     }

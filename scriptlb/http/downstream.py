@@ -198,6 +198,12 @@ class ListenerContext:
         self.on_client_error: Callable[[ClientConnection, Request, int], None] | None = None
 
 
+def refuse_requests(conn: Any, refusal: tuple[int, str]) -> None:
+    """Every request on ``conn`` is to be answered with ``refusal`` (status, error-log text):
+    what the TLS layer found before HTTP began (see Exchange)."""
+    conn.refusal = refusal
+
+
 class _NoCallbacks:
     """The protocol of the parser a closed connection keeps (its own one is released)."""
 
@@ -303,6 +309,7 @@ class ClientConnection(asyncio.Protocol):
         "loop",
         "opened",
         "proxy_protocol",
+        "refusal",
         "remote_addr",
         "remote_port",
         "requests",
@@ -341,6 +348,9 @@ class ClientConnection(asyncio.Protocol):
         self.requests = 0  # requests started on this connection ($connection_requests)
         self.opened = self.loop.time()  # ($connection_time)
         self.tls: Any = None  # the ssl.SSLObject of a TLS connection
+        # (status, error-log text) every request on this connection is answered with: plain
+        # HTTP on a TLS port (497), a client certificate ssl_verify_client refuses (495, 496)
+        self.refusal: tuple[int, str] | None = None
 
         # timers
         self._timer: asyncio.TimerHandle | None = None

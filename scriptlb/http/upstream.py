@@ -243,7 +243,6 @@ class UpstreamConnection(asyncio.Protocol):
         "response_started",
         "sent",
         "state",
-        "tls",
         "transport",
         "upgrade",
         "upgraded_data",
@@ -295,7 +294,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._extra_bytes = False  # bytes after the response's end: the connection is unusable
         self._closing_after = False  # we asked the peer to close (Connection: close)
         self._http11 = True
-        self.tls = False  # opened with TLS (proxy_pass https://)
         self.upgrade = False  # the client asked to switch protocols: a 101 ends the head
         self._upgraded = False  # ... and the peer sent it: the rest is a tunnel's
         self.upgraded_data = b""  # bytes after the 101's head
@@ -551,10 +549,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._cancel_timer()
             transport = self.transport
             if transport is not None:
-                # TLS: dropped at once. asyncio's TLS close waits for the peer's close_notify
-                # (up to 30 s), holding the socket and a stopping worker's loop; nginx does not
-                # wait for it either. Nothing is lost: we close only after the request's end.
-                transport.abort() if self.tls else transport.close()
+                # (TLS: our transport sends its close_notify and does not wait for the peer's,
+                # as nginx)
+                transport.close()
 
     def abort(self) -> None:
         """Drop the connection now, telling nobody (the handler gave up on this response)."""

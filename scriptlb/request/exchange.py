@@ -135,6 +135,8 @@ class Exchange:
         self._logged = False  # the log phase ran (it runs once per request)
         self.upstream_request: UpstreamRequest | None = None  # set when proxying
         self._route()
+        if conn.refusal is not None and not self._early_status:
+            self._refuse(conn.refusal)
         # what the client connection reads (plain attributes: read on every request)
         conf = self.location.conf
         self.max_body_size = conf.client_max_body_size  # 0 = unlimited
@@ -174,6 +176,16 @@ class Exchange:
                 conn.host_cache = (raw_host, host, self.server)
         self.host = host or self.server.name
         self.location = self.server.match(uri)
+
+    def _refuse(self, refusal: tuple[int, str]) -> None:
+        """nginx's checks before any phase (ngx_http_process_request): a request that came in
+        clear on a TLS port (497), a client certificate that failed verification (495) or is
+        missing (496) gets that status (sent as 400 with its own page; ``error_page`` may
+        redirect it)."""
+        status, text = refusal
+        message = f"{text} while reading client request headers"
+        errorlog.log_error("info", message, self.conn.conn_id, errorlog.request_context(self))
+        self._early_status = status
 
     def conn_route(self) -> ServerRoute:
         """The listener's server route, resolved once per connection."""
@@ -440,6 +452,9 @@ class Exchange:
 
     def finish_with_page(self, status: int, extra_headers: bytes = b"") -> None:
         """nginx's own page for ``status`` (400, 404, 502, 504...), or its error_page."""
+        if responses.closes_connection(status):
+            # (before error_page, as nginx: a redirected 400, 497, 500... still ends the connection)
+            self.conn.close_after_response()
         pages = self.location.error_pages if self.location is not None else None
         if pages is not None and not self._redirected:
             page = pages.get(status)

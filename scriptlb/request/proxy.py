@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from scriptlb.config.model import NextUpstream
 from scriptlb.http.downstream import CLIENT_SEND_TIMEOUT
 from scriptlb.http.request_body import SpooledBody
 from scriptlb.http.tls import handshake_error_text
+from scriptlb.http.tls_transport import open_tls_connection
 from scriptlb.http.tunnel import UPSTREAM_TIMED_OUT, Tunnel
 from scriptlb.http.upstream import PREMATURE, ConnState, ResponseHead, UpstreamConnection, UpstreamError
 from scriptlb.logs import errorlog
@@ -337,15 +339,18 @@ class UpstreamRequest:
         attempt.conn = conn
         attempt.reused = False
         tls = self.location.tls
-        extra: dict[str, Any] = {}
+        opening: Coroutine[Any, Any, object]
         if tls is not None:
-            conn.tls = True
-            extra = {"ssl": tls.context, "server_hostname": tls.server_hostname(attempt.tls_name or "")}
-        if addr.unix_path is not None:
-            opening = loop.create_unix_connection(lambda: conn, addr.unix_path, **extra)
+            # our own TLS transport (tls_transport): it can resume the peer's last session
+            name = attempt.tls_name
+            key = (attempt.addr, name)
+            opening = open_tls_connection(loop, conn, addr.host, addr.port, addr.unix_path, self._local_addr,
+                                          tls.context, tls.server_hostname(name or ""), tls.session(key),
+                                          tls.keeper(key))
+        elif addr.unix_path is not None:
+            opening = loop.create_unix_connection(lambda: conn, addr.unix_path)
         else:
-            opening = loop.create_connection(lambda: conn, addr.host, addr.port, local_addr=self._local_addr,
-                                             **extra)
+            opening = loop.create_connection(lambda: conn, addr.host, addr.port, local_addr=self._local_addr)
         task = loop.create_task(opening)
         timer = loop.call_later(self.exchange.connect_timeout, task.cancel)
         self._connecting = task

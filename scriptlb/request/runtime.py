@@ -591,7 +591,7 @@ class Runtime:
         else:
             host = proxy_host_name(proxy_host)
             name = lambda ex: host  # noqa: E731
-        return PeerTls(context, name, ssl_conf.server_name)
+        return PeerTls(context, name, ssl_conf.server_name, ssl_conf.session_reuse)
 
     def _log_hook_for(self, conf: LocationConf) -> LogHookRunner | None:
         hook = conf.log_hook
@@ -655,6 +655,10 @@ class Runtime:
         on the socket without TLS settings of its own answers with the default's)."""
         servers = [s for s in self.conf.http.servers if any(lc.key in keys for lc in s.listens)] \
             if self.conf.http is not None else []
+        # TLS is a property of the socket: a `listen ... ssl` for its address (a server with
+        # `listen 80; listen 443 ssl;` serves port 80 in clear)
+        if not any(lc.ssl for s in servers for lc in s.listens if lc.key in keys):
+            return None
         confs = [s.ssl for s in servers if s.ssl is not None]
         if not confs:
             return None

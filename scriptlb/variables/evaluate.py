@@ -152,6 +152,17 @@ def _attr(name: str) -> Getter:
     return get
 
 
+def _port(name: str) -> Getter:
+    """$remote_port / $server_port: empty on a unix socket (its "port" is 0), as nginx."""
+
+    def get(ex: Any) -> str:
+        value = getattr(ex, name)
+        return str(value) if value else ""
+
+    get.__name__ = f"get_{name}"
+    return get
+
+
 def _header(name_lower: str) -> Getter:
     def get(ex: Any) -> str | None:
         return ex.header(name_lower)
@@ -454,7 +465,7 @@ _SIMPLE: dict[str, Getter] = {
     "scheme": _attr("scheme"),
     "server_protocol": lambda ex: f"HTTP/{ex.http_version}",
     "server_addr": _attr("server_addr"),
-    "server_port": _attr("server_port"),
+    "server_port": _port("server_port"),
     "server_name": _attr("server_name"),
     "content_length": _header("content-length"),
     "content_type": _header("content-type"),
