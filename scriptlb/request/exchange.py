@@ -263,6 +263,11 @@ class Exchange:
                 if self._early_status:
                     self.finish_with_page(self._early_status)
                     return
+                location = self.location
+                if location.plain_proxy:  # (the usual location: no phase before the proxy has work)
+                    self.upstream_request = UpstreamRequest(self, location.upstream)
+                    self.upstream_request.start()
+                    return
                 realip = self.location.realip_server  # (nginx's post-read phase)
                 if realip is not None and self.realip is None:
                     self.realip = realip.client(self)

@@ -285,6 +285,7 @@ class LocationRuntime:
         "error_pages",
         "limits",
         "log_hook",
+        "plain_proxy",
         "plan",
         "preaccess",
         "proxy_host",
@@ -350,6 +351,7 @@ class LocationRuntime:
         # limit_req / limit_conn: a scriptlb.request.limits.LimitPhase (set by the Runtime)
         self.limits: Any = None
         self.preaccess = False  # realip or limits to run before the access phase (the Runtime sets it)
+        self.plain_proxy = False  # nothing but proxy_pass to an upstream (the Runtime sets it)
         # set_real_ip_from & co (scriptlb.request.realip): None, or client(exchange) -> (addr, port) | None;
         # the server's before the rewrite phase, the location's (when it differs) after it
         self.realip: Any = None
@@ -530,6 +532,12 @@ class Runtime:
         # nginx's preaccess phase has work here (realip's second look, limit_req/limit_conn)
         has_work = location.realip is not None or location.limits is not None
         location.preaccess = has_work and conf.return_ is None
+        # a location whose requests go straight to the proxy: the exchange skips every phase test
+        location.plain_proxy = (
+            upstream is not None and conf.return_ is None and location.rewrite is None
+            and location.access is None and location.dynamic is None and not location.preaccess
+            and location.realip_server is None
+        )
         if conf.status_zone is not None:
             location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
         if conf.handler is not None:
