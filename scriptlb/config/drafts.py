@@ -47,6 +47,7 @@ class LocationDraft(LevelDraft):
     proxy_pass: tuple[str, Source] | None = None  # the URL as written
     proxy_pass_template: Any = None  # the URL's Template when it has variables
     return_: ReturnConf | None = None
+    locations: list[LocationDraft] = field(default_factory=list)  # nested locations
 
 
 @dataclass(eq=False)

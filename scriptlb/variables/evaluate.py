@@ -263,6 +263,17 @@ def _upstream_http_family(suffix: str) -> Getter:
 _FRAMING_HEADERS = frozenset({b"content_length", b"connection", b"transfer_encoding"})
 
 
+def _sent_trailer_family(suffix: str) -> Getter:
+    """$sent_trailer_NAME: a trailer add_trailer sent (lines joined with ", ", as nginx)."""
+    wanted = suffix.encode("latin-1")
+
+    def get(ex: Any) -> str | None:
+        trailers = getattr(ex, "sent_trailers", b"")
+        return _join_headers(_split_header_block(trailers), wanted, b", ") if trailers else None
+
+    return get
+
+
 def _sent_http_family(suffix: str) -> Getter:
     wanted = suffix.encode("latin-1")
     framing = wanted in _FRAMING_HEADERS
@@ -277,21 +288,6 @@ def _sent_http_family(suffix: str) -> Getter:
         if isinstance(headers, bytes):
             headers = _split_header_block(headers)
         return _join_headers(headers, wanted, b", ")
-
-    return get
-
-
-def _sent_trailer_family(suffix: str) -> Getter:
-    """$sent_trailer_NAME: an add_trailer line already made for this response (the first
-    one, as nginx 1.22; later nginx joins them)."""
-    wanted = suffix.encode("latin-1")
-
-    def get(ex: Any) -> str | None:
-        trailers = getattr(ex, "sent_trailers", None)
-        if not trailers:
-            return None
-        found = _join_headers(_split_header_block(trailers), wanted, b"\n")
-        return found.split("\n", 1)[0] if found is not None else None
 
     return get
 
@@ -349,11 +345,15 @@ def _upstream_cookie_family(suffix: str) -> Getter:
     wanted = suffix.lower()
 
     def get(ex: Any) -> str | None:
+        # ngx_http_parse_set_cookie_lines: the name first, spaces (not tabs) around "="
         for name, value in ex.upstream_headers:
             if name.lower() == b"set-cookie":
-                key, sep, rest = value.decode("latin-1").partition("=")
-                if sep and key.strip().lower() == wanted:
-                    return rest.partition(";")[0].strip()
+                text = value.decode("latin-1")
+                if text[:len(wanted)].lower() != wanted:
+                    continue
+                rest = text[len(wanted):].lstrip(" ")
+                if rest[:1] == "=":
+                    return rest[1:].partition(";")[0].strip(" ")
         return None
 
     return get
