@@ -179,6 +179,9 @@ def _clear_shared_zones(conf: MainConf) -> None:
         remove_files(directory, name)
     for zone in (conf.http.limit_zones.values() if conf.http is not None else ()):
         remove_files(directory, f"{zone.kind}.{zone.name}")  # (scriptlb.request.limits.zone_path)
+    from scriptlb.http.tls_sessions import clear_zones
+
+    clear_zones(conf.prefix)
 
 
 def send_signal(conf: MainConf, name: str) -> int:

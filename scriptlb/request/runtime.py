@@ -239,9 +239,9 @@ class RequestPlan:
         method = exchange.method if self.method is None else self.method(exchange)
         parts = [method.encode("latin-1"), b" ", target, self.version_line, self.static_headers]
         for name, getter in self.dynamic_headers:
-            value = getter(exchange)
-            if value:
-                parts.append(name + b": " + value.encode("latin-1", "replace") + b"\r\n")
+            text = getter(exchange)
+            if text:
+                parts.append(name + b": " + text.encode("latin-1", "replace") + b"\r\n")
         skip = self.skip_client
         connection = exchange.request.connection
         listed = _connection_listed(connection) if connection is not None else None
@@ -249,7 +249,7 @@ class RequestPlan:
             lower = name.lower()
             if lower in skip or (listed and lower in listed):
                 continue
-            parts.append(name + b": " + value + b"\r\n")
+            parts += (name, b": ", value, b"\r\n")
         if body_length is not None:
             parts.append(b"Content-Length: %d\r\n" % body_length)
         elif chunked:
@@ -711,6 +711,9 @@ class Runtime:
         if not confs:
             return None
         from scriptlb.http.tls import server_context, sni_context  # (only TLS configs load ssl)
+        from scriptlb.http.tls_sessions import sessions_directory
+
+        sessions = sessions_directory(self.conf.prefix)
 
         route = self.routes[keys[0]]
         fallback = route.default_server.conf.ssl or confs[0]
@@ -720,7 +723,7 @@ class Runtime:
             ssl_conf = conf.ssl or fallback
             ctx = contexts.get(id(ssl_conf))
             if ctx is None:
-                ctx = contexts[id(ssl_conf)] = server_context(ssl_conf)
+                ctx = contexts[id(ssl_conf)] = server_context(ssl_conf, sessions)
             return ctx
 
         default = context_of(route.default_server.conf)
