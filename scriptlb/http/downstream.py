@@ -235,6 +235,7 @@ class ListenerContext:
         self.header_buffers = header_buffers
         self.underscores_in_headers = underscores_in_headers
         self.ignore_invalid_headers = ignore_invalid_headers
+        self.proxy_protocol = False  # listen ... proxy_protocol
         self.shutting_down = False  # graceful stop: finish the active request, then close
         self.dropped = 0  # connections closed at once for want of worker_connections
         # called after we answered a request no handler saw (malformed, 414, 494...), for logs
@@ -336,6 +337,7 @@ class ClientConnection(asyncio.Protocol):
         "_pending_error",
         "_pending_head",
         "_phase",
+        "_pp_pending",
         "_queue",
         "_reading_paused",
         "_timer",
@@ -352,6 +354,7 @@ class ClientConnection(asyncio.Protocol):
         "listener",
         "loop",
         "opened",
+        "proxy_protocol",
         "refusal",
         "remote_addr",
         "remote_port",
@@ -375,6 +378,10 @@ class ClientConnection(asyncio.Protocol):
         self.remote_port = 0
         self.server_addr = ""
         self.server_port = 0
+        # listen ... proxy_protocol: the header read first (bytes so far; None once read or
+        # when the listener has none), then what it announced ($proxy_protocol_addr & co)
+        self._pp_pending: bytes | None = b"" if listener.proxy_protocol else None
+        self.proxy_protocol: Any = None
         self._parser = httptools.HttpRequestParser(self)
         # Keep-alive is decided once per request, from its head: llhttp would otherwise also
         # obey a "Connection: close" trailer and refuse the next pipelined request.
@@ -1188,6 +1195,28 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort() if not self.closed else self.transport.close()
             self.closed = True
 
+    def _proxy_protocol_header(self, data: bytes) -> bytes:
+        """The PROXY protocol header (v1 or v2) before the first request; returns the bytes
+        after it. A broken one closes the connection with nginx's error line."""
+        from scriptlb.http.proxy_protocol import NEED_MORE, V1_MAX, Header, read_header
+
+        pending = (self._pp_pending or b"") + data
+        header = read_header(pending)
+        if header == NEED_MORE:
+            self._pp_pending = pending
+            return b""
+        self._pp_pending = None
+        if not isinstance(header, Header):
+            shown = pending[:V1_MAX].decode("latin-1").encode("unicode_escape").decode("ascii")
+            errorlog.log_error("error", f'broken header: "{shown}" while reading PROXY protocol',
+                               self.conn_id, self._log_context())
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+            return b""
+        self.proxy_protocol = header
+        return pending[header.length:]
+
     def _log_context(self) -> str:
         request = self._parsing
         ctx = f", client: {self.remote_addr}, server: {self.server_addr}"
@@ -1321,3 +1350,17 @@ def _content_length(value: bytes) -> int:
         raise ClientError(400, 'client sent invalid "Content-Length" header '
                                "while reading client request headers")
     return length
+
+
+class ProxyProtocolConnection(ClientConnection):
+    """A connection of a ``listen ... proxy_protocol`` socket: the PROXY header comes first (a
+    class of its own, so the other listeners' reads pay no test for it)."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        if self._pp_pending is not None:
+            data = self._proxy_protocol_header(data)
+            if not data:
+                return
+        super().data_received(data)

@@ -247,6 +247,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_upgraded",
         "_write_paused",
         "_write_paused_at",
+        "body_received",
         "head_limit",
         "idle_since",
         "key",
@@ -282,6 +283,7 @@ class UpstreamConnection(asyncio.Protocol):
         # bytes of the request in flight: to the peer and from it (the peer statistics)
         self.sent = 0
         self.received = 0
+        self.body_received = 0  # response body bytes of the request in progress (decoded)
 
         # timeouts of the request in flight (nginx's idle timers)
         self._read_timeout = 60.0
@@ -449,7 +451,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Send a request (``body`` None: the body follows through ``write_body``); the
         response goes to ``handler``."""
         self.requests += 1
-        self.sent = self.received = 0
+        self.sent = self.received = self.body_received = 0
         # (the per-request state, reset here: one call per request)
         if not self._parser_ended or self._parser is None:
             # a parser is reused on a keep-alive connection only when it ended the previous
@@ -678,6 +680,7 @@ class UpstreamConnection(asyncio.Protocol):
         handler = self._handler
         if handler is None:
             return  # dropped by the handler while this chunk was being parsed
+        self.body_received += len(data)
         if self._streaming:
             handler.upstream_body(data)
         else:

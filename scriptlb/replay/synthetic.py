@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 class TryRecord:
     """One try, for the ``$upstream_*`` lists: the proxy's record, with the same fields."""
 
-    __slots__ = ("addr", "connect_time", "header_time", "response_time", "started", "status")
+    __slots__ = ("addr", "bytes_received", "bytes_sent", "connect_time", "header_time", "response_length",
+                 "response_time", "started", "status")
 
     def __init__(
         self, addr: str, started: float, status: int | None = None, response_time: float | None = None
@@ -33,6 +34,7 @@ class TryRecord:
         self.connect_time: float | None = None
         self.header_time: float | None = None
         self.response_time = response_time
+        self.bytes_sent = self.bytes_received = self.response_length = 0
 
 
 class SyntheticExchange:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from scriptlb.logs import errorlog
 from scriptlb.request.retry import Failure, is_counted_failure, last_failure_state, last_failure_status
+from scriptlb.variables.evaluate import BYTE_COUNTS_READ
 
 if TYPE_CHECKING:
     from scriptlb.config.model import PeerAddr
@@ -64,7 +65,8 @@ UPGRADED = 5  # a 101's tunnel ended (its connection belonged to the tunnel, nev
 class TryRecord:
     """One try, for the ``$upstream_*`` lists (times in seconds, None when not reached)."""
 
-    __slots__ = ("addr", "connect_time", "header_time", "hook", "response_time", "started", "status")
+    __slots__ = ("addr", "bytes_received", "bytes_sent", "connect_time", "header_time", "hook",
+                 "response_length", "response_time", "started", "status")
 
     def __init__(self, addr: str, started: float, hook: HookOutcome | None = None) -> None:
         self.addr = addr
@@ -74,6 +76,9 @@ class TryRecord:
         self.connect_time: float | None = None
         self.header_time: float | None = None
         self.response_time: float | None = None
+        # $upstream_bytes_sent / _received / $upstream_response_length: copied from the
+        # connection when the try ends (a pooled connection counts its next request afresh)
+        self.bytes_sent = self.bytes_received = self.response_length = 0
 
     def __repr__(self) -> str:
         return f"<TryRecord {self.addr} {self.status}>"
@@ -110,6 +115,8 @@ class Attempt(TryRecord):
         self.connect_time: float | None = None
         self.header_time: float | None = None
         self.response_time: float | None = None
+        # (bytes_sent, bytes_received, response_length: set by end() when a request was
+        # sent; $upstream_bytes_* read 0 until then)
         self.upstream = upstream
         self.state = state  # the balancer's per-request state (tries budget, tried peers)
         self.peer_addr = peer_addr
@@ -145,6 +152,11 @@ class Attempt(TryRecord):
         peer = self.peer
         self.peer = None
         status = self.status or 0
+        # (a stream session's PeerSide counts nothing: its StreamAttempt keeps its own counts)
+        if conn is not None and BYTE_COUNTS_READ[0] and conn.sent:
+            self.bytes_sent = conn.sent
+            self.bytes_received = conn.received
+            self.response_length = conn.body_received
         if outcome in (DONE, UPGRADED):
             sample: float | None = elapsed if outcome == DONE else self.header_time
             counted = stats_failed = False

@@ -20,7 +20,7 @@ is a bug, reported as an ``[alert]`` (``safety.report``) and the request is fini
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from scriptlb.http import responses, safety
 from scriptlb.http.downstream import DROPPED, SENT, UNSENT, ClientConnection, Request
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from scriptlb.hookrt.hooks import LogHookRunner
     from scriptlb.request.attempt import TryRecord
     from scriptlb.request.error_pages import ErrorPage
-    from scriptlb.request.runtime import LocationRuntime, Runtime, ServerRoute, ServerRuntime
+    from scriptlb.request.limits import LimitState
+    from scriptlb.request.runtime import LocationRuntime, Runtime, ServerRoute, ServerRuntime, UpstreamRuntime
 
 
 OWN_STATUS = -1  # err_status: the final response keeps its own status (see Exchange.err_status)
@@ -68,12 +69,14 @@ class Exchange:
         "keepalive_requests",
         "keepalive_timeout",
         "last_failure",
+        "limit",
         "location",
         "loop",
         "max_body_size",
         "method",
         "proxy_host",
         "read_timeout",
+        "realip",
         "request",
         "request_uri",
         "response_headers",
@@ -127,6 +130,9 @@ class Exchange:
         self.tries_left = 0
         self.tries_cap = 0
         self.proxy_host = ""
+        # the client a trusted proxy named (scriptlb.request.realip)
+        self.realip: tuple[str, int] | None = None
+        self.limit: LimitState | None = None  # limit_req / limit_conn outcome (scriptlb.request.limits)
 
         self._early_status = 0  # an error found while routing, answered when we become active
         self._redirected = False  # error_page redirected this request (once, as nginx)
@@ -136,7 +142,7 @@ class Exchange:
         self.variables: dict[str, str] | None = None  # the rewrite module's `set` values
         self.captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
         self._finished = False  # finish() ran: the log phase too (it runs once per request)
-        self.upstream_request: UpstreamRequest | None = None  # set when proxying
+        self.upstream_request: UpstreamRequest | Waiting | None = None  # set when proxying (or waiting)
         # routing: the usual case inlined (an origin-form target whose path needs no
         # normalizing, the Host of the connection's previous request); _route does all cases
         path, sep, args = request_uri.partition("?")
@@ -215,7 +221,7 @@ class Exchange:
         whole body is read before the first try; None (memory) when it is streamed (the same
         rule as UpstreamRequest._wants_streamed_body) or dropped (``return``)."""
         location = self.location
-        if location.upstream is None or location.conf.return_ is not None:
+        if (location.upstream is None and location.dynamic is None) or location.conf.return_ is not None:
             return None
         if not location.conf.proxy.request_buffering and (not self.request.chunked or location.plan.http11):
             return None
@@ -228,11 +234,13 @@ class Exchange:
 
     @property
     def remote_addr(self) -> str:
-        return self.conn.remote_addr
+        real = self.realip
+        return self.conn.remote_addr if real is None else real[0]
 
     @property
     def remote_port(self) -> int:
-        return self.conn.remote_port
+        real = self.realip
+        return self.conn.remote_port if real is None else real[1]
 
     @property
     def server_addr(self) -> str:
@@ -291,13 +299,29 @@ class Exchange:
 
     # ------------------------------------------------------------------ the connection's calls
 
-    def start(self) -> None:
+    def start(self, delayed: bool = False) -> None:
+        """The request's phases (``delayed``: from the access phase on, after limit_req's
+        delay; one function, not two: this runs for every request)."""
         try:
-            if self._early_status:
-                self.finish_with_page(self._early_status)
-                return
-            if self.location.rewrite is not None and self._rewrite_phase():
-                return  # answered (return, redirect) or refused (a rewrite cycle)
+            if not delayed:
+                if self._early_status:
+                    self.finish_with_page(self._early_status)
+                    return
+                location = self.location
+                upstream = location.upstream
+                # (the usual location: no phase before the proxy has work)
+                if location.plain_proxy and upstream is not None:
+                    self.upstream_request = proxying = UpstreamRequest(self, upstream)
+                    proxying.start()
+                    return
+                realip = self.location.realip_server  # (nginx's post-read phase)
+                if realip is not None and self.realip is None:
+                    self.realip = realip.client(self)
+                if self.location.rewrite is not None and self._rewrite_phase():
+                    return  # answered (return, redirect) or refused (a rewrite cycle)
+                location = self.location
+                if location.preaccess and self._preaccess_phase(location):
+                    return  # answered (limit_req, limit_conn) or delayed (limit_req)
             location = self.location
             # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
             # (then try_files, which the same callable runs: ANSWERED when it did)
@@ -308,6 +332,9 @@ class Exchange:
                         self.finish_with_page(*refused)
                     return
                 location = self.location
+            if location.dynamic is not None and location.conf.return_ is None:
+                location.dynamic.start(self)  # proxy_pass with variables (scriptlb.request.dynamic_pass)
+                return
             if location.conf.return_ is not None or location.upstream is None:
                 if self.request.complete or not self.request.has_body:
                     self._serve_return()
@@ -318,6 +345,36 @@ class Exchange:
             self.upstream_request.start()
         except Exception as exc:
             self.crashed(exc, "starting request")
+
+    def _preaccess_phase(self, location: Any) -> bool:
+        """realip's second look (the location's settings), then limit_req / limit_conn, each once
+        per request. True when the request was answered or must wait."""
+        realip = location.realip  # (not once the address was changed)
+        if realip is not None and self.realip is None:
+            self.realip = realip.client(self)
+        limits = location.limits
+        if limits is not None and self.limit is None:
+            status, delay = limits.run(self)
+            if status:
+                self.finish_with_page(status)
+                return True
+            if delay:
+                self.upstream_request = Waiting(self.loop.call_later(delay, self._delayed))
+                return True
+        return False
+
+    def _delayed(self) -> None:
+        """limit_req's delay is over: the request goes on (unless the client went away)."""
+        if isinstance(self.upstream_request, Waiting):
+            self.upstream_request = None
+            self.start(delayed=True)
+
+    def proxy_to(self, upstream: UpstreamRuntime, pass_uri: str | None) -> None:
+        """Proxy to an upstream proxy_pass with variables chose (``pass_uri``: the URI to send,
+        None for the client's)."""
+        self.upstream_request = UpstreamRequest(self, upstream)
+        self.upstream_request.pass_uri = pass_uri
+        self.upstream_request.start()
 
     def body_received(self) -> None:
         try:
@@ -597,7 +654,9 @@ class Exchange:
         response to an HTTP/1.1 client (nginx's expect_trailers)."""
         location = self.location
         trailers = location.add_trailers if location is not None else None
-        if trailers is not None and self.http_version == "1.1" and trailers.applies(status):
+        # (a HEAD response has no body to end with trailers: nginx keeps its Content-Length)
+        if trailers is not None and self.http_version == "1.1" and self.method != "HEAD" \
+                and trailers.applies(status):
             self.conn.trailers = lambda: self._trailer_lines(trailers, status)
             return None
         return length
@@ -631,6 +690,9 @@ class Exchange:
                     log.write(self)
             else:
                 self._log_with_hook(hook)
+            limit = self.limit
+            if limit is not None and limit.held:
+                limit.release()  # limit_conn: this request no longer counts
             # exchange <-> upstream request is a reference cycle: break it, so both go with
             # their last reference instead of waiting for (and feeding) the cyclic collector
             self.upstream_request = None
@@ -674,3 +736,29 @@ class Exchange:
 def log_client_error(runtime: Runtime, conn: ClientConnection, request: Request, status: int) -> None:
     """Access-log a request the client connection rejected before any handler saw it."""
     Exchange(runtime, conn, request).log_rejected(status)
+
+
+class Waiting:
+    """Stands in for the upstream request while the request waits before its content phase
+    (a limit_req delay, a proxy_pass name lookup): the client going away cancels the wait."""
+
+    __slots__ = ("pending",)
+    attempt = None
+    hook_exit = None
+    pass_uri: str | None = None
+
+    def __init__(self, pending: Any) -> None:
+        self.pending = pending  # an asyncio Handle or Future: what abandon() cancels
+
+    def body_received(self) -> None:
+        """(the body waits in the request until the content phase starts)"""
+
+    def client_paused(self) -> None:
+        """(nothing is being sent yet)"""
+
+    def client_resumed(self) -> None:
+        """(nothing is being sent yet)"""
+
+    def abandon(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()

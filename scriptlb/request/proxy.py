@@ -116,6 +116,7 @@ class UpstreamRequest:
         "hook_exit",
         "location",
         "loop",
+        "pass_uri",
         "plan",
         "upstream",
     )
@@ -144,6 +145,7 @@ class UpstreamRequest:
         self._passing = False  # the response is going to the client: no retry any more
         self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
         self.hook_exit: HookOutcome | None = None  # a hook's ngx.exit(N) run: $balancer_trace
+        self.pass_uri: str | None = None  # proxy_pass with variables: its URI part, as evaluated
 
     @property
     def connection(self) -> UpstreamConnection | None:
@@ -161,7 +163,7 @@ class UpstreamRequest:
         ex.send_timeout = conf.send_timeout
         ex.read_timeout = conf.read_timeout
         ex.upstream_name = self.upstream.name
-        ex.proxy_host = self.location.proxy_host
+        ex.proxy_host = self.location.proxy_host or ex.proxy_host  # (proxy_pass with variables set it)
         request = ex.request
         if request.complete or not request.has_body:
             self._begin_tries()  # (no body to wait for or stream: the usual GET)
@@ -654,12 +656,13 @@ def _bind_address(text: str, exchange: Exchange) -> tuple[str, int] | None:
     logged and binds nothing (nginx's ngx_http_upstream_set_local)."""
     if not text:
         return None
-    try:
-        return split_local_addr(text)
-    except ValueError:
+    from scriptlb.request.realip import parse_addr_port  # (an IP literal, as ngx_parse_addr_port)
+
+    parsed = parse_addr_port(text)
+    if parsed is None:
         errorlog.log_error("error", f'invalid local address "{text}"', exchange.conn_id,
                            exchange.log_context(None))
-        return None
+    return parsed
 
 
 def _upgrade_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
