@@ -138,11 +138,12 @@ class NameResolver:
                 raise answer
         addresses: list[str] = []
         min_ttl = float("inf")
+        # (gather's results are typed with the exceptions it may return; they were raised above)
         for _canonical, ttl, found in answers:  # type: ignore[misc]
             if found:
                 addresses.extend(found)
                 min_ttl = min(min_ttl, ttl)
-        canonical, ttl, found = answers[-1]  # type: ignore[misc]
+        canonical, ttl, found = answers[-1]  # type: ignore[misc]  # (idem)
         if addresses or canonical == name:
             return addresses, min_ttl, None
         return [], ttl, canonical
