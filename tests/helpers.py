@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httptools
+import pytest
 
 from scriptlb.config import load
 from scriptlb.config.model import MainConf
@@ -30,6 +31,14 @@ from scriptlb.runtime import Runtime
 from scriptlb.worker import WorkerThread
 
 IO_TIMEOUT = 10.0
+
+# The event loop of worker threads started without saying which: "uvloop" (the product's) or
+# "asyncio"; conftest's ``loop_kind`` fixture sets it per test (the protocol tier runs both).
+LOOP_KIND = "uvloop"
+
+# For a protocol test that replaces a loop method on the instance (create_connection...): uvloop's
+# loop is a C type whose methods cannot be replaced, so such a test runs on asyncio's loop only.
+ASYNCIO_LOOP_ONLY = pytest.mark.parametrize("loop_kind", ["asyncio"], indirect=True)
 
 
 # --------------------------------------------------------------------------- sockets
@@ -62,9 +71,11 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
+def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition",
+             interval: float = 0.02) -> object:
     """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout``
-    seconds saying what was awaited: the readiness wait for real processes."""
+    seconds saying what was awaited: the one readiness wait of the suite (threads, processes,
+    files). The timeout is generous because it only costs time when a test is failing anyway."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -72,16 +83,31 @@ def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str =
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(interval)
+
+
+# Sockets behind closed_port(): bound, never listening, held until the test ends.
+_RESERVED_PORTS: list[socket.socket] = []
 
 
 def closed_port() -> int:
-    """A port with nothing listening on it (bound, then closed: connect() is refused)."""
+    """A port where connect() is refused for the rest of the test.
+
+    The port stays bound (without SO_REUSEADDR, and never listening) until the test ends
+    (``release_closed_ports``, called by conftest after every test): a SYN to it gets a RST, and
+    the OS cannot hand it to a listener started later in the same test, which would make a
+    "dead" peer answer. For a port another process must bind, use ``free_ports``.
+    """
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
+    _RESERVED_PORTS.append(sock)
+    return sock.getsockname()[1]
+
+
+def release_closed_ports() -> None:
+    """Close the sockets that reserve the test's ``closed_port()`` ports."""
+    while _RESERVED_PORTS:
+        _RESERVED_PORTS.pop().close()
 
 
 # --------------------------------------------------------------------------- real processes
@@ -137,8 +163,10 @@ class Scriptlb:
     placeholders (plain text replacement: nginx's own braces stay as they are).
     """
 
-    def __init__(self, text: str, tmp_path: Path, listens: int = 1, use_uvloop: bool = True,
+    def __init__(self, text: str, tmp_path: Path, listens: int = 1, use_uvloop: bool | None = None,
                  **values: object) -> None:
+        if use_uvloop is None:
+            use_uvloop = LOOP_KIND == "uvloop"
         self.sockets = [listening_socket() for _ in range(listens)]
         self.ports = [port_of(s) for s in self.sockets]
         values.update({f"port{i}": p for i, p in enumerate(self.ports)})
@@ -567,16 +595,6 @@ def stream(total: int, chunk: int = 65536) -> tuple[Behaviour, list[int]]:
         return True
 
     return behaviour, written
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = IO_TIMEOUT, interval: float = 0.01) -> bool:
-    """Poll ``predicate`` until it holds (True) or ``timeout`` passes (False)."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], object], timeout: float = IO_TIMEOUT) -> object:

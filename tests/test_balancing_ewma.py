@@ -7,46 +7,9 @@ import random
 from collections import Counter
 
 import pytest
+from balancing_kit import ScriptedRandom, letter, named, peers, start
 
-from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.ewma import DECAY_TIME, DecayingAverages, Ewma
-from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
-from scriptlb.peers import Peer, PeerSet
-
-PORTS = {"a": 9001, "b": 9002, "c": 9003, "d": 9004}
-LETTERS = {port: letter for letter, port in PORTS.items()}
-
-
-class ScriptedRandom(random.Random):
-    def __init__(self, values: list[int]) -> None:
-        super().__init__(0)
-        self.values = list(values)
-
-    def randrange(self, *args: int, **kwargs: object) -> int:  # type: ignore[override]
-        return self.values.pop(0)
-
-
-def peers(*names: str, **params: object) -> PeerSet:
-    servers = []
-    for name in names:
-        addr = PeerAddr("127.0.0.1", PORTS[name.rstrip("*")])
-        backup = name.endswith("*")
-        servers.append(UpstreamServerConf(name=addr.name, addrs=(addr,), backup=backup, **params))  # type: ignore[arg-type]
-    return PeerSet.from_conf(UpstreamConf(name="backend", servers=tuple(servers)))
-
-
-def letter(peer: Peer | None) -> str:
-    return "-" if peer is None else LETTERS[peer.addr.port]
-
-
-def peer_named(balancer: Ewma, name: str) -> Peer:
-    return next(p for p in balancer.peers.primary + balancer.peers.backup if letter(p) == name)
-
-
-def start(balancer: Ewma, now: float) -> tuple[BalancerState, Peer | None]:
-    state = balancer.new_request(0)
-    return state, balancer.get(state, now)
-
 
 # --------------------------------------------------------------------------- the average
 
@@ -82,22 +45,22 @@ def test_two_draws_keep_the_lower_score() -> None:
     # draws as APISIX: first = rand(3), second = rand(2), +1 when >= first:
     # (0, 0) -> a vs b; (2, 1) -> c vs b; (1, 0) -> b vs a. b has the lowest rtt every time.
     balancer = Ewma(peers("a", "b", "c"), rng=ScriptedRandom([0, 0, 2, 1, 1, 0]))
-    balancer.observe(peer_named(balancer, "a"), 0.01, None, 0.30, now=100.0)  # rtt 0.31
-    balancer.observe(peer_named(balancer, "b"), 0.01, None, 0.05, now=100.0)  # rtt 0.06
-    balancer.observe(peer_named(balancer, "c"), 0.01, None, 0.10, now=100.0)  # rtt 0.11
+    balancer.observe(named(balancer, "a"), 0.01, None, 0.30, now=100.0)  # rtt 0.31
+    balancer.observe(named(balancer, "b"), 0.01, None, 0.05, now=100.0)  # rtt 0.06
+    balancer.observe(named(balancer, "c"), 0.01, None, 0.10, now=100.0)  # rtt 0.11
     assert [letter(start(balancer, 100.0)[1]) for _ in range(3)] == ["b", "b", "b"]
 
 
 def test_tie_keeps_the_first_draw_and_unmeasured_peers_score_zero() -> None:
     balancer = Ewma(peers("a", "b", "c"), rng=ScriptedRandom([2, 0, 1, 1]))
     assert letter(start(balancer, 1.0)[1]) == "c"  # c vs a, both 0: the first draw
-    balancer.observe(peer_named(balancer, "b"), 0.0, None, 0.5, now=1.0)
+    balancer.observe(named(balancer, "b"), 0.0, None, 0.5, now=1.0)
     assert letter(start(balancer, 1.0)[1]) == "c"  # b (0.5) vs c (0)
 
 
 def test_idle_peer_score_decays_so_it_is_retried() -> None:
     balancer = Ewma(peers("a", "b"), rng=random.Random(2))
-    a, b = peer_named(balancer, "a"), peer_named(balancer, "b")
+    a, b = named(balancer, "a"), named(balancer, "b")
     balancer.observe(a, 0, None, 1.0, now=0.0)  # a was slow once
     balancer.observe(b, 0, None, 0.1, now=0.0)
     first_a = None
@@ -142,10 +105,10 @@ def test_failed_peer_is_not_drawn_until_its_window_passes() -> None:
 
 def test_rebuild_keeps_history_of_surviving_peers() -> None:
     balancer = Ewma(peers("a", "b"), rng=random.Random(1))
-    balancer.observe(peer_named(balancer, "b"), 0, None, 0.25, now=10.0)
+    balancer.observe(named(balancer, "b"), 0, None, 0.25, now=10.0)
     balancer.rebuild(peers("c", "b"))
-    assert balancer.score(peer_named(balancer, "b"), 10.0) == pytest.approx(0.25)
-    assert balancer.score(peer_named(balancer, "c"), 10.0) == 0.0
+    assert balancer.score(named(balancer, "b"), 10.0) == pytest.approx(0.25)
+    assert balancer.score(named(balancer, "c"), 10.0) == 0.0
 
 
 # --------------------------------------------------------------------------- shares

@@ -124,13 +124,6 @@ class Harness:
 
 
 @pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture
 def log_file(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "error.log"
     previous = errorlog.install(errorlog.ErrorLog([ErrorLogConf(str(path), "info")]))

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import Backends, Scriptlb, answers, free_ports, fresh_get, get, master_process, respond, wait_for
 
-from scriptlb import api, hooks
+from scriptlb import api
 from scriptlb.balancers import chash
-from scriptlb.config.model import PythonConf
 from scriptlb.shared_dict import SharedDict, zone_directory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,11 +48,6 @@ http {{
     }}
 }}
 """
-
-
-@pytest.fixture(autouse=True)
-def _default_python_settings() -> None:
-    hooks.configure(PythonConf())  # no package path left over from another test
 
 
 def install(prefix: Path, name: str, **replace: str) -> None:

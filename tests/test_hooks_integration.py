@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from helpers import Backends, Scriptlb, closed_port, get, hang, respond
 
-from scriptlb import hooks
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
 from scriptlb.hooks import HookRunner
 from scriptlb.synthetic import SyntheticExchange, SyntheticUpstream
@@ -41,11 +40,6 @@ http {{
     }}
 }}
 """
-
-
-@pytest.fixture(autouse=True)
-def _default_python_settings() -> None:
-    hooks.configure(PythonConf())  # no package path, code cache on (another test may have changed it)
 
 
 def install(tmp_path: Path, name: str, **replace: str) -> None:

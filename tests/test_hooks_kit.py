@@ -217,6 +217,7 @@ http {
     assert result.logs == [f"[info] [python] balancer_by_python({conf}:8):10: remote 10.0.0.9"]
 
 
+@pytest.mark.integration  # real processes
 def test_plugin_is_registered_by_entry_point(tmp_path: Path) -> None:
     """A project of its own (no conftest of ours) gets the fixtures from the installed package."""
     (tmp_path / "hook.py").write_text('balancer.set_current_peer("127.0.0.1:9002")\n')

@@ -75,6 +75,7 @@ SERVER = """
 """
 
 
+@pytest.mark.protocol  # a worker thread on loopback sockets
 def test_map_lookups_match_nginx(tmp_path: Path) -> None:
     with Scriptlb("daemon off; master_process off;\nhttp {" + MAPS + SERVER.format(listen="{port0}")
                   + "}", tmp_path) as lb:

@@ -4,9 +4,6 @@ expiry by the sweep timer, connections that die while idle."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-
-import pytest
 
 from scriptlb.pool import ConnectionPool
 from scriptlb.upstream import ConnState
@@ -49,13 +46,6 @@ class FakeConn:
 
 A = ("127.0.0.1:1", "")
 B = ("127.0.0.1:2", "")
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def test_release_and_acquire_most_recent_first(loop: asyncio.AbstractEventLoop) -> None:

@@ -18,19 +18,10 @@ import pytest
 from helpers import Backends, Scriptlb, answers, free_ports, get, respond, wait_for
 from test_round_robin import NGINX
 
-from scriptlb import hooks
-from scriptlb.config.model import PythonConf
-
 ROOT = Path(__file__).resolve().parent.parent
 LUA_MODULE_DIR = "/usr/lib/nginx/modules"
 LUA_MODULES = ("ndk_http_module.so", "ngx_http_lua_module.so")
 HAS_LUA = NGINX is not None and all(os.path.exists(f"{LUA_MODULE_DIR}/{m}") for m in LUA_MODULES)
-
-
-@pytest.fixture(autouse=True)
-def _default_python_settings() -> Iterator[None]:
-    yield
-    hooks.configure(PythonConf())  # the worker threads configured the process-wide importer
 
 
 # --------------------------------------------------------------------------- a ported hook

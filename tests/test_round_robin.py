@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from balancing_kit import letter, peer_set, server
 from helpers import Scriptlb, free_ports
 
 from scriptlb.balancing import RoundRobin, create_balancer
 from scriptlb.config.model import NextUpstream, PeerAddr, ProxyConf, UpstreamConf, UpstreamServerConf
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.peers import PeerSet
 from scriptlb.retry import (
     PASS_THROUGH,
     RETRY,
@@ -36,21 +37,9 @@ from scriptlb.retry import (
     last_failure_status,
 )
 
-PORTS = {"a": 9001, "b": 9002, "c": 9003, "d": 9004, "e": 9005}
-NAMES = {f"127.0.0.1:{port}": letter for letter, port in PORTS.items()}
-
-
-def server(letter: str, **params: object) -> UpstreamServerConf:
-    addr = PeerAddr("127.0.0.1", PORTS[letter])
-    return UpstreamServerConf(name=addr.name, addrs=(addr,), **params)  # type: ignore[arg-type]
-
 
 def balancer(*servers: UpstreamServerConf) -> RoundRobin:
-    return RoundRobin(PeerSet.from_conf(UpstreamConf(name="backend", servers=servers)))
-
-
-def letter(peer: Peer | None) -> str:
-    return "-" if peer is None else NAMES[peer.name]
+    return RoundRobin(peer_set(*servers))
 
 
 def pick(rr: RoundRobin, now: float = 100.0, failed: bool = False) -> str:

@@ -160,11 +160,21 @@ def test_ordinary_hashing_and_comparisons_still_work() -> None:
 
 
 def test_a_big_flat_list_compares_within_budget() -> None:
-    """The estimate of a flat 2**20-item list runs at C speed (no per-item Python)."""
-    result = run("a = [0] * 2**20\nb = [0] * 2**20\nngx.ctx['eq'] = a == b and a in [b]" + PEER,
-                 timeout=0.2)
-    assert result.kind is None, result.outcome.message
-    assert result.ctx["eq"] is True
+    """The estimate of a flat 2**20-item list runs at C speed (no per-item Python).
+
+    Measured in this thread's CPU time (the least of three runs, under a wall-clock budget no
+    loaded machine reaches), which other processes on the machine do not inflate: the compare
+    costs about 70 ms here, a per-item walk in sandboxed Python over 300 ms.
+    """
+    code = "a = [0] * 2**20\nb = [0] * 2**20\nngx.ctx['eq'] = a == b and a in [b]" + PEER
+    spent = []
+    for _ in range(3):
+        started = time.thread_time()
+        result = run(code, timeout=10.0)
+        spent.append(time.thread_time() - started)
+        assert result.kind is None, result.outcome.message
+        assert result.ctx["eq"] is True
+    assert min(spent) < 0.2
 
 
 # --------------------------------------------------------------------------- log injection

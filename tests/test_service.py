@@ -26,7 +26,10 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
                           cwd=cwd, timeout=30, env=env)
 
 
-def small_conf(port: int, extra: str = "") -> str:
+def small_conf(port: int | str, extra: str = "") -> str:
+    """A one-server config listening on 127.0.0.1:``port``, or on ``port`` when it is text
+    (``unix:/path``)."""
+    listen = port if isinstance(port, str) else f"127.0.0.1:{port}"
     return textwrap.dedent(f"""\
         daemon off;
         error_log logs/error.log notice;
@@ -34,7 +37,7 @@ def small_conf(port: int, extra: str = "") -> str:
         events {{}}
         http {{
             server {{
-                listen 127.0.0.1:{port};
+                listen {listen};
                 access_log logs/access.log;
                 location / {{ return 200 "up\\n"; }}
             }}
@@ -159,13 +162,13 @@ def test_demo_runs_the_packaged_config_in_a_temporary_prefix(tmp_path: Path) -> 
 
 
 def test_sd_notify_ready_reloading_stopping(tmp_path: Path) -> None:
-    port = free_ports(1)[0]
+    # a unix listener: no TCP port another test process could take between choosing and binding
     (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "scriptlb.conf").write_text(small_conf(port))
+    (tmp_path / "conf" / "scriptlb.conf").write_text(small_conf(f"unix:{tmp_path}/lb.sock"))
     notify_path = str(tmp_path / "notify")
     sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sink.bind(notify_path)
-    sink.settimeout(15)
+    sink.settimeout(60)  # a fork, a reload and a graceful stop on a loaded machine
     env = dict(os.environ, NOTIFY_SOCKET=notify_path)
     proc = subprocess.Popen([sys.executable, "-m", "scriptlb"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -176,7 +179,7 @@ def test_sd_notify_ready_reloading_stopping(tmp_path: Path) -> None:
         assert sink.recv(4096) == b"READY=1"
         proc.send_signal(signal.SIGQUIT)
         assert sink.recv(4096) == b"STOPPING=1"
-        assert proc.wait(timeout=15) == 0
+        assert proc.wait(timeout=60) == 0
     finally:
         sink.close()
         if proc.poll() is None:

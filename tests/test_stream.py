@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Scriptlb, free_ports, load_conf, master_process, read_log_lines, wait_until
+from helpers import Scriptlb, free_ports, load_conf, master_process, read_log_lines, wait_for
 from stream_helpers import (
     HAS_NGINX_STREAM,
     TcpPeer,
@@ -161,7 +161,7 @@ def test_a_peer_that_greets_and_closes_at_once_is_a_complete_session(tmp_path: P
         lines = session_log(tmp_path, 5)
         upstream = lb.thread.worker.stream.upstreams["u"]
         (only,) = upstream.peers.primary
-        assert wait_until(lambda: upstream.stats.figures(only)[:2] == (5, 0))  # 5 tries, 0 failures
+        wait_for(lambda: upstream.stats.figures(only)[:2] == (5, 0))  # 5 tries, 0 failures
     for line in lines:
         assert line.startswith(f'200 2 0 "{peer.addr}" "0" "2" "0.0')
 
@@ -318,7 +318,7 @@ def test_hash_remote_addr_consistent_and_statistics(tmp_path: Path) -> None:
         upstream = lb.thread.worker.stream.upstreams["u"]
         stats = upstream.stats
         assert stats is not None
-        assert wait_until(lambda: sum(stats.figures(p)[0] for p in upstream.peers.primary) == 12)
+        wait_for(lambda: sum(stats.figures(p)[0] for p in upstream.peers.primary) == 12)
     assert first == again
 
 
@@ -565,15 +565,15 @@ def test_reload_keeps_established_sessions(tmp_path: Path) -> None:
                 f"stream {{ server {{ listen 127.0.0.1:{port}; proxy_pass {peer.addr}; }} }}\n")
         conf.write_text(text)
         with master_process(tmp_path, conf) as proc:
-            assert wait_until(lambda: (tmp_path / "pid").exists())
-            assert wait_until(lambda: _answers(port))
+            wait_for(lambda: (tmp_path / "pid").exists())
+            wait_for(lambda: _answers(port))
             with socket.create_connection(("127.0.0.1", port), timeout=10) as old:
                 old.sendall(b"before")
                 assert old.recv(10) == b"before"
                 conf.write_text(text.replace("listen", "proxy_timeout 1m; listen"))
                 proc.send_signal(signal.SIGHUP)
                 log = tmp_path / "error.log"
-                assert wait_until(lambda: log.read_text().count("start worker process") >= 2)
+                wait_for(lambda: log.read_text().count("start worker process") >= 2)
                 assert _answers(port)
                 time.sleep(0.3)  # the old worker has had QUIT
                 old.sendall(b"after")
@@ -590,7 +590,7 @@ def test_worker_shutdown_timeout_closes_what_old_workers_still_hold(tmp_path: Pa
                 f"stream {{ server {{ listen 127.0.0.1:{port}; proxy_pass {peer.addr}; }} }}\n")
         conf.write_text(text)
         with master_process(tmp_path, conf) as proc:
-            assert wait_until(lambda: _answers(port))
+            wait_for(lambda: _answers(port))
             with socket.create_connection(("127.0.0.1", port), timeout=10) as old:
                 old.sendall(b"before")
                 assert old.recv(10) == b"before"
@@ -657,7 +657,7 @@ class _Process:
     def __enter__(self) -> _Process:
         command = [sys.executable, "-m", "scriptlb", "-p", str(self.where), "-c", str(self.conf)]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert wait_until(lambda: (self.where / "pid").exists(), timeout=15)
+        wait_for(lambda: (self.where / "pid").exists(), timeout=15)
         time.sleep(0.05)
         return self
 

@@ -186,7 +186,7 @@ def test_certificates_reload_on_sighup_and_a_bad_one_keeps_the_old(tmp_path: Pat
     import os
     import signal
 
-    from helpers import master_process, wait_until
+    from helpers import master_process, wait_for
 
     crt, key = tmp_path / "site.crt", tmp_path / "site.key"
 
@@ -217,14 +217,14 @@ def test_certificates_reload_on_sighup_and_a_bad_one_keeps_the_old(tmp_path: Pat
         }}
     """)
     with master_process(tmp_path, conf) as proc:
-        assert wait_until(lambda: served_name() == "first.test", timeout=20)
+        wait_for(lambda: served_name() == "first.test", timeout=20)
         install("second.test")
         os.kill(proc.pid, signal.SIGHUP)
         # (the old worker may accept for a moment while it stops: wait until only the new serves)
-        assert wait_until(lambda: all(served_name() == "second.test" for _ in range(5)), timeout=20)
+        wait_for(lambda: all(served_name() == "second.test" for _ in range(5)), timeout=20)
         key.write_text("not a key\n")  # a broken key: the reload is refused, the old one serves
         os.kill(proc.pid, signal.SIGHUP)
-        assert wait_until(lambda: "SSL_CTX_use_PrivateKey(" in (tmp_path / "error.log").read_text(),
+        wait_for(lambda: "SSL_CTX_use_PrivateKey(" in (tmp_path / "error.log").read_text(),
                           timeout=20)
         assert all(served_name() == "second.test" for _ in range(5))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
@@ -66,13 +65,6 @@ class Handler:
     def upstream_failed(self, err: UpstreamError) -> None:
         assert self.error is None, "told twice"
         self.error = err
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def connect(loop: asyncio.AbstractEventLoop) -> tuple[UpstreamConnection, FakeTransport]:

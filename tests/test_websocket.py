@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import BackendRequest, Backends, Scriptlb, raw_exchange, read_log_lines, respond, wait_until
+from helpers import BackendRequest, Backends, Scriptlb, raw_exchange, read_log_lines, respond, wait_for
 from test_round_robin import NGINX, free_ports, nginx_running
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
@@ -137,7 +137,7 @@ def test_an_idle_tunnel_is_closed_at_proxy_read_timeout(tmp_path: Path) -> None:
 
     with websocket_server() as backend, _lb(tmp_path, backend, read_timeout="1s") as lb:
         waited = asyncio.run(idle(lb.port))
-        assert wait_until(lambda: "while proxying upgraded connection" in _text(tmp_path / "error.log"))
+        wait_for(lambda: "while proxying upgraded connection" in _text(tmp_path / "error.log"))
         (line,) = read_log_lines(tmp_path / "ws.log", 1)
     assert waited >= 0.9  # (no upper bound: the machine is shared; wait_for caps it at 20 s)
     assert "upstream timed out (110: Connection timed out) while proxying upgraded connection" in _text(
