@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from balancing_kit import ScriptedRandom, letter, named, peers, start
+from balancing_kit import ScriptedRandom, letter, named, peers, server, start
 
-from scriptlb.balancing.ewma import DECAY_TIME, DecayingAverages, Ewma
+from scriptlb.balancing.ewma import DecayingAverages, Ewma
+from scriptlb.balancing.least_time import LeastTime
+from scriptlb.stats import DECAY_TIME, PeerKey, PeerStats, Recorder, UpstreamLayout, UpstreamStats
 
 # --------------------------------------------------------------------------- the average
 
@@ -141,3 +145,69 @@ def test_slow_peer_gets_little_traffic_over_100k_picks() -> None:
     counts = simulate(balancer, {"a": 0.02, "b": 0.02, "c": 0.50}, 100_000)
     assert counts["c"] / 100_000 < 0.05
     assert counts["a"] / 100_000 == pytest.approx(counts["b"] / 100_000, abs=0.03)
+
+
+# --------------------------------------------------------------------------- shared statistics
+
+
+class NoTimer:
+    def cancel(self) -> None:
+        pass
+
+
+class ManualLoop:
+    """Enough of a loop for a Recorder: flushes happen when the test calls them."""
+
+    def call_later(self, delay: float, callback: object) -> NoTimer:
+        return NoTimer()
+
+
+class Worker:
+    """One worker's view of an upstream: its own peers, recorder and upstream statistics over
+    the instance's shared file, as UpstreamRuntime builds them."""
+
+    def __init__(self, stats: PeerStats, clock: list[float], *names: str) -> None:
+        self.peers = peers(*names)
+        self.recorder = Recorder(stats, ManualLoop(), clock=lambda: clock[0])
+        self.upstream = UpstreamStats(self.recorder, "backend")
+        self.upstream.assign_indexes(self.peers.primary, self.peers.backup)
+
+    def record(self, name: str, seconds: float, header: float | None = None) -> None:
+        peer = next(p for p in self.peers.primary if letter(p) == name)
+        self.recorder.start(peer.stats_index)
+        self.recorder.finish(peer.stats_index, 200, seconds, False, header_time=header)
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[PeerStats]:
+    names = tuple(server(name).name for name in ("a", "b", "c"))
+    keys = tuple(PeerKey("backend", name) for name in names)
+    opened = PeerStats.open(str(tmp_path), (UpstreamLayout("backend", keys, (), ((1, 1, 1), ())),))
+    yield opened
+    opened.close()
+
+
+def test_builtins_score_on_every_workers_tries(shared: PeerStats) -> None:
+    """What one worker measured steers another worker's ewma and least_time: the built-in
+    methods read the shared averages (the ones hooks read), not a per-worker copy."""
+    clock = [1_800_000_000.0]
+    first, second = Worker(shared, clock, "a", "b", "c"), Worker(shared, clock, "a", "b", "c")
+    for name, seconds in (("a", 0.5), ("b", 0.05), ("c", 0.2)):
+        first.record(name, seconds, header=seconds / 10)
+    first.recorder.flush()
+    ewma = Ewma(second.peers, rng=ScriptedRandom([0, 0, 2, 0]))
+    assert ewma.use_statistics(second.upstream)
+    assert [letter(start(ewma)[1]) for _ in range(2)] == ["b", "c"]  # a vs b, then c vs a
+    assert ewma.score(named(ewma, "a"), 0.0) == pytest.approx(0.5)  # the shared clock decays it
+    for mode in ("last_byte", "header"):
+        least_time = LeastTime(second.peers, (mode,))
+        assert least_time.use_statistics(second.upstream)
+        assert letter(start(least_time)[1]) == "b"
+    # this worker's own tries count before they are published (folded in at "now")
+    clock[0] += 1.0
+    second.record("a", 0.001)
+    w = math.exp(-1.0 / DECAY_TIME)
+    assert ewma.score(named(ewma, "a"), 0.0) == pytest.approx(0.5 * w + 0.001 * (1 - w))
+    # observe does not feed a private copy any more: the tries loop records every try
+    ewma.observe(named(ewma, "c"), 0.0, None, 9.0, now=0.0)
+    assert ewma.score(named(ewma, "c"), 0.0) == pytest.approx(0.2 * w)

@@ -21,8 +21,13 @@ a fresh tried bitmap; when that has nothing either, ``get`` returns ``None`` (no
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from scriptlb.balancing.base import BalancerState, initial_tries
 from scriptlb.peers import Peer, PeerSet
+
+if TYPE_CHECKING:
+    from scriptlb.stats import UpstreamStats
 
 
 class RoundRobin:
@@ -126,6 +131,11 @@ class RoundRobin:
         now: float,
     ) -> None:
         """Round robin does not learn from latency (ewma and least_time override this)."""
+
+    def use_statistics(self, stats: UpstreamStats) -> bool:
+        """Read latency from the upstream's live statistics (every worker's tries) instead of
+        learning from ``observe``? True for the methods that do (ewma, least_time)."""
+        return False
 
     @staticmethod
     def _account_failure(peer: Peer, now: float) -> bool:
