@@ -57,6 +57,7 @@ TIERS: dict[str, str] = {
     "test_config_python.py": "unit",
     "test_config_units.py": "unit",
     "test_default_conf.py": "integration",
+    "test_doc_figures.py": "unit",
     "test_downstream.py": "protocol",
     "test_example_hooks_state.py": "integration",
     "test_fastest_first.py": "integration",
