@@ -7,15 +7,13 @@ Skipped when nginx is not installed (``scripts/install-test-tools`` installs it)
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from nginx_oracle import NGINX
 
 from scriptlb.config import ConfigError, load
-
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 
 pytestmark = [
     pytest.mark.nginx,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import trustme
-from helpers import Scriptlb, load_conf
-from test_round_robin import NGINX, free_ports, nginx_running
+from helpers import Scriptlb, free_ports, load_conf
+from nginx_oracle import NGINX, nginx_running
 
 from scriptlb.config import ConfigError
 
@@ -104,7 +104,7 @@ def test_sni_picks_the_server_and_its_certificate_as_nginx(tmp_path: Path, ca: t
     (port,) = free_ports(1)
     ngx = tmp_path / "nginx"
     ngx.mkdir()
-    with nginx_running(ngx, servers(f"127.0.0.1:{port}", certs), [port]):
+    with nginx_running(ngx, servers(f"127.0.0.1:{port}", certs)):
         theirs = [https_get(port, ctx, "a.test", "a.test"), https_get(port, ctx, "b.test", "b.test"),
                   https_get(port, plain, None, "b.test")]
     assert ours == theirs
@@ -149,7 +149,7 @@ def test_mutual_tls_as_nginx(tmp_path: Path, ca: trustme.CA, certs: dict[str, Pa
     (port,) = free_ports(1)
     ngx = tmp_path / "nginx"
     ngx.mkdir()
-    with nginx_running(ngx, servers(f"127.0.0.1:{port}", certs, extra), [port]):
+    with nginx_running(ngx, servers(f"127.0.0.1:{port}", certs, extra)):
         theirs = https_get(port, ctx, "a.test", "a.test")
     assert ours == theirs
 
