@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import free_ports
 from nginx_oracle import NGINX
 
 from scriptlb.config import ConfigError, load
@@ -179,14 +180,6 @@ def test_shipped_configs_pass_nginx_too(tmp_path: Path) -> None:
         assert scriptlb_verdict(conf, tmp_path, "error_log stderr;") == "ok"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(port: int, path: str) -> bytes:
     import http.client
 
@@ -211,7 +204,7 @@ def test_quoting_and_escapes_give_the_bytes_nginx_serves(tmp_path: Path) -> None
     import time
 
     assert NGINX is not None
-    port = _free_port()
+    (port,) = free_ports(1)
     (tmp_path / "logs").mkdir()
     locations = "".join(f"location {path} {{ return 200 {raw}; }}\n" for path, raw in ESCAPES.items())
     conf = tmp_path / "t.conf"
