@@ -609,8 +609,8 @@ class Recorder:
     Why batches: in CPython a store into the shared map costs several times a list store, and
     recording every try straight into the map (start, end, the averages' read-modify-write)
     was a visible share of a proxied request's instructions (the figures: bench/README.md,
-    ``bench/instructions.py``). Gathered here, a try costs two short method calls; a busy peer is published 20 times a second.
-    Other workers see this worker's tries up to ``FLUSH_INTERVAL`` late; this worker's own
+    ``bench/instructions.py``). Gathered here, a try costs two short method calls; a busy peer
+    is published 20 times a second. Other workers see this worker's tries up to ``FLUSH_INTERVAL`` late; this worker's own
     reads (``UpstreamStats.figures``) add what it has not published yet, so a hook always
     sees its own worker's tries. A worker killed outright loses its last batch.
 

@@ -1,4 +1,4 @@
-"""The example hooks that keep state across requests (issue 5), through real sockets:
+"""The example hooks that keep state across requests, through real sockets:
 hooks/sticky_cookie.py and hooks/chash_by_header.py (per-worker tables in hooks/lib/ built from
 scriptlb.balancers) and hooks/rate_aware.py (per-peer counters in a python_shared_dict zone),
 the last one also under a real master with two workers."""
