@@ -610,9 +610,9 @@ class Recorder:
     recording every try straight into the map (start, end, the averages' read-modify-write)
     was a visible share of a proxied request's instructions (the figures: bench/README.md,
     ``bench/instructions.py``). Gathered here, a try costs two short method calls; a busy peer
-    is published 20 times a second. Other workers see this worker's tries up to ``FLUSH_INTERVAL`` late; this worker's own
-    reads (``UpstreamStats.figures``) add what it has not published yet, so a hook always
-    sees its own worker's tries. A worker killed outright loses its last batch.
+    is published 20 times a second. Other workers see this worker's tries up to
+    ``FLUSH_INTERVAL`` late; this worker's own reads (``UpstreamStats.figures``) add what it has
+    not published yet, so a hook always sees its own worker's tries. A worker killed outright loses its last batch.
 
     Indexes are dense (``index_of(slot)``): ``Peer.stats_index`` holds a peer's."""
 
