@@ -612,7 +612,8 @@ class Recorder:
     ``bench/instructions.py``). Gathered here, a try costs two short method calls; a busy peer
     is published 20 times a second. Other workers see this worker's tries up to
     ``FLUSH_INTERVAL`` late; this worker's own reads (``UpstreamStats.figures``) add what it has
-    not published yet, so a hook always sees its own worker's tries. A worker killed outright loses its last batch.
+    not published yet, so a hook always sees its own worker's tries. A worker killed outright
+    loses its last batch.
 
     Indexes are dense (``index_of(slot)``): ``Peer.stats_index`` holds a peer's."""
 
