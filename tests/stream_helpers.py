@@ -112,6 +112,13 @@ def round_trip(port: int, data: bytes, timeout: float = IO_TIMEOUT) -> bytes:
         return bytes(got)
 
 
+def banner_from(port: int, source: str) -> bytes:
+    """The first byte a connection from ``source`` (any 127/8 address) gets: which banner peer
+    the balancer chose for that client address."""
+    with socket.create_connection(("127.0.0.1", port), IO_TIMEOUT, (source, 0)) as conn:
+        return conn.recv(1)
+
+
 def read_until_closed(conn: socket.socket, limit: int = 1 << 20) -> bytes:
     got = bytearray()
     while len(got) < limit:

@@ -24,6 +24,7 @@ from stream_helpers import (
     TcpPeer,
     TlsPeer,
     banner,
+    banner_from,
     close_at_once,
     echo,
     never_read,
@@ -292,12 +293,8 @@ def test_hook_picks_the_peer_by_remote_addr_on_a_consistent_ring(tmp_path: Path)
                 }}
                 server {{ listen 127.0.0.1:{{port0}}; proxy_pass u; }}
             }}""", tmp_path) as lb:
-        def which(source: str) -> bytes:
-            with socket.create_connection(("127.0.0.1", lb.port), 10, (source, 0)) as conn:
-                return conn.recv(1)
-
-        first = {source: which(source) for source in sources}
-        again = {source: which(source) for source in sources}
+        first = {source: banner_from(lb.port, source) for source in sources}
+        again = {source: banner_from(lb.port, source) for source in sources}
     assert first == again
     assert len(set(first.values())) >= 2  # 8 addresses on 3 peers: not all on one
 
@@ -309,12 +306,8 @@ def test_hash_remote_addr_consistent_and_statistics(tmp_path: Path) -> None:
                 upstream u {{ hash $remote_addr consistent; server {a.addr}; server {b.addr}; }}
                 server {{ listen 127.0.0.1:{{port0}}; proxy_pass u; }}
             }}""", tmp_path) as lb:
-        def which(source: str) -> bytes:
-            with socket.create_connection(("127.0.0.1", lb.port), 10, (source, 0)) as conn:
-                return conn.recv(1)
-
-        first = {source: which(source) for source in sources}
-        again = {source: which(source) for source in sources}
+        first = {source: banner_from(lb.port, source) for source in sources}
+        again = {source: banner_from(lb.port, source) for source in sources}
         upstream = lb.thread.worker.stream.upstreams["u"]
         stats = upstream.stats
         assert stats is not None
