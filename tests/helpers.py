@@ -86,6 +86,22 @@ def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str =
         time.sleep(interval)
 
 
+def run_loop_until(loop: asyncio.AbstractEventLoop, predicate: Callable[[], object],
+                   timeout: float = IO_TIMEOUT, what: str = "condition") -> None:
+    """Run ``loop`` (not running: a protocol object's loop driven by the test) until ``predicate``
+    holds, or fail after ``timeout`` seconds saying what was awaited: ``wait_for`` for timers
+    that only fire while the loop runs."""
+
+    async def until() -> None:
+        deadline = loop.time() + timeout
+        while not predicate():
+            if loop.time() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            await asyncio.sleep(0.01)
+
+    loop.run_until_complete(until())
+
+
 # Sockets behind closed_port(): bound, never listening, held until the test ends.
 _RESERVED_PORTS: list[socket.socket] = []
 

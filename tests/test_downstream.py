@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import run_loop_until
 
 from scriptlb import downstream, errorlog
 from scriptlb.config.model import ErrorLogConf
@@ -331,14 +332,7 @@ def test_abort_closes_without_ending_a_chunked_body(loop: asyncio.AbstractEventL
 def test_header_timeout_closes_a_silent_connection(loop: asyncio.AbstractEventLoop) -> None:
     h = Harness(loop, header_timeout=0.05)
     h.feed(b"GET / HTTP/1.1\r\n")
-
-    async def wait_closed() -> None:
-        for _ in range(200):
-            if h.transport.closed:
-                return
-            await asyncio.sleep(0.01)
-
-    loop.run_until_complete(wait_closed())
+    run_loop_until(loop, lambda: h.transport.closed, what="the timeout to close")
     assert h.transport.closed and h.transport.take() == b""
 
 
@@ -351,14 +345,7 @@ def test_body_timeout_closes_without_a_response_and_ends_the_request_408(
     h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
     h.handlers[0].body_timeout = 0.05
     h.feed(b"d")  # re-arms the body timer with the handler's timeout
-
-    async def wait_closed() -> None:
-        for _ in range(200):
-            if h.transport.closed:
-                return
-            await asyncio.sleep(0.01)
-
-    loop.run_until_complete(wait_closed())
+    run_loop_until(loop, lambda: h.transport.closed, what="the timeout to close")
     assert h.transport.closed and h.transport.take() == b""
     assert "abort 408" in h.handlers[0].events
     assert "client timed out" not in (log_file.read_text() if log_file.exists() else "")
@@ -374,14 +361,7 @@ def test_header_timeout_after_some_bytes_is_reported_as_408(loop: asyncio.Abstra
     h.feed(b"GET /x HTTP/1.1\r\nHost: x\r\n")
     silent = Harness(loop, header_timeout=0.05)
     silent.context.on_client_error = h.context.on_client_error
-
-    async def wait_closed() -> None:
-        for _ in range(200):
-            if h.transport.closed and silent.transport.closed:
-                return
-            await asyncio.sleep(0.01)
-
-    loop.run_until_complete(wait_closed())
+    run_loop_until(loop, lambda: h.transport.closed and silent.transport.closed, what="the timeout to close")
     assert h.transport.take() == b"" and silent.transport.take() == b""
     assert reported == [("GET", 408)]
     logged = log_file.read_text()
@@ -420,14 +400,7 @@ def test_keepalive_timeout_closes_an_idle_connection(loop: asyncio.AbstractEvent
     h.handlers[0].keepalive_timeout = 0.05
     h.conn.respond(200, b"", b"done")
     assert not h.transport.closed
-
-    async def wait_closed() -> None:
-        for _ in range(200):
-            if h.transport.closed:
-                return
-            await asyncio.sleep(0.01)
-
-    loop.run_until_complete(wait_closed())
+    run_loop_until(loop, lambda: h.transport.closed, what="the timeout to close")
     assert h.transport.closed
     assert h.transport.take().endswith(b"done")  # nothing written at the timeout itself
 

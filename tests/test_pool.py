@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+from helpers import run_loop_until
+
 from scriptlb.pool import ConnectionPool
 from scriptlb.upstream import ConnState
 
@@ -100,13 +102,7 @@ def test_sweep_closes_expired_connections(loop: asyncio.AbstractEventLoop) -> No
     old = FakeConn(A)
     pool.release(old)  # type: ignore[arg-type]
 
-    async def wait_expired() -> None:
-        for _ in range(100):
-            if old.closed:
-                return
-            await asyncio.sleep(0.01)
-
-    loop.run_until_complete(wait_expired())
+    run_loop_until(loop, lambda: old.closed, what="the idle timeout")
     assert old.closed and len(pool) == 0 and pool.expired == 1
     assert pool.acquire(A) is None
 
