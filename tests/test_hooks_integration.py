@@ -184,7 +184,8 @@ def test_deny_with_exit_403(tmp_path: Path) -> None:
     ("ngx.exit(200)", "ngx.exit(200) in a balancer hook, falling back"),
 ])
 def test_broken_hooks_fall_back_to_round_robin(tmp_path: Path, body: str, log_text: str) -> None:
-    hook = f"balancer_by_python_block {{\n        {body}\n    }}"
+    # nginx's default budget, said explicitly: the log line names it
+    hook = f"balancer_by_python_timeout 10ms; balancer_by_python_block {{\n        {body}\n    }}"
     with Backends(respond(body=b"a"), respond(body=b"b")) as bk, \
             start(conf(servers(bk), hook), tmp_path) as lb:
         got = [get(lb.port, "/").body for _ in range(4)]
