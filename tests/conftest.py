@@ -36,6 +36,7 @@ INTEGRATION_MARKERS = ("nginx", "slow", "fuzz")
 #   (hooks + statistics + shared dicts in a live worker), long or load-driven runs.
 TIERS: dict[str, str] = {
     "test_access_status.py": "protocol",
+    "test_architecture.py": "unit",
     "test_balancer_api.py": "unit",
     "test_balancer_trace.py": "integration",
     "test_balancing_ewma.py": "unit",
@@ -191,8 +192,8 @@ def loop(loop_kind: str) -> Iterator[asyncio.AbstractEventLoop]:
 def _process_wide_defaults() -> Iterator[None]:
     """Every test starts and ends with the hook runtime's process-wide settings at their
     defaults (no package path, code cache on): worker threads and hook runners configure them."""
-    from scriptlb import hooks
     from scriptlb.config.model import PythonConf
+    from scriptlb.hookrt import hooks
 
     hooks.configure(PythonConf())
     yield

@@ -12,8 +12,8 @@ import pytest
 from helpers import HttpConnection, Scriptlb, free_ports, get, load_conf
 from nginx_oracle import NGINX, nginx_running
 
-from scriptlb.access import check_password, md5_crypt, parse_htpasswd
 from scriptlb.config import ConfigError
+from scriptlb.request.access import check_password, md5_crypt, parse_htpasswd
 
 
 def serve(tmp_path: Path, http: str) -> Scriptlb:

@@ -15,7 +15,7 @@ from helpers import Backends, HttpConnection, Scriptlb, closed_port, get, load_c
 
 from scriptlb.config import load
 from scriptlb.config.errors import ConfigError
-from scriptlb.worker import WorkerThread
+from scriptlb.process.worker import WorkerThread
 
 # WHO PEER TIME LAST, as docs/hooks.md describes it
 ENTRY = re.compile(r"^(\S+) (\S+) (-|\d+us) (-|last=none|last=\w+/\d+)$")
@@ -295,7 +295,7 @@ class _Client:
     ([], "127.0.0.1", False),  # no list: nobody
 ])
 def test_who_is_allowed(networks: list[str], address: str, allowed: bool) -> None:
-    from scriptlb.access import address_matcher
+    from scriptlb.request.access import address_matcher
 
     assert address_matcher(networks)(_Client(address)) is allowed
 

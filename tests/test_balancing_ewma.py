@@ -13,7 +13,7 @@ from balancing_kit import ScriptedRandom, letter, named, peers, server, start
 
 from scriptlb.balancing.ewma import DecayingAverages, Ewma
 from scriptlb.balancing.least_time import LeastTime
-from scriptlb.stats import DECAY_TIME, PeerKey, PeerStats, Recorder, UpstreamLayout, UpstreamStats
+from scriptlb.state.stats import DECAY_TIME, PeerKey, PeerStats, Recorder, UpstreamLayout, UpstreamStats
 
 # --------------------------------------------------------------------------- the average
 

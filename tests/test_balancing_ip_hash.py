@@ -12,7 +12,7 @@ from nginx_oracle import NGINX, nginx_running
 
 from scriptlb.balancing.ip_hash import IpHash, hashed_bytes
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 
 def upstream(*servers: tuple[int, int]) -> PeerSet:

@@ -10,7 +10,7 @@ from balancing_kit import letter, peer_set, server, start
 from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.least_conn import LeastConn, usable_mask
 from scriptlb.config.model import UpstreamServerConf
-from scriptlb.peers import Peer
+from scriptlb.state.peers import Peer
 
 
 def balancer(*servers: UpstreamServerConf) -> LeastConn:

@@ -9,7 +9,7 @@ from balancing_kit import letter, named, start, weighted_peers
 
 from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.least_time import LeastTime
-from scriptlb.peers import Peer
+from scriptlb.state.peers import Peer
 
 
 def one_request(balancer: LeastTime, now: float = 100.0) -> str:

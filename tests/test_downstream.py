@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from helpers import run_loop_until
 
-from scriptlb import downstream, errorlog
 from scriptlb.config.model import ErrorLogConf
-from scriptlb.downstream import ClientConnection, ListenerContext, Request
+from scriptlb.http import downstream
+from scriptlb.http.downstream import ClientConnection, ListenerContext, Request
+from scriptlb.logs import errorlog
 
 
 class FakeTransport:
@@ -509,7 +510,7 @@ def test_memory_error_while_parsing_ends_the_connection_cleanly(
 ) -> None:
     """An allocation that fails while a request is read (the process at its memory limit):
     a 500 for that request and the connection closes; nothing is left half-open."""
-    from scriptlb import request_body
+    from scriptlb.http import request_body
 
     def no_memory(self: object, data: bytes) -> None:
         raise MemoryError
@@ -522,7 +523,7 @@ def test_memory_error_while_parsing_ends_the_connection_cleanly(
     assert "[alert]" in log and "out of memory while reading client request" in log
 
 
-# bare LF line endings (scriptlb.line_ends): accepted in heads as nginx does
+# bare LF line endings (scriptlb.http.line_ends): accepted in heads as nginx does
 
 def test_server_answers_bare_lf_requests(loop: asyncio.AbstractEventLoop) -> None:
     h = Harness(loop)

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from helpers import Backends, Scriptlb, answers, free_ports, fresh_get, get, master_process, respond, wait_for
 
-from scriptlb import api
-from scriptlb.balancers import chash
-from scriptlb.shared_dict import SharedDict, zone_directory
+from scriptlb.balancing.resty import chash
+from scriptlb.hookrt import api
+from scriptlb.state.shared_dict import SharedDict, zone_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = "127.0.0.1"  # every test client's address: the sticky fallback hashes it

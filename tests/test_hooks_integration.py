@@ -12,8 +12,8 @@ from conftest import LOOP_KINDS
 from helpers import Backends, Scriptlb, closed_port, get, hang, respond
 
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
-from scriptlb.hooks import HookRunner
-from scriptlb.synthetic import SyntheticExchange, SyntheticUpstream
+from scriptlb.hookrt.hooks import HookRunner
+from scriptlb.replay.synthetic import SyntheticExchange, SyntheticUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 

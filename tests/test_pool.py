@@ -7,8 +7,8 @@ import asyncio
 
 from helpers import run_loop_until
 
-from scriptlb.pool import ConnectionPool
-from scriptlb.upstream import ConnState
+from scriptlb.http.pool import ConnectionPool
+from scriptlb.http.upstream import ConnState
 
 
 class FakeConn:

@@ -21,8 +21,7 @@ from nginx_oracle import NGINX, nginx_running
 
 from scriptlb.balancing import RoundRobin, create_balancer
 from scriptlb.config.model import NextUpstream, PeerAddr, ProxyConf, UpstreamConf, UpstreamServerConf
-from scriptlb.peers import PeerSet
-from scriptlb.retry import (
+from scriptlb.request.retry import (
     PASS_THROUGH,
     RETRY,
     Failure,
@@ -32,6 +31,7 @@ from scriptlb.retry import (
     is_idempotent,
     last_failure_status,
 )
+from scriptlb.state.peers import PeerSet
 
 
 def balancer(*servers: UpstreamServerConf) -> RoundRobin:

@@ -1,4 +1,4 @@
-"""scriptlb.status: the instance counters' rows (claim, adopt a dead worker's, sum)."""
+"""scriptlb.ops.status: the instance counters' rows (claim, adopt a dead worker's, sum)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from scriptlb.status import WorkerStatus, stub_status_text
+from scriptlb.ops.status import WorkerStatus, stub_status_text
 
 
 class FakeConnection:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 if TYPE_CHECKING:
-    from scriptlb.stats import UpstreamStats
+    from scriptlb.state.stats import UpstreamStats
 
 
 class BalancerState:

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Each peer has an exponentially weighted moving average of its round-trip time, decayed by
-*time* rather than by sample count (``scriptlb.stats.fold``, the one implementation)::
+*time* rather than by sample count (``scriptlb.state.stats.fold``, the one implementation)::
 
     w    = exp(-(now - last_update) / DECAY_TIME)        # DECAY_TIME = 10 s
     ewma = ewma * w + rtt * (1 - w)                      # on every completed try
@@ -39,8 +39,8 @@ import random as _random
 from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.least_conn import usable_mask
 from scriptlb.balancing.round_robin import RoundRobin
-from scriptlb.peers import Peer, PeerSet
-from scriptlb.stats import DECAY_TIME, UpstreamStats, decayed, fold
+from scriptlb.state.peers import Peer, PeerSet
+from scriptlb.state.stats import DECAY_TIME, UpstreamStats, decayed, fold
 
 
 class DecayingAverages:

@@ -9,7 +9,7 @@ formula is not published; ours is
 
 i.e. the expected wait if the peer serves its active requests plus this one at its average
 speed, scaled down by weight. ``average_time`` is the time-decayed EWMA of
-``scriptlb.stats.fold`` (10 s decay) of the time to the response header (``header``) or to its
+``scriptlb.state.stats.fold`` (10 s decay) of the time to the response header (``header``) or to its
 last byte (``last_byte``): the instance's shared averages (every worker's tries) when the
 upstream has live statistics (``use_statistics``), else this balancer's own, fed by
 ``observe``. Scores compare cross-multiplied (no division). Peers never measured average 0,
@@ -29,8 +29,8 @@ from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.ewma import PerPeerTimes
 from scriptlb.balancing.least_conn import usable_mask
 from scriptlb.balancing.round_robin import RoundRobin, smooth_wrr_among
-from scriptlb.peers import Peer, PeerSet
-from scriptlb.stats import DECAY_TIME, UpstreamStats
+from scriptlb.state.peers import Peer, PeerSet
+from scriptlb.state.stats import DECAY_TIME, UpstreamStats
 
 
 class LeastTime(RoundRobin):

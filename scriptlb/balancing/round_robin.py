@@ -24,10 +24,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from scriptlb.balancing.base import BalancerState, initial_tries
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 if TYPE_CHECKING:
-    from scriptlb.stats import UpstreamStats
+    from scriptlb.state.stats import UpstreamStats
 
 
 class RoundRobin:
