@@ -116,6 +116,7 @@ TIERS: dict[str, str] = {
     "test_tiers.py": "unit",
     "test_tls.py": "protocol",
     "test_tls_listeners.py": "protocol",
+    "test_tls_sessions.py": "unit",
     "test_tls_termination.py": "protocol",
     "test_tls_upstream.py": "protocol",
     "test_upstream.py": "protocol",
