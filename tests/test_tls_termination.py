@@ -355,7 +355,7 @@ def test_several_ticket_keys_the_first_encrypts_all_decrypt_as_nginx(tmp_path: P
         ports = free_ports(3)
         ngx = tmp_path / "nginx"
         ngx.mkdir()
-        with nginx_running(ngx, rotation_servers([str(p) for p in ports], certs, keys, protocol), ports):
+        with nginx_running(ngx, rotation_servers([str(p) for p in ports], certs, keys, protocol)):
             seen.append(sequence(ports))
     assert seen[0] == [".", "r", "r", "."]
     assert seen[1:] in ([], [seen[0]])

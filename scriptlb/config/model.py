@@ -257,15 +257,18 @@ class PeerAddr:
     host: str | None  # IP literal without brackets; None for unix sockets
     port: int
     unix_path: str | None = None
+    # nginx's peer name as it appears in $upstream_addr: 127.0.0.1:80, [::1]:80, unix:/p (built
+    # once: a hook's set_current_peer hands the same cached address to every try)
+    name: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def name(self) -> str:
-        """nginx's peer name as it appears in $upstream_addr: 127.0.0.1:80, [::1]:80, unix:/p."""
+    def __post_init__(self) -> None:
         if self.unix_path is not None:
-            return f"unix:{self.unix_path}"
-        if self.host is not None and ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+            name = f"unix:{self.unix_path}"
+        elif self.host is not None and ":" in self.host:
+            name = f"[{self.host}]:{self.port}"
+        else:
+            name = f"{self.host}:{self.port}"
+        object.__setattr__(self, "name", name)
 
 
 @dataclass(frozen=True, slots=True)

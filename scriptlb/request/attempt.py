@@ -78,14 +78,6 @@ class TryRecord:
         return f"<TryRecord {self.addr} {self.status}>"
 
 
-def pool_key(address: str, host: str, local_addr: tuple[str, int] | None) -> tuple:
-    """What makes two connections interchangeable: the peer's address text (with its port, or
-    ``unix:path``), the name the peer is addressed by (a hook's ``set_current_peer`` host; the
-    TLS server name once TLS exists, so two names on one address never share a connection),
-    and the local address a hook bound to."""
-    return (address, host, local_addr)
-
-
 class Attempt(TryRecord):
     """One try: its peer, connection, pool, statistics index and ``$upstream_*`` record."""
 
@@ -102,7 +94,12 @@ class Attempt(TryRecord):
         pool: ConnectionPool | None,
         key: tuple,
         hook: Any = None,
+        tls_name: str | None = None,
     ) -> None:
+        """``key`` is the pool key, what makes two connections interchangeable: the peer's
+        address text (with its port, or ``unix:path``), the name the peer is addressed by (a
+        hook's ``set_current_peer`` host; ``https:`` + the TLS server name, so two names on one
+        address never share a connection), and the local address a hook bound to."""
         # (TryRecord's fields, assigned here: one constructor call per try)
         self.addr = name
         self.started = clock()
@@ -120,7 +117,7 @@ class Attempt(TryRecord):
         self.key = key
         self.conn: UpstreamConnection | None = None
         self.reused = False  # the connection came from the pool
-        self.tls_name: str | None = None  # proxy_pass https://: the name sent / verified
+        self.tls_name = tls_name  # proxy_pass https://: the name sent / verified
         stats = upstream.stats
         if stats is None:
             self.stats_index = -1  # -1: nothing to finish in the statistics
@@ -132,12 +129,6 @@ class Attempt(TryRecord):
 
     def __repr__(self) -> str:
         return f"<Attempt {self.addr} {self.status} conn={self.conn!r}>"
-
-    def reuse(self, conn: UpstreamConnection) -> None:
-        """This try goes out on ``conn``, from its pool."""
-        self.conn = conn
-        self.connect_time = 0.0
-        self.reused = True
 
     def connected(self, conn: UpstreamConnection) -> None:
         self.conn = conn

@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from scriptlb.http import responses, safety
-from scriptlb.http.downstream import ClientConnection, Request
+from scriptlb.http.downstream import DROPPED, SENT, UNSENT, ClientConnection, Request
 from scriptlb.logs import errorlog
 from scriptlb.request.access import ANSWERED
 from scriptlb.request.error_pages import split_uri
@@ -35,6 +35,7 @@ from scriptlb.routing.uri import absolute_host, normalize_uri, split_target, uns
 
 if TYPE_CHECKING:
     from scriptlb.config.model import ClientBodyConf
+    from scriptlb.hookrt.hooks import LogHookRunner
     from scriptlb.request.attempt import TryRecord
     from scriptlb.request.error_pages import ErrorPage
     from scriptlb.request.runtime import Runtime, ServerRoute
@@ -50,7 +51,6 @@ class Exchange:
         "_early_status",
         "_finished",
         "_kept_headers",  # see kept_headers (unset until an internal redirect keeps some)
-        "_logged",
         "_redirected",
         "_redirects_left",  # internal redirects still allowed (unset until the first one)
         "args",
@@ -78,7 +78,6 @@ class Exchange:
         "request_uri",
         "response_headers",
         "runtime",
-        "scheme",
         "send_timeout",
         "sent_trailers",  # add_trailer's lines, once sent (unset otherwise: $sent_trailer_*)
         "server",
@@ -104,8 +103,7 @@ class Exchange:
         self.method = request.method
         self.http_version = request.version
         self.headers = request.headers
-        self.request_uri = request.target.decode("latin-1")
-        self.scheme = "https" if conn.tls is not None else "http"
+        self.request_uri = request_uri = request.target.decode("latin-1")
         self.status = 0
         self.body_bytes_sent = 0
         self.bytes_sent = 0
@@ -133,10 +131,21 @@ class Exchange:
         self.err_status = 0
         self.variables: dict[str, str] | None = None  # the rewrite module's `set` values
         self.captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
-        self._finished = False
-        self._logged = False  # the log phase ran (it runs once per request)
+        self._finished = False  # finish() ran: the log phase too (it runs once per request)
         self.upstream_request: UpstreamRequest | None = None  # set when proxying
-        self._route()
+        # routing: the usual case inlined (an origin-form target whose path needs no
+        # normalizing, the Host of the connection's previous request); _route does all cases
+        path, sep, args = request_uri.partition("?")
+        cached = conn.host_cache
+        if (request_uri[:1] == "/" and "%" not in path and "//" not in path and "/." not in path
+                and cached is not None and cached[0] == request.host):
+            self.uri = path
+            self.args = args if sep else None
+            self.server = server = cached[2]
+            self.host = cached[1] or server.name
+            self.location = server.match(path)
+        else:
+            self._route()
         if conn.refusal is not None and not self._early_status:
             self._refuse(conn.refusal)
         # what the client connection reads (plain attributes: read on every request)
@@ -209,6 +218,10 @@ class Exchange:
         return location.conf.client_body
 
     # what variables read
+    @property
+    def scheme(self) -> str:
+        return "https" if self.conn.tls is not None else "http"
+
     @property
     def remote_addr(self) -> str:
         return self.conn.remote_addr
@@ -331,7 +344,7 @@ class Exchange:
                 self.upstream_request.abandon()
             if not self.status or not self.conn.response_started:
                 self.status = responses.wire_status(status)
-            self.finish_logged()
+            self.finish(UNSENT)
         except Exception as exc:
             self.crashed(exc, "finalizing request")
 
@@ -365,8 +378,7 @@ class Exchange:
             elif not conn.response_started and not conn.closed:
                 self.finish_with_page(502)
             else:
-                self.finish_logged()
-                conn.abort()
+                self.finish(DROPPED)
         except Exception as again:  # the clean-up itself is broken: at least drop the client
             safety.report(again, "finishing a failed request", self)
             self._finished = True
@@ -385,8 +397,7 @@ class Exchange:
         status = location.conf.return_.status
         if status == 444:  # nginx: close the connection without a response
             self.status = 444
-            self._log_access()
-            self.conn.abort()
+            self.finish(DROPPED)
             return
         headers, body = location.return_response(self)
         self.answer_return(status, headers, body)
@@ -395,24 +406,18 @@ class Exchange:
         """``return``'s answer: ``body`` None is nginx's own page for the status."""
         if status == 444:
             self.status = 444
-            self._log_access()
-            self.conn.abort()
+            self.finish(DROPPED)
             return
-        self.status = status
         if body is None:
+            self.status = status
             self.finish_with_page(status, headers)
             return
-        self.response_headers = headers
-        self._finish_small(status, headers, body)
+        self.respond(status, headers, body)
 
     def respond(self, status: int, headers: bytes, body: bytes) -> None:
-        """A content handler's whole response (stub_status, the API, the metrics)."""
-        self.status = status
+        """A whole small response: ``return``'s, a content handler's (stub_status, the API,
+        the metrics)."""
         self.response_headers = headers
-        self._finish_small(status, headers, body)
-
-    def _finish_small(self, status: int, headers: bytes, body: bytes) -> None:
-        conn = self.conn
         err_status = self.err_status
         if err_status:
             if err_status > 0:
@@ -422,9 +427,10 @@ class Exchange:
         add_headers = self.location.add_headers
         if add_headers is not None:
             headers = self.response_headers = add_headers(self, status, headers)
+        conn = self.conn
         conn.send_head(status, headers, self.body_length(status, len(body)))
         conn.send_body(body)
-        self.complete_response()
+        self.finish()
 
     def finish_with_page(self, status: int, extra_headers: bytes = b"") -> None:
         """nginx's own page for ``status`` (400, 404, 502, 504...), or its error_page."""
@@ -441,8 +447,7 @@ class Exchange:
         self.status = responses.wire_status(status)
         conn = self.conn
         if conn.closed:
-            self._finished = True
-            self._log_access()
+            self.finish(UNSENT)
             return
         if responses.closes_connection(status):
             conn.close_after_response()
@@ -459,7 +464,7 @@ class Exchange:
         self.response_headers = headers
         conn.send_head(status, headers, self.body_length(status, len(page)))
         conn.send_body(page)
-        self.complete_response()
+        self.finish()
 
     # ------------------------------------------------------------------ the rewrite phase
 
@@ -599,21 +604,51 @@ class Exchange:
         self.sent_trailers = lines = trailers.lines(self, status, b"")
         return lines
 
-    def complete_response(self) -> None:
+    def finish(self, end: int = SENT) -> None:
+        """The one end of every request, ``end`` saying how it ends (SENT, UNSENT, DROPPED):
+        the counters, then the log phase (once per request: the access logs, then the
+        location's log hook, after them: a slow or failing hook cannot change the lines; it
+        changes nothing the client sees, status, bytes and connection are settled), then the
+        client connection's part. Never raises from the log phase."""
         conn = self.conn
-        conn.end_body()
+        if end == SENT:
+            conn.end_body()
         self.bytes_sent = conn.bytes_sent
         self.body_bytes_sent = conn.body_bytes_sent
-        self._finished = True
-        self._log_access()
-        conn.finish_response()
+        if not self._finished:
+            self._finished = True
+            location = self.location
+            zone = location.zone
+            if zone is not None:  # status_zone: responses by class, for the metrics
+                zone[self.status // 100] += 1
+            hook = location.log_hook
+            if hook is None:
+                for log in location.access_logs:
+                    log.write(self)
+            else:
+                self._log_with_hook(hook)
+            # exchange <-> upstream request is a reference cycle: break it, so both go with
+            # their last reference instead of waiting for (and feeding) the cyclic collector
+            self.upstream_request = None
+        if end == SENT:
+            conn.finish_response()
+        elif end == DROPPED:
+            conn.abort()
 
-    def finish_logged(self) -> None:
-        """The request ends without a (complete) response of ours: counters, access log."""
-        self._finished = True
-        self.bytes_sent = self.conn.bytes_sent
-        self.body_bytes_sent = self.conn.body_bytes_sent
-        self._log_access()
+    def _log_with_hook(self, hook: LogHookRunner) -> None:
+        # one reading of the clock for the whole phase: the access logs' $request_time,
+        # $msec... (their clock is the runtime's log_clock) and the hook's are the same values
+        clock = self.runtime.log_clock
+        now = clock.frozen = time.time()
+        try:
+            for log in self.location.access_logs:
+                log.write(self)
+        finally:
+            clock.frozen = 0.0
+        try:
+            hook.run(self, now)
+        except Exception:  # run() never raises; belt and braces for the connection's sake
+            errorlog.log_error("alert", "log_by_python runner failed while logging request")
 
     def log_rejected(self, status: int) -> None:
         """The log phase of a request the client connection answered itself (400, 414...).
@@ -622,40 +657,7 @@ class Exchange:
         self.status = responses.wire_status(status)
         if not self.location.access_logs:
             self.location = self.server.match("/")
-        self.finish_logged()
-
-    def _log_access(self) -> None:
-        """The log phase, once per request: the access logs, then the location's log hook
-        (after them: a slow or failing hook cannot change the lines). Never raises; the hook
-        changes nothing the client sees (status, bytes and connection are settled)."""
-        if self._logged:
-            return
-        self._logged = True
-        location = self.location
-        zone = location.zone
-        if zone is not None:  # status_zone: responses by class, for the metrics
-            zone[self.status // 100] += 1
-        hook = location.log_hook
-        if hook is None:
-            for log in location.access_logs:
-                log.write(self)
-        else:
-            # one reading of the clock for the whole phase: the access logs' $request_time,
-            # $msec... (their clock is the runtime's log_clock) and the hook's are the same values
-            clock = self.runtime.log_clock
-            now = clock.frozen = time.time()
-            try:
-                for log in location.access_logs:
-                    log.write(self)
-            finally:
-                clock.frozen = 0.0
-            try:
-                hook.run(self, now)
-            except Exception:  # run() never raises; belt and braces for the connection's sake
-                errorlog.log_error("alert", "log_by_python runner failed while logging request")
-        # exchange <-> upstream request is a reference cycle: break it, so both go with their
-        # last reference instead of waiting for (and feeding) the cyclic garbage collector
-        self.upstream_request = None
+        self.finish(UNSENT)
 
     def log_context(self, peer_name: str | None) -> str:
         """nginx's ``, client: ..., server: ..., request: "...", upstream: "...", host: "..."``."""

@@ -39,7 +39,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from scriptlb.config.model import NextUpstream
-from scriptlb.http.downstream import CLIENT_SEND_TIMEOUT
+from scriptlb.http.downstream import CLIENT_SEND_TIMEOUT, DROPPED, UNSENT
 from scriptlb.http.request_body import SpooledBody
 from scriptlb.http.tls import handshake_error_text
 from scriptlb.http.tls_transport import open_tls_connection
@@ -56,15 +56,14 @@ from scriptlb.request.attempt import (
     Attempt,
     TryRecord,
     clock,
-    pool_key,
 )
 from scriptlb.request.headers_filter import with_kept
 from scriptlb.request.retry import (
+    NON_IDEMPOTENT_METHODS,
     RETRY,
     Failure,
     decide,
     failure_for_status,
-    is_idempotent,
     is_stale_connection,
 )
 from scriptlb.routing.uri import split_local_addr
@@ -222,11 +221,16 @@ class UpstreamRequest:
         ex = self.exchange
         upstream = self.upstream
         tries_cap = self.conf.next_upstream_tries
-        if not self._stream_body:
-            self._body = ex.request.body.buffered()  # bytes, or the file it was spooled to
-        if self.plan.body_override is not None:
-            self._body = self.plan.body_override(ex)
-        self._build_head()
+        request = ex.request
+        plan = self.plan
+        if plan.body_override is None and request.content_length is None and not request.has_body:
+            self._head = plan.build_head(ex, None)  # (the usual GET: _build_head's last case)
+        else:
+            if not self._stream_body and request.has_body:
+                self._body = request.body.buffered()  # bytes, or the file it was spooled to
+            if plan.body_override is not None:
+                self._body = plan.body_override(ex)
+            self._build_head()
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
             # a hook set a weight. The generation is compared here, not through
@@ -239,7 +243,7 @@ class UpstreamRequest:
             self._state = upstream.balancer.new_request(tries_cap, key_getter(ex))  # type: ignore[call-arg]
         ex.tries_cap = tries_cap
         self._started = self.loop.time()
-        self._idempotent = is_idempotent(ex.method)
+        self._idempotent = ex.method not in NON_IDEMPOTENT_METHODS  # (retry.is_idempotent, inlined)
         self._next_try()
 
     def _build_head(self) -> None:
@@ -270,18 +274,29 @@ class UpstreamRequest:
                 self.hook_exit = outcome
                 ex.finish_with_page(outcome.exit_status)
                 return
-            self._apply_hook_settings(outcome)
+            # what the run changes for this and later tries: bind address, rebuilt request
+            if outcome.local_addr is not None:
+                self._local_addr = split_local_addr(outcome.local_addr)
+            if outcome.recreate:
+                self._build_head()
             addr = outcome.addr
             if addr is not None:
                 state.tries += outcome.more_tries
-                pool = self._hook_pool(outcome.keepalive)
+                # A hook-set peer's pool: the hook pool when enable_keepalive asked for it (this
+                # try's override), else the upstream's keepalive N pool as for its own peers (as
+                # OpenResty's keepalive module pools whatever peer the balancer hook set). Either
+                # needs nginx's recipe: HTTP/1.1 to the peer, no "Connection: close".
+                keepalive = outcome.keepalive
+                if keepalive is None:
+                    pool = upstream.pool if self.plan.pooled else None
+                else:
+                    pool = None if self.plan.close_after else upstream.hook_pool(*keepalive)
                 self._start_attempt(addr.name, addr, None, outcome.host or "", pool, outcome)
                 return
         peer = upstream.balancer.get(state, self.loop.time())
         if peer is None:
             self._no_live_upstreams(outcome)
             return
-        # (peer.name: addr.name formats the text on every call; the peer keeps it)
         pool = upstream.pool if self.plan.pooled else None
         self._start_attempt(peer.name, peer.addr, peer, "", pool, outcome)
 
@@ -294,34 +309,18 @@ class UpstreamRequest:
             # pooled connection is reused only for the same name (and never for plain HTTP)
             tls_name = host or tls.name(self.exchange)
             host = "https:" + tls_name
-        attempt = Attempt(self.upstream, self._state, name, addr, peer, pool,
-                          pool_key(name, host, self._local_addr), hook)
-        attempt.tls_name = tls_name
-        self.attempt = attempt
+        key = (name, host, self._local_addr)  # the pool key (see Attempt)
+        attempt = self.attempt = Attempt(self.upstream, self._state, name, addr, peer, pool, key, hook,
+                                         tls_name)
         self.exchange.tries.append(attempt)
-        conn = pool.acquire(attempt.key) if pool is not None else None
+        conn = pool.acquire(key) if pool is not None else None
         if conn is None:
             self._connect(attempt)
         else:
-            attempt.reuse(conn)
+            attempt.conn = conn  # (from its pool: no connect time)
+            attempt.connect_time = 0.0
+            attempt.reused = True
             self._send_request(conn)
-
-    def _apply_hook_settings(self, outcome: Any) -> None:
-        """What a hook run changes for this and later tries: bind address, rebuilt request."""
-        if outcome.local_addr is not None:
-            self._local_addr = split_local_addr(outcome.local_addr)
-        if outcome.recreate:
-            self._build_head()
-
-    def _hook_pool(self, keepalive: tuple[float, int] | None) -> ConnectionPool | None:
-        """A hook-set peer's pool: the hook pool when ``enable_keepalive`` asked for it (this
-        try's override), else the upstream's ``keepalive N`` pool as for its own peers (as
-        OpenResty's keepalive module pools whatever peer the balancer hook set). Either needs
-        nginx's recipe: HTTP/1.1 to the peer, no "Connection: close"."""
-        plan = self.plan
-        if keepalive is not None:
-            return None if plan.close_after else self.upstream.hook_pool(*keepalive)
-        return self.upstream.pool if plan.pooled else None
 
     def _connect(self, attempt: Attempt) -> None:
         addr = attempt.peer_addr
@@ -374,7 +373,11 @@ class UpstreamRequest:
         body = None if streamed else self._body
         spooled = isinstance(body, SpooledBody)
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
-        conn.upgrade = _asks_upgrade(ex.request.connection) and ex.header("upgrade") is not None
+        # a 101 from the peer may switch this connection only if the client's Connection header
+        # names "upgrade" (llhttp then saw an Upgrade request) and it sent an Upgrade header
+        connection = ex.request.connection
+        conn.upgrade = (connection is not None and b"upgrade" in connection.lower()
+                        and ex.header("upgrade") is not None)
         head = self._head
         if streamed:  # what arrived already goes with the head, in one write (as nginx)
             early, last = self._body_bytes()
@@ -491,7 +494,7 @@ class UpstreamRequest:
         if attempt is not None:
             self.attempt = None
             attempt.end(DONE, self.exchange)
-        self.exchange.complete_response()
+        self.exchange.finish()
 
     def upstream_failed(self, err: UpstreamError) -> None:
         self._body_conn = None
@@ -584,7 +587,7 @@ class UpstreamRequest:
                 ex.conn.body_bytes_sent += tunnel.sent_to_client
             if attempt is not None:
                 attempt.end(UPGRADED, ex)
-            ex.finish_logged()
+            ex.finish(UNSENT)
         except Exception as exc:
             ex.crashed(exc, "proxying upgraded connection")
 
@@ -615,9 +618,7 @@ class UpstreamRequest:
         self.attempt = None
         self._log_error(attempt, err, "reading upstream")
         attempt.end(BROKEN, self.exchange)
-        ex = self.exchange
-        ex.finish_logged()
-        ex.conn.abort()
+        self.exchange.finish(DROPPED)
 
     def _no_live_upstreams(self, hook: Any) -> None:
         ex = self.exchange
@@ -632,12 +633,6 @@ class UpstreamRequest:
     def _log_error(self, attempt: Attempt, err: UpstreamError, phase: str, level: str = "error") -> None:
         ex = self.exchange
         errorlog.log_error(level, f"{err} while {phase}", ex.conn_id, ex.log_context(attempt.addr))
-
-
-def _asks_upgrade(connection: bytes | None) -> bool:
-    """The client's Connection header names "upgrade" (llhttp then saw an Upgrade request):
-    a 101 from the peer may switch this connection."""
-    return connection is not None and b"upgrade" in connection.lower()
 
 
 def _send_head_unusual(ex: Exchange, response: ResponseHead, headers: bytes) -> None:

@@ -232,9 +232,9 @@ class RequestPlan:
         method = exchange.method if self.method is None else self.method(exchange)
         parts = [method.encode("latin-1"), b" ", target, self.version_line, self.static_headers]
         for name, getter in self.dynamic_headers:
-            value = getter(exchange)
-            if value:
-                parts.append(name + b": " + value.encode("latin-1", "replace") + b"\r\n")
+            text = getter(exchange)
+            if text:
+                parts.append(name + b": " + text.encode("latin-1", "replace") + b"\r\n")
         skip = self.skip_client
         connection = exchange.request.connection
         listed = _connection_listed(connection) if connection is not None else None
@@ -242,7 +242,7 @@ class RequestPlan:
             lower = name.lower()
             if lower in skip or (listed and lower in listed):
                 continue
-            parts.append(name + b": " + value + b"\r\n")
+            parts += (name, b": ", value, b"\r\n")
         if body_length is not None:
             parts.append(b"Content-Length: %d\r\n" % body_length)
         elif chunked:
