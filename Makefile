@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench bench-stream bench-tls install
+.PHONY: run test test-unit lint bench bench-stream bench-tls install
 
 # `run` installs what running needs; `install` (and so test, lint) adds the test tools.
 $(BIN)/scriptlb: pyproject.toml
@@ -29,6 +29,10 @@ test: install
 	$(BIN)/ruff check scriptlb tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# the pure tests only (seconds): docs/testing.md
+test-unit: install
+	$(BIN)/pytest -m unit
 
 lint: install
 	$(BIN)/ruff check scriptlb tests bench

@@ -32,7 +32,7 @@ RATIOS = (
      lambda r: r >= 0.9),
     ("scriptlb / haproxy req/s", "scriptlb", "haproxy", "rps", None, None),
     ("scriptlb-2w / scriptlb req/s", "scriptlb-2w", "scriptlb", "rps", None, None),
-    # issue 5: keeping the live peer statistics must cost <= 3% throughput
+    # the budget of the live peer statistics: at most 3% of the throughput
     ("scriptlb / scriptlb-nostats req/s", "scriptlb", "scriptlb-nostats", "rps",
      ">= 0.97 (peer statistics cost <= 3%)", lambda r: r >= 0.97),
     # CPU-normalized: the inverse ratio of the proxies' CPU seconds per request. It predicts the
@@ -144,7 +144,7 @@ def markdown(fig: dict) -> str:
             status += f"; check: {t['check']}"
         row.append(status)
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## Ratios (on `/`, medians) and the targets of issue 4", "",
+    lines += ["", "## Ratios (on `/`, medians) and the targets", "",
               "| ratio | measured | goal | met |", "|---|---|---|---|"]
     ran = set(fig.get("targets", {}))
     for r in ratios(fig):

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/hook_micro.py [--runs 200000] [--repeat 5]
 
-Target (issue 3): a hook that picks a peer by crc32 of the URI costs <= 3 us per try. Reports
+Target: a hook that picks a peer by crc32 of the URI costs <= 3 us per try. Reports
 the best of ``--repeat`` timings (the least disturbed by other processes) for:
 
 * crc32-of-URI with a literal peer list (the target case),

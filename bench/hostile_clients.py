@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import resource
 import shutil
 import socket
@@ -28,26 +27,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench_proc import cpu_seconds, free_ports, status_kib
+
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Sink(threading.Thread):
@@ -111,7 +94,7 @@ http {{
 @contextlib.contextmanager
 def proxy(nginx: bool, wc: int, sink: int) -> Iterator[tuple[int, int]]:
     work = Path(tempfile.mkdtemp(prefix="hostile-"))
-    port = free_port()
+    port = free_ports(1)[0]
     (work / "logs").mkdir()
     conf = work / "lb.conf"
     conf.write_text(CONF.format(dir=work, wc=wc, port=port, sink=sink))
@@ -174,13 +157,13 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             with contextlib.suppress(OSError):
-                self.peak = max(self.peak, rss_kib(self.pid))
+                self.peak = max(self.peak, status_kib(self.pid, "VmRSS"))
             self.stop.wait(0.01)
 
 
 def measured(pid: int, port: int, name: str, action) -> None:  # type: ignore[no-untyped-def]
     time.sleep(0.3)
-    before, cpu = rss_kib(pid), cpu_seconds(pid)
+    before, cpu = status_kib(pid, "VmRSS"), cpu_seconds(pid)
     poller, sampler = Poller(port), Sampler(pid)
     poller.start()
     sampler.start()
@@ -192,7 +175,7 @@ def measured(pid: int, port: int, name: str, action) -> None:  # type: ignore[no
     sampler.stop.set()
     poller.join()
     sampler.join()
-    after = rss_kib(pid)
+    after = status_kib(pid, "VmRSS")
     print(f"{name}: {detail}; {elapsed:.1f} s; RSS {before / 1024:.1f} -> peak {sampler.peak / 1024:.1f} "
           f"-> {after / 1024:.1f} MB; CPU {cpu_seconds(pid) - cpu:.2f} s; {poller.summary()}", flush=True)
 

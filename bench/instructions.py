@@ -3,7 +3,7 @@
     .venv/bin/python bench/instructions.py [--low 200] [--high 1200] [--metrics | --sync | --trace | --tls]
 
 Wall-clock A/Bs on a shared or virtual machine wander by more than the few percent some
-features cost (issue 5's peer statistics must cost <= 3%). Instruction counts do not: this
+features cost (the peer statistics' budget is 3%). Instruction counts do not: this
 script runs one scriptlb worker (``master_process off``) under callgrind for each config,
 sends ``--low`` and then ``--high`` sequential keep-alive requests through it to a backend
 outside valgrind, and reports ``(count(high) - count(low)) / (high - low)``: the user-mode

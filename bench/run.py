@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: scriptlb beside nginx, nginx + balancer_by_lua and HAProxy, in one run (issue 4).
+"""Benchmark: scriptlb beside nginx, nginx + balancer_by_lua and HAProxy, in one run.
 
     python bench/run.py [--quick] [--duration S] [--targets a,b] [--out DIR] [--profile]
     make bench ARGS=--quick

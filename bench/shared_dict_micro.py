@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/shared_dict_micro.py [--n 200000] [--dir /tmp/x]
 
-Targets (issue 5): get and incr <= 3 us, set <= 5 us. "set" overwrites one of ``--keys`` keys
+Targets: get and incr <= 3 us, set <= 5 us. "set" overwrites one of ``--keys`` keys
 (same size, promoted less than a second ago: the common case of counters and timestamps);
 "set (new key)" is the full path (budget accounting and LRU index insert). Each figure is the
 best of ``--repeat`` runs of ``--n`` calls (the minimum is the least disturbed by the other

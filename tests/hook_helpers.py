@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,11 @@ from scriptlb.hookrt.hooks import HookOutcome, HookRunner
 from scriptlb.replay.synthetic import SyntheticExchange, SyntheticUpstream
 
 CONF = "/t/scriptlb.conf"
+
+# The budget of hooks whose test is not about the budget. It is wall-clock time, and a loaded
+# machine can stall any run for tens of milliseconds: with the product's 10 ms default such a
+# test would see a "timeout" instead of what it checks. Tests about the budget pass their own.
+BUDGET = 1.0
 
 
 @dataclass
@@ -29,7 +35,7 @@ class Run:
         return self.outcome.error
 
 
-def block(code: str, timeout: float = 0.010, **settings: Any) -> HookConf:
+def block(code: str, timeout: float = BUDGET, **settings: Any) -> HookConf:
     """A balancer_by_python_block whose body starts on line 2 of CONF; without its circuit
     breaker unless ``breaker=`` says (tests that fail a hook many times test one thing each)."""
     settings.setdefault("breaker", None)
@@ -37,7 +43,7 @@ def block(code: str, timeout: float = 0.010, **settings: Any) -> HookConf:
                     **settings)
 
 
-def runner(code: str, timeout: float = 0.010, python: PythonConf | None = None,
+def runner(code: str, timeout: float = BUDGET, python: PythonConf | None = None,
            logs: list[tuple[str, str]] | None = None, peers: int = 2) -> HookRunner:
     sink = logs if logs is not None else []
     return HookRunner(block(code, timeout), upstream(peers), python or PythonConf(),
@@ -55,7 +61,7 @@ def exchange(uri: str = "/", headers: dict[str, str] | None = None, peers: int =
     return SyntheticExchange(method, uri, raw, peers, last_failure, tries_cap)
 
 
-def run(code: str, timeout: float = 0.010, python: PythonConf | None = None, peers: int = 2,
+def run(code: str, timeout: float = BUDGET, python: PythonConf | None = None, peers: int = 2,
         **request: Any) -> Run:
     """Run ``code`` once as a balancer_by_python_block against a synthetic request."""
     logs: list[tuple[str, str]] = []
@@ -80,3 +86,41 @@ def value(expr: str, **request: Any) -> Any:
     result = run(code, **request)
     assert result.kind is None, result.outcome.message
     return result.ctx["value"]
+
+
+# --------------------------------------------------------------------------- the sandbox corpus
+
+
+def assert_compile_error(code: str, message: str | None = None) -> Run:
+    """``code`` is refused when the hook is compiled (with ``message`` in the error, when given):
+    nothing of it ran, no peer was set."""
+    result = run(code)
+    assert result.kind == "compile_error", result.outcome.message
+    if message is not None:
+        assert message in result.outcome.message
+    assert result.outcome.addr is None
+    return result
+
+
+def assert_runtime_error(code: str, message: str, cpu_seconds: float | None = None,
+                         timeout: float = BUDGET) -> Run:
+    """``code`` compiles but its run ends in an error naming ``message``; no peer was set (what
+    the code does after the refusal never happens). ``cpu_seconds``: the run must have been
+    refused up front, within that much of this thread's CPU time (not the machine's wall time,
+    which other processes stretch)."""
+    started = time.thread_time()
+    result = run(code, timeout=timeout)
+    spent = time.thread_time() - started
+    assert result.kind == "runtime_error", result.outcome.message
+    assert message in result.outcome.message
+    assert result.outcome.addr is None
+    if cpu_seconds is not None:
+        assert spent < cpu_seconds, f"refused only after {spent:.3f} s of CPU"
+    return result
+
+
+def assert_harmless(code: str) -> Run:
+    """``code`` runs to its end without an error."""
+    result = run(code)
+    assert result.kind is None, result.outcome.message
+    return result

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,14 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+from helpers import free_ports
+from nginx_oracle import NGINX
+
 MIB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss_kib(pid: int) -> int:
@@ -186,7 +181,7 @@ def proxy_process(kind: str, prefix: Path, http_block: str, worker_connections: 
     port, ``{prefix}`` its directory) as one process; stopped at the end."""
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "logs").mkdir(exist_ok=True)
-    port = free_port()
+    port = free_ports(1)[0]
     extra = NGINX_ONLY.format(prefix=prefix) if kind == "nginx" else ""
     block = http_block.replace("{port}", str(port)).replace("{prefix}", str(prefix))
     conf = prefix / "proxy.conf"

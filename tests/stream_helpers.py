@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from test_round_robin import NGINX
+from nginx_oracle import NGINX, main_conf, nginx_process
 
 IO_TIMEOUT = 10.0
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
@@ -114,6 +112,13 @@ def round_trip(port: int, data: bytes, timeout: float = IO_TIMEOUT) -> bytes:
         return bytes(got)
 
 
+def banner_from(port: int, source: str) -> bytes:
+    """The first byte a connection from ``source`` (any 127/8 address) gets: which banner peer
+    the balancer chose for that client address."""
+    with socket.create_connection(("127.0.0.1", port), IO_TIMEOUT, (source, 0)) as conn:
+        return conn.recv(1)
+
+
 def read_until_closed(conn: socket.socket, limit: int = 1 << 20) -> bytes:
     got = bytearray()
     while len(got) < limit:
@@ -132,31 +137,7 @@ def nginx_stream(tmp_path: Path, stream_block: str) -> Iterator[Path]:
     """A real nginx (one process) with its stream module serving ``stream_block``. Ready once
     its pid file exists (written after the listening sockets are bound): no probe connection
     that would show up in its logs."""
-    assert NGINX is not None
-    (tmp_path / "logs").mkdir(exist_ok=True)
-    (tmp_path / "nginx.conf").write_text(
-        f"""
-        load_module {NGINX_STREAM_MODULE};
-        daemon off; master_process off; worker_processes 1; pid {tmp_path}/nginx.pid;
-        error_log {tmp_path}/logs/error.log info;
-        events {{ worker_connections 128; }}
-        stream {{ {stream_block} }}
-        """
-    )
-    proc = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not (tmp_path / "nginx.pid").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((tmp_path / "logs/error.log").read_text())
-            time.sleep(0.02)
-        time.sleep(0.05)
-        yield tmp_path
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    conf = main_conf(tmp_path, f"stream {{ {stream_block} }}", head=f"load_module {NGINX_STREAM_MODULE};",
+                     error_level="info")
+    with nginx_process(tmp_path, conf) as prefix:
+        yield prefix

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import Scriptlb, raw_exchange
-from test_round_robin import NGINX, free_ports, nginx_running
+from helpers import Scriptlb, free_ports, raw_exchange
+from nginx_oracle import NGINX, nginx_running
 
 BLOCK = """
     server {{
@@ -53,7 +53,7 @@ def test_trailers_as_nginx(tmp_path: Path) -> None:
     ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
     ngx_dir.mkdir()
     lb_dir.mkdir()
-    with nginx_running(ngx_dir, BLOCK.format(listen=f"127.0.0.1:{port}"), [port]):
+    with nginx_running(ngx_dir, BLOCK.format(listen=f"127.0.0.1:{port}")):
         theirs = [_normal(raw_exchange(port, r)) for r in REQUESTS]
     block = BLOCK.format(listen="{port0}")
     with Scriptlb(f"daemon off; master_process off;\nhttp {{ {block} }}", lb_dir) as lb:

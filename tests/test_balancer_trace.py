@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import re
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,11 @@ from helpers import Backends, HttpConnection, Scriptlb, closed_port, get, load_c
 
 from scriptlb.config import load
 from scriptlb.config.errors import ConfigError
-from scriptlb.config.model import PythonConf
-from scriptlb.hookrt import hooks
 from scriptlb.process.worker import WorkerThread
 
 # WHO PEER TIME LAST, as docs/hooks.md describes it
 ENTRY = re.compile(r"^(\S+) (\S+) (-|\d+us) (-|last=none|last=\w+/\d+)$")
 ASK = {"X-Balancer-Trace": "1"}
-
-
-@pytest.fixture(autouse=True)
-def _default_python_settings() -> Iterator[None]:
-    hooks.configure(PythonConf())
-    yield
 
 
 def conf(upstream_body: str, location_extra: str = "", http_extra: str = "") -> str:

@@ -5,48 +5,15 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from balancing_kit import ScriptedRandom, letter, named, peers, server, start
 
-from scriptlb.balancing.base import BalancerState
-from scriptlb.balancing.ewma import DECAY_TIME, DecayingAverages, Ewma
-from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
-from scriptlb.state.peers import Peer, PeerSet
-
-PORTS = {"a": 9001, "b": 9002, "c": 9003, "d": 9004}
-LETTERS = {port: letter for letter, port in PORTS.items()}
-
-
-class ScriptedRandom(random.Random):
-    def __init__(self, values: list[int]) -> None:
-        super().__init__(0)
-        self.values = list(values)
-
-    def randrange(self, *args: int, **kwargs: object) -> int:  # type: ignore[override]
-        return self.values.pop(0)
-
-
-def peers(*names: str, **params: object) -> PeerSet:
-    servers = []
-    for name in names:
-        addr = PeerAddr("127.0.0.1", PORTS[name.rstrip("*")])
-        backup = name.endswith("*")
-        servers.append(UpstreamServerConf(name=addr.name, addrs=(addr,), backup=backup, **params))  # type: ignore[arg-type]
-    return PeerSet.from_conf(UpstreamConf(name="backend", servers=tuple(servers)))
-
-
-def letter(peer: Peer | None) -> str:
-    return "-" if peer is None else LETTERS[peer.addr.port]
-
-
-def peer_named(balancer: Ewma, name: str) -> Peer:
-    return next(p for p in balancer.peers.primary + balancer.peers.backup if letter(p) == name)
-
-
-def start(balancer: Ewma, now: float) -> tuple[BalancerState, Peer | None]:
-    state = balancer.new_request(0)
-    return state, balancer.get(state, now)
-
+from scriptlb.balancing.ewma import DecayingAverages, Ewma
+from scriptlb.balancing.least_time import LeastTime
+from scriptlb.state.stats import DECAY_TIME, PeerKey, PeerStats, Recorder, UpstreamLayout, UpstreamStats
 
 # --------------------------------------------------------------------------- the average
 
@@ -82,22 +49,22 @@ def test_two_draws_keep_the_lower_score() -> None:
     # draws as APISIX: first = rand(3), second = rand(2), +1 when >= first:
     # (0, 0) -> a vs b; (2, 1) -> c vs b; (1, 0) -> b vs a. b has the lowest rtt every time.
     balancer = Ewma(peers("a", "b", "c"), rng=ScriptedRandom([0, 0, 2, 1, 1, 0]))
-    balancer.observe(peer_named(balancer, "a"), 0.01, None, 0.30, now=100.0)  # rtt 0.31
-    balancer.observe(peer_named(balancer, "b"), 0.01, None, 0.05, now=100.0)  # rtt 0.06
-    balancer.observe(peer_named(balancer, "c"), 0.01, None, 0.10, now=100.0)  # rtt 0.11
+    balancer.observe(named(balancer, "a"), 0.01, None, 0.30, now=100.0)  # rtt 0.31
+    balancer.observe(named(balancer, "b"), 0.01, None, 0.05, now=100.0)  # rtt 0.06
+    balancer.observe(named(balancer, "c"), 0.01, None, 0.10, now=100.0)  # rtt 0.11
     assert [letter(start(balancer, 100.0)[1]) for _ in range(3)] == ["b", "b", "b"]
 
 
 def test_tie_keeps_the_first_draw_and_unmeasured_peers_score_zero() -> None:
     balancer = Ewma(peers("a", "b", "c"), rng=ScriptedRandom([2, 0, 1, 1]))
     assert letter(start(balancer, 1.0)[1]) == "c"  # c vs a, both 0: the first draw
-    balancer.observe(peer_named(balancer, "b"), 0.0, None, 0.5, now=1.0)
+    balancer.observe(named(balancer, "b"), 0.0, None, 0.5, now=1.0)
     assert letter(start(balancer, 1.0)[1]) == "c"  # b (0.5) vs c (0)
 
 
 def test_idle_peer_score_decays_so_it_is_retried() -> None:
     balancer = Ewma(peers("a", "b"), rng=random.Random(2))
-    a, b = peer_named(balancer, "a"), peer_named(balancer, "b")
+    a, b = named(balancer, "a"), named(balancer, "b")
     balancer.observe(a, 0, None, 1.0, now=0.0)  # a was slow once
     balancer.observe(b, 0, None, 0.1, now=0.0)
     first_a = None
@@ -142,10 +109,10 @@ def test_failed_peer_is_not_drawn_until_its_window_passes() -> None:
 
 def test_rebuild_keeps_history_of_surviving_peers() -> None:
     balancer = Ewma(peers("a", "b"), rng=random.Random(1))
-    balancer.observe(peer_named(balancer, "b"), 0, None, 0.25, now=10.0)
+    balancer.observe(named(balancer, "b"), 0, None, 0.25, now=10.0)
     balancer.rebuild(peers("c", "b"))
-    assert balancer.score(peer_named(balancer, "b"), 10.0) == pytest.approx(0.25)
-    assert balancer.score(peer_named(balancer, "c"), 10.0) == 0.0
+    assert balancer.score(named(balancer, "b"), 10.0) == pytest.approx(0.25)
+    assert balancer.score(named(balancer, "c"), 10.0) == 0.0
 
 
 # --------------------------------------------------------------------------- shares
@@ -178,3 +145,69 @@ def test_slow_peer_gets_little_traffic_over_100k_picks() -> None:
     counts = simulate(balancer, {"a": 0.02, "b": 0.02, "c": 0.50}, 100_000)
     assert counts["c"] / 100_000 < 0.05
     assert counts["a"] / 100_000 == pytest.approx(counts["b"] / 100_000, abs=0.03)
+
+
+# --------------------------------------------------------------------------- shared statistics
+
+
+class NoTimer:
+    def cancel(self) -> None:
+        pass
+
+
+class ManualLoop:
+    """Enough of a loop for a Recorder: flushes happen when the test calls them."""
+
+    def call_later(self, delay: float, callback: object) -> NoTimer:
+        return NoTimer()
+
+
+class Worker:
+    """One worker's view of an upstream: its own peers, recorder and upstream statistics over
+    the instance's shared file, as UpstreamRuntime builds them."""
+
+    def __init__(self, stats: PeerStats, clock: list[float], *names: str) -> None:
+        self.peers = peers(*names)
+        self.recorder = Recorder(stats, ManualLoop(), clock=lambda: clock[0])
+        self.upstream = UpstreamStats(self.recorder, "backend")
+        self.upstream.assign_indexes(self.peers.primary, self.peers.backup)
+
+    def record(self, name: str, seconds: float, header: float | None = None) -> None:
+        peer = next(p for p in self.peers.primary if letter(p) == name)
+        self.recorder.start(peer.stats_index)
+        self.recorder.finish(peer.stats_index, 200, seconds, False, header_time=header)
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[PeerStats]:
+    names = tuple(server(name).name for name in ("a", "b", "c"))
+    keys = tuple(PeerKey("backend", name) for name in names)
+    opened = PeerStats.open(str(tmp_path), (UpstreamLayout("backend", keys, (), ((1, 1, 1), ())),))
+    yield opened
+    opened.close()
+
+
+def test_builtins_score_on_every_workers_tries(shared: PeerStats) -> None:
+    """What one worker measured steers another worker's ewma and least_time: the built-in
+    methods read the shared averages (the ones hooks read), not a per-worker copy."""
+    clock = [1_800_000_000.0]
+    first, second = Worker(shared, clock, "a", "b", "c"), Worker(shared, clock, "a", "b", "c")
+    for name, seconds in (("a", 0.5), ("b", 0.05), ("c", 0.2)):
+        first.record(name, seconds, header=seconds / 10)
+    first.recorder.flush()
+    ewma = Ewma(second.peers, rng=ScriptedRandom([0, 0, 2, 0]))
+    assert ewma.use_statistics(second.upstream)
+    assert [letter(start(ewma)[1]) for _ in range(2)] == ["b", "c"]  # a vs b, then c vs a
+    assert ewma.score(named(ewma, "a"), 0.0) == pytest.approx(0.5)  # the shared clock decays it
+    for mode in ("last_byte", "header"):
+        least_time = LeastTime(second.peers, (mode,))
+        assert least_time.use_statistics(second.upstream)
+        assert letter(start(least_time)[1]) == "b"
+    # this worker's own tries count before they are published (folded in at "now")
+    clock[0] += 1.0
+    second.record("a", 0.001)
+    w = math.exp(-1.0 / DECAY_TIME)
+    assert ewma.score(named(ewma, "a"), 0.0) == pytest.approx(0.5 * w + 0.001 * (1 - w))
+    # observe does not feed a private copy any more: the tries loop records every try
+    ewma.observe(named(ewma, "c"), 0.0, None, 9.0, now=0.0)
+    assert ewma.score(named(ewma, "c"), 0.0) == pytest.approx(0.2 * w)

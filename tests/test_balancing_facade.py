@@ -7,21 +7,13 @@ import random
 from collections import Counter
 
 import pytest
+from balancing_kit import ScriptedRandom
 
 from scriptlb.balancing.resty import HOOK_API, chash, ewma, roundrobin
 
 # recorded from nginx 1.22.1 `hash $arg_k consistent` over these servers (see test_balancing_hash)
 NGINX_SERVERS = {"127.0.0.1:8001": 1, "127.0.0.1:8002": 2, "127.0.0.1:8003": 1, "127.0.0.1:8004": 3}
 NGINX_CONSISTENT = {"a": 8004, "b": 8001, "user:1": 8003, "user:2": 8003, "/index.html": 8004, "k42": 8002}
-
-
-class ScriptedRandom(random.Random):
-    def __init__(self, values: list[int]) -> None:
-        super().__init__(0)
-        self.values = list(values)
-
-    def randrange(self, *args: int, **kwargs: object) -> int:  # type: ignore[override]
-        return self.values.pop(0)
 
 
 class Clock:

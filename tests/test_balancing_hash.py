@@ -4,18 +4,13 @@ the same key -> server mapping as a real nginx (``@pytest.mark.nginx``)."""
 from __future__ import annotations
 
 import http.client
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
 import zlib
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from helpers import free_ports
+from nginx_oracle import NGINX, nginx_running
 
 from scriptlb.balancing.hash import ConsistentHash, Hash, ketama_points, server_hash_prefix
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
@@ -215,19 +210,6 @@ def test_server_name_split_like_nginx() -> None:
 
 # --------------------------------------------------------------------------- against real nginx
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-
-
-def wait_listening(port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nginx did not listen on {port}")
-
-
 @pytest.mark.nginx
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
 def test_same_choices_as_real_nginx(tmp_path: Path) -> None:
@@ -241,57 +223,30 @@ def test_same_choices_as_real_nginx(tmp_path: Path) -> None:
     backends = "".join(
         f"server {{ listen 127.0.0.1:{p}; location / {{ return 200 '{p}'; }} }}\n" for p in backend_ports
     )
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "nginx.conf").write_text(
-        f"""
-        daemon off; master_process off; pid {tmp_path}/nginx.pid;
-        error_log {tmp_path}/logs/error.log;
-        events {{ worker_connections 64; }}
-        http {{
-            access_log off;
-            client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
-            fastcgi_temp_path {tmp_path}/fcgi; uwsgi_temp_path {tmp_path}/uwsgi;
-            scgi_temp_path {tmp_path}/scgi;
-            upstream consistent {{ hash $arg_k consistent; {servers} }}
-            upstream plain {{ hash $arg_k; {servers} }}
-            upstream consistent_down {{ hash $arg_k consistent; {servers_down} }}
-            upstream plain_down {{ hash $arg_k; {servers_down} }}
-            {backends}
-            server {{
-                listen 127.0.0.1:{proxy_port};
-                location /c {{ proxy_pass http://consistent; }}
-                location /p {{ proxy_pass http://plain; }}
-                location /cd {{ proxy_pass http://consistent_down; }}
-                location /pd {{ proxy_pass http://plain_down; }}
-            }}
+    http_block = f"""
+        upstream consistent {{ hash $arg_k consistent; {servers} }}
+        upstream plain {{ hash $arg_k; {servers} }}
+        upstream consistent_down {{ hash $arg_k consistent; {servers_down} }}
+        upstream plain_down {{ hash $arg_k; {servers_down} }}
+        {backends}
+        server {{
+            listen 127.0.0.1:{proxy_port};
+            location /c {{ proxy_pass http://consistent; }}
+            location /p {{ proxy_pass http://plain; }}
+            location /cd {{ proxy_pass http://consistent_down; }}
+            location /pd {{ proxy_pass http://plain_down; }}
         }}
         """
-    )
-    proc = subprocess.Popen(
-        [NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_listening(proxy_port, time.monotonic() + 10)
+    keys = [f"key-{i}" for i in range(200)] + list(NGINX_CONSISTENT)
+    nginx_choice: dict[str, dict[str, int]] = {"c": {}, "p": {}, "cd": {}, "pd": {}}
+    with nginx_running(tmp_path, http_block):
         conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=5)
-        keys = [f"key-{i}" for i in range(200)] + list(NGINX_CONSISTENT)
-        nginx_choice: dict[str, dict[str, int]] = {"c": {}, "p": {}, "cd": {}, "pd": {}}
         for flavour in nginx_choice:
             for key in keys:
                 conn.request("GET", f"/{flavour}?k={key}")
                 response = conn.getresponse()
                 nginx_choice[flavour][key] = int(response.read())
         conn.close()
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
 
     def ours(kind: type[Hash] | type[ConsistentHash], down: bool) -> dict[str, int | None]:
         peers = upstream(*zip(backend_ports, weights, strict=True))

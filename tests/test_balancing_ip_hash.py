@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import http.client
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from helpers import free_ports
+from nginx_oracle import NGINX, nginx_running
 
 from scriptlb.balancing.ip_hash import IpHash, hashed_bytes
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
@@ -125,9 +120,6 @@ def test_single_peer_and_all_down() -> None:
 
 # --------------------------------------------------------------------------- against real nginx
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-
-
 @pytest.mark.nginx
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
 def test_same_choices_as_real_nginx_for_60_client_networks(tmp_path: Path) -> None:
@@ -138,42 +130,16 @@ def test_same_choices_as_real_nginx_for_60_client_networks(tmp_path: Path) -> No
     )
     servers_down = servers.replace(f"{backend_ports[2]} weight=1;", f"{backend_ports[2]} weight=1 down;")
     backends = "".join(f"server {{ listen 127.0.0.1:{p}; return 200 '{p}'; }}\n" for p in backend_ports)
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "nginx.conf").write_text(
-        f"""
-        daemon off; master_process off; pid {tmp_path}/nginx.pid;
-        error_log {tmp_path}/logs/error.log;
-        events {{ worker_connections 64; }}
-        http {{
-            access_log off;
-            client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
-            fastcgi_temp_path {tmp_path}/fcgi; uwsgi_temp_path {tmp_path}/uwsgi;
-            scgi_temp_path {tmp_path}/scgi;
-            upstream sticky {{ ip_hash; {servers} }}
-            upstream sticky_down {{ ip_hash; {servers_down} }}
-            {backends}
-            server {{ listen 127.0.0.1:{proxy_port}; location / {{ proxy_pass http://sticky; }}
-                location /down {{ proxy_pass http://sticky_down; }} }}
-        }}
+    http_block = f"""
+        upstream sticky {{ ip_hash; {servers} }}
+        upstream sticky_down {{ ip_hash; {servers_down} }}
+        {backends}
+        server {{ listen 127.0.0.1:{proxy_port}; location / {{ proxy_pass http://sticky; }}
+            location /down {{ proxy_pass http://sticky_down; }} }}
         """
-    )
-    proc = subprocess.Popen(
-        [NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     clients = [f"127.{i // 7}.{i * 37 % 256}.1" for i in range(60)]
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", proxy_port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        nginx_choice: dict[str, dict[str, int]] = {"/": {}, "/down": {}}
+    nginx_choice: dict[str, dict[str, int]] = {"/": {}, "/down": {}}
+    with nginx_running(tmp_path, http_block):
         for path, choices in nginx_choice.items():
             for client in clients:  # loopback accepts any 127/8 source address
                 conn = http.client.HTTPConnection(
@@ -182,13 +148,6 @@ def test_same_choices_as_real_nginx_for_60_client_networks(tmp_path: Path) -> No
                 conn.request("GET", path)
                 choices[client] = int(conn.getresponse().read())
                 conn.close()
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     ours = IpHash(upstream(*zip(backend_ports, weights, strict=True)))
     assert {c: pick(ours, c) for c in clients} == nginx_choice["/"]
     assert len(set(nginx_choice["/"].values())) > 1  # the sample really exercises several servers

@@ -5,31 +5,16 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+from balancing_kit import letter, peer_set, server, start
+
 from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.least_conn import LeastConn, usable_mask
-from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
-from scriptlb.state.peers import Peer, PeerSet
-
-PORTS = {"a": 9001, "b": 9002, "c": 9003, "d": 9004}
-LETTERS = {port: letter for letter, port in PORTS.items()}
-
-
-def server(letter: str, **params: object) -> UpstreamServerConf:
-    addr = PeerAddr("127.0.0.1", PORTS[letter])
-    return UpstreamServerConf(name=addr.name, addrs=(addr,), **params)  # type: ignore[arg-type]
+from scriptlb.config.model import UpstreamServerConf
+from scriptlb.state.peers import Peer
 
 
 def balancer(*servers: UpstreamServerConf) -> LeastConn:
-    return LeastConn(PeerSet.from_conf(UpstreamConf(name="backend", servers=servers)))
-
-
-def letter(peer: Peer | None) -> str:
-    return "-" if peer is None else LETTERS[peer.addr.port]
-
-
-def start(lc: LeastConn, now: float = 100.0) -> tuple[BalancerState, Peer | None]:
-    state = lc.new_request(0)
-    return state, lc.get(state, now)
+    return LeastConn(peer_set(*servers))
 
 
 def test_equal_loads_follow_smooth_wrr() -> None:

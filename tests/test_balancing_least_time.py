@@ -5,35 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from balancing_kit import letter, named, start, weighted_peers
 
 from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.least_time import LeastTime
-from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
-from scriptlb.state.peers import Peer, PeerSet
-
-PORTS = {"a": 9001, "b": 9002, "c": 9003}
-LETTERS = {port: letter for letter, port in PORTS.items()}
-
-
-def peers(**weights: int) -> PeerSet:
-    servers = tuple(
-        UpstreamServerConf(name=f"127.0.0.1:{PORTS[n]}", addrs=(PeerAddr("127.0.0.1", PORTS[n]),), weight=w)
-        for n, w in weights.items()
-    )
-    return PeerSet.from_conf(UpstreamConf(name="backend", servers=servers))
-
-
-def letter(peer: Peer | None) -> str:
-    return "-" if peer is None else LETTERS[peer.addr.port]
-
-
-def named(balancer: LeastTime, name: str) -> Peer:
-    return next(p for p in balancer.peers.primary if letter(p) == name)
-
-
-def start(balancer: LeastTime, now: float = 100.0) -> tuple[BalancerState, Peer | None]:
-    state = balancer.new_request(0)
-    return state, balancer.get(state, now)
+from scriptlb.state.peers import Peer
 
 
 def one_request(balancer: LeastTime, now: float = 100.0) -> str:
@@ -44,19 +20,19 @@ def one_request(balancer: LeastTime, now: float = 100.0) -> str:
 
 
 def test_unmeasured_peers_go_first_in_wrr_order() -> None:
-    balancer = LeastTime(peers(a=2, b=1, c=1))
+    balancer = LeastTime(weighted_peers(a=2, b=1, c=1))
     assert [one_request(balancer) for _ in range(4)] == ["a", "b", "c", "a"]
 
 
 def test_fastest_average_wins_when_idle() -> None:
-    balancer = LeastTime(peers(a=1, b=1, c=1))
+    balancer = LeastTime(weighted_peers(a=1, b=1, c=1))
     for name, seconds in (("a", 0.3), ("b", 0.1), ("c", 0.2)):
         balancer.observe(named(balancer, name), 0.0, seconds, 1.0, now=100.0)
     assert [one_request(balancer) for _ in range(3)] == ["b", "b", "b"]
 
 
 def test_active_connections_multiply_the_average() -> None:
-    balancer = LeastTime(peers(a=1, b=1, c=1))
+    balancer = LeastTime(weighted_peers(a=1, b=1, c=1))
     # binary-exact times, so that the tie below is an exact tie
     for name, seconds in (("a", 0.125), ("b", 0.1875), ("c", 0.5)):
         balancer.observe(named(balancer, name), 0.0, seconds, None, now=100.0)
@@ -67,7 +43,7 @@ def test_active_connections_multiply_the_average() -> None:
 
 
 def test_weight_divides_the_score_and_ties_use_wrr() -> None:
-    balancer = LeastTime(peers(a=2, b=1))
+    balancer = LeastTime(weighted_peers(a=2, b=1))
     balancer.observe(named(balancer, "a"), 0.0, 0.2, None, now=100.0)  # 0.2 / 2 = 0.1
     balancer.observe(named(balancer, "b"), 0.0, 0.1, None, now=100.0)  # 0.1 / 1 = 0.1
     assert [one_request(balancer) for _ in range(6)] == ["a", "b", "a", "a", "b", "a"]
@@ -75,19 +51,19 @@ def test_weight_divides_the_score_and_ties_use_wrr() -> None:
 
 @pytest.mark.parametrize(("mode", "expected"), [("header", 0.05), ("last_byte", 0.5)])
 def test_mode_selects_the_time_that_is_averaged(mode: str, expected: float) -> None:
-    balancer = LeastTime(peers(a=1, b=1), (mode,))
+    balancer = LeastTime(weighted_peers(a=1, b=1), (mode,))
     balancer.observe(named(balancer, "a"), 0.01, 0.05, 0.5, now=100.0)
     assert balancer.average(named(balancer, "a")) == pytest.approx(expected)
 
 
 def test_bad_parameters_are_rejected() -> None:
     with pytest.raises(ValueError, match="invalid parameter"):
-        LeastTime(peers(a=1), ("first_byte",))
-    LeastTime(peers(a=1), ("last_byte", "inflight"))
+        LeastTime(weighted_peers(a=1), ("first_byte",))
+    LeastTime(weighted_peers(a=1), ("last_byte", "inflight"))
 
 
 def test_skips_tried_down_and_failed() -> None:
-    ps = peers(a=1, b=1, c=1)
+    ps = weighted_peers(a=1, b=1, c=1)
     ps.primary[2].down = True
     balancer = LeastTime(ps)
     balancer.observe(named(balancer, "a"), 0.0, 0.1, None, now=100.0)
@@ -103,7 +79,7 @@ def test_skips_tried_down_and_failed() -> None:
 
 def test_shares_over_100k_picks_favour_the_fast_server() -> None:
     """Sequential requests whose times depend on the server; each reports its header time."""
-    balancer = LeastTime(peers(a=1, b=1, c=1))
+    balancer = LeastTime(weighted_peers(a=1, b=1, c=1))
     service = {"a": 0.010, "b": 0.020, "c": 0.040}
     counts: Counter[str] = Counter()
     in_flight: list[tuple[float, BalancerState, Peer]] = []

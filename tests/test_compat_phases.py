@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import BackendRequest, Backends, Scriptlb, raw_exchange
+from helpers import BackendRequest, Backends, Scriptlb, free_ports, raw_exchange
+from nginx_oracle import NGINX, nginx_running
 from test_compat_directives import conf, load
-from test_round_robin import NGINX, free_ports, nginx_running
 
 from scriptlb.config import ConfigError
 
@@ -147,7 +147,7 @@ def test_phases_and_header_filters_as_nginx(tmp_path: Path) -> None:
         ngx_dir.mkdir()
         lb_dir.mkdir()
         block = BLOCK.format(port=port, root=root, peer=bk[0].addr)
-        with nginx_running(ngx_dir, block, [port]):
+        with nginx_running(ngx_dir, block):
             theirs = _answers(port)
         lb_block = block.replace(f"listen 127.0.0.1:{port};", "listen {port0};").replace(
             f"127.0.0.1:{port}/", "127.0.0.1:{port0}/")

@@ -8,8 +8,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from helpers import BackendRequest, Backends, Scriptlb, raw_exchange
-from test_round_robin import NGINX, free_ports, nginx_running
+from helpers import BackendRequest, Backends, Scriptlb, free_ports, raw_exchange
+from nginx_oracle import NGINX, nginx_running
 
 from scriptlb.config.model import CookieFlagsConf, LocationConf, ProxyConf, TextRewrite
 from scriptlb.config.templates import compile_template
@@ -111,7 +111,7 @@ def test_redirects_nested_locations_and_cookies_as_nginx(tmp_path: Path) -> None
         ngx_dir.mkdir()
         lb_dir.mkdir()
         block = BLOCK.format(port=port, root=root, peer=peer_addr).replace("PEER/", f"{peer_addr}/")
-        with nginx_running(ngx_dir, block, [port]):
+        with nginx_running(ngx_dir, block):
             theirs = _answers(port, peer_port)
         lb_block = block.replace(f"listen 127.0.0.1:{port};", "listen {port0};")
         with Scriptlb(f"daemon off; master_process off; error_log {lb_dir}/error.log info;\n"

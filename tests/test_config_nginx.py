@@ -7,15 +7,14 @@ Skipped when nginx is not installed (``scripts/install-test-tools`` installs it)
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import free_ports
+from nginx_oracle import NGINX
 
 from scriptlb.config import ConfigError, load
-
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 
 pytestmark = [
     pytest.mark.nginx,
@@ -181,14 +180,6 @@ def test_shipped_configs_pass_nginx_too(tmp_path: Path) -> None:
         assert scriptlb_verdict(conf, tmp_path, "error_log stderr;") == "ok"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(port: int, path: str) -> bytes:
     import http.client
 
@@ -213,7 +204,7 @@ def test_quoting_and_escapes_give_the_bytes_nginx_serves(tmp_path: Path) -> None
     import time
 
     assert NGINX is not None
-    port = _free_port()
+    (port,) = free_ports(1)
     (tmp_path / "logs").mkdir()
     locations = "".join(f"location {path} {{ return 200 {raw}; }}\n" for path, raw in ESCAPES.items())
     conf = tmp_path / "t.conf"

@@ -1,4 +1,4 @@
-"""Issue 5's directives: python_shared_dict and the log phase hooks (log_by_python_*).
+"""The hook-state directives: python_shared_dict and the log phase hooks (log_by_python_*).
 
 Loaded through the public ``load()`` from a temporary prefix, as test_config_directives does;
 error texts are compared whole, with the prefix shortened away.

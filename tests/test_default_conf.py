@@ -13,14 +13,15 @@ import time
 from pathlib import Path
 
 from conftest import ROOT, scriptlb_cmd
-from helpers import closed_port, get
+from helpers import free_ports, get
 
 FIXED_PORTS = ("8080", "9001", "9002", "9003")
 
 
 def _copy_default_conf(prefix: Path) -> tuple[Path, dict[str, int]]:
     text = (ROOT / "conf" / "scriptlb.conf").read_text()
-    ports = {fixed: closed_port() for fixed in FIXED_PORTS}
+    # ports the scriptlb process binds itself (closed_port() would keep them bound here)
+    ports = dict(zip(FIXED_PORTS, free_ports(len(FIXED_PORTS)), strict=True))
     for fixed, port in ports.items():
         text = re.sub(rf"\b{fixed}\b", str(port), text)
     (prefix / "conf").mkdir()

@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import run_loop_until
 
 from scriptlb.config.model import ErrorLogConf
+from scriptlb.http import downstream
 from scriptlb.http.downstream import ClientConnection, ListenerContext, Request
 from scriptlb.logs import errorlog
 
@@ -121,13 +123,6 @@ class Harness:
     def feed(self, data: bytes) -> bytes:
         self.conn.data_received(data)
         return self.transport.take()
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 @pytest.fixture
@@ -339,14 +334,7 @@ def test_abort_closes_without_ending_a_chunked_body(loop: asyncio.AbstractEventL
 def test_header_timeout_closes_a_silent_connection(loop: asyncio.AbstractEventLoop) -> None:
     h = Harness(loop, header_timeout=0.05)
     h.feed(b"GET / HTTP/1.1\r\n")
-
-    async def wait_closed() -> None:
-        for _ in range(200):
-            if h.transport.closed:
-                return
-            await asyncio.sleep(0.01)
-
-    loop.run_until_complete(wait_closed())
+    run_loop_until(loop, lambda: h.transport.closed, what="the timeout to close")
     assert h.transport.closed and h.transport.take() == b""
 
 
@@ -359,14 +347,7 @@ def test_body_timeout_closes_without_a_response_and_ends_the_request_408(
     h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
     h.handlers[0].body_timeout = 0.05
     h.feed(b"d")  # re-arms the body timer with the handler's timeout
-
-    async def wait_closed() -> None:
-        for _ in range(200):
-            if h.transport.closed:
-                return
-            await asyncio.sleep(0.01)
-
-    loop.run_until_complete(wait_closed())
+    run_loop_until(loop, lambda: h.transport.closed, what="the timeout to close")
     assert h.transport.closed and h.transport.take() == b""
     assert "abort 408" in h.handlers[0].events
     assert "client timed out" not in (log_file.read_text() if log_file.exists() else "")
@@ -382,14 +363,7 @@ def test_header_timeout_after_some_bytes_is_reported_as_408(loop: asyncio.Abstra
     h.feed(b"GET /x HTTP/1.1\r\nHost: x\r\n")
     silent = Harness(loop, header_timeout=0.05)
     silent.context.on_client_error = h.context.on_client_error
-
-    async def wait_closed() -> None:
-        for _ in range(200):
-            if h.transport.closed and silent.transport.closed:
-                return
-            await asyncio.sleep(0.01)
-
-    loop.run_until_complete(wait_closed())
+    run_loop_until(loop, lambda: h.transport.closed and silent.transport.closed, what="the timeout to close")
     assert h.transport.take() == b"" and silent.transport.take() == b""
     assert reported == [("GET", 408)]
     logged = log_file.read_text()
@@ -428,14 +402,7 @@ def test_keepalive_timeout_closes_an_idle_connection(loop: asyncio.AbstractEvent
     h.handlers[0].keepalive_timeout = 0.05
     h.conn.respond(200, b"", b"done")
     assert not h.transport.closed
-
-    async def wait_closed() -> None:
-        for _ in range(200):
-            if h.transport.closed:
-                return
-            await asyncio.sleep(0.01)
-
-    loop.run_until_complete(wait_closed())
+    run_loop_until(loop, lambda: h.transport.closed, what="the timeout to close")
     assert h.transport.closed
     assert h.transport.take().endswith(b"done")  # nothing written at the timeout itself
 
@@ -456,10 +423,13 @@ def test_worker_connections_limit_drops_the_extra_connection(
 
 
 def test_worker_connections_reuses_the_oldest_idle_connection(
-    loop: asyncio.AbstractEventLoop, log_file: Path
+    loop: asyncio.AbstractEventLoop, log_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """nginx's ngx_drain_connections: idle keep-alive connections and ones that sent nothing
     yet make room, oldest idle first; a busy one is kept."""
+    # the warning is logged once a second per process: another run of this test (the other
+    # event loop) within the same second must not have used that second up
+    monkeypatch.setattr(downstream, "_reuse_logged", [0.0])
     silent = Harness(loop, max_connections=3)
     context = silent.context
     keep_alive = ClientConnection(context, loop)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from cluster_servers import DnsServer
-from helpers import Backends, Scriptlb, echo, get, raw_exchange, wait_until
-from test_round_robin import NGINX, free_ports, nginx_running
+from helpers import Backends, Scriptlb, echo, free_ports, get, raw_exchange, wait_for
+from nginx_oracle import NGINX, nginx_running
 
 from scriptlb.config.addresses import AddressError
 from scriptlb.config.errors import ConfigError
@@ -93,7 +93,7 @@ def test_variables_pick_upstream_address_or_name_as_nginx(tmp_path: Path) -> Non
         ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
         ngx_dir.mkdir()
         lb_dir.mkdir()
-        with nginx_running(ngx_dir, LOCATIONS.format(listen=f"127.0.0.1:{port}", **values), [port]):
+        with nginx_running(ngx_dir, LOCATIONS.format(listen=f"127.0.0.1:{port}", **values)):
             theirs = [_outcome(raw_exchange(port, r)) for r in requests]
         lb_conf = (f"daemon off; master_process off; error_log {lb_dir}/error.log info;\n"
                    "http { " + LOCATIONS.format(listen="{port0}", **values) + " }")
@@ -152,7 +152,8 @@ def test_several_addresses_take_turns(tmp_path: Path) -> None:
         with Scriptlb(conf, tmp_path) as lb:
             for _ in range(4):
                 _named(lb.port, "two.test")
-            assert wait_until(lambda: log.exists() and len(log.read_text().splitlines()) == 4)
+            wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 4,
+                     what="four access-log lines")
     peers = {line.split(", ")[0] for line in log.read_text().splitlines()}
     assert peers == {f"127.0.0.1:{bk[0].port}", f"127.0.0.2:{bk[0].port}"}
 

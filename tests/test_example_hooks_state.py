@@ -1,4 +1,4 @@
-"""The example hooks that keep state across requests (issue 5), through real sockets:
+"""The example hooks that keep state across requests, through real sockets:
 hooks/sticky_cookie.py and hooks/chash_by_header.py (per-worker tables in hooks/lib/ built from
 scriptlb.balancers) and hooks/rate_aware.py (per-peer counters in a python_shared_dict zone),
 the last one also under a real master with two workers."""
@@ -17,8 +17,7 @@ import pytest
 from helpers import Backends, Scriptlb, answers, free_ports, fresh_get, get, master_process, respond, wait_for
 
 from scriptlb.balancing.resty import chash
-from scriptlb.config.model import PythonConf
-from scriptlb.hookrt import api, hooks
+from scriptlb.hookrt import api
 from scriptlb.state.shared_dict import SharedDict, zone_directory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,11 +48,6 @@ http {{
     }}
 }}
 """
-
-
-@pytest.fixture(autouse=True)
-def _default_python_settings() -> None:
-    hooks.configure(PythonConf())  # no package path left over from another test
 
 
 def install(prefix: Path, name: str, **replace: str) -> None:

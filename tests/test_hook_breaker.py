@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hook_helpers import block, exchange, upstream
+from hook_helpers import BUDGET, block, exchange, upstream
 
 from scriptlb.config import load
 from scriptlb.config.errors import ConfigError
@@ -18,8 +18,11 @@ OK = "balancer.set_current_peer('127.0.0.1:1')\n"
 
 
 def runner(code: str, logs: list[tuple[str, str]], **settings: object) -> HookRunner:
+    """A runner with a 2 ms budget for the looping hook (each overrun costs the test that much),
+    and the suite's generous one otherwise (a stalled machine must not turn 1/0 into a timeout)."""
     up = upstream()
-    hook = HookRunner(block(code, timeout=0.002, **settings), up, PythonConf(),
+    timeout = 0.002 if code == LOOP else BUDGET
+    hook = HookRunner(block(code, timeout=timeout, **settings), up, PythonConf(),
                       log=lambda level, msg, _ex: logs.append((level, msg)))
     up.hook = hook  # type: ignore[attr-defined]  # as the runtime's upstream holds it
     return hook

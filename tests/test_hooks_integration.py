@@ -8,10 +8,10 @@ import zlib
 from pathlib import Path
 
 import pytest
+from conftest import LOOP_KINDS
 from helpers import Backends, Scriptlb, closed_port, get, hang, respond
 
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
-from scriptlb.hookrt import hooks
 from scriptlb.hookrt.hooks import HookRunner
 from scriptlb.replay.synthetic import SyntheticExchange, SyntheticUpstream
 
@@ -41,11 +41,6 @@ http {{
     }}
 }}
 """
-
-
-@pytest.fixture(autouse=True)
-def _default_python_settings() -> None:
-    hooks.configure(PythonConf())  # no package path, code cache on (another test may have changed it)
 
 
 def install(tmp_path: Path, name: str, **replace: str) -> None:
@@ -190,7 +185,8 @@ def test_deny_with_exit_403(tmp_path: Path) -> None:
     ("ngx.exit(200)", "ngx.exit(200) in a balancer hook, falling back"),
 ])
 def test_broken_hooks_fall_back_to_round_robin(tmp_path: Path, body: str, log_text: str) -> None:
-    hook = f"balancer_by_python_block {{\n        {body}\n    }}"
+    # nginx's default budget, said explicitly: the log line names it
+    hook = f"balancer_by_python_timeout 10ms; balancer_by_python_block {{\n        {body}\n    }}"
     with Backends(respond(body=b"a"), respond(body=b"b")) as bk, \
             start(conf(servers(bk), hook), tmp_path) as lb:
         got = [get(lb.port, "/").body for _ in range(4)]
@@ -199,8 +195,8 @@ def test_broken_hooks_fall_back_to_round_robin(tmp_path: Path, body: str, log_te
     assert log_text in error_log(tmp_path)
 
 
-@pytest.mark.parametrize("use_uvloop", [True, False], ids=["uvloop", "asyncio"])
-def test_hook_set_peer_and_more_tries_trail(tmp_path: Path, use_uvloop: bool) -> None:
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS, indirect=True)  # (an integration test on both loops)
+def test_hook_set_peer_and_more_tries_trail(tmp_path: Path) -> None:
     dead = closed_port()
     with Backends(respond(body=b"ok")) as bk:
         hook = f"""balancer_by_python_block {{
@@ -212,8 +208,7 @@ def test_hook_set_peer_and_more_tries_trail(tmp_path: Path, use_uvloop: bool) ->
             ngx.log(ngx.WARN, "last failure ", state, " ", status)
             balancer.set_current_peer("{bk[0].addr}")
     }}"""
-        with Scriptlb(conf(f"server 127.0.0.1:{dead};", hook), tmp_path, use_uvloop=use_uvloop,
-                      tmp=tmp_path) as lb:
+        with Scriptlb(conf(f"server 127.0.0.1:{dead};", hook), tmp_path, tmp=tmp_path) as lb:
             assert get(lb.port, "/").body == b"ok"
     assert trail(tmp_path)[0][:3] == (f"127.0.0.1:{dead}, {bk[0].addr}", "502, 200", "200")
     assert "last failure failed 502" in error_log(tmp_path)

@@ -110,6 +110,7 @@ def test_backup_peers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert result["ctx"] == {"b": [["127.0.0.1:2", True], ["127.0.0.1:3", True]]}
 
 
+@pytest.mark.integration  # real processes
 def test_cli_dispatch(tmp_path: Path) -> None:
     hook = write(tmp_path, "balancer.set_current_peer('127.0.0.1:9001')\n")
     done = subprocess.run(scriptlb_cmd("hook", "run", hook), capture_output=True, text=True, timeout=30)

@@ -14,6 +14,7 @@ from helpers import (
     Backends,
     Scriptlb,
     answers,
+    free_ports,
     fresh_get,
     hang,
     master_process,
@@ -21,7 +22,7 @@ from helpers import (
     respond,
     wait_for,
 )
-from test_round_robin import NGINX, free_ports, nginx_running
+from nginx_oracle import NGINX, nginx_running
 
 from scriptlb.config.errors import ConfigError
 from scriptlb.request import limits
@@ -87,7 +88,7 @@ def test_limits_answer_and_log_as_nginx(tmp_path: Path) -> None:
     with Backends(respond(), hang()) as bk:
         values = dict(peer=bk[0].addr, slow=bk[1].addr)
         with nginx_running(ngx_dir, BLOCK.format(listen=f"127.0.0.1:{port}", log=f"{ngx_dir}/lim.log",
-                                                 **values), [port]):
+                                                 **values)):
             theirs = _run(port, port)
         block = BLOCK.format(listen="{port0}", log=f"{lb_dir}/lim.log", **values)
         with Scriptlb(f"daemon off; master_process off; error_log {lb_dir}/error.log info;\n"

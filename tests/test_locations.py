@@ -286,7 +286,8 @@ def test_selector_needs_a_server() -> None:
 
 # --------------------------------------------------------------------------- against a real nginx
 
-from test_round_robin import NGINX, free_ports, nginx_running  # noqa: E402  (the shared runner)
+from helpers import free_ports  # noqa: E402
+from nginx_oracle import NGINX, nginx_running  # noqa: E402
 
 # (modifier, pattern, proxied): each location answers with its own index
 NGINX_LOCATIONS = [
@@ -360,7 +361,7 @@ def test_location_choice_equals_a_real_nginx(tmp_path: Path) -> None:
             answers[target] = f"301 {headers['location'].split('/', 3)[3]}" if status == 301 else body
         return answers
 
-    with nginx_running(tmp_path, http_block, [port, backend]):
+    with nginx_running(tmp_path, http_block):
         answers = answers_of(port)
         with Scriptlb(lb_conf, lb_dir) as lb:  # the same locations behind scriptlb's pipeline
             assert answers_of(lb.port) == answers
@@ -415,7 +416,7 @@ def test_server_choice_equals_a_real_nginx(tmp_path: Path) -> None:
         listen = f"127.0.0.1:{port}" + (" default_server" if default else "")
         server_name = f"server_name {' '.join(names)};" if names else ""
         blocks.append(f"server {{ listen {listen}; {server_name} location / {{ return 200 {index}; }} }}")
-    with nginx_running(tmp_path, "\n".join(blocks), [port]):
+    with nginx_running(tmp_path, "\n".join(blocks)):
         answers = {host: raw_get(port, "/", host)[2] for host in NGINX_HOSTS}
     lb_dir = tmp_path / "scriptlb"
     lb_dir.mkdir()
@@ -468,7 +469,7 @@ def test_host_validation_equals_a_real_nginx(tmp_path: Path) -> None:
             answers[host] = "400" if status == 400 else body
         return answers
 
-    with nginx_running(tmp_path, http_block, [port]):
+    with nginx_running(tmp_path, http_block):
         answers = answers_of(port)
     lb_dir = tmp_path / "scriptlb"
     lb_dir.mkdir()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import Scriptlb, load_conf, raw_exchange
-from test_round_robin import NGINX, free_ports, nginx_running
+from helpers import Scriptlb, free_ports, load_conf, raw_exchange
+from nginx_oracle import NGINX, nginx_running
 
 from scriptlb.config import ConfigError
 
@@ -75,6 +75,7 @@ SERVER = """
 """
 
 
+@pytest.mark.protocol  # a worker thread on loopback sockets
 def test_map_lookups_match_nginx(tmp_path: Path) -> None:
     with Scriptlb("daemon off; master_process off;\nhttp {" + MAPS + SERVER.format(listen="{port0}")
                   + "}", tmp_path) as lb:
@@ -87,7 +88,7 @@ def test_map_lookups_match_nginx(tmp_path: Path) -> None:
     (port,) = free_ports(1)
     ngx_dir = tmp_path / "nginx"
     ngx_dir.mkdir()
-    with nginx_running(ngx_dir, MAPS + SERVER.format(listen=f"127.0.0.1:{port}"), [port]):
+    with nginx_running(ngx_dir, MAPS + SERVER.format(listen=f"127.0.0.1:{port}")):
         theirs = [_body(raw_exchange(port, _request(h, p))) for h, p in CASES]
     assert ours == theirs, theirs
 

@@ -14,8 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-from helpers import Backends, HttpConnection, Scriptlb, get, respond, wait_until
+from helpers import ASYNCIO_LOOP_ONLY, Backends, HttpConnection, Scriptlb, get, respond, wait_for
 
 from scriptlb.http import safety
 from scriptlb.http.upstream import ConnState, UpstreamConnection
@@ -71,9 +70,10 @@ def error_log(tmp_path: Path) -> str:
     return (tmp_path / "error.log").read_text()
 
 
+@ASYNCIO_LOOP_ONLY
 def test_connection_lost_before_connect_callback_is_a_failed_try(tmp_path: Path, capfd) -> None:
     with Backends(respond(body=b"ok"), respond(body=b"ok")) as bk:
-        lb = Scriptlb(CONF, tmp_path, use_uvloop=False, tmp=tmp_path, servers=servers(bk[0].addr, bk[1].addr))
+        lb = Scriptlb(CONF, tmp_path, tmp=tmp_path, servers=servers(bk[0].addr, bk[1].addr))
         lost = lose_connections(lb, 1)
         with lb:
             response = get(lb.port, "/")
@@ -86,9 +86,10 @@ def test_connection_lost_before_connect_callback_is_a_failed_try(tmp_path: Path,
     assert "Traceback" not in capfd.readouterr().err
 
 
+@ASYNCIO_LOOP_ONLY
 def test_every_connection_lost_before_connect_callback_gives_502(tmp_path: Path, capfd) -> None:
     with Backends(respond(body=b"ok")) as bk:
-        lb = Scriptlb(CONF, tmp_path, use_uvloop=False, tmp=tmp_path, servers=servers(bk[0].addr))
+        lb = Scriptlb(CONF, tmp_path, tmp=tmp_path, servers=servers(bk[0].addr))
         lose_connections(lb, 1000)
         with lb:
             statuses = [get(lb.port, "/").status for _ in range(3)]
@@ -140,13 +141,12 @@ def _one(port: int) -> int:
         return -1  # (closed without a response: still an answer, never a hang)
 
 
-@pytest.mark.parametrize("use_uvloop", [True, False])
-def test_backend_dropping_connections_under_concurrency(tmp_path: Path, capfd, use_uvloop: bool) -> None:
+def test_backend_dropping_connections_under_concurrency(tmp_path: Path, capfd) -> None:
     errors_before = safety.COUNTERS.callback_errors
     with Backends(respond(), respond()) as bk:
         for backend in bk:
             backend.raw_handler = dropping_backend(limit=3)
-        lb = Scriptlb(CONF, tmp_path, use_uvloop=use_uvloop, tmp=tmp_path,
+        lb = Scriptlb(CONF, tmp_path, tmp=tmp_path,
                       servers=servers(bk[0].addr, bk[1].addr))
         with lb, ThreadPoolExecutor(max_workers=CLIENTS) as pool:
             statuses = list(pool.map(lambda _: _one(lb.port), range(REQUESTS)))
@@ -207,7 +207,7 @@ def test_a_bug_after_the_response_started_closes_the_client(tmp_path: Path, monk
         head, _, body = received.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ") and len(body) < 1000  # the head went out, then the close
         assert lb.thread.loop_errors == []
-        assert wait_until(lambda: "planted bug in the body" in error_log(tmp_path))
+        wait_for(lambda: "planted bug in the body" in error_log(tmp_path))
     assert "[alert]" in error_log(tmp_path)
 
 
@@ -241,6 +241,7 @@ def test_loop_error_handler_writes_an_alert(tmp_path: Path) -> None:
     assert "[alert]" in text and "Exception in callback x: ZeroDivisionError: division by zero at " in text
 
 
+@ASYNCIO_LOOP_ONLY
 def test_client_gone_while_connecting(tmp_path: Path, capfd) -> None:
     """The client leaves while the upstream connection is being opened: the request ends (499
     in the access log), the connect is cancelled, nothing is sent or printed."""
@@ -248,7 +249,7 @@ def test_client_gone_while_connecting(tmp_path: Path, capfd) -> None:
                         "http_placeholder").replace("http_placeholder\nhttp {", "http {\n"
                         "    log_format st '$status $upstream_addr';\n    access_log {tmp}/access.log st;")
     with Backends(respond(body=b"ok")) as bk:
-        lb = Scriptlb(text, tmp_path, use_uvloop=False, tmp=tmp_path, servers=servers(bk[0].addr))
+        lb = Scriptlb(text, tmp_path, tmp=tmp_path, servers=servers(bk[0].addr))
         loop = lb.thread.loop
         original = loop.create_connection
         opened: list = []
@@ -266,7 +267,7 @@ def test_client_gone_while_connecting(tmp_path: Path, capfd) -> None:
                 time.sleep(0.05)  # (the request is in, the connect under way)
                 # a reset, not a half-close (a half-closed client may still read the answer)
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            assert wait_until(lambda: (tmp_path / "access.log").exists()
+            wait_for(lambda: (tmp_path / "access.log").exists()
                               and "499" in (tmp_path / "access.log").read_text())
             # the connect for /gone was cancelled (or, had it finished, closed unused)
             time.sleep(0.4)
@@ -297,7 +298,7 @@ def test_closed_connections_leave_no_reference_cycles(tmp_path: Path) -> None:
         try:
             for i in range(20):
                 assert get(lb.port, f"/{i}", {"Connection": "close"}).status == 200
-            assert wait_until(lambda: len(lb.thread.worker.contexts[0].connections) == 0)
+            wait_for(lambda: len(lb.thread.worker.contexts[0].connections) == 0)
             gc.collect()
             ours = sorted({type(o).__qualname__ for o in gc.garbage
                            if type(o).__module__.startswith("scriptlb")})

@@ -1,4 +1,4 @@
-"""Live peer statistics as the proxy records them (issue 5, part 3), through real sockets: what
+"""Live peer statistics as the proxy records them, through real sockets: what
 every try leaves in ``scriptlb.state.stats`` (requests, failures, active, last status, the averages),
 weights set through the shared file reaching the round robin, ``python_peer_stats off``, and a
 real master with two workers whose figures add up (and survive a reload, not a restart)."""

@@ -4,9 +4,8 @@ expiry by the sweep timer, connections that die while idle."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
-import pytest
+from helpers import run_loop_until
 
 from scriptlb.http.pool import ConnectionPool
 from scriptlb.http.upstream import ConnState
@@ -52,13 +51,6 @@ class FakeConn:
 
 A = ("127.0.0.1:1", "")
 B = ("127.0.0.1:2", "")
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def test_release_and_acquire_most_recent_first(loop: asyncio.AbstractEventLoop) -> None:
@@ -113,13 +105,7 @@ def test_sweep_closes_expired_connections(loop: asyncio.AbstractEventLoop) -> No
     old = FakeConn(A)
     pool.release(old)  # type: ignore[arg-type]
 
-    async def wait_expired() -> None:
-        for _ in range(100):
-            if old.closed:
-                return
-            await asyncio.sleep(0.01)
-
-    loop.run_until_complete(wait_expired())
+    run_loop_until(loop, lambda: old.closed, what="the idle timeout")
     assert old.closed and len(pool) == 0 and pool.expired == 1
     assert pool.acquire(A) is None
 

@@ -16,21 +16,12 @@ from pathlib import Path
 
 import pytest
 from helpers import Backends, Scriptlb, answers, free_ports, get, respond, wait_for
-from test_round_robin import NGINX
-
-from scriptlb.config.model import PythonConf
-from scriptlb.hookrt import hooks
+from nginx_oracle import NGINX, http_conf, nginx_process
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA_MODULE_DIR = "/usr/lib/nginx/modules"
 LUA_MODULES = ("ndk_http_module.so", "ngx_http_lua_module.so")
 HAS_LUA = NGINX is not None and all(os.path.exists(f"{LUA_MODULE_DIR}/{m}") for m in LUA_MODULES)
-
-
-@pytest.fixture(autouse=True)
-def _default_python_settings() -> Iterator[None]:
-    yield
-    hooks.configure(PythonConf())  # the worker threads configured the process-wide importer
 
 
 # --------------------------------------------------------------------------- a ported hook
@@ -214,34 +205,12 @@ FAILING_HOOKS = {  # (Lua, Python): each fails the run
 
 @contextlib.contextmanager
 def nginx_lua(tmp_path: Path, upstreams: str, locations: str, port: int) -> Iterator[None]:
-    (tmp_path / "logs").mkdir(parents=True, exist_ok=True)
     loads = "".join(f"load_module {LUA_MODULE_DIR}/{m};\n" for m in LUA_MODULES)
-    (tmp_path / "nginx.conf").write_text(f"""{loads}
-daemon off; master_process off; worker_processes 1; pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/logs/error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
-    fastcgi_temp_path {tmp_path}/fcgi; uwsgi_temp_path {tmp_path}/uwsgi; scgi_temp_path {tmp_path}/scgi;
-    lua_package_path "/usr/share/lua/5.1/?.lua;;";
+    http_block = f"""lua_package_path "/usr/share/lua/5.1/?.lua;;";
 {upstreams}
-    server {{ listen 127.0.0.1:{port}; {locations} }}
-}}
-""")
-    proc = subprocess.Popen([NGINX or "nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: answers(port, "/") is not None or proc.poll() is not None, what="nginx to serve")
-        assert proc.poll() is None, (tmp_path / "logs" / "error.log").read_text()
+    server {{ listen 127.0.0.1:{port}; {locations} }}"""
+    with nginx_process(tmp_path, http_conf(tmp_path, http_block, head=loads)):
         yield
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.nginx

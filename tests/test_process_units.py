@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import free_ports
 
 from scriptlb.config.model import HttpConf, ListenConf, MainConf, ServerConf
 from scriptlb.process import daemon
@@ -25,9 +26,7 @@ def main_conf(*listens: ListenConf, workers: int = 2) -> MainConf:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @pytest.fixture

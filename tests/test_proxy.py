@@ -55,22 +55,17 @@ def servers(*backends: object, extra: str = "") -> str:
     return "\n".join(f"server {b.addr} {extra};" for b in backends)  # type: ignore[attr-defined]
 
 
-@pytest.fixture(params=["uvloop", "asyncio"])
-def loop_kind(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-def run(text: str, tmp_path: Path, loop_kind: str = "uvloop") -> Scriptlb:
-    return Scriptlb(text, tmp_path, use_uvloop=loop_kind == "uvloop", tmp=tmp_path)
+def run(text: str, tmp_path: Path) -> Scriptlb:
+    return Scriptlb(text, tmp_path, tmp=tmp_path)
 
 
 # --------------------------------------------------------------------------- basics
 
 
-def test_round_robin_rotation_and_upstream_keepalive(tmp_path: Path, loop_kind: str) -> None:
+def test_round_robin_rotation_and_upstream_keepalive(tmp_path: Path) -> None:
     with Backends(respond(body=b"a"), respond(body=b"b"), respond(body=b"c")) as bk:
         text = conf(servers(bk[0], extra="weight=5") + servers(bk[1], bk[2]) + "keepalive 8;", KEEPALIVE)
-        with run(text, tmp_path, loop_kind) as lb, HttpConnection(lb.port) as client:
+        with run(text, tmp_path) as lb, HttpConnection(lb.port) as client:
             bodies = [client.request("GET", "/").body.decode() for _ in range(14)]
         assert " ".join(bodies) == "a a b a c a a a a b a c a a"
         # one upstream connection per backend, reused for every request
@@ -153,11 +148,11 @@ def test_response_headers_rewritten(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- failures and retries
 
 
-def test_refused_port_fails_over_to_next_peer(tmp_path: Path, loop_kind: str) -> None:
+def test_refused_port_fails_over_to_next_peer(tmp_path: Path) -> None:
     dead = closed_port()
     with Backends(respond(body=b"alive")) as bk:
         text = conf(f"server 127.0.0.1:{dead};" + servers(bk[0]))
-        with run(text, tmp_path, loop_kind) as lb:
+        with run(text, tmp_path) as lb:
             assert get(lb.port, "/").body == b"alive"
         log = (tmp_path / "error.log").read_text()
         assert ("connect() failed (111: Connection refused) while connecting to upstream, "
@@ -174,15 +169,15 @@ def test_all_refused_gives_502_page(tmp_path: Path) -> None:
     assert response.header("content-type") == "text/html"
 
 
-def test_5xx_retried_only_when_listed(tmp_path: Path, loop_kind: str) -> None:
+def test_5xx_retried_only_when_listed(tmp_path: Path) -> None:
     with (
         Backends(respond(502, b"bad"), respond(200, b"good")) as bk,
-        run(conf(servers(*bk), "proxy_next_upstream error http_502;"), tmp_path, loop_kind) as lb,
+        run(conf(servers(*bk), "proxy_next_upstream error http_502;"), tmp_path) as lb,
     ):
         assert [get(lb.port, "/").body for _ in range(2)] == [b"good", b"good"]
     with (
         Backends(respond(502, b"bad"), respond(200, b"good")) as bk,
-        run(conf(servers(*bk)), tmp_path, loop_kind) as lb,
+        run(conf(servers(*bk)), tmp_path) as lb,
     ):
         first = get(lb.port, "/")
         assert (first.status, first.body) == (502, b"bad")  # the upstream's own response
@@ -199,10 +194,10 @@ def test_last_try_passes_upstream_status_response_through(tmp_path: Path) -> Non
     assert len(bk[0].requests) + len(bk[1].requests) == 2
 
 
-def test_hanging_backend_times_out_with_504(tmp_path: Path, loop_kind: str) -> None:
+def test_hanging_backend_times_out_with_504(tmp_path: Path) -> None:
     with (
         Backends(hang()) as bk,
-        run(conf(servers(bk[0]), "proxy_read_timeout 200ms;"), tmp_path, loop_kind) as lb,
+        run(conf(servers(bk[0]), "proxy_read_timeout 200ms;"), tmp_path) as lb,
     ):
         response = get(lb.port, "/")
     assert response.status == 504
@@ -218,10 +213,10 @@ def test_backend_closing_early_gives_502(tmp_path: Path) -> None:
     assert "upstream prematurely closed connection while reading response header from upstream" in log
 
 
-def test_garbage_backend_gives_502_invalid_header(tmp_path: Path, loop_kind: str) -> None:
+def test_garbage_backend_gives_502_invalid_header(tmp_path: Path) -> None:
     with (
         Backends(raw(b"\x00\x01garbage\r\n\r\n")) as bk,
-        run(conf(servers(bk[0])), tmp_path, loop_kind) as lb,
+        run(conf(servers(bk[0])), tmp_path) as lb,
     ):
         response = get(lb.port, "/")
     assert response.status == 502
@@ -229,11 +224,11 @@ def test_garbage_backend_gives_502_invalid_header(tmp_path: Path, loop_kind: str
     assert "upstream sent invalid header while reading response header from upstream" in log
 
 
-def test_backend_closing_mid_body_closes_client_connection(tmp_path: Path, loop_kind: str) -> None:
+def test_backend_closing_mid_body_closes_client_connection(tmp_path: Path) -> None:
     truncated = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10
     with (
         Backends(raw(truncated)) as bk,
-        run(conf(servers(bk[0])), tmp_path, loop_kind) as lb,
+        run(conf(servers(bk[0])), tmp_path) as lb,
         HttpConnection(lb.port) as client,
     ):
         response = client.request("GET", "/")
@@ -258,11 +253,11 @@ def test_chunked_body_truncated_by_backend_aborts_client(tmp_path: Path) -> None
 # --------------------------------------------------------------------------- framing
 
 
-def test_chunked_response_reframed_for_11_and_close_delimited_for_10(tmp_path: Path, loop_kind: str) -> None:
+def test_chunked_response_reframed_for_11_and_close_delimited_for_10(tmp_path: Path) -> None:
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
     with (
         Backends(raw(chunked, close=False)) as bk,
-        run(conf(servers(bk[0])), tmp_path, loop_kind) as lb,
+        run(conf(servers(bk[0])), tmp_path) as lb,
         HttpConnection(lb.port) as client,
     ):
         response = client.request("GET", "/")
@@ -296,10 +291,10 @@ def test_chunked_request_body_is_buffered_and_sent_with_length(tmp_path: Path) -
     assert response.body.endswith(b"\n\nabcdefg")
 
 
-def test_expect_100_continue(tmp_path: Path, loop_kind: str) -> None:
+def test_expect_100_continue(tmp_path: Path) -> None:
     with (
         Backends(echo()) as bk,
-        run(conf(servers(bk[0])), tmp_path, loop_kind) as lb,
+        run(conf(servers(bk[0])), tmp_path) as lb,
         HttpConnection(lb.port) as client,
     ):
         client.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
@@ -323,10 +318,10 @@ def test_head_has_no_body_and_connection_is_reused(tmp_path: Path) -> None:
         assert client.request("GET", "/").body == b"0123456789"
 
 
-def test_pipelined_requests_answered_in_order(tmp_path: Path, loop_kind: str) -> None:
+def test_pipelined_requests_answered_in_order(tmp_path: Path) -> None:
     with (
         Backends(echo()) as bk,
-        run(conf(servers(bk[0])), tmp_path, loop_kind) as lb,
+        run(conf(servers(bk[0])), tmp_path) as lb,
         HttpConnection(lb.port) as client,
     ):
         client.send(b"".join(build_request("GET", f"/{p}") for p in ("one", "ret", "two", "three")))
@@ -337,10 +332,10 @@ def test_pipelined_requests_answered_in_order(tmp_path: Path, loop_kind: str) ->
     assert bodies[3].startswith(b"GET /three ")
 
 
-def test_client_max_body_size_413(tmp_path: Path, loop_kind: str) -> None:
+def test_client_max_body_size_413(tmp_path: Path) -> None:
     with (
         Backends(echo()) as bk,
-        run(conf(servers(bk[0]), "client_max_body_size 10;"), tmp_path, loop_kind) as lb,
+        run(conf(servers(bk[0]), "client_max_body_size 10;"), tmp_path) as lb,
     ):
         data = raw_exchange(lb.port, build_request("POST", "/", body=b"x" * 11))
         assert data.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n")

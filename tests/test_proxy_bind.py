@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import Scriptlb, raw_exchange
-from test_round_robin import NGINX, free_ports, nginx_running
+from helpers import Scriptlb, free_ports, raw_exchange
+from nginx_oracle import NGINX, nginx_running
 
 from scriptlb.config.errors import ConfigError
 
@@ -42,8 +42,7 @@ def test_proxy_bind_as_nginx(tmp_path: Path) -> None:
     ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
     ngx_dir.mkdir()
     lb_dir.mkdir()
-    with nginx_running(ngx_dir, BLOCK.format(front=f"127.0.0.1:{front}", back=f"127.0.0.1:{back}"),
-                       [front, back]):
+    with nginx_running(ngx_dir, BLOCK.format(front=f"127.0.0.1:{front}", back=f"127.0.0.1:{back}")):
         theirs = [_seen(front, path) for path in PATHS]
     block = BLOCK.format(front="{port0}", back="127.0.0.1:{port1}")
     with Scriptlb(f"daemon off; master_process off;\nhttp {{ {block} }}", lb_dir, listens=2) as lb:

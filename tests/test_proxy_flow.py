@@ -24,7 +24,7 @@ from helpers import (
     raw,
     respond,
     stream,
-    wait_until,
+    wait_for,
 )
 
 CONF = """
@@ -84,7 +84,7 @@ def test_slow_client_pauses_the_upstream_instead_of_buffering(
         client.connect(("127.0.0.1", lb.port))
         client.settimeout(10)
         client.sendall(build_request("GET", "/big"))
-        assert wait_until(lambda: proxy_buffers(lb)[1]), "the upstream was never paused"
+        wait_for(lambda: proxy_buffers(lb)[1], what="the upstream to be paused")
         buffered, _ = proxy_buffers(lb)
         assert buffered <= 1024 * 1024  # the transport's high-water mark plus one read, not 64 MB
         assert written[0] < total / 2  # the backend itself is held back through TCP
@@ -112,7 +112,7 @@ def test_stale_pooled_connection_is_retried_on_a_fresh_one(tmp_path: Path) -> No
         HttpConnection(lb.port) as client,
     ):
         assert client.request("GET", "/").body == b"fine"
-        assert wait_until(lambda: len(lb.runtime().upstreams["u"].pool) == 1)
+        wait_for(lambda: len(lb.runtime().upstreams["u"].pool) == 1)
         # the backend forgets its idle connection without the proxy noticing yet: swap the
         # behaviour so the next request on the pooled connection gets no answer but a close
         # the backend will close the pooled connection on the next request without answering:
@@ -142,8 +142,8 @@ def test_idle_pooled_connections_expire(tmp_path: Path) -> None:
     with Backends(respond()) as bk, start(tmp_path, bk[0].addr, idle="100ms") as lb:
         assert get(lb.port, "/").status == 200
         pool = lb.runtime().upstreams["u"].pool
-        assert wait_until(lambda: len(pool) == 1)
-        assert wait_until(lambda: len(pool) == 0, timeout=5)
+        wait_for(lambda: len(pool) == 1)
+        wait_for(lambda: len(pool) == 0, timeout=5)
         assert pool.expired == 1
 
 
@@ -151,10 +151,10 @@ def test_backend_closing_idle_connection_is_dropped_from_pool(tmp_path: Path) ->
     with Backends(respond(close=False)) as bk, start(tmp_path, bk[0].addr) as lb:
         assert get(lb.port, "/").status == 200
         pool = lb.runtime().upstreams["u"].pool
-        assert wait_until(lambda: len(pool) == 1)
+        wait_for(lambda: len(pool) == 1)
         # the backend closes every connection (test teardown of its server's handlers)
         bk.run(_close_backend_connections(bk))
-        assert wait_until(lambda: len(pool) == 0, timeout=5)
+        wait_for(lambda: len(pool) == 0, timeout=5)
         assert get(lb.port, "/").status == 200
     assert bk[0].connections == 2
 
@@ -181,10 +181,10 @@ def test_graceful_stop_finishes_the_request_in_flight(tmp_path: Path) -> None:
         try:
             with HttpConnection(lb.port) as client:
                 client.send(build_request("GET", "/"))
-                assert wait_until(lambda: len(bk[0].requests) == 1)
+                wait_for(lambda: len(bk[0].requests) == 1)
                 stopper.start()
                 # the worker is draining (no longer accepting) while the request is in flight
-                assert wait_until(lambda: lb.thread.worker.contexts[0].shutting_down)
+                wait_for(lambda: lb.thread.worker.contexts[0].shutting_down)
                 release.set()
                 response = client.read_response()
                 assert response.status == 200 and response.body == b"done"
@@ -243,7 +243,7 @@ def test_mixed_misbehaving_peers_under_concurrency_leave_no_loop_errors(tmp_path
             errors = list(lb.thread.loop_errors)
             # nothing left behind: no client connection, no task but the worker's own
             worker = lb.thread.worker
-            assert wait_until(lambda: not any(c.connections for c in worker.contexts))
+            wait_for(lambda: not any(c.connections for c in worker.contexts))
             tasks = in_loop(lb.thread.loop, lambda: [
                 t for t in asyncio.all_tasks() if t is not asyncio.current_task()])
             assert len(tasks) == 1  # Worker.serve itself

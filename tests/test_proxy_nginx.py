@@ -8,8 +8,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from helpers import BackendRequest, Backends, Scriptlb, raw_exchange, read_log_lines, respond
-from test_round_robin import NGINX, free_ports, nginx_running
+from helpers import BackendRequest, Backends, Scriptlb, free_ports, raw_exchange, read_log_lines, respond
+from nginx_oracle import NGINX, nginx_running
 
 pytestmark = [pytest.mark.nginx, pytest.mark.skipif(NGINX is None, reason="nginx is not installed")]
 
@@ -45,7 +45,7 @@ def test_the_peers_reason_phrase_reaches_the_client_as_nginx(tmp_path: Path) -> 
         ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
         ngx_dir.mkdir()
         lb_dir.mkdir()
-        with nginx_running(ngx_dir, block, [port]):
+        with nginx_running(ngx_dir, block):
             theirs = [first_line(raw_exchange(port, r)) for r in requests]
         lb_block = block.replace(f"listen 127.0.0.1:{port};", "listen {port0};")
         with Scriptlb(f"daemon off; master_process off; error_log {lb_dir}/error.log info;\n"
@@ -75,7 +75,7 @@ def test_non_ascii_uri_and_host_are_bytes_as_nginx(tmp_path: Path) -> None:
     ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
     ngx_dir.mkdir()
     lb_dir.mkdir()
-    with nginx_running(ngx_dir, block.format(port=port, log=f"{ngx_dir}/uris.log"), [port]):
+    with nginx_running(ngx_dir, block.format(port=port, log=f"{ngx_dir}/uris.log")):
         theirs = [raw_exchange(port, r).partition(b"\r\n\r\n")[2] for r in requests]
         their_log = read_log_lines(ngx_dir / "uris.log", len(requests))
     lb_block = block.format(port="{port0}", log=f"{lb_dir}/uris.log").replace("listen 127.0.0.1:", "listen ")
@@ -122,7 +122,7 @@ def test_client_timeouts_close_without_a_response_and_log_408_as_nginx(tmp_path:
     ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
     ngx_dir.mkdir()
     lb_dir.mkdir()
-    with nginx_running(ngx_dir, block.format(port=port, peer=peer, log=f"{ngx_dir}/brief.log"), [port]):
+    with nginx_running(ngx_dir, block.format(port=port, peer=peer, log=f"{ngx_dir}/brief.log")):
         theirs = [read_until_closed(port, data).partition(b"\r\n")[0] for data in cases]
         their_log = read_log_lines(ngx_dir / "brief.log", 4)
     lb_block = block.format(port="{port0}", peer=peer, log=f"{lb_dir}/brief.log").replace("127.0.0.1:{port0}",
@@ -159,7 +159,7 @@ def test_sent_http_sees_the_framing_headers_as_nginx(tmp_path: Path) -> None:
         ngx_dir.mkdir()
         lb_dir.mkdir()
         with nginx_running(ngx_dir, block.format(listen=f"127.0.0.1:{port}", peer=bk[0].addr,
-                                                 log=f"{ngx_dir}/sent.log"), [port]):
+                                                 log=f"{ngx_dir}/sent.log")):
             raw_exchange(port, b"".join(requests))
             theirs = read_log_lines(ngx_dir / "sent.log", len(requests))
         lb_block = block.format(listen="{port0}", peer=bk[0].addr, log=f"{lb_dir}/sent.log")

@@ -8,7 +8,7 @@ import asyncio
 import threading
 from pathlib import Path
 
-from helpers import Backends, HttpConnection, Scriptlb, closed_port, respond, wait_until
+from helpers import Backends, HttpConnection, Scriptlb, closed_port, respond, wait_for
 
 CONF = """
 daemon off;
@@ -67,7 +67,7 @@ def test_body_is_streamed_before_the_client_finished(tmp_path: Path) -> None:
                 HttpConnection(lb.port) as client:
             client.send(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 22\r\n\r\nfirst-half-")
             # the peer sees the head and the first half while the client still holds the rest
-            assert wait_until(lambda: recorder.received.endswith(b"first-half-"))
+            wait_for(lambda: recorder.received.endswith(b"first-half-"))
             assert b"Content-Length: 22\r\n" in recorder.received
             client.send(b"second-half")
             response = client.read_response()
@@ -82,7 +82,7 @@ def test_chunked_body_is_passed_on_chunked(tmp_path: Path) -> None:
         with Scriptlb(CONF, tmp_path, tmp=tmp_path, servers=f"server {bk[0].addr};") as lb, \
                 HttpConnection(lb.port) as client:
             client.send(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n")
-            assert wait_until(lambda: b"abcd" in recorder.received)
+            wait_for(lambda: b"abcd" in recorder.received)
             client.send(b"2\r\nef\r\n0\r\n\r\n")
             assert client.read_response().status == 200
     head, _, body = bytes(recorder.received).partition(b"\r\n\r\n")

@@ -14,13 +14,14 @@ from helpers import (
     HttpConnection,
     Scriptlb,
     closed_port,
+    free_ports,
     get,
     hang,
     raw_exchange,
     read_log_lines,
     respond,
 )
-from test_round_robin import NGINX, free_ports, nginx_running
+from nginx_oracle import NGINX, nginx_running
 
 
 def conf(upstream: str, location: str = "") -> str:
@@ -229,7 +230,7 @@ def test_failed_and_no_live_tries_show_times_as_nginx(tmp_path: Path) -> None:
     lb_block = ngx_block.replace(f"{ngx_dir}/times.log", f"{lb_dir}/times.log").replace(
         f"listen 127.0.0.1:{port};", "listen {port0};")
     with silent:
-        with nginx_running(ngx_dir, ngx_block, [port]):
+        with nginx_running(ngx_dir, ngx_block):
             for path in paths:
                 get(port, path)
             theirs = read_log_lines(ngx_dir / "times.log", len(paths))

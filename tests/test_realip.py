@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import Scriptlb, raw_exchange
-from test_round_robin import NGINX, free_ports, nginx_running
+from helpers import Scriptlb, free_ports, raw_exchange
+from nginx_oracle import NGINX, nginx_running
 
 from scriptlb.config.errors import ConfigError
 from scriptlb.request.realip import parse_addr_port
@@ -85,7 +85,7 @@ def test_realip_takes_the_address_nginx_takes(tmp_path: Path) -> None:
     ngx_dir.mkdir()
     lb_dir.mkdir()
     listens = {f"listen{i}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
-    with nginx_running(ngx_dir, BLOCK.format(**listens), ports):
+    with nginx_running(ngx_dir, BLOCK.format(**listens)):
         theirs = [_seen(raw_exchange(ports[server], r)) for server, r in requests]
     placeholders = {f"listen{i}": f"{{port{i}}}" for i in range(3)}
     with Scriptlb("daemon off; master_process off;\nhttp { " + BLOCK.format(**placeholders) + " }",
@@ -158,7 +158,7 @@ def test_proxy_protocol_listen_and_realip_as_nginx(tmp_path: Path) -> None:
     ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
     ngx_dir.mkdir()
     lb_dir.mkdir()
-    with nginx_running(ngx_dir, PP_BLOCK.format(listen=f"127.0.0.1:{port}"), [port]):
+    with nginx_running(ngx_dir, PP_BLOCK.format(listen=f"127.0.0.1:{port}")):
         theirs = [_pp_seen(raw_exchange(port, r)) for r in requests]
         theirs_broken = raw_exchange(port, broken)
     with Scriptlb(f"daemon off; master_process off; error_log {lb_dir}/error.log info;\n"

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, scriptlb_cmd
 
 from scriptlb.replay.logs import LineParser, format_template, parse_tries
-from scriptlb.replay.run import progress_bar
+from scriptlb.replay.run import RESOLUTION, in_log_order, progress_bar
 
 sys.path.insert(0, str(ROOT / "bench"))
 from gen_access_log import FORMAT, generate
@@ -327,6 +327,17 @@ def test_hook_fallbacks_are_counted(tmp_path: Path, day_log: Path) -> None:
     )["results"][0]
     assert result["fallbacks"]["runtime_error"] > 0 and result["hook_log_lines"] > 0
     assert shares(result)["127.0.0.1:9001"] > 0.8
+
+
+@pytest.mark.unit
+def test_arrivals_closer_than_the_logs_resolution_keep_their_log_order() -> None:
+    """$msec - $request_time, both in milliseconds: a request logged after another may compute
+    an arrival up to 2 ms before it while it came after (sequential requests): log order wins;
+    a request that arrived clearly earlier (a slow one logged late) keeps its own time."""
+    assert in_log_order(100.0, 99.0) == 100.0  # in order
+    assert in_log_order(100.0 - RESOLUTION / 2, 100.0) == 100.0  # within the resolution: log order
+    assert in_log_order(100.0 - 2 * RESOLUTION, 100.0) == 100.0 - 2 * RESOLUTION  # really earlier
+    assert in_log_order(5.0, float("-inf")) == 5.0  # the first line
 
 
 def test_progress_bar() -> None:

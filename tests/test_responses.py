@@ -181,7 +181,8 @@ def test_prebuilt_responses_are_reused_within_a_second_and_rebuilt_after() -> No
 
 # --------------------------------------------------------------------------- against a real nginx
 
-from test_round_robin import NGINX, free_ports, nginx_running  # noqa: E402  (the shared runner)
+from helpers import free_ports  # noqa: E402
+from nginx_oracle import NGINX, nginx_running  # noqa: E402
 
 
 def exchange_raw(port: int, request: bytes) -> bytes:
@@ -263,7 +264,7 @@ def test_error_responses_equal_a_real_nginx(tmp_path: Path) -> None:
         http {{ {lb_block} }}
     """
     with silent:
-        with nginx_running(tmp_path, http_block, [port]):
+        with nginx_running(tmp_path, http_block):
             answers = [exchange_raw(port, request) for _, request in cases]
         with Scriptlb(lb_conf, lb_dir) as lb:  # the same server behind scriptlb: the whole pipeline
             lb_answers = [exchange_raw(lb.port, request) for _, request in cases]

@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import os
-import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from balancing_kit import letter, peer_set, server
 from helpers import Scriptlb, free_ports
+from nginx_oracle import NGINX, nginx_running
 
 from scriptlb.balancing import RoundRobin, create_balancer
 from scriptlb.config.model import NextUpstream, PeerAddr, ProxyConf, UpstreamConf, UpstreamServerConf
@@ -34,23 +31,11 @@ from scriptlb.request.retry import (
     is_idempotent,
     last_failure_status,
 )
-from scriptlb.state.peers import Peer, PeerSet
-
-PORTS = {"a": 9001, "b": 9002, "c": 9003, "d": 9004, "e": 9005}
-NAMES = {f"127.0.0.1:{port}": letter for letter, port in PORTS.items()}
-
-
-def server(letter: str, **params: object) -> UpstreamServerConf:
-    addr = PeerAddr("127.0.0.1", PORTS[letter])
-    return UpstreamServerConf(name=addr.name, addrs=(addr,), **params)  # type: ignore[arg-type]
+from scriptlb.state.peers import PeerSet
 
 
 def balancer(*servers: UpstreamServerConf) -> RoundRobin:
-    return RoundRobin(PeerSet.from_conf(UpstreamConf(name="backend", servers=servers)))
-
-
-def letter(peer: Peer | None) -> str:
-    return "-" if peer is None else NAMES[peer.name]
+    return RoundRobin(peer_set(*servers))
 
 
 def pick(rr: RoundRobin, now: float = 100.0, failed: bool = False) -> str:
@@ -430,54 +415,6 @@ def test_rebuild_keeps_requests_in_flight_on_their_peer_set() -> None:
 # ($upstream_addr, $upstream_status) and final status must be identical. Backends are nginx
 # `return` servers, a refused port ("connect() failed") and a server answering 502.
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-
-
-@contextlib.contextmanager
-def nginx_running(tmp_path: Path, http_block: str, wait_ports: list[int]) -> Iterator[Path]:
-    """A real nginx (one process) serving ``http_block``; yields its prefix directory."""
-    assert NGINX is not None
-    (tmp_path / "logs").mkdir(exist_ok=True)
-    (tmp_path / "nginx.conf").write_text(
-        f"""
-        daemon off; master_process off; worker_processes 1; pid {tmp_path}/nginx.pid;
-        error_log {tmp_path}/logs/error.log;
-        events {{ worker_connections 128; }}
-        http {{
-            access_log off;
-            client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy;
-            fastcgi_temp_path {tmp_path}/fcgi; uwsgi_temp_path {tmp_path}/uwsgi;
-            scgi_temp_path {tmp_path}/scgi;
-            {http_block}
-        }}
-        """
-    )
-    proc = subprocess.Popen(
-        [NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        for port in wait_ports:
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError((tmp_path / "logs/error.log").read_text()) from None
-                    time.sleep(0.02)
-        yield tmp_path
-    finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 # behaviours that fail the try itself -> nginx's failure kind
 _TRY_FAILURES = {
     "refused": Failure.ERROR,
@@ -613,7 +550,7 @@ def test_trails_match_a_real_nginx(tmp_path: Path) -> None:
             server {{ listen 127.0.0.1:{{port0}}; {locations.replace(str(tmp_path / "logs"), str(lb_dir))} }}
         }}
     """
-    with nginx_running(tmp_path, http_block, [proxy, ok_a, bad]):
+    with nginx_running(tmp_path, http_block):
         drive(proxy)
         # the same upstreams behind scriptlb's own proxy (nginx still serves the backends)
         with Scriptlb(lb_conf, lb_dir) as lb:
@@ -733,7 +670,7 @@ def test_non_idempotent_trails_match_a_real_nginx(tmp_path: Path) -> None:
             }}
         """
         order = [(method, u) for u in masks for method in ("GET", "POST", "POST", "PATCH", "PUT", "GET")]
-        with nginx_running(tmp_path, http_block, [proxy, ok]):
+        with nginx_running(tmp_path, http_block):
             conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=5)
             for method, upstream_name in order:
                 conn.request(method, f"/{upstream_name}", body=b"x" if method != "GET" else None)
@@ -772,7 +709,7 @@ def test_effective_weight_recovery_matches_a_real_nginx(tmp_path: Path) -> None:
                 location / {{ proxy_pass http://flaky; access_log {tmp_path}/logs/trail.log trail; }}
             }}
         """
-        with nginx_running(tmp_path, http_block, [proxy, ok_b, ok_c]):
+        with nginx_running(tmp_path, http_block):
             conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=5)
             for _ in range(30):
                 conn.request("GET", "/r")
@@ -829,7 +766,7 @@ def test_status_failures_are_counted_as_nginx_counts_them(tmp_path: Path) -> Non
         }}
     """
     order = [u for u in cases for _ in range(5)]
-    with nginx_running(tmp_path, http_block, [proxy, ok, *status_ports]):
+    with nginx_running(tmp_path, http_block):
         conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=5)
         for upstream_name in order:
             conn.request("GET", f"/{upstream_name}")
@@ -870,7 +807,7 @@ def test_next_upstream_timeout_matches_a_real_nginx(tmp_path: Path) -> None:
                 }}
             }}
         """
-        with nginx_running(tmp_path, http_block, [proxy, ok]):
+        with nginx_running(tmp_path, http_block):
             conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=10)
             for _ in range(4):
                 conn.request("GET", "/t")
@@ -919,7 +856,7 @@ def test_invalid_header_and_timeout_match_a_real_nginx(tmp_path: Path) -> None:
             }}
         """
         order = [u for u in cases for _ in range(2)]
-        with nginx_running(tmp_path, http_block, [proxy, ok]):
+        with nginx_running(tmp_path, http_block):
             conn = http.client.HTTPConnection("127.0.0.1", proxy, timeout=10)
             for upstream_name in order:
                 conn.request("GET", f"/{upstream_name}")
@@ -1004,7 +941,7 @@ def test_failure_kinds_through_scriptlb_match_a_real_nginx(tmp_path: Path) -> No
                 conn.getresponse().read()
             conn.close()
 
-        with nginx_running(tmp_path, http_block, [proxy, ok, *status_ports]):
+        with nginx_running(tmp_path, http_block):
             drive(proxy)
             with Scriptlb(lb_conf, lb_dir) as lb:
                 drive(lb.port)

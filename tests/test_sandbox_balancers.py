@@ -9,7 +9,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hook_helpers import exchange, run, runner, upstream
+from hook_helpers import (
+    BUDGET,
+    assert_compile_error,
+    assert_harmless,
+    assert_runtime_error,
+    exchange,
+    run,
+    runner,
+    upstream,
+)
 
 from scriptlb.config.model import HookConf, PythonConf, Source
 from scriptlb.hookrt.hooks import HookRunner
@@ -65,9 +74,7 @@ COMPILE_ERRORS = {
 
 @pytest.mark.parametrize(("code", "message"), COMPILE_ERRORS.values(), ids=COMPILE_ERRORS.keys())
 def test_compile_errors(code: str, message: str) -> None:
-    result = run(SETUP + code + PEER)
-    assert result.kind == "compile_error"
-    assert message in result.outcome.message
+    assert_compile_error(SETUP + code + PEER, message)
 
 
 RUNTIME_ERRORS = {
@@ -126,11 +133,8 @@ RUNTIME_ERRORS = {
 
 @pytest.mark.parametrize(("code", "message"), RUNTIME_ERRORS.values(), ids=RUNTIME_ERRORS.keys())
 def test_runtime_errors(code: str, message: str) -> None:
-    result = run(SETUP + code + PEER, timeout=0.5)
     # refused up front: a runtime error, not the budget's timeout after doing the work
-    assert result.kind == "runtime_error", result.outcome.message
-    assert message in result.outcome.message
-    assert result.outcome.addr is None
+    assert_runtime_error(SETUP + code + PEER, message, timeout=0.5)
 
 
 HARMLESS = {
@@ -155,9 +159,7 @@ HARMLESS = {
 
 @pytest.mark.parametrize(("code", "expected"), HARMLESS.values(), ids=HARMLESS.keys())
 def test_harmless(code: str, expected: object) -> None:
-    result = run(SETUP + code + PEER)
-    assert result.kind is None, result.outcome.message
-    assert result.ctx["v"] == expected
+    assert assert_harmless(SETUP + code + PEER).ctx["v"] == expected
 
 
 def test_an_attack_in_one_hook_leaves_the_module_intact_for_others() -> None:
@@ -199,7 +201,8 @@ if node is not None:
 def _module_runner(tmp_path: Path, code: str) -> HookRunner:
     (tmp_path / "lbring.py").write_text(RING_MODULE)
     python = PythonConf(package_path=(str(tmp_path / "?.py"),))
-    hook = HookConf("block", None, textwrap.dedent(code), Source("/t/t.conf", 1), timeout=0.05, first_line=2)
+    hook = HookConf("block", None, textwrap.dedent(code), Source("/t/t.conf", 1), timeout=BUDGET,
+                    first_line=2)
     return HookRunner(hook, upstream(4), python, log=lambda *_: None)
 
 

@@ -28,7 +28,10 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
                           cwd=cwd, timeout=30, env=env)
 
 
-def small_conf(port: int, extra: str = "") -> str:
+def small_conf(port: int | str, extra: str = "") -> str:
+    """A one-server config listening on 127.0.0.1:``port``, or on ``port`` when it is text
+    (``unix:/path``)."""
+    listen = port if isinstance(port, str) else f"127.0.0.1:{port}"
     return textwrap.dedent(f"""\
         daemon off;
         error_log logs/error.log notice;
@@ -36,7 +39,7 @@ def small_conf(port: int, extra: str = "") -> str:
         events {{}}
         http {{
             server {{
-                listen 127.0.0.1:{port};
+                listen {listen};
                 access_log logs/access.log;
                 location / {{ return 200 "up\\n"; }}
             }}
@@ -161,16 +164,23 @@ def test_demo_runs_the_packaged_config_in_a_temporary_prefix(tmp_path: Path) -> 
 
 
 def test_sd_notify_ready_reloading_stopping(tmp_path: Path) -> None:
-    port = free_ports(1)[0]
+    # a unix listener: no TCP port another test process could take between choosing and binding
     (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "scriptlb.conf").write_text(small_conf(port))
+    (tmp_path / "conf" / "scriptlb.conf").write_text(small_conf(f"unix:{tmp_path}/lb.sock"))
     notify_path = str(tmp_path / "notify")
     sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sink.bind(notify_path)
+    # each step may take seconds on a loaded machine (a fork, a reload, a graceful stop); the
+    # bounds stay under the test's own 60 s so a stuck step says which one, with the error log
     sink.settimeout(15)
     env = dict(os.environ, NOTIFY_SOCKET=notify_path)
     proc = subprocess.Popen([sys.executable, "-m", "scriptlb"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def error_log() -> str:
+        path = tmp_path / "logs" / "error.log"
+        return path.read_text()[-3000:] if path.exists() else "(no error log)"
+
     try:
         assert sink.recv(4096).decode() == f"READY=1\nMAINPID={proc.pid}"
         proc.send_signal(signal.SIGHUP)
@@ -178,7 +188,12 @@ def test_sd_notify_ready_reloading_stopping(tmp_path: Path) -> None:
         assert sink.recv(4096) == b"READY=1"
         proc.send_signal(signal.SIGQUIT)
         assert sink.recv(4096) == b"STOPPING=1"
-        assert proc.wait(timeout=15) == 0
+        try:
+            assert proc.wait(timeout=20) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the master did not exit after QUIT:\n" + error_log()) from None
+    except TimeoutError:
+        raise AssertionError("no notification in time:\n" + error_log()) from None
     finally:
         sink.close()
         if proc.poll() is None:

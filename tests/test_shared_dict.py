@@ -377,6 +377,7 @@ INCR_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.integration  # real processes
 def test_two_processes_incr_leave_exactly_2n(tmp_path: Path) -> None:
     n = 5000
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -414,6 +415,7 @@ def test_two_processes_incr_leave_exactly_2n(tmp_path: Path) -> None:
         d.close()
 
 
+@pytest.mark.integration  # real processes
 def test_forked_child_reopens_and_shares(tmp_path: Path) -> None:
     d = SharedDict(str(tmp_path), "forked", 1 << 20)
     try:
@@ -530,6 +532,7 @@ CHURN_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.integration  # real processes
 def test_two_processes_evicting_keep_the_budget_consistent(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = [
@@ -607,6 +610,7 @@ GROW_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.integration  # real processes
 def test_a_dict_grown_by_another_process_stays_usable(tmp_path: Path) -> None:
     """A reload may reopen a dict with a larger size while old workers still use it: their
     handle must adopt the larger map (LMDB's MDB_MAP_RESIZED) instead of failing."""

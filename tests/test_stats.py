@@ -377,6 +377,7 @@ def finish(procs: list[subprocess.Popen[str]]) -> None:
         assert out == "done\n" and proc.returncode == 0
 
 
+@pytest.mark.integration  # real processes
 def test_two_processes_leave_exact_totals(tmp_path: Path) -> None:
     count = 50_000
     finish(start_recorders(tmp_path, count, "finish"))
@@ -387,6 +388,7 @@ def test_two_processes_leave_exact_totals(tmp_path: Path) -> None:
     reader.close()
 
 
+@pytest.mark.integration  # real processes
 def test_a_dead_process_keeps_its_history_and_loses_its_active_tries(tmp_path: Path) -> None:
     watcher = PeerStats.open(str(tmp_path), layout())
     a = watcher.slot("u", False, 0)
@@ -398,6 +400,7 @@ def test_a_dead_process_keeps_its_history_and_loses_its_active_tries(tmp_path: P
     watcher.close()
 
 
+@pytest.mark.integration  # real processes
 def test_a_weight_set_in_another_process_reaches_this_one(stats: PeerStats, tmp_path: Path) -> None:
     seen = stats.weight_generation
     finish(start_recorders(tmp_path, 0, "set_weight", processes=1))
@@ -405,6 +408,7 @@ def test_a_weight_set_in_another_process_reaches_this_one(stats: PeerStats, tmp_
     assert stats.snapshot("u", False, 1)["weight_override"] == 5
 
 
+@pytest.mark.integration  # real processes
 def test_no_free_shard(tmp_path: Path) -> None:
     first = PeerStats.open(str(tmp_path), layout(), shards=1)
     again = PeerStats.open(str(tmp_path), layout())  # the same process: the shard it has
@@ -422,6 +426,7 @@ def test_no_free_shard(tmp_path: Path) -> None:
     first.close()
 
 
+@pytest.mark.integration  # real processes
 def test_a_forked_child_records_in_its_own_shard(stats: PeerStats) -> None:
     a = stats.slot("u", False, 0)
     stats.record_start(a)
@@ -453,6 +458,7 @@ def wait_child(pid: int) -> int:
     pytest.fail("child did not finish")
 
 
+@pytest.mark.integration  # real processes
 def test_a_forked_child_without_a_free_shard_records_privately(tmp_path: Path) -> None:
     only = PeerStats.open(str(tmp_path), layout(), shards=1)
     a = only.slot("u", False, 0)

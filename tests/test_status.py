@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from scriptlb.ops.status import WorkerStatus, stub_status_text
 
 
@@ -21,6 +23,7 @@ def fake_connection(active: object = None, reading: bool = False) -> FakeConnect
     return FakeConnection(active, reading)
 
 
+@pytest.mark.integration  # real processes
 def test_a_dead_workers_counters_stay_and_its_connections_go(tmp_path: Path) -> None:
     pid = os.fork()
     if pid == 0:  # a worker that counted, published and died without closing its row

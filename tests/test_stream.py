@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Scriptlb, free_ports, load_conf, master_process, read_log_lines, wait_until
+from helpers import Scriptlb, free_ports, load_conf, master_process, read_log_lines, wait_for
 from stream_helpers import (
     HAS_NGINX_STREAM,
     TcpPeer,
     TlsPeer,
     banner,
+    banner_from,
     close_at_once,
     echo,
     never_read,
@@ -161,7 +162,7 @@ def test_a_peer_that_greets_and_closes_at_once_is_a_complete_session(tmp_path: P
         lines = session_log(tmp_path, 5)
         upstream = lb.thread.worker.stream.upstreams["u"]
         (only,) = upstream.peers.primary
-        assert wait_until(lambda: upstream.stats.figures(only)[:2] == (5, 0))  # 5 tries, 0 failures
+        wait_for(lambda: upstream.stats.figures(only)[:2] == (5, 0))  # 5 tries, 0 failures
     for line in lines:
         assert line.startswith(f'200 2 0 "{peer.addr}" "0" "2" "0.0')
 
@@ -292,12 +293,8 @@ def test_hook_picks_the_peer_by_remote_addr_on_a_consistent_ring(tmp_path: Path)
                 }}
                 server {{ listen 127.0.0.1:{{port0}}; proxy_pass u; }}
             }}""", tmp_path) as lb:
-        def which(source: str) -> bytes:
-            with socket.create_connection(("127.0.0.1", lb.port), 10, (source, 0)) as conn:
-                return conn.recv(1)
-
-        first = {source: which(source) for source in sources}
-        again = {source: which(source) for source in sources}
+        first = {source: banner_from(lb.port, source) for source in sources}
+        again = {source: banner_from(lb.port, source) for source in sources}
     assert first == again
     assert len(set(first.values())) >= 2  # 8 addresses on 3 peers: not all on one
 
@@ -309,16 +306,12 @@ def test_hash_remote_addr_consistent_and_statistics(tmp_path: Path) -> None:
                 upstream u {{ hash $remote_addr consistent; server {a.addr}; server {b.addr}; }}
                 server {{ listen 127.0.0.1:{{port0}}; proxy_pass u; }}
             }}""", tmp_path) as lb:
-        def which(source: str) -> bytes:
-            with socket.create_connection(("127.0.0.1", lb.port), 10, (source, 0)) as conn:
-                return conn.recv(1)
-
-        first = {source: which(source) for source in sources}
-        again = {source: which(source) for source in sources}
+        first = {source: banner_from(lb.port, source) for source in sources}
+        again = {source: banner_from(lb.port, source) for source in sources}
         upstream = lb.thread.worker.stream.upstreams["u"]
         stats = upstream.stats
         assert stats is not None
-        assert wait_until(lambda: sum(stats.figures(p)[0] for p in upstream.peers.primary) == 12)
+        wait_for(lambda: sum(stats.figures(p)[0] for p in upstream.peers.primary) == 12)
     assert first == again
 
 
@@ -565,15 +558,15 @@ def test_reload_keeps_established_sessions(tmp_path: Path) -> None:
                 f"stream {{ server {{ listen 127.0.0.1:{port}; proxy_pass {peer.addr}; }} }}\n")
         conf.write_text(text)
         with master_process(tmp_path, conf) as proc:
-            assert wait_until(lambda: (tmp_path / "pid").exists())
-            assert wait_until(lambda: _answers(port))
+            wait_for(lambda: (tmp_path / "pid").exists())
+            wait_for(lambda: _answers(port))
             with socket.create_connection(("127.0.0.1", port), timeout=10) as old:
                 old.sendall(b"before")
                 assert old.recv(10) == b"before"
                 conf.write_text(text.replace("listen", "proxy_timeout 1m; listen"))
                 proc.send_signal(signal.SIGHUP)
                 log = tmp_path / "error.log"
-                assert wait_until(lambda: log.read_text().count("start worker process") >= 2)
+                wait_for(lambda: log.read_text().count("start worker process") >= 2)
                 assert _answers(port)
                 time.sleep(0.3)  # the old worker has had QUIT
                 old.sendall(b"after")
@@ -590,7 +583,7 @@ def test_worker_shutdown_timeout_closes_what_old_workers_still_hold(tmp_path: Pa
                 f"stream {{ server {{ listen 127.0.0.1:{port}; proxy_pass {peer.addr}; }} }}\n")
         conf.write_text(text)
         with master_process(tmp_path, conf) as proc:
-            assert wait_until(lambda: _answers(port))
+            wait_for(lambda: _answers(port))
             with socket.create_connection(("127.0.0.1", port), timeout=10) as old:
                 old.sendall(b"before")
                 assert old.recv(10) == b"before"
@@ -657,7 +650,7 @@ class _Process:
     def __enter__(self) -> _Process:
         command = [sys.executable, "-m", "scriptlb", "-p", str(self.where), "-c", str(self.conf)]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert wait_until(lambda: (self.where / "pid").exists(), timeout=15)
+        wait_for(lambda: (self.where / "pid").exists(), timeout=15)
         time.sleep(0.05)
         return self
 
@@ -851,7 +844,7 @@ def test_stream_ssl_verify_client_as_nginx(tmp_path: Path) -> None:
                     answers.append(_tls_echo(port, contexts[name]))
                 log = where / ("logs/error.log" if who == "nginx" else "error.log")
                 said = "no required SSL certificate"
-                assert wait_until(lambda log=log, said=said: said in log.read_text(), timeout=10)
+                wait_for(lambda log=log, said=said: said in log.read_text(), timeout=10)
                 lines = [line.split("] ", 1)[1].split(" ", 2)[2] for line in log.read_text().splitlines()
                          if "required SSL certificate" in line or "certificate verify error" in line]
             results[who] = (answers, [line.replace(str(ports[0]), "PORT") for line in lines])

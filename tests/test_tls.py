@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import trustme
-from helpers import Scriptlb, load_conf
-from test_round_robin import NGINX, free_ports, nginx_running
+from helpers import Scriptlb, free_ports, load_conf
+from nginx_oracle import NGINX, nginx_running
 
 from scriptlb.config import ConfigError
 
@@ -105,7 +105,7 @@ def test_sni_picks_the_server_and_its_certificate_as_nginx(tmp_path: Path, ca: t
     (port,) = free_ports(1)
     ngx = tmp_path / "nginx"
     ngx.mkdir()
-    with nginx_running(ngx, servers(f"127.0.0.1:{port}", certs), [port]):
+    with nginx_running(ngx, servers(f"127.0.0.1:{port}", certs)):
         theirs = [https_get(port, ctx, "a.test", "a.test"), https_get(port, ctx, "b.test", "b.test"),
                   https_get(port, plain, None, "b.test")]
     assert ours == theirs
@@ -146,7 +146,7 @@ def test_mutual_tls_as_nginx(tmp_path: Path, ca: trustme.CA, certs: dict[str, Pa
     (port,) = free_ports(1)
     ngx = tmp_path / "nginx"
     ngx.mkdir()
-    with nginx_running(ngx, servers(f"127.0.0.1:{port}", certs, extra), [port]):
+    with nginx_running(ngx, servers(f"127.0.0.1:{port}", certs, extra)):
         theirs = [https_get(port, ctx, "a.test", "a.test"), https_get(port, no_cert, "a.test", "a.test")]
     assert ours[0] == theirs[0]
     assert ours[1][1].replace(b"scriptlb", b"nginx") == re.sub(rb"nginx/[\d.]+", b"nginx", theirs[1][1])
@@ -187,7 +187,7 @@ def test_certificates_reload_on_sighup_and_a_bad_one_keeps_the_old(tmp_path: Pat
     import os
     import signal
 
-    from helpers import master_process, wait_until
+    from helpers import master_process, wait_for
 
     crt, key = tmp_path / "site.crt", tmp_path / "site.key"
 
@@ -218,14 +218,14 @@ def test_certificates_reload_on_sighup_and_a_bad_one_keeps_the_old(tmp_path: Pat
         }}
     """)
     with master_process(tmp_path, conf) as proc:
-        assert wait_until(lambda: served_name() == "first.test", timeout=20)
+        wait_for(lambda: served_name() == "first.test", timeout=20)
         install("second.test")
         os.kill(proc.pid, signal.SIGHUP)
         # (the old worker may accept for a moment while it stops: wait until only the new serves)
-        assert wait_until(lambda: all(served_name() == "second.test" for _ in range(5)), timeout=20)
+        wait_for(lambda: all(served_name() == "second.test" for _ in range(5)), timeout=20)
         key.write_text("not a key\n")  # a broken key: the reload is refused, the old one serves
         os.kill(proc.pid, signal.SIGHUP)
-        assert wait_until(lambda: "SSL_CTX_use_PrivateKey(" in (tmp_path / "error.log").read_text(),
+        wait_for(lambda: "SSL_CTX_use_PrivateKey(" in (tmp_path / "error.log").read_text(),
                           timeout=20)
         assert all(served_name() == "second.test" for _ in range(5))
 

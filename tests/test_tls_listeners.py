@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import trustme
-from helpers import BackendRequest, Backends, Scriptlb, master_process, respond, wait_for, wait_until
+from helpers import BackendRequest, Backends, Scriptlb, free_ports, master_process, respond, wait_for
+from nginx_oracle import NGINX, nginx_running
 from test_process import ipv6_available
-from test_round_robin import NGINX, free_ports, nginx_running
 from test_tls import certs, client_context  # noqa: F401  (certs: a fixture)
 
 BODY = '"$https|$ssl_protocol|$ssl_server_name|$remote_addr|$server_port\\n"'
@@ -81,10 +81,10 @@ def test_tls_on_ipv4_ipv6_and_unix_sockets_as_nginx(tmp_path: Path, ca: trustme.
         else:
             ngx = tmp_path / "nginx"
             ngx.mkdir()
-            runner = nginx_running(ngx, listen_server(listens, certs), [port])
+            runner = nginx_running(ngx, listen_server(listens, certs))
         with runner:
             wait_for(path.exists, timeout=20, what="the unix socket")
-            wait_until(partial(_connects, port), timeout=20)
+            wait_for(partial(_connects, port), timeout=20)
             bodies = [tls_get(family, address, ctx) for family, address in targets]
         results.append([body.replace(str(port).encode(), b"PORT").replace(str(port6).encode(), b"PORT")
                         for body in bodies])
@@ -187,7 +187,7 @@ def test_a_certificate_reload_keeps_a_request_in_flight(tmp_path: Path, ca: trus
             }}
         """)
         with master_process(tmp_path, conf) as proc:
-            assert wait_until(lambda: served_name() == "first.test", timeout=20)
+            wait_for(lambda: served_name() == "first.test", timeout=20)
             with socket.create_connection(("127.0.0.1", port), timeout=15) as raw, \
                     client_context(ca, verify=False).wrap_socket(raw, server_hostname="x.test") as tls:
                 tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -201,7 +201,7 @@ def test_a_certificate_reload_keeps_a_request_in_flight(tmp_path: Path, ca: trus
                         break
                     data += chunk
             assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"slow answer")
-            assert wait_until(lambda: all(served_name() == "second.test" for _ in range(3)), timeout=20)
+            wait_for(lambda: all(served_name() == "second.test" for _ in range(3)), timeout=20)
 
 
 @pytest.mark.nginx
@@ -225,7 +225,7 @@ def test_a_server_with_a_plain_and_a_tls_listen_as_nginx(tmp_path: Path, ca: tru
         else:
             ngx = tmp_path / "nginx"
             ngx.mkdir()
-            runner = nginx_running(ngx, block, [plain, secure])
+            runner = nginx_running(ngx, block)
         with runner:
             if name == "scriptlb":
                 plain, secure = runner.ports

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import trustme
-from helpers import Scriptlb, raw_exchange, wait_for
-from test_round_robin import NGINX, free_ports, nginx_running
+from helpers import Scriptlb, free_ports, raw_exchange, wait_for
+from nginx_oracle import NGINX, nginx_running
 from test_tls import certs, client_context, https_get  # noqa: F401  (certs: a fixture)
 
 
@@ -54,7 +54,7 @@ def both(tmp_path: Path, paths: dict[str, Path], extra: str = "",
         theirs = ngx / "info.log"
         # (nginx's main error_log is the helper's: an http-level one takes these lines)
         http = f"error_log {theirs} info;" + tls_server(str(port), paths, extra, protocols)
-        with nginx_running(ngx, http, [port]):
+        with nginx_running(ngx, http):
             yield [(lb.port, ours), (port, theirs)]
 
 
@@ -244,7 +244,7 @@ def _mtls_targets(tmp_path: Path, paths: dict[str, Path]) -> list[Target]:
         ngx.mkdir()
         theirs = ngx / "info.log"
         http = f"error_log {theirs} info;" + mtls_servers(str(port), paths, paths["ca"])
-        targets.append(("nginx", str(port), theirs, nginx_running(ngx, http, [port])))
+        targets.append(("nginx", str(port), theirs, nginx_running(ngx, http)))
     return targets
 
 
@@ -355,7 +355,7 @@ def test_several_ticket_keys_the_first_encrypts_all_decrypt_as_nginx(tmp_path: P
         ports = free_ports(3)
         ngx = tmp_path / "nginx"
         ngx.mkdir()
-        with nginx_running(ngx, rotation_servers([str(p) for p in ports], certs, keys, protocol), ports):
+        with nginx_running(ngx, rotation_servers([str(p) for p in ports], certs, keys, protocol)):
             seen.append(sequence(ports))
     assert seen[0] == [".", "r", "r", "."]
     assert seen[1:] in ([], [seen[0]])

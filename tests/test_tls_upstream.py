@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import trustme
-from helpers import Scriptlb, get, read_log_lines
-from test_round_robin import NGINX, free_ports, nginx_running
+from helpers import Scriptlb, free_ports, get, read_log_lines
+from nginx_oracle import NGINX, nginx_running
 from test_websocket import serving
 
 
@@ -178,7 +178,7 @@ def test_a_client_certificate_to_the_peer_as_nginx(tmp_path: Path, ca: trustme.C
         (port,) = free_ports(1)
         ngx = tmp_path / "nginx"
         ngx.mkdir()
-        with nginx_running(ngx, block(f"127.0.0.1:{port}"), [port]):
+        with nginx_running(ngx, block(f"127.0.0.1:{port}")):
             theirs = get(port, "/").body
     assert theirs.split(b"|")[0::2] == ours.split(b"|")[0::2]
 

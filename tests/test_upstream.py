@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
+from helpers import run_loop_until
 
 from scriptlb.http.upstream import ConnState, ResponseHead, UpstreamConnection, UpstreamError
 from scriptlb.request.retry import Failure
@@ -66,13 +66,6 @@ class Handler:
     def upstream_failed(self, err: UpstreamError) -> None:
         assert self.error is None, "told twice"
         self.error = err
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def connect(loop: asyncio.AbstractEventLoop) -> tuple[UpstreamConnection, FakeTransport]:
@@ -214,20 +207,10 @@ def test_idle_connection_receiving_data_is_dropped(loop: asyncio.AbstractEventLo
     assert lost == [conn] and transport.closed and conn.state is ConnState.CLOSED
 
 
-def run_until(loop: asyncio.AbstractEventLoop, predicate: object, timeout: float = 5.0) -> None:
-    async def wait() -> None:
-        for _ in range(int(timeout / 0.01)):
-            if predicate():  # type: ignore[operator]
-                return
-            await asyncio.sleep(0.01)
-
-    loop.run_until_complete(wait())
-
-
 def test_read_timeout(loop: asyncio.AbstractEventLoop) -> None:
     conn, _ = connect(loop)
     handler = send(conn, read_timeout=0.05)
-    run_until(loop, lambda: handler.error is not None)
+    run_loop_until(loop, lambda: handler.error is not None)
     err = handler.error
     assert err is not None and err.failure is Failure.TIMEOUT
     assert str(err) == "upstream timed out (110: Connection timed out)"
@@ -280,6 +263,6 @@ def test_start_on_a_transport_closing_under_us_fails_soon_instead_of_raising(
     transport.closed = True  # the peer closed; uvloop would raise on write
     handler = send(conn)
     assert handler.error is None and transport.data == b""  # nothing raised, nothing written
-    run_until(loop, lambda: handler.error is not None)
+    run_loop_until(loop, lambda: handler.error is not None)
     assert handler.error is not None and str(handler.error) == "upstream prematurely closed connection"
     assert not handler.error.request_sent

@@ -302,7 +302,8 @@ def test_json_escape(raw: str, escaped: str) -> None:
 
 # --------------------------------------------------------------------------- against a real nginx
 
-from test_round_robin import NGINX, free_ports, nginx_running  # noqa: E402  (the shared runner)
+from helpers import free_ports  # noqa: E402
+from nginx_oracle import NGINX, nginx_running  # noqa: E402
 
 LOGGED = "$http_x_a|$arg_q|$arg_none|$http_missing|$is_args|$args|$request|$cookie_c|$status|$body_bytes_sent"
 NGINX_REQUESTS = [
@@ -351,7 +352,7 @@ def test_log_lines_equal_a_real_nginx(tmp_path: Path, escape: str) -> None:
                 while sock.recv(65536):
                     pass
 
-    with nginx_running(tmp_path, http_block, [port]):
+    with nginx_running(tmp_path, http_block):
         send_requests(port, NGINX_REQUESTS)
     nginx_lines = (tmp_path / "logs/probe.log").read_bytes().decode("latin-1").splitlines()
     lb_dir = tmp_path / "scriptlb"

@@ -15,8 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import BackendRequest, Backends, Scriptlb, raw_exchange, read_log_lines, respond, wait_until
-from test_round_robin import NGINX, free_ports, nginx_running
+from helpers import (
+    BackendRequest,
+    Backends,
+    Scriptlb,
+    free_ports,
+    raw_exchange,
+    read_log_lines,
+    respond,
+    wait_for,
+)
+from nginx_oracle import NGINX, nginx_running
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -121,7 +130,7 @@ def test_a_1mib_websocket_message_through_the_recipe_as_nginx(tmp_path: Path) ->
     ngx.mkdir()
     with websocket_server() as backend:
         block = _recipe(f"127.0.0.1:{port}", ngx / "ws.log", backend)
-        with nginx_running(ngx, block, [port]):
+        with nginx_running(ngx, block):
             _run_echo(port)
             (their_line,) = read_log_lines(ngx / "ws.log", 1)
     assert their_line.split(" ")[:2] == ["101", "101"]
@@ -137,7 +146,7 @@ def test_an_idle_tunnel_is_closed_at_proxy_read_timeout(tmp_path: Path) -> None:
 
     with websocket_server() as backend, _lb(tmp_path, backend, read_timeout="1s") as lb:
         waited = asyncio.run(idle(lb.port))
-        assert wait_until(lambda: "while proxying upgraded connection" in _text(tmp_path / "error.log"))
+        wait_for(lambda: "while proxying upgraded connection" in _text(tmp_path / "error.log"))
         (line,) = read_log_lines(tmp_path / "ws.log", 1)
     assert waited >= 0.9  # (no upper bound: the machine is shared; wait_for caps it at 20 s)
     assert "upstream timed out (110: Connection timed out) while proxying upgraded connection" in _text(
@@ -169,7 +178,7 @@ def test_upgrade_without_the_recipe_is_proxied_as_a_plain_request_as_nginx(tmp_p
     ngx.mkdir()
     with websocket_server() as backend:
         block = _recipe(f"127.0.0.1:{port}", ngx / "ws.log", backend)
-        with nginx_running(ngx, block, [port]):
+        with nginx_running(ngx, block):
             assert asyncio.run(attempt(port)) == ours
 
 

@@ -1,6 +1,6 @@
 """What a worker process gives hooks, checked through a real master with two workers:
 ``ngx.worker.id()/count()`` per worker, and ``ngx.shared`` zones that all workers update
-atomically (issue 5: two workers each doing N increments leave exactly 2N)."""
+atomically (two workers each doing N increments leave exactly 2N)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,19 @@
 """The interface every balancing method implements (nginx's init_peer -> get -> free cycle).
 
-One small class per method (round robin today; least_conn, hash, ewma later), each built from a
-``PeerSet`` and holding no per-request state: that lives in the ``BalancerState`` the method's
-``new_request`` returns, so one balancer serves every concurrent request of a worker.
+One small class per method (round_robin, least_conn, hash, ip_hash, random, ewma, least_time),
+each built from a ``PeerSet`` and holding no per-request state: that lives in the
+``BalancerState`` the method's ``new_request`` returns, so one balancer serves every concurrent
+request of a worker.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from scriptlb.state.peers import Peer, PeerSet
+
+if TYPE_CHECKING:
+    from scriptlb.state.stats import UpstreamStats
 
 
 class BalancerState:
@@ -82,6 +86,12 @@ class Balancer(Protocol):
         """A try on ``peer`` got a response: its times (seconds, None when not reached), on
         the clock of ``get``/``free``. Called before that try's ``free``. Methods that learn
         from latency (ewma, least_time) keep statistics; the others ignore it."""
+        ...
+
+    def use_statistics(self, stats: UpstreamStats) -> bool:
+        """The upstream has live statistics (every worker's tries): a method that learns from
+        latency reads its averages there from now on and returns True (``observe`` is then not
+        needed); the others return False."""
         ...
 
     def rebuild(self, peers: PeerSet) -> None:

@@ -1,9 +1,9 @@
-"""``ewma``: APISIX's ``balancer/ewma.lua`` (after Finagle's PeakEwma), per worker.
+"""``ewma``: APISIX's ``balancer/ewma.lua`` (after Finagle's PeakEwma).
 
 Theory of operation
 -------------------
 Each peer has an exponentially weighted moving average of its round-trip time, decayed by
-*time* rather than by sample count::
+*time* rather than by sample count (``scriptlb.state.stats.fold``, the one implementation)::
 
     w    = exp(-(now - last_update) / DECAY_TIME)        # DECAY_TIME = 10 s
     ewma = ewma * w + rtt * (1 - w)                      # on every completed try
@@ -19,30 +19,33 @@ request, not down, not failed, not full) as APISIX does (``a = rand(n)``, ``b = 
 APISIX. With one usable peer that peer is taken; with none the request moves to the backup list
 (round robin's rule), then "no live upstreams".
 
-The rtt fed by ``observe`` is APISIX's ``upstream_connect_time + upstream_response_time``.
-APISIX's file, despite the PeakEwma lineage, has no "peak" clamp; ``peak=True`` adds Finagle's
-(a sample above the average replaces it at once, so a sudden slowdown is seen immediately).
+The rtt is the try's ``$upstream_response_time`` (which includes the connect), the same sample
+the live statistics average and hooks read. APISIX adds ``upstream_connect_time`` to it, which
+counts the connect twice. APISIX's file, despite the PeakEwma lineage, has no "peak" clamp;
+``peak=True`` adds Finagle's (a sample above the average replaces it at once, so a sudden
+slowdown is seen immediately).
 
-State is per worker (APISIX keeps it in a shared dict; here the live peer statistics of issue 5
-part 3 are the cross-worker view). Clock and RNG are injected: ``now`` arguments and ``rng``.
+Where the averages live: in the instance's live peer statistics when the upstream has them
+(``use_statistics``; ``python_peer_stats on``, the default), so every worker scores a peer on
+every worker's tries, as APISIX's shared dict does; otherwise (statistics off, unit tests,
+tools) in this balancer (``DecayingAverages``, fed by ``observe``). Clock and RNG are injected:
+``now`` arguments (the statistics' own clock when they are used) and ``rng``.
 """
 
 from __future__ import annotations
 
-import math
 import random as _random
 
 from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.least_conn import usable_mask
 from scriptlb.balancing.round_robin import RoundRobin
 from scriptlb.state.peers import Peer, PeerSet
-
-DECAY_TIME = 10.0  # seconds, APISIX's DECAY_TIME
-_NEVER = -math.inf  # "last update" of a peer never measured: its first sample is taken whole
+from scriptlb.state.stats import DECAY_TIME, UpstreamStats, decayed, fold
 
 
 class DecayingAverages:
-    """Time-decayed moving averages for the peers of one list, indexed by ``Peer.id``."""
+    """Time-decayed moving averages for the peers of one list, indexed by ``Peer.id``: a
+    balancer's own store when no live statistics are shared (the same ``fold``)."""
 
     __slots__ = ("decay", "peak", "stamps", "values")
 
@@ -50,25 +53,18 @@ class DecayingAverages:
         self.decay = decay
         self.peak = peak
         self.values = [0.0] * count
-        self.stamps = [_NEVER] * count
+        self.stamps: list[float | None] = [None] * count  # None: never measured
 
     def update(self, index: int, sample: float, now: float) -> float:
         value = self.values[index]
-        if self.peak and sample > value:
-            value = sample
-        else:
-            weight = math.exp(-max(now - self.stamps[index], 0.0) / self.decay)
-            value = value * weight + sample * (1.0 - weight)
-        self.values[index] = value
+        average, peak = fold(value, value, self.stamps[index], sample, sample, now, self.decay)
+        value = self.values[index] = peak if self.peak else average
         self.stamps[index] = now
         return value
 
     def decayed(self, index: int, now: float) -> float:
         """The average decayed towards 0 since its last sample (APISIX's ``score``)."""
-        value = self.values[index]
-        if not value:
-            return 0.0
-        return value * math.exp(-max(now - self.stamps[index], 0.0) / self.decay)
+        return decayed(self.values[index], self.stamps[index], now, self.decay)
 
     def carry_over(self, old_peers: list[Peer], old: DecayingAverages, new_peers: list[Peer]) -> None:
         """Keep the history of peers that survive a rebuild (matched by address name)."""
@@ -107,7 +103,7 @@ class PerPeerTimes:
 class Ewma(RoundRobin):
     """APISIX's ewma balancer (power of two choices on decayed rtt). Implements ``base.Balancer``."""
 
-    __slots__ = ("_rng", "times")
+    __slots__ = ("_rng", "shared", "times")
 
     def __init__(
         self,
@@ -123,6 +119,12 @@ class Ewma(RoundRobin):
         super().__init__(peers)
         self._rng = rng if rng is not None else _random.Random()
         self.times = PerPeerTimes(peers, decay, peak)
+        self.shared: UpstreamStats | None = None
+
+    def use_statistics(self, stats: UpstreamStats) -> bool:
+        """Score on the instance's shared averages (every worker's tries) from now on."""
+        self.shared = stats
+        return True
 
     def rebuild(self, peers: PeerSet) -> None:
         self.times = self.times.rebuilt(peers)
@@ -136,12 +138,19 @@ class Ewma(RoundRobin):
         response_time: float | None,
         now: float,
     ) -> None:
-        """Feed a try that got a response: rtt = connect time + response time (APISIX)."""
+        """Feed a try that got a response (rtt: its response time) to this balancer's own
+        averages; with shared statistics the tries loop records it there instead."""
+        if self.shared is not None or response_time is None:
+            return
         averages = self.times.of(peer)
         if averages is not None:
-            averages.update(peer.id, (connect_time or 0.0) + (response_time or 0.0), now)
+            averages.update(peer.id, response_time, now)
 
     def score(self, peer: Peer, now: float) -> float:
+        """The peer's rtt average decayed to ``now`` (the statistics' clock when shared)."""
+        if self.shared is not None:
+            value, stamp, clock_now = self.shared.average(peer, peak=self.times.primary.peak)
+            return decayed(value, stamp, clock_now, self.times.primary.decay)
         averages = self.times.of(peer)
         return averages.decayed(peer.id, now) if averages is not None else 0.0
 
@@ -162,8 +171,7 @@ class Ewma(RoundRobin):
                 b += 1
             index = _nth_set_bit(usable, a)
             other = _nth_set_bit(usable, b)
-            averages = self.times.backup if state.on_backup else self.times.primary
-            if averages.decayed(index, now) > averages.decayed(other, now):
+            if self.score(peers[index], now) > self.score(peers[other], now):
                 index = other
         best = peers[index]
         state.tried |= 1 << index

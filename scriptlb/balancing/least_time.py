@@ -8,11 +8,13 @@ formula is not published; ours is
     score(peer) = average_time(peer) * (conns(peer) + 1) / weight(peer)
 
 i.e. the expected wait if the peer serves its active requests plus this one at its average
-speed, scaled down by weight. ``average_time`` is the time-decayed EWMA of ``ewma.py``
-(10 s decay), fed by ``observe`` with the time to the response header (``header``) or to its
-last byte (``last_byte``). Scores compare cross-multiplied (no division). Peers never measured
-average 0, so they score 0 and are tried first (in WRR order): every server gets measured.
-Ties at the lowest score go to smooth WRR among exactly those peers, as nginx's least_conn does.
+speed, scaled down by weight. ``average_time`` is the time-decayed EWMA of
+``scriptlb.state.stats.fold`` (10 s decay) of the time to the response header (``header``) or to its
+last byte (``last_byte``): the instance's shared averages (every worker's tries) when the
+upstream has live statistics (``use_statistics``), else this balancer's own, fed by
+``observe``. Scores compare cross-multiplied (no division). Peers never measured average 0,
+so they score 0 and are tried first (in WRR order): every server gets measured. Ties at
+the lowest score go to smooth WRR among exactly those peers, as nginx's least_conn does.
 
 ``inflight`` (Plus: also count requests still in flight for last_byte) is accepted; in-flight
 requests already weigh through ``conns``.
@@ -24,16 +26,17 @@ single peer, ``free``'s failure accounting.
 from __future__ import annotations
 
 from scriptlb.balancing.base import BalancerState
-from scriptlb.balancing.ewma import DECAY_TIME, PerPeerTimes
+from scriptlb.balancing.ewma import PerPeerTimes
 from scriptlb.balancing.least_conn import usable_mask
 from scriptlb.balancing.round_robin import RoundRobin, smooth_wrr_among
 from scriptlb.state.peers import Peer, PeerSet
+from scriptlb.state.stats import DECAY_TIME, UpstreamStats
 
 
 class LeastTime(RoundRobin):
     """Lowest average time x active connections / weight. Implements ``base.Balancer``."""
 
-    __slots__ = ("last_byte", "times")
+    __slots__ = ("last_byte", "shared", "times")
 
     def __init__(
         self, peers: PeerSet, args: tuple[str, ...] = ("header",), *, decay: float = DECAY_TIME
@@ -43,6 +46,12 @@ class LeastTime(RoundRobin):
             raise ValueError(f'invalid parameter "{" ".join(args)}"')
         self.last_byte = args[0] == "last_byte"
         self.times = PerPeerTimes(peers, decay)
+        self.shared: UpstreamStats | None = None
+
+    def use_statistics(self, stats: UpstreamStats) -> bool:
+        """Compare the instance's shared averages (every worker's tries) from now on."""
+        self.shared = stats
+        return True
 
     def rebuild(self, peers: PeerSet) -> None:
         self.times = self.times.rebuilt(peers)
@@ -57,12 +66,16 @@ class LeastTime(RoundRobin):
         now: float,
     ) -> None:
         """Feed a try that got a response: its header time or last-byte time, per the mode."""
+        if self.shared is not None:
+            return  # the tries loop records the try in the shared statistics
         sample = response_time if self.last_byte else header_time
         averages = self.times.of(peer)
         if sample is not None and averages is not None:
             averages.update(peer.id, sample, now)
 
     def average(self, peer: Peer) -> float:
+        if self.shared is not None:
+            return self.shared.average(peer, header=not self.last_byte)[0]
         averages = self.times.of(peer)
         return averages.values[peer.id] if averages is not None else 0.0
 
@@ -73,7 +86,10 @@ class LeastTime(RoundRobin):
         usable = usable_mask(peers, state.tried, now)
         if not usable:
             return None
-        times = (self.times.backup if state.on_backup else self.times.primary).values
+        if self.shared is not None:
+            times = [self.average(peer) for peer in peers]
+        else:
+            times = (self.times.backup if state.on_backup else self.times.primary).values
         best: Peer | None = None
         best_index = 0
         best_cost = 0.0  # average * (conns + 1): the score times weight

@@ -30,9 +30,9 @@ import time
 import zlib
 from collections.abc import Callable, Container, Iterable, Mapping
 
-from scriptlb.balancing.ewma import DECAY_TIME as DECAY_TIME  # (ewma()'s default, the hooks' too)
 from scriptlb.balancing.ewma import DecayingAverages
 from scriptlb.balancing.hash import ketama_ring
+from scriptlb.state.stats import DECAY_TIME as DECAY_TIME  # (ewma()'s default, the hooks' too)
 
 Nodes = Mapping[str, int] | Iterable[str]
 _NOTHING: frozenset[str] = frozenset()

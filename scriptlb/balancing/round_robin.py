@@ -21,8 +21,13 @@ a fresh tried bitmap; when that has nothing either, ``get`` returns ``None`` (no
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from scriptlb.balancing.base import BalancerState
 from scriptlb.state.peers import Peer, PeerSet
+
+if TYPE_CHECKING:
+    from scriptlb.state.stats import UpstreamStats
 
 
 class RoundRobin:
@@ -134,6 +139,11 @@ class RoundRobin:
         now: float,
     ) -> None:
         """Round robin does not learn from latency (ewma and least_time override this)."""
+
+    def use_statistics(self, stats: UpstreamStats) -> bool:
+        """Read latency from the upstream's live statistics (every worker's tries) instead of
+        learning from ``observe``? True for the methods that do (ewma, least_time)."""
+        return False
 
     @staticmethod
     def _account_failure(peer: Peer, now: float) -> bool:

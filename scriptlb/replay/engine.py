@@ -246,7 +246,9 @@ class Engine:
         upstream = self.upstream
         stats = self._stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
-            upstream.refresh_weights()  # a hook set a weight (stats.weights_stale(), inlined)
+            # a hook set a weight. The generation is compared here, not through
+            # stats.weights_stale(), because this runs for every request: one load, no call
+            upstream.refresh_weights()
         getter = self._key_getter
         if getter is None:
             flight.state = upstream.balancer.new_request(self._tries_cap)

@@ -5,7 +5,10 @@ logged second; the second feeds the requests to the engine at their arrival time
 one-second times (``$time_local``) spreads the requests of a second evenly over it; with
 ``$msec`` a request arrives at its logged time minus its ``$request_time``. Arrivals out of
 order by up to ``REORDER`` seconds (nginx logs a request when it ends) are put back in order;
-an older one arrives at once. Standard input is kept in a temporary file for the second pass.
+an older one arrives at once. Both times are logged in milliseconds, so two arrivals less than
+``RESOLUTION`` apart cannot be told apart: those keep their log order (``in_log_order``), which
+makes a replay of sequential requests repeat their order exactly. Standard input is kept in a
+temporary file for the second pass.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from scriptlb.replay.offline import Offline, pick_upstream, proxying_location
 from scriptlb.replay.route import Router
 
 REORDER = 5.0  # seconds of lookahead for requests logged out of arrival order
+# how far apart two arrivals computed from $msec - $request_time (each rounded to 1 ms) may be
+# in the wrong order while they are in fact in log order
+RESOLUTION = 0.002
 _STATUS_BITS = {500: 0x10, 502: 0x20, 503: 0x40, 504: 0x80, 403: 0x100, 404: 0x200, 429: 0x400}
 
 
@@ -100,11 +106,26 @@ def learn(paths: list[str], parser: LineParser, learner: Learner) -> Trace:
     return trace
 
 
+def in_log_order(arrival: float, previous: float) -> float:
+    """``arrival``, or ``previous`` when it is earlier by less than the logged times' resolution:
+    the order of the log lines is then the better evidence (the scheduler keeps equal times in
+    the order they were scheduled)."""
+    return previous if previous - RESOLUTION < arrival < previous else arrival
+
+
+def _timed_in_log_order(requests: list[Recorded]) -> Iterator[tuple[Recorded, float]]:
+    previous = float("-inf")
+    for request in requests:
+        previous = in_log_order(_arrival(request), previous)
+        yield request, previous
+
+
 def arrivals(
     paths: list[str], parser: LineParser, trace: Trace, rate: float | None
 ) -> Iterator[tuple[Recorded, float]]:
     """Pass two: each request with its arrival time."""
     seen_in_second: dict[int, int] = {}
+    previous = float("-inf")
     for number, request in enumerate(read_requests(paths, parser)):
         if rate:
             yield request, trace.first + number / rate
@@ -116,7 +137,8 @@ def arrivals(
                 seen_in_second = {second: k + 1}
             yield request, second + k / trace.per_second.get(second, 1)
         else:
-            yield request, _arrival(request)
+            previous = in_log_order(_arrival(request), previous)
+            yield request, previous
 
 
 def replay_one(
@@ -143,7 +165,7 @@ def replay_one(
         loop = offline.loop
         progress = options.progress
         source = (
-            ((r, _arrival(r)) for r in requests)
+            _timed_in_log_order(requests)
             if requests is not None
             else arrivals(options.logs, parser, trace, options.rate)
         )

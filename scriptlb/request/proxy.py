@@ -236,7 +236,9 @@ class UpstreamRequest:
             self._build_head()
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
-            upstream.refresh_weights()  # a hook set a weight (stats.weights_stale(), inlined)
+            # a hook set a weight. The generation is compared here, not through
+            # stats.weights_stale(), because this runs for every request: one load, no call
+            upstream.refresh_weights()
         key_getter = upstream.key_getter
         if key_getter is None:
             self._state = upstream.balancer.new_request(tries_cap)

@@ -84,16 +84,18 @@ class UpstreamRuntime:
         self.name = conf.name
         self.peers = PeerSet.from_conf(conf)
         self.balancer = create_balancer(conf, self.peers)
-        # the balancer's observe, for methods that learn from latency (ewma, least_time); None
-        # for the others, so a try's end skips the call
-        observe = getattr(type(self.balancer), "observe", None)
-        self.observe = None if observe is RoundRobin.observe else self.balancer.observe
         self.key_getter = _balancer_key_getter(self.balancer, conf)
         self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests)
         # this upstream's records in the instance's live peer statistics (python_peer_stats)
         self.stats = UpstreamStats(recorder, conf.name) if recorder is not None else None
         if self.stats is not None:
             self.stats.assign_indexes(self.peers.primary, self.peers.backup)
+        # the balancer's observe, for methods that learn from latency (ewma, least_time) in
+        # this worker alone; None for the others and for those that read the shared statistics
+        # (which record every try anyway), so a try's end skips the call
+        shared = self.stats is not None and self.balancer.use_statistics(self.stats)
+        observe = getattr(type(self.balancer), "observe", None)
+        self.observe = None if shared or observe is RoundRobin.observe else self.balancer.observe
         self.hook: HookRunner | None = None
         self._hook_pool: ConnectionPool | None = None
         if conf.hook is not None:

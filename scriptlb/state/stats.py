@@ -1,4 +1,4 @@
-"""Live per-peer statistics shared by every worker of one instance (issue 5, part 3).
+"""Live per-peer statistics shared by every worker of one instance.
 
 Theory of operation
 -------------------
@@ -25,7 +25,7 @@ store and a concurrent reader never sees half a value)::
              last failure time, ewma, peak ewma, ewma stamp, weight override, weight base,
              last selected (a batch's publish time), downtime (seconds unhealthy, ended
              spells), health (state, checks, fails, unhealthy, last passed, run, since: when it
-             last became healthy, or unhealthy while it is),
+             last became healthy, or unhealthy while it is), header-time ewma and its stamp,
              then per shard: requests, failures, finished, responses 1xx..5xx, samples
              per response-time bucket (TIME_BUCKETS, +Inf), the samples' sum, bytes sent,
              bytes received, times unavailable, header-time samples and their sum,
@@ -55,18 +55,21 @@ read-modify-write of the averages: one sample is then lost, or an average is sto
 other's stamp. Both only nudge a smoothed estimate (APISIX keeps its ewma in a shared dict
 with the same unlocked get-then-set).
 
-**Averages** (APISIX's ``balancer/ewma.lua``, Finagle's PeakEwma), decayed by time::
+**Averages** (APISIX's ``balancer/ewma.lua``, Finagle's PeakEwma), decayed by time (``fold``,
+the one implementation of the average in scriptlb: the built-in ``ewma`` and ``least_time``
+methods read these shared figures, and hooks see them in ``get_primary_peers``)::
 
     w    = exp(-max(now - stamp, 0) / DECAY_TIME)            # DECAY_TIME = 10 s
     ewma = ewma * w + rtt * (1 - w)
     peak = rtt if rtt > peak else peak * w + rtt * (1 - w)   # a slowdown is seen at once
     stamp = now
 
-The first sample of a peer is taken whole. ``rtt`` is the ``response_time`` given to
-``record_finish`` (the proxy passes the try's ``$upstream_response_time``, which includes the
-connect; ``None`` for a try whose time says nothing about the peer, e.g. a refused connect).
-Readers get the stored values and the stamp, and may decay them to "now" themselves
-(``decayed``), as APISIX's score does.
+The first sample of a peer is taken whole. ``rtt``, the round trip, is the ``response_time``
+given to ``record_finish`` (the proxy passes the try's ``$upstream_response_time``, which
+includes the connect; ``None`` for a try whose time says nothing about the peer, e.g. a refused
+connect). A second average, of the time to the response header (``$upstream_header_time``), is
+``least_time header``'s. Readers get the stored values and the stamp, and may decay them to
+"now" themselves (``decayed``), as APISIX's score does.
 
 **Weights set by hooks** (``upstream.set_peer_weight``) are the one write that needs a lock: it
 stores the weight and the configured weight it overrides, then bumps ``WEIGHT_GENERATION``, all
@@ -92,7 +95,7 @@ import time
 import weakref
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -110,8 +113,8 @@ DEFAULT_SHARDS = 32
 FILE_NAME = "peer_stats"
 
 MAGIC = int.from_bytes(b"SLBSTAT1", "little")
-VERSION = 4  # 2: the third counter is "finished" (was "active"); 3: response classes 1xx-5xx;
-# 4: bytes, unavail, header time, status codes
+VERSION = 5  # 2: the third counter is "finished" (was "active"); 3: response classes 1xx-5xx;
+# 4: bytes, unavail, header time, status codes; 5: the header-time average
 
 # header words
 _MAGIC, _VERSION, _SHARDS, _RECORD_WORDS, _RECORDS, _WEIGHT_GENERATION, _SHARDS_USED = range(7)
@@ -132,7 +135,9 @@ _SELECTED = 9  # when a batch with tries started on it was last published (nginx
 _DOWNTIME = 10  # seconds spent unhealthy (the health checker's, ended spells only)
 # active health checks (scriptlb.ops.health): written by the one process checking the peer
 _HEALTH = 11  # seven words, HEALTH_FIELDS
-_FIXED_WORDS = 18
+_HEADER_EWMA = 18  # the time-to-header average (least_time header) and its stamp
+_HEADER_STAMP = 19
+_FIXED_WORDS = 20
 HEALTH_FIELDS = ("state", "checks", "fails", "unhealthy", "last_passed", "run", "since")
 UP, UNHEALTHY, CHECKING = 0, 1, 2  # the "state" word
 # per-shard words (offsets from a slot's shard column)
@@ -485,12 +490,12 @@ class PeerStats:
 
     def publish(self, slot: int, started: int, finished: int, failures: int, status: int,
                 failure_time: float, samples: int, sample_sum: float, sample_max: float,
-                now: float) -> None:
+                now: float, header_samples: int = 0, header_sum: float = 0.0) -> None:
         """Add a batch of one process's tries on one peer (``Recorder.flush``): counts, the
         last status (when any finished), the last failure time (when any failed), and the
         batch's samples folded into the averages as one sample of their mean at ``now``
         (the decay over the batch's span is the same as sample by sample), the peak moving to
-        the batch's maximum when that is above it."""
+        the batch's maximum when that is above it; the header times likewise."""
         q, d = self._q, self._d
         mine = slot + self._mine
         if started:
@@ -502,20 +507,23 @@ class PeerStats:
         if failures:
             q[mine + _FAILURES] += failures
             d[slot + _LAST_FAILURE] = failure_time
-        if not samples:
-            return
-        mean = sample_sum / samples
-        stamp = d[slot + _STAMP]
-        if stamp:
-            weight = math.exp(-(now - stamp) / DECAY_TIME) if now > stamp else 1.0
-            rest = mean * (1.0 - weight)
-            d[slot + _EWMA] = d[slot + _EWMA] * weight + rest
-            peak = d[slot + _PEAK]
-            d[slot + _PEAK] = sample_max if sample_max > peak else peak * weight + rest
-        else:
-            d[slot + _EWMA] = mean
-            d[slot + _PEAK] = sample_max
-        d[slot + _STAMP] = now
+        if header_samples:
+            mean = header_sum / header_samples
+            d[slot + _HEADER_EWMA], _ = fold(d[slot + _HEADER_EWMA], 0.0, d[slot + _HEADER_STAMP] or None,
+                                             mean, 0.0, now)
+            d[slot + _HEADER_STAMP] = now
+        if samples:
+            stamp = d[slot + _STAMP] or None
+            d[slot + _EWMA], d[slot + _PEAK] = fold(d[slot + _EWMA], d[slot + _PEAK], stamp,
+                                                    sample_sum / samples, sample_max, now)
+            d[slot + _STAMP] = now
+
+    def averages(self, slot: int) -> tuple[float, float, float | None, float, float | None]:
+        """(ewma, peak ewma, their stamp, header-time ewma, its stamp) of one peer, as stored
+        (stamps None: never measured): what the latency-driven methods read per request."""
+        d = self._d
+        return (d[slot + _EWMA], d[slot + _PEAK], d[slot + _STAMP] or None, d[slot + _HEADER_EWMA],
+                d[slot + _HEADER_STAMP] or None)
 
     # ----------------------------------------------------------------- weights
 
@@ -604,11 +612,12 @@ class Recorder:
 
     Why batches: in CPython a store into the shared map costs several times a list store, and
     recording every try straight into the map (start, end, the averages' read-modify-write)
-    came to about 6% of a proxied request's instructions (bench/instructions.py). Gathered
-    here, a try costs two short method calls; a busy peer is published 20 times a second.
-    Other workers see this worker's tries up to ``FLUSH_INTERVAL`` late; this worker's own
-    reads (``UpstreamStats.figures``) add what it has not published yet, so a hook always
-    sees its own worker's tries. A worker killed outright loses its last batch.
+    was a visible share of a proxied request's instructions (the figures: bench/README.md,
+    ``bench/instructions.py``). Gathered here, a try costs two short method calls; a busy peer
+    is published 20 times a second. Other workers see this worker's tries up to
+    ``FLUSH_INTERVAL`` late; this worker's own reads (``UpstreamStats.figures``) add what it has
+    not published yet, so a hook always sees its own worker's tries. A worker killed outright
+    loses its last batch.
 
     Indexes are dense (``index_of(slot)``): ``Peer.stats_index`` holds a peer's."""
 
@@ -618,7 +627,7 @@ class Recorder:
         "started", "stats", "status", "unavail",
     )
 
-    def __init__(self, stats: PeerStats, loop: Any, clock: Any = time.time) -> None:
+    def __init__(self, stats: PeerStats, loop: Any, clock: Callable[[], float] = time.time) -> None:
         self.stats = stats
         self._loop = loop
         self._clock = clock  # wall-clock seconds (an offline replay passes its virtual clock)
@@ -642,6 +651,10 @@ class Recorder:
         self.header_samples: list[int] = []
         self.header_sum: list[float] = []
         self.buckets: list[int] = []  # BUCKET_SLOTS per index: samples per response-time bucket
+
+    def now(self) -> float:
+        """The statistics' clock (wall-clock seconds; an offline run's virtual time)."""
+        return self._clock()
 
     def index_of(self, slot: int) -> int:
         index = self.index.get(slot)
@@ -711,7 +724,7 @@ class Recorder:
                 continue
             publish(slot, started[index], finished[index], failures[index], self.status[index],
                     self.failure_time[index], samples[index], self.sample_sum[index],
-                    self.sample_max[index], now)
+                    self.sample_max[index], now, self.header_samples[index], self.header_sum[index])
             bt = index * BUCKET_SLOTS
             codes = self.codes[index]
             tallies = _classes(codes) + self.buckets[bt : bt + BUCKET_SLOTS]
@@ -852,6 +865,28 @@ class UpstreamStats:
         self.recorder.start(index)
         return index
 
+    def average(self, peer: Any, header: bool = False,
+                peak: bool = False) -> tuple[float, float | None, float]:
+        """A time average of the peer as every worker published it, with this worker's
+        unpublished samples folded in: (average, its stamp (None: never measured), now on the
+        statistics' clock). The round trip's average (its peak average with ``peak``), or the
+        time to the response header's with ``header``: what ``ewma`` and ``least_time`` read."""
+        recorder = self.recorder
+        ewma, peak_ewma, stamp, header_ewma, header_stamp = self.stats.averages(self.slot_of(peer))
+        index = peer.stats_index
+        now = recorder.now()
+        if header:
+            value, stamp = header_ewma, header_stamp
+            count, total, maximum = recorder.header_samples[index], recorder.header_sum[index], 0.0
+        else:
+            value = peak_ewma if peak else ewma
+            count, total = recorder.samples[index], recorder.sample_sum[index]
+            maximum = recorder.sample_max[index]
+        if count:
+            mean, highest = fold(value, value, stamp, total / count, maximum, now)
+            value, stamp = (highest if peak else mean), now
+        return value, stamp, now
+
     def refresh_weights(self, primary: Sequence[PeerLike], backup: Sequence[PeerLike]) -> bool:
         """Apply weights set since the last call; True when anything was re-read."""
         if self.stats.weight_generation == self.generation:
@@ -861,8 +896,24 @@ class UpstreamStats:
         return True
 
 
+def fold(value: float, peak: float, stamp: float | None, mean: float, maximum: float, now: float,
+         decay: float = DECAY_TIME) -> tuple[float, float]:
+    """The averages (ewma, peak ewma) after samples of mean ``mean`` and maximum ``maximum``
+    arrived at ``now``, the last ones at ``stamp`` (None: never, the samples are taken whole).
+
+    The weight of the past decays with the time since ``stamp`` (not with the number of
+    samples), so a peer that answers seldom is not judged on old figures; the peak jumps to a
+    sample above it (a slowdown is seen at once) and decays like the average otherwise."""
+    if stamp is None:
+        return mean, maximum
+    weight = math.exp(-(now - stamp) / decay) if now > stamp else 1.0
+    rest = mean * (1.0 - weight)
+    return value * weight + rest, maximum if maximum > peak else peak * weight + rest
+
+
 def decayed(value: float | None, stamp: float | None, now: float, decay: float = DECAY_TIME) -> float:
-    """An average decayed towards 0 for the time since its last sample (APISIX's score)."""
+    """An average decayed towards 0 for the time since its last sample (APISIX's score): a
+    peer not used for a while looks faster, and is tried again."""
     if not value or stamp is None:
         return 0.0
     return value * math.exp(-max(now - stamp, 0.0) / decay)
