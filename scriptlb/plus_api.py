@@ -89,7 +89,7 @@ class Api:
             raise ApiError(404, "unknown version", "UnknownVersion")
         rest = path[1:]
         if not rest:
-            return self._get_only(method, ["nginx", "connections", "http"])
+            return self._get_only(method, ["nginx", "connections", "http", "stream", "workers"])
         head = rest[0]
         if head == "nginx" and len(rest) == 1:
             return self._get_only(method, self._nginx())
@@ -97,6 +97,8 @@ class Api:
             return self._get_only(method, self._connections())
         if head == "http":
             return self._http(method, rest[1:], body)
+        if head == "stream":
+            return self._get_only(method, self._stream(rest[1:]))
         raise _not_found()
 
     @staticmethod
@@ -143,6 +145,23 @@ class Api:
         return self._get_only(method, _server_json(self._entry(upstream, server_id)))
 
     # ----------------------------------------------------------------- reads
+
+    def _stream(self, rest: list[str]) -> Any:
+        """``/stream``, ``/stream/upstreams[/NAME]``: the stream block's upstreams (read only:
+        their server lists come from the config)."""
+        stream = getattr(self.runtime, "stream", None)
+        upstreams = {name: up for name, up in stream.upstreams.items() if not up.conf.implicit} \
+            if stream is not None else {}
+        if not rest:
+            return ["upstreams"]
+        if rest[0] != "upstreams" or len(rest) > 2:
+            raise _not_found()
+        if len(rest) == 1:
+            return {name: _stream_upstream(up) for name, up in upstreams.items()}
+        upstream = upstreams.get(rest[1])
+        if upstream is None:
+            raise ApiError(404, "upstream not found", "UpstreamNotFound")
+        return _stream_upstream(upstream)
 
     def _upstreams(self) -> dict[str, Any]:
         return {name: up for name, up in self.runtime.upstreams.items() if not up.conf.implicit}
@@ -372,6 +391,20 @@ def _peer_json(upstream: Any, peer: Any, entry: ServerEntry | None, now: float) 
     if response_ms is not None:
         result["response_time"] = response_ms
     return result
+
+
+def _stream_upstream(upstream: Any) -> dict[str, Any]:
+    """nginx Plus's stream upstream: its peers count ``connections`` (no HTTP responses)."""
+    now = upstream.loop.time()
+    peers = []
+    for peer in [*upstream.peers.primary, *upstream.peers.backup]:
+        figures = _peer_json(upstream, peer, None, now)
+        figures["connections"] = figures.pop("requests")
+        del figures["responses"]
+        if "header_time" in figures:  # the time to the peer's first byte
+            figures["first_byte_time"] = figures.pop("header_time")
+        peers.append(figures)
+    return {"peers": peers, "zombies": 0, "zone": upstream.conf.zone or upstream.name}
 
 
 # --------------------------------------------------------------------------- input

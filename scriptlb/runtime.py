@@ -444,6 +444,7 @@ class Runtime:
         self.peer_lists: Any = None  # scriptlb.peer_lists.PeerListWatcher, set by the worker
         self.health: Any = None  # scriptlb.health.HealthView (health_check), set by the worker
         self.health_checker: Any = None  # scriptlb.health.HealthChecker: this worker's checks
+        self.stream: Any = None  # scriptlb.stream.runtime.StreamRuntime, set by the worker
         self.metrics: Any = None  # the prometheus location's registry, built on first scrape
         # status_zone name -> responses by status // 100 in this worker (published by status)
         self.zone_counts: dict[str, list[int]] = {}

@@ -85,6 +85,7 @@ class Worker:
             from scriptlb.stream.runtime import StreamRuntime
 
             self.stream = StreamRuntime(self.conf, self.loop, self.recorder)
+            self.runtime.stream = self.stream  # the API's /stream/upstreams
         self.status = open_status(self.conf)
         self.runtime.status = self.status
         if store is not None and loaded_http is not None:

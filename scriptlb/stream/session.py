@@ -57,6 +57,16 @@ class StreamAttempt(Attempt):
         self.bytes_sent = 0
         self.bytes_received = 0
 
+    def end(self, outcome: int, exchange: Any, failure: Failure | None = None,
+            phase: str = "") -> Failure | None:
+        """``Attempt.end``, with this connection's bytes for the peer statistics (the API's
+        ``sent``/``received``): ``Attempt.end`` reads them off the connection, and a session
+        counts them here."""
+        conn: Any = self.conn
+        if conn is not None:
+            conn.sent, conn.received = self.bytes_sent, self.bytes_received
+        return super().end(outcome, exchange, failure, phase)
+
 
 class Session(asyncio.Protocol):
     """The client connection of one stream session (see the module docstring)."""
@@ -516,14 +526,14 @@ class Session(asyncio.Protocol):
 class PeerSide(asyncio.Protocol):
     """The upstream connection of a session: hands its bytes and events to the session."""
 
-    __slots__ = ("gate", "session", "transport")
-    # what ``Attempt.end`` reads off an http connection for the peer statistics' bytes: a
-    # session's bytes are counted on its ``StreamAttempt`` ($upstream_bytes_*) instead
-    sent = 0
-    received = 0
+    __slots__ = ("gate", "received", "sent", "session", "transport")
 
     def __init__(self, session: Session) -> None:
         self.session: Session | None = session
+        # what ``Attempt.end`` reads off an http connection for the peer statistics' bytes,
+        # copied from the session's ``StreamAttempt`` ($upstream_bytes_*) when the try ends
+        self.sent = 0
+        self.received = 0
         self.transport: Any = None
         self.gate: Any = None
 
