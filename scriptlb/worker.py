@@ -35,6 +35,7 @@ from scriptlb.peer_lists import PeerListStore, PeerListWatcher, effective_conf
 from scriptlb.runtime import Runtime
 from scriptlb.sandbox.limits import install_worker_fuse
 from scriptlb.shared_dict import SharedDict, SyncedSharedDict, map_size, zone_directory
+from scriptlb.signals import tell_master_retiring
 from scriptlb.stats import PeerStats, Recorder, StatsFull, layout_of, shards_for, stream_layout_of
 from scriptlb.status import StatusFull, WorkerStatus, rows_for
 
@@ -282,6 +283,7 @@ class Worker:
             return
         if signo == signal.SIGQUIT:
             errorlog.log_error("notice", "gracefully shutting down")
+            tell_master_retiring()
         else:
             errorlog.log_error("notice", "exiting")
         self.stop(graceful=signo == signal.SIGQUIT)

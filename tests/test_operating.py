@@ -82,3 +82,65 @@ def test_stream_peers_count_their_bytes_over_every_worker(tmp_path: Path) -> Non
     assert figures["received"] == sum(sizes)
     assert figures["server"] == peer.addr and figures["state"] == "up"
     assert "responses" not in figures and "first_byte_time" in figures
+
+
+# --------------------------------------------------------------------------- a retiring worker
+
+
+def _children(master: int) -> set[int]:
+    return {int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_worker_shutting_down_on_its_own_is_replaced_before_it_exits(tmp_path: Path) -> None:
+    """A worker asked to stop by someone else than the master (the sandbox's watchdog retires
+    a worker for its memory with a QUIT) drains its in-flight request while its replacement,
+    started at once, serves new connections."""
+    import asyncio
+    import os
+    import signal
+    import threading
+
+    from helpers import Backends, answers, fresh_get
+
+    release = threading.Event()
+
+    async def slow(req: Any, writer: asyncio.StreamWriter) -> bool:
+        if req.target == "/slow":
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, 20)
+        writer.write(b"HTTP/1.1 200 X\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        return True
+
+    (port,) = free_ports(1)
+    with Backends(slow) as bk:
+        conf = write_conf(tmp_path, f"""\
+            http {{ server {{ listen 127.0.0.1:{port};
+                location / {{ proxy_pass http://{bk[0].addr}; proxy_read_timeout 30s; }} }} }}
+            """).read_text().replace("worker_processes 2;", "worker_processes 1;")
+        (tmp_path / "conf" / "scriptlb.conf").write_text(conf)
+        with master_process(tmp_path, tmp_path / "conf" / "scriptlb.conf") as proc:
+            wait_for(lambda: answers(port) == "ok", what="the first answer")
+            (old,) = _children(proc.pid)
+            held: list[str] = []
+            client = threading.Thread(target=lambda: held.append(fresh_get(port, "/slow", timeout=30)))
+            client.start()
+            wait_for(lambda: any(r.target == "/slow" for r in bk[0].requests), what="the slow request")
+            os.kill(old, signal.SIGQUIT)  # what the memory watchdog does
+            new = wait_for(lambda: _children(proc.pid) - {old}, what="the replacement", timeout=10)
+            assert _alive(old), "the replacement started while the old worker drains"
+            assert fresh_get(port) == "ok"  # served by the replacement
+            release.set()
+            client.join(20)
+            wait_for(lambda: not _alive(old), what="the old worker to exit")
+            assert _children(proc.pid) == new  # replaced once, not twice
+    assert held == ["ok"]
+    log = (tmp_path / "logs" / "error.log").read_text()
+    assert f"worker process {old} is shutting down on its own, starting its replacement" in log
+    assert f"worker process {old} exited with code 0" in log
