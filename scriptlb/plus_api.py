@@ -1,7 +1,8 @@
 """nginx Plus's REST API (``api [write=on];``, version 9 paths) over scriptlb's shared state.
 
-Read: ``/``, ``/9``, ``/9/nginx``, ``/9/connections``, ``/9/http``, ``/9/http/requests``,
-``/9/http/upstreams[/NAME]``, ``/9/http/upstreams/NAME/servers[/ID]``.
+Read: ``/``, ``/9``, ``/9/nginx``, ``/9/connections``, ``/9/workers[/ID]``, ``/9/http``,
+``/9/http/requests``, ``/9/http/upstreams[/NAME]``, ``/9/http/upstreams/NAME/servers[/ID]``,
+``/9/stream/upstreams[/NAME]``.
 Write (``write=on``): ``POST .../servers``, ``PATCH|DELETE .../servers/ID``, applied through
 ``scriptlb.peer_lists`` (every worker within its poll interval, this one at once, persisted in
 the upstream's ``state`` file). A write is validated completely before anything changes, and
@@ -99,6 +100,8 @@ class Api:
             return self._http(method, rest[1:], body)
         if head == "stream":
             return self._get_only(method, self._stream(rest[1:]))
+        if head == "workers" and len(rest) <= 2:
+            return self._get_only(method, self._workers(rest[1:]))
         raise _not_found()
 
     @staticmethod
@@ -145,6 +148,19 @@ class Api:
         return self._get_only(method, _server_json(self._entry(upstream, server_id)))
 
     # ----------------------------------------------------------------- reads
+
+    def _workers(self, rest: list[str]) -> Any:
+        """``/workers`` (every live worker process, by id) or ``/workers/ID``."""
+        status = self.runtime.status
+        workers = status.workers() if status is not None else []
+        if not rest:
+            return workers
+        if not rest[0].isdigit():
+            raise ApiError(400, "invalid worker id", "WorkerBadId")
+        found = [w for w in workers if w["id"] == int(rest[0])]
+        if not found:
+            raise ApiError(404, "worker not found", "WorkerNotFound")
+        return found[-1]  # (during a reload two processes share an id: the last listed)
 
     def _stream(self, rest: list[str]) -> Any:
         """``/stream``, ``/stream/upstreams[/NAME]``: the stream block's upstreams (read only:

@@ -87,7 +87,7 @@ class Worker:
 
             self.stream = StreamRuntime(self.conf, self.loop, self.recorder)
             self.runtime.stream = self.stream  # the API's /stream/upstreams
-        self.status = open_status(self.conf)
+        self.status = open_status(self.conf, self.worker_id)
         self.runtime.status = self.status
         if store is not None and loaded_http is not None:
             self.runtime.peer_lists = PeerListWatcher(store, loaded_http, self.runtime.replace_servers)
@@ -389,13 +389,13 @@ def _reads_status(conf: MainConf) -> bool:
     return False
 
 
-def open_status(conf: MainConf) -> WorkerStatus | None:
+def open_status(conf: MainConf, worker_id: int = -1) -> WorkerStatus | None:
     """This worker's row of the instance's connection and request counters, or None (after
     an alert) when they cannot be had: a worker serves without them rather than not at all."""
     if conf.http is None:
         return None
     try:
-        return WorkerStatus(zone_directory(conf.prefix), rows_for(conf.worker_processes))
+        return WorkerStatus(zone_directory(conf.prefix), rows_for(conf.worker_processes), worker_id)
     except (OSError, StatusFull, ValueError) as err:
         errorlog.log_error("alert", f"connection counters unavailable, serving without them: {err}")
         return None

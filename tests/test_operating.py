@@ -144,3 +144,57 @@ def test_a_worker_shutting_down_on_its_own_is_replaced_before_it_exits(tmp_path:
     log = (tmp_path / "logs" / "error.log").read_text()
     assert f"worker process {old} is shutting down on its own, starting its replacement" in log
     assert f"worker process {old} exited with code 0" in log
+
+
+# --------------------------------------------------------------------------- /workers
+
+
+def test_api_workers_lists_each_worker_process_with_its_own_counts(tmp_path: Path) -> None:
+    from helpers import Backends, fresh_get, respond
+
+    (port,) = free_ports(1)
+    with Backends(respond(body=b"ok")) as bk:
+        conf = write_conf(tmp_path, f"""\
+            http {{ server {{ listen 127.0.0.1:{port} reuseport;
+                location / {{ proxy_pass http://{bk[0].addr}; }}
+                location /api {{ api; }} }} }}
+            """)
+        with master_process(tmp_path, conf) as proc:
+            sent = [0]  # requests scriptlb answered (each on its own connection)
+
+            def answered(path: str) -> Any:
+                found = answers_json(port, path)
+                sent[0] += found is not None
+                return found
+
+            def every_request_counted() -> Any:
+                listed = answered("/api/9/workers")  # counts itself, live, in its worker
+                total = sum(w["http"]["requests"]["total"] for w in listed)
+                # another worker's row may lag (published every 100 ms): never above the truth
+                assert total <= sent[0]
+                return listed if total == sent[0] and len(listed) == 2 else None
+
+            wait_for(lambda: answered("/api/9/nginx"), what="the API")
+            for _ in range(30):
+                assert fresh_get(port) == "ok"
+                sent[0] += 1
+            listed = wait_for(every_request_counted, what="every request counted by some worker")
+            assert [w["id"] for w in listed] == [0, 1]
+            assert {w["pid"] for w in listed} == _children(proc.pid)
+            accepted = sum(w["connections"]["accepted"] for w in listed)
+            assert accepted == sent[0]  # one request per connection
+            assert all(w["connections"]["dropped"] == 0 for w in listed)
+            assert all(w["http"]["requests"]["total"] > 0 for w in listed), "reuseport spread them"
+            # the worker answering is writing this very response: one current request
+            assert sum(w["http"]["requests"]["current"] for w in listed) >= 1
+            one = get_json(port, "/api/9/workers/1")
+            assert one["id"] == 1 and one["pid"] in _children(proc.pid)
+            assert set(one) == {"id", "pid", "connections", "http"}
+            for path, status, code in (("/api/9/workers/7", 404, "WorkerNotFound"),
+                                       ("/api/9/workers/x", 400, "WorkerBadId")):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("GET", path)
+                response = conn.getresponse()
+                assert (response.status, json.loads(response.read())["error"]["code"]) == (status, code)
+                conn.close()
+            assert "workers" in get_json(port, "/api/9")
