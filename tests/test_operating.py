@@ -8,6 +8,7 @@ import http.client
 import json
 import socket
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,83 @@ def test_api_workers_lists_each_worker_process_with_its_own_counts(tmp_path: Pat
                 assert (response.status, json.loads(response.read())["error"]["code"]) == (status, code)
                 conn.close()
             assert "workers" in get_json(port, "/api/9")
+
+
+# --------------------------------------------------------------------------- a hook's choice
+
+
+def _traced(port: int) -> tuple[int, str, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/", headers={"X-Balancer-Trace": "1"})
+        response = conn.getresponse()
+        return response.status, response.read().decode(), response.getheader("X-Balancer-Trace") or ""
+    finally:
+        conn.close()
+
+
+def test_a_hook_that_picks_an_avoided_peer_gets_it_and_the_trail_says_so(tmp_path: Path) -> None:
+    """Health checks mark a peer unhealthy; a hook names it anyway: the request goes there, the
+    trace says ``hook(unhealthy)``, a warn line says it too. A drained peer: ``hook(draining)``."""
+    import asyncio
+    import re
+
+    from helpers import Backends
+
+    health = {"status": 500}
+
+    def behaviour(name: bytes) -> Any:
+        async def answer(req: Any, writer: asyncio.StreamWriter) -> bool:
+            status = health["status"] if req.target == "/health" and name == b"sick" else 200
+            writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (status, len(name), name))
+            await writer.drain()
+            return True
+        return answer
+
+    (port,) = free_ports(1)
+    with Backends(behaviour(b"well"), behaviour(b"sick")) as bk:
+        conf = write_conf(tmp_path, f"""\
+            http {{
+                upstream backend {{
+                    zone backend 64k;
+                    server {bk[0].addr};
+                    server {bk[1].addr};
+                    balancer_by_python_block {{ balancer.set_current_peer("{bk[1].addr}") }}
+                }}
+                server {{
+                    listen 127.0.0.1:{port} reuseport;
+                    balancer_trace_header on; balancer_trace_allow 127.0.0.1;
+                    location / {{ proxy_pass http://backend;
+                        health_check interval=100ms fails=1 passes=1 uri=/health; }}
+                    location /api {{ api write=on; }}
+                }}
+            }}
+            """)
+        with master_process(tmp_path, conf):
+            def sick_state() -> Any:
+                found = answers_json(port, "/api/9/http/upstreams/backend")
+                return found is not None and found["peers"][1]["state"] == "unhealthy"
+
+            wait_for(sick_state, what="the sick peer to be unhealthy")
+            time.sleep(0.3)  # both workers applied the health state (every 100 ms)
+            for _ in range(6):  # fresh connections: both workers
+                status, body, trace = _traced(port)
+                assert (status, body) == (200, "sick"), "the hook's choice stands"
+                assert trace.startswith(f"hook(unhealthy) {bk[1].addr} "), trace
+
+            health["status"] = 200  # healthy again, then drained through the API
+            wait_for(lambda: not sick_state(), what="the peer to pass its check")
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("PATCH", "/api/9/http/upstreams/backend/servers/1", body=b'{"drain": true}')
+            assert conn.getresponse().status == 200
+            conn.close()
+            time.sleep(0.3)  # every worker took the new list (polled every 50 ms)
+            status, body, trace = _traced(port)
+            assert (status, body) == (200, "sick")
+            assert trace.startswith(f"hook(draining) {bk[1].addr} "), trace
+    log = (tmp_path / "logs" / "error.log").read_text()
+    line = rf"\[warn\] \d+#0: \*\d+ balancer_by_python chose unhealthy peer {re.escape(bk[1].addr)} " \
+           rf"while connecting to upstream, client: 127\.0\.0\.1, server: , request: \"GET / HTTP/1\.1\", " \
+           rf"upstream: \"http://{re.escape(bk[1].addr)}/\""
+    assert re.search(line, log), log[-2000:]
+    assert f"balancer_by_python chose draining peer {bk[1].addr}" in log
