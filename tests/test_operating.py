@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import socket
 import textwrap
@@ -279,3 +280,112 @@ def test_a_hook_that_picks_an_avoided_peer_gets_it_and_the_trail_says_so(tmp_pat
            rf"upstream: \"http://{re.escape(bk[1].addr)}/\""
     assert re.search(line, log), log[-2000:]
     assert f"balancer_by_python chose draining peer {bk[1].addr}" in log
+
+
+# --------------------------------------------------------------------------- health checks
+
+
+def _health_recorder(times: list[float], hang: dict[str, bool] | None = None, status: int = 200) -> Any:
+    """/health answers ``status`` (and records when it came), or hangs while ``hang["on"]``;
+    other paths answer 200 "ok"."""
+    import asyncio
+
+    async def answer(req: Any, writer: asyncio.StreamWriter) -> bool:
+        if req.target == "/health":
+            times.append(time.monotonic())
+            if hang is not None and hang["on"]:
+                await asyncio.sleep(20)  # until the checker's read timeout ends it
+            writer.write(b"HTTP/1.1 %d X\r\nContent-Length: 2\r\n\r\nok" % status)
+            await writer.drain()
+            return True
+        writer.write(b"HTTP/1.1 200 X\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        return True
+
+    return answer
+
+
+def test_health_check_jitter_spreads_the_checks(tmp_path: Path) -> None:
+    """``jitter=400ms`` on a 100 ms interval: every gap is at least the interval and the gaps
+    differ (random delays), where without jitter they would all be one interval."""
+    from helpers import Backends, Scriptlb
+
+    from scriptlb.config.model import HealthCheckConf
+    from scriptlb.health import check_delay
+
+    times: list[float] = []
+    with Backends(_health_recorder(times)) as bk, Scriptlb(f"""
+            daemon off; master_process off; error_log {tmp_path}/e.log info;
+            http {{ upstream b {{ server {bk[0].addr}; }}
+                server {{ listen {{port0}}; location / {{ proxy_pass http://b;
+                    health_check interval=100ms jitter=400ms uri=/health; }} }} }}""", tmp_path):
+        wait_for(lambda: len(times) >= 9, what="nine checks", timeout=30)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert min(gaps) >= 0.09, gaps
+    assert max(gaps) - min(gaps) >= 0.1, gaps  # eight gaps all within 100 ms: p < 1e-4
+    plain = HealthCheckConf(interval=0.1)
+    assert {check_delay(plain) for _ in range(20)} == {0.1}
+    delays = [check_delay(HealthCheckConf(interval=0.1, jitter=0.4)) for _ in range(200)]
+    assert min(delays) >= 0.1 and max(delays) <= 0.5 and max(delays) - min(delays) > 0.2
+
+
+def test_mandatory_persistent_keeps_an_up_peer_up_across_a_reload(tmp_path: Path) -> None:
+    """Peers that passed their first check, then their health URIs hang. After a reload the
+    ``persistent`` one stays up and serves at once; the plain ``mandatory`` one is back to
+    "checking" and not chosen (502) until a check ends; a ``persistent`` one that was
+    unhealthy before the reload starts "checking" too (only "up" persists)."""
+    import os
+    import signal
+
+    from helpers import Backends
+
+    a_times: list[float] = []
+    b_times: list[float] = []
+    c_times: list[float] = []
+    hang = {"on": False}
+    (port,) = free_ports(1)
+    with Backends(_health_recorder(a_times, hang), _health_recorder(b_times, hang),
+                  _health_recorder(c_times, hang, status=500)) as bk:
+        conf = write_conf(tmp_path, f"""\
+            http {{
+                upstream a {{ zone a 64k; server {bk[0].addr}; }}
+                upstream b {{ zone b 64k; server {bk[1].addr}; }}
+                upstream c {{ zone c 64k; server {bk[2].addr}; }}
+                server {{
+                    listen 127.0.0.1:{port} reuseport;
+                    location /a {{ proxy_pass http://a; proxy_read_timeout 10s;
+                        health_check interval=300ms uri=/health mandatory persistent; }}
+                    location /b {{ proxy_pass http://b; proxy_read_timeout 10s;
+                        health_check interval=300ms uri=/health mandatory; }}
+                    location /c {{ proxy_pass http://c; proxy_read_timeout 10s;
+                        health_check interval=300ms uri=/health mandatory persistent; }}
+                    location /api {{ api; }}
+                }}
+            }}
+            """)
+
+        def states() -> tuple[str, ...] | None:
+            found = [answers_json(port, f"/api/9/http/upstreams/{name}") for name in "abc"]
+            return tuple(u["peers"][0]["state"] for u in found) if all(found) else None
+
+        with master_process(tmp_path, conf) as proc:
+            wait_for(lambda: states() == ("up", "up", "unhealthy"), what="a and b up, c unhealthy")
+            hang["on"] = True  # every check from now on hangs (10 s read timeout)
+            seen = len(a_times), len(b_times), len(c_times)
+            wait_for(lambda: (len(a_times), len(b_times), len(c_times)) > seen and min(
+                len(a_times) - seen[0], len(b_times) - seen[1], len(c_times) - seen[2]) > 0,
+                what="hanging checks")
+            old = _children(proc.pid)
+            os.kill(proc.pid, signal.SIGHUP)
+            wait_for(lambda: not (_children(proc.pid) & old) and len(_children(proc.pid)) == 2,
+                     what="the new workers alone", timeout=20)
+            assert states() == ("up", "checking", "checking")
+            time.sleep(0.3)  # every worker applied the shared health words (every 100 ms)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            for path, expected in (("/a", 200), ("/b", 502)):
+                conn.request("GET", path)
+                response = conn.getresponse()
+                response.read()
+                assert response.status == expected, path
+            conn.close()
+            hang["on"] = False
