@@ -176,6 +176,22 @@ class UpstreamRequest:
         if conn is not None:
             conn.resume_reading()
 
+    def hangup_action(self) -> str | None:
+        """What this request was doing when the client half-closed, in nginx's words for the
+        log line; None when nginx carries on regardless: a response streaming buffered
+        (``proxy_buffering on``), a tunnel (after a 101, the half-close is passed on)."""
+        if self._tunnel is not None:
+            return None
+        if self.exchange.conn.response_started:
+            return None if self.conf.buffering else "sending to client"
+        if self._connecting is not None:
+            return _CONNECTING
+        attempt = self.attempt
+        conn = attempt.conn if attempt is not None else None
+        if conn is not None and conn.received:
+            return _READING_HEADER
+        return "sending request to upstream"
+
     def abandon(self) -> None:
         """The client side ended the request (or a bug did): stop everything, free the peer."""
         self._waiting_body = False
