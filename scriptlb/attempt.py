@@ -193,7 +193,15 @@ class Attempt(TryRecord):
             else:
                 upstream.stats.finish(index, status, sample, stats_failed)  # type: ignore[union-attr]
         if peer is not None:
-            if upstream.balancer.free(self.state, peer, counted, upstream.loop.time()):
+            now = upstream.loop.time()
+            fails_before = peer.fails
+            disabled = upstream.balancer.free(self.state, peer, counted, now)
+            stats = upstream.stats
+            if stats is not None and upstream.conf.zone and not upstream.peers.single \
+                    and upstream.peers.holds(peer):
+                # a zone: one passive state for every worker, which alone says "disabled"
+                disabled = stats.passive_free(peer, counted, fails_before, now)
+            if disabled:
                 if index >= 0:
                     upstream.stats.recorder.became_unavailable(index)  # type: ignore[union-attr]
                 # this failure reached max_fails: nginx says so

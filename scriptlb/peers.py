@@ -133,5 +133,10 @@ class PeerSet:
                 target.append(Peer(len(target), addr, server))
         return cls(conf.name, primary, backup)
 
+    def holds(self, peer: Peer) -> bool:
+        """Is ``peer`` one of this set's (not of a list replaced since its request began)?"""
+        peers = self.backup if peer.backup else self.primary
+        return peer.id < len(peers) and peers[peer.id] is peer
+
     def __repr__(self) -> str:
         return f"<PeerSet {self.name} primary={len(self.primary)} backup={len(self.backup)}>"

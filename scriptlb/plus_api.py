@@ -11,10 +11,11 @@ concurrent writers never half-apply.
 
 Errors are nginx Plus's JSON: ``{"error": {"status", "text", "code"}, "request_id", "href"}``.
 Figures: peers' requests, active, fails, responses (by class and by code), sent, received,
-unavail (times a failure reached max_fails, counted by the worker whose balancer saw it) and
-header_time (mean, ms) come from the shared statistics (all workers); ``state`` from this
-worker's passive health state (nginx Plus keeps that in the zone; scriptlb's balancers keep
-it per worker).
+unavail and header_time (mean, ms) come from the shared statistics (all workers). In a
+``zone`` upstream the passive health (``max_fails``) is one state for all workers, as in
+nginx's zone: ``unavail`` counts the times the instance disabled the peer, and ``state`` is
+the same whichever worker answers (each takes the shared state within 100 ms). Without
+``zone`` each worker keeps its own, as nginx does, and ``state`` is the answering worker's.
 """
 
 from __future__ import annotations

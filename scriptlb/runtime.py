@@ -536,6 +536,13 @@ class Runtime:
             )
         return logs
 
+    def sync_passive(self) -> None:
+        """``zone`` upstreams: take the passive health (``max_fails``) every worker shares
+        (``UpstreamStats.sync_passive``); the worker calls it every ``PASSIVE_SYNC`` seconds."""
+        for upstream in self.upstreams.values():
+            if upstream.conf.zone and upstream.stats is not None and not upstream.peers.single:
+                upstream.stats.sync_passive((*upstream.peers.primary, *upstream.peers.backup))
+
     def replace_servers(self, changed: dict[str, UpstreamConf]) -> None:
         """New server lists for some upstreams (``scriptlb.peer_lists``), applied between two
         loop callbacks: statistics records for new peers first, then peers and balancers."""

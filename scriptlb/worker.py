@@ -40,6 +40,7 @@ from scriptlb.stats import PeerStats, Recorder, StatsFull, layout_of, shards_for
 from scriptlb.status import StatusFull, WorkerStatus, rows_for
 
 Key = tuple
+PASSIVE_SYNC = 0.1  # seconds between two readings of the shared passive health (zone upstreams)
 
 # A graceful stop waits for in-flight requests, checking this often.
 _DRAIN_POLL = 0.05
@@ -95,6 +96,7 @@ class Worker:
             if _has_handler(loaded_http, "api", write=True) or cluster.feeds_peer_lists(loaded_http):
                 self.runtime.peer_lists.start(self.loop)
         self._start_health_checks(self.runtime)
+        self._start_passive_sync(self.runtime)
         self._start_hook_figures(self.runtime)
         await self._start_servers(self.runtime)
         if self.status is not None:
@@ -127,6 +129,22 @@ class Worker:
 
         self.hook_figures = HookFiguresPublisher(runtime, zone_directory(self.conf.prefix))
         self.hook_figures.start(self.loop)
+
+    def _start_passive_sync(self, runtime: Runtime) -> None:
+        """``zone`` upstreams share their peers' passive health (max_fails) between workers, as
+        nginx's zone does: each worker takes the shared state every ``PASSIVE_SYNC`` seconds
+        (its own failures count at once; another worker's within that time)."""
+        if runtime.recorder is None or not any(u.conf.zone for u in runtime.upstreams.values()):
+            return
+        loop = self.loop
+
+        def tick() -> None:
+            try:
+                runtime.sync_passive()
+            finally:
+                loop.call_later(PASSIVE_SYNC, tick)
+
+        loop.call_later(PASSIVE_SYNC, tick)
 
     def _start_health_checks(self, runtime: Runtime) -> None:
         """health_check: every worker applies the shared state; each checks its share."""

@@ -389,3 +389,45 @@ def test_mandatory_persistent_keeps_an_up_peer_up_across_a_reload(tmp_path: Path
                 assert response.status == expected, path
             conn.close()
             hang["on"] = False
+
+
+# --------------------------------------------------------------------------- shared max_fails
+
+
+def test_a_zone_upstream_counts_failures_and_unavail_over_every_worker(tmp_path: Path) -> None:
+    """``zone``: the peers' passive health is one state for all workers, as nginx's zone
+    keeps it. A refusing peer with max_fails=3 is disabled after three failures wherever they
+    happened, counted once in ``unavail`` and logged once, and every worker avoids it."""
+    from helpers import Backends, closed_port, fresh_get, respond
+
+    dead = closed_port()
+    (port,) = free_ports(1)
+    with Backends(respond(body=b"ok")) as bk:
+        conf = write_conf(tmp_path, f"""\
+            http {{
+                upstream backend {{
+                    zone backend 64k;
+                    server 127.0.0.1:{dead} max_fails=3 fail_timeout=60s;
+                    server {bk[0].addr};
+                }}
+                server {{ listen 127.0.0.1:{port} reuseport;
+                    location / {{ proxy_pass http://backend; }}
+                    location /api {{ api; }} }}
+            }}
+            """)
+        with master_process(tmp_path, conf):
+            wait_for(lambda: answers_json(port, "/api/9/nginx"), what="the API")
+            answered = [fresh_get(port) for _ in range(16)]  # spread over both workers
+            time.sleep(0.3)  # every worker took the shared state; the statistics are published
+            answered += [fresh_get(port) for _ in range(16)]
+            views = [get_json(port, "/api/9/http/upstreams/backend")["peers"][0] for _ in range(12)]
+            time.sleep(0.3)
+            final = get_json(port, "/api/9/http/upstreams/backend")["peers"][0]
+    assert answered == ["ok"] * 32  # each failure retried on the good peer
+    assert {v["state"] for v in views} == {"unavail"}, "every worker sees it disabled"
+    assert final["unavail"] == 1
+    # three failures disable it; the other worker, until it syncs (100 ms) or fails there
+    # itself (which syncs that peer at once), may try it once more
+    assert 3 <= final["fails"] <= 4, final
+    log = (tmp_path / "logs" / "error.log").read_text()
+    assert log.count("upstream server temporarily disabled") == 1
