@@ -3,7 +3,8 @@
 Read: ``/``, ``/9``, ``/9/nginx``, ``/9/connections``, ``/9/workers[/ID]``, ``/9/http``,
 ``/9/http/requests``, ``/9/http/upstreams[/NAME]``, ``/9/http/upstreams/NAME/servers[/ID]``,
 ``/9/stream/upstreams[/NAME]``.
-Write (``write=on``): ``POST .../servers``, ``PATCH|DELETE .../servers/ID``, applied through
+Write (``write=on``): ``DELETE /9/workers[/ID]`` (their counters restart from zero),
+``POST .../servers``, ``PATCH|DELETE .../servers/ID``, applied through
 ``scriptlb.peer_lists`` (every worker within its poll interval, this one at once, persisted in
 the upstream's ``state`` file). A write is validated completely before anything changes, and
 the change itself is one atomic read-modify-write: a refused request changes nothing and
@@ -102,6 +103,9 @@ class Api:
         if head == "stream":
             return self._get_only(method, self._stream(rest[1:]))
         if head == "workers" and len(rest) <= 2:
+            if method == "DELETE":
+                self._reset_workers(rest[1:])
+                return 204, None
             return self._get_only(method, self._workers(rest[1:]))
         raise _not_found()
 
@@ -150,15 +154,21 @@ class Api:
 
     # ----------------------------------------------------------------- reads
 
+    def _reset_workers(self, rest: list[str]) -> None:
+        """``DELETE /workers[/ID]`` (write=on): their counters start again from zero."""
+        worker_id = _worker_id(rest[0]) if rest else None
+        status = self.runtime.status
+        if status is None or not status.reset_workers(worker_id):
+            raise ApiError(404, "worker not found", "WorkerNotFound")
+
     def _workers(self, rest: list[str]) -> Any:
         """``/workers`` (every live worker process, by id) or ``/workers/ID``."""
         status = self.runtime.status
         workers = status.workers() if status is not None else []
         if not rest:
             return workers
-        if not rest[0].isdigit():
-            raise ApiError(400, "invalid worker id", "WorkerBadId")
-        found = [w for w in workers if w["id"] == int(rest[0])]
+        worker_id = _worker_id(rest[0])
+        found = [w for w in workers if w["id"] == worker_id]
         if not found:
             raise ApiError(404, "worker not found", "WorkerNotFound")
         return found[-1]  # (during a reload two processes share an id: the last listed)
@@ -425,6 +435,12 @@ def _stream_upstream(upstream: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- input
+
+
+def _worker_id(text: str) -> int:
+    if not text.isdigit() or len(text) > 9:
+        raise ApiError(400, "invalid worker id", "WorkerBadId")
+    return int(text)
 
 
 def _server_id(text: str) -> int:

@@ -221,6 +221,27 @@ class WorkerStatus:
         result.sort(key=lambda worker: (worker["id"], worker["pid"]))
         return result
 
+    def reset_workers(self, worker_id: int | None = None) -> bool:
+        """nginx Plus's ``DELETE /workers[/ID]``: the live workers' (or one id's) counters
+        start again from zero in ``workers()`` (their rows' claim-time words move to what they
+        published; the instance totals are untouched). False when no such worker lives."""
+        q = self._q
+        found = False
+        with _locked(self.path):
+            for row in range(q[_ROWS_USED]):
+                at = _HEADER_WORDS + row * _ROW_WORDS
+                owner = q[at + _OWNER]
+                if owner == 0 or (at != self._row and not _alive(owner)):
+                    continue
+                if worker_id is not None and q[at + _WORKER_ID] - 1 != worker_id:
+                    continue
+                found = True
+                current = self.own()[: len(COUNTERS)] if at == self._row else \
+                    tuple(q[at + _ACCEPTED : at + _REQUESTS + 1].tolist())
+                for offset, value in enumerate(current):
+                    q[at + _BASE + offset] = value
+        return found
+
     def zone_totals(self) -> dict[str, list[int]]:
         """Responses 1xx..5xx per status_zone, summed over the live workers."""
         names = self.zone_names()

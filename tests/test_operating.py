@@ -159,7 +159,7 @@ def test_api_workers_lists_each_worker_process_with_its_own_counts(tmp_path: Pat
         conf = write_conf(tmp_path, f"""\
             http {{ server {{ listen 127.0.0.1:{port} reuseport;
                 location / {{ proxy_pass http://{bk[0].addr}; }}
-                location /api {{ api; }} }} }}
+                location /api {{ api write=on; }} }} }}
             """)
         with master_process(tmp_path, conf) as proc:
             sent = [0]  # requests scriptlb answered (each on its own connection)
@@ -200,6 +200,22 @@ def test_api_workers_lists_each_worker_process_with_its_own_counts(tmp_path: Pat
                 assert (response.status, json.loads(response.read())["error"]["code"]) == (status, code)
                 conn.close()
             assert "workers" in get_json(port, "/api/9")
+
+            def delete(path: str) -> int:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("DELETE", path)
+                response = conn.getresponse()
+                response.read()
+                conn.close()
+                return response.status
+
+            assert delete("/api/9/workers/7") == 404
+            assert delete("/api/9/workers") == 204
+            time.sleep(0.3)  # published since
+            after = get_json(port, "/api/9/workers")
+            # counted again from zero: this request and the DELETE at most (a publish raced it)
+            assert sum(w["http"]["requests"]["total"] for w in after) <= 3, after
+            assert get_json(port, "/api/9/connections")["accepted"] >= accepted  # totals kept
 
 
 # --------------------------------------------------------------------------- a hook's choice
