@@ -197,8 +197,8 @@ class Attempt(TryRecord):
             fails_before = peer.fails
             disabled = upstream.balancer.free(self.state, peer, counted, now)
             stats = upstream.stats
-            if stats is not None and upstream.conf.zone and not upstream.peers.single \
-                    and upstream.peers.holds(peer):
+            if stats is not None and (counted or fails_before) and upstream.conf.zone \
+                    and not upstream.peers.single and upstream.peers.holds(peer):
                 # a zone: one passive state for every worker, which alone says "disabled"
                 disabled = stats.passive_free(peer, counted, fails_before, now)
             if disabled:
