@@ -86,6 +86,27 @@ def pool_key(address: str, host: str, local_addr: tuple[str, int] | None) -> tup
     return (address, host, local_addr)
 
 
+# "balancer_by_python chose unhealthy peer ...": at most 10 lines a second per peer
+_CHOSEN_ANYWAY = errorlog.RateLimiter()
+
+
+def chosen_anyway(upstream: UpstreamRuntime, peer: Peer, outcome: Any, exchange: Any, now: float,
+                  action: str) -> None:
+    """A hook named a peer the upstream's own methods avoid now (health checks, drain, down,
+    max_fails; ``Peer.avoided``): the try goes ahead, as the hook asked, and the trail says so:
+    ``outcome.avoided`` for ``$balancer_trace`` (``hook(unhealthy)``) and a warn line,
+    rate-limited per peer (a hook may send every request there on purpose, e.g. when every
+    peer failed its checks). Warn, as nginx's "upstream server temporarily disabled": what the
+    operator's checks decided was overruled, which is worth seeing, but maybe deliberately."""
+    reason = peer.avoided(now)
+    if reason is None:
+        return
+    outcome.avoided = reason
+    key = f'balancer_by_python chose {reason} peer {peer.name} in upstream "{upstream.name}"'
+    _CHOSEN_ANYWAY.log("warn", key, f"balancer_by_python chose {reason} peer {peer.name} while {action}",
+                       exchange.conn_id, exchange.log_context(peer.name))
+
+
 class Attempt(TryRecord):
     """One try: its peer, connection, pool, statistics index and ``$upstream_*`` record."""
 

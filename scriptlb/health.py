@@ -17,7 +17,7 @@ path) and sets each peer's ``unhealthy`` and ``down`` (``down`` is what every ba
 already skips), and ramps the weight of a recovered peer over its ``slow_start``. Hooks see
 ``healthy``/``state`` in ``get_primary_peers()``; a hook that picks an unhealthy peer anyway
 gets it, and the trail says so (``hook(unhealthy)`` in ``$balancer_trace``, a warn line: see
-``UpstreamRequest._chosen_anyway``).
+``attempt.chosen_anyway``).
 
 ``mandatory`` peers start "checking" (not chosen) until their first pass, checked at once;
 without ``persistent`` a reload puts them back in that state; with it, a peer that was up

@@ -47,6 +47,7 @@ from scriptlb.attempt import (
     UPGRADED,
     Attempt,
     TryRecord,
+    chosen_anyway,
     clock,
     pool_key,
 )
@@ -70,8 +71,6 @@ if TYPE_CHECKING:
 
 _READING_HEADER = "reading response header from upstream"  # nginx's log action
 _CONNECTING = "connecting to upstream"
-# "balancer_by_python chose unhealthy peer ...": at most 10 lines a second per peer
-_CHOSEN_ANYWAY = errorlog.RateLimiter()
 _HANDSHAKING = "SSL handshaking to upstream"
 
 # proxy_request_buffering off: stop reading the client when this much body waits for a peer
@@ -276,7 +275,7 @@ class UpstreamRequest:
                 state.tries += outcome.more_tries
                 chosen = upstream.peers.by_name.get(addr.name)
                 if chosen is not None and (chosen.down or chosen.fails):  # (one test when usable)
-                    self._chosen_anyway(chosen, outcome)
+                    chosen_anyway(upstream, chosen, outcome, ex, self.loop.time(), _CONNECTING)
                 pool = self._hook_pool(outcome.keepalive)
                 self._start_attempt(addr.name, addr, None, outcome.host or "", pool, outcome)
                 return
@@ -308,21 +307,6 @@ class UpstreamRequest:
         else:
             attempt.reuse(conn)
             self._send_request(conn)
-
-    def _chosen_anyway(self, peer: Peer, outcome: Any) -> None:
-        """The hook named a peer the upstream's methods avoid (health checks, drain, down,
-        max_fails): the try goes ahead, as the hook asked, and the trail says so: the trace
-        (``hook(unhealthy)``) and a warn line, rate-limited per peer (a hook may route every
-        request there on purpose, e.g. when all peers failed their checks)."""
-        reason = peer.avoided(self.loop.time())
-        if reason is None:
-            return
-        outcome.avoided = reason
-        upstream, ex = self.upstream, self.exchange
-        key = f'balancer_by_python chose {reason} peer {peer.name} in upstream "{upstream.name}"'
-        _CHOSEN_ANYWAY.log("warn", key,
-                           f"balancer_by_python chose {reason} peer {peer.name} while connecting to upstream",
-                           ex.conn_id, ex.log_context(peer.name))
 
     def _apply_hook_settings(self, outcome: Any) -> None:
         """What a hook run changes for this and later tries: bind address, rebuilt request."""

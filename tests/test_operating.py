@@ -447,3 +447,21 @@ def test_a_zone_upstream_counts_failures_and_unavail_over_every_worker(tmp_path:
     assert 3 <= final["fails"] <= 4, final
     log = (tmp_path / "logs" / "error.log").read_text()
     assert log.count("upstream server temporarily disabled") == 1
+
+
+def test_a_stream_hook_that_picks_a_down_peer_gets_it_and_a_warn_line_says_so(tmp_path: Path) -> None:
+    from helpers import Scriptlb
+    from stream_helpers import banner
+
+    with TcpPeer(banner(b"A")) as a, TcpPeer(banner(b"B")) as b, Scriptlb(f"""
+            daemon off; master_process off; error_log {tmp_path}/e.log info;
+            stream {{
+                upstream u {{
+                    server {a.addr}; server {b.addr} down;
+                    balancer_by_python_block {{ balancer.set_current_peer("{b.addr}") }}
+                }}
+                server {{ listen 127.0.0.1:{{port0}}; proxy_pass u; }}
+            }}""", tmp_path) as lb, socket.create_connection(("127.0.0.1", lb.port), timeout=10) as conn:
+        assert conn.recv(1) == b"B"
+    log = (tmp_path / "e.log").read_text()
+    assert "[warn]" in log and f"balancer_by_python chose down peer {b.addr} while proxying connection" in log

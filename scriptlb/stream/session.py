@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from scriptlb import errorlog, safety
-from scriptlb.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord, clock
+from scriptlb.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord, chosen_anyway, clock
 from scriptlb.retry import Failure
 from scriptlb.stream.preread import DONE as HELLO_DONE
 from scriptlb.stream.preread import NEED_MORE, parse_client_hello
@@ -273,6 +273,9 @@ class Session(asyncio.Protocol):
                 return
             if outcome.addr is not None:
                 state.tries += outcome.more_tries
+                chosen = upstream.peers.by_name.get(outcome.addr.name)
+                if chosen is not None and (chosen.down or chosen.fails):
+                    chosen_anyway(upstream, chosen, outcome, self, self.loop.time(), _CONNECTING)
                 self._connect(outcome.addr.name, outcome.addr, None)
                 return
         peer = upstream.balancer.get(state, self.loop.time())
