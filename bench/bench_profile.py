@@ -17,15 +17,15 @@ _LINE_NO = re.compile(r":\d+\)$")
 
 def _func(frame: str) -> str:
     frame = _LINE_NO.sub(")", frame.strip())
-    # shorten paths: keep what follows site-packages/ or the last two components
+    # shorten paths: keep what follows site-packages/ or scriptlb/, else the last two components
     m = re.match(r"^(.*) \((.*)\)$", frame)
     if not m:
         return frame
     name, path = m.groups()
     if "site-packages/" in path:
         path = path.split("site-packages/", 1)[1]
-    elif "/scriptlb/" in path:
-        path = "scriptlb/" + path.rsplit("/scriptlb/", 1)[1]
+    elif "/scriptlb/" in "/" + path:  # the package's modules sit in sub-packages: keep them all
+        path = "scriptlb/" + ("/" + path).rsplit("/scriptlb/", 1)[1]
     else:
         path = "/".join(path.split("/")[-2:])
     return f"{name} ({path})"

@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
-from scriptlb.hooks import HookRunner, LogHookRunner
-from scriptlb.synthetic import SyntheticExchange, SyntheticUpstream
+from scriptlb.hookrt.hooks import HookRunner, LogHookRunner
+from scriptlb.replay.synthetic import SyntheticExchange, SyntheticUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 

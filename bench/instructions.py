@@ -137,8 +137,8 @@ def wall_micro_us() -> float:
     import timeit
 
     from scriptlb.config import load
-    from scriptlb.runtime import UpstreamRuntime
-    from scriptlb.stats import WEIGHT_GENERATION, PeerStats, Recorder, layout_of
+    from scriptlb.request.runtime import UpstreamRuntime
+    from scriptlb.state.stats import WEIGHT_GENERATION, PeerStats, Recorder, layout_of
 
     with tempfile.TemporaryDirectory() as tmp:
         conf_file = Path(tmp) / "s.conf"

@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from scriptlb.shared_dict import SharedDict
+from scriptlb.state.shared_dict import SharedDict
 
 
 def per_call_us(op: Callable[[int], object], n: int, repeat: int) -> float:
@@ -40,7 +40,7 @@ def loop_overhead_us(n: int, repeat: int) -> float:
 def add_hook_style(ops: dict[str, Callable[[int], object]], shared: SharedDict, keys: list[str]) -> None:
     """RestrictedPython turns ``d.get(k)`` into ``_getattr_(d, "get")(k)``; time that path too."""
     from scriptlb.sandbox import guards
-    from scriptlb.shared_dict import HOOK_METHODS
+    from scriptlb.state.shared_dict import HOOK_METHODS
 
     guards.expose(SharedDict, HOOK_METHODS)
     getattr_ = guards.guarded_getattr

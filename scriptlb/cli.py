@@ -3,7 +3,7 @@
 Flags may be glued (``-tq``, ``-cFILE``) or separate (``-c FILE``); everything the tool says
 goes to stderr with the ``scriptlb: `` prefix, except ``-T``'s dump which goes to stdout.
 This module only parses and dispatches: loading is ``scriptlb.config``, running and signals are
-``scriptlb.master``, ``scriptlb hook ...`` is ``scriptlb.hooktool``.
+``scriptlb.process.master``, ``scriptlb hook ...`` is ``scriptlb.testing.hooktool``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from importlib import metadata
 from types import ModuleType
 from typing import TextIO
 
-from scriptlb.config import ConfigError, MainConf, load, load_and_check, resolve_paths
+from scriptlb.config import ConfigError, MainConf, load, resolve_paths
 
 PROG = "scriptlb"
 SIGNALS = ("stop", "quit", "reopen", "reload")
@@ -159,6 +159,14 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
+def load_and_check(conf_file: str, prefix: str | None = None, globals_: str | None = None) -> MainConf:
+    """The config with its hooks compiled (``hooks.load_and_check``); the hook runtime is
+    imported only by the commands that need it, so -v and -h stay quick."""
+    from scriptlb.hookrt import hooks
+
+    return hooks.load_and_check(conf_file, prefix, globals_)
+
+
 def _test_config(opts: Options) -> int:
     conf_file, prefix = resolve_paths(opts.conf, opts.prefix)
     try:
@@ -214,7 +222,7 @@ def _send_signal(opts: Options) -> int:
         if reload:
             say(f"configuration file {resolve_paths(opts.conf, opts.prefix)[0]} test failed")
         return 1
-    master = _import("scriptlb.master")
+    master = _import("scriptlb.process.master")
     if master is None:
         return 1
     assert opts.signal is not None
@@ -225,7 +233,7 @@ def _run(opts: Options) -> int:
     conf = _load_for_run(opts, check_hooks=True)
     if conf is None:
         return 1
-    master = _import("scriptlb.master")
+    master = _import("scriptlb.process.master")
     if master is None:
         return 1
     return int(master.run(conf, opts.globals_))
@@ -244,7 +252,7 @@ def _demo_paths(opts: Options) -> None:
 
 
 def _hook_tool(argv: list[str]) -> int:
-    return _tool("scriptlb.hooktool", argv)
+    return _tool("scriptlb.testing.hooktool", argv)
 
 
 def _tool(module: str, argv: list[str]) -> int:

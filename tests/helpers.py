@@ -26,8 +26,8 @@ import httptools
 
 from scriptlb.config import load
 from scriptlb.config.model import MainConf
-from scriptlb.runtime import Runtime
-from scriptlb.worker import WorkerThread
+from scriptlb.process.worker import WorkerThread
+from scriptlb.request.runtime import Runtime
 
 IO_TIMEOUT = 10.0
 

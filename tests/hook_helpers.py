@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
-from scriptlb.hooks import HookOutcome, HookRunner
-from scriptlb.synthetic import SyntheticExchange, SyntheticUpstream
+from scriptlb.hookrt.hooks import HookOutcome, HookRunner
+from scriptlb.replay.synthetic import SyntheticExchange, SyntheticUpstream
 
 CONF = "/t/scriptlb.conf"
 

@@ -13,8 +13,8 @@ import pytest
 from helpers import HttpConnection, Scriptlb, get, load_conf, wait_for
 from test_round_robin import NGINX, free_ports, nginx_running
 
-from scriptlb.access import check_password, md5_crypt, parse_htpasswd
 from scriptlb.config import ConfigError
+from scriptlb.request.access import check_password, md5_crypt, parse_htpasswd
 
 
 def serve(tmp_path: Path, http: str) -> Scriptlb:

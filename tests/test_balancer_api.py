@@ -431,7 +431,7 @@ def test_set_peer_down_false_resets_fails() -> None:
 
 
 def test_api_outside_a_run() -> None:
-    from scriptlb import api
+    from scriptlb.hookrt import api
 
     with pytest.raises(RuntimeError, match="no request found"):
         api.balancer.set_current_peer("127.0.0.1:1")
@@ -440,8 +440,8 @@ def test_api_outside_a_run() -> None:
 
 
 def test_ngx_shared(tmp_path: Path) -> None:
-    from scriptlb import api
-    from scriptlb.shared_dict import SharedDict
+    from scriptlb.hookrt import api
+    from scriptlb.state.shared_dict import SharedDict
 
     counters = SharedDict(str(tmp_path), "counters", 1 << 20)
     api.set_shared_dicts({"counters": counters})
@@ -464,7 +464,7 @@ def test_ngx_shared(tmp_path: Path) -> None:
 
 
 def test_caches_keep_no_hook_made_junk() -> None:
-    from scriptlb import api
+    from scriptlb.hookrt import api
 
     peers, getters = len(api._PEER_CACHE), len(api._GETTERS)
     result = run("""

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from helpers import Backends, HttpConnection, Scriptlb, closed_port, get, load_conf, respond, wait_for
 
-from scriptlb import hooks
 from scriptlb.config import load
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import PythonConf
-from scriptlb.worker import WorkerThread
+from scriptlb.hookrt import hooks
+from scriptlb.process.worker import WorkerThread
 
 # WHO PEER TIME LAST, as docs/hooks.md describes it
 ENTRY = re.compile(r"^(\S+) (\S+) (-|\d+us) (-|last=none|last=\w+/\d+)$")
@@ -318,7 +318,7 @@ class _Client:
     ([], "127.0.0.1", False),  # no list: nobody
 ])
 def test_who_is_allowed(networks: list[str], address: str, allowed: bool) -> None:
-    from scriptlb.access import address_matcher
+    from scriptlb.request.access import address_matcher
 
     assert address_matcher(networks)(_Client(address)) is allowed
 

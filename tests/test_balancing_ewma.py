@@ -11,7 +11,7 @@ import pytest
 from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.ewma import DECAY_TIME, DecayingAverages, Ewma
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 PORTS = {"a": 9001, "b": 9002, "c": 9003, "d": 9004}
 LETTERS = {port: letter for letter, port in PORTS.items()}

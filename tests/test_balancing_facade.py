@@ -1,4 +1,5 @@
-"""scriptlb.balancers: the hook-side chash / roundrobin / ewma objects (lua-resty-balancer style)."""
+"""scriptlb.balancing.resty (``scriptlb.balancers`` to hooks): the hook-side chash / roundrobin /
+ewma objects (lua-resty-balancer style)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from scriptlb.balancers import HOOK_API, chash, ewma, roundrobin
+from scriptlb.balancing.resty import HOOK_API, chash, ewma, roundrobin
 
 # recorded from nginx 1.22.1 `hash $arg_k consistent` over these servers (see test_balancing_hash)
 NGINX_SERVERS = {"127.0.0.1:8001": 1, "127.0.0.1:8002": 2, "127.0.0.1:8003": 1, "127.0.0.1:8004": 3}

@@ -19,7 +19,7 @@ from helpers import free_ports
 
 from scriptlb.balancing.hash import ConsistentHash, Hash, ketama_points, server_hash_prefix
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 
 def upstream(*servers: tuple[int, int], **params: object) -> PeerSet:

@@ -17,7 +17,7 @@ from helpers import free_ports
 
 from scriptlb.balancing.ip_hash import IpHash, hashed_bytes
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 
 def upstream(*servers: tuple[int, int]) -> PeerSet:

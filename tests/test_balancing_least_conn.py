@@ -8,7 +8,7 @@ from collections import Counter
 from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.least_conn import LeastConn, usable_mask
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 PORTS = {"a": 9001, "b": 9002, "c": 9003, "d": 9004}
 LETTERS = {port: letter for letter, port in PORTS.items()}

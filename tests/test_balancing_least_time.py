@@ -9,7 +9,7 @@ import pytest
 from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.least_time import LeastTime
 from scriptlb.config.model import PeerAddr, UpstreamConf, UpstreamServerConf
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 PORTS = {"a": 9001, "b": 9002, "c": 9003}
 LETTERS = {port: letter for letter, port in PORTS.items()}

@@ -361,16 +361,18 @@ def test_report_from_fake_figures(tmp_path: Path) -> None:
 
 def test_summarize_pyspy_raw() -> None:
     raw = (
-        "run (scriptlb/worker.py:10);data_received (/x/scriptlb/downstream.py:50);parse (h.py:3) 6\n"
-        "run (scriptlb/worker.py:10);data_received (/x/scriptlb/downstream.py:51) 3\n"
-        "run (scriptlb/worker.py:12);select (/usr/lib/python3.11/selectors.py:468) 3\n"
+        "run (scriptlb/process/worker.py:10);data_received (/x/scriptlb/http/downstream.py:50);"
+        "parse (h.py:3) 6\n"
+        "run (scriptlb/process/worker.py:10);data_received (/x/scriptlb/http/downstream.py:51) 3\n"
+        "run (scriptlb/process/worker.py:12);select (/usr/lib/python3.11/selectors.py:468) 3\n"
     )
     s = bench_profile.summarize_raw(raw)
     assert s["samples"] == 12
     assert s["self"][0] == (50.0, "parse (h.py)")
     incl = dict((fn, pct) for pct, fn in s["inclusive"])
-    assert "run (scriptlb/worker.py)" not in incl and s["root"] == ["run (scriptlb/worker.py)"]
-    assert incl["data_received (scriptlb/downstream.py)"] == 75.0
+    assert "run (scriptlb/process/worker.py)" not in incl
+    assert s["root"] == ["run (scriptlb/process/worker.py)"]
+    assert incl["data_received (scriptlb/http/downstream.py)"] == 75.0
     assert bench_profile.summarize_raw("")["samples"] == 0
 
 

@@ -12,6 +12,7 @@ import pytest
 from scriptlb import cli
 from scriptlb.config import ConfigError
 from scriptlb.config.model import MainConf, Source
+from scriptlb.hookrt import hooks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -184,7 +185,7 @@ def test_t_compiles_hooks_through_scriptlb_hooks(
         assert hook is not None
         raise ConfigError("'(' was never closed", Source(hook.source.file, hook.first_line))
 
-    monkeypatch.setitem(sys.modules, "scriptlb.hooks", types.SimpleNamespace(precompile=precompile))
+    monkeypatch.setattr(hooks, "precompile", precompile)
     assert cli.main(["-t", "-p", str(tmp_path), "-c", "conf/t.conf"]) == 1
     assert len(seen) == 1
     assert capsys.readouterr().err == (
@@ -200,7 +201,7 @@ def test_run_and_signal_dispatch_to_master(tmp_path: Path, monkeypatch: pytest.M
         run=lambda conf, globals_: calls.append(("run", (conf.daemon, conf.master_process, globals_))) or 0,
         send_signal=lambda conf, name: calls.append(("signal", name)) or 3,
     )
-    monkeypatch.setitem(sys.modules, "scriptlb.master", fake)
+    monkeypatch.setitem(sys.modules, "scriptlb.process.master", fake)
     args = ["-p", str(tmp_path), "-c", "conf/t.conf", "-g", "master_process off;"]
     assert cli.main(args) == 0
     assert cli.main([*args, "-s", "reload"]) == 3
@@ -217,6 +218,6 @@ def test_run_with_a_bad_config_exits_1(tmp_path: Path) -> None:
 def test_hook_subcommand_dispatches_to_hooktool(monkeypatch: pytest.MonkeyPatch) -> None:
     received: list[list[str]] = []
     fake = types.SimpleNamespace(main=lambda argv: received.append(argv) or 7)
-    monkeypatch.setitem(sys.modules, "scriptlb.hooktool", fake)
+    monkeypatch.setitem(sys.modules, "scriptlb.testing.hooktool", fake)
     assert cli.main(["hook", "run", "x.py", "--uri", "/a"]) == 7
     assert received == [["run", "x.py", "--uri", "/a"]]

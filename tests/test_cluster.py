@@ -18,8 +18,8 @@ from cluster_servers import DnsServer, EtcdServer, RedisServer
 from helpers import Backends, answers, free_ports, master_process, respond, wait_for
 
 from scriptlb.config.model import DictSyncConf
-from scriptlb.dict_sync import DictSync
-from scriptlb.shared_dict import SharedDict, SyncedSharedDict, zone_directory
+from scriptlb.state.dict_sync import DictSync
+from scriptlb.state.shared_dict import SharedDict, SyncedSharedDict, zone_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -92,7 +92,7 @@ def test_three_zones_merge_counters_exactly_through_a_redis_crash(tmp_path: Path
 def test_password_from_a_file_and_a_wrong_one(tmp_path: Path) -> None:
     """``sync_password_file``: the right password merges; a wrong one is "unavailable" (logged
     once) and the zone keeps serving its local values."""
-    from scriptlb import errorlog
+    from scriptlb.logs import errorlog
 
     async def scenario(redis: RedisServer) -> None:
         (tmp_path / "good").write_text("s3cret\n")
@@ -417,7 +417,7 @@ def test_srv_records_changing_under_load(tmp_path: Path, capsys: pytest.CaptureF
     record added or removed reaches the traffic of both workers without a reload and without a
     failed request, a peer that stays keeps its id, and a resolver answering SERVFAIL keeps
     the last peers."""
-    from scriptlb.peer_lists import PeerListStore
+    from scriptlb.state.peer_lists import PeerListStore
 
     with DnsServer() as dns, Backends(respond(200, b"b0"), respond(200, b"b1")) as backends:
         srv = ("_http._tcp.svc.test", "SRV")
@@ -571,8 +571,8 @@ def test_dns_lookups_a_aaaa_srv_priorities_and_ttl(tmp_path: Path) -> None:
     smallest TTL as the next lookup's delay, NXDOMAIN as no peer, SERVFAIL as a failure."""
     from test_config_directives import http
 
-    from scriptlb.peer_lists import PeerListStore
-    from scriptlb.resolver import DnsMembership, LookupFailed
+    from scriptlb.ops.resolver import DnsMembership, LookupFailed
+    from scriptlb.state.peer_lists import PeerListStore
 
     with DnsServer() as dns:
         dns.records = {

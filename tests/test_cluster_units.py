@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from test_config_directives import error, http
 
-from scriptlb import cluster
 from scriptlb.config.model import DictSyncConf, DiscoveryConf, ResolverConf
-from scriptlb.shared_dict import ClusterState, SharedDict, SyncedSharedDict
+from scriptlb.ops import cluster
+from scriptlb.state.shared_dict import ClusterState, SharedDict, SyncedSharedDict
 
 # --------------------------------------------------------------------------- directives
 

@@ -13,7 +13,7 @@ import pytest
 from scriptlb.config import ConfigError, load
 from scriptlb.config.directives import MIN_SHARED_DICT_SIZE
 from scriptlb.config.model import HookConf, HttpConf, LocationConf, SharedDictConf, Source
-from scriptlb.shared_dict import MIN_SIZE, SharedDict
+from scriptlb.state.shared_dict import MIN_SIZE, SharedDict
 
 
 def load_http(tmp_path: Path, body: str) -> HttpConf:
@@ -278,8 +278,8 @@ def test_python_memory_limit_rejects_garbage(tmp_path: Path) -> None:
 
 
 def test_the_worker_memory_limit_adds_the_shared_dict_maps(tmp_path: Path) -> None:
-    from scriptlb.shared_dict import map_size
-    from scriptlb.worker import worker_memory_limit
+    from scriptlb.process.worker import worker_memory_limit
+    from scriptlb.state.shared_dict import map_size
 
     http = load_http(tmp_path, "python_memory_limit 256m; python_shared_dict a 1m;")
     assert worker_memory_limit(http) == (256 << 20) + map_size(1 << 20)

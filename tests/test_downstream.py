@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from scriptlb import errorlog
 from scriptlb.config.model import ErrorLogConf
-from scriptlb.downstream import ClientConnection, ListenerContext, Request
+from scriptlb.http.downstream import ClientConnection, ListenerContext, Request
+from scriptlb.logs import errorlog
 
 
 class FakeTransport:
@@ -543,7 +543,7 @@ def test_memory_error_while_parsing_ends_the_connection_cleanly(
 ) -> None:
     """An allocation that fails while a request is read (the process at its memory limit):
     a 500 for that request and the connection closes; nothing is left half-open."""
-    from scriptlb import request_body
+    from scriptlb.http import request_body
 
     def no_memory(self: object, data: bytes) -> None:
         raise MemoryError
@@ -556,7 +556,7 @@ def test_memory_error_while_parsing_ends_the_connection_cleanly(
     assert "[alert]" in log and "out of memory while reading client request" in log
 
 
-# bare LF line endings (scriptlb.line_ends): accepted in heads as nginx does
+# bare LF line endings (scriptlb.http.line_ends): accepted in heads as nginx does
 
 def test_server_answers_bare_lf_requests(loop: asyncio.AbstractEventLoop) -> None:
     h = Harness(loop)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from helpers import Backends, Scriptlb, answers, free_ports, fresh_get, get, master_process, respond, wait_for
 
-from scriptlb import api, hooks
-from scriptlb.balancers import chash
+from scriptlb.balancing.resty import chash
 from scriptlb.config.model import PythonConf
-from scriptlb.shared_dict import SharedDict, zone_directory
+from scriptlb.hookrt import api, hooks
+from scriptlb.state.shared_dict import SharedDict, zone_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = "127.0.0.1"  # every test client's address: the sticky fallback hashes it

@@ -19,7 +19,7 @@ import httptools
 import pytest
 from hostile import RecordingBackend, exchange, get_ok, proxy_process, rss_kib, status_lines
 
-from scriptlb.line_ends import crlf_head
+from scriptlb.http.line_ends import crlf_head
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.slow]
 
@@ -92,7 +92,7 @@ class _Counter:
 def requests_sent(data: bytes) -> int:
     """How many complete requests ``data`` holds for a lenient reference parse (an upper
     bound of what may reach the backend); heads may end their lines with a bare LF, as the
-    server accepts (scriptlb.line_ends)."""
+    server accepts (scriptlb.http.line_ends)."""
     if data.count(b"\n") != data.count(b"\r\n"):
         return max(_parsed(data), _parsed(crlf_head(data, b"")))
     return _parsed(data)

@@ -17,7 +17,7 @@ import pytest
 from helpers import Backends, free_ports, load_conf, master_process, wait_for
 
 from scriptlb.config import ConfigError
-from scriptlb.health import response_failure
+from scriptlb.ops.health import response_failure
 
 INTERVAL, FAILS, PASSES = 0.3, 2, 2
 
@@ -241,7 +241,7 @@ def test_tcp_checks_port_and_send_expect(tmp_path: Path) -> None:
 
 
 def test_slow_start_ramps_the_weight_back() -> None:
-    from scriptlb.health import HealthView
+    from scriptlb.ops.health import HealthView
 
     view = HealthView(runtime=None)
     peer = SimpleNamespace(weight=10, effective_weight=10, slow_start=10.0, unhealthy=False)

@@ -11,7 +11,7 @@ from hook_helpers import block, exchange, upstream
 from scriptlb.config import load
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import BreakerConf, HookConf, PythonConf
-from scriptlb.hooks import CLOSED, OPEN, HookRunner
+from scriptlb.hookrt.hooks import CLOSED, OPEN, HookRunner
 
 LOOP = "while True:\n    pass\n"
 OK = "balancer.set_current_peer('127.0.0.1:1')\n"
@@ -165,7 +165,7 @@ def test_bad_directives_name_file_and_line(tmp_path: Path, line: str, message: s
 
 def test_the_breaker_keeps_the_hooks_clock() -> None:
     """A replay's virtual time drives it, and a clock set back does not stretch a cool-off."""
-    from scriptlb import api
+    from scriptlb.hookrt import api
 
     now = [1000.0]
     api.set_clock(lambda: now[0])

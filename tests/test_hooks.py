@@ -11,10 +11,10 @@ from conftest import scriptlb_cmd
 from hook_helpers import block as block_conf
 from hook_helpers import exchange, run, runner
 
-from scriptlb.config import ConfigError, load, load_and_check
+from scriptlb.config import ConfigError, load
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
-from scriptlb.hooks import HookRunner, precompile
-from scriptlb.synthetic import SyntheticUpstream
+from scriptlb.hookrt.hooks import HookRunner, load_and_check, precompile
+from scriptlb.replay.synthetic import SyntheticUpstream
 
 CHUNK = "balancer_by_python(/t/scriptlb.conf:1)"
 

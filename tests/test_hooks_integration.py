@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from helpers import Backends, Scriptlb, closed_port, get, hang, respond
 
-from scriptlb import hooks
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
-from scriptlb.hooks import HookRunner
-from scriptlb.synthetic import SyntheticExchange, SyntheticUpstream
+from scriptlb.hookrt import hooks
+from scriptlb.hookrt.hooks import HookRunner
+from scriptlb.replay.synthetic import SyntheticExchange, SyntheticUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import scriptlb_cmd
 
-from scriptlb import hooktool
+from scriptlb.testing import hooktool
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,7 +27,7 @@ from hostile import (
     status_lines,
 )
 
-from scriptlb.downstream import ClientConnection
+from scriptlb.http.downstream import ClientConnection
 
 needs_nginx = [pytest.mark.nginx, pytest.mark.skipif(NGINX is None, reason="nginx is not installed")]
 KINDS = ["scriptlb", pytest.param("nginx", marks=needs_nginx)]

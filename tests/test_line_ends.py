@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scriptlb.line_ends import crlf_head
+from scriptlb.http.line_ends import crlf_head
 
 
 def fixed(*reads: bytes) -> bytes:

@@ -18,10 +18,10 @@ from scriptlb.config.model import (
     ServerConf,
     Var,
 )
-from scriptlb.locations import (
+from scriptlb.config.regex import compile_nginx_regex
+from scriptlb.routing.locations import (
     LocationMatcher,
     ServerSelector,
-    compile_nginx_regex,
     normalize_host,
     selectors_by_listen,
 )
@@ -185,7 +185,7 @@ def test_normalize_host(raw: str, host: str | None) -> None:
 
 
 def test_normalize_host_fast_path_agrees_with_the_state_machine() -> None:
-    from scriptlb.locations import _validate_host
+    from scriptlb.routing.locations import _validate_host
 
     rng = random.Random(7)
     alphabet = "aZ9-.:[]/\\ \x00\x7f\xe9_"
@@ -493,7 +493,7 @@ def test_host_validation_equals_a_real_nginx(tmp_path: Path) -> None:
 
 
 def test_pcre_quoted_literals() -> None:
-    from scriptlb.locations import compile_nginx_regex
+    from scriptlb.config.regex import compile_nginx_regex
 
     regex = compile_nginx_regex(r"^(?<name>[a-z]+)\Q.example.com\E$")
     assert regex.match("ab.example.com") and not regex.match("abxexampleycom")

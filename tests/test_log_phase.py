@@ -29,9 +29,9 @@ from helpers import (
     wait_for,
 )
 
-from scriptlb import api, hooks
 from scriptlb.config.model import PythonConf
-from scriptlb.shared_dict import SharedDict, zone_directory
+from scriptlb.hookrt import api, hooks
+from scriptlb.state.shared_dict import SharedDict, zone_directory
 
 VARS = ("status", "upstream_addr", "upstream_status", "upstream_response_time", "upstream_connect_time",
         "upstream_header_time", "request_time", "bytes_sent")

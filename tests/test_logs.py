@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from scriptlb import errorlog
 from scriptlb.config.model import ErrorLogConf
-from scriptlb.errorlog import ErrorLog, RateLimiter, level_rank, os_error_text, request_context
+from scriptlb.logs import errorlog
+from scriptlb.logs.errorlog import ErrorLog, RateLimiter, level_rank, os_error_text, request_context
 
 NOV_22_LOCAL = time.mktime((2026, 11, 22, 10, 0, 0, 0, 0, -1))
 LINE = re.compile(r"^2026/11/22 10:00:00 \[(\w+)\] (\d+)#0: (.*)\n$")
@@ -258,7 +258,7 @@ class LogExchange:
 
 def access_conf(path: Path | str, raw: str = "$remote_addr $uri $status $upstream_addr", **kw: Any) -> Any:
     from scriptlb.config.model import AccessLogConf, LogFormat
-    from scriptlb.config.variables import compile_template
+    from scriptlb.config.templates import compile_template
 
     return AccessLogConf(
         str(path), LogFormat("test", compile_template(raw), kw.pop("escape", "default")), **kw
@@ -266,7 +266,7 @@ def access_conf(path: Path | str, raw: str = "$remote_addr $uri $status $upstrea
 
 
 def test_access_log_writes_one_line_per_request(tmp_path: Path) -> None:
-    from scriptlb.accesslog import open_access_log
+    from scriptlb.request.accesslog import open_access_log
 
     path = tmp_path / "access.log"
     log = open_access_log(access_conf(path))
@@ -277,7 +277,7 @@ def test_access_log_writes_one_line_per_request(tmp_path: Path) -> None:
 
 
 def test_access_log_appends_and_encodes_bytes_as_latin1(tmp_path: Path) -> None:
-    from scriptlb.accesslog import open_access_log
+    from scriptlb.request.accesslog import open_access_log
 
     path = tmp_path / "access.log"
     path.write_bytes(b"old\n")
@@ -289,7 +289,7 @@ def test_access_log_appends_and_encodes_bytes_as_latin1(tmp_path: Path) -> None:
 
 
 def test_buffered_lines_wait_until_the_buffer_is_full(tmp_path: Path) -> None:
-    from scriptlb.accesslog import open_access_log
+    from scriptlb.request.accesslog import open_access_log
 
     path = tmp_path / "access.log"
     log = open_access_log(access_conf(path, "$uri", buffer=10))
@@ -304,7 +304,7 @@ def test_buffered_lines_wait_until_the_buffer_is_full(tmp_path: Path) -> None:
 
 
 def test_flush_timer_writes_buffered_lines(tmp_path: Path) -> None:
-    from scriptlb.accesslog import open_access_log
+    from scriptlb.request.accesslog import open_access_log
 
     path = tmp_path / "access.log"
     loop = FakeLoop()
@@ -324,7 +324,7 @@ def test_flush_timer_writes_buffered_lines(tmp_path: Path) -> None:
 
 
 def test_close_flushes_and_reopen_follows_rotation(tmp_path: Path) -> None:
-    from scriptlb.accesslog import open_access_log
+    from scriptlb.request.accesslog import open_access_log
 
     path = tmp_path / "access.log"
     log = open_access_log(access_conf(path, "$uri", buffer=4096))
@@ -338,7 +338,7 @@ def test_close_flushes_and_reopen_follows_rotation(tmp_path: Path) -> None:
 
 
 def test_logs_on_one_path_share_a_file(tmp_path: Path) -> None:
-    from scriptlb.accesslog import LogFile, open_access_log
+    from scriptlb.request.accesslog import LogFile, open_access_log
 
     path = tmp_path / "access.log"
     files: dict[str, LogFile] = {}
@@ -353,7 +353,7 @@ def test_logs_on_one_path_share_a_file(tmp_path: Path) -> None:
 
 
 def test_stdout_target(capfd: pytest.CaptureFixture[str]) -> None:
-    from scriptlb.accesslog import open_access_log
+    from scriptlb.request.accesslog import open_access_log
 
     log = open_access_log(access_conf("stdout", "$uri"))
     log.write(LogExchange("/out"))
@@ -362,7 +362,7 @@ def test_stdout_target(capfd: pytest.CaptureFixture[str]) -> None:
 
 
 def test_a_broken_exchange_is_reported_not_raised(tmp_path: Path, restore_sink: None) -> None:
-    from scriptlb.accesslog import open_access_log
+    from scriptlb.request.accesslog import open_access_log
 
     errors = tmp_path / "error.log"
     errorlog.install(ErrorLog([ErrorLogConf(str(errors), "error")]))
@@ -379,7 +379,7 @@ def test_a_broken_exchange_is_reported_not_raised(tmp_path: Path, restore_sink: 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_write_errors_are_reported_once_a_minute(tmp_path: Path, restore_sink: None) -> None:
-    from scriptlb.accesslog import open_access_log
+    from scriptlb.request.accesslog import open_access_log
 
     errors = tmp_path / "error.log"
     errorlog.install(ErrorLog([ErrorLogConf(str(errors), "error")]))
@@ -402,8 +402,8 @@ def test_runtime_opens_each_access_log_path_once(tmp_path: Path, monkeypatch: py
 
     from helpers import load_conf
 
-    from scriptlb.accesslog import LogFile
-    from scriptlb.runtime import Runtime
+    from scriptlb.request.accesslog import LogFile
+    from scriptlb.request.runtime import Runtime
 
     opened: list[str] = []
     real_open = LogFile._open

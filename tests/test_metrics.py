@@ -120,7 +120,7 @@ def test_grafana_dashboard_uses_only_exported_families() -> None:
     import json
     import re
 
-    from scriptlb import metrics
+    from scriptlb.ops import metrics
 
     root = Path(__file__).resolve().parent.parent
     dashboard = json.loads((root / "docs" / "grafana-dashboard.json").read_text())

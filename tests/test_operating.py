@@ -327,7 +327,7 @@ def test_health_check_jitter_spreads_the_checks(tmp_path: Path) -> None:
     from helpers import Backends, Scriptlb
 
     from scriptlb.config.model import HealthCheckConf
-    from scriptlb.health import check_delay
+    from scriptlb.ops.health import check_delay
 
     times: list[float] = []
     with Backends(_health_recorder(times)) as bk, Scriptlb(f"""

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from helpers import Backends, HttpConnection, Scriptlb, get, respond, wait_until
 
-from scriptlb import safety
-from scriptlb.upstream import ConnState, UpstreamConnection
+from scriptlb.http import safety
+from scriptlb.http.upstream import ConnState, UpstreamConnection
 
 CONF = """
 daemon off;
@@ -193,7 +193,7 @@ def test_a_bug_in_a_callback_is_an_alert_and_a_502(tmp_path: Path, capfd, monkey
 
 def test_a_bug_after_the_response_started_closes_the_client(tmp_path: Path, monkeypatch) -> None:
     """Once the client has the head, a bug cannot become a 502: the connection is closed."""
-    from scriptlb.proxy import UpstreamRequest
+    from scriptlb.request.proxy import UpstreamRequest
 
     def broken(self: UpstreamRequest, data: bytes) -> None:
         raise RuntimeError("planted bug in the body")
@@ -221,8 +221,8 @@ def read_until_closed(conn: HttpConnection, timeout: float = 10.0) -> bytes:
 
 
 def test_loop_error_handler_writes_an_alert(tmp_path: Path) -> None:
-    from scriptlb import errorlog
     from scriptlb.config.model import ErrorLogConf
+    from scriptlb.logs import errorlog
 
     path = tmp_path / "e.log"
     previous = errorlog.install(errorlog.ErrorLog((ErrorLogConf(str(path), "info"),)))

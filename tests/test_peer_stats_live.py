@@ -1,5 +1,5 @@
 """Live peer statistics as the proxy records them (issue 5, part 3), through real sockets: what
-every try leaves in ``scriptlb.stats`` (requests, failures, active, last status, the averages),
+every try leaves in ``scriptlb.state.stats`` (requests, failures, active, last status, the averages),
 weights set through the shared file reaching the round robin, ``python_peer_stats off``, and a
 real master with two workers whose figures add up (and survive a reload, not a restart)."""
 
@@ -31,8 +31,8 @@ from helpers import (
 )
 
 from scriptlb.config import load
-from scriptlb.shared_dict import zone_directory
-from scriptlb.stats import FILE_NAME, FLUSH_INTERVAL, PeerStats, layout_of
+from scriptlb.state.shared_dict import zone_directory
+from scriptlb.state.stats import FILE_NAME, FLUSH_INTERVAL, PeerStats, layout_of
 
 
 def slow(delay: float, body: bytes = b"slow"):
@@ -316,7 +316,7 @@ def test_two_workers_add_up_keep_figures_on_reload_and_restart_at_zero(tmp_path:
 def test_samples_have_sub_millisecond_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """uvloop's clock ticks in milliseconds: a peer answering in under one would record 0.0 (and
     an average of 0 divides by zero in a hook); the tries' own clock is finer."""
-    from scriptlb.stats import Recorder
+    from scriptlb.state.stats import Recorder
 
     samples: list[float] = []
     original = Recorder.finish

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from helpers import Backend, Backends, closed_port, echo, free_ports, master_process, wait_for
 
-from scriptlb.peer_lists import PeerList, PeerListStore, ServerEntry, entries_from_conf
-from scriptlb.plus_api import Api, ApiError
+from scriptlb.ops.plus_api import Api, ApiError
+from scriptlb.state.peer_lists import PeerList, PeerListStore, ServerEntry, entries_from_conf
 
 pytestmark = pytest.mark.slow
 
@@ -254,7 +254,7 @@ def test_read_only_api_refuses_writes_before_reading_anything() -> None:
     (b'"just a string"', "UpstreamConfFormatError"),
 ])
 def test_hostile_api_input_is_refused_before_any_change(body: bytes, code: str) -> None:
-    from scriptlb.plus_api import _parse_fields
+    from scriptlb.ops.plus_api import _parse_fields
 
     with pytest.raises(ApiError) as err:
         _parse_fields(body, require_server=True)

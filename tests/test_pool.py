@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from scriptlb.pool import ConnectionPool
-from scriptlb.upstream import ConnState
+from scriptlb.http.pool import ConnectionPool
+from scriptlb.http.upstream import ConnState
 
 
 class FakeConn:

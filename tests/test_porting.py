@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from hook_helpers import exchange, run, upstream, value
 
-from scriptlb import hooks
 from scriptlb.config import ConfigError, load
 from scriptlb.config.model import HookConf, PythonConf, Source
-from scriptlb.hooks import HookRunner, LogHookRunner
+from scriptlb.hookrt import hooks
+from scriptlb.hookrt.hooks import HookRunner, LogHookRunner
 
 PEER = "\nbalancer.set_current_peer('127.0.0.1:1')\n"
 

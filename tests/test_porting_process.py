@@ -18,8 +18,8 @@ import pytest
 from helpers import Backends, Scriptlb, answers, free_ports, get, respond, wait_for
 from test_round_robin import NGINX
 
-from scriptlb import hooks
 from scriptlb.config.model import PythonConf
+from scriptlb.hookrt import hooks
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA_MODULE_DIR = "/usr/lib/nginx/modules"

@@ -869,7 +869,7 @@ class StandIn:
         script = tmp_path / "standin.py"
         script.write_text(
             "import os, signal, sys, time\n"
-            "from scriptlb import master\n"
+            "from scriptlb.process import master\n"
             "from scriptlb.config.model import ErrorLogConf, MainConf\n"
             f"conf = MainConf(conf_file={str(tmp_path / 'x.conf')!r}, prefix={str(tmp_path)!r},\n"
             f"                worker_processes={workers}, daemon=False, pid={str(self.pid_file)!r},\n"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from scriptlb import daemon
 from scriptlb.config.model import HttpConf, ListenConf, MainConf, ServerConf
-from scriptlb.listeners import ListenError, ListenerSet, address_text, configured_listens
-from scriptlb.signals import Received
+from scriptlb.process import daemon
+from scriptlb.process.listeners import ListenError, ListenerSet, address_text, configured_listens
+from scriptlb.process.signals import Received
 
 
 def main_conf(*listens: ListenConf, workers: int = 2) -> MainConf:

@@ -461,7 +461,7 @@ def test_empty_post_keeps_its_content_length(tmp_path: Path) -> None:
     ],
 )
 def test_uri_normalization(raw: str, normalized: str | None) -> None:
-    from scriptlb.uri import normalize_uri
+    from scriptlb.routing.uri import normalize_uri
 
     assert normalize_uri(raw) == normalized
 
@@ -473,8 +473,8 @@ def test_location_match_memo_gives_the_matchers_answer_and_stays_bounded(
 
     from helpers import load_conf
 
-    from scriptlb import runtime as runtime_module
-    from scriptlb.runtime import Runtime
+    from scriptlb.request import runtime as runtime_module
+    from scriptlb.request.runtime import Runtime
 
     monkeypatch.setattr(runtime_module, "_MATCH_CACHE_SIZE", 8)
     conf = load_conf(f"""

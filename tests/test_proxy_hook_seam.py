@@ -1,5 +1,5 @@
 """The hook seam of the tries loop, with a stand-in HookRunner plugged into the runtime upstream
-(the real one, scriptlb.hooks, is tested by its own suite): before every try the hook may name
+(the real one, scriptlb.hookrt.hooks, is tested by its own suite): before every try the hook may name
 the peer, add tries, end the request with a status, and change this request's timeouts."""
 
 from __future__ import annotations

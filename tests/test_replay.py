@@ -473,7 +473,7 @@ def test_rate_and_capacity(tmp_path: Path, day_log: Path) -> None:
 def test_statistics_kept_only_for_hooks_that_can_read_them(tmp_path: Path, code: str, kept: bool) -> None:
     """Unobservable statistics are not kept in a replay (they cost half of it for a cheap hook)."""
     from scriptlb.config import load
-    from scriptlb.offline import Offline
+    from scriptlb.replay.offline import Offline
 
     block = "balancer_by_python_block {\n" + textwrap.indent(code, "            ") + "\n        }"
     path = conf(tmp_path, hook=block)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import Scriptlb
 
-from scriptlb import responses
-from scriptlb.responses import (
+from scriptlb.http import responses
+from scriptlb.http.responses import (
     closes_connection,
     date_header,
     error_page,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from scriptlb.config.model import NextUpstream, ProxyConf
-from scriptlb.retry import (
+from scriptlb.request.retry import (
     NON_IDEMPOTENT_METHODS,
     PASS_THROUGH,
     RETRY,

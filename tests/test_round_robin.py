@@ -24,8 +24,7 @@ from helpers import Scriptlb, free_ports
 
 from scriptlb.balancing import RoundRobin, create_balancer
 from scriptlb.config.model import NextUpstream, PeerAddr, ProxyConf, UpstreamConf, UpstreamServerConf
-from scriptlb.peers import Peer, PeerSet
-from scriptlb.retry import (
+from scriptlb.request.retry import (
     PASS_THROUGH,
     RETRY,
     Failure,
@@ -35,6 +34,7 @@ from scriptlb.retry import (
     is_idempotent,
     last_failure_status,
 )
+from scriptlb.state.peers import Peer, PeerSet
 
 PORTS = {"a": 9001, "b": 9002, "c": 9003, "d": 9004, "e": 9005}
 NAMES = {f"127.0.0.1:{port}": letter for letter, port in PORTS.items()}

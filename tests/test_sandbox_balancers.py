@@ -12,7 +12,7 @@ import pytest
 from hook_helpers import exchange, run, runner, upstream
 
 from scriptlb.config.model import HookConf, PythonConf, Source
-from scriptlb.hooks import HookRunner
+from scriptlb.hookrt.hooks import HookRunner
 from scriptlb.sandbox.modules import ALLOWED
 
 PEER = "\nbalancer.set_current_peer('127.0.0.1:1')\n"

@@ -130,7 +130,7 @@ RUNTIME_ERRORS = {
                                   "'generator' object has no attribute 'gi_running' visible to hooks"),
     "iterate ngx.shared": ("list(ngx.shared)", "'SharedView' object is not iterable"),
     "iterate ngx.var": ("a, b = ngx.var", "'VarView' object is not iterable"),
-    "api method write": ("balancer.set_current_peer = None", "a hook cannot modify a 'Balancer' object"),
+    "api method write": ("balancer.set_current_peer = None", "a hook cannot modify a 'NgxBalancer' object"),
     "function attribute write": ("def f():\n    pass\nf.x = 1", "a hook cannot modify a 'function' object"),
     # imports
     "import os": ("import os", "No module named 'os'"),

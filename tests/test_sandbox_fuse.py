@@ -24,9 +24,9 @@ def test_a_hook_stuck_in_one_c_call_kills_the_worker() -> None:
     started = time.monotonic()
     done = python("""
         import time
-        from scriptlb import hooks
+        from scriptlb.hookrt import hooks
         from scriptlb.config.model import HookConf, PythonConf, Source
-        from scriptlb.synthetic import SyntheticExchange, SyntheticUpstream
+        from scriptlb.replay.synthetic import SyntheticExchange, SyntheticUpstream
         from scriptlb.sandbox import limits
 
         limits.install_worker_fuse(hard_seconds=0.3)

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from helpers import answers, free_ports, wait_for
 
-from scriptlb import cli, config, service
+from scriptlb import cli, config
 from scriptlb.config import ConfigError, default_prefix, package_prefix
+from scriptlb.hookrt import hooks
+from scriptlb.process import service
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +72,7 @@ def test_the_package_ships_the_default_config_and_hooks() -> None:
     prefix = Path(package_prefix())
     assert (prefix / "conf" / "scriptlb.conf").read_text() == (ROOT / "conf" / "scriptlb.conf").read_text()
     assert (prefix / "hooks" / "sticky.py").is_file()
-    conf = config.load_and_check(str(prefix / "conf" / "scriptlb.conf"), str(prefix))
+    conf = hooks.load_and_check(str(prefix / "conf" / "scriptlb.conf"), str(prefix))
     assert conf.http is not None and "backend" in conf.http.upstreams
 
 

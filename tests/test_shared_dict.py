@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from scriptlb import shared_dict as shared_dict_module
-from scriptlb.shared_dict import MIN_SIZE, SharedDict
+from scriptlb.state import shared_dict as shared_dict_module
+from scriptlb.state.shared_dict import MIN_SIZE, SharedDict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -366,7 +366,7 @@ def test_remove_files_gives_an_empty_dict(tmp_path: Path) -> None:
 INCR_SCRIPT = textwrap.dedent(
     """
     import sys
-    from scriptlb.shared_dict import SharedDict
+    from scriptlb.state.shared_dict import SharedDict
     d = SharedDict(sys.argv[1], "counters", 1 << 20)
     sys.stdout.write("ready\\n"); sys.stdout.flush()
     sys.stdin.readline()  # start together
@@ -515,7 +515,7 @@ def test_random_operations_keep_the_accounting_exact(tmp_path: Path, clock: Cloc
 CHURN_SCRIPT = textwrap.dedent(
     """
     import random, sys
-    from scriptlb.shared_dict import SharedDict
+    from scriptlb.state.shared_dict import SharedDict
     d = SharedDict(sys.argv[1], "churn", 64 * 1024)
     rng = random.Random(int(sys.argv[2]))
     sys.stdout.write("ready\\n"); sys.stdout.flush()
@@ -598,7 +598,7 @@ def test_overwrites_promote_at_most_once_a_second(shared: SharedDict, clock: Clo
 GROW_SCRIPT = textwrap.dedent(
     """
     import sys
-    from scriptlb.shared_dict import SharedDict
+    from scriptlb.state.shared_dict import SharedDict
     d = SharedDict(sys.argv[1], "grown", int(sys.argv[2]))
     for i in range(int(sys.argv[3])):
         ok, err, _ = d.set("big%d" % i, b"x" * 4000)

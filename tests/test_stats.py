@@ -1,4 +1,4 @@
-"""scriptlb.stats: shared per-peer statistics.
+"""scriptlb.state.stats: shared per-peer statistics.
 
 Averages are checked against the formula with an injected clock; cross-process behaviour with
 real processes (``subprocess`` running the recorder, and ``os.fork``) sharing one file.
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from scriptlb.config import load
-from scriptlb.peers import PeerSet
-from scriptlb.stats import (
+from scriptlb.state.peers import PeerSet
+from scriptlb.state.stats import (
     DECAY_TIME,
     FLUSH_INTERVAL,
     PeerKey,
@@ -330,7 +330,7 @@ def test_a_batch_moves_the_averages_as_its_samples_one_by_one_would(tmp_path: Pa
 RECORDER = textwrap.dedent(
     """
     import sys
-    from scriptlb.stats import PeerKey, PeerStats, UpstreamLayout
+    from scriptlb.state.stats import PeerKey, PeerStats, UpstreamLayout
     directory, count, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     lay = (UpstreamLayout("u", (PeerKey("u", "a:1"), PeerKey("u", "b:1")), (), ((1, 1), ())),)
     stats = PeerStats.open(directory, lay)

@@ -1,4 +1,4 @@
-"""scriptlb.status: the instance counters' rows (claim, adopt a dead worker's, sum)."""
+"""scriptlb.ops.status: the instance counters' rows (claim, adopt a dead worker's, sum)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-from scriptlb.status import WorkerStatus, stub_status_text
+from scriptlb.ops.status import WorkerStatus, stub_status_text
 
 
 class FakeConnection:

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from scriptlb.retry import Failure
-from scriptlb.upstream import ConnState, ResponseHead, UpstreamConnection, UpstreamError
+from scriptlb.http.upstream import ConnState, ResponseHead, UpstreamConnection, UpstreamError
+from scriptlb.request.retry import Failure
 
 HEAD = b"GET / HTTP/1.1\r\nHost: u\r\n\r\n"
 

@@ -13,9 +13,9 @@ import pytest
 from helpers import Scriptlb
 
 from scriptlb.config.model import Template, Var
-from scriptlb.config.variables import KNOWN_VARIABLES
-from scriptlb.config.variables import compile_template as parse
-from scriptlb.variables import (
+from scriptlb.config.templates import KNOWN_VARIABLES
+from scriptlb.config.templates import compile_template as parse
+from scriptlb.variables.evaluate import (
     compile_log_format,
     compile_template,
     find_arg,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import Backends, answers, free_ports, fresh_get, master_process, respond, wait_for
 
-from scriptlb.shared_dict import SharedDict, zone_directory
+from scriptlb.state.shared_dict import SharedDict, zone_directory
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from scriptlb.balancing.least_time import LeastTime
 from scriptlb.balancing.random import Random
 from scriptlb.balancing.round_robin import RoundRobin
 from scriptlb.config.model import UpstreamConf
-from scriptlb.peers import PeerSet
+from scriptlb.state.peers import PeerSet
 
 Factory = Callable[[PeerSet, tuple[str, ...]], Balancer]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 
 class BalancerState:

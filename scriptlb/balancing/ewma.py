@@ -35,7 +35,7 @@ import random as _random
 from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.least_conn import usable_mask
 from scriptlb.balancing.round_robin import RoundRobin
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 DECAY_TIME = 10.0  # seconds, APISIX's DECAY_TIME
 _NEVER = -math.inf  # "last update" of a peer never measured: its first sample is taken whole

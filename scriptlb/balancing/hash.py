@@ -35,7 +35,7 @@ from collections.abc import Iterable
 
 from scriptlb.balancing.base import BalancerState, initial_tries
 from scriptlb.balancing.round_robin import RoundRobin
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 HASH_ATTEMPTS = 20  # nginx: "tries > 20" falls back to round robin
 POINTS_PER_WEIGHT = 160

@@ -17,7 +17,7 @@ import ipaddress
 
 from scriptlb.balancing.base import BalancerState, initial_tries
 from scriptlb.balancing.round_robin import RoundRobin
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 HASH_ATTEMPTS = 20
 _PSEUDO_ADDR = b"\0\0\0"

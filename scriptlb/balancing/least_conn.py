@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.round_robin import RoundRobin, smooth_wrr_among
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 
 class LeastConn(RoundRobin):

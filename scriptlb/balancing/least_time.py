@@ -27,7 +27,7 @@ from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.ewma import DECAY_TIME, PerPeerTimes
 from scriptlb.balancing.least_conn import usable_mask
 from scriptlb.balancing.round_robin import RoundRobin, smooth_wrr_among
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 
 class LeastTime(RoundRobin):

@@ -21,7 +21,7 @@ import random as _random
 
 from scriptlb.balancing.base import BalancerState, initial_tries
 from scriptlb.balancing.round_robin import RoundRobin
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 DRAW_ATTEMPTS = 20
 

@@ -22,7 +22,7 @@ a fresh tried bitmap; when that has nothing either, ``get`` returns ``None`` (no
 from __future__ import annotations
 
 from scriptlb.balancing.base import BalancerState, initial_tries
-from scriptlb.peers import Peer, PeerSet
+from scriptlb.state.peers import Peer, PeerSet
 
 
 class RoundRobin:

@@ -6,7 +6,6 @@ table: contexts, arity, handlers) -> builder.py (inheritance, upstreams, default
 
 from __future__ import annotations
 
-import importlib
 import os
 
 from scriptlb.config.builder import build
@@ -15,7 +14,7 @@ from scriptlb.config.model import MainConf
 from scriptlb.config.parser import parse
 
 __all__ = [
-    "ConfigError", "MainConf", "default_prefix", "load", "load_and_check", "package_prefix", "resolve_paths",
+    "ConfigError", "MainConf", "default_prefix", "load", "package_prefix", "resolve_paths",
 ]
 
 DEFAULT_CONF = "conf/scriptlb.conf"
@@ -58,26 +57,10 @@ def load(conf_file: str, prefix: str | None = None, globals_: str | None = None)
     path, abs_prefix = resolve_paths(conf_file, prefix)
     result = parse(path, globals_)
     from scriptlb.config.rewrite import declared_variables
-    from scriptlb.config.variables import DECLARED
+    from scriptlb.config.templates import DECLARED
 
     token = DECLARED.set(declared_variables(result.nodes))
     try:
         return build(result.nodes, path, abs_prefix, result.files)
     finally:
         DECLARED.reset(token)
-
-
-def load_and_check(conf_file: str, prefix: str | None = None, globals_: str | None = None) -> MainConf:
-    """``load()``, then compile every hook (``scriptlb.hooks.precompile``) so a hook's syntax
-    or sandbox-policy error is a config error too. Skipped only while that module is absent."""
-    conf = load(conf_file, prefix, globals_)
-    try:
-        hooks = importlib.import_module("scriptlb.hooks")
-    except ModuleNotFoundError as e:
-        if e.name != "scriptlb.hooks":
-            raise
-        return conf
-    precompile = getattr(hooks, "precompile", None)
-    if precompile is not None:
-        precompile(conf)
-    return conf

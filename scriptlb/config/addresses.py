@@ -160,7 +160,7 @@ def parse_upstream_server(node: Node, allowed: frozenset[str] | None = None) -> 
     if "service" in params and not params.get("resolve"):
         raise ConfigError(f'service parameter requires "resolve" in upstream "{text}"', node.source)
     if params.get("resolve"):
-        # resolved at run time by the cluster process (scriptlb.resolver): nothing here
+        # resolved at run time by the cluster process (scriptlb.ops.resolver): nothing here
         _check_resolvable(node, text, bool(params.get("service")))
         return UpstreamServerConf(name=text, addrs=(), source=node.source, **params)  # type: ignore[arg-type]
     addrs = resolve_upstream_address(node, text)

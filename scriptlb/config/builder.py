@@ -61,7 +61,7 @@ from scriptlb.config.model import (
 from scriptlb.config.parser import Node
 from scriptlb.config.rewrite import with_body
 from scriptlb.config.stream import stream_conf
-from scriptlb.config.variables import compile_template, declared_variables
+from scriptlb.config.templates import compile_template, declared_variables
 
 DEFAULT_HOOK_TIMEOUT = 0.010
 DEFAULT_PID = "logs/scriptlb.pid"  # nginx's NGX_PID_PATH, under the prefix
@@ -404,7 +404,7 @@ def _resolved(entries: Sequence[Any]) -> list[RewriteOp]:
     return out
 def _check_peer_tls(servers: tuple[ServerConf, ...]) -> None:
     """proxy_pass https://: build each distinct client context once, for its errors."""
-    from scriptlb.tls import TlsConfigError, client_context
+    from scriptlb.http.tls import TlsConfigError, client_context
 
     checked: set = set()
     for server in servers:
@@ -451,7 +451,7 @@ def _ssl_conf(server: ServerDraft, chain: Sequence[LevelDraft]) -> SslConf | Non
         password_file=_get(chain, "ssl_password_file", None),
         source=ssl_listen.source,
     )
-    from scriptlb.tls import TlsConfigError, server_context  # (only configs with TLS load ssl)
+    from scriptlb.http.tls import TlsConfigError, server_context  # (only configs with TLS load ssl)
 
     try:
         server_context(conf)

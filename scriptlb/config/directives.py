@@ -55,8 +55,9 @@ from scriptlb.config.model import (
     Template,
 )
 from scriptlb.config.parser import Node
+from scriptlb.config.regex import compile_nginx_regex
+from scriptlb.config.templates import KNOWN_VARIABLES, TemplateError, compile_template
 from scriptlb.config.units import parse_int, parse_offset, parse_size, parse_time
-from scriptlb.config.variables import KNOWN_VARIABLES, TemplateError, compile_template
 
 
 class Ctx(IntFlag):
@@ -274,7 +275,7 @@ def _server_name(state: State, node: Node, draft: ServerDraft) -> None:
             raise fail(node, f'variables in server name "{name}" are not supported')
         if name.startswith("~"):
             _check_regex(node, name[1:], caseless=any("A" <= ch <= "Z" for ch in name))
-        # kept as written: scriptlb.locations lower-cases plain names and compiles a regex
+        # kept as written: scriptlb.routing.locations lower-cases plain names and compiles a regex
         # caselessly when it has an upper-case letter, as nginx does
         draft.server_names.append(name)
 
@@ -307,9 +308,6 @@ def _location(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
 
 def _check_regex(node: Node, pattern: str, caseless: bool) -> None:
     """Compile as the runtime will (PCRE syntax mapped to ``re``), so a bad one fails here."""
-    # imported here: scriptlb.locations imports the config model, which imports this package
-    from scriptlb.locations import compile_nginx_regex
-
     try:
         compile_nginx_regex(pattern, caseless)
     except re.error as e:
@@ -651,7 +649,7 @@ def _package_pattern(state: State, node: Node, pattern: str) -> str:
     return state.path(pattern)
 
 
-# scriptlb.shared_dict.MIN_SIZE, repeated so loading a config does not import LMDB; a test
+# scriptlb.state.shared_dict.MIN_SIZE, repeated so loading a config does not import LMDB; a test
 # keeps the two equal. lua_shared_dict's floor is 8 KiB; an LMDB environment needs more.
 MIN_SHARED_DICT_SIZE = 16 * 4096
 
@@ -916,7 +914,7 @@ def _upstream_state(state: State, node: Node, draft: UpstreamDraft) -> None:
 
 def _discovery(state: State, node: Node, draft: UpstreamDraft) -> None:
     """``discovery etcd=http://HOST:PORT prefix=/KEY/PREFIX/ [timeout=T]``: the servers are the
-    keys under the prefix in etcd (scriptlb.discovery)."""
+    keys under the prefix in etcd (scriptlb.ops.discovery)."""
     values: dict[str, str] = {}
     for param in node.args:
         key, eq, value = param.partition("=")

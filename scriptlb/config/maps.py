@@ -2,7 +2,7 @@
 
 The block's lines are not directives: each is ``VALUE RESULT;`` (or ``default``, ``hostnames``,
 ``volatile``; ``include`` is expanded by the parser). The words, their order of checks and the
-error texts are ngx_http_map_module's. ``scriptlb.maps`` evaluates the result; the ``stream``
+error texts are ngx_http_map_module's. ``scriptlb.variables.maps`` evaluates the result; the ``stream``
 module reads the same blocks.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import MapConf, MapEntry, Template
 from scriptlb.config.parser import Node
-from scriptlb.config.variables import TemplateError, compile_template
+from scriptlb.config.templates import TemplateError, compile_template
 
 
 def map_variable_name(node: Node) -> str:

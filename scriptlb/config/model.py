@@ -108,7 +108,7 @@ class AccessLogConf:
 class BreakerConf:
     """``balancer_by_python_breaker fails=N window=T cooldown=T``: after ``fails`` failed runs
     (errors, budget overruns) within ``window`` seconds, the hook is skipped for ``cooldown``
-    seconds, then tried again one request at a time (scriptlb.hooks.Breaker)."""
+    seconds, then tried again one request at a time (scriptlb.hookrt.hooks.Breaker)."""
 
     fails: int = 10
     window: float = 10.0
@@ -155,14 +155,14 @@ class PythonConf:
     # python_memory_limit: the address space a worker running hooks may use beyond its shared
     # dict maps (RLIMIT_AS, the sandbox's last-resort memory fuse); 0 = off
     memory_limit: int = DEFAULT_MEMORY_LIMIT
-    # python_peer_stats: keep live per-peer statistics (scriptlb.stats) for hooks; off saves
+    # python_peer_stats: keep live per-peer statistics (scriptlb.state.stats) for hooks; off saves
     # about a microsecond per try for configs whose hooks never read them
     peer_stats: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class DiscoveryConf:
-    """``discovery etcd=URL prefix=PREFIX [timeout=T]`` in an upstream (scriptlb.discovery)."""
+    """``discovery etcd=URL prefix=PREFIX [timeout=T]`` in an upstream (scriptlb.ops.discovery)."""
 
     etcd: str  # http://HOST:PORT (etcd's v3 HTTP/JSON gateway)
     prefix: str  # each key below it is one server
@@ -183,7 +183,7 @@ class ResolverConf:
 @dataclass(frozen=True, slots=True)
 class DictSyncConf:
     """``python_shared_dict ... sync=URL``: the zone is merged with Redis by the node's sync
-    process (``scriptlb.dict_sync``)."""
+    process (``scriptlb.state.dict_sync``)."""
 
     url: str  # redis://HOST:PORT/DB or rediss://...
     interval: float = 0.05  # sync_interval=, seconds between two merges
@@ -193,10 +193,10 @@ class DictSyncConf:
 
 @dataclass(frozen=True, slots=True)
 class SharedDictConf:
-    """One ``python_shared_dict NAME SIZE;`` zone (``scriptlb.shared_dict.SharedDict``)."""
+    """One ``python_shared_dict NAME SIZE;`` zone (``scriptlb.state.shared_dict.SharedDict``)."""
 
     name: str  # as written; ngx.shared.NAME in hooks (case-sensitive, as lua_shared_dict)
-    size: int  # bytes, at least scriptlb.shared_dict.MIN_SIZE
+    size: int  # bytes, at least scriptlb.state.shared_dict.MIN_SIZE
     source: Source | None = None
     sync: DictSyncConf | None = None  # cluster-wide through Redis
 
@@ -286,7 +286,7 @@ class UpstreamServerConf:
     slow_start: float = 0.0
     drain: bool = False
     # nginx Plus's `resolve [service=NAME]`: addresses come from DNS at run time (the cluster
-    # process, scriptlb.resolver), not from the config loader
+    # process, scriptlb.ops.resolver), not from the config loader
     resolve: bool = False
     service: str | None = None
 

@@ -1,6 +1,6 @@
 """The rewrite module's directives (ngx_http_rewrite_module): ``set``, ``if``, ``rewrite``,
 ``break``, and ``return`` inside ``if``. Each level keeps its directives in order, as
-``RewriteOp``s compiled at load time (scriptlb.rewrite runs them).
+``RewriteOp``s compiled at load time (scriptlb.request.rewrite runs them).
 
 Inside ``if`` only the rewrite module's own directives are accepted (nginx's "if in location"
 also takes content directives, a nested location scriptlb does not have).

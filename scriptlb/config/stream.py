@@ -29,8 +29,8 @@ from scriptlb.config.model import (
     UpstreamServerConf,
 )
 from scriptlb.config.parser import Node
+from scriptlb.config.templates import compile_template, is_stream_variable
 from scriptlb.config.units import parse_size
-from scriptlb.config.variables import compile_template, is_stream_variable
 
 SS = Ctx.STREAM | Ctx.STREAM_SERVER
 SU = Ctx.STREAM_UPSTREAM

@@ -5,7 +5,7 @@ advance on the virtual clock.
 
 The decisions are the proxy's own code: ``HookRunner.run`` (the sandbox and the hook API),
 the balancer's ``new_request``/``get``/``free``/``observe``, the statistics' recorder, and the
-retry rules of ``scriptlb.retry``. What this module adds is the order the proxy calls them in
+retry rules of ``scriptlb.request.retry``. What this module adds is the order the proxy calls them in
 (``proxy.UpstreamRequest._next_try``, ``upstream_head``, ``_try_failed``) with a model in place
 of the network.
 """
@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scriptlb.config.model import NextUpstream
-from scriptlb.offline import Offline
 from scriptlb.replay.logs import Recorded
 from scriptlb.replay.model import ERROR, TIMEOUT, PeerModel
-from scriptlb.retry import (
+from scriptlb.replay.offline import Offline
+from scriptlb.replay.synthetic import SyntheticExchange, TryRecord
+from scriptlb.request.retry import (
     RETRY,
     Failure,
     decide,
@@ -31,8 +32,7 @@ from scriptlb.retry import (
     last_failure_state,
     last_failure_status,
 )
-from scriptlb.stats import WEIGHT_GENERATION
-from scriptlb.synthetic import SyntheticExchange, TryRecord
+from scriptlb.state.stats import WEIGHT_GENERATION
 
 _FAILURE_OF = {ERROR: Failure.ERROR, TIMEOUT: Failure.TIMEOUT}
 NO_PEER = -1  # Result.first_peer of a request that reached no peer

@@ -27,7 +27,7 @@ from operator import itemgetter
 from typing import IO, Any
 
 from scriptlb.config.model import MainConf, Template, Var
-from scriptlb.config.variables import compile_template
+from scriptlb.config.templates import compile_template
 
 COMBINED = (
     '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent '

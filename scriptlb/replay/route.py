@@ -9,8 +9,8 @@ listening socket of the first location proxying to that upstream.
 from __future__ import annotations
 
 from scriptlb.config.model import MainConf, ServerConf
-from scriptlb.locations import LocationMatcher, ServerSelector, normalize_host
-from scriptlb.uri import normalize_uri
+from scriptlb.routing.locations import LocationMatcher, ServerSelector, normalize_host
+from scriptlb.routing.uri import normalize_uri
 
 _CACHE_MAX = 4096  # (host, path) answers kept: the same few come again and again
 

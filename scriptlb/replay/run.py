@@ -22,10 +22,10 @@ from typing import Any
 
 from scriptlb.config import load
 from scriptlb.config.model import MainConf
-from scriptlb.offline import Offline, pick_upstream, proxying_location
 from scriptlb.replay.engine import Engine, Result
 from scriptlb.replay.logs import LineParser, Recorded, Timing, format_template, open_log, read_requests
 from scriptlb.replay.model import Learner, PeerModel, build_models, load_file
+from scriptlb.replay.offline import Offline, pick_upstream, proxying_location
 from scriptlb.replay.route import Router
 
 REORDER = 5.0  # seconds of lookahead for requests logged out of arrival order

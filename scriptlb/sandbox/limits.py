@@ -204,7 +204,7 @@ def resident_bytes(pid: int) -> int:
 
 
 def _error_log_fds() -> list[int]:
-    from scriptlb import errorlog  # imported late: the sandbox does not need it otherwise
+    from scriptlb.logs import errorlog
 
     return sorted(t.fd for t in errorlog.current().targets if t.fd > 2)
 
@@ -218,7 +218,7 @@ def _close_all_but(keep: list[int]) -> None:
 
 
 def _log(level: str, message: str) -> None:
-    from scriptlb import errorlog
+    from scriptlb.logs import errorlog
 
     with contextlib.suppress(Exception):
         errorlog.log_error(level, message)

@@ -28,7 +28,7 @@ from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from scriptlb import balancers
+from scriptlb.balancing import resty as balancers
 from scriptlb.sandbox import guards, limits
 from scriptlb.sandbox.guards import (
     REAL_TYPES,
@@ -442,7 +442,7 @@ _STATIC: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------- scriptlb.balancers
 # `from scriptlb.balancers import chash, roundrobin, ewma`, as resty.chash/resty.roundrobin. The
 # classes are handed out as they are: a class has no attribute a hook can read (no registered
-# names), instances only the methods of HOOK_API, and balancers.py caps the sizes of what one
+# names), instances only the methods of HOOK_API, and balancing/resty.py caps the sizes of what one
 # call builds or walks. ewma's test hooks (rng=, clock=) are left out: a hook's own callables
 # would run inside host code.
 

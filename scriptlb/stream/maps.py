@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from scriptlb.config.model import StreamMapConf
-from scriptlb.locations import compile_nginx_regex
+from scriptlb.config.regex import compile_nginx_regex
 
 Getter = Callable[[Any], "str | None"]
 Compile = Callable[[Any], Callable[[Any], str]]  # Template -> renderer

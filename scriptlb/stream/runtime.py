@@ -13,15 +13,15 @@ import itertools
 import time
 from typing import Any
 
-from scriptlb import errorlog
-from scriptlb.accesslog import AccessLog, LogFile, open_access_log
 from scriptlb.config.model import MainConf, PythonConf, StreamServerConf, UpstreamConf, UpstreamServerConf
-from scriptlb.runtime import UpstreamRuntime
-from scriptlb.stats import Recorder, UpstreamStats
+from scriptlb.logs import errorlog
+from scriptlb.request.accesslog import AccessLog, LogFile, open_access_log
+from scriptlb.request.runtime import UpstreamRuntime
+from scriptlb.state.stats import Recorder, UpstreamStats
 from scriptlb.stream import variables
 from scriptlb.stream.maps import map_getter
 from scriptlb.stream.session import Session
-from scriptlb.variables import compile_template
+from scriptlb.variables.evaluate import compile_template
 
 STATS_PREFIX = "stream:"
 _MAX_DYNAMIC = 256  # `proxy_pass $var` addresses kept per worker (values come from clients)
@@ -68,7 +68,7 @@ class StreamRuntime:
         return upstream
 
     def template(self, raw: str) -> Any:
-        from scriptlb.config.variables import compile_template as split
+        from scriptlb.config.templates import compile_template as split
 
         return self._compile(split(raw, lambda name: True))  # (checked at load time)
 
@@ -185,7 +185,7 @@ class StreamServerRuntime:
 
     def tls_context(self) -> Any:
         if self._tls is None:
-            from scriptlb.tls import server_context  # (only configs with TLS load ssl)
+            from scriptlb.http.tls import server_context  # (only configs with TLS load ssl)
 
             self._tls = server_context(self.conf.ssl)
         return self._tls

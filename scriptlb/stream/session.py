@@ -26,9 +26,10 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from scriptlb import errorlog, safety
-from scriptlb.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord, chosen_anyway, clock
-from scriptlb.retry import Failure
+from scriptlb.http import safety
+from scriptlb.logs import errorlog
+from scriptlb.request.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord, chosen_anyway, clock
+from scriptlb.request.retry import Failure
 from scriptlb.stream.preread import DONE as HELLO_DONE
 from scriptlb.stream.preread import NEED_MORE, parse_client_hello
 from scriptlb.stream.proxy_protocol import NEED_MORE as PP_NEED_MORE
@@ -37,7 +38,7 @@ from scriptlb.stream.relay import PEER_FULL, RATE, WAITING, ReadGate, rate_delay
 
 if TYPE_CHECKING:
     from scriptlb.config.model import PeerAddr
-    from scriptlb.peers import Peer
+    from scriptlb.state.peers import Peer
     from scriptlb.stream.runtime import StreamServerRuntime
 
 _CONNECTING = "proxying connection"  # nginx's log action for the whole proxy phase

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from scriptlb.config.variables import STREAM_VARIABLES
-from scriptlb.variables import _ms, _TimeFormats
+from scriptlb.config.templates import STREAM_VARIABLES
+from scriptlb.variables.evaluate import _ms, _TimeFormats
 
 Getter = Callable[[Any], "str | None"]
 Clock = Callable[[], float]

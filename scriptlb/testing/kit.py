@@ -12,7 +12,7 @@ without a proxy, against made-up requests, peers, shared dicts and failures.
 
 Everything runs through the proxy's own code: the config loader (a file is wrapped in a small
 config), ``HookRunner``/``LogHookRunner`` and the sandbox, the balancing method, the peer
-statistics and the shared dicts (``scriptlb.offline``, in a throwaway directory and on a
+statistics and the shared dicts (``scriptlb.replay.offline``, in a throwaway directory and on a
 virtual clock that ``advance`` moves). ``scriptlb hook run`` prints what this returns.
 """
 
@@ -26,16 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scriptlb import api
 from scriptlb.config import load
-from scriptlb.hooks import HookOutcome
-from scriptlb.offline import Offline
+from scriptlb.hookrt import api
+from scriptlb.hookrt.hooks import HookOutcome
 from scriptlb.replay.engine import Engine
 from scriptlb.replay.logs import Recorded, parse_tries
 from scriptlb.replay.model import ERROR, TIMEOUT, PeerModel
+from scriptlb.replay.offline import Offline
+from scriptlb.replay.synthetic import SyntheticExchange, TryRecord
 from scriptlb.sandbox.guards import text_size
 from scriptlb.sandbox.limits import MAX_STR
-from scriptlb.synthetic import SyntheticExchange, TryRecord
 
 # HookOutcome.error -> HookResult.outcome ("ok" with no peer: the try falls back)
 _OUTCOMES = {

@@ -1,0 +1,809 @@
+"""What a hook sees: ``balancer`` (ngx.balancer), the ``ngx`` namespace and ``upstream``.
+
+The three objects are process-wide singletons. A hook run (scriptlb.hookrt.hooks: a balancer run per
+try, a log run per finished request) points ``CURRENT`` at its phase, exchange, upstream
+runtime and outcome before executing the hook and clears it afterwards, so no object is
+allocated per run for the API, and a module imported once per worker (python_package_path)
+that kept a reference to ``ngx`` still talks to the request being served. Runs never nest and a
+worker runs one at a time. In the log phase the balancer API and ``ngx.exit`` are disabled, as
+in OpenResty's log_by_lua.
+
+Conventions (docs/hooks.md): argument errors raise ``TypeError``/``ValueError`` with
+OpenResty's message text; refusals are returned as ``(None, "message")``; success is
+``(True, None)`` (``set_more_tries`` may return ``(True, "reduced tries due to limit")``).
+Only plain values (str, int, float, bool, None, tuples/lists/dicts of them) are returned.
+Every public name of these classes is reachable by hook code, so internals start with ``_``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import os
+import re
+import reprlib
+import sys
+import time
+import zlib
+from typing import Any
+
+from scriptlb.config.model import PeerAddr
+from scriptlb.sandbox.guards import (
+    checked_method,
+    expose,
+    expose_dynamic,
+    readable_names,
+    text_size,
+    writable,
+)
+from scriptlb.variables.evaluate import variable_getter  # imported here: not inside a run's budget
+
+_OK = (True, None)
+MAX_MORE_TRIES = 1000  # one set_more_tries grant, when proxy_next_upstream_tries is 0 (unlimited)
+MAX_LOG_MESSAGE = 2048  # nginx's NGX_MAX_ERROR_STR
+MAX_LOGS_PER_RUN = 100
+# the scriptlb package (this file is one level below it): frames from there are host code
+_HOST_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+BALANCER_PHASE = "balancer"
+LOG_PHASE = "log"
+
+
+class RunContext:
+    """The run in progress (or none): what the API objects read and write."""
+
+    __slots__ = ("exchange", "log", "logged", "now", "outcome", "phase", "upstream")
+
+    def __init__(self) -> None:
+        self.exchange: Any = None
+        self.upstream: Any = None
+        self.outcome: Any = None  # not None while a run is active (LOG_OUTCOME in the log phase)
+        self.phase = BALANCER_PHASE  # the run's phase: ngx.get_phase(); balancer.* only in "balancer"
+        self.log: Any = None  # callable(level: str, msg: str, exchange) from the runner
+        self.logged = 0  # ngx.log lines of this run (capped: a loop must not flood the log)
+        self.now = 0.0  # the log phase's time (time.time()) for $request_time & co; 0.0 = the clock
+
+
+class _NoUpstream:
+    """``CURRENT.upstream`` of a log run in a location that proxies to no upstream."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("no upstream")
+
+
+CURRENT = RunContext()
+LOG_OUTCOME = object()  # CURRENT.outcome of a log run: a run is active, with no outcome to write
+NO_UPSTREAM = _NoUpstream()
+_WORKER = [0, 1]  # ngx.worker.id(), ngx.worker.count()
+# What ngx.now(), ngx.time() and the clocked variables read outside the log phase: the wall
+# clock, or the virtual clock of an offline replay (scriptlb.replay).
+_WALL = [time.time]
+
+
+def set_clock(clock: Any = None) -> None:
+    """Make hooks' time ``clock()`` (seconds since the epoch); None restores the wall clock."""
+    _WALL[0] = clock or time.time
+
+
+def clock() -> float:
+    """The hooks' time: the wall clock, or a replay's virtual one (the circuit breaker's too)."""
+    return _WALL[0]()
+
+
+def set_worker(worker_id: int, worker_count: int) -> None:
+    """worker.py tells the API which worker this is (ngx.worker.id()/count())."""
+    _WORKER[0], _WORKER[1] = worker_id, worker_count
+
+
+def _current() -> RunContext:
+    if CURRENT.outcome is None:
+        raise RuntimeError("no request found")
+    return CURRENT
+
+
+def _disabled(phase: str) -> RuntimeError:
+    return RuntimeError(f"API disabled in the context of {phase}_by_python")  # OpenResty's words
+
+
+def _balancer_run() -> RunContext:
+    """The current run, which must be a balancer run (balancer.* and ngx.exit)."""
+    run = CURRENT  # _current() inlined: these calls are on the balancer's hot path
+    if run.outcome is None:
+        raise RuntimeError("no request found")
+    if run.phase is not BALANCER_PHASE:  # always one of the two constants: identity suffices
+        raise _disabled(run.phase)
+    return run
+
+
+def _type_name(value: Any) -> str:
+    return "nil" if value is None else type(value).__name__
+
+
+def _bad_type(position: int, func: str, expected: str, value: Any) -> TypeError:
+    """Lua's argument error text, e.g. bad argument #3 to 'set_current_peer' (string expected, got int)."""
+    return TypeError(f"bad argument #{position} to '{func}' ({expected} expected, got {_type_name(value)})")
+
+
+def _is_number(value: Any) -> bool:
+    return (type(value) is int or type(value) is float) and value == value  # NaN is not a number
+
+
+# --------------------------------------------------------------------------- peer addresses
+
+_IPV4 = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})")
+_UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
+_PEER_CACHE: dict[Any, PeerAddr | str] = {}  # addr (port 0) or (addr, port) -> parsed
+_PEER_CACHE_MAX = 4096
+_CACHED_ADDR_MAX = 128  # "unix:" + the longest socket path fits
+
+
+# set_current_peer's host: a DNS name, an IPv4 literal or a bracketed IPv6 one, with an optional
+# port; no whitespace, control characters or anything else a request head could be split on
+_HOST_NAME = re.compile(r"[A-Za-z0-9._~-]{1,253}(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?")
+
+
+def _ipv4(text: str) -> str | None:
+    match = _IPV4.fullmatch(text)
+    if match is None or any(int(octet) > 255 for octet in match.groups()):
+        return None
+    return ".".join(str(int(octet)) for octet in match.groups())
+
+
+def _parse_port(text: str) -> int | None:
+    """nginx's ngx_atoi over a ``:port`` suffix: digits only, 1..65535."""
+    if not text.isdigit() or not text.isascii() or len(text) > 5 or not 1 <= int(text) <= 65535:
+        return None
+    return int(text)
+
+
+def _parse_ipv6(addr: str, default_port: int) -> PeerAddr | str:
+    end = addr.find("]")
+    if end == -1:
+        return "invalid host"
+    rest = addr[end + 1 :]
+    port = default_port
+    if rest:
+        if rest[0] != ":":
+            return "invalid host"
+        parsed = _parse_port(rest[1:])
+        if parsed is None:
+            return "invalid port"
+        port = parsed
+    inner = addr[1:end]
+    if not inner:
+        return "no host"
+    try:
+        return PeerAddr(str(ipaddress.IPv6Address(inner)), port)
+    except ValueError:
+        return "invalid IPv6 address"
+
+
+def parse_peer(addr: str, default_port: int) -> PeerAddr | str:
+    """``set_current_peer``'s address parsing, as ngx_parse_url with no_resolve: a PeerAddr, or
+    nginx's error text. Whitespace and control characters are refused before anything else:
+    hook-made text must never reach a socket call, a request head or a log line."""
+    if not addr.isprintable() or " " in addr:
+        return "invalid address"
+    if addr[:5].lower() == "unix:":
+        path = addr[5:]
+        if not path:
+            return "no path in the unix domain socket"
+        if len(path.encode()) >= _UNIX_PATH_MAX:
+            return "too long path in the unix domain socket"
+        return PeerAddr(None, 0, path)
+    if addr.startswith("["):
+        return _parse_ipv6(addr, default_port)
+    if "/" in addr or "?" in addr:
+        return "invalid host"
+    host, colon, port_text = addr.partition(":")
+    port = default_port
+    if colon:
+        parsed = _parse_port(port_text)
+        if parsed is None:
+            return "invalid port"
+        port = parsed
+    if not host:
+        return "no host"
+    ip = _ipv4(host)
+    if ip is None:
+        return "no host allowed"
+    return PeerAddr(ip, port)
+
+
+def _parse_cached(addr: str, port: int) -> PeerAddr | str:
+    parsed = parse_peer(addr, port)
+    if len(addr) <= _CACHED_ADDR_MAX:  # real addresses are short; hook-made junk is not kept
+        if len(_PEER_CACHE) >= _PEER_CACHE_MAX:
+            _PEER_CACHE.clear()
+        _PEER_CACHE[addr if port == 0 else (addr, port)] = parsed
+    return parsed
+
+
+def _port_argument(port: Any) -> int:
+    """Lua: nil/false -> 0, numbers truncated to 16 bits, numeric strings converted."""
+    if port is None or port is False:
+        return 0
+    number = port
+    if type(port) is str:
+        try:
+            number = float(port.strip())
+        except ValueError:
+            number = None
+    if not _is_number(number) or math.isinf(number):
+        raise _bad_type(2, "set_current_peer", "number", port)
+    return int(number) & 0xFFFF
+
+
+# --------------------------------------------------------------------------- balancer
+
+
+class NgxBalancer:
+    """``ngx.balancer``: the peer of this try and the request's tries and timeouts."""
+
+    __slots__ = ()
+
+    def set_current_peer(self, addr: Any, port: Any = None, host: Any = None) -> tuple[Any, Any]:
+        run = CURRENT
+        outcome = run.outcome
+        if outcome is None:
+            raise RuntimeError("no request found")
+        if run.phase is not BALANCER_PHASE:
+            raise _disabled(run.phase)
+        if type(addr) is not str:
+            raise _bad_type(1, "set_current_peer", "string", addr)
+        # the hot path: an address seen before ("ip:port", or "ip" with an int port)
+        if port is None:
+            parsed = _PEER_CACHE.get(addr)
+        else:
+            parsed = _PEER_CACHE.get((addr, port)) if type(port) is int else None
+        if parsed is None:
+            parsed = _parse_cached(addr, _port_argument(port))
+        if host is not None:
+            if type(host) is not str:
+                raise _bad_type(3, "set_current_peer", "string", host)
+            if host and _HOST_NAME.fullmatch(host) is None:
+                return None, "invalid host name"  # it would become a Host header and TLS SNI
+        if type(parsed) is str:
+            return None, parsed
+        outcome.addr = parsed
+        outcome.host = host or None  # a later call without host clears it; "" is nil
+        return _OK
+
+    def set_more_tries(self, count: Any) -> tuple[Any, Any]:
+        run = _balancer_run()
+        if not _is_number(count):
+            raise _bad_type(1, "set_more_tries", "number", count)
+        count = int(count) if math.isfinite(count) else MAX_MORE_TRIES if count > 0 else 0
+        exchange = run.exchange
+        # OpenResty: total = hook runs so far (incl. this one) + u.peer.tries - 1; our
+        # exchange appends one TryRecord per earlier try, so runs so far = len(tries) + 1.
+        total = len(exchange.tries) + exchange.tries_left
+        cap = exchange.tries_cap
+        warning = None
+        if cap and total + count > cap:
+            count = cap - total
+            warning = "reduced tries due to limit"
+        # OpenResty wraps a negative grant into a huge unsigned one; we clamp (docs' intent)
+        run.outcome.more_tries = min(max(count, 0), MAX_MORE_TRIES)
+        return True, warning
+
+    def get_last_failure(self) -> tuple[Any, Any]:
+        run = _balancer_run()
+        failure = run.exchange.last_failure
+        outcome = run.outcome  # what the hook read, for $balancer_trace
+        outcome.failure_read = True
+        outcome.failure_seen = failure
+        if failure is None:
+            return None, None
+        return failure[0], failure[1]
+
+    def set_timeouts(self, connect: Any = None, send: Any = None, read: Any = None) -> tuple[Any, Any]:
+        run = _balancer_run()
+        values = (("connect", connect), ("send", send), ("read", read))
+        for name, value in values:  # the first bad argument wins, before anything changes
+            if value is not None and not (_is_number(value) and 0 < value < math.inf):
+                raise ValueError(f"bad {name} timeout")
+        exchange = run.exchange
+        for name, value in values:
+            if value is not None:
+                ms = int(value * 1000)  # millisecond precision; sub-ms values keep the old one
+                if ms:
+                    setattr(exchange, f"{name}_timeout", ms / 1000)
+        return _OK
+
+    def enable_keepalive(self, idle_timeout: Any = 60, max_requests: Any = 100) -> tuple[Any, Any]:
+        run = _balancer_run()
+        for position, value in ((1, idle_timeout), (2, max_requests)):
+            if not _is_number(value):
+                raise _bad_type(position, "enable_keepalive", "number", value)
+            if value < 0:
+                raise ValueError(f"bad argument #{position} to 'enable_keepalive' (expected >= 0)")
+        outcome = run.outcome
+        if outcome.addr is None:
+            return None, "no current peer set"
+        outcome.keepalive = (float(idle_timeout), int(max_requests))
+        return _OK
+
+    def recreate_request(self) -> tuple[Any, Any]:
+        _balancer_run().outcome.recreate = True
+        return _OK
+
+    def bind_to_local_addr(self, addr: Any) -> tuple[Any, Any]:
+        run = _balancer_run()
+        if type(addr) is not str:
+            raise _bad_type(1, "bind_to_local_addr", "string", addr)
+        parsed = parse_peer(addr, 0) if addr[:5].lower() != "unix:" else "unix"
+        if type(parsed) is str:
+            return None, f"invalid addr {addr}"  # every unparsable input (OpenResty's http side is UB)
+        run.outcome.local_addr = parsed.name if parsed.port else parsed.host
+        return _OK
+
+
+# --------------------------------------------------------------------------- ngx namespace
+
+
+class VarView:
+    """``ngx.var``: read-only request variables; a missing one is None."""
+
+    __slots__ = ()
+    __iter__ = None  # not iterable (the sequence protocol would probe ngx.var[0], [1], ...)
+
+    def __getitem__(self, name: Any) -> str | None:
+        return _variable(self, name)
+
+    def __getattribute__(self, name: str) -> Any:
+        """``ngx.var.uri`` (compiled as a plain attribute read): straight to the variable, with
+        no failed normal lookup first (``__getattr__`` would cost an internal AttributeError)."""
+        if name[:1] == "_":
+            return object.__getattribute__(self, name)
+        exchange = CURRENT.exchange
+        getter = _GETTERS.get(name)
+        if getter is None or exchange is None:
+            return _variable(self, name)
+        try:
+            return getter(exchange)
+        except AttributeError:
+            return None
+
+
+_GETTERS: dict[str, Any] = {}  # variable name -> getter
+
+
+def _variable(_view: Any, name: Any) -> str | None:
+    """``ngx.var.NAME`` and ``ngx.var[NAME]``."""
+    exchange = CURRENT.exchange
+    if exchange is None:
+        raise RuntimeError("no request found")
+    stream_variable = getattr(exchange, "stream_variable", None)
+    if stream_variable is not None:  # a stream session: its own variables
+        if type(name) is not str:
+            raise TypeError(f"bad variable name (string expected, got {_type_name(name)})")
+        return stream_variable(name)
+    getter = _GETTERS.get(name)
+    if getter is None:
+        if type(name) is not str:
+            raise TypeError(f"bad variable name (string expected, got {_type_name(name)})")
+        getter = _variable_getter(name)
+    try:
+        return getter(exchange)
+    except AttributeError:  # a variable this exchange cannot provide (e.g. a fake one)
+        return None
+
+
+def _clock() -> float:
+    """$request_time, $msec...: the log phase's time (the access log's), else the clock."""
+    return CURRENT.now or _WALL[0]()
+
+
+def _variable_getter(name: str) -> Any:
+    try:
+        getter = variable_getter(name.lower(), _clock)
+    except KeyError:
+        getter = _missing_variable
+    if len(_GETTERS) < 1024 and len(name) <= 256:  # names come from hook code: stay bounded
+        _GETTERS[name] = getter
+    return getter
+
+
+def _missing_variable(_exchange: Any) -> None:
+    return None
+
+
+_SHARED: dict[str, Any] = {}  # python_shared_dict name -> SharedDict, for ngx.shared
+
+
+def shared_dicts() -> dict[str, Any]:
+    """This worker's shared dicts by name (the metrics read their sizes)."""
+    return dict(_SHARED)
+
+
+def set_shared_dicts(dicts: dict[str, Any]) -> None:
+    """The worker's ``python_shared_dict`` zones, for ``ngx.shared.NAME`` in hooks. Hook code
+    may call only the OpenResty API on them (``scriptlb.state.shared_dict.HOOK_METHODS``)."""
+    from scriptlb.state.shared_dict import HOOK_METHODS
+
+    _SHARED.clear()
+    _SHARED.update(dicts)
+    for shared in dicts.values():
+        expose(type(shared), HOOK_METHODS)
+
+
+class SharedView:
+    """``ngx.shared``: ``ngx.shared.NAME`` / ``ngx.shared["NAME"]``, None for an unknown name."""
+
+    __slots__ = ()
+
+    __iter__ = None  # not iterable: the old sequence protocol would call __getitem__(0, 1, ...) forever
+
+    def __getitem__(self, name: Any) -> Any:
+        if type(name) is not str:
+            raise TypeError(f"bad shared dict name (string expected, got {_type_name(name)})")
+        return _SHARED.get(name)
+
+    def __getattribute__(self, name: str) -> Any:  # compiled as a plain read, like ngx.var
+        if name[:1] == "_":
+            return object.__getattribute__(self, name)
+        return _SHARED.get(name)
+
+
+class Worker:
+    """``ngx.worker``."""
+
+    __slots__ = ()
+
+    def id(self) -> int:
+        return _WORKER[0]
+
+    def count(self) -> int:
+        return _WORKER[1]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class Req:
+    """``ngx.req``: read-only views of the client request."""
+
+    __slots__ = ()
+
+    def get_headers(self, max_headers: int = 100, raw: bool = False) -> dict[str, Any]:
+        exchange = _current().exchange
+        headers: dict[str, Any] = {}
+        for count, (name, value) in enumerate(exchange.headers):
+            if max_headers and count >= max_headers:
+                break
+            key = name.decode("latin-1")
+            if not raw:
+                key = key.lower()
+            text = value.decode("latin-1")
+            previous = headers.get(key)
+            if previous is None:
+                headers[key] = text
+            elif type(previous) is list:
+                previous.append(text)
+            else:
+                headers[key] = [previous, text]
+        return headers
+
+    def get_method(self) -> str:
+        return str(_current().exchange.method)
+
+    def get_uri_args(self, max_args: int = 100) -> dict[str, Any]:
+        args = _current().exchange.args or ""
+        result: dict[str, Any] = {}
+        for count, part in enumerate(p for p in args.split("&") if p):
+            if max_args and count >= max_args:
+                break
+            key, eq, value = part.partition("=")
+            item: Any = value if eq else True
+            previous = result.get(key)
+            if previous is None:
+                result[key] = item
+            elif type(previous) is list:
+                previous.append(item)
+            else:
+                result[key] = [previous, item]
+        return result
+
+
+_LEVEL_NAMES = ("emerg", "emerg", "alert", "crit", "error", "warn", "notice", "info", "debug")
+
+
+def _text_bytes(value: Any, func: str) -> bytes:
+    if type(value) is bytes:
+        return value
+    if type(value) is not str:
+        raise _bad_type(1, func, "string", value)
+    try:
+        return value.encode("latin-1")  # request text is latin-1 decoded bytes: hash the bytes
+    except UnicodeEncodeError:
+        return value.encode("utf-8")
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib's bounded repr, also for what it would hand to the builtin repr (which could be
+    huge): exceptions (their args) and dict subclasses (Counter, OrderedDict, defaultdict)."""
+
+    def repr1(self, x: Any, level: int) -> str:
+        if isinstance(x, BaseException):
+            return f"{type(x).__name__}{self.repr1(x.args, level)}"
+        if isinstance(x, dict) and type(x) is not dict:
+            return f"{type(x).__name__}({self.repr_dict(x, level)})"
+        return super().repr1(x, level)
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxstring = _SHORT.maxother = MAX_LOG_MESSAGE
+
+
+def short_text(value: Any) -> str:
+    """``str(value)``, or a bounded abbreviation when its full text would be long (a container
+    of big strings can have a terabyte of text)."""
+    if type(value) is str:
+        return value
+    if text_size(value, MAX_LOG_MESSAGE) > MAX_LOG_MESSAGE:
+        return _SHORT.repr(value)
+    return str(value)
+
+
+def exception_text(err: BaseException) -> str:
+    """``str(err)``, or a bounded rendering of its args when that would be long."""
+    if text_size(err.args, MAX_LOG_MESSAGE) > MAX_LOG_MESSAGE:
+        args = err.args
+        return _SHORT.repr(args[0] if len(args) == 1 else args)
+    return str(err)
+
+
+def log_text(parts: Any, sep: str = "") -> str:
+    """The message of ngx.log/print: the parts' text joined, cut at MAX_LOG_MESSAGE."""
+    pieces: list[str] = []
+    length = 0
+    for part in parts:
+        piece = short_text(part)
+        pieces.append(piece)
+        length += len(piece) + len(sep)
+        if length >= MAX_LOG_MESSAGE:
+            break
+    return sep[:MAX_LOG_MESSAGE].join(pieces)[:MAX_LOG_MESSAGE]
+
+
+# Control characters (newline, carriage return, escape...) in hook-made text are written as
+# \xNN, as nginx escapes client data in its logs: a hook cannot forge a second error-log line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02X}" if code < 256 else f"\\u{code:04X}"
+
+
+def escape_log(text: str) -> str:
+    """``text`` with control characters escaped (one error-log line stays one line)."""
+    if text.isprintable():
+        return text
+    return _CONTROL.sub(_escape_control, text)
+
+
+def hook_location() -> str:
+    """file:line of the innermost hook (or hook module) frame calling into the API."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_HOST_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return "?"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+class Ctx(dict):  # type: ignore[type-arg]
+    """``ngx.ctx``: the request's dict, also read and written as attributes the Lua way
+    (``ngx.ctx.tries = 0``; a missing name reads as None, like Lua's nil). The names of dict
+    methods (``get``, ``items``...) read as the methods; ``ngx.ctx["get"]`` reaches such a key."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        self.pop(name, None)
+
+
+def _ctx_attribute(ctx: Ctx, name: str) -> Any:
+    """What ``ngx.ctx.NAME`` reads in a hook (after the dict methods exposed like dict's)."""
+    method = checked_method(ctx, name)
+    return ctx.get(name) if method is None else method
+
+
+def _request_ctx(exchange: Any) -> Ctx:
+    ctx = exchange.ctx
+    if type(ctx) is not Ctx:  # the exchange starts with a plain dict; hooks get the Lua-style view
+        ctx = exchange.ctx = Ctx(ctx)
+    return ctx
+
+
+class Ngx:
+    """The ``ngx`` namespace."""
+
+    __slots__ = ()
+
+    OK, ERROR, AGAIN, DONE, DECLINED = 0, -1, -2, -4, -5
+    STDERR, EMERG, ALERT, CRIT, ERR, WARN, NOTICE, INFO, DEBUG = range(9)
+    HTTP_OK, HTTP_CREATED, HTTP_NO_CONTENT = 200, 201, 204
+    HTTP_MOVED_PERMANENTLY, HTTP_MOVED_TEMPORARILY = 301, 302
+    HTTP_BAD_REQUEST, HTTP_UNAUTHORIZED, HTTP_FORBIDDEN, HTTP_NOT_FOUND = 400, 401, 403, 404
+    HTTP_NOT_ALLOWED, HTTP_TOO_MANY_REQUESTS = 405, 429
+    HTTP_INTERNAL_SERVER_ERROR, HTTP_BAD_GATEWAY = 500, 502
+    HTTP_SERVICE_UNAVAILABLE, HTTP_GATEWAY_TIMEOUT = 503, 504
+
+    var = VarView()
+    shared = SharedView()
+    worker = Worker()
+    req = Req()
+
+    @property
+    def ctx(self) -> Ctx:
+        return _request_ctx(_current().exchange)
+
+    @property
+    def balancer(self) -> NgxBalancer:
+        return balancer
+
+    @property
+    def upstream(self) -> Upstream:
+        return upstream
+
+    def log(self, level: Any, *parts: Any) -> None:
+        run = _current()
+        if type(level) is not int or not 0 <= level <= 8:
+            raise ValueError("bad log level")
+        run.logged += 1
+        if run.logged > MAX_LOGS_PER_RUN:
+            if run.logged == MAX_LOGS_PER_RUN + 1:
+                run.log("warn", f"[python] {hook_location()}: more than {MAX_LOGS_PER_RUN} log lines "
+                        "in one run, dropping the rest", run.exchange)
+            return
+        message = escape_log(log_text(parts))
+        run.log(_LEVEL_NAMES[level], f"[python] {hook_location()}: {message}", run.exchange)
+
+    def exit(self, status: Any) -> None:
+        """Asynchronous, as in balancer_by_lua: records the status; the hook keeps running."""
+        run = _balancer_run()
+        if type(status) is not int:
+            raise _bad_type(1, "exit", "number", status)
+        if status in (self.AGAIN, self.DONE):
+            raise ValueError("bad argument to 'ngx.exit': does not accept NGX_AGAIN or NGX_DONE")
+        if status == self.OK:
+            return
+        run.outcome.exit_status = status  # >= 300 ends the request; anything else -> fallback
+
+    def now(self) -> float:
+        return round(_WALL[0](), 3)
+
+    def time(self) -> int:
+        return int(_WALL[0]())
+
+    def get_phase(self) -> str:
+        return CURRENT.phase
+
+    def crc32_short(self, value: Any) -> int:
+        if type(value) is str and value.isascii():  # the hot path of hash-by-URI hooks
+            return zlib.crc32(value.encode("ascii"))
+        return zlib.crc32(_text_bytes(value, "crc32_short"))
+
+    def crc32_long(self, value: Any) -> int:
+        return zlib.crc32(_text_bytes(value, "crc32_long"))
+
+    def md5(self, value: Any) -> str:
+        return hashlib.md5(_text_bytes(value, "md5"), usedforsecurity=False).hexdigest()
+
+    def md5_bin(self, value: Any) -> bytes:
+        return hashlib.md5(_text_bytes(value, "md5_bin"), usedforsecurity=False).digest()
+
+
+# --------------------------------------------------------------------------- upstream
+
+
+def _peer_dict(peer: Any, figures: tuple[Any, ...]) -> dict[str, Any]:
+    """One peer as lua-upstream-nginx-module reports it, plus its live statistics."""
+    requests, failures, active, last_status, last_failure, ewma, peak, stamp, override = figures
+    return {"id": peer.id, "name": peer.name, "weight": peer.weight, "backup": peer.backup,
+            "down": peer.down, "fails": peer.fails, "max_fails": peer.max_fails,
+            "fail_timeout": peer.fail_timeout, "current_weight": peer.current_weight,
+            "effective_weight": peer.effective_weight, "conns": peer.conns, "max_conns": peer.max_conns,
+            "requests": requests, "failures": failures, "active": active, "last_status": last_status,
+            "last_failure_time": last_failure, "ewma": ewma, "peak_ewma": peak, "ewma_time": stamp,
+            "weight_override": override, "healthy": not peer.unhealthy,
+            "state": "down" if peer.config_down else "unhealthy" if peer.unhealthy else "up"}
+
+
+MAX_PEER_WEIGHT = 100  # set_peer_weight's ceiling: a consistent-hash ring has 160 points per weight
+_NO_FIGURES = (None,) * 9  # the live statistics' values while python_peer_stats is off
+
+
+def _peer_dicts(upstream: Any, is_backup: bool) -> list[dict[str, Any]]:
+    """lua-upstream-nginx-module's fields plus the peer's live statistics, shared by all
+    workers (``scriptlb.state.stats.FIELDS``; None while ``python_peer_stats`` is off). One dict
+    display per peer: this runs on every try of hooks that read their peers."""
+    peers = upstream.peers.backup if is_backup else upstream.peers.primary
+    stats = getattr(upstream, "stats", None)
+    if stats is None:
+        return [_peer_dict(peer, _NO_FIGURES) for peer in peers]
+    figures = stats.figures
+    return [_peer_dict(peer, figures(peer)) for peer in peers]
+
+
+def _peer_of(upstream: Any, is_backup: Any, peer_id: Any) -> Any:
+    group = upstream.peers.backup if is_backup else upstream.peers.primary
+    if type(peer_id) is not int or not 0 <= peer_id < len(group):
+        return None
+    return group[peer_id]
+
+
+class Upstream:
+    """This upstream's peers, like lua-upstream-nginx-module (``ngx.upstream``)."""
+
+    __slots__ = ()
+
+    def get_primary_peers(self) -> list[dict[str, Any]]:
+        return _peer_dicts(_current().upstream, False)
+
+    def get_backup_peers(self) -> list[dict[str, Any]]:
+        return _peer_dicts(_current().upstream, True)
+
+    def set_peer_weight(self, is_backup: Any, peer_id: Any, weight: Any) -> tuple[Any, Any]:
+        """The peer's round-robin weight in every worker, from their next request on (what the
+        fastest-first post patched lua-upstream-nginx-module for). It lasts until a reload
+        changes that server's configured weight, or a restart."""
+        upstream_rt = _current().upstream
+        peer = _peer_of(upstream_rt, is_backup, peer_id)
+        if peer is None:
+            return None, "bad peer id"
+        if type(weight) is not int or not 1 <= weight <= MAX_PEER_WEIGHT:
+            return None, f"bad weight (an integer from 1 to {MAX_PEER_WEIGHT} expected)"
+        stats = getattr(upstream_rt, "stats", None)
+        if stats is None:
+            return None, "peer statistics are off (python_peer_stats)"
+        stats.stats.set_weight(stats.slot_of(peer), weight)
+        upstream_rt.refresh_weights()  # this worker at once: the hook may read the peers again
+        return _OK
+
+    def set_peer_down(self, is_backup: Any, peer_id: Any, down: Any) -> tuple[Any, Any]:
+        peer = _peer_of(_current().upstream, is_backup, peer_id)
+        if peer is None:
+            return None, "bad peer id"
+        peer.down = peer.config_down = bool(down)  # config_down: what health checks restore
+        if not down:
+            peer.fails = 0  # as lua-upstream-nginx-module: bringing a peer up forgets failures
+        return _OK
+
+    def current_upstream_name(self) -> str:
+        return str(_current().upstream.name)
+
+    def get_hook_stats(self) -> dict[str, Any] | None:
+        """This worker's figures of the upstream's balancer hook (failed runs by kind, circuit
+        breaker state, trips and skipped runs), or None when it has no hook."""
+        hook = getattr(_current().upstream, "hook", None)
+        return None if hook is None else hook.stats()
+
+
+balancer = NgxBalancer()
+ngx = Ngx()
+upstream = Upstream()
+
+_public = [name for name in dir(Ngx) if not name.startswith("_")]
+expose(Ngx, _public)
+expose(NgxBalancer, ["set_current_peer", "set_more_tries", "get_last_failure", "set_timeouts",
+                  "enable_keepalive", "recreate_request", "bind_to_local_addr"])
+expose(Worker, ["id", "count", "pid"])
+expose(Req, ["get_headers", "get_method", "get_uri_args"])
+expose(Upstream, ["get_primary_peers", "get_backup_peers", "set_peer_down", "set_peer_weight",
+                  "current_upstream_name", "get_hook_stats"])
+expose(Ctx, readable_names(dict))
+expose_dynamic(Ctx, _ctx_attribute)
+writable(Ctx)
+expose_dynamic(VarView, _variable)
+expose_dynamic(SharedView, lambda _view, name: _SHARED.get(name))

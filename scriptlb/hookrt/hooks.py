@@ -1,0 +1,590 @@
+"""balancer_by_python and log_by_python: compile hooks once, run them under a budget.
+
+``HookRunner`` runs an upstream's balancer hook once per try and hands the outcome to the
+proxy; ``LogHookRunner`` runs a location's log hook once per finished request. Both share
+``_Runner``: the code, the budget, the fuse, ``api.CURRENT`` and the rate-limited error log.
+
+The seam (docs/architecture.md): before every try the exchange calls
+``upstream.hook.run(exchange, upstream)``, which never raises and returns a ``HookOutcome``.
+A run that raises, exceeds its budget, sets no peer or calls ``ngx.exit`` with an error code
+yields an outcome without a peer, so the try falls back to the upstream's balancer; the reason
+is logged (rate-limited) with the hook's file:line.
+
+A run executes the hook's top-level code with fresh globals (``balancer``, ``ngx``,
+``upstream`` and the shared, read-only builtins), like a Lua chunk. The code object is compiled
+when the configuration loads (``precompile``) and cached by source text, so a worker forked
+from the master that checked the config does not compile again.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import time
+import traceback
+from bisect import bisect_left
+from collections.abc import Callable
+from types import CodeType
+from typing import Any
+
+from scriptlb.config import load
+from scriptlb.config.errors import ConfigError
+from scriptlb.config.model import BreakerConf, HookConf, MainConf, PythonConf, Source
+from scriptlb.hookrt import api
+from scriptlb.logs import errorlog
+from scriptlb.sandbox import limits, lint
+from scriptlb.sandbox.guards import make_builtins
+from scriptlb.sandbox.importer import HOOK_DIR_KEY, OWNER_KEY, Importer
+from scriptlb.sandbox.limits import HookTimeout
+from scriptlb.sandbox.policy import HookCompileError, compile_hook
+
+LogSink = Callable[[str, str, Any], None]  # (level, message, exchange or None)
+_BUDGET = limits.BUDGET
+_clock = limits.clock
+# scriptlb_hook_duration_seconds' buckets: hook runs take microseconds to their budget (10 ms)
+RUN_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
+# the scriptlb package (this file is one level below it): frames from there are host code
+_HOST_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+class HookOutcome:
+    """What one run decided. Class-level defaults keep a run's allocation to one empty object.
+
+    ``error`` says why the try falls back: None (fine), "runtime_error", "timeout",
+    "compile_error", "no_peer", "exit_error" (``ngx.exit`` with a code below 300) or
+    "breaker_open" (skipped: the circuit breaker is open). With ``balancer_by_python_fallback
+    off`` every error but "no_peer" comes with ``exit_status`` 500.
+    """
+
+    addr: api.PeerAddr | None = None  # set_current_peer's address; None: fall back
+    host: str | None = None  # set_current_peer's host (Host/SNI/pool key)
+    more_tries: int = 0  # granted by set_more_tries (clamped), counted only with a peer
+    exit_status: int | None = None  # ngx.exit(status >= 300): finish with it, contact no peer
+    keepalive: tuple[float, int] | None = None  # enable_keepalive(idle_timeout, max_requests)
+    local_addr: str | None = None  # bind_to_local_addr: "ip" or "ip:port", for this and later tries
+    recreate: bool = False  # recreate_request() was called
+    error: str | None = None
+    message: str | None = None  # the logged text of the error, for `scriptlb hook run`
+    # for $balancer_trace (read only when the variable is): the run's duration in seconds,
+    # and what get_last_failure() returned, if the hook called it
+    spent: float = 0.0
+    failure_read: bool = False
+    failure_seen: tuple[str, int] | None = None
+    # set by the tries loop when set_current_peer named a peer the upstream's own methods
+    # avoid now: "unhealthy", "draining", "down" or "unavail" (the try goes ahead)
+    avoided: str | None = None
+
+    def __repr__(self) -> str:
+        fields = ("addr", "host", "more_tries", "exit_status", "keepalive", "local_addr", "error")
+        shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in fields if getattr(self, f) not in (None, 0))
+        return f"HookOutcome({shown})"
+
+
+# --------------------------------------------------------------------------- shared runtime
+
+
+class _Printer:
+    """What ``print()`` in a hook becomes: ngx.log(ngx.NOTICE, ...), like print() in ngx_lua."""
+
+    def _call_print(self, *objects: Any, sep: Any = " ", end: str = "\n", **_: Any) -> None:
+        api.ngx.log(api.Ngx.NOTICE, api.log_text(objects, sep if type(sep) is str else " "))
+
+    def __call__(self) -> str:  # `printed` reads nothing: output goes to the error log
+        return ""
+
+
+_PRINTER = _Printer()
+IMPORTER = Importer()
+BUILTINS = make_builtins({"__import__": IMPORTER, "_print_": lambda _getattr=None: _PRINTER})
+_NAMESPACE = {"ngx": api.ngx}
+
+
+def _fresh_globals(name: str, hook_dir: str | None = None) -> dict[str, Any]:
+    return {"__builtins__": BUILTINS, "__name__": name, OWNER_KEY: {}, HOOK_DIR_KEY: hook_dir,
+            "balancer": api.balancer, "ngx": api.ngx, "upstream": api.upstream}
+
+
+IMPORTER.configure((), _fresh_globals, _NAMESPACE)
+_CODE_CACHE: dict[tuple[str, str], CodeType] = {}
+_PYTHON_CONF = [PythonConf()]  # the http{} settings of the last precompiled config
+# The code of each hook as compiled when the configuration loaded (precompile). Workers forked
+# from the master inherit it, so a worker the master respawns later runs the hook the config
+# was checked with, even if the file has been edited since (as nginx: only a reload reloads).
+_LOADED: dict[HookConf, CodeType] = {}
+
+
+def configure(python: PythonConf) -> None:
+    """Apply http-level hook settings (package path) to this process."""
+    _PYTHON_CONF[0] = python
+    IMPORTER.configure(python.package_path, _fresh_globals, _NAMESPACE)
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+def _read_source(hook: HookConf) -> tuple[str, int]:
+    """(source, line of its first line in the file that holds it)."""
+    if hook.kind == "file":
+        assert hook.path is not None
+        with open(hook.path, encoding="utf-8") as f:
+            return f.read(), 1
+    return hook.code or "", hook.first_line or hook.source.line + 1
+
+
+def _error_file(hook: HookConf) -> str:
+    return hook.path if hook.kind == "file" and hook.path else hook.source.file
+
+
+def load_code(hook: HookConf) -> CodeType:
+    """Compile ``hook`` (cached by source). Raises HookCompileError or OSError."""
+    source, first_line = _read_source(hook)
+    key = (hook.chunk_name, source)
+    code = _CODE_CACHE.get(key)
+    if code is None:
+        code = compile_hook(source, hook.chunk_name, first_line)
+        if len(_CODE_CACHE) > 256:
+            _CODE_CACHE.clear()
+        _CODE_CACHE[key] = code
+    return code
+
+
+def _config_error(hook: HookConf, err: Exception, where: str | None = None) -> ConfigError:
+    what = (f'failed to load external Python file "{hook.path}"' if hook.kind == "file"
+            else "failed to load inlined Python code")
+    if isinstance(err, HookCompileError):
+        return ConfigError(f"{what}: {err.message}", Source(where or _error_file(hook), err.lineno or 1))
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return ConfigError(f"{what}: {reason}", hook.source)
+
+
+_LINT_API = {"balancer": api.balancer, "ngx": api.ngx, "upstream": api.upstream,
+             "ngx.balancer": api.balancer, "ngx.upstream": api.upstream, "ngx.req": api.Ngx.req,
+             "ngx.worker": api.Ngx.worker}
+
+
+def _module_tree(path: str) -> ast.Module | str:
+    """A package module's AST for the load-time checks, or its compile error with file:line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        compile_hook(source, path)
+    except HookCompileError as err:
+        return f"{err.message} in {path}:{err.lineno}"
+    except (OSError, UnicodeDecodeError) as err:
+        return f"{err} in {path}:1"
+    return ast.parse(source, path)
+
+
+def lint_hook(hook: HookConf, python: PythonConf) -> None:
+    """The load-time checks (scriptlb.sandbox.lint) of a hook that compiled: the first finding
+    is a ConfigError at its file:line."""
+    source, first_line = _read_source(hook)
+    tree = ast.parse(source, hook.chunk_name)
+    if first_line != 1:
+        ast.increment_lineno(tree, first_line - 1)
+    finder = Importer()
+    finder.package_path = python.package_path  # the new config's path, without touching IMPORTER
+    context = lint.Context(builtins=frozenset(name for name in BUILTINS if not name.startswith("_")),
+                           api=_LINT_API, find=finder.find, compile_tree=_module_tree)
+    findings = lint.check(tree, _error_file(hook), os.path.dirname(_error_file(hook)), context)
+    if findings:
+        first = findings[0]
+        raise _config_error(hook, HookCompileError(first.message, first.line), first.file)
+
+
+def load_and_check(conf_file: str, prefix: str | None = None, globals_: str | None = None) -> MainConf:
+    """``config.load()``, then ``precompile`` every hook, so a hook's syntax or sandbox-policy
+    error is a config error too (``scriptlb -t``, a reload, a start)."""
+    conf = load(conf_file, prefix, globals_)
+    precompile(conf)
+    return conf
+
+
+def precompile(conf: MainConf) -> None:
+    """Compile every hook of ``conf`` (balancer_by_python and log_by_python); a syntax or
+    policy error is a ConfigError at file:line.
+
+    Only a configuration whose hooks all compile replaces the loaded code (a refused reload
+    leaves the running configuration's hooks as they were)."""
+    hooks = conf.http.hooks() if conf.http is not None else ()  # balancer, then log hooks
+    hooks += conf.stream.hooks() if conf.stream is not None else ()
+    if not hooks:
+        return
+    loaded: dict[HookConf, CodeType] = {}
+    python = conf.http.python if conf.http is not None else PythonConf()
+    for hook in hooks:
+        try:
+            loaded[hook] = load_code(hook)
+        except (HookCompileError, OSError, UnicodeDecodeError) as err:
+            raise _config_error(hook, err) from None
+        lint_hook(hook, python)
+    if conf.http is not None:
+        configure(conf.http.python)
+    _LOADED.clear()
+    _LOADED.update(loaded)
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def errorlog_sink_for(action: str) -> LogSink:
+    """A sink writing to the worker's error log with the request's usual context, ending
+    as nginx's lines of that phase do: ``... while <action>, client: ...``."""
+    suffix = f" while {action}"
+
+    def sink(level: str, message: str, exchange: Any) -> None:
+        if exchange is None:
+            errorlog.log_error(level, message)
+            return
+        try:
+            ctx = errorlog.request_context(exchange)
+            conn_id = exchange.conn_id
+        except AttributeError:
+            ctx, conn_id = "", None
+        errorlog.log_error(level, message + suffix, conn_id, ctx)
+
+    return sink
+
+
+errorlog_sink = errorlog_sink_for("connecting to upstream")  # the balancer phase's default
+log_phase_sink = errorlog_sink_for("logging request")  # nginx's action text of the log phase
+
+
+class _RateLimit:
+    """At most ``limit`` lines per ``interval`` per kind; then one "N suppressed" note."""
+
+    __slots__ = ("_windows", "interval", "limit")
+
+    def __init__(self, limit: int = 10, interval: float = 1.0) -> None:
+        self.limit = limit
+        self.interval = interval
+        self._windows: dict[str, list[float]] = {}  # kind -> [window start, written, suppressed]
+
+    def admit(self, kind: str, now: float) -> tuple[bool, int]:
+        """(write this line?, lines suppressed in the previous window to report first)."""
+        window = self._windows.get(kind)
+        suppressed = 0
+        if window is None or now - window[0] >= self.interval:
+            suppressed = int(window[2]) if window is not None else 0
+            window = self._windows[kind] = [now, 0, 0]
+        if window[1] >= self.limit:
+            window[2] += 1
+            return False, 0
+        window[1] += 1
+        return True, suppressed
+
+
+def _hook_frame(tb: Any) -> str:
+    """file:line of the innermost hook-code frame of a traceback."""
+    where = "?"
+    for frame, lineno in traceback.walk_tb(tb):
+        if not frame.f_code.co_filename.startswith(_HOST_DIR):
+            where = f"{frame.f_code.co_filename}:{lineno}"
+    return where
+
+
+# --------------------------------------------------------------------------- circuit breaker
+
+CLOSED, OPEN, PROBING = "closed", "open", "probing"
+_COUNTED = frozenset({"runtime_error", "timeout", "compile_error"})  # what trips the breaker
+
+
+class Breaker:
+    """The hook's circuit breaker (``balancer_by_python_breaker``), one per runner per worker.
+
+    A hook that keeps failing costs every request its budget (a runaway loop: 10 ms of CPU per
+    try) and then the fallback anyway. After ``fails`` failed runs within ``window`` seconds the
+    breaker opens: runs are skipped (straight to the fallback, or 500 with fallback off) for
+    ``cooldown`` seconds. Then it lets one run through (runs never overlap in a worker, so that
+    is "one request at a time"): success closes it, failure opens it for another cool-off.
+    """
+
+    __slots__ = ("conf", "failures", "open_until", "skipped", "state", "trips", "window_start")
+
+    def __init__(self, conf: BreakerConf) -> None:
+        self.conf = conf
+        self.state = CLOSED
+        self.failures = 0  # failed runs in the current window
+        self.window_start = 0.0
+        self.open_until = 0.0
+        self.trips = 0  # times it opened
+        self.skipped = 0  # runs skipped while open
+
+    def admits(self, now: float) -> bool:
+        """Called only while not CLOSED: False while cooling off, else the probe goes ahead.
+        ``now`` is the hooks' clock (a replay's virtual time); a clock set back past the
+        opening ends the cool-off rather than stretching it."""
+        if self.open_until - self.conf.cooldown <= now < self.open_until:
+            self.skipped += 1
+            return False
+        self.state = PROBING
+        return True
+
+    def failed(self, now: float) -> bool:
+        """Count a failed run; True when this failure opened the breaker."""
+        if self.state is not PROBING:
+            if now - self.window_start > self.conf.window:
+                self.window_start, self.failures = now, 0
+            self.failures += 1
+            if self.failures < self.conf.fails:
+                return False
+        self.state, self.open_until, self.failures = OPEN, now + self.conf.cooldown, 0
+        self.trips += 1
+        return True
+
+    def succeeded(self) -> None:
+        self.state, self.failures = CLOSED, 0
+
+
+# --------------------------------------------------------------------------- the runners
+
+
+class _Runner:
+    """What every phase's runner shares: the compiled code (or ``python_code_cache off``'s
+    reload per run), and one run under the budget and the fuse with ``api.CURRENT`` pointing at
+    the request; a failure is reported (escaped, rate-limited per kind) through ``_fail``."""
+
+    phase = ""  # api.RunContext.phase of a run: what ngx.get_phase() says, what the API allows
+    directive = ""  # the name in error messages: "balancer_by_python", "log_by_python"
+
+    def __init__(self, conf: HookConf, python: PythonConf | None, log: LogSink) -> None:
+        self.conf = conf
+        self.python = python or _PYTHON_CONF[0]
+        if python is not None:
+            configure(python)
+        self.timeout = conf.timeout
+        self.chunk = conf.chunk_name
+        self.log: LogSink = log
+        self._limit = _RateLimit()
+        limits.quiet_unraisable_stops()  # a generator finalized past the budget: no stderr noise
+        self._globals = _fresh_globals("__hook__", os.path.dirname(_error_file(conf)))
+        # for the metrics (scriptlb.ops.metrics): runs, failures by kind, durations per bucket
+        self.runs = 0
+        self.failures: dict[str, int] = {}
+        self.durations = [0] * (len(RUN_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.last_spent = 0.0  # the last run's duration (seconds): HookOutcome.spent
+        self._code: CodeType | None = None
+        self._compile_error: str | None = None
+        self.breaker = Breaker(conf.breaker) if conf.breaker is not None else None
+        self._tripped = False  # the breaker is open or probing (one test on the hot path)
+        if self.python.code_cache:
+            self._code = self._load()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.chunk} timeout={self.timeout}>"
+
+    def _load(self) -> CodeType | None:
+        if self.python.code_cache:
+            code = _LOADED.get(self.conf)
+            if code is not None:
+                return code
+        try:
+            code = load_code(self.conf)
+        except (HookCompileError, OSError, UnicodeDecodeError) as err:
+            self._compile_error = str(_config_error(self.conf, err)).removeprefix("[emerg] ")
+            return None
+        self._compile_error = None
+        return code
+
+    def _execute(self, exchange: Any, upstream: Any, outcome: Any) -> Any:
+        """Run the hook once. None when it ran to its end; otherwise what ``_fail`` returned
+        for the error (already logged). Never raises (except KeyboardInterrupt-like stops).
+
+        The subclasses' hot paths go through here: no allocation beyond the globals' copy."""
+        if self._tripped and not self.breaker.admits(api.clock()):  # type: ignore[union-attr]
+            return self._skip(outcome, exchange)
+        if self.python.code_cache:
+            code = self._code
+        else:
+            IMPORTER.forget()
+            code = self._load()
+        if code is None:
+            self.last_spent = 0.0
+            return self._failed(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
+        context = api.CURRENT
+        context.exchange, context.upstream, context.phase = exchange, upstream, self.phase
+        context.outcome, context.log, context.logged = outcome, self.log, 0
+        fuse = limits.current_fuse()
+        if fuse is not None:
+            fuse.run_started()
+        budget = _BUDGET
+        budget.tripped = False
+        started = _clock()
+        budget.deadline = started + self.timeout
+        failure: BaseException | None = None
+        try:
+            exec(code, self._globals.copy())
+        except (Exception, HookTimeout) as err:
+            failure = err
+        finally:
+            budget.deadline = 0.0
+            stopped = budget.tripped
+            context.exchange = context.upstream = context.outcome = None
+            if fuse is not None:
+                fuse.run_ended()
+            self.last_spent = spent = _clock() - started
+            self.runs += 1
+            self.duration_sum += spent
+            self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
+        if stopped or failure is not None:
+            return self._failed_run(outcome, failure, stopped, exchange)
+        if self._tripped:  # the probe succeeded
+            self.breaker.succeeded()  # type: ignore[union-attr]
+            self._tripped = False
+            self._emit("notice", f"{self.directive} {self.chunk}: circuit breaker closed, "
+                       "the hook runs again", None)
+        return None
+
+    def _failed_run(self, outcome: Any, failure: BaseException | None, stopped: bool, exchange: Any) -> Any:
+        where = _hook_frame(failure.__traceback__) if failure is not None else self.chunk
+        if stopped:
+            ms = round(self.timeout * 1000)
+            return self._failed(outcome, "timeout", f"{self.directive} timed out after {ms}ms at {where}",
+                                exchange)
+        assert failure is not None
+        detail = api.exception_text(failure)  # KeyError(huge key) must not build the key's text
+        text = f"{type(failure).__name__}: {detail}" if detail else type(failure).__name__
+        return self._failed(outcome, "runtime_error", f"failed to run {self.directive}: {where}: {text}",
+                            exchange)
+
+    def _failed(self, outcome: Any, kind: str, message: str, exchange: Any) -> Any:
+        """A run that failed: ``_fail`` (which counts it), then the breaker's count."""
+        result = self._fail(outcome, kind, message, exchange)
+        breaker = self.breaker
+        if breaker is not None and kind in _COUNTED and breaker.failed(api.clock()):
+            self._tripped = True
+            conf = breaker.conf
+            self._emit("error", f"{self.directive} {self.chunk}: circuit breaker open after {conf.fails} "
+                       f"failed runs in {conf.window:g}s, skipping the hook for {conf.cooldown:g}s "
+                       "(then one request at a time)", None)
+        return result
+
+    def _skip(self, outcome: Any, exchange: Any) -> Any:
+        """A run the open breaker skips: counted (outcome "breaker_open" in the metrics), no log
+        line (the opening said it); the subclass says what its run() returns for it."""
+        raise NotImplementedError
+
+    def _count_skip(self) -> None:
+        self.last_spent = 0.0
+        self.failures["breaker_open"] = self.failures.get("breaker_open", 0) + 1
+
+    def stats(self) -> dict[str, Any]:
+        """This worker's figures of the hook: failed (or skipped) runs by kind, and the
+        breaker's state."""
+        breaker = self.breaker
+        return {"failures": dict(self.failures),
+                "breaker": None if breaker is None else breaker.state,
+                "breaker_trips": 0 if breaker is None else breaker.trips,
+                "breaker_skipped": 0 if breaker is None else breaker.skipped}
+
+    def _fail(self, outcome: Any, kind: str, message: str, exchange: Any, level: str = "error") -> Any:
+        """Log why a run failed; the subclass says what its run() returns for it."""
+        raise NotImplementedError
+
+    def _report(self, kind: str, message: str, exchange: Any, level: str) -> str:
+        """Log ``message`` (escaped: exception text is hook-made), rate-limited per kind;
+        returns the escaped text."""
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+        message = api.escape_log(message[:api.MAX_LOG_MESSAGE])
+        write, suppressed = self._limit.admit(kind, time.monotonic())
+        if suppressed:
+            self._emit(level, f"{self.chunk}: {suppressed} similar messages suppressed", None)
+        if write:
+            self._emit(level, message, exchange)
+        return message
+
+    def _emit(self, level: str, message: str, exchange: Any) -> None:
+        try:
+            self.log(level, message, exchange)
+        except Exception:  # a failing log sink must not fail the request: run() never raises
+            pass
+
+
+class HookRunner(_Runner):
+    """One upstream's balancer_by_python hook in one worker: ``run()`` per try."""
+
+    phase = api.BALANCER_PHASE
+    directive = "balancer_by_python"
+
+    def __init__(self, conf: HookConf, upstream: Any = None, python: PythonConf | None = None,
+                 log: LogSink | None = None) -> None:
+        self.upstream = upstream
+        super().__init__(conf, python, log or errorlog_sink)
+
+    def run(self, exchange: Any, upstream: Any = None) -> HookOutcome:
+        """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops)."""
+        outcome = HookOutcome()
+        failed = self._execute(exchange, upstream or self.upstream, outcome)
+        outcome.spent = self.last_spent
+        if failed is not None:
+            return failed
+        status = outcome.exit_status
+        if status is not None and not 300 <= status <= 999:
+            what = "falling back" if self.conf.fallback else "answering 500"
+            return self._failed(outcome, "exit_error",
+                                f"{self.chunk}: ngx.exit({status}) in a balancer hook, {what}", exchange)
+        if outcome.addr is None and status is None:
+            return self._fail(outcome, "no_peer", f"{self.chunk}: python balancer: no peer set, "
+                              "falling back", exchange, level="warn")
+        return outcome
+
+    def _fail(self, outcome: HookOutcome, kind: str, message: str, exchange: Any,
+              level: str = "error") -> HookOutcome:
+        """Reset the outcome to "fall back" and log why (rate-limited per kind)."""
+        self._reset(outcome, kind)
+        outcome.message = self._report(kind, message, exchange, level)
+        return outcome
+
+    def _reset(self, outcome: HookOutcome, kind: str) -> None:
+        """Nothing the failed run set counts. With ``balancer_by_python_fallback off`` a failure
+        answers 500 as OpenResty does; a run that sets no peer still uses the upstream's own
+        servers (OpenResty's round robin over them) either way."""
+        outcome.addr = outcome.host = outcome.exit_status = outcome.keepalive = outcome.local_addr = None
+        outcome.more_tries = 0
+        outcome.recreate = False
+        outcome.error = kind
+        if kind != "no_peer" and not self.conf.fallback:
+            outcome.exit_status = 500
+
+    def _skip(self, outcome: HookOutcome, exchange: Any) -> HookOutcome:
+        self._count_skip()
+        self._reset(outcome, "breaker_open")
+        outcome.message = f"{self.chunk}: circuit breaker open, hook skipped"
+        return outcome
+
+
+class LogHookRunner(_Runner):
+    """One log_by_python hook in one worker (shared by the locations inheriting it): ``run()``
+    once per finished request, after its access log lines are written."""
+
+    phase = api.LOG_PHASE
+    directive = "log_by_python"
+
+    def __init__(self, conf: HookConf, python: PythonConf | None = None, log: LogSink | None = None) -> None:
+        super().__init__(conf, python, log or log_phase_sink)
+
+    def run(self, exchange: Any, now: float = 0.0) -> str | None:
+        """Run the hook for this finished request: None, or the kind of error ("runtime_error",
+        "timeout", "compile_error"; already logged). Never raises (except KeyboardInterrupt-like
+        stops) and changes nothing the client sees.
+
+        ``now`` (time.time(), 0.0 = read the clock) is the log phase's time, so $request_time,
+        $msec... read by the hook equal the access log's."""
+        location = getattr(exchange, "location", None)
+        upstream = getattr(location, "upstream", None)
+        context = api.CURRENT
+        context.now = now
+        try:
+            return self._execute(exchange, api.NO_UPSTREAM if upstream is None else upstream,
+                                 api.LOG_OUTCOME)
+        finally:
+            context.now = 0.0
+
+    def _fail(self, outcome: Any, kind: str, message: str, exchange: Any, level: str = "error") -> str:
+        self._report(kind, message, exchange, level)
+        return kind
+
+    def _skip(self, outcome: Any, exchange: Any) -> str:
+        self._count_skip()
+        return "breaker_open"

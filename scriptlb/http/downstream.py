@@ -1,0 +1,1219 @@
+"""Client-side HTTP/1.x connection: parse requests, write responses, keep-alive, pipelining.
+
+Theory of operation
+-------------------
+``ClientConnection`` is an ``asyncio.Protocol`` that owns one client socket. httptools parses
+every byte we read; the parser callbacks only build a ``Request`` (head + body chunks) and hand it
+to a *handler* (the proxy's ``Exchange``) created by ``ListenerContext.open_exchange``. Routing,
+peers, retries and status decisions all live in the handler, never here.
+
+One request is *active* at a time. Requests that arrive pipelined behind it are parsed ahead into
+``_queue`` (their bodies buffered in their own ``Request``) and reading is paused, so a client can
+not make us parse unbounded input. Responses are therefore written strictly in request order.
+
+What this module does decide is the client side of HTTP: framing of the response (Content-Length,
+chunked for HTTP/1.1, close-delimited for HTTP/1.0), keep-alive, and the nginx client errors
+(400/413/414 written here, then the connection is closed; client_header_timeout and
+client_body_timeout close without a response, as nginx: the request is logged 408).
+
+Timers: one ``TimerHandle`` per connection, re-armed lazily. ``_deadline`` and ``_phase`` say
+what is being waited for (a new request, the rest of the head, more body, the client draining
+our writes); the handle fires, compares with the deadline and either re-arms or times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import httptools
+
+from scriptlb.config.model import ClientBodyConf
+from scriptlb.http import responses
+from scriptlb.http.line_ends import crlf_head_part
+from scriptlb.http.request_body import EMPTY_BODY, BodyFileError, RequestBody
+from scriptlb.logs import errorlog
+
+# Hop-by-hop headers (RFC 9110 7.6.1) plus the ones nginx never forwards from a client.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
+
+# nginx's send_timeout default: how long a client may leave our writes unread before we give up.
+CLIENT_SEND_TIMEOUT = 60.0
+# Statuses that never carry a body (RFC 9110 6.4.1).
+_NO_BODY_STATUS = frozenset({101, 204, 304})
+
+_conn_ids = itertools.count(1)
+
+# Header names nginx accepts (ignore_invalid_headers): letters, digits, "-" (and "_" with
+# underscores_in_headers on). llhttp already refuses what is not an RFC 9110 token.
+_NAME_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-"
+_NAME_CHARS_UNDERSCORE = _NAME_CHARS + b"_"
+# names found valid, so that the common ones cost one set lookup (bounded: clients choose names)
+_VALID_NAMES: set[bytes] = set()
+_VALID_NAMES_MAX = 4096
+_VALID_NAME_LENGTH_MAX = 64
+
+# nginx's lingering close: after the last response, read and drop what the client still sends
+# (so that its unread bytes do not make the kernel reset the connection under the response)
+LINGERING_TIME = 30.0
+LINGERING_TIMEOUT = 5.0
+
+# what the parser callbacks saw during one feed (ClientConnection._fed)
+_FED_BODY = 1  # body bytes
+_FED_CHUNK = 2  # a chunk boundary
+
+# lengths of the request header names on_header acts on: host, expect, connection,
+# content-length, transfer-encoding (every other name is stored without being lower-cased)
+_NOTED_HEADER_LENGTHS = frozenset({4, 6, 10, 14, 17})
+
+
+def next_connection_id() -> int:
+    """nginx's connection counter ($connection, the ``*N`` in error-log lines)."""
+    return next(_conn_ids)
+
+
+SERVER_LINE = b"Server: " + responses.SERVER_NAME.encode("ascii") + b"\r\n"
+
+
+# --------------------------------------------------------------------------- the request
+
+
+class Request:
+    """One parsed request head plus its body as received so far (decoded: the proxy frames it
+    again; a chunked body's trailers are dropped)."""
+
+    __slots__ = (
+        "body",
+        "body_size",
+        "chunked",
+        "complete",
+        "connection",
+        "content_length",
+        "expect_continue",
+        "has_body",
+        "head_size",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "target",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.target = b""  # raw request target, as sent
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.has_body = False  # chunked, or a Content-Length above 0
+        self.connection: bytes | None = None  # the Connection header (it may list hop-by-hop names)
+        self.expect_continue = False
+        self.keep_alive = True
+        self.head_size = 0
+        # what arrived and was not taken by the handler (memory, then a file: request_body)
+        self.body: RequestBody = EMPTY_BODY
+        self.body_size = 0  # bytes received so far (decoded, without chunk framing)
+        self.complete = False
+
+    def take_body(self) -> bytes:
+        """Everything received and held in memory so far, joined; the buffer is emptied."""
+        return self.body.take()
+
+    def request_line(self) -> str:
+        """``GET / HTTP/1.1``: nginx's $request."""
+        return f"{self.method} {self.target.decode('latin-1')} HTTP/{self.version}"
+
+
+class RequestHandler(Protocol):
+    """What the connection needs from whoever serves a request (the proxy's Exchange)."""
+
+    max_body_size: int  # 0 = unlimited
+    # where the body waits for the handler: None = in memory (streamed as it comes, or dropped)
+    client_body: ClientBodyConf | None
+    body_timeout: float
+    keepalive_timeout: float
+    keepalive_requests: int
+
+    def start(self) -> None: ...  # the request became the active one
+    def body_received(self) -> None: ...  # new chunks in request.body, or request.complete
+    def client_lost(self) -> None: ...  # the client went away before the response finished
+    def client_eof(self) -> bool: ...  # the client half-closed after its request; True: ended it
+    def abort(self, status: int) -> None: ...  # a client error (413, 408) ends the request
+    def writing_paused(self) -> None: ...  # the client reads slower than we write
+    def writing_resumed(self) -> None: ...
+
+
+class OpenExchange(Protocol):
+    def __call__(self, conn: ClientConnection, request: Request) -> RequestHandler: ...
+
+
+class ListenerContext:
+    """Per-listener, per-worker settings shared by its connections."""
+
+    def __init__(
+        self,
+        open_exchange: OpenExchange,
+        header_timeout: float = 60.0,
+        header_buffers: tuple[int, int] = (4, 8192),
+        keys: tuple = (),
+        connections: set[ClientConnection] | None = None,
+        max_connections: int = 0,
+        underscores_in_headers: bool = False,
+        ignore_invalid_headers: bool = True,
+        reusable: dict[ClientConnection, None] | None = None,
+    ) -> None:
+        self.open_exchange = open_exchange
+        self.keys = keys  # the listen keys this socket serves (routing is the handler's business)
+        # the worker's client connections (shared by its listeners) and worker_connections
+        self.connections: set[ClientConnection] = connections if connections is not None else set()
+        self.max_connections = max_connections  # 0: no limit
+        # the worker's connections that may be closed to make room (nginx's reusable queue):
+        # waiting for their first byte or idle between keep-alive requests, oldest first
+        self.reusable: dict[ClientConnection, None] = reusable if reusable is not None else {}
+        # the default server's values: the Host (hence the server) is unknown while reading a head
+        self.header_timeout = header_timeout
+        self.header_buffers = header_buffers
+        self.underscores_in_headers = underscores_in_headers
+        self.ignore_invalid_headers = ignore_invalid_headers
+        self.shutting_down = False  # graceful stop: finish the active request, then close
+        self.dropped = 0  # connections closed at once for want of worker_connections
+        # called after we answered a request no handler saw (malformed, 414, 494...), for logs
+        self.on_client_error: Callable[[ClientConnection, Request, int], None] | None = None
+
+
+class _NoCallbacks:
+    """The protocol of the parser a closed connection keeps (its own one is released)."""
+
+
+_CLOSED_PARSER = httptools.HttpRequestParser(_NoCallbacks())
+
+
+# nginx closes this many reusable connections at most when it runs short (ngx_drain_connections)
+_DRAIN_MAX = 32
+_reuse_logged = [0.0]  # when "reusing connections" was last logged (once a second, as nginx)
+
+
+def make_room(listener: ListenerContext) -> bool:
+    """May one more connection be accepted? When fewer than 1/16 of worker_connections are
+    free, close the oldest reusable ones (waiting for a first byte, or idle between keep-alive
+    requests) as nginx does: an eighth of them, between 1 and 32."""
+    limit = listener.max_connections
+    connections = listener.connections
+    reusable = listener.reusable
+    if limit - len(connections) > limit // 16 or not reusable:
+        return len(connections) < limit
+    now = time.monotonic()
+    if int(now) != int(_reuse_logged[0]):
+        _reuse_logged[0] = now
+        errorlog.log_error("warn", f"{limit} worker_connections are not enough, reusing connections")
+    for _ in range(max(min(_DRAIN_MAX, len(reusable) // 8), 1)):
+        oldest = next(iter(reusable))
+        connections.discard(oldest)  # its slot is free now (its connection_lost comes later)
+        oldest.close()
+    return len(connections) < limit
+
+
+class ClientError(Exception):
+    """A client mistake that ends the connection with an nginx status and an info-level log."""
+
+    def __init__(self, status: int, message: str, level: str = "info") -> None:
+        super().__init__(message)
+        self.status = status
+        self.level = level  # of the error-log line
+
+
+_TIMED_OUT = "client timed out (110: Connection timed out)"
+
+_NO_QUEUE: tuple[()] = ()  # ClientConnection._queue when nothing is queued
+
+
+class _ParsingEnded(Exception):
+    """Raised by a parser callback to stop parsing: nothing after a request without
+    keep-alive is read (nginx does not look past it)."""
+
+# timer phases
+_IDLE, _HEAD, _BODY, _SEND, _NONE = range(5)
+_PHASE_TEXT = {
+    _IDLE: "",
+    _HEAD: "while reading client request headers",
+    _BODY: "while reading client request body",
+    _SEND: "while sending response to client",
+}
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client socket: parses requests, hands each to a handler, writes its response."""
+
+    # __slots__: an idle keep-alive connection is mostly this object, and there may be many
+    __slots__ = (
+        "_activating",
+        "_active_request",
+        "_body_allowed",
+        "_chunked",
+        "_deadline",
+        "_eof",
+        "_fed",
+        "_framing_bytes",
+        "_head_done",
+        "_head_max",
+        "_header_line_max",
+        "_keep_alive",
+        "_last_data",
+        "_last_keepalive_timeout",
+        "_last_request",
+        "_line_bytes",
+        "_linger_until",
+        "_parser",
+        "_parsing",
+        "_parsing_handler",
+        "_pending_error",
+        "_pending_head",
+        "_phase",
+        "_queue",
+        "_reading_paused",
+        "_timer",
+        "_timer_when",
+        "_upgrade_early",
+        "_writing_paused",
+        "active",
+        "body_bytes_sent",
+        "bytes_sent",
+        "closed",
+        "conn_id",
+        "host_cache",
+        "listener",
+        "loop",
+        "opened",
+        "remote_addr",
+        "remote_port",
+        "requests",
+        "response_started",
+        "route",
+        "sent_head",
+        "server_addr",
+        "server_port",
+        "tls",
+        "transport",
+    )
+
+    def __init__(self, listener: ListenerContext, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.listener = listener
+        self.loop = loop or asyncio.get_running_loop()
+        self.conn_id = next_connection_id()
+        self.transport: asyncio.Transport | None = None
+        self.remote_addr = ""
+        self.remote_port = 0
+        self.server_addr = ""
+        self.server_port = 0
+        self._parser = httptools.HttpRequestParser(self)
+        # Keep-alive is decided once per request, from its head: llhttp would otherwise also
+        # obey a "Connection: close" trailer and refuse the next pipelined request.
+        self._parser.set_dangerous_leniencies(lenient_keep_alive=True)
+        number, size = listener.header_buffers  # large_client_header_buffers
+        self._header_line_max = size
+        self._head_max = number * size
+        self.closed = False
+        self.route: object = None  # the handler layer's per-connection routing cache
+        self.host_cache: tuple | None = None  # the handler layer's (raw Host -> server) cache
+        self.requests = 0  # requests started on this connection ($connection_requests)
+        self.opened = self.loop.time()  # ($connection_time)
+        self.tls: Any = None  # the ssl.SSLObject of a TLS connection
+
+        # timers
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._deadline = 0.0
+        self._phase = _NONE
+
+        # flow control
+        self._reading_paused = False
+        self._writing_paused = False
+
+        # per-request state: the request being parsed, the active one and those queued behind it
+        self._parsing: Request | None = None
+        self._parsing_handler: RequestHandler | None = None
+        self._head_done = False  # the request being parsed is past its head (errors: body)
+        self._last_data = b""  # the last bytes read while a head is incomplete (timeout logs)
+        # Limits on what httptools accumulates itself (a header line, a trailer) before any of
+        # our callbacks sees it: counted from the bytes read, checked before and after a feed.
+        self._line_bytes = 0  # bytes of the head's incomplete last line
+        self._framing_bytes = 0  # chunked body: bytes since the last chunk boundary or body byte
+        self._fed = 0  # _FED_* flags of the feed in progress
+        # 1: a request without keep-alive was parsed (nothing after it is read), 2: more came
+        self._last_request = 0
+        self._linger_until = 0.0  # lingering close: its deadline (0: not lingering)
+        self.active: RequestHandler | None = None
+        self._active_request: Request | None = None
+        # requests parsed ahead (pipelining): a deque only once one waits (an empty deque
+        # costs ~600 bytes per connection; most clients never pipeline)
+        self._queue: deque[tuple[Request, RequestHandler]] | tuple[()] = _NO_QUEUE
+        self._pending_error: ClientError | None = None  # raised while a request was in flight
+        self._eof = False  # the client half-closed: answer what it sent, then close
+        self._activating = False  # _finish_active is serving the queue (no recursion)
+        self._last_keepalive_timeout = 75.0
+        self._upgrade_early = b""  # bytes after an Upgrade request's head (see _feed)
+
+        # response state of the active request
+        self._keep_alive = False
+        self._chunked = False
+        self._body_allowed = True
+        self.response_started = False
+        self.bytes_sent = 0
+        self.body_bytes_sent = 0
+        self._pending_head = b""  # a response head not written yet (see send_head)
+        self.sent_head = b""  # the active response's head as written, for the log phase
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.tls = transport.get_extra_info("ssl_object")  # None: plain TCP ($https, $ssl_*)
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        if isinstance(peer, tuple):
+            self.remote_addr, self.remote_port = peer[0], peer[1]
+        else:  # unix socket
+            self.remote_addr = "unix:"
+        if isinstance(sock, tuple):
+            self.server_addr, self.server_port = sock[0], sock[1]
+        listener = self.listener
+        if listener.max_connections and not make_room(listener):
+            # nginx drops the connection it cannot take and says why
+            errorlog.log_error("alert", f"{listener.max_connections} worker_connections are not enough")
+            listener.dropped += 1  # accepted but not handled (stub_status's "handled")
+            self.closed = True
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        listener.connections.add(self)
+        listener.reusable[self] = None  # until its first byte: may be closed to make room
+        self._arm(_HEAD, self.listener.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        listener = self.listener
+        listener.connections.discard(self)
+        listener.reusable.pop(self, None)
+        self._cancel_timer()
+        active, self.active = self.active, None
+        if active is not None:
+            active.client_lost()
+        for request, _handler in self._queue:
+            request.body.close()
+        self._queue = _NO_QUEUE
+        self._release()
+
+    def _release(self) -> None:
+        """Break the references that make a closed connection a cycle (parser <-> protocol,
+        connection <-> exchange, transport <-> protocol), so that its memory (a large request,
+        a parser's buffers) is freed now rather than by the cyclic garbage collector."""
+        for request in (self._active_request, self._parsing):
+            if request is not None:
+                request.body.close()
+        self._parser = _CLOSED_PARSER
+        self._parsing = None
+        self._parsing_handler = None
+        self._active_request = None
+        self.transport = None
+        self._last_data = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self._linger_until:
+            self._lingering_data()
+            return
+        if self._pending_error is not None or self._last_request:
+            # we stopped parsing this connection; the error is answered in order
+            self._last_request += self._last_request == 1
+            return
+        reusable = self.listener.reusable
+        if reusable:
+            reusable.pop(self, None)  # a connection that reads is no longer idle
+        heading = self._parsing is None or not self._head_done
+        if heading and data.count(b"\n") != data.count(b"\r\n"):  # bare LFs (rare)
+            fixed, end = crlf_head_part(data, self._last_data if self._parsing is not None else b"")
+            if end < len(data):
+                # a body came with the head: handled as a read of its own, as it came (one
+                # copy, instead of joining it to the rewritten head)
+                self.data_received(fixed)
+                self.data_received(data[end:])
+                return
+            data = fixed
+        try:
+            if heading and (self._line_bytes or len(data) > self._header_line_max):
+                self._check_line_start(data)
+            self._fed = 0
+            self._feed(data)
+            if self._parsing is not None or self._line_bytes:
+                self._check_partial_line(data)
+        except ClientError as err:
+            self._client_error(err)
+            return
+        except MemoryError:
+            self._out_of_memory()
+            return
+        # a head still arriving keeps a reference to its last bytes (the timeout log's wording,
+        # see _line_received); any other connection holds none
+        self._last_data = data if self._parsing is not None and not self._head_done else b""
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client may still read our answer to what it already sent (not over
+        # TLS: the TLS layer closes the connection whatever we answer, and warns if we say True)
+        self._eof = True
+        if self._linger_until:
+            self._end_lingering()  # the client closed its side: the lingering close is over
+            return True
+        active = self.active
+        if active is None and not self._queue:
+            self.close()
+        elif active is not None and self._active_request is not None and self._active_request.complete \
+                and active.client_eof():
+            # (an incomplete request is the body reader's business: "client prematurely closed")
+            return None  # the handler ended the request and this connection (nginx's 499)
+        return None if self.tls is not None else True
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        if self.active is not None:
+            self.active.writing_paused()
+        self._arm(_SEND, CLIENT_SEND_TIMEOUT)
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._phase == _SEND:
+            self._phase = _NONE
+        if self.active is not None:
+            self.active.writing_resumed()
+
+    # ------------------------------------------------------------------ parsing
+
+    def _check_line_start(self, data: bytes) -> None:
+        """Before a feed: the line in progress must not outgrow large_client_header_buffers
+        (httptools would keep adding to its copy of it)."""
+        line_end = data.find(b"\n")
+        if self._line_bytes + (len(data) if line_end == -1 else line_end) > self._header_line_max:
+            raise self._too_long_line()
+
+    def _check_partial_line(self, data: bytes) -> None:
+        """After a feed: remember how long the head's (or chunked body's) unfinished part is,
+        and refuse what no limit would otherwise stop: an endless line, a trailer."""
+        request = self._parsing
+        if request is None:
+            self._line_bytes = 0
+            return
+        if not self._head_done:
+            if self._fed & _FED_BODY:
+                # this head began after a body in the same read: its first bytes are not
+                # counted (at most one read: still bounded)
+                self._line_bytes = 0
+                return
+            line_end = data.rfind(b"\n")
+            self._line_bytes = self._line_bytes + len(data) if line_end == -1 else len(data) - line_end - 1
+            if self._line_bytes > self._header_line_max:
+                raise self._too_long_line()
+            if line_end != -1 and not request.headers and request.target and self._is_http09(data):
+                # nginx would answer HTTP/0.9; we do not speak it: refused at once
+                raise ClientError(400, "client sent invalid request while reading client request line")
+        elif request.chunked:
+            self._framing_bytes = 0 if self._fed else self._framing_bytes + len(data)
+            if self._framing_bytes > self._head_max:
+                # chunk-size lines or trailers that never end (trailers are dropped anyway)
+                raise ClientError(400, "client sent invalid chunked body while reading client request body")
+
+    def _is_http09(self, data: bytes) -> bool:
+        """A request line ended without an HTTP version (llhttp then waits for headers)."""
+        if self._parser.get_http_version() != "0.0":
+            return False
+        tail = data[data.rfind(b"\r\n\r\n") + 4:] if b"\r\n\r\n" in data else data
+        return b"\n" in tail.lstrip(b"\r\n")
+
+    def _too_long_line(self) -> ClientError:
+        request = self._parsing
+        if request is None or (not request.headers and self._parser.get_http_version() == "0.0"):
+            return ClientError(414, "client sent too long URI while reading client request line")
+        return ClientError(494, "client sent too long header line while reading client request headers")
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # llhttp stops after an "Upgrade" request head (delivered as a plain request). What
+            # follows belongs to the new protocol if the peer switches (a tunnel takes it, see
+            # switch_protocols), else it is the next request: nothing more is read until the
+            # answer, and what came with the head waits for it (_finish_active feeds it).
+            self._pause_reading()
+            offset = int(upgrade.args[0])
+            if offset < len(data):
+                self._upgrade_early += data[offset:]
+        except httptools.HttpParserCallbackError as err:
+            cause = err.__context__
+            if isinstance(cause, ClientError):
+                raise cause from None
+            if isinstance(cause, _ParsingEnded):
+                return
+            if isinstance(cause, MemoryError):
+                raise cause from None
+            raise  # a bug in a callback must not masquerade as a client error
+        except httptools.HttpParserError as err:
+            raise ClientError(400, self._parse_error_message(err)) from None
+
+    def _parse_error_message(self, err: Exception) -> str:
+        """nginx's wording for what llhttp rejected (llhttp's reasons are its own)."""
+        reason = str(err)
+        if "can't be present with" in reason:
+            return ('client sent "Content-Length" and "Transfer-Encoding" headers at the same time '
+                    "while reading client request headers")
+        if "Duplicate Content-Length" in reason:
+            return 'client sent duplicate header line: "Content-Length" while reading client request headers'
+        if "Content-Length" in reason:
+            return 'client sent invalid "Content-Length" header while reading client request headers'
+        if "Transfer-Encoding" in reason:
+            return 'client sent unknown "Transfer-Encoding" while reading client request headers'
+        request = self._parsing
+        if request is not None and self._head_done:
+            return "client sent invalid chunked body while reading client request body"
+        if (request is not None and request.headers) or "header" in reason.lower():
+            return "client sent invalid header line while reading client request headers"
+        return "client sent invalid request while reading client request line"
+
+    def on_message_begin(self) -> None:
+        if self._last_request or self.closed:
+            # nothing after a request without keep-alive, or once we close, is parsed (this
+            # may run inside the feed that closed the connection)
+            self._last_request = 2
+            raise _ParsingEnded
+        self._parsing = Request()
+        self._head_done = False
+        if self.active is None:
+            self._arm(_HEAD, self.listener.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        request = self._parsing
+        assert request is not None
+        request.target += url
+        if len(request.target) > self.listener.header_buffers[1]:
+            raise ClientError(414, "client sent too long URI while reading client request line")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            return  # a trailer: dropped, as nginx does (never merged into the request head)
+        request = self._parsing
+        assert request is not None
+        if not request.method:
+            request.method = self._parser.get_method().decode("ascii")
+        if value[-1:] in (b" ", b"\t"):
+            value = value.rstrip(b" \t")
+        line = len(name) + len(value) + 4
+        request.head_size += line
+        if line > self._header_line_max or request.head_size > self._head_max:
+            raise ClientError(494, "client sent too long header line while reading client request headers")
+        if (name not in _VALID_NAMES and not self._valid_header_name(name)
+                and self.listener.ignore_invalid_headers):
+            text = (name + b": " + value).decode("latin-1")
+            errorlog.log_error("info", f'client sent invalid header line: "{text}" '
+                                       "while reading client request headers", self.conn_id,
+                               self._log_context())
+            return
+        request.headers.append((name, value))
+        if len(name) in _NOTED_HEADER_LENGTHS:  # lower-case only the few names we act on
+            self._note_header(request, name.lower(), value)
+
+    def _valid_header_name(self, name: bytes) -> bool:
+        if name and not name.translate(None, _NAME_CHARS):
+            if len(_VALID_NAMES) < _VALID_NAMES_MAX and len(name) <= _VALID_NAME_LENGTH_MAX:
+                _VALID_NAMES.add(name)  # (valid whatever underscores_in_headers says)
+            return True
+        underscores = self.listener.underscores_in_headers
+        return bool(name) and underscores and not name.translate(None, _NAME_CHARS_UNDERSCORE)
+
+    def _note_header(self, request: Request, lower: bytes, value: bytes) -> None:
+        if lower == b"host":
+            if request.host is not None:
+                raise ClientError(400, "client sent duplicate host header "
+                                       "while reading client request headers")
+            request.host = value
+        elif lower == b"content-length":
+            request.content_length = _content_length(value)
+        elif lower == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                # nginx implements only "chunked" and answers 501 to anything else
+                shown = value.decode("latin-1")
+                raise ClientError(501, f'client sent unknown "Transfer-Encoding": "{shown}" '
+                                       "while reading client request headers")
+            request.chunked = True
+        elif lower == b"expect":
+            request.expect_continue = value.lower() == b"100-continue"
+        elif lower == b"connection":
+            request.connection = value if request.connection is None else request.connection + b"," + value
+
+    def on_headers_complete(self) -> None:
+        request = self._parsing
+        assert request is not None
+        self._head_done = True
+        self._line_bytes = 0
+        self._framing_bytes = 0
+        parser = self._parser
+        if not request.method:
+            request.method = parser.get_method().decode("ascii")
+        request.version = parser.get_http_version()
+        if request.version not in ("1.1", "1.0"):
+            raise ClientError(400, "client sent invalid request while reading client request line")
+        if request.method == "CONNECT":
+            raise ClientError(405, "client sent invalid method while reading client request line")
+        if request.version == "1.1" and request.host is None:
+            raise ClientError(400, "client sent HTTP/1.1 request without \"Host\" header "
+                                   "while reading client request headers")
+        request.keep_alive = parser.should_keep_alive()
+        self._read_framing(request)
+        handler = self.listener.open_exchange(self, request)
+        limit = handler.max_body_size
+        if limit and request.content_length is not None and request.content_length > limit:
+            raise ClientError(413, f"client intended to send too large body: "
+                                   f"{request.content_length} bytes")
+        self._parsing_handler = handler
+        if request.has_body:
+            request.body = RequestBody(handler.client_body)
+            self._arm(_BODY, handler.body_timeout)
+        if self.active is None:
+            self._activate(request, handler)
+        else:
+            if not self._queue:
+                self._queue = deque()
+            self._queue.append((request, handler))  # type: ignore[union-attr]
+            self._pause_reading()  # parse no further ahead until the active request is answered
+
+    def _read_framing(self, request: Request) -> None:
+        # llhttp already rejects Content-Length together with Transfer-Encoding, duplicate
+        # Content-Length lines and any Transfer-Encoding other than a final "chunked";
+        # on_header noted the values.
+        request.has_body = request.chunked or bool(request.content_length)
+        if request.chunked and request.version == "1.0":
+            raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "
+                                   "while reading client request headers")
+
+    def on_body(self, chunk: bytes) -> None:
+        request = self._parsing
+        handler = self._parsing_handler
+        assert request is not None and handler is not None
+        request.body_size += len(chunk)
+        self._fed |= _FED_BODY
+        if handler.max_body_size and request.body_size > handler.max_body_size:
+            raise ClientError(413, f"client intended to send too large chunked body: "
+                                   f"{request.body_size} bytes")
+        try:
+            request.body.append(chunk)
+        except BodyFileError as err:
+            raise ClientError(500, f"{err} while reading client request body", level="crit") from None
+        if handler is self.active:
+            self._arm(_BODY, handler.body_timeout)
+            handler.body_received()
+
+    def on_chunk_header(self) -> None:
+        self._fed |= _FED_CHUNK
+
+    def on_chunk_complete(self) -> None:
+        self._fed |= _FED_CHUNK
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        handler = self._parsing_handler
+        assert request is not None and handler is not None
+        request.complete = True
+        self._parsing = None
+        self._parsing_handler = None
+        if not request.keep_alive:
+            self._last_request = 1
+        if handler is self.active:
+            if self._phase == _BODY:
+                self._phase = _NONE
+            handler.body_received()
+        elif self.active is None and not self._queue and not self.closed:
+            # answered before its parse ended (no body): now idle until the next request
+            self._arm(_IDLE, self._last_keepalive_timeout)
+            self.listener.reusable[self] = None
+        elif self._phase == _BODY:
+            self._phase = _NONE  # a queued request's body is complete: no body is awaited now
+
+    # ------------------------------------------------------------------ request lifecycle
+
+    def _activate(self, request: Request, handler: RequestHandler) -> None:
+        self.active = handler
+        self._active_request = request
+        self.requests += 1
+        self.response_started = False
+        self.sent_head = b""
+        self.bytes_sent = 0
+        self.body_bytes_sent = 0
+        self._keep_alive = (
+            request.keep_alive
+            and not self.listener.shutting_down
+            and handler.keepalive_timeout > 0
+            and self.requests < handler.keepalive_requests
+        )
+        if (not request.has_body or request.complete) and self._phase in (_HEAD, _BODY, _IDLE):
+            self._phase = _NONE
+        handler.start()
+
+    def send_continue(self) -> None:
+        """Answer ``Expect: 100-continue`` once the handler is ready to read the body."""
+        request = self._active_request
+        if request is not None and request.expect_continue and not request.body_size and not request.complete:
+            request.expect_continue = False
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def pause_body(self) -> None:
+        """Stop reading the request body (the upstream does not take it as fast as it comes)."""
+        self._pause_reading()
+
+    def resume_body(self) -> None:
+        """Read the request body again, unless we are paused for a pipelined request."""
+        if not self._queue and self._pending_error is None:
+            self._resume_reading()
+
+    def _finish_active(self) -> None:
+        """The active request is answered: serve the queued ones (iteratively: a long pipeline
+        of instant answers must not recurse), then wait for the next request."""
+        self.active = None
+        request = self._active_request
+        if request is not None:
+            if request.has_body:
+                request.body.close()  # (a body file goes now, not when the last reference does)
+            self._active_request = None
+        self.sent_head = b""  # logged already; an idle connection holds no response bytes
+        if not self._keep_alive or self.closed or (self._eof and not self._queue):
+            self._close_after_response()
+            return
+        if self._activating:
+            return  # an outer call is looping over the queue
+        self._activating = True
+        try:
+            while self.active is None and self._queue and not self.closed:
+                request, handler = self._queue.popleft()  # type: ignore[union-attr]
+                self._activate(request, handler)
+        finally:
+            self._activating = False
+        if not self._queue:
+            self._queue = _NO_QUEUE  # (an emptied deque still holds its ~600-byte block)
+        if self.active is not None or self.closed:
+            return
+        if self._pending_error is not None:
+            self._client_error(self._pending_error)
+            return
+        if self._parsing is None:
+            self._arm(_IDLE, self._last_keepalive_timeout)
+            self.listener.reusable[self] = None  # idle keep-alive: may be closed to make room
+        elif not self._head_done:
+            self._arm(_HEAD, self.listener.header_timeout)  # a pipelined head, still incomplete
+        self._resume_reading()
+        early = self._upgrade_early
+        if early:  # the upgrade was refused: what came after its head is the next request
+            self._upgrade_early = b""
+            self.data_received(early)
+
+    def switch_protocols(self, protocol: asyncio.Protocol) -> tuple[asyncio.Transport, bytes]:
+        """The active request got a 101 (its head is written): the socket now belongs to
+        ``protocol`` (a tunnel), which gets its events and must hand ``connection_lost`` back
+        here. Returns the transport and the bytes that came after the request's head."""
+        transport = self.transport
+        assert transport is not None
+        self._cancel_timer()
+        self._keep_alive = False
+        self.listener.reusable.pop(self, None)
+        for request, _handler in self._queue:  # (no HTTP request follows a switch)
+            request.body.close()
+        self._queue = _NO_QUEUE
+        early, self._upgrade_early = self._upgrade_early, b""
+        transport.set_protocol(protocol)
+        self._reading_paused = False
+        transport.resume_reading()
+        return transport, early
+
+    # ------------------------------------------------------------------ writing responses
+
+    def send_head(
+        self,
+        status: int,
+        headers: bytes,
+        content_length: int | None,
+        head_only: bool | None = None,
+        reason: bytes | None = None,
+    ) -> None:
+        """Write the status line and headers; framing, Server, Date and Connection are ours.
+
+        ``headers`` are complete ``Name: value\\r\\n`` lines (already filtered by the caller).
+        ``content_length`` None means unknown: chunked for HTTP/1.1, close-delimited for 1.0.
+        ``reason``: a proxied response's own phrase (b"": none, as the peer sent it); None:
+        nginx's phrase for the status.
+        """
+        request = self._active_request
+        assert request is not None and not self.response_started
+        self.response_started = True
+        if head_only is None:
+            head_only = request.method == "HEAD"
+        self._body_allowed = not head_only and status not in _NO_BODY_STATUS and status >= 200
+        line = responses.status_line(status) if reason is None else responses.peer_status_line(status, reason)
+        framing = b""
+        self._chunked = False
+        if status in _NO_BODY_STATUS:
+            pass
+        elif content_length is not None:
+            framing = b"Content-Length: %d\r\n" % content_length
+        elif request.version == "1.1":
+            if not head_only:
+                self._chunked = True
+                framing = b"Transfer-Encoding: chunked\r\n"
+        elif not head_only:
+            self._keep_alive = False  # an HTTP/1.0 client learns the end of the body from the close
+        if status >= 400 and request.has_body and not request.complete:
+            self._keep_alive = False  # we will not read the rest of the body
+        if status == 101:  # (nginx's header filter: a switch says so, whatever keep-alive was)
+            end = b"Connection: upgrade\r\n\r\n"
+        else:
+            end = b"Connection: keep-alive\r\n\r\n" if self._keep_alive else b"Connection: close\r\n\r\n"
+        # (the head is kept for $sent_http_content_length & co.)
+        head = self.sent_head = b"".join((line, SERVER_LINE, responses.date_header(), headers, framing, end))
+        self.bytes_sent += len(head)
+        # Corked: the head goes out with the first body bytes (one syscall instead of two), or
+        # at flush() when the caller has no body at hand.
+        self._pending_head = head
+
+    def flush(self) -> None:
+        """Write a corked response head now."""
+        head = self._pending_head
+        if head:
+            self._pending_head = b""
+            self._write(head)
+
+    def send_body(self, data: bytes) -> None:
+        if not self._body_allowed or not data:
+            self.flush()
+            return
+        self.body_bytes_sent += len(data)
+        head = self._pending_head
+        self._pending_head = b""
+        if self._chunked:
+            frame = b"%x\r\n" % len(data)
+            self.bytes_sent += len(frame) + len(data) + 2
+            transport = self.transport
+            if transport is not None and not self.closed and not transport.is_closing():
+                transport.writelines((head, frame, data, b"\r\n") if head else (frame, data, b"\r\n"))
+        else:
+            self.bytes_sent += len(data)
+            self._write(head + data if head else data)
+
+    def end_body(self) -> None:
+        """Write the end of a chunked body (idempotent) and anything still corked."""
+        if self._chunked and self._body_allowed:
+            self._chunked = False
+            self.bytes_sent += 5
+            self._write(self._pending_head + b"0\r\n\r\n")
+            self._pending_head = b""
+        else:
+            self.flush()
+
+    def finish_response(self) -> None:
+        """The response is complete: end the chunked body and serve the next request."""
+        if self._chunked or self._pending_head:
+            self.end_body()  # (usually done already: the exchange ends the body before its log)
+        request = self._active_request
+        if request is not None and request.has_body and not request.complete:
+            # The handler answered before reading the whole body (return, error): nginx discards
+            # the rest; we do the simple, safe thing and do not reuse the connection.
+            self._keep_alive = False
+        if self.active is not None:
+            self._last_keepalive_timeout = self.active.keepalive_timeout
+        self._finish_active()
+
+    def respond(self, status: int, headers: bytes, body: bytes) -> None:
+        """A complete small response in one write (``return``, error pages)."""
+        self.send_head(status, headers, len(body))
+        self.send_body(body)
+        self.finish_response()
+
+    def respond_error(self, status: int) -> None:
+        """nginx's own page for ``status`` (494 goes out as 400, as nginx does)."""
+        if responses.closes_connection(status):
+            self._keep_alive = False
+        page = responses.error_page(status)
+        if page is None:
+            self.respond(status, b"", b"")
+        else:
+            self.respond(status, b"Content-Type: text/html\r\n", page)
+
+    def close_after_response(self) -> None:
+        """Do not keep the connection alive after the current response."""
+        self._keep_alive = False
+
+    def abort(self) -> None:
+        """End a response that cannot complete (upstream failed mid-body): close, never fake an end."""
+        self._keep_alive = False
+        self.active = None
+        self._active_request = None
+        self.flush()
+        if self.transport is not None:
+            self.transport.abort() if self._chunked else self.transport.close()
+        self.closed = True
+
+    def _write(self, data: bytes) -> None:
+        # A client that went away may still have its connection_lost pending, and uvloop
+        # raises on writes to a closed transport: drop the bytes, connection_lost follows.
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            transport.write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._cancel_timer()
+            self.listener.reusable.pop(self, None)
+            if self.transport is not None:
+                self.transport.close()
+
+    @property
+    def reading_head(self) -> bool:
+        """A request head is arriving and no request is being served: stub_status's Reading."""
+        return self._parsing is not None and self.active is None
+
+    def _close_after_response(self) -> None:
+        """nginx's lingering close when the client may still be sending (pipelined requests
+        after the last one we answer, a body we did not read): our side is shut, what comes
+        is read and dropped for up to lingering_time, then the socket closes. Closing with
+        unread bytes would make the kernel reset the connection, and a reset can destroy the
+        response the client has not read yet."""
+        transport = self.transport
+        pending = self._queue or self._parsing is not None or self._reading_paused or self._last_request > 1
+        if self.closed or transport is None or self._eof or not pending or not transport.can_write_eof():
+            self.close()
+            return
+        self._queue = _NO_QUEUE
+        self.closed = True  # for everybody else; the transport stays open while we linger
+        self._cancel_timer()
+        self.listener.reusable.pop(self, None)
+        self._linger_until = self.loop.time() + LINGERING_TIME
+        transport.write_eof()
+        self._timer = self.loop.call_later(LINGERING_TIMEOUT, self._end_lingering)
+        self._reading_paused = False
+        transport.resume_reading()
+
+    def _lingering_data(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+        delay = min(LINGERING_TIMEOUT, self._linger_until - self.loop.time())
+        self._timer = self.loop.call_later(max(delay, 0.0), self._end_lingering)
+
+    def _end_lingering(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()  # (when the client's end came first: the handle holds us)
+        if self.transport is not None:
+            self.transport.close()
+
+    def close_if_idle(self) -> bool:
+        """Graceful stop: close now when no request is in flight, else after the active one."""
+        if self._linger_until:
+            self._end_lingering()  # (what a lingering close waits for is of no use now)
+            return True
+        self._keep_alive = False
+        if self.requests == 0:
+            # Not idle: a client that has just connected has (almost surely) sent its first
+            # request already; closing would lose it. nginx closes only keep-alive connections
+            # (c->idle): this one is served once, with "Connection: close", or times out.
+            return False
+        if self.active is None and self._parsing is None and not self._queue:
+            self.close()
+            return True
+        return False
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._writing_paused
+
+    # ------------------------------------------------------------------ errors
+
+    def _client_error(self, err: ClientError) -> None:
+        self._pause_reading()
+        active = self.active
+        handler_told = False
+        if active is not None and active is self._parsing_handler and not self.response_started:
+            # the active request's own body is at fault (too large): it ends with the error
+            active.abort(err.status)
+            self.active = None
+            handler_told = True
+        if self.active is not None:
+            self._pending_error = err  # answered after the request in flight, in order
+            self._keep_alive = False
+            return
+        errorlog.log_error(err.level, str(err), self.conn_id, self._log_context())
+        request = self._active_request = self._parsing or Request()
+        if request.version not in ("1.0", "1.1"):
+            request.version = "1.1"
+        self._keep_alive = False
+        self.response_started = False
+        self.bytes_sent = self.body_bytes_sent = 0  # (the counters of a previous request)
+        self.respond_error(err.status)
+        report = self.listener.on_client_error
+        if not handler_told and report is not None:
+            report(self, request, err.status)  # the access log of a request nobody handled
+        self.close()
+
+    def _out_of_memory(self) -> None:
+        """An allocation failed while parsing (the process is at its memory limit): this
+        connection ends with a 500 if that can still be written, and nothing is left half-open."""
+        errorlog.log_error("alert", "out of memory while reading client request", self.conn_id)
+        try:
+            self._client_error(ClientError(500, "out of memory while reading client request", level="debug"))
+        except MemoryError:
+            pass
+        if self.transport is not None and not self._linger_until:
+            self.transport.abort() if not self.closed else self.transport.close()
+            self.closed = True
+
+    def _log_context(self) -> str:
+        request = self._parsing
+        ctx = f", client: {self.remote_addr}, server: {self.server_addr}"
+        if request is not None and request.method and request.target:
+            ctx += f', request: "{request.request_line()}"'
+        return ctx
+
+    # ------------------------------------------------------------------ flow control, timers
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _arm(self, phase: int, timeout: float) -> None:
+        self._phase = phase
+        when = self.loop.time() + timeout
+        self._deadline = when
+        if self._timer is None or when < self._timer_when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_when = when
+            self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._phase = _NONE
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._phase == _NONE or self.closed:
+            return
+        if self.loop.time() < self._deadline:
+            self._timer_when = self._deadline
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        phase = self._phase
+        self._phase = _NONE
+        if phase == _IDLE:
+            self.close()  # keepalive_timeout: nginx closes silently
+            return
+        if phase == _HEAD:
+            self._head_timed_out()
+            return
+        if phase == _BODY:
+            parsing = self._parsing_handler
+            if parsing is not None and parsing is not self.active:
+                self._queued_body_timed_out()
+                return
+            if self.active is not None and not self.response_started:
+                self._body_timed_out(self.active)
+                return
+        errorlog.log_error("info", f"{_TIMED_OUT} {_PHASE_TEXT[phase]}", self.conn_id, self._log_context())
+        self.close()
+
+    def _head_timed_out(self) -> None:
+        """client_header_timeout: nginx answers nothing. It closes, says why at info level and,
+        once any byte of a request came, access-logs that request with 408."""
+        request = self._parsing
+        if request is None:
+            errorlog.log_error("info", f"{_TIMED_OUT} while waiting for request", self.conn_id,
+                               self._log_context())
+            self.close()
+            return
+        if not request.method:
+            request.method = self._method_so_far()
+        where = "headers" if self._line_received(request) else "line"
+        errorlog.log_error("info", f"{_TIMED_OUT} while reading client request {where}", self.conn_id,
+                           self._log_context())
+        self._parsing = None
+        self.close()
+        self.bytes_sent = self.body_bytes_sent = 0  # (the counters of a previous request)
+        report = self.listener.on_client_error
+        if report is not None:
+            report(self, request, 408)
+
+    def _line_received(self, request: Request) -> bool:
+        """Did the request line of this incomplete head arrive whole (for the log's wording)?
+        httptools says nothing before a header is complete, so look at the last bytes read:
+        a line end after the previous request's head."""
+        if request.headers:
+            return True
+        tail = self._last_data
+        start = tail.rfind(b"\r\n\r\n")
+        return b"\n" in (tail[start + 4:] if start != -1 else tail)
+
+    def _method_so_far(self) -> str:
+        try:
+            return self._parser.get_method().decode("ascii")
+        except (httptools.HttpParserError, UnicodeDecodeError):
+            return ""  # not even the method arrived whole
+
+    def _queued_body_timed_out(self) -> None:
+        """A pipelined request's body stalled behind the active request: the active one is
+        still answered, then the connection closes; the queued ones end unanswered (408)."""
+        self._keep_alive = False
+        self._pause_reading()
+        queued, self._queue = self._queue, _NO_QUEUE
+        self._parsing = None
+        self._parsing_handler = None
+        for _request, handler in queued:
+            handler.abort(408)
+
+    def _body_timed_out(self, active: RequestHandler) -> None:
+        """client_body_timeout: nginx terminates the request without a response (and without
+        an error-log line): the connection closes, the access log says 408."""
+        self.active = None
+        self._active_request = None
+        self._queue = _NO_QUEUE
+        self.close()
+        active.abort(408)
+
+
+_MAX_OFF_T = 2**63 - 1  # nginx's NGX_MAX_OFF_T_VALUE
+
+
+def _content_length(value: bytes) -> int:
+    """The length nginx's ngx_atoof accepts (llhttp validated the digits and duplicates); a
+    value past off_t is a 400, as in nginx, and never reaches int() (whose digit limit would
+    raise in the middle of parsing)."""
+    digits = value.lstrip(b"0") or b"0"
+    length = int(digits) if len(digits) <= 19 else _MAX_OFF_T + 1
+    if length > _MAX_OFF_T:
+        raise ClientError(400, 'client sent invalid "Content-Length" header '
+                               "while reading client request headers")
+    return length

@@ -1,0 +1,142 @@
+"""Keep-alive pool of idle upstream connections, one per upstream and worker (nginx's
+``ngx_http_upstream_keepalive_module``).
+
+Theory of operation
+-------------------
+* Capacity is the upstream's ``keepalive N``: at most N idle connections for the whole upstream,
+  all peers together. When a release would exceed it, the least recently released connection is
+  closed (nginx's LRU cache).
+* Connections are keyed by ``(peer address name, host name)``: the host part is empty today and
+  becomes the TLS/SNI name later, so two names on one address never share a connection.
+* ``acquire`` hands out the most recently released connection of a key (it is the least likely
+  to have been closed by the peer).
+* Expiry (``keepalive_timeout``) is swept by one timer per pool, not checked per request; the
+  sweep runs only while the pool holds connections.
+* An idle connection that the peer closes, or that receives unexpected bytes, removes itself
+  through ``UpstreamConnection.on_idle_lost``. A peer may still close a connection in the instant
+  we reuse it; the proxy's tries loop handles that race ("stale connection", retried on a fresh
+  connection without consuming a try).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+from scriptlb.http.upstream import ConnState, UpstreamConnection
+
+# The sweep checks expiry at this fraction of keepalive_timeout (bounded below and above), so a
+# connection outlives its timeout by at most this slack.
+_SWEEP_MIN = 0.05
+_SWEEP_MAX = 1.0
+
+
+class ConnectionPool:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        max_idle: int,
+        idle_timeout: float = 60.0,
+        max_requests: int = 1000,
+    ) -> None:
+        self.loop = loop
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.max_requests = max_requests
+        # every idle connection, least recently released first (LRU order for eviction)
+        self._idle: OrderedDict[UpstreamConnection, None] = OrderedDict()
+        # per key, a stack of idle connections (most recent last)
+        self._by_key: dict[tuple, list[UpstreamConnection]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.closed = False
+        # counters, for tests and the status page
+        self.reused = 0
+        self.released = 0
+        self.evicted = 0
+        self.expired = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<ConnectionPool idle={len(self._idle)}/{self.max_idle} timeout={self.idle_timeout}s "
+            f"reused={self.reused} released={self.released}>"
+        )
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def acquire(self, key: tuple) -> UpstreamConnection | None:
+        """An idle connection to ``key``, now ACTIVE and out of the pool, or None."""
+        stack = self._by_key.get(key)
+        while stack:
+            conn = stack.pop()
+            del self._idle[conn]
+            conn.on_idle_lost = None
+            if conn.state is not ConnState.IDLE or not conn.is_alive():
+                conn.close()  # closing under us (its connection_lost is still to come)
+                continue
+            conn.reuse()
+            self.reused += 1
+            if not stack:
+                del self._by_key[key]
+            return conn
+        if stack is not None:
+            del self._by_key[key]
+        return None
+
+    def release(self, conn: UpstreamConnection) -> bool:
+        """Keep ``conn`` for a later request if it is reusable; else close it. True if kept."""
+        if self.closed or self.max_idle <= 0 or not conn.is_reusable(self.max_requests):
+            conn.close()
+            return False
+        if len(self._idle) >= self.max_idle:
+            oldest = next(iter(self._idle))
+            self._forget(oldest)
+            oldest.close()
+            self.evicted += 1
+        conn.make_idle(self.loop.time())
+        conn.on_idle_lost = self._forget
+        self._idle[conn] = None
+        self._by_key.setdefault(conn.key, []).append(conn)
+        self.released += 1
+        if self._sweeper is None:
+            self._schedule_sweep()
+        return True
+
+    def close(self) -> None:
+        """Close every idle connection and keep no more (worker shutdown)."""
+        self.closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conn in list(self._idle):
+            self._forget(conn)
+            conn.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _forget(self, conn: UpstreamConnection) -> None:
+        conn.on_idle_lost = None
+        if conn in self._idle:
+            del self._idle[conn]
+            stack = self._by_key.get(conn.key)
+            if stack is not None:
+                stack.remove(conn)
+                if not stack:
+                    del self._by_key[conn.key]
+
+    def _schedule_sweep(self) -> None:
+        period = min(max(self.idle_timeout / 4, _SWEEP_MIN), _SWEEP_MAX)
+        self._sweeper = self.loop.call_later(period, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        deadline = self.loop.time() - self.idle_timeout
+        # LRU order is release order, so expired connections are all at the front
+        for conn in list(self._idle):
+            if conn.idle_since > deadline:
+                break
+            self._forget(conn)
+            conn.close()
+            self.expired += 1
+        if self._idle and not self.closed:
+            self._schedule_sweep()

@@ -1,0 +1,780 @@
+"""Peer-side HTTP/1.x connection: write one request, parse its response, stream the body.
+
+Theory of operation
+-------------------
+An ``UpstreamConnection`` is an ``asyncio.Protocol`` on one TCP (or unix) connection to a peer.
+It serves one request at a time (no pipelining towards peers, as nginx) and moves through
+
+    NEW --connection_made--> ACTIVE <--release/reuse--> IDLE (in the pool)
+      \\___________________________ any state __________________________--> CLOSED
+
+For a request the exchange calls ``start`` with the head bytes, the buffered body (or None and
+then ``write_body`` for a streamed one) and itself as the ``UpstreamHandler``. The connection
+answers through that handler, never through futures (no task wake-up per request):
+
+* ``upstream_head(response)`` once the response head is parsed (after ``feed_data`` returned,
+  so the handler never runs inside a parser callback). The handler either accepts the body
+  with ``stream_to(handler)`` — body bytes that arrived with the head are delivered then, and
+  from then on every decoded chunk goes straight to ``upstream_body`` — or drops the connection
+  (``abort``) to try another peer;
+* ``upstream_complete()`` at the end of the body;
+* ``upstream_failed(err)`` exactly once if anything goes wrong, with an ``UpstreamError``
+  carrying the nginx failure kind (error / timeout / invalid_header), nginx's log text and the
+  log phase.
+
+``pause_reading`` is the back-pressure lever when the client is slow.
+
+Timeouts are nginx's idle timers (between two reads, between two writes), kept with one
+``TimerHandle`` re-armed lazily from the time of the last read.
+
+``is_reusable`` is the one predicate that decides whether the connection may go back to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable
+from typing import Protocol
+
+import httptools
+
+from scriptlb.config.model import NextUpstream
+from scriptlb.http import safety
+from scriptlb.logs import errorlog
+
+
+class Failure(enum.IntEnum):
+    """Why a try failed. The value is the ``proxy_next_upstream`` bit that allows a retry."""
+
+    ERROR = NextUpstream.ERROR
+    TIMEOUT = NextUpstream.TIMEOUT
+    INVALID_HEADER = NextUpstream.INVALID_HEADER
+    HTTP_500 = NextUpstream.HTTP_500
+    HTTP_502 = NextUpstream.HTTP_502
+    HTTP_503 = NextUpstream.HTTP_503
+    HTTP_504 = NextUpstream.HTTP_504
+    HTTP_403 = NextUpstream.HTTP_403
+    HTTP_404 = NextUpstream.HTTP_404
+    HTTP_429 = NextUpstream.HTTP_429
+    # "no live upstreams": a bit no proxy_next_upstream keyword sets, so it is never retried
+    NOLIVE = 0x80000000
+
+
+# Response headers nginx never passes to the client: hop-by-hop ones, the framing we redo, and
+# proxy_hide_header's defaults (Date, Server, X-Pad, X-Accel-*) since we send our own.
+HIDDEN_RESPONSE_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"content-length",
+        b"date",
+        b"server",
+        b"x-pad",
+    }
+)
+
+
+class ConnState(enum.Enum):
+    NEW = "new"
+    ACTIVE = "active"
+    IDLE = "idle"
+    CLOSED = "closed"
+
+
+class UpstreamError(Exception):
+    """A failed try, as nginx classifies it; ``str()`` is nginx's error-log text."""
+
+    def __init__(
+        self,
+        failure: Failure,
+        message: str,
+        *,
+        phase: str = "reading response header from upstream",
+        response_started: bool = False,
+        request_sent: bool = True,
+    ) -> None:
+        super().__init__(message)
+        self.failure = failure
+        self.phase = phase  # nginx's "while ..." log action
+        self.response_started = response_started  # any response byte arrived before the failure
+        self.request_sent = request_sent  # request bytes went out (no resending a POST then)
+
+
+# What on_header does with a response header, by lower-cased name (absent: pass it on).
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _HIDDEN = range(4)
+_HEADER_KIND = {name: _HIDDEN for name in HIDDEN_RESPONSE_HEADERS} | {
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+}
+
+
+class ResponseHead:
+    """The parsed status line and headers of one upstream response.
+
+    The headers are classified once, as they are parsed (``UpstreamConnection.on_header``):
+    ``headers`` keeps every pair as received (``$upstream_http_*``), ``lines`` the
+    ``Name: value\\r\\n`` lines the client gets, so a response is not scanned again.
+    """
+
+    __slots__ = ("chunked", "close", "connection", "content_length", "headers", "lines", "reason", "status",
+                 "version")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""  # the peer's own phrase, passed to the client as nginx does
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []  # as received, original case
+        self.lines: list[bytes] = []  # the headers passed to the client, as lines
+        self.content_length: int | None = None
+        self.chunked = False
+        self.close = False  # "Connection: close" or an HTTP/1.0 response without keep-alive
+        self.connection: bytes | None = None  # the Connection header's value
+
+    def client_headers(self) -> bytes:
+        """The headers to pass to the client, as ``Name: value\\r\\n`` lines."""
+        connection = self.connection
+        listed = _connection_tokens(connection) if connection is not None else None
+        if not listed:
+            return b"".join(self.lines)
+        out = []  # Connection names more headers as hop-by-hop (rare): drop those too
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower in _HEADER_KIND or lower.startswith(b"x-accel-") or lower in listed:
+                continue
+            out.append(name + b": " + value + b"\r\n")
+        return b"".join(out)
+
+
+_BLANKS = frozenset({b" ", b"\t"})  # a value's last byte, when it must be stripped
+
+# on_header's memo: a header name as the peer spells it -> what to do with it (the same few
+# spellings come in every response; bounded, since peers choose names)
+_PASSED = -1
+_KIND_BY_NAME: dict[bytes, int] = {}
+_KIND_MEMO_SIZE = 512
+
+
+def _header_kind(name: bytes) -> int:
+    lower = name.lower()
+    kind = _HEADER_KIND.get(lower)
+    if kind is None:
+        kind = _HIDDEN if lower[:8] == b"x-accel-" else _PASSED
+    if len(_KIND_BY_NAME) >= _KIND_MEMO_SIZE:
+        _KIND_BY_NAME.clear()
+    _KIND_BY_NAME[name] = kind
+    return kind
+
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+
+
+def _connection_tokens(connection: bytes) -> frozenset[bytes] | None:
+    """Header names listed in Connection (hop-by-hop by declaration), lower-cased; None for
+    the usual plain "keep-alive" / "close"."""
+    if connection in _PLAIN_CONNECTION:
+        return None
+    tokens = {t.strip().lower() for t in connection.split(b",")}
+    tokens.discard(b"close")
+    tokens.discard(b"keep-alive")
+    tokens.discard(b"")
+    return frozenset(tokens) or None
+
+
+class UpstreamHandler(Protocol):
+    """Who a request's response goes to (the exchange)."""
+
+    def upstream_head(self, response: ResponseHead) -> None: ...
+    def upstream_body(self, data: bytes) -> None: ...
+    def upstream_complete(self) -> None: ...
+    def upstream_failed(self, err: UpstreamError) -> None: ...
+    def upstream_crashed(self, exc: BaseException, where: str) -> None: ...  # a bug in a callback
+
+
+PREMATURE = "upstream prematurely closed connection"
+_TIMED_OUT = "upstream timed out (110: Connection timed out)"
+
+
+class UpstreamConnection(asyncio.Protocol):
+    # __slots__: cheaper attribute access on the per-request path, typos fail loudly
+    __slots__ = (
+        "_closing_after",
+        "_early_body",
+        "_extra_bytes",
+        "_handler",
+        "_head_bytes",
+        "_head_dispatched",
+        "_head_only",
+        "_header_done",
+        "_http11",
+        "_in_feed",
+        "_last_read",
+        "_owner",
+        "_parser",
+        "_parser_ended",
+        "_read_paused",
+        "_read_timeout",
+        "_response",
+        "_send_timeout",
+        "_streaming",
+        "_timer",
+        "_timer_when",
+        "_upgraded",
+        "_write_paused",
+        "_write_paused_at",
+        "head_limit",
+        "idle_since",
+        "key",
+        "loop",
+        "on_idle_lost",
+        "on_writable",
+        "peer_name",
+        "received",
+        "request_complete",
+        "request_sent",
+        "requests",
+        "response_complete",
+        "response_started",
+        "sent",
+        "state",
+        "tls",
+        "transport",
+        "upgrade",
+        "upgraded_data",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple, peer_name: str) -> None:
+        self.loop = loop
+        self.key = key  # pool key: (peer address name, host name)
+        self.peer_name = peer_name
+        self.state = ConnState.NEW
+        self.transport: asyncio.Transport | None = None
+        self.requests = 0  # requests sent on this connection (keepalive_requests)
+        self.idle_since = 0.0
+        self.on_idle_lost: object = None  # set by the pool: callable(conn) when an idle conn dies
+        self.on_writable: Callable[[], None] | None = None  # a streamed body may flow again
+        self.head_limit = 0  # proxy_buffer_size of the request in flight: the largest head (0: none)
+        self._head_bytes = 0  # response bytes read while its head is incomplete
+        # bytes of the request in flight: to the peer and from it (the peer statistics)
+        self.sent = 0
+        self.received = 0
+
+        # timeouts of the request in flight (nginx's idle timers)
+        self._read_timeout = 60.0
+        self._send_timeout = 60.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._last_read = 0.0
+        self._read_paused = False  # back-pressure from the client: no read timeout meanwhile
+        self._write_paused = False
+        self._write_paused_at = 0.0
+
+        # per-request state
+        self._parser: httptools.HttpResponseParser | None = None
+        self._parser_ended = False  # the parser completed its last message on its own
+        self._head_only = False
+        self._handler: UpstreamHandler | None = None  # None once it was told the outcome
+        self._owner: UpstreamHandler | None = None  # who to tell about a bug in a callback
+        self._response: ResponseHead | None = None
+        self._header_done = False
+        self._head_dispatched = False
+        self.response_started = False  # any response byte arrived
+        self.response_complete = False
+        self.request_sent = False  # request bytes were handed to the socket
+        self.request_complete = False  # ... and the body too
+        self._streaming = False  # the handler accepted the body (stream_to)
+        self._in_feed = False  # inside feed_data: completion is delivered after it returns
+        self._early_body: list[bytes] = []
+        self._extra_bytes = False  # bytes after the response's end: the connection is unusable
+        self._closing_after = False  # we asked the peer to close (Connection: close)
+        self._http11 = True
+        self.tls = False  # opened with TLS (proxy_pass https://)
+        self.upgrade = False  # the client asked to switch protocols: a 101 ends the head
+        self._upgraded = False  # ... and the peer sent it: the rest is a tunnel's
+        self.upgraded_data = b""  # bytes after the 101's head
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection {self.peer_name} {self.state.value} requests={self.requests}>"
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.state = ConnState.ACTIVE
+
+    def data_received(self, data: bytes) -> None:
+        # (one function: this runs for every read; the try is free until something raises)
+        try:
+            if self.state is not ConnState.ACTIVE or self._parser is None or self.response_complete:
+                self._unexpected_bytes()
+                return
+            self._last_read = self.loop.time()
+            self.response_started = True
+            self.received += len(data)
+            if not self._header_done and self.head_limit and self._head_too_big(data):
+                # nginx reads the head into one proxy_buffer_size buffer
+                self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
+                return
+            self._in_feed = True
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserCallbackError as err:
+                raise (err.__context__ or err) from None  # a bug in our callbacks, not the peer's fault
+            except httptools.HttpParserUpgrade as upgrade:
+                if self._upgraded:  # the 101 we may take: what follows is the new protocol's
+                    self.upgraded_data = data[int(upgrade.args[0]):]
+                elif not self.response_complete:  # a 101 the client did not ask for
+                    self._in_feed = False
+                    self._fail_parse()
+                    return
+                else:
+                    self._extra_bytes = True
+            except httptools.HttpParserError:
+                if not self.response_complete:
+                    self._in_feed = False
+                    self._fail_parse()
+                    return
+                self._extra_bytes = True  # garbage after a complete response: deliver, never reuse
+            finally:
+                self._in_feed = False
+            if self._header_done and not self._head_dispatched:
+                self._dispatch_head()
+            elif self.response_complete:
+                self._deliver_completion()
+        except Exception as exc:
+            self._crashed(exc, "reading upstream")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._lost(exc)
+        except Exception as bug:
+            self._crashed(bug, "reading upstream")
+        # The parser holds this protocol and the callbacks hold the request: break the
+        # cycles, so a closed connection goes with its last reference instead of waiting for
+        # (and feeding) the cyclic garbage collector, whose full passes stall the loop under
+        # many connections.
+        self._parser = None
+        self._owner = self._handler = None
+        self.on_writable = None
+        self.on_idle_lost = None
+
+    def _lost(self, exc: Exception | None) -> None:
+        state = self.state
+        self.state = ConnState.CLOSED
+        self._cancel_timer()
+        if state is ConnState.CLOSED:
+            return  # we closed it ourselves and already reported why
+        if state is ConnState.IDLE:
+            self._notify_idle_lost()
+            return
+        if self._parser is None or self.response_complete:
+            return
+        if self._head_dispatched and self._is_close_delimited():
+            self.on_message_complete()  # a body without length ends with the connection
+            return
+        if exc is not None and isinstance(exc, OSError) and exc.errno:
+            text = f"recv() failed {errorlog.os_error_text(exc)}"
+            self._fail(Failure.ERROR, text)
+        else:
+            self._fail(Failure.ERROR, PREMATURE)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._write_paused_at = self.loop.time()
+        self._arm_timer(self._send_timeout)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        callback = self.on_writable
+        if callback is not None:
+            try:
+                callback()
+            except Exception as exc:
+                self._crashed(exc, "sending request to upstream")
+
+    def _crashed(self, exc: BaseException, where: str) -> None:
+        """The safety net: a bug escaped one of our callbacks. Drop the connection (its state
+        is unknown) and let the request it serves finish (or just report it)."""
+        owner = self._owner
+        self._owner = None
+        self.abort()
+        if owner is not None:
+            owner.upstream_crashed(exc, where)
+        else:
+            safety.report(exc, where)
+
+    # ------------------------------------------------------------------ the exchange's API
+
+    def start(
+        self,
+        handler: UpstreamHandler,
+        head: bytes,
+        body: bytes | None,
+        read_timeout: float,
+        send_timeout: float,
+        head_only: bool,
+        http11: bool,
+        close_after: bool,
+    ) -> None:
+        """Send a request (``body`` None: the body follows through ``write_body``); the
+        response goes to ``handler``."""
+        self.requests += 1
+        self.sent = self.received = 0
+        self._reset_request_state(handler, head_only, http11, close_after)
+        transport = self.transport
+        if self.state is not ConnState.ACTIVE or transport is None or transport.is_closing():
+            # the peer closed it a moment ago (connection_lost may even have run already):
+            # fail like a connection closed before the response, after this call returns (a
+            # reused one is retried fresh)
+            self.loop.call_soon(self._fail_soon, handler)
+            return
+        self._read_timeout = read_timeout
+        self._send_timeout = send_timeout
+        self._last_read = now = self.loop.time()
+        if self._timer is None or now + read_timeout < self._timer_when:
+            self._arm_timer(read_timeout)  # (else the pending timer re-checks when it fires)
+        if body:
+            transport.writelines((head, body))
+            self.sent = len(head) + len(body)
+        else:
+            transport.write(head)
+            self.sent = len(head)
+        self.request_sent = True
+        self.request_complete = body is not None
+
+    def _fail_soon(self, handler: UpstreamHandler) -> None:
+        if self._handler is handler:  # (not if the request gave up on us meanwhile)
+            try:
+                self._fail(Failure.ERROR, PREMATURE)
+            except Exception as exc:
+                self._crashed(exc, "reading response header from upstream")
+
+    def write_body(self, data: bytes, last: bool) -> None:
+        """Stream request body bytes (already framed by the caller)."""
+        transport = self.transport
+        if transport is not None and self.state is ConnState.ACTIVE and not transport.is_closing():
+            if data:
+                transport.write(data)
+                self.sent += len(data)
+            if last:
+                self.request_complete = True
+
+    @property
+    def write_buffer_full(self) -> bool:
+        return self._write_paused
+
+    def stream_to(self, handler: UpstreamHandler) -> None:
+        """The handler accepts the body: hand over what arrived with the head, then stream."""
+        self._streaming = True
+        early = self._early_body
+        if early:
+            self._early_body = []
+            for chunk in early:
+                handler.upstream_body(chunk)
+        if self.response_complete and self._handler is not None:
+            self._handler = None
+            handler.upstream_complete()
+
+    def pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and self.state is ConnState.ACTIVE:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and self.state is ConnState.ACTIVE:
+            self._read_paused = False
+            self._last_read = self.loop.time()  # the idle timer restarts from now
+            self.transport.resume_reading()
+            self._arm_timer(self._read_timeout)
+
+    def is_reusable(self, max_requests: int) -> bool:
+        """May this connection carry another request (the pool's one question)?
+
+        Only when the whole response was read, the whole request was sent, HTTP/1.1 both ways,
+        nobody said ``Connection: close``, nothing unexpected arrived, and the connection has
+        not reached ``keepalive_requests``.
+        """
+        response = self._response
+        return (
+            self.state is ConnState.ACTIVE
+            and self.response_complete
+            and self.request_complete
+            and response is not None
+            and not response.close
+            and self._http11
+            and not self._closing_after
+            and not self._extra_bytes
+            and not self._read_paused
+            and (not max_requests or self.requests < max_requests)
+        )
+
+    def make_idle(self, now: float) -> None:
+        self.state = ConnState.IDLE
+        self.on_writable = None
+        self.idle_since = now
+        self._handler = self._owner = None  # (the parser stays: the next request reuses it)
+
+    def is_alive(self) -> bool:
+        """Still open as far as the transport knows (the pool skips ones closing under it)."""
+        return self.transport is not None and not self.transport.is_closing()
+
+    def reuse(self) -> None:
+        self.state = ConnState.ACTIVE
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101: hand the socket over (to a tunnel), with the bytes that came after the
+        head; this object hears nothing more about it."""
+        transport = self.transport
+        assert transport is not None
+        self.state = ConnState.CLOSED
+        self._cancel_timer()
+        self._handler = self._owner = None
+        self._parser = None
+        self.on_writable = self.on_idle_lost = None
+        data, self.upgraded_data = self.upgraded_data, b""
+        self.transport = None
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        return transport, data
+
+    def close(self) -> None:
+        if self.state is not ConnState.CLOSED:
+            self.state = ConnState.CLOSED
+            self._cancel_timer()
+            transport = self.transport
+            if transport is not None:
+                # TLS: dropped at once. asyncio's TLS close waits for the peer's close_notify
+                # (up to 30 s), holding the socket and a stopping worker's loop; nginx does not
+                # wait for it either. Nothing is lost: we close only after the request's end.
+                transport.abort() if self.tls else transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, telling nobody (the handler gave up on this response)."""
+        self._handler = None
+        if self.state is not ConnState.CLOSED:
+            self.state = ConnState.CLOSED
+            self._cancel_timer()
+            if self.transport is not None:
+                self.transport.abort()
+
+    # ------------------------------------------------------------------ parser callbacks
+
+    def on_status(self, status: bytes) -> None:
+        # the reason phrase (the code comes from the parser); it may arrive in pieces
+        response = self._response
+        if response is not None and not self._header_done:
+            response.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.response_complete:
+            self._extra_bytes = True  # a second response we never asked for
+            return
+        response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
+        if value[-1:] in _BLANKS:
+            value = value.rstrip(b" \t")
+        # classified here, once (this runs for every header of every response): passed on as a
+        # line for the client, or noted (framing, Connection), or hidden
+        response.headers.append((name, value))
+        kind = _KIND_BY_NAME.get(name)
+        if kind is None:
+            kind = _header_kind(name)
+        if kind == _PASSED:
+            response.lines.append(name + b": " + value + b"\r\n")
+        elif kind == _CONTENT_LENGTH:
+            response.content_length = int(value)  # llhttp validated the digits and duplicates
+        elif kind == _CONNECTION:
+            connection = response.connection
+            response.connection = value if connection is None else connection + b", " + value
+        elif kind == _TRANSFER_ENCODING:
+            response.chunked = True
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        response = self._response
+        assert parser is not None and response is not None
+        if self.response_complete:
+            self._extra_bytes = True
+            return
+        status = parser.get_status_code()
+        if status == 101 and self.upgrade:
+            self._upgraded = True  # a final head: the exchange decides (a tunnel)
+        elif 100 <= status < 200:
+            self._response = ResponseHead()  # 1xx interim response: nginx ignores it, so do we
+            return
+        response.status = status
+        response.version = parser.get_http_version()
+        response.close = not parser.should_keep_alive()
+        if response.chunked:
+            response.content_length = None
+        self._header_done = True
+        if self._head_only or status in (204, 304):
+            self._complete_now_without_body()
+
+    def on_body(self, data: bytes) -> None:
+        if self.response_complete:
+            self._extra_bytes = True  # body bytes for a HEAD response: unusable connection
+            return
+        handler = self._handler
+        if handler is None:
+            return  # dropped by the handler while this chunk was being parsed
+        if self._streaming:
+            handler.upstream_body(data)
+        else:
+            self._early_body.append(data)
+
+    def on_message_complete(self) -> None:
+        if self._upgraded:
+            return  # (llhttp ends the 101's "message" at its head: the connection is no HTTP now)
+        if self._response is None or not self._header_done:
+            self._response = ResponseHead()  # after a 1xx: the real response follows
+            return
+        self._parser_ended = True  # llhttp saw the end itself: it can parse the next response
+        if self.response_complete:
+            return
+        self.response_complete = True
+        if not self._in_feed:
+            self._deliver_completion()  # (inside feed_data: data_received delivers it after)
+
+    def _deliver_completion(self) -> None:
+        """Tell the handler the response is complete, once, and never from inside the parser:
+        the handler may reuse this very connection for the next request right away."""
+        handler = self._handler
+        if self._streaming and self.response_complete and handler is not None:
+            self._handler = None
+            handler.upstream_complete()
+
+    # ------------------------------------------------------------------ internals
+
+    def _reset_request_state(
+        self, handler: UpstreamHandler, head_only: bool, http11: bool, close_after: bool
+    ) -> None:
+        if not self._parser_ended or self._parser is None:
+            # a parser is reused on a keep-alive connection only when it ended the previous
+            # response itself (not after HEAD, where we end it: llhttp would wait for a body)
+            self._parser = httptools.HttpResponseParser(self)
+            # nginx reads a peer's lines ended by a bare LF (its own parser's rule); the
+            # response is re-framed for the client, so this opens no smuggling path
+            self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+        self._parser_ended = False
+        self._handler = handler
+        self._owner = handler
+        self._response = ResponseHead()
+        self._header_done = False
+        self._head_bytes = 0
+        self._head_dispatched = False
+        self._head_only = head_only
+        self._http11 = http11
+        self._closing_after = close_after
+        self.response_started = False
+        self.response_complete = False
+        self.request_sent = False
+        self.request_complete = False
+        self._streaming = False
+        if self._early_body:
+            self._early_body = []
+        self._extra_bytes = False
+        self._read_paused = False
+        self._upgraded = False
+
+    def _head_too_big(self, data: bytes) -> bool:
+        """Would the head outgrow ``head_limit`` with ``data``? (Checked before httptools
+        accumulates a header line of any length.)"""
+        before = self._head_bytes
+        self._head_bytes = before + len(data)
+        if self._head_bytes <= self.head_limit:
+            return False
+        room = self.head_limit - before  # the head must end within these bytes of data
+        return (data.find(b"\n\r\n", 0, room) == -1 and data.find(b"\n\n", 0, room) == -1
+                and not data.startswith((b"\n", b"\r\n")))
+
+    def _dispatch_head(self) -> None:
+        self._head_dispatched = True
+        handler = self._handler
+        response = self._response
+        if handler is not None and response is not None:
+            handler.upstream_head(response)
+
+    def _complete_now_without_body(self) -> None:
+        # HEAD, 204, 304: llhttp cannot be told a HEAD response has no body, so we end the
+        # response ourselves; any byte after it marks the connection unusable (on_body).
+        self.response_complete = True
+
+    def _is_close_delimited(self) -> bool:
+        response = self._response
+        return response is not None and response.content_length is None and not response.chunked
+
+    def _fail(self, failure: Failure, message: str, phase: str = "") -> None:
+        """Close the connection and tell the handler, once."""
+        if not phase:
+            phase = "reading upstream" if self._head_dispatched else "reading response header from upstream"
+        err = UpstreamError(failure, message, phase=phase, response_started=self.response_started,
+                            request_sent=self.request_sent)
+        handler = self._handler
+        self._handler = None
+        self.close()
+        if handler is not None:
+            handler.upstream_failed(err)
+
+    def _fail_parse(self) -> None:
+        if self._header_done:
+            self._fail(Failure.ERROR, "upstream sent invalid chunked response")
+        else:
+            self._fail(Failure.INVALID_HEADER, "upstream sent invalid header")
+
+    def _unexpected_bytes(self) -> None:
+        # Data on an idle connection, or after the response ended: the peer is confused or
+        # closing; the connection can not carry another request.
+        self._extra_bytes = True
+        if self.state is ConnState.IDLE:
+            self.close()
+            self._notify_idle_lost()
+
+    def _notify_idle_lost(self) -> None:
+        callback = self.on_idle_lost
+        if callable(callback):
+            callback(self)
+
+    def _arm_timer(self, timeout: float) -> None:
+        """Make sure the timer fires no later than ``timeout`` from now. It is left pending
+        between requests (it re-checks the state when it fires), so a busy keep-alive
+        connection schedules about one timer per timeout period, not one per request."""
+        when = self.loop.time() + timeout
+        if self._timer is None or when < self._timer_when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_when = when
+            self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        try:
+            self._timer_fired()
+        except Exception as exc:
+            self._crashed(exc, "reading upstream")
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self.state is not ConnState.ACTIVE or self.response_complete:
+            return
+        now = self.loop.time()
+        if self._write_paused:
+            deadline = self._write_paused_at + self._send_timeout
+        elif self._read_paused:
+            return  # the client is slow; the client side's send timer watches that
+        else:
+            deadline = self._last_read + self._read_timeout
+        if now < deadline:
+            self._timer_when = deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            return
+        self._fail(Failure.TIMEOUT, _TIMED_OUT, "sending request to upstream" if self._write_paused else "")

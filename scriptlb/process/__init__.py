@@ -1,0 +1,1 @@
+"""The process model: master, workers, listening sockets, signals, daemonizing, service support."""

@@ -1,0 +1,235 @@
+"""One try of a proxied request (nginx's ``u->peer`` plus the try's ``u->state``): ``Attempt``.
+
+Theory of operation
+-------------------
+The tries loop (``proxy.UpstreamRequest``) makes one ``Attempt`` per try, once the peer is known
+(the balancer's, or the address a hook set). The attempt owns everything that belongs to that
+try alone: the peer to free (None for a hook-set address, which is not the balancer's), the
+address to connect to, the pool key and the pool its connection goes back to, the connection,
+the try's statistics index, and the try's ``$upstream_*`` record (an ``Attempt`` *is* a
+``TryRecord``: the exchange's ``tries`` list holds the attempts themselves).
+
+A try ends in exactly one place, ``end(outcome, ...)``, whatever ended it:
+
+=============  ==================================================================================
+``DONE``       the whole response went to the client; the connection goes back to the pool
+``NEXT``       a status listed in ``proxy_next_upstream`` and another try follows
+``FAILED``     error / timeout / invalid header (retried or not: the caller decides, with
+               ``retry.decide``, from the ``Failure`` that ``end`` hands back)
+``BROKEN``     the connection failed after part of the response went to the client
+``ABANDONED``  the client side ended the request
+``UPGRADED``   the tunnel after a 101 ended; it counts as a success, with the time to the 101
+               as the latency sample (a tunnel's life says nothing about the peer's speed)
+=============  ==================================================================================
+
+``end`` does, in this order: the response time, the latency observation for balancers that
+learn from it, the live statistics (with the connection's bytes of this try and the time to
+its header), release-or-close of the connection, and the free (the
+balancer's ``free``, or the hook-set peer's own accounting of the tries budget and
+``get_last_failure``).
+
+Clocks: the try's times come from ``time.perf_counter`` (sub-millisecond, one call per
+timestamp). uvloop's ``loop.time()`` has millisecond resolution, so a peer answering in under a
+millisecond would record 0.0 in the statistics' averages; ``$upstream_*_time`` still prints
+nginx's whole milliseconds (variables truncate).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from scriptlb.logs import errorlog
+from scriptlb.request.retry import Failure, is_counted_failure, last_failure_state, last_failure_status
+
+if TYPE_CHECKING:
+    from scriptlb.config.model import PeerAddr
+    from scriptlb.http.pool import ConnectionPool
+    from scriptlb.http.upstream import UpstreamConnection
+    from scriptlb.request.runtime import UpstreamRuntime
+    from scriptlb.state.peers import Peer
+
+clock = time.perf_counter  # the tries' clock (see the module docstring)
+
+# how a try ended (Attempt.end)
+DONE = 0
+NEXT = 1
+FAILED = 2
+BROKEN = 3
+ABANDONED = 4
+UPGRADED = 5  # a 101's tunnel ended (its connection belonged to the tunnel, never pooled)
+
+
+class TryRecord:
+    """One try, for the ``$upstream_*`` lists (times in seconds, None when not reached)."""
+
+    __slots__ = ("addr", "connect_time", "header_time", "hook", "response_time", "started", "status")
+
+    def __init__(self, addr: str, started: float, hook: Any = None) -> None:
+        self.addr = addr
+        self.started = started
+        self.hook = hook  # the balancer hook run that preceded this try ($balancer_trace)
+        self.status: int | None = None
+        self.connect_time: float | None = None
+        self.header_time: float | None = None
+        self.response_time: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<TryRecord {self.addr} {self.status}>"
+
+
+def pool_key(address: str, host: str, local_addr: tuple[str, int] | None) -> tuple:
+    """What makes two connections interchangeable: the peer's address text (with its port, or
+    ``unix:path``), the name the peer is addressed by (a hook's ``set_current_peer`` host; the
+    TLS server name once TLS exists, so two names on one address never share a connection),
+    and the local address a hook bound to."""
+    return (address, host, local_addr)
+
+
+# "balancer_by_python chose unhealthy peer ...": at most 10 lines a second per peer
+_CHOSEN_ANYWAY = errorlog.RateLimiter()
+
+
+def chosen_anyway(upstream: UpstreamRuntime, peer: Peer, outcome: Any, exchange: Any, now: float,
+                  action: str) -> None:
+    """A hook named a peer the upstream's own methods avoid now (health checks, drain, down,
+    max_fails; ``Peer.avoided``): the try goes ahead, as the hook asked, and the trail says so:
+    ``outcome.avoided`` for ``$balancer_trace`` (``hook(unhealthy)``) and a warn line,
+    rate-limited per peer (a hook may send every request there on purpose, e.g. when every
+    peer failed its checks). Warn, as nginx's "upstream server temporarily disabled": what the
+    operator's checks decided was overruled, which is worth seeing, but maybe deliberately."""
+    reason = peer.avoided(now)
+    if reason is None:
+        return
+    outcome.avoided = reason
+    key = f'balancer_by_python chose {reason} peer {peer.name} in upstream "{upstream.name}"'
+    _CHOSEN_ANYWAY.log("warn", key, f"balancer_by_python chose {reason} peer {peer.name} while {action}",
+                       exchange.conn_id, exchange.log_context(peer.name))
+
+
+class Attempt(TryRecord):
+    """One try: its peer, connection, pool, statistics index and ``$upstream_*`` record."""
+
+    __slots__ = ("conn", "key", "peer", "peer_addr", "pool", "reused", "state", "stats_index", "tls_name",
+                 "upstream")
+
+    def __init__(
+        self,
+        upstream: UpstreamRuntime,
+        state: Any,
+        name: str,
+        peer_addr: PeerAddr,
+        peer: Peer | None,
+        pool: ConnectionPool | None,
+        key: tuple,
+        hook: Any = None,
+    ) -> None:
+        # (TryRecord's fields, assigned here: one constructor call per try)
+        self.addr = name
+        self.started = clock()
+        # the hook run's HookOutcome (None: no hook): kept as is, read only by $balancer_trace
+        self.hook = hook
+        self.status: int | None = None
+        self.connect_time: float | None = None
+        self.header_time: float | None = None
+        self.response_time: float | None = None
+        self.upstream = upstream
+        self.state = state  # the balancer's per-request state (tries budget, tried peers)
+        self.peer_addr = peer_addr
+        self.peer = peer  # the balancer's peer to free; None for a hook-set address
+        self.pool = pool  # where the connection goes back; None: closed after the response
+        self.key = key
+        self.conn: UpstreamConnection | None = None
+        self.reused = False  # the connection came from the pool
+        self.tls_name: str | None = None  # proxy_pass https://: the name sent / verified
+        stats = upstream.stats
+        if stats is None:
+            self.stats_index = -1  # -1: nothing to finish in the statistics
+        elif peer is not None:
+            self.stats_index = index = peer.stats_index
+            stats.start(index)
+        else:
+            self.stats_index = stats.start_address(name)
+
+    def __repr__(self) -> str:
+        return f"<Attempt {self.addr} {self.status} conn={self.conn!r}>"
+
+    def reuse(self, conn: UpstreamConnection) -> None:
+        """This try goes out on ``conn``, from its pool."""
+        self.conn = conn
+        self.connect_time = 0.0
+        self.reused = True
+
+    def connected(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        self.connect_time = clock() - self.started
+
+    def end(self, outcome: int, exchange: Any, failure: Failure | None = None,
+            phase: str = "") -> Failure | None:
+        """End the try (see the module docstring); returns ``failure`` for the retry decision."""
+        upstream = self.upstream
+        self.response_time = elapsed = clock() - self.started  # nginx: every try has one
+        conn = self.conn
+        self.conn = None
+        peer = self.peer
+        self.peer = None
+        status = self.status or 0
+        if outcome in (DONE, UPGRADED):
+            sample: float | None = elapsed if outcome == DONE else self.header_time
+            counted = stats_failed = False
+            if peer is not None and upstream.observe is not None and sample is not None:
+                upstream.observe(peer, self.connect_time, self.header_time, sample, upstream.loop.time())
+            if conn is not None:
+                if self.pool is not None:
+                    self.pool.release(conn)
+                else:
+                    conn.close()
+        else:
+            if conn is not None:
+                conn.abort()
+            if outcome == NEXT:
+                assert failure is not None
+                sample = elapsed
+                counted = stats_failed = is_counted_failure(failure, True)
+                if peer is not None and upstream.observe is not None:
+                    upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
+            elif outcome == FAILED:
+                assert failure is not None
+                self.status = last_failure_status(failure)
+                status = 0  # (the statistics: no response)
+                # a timeout's duration says the peer is slow; a refused or reset connection's
+                # says nothing (it would make a dead peer look like the fastest one)
+                sample = elapsed if failure is Failure.TIMEOUT else None
+                counted = stats_failed = True
+            else:  # BROKEN, ABANDONED
+                sample = None
+                counted = False
+                stats_failed = outcome == BROKEN
+        index = self.stats_index
+        if index >= 0:
+            self.stats_index = -1
+            if conn is not None:
+                upstream.stats.finish(index, status, sample, stats_failed,  # type: ignore[union-attr]
+                                      conn.sent, conn.received, self.header_time)
+            else:
+                upstream.stats.finish(index, status, sample, stats_failed)  # type: ignore[union-attr]
+        if peer is not None:
+            now = upstream.loop.time()
+            fails_before = peer.fails
+            disabled = upstream.balancer.free(self.state, peer, counted, now)
+            stats = upstream.stats
+            if stats is not None and (counted or fails_before) and upstream.conf.zone \
+                    and not upstream.peers.single and upstream.peers.holds(peer):
+                # a zone: one passive state for every worker, which alone says "disabled"
+                disabled = stats.passive_free(peer, counted, fails_before, now)
+            if disabled:
+                if index >= 0:
+                    upstream.stats.recorder.became_unavailable(index)  # type: ignore[union-attr]
+                # this failure reached max_fails: nginx says so
+                errorlog.log_error("warn", f"upstream server temporarily disabled while {phase}",
+                                   exchange.conn_id, exchange.log_context(peer.name))
+        elif failure is not None and self.state.tries:
+            self.state.tries -= 1  # a hook-set peer: the budget is ours to count
+        if failure is not None:
+            exchange.last_failure = (last_failure_state(failure), last_failure_status(failure))
+        return failure

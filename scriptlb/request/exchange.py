@@ -1,0 +1,571 @@
+"""One request: routing, ``return``, error pages and the log phase (nginx's ``r``).
+
+Theory of operation
+-------------------
+The client connection calls ``Exchange(runtime, conn, request)`` (the worker binds the runtime
+with ``functools.partial``) once a request head is parsed: it decodes the URI, selects the
+server by Host and the location by URI. Nothing is sent yet; a pipelined request may wait
+behind another one. The exchange is also what variables, logs and hooks read
+(docs/architecture.md, "Request/exchange").
+
+``start`` runs when the request becomes the connection's active one: ``return`` locations
+answer at once; proxied locations hand over to an ``UpstreamRequest`` (``proxy.py``, the tries
+loop). The log phase (access logs, then the location's log hook) runs once per request.
+
+Every call the client connection makes into the exchange is guarded: an exception escaping one
+is a bug, reported as an ``[alert]`` (``safety.report``) and the request is finished anyway
+(``crashed``): 502 if nothing was sent, else the client connection is closed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from scriptlb.http import responses, safety
+from scriptlb.http.downstream import ClientConnection, Request
+from scriptlb.logs import errorlog
+from scriptlb.request.error_pages import split_uri
+from scriptlb.request.headers_filter import request_header
+from scriptlb.request.proxy import UpstreamRequest
+from scriptlb.request.rewrite import BREAK, CONTINUE, DONE, target_of
+from scriptlb.routing.locations import normalize_host
+from scriptlb.routing.uri import absolute_host, normalize_uri, split_target
+
+if TYPE_CHECKING:
+    from scriptlb.config.model import ClientBodyConf
+    from scriptlb.request.attempt import TryRecord
+    from scriptlb.request.error_pages import ErrorPage
+    from scriptlb.request.runtime import Runtime, ServerRoute
+
+
+class Exchange:
+    """One request: what variables, hooks and logs read, and the code that serves it."""
+
+    __slots__ = (
+        "_early_status",
+        "_finished",
+        "_logged",
+        "_redirected",
+        "args",
+        "body_bytes_sent",
+        "body_timeout",
+        "bytes_sent",
+        "captures",
+        "conn",
+        "connect_timeout",
+        "ctx",
+        "err_status",
+        "headers",
+        "host",
+        "http_version",
+        "keepalive_requests",
+        "keepalive_timeout",
+        "last_failure",
+        "location",
+        "loop",
+        "max_body_size",
+        "method",
+        "proxy_host",
+        "read_timeout",
+        "request",
+        "request_uri",
+        "response_headers",
+        "runtime",
+        "scheme",
+        "send_timeout",
+        "server",
+        "start_time",
+        "status",
+        "tries",
+        "tries_cap",
+        "tries_left",
+        "upstream_headers",
+        "upstream_name",
+        "upstream_request",
+        "uri",
+        "variables",
+    )
+
+    def __init__(self, runtime: Runtime, conn: ClientConnection, request: Request) -> None:
+        runtime.requests += 1  # (stub_status's "requests": every request, rejected ones too)
+        self.conn = conn
+        self.request = request
+        self.runtime = runtime
+        self.loop = conn.loop
+        self.start_time = time.time()
+        self.method = request.method
+        self.http_version = request.version
+        self.headers = request.headers
+        self.request_uri = request.target.decode("latin-1")
+        self.scheme = "https" if conn.tls is not None else "http"
+        self.status = 0
+        self.body_bytes_sent = 0
+        self.bytes_sent = 0
+        self.ctx: dict = {}
+        self.tries: list[TryRecord] = []
+        self.upstream_name: str | None = None
+        # for $upstream_http_*: the peer's headers once a response came (a shared empty tuple
+        # until then: no list allocated for requests that never get one)
+        self.upstream_headers: list[tuple[bytes, bytes]] | tuple[()] = ()
+        self.response_headers: bytes = b""  # sent to the client, for $sent_http_*
+        # per-request timeouts (copied from the location when proxying starts; hooks change them)
+        self.connect_timeout = 60.0
+        self.send_timeout = 60.0
+        self.read_timeout = 60.0
+        # the tries loop, for the hook API
+        self.last_failure: tuple[str, int] | None = None
+        self.tries_left = 0
+        self.tries_cap = 0
+        self.proxy_host = ""
+
+        self._early_status = 0  # an error found while routing, answered when we become active
+        self._redirected = False  # error_page redirected this request (once, as nginx)
+        self.err_status = 0  # error_page: the status the final response carries (0: its own)
+        self.variables: dict[str, str] | None = None  # the rewrite module's `set` values
+        self.captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
+        self._finished = False
+        self._logged = False  # the log phase ran (it runs once per request)
+        self.upstream_request: UpstreamRequest | None = None  # set when proxying
+        self._route()
+        # what the client connection reads (plain attributes: read on every request)
+        conf = self.location.conf
+        self.max_body_size = conf.client_max_body_size  # 0 = unlimited
+        self.body_timeout = conf.client_body_timeout
+        self.keepalive_timeout = conf.keepalive_timeout
+        self.keepalive_requests = conf.keepalive_requests
+
+    # ------------------------------------------------------------------ routing
+
+    def _route(self) -> None:
+        target = self.request.target
+        split = split_target(target)
+        uri = normalize_uri(split[0]) if split is not None else None
+        raw_host = self.request.host
+        if target[:1] != b"/" and split is not None:  # absolute-form: the URI's host wins
+            raw_host = absolute_host(target)
+        if split is None or uri is None or (raw_host is None and target[:1] != b"/"):
+            self._early_status = 400
+            self.uri, self.args = "/", None
+            self.host = ""
+            self.server = self.conn_route().default_server
+            # nginx logs this 400 with the server's access_log; ours are per location, so the
+            # logs (and log hook) of the server's "/" stand in, as for log_rejected
+            self.location = self.server.match("/")
+            return
+        self.uri, self.args = uri, split[1]
+        conn = self.conn
+        cached = conn.host_cache
+        if cached is not None and cached[0] == raw_host:
+            host, self.server = cached[1], cached[2]  # keep-alive: same Host, same server
+        else:
+            host = normalize_host(raw_host.decode("latin-1")) if raw_host is not None else None
+            self.server = self.conn_route().select(host)
+            if raw_host is not None and host is None:
+                self._early_status = 400  # nginx: client sent invalid host header
+            else:
+                conn.host_cache = (raw_host, host, self.server)
+        self.host = host or self.server.name
+        self.location = self.server.match(uri)
+
+    def conn_route(self) -> ServerRoute:
+        """The listener's server route, resolved once per connection."""
+        route = self.conn.route
+        if route is None:
+            route = self.conn.route = self.runtime.route_for(self.conn)
+        return route
+
+    @property
+    def client_body(self) -> ClientBodyConf | None:
+        """Where the request body waits: the location's memory buffer and temp file when the
+        whole body is read before the first try; None (memory) when it is streamed (the same
+        rule as UpstreamRequest._wants_streamed_body) or dropped (``return``)."""
+        location = self.location
+        if location.upstream is None or location.conf.return_ is not None:
+            return None
+        if not location.conf.proxy.request_buffering and (not self.request.chunked or location.plan.http11):
+            return None
+        return location.conf.client_body
+
+    # what variables read
+    @property
+    def remote_addr(self) -> str:
+        return self.conn.remote_addr
+
+    @property
+    def remote_port(self) -> int:
+        return self.conn.remote_port
+
+    @property
+    def server_addr(self) -> str:
+        return self.conn.server_addr
+
+    @property
+    def server_port(self) -> int:
+        return self.conn.server_port
+
+    @property
+    def server_name(self) -> str:
+        return self.server.name
+
+    @property
+    def conn_id(self) -> int:
+        return self.conn.conn_id
+
+    @property
+    def conn_requests(self) -> int:
+        return self.conn.requests
+
+    @property
+    def sent_head(self) -> bytes:
+        """The response head as the client connection wrote it (framing lines included)."""
+        return self.conn.sent_head
+
+    @property
+    def request_length(self) -> int:
+        """Bytes of the request as nginx counts them: request line, headers, blank line, body."""
+        request = self.request
+        line = len(request.method) + len(request.target) + 12  # " ", " HTTP/1.1\r\n"
+        return line + request.head_size + 2 + request.body_size
+
+    def header(self, name_lower: str) -> str | None:
+        """A request header's value (first one; Cookie lines joined with "; " as nginx)."""
+        return request_header(self.headers, name_lower)
+
+    # ------------------------------------------------------------------ the connection's calls
+
+    def start(self) -> None:
+        try:
+            if self._early_status:
+                self.finish_with_page(self._early_status)
+                return
+            if self.location.rewrite is not None and self._rewrite_phase():
+                return  # answered (return, redirect) or refused (a rewrite cycle)
+            location = self.location
+            # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
+            if location.access is not None and location.conf.return_ is None:
+                refused = location.access(self)
+                if refused is not None:
+                    self.finish_with_page(*refused)
+                    return
+            if location.conf.return_ is not None or location.upstream is None:
+                if self.request.complete or not self.request.has_body:
+                    self._serve_return()
+                else:
+                    self.conn.send_continue()  # nginx reads (and discards) the body first
+                return
+            self.upstream_request = UpstreamRequest(self, location.upstream)
+            self.upstream_request.start()
+        except Exception as exc:
+            self.crashed(exc, "starting request")
+
+    def body_received(self) -> None:
+        try:
+            upstream_request = self.upstream_request
+            if upstream_request is not None:
+                upstream_request.body_received()
+                return
+            request = self.request
+            keep = self.location.content is not None  # a content handler (the API) reads the body
+            if request.complete and not self._finished and not self._early_status:
+                if not keep:
+                    request.body.clear()
+                self._serve_return()
+            elif not self._finished and not keep:
+                request.body.clear()  # a body for `return` is read and dropped
+        except Exception as exc:
+            self.crashed(exc, "reading client request body")
+
+    def client_lost(self) -> None:
+        self.abort(499)
+
+    def client_eof(self) -> bool:
+        """The client shut its sending side (a half-close) after its whole request. nginx
+        (1.22, epoll; compared in the tests) takes that as the client going away while it
+        proxies: 499 and both connections closed, logged at info, unless the response is
+        already streaming through its buffers (``proxy_buffering on``: it goes on to the end).
+        Any other handler answers as usual. True when the request was ended."""
+        upstream_request = self.upstream_request
+        if upstream_request is None or self._finished:
+            return False
+        try:
+            action = upstream_request.hangup_action()
+            if action is None:
+                return False
+            attempt = upstream_request.attempt
+            errorlog.log_error("info", "epoll_wait() reported that client prematurely closed connection, "
+                               f"so upstream connection is closed too while {action}", self.conn_id,
+                               self.log_context(attempt.addr if attempt is not None else None))
+            self.abort(499)
+            self.conn.abort()
+        except Exception as exc:
+            self.crashed(exc, "finalizing request")
+        return True
+
+    def abort(self, status: int) -> None:
+        """The client side ends the request: gone (499), or 413/408 while reading the body."""
+        if self._finished:
+            return
+        try:
+            if self.upstream_request is not None:
+                self.upstream_request.abandon()
+            if not self.status or not self.conn.response_started:
+                self.status = responses.wire_status(status)
+            self.finish_logged()
+        except Exception as exc:
+            self.crashed(exc, "finalizing request")
+
+    def writing_paused(self) -> None:
+        try:
+            if self.upstream_request is not None:
+                self.upstream_request.client_paused()
+        except Exception as exc:
+            self.crashed(exc, "sending to client")
+
+    def writing_resumed(self) -> None:
+        try:
+            if self.upstream_request is not None:
+                self.upstream_request.client_resumed()
+        except Exception as exc:
+            self.crashed(exc, "sending to client")
+
+    def crashed(self, exc: BaseException, where: str) -> None:
+        """The safety net: a bug escaped one of this request's callbacks. Report it, then
+        finish the request whatever state it is in (502 if nothing was sent, else the client
+        connection is closed) and let go of its upstream connection and peer."""
+        upstream_request = self.upstream_request
+        attempt = upstream_request.attempt if upstream_request is not None else None
+        safety.report(exc, where, self, attempt.addr if attempt is not None else None)
+        conn = self.conn
+        try:
+            if upstream_request is not None:
+                upstream_request.abandon()
+            if self._finished:
+                conn.abort()  # (the response was complete; whatever broke, start afresh)
+            elif not conn.response_started and not conn.closed:
+                self.finish_with_page(502)
+            else:
+                self.finish_logged()
+                conn.abort()
+        except Exception as again:  # the clean-up itself is broken: at least drop the client
+            safety.report(again, "finishing a failed request", self)
+            self._finished = True
+            conn.abort()
+
+    # ------------------------------------------------------------------ return
+
+    def _serve_return(self) -> None:
+        location = self.location
+        if location.conf.return_ is None:
+            if location.content is not None:  # stub_status, api, prometheus
+                location.content(self)
+                return
+            self.finish_with_page(404)
+            return
+        status = location.conf.return_.status
+        if status == 444:  # nginx: close the connection without a response
+            self.status = 444
+            self._log_access()
+            self.conn.abort()
+            return
+        headers, body = location.return_response(self)
+        self.answer_return(status, headers, body)
+
+    def answer_return(self, status: int, headers: bytes, body: bytes | None) -> None:
+        """``return``'s answer: ``body`` None is nginx's own page for the status."""
+        if status == 444:
+            self.status = 444
+            self._log_access()
+            self.conn.abort()
+            return
+        self.status = status
+        if body is None:
+            self.finish_with_page(status, headers)
+            return
+        self.response_headers = headers
+        self._finish_small(status, headers, body)
+
+    def respond(self, status: int, headers: bytes, body: bytes) -> None:
+        """A content handler's whole response (stub_status, the API, the metrics)."""
+        self.status = status
+        self.response_headers = headers
+        self._finish_small(status, headers, body)
+
+    def _finish_small(self, status: int, headers: bytes, body: bytes) -> None:
+        conn = self.conn
+        status = self.status = self.err_status or status
+        add_headers = self.location.add_headers
+        if add_headers is not None:
+            headers = self.response_headers = headers + add_headers(self, status)
+        conn.send_head(status, headers, len(body))
+        conn.send_body(body)
+        self.complete_response()
+
+    def finish_with_page(self, status: int, extra_headers: bytes = b"") -> None:
+        """nginx's own page for ``status`` (400, 404, 502, 504...), or its error_page."""
+        pages = self.location.error_pages if self.location is not None else None
+        if pages is not None and not self._redirected:
+            page = pages.get(status)
+            if page is not None and self._error_page(page, status):
+                return
+        status = self.err_status or status
+        self.status = responses.wire_status(status)
+        conn = self.conn
+        if conn.closed:
+            self._finished = True
+            self._log_access()
+            return
+        if responses.closes_connection(status):
+            conn.close_after_response()
+        page = responses.error_page(status) or b""
+        headers = b"Content-Type: text/html\r\n" + extra_headers if page else extra_headers
+        add_headers = self.location.add_headers if self.location is not None else None
+        if add_headers is not None:
+            headers += add_headers(self, status)
+        trace = self.location.trace
+        if trace is not None and self.upstream_request is not None:  # balancer_trace_header on
+            headers = trace.headers(self, headers)
+        self.response_headers = headers
+        conn.send_head(status, headers, len(page))
+        conn.send_body(page)
+        self.complete_response()
+
+    # ------------------------------------------------------------------ the rewrite phase
+
+    def _rewrite_phase(self) -> bool:
+        """Run the location's rewrite directives, finding the location again after a changed
+        URI (at most 10 times, nginx's limit); True when the request is answered."""
+        for _ in range(10):
+            location = self.location
+            phase = location.rewrite
+            if phase is None:
+                return False
+            before = self.uri
+            result = phase.run(self)
+            if result == DONE:
+                return True
+            if result == BREAK or (result == CONTINUE and self.uri == before):
+                return False
+            self.location = self.server.match(self.uri)
+        errorlog.log_error("error", f'rewrite or internal redirection cycle while processing "{self.uri}"',
+                           self.conn_id, self.log_context(None))
+        self.finish_with_page(500)
+        return True
+
+    def set_uri(self, path: str, args: str | None) -> None:
+        """A rewritten URI: $uri, $args and the target sent upstream follow it."""
+        self.uri, self.args = path, args
+        self.request.target = target_of(path, args)
+
+    def redirect(self, status: int, location: str) -> None:
+        target = self.absolute_location(location.encode("latin-1", "replace"))
+        self.finish_with_page(status, b"Location: " + target + b"\r\n")
+
+    def absolute_location(self, location: bytes) -> bytes:
+        if location.startswith(b"/"):
+            from scriptlb.request.runtime import absolute_redirect
+
+            return absolute_redirect(self, location)
+        return location
+
+    def intercepts(self, status: int) -> bool:
+        """proxy_intercept_errors: whether a peer's ``status`` response gives way to an
+        error_page (the proxy then calls finish_with_page)."""
+        location = self.location
+        return (location.conf.intercept_errors and location.error_pages is not None
+                and not self._redirected and status in location.error_pages)
+
+    def _error_page(self, page: ErrorPage, status: int) -> bool:
+        """Redirect to the error page (see scriptlb.request.error_pages); False: no such location."""
+        self._redirected = True
+        uri = page.uri(self)
+        code = page.external(uri)
+        if code:
+            self.finish_with_page(code, b"Location: " + uri.encode("latin-1", "replace") + b"\r\n")
+            return True
+        if uri.startswith("@"):
+            location = self.server.named(uri)
+        else:
+            path, args = split_uri(uri)
+            self.set_uri(path, args)
+            location = self.server.match(path)
+        if location is None:
+            return False
+        self.err_status = status if page.response is None else page.response
+        if self.method != "HEAD":
+            self.method = "GET"
+        self.location = location
+        self.upstream_request = None
+        self._early_status = 0
+        self.start()
+        return True
+
+    def complete_response(self) -> None:
+        conn = self.conn
+        conn.end_body()
+        self.bytes_sent = conn.bytes_sent
+        self.body_bytes_sent = conn.body_bytes_sent
+        self._finished = True
+        self._log_access()
+        conn.finish_response()
+
+    def finish_logged(self) -> None:
+        """The request ends without a (complete) response of ours: counters, access log."""
+        self._finished = True
+        self.bytes_sent = self.conn.bytes_sent
+        self.body_bytes_sent = self.conn.body_bytes_sent
+        self._log_access()
+
+    def log_rejected(self, status: int) -> None:
+        """The log phase of a request the client connection answered itself (400, 414...).
+        nginx logs it with the server's access_log; our logs are per location, so the ones of
+        the default server's "/" stand in for it."""
+        self.status = responses.wire_status(status)
+        if not self.location.access_logs:
+            self.location = self.server.match("/")
+        self.finish_logged()
+
+    def _log_access(self) -> None:
+        """The log phase, once per request: the access logs, then the location's log hook
+        (after them: a slow or failing hook cannot change the lines). Never raises; the hook
+        changes nothing the client sees (status, bytes and connection are settled)."""
+        if self._logged:
+            return
+        self._logged = True
+        location = self.location
+        zone = location.zone
+        if zone is not None:  # status_zone: responses by class, for the metrics
+            zone[self.status // 100] += 1
+        hook = location.log_hook
+        if hook is None:
+            for log in location.access_logs:
+                log.write(self)
+        else:
+            # one reading of the clock for the whole phase: the access logs' $request_time,
+            # $msec... (their clock is the runtime's log_clock) and the hook's are the same values
+            clock = self.runtime.log_clock
+            now = clock.frozen = time.time()
+            try:
+                for log in location.access_logs:
+                    log.write(self)
+            finally:
+                clock.frozen = 0.0
+            try:
+                hook.run(self, now)
+            except Exception:  # run() never raises; belt and braces for the connection's sake
+                errorlog.log_error("alert", "log_by_python runner failed while logging request")
+        # exchange <-> upstream request is a reference cycle: break it, so both go with their
+        # last reference instead of waiting for (and feeding) the cyclic garbage collector
+        self.upstream_request = None
+
+    def log_context(self, peer_name: str | None) -> str:
+        """nginx's ``, client: ..., server: ..., request: "...", upstream: "...", host: "..."``."""
+        if peer_name is None:
+            return errorlog.request_context(self, None)
+        scheme = "https" if self.location.tls is not None else "http"
+        return errorlog.request_context(self, f"{scheme}://{peer_name}{self.location.plan.upstream_uri(self)}")
+
+
+def log_client_error(runtime: Runtime, conn: ClientConnection, request: Request, status: int) -> None:
+    """Access-log a request the client connection rejected before any handler saw it."""
+    Exchange(runtime, conn, request).log_rejected(status)

@@ -1,0 +1,647 @@
+"""The tries loop of one proxied request: ``UpstreamRequest`` (nginx's ``r->upstream``).
+
+Theory of operation
+-------------------
+The exchange (``exchange.py``) hands a proxied request to an ``UpstreamRequest``, a state
+machine driven by callbacks, with no task per request::
+
+    start: per-request timeouts; buffer the body (proxy_request_buffering on)
+    _begin_tries: build the upstream request once; balancer.new_request
+    _next_try: hook seam -> peer (hook's address, or balancer.get; None = no live upstreams)
+      -> an Attempt (attempt.py) -> its pool's connection, or _connect (a task only to open a
+         new connection, connect_timeout)
+      -> _send_request -> upstream_head (read_timeout) or upstream_failed
+      -> classify: error / timeout / invalid_header / status listed in proxy_next_upstream
+      -> attempt.end(...) -> retry.decide -> _next_try again, or the final status
+
+A response that is not retried streams to the client with back-pressure both ways; once any
+response byte went to the client there is no retry. Every try ends in ``Attempt.end``: release
+or close of the connection, the free of the peer, statistics and timing live there alone.
+
+Timeouts are per request: ``connect_timeout``/``send_timeout``/``read_timeout`` are copied from
+the location when proxying starts and every try reads them from the exchange (a hook's
+``set_timeouts`` changes this request only).
+
+Pooling: a balancer peer's connection goes to the upstream's ``keepalive N`` pool; so does a
+hook-set peer's (keyed by address, host name and bind address, as OpenResty's keepalive module
+keys by the peer's sockaddr), unless the hook's ``enable_keepalive`` asked for the hook pool
+for this try. Both need nginx's recipe: HTTP/1.1 to the peer, no "Connection: close".
+
+Callbacks from the upstream connection and the connect task are guarded like the exchange's
+(``safety``): a bug escaping one is an ``[alert]`` and the request is finished anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from scriptlb.config.model import NextUpstream
+from scriptlb.http.downstream import CLIENT_SEND_TIMEOUT
+from scriptlb.http.request_body import SpooledBody
+from scriptlb.http.tls import handshake_error_text
+from scriptlb.http.tunnel import UPSTREAM_TIMED_OUT, Tunnel
+from scriptlb.http.upstream import PREMATURE, ConnState, ResponseHead, UpstreamConnection, UpstreamError
+from scriptlb.logs import errorlog
+from scriptlb.request.attempt import (
+    ABANDONED,
+    BROKEN,
+    DONE,
+    FAILED,
+    NEXT,
+    UPGRADED,
+    Attempt,
+    TryRecord,
+    chosen_anyway,
+    clock,
+    pool_key,
+)
+from scriptlb.request.retry import (
+    RETRY,
+    Failure,
+    decide,
+    failure_for_status,
+    is_idempotent,
+    is_stale_connection,
+)
+from scriptlb.routing.uri import split_local_addr
+from scriptlb.state.stats import WEIGHT_GENERATION
+
+if TYPE_CHECKING:
+    from scriptlb.config.model import PeerAddr
+    from scriptlb.http.pool import ConnectionPool
+    from scriptlb.request.exchange import Exchange
+    from scriptlb.request.runtime import UpstreamRuntime
+    from scriptlb.state.peers import Peer
+
+
+_READING_HEADER = "reading response header from upstream"  # nginx's log action
+_CONNECTING = "connecting to upstream"
+_HANDSHAKING = "SSL handshaking to upstream"
+
+# proxy_request_buffering off: stop reading the client when this much body waits for a peer
+STREAM_BODY_WAITING = 64 * 1024
+
+
+class UpstreamRequest:
+    """nginx's ``r->upstream`` for one proxied request: the per-request settings, the tries loop
+    and the response streaming (see the module docstring).
+
+    What the hook API and variables read stays on the exchange (``tries``, ``tries_left``,
+    ``last_failure``, the three timeouts); the try in progress is ``attempt``.
+    """
+
+    __slots__ = (
+        "_body",
+        "_body_conn",
+        "_connecting",
+        "_head",
+        "_idempotent",
+        "_local_addr",
+        "_passing",
+        "_started",
+        "_state",
+        "_stream_body",
+        "_tunnel",
+        "_waiting_body",
+        "attempt",
+        "conf",
+        "exchange",
+        "hook_exit",
+        "location",
+        "loop",
+        "plan",
+        "upstream",
+    )
+
+    def __init__(self, exchange: Exchange, upstream: UpstreamRuntime) -> None:
+        self.exchange = exchange
+        self.upstream = upstream
+        self.location = exchange.location
+        self.loop = exchange.loop
+        self.conf = exchange.location.conf.proxy
+        self.plan = exchange.location.plan
+        self._waiting_body = False  # buffering the request body before the first try
+        self._stream_body = False  # proxy_request_buffering off: body sent as it arrives
+        self._body_conn: UpstreamConnection | None = None  # where the streamed body goes now
+        self._state: Any = None  # the balancer's per-request state (tries budget, tried peers)
+        self._head = b""
+        self._body = b""
+        self._started = 0.0  # for proxy_next_upstream_timeout
+        self._idempotent = True
+        self._local_addr: tuple[str, int] | None = None  # a hook's bind_to_local_addr
+        self.attempt: Attempt | None = None  # the try in progress
+        self._connecting: asyncio.Task[object] | None = None
+        self._passing = False  # the response is going to the client: no retry any more
+        self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
+        self.hook_exit: Any = None  # the HookOutcome of a hook's ngx.exit(N): $balancer_trace
+
+    @property
+    def connection(self) -> UpstreamConnection | None:
+        """The upstream connection of the try in progress."""
+        attempt = self.attempt
+        return attempt.conn if attempt is not None else None
+
+    # ------------------------------------------------------------------ the exchange's calls
+
+    def start(self) -> None:
+        """Per-request copies of the location's settings; the body first if it is buffered."""
+        ex = self.exchange
+        conf = self.conf
+        ex.connect_timeout = conf.connect_timeout
+        ex.send_timeout = conf.send_timeout
+        ex.read_timeout = conf.read_timeout
+        ex.upstream_name = self.upstream.name
+        ex.proxy_host = self.location.proxy_host
+        request = ex.request
+        if request.complete or not request.has_body:
+            self._begin_tries()  # (no body to wait for or stream: the usual GET)
+            return
+        self._stream_body = self._wants_streamed_body()
+        ex.conn.send_continue()
+        if self._stream_body:
+            self._begin_tries()
+        else:
+            self._waiting_body = True  # body_received() starts the tries
+
+    def body_received(self) -> None:
+        if self._stream_body:
+            self._pump_body()
+        elif self._waiting_body and self.exchange.request.complete:
+            self._waiting_body = False
+            self._begin_tries()
+
+    def client_paused(self) -> None:
+        conn = self.connection
+        if conn is not None:
+            conn.pause_reading()
+
+    def client_resumed(self) -> None:
+        conn = self.connection
+        if conn is not None:
+            conn.resume_reading()
+
+    def hangup_action(self) -> str | None:
+        """What this request was doing when the client half-closed, in nginx's words for the
+        log line; None when nginx carries on regardless: a response streaming buffered
+        (``proxy_buffering on``), a tunnel (after a 101, the half-close is passed on)."""
+        if self._tunnel is not None:
+            return None
+        if self.exchange.conn.response_started:
+            return None if self.conf.buffering else "sending to client"
+        if self._connecting is not None:
+            return _CONNECTING
+        attempt = self.attempt
+        conn = attempt.conn if attempt is not None else None
+        if conn is not None and conn.received:
+            return _READING_HEADER
+        return "sending request to upstream"
+
+    def abandon(self) -> None:
+        """The client side ended the request (or a bug did): stop everything, free the peer."""
+        self._waiting_body = False
+        self._body_conn = None
+        if self._tunnel is not None:
+            self._tunnel.end("")  # (ends the try and logs the request)
+        connecting = self._connecting
+        self._connecting = None
+        if connecting is not None:
+            connecting.cancel()
+        attempt = self.attempt
+        if attempt is not None:
+            self.attempt = None
+            attempt.end(ABANDONED, self.exchange)
+
+    # ------------------------------------------------------------------ the tries loop
+
+    def _wants_streamed_body(self) -> bool:
+        """``proxy_request_buffering off`` streams the body as it arrives, unless it is chunked
+        and the peer speaks HTTP/1.0 (nginx buffers it then, as it must send a length)."""
+        request = self.exchange.request
+        if self.conf.request_buffering or request.complete or not request.has_body:
+            return False
+        if self.plan.body_override is not None:
+            return False  # (proxy_set_body, proxy_pass_request_body off: the client's is dropped)
+        return not (request.chunked and not self.plan.http11)
+
+    def _begin_tries(self) -> None:
+        """Build the upstream request once, start the balancer's request, run the first try."""
+        ex = self.exchange
+        upstream = self.upstream
+        tries_cap = self.conf.next_upstream_tries
+        if not self._stream_body:
+            self._body = ex.request.body.buffered()  # bytes, or the file it was spooled to
+        if self.plan.body_override is not None:
+            self._body = self.plan.body_override(ex)
+        self._build_head()
+        stats = upstream.stats
+        if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
+            upstream.refresh_weights()  # a hook set a weight (stats.weights_stale(), inlined)
+        key_getter = upstream.key_getter
+        if key_getter is None:
+            self._state = upstream.balancer.new_request(tries_cap)
+        else:
+            self._state = upstream.balancer.new_request(tries_cap, key_getter(ex))  # type: ignore[call-arg]
+        ex.tries_cap = tries_cap
+        self._started = self.loop.time()
+        self._idempotent = is_idempotent(ex.method)
+        self._next_try()
+
+    def _build_head(self) -> None:
+        """The request line and headers for the peer (again after a hook's recreate_request)."""
+        ex = self.exchange
+        request = ex.request
+        if self._stream_body:
+            self._head = self.plan.build_head(ex, request.content_length, chunked=request.chunked)
+        elif self.plan.sends_no_body:  # proxy_pass_request_body off
+            self._head = self.plan.build_head(ex, None)
+        else:
+            sends_length = (request.has_body or request.content_length is not None  # incl. "0"
+                            or self.plan.body_override is not None)
+            self._head = self.plan.build_head(ex, len(self._body) if sends_length else None)
+
+    def _next_try(self) -> None:
+        """The hook seam, then a peer, then a connection to it (nginx's upstream_connect)."""
+        ex = self.exchange
+        upstream = self.upstream
+        state = self._state
+        ex.tries_left = state.tries
+        hook = upstream.hook
+        if hook is None:
+            outcome = None
+        else:
+            outcome = hook.run(ex, upstream)
+            if outcome.exit_status is not None:
+                self.hook_exit = outcome
+                ex.finish_with_page(outcome.exit_status)
+                return
+            self._apply_hook_settings(outcome)
+            addr = outcome.addr
+            if addr is not None:
+                state.tries += outcome.more_tries
+                chosen = upstream.peers.by_name.get(addr.name)
+                if chosen is not None and (chosen.down or chosen.fails):  # (one test when usable)
+                    chosen_anyway(upstream, chosen, outcome, ex, self.loop.time(), _CONNECTING)
+                pool = self._hook_pool(outcome.keepalive)
+                self._start_attempt(addr.name, addr, None, outcome.host or "", pool, outcome)
+                return
+        peer = upstream.balancer.get(state, self.loop.time())
+        if peer is None:
+            self._no_live_upstreams(outcome)
+            return
+        # (peer.name: addr.name formats the text on every call; the peer keeps it)
+        pool = upstream.pool if self.plan.pooled else None
+        self._start_attempt(peer.name, peer.addr, peer, "", pool, outcome)
+
+    def _start_attempt(self, name: str, addr: PeerAddr, peer: Peer | None, host: str,
+                       pool: ConnectionPool | None, hook: Any) -> None:
+        tls = self.location.tls
+        tls_name = None
+        if tls is not None:
+            # the hook's host (set_current_peer's third argument) is this try's TLS name; a
+            # pooled connection is reused only for the same name (and never for plain HTTP)
+            tls_name = host or tls.name(self.exchange)
+            host = "https:" + tls_name
+        attempt = Attempt(self.upstream, self._state, name, addr, peer, pool,
+                          pool_key(name, host, self._local_addr), hook)
+        attempt.tls_name = tls_name
+        self.attempt = attempt
+        self.exchange.tries.append(attempt)
+        conn = pool.acquire(attempt.key) if pool is not None else None
+        if conn is None:
+            self._connect(attempt)
+        else:
+            attempt.reuse(conn)
+            self._send_request(conn)
+
+    def _apply_hook_settings(self, outcome: Any) -> None:
+        """What a hook run changes for this and later tries: bind address, rebuilt request."""
+        if outcome.local_addr is not None:
+            self._local_addr = split_local_addr(outcome.local_addr)
+        if outcome.recreate:
+            self._build_head()
+
+    def _hook_pool(self, keepalive: tuple[float, int] | None) -> ConnectionPool | None:
+        """A hook-set peer's pool: the hook pool when ``enable_keepalive`` asked for it (this
+        try's override), else the upstream's ``keepalive N`` pool as for its own peers (as
+        OpenResty's keepalive module pools whatever peer the balancer hook set). Either needs
+        nginx's recipe: HTTP/1.1 to the peer, no "Connection: close"."""
+        plan = self.plan
+        if keepalive is not None:
+            return None if plan.close_after else self.upstream.hook_pool(*keepalive)
+        return self.upstream.pool if plan.pooled else None
+
+    def _connect(self, attempt: Attempt) -> None:
+        addr = attempt.peer_addr
+        loop = self.loop
+        conn = UpstreamConnection(loop, attempt.key, attempt.addr)
+        attempt.conn = conn
+        attempt.reused = False
+        tls = self.location.tls
+        extra: dict[str, Any] = {}
+        if tls is not None:
+            conn.tls = True
+            extra = {"ssl": tls.context, "server_hostname": tls.server_hostname(attempt.tls_name or "")}
+        if addr.unix_path is not None:
+            opening = loop.create_unix_connection(lambda: conn, addr.unix_path, **extra)
+        else:
+            opening = loop.create_connection(lambda: conn, addr.host, addr.port, local_addr=self._local_addr,
+                                             **extra)
+        task = loop.create_task(opening)
+        timer = loop.call_later(self.exchange.connect_timeout, task.cancel)
+        self._connecting = task
+        task.add_done_callback(lambda done: self._connected(done, conn, timer))
+
+    def _connected(self, task: asyncio.Task[object], conn: UpstreamConnection,
+                   timer: asyncio.TimerHandle) -> None:
+        timer.cancel()
+        if self._connecting is not task:
+            conn.abort()  # the request ended while we were connecting (client gone)
+            return
+        self._connecting = None
+        try:
+            err = _connect_error(task, conn)
+            if err is None:
+                attempt = self.attempt
+                assert attempt is not None
+                attempt.connected(conn)
+                self._send_request(conn)
+                return
+            conn.abort()
+            self._try_failed(err)
+        except Exception as exc:
+            self.exchange.crashed(exc, _CONNECTING)
+
+    def _send_request(self, conn: UpstreamConnection) -> None:
+        ex = self.exchange
+        plan = self.plan
+        streamed = self._stream_body
+        body = None if streamed else self._body
+        spooled = isinstance(body, SpooledBody)
+        conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
+        conn.upgrade = _asks_upgrade(ex.request.connection) and ex.header("upgrade") is not None
+        conn.start(self, self._head, None if spooled else body, ex.read_timeout,
+                   ex.send_timeout, ex.method == "HEAD", plan.http11, plan.close_after)
+        if spooled:
+            body.send(conn)  # (every try again from the file's start)
+        elif streamed:
+            self._body_conn = conn
+            conn.on_writable = self._pump_body
+            self._pump_body()
+
+    def _pump_body(self) -> None:
+        """Streamed body: move what arrived to the upstream connection, with back-pressure
+        both ways (the client is paused while the peer's socket buffer is full, or while we
+        are still connecting and more than a little is waiting)."""
+        client = self.exchange.conn
+        request = self.exchange.request
+        conn = self._body_conn
+        if conn is None:
+            if sum(map(len, request.body)) > STREAM_BODY_WAITING:
+                client.pause_body()
+            return
+        data = request.take_body()
+        if data:
+            conn.write_body(b"%x\r\n%s\r\n" % (len(data), data) if request.chunked else data, last=False)
+        if request.complete:
+            self._body_conn = None
+            conn.write_body(b"0\r\n\r\n" if request.chunked else b"", last=True)
+        if conn.write_buffer_full:
+            client.pause_body()
+        else:
+            client.resume_body()
+
+    # ------------------------------------------------------------------ UpstreamHandler callbacks
+
+    def upstream_head(self, response: ResponseHead) -> None:
+        attempt = self.attempt
+        assert attempt is not None
+        attempt.header_time = clock() - attempt.started
+        attempt.status = status = response.status
+        if status == 101:  # (only when the client asked to switch: see UpstreamConnection)
+            self._start_tunnel(attempt, response)
+            return
+        failure = failure_for_status(status) if status >= 403 else None
+        if failure is not None and self.conf.next_upstream & NextUpstream(int(failure)):
+            verdict = decide(failure, self._state.tries - 1, self._started, self.loop.time(), self.conf,
+                             self._idempotent, request_sent=True)
+            if verdict == RETRY:
+                self.attempt = None
+                attempt.end(NEXT, self.exchange, failure, _READING_HEADER)
+                self._next_try()
+                return
+        if status >= 300 and self.exchange.intercepts(status):
+            self._intercepted(attempt, status)
+            return
+        self._pass_response(attempt, response)
+
+    def _intercepted(self, attempt: Attempt, status: int) -> None:
+        """proxy_intercept_errors: the peer's response is dropped (its connection with it: the
+        body is unread) and the request goes on to its error_page."""
+        self.attempt = None
+        conn, attempt.conn = attempt.conn, None
+        if conn is not None:
+            conn.abort()
+        attempt.end(DONE, self.exchange)
+        self.exchange.finish_with_page(status)
+
+    def upstream_body(self, data: bytes) -> None:
+        self.exchange.conn.send_body(data)
+
+    def upstream_complete(self) -> None:
+        attempt = self.attempt
+        if attempt is not None:
+            self.attempt = None
+            attempt.end(DONE, self.exchange)
+        self.exchange.complete_response()
+
+    def upstream_failed(self, err: UpstreamError) -> None:
+        self._body_conn = None
+        attempt = self.attempt
+        if attempt is None:
+            return  # (the try already ended: nothing waits for this connection any more)
+        attempt.conn = None  # (closed by the connection itself)
+        if self._passing:
+            self._failed_mid_body(attempt, err)
+        elif is_stale_connection(err.failure, err.response_started, attempt.reused, self._stream_body,
+                                 self._idempotent, self.conf.next_upstream):
+            self._retry_fresh(attempt, err)
+        else:
+            self._try_failed(err)
+
+    def upstream_crashed(self, exc: BaseException, where: str) -> None:
+        """The safety net: a bug escaped one of the upstream connection's callbacks."""
+        self.exchange.crashed(exc, where)
+
+    # ------------------------------------------------------------------ try outcomes
+
+    def _pass_response(self, attempt: Attempt, response: ResponseHead) -> None:
+        """Give the client this response, streaming its body with back-pressure."""
+        conn = attempt.conn
+        assert conn is not None
+        ex = self.exchange
+        self._passing = True
+        ex.status = response.status
+        ex.upstream_headers = response.headers
+        headers = response.client_headers()
+        location = ex.location
+        if location.response_filter is not None:  # proxy_hide_header, proxy_pass_header
+            headers = location.response_filter(headers, response.headers)
+        if location.add_headers is not None:
+            headers += location.add_headers(ex, response.status)
+        trace = self.location.trace
+        if trace is not None:  # balancer_trace_header on
+            headers = trace.headers(ex, headers)
+        ex.response_headers = headers
+        client = ex.conn
+        if ex.err_status:  # the answer to an error_page redirect carries the original code
+            ex.status = ex.err_status
+            client.send_head(ex.status, headers, response.content_length)
+        else:
+            client.send_head(response.status, headers, response.content_length, reason=response.reason)
+        conn.stream_to(self)  # the body that came with the head goes out with it
+        if self.attempt is attempt:  # still streaming: not completed by stream_to
+            client.flush()
+            if client.writing_paused:
+                conn.pause_reading()
+
+    def _start_tunnel(self, attempt: Attempt, response: ResponseHead) -> None:
+        """The peer switched protocols: pass its 101 on, then join the two sockets. The try
+        stays in progress (its ``$upstream_*`` are the tunnel's) until the tunnel ends."""
+        conn = attempt.conn
+        assert conn is not None
+        ex = self.exchange
+        self._passing = True
+        ex.status = 101
+        ex.upstream_headers = response.headers
+        headers = response.client_headers() + _upgrade_lines(response.headers)
+        ex.response_headers = headers
+        client = ex.conn
+        client.send_head(101, headers, None, reason=response.reason)
+        client.flush()
+        upstream_transport, from_upstream = conn.detach()
+        attempt.conn = None
+        assert client.transport is not None
+        tunnel = self._tunnel = Tunnel(self.loop, ex.read_timeout, ex.send_timeout, CLIENT_SEND_TIMEOUT,
+                                       self._tunnel_ended)
+        client_side, upstream_side = tunnel.sides(client.transport, upstream_transport)
+        upstream_transport.set_protocol(upstream_side)
+        _transport, from_client = client.switch_protocols(client_side)
+        client_side.lost = client.connection_lost  # (the client connection's own clean-up)
+        tunnel.start(from_client, from_upstream)
+
+    def _tunnel_ended(self, reason: str) -> None:
+        tunnel = self._tunnel
+        attempt = self.attempt
+        self.attempt = None
+        ex = self.exchange
+        try:
+            if reason and attempt is not None:
+                level = "error" if reason == UPSTREAM_TIMED_OUT else "info"
+                errorlog.log_error(level, f"{reason} while proxying upgraded connection", ex.conn_id,
+                                   ex.log_context(attempt.addr))
+            if tunnel is not None:
+                ex.conn.bytes_sent += tunnel.sent_to_client
+                ex.conn.body_bytes_sent += tunnel.sent_to_client
+            if attempt is not None:
+                attempt.end(UPGRADED, ex)
+            ex.finish_logged()
+        except Exception as exc:
+            ex.crashed(exc, "proxying upgraded connection")
+
+    def _try_failed(self, err: UpstreamError) -> None:
+        """nginx's ngx_http_upstream_next: log, end the try, and retry or answer with our page."""
+        attempt = self.attempt
+        assert attempt is not None
+        self.attempt = None
+        self._body_conn = None
+        self._log_error(attempt, err, err.phase)
+        failure = attempt.end(FAILED, self.exchange, err.failure, err.phase)
+        assert failure is not None
+        verdict = decide(failure, self._state.tries, self._started, self.loop.time(), self.conf,
+                         self._idempotent, request_sent=err.request_sent)
+        if verdict == RETRY:
+            self._next_try()
+        else:
+            self.exchange.finish_with_page(verdict)
+
+    def _retry_fresh(self, attempt: Attempt, err: UpstreamError) -> None:
+        """A pooled connection the peer had closed: nginx retries without costing a try; we
+        stay on the same peer, in the same try, on a new connection."""
+        self._log_error(attempt, err, f"{err.phase} (cached connection, retrying on a new one)", "info")
+        self._connect(attempt)
+
+    def _failed_mid_body(self, attempt: Attempt, err: UpstreamError) -> None:
+        """The client already has part of the response: close it, never fake a complete one."""
+        self.attempt = None
+        self._log_error(attempt, err, "reading upstream")
+        attempt.end(BROKEN, self.exchange)
+        ex = self.exchange
+        ex.finish_logged()
+        ex.conn.abort()
+
+    def _no_live_upstreams(self, hook: Any) -> None:
+        ex = self.exchange
+        record = TryRecord(self.upstream.name, 0.0, hook)
+        record.status = 502
+        record.response_time = 0.0  # nginx logs "0.000" for it: every try has a response time
+        ex.tries.append(record)
+        errorlog.log_error("error", "no live upstreams while connecting to upstream",
+                           ex.conn_id, ex.log_context(None))
+        ex.finish_with_page(502)
+
+    def _log_error(self, attempt: Attempt, err: UpstreamError, phase: str, level: str = "error") -> None:
+        ex = self.exchange
+        errorlog.log_error(level, f"{err} while {phase}", ex.conn_id, ex.log_context(attempt.addr))
+
+
+def _asks_upgrade(connection: bytes | None) -> bool:
+    """The client's Connection header names "upgrade" (llhttp then saw an Upgrade request):
+    a 101 from the peer may switch this connection."""
+    return connection is not None and b"upgrade" in connection.lower()
+
+
+def _upgrade_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The peer's Upgrade header (hop-by-hop, hidden from other responses) for a 101."""
+    return b"".join(name + b": " + value + b"\r\n" for name, value in headers if name.lower() == b"upgrade")
+
+
+def _connect_error(task: asyncio.Task[object], conn: UpstreamConnection) -> UpstreamError | None:
+    """Why opening the connection failed (None: it is open). A connection the peer closed
+    between the connect and this callback (an overloaded peer accepting then dropping) is a
+    failed try, as nginx counts it: "upstream prematurely closed connection"."""
+    if task.cancelled():
+        return UpstreamError(Failure.TIMEOUT, "upstream timed out (110: Connection timed out)",
+                             phase=_CONNECTING, request_sent=False)
+    exc = task.exception()
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamError(Failure.ERROR, handshake_error_text(exc), phase=_HANDSHAKING, request_sent=False)
+    if exc is not None:
+        if not isinstance(exc, OSError):
+            raise exc  # a bug, not a network failure (the safety net reports it)
+        return UpstreamError(Failure.ERROR, f"connect() failed {errorlog.os_error_text(exc)}",
+                             phase=_CONNECTING, request_sent=False)
+    if conn.state is not ConnState.ACTIVE or not conn.is_alive():
+        return UpstreamError(Failure.ERROR, PREMATURE, phase=_READING_HEADER, request_sent=False)
+    return None
+
+
+# Names that lived here before the split into exchange.py, attempt.py and uri.py, resolved on
+# first use for code written against the old layout (scriptlb itself imports them from their
+# new modules; TryRecord and split_local_addr are still importable from here).
+_MOVED = {
+    "Exchange": "scriptlb.request.exchange",
+    "normalize_uri": "scriptlb.routing.uri",
+    "split_target": "scriptlb.routing.uri",
+    "quote_uri": "scriptlb.routing.uri",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,622 @@
+"""Per-worker objects built once from a ``MainConf``: what the request path reads.
+
+Everything that can be computed before the first request is computed here, so the hot path
+only looks things up: per listening key a ``ServerRoute`` (Host -> ``ServerRuntime``), per
+server a location matcher whose results map to ``LocationRuntime`` objects (the upstream
+request template, ``return`` bodies, access logs), and per upstream an ``UpstreamRuntime``
+(peers, balancer, keep-alive pool, hook).
+
+A reload does not mutate any of this: the master starts new workers with the new config, so a
+worker builds its ``Runtime`` exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from scriptlb.balancing import create_balancer
+from scriptlb.balancing.round_robin import RoundRobin
+from scriptlb.config.model import (
+    HookConf,
+    HttpConf,
+    LocationConf,
+    MainConf,
+    PythonConf,
+    ServerConf,
+    Template,
+    UpstreamConf,
+)
+from scriptlb.http.downstream import HOP_BY_HOP
+from scriptlb.http.pool import ConnectionPool
+from scriptlb.request.accesslog import PhaseClock
+from scriptlb.routing.locations import LocationMatcher, ServerSelector, selectors_by_listen
+from scriptlb.routing.uri import quote_uri
+from scriptlb.state.peers import PeerSet
+from scriptlb.state.stats import Recorder, UpstreamStats
+from scriptlb.variables.evaluate import use_maps
+
+if TYPE_CHECKING:
+    from scriptlb.hookrt.hooks import LogHookRunner
+    from scriptlb.http.downstream import ClientConnection
+    from scriptlb.ops.status import WorkerStatus
+    from scriptlb.request.accesslog import LogFile
+    from scriptlb.request.exchange import Exchange
+
+Getter = Callable[[Any], str]
+
+# Client headers never forwarded as they are: hop-by-hop ones, the framing we redo, and Expect
+# (we answer 100-continue ourselves), as nginx's default proxy_set_header list does.
+_NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"expect"}
+
+
+def _compile(template: Template) -> Getter:
+    if template.static is not None:
+        text = template.static
+        return lambda exchange: text
+    from scriptlb.variables.evaluate import compile_template
+
+    return compile_template(template)
+
+
+class UpstreamRuntime:
+    """One upstream block in this worker: peers, balancer, keep-alive pool and optional hook."""
+
+    __slots__ = (
+        "_hook_pool", "balancer", "conf", "hook", "key_getter", "loop", "name", "observe", "peers", "pool",
+        "stats",
+    )
+
+    def __init__(
+        self, conf: UpstreamConf, loop: asyncio.AbstractEventLoop, python: PythonConf | None = None,
+        recorder: Recorder | None = None,
+    ) -> None:
+        self.conf = conf
+        self.loop = loop
+        self.name = conf.name
+        self.peers = PeerSet.from_conf(conf)
+        self.balancer = create_balancer(conf, self.peers)
+        # the balancer's observe, for methods that learn from latency (ewma, least_time); None
+        # for the others, so a try's end skips the call
+        observe = getattr(type(self.balancer), "observe", None)
+        self.observe = None if observe is RoundRobin.observe else self.balancer.observe
+        self.key_getter = _balancer_key_getter(self.balancer, conf)
+        self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests)
+        # this upstream's records in the instance's live peer statistics (python_peer_stats)
+        self.stats = UpstreamStats(recorder, conf.name) if recorder is not None else None
+        if self.stats is not None:
+            self.stats.assign_indexes(self.peers.primary, self.peers.backup)
+        self.hook: Any = None
+        self._hook_pool: ConnectionPool | None = None
+        if conf.hook is not None:
+            # imported here: only configs with hooks pay for the sandbox; a configured hook is
+            # never silently ignored (an import error fails the worker's start)
+            from scriptlb.hookrt.hooks import HookRunner
+
+            self.hook = HookRunner(conf.hook, self, python)
+
+    def hook_pool(self, idle_timeout: float, max_requests: int) -> ConnectionPool:
+        """OpenResty's pool for hook-set peers: ``balancer_keepalive`` connections (default 32) per
+        upstream and worker. Its timeout and request limit are the last ``enable_keepalive``
+        values."""
+        pool = self._hook_pool
+        if pool is None:
+            pool = self._hook_pool = ConnectionPool(
+                self.loop, self.conf.balancer_keepalive, idle_timeout, max_requests
+            )
+        pool.idle_timeout = idle_timeout
+        pool.max_requests = max_requests
+        return pool
+
+    def replace_servers(self, conf: UpstreamConf) -> None:
+        """A run-time server list (``scriptlb.state.peer_lists``): new peers, the balancer rebuilt
+        over them; requests in flight keep the peers they hold. The statistics must already
+        have records for the new peers (``Runtime.replace_servers`` sees to it)."""
+        self.conf = conf
+        self.peers = PeerSet.from_conf(conf)
+        if self.stats is not None:
+            self.stats.rebind()
+            self.stats.assign_indexes(self.peers.primary, self.peers.backup)
+        self.balancer.rebuild(self.peers)
+
+    def refresh_weights(self) -> None:
+        """Take weights hooks set (``upstream.set_peer_weight``, in any worker) since the last
+        request; balancers that cache weights (hash's total, random's ranges) recompute them."""
+        stats = self.stats
+        if stats is not None and stats.refresh_weights(self.peers.primary, self.peers.backup):
+            self.balancer.weights_changed()
+
+    def close(self) -> None:
+        self.pool.close()
+        if self._hook_pool is not None:
+            self._hook_pool.close()
+
+    def __repr__(self) -> str:
+        return f"<UpstreamRuntime {self.name} {self.balancer!r} {self.pool!r}>"
+
+
+def _balancer_key_getter(balancer: object, conf: UpstreamConf) -> Getter | None:
+    """What a keyed method (``hash $x``, ``ip_hash``) hashes, evaluated per request."""
+    kind = getattr(balancer, "key_kind", None)
+    if kind == "remote_addr":
+        return lambda exchange: exchange.remote_addr
+    if kind == "template":
+        from scriptlb.config.templates import compile_template as split_template
+
+        return _compile(split_template(conf.method.args[0]))
+    return None
+
+
+class RequestPlan:
+    """The upstream request of one location, precomputed: request-line version, static
+    ``proxy_set_header`` lines as bytes, compiled getters for the dynamic ones, the client
+    headers to drop, the proxy_pass URI replacement and whether connections are pooled."""
+
+    __slots__ = (
+        "body_override",
+        "close_after",
+        "dynamic_headers",
+        "http11",
+        "location_prefix",
+        "method",
+        "pass_client_headers",
+        "pooled",
+        "replace_uri",
+        "sends_no_body",
+        "skip_client",
+        "static_headers",
+        "version_line",
+    )
+
+    def __init__(self, location: LocationConf, upstream: UpstreamConf | None, proxy_host: str) -> None:
+        proxy = location.proxy
+        self.http11 = proxy.http_version == "1.1"
+        self.version_line = b" HTTP/1.1\r\n" if self.http11 else b" HTTP/1.0\r\n"
+        static: list[bytes] = []
+        dynamic: list[tuple[bytes, Getter]] = []
+        skip = set(_NOT_FORWARDED)
+        connection_value: str | None = None
+        for lower, name, template in proxy.set_headers:
+            skip.add(lower.encode("latin-1"))
+            if template.static is not None or template.raw == "$proxy_host":
+                value = proxy_host if template.static is None else template.static
+                if lower == "connection":
+                    connection_value = value
+                if value:
+                    static.append(f"{name}: {value}\r\n".encode("latin-1"))
+            else:
+                dynamic.append((name.encode("latin-1"), _compile(template)))
+        self.static_headers = b"".join(static)
+        self.dynamic_headers = tuple(dynamic)
+        self.skip_client = frozenset(skip)
+        # we ask the peer to close unless HTTP/1.1 without "Connection: close" (nginx's recipe)
+        self.close_after = not self.http11 or (connection_value or "").lower() == "close"
+        self.pooled = not self.close_after and upstream is not None and upstream.keepalive > 0
+        pass_conf = location.proxy_pass
+        self.replace_uri = pass_conf.uri if pass_conf is not None else None
+        self.location_prefix = location.pattern if location.modifier in ("", "^~", "=") else ""
+        self.method = _compile(proxy.method) if proxy.method is not None else None
+        self.pass_client_headers = proxy.pass_request_headers
+        # proxy_set_body / proxy_pass_request_body off: body(exchange) -> bytes
+        self.body_override: Callable[[Any], bytes] | None = None
+        self.sends_no_body = proxy.set_body is None and not proxy.pass_request_body
+        if proxy.set_body is not None:
+            from scriptlb.variables.evaluate import compile_template_bytes
+
+            self.body_override = compile_template_bytes(proxy.set_body)
+        elif not proxy.pass_request_body:
+            self.body_override = _no_body
+
+    def upstream_uri(self, exchange: Exchange) -> str:
+        """The URI sent to the peer (nginx: the client's URI as sent, or proxy_pass's URI part
+        replacing the location prefix of the normalized URI)."""
+        if self.replace_uri is None:
+            raw = exchange.request_uri
+            return raw if raw.startswith("/") else _path_and_args(exchange)
+        uri = exchange.uri
+        prefix = self.location_prefix
+        rest = uri[len(prefix):] if prefix and uri.startswith(prefix) else uri
+        new = quote_uri(self.replace_uri + rest)
+        return new + "?" + exchange.args if exchange.args is not None else new
+
+    def build_head(self, exchange: Exchange, body_length: int | None, chunked: bool = False) -> bytes:
+        target = exchange.request.target
+        if self.replace_uri is not None or target[:1] != b"/":
+            target = self.upstream_uri(exchange).encode("latin-1")
+        # (else the client's target, as it came: the bytes upstream_uri would decode and encode)
+        method = exchange.method if self.method is None else self.method(exchange)
+        parts = [method.encode("latin-1"), b" ", target, self.version_line, self.static_headers]
+        for name, getter in self.dynamic_headers:
+            value = getter(exchange)
+            if value:
+                parts.append(name + b": " + value.encode("latin-1", "replace") + b"\r\n")
+        skip = self.skip_client
+        connection = exchange.request.connection
+        listed = _connection_listed(connection) if connection is not None else None
+        for name, value in exchange.headers if self.pass_client_headers else ():
+            lower = name.lower()
+            if lower in skip or (listed and lower in listed):
+                continue
+            parts.append(name + b": " + value + b"\r\n")
+        if body_length is not None:
+            parts.append(b"Content-Length: %d\r\n" % body_length)
+        elif chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")  # a streamed body of unknown length
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+
+def _no_body(exchange: Exchange) -> bytes:
+    return b""
+
+
+def _path_and_args(exchange: Exchange) -> str:
+    return exchange.uri + ("?" + exchange.args if exchange.args is not None else "")
+
+
+def _connection_listed(connection: bytes) -> frozenset[bytes]:
+    """Header names a Connection header declares hop-by-hop, lower-cased."""
+    return frozenset(token.strip().lower() for token in connection.split(b","))
+
+
+class LocationRuntime:
+    __slots__ = (
+        "access",
+        "access_logs",
+        "add_headers",
+        "conf",
+        "content",
+        "error_pages",
+        "log_hook",
+        "plan",
+        "proxy_host",
+        "response_filter",
+        "return_getter",
+        "rewrite",
+        "tls",
+        "trace",
+        "upstream",
+        "zone",
+    )
+
+    def __init__(self, conf: LocationConf, upstream: UpstreamRuntime | None, access_logs: tuple,
+                 log_hook: LogHookRunner | None = None) -> None:
+        self.conf = conf
+        self.upstream = upstream
+        self.access_logs = access_logs
+        self.log_hook = log_hook  # log_by_python, run by the exchange after the access logs
+        # allow/deny + auth_basic (scriptlb.request.access): None, or check(exchange) -> refusal | None
+        self.access: Callable[[Any], tuple[int, bytes] | None] | None = None
+        if conf.access or conf.auth_basic_user_file is not None:
+            from scriptlb.request.access import access_phase
+
+            self.access = access_phase(conf)
+        # stub_status / api / prometheus (scriptlb.request.handlers): content(exchange) answers
+        self.content: Callable[[Any], None] | None = None
+        # add_header (scriptlb.request.headers_filter): None, or lines(exchange, status) -> bytes
+        self.add_headers: Callable[[Any, int], bytes] | None = None
+        if conf.add_headers:
+            from scriptlb.request.headers_filter import AddHeaders
+
+            self.add_headers = AddHeaders(conf.add_headers).lines
+        # proxy_hide_header / proxy_pass_header (scriptlb.request.headers_filter)
+        self.response_filter: Callable[[bytes, Any], bytes] | None = None
+        if conf.proxy.hide_headers or conf.proxy.pass_headers:
+            from scriptlb.request.headers_filter import response_filter
+
+            self.response_filter = response_filter(conf.proxy.hide_headers, conf.proxy.pass_headers)
+        # set / if / rewrite / break (scriptlb.request.rewrite): None, or the compiled phase
+        self.rewrite: Any = None
+        if conf.rewrite:
+            from scriptlb.request.rewrite import RewritePhase
+
+            self.rewrite = RewritePhase(conf.rewrite)
+        # error_page (scriptlb.request.error_pages): None, or status -> ErrorPage
+        self.error_pages: dict | None = None
+        if conf.error_pages:
+            from scriptlb.request.error_pages import error_pages
+
+            self.error_pages = error_pages(conf.error_pages)
+        self.zone: list[int] | None = None  # status_zone: this worker's counts by status // 100
+        self.tls: Any = None  # proxy_pass https://: a scriptlb.http.tls.PeerTls (set by the Runtime)
+        # balancer_trace_header on (scriptlb.variables.trace): adds the trace to proxied responses for
+        # clients that ask from an allowed address; None: the proxy pays one attribute test
+        self.trace: Any = None
+        if conf.trace_header:
+            from scriptlb.request.access import address_matcher
+            from scriptlb.variables.trace import TraceHeader
+
+            self.trace = TraceHeader(address_matcher(conf.trace_allow))
+        self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
+        self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
+        ret = conf.return_
+        # bytes: a body or Location echoes request bytes as received (nginx copies bytes)
+        self.return_getter: Callable[[Any], bytes] | None = None
+        if ret is not None and ret.text is not None:
+            from scriptlb.variables.evaluate import compile_template_bytes
+
+            self.return_getter = compile_template_bytes(ret.text)
+
+    def return_response(self, exchange: Exchange) -> tuple[bytes, bytes | None]:
+        """(headers, body) of ``return``; body None means nginx's own page for the status."""
+        ret = self.conf.return_
+        assert ret is not None
+        getter = self.return_getter
+        if ret.status in (301, 302, 303, 307, 308):
+            if getter is None:
+                return b"", None
+            location = getter(exchange)
+            if location.startswith(b"/"):
+                location = absolute_redirect(exchange, location)
+            return b"Location: " + location + b"\r\n", None
+        if getter is None:
+            return b"", (b"" if ret.status < 300 else None)
+        return b"Content-Type: text/plain\r\n", getter(exchange)
+
+
+def absolute_redirect(exchange: Exchange, path: bytes) -> bytes:
+    """nginx's absolute_redirect on, server_name_in_redirect off, port_in_redirect on."""
+    port = exchange.server_port
+    host = exchange.host
+    if ":" in host:
+        host = f"[{host}]"
+    prefix = f"http://{host}{'' if port == 80 else f':{port}'}"
+    return prefix.encode("latin-1", "replace") + path
+
+
+# ServerRuntime.match's memo: at most this many URIs (then it starts over), none longer
+_MATCH_CACHE_SIZE = 4096
+_MATCH_CACHE_URI_MAX = 256
+
+
+class ServerRuntime:
+    """One ``server`` block: its name and its locations."""
+
+    __slots__ = ("_builder", "_by_id", "_matched", "conf", "default_location", "matcher", "name")
+
+    def __init__(self, conf: ServerConf, builder: Callable[[LocationConf], LocationRuntime]) -> None:
+        self.conf = conf
+        self.name = next((n for n in conf.server_names if not n.startswith(("~", "*", "."))), "")
+        self.matcher = LocationMatcher(conf.locations)
+        self._builder = builder
+        self._by_id: dict[int, LocationRuntime] = {}
+        self._matched: dict[str, LocationRuntime] = {}  # uri -> location, see match
+        for loc in conf.locations:
+            self._by_id[id(loc)] = builder(loc)
+        self.default_location = builder(LocationConf(modifier="", pattern=""))
+
+    def named(self, name: str) -> LocationRuntime | None:
+        """The ``location @name`` (error_page's target), None if there is none."""
+        conf = self.matcher.named.get(name)
+        if conf is None:
+            return None
+        found = self._by_id.get(id(conf))
+        if found is None:
+            found = self._by_id[id(conf)] = self._builder(conf)
+        return found
+
+    def match(self, uri: str) -> LocationRuntime:
+        """The location for ``uri``; recent answers are remembered (the same few URIs come
+        again and again; the cache is bounded: clients choose URIs)."""
+        found = self._matched.get(uri)
+        if found is not None:
+            return found
+        conf = self.matcher.match(uri)
+        if conf is None:
+            found = self.default_location
+        else:
+            found = self._by_id.get(id(conf))
+            if found is None:  # the matcher's own locations (automatic 301s): built on first use
+                found = self._by_id[id(conf)] = self._builder(conf)
+        if len(uri) <= _MATCH_CACHE_URI_MAX:
+            if len(self._matched) >= _MATCH_CACHE_SIZE:
+                self._matched.clear()
+            self._matched[uri] = found
+        return found
+
+
+class ServerRoute:
+    """The servers of one listening key, selected by host."""
+
+    __slots__ = ("_by_id", "default_server", "selector")
+
+    def __init__(self, selector: ServerSelector, servers: dict[int, ServerRuntime]) -> None:
+        self.selector = selector
+        self._by_id = servers
+        self.default_server = servers[id(selector.default)]
+
+    def select(self, host: str | None) -> ServerRuntime:
+        return self._by_id[id(self.selector.select(host))]
+
+
+class Runtime:
+    """All per-worker runtime objects of one configuration."""
+
+    def __init__(
+        self, conf: MainConf, loop: asyncio.AbstractEventLoop, recorder: Recorder | None = None
+    ) -> None:
+        self.conf = conf
+        self.loop = loop
+        self.requests = 0  # requests this worker started (stub_status's "requests")
+        self.recorder = recorder
+        self.peer_lists: Any = None  # scriptlb.state.peer_lists.PeerListWatcher, set by the worker
+        self.health: Any = None  # scriptlb.ops.health.HealthView (health_check), set by the worker
+        self.health_checker: Any = None  # scriptlb.ops.health.HealthChecker: this worker's checks
+        self.stream: Any = None  # scriptlb.stream.runtime.StreamRuntime, set by the worker
+        self.metrics: Any = None  # the prometheus location's registry, built on first scrape
+        # status_zone name -> responses by status // 100 in this worker (published by status)
+        self.zone_counts: dict[str, list[int]] = {}
+        self.status: WorkerStatus | None = None  # the instance's counters, set by the worker
+        http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
+        use_maps(http.maps)
+        self.upstreams = {
+            name: UpstreamRuntime(up, loop, http.python, recorder) for name, up in http.upstreams.items()
+        }
+        self._python = http.python
+        # the log phase's frozen clock, for the access logs of locations with a log hook
+        self.log_clock = PhaseClock()
+        self._access_logs: dict[tuple, tuple] = {}
+        # one runner per distinct log hook: locations inheriting a hook share it (and its
+        # error-rate limit), as they share the code compiled once by precompile
+        self._log_hooks: dict[HookConf, LogHookRunner] = {}
+        # one LogFile per path, shared by every access_log directive naming it (one open, one
+        # buffer, lines in order), as nginx opens each path once
+        self._log_files: dict[str, LogFile] = {}
+        self._tls_contexts: dict[Any, Any] = {}  # ProxySslConf -> its client SSLContext
+        self.servers = {id(s): ServerRuntime(s, self._build_location) for s in http.servers}
+        self.routes = {
+            key: ServerRoute(selector, self.servers) for key, selector in selectors_by_listen(http).items()
+        }
+
+    def _build_location(self, conf: LocationConf) -> LocationRuntime:
+        upstream = None
+        if conf.proxy_pass is not None and conf.return_ is None:
+            upstream = self.upstreams[conf.proxy_pass.upstream]
+        location = LocationRuntime(conf, upstream, self._access_logs_for(conf), self._log_hook_for(conf))
+        if conf.proxy_pass is not None and conf.proxy_pass.ssl:
+            location.tls = self._peer_tls(conf, location.proxy_host)
+        if conf.status_zone is not None:
+            location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
+        if conf.handler is not None:
+            from scriptlb.request.handlers import content_handler
+
+            location.content = content_handler(conf, self)
+        elif conf.return_ is None and conf.proxy_pass is None and os.path.isabs(conf.root):
+            # (a location the config did not build, the server's "no location matched" one,
+            # has no root of its own: it answers 404 as before)
+            from scriptlb.request.static import StaticFiles
+
+            location.content = StaticFiles(conf.root, conf.index)
+        return location
+
+    def _peer_tls(self, conf: LocationConf, proxy_host: str) -> Any:
+        from scriptlb.http.tls import PeerTls, client_context, proxy_host_name  # (only TLS configs)
+
+        ssl_conf = conf.proxy.ssl
+        contexts = self._tls_contexts
+        context = contexts.get(ssl_conf)
+        if context is None:
+            context = contexts[ssl_conf] = client_context(ssl_conf)
+        if ssl_conf.name is not None:
+            name = _compile(ssl_conf.name)
+        else:
+            host = proxy_host_name(proxy_host)
+            name = lambda ex: host  # noqa: E731
+        return PeerTls(context, name, ssl_conf.server_name)
+
+    def _log_hook_for(self, conf: LocationConf) -> LogHookRunner | None:
+        hook = conf.log_hook
+        if hook is None:
+            return None
+        runner = self._log_hooks.get(hook)
+        if runner is None:
+            # imported here: only configs with hooks pay for the sandbox; an import error
+            # fails the worker's start (a configured hook is never silently ignored)
+            from scriptlb.hookrt.hooks import LogHookRunner
+
+            runner = self._log_hooks[hook] = LogHookRunner(hook, self._python)
+        return runner
+
+    def _access_logs_for(self, conf: LocationConf) -> tuple:
+        if not conf.access_log:
+            return ()
+        # With a log hook, the access logs read the log phase's frozen time (log_clock),
+        # so the hook's $request_time & co equal the line's; without one, the plain clock.
+        frozen = conf.log_hook is not None
+        key = (conf.access_log, frozen)
+        logs = self._access_logs.get(key)
+        if logs is None:
+            from scriptlb.request.accesslog import open_access_log
+
+            clock: Callable[[], float] = self.log_clock if frozen else time.time
+            logs = self._access_logs[key] = tuple(
+                open_access_log(c, self.loop, self._log_files, clock) for c in conf.access_log
+            )
+        return logs
+
+    def sync_passive(self) -> None:
+        """``zone`` upstreams: take the passive health (``max_fails``) every worker shares
+        (``UpstreamStats.sync_passive``); the worker calls it every ``PASSIVE_SYNC`` seconds."""
+        for upstream in self.upstreams.values():
+            if upstream.conf.zone and upstream.stats is not None and not upstream.peers.single:
+                upstream.stats.sync_passive((*upstream.peers.primary, *upstream.peers.backup))
+
+    def replace_servers(self, changed: dict[str, UpstreamConf]) -> None:
+        """New server lists for some upstreams (``scriptlb.state.peer_lists``), applied between two
+        loop callbacks: statistics records for new peers first, then peers and balancers."""
+        recorder = self.recorder
+        if recorder is not None and self.conf.http is not None:
+            import dataclasses
+
+            from scriptlb.state.stats import PeerStats, layout_of
+
+            upstreams = {name: changed.get(name, up.conf) for name, up in self.upstreams.items()}
+            old = recorder.stats
+            recorder.stats = PeerStats.open(
+                os.path.dirname(old.path), layout_of(dataclasses.replace(self.conf.http, upstreams=upstreams))
+            )
+            for upstream in self.upstreams.values():
+                if upstream.stats is not None and upstream.name not in changed:
+                    upstream.stats.rebind()
+            old.close()  # the shard stays this process's: the new map holds it
+        for name, conf in changed.items():
+            self.upstreams[name].replace_servers(conf)
+        if self.health is not None:
+            self.health.apply()
+            self.health_checker.sync(self.loop)
+
+    # ------------------------------------------------------------------ the request path
+
+    def tls_context(self, keys: list | tuple) -> Any:
+        """The SSLContext a listening socket (its keys) is opened with, or None without TLS:
+        the default server's, switching on SNI to the server ``server_name`` picks (a server
+        on the socket without TLS settings of its own answers with the default's)."""
+        servers = [s for s in self.conf.http.servers if any(lc.key in keys for lc in s.listens)] \
+            if self.conf.http is not None else []
+        confs = [s.ssl for s in servers if s.ssl is not None]
+        if not confs:
+            return None
+        from scriptlb.http.tls import server_context, sni_context  # (only TLS configs load ssl)
+
+        route = self.routes[keys[0]]
+        fallback = route.default_server.conf.ssl or confs[0]
+        contexts: dict[int, Any] = {}
+
+        def context_of(conf: ServerConf) -> Any:
+            ssl_conf = conf.ssl or fallback
+            ctx = contexts.get(id(ssl_conf))
+            if ctx is None:
+                ctx = contexts[id(ssl_conf)] = server_context(ssl_conf)
+            return ctx
+
+        default = context_of(route.default_server.conf)
+        return sni_context(default, lambda name: context_of(route.selector.select(name)))
+
+    def route_for(self, conn: ClientConnection) -> ServerRoute:
+        """The listening key a connection arrived on (a wildcard socket may serve several)."""
+        keys = conn.listener.keys
+        if len(keys) == 1:
+            return self.routes[keys[0]]
+        for key in keys:
+            host, port, unix_path = key
+            if unix_path is None and host == conn.server_addr and port == conn.server_port:
+                return self.routes[key]
+        wildcard = next((k for k in keys if k[0] in ("0.0.0.0", "::", None)), keys[0])
+        return self.routes[wildcard]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close pooled connections and flush access logs (worker exit)."""
+        for upstream in self.upstreams.values():
+            upstream.close()
+        for file in self._log_files.values():  # once per path, however many logs share it
+            file.close()
+
+    def reopen_logs(self) -> None:
+        """USR1: each access-log path is reopened once (nginx reopens each open file once)."""
+        for file in self._log_files.values():
+            file.reopen()
