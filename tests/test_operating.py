@@ -210,11 +210,12 @@ def test_api_workers_lists_each_worker_process_with_its_own_counts(tmp_path: Pat
                 return response.status
 
             assert delete("/api/9/workers/7") == 404
+            time.sleep(0.3)  # every worker published what it counted (a reset starts from that)
             assert delete("/api/9/workers") == 204
-            time.sleep(0.3)  # published since
+            time.sleep(0.3)
             after = get_json(port, "/api/9/workers")
-            # counted again from zero: this request and the DELETE at most (a publish raced it)
-            assert sum(w["http"]["requests"]["total"] for w in after) <= 3, after
+            # counted again from zero: the reading request (and the DELETE, if a publish raced it)
+            assert 1 <= sum(w["http"]["requests"]["total"] for w in after) <= 2, after
             assert get_json(port, "/api/9/connections")["accepted"] >= accepted  # totals kept
 
 

@@ -224,7 +224,8 @@ class WorkerStatus:
     def reset_workers(self, worker_id: int | None = None) -> bool:
         """nginx Plus's ``DELETE /workers[/ID]``: the live workers' (or one id's) counters
         start again from zero in ``workers()`` (their rows' claim-time words move to what they
-        published; the instance totals are untouched). False when no such worker lives."""
+        published; the instance totals are untouched: what another worker counted since its
+        last publish, at most ``PUBLISH_INTERVAL`` ago, stays). False when no such worker lives."""
         q = self._q
         found = False
         with _locked(self.path):
