@@ -14,6 +14,7 @@ import os
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 # `scriptlb -s NAME` -> the signal sent to the master (nginx's names)
 COMMAND_SIGNALS: dict[str, signal.Signals] = {
@@ -91,8 +92,15 @@ class SignalWaiter:
     def __init__(self, signals: Iterable[signal.Signals] = MASTER_SIGNALS) -> None:
         self._signals = frozenset(signals)
         self._previous_mask: set[signal.Signals] | None = None
+        self._previous_retiring: Any = None
 
     def __enter__(self) -> SignalWaiter:
+        if WORKER_RETIRING in self._signals:
+            # A worker's notice may still be pending when the master stops waiting (its
+            # workers QUIT, say so, and exit before the master takes it): ignored, it is
+            # discarded when the mask is restored instead of killing the master (a real-time
+            # signal's default action). Blocked, it still queues for sigtimedwait (Linux).
+            self._previous_retiring = signal.signal(WORKER_RETIRING, signal.SIG_IGN)
         self._previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._signals)
         return self
 
@@ -100,6 +108,9 @@ class SignalWaiter:
         if self._previous_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._previous_mask)
             self._previous_mask = None
+        if self._previous_retiring is not None:
+            signal.signal(WORKER_RETIRING, self._previous_retiring)
+            self._previous_retiring = None
 
     def wait(self, timeout: float | None) -> Received | None:
         """The next pending signal, waiting at most ``timeout`` seconds (None: forever)."""
