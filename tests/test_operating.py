@@ -396,7 +396,9 @@ def test_mandatory_persistent_keeps_an_up_peer_up_across_a_reload(tmp_path: Path
             os.kill(proc.pid, signal.SIGHUP)
             wait_for(lambda: not (_children(proc.pid) & old) and len(_children(proc.pid)) == 2,
                      what="the new workers alone", timeout=20)
-            assert states() == ("up", "checking", "checking")
+            # (each peer's new checker marks it once its worker has started: c "checking" says
+            # worker 0, which also checks a, runs; a still "up" is then the persisted state)
+            wait_for(lambda: states() == ("up", "checking", "checking"), what="a up, b and c checking")
             time.sleep(0.3)  # every worker applied the shared health words (every 100 ms)
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             for path, expected in (("/a", 200), ("/b", 502)):
