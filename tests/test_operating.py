@@ -140,7 +140,7 @@ def test_a_worker_shutting_down_on_its_own_is_replaced_before_it_exits(tmp_path:
             assert fresh_get(port) == "ok"  # served by the replacement
             release.set()
             client.join(20)
-            wait_for(lambda: not _alive(old), what="the old worker to exit")
+            wait_for(lambda: old not in _children(proc.pid), what="the old worker to exit (reaped)")
             assert _children(proc.pid) == new  # replaced once, not twice
     assert held == ["ok"]
     log = (tmp_path / "logs" / "error.log").read_text()

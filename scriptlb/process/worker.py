@@ -288,11 +288,19 @@ class Worker:
             await asyncio.sleep(_DRAIN_POLL)  # polled: a drain is rare
 
     def install_signals(self) -> None:
+        """The loop's handlers replace the early ones (``prepare_worker_signals``). The signals
+        are blocked meanwhile: one arriving while the loop swaps handlers would otherwise reach
+        neither (the early handler is gone, the loop's not registered yet: a QUIT sent right
+        after a reload's fork left that worker running). Unblocked, a pending one goes through
+        the loop's wakeup descriptor to its handler."""
         loop = self.loop
-        loop.add_signal_handler(signal.SIGQUIT, self._on_signal, signal.SIGQUIT)
-        loop.add_signal_handler(signal.SIGTERM, self._on_signal, signal.SIGTERM)
-        loop.add_signal_handler(signal.SIGINT, self._on_signal, signal.SIGINT)
-        loop.add_signal_handler(signal.SIGUSR1, self._on_signal, signal.SIGUSR1)
+        signals = (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        try:
+            for signo in signals:
+                loop.add_signal_handler(signo, self._on_signal, signo)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def _on_signal(self, signo: signal.Signals) -> None:
         if signo == signal.SIGUSR1:
