@@ -468,3 +468,42 @@ def test_a_stream_hook_that_picks_a_down_peer_gets_it_and_a_warn_line_says_so(tm
         assert conn.recv(1) == b"B"
     log = (tmp_path / "e.log").read_text()
     assert "[warn]" in log and f"balancer_by_python chose down peer {b.addr} while proxying connection" in log
+
+
+# --------------------------------------------------------------------------- a quit after a reload
+
+
+def test_a_quit_right_after_a_reload_stops_the_new_workers_too(tmp_path: Path) -> None:
+    """QUIT just after HUP reaches workers still installing their handlers: each must stop
+    (a signal arriving while the loop replaced the early handlers used to be lost, leaving a
+    worker, and so the master, running)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import answers
+
+    for round_ in range(6):
+        where = tmp_path / str(round_)
+        (port,) = free_ports(1)
+        conf = write_conf(where, f"""\
+            http {{ server {{ listen 127.0.0.1:{port}; location / {{ return 200 "up"; }} }} }}
+            """)
+        proc = subprocess.Popen([sys.executable, "-m", "scriptlb", "-p", str(where), "-c", str(conf)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: answers(port) == "up", what="the first answer")  # noqa: B023
+            os.kill(proc.pid, signal.SIGHUP)
+            wait_for(lambda: "reconfiguring" in (where / "logs" / "error.log").read_text(),  # noqa: B023
+                     what="the reload")
+            os.kill(proc.pid, signal.SIGQUIT)
+            try:
+                assert proc.wait(timeout=15) == 0
+            except subprocess.TimeoutExpired:
+                children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+                raise AssertionError((children, (where / "logs" / "error.log").read_text())) from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

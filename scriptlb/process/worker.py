@@ -68,12 +68,16 @@ class Worker:
         self._servers: list[asyncio.AbstractServer] = []
         self._tls = False  # a listener terminates TLS
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
+        self._unblock_signals: set[signal.Signals] | None = None  # the mask serve() restores
         self.ready = threading.Event()
         self.freeze_gc = False  # True in a worker process (run), not in a test's thread
         self.cluster: cluster.ClusterNode | None = None  # master_process off: the sync tasks
 
     async def serve(self) -> None:
         self._stop = self.loop.create_future()
+        if self._unblock_signals is not None:  # (install_signals: now the loop hears them)
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._unblock_signals)
+            self._unblock_signals = None
         if self.loop.get_exception_handler() is None:
             # a bug escaping a callback: an [alert] line in the error log, not a traceback on
             # stderr (a test's WorkerThread installs its own, which records them)
@@ -289,18 +293,16 @@ class Worker:
 
     def install_signals(self) -> None:
         """The loop's handlers replace the early ones (``prepare_worker_signals``). The signals
-        are blocked meanwhile: one arriving while the loop swaps handlers would otherwise reach
-        neither (the early handler is gone, the loop's not registered yet: a QUIT sent right
-        after a reload's fork left that worker running). Unblocked, a pending one goes through
-        the loop's wakeup descriptor to its handler."""
+        stay blocked until ``serve`` runs in the loop: uvloop hears of a signal through its
+        wakeup descriptor, which exists only while the loop runs; one that came before (a QUIT
+        sent right after a reload's fork) was noted by its handler and never acted on, and
+        that worker, and so the master, ran on. Unblocked in the running loop, a pending one
+        takes the wakeup path to ``_on_signal``."""
         loop = self.loop
         signals = (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-        try:
-            for signo in signals:
-                loop.add_signal_handler(signo, self._on_signal, signo)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        self._unblock_signals = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        for signo in signals:
+            loop.add_signal_handler(signo, self._on_signal, signo)
 
     def _on_signal(self, signo: signal.Signals) -> None:
         if signo == signal.SIGUSR1:
