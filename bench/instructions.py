@@ -1,6 +1,6 @@
 """Instructions per proxied request, counted by valgrind (callgrind): a noise-free A/B.
 
-    .venv/bin/python bench/instructions.py [--low 200] [--high 1200] [--metrics | --sync | --trace]
+    .venv/bin/python bench/instructions.py [--low 200] [--high 1200] [--metrics | --sync | --trace | --tls]
 
 Wall-clock A/Bs on a shared or virtual machine wander by more than the few percent some
 features cost (issue 5's peer statistics must cost <= 3%). Instruction counts do not: this
@@ -41,13 +41,19 @@ TRACE_CONFIGS = {"trace header off": "",
                  "trace header on": "balancer_trace_header on; balancer_trace_allow 127.0.0.1;"}
 
 
-def proxy_conf(prefix: Path, listen: int, backend: int, extra: str, server_extra: str = "") -> str:
+# --tls: the same proxy with its listen terminating TLS (a trustme certificate), the client on
+# HTTPS keep-alive: the difference is what TLS costs per request in user mode
+TLS_CONFIGS = {"plain HTTP": "", "HTTPS": " ssl"}
+
+
+def proxy_conf(prefix: Path, listen: int, backend: int, extra: str, server_extra: str = "",
+               listen_params: str = "") -> str:
     return (
         f"daemon off; master_process off; error_log {prefix}/error.log error; pid {prefix}/pid;\n"
         "events {}\n"
         f"http {{ access_log off; {extra}\n"
         f"  upstream b {{ server 127.0.0.1:{backend}; keepalive 16; }}\n"
-        f"  server {{ listen 127.0.0.1:{listen}; {server_extra}\n"
+        f"  server {{ listen 127.0.0.1:{listen}{listen_params}; {server_extra}\n"
         '    location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; }\n'
         "  }\n}\n"
     )
@@ -97,8 +103,26 @@ def backend_conf(prefix: Path, listen: int) -> str:
             f'http {{ access_log off; server {{ listen 127.0.0.1:{listen}; return 200 "ok"; }} }}\n')
 
 
-def send(port: int, count: int) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+def tls_files(work: Path) -> str:
+    """ssl_certificate lines of a certificate made for the run."""
+    import trustme
+
+    cert = trustme.CA().issue_cert("bench.test")
+    cert.cert_chain_pems[0].write_to_path(work / "cert.pem")
+    cert.private_key_pem.write_to_path(work / "key.pem")
+    return f"ssl_certificate {work}/cert.pem; ssl_certificate_key {work}/key.pem;"
+
+
+def send(port: int, count: int, tls: bool = False) -> None:
+    if tls:
+        import ssl
+
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection("127.0.0.1", port, timeout=120,
+                                                                       context=context)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
         for _ in range(count):
             conn.request("GET", "/")
@@ -110,7 +134,7 @@ def send(port: int, count: int) -> None:
 
 
 def instructions(procs: bench_proc.Procs, work: Path, name: str, conf: str, port: int, count: int,
-                 master: bool = False) -> int:
+                 master: bool = False, tls: bool = False) -> int:
     """Total instructions of one worker's life that served ``count`` requests (+1 probe)."""
     prefix = work / name
     prefix.mkdir(parents=True, exist_ok=True)
@@ -122,7 +146,7 @@ def instructions(procs: bench_proc.Procs, work: Path, name: str, conf: str, port
                               str(prefix / "scriptlb.conf")], cwd=str(HERE.parent))
     if not bench_proc.wait_port(port, proc, timeout=300):
         raise SystemExit(f"{name} did not start:\n{proc.log_tail()}")
-    send(port, 1 + count)
+    send(port, 1 + count, tls)
     procs.stop(proc, timeout=300)  # TERM: the worker exits and callgrind writes its totals
     if master:
         return worker_instructions(out, proc.pid)
@@ -178,9 +202,10 @@ def main() -> int:
     parser.add_argument("--sync-hook", choices=sorted(SYNC_HOOKS), default="count",
                         help="--sync: the hook reads and counts (get + incr) or only reads (2 gets)")
     parser.add_argument("--trace", action="store_true", help="compare balancer_trace_header off/on instead")
+    parser.add_argument("--tls", action="store_true", help="compare plain HTTP and HTTPS keep-alive instead")
     opts = parser.parse_args()
     configs = (METRICS_CONFIGS if opts.metrics else SYNC_CONFIGS if opts.sync
-               else TRACE_CONFIGS if opts.trace else CONFIGS)
+               else TRACE_CONFIGS if opts.trace else TLS_CONFIGS if opts.tls else CONFIGS)
     if opts.sync and shutil.which("redis-server") is None:
         print("redis-server is missing: bash scripts/install-test-tools", file=sys.stderr)
         return 1
@@ -216,10 +241,14 @@ def main() -> int:
                                          opts.sync_hook)
                     elif opts.metrics:
                         conf = proxy_conf(prefix, port, backend_port, "", extra)
+                    elif opts.tls:
+                        certificate = tls_files(work) if extra else ""
+                        conf = proxy_conf(prefix, port, backend_port, "", certificate, extra)
                     else:
                         conf = proxy_conf(prefix, port, backend_port, extra)
                     name = f"{label}-{count}".replace(" ", "_")
-                    counts.append(instructions(procs, work, name, conf, port, count, master=opts.sync))
+                    counts.append(instructions(procs, work, name, conf, port, count, master=opts.sync,
+                                               tls=bool(opts.tls and extra)))
                 per_request[label] = (counts[1] - counts[0]) / (opts.high - opts.low)
                 print(f"{label:24s} {per_request[label]:10,.0f} instructions per request", flush=True)
         finally:
@@ -231,6 +260,10 @@ def main() -> int:
     if opts.metrics:
         on, off = per_request["metrics on"], per_request["metrics off"]
         print(f"metrics: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
+        return 0
+    if opts.tls:
+        on, off = per_request["HTTPS"], per_request["plain HTTP"]
+        print(f"TLS: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
         return 0
     if opts.trace:
         on, off = per_request["trace header on"], per_request["trace header off"]

@@ -5,6 +5,11 @@
 One nginx backend (CPU 1) answers a 24-byte body; nginx and scriptlb (1 worker each, CPU 0)
 terminate TLS (a trustme certificate, TLSv1.2+1.3) and proxy to it over keep-alive; wrk (CPU 1,
 1 thread) drives each in turn, repetitions interleaved, medians reported. Needs nginx and wrk.
+
+Besides req/s, each run's CPU seconds of the proxy's process tree give CPU-seconds per request;
+the "CPU-normalized" ratio (nginx's CPU per request / scriptlb's) is what the req/s ratio would
+be with each proxy owning its core, which other load on a shared machine barely moves. The same
+proxies on a plain-HTTP port give the reference: the part of the gap that is not TLS.
 """
 
 from __future__ import annotations
@@ -23,14 +28,22 @@ from pathlib import Path
 
 import trustme
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_proc import cpu_seconds
+
 BACKEND, NGINX_TLS, SCRIPTLB_TLS = 18081, 18443, 18444
+NGINX_PLAIN, SCRIPTLB_PLAIN = 18082, 18083
 NGINX_TEMP = "client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; " \
              "uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;"
 
 
-def proxy_block(port: int, work: Path) -> str:
+def proxy_block(port: int, plain_port: int, work: Path) -> str:
     return f"""
         upstream b {{ server 127.0.0.1:{BACKEND}; keepalive 128; }}
+        server {{
+            listen 127.0.0.1:{plain_port};
+            location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+        }}
         server {{
             listen 127.0.0.1:{port} ssl;
             ssl_certificate {work}/cert.pem; ssl_certificate_key {work}/key.pem;
@@ -61,14 +74,20 @@ def wait_port(port: int) -> None:
     raise SystemExit(f"port {port} never answered")
 
 
-def wrk(port: int, duration: int, close: bool) -> float:
+def wrk(port: int, duration: int, close: bool, pid: int, scheme: str = "https") -> tuple[float, float]:
+    """(req/s, CPU seconds of process tree ``pid`` per 1,000 requests) of one wrk run."""
     args = ["taskset", "-c", "1", "wrk", "-t1", "-c16" if close else "-c32", f"-d{duration}s"]
     if close:
         args += ["-H", "Connection: close"]
-    out = subprocess.run([*args, f"https://127.0.0.1:{port}/"], capture_output=True, text=True,
+    before = cpu_seconds(pid)
+    out = subprocess.run([*args, f"{scheme}://127.0.0.1:{port}/"], capture_output=True, text=True,
                          timeout=duration + 30).stdout
+    cpu = cpu_seconds(pid) - before
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    return float(match.group(1)) if match else 0.0
+    total = re.search(r"(\d+) requests in", out)
+    rate = float(match.group(1)) if match else 0.0
+    requests = int(total.group(1)) if total else 0
+    return rate, (cpu * 1000 / requests if requests else 0.0)
 
 
 def main() -> None:
@@ -85,13 +104,13 @@ def main() -> None:
     cert.private_key_pem.write_to_path(work / "key.pem")
     backend = nginx_conf(work, "backend", f'server {{ listen 127.0.0.1:{BACKEND}; '
                                           f'location / {{ return 200 "hello from the backend!\\n"; }} }}')
-    proxy = nginx_conf(work, "nginx", proxy_block(NGINX_TLS, work))
+    proxy = nginx_conf(work, "nginx", proxy_block(NGINX_TLS, NGINX_PLAIN, work))
     lb = work / "scriptlb"
     (lb / "logs").mkdir(parents=True)
     (lb / "scriptlb.conf").write_text(
         f"daemon off; worker_processes 1; pid {lb}/pid; error_log {lb}/logs/error.log; "
         f"events {{ worker_connections 4096; }}\n"
-        f"http {{ access_log off; {proxy_block(SCRIPTLB_TLS, work)} }}\n"
+        f"http {{ access_log off; {proxy_block(SCRIPTLB_TLS, SCRIPTLB_PLAIN, work)} }}\n"
     )
     procs = [
         subprocess.Popen(["taskset", "-c", "1", "nginx", "-p", str(work / "backend"), "-c", str(backend)]),
@@ -100,18 +119,25 @@ def main() -> None:
                           str(lb / "scriptlb.conf")]),
     ]
     try:
-        for port in (BACKEND, NGINX_TLS, SCRIPTLB_TLS):
+        for port in (BACKEND, NGINX_TLS, SCRIPTLB_TLS, NGINX_PLAIN, SCRIPTLB_PLAIN):
             wait_port(port)
-        figures: dict[tuple[str, bool], list[float]] = {}
+        pids = {"nginx": procs[1].pid, "scriptlb": procs[2].pid}
+        runs = (("HTTPS keep-alive", "https", False, (NGINX_TLS, SCRIPTLB_TLS)),
+                ("HTTPS new connection per request", "https", True, (NGINX_TLS, SCRIPTLB_TLS)),
+                ("plain HTTP keep-alive (reference)", "http", False, (NGINX_PLAIN, SCRIPTLB_PLAIN)))
+        figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for _ in range(args.reps):
-            for close in (False, True):
-                for name, port in (("nginx", NGINX_TLS), ("scriptlb", SCRIPTLB_TLS)):
-                    figures.setdefault((name, close), []).append(wrk(port, args.duration, close))
-        for close, what in ((False, "HTTPS keep-alive"), (True, "HTTPS new connection per request")):
-            ours = statistics.median(figures[("scriptlb", close)])
-            theirs = statistics.median(figures[("nginx", close)])
-            ratio = ours / theirs if theirs else 0.0
-            print(f"{what}: nginx {theirs:.0f} req/s, scriptlb {ours:.0f} req/s, ratio {ratio:.2f}")
+            for what, scheme, close, ports in runs:
+                for name, port in zip(("nginx", "scriptlb"), ports, strict=True):
+                    run = wrk(port, args.duration, close, pids[name], scheme)
+                    figures.setdefault((name, what), []).append(run)
+        for what, *_ in runs:
+            ours, theirs = figures[("scriptlb", what)], figures[("nginx", what)]
+            rate, nrate = statistics.median(r for r, _ in ours), statistics.median(r for r, _ in theirs)
+            cpu, ncpu = statistics.median(c for _, c in ours), statistics.median(c for _, c in theirs)
+            print(f"{what}: nginx {nrate:.0f} req/s ({ncpu * 1000:.0f} us CPU/req), "
+                  f"scriptlb {rate:.0f} req/s ({cpu * 1000:.0f} us CPU/req); "
+                  f"ratio {rate / nrate if nrate else 0:.2f}, CPU-normalized {ncpu / cpu if cpu else 0:.2f}")
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGQUIT)

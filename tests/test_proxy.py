@@ -139,14 +139,14 @@ def test_return_location_and_client_keepalive(tmp_path: Path) -> None:
 
 
 def test_response_headers_rewritten(tmp_path: Path) -> None:
-    headers = {"Server": "backend/1.0", "X-Accel-Redirect": "/x", "X-Kept": "1", "Connection": "X-Secret",
+    headers = {"Server": "backend/1.0", "X-Accel-Expires": "10", "X-Kept": "1", "Connection": "X-Secret",
                "X-Secret": "s", "Date": "Mon, 01 Jan 2001 00:00:00 GMT"}
     with Backends(respond(headers=headers)) as bk, run(conf(servers(bk[0])), tmp_path) as lb:
         response = get(lb.port, "/")
     names = [name.lower() for name, _ in response.headers]
     assert response.header("server") == "scriptlb"
     assert response.header("x-kept") == "1"
-    assert "x-accel-redirect" not in names and "x-secret" not in names
+    assert "x-accel-expires" not in names and "x-secret" not in names
     assert names.count("date") == 1 and "2001" not in (response.header("date") or "")
 
 
@@ -458,12 +458,33 @@ def test_empty_post_keeps_its_content_length(tmp_path: Path) -> None:
         ("/..", None),
         ("/a/%00", None),
         ("/a/..", "/"),
+        ("/a/b%", None),  # an escape without its two hex digits: 400, as nginx
+        ("/a/b%1", None),
+        ("/a/b%zz", None),
     ],
 )
 def test_uri_normalization(raw: str, normalized: str | None) -> None:
     from scriptlb.routing.uri import normalize_uri
 
     assert normalize_uri(raw) == normalized
+
+
+@pytest.mark.parametrize(
+    ("target", "split"),
+    [
+        (b"/a?x=1", ("/a", "x=1")),
+        (b"/a/.#frag", ("/a/.", None)),  # the fragment is dropped
+        (b"/a?x#frag", ("/a", "x")),
+        (b"http://h", ("/", None)),
+        (b"http://h?args#f", ("/", "args")),
+        (b"http://h:80/p?q", ("/p", "q")),
+        (b"h/p", None),
+    ],
+)
+def test_request_target_split(target: bytes, split: tuple[str, str | None] | None) -> None:
+    from scriptlb.routing.uri import split_target
+
+    assert split_target(target) == split
 
 
 def test_location_match_memo_gives_the_matchers_answer_and_stays_bounded(
@@ -500,3 +521,18 @@ def test_location_match_memo_gives_the_matchers_answer_and_stays_bounded(
             assert len(server._matched) <= 8
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize(
+    ("target", "host"),
+    [
+        (b"http://h:8/p", b"h:8"),
+        (b"http://[::1]:8/", b"[::1]:8"),
+        (b"http://[v1.a!$&'()*+,;=-._~:]/", b"[v1.a!$&'()*+,;=-._~:]"),  # IPvFuture
+        (b"http://h h/", None),
+    ],
+)
+def test_absolute_form_host(target: bytes, host: bytes | None) -> None:
+    from scriptlb.routing.uri import absolute_host
+
+    assert absolute_host(target) == host

@@ -811,3 +811,60 @@ def test_listen_ssl_without_a_certificate_is_nginx_s_error(tmp_path: Path) -> No
     with pytest.raises(ConfigError) as err:
         load_conf("stream { server { listen 1 ssl; proxy_pass 127.0.0.1:2; } }", tmp_path)
     assert 'no "ssl_certificate" is defined for the "listen ... ssl" directive' in str(err.value)
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(not HAS_NGINX_STREAM, reason="nginx stream module missing")
+def test_stream_ssl_verify_client_as_nginx(tmp_path: Path) -> None:
+    """A verified client is relayed; one without a certificate (on) or with one from an unknown
+    issuer (on: refused; optional_no_ca: relayed) is closed after the handshake with nginx's
+    info line."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca.issue_cert("lb.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "lb.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    contexts = {}
+    for name, issuer in (("good", ca), ("none", None), ("stranger", trustme.CA())):
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        if issuer is not None:
+            issuer.issue_cert(f"{name}@example.test").configure_cert(ctx)
+        contexts[name] = ctx
+    with TcpPeer(echo) as peer:
+        ports = free_ports(2)
+        block = "".join(f"""
+            server {{
+                listen 127.0.0.1:{port} ssl;
+                ssl_certificate {tmp_path}/lb.pem; ssl_certificate_key {tmp_path}/lb.pem;
+                ssl_client_certificate {tmp_path}/ca.pem; ssl_verify_client {verify};
+                proxy_pass {peer.addr};
+            }}""" for port, verify in zip(ports, ("on", "optional_no_ca"), strict=True))
+        results = {}
+        for who in ("nginx", "scriptlb"):
+            where = tmp_path / who
+            where.mkdir()
+            runner = nginx_stream(where, block) if who == "nginx" else _scriptlb_process(where, block)
+            answers = []
+            with runner:
+                for port, name in ((ports[0], "good"), (ports[0], "none"), (ports[0], "stranger"),
+                                   (ports[1], "stranger")):
+                    answers.append(_tls_echo(port, contexts[name]))
+                log = where / ("logs/error.log" if who == "nginx" else "error.log")
+                said = "no required SSL certificate"
+                assert wait_until(lambda log=log, said=said: said in log.read_text(), timeout=10)
+                lines = [line.split("] ", 1)[1].split(" ", 2)[2] for line in log.read_text().splitlines()
+                         if "required SSL certificate" in line or "certificate verify error" in line]
+            results[who] = (answers, [line.replace(str(ports[0]), "PORT") for line in lines])
+    assert results["scriptlb"][0] == [b"ping", b"", b"", b"ping"]
+    assert results["scriptlb"] == results["nginx"]
+
+
+def _tls_echo(port: int, ctx: ssl.SSLContext) -> bytes:
+    """What the echo peer sent back through a TLS session ("" when the proxy closed it)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="lb.test") as tls:
+            tls.sendall(b"ping")
+            return tls.recv(100)
+    except (ssl.SSLError, ConnectionError):
+        return b""

@@ -24,12 +24,14 @@ class TlsPeer:
             client_ca.configure_trust(self.ctx)
             self.ctx.verify_mode = ssl.CERT_REQUIRED
         self.connections = 0
+        self.resumed: list[bool] = []  # per connection: the client resumed a session
         self.ctx.sni_callback = lambda sock, name, ctx: setattr(sock, "sni", name)  # type: ignore[assignment,misc]
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         number = self.connections
         peer = writer.get_extra_info("ssl_object")
+        self.resumed.append(bool(peer is not None and peer.session_reused))
         client = peer.getpeercert() if peer is not None else None
         who = dict(x for rdn in client["subject"] for x in rdn).get("commonName", "") if client else ""
         try:
@@ -179,3 +181,28 @@ def test_a_client_certificate_to_the_peer_as_nginx(tmp_path: Path, ca: trustme.C
         with nginx_running(ngx, block(f"127.0.0.1:{port}"), [port]):
             theirs = get(port, "/").body
     assert theirs.split(b"|")[0::2] == ours.split(b"|")[0::2]
+
+
+@pytest.mark.parametrize("reuse", ["on", "off"])
+def test_new_connections_resume_the_peer_session(tmp_path: Path, ca: trustme.CA, reuse: str) -> None:
+    """proxy_ssl_session_reuse (on by default): without keep-alive every request opens a new
+    connection, and each after the first resumes the peer's last session (TLSv1.3 tickets)."""
+    peer = TlsPeer(ca, "peer.test")
+    with peer.serve() as addr:
+        block = f"""
+            server {{
+                listen {{port0}};
+                location / {{
+                    proxy_pass https://{addr};
+                    proxy_ssl_verify on;
+                    proxy_ssl_trusted_certificate {_ca_file(ca, tmp_path)};
+                    proxy_ssl_name peer.test;
+                    proxy_ssl_session_reuse {reuse};
+                }}
+            }}
+        """
+        with _lb(tmp_path, block) as lb:
+            bodies = [get(lb.port, "/").body for _ in range(4)]
+    assert [body.split(b"|")[0] for body in bodies] == [b"peer.test"] * 4
+    assert len(peer.resumed) == 4  # a connection per request
+    assert peer.resumed == ([False, True, True, True] if reuse == "on" else [False] * 4)

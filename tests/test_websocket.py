@@ -69,8 +69,8 @@ def serving(start: Callable[[], Awaitable[Any]]) -> Iterator[str]:
         loop.close()
 
 
-def websocket_server() -> AbstractContextManager[str]:
-    """A real WebSocket echo server."""
+def websocket_server(ssl_context: Any = None) -> AbstractContextManager[str]:
+    """A real WebSocket echo server (over TLS with ``ssl_context``)."""
 
     async def echo(ws) -> None:  # type: ignore[no-untyped-def]
         try:
@@ -79,7 +79,7 @@ def websocket_server() -> AbstractContextManager[str]:
         except ConnectionClosed:
             pass
 
-    return serving(lambda: serve(echo, "127.0.0.1", 0, max_size=4 * MIB, ping_interval=None))
+    return serving(lambda: serve(echo, "127.0.0.1", 0, max_size=4 * MIB, ping_interval=None, ssl=ssl_context))
 
 
 async def _echo_round_trip(port: int, payload: bytes) -> bytes:
@@ -286,5 +286,27 @@ def test_wss_through_tls_termination(tmp_path: Path) -> None:
         main = f"daemon off; master_process off; error_log {tmp_path}/error.log info;\n"
         with Scriptlb(main + f"http {{ {conf} }}", tmp_path) as lb:
             assert asyncio.run(round_trip(lb.port)) is True
+            (line,) = read_log_lines(tmp_path / "ws.log", 1)
+    assert line.startswith("101 101 ")
+
+
+def test_a_1mib_message_through_a_tls_peer(tmp_path: Path) -> None:
+    """proxy_pass https:// with the recipe: the tunnel runs on the peer's TLS transport."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    peer_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("peer.test").configure_cert(peer_ctx)
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    with websocket_server(peer_ctx) as backend:
+        conf = _recipe("{port0}", tmp_path / "ws.log", backend).replace(
+            f"proxy_pass http://{backend}", f"proxy_pass https://{backend}; proxy_ssl_verify on; "
+            f"proxy_ssl_name peer.test; proxy_ssl_trusted_certificate {tmp_path}/ca.pem", 1)
+        assert "https://" in conf
+        main = f"daemon off; master_process off; error_log {tmp_path}/error.log info;\n"
+        with Scriptlb(main + f"http {{ {conf} }}", tmp_path) as lb:
+            _run_echo(lb.port)
             (line,) = read_log_lines(tmp_path / "ws.log", 1)
     assert line.startswith("101 101 ")

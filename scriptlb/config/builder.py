@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from scriptlb.config.addresses import AddressError, ProxyUrl, parse_proxy_url, resolve
-from scriptlb.config.directives import COMBINED_FORMAT, Ctx, State, listen_name, lookup
+from scriptlb.config.directives import (
+    COMBINED_FORMAT,
+    OFF,
+    Ctx,
+    State,
+    default_redirect,
+    listen_name,
+    lookup,
+)
 from scriptlb.config.drafts import (
     Header,
     HookDraft,
@@ -36,9 +44,11 @@ from scriptlb.config.model import (
     BreakerConf,
     ClientBodyConf,
     ErrorLogConf,
+    ExpiresConf,
     HealthCheckConf,
     HookConf,
     HttpConf,
+    LimitExceptConf,
     ListenConf,
     LocationConf,
     LogFormat,
@@ -55,6 +65,8 @@ from scriptlb.config.model import (
     Source,
     SslCertificate,
     SslConf,
+    Template,
+    TextRewrite,
     UpstreamConf,
     UpstreamServerConf,
 )
@@ -374,7 +386,7 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
     return ServerConf(
         listens=tuple(server.listens) or (_default_listen(server),),
         server_names=tuple(server.server_names) or ("",),
-        locations=tuple(_location_conf(loc, chain, resolver) for loc in locations),
+        locations=tuple(conf for loc in locations for conf in _location_tree(loc, chain, resolver)),
         client_header_timeout=_get(chain, "client_header_timeout", 60.0),
         large_client_header_buffers=_get(chain, "large_client_header_buffers", (4, 8192)),
         client_header_buffer_size=_get(chain, "client_header_buffer_size", 1024),
@@ -382,6 +394,7 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
         ignore_invalid_headers=_get(chain, "ignore_invalid_headers", True),
         source=server.source,
         ssl=_ssl_conf(server, chain),
+        rewrite=tuple(_resolved(server.values.get("rewrite_ops", ()))),
     )
 
 
@@ -389,7 +402,11 @@ def _rewrite_ops(chain: Sequence[LevelDraft]) -> tuple[RewriteOp, ...]:
     """The server's rewrite-module directives, then the location's (each level its own, in
     order; http has none). An ``if`` comes with the block read after it."""
     ops: list[RewriteOp] = []
-    for level in reversed(chain[:2]):
+    server = next(level for level in chain if isinstance(level, ServerDraft))
+    own = chain[0]
+    # (a named location is entered past the server's rewrite phase, as nginx)
+    levels = (own,) if isinstance(own, LocationDraft) and own.pattern.startswith("@") else (server, own)
+    for level in levels:
         ops += _resolved(level.values.get("rewrite_ops", ()))
     return tuple(ops)
 
@@ -444,6 +461,7 @@ def _ssl_conf(server: ServerDraft, chain: Sequence[LevelDraft]) -> SslConf | Non
         session_cache=_get(chain, "ssl_session_cache", "none"),
         session_timeout=_get(chain, "ssl_session_timeout", 300.0),
         session_tickets=_get(chain, "ssl_session_tickets", True),
+        session_ticket_keys=tuple(_get(chain, "ssl_session_ticket_key", [])),
         client_certificate=_get(chain, "ssl_client_certificate", None),
         verify_client=_get(chain, "ssl_verify_client", "off"),
         verify_depth=_get(chain, "ssl_verify_depth", 1),
@@ -466,6 +484,22 @@ def _get(chain: Sequence[LevelDraft], name: str, default: Any) -> Any:
         if name in level.values:
             return level.values[name]
     return default
+
+
+def _location_tree(
+    loc: LocationDraft, parents: Sequence[LevelDraft], resolver: _ProxyPassResolver, nested: bool = False
+) -> list[LocationConf]:
+    """A location and every location nested in it (they inherit from it), parents first."""
+    below: list[LocationConf] = []
+    inner: list[LocationConf] = []
+    for child in loc.locations:
+        tree = _location_tree(child, (loc, *parents), resolver, nested=True)
+        inner.append(tree[0])
+        below += tree
+    conf = _location_conf(loc, parents, resolver)
+    if inner or nested:
+        conf = dataclasses.replace(conf, inner=tuple(inner), nested=nested)
+    return [conf, *below]
 
 
 def _location_conf(
@@ -493,16 +527,51 @@ def _location_conf(
         source=loc.source,
         log_hook=_log_hook(chain),
         add_headers=tuple(_get(chain, "add_header", ())),
+        add_trailers=tuple(_get(chain, "add_trailer", ())),
+        expires=_expires(chain),
+        try_files=_get(chain, "try_files", None),
+        limit_except=_limit_except(loc, chain),
         rewrite=_rewrite_ops(chain),
         error_pages=tuple(_get(chain, "error_page", ())),
         intercept_errors=_get(chain, "proxy_intercept_errors", False),
-        root=_get(chain, "root", os.path.join(getattr(chain[-1], "prefix", ""), "html")),
         index=_get(chain, "index", ("index.html",)),
+        **_root_or_alias(chain),
+        absolute_redirect=_get(chain, "absolute_redirect", True),
+        server_name_in_redirect=_get(chain, "server_name_in_redirect", False),
+        port_in_redirect=_get(chain, "port_in_redirect", True),
         **_access_settings(chain, loc),
     )
     if "health_checks" in loc.values:
         resolver.add_health_checks(loc, conf)
     return conf
+
+
+def _root_or_alias(chain: Sequence[LevelDraft]) -> dict[str, Any]:
+    """root and alias share nginx's slot: the innermost level that sets either wins (a
+    nested location inherits its parent's alias, with the parent's prefix)."""
+    for level in chain:
+        if "alias" in level.values:
+            path, prefix = level.values["alias"]
+            return {"alias": path, "alias_prefix": prefix}
+        if "root" in level.values:
+            return {"root": level.values["root"]}
+    return {"root": os.path.join(getattr(chain[-1], "prefix", ""), "html")}
+
+
+def _limit_except(loc: LocationDraft, chain: Sequence[LevelDraft]) -> LimitExceptConf | None:
+    """The location's own limit_except (a nested location does not inherit it, as nginx)."""
+    found = loc.values.get("limit_except")
+    if found is None:
+        return None
+    methods, block = found
+    settings = _access_settings((block, *chain), loc)
+    return LimitExceptConf(methods, settings["access"], settings["auth_basic"],
+                           settings["auth_basic_user_file"])
+
+
+def _expires(chain: Sequence[LevelDraft]) -> ExpiresConf | None:
+    conf = _get(chain, "expires", None)
+    return None if conf is None or conf.kind == "off" else conf
 
 
 def _access_settings(chain: Sequence[LevelDraft], loc: LocationDraft) -> dict[str, Any]:
@@ -579,7 +648,33 @@ def _proxy_conf(chain: Sequence[LevelDraft]) -> ProxyConf:
         pass_headers=tuple(_get(chain, "proxy_pass_header", ())),
         ignore_headers=tuple(_get(chain, "proxy_ignore_headers", ())),
         ssl=_proxy_ssl_conf(chain),
+        redirects=_redirects(chain),
+        cookie_domains=_rules(chain, "proxy_cookie_domain"),
+        cookie_paths=_rules(chain, "proxy_cookie_path"),
+        cookie_flags=_rules(chain, "proxy_cookie_flags"),
+        bind=_rules(chain, "proxy_bind") or None,
     )
+
+
+def _rules(chain: Sequence[LevelDraft], name: str) -> Any:
+    """proxy_cookie_*, proxy_bind: the innermost level's value; () when that level says ``off``."""
+    rules = _get(chain, name, OFF)
+    return () if rules == OFF else rules if isinstance(rules, Template) else tuple(rules)
+
+
+def _redirects(chain: Sequence[LevelDraft]) -> tuple[TextRewrite, ...]:
+    """proxy_redirect as nginx merges it, outermost level first: a level's own rules (or
+    ``off``) replace the inherited ones; a location with proxy_pass that inherits none gets
+    ``default`` for its own URL."""
+    rules: Any = None
+    for level in reversed(chain):
+        own = level.values.get("proxy_redirect")
+        if own is not None:
+            rules = own
+        elif rules is None and isinstance(level, LocationDraft) and level.proxy_pass is not None \
+                and "$" not in level.proxy_pass[0]:
+            rules = [default_redirect(level.proxy_pass[0], level.pattern)]
+    return () if rules is None or rules == OFF else tuple(rules)
 
 
 def _proxy_ssl_conf(chain: Sequence[LevelDraft]) -> ProxySslConf:

@@ -39,10 +39,12 @@ from scriptlb.config.model import (
     AddHeaderConf,
     BalancerMethodConf,
     BreakerConf,
+    CookieFlagsConf,
     DictSyncConf,
     DiscoveryConf,
     ErrorLogConf,
     ErrorPageConf,
+    ExpiresConf,
     ListenConf,
     LogFormat,
     NextUpstream,
@@ -53,6 +55,8 @@ from scriptlb.config.model import (
     SharedDictConf,
     Source,
     Template,
+    TextRewrite,
+    TryFilesConf,
 )
 from scriptlb.config.parser import Node
 from scriptlb.config.regex import compile_nginx_regex
@@ -72,6 +76,7 @@ class Ctx(IntFlag):
     STREAM_SERVER = 256
     STREAM_UPSTREAM = 512
     IF = 1024  # the rewrite module's `if` block (its own directives only)
+    LIMIT_EXCEPT = 2048  # a location's `limit_except` block (access directives only)
 
 
 HSL = Ctx.HTTP | Ctx.SERVER | Ctx.LOCATION
@@ -284,13 +289,9 @@ _REGEX_MODIFIERS = ("~", "~*")
 
 
 def _location(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
-    if isinstance(draft, LocationDraft):
-        raise fail(
-            node,
-            f'nested location "{node.args[-1]}" inside location "{draft.pattern}" '
-            "is not supported by scriptlb",
-        )
     modifier, pattern = _location_args(node)
+    if isinstance(draft, LocationDraft):
+        _check_nested(node, draft, modifier, pattern)
     if modifier in _REGEX_MODIFIERS:
         _check_regex(node, pattern, caseless=modifier == "~*")
     else:
@@ -304,6 +305,18 @@ def _location(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
     location = LocationDraft(modifier=modifier, pattern=pattern, source=node.source)
     draft.locations.append(location)
     return Ctx.LOCATION, location
+
+
+def _check_nested(node: Node, parent: LocationDraft, modifier: str, pattern: str) -> None:
+    """A location inside a location: nginx's rules (ngx_http_core_location)."""
+    if parent.modifier == "=":
+        raise fail(node, f'location "{pattern}" cannot be inside the exact location "{parent.pattern}"')
+    if parent.pattern.startswith("@"):
+        raise fail(node, f'location "{pattern}" cannot be inside the named location "{parent.pattern}"')
+    if pattern.startswith("@"):
+        raise fail(node, f'named location "{pattern}" can be on the server level only')
+    if modifier not in _REGEX_MODIFIERS and not pattern.startswith(parent.pattern):
+        raise fail(node, f'location "{pattern}" is outside location "{parent.pattern}"')
 
 
 def _check_regex(node: Node, pattern: str, caseless: bool) -> None:
@@ -442,8 +455,65 @@ def _add_header(state: State, node: Node, draft: LevelDraft) -> None:
     always = len(node.args) == 3
     if always and node.args[2] != "always":
         raise fail(node, f'invalid parameter "{node.args[2]}"')
-    headers = draft.values.setdefault("add_header", [])
+    headers = draft.values.setdefault(node.name, [])  # add_header or add_trailer
     headers.append(AddHeaderConf(node.args[0], template(node, node.args[1]), always))
+
+
+def parse_expires(text: str, modified: bool) -> tuple[str, int] | str:
+    """ngx_http_parse_expires: (kind, seconds), or nginx's error text."""
+    if not modified and text in ("epoch", "max", "off"):
+        return text, 0
+    kind = "modified" if modified else "access"
+    sign = 1
+    if text.startswith("@"):
+        if modified:
+            return 'daily time cannot be used with "modified" parameter'
+        kind, text = "daily", text[1:]
+    elif text[:1] in ("+", "-"):
+        sign, text = (-1 if text[0] == "-" else 1), text[1:]
+    seconds = parse_time(text, seconds_only=True)
+    if seconds is None:
+        return "invalid value"
+    if kind == "daily" and seconds > 24 * 60 * 60:
+        return "daily time value must be less than 24 hours"
+    return kind, sign * int(seconds)
+
+
+def _try_files(state: State, node: Node, draft: LevelDraft) -> None:
+    """``try_files file ... uri | =code``."""
+    if "try_files" in draft.values:
+        raise fail(node, '"try_files" directive is duplicate')
+    files = []
+    for text in node.args[:-1]:
+        test_dir = len(text) > 1 and text.endswith("/")
+        files.append((template(node, text[:-1] if test_dir else text), test_dir))
+    last = node.args[-1]
+    if last.startswith("="):
+        code = parse_int(last[1:])
+        if code is None or code > 999:
+            raise fail(node, f'invalid code "{last}"')
+        draft.values["try_files"] = TryFilesConf(tuple(files), code=code)
+        return
+    draft.values["try_files"] = TryFilesConf(tuple(files), fallback=template(node, last))
+
+
+def _expires(state: State, node: Node, draft: LevelDraft) -> None:
+    """``expires [modified] time | epoch | max | off`` (a value with variables is parsed per
+    response, as nginx)."""
+    if "expires" in draft.values:
+        raise fail(node, '"expires" directive is duplicate')
+    modified = len(node.args) == 2
+    if modified and node.args[0] != "modified":
+        raise fail(node, '"expires" directive invalid value')
+    text = node.args[-1]
+    value = template(node, text)
+    if value.static is None:
+        draft.values["expires"] = ExpiresConf("modified" if modified else "access", value=value)
+        return
+    parsed = parse_expires(text, modified)
+    if isinstance(parsed, str):
+        raise fail(node, f'"expires" directive {parsed}')
+    draft.values["expires"] = ExpiresConf(*parsed)
 
 
 def _error_page(state: State, node: Node, draft: LevelDraft) -> None:
@@ -482,6 +552,152 @@ def _header_name_list(state: State, node: Node, draft: LevelDraft) -> None:
     draft.values.setdefault(node.name, []).append(node.args[0].lower())
 
 
+# proxy_redirect / proxy_cookie_*: a level's value is its list of rules, or OFF
+OFF = "off"
+
+
+def _rewrite_rules(node: Node, draft: LevelDraft, allow_default: bool) -> list[Any] | None:
+    """The level's list to append to (None: this line was ``off``), with nginx's checks."""
+    current = draft.values.get(node.name)
+    if current == OFF:
+        raise fail(node, f'"{node.name}" directive is duplicate')
+    if len(node.args) == 1:
+        value = node.args[0]
+        if value == "off":
+            if current is not None:
+                raise fail(node, f'"{node.name}" directive is duplicate')
+            draft.values[node.name] = OFF
+            return None
+        if not (allow_default and value == "default"):
+            raise fail(node, f'invalid parameter "{value}"')
+    return draft.values.setdefault(node.name, [])
+
+
+def _rewrite_regex(node: Node, text: str) -> tuple[str, bool]:
+    """``~regex`` / ``~*regex`` -> (regex, caseless), checked now."""
+    caseless = text.startswith("~*")
+    regex = text[2:] if caseless else text[1:]
+    _check_regex(node, regex, caseless)
+    return regex, caseless
+
+
+def default_redirect(url: str, location_name: str) -> TextRewrite:
+    """``proxy_redirect default``: the proxy_pass URL -> the location's name when the URL has
+    a URI part, else the URL + "/" -> "/"."""
+    start = url.find("://")
+    has_uri = start != -1 and url.find("/", start + 3) != -1
+    if has_uri:
+        return TextRewrite("prefix", _literal(location_name), pattern=_literal(url))
+    return TextRewrite("prefix", _literal("/"), pattern=_literal(url + "/"))
+
+
+def _literal(text: str) -> Template:
+    """A template that is ``text`` itself (nginx copies these values, "$" included)."""
+    return Template(raw=text, parts=(text,), static=text)
+
+
+def _proxy_redirect(state: State, node: Node, draft: LevelDraft) -> None:
+    """``proxy_redirect default | off | redirect replacement``."""
+    rules = _rewrite_rules(node, draft, allow_default=True)
+    if rules is None:
+        return
+    if len(node.args) == 1:  # default
+        proxy_pass = getattr(draft, "proxy_pass", None)
+        if proxy_pass is None:
+            raise fail(node, '"proxy_redirect default" should be placed after the "proxy_pass" directive')
+        if "$" in proxy_pass[0]:
+            raise fail(node, '"proxy_redirect default" cannot be used with "proxy_pass" directive '
+                             "with variables")
+        rules.append(default_redirect(proxy_pass[0], draft.pattern))
+        return
+    pattern, replacement = node.args
+    if pattern.startswith("~"):
+        regex, caseless = _rewrite_regex(node, pattern)
+        rules.append(TextRewrite("regex", template(node, replacement), regex=regex, caseless=caseless))
+    else:
+        rules.append(TextRewrite("prefix", template(node, replacement), pattern=template(node, pattern)))
+
+
+def _proxy_cookie_domain(state: State, node: Node, draft: LevelDraft) -> None:
+    """``proxy_cookie_domain off | domain replacement`` (a regex is always caseless)."""
+    rules = _rewrite_rules(node, draft, allow_default=False)
+    if rules is None:
+        return
+    pattern, replacement = node.args
+    if pattern.startswith("~"):
+        regex, _ = _rewrite_regex(node, "~*" + pattern[1:])
+        rules.append(TextRewrite("regex", template(node, replacement), regex=regex, caseless=True))
+        return
+    rules.append(TextRewrite("domain", template(node, replacement.removeprefix(".")),
+                             pattern=template(node, pattern.removeprefix("."))))
+
+
+def _proxy_cookie_path(state: State, node: Node, draft: LevelDraft) -> None:
+    """``proxy_cookie_path off | path replacement``."""
+    rules = _rewrite_rules(node, draft, allow_default=False)
+    if rules is None:
+        return
+    pattern, replacement = node.args
+    if pattern.startswith("~"):
+        regex, caseless = _rewrite_regex(node, pattern)
+        rules.append(TextRewrite("regex", template(node, replacement), regex=regex, caseless=caseless))
+    else:
+        rules.append(TextRewrite("prefix", template(node, replacement), pattern=template(node, pattern)))
+
+
+def _proxy_bind(state: State, node: Node, draft: LevelDraft) -> None:
+    """``proxy_bind address [transparent] | off``: the address may have variables (an empty
+    value binds nothing, as nginx)."""
+    if "proxy_bind" in draft.values:
+        raise fail(node, '"proxy_bind" directive is duplicate')
+    if len(node.args) == 2:
+        if node.args[1] != "transparent":
+            raise fail(node, f'invalid parameter "{node.args[1]}"')
+        raise fail(node, 'the "transparent" parameter of "proxy_bind" is not supported by scriptlb')
+    value = node.args[0]
+    if value == "off":
+        draft.values["proxy_bind"] = OFF
+        return
+    bind = template(node, value)
+    if bind.static is not None and _bind_address(bind.static) is None:
+        raise fail(node, f'invalid address "{value}"')
+    draft.values["proxy_bind"] = bind
+
+
+def _bind_address(text: str) -> tuple[str, int] | None:
+    """"ip", "ip:port", "[v6]:port" or "v6": the (host, port) to bind, None if it is not one."""
+    import ipaddress
+
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, "0"
+    number = parse_int(port or "0")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (host, number) if number is not None and number <= 65535 else None
+
+
+def _proxy_cookie_flags(state: State, node: Node, draft: LevelDraft) -> None:
+    """``proxy_cookie_flags off | cookie flag ...``: flags are templates, read per response
+    (an unknown one is ignored then, as nginx)."""
+    rules = _rewrite_rules(node, draft, allow_default=False)
+    if rules is None:
+        return
+    flags = tuple(template(node, text) for text in node.args[1:])
+    cookie = node.args[0]
+    if cookie.startswith("~"):
+        regex, _ = _rewrite_regex(node, "~*" + cookie[1:])
+        rules.append(CookieFlagsConf(flags, regex=regex))
+    else:
+        rules.append(CookieFlagsConf(flags, cookie=template(node, cookie)))
+
+
 _IGNORABLE = ("x-accel-redirect", "x-accel-expires", "x-accel-limit-rate", "x-accel-buffering",
               "x-accel-charset", "expires", "cache-control", "set-cookie", "vary")
 
@@ -502,7 +718,31 @@ def _keepalive_disable(node: Node) -> tuple[str, ...]:
 
 def _root(state: State, node: Node, draft: LevelDraft) -> None:
     """``root path``: the static handler's directory, absolute against the prefix."""
+    _check_root_slot(node, draft)
     _store(node, draft.values, state.path(node.args[0]) if node.args[0] else "")
+
+
+def _alias(state: State, node: Node, draft: LocationDraft) -> None:
+    """``alias path``: the location's prefix is replaced by ``path``."""
+    _check_root_slot(node, draft)
+    if draft.pattern.startswith("@"):
+        raise fail(node, 'the "alias" directive cannot be used inside the named location')
+    path = node.args[0]
+    # (the prefix is replaced textually: a trailing slash is kept, as written)
+    absolute = state.path(path) + ("/" if path.endswith("/") and path != "/" else "")
+    # (the prefix length it replaces; -1: a regex location's alias names the file)
+    prefix = -1 if draft.modifier in _REGEX_MODIFIERS else len(draft.pattern)
+    draft.values["alias"] = (absolute, prefix)
+
+
+def _check_root_slot(node: Node, draft: LevelDraft) -> None:
+    """root and alias share one slot in nginx: either is duplicate after the other."""
+    for other in ("root", "alias"):
+        if other in draft.values:
+            if other == node.name:
+                raise fail(node, f'"{node.name}" directive is duplicate')
+            raise fail(node, f'"{node.name}" directive is duplicate, '
+                             f'"{other}" directive was specified earlier')
 
 
 def _index(state: State, node: Node, draft: LevelDraft) -> None:
@@ -885,6 +1125,28 @@ def _auth_basic_user_file(state: State, node: Node, draft: LevelDraft) -> None:
     _store(node, draft.values, state.path(node.args[0]))
 
 
+# ngx_methods_names: the methods limit_except can name
+_LIMIT_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "MKCOL", "COPY", "MOVE", "OPTIONS", "PROPFIND",
+                  "PROPPATCH", "LOCK", "UNLOCK", "PATCH")
+
+
+def _limit_except(state: State, node: Node, draft: LocationDraft) -> tuple[Ctx, Any]:
+    """``limit_except method ... { ... }``: the block's access rules apply to the other methods
+    (GET allows HEAD too)."""
+    if "limit_except" in draft.values:
+        raise fail(node, '"limit_except" directive is duplicate')
+    methods = set()
+    for name in node.args:
+        if name.upper() not in _LIMIT_METHODS:  # (nginx compares caselessly)
+            raise fail(node, f'invalid method "{name}"')
+        methods.add(name.upper())
+    if "GET" in methods:
+        methods.add("HEAD")
+    block = LevelDraft()
+    draft.values["limit_except"] = (frozenset(methods), block)
+    return Ctx.LIMIT_EXCEPT, block
+
+
 def _content_handler(state: State, node: Node, draft: LocationDraft) -> None:
     """stub_status, api [write=on|off], prometheus: the location answers by itself."""
     write = False
@@ -1107,10 +1369,7 @@ def _ssl_protocols(state: State, node: Node, draft: LevelDraft) -> None:
 
 def _ssl_verify_client(state: State, node: Node, draft: LevelDraft) -> None:
     value = node.args[0]
-    if value == "optional_no_ca":
-        # Python's ssl cannot accept a certificate it did not verify while still asking for it
-        raise fail(node, '"ssl_verify_client optional_no_ca" is not supported by scriptlb')
-    if value not in ("on", "off", "optional"):
+    if value not in ("on", "off", "optional", "optional_no_ca"):
         raise fail(node, f'invalid value "{value}" in "{node.name}" directive, '
                          'it must be "on", "off", "optional" or "optional_no_ca"')
     _store(node, draft.values, value)
@@ -1118,7 +1377,8 @@ def _ssl_verify_client(state: State, node: Node, draft: LevelDraft) -> None:
 
 def _ssl_session_cache(state: State, node: Node, draft: LevelDraft) -> None:
     for value in node.args:
-        if value in ("off", "none") or value == "builtin" or value.startswith("builtin:"):
+        if value in ("off", "none") or value == "builtin" or (
+                value.startswith("builtin:") and value[len("builtin:"):].isdigit()):
             continue
         name, _, size = value[len("shared:"):].partition(":") if value.startswith("shared:") else ("", "", "")
         if not name or parse_size(size) is None:
@@ -1133,11 +1393,6 @@ def _proxy_ssl_file(state: State, node: Node, draft: LevelDraft) -> None:
 
 def _proxy_ssl_name(state: State, node: Node, draft: LevelDraft) -> None:
     _store(node, draft.values, template(node, node.args[0]))
-
-
-def _ssl_unsupported(state: State, node: Node, draft: LevelDraft) -> None:
-    raise fail(node, f'"{node.name}" is not supported by scriptlb (Python\'s ssl module has no '
-                     "way to set ticket keys; each worker makes its own)")
 
 
 # --------------------------------------------------------------------------- the table
@@ -1243,15 +1498,19 @@ _SPECS: tuple[Spec, ...] = (
     _spec("resolver", Ctx.HTTP | Ctx.UPSTREAM, (1, None), _resolver),
     _spec("resolver_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _slot(msec)),
     # access control, status and the API
-    _spec("allow", HSL, ONE, _access_rule),
-    _spec("deny", HSL, ONE, _access_rule),
-    _spec("auth_basic", HSL, ONE, _auth_basic),
-    _spec("auth_basic_user_file", HSL, ONE, _auth_basic_user_file),
+    _spec("allow", HSL | Ctx.LIMIT_EXCEPT, ONE, _access_rule),
+    _spec("deny", HSL | Ctx.LIMIT_EXCEPT, ONE, _access_rule),
+    _spec("auth_basic", HSL | Ctx.LIMIT_EXCEPT, ONE, _auth_basic),
+    _spec("auth_basic_user_file", HSL | Ctx.LIMIT_EXCEPT, ONE, _auth_basic_user_file),
+    _spec("limit_except", Ctx.LOCATION, (1, None), _limit_except, block=True),
     _spec("stub_status", Ctx.LOCATION, (0, 1), _content_handler),
     _spec("api", Ctx.LOCATION, (0, 1), _content_handler),
     _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),
     _spec("status_zone", Ctx.SERVER, ONE, _slot(lambda node: node.args[0])),
     _spec("add_header", HSL, (2, 3), _add_header),
+    _spec("add_trailer", HSL, (2, 3), _add_header),  # (same syntax and merge)
+    _spec("expires", HSL, (1, 2), _expires),
+    _spec("try_files", Ctx.SERVER | Ctx.LOCATION, (2, None), _try_files),
     # the rewrite module (return is above; inside `if` it is one of the ordered directives)
     _spec("set", Ctx.SERVER | Ctx.LOCATION | Ctx.IF, (2, 2),
           _rewrite_directive(lambda node: rewrite.set_op(node, template))),
@@ -1270,9 +1529,18 @@ _SPECS: tuple[Spec, ...] = (
     _spec("proxy_hide_header", HSL, ONE, _header_name_list),
     _spec("proxy_pass_header", HSL, ONE, _header_name_list),
     _spec("proxy_ignore_headers", HSL, (1, None), _proxy_ignore_headers),
+    _spec("proxy_redirect", HSL, (1, 2), _proxy_redirect),
+    _spec("proxy_cookie_domain", HSL, (1, 2), _proxy_cookie_domain),
+    _spec("proxy_cookie_path", HSL, (1, 2), _proxy_cookie_path),
+    _spec("proxy_cookie_flags", HSL, (1, 4), _proxy_cookie_flags),
+    _spec("proxy_bind", HSL, (1, 2), _proxy_bind),
     # static files (ngx_http_core_module's root, ngx_http_index_module)
     _spec("root", HSL, ONE, _root),
     _spec("index", HSL, (1, None), _index),
+    _spec("alias", Ctx.LOCATION, ONE, _alias),
+    _spec("absolute_redirect", HSL, FLAG, _slot(flag)),
+    _spec("server_name_in_redirect", HSL, FLAG, _slot(flag)),
+    _spec("port_in_redirect", HSL, FLAG, _slot(flag)),
     # tuning that has no counterpart in scriptlb's runtime: accepted, checked, unused
     _spec("proxy_temp_path", HSL, (1, 4), _temp_path),
     _spec("connection_pool_size", HS, ONE, _accepted(_size)),
@@ -1298,7 +1566,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("ssl_session_cache", HS, (1, 2), _ssl_session_cache),
     _spec("ssl_session_timeout", HS, ONE, _slot(msec)),
     _spec("ssl_session_tickets", HS, FLAG, _slot(flag)),
-    _spec("ssl_session_ticket_key", HS, ONE, _ssl_unsupported),
+    _spec("ssl_session_ticket_key", HS, ONE, _ssl_file_list),
     _spec("ssl_client_certificate", HS, ONE, _ssl_path),
     _spec("ssl_verify_client", HS, ONE, _ssl_verify_client),
     _spec("ssl_verify_depth", HS, ONE, _slot(number)),

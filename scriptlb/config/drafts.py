@@ -46,6 +46,7 @@ class LocationDraft(LevelDraft):
     source: Source | None = None
     proxy_pass: tuple[str, Source] | None = None  # the URL as written
     return_: ReturnConf | None = None
+    locations: list[LocationDraft] = field(default_factory=list)  # nested locations
 
 
 @dataclass(eq=False)

@@ -411,6 +411,31 @@ class ProxySslConf:
 
 
 @dataclass(frozen=True, slots=True)
+class TextRewrite:
+    """One ``proxy_redirect`` / ``proxy_cookie_domain`` / ``proxy_cookie_path`` rule.
+
+    ``kind``: "prefix" (``pattern`` starts the text: it is replaced), "domain" (``pattern``
+    equals the domain, a leading dot ignored, case-insensitively), "regex" (``regex`` matches
+    the text: the whole text is replaced, ``$1``... are its captures)."""
+
+    kind: str
+    replacement: Template
+    pattern: Template | None = None
+    regex: str = ""
+    caseless: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CookieFlagsConf:
+    """``proxy_cookie_flags cookie|~regex flag ...``: ``cookie`` (a template, compared
+    case-insensitively) or ``regex`` (caseless) names the cookie."""
+
+    flags: tuple[Template, ...]
+    cookie: Template | None = None
+    regex: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConf:
     """Effective proxy_* settings of one location (inheritance already applied)."""
 
@@ -439,6 +464,12 @@ class ProxyConf:
     pass_headers: tuple[str, ...] = ()  # proxy_pass_header (lower-cased)
     ignore_headers: tuple[str, ...] = ()  # proxy_ignore_headers: accepted (no cache, no X-Accel)
     ssl: ProxySslConf = field(default_factory=lambda: ProxySslConf())  # for proxy_pass https://
+    # proxy_redirect: rules for Location and Refresh (the implicit "default" included); () = off
+    redirects: tuple[TextRewrite, ...] = ()
+    cookie_domains: tuple[TextRewrite, ...] = ()  # proxy_cookie_domain; () = off
+    cookie_paths: tuple[TextRewrite, ...] = ()  # proxy_cookie_path
+    cookie_flags: tuple[CookieFlagsConf, ...] = ()  # proxy_cookie_flags
+    bind: Template | None = None  # proxy_bind: the local address of connections to peers
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,6 +516,39 @@ class AddHeaderConf:
     name: str
     value: Template
     always: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LimitExceptConf:
+    """``limit_except``: requests whose method is not in ``methods`` get these access
+    settings (the block's own, else the location's)."""
+
+    methods: frozenset[str]
+    access: tuple[AccessRule, ...] = ()
+    auth_basic: str | None = None
+    auth_basic_user_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TryFilesConf:
+    """``try_files file ... uri | =code``: ``files`` are (name, test_dir) with the trailing "/"
+    of a directory test removed; the last argument is ``fallback`` (a URI or @name) or
+    ``code``."""
+
+    files: tuple[tuple[Template, bool], ...]
+    fallback: Template | None = None
+    code: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiresConf:
+    """``expires [modified] time | epoch | max | off``: ``kind`` is "off", "epoch", "max",
+    "access" (now + seconds), "modified" (Last-Modified + seconds) or "daily" (``@time``);
+    ``value`` is set instead when the argument has variables (parsed per response)."""
+
+    kind: str
+    seconds: int = 0
+    value: Template | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,14 +603,28 @@ class LocationConf:
     api_write: bool = False  # api write=on
     status_zone: str | None = None  # the server's `status_zone`: responses counted by class
     add_headers: tuple[AddHeaderConf, ...] = ()  # add_header: the innermost level's list
+    add_trailers: tuple[AddHeaderConf, ...] = ()  # add_trailer: the same, for chunked trailers
+    expires: ExpiresConf | None = None  # None: off
     rewrite: tuple[RewriteOp, ...] = ()  # the server's rewrite-module directives, then the location's
     error_pages: tuple[ErrorPageConf, ...] = ()  # error_page: the innermost level's list
     intercept_errors: bool = False  # proxy_intercept_errors
     root: str = "html"  # the static handler's directory (absolute once built)
+    alias: str | None = None  # alias: replaces the location's prefix instead of root
+    alias_prefix: int = -1  # the length of the prefix it replaces; -1: a regex location's file
+    try_files: TryFilesConf | None = None
+    limit_except: LimitExceptConf | None = None
     index: tuple[str, ...] = ("index.html",)
     # balancer_trace_header / balancer_trace_allow: the trace header, for these clients only
     trace_header: bool = False
     trace_allow: tuple[str, ...] = ()  # normalized CIDRs, "unix:" or "all"; () = nobody
+    # how a relative Location nginx makes itself becomes absolute (ngx_http_header_filter)
+    absolute_redirect: bool = True
+    server_name_in_redirect: bool = False
+    port_in_redirect: bool = True
+    # nested locations: the ones directly inside this one (ServerConf.locations lists every
+    # location, nested ones after their parent; matching starts from the non-nested ones)
+    inner: tuple[LocationConf, ...] = ()
+    nested: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,8 +649,10 @@ class SslConf:
     session_cache: str = "none"  # off | none | builtin[:size] | shared:NAME:size (kept as written)
     session_timeout: float = 300.0
     session_tickets: bool = True
+    # ssl_session_ticket_key: (file, its directive) in order (the first encrypts)
+    session_ticket_keys: tuple[tuple[str, Source | None], ...] = ()
     client_certificate: str | None = None
-    verify_client: str = "off"  # off | on | optional
+    verify_client: str = "off"  # off | on | optional | optional_no_ca
     verify_depth: int = 1
     dhparam: str | None = None
     password_file: str | None = None
@@ -592,6 +672,9 @@ class ServerConf:
     # the server-level default used when no location matches (nginx: 404)
     source: Source | None = None
     ssl: SslConf | None = None  # TLS settings, for servers on a `listen ... ssl` socket
+    # the server's own rewrite directives (each location's list starts with them): what runs
+    # for a URI no location matches
+    rewrite: tuple[RewriteOp, ...] = ()
 
 
 # --------------------------------------------------------------------------- stream context

@@ -77,6 +77,16 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "ssl_session_reused",
         "ssl_client_verify",
         "ssl_client_s_dn",
+        "ssl_client_i_dn",
+        "ssl_client_serial",
+        "ssl_client_fingerprint",
+        "ssl_client_v_start",
+        "ssl_client_v_end",
+        "ssl_client_v_remain",
+        "ssl_client_raw_cert",
+        "ssl_client_escaped_cert",
+        "ssl_alpn_protocol",
+        "ssl_session_id",
         # who chose each try's peer and why (scriptlb.variables.trace)
         "balancer_trace",
     }
@@ -102,7 +112,7 @@ def is_stream_variable(name: str) -> bool:
 
 # families: $http_user_agent, $arg_id, $cookie_session, $sent_http_content_type, ...
 VARIABLE_PREFIXES: tuple[str, ...] = (
-    "http_", "arg_", "cookie_", "sent_http_", "upstream_http_", "upstream_cookie_",
+    "http_", "arg_", "cookie_", "sent_http_", "sent_trailer_", "upstream_http_", "upstream_cookie_",
 )
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")

@@ -76,9 +76,36 @@ LINGERING_TIMEOUT = 5.0
 _FED_BODY = 1  # body bytes
 _FED_CHUNK = 2  # a chunk boundary
 
+# request headers nginx allows once (ngx_http_process_unique_header_line: a second one is a 400)
+_UNIQUE_HEADERS = frozenset((
+    b"if-modified-since", b"if-unmodified-since", b"if-match", b"if-none-match", b"content-length",
+    b"content-range", b"if-range", b"transfer-encoding", b"expect", b"authorization",
+    b"proxy-authorization",
+))
 # lengths of the request header names on_header acts on: host, expect, connection,
-# content-length, transfer-encoding (every other name is stored without being lower-cased)
-_NOTED_HEADER_LENGTHS = frozenset({4, 6, 10, 14, 17})
+# content-length, transfer-encoding and the unique ones (every other name is stored without
+# being lower-cased)
+_NOTED_HEADER_LENGTHS = frozenset({4, 6, 10, 14, 17} | {len(name) for name in _UNIQUE_HEADERS})
+
+
+def _check_transfer_encoding(headers: list[tuple[bytes, bytes]]) -> None:
+    """nginx implements only "chunked" and answers 501 to anything else."""
+    value = next(v for n, v in headers if len(n) == 17 and n.lower() == b"transfer-encoding")
+    if value.lower() != b"chunked":
+        shown = value.decode("latin-1")
+        raise ClientError(501, f'client sent unknown "Transfer-Encoding": "{shown}" '
+                               "while reading client request headers")
+
+
+def _refuse_duplicate(headers: list[tuple[bytes, bytes]], lower: bytes) -> None:
+    """A unique header's second line (the last one in ``headers``): nginx's 400."""
+    name, value = headers[-1]
+    for earlier, earlier_value in headers[:-1]:
+        if len(earlier) == len(lower) and earlier.lower() == lower:
+            text = (name + b": " + value).decode("latin-1")
+            previous = (earlier + b": " + earlier_value).decode("latin-1")
+            raise ClientError(400, f'client sent duplicate header line: "{text}", previous value: '
+                                   f'"{previous}" while reading client request headers')
 
 
 def next_connection_id() -> int:
@@ -198,6 +225,12 @@ class ListenerContext:
         self.on_client_error: Callable[[ClientConnection, Request, int], None] | None = None
 
 
+def refuse_requests(conn: Any, refusal: tuple[int, str]) -> None:
+    """Every request on ``conn`` is to be answered with ``refusal`` (status, error-log text):
+    what the TLS layer found before HTTP began (see Exchange)."""
+    conn.refusal = refusal
+
+
 class _NoCallbacks:
     """The protocol of the parser a closed connection keeps (its own one is released)."""
 
@@ -266,6 +299,7 @@ class ClientConnection(asyncio.Protocol):
         "_activating",
         "_active_request",
         "_body_allowed",
+        "_body_for",
         "_chunked",
         "_deadline",
         "_eof",
@@ -301,6 +335,7 @@ class ClientConnection(asyncio.Protocol):
         "listener",
         "loop",
         "opened",
+        "refusal",
         "remote_addr",
         "remote_port",
         "requests",
@@ -310,6 +345,7 @@ class ClientConnection(asyncio.Protocol):
         "server_addr",
         "server_port",
         "tls",
+        "trailers",
         "transport",
     )
 
@@ -335,6 +371,9 @@ class ClientConnection(asyncio.Protocol):
         self.requests = 0  # requests started on this connection ($connection_requests)
         self.opened = self.loop.time()  # ($connection_time)
         self.tls: Any = None  # the ssl.SSLObject of a TLS connection
+        # (status, error-log text) every request on this connection is answered with: plain
+        # HTTP on a TLS port (497), a client certificate ssl_verify_client refuses (495, 496)
+        self.refusal: tuple[int, str] | None = None
 
         # timers
         self._timer: asyncio.TimerHandle | None = None
@@ -356,6 +395,9 @@ class ClientConnection(asyncio.Protocol):
         self._line_bytes = 0  # bytes of the head's incomplete last line
         self._framing_bytes = 0  # chunked body: bytes since the last chunk boundary or body byte
         self._fed = 0  # _FED_* flags of the feed in progress
+        self._body_for: Any = None  # the handler that got body bytes in the feed in progress
+        # add_trailer: None, or what makes the trailers of the chunked response in progress
+        self.trailers: Callable[[], bytes] | None = None
         # 1: a request without keep-alive was parsed (nothing after it is read), 2: more came
         self._last_request = 0
         self._linger_until = 0.0  # lingering close: its deadline (0: not lingering)
@@ -460,6 +502,12 @@ class ClientConnection(asyncio.Protocol):
             self._fed = 0
             self._feed(data)
             if self._parsing is not None or self._line_bytes:
+                # (a body read in this feed and not ended by it: its handler is told now)
+                body_for = self._body_for
+                if body_for is not None:
+                    self._body_for = None
+                    if body_for is self.active:
+                        body_for.body_received()
                 self._check_partial_line(data)
         except ClientError as err:
             self._client_error(err)
@@ -570,7 +618,16 @@ class ClientConnection(asyncio.Protocol):
                 raise cause from None
             raise  # a bug in a callback must not masquerade as a client error
         except httptools.HttpParserError as err:
-            raise ClientError(400, self._parse_error_message(err)) from None
+            message = self._parse_error_message(err)
+            # (a coding after "chunked" is one nginx does not implement: 501, as any other; a
+            # second Transfer-Encoding line is a duplicate: 400)
+            unknown = "unknown \"Transfer-Encoding\"" in message
+            parsing = self._parsing
+            if unknown and parsing is not None and parsing.chunked:
+                message = ('client sent duplicate header line: "Transfer-Encoding" '
+                           "while reading client request headers")
+                unknown = False
+            raise ClientError(501 if unknown else 400, message) from None
 
     def _parse_error_message(self, err: Exception) -> str:
         """nginx's wording for what llhttp rejected (llhttp's reasons are its own)."""
@@ -648,18 +705,18 @@ class ClientConnection(asyncio.Protocol):
                                        "while reading client request headers")
             request.host = value
         elif lower == b"content-length":
+            _refuse_duplicate(request.headers, lower)
             request.content_length = _content_length(value)
         elif lower == b"transfer-encoding":
-            if value.lower() != b"chunked":
-                # nginx implements only "chunked" and answers 501 to anything else
-                shown = value.decode("latin-1")
-                raise ClientError(501, f'client sent unknown "Transfer-Encoding": "{shown}" '
-                                       "while reading client request headers")
-            request.chunked = True
+            _refuse_duplicate(request.headers, lower)
+            request.chunked = True  # (its value is checked once the head is read, as nginx)
         elif lower == b"expect":
+            _refuse_duplicate(request.headers, lower)
             request.expect_continue = value.lower() == b"100-continue"
         elif lower == b"connection":
             request.connection = value if request.connection is None else request.connection + b"," + value
+        elif lower in _UNIQUE_HEADERS:  # (the If-*, Authorization...)
+            _refuse_duplicate(request.headers, lower)
 
     def on_headers_complete(self) -> None:
         request = self._parsing
@@ -699,12 +756,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _read_framing(self, request: Request) -> None:
         # llhttp already rejects Content-Length together with Transfer-Encoding, duplicate
-        # Content-Length lines and any Transfer-Encoding other than a final "chunked";
-        # on_header noted the values.
+        # Content-Length lines and a coding after "chunked"; on_header noted the values.
         request.has_body = request.chunked or bool(request.content_length)
-        if request.chunked and request.version == "1.0":
-            raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "
-                                   "while reading client request headers")
+        if request.chunked:
+            if request.version == "1.0":
+                raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "
+                                       "while reading client request headers")
+            _check_transfer_encoding(request.headers)
 
     def on_body(self, chunk: bytes) -> None:
         request = self._parsing
@@ -721,7 +779,9 @@ class ClientConnection(asyncio.Protocol):
             raise ClientError(500, f"{err} while reading client request body", level="crit") from None
         if handler is self.active:
             self._arm(_BODY, handler.body_timeout)
-            handler.body_received()
+            # told once the read is parsed: the body of one read goes on in one piece (with
+            # the end of a chunked body when it came in the same read, as nginx writes it)
+            self._body_for = handler
 
     def on_chunk_header(self) -> None:
         self._fed |= _FED_CHUNK
@@ -741,6 +801,7 @@ class ClientConnection(asyncio.Protocol):
         if handler is self.active:
             if self._phase == _BODY:
                 self._phase = _NONE
+            self._body_for = None  # (told now, with the end)
             handler.body_received()
         elif self.active is None and not self._queue and not self.closed:
             # answered before its parse ended (no body): now idle until the next request
@@ -917,11 +978,19 @@ class ClientConnection(asyncio.Protocol):
             self._write(head + data if head else data)
 
     def end_body(self) -> None:
-        """Write the end of a chunked body (idempotent) and anything still corked."""
+        """Write the end of a chunked body (idempotent; with the ``trailers`` the response has)
+        and anything still corked."""
         if self._chunked and self._body_allowed:
             self._chunked = False
-            self.bytes_sent += 5
-            self._write(self._pending_head + b"0\r\n\r\n")
+            make_trailers = self.trailers
+            if make_trailers is not None:
+                self.trailers = None
+                trailers = make_trailers()
+                end = b"0\r\n" + trailers + b"\r\n" if trailers else b"0\r\n\r\n"
+            else:
+                end = b"0\r\n\r\n"
+            self.bytes_sent += len(end)
+            self._write(self._pending_head + end)
             self._pending_head = b""
         else:
             self.flush()
@@ -930,6 +999,7 @@ class ClientConnection(asyncio.Protocol):
         """The response is complete: end the chunked body and serve the next request."""
         if self._chunked or self._pending_head:
             self.end_body()  # (usually done already: the exchange ends the body before its log)
+        self.trailers = None  # (a response without a body did not use them)
         request = self._active_request
         if request is not None and request.has_body and not request.complete:
             # The handler answered before reading the whole body (return, error): nginx discards

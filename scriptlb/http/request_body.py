@@ -95,7 +95,9 @@ class RequestBody:
         self._written = 0  # bytes in the file
         self._path = ""
         self._spooled: SpooledBody | None = None
-        self._kept = b""  # the complete in-memory body handed out by buffered() ($request_body)
+        # $request_body: the complete in-memory body buffered() handed out, or a streamed body's
+        # first part (None: nothing taken yet)
+        self._kept: bytes | None = None
 
     def __iter__(self) -> Iterator[bytes]:
         """The chunks held in memory and not taken yet."""
@@ -131,6 +133,10 @@ class RequestBody:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._in_memory = 0
+        if self._kept is None:
+            # a streamed body's $request_body is what came with the first read (nginx's
+            # rb->bufs when proxying starts): the whole body when it came with the head
+            self._kept = data
         return data
 
     def buffered(self) -> bytes | SpooledBody:
@@ -145,7 +151,7 @@ class RequestBody:
     @property
     def kept(self) -> bytes | None:
         """The complete body when it was buffered in memory ($request_body), else None."""
-        return self._kept if self._fd < 0 and self._kept else None
+        return self._kept if self._fd < 0 and self._kept else None  # (b"": no body, not found)
 
     def clear(self) -> None:
         """Drop what arrived so far (a body nobody reads: ``return``)."""

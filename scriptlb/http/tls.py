@@ -8,17 +8,25 @@ listening socket is opened with: its SNI callback switches the handshake to the 
 server ``server_name`` picks (exact, wildcard, regex, else the default server), as nginx's
 ``ngx_http_ssl_servername`` does.
 
-What Python's ssl module cannot do is refused at load time rather than ignored (see the
-directive reference): ``ssl_session_ticket_key``, ``ssl_verify_client optional_no_ca``.
-``ssl_session_cache``/``ssl_session_timeout``/``ssl_verify_depth`` are accepted; OpenSSL's
-built-in per-process cache and tickets serve resumption within a worker.
+What Python's ssl module lacks comes from ``scriptlb.http.tls_native`` (ctypes on the same libssl):
+nginx's ``ssl_verify_client`` (the handshake finishes, the request gets a 495/496 page, see
+``client_refusal``), ``optional_no_ca``, ``ssl_verify_depth``, ``ssl_session_timeout`` and
+``ssl_session_ticket_key``.
+Session tickets are encrypted with one key per configuration shared by every worker (the
+file's, else a random one made in the master before the workers fork), so a session made on one
+worker resumes on any other: that is what ``ssl_session_cache shared:`` is for in nginx, and
+clients that resume by session ID only stay on OpenSSL's per-worker cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from scriptlb.config.model import ProxySslConf, Source, SslCertificate, SslConf
 
@@ -40,8 +48,19 @@ class TlsConfigError(Exception):
         self.source = source
 
 
+# session tickets' key when no ssl_session_ticket_key is set: made once in the master (the config
+# is loaded there first), inherited by every worker it forks
+_RANDOM_TICKET_KEYS = os.urandom(80)
+
+# verification errors ssl_verify_client optional_no_ca lets through (nginx's
+# ngx_ssl_verify_error_optional: an issuer that is unknown or untrusted, a self-signed one)
+_OPTIONAL_NO_CA_ERRORS = frozenset({18, 19, 20, 21, 27})
+
+
 def server_context(conf: SslConf) -> ssl.SSLContext:
-    """The SSLContext terminating TLS for one server (raises TlsConfigError)."""
+    """The SSLContext terminating TLS for one server, http's or stream's (raises
+    TlsConfigError). A client certificate is asked for and checked after the handshake
+    (``client_refusal``), as nginx does."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _set_protocols(ctx, conf)
     try:
@@ -52,6 +71,12 @@ def server_context(conf: SslConf) -> ssl.SSLContext:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     if not conf.session_tickets:
         ctx.options |= ssl.OP_NO_TICKET
+    else:
+        _set_ticket_keys(ctx, conf)
+    from scriptlb.http import tls_native
+
+    tls_native.set_session_timeout(ctx, max(1, int(conf.session_timeout)))
+    tls_native.set_session_cache(ctx, *session_cache_mode(conf.session_cache))
     _set_curve(ctx, conf)
     if conf.dhparam is not None:
         try:
@@ -67,6 +92,74 @@ def server_context(conf: SslConf) -> ssl.SSLContext:
     return ctx
 
 
+SESSIONS_PER_MEGABYTE = 4000  # nginx: "one megabyte of the cache can store about 4000 sessions"
+
+
+def session_cache_mode(text: str) -> tuple[int, int | None]:
+    """(OpenSSL cache mode, sessions kept or None for OpenSSL's default) of ssl_session_cache,
+    as nginx's ngx_ssl_session_cache: ``off`` says sessions are not reusable, ``none`` (the
+    default) says they are but keeps none, ``builtin[:N]`` keeps N per worker; a ``shared:``
+    zone is a per-worker cache of the zone's size here (tickets are what crosses workers)."""
+    from scriptlb.config.units import parse_size
+    from scriptlb.http.tls_native import (
+        SSL_SESS_CACHE_NO_AUTO_CLEAR,
+        SSL_SESS_CACHE_NO_INTERNAL_STORE,
+        SSL_SESS_CACHE_OFF,
+        SSL_SESS_CACHE_SERVER,
+    )
+
+    words = text.split()
+    if "off" in words:
+        return SSL_SESS_CACHE_OFF, None
+    size: int | None = None
+    cached = False
+    for word in words:
+        if word.startswith("builtin"):
+            cached = True
+            size = int(word.partition(":")[2]) if ":" in word else size
+        elif word.startswith("shared:"):
+            cached = True
+            megabytes = (parse_size(word.rsplit(":", 1)[1]) or 0) / (1024 * 1024)
+            size = size or max(1, int(megabytes * SESSIONS_PER_MEGABYTE))
+    if not cached:  # none
+        return SSL_SESS_CACHE_SERVER | SSL_SESS_CACHE_NO_AUTO_CLEAR | SSL_SESS_CACHE_NO_INTERNAL_STORE, 1
+    return SSL_SESS_CACHE_SERVER, size
+
+
+def ticket_keys(data: bytes) -> bytes:
+    """OpenSSL's 80 ticket-key bytes (name, HMAC key, AES key) from an ssl_session_ticket_key
+    file: an 80-byte file is in that layout already (as nginx reads it); a 48-byte one (name,
+    AES-128 key, HMAC key for nginx) has its two 16-byte keys stretched to OpenSSL's 32 with
+    SHA-256 (OpenSSL's built-in tickets use AES-256: same file, same keys in every worker)."""
+    if len(data) == 80:
+        return data
+    name, aes, hmac = data[:16], data[16:32], data[32:48]
+    return name + hashlib.sha256(b"hmac" + hmac).digest() + hashlib.sha256(b"aes" + aes).digest()
+
+
+def _set_ticket_keys(ctx: ssl.SSLContext, conf: SslConf) -> None:
+    from scriptlb.http import tls_native
+
+    if not conf.session_ticket_keys:
+        if tls_native.available():
+            tls_native.set_ticket_keys(ctx, _RANDOM_TICKET_KEYS)
+        return
+    if not tls_native.available():
+        raise TlsConfigError('"ssl_session_ticket_key" is not supported by scriptlb on this Python '
+                             "(its libssl could not be reached)", conf.source)
+    keys = []
+    for path, source in conf.session_ticket_keys:  # all are read (checked); the first encrypts
+        try:
+            with open(path, "rb") as f:
+                data = f.read(81)
+        except OSError as e:
+            raise TlsConfigError(f'open() "{path}" failed ({e.errno}: {e.strerror})', source)
+        if len(data) not in (48, 80):
+            raise TlsConfigError(f'"{path}" must be 48 or 80 bytes', source)
+        keys.append(ticket_keys(data))
+    tls_native.set_ticket_keys(ctx, keys[0])
+
+
 def _set_protocols(ctx: ssl.SSLContext, conf: SslConf) -> None:
     versions = sorted(_VERSIONS[p] for p in conf.protocols if p in _VERSIONS)
     if not versions:  # (only SSLv2/SSLv3: OpenSSL 3 has neither)
@@ -79,7 +172,13 @@ def _set_curve(ctx: ssl.SSLContext, conf: SslConf) -> None:
     curve = conf.ecdh_curve
     if curve == "auto":
         return
-    # Python sets one curve; of a list ("X25519:prime256v1") the first is the preferred one
+    from scriptlb.http import tls_native
+
+    if tls_native.available():  # the whole list, in its order, as nginx sets it
+        if not tls_native.set_groups_list(ctx, curve):
+            raise TlsConfigError(f'SSL_CTX_set1_curves_list("{curve}") failed', conf.source)
+        return
+    # (Python alone sets one curve: of a list, the first, the preferred one)
     first = curve.split(":")[0]
     try:
         ctx.set_ecdh_curve(first)
@@ -134,6 +233,7 @@ def _load_pair(ctx: ssl.SSLContext, pair: SslCertificate, password: Any) -> None
 
 
 def _set_client_verification(ctx: ssl.SSLContext, conf: SslConf) -> None:
+    ctx.scriptlb_verify_client = conf.verify_client  # type: ignore[attr-defined]  # (client_refusal)
     if conf.verify_client == "off":
         return
     if conf.client_certificate is None:
@@ -143,7 +243,35 @@ def _set_client_verification(ctx: ssl.SSLContext, conf: SslConf) -> None:
     except (OSError, ssl.SSLError) as e:
         raise TlsConfigError(f'SSL_CTX_load_verify_locations("{conf.client_certificate}") failed '
                              f"({_reason(e)})", conf.source)
+    from scriptlb.http import tls_native
+
+    tls_native.send_client_ca_names(ctx, conf.client_certificate)
+    if tls_native.available():
+        tls_native.verify_without_failing(ctx, conf.verify_depth)
+        return
+    if conf.verify_client == "optional_no_ca":
+        raise TlsConfigError('"ssl_verify_client optional_no_ca" is not supported by scriptlb on this '
+                             "Python (its libssl could not be reached)", conf.source)
+    # (without libssl's verify callback: the handshake itself verifies, and fails)
+    ctx.scriptlb_verify_client = "off"  # type: ignore[attr-defined]
     ctx.verify_mode = ssl.CERT_REQUIRED if conf.verify_client == "on" else ssl.CERT_OPTIONAL
+
+
+def client_refusal(tls: Any) -> tuple[int, str] | None:
+    """After a handshake: nginx's answer to every request of a connection whose client
+    certificate ssl_verify_client refuses, as (status, error-log text): 495 for a certificate
+    that failed verification, 496 for none where one is required; None: served."""
+    verify = getattr(tls.context, "scriptlb_verify_client", "off")
+    if verify == "off":
+        return None
+    from scriptlb.http import tls_native
+
+    code = tls_native.verify_result(tls)
+    if code and (verify != "optional_no_ca" or code not in _OPTIONAL_NO_CA_ERRORS):
+        return 495, f"client SSL certificate verify error: ({code}:{tls_native.verify_error_text(code)})"
+    if verify == "on" and tls.getpeercert(True) is None:
+        return 496, "client sent no required SSL certificate"
+    return None
 
 
 def _reason(e: Exception) -> str:
@@ -166,6 +294,9 @@ def sni_context(default: ssl.SSLContext, pick: Callable[[str | None], ssl.SSLCon
         chosen = pick(name.lower() if name else None)
         if chosen is not default:
             sock.context = chosen
+            from scriptlb.http import tls_native
+
+            tls_native.adopt_verification(sock, chosen)
 
     default.sni_callback = on_server_name
     return default
@@ -208,18 +339,88 @@ def _client_verify(ex: Any) -> str | None:
     tls = _tls(ex)
     if tls is None:
         return None
-    # (a certificate that failed verification ends the handshake: one that is here passed)
-    return "SUCCESS" if tls.getpeercert() else "NONE"
+    if tls.getpeercert(True) is None:
+        return "NONE"
+    from scriptlb.http import tls_native
+
+    code = tls_native.verify_result(tls)
+    return f"FAILED:{tls_native.verify_error_text(code)}" if code else "SUCCESS"
+
+
+def _client_cert(ex: Any) -> dict[str, Any] | None:
+    """The client certificate's fields as Python decodes them (None: no certificate)."""
+    tls = _tls(ex)
+    return (tls.getpeercert() or None) if tls is not None else None
+
+
+def _client_der(ex: Any) -> bytes | None:
+    tls = _tls(ex)
+    return tls.getpeercert(True) if tls is not None else None
+
+
+def _dn(name: tuple[tuple[tuple[str, str], ...], ...]) -> str:
+    """RFC 2253 order, as nginx's $ssl_client_s_dn: the last RDN first, "," between."""
+    return ",".join(f"{_DN_NAMES.get(k, k)}={v}" for rdn in reversed(name) for k, v in rdn)
 
 
 def _client_s_dn(ex: Any) -> str | None:
-    """RFC 2253 order, as nginx's $ssl_client_s_dn: the last RDN first, "," between."""
-    tls = _tls(ex)
-    cert = tls.getpeercert() if tls is not None else None
-    if not cert:
+    cert = _client_cert(ex)
+    return _dn(cert.get("subject", ())) if cert else None
+
+
+def _client_i_dn(ex: Any) -> str | None:
+    cert = _client_cert(ex)
+    return _dn(cert.get("issuer", ())) if cert else None
+
+
+def _client_serial(ex: Any) -> str | None:
+    cert = _client_cert(ex)
+    return cert.get("serialNumber") if cert else None  # (i2a_ASN1_INTEGER's hex, as nginx's)
+
+
+def _client_v_start(ex: Any) -> str | None:
+    cert = _client_cert(ex)
+    return cert.get("notBefore") if cert else None  # (ASN1_TIME_print's text, as nginx's)
+
+
+def _client_v_end(ex: Any) -> str | None:
+    cert = _client_cert(ex)
+    return cert.get("notAfter") if cert else None
+
+
+def _client_v_remain(ex: Any) -> str | None:
+    """Whole days left; "0" in the last day or past it (nginx's ngx_ssl_get_client_v_remain)."""
+    cert = _client_cert(ex)
+    if not cert or "notAfter" not in cert:
         return None
-    parts = [f"{_DN_NAMES.get(k, k)}={v}" for rdn in reversed(cert.get("subject", ())) for k, v in rdn]
-    return ",".join(parts)
+    left = ssl.cert_time_to_seconds(cert["notAfter"]) - time.time()
+    return str(int(left // 86400)) if left >= 86400 else "0"
+
+
+def _client_fingerprint(ex: Any) -> str | None:
+    der = _client_der(ex)
+    return hashlib.sha1(der).hexdigest() if der else None  # (nginx's digest: SHA-1)
+
+
+def _client_raw_cert(ex: Any) -> str | None:
+    der = _client_der(ex)
+    return ssl.DER_cert_to_PEM_cert(der) if der else None
+
+
+def _client_escaped_cert(ex: Any) -> str | None:
+    pem = _client_raw_cert(ex)
+    return quote(pem, safe="") if pem else None
+
+
+def _alpn_protocol(ex: Any) -> str | None:
+    tls = _tls(ex)
+    return (tls.selected_alpn_protocol() or "") if tls is not None else None
+
+
+def _session_id(ex: Any) -> str | None:
+    tls = _tls(ex)
+    session = tls.session if tls is not None else None
+    return session.id.hex() if session is not None else None
 
 
 def _https(ex: Any) -> str | None:
@@ -233,6 +434,16 @@ TLS_VARIABLES: dict[str, Callable[[Any], str | None]] = {
     "ssl_session_reused": _session_reused,
     "ssl_client_verify": _client_verify,
     "ssl_client_s_dn": _client_s_dn,
+    "ssl_client_i_dn": _client_i_dn,
+    "ssl_client_serial": _client_serial,
+    "ssl_client_fingerprint": _client_fingerprint,
+    "ssl_client_v_start": _client_v_start,
+    "ssl_client_v_end": _client_v_end,
+    "ssl_client_v_remain": _client_v_remain,
+    "ssl_client_raw_cert": _client_raw_cert,
+    "ssl_client_escaped_cert": _client_escaped_cert,
+    "ssl_alpn_protocol": _alpn_protocol,
+    "ssl_session_id": _session_id,
     "https": _https,
 }
 
@@ -278,21 +489,47 @@ def client_context(conf: ProxySslConf) -> ssl.SSLContext:
 
 def handshake_error_text(exc: ssl.SSLError) -> str:
     """nginx's error-log text for a failed handshake with a peer (without "while ...")."""
+    if isinstance(exc, ssl.SSLEOFError):
+        return "peer closed connection in SSL handshake"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"upstream SSL certificate verify error: ({exc.verify_code}:{exc.verify_message})"
     return f"SSL_do_handshake() failed ({_reason(exc)})"
 
 
+MAX_PEER_SESSIONS = 1024  # sessions kept per location for proxy_ssl_session_reuse (oldest go)
+
+
 class PeerTls:
     """A location's TLS to its peers: the context, the name (``proxy_ssl_name``, rendered per
-    request) and whether it is sent as SNI (``proxy_ssl_server_name``)."""
+    request), whether it is sent as SNI (``proxy_ssl_server_name``), and with
+    ``proxy_ssl_session_reuse`` the last session of each peer (by address and TLS name, as
+    nginx keeps one per peer) for the next new connection to resume."""
 
-    __slots__ = ("context", "name", "sni")
+    __slots__ = ("context", "name", "sessions", "sni")
 
-    def __init__(self, context: ssl.SSLContext, name: Callable[[Any], str], sni: bool) -> None:
+    def __init__(self, context: ssl.SSLContext, name: Callable[[Any], str], sni: bool,
+                 session_reuse: bool = True) -> None:
         self.context = context
         self.name = name
         self.sni = sni
+        self.sessions: dict[tuple[str, str | None], ssl.SSLSession] | None = {} if session_reuse else None
+
+    def session(self, key: tuple[str, str | None]) -> ssl.SSLSession | None:
+        return self.sessions.get(key) if self.sessions is not None else None
+
+    def keeper(self, key: tuple[str, str | None]) -> Callable[[ssl.SSLSession], None] | None:
+        """What stores a new connection's session under ``key`` (None: reuse is off)."""
+        sessions = self.sessions
+        if sessions is None:
+            return None
+
+        def keep(session: ssl.SSLSession) -> None:
+            sessions.pop(key, None)
+            if len(sessions) >= MAX_PEER_SESSIONS:
+                del sessions[next(iter(sessions))]
+            sessions[key] = session
+
+        return keep
 
     def server_hostname(self, name: str) -> str | None:
         """What to give the handshake: the name when it is sent or verified, else None."""

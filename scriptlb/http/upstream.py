@@ -123,8 +123,8 @@ class ResponseHead:
     ``Name: value\\r\\n`` lines the client gets, so a response is not scanned again.
     """
 
-    __slots__ = ("chunked", "close", "connection", "content_length", "headers", "lines", "reason", "status",
-                 "version")
+    __slots__ = ("chunked", "close", "connection", "content_length", "headers", "lines", "reason",
+                 "rewritable", "status", "version")
 
     def __init__(self) -> None:
         self.status = 0
@@ -136,6 +136,10 @@ class ResponseHead:
         self.chunked = False
         self.close = False  # "Connection: close" or an HTTP/1.0 response without keep-alive
         self.connection: bytes | None = None  # the Connection header's value
+        # a Location, Refresh or Set-Cookie is among the lines (proxy_redirect / proxy_cookie_*
+        # may have to edit them), or an X-Accel-Redirect came: other responses are not looked
+        # at again
+        self.rewritable = False
 
     def client_headers(self) -> bytes:
         """The headers to pass to the client, as ``Name: value\\r\\n`` lines."""
@@ -157,6 +161,9 @@ _BLANKS = frozenset({b" ", b"\t"})  # a value's last byte, when it must be strip
 # on_header's memo: a header name as the peer spells it -> what to do with it (the same few
 # spellings come in every response; bounded, since peers choose names)
 _PASSED = -1
+_REWRITABLE = -2  # passed on, and noted (ResponseHead.rewritable)
+_REWRITABLE_NAMES = frozenset((b"location", b"refresh", b"set-cookie"))
+_ACCEL_REDIRECT = -3  # hidden, and noted (ResponseHead.rewritable)
 _KIND_BY_NAME: dict[bytes, int] = {}
 _KIND_MEMO_SIZE = 512
 
@@ -165,7 +172,11 @@ def _header_kind(name: bytes) -> int:
     lower = name.lower()
     kind = _HEADER_KIND.get(lower)
     if kind is None:
-        kind = _HIDDEN if lower[:8] == b"x-accel-" else _PASSED
+        if lower == b"x-accel-redirect":
+            kind = _ACCEL_REDIRECT
+        else:
+            kind = _HIDDEN if lower[:8] == b"x-accel-" else (
+                _REWRITABLE if lower in _REWRITABLE_NAMES else _PASSED)
     if len(_KIND_BY_NAME) >= _KIND_MEMO_SIZE:
         _KIND_BY_NAME.clear()
     _KIND_BY_NAME[name] = kind
@@ -242,7 +253,6 @@ class UpstreamConnection(asyncio.Protocol):
         "response_started",
         "sent",
         "state",
-        "tls",
         "transport",
         "upgrade",
         "upgraded_data",
@@ -293,7 +303,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._extra_bytes = False  # bytes after the response's end: the connection is unusable
         self._closing_after = False  # we asked the peer to close (Connection: close)
         self._http11 = True
-        self.tls = False  # opened with TLS (proxy_pass https://)
         self.upgrade = False  # the client asked to switch protocols: a 101 ends the head
         self._upgraded = False  # ... and the peer sent it: the rest is a tunnel's
         self.upgraded_data = b""  # bytes after the 101's head
@@ -549,10 +558,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._cancel_timer()
             transport = self.transport
             if transport is not None:
-                # TLS: dropped at once. asyncio's TLS close waits for the peer's close_notify
-                # (up to 30 s), holding the socket and a stopping worker's loop; nginx does not
-                # wait for it either. Nothing is lost: we close only after the request's end.
-                transport.abort() if self.tls else transport.close()
+                # (TLS: our transport sends its close_notify and does not wait for the peer's,
+                # as nginx)
+                transport.close()
 
     def abort(self) -> None:
         """Drop the connection now, telling nobody (the handler gave up on this response)."""
@@ -593,6 +601,10 @@ class UpstreamConnection(asyncio.Protocol):
             response.connection = value if connection is None else connection + b", " + value
         elif kind == _TRANSFER_ENCODING:
             response.chunked = True
+        elif kind < _PASSED:  # (Location, Refresh, Set-Cookie; X-Accel-Redirect: hidden)
+            if kind == _REWRITABLE:
+                response.lines.append(name + b": " + value + b"\r\n")
+            response.rewritable = True
 
     def on_headers_complete(self) -> None:
         parser = self._parser

@@ -30,7 +30,7 @@ import uvloop
 from scriptlb.config.model import HttpConf, MainConf
 from scriptlb.hookrt import api
 from scriptlb.http import safety
-from scriptlb.http.downstream import ClientConnection, ListenerContext
+from scriptlb.http.downstream import ClientConnection, ListenerContext, refuse_requests
 from scriptlb.logs import errorlog
 from scriptlb.ops import cluster
 from scriptlb.ops.status import StatusFull, WorkerStatus, rows_for
@@ -47,7 +47,7 @@ PASSIVE_SYNC = 0.1  # seconds between two readings of the shared passive health 
 
 # A graceful stop waits for in-flight requests, checking this often.
 _DRAIN_POLL = 0.05
-_TLS_CLOSE_GRACE = 0.1  # seconds a stopping worker leaves TLS connections to close
+STREAM_HANDSHAKE_TIMEOUT = 60.0
 
 
 class Worker:
@@ -66,7 +66,6 @@ class Worker:
         self.contexts: list[ListenerContext] = []
         self.stream: Any = None  # scriptlb.stream.runtime.StreamRuntime with a stream block
         self._servers: list[asyncio.AbstractServer] = []
-        self._tls = False  # a listener terminates TLS
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
         self._unblock_signals: set[signal.Signals] | None = None  # the mask serve() restores
         self.ready = threading.Event()
@@ -190,19 +189,30 @@ class Worker:
             context.on_client_error = partial(log_client_error, runtime)
             self.contexts.append(context)
             tls = runtime.tls_context(keys)
-            self._tls = self._tls or tls is not None
-            server = await self.loop.create_server(
-                _protocol_factory(context, self.loop, self.status), sock=sock, backlog=self._backlog(keys),
-                ssl=tls,
-            )
+            factory: Callable[[], asyncio.Protocol] = _protocol_factory(context, self.loop, self.status)
+            if tls is not None:
+                # TLS is terminated by our own protocol (memory BIOs), not the loop's
+                from scriptlb.http.tls_transport import (  # (TLS configs only)
+                    listen_text,
+                    tls_protocol_factory,
+                )
+
+                factory = tls_protocol_factory(factory, tls, self.loop, server_conf.client_header_timeout,
+                                               listen_text(keys[0]), refuse_requests)
+            server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys))
             self._servers.append(server)
 
     async def _start_stream_server(self, sock: socket.socket, keys: list[Key]) -> None:
         factory = self.stream.session_factory(keys) if self.stream is not None else None
         if factory is None:
             return
-        server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys),
-                                               ssl=self.stream.ssl_context(keys))
+        tls = self.stream.ssl_context(keys)
+        if tls is not None:  # (nginx's stream handshake timeout: ssl_handshake_timeout's 60 s default)
+            from scriptlb.http.tls_transport import listen_text, tls_protocol_factory  # (TLS configs only)
+
+            factory = tls_protocol_factory(factory, tls, self.loop, STREAM_HANDSHAKE_TIMEOUT,
+                                           listen_text(keys[0]), None)
+        server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys))
         self._servers.append(server)
 
     def _backlog(self, keys: list[Key]) -> int:
@@ -269,9 +279,9 @@ class Worker:
         if self.stats is not None:
             self.stats.close()  # gives the shard back for the next generation of workers
             self.stats = None
-        # give transports one loop turn to close their sockets (TLS ones a moment more: their
-        # close is a close_notify exchange with the client)
-        await asyncio.sleep(_TLS_CLOSE_GRACE if self._tls else 0)
+        # give transports one loop turn to close their sockets (TLS ones too: ours send their
+        # close_notify and do not wait for the client's)
+        await asyncio.sleep(0)
 
     async def _drain(self) -> None:
         """Wait until every client connection closed (each closes after its active request)

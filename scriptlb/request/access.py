@@ -32,9 +32,68 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network | str
 _VERIFIED_MAX = 1024  # remembered successful password checks per worker
 
 
-def access_phase(conf: LocationConf) -> Callable[[Any], Verdict] | None:
-    rules = _compile_rules(conf.access) if conf.access else None
-    auth = BasicAuth(conf.auth_basic, conf.auth_basic_user_file) if conf.auth_basic_user_file else None
+# a Verdict that is no refusal: the check's callable answered the request itself (try_files)
+ANSWERED: tuple[int, bytes] = (0, b"")
+
+
+def access_phase(conf: LocationConf, try_files: Callable[[Any], bool] | None = None
+                 ) -> Callable[[Any], Verdict] | None:
+    """The location's check (None: nothing to check), followed by ``try_files`` (nginx's
+    phase after access) when the location has it: one callable, one test per request."""
+    check = _access_check(conf.access, conf.auth_basic, conf.auth_basic_user_file)
+    if check is not None and conf.limit_except is not None:
+        # (the methods limit_except does not name had the block's check instead: LimitExcept)
+        check = _for_methods(conf.limit_except.methods, check)
+    if try_files is None:
+        return check
+
+    def check_then_try_files(exchange: Any) -> Verdict:
+        refused = check(exchange) if check is not None else None
+        if refused is not None:
+            return refused
+        return ANSWERED if try_files(exchange) else None
+
+    return check_then_try_files
+
+
+def _for_methods(methods: frozenset[str], check: Callable[[Any], Verdict]) -> Callable[[Any], Verdict]:
+    def only_named(exchange: Any) -> Verdict:
+        return check(exchange) if exchange.method in methods else None
+
+    return only_named
+
+
+class LimitExcept:
+    """``limit_except``, run where the location's rewrite phase runs (``run(exchange)``, the
+    rewrite phase's contract): the methods it names go on to the location's rewrite directives
+    (``inner``); nginx gives every other method the block's configuration, where those do not
+    run: its check decides at once."""
+
+    __slots__ = ("check", "inner", "methods")
+
+    def __init__(self, conf: LocationConf, inner: Any) -> None:
+        limit = conf.limit_except
+        assert limit is not None
+        self.methods = limit.methods
+        self.check = _access_check(limit.access, limit.auth_basic, limit.auth_basic_user_file)
+        self.inner = inner
+
+    def run(self, exchange: Any) -> str:
+        from scriptlb.request.rewrite import BREAK, DONE
+
+        if exchange.method in self.methods:
+            return self.inner.run(exchange) if self.inner is not None else BREAK
+        refused = self.check(exchange) if self.check is not None else None
+        if refused is None:
+            return BREAK
+        exchange.finish_with_page(*refused)
+        return DONE
+
+
+def _access_check(access: tuple[AccessRule, ...], realm: str | None, user_file: str | None
+                  ) -> Callable[[Any], Verdict] | None:
+    rules = _compile_rules(access) if access else None
+    auth = BasicAuth(realm, user_file) if user_file else None
     if rules is None and auth is None:
         return None
 

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING
 from scriptlb.http import responses, safety
 from scriptlb.http.downstream import ClientConnection, Request
 from scriptlb.logs import errorlog
+from scriptlb.request.access import ANSWERED
 from scriptlb.request.error_pages import split_uri
-from scriptlb.request.headers_filter import request_header
+from scriptlb.request.headers_filter import AddHeaders, request_header, with_kept
 from scriptlb.request.proxy import UpstreamRequest
 from scriptlb.request.rewrite import BREAK, CONTINUE, DONE, target_of
 from scriptlb.routing.locations import normalize_host
-from scriptlb.routing.uri import absolute_host, normalize_uri, split_target
+from scriptlb.routing.uri import absolute_host, normalize_uri, split_target, unsafe_uri_split
 
 if TYPE_CHECKING:
     from scriptlb.config.model import ClientBodyConf
@@ -39,14 +40,19 @@ if TYPE_CHECKING:
     from scriptlb.request.runtime import Runtime, ServerRoute
 
 
+OWN_STATUS = -1  # err_status: the final response keeps its own status (see Exchange.err_status)
+
+
 class Exchange:
     """One request: what variables, hooks and logs read, and the code that serves it."""
 
     __slots__ = (
         "_early_status",
         "_finished",
+        "_kept_headers",  # see kept_headers (unset until an internal redirect keeps some)
         "_logged",
         "_redirected",
+        "_redirects_left",  # internal redirects still allowed (unset until the first one)
         "args",
         "body_bytes_sent",
         "body_timeout",
@@ -74,6 +80,7 @@ class Exchange:
         "runtime",
         "scheme",
         "send_timeout",
+        "sent_trailers",  # add_trailer's lines, once sent (unset otherwise: $sent_trailer_*)
         "server",
         "start_time",
         "status",
@@ -121,13 +128,17 @@ class Exchange:
 
         self._early_status = 0  # an error found while routing, answered when we become active
         self._redirected = False  # error_page redirected this request (once, as nginx)
-        self.err_status = 0  # error_page: the status the final response carries (0: its own)
+        # error_page: the status the final response carries (0: its own; OWN_STATUS: its own,
+        # with kept_headers, after X-Accel-Redirect)
+        self.err_status = 0
         self.variables: dict[str, str] | None = None  # the rewrite module's `set` values
         self.captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
         self._finished = False
         self._logged = False  # the log phase ran (it runs once per request)
         self.upstream_request: UpstreamRequest | None = None  # set when proxying
         self._route()
+        if conn.refusal is not None and not self._early_status:
+            self._refuse(conn.refusal)
         # what the client connection reads (plain attributes: read on every request)
         conf = self.location.conf
         self.max_body_size = conf.client_max_body_size  # 0 = unlimited
@@ -146,7 +157,7 @@ class Exchange:
             raw_host = absolute_host(target)
         if split is None or uri is None or (raw_host is None and target[:1] != b"/"):
             self._early_status = 400
-            self.uri, self.args = "/", None
+            self.uri, self.args = "", None  # (nginx: no $uri for a request line it refused)
             self.host = ""
             self.server = self.conn_route().default_server
             # nginx logs this 400 with the server's access_log; ours are per location, so the
@@ -167,6 +178,16 @@ class Exchange:
                 conn.host_cache = (raw_host, host, self.server)
         self.host = host or self.server.name
         self.location = self.server.match(uri)
+
+    def _refuse(self, refusal: tuple[int, str]) -> None:
+        """nginx's checks before any phase (ngx_http_process_request): a request that came in
+        clear on a TLS port (497), a client certificate that failed verification (495) or is
+        missing (496) gets that status (sent as 400 with its own page; ``error_page`` may
+        redirect it)."""
+        status, text = refusal
+        message = f"{text} while reading client request headers"
+        errorlog.log_error("info", message, self.conn.conn_id, errorlog.request_context(self))
+        self._early_status = status
 
     def conn_route(self) -> ServerRoute:
         """The listener's server route, resolved once per connection."""
@@ -203,6 +224,25 @@ class Exchange:
     @property
     def server_port(self) -> int:
         return self.conn.server_port
+
+    @property
+    def kept_headers(self) -> bytes:
+        """Lines an internal redirect carries to the final response (an intercepted 401's
+        WWW-Authenticate, the headers X-Accel-Redirect keeps), as nginx's upstream module
+        copies them to the request's own headers."""
+        return getattr(self, "_kept_headers", b"")
+
+    def keep_headers(self, lines: bytes) -> None:
+        """More lines for kept_headers (nginx adds them up over redirects)."""
+        self._kept_headers = self.kept_headers + lines
+
+    @property
+    def host_given(self) -> bool:
+        """Whether the request named a valid host (nginx's headers_in.server): redirects fall
+        back to the local address without one."""
+        target = self.request.target
+        raw = self.request.host if target[:1] == b"/" else absolute_host(target)
+        return raw is not None and normalize_host(raw.decode("latin-1")) is not None
 
     @property
     def server_name(self) -> str:
@@ -243,11 +283,14 @@ class Exchange:
                 return  # answered (return, redirect) or refused (a rewrite cycle)
             location = self.location
             # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
+            # (then try_files, which the same callable runs: ANSWERED when it did)
             if location.access is not None and location.conf.return_ is None:
                 refused = location.access(self)
                 if refused is not None:
-                    self.finish_with_page(*refused)
+                    if refused is not ANSWERED:
+                        self.finish_with_page(*refused)
                     return
+                location = self.location
             if location.conf.return_ is not None or location.upstream is None:
                 if self.request.complete or not self.request.has_body:
                     self._serve_return()
@@ -393,22 +436,31 @@ class Exchange:
 
     def _finish_small(self, status: int, headers: bytes, body: bytes) -> None:
         conn = self.conn
-        status = self.status = self.err_status or status
+        err_status = self.err_status
+        if err_status:
+            if err_status > 0:
+                status = err_status
+            headers = with_kept(self.kept_headers, headers, kept_wins=True)
+        self.status = status
         add_headers = self.location.add_headers
         if add_headers is not None:
-            headers = self.response_headers = headers + add_headers(self, status)
-        conn.send_head(status, headers, len(body))
+            headers = self.response_headers = add_headers(self, status, headers)
+        conn.send_head(status, headers, self.body_length(status, len(body)))
         conn.send_body(body)
         self.complete_response()
 
     def finish_with_page(self, status: int, extra_headers: bytes = b"") -> None:
         """nginx's own page for ``status`` (400, 404, 502, 504...), or its error_page."""
+        if responses.closes_connection(status):
+            # (before error_page, as nginx: a redirected 400, 497, 500... still ends the connection)
+            self.conn.close_after_response()
         pages = self.location.error_pages if self.location is not None else None
         if pages is not None and not self._redirected:
             page = pages.get(status)
             if page is not None and self._error_page(page, status):
                 return
-        status = self.err_status or status
+        # (after an error_page redirect, a page the target makes carries the target's own status:
+        # nginx's special response handler sets err_status anew)
         self.status = responses.wire_status(status)
         conn = self.conn
         if conn.closed:
@@ -419,14 +471,16 @@ class Exchange:
             conn.close_after_response()
         page = responses.error_page(status) or b""
         headers = b"Content-Type: text/html\r\n" + extra_headers if page else extra_headers
+        if self.err_status:
+            headers = with_kept(self.kept_headers, headers, kept_wins=False)
         add_headers = self.location.add_headers if self.location is not None else None
         if add_headers is not None:
-            headers += add_headers(self, status)
+            headers = add_headers(self, status, headers)
         trace = self.location.trace
         if trace is not None and self.upstream_request is not None:  # balancer_trace_header on
             headers = trace.headers(self, headers)
         self.response_headers = headers
-        conn.send_head(status, headers, len(page))
+        conn.send_head(status, headers, self.body_length(status, len(page)))
         conn.send_body(page)
         self.complete_response()
 
@@ -450,6 +504,58 @@ class Exchange:
         errorlog.log_error("error", f'rewrite or internal redirection cycle while processing "{self.uri}"',
                            self.conn_id, self.log_context(None))
         self.finish_with_page(500)
+        return True
+
+    def accel_redirect(self, uri: str, kept: bytes) -> None:
+        """X-Accel-Redirect: the request starts again at ``uri`` (a path, made safe, or @name)
+        as a GET (HEAD stays HEAD), with ``kept`` headers; an unsafe path answers 404."""
+        self.keep_headers(kept)
+        self.err_status = OWN_STATUS
+        self.upstream_request = None
+        if uri.startswith("@"):
+            self.internal_redirect(uri)
+            return
+        if not self._may_redirect(uri):
+            return
+        safe = unsafe_uri_split(uri)
+        if safe is None:
+            self.finish_with_page(404)
+            return
+        if self.method != "HEAD":
+            self.method = "GET"
+        path, args = safe
+        self.set_uri(path, args)
+        self.location = self.server.match(path)
+        self.start()
+
+    def internal_redirect(self, uri: str) -> None:
+        """try_files' fallback: the request starts again in the location of ``uri`` (a path
+        with args, or @name); at most 10 times, nginx's limit."""
+        if not self._may_redirect(uri):
+            return
+        if uri.startswith("@"):
+            location = self.server.named(uri)
+            if location is None:
+                errorlog.log_error("error", f'could not find named location "{uri}"', self.conn_id,
+                                   self.log_context(None))
+                self.finish_with_page(500)
+                return
+        else:
+            path, args = split_uri(uri)
+            self.set_uri(path, args if args is not None else self.args)
+            location = self.server.match(path)
+        self.location = location
+        self.start()
+
+    def _may_redirect(self, uri: str) -> bool:
+        """One more internal redirect (nginx allows 10); past that, a 500 and False."""
+        left = getattr(self, "_redirects_left", 10)
+        if left <= 0:
+            errorlog.log_error("error", f'rewrite or internal redirection cycle while internally redirecting '
+                                        f'to "{uri}"', self.conn_id, self.log_context(None))
+            self.finish_with_page(500)
+            return False
+        self._redirects_left = left - 1
         return True
 
     def set_uri(self, path: str, args: str | None) -> None:
@@ -499,6 +605,22 @@ class Exchange:
         self._early_status = 0
         self.start()
         return True
+
+    def body_length(self, status: int, length: int | None) -> int | None:
+        """The Content-Length to announce: none (chunked) when add_trailer has lines for this
+        response to an HTTP/1.1 client (nginx's expect_trailers)."""
+        location = self.location
+        trailers = location.add_trailers if location is not None else None
+        if trailers is not None and self.http_version == "1.1" and trailers.applies(status):
+            self.conn.trailers = lambda: self._trailer_lines(trailers, status)
+            return None
+        return length
+
+    def _trailer_lines(self, trailers: AddHeaders, status: int) -> bytes:
+        """add_trailer's lines, made as the chunked body ends ($sent_trailer_* then sees them)."""
+        self.sent_trailers = b""
+        self.sent_trailers = lines = trailers.lines(self, status, b"")
+        return lines
 
     def complete_response(self) -> None:
         conn = self.conn

@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from scriptlb.config.model import NextUpstream
 from scriptlb.http.downstream import CLIENT_SEND_TIMEOUT
 from scriptlb.http.request_body import SpooledBody
 from scriptlb.http.tls import handshake_error_text
+from scriptlb.http.tls_transport import open_tls_connection
 from scriptlb.http.tunnel import UPSTREAM_TIMED_OUT, Tunnel
 from scriptlb.http.upstream import PREMATURE, ConnState, ResponseHead, UpstreamConnection, UpstreamError
 from scriptlb.logs import errorlog
@@ -57,6 +59,7 @@ from scriptlb.request.attempt import (
     clock,
     pool_key,
 )
+from scriptlb.request.headers_filter import with_kept
 from scriptlb.request.retry import (
     RETRY,
     Failure,
@@ -77,6 +80,9 @@ if TYPE_CHECKING:
 
 
 _READING_HEADER = "reading response header from upstream"  # nginx's log action
+# the peer's headers X-Accel-Redirect passes on to the final response (nginx's "redirect" flag)
+_KEPT_BY_ACCEL_REDIRECT = frozenset((b"content-type", b"set-cookie", b"content-disposition", b"cache-control",
+                                     b"expires", b"accept-ranges"))
 _CONNECTING = "connecting to upstream"
 _HANDSHAKING = "SSL handshaking to upstream"
 
@@ -130,7 +136,10 @@ class UpstreamRequest:
         self._body = b""
         self._started = 0.0  # for proxy_next_upstream_timeout
         self._idempotent = True
-        self._local_addr: tuple[str, int] | None = None  # a hook's bind_to_local_addr
+        # proxy_bind, or a hook's bind_to_local_addr
+        self._local_addr: tuple[str, int] | None = None
+        if self.location.proxy_bind is not None:
+            self._local_addr = _bind_address(self.location.proxy_bind(exchange), exchange)
         self.attempt: Attempt | None = None  # the try in progress
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
@@ -339,15 +348,18 @@ class UpstreamRequest:
         attempt.conn = conn
         attempt.reused = False
         tls = self.location.tls
-        extra: dict[str, Any] = {}
+        opening: Coroutine[Any, Any, object]
         if tls is not None:
-            conn.tls = True
-            extra = {"ssl": tls.context, "server_hostname": tls.server_hostname(attempt.tls_name or "")}
-        if addr.unix_path is not None:
-            opening = loop.create_unix_connection(lambda: conn, addr.unix_path, **extra)
+            # our own TLS transport (tls_transport): it can resume the peer's last session
+            name = attempt.tls_name
+            key = (attempt.addr, name)
+            opening = open_tls_connection(loop, conn, addr.host, addr.port, addr.unix_path, self._local_addr,
+                                          tls.context, tls.server_hostname(name or ""), tls.session(key),
+                                          tls.keeper(key))
+        elif addr.unix_path is not None:
+            opening = loop.create_unix_connection(lambda: conn, addr.unix_path)
         else:
-            opening = loop.create_connection(lambda: conn, addr.host, addr.port, local_addr=self._local_addr,
-                                             **extra)
+            opening = loop.create_connection(lambda: conn, addr.host, addr.port, local_addr=self._local_addr)
         task = loop.create_task(opening)
         timer = loop.call_later(self.exchange.connect_timeout, task.cancel)
         self._connecting = task
@@ -381,14 +393,33 @@ class UpstreamRequest:
         spooled = isinstance(body, SpooledBody)
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
         conn.upgrade = _asks_upgrade(ex.request.connection) and ex.header("upgrade") is not None
-        conn.start(self, self._head, None if spooled else body, ex.read_timeout,
+        head = self._head
+        if streamed:  # what arrived already goes with the head, in one write (as nginx)
+            early, last = self._body_bytes()
+            head += early
+        conn.start(self, head, None if spooled else body, ex.read_timeout,
                    ex.send_timeout, ex.method == "HEAD", plan.http11, plan.close_after)
         if spooled:
             body.send(conn)  # (every try again from the file's start)
         elif streamed:
+            if last:
+                conn.write_body(b"", last=True)
+                ex.conn.resume_body()  # (paused while connecting if much was waiting)
+                return
             self._body_conn = conn
             conn.on_writable = self._pump_body
             self._pump_body()
+
+    def _body_bytes(self) -> tuple[bytes, bool]:
+        """A streamed body's bytes that arrived and were not sent yet, framed for the peer,
+        and whether they end it."""
+        request = self.exchange.request
+        data = request.take_body()
+        if data and request.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if request.complete:
+            return (data + b"0\r\n\r\n" if request.chunked else data), True
+        return data, False
 
     def _pump_body(self) -> None:
         """Streamed body: move what arrived to the upstream connection, with back-pressure
@@ -401,12 +432,12 @@ class UpstreamRequest:
             if sum(map(len, request.body)) > STREAM_BODY_WAITING:
                 client.pause_body()
             return
-        data = request.take_body()
-        if data:
-            conn.write_body(b"%x\r\n%s\r\n" % (len(data), data) if request.chunked else data, last=False)
-        if request.complete:
+        data, last = self._body_bytes()
+        if last:
             self._body_conn = None
-            conn.write_body(b"0\r\n\r\n" if request.chunked else b"", last=True)
+            conn.write_body(data, last=True)  # (the last bytes and the end in one write, as nginx)
+        elif data:
+            conn.write_body(data, last=False)
         if conn.write_buffer_full:
             client.pause_body()
         else:
@@ -431,12 +462,32 @@ class UpstreamRequest:
                 attempt.end(NEXT, self.exchange, failure, _READING_HEADER)
                 self._next_try()
                 return
+        if response.rewritable and self._accel_redirect(attempt, response):
+            return
         if status >= 300 and self.exchange.intercepts(status):
-            self._intercepted(attempt, status)
+            self._intercepted(attempt, response)
             return
         self._pass_response(attempt, response)
 
-    def _intercepted(self, attempt: Attempt, status: int) -> None:
+    def _accel_redirect(self, attempt: Attempt, response: ResponseHead) -> bool:
+        """X-Accel-Redirect (unless proxy_ignore_headers names it): the peer's response is
+        dropped, a few of its headers kept, and the request goes on at the URI it names."""
+        uri = next((value for name, value in response.headers if name.lower() == b"x-accel-redirect"), None)
+        if uri is None or "x-accel-redirect" in self.conf.ignore_headers:
+            return False
+        self.attempt = None
+        conn, attempt.conn = attempt.conn, None
+        if conn is not None:
+            conn.abort()
+        ex = self.exchange
+        ex.upstream_headers = response.headers
+        attempt.end(DONE, ex)
+        kept = b"".join(name + b": " + value + b"\r\n" for name, value in response.headers
+                        if name.lower() in _KEPT_BY_ACCEL_REDIRECT)
+        ex.accel_redirect(uri.decode("latin-1"), kept)
+        return True
+
+    def _intercepted(self, attempt: Attempt, response: ResponseHead) -> None:
         """proxy_intercept_errors: the peer's response is dropped (its connection with it: the
         body is unread) and the request goes on to its error_page."""
         self.attempt = None
@@ -444,6 +495,10 @@ class UpstreamRequest:
         if conn is not None:
             conn.abort()
         attempt.end(DONE, self.exchange)
+        status = response.status
+        if status == 401:  # nginx keeps the peer's challenges for the error page's answer
+            self.exchange.keep_headers(b"".join(name + b": " + value + b"\r\n" for name, value in
+                                                response.headers if name.lower() == b"www-authenticate"))
         self.exchange.finish_with_page(status)
 
     def upstream_body(self, data: bytes) -> None:
@@ -486,20 +541,21 @@ class UpstreamRequest:
         ex.upstream_headers = response.headers
         headers = response.client_headers()
         location = ex.location
+        if response.rewritable and location.header_rewrite is not None:  # proxy_redirect, proxy_cookie_*
+            headers = location.header_rewrite(ex, headers)
         if location.response_filter is not None:  # proxy_hide_header, proxy_pass_header
             headers = location.response_filter(headers, response.headers)
         if location.add_headers is not None:
-            headers += location.add_headers(ex, response.status)
+            headers = location.add_headers(ex, response.status, headers)
         trace = self.location.trace
         if trace is not None:  # balancer_trace_header on
             headers = trace.headers(ex, headers)
         ex.response_headers = headers
         client = ex.conn
-        if ex.err_status:  # the answer to an error_page redirect carries the original code
-            ex.status = ex.err_status
-            client.send_head(ex.status, headers, response.content_length)
-        else:
+        if not ex.err_status and location.add_trailers is None:  # (the usual response)
             client.send_head(response.status, headers, response.content_length, reason=response.reason)
+        else:
+            _send_head_unusual(ex, response, headers)
         conn.stream_to(self)  # the body that came with the head goes out with it
         if self.attempt is attempt:  # still streaming: not completed by stream_to
             client.flush()
@@ -600,6 +656,33 @@ def _asks_upgrade(connection: bytes | None) -> bool:
     """The client's Connection header names "upgrade" (llhttp then saw an Upgrade request):
     a 101 from the peer may switch this connection."""
     return connection is not None and b"upgrade" in connection.lower()
+
+
+def _send_head_unusual(ex: Exchange, response: ResponseHead, headers: bytes) -> None:
+    """The head of a peer's response after an internal redirect (the headers it kept; after
+    error_page, the original status) or with add_trailer (chunked, to carry them)."""
+    err_status = ex.err_status
+    if err_status:
+        headers = ex.response_headers = with_kept(ex.kept_headers, headers, kept_wins=False)
+    if err_status > 0:
+        ex.status = err_status
+        ex.conn.send_head(err_status, headers, ex.body_length(err_status, response.content_length))
+    else:
+        length = ex.body_length(response.status, response.content_length)
+        ex.conn.send_head(response.status, headers, length, reason=response.reason)
+
+
+def _bind_address(text: str, exchange: Exchange) -> tuple[str, int] | None:
+    """proxy_bind's value for this request; an empty one binds nothing, an invalid one is
+    logged and binds nothing (nginx's ngx_http_upstream_set_local)."""
+    if not text:
+        return None
+    try:
+        return split_local_addr(text)
+    except ValueError:
+        errorlog.log_error("error", f'invalid local address "{text}"', exchange.conn_id,
+                           exchange.log_context(None))
+        return None
 
 
 def _upgrade_lines(headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -267,11 +267,14 @@ class LocationRuntime:
         "access",
         "access_logs",
         "add_headers",
+        "add_trailers",
         "conf",
         "content",
         "error_pages",
+        "header_rewrite",
         "log_hook",
         "plan",
+        "proxy_bind",
         "proxy_host",
         "response_filter",
         "return_getter",
@@ -296,24 +299,50 @@ class LocationRuntime:
             self.access = access_phase(conf)
         # stub_status / api / prometheus (scriptlb.request.handlers): content(exchange) answers
         self.content: Callable[[Any], None] | None = None
-        # add_header (scriptlb.request.headers_filter): None, or lines(exchange, status) -> bytes
-        self.add_headers: Callable[[Any, int], bytes] | None = None
-        if conf.add_headers:
+        # expires + add_header (scriptlb.request.headers_filter): None, or
+        # apply(exchange, status, headers) -> headers
+        self.add_headers: Callable[[Any, int, bytes], bytes] | None = None
+        if conf.add_headers or conf.expires is not None:
+            from scriptlb.request.headers_filter import response_headers_filter
+
+            self.add_headers = response_headers_filter(conf.add_headers, conf.expires)
+        # add_trailer (scriptlb.request.headers_filter): None, or the trailers of a chunked response
+        self.add_trailers: Any = None
+        if conf.add_trailers:
             from scriptlb.request.headers_filter import AddHeaders
 
-            self.add_headers = AddHeaders(conf.add_headers).lines
+            self.add_trailers = AddHeaders(conf.add_trailers, trailers=True)
         # proxy_hide_header / proxy_pass_header (scriptlb.request.headers_filter)
         self.response_filter: Callable[[bytes, Any], bytes] | None = None
         if conf.proxy.hide_headers or conf.proxy.pass_headers:
             from scriptlb.request.headers_filter import response_filter
 
             self.response_filter = response_filter(conf.proxy.hide_headers, conf.proxy.pass_headers)
-        # set / if / rewrite / break (scriptlb.request.rewrite): None, or the compiled phase
+        # proxy_redirect / proxy_cookie_* (scriptlb.request.peer_rewrite): None, or
+        # rewrite(exchange, lines) -> lines, for responses with Location, Refresh or Set-Cookie
+        self.header_rewrite: Callable[[Any, bytes], bytes] | None = None
+        if conf.proxy_pass is not None:
+            from scriptlb.request.peer_rewrite import header_rewrite
+
+            self.header_rewrite = header_rewrite(conf.proxy)
+        # proxy_bind: None, or the local address (text) of this request's connections to peers
+        self.proxy_bind: Callable[[Any], str] | None = None
+        if conf.proxy.bind is not None:
+            from scriptlb.variables.evaluate import compile_template
+
+            self.proxy_bind = compile_template(conf.proxy.bind)
+        # set / if / rewrite / break (scriptlb.request.rewrite): None, or the compiled phase; with
+        # limit_except (scriptlb.request.access), wrapped in it (its check comes first for the methods
+        # it does not name)
         self.rewrite: Any = None
         if conf.rewrite:
             from scriptlb.request.rewrite import RewritePhase
 
             self.rewrite = RewritePhase(conf.rewrite)
+        if conf.limit_except is not None:
+            from scriptlb.request.access import LimitExcept
+
+            self.rewrite = LimitExcept(conf, self.rewrite)
         # error_page (scriptlb.request.error_pages): None, or status -> ErrorPage
         self.error_pages: dict | None = None
         if conf.error_pages:
@@ -358,12 +387,27 @@ class LocationRuntime:
 
 
 def absolute_redirect(exchange: Exchange, path: bytes) -> bytes:
-    """nginx's absolute_redirect on, server_name_in_redirect off, port_in_redirect on."""
-    port = exchange.server_port
-    host = exchange.host
+    """A Location nginx makes itself (``return``, a directory's 301...) as ngx_http_header_filter
+    writes it: left relative with ``absolute_redirect off``; else prefixed with the scheme, the
+    host (the server's name with ``server_name_in_redirect on``, else the request's host, else the
+    local address) and the port (unless the scheme's own or ``port_in_redirect off``)."""
+    conf = exchange.location.conf
+    if not conf.absolute_redirect:
+        return path
+    if conf.server_name_in_redirect:
+        host = exchange.server.name
+    elif exchange.host_given:
+        host = exchange.host
+    else:
+        host = exchange.server_addr
     if ":" in host:
         host = f"[{host}]"
-    prefix = f"http://{host}{'' if port == 80 else f':{port}'}"
+    scheme = exchange.scheme
+    port = exchange.server_port
+    if not conf.port_in_redirect or port == (443 if scheme == "https" else 80):
+        prefix = f"{scheme}://{host}"
+    else:
+        prefix = f"{scheme}://{host}:{port}"
     return prefix.encode("latin-1", "replace") + path
 
 
@@ -386,7 +430,7 @@ class ServerRuntime:
         self._matched: dict[str, LocationRuntime] = {}  # uri -> location, see match
         for loc in conf.locations:
             self._by_id[id(loc)] = builder(loc)
-        self.default_location = builder(LocationConf(modifier="", pattern=""))
+        self.default_location = builder(LocationConf(modifier="", pattern="", rewrite=conf.rewrite))
 
     def named(self, name: str) -> LocationRuntime | None:
         """The ``location @name`` (error_page's target), None if there is none."""
@@ -484,12 +528,17 @@ class Runtime:
             from scriptlb.request.handlers import content_handler
 
             location.content = content_handler(conf, self)
-        elif conf.return_ is None and conf.proxy_pass is None and os.path.isabs(conf.root):
+        elif conf.return_ is None and conf.proxy_pass is None and (os.path.isabs(conf.root) or conf.alias):
             # (a location the config did not build, the server's "no location matched" one,
             # has no root of its own: it answers 404 as before)
             from scriptlb.request.static import StaticFiles
 
-            location.content = StaticFiles(conf.root, conf.index)
+            location.content = StaticFiles(conf)
+        if conf.try_files is not None:  # (run with the access phase: see Exchange.start)
+            from scriptlb.request.access import access_phase
+            from scriptlb.request.static import TryFiles
+
+            location.access = access_phase(conf, TryFiles(conf, location.content))
         return location
 
     def _peer_tls(self, conf: LocationConf, proxy_host: str) -> Any:
@@ -505,7 +554,7 @@ class Runtime:
         else:
             host = proxy_host_name(proxy_host)
             name = lambda ex: host  # noqa: E731
-        return PeerTls(context, name, ssl_conf.server_name)
+        return PeerTls(context, name, ssl_conf.server_name, ssl_conf.session_reuse)
 
     def _log_hook_for(self, conf: LocationConf) -> LogHookRunner | None:
         hook = conf.log_hook
@@ -576,6 +625,10 @@ class Runtime:
         on the socket without TLS settings of its own answers with the default's)."""
         servers = [s for s in self.conf.http.servers if any(lc.key in keys for lc in s.listens)] \
             if self.conf.http is not None else []
+        # TLS is a property of the socket: a `listen ... ssl` for its address (a server with
+        # `listen 80; listen 443 ssl;` serves port 80 in clear)
+        if not any(lc.ssl for s in servers for lc in s.listens if lc.key in keys):
+            return None
         confs = [s.ssl for s in servers if s.ssl is not None]
         if not confs:
             return None

@@ -14,7 +14,9 @@ import os
 import stat
 from typing import Any
 
+from scriptlb.config.model import LocationConf
 from scriptlb.http.responses import http_date
+from scriptlb.routing.uri import quote_uri
 
 # nginx's built-in `types` (used when no mime.types is included) and its default_type
 _TYPES = {".html": b"text/html", ".gif": b"image/gif", ".jpg": b"image/jpeg"}
@@ -26,11 +28,15 @@ MAX_FILE = 64 * 1024 * 1024
 class StaticFiles:
     """``content(exchange)`` for one location: its root and index files, from the config."""
 
-    __slots__ = ("index", "root")
+    __slots__ = ("alias", "index", "prefix", "root")
 
-    def __init__(self, root: str, index: tuple[str, ...]) -> None:
-        self.root = root.rstrip("/") or "/"
-        self.index = index
+    def __init__(self, conf: LocationConf) -> None:
+        self.root = conf.root.rstrip("/") or "/"
+        self.index = conf.index
+        # alias: the location's prefix is replaced by the alias path (a regex location's
+        # alias names the file itself)
+        self.alias = conf.alias
+        self.prefix = conf.alias_prefix
 
     def __call__(self, exchange: Any) -> None:
         method = exchange.method
@@ -38,7 +44,13 @@ class StaticFiles:
             exchange.finish_with_page(405)
             return
         uri = exchange.uri
-        path = self.root + uri
+        alias = self.alias
+        if alias is None:
+            path = self.root + uri
+        elif self.prefix < 0:
+            path = alias
+        else:
+            path = alias + uri[self.prefix:]
         if uri.endswith("/"):
             self._index(exchange, path)
             return
@@ -51,6 +63,10 @@ class StaticFiles:
                 self._file(exchange, path, exchange.uri + name)
                 return
         exchange.finish_with_page(403 if os.path.isdir(directory) else 404)
+
+    def serve(self, exchange: Any, path: str) -> None:
+        """A file (or directory: its redirect) try_files found at ``path``."""
+        self._file(exchange, path, exchange.uri)
 
     def _file(self, exchange: Any, path: str, uri: str) -> None:
         try:
@@ -65,8 +81,10 @@ class StaticFiles:
             exchange.finish_with_page(403)
             return
         if stat.S_ISDIR(info.st_mode):
-            location = f"http://{exchange.host}:{exchange.server_port}{uri}/"
-            exchange.finish_with_page(301, f"Location: {location}\r\n".encode("latin-1"))
+            args = exchange.args
+            location = quote_uri(uri) + "/" + (f"?{args}" if args else "")
+            target = exchange.absolute_location(location.encode("latin-1", "replace"))
+            exchange.finish_with_page(301, b"Location: " + target + b"\r\n")
             return
         if info.st_size > MAX_FILE:
             exchange.finish_with_page(500)
@@ -85,3 +103,65 @@ class StaticFiles:
             + b"Accept-Ranges: bytes\r\n"
         )
         exchange.respond(200, headers, body)
+
+
+class TryFiles:
+    """``try_files``: ``check(exchange) -> answered``. The first name that exists as a file (as
+    a directory for a name written with a trailing "/") becomes the URI and is served by the
+    location's static handler (a proxying location proxies the new URI: False); when none
+    does, the last argument answers (``=code``) or takes the request elsewhere (a URI, @name).
+    """
+
+    __slots__ = ("alias", "conf", "files", "prefix", "root", "static", "target")
+
+    def __init__(self, conf: LocationConf, static: Any) -> None:
+        from scriptlb.variables.evaluate import compile_template
+
+        tries = conf.try_files
+        assert tries is not None
+        self.conf = tries
+        self.files = tuple((compile_template(name), test_dir) for name, test_dir in tries.files)
+        self.target = compile_template(tries.fallback) if tries.fallback is not None else None
+        self.root = conf.root.rstrip("/")
+        self.alias = conf.alias.rstrip("/") if conf.alias is not None else None
+        self.prefix = conf.alias_prefix
+        self.static = static if isinstance(static, StaticFiles) else None
+
+    def __call__(self, exchange: Any) -> bool:
+        for render, test_dir in self.files:
+            name = render(exchange)
+            found = self._lookup(exchange, name, test_dir)
+            if found is not None:
+                path, uri = found
+                exchange.set_uri(uri, exchange.args)
+                if self.static is None:
+                    return False
+                self.static.serve(exchange, path)
+                return True
+        if self.target is None:
+            exchange.finish_with_page(self.conf.code)
+        else:
+            exchange.internal_redirect(self.target(exchange))
+        return True
+
+    def _lookup(self, exchange: Any, name: str, test_dir: bool) -> tuple[str, str] | None:
+        """(path, new URI) when ``name`` exists as asked, else None."""
+        if "/.." in name or not name.startswith("/"):
+            return None  # (never outside the root, whatever a variable brought in)
+        alias, prefix, uri = self.alias, self.prefix, name
+        if alias is None:
+            path = self.root + name
+        elif prefix < 0:
+            path = alias + name
+        else:
+            if name[:prefix] == exchange.uri[:prefix]:
+                name = name[prefix:]
+                uri = exchange.uri[:prefix] + name
+            path = alias + ("/" if name[:1] != "/" else "") + name
+        try:
+            info = os.stat(path)
+        except (OSError, ValueError):
+            return None
+        if stat.S_ISDIR(info.st_mode) != test_dir:
+            return None
+        return path, uri

@@ -6,6 +6,11 @@ Location order (ngx_http_core_find_location):
   3. otherwise regex locations (``~`` case-sensitive, ``~*`` case-insensitive) are tried in
      declaration order, the first match wins;
   4. otherwise the remembered longest prefix wins (or nothing: the server answers 404).
+  Nested locations (ngx_http_core_find_location, recursively): when the chosen prefix location
+  has locations inside, they are searched the same way; an exact or regex match inside wins, a
+  prefix match inside replaces the outer prefix, and the outer level's regexes are tried next
+  (unless the outer prefix was ``^~``); a regex location that matches has its inner locations
+  searched too.
   Besides, a URI that lacks only the trailing slash of a location that proxies (``location /dir/
   { proxy_pass ...; }`` and ``GET /dir``) gets nginx's automatic 301 to ``/dir/`` (args kept),
   unless an exact or prefix location equals the URI itself. ``match`` returns a precomputed
@@ -28,6 +33,7 @@ from typing import Generic, TypeVar
 
 from scriptlb.config.model import HttpConf, LocationConf, ReturnConf, ServerConf, Template, Var
 from scriptlb.config.regex import compile_nginx_regex
+from scriptlb.routing.uri import quote_uri
 
 T = TypeVar("T")
 
@@ -39,15 +45,19 @@ ListenKey = tuple[str | None, int, str | None]  # ListenConf.key
 class LocationMatcher:
     """All locations of one server, arranged for matching; built once per config load."""
 
-    __slots__ = ("_exact", "_prefix", "_prefix_lengths", "_redirects", "_regexes", "named")
+    __slots__ = ("_exact", "_inner", "_prefix", "_prefix_lengths", "_redirects", "_regexes", "named")
 
-    def __init__(self, locations: Iterable[LocationConf]) -> None:
+    def __init__(self, locations: Iterable[LocationConf], nested: bool = False) -> None:
         self._exact: dict[str, LocationConf] = {}
         self._prefix: dict[str, LocationConf] = {}
         self._regexes: list[tuple[re.Pattern[str], LocationConf]] = []
         self.named: dict[str, LocationConf] = {}  # "@name" locations: reachable only by name
+        self._inner: dict[int, LocationMatcher] = {}  # id(location) -> its nested locations
         for loc in locations:
-            self._add(loc)
+            if loc.nested == nested:  # (a server's list also holds every nested location)
+                self._add(loc)
+                if loc.inner:
+                    self._inner[id(loc)] = LocationMatcher(loc.inner, nested=True)
         # longest first: checking one dict per distinct length finds the longest prefix
         self._prefix_lengths = sorted({len(p) for p in self._prefix}, reverse=True)
         self._redirects = self._auto_redirects()
@@ -73,8 +83,9 @@ class LocationMatcher:
             uri = name[:-1]
             if uri in self._exact or uri in self._prefix or uri in redirects:
                 continue  # a location equal to the URI is found first: no redirect
+            escaped = quote_uri(name)  # (nginx escapes the URI it redirects to)
             target = Template(
-                raw=f"{name}$is_args$args", parts=(name, Var("is_args"), Var("args")), static=None
+                raw=f"{escaped}$is_args$args", parts=(escaped, Var("is_args"), Var("args")), static=None
             )
             redirects[uri] = dataclasses.replace(
                 loc, modifier="=", pattern=uri, proxy_pass=None, return_=ReturnConf(301, target, loc.source)
@@ -83,20 +94,39 @@ class LocationMatcher:
 
     def match(self, uri: str) -> LocationConf | None:
         """The location nginx would choose for ``uri`` (the decoded, normalized path)."""
+        return self._find(uri)[0]
+
+    def _find(self, uri: str) -> tuple[LocationConf | None, bool]:
+        """(location, final): final when an exact, regex or redirect match ended the search
+        (nginx's NGX_OK/NGX_DONE); else the longest prefix, if any (NGX_AGAIN/NGX_DECLINED)."""
         exact = self._exact.get(uri)
         if exact is not None:
-            return exact
+            return exact, True
         prefix = self._longest_prefix(uri)
-        if prefix is not None and prefix.modifier == "^~":
-            return prefix
         if prefix is None or len(prefix.pattern) != len(uri):
             redirect = self._redirects.get(uri)
             if redirect is not None:
-                return redirect
-        for regex, loc in self._regexes:
-            if regex.search(uri) is not None:
-                return loc
-        return prefix
+                return redirect, True
+        noregex = False
+        if prefix is not None:
+            noregex = prefix.modifier == "^~"
+            inner = self._inner.get(id(prefix)) if self._inner else None
+            if inner is not None:
+                found, final = inner._find(uri)
+                if final:
+                    return found, True
+                if found is not None:
+                    prefix = found
+        if not noregex:
+            for regex, loc in self._regexes:
+                if regex.search(uri) is not None:
+                    inner = self._inner.get(id(loc)) if self._inner else None
+                    if inner is not None:
+                        found = inner._find(uri)[0]
+                        if found is not None:
+                            return found, True
+                    return loc, True
+        return prefix, False
 
     def _longest_prefix(self, uri: str) -> LocationConf | None:
         prefixes = self._prefix

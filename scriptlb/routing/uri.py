@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from urllib.parse import quote, unquote
 
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
 
 def normalize_uri(path: str) -> str | None:
     """nginx's ngx_http_parse_complex_uri: decode %XX, merge slashes, resolve ``.``/``..``.
@@ -17,6 +19,8 @@ def normalize_uri(path: str) -> str | None:
     None when the path escapes the root (nginx answers 400).
     """
     if "%" in path:
+        if _BAD_ESCAPE.search(path):
+            return None  # nginx: "%" not followed by two hex digits is a bad request
         # a byte per character, as nginx: %C3%A9 is two characters, logged \xC3\xA9
         path = unquote(path, encoding="latin-1")
         if "\x00" in path:
@@ -40,21 +44,41 @@ def normalize_uri(path: str) -> str | None:
     return result
 
 
+def unsafe_uri_split(uri: str) -> tuple[str, str | None] | None:
+    """ngx_http_parse_unsafe_uri (X-Accel-Redirect's value): (path decoded, args), None when
+    the path could leave the tree ("..", "/../", a NUL) or is empty."""
+    if not uri or uri.startswith("?"):
+        return None
+    path, sep, args = uri.partition("?")
+    if "%" in path:
+        path = unquote(path, encoding="latin-1")
+    if "\x00" in path or path == ".." or path.startswith("../") or "/../" in path or path.endswith("/.."):
+        return None
+    return path, (args if sep else None)
+
+
 def split_target(target: bytes) -> tuple[str, str | None] | None:
-    """``/p?a=1`` -> ("/p", "a=1"); absolute-form targets lose scheme and host. None: invalid."""
+    """``/p?a=1`` -> ("/p", "a=1"); absolute-form targets lose scheme and host, and a
+    ``#fragment`` is dropped (nginx ends the URI there). None: invalid."""
     text = target.decode("latin-1")
+    if "#" in text:
+        text = text.partition("#")[0]
     if not text.startswith("/"):
         scheme_end = text.find("://")
         if scheme_end <= 0:
             return None
-        slash = text.find("/", scheme_end + 3)
-        text = text[slash:] if slash != -1 else "/"
+        rest = text[scheme_end + 3:]
+        start = min((i for i in (rest.find("/"), rest.find("?")) if i != -1), default=-1)
+        text = "/" if start == -1 else rest[start:]
+        if text.startswith("?"):
+            text = "/" + text
     path, sep, args = text.partition("?")
     return path, (args if sep else None)
 
 
-# what nginx's request-line parser lets through as an absolute URI's host[:port]
-_AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(?::[0-9]*)?")
+# what nginx's request-line parser lets through as an absolute URI's host[:port] (an IPv6 or
+# IPvFuture literal in brackets)
+_AUTHORITY = re.compile(rb"(?:\[[0-9A-Za-z:.!$&'()*+,;=_~-]+\]|[A-Za-z0-9._-]*)(?::[0-9]*)?")
 
 
 def absolute_host(target: bytes) -> bytes | None:

@@ -100,6 +100,17 @@ def _attr(name: str) -> Getter:
     return get
 
 
+def _port(name: str) -> Getter:
+    """$remote_port / $server_port: empty on a unix socket (its "port" is 0), as nginx."""
+
+    def get(ex: Any) -> str:
+        value = getattr(ex, name)
+        return str(value) if value else ""
+
+    get.__name__ = f"get_{name}"
+    return get
+
+
 def _header(name_lower: str) -> Getter:
     def get(ex: Any) -> str | None:
         return ex.header(name_lower)
@@ -185,6 +196,17 @@ def _upstream_http_family(suffix: str) -> Getter:
 _FRAMING_HEADERS = frozenset({b"content_length", b"connection", b"transfer_encoding"})
 
 
+def _sent_trailer_family(suffix: str) -> Getter:
+    """$sent_trailer_NAME: a trailer add_trailer sent (lines joined with ", ", as nginx)."""
+    wanted = suffix.encode("latin-1")
+
+    def get(ex: Any) -> str | None:
+        trailers = getattr(ex, "sent_trailers", b"")
+        return _join_headers(_split_header_block(trailers), wanted, b", ") if trailers else None
+
+    return get
+
+
 def _sent_http_family(suffix: str) -> Getter:
     wanted = suffix.encode("latin-1")
     framing = wanted in _FRAMING_HEADERS
@@ -256,11 +278,15 @@ def _upstream_cookie_family(suffix: str) -> Getter:
     wanted = suffix.lower()
 
     def get(ex: Any) -> str | None:
+        # ngx_http_parse_set_cookie_lines: the name first, spaces (not tabs) around "="
         for name, value in ex.upstream_headers:
             if name.lower() == b"set-cookie":
-                key, sep, rest = value.decode("latin-1").partition("=")
-                if sep and key.strip().lower() == wanted:
-                    return rest.partition(";")[0].strip()
+                text = value.decode("latin-1")
+                if text[:len(wanted)].lower() != wanted:
+                    continue
+                rest = text[len(wanted):].lstrip(" ")
+                if rest[:1] == "=":
+                    return rest[1:].partition(";")[0].strip(" ")
         return None
 
     return get
@@ -272,6 +298,7 @@ _FAMILIES: dict[str, Callable[[str], Getter]] = {
     "arg_": _arg_family,
     "cookie_": _cookie_family,
     "sent_http_": _sent_http_family,
+    "sent_trailer_": _sent_trailer_family,
     "upstream_http_": _upstream_http_family,
 }
 
@@ -346,7 +373,7 @@ _SIMPLE: dict[str, Getter] = {
     "request_body": _request_body,
     "request_body_file": _request_body_file,
     "remote_addr": _attr("remote_addr"),
-    "remote_port": _attr("remote_port"),
+    "remote_port": _port("remote_port"),
     "remote_user": _remote_user,
     "request": _request_line,
     "request_method": _attr("method"),
@@ -362,7 +389,7 @@ _SIMPLE: dict[str, Getter] = {
     "scheme": _attr("scheme"),
     "server_protocol": lambda ex: f"HTTP/{ex.http_version}",
     "server_addr": _attr("server_addr"),
-    "server_port": _attr("server_port"),
+    "server_port": _port("server_port"),
     "server_name": _attr("server_name"),
     "content_length": _header("content-length"),
     "content_type": _header("content-type"),
