@@ -305,9 +305,105 @@ def test_a_session_made_by_one_worker_resumes_on_another(tmp_path: Path, ca: tru
         assert not _resumed_on(other, client, session)[0]
 
 
+def rotation_servers(ports: list[str], paths: dict[str, Path], keys: dict[str, Path], protocol: str) -> str:
+    """Three servers, one certificate: ticket keys B alone, A then B (A encrypts), A alone."""
+    blocks = []
+    for port, names in zip(ports, ("B", "A B", "A"), strict=True):
+        files = " ".join(f"ssl_session_ticket_key {keys[name]};" for name in names.split())
+        blocks.append(f"""
+        server {{
+            listen 127.0.0.1:{port} ssl;
+            ssl_certificate {paths['a.test.crt']}; ssl_certificate_key {paths['a.test.key']};
+            ssl_protocols {protocol}; {files}
+            location / {{ return 200 "$ssl_session_reused"; }}
+        }}""")
+    return "".join(blocks)
+
+
+@pytest.mark.parametrize(("protocol", "size"), [("TLSv1.2", 80), ("TLSv1.3", 48)])
+@pytest.mark.nginx
+def test_several_ticket_keys_the_first_encrypts_all_decrypt_as_nginx(tmp_path: Path, ca: trustme.CA,
+                                                                     certs: dict[str, Path],  # noqa: F811
+                                                                     protocol: str, size: int) -> None:
+    """Key rotation: a ticket made under key B alone resumes where A, B are configured (and is
+    renewed under A there, so it then resumes where A alone is), not the other way round."""
+    import os
+
+    keys = {name: tmp_path / f"{name}.key" for name in "AB"}
+    for path in keys.values():
+        path.write_bytes(os.urandom(size))
+    client = client_context(ca)
+
+    def reused(port: int, session: ssl.SSLSession | None) -> tuple[str, ssl.SSLSession | None]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                client.wrap_socket(raw, server_hostname="a.test", session=session) as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            return data.partition(b"\r\n\r\n")[2].decode(), tls.session
+
+    def sequence(ports: list[int]) -> list[str]:
+        made_under_b, session = reused(ports[0], None)
+        on_a_b, renewed = reused(ports[1], session)
+        return [made_under_b, on_a_b, reused(ports[2], renewed)[0], reused(ports[0], renewed)[0]]
+
+    conf = rotation_servers(["{port0}", "{port1}", "{port2}"], certs, keys, protocol)
+    with Scriptlb(f"http {{ {conf} }}", tmp_path, listens=3) as lb:
+        seen = [sequence(lb.ports)]
+    if NGINX is not None:
+        ports = free_ports(3)
+        ngx = tmp_path / "nginx"
+        ngx.mkdir()
+        with nginx_running(ngx, rotation_servers([str(p) for p in ports], certs, keys, protocol), ports):
+            seen.append(sequence(ports))
+    assert seen[0] == [".", "r", "r", "."]
+    assert seen[1:] in ([], [seen[0]])
+
+
+@pytest.mark.parametrize("cache", ["builtin:100", "shared:SSL:1m"])
+@pytest.mark.nginx
+def test_a_session_outlives_a_client_reset_as_nginx(tmp_path: Path, ca: trustme.CA,
+                                                    certs: dict[str, Path], cache: str) -> None:  # noqa: F811
+    """A client that resets its connection (no close_notify) can still resume its session: nginx
+    marks such a connection shut down, so OpenSSL does not drop the session from the cache."""
+    import struct
+
+    extra = (f"ssl_session_tickets off; ssl_session_cache {cache}; "
+             'location /r { return 200 "$ssl_session_reused"; }')
+    client = client_context(ca)
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    seen = []
+    with both(tmp_path, certs, extra, protocols="TLSv1.2") as targets:
+        for port, _log in targets:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            tls = client.wrap_socket(raw, server_hostname="a.test")
+            tls.sendall(b"GET /r HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            assert tls.recv(65536).endswith(b".")
+            session = tls.session
+            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            tls.close()  # a reset, without close_notify
+            time.sleep(0.2)  # (the server sees the reset before the next handshake)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw2, \
+                    client.wrap_socket(raw2, server_hostname="a.test", session=session) as again:
+                again.sendall(b"GET /r HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := again.recv(65536):
+                    data += chunk
+            seen.append(data.partition(b"\r\n\r\n")[2])
+    assert seen[0] == b"r"
+    assert seen[1:] in ([], [seen[0]])
+
+
+@pytest.mark.parametrize(("extra", "protocol"), [("", "TLSv1.2 TLSv1.3"),
+                                                ("ssl_session_tickets off;", "TLSv1.2"),
+                                                ("ssl_session_tickets off;", "TLSv1.3")])
 @pytest.mark.slow
 def test_sessions_resume_across_the_workers_of_a_master(tmp_path: Path, ca: trustme.CA,
-                                                       certs: dict[str, Path]) -> None:  # noqa: F811
+                                                       certs: dict[str, Path],  # noqa: F811
+                                                       extra: str, protocol: str) -> None:
+    """Tickets (the default) carry the session to any worker; without them the session ID (or
+    TLSv1.3's stateful ticket) is looked up in the ssl_session_cache shared: zone."""
     from helpers import master_process
 
     (port,) = free_ports(1)
@@ -318,7 +414,7 @@ def test_sessions_resume_across_the_workers_of_a_master(tmp_path: Path, ca: trus
             server {{
                 listen 127.0.0.1:{port} ssl reuseport;
                 ssl_certificate {certs['a.test.crt']}; ssl_certificate_key {certs['a.test.key']};
-                ssl_session_cache shared:SSL:1m;
+                ssl_session_cache shared:SSL:1m; ssl_protocols {protocol}; {extra}
                 location / {{ return 200 "$pid|$ssl_session_reused"; }}
             }}
         }}
@@ -358,14 +454,15 @@ def _answers(port: int) -> bool:
 CLIENT_VARIABLES = ("ssl_client_verify", "ssl_client_s_dn", "ssl_client_i_dn", "ssl_client_serial",
                     "ssl_client_fingerprint", "ssl_client_v_start", "ssl_client_v_end", "ssl_client_v_remain",
                     "ssl_client_escaped_cert", "ssl_alpn_protocol", "ssl_protocol", "ssl_cipher",
-                    "ssl_session_reused", "https", "scheme")
+                    "ssl_session_reused", "https", "scheme", "ssl_ciphers", "ssl_curves")
 
 
 @pytest.mark.nginx
 def test_the_client_certificate_variables_as_nginx(tmp_path: Path, ca: trustme.CA,
                                                   certs: dict[str, Path]) -> None:  # noqa: F811
     """Every $ssl_client_* variable (and ALPN) read in one response, the same as nginx's."""
-    body = '"' + "\\n".join(f"{name}=${name}" for name in CLIENT_VARIABLES) + '\\n$ssl_client_raw_cert"'
+    body = ('"' + "\\n".join(f"{name}=${name}" for name in CLIENT_VARIABLES)
+            + '\\n$ssl_client_raw_cert|$ssl_client_cert|"')
     extra = (f"ssl_client_certificate {certs['ca']}; ssl_verify_client on; "
              f"location /v {{ return 200 {body}; }}")
     ctx = client_context(ca)
@@ -389,6 +486,12 @@ def test_the_client_certificate_variables_as_nginx(tmp_path: Path, ca: trustme.C
     assert int(ours["ssl_client_v_remain"]) > 300
     assert "-----BEGIN CERTIFICATE-----\n" in answers[0]
     assert ours["ssl_client_escaped_cert"].startswith("-----BEGIN%20CERTIFICATE-----%0A")
+    # the client's offered lists, in its order, by OpenSSL's names
+    assert ours["ssl_ciphers"].startswith("TLS_AES_256_GCM_SHA384:") and "ECDHE-" in ours["ssl_ciphers"]
+    assert ours["ssl_curves"].startswith("X25519:prime256v1")
+    # $ssl_client_cert: the PEM, every line after the first behind a tab, no newline at the end
+    raw, tabbed = answers[0].split("\n", len(CLIENT_VARIABLES))[-1].split("|")[:2]
+    assert tabbed == raw[:-1].replace("\n", "\n\t") and "\n\t-----END CERTIFICATE-----" in tabbed
     assert answers[1:] in ([], [answers[0]])
 
 

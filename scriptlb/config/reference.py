@@ -161,16 +161,15 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "ssl_prefer_server_ciphers": ("on | off", "off", "ngx_http_ssl_module", ""),
     "ssl_ecdh_curve": ("curve", "auto", "ngx_http_ssl_module", "a list (X25519:prime256v1) as nginx"),
     "ssl_session_cache": ("off | none | [builtin[:size]] [shared:name:size]", "none", "ngx_http_ssl_module",
-                          "off / none / builtin:N as nginx; shared:NAME:SIZE is a per-worker cache "
-                          "of about 4000 sessions per MB; session tickets (on by default) are "
-                          "encrypted with one key shared by every worker (the master's random one, "
-                          "or ssl_session_ticket_key), so a session resumes on any worker"),
+                          "off / none / builtin:N as nginx; shared:NAME:SIZE with ssl_session_tickets "
+                          "off: a zone every worker reads (LMDB, under the prefix); with tickets on, "
+                          "a per-worker cache of about 4000 sessions per MB, as tickets (one key "
+                          "shared by every worker) resume on any worker"),
     "ssl_session_timeout": ("time", "5m", "ngx_http_ssl_module", ""),
     "ssl_session_tickets": ("on | off", "on", "ngx_http_ssl_module", ""),
     "ssl_session_ticket_key": ("file", "-",
-                               "ngx_http_ssl_module", "nginx's 48- or 80-byte file; several: all are "
-                               "checked, the first encrypts and decrypts (tickets made with the others "
-                               "fall back to a full handshake)"),
+                               "ngx_http_ssl_module", "nginx's 48- or 80-byte file; several (key "
+                               "rotation): the first encrypts, all decrypt, as nginx"),
     "ssl_client_certificate": ("file", "-", "ngx_http_ssl_module", ""),
     "ssl_verify_client": ("on | off | optional | optional_no_ca", "off", "ngx_http_ssl_module",
                           "as nginx: the handshake finishes and requests get the 400 pages "

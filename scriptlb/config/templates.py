@@ -85,6 +85,9 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "ssl_client_v_remain",
         "ssl_client_raw_cert",
         "ssl_client_escaped_cert",
+        "ssl_client_cert",
+        "ssl_ciphers",
+        "ssl_curves",
         "ssl_alpn_protocol",
         "ssl_session_id",
         # who chose each try's peer and why (scriptlb.variables.trace)

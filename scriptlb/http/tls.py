@@ -14,8 +14,9 @@ nginx's ``ssl_verify_client`` (the handshake finishes, the request gets a 495/49
 ``ssl_session_ticket_key``.
 Session tickets are encrypted with one key per configuration shared by every worker (the
 file's, else a random one made in the master before the workers fork), so a session made on one
-worker resumes on any other: that is what ``ssl_session_cache shared:`` is for in nginx, and
-clients that resume by session ID only stay on OpenSSL's per-worker cache.
+worker resumes on any other: that is what ``ssl_session_cache shared:`` is for in nginx. With
+``ssl_session_tickets off`` a ``shared:`` zone keeps session IDs for every worker
+(``scriptlb.http.tls_sessions``); with tickets on, IDs stay in OpenSSL's per-worker cache.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ _RANDOM_TICKET_KEYS = os.urandom(80)
 _OPTIONAL_NO_CA_ERRORS = frozenset({18, 19, 20, 21, 27})
 
 
-def server_context(conf: SslConf) -> ssl.SSLContext:
+def server_context(conf: SslConf, sessions_directory: str | None = None) -> ssl.SSLContext:
     """The SSLContext terminating TLS for one server, http's or stream's (raises
     TlsConfigError). A client certificate is asked for and checked after the handshake
-    (``client_refusal``), as nginx does."""
+    (``client_refusal``), as nginx does. ``sessions_directory``: where a worker finds the
+    ``ssl_session_cache shared:`` zones (None at load time: no zone is opened)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _set_protocols(ctx, conf)
     try:
@@ -77,6 +79,8 @@ def server_context(conf: SslConf) -> ssl.SSLContext:
 
     tls_native.set_session_timeout(ctx, max(1, int(conf.session_timeout)))
     tls_native.set_session_cache(ctx, *session_cache_mode(conf.session_cache))
+    if sessions_directory is not None and not conf.session_tickets:
+        _share_sessions(ctx, conf, sessions_directory)
     _set_curve(ctx, conf)
     if conf.dhparam is not None:
         try:
@@ -99,7 +103,8 @@ def session_cache_mode(text: str) -> tuple[int, int | None]:
     """(OpenSSL cache mode, sessions kept or None for OpenSSL's default) of ssl_session_cache,
     as nginx's ngx_ssl_session_cache: ``off`` says sessions are not reusable, ``none`` (the
     default) says they are but keeps none, ``builtin[:N]`` keeps N per worker; a ``shared:``
-    zone is a per-worker cache of the zone's size here (tickets are what crosses workers)."""
+    zone is a per-worker cache of the zone's size here unless tickets are off (then the zone
+    itself is used, see _share_sessions)."""
     from scriptlb.config.units import parse_size
     from scriptlb.http.tls_native import (
         SSL_SESS_CACHE_NO_AUTO_CLEAR,
@@ -126,6 +131,16 @@ def session_cache_mode(text: str) -> tuple[int, int | None]:
     return SSL_SESS_CACHE_SERVER, size
 
 
+def _share_sessions(ctx: ssl.SSLContext, conf: SslConf, directory: str) -> None:
+    """Session IDs in the ``shared:`` zone, for every worker (see scriptlb.http.tls_sessions)."""
+    from scriptlb.http import tls_native
+    from scriptlb.http.tls_sessions import shared_sessions, shared_zone
+
+    zone = shared_zone(conf.session_cache)
+    if zone is not None and tls_native.available():
+        tls_native.share_sessions(ctx, shared_sessions(directory, *zone))
+
+
 def ticket_keys(data: bytes) -> bytes:
     """OpenSSL's 80 ticket-key bytes (name, HMAC key, AES key) from an ssl_session_ticket_key
     file: an 80-byte file is in that layout already (as nginx reads it); a 48-byte one (name,
@@ -148,7 +163,7 @@ def _set_ticket_keys(ctx: ssl.SSLContext, conf: SslConf) -> None:
         raise TlsConfigError('"ssl_session_ticket_key" is not supported by scriptlb on this Python '
                              "(its libssl could not be reached)", conf.source)
     keys = []
-    for path, source in conf.session_ticket_keys:  # all are read (checked); the first encrypts
+    for path, source in conf.session_ticket_keys:  # the first encrypts, all decrypt
         try:
             with open(path, "rb") as f:
                 data = f.read(81)
@@ -157,7 +172,10 @@ def _set_ticket_keys(ctx: ssl.SSLContext, conf: SslConf) -> None:
         if len(data) not in (48, 80):
             raise TlsConfigError(f'"{path}" must be 48 or 80 bytes', source)
         keys.append(ticket_keys(data))
-    tls_native.set_ticket_keys(ctx, keys[0])
+    if len(keys) == 1:  # (OpenSSL's own tickets: no Python call per ticket)
+        tls_native.set_ticket_keys(ctx, keys[0])
+    else:
+        tls_native.set_ticket_key_list(ctx, keys)
 
 
 def _set_protocols(ctx: ssl.SSLContext, conf: SslConf) -> None:
@@ -407,6 +425,31 @@ def _client_raw_cert(ex: Any) -> str | None:
     return ssl.DER_cert_to_PEM_cert(der) if der else None
 
 
+def _client_cert_tabbed(ex: Any) -> str | None:
+    """$ssl_client_cert (deprecated in nginx, still in configs): the PEM without its last newline,
+    every line after the first starting with a tab (to fit in a header, as nginx's)."""
+    pem = _client_raw_cert(ex)
+    return pem[:-1].replace("\n", "\n\t") if pem else None
+
+
+def _client_ciphers(ex: Any) -> str | None:
+    tls = _tls(ex)
+    if tls is None:
+        return None
+    from scriptlb.http import tls_native
+
+    return tls_native.client_ciphers(tls)
+
+
+def _client_curves(ex: Any) -> str | None:
+    tls = _tls(ex)
+    if tls is None:
+        return None
+    from scriptlb.http import tls_native
+
+    return tls_native.client_curves(tls)
+
+
 def _client_escaped_cert(ex: Any) -> str | None:
     pem = _client_raw_cert(ex)
     return quote(pem, safe="") if pem else None
@@ -441,6 +484,9 @@ TLS_VARIABLES: dict[str, Callable[[Any], str | None]] = {
     "ssl_client_v_end": _client_v_end,
     "ssl_client_v_remain": _client_v_remain,
     "ssl_client_raw_cert": _client_raw_cert,
+    "ssl_client_cert": _client_cert_tabbed,
+    "ssl_ciphers": _client_ciphers,
+    "ssl_curves": _client_curves,
     "ssl_client_escaped_cert": _client_escaped_cert,
     "ssl_alpn_protocol": _alpn_protocol,
     "ssl_session_id": _session_id,

@@ -15,7 +15,14 @@ nginx behaviours that need them:
 - ``ssl_session_cache``: the cache mode and size (``off``, ``none``, ``builtin:N``).
 - ``ssl_session_timeout``: a session's lifetime (``SSL_CTX_set_timeout``).
 - ``ssl_session_ticket_key``: the ticket keys (``SSL_CTRL_SET_TLSEXT_TICKET_KEYS``), so that
-  every worker (and every node sharing the file) can resume the others' sessions.
+  every worker (and every node sharing the file) can resume the others' sessions; several files
+  (key rotation): a ticket key callback, as nginx's, encrypting with the first key and
+  decrypting with any (``SSL_CTX_set_tlsext_ticket_key_cb``).
+- ``ssl_session_cache shared:`` with ``ssl_session_tickets off``: the session cache callbacks
+  (``SSL_CTX_sess_set_new_cb``/``get_cb``/``remove_cb``), sessions serialised with
+  ``i2d_SSL_SESSION`` into a store every worker reads.
+- ``$ssl_ciphers`` and ``$ssl_curves``: the client's offered lists
+  (``SSL_get0_raw_cipherlist``, ``SSL_get1_curves``).
 - SNI: switching a connection to another server's context must also switch the verification
   settings (OpenSSL keeps the first context's on the connection; nginx copies them too).
 
@@ -30,17 +37,27 @@ from __future__ import annotations
 import ctypes
 import ssl
 import sys
-from typing import Any
+from typing import Any, Protocol
 
 SSL_VERIFY_PEER = 0x01
+SSL_SENT_SHUTDOWN = 1
+SSL_RECEIVED_SHUTDOWN = 2
 SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 SSL_CTRL_SET_GROUPS_LIST = 92
 SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 SSL_CTRL_SET_SESS_CACHE_MODE = 44
+SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB = 72
+SSL_CTRL_GET_GROUPS = 90
+SSL_CTRL_GET_RAW_CIPHERLIST = 110
+TLSEXT_NID_UNKNOWN = 0x1000000
+TICKET_KEY_NAME_SIZE = 16
+TICKET_IV_SIZE = 16  # AES-CBC's
 SSL_SESS_CACHE_OFF = 0x0
 SSL_SESS_CACHE_SERVER = 0x2
 SSL_SESS_CACHE_NO_AUTO_CLEAR = 0x80
+SSL_SESS_CACHE_NO_INTERNAL_LOOKUP = 0x100
 SSL_SESS_CACHE_NO_INTERNAL_STORE = 0x200
+SSL_SESS_CACHE_NO_INTERNAL = SSL_SESS_CACHE_NO_INTERNAL_LOOKUP | SSL_SESS_CACHE_NO_INTERNAL_STORE
 TICKET_KEYS_SIZE = 80  # OpenSSL's layout: name (16), HMAC key (32), AES key (32)
 
 _HEAD = ctypes.sizeof(ctypes.c_ssize_t) + ctypes.sizeof(ctypes.c_void_p)  # PyObject_HEAD
@@ -55,12 +72,26 @@ def _accept_all(ok: int, store: int | None) -> int:
 
 _ACCEPT_ALL = _VERIFY_CALLBACK_TYPE(_accept_all)  # (kept alive as long as the module)
 
+# int cb(SSL *s, unsigned char key_name[16], unsigned char iv[16], EVP_CIPHER_CTX *cipher,
+#        HMAC_CTX *hmac, int enc)
+# int new_session_cb(SSL *, SSL_SESSION *); SSL_SESSION *get_session_cb(SSL *, const unsigned char
+# *id, int len, int *copy); void remove_session_cb(SSL_CTX *, SSL_SESSION *)
+_NEW_SESSION_TYPE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_GET_SESSION_TYPE = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                     ctypes.POINTER(ctypes.c_int))
+_REMOVE_SESSION_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+MAX_SESSION_SIZE = 4096  # nginx's NGX_SSL_MAX_SESSION_SIZE: a larger session is not shared
+
+_TICKET_CALLBACK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+
 
 class _Lib:
     """libssl's functions, typed."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, crypto_path: str) -> None:
         lib = ctypes.CDLL(path)
+        self._crypto(ctypes.CDLL(crypto_path))
         self.ctx_set_verify = lib.SSL_CTX_set_verify
         self.ctx_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         self.ctx_set_verify.restype = None
@@ -100,21 +131,85 @@ class _Lib:
         self.get_ssl_ctx = lib.SSL_get_SSL_CTX
         self.get_ssl_ctx.argtypes = [ctypes.c_void_p]
         self.get_ssl_ctx.restype = ctypes.c_void_p
+        self.set_shutdown = lib.SSL_set_shutdown
+        self.set_shutdown.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.set_shutdown.restype = None
         self.get_verify_result = lib.SSL_get_verify_result
         self.get_verify_result.argtypes = [ctypes.c_void_p]
         self.get_verify_result.restype = ctypes.c_long
         self.verify_cert_error_string = lib.X509_verify_cert_error_string  # (libcrypto's, via libssl)
         self.verify_cert_error_string.argtypes = [ctypes.c_long]
         self.verify_cert_error_string.restype = ctypes.c_char_p
+        self.ctx_callback_ctrl = lib.SSL_CTX_callback_ctrl
+        self.ctx_callback_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        self.ctx_callback_ctrl.restype = ctypes.c_long
+        self.ctrl = lib.SSL_ctrl
+        self.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        self.ctrl.restype = ctypes.c_long
+        self.cipher_find = lib.SSL_CIPHER_find
+        self.cipher_find.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.cipher_find.restype = ctypes.c_void_p
+        self.cipher_get_name = lib.SSL_CIPHER_get_name
+        self.cipher_get_name.argtypes = [ctypes.c_void_p]
+        self.cipher_get_name.restype = ctypes.c_char_p
+        self.group_to_name = lib.SSL_group_to_name
+        self.group_to_name.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.group_to_name.restype = ctypes.c_char_p
+
+        self.ctx_sess_set_new_cb = lib.SSL_CTX_sess_set_new_cb
+        self.ctx_sess_set_get_cb = lib.SSL_CTX_sess_set_get_cb
+        self.ctx_sess_set_remove_cb = lib.SSL_CTX_sess_set_remove_cb
+        for setter in (self.ctx_sess_set_new_cb, self.ctx_sess_set_get_cb, self.ctx_sess_set_remove_cb):
+            setter.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+            setter.restype = None
+        self.session_get_id = lib.SSL_SESSION_get_id
+        self.session_get_id.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]
+        self.session_get_id.restype = ctypes.c_void_p
+        self.session_get_timeout = lib.SSL_SESSION_get_timeout
+        self.session_get_timeout.argtypes = [ctypes.c_void_p]
+        self.session_get_timeout.restype = ctypes.c_long
+        self.i2d_session = lib.i2d_SSL_SESSION
+        self.i2d_session.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.i2d_session.restype = ctypes.c_int
+        self.d2i_session = lib.d2i_SSL_SESSION
+        self.d2i_session.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        self.d2i_session.restype = ctypes.c_void_p
+
+    def _crypto(self, crypto: ctypes.CDLL) -> None:
+        """libcrypto's, for session tickets and curve names."""
+        self.rand_bytes = crypto.RAND_bytes
+        self.rand_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.rand_bytes.restype = ctypes.c_int
+        self.aes_256_cbc = crypto.EVP_aes_256_cbc
+        self.aes_256_cbc.argtypes = []
+        self.aes_256_cbc.restype = ctypes.c_void_p
+        self.sha256 = crypto.EVP_sha256
+        self.sha256.argtypes = []
+        self.sha256.restype = ctypes.c_void_p
+        cipher_init = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        self.encrypt_init = crypto.EVP_EncryptInit_ex
+        self.encrypt_init.argtypes = cipher_init
+        self.encrypt_init.restype = ctypes.c_int
+        self.decrypt_init = crypto.EVP_DecryptInit_ex
+        self.decrypt_init.argtypes = cipher_init
+        self.decrypt_init.restype = ctypes.c_int
+        self.hmac_init = crypto.HMAC_Init_ex
+        self.hmac_init.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p,
+                                   ctypes.c_void_p]
+        self.hmac_init.restype = ctypes.c_int
+        self.nid2sn = crypto.OBJ_nid2sn
+        self.nid2sn.argtypes = [ctypes.c_int]
+        self.nid2sn.restype = ctypes.c_char_p
 
 
-def _loaded_libssl() -> str | None:
-    """The path of the libssl mapped into this process (the one _ssl is linked with)."""
+def _loaded_library(name: str) -> str | None:
+    """The path of the library ``name`` ("libssl") mapped into this process (the one _ssl is
+    linked with)."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
                 path = line.rstrip("\n").split(None, 5)[-1] if line.count(" ") >= 5 else ""
-                if "/libssl.so" in path:
+                if f"/{name}.so" in path:
                     return path
     except OSError:
         return None
@@ -136,11 +231,11 @@ def _lib() -> _Lib | None:
 def _probe() -> _Lib | None:
     if sys.implementation.name != "cpython":
         return None
-    path = _loaded_libssl()
-    if path is None:
+    path, crypto_path = _loaded_library("libssl"), _loaded_library("libcrypto")
+    if path is None or crypto_path is None:
         return None
     try:
-        lib = _Lib(path)
+        lib = _Lib(path, crypto_path)
     except (OSError, AttributeError):
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -251,3 +346,173 @@ def verify_error_text(code: int) -> str:
     lib = _lib()
     text = lib.verify_cert_error_string(code) if lib is not None else None
     return text.decode("ascii", "replace") if text else f"error {code}"
+
+
+def set_ticket_key_list(ctx: ssl.SSLContext, keys: list[bytes]) -> None:
+    """Several ssl_session_ticket_key files (key rotation), as nginx's
+    ngx_ssl_ticket_key_callback: new tickets are encrypted with the first key, a ticket made
+    with any of them is decrypted (and, when not the first's, renewed with it). Each key is
+    TICKET_KEYS_SIZE bytes in OpenSSL's layout, used as OpenSSL's built-in tickets use theirs
+    (AES-256-CBC, HMAC-SHA256), so a ticket made by a server with one of these keys alone
+    (``set_ticket_keys``) resumes here and the other way round."""
+    lib = _lib()
+    assert lib is not None and keys and all(len(key) == TICKET_KEYS_SIZE for key in keys)
+    by_name: dict[bytes, tuple[int, bytes]] = {}
+    for index, key in enumerate(keys):
+        by_name.setdefault(key[:TICKET_KEY_NAME_SIZE], (index, key))
+    first = keys[0]
+
+    def on_ticket(_ssl: int, name: int, iv: int, cipher_ctx: int, hmac_ctx: int, encrypt: int) -> int:
+        try:
+            if encrypt == 1:
+                ctypes.memmove(name, first, TICKET_KEY_NAME_SIZE)
+                if lib.rand_bytes(iv, TICKET_IV_SIZE) != 1:
+                    return -1
+                return 1 if _init_ticket_crypto(lib, first, iv, cipher_ctx, hmac_ctx, encrypt=True) else -1
+            found = by_name.get(ctypes.string_at(name, TICKET_KEY_NAME_SIZE))
+            if found is None:
+                return 0  # an unknown key: a full handshake
+            index, key = found
+            if not _init_ticket_crypto(lib, key, iv, cipher_ctx, hmac_ctx, encrypt=False):
+                return -1
+            return 1 if index == 0 else 2  # 2: OpenSSL issues a ticket under the first key
+        except Exception:  # (never let an exception cross into OpenSSL: fail this handshake)
+            return -1
+
+    callback = _TICKET_CALLBACK_TYPE(on_ticket)
+    ctx.scriptlb_ticket_callback = callback  # type: ignore[attr-defined]  # (alive as long as ctx)
+    pointer = _context_pointer(ctx)
+    function = ctypes.cast(callback, ctypes.c_void_p)
+    if lib.ctx_callback_ctrl(pointer, SSL_CTRL_SET_TLSEXT_TICKET_KEY_CB, function) != 1:
+        raise ssl.SSLError("SSL_CTX_set_tlsext_ticket_key_cb() failed")
+
+
+def _init_ticket_crypto(lib: _Lib, key: bytes, iv: int, cipher_ctx: int, hmac_ctx: int,
+                        encrypt: bool) -> bool:
+    hmac_key = key[TICKET_KEY_NAME_SIZE:TICKET_KEY_NAME_SIZE + 32]
+    aes_key = key[TICKET_KEY_NAME_SIZE + 32:]
+    if lib.hmac_init(hmac_ctx, hmac_key, len(hmac_key), lib.sha256(), None) != 1:
+        return False
+    init = lib.encrypt_init if encrypt else lib.decrypt_init
+    return bool(init(cipher_ctx, lib.aes_256_cbc(), None, aes_key, iv) == 1)
+
+
+def client_ciphers(obj: Any) -> str:
+    """$ssl_ciphers: the ciphers the client offered, in its order, by OpenSSL's names; one
+    OpenSSL does not know as "0x" and its hex bytes (nginx's ngx_ssl_get_ciphers)."""
+    lib = _lib()
+    if lib is None:
+        return ""
+    connection = _connection_pointer(obj)
+    size = lib.ctrl(connection, SSL_CTRL_GET_RAW_CIPHERLIST, 0, None)
+    raw = ctypes.c_void_p()
+    length = lib.ctrl(connection, SSL_CTRL_GET_RAW_CIPHERLIST, 0, ctypes.byref(raw))
+    if length <= 0 or size <= 0 or not raw.value:
+        return ""
+    data = ctypes.string_at(raw.value, length)
+    names = []
+    for start in range(0, length - size + 1, size):
+        cipher = lib.cipher_find(connection, raw.value + start)
+        name = lib.cipher_get_name(cipher) if cipher else None
+        names.append(name.decode("ascii", "replace") if name else "0x" + data[start:start + size].hex())
+    return ":".join(names)
+
+
+def client_curves(obj: Any) -> str:
+    """$ssl_curves: the groups the client supports, in its order (nginx's ngx_ssl_get_curves:
+    OpenSSL's short names, "0x" and the group's hex number for one it does not know)."""
+    lib = _lib()
+    if lib is None:
+        return ""
+    connection = _connection_pointer(obj)
+    count = lib.ctrl(connection, SSL_CTRL_GET_GROUPS, 0, None)
+    if count <= 0:
+        return ""
+    nids = (ctypes.c_int * count)()
+    count = min(count, lib.ctrl(connection, SSL_CTRL_GET_GROUPS, 0, nids))
+    names = []
+    for nid in nids[:count]:
+        if nid & TLSEXT_NID_UNKNOWN:
+            name = lib.group_to_name(connection, nid)
+            names.append(name.decode("ascii", "replace") if name else f"0x{nid & 0xffff:04x}")
+        else:
+            short = lib.nid2sn(nid)
+            names.append(short.decode("ascii", "replace") if short else "")
+    return ":".join(names)
+
+
+class SessionStore(Protocol):
+    """Where sessions are kept for every worker, by session ID (serialised by OpenSSL)."""
+
+    def put(self, session_id: bytes, data: bytes, timeout: float) -> None: ...
+
+    def get(self, session_id: bytes) -> bytes | None: ...
+
+    def remove(self, session_id: bytes) -> None: ...
+
+
+def share_sessions(ctx: ssl.SSLContext, store: SessionStore) -> bool:
+    """Keep this context's sessions in ``store`` (nginx's ssl_session_cache shared:, its
+    ngx_ssl_new_session / get_cached_session / remove_session), OpenSSL's own cache off; False:
+    libssl is not reachable. Store errors only cost a full handshake."""
+    lib = _lib()
+    if lib is None:
+        return False
+
+    def session_id(session: int) -> bytes:
+        length = ctypes.c_uint()
+        pointer = lib.session_get_id(session, ctypes.byref(length))
+        return ctypes.string_at(pointer, length.value) if pointer and length.value else b""
+
+    def on_new(_ssl: int, session: int) -> int:
+        try:
+            key = session_id(session)
+            size = lib.i2d_session(session, None)
+            if key and 0 < size <= MAX_SESSION_SIZE:
+                buffer = ctypes.create_string_buffer(size)
+                cursor = ctypes.c_void_p(ctypes.addressof(buffer))
+                if lib.i2d_session(session, ctypes.byref(cursor)) == size:
+                    store.put(key, buffer.raw, float(lib.session_get_timeout(session)))
+        except Exception:  # (never let an exception cross into OpenSSL)
+            pass
+        return 0  # no reference kept: OpenSSL frees the session as usual
+
+    def on_get(_ssl: int, key: int, length: int, copy: Any) -> int | None:
+        try:
+            data = store.get(ctypes.string_at(key, length)) if key and length > 0 else None
+            if not data:
+                return None
+            buffer = ctypes.create_string_buffer(data, len(data))
+            cursor = ctypes.c_void_p(ctypes.addressof(buffer))
+            session = lib.d2i_session(None, ctypes.byref(cursor), len(data))
+            copy[0] = 0  # OpenSSL takes the one reference d2i made
+            return int(session) if session else None
+        except Exception:
+            return None
+
+    def on_remove(_ctx: int, session: int) -> None:
+        try:
+            key = session_id(session)
+            if key:
+                store.remove(key)
+        except Exception:
+            pass
+
+    callbacks = (_NEW_SESSION_TYPE(on_new), _GET_SESSION_TYPE(on_get), _REMOVE_SESSION_TYPE(on_remove))
+    ctx.scriptlb_session_callbacks = callbacks  # type: ignore[attr-defined]  # (alive as long as ctx)
+    pointer = _context_pointer(ctx)
+    setters = (lib.ctx_sess_set_new_cb, lib.ctx_sess_set_get_cb, lib.ctx_sess_set_remove_cb)
+    for setter, callback in zip(setters, callbacks, strict=True):
+        setter(pointer, ctypes.cast(callback, ctypes.c_void_p))
+    mode = SSL_SESS_CACHE_SERVER | SSL_SESS_CACHE_NO_AUTO_CLEAR | SSL_SESS_CACHE_NO_INTERNAL
+    set_session_cache(ctx, mode, None)
+    return True
+
+
+def keep_session(obj: Any) -> None:
+    """A connection ended without close_notify (aborted, reset) keeps its session resumable,
+    as nginx's ngx_ssl_shutdown marks such a connection shut down both ways: else OpenSSL
+    drops the session from the caches when the connection is freed."""
+    lib = _lib()
+    if lib is not None:
+        lib.set_shutdown(_connection_pointer(obj), SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN)

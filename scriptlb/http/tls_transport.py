@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from scriptlb.http.tls import client_refusal
+from scriptlb.http.tls_native import keep_session
 from scriptlb.logs import errorlog
 
 Refuse = Callable[[asyncio.Protocol, tuple[int, str]], None]
@@ -178,6 +179,8 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._state == _OPEN:  # (reset by the client)
+            keep_session(self._sslobj)
         self._state = _CLOSED
         self._cancel_timer()
         if self._connected:  # (the HTTP protocol never saw a handshake that did not end)
@@ -335,6 +338,8 @@ class TlsTransport(asyncio.Protocol, asyncio.Transport):
         self._raw.close()
 
     def abort(self) -> None:
+        if self._state == _OPEN:
+            keep_session(self._sslobj)
         if self._state != _CLOSED and self._state != _PLAIN:
             self._state = _CLOSED
         if self._raw is not None:

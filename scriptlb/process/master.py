@@ -179,6 +179,9 @@ def _clear_shared_zones(conf: MainConf) -> None:
     PeerListStore.reset(directory)
     for name in (conf.http.shared_dicts if conf.http is not None else ()):
         remove_files(directory, name)
+    from scriptlb.http.tls_sessions import clear_zones
+
+    clear_zones(conf.prefix)
 
 
 def send_signal(conf: MainConf, name: str) -> int:

@@ -633,6 +633,9 @@ class Runtime:
         if not confs:
             return None
         from scriptlb.http.tls import server_context, sni_context  # (only TLS configs load ssl)
+        from scriptlb.http.tls_sessions import sessions_directory
+
+        sessions = sessions_directory(self.conf.prefix)
 
         route = self.routes[keys[0]]
         fallback = route.default_server.conf.ssl or confs[0]
@@ -642,7 +645,7 @@ class Runtime:
             ssl_conf = conf.ssl or fallback
             ctx = contexts.get(id(ssl_conf))
             if ctx is None:
-                ctx = contexts[id(ssl_conf)] = server_context(ssl_conf)
+                ctx = contexts[id(ssl_conf)] = server_context(ssl_conf, sessions)
             return ctx
 
         default = context_of(route.default_server.conf)

@@ -38,6 +38,7 @@ class StreamRuntime:
                  recorder: Recorder | None = None) -> None:
         assert conf.stream is not None
         self.conf = conf.stream
+        self.prefix = conf.prefix  # (where ssl_session_cache shared: zones are)
         self.loop = loop
         self.recorder = recorder
         self.python = conf.http.python if conf.http is not None else PythonConf()
@@ -186,8 +187,9 @@ class StreamServerRuntime:
     def tls_context(self) -> Any:
         if self._tls is None:
             from scriptlb.http.tls import server_context  # (only configs with TLS load ssl)
+            from scriptlb.http.tls_sessions import sessions_directory
 
-            self._tls = server_context(self.conf.ssl)
+            self._tls = server_context(self.conf.ssl, sessions_directory(self.runtime.prefix))
         return self._tls
 
     def session_factory(self, key: tuple) -> Any:
