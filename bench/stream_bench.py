@@ -166,7 +166,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    work = Path(args.out or tempfile.mkdtemp(prefix="stream-bench-"))
+    # absolute: scriptlb, like nginx, reads a relative -c path below its -p prefix
+    work = Path(args.out or tempfile.mkdtemp(prefix="stream-bench-")).resolve()
     peers = (free_port(), free_port())
     peer = multiprocessing.Process(target=_peer_main, args=(*peers, args.megabytes), daemon=True)
     peer.start()

@@ -485,3 +485,17 @@ def test_report_shows_the_overload_run(tmp_path: Path) -> None:
     text = bench_report.markdown(fig)
     assert "## 1,000 concurrent connections" in text
     assert "| scriptlb | / | 5,000 | 80.0 | 2 | 1 | 0 |" in text
+
+
+def test_bytecode_count_lists_the_request_path(tmp_path: Path) -> None:
+    """bench/bytecodes.py counts a proxied request's bytecodes by function (real processes, a
+    handful of requests: the difference between 3 and 6 requests is 3 requests' worth)."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(Path(bench_instructions.__file__).parent / "bytecodes.py"),
+                             "--low", "3", "--high", "6", "--min", "1"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    total = int(result.stdout.split(" bytecodes per request", 1)[0].replace(",", ""))
+    assert total > 500
+    assert "upstream_head (" in result.stdout and "build_head (" in result.stdout  # the tries loop's

@@ -224,6 +224,18 @@ def test_listen_forms(tmp_path: Path) -> None:
     assert listens[0].source is not None and listens[0].source.line == 3
 
 
+def test_listen_port_ranges_make_one_socket_per_port(tmp_path: Path) -> None:
+    conf = http(tmp_path, "server { listen 127.0.0.1:9001-9003 reuseport; listen [::1]:9005-9006;"
+                          " listen 9010-9011; }")
+    assert conf.http is not None
+    listens = conf.http.servers[0].listens
+    assert [(lc.host, lc.port) for lc in listens] == [
+        ("127.0.0.1", 9001), ("127.0.0.1", 9002), ("127.0.0.1", 9003), ("::1", 9005), ("::1", 9006),
+        ("0.0.0.0", 9010), ("0.0.0.0", 9011),
+    ]
+    assert all(lc.reuseport for lc in listens[:3])
+
+
 def test_default_listen_and_server_name(tmp_path: Path) -> None:
     import os
 
@@ -247,6 +259,9 @@ def test_default_listen_and_server_name(tmp_path: Path) -> None:
             'host not found in "nosuchhost.invalid:80" of the "listen" directive',
         ),
         ("listen 80 bogus;", 'invalid parameter "bogus"'),
+        ("listen 127.0.0.1:9002-9001;",
+         'invalid port range in "127.0.0.1:9002-9001" of the "listen" directive'),
+        ("listen 127.0.0.1:1-x;", 'invalid port range in "127.0.0.1:1-x" of the "listen" directive'),
         ("listen 80 backlog=x;", 'invalid backlog "backlog=x"'),
         ("listen 8080; listen 8080;", "a duplicate listen 0.0.0.0:8080"),
         ("listen [::1]:81; listen [::1]:81;", "a duplicate listen [::1]:81"),
@@ -394,10 +409,9 @@ def test_proxy_pass_resolves_host_names_at_load_time(tmp_path: Path) -> None:
         ("location / { proxy_pass http://127.0.0.1:99999; }", 'invalid port in upstream "127.0.0.1:99999"'),
         ("location / { proxy_pass http://127.0.0.1:abc/x; }", 'invalid port in upstream "127.0.0.1:abc"'),
         ("location / { proxy_pass http://; }", 'no host in upstream ""'),
-        (
-            "location / { proxy_pass http://$host; }",
-            'variables in "proxy_pass" are not supported by scriptlb',
-        ),
+        ("location / { proxy_pass http://$nosuch; }", 'unknown "nosuch" variable'),
+        ("location / { proxy_pass http://$host; health_check; }",
+         '"health_check" requires "proxy_pass" to an upstream'),
         ("location / { proxy_pass http://u:8080; }", 'upstream "u" may not have port 8080'),
         ("location / { proxy_pass http://u; proxy_pass http://u; }", '"proxy_pass" directive is duplicate'),
         (

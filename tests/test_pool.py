@@ -12,6 +12,14 @@ from scriptlb.http.pool import ConnectionPool
 from scriptlb.http.upstream import ConnState
 
 
+class FakeTransport:
+    def __init__(self, conn: FakeConn) -> None:
+        self.conn = conn
+
+    def is_closing(self) -> bool:
+        return self.conn.closing
+
+
 class FakeConn:
     def __init__(self, key: tuple, reusable: bool = True) -> None:
         self.key = key
@@ -21,19 +29,14 @@ class FakeConn:
         self.on_idle_lost: object = None
         self.closed = False
         self.closing = False  # the transport is closing (peer closed, connection_lost pending)
+        self.transport = FakeTransport(self)
 
     def is_reusable(self, max_requests: int) -> bool:
         return self.reusable
 
-    def is_alive(self) -> bool:
-        return not self.closing
-
     def make_idle(self, now: float) -> None:
         self.state = ConnState.IDLE
         self.idle_since = now
-
-    def reuse(self) -> None:
-        self.state = ConnState.ACTIVE
 
     def close(self) -> None:
         self.state = ConnState.CLOSED

@@ -254,3 +254,40 @@ def test_a_client_half_close_while_proxied_is_a_499_as_nginx(tmp_path: Path) -> 
     assert len(lines) == 2 and lines[0].startswith("epoll_wait() reported that client prematurely closed "
                                                    "connection, so upstream connection is closed too while "
                                                    "sending request to upstream, client: 127.0.0.1")
+
+
+def test_upstream_byte_counts_are_logged_as_nginx(tmp_path: Path) -> None:
+    """$upstream_response_length (the body), $upstream_bytes_received (head and body) and
+    $upstream_bytes_sent (the request as sent) per try, one entry per try."""
+    port, dead = free_ports(2)
+    requests = [b"GET /p HTTP/1.1\r\nHost: t\r\nX-A: bc\r\nConnection: close\r\n\r\n",
+                b"GET /two HTTP/1.0\r\nHost: t\r\n\r\n"]
+    with Backends(respond(body=b"hello world", headers={"X-Up": "1"})) as bk:
+        block = """
+            log_format bytes '$upstream_response_length|$upstream_bytes_received|'
+                             '$upstream_bytes_sent|$upstream_addr';
+            upstream two {{ server 127.0.0.1:{dead}; server {peer}; }}
+            server {{
+                listen {listen};
+                access_log {log} bytes;
+                location /p {{ proxy_pass http://{peer}; }}
+                location /two {{ proxy_pass http://two; }}
+            }}
+        """
+        ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
+        ngx_dir.mkdir()
+        lb_dir.mkdir()
+        with nginx_running(ngx_dir, block.format(listen=f"127.0.0.1:{port}", peer=bk[0].addr, dead=dead,
+                                                 log=f"{ngx_dir}/bytes.log"), [port]):
+            for request in requests:
+                raw_exchange(port, request)
+            theirs = read_log_lines(ngx_dir / "bytes.log", len(requests))
+        lb_block = block.format(listen="{port0}", peer=bk[0].addr, dead=dead, log=f"{lb_dir}/bytes.log")
+        with Scriptlb(f"daemon off; master_process off; error_log {lb_dir}/error.log info;\n"
+                      f"http {{ {lb_block} }}", lb_dir) as lb:
+            for request in requests:
+                raw_exchange(lb.port, request)
+            ours = read_log_lines(lb_dir / "bytes.log", len(requests))
+    assert ours == theirs
+    assert ours[0].startswith("11|")
+    assert ours[1].startswith("0, 11|0, ")

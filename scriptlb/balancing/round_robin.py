@@ -21,7 +21,7 @@ a fresh tried bitmap; when that has nothing either, ``get`` returns ``None`` (no
 
 from __future__ import annotations
 
-from scriptlb.balancing.base import BalancerState, initial_tries
+from scriptlb.balancing.base import BalancerState
 from scriptlb.state.peers import Peer, PeerSet
 
 
@@ -42,13 +42,23 @@ class RoundRobin:
         self.rebuild(self.peers)
 
     def new_request(self, tries_cap: int, key: str | bytes | None = None) -> BalancerState:
-        return BalancerState(self.peers, initial_tries(self.peers, tries_cap))  # no key: not hashed
+        # (no key: not hashed; initial_tries inlined: once per request)
+        peers = self.peers
+        tries = peers.tries
+        return BalancerState(peers, tries_cap if tries_cap and tries > tries_cap else tries)
 
     # ------------------------------------------------------------------ get
 
     def get(self, state: BalancerState, now: float) -> Peer | None:
         peer_set = state.peer_set
-        peer = self._get_single(peer_set.primary[0]) if peer_set.single else self._get_weighted(state, now)
+        peer: Peer | None
+        if peer_set.single:
+            # A single peer ignores max_fails: there is nothing else to send the request to.
+            single = peer_set.primary[0]
+            full = single.max_conns and single.conns >= single.max_conns  # (Peer.is_full, inlined)
+            peer = None if single.down or full else single
+        else:
+            peer = self._get_weighted(state, now)
         if peer is None:
             if state.on_backup or not peer_set.backup:
                 return None
@@ -63,33 +73,32 @@ class RoundRobin:
         return peer
 
     @staticmethod
-    def _get_single(peer: Peer) -> Peer | None:
-        # A single peer ignores max_fails: there is nothing else to send the request to.
-        if peer.down or peer.is_full():
-            return None
-        return peer
-
-    @staticmethod
     def _get_weighted(state: BalancerState, now: float) -> Peer | None:
         tried = state.tried
         best: Peer | None = None
         best_index = 0
+        best_weight = 0  # (best's current_weight: it does not change during the loop)
         total = 0
-        for index, peer in enumerate(state.peers):
+        peer_set = state.peer_set  # (state.peers, inlined: this runs for every request)
+        for index, peer in enumerate(peer_set.backup if state.on_backup else peer_set.primary):
             # Peer.is_unavailable/is_full inlined: this loop runs for every peer of every request
             if tried >> index & 1 or peer.down:
                 continue
-            if peer.max_fails and peer.fails >= peer.max_fails and now - peer.checked <= peer.fail_timeout:
+            # (fails first: 0 for a healthy peer, which ends the test at once)
+            if (peer.fails and peer.max_fails and peer.fails >= peer.max_fails
+                    and now - peer.checked <= peer.fail_timeout):
                 continue
             if peer.max_conns and peer.conns >= peer.max_conns:
                 continue
-            peer.current_weight += peer.effective_weight
-            total += peer.effective_weight
-            if peer.effective_weight < peer.weight:
-                peer.effective_weight += 1  # recovery after failures: one point per round
-            if best is None or peer.current_weight > best.current_weight:
+            effective = peer.effective_weight
+            peer.current_weight = current = peer.current_weight + effective
+            total += effective
+            if effective < peer.weight:
+                peer.effective_weight = effective + 1  # recovery after failures: one point per round
+            if best is None or current > best_weight:
                 best = peer
                 best_index = index
+                best_weight = current
         if best is None:
             return None
         state.tried = tried | 1 << best_index

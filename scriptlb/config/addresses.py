@@ -7,8 +7,10 @@ Error texts are nginx's (``ngx_parse_url`` / ``ngx_http_upstream_server``).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from scriptlb.config.errors import ConfigError
@@ -94,7 +96,7 @@ def resolve(host: str, port: int) -> tuple[PeerAddr, ...]:
 def parse_listen(node: Node) -> list[ListenConf]:
     """``listen ADDR [default_server] [reuseport] [backlog=N]`` -> one ListenConf per address."""
     text = node.args[0]
-    default_server = reuseport = ssl = False
+    default_server = reuseport = ssl = proxy_protocol = False
     backlog = 511
     for param in node.args[1:]:
         if param in ("default_server", "default"):
@@ -103,7 +105,9 @@ def parse_listen(node: Node) -> list[ListenConf]:
             reuseport = True
         elif param == "ssl":
             ssl = True
-        elif param in ("http2", "quic", "proxy_protocol"):
+        elif param == "proxy_protocol":
+            proxy_protocol = True
+        elif param in ("http2", "quic"):
             raise ConfigError(f'the "{param}" parameter of "listen" is not supported by scriptlb '
                               "(HTTP/1.1 only)", node.source)
         elif param.startswith("backlog="):
@@ -114,9 +118,37 @@ def parse_listen(node: Node) -> list[ListenConf]:
         else:
             raise ConfigError(f'invalid parameter "{param}"', node.source)
 
-    def listen(host: str | None, port: int, unix_path: str | None = None) -> ListenConf:
-        return ListenConf(host, port, unix_path, default_server, reuseport, backlog, node.source, ssl)
+    if ssl and proxy_protocol:  # (the PROXY header comes before the TLS handshake)
+        raise ConfigError('the "proxy_protocol" parameter of "listen" with "ssl" is not supported by '
+                          "scriptlb", node.source)
 
+    def listen(host: str | None, port: int, unix_path: str | None = None) -> ListenConf:
+        return ListenConf(host, port, unix_path, default_server, reuseport, backlog, node.source, ssl,
+                          proxy_protocol)
+
+    ports = _port_range(node, text)
+    if ports is not None:  # ADDR:LOW-HIGH (or a bare LOW-HIGH): one socket per port, as nginx
+        host_part = text[: text.rfind(":")] if ":" in text.rsplit("]", 1)[-1] else ""
+        low = ports[0]
+        first = parse_listen_text(node, f"{host_part}:{low}" if host_part else str(low), listen)
+        return [dataclasses.replace(conf, port=port) for port in range(ports[0], ports[1] + 1)
+                for conf in first]
+    return parse_listen_text(node, text, listen)
+
+
+def _port_range(node: Node, text: str) -> tuple[int, int] | None:
+    """The ports of ``...:LOW-HIGH``, None when the port part is no range."""
+    tail = text.rsplit("]", 1)[-1].rsplit(":", 1)[-1]
+    low_text, dash, high_text = tail.partition("-")
+    if not dash or text.startswith("unix:"):
+        return None
+    low, high = parse_int(low_text), parse_int(high_text)
+    if low is None or high is None or not 0 < low <= high < 65536:
+        raise ConfigError(f'invalid port range in "{text}" of the "listen" directive', node.source)
+    return low, high
+
+
+def parse_listen_text(node: Node, text: str, listen: Callable[..., ListenConf]) -> list[ListenConf]:
     if parse_int(text) is not None:  # a bare port
         return [listen("0.0.0.0", _listen_port(node, text))]
     try:

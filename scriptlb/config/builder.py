@@ -49,6 +49,7 @@ from scriptlb.config.model import (
     HookConf,
     HttpConf,
     LimitExceptConf,
+    LimitsConf,
     ListenConf,
     LocationConf,
     LogFormat,
@@ -59,6 +60,7 @@ from scriptlb.config.model import (
     ProxyPassConf,
     ProxySslConf,
     PythonConf,
+    RealIpConf,
     ResolverConf,
     RewriteOp,
     ServerConf,
@@ -194,6 +196,7 @@ def _http_conf(state: State, http: HttpDraft) -> HttpConf:
         log_formats=dict(http.log_formats),
         python=python,
         shared_dicts=dict(http.shared_dicts),
+        limit_zones=dict(http.limit_zones),
         matches=resolver.matches,
         maps=dict(http.maps),
     )
@@ -284,7 +287,7 @@ class _ProxyPassResolver:
         """A location's ``health_check`` lines apply to the upstream it proxies to."""
         for params in location.values.get("health_checks", ()):
             source = params.pop("source")
-            if conf.proxy_pass is None:
+            if conf.proxy_pass is None or conf.proxy_pass.template is not None:
                 raise ConfigError('"health_check" requires "proxy_pass" to an upstream', source)
             match_name = params.pop("match", None)
             match = None
@@ -298,9 +301,10 @@ class _ProxyPassResolver:
             )
             self.health_checks.setdefault(conf.proxy_pass.upstream, []).append(check)
 
-    def resolve(self, url: str, source: Source, location: LocationDraft) -> ProxyPassConf:
-        if "$" in url:
-            raise ConfigError('variables in "proxy_pass" are not supported by scriptlb', source)
+    def resolve(self, url: str, source: Source, location: LocationDraft,
+                chain: Sequence[LevelDraft] = ()) -> ProxyPassConf:
+        if location.proxy_pass_template is not None:
+            return self._dynamic(url, source, location.proxy_pass_template, chain)
         try:
             parsed = parse_proxy_url(url)
         except AddressError as e:
@@ -319,6 +323,15 @@ class _ProxyPassResolver:
             return ProxyPassConf(explicit, parsed.uri, explicit, source, parsed.ssl)
         key = self._implicit(parsed, source)
         return ProxyPassConf(key, parsed.uri, _proxy_host(parsed), source, parsed.ssl)
+
+    @staticmethod
+    def _dynamic(url: str, source: Source, template: Any, chain: Sequence[LevelDraft]) -> ProxyPassConf:
+        """proxy_pass with variables: only the scheme is known before the request."""
+        lowered = url.lower()  # (nginx checks the prefix of the evaluated URL only)
+        resolver = _get(chain, "resolver", None)
+        if resolver is not None:
+            resolver = dataclasses.replace(resolver, timeout=_get(chain, "resolver_timeout", 30.0))
+        return ProxyPassConf("", None, "", source, lowered.startswith("https://"), template, resolver)
 
     def _implicit(self, parsed: ProxyUrl, source: Source) -> str:
         target = parsed.target
@@ -508,7 +521,7 @@ def _location_conf(
     chain = (loc, *parents)
     proxy_pass = None
     if loc.proxy_pass is not None:  # checked even under a return, as nginx does
-        proxy_pass = resolver.resolve(loc.proxy_pass[0], loc.proxy_pass[1], loc)
+        proxy_pass = resolver.resolve(loc.proxy_pass[0], loc.proxy_pass[1], loc, chain)
     access_logs: list[AccessLogConf] = next(
         (lv.access_logs for lv in chain if lv.access_logs is not None), []
     )
@@ -589,7 +602,39 @@ def _access_settings(chain: Sequence[LevelDraft], loc: LocationDraft) -> dict[st
         "api_write": bool(handler and handler[1]),
         "trace_header": _get(chain, "balancer_trace_header", False),
         "trace_allow": tuple(_get(chain, "balancer_trace_allow", ())),
+        "realip": _realip_conf(chain),
+        "realip_server": _realip_conf(chain[-2:]),
+        "limits": _limits_conf(chain),
     }
+
+
+def _limits_conf(chain: Sequence[LevelDraft]) -> LimitsConf | None:
+    reqs = _get(chain, "limit_req", ())
+    conns = _get(chain, "limit_conn", ())
+    if not reqs and not conns:
+        return None
+    zones = getattr(chain[-1], "limit_zones", {})
+    for kind, limits in (("limit_req", reqs), ("limit_conn", conns)):
+        for limit in limits:
+            zone = zones.get(limit.zone)
+            if zone is None or zone.kind != kind:
+                raise ConfigError(f'zero size shared memory zone "{limit.zone}"', limit.source)
+    return LimitsConf(
+        reqs=tuple(reqs), req_status=_get(chain, "limit_req_status", 503),
+        req_log_level=_get(chain, "limit_req_log_level", "error"),
+        req_dry_run=_get(chain, "limit_req_dry_run", False),
+        conns=tuple(conns), conn_status=_get(chain, "limit_conn_status", 503),
+        conn_log_level=_get(chain, "limit_conn_log_level", "error"),
+        conn_dry_run=_get(chain, "limit_conn_dry_run", False),
+    )
+
+
+def _realip_conf(chain: Sequence[LevelDraft]) -> RealIpConf | None:
+    trusted = _get(chain, "set_real_ip_from", ())
+    if not trusted:
+        return None  # (nginx: without set_real_ip_from the module does nothing)
+    return RealIpConf(tuple(trusted), _get(chain, "real_ip_header", "x-real-ip"),
+                      _get(chain, "real_ip_recursive", False))
 
 
 def _client_body_conf(chain: Sequence[LevelDraft]) -> ClientBodyConf:

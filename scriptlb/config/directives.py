@@ -345,6 +345,8 @@ def _proxy_pass(state: State, node: Node, draft: LocationDraft) -> None:
     if draft.proxy_pass is not None:
         raise fail(node, '"proxy_pass" directive is duplicate')
     draft.proxy_pass = (node.args[0], node.source)
+    if "$" in node.args[0]:  # evaluated per request (scriptlb.request.dynamic_pass)
+        draft.proxy_pass_template = template(node, node.args[0])
 
 
 def _proxy_set_header(state: State, node: Node, draft: LevelDraft) -> None:
@@ -1102,7 +1104,7 @@ def _network(state: State, node: Node, value: str) -> str:
         parsed = ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise fail(node, f'invalid parameter "{value}"') from None
-    if "/" in value and str(parsed.network_address) != value.split("/")[0]:
+    if "/" in value and parsed.network_address != ipaddress.ip_address(value.split("/")[0]):
         state.warn(f"low address bits of {value} are meaningless", node.source)
     return str(parsed)
 
@@ -1112,6 +1114,137 @@ def _trace_allow(state: State, node: Node, draft: LevelDraft) -> None:
     up; an inner level's list replaces the inherited one (as allow/deny)."""
     networks = draft.values.setdefault(node.name, [])
     networks.extend(_network(state, node, value) for value in node.args)
+
+
+# --------------------------------------------------------------------------- limit_req / limit_conn
+
+_LIMIT_LOG_LEVELS = ("info", "notice", "warn", "error")
+_MIN_LIMIT_ZONE = 8 * 4096  # nginx: 8 pages
+
+
+def _limit_zone(state: State, node: Node, draft: HttpDraft) -> None:
+    """``limit_req_zone KEY zone=NAME:SIZE rate=N(r/s|r/m)`` / ``limit_conn_zone KEY zone=NAME:SIZE``
+    (ngx_http_limit_req_zone's checks and words)."""
+    from scriptlb.config.model import LimitZoneConf
+
+    kind = node.name[: -len("_zone")]
+    key = template(node, node.args[0])
+    name = ""
+    size = rate = 0
+    for value in node.args[1:]:
+        if value.startswith("zone="):
+            name, colon, size_text = value[5:].partition(":")
+            parsed = parse_size(size_text) if colon else None
+            if not name or parsed is None:
+                raise fail(node, f'invalid zone size "{value}"')
+            if parsed < _MIN_LIMIT_ZONE:
+                raise fail(node, f'zone "{value[5:]}" is too small')
+            size = parsed
+        elif value.startswith("rate=") and kind == "limit_req":
+            text, scale = value[5:], 1
+            if text.endswith("r/s"):
+                text = text[:-3]
+            elif text.endswith("r/m"):
+                text, scale = text[:-3], 60
+            number = parse_int(text)
+            if number is None or number <= 0:
+                raise fail(node, f'invalid rate "{value}"')
+            rate = number * 1000 // scale
+        else:
+            raise fail(node, f'invalid parameter "{value}"')
+    if not name:
+        raise fail(node, f'"{node.name}" must have "zone" parameter')
+    other = draft.limit_zones.get(name)
+    if other is not None:
+        raise fail(node, f'{node.name} "{name}" is already bound to key "{other.key.raw}"'
+                   if other.kind == kind else f'the size {size} of shared memory zone "{name}" conflicts '
+                   f"with already declared size {other.size}")
+    draft.limit_zones[name] = LimitZoneConf(kind, name, size, key, rate or 1000, node.source)
+
+
+def _limit_req(state: State, node: Node, draft: LevelDraft) -> None:
+    """``limit_req zone=NAME [burst=N] [nodelay | delay=N]``: one level's lines add up."""
+    from scriptlb.config.model import LimitReqConf
+
+    zone = ""
+    burst = delay = 0
+    nodelay = False
+    for value in node.args:
+        if value.startswith("zone="):
+            zone = value[5:]
+        elif value.startswith("burst="):
+            number = parse_int(value[6:])
+            if number is None or number <= 0:
+                raise fail(node, f'invalid burst value "{value}"')
+            burst = number
+        elif value.startswith("delay="):
+            number = parse_int(value[6:])
+            if number is None or number <= 0:
+                raise fail(node, f'invalid delay value "{value}"')
+            delay = number
+        elif value == "nodelay":
+            nodelay = True
+        else:
+            raise fail(node, f'invalid parameter "{value}"')
+    if not zone:
+        raise fail(node, f'"{node.name}" must have "zone" parameter')
+    limits = draft.values.setdefault("limit_req", [])
+    if any(limit.zone == zone for limit in limits):
+        raise fail(node, f'"{node.name}" directive is duplicate')
+    # (nodelay: no request is ever delayed; nginx's NGX_MAX_INT_T_VALUE / 1000)
+    limits.append(LimitReqConf(zone, burst * 1000, (2**62 if nodelay else delay * 1000), node.source))
+
+
+def _limit_conn(state: State, node: Node, draft: LevelDraft) -> None:
+    """``limit_conn ZONE NUMBER``: one level's lines add up."""
+    from scriptlb.config.model import LimitConnConf
+
+    zone, number_text = node.args
+    number = parse_int(number_text)
+    if number is None or number <= 0 or number > 65535:
+        raise fail(node, f'invalid number of connections "{number_text}"' if number is None or number <= 0
+                   else "connection limit must be less 65536")
+    limits = draft.values.setdefault("limit_conn", [])
+    if any(limit.zone == zone for limit in limits):
+        raise fail(node, f'"{node.name}" directive is duplicate')
+    limits.append(LimitConnConf(zone, number, node.source))
+
+
+def _limit_status(state: State, node: Node, draft: LevelDraft) -> None:
+    status = parse_int(node.args[0])
+    if status is None or not 400 <= status <= 599:
+        raise fail(node, "value must be between 400 and 599")
+    _store(node, draft.values, status)
+
+
+def _limit_log_level(state: State, node: Node, draft: LevelDraft) -> None:
+    level = node.args[0]
+    if level not in _LIMIT_LOG_LEVELS:
+        raise fail(node, f'invalid value "{level}" in "{node.name}" directive, it must be "info", '
+                   '"notice", "warn" or "error"')
+    _store(node, draft.values, level)
+
+
+def _set_real_ip_from(state: State, node: Node, draft: LevelDraft) -> None:
+    """``set_real_ip_from address | CIDR | unix: | name``: the lines of one level add up, an
+    inner level's list replaces the inherited one; a name stands for its addresses."""
+    trusted = draft.values.setdefault(node.name, [])
+    value = node.args[0]
+    if value == "all":
+        raise fail(node, f'invalid parameter "{value}"')
+    try:
+        trusted.append(_network(state, node, value))
+    except ConfigError:
+        from scriptlb.config.addresses import resolve
+
+        addrs = resolve(value, 0)
+        if not addrs:
+            raise fail(node, f'host not found in set_real_ip_from "{value}"') from None
+        trusted.extend(_network(state, node, addr.host or "") for addr in addrs)
+
+
+def _real_ip_header(state: State, node: Node, draft: LevelDraft) -> None:
+    _store(node, draft.values, node.args[0].lower())
 
 
 def _auth_basic(state: State, node: Node, draft: LevelDraft) -> None:
@@ -1470,6 +1603,19 @@ _SPECS: tuple[Spec, ...] = (
     _spec("log_by_python_timeout", HSL, ONE, _hook_timeout),
     _spec("balancer_trace_header", HSL, FLAG, _slot(flag)),
     _spec("balancer_trace_allow", HSL, (1, None), _trace_allow),
+    _spec("set_real_ip_from", HSL, ONE, _set_real_ip_from),
+    _spec("limit_req_zone", Ctx.HTTP, (2, 3), _limit_zone),
+    _spec("limit_req", HSL, (1, 3), _limit_req),
+    _spec("limit_req_status", HSL, ONE, _limit_status),
+    _spec("limit_req_log_level", HSL, ONE, _limit_log_level),
+    _spec("limit_req_dry_run", HSL, FLAG, _slot(flag)),
+    _spec("limit_conn_zone", Ctx.HTTP, (2, 2), _limit_zone),
+    _spec("limit_conn", HSL, (2, 2), _limit_conn),
+    _spec("limit_conn_status", HSL, ONE, _limit_status),
+    _spec("limit_conn_log_level", HSL, ONE, _limit_log_level),
+    _spec("limit_conn_dry_run", HSL, FLAG, _slot(flag)),
+    _spec("real_ip_header", HSL, ONE, _real_ip_header),
+    _spec("real_ip_recursive", HSL, FLAG, _slot(flag)),
     # upstream
     _spec("server", Ctx.UPSTREAM, (1, None), _upstream_server),
     _spec("keepalive", Ctx.UPSTREAM, ONE, _upstream_keepalive),
@@ -1495,8 +1641,8 @@ _SPECS: tuple[Spec, ...] = (
     _spec("state", Ctx.UPSTREAM, ONE, _upstream_state),
     # membership at run time (the cluster process): etcd, DNS
     _spec("discovery", Ctx.UPSTREAM, (1, 3), _discovery),
-    _spec("resolver", Ctx.HTTP | Ctx.UPSTREAM, (1, None), _resolver),
-    _spec("resolver_timeout", Ctx.HTTP | Ctx.UPSTREAM, ONE, _slot(msec)),
+    _spec("resolver", HSL | Ctx.UPSTREAM, (1, None), _resolver),
+    _spec("resolver_timeout", HSL | Ctx.UPSTREAM, ONE, _slot(msec)),
     # access control, status and the API
     _spec("allow", HSL | Ctx.LIMIT_EXCEPT, ONE, _access_rule),
     _spec("deny", HSL | Ctx.LIMIT_EXCEPT, ONE, _access_rule),

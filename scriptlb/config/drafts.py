@@ -45,6 +45,7 @@ class LocationDraft(LevelDraft):
     pattern: str = ""
     source: Source | None = None
     proxy_pass: tuple[str, Source] | None = None  # the URL as written
+    proxy_pass_template: Any = None  # the URL's Template when it has variables
     return_: ReturnConf | None = None
     locations: list[LocationDraft] = field(default_factory=list)  # nested locations
 
@@ -94,6 +95,7 @@ class HttpDraft(LevelDraft):
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)
     matches: dict[str, MatchDraft] = field(default_factory=dict)
     maps: dict[str, MapConf] = field(default_factory=dict)  # by variable name
+    limit_zones: dict[str, Any] = field(default_factory=dict)  # LimitZoneConf by name
 
 
 @dataclass(eq=False)

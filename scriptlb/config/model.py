@@ -232,6 +232,7 @@ class HttpConf:
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)  # by name, in file order
     matches: dict[str, MatchConf] = field(default_factory=dict)  # `match` blocks by name
     maps: dict[str, MapConf] = field(default_factory=dict)  # `map` blocks by variable name
+    limit_zones: dict[str, LimitZoneConf] = field(default_factory=dict)  # limit_req/conn zones by name
 
     def hooks(self) -> tuple[HookConf, ...]:
         """Every hook to compile, each once: upstreams' balancer hooks, then the distinct
@@ -257,15 +258,18 @@ class PeerAddr:
     host: str | None  # IP literal without brackets; None for unix sockets
     port: int
     unix_path: str | None = None
+    # nginx's peer name as it appears in $upstream_addr: 127.0.0.1:80, [::1]:80, unix:/p (built
+    # once: a hook's set_current_peer hands the same cached address to every try)
+    name: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def name(self) -> str:
-        """nginx's peer name as it appears in $upstream_addr: 127.0.0.1:80, [::1]:80, unix:/p."""
+    def __post_init__(self) -> None:
         if self.unix_path is not None:
-            return f"unix:{self.unix_path}"
-        if self.host is not None and ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+            name = f"unix:{self.unix_path}"
+        elif self.host is not None and ":" in self.host:
+            name = f"[{self.host}]:{self.port}"
+        else:
+            name = f"{self.host}:{self.port}"
+        object.__setattr__(self, "name", name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +373,7 @@ class ListenConf:
     backlog: int = 511
     source: Source | None = None
     ssl: bool = False  # `listen ... ssl`: TLS is terminated on this socket
+    proxy_protocol: bool = False  # `listen ... proxy_protocol`: connections start with a PROXY header
 
     @property
     def key(self) -> tuple[str | None, int, str | None]:
@@ -479,6 +484,10 @@ class ProxyPassConf:
     proxy_host: str  # value of $proxy_host: the upstream name, or host:port when not 80
     source: Source | None = None
     ssl: bool = False  # https://: TLS to the peers (ProxyConf.ssl)
+    # proxy_pass with variables: the URL, evaluated per request (``upstream`` is then "");
+    # names that are no upstream's are looked up with ``resolver`` (scriptlb.request.dynamic_pass)
+    template: Template | None = None
+    resolver: ResolverConf | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -617,6 +626,11 @@ class LocationConf:
     # balancer_trace_header / balancer_trace_allow: the trace header, for these clients only
     trace_header: bool = False
     trace_allow: tuple[str, ...] = ()  # normalized CIDRs, "unix:" or "all"; () = nobody
+    # set_real_ip_from & co (None without set_real_ip_from): the server's settings apply before
+    # the rewrite phase (nginx's post-read phase), the location's after it (preaccess)
+    realip: RealIpConf | None = None
+    realip_server: RealIpConf | None = None
+    limits: LimitsConf | None = None  # limit_req / limit_conn; None when neither applies
     # how a relative Location nginx makes itself becomes absolute (ngx_http_header_filter)
     absolute_redirect: bool = True
     server_name_in_redirect: bool = False
@@ -625,6 +639,60 @@ class LocationConf:
     # location, nested ones after their parent; matching starts from the non-nested ones)
     inner: tuple[LocationConf, ...] = ()
     nested: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LimitZoneConf:
+    """``limit_req_zone`` / ``limit_conn_zone``: a key and a zone shared by every worker."""
+
+    kind: str  # "limit_req" | "limit_conn"
+    name: str
+    size: int  # bytes
+    key: Template
+    rate: int = 0  # limit_req: requests per 1000 s (nginx's rate * 1000, per second)
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitReqConf:
+    """One ``limit_req zone=NAME [burst=N] [nodelay | delay=N]`` (burst, delay: x1000)."""
+
+    zone: str
+    burst: int = 0
+    delay: int = 0
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitConnConf:
+    """One ``limit_conn ZONE NUMBER``."""
+
+    zone: str
+    conn: int
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConf:
+    """A location's limit_req and limit_conn settings (each list the innermost level's)."""
+
+    reqs: tuple[LimitReqConf, ...] = ()
+    req_status: int = 503
+    req_log_level: str = "error"
+    req_dry_run: bool = False
+    conns: tuple[LimitConnConf, ...] = ()
+    conn_status: int = 503
+    conn_log_level: str = "error"
+    conn_dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RealIpConf:
+    """ngx_http_realip_module: ``set_real_ip_from``, ``real_ip_header``, ``real_ip_recursive``."""
+
+    trusted: tuple[str, ...]  # normalized CIDRs or "unix:"
+    header: str = "x-real-ip"  # lower-case; "proxy_protocol": the PROXY protocol's address
+    recursive: bool = False
 
 
 @dataclass(frozen=True, slots=True)

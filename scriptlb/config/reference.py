@@ -40,12 +40,15 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                "upstream parameters: weight, max_fails, fail_timeout, max_conns, backup, down, "
                "slow_start, drain, resolve and service= (nginx Plus)"),
     "upstream": ("name { ... }", "-", "ngx_http_upstream_module", ""),
-    "listen": ("address[:port] [default_server] [ssl] [reuseport] [backlog=N]", "*:80 | *:8000",
-               "ngx_http_core_module", "http2, quic and proxy_protocol are refused (HTTP/1.1 only)"),
+    "listen": ("address[:port[-port]] [default_server] [ssl] [proxy_protocol] [reuseport] [backlog=N]",
+               "*:80 | *:8000", "ngx_http_core_module",
+               "http2 and quic are refused (HTTP/1.1 only); proxy_protocol (v1, v2) not with ssl"),
     "server_name": ("name ...", '""', "ngx_http_core_module", ""),
     "location": ("[ = | ~ | ~* | ^~ ] uri { ... }", "-", "ngx_http_core_module",
                  "may be nested (nginx's search order; a nested location inherits its parent's settings)"),
-    "proxy_pass": ("URL", "-", "ngx_http_proxy_module", "http://, https:// and unix:; no variables"),
+    "proxy_pass": ("URL", "-", "ngx_http_proxy_module",
+                   "http://, https:// and unix:; with variables: an upstream's name, else an address, else "
+                   "a name looked up with `resolver` per request"),
     "proxy_set_header": ("field value", "Host $proxy_host; Connection close", "ngx_http_proxy_module", ""),
     "proxy_http_version": ("1.0 | 1.1", "1.0", "ngx_http_proxy_module", ""),
     "proxy_connect_timeout": ("time", "60s", "ngx_http_proxy_module", ""),
@@ -121,8 +124,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                   "needs zone: the servers are the keys under the prefix (value: JSON with the API's "
                   "fields), watched in etcd (docs/cluster.md); timeout defaults to 3s"),
     "resolver": ("address[:port] ... [valid=time] [ipv4=on|off] [ipv6=on|off]", "-", "ngx_http_core_module",
-                 "http and upstream contexts; used by `server NAME resolve` (IP addresses only, no "
-                 "status_zone)"),
+                 "used by `server NAME resolve` and by proxy_pass with variables (IP addresses only, "
+                 "no status_zone)"),
     "resolver_timeout": ("time", "30s", "ngx_http_core_module", ""),
     "state": ("file", "-", "ngx_http_upstream_module (nginx Plus)",
               "the servers the API leaves, read at load time; replaces the block's server lines"),
@@ -258,6 +261,26 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "keepalive_disable": ("none | browser ...", "msie6", "ngx_http_core_module",
                           "accepted: no browser is told apart (keep-alive stays on for all)"),
     "keepalive_time": ("time", "1h", "ngx_http_core_module", "accepted, not enforced yet"),
+    "set_real_ip_from": ("address | CIDR | unix: | name", "-", "ngx_http_realip_module",
+                         "a name stands for the addresses it resolves to at load time"),
+    "real_ip_header": ("field | X-Real-IP | X-Forwarded-For | proxy_protocol", "X-Real-IP",
+                       "ngx_http_realip_module", "the server's settings apply before the rewrite phase, "
+                       "a location's after it (nginx's post-read and preaccess phases)"),
+    "real_ip_recursive": ("on | off", "off", "ngx_http_realip_module", ""),
+    "limit_req_zone": ("key zone=name:size rate=rate", "-", "ngx_http_limit_req_module",
+                       "the zone is shared by every worker (LMDB under the prefix, kept across reloads); "
+                       "no sync parameter"),
+    "limit_req": ("zone=name [burst=number] [nodelay | delay=number]", "-", "ngx_http_limit_req_module", ""),
+    "limit_req_status": ("code", "503", "ngx_http_limit_req_module", ""),
+    "limit_req_log_level": ("info | notice | warn | error", "error", "ngx_http_limit_req_module", ""),
+    "limit_req_dry_run": ("on | off", "off", "ngx_http_limit_req_module", ""),
+    "limit_conn_zone": ("key zone=name:size", "-", "ngx_http_limit_conn_module",
+                        "shared by every worker, as limit_req_zone"),
+    "limit_conn": ("zone number", "-", "ngx_http_limit_conn_module",
+                   "counts a key's requests from the preaccess phase to the end of the log phase"),
+    "limit_conn_status": ("code", "503", "ngx_http_limit_conn_module", ""),
+    "limit_conn_log_level": ("info | notice | warn | error", "error", "ngx_http_limit_conn_module", ""),
+    "limit_conn_dry_run": ("on | off", "off", "ngx_http_limit_conn_module", ""),
 }
 
 # nginx directives scriptlb refuses on purpose (an "unknown directive" error), and why
@@ -265,7 +288,6 @@ REFUSED: dict[str, str] = {
     "http2, quic, listen ... udp": "HTTP/1.x and TCP only",
     "proxy_cache*, proxy_store": "a load balancer, not a cache: responses are streamed",
     "gzip*, sub_filter": "responses pass as the peer sent them",
-    "limit_req*, limit_conn*": "rate limiting fits in a hook with a shared dict (hooks/rate_aware.py)",
     "fastcgi_*, uwsgi_*, scgi_*, grpc_*, memcached_*": "HTTP/1.x peers only",
     "*_by_lua*": "the hooks are Python: *_by_python*",
     "alias, try_files, autoindex": "static files are root + index only (fixtures and error pages)",

@@ -113,7 +113,20 @@ def next_connection_id() -> int:
     return next(_conn_ids)
 
 
-SERVER_LINE = b"Server: " + responses.SERVER_NAME.encode("ascii") + b"\r\n"
+
+
+# the last bytes of a request line -> its HTTP version (httptools validated it when it parses)
+_VERSION_HINTS = {b" HTTP/1.1": "1.1", b" HTTP/1.0": "1.0"}
+
+# Content-Length -> its header line, built once each (bounded: lengths are the peers' choice)
+_LENGTH_LINES: dict[int, bytes] = {}
+_LENGTH_LINES_MAX = 1024
+
+# How a request ends, as the exchange's one finish (Exchange.finish) takes it: what becomes
+# of the client connection after the log phase.
+SENT = 0  # our response went out whole: end its body, then serve the connection's next request
+UNSENT = 1  # no complete response of ours (client gone, a tunnel's end, a rejected head): log only
+DROPPED = 2  # drop the connection (444, a response the peer cut short, a bug)
 
 
 # --------------------------------------------------------------------------- the request
@@ -179,7 +192,9 @@ class RequestHandler(Protocol):
     keepalive_requests: int
 
     def start(self) -> None: ...  # the request became the active one
-    def body_received(self) -> None: ...  # new chunks in request.body, or request.complete
+    # new chunks in request.body, or request.complete (only for a request with a body: one
+    # without is whole when start() runs)
+    def body_received(self) -> None: ...
     def client_lost(self) -> None: ...  # the client went away before the response finished
     def client_eof(self) -> bool: ...  # the client half-closed after its request; True: ended it
     def abort(self, status: int) -> None: ...  # a client error (413, 408) ends the request
@@ -219,6 +234,7 @@ class ListenerContext:
         self.header_buffers = header_buffers
         self.underscores_in_headers = underscores_in_headers
         self.ignore_invalid_headers = ignore_invalid_headers
+        self.proxy_protocol = False  # listen ... proxy_protocol
         self.shutting_down = False  # graceful stop: finish the active request, then close
         self.dropped = 0  # connections closed at once for want of worker_connections
         # called after we answered a request no handler saw (malformed, 414, 494...), for logs
@@ -320,11 +336,13 @@ class ClientConnection(asyncio.Protocol):
         "_pending_error",
         "_pending_head",
         "_phase",
+        "_pp_pending",
         "_queue",
         "_reading_paused",
         "_timer",
         "_timer_when",
         "_upgrade_early",
+        "_version_hint",
         "_writing_paused",
         "active",
         "body_bytes_sent",
@@ -335,6 +353,7 @@ class ClientConnection(asyncio.Protocol):
         "listener",
         "loop",
         "opened",
+        "proxy_protocol",
         "refusal",
         "remote_addr",
         "remote_port",
@@ -358,6 +377,10 @@ class ClientConnection(asyncio.Protocol):
         self.remote_port = 0
         self.server_addr = ""
         self.server_port = 0
+        # listen ... proxy_protocol: the header read first (bytes so far; None once read or
+        # when the listener has none), then what it announced ($proxy_protocol_addr & co)
+        self._pp_pending: bytes | None = b"" if listener.proxy_protocol else None
+        self.proxy_protocol: Any = None
         self._parser = httptools.HttpRequestParser(self)
         # Keep-alive is decided once per request, from its head: llhttp would otherwise also
         # obey a "Connection: close" trailer and refuse the next pipelined request.
@@ -395,6 +418,7 @@ class ClientConnection(asyncio.Protocol):
         self._line_bytes = 0  # bytes of the head's incomplete last line
         self._framing_bytes = 0  # chunked body: bytes since the last chunk boundary or body byte
         self._fed = 0  # _FED_* flags of the feed in progress
+        self._version_hint: str | None = None  # see data_received
         self._body_for: Any = None  # the handler that got body bytes in the feed in progress
         # add_trailer: None, or what makes the trailers of the chunked response in progress
         self.trailers: Callable[[], bytes] | None = None
@@ -408,9 +432,9 @@ class ClientConnection(asyncio.Protocol):
         self._queue: deque[tuple[Request, RequestHandler]] | tuple[()] = _NO_QUEUE
         self._pending_error: ClientError | None = None  # raised while a request was in flight
         self._eof = False  # the client half-closed: answer what it sent, then close
-        self._activating = False  # _finish_active is serving the queue (no recursion)
+        self._activating = False  # finish_response is serving the queue (no recursion)
         self._last_keepalive_timeout = 75.0
-        self._upgrade_early = b""  # bytes after an Upgrade request's head (see _feed)
+        self._upgrade_early = b""  # bytes after an Upgrade request's head (see data_received)
 
         # response state of the active request
         self._keep_alive = False
@@ -496,6 +520,12 @@ class ClientConnection(asyncio.Protocol):
                 self.data_received(data[end:])
                 return
             data = fixed
+        if self._parsing is None:
+            # A read that starts a request (the usual one) has its HTTP version at the end of
+            # its first line: on_headers_complete takes it from there (httptools's
+            # get_http_version() builds the string with str.format, costly per request).
+            line_end = data.find(b"\r\n")
+            self._version_hint = _VERSION_HINTS.get(data[line_end - 9:line_end]) if line_end > 9 else None
         try:
             if heading and (self._line_bytes or len(data) > self._header_line_max):
                 self._check_line_start(data)
@@ -603,7 +633,7 @@ class ClientConnection(asyncio.Protocol):
             # llhttp stops after an "Upgrade" request head (delivered as a plain request). What
             # follows belongs to the new protocol if the peer switches (a tunnel takes it, see
             # switch_protocols), else it is the next request: nothing more is read until the
-            # answer, and what came with the head waits for it (_finish_active feeds it).
+            # answer, and what came with the head waits for it (finish_response feeds it).
             self._pause_reading()
             offset = int(upgrade.args[0])
             if offset < len(data):
@@ -660,8 +690,7 @@ class ClientConnection(asyncio.Protocol):
             self._arm(_HEAD, self.listener.header_timeout)
 
     def on_url(self, url: bytes) -> None:
-        request = self._parsing
-        assert request is not None
+        request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         request.target += url
         if len(request.target) > self.listener.header_buffers[1]:
             raise ClientError(414, "client sent too long URI while reading client request line")
@@ -669,8 +698,7 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head_done:
             return  # a trailer: dropped, as nginx does (never merged into the request head)
-        request = self._parsing
-        assert request is not None
+        request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         if not request.method:
             request.method = self._parser.get_method().decode("ascii")
         if value[-1:] in (b" ", b"\t"):
@@ -687,18 +715,9 @@ class ClientConnection(asyncio.Protocol):
                                self._log_context())
             return
         request.headers.append((name, value))
-        if len(name) in _NOTED_HEADER_LENGTHS:  # lower-case only the few names we act on
-            self._note_header(request, name.lower(), value)
-
-    def _valid_header_name(self, name: bytes) -> bool:
-        if name and not name.translate(None, _NAME_CHARS):
-            if len(_VALID_NAMES) < _VALID_NAMES_MAX and len(name) <= _VALID_NAME_LENGTH_MAX:
-                _VALID_NAMES.add(name)  # (valid whatever underscores_in_headers says)
-            return True
-        underscores = self.listener.underscores_in_headers
-        return bool(name) and underscores and not name.translate(None, _NAME_CHARS_UNDERSCORE)
-
-    def _note_header(self, request: Request, lower: bytes, value: bytes) -> None:
+        if len(name) not in _NOTED_HEADER_LENGTHS:  # lower-case only the few names we act on
+            return
+        lower = name.lower()
         if lower == b"host":
             if request.host is not None:
                 raise ClientError(400, "client sent duplicate host header "
@@ -718,6 +737,14 @@ class ClientConnection(asyncio.Protocol):
         elif lower in _UNIQUE_HEADERS:  # (the If-*, Authorization...)
             _refuse_duplicate(request.headers, lower)
 
+    def _valid_header_name(self, name: bytes) -> bool:
+        if name and not name.translate(None, _NAME_CHARS):
+            if len(_VALID_NAMES) < _VALID_NAMES_MAX and len(name) <= _VALID_NAME_LENGTH_MAX:
+                _VALID_NAMES.add(name)  # (valid whatever underscores_in_headers says)
+            return True
+        underscores = self.listener.underscores_in_headers
+        return bool(name) and underscores and not name.translate(None, _NAME_CHARS_UNDERSCORE)
+
     def on_headers_complete(self) -> None:
         request = self._parsing
         assert request is not None
@@ -727,7 +754,12 @@ class ClientConnection(asyncio.Protocol):
         parser = self._parser
         if not request.method:
             request.method = parser.get_method().decode("ascii")
-        request.version = parser.get_http_version()
+        version = self._version_hint
+        if version is None:
+            version = parser.get_http_version()
+        else:
+            self._version_hint = None  # (it was this request's, the first in its read)
+        request.version = version
         if request.version not in ("1.1", "1.0"):
             raise ClientError(400, "client sent invalid request while reading client request line")
         if request.method == "CONNECT":
@@ -802,7 +834,8 @@ class ClientConnection(asyncio.Protocol):
             if self._phase == _BODY:
                 self._phase = _NONE
             self._body_for = None  # (told now, with the end)
-            handler.body_received()
+            if request.has_body:  # (a request without one was served or proxied by start())
+                handler.body_received()
         elif self.active is None and not self._queue and not self.closed:
             # answered before its parse ended (no body): now idle until the next request
             self._arm(_IDLE, self._last_keepalive_timeout)
@@ -846,46 +879,6 @@ class ClientConnection(asyncio.Protocol):
         if not self._queue and self._pending_error is None:
             self._resume_reading()
 
-    def _finish_active(self) -> None:
-        """The active request is answered: serve the queued ones (iteratively: a long pipeline
-        of instant answers must not recurse), then wait for the next request."""
-        self.active = None
-        request = self._active_request
-        if request is not None:
-            if request.has_body:
-                request.body.close()  # (a body file goes now, not when the last reference does)
-            self._active_request = None
-        self.sent_head = b""  # logged already; an idle connection holds no response bytes
-        if not self._keep_alive or self.closed or (self._eof and not self._queue):
-            self._close_after_response()
-            return
-        if self._activating:
-            return  # an outer call is looping over the queue
-        self._activating = True
-        try:
-            while self.active is None and self._queue and not self.closed:
-                request, handler = self._queue.popleft()  # type: ignore[union-attr]
-                self._activate(request, handler)
-        finally:
-            self._activating = False
-        if not self._queue:
-            self._queue = _NO_QUEUE  # (an emptied deque still holds its ~600-byte block)
-        if self.active is not None or self.closed:
-            return
-        if self._pending_error is not None:
-            self._client_error(self._pending_error)
-            return
-        if self._parsing is None:
-            self._arm(_IDLE, self._last_keepalive_timeout)
-            self.listener.reusable[self] = None  # idle keep-alive: may be closed to make room
-        elif not self._head_done:
-            self._arm(_HEAD, self.listener.header_timeout)  # a pipelined head, still incomplete
-        self._resume_reading()
-        early = self._upgrade_early
-        if early:  # the upgrade was refused: what came after its head is the next request
-            self._upgrade_early = b""
-            self.data_received(early)
-
     def switch_protocols(self, protocol: asyncio.Protocol) -> tuple[asyncio.Transport, bytes]:
         """The active request got a 101 (its head is written): the socket now belongs to
         ``protocol`` (a tunnel), which gets its events and must hand ``connection_lost`` back
@@ -927,13 +920,18 @@ class ClientConnection(asyncio.Protocol):
         if head_only is None:
             head_only = request.method == "HEAD"
         self._body_allowed = not head_only and status not in _NO_BODY_STATUS and status >= 200
-        line = responses.status_line(status) if reason is None else responses.peer_status_line(status, reason)
         framing = b""
         self._chunked = False
         if status in _NO_BODY_STATUS:
             pass
         elif content_length is not None:
-            framing = b"Content-Length: %d\r\n" % content_length
+            known = _LENGTH_LINES.get(content_length)  # (the same few lengths come again and again)
+            if known is None:
+                known = b"Content-Length: %d\r\n" % content_length
+                if len(_LENGTH_LINES) >= _LENGTH_LINES_MAX:
+                    _LENGTH_LINES.clear()
+                _LENGTH_LINES[content_length] = known
+            framing = known
         elif request.version == "1.1":
             if not head_only:
                 self._chunked = True
@@ -947,7 +945,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             end = b"Connection: keep-alive\r\n\r\n" if self._keep_alive else b"Connection: close\r\n\r\n"
         # (the head is kept for $sent_http_content_length & co.)
-        head = self.sent_head = b"".join((line, SERVER_LINE, responses.date_header(), headers, framing, end))
+        head = self.sent_head = b"".join((responses.head_start(status, reason), headers, framing, end))
         self.bytes_sent += len(head)
         # Corked: the head goes out with the first body bytes (one syscall instead of two), or
         # at flush() when the caller has no body at hand.
@@ -975,7 +973,9 @@ class ClientConnection(asyncio.Protocol):
                 transport.writelines((head, frame, data, b"\r\n") if head else (frame, data, b"\r\n"))
         else:
             self.bytes_sent += len(data)
-            self._write(head + data if head else data)
+            transport = self.transport  # (_write, inlined: once per response)
+            if transport is not None and not self.closed and not transport.is_closing():
+                transport.write(head + data if head else data)
 
     def end_body(self) -> None:
         """Write the end of a chunked body (idempotent; with the ``trailers`` the response has)
@@ -992,22 +992,62 @@ class ClientConnection(asyncio.Protocol):
             self.bytes_sent += len(end)
             self._write(self._pending_head + end)
             self._pending_head = b""
-        else:
+        elif self._pending_head:
             self.flush()
 
     def finish_response(self) -> None:
-        """The response is complete: end the chunked body and serve the next request."""
+        """The response is complete: end the chunked body and serve the next request (or the
+        queued ones)."""
         if self._chunked or self._pending_head:
             self.end_body()  # (usually done already: the exchange ends the body before its log)
         self.trailers = None  # (a response without a body did not use them)
         request = self._active_request
-        if request is not None and request.has_body and not request.complete:
-            # The handler answered before reading the whole body (return, error): nginx discards
-            # the rest; we do the simple, safe thing and do not reuse the connection.
-            self._keep_alive = False
-        if self.active is not None:
-            self._last_keepalive_timeout = self.active.keepalive_timeout
-        self._finish_active()
+        if request is not None:
+            if request.has_body:
+                if not request.complete:
+                    # The handler answered before reading the whole body (return, error): nginx
+                    # discards the rest; we do the simple, safe thing: no reuse of the connection.
+                    self._keep_alive = False
+                request.body.close()  # (a body file goes now, not when the last reference does)
+            self._active_request = None
+        active = self.active
+        if active is not None:
+            self._last_keepalive_timeout = active.keepalive_timeout
+            self.active = None
+        self.sent_head = b""  # logged already; an idle connection holds no response bytes
+        if not self._keep_alive or self.closed or (self._eof and not self._queue):
+            self._close_after_response()
+            return
+        if self._activating:
+            return  # an outer call is looping over the queue
+        if self._queue:
+            # serve the queued requests (iteratively: a long pipeline of instant answers must
+            # not recurse), then wait for the next request
+            self._activating = True
+            try:
+                while self.active is None and self._queue and not self.closed:
+                    request, handler = self._queue.popleft()  # type: ignore[union-attr]
+                    self._activate(request, handler)
+            finally:
+                self._activating = False
+            if not self._queue:
+                self._queue = _NO_QUEUE  # (an emptied deque still holds its ~600-byte block)
+        if self.active is not None or self.closed:
+            return
+        if self._pending_error is not None:
+            self._client_error(self._pending_error)
+            return
+        if self._parsing is None:
+            self._arm(_IDLE, self._last_keepalive_timeout)
+            self.listener.reusable[self] = None  # idle keep-alive: may be closed to make room
+        elif not self._head_done:
+            self._arm(_HEAD, self.listener.header_timeout)  # a pipelined head, still incomplete
+        if self._reading_paused:
+            self._resume_reading()
+        early = self._upgrade_early
+        if early:  # the upgrade was refused: what came after its head is the next request
+            self._upgrade_early = b""
+            self.data_received(early)
 
     def respond(self, status: int, headers: bytes, body: bytes) -> None:
         """A complete small response in one write (``return``, error pages)."""
@@ -1154,6 +1194,28 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort() if not self.closed else self.transport.close()
             self.closed = True
 
+    def _proxy_protocol_header(self, data: bytes) -> bytes:
+        """The PROXY protocol header (v1 or v2) before the first request; returns the bytes
+        after it. A broken one closes the connection with nginx's error line."""
+        from scriptlb.http.proxy_protocol import NEED_MORE, V1_MAX, Header, read_header
+
+        pending = (self._pp_pending or b"") + data
+        header = read_header(pending)
+        if header == NEED_MORE:
+            self._pp_pending = pending
+            return b""
+        self._pp_pending = None
+        if not isinstance(header, Header):
+            shown = pending[:V1_MAX].decode("latin-1").encode("unicode_escape").decode("ascii")
+            errorlog.log_error("error", f'broken header: "{shown}" while reading PROXY protocol',
+                               self.conn_id, self._log_context())
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+            return b""
+        self.proxy_protocol = header
+        return pending[header.length:]
+
     def _log_context(self) -> str:
         request = self._parsing
         ctx = f", client: {self.remote_addr}, server: {self.server_addr}"
@@ -1287,3 +1349,17 @@ def _content_length(value: bytes) -> int:
         raise ClientError(400, 'client sent invalid "Content-Length" header '
                                "while reading client request headers")
     return length
+
+
+class ProxyProtocolConnection(ClientConnection):
+    """A connection of a ``listen ... proxy_protocol`` socket: the PROXY header comes first (a
+    class of its own, so the other listeners' reads pay no test for it)."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        if self._pp_pending is not None:
+            data = self._proxy_protocol_header(data)
+            if not data:
+                return
+        super().data_received(data)

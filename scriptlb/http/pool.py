@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 
-from scriptlb.http.upstream import ConnState, UpstreamConnection
+from scriptlb.http.upstream import ACTIVE, IDLE, UpstreamConnection
 
 # The sweep checks expiry at this fraction of keepalive_timeout (bounded below and above), so a
 # connection outlives its timeout by at most this slack.
@@ -71,10 +71,11 @@ class ConnectionPool:
             conn = stack.pop()
             del self._idle[conn]
             conn.on_idle_lost = None
-            if conn.state is not ConnState.IDLE or not conn.is_alive():
+            transport = conn.transport  # (conn.is_alive(), inlined: once per request)
+            if conn.state is not IDLE or transport is None or transport.is_closing():
                 conn.close()  # closing under us (its connection_lost is still to come)
                 continue
-            conn.reuse()
+            conn.state = ACTIVE
             self.reused += 1
             if not stack:
                 del self._by_key[key]
@@ -96,7 +97,11 @@ class ConnectionPool:
         conn.make_idle(self.loop.time())
         conn.on_idle_lost = self._forget
         self._idle[conn] = None
-        self._by_key.setdefault(conn.key, []).append(conn)
+        stack = self._by_key.get(conn.key)
+        if stack is None:
+            self._by_key[conn.key] = [conn]  # (setdefault would build a list for every release)
+        else:
+            stack.append(conn)
         self.released += 1
         if self._sweeper is None:
             self._schedule_sweep()

@@ -172,13 +172,15 @@ class _DateCache:
     it also owns the per-second cache of full error responses, which embed the date.
     """
 
-    __slots__ = ("header", "responses", "second", "text")
+    __slots__ = ("head_starts", "header", "responses", "second", "text")
 
     def __init__(self) -> None:
         self.second = -1
         self.text = ""
         self.header = b""
         self.responses: dict[tuple[int, bool, bool], bytes] = {}
+        # (status, peer's phrase or None) -> status line + Server + Date of this second
+        self.head_starts: dict[tuple[int, bytes | None], bytes] = {}
 
     def refresh(self, now: float) -> None:
         second = int(now)
@@ -187,6 +189,7 @@ class _DateCache:
             self.text = formatdate(second, usegmt=True)
             self.header = f"Date: {self.text}\r\n".encode("ascii")
             self.responses.clear()
+            self.head_starts.clear()
 
 
 _CLOCK = _DateCache()
@@ -202,6 +205,24 @@ def date_header(now: float | None = None) -> bytes:
     """b"Date: Sun, 22 Nov 2026 10:00:00 GMT\\r\\n", cached per second."""
     _CLOCK.refresh(time.time() if now is None else now)
     return _CLOCK.header
+
+
+def head_start(status: int, reason: bytes | None) -> bytes:
+    """A response head's first lines: the status line (``reason``: None for nginx's phrase,
+    else the peer's own, see peer_status_line), ``Server`` and this second's ``Date``; built
+    once per second for each status (one call per response instead of three)."""
+    clock = _CLOCK
+    now = time.time()
+    if int(now) != clock.second:
+        clock.refresh(now)
+    key = (status, reason)
+    start = clock.head_starts.get(key)
+    if start is None:
+        line = status_line(status) if reason is None else peer_status_line(status, reason)
+        start = line + _SERVER_HEADER + clock.header
+        if len(clock.head_starts) < _PEER_STATUS_LINES_MAX:  # (peers choose the phrases: bounded)
+            clock.head_starts[key] = start
+    return start
 
 
 # --------------------------------------------------------------------------- full responses

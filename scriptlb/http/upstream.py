@@ -87,6 +87,11 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
+# The states as module constants, for the per-request code: reading an attribute of an Enum
+# class goes through EnumType's __getattr__ hook (several times a plain attribute read).
+NEW, ACTIVE, IDLE, CLOSED = ConnState.NEW, ConnState.ACTIVE, ConnState.IDLE, ConnState.CLOSED
+
+
 class UpstreamError(Exception):
     """A failed try, as nginx classifies it; ``str()`` is nginx's error-log text."""
 
@@ -124,12 +129,11 @@ class ResponseHead:
     """
 
     __slots__ = ("chunked", "close", "connection", "content_length", "headers", "lines", "reason",
-                 "rewritable", "status", "version")
+                 "rewritable", "status")
 
     def __init__(self) -> None:
         self.status = 0
         self.reason = b""  # the peer's own phrase, passed to the client as nginx does
-        self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []  # as received, original case
         self.lines: list[bytes] = []  # the headers passed to the client, as lines
         self.content_length: int | None = None
@@ -144,7 +148,8 @@ class ResponseHead:
     def client_headers(self) -> bytes:
         """The headers to pass to the client, as ``Name: value\\r\\n`` lines."""
         connection = self.connection
-        listed = _connection_tokens(connection) if connection is not None else None
+        listed = (_connection_tokens(connection)
+                  if connection is not None and connection not in _PLAIN_CONNECTION else None)
         if not listed:
             return b"".join(self.lines)
         out = []  # Connection names more headers as hop-by-hop (rare): drop those too
@@ -238,6 +243,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_upgraded",
         "_write_paused",
         "_write_paused_at",
+        "body_received",
         "head_limit",
         "idle_since",
         "key",
@@ -262,7 +268,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.loop = loop
         self.key = key  # pool key: (peer address name, host name)
         self.peer_name = peer_name
-        self.state = ConnState.NEW
+        self.state = NEW
         self.transport: asyncio.Transport | None = None
         self.requests = 0  # requests sent on this connection (keepalive_requests)
         self.idle_since = 0.0
@@ -273,6 +279,7 @@ class UpstreamConnection(asyncio.Protocol):
         # bytes of the request in flight: to the peer and from it (the peer statistics)
         self.sent = 0
         self.received = 0
+        self.body_received = 0  # response body bytes of the request in progress (decoded)
 
         # timeouts of the request in flight (nginx's idle timers)
         self._read_timeout = 60.0
@@ -314,21 +321,24 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self.state = ConnState.ACTIVE
+        self.state = ACTIVE
 
     def data_received(self, data: bytes) -> None:
         # (one function: this runs for every read; the try is free until something raises)
         try:
-            if self.state is not ConnState.ACTIVE or self._parser is None or self.response_complete:
+            if self.state is not ACTIVE or self._parser is None or self.response_complete:
                 self._unexpected_bytes()
                 return
             self._last_read = self.loop.time()
             self.response_started = True
             self.received += len(data)
-            if not self._header_done and self.head_limit and self._head_too_big(data):
+            if not self._header_done and self.head_limit:
                 # nginx reads the head into one proxy_buffer_size buffer
-                self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
-                return
+                before = self._head_bytes
+                self._head_bytes = before + len(data)
+                if self._head_bytes > self.head_limit and self._head_too_big(data, before):
+                    self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
+                    return
             self._in_feed = True
             try:
                 self._parser.feed_data(data)
@@ -352,7 +362,10 @@ class UpstreamConnection(asyncio.Protocol):
             finally:
                 self._in_feed = False
             if self._header_done and not self._head_dispatched:
-                self._dispatch_head()
+                self._head_dispatched = True
+                handler = self._handler
+                if handler is not None:
+                    handler.upstream_head(self._response)  # type: ignore[arg-type]  # (set by start)
             elif self.response_complete:
                 self._deliver_completion()
         except Exception as exc:
@@ -374,11 +387,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _lost(self, exc: Exception | None) -> None:
         state = self.state
-        self.state = ConnState.CLOSED
+        self.state = CLOSED
         self._cancel_timer()
-        if state is ConnState.CLOSED:
+        if state is CLOSED:
             return  # we closed it ourselves and already reported why
-        if state is ConnState.IDLE:
+        if state is IDLE:
             self._notify_idle_lost()
             return
         if self._parser is None or self.response_complete:
@@ -433,10 +446,37 @@ class UpstreamConnection(asyncio.Protocol):
         """Send a request (``body`` None: the body follows through ``write_body``); the
         response goes to ``handler``."""
         self.requests += 1
-        self.sent = self.received = 0
-        self._reset_request_state(handler, head_only, http11, close_after)
+        self.sent = self.received = self.body_received = 0
+        # (the per-request state, reset here: one call per request)
+        if not self._parser_ended or self._parser is None:
+            # a parser is reused on a keep-alive connection only when it ended the previous
+            # response itself (not after HEAD, where we end it: llhttp would wait for a body)
+            self._parser = httptools.HttpResponseParser(self)
+            # nginx reads a peer's lines ended by a bare LF (its own parser's rule); the
+            # response is re-framed for the client, so this opens no smuggling path
+            self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+        self._parser_ended = False
+        self._handler = handler
+        self._owner = handler
+        self._response = ResponseHead()
+        self._header_done = False
+        self._head_bytes = 0
+        self._head_dispatched = False
+        self._head_only = head_only
+        self._http11 = http11
+        self._closing_after = close_after
+        self.response_started = False
+        self.response_complete = False
+        self.request_sent = False
+        self.request_complete = False
+        self._streaming = False
+        if self._early_body:
+            self._early_body = []
+        self._extra_bytes = False
+        self._read_paused = False
+        self._upgraded = False
         transport = self.transport
-        if self.state is not ConnState.ACTIVE or transport is None or transport.is_closing():
+        if self.state is not ACTIVE or transport is None or transport.is_closing():
             # the peer closed it a moment ago (connection_lost may even have run already):
             # fail like a connection closed before the response, after this call returns (a
             # reused one is retried fresh)
@@ -466,7 +506,7 @@ class UpstreamConnection(asyncio.Protocol):
     def write_body(self, data: bytes, last: bool) -> None:
         """Stream request body bytes (already framed by the caller)."""
         transport = self.transport
-        if transport is not None and self.state is ConnState.ACTIVE and not transport.is_closing():
+        if transport is not None and self.state is ACTIVE and not transport.is_closing():
             if data:
                 transport.write(data)
                 self.sent += len(data)
@@ -490,12 +530,12 @@ class UpstreamConnection(asyncio.Protocol):
             handler.upstream_complete()
 
     def pause_reading(self) -> None:
-        if not self._read_paused and self.transport is not None and self.state is ConnState.ACTIVE:
+        if not self._read_paused and self.transport is not None and self.state is ACTIVE:
             self._read_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._read_paused and self.transport is not None and self.state is ConnState.ACTIVE:
+        if self._read_paused and self.transport is not None and self.state is ACTIVE:
             self._read_paused = False
             self._last_read = self.loop.time()  # the idle timer restarts from now
             self.transport.resume_reading()
@@ -510,7 +550,7 @@ class UpstreamConnection(asyncio.Protocol):
         """
         response = self._response
         return (
-            self.state is ConnState.ACTIVE
+            self.state is ACTIVE
             and self.response_complete
             and self.request_complete
             and response is not None
@@ -523,7 +563,7 @@ class UpstreamConnection(asyncio.Protocol):
         )
 
     def make_idle(self, now: float) -> None:
-        self.state = ConnState.IDLE
+        self.state = IDLE
         self.on_writable = None
         self.idle_since = now
         self._handler = self._owner = None  # (the parser stays: the next request reuses it)
@@ -532,15 +572,12 @@ class UpstreamConnection(asyncio.Protocol):
         """Still open as far as the transport knows (the pool skips ones closing under it)."""
         return self.transport is not None and not self.transport.is_closing()
 
-    def reuse(self) -> None:
-        self.state = ConnState.ACTIVE
-
     def detach(self) -> tuple[asyncio.Transport, bytes]:
         """After a 101: hand the socket over (to a tunnel), with the bytes that came after the
         head; this object hears nothing more about it."""
         transport = self.transport
         assert transport is not None
-        self.state = ConnState.CLOSED
+        self.state = CLOSED
         self._cancel_timer()
         self._handler = self._owner = None
         self._parser = None
@@ -553,8 +590,8 @@ class UpstreamConnection(asyncio.Protocol):
         return transport, data
 
     def close(self) -> None:
-        if self.state is not ConnState.CLOSED:
-            self.state = ConnState.CLOSED
+        if self.state is not CLOSED:
+            self.state = CLOSED
             self._cancel_timer()
             transport = self.transport
             if transport is not None:
@@ -565,8 +602,8 @@ class UpstreamConnection(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the connection now, telling nobody (the handler gave up on this response)."""
         self._handler = None
-        if self.state is not ConnState.CLOSED:
-            self.state = ConnState.CLOSED
+        if self.state is not CLOSED:
+            self.state = CLOSED
             self._cancel_timer()
             if self.transport is not None:
                 self.transport.abort()
@@ -583,9 +620,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.response_complete:
             self._extra_bytes = True  # a second response we never asked for
             return
-        response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
         if value[-1:] in _BLANKS:
             value = value.rstrip(b" \t")
+        response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
         # classified here, once (this runs for every header of every response): passed on as a
         # line for the client, or noted (framing, Connection), or hidden
         response.headers.append((name, value))
@@ -594,6 +631,8 @@ class UpstreamConnection(asyncio.Protocol):
             kind = _header_kind(name)
         if kind == _PASSED:
             response.lines.append(name + b": " + value + b"\r\n")
+        elif kind == _HIDDEN:  # (Date, Server: in most responses, tested before the framing)
+            return
         elif kind == _CONTENT_LENGTH:
             response.content_length = int(value)  # llhttp validated the digits and duplicates
         elif kind == _CONNECTION:
@@ -620,7 +659,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._response = ResponseHead()  # 1xx interim response: nginx ignores it, so do we
             return
         response.status = status
-        response.version = parser.get_http_version()
+        # (no get_http_version(): nobody reads the peer's version, and httptools builds it with
+        # str.format, costly per response)
         response.close = not parser.should_keep_alive()
         if response.chunked:
             response.content_length = None
@@ -635,6 +675,7 @@ class UpstreamConnection(asyncio.Protocol):
         handler = self._handler
         if handler is None:
             return  # dropped by the handler while this chunk was being parsed
+        self.body_received += len(data)
         if self._streaming:
             handler.upstream_body(data)
         else:
@@ -663,54 +704,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ internals
 
-    def _reset_request_state(
-        self, handler: UpstreamHandler, head_only: bool, http11: bool, close_after: bool
-    ) -> None:
-        if not self._parser_ended or self._parser is None:
-            # a parser is reused on a keep-alive connection only when it ended the previous
-            # response itself (not after HEAD, where we end it: llhttp would wait for a body)
-            self._parser = httptools.HttpResponseParser(self)
-            # nginx reads a peer's lines ended by a bare LF (its own parser's rule); the
-            # response is re-framed for the client, so this opens no smuggling path
-            self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
-        self._parser_ended = False
-        self._handler = handler
-        self._owner = handler
-        self._response = ResponseHead()
-        self._header_done = False
-        self._head_bytes = 0
-        self._head_dispatched = False
-        self._head_only = head_only
-        self._http11 = http11
-        self._closing_after = close_after
-        self.response_started = False
-        self.response_complete = False
-        self.request_sent = False
-        self.request_complete = False
-        self._streaming = False
-        if self._early_body:
-            self._early_body = []
-        self._extra_bytes = False
-        self._read_paused = False
-        self._upgraded = False
-
-    def _head_too_big(self, data: bytes) -> bool:
-        """Would the head outgrow ``head_limit`` with ``data``? (Checked before httptools
-        accumulates a header line of any length.)"""
-        before = self._head_bytes
-        self._head_bytes = before + len(data)
-        if self._head_bytes <= self.head_limit:
-            return False
+    def _head_too_big(self, data: bytes, before: int) -> bool:
+        """``data`` takes the head past ``head_limit`` (``before``: head bytes read until now):
+        does the head end within the limit? (Checked before httptools accumulates a header line
+        of any length.)"""
         room = self.head_limit - before  # the head must end within these bytes of data
         return (data.find(b"\n\r\n", 0, room) == -1 and data.find(b"\n\n", 0, room) == -1
                 and not data.startswith((b"\n", b"\r\n")))
-
-    def _dispatch_head(self) -> None:
-        self._head_dispatched = True
-        handler = self._handler
-        response = self._response
-        if handler is not None and response is not None:
-            handler.upstream_head(response)
 
     def _complete_now_without_body(self) -> None:
         # HEAD, 204, 304: llhttp cannot be told a HEAD response has no body, so we end the
@@ -743,7 +743,7 @@ class UpstreamConnection(asyncio.Protocol):
         # Data on an idle connection, or after the response ended: the peer is confused or
         # closing; the connection can not carry another request.
         self._extra_bytes = True
-        if self.state is ConnState.IDLE:
+        if self.state is IDLE:
             self.close()
             self._notify_idle_lost()
 
@@ -776,7 +776,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _timer_fired(self) -> None:
         self._timer = None
-        if self.state is not ConnState.ACTIVE or self.response_complete:
+        if self.state is not ACTIVE or self.response_complete:
             return
         now = self.loop.time()
         if self._write_paused:

@@ -179,6 +179,8 @@ def _clear_shared_zones(conf: MainConf) -> None:
     PeerListStore.reset(directory)
     for name in (conf.http.shared_dicts if conf.http is not None else ()):
         remove_files(directory, name)
+    for zone in (conf.http.limit_zones.values() if conf.http is not None else ()):
+        remove_files(directory, f"{zone.kind}.{zone.name}")  # (scriptlb.request.limits.zone_path)
     from scriptlb.http.tls_sessions import clear_zones
 
     clear_zones(conf.prefix)

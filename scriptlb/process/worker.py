@@ -30,7 +30,12 @@ import uvloop
 from scriptlb.config.model import HttpConf, MainConf
 from scriptlb.hookrt import api
 from scriptlb.http import safety
-from scriptlb.http.downstream import ClientConnection, ListenerContext, refuse_requests
+from scriptlb.http.downstream import (
+    ClientConnection,
+    ListenerContext,
+    ProxyProtocolConnection,
+    refuse_requests,
+)
 from scriptlb.logs import errorlog
 from scriptlb.ops import cluster
 from scriptlb.ops.status import StatusFull, WorkerStatus, rows_for
@@ -186,6 +191,8 @@ class Worker:
                 ignore_invalid_headers=server_conf.ignore_invalid_headers,
                 reusable=reusable,
             )
+            context.proxy_protocol = any(listen.proxy_protocol for server in runtime.servers.values()
+                                         for listen in server.conf.listens if listen.key in keys)
             context.on_client_error = partial(log_client_error, runtime)
             self.contexts.append(context)
             tls = runtime.tls_context(keys)
@@ -258,6 +265,9 @@ class Worker:
                     conn.close_if_idle()
         if not graceful:
             self._close_all()
+            # connection_lost comes a loop turn after close(): let requests in flight end
+            # (and write their access log lines) before the logs close
+            await asyncio.sleep(0)
         else:
             await self._drain()
         if self.cluster is not None:
@@ -333,13 +343,14 @@ class Worker:
 def _protocol_factory(
     context: ListenerContext, loop: asyncio.AbstractEventLoop, status: WorkerStatus | None = None
 ) -> Callable[[], ClientConnection]:
+    kind = ProxyProtocolConnection if context.proxy_protocol else ClientConnection
     if status is None:
         def factory() -> ClientConnection:
-            return ClientConnection(context, loop)
+            return kind(context, loop)
     else:
         def factory() -> ClientConnection:
             status.accepted += 1  # nginx's "accepts" (stub_status, $connections_*)
-            return ClientConnection(context, loop)
+            return kind(context, loop)
 
     return factory
 

@@ -243,7 +243,8 @@ def pick_upstream(conf: MainConf, name: str | None) -> UpstreamConf:
     hooked = [u for u in explicit if u.hook is not None]
     if len(hooked) == 1:
         return hooked[0]
-    location = next((loc for s in http.servers for loc in s.locations if loc.proxy_pass is not None), None)
+    location = next((loc for s in http.servers for loc in s.locations
+                     if loc.proxy_pass is not None and loc.proxy_pass.upstream), None)
     if location is not None and location.proxy_pass is not None:
         return upstreams[location.proxy_pass.upstream]
     raise ValueError(f"{conf.conf_file}: several upstreams, name one with --upstream")

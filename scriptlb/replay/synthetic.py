@@ -19,7 +19,8 @@ from scriptlb.state.peers import PeerSet
 class TryRecord:
     """One try, for the ``$upstream_*`` lists: the proxy's record, with the same fields."""
 
-    __slots__ = ("addr", "connect_time", "header_time", "response_time", "started", "status")
+    __slots__ = ("addr", "bytes_received", "bytes_sent", "connect_time", "header_time", "response_length",
+                 "response_time", "started", "status")
 
     def __init__(
         self, addr: str, started: float, status: int | None = None, response_time: float | None = None
@@ -30,6 +31,7 @@ class TryRecord:
         self.connect_time: float | None = None
         self.header_time: float | None = None
         self.response_time = response_time
+        self.bytes_sent = self.bytes_received = self.response_length = 0
 
 
 class SyntheticExchange:

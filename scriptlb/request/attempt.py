@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from scriptlb.logs import errorlog
 from scriptlb.request.retry import Failure, is_counted_failure, last_failure_state, last_failure_status
+from scriptlb.variables.evaluate import BYTE_COUNTS_READ
 
 if TYPE_CHECKING:
     from scriptlb.config.model import PeerAddr
@@ -63,7 +64,8 @@ UPGRADED = 5  # a 101's tunnel ended (its connection belonged to the tunnel, nev
 class TryRecord:
     """One try, for the ``$upstream_*`` lists (times in seconds, None when not reached)."""
 
-    __slots__ = ("addr", "connect_time", "header_time", "hook", "response_time", "started", "status")
+    __slots__ = ("addr", "bytes_received", "bytes_sent", "connect_time", "header_time", "hook",
+                 "response_length", "response_time", "started", "status")
 
     def __init__(self, addr: str, started: float, hook: Any = None) -> None:
         self.addr = addr
@@ -73,17 +75,12 @@ class TryRecord:
         self.connect_time: float | None = None
         self.header_time: float | None = None
         self.response_time: float | None = None
+        # $upstream_bytes_sent / _received / $upstream_response_length: copied from the
+        # connection when the try ends (a pooled connection counts its next request afresh)
+        self.bytes_sent = self.bytes_received = self.response_length = 0
 
     def __repr__(self) -> str:
         return f"<TryRecord {self.addr} {self.status}>"
-
-
-def pool_key(address: str, host: str, local_addr: tuple[str, int] | None) -> tuple:
-    """What makes two connections interchangeable: the peer's address text (with its port, or
-    ``unix:path``), the name the peer is addressed by (a hook's ``set_current_peer`` host; the
-    TLS server name once TLS exists, so two names on one address never share a connection),
-    and the local address a hook bound to."""
-    return (address, host, local_addr)
 
 
 # "balancer_by_python chose unhealthy peer ...": at most 10 lines a second per peer
@@ -123,7 +120,12 @@ class Attempt(TryRecord):
         pool: ConnectionPool | None,
         key: tuple,
         hook: Any = None,
+        tls_name: str | None = None,
     ) -> None:
+        """``key`` is the pool key, what makes two connections interchangeable: the peer's
+        address text (with its port, or ``unix:path``), the name the peer is addressed by (a
+        hook's ``set_current_peer`` host; ``https:`` + the TLS server name, so two names on one
+        address never share a connection), and the local address a hook bound to."""
         # (TryRecord's fields, assigned here: one constructor call per try)
         self.addr = name
         self.started = clock()
@@ -133,6 +135,8 @@ class Attempt(TryRecord):
         self.connect_time: float | None = None
         self.header_time: float | None = None
         self.response_time: float | None = None
+        # (bytes_sent, bytes_received, response_length: set by end() when a request was
+        # sent; $upstream_bytes_* read 0 until then)
         self.upstream = upstream
         self.state = state  # the balancer's per-request state (tries budget, tried peers)
         self.peer_addr = peer_addr
@@ -141,7 +145,7 @@ class Attempt(TryRecord):
         self.key = key
         self.conn: UpstreamConnection | None = None
         self.reused = False  # the connection came from the pool
-        self.tls_name: str | None = None  # proxy_pass https://: the name sent / verified
+        self.tls_name = tls_name  # proxy_pass https://: the name sent / verified
         stats = upstream.stats
         if stats is None:
             self.stats_index = -1  # -1: nothing to finish in the statistics
@@ -153,12 +157,6 @@ class Attempt(TryRecord):
 
     def __repr__(self) -> str:
         return f"<Attempt {self.addr} {self.status} conn={self.conn!r}>"
-
-    def reuse(self, conn: UpstreamConnection) -> None:
-        """This try goes out on ``conn``, from its pool."""
-        self.conn = conn
-        self.connect_time = 0.0
-        self.reused = True
 
     def connected(self, conn: UpstreamConnection) -> None:
         self.conn = conn
@@ -174,6 +172,11 @@ class Attempt(TryRecord):
         peer = self.peer
         self.peer = None
         status = self.status or 0
+        # (a stream session's PeerSide counts nothing: its StreamAttempt keeps its own counts)
+        if conn is not None and BYTE_COUNTS_READ[0] and conn.sent:
+            self.bytes_sent = conn.sent
+            self.bytes_received = conn.received
+            self.response_length = conn.body_received
         if outcome in (DONE, UPGRADED):
             sample: float | None = elapsed if outcome == DONE else self.header_time
             counted = stats_failed = False

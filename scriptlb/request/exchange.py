@@ -20,10 +20,10 @@ is a bug, reported as an ``[alert]`` (``safety.report``) and the request is fini
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scriptlb.http import responses, safety
-from scriptlb.http.downstream import ClientConnection, Request
+from scriptlb.http.downstream import DROPPED, SENT, UNSENT, ClientConnection, Request
 from scriptlb.logs import errorlog
 from scriptlb.request.access import ANSWERED
 from scriptlb.request.error_pages import split_uri
@@ -35,9 +35,11 @@ from scriptlb.routing.uri import absolute_host, normalize_uri, split_target, uns
 
 if TYPE_CHECKING:
     from scriptlb.config.model import ClientBodyConf
+    from scriptlb.hookrt.hooks import LogHookRunner
     from scriptlb.request.attempt import TryRecord
     from scriptlb.request.error_pages import ErrorPage
-    from scriptlb.request.runtime import Runtime, ServerRoute
+    from scriptlb.request.limits import LimitState
+    from scriptlb.request.runtime import Runtime, ServerRoute, UpstreamRuntime
 
 
 OWN_STATUS = -1  # err_status: the final response keeps its own status (see Exchange.err_status)
@@ -50,7 +52,6 @@ class Exchange:
         "_early_status",
         "_finished",
         "_kept_headers",  # see kept_headers (unset until an internal redirect keeps some)
-        "_logged",
         "_redirected",
         "_redirects_left",  # internal redirects still allowed (unset until the first one)
         "args",
@@ -68,17 +69,18 @@ class Exchange:
         "keepalive_requests",
         "keepalive_timeout",
         "last_failure",
+        "limit",
         "location",
         "loop",
         "max_body_size",
         "method",
         "proxy_host",
         "read_timeout",
+        "realip",
         "request",
         "request_uri",
         "response_headers",
         "runtime",
-        "scheme",
         "send_timeout",
         "sent_trailers",  # add_trailer's lines, once sent (unset otherwise: $sent_trailer_*)
         "server",
@@ -104,8 +106,7 @@ class Exchange:
         self.method = request.method
         self.http_version = request.version
         self.headers = request.headers
-        self.request_uri = request.target.decode("latin-1")
-        self.scheme = "https" if conn.tls is not None else "http"
+        self.request_uri = request_uri = request.target.decode("latin-1")
         self.status = 0
         self.body_bytes_sent = 0
         self.bytes_sent = 0
@@ -125,6 +126,9 @@ class Exchange:
         self.tries_left = 0
         self.tries_cap = 0
         self.proxy_host = ""
+        # the client a trusted proxy named (scriptlb.request.realip)
+        self.realip: tuple[str, int] | None = None
+        self.limit: LimitState | None = None  # limit_req / limit_conn outcome (scriptlb.request.limits)
 
         self._early_status = 0  # an error found while routing, answered when we become active
         self._redirected = False  # error_page redirected this request (once, as nginx)
@@ -133,10 +137,21 @@ class Exchange:
         self.err_status = 0
         self.variables: dict[str, str] | None = None  # the rewrite module's `set` values
         self.captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
-        self._finished = False
-        self._logged = False  # the log phase ran (it runs once per request)
+        self._finished = False  # finish() ran: the log phase too (it runs once per request)
         self.upstream_request: UpstreamRequest | None = None  # set when proxying
-        self._route()
+        # routing: the usual case inlined (an origin-form target whose path needs no
+        # normalizing, the Host of the connection's previous request); _route does all cases
+        path, sep, args = request_uri.partition("?")
+        cached = conn.host_cache
+        if (request_uri[:1] == "/" and "%" not in path and "//" not in path and "/." not in path
+                and cached is not None and cached[0] == request.host):
+            self.uri = path
+            self.args = args if sep else None
+            self.server = server = cached[2]
+            self.host = cached[1] or server.name
+            self.location = server.match(path)
+        else:
+            self._route()
         if conn.refusal is not None and not self._early_status:
             self._refuse(conn.refusal)
         # what the client connection reads (plain attributes: read on every request)
@@ -202,7 +217,7 @@ class Exchange:
         whole body is read before the first try; None (memory) when it is streamed (the same
         rule as UpstreamRequest._wants_streamed_body) or dropped (``return``)."""
         location = self.location
-        if location.upstream is None or location.conf.return_ is not None:
+        if (location.upstream is None and location.dynamic is None) or location.conf.return_ is not None:
             return None
         if not location.conf.proxy.request_buffering and (not self.request.chunked or location.plan.http11):
             return None
@@ -210,12 +225,18 @@ class Exchange:
 
     # what variables read
     @property
+    def scheme(self) -> str:
+        return "https" if self.conn.tls is not None else "http"
+
+    @property
     def remote_addr(self) -> str:
-        return self.conn.remote_addr
+        real = self.realip
+        return self.conn.remote_addr if real is None else real[0]
 
     @property
     def remote_port(self) -> int:
-        return self.conn.remote_port
+        real = self.realip
+        return self.conn.remote_port if real is None else real[1]
 
     @property
     def server_addr(self) -> str:
@@ -274,13 +295,27 @@ class Exchange:
 
     # ------------------------------------------------------------------ the connection's calls
 
-    def start(self) -> None:
+    def start(self, delayed: bool = False) -> None:
+        """The request's phases (``delayed``: from the access phase on, after limit_req's
+        delay; one function, not two: this runs for every request)."""
         try:
-            if self._early_status:
-                self.finish_with_page(self._early_status)
-                return
-            if self.location.rewrite is not None and self._rewrite_phase():
-                return  # answered (return, redirect) or refused (a rewrite cycle)
+            if not delayed:
+                if self._early_status:
+                    self.finish_with_page(self._early_status)
+                    return
+                location = self.location
+                if location.plain_proxy:  # (the usual location: no phase before the proxy has work)
+                    self.upstream_request = UpstreamRequest(self, location.upstream)
+                    self.upstream_request.start()
+                    return
+                realip = self.location.realip_server  # (nginx's post-read phase)
+                if realip is not None and self.realip is None:
+                    self.realip = realip.client(self)
+                if self.location.rewrite is not None and self._rewrite_phase():
+                    return  # answered (return, redirect) or refused (a rewrite cycle)
+                location = self.location
+                if location.preaccess and self._preaccess_phase(location):
+                    return  # answered (limit_req, limit_conn) or delayed (limit_req)
             location = self.location
             # nginx's access phase (allow/deny, auth_basic) runs after rewrite's `return`
             # (then try_files, which the same callable runs: ANSWERED when it did)
@@ -291,6 +326,9 @@ class Exchange:
                         self.finish_with_page(*refused)
                     return
                 location = self.location
+            if location.dynamic is not None and location.conf.return_ is None:
+                location.dynamic.start(self)  # proxy_pass with variables (scriptlb.request.dynamic_pass)
+                return
             if location.conf.return_ is not None or location.upstream is None:
                 if self.request.complete or not self.request.has_body:
                     self._serve_return()
@@ -301,6 +339,36 @@ class Exchange:
             self.upstream_request.start()
         except Exception as exc:
             self.crashed(exc, "starting request")
+
+    def _preaccess_phase(self, location: Any) -> bool:
+        """realip's second look (the location's settings), then limit_req / limit_conn, each once
+        per request. True when the request was answered or must wait."""
+        realip = location.realip  # (not once the address was changed)
+        if realip is not None and self.realip is None:
+            self.realip = realip.client(self)
+        limits = location.limits
+        if limits is not None and self.limit is None:
+            status, delay = limits.run(self)
+            if status:
+                self.finish_with_page(status)
+                return True
+            if delay:
+                self.upstream_request = Waiting(self.loop.call_later(delay, self._delayed))
+                return True
+        return False
+
+    def _delayed(self) -> None:
+        """limit_req's delay is over: the request goes on (unless the client went away)."""
+        if isinstance(self.upstream_request, Waiting):
+            self.upstream_request = None
+            self.start(delayed=True)
+
+    def proxy_to(self, upstream: UpstreamRuntime, pass_uri: str | None) -> None:
+        """Proxy to an upstream proxy_pass with variables chose (``pass_uri``: the URI to send,
+        None for the client's)."""
+        self.upstream_request = UpstreamRequest(self, upstream)
+        self.upstream_request.pass_uri = pass_uri
+        self.upstream_request.start()
 
     def body_received(self) -> None:
         try:
@@ -354,7 +422,7 @@ class Exchange:
                 self.upstream_request.abandon()
             if not self.status or not self.conn.response_started:
                 self.status = responses.wire_status(status)
-            self.finish_logged()
+            self.finish(UNSENT)
         except Exception as exc:
             self.crashed(exc, "finalizing request")
 
@@ -388,8 +456,7 @@ class Exchange:
             elif not conn.response_started and not conn.closed:
                 self.finish_with_page(502)
             else:
-                self.finish_logged()
-                conn.abort()
+                self.finish(DROPPED)
         except Exception as again:  # the clean-up itself is broken: at least drop the client
             safety.report(again, "finishing a failed request", self)
             self._finished = True
@@ -408,8 +475,7 @@ class Exchange:
         status = location.conf.return_.status
         if status == 444:  # nginx: close the connection without a response
             self.status = 444
-            self._log_access()
-            self.conn.abort()
+            self.finish(DROPPED)
             return
         headers, body = location.return_response(self)
         self.answer_return(status, headers, body)
@@ -418,24 +484,18 @@ class Exchange:
         """``return``'s answer: ``body`` None is nginx's own page for the status."""
         if status == 444:
             self.status = 444
-            self._log_access()
-            self.conn.abort()
+            self.finish(DROPPED)
             return
-        self.status = status
         if body is None:
+            self.status = status
             self.finish_with_page(status, headers)
             return
-        self.response_headers = headers
-        self._finish_small(status, headers, body)
+        self.respond(status, headers, body)
 
     def respond(self, status: int, headers: bytes, body: bytes) -> None:
-        """A content handler's whole response (stub_status, the API, the metrics)."""
-        self.status = status
+        """A whole small response: ``return``'s, a content handler's (stub_status, the API,
+        the metrics)."""
         self.response_headers = headers
-        self._finish_small(status, headers, body)
-
-    def _finish_small(self, status: int, headers: bytes, body: bytes) -> None:
-        conn = self.conn
         err_status = self.err_status
         if err_status:
             if err_status > 0:
@@ -445,9 +505,10 @@ class Exchange:
         add_headers = self.location.add_headers
         if add_headers is not None:
             headers = self.response_headers = add_headers(self, status, headers)
+        conn = self.conn
         conn.send_head(status, headers, self.body_length(status, len(body)))
         conn.send_body(body)
-        self.complete_response()
+        self.finish()
 
     def finish_with_page(self, status: int, extra_headers: bytes = b"") -> None:
         """nginx's own page for ``status`` (400, 404, 502, 504...), or its error_page."""
@@ -464,8 +525,7 @@ class Exchange:
         self.status = responses.wire_status(status)
         conn = self.conn
         if conn.closed:
-            self._finished = True
-            self._log_access()
+            self.finish(UNSENT)
             return
         if responses.closes_connection(status):
             conn.close_after_response()
@@ -482,7 +542,7 @@ class Exchange:
         self.response_headers = headers
         conn.send_head(status, headers, self.body_length(status, len(page)))
         conn.send_body(page)
-        self.complete_response()
+        self.finish()
 
     # ------------------------------------------------------------------ the rewrite phase
 
@@ -611,7 +671,9 @@ class Exchange:
         response to an HTTP/1.1 client (nginx's expect_trailers)."""
         location = self.location
         trailers = location.add_trailers if location is not None else None
-        if trailers is not None and self.http_version == "1.1" and trailers.applies(status):
+        # (a HEAD response has no body to end with trailers: nginx keeps its Content-Length)
+        if trailers is not None and self.http_version == "1.1" and self.method != "HEAD" \
+                and trailers.applies(status):
             self.conn.trailers = lambda: self._trailer_lines(trailers, status)
             return None
         return length
@@ -622,21 +684,54 @@ class Exchange:
         self.sent_trailers = lines = trailers.lines(self, status, b"")
         return lines
 
-    def complete_response(self) -> None:
+    def finish(self, end: int = SENT) -> None:
+        """The one end of every request, ``end`` saying how it ends (SENT, UNSENT, DROPPED):
+        the counters, then the log phase (once per request: the access logs, then the
+        location's log hook, after them: a slow or failing hook cannot change the lines; it
+        changes nothing the client sees, status, bytes and connection are settled), then the
+        client connection's part. Never raises from the log phase."""
         conn = self.conn
-        conn.end_body()
+        if end == SENT:
+            conn.end_body()
         self.bytes_sent = conn.bytes_sent
         self.body_bytes_sent = conn.body_bytes_sent
-        self._finished = True
-        self._log_access()
-        conn.finish_response()
+        if not self._finished:
+            self._finished = True
+            location = self.location
+            zone = location.zone
+            if zone is not None:  # status_zone: responses by class, for the metrics
+                zone[self.status // 100] += 1
+            hook = location.log_hook
+            if hook is None:
+                for log in location.access_logs:
+                    log.write(self)
+            else:
+                self._log_with_hook(hook)
+            limit = self.limit
+            if limit is not None and limit.held:
+                limit.release()  # limit_conn: this request no longer counts
+            # exchange <-> upstream request is a reference cycle: break it, so both go with
+            # their last reference instead of waiting for (and feeding) the cyclic collector
+            self.upstream_request = None
+        if end == SENT:
+            conn.finish_response()
+        elif end == DROPPED:
+            conn.abort()
 
-    def finish_logged(self) -> None:
-        """The request ends without a (complete) response of ours: counters, access log."""
-        self._finished = True
-        self.bytes_sent = self.conn.bytes_sent
-        self.body_bytes_sent = self.conn.body_bytes_sent
-        self._log_access()
+    def _log_with_hook(self, hook: LogHookRunner) -> None:
+        # one reading of the clock for the whole phase: the access logs' $request_time,
+        # $msec... (their clock is the runtime's log_clock) and the hook's are the same values
+        clock = self.runtime.log_clock
+        now = clock.frozen = time.time()
+        try:
+            for log in self.location.access_logs:
+                log.write(self)
+        finally:
+            clock.frozen = 0.0
+        try:
+            hook.run(self, now)
+        except Exception:  # run() never raises; belt and braces for the connection's sake
+            errorlog.log_error("alert", "log_by_python runner failed while logging request")
 
     def log_rejected(self, status: int) -> None:
         """The log phase of a request the client connection answered itself (400, 414...).
@@ -645,40 +740,7 @@ class Exchange:
         self.status = responses.wire_status(status)
         if not self.location.access_logs:
             self.location = self.server.match("/")
-        self.finish_logged()
-
-    def _log_access(self) -> None:
-        """The log phase, once per request: the access logs, then the location's log hook
-        (after them: a slow or failing hook cannot change the lines). Never raises; the hook
-        changes nothing the client sees (status, bytes and connection are settled)."""
-        if self._logged:
-            return
-        self._logged = True
-        location = self.location
-        zone = location.zone
-        if zone is not None:  # status_zone: responses by class, for the metrics
-            zone[self.status // 100] += 1
-        hook = location.log_hook
-        if hook is None:
-            for log in location.access_logs:
-                log.write(self)
-        else:
-            # one reading of the clock for the whole phase: the access logs' $request_time,
-            # $msec... (their clock is the runtime's log_clock) and the hook's are the same values
-            clock = self.runtime.log_clock
-            now = clock.frozen = time.time()
-            try:
-                for log in location.access_logs:
-                    log.write(self)
-            finally:
-                clock.frozen = 0.0
-            try:
-                hook.run(self, now)
-            except Exception:  # run() never raises; belt and braces for the connection's sake
-                errorlog.log_error("alert", "log_by_python runner failed while logging request")
-        # exchange <-> upstream request is a reference cycle: break it, so both go with their
-        # last reference instead of waiting for (and feeding) the cyclic garbage collector
-        self.upstream_request = None
+        self.finish(UNSENT)
 
     def log_context(self, peer_name: str | None) -> str:
         """nginx's ``, client: ..., server: ..., request: "...", upstream: "...", host: "..."``."""
@@ -691,3 +753,28 @@ class Exchange:
 def log_client_error(runtime: Runtime, conn: ClientConnection, request: Request, status: int) -> None:
     """Access-log a request the client connection rejected before any handler saw it."""
     Exchange(runtime, conn, request).log_rejected(status)
+
+
+class Waiting:
+    """Stands in for the upstream request while the request waits before its content phase
+    (a limit_req delay, a proxy_pass name lookup): the client going away cancels the wait."""
+
+    __slots__ = ("pending",)
+    attempt = None
+    hook_exit = None
+
+    def __init__(self, pending: Any) -> None:
+        self.pending = pending  # an asyncio Handle or Future: what abandon() cancels
+
+    def body_received(self) -> None:
+        """(the body waits in the request until the content phase starts)"""
+
+    def client_paused(self) -> None:
+        """(nothing is being sent yet)"""
+
+    def client_resumed(self) -> None:
+        """(nothing is being sent yet)"""
+
+    def abandon(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()

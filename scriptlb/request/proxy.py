@@ -39,7 +39,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from scriptlb.config.model import NextUpstream
-from scriptlb.http.downstream import CLIENT_SEND_TIMEOUT
+from scriptlb.http.downstream import CLIENT_SEND_TIMEOUT, DROPPED, UNSENT
 from scriptlb.http.request_body import SpooledBody
 from scriptlb.http.tls import handshake_error_text
 from scriptlb.http.tls_transport import open_tls_connection
@@ -57,15 +57,14 @@ from scriptlb.request.attempt import (
     TryRecord,
     chosen_anyway,
     clock,
-    pool_key,
 )
 from scriptlb.request.headers_filter import with_kept
 from scriptlb.request.retry import (
+    NON_IDEMPOTENT_METHODS,
     RETRY,
     Failure,
     decide,
     failure_for_status,
-    is_idempotent,
     is_stale_connection,
 )
 from scriptlb.routing.uri import split_local_addr
@@ -117,6 +116,7 @@ class UpstreamRequest:
         "hook_exit",
         "location",
         "loop",
+        "pass_uri",
         "plan",
         "upstream",
     )
@@ -145,6 +145,7 @@ class UpstreamRequest:
         self._passing = False  # the response is going to the client: no retry any more
         self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
         self.hook_exit: Any = None  # the HookOutcome of a hook's ngx.exit(N): $balancer_trace
+        self.pass_uri: str | None = None  # proxy_pass with variables: its URI part, as evaluated
 
     @property
     def connection(self) -> UpstreamConnection | None:
@@ -162,7 +163,7 @@ class UpstreamRequest:
         ex.send_timeout = conf.send_timeout
         ex.read_timeout = conf.read_timeout
         ex.upstream_name = self.upstream.name
-        ex.proxy_host = self.location.proxy_host
+        ex.proxy_host = self.location.proxy_host or ex.proxy_host  # (proxy_pass with variables set it)
         request = ex.request
         if request.complete or not request.has_body:
             self._begin_tries()  # (no body to wait for or stream: the usual GET)
@@ -239,11 +240,16 @@ class UpstreamRequest:
         ex = self.exchange
         upstream = self.upstream
         tries_cap = self.conf.next_upstream_tries
-        if not self._stream_body:
-            self._body = ex.request.body.buffered()  # bytes, or the file it was spooled to
-        if self.plan.body_override is not None:
-            self._body = self.plan.body_override(ex)
-        self._build_head()
+        request = ex.request
+        plan = self.plan
+        if plan.body_override is None and request.content_length is None and not request.has_body:
+            self._head = plan.build_head(ex, None)  # (the usual GET: _build_head's last case)
+        else:
+            if not self._stream_body and request.has_body:
+                self._body = request.body.buffered()  # bytes, or the file it was spooled to
+            if plan.body_override is not None:
+                self._body = plan.body_override(ex)
+            self._build_head()
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
             upstream.refresh_weights()  # a hook set a weight (stats.weights_stale(), inlined)
@@ -254,7 +260,7 @@ class UpstreamRequest:
             self._state = upstream.balancer.new_request(tries_cap, key_getter(ex))  # type: ignore[call-arg]
         ex.tries_cap = tries_cap
         self._started = self.loop.time()
-        self._idempotent = is_idempotent(ex.method)
+        self._idempotent = ex.method not in NON_IDEMPOTENT_METHODS  # (retry.is_idempotent, inlined)
         self._next_try()
 
     def _build_head(self) -> None:
@@ -285,21 +291,32 @@ class UpstreamRequest:
                 self.hook_exit = outcome
                 ex.finish_with_page(outcome.exit_status)
                 return
-            self._apply_hook_settings(outcome)
+            # what the run changes for this and later tries: bind address, rebuilt request
+            if outcome.local_addr is not None:
+                self._local_addr = split_local_addr(outcome.local_addr)
+            if outcome.recreate:
+                self._build_head()
             addr = outcome.addr
             if addr is not None:
                 state.tries += outcome.more_tries
                 chosen = upstream.peers.by_name.get(addr.name)
                 if chosen is not None and (chosen.down or chosen.fails):  # (one test when usable)
                     chosen_anyway(upstream, chosen, outcome, ex, self.loop.time(), _CONNECTING)
-                pool = self._hook_pool(outcome.keepalive)
+                # A hook-set peer's pool: the hook pool when enable_keepalive asked for it (this
+                # try's override), else the upstream's keepalive N pool as for its own peers (as
+                # OpenResty's keepalive module pools whatever peer the balancer hook set). Either
+                # needs nginx's recipe: HTTP/1.1 to the peer, no "Connection: close".
+                keepalive = outcome.keepalive
+                if keepalive is None:
+                    pool = upstream.pool if self.plan.pooled else None
+                else:
+                    pool = None if self.plan.close_after else upstream.hook_pool(*keepalive)
                 self._start_attempt(addr.name, addr, None, outcome.host or "", pool, outcome)
                 return
         peer = upstream.balancer.get(state, self.loop.time())
         if peer is None:
             self._no_live_upstreams(outcome)
             return
-        # (peer.name: addr.name formats the text on every call; the peer keeps it)
         pool = upstream.pool if self.plan.pooled else None
         self._start_attempt(peer.name, peer.addr, peer, "", pool, outcome)
 
@@ -312,34 +329,18 @@ class UpstreamRequest:
             # pooled connection is reused only for the same name (and never for plain HTTP)
             tls_name = host or tls.name(self.exchange)
             host = "https:" + tls_name
-        attempt = Attempt(self.upstream, self._state, name, addr, peer, pool,
-                          pool_key(name, host, self._local_addr), hook)
-        attempt.tls_name = tls_name
-        self.attempt = attempt
+        key = (name, host, self._local_addr)  # the pool key (see Attempt)
+        attempt = self.attempt = Attempt(self.upstream, self._state, name, addr, peer, pool, key, hook,
+                                         tls_name)
         self.exchange.tries.append(attempt)
-        conn = pool.acquire(attempt.key) if pool is not None else None
+        conn = pool.acquire(key) if pool is not None else None
         if conn is None:
             self._connect(attempt)
         else:
-            attempt.reuse(conn)
+            attempt.conn = conn  # (from its pool: no connect time)
+            attempt.connect_time = 0.0
+            attempt.reused = True
             self._send_request(conn)
-
-    def _apply_hook_settings(self, outcome: Any) -> None:
-        """What a hook run changes for this and later tries: bind address, rebuilt request."""
-        if outcome.local_addr is not None:
-            self._local_addr = split_local_addr(outcome.local_addr)
-        if outcome.recreate:
-            self._build_head()
-
-    def _hook_pool(self, keepalive: tuple[float, int] | None) -> ConnectionPool | None:
-        """A hook-set peer's pool: the hook pool when ``enable_keepalive`` asked for it (this
-        try's override), else the upstream's ``keepalive N`` pool as for its own peers (as
-        OpenResty's keepalive module pools whatever peer the balancer hook set). Either needs
-        nginx's recipe: HTTP/1.1 to the peer, no "Connection: close"."""
-        plan = self.plan
-        if keepalive is not None:
-            return None if plan.close_after else self.upstream.hook_pool(*keepalive)
-        return self.upstream.pool if plan.pooled else None
 
     def _connect(self, attempt: Attempt) -> None:
         addr = attempt.peer_addr
@@ -392,7 +393,11 @@ class UpstreamRequest:
         body = None if streamed else self._body
         spooled = isinstance(body, SpooledBody)
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
-        conn.upgrade = _asks_upgrade(ex.request.connection) and ex.header("upgrade") is not None
+        # a 101 from the peer may switch this connection only if the client's Connection header
+        # names "upgrade" (llhttp then saw an Upgrade request) and it sent an Upgrade header
+        connection = ex.request.connection
+        conn.upgrade = (connection is not None and b"upgrade" in connection.lower()
+                        and ex.header("upgrade") is not None)
         head = self._head
         if streamed:  # what arrived already goes with the head, in one write (as nginx)
             early, last = self._body_bytes()
@@ -509,7 +514,7 @@ class UpstreamRequest:
         if attempt is not None:
             self.attempt = None
             attempt.end(DONE, self.exchange)
-        self.exchange.complete_response()
+        self.exchange.finish()
 
     def upstream_failed(self, err: UpstreamError) -> None:
         self._body_conn = None
@@ -602,7 +607,7 @@ class UpstreamRequest:
                 ex.conn.body_bytes_sent += tunnel.sent_to_client
             if attempt is not None:
                 attempt.end(UPGRADED, ex)
-            ex.finish_logged()
+            ex.finish(UNSENT)
         except Exception as exc:
             ex.crashed(exc, "proxying upgraded connection")
 
@@ -633,9 +638,7 @@ class UpstreamRequest:
         self.attempt = None
         self._log_error(attempt, err, "reading upstream")
         attempt.end(BROKEN, self.exchange)
-        ex = self.exchange
-        ex.finish_logged()
-        ex.conn.abort()
+        self.exchange.finish(DROPPED)
 
     def _no_live_upstreams(self, hook: Any) -> None:
         ex = self.exchange
@@ -650,12 +653,6 @@ class UpstreamRequest:
     def _log_error(self, attempt: Attempt, err: UpstreamError, phase: str, level: str = "error") -> None:
         ex = self.exchange
         errorlog.log_error(level, f"{err} while {phase}", ex.conn_id, ex.log_context(attempt.addr))
-
-
-def _asks_upgrade(connection: bytes | None) -> bool:
-    """The client's Connection header names "upgrade" (llhttp then saw an Upgrade request):
-    a 101 from the peer may switch this connection."""
-    return connection is not None and b"upgrade" in connection.lower()
 
 
 def _send_head_unusual(ex: Exchange, response: ResponseHead, headers: bytes) -> None:
@@ -677,12 +674,13 @@ def _bind_address(text: str, exchange: Exchange) -> tuple[str, int] | None:
     logged and binds nothing (nginx's ngx_http_upstream_set_local)."""
     if not text:
         return None
-    try:
-        return split_local_addr(text)
-    except ValueError:
+    from scriptlb.request.realip import parse_addr_port  # (an IP literal, as ngx_parse_addr_port)
+
+    parsed = parse_addr_port(text)
+    if parsed is None:
         errorlog.log_error("error", f'invalid local address "{text}"', exchange.conn_id,
                            exchange.log_context(None))
-        return None
+    return parsed
 
 
 def _upgrade_lines(headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -158,6 +158,7 @@ class RequestPlan:
     __slots__ = (
         "body_override",
         "close_after",
+        "dynamic",
         "dynamic_headers",
         "http11",
         "location_prefix",
@@ -172,6 +173,7 @@ class RequestPlan:
     )
 
     def __init__(self, location: LocationConf, upstream: UpstreamConf | None, proxy_host: str) -> None:
+        """(``proxy_host`` "" for proxy_pass with variables: $proxy_host is then per request)"""
         proxy = location.proxy
         self.http11 = proxy.http_version == "1.1"
         self.version_line = b" HTTP/1.1\r\n" if self.http11 else b" HTTP/1.0\r\n"
@@ -181,7 +183,7 @@ class RequestPlan:
         connection_value: str | None = None
         for lower, name, template in proxy.set_headers:
             skip.add(lower.encode("latin-1"))
-            if template.static is not None or template.raw == "$proxy_host":
+            if template.static is not None or (template.raw == "$proxy_host" and proxy_host):
                 value = proxy_host if template.static is None else template.static
                 if lower == "connection":
                     connection_value = value
@@ -197,6 +199,8 @@ class RequestPlan:
         self.pooled = not self.close_after and upstream is not None and upstream.keepalive > 0
         pass_conf = location.proxy_pass
         self.replace_uri = pass_conf.uri if pass_conf is not None else None
+        # proxy_pass with variables: the URI part evaluated per request replaces the whole URI
+        self.dynamic = pass_conf is not None and pass_conf.template is not None
         self.location_prefix = location.pattern if location.modifier in ("", "^~", "=") else ""
         self.method = _compile(proxy.method) if proxy.method is not None else None
         self.pass_client_headers = proxy.pass_request_headers
@@ -213,6 +217,11 @@ class RequestPlan:
     def upstream_uri(self, exchange: Exchange) -> str:
         """The URI sent to the peer (nginx: the client's URI as sent, or proxy_pass's URI part
         replacing the location prefix of the normalized URI)."""
+        if self.dynamic:
+            upstream_request = exchange.upstream_request
+            pass_uri = upstream_request.pass_uri if upstream_request is not None else None
+            if pass_uri is not None:
+                return pass_uri
         if self.replace_uri is None:
             raw = exchange.request_uri
             return raw if raw.startswith("/") else _path_and_args(exchange)
@@ -224,15 +233,15 @@ class RequestPlan:
 
     def build_head(self, exchange: Exchange, body_length: int | None, chunked: bool = False) -> bytes:
         target = exchange.request.target
-        if self.replace_uri is not None or target[:1] != b"/":
+        if self.replace_uri is not None or target[:1] != b"/" or self.dynamic:
             target = self.upstream_uri(exchange).encode("latin-1")
         # (else the client's target, as it came: the bytes upstream_uri would decode and encode)
         method = exchange.method if self.method is None else self.method(exchange)
         parts = [method.encode("latin-1"), b" ", target, self.version_line, self.static_headers]
         for name, getter in self.dynamic_headers:
-            value = getter(exchange)
-            if value:
-                parts.append(name + b": " + value.encode("latin-1", "replace") + b"\r\n")
+            text = getter(exchange)
+            if text:
+                parts.append(name + b": " + text.encode("latin-1", "replace") + b"\r\n")
         skip = self.skip_client
         connection = exchange.request.connection
         listed = _connection_listed(connection) if connection is not None else None
@@ -240,7 +249,7 @@ class RequestPlan:
             lower = name.lower()
             if lower in skip or (listed and lower in listed):
                 continue
-            parts.append(name + b": " + value + b"\r\n")
+            parts += (name, b": ", value, b"\r\n")
         if body_length is not None:
             parts.append(b"Content-Length: %d\r\n" % body_length)
         elif chunked:
@@ -270,12 +279,18 @@ class LocationRuntime:
         "add_trailers",
         "conf",
         "content",
+        "dynamic",
         "error_pages",
         "header_rewrite",
+        "limits",
         "log_hook",
+        "plain_proxy",
         "plan",
+        "preaccess",
         "proxy_bind",
         "proxy_host",
+        "realip",
+        "realip_server",
         "response_filter",
         "return_getter",
         "rewrite",
@@ -351,6 +366,23 @@ class LocationRuntime:
             self.error_pages = error_pages(conf.error_pages)
         self.zone: list[int] | None = None  # status_zone: this worker's counts by status // 100
         self.tls: Any = None  # proxy_pass https://: a scriptlb.http.tls.PeerTls (set by the Runtime)
+        # proxy_pass with variables: a scriptlb.request.dynamic_pass.DynamicPass (set by the Runtime)
+        self.dynamic: Any = None
+        # limit_req / limit_conn: a scriptlb.request.limits.LimitPhase (set by the Runtime)
+        self.limits: Any = None
+        self.preaccess = False  # realip or limits to run before the access phase (the Runtime sets it)
+        self.plain_proxy = False  # nothing but proxy_pass to an upstream (the Runtime sets it)
+        # set_real_ip_from & co (scriptlb.request.realip): None, or client(exchange) -> (addr, port) | None;
+        # the server's before the rewrite phase, the location's (when it differs) after it
+        self.realip: Any = None
+        self.realip_server: Any = None
+        if conf.realip is not None or conf.realip_server is not None:
+            from scriptlb.request.realip import RealIp
+
+            if conf.realip_server is not None:
+                self.realip_server = RealIp(conf.realip_server)
+            if conf.realip is not None and conf.realip != conf.realip_server:
+                self.realip = RealIp(conf.realip)
         # balancer_trace_header on (scriptlb.variables.trace): adds the trace to proxied responses for
         # clients that ask from an allowed address; None: the proxy pays one attribute test
         self.trace: Any = None
@@ -510,6 +542,10 @@ class Runtime:
         # buffer, lines in order), as nginx opens each path once
         self._log_files: dict[str, LogFile] = {}
         self._tls_contexts: dict[Any, Any] = {}  # ProxySslConf -> its client SSLContext
+        self._limit_zone_table: dict[str, Any] | None = None  # scriptlb.request.limits.LimitZone by name
+        self._adhoc: Any = None  # proxy_pass with variables: scriptlb.request.dynamic_pass.AdhocUpstreams
+        # ResolverConf -> scriptlb.request.dynamic_pass.NameResolver
+        self._name_resolvers: dict[Any, Any] = {}
         self.servers = {id(s): ServerRuntime(s, self._build_location) for s in http.servers}
         self.routes = {
             key: ServerRoute(selector, self.servers) for key, selector in selectors_by_listen(http).items()
@@ -517,11 +553,27 @@ class Runtime:
 
     def _build_location(self, conf: LocationConf) -> LocationRuntime:
         upstream = None
-        if conf.proxy_pass is not None and conf.return_ is None:
+        dynamic = conf.proxy_pass is not None and conf.proxy_pass.template is not None
+        if conf.proxy_pass is not None and conf.return_ is None and not dynamic:
             upstream = self.upstreams[conf.proxy_pass.upstream]
         location = LocationRuntime(conf, upstream, self._access_logs_for(conf), self._log_hook_for(conf))
         if conf.proxy_pass is not None and conf.proxy_pass.ssl:
             location.tls = self._peer_tls(conf, location.proxy_host)
+        if dynamic and conf.return_ is None:
+            location.dynamic = self._dynamic_pass(conf)
+        if conf.limits is not None:
+            from scriptlb.request.limits import LimitPhase  # (only configs with limits)
+
+            location.limits = LimitPhase(conf.limits, self._limit_zones(), _compile)
+        # nginx's preaccess phase has work here (realip's second look, limit_req/limit_conn)
+        has_work = location.realip is not None or location.limits is not None
+        location.preaccess = has_work and conf.return_ is None
+        # a location whose requests go straight to the proxy: the exchange skips every phase test
+        location.plain_proxy = (
+            upstream is not None and conf.return_ is None and location.rewrite is None
+            and location.access is None and location.dynamic is None and not location.preaccess
+            and location.realip_server is None
+        )
         if conf.status_zone is not None:
             location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
         if conf.handler is not None:
@@ -541,6 +593,38 @@ class Runtime:
             location.access = access_phase(conf, TryFiles(conf, location.content))
         return location
 
+    def _limit_zones(self) -> dict[str, Any]:
+        """limit_req_zone / limit_conn_zone: one scriptlb.request.limits.LimitZone per zone and worker."""
+        if self._limit_zone_table is None:
+            from scriptlb.request.limits import LimitZone
+            from scriptlb.state.shared_dict import zone_directory
+
+            directory = zone_directory(self.conf.prefix)
+            zones = self.conf.http.limit_zones if self.conf.http is not None else {}
+            self._limit_zone_table = {name: LimitZone(zone, directory) for name, zone in zones.items()}
+        return self._limit_zone_table
+
+    def _dynamic_pass(self, conf: LocationConf) -> Any:
+        """proxy_pass with variables: one-off upstreams and name caches are the worker's, shared
+        by every such location (one cache per distinct ``resolver`` configuration)."""
+        from scriptlb.request.dynamic_pass import (  # (only such configs)
+            AdhocUpstreams,
+            DynamicPass,
+            NameResolver,
+        )
+
+        pass_conf = conf.proxy_pass
+        assert pass_conf is not None and pass_conf.template is not None
+        if self._adhoc is None:
+            python, loop = self._python, self.loop
+            self._adhoc = AdhocUpstreams(lambda up: UpstreamRuntime(up, loop, python))
+        resolver = None
+        if pass_conf.resolver is not None:
+            resolver = self._name_resolvers.get(pass_conf.resolver)
+            if resolver is None:
+                resolver = self._name_resolvers[pass_conf.resolver] = NameResolver(pass_conf.resolver)
+        return DynamicPass(_compile(pass_conf.template), resolver, self.upstreams, self._adhoc)
+
     def _peer_tls(self, conf: LocationConf, proxy_host: str) -> Any:
         from scriptlb.http.tls import PeerTls, client_context, proxy_host_name  # (only TLS configs)
 
@@ -551,6 +635,8 @@ class Runtime:
             context = contexts[ssl_conf] = client_context(ssl_conf)
         if ssl_conf.name is not None:
             name = _compile(ssl_conf.name)
+        elif not proxy_host:  # proxy_pass with variables: the host it evaluated to
+            name = lambda ex: proxy_host_name(ex.proxy_host)  # noqa: E731
         else:
             host = proxy_host_name(proxy_host)
             name = lambda ex: host  # noqa: E731

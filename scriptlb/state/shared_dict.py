@@ -232,6 +232,13 @@ def _reopen_all_after_fork() -> None:
 os.register_at_fork(after_in_child=_reopen_all_after_fork)
 
 
+def open_environment(path: str, size: int) -> tuple[lmdb.Environment, Any]:
+    """This process's handle on the zone at ``path`` (reopened after a fork) and its ``data``
+    DB: for other zones kept the same way (scriptlb.request.limits)."""
+    env, data, _lru, _meta = _open(path, size)
+    return env, data
+
+
 def map_size(size: int) -> int:
     """The LMDB map behind a zone of ``size`` bytes (address space; the file stays sparse)."""
     return MAP_FACTOR * size + MAP_SLACK

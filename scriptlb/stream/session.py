@@ -27,13 +27,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from scriptlb.http import safety
+from scriptlb.http.proxy_protocol import NEED_MORE as PP_NEED_MORE
+from scriptlb.http.proxy_protocol import V1_MAX, Header, read_header, v1_header
 from scriptlb.logs import errorlog
 from scriptlb.request.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord, chosen_anyway, clock
 from scriptlb.request.retry import Failure
 from scriptlb.stream.preread import DONE as HELLO_DONE
 from scriptlb.stream.preread import NEED_MORE, parse_client_hello
-from scriptlb.stream.proxy_protocol import NEED_MORE as PP_NEED_MORE
-from scriptlb.stream.proxy_protocol import V1_MAX, Header, read_header, v1_header
 from scriptlb.stream.relay import PEER_FULL, RATE, WAITING, ReadGate, rate_delay
 
 if TYPE_CHECKING:
@@ -49,9 +49,10 @@ OK, BAD_REQUEST, INTERNAL_ERROR, BAD_GATEWAY = 200, 400, 500, 502
 
 
 class StreamAttempt(Attempt):
-    """One connection attempt of a session, with the bytes that crossed it ($upstream_bytes_*)."""
+    """One connection attempt of a session, with the bytes that crossed it ($upstream_bytes_*,
+    the fields every try has: the session counts them as it relays)."""
 
-    __slots__ = ("bytes_received", "bytes_sent")
+    __slots__ = ()
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)

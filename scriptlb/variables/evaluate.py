@@ -17,6 +17,7 @@ has a getter here (a test checks it).
 from __future__ import annotations
 
 import binascii
+import ipaddress
 import os
 import re
 import socket
@@ -78,6 +79,57 @@ def _remote_user(ex: Any) -> str | None:
 
 def _status(ex: Any) -> str | None:
     return f"{ex.status:03d}"
+
+
+def _port(name: str) -> Getter:
+    """A port as nginx prints it: "" when there is none (0: a unix socket, a realip address
+    given without one)."""
+    def get(ex: Any) -> str | None:
+        port = getattr(ex, name)
+        return str(port) if port else ""
+
+    return get
+
+
+def _binary_remote_addr(ex: Any) -> str | None:
+    """The client address as 4 or 16 bytes (one char per byte), the usual limit_*_zone key."""
+    addr = ex.remote_addr
+    if addr == "unix:":
+        return ""
+    try:
+        return ipaddress.ip_address(addr).packed.decode("latin-1")
+    except ValueError:
+        return addr
+
+
+def _limit_status(field: str) -> Getter:
+    """$limit_req_status / $limit_conn_status: not found until the limit ran."""
+    def get(ex: Any) -> str | None:
+        limit = getattr(ex, "limit", None)
+        return (getattr(limit, field) or None) if limit is not None else None
+
+    return get
+
+
+def _realip_remote_addr(ex: Any) -> str | None:
+    conn = getattr(ex, "conn", None)
+    return conn.remote_addr if conn is not None else ex.remote_addr
+
+
+def _realip_remote_port(ex: Any) -> str | None:
+    conn = getattr(ex, "conn", None)
+    port = conn.remote_port if conn is not None else ex.remote_port
+    return str(port) if port else ""
+
+
+def _proxy_protocol(field: str) -> Getter:
+    """$proxy_protocol_addr & co: what the connection's PROXY header announced ("" without)."""
+    def get(ex: Any) -> str | None:
+        header = getattr(getattr(ex, "conn", None), "proxy_protocol", None)
+        value = getattr(header, field, None) if header is not None else None
+        return "" if value is None else str(value)
+
+    return get
 
 
 def _proxy_host(ex: Any) -> str | None:
@@ -145,6 +197,21 @@ def _upstream_times(field: str) -> Getter:
     def get(ex: Any) -> str | None:
         tries = ex.tries
         return ", ".join([_ms(getattr(t, field)) for t in tries]) if tries else None
+
+    return get
+
+
+# $upstream_bytes_* / $upstream_response_length: a try copies its connection's counts only once
+# some template reads them (a config that never does pays nothing per try)
+_BYTE_COUNTS = frozenset({"upstream_bytes_sent", "upstream_bytes_received", "upstream_response_length"})
+BYTE_COUNTS_READ = [False]
+
+
+def _upstream_counts(field: str) -> Getter:
+    """$upstream_bytes_sent & co: one byte count per try."""
+    def get(ex: Any) -> str | None:
+        tries = ex.tries
+        return ", ".join([str(getattr(t, field, 0)) for t in tries]) if tries else None
 
     return get
 
@@ -374,6 +441,15 @@ _SIMPLE: dict[str, Getter] = {
     "request_body_file": _request_body_file,
     "remote_addr": _attr("remote_addr"),
     "remote_port": _port("remote_port"),
+    "realip_remote_addr": _realip_remote_addr,
+    "binary_remote_addr": _binary_remote_addr,
+    "limit_req_status": _limit_status("req_status"),
+    "limit_conn_status": _limit_status("conn_status"),
+    "proxy_protocol_addr": _proxy_protocol("addr"),
+    "proxy_protocol_port": _proxy_protocol("port"),
+    "proxy_protocol_server_addr": _proxy_protocol("server_addr"),
+    "proxy_protocol_server_port": _proxy_protocol("server_port"),
+    "realip_remote_port": _realip_remote_port,
     "remote_user": _remote_user,
     "request": _request_line,
     "request_method": _attr("method"),
@@ -411,6 +487,9 @@ _SIMPLE: dict[str, Getter] = {
     "upstream_response_time": _upstream_times("response_time"),
     "upstream_connect_time": _upstream_times("connect_time"),
     "upstream_header_time": _upstream_times("header_time"),
+    "upstream_response_length": _upstream_counts("response_length"),
+    "upstream_bytes_sent": _upstream_counts("bytes_sent"),
+    "upstream_bytes_received": _upstream_counts("bytes_received"),
     "balancer_trace": _balancer_trace,
 }
 
@@ -438,6 +517,8 @@ def variable_getter(name: str, clock: Clock = time.time) -> Getter:
     """
     getter = _SIMPLE.get(name) or _DECLARED.get(name)
     if getter is not None:
+        if name in _BYTE_COUNTS:
+            BYTE_COUNTS_READ[0] = True  # tries keep their byte counts from now on
         return getter
     if name in _CLOCKED:
         return _clocked(name, clock)
