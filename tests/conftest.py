@@ -87,6 +87,7 @@ TIERS: dict[str, str] = {
     "test_overload.py": "protocol",
     "test_peer_stats_live.py": "integration",
     "test_plus_api.py": "integration",
+    "test_operating.py": "integration",
     "test_pool.py": "protocol",
     "test_porting.py": "unit",
     "test_porting_process.py": "integration",

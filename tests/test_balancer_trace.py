@@ -85,6 +85,20 @@ def test_a_hook_that_sets_the_peer(tmp_path: Path) -> None:
     assert spent.endswith("us") and int(spent[:-2]) >= 0
 
 
+def test_a_hook_that_sets_a_down_peer_gets_it_and_the_trace_says_so(tmp_path: Path) -> None:
+    with Backends(respond(body=b"a"), respond(body=b"b")) as bk:
+        code = f'balancer.set_current_peer("{bk[1].addr}")'
+        upstream = f"server {bk[0].addr};\nserver {bk[1].addr} down;\nbalancer_by_python_block {{\n{code}\n}}"
+        with serve(conf(upstream), tmp_path) as lb:
+            assert get(lb.port).body == b"b"
+            (line,) = logged(tmp_path, 1)
+    ((who, peer, _spent, last),) = entries(line[2])
+    assert (who, peer, last) == ("hook(down)", bk[1].addr, "-")
+    log = (tmp_path / "error.log").read_text()
+    assert re.search(rf"\[warn\] \d+#0: \*\d+ balancer_by_python chose down peer {re.escape(bk[1].addr)} "
+                     r"while connecting to upstream, client: 127\.0\.0\.1", log)
+
+
 def test_a_retry_after_a_502_shows_what_the_hook_read(tmp_path: Path) -> None:
     with Backends(respond(502, b"bad"), respond(body=b"good")) as bk:
         code = (f"state, status = balancer.get_last_failure()\n"

@@ -91,6 +91,9 @@ class FakeHandler:
             reply, self.reply = self.reply, None
             self.conn.respond(200, b"Content-Type: text/plain\r\n", reply + b":" + self.body)
 
+    def client_eof(self) -> bool:
+        return False
+
     def client_lost(self) -> None:
         self.events.append("lost")
 

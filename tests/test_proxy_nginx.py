@@ -4,8 +4,11 @@ the client gets (or what the access log says) must match."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import BackendRequest, Backends, Scriptlb, free_ports, raw_exchange, read_log_lines, respond
@@ -174,6 +177,85 @@ def test_sent_http_sees_the_framing_headers_as_nginx(tmp_path: Path) -> None:
     assert ours[1] == theirs[1] == "5|close|-|1|-"
 
 
+def half_closing_peer():  # type: ignore[no-untyped-def]
+    """``.../slow``: the answer after 0.5 s; ``.../head``: the head and 5 of 8 body bytes at
+    once, the last 3 after 0.5 s."""
+    async def behaviour(req: BackendRequest, writer: asyncio.StreamWriter) -> bool:
+        if req.target.endswith("/head"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nfirst")
+            await writer.drain()
+            await asyncio.sleep(0.5)
+            writer.write(b"end")
+        else:
+            await asyncio.sleep(0.5)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+        await writer.drain()
+        return True
+
+    return behaviour
+
+
+def half_close(port: int, path: str, after_head: bool) -> bytes:
+    """Send a request, shut the sending side (at once or once the head came), and return the
+    body bytes received until the server closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % path.encode())
+        data = sock.recv(65536) if after_head else b""
+        if not after_head:
+            time.sleep(0.2)  # the request is with the peer
+        sock.shutdown(socket.SHUT_WR)
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.partition(b"\r\n\r\n")[2]
+
+
+def test_a_client_half_close_while_proxied_is_a_499_as_nginx(tmp_path: Path) -> None:
+    """A client that shuts its sending side after its request: before the response, nginx ends
+    the request as 499 and closes both connections; a buffered response being sent goes on to
+    its end; an unbuffered one (proxy_buffering off) is cut. Logged at info the same way."""
+    cases = [("/on/slow", False), ("/on/head", True), ("/off/head", True)]
+    (port,) = free_ports(1)
+    block = """
+        log_format half '$status $body_bytes_sent "$upstream_status" $request_uri';
+        {error_log}
+        server {{
+            listen {listen};
+            access_log {dir}/half.log half;
+            location /on/ {{ proxy_pass http://{peer}; }}
+            location /off/ {{ proxy_pass http://{peer}; proxy_buffering off; }}
+        }}
+    """
+    results = {}
+    with Backends(half_closing_peer()) as bk:
+        for who in ("nginx", "scriptlb"):
+            where = tmp_path / who
+            where.mkdir()
+            if who == "nginx":
+                # (scriptlb has one error log, its main one; nginx's http level may have its own)
+                http = block.format(dir=where, listen=f"127.0.0.1:{port}", peer=bk[0].addr,
+                                    error_log=f"error_log {where}/info.log info;")
+                running: Any = nginx_running(where, http)
+            else:
+                http = block.format(dir=where, listen="{port0}", peer=bk[0].addr, error_log="")
+                running = Scriptlb(f"daemon off; master_process off; error_log {where}/info.log info;\n"
+                                   f"http {{ {http} }}", where)
+            with running as lb:
+                at = port if who == "nginx" else lb.port
+                bodies = [half_close(at, path, after_head) for path, after_head in cases]
+                logged = sorted(read_log_lines(where / "half.log", len(cases)))
+            info = (where / "info.log").read_text()
+            lines = sorted(re.sub(r".*\*\d+ ", "", line) for line in info.splitlines()
+                           if "prematurely closed" in line)
+            results[who] = bodies, logged, [line.replace(f":{at}", ":PORT") for line in lines]
+    assert results["scriptlb"] == results["nginx"]
+    bodies, logged, lines = results["nginx"]
+    assert bodies == [b"", b"firstend", b"first"]
+    assert logged == ['200 5 "200" /off/head', '200 8 "200" /on/head', '499 0 "-" /on/slow']
+    assert len(lines) == 2 and lines[0].startswith("epoll_wait() reported that client prematurely closed "
+                                                   "connection, so upstream connection is closed too while "
+                                                   "sending request to upstream, client: 127.0.0.1")
+
+
 def test_upstream_byte_counts_are_logged_as_nginx(tmp_path: Path) -> None:
     """$upstream_response_length (the body), $upstream_bytes_received (head and body) and
     $upstream_bytes_sent (the request as sent) per try, one entry per try."""
@@ -196,7 +278,7 @@ def test_upstream_byte_counts_are_logged_as_nginx(tmp_path: Path) -> None:
         ngx_dir.mkdir()
         lb_dir.mkdir()
         with nginx_running(ngx_dir, block.format(listen=f"127.0.0.1:{port}", peer=bk[0].addr, dead=dead,
-                                                 log=f"{ngx_dir}/bytes.log"), [port]):
+                                                 log=f"{ngx_dir}/bytes.log")):
             for request in requests:
                 raw_exchange(port, request)
             theirs = read_log_lines(ngx_dir / "bytes.log", len(requests))

@@ -488,3 +488,26 @@ def test_stats_full_is_a_runtime_error() -> None:
 
 def test_shards_leave_room_for_overlapping_generations() -> None:
     assert (shards_for(1), shards_for(8), shards_for(64)) == (32, 32, 256)
+
+
+def test_shared_passive_health_disables_once_and_forgives_after_the_window(tmp_path: Path) -> None:
+    """A zone upstream's passive state: failures from any process add up, the one that
+    reaches max_fails disables the peer (once per spell), a success forgives them only once
+    fail_timeout has passed since the last failure."""
+    first = PeerStats.open(str(tmp_path), layout())
+    second = PeerStats.open(str(tmp_path), layout())  # another worker's view of the same file
+    slot = first.slot("u", False, 0)
+    try:
+        assert first.passive_failure(slot, 3, 10.0, 100.0) == (False, 1)
+        assert second.passive_failure(slot, 3, 10.0, 101.0) == (False, 2)
+        assert first.passive_failure(slot, 3, 10.0, 102.0) == (True, 3)  # disabled: count it
+        assert second.passive_failure(slot, 3, 10.0, 103.0) == (False, 4)  # already disabled
+        second.passive_success(slot, 10.0, 104.0)  # within the window: kept
+        assert first.passive(slot) == (4, 103.0)
+        first.passive_success(slot, 10.0, 113.5)  # 10.5 s after the last failure: forgiven
+        assert second.passive(slot) == (0, 103.0)
+        assert second.passive_failure(slot, 3, 10.0, 114.0) == (False, 1)
+        assert first.passive(first.slot("u", False, 1)) == (0, 0.0)  # the other peer untouched
+    finally:
+        first.close()
+        second.close()

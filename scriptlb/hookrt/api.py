@@ -90,6 +90,9 @@ class HookOutcome:
     spent: float = 0.0
     failure_read: bool = False
     failure_seen: tuple[str, int] | None = None
+    # set by the tries loop when set_current_peer named a peer the upstream's own methods
+    # avoid now: "unhealthy", "draining", "down" or "unavail" (the try goes ahead)
+    avoided: str | None = None
 
     def __repr__(self) -> str:
         fields = ("addr", "host", "more_tries", "exit_status", "keepalive", "local_addr", "error")

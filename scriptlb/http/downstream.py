@@ -198,6 +198,7 @@ class RequestHandler(Protocol):
     # without is whole when start() runs)
     def body_received(self) -> None: ...
     def client_lost(self) -> None: ...  # the client went away before the response finished
+    def client_eof(self) -> bool: ...  # the client half-closed after its request; True: ended it
     def abort(self, status: int) -> None: ...  # a client error (413, 408) ends the request
     def writing_paused(self) -> None: ...  # the client reads slower than we write
     def writing_resumed(self) -> None: ...
@@ -562,8 +563,13 @@ class ClientConnection(asyncio.Protocol):
         if self._linger_until:
             self._end_lingering()  # the client closed its side: the lingering close is over
             return True
-        if self.active is None and not self._queue:
+        active = self.active
+        if active is None and not self._queue:
             self.close()
+        elif active is not None and self._active_request is not None and self._active_request.complete \
+                and active.client_eof():
+            # (an incomplete request is the body reader's business: "client prematurely closed")
+            return None  # the handler ended the request and this connection (nginx's 499)
         return None if self.tls is not None else True
 
     def pause_writing(self) -> None:

@@ -16,10 +16,13 @@ Every worker's ``HealthView`` reads them every ``VIEW_INTERVAL`` (nothing on the
 path) and sets each peer's ``unhealthy`` and ``down`` (``down`` is what every balancing method
 already skips), and ramps the weight of a recovered peer over its ``slow_start``. Hooks see
 ``healthy``/``state`` in ``get_primary_peers()``; a hook that picks an unhealthy peer anyway
-gets it.
+gets it, and the trail says so (``hook(unhealthy)`` in ``$balancer_trace``, a warn line: see
+``attempt.chosen_anyway``).
 
-``mandatory`` peers start "checking" (not chosen) until their first pass; without
-``persistent`` a reload checks them again from that state. Transitions are logged in nginx
+``mandatory`` peers start "checking" (not chosen) until their first pass, checked at once;
+without ``persistent`` a reload puts them back in that state; with it, a peer that was up
+before the reload stays up (nginx Plus: "the initial up state ... if the server was considered
+healthy before reload"), any other starts "checking" again. Transitions are logged in nginx
 Plus's words: ``peer is unhealthy while checking status code, health check "" of peer
 127.0.0.1:9001 in upstream "backend"`` (warn) and ``peer is healthy while ...`` (notice);
 each failed check logs its own cause at error level (``connect() failed (111: ...) while
@@ -169,6 +172,13 @@ class HealthChecker:
         self._tasks.clear()
 
 
+def check_delay(check: HealthCheckConf) -> float:
+    """Time to the next check: ``interval``, plus a random part of ``jitter`` (nginx Plus: "the
+    time within which each health check will be randomly delayed"), so that the checks of many
+    peers, or of several instances, do not hit together."""
+    return check.interval + random.random() * check.jitter
+
+
 class PeerProbe:
     """Checks one peer for ever (a task), keeping its health words."""
 
@@ -184,12 +194,15 @@ class PeerProbe:
     async def run(self, first: bool) -> None:
         words = self.stats.health(self.slot)
         check = self.check
-        if check.mandatory and not (check.persistent and words[1]):
+        waiting = False
+        if check.mandatory and not (check.persistent and words[1] and words[0] == UP):
             words[0], words[5] = CHECKING, 0  # not chosen until it passes
             self.stats.set_health(self.slot, words)
+            waiting = True
         while True:
-            if words[1] or not check.mandatory:
-                await asyncio.sleep(check.interval + random.random() * check.jitter)
+            if not waiting:  # a peer held back until its first pass is checked at once
+                await asyncio.sleep(check_delay(check))
+            waiting = False
             try:
                 failure = await self.probe()
             except Exception as err:  # a bug must not end this peer's checks for good

@@ -1,8 +1,10 @@
 """nginx Plus's REST API (``api [write=on];``, version 9 paths) over scriptlb's shared state.
 
-Read: ``/``, ``/9``, ``/9/nginx``, ``/9/connections``, ``/9/http``, ``/9/http/requests``,
-``/9/http/upstreams[/NAME]``, ``/9/http/upstreams/NAME/servers[/ID]``.
-Write (``write=on``): ``POST .../servers``, ``PATCH|DELETE .../servers/ID``, applied through
+Read: ``/``, ``/9``, ``/9/nginx``, ``/9/connections``, ``/9/workers[/ID]``, ``/9/http``,
+``/9/http/requests``, ``/9/http/upstreams[/NAME]``, ``/9/http/upstreams/NAME/servers[/ID]``,
+``/9/stream/upstreams[/NAME]``.
+Write (``write=on``): ``DELETE /9/workers[/ID]`` (their counters restart from zero),
+``POST .../servers``, ``PATCH|DELETE .../servers/ID``, applied through
 ``scriptlb.state.peer_lists`` (every worker within its poll interval, this one at once, persisted in
 the upstream's ``state`` file). A write is validated completely before anything changes, and
 the change itself is one atomic read-modify-write: a refused request changes nothing and
@@ -10,10 +12,11 @@ concurrent writers never half-apply.
 
 Errors are nginx Plus's JSON: ``{"error": {"status", "text", "code"}, "request_id", "href"}``.
 Figures: peers' requests, active, fails, responses (by class and by code), sent, received,
-unavail (times a failure reached max_fails, counted by the worker whose balancer saw it) and
-header_time (mean, ms) come from the shared statistics (all workers); ``state`` from this
-worker's passive health state (nginx Plus keeps that in the zone; scriptlb's balancers keep
-it per worker).
+unavail and header_time (mean, ms) come from the shared statistics (all workers). In a
+``zone`` upstream the passive health (``max_fails``) is one state for all workers, as in
+nginx's zone: ``unavail`` counts the times the instance disabled the peer, and ``state`` is
+the same whichever worker answers (each takes the shared state within 100 ms). Without
+``zone`` each worker keeps its own, as nginx does, and ``state`` is the answering worker's.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ class Api:
             raise ApiError(404, "unknown version", "UnknownVersion")
         rest = path[1:]
         if not rest:
-            return self._get_only(method, ["nginx", "connections", "http"])
+            return self._get_only(method, ["nginx", "connections", "http", "stream", "workers"])
         head = rest[0]
         if head == "nginx" and len(rest) == 1:
             return self._get_only(method, self._nginx())
@@ -109,6 +112,13 @@ class Api:
             return self._get_only(method, self._connections())
         if head == "http":
             return self._http(method, rest[1:], body)
+        if head == "stream":
+            return self._get_only(method, self._stream(rest[1:]))
+        if head == "workers" and len(rest) <= 2:
+            if method == "DELETE":
+                self._reset_workers(rest[1:])
+                return 204, None
+            return self._get_only(method, self._workers(rest[1:]))
         raise _not_found()
 
     @staticmethod
@@ -155,6 +165,42 @@ class Api:
         return self._get_only(method, _server_json(self._entry(upstream, server_id)))
 
     # ----------------------------------------------------------------- reads
+
+    def _reset_workers(self, rest: list[str]) -> None:
+        """``DELETE /workers[/ID]`` (write=on): their counters start again from zero."""
+        worker_id = _worker_id(rest[0]) if rest else None
+        status = self.runtime.status
+        if status is None or not status.reset_workers(worker_id):
+            raise ApiError(404, "worker not found", "WorkerNotFound")
+
+    def _workers(self, rest: list[str]) -> Any:
+        """``/workers`` (every live worker process, by id) or ``/workers/ID``."""
+        status = self.runtime.status
+        workers = status.workers() if status is not None else []
+        if not rest:
+            return workers
+        worker_id = _worker_id(rest[0])
+        found = [w for w in workers if w["id"] == worker_id]
+        if not found:
+            raise ApiError(404, "worker not found", "WorkerNotFound")
+        return found[-1]  # (during a reload two processes share an id: the last listed)
+
+    def _stream(self, rest: list[str]) -> Any:
+        """``/stream``, ``/stream/upstreams[/NAME]``: the stream block's upstreams (read only:
+        their server lists come from the config)."""
+        stream = getattr(self.runtime, "stream", None)
+        upstreams = {name: up for name, up in stream.upstreams.items() if not up.conf.implicit} \
+            if stream is not None else {}
+        if not rest:
+            return ["upstreams"]
+        if rest[0] != "upstreams" or len(rest) > 2:
+            raise _not_found()
+        if len(rest) == 1:
+            return {name: _stream_upstream(up) for name, up in upstreams.items()}
+        upstream = upstreams.get(rest[1])
+        if upstream is None:
+            raise ApiError(404, "upstream not found", "UpstreamNotFound")
+        return _stream_upstream(upstream)
 
     def _upstreams(self) -> dict[str, Any]:
         return {name: up for name, up in self.runtime.upstreams.items() if not up.conf.implicit}
@@ -387,7 +433,27 @@ def _peer_json(upstream: UpstreamRuntime, peer: Peer, entry: ServerEntry | None,
     return result
 
 
+def _stream_upstream(upstream: Any) -> dict[str, Any]:
+    """nginx Plus's stream upstream: its peers count ``connections`` (no HTTP responses)."""
+    now = upstream.loop.time()
+    peers = []
+    for peer in [*upstream.peers.primary, *upstream.peers.backup]:
+        figures = _peer_json(upstream, peer, None, now)
+        figures["connections"] = figures.pop("requests")
+        del figures["responses"]
+        if "header_time" in figures:  # the time to the peer's first byte
+            figures["first_byte_time"] = figures.pop("header_time")
+        peers.append(figures)
+    return {"peers": peers, "zombies": 0, "zone": upstream.conf.zone or upstream.name}
+
+
 # --------------------------------------------------------------------------- input
+
+
+def _worker_id(text: str) -> int:
+    if not text.isdigit() or len(text) > 9:
+        raise ApiError(400, "invalid worker id", "WorkerBadId")
+    return int(text)
 
 
 def _server_id(text: str) -> int:

@@ -7,8 +7,10 @@ One file, ``<zone directory>/status``, mapped by every worker (``mmap``, 8-byte 
 header, then one row per worker process::
 
     header  MAGIC, VERSION, ROWS, ROWS_USED, 4 reserved
-    row     owner pid, accepted, handled, requests, active, reading, writing, reserved,
-            then MAX_ZONES x 5: responses 1xx..5xx per status_zone (sorted names)
+    row     owner pid, accepted, handled, requests, active, reading, writing, worker id + 1
+            (0: unknown), the row's counters when its owner claimed it (accepted, handled,
+            requests), reserved, then MAX_ZONES x 5: responses 1xx..5xx per status_zone
+            (sorted names)
 
 A worker claims a free row (or one whose owner died) and is its only writer. It counts in
 plain Python integers (an accepted connection: one increment in the protocol factory; a
@@ -17,7 +19,9 @@ its counters (on top of what the row's earlier owners counted: history is kept a
 reloads and crashes, as nginx's shared counters are) and its gauges, computed by looking at
 its open connections then (nothing per request). A reader sums the counters of every row and
 the gauges of the rows whose owner is alive, with its own live values in place of its row:
-another worker's figures are at most ``PUBLISH_INTERVAL`` old.
+another worker's figures are at most ``PUBLISH_INTERVAL`` old. The API's ``/workers`` reads
+the live rows one by one: each worker's own counts (its row's minus what the row held when it
+claimed it), as nginx Plus reports them per worker process.
 
 The master removes the file at a cold start (with the other shared zones); a reload keeps it.
 Zone counters are each worker's own (a row's next owner starts them at 0, readers sum live
@@ -38,17 +42,17 @@ from scriptlb.state.stats import _alive, _locked
 
 FILE_NAME = "status"
 MAGIC = int.from_bytes(b"SLBSTAT2", "little")
-VERSION = 1
+VERSION = 2  # 2: worker id and the claim-time counters in each row
 PUBLISH_INTERVAL = 0.1  # seconds
 DEFAULT_ROWS = 64
 
 _HEADER_WORDS = 8
 MAX_ZONES = 16  # status_zone names counted (the first 16, sorted)
-_ZONES = 8  # row word of the first zone's 1xx
+_ZONES = 12  # row word of the first zone's 1xx
 _ROW_WORDS = _ZONES + 5 * MAX_ZONES
 _MAGIC, _VERSION, _ROWS, _ROWS_USED = range(4)
 # row words
-_OWNER, _ACCEPTED, _HANDLED, _REQUESTS, _ACTIVE, _READING, _WRITING = range(7)
+_OWNER, _ACCEPTED, _HANDLED, _REQUESTS, _ACTIVE, _READING, _WRITING, _WORKER_ID, _BASE = range(9)
 COUNTERS = ("accepted", "handled", "requests")
 GAUGES = ("active", "reading", "writing")
 _WORD = 8
@@ -71,7 +75,7 @@ class WorkerStatus:
     are the worker's open client connections (sets, one per listener), looked at on publish.
     """
 
-    def __init__(self, directory: str, rows: int = DEFAULT_ROWS) -> None:
+    def __init__(self, directory: str, rows: int = DEFAULT_ROWS, worker_id: int = -1) -> None:
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.realpath(os.path.join(directory, FILE_NAME))
         self.accepted = 0  # incremented by the worker's protocol factory
@@ -88,14 +92,14 @@ class WorkerStatus:
             os.close(fd)
         self._q = memoryview(self._map).cast("q")
         self.rows = self._q[_ROWS]
-        self._row = self._claim()
+        self._row = self._claim(worker_id)
         at = self._row + _ACCEPTED
         # what the row's earlier owners counted; this worker's counts go on top
         self._base = self._q[at : at + len(COUNTERS)].tolist()
 
     # ----------------------------------------------------------------- rows
 
-    def _claim(self) -> int:
+    def _claim(self, worker_id: int) -> int:
         pid = os.getpid()
         with _locked(self.path):
             q = self._q
@@ -106,6 +110,8 @@ class WorkerStatus:
                     for gauge in (_ACTIVE, _READING, _WRITING):
                         q[at + gauge] = 0  # a dead owner's connections died with it
                     q[at + _ZONES : at + _ROW_WORDS] = _NO_ZONES
+                    q[at + _WORKER_ID] = worker_id + 1
+                    q[at + _BASE : at + _BASE + len(COUNTERS)] = q[at + _ACCEPTED : at + _REQUESTS + 1]
                     q[at + _OWNER] = pid
                     if q[_ROWS_USED] <= row:
                         q[_ROWS_USED] = row + 1
@@ -192,6 +198,50 @@ class WorkerStatus:
         figures["waiting"] = max(0, figures["active"] - figures["reading"] - figures["writing"])
         return figures
 
+    def workers(self) -> list[dict[str, Any]]:
+        """nginx Plus's ``/workers``: per live worker process (this one live, the others as
+        published), its id, pid, connections and requests since it started, by worker id."""
+        q = self._q
+        result = []
+        for row in range(q[_ROWS_USED]):
+            at = _HEADER_WORDS + row * _ROW_WORDS
+            owner = q[at + _OWNER]
+            if at != self._row and (owner == 0 or not _alive(owner)):
+                continue
+            values = self.own() if at == self._row else tuple(q[at + _ACCEPTED : at + _WRITING + 1].tolist())
+            base = q[at + _BASE : at + _BASE + len(COUNTERS)].tolist()
+            accepted, handled, requests = (values[i] - base[i] for i in range(len(COUNTERS)))
+            active, reading, writing = values[len(COUNTERS):]
+            result.append({
+                "id": q[at + _WORKER_ID] - 1, "pid": owner,
+                "connections": {"accepted": accepted, "dropped": accepted - handled,
+                                "active": reading + writing, "idle": max(0, active - reading - writing)},
+                "http": {"requests": {"total": requests, "current": writing}},
+            })
+        result.sort(key=lambda worker: (worker["id"], worker["pid"]))
+        return result
+
+    def reset_workers(self, worker_id: int | None = None) -> bool:
+        """nginx Plus's ``DELETE /workers[/ID]``: the live workers' (or one id's) counters
+        start again from zero in ``workers()`` (their rows' claim-time words move to what they
+        published; the instance totals are untouched: what another worker counted since its
+        last publish, at most ``PUBLISH_INTERVAL`` ago, stays). False when no such worker lives."""
+        q = self._q
+        found = False
+        with _locked(self.path):
+            for row in range(q[_ROWS_USED]):
+                at = _HEADER_WORDS + row * _ROW_WORDS
+                owner = q[at + _OWNER]
+                if owner == 0 or (at != self._row and not _alive(owner)):
+                    continue
+                if worker_id is not None and q[at + _WORKER_ID] - 1 != worker_id:
+                    continue
+                found = True
+                current = self.own()[: len(COUNTERS)] if at == self._row else \
+                    tuple(q[at + _ACCEPTED : at + _REQUESTS + 1].tolist())
+                for offset, value in enumerate(current):
+                    q[at + _BASE + offset] = value
+        return found
 
     def zone_totals(self) -> dict[str, list[int]]:
         """Responses 1xx..5xx per status_zone, summed over the live workers."""

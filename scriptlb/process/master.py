@@ -51,10 +51,12 @@ from scriptlb.process import daemon, service
 from scriptlb.process.listeners import ListenError, ListenerSet, LogFn
 from scriptlb.process.signals import (
     COMMAND_SIGNALS,
+    WORKER_RETIRING,
     EarlyStop,
     Received,
     SignalWaiter,
     prepare_worker_signals,
+    set_master,
 )
 from scriptlb.state.peer_lists import PeerListStore
 from scriptlb.state.shared_dict import remove_files, zone_directory
@@ -362,8 +364,11 @@ class Master:
     }
 
     def _on_signal(self, received: Received) -> None:
-        log("notice", received.describe(self._ACTIONS.get(received.signo, "")))
         signo = received.signo
+        if signo == WORKER_RETIRING:
+            self._replace_retiring(received.sender)
+            return
+        log("notice", received.describe(self._ACTIONS.get(received.signo, "")))
         if signo in (signal.SIGTERM, signal.SIGINT):
             self._terminate()
         elif signo == signal.SIGQUIT:
@@ -423,6 +428,18 @@ class Master:
             if not proc.quit_sent:
                 proc.quit_sent = True
                 self._kill(proc, signal.SIGQUIT)
+
+    def _replace_retiring(self, pid: int) -> None:
+        """A worker began a graceful exit of its own (retired for its memory): its replacement
+        starts now, as on a reload, while it finishes its requests. Its exit is then expected.
+        A worker the master stopped itself (reload, shutdown) is already ``exiting``."""
+        proc = self.workers.get(pid)
+        if proc is None or proc.exiting or self.stopping or proc.generation != self.generation:
+            return
+        proc.exiting = True
+        log("notice", f"worker process {pid} is shutting down on its own, starting its replacement")
+        quick = time.monotonic() - proc.started < QUICK_DEATH
+        self._schedule_respawn(proc.worker_id, quick)
 
     # ----------------------------------------------------------------------- reload
 
@@ -522,6 +539,7 @@ class Master:
         code = 0
         try:
             prepare_worker_signals()
+            set_master(master_pid)
             _stop_with_master(master_pid)
             if worker_id == CLUSTER_PROCESS_ID:
                 self.listeners.close(unlink=False)  # it serves no client

@@ -9,9 +9,12 @@ signal stays pending until the master asks for it, so nothing is lost between tw
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 # `scriptlb -s NAME` -> the signal sent to the master (nginx's names)
 COMMAND_SIGNALS: dict[str, signal.Signals] = {
@@ -20,6 +23,13 @@ COMMAND_SIGNALS: dict[str, signal.Signals] = {
     "reopen": signal.SIGUSR1,
     "reload": signal.SIGHUP,
 }
+
+# A worker that begins a graceful exit the master did not ask for (the sandbox's watchdog
+# retires it for its memory) tells the master with this signal, so that the replacement starts
+# at once, as on a reload, instead of when the old worker has drained and exited. nginx has no
+# such case (its workers never retire themselves); a real-time signal is one no operator tool
+# sends, and the kernel tells the master which worker sent it (si_pid).
+WORKER_RETIRING: signal.Signals = signal.SIGRTMIN
 
 # Everything the master reacts to. USR2 and WINCH are nginx's binary-upgrade and no-accept
 # signals; scriptlb does not implement them, but it waits for them so that their default
@@ -34,8 +44,27 @@ MASTER_SIGNALS: frozenset[signal.Signals] = frozenset(
         signal.SIGUSR2,
         signal.SIGWINCH,
         signal.SIGCHLD,
+        WORKER_RETIRING,
     }
 )
+
+_master_pid = 0  # in a worker forked by a master: that master (set_master)
+
+
+def set_master(pid: int) -> None:
+    """In a worker, right after the fork: the master to tell when it retires itself."""
+    global _master_pid
+    _master_pid = pid
+
+
+def tell_master_retiring() -> None:
+    """A worker starts a graceful exit: have its master start the replacement now. (When the
+    master asked for it, on a reload or a stop, the master already knows and ignores this.)
+    Nothing is sent without a master, or once the master is gone (this process was
+    re-parented)."""
+    if _master_pid and os.getppid() == _master_pid:
+        with contextlib.suppress(OSError):
+            os.kill(_master_pid, WORKER_RETIRING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +92,15 @@ class SignalWaiter:
     def __init__(self, signals: Iterable[signal.Signals] = MASTER_SIGNALS) -> None:
         self._signals = frozenset(signals)
         self._previous_mask: set[int | signal.Signals] | None = None
+        self._previous_retiring: Any = None
 
     def __enter__(self) -> SignalWaiter:
+        if WORKER_RETIRING in self._signals:
+            # A worker's notice may still be pending when the master stops waiting (its
+            # workers QUIT, say so, and exit before the master takes it): ignored, it is
+            # discarded when the mask is restored instead of killing the master (a real-time
+            # signal's default action). Blocked, it still queues for sigtimedwait (Linux).
+            self._previous_retiring = signal.signal(WORKER_RETIRING, signal.SIG_IGN)
         self._previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._signals)
         return self
 
@@ -72,6 +108,9 @@ class SignalWaiter:
         if self._previous_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._previous_mask)
             self._previous_mask = None
+        if self._previous_retiring is not None:
+            signal.signal(WORKER_RETIRING, self._previous_retiring)
+            self._previous_retiring = None
 
     def wait(self, timeout: float | None) -> Received | None:
         """The next pending signal, waiting at most ``timeout`` seconds (None: forever)."""
@@ -106,7 +145,7 @@ def prepare_worker_signals() -> None:
     """
     for signo in (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT):
         signal.signal(signo, _early_stop)
-    for signo in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH):
+    for signo in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, WORKER_RETIRING):
         signal.signal(signo, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())

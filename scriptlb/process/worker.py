@@ -39,12 +39,15 @@ from scriptlb.http.downstream import (
 from scriptlb.logs import errorlog
 from scriptlb.ops import cluster
 from scriptlb.ops.status import StatusFull, WorkerStatus, rows_for
+from scriptlb.process.signals import tell_master_retiring
 from scriptlb.request.exchange import Exchange, log_client_error
 from scriptlb.request.runtime import Runtime
 from scriptlb.sandbox.limits import install_worker_fuse
 from scriptlb.state.peer_lists import PeerListStore, PeerListWatcher, effective_conf
 from scriptlb.state.shared_dict import SharedDict, SyncedSharedDict, map_size, zone_directory
 from scriptlb.state.stats import PeerStats, Recorder, StatsFull, layout_of, shards_for, stream_layout_of
+
+PASSIVE_SYNC = 0.1  # seconds between two readings of the shared passive health (zone upstreams)
 
 # A graceful stop waits for in-flight requests, checking this often.
 _DRAIN_POLL = 0.05
@@ -68,12 +71,16 @@ class Worker:
         self.stream: Any = None  # scriptlb.stream.runtime.StreamRuntime with a stream block
         self._servers: list[asyncio.AbstractServer] = []
         self._stop: asyncio.Future[bool] | None = None  # result: graceful?
+        self._unblock_signals: set[int | signal.Signals] | None = None  # the mask serve() restores
         self.ready = threading.Event()
         self.freeze_gc = False  # True in a worker process (run), not in a test's thread
         self.cluster: cluster.ClusterNode | None = None  # master_process off: the sync tasks
 
     async def serve(self) -> None:
         self._stop = self.loop.create_future()
+        if self._unblock_signals is not None:  # (install_signals: now the loop hears them)
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._unblock_signals)
+            self._unblock_signals = None
         if self.loop.get_exception_handler() is None:
             # a bug escaping a callback: an [alert] line in the error log, not a traceback on
             # stderr (a test's WorkerThread installs its own, which records them)
@@ -90,7 +97,8 @@ class Worker:
             from scriptlb.stream.runtime import StreamRuntime
 
             self.stream = StreamRuntime(self.conf, self.loop, self.recorder)
-        self.status = open_status(self.conf)
+            self.runtime.stream = self.stream  # the API's /stream/upstreams
+        self.status = open_status(self.conf, self.worker_id)
         self.runtime.status = self.status
         if store is not None and loaded_http is not None:
             self.runtime.peer_lists = PeerListWatcher(store, loaded_http, self.runtime.replace_servers)
@@ -98,6 +106,7 @@ class Worker:
             if _has_handler(loaded_http, "api", write=True) or cluster.feeds_peer_lists(loaded_http):
                 self.runtime.peer_lists.start(self.loop)
         self._start_health_checks(self.runtime)
+        self._start_passive_sync(self.runtime)
         self._start_hook_figures(self.runtime)
         await self._start_servers(self.runtime)
         if self.status is not None:
@@ -130,6 +139,22 @@ class Worker:
 
         self.hook_figures = HookFiguresPublisher(runtime, zone_directory(self.conf.prefix))
         self.hook_figures.start(self.loop)
+
+    def _start_passive_sync(self, runtime: Runtime) -> None:
+        """``zone`` upstreams share their peers' passive health (max_fails) between workers, as
+        nginx's zone does: each worker takes the shared state every ``PASSIVE_SYNC`` seconds
+        (its own failures count at once; another worker's within that time)."""
+        if runtime.recorder is None or not any(u.conf.zone for u in runtime.upstreams.values()):
+            return
+        loop = self.loop
+
+        def tick() -> None:
+            try:
+                runtime.sync_passive()
+            finally:
+                loop.call_later(PASSIVE_SYNC, tick)
+
+        loop.call_later(PASSIVE_SYNC, tick)
 
     def _start_health_checks(self, runtime: Runtime) -> None:
         """health_check: every worker applies the shared state; each checks its share."""
@@ -288,11 +313,17 @@ class Worker:
             await asyncio.sleep(_DRAIN_POLL)  # polled: a drain is rare
 
     def install_signals(self) -> None:
+        """The loop's handlers replace the early ones (``prepare_worker_signals``). The signals
+        stay blocked until ``serve`` runs in the loop: uvloop hears of a signal through its
+        wakeup descriptor, which exists only while the loop runs; one that came before (a QUIT
+        sent right after a reload's fork) was noted by its handler and never acted on, and
+        that worker, and so the master, ran on. Unblocked in the running loop, a pending one
+        takes the wakeup path to ``_on_signal``."""
         loop = self.loop
-        loop.add_signal_handler(signal.SIGQUIT, self._on_signal, signal.SIGQUIT)
-        loop.add_signal_handler(signal.SIGTERM, self._on_signal, signal.SIGTERM)
-        loop.add_signal_handler(signal.SIGINT, self._on_signal, signal.SIGINT)
-        loop.add_signal_handler(signal.SIGUSR1, self._on_signal, signal.SIGUSR1)
+        signals = (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+        self._unblock_signals = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        for signo in signals:
+            loop.add_signal_handler(signo, self._on_signal, signo)
 
     def _on_signal(self, signo: signal.Signals) -> None:
         if signo == signal.SIGUSR1:
@@ -304,6 +335,7 @@ class Worker:
             return
         if signo == signal.SIGQUIT:
             errorlog.log_error("notice", "gracefully shutting down")
+            tell_master_retiring()
         else:
             errorlog.log_error("notice", "exiting")
         self.stop(graceful=signo == signal.SIGQUIT)
@@ -410,13 +442,13 @@ def _reads_status(conf: MainConf) -> bool:
     return False
 
 
-def open_status(conf: MainConf) -> WorkerStatus | None:
+def open_status(conf: MainConf, worker_id: int = -1) -> WorkerStatus | None:
     """This worker's row of the instance's connection and request counters, or None (after
     an alert) when they cannot be had: a worker serves without them rather than not at all."""
     if conf.http is None:
         return None
     try:
-        return WorkerStatus(zone_directory(conf.prefix), rows_for(conf.worker_processes))
+        return WorkerStatus(zone_directory(conf.prefix), rows_for(conf.worker_processes), worker_id)
     except (OSError, StatusFull, ValueError) as err:
         errorlog.log_error("alert", f"connection counters unavailable, serving without them: {err}")
         return None

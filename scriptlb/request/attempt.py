@@ -84,6 +84,27 @@ class TryRecord:
         return f"<TryRecord {self.addr} {self.status}>"
 
 
+# "balancer_by_python chose unhealthy peer ...": at most 10 lines a second per peer
+_CHOSEN_ANYWAY = errorlog.RateLimiter()
+
+
+def chosen_anyway(upstream: UpstreamRuntime, peer: Peer, outcome: Any, exchange: Any, now: float,
+                  action: str) -> None:
+    """A hook named a peer the upstream's own methods avoid now (health checks, drain, down,
+    max_fails; ``Peer.avoided``): the try goes ahead, as the hook asked, and the trail says so:
+    ``outcome.avoided`` for ``$balancer_trace`` (``hook(unhealthy)``) and a warn line,
+    rate-limited per peer (a hook may send every request there on purpose, e.g. when every
+    peer failed its checks). Warn, as nginx's "upstream server temporarily disabled": what the
+    operator's checks decided was overruled, which is worth seeing, but maybe deliberately."""
+    reason = peer.avoided(now)
+    if reason is None:
+        return
+    outcome.avoided = reason
+    key = f'balancer_by_python chose {reason} peer {peer.name} in upstream "{upstream.name}"'
+    _CHOSEN_ANYWAY.log("warn", key, f"balancer_by_python chose {reason} peer {peer.name} while {action}",
+                       exchange.conn_id, exchange.log_context(peer.name))
+
+
 class Attempt(TryRecord):
     """One try: its peer, connection, pool, statistics index and ``$upstream_*`` record."""
 
@@ -197,7 +218,14 @@ class Attempt(TryRecord):
             else:
                 stats.finish(index, status, sample, stats_failed)
         if peer is not None:
-            if upstream.balancer.free(self.state, peer, counted, upstream.loop.time()):
+            now = upstream.loop.time()
+            fails_before = peer.fails
+            disabled = upstream.balancer.free(self.state, peer, counted, now)
+            if stats is not None and (counted or fails_before) and upstream.conf.zone \
+                    and not upstream.peers.single and upstream.peers.holds(peer):
+                # a zone: one passive state for every worker, which alone says "disabled"
+                disabled = stats.passive_free(peer, counted, fails_before, now)
+            if disabled:
                 if index >= 0 and stats is not None:
                     stats.recorder.became_unavailable(index)
                 # this failure reached max_fails: nginx says so

@@ -396,6 +396,29 @@ class Exchange:
     def client_lost(self) -> None:
         self.abort(499)
 
+    def client_eof(self) -> bool:
+        """The client shut its sending side (a half-close) after its whole request. nginx
+        (1.22, epoll; compared in the tests) takes that as the client going away while it
+        proxies: 499 and both connections closed, logged at info, unless the response is
+        already streaming through its buffers (``proxy_buffering on``: it goes on to the end).
+        Any other handler answers as usual. True when the request was ended."""
+        upstream_request = self.upstream_request
+        if upstream_request is None or self._finished:
+            return False
+        try:
+            action = upstream_request.hangup_action()
+            if action is None:
+                return False
+            attempt = upstream_request.attempt
+            errorlog.log_error("info", "epoll_wait() reported that client prematurely closed connection, "
+                               f"so upstream connection is closed too while {action}", self.conn_id,
+                               self.log_context(attempt.addr if attempt is not None else None))
+            self.abort(499)
+            self.conn.abort()
+        except Exception as exc:
+            self.crashed(exc, "finalizing request")
+        return True
+
     def abort(self, status: int) -> None:
         """The client side ends the request: gone (499), or 413/408 while reading the body."""
         if self._finished:
@@ -752,6 +775,10 @@ class Waiting:
 
     def body_received(self) -> None:
         """(the body waits in the request until the content phase starts)"""
+
+    def hangup_action(self) -> str | None:
+        """(no upstream yet: a half-close while waiting lets the wait run its course)"""
+        return None
 
     def client_paused(self) -> None:
         """(nothing is being sent yet)"""

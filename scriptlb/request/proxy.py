@@ -55,6 +55,7 @@ from scriptlb.request.attempt import (
     UPGRADED,
     Attempt,
     TryRecord,
+    chosen_anyway,
     clock,
 )
 from scriptlb.request.headers_filter import with_kept
@@ -192,6 +193,22 @@ class UpstreamRequest:
         if conn is not None:
             conn.resume_reading()
 
+    def hangup_action(self) -> str | None:
+        """What this request was doing when the client half-closed, in nginx's words for the
+        log line; None when nginx carries on regardless: a response streaming buffered
+        (``proxy_buffering on``), a tunnel (after a 101, the half-close is passed on)."""
+        if self._tunnel is not None:
+            return None
+        if self.exchange.conn.response_started:
+            return None if self.conf.buffering else "sending to client"
+        if self._connecting is not None:
+            return _CONNECTING
+        attempt = self.attempt
+        conn = attempt.conn if attempt is not None else None
+        if conn is not None and conn.received:
+            return _READING_HEADER
+        return "sending request to upstream"
+
     def abandon(self) -> None:
         """The client side ended the request (or a bug did): stop everything, free the peer."""
         self._waiting_body = False
@@ -285,6 +302,9 @@ class UpstreamRequest:
             addr = outcome.addr
             if addr is not None:
                 state.tries += outcome.more_tries
+                chosen = upstream.peers.by_name.get(addr.name)
+                if chosen is not None and (chosen.down or chosen.fails):  # (one test when usable)
+                    chosen_anyway(upstream, chosen, outcome, ex, self.loop.time(), _CONNECTING)
                 # A hook-set peer's pool: the hook pool when enable_keepalive asked for it (this
                 # try's override), else the upstream's keepalive N pool as for its own peers (as
                 # OpenResty's keepalive module pools whatever peer the balancer hook set). Either

@@ -528,6 +528,7 @@ class Runtime:
         self.peer_lists: Any = None  # scriptlb.state.peer_lists.PeerListWatcher, set by the worker
         self.health: Any = None  # scriptlb.ops.health.HealthView (health_check), set by the worker
         self.health_checker: Any = None  # scriptlb.ops.health.HealthChecker: this worker's checks
+        self.stream: Any = None  # scriptlb.stream.runtime.StreamRuntime, set by the worker
         self.metrics: Any = None  # the prometheus location's registry, built on first scrape
         # status_zone name -> responses by status // 100 in this worker (published by status)
         self.zone_counts: dict[str, list[int]] = {}
@@ -677,6 +678,13 @@ class Runtime:
                 open_access_log(c, self.loop, self._log_files, clock) for c in conf.access_log
             )
         return logs
+
+    def sync_passive(self) -> None:
+        """``zone`` upstreams: take the passive health (``max_fails``) every worker shares
+        (``UpstreamStats.sync_passive``); the worker calls it every ``PASSIVE_SYNC`` seconds."""
+        for upstream in self.upstreams.values():
+            if upstream.conf.zone and upstream.stats is not None and not upstream.peers.single:
+                upstream.stats.sync_passive((*upstream.peers.primary, *upstream.peers.backup))
 
     def replace_servers(self, changed: dict[str, UpstreamConf]) -> None:
         """New server lists for some upstreams (``scriptlb.state.peer_lists``), applied between two

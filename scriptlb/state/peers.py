@@ -26,6 +26,7 @@ class Peer:
         "conns",
         "current_weight",
         "down",
+        "draining",
         "effective_weight",
         "fail_timeout",
         "fails",
@@ -47,6 +48,7 @@ class Peer:
         self.server = server.name  # the server line as written, for ngx.upstream.get_servers
         self.backup = server.backup
         self.down = server.down or server.drain  # draining: chosen by no new request
+        self.draining = server.drain
         # active health checks (scriptlb.ops.health) set down while unhealthy, then back to this
         self.config_down = self.down
         self.unhealthy = False
@@ -74,6 +76,21 @@ class Peer:
             self.max_fails and self.fails >= self.max_fails and now - self.checked <= self.fail_timeout
         )
 
+    def avoided(self, now: float) -> str | None:
+        """Why the upstream's own methods would not choose this peer now: ``draining``,
+        ``down``, ``unhealthy`` (active health checks, first pass of a ``mandatory`` check
+        included) or ``unavail`` (``max_fails`` reached in ``fail_timeout``); None when they
+        might. (The API's ``state`` words.)"""
+        if self.draining:
+            return "draining"
+        if self.unhealthy:
+            return "unhealthy"
+        if self.down:
+            return "down"
+        if self.max_fails and self.fails >= self.max_fails and now - self.checked <= self.fail_timeout:
+            return "unavail"
+        return None
+
     def is_full(self) -> bool:
         return bool(self.max_conns) and self.conns >= self.max_conns
 
@@ -92,7 +109,7 @@ class PeerSet:
     never subject to ``max_fails`` and a failure on it is never retried.
     """
 
-    __slots__ = ("backup", "name", "primary", "single", "tries")
+    __slots__ = ("backup", "by_name", "name", "primary", "single", "tries")
 
     def __init__(self, name: str, primary: list[Peer], backup: list[Peer]) -> None:
         self.name = name  # $upstream_addr shows the upstream name when no peer is live
@@ -101,6 +118,10 @@ class PeerSet:
         self.single = len(primary) == 1 and not backup
         # nginx >= 1.19.6: the initial tries budget counts the addresses that are not down
         self.tries = sum(1 for p in primary if not p.down) + sum(1 for p in backup if not p.down)
+        # address -> its first peer (primary list first): what a hook's set_current_peer names
+        self.by_name: dict[str, Peer] = {}
+        for peer in (*primary, *backup):
+            self.by_name.setdefault(peer.name, peer)
 
     @classmethod
     def from_conf(cls, conf: UpstreamConf) -> PeerSet:
@@ -111,6 +132,11 @@ class PeerSet:
             for addr in server.addrs:
                 target.append(Peer(len(target), addr, server))
         return cls(conf.name, primary, backup)
+
+    def holds(self, peer: Peer) -> bool:
+        """Is ``peer`` one of this set's (not of a list replaced since its request began)?"""
+        peers = self.backup if peer.backup else self.primary
+        return peer.id < len(peers) and peers[peer.id] is peer
 
     def __repr__(self) -> str:
         return f"<PeerSet {self.name} primary={len(self.primary)} backup={len(self.backup)}>"

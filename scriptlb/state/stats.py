@@ -26,6 +26,9 @@ store and a concurrent reader never sees half a value)::
              last selected (a batch's publish time), downtime (seconds unhealthy, ended
              spells), health (state, checks, fails, unhealthy, last passed, run, since: when it
              last became healthy, or unhealthy while it is), header-time ewma and its stamp,
+             passive health of a ``zone`` upstream's peer (failures, the last one's time,
+             unavailable until: written under the file lock by the worker that saw the try, read
+             by every worker),
              then per shard: requests, failures, finished, responses 1xx..5xx, samples
              per response-time bucket (TIME_BUCKETS, +Inf), the samples' sum, bytes sent,
              bytes received, times unavailable, header-time samples and their sum,
@@ -113,8 +116,9 @@ DEFAULT_SHARDS = 32
 FILE_NAME = "peer_stats"
 
 MAGIC = int.from_bytes(b"SLBSTAT1", "little")
-VERSION = 5  # 2: the third counter is "finished" (was "active"); 3: response classes 1xx-5xx;
-# 4: bytes, unavail, header time, status codes; 5: the header-time average
+VERSION = 6  # 2: the third counter is "finished" (was "active"); 3: response classes 1xx-5xx;
+# 4: bytes, unavail, header time, status codes; 5: the header-time average;
+# 6: shared passive health (zone upstreams)
 
 # header words
 _MAGIC, _VERSION, _SHARDS, _RECORD_WORDS, _RECORDS, _WEIGHT_GENERATION, _SHARDS_USED = range(7)
@@ -137,7 +141,11 @@ _DOWNTIME = 10  # seconds spent unhealthy (the health checker's, ended spells on
 _HEALTH = 11  # seven words, HEALTH_FIELDS
 _HEADER_EWMA = 18  # the time-to-header average (least_time header) and its stamp
 _HEADER_STAMP = 19
-_FIXED_WORDS = 20
+# passive health of a ``zone`` upstream's peer, one state for every worker (nginx's zone keeps
+# the peers' fails/checked in shared memory): failures in the window, the last failure's time
+# (a float word), and until when the peer is unavailable (a float word). Under the file lock.
+_PASSIVE_FAILS, _PASSIVE_FAILED_AT, _PASSIVE_UNTIL = 20, 21, 22
+_FIXED_WORDS = 23
 HEALTH_FIELDS = ("state", "checks", "fails", "unhealthy", "last_passed", "run", "since")
 UP, UNHEALTHY, CHECKING = 0, 1, 2  # the "state" word
 # per-shard words (offsets from a slot's shard column)
@@ -451,6 +459,35 @@ class PeerStats:
     def add_downtime(self, slot: int, seconds: float) -> None:
         """The peer's checker, when an unhealthy spell ends (its only writer)."""
         self._d[slot + _DOWNTIME] += seconds
+
+    def passive_failure(self, slot: int, max_fails: int, fail_timeout: float, now: float) -> tuple[bool, int]:
+        """A counted failure of a ``zone`` upstream's peer, whichever worker saw it: nginx's
+        ``fails++`` on the shared peer. Returns whether it made the peer unavailable
+        (``max_fails`` reached while it was not already: the one time the instance counts
+        ``unavail`` and logs "upstream server temporarily disabled"), and the failures now.
+        ``now``: the workers' common monotonic clock (the event loops')."""
+        q, d = self._q, self._d
+        with _locked(self.path):
+            fails = q[slot + _PASSIVE_FAILS] + 1
+            q[slot + _PASSIVE_FAILS] = fails
+            d[slot + _PASSIVE_FAILED_AT] = now
+            if fails >= max_fails and d[slot + _PASSIVE_UNTIL] <= now:
+                d[slot + _PASSIVE_UNTIL] = now + fail_timeout
+                return True, fails
+        return False, fails
+
+    def passive_success(self, slot: int, fail_timeout: float, now: float) -> None:
+        """A try of the peer went well: its failures are forgiven once ``fail_timeout`` has
+        passed since the last one (nginx: a success after the window reopened resets fails)."""
+        q, d = self._q, self._d
+        if q[slot + _PASSIVE_FAILS] and now - d[slot + _PASSIVE_FAILED_AT] > fail_timeout:
+            with _locked(self.path):
+                if now - d[slot + _PASSIVE_FAILED_AT] > fail_timeout:
+                    q[slot + _PASSIVE_FAILS] = 0
+
+    def passive(self, slot: int) -> tuple[int, float]:
+        """(failures in the window, the last failure's time) of a ``zone`` upstream's peer."""
+        return self._q[slot + _PASSIVE_FAILS], self._d[slot + _PASSIVE_FAILED_AT]
 
     def health(self, slot: int) -> list[float]:
         """The peer's health-check words (``HEALTH_FIELDS``; ``since`` is a time)."""
@@ -810,6 +847,34 @@ class UpstreamStats:
         self.start = recorder.start
         self.finish = recorder.finish
         self.words = stats._q  # for weights_stale's one load
+
+    def passive_free(self, peer: Any, failed: bool, fails_before: int, now: float) -> bool:
+        """A try of a ``zone`` upstream's peer ended (after the worker's balancer freed it):
+        the failure goes into the peer's shared passive state; a success forgives earlier
+        failures as nginx does. True when this failure disabled the peer for every worker."""
+        if not peer.max_fails:
+            return False
+        slot = self.slot_of(peer)
+        if failed:
+            disabled, fails = self.stats.passive_failure(slot, peer.max_fails, peer.fail_timeout, now)
+            if fails > peer.fails:  # other workers' failures count here at once, not at the next sync
+                peer.fails = fails
+            return disabled
+        if fails_before:
+            self.stats.passive_success(slot, peer.fail_timeout, now)
+        return False
+
+    def sync_passive(self, peers: Iterable[Any]) -> None:
+        """Give this worker's peers the shared passive state (every worker, periodically):
+        failures any worker counted, the last one's time as their window's start."""
+        passive = self.stats.passive
+        for peer in peers:
+            fails, failed_at = passive(self.slot_of(peer))
+            peer.fails = fails
+            if fails:
+                peer.accessed = failed_at
+                if failed_at > peer.checked:
+                    peer.checked = failed_at
 
     def rebind(self) -> None:
         """Follow the recorder to its new ``PeerStats`` (reopened with records for run-time

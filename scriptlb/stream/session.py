@@ -30,7 +30,7 @@ from scriptlb.http import safety
 from scriptlb.http.proxy_protocol import NEED_MORE as PP_NEED_MORE
 from scriptlb.http.proxy_protocol import V1_MAX, Header, read_header, v1_header
 from scriptlb.logs import errorlog
-from scriptlb.request.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord, clock
+from scriptlb.request.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord, chosen_anyway, clock
 from scriptlb.request.retry import Failure
 from scriptlb.stream.preread import DONE as HELLO_DONE
 from scriptlb.stream.preread import NEED_MORE, parse_client_hello
@@ -60,6 +60,16 @@ class StreamAttempt(Attempt):
         super().__init__(*args)
         self.bytes_sent = 0
         self.bytes_received = 0
+
+    def end(self, outcome: int, exchange: Any, failure: Failure | None = None,
+            phase: str = "") -> Failure | None:
+        """``Attempt.end``, with this connection's bytes for the peer statistics (the API's
+        ``sent``/``received``): ``Attempt.end`` reads them off the connection, and a session
+        counts them here."""
+        conn: Any = self.conn
+        if conn is not None:
+            conn.sent, conn.received = self.bytes_sent, self.bytes_received
+        return super().end(outcome, exchange, failure, phase)
 
 
 class Session(asyncio.Protocol):
@@ -275,6 +285,9 @@ class Session(asyncio.Protocol):
                 return
             if outcome.addr is not None:
                 state.tries += outcome.more_tries
+                chosen = upstream.peers.by_name.get(outcome.addr.name)
+                if chosen is not None and (chosen.down or chosen.fails):
+                    chosen_anyway(upstream, chosen, outcome, self, self.loop.time(), _CONNECTING)
                 self._connect(outcome.addr.name, outcome.addr, None)
                 return
         peer = upstream.balancer.get(state, self.loop.time())
@@ -533,14 +546,14 @@ class Session(asyncio.Protocol):
 class PeerSide(asyncio.Protocol):
     """The upstream connection of a session: hands its bytes and events to the session."""
 
-    __slots__ = ("gate", "session", "transport")
-    # what ``Attempt.end`` reads off an http connection for the peer statistics' bytes: a
-    # session's bytes are counted on its ``StreamAttempt`` ($upstream_bytes_*) instead
-    sent = 0
-    received = 0
+    __slots__ = ("gate", "received", "sent", "session", "transport")
 
     def __init__(self, session: Session) -> None:
         self.session: Session | None = session
+        # what ``Attempt.end`` reads off an http connection for the peer statistics' bytes,
+        # copied from the session's ``StreamAttempt`` ($upstream_bytes_*) when the try ends
+        self.sent = 0
+        self.received = 0
         self.transport: Any = None
         self.gate: Any = None
 

@@ -19,6 +19,10 @@ The format, one entry per try joined with ", " like ``$upstream_addr``, four fie
     round_robin 127.0.0.1:8081 - -
 
 WHO: ``hook`` (the hook set the peer of the first try), ``hook(retry)`` (of a later try),
+with the state of a peer the upstream's own methods would have avoided after a comma or alone
+(``hook(unhealthy)``, ``hook(retry,draining)``: ``unhealthy`` (active health checks, a
+``mandatory`` check not passed yet included), ``draining``, ``down`` or ``unavail``
+(``max_fails``); the try went ahead to it, and a warn line says so),
 ``fallback(REASON)`` (the hook ran but the upstream's method chose: REASON is
 ``runtime_error``, ``timeout``, ``no_peer``, ``exit`` (``ngx.exit`` below 300) or
 ``compile_error``), or the method's name when no hook ran (``round_robin``, ``hash``,
@@ -57,7 +61,11 @@ def _entry(record: Any, retry: bool, method: str) -> str:
     if outcome is None:
         return f"{method} {record.addr} - -"
     error = outcome.error
-    who = ("hook(retry)" if retry else "hook") if error is None else f"fallback({_REASONS.get(error, error)})"
+    if error is not None:
+        who = f"fallback({_REASONS.get(error, error)})"
+    else:
+        notes = [note for note in ("retry" if retry else None, outcome.avoided) if note]
+        who = f"hook({','.join(notes)})" if notes else "hook"
     return f"{who} {record.addr} {int(outcome.spent * 1e6)}us {_last(outcome)}"
 
 
