@@ -34,8 +34,10 @@ from stream_helpers import (
 )
 
 from scriptlb.config import ConfigError, load
+from scriptlb.request import attempt
 from scriptlb.stream.preread import DONE, NEED_MORE, NOT_TLS, parse_client_hello
 from scriptlb.stream.variables import missing_names
+from scriptlb.variables import evaluate
 
 LOG = ('log_format s \'$status $bytes_sent $bytes_received "$upstream_addr" '
        '"$upstream_bytes_sent" "$upstream_bytes_received" "$upstream_connect_time"\';')
@@ -121,6 +123,25 @@ def test_five_megabytes_round_trip_byte_exact_and_logged(tmp_path: Path) -> None
         (line,) = session_log(tmp_path, 1)
     size = len(data)
     assert line.startswith(f'200 {size} {size} "{peer.addr}" "{size}" "{size}" "0.0')
+
+
+def test_a_session_ends_cleanly_once_http_byte_variables_are_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once any http template in the worker reads $upstream_bytes_* (a process-wide switch),
+    every try's end copies byte counts off its connection: a stream peer's too."""
+    monkeypatch.setattr(evaluate, "BYTE_COUNTS_READ", [True])
+    monkeypatch.setattr(attempt, "BYTE_COUNTS_READ", evaluate.BYTE_COUNTS_READ)
+    with TcpPeer(echo) as peer, Scriptlb(f"""
+            error_log {tmp_path}/error.log info;
+            stream {{
+                {LOG}
+                access_log {tmp_path}/s.log s;
+                server {{ listen 127.0.0.1:{{port0}}; proxy_pass {peer.addr}; }}
+            }}""", tmp_path) as lb:
+        assert round_trip(lb.port, b"ping" * 100) == b"ping" * 100
+        (line,) = session_log(tmp_path, 1)
+    assert line.startswith(f'200 400 400 "{peer.addr}" "400" "400"')
+    assert "unexpected" not in (tmp_path / "error.log").read_text()
 
 
 def test_refused_peer_fails_over_and_counts_one_try_each(tmp_path: Path) -> None:

@@ -173,7 +173,7 @@ class Attempt(TryRecord):
         peer = self.peer
         self.peer = None
         status = self.status or 0
-        # (a stream session's PeerSide counts nothing: its StreamAttempt keeps its own counts)
+        # (a stream session's PeerSide offers the same counts, copied from its StreamAttempt)
         if conn is not None and BYTE_COUNTS_READ[0] and conn.sent:
             self.bytes_sent = conn.sent
             self.bytes_received = conn.received

@@ -557,6 +557,13 @@ class PeerSide(asyncio.Protocol):
         self.transport: Any = None
         self.gate: Any = None
 
+    @property
+    def body_received(self) -> int:
+        """What ``Attempt.end`` takes for ``$upstream_response_length`` once a template reads
+        byte counts (an http variable read anywhere in the worker): a stream peer's bytes are
+        all payload."""
+        return self.received
+
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         # a connection's transport: asyncio's, or uvloop's (which does not subclass Transport)
         self.transport = transport = cast(asyncio.Transport, base)
