@@ -788,6 +788,17 @@ class StreamServerConf:
     proxy_protocol_listens: tuple[ListenKey, ...] = ()  # keys of `listen ... proxy_protocol`
     ssl: SslConf | None = None  # TLS termination on its `listen ... ssl` sockets (http's settings)
     return_text: Template | None = None  # `return`: the session's content instead of proxying
+    sets: tuple[tuple[str, Template], ...] = ()  # `set $name value` (preaccess phase), in order
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSplitConf:
+    """``split_clients SOURCE $variable { PERCENT% value; ... * value; }``: MurmurHash2 of the
+    source picks a part; ``bounds`` are nginx's cumulative 32-bit limits (0: the rest)."""
+
+    variable: str
+    source: Template
+    parts: tuple[tuple[int, str], ...]  # (upper bound, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -810,6 +821,8 @@ class StreamConf:
     servers: tuple[StreamServerConf, ...]
     log_formats: dict[str, LogFormat]
     maps: dict[str, StreamMapConf] = field(default_factory=dict)  # by variable name
+    split_clients: dict[str, StreamSplitConf] = field(default_factory=dict)  # by variable name
+    stored: frozenset[str] = frozenset()  # `set` targets and named captures: a session's own
 
     def hooks(self) -> tuple[HookConf, ...]:
         return tuple(u.hook for u in self.upstreams.values() if u.hook is not None)

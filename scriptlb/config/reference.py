@@ -186,7 +186,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "map": ("string $variable { ... }", "-", "ngx_http_map_module / ngx_stream_map_module",
             "strings (case-insensitive), default, `~`/`~*` regexes in order, hostnames, volatile, include; "
             "evaluated when read; regex captures ($1) in values are refused; "
-            "stream's own map (docs/stream.md): strings, hostnames, regexes, default"),
+            "stream's own map (docs/stream.md): strings, hostnames, regexes (with $1 and named captures "
+            "in values, and after), default"),
     "status": ("[!] code[-code] ...", "-", "ngx_http_upstream_hc_module (match)", ""),
     "header": ("name [= | != | ~ | !~ value] | ! name", "-", "ngx_http_upstream_hc_module (match)", ""),
     "body": ("~ | !~ regex", "-", "ngx_http_upstream_hc_module (match)", ""),
@@ -216,7 +217,12 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                           "Server, Date and the framing headers stay scriptlb's own"),
     "proxy_ignore_headers": ("field ...", "-", "ngx_http_proxy_module",
                              "accepted: scriptlb neither caches nor follows X-Accel-*"),
-    "set": ("$variable value", "-", "ngx_http_rewrite_module", "compiled at load"),
+    "set": ("$variable value", "-", "ngx_http_rewrite_module / ngx_stream_set_module",
+            "compiled at load; stream: run in order before the content (return, proxy_pass), and may "
+            "overwrite a map's or split_clients' value"),
+    "split_clients": ("string $variable { percent value; ... * value; }", "-",
+                      "ngx_stream_split_clients_module",
+                      "MurmurHash2 of the string, as nginx (the same clients get the same part)"),
     "if": ("(condition) { ... }", "-", "ngx_http_rewrite_module",
            "$var, = / != (a literal), ~ ~* !~ !~* (captures $1..$9); no file tests; only set, rewrite, "
            "break and return inside"),

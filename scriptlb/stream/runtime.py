@@ -30,7 +30,7 @@ from scriptlb.request.accesslog import AccessLog, LogFile, open_access_log
 from scriptlb.request.runtime import UpstreamRuntime
 from scriptlb.state.stats import Recorder, UpstreamStats
 from scriptlb.stream import variables
-from scriptlb.stream.maps import map_getter
+from scriptlb.stream.maps import map_getter, split_getter
 from scriptlb.stream.session import Session
 from scriptlb.variables.evaluate import compile_template, compile_template_bytes
 
@@ -54,7 +54,7 @@ class StreamRuntime:
         self.recorder = recorder
         self.python = conf.http.python if conf.http is not None else PythonConf()
         self._maps: dict[str, Any] = {}
-        for name in self.conf.maps:
+        for name in (*self.conf.maps, *self.conf.split_clients):
             self.lookup(name)
         self.upstreams: dict[str, UpstreamRuntime] = {
             key: self._upstream(u) for key, u in self.conf.upstreams.items()
@@ -92,16 +92,22 @@ class StreamRuntime:
         return compile_template_bytes(template, lookup=self.lookup)
 
     def lookup(self, name: str, clock: Any = time.time) -> Any:
-        """A stream variable's getter: a ``map``'s, else the session's own."""
+        """A stream variable's getter: a ``map``'s or ``split_clients``', else the session's
+        own (built-in, ``set``, a capture)."""
         getter = self._maps.get(name)
         if getter is not None:
             return getter
         map_conf = self.conf.maps.get(name)
-        if map_conf is None:
-            return variables.variable_getter(name, clock)
+        split_conf = self.conf.split_clients.get(name)
+        if map_conf is None and split_conf is None:
+            return variables.variable_getter(name, clock, self.conf.stored)
         # built on first use: a map may name a map defined after it (a cycle reads "")
         self._maps[name] = _empty
-        getter = self._maps[name] = map_getter(map_conf, self._compile)
+        if map_conf is not None:
+            getter = self._maps[name] = map_getter(map_conf, self._compile)
+        else:
+            assert split_conf is not None
+            getter = self._maps[name] = split_getter(split_conf, self._compile)
         return getter
 
     def open_log(self, conf: Any) -> AccessLog:
@@ -195,6 +201,8 @@ class StreamServerRuntime:
         self._route = None
         # `return`: the text a session gets instead of a proxied connection
         self.returns = runtime.template_bytes(conf.return_text) if conf.return_text is not None else None
+        # `set`: (name, value) in order, run before the content phase
+        self.sets = tuple((name, runtime._compile(value)) for name, value in conf.sets)
         if proxy_pass is not None:
             if proxy_pass.template is not None:
                 self._route = runtime.template(proxy_pass.template.raw)

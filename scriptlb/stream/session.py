@@ -97,7 +97,10 @@ class Session(asyncio.Protocol):
         self.bytes_received = 0  # from the client
         self.tries: list[TryRecord] = []
         self.ctx: dict[str, object] = {}
-        self.ctx_cache: dict[str, str | None] = {}  # map values, evaluated once per session
+        # variable values by name, as nginx's s->variables: map / split_clients values (evaluated
+        # once), `set` values, named captures, the byte counters once read
+        self.ctx_cache: dict[str, str | None] = {}
+        self.captures: tuple[str, ...] = ()  # the last regex match's ($1...)
         self.last_failure: tuple[str, int] | None = None
         self.tries_left = 0
         self.tries_cap = proxy.next_upstream_tries
@@ -146,10 +149,10 @@ class Session(asyncio.Protocol):
             errorlog.log_error("info", f"client {_joined(self.remote_addr, self.remote_port)} connected to "
                                f"{self.server_name}", self.conn_id)
         try:
-            if self._prereading or self._proxy_header:
+            if self._proxy_header:
                 self._arm_timer(_PREREAD_TIMEOUT)
             else:
-                self._begin_tries()
+                self._accepted()
         except Exception as exc:
             self._crashed(exc, "starting the session")
 
@@ -226,11 +229,19 @@ class Session(asyncio.Protocol):
         self.bytes_received -= header.length  # $bytes_received counts the payload only, as nginx
         rest = data[header.length:]
         self._pending, self._pending_size = ([rest], len(rest)) if rest else ([], 0)
+        self._cancel_timer()
+        self._accepted()
+
+    def _accepted(self) -> None:
+        """The connection is the session's (a PROXY header read): nginx's phases before
+        content run in order (preaccess: ``set``), then preread or the content."""
+        for name, value in self.server.sets:
+            self.ctx_cache[name] = value(self)
         if self._prereading:
-            if rest:
+            self._arm_timer(_PREREAD_TIMEOUT)
+            if self._pending:
                 self._preread()
             return
-        self._cancel_timer()
         self._begin_tries()
 
     def _preread(self) -> None:

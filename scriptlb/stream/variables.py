@@ -115,13 +115,36 @@ def _clocked(name: str, clock: Clock) -> Getter:
 _CLOCKED = frozenset({"session_time", "msec", "time_local", "time_iso8601"})
 
 
-def variable_getter(name: str, clock: Clock = time.time) -> Getter:
-    """The getter of stream variable ``$name``; KeyError for a name stream does not have."""
+def _capture(number: int) -> Getter:
+    def get(session: Any) -> str | None:
+        captures: tuple[str, ...] = session.captures
+        return captures[number] if number < len(captures) else None
+
+    return get
+
+
+def _stored(name: str) -> Getter:
+    """A variable the session holds itself (``set``, a named capture): "" until given one."""
+
+    def get(session: Any) -> str | None:
+        value: str | None = session.ctx_cache.get(name, "")
+        return value
+
+    return get
+
+
+def variable_getter(name: str, clock: Clock = time.time, stored: frozenset[str] = frozenset()) -> Getter:
+    """The getter of stream variable ``$name`` (``stored``: the names sessions hold, ``set``
+    targets and named captures); KeyError for a name stream does not have."""
     getter = _SIMPLE.get(name)
     if getter is not None:
         return getter
     if name in _CLOCKED:
         return _clocked(name, clock)
+    if name.isdigit():
+        return _capture(int(name))
+    if name in stored:
+        return _stored(name)
     raise KeyError(name)
 
 
