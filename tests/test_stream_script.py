@@ -184,3 +184,95 @@ def test_set_map_captures_and_split_clients_match_nginx(tmp_path: Path) -> None:
 
     results = both(tmp_path, block, 10, probe)
     assert results["scriptlb"] == results["nginx"]
+
+
+# --------------------------------------------------------------------------- realip, PROXY v2 TLVs
+
+
+def pp2(tlvs: bytes = b"") -> bytes:
+    """A PROXY v2 header from 192.0.2.1:123 to 192.0.2.2:5678 with ``tlvs``."""
+    addrs = bytes([192, 0, 2, 1, 192, 0, 2, 2]) + (123).to_bytes(2, "big") + (5678).to_bytes(2, "big")
+    body = addrs + tlvs
+    return b"\r\n\r\n\x00\r\nQUIT\n\x21\x11" + len(body).to_bytes(2, "big") + body
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    return bytes([kind]) + len(value).to_bytes(2, "big") + value
+
+
+def test_tlv_values_are_nginx_s() -> None:
+    from scriptlb.http.proxy_protocol import TlvError, tlv_value
+
+    ssl = tlv(0x20, b"\x01" + (255).to_bytes(4, "big") + tlv(0x21, b"TLSv1.3") + tlv(0x22, b"cn"))
+    tlvs = tlv(0x01, b"h2") + tlv(0xAE, b"x") + ssl
+    assert tlv_value(tlvs, "alpn") == b"h2"
+    assert tlv_value(tlvs, "0x000ae") == b"x"
+    assert tlv_value(tlvs, "0x3") is None
+    assert tlv_value(tlvs, "ssl_verify") == b"255"
+    assert tlv_value(tlvs, "ssl_version") == b"TLSv1.3"
+    assert tlv_value(tlvs, "ssl_cn") == b"cn"
+    assert tlv_value(tlvs, "ssl_cipher") is None
+    assert tlv_value(tlvs, "nosuch") is None
+    with pytest.raises(TlvError):
+        tlv_value(tlvs, "0xzz")
+    with pytest.raises(TlvError):
+        tlv_value(tlvs[:-1], "0x3")  # a length past the end: broken
+
+
+def test_realip_trusts_only_listed_senders_and_tlvs_read_the_v2_header(tmp_path: Path) -> None:
+    with Scriptlb(f"""stream {{
+            log_format s '$remote_addr $realip_remote_addr $proxy_protocol_tlv_alpn';
+            access_log {tmp_path}/s.log s;
+            server {{
+                listen 127.0.0.1:{{port0}} proxy_protocol;
+                set_real_ip_from 127.0.0.0/8;
+                return "$remote_addr:$remote_port|$realip_remote_addr|$proxy_protocol_tlv_alpn|$proxy_protocol_server_port";
+            }}
+            server {{
+                listen 127.0.0.1:{{port1}} proxy_protocol;
+                set_real_ip_from 192.0.2.0/24;
+                return "$remote_addr|$realip_remote_addr";
+            }}
+        }}""", tmp_path, listens=2) as lb:
+        trusted = receive(lb.ports[0], pp2(tlv(0x01, b"h2"))).decode()
+        untrusted = receive(lb.ports[1], pp2()).decode()
+        unknown = receive(lb.ports[0], b"PROXY UNKNOWN\r\n").decode()
+        lines = read_log_lines(tmp_path / "s.log", 3)
+    assert trusted == "192.0.2.1:123|127.0.0.1|h2|5678"
+    assert untrusted == "127.0.0.1|127.0.0.1"
+    assert unknown.startswith("127.0.0.1:") and unknown.endswith("|127.0.0.1||")
+    assert "192.0.2.1 127.0.0.1 h2" in lines
+
+
+def test_set_real_ip_from_errors_are_nginx_s(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_conf("stream { server { listen 1; set_real_ip_from no.such.name.invalid; } }", tmp_path)
+    assert 'host not found in set_real_ip_from "no.such.name.invalid"' in str(err.value)
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(not HAS_NGINX_STREAM, reason="nginx stream module missing")
+def test_realip_matches_nginx(tmp_path: Path) -> None:
+    block = """
+        log_format s '$remote_addr $realip_remote_addr $proxy_protocol_addr $status';
+        access_log {dir}/s.log s;
+        server {
+            listen 127.0.0.1:{port0} proxy_protocol;
+            set_real_ip_from 127.0.0.1;
+            return "$remote_addr:$remote_port $binary_remote_addr";
+        }
+        server {
+            listen 127.0.0.1:{port1} proxy_protocol;
+            set_real_ip_from ::1;
+            return "$proxy_protocol_addr:$proxy_protocol_port";
+        }
+    """
+
+    def probe(ports: list[int], where: Path) -> tuple[object, ...]:
+        header = b"PROXY TCP6 2001:db8::1 2001:db8::2 1234 5678\r\n"
+        got = (receive(ports[0], header), receive(ports[1], header), receive(ports[0], b"PROXY bad\r\n"))
+        lines = read_log_lines(where / "s.log", 3)
+        return got, sorted(line for line in lines if "2001:db8" in line)
+
+    results = both(tmp_path, block, 2, probe)
+    assert results["scriptlb"] == results["nginx"]

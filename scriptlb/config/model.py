@@ -789,6 +789,7 @@ class StreamServerConf:
     ssl: SslConf | None = None  # TLS termination on its `listen ... ssl` sockets (http's settings)
     return_text: Template | None = None  # `return`: the session's content instead of proxying
     sets: tuple[tuple[str, Template], ...] = ()  # `set $name value` (preaccess phase), in order
+    realip: RealIpConf | None = None  # `set_real_ip_from`: trusted senders of PROXY headers
 
 
 @dataclass(frozen=True, slots=True)

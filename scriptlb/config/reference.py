@@ -270,8 +270,11 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "keepalive_disable": ("none | browser ...", "msie6", "ngx_http_core_module",
                           "accepted: no browser is told apart (keep-alive stays on for all)"),
     "keepalive_time": ("time", "1h", "ngx_http_core_module", "accepted, not enforced yet"),
-    "set_real_ip_from": ("address | CIDR | unix: | name", "-", "ngx_http_realip_module",
-                         "a name stands for the addresses it resolves to at load time"),
+    "set_real_ip_from": ("address | CIDR | unix: | name", "-",
+                         "ngx_http_realip_module / ngx_stream_realip_module",
+                         "a name stands for the addresses it resolves to at load time; stream: a trusted "
+                         "sender's PROXY header gives $remote_addr/$remote_port ($realip_remote_addr keeps "
+                         "the connection's)"),
     "real_ip_header": ("field | X-Real-IP | X-Forwarded-For | proxy_protocol", "X-Real-IP",
                        "ngx_http_realip_module", "the server's settings apply before the rewrite phase, "
                        "a location's after it (nginx's post-read and preaccess phases)"),

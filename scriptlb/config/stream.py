@@ -20,6 +20,7 @@ from scriptlb.config.model import (
     ListenConf,
     ListenKey,
     PeerAddr,
+    RealIpConf,
     Source,
     StreamConf,
     StreamMapConf,
@@ -303,6 +304,7 @@ _SPECS = (
     d._spec("access_log", SS, (1, None), _access_log),
     d._spec("return", Ctx.STREAM_SERVER, d.ONE, _return),
     d._spec("set", Ctx.STREAM_SERVER, (2, 2), _set),
+    d._spec("set_real_ip_from", SS, d.ONE, d._set_real_ip_from),
     d._spec("split_clients", Ctx.STREAM, (2, 2), _split_clients, block=True),
 )
 
@@ -351,7 +353,14 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
                             ssl_preread=bool(values.get("ssl_preread", False)),
                             proxy_protocol_listens=tuple(server.proxy_protocol_listens),
                             ssl=ssl_conf(server, (server, stream)), return_text=return_text,
-                            sets=tuple(server.sets))
+                            sets=tuple(server.sets), realip=_realip(values))
+
+
+def _realip(values: dict[str, Any]) -> RealIpConf | None:
+    """ngx_stream_realip_module: a trusted peer's PROXY header gives the client address (the
+    server's own list replaces the block's)."""
+    trusted = values.get("set_real_ip_from")
+    return RealIpConf(tuple(trusted), "proxy_protocol") if trusted else None
 
 
 def _template(text: str, source: Source, stream: StreamDraft) -> Any:

@@ -27,6 +27,7 @@ from scriptlb.config.model import (
 )
 from scriptlb.logs import errorlog
 from scriptlb.request.accesslog import AccessLog, LogFile, open_access_log
+from scriptlb.request.realip import RealIp
 from scriptlb.request.runtime import UpstreamRuntime
 from scriptlb.state.stats import Recorder, UpstreamStats
 from scriptlb.stream import variables
@@ -203,6 +204,7 @@ class StreamServerRuntime:
         self.returns = runtime.template_bytes(conf.return_text) if conf.return_text is not None else None
         # `set`: (name, value) in order, run before the content phase
         self.sets = tuple((name, runtime._compile(value)) for name, value in conf.sets)
+        self.realip = RealIp(conf.realip) if conf.realip is not None else None
         if proxy_pass is not None:
             if proxy_pass.template is not None:
                 self._route = runtime.template(proxy_pass.template.raw)

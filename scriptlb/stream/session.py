@@ -31,6 +31,7 @@ from scriptlb.http.proxy_protocol import NEED_MORE as PP_NEED_MORE
 from scriptlb.http.proxy_protocol import V1_MAX, Header, read_header, v1_header
 from scriptlb.logs import errorlog
 from scriptlb.request.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord, chosen_anyway, clock
+from scriptlb.request.realip import RealIp, parse_addr_port
 from scriptlb.request.retry import Failure
 from scriptlb.stream.preread import DONE as HELLO_DONE
 from scriptlb.stream.preread import NEED_MORE, parse_client_hello
@@ -107,8 +108,11 @@ class Session(asyncio.Protocol):
         self.remote_addr = self.remote_port = self.server_addr = self.server_port = ""
         self.server_name = ""
         self.ssl_server_name = self.ssl_protocol = self.ssl_alpn_protocols = ""
+        self.proxy_protocol: Header | None = None  # the PROXY header read, if any
         self.proxy_protocol_addr: str | None = None
         self.proxy_protocol_port: str | None = None
+        # the connection's own address once realip replaced it ($realip_remote_addr/_port)
+        self.realip_remote_addr = self.realip_remote_port = ""
         self.transport: asyncio.Transport | None = None
         self.gate: ReadGate | None = None
         self.peer: PeerSide | None = None
@@ -224,6 +228,7 @@ class Session(asyncio.Protocol):
             self.bytes_received = 0  # (nginx counts what the proxy reads, not the handshake)
             self._finish(BAD_REQUEST)
             return
+        self.proxy_protocol = header
         self.proxy_protocol_addr, self.proxy_protocol_port = header.addr, header.port
         self._proxy_header = False
         self.bytes_received -= header.length  # $bytes_received counts the payload only, as nginx
@@ -234,7 +239,10 @@ class Session(asyncio.Protocol):
 
     def _accepted(self) -> None:
         """The connection is the session's (a PROXY header read): nginx's phases before
-        content run in order (preaccess: ``set``), then preread or the content."""
+        content run in order (post-accept: realip; preaccess: ``set``), then preread or the
+        content."""
+        if self.server.realip is not None and self.proxy_protocol_addr is not None:
+            self._real_ip(self.server.realip)
         for name, value in self.server.sets:
             self.ctx_cache[name] = value(self)
         if self._prereading:
@@ -243,6 +251,16 @@ class Session(asyncio.Protocol):
                 self._preread()
             return
         self._begin_tries()
+
+    def _real_ip(self, realip: RealIp) -> None:
+        """ngx_stream_realip_module: a trusted sender's PROXY header address is the client's."""
+        if not realip.trusted(self.remote_addr):
+            return
+        found = parse_addr_port(self.proxy_protocol_addr or "")
+        if found is None:
+            return
+        self.realip_remote_addr, self.realip_remote_port = self.remote_addr, self.remote_port
+        self.remote_addr, self.remote_port = found[0], self.proxy_protocol_port or "0"
 
     def _preread(self) -> None:
         data = b"".join(self._pending)
