@@ -37,7 +37,9 @@ def both(tmp_path: Path, block: str, ports: int, probe):  # type: ignore[no-unty
             with nginx_stream(where, text):
                 results[who] = probe(numbers, where)
         else:
-            with Scriptlb(f"stream {{ {text} }}", where, listens=ports) as lb:
+            (where / "logs").mkdir()
+            with Scriptlb(f"error_log {where}/logs/error.log info;\nstream {{ {text} }}", where,
+                          listens=ports) as lb:
                 results[who] = probe(lb.ports, where)
     return results
 
@@ -226,7 +228,8 @@ def test_realip_trusts_only_listed_senders_and_tlvs_read_the_v2_header(tmp_path:
             server {{
                 listen 127.0.0.1:{{port0}} proxy_protocol;
                 set_real_ip_from 127.0.0.0/8;
-                return "$remote_addr:$remote_port|$realip_remote_addr|$proxy_protocol_tlv_alpn|$proxy_protocol_server_port";
+                set $to $proxy_protocol_server_port;
+                return "$remote_addr:$remote_port|$realip_remote_addr|$proxy_protocol_tlv_alpn|$to";
             }}
             server {{
                 listen 127.0.0.1:{{port1}} proxy_protocol;
@@ -276,3 +279,62 @@ def test_realip_matches_nginx(tmp_path: Path) -> None:
 
     results = both(tmp_path, block, 2, probe)
     assert results["scriptlb"] == results["nginx"]
+
+
+# --------------------------------------------------------------------------- proxy_pass $var names
+
+
+@pytest.mark.nginx
+@pytest.mark.skipif(not HAS_NGINX_STREAM, reason="nginx stream module missing")
+def test_proxy_pass_names_resolve_as_nginx(tmp_path: Path) -> None:
+    """Names through ``resolver`` (in the answer's order, one try per address), no port,
+    unknown names, no resolver: nginx's statuses and error lines."""
+    pytest.importorskip("dnslib")
+    from cluster_servers import DnsServer
+
+    with DnsServer() as dns:
+        dns.records[("a.test", "A")] = [("127.0.0.1", 3600)]
+        for name in ("many.test", "more.test"):  # (two names: a cached answer starts anywhere)
+            dns.records[(name, "A")] = [("127.0.0.2", 3600), ("127.0.0.2", 3600), ("127.0.0.1", 3600)]
+        block = f"""
+            log_format s '$server_port $status "$upstream_addr"';
+            access_log {{dir}}/s.log s;
+            map $server_port $target {{
+                {{port0}} a.test:{{port6}};
+                {{port1}} a.test;
+                {{port2}} nx.test:{{port6}};
+                {{port3}} many.test:{{port6}};
+                default more.test:{{port6}};
+            }}
+            proxy_connect_timeout 2s;
+            server {{ listen 127.0.0.1:{{port0}}; listen 127.0.0.1:{{port1}}; listen 127.0.0.1:{{port2}};
+                     proxy_pass $target; resolver 127.0.0.1:{dns.port}; }}
+            server {{ listen 127.0.0.1:{{port3}}; proxy_pass $target; proxy_next_upstream_tries 2;
+                     resolver 127.0.0.1:{dns.port}; }}
+            server {{ listen 127.0.0.1:{{port4}}; proxy_pass $target; resolver 127.0.0.1:{dns.port}; }}
+            server {{ listen 127.0.0.1:{{port5}}; proxy_pass $target; }}
+            server {{ listen 127.0.0.1:{{port6}}; return SEE-THIS; }}
+        """
+
+        def probe(ports: list[int], where: Path) -> tuple[object, ...]:
+            got = [receive(port) for port in ports[:6]]
+            lines = read_log_lines(where / "s.log", 8)
+            names = {str(port): f"P{i}" for i, port in enumerate(ports)}
+            shown = []
+            for line in [*lines, *_error_lines(where / "logs" / "error.log")]:
+                for port, alias in names.items():
+                    line = line.replace(port, alias)
+                shown.append(line)
+            return got, sorted(shown)
+
+        results = both(tmp_path, block, 7, probe)
+    assert results["scriptlb"] == results["nginx"]
+    got, _ = results["scriptlb"]
+    assert got == [b"SEE-THIS", b"", b"", b"", b"SEE-THIS", b""]
+
+
+def _error_lines(path: Path) -> list[str]:
+    """The texts of the [error] lines about names, without time, pid and connection number."""
+    wanted = ("no port", "could not be resolved", "no resolver")
+    return sorted(line.split("] ", 1)[1].split(" ", 2)[2] for line in path.read_text().splitlines()
+                  if any(w in line for w in wanted))

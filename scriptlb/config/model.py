@@ -790,6 +790,7 @@ class StreamServerConf:
     return_text: Template | None = None  # `return`: the session's content instead of proxying
     sets: tuple[tuple[str, Template], ...] = ()  # `set $name value` (preaccess phase), in order
     realip: RealIpConf | None = None  # `set_real_ip_from`: trusted senders of PROXY headers
+    resolver: ResolverConf | None = None  # names in `proxy_pass $var` values
 
 
 @dataclass(frozen=True, slots=True)

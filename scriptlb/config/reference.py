@@ -128,7 +128,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                   "fields), watched in etcd (docs/cluster.md); timeout defaults to 3s"),
     "resolver": ("address[:port] ... [valid=time] [ipv4=on|off] [ipv6=on|off]", "-", "ngx_http_core_module",
                  "used by `server NAME resolve` and by proxy_pass with variables (IP addresses only, "
-                 "no status_zone)"),
+                 "no status_zone); stream: names in `proxy_pass $var` values, a cached answer "
+                 "starting at a random address as nginx's"),
     "resolver_timeout": ("time", "30s", "ngx_http_core_module", ""),
     "state": ("file", "-", "ngx_http_upstream_module (nginx Plus)",
               "the servers the API leaves, read at load time; replaces the block's server lines"),

@@ -8,6 +8,7 @@ proxy settings of ngx_stream_proxy_module (nginx's names, defaults and messages)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from scriptlb.config.model import (
     ListenKey,
     PeerAddr,
     RealIpConf,
+    ResolverConf,
     Source,
     StreamConf,
     StreamMapConf,
@@ -305,6 +307,8 @@ _SPECS = (
     d._spec("return", Ctx.STREAM_SERVER, d.ONE, _return),
     d._spec("set", Ctx.STREAM_SERVER, (2, 2), _set),
     d._spec("set_real_ip_from", SS, d.ONE, d._set_real_ip_from),
+    d._spec("resolver", SS | SU, (1, None), d._resolver),
+    d._spec("resolver_timeout", SS | SU, d.ONE, d._slot(msec)),
     d._spec("split_clients", Ctx.STREAM, (2, 2), _split_clients, block=True),
 )
 
@@ -353,7 +357,17 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
                             ssl_preread=bool(values.get("ssl_preread", False)),
                             proxy_protocol_listens=tuple(server.proxy_protocol_listens),
                             ssl=ssl_conf(server, (server, stream)), return_text=return_text,
-                            sets=tuple(server.sets), realip=_realip(values))
+                            sets=tuple(server.sets), realip=_realip(values),
+                            resolver=_resolver(values))
+
+
+def _resolver(values: dict[str, Any]) -> ResolverConf | None:
+    """The server's ``resolver`` (else the block's), for ``proxy_pass $var`` names."""
+    resolver = values.get("resolver")
+    if resolver is None:
+        return None
+    conf: ResolverConf = dataclasses.replace(resolver, timeout=values.get("resolver_timeout", 30.0))
+    return conf
 
 
 def _realip(values: dict[str, Any]) -> RealIpConf | None:

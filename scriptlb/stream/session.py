@@ -290,6 +290,21 @@ class Session(asyncio.Protocol):
             self._return_text(self.server.returns)
             return
         upstream = self.server.upstream_for(self)
+        if isinstance(upstream, asyncio.Future):
+            upstream.add_done_callback(self._looked_up)
+            return
+        self._start_tries(upstream)
+
+    def _looked_up(self, done: asyncio.Future[Any]) -> None:
+        """``proxy_pass $var`` named a host: its lookup ended (None: failed, logged)."""
+        if self._ended:
+            return
+        try:
+            self._start_tries(done.result())
+        except Exception as exc:
+            self._crashed(exc, "resolving a proxy_pass name")
+
+    def _start_tries(self, upstream: Any) -> None:
         if upstream is None:
             self._finish(BAD_GATEWAY if self.status == OK else self.status)
             return
@@ -566,11 +581,12 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ what logs and hooks read
 
-    def log_context(self, peer_name: str | None) -> str:
-        """nginx's stream suffix: ``, client: ..., server: ...`` and, once proxying,
-        ``, upstream: "...", bytes from/to client:R/S, bytes from/to upstream:R/S``."""
+    def log_context(self, peer_name: str | None, proxying: bool = False) -> str:
+        """nginx's stream suffix: ``, client: ..., server: ...`` and, once proxying (or
+        choosing where to: ``proxying``), ``, upstream: "...", bytes from/to client:R/S,
+        bytes from/to upstream:R/S``."""
         text = f", client: {self.remote_addr}, server: {self.server_name}"
-        if self._upstream is None:
+        if self._upstream is None and not proxying:
             return text
         if peer_name is not None:
             text += f', upstream: "{peer_name}"'
