@@ -105,6 +105,20 @@ class AccessLogConf:
     buffer: int = 0  # access_log ... buffer=SIZE: bytes kept before a write; 0 = write per request
     flush: float = 0.0  # access_log ... flush=TIME: the longest a buffered line may wait
     condition: Template | None = None  # access_log ... if=COND: logged unless "" or "0"
+    gzip: int = 0  # access_log ... gzip[=LEVEL]: each buffer written as one gzip member
+    path_template: Template | None = None  # a path with variables: opened for each line
+    file_cache: LogFileCacheConf | None = None  # open_log_file_cache, for a path_template
+
+
+@dataclass(frozen=True, slots=True)
+class LogFileCacheConf:
+    """``open_log_file_cache max=N [inactive=T] [min_uses=N] [valid=T]``: descriptors of log
+    files whose names have variables, kept open (nginx's defaults)."""
+
+    max: int
+    inactive: float = 10.0  # a file unused this long is closed
+    min_uses: int = 1  # uses within `inactive` before its descriptor is kept
+    valid: float = 60.0  # a kept descriptor is reopened after this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -825,6 +839,8 @@ class StreamConf:
     maps: dict[str, StreamMapConf] = field(default_factory=dict)  # by variable name
     split_clients: dict[str, StreamSplitConf] = field(default_factory=dict)  # by variable name
     stored: frozenset[str] = frozenset()  # `set` targets and named captures: a session's own
+    # the block's own access_log lines: nginx creates their files at start, used or not
+    access_logs: tuple[AccessLogConf, ...] = ()
 
     def hooks(self) -> tuple[HookConf, ...]:
         return tuple(u.hook for u in self.upstreams.values() if u.hook is not None)

@@ -83,8 +83,14 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                "stream: sends the value (with variables) and closes; the last of return and proxy_pass "
                "is the server's handler, as nginx"),
     "log_format": ("name [escape=default|json|none] string ...", "combined", "ngx_http_log_module", ""),
-    "access_log": ("path [format [buffer=size] [flush=time] [if=condition]] | off", "off",
-                   "ngx_http_log_module", "nginx defaults to logs/access.log combined"),
+    "access_log": ("path [format [buffer=size] [gzip[=level]] [flush=time] [if=condition]] | off", "off",
+                   "ngx_http_log_module", "nginx defaults to logs/access.log combined; gzip: each buffer "
+                   "written as one gzip member (level 1, a 64k buffer unless given); a path with variables "
+                   "is opened for each line (not with buffer or gzip)"),
+    "open_log_file_cache": ("max=N [inactive=time] [min_uses=N] [valid=time] | off", "off",
+                            "ngx_http_log_module / ngx_stream_log_module",
+                            "descriptors of logs whose paths have variables (inactive 10s, min_uses 1, "
+                            "valid 60s)"),
     "python_package_path": ("patterns", "-", "scriptlb (lua_package_path)", "$prefix and $hook_dir expand"),
     "python_code_cache": ("on | off", "on", "scriptlb (lua_code_cache)", ""),
     "python_memory_limit": ("size | off", "1g", "scriptlb",

@@ -138,7 +138,7 @@ def _log_format(state: State, node: Node, draft: StreamDraft) -> None:
 
 def _access_log(state: State, node: Node, draft: Any) -> None:
     assert state.stream is not None
-    d.add_access_log(state, node, draft, state.stream.log_formats, None)
+    d.add_access_log(state, node, draft, state.stream.log_formats, None, _known(state, node))
 
 
 def _known(state: State, node: Node) -> Any:
@@ -332,7 +332,7 @@ def stream_conf(draft: StreamDraft, upstream_conf: Any, ssl_conf: Any) -> Stream
     _check_listens(servers)
     return StreamConf(upstreams=upstreams, servers=servers, log_formats=dict(draft.log_formats),
                       maps=dict(draft.maps), split_clients=dict(draft.split_clients),
-                      stored=frozenset(draft.stored))
+                      stored=frozenset(draft.stored), access_logs=tuple(draft.access_logs or ()))
 
 
 def _server_conf(server: StreamServerDraft, stream: StreamDraft,
@@ -353,7 +353,8 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
     if not listens:
         raise ConfigError('no "listen" is defined for server', server.source)
     return StreamServerConf(listens=listens, proxy_pass=proxy_pass, proxy=proxy,
-                            access_logs=tuple(logs or ()), source=server.source,
+                            access_logs=d.with_file_cache(logs or (), values.get("open_log_file_cache")),
+                            source=server.source,
                             ssl_preread=bool(values.get("ssl_preread", False)),
                             proxy_protocol_listens=tuple(server.proxy_protocol_listens),
                             ssl=ssl_conf(server, (server, stream)), return_text=return_text,

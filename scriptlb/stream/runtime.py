@@ -74,6 +74,9 @@ class StreamRuntime:
         self._files: dict[str, LogFile] = {}
         self.conn_ids = itertools.count(1)
         self.servers: dict[ListenKey, StreamServerRuntime] = {}
+        for log in self.conf.access_logs:  # (files nginx creates even when no server writes them)
+            if log.path_template is None:
+                self.open_log(log)
         for server in self.conf.servers:
             runtime = StreamServerRuntime(server, self)
             for listen in server.listens:
