@@ -648,9 +648,10 @@ def _proxy_cookie_path(state: State, node: Node, draft: LevelDraft) -> None:
         rules.append(TextRewrite("prefix", template(node, replacement), pattern=template(node, pattern)))
 
 
-def _proxy_bind(state: State, node: Node, draft: LevelDraft) -> None:
+def _proxy_bind(state: State, node: Node, draft: LevelDraft,
+                known: Callable[[str], bool] | None = None) -> None:
     """``proxy_bind address [transparent] | off``: the address may have variables (an empty
-    value binds nothing, as nginx)."""
+    value binds nothing, as nginx); ``known``: the block's variable names (stream's)."""
     if "proxy_bind" in draft.values:
         raise fail(node, '"proxy_bind" directive is duplicate')
     if len(node.args) == 2:
@@ -661,7 +662,7 @@ def _proxy_bind(state: State, node: Node, draft: LevelDraft) -> None:
     if value == "off":
         draft.values["proxy_bind"] = OFF
         return
-    bind = template(node, value)
+    bind = template(node, value, known)
     if bind.static is not None and _bind_address(bind.static) is None:
         raise fail(node, f'invalid address "{value}"')
     draft.values["proxy_bind"] = bind
@@ -1123,13 +1124,15 @@ _LIMIT_LOG_LEVELS = ("info", "notice", "warn", "error")
 _MIN_LIMIT_ZONE = 8 * 4096  # nginx: 8 pages
 
 
-def _limit_zone(state: State, node: Node, draft: HttpDraft) -> None:
+def _limit_zone(state: State, node: Node, draft: HttpDraft,
+                known: Callable[[str], bool] | None = None) -> None:
     """``limit_req_zone KEY zone=NAME:SIZE rate=N(r/s|r/m)`` / ``limit_conn_zone KEY zone=NAME:SIZE``
-    (ngx_http_limit_req_zone's checks and words)."""
+    (ngx_http_limit_req_zone's checks and words); ``known``: the block's variable names
+    (stream's limit_conn_zone)."""
     from scriptlb.config.model import LimitZoneConf
 
     kind = node.name[: -len("_zone")]
-    key = template(node, node.args[0])
+    key = template(node, node.args[0], known)
     name = ""
     size = rate = 0
     for value in node.args[1:]:

@@ -144,3 +144,4 @@ class StreamDraft:
     maps: dict[str, Any] = field(default_factory=dict)  # variable name -> MapConf
     # variables named before any map defined them, checked at the block's end
     deferred_names: list[tuple[str, Source]] = field(default_factory=list)
+    limit_zones: dict[str, Any] = field(default_factory=dict)  # limit_conn_zone: LimitZoneConf by name

@@ -787,6 +787,10 @@ class StreamServerConf:
     ssl_preread: bool = False  # read the TLS ClientHello for $ssl_preread_* before proxying
     proxy_protocol_listens: tuple[ListenKey, ...] = ()  # keys of `listen ... proxy_protocol`
     ssl: SslConf | None = None  # TLS termination on its `listen ... ssl` sockets (http's settings)
+    access: tuple[AccessRule, ...] = ()  # allow / deny (ngx_stream_access_module)
+    limits: LimitsConf | None = None  # limit_conn (ngx_stream_limit_conn_module); None: no limit
+    tcp_nodelay: bool = True  # TCP_NODELAY on both sides of a session
+    proxy_bind: Template | None = None  # the local address of peer connections (empty: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -809,6 +813,7 @@ class StreamConf:
     servers: tuple[StreamServerConf, ...]
     log_formats: dict[str, LogFormat]
     maps: dict[str, StreamMapConf] = field(default_factory=dict)  # by variable name
+    limit_zones: dict[str, LimitZoneConf] = field(default_factory=dict)  # limit_conn_zone by name
 
     def hooks(self) -> tuple[HookConf, ...]:
         return tuple(u.hook for u in self.upstreams.values() if u.hook is not None)

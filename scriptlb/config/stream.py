@@ -17,6 +17,7 @@ from scriptlb.config.directives import Ctx, State, fail, flag, msec, number
 from scriptlb.config.drafts import MainDraft, StreamDraft, StreamServerDraft, UpstreamDraft
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
+    LimitsConf,
     ListenConf,
     ListenKey,
     PeerAddr,
@@ -243,7 +244,7 @@ def stream_conf(draft: StreamDraft, upstream_conf: Any, ssl_conf: Any) -> Stream
     servers = tuple(_server_conf(s, draft, upstreams, ssl_conf) for s in draft.servers)
     _check_listens(servers)
     return StreamConf(upstreams=upstreams, servers=servers, log_formats=dict(draft.log_formats),
-                      maps=dict(draft.maps))
+                      maps=dict(draft.maps), limit_zones=dict(draft.limit_zones))
 
 
 def _server_conf(server: StreamServerDraft, stream: StreamDraft,
@@ -263,7 +264,11 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
                             access_logs=tuple(logs or ()), source=server.source,
                             ssl_preread=bool(values.get("ssl_preread", False)),
                             proxy_protocol_listens=tuple(server.proxy_protocol_listens),
-                            ssl=ssl_conf(server, (server, stream)))
+                            ssl=ssl_conf(server, (server, stream)),
+                            access=tuple(values.get("access_rules", ())),
+                            limits=_limits_conf(values, stream.limit_zones),
+                            tcp_nodelay=values.get("tcp_nodelay", True),
+                            proxy_bind=_proxy_bind_value(values))
 
 
 def _resolve_proxy_pass(text: str, source: Source, upstreams: dict[str, UpstreamConf],
@@ -329,3 +334,47 @@ for _name in _SSL_DIRECTIVES:
     _http = next(s for s in d.DIRECTIVES[_name] if s.contexts & Ctx.SERVER)
     d.DIRECTIVES[_name] = (*d.DIRECTIVES[_name],
                            d._spec(_name, SS, (_http.min_args, _http.max_args), _http.handler))
+
+
+# --------------------------------------------------------------------------- access, limit_conn,
+# tcp_nodelay, proxy_bind: http's handlers over stream's variable names
+
+
+def _limit_conn_zone(state: State, node: Node, draft: StreamDraft) -> None:
+    d._limit_zone(state, node, draft, _known(state, node))  # type: ignore[arg-type]  # (a StreamDraft has limit_zones too)
+
+
+def _stream_proxy_bind(state: State, node: Node, draft: Any) -> None:
+    d._proxy_bind(state, node, draft, _known(state, node))
+
+
+def _limits_conf(values: dict[str, Any], zones: dict[str, Any]) -> LimitsConf | None:
+    """A server's limit_conn lines (the innermost level's), each naming a limit_conn_zone."""
+    conns = values.get("limit_conn", ())
+    if not conns:
+        return None
+    for limit in conns:
+        if limit.zone not in zones:
+            raise ConfigError(f'zero size shared memory zone "{limit.zone}"', limit.source)
+    return LimitsConf(conns=tuple(conns), conn_log_level=values.get("limit_conn_log_level", "error"),
+                      conn_dry_run=values.get("limit_conn_dry_run", False))
+
+
+def _proxy_bind_value(values: dict[str, Any]) -> Any:
+    bind = values.get("proxy_bind")
+    return None if bind is None or bind == d.OFF else bind
+
+
+_MORE_SPECS = (
+    d._spec("allow", SS, d.ONE, d._access_rule),
+    d._spec("deny", SS, d.ONE, d._access_rule),
+    d._spec("limit_conn_zone", Ctx.STREAM, (2, 2), _limit_conn_zone),
+    d._spec("limit_conn", SS, (2, 2), d._limit_conn),
+    d._spec("limit_conn_log_level", SS, d.ONE, d._limit_log_level),
+    d._spec("limit_conn_dry_run", SS, d.FLAG, d._slot(flag)),
+    d._spec("tcp_nodelay", SS, d.FLAG, d._slot(flag)),
+    d._spec("proxy_bind", SS, (1, 2), _stream_proxy_bind),
+)
+
+for _s in _MORE_SPECS:
+    d.DIRECTIVES[_s.name] = (*d.DIRECTIVES.get(_s.name, ()), _s)

@@ -56,6 +56,12 @@ def _now_ms() -> int:
 _CLOCK: Callable[[], int] | None = None  # tests may pin the clock (milliseconds)
 
 
+def stream_zone_directory(directory: str) -> str:
+    """Where the stream block's zones live: apart from http's, whose names they may share
+    (nginx keeps the two blocks' zones apart too)."""
+    return os.path.join(directory, "stream")
+
+
 def zone_path(directory: str, conf: LimitZoneConf) -> str:
     return os.path.join(directory, f"{conf.kind}.{conf.name}")
 

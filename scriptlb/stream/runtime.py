@@ -26,6 +26,7 @@ from scriptlb.config.model import (
     UpstreamServerConf,
 )
 from scriptlb.logs import errorlog
+from scriptlb.request.access import rules_check
 from scriptlb.request.accesslog import AccessLog, LogFile, open_access_log
 from scriptlb.request.runtime import UpstreamRuntime
 from scriptlb.state.stats import Recorder, UpstreamStats
@@ -62,6 +63,7 @@ class StreamRuntime:
         self._dynamic: dict[str, UpstreamRuntime] = {}
         self._getters: dict[str, variables.Getter] = {}
         self._files: dict[str, LogFile] = {}
+        self._limit_zones: dict[str, Any] | None = None
         self.conn_ids = itertools.count(1)
         self.servers: dict[ListenKey, StreamServerRuntime] = {}
         for server in self.conf.servers:
@@ -99,6 +101,17 @@ class StreamRuntime:
         self._maps[name] = _empty
         getter = self._maps[name] = map_getter(map_conf, self._compile)
         return getter
+
+    def limit_zones(self) -> dict[str, Any]:
+        """limit_conn_zone: one scriptlb.request.limits.LimitZone per zone and worker."""
+        if self._limit_zones is None:
+            from scriptlb.request.limits import LimitZone, stream_zone_directory
+            from scriptlb.state.shared_dict import zone_directory
+
+            directory = stream_zone_directory(zone_directory(self.prefix))
+            self._limit_zones = {name: LimitZone(zone, directory)
+                                 for name, zone in self.conf.limit_zones.items()}
+        return self._limit_zones
 
     def open_log(self, conf: Any) -> AccessLog:
         return open_access_log(conf, self.loop, self._files, lookup=self.lookup)
@@ -186,6 +199,15 @@ class StreamServerRuntime:
         self.sessions: set[Session] = set()
         self._tls: ssl.SSLContext | None = None  # the server's TLS context, built on first use
         self.access_logs = [runtime.open_log(log) for log in conf.access_logs]
+        # nginx's preaccess (limit_conn) and access (allow/deny) phases; None: nothing to do
+        self.limits: Any = None
+        if conf.limits is not None:
+            from scriptlb.request.limits import LimitPhase
+
+            self.limits = LimitPhase(conf.limits, runtime.limit_zones(), runtime._compile)
+        self.access: Callable[[Any], bool] | None = rules_check(conf.access) if conf.access else None
+        self.proxy_bind: Callable[[Any], str] | None = (
+            runtime._compile(conf.proxy_bind) if conf.proxy_bind is not None else None)
         proxy_pass = conf.proxy_pass
         self._upstream = None
         self._route = None

@@ -45,7 +45,7 @@ _CONNECTING = "proxying connection"  # nginx's log action for the whole proxy ph
 _PREREAD_LIMIT = 16384  # preread_buffer_size
 _PREREAD_TIMEOUT = 30.0  # preread_timeout
 
-OK, BAD_REQUEST, INTERNAL_ERROR, BAD_GATEWAY = 200, 400, 500, 502
+OK, BAD_REQUEST, FORBIDDEN, INTERNAL_ERROR, BAD_GATEWAY = 200, 400, 403, 500, 502
 
 
 _Opening: TypeAlias = "asyncio.Task[tuple[asyncio.BaseTransport, PeerSide]]"  # a peer connection opening
@@ -106,6 +106,7 @@ class Session(asyncio.Protocol):
         self.ssl_server_name = self.ssl_protocol = self.ssl_alpn_protocols = ""
         self.proxy_protocol_addr: str | None = None
         self.proxy_protocol_port: str | None = None
+        self.limit: Any = None  # limit_conn's LimitState (scriptlb.request.limits), once it ran
         self.transport: asyncio.Transport | None = None
         self.gate: ReadGate | None = None
         self.peer: PeerSide | None = None
@@ -142,14 +143,16 @@ class Session(asyncio.Protocol):
             self.server_addr, self.server_port = local[0], str(local[1])
             self.server_name = f"{local[0]}:{local[1]}" if ":" not in local[0] else f"[{local[0]}]:{local[1]}"
         self.server.sessions.add(self)
+        if not self.server.conf.tcp_nodelay:
+            _no_delay(transport, False)
         if errorlog.enabled("info"):
             errorlog.log_error("info", f"client {_joined(self.remote_addr, self.remote_port)} connected to "
                                f"{self.server_name}", self.conn_id)
         try:
-            if self._prereading or self._proxy_header:
+            if self._proxy_header:
                 self._arm_timer(_PREREAD_TIMEOUT)
             else:
-                self._begin_tries()
+                self._run_phases()
         except Exception as exc:
             self._crashed(exc, "starting the session")
 
@@ -226,11 +229,27 @@ class Session(asyncio.Protocol):
         self.bytes_received -= header.length  # $bytes_received counts the payload only, as nginx
         rest = data[header.length:]
         self._pending, self._pending_size = ([rest], len(rest)) if rest else ([], 0)
+        self._cancel_timer()
+        self._run_phases()
+
+    def _run_phases(self) -> None:
+        """nginx's stream phases once the connection (and its PROXY header) is in: preaccess
+        (limit_conn), access (allow/deny), preread (ssl_preread), then content (the tries)."""
+        server = self.server
+        if server.limits is not None:
+            status, _ = server.limits.run(self)
+            if status:
+                self._finish(status)
+                return
+        if server.access is not None and not server.access(self):
+            errorlog.log_error("error", "access forbidden by rule", self.conn_id, self.log_context(None))
+            self._finish(FORBIDDEN)
+            return
         if self._prereading:
-            if rest:
+            self._arm_timer(_PREREAD_TIMEOUT)
+            if self._pending:
                 self._preread()
             return
-        self._cancel_timer()
         self._begin_tries()
 
     def _preread(self) -> None:
@@ -311,11 +330,21 @@ class Session(asyncio.Protocol):
             opening = loop.create_unix_connection(lambda: side, addr.unix_path)
         else:
             assert addr.host is not None  # (an address without unix_path has a host)
-            opening = loop.create_connection(lambda: side, addr.host, addr.port)
+            opening = loop.create_connection(lambda: side, addr.host, addr.port,
+                                             local_addr=self._local_address())
         task = loop.create_task(opening)
         self._connect_timer = loop.call_later(self.connect_timeout, task.cancel)
         self._connecting = task
         task.add_done_callback(lambda done: self._connected(done, side))
+
+    def _local_address(self) -> tuple[str, int] | None:
+        """proxy_bind's address for this session's peer connections (None: the OS picks)."""
+        bind = self.server.proxy_bind
+        if bind is None:
+            return None
+        from scriptlb.request.proxy import local_address
+
+        return local_address(bind(self), self)
 
     def peer_connected(self, side: PeerSide) -> None:
         """The peer's connection is up (its connection_made: before the opening task's own
@@ -372,6 +401,8 @@ class Session(asyncio.Protocol):
         attempt.connected(side)  # type: ignore[arg-type]
         self.peer = side
         side.transport.set_write_buffer_limits(high=self.server.conf.proxy.buffer_size)
+        if not self.server.conf.tcp_nodelay:
+            _no_delay(side.transport, False)
         pending, self._pending, self._pending_size = self._pending, [], 0
         if self.server.conf.proxy.proxy_protocol:
             header = v1_header(self.remote_addr, self.remote_port, self.server_addr, self.server_port)
@@ -483,6 +514,8 @@ class Session(asyncio.Protocol):
                 attempt.end(ABANDONED, self)  # the client left while connecting
         if self.transport is not None:
             self.transport.close()
+        if self.limit is not None:
+            self.limit.release()  # limit_conn: this session no longer counts
         transports = self._transports()
         if any(t is not None and t.get_write_buffer_size() for t in transports):
             # close() waits for the write buffers to drain; a side that never reads again
@@ -622,6 +655,15 @@ class PeerSide(asyncio.Protocol):
 
 def _joined(addr: str, port: str) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _no_delay(transport: Any, on: bool) -> None:
+    """tcp_nodelay: asyncio and uvloop set TCP_NODELAY on every TCP transport; ``off`` clears it."""
+    import socket
+
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(on))
 
 
 def _abort_all(transports: tuple[Any, ...]) -> None:
