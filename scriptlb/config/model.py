@@ -60,9 +60,23 @@ class Var:
 
 
 @dataclass(frozen=True, slots=True)
+class SyslogConf:
+    """``syslog:server=ADDR[,facility=F][,tag=T][,nohostname]`` (nginx's ngx_syslog_process_conf):
+    where the datagrams go and their header's fields."""
+
+    host: str | None  # an IP literal (a name is resolved at load time), None for a unix socket
+    port: int = 514
+    unix_path: str | None = None
+    facility: int = 23  # local7
+    tag: str = "nginx"
+    hostname: bool = True  # nohostname leaves the HOSTNAME field out
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorLogConf:
-    path: str  # absolute path, or "stderr"
+    path: str  # absolute path, "stderr", or the "syslog:..." text of a syslog target
     level: str = "error"  # debug info notice warn error crit alert emerg
+    syslog: SyslogConf | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -791,6 +805,7 @@ class StreamServerConf:
     limits: LimitsConf | None = None  # limit_conn (ngx_stream_limit_conn_module); None: no limit
     tcp_nodelay: bool = True  # TCP_NODELAY on both sides of a session
     proxy_bind: Template | None = None  # the local address of peer connections (empty: none)
+    error_log: tuple[ErrorLogConf, ...] = ()  # the server's (or stream's) error_log; (): the main's
 
 
 @dataclass(frozen=True, slots=True)

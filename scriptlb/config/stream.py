@@ -268,7 +268,8 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
                             access=tuple(values.get("access_rules", ())),
                             limits=_limits_conf(values, stream.limit_zones),
                             tcp_nodelay=values.get("tcp_nodelay", True),
-                            proxy_bind=_proxy_bind_value(values))
+                            proxy_bind=_proxy_bind_value(values),
+                            error_log=tuple(values.get("error_log", ())))
 
 
 def _resolve_proxy_pass(text: str, source: Source, upstreams: dict[str, UpstreamConf],
@@ -374,6 +375,7 @@ _MORE_SPECS = (
     d._spec("limit_conn_dry_run", SS, d.FLAG, d._slot(flag)),
     d._spec("tcp_nodelay", SS, d.FLAG, d._slot(flag)),
     d._spec("proxy_bind", SS, (1, 2), _stream_proxy_bind),
+    d._spec("error_log", SS, (1, 2), d._error_log),
 )
 
 for _s in _MORE_SPECS:

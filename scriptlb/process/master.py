@@ -105,7 +105,7 @@ def _install_error_log(new: errorlog.ErrorLog) -> None:
 def _error_log_file(conf: MainConf) -> str | None:
     """The file a daemon's stderr goes to: the first error_log that is a file."""
     for entry in conf.error_log:
-        if entry.path not in ("stderr", "stdout"):
+        if entry.path not in ("stderr", "stdout") and entry.syslog is None:
             return entry.path
     return None
 

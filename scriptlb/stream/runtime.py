@@ -182,11 +182,20 @@ class StreamRuntime:
     def reopen_logs(self) -> None:
         for file in self._files.values():
             file.reopen()
+        for server in self._servers():
+            if server.error_log is not None:
+                server.error_log.reopen()
 
     def close(self) -> None:
         for file in self._files.values():
             file.flush()
             file.close()
+        for server in self._servers():
+            if server.error_log is not None:
+                server.error_log.close()
+
+    def _servers(self) -> list[StreamServerRuntime]:
+        return list({id(s): s for s in self.servers.values()}.values())
 
 
 class StreamServerRuntime:
@@ -199,6 +208,7 @@ class StreamServerRuntime:
         self.sessions: set[Session] = set()
         self._tls: ssl.SSLContext | None = None  # the server's TLS context, built on first use
         self.access_logs = [runtime.open_log(log) for log in conf.access_logs]
+        self.error_log = errorlog.ErrorLog(conf.error_log) if conf.error_log else None
         # nginx's preaccess (limit_conn) and access (allow/deny) phases; None: nothing to do
         self.limits: Any = None
         if conf.limits is not None:

@@ -23,8 +23,10 @@ re-armed lazily). The access log line is written once, when the session ends.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar, cast
 
 from scriptlb.http import safety
 from scriptlb.http.proxy_protocol import NEED_MORE as PP_NEED_MORE
@@ -49,6 +51,25 @@ OK, BAD_REQUEST, FORBIDDEN, INTERNAL_ERROR, BAD_GATEWAY = 200, 400, 403, 500, 50
 
 
 _Opening: TypeAlias = "asyncio.Task[tuple[asyncio.BaseTransport, PeerSide]]"  # a peer connection opening
+
+_Callback = TypeVar("_Callback", bound=Callable[..., Any])
+
+
+def _in_server_log(method: _Callback) -> _Callback:
+    """A transport callback that runs with its session's server ``error_log`` as the process's
+    error log (nginx's connection log), when the server has its own; else as it is."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any) -> Any:
+        session = self.session if isinstance(self, PeerSide) else self
+        log = session.error_log if session is not None else None
+        if log is None:
+            return method(self, *args)
+        with errorlog.using(log):
+            return method(self, *args)
+
+    return cast(_Callback, run)
+
 
 class StreamAttempt(Attempt):
     """One connection attempt of a session, with the bytes that crossed it ($upstream_bytes_*,
@@ -87,6 +108,7 @@ class Session(asyncio.Protocol):
         self.server = server
         self.loop = server.loop
         self.conn_id = conn_id
+        self.error_log = server.error_log  # the server's own error_log, None: the process's
         proxy = server.conf.proxy
         self.connect_timeout = proxy.connect_timeout
         self.send_timeout = proxy.timeout
@@ -128,6 +150,7 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ client side
 
+    @_in_server_log
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         # a connection's transport: asyncio's, or uvloop's (which does not subclass Transport)
         self.transport = transport = cast(asyncio.Transport, base)
@@ -161,6 +184,7 @@ class Session(asyncio.Protocol):
         assert gate is not None  # (connection_made sets it, before any other callback)
         return gate
 
+    @_in_server_log
     def data_received(self, data: bytes) -> None:
         try:
             self._active = self.loop.time()
@@ -182,6 +206,7 @@ class Session(asyncio.Protocol):
         except Exception as exc:
             self._crashed(exc, "reading from client")
 
+    @_in_server_log
     def eof_received(self) -> bool:
         try:
             if self.peer is None and not (self._prereading or self._proxy_header or self._ended):
@@ -192,6 +217,7 @@ class Session(asyncio.Protocol):
             self._crashed(exc, "reading from client")
         return True
 
+    @_in_server_log
     def connection_lost(self, exc: Exception | None) -> None:
         try:
             if not self._ended:
@@ -314,8 +340,9 @@ class Session(asyncio.Protocol):
             record = TryRecord(upstream.name, clock())
             record.response_time = 0.0
             self.tries.append(record)
-            errorlog.log_error("error", f"no live upstreams while {_CONNECTING}",
-                               self.conn_id, self.log_context(None))
+            # (nginx finds no peer right after setting this action, before any byte is relayed)
+            errorlog.log_error("error", "no live upstreams while connecting to upstream",
+                               self.conn_id, self.log_context(upstream.name))  # (nginx names the upstream)
             self._finish(BAD_GATEWAY)
             return
         self._connect(peer.name, peer.addr, peer)
@@ -357,6 +384,7 @@ class Session(asyncio.Protocol):
             self._connect_timer.cancel()
         self._relay(side)
 
+    @_in_server_log
     def _connected(self, task: _Opening, side: PeerSide) -> None:
         if self._connecting is not task:  # relayed already (peer_connected), or the session ended
             if not task.cancelled():
@@ -478,6 +506,7 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
+    @_in_server_log
     def _on_timer(self, timeout: float) -> None:
         self._timer = None
         if self._ended:
@@ -531,6 +560,7 @@ class Session(asyncio.Protocol):
         self.server.sessions.discard(self)
         self.peer = None
 
+    @_in_server_log
     def close(self) -> None:
         """Close now (a worker's fast stop, or worker_shutdown_timeout)."""
         transports = self._transports()
@@ -597,6 +627,7 @@ class PeerSide(asyncio.Protocol):
         all payload."""
         return self.received
 
+    @_in_server_log
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         # a connection's transport: asyncio's, or uvloop's (which does not subclass Transport)
         self.transport = transport = cast(asyncio.Transport, base)
@@ -608,6 +639,7 @@ class PeerSide(asyncio.Protocol):
             except Exception as exc:
                 session._crashed(exc, _CONNECTING)
 
+    @_in_server_log
     def data_received(self, data: bytes) -> None:
         session = self.session
         if session is not None:
@@ -616,6 +648,7 @@ class PeerSide(asyncio.Protocol):
             except Exception as exc:
                 session._crashed(exc, "reading from upstream")
 
+    @_in_server_log
     def eof_received(self) -> bool:
         session = self.session
         if session is not None:
@@ -625,6 +658,7 @@ class PeerSide(asyncio.Protocol):
                 session._crashed(exc, "reading from upstream")
         return True
 
+    @_in_server_log
     def connection_lost(self, exc: Exception | None) -> None:
         session, self.session = self.session, None
         if session is not None and session.peer is self:
