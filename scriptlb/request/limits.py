@@ -305,7 +305,7 @@ class LimitPhase:
                 errorlog.log_error("alert", "could not allocate node in limit_conn zone "
                                    f'"{zone.conf.name}"', exchange.conn_id, exchange.log_context(None))
             else:
-                dry = ", dry run" if conf.conn_dry_run else ""
+                dry = ", dry run," if conf.conn_dry_run else ""  # (nginx's words, commas and all)
                 errorlog.log_error(conf.conn_log_level,
                                    f'limiting connections{dry} by zone "{zone.conf.name}"',
                                    exchange.conn_id, exchange.log_context(None))

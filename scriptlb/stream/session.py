@@ -56,17 +56,24 @@ _Callback = TypeVar("_Callback", bound=Callable[..., Any])
 
 
 def _in_server_log(method: _Callback) -> _Callback:
-    """A transport callback that runs with its session's server ``error_log`` as the process's
-    error log (nginx's connection log), when the server has its own; else as it is."""
+    """A transport or timer callback of a session: it runs with the session's server
+    ``error_log`` as the process's error log (nginx's connection log) when the server has its
+    own, and whatever it raises ends the session with both sides closed (the safety net: no
+    exception may leave a socket open or reach the event loop)."""
 
     @functools.wraps(method)
     def run(self: Any, *args: Any) -> Any:
         session = self.session if isinstance(self, PeerSide) else self
-        log = session.error_log if session is not None else None
-        if log is None:
+        if session is None:
             return method(self, *args)
-        with errorlog.using(log):
-            return method(self, *args)
+        try:
+            if session.error_log is None:
+                return method(self, *args)
+            with errorlog.using(session.error_log):
+                return method(self, *args)
+        except Exception as exc:
+            session._crashed(exc, method.__name__)
+            return None
 
     return cast(_Callback, run)
 
@@ -166,8 +173,7 @@ class Session(asyncio.Protocol):
             self.server_addr, self.server_port = local[0], str(local[1])
             self.server_name = f"{local[0]}:{local[1]}" if ":" not in local[0] else f"[{local[0]}]:{local[1]}"
         self.server.sessions.add(self)
-        if not self.server.conf.tcp_nodelay:
-            _no_delay(transport, False)
+        _no_delay(transport, self.server.conf.tcp_nodelay)
         if errorlog.enabled("info"):
             errorlog.log_error("info", f"client {_joined(self.remote_addr, self.remote_port)} connected to "
                                f"{self.server_name}", self.conn_id)
@@ -429,8 +435,7 @@ class Session(asyncio.Protocol):
         attempt.connected(side)  # type: ignore[arg-type]
         self.peer = side
         side.transport.set_write_buffer_limits(high=self.server.conf.proxy.buffer_size)
-        if not self.server.conf.tcp_nodelay:
-            _no_delay(side.transport, False)
+        _no_delay(side.transport, self.server.conf.tcp_nodelay)
         pending, self._pending, self._pending_size = self._pending, [], 0
         if self.server.conf.proxy.proxy_protocol:
             header = v1_header(self.remote_addr, self.remote_port, self.server_addr, self.server_port)
@@ -570,11 +575,21 @@ class Session(asyncio.Protocol):
                 transport.abort()
 
     def _crashed(self, exc: BaseException, where: str) -> None:
+        """An unexpected exception: report it, end the session (logged, 500) and abort both
+        sides and any connect in progress, even when ending it raises too."""
         safety.report(exc, f"{where} (stream session)")
-        if not self._ended:
-            self._finish(INTERNAL_ERROR)
-        if self.transport is not None:
-            self.transport.abort()
+        transports = self._transports()
+        try:
+            if not self._ended:
+                self._finish(INTERNAL_ERROR)
+        except Exception as err:
+            safety.report(err, "ending a stream session")
+        finally:
+            self._ended = True
+            task, self._connecting = self._connecting, None
+            if task is not None:
+                task.cancel()
+            _abort_all((*transports, *self._transports()))
 
     def _info(self, what: str) -> None:
         if errorlog.enabled("info"):  # (nginx writes this one without the session's context)
@@ -692,7 +707,7 @@ def _joined(addr: str, port: str) -> str:
 
 
 def _no_delay(transport: Any, on: bool) -> None:
-    """tcp_nodelay: asyncio and uvloop set TCP_NODELAY on every TCP transport; ``off`` clears it."""
+    """tcp_nodelay, set as nginx does on both sides (whatever the loop's transports chose)."""
     import socket
 
     sock = transport.get_extra_info("socket")
