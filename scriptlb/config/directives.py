@@ -1482,6 +1482,16 @@ def _map(state: State, node: Node, draft: HttpDraft) -> None:
     draft.maps[conf.variable] = conf
 
 
+def _geo(state: State, node: Node, draft: HttpDraft) -> None:
+    """``geo [ADDRESS] $variable { ... }`` (ngx_http_geo_module; scriptlb.config.geo)."""
+    from scriptlb.config.geo import parse_geo
+
+    conf = parse_geo(node, None, http=True, warn=state.warn)
+    if conf.variable in KNOWN_VARIABLES:
+        raise fail(node, f'the duplicate "{conf.variable}" variable')
+    draft.maps[conf.variable] = conf
+
+
 def _match(state: State, node: Node, draft: HttpDraft) -> tuple[Ctx, Any]:
     name = node.args[0]
     if name in draft.matches:
@@ -1700,6 +1710,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("health_check", Ctx.LOCATION, (0, None), _health_check),
     _spec("match", Ctx.HTTP, ONE, _match, block=True),
     _spec("map", Ctx.HTTP, (2, 2), _map, block=True),
+    _spec("geo", Ctx.HTTP, (1, 2), _geo, block=True),
     _spec("status", Ctx.MATCH, (1, None), _match_status),
     _spec("header", Ctx.MATCH, (1, 3), _match_header),
     _spec("body", Ctx.MATCH, (2, 2), _match_body),

@@ -241,6 +241,23 @@ class MapConf:
 
 
 @dataclass(frozen=True, slots=True)
+class GeoConf:
+    """A ``geo [ADDRESS] $variable { ... }`` block (ngx_http_geo_module, ngx_stream_geo_module),
+    with its ``delete`` lines applied: what is left to look an address up in."""
+
+    variable: str  # without "$", lower-cased
+    source: Template | None  # None: the client's address
+    ranges: bool = False
+    # CIDR mode: (normalized network, value), the last line for a network winning
+    networks: tuple[tuple[str, str], ...] = ()
+    # ranges mode: (first, last, value) over IPv4 as integers, sorted, not overlapping
+    spans: tuple[tuple[int, int, str], ...] = ()
+    default: str = ""
+    proxies: tuple[str, ...] = ()  # http: trusted addresses whose X-Forwarded-For is read
+    proxy_recursive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class HttpConf:
     upstreams: dict[str, UpstreamConf]  # explicit `upstream` blocks and implicit ones (below)
     servers: tuple[ServerConf, ...]
@@ -248,7 +265,7 @@ class HttpConf:
     python: PythonConf = field(default_factory=PythonConf)
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)  # by name, in file order
     matches: dict[str, MatchConf] = field(default_factory=dict)  # `match` blocks by name
-    maps: dict[str, MapConf] = field(default_factory=dict)  # `map` blocks by variable name
+    maps: dict[str, MapConf | GeoConf] = field(default_factory=dict)  # `map`, `geo` blocks by variable
     limit_zones: dict[str, LimitZoneConf] = field(default_factory=dict)  # limit_req/conn zones by name
 
     def hooks(self) -> tuple[HookConf, ...]:
@@ -827,7 +844,7 @@ class StreamConf:
     upstreams: dict[str, UpstreamConf]
     servers: tuple[StreamServerConf, ...]
     log_formats: dict[str, LogFormat]
-    maps: dict[str, StreamMapConf] = field(default_factory=dict)  # by variable name
+    maps: dict[str, StreamMapConf | GeoConf] = field(default_factory=dict)  # map, geo by variable
     limit_zones: dict[str, LimitZoneConf] = field(default_factory=dict)  # limit_conn_zone by name
 
     def hooks(self) -> tuple[HookConf, ...]:

@@ -366,6 +366,16 @@ def _proxy_bind_value(values: dict[str, Any]) -> Any:
     return None if bind is None or bind == d.OFF else bind
 
 
+def _geo(state: State, node: Node, draft: StreamDraft) -> None:
+    """``geo [ADDRESS] $variable { ... }`` (ngx_stream_geo_module: no ``proxy`` lines)."""
+    from scriptlb.config.geo import parse_geo
+
+    conf = parse_geo(node, _known(state, node), http=False, warn=state.warn)
+    if is_stream_variable(conf.variable):
+        raise fail(node, f'the duplicate "{conf.variable}" variable')
+    draft.maps[conf.variable] = conf
+
+
 _MORE_SPECS = (
     d._spec("allow", SS, d.ONE, d._access_rule),
     d._spec("deny", SS, d.ONE, d._access_rule),
@@ -376,7 +386,9 @@ _MORE_SPECS = (
     d._spec("tcp_nodelay", SS, d.FLAG, d._slot(flag)),
     d._spec("proxy_bind", SS, (1, 2), _stream_proxy_bind),
     d._spec("error_log", SS, (1, 2), d._error_log),
+    d._spec("geo", Ctx.STREAM, (1, 2), _geo, block=True),
 )
+
 
 for _s in _MORE_SPECS:
     d.DIRECTIVES[_s.name] = (*d.DIRECTIVES.get(_s.name, ()), _s)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import ssl
 
 from scriptlb.config.model import (
+    GeoConf,
     ListenKey,
     MainConf,
     PythonConf,
@@ -34,6 +35,7 @@ from scriptlb.stream import variables
 from scriptlb.stream.maps import map_getter
 from scriptlb.stream.session import Session
 from scriptlb.variables.evaluate import compile_template
+from scriptlb.variables.geo import GeoVariable
 
 STATS_PREFIX = "stream:"
 _MAX_DYNAMIC = 256  # `proxy_pass $var` addresses kept per worker (values come from clients)
@@ -99,7 +101,10 @@ class StreamRuntime:
             return variables.variable_getter(name, clock)
         # built on first use: a map may name a map defined after it (a cycle reads "")
         self._maps[name] = _empty
-        getter = self._maps[name] = map_getter(map_conf, self._compile)
+        if isinstance(map_conf, GeoConf):
+            getter = self._maps[name] = GeoVariable(map_conf, self._compile)
+        else:
+            getter = self._maps[name] = map_getter(map_conf, self._compile)
         return getter
 
     def limit_zones(self) -> dict[str, Any]:
