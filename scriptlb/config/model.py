@@ -823,6 +823,7 @@ class StreamServerConf:
     tcp_nodelay: bool = True  # TCP_NODELAY on both sides of a session
     proxy_bind: Template | None = None  # the local address of peer connections (empty: none)
     error_log: tuple[ErrorLogConf, ...] = ()  # the server's (or stream's) error_log; (): the main's
+    return_text: Template | None = None  # `return`: the session's content instead of proxying
 
 
 @dataclass(frozen=True, slots=True)

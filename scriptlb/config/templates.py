@@ -118,6 +118,7 @@ STREAM_VARIABLES: frozenset[str] = frozenset(
         "ssl_preread_server_name", "ssl_preread_protocol", "ssl_preread_alpn_protocols",
         "proxy_protocol_addr", "proxy_protocol_port",
         "limit_conn_status",
+        "nginx_version",
     }
 )
 
