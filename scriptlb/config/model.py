@@ -792,8 +792,10 @@ class StreamProxyConf:
     next_upstream_tries: int = 0  # 0 = unlimited
     next_upstream_timeout: float = 0.0  # 0 = unlimited
     buffer_size: int = 16384
-    download_rate: int = 0  # bytes per second towards the client, 0 = unlimited
-    upload_rate: int = 0  # bytes per second towards the upstream, 0 = unlimited
+    # bytes per second towards the client / the upstream, 0 = unlimited; a Template (variables)
+    # is evaluated once per session when it connects
+    download_rate: int | Template = 0
+    upload_rate: int | Template = 0
     half_close: bool = False  # proxy_half_close: pass an EOF on and wait for the other side's
     proxy_protocol: bool = False  # send a PROXY protocol (v1) header to the peer first
 

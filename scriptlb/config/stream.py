@@ -201,6 +201,15 @@ def _size(node: Node) -> int:
     return value
 
 
+def _rate(state: State, node: Node, draft: Any) -> None:
+    """``proxy_download_rate`` / ``proxy_upload_rate SIZE``: a size, or text with variables
+    whose value is read as one per session (nginx's complex value size)."""
+    if "$" in node.args[0]:
+        d._store(node, draft.values, d.template(node, node.args[0], _known(state, node)))
+    else:
+        d._store(node, draft.values, _size(node))
+
+
 def _worker_shutdown_timeout(state: State, node: Node, draft: MainDraft) -> None:
     d._store(node, draft.values, msec(node))
 
@@ -226,8 +235,8 @@ _SPECS = (
     d._spec("proxy_next_upstream_tries", SS, d.ONE, d._slot(number)),
     d._spec("proxy_next_upstream_timeout", SS, d.ONE, d._slot(msec)),
     d._spec("proxy_buffer_size", SS, d.ONE, d._slot(_size)),
-    d._spec("proxy_download_rate", SS, d.ONE, d._slot(_size)),
-    d._spec("proxy_upload_rate", SS, d.ONE, d._slot(_size)),
+    d._spec("proxy_download_rate", SS, d.ONE, _rate),
+    d._spec("proxy_upload_rate", SS, d.ONE, _rate),
     d._spec("proxy_half_close", SS, d.FLAG, d._slot(flag)),
     d._spec("proxy_protocol", SS, d.FLAG, d._slot(flag)),
     d._spec("log_format", Ctx.STREAM, (2, None), _log_format),

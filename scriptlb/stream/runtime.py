@@ -23,9 +23,11 @@ from scriptlb.config.model import (
     MainConf,
     PythonConf,
     StreamServerConf,
+    Template,
     UpstreamConf,
     UpstreamServerConf,
 )
+from scriptlb.config.units import parse_size
 from scriptlb.logs import errorlog
 from scriptlb.request.access import rules_check
 from scriptlb.request.accesslog import AccessLog, LogFile, open_access_log
@@ -217,6 +219,8 @@ class StreamServerRuntime:
         self.sessions: set[Session] = set()
         self._tls: ssl.SSLContext | None = None  # the server's TLS context, built on first use
         self.access_logs = [runtime.open_log(log) for log in conf.access_logs]
+        self.upload_rate = self._rate(conf.proxy.upload_rate)
+        self.download_rate = self._rate(conf.proxy.download_rate)
         self.error_log = errorlog.ErrorLog(conf.error_log) if conf.error_log else None
         # nginx's preaccess (limit_conn) and access (allow/deny) phases; None: nothing to do
         self.limits: Any = None
@@ -237,6 +241,18 @@ class StreamServerRuntime:
                 self._route = runtime.template(proxy_pass.template.raw)
             elif proxy_pass.upstream is not None:
                 self._upstream = runtime.upstreams[proxy_pass.upstream]
+
+    def _rate(self, value: int | Template) -> Callable[[Any], int]:
+        """A session's rate: the configured size, or its template's value read as a size (0,
+        unlimited, when it is not one, as nginx)."""
+        if isinstance(value, int):
+            return lambda session: value
+        render = self.runtime._compile(value)
+
+        def rate(session: Any) -> int:
+            return parse_size(render(session) or "") or 0
+
+        return rate
 
     def tls_context(self) -> ssl.SSLContext | None:
         if self._tls is None and self.conf.ssl is not None:

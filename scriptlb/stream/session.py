@@ -12,7 +12,8 @@ and nothing is retried.
 The relay copies bytes as they come, both ways. Back-pressure: each transport's write buffer
 is capped at ``proxy_buffer_size``; past it the *other* side stops reading until it drains, so
 a slow reader holds at most about that much per direction. ``proxy_upload_rate`` /
-``proxy_download_rate`` pause reading as nginx's limit_rate does.
+``proxy_download_rate`` pass at most their budget and pause reading as nginx's limit_rate does
+(scriptlb.stream.relay.RatedFlow).
 
 Ending (nginx's default, ``proxy_half_close`` off): when either side sends EOF, the session
 ends once what that side sent has been written on (``close()`` flushes), status 200.
@@ -36,7 +37,7 @@ from scriptlb.request.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord
 from scriptlb.request.retry import Failure
 from scriptlb.stream.preread import DONE as HELLO_DONE
 from scriptlb.stream.preread import NEED_MORE, parse_client_hello
-from scriptlb.stream.relay import PEER_FULL, RATE, WAITING, ReadGate, rate_delay
+from scriptlb.stream.relay import PEER_FULL, WAITING, RatedFlow, ReadGate
 
 if TYPE_CHECKING:
     from scriptlb.config.model import PeerAddr
@@ -154,6 +155,9 @@ class Session(asyncio.Protocol):
         self._ended = False
         self._client_eof = False  # the client finished sending before the peer was connected
         self._eofs = 0  # proxy_half_close: 1 = the client's EOF seen, 2 = the peer's
+        self._start_sec = 0
+        self._upload: RatedFlow | None = None  # proxy_upload_rate's flow, once connected
+        self._download: RatedFlow | None = None
 
     # ------------------------------------------------------------------ client side
 
@@ -195,11 +199,11 @@ class Session(asyncio.Protocol):
         try:
             self._active = self.loop.time()
             self.bytes_received += len(data)
-            peer = self.peer
-            if peer is not None and self.attempt is not None:
-                self.attempt.bytes_sent += len(data)
-                peer.transport.write(data)
-                self._limit(self.gate, self.server.conf.proxy.upload_rate, self.bytes_received)
+            if self.peer is not None and self.attempt is not None:
+                if self._upload is not None:
+                    self._upload.feed(data)
+                else:
+                    self._to_peer(data)
                 return
             self._pending.append(data)
             self._pending_size += len(data)
@@ -323,6 +327,7 @@ class Session(asyncio.Protocol):
         else:
             self._state = upstream.balancer.new_request(tries_cap, key_getter(self))
         self._started = self.loop.time()
+        self._start_sec = int(time.time())  # (nginx's u->start_sec: the rates count from it)
         if self._pending_size >= self.server.conf.proxy.buffer_size:
             self._gate().close(WAITING)
         self._next_try()
@@ -449,11 +454,13 @@ class Session(asyncio.Protocol):
         _no_delay(side.transport, self.server.conf.tcp_nodelay)
         pending, self._pending, self._pending_size = self._pending, [], 0
         if self.server.conf.proxy.proxy_protocol:
-            header = v1_header(self.remote_addr, self.remote_port, self.server_addr, self.server_port)
-            pending.insert(0, header)
+            self._to_peer(v1_header(self.remote_addr, self.remote_port, self.server_addr, self.server_port))
+        self._start_flows(side)
         for chunk in pending:
-            attempt.bytes_sent += len(chunk)
-            side.transport.write(chunk)
+            if self._upload is not None:
+                self._upload.feed(chunk)
+            else:
+                self._to_peer(chunk)
         self._gate().open(WAITING)
         self._active = self.loop.time()
         self._arm_timer(self.read_timeout)
@@ -462,6 +469,28 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ peer side (PeerSide calls)
 
+    def _start_flows(self, side: PeerSide) -> None:
+        """proxy_upload_rate / proxy_download_rate, evaluated once connected (as nginx)."""
+        server = self.server
+        up, down = server.upload_rate(self), server.download_rate(self)
+        if up:
+            self._upload = RatedFlow(up, self._start_sec, self._gate(), self._to_peer, self.loop)
+        if down:
+            self._download = RatedFlow(down, self._start_sec, side.gate, self._to_client, self.loop)
+
+    def _to_peer(self, data: bytes) -> None:
+        attempt, peer = self.attempt, self.peer
+        if attempt is not None:
+            attempt.bytes_sent += len(data)
+        if peer is not None and not peer.transport.is_closing():
+            peer.transport.write(data)
+
+    def _to_client(self, data: bytes) -> None:
+        self.bytes_sent += len(data)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
     def peer_data(self, data: bytes) -> None:
         self._active = self.loop.time()
         attempt = self.attempt
@@ -469,13 +498,10 @@ class Session(asyncio.Protocol):
             if not attempt.bytes_received:
                 attempt.header_time = clock() - attempt.started  # $upstream_first_byte_time
             attempt.bytes_received += len(data)
-        self.bytes_sent += len(data)
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
-        peer = self.peer
-        if peer is not None:
-            self._limit(peer.gate, self.server.conf.proxy.download_rate, self.bytes_sent)
+        if self._download is not None:
+            self._download.feed(data)
+        else:
+            self._to_client(data)
 
     def peer_eof(self) -> None:
         self._eof_from(client=False)
@@ -483,7 +509,11 @@ class Session(asyncio.Protocol):
     def _eof_from(self, client: bool) -> None:
         """One side finished sending. nginx's default ends the session (once what it sent is
         written on); with proxy_half_close the EOF is passed on and the session ends when both
-        sides have finished."""
+        sides have finished. Bytes a rate limit still holds go first."""
+        flow = self._upload if client else self._download
+        if flow is not None and flow.held:
+            flow.after = lambda: self._eof_from(client)
+            return
         if self.server.conf.proxy.half_close and self.peer is not None:
             self._eofs |= 1 if client else 2
             if self._eofs != 3:
@@ -495,22 +525,15 @@ class Session(asyncio.Protocol):
         self._finish(OK)
 
     def peer_lost(self) -> None:
-        if not self._ended:
-            self._info("upstream disconnected")
-            self._finish(OK)
+        if self._ended:
+            return
+        if self._download is not None and self._download.held:
+            self._download.after = self.peer_lost  # (what the peer sent is still owed)
+            return
+        self._info("upstream disconnected")
+        self._finish(OK)
 
     # ------------------------------------------------------------------ limits, timers
-
-    def _limit(self, gate: ReadGate | None, rate: int, done: int) -> None:
-        if not rate or gate is None:
-            return
-        delay = rate_delay(rate, self._started_loop(), done, self.loop.time())
-        if delay:
-            gate.close(RATE)
-            self.loop.call_later(delay, gate.open, RATE)
-
-    def _started_loop(self) -> float:
-        return self._started
 
     def _arm_timer(self, timeout: float) -> None:
         self._cancel_timer()
@@ -548,6 +571,9 @@ class Session(asyncio.Protocol):
         self._ended = True
         self.status = status
         self._cancel_timer()
+        for flow in (self._upload, self._download):
+            if flow is not None:
+                flow.close()
         task, self._connecting = self._connecting, None
         if task is not None:
             task.cancel()
