@@ -449,6 +449,7 @@ class Session(asyncio.Protocol):
         # a session's try is connected by its PeerSide, which answers what Attempt.end reads
         # of a connection (sent, received), not an UpstreamConnection
         attempt.connected(side)  # type: ignore[arg-type]
+        self._peer_is_live(attempt)
         self.peer = side
         side.transport.set_write_buffer_limits(high=self.server.conf.proxy.buffer_size)
         _no_delay(side.transport, self.server.conf.tcp_nodelay)
@@ -468,6 +469,21 @@ class Session(asyncio.Protocol):
             self._eof_from(client=True)
 
     # ------------------------------------------------------------------ peer side (PeerSide calls)
+
+    def _peer_is_live(self, attempt: StreamAttempt) -> None:
+        """nginx's stream round robin "notify" on connect: a peer chosen again after its
+        fail_timeout that accepts the connection has its failures forgiven at once (not when
+        the session ends: sessions opened meanwhile go to it too)."""
+        peer, upstream = attempt.peer, self._upstream
+        if peer is None or upstream is None or upstream.peers.single:
+            return
+        fails = peer.fails
+        if not fails or peer.accessed >= peer.checked:
+            return
+        peer.fails = 0
+        stats = upstream.stats
+        if stats is not None and upstream.conf.zone and upstream.peers.holds(peer):
+            stats.passive_free(peer, False, fails, self.loop.time())
 
     def _start_flows(self, side: PeerSide) -> None:
         """proxy_upload_rate / proxy_download_rate, evaluated once connected (as nginx)."""
