@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from stream_helpers import HAS_NGINX_STREAM, IO_TIMEOUT, TcpPeer, echo, nginx_st
 
 from scriptlb.config import ConfigError
 from scriptlb.stream import session as stream_session
+from scriptlb.stream.relay import RatedFlow, ReadGate
 
 
 def exchange(port: int, data: bytes = b"ping", source: str = "127.0.0.1", expect: int | None = None) -> bytes:
@@ -347,3 +349,106 @@ def test_an_unexpected_exception_closes_both_sides_and_the_worker_serves_on(
         boom.clear()
         assert exchange(lb.port, b"after") == b"after"
     assert "RuntimeError: boom" in (tmp_path / "error.log").read_text()
+
+
+# --------------------------------------------------------------------------- rates, recovery
+
+
+class _Loop:
+    """Timers on a clock the test moves (the flow's arithmetic, not the event loop, is tested)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.timers: list[tuple[float, Callable[[], None]]] = []
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> _Loop:
+        self.timers.append((self.now + delay, callback))
+        return self
+
+    def cancel(self) -> None:
+        self.timers.clear()
+
+    def run(self) -> None:
+        while self.timers:
+            self.timers.sort(key=lambda timer: timer[0])
+            self.now, callback = self.timers.pop(0)
+            callback()
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+def test_a_rated_flow_passes_its_budget_per_whole_second_as_nginx() -> None:
+    """stream_limit_rate.t's case: 1011 bytes at 250 bytes/s, the session started mid-second:
+    250 bytes at once, then 250 each second (the budget grows when a second begins, and every
+    read waits n/rate after it), the last 11 four seconds later; reading paused meanwhile."""
+    loop = _Loop(100.5)
+    transport = _Transport()
+    sent: list[tuple[float, int]] = []
+    flow = RatedFlow(250, 100, ReadGate(transport), lambda data: sent.append((loop.now, len(data))),
+                     loop, clock=lambda: loop.now)
+    flow.feed(b"x" * 1011)
+    assert sent == [(100.5, 250)] and transport.paused
+    loop.run()
+    assert sent == [(100.5, 250), (101.5, 250), (102.5, 250), (103.5, 250), (104.5, 11)]
+    assert not transport.paused and not flow.held
+
+
+def test_download_rate_from_a_variable_holds_the_peer_back(tmp_path: Path) -> None:
+    data = b"z" * 200000
+    with TcpPeer(lambda conn: conn.sendall(data)) as peer, Scriptlb(f"""
+            stream {{
+                map $server_port $down {{ default 100000; }}
+                server {{ listen 127.0.0.1:{{port0}}; proxy_pass {peer.addr}; proxy_download_rate $down; }}
+            }}""", tmp_path) as lb:
+        started = time.monotonic()
+        assert exchange(lb.port, b"", expect=len(data)) == data
+        elapsed = time.monotonic() - started
+    # 100000 bytes at once, the rest one second later at the earliest
+    assert elapsed >= 0.9
+
+
+def test_a_peer_back_after_fail_timeout_takes_every_new_session(tmp_path: Path) -> None:
+    """nginx forgives a peer's failures once it accepts a connection again (not once that
+    session ends): sessions opened while the first one is still open go to it too."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    primary = listener.getsockname()[1]  # bound, not listening: connections are refused
+    with TcpPeer(banner_peer(b"B")) as backup, Scriptlb(f"""
+            stream {{
+                upstream u {{ server 127.0.0.1:{primary} fail_timeout=1s; server {backup.addr} backup; }}
+                server {{ listen 127.0.0.1:{{port0}}; proxy_pass u; }}
+            }}""", tmp_path) as lb:
+        assert exchange(lb.port, b"", expect=1) == b"B"
+        listener.listen(16)
+        time.sleep(1.2)  # past fail_timeout
+        listener.settimeout(IO_TIMEOUT)
+        held: list[socket.socket] = []
+        try:
+            for _ in range(3):  # each relayed (a byte back from the primary) before the next
+                held.append(socket.create_connection(("127.0.0.1", lb.port), IO_TIMEOUT))
+                conn, _ = listener.accept()
+                held.append(conn)
+                conn.sendall(b"P")
+                assert held[-2].recv(1) == b"P"
+        finally:
+            for conn in held:
+                conn.close()
+            listener.close()
+    assert backup.accepted == 1
+
+
+def banner_peer(text: bytes) -> Callable[[socket.socket], None]:
+    def say(conn: socket.socket) -> None:
+        conn.sendall(text)
+        conn.recv(1)
+
+    return say
