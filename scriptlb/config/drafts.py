@@ -16,6 +16,7 @@ from scriptlb.config.model import (
     AccessLogConf,
     BalancerMethodConf,
     ErrorLogConf,
+    GeoConf,
     ListenConf,
     ListenKey,
     LogFormat,
@@ -95,7 +96,7 @@ class HttpDraft(LevelDraft):
     log_formats: dict[str, LogFormat] = field(default_factory=dict)
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)
     matches: dict[str, MatchDraft] = field(default_factory=dict)
-    maps: dict[str, MapConf] = field(default_factory=dict)  # by variable name
+    maps: dict[str, MapConf | GeoConf] = field(default_factory=dict)  # map, geo: by variable name
     limit_zones: dict[str, Any] = field(default_factory=dict)  # LimitZoneConf by name
 
 
@@ -150,3 +151,4 @@ class StreamDraft:
     split_clients: dict[str, Any] = field(default_factory=dict)  # variable name -> StreamSplitConf
     # names a session stores itself: `set` targets and map regexes' named captures
     stored: set[str] = field(default_factory=set)
+    limit_zones: dict[str, Any] = field(default_factory=dict)  # limit_conn_zone: LimitZoneConf by name

@@ -20,16 +20,20 @@ if TYPE_CHECKING:
 
 from scriptlb.config.addresses import AddressError, split_host_port
 from scriptlb.config.model import (
+    GeoConf,
     ListenKey,
     MainConf,
     PeerAddr,
     PythonConf,
     ResolverConf,
     StreamServerConf,
+    Template,
     UpstreamConf,
     UpstreamServerConf,
 )
+from scriptlb.config.units import parse_size
 from scriptlb.logs import errorlog
+from scriptlb.request.access import rules_check
 from scriptlb.request.accesslog import AccessLog, LogFile, open_access_log
 from scriptlb.request.dynamic_pass import NameResolver, ResolveFailed
 from scriptlb.request.realip import RealIp
@@ -39,6 +43,7 @@ from scriptlb.stream import variables
 from scriptlb.stream.maps import map_getter, split_getter
 from scriptlb.stream.session import Session
 from scriptlb.variables.evaluate import compile_template, compile_template_bytes
+from scriptlb.variables.geo import GeoVariable
 
 # where a session goes: an upstream, a name lookup under way, or nowhere (status set)
 Routed: TypeAlias = "UpstreamRuntime | asyncio.Future[UpstreamRuntime | None] | None"
@@ -72,6 +77,7 @@ class StreamRuntime:
         self._resolvers: dict[ResolverConf, NameResolver] = {}
         self._getters: dict[str, variables.Getter] = {}
         self._files: dict[str, LogFile] = {}
+        self._limit_zones: dict[str, Any] | None = None
         self.conn_ids = itertools.count(1)
         self.servers: dict[ListenKey, StreamServerRuntime] = {}
         for log in self.conf.access_logs:  # (files nginx creates even when no server writes them)
@@ -116,12 +122,25 @@ class StreamRuntime:
             return variables.variable_getter(name, clock, self.conf.stored)
         # built on first use: a map may name a map defined after it (a cycle reads "")
         self._maps[name] = _empty
-        if map_conf is not None:
+        if isinstance(map_conf, GeoConf):
+            getter = self._maps[name] = GeoVariable(map_conf, self._compile)
+        elif map_conf is not None:
             getter = self._maps[name] = map_getter(map_conf, self._compile)
         else:
             assert split_conf is not None
             getter = self._maps[name] = split_getter(split_conf, self._compile)
         return getter
+
+    def limit_zones(self) -> dict[str, Any]:
+        """limit_conn_zone: one scriptlb.request.limits.LimitZone per zone and worker."""
+        if self._limit_zones is None:
+            from scriptlb.request.limits import LimitZone, stream_zone_directory
+            from scriptlb.state.shared_dict import zone_directory
+
+            directory = stream_zone_directory(zone_directory(self.prefix))
+            self._limit_zones = {name: LimitZone(zone, directory)
+                                 for name, zone in self.conf.limit_zones.items()}
+        return self._limit_zones
 
     def open_log(self, conf: Any) -> AccessLog:
         return open_access_log(conf, self.loop, self._files, lookup=self.lookup)
@@ -237,11 +256,20 @@ class StreamRuntime:
     def reopen_logs(self) -> None:
         for file in self._files.values():
             file.reopen()
+        for server in self._servers():
+            if server.error_log is not None:
+                server.error_log.reopen()
 
     def close(self) -> None:
         for file in self._files.values():
             file.flush()
             file.close()
+        for server in self._servers():
+            if server.error_log is not None:
+                server.error_log.close()
+
+    def _servers(self) -> list[StreamServerRuntime]:
+        return list({id(s): s for s in self.servers.values()}.values())
 
 
 class StreamServerRuntime:
@@ -254,6 +282,18 @@ class StreamServerRuntime:
         self.sessions: set[Session] = set()
         self._tls: ssl.SSLContext | None = None  # the server's TLS context, built on first use
         self.access_logs = [runtime.open_log(log) for log in conf.access_logs]
+        self.upload_rate = self._rate(conf.proxy.upload_rate)
+        self.download_rate = self._rate(conf.proxy.download_rate)
+        self.error_log = errorlog.ErrorLog(conf.error_log) if conf.error_log else None
+        # nginx's preaccess (limit_conn) and access (allow/deny) phases; None: nothing to do
+        self.limits: Any = None
+        if conf.limits is not None:
+            from scriptlb.request.limits import LimitPhase
+
+            self.limits = LimitPhase(conf.limits, runtime.limit_zones(), runtime._compile)
+        self.access: Callable[[Any], bool] | None = rules_check(conf.access) if conf.access else None
+        self.proxy_bind: Callable[[Any], str] | None = (
+            runtime._compile(conf.proxy_bind) if conf.proxy_bind is not None else None)
         proxy_pass = conf.proxy_pass
         self._upstream = None
         self._route = None
@@ -268,6 +308,18 @@ class StreamServerRuntime:
                 self._route = runtime.template(proxy_pass.template.raw)
             elif proxy_pass.upstream is not None:
                 self._upstream = runtime.upstreams[proxy_pass.upstream]
+
+    def _rate(self, value: int | Template) -> Callable[[Any], int]:
+        """A session's rate: the configured size, or its template's value read as a size (0,
+        unlimited, when it is not one, as nginx)."""
+        if isinstance(value, int):
+            return lambda session: value
+        render = self.runtime._compile(value)
+
+        def rate(session: Any) -> int:
+            return parse_size(render(session) or "") or 0
+
+        return rate
 
     def tls_context(self) -> ssl.SSLContext | None:
         if self._tls is None and self.conf.ssl is not None:
