@@ -338,3 +338,30 @@ def _error_lines(path: Path) -> list[str]:
     wanted = ("no port", "could not be resolved", "no resolver")
     return sorted(line.split("] ", 1)[1].split(" ", 2)[2] for line in path.read_text().splitlines()
                   if any(w in line for w in wanted))
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"PROXY INVALID", "broken"),  # nginx refuses it at once (stream_status_variable.t: 400)
+        (b"PROXY TCP5 ", "broken"),
+        (b"PROXY TCP4 192.0.2.1", "again"),  # a header still coming
+        (b"PROXY UNK", "again"),
+        (b"PROXY ", "again"),
+    ],
+)
+def test_an_unfinished_v1_header_that_cannot_become_one_is_broken_at_once(data: bytes, expected: str) -> None:
+    from scriptlb.http.proxy_protocol import read_header
+
+    assert read_header(data) == expected
+
+
+def test_a_broken_header_without_its_line_end_is_400_at_once(tmp_path: Path) -> None:
+    with Scriptlb(f"""stream {{
+            log_format s $status; access_log {tmp_path}/s.log s;
+            server {{ listen 127.0.0.1:{{port0}} proxy_protocol; return x; }}
+        }}""", tmp_path) as lb:
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=IO_TIMEOUT) as conn:
+            conn.sendall(b"PROXY INVALID")  # and nothing more: the session must not wait
+            assert read_until_closed(conn) == b""
+        assert read_log_lines(tmp_path / "s.log", 1) == ["400"]

@@ -42,10 +42,16 @@ def read_header(data: bytes) -> Header | str:
         return BROKEN
     end = data.find(b"\r\n")
     if end < 0:
-        return BROKEN if len(data) >= V1_MAX else NEED_MORE
+        return BROKEN if len(data) >= V1_MAX or not _v1_start(data[6:]) else NEED_MORE
     if end + 2 > V1_MAX:
         return BROKEN
     return _read_v1(data[:end].decode("latin-1"), end + 2)
+
+
+def _v1_start(rest: bytes) -> bool:
+    """Whether what follows "PROXY " so far can still become a header: nginx refuses anything
+    else at once (``PROXY INVALID`` is a broken header, not a wait for more bytes)."""
+    return any(word[:len(rest)] == rest[:len(word)] for word in (b"UNKNOWN", b"TCP4 ", b"TCP6 "))
 
 
 def _read_v1(line: str, length: int) -> Header | str:
