@@ -7,7 +7,8 @@ import asyncio
 import pytest
 from helpers import run_loop_until
 
-from scriptlb.http.upstream import ConnState, ResponseHead, UpstreamConnection, UpstreamError
+from scriptlb.http.response_head import ResponseHead
+from scriptlb.http.upstream import ConnState, UpstreamConnection, UpstreamError
 from scriptlb.request.retry import Failure
 
 HEAD = b"GET / HTTP/1.1\r\nHost: u\r\n\r\n"

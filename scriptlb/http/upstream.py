@@ -41,6 +41,7 @@ import httptools
 
 from scriptlb.config.model import NextUpstream
 from scriptlb.http import safety
+from scriptlb.http.response_head import ResponseHead, scan
 from scriptlb.logs import errorlog
 
 
@@ -64,25 +65,6 @@ class Failure(enum.IntEnum):
 # what makes two upstream connections interchangeable (attempt.pool_key): the peer's
 # address text, the name it is addressed by, and the local address a hook bound to
 PoolKey = tuple[str, str, tuple[str, int] | None]
-
-# Response headers nginx never passes to the client: hop-by-hop ones, the framing we redo, and
-# proxy_hide_header's defaults (Date, Server, X-Pad, X-Accel-*) since we send our own.
-HIDDEN_RESPONSE_HEADERS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-        b"content-length",
-        b"date",
-        b"server",
-        b"x-pad",
-    }
-)
-
 
 class ConnState(enum.Enum):
     NEW = "new"
@@ -115,97 +97,6 @@ class UpstreamError(Exception):
         self.request_sent = request_sent  # request bytes went out (no resending a POST then)
 
 
-# What on_header does with a response header, by lower-cased name (absent: pass it on).
-_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _HIDDEN = range(4)
-_HEADER_KIND = {name: _HIDDEN for name in HIDDEN_RESPONSE_HEADERS} | {
-    b"content-length": _CONTENT_LENGTH,
-    b"transfer-encoding": _TRANSFER_ENCODING,
-    b"connection": _CONNECTION,
-}
-
-
-class ResponseHead:
-    """The parsed status line and headers of one upstream response.
-
-    The headers are classified once, as they are parsed (``UpstreamConnection.on_header``):
-    ``headers`` keeps every pair as received (``$upstream_http_*``), ``lines`` the
-    ``Name: value\\r\\n`` lines the client gets, so a response is not scanned again.
-    """
-
-    __slots__ = ("chunked", "close", "connection", "content_length", "headers", "lines", "reason",
-                 "rewritable", "status")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.reason = b""  # the peer's own phrase, passed to the client as nginx does
-        self.headers: list[tuple[bytes, bytes]] = []  # as received, original case
-        self.lines: list[bytes] = []  # the headers passed to the client, as lines
-        self.content_length: int | None = None
-        self.chunked = False
-        self.close = False  # "Connection: close" or an HTTP/1.0 response without keep-alive
-        self.connection: bytes | None = None  # the Connection header's value
-        # a Location, Refresh or Set-Cookie is among the lines (proxy_redirect / proxy_cookie_*
-        # may have to edit them), or an X-Accel-Redirect came: other responses are not looked
-        # at again
-        self.rewritable = False
-
-    def client_headers(self) -> bytes:
-        """The headers to pass to the client, as ``Name: value\\r\\n`` lines."""
-        connection = self.connection
-        listed = (_connection_tokens(connection)
-                  if connection is not None and connection not in _PLAIN_CONNECTION else None)
-        if not listed:
-            return b"".join(self.lines)
-        out = []  # Connection names more headers as hop-by-hop (rare): drop those too
-        for name, value in self.headers:
-            lower = name.lower()
-            if lower in _HEADER_KIND or lower.startswith(b"x-accel-") or lower in listed:
-                continue
-            out.append(name + b": " + value + b"\r\n")
-        return b"".join(out)
-
-
-_BLANKS = frozenset({b" ", b"\t"})  # a value's last byte, when it must be stripped
-
-# on_header's memo: a header name as the peer spells it -> what to do with it (the same few
-# spellings come in every response; bounded, since peers choose names)
-_PASSED = -1
-_REWRITABLE = -2  # passed on, and noted (ResponseHead.rewritable)
-_REWRITABLE_NAMES = frozenset((b"location", b"refresh", b"set-cookie"))
-_ACCEL_REDIRECT = -3  # hidden, and noted (ResponseHead.rewritable)
-_KIND_BY_NAME: dict[bytes, int] = {}
-_KIND_MEMO_SIZE = 512
-
-
-def _header_kind(name: bytes) -> int:
-    lower = name.lower()
-    kind = _HEADER_KIND.get(lower)
-    if kind is None:
-        if lower == b"x-accel-redirect":
-            kind = _ACCEL_REDIRECT
-        else:
-            kind = _HIDDEN if lower[:8] == b"x-accel-" else (
-                _REWRITABLE if lower in _REWRITABLE_NAMES else _PASSED)
-    if len(_KIND_BY_NAME) >= _KIND_MEMO_SIZE:
-        _KIND_BY_NAME.clear()
-    _KIND_BY_NAME[name] = kind
-    return kind
-
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
-
-
-def _connection_tokens(connection: bytes) -> frozenset[bytes] | None:
-    """Header names listed in Connection (hop-by-hop by declaration), lower-cased; None for
-    the usual plain "keep-alive" / "close"."""
-    if connection in _PLAIN_CONNECTION:
-        return None
-    tokens = {t.strip().lower() for t in connection.split(b",")}
-    tokens.discard(b"close")
-    tokens.discard(b"keep-alive")
-    tokens.discard(b"")
-    return frozenset(tokens) or None
-
-
 class UpstreamHandler(Protocol):
     """Who a request's response goes to (the exchange)."""
 
@@ -227,12 +118,14 @@ class UpstreamConnection(asyncio.Protocol):
         "_early_body",
         "_extra_bytes",
         "_handler",
+        "_head_buf",
         "_head_bytes",
         "_head_dispatched",
         "_head_only",
         "_header_done",
         "_http11",
         "_in_feed",
+        "_interim",
         "_last_read",
         "_owner",
         "_parser",
@@ -280,6 +173,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_writable: Callable[[], None] | None = None  # a streamed body may flow again
         self.head_limit = 0  # proxy_buffer_size of the request in flight: the largest head (0: none)
         self._head_bytes = 0  # response bytes read while its head is incomplete
+        self._head_buf = b""  # ... and those bytes (the head is read from them once complete)
+        self._interim = False  # a 1xx head came before the final one
         # bytes of the request in flight: to the peer and from it (the peer statistics)
         self.sent = 0
         self.received = 0
@@ -337,13 +232,16 @@ class UpstreamConnection(asyncio.Protocol):
             self._last_read = self.loop.time()
             self.response_started = True
             self.received += len(data)
-            if not self._header_done and self.head_limit:
-                # nginx reads the head into one proxy_buffer_size buffer
-                before = self._head_bytes
-                self._head_bytes = before + len(data)
-                if self._head_bytes > self.head_limit and self._head_too_big(data, before):
-                    self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
-                    return
+            if not self._header_done:
+                buffered = self._head_buf
+                self._head_buf = buffered + data if buffered else data
+                if self.head_limit:
+                    # nginx reads the head into one proxy_buffer_size buffer
+                    before = self._head_bytes
+                    self._head_bytes = before + len(data)
+                    if self._head_bytes > self.head_limit and self._head_too_big(data, before):
+                        self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
+                        return
             self._in_feed = True
             try:
                 self._parser.feed_data(data)
@@ -463,9 +361,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser_ended = False
         self._handler = handler
         self._owner = handler
-        self._response = ResponseHead()
+        self._response = None
         self._header_done = False
         self._head_bytes = 0
+        self._head_buf = b""
+        self._interim = False
         self._head_dispatched = False
         self._head_only = head_only
         self._http11 = http11
@@ -615,60 +515,25 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ parser callbacks
 
-    def on_status(self, status: bytes) -> None:
-        # the reason phrase (the code comes from the parser); it may arrive in pieces
-        response = self._response
-        if response is not None and not self._header_done:
-            response.reason += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.response_complete:
-            self._extra_bytes = True  # a second response we never asked for
-            return
-        if value[-1:] in _BLANKS:
-            value = value.rstrip(b" \t")
-        response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
-        # classified here, once (this runs for every header of every response): passed on as a
-        # line for the client, or noted (framing, Connection), or hidden
-        response.headers.append((name, value))
-        kind = _KIND_BY_NAME.get(name)
-        if kind is None:
-            kind = _header_kind(name)
-        if kind == _PASSED:
-            response.lines.append(name + b": " + value + b"\r\n")
-        elif kind == _HIDDEN:  # (Date, Server: in most responses, tested before the framing)
-            return
-        elif kind == _CONTENT_LENGTH:
-            response.content_length = int(value)  # llhttp validated the digits and duplicates
-        elif kind == _CONNECTION:
-            connection = response.connection
-            response.connection = value if connection is None else connection + b", " + value
-        elif kind == _TRANSFER_ENCODING:
-            response.chunked = True
-        elif kind < _PASSED:  # (Location, Refresh, Set-Cookie; X-Accel-Redirect: hidden)
-            if kind == _REWRITABLE:
-                response.lines.append(name + b": " + value + b"\r\n")
-            response.rewritable = True
+    # (no on_status, no on_header: llhttp calls only the callbacks the protocol has, and the
+    # head is read from its bytes once complete, see response_head)
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        response = self._response
-        assert parser is not None and response is not None
+        assert parser is not None
         if self.response_complete:
-            self._extra_bytes = True
+            self._extra_bytes = True  # a second response we never asked for
             return
         status = parser.get_status_code()
         if status == 101 and self.upgrade:
             self._upgraded = True  # a final head: the exchange decides (a tunnel)
         elif 100 <= status < 200:
-            self._response = ResponseHead()  # 1xx interim response: nginx ignores it, so do we
+            self._interim = True  # 1xx interim response: nginx ignores it, so do we
             return
-        response.status = status
         # (no get_http_version(): nobody reads the peer's version, and httptools builds it with
         # str.format, costly per response)
-        response.close = not parser.should_keep_alive()
-        if response.chunked:
-            response.content_length = None
+        data, self._head_buf = self._head_buf, b""
+        self._response = scan(data, status, not parser.should_keep_alive(), self._interim, self.upgrade)
         self._header_done = True
         if self._head_only or status in (204, 304):
             self._complete_now_without_body()
@@ -689,9 +554,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._upgraded:
             return  # (llhttp ends the 101's "message" at its head: the connection is no HTTP now)
-        if self._response is None or not self._header_done:
-            self._response = ResponseHead()  # after a 1xx: the real response follows
-            return
+        if not self._header_done:
+            return  # after a 1xx: the real response follows
         self._parser_ended = True  # llhttp saw the end itself: it can parse the next response
         if self.response_complete:
             return

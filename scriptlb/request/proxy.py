@@ -41,10 +41,11 @@ from typing import TYPE_CHECKING, Any
 from scriptlb.config.model import NextUpstream
 from scriptlb.http.downstream import CLIENT_SEND_TIMEOUT, DROPPED, UNSENT
 from scriptlb.http.request_body import SpooledBody
+from scriptlb.http.response_head import ResponseHead
 from scriptlb.http.tls import handshake_error_text
 from scriptlb.http.tls_transport import open_tls_connection
 from scriptlb.http.tunnel import UPSTREAM_TIMED_OUT, Tunnel
-from scriptlb.http.upstream import PREMATURE, ConnState, ResponseHead, UpstreamConnection, UpstreamError
+from scriptlb.http.upstream import PREMATURE, ConnState, UpstreamConnection, UpstreamError
 from scriptlb.logs import errorlog
 from scriptlb.request.attempt import (
     ABANDONED,
@@ -489,7 +490,7 @@ class UpstreamRequest:
         if conn is not None:
             conn.abort()
         ex = self.exchange
-        ex.upstream_headers = response.headers
+        ex.upstream_headers = response  # (its pairs, parsed if something reads them)
         attempt.end(DONE, ex)
         kept = b"".join(name + b": " + value + b"\r\n" for name, value in response.headers
                         if name.lower() in _KEPT_BY_ACCEL_REDIRECT)
@@ -547,7 +548,7 @@ class UpstreamRequest:
         ex = self.exchange
         self._passing = True
         ex.status = response.status
-        ex.upstream_headers = response.headers
+        ex.upstream_headers = response  # (its pairs, parsed if something reads them)
         headers = response.client_headers()
         location = ex.location
         if response.rewritable and location.header_rewrite is not None:  # proxy_redirect, proxy_cookie_*
@@ -579,7 +580,7 @@ class UpstreamRequest:
         ex = self.exchange
         self._passing = True
         ex.status = 101
-        ex.upstream_headers = response.headers
+        ex.upstream_headers = response  # (its pairs, parsed if something reads them)
         headers = response.client_headers() + _upgrade_lines(response.headers)
         ex.response_headers = headers
         client = ex.conn
