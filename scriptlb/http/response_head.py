@@ -1,24 +1,16 @@
-"""A peer's response head, read from its raw bytes once llhttp has validated them.
+"""A peer's response head: what the proxy acts on, noted as llhttp parses it, and the header
+pairs themselves parsed again from the head's bytes only if something reads them.
 
-The upstream parser gets no per-header callback (a Python call per header line, and llhttp's
-copies of every name and value, for headers the proxy passes on untouched). When llhttp says
-the head is complete, ``scan`` looks at the head's bytes once:
-
-* a head in the canonical form (every line ``Name: value\\r\\n``, one space after the colon,
-  no blank at the end of a value: what servers send) is taken apart by two C-level regex
-  passes: one finds the few headers the proxy acts on (framing, Connection, the ones
-  proxy_redirect / proxy_cookie_* / X-Accel-Redirect may need), the other cuts the hidden
-  lines out, so the client's lines are the peer's bytes;
-* any other head (blanks to strip, lines ended by a bare LF, an interim 1xx before it) is
-  parsed again by a second llhttp parser that collects the pairs, exactly as before.
-
-The header list (``$upstream_http_*``, hooks, proxy_pass_header, ...) is built only when
-something reads it: a ``ResponseHead`` is the sequence of its ``(name, value)`` pairs.
+Per header line the upstream parser's callback does as little as it can (a memo lookup by
+the name as the peer spells it; nothing more for a hidden header such as Date or Server, one
+``Name: value\r\n`` line for a passed one). The list of ``(name, value)`` pairs that
+``$upstream_http_*``, hooks, proxy_pass_header and a few rare paths read is built only when
+one of them asks: a ``ResponseHead`` is that sequence, parsed from the response's first bytes
+by a second llhttp parser with a collecting callback (the same values, byte for byte).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from typing import overload
 
@@ -42,23 +34,30 @@ HIDDEN_RESPONSE_HEADERS = frozenset(
     }
 )
 
-# "\r\n" + a line that is not "Name: value" in the canonical form: no space (or a blank more)
-# after the colon, an empty value, a blank before the line's end, a line ended by a bare LF
-_ODD_LINE = re.compile(rb"\r\n(?:[^:\r\n]*:(?! [^ \t\r\n])|[^\r\n]*(?:[ \t]\r|\n))")
-# "\r\n" + a header the proxy acts on: (name, value)
-_NOTABLE = re.compile(
-    rb"\r\n(content-length|transfer-encoding|connection|location|refresh|set-cookie|x-accel-redirect)"
-    rb": ([^\r]*)", re.I)
-# "\r\n" + a line the client never gets (HIDDEN_RESPONSE_HEADERS and X-Accel-*)
-_HIDDEN_LINE = re.compile(
-    rb"\r\n(?:connection|keep-alive|te|trailer|transfer-encoding|upgrade|proxy-connection|"
-    rb"content-length|date|server|x-pad|x-accel-[^:\r]*):[^\r]*", re.I)
+# What a header line is to the proxy (the upstream parser's on_header looks it up in
+# KIND_BY_NAME, by the name as the peer spells it, else asks kind_of): passed on untouched,
+# hidden, or noted (ResponseHead.note), and then passed on (REWRITABLE) or hidden (the rest)
+PASSED, HIDDEN, LENGTH, CHUNKED, CONNECTION, REWRITABLE, ACCEL_REDIRECT = range(7)
+_KIND_BY_LOWER = {name: HIDDEN for name in HIDDEN_RESPONSE_HEADERS} | {
+    b"content-length": LENGTH, b"transfer-encoding": CHUNKED, b"connection": CONNECTION,
+    b"location": REWRITABLE, b"refresh": REWRITABLE, b"set-cookie": REWRITABLE,
+    b"x-accel-redirect": ACCEL_REDIRECT}
+# the memo: the same few spellings come in every response (bounded: peers choose names)
+KIND_BY_NAME: dict[bytes, int] = {}
+_KIND_MEMO_SIZE = 512
 
-# what a notable header means, by lower-cased name
-_LENGTH, _CHUNKED, _CONNECTION, _REWRITABLE = range(4)
-_NOTABLE_KIND = {b"content-length": _LENGTH, b"transfer-encoding": _CHUNKED, b"connection": _CONNECTION,
-                 b"location": _REWRITABLE, b"refresh": _REWRITABLE, b"set-cookie": _REWRITABLE,
-                 b"x-accel-redirect": _REWRITABLE}
+
+def kind_of(name: bytes) -> int:
+    """What header ``name`` (any case) is to the proxy; memoized in KIND_BY_NAME."""
+    lower = name.lower()
+    kind = _KIND_BY_LOWER.get(lower)
+    if kind is None:
+        kind = HIDDEN if lower[:8] == b"x-accel-" else PASSED
+    if len(KIND_BY_NAME) >= _KIND_MEMO_SIZE:
+        KIND_BY_NAME.clear()
+    KIND_BY_NAME[name] = kind
+    return kind
+
 
 Header = tuple[bytes, bytes]
 
@@ -67,13 +66,13 @@ class ResponseHead(Sequence[Header]):
     """The status line and headers of one upstream response; as a sequence, its header pairs
     as received (original case), parsed on first use."""
 
-    __slots__ = ("_block", "_headers", "chunked", "close", "connection", "content_length", "lines",
-                 "reason", "rewritable", "status")
+    __slots__ = ("_headers", "_raw", "_upgrade", "chunked", "close", "connection", "content_length",
+                 "lines", "reason", "rewritable", "status")
 
-    def __init__(self, status: int, reason: bytes, close: bool) -> None:
-        self.status = status
-        self.reason = reason  # the peer's own phrase, passed to the client as nginx does
-        self.close = close  # "Connection: close" or an HTTP/1.0 response without keep-alive
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""  # the peer's own phrase, passed to the client as nginx does
+        self.close = False  # "Connection: close" or an HTTP/1.0 response without keep-alive
         self.content_length: int | None = None
         self.chunked = False
         self.connection: bytes | None = None  # the Connection header's value
@@ -82,18 +81,24 @@ class ResponseHead(Sequence[Header]):
         # at again
         self.rewritable = False
         self.lines = b""  # the headers passed to the client, as "Name: value\r\n" lines
-        self._block = b"\r\n"  # a canonical head's header lines, each after its "\r\n"
+        self._raw = b""  # the response's bytes up to the end of its head (maybe more)
+        self._upgrade = False  # a 101 is the final head (the client asked to switch)
         self._headers: list[Header] | None = None
+
+    def keep_raw(self, data: bytes, interim: bool, upgrade: bool) -> None:
+        """The bytes the head came in (``interim``: 1xx heads came first), for ``headers``."""
+        if len(data) > _RAW_KEPT and not interim:
+            end = data.find(b"\r\n\r\n")  # (not the body too, while the response lasts)
+            if end >= 0:
+                data = data[:end + 4]
+        self._raw = data
+        self._upgrade = upgrade
 
     @property
     def headers(self) -> list[Header]:
         headers = self._headers
         if headers is None:
-            block = self._block
-            # (canonical lines: the name has no colon, the value starts after ": ")
-            headers = self._headers = [] if block == b"\r\n" else [
-                (line[:colon], line[colon + 2:])
-                for line in block[2:-2].split(b"\r\n") for colon in (line.index(b":"),)]
+            headers = self._headers = _collected(self._raw, self._upgrade)
         return headers
 
     def __len__(self) -> int:
@@ -108,6 +113,18 @@ class ResponseHead(Sequence[Header]):
     def __getitem__(self, index: slice) -> Sequence[Header]: ...
     def __getitem__(self, index: int | slice) -> Header | Sequence[Header]:
         return self.headers[index]
+
+    def note(self, kind: int, value: bytes) -> None:
+        """What a header the proxy acts on says (``kind``: see ``kind_of``)."""
+        if kind == LENGTH:
+            self.content_length = int(value)  # llhttp validated the digits and duplicates
+        elif kind == CONNECTION:
+            connection = self.connection
+            self.connection = value if connection is None else connection + b", " + value
+        elif kind == CHUNKED:
+            self.chunked = True
+        else:  # (Location, Refresh, Set-Cookie; X-Accel-Redirect: hidden)
+            self.rewritable = True
 
     def client_headers(self) -> bytes:
         """The headers to pass to the client, as ``Name: value\\r\\n`` lines."""
@@ -125,6 +142,11 @@ class ResponseHead(Sequence[Header]):
         return b"".join(out)
 
 
+# a first read longer than this is cut to its head when kept (most heads and small bodies
+# come in one read: no copy for them)
+_RAW_KEPT = 4096
+
+
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 
@@ -140,38 +162,8 @@ def _connection_tokens(connection: bytes) -> frozenset[bytes] | None:
     return frozenset(tokens) or None
 
 
-def scan(data: bytes, status: int, close: bool, interim: bool, upgrade: bool) -> ResponseHead:
-    """The head at the start of ``data`` (the response's bytes so far, llhttp-validated up to
-    the end of the head; ``interim``: 1xx heads came first; ``upgrade``: a 101 is final)."""
-    end = data.find(b"\r\n\r\n")
-    first = data.find(b"\r\n")
-    line = data[:first]
-    if interim or end < 0 or b"\n" in line or (len(line) > 12 and line[12] != 32):
-        return _reparsed(data, status, close, upgrade)
-    block = data[first:end + 2]  # "\r\nName: value" ... "\r\n"
-    if _ODD_LINE.search(block) is not None:
-        return _reparsed(data, status, close, upgrade)
-    response = ResponseHead(status, line[13:], close)
-    response._block = block
-    for name, value in _NOTABLE.findall(block):
-        kind = _NOTABLE_KIND[name.lower()]
-        if kind == _LENGTH:
-            response.content_length = int(value)  # llhttp validated the digits and duplicates
-        elif kind == _CONNECTION:
-            connection = response.connection
-            response.connection = value if connection is None else connection + b", " + value
-        elif kind == _CHUNKED:
-            response.chunked = True
-        else:
-            response.rewritable = True
-    response.lines = _HIDDEN_LINE.sub(b"", block)[2:]
-    if response.chunked:
-        response.content_length = None
-    return response
-
-
-def _reparsed(data: bytes, status: int, close: bool, upgrade: bool) -> ResponseHead:
-    """An unusual head, read by llhttp once more with a collecting callback per header."""
+def _collected(data: bytes, upgrade: bool) -> list[Header]:
+    """The header pairs of the final head in ``data``, as the upstream parser saw them."""
     collector = _Collector(upgrade)
     parser = collector.parser = httptools.HttpResponseParser(collector)
     parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
@@ -179,27 +171,7 @@ def _reparsed(data: bytes, status: int, close: bool, upgrade: bool) -> ResponseH
         parser.feed_data(data)
     except httptools.HttpParserError:
         pass  # (past the head: a body, or a new protocol after a 101; the head is collected)
-    response = ResponseHead(status, collector.reason, close)
-    response._headers = headers = collector.final or []
-    lines = []
-    for name, value in headers:
-        lower = name.lower()
-        kind = _NOTABLE_KIND.get(lower)
-        if kind == _LENGTH:
-            response.content_length = int(value)
-        elif kind == _CONNECTION:
-            connection = response.connection
-            response.connection = value if connection is None else connection + b", " + value
-        elif kind == _CHUNKED:
-            response.chunked = True
-        elif kind == _REWRITABLE:
-            response.rewritable = True
-        if lower not in HIDDEN_RESPONSE_HEADERS and not lower.startswith(b"x-accel-"):
-            lines.append(name + b": " + value + b"\r\n")
-    response.lines = b"".join(lines)
-    if response.chunked:
-        response.content_length = None
-    return response
+    return collector.final or []
 
 
 class _Collector:
@@ -224,9 +196,8 @@ class _Collector:
             self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if value[-1:] in (b" ", b"\t"):
-            value = value.rstrip(b" \t")
-        self.headers.append((name, value))
+        if self.final is None:
+            self.headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         assert self.parser is not None

@@ -40,8 +40,8 @@ from typing import Protocol, cast
 import httptools
 
 from scriptlb.config.model import NextUpstream
-from scriptlb.http import safety
-from scriptlb.http.response_head import ResponseHead, scan
+from scriptlb.http import response_head, safety
+from scriptlb.http.response_head import KIND_BY_NAME, ResponseHead, kind_of
 from scriptlb.logs import errorlog
 
 
@@ -95,6 +95,9 @@ class UpstreamError(Exception):
         self.phase = phase  # nginx's "while ..." log action
         self.response_started = response_started  # any response byte arrived before the failure
         self.request_sent = request_sent  # request bytes went out (no resending a POST then)
+
+
+_HIDDEN, _PASSED, _REWRITABLE = response_head.HIDDEN, response_head.PASSED, response_head.REWRITABLE
 
 
 class UpstreamHandler(Protocol):
@@ -361,7 +364,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser_ended = False
         self._handler = handler
         self._owner = handler
-        self._response = None
+        self._response = ResponseHead()
         self._header_done = False
         self._head_bytes = 0
         self._head_buf = b""
@@ -515,12 +518,34 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ parser callbacks
 
-    # (no on_status, no on_header: llhttp calls only the callbacks the protocol has, and the
-    # head is read from its bytes once complete, see response_head)
+    def on_status(self, status: bytes) -> None:
+        # the reason phrase (the code comes from the parser); it may arrive in pieces
+        if not self._header_done:
+            self._response.reason += status  # type: ignore[union-attr]  # (set by start)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # (this runs for every header of every response: a lookup, and for the usual hidden
+        # ones nothing more; the pairs themselves are parsed again only if something reads them)
+        kind = KIND_BY_NAME.get(name)
+        if kind is None:
+            kind = kind_of(name)
+        if kind == _HIDDEN:
+            return
+        response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
+        if self._header_done:
+            return  # a second response we never asked for (on_headers_complete says so)
+        value = value.rstrip(b" \t")  # (llhttp took the blanks before it)
+        if kind == _PASSED:
+            response.lines += name + b": " + value + b"\r\n"
+            return
+        if kind == _REWRITABLE:
+            response.lines += name + b": " + value + b"\r\n"
+        response.note(kind, value)
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        assert parser is not None
+        response = self._response
+        assert parser is not None and response is not None
         if self.response_complete:
             self._extra_bytes = True  # a second response we never asked for
             return
@@ -529,11 +554,16 @@ class UpstreamConnection(asyncio.Protocol):
             self._upgraded = True  # a final head: the exchange decides (a tunnel)
         elif 100 <= status < 200:
             self._interim = True  # 1xx interim response: nginx ignores it, so do we
+            self._response = ResponseHead()
             return
+        response.status = status
         # (no get_http_version(): nobody reads the peer's version, and httptools builds it with
         # str.format, costly per response)
+        response.close = not parser.should_keep_alive()
+        if response.chunked:
+            response.content_length = None
         data, self._head_buf = self._head_buf, b""
-        self._response = scan(data, status, not parser.should_keep_alive(), self._interim, self.upgrade)
+        response.keep_raw(data, self._interim, self.upgrade)
         self._header_done = True
         if self._head_only or status in (204, 304):
             self._complete_now_without_body()
@@ -555,7 +585,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._upgraded:
             return  # (llhttp ends the 101's "message" at its head: the connection is no HTTP now)
         if not self._header_done:
-            return  # after a 1xx: the real response follows
+            self._response = ResponseHead()  # after a 1xx: the real response follows
+            return
         self._parser_ended = True  # llhttp saw the end itself: it can parse the next response
         if self.response_complete:
             return
