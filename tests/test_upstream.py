@@ -201,9 +201,8 @@ def test_idle_connection_receiving_data_is_dropped(loop: asyncio.AbstractEventLo
     conn, transport = connect(loop)
     send(conn)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    conn.make_idle(0.0)
     lost: list[UpstreamConnection] = []
-    conn.on_idle_lost = lost.append
+    conn.make_idle(0.0, lost.append)
     conn.data_received(b"HTTP/1.1 408 Request Time-out\r\n\r\n")
     assert lost == [conn] and transport.closed and conn.state is ConnState.CLOSED
 

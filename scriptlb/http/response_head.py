@@ -34,30 +34,33 @@ HIDDEN_RESPONSE_HEADERS = frozenset(
     }
 )
 
-# What a header line is to the proxy (the upstream parser's on_header looks it up in
-# KIND_BY_NAME, by the name as the peer spells it, else asks kind_of): passed on untouched,
-# hidden, or noted (ResponseHead.note), and then passed on (REWRITABLE) or hidden (the rest)
-PASSED, HIDDEN, LENGTH, CHUNKED, CONNECTION, REWRITABLE, ACCEL_REDIRECT = range(7)
+# What a header line is to the proxy, by its name as the peer spells it (KINDS[name]):
+# hidden (0: a false value, the usual case tested first), passed on untouched, or noted
+# (ResponseHead.note) and then passed on (REWRITABLE) or hidden (the rest)
+HIDDEN, PASSED, LENGTH, CONNECTION, CHUNKED, REWRITABLE, ACCEL_REDIRECT = range(7)
 _KIND_BY_LOWER = {name: HIDDEN for name in HIDDEN_RESPONSE_HEADERS} | {
     b"content-length": LENGTH, b"transfer-encoding": CHUNKED, b"connection": CONNECTION,
     b"location": REWRITABLE, b"refresh": REWRITABLE, b"set-cookie": REWRITABLE,
     b"x-accel-redirect": ACCEL_REDIRECT}
-# the memo: the same few spellings come in every response (bounded: peers choose names)
-KIND_BY_NAME: dict[bytes, int] = {}
 _KIND_MEMO_SIZE = 512
 
 
-def kind_of(name: bytes) -> int:
-    """What header ``name`` (any case) is to the proxy; memoized in KIND_BY_NAME."""
-    lower = name.lower()
-    kind = _KIND_BY_LOWER.get(lower)
-    if kind is None:
-        kind = HIDDEN if lower[:8] == b"x-accel-" else PASSED
-    if len(KIND_BY_NAME) >= _KIND_MEMO_SIZE:
-        KIND_BY_NAME.clear()
-    KIND_BY_NAME[name] = kind
-    return kind
+class _Kinds(dict[bytes, int]):
+    """The memo: the same few spellings come in every response (bounded: peers choose
+    names); a name not seen yet is looked up by its lower case."""
 
+    def __missing__(self, name: bytes) -> int:
+        lower = name.lower()
+        kind = _KIND_BY_LOWER.get(lower)
+        if kind is None:
+            kind = HIDDEN if lower[:8] == b"x-accel-" else PASSED
+        if len(self) >= _KIND_MEMO_SIZE:
+            self.clear()
+        self[name] = kind
+        return kind
+
+
+KINDS = _Kinds()
 
 Header = tuple[bytes, bytes]
 
@@ -115,7 +118,7 @@ class ResponseHead(Sequence[Header]):
         return self.headers[index]
 
     def note(self, kind: int, value: bytes) -> None:
-        """What a header the proxy acts on says (``kind``: see ``kind_of``)."""
+        """What a header the proxy acts on says (``kind``: see KINDS)."""
         if kind == LENGTH:
             self.content_length = int(value)  # llhttp validated the digits and duplicates
         elif kind == CONNECTION:
@@ -130,7 +133,7 @@ class ResponseHead(Sequence[Header]):
         """The headers to pass to the client, as ``Name: value\\r\\n`` lines."""
         connection = self.connection
         listed = (_connection_tokens(connection)
-                  if connection is not None and connection not in _PLAIN_CONNECTION else None)
+                  if connection is not None and connection not in PLAIN_CONNECTION else None)
         if not listed:
             return self.lines
         out = []  # Connection names more headers as hop-by-hop (rare): drop those too
@@ -147,13 +150,13 @@ class ResponseHead(Sequence[Header]):
 _RAW_KEPT = 4096
 
 
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 
 def _connection_tokens(connection: bytes) -> frozenset[bytes] | None:
     """Header names listed in Connection (hop-by-hop by declaration), lower-cased; None for
     the usual plain "keep-alive" / "close"."""
-    if connection in _PLAIN_CONNECTION:
+    if connection in PLAIN_CONNECTION:
         return None
     tokens = {t.strip().lower() for t in connection.split(b",")}
     tokens.discard(b"close")

@@ -41,7 +41,7 @@ import httptools
 
 from scriptlb.config.model import NextUpstream
 from scriptlb.http import response_head, safety
-from scriptlb.http.response_head import KIND_BY_NAME, ResponseHead, kind_of
+from scriptlb.http.response_head import KINDS, ResponseHead
 from scriptlb.logs import errorlog
 
 
@@ -97,7 +97,10 @@ class UpstreamError(Exception):
         self.request_sent = request_sent  # request bytes went out (no resending a POST then)
 
 
-_HIDDEN, _PASSED, _REWRITABLE = response_head.HIDDEN, response_head.PASSED, response_head.REWRITABLE
+# (module constants: on_header reads them for every header line)
+_PASSED, _LENGTH = response_head.PASSED, response_head.LENGTH
+_CONNECTION, _REWRITABLE = response_head.CONNECTION, response_head.REWRITABLE
+_PLAIN_CONNECTION = response_head.PLAIN_CONNECTION
 
 
 class UpstreamHandler(Protocol):
@@ -122,11 +125,9 @@ class UpstreamConnection(asyncio.Protocol):
         "_extra_bytes",
         "_handler",
         "_head_buf",
-        "_head_bytes",
         "_head_dispatched",
         "_head_only",
         "_header_done",
-        "_http11",
         "_in_feed",
         "_interim",
         "_last_read",
@@ -175,8 +176,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_idle_lost: object = None  # set by the pool: callable(conn) when an idle conn dies
         self.on_writable: Callable[[], None] | None = None  # a streamed body may flow again
         self.head_limit = 0  # proxy_buffer_size of the request in flight: the largest head (0: none)
-        self._head_bytes = 0  # response bytes read while its head is incomplete
-        self._head_buf = b""  # ... and those bytes (the head is read from them once complete)
+        self._head_buf = b""  # response bytes read while its head is incomplete
         self._interim = False  # a 1xx head came before the final one
         # bytes of the request in flight: to the peer and from it (the peer statistics)
         self.sent = 0
@@ -210,8 +210,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_feed = False  # inside feed_data: completion is delivered after it returns
         self._early_body: list[bytes] = []
         self._extra_bytes = False  # bytes after the response's end: the connection is unusable
-        self._closing_after = False  # we asked the peer to close (Connection: close)
-        self._http11 = True
+        # we asked the peer to close (Connection: close), or spoke HTTP/1.0 to it: no reuse
+        self._closing_after = False
         self.upgrade = False  # the client asked to switch protocols: a 101 ends the head
         self._upgraded = False  # ... and the peer sent it: the rest is a tunnel's
         self.upgraded_data = b""  # bytes after the 101's head
@@ -236,15 +236,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.response_started = True
             self.received += len(data)
             if not self._header_done:
-                buffered = self._head_buf
-                self._head_buf = buffered + data if buffered else data
-                if self.head_limit:
-                    # nginx reads the head into one proxy_buffer_size buffer
-                    before = self._head_bytes
-                    self._head_bytes = before + len(data)
-                    if self._head_bytes > self.head_limit and self._head_too_big(data, before):
-                        self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
-                        return
+                before = self._head_buf
+                head = self._head_buf = before + data if before else data
+                limit = self.head_limit  # (nginx reads the head into one proxy_buffer_size buffer)
+                if limit and len(head) > limit and self._head_too_big(data, len(before)):
+                    self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
+                    return
             self._in_feed = True
             try:
                 self._parser.feed_data(data)
@@ -365,24 +362,17 @@ class UpstreamConnection(asyncio.Protocol):
         self._handler = handler
         self._owner = handler
         self._response = ResponseHead()
-        self._header_done = False
-        self._head_bytes = 0
-        self._head_buf = b""
-        self._interim = False
-        self._head_dispatched = False
         self._head_only = head_only
-        self._http11 = http11
-        self._closing_after = close_after
-        self.response_started = False
-        self.response_complete = False
-        self.request_sent = False
-        self.request_complete = False
-        self._streaming = False
-        if self._early_body:
-            self._early_body = []
-        self._extra_bytes = False
-        self._read_paused = False
-        self._upgraded = False
+        self._closing_after = close_after or not http11
+        if self.requests > 1:
+            # a pooled connection: is_reusable held when it went idle, so its last response
+            # was complete (_head_buf, _interim and _early_body emptied, _upgraded,
+            # _extra_bytes and _read_paused False); reset what its last request set
+            self._header_done = self._head_dispatched = self._streaming = False
+            self.response_started = self.response_complete = False
+            self.request_sent = self.request_complete = False
+            if self._early_body:
+                self._early_body = []
         transport = self.transport
         if self.state is not ACTIVE or transport is None or transport.is_closing():
             # the peer closed it a moment ago (connection_lost may even have run already):
@@ -456,25 +446,23 @@ class UpstreamConnection(asyncio.Protocol):
         nobody said ``Connection: close``, nothing unexpected arrived, and the connection has
         not reached ``keepalive_requests``.
         """
-        response = self._response
         return (
-            self.state is ACTIVE
-            and self.response_complete
+            self.response_complete
             and self.request_complete
-            and response is not None
-            and not response.close
-            and self._http11
+            and self.state is ACTIVE
+            and not self._response.close  # type: ignore[union-attr]  # (set by start)
             and not self._closing_after
             and not self._extra_bytes
             and not self._read_paused
             and (not max_requests or self.requests < max_requests)
         )
 
-    def make_idle(self, now: float) -> None:
+    def make_idle(self, now: float, on_lost: Callable[[UpstreamConnection], None]) -> None:
+        """Into the pool (``on_lost``: the pool's callback if the idle connection dies)."""
         self.state = IDLE
-        self.on_writable = None
         self.idle_since = now
-        self._handler = self._owner = None  # (the parser stays: the next request reuses it)
+        self.on_idle_lost = on_lost
+        self.on_writable = self._handler = self._owner = None  # (the parser stays for the next)
 
     def is_alive(self) -> bool:
         """Still open as far as the transport knows (the pool skips ones closing under it)."""
@@ -525,22 +513,24 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # (this runs for every header of every response: a lookup, and for the usual hidden
-        # ones nothing more; the pairs themselves are parsed again only if something reads them)
-        kind = KIND_BY_NAME.get(name)
-        if kind is None:
-            kind = kind_of(name)
-        if kind == _HIDDEN:
+        # ones nothing more; the pairs themselves are parsed again only if something reads
+        # them. A second response we never asked for changes a head already passed on:
+        # on_headers_complete marks the connection unusable.)
+        kind = KINDS[name]
+        if not kind:  # hidden (Date, Server, ...)
             return
         response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
-        if self._header_done:
-            return  # a second response we never asked for (on_headers_complete says so)
-        value = value.rstrip(b" \t")  # (llhttp took the blanks before it)
+        # (the value's trailing blanks go; llhttp took the ones before it)
         if kind == _PASSED:
-            response.lines += name + b": " + value + b"\r\n"
-            return
-        if kind == _REWRITABLE:
-            response.lines += name + b": " + value + b"\r\n"
-        response.note(kind, value)
+            response.lines += name + b": " + value.rstrip(b" \t") + b"\r\n"
+        elif kind == _LENGTH:
+            response.content_length = int(value)  # llhttp validated the digits and duplicates
+        elif kind != _CONNECTION or value not in _PLAIN_CONNECTION:
+            # (a plain "Connection: keep-alive" says nothing parser.should_keep_alive does not)
+            value = value.rstrip(b" \t")
+            if kind == _REWRITABLE:
+                response.lines += name + b": " + value + b"\r\n"
+            response.note(kind, value)
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -564,6 +554,7 @@ class UpstreamConnection(asyncio.Protocol):
             response.content_length = None
         data, self._head_buf = self._head_buf, b""
         response.keep_raw(data, self._interim, self.upgrade)
+        self._interim = False
         self._header_done = True
         if self._head_only or status in (204, 304):
             self._complete_now_without_body()

@@ -549,7 +549,7 @@ class UpstreamRequest:
         self._passing = True
         ex.status = response.status
         ex.upstream_headers = response  # (its pairs, parsed if something reads them)
-        headers = response.client_headers()
+        headers = response.lines if response.connection is None else response.client_headers()
         location = ex.location
         if response.rewritable and location.header_rewrite is not None:  # proxy_redirect, proxy_cookie_*
             headers = location.header_rewrite(ex, headers)
