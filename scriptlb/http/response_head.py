@@ -172,7 +172,7 @@ def _collected(data: bytes, upgrade: bool) -> list[Header]:
     parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
     try:
         parser.feed_data(data)
-    except httptools.HttpParserError:
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
         pass  # (past the head: a body, or a new protocol after a 101; the head is collected)
     return collector.final or []
 

@@ -553,6 +553,22 @@ class UpstreamRequest:
         location = ex.location
         if response.rewritable and location.header_rewrite is not None:  # proxy_redirect, proxy_cookie_*
             headers = location.header_rewrite(ex, headers)
+        client = ex.conn
+        if location.plain_response and not ex.err_status:  # (the usual response)
+            ex.response_headers = headers
+            client.send_head(response.status, headers, response.content_length, reason=response.reason)
+        else:
+            self._send_head_edited(ex, response, headers)
+        conn.stream_to(self)  # the body that came with the head goes out with it
+        if self.attempt is attempt:  # still streaming: not completed by stream_to
+            client.flush()
+            if client.writing_paused:
+                conn.pause_reading()
+
+    def _send_head_edited(self, ex: Exchange, response: ResponseHead, headers: bytes) -> None:
+        """The head of a response whose headers the location edits, or after an internal
+        redirect."""
+        location = ex.location
         if location.response_filter is not None:  # proxy_hide_header, proxy_pass_header
             headers = location.response_filter(headers, response.headers)
         if location.add_headers is not None:
@@ -561,16 +577,10 @@ class UpstreamRequest:
         if trace is not None:  # balancer_trace_header on
             headers = trace.headers(ex, headers)
         ex.response_headers = headers
-        client = ex.conn
-        if not ex.err_status and location.add_trailers is None:  # (the usual response)
-            client.send_head(response.status, headers, response.content_length, reason=response.reason)
+        if not ex.err_status and location.add_trailers is None:
+            ex.conn.send_head(response.status, headers, response.content_length, reason=response.reason)
         else:
             _send_head_unusual(ex, response, headers)
-        conn.stream_to(self)  # the body that came with the head goes out with it
-        if self.attempt is attempt:  # still streaming: not completed by stream_to
-            client.flush()
-            if client.writing_paused:
-                conn.pause_reading()
 
     def _start_tunnel(self, attempt: Attempt, response: ResponseHead) -> None:
         """The peer switched protocols: pass its 101 on, then join the two sockets. The try
