@@ -69,8 +69,10 @@ class ResponseHead(Sequence[Header]):
     """The status line and headers of one upstream response; as a sequence, its header pairs
     as received (original case), parsed on first use."""
 
-    __slots__ = ("_headers", "_raw", "_upgrade", "chunked", "close", "connection", "content_length",
-                 "lines", "reason", "rewritable", "status")
+    __slots__ = ("_headers", "_upgrade", "chunked", "close", "connection", "content_length", "lines",
+                 "raw", "reason", "rewritable", "status")
+    _headers: list[Header]
+    _upgrade: bool
 
     def __init__(self) -> None:
         self.status = 0
@@ -84,25 +86,28 @@ class ResponseHead(Sequence[Header]):
         # at again
         self.rewritable = False
         self.lines = b""  # the headers passed to the client, as "Name: value\r\n" lines
-        self._raw = b""  # the response's bytes up to the end of its head (maybe more)
-        self._upgrade = False  # a 101 is the final head (the client asked to switch)
-        self._headers: list[Header] | None = None
+        # the response's bytes up to the end of its head, maybe more (set by the parser, with
+        # keep_raw when more is to be said)
+        self.raw = b""
+        # (_upgrade and _headers are set when needed: an unset slot costs nothing)
 
     def keep_raw(self, data: bytes, interim: bool, upgrade: bool) -> None:
-        """The bytes the head came in (``interim``: 1xx heads came first), for ``headers``."""
-        if len(data) > _RAW_KEPT and not interim:
+        """The bytes the head came in (``interim``: 1xx heads came first; ``upgrade``: a 101
+        is the final head), for ``headers``."""
+        if len(data) > RAW_KEPT and not interim:
             end = data.find(b"\r\n\r\n")  # (not the body too, while the response lasts)
             if end >= 0:
                 data = data[:end + 4]
-        self._raw = data
+        self.raw = data
         self._upgrade = upgrade
 
     @property
     def headers(self) -> list[Header]:
-        headers = self._headers
-        if headers is None:
-            headers = self._headers = _collected(self._raw, self._upgrade)
-        return headers
+        try:
+            return self._headers
+        except AttributeError:  # (the first time)
+            headers = self._headers = _collected(self.raw, getattr(self, "_upgrade", False))
+            return headers
 
     def __len__(self) -> int:
         return len(self.headers)
@@ -147,7 +152,7 @@ class ResponseHead(Sequence[Header]):
 
 # a first read longer than this is cut to its head when kept (most heads and small bodies
 # come in one read: no copy for them)
-_RAW_KEPT = 4096
+RAW_KEPT = 4096
 
 
 PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})

@@ -101,6 +101,7 @@ class UpstreamError(Exception):
 _PASSED, _LENGTH = response_head.PASSED, response_head.LENGTH
 _CONNECTION, _REWRITABLE = response_head.CONNECTION, response_head.REWRITABLE
 _PLAIN_CONNECTION = response_head.PLAIN_CONNECTION
+_RAW_KEPT = response_head.RAW_KEPT
 
 
 class UpstreamHandler(Protocol):
@@ -552,9 +553,13 @@ class UpstreamConnection(asyncio.Protocol):
         response.close = not parser.should_keep_alive()
         if response.chunked:
             response.content_length = None
-        data, self._head_buf = self._head_buf, b""
-        response.keep_raw(data, self._interim, self.upgrade)
-        self._interim = False
+        data = self._head_buf
+        self._head_buf = b""
+        if len(data) <= _RAW_KEPT and not self._interim and not self.upgrade:
+            response.raw = data  # (the usual head: a few hundred bytes, in one read)
+        else:
+            response.keep_raw(data, self._interim, self.upgrade)
+            self._interim = False
         self._header_done = True
         if self._head_only or status in (204, 304):
             self._complete_now_without_body()
