@@ -293,7 +293,8 @@ def test_head_lines_for_the_client_and_pairs_read_only_when_asked(loop: asyncio.
 def test_a_head_split_across_reads_mid_name(loop: asyncio.AbstractEventLoop) -> None:
     conn, _ = connect(loop)
     handler = send(conn)
-    pieces = (b"HTTP/1.1 201 Cre", b"ated\r\nX-Lo", b"ng: va", b"lue\r\nConte", b"nt-Length: 3\r\n\r", b"\nabc")
+    pieces = (b"HTTP/1.1 201 Cre", b"ated\r\nX-Lo", b"ng: va", b"lue\r\nConte", b"nt-Length: 3\r\n\r",
+              b"\nabc")
     for piece in pieces:
         conn.data_received(piece)
     response = handler.head
