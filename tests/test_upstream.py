@@ -246,6 +246,7 @@ def test_a_second_response_after_the_first_is_never_mixed_in(loop: asyncio.Abstr
                        b"HTTP/1.1 500 Oops\r\nX-B: 2\r\nContent-Length: 0\r\n\r\n")
     assert handler.head is not None and handler.head.status == 200
     assert handler.head.headers == [(b"Content-Length", b"2"), (b"X-A", b"1")]
+    assert handler.head.client_headers() == b"X-A: 1\r\n" and handler.head.content_length == 2
     assert handler.complete and handler.error is None and not conn.is_reusable(0)
 
 

@@ -514,11 +514,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # (this runs for every header of every response: a lookup, and for the usual hidden
-        # ones nothing more; the pairs themselves are parsed again only if something reads
-        # them. A second response we never asked for changes a head already passed on:
-        # on_headers_complete marks the connection unusable.)
+        # ones nothing more; the pairs themselves are parsed again only if something reads them)
         kind = KINDS[name]
         if not kind:  # hidden (Date, Server, ...)
+            return
+        if self.response_complete:
+            # a second response we never asked for (maybe in the read that brought the head
+            # not yet handed on): not a word of it in that head; on_headers_complete marks the
+            # connection unusable
             return
         response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
         # (the value's trailing blanks go; llhttp took the ones before it)
