@@ -69,27 +69,25 @@ class ResponseHead(Sequence[Header]):
     """The status line and headers of one upstream response; as a sequence, its header pairs
     as received (original case), parsed on first use."""
 
-    __slots__ = ("_headers", "_upgrade", "chunked", "close", "connection", "content_length", "lines",
-                 "raw", "reason", "rewritable", "status")
-    _headers: list[Header]
-    _upgrade: bool
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.reason = b""  # the peer's own phrase, passed to the client as nginx does
-        self.close = False  # "Connection: close" or an HTTP/1.0 response without keep-alive
-        self.content_length: int | None = None
-        self.chunked = False
-        self.connection: bytes | None = None  # the Connection header's value
-        # a Location, Refresh or Set-Cookie is among the lines (proxy_redirect / proxy_cookie_*
-        # may have to edit them), or an X-Accel-Redirect came: other responses are not looked
-        # at again
-        self.rewritable = False
-        self.lines = b""  # the headers passed to the client, as "Name: value\r\n" lines
-        # the response's bytes up to the end of its head, maybe more (set by the parser, with
-        # keep_raw when more is to be said)
-        self.raw = b""
-        # (_upgrade and _headers are set when needed: an unset slot costs nothing)
+    # Class-level defaults, no __init__: a response sets only what it has (most set status,
+    # close, lines and raw), and making one costs no Python frame. (No __slots__: then every
+    # field would have to be written for each response.)
+    status = 0
+    reason = b""  # the peer's own phrase, passed to the client as nginx does
+    close = False  # "Connection: close" or an HTTP/1.0 response without keep-alive
+    content_length: int | None = None
+    chunked = False
+    connection: bytes | None = None  # the Connection header's value, unless a plain one
+    # a Location, Refresh or Set-Cookie is among the lines (proxy_redirect / proxy_cookie_*
+    # may have to edit them), or an X-Accel-Redirect came: other responses are not looked at
+    # again
+    rewritable = False
+    lines = b""  # the headers passed to the client, as "Name: value\r\n" lines
+    # the response's bytes up to the end of its head, maybe more (set by the parser, with
+    # keep_raw when more is to be said)
+    raw = b""
+    _upgrade = False  # a 101 is the final head (the client asked to switch)
+    _headers: list[Header] | None = None
 
     def keep_raw(self, data: bytes, interim: bool, upgrade: bool) -> None:
         """The bytes the head came in (``interim``: 1xx heads came first; ``upgrade``: a 101
@@ -103,11 +101,10 @@ class ResponseHead(Sequence[Header]):
 
     @property
     def headers(self) -> list[Header]:
-        try:
-            return self._headers
-        except AttributeError:  # (the first time)
-            headers = self._headers = _collected(self.raw, getattr(self, "_upgrade", False))
-            return headers
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = _collected(self.raw, self._upgrade)
+        return headers
 
     def __len__(self) -> int:
         return len(self.headers)
