@@ -200,7 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = False
         self._handler: UpstreamHandler | None = None  # None once it was told the outcome
         self._owner: UpstreamHandler | None = None  # who to tell about a bug in a callback
-        self._response: ResponseHead | None = None
+        self._response = ResponseHead()  # (a new one per request, from start)
         self._header_done = False
         self._head_dispatched = False
         self.response_started = False  # any response byte arrived
@@ -269,7 +269,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._head_dispatched = True
                 handler = self._handler
                 if handler is not None:
-                    handler.upstream_head(self._response)  # type: ignore[arg-type]  # (set by start)
+                    handler.upstream_head(self._response)
             elif self.response_complete:
                 self._deliver_completion()
         except Exception as exc:
@@ -451,7 +451,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.response_complete
             and self.request_complete
             and self.state is ACTIVE
-            and not self._response.close  # type: ignore[union-attr]  # (set by start)
+            and not self._response.close
             and not self._closing_after
             and not self._extra_bytes
             and not self._read_paused
@@ -510,7 +510,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_status(self, status: bytes) -> None:
         # the reason phrase (the code comes from the parser); it may arrive in pieces
         if not self._header_done:
-            self._response.reason += status  # type: ignore[union-attr]  # (set by start)
+            self._response.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # (this runs for every header of every response: a lookup, and for the usual hidden
@@ -523,7 +523,7 @@ class UpstreamConnection(asyncio.Protocol):
             # not yet handed on): not a word of it in that head; on_headers_complete marks the
             # connection unusable
             return
-        response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
+        response = self._response
         # (the value's trailing blanks go; llhttp took the ones before it)
         if kind == _PASSED:
             response.lines += name + b": " + value.rstrip(b" \t") + b"\r\n"
@@ -538,18 +538,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        response = self._response
-        assert parser is not None and response is not None
+        assert parser is not None
         if self.response_complete:
             self._extra_bytes = True  # a second response we never asked for
             return
         status = parser.get_status_code()
-        if status == 101 and self.upgrade:
-            self._upgraded = True  # a final head: the exchange decides (a tunnel)
-        elif 100 <= status < 200:
-            self._interim = True  # 1xx interim response: nginx ignores it, so do we
-            self._response = ResponseHead()
-            return
+        if 100 <= status < 200:
+            if status == 101 and self.upgrade:
+                self._upgraded = True  # a final head: the exchange decides (a tunnel)
+            else:
+                self._interim = True  # 1xx interim response: nginx ignores it, so do we
+                self._response = ResponseHead()
+                return
+        response = self._response
         response.status = status
         # (no get_http_version(): nobody reads the peer's version, and httptools builds it with
         # str.format, costly per response)
@@ -618,7 +619,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _is_close_delimited(self) -> bool:
         response = self._response
-        return response is not None and response.content_length is None and not response.chunked
+        return response.content_length is None and not response.chunked
 
     def _fail(self, failure: Failure, message: str, phase: str = "") -> None:
         """Close the connection and tell the handler, once."""
