@@ -76,6 +76,7 @@ class Exchange:
         "max_body_size",
         "method",
         "proxy_host",
+        "proxy_port",  # set by proxy_pass with variables only ($proxy_port reads the location's)
         "read_timeout",
         "realip",
         "request",
