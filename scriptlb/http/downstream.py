@@ -108,6 +108,31 @@ def _refuse_duplicate(headers: list[tuple[bytes, bytes]], lower: bytes) -> None:
                                    f'"{previous}" while reading client request headers')
 
 
+_TRAILING_SPACE = (b" ", b"\t")
+
+
+def _noted_header(request: Request, lower: bytes, value: bytes) -> None:
+    """A header line the client connection acts on (``lower``: its name lower-cased, a name
+    whose length is one of _NOTED_HEADER_LENGTHS), already stored in ``request.headers``."""
+    if lower == b"host":
+        if request.host is not None:
+            raise ClientError(400, "client sent duplicate host header while reading client request headers")
+        request.host = value
+    elif lower == b"content-length":
+        _refuse_duplicate(request.headers, lower)
+        request.content_length = _content_length(value)
+    elif lower == b"transfer-encoding":
+        _refuse_duplicate(request.headers, lower)
+        request.chunked = True  # (its value is checked once the head is read, as nginx)
+    elif lower == b"expect":
+        _refuse_duplicate(request.headers, lower)
+        request.expect_continue = value.lower() == b"100-continue"
+    elif lower == b"connection":
+        request.connection = value if request.connection is None else request.connection + b"," + value
+    elif lower in _UNIQUE_HEADERS:  # (the If-*, Authorization...)
+        _refuse_duplicate(request.headers, lower)
+
+
 def next_connection_id() -> int:
     """nginx's connection counter ($connection, the ``*N`` in error-log lines)."""
     return next(_conn_ids)
@@ -136,41 +161,26 @@ class Request:
     """One parsed request head plus its body as received so far (decoded: the proxy frames it
     again; a chunked body's trailers are dropped)."""
 
-    __slots__ = (
-        "body",
-        "body_size",
-        "chunked",
-        "complete",
-        "connection",
-        "content_length",
-        "expect_continue",
-        "has_body",
-        "head_size",
-        "headers",
-        "host",
-        "keep_alive",
-        "method",
-        "target",
-        "version",
-    )
+    # No __slots__: the defaults are class attributes (the constructor, run for every request,
+    # makes only the headers list)
+    method = ""
+    target = b""  # raw request target, as sent
+    version = "1.1"
+    host: bytes | None = None
+    content_length: int | None = None
+    chunked = False
+    has_body = False  # chunked, or a Content-Length above 0
+    connection: bytes | None = None  # the Connection header (it may list hop-by-hop names)
+    expect_continue = False
+    keep_alive = True
+    head_size = 0
+    # what arrived and was not taken by the handler (memory, then a file: request_body)
+    body: RequestBody = EMPTY_BODY
+    body_size = 0  # bytes received so far (decoded, without chunk framing)
+    complete = False
 
     def __init__(self) -> None:
-        self.method = ""
-        self.target = b""  # raw request target, as sent
-        self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []
-        self.host: bytes | None = None
-        self.content_length: int | None = None
-        self.chunked = False
-        self.has_body = False  # chunked, or a Content-Length above 0
-        self.connection: bytes | None = None  # the Connection header (it may list hop-by-hop names)
-        self.expect_continue = False
-        self.keep_alive = True
-        self.head_size = 0
-        # what arrived and was not taken by the handler (memory, then a file: request_body)
-        self.body: RequestBody = EMPTY_BODY
-        self.body_size = 0  # bytes received so far (decoded, without chunk framing)
-        self.complete = False
 
     def take_body(self) -> bytes:
         """Everything received and held in memory so far, joined; the buffer is emptied."""
@@ -698,17 +708,19 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
+        if not request.method:  # (known once the target begins: error logs of the head show it)
+            request.method = self._parser.get_method().decode("ascii")
         request.target += url
         if len(request.target) > self.listener.header_buffers[1]:
             raise ClientError(414, "client sent too long URI while reading client request line")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # (runs for every header line: the usual one is measured, checked and stored; only
+        # the few names the client connection acts on go on to _noted_header)
+        request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         if self._head_done:
             return  # a trailer: dropped, as nginx does (never merged into the request head)
-        request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
-        if not request.method:
-            request.method = self._parser.get_method().decode("ascii")
-        if value[-1:] in (b" ", b"\t"):
+        if value[-1:] in _TRAILING_SPACE:
             value = value.rstrip(b" \t")
         line = len(name) + len(value) + 4
         request.head_size += line
@@ -722,27 +734,12 @@ class ClientConnection(asyncio.Protocol):
                                self._log_context())
             return
         request.headers.append((name, value))
-        if len(name) not in _NOTED_HEADER_LENGTHS:  # lower-case only the few names we act on
-            return
-        lower = name.lower()
-        if lower == b"host":
-            if request.host is not None:
-                raise ClientError(400, "client sent duplicate host header "
-                                       "while reading client request headers")
-            request.host = value
-        elif lower == b"content-length":
-            _refuse_duplicate(request.headers, lower)
-            request.content_length = _content_length(value)
-        elif lower == b"transfer-encoding":
-            _refuse_duplicate(request.headers, lower)
-            request.chunked = True  # (its value is checked once the head is read, as nginx)
-        elif lower == b"expect":
-            _refuse_duplicate(request.headers, lower)
-            request.expect_continue = value.lower() == b"100-continue"
-        elif lower == b"connection":
-            request.connection = value if request.connection is None else request.connection + b"," + value
-        elif lower in _UNIQUE_HEADERS:  # (the If-*, Authorization...)
-            _refuse_duplicate(request.headers, lower)
+        if len(name) in _NOTED_HEADER_LENGTHS:  # lower-case only the few names we act on
+            lower = name.lower()
+            if lower == b"host" and request.host is None:  # (every request has one)
+                request.host = value
+            else:
+                _noted_header(request, lower, value)
 
     def _valid_header_name(self, name: bytes) -> bool:
         if name and not name.translate(None, _NAME_CHARS):
