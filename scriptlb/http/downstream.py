@@ -546,7 +546,11 @@ class ClientConnection(asyncio.Protocol):
             if heading and (self._line_bytes or len(data) > self._header_line_max):
                 self._check_line_start(data)
             self._fed = 0
-            self._feed(data)
+            try:
+                self._parser.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as stop:
+                # (an Upgrade request's head, a client error a callback raised, bad bytes)
+                self._feed_stopped(stop, data)
             if self._parsing is not None or self._line_bytes:
                 # (a body read in this feed and not ended by it: its handler is told now)
                 body_for = self._body_for
@@ -643,10 +647,10 @@ class ClientConnection(asyncio.Protocol):
             return ClientError(414, "client sent too long URI while reading client request line")
         return ClientError(494, "client sent too long header line while reading client request headers")
 
-    def _feed(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
+    def _feed_stopped(self, stop: Exception, data: bytes) -> None:
+        """llhttp stopped before the end of ``data`` (see data_received's feed)."""
+        if isinstance(stop, httptools.HttpParserUpgrade):
+            upgrade = stop
             # llhttp stops after an "Upgrade" request head (delivered as a plain request). What
             # follows belongs to the new protocol if the peer switches (a tunnel takes it, see
             # switch_protocols), else it is the next request: nothing more is read until the
@@ -655,17 +659,17 @@ class ClientConnection(asyncio.Protocol):
             offset = int(upgrade.args[0])
             if offset < len(data):
                 self._upgrade_early += data[offset:]
-        except httptools.HttpParserCallbackError as err:
-            cause = err.__context__
+        elif isinstance(stop, httptools.HttpParserCallbackError):
+            cause = stop.__context__
             if isinstance(cause, ClientError):
                 raise cause from None
             if isinstance(cause, _ParsingEnded):
                 return
             if isinstance(cause, MemoryError):
                 raise cause from None
-            raise  # a bug in a callback must not masquerade as a client error
-        except httptools.HttpParserError as err:
-            message = self._parse_error_message(err)
+            raise stop  # a bug in a callback must not masquerade as a client error
+        else:
+            message = self._parse_error_message(stop)
             # (a coding after "chunked" is one nginx does not implement: 501, as any other; a
             # second Transfer-Encoding line is a duplicate: 400)
             unknown = "unknown \"Transfer-Encoding\"" in message

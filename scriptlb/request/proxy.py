@@ -107,7 +107,6 @@ class UpstreamRequest:
     _head = b""
     _body: bytes | SpooledBody = b""  # (bytes, or the file a big body was spooled to)
     _started = 0.0  # for proxy_next_upstream_timeout
-    _idempotent = True
     _local_addr: tuple[str, int] | None = None  # proxy_bind, or a hook's bind_to_local_addr
     attempt: Attempt | None = None  # the try in progress
     _connecting: asyncio.Task[object] | None = None
@@ -125,6 +124,11 @@ class UpstreamRequest:
         self.plan = exchange.location.plan
         if self.location.proxy_bind is not None:
             self._local_addr = _bind_address(self.location.proxy_bind(exchange), exchange)
+
+    @property
+    def _idempotent(self) -> bool:
+        """retry.is_idempotent, inlined (read only when a try failed)."""
+        return self.exchange.method not in NON_IDEMPOTENT_METHODS
 
     @property
     def connection(self) -> UpstreamConnection | None:
@@ -241,7 +245,6 @@ class UpstreamRequest:
             self._state = upstream.balancer.new_request(tries_cap, key_getter(ex))
         ex.tries_cap = tries_cap
         self._started = self.loop.time()
-        self._idempotent = ex.method not in NON_IDEMPOTENT_METHODS  # (retry.is_idempotent, inlined)
         self._next_try()
 
     def _build_head(self) -> None:
