@@ -768,15 +768,16 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._version_hint = None  # (it was this request's, the first in its read)
         request.version = version
-        if request.version not in ("1.1", "1.0"):
+        if version not in ("1.1", "1.0"):
             raise ClientError(400, "client sent invalid request while reading client request line")
         if request.method == "CONNECT":
             raise ClientError(405, "client sent invalid method while reading client request line")
-        if request.version == "1.1" and request.host is None:
+        if version == "1.1" and request.host is None:
             raise ClientError(400, "client sent HTTP/1.1 request without \"Host\" header "
                                    "while reading client request headers")
         request.keep_alive = parser.should_keep_alive()
-        self._read_framing(request)
+        if request.chunked or request.content_length:  # (has_body stays False: the usual GET)
+            self._read_framing(request)
         handler = self.listener.open_exchange(self, request)
         limit = handler.max_body_size
         if limit and request.content_length is not None and request.content_length > limit:
@@ -795,9 +796,10 @@ class ClientConnection(asyncio.Protocol):
             self._pause_reading()  # parse no further ahead until the active request is answered
 
     def _read_framing(self, request: Request) -> None:
-        # llhttp already rejects Content-Length together with Transfer-Encoding, duplicate
-        # Content-Length lines and a coding after "chunked"; on_header noted the values.
-        request.has_body = request.chunked or bool(request.content_length)
+        """A request with a body (chunked, or a Content-Length above 0). llhttp already rejects
+        Content-Length together with Transfer-Encoding, duplicate Content-Length lines and a
+        coding after "chunked"; on_header noted the values."""
+        request.has_body = True
         if request.chunked:
             if request.version == "1.0":
                 raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "

@@ -374,31 +374,42 @@ class UpstreamRequest:
     def _send_request(self, conn: UpstreamConnection) -> None:
         ex = self.exchange
         plan = self.plan
-        streamed = self._stream_body
-        body = None if streamed else self._body
-        spooled = body if isinstance(body, SpooledBody) else None
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
-        # a 101 from the peer may switch this connection only if the client's Connection header
-        # names "upgrade" (llhttp then saw an Upgrade request) and it sent an Upgrade header
         connection = ex.request.connection
-        conn.upgrade = (connection is not None and b"upgrade" in connection.lower()
-                        and ex.header("upgrade") is not None)
-        head = self._head
-        if streamed:  # what arrived already goes with the head, in one write (as nginx)
-            early, last = self._body_bytes()
-            head += early
-        conn.start(self, head, body if isinstance(body, bytes) else None, ex.read_timeout,
-                   ex.send_timeout, ex.method == "HEAD", plan.http11, plan.close_after)
-        if spooled is not None:
-            spooled.send(conn)  # (every try again from the file's start)
-        elif streamed:
-            if last:
-                conn.write_body(b"", last=True)
-                ex.conn.resume_body()  # (paused while connecting if much was waiting)
-                return
-            self._body_conn = conn
-            conn.on_writable = self._pump_body
-            self._pump_body()
+        if connection is not None:
+            # a 101 from the peer may switch this connection only if the client's Connection
+            # header names "upgrade" (llhttp then saw an Upgrade request) and it sent an
+            # Upgrade header
+            conn.upgrade = b"upgrade" in connection.lower() and ex.header("upgrade") is not None
+        else:
+            conn.upgrade = False
+        if self._stream_body:
+            self._send_streamed(conn)
+            return
+        body = self._body
+        if isinstance(body, bytes):  # (b"": the usual GET)
+            conn.start(self, self._head, body, ex.read_timeout, ex.send_timeout, ex.method == "HEAD",
+                       plan.http11, plan.close_after)
+        else:
+            conn.start(self, self._head, None, ex.read_timeout, ex.send_timeout, ex.method == "HEAD",
+                       plan.http11, plan.close_after)
+            body.send(conn)  # (a spooled body: every try again from the file's start)
+
+    def _send_streamed(self, conn: UpstreamConnection) -> None:
+        """proxy_request_buffering off: what arrived already goes with the head, in one write
+        (as nginx); the rest follows as it comes."""
+        ex = self.exchange
+        plan = self.plan
+        early, last = self._body_bytes()
+        conn.start(self, self._head + early, None, ex.read_timeout, ex.send_timeout, ex.method == "HEAD",
+                   plan.http11, plan.close_after)
+        if last:
+            conn.write_body(b"", last=True)
+            ex.conn.resume_body()  # (paused while connecting if much was waiting)
+            return
+        self._body_conn = conn
+        conn.on_writable = self._pump_body
+        self._pump_body()
 
     def _body_bytes(self) -> tuple[bytes, bool]:
         """A streamed body's bytes that arrived and were not sent yet, framed for the peer,
