@@ -24,15 +24,14 @@ class BalancerState:
     whether another try is possible.
     """
 
-    # No __slots__: one per request; the defaults are class attributes (the constructor
-    # assigns only what differs per request)
-    tried = 0  # bitmap over the indexes of the list in use: no peer twice per request
-    on_backup = False  # nginx switches to the backup list once, with a fresh bitmap
-    current: Peer | None = None  # the peer of the try in progress
+    __slots__ = ("current", "on_backup", "peer_set", "tried", "tries")
 
     def __init__(self, peer_set: PeerSet, tries: int) -> None:
         self.peer_set = peer_set  # the set this request started with (survives a rebuild)
         self.tries = tries
+        self.tried = 0  # bitmap over the indexes of the list in use: no peer twice per request
+        self.on_backup = False  # nginx switches to the backup list once, with a fresh bitmap
+        self.current: Peer | None = None  # the peer of the try in progress
 
     @property
     def peers(self) -> list[Peer]:

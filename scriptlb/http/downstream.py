@@ -161,26 +161,41 @@ class Request:
     """One parsed request head plus its body as received so far (decoded: the proxy frames it
     again; a chunked body's trailers are dropped)."""
 
-    # No __slots__: the defaults are class attributes (the constructor, run for every request,
-    # makes only the headers list)
-    method = ""
-    target = b""  # raw request target, as sent
-    version = "1.1"
-    host: bytes | None = None
-    content_length: int | None = None
-    chunked = False
-    has_body = False  # chunked, or a Content-Length above 0
-    connection: bytes | None = None  # the Connection header (it may list hop-by-hop names)
-    expect_continue = False
-    keep_alive = True
-    head_size = 0
-    # what arrived and was not taken by the handler (memory, then a file: request_body)
-    body: RequestBody = EMPTY_BODY
-    body_size = 0  # bytes received so far (decoded, without chunk framing)
-    complete = False
+    __slots__ = (
+        "body",
+        "body_size",
+        "chunked",
+        "complete",
+        "connection",
+        "content_length",
+        "expect_continue",
+        "has_body",
+        "head_size",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "target",
+        "version",
+    )
 
     def __init__(self) -> None:
+        self.method = ""
+        self.target = b""  # raw request target, as sent
+        self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []
+        self.host: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.has_body = False  # chunked, or a Content-Length above 0
+        self.connection: bytes | None = None  # the Connection header (it may list hop-by-hop names)
+        self.expect_continue = False
+        self.keep_alive = True
+        self.head_size = 0
+        # what arrived and was not taken by the handler (memory, then a file: request_body)
+        self.body: RequestBody = EMPTY_BODY
+        self.body_size = 0  # bytes received so far (decoded, without chunk framing)
+        self.complete = False
 
     def take_body(self) -> bytes:
         """Everything received and held in memory so far, joined; the buffer is emptied."""

@@ -65,24 +65,20 @@ UPGRADED = 5  # a 101's tunnel ended (its connection belonged to the tunnel, nev
 class TryRecord:
     """One try, for the ``$upstream_*`` lists (times in seconds, None when not reached)."""
 
-    # No __slots__: the defaults are class attributes, so that a try's constructor (one per try,
-    # on the hot path) assigns only what differs per try.
-    hook: HookOutcome | None = None  # the balancer hook run that preceded this try ($balancer_trace)
-    status: int | None = None
-    connect_time: float | None = None
-    header_time: float | None = None
-    response_time: float | None = None
-    # $upstream_bytes_sent / _received / $upstream_response_length: copied from the
-    # connection when the try ends (a pooled connection counts its next request afresh)
-    bytes_sent = 0
-    bytes_received = 0
-    response_length = 0
+    __slots__ = ("addr", "bytes_received", "bytes_sent", "connect_time", "header_time", "hook",
+                 "response_length", "response_time", "started", "status")
 
     def __init__(self, addr: str, started: float, hook: HookOutcome | None = None) -> None:
         self.addr = addr
         self.started = started
-        if hook is not None:
-            self.hook = hook
+        self.hook = hook  # the balancer hook run that preceded this try ($balancer_trace)
+        self.status: int | None = None
+        self.connect_time: float | None = None
+        self.header_time: float | None = None
+        self.response_time: float | None = None
+        # $upstream_bytes_sent / _received / $upstream_response_length: copied from the
+        # connection when the try ends (a pooled connection counts its next request afresh)
+        self.bytes_sent = self.bytes_received = self.response_length = 0
 
     def __repr__(self) -> str:
         return f"<TryRecord {self.addr} {self.status}>"
@@ -112,8 +108,8 @@ def chosen_anyway(upstream: UpstreamRuntime, peer: Peer, outcome: Any, exchange:
 class Attempt(TryRecord):
     """One try: its peer, connection, pool, statistics index and ``$upstream_*`` record."""
 
-    conn: UpstreamConnection | None = None
-    reused = False  # the connection came from the pool
+    __slots__ = ("conn", "key", "peer", "peer_addr", "pool", "reused", "state", "stats_index", "tls_name",
+                 "upstream")
 
     def __init__(
         self,
@@ -134,14 +130,22 @@ class Attempt(TryRecord):
         # (TryRecord's fields, assigned here: one constructor call per try)
         self.addr = name
         self.started = clock()
-        if hook is not None:  # the hook run's HookOutcome: kept as is, read only by $balancer_trace
-            self.hook = hook
+        # the hook run's HookOutcome (None: no hook): kept as is, read only by $balancer_trace
+        self.hook = hook
+        self.status: int | None = None
+        self.connect_time: float | None = None
+        self.header_time: float | None = None
+        self.response_time: float | None = None
+        # (bytes_sent, bytes_received, response_length: set by end() when a request was
+        # sent; $upstream_bytes_* read 0 until then)
         self.upstream = upstream
         self.state = state  # the balancer's per-request state (tries budget, tried peers)
         self.peer_addr = peer_addr
         self.peer = peer  # the balancer's peer to free; None for a hook-set address
         self.pool = pool  # where the connection goes back; None: closed after the response
         self.key = key
+        self.conn: UpstreamConnection | None = None
+        self.reused = False  # the connection came from the pool
         self.tls_name = tls_name  # proxy_pass https://: the name sent / verified
         stats = upstream.stats
         if stats is None:

@@ -48,43 +48,53 @@ OWN_STATUS = -1  # err_status: the final response keeps its own status (see Exch
 class Exchange:
     """One request: what variables, hooks and logs read, and the code that serves it."""
 
-    # No __slots__: an exchange lives for one request, and the constant defaults below are
-    # class attributes, so that the constructor (run for every request) assigns only what
-    # differs per request; an instance attribute shadows its default once it is set.
-    status = 0
-    body_bytes_sent = 0
-    bytes_sent = 0
-    upstream_name: str | None = None
-    # for $upstream_http_*: the peer's headers once a response came (a shared empty tuple
-    # until then: no list allocated for requests that never get one)
-    upstream_headers: list[tuple[bytes, bytes]] | tuple[()] = ()
-    response_headers = b""  # sent to the client, for $sent_http_*
-    # per-request timeouts (copied from the location when proxying starts; hooks change them)
-    connect_timeout = 60.0
-    send_timeout = 60.0
-    read_timeout = 60.0
-    # the tries loop, for the hook API
-    last_failure: tuple[str, int] | None = None
-    tries_left = 0
-    tries_cap = 0
-    proxy_host = ""
-    # the client a trusted proxy named (scriptlb.request.realip)
-    realip: tuple[str, int] | None = None
-    limit: LimitState | None = None  # limit_req / limit_conn outcome (scriptlb.request.limits)
-    _early_status = 0  # an error found while routing, answered when we become active
-    _redirected = False  # error_page redirected this request (once, as nginx)
-    # error_page: the status the final response carries (0: its own; OWN_STATUS: its own,
-    # with kept_headers, after X-Accel-Redirect)
-    err_status = 0
-    variables: dict[str, str] | None = None  # the rewrite module's `set` values
-    captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
-    _finished = False  # finish() ran: the log phase too (it runs once per request)
-    upstream_request: UpstreamRequest | Waiting | None = None  # set when proxying (or waiting)
-    _ctx: dict[str, object] | None = None  # see ctx
-    # set per request
-    args: str | None
-    host: str
-    uri: str
+    __slots__ = (
+        "_early_status",
+        "_finished",
+        "_kept_headers",  # see kept_headers (unset until an internal redirect keeps some)
+        "_redirected",
+        "_redirects_left",  # internal redirects still allowed (unset until the first one)
+        "args",
+        "body_bytes_sent",
+        "body_timeout",
+        "bytes_sent",
+        "captures",
+        "conn",
+        "connect_timeout",
+        "ctx",
+        "err_status",
+        "headers",
+        "host",
+        "http_version",
+        "keepalive_requests",
+        "keepalive_timeout",
+        "last_failure",
+        "limit",
+        "location",
+        "loop",
+        "max_body_size",
+        "method",
+        "proxy_host",
+        "read_timeout",
+        "realip",
+        "request",
+        "request_uri",
+        "response_headers",
+        "runtime",
+        "send_timeout",
+        "sent_trailers",  # add_trailer's lines, once sent (unset otherwise: $sent_trailer_*)
+        "server",
+        "start_time",
+        "status",
+        "tries",
+        "tries_cap",
+        "tries_left",
+        "upstream_headers",
+        "upstream_name",
+        "upstream_request",
+        "uri",
+        "variables",
+    )
     is_stream: Literal[False] = False  # (request_view: an http request)
     # set by the routing (the constructor's usual case, or _route)
     server: ServerRuntime
@@ -101,7 +111,38 @@ class Exchange:
         self.http_version = request.version
         self.headers = request.headers
         self.request_uri = request_uri = request.target.decode("latin-1")
+        self.status = 0
+        self.body_bytes_sent = 0
+        self.bytes_sent = 0
+        self.ctx: dict[str, object] = {}  # ngx.ctx (the hook API wraps it in its Lua-style view)
         self.tries: list[TryRecord] = []
+        self.upstream_name: str | None = None
+        # for $upstream_http_*: the peer's headers once a response came (a shared empty tuple
+        # until then: no list allocated for requests that never get one)
+        self.upstream_headers: list[tuple[bytes, bytes]] | tuple[()] = ()
+        self.response_headers: bytes = b""  # sent to the client, for $sent_http_*
+        # per-request timeouts (copied from the location when proxying starts; hooks change them)
+        self.connect_timeout = 60.0
+        self.send_timeout = 60.0
+        self.read_timeout = 60.0
+        # the tries loop, for the hook API
+        self.last_failure: tuple[str, int] | None = None
+        self.tries_left = 0
+        self.tries_cap = 0
+        self.proxy_host = ""
+        # the client a trusted proxy named (scriptlb.request.realip)
+        self.realip: tuple[str, int] | None = None
+        self.limit: LimitState | None = None  # limit_req / limit_conn outcome (scriptlb.request.limits)
+
+        self._early_status = 0  # an error found while routing, answered when we become active
+        self._redirected = False  # error_page redirected this request (once, as nginx)
+        # error_page: the status the final response carries (0: its own; OWN_STATUS: its own,
+        # with kept_headers, after X-Accel-Redirect)
+        self.err_status = 0
+        self.variables: dict[str, str] | None = None  # the rewrite module's `set` values
+        self.captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
+        self._finished = False  # finish() ran: the log phase too (it runs once per request)
+        self.upstream_request: UpstreamRequest | Waiting | None = None  # set when proxying (or waiting)
         # routing: the usual case inlined (an origin-form target whose path needs no
         # normalizing, the Host of the connection's previous request); _route does all cases
         path, sep, args = request_uri.partition("?")
@@ -123,18 +164,6 @@ class Exchange:
         self.body_timeout = conf.client_body_timeout
         self.keepalive_timeout = conf.keepalive_timeout
         self.keepalive_requests = conf.keepalive_requests
-
-    @property
-    def ctx(self) -> dict[str, object]:
-        """ngx.ctx (the hook API wraps it in its Lua-style view): made on first use."""
-        ctx = self._ctx
-        if ctx is None:
-            ctx = self._ctx = {}
-        return ctx
-
-    @ctx.setter
-    def ctx(self, value: dict[str, object]) -> None:
-        self._ctx = value
 
     # ------------------------------------------------------------------ routing
 

@@ -98,22 +98,28 @@ class UpstreamRequest:
     ``last_failure``, the three timeouts); the try in progress is ``attempt``.
     """
 
-    # No __slots__: one per proxied request, and the constant defaults are class attributes
-    # (the constructor, run for every request, assigns only what differs per request).
-    _waiting_body = False  # buffering the request body before the first try
-    _stream_body = False  # proxy_request_buffering off: body sent as it arrives
-    _body_conn: UpstreamConnection | None = None  # where the streamed body goes now
-    _state: Any = None  # the balancer's per-request state (tries budget, tried peers)
-    _head = b""
-    _body: bytes | SpooledBody = b""  # (bytes, or the file a big body was spooled to)
-    _started = 0.0  # for proxy_next_upstream_timeout
-    _local_addr: tuple[str, int] | None = None  # proxy_bind, or a hook's bind_to_local_addr
-    attempt: Attempt | None = None  # the try in progress
-    _connecting: asyncio.Task[object] | None = None
-    _passing = False  # the response is going to the client: no retry any more
-    _tunnel: Tunnel | None = None  # after a 101: the two sockets joined
-    hook_exit: HookOutcome | None = None  # a hook's ngx.exit(N) run: $balancer_trace
-    pass_uri: str | None = None  # proxy_pass with variables: its URI part, as evaluated
+    __slots__ = (
+        "_body",
+        "_body_conn",
+        "_connecting",
+        "_head",
+        "_local_addr",
+        "_passing",
+        "_started",
+        "_state",
+        "_stream_body",
+        "_tunnel",
+        "_waiting_body",
+        "attempt",
+        "conf",
+        "exchange",
+        "hook_exit",
+        "location",
+        "loop",
+        "pass_uri",
+        "plan",
+        "upstream",
+    )
 
     def __init__(self, exchange: Exchange, upstream: UpstreamRuntime) -> None:
         self.exchange = exchange
@@ -122,8 +128,23 @@ class UpstreamRequest:
         self.loop = exchange.loop
         self.conf = exchange.location.conf.proxy
         self.plan = exchange.location.plan
+        self._waiting_body = False  # buffering the request body before the first try
+        self._stream_body = False  # proxy_request_buffering off: body sent as it arrives
+        self._body_conn: UpstreamConnection | None = None  # where the streamed body goes now
+        self._state: Any = None  # the balancer's per-request state (tries budget, tried peers)
+        self._head = b""
+        self._body: bytes | SpooledBody = b""  # (bytes, or the file a big body was spooled to)
+        self._started = 0.0  # for proxy_next_upstream_timeout
+        # proxy_bind, or a hook's bind_to_local_addr
+        self._local_addr: tuple[str, int] | None = None
         if self.location.proxy_bind is not None:
             self._local_addr = _bind_address(self.location.proxy_bind(exchange), exchange)
+        self.attempt: Attempt | None = None  # the try in progress
+        self._connecting: asyncio.Task[object] | None = None
+        self._passing = False  # the response is going to the client: no retry any more
+        self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
+        self.hook_exit: HookOutcome | None = None  # a hook's ngx.exit(N) run: $balancer_trace
+        self.pass_uri: str | None = None  # proxy_pass with variables: its URI part, as evaluated
 
     @property
     def _idempotent(self) -> bool:
