@@ -76,7 +76,6 @@ if TYPE_CHECKING:
     from scriptlb.http.pool import ConnectionPool
     from scriptlb.request.exchange import Exchange
     from scriptlb.request.runtime import UpstreamRuntime
-    from scriptlb.state.peers import Peer
 
 
 _READING_HEADER = "reading response header from upstream"  # nginx's log action
@@ -288,9 +287,9 @@ class UpstreamRequest:
         state = self._state
         ex.tries_left = state.tries
         hook = upstream.hook
-        if hook is None:
-            outcome = None
-        else:
+        outcome = None
+        addr = None
+        if hook is not None:
             outcome = hook.run(ex, upstream)
             if outcome.exit_status is not None:
                 self.hook_exit = outcome
@@ -302,42 +301,32 @@ class UpstreamRequest:
             if outcome.recreate:
                 self._build_head()
             addr = outcome.addr
-            if addr is not None:
-                state.tries += outcome.more_tries
-                chosen = upstream.peers.by_name.get(addr.name)
-                if chosen is not None and (chosen.down or chosen.fails):  # (one test when usable)
-                    chosen_anyway(upstream, chosen, outcome, ex, self.loop.time(), _CONNECTING)
-                # A hook-set peer's pool: the hook pool when enable_keepalive asked for it (this
-                # try's override), else the upstream's keepalive N pool as for its own peers (as
-                # OpenResty's keepalive module pools whatever peer the balancer hook set). Either
-                # needs nginx's recipe: HTTP/1.1 to the peer, no "Connection: close".
-                keepalive = outcome.keepalive
-                if keepalive is None:
-                    pool = upstream.pool if self.plan.pooled else None
-                else:
-                    pool = None if self.plan.close_after else upstream.hook_pool(*keepalive)
-                self._start_attempt(addr.name, addr, None, outcome.host or "", pool, outcome)
+        if addr is None:
+            peer = upstream.balancer.get(state, self.loop.time())
+            if peer is None:
+                self._no_live_upstreams(outcome)
                 return
-        peer = upstream.balancer.get(state, self.loop.time())
-        if peer is None:
-            self._no_live_upstreams(outcome)
-            return
-        pool = upstream.pool if self.plan.pooled else None
-        self._start_attempt(peer.name, peer.addr, peer, "", pool, outcome)
-
-    def _start_attempt(self, name: str, addr: PeerAddr, peer: Peer | None, host: str,
-                       pool: ConnectionPool | None, hook: HookOutcome | None) -> None:
+            name = peer.name
+            addr = peer.addr
+            host = ""
+            pool = upstream.pool if self.plan.pooled else None
+        else:
+            assert outcome is not None  # (a hook set the address)
+            peer = None
+            name = addr.name
+            host = outcome.host or ""
+            pool = self._hook_peer_pool(addr, outcome)
+        # the try (one function with the choice above: this runs for every request)
         tls = self.location.tls
         tls_name = None
         if tls is not None:
             # the hook's host (set_current_peer's third argument) is this try's TLS name; a
             # pooled connection is reused only for the same name (and never for plain HTTP)
-            tls_name = host or tls.name(self.exchange)
+            tls_name = host or tls.name(ex)
             host = "https:" + tls_name
         key = (name, host, self._local_addr)  # the pool key (see Attempt)
-        attempt = self.attempt = Attempt(self.upstream, self._state, name, addr, peer, pool, key, hook,
-                                         tls_name)
-        self.exchange.tries.append(attempt)
+        attempt = self.attempt = Attempt(upstream, state, name, addr, peer, pool, key, outcome, tls_name)
+        ex.tries.append(attempt)
         conn = pool.acquire(key) if pool is not None else None
         if conn is None:
             self._connect(attempt)
@@ -346,6 +335,22 @@ class UpstreamRequest:
             attempt.connect_time = 0.0
             attempt.reused = True
             self._send_request(conn)
+
+    def _hook_peer_pool(self, addr: PeerAddr, outcome: HookOutcome) -> ConnectionPool | None:
+        """A hook-set peer's try: the pool its connection comes from and goes back to."""
+        upstream = self.upstream
+        self._state.tries += outcome.more_tries
+        chosen = upstream.peers.by_name.get(addr.name)
+        if chosen is not None and (chosen.down or chosen.fails):  # (one test when usable)
+            chosen_anyway(upstream, chosen, outcome, self.exchange, self.loop.time(), _CONNECTING)
+        # The hook pool when enable_keepalive asked for it (this try's override), else the
+        # upstream's keepalive N pool as for its own peers (as OpenResty's keepalive module
+        # pools whatever peer the balancer hook set). Either needs nginx's recipe: HTTP/1.1 to
+        # the peer, no "Connection: close".
+        keepalive = outcome.keepalive
+        if keepalive is None:
+            return upstream.pool if self.plan.pooled else None
+        return None if self.plan.close_after else upstream.hook_pool(*keepalive)
 
     def _connect(self, attempt: Attempt) -> None:
         addr = attempt.peer_addr
