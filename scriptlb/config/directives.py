@@ -20,7 +20,7 @@ from enum import IntFlag
 from typing import Any
 
 from scriptlb.config import rewrite
-from scriptlb.config.addresses import parse_listen, parse_upstream_server
+from scriptlb.config.addresses import AddressError, parse_listen, parse_upstream_server, split_host_port
 from scriptlb.config.drafts import (
     HookDraft,
     HttpDraft,
@@ -46,6 +46,7 @@ from scriptlb.config.model import (
     ErrorPageConf,
     ExpiresConf,
     ListenConf,
+    LogFileCacheConf,
     LogFormat,
     NextUpstream,
     PeerAddr,
@@ -54,6 +55,7 @@ from scriptlb.config.model import (
     RewriteOp,
     SharedDictConf,
     Source,
+    SyslogConf,
     Template,
     TextRewrite,
     TryFilesConf,
@@ -207,17 +209,78 @@ def _user(state: State, node: Node, draft: MainDraft) -> None:
     _store(node, draft.values, (entry.pw_uid, gid))
 
 
-def _error_log(state: State, node: Node, draft: MainDraft) -> None:
+def _error_log(state: State, node: Node, draft: Any) -> None:
+    """``error_log FILE | stderr | syslog:... [LEVEL]``: the lines of one level add up; in
+    ``stream`` and its servers they replace the outer level's (the values' "error_log")."""
     target = node.args[0]
-    if target.startswith(("syslog:", "memory:")):
+    if target.startswith("memory:"):
         raise fail(node, f'error_log "{target}" is not supported by scriptlb')
-    path = "stderr" if target == "stderr" else state.path(target)
+    syslog = None
+    if target.startswith("syslog:"):
+        path, syslog = target, syslog_conf(node, target[len("syslog:"):])
+    else:
+        path = "stderr" if target == "stderr" else state.path(target)
     level = "error"
     if len(node.args) > 1:
         level = node.args[1]
         if level not in LOG_LEVELS:
             raise fail(node, f'invalid log level "{level}"')
-    draft.error_logs.append(ErrorLogConf(path=path, level=level))
+    conf = ErrorLogConf(path=path, level=level, syslog=syslog)
+    if isinstance(draft, MainDraft):
+        draft.error_logs.append(conf)
+    else:
+        draft.values.setdefault("error_log", []).append(conf)
+
+
+_SYSLOG_FACILITIES = (
+    "kern", "user", "mail", "daemon", "auth", "intern", "lpr", "news", "uucp", "clock", "authpriv",
+    "ftp", "ntp", "audit", "alert", "cron", "local0", "local1", "local2", "local3", "local4",
+    "local5", "local6", "local7",
+)
+
+
+def syslog_conf(node: Node, text: str) -> SyslogConf:
+    """``server=ADDR,facility=F,severity=S,tag=T,nohostname`` as ngx_syslog_process_conf reads
+    them (its messages); ``severity`` is accepted and, as nginx does for error_log, unused."""
+    from scriptlb.config.addresses import resolve
+
+    fields: dict[str, Any] = {}
+    server = None
+    for param in text.split(","):
+        name, eq, value = param.partition("=")
+        if param == "nohostname":
+            fields["hostname"] = False
+        elif name == "server" and eq:
+            if server is not None:
+                raise fail(node, 'duplicate syslog "server"')
+            server = value
+        elif name == "facility" and eq:
+            if value not in _SYSLOG_FACILITIES:
+                raise fail(node, f'unknown syslog facility "{value}"')
+            fields["facility"] = _SYSLOG_FACILITIES.index(value)
+        elif name == "severity" and eq:
+            if value not in LOG_LEVELS:
+                raise fail(node, f'unknown syslog severity "{value}"')
+        elif name == "tag" and eq:
+            if len(value) > 32:
+                raise fail(node, 'syslog tag length exceeds 32')
+            if not all(c.isalnum() or c == "_" for c in value):
+                raise fail(node, 'syslog "tag" only allows alphanumeric characters and underscore')
+            fields["tag"] = value
+        else:
+            raise fail(node, f'unknown syslog parameter "{param}"')
+    if server is None:
+        raise fail(node, "no syslog server specified")
+    if server.startswith("unix:"):
+        return SyslogConf(None, 0, server[len("unix:"):], **fields)
+    try:
+        target = split_host_port(server)
+    except AddressError as err:
+        raise fail(node, f'{err.kind} in "{server}"') from None
+    addrs = resolve(target.host or "", target.port or 514)
+    if not addrs:
+        raise fail(node, f'host not found in "{server}"')
+    return SyslogConf(addrs[0].host, addrs[0].port, **fields)
 
 
 def _events(state: State, node: Node, draft: MainDraft) -> tuple[Ctx, Any]:
@@ -648,9 +711,10 @@ def _proxy_cookie_path(state: State, node: Node, draft: LevelDraft) -> None:
         rules.append(TextRewrite("prefix", template(node, replacement), pattern=template(node, pattern)))
 
 
-def _proxy_bind(state: State, node: Node, draft: LevelDraft) -> None:
+def _proxy_bind(state: State, node: Node, draft: LevelDraft,
+                known: Callable[[str], bool] | None = None) -> None:
     """``proxy_bind address [transparent] | off``: the address may have variables (an empty
-    value binds nothing, as nginx)."""
+    value binds nothing, as nginx); ``known``: the block's variable names (stream's)."""
     if "proxy_bind" in draft.values:
         raise fail(node, '"proxy_bind" directive is duplicate')
     if len(node.args) == 2:
@@ -661,7 +725,7 @@ def _proxy_bind(state: State, node: Node, draft: LevelDraft) -> None:
     if value == "off":
         draft.values["proxy_bind"] = OFF
         return
-    bind = template(node, value)
+    bind = template(node, value, known)
     if bind.static is not None and _bind_address(bind.static) is None:
         raise fail(node, f'invalid address "{value}"')
     draft.values["proxy_bind"] = bind
@@ -834,7 +898,7 @@ def _access_log(state: State, node: Node, draft: Any) -> None:
 
 
 def add_access_log(state: State, node: Node, draft: Any, formats: dict[str, LogFormat],
-                   default_format: str | None) -> None:
+                   default_format: str | None, known: Callable[[str], bool] | None = None) -> None:
     """``access_log PATH [FORMAT [buffer=SIZE [flush=TIME]]] | off`` onto ``draft.access_logs``;
     stream has no default format (nginx: "log format is not specified")."""
     if draft.access_logs is None:
@@ -844,7 +908,7 @@ def add_access_log(state: State, node: Node, draft: Any, formats: dict[str, LogF
         if len(node.args) > 1:
             raise fail(node, f'invalid parameter "{node.args[1]}"')
         return  # an empty list at this level: off, and nothing inherited
-    if target.startswith("syslog:") or "$" in target:
+    if target.startswith("syslog:"):
         raise fail(node, f'access_log "{target}" is not supported by scriptlb')
     format_name = node.args[1] if len(node.args) > 1 else default_format
     if format_name is None:
@@ -852,10 +916,13 @@ def add_access_log(state: State, node: Node, draft: Any, formats: dict[str, LogF
     log_format = formats.get(format_name)
     if log_format is None:
         raise fail(node, f'unknown log format "{format_name}"')
-    buffer, flush, condition = 0, None, None
+    buffer, flush, condition, gzip = 0, None, None, 0
     for param in node.args[2:]:
-        if param.startswith("if="):
-            condition = template(node, param[len("if="):])
+        if param == "gzip" or param.startswith("gzip="):
+            buffer = buffer or 64 * 1024  # (nginx's default buffer of a compressed log)
+            gzip = _gzip_level(node, param)
+        elif param.startswith("if="):
+            condition = template(node, param[len("if="):], known)
         elif param.startswith("buffer="):
             buffer = parse_size(param[len("buffer=") :]) or 0
             if not buffer:
@@ -869,7 +936,58 @@ def add_access_log(state: State, node: Node, draft: Any, formats: dict[str, LogF
     if flush is not None and not buffer:
         raise fail(node, f'no buffer is defined for access_log "{target}"')
     path = target if target in ("stderr", "stdout") else state.path(target)
-    draft.access_logs.append(AccessLogConf(path, log_format, buffer, flush or 0.0, condition))
+    path_template = None
+    if "$" in target:
+        if buffer:
+            raise fail(node, "buffered logs cannot have variables in name")
+        path_template = template(node, path, known)
+    draft.access_logs.append(AccessLogConf(path, log_format, buffer, flush or 0.0, condition, gzip,
+                                           path_template))
+
+
+def _open_log_file_cache(state: State, node: Node, draft: Any) -> None:
+    """``open_log_file_cache max=N [inactive=T] [min_uses=N] [valid=T] | off``."""
+    if node.args == ("off",):
+        _store(node, draft.values, None)
+        return
+    found: dict[str, float] = {}
+    for arg in node.args:
+        name, eq, text = arg.partition("=")
+        if name in ("max", "min_uses") and eq:
+            value: float | None = parse_int(text)
+            if value is None or value <= 0:
+                raise fail(node, f'invalid "{name}" value "{text}"')
+        elif name in ("inactive", "valid") and eq:
+            value = parse_time(text)
+            if value is None:
+                raise fail(node, f'invalid "{name}" value "{text}"')
+        else:
+            raise fail(node, f'invalid "open_log_file_cache" parameter "{arg}"')
+        found[name] = value
+    if "max" not in found:
+        raise fail(node, '"open_log_file_cache" must have "max" parameter')
+    _store(node, draft.values, LogFileCacheConf(
+        int(found["max"]), found.get("inactive", 10.0), int(found.get("min_uses", 1)),
+        found.get("valid", 60.0)))
+
+
+def with_file_cache(logs: Any, cache: LogFileCacheConf | None) -> tuple[AccessLogConf, ...]:
+    """The logs of a level with its ``open_log_file_cache`` (only a path with variables uses it)."""
+    import dataclasses
+
+    return tuple(dataclasses.replace(log, file_cache=cache) if cache and log.path_template else log
+                 for log in logs)
+
+
+def _gzip_level(node: Node, param: str) -> int:
+    """``gzip`` (level 1, zlib's best speed) or ``gzip=1..9``."""
+    if param == "gzip":
+        return 1
+    text = param[len("gzip="):]
+    level = int(text) if text.isdigit() else 0
+    if not 1 <= level <= 9:
+        raise fail(node, f'invalid compression level "{text}"')
+    return level
 
 
 # --------------------------------------------------------------------------- python hooks
@@ -1123,13 +1241,15 @@ _LIMIT_LOG_LEVELS = ("info", "notice", "warn", "error")
 _MIN_LIMIT_ZONE = 8 * 4096  # nginx: 8 pages
 
 
-def _limit_zone(state: State, node: Node, draft: HttpDraft) -> None:
+def _limit_zone(state: State, node: Node, draft: HttpDraft,
+                known: Callable[[str], bool] | None = None) -> None:
     """``limit_req_zone KEY zone=NAME:SIZE rate=N(r/s|r/m)`` / ``limit_conn_zone KEY zone=NAME:SIZE``
-    (ngx_http_limit_req_zone's checks and words)."""
+    (ngx_http_limit_req_zone's checks and words); ``known``: the block's variable names
+    (stream's limit_conn_zone)."""
     from scriptlb.config.model import LimitZoneConf
 
     kind = node.name[: -len("_zone")]
-    key = template(node, node.args[0])
+    key = template(node, node.args[0], known)
     name = ""
     size = rate = 0
     for value in node.args[1:]:
@@ -1417,6 +1537,16 @@ def _map(state: State, node: Node, draft: HttpDraft) -> None:
     draft.maps[conf.variable] = conf
 
 
+def _geo(state: State, node: Node, draft: HttpDraft) -> None:
+    """``geo [ADDRESS] $variable { ... }`` (ngx_http_geo_module; scriptlb.config.geo)."""
+    from scriptlb.config.geo import parse_geo
+
+    conf = parse_geo(node, None, http=True, warn=state.warn)
+    if conf.variable in KNOWN_VARIABLES:
+        raise fail(node, f'the duplicate "{conf.variable}" variable')
+    draft.maps[conf.variable] = conf
+
+
 def _match(state: State, node: Node, draft: HttpDraft) -> tuple[Ctx, Any]:
     name = node.args[0]
     if name in draft.matches:
@@ -1606,6 +1736,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("balancer_trace_header", HSL, FLAG, _slot(flag)),
     _spec("balancer_trace_allow", HSL, (1, None), _trace_allow),
     _spec("set_real_ip_from", HSL, ONE, _set_real_ip_from),
+    _spec("open_log_file_cache", HSL | Ctx.STREAM | Ctx.STREAM_SERVER, (1, 4), _open_log_file_cache),
     _spec("limit_req_zone", Ctx.HTTP, (2, 3), _limit_zone),
     _spec("limit_req", HSL, (1, 3), _limit_req),
     _spec("limit_req_status", HSL, ONE, _limit_status),
@@ -1635,6 +1766,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("health_check", Ctx.LOCATION, (0, None), _health_check),
     _spec("match", Ctx.HTTP, ONE, _match, block=True),
     _spec("map", Ctx.HTTP, (2, 2), _map, block=True),
+    _spec("geo", Ctx.HTTP, (1, 2), _geo, block=True),
     _spec("status", Ctx.MATCH, (1, None), _match_status),
     _spec("header", Ctx.MATCH, (1, 3), _match_header),
     _spec("body", Ctx.MATCH, (2, 2), _match_body),

@@ -21,8 +21,11 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "user": ("user [group]", "-", "core",
              "only for a master started as root: workers switch to it; unlike nginx, no `nobody` default "
              "(without the directive workers keep the master's identity); group defaults to the user's own"),
-    "error_log": ("file | stderr [level]", "stderr error", "core",
-                  "nginx defaults to logs/error.log; syslog: and memory: are refused"),
+    "error_log": ("file | stderr | syslog:server=address[,facility=f][,tag=t][,nohostname] [level]",
+                  "stderr error", "core / ngx_stream_core_module",
+                  "nginx defaults to logs/error.log; several lines add up; in stream and its servers a "
+                  "session's lines go to the server's logs (nginx's connection log); syslog: sends RFC 3164 "
+                  "datagrams (default facility local7, tag nginx); memory: is refused"),
     "events": ("{ ... }", "-", "core", ""),
     "worker_connections": ("number", "512", "core (events)", ""),
     "http": ("{ ... }", "-", "ngx_http_core_module", ""),
@@ -30,8 +33,12 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "worker_shutdown_timeout": ("time", "0 (none)", "core",
                                 "old workers' wait for open connections and stream sessions"),
     "proxy_timeout": ("time", "10m", "ngx_stream_proxy_module", "idle time between reads/writes"),
-    "proxy_download_rate": ("size", "0", "ngx_stream_proxy_module", "bytes/s towards the client"),
-    "proxy_upload_rate": ("size", "0", "ngx_stream_proxy_module", "bytes/s towards the peer"),
+    "proxy_download_rate": ("size", "0", "ngx_stream_proxy_module",
+                            "bytes/s towards the client; variables allowed (read once connected); "
+                            "nginx's arithmetic: whole seconds since the session's start, one second's worth "
+                            "up front"),
+    "proxy_upload_rate": ("size", "0", "ngx_stream_proxy_module",
+                          "bytes/s towards the peer; variables allowed, as proxy_download_rate"),
     "proxy_half_close": ("on | off", "off", "ngx_stream_proxy_module", ""),
     "proxy_protocol": ("on | off", "off", "ngx_stream_proxy_module", "PROXY v1 to the peer"),
     "ssl_preread": ("on | off", "off", "ngx_stream_ssl_preread_module", "SNI/ALPN without termination"),
@@ -78,10 +85,19 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                           "ngx_http_core_module / ngx_http_upstream_module", ""),
     "keepalive_requests": ("number", "1000", "ngx_http_core_module / ngx_http_upstream_module", ""),
     "large_client_header_buffers": ("number size", "4 8k", "ngx_http_core_module", ""),
-    "return": ("code [text] | code URL | URL", "-", "ngx_http_rewrite_module", ""),
+    "return": ("code [text] | code URL | URL (http) / value (stream)", "-",
+               "ngx_http_rewrite_module / ngx_stream_return_module",
+               "stream: sends the value (with variables) and closes; the last of return and proxy_pass "
+               "is the server's handler, as nginx"),
     "log_format": ("name [escape=default|json|none] string ...", "combined", "ngx_http_log_module", ""),
-    "access_log": ("path [format [buffer=size] [flush=time] [if=condition]] | off", "off",
-                   "ngx_http_log_module", "nginx defaults to logs/access.log combined"),
+    "access_log": ("path [format [buffer=size] [gzip[=level]] [flush=time] [if=condition]] | off", "off",
+                   "ngx_http_log_module", "nginx defaults to logs/access.log combined; gzip: each buffer "
+                   "written as one gzip member (level 1, a 64k buffer unless given); a path with variables "
+                   "is opened for each line (not with buffer or gzip)"),
+    "open_log_file_cache": ("max=N [inactive=time] [min_uses=N] [valid=time] | off", "off",
+                            "ngx_http_log_module / ngx_stream_log_module",
+                            "descriptors of logs whose paths have variables (inactive 10s, min_uses 1, "
+                            "valid 60s)"),
     "python_package_path": ("patterns", "-", "scriptlb (lua_package_path)", "$prefix and $hook_dir expand"),
     "python_code_cache": ("on | off", "on", "scriptlb (lua_code_cache)", ""),
     "python_memory_limit": ("size | off", "1g", "scriptlb",
@@ -125,7 +141,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                   "fields), watched in etcd (docs/cluster.md); timeout defaults to 3s"),
     "resolver": ("address[:port] ... [valid=time] [ipv4=on|off] [ipv6=on|off]", "-", "ngx_http_core_module",
                  "used by `server NAME resolve` and by proxy_pass with variables (IP addresses only, "
-                 "no status_zone)"),
+                 "no status_zone); stream: names in `proxy_pass $var` values, a cached answer "
+                 "starting at a random address as nginx's"),
     "resolver_timeout": ("time", "30s", "ngx_http_core_module", ""),
     "state": ("file", "-", "ngx_http_upstream_module (nginx Plus)",
               "the servers the API leaves, read at load time; replaces the block's server lines"),
@@ -183,14 +200,20 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "map": ("string $variable { ... }", "-", "ngx_http_map_module / ngx_stream_map_module",
             "strings (case-insensitive), default, `~`/`~*` regexes in order, hostnames, volatile, include; "
             "evaluated when read; regex captures ($1) in values are refused; "
-            "stream's own map (docs/stream.md): strings, hostnames, regexes, default"),
+            "stream's own map (docs/stream.md): strings, hostnames, regexes (with $1 and named captures "
+            "in values, and after), default"),
     "status": ("[!] code[-code] ...", "-", "ngx_http_upstream_hc_module (match)", ""),
     "header": ("name [= | != | ~ | !~ value] | ! name", "-", "ngx_http_upstream_hc_module (match)", ""),
     "body": ("~ | !~ regex", "-", "ngx_http_upstream_hc_module (match)", ""),
     "send": ("string", "-", "ngx_stream_upstream_hc_module (match)", "type=tcp"),
     "expect": ("[~] string", "-", "ngx_stream_upstream_hc_module (match)", "type=tcp"),
-    "allow": ("address | CIDR | unix: | all", "-", "ngx_http_access_module", ""),
-    "deny": ("address | CIDR | unix: | all", "-", "ngx_http_access_module", ""),
+    "allow": ("address | CIDR | unix: | all", "-", "ngx_http_access_module / ngx_stream_access_module",
+              "stream: a denied session is closed at once, status 403"),
+    "deny": ("address | CIDR | unix: | all", "-", "ngx_http_access_module / ngx_stream_access_module", ""),
+    "geo": ("[address] $variable { ... }", "-", "ngx_http_geo_module / ngx_stream_geo_module",
+            "networks (CIDR or one address, IPv4 and IPv6; the longest match wins), `ranges` (IPv4 "
+            "FIRST-LAST), default, delete, include; http also proxy and proxy_recursive (X-Forwarded-For); "
+            "the address may be a variable (text that is no address is 255.255.255.255, as nginx)"),
     "auth_basic": ("string | off", "off", "ngx_http_auth_basic_module", "no variables"),
     "auth_basic_user_file": ("file", "-", "ngx_http_auth_basic_module",
                              "bcrypt, {SHA}, {SSHA}, {PLAIN}, $apr1$ and $1$ hashes"),
@@ -213,7 +236,12 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                           "Server, Date and the framing headers stay scriptlb's own"),
     "proxy_ignore_headers": ("field ...", "-", "ngx_http_proxy_module",
                              "accepted: scriptlb neither caches nor follows X-Accel-*"),
-    "set": ("$variable value", "-", "ngx_http_rewrite_module", "compiled at load"),
+    "set": ("$variable value", "-", "ngx_http_rewrite_module / ngx_stream_set_module",
+            "compiled at load; stream: run in order before the content (return, proxy_pass), and may "
+            "overwrite a map's or split_clients' value"),
+    "split_clients": ("string $variable { percent value; ... * value; }", "-",
+                      "ngx_stream_split_clients_module",
+                      "MurmurHash2 of the string, as nginx (the same clients get the same part)"),
     "if": ("(condition) { ... }", "-", "ngx_http_rewrite_module",
            "$var, = / != (a literal), ~ ~* !~ !~* (captures $1..$9); no file tests; only set, rewrite, "
            "break and return inside"),
@@ -239,7 +267,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "port_in_redirect": ("on | off", "on", "ngx_http_core_module", ""),
     "proxy_redirect": ("default | off | redirect replacement", "default", "ngx_http_proxy_module",
                        "Location and Refresh; prefix, ~regex, ~*regex; variables in both"),
-    "proxy_bind": ("address | off", "off", "ngx_http_proxy_module",
+    "proxy_bind": ("address | off", "off", "ngx_http_proxy_module / ngx_stream_proxy_module",
                    "variables allowed (an empty value binds nothing); no transparent"),
     "proxy_cookie_domain": ("off | domain replacement", "off", "ngx_http_proxy_module", ""),
     "proxy_cookie_path": ("off | path replacement", "off", "ngx_http_proxy_module", ""),
@@ -257,12 +285,17 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "types_hash_max_size": ("size", "1024", "ngx_http_core_module", "accepted, unused"),
     "sendfile": ("on | off", "off", "ngx_http_core_module", "accepted, unused"),
     "tcp_nopush": ("on | off", "off", "ngx_http_core_module", "accepted, unused"),
-    "tcp_nodelay": ("on | off", "on", "ngx_http_core_module", "accepted; scriptlb always sets TCP_NODELAY"),
+    "tcp_nodelay": ("on | off", "on", "ngx_http_core_module / ngx_stream_core_module",
+                    "http: accepted, scriptlb always sets TCP_NODELAY; "
+                    "stream: set on both sides of a session"),
     "keepalive_disable": ("none | browser ...", "msie6", "ngx_http_core_module",
                           "accepted: no browser is told apart (keep-alive stays on for all)"),
     "keepalive_time": ("time", "1h", "ngx_http_core_module", "accepted, not enforced yet"),
-    "set_real_ip_from": ("address | CIDR | unix: | name", "-", "ngx_http_realip_module",
-                         "a name stands for the addresses it resolves to at load time"),
+    "set_real_ip_from": ("address | CIDR | unix: | name", "-",
+                         "ngx_http_realip_module / ngx_stream_realip_module",
+                         "a name stands for the addresses it resolves to at load time; stream: a trusted "
+                         "sender's PROXY header gives $remote_addr/$remote_port ($realip_remote_addr keeps "
+                         "the connection's)"),
     "real_ip_header": ("field | X-Real-IP | X-Forwarded-For | proxy_protocol", "X-Real-IP",
                        "ngx_http_realip_module", "the server's settings apply before the rewrite phase, "
                        "a location's after it (nginx's post-read and preaccess phases)"),
@@ -274,10 +307,12 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "limit_req_status": ("code", "503", "ngx_http_limit_req_module", ""),
     "limit_req_log_level": ("info | notice | warn | error", "error", "ngx_http_limit_req_module", ""),
     "limit_req_dry_run": ("on | off", "off", "ngx_http_limit_req_module", ""),
-    "limit_conn_zone": ("key zone=name:size", "-", "ngx_http_limit_conn_module",
-                        "shared by every worker, as limit_req_zone"),
-    "limit_conn": ("zone number", "-", "ngx_http_limit_conn_module",
-                   "counts a key's requests from the preaccess phase to the end of the log phase"),
+    "limit_conn_zone": ("key zone=name:size", "-",
+                        "ngx_http_limit_conn_module / ngx_stream_limit_conn_module",
+                        "shared by every worker, as limit_req_zone (stream's zones apart from http's)"),
+    "limit_conn": ("zone number", "-", "ngx_http_limit_conn_module / ngx_stream_limit_conn_module",
+                   "counts a key's requests from the preaccess phase to the end of the log phase; "
+                   "stream: its sessions, a rejected one is closed with status 503"),
     "limit_conn_status": ("code", "503", "ngx_http_limit_conn_module", ""),
     "limit_conn_log_level": ("info | notice | warn | error", "error", "ngx_http_limit_conn_module", ""),
     "limit_conn_dry_run": ("on | off", "off", "ngx_http_limit_conn_module", ""),

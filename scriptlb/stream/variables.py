@@ -14,12 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 from scriptlb.config.templates import STREAM_VARIABLES
+from scriptlb.http.proxy_protocol import tlv_text
 from scriptlb.variables.evaluate import _ms, _TimeFormats
 
 Getter = Callable[[Any], "str | None"]
 Clock = Callable[[], float]
 
-_HOSTNAME = socket.gethostname()
+_HOSTNAME = socket.gethostname().lower()  # (nginx lower-cases it)
+# $nginx_version: the nginx release whose behaviour scriptlb follows (what configs compare)
+NGINX_VERSION = "1.22.1"
 
 
 def _attr(name: str) -> Getter:
@@ -42,6 +45,21 @@ def _per_try(field: str, timed: bool) -> Getter:
     return get
 
 
+def _cached(name: str) -> Getter:
+    """A counter read once per session: nginx caches a cacheable variable's first value, so a
+    log line after ``return $bytes_sent`` repeats what the text said."""
+    slot = "var_" + name
+    get_value = _attr(name)
+
+    def get(session: Any) -> str | None:
+        cache: dict[str, str | None] = session.ctx_cache
+        if slot not in cache:
+            cache[slot] = get_value(session)
+        return cache[slot]
+
+    return get
+
+
 def _upstream_addr(session: Any) -> str | None:
     tries = session.tries
     return ", ".join([t.addr for t in tries]) if tries else None
@@ -56,19 +74,25 @@ def _binary_remote_addr(session: Any) -> str | None:
         return None
 
 
+def _limit_conn_status(session: Any) -> str | None:
+    limit = session.limit
+    return (limit.conn_status or None) if limit is not None else None
+
+
 _SIMPLE: dict[str, Getter] = {
     "remote_addr": _attr("remote_addr"),
     "remote_port": _attr("remote_port"),
     "binary_remote_addr": _binary_remote_addr,
     "server_addr": _attr("server_addr"),
     "server_port": _attr("server_port"),
-    "bytes_sent": _attr("bytes_sent"),
-    "bytes_received": _attr("bytes_received"),
-    "status": _attr("status"),
+    "bytes_sent": _cached("bytes_sent"),
+    "bytes_received": _cached("bytes_received"),
+    "status": lambda s: str(s.status) if s.ended else "000",  # (nginx's, before the end)
     "protocol": lambda s: "TCP",
     "connection": _attr("conn_id"),
     "hostname": lambda s: _HOSTNAME,
     "pid": lambda s: str(os.getpid()),
+    "nginx_version": lambda s: NGINX_VERSION,
     "upstream_addr": _upstream_addr,
     "upstream_connect_time": _per_try("connect_time", timed=True),
     "upstream_first_byte_time": _per_try("header_time", timed=True),
@@ -78,8 +102,13 @@ _SIMPLE: dict[str, Getter] = {
     "ssl_preread_server_name": _attr("ssl_server_name"),
     "ssl_preread_protocol": _attr("ssl_protocol"),
     "ssl_preread_alpn_protocols": _attr("ssl_alpn_protocols"),
+    "limit_conn_status": _limit_conn_status,
     "proxy_protocol_addr": _attr("proxy_protocol_addr"),
     "proxy_protocol_port": _attr("proxy_protocol_port"),
+    "proxy_protocol_server_addr": lambda s: _header_field(s, "server_addr"),
+    "proxy_protocol_server_port": lambda s: _header_field(s, "server_port"),
+    "realip_remote_addr": lambda s: s.realip_remote_addr or s.remote_addr,
+    "realip_remote_port": lambda s: s.realip_remote_port or s.remote_port,
 }
 
 
@@ -97,13 +126,51 @@ def _clocked(name: str, clock: Clock) -> Getter:
 _CLOCKED = frozenset({"session_time", "msec", "time_local", "time_iso8601"})
 
 
-def variable_getter(name: str, clock: Clock = time.time) -> Getter:
-    """The getter of stream variable ``$name``; KeyError for a name stream does not have."""
+def _header_field(session: Any, field: str) -> str | None:
+    header = session.proxy_protocol
+    value = getattr(header, field, None) if header is not None else None
+    return None if value is None else str(value)
+
+
+def _tlv(name: str) -> Getter:
+    return lambda session: tlv_text(session.proxy_protocol, name)
+
+
+_TLV_PREFIX = "proxy_protocol_tlv_"
+
+
+def _capture(number: int) -> Getter:
+    def get(session: Any) -> str | None:
+        captures: tuple[str, ...] = session.captures
+        return captures[number] if number < len(captures) else None
+
+    return get
+
+
+def _stored(name: str) -> Getter:
+    """A variable the session holds itself (``set``, a named capture): "" until given one."""
+
+    def get(session: Any) -> str | None:
+        value: str | None = session.ctx_cache.get(name, "")
+        return value
+
+    return get
+
+
+def variable_getter(name: str, clock: Clock = time.time, stored: frozenset[str] = frozenset()) -> Getter:
+    """The getter of stream variable ``$name`` (``stored``: the names sessions hold, ``set``
+    targets and named captures); KeyError for a name stream does not have."""
     getter = _SIMPLE.get(name)
     if getter is not None:
         return getter
     if name in _CLOCKED:
         return _clocked(name, clock)
+    if name.isdigit():
+        return _capture(int(name))
+    if name.startswith(_TLV_PREFIX) and len(name) > len(_TLV_PREFIX):
+        return _tlv(name[len(_TLV_PREFIX):])
+    if name in stored:
+        return _stored(name)
     raise KeyError(name)
 
 
