@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import re
 import shutil
 import sys
@@ -141,9 +142,12 @@ def instructions(procs: bench_proc.Procs, work: Path, name: str, conf: str, port
     (prefix / "scriptlb.conf").write_text(conf)
     out = prefix / "callgrind.out"
     pattern = f"{out}.%p" if master else str(out)
+    # a fixed hash seed: string hashes decide how many probes each dict lookup takes, and a
+    # random seed moves the count by ~2k instructions between runs of the same code
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = procs.start(name, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={pattern}",
                               sys.executable, "-m", "scriptlb", "-p", str(prefix), "-c",
-                              str(prefix / "scriptlb.conf")], cwd=str(HERE.parent))
+                              str(prefix / "scriptlb.conf")], cwd=str(HERE.parent), env=env)
     if not bench_proc.wait_port(port, proc, timeout=300):
         raise SystemExit(f"{name} did not start:\n{proc.log_tail()}")
     send(port, 1 + count, tls)
