@@ -42,6 +42,7 @@ from scriptlb.sandbox.policy import HookCompileError, compile_hook
 
 _Result = TypeVar("_Result")  # what a runner's run() returns for a failed run
 _BUDGET = limits.BUDGET
+_CONTEXT = api.CURRENT  # (never rebound: runs point its fields at their request)
 _clock = limits.clock
 # scriptlb_hook_duration_seconds' buckets: hook runs take microseconds to their budget (10 ms)
 RUN_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
@@ -327,8 +328,7 @@ class _Runner(Generic[_Result]):
         self._limit = _RateLimit()
         limits.quiet_unraisable_stops()  # a generator finalized past the budget: no stderr noise
         self._globals = _fresh_globals("__hook__", os.path.dirname(_error_file(conf)))
-        # for the metrics (scriptlb.ops.metrics): runs, failures by kind, durations per bucket
-        self.runs = 0
+        # for the metrics (scriptlb.ops.metrics): failures by kind, durations per bucket
         self.failures: dict[str, int] = {}
         self.durations = [0] * (len(RUN_BUCKETS) + 1)
         self.duration_sum = 0.0
@@ -337,7 +337,8 @@ class _Runner(Generic[_Result]):
         self._compile_error: str | None = None
         self.breaker = Breaker(conf.breaker) if conf.breaker is not None else None
         self._tripped = False  # the breaker is open or probing (one test on the hot path)
-        if self.python.code_cache:
+        self._cached = self.python.code_cache  # (one attribute read per run)
+        if self._cached:
             self._code = self._load()
 
     def __repr__(self) -> str:
@@ -361,32 +362,30 @@ class _Runner(Generic[_Result]):
         """Run the hook once. None when it ran to its end; otherwise what ``_fail`` returned
         for the error (already logged). Never raises (except KeyboardInterrupt-like stops).
 
-        The subclasses' hot paths go through here: no allocation beyond the globals' copy."""
-        breaker = self.breaker
-        if self._tripped and breaker is not None and not breaker.admits(api.clock()):
+        Every balancer try and log run goes through here: what does not change per run (the
+        code, the phase, the sink) is read off the runner, and the run allocates nothing but
+        its globals' copy (a Lua chunk's fresh environment)."""
+        if self._tripped and not self._admitted():
             return self._skip(outcome, exchange)
-        if self.python.code_cache:
-            code = self._code
-        else:
-            IMPORTER.forget()
-            code = self._load()
+        code = self._code if self._cached else self._reload()
         if code is None:
             self.last_spent = 0.0
             return self._failed(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
-        context = api.CURRENT
+        context = _CONTEXT
         context.exchange = exchange
         if exchange.is_stream:
             context.stream, context.http = exchange, None
         else:
             context.http, context.stream = exchange, None
-        context.upstream, context.phase = upstream, self.phase
-        context.outcome, context.log, context.logged = outcome, self.log, 0
-        fuse = limits.current_fuse()
-        if fuse is not None:
-            fuse.run_started()
+        context.upstream = upstream
+        context.phase = self.phase
+        context.outcome = outcome
+        context.log = self.log
+        context.logged = 0
         budget = _BUDGET
         budget.tripped = False
-        started = _clock()
+        stamp = limits.STAMP  # the hard fuse's stamp (a worker's own mapping)
+        stamp.value = started = _clock()
         budget.deadline = started + self.timeout
         failure: BaseException | None = None
         try:
@@ -395,23 +394,41 @@ class _Runner(Generic[_Result]):
             failure = err
         finally:
             budget.deadline = 0.0
+            stamp.value = 0.0
             stopped = budget.tripped
             context.exchange = context.http = context.stream = None
             context.upstream = context.outcome = None
-            if fuse is not None:
-                fuse.run_ended()
             self.last_spent = spent = _clock() - started
-            self.runs += 1
             self.duration_sum += spent
             self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
         if stopped or failure is not None:
             return self._failed_run(outcome, failure, stopped, exchange)
-        if self._tripped and breaker is not None:  # the probe succeeded
-            breaker.succeeded()
-            self._tripped = False
-            self._emit("notice", f"{self.directive} {self.chunk}: circuit breaker closed, "
-                       "the hook runs again", None)
+        if self._tripped:  # the probe succeeded
+            self._closed()
         return None
+
+    @property
+    def runs(self) -> int:
+        """Runs that started (the durations' histogram counts each once)."""
+        return sum(self.durations)
+
+    def _reload(self) -> CodeType | None:
+        """``python_code_cache off``: modules and the hook are read again for every run."""
+        IMPORTER.forget()
+        return self._load()
+
+    def _admitted(self) -> bool:
+        """The breaker is open or probing: may this run go ahead (the probe)?"""
+        breaker = self.breaker
+        return breaker is None or breaker.admits(api.clock())
+
+    def _closed(self) -> None:
+        breaker = self.breaker
+        if breaker is not None:
+            breaker.succeeded()
+        self._tripped = False
+        self._emit("notice", f"{self.directive} {self.chunk}: circuit breaker closed, "
+                   "the hook runs again", None)
 
     def _failed_run(self, outcome: HookOutcome, failure: BaseException | None, stopped: bool,
                     exchange: HookRequest) -> _Result:
@@ -494,11 +511,15 @@ class HookRunner(_Runner[HookOutcome]):
     def run(self, exchange: HookedRequest, upstream: HookUpstream | None = None) -> HookOutcome:
         """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops)."""
         outcome = HookOutcome()
-        failed = self._execute(exchange, upstream or self.upstream or api.NO_UPSTREAM, outcome)
+        if upstream is None:
+            upstream = self.upstream or api.NO_UPSTREAM
+        failed = self._execute(exchange, upstream, outcome)
         outcome.spent = self.last_spent
         if failed is not None:
             return failed
         status = outcome.exit_status
+        if status is None and outcome.addr is not None:  # a peer was set: the usual run
+            return outcome
         if status is not None and not 300 <= status <= 999:
             what = "falling back" if self.conf.fallback else "answering 500"
             return self._failed(outcome, "exit_error",
