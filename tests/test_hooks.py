@@ -13,8 +13,9 @@ from hook_helpers import exchange, run, runner
 
 from scriptlb.config import ConfigError, load
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
-from scriptlb.hookrt.hooks import HookRunner, load_and_check, precompile
+from scriptlb.hookrt.hooks import HookRunner, load_and_check, load_code, precompile
 from scriptlb.replay.synthetic import SyntheticUpstream
+from scriptlb.sandbox.policy import HOOK_FUNCTION
 
 CHUNK = "balancer_by_python(/t/scriptlb.conf:1)"
 
@@ -123,6 +124,46 @@ def test_outcome_is_per_run() -> None:
     first, second = hook.run(ex, hook.upstream), hook.run(ex, hook.upstream)
     assert (first.addr, first.exit_status) == (PeerAddr("127.0.0.1", 1), None)
     assert (second.addr, second.exit_status) == (None, 503)
+
+
+# A hook's top-level code runs as a function body when nothing tells the two apart (its names
+# are the call's locals: fresh every run, read without dict lookups); otherwise as a module body.
+FUNCTION_OR_MODULE = [
+    ("PORTS = (1, 2)\ni = ngx.crc32_long(ngx.var.uri) % 2\n"
+     "ok, err = balancer.set_current_peer('127.0.0.1', PORTS[i])\n", True, 1),  # crc32("/a") is even
+    # closures and methods read the top-level names (one bound after the definitions)
+    ("PORTS = (9001, 9002)\ndef pick(i):\n    return PORTS[i]\nclass Ring:\n"
+     "    def __init__(self, ports):\n        self.ports = ports\n    def first(self):\n"
+     "        return self.ports[0] + OFFSET\nOFFSET = 5\n"
+     "balancer.set_current_peer('127.0.0.1', Ring(PORTS).first() + pick(1) - 9002)\n", True, 9006),
+    # `global` reaches the run's globals: a module body
+    ("def bump():\n    global port\n    port = 7\nbump()\nbalancer.set_current_peer('127.0.0.1', port)\n",
+     False, 7),
+    # a rebound builtin is read before its binding: a global, where a local would be unbound
+    ("peer = str(8)\nstr = None\nbalancer.set_current_peer('127.0.0.1', int(peer))\n", False, 8),
+    # a class body reads the names it binds from the globals, not from a function around it
+    ("PORT = 8\nclass A:\n    PORT = PORT + 1\nbalancer.set_current_peer('127.0.0.1', A.PORT)\n", False, 9),
+]
+
+
+@pytest.mark.parametrize(("code", "as_function", "port"), FUNCTION_OR_MODULE)
+def test_top_level_code_runs_as_a_function_when_nothing_tells_them_apart(code: str, as_function: bool,
+                                                                         port: int) -> None:
+    hook = runner(code)
+    assert (load_code(hook.conf).co_names == (HOOK_FUNCTION,)) is as_function
+    for uri in ("/a", "/a"):  # twice: the second run sees nothing of the first
+        outcome = hook.run(exchange(uri), hook.upstream)
+        assert (outcome.error, outcome.addr) == (None, PeerAddr("127.0.0.1", port))
+
+
+def test_a_name_bound_in_an_earlier_run_is_unbound_in_the_next() -> None:
+    logs: list[tuple[str, str]] = []
+    hook = runner("if ngx.var.uri == '/set':\n    port = 1\nbalancer.set_current_peer('127.0.0.1', port)\n",
+                  logs=logs)
+    assert load_code(hook.conf).co_names == (HOOK_FUNCTION,)
+    assert hook.run(exchange("/set"), hook.upstream).addr == PeerAddr("127.0.0.1", 1)
+    assert hook.run(exchange("/other"), hook.upstream).error == "runtime_error"
+    assert "UnboundLocalError" in logs[-1][1] and ":4: " in logs[-1][1]  # (a NameError; its conf line)
 
 
 # --------------------------------------------------------------------------- files and cache

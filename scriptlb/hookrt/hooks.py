@@ -23,6 +23,7 @@ import os
 import time
 import traceback
 from bisect import bisect_left
+from collections.abc import Callable
 from types import CodeType, TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -38,7 +39,7 @@ from scriptlb.sandbox import limits, lint
 from scriptlb.sandbox.guards import make_builtins
 from scriptlb.sandbox.importer import HOOK_DIR_KEY, OWNER_KEY, Importer
 from scriptlb.sandbox.limits import HookTimeout
-from scriptlb.sandbox.policy import HookCompileError, compile_hook
+from scriptlb.sandbox.policy import HOOK_FUNCTION, HookCompileError, compile_hook
 
 _Result = TypeVar("_Result")  # what a runner's run() returns for a failed run
 _BUDGET = limits.BUDGET
@@ -75,6 +76,8 @@ def _fresh_globals(name: str, hook_dir: str | None = None) -> dict[str, Any]:
 
 
 IMPORTER.configure((), _fresh_globals, _NAMESPACE)
+# what a run's globals provide: a hook rebinding none of them runs as a function (compile_hook)
+_BODY_NAMES = frozenset(BUILTINS) | frozenset(_fresh_globals("__hook__"))
 _CODE_CACHE: dict[tuple[str, str], CodeType] = {}
 _PYTHON_CONF = [PythonConf()]  # the http{} settings of the last precompiled config
 # The code of each hook as compiled when the configuration loaded (precompile). Workers forked
@@ -111,7 +114,7 @@ def load_code(hook: HookConf) -> CodeType:
     key = (hook.chunk_name, source)
     code = _CODE_CACHE.get(key)
     if code is None:
-        code = compile_hook(source, hook.chunk_name, first_line)
+        code = compile_hook(source, hook.chunk_name, first_line, _BODY_NAMES)
         if len(_CODE_CACHE) > 256:
             _CODE_CACHE.clear()
         _CODE_CACHE[key] = code
@@ -333,13 +336,13 @@ class _Runner(Generic[_Result]):
         self.durations = [0] * (len(RUN_BUCKETS) + 1)
         self.duration_sum = 0.0
         self.last_spent = 0.0  # the last run's duration (seconds): HookOutcome.spent
-        self._code: CodeType | None = None
+        self._call: Callable[[], object] | None = None  # what a run calls (code cache on)
         self._compile_error: str | None = None
         self.breaker = Breaker(conf.breaker) if conf.breaker is not None else None
         self._tripped = False  # the breaker is open or probing (one test on the hot path)
         self._cached = self.python.code_cache  # (one attribute read per run)
         if self._cached:
-            self._code = self._load()
+            self._call = self._callable(self._load())
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.chunk} timeout={self.timeout}>"
@@ -367,8 +370,8 @@ class _Runner(Generic[_Result]):
         its globals' copy (a Lua chunk's fresh environment)."""
         if self._tripped and not self._admitted():
             return self._skip(outcome, exchange)
-        code = self._code if self._cached else self._reload()
-        if code is None:
+        call = self._call if self._cached else self._reload()
+        if call is None:
             self.last_spent = 0.0
             return self._failed(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
         context = _CONTEXT
@@ -389,7 +392,7 @@ class _Runner(Generic[_Result]):
         budget.deadline = started + self.timeout
         failure: BaseException | None = None
         try:
-            exec(code, self._globals.copy())
+            call()
         except (Exception, HookTimeout) as err:
             failure = err
         finally:
@@ -412,10 +415,23 @@ class _Runner(Generic[_Result]):
         """Runs that started (the durations' histogram counts each once)."""
         return sum(self.durations)
 
-    def _reload(self) -> CodeType | None:
+    def _reload(self) -> Callable[[], object] | None:
         """``python_code_cache off``: modules and the hook are read again for every run."""
         IMPORTER.forget()
-        return self._load()
+        return self._callable(self._load())
+
+    def _callable(self, code: CodeType | None) -> Callable[[], object] | None:
+        """What a run calls: the hook's function (compiled as one, see compile_hook), defined
+        in the runner's globals, which no run can change; or else the module body, executed
+        in a fresh copy of them."""
+        if code is None:
+            return None
+        base = self._globals
+        if code.co_names == (HOOK_FUNCTION,):  # (hook code cannot spell the name)
+            exec(code, base)
+            function: Callable[[], object] = base.pop(HOOK_FUNCTION)
+            return function
+        return lambda: exec(code, base.copy())
 
     def _admitted(self) -> bool:
         """The breaker is open or probing: may this run go ahead (the probe)?"""
