@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,40 @@ def test_a_name_bound_in_an_earlier_run_is_unbound_in_the_next() -> None:
     assert hook.run(exchange("/set"), hook.upstream).addr == PeerAddr("127.0.0.1", 1)
     assert hook.run(exchange("/other"), hook.upstream).error == "runtime_error"
     assert "UnboundLocalError" in logs[-1][1] and ":4: " in logs[-1][1]  # (a NameError; its conf line)
+
+
+def _names_read_through_guards(code: str) -> set[str]:
+    hook = runner(code)
+    compiled = load_code(hook.conf)
+    names: set[str] = set()
+    stack = [compiled]
+    while stack:
+        current = stack.pop()
+        names.update(n for n in current.co_names if n.startswith("_") and n.endswith("_"))
+        stack.extend(c for c in current.co_consts if isinstance(c, type(compiled)))
+    return names
+
+
+def test_members_of_imported_stand_ins_are_read_directly_and_stay_read_only() -> None:
+    code = ("import zlib\nimport math as m\nport = zlib.crc32(b'/') % 2 + int(m.floor(1.5))\n"
+            "balancer.set_current_peer('127.0.0.1', port)\n")
+    assert "_getattr_" not in _names_read_through_guards(code)
+    assert run(code).outcome.addr == PeerAddr("127.0.0.1", zlib.crc32(b"/") % 2 + 1)
+    # bound some other way too: no longer known to be a module, read through the guard
+    rebound = "import zlib\nif ngx.var.uri:\n    zlib = ngx\nzlib.crc32"
+    assert "_getattr_" in _names_read_through_guards(rebound)
+    result = run("import zlib\nzlib.crc32 = len\n")
+    assert result.kind == "runtime_error" and "cannot modify a 'SafeModule'" in result.logs[0][1]
+
+
+def test_unpacking_into_names_pulls_one_item_more_at_most() -> None:
+    code = ("def endless():\n    while True:\n        yield 1\n"
+            "try:\n    a, b = endless()\nexcept ValueError as err:\n    ngx.ctx['err'] = str(err)\n"
+            "for k, v in {'127.0.0.1': 9}.items():\n    balancer.set_current_peer(k, v)\n")
+    result = run(code)
+    assert result.exchange.ctx == {"err": "too many values to unpack (expected 2)"}
+    assert result.outcome.addr == PeerAddr("127.0.0.1", 9)
+    assert "_unpack_sequence_" not in _names_read_through_guards(code)
 
 
 # --------------------------------------------------------------------------- files and cache

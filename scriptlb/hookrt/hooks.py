@@ -66,7 +66,7 @@ class _Printer:
 
 _PRINTER = _Printer()
 IMPORTER = Importer()
-BUILTINS = make_builtins({"__import__": IMPORTER, "_print_": lambda _getattr=None: _PRINTER})
+BUILTINS = make_builtins({"__import__": IMPORTER.__call__, "_print_": lambda _getattr=None: _PRINTER})
 _NAMESPACE = {"ngx": api.ngx}
 
 

@@ -107,17 +107,23 @@ def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
     names = _ATTRS.get(cls)
     if names is not None and name in names:
         return getattr(obj, name)
-    if (type(cls) is HookClass and type(name) is str and not name.startswith("_")  # a hook object
-            and (name in obj.__dict__ or _defined_by_hook(cls, name))):
-        return getattr(obj, name, *default)
+    # A type is in at most one of the registries below (plain and checked names aside), so their
+    # order is the hot paths': module members (dynamic), checked methods (str.encode), hook objects.
     dynamic = _DYNAMIC.get(cls)
-    if dynamic is not None and type(name) is str and not name.startswith("_"):
-        try:
-            return dynamic(obj, name)
-        except AttributeError:
-            if default:
-                return default[0]
-            raise
+    if dynamic is not None:
+        if type(name) is str and not name.startswith("_"):
+            try:
+                return dynamic(obj, name)
+            except AttributeError:
+                if default:
+                    return default[0]
+                raise
+    elif type(name) is str and not name.startswith("_"):
+        checked = _CHECKED.get(cls)
+        if checked is not None and name in checked:
+            return partial(checked[name], obj)
+        if type(cls) is HookClass and (name in obj.__dict__ or _defined_by_hook(cls, name)):  # a hook object
+            return getattr(obj, name, *default)
     return _getattr_slow(obj, name, default)
 
 
@@ -362,6 +368,8 @@ def _check_format_args(args: Any) -> None:
 
 def guarded_mod(a: Any, b: Any) -> Any:
     cls = type(a)
+    if cls is int:  # (the usual `hash % len(peers)`)
+        return a % b
     if cls is str:
         _check_percent_format(a)
         _check_format_args(b)
@@ -664,6 +672,8 @@ _SAFE_ERRORS = frozenset({"strict", "ignore", "replace", "backslashreplace", "su
 def _check_codec(encoding: Any, errors: Any) -> None:
     if type(encoding) is not str or type(errors) is not str:
         raise TypeError("encoding and errors must be str")
+    if encoding in SAFE_CODECS and errors in _SAFE_ERRORS:  # a codec's own name: no lookup needed
+        return
     if codecs.lookup(encoding).name not in SAFE_CODECS:
         raise LookupError(f"encoding '{encoding}' is not allowed in hooks")
     if errors not in _SAFE_ERRORS:

@@ -101,7 +101,8 @@ def _tick_stmt(like: _Located) -> ast.Expr:
 # The API globals every run gets. Attribute reads on them skip ``_getattr_`` when the module
 # never rebinds the name (see ``_rebound_names``): every public attribute of those objects is
 # API by construction (api.py keeps internals behind ``_``), so the guard would only cost time.
-# One level deeper is direct too for the namespaces below, e.g. ``ngx.var.uri``.
+# One level deeper is direct too for the namespaces below, e.g. ``ngx.var.uri``. So are reads on
+# names only ever bound by ``import`` (``_module_names``): ``picker.pick``, ``zlib.crc32``.
 API_GLOBALS = frozenset({"ngx", "balancer", "upstream"})
 _API_NAMESPACES = frozenset({"var", "shared", "worker", "req", "balancer", "upstream"})
 
@@ -125,6 +126,39 @@ def _rebound_names(tree: ast.AST) -> set[str]:
     return bound
 
 
+def _is_flat_tuple(target: ast.expr) -> bool:
+    """``a, b`` (names only: nothing nested, no starred name)."""
+    return (isinstance(target, ast.Tuple) and bool(target.elts)
+            and all(isinstance(elt, ast.Name) for elt in target.elts))
+
+
+def _module_names(tree: ast.AST) -> set[str]:
+    """Names bound only by ``import x`` / ``import x as y``: each holds a module stand-in
+    (scriptlb.sandbox.importer: a ``SafeModule``, a ``PackageModule`` or an API namespace), whose
+    public attributes are all its members, read-only, so ``x.name`` needs no ``_getattr_``."""
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.asname or alias.name.partition(".")[0] for alias in node.names)
+    if not imported:
+        return imported
+    other: set[str] = set()  # bound some other way somewhere (from-import, assignment, argument...)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            other.update(alias.asname or alias.name for alias in node.names)
+        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            other.add(node.id)
+        elif isinstance(node, ast.arg):
+            other.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            other.add(node.name)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            other.update(node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            other.add(node.name)
+    return imported - other
+
+
 def _is_super_init(node: ast.Attribute) -> bool:
     """``super().__init__`` (zero-argument super only)."""
     call = node.value
@@ -139,11 +173,11 @@ class HookPolicy(RestrictingNodeTransformer):
     def __init__(self, errors: list[str], warnings: list[str], used_names: dict[str, bool]) -> None:
         super().__init__(errors, warnings, used_names)
         self.error_lines: list[tuple[int | None, str]] = []
-        self.direct_names: frozenset[str] = frozenset()
+        self.direct_names: frozenset[str] | set[str] = frozenset()
         self._class_inits: set[int] = set()  # ids of the `def __init__` nodes of class bodies
 
     def visit_Module(self, node: ast.Module) -> _Visited:
-        self.direct_names = API_GLOBALS - _rebound_names(node)
+        self.direct_names = (API_GLOBALS - _rebound_names(node)) | _module_names(node)
         return super().visit_Module(node)
 
     # ---------------------------------------------------------------- direct API access
@@ -194,6 +228,24 @@ class HookPolicy(RestrictingNodeTransformer):
         if name == "__init__" and id(node) in self._class_inits:
             return
         super().check_name(node, name, allow_magic_methods=False)
+
+    # ---------------------------------------------------------------- unpacking
+
+    def visit_Assign(self, node: ast.Assign) -> _Visited:
+        """``ok, err = balancer.set_current_peer(...)``: unpacking into plain names is left to
+        the interpreter, which pulls at most one item more than there are names (RestrictedPython's
+        ``_unpack_sequence_`` would list the whole iterable first, then unpack the same way)."""
+        if len(node.targets) == 1 and _is_flat_tuple(node.targets[0]):
+            return self.node_contents_visit(node)
+        return super().visit_Assign(node)
+
+    def guard_iter(self, node: ast.For | ast.comprehension) -> _Visited:
+        """``for key, value in ...``: plain names need no per-item ``_iter_unpack_sequence_``."""
+        if not _is_flat_tuple(node.target):
+            return super().guard_iter(node)
+        node = _in_place(node, self.node_contents_visit(node))
+        node.iter = _call("_getiter_", [node.iter], node.iter)
+        return node
 
     # ---------------------------------------------------------------- budget ticks
 
