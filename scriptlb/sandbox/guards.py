@@ -680,7 +680,12 @@ def _check_codec(encoding: Any, errors: Any) -> None:
         raise LookupError(f"error handler '{errors}' is not allowed in hooks")
 
 
-def _checked_encode(s: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+_UTF8, _STRICT = "utf-8", "strict"  # the defaults below, by identity
+
+
+def _checked_encode(s: str, encoding: str = _UTF8, errors: str = _STRICT) -> bytes:
+    if encoding is _UTF8 and errors is _STRICT:  # `text.encode()`: nothing to check
+        return s.encode()
     _check_codec(encoding, errors)
     return s.encode(encoding, errors)
 
