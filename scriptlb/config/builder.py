@@ -23,6 +23,7 @@ from scriptlb.config.directives import (
     default_redirect,
     listen_name,
     lookup,
+    with_file_cache,
 )
 from scriptlb.config.drafts import (
     Header,
@@ -538,7 +539,7 @@ def _location_conf(
         keepalive_timeout=_get(chain, "keepalive_timeout", 75.0),
         keepalive_requests=_get(chain, "keepalive_requests", 1000),
         client_body=_client_body_conf(chain),
-        access_log=tuple(access_logs),
+        access_log=with_file_cache(access_logs, _get(chain, "open_log_file_cache", None)),
         source=loc.source,
         log_hook=_log_hook(chain),
         add_headers=tuple(_get(chain, "add_header", ())),
