@@ -67,6 +67,7 @@ from scriptlb.config.model import (
     Source,
     SslCertificate,
     SslConf,
+    SsiConf,
     Template,
     TextRewrite,
     UpstreamConf,
@@ -550,6 +551,7 @@ def _location_conf(
         error_pages=tuple(_get(chain, "error_page", ())),
         intercept_errors=_get(chain, "proxy_intercept_errors", False),
         index=_get(chain, "index", ("index.html",)),
+        ssi=_ssi_conf(chain),
         **_root_or_alias(chain),
         absolute_redirect=_get(chain, "absolute_redirect", True),
         server_name_in_redirect=_get(chain, "server_name_in_redirect", False),
@@ -559,6 +561,19 @@ def _location_conf(
     if "health_checks" in loc.values:
         resolver.add_health_checks(loc, conf)
     return conf
+
+
+def _ssi_conf(chain: Sequence[LevelDraft]) -> SsiConf | None:
+    """``ssi on`` and its settings (each merged on its own, as nginx's); None when off."""
+    if not _get(chain, "ssi", False):
+        return None
+    types = _get(chain, "ssi_types", ())
+    return SsiConf(
+        types=("*",) if "*" in types else ("text/html", *types),
+        silent_errors=_get(chain, "ssi_silent_errors", False),
+        last_modified=_get(chain, "ssi_last_modified", False),
+        value_length=_get(chain, "ssi_value_length", 256),
+    )
 
 
 def _root_or_alias(chain: Sequence[LevelDraft]) -> dict[str, Any]:

@@ -1585,6 +1585,13 @@ _SPECS: tuple[Spec, ...] = (
     _spec("client_body_temp_path", HSL, (1, 4), _temp_path),
     _spec("client_body_in_file_only", HSL, ONE, _slot(_in_file_only)),
     _spec("client_body_in_single_buffer", HSL, FLAG, _slot(flag)),
+    # server side includes (ngx_http_ssi_module)
+    _spec("ssi", HSL, FLAG, _slot(flag)),
+    _spec("ssi_types", HSL, (1, None), _slot(lambda node: tuple(node.args))),
+    _spec("ssi_silent_errors", HSL, FLAG, _slot(flag)),
+    _spec("ssi_last_modified", HSL, FLAG, _slot(flag)),
+    _spec("ssi_value_length", HSL, ONE, _slot(_size)),
+    _spec("ssi_min_file_chunk", HSL, ONE, _accepted(_size)),
     # upstream response buffers
     _spec("proxy_buffer_size", HSL, ONE, _slot(_size)),
     _spec("proxy_buffers", HSL, (2, 2), _slot(_bufs)),

@@ -522,6 +522,17 @@ class ClientBodyConf:
 
 
 @dataclass(frozen=True, slots=True)
+class SsiConf:
+    """``ssi on`` and its settings (ngx_http_ssi_module): which responses the static handler
+    runs the SSI commands of."""
+
+    types: tuple[str, ...] = ("text/html",)  # ssi_types (text/html always); ("*",): every type
+    silent_errors: bool = False  # ssi_silent_errors: no errmsg for a failed command
+    last_modified: bool = False  # ssi_last_modified: keep the file's Last-Modified
+    value_length: int = 256  # ssi_value_length: the longest parameter value
+
+
+@dataclass(frozen=True, slots=True)
 class AddHeaderConf:
     """``add_header name value [always]``."""
 
@@ -626,6 +637,7 @@ class LocationConf:
     try_files: TryFilesConf | None = None
     limit_except: LimitExceptConf | None = None
     index: tuple[str, ...] = ("index.html",)
+    ssi: SsiConf | None = None  # ssi on: the static handler runs the file's SSI commands
     # balancer_trace_header / balancer_trace_allow: the trace header, for these clients only
     trace_header: bool = False
     trace_allow: tuple[str, ...] = ()  # normalized CIDRs, "unix:" or "all"; () = nobody
