@@ -538,6 +538,7 @@ def _location_conf(
         client_body_timeout=_get(chain, "client_body_timeout", 60.0),
         keepalive_timeout=_get(chain, "keepalive_timeout", 75.0),
         keepalive_requests=_get(chain, "keepalive_requests", 1000),
+        send_timeout=_get(chain, "send_timeout", 60.0),
         client_body=_client_body_conf(chain),
         access_log=tuple(access_logs),
         source=loc.source,

@@ -1573,6 +1573,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("client_body_timeout", HSL, ONE, _slot(msec)),
     _spec("keepalive_timeout", HSL, (1, 2), _keepalive_timeout),
     _spec("keepalive_requests", HSL, ONE, _slot(number)),
+    _spec("send_timeout", HSL, ONE, _slot(msec)),
     _spec("large_client_header_buffers", HS, (2, 2), _large_client_header_buffers),
     _spec("return", Ctx.SERVER | Ctx.LOCATION, (1, 2), _return),
     _spec("log_format", Ctx.HTTP, (2, None), _log_format),

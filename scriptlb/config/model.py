@@ -611,6 +611,7 @@ class LocationConf:
     client_body_timeout: float = 60.0
     keepalive_timeout: float = 75.0  # 0 disables client keep-alive
     keepalive_requests: int = 1000
+    send_timeout: float = 60.0  # send_timeout: how long the client may leave our writes unread
     client_body: ClientBodyConf = field(default_factory=ClientBodyConf)
     access_log: tuple[AccessLogConf, ...] = ()  # empty = off
     source: Source | None = None

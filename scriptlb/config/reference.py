@@ -72,6 +72,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "proxy_buffer_size": ("size", "4k|8k", "ngx_http_proxy_module", ""),
     "proxy_buffers": ("number size", "8 4k|8k", "ngx_http_proxy_module", ""),
     "proxy_busy_buffers_size": ("size", "8k|16k", "ngx_http_proxy_module", ""),
+    "send_timeout": ("time", "60s", "ngx_http_core_module",
+                     "upgraded (tunnelled) connections; other responses keep 60s"),
     "client_header_timeout": ("time", "60s", "ngx_http_core_module", ""),
     "client_body_timeout": ("time", "60s", "ngx_http_core_module", ""),
     "keepalive_timeout": ("timeout [header_timeout] (http) / timeout (upstream)", "75s / 60s",

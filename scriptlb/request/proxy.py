@@ -39,7 +39,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from scriptlb.config.model import NextUpstream
-from scriptlb.http.downstream import CLIENT_SEND_TIMEOUT, DROPPED, UNSENT
+from scriptlb.http.downstream import DROPPED, UNSENT
 from scriptlb.http.request_body import SpooledBody
 from scriptlb.http.tls import handshake_error_text
 from scriptlb.http.tls_transport import open_tls_connection
@@ -588,7 +588,7 @@ class UpstreamRequest:
         upstream_transport, from_upstream = conn.detach()
         attempt.conn = None
         assert client.transport is not None
-        tunnel = self._tunnel = Tunnel(self.loop, ex.read_timeout, ex.send_timeout, CLIENT_SEND_TIMEOUT,
+        tunnel = self._tunnel = Tunnel(self.loop, ex.read_timeout, ex.send_timeout, ex.location.conf.send_timeout,
                                        self._tunnel_ended)
         client_side, upstream_side = tunnel.sides(client.transport, upstream_transport)
         upstream_transport.set_protocol(upstream_side)
