@@ -35,14 +35,23 @@ class IfDraft:
 DraftOp: TypeAlias = "RewriteOp | tuple[RewriteOp, IfDraft]"
 
 
+# a named group of a PCRE regex: "(?<name>", "(?P<name>", "(?'name'"
+_NAMED_GROUP = re.compile(r"\(\?(?:P?<|')([A-Za-z_][A-Za-z0-9_]*)[>']")
+
+
 def declared_variables(nodes: Iterable[Any]) -> frozenset[str]:
-    """The names every ``set $name`` of the config declares (lower-cased)."""
+    """The names every ``set $name`` of the config declares, and the named captures of its
+    ``server_name`` regexes (nginx makes them variables), lower-cased."""
     names: set[str] = set()
     stack = list(nodes)
     while stack:
         node = stack.pop()
         if node.name == "set" and node.args and node.args[0].startswith("$"):
             names.add(node.args[0][1:].lower())
+        elif node.name == "server_name":
+            for arg in node.args:
+                if arg.startswith("~"):
+                    names.update(name.lower() for name in _NAMED_GROUP.findall(arg))
         if node.children:
             stack.extend(node.children)
     return frozenset(names)

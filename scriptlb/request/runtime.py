@@ -35,6 +35,7 @@ from scriptlb.config.model import (
 from scriptlb.http.downstream import HOP_BY_HOP
 from scriptlb.http.pool import ConnectionPool
 from scriptlb.request.accesslog import PhaseClock
+from scriptlb.config.regex import compile_nginx_regex
 from scriptlb.routing.locations import LocationMatcher, ServerSelector, selectors_by_listen
 from scriptlb.routing.uri import quote_uri
 from scriptlb.state.peers import PeerSet
@@ -458,12 +459,22 @@ _MATCH_CACHE_URI_MAX = 256
 class ServerRuntime:
     """One ``server`` block: its name and its locations."""
 
-    __slots__ = ("_builder", "_by_id", "_matched", "conf", "default_location", "matcher", "name")
+    __slots__ = ("_builder", "_by_id", "_matched", "conf", "default_location", "matcher", "name", "name_regexes")
 
     def __init__(self, conf: ServerConf, builder: Callable[[LocationConf], LocationRuntime]) -> None:
         self.conf = conf
-        self.name = next((n for n in conf.server_names if not n.startswith(("~", "*", "."))), "")
+        # nginx's $server_name: the first name as written (a regex's "~" and a wildcard's "*"
+        # kept, the leading dot of ".example.com" not)
+        first = conf.server_names[0] if conf.server_names else ""
+        self.name = first[1:] if first.startswith(".") else first
         self.matcher = LocationMatcher(conf.locations)
+        # server_name regexes with named captures: their groups are variables ($name)
+        self.name_regexes = tuple(
+            regex for regex in (
+                compile_nginx_regex(n[1:], any("A" <= ch <= "Z" for ch in n[1:]))
+                for n in conf.server_names if n.startswith("~")
+            ) if regex.groupindex
+        )
         self._builder = builder
         self._by_id: dict[int, LocationRuntime] = {}
         self._matched: dict[str, LocationRuntime] = {}  # uri -> location, see match

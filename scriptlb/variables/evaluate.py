@@ -537,9 +537,26 @@ def _getter(var: Var, clock: Clock, lookup: Callable[[str, Clock], Getter]) -> G
 def _set_variable(name: str) -> Getter:
     def get(ex: RequestView) -> str | None:
         values = getattr(ex, "variables", None)
-        return values.get(name) if values else None
+        if values:
+            value = values.get(name)
+            if value is not None:
+                return value
+        # a named capture of the server_name regex that selected the server (matched again
+        # only when read: the request pays nothing for it otherwise)
+        regexes = getattr(getattr(ex, "server", None), "name_regexes", None)
+        return name_capture(regexes, getattr(ex, "host", ""), name) if regexes else None
 
     return get
+
+
+def name_capture(regexes: tuple[re.Pattern[str], ...], host: str, name: str) -> str | None:
+    """``name``'s group in the first of ``regexes`` that matches ``host`` (the server's
+    server_name regexes, tried in nginx's order)."""
+    for regex in regexes:
+        match = regex.search(host)
+        if match is not None:
+            return match.groupdict().get(name) if name in regex.groupindex else None
+    return None
 
 
 def _capture(number: int) -> Getter:
