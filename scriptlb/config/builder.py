@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from scriptlb.config.addresses import AddressError, ProxyUrl, parse_proxy_url, resolve
@@ -74,7 +74,7 @@ from scriptlb.config.model import (
     UpstreamServerConf,
 )
 from scriptlb.config.parser import Node
-from scriptlb.config.rewrite import DraftOp, with_body
+from scriptlb.config.rewrite import DraftOp, IfDraft, with_body
 from scriptlb.config.stream import stream_conf
 from scriptlb.config.templates import compile_template, declared_variables
 
@@ -413,28 +413,53 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
     )
 
 
-def _rewrite_ops(chain: Sequence[LevelDraft]) -> tuple[RewriteOp, ...]:
+def _rewrite_ops(
+    chain: Sequence[LevelDraft], if_location: Callable[[IfDraft], LocationConf | None] | None = None
+) -> tuple[RewriteOp, ...]:
     """The server's rewrite-module directives, then the location's (each level its own, in
-    order; http has none). An ``if`` comes with the block read after it."""
+    order; http has none). An ``if`` comes with the block read after it; ``if_location``
+    builds the location of a location's ``if`` that holds directives of its own."""
     ops: list[RewriteOp] = []
     server = next(level for level in chain if isinstance(level, ServerDraft))
     own = chain[0]
     # (a named location is entered past the server's rewrite phase, as nginx)
     levels = (own,) if isinstance(own, LocationDraft) and own.pattern.startswith("@") else (server, own)
     for level in levels:
-        ops += _resolved(level.values.get("rewrite_ops", ()))
+        ops += _resolved(level.values.get("rewrite_ops", ()), if_location if level is own else None)
     return tuple(ops)
 
 
-def _resolved(entries: Sequence[DraftOp]) -> list[RewriteOp]:
+def _resolved(
+    entries: Sequence[DraftOp], if_location: Callable[[IfDraft], LocationConf | None] | None = None
+) -> list[RewriteOp]:
     out = []
     for entry in entries:
         if isinstance(entry, tuple):
             op, body = entry
-            out.append(with_body(op, _resolved(body.ops)))
+            location = if_location(body) if if_location is not None and body.has_content() else None
+            out.append(with_body(op, _resolved(body.ops), location))
         else:
             out.append(entry)
     return out
+
+
+def _if_location(
+    body: LocationDraft, loc: LocationDraft, parents: Sequence[LevelDraft], resolver: _ProxyPassResolver,
+    outer_pass: ProxyPassConf | None,
+) -> LocationConf:
+    """The location an ``if`` block of ``loc`` makes (nginx's if-in-location): ``loc``'s
+    settings with the block's over them; ``proxy_pass`` is inherited, an own one may not have
+    a URI part. Its rewrite directives run inline (the block's ops), not again here."""
+    conf = _location_conf(body, (loc, *parents), resolver)
+    if body.proxy_pass is None:
+        return dataclasses.replace(conf, proxy_pass=outer_pass, rewrite=())
+    if conf.proxy_pass is not None and conf.proxy_pass.uri is not None:
+        raise ConfigError(
+            '"proxy_pass" cannot have URI part in location given by regular expression, '
+            'or inside named location, or inside "if" statement, or inside "limit_except" block',
+            body.proxy_pass[1],
+        )
+    return dataclasses.replace(conf, rewrite=())
 def _check_peer_tls(servers: tuple[ServerConf, ...]) -> None:
     """proxy_pass https://: build each distinct client context once, for its errors."""
     from scriptlb.http.tls import TlsConfigError, client_context
@@ -547,8 +572,8 @@ def _location_conf(
         add_trailers=tuple(_get(chain, "add_trailer", ())),
         expires=_expires(chain),
         try_files=_get(chain, "try_files", None),
-        limit_except=_limit_except(loc, chain),
-        rewrite=_rewrite_ops(chain),
+        limit_except=_limit_except(loc, chain, resolver, proxy_pass),
+        rewrite=_rewrite_ops(chain, lambda body: _if_location(body, loc, parents, resolver, proxy_pass)),
         error_pages=tuple(_get(chain, "error_page", ())),
         intercept_errors=_get(chain, "proxy_intercept_errors", False),
         index=_get(chain, "index", ("index.html",)),
@@ -589,15 +614,19 @@ def _root_or_alias(chain: Sequence[LevelDraft]) -> dict[str, Any]:
     return {"root": os.path.join(getattr(chain[-1], "prefix", ""), "html")}
 
 
-def _limit_except(loc: LocationDraft, chain: Sequence[LevelDraft]) -> LimitExceptConf | None:
+def _limit_except(loc: LocationDraft, chain: Sequence[LevelDraft], resolver: _ProxyPassResolver,
+                  outer_pass: ProxyPassConf | None) -> LimitExceptConf | None:
     """The location's own limit_except (a nested location does not inherit it, as nginx)."""
     found = loc.values.get("limit_except")
     if found is None:
         return None
     methods, block = found
     settings = _access_settings((block, *chain), loc)
+    location = None
+    if block.proxy_pass is not None:
+        location = dataclasses.replace(_if_location(block, loc, chain[1:], resolver, outer_pass), limit_except=None)
     return LimitExceptConf(methods, settings["access"], settings["auth_basic"],
-                           settings["auth_basic_user_file"])
+                           settings["auth_basic_user_file"], location)
 
 
 def _expires(chain: Sequence[LevelDraft]) -> ExpiresConf | None:

@@ -341,6 +341,17 @@ def _location_args(node: Node) -> tuple[str, str]:
     return "", arg
 
 
+def _in_location_if(handler: Handler) -> Handler:
+    """A directive nginx takes in an ``if`` of a location (not of a server)."""
+
+    def checked(state: State, node: Node, draft: Any) -> Any:
+        if isinstance(draft, rewrite.IfDraft) and not draft.in_location:
+            raise fail(node, f'"{node.name}" directive is not allowed here')
+        return handler(state, node, draft)
+
+    return checked
+
+
 def _proxy_pass(state: State, node: Node, draft: LocationDraft) -> None:
     if draft.proxy_pass is not None:
         raise fail(node, '"proxy_pass" directive is duplicate')
@@ -803,7 +814,9 @@ def _if(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
         op = rewrite.if_op(node, template, _check_regex)
     except ValueError as e:
         raise fail(node, str(e)) from None
-    body = rewrite.IfDraft()
+    in_location = isinstance(draft, LocationDraft)
+    body = rewrite.IfDraft(modifier=draft.modifier, pattern=draft.pattern, source=node.source,
+                           in_location=True) if in_location else rewrite.IfDraft()
     rewrite.ops_of(draft).append((op, body))  # (the body is read next; the builder joins them)
     return Ctx.IF, body
 
@@ -1276,7 +1289,8 @@ def _limit_except(state: State, node: Node, draft: LocationDraft) -> tuple[Ctx, 
         methods.add(name.upper())
     if "GET" in methods:
         methods.add("HEAD")
-    block = LevelDraft()
+    # (a location's draft: proxy_pass may stand in the block, as in nginx)
+    block = LocationDraft(modifier=draft.modifier, pattern=draft.pattern, source=node.source)
     draft.values["limit_except"] = (frozenset(methods), block)
     return Ctx.LIMIT_EXCEPT, block
 
@@ -1557,7 +1571,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("listen", Ctx.SERVER, (1, None), _listen),
     _spec("server_name", Ctx.SERVER, (1, None), _server_name),
     _spec("location", Ctx.SERVER | Ctx.LOCATION, (1, 2), _location, block=True),
-    _spec("proxy_pass", Ctx.LOCATION, ONE, _proxy_pass),
+    _spec("proxy_pass", Ctx.LOCATION | Ctx.IF | Ctx.LIMIT_EXCEPT, ONE, _in_location_if(_proxy_pass)),
     _spec("proxy_set_header", HSL, (2, 2), _proxy_set_header),
     _spec("proxy_http_version", HSL, ONE, _proxy_http_version),
     _spec("proxy_connect_timeout", HSL, ONE, _slot(msec)),
@@ -1577,7 +1591,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("large_client_header_buffers", HS, (2, 2), _large_client_header_buffers),
     _spec("return", Ctx.SERVER | Ctx.LOCATION, (1, 2), _return),
     _spec("log_format", Ctx.HTTP, (2, None), _log_format),
-    _spec("access_log", HSL, (1, None), _access_log),
+    _spec("access_log", HSL | Ctx.IF, (1, None), _in_location_if(_access_log)),
     # client request heads and bodies
     _spec("client_header_buffer_size", HS, ONE, _slot(_size)),
     _spec("underscores_in_headers", HS, FLAG, _slot(flag)),
@@ -1587,7 +1601,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("client_body_in_file_only", HSL, ONE, _slot(_in_file_only)),
     _spec("client_body_in_single_buffer", HSL, FLAG, _slot(flag)),
     # server side includes (ngx_http_ssi_module)
-    _spec("ssi", HSL, FLAG, _slot(flag)),
+    _spec("ssi", HSL | Ctx.IF, FLAG, _in_location_if(_slot(flag))),
     _spec("ssi_types", HSL, (1, None), _slot(lambda node: tuple(node.args))),
     _spec("ssi_silent_errors", HSL, FLAG, _slot(flag)),
     _spec("ssi_last_modified", HSL, FLAG, _slot(flag)),
@@ -1663,9 +1677,9 @@ _SPECS: tuple[Spec, ...] = (
     _spec("api", Ctx.LOCATION, (0, 1), _content_handler),
     _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),
     _spec("status_zone", Ctx.SERVER, ONE, _slot(lambda node: node.args[0])),
-    _spec("add_header", HSL, (2, 3), _add_header),
-    _spec("add_trailer", HSL, (2, 3), _add_header),  # (same syntax and merge)
-    _spec("expires", HSL, (1, 2), _expires),
+    _spec("add_header", HSL | Ctx.IF, (2, 3), _in_location_if(_add_header)),
+    _spec("add_trailer", HSL | Ctx.IF, (2, 3), _in_location_if(_add_header)),  # (same syntax and merge)
+    _spec("expires", HSL | Ctx.IF, (1, 2), _in_location_if(_expires)),
     _spec("try_files", Ctx.SERVER | Ctx.LOCATION, (2, None), _try_files),
     # the rewrite module (return is above; inside `if` it is one of the ordered directives)
     _spec("set", Ctx.SERVER | Ctx.LOCATION | Ctx.IF, (2, 2),

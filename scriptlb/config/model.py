@@ -550,6 +550,8 @@ class LimitExceptConf:
     access: tuple[AccessRule, ...] = ()
     auth_basic: str | None = None
     auth_basic_user_file: str | None = None
+    # a proxy_pass of the block: the location the other methods continue in
+    location: LocationConf | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,6 +590,9 @@ class RewriteOp:
     flag: str = ""  # rewrite: "" | "last" | "break" | "redirect" | "permanent"
     body: tuple[RewriteOp, ...] = ()
     ret: ReturnConf | None = None
+    # if in a location with directives of its own (proxy_pass, add_header...): the location the
+    # request continues in once the condition holds (nginx's if-block pseudo-location)
+    location: LocationConf | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

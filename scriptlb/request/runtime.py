@@ -492,6 +492,13 @@ class ServerRuntime:
             found = self._by_id[id(conf)] = self._builder(conf)
         return found
 
+    def location_of(self, conf: LocationConf) -> LocationRuntime:
+        """The runtime of a location the config built beside the tree (an ``if`` block's)."""
+        found = self._by_id.get(id(conf))
+        if found is None:
+            found = self._by_id[id(conf)] = self._builder(conf)
+        return found
+
     def match(self, uri: str) -> LocationRuntime:
         """The location for ``uri``; recent answers are remembered (the same few URIs come
         again and again; the cache is bounded: clients choose URIs)."""
