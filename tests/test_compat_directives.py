@@ -358,7 +358,8 @@ def test_rewrite_flags(tmp_path: Path) -> None:
         ("rewrite ^ /x sometimes;", 'invalid parameter "sometimes"'),
         ("if ($uri) return 204;", 'directive "if" has no opening "{"'),
         ("if (-f $uri) { return 204; }", "file tests"),
-        ("if ($uri) { proxy_pass http://127.0.0.1:1; }", '"proxy_pass" directive is not allowed here'),
+        ("if ($uri) { proxy_pass http://127.0.0.1:1/x; }", '"proxy_pass" cannot have URI part'),
+        ("if ($uri) { proxy_set_header X y; }", '"proxy_set_header" directive is not allowed here'),
         ("return 200 $undeclared;", 'unknown "undeclared" variable'),
     ],
 )

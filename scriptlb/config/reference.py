@@ -217,8 +217,9 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                              "accepted: scriptlb neither caches nor follows X-Accel-*"),
     "set": ("$variable value", "-", "ngx_http_rewrite_module", "compiled at load"),
     "if": ("(condition) { ... }", "-", "ngx_http_rewrite_module",
-           "$var, = / != (a literal), ~ ~* !~ !~* (captures $1..$9); no file tests; only set, rewrite, "
-           "break and return inside"),
+           "$var, = / != (a literal), ~ ~* !~ !~* (captures $1..$9); no file tests; set, rewrite, "
+           "break and return inside; in a location also proxy_pass (no URI part), add_header, add_trailer, "
+           "expires, access_log, ssi: the block is then the location the request goes on in"),
     "rewrite": ("regex replacement [last | break | redirect | permanent]", "-",
                 "ngx_http_rewrite_module", ""),
     "break": ("", "-", "ngx_http_rewrite_module", ""),
@@ -240,7 +241,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "try_files": ("file ... uri | file ... =code", "-", "ngx_http_core_module",
                   "a name ending in / tests a directory; the fallback may be @name"),
     "limit_except": ("method ... { ... }", "-", "ngx_http_core_module",
-                     "allow, deny, auth_basic and auth_basic_user_file inside"),
+                     "allow, deny, auth_basic, auth_basic_user_file and proxy_pass (no URI part) inside"),
     "alias": ("path", "-", "ngx_http_core_module",
               "replaces the location's prefix (a regex location's alias names the file); no variables"),
     "absolute_redirect": ("on | off", "on", "ngx_http_core_module",
