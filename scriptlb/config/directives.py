@@ -407,8 +407,11 @@ def _proxy_next_upstream(state: State, node: Node, draft: LevelDraft) -> None:
 
 def _keepalive_timeout(state: State, node: Node, draft: LevelDraft) -> None:
     timeout = msec(node)
-    if len(node.args) > 1 and parse_time(node.args[1], seconds_only=True) is None:
-        raise fail(node, f'"{node.name}" directive invalid value')  # the Keep-Alive header time
+    if len(node.args) > 1:
+        header = parse_time(node.args[1], seconds_only=True)  # the Keep-Alive header's time
+        if header is None:
+            raise fail(node, f'"{node.name}" directive invalid value')
+        draft.values["keepalive_header"] = int(header)
     _store(node, draft.values, timeout)
 
 
@@ -1724,8 +1727,8 @@ _SPECS: tuple[Spec, ...] = (
     _spec("sendfile", HSL, FLAG, _accepted(flag)),
     _spec("tcp_nopush", HSL, FLAG, _accepted(flag)),
     _spec("tcp_nodelay", HSL, FLAG, _accepted(flag)),
-    _spec("keepalive_time", HSL | Ctx.UPSTREAM, ONE, _accepted(msec)),
-    _spec("keepalive_disable", HSL, (1, None), _accepted(_keepalive_disable)),
+    _spec("keepalive_time", HSL | Ctx.UPSTREAM, ONE, _slot(msec)),
+    _spec("keepalive_disable", HSL, (1, None), _slot(_keepalive_disable)),
     # TLS termination (ngx_http_ssl_module)
     _spec("ssl_certificate", HS, ONE, _ssl_file_list),
     _spec("ssl_certificate_key", HS, ONE, _ssl_file_list),

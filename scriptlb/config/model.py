@@ -617,6 +617,9 @@ class LocationConf:
     keepalive_timeout: float = 75.0  # 0 disables client keep-alive
     keepalive_requests: int = 1000
     send_timeout: float = 60.0  # send_timeout: how long the client may leave our writes unread
+    keepalive_header: int | None = None  # keepalive_timeout's second value: "Keep-Alive: timeout=N"
+    keepalive_time: float = 3600.0  # keepalive_time: no keep-alive for requests after this age
+    keepalive_disable: tuple[str, ...] = ("msie6",)  # browsers whose connections are not kept
     client_body: ClientBodyConf = field(default_factory=ClientBodyConf)
     access_log: tuple[AccessLogConf, ...] = ()  # empty = off
     source: Source | None = None

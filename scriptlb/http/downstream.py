@@ -1072,6 +1072,11 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.respond(status, b"Content-Type: text/html\r\n", page)
 
+    @property
+    def keeps_alive(self) -> bool:
+        """Whether the connection stays open after the active response (so far)."""
+        return self._keep_alive
+
     def close_after_response(self) -> None:
         """Do not keep the connection alive after the current response."""
         self._keep_alive = False

@@ -162,7 +162,7 @@ class Exchange:
         conf = self.location.conf
         self.max_body_size = conf.client_max_body_size  # 0 = unlimited
         self.body_timeout = conf.client_body_timeout
-        self.keepalive_timeout = conf.keepalive_timeout
+        self.keepalive_timeout = conf.keepalive_timeout if self.location.keepalive_check(self) else 0.0
         self.keepalive_requests = conf.keepalive_requests
 
     # ------------------------------------------------------------------ routing

@@ -279,6 +279,59 @@ def _connection_listed(connection: bytes) -> frozenset[bytes]:
     return frozenset(token.strip().lower() for token in connection.split(b","))
 
 
+def keepalive_check(conf: LocationConf) -> Callable[[Any], bool]:
+    """``allowed(exchange)``: nginx's keep-alive conditions beyond the count and the timeout
+    (ngx_http_update_location_config): the connection's age (keepalive_time), and the browsers
+    keepalive_disable names (MSIE 4/5/6-without-SV1 for POSTs, Safari on Mac OS X)."""
+    limit = conf.keepalive_time
+    msie6 = "msie6" in conf.keepalive_disable
+    safari = "safari" in conf.keepalive_disable
+
+    def allowed(exchange: Any) -> bool:
+        if exchange.loop.time() - exchange.conn.opened > limit:
+            return False
+        if (msie6 and exchange.method == "POST") or safari:
+            agent = exchange.header("user-agent")
+            if agent:
+                if msie6 and exchange.method == "POST" and _old_msie(agent):
+                    return False
+                if safari and _mac_safari(agent):
+                    return False
+        return True
+
+    return allowed
+
+
+def _old_msie(agent: str) -> bool:
+    """nginx's headers_in.msie6 (ngx_http_process_user_agent)."""
+    at = agent.find("MSIE ")
+    if at < 0 or at + 7 >= len(agent) or "Opera" in agent or agent[at + 6] != ".":
+        return False
+    version = agent[at + 5]
+    return version in "45" or (version == "6" and "SV1" not in agent[at + 8:])
+
+
+def _mac_safari(agent: str) -> bool:
+    """nginx's headers_in.safari: Safari on Mac OS X, not MSIE, Opera, Gecko or Chrome."""
+    if "MSIE " in agent or "Opera" in agent or "Gecko/" in agent or "Chrome/" in agent:
+        return False
+    return "Safari/" in agent and "Mac OS X" in agent
+
+
+def with_keepalive_header(add_headers: Callable[[Any, int, bytes], bytes] | None, seconds: int
+                          ) -> Callable[[Any, int, bytes], bytes]:
+    """keepalive_timeout's second value: "Keep-Alive: timeout=N" on responses whose connection
+    stays open (after the location's own headers filter)."""
+    line = b"Keep-Alive: timeout=%d\r\n" % seconds
+
+    def apply(exchange: Any, status: int, headers: bytes) -> bytes:
+        if add_headers is not None:
+            headers = add_headers(exchange, status, headers)
+        return headers + line if exchange.conn.keeps_alive else headers
+
+    return apply
+
+
 class LocationRuntime:
     __slots__ = (
         "access",
@@ -290,6 +343,7 @@ class LocationRuntime:
         "dynamic",
         "error_pages",
         "header_rewrite",
+        "keepalive_check",
         "limits",
         "log_hook",
         "plain_proxy",
@@ -322,6 +376,8 @@ class LocationRuntime:
             self.access = access_phase(conf)
         # stub_status / api / prometheus (scriptlb.request.handlers): content(exchange) answers
         self.content: Callable[[Any], None] | None = None
+        # keepalive_time / keepalive_disable: allowed(exchange) -> whether keep-alive may stay on
+        self.keepalive_check = keepalive_check(conf)
         # expires + add_header (scriptlb.request.headers_filter): None, or
         # apply(exchange, status, headers) -> headers
         self.add_headers: Callable[[Any, int, bytes], bytes] | None = None
@@ -329,6 +385,8 @@ class LocationRuntime:
             from scriptlb.request.headers_filter import response_headers_filter
 
             self.add_headers = response_headers_filter(conf.add_headers, conf.expires)
+        if conf.keepalive_header is not None:
+            self.add_headers = with_keepalive_header(self.add_headers, conf.keepalive_header)
         # add_trailer (scriptlb.request.headers_filter): None, or the trailers of a chunked response
         self.add_trailers: Any = None
         if conf.add_trailers:
