@@ -37,6 +37,7 @@ INTEGRATION_MARKERS = ("nginx", "slow", "fuzz")
 TIERS: dict[str, str] = {
     "test_access_status.py": "protocol",
     "test_add_trailer.py": "protocol",
+    "test_ssi.py": "protocol",
     "test_architecture.py": "unit",
     "test_balancer_api.py": "unit",
     "test_balancer_trace.py": "integration",
