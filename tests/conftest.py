@@ -53,6 +53,7 @@ TIERS: dict[str, str] = {
     "test_cluster.py": "integration",
     "test_cluster_units.py": "unit",
     "test_compat_directives.py": "protocol",
+    "test_compat_if_location.py": "protocol",
     "test_compat_phases.py": "protocol",
     "test_compat_redirects.py": "protocol",
     "test_config_directives.py": "unit",
