@@ -116,8 +116,10 @@ def test_if_and_limit_except_locations_captures_and_keepalive_as_nginx(tmp_path:
 
 def test_keepalive_time_closes_an_old_connection(tmp_path: Path) -> None:
     text = """daemon off; master_process off;
-    http { server { listen {port0}; keepalive_time 1s; location / { return 200 "$connection_requests"; } } }"""
-    with Scriptlb(text, tmp_path) as lb, socket.create_connection(("127.0.0.1", lb.port), timeout=IO_TIMEOUT) as sock:
+    http { server { listen {port0}; keepalive_time 1s;
+                    location / { return 200 "$connection_requests"; } } }"""
+    with (Scriptlb(text, tmp_path) as lb,
+          socket.create_connection(("127.0.0.1", lb.port), timeout=IO_TIMEOUT) as sock):
         request = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
         sock.sendall(request)
         first = sock.recv(65536)
@@ -135,7 +137,7 @@ def test_keepalive_time_closes_an_old_connection(tmp_path: Path) -> None:
     [
         ("server { listen 127.0.0.1:1; if ($uri) { proxy_pass http://127.0.0.1:2; } }",
          '"proxy_pass" directive is not allowed here'),
-        ("server { listen 127.0.0.1:1; location / { limit_except GET { proxy_pass http://127.0.0.1:2/x; } } }",
+        ("server { listen 127.0.0.1:1; location / { limit_except GET { proxy_pass http://[::1]:2/x; } } }",
          '"proxy_pass" cannot have URI part'),
         ("server { listen 127.0.0.1:1; location / { keepalive_timeout 10 x; } }",
          '"keepalive_timeout" directive invalid value'),

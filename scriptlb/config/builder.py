@@ -65,9 +65,9 @@ from scriptlb.config.model import (
     RewriteOp,
     ServerConf,
     Source,
+    SsiConf,
     SslCertificate,
     SslConf,
-    SsiConf,
     Template,
     TextRewrite,
     UpstreamConf,
@@ -567,6 +567,9 @@ def _location_conf(
         keepalive_header=_get(chain, "keepalive_header", None),
         keepalive_time=_get(chain, "keepalive_time", 3600.0),
         keepalive_disable=_get(chain, "keepalive_disable", ("msie6",)),
+        limit_rate=_get(chain, "limit_rate", 0),
+        limit_rate_after=_get(chain, "limit_rate_after", 0),
+        proxy_limit_rate=_get(chain, "proxy_limit_rate", 0),
         client_body=_client_body_conf(chain),
         access_log=tuple(access_logs),
         source=loc.source,
@@ -627,7 +630,8 @@ def _limit_except(loc: LocationDraft, chain: Sequence[LevelDraft], resolver: _Pr
     settings = _access_settings((block, *chain), loc)
     location = None
     if block.proxy_pass is not None:
-        location = dataclasses.replace(_if_location(block, loc, chain[1:], resolver, outer_pass), limit_except=None)
+        own = _if_location(block, loc, chain[1:], resolver, outer_pass)
+        location = dataclasses.replace(own, limit_except=None)
     return LimitExceptConf(methods, settings["access"], settings["auth_basic"],
                            settings["auth_basic_user_file"], location)
 

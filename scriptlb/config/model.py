@@ -620,6 +620,9 @@ class LocationConf:
     keepalive_header: int | None = None  # keepalive_timeout's second value: "Keep-Alive: timeout=N"
     keepalive_time: float = 3600.0  # keepalive_time: no keep-alive for requests after this age
     keepalive_disable: tuple[str, ...] = ("msie6",)  # browsers whose connections are not kept
+    limit_rate: int = 0  # limit_rate: bytes/s of a response (0: none)
+    limit_rate_after: int = 0  # limit_rate_after: bytes sent before limit_rate applies
+    proxy_limit_rate: int = 0  # proxy_limit_rate: bytes/s read from the peer (0: none)
     client_body: ClientBodyConf = field(default_factory=ClientBodyConf)
     access_log: tuple[AccessLogConf, ...] = ()  # empty = off
     source: Source | None = None

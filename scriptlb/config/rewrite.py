@@ -110,7 +110,8 @@ def if_op(node: Any, template: Any, check_regex: Any) -> RewriteOp:
 
 
 def with_body(op: RewriteOp, ops: list[RewriteOp], location: Any = None) -> RewriteOp:
-    return RewriteOp(op.kind, op.name, op.value, op.operator, op.pattern, op.flag, tuple(ops), op.ret, location)
+    return RewriteOp(op.kind, op.name, op.value, op.operator, op.pattern, op.flag, tuple(ops), op.ret,
+                     location)
 
 
 def return_op(ret: ReturnConf) -> RewriteOp:

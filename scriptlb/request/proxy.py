@@ -59,6 +59,7 @@ from scriptlb.request.attempt import (
     clock,
 )
 from scriptlb.request.headers_filter import with_kept
+from scriptlb.request.rate import ResponseRate
 from scriptlb.request.retry import (
     NON_IDEMPOTENT_METHODS,
     RETRY,
@@ -106,6 +107,7 @@ class UpstreamRequest:
         "_idempotent",
         "_local_addr",
         "_passing",
+        "_rate",
         "_started",
         "_state",
         "_stream_body",
@@ -144,6 +146,7 @@ class UpstreamRequest:
         self.attempt: Attempt | None = None  # the try in progress
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
+        self._rate: ResponseRate | None = None  # limit_rate / proxy_limit_rate on the response
         self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
         self.hook_exit: HookOutcome | None = None  # a hook's ngx.exit(N) run: $balancer_trace
         self.pass_uri: str | None = None  # proxy_pass with variables: its URI part, as evaluated
@@ -223,6 +226,8 @@ class UpstreamRequest:
         if attempt is not None:
             self.attempt = None
             attempt.end(ABANDONED, self.exchange)
+        if self._rate is not None:
+            self._rate.cancel()
 
     # ------------------------------------------------------------------ the tries loop
 
@@ -511,13 +516,21 @@ class UpstreamRequest:
         self.exchange.finish_with_page(status)
 
     def upstream_body(self, data: bytes) -> None:
-        self.exchange.conn.send_body(data)
+        rate = self._rate
+        if rate is None:
+            self.exchange.conn.send_body(data)
+        else:
+            rate.body(data)
 
     def upstream_complete(self) -> None:
         attempt = self.attempt
         if attempt is not None:
             self.attempt = None
             attempt.end(DONE, self.exchange)
+        rate = self._rate
+        if rate is not None and rate.holding:
+            rate.then = self.exchange.finish  # (the peer is done: the body still waits for the rate)
+            return
         self.exchange.finish()
 
     def upstream_failed(self, err: UpstreamError) -> None:
@@ -565,6 +578,8 @@ class UpstreamRequest:
             client.send_head(response.status, headers, response.content_length, reason=response.reason)
         else:
             _send_head_unusual(ex, response, headers)
+        if location.rated:  # limit_rate, proxy_limit_rate or a `set` (maybe of $limit_rate)
+            self._rate = ResponseRate.for_exchange(self)
         conn.stream_to(self)  # the body that came with the head goes out with it
         if self.attempt is attempt:  # still streaming: not completed by stream_to
             client.flush()
@@ -588,7 +603,8 @@ class UpstreamRequest:
         upstream_transport, from_upstream = conn.detach()
         attempt.conn = None
         assert client.transport is not None
-        tunnel = self._tunnel = Tunnel(self.loop, ex.read_timeout, ex.send_timeout, ex.location.conf.send_timeout,
+        client_timeout = ex.location.conf.send_timeout  # (send_timeout: the client side's)
+        tunnel = self._tunnel = Tunnel(self.loop, ex.read_timeout, ex.send_timeout, client_timeout,
                                        self._tunnel_ended)
         client_side, upstream_side = tunnel.sides(client.transport, upstream_transport)
         upstream_transport.set_protocol(upstream_side)

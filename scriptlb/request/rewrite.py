@@ -48,6 +48,11 @@ def _set(op: RewriteOp) -> Step:
     assert op.value is not None
     render = compile_template(op.value)
     name = op.name
+    if name == "limit_rate":  # (nginx's set handler: a size, 0 when invalid)
+        from scriptlb.request.rate import set_value
+
+        plain = render
+        render = lambda ex: set_value(plain(ex))  # noqa: E731
 
     def step(ex: Any) -> int:
         values = ex.variables

@@ -28,14 +28,15 @@ from scriptlb.config.model import (
     LocationConf,
     MainConf,
     PythonConf,
+    RewriteOp,
     ServerConf,
     Template,
     UpstreamConf,
 )
+from scriptlb.config.regex import compile_nginx_regex
 from scriptlb.http.downstream import HOP_BY_HOP
 from scriptlb.http.pool import ConnectionPool
 from scriptlb.request.accesslog import PhaseClock
-from scriptlb.config.regex import compile_nginx_regex
 from scriptlb.routing.locations import LocationMatcher, ServerSelector, selectors_by_listen
 from scriptlb.routing.uri import quote_uri
 from scriptlb.state.peers import PeerSet
@@ -279,6 +280,11 @@ def _connection_listed(connection: bytes) -> frozenset[bytes]:
     return frozenset(token.strip().lower() for token in connection.split(b","))
 
 
+def _sets(ops: tuple[RewriteOp, ...], name: str) -> bool:
+    """Whether a ``set $name`` is among the rewrite directives (in ``if`` blocks too)."""
+    return any((op.kind == "set" and op.name == name) or _sets(op.body, name) for op in ops)
+
+
 def keepalive_check(conf: LocationConf) -> Callable[[Any], bool]:
     """``allowed(exchange)``: nginx's keep-alive conditions beyond the count and the timeout
     (ngx_http_update_location_config): the connection's age (keepalive_time), and the browsers
@@ -351,6 +357,7 @@ class LocationRuntime:
         "preaccess",
         "proxy_bind",
         "proxy_host",
+        "rated",
         "realip",
         "realip_server",
         "response_filter",
@@ -376,6 +383,8 @@ class LocationRuntime:
             self.access = access_phase(conf)
         # stub_status / api / prometheus (scriptlb.request.handlers): content(exchange) answers
         self.content: Callable[[Any], None] | None = None
+        # limit_rate / proxy_limit_rate may apply to a response (scriptlb.request.rate)
+        self.rated = bool(conf.limit_rate or conf.proxy_limit_rate or _sets(conf.rewrite, "limit_rate"))
         # keepalive_time / keepalive_disable: allowed(exchange) -> whether keep-alive may stay on
         self.keepalive_check = keepalive_check(conf)
         # expires + add_header (scriptlb.request.headers_filter): None, or
@@ -517,7 +526,8 @@ _MATCH_CACHE_URI_MAX = 256
 class ServerRuntime:
     """One ``server`` block: its name and its locations."""
 
-    __slots__ = ("_builder", "_by_id", "_matched", "conf", "default_location", "matcher", "name", "name_regexes")
+    __slots__ = ("_builder", "_by_id", "_matched", "conf", "default_location", "matcher", "name",
+                 "name_regexes")
 
     def __init__(self, conf: ServerConf, builder: Callable[[LocationConf], LocationRuntime]) -> None:
         self.conf = conf

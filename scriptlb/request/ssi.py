@@ -89,10 +89,22 @@ def applies(conf: SsiConf, content_type: bytes) -> bool:
 class SsiRun:
     """The commands of one response, run in order; ``done(body)`` gets the output."""
 
-    __slots__ = ("_blocks", "_done", "_out", "_parts", "_pending", "conf", "errmsg", "exchange", "timefmt",
-                 "variables", "encoding")
+    __slots__ = (
+        "_blocks",
+        "_done",
+        "_out",
+        "_parts",
+        "_pending",
+        "conf",
+        "encoding",
+        "errmsg",
+        "exchange",
+        "timefmt",
+        "variables",
+    )
 
-    def __init__(self, exchange: Any, conf: SsiConf, parts: list[Part], done: Callable[[bytes], None]) -> None:
+    def __init__(self, exchange: Any, conf: SsiConf, parts: list[Part],
+                 done: Callable[[bytes], None]) -> None:
         self.exchange = exchange
         self.conf = conf
         self._parts = parts
@@ -163,7 +175,8 @@ class SsiRun:
             if param not in known:
                 raise SsiError(f'invalid parameter name: "{param}" for command: "{name}"')
             if len(value) > self.conf.value_length:
-                raise SsiError(f'the parameter value is longer than "ssi_value_length" ({self.conf.value_length})')
+                limit = self.conf.value_length
+                raise SsiError(f'the parameter value is longer than "ssi_value_length" ({limit})')
         for param in _REQUIRED.get(name, ()):
             if param not in params:
                 raise SsiError(f'mandatory "{param}" parameter is absent for "{name}" SSI command')
@@ -190,7 +203,8 @@ class SsiRun:
             return value
         if name in ("date_local", "date_gmt"):
             now = time.time()
-            return time.strftime(self.timefmt, time.localtime(now) if name == "date_local" else time.gmtime(now))
+            moment = time.localtime(now) if name == "date_local" else time.gmtime(now)
+            return time.strftime(self.timefmt, moment)
         try:
             return get_variable(self.exchange, name)
         except KeyError:

@@ -45,7 +45,7 @@ class _CaptureTransport:
         }
         self._chunks: list[bytes] = []
         self._closing = False
-        self._on_close = on_close
+        self._on_close: Callable[[bytes], None] | None = on_close
         self._loop = parent.loop
         self.protocol: ClientConnection | None = None
 

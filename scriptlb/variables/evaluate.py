@@ -81,6 +81,19 @@ def _remote_user(ex: RequestView) -> str | None:
     return user if colon and user else None  # nginx declines without "user:"
 
 
+def _limit_rate(ex: RequestView) -> str | None:
+    """A ``set $limit_rate`` value (a size in bytes already), else the location's limit_rate
+    once the response is being sent (nginx takes it then: 0 in the response's own headers)."""
+    values = getattr(ex, "variables", None)
+    if values and "limit_rate" in values:
+        return str(values["limit_rate"])
+    location = getattr(ex, "location", None)
+    conn = getattr(ex, "conn", None)
+    if location is None or conn is None or not conn.response_started:
+        return "0"
+    return str(location.conf.limit_rate)
+
+
 def _status(ex: RequestView) -> str | None:
     return f"{ex.status:03d}"
 
@@ -446,6 +459,7 @@ _SIMPLE: dict[str, Getter] = {
     "request_method": _attr("method"),
     "request_uri": _attr("request_uri"),
     "request_length": _attr("request_length"),
+    "limit_rate": _limit_rate,
     "uri": _attr("uri"),
     "document_uri": _attr("uri"),
     "args": _args,
@@ -538,7 +552,7 @@ def _set_variable(name: str) -> Getter:
     def get(ex: RequestView) -> str | None:
         values = getattr(ex, "variables", None)
         if values:
-            value = values.get(name)
+            value: str | None = values.get(name)
             if value is not None:
                 return value
         # a named capture of the server_name regex that selected the server (matched again
@@ -555,7 +569,7 @@ def name_capture(regexes: tuple[re.Pattern[str], ...], host: str, name: str) -> 
     for regex in regexes:
         match = regex.search(host)
         if match is not None:
-            return match.groupdict().get(name) if name in regex.groupindex else None
+            return match.group(name) if name in regex.groupindex else None
     return None
 
 
