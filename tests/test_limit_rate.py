@@ -66,7 +66,8 @@ def test_rates_hold_the_body_back(tmp_path: Path) -> None:
             location /free {{ proxy_pass http://{bk[0].addr}; }}
         }} }}"""
         with Scriptlb(text, tmp_path) as lb:
-            results = {path: _timed(lb.port, path) for path in ("/peer", "/client", "/after", "/var", "/free")}
+            paths = ("/peer", "/client", "/after", "/var", "/free")
+            results = {path: _timed(lb.port, path) for path in paths}
     for path, (_, body) in results.items():
         assert body == BODY, path
     # 40000 bytes at 20000 bytes/s with one second's budget up front: a second at least
@@ -80,7 +81,8 @@ def test_rates_hold_the_body_back(tmp_path: Path) -> None:
 def test_client_gone_while_the_body_waits(tmp_path: Path) -> None:
     with Backends(respond(body=BODY)) as bk:
         text = f"""daemon off; master_process off; error_log {tmp_path}/error.log info;
-        http {{ server {{ listen {{port0}}; location / {{ proxy_pass http://{bk[0].addr}; limit_rate 1000; }} }} }}"""
+        http {{ server {{ listen {{port0}};
+            location / {{ proxy_pass http://{bk[0].addr}; limit_rate 1000; }} }} }}"""
         with Scriptlb(text, tmp_path) as lb:
             cut = raw_exchange(lb.port, b"GET / HTTP/1.0\r\n\r\n", timeout=0.5)  # leaves mid-body
             after = raw_exchange(lb.port, b"GET / HTTP/1.0\r\n\r\n", timeout=0.5)
@@ -97,5 +99,6 @@ def test_client_gone_while_the_body_waits(tmp_path: Path) -> None:
 )
 def test_limit_rate_errors(tmp_path: Path, line: str, error: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_conf(f"daemon off;\nhttp {{ server {{ listen 127.0.0.1:1; location / {{ {line} }} }} }}", tmp_path)
+        text = f"daemon off;\nhttp {{ server {{ listen 127.0.0.1:1; location / {{ {line} }} }} }}"
+        load_conf(text, tmp_path)
     assert error in str(err.value) and ".conf:2" in str(err.value)
