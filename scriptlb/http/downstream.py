@@ -873,7 +873,8 @@ class ClientConnection(asyncio.Protocol):
     def send_continue(self) -> None:
         """Answer ``Expect: 100-continue`` once the handler is ready to read the body."""
         request = self._active_request
-        if request is not None and request.expect_continue and not request.body_size and not request.complete:
+        if (request is not None and request.expect_continue and not request.body_size
+                and request.version != "1.0"):  # (never to an HTTP/1.0 client, RFC 9110)
             request.expect_continue = False
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 

@@ -170,6 +170,8 @@ class UpstreamRequest:
         ex.proxy_host = self.location.proxy_host or ex.proxy_host  # (proxy_pass with variables set it)
         request = ex.request
         if request.complete or not request.has_body:
+            if request.expect_continue:  # nginx answers it even when there is no body to read
+                ex.conn.send_continue()
             self._begin_tries()  # (no body to wait for or stream: the usual GET)
             return
         self._stream_body = self._wants_streamed_body()
