@@ -857,7 +857,7 @@ def _check_listens(servers: tuple[ServerConf, ...]) -> tuple[ServerConf, ...]:
         if len(defaults) > 1:
             second = defaults[1]
             raise ConfigError(f"a duplicate default server for {listen_name(second)}", second.source)
-        with_options = [lc for lc in listens if lc.reuseport or lc.backlog != 511]
+        with_options = [lc for lc in listens if lc.reuseport or lc.backlog != 511 or lc.sndbuf or lc.rcvbuf]
         if len(with_options) > 1:
             raise ConfigError(
                 f"duplicate listen options for {listen_name(with_options[1])}", with_options[1].source
@@ -871,6 +871,7 @@ def _check_listens(servers: tuple[ServerConf, ...]) -> tuple[ServerConf, ...]:
         opt = options.get(listen.key)
         if opt is None:
             return listen
-        return dataclasses.replace(listen, reuseport=opt.reuseport, backlog=opt.backlog)
+        return dataclasses.replace(listen, reuseport=opt.reuseport, backlog=opt.backlog, sndbuf=opt.sndbuf,
+                                   rcvbuf=opt.rcvbuf)
 
     return tuple(dataclasses.replace(s, listens=tuple(shared(lc) for lc in s.listens)) for s in servers)

@@ -1617,6 +1617,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("proxy_buffer_size", HSL, ONE, _slot(_size)),
     _spec("proxy_buffers", HSL, (2, 2), _slot(_bufs)),
     _spec("proxy_busy_buffers_size", HSL, ONE, _slot(_size)),
+    _spec("proxy_max_temp_file_size", HSL, ONE, _accepted(_size)),
     # python hooks
     _spec("python_package_path", Ctx.HTTP, ONE, _python_package_path),
     _spec("python_code_cache", Ctx.HTTP, FLAG, _slot(flag)),

@@ -377,6 +377,8 @@ class ListenConf:
     source: Source | None = None
     ssl: bool = False  # `listen ... ssl`: TLS is terminated on this socket
     proxy_protocol: bool = False  # `listen ... proxy_protocol`: connections start with a PROXY header
+    sndbuf: int = 0  # `listen ... sndbuf=size`: SO_SNDBUF of the socket (0: the system's)
+    rcvbuf: int = 0  # `listen ... rcvbuf=size`: SO_RCVBUF of the socket (0: the system's)
 
     @property
     def key(self) -> ListenKey:

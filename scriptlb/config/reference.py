@@ -40,7 +40,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                "upstream parameters: weight, max_fails, fail_timeout, max_conns, backup, down, "
                "slow_start, drain, resolve and service= (nginx Plus)"),
     "upstream": ("name { ... }", "-", "ngx_http_upstream_module", ""),
-    "listen": ("address[:port[-port]] [default_server] [ssl] [proxy_protocol] [reuseport] [backlog=N]",
+    "listen": ("address[:port[-port]] [default_server] [ssl] [proxy_protocol] [reuseport] [backlog=N] "
+               "[sndbuf=size] [rcvbuf=size]",
                "*:80 | *:8000", "ngx_http_core_module",
                "http2 and quic are refused (HTTP/1.1 only); proxy_protocol (v1, v2) not with ssl"),
     "server_name": ("name ...", '""', "ngx_http_core_module", ""),
@@ -77,6 +78,9 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "limit_rate_after": ("size", "0", "ngx_http_core_module", "proxied responses"),
     "proxy_limit_rate": ("rate", "0", "ngx_http_proxy_module",
                          "the body is held, and the peer not read, past the rate"),
+    "proxy_max_temp_file_size": ("size", "1024m", "ngx_http_proxy_module",
+                                 "accepted: responses never go to temp files (they stream with back-pressure, "
+                                 "as nginx's with 0)"),
     "send_timeout": ("time", "60s", "ngx_http_core_module",
                      "upgraded (tunnelled) connections; other responses keep 60s"),
     "client_header_timeout": ("time", "60s", "ngx_http_core_module", ""),
