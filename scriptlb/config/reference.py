@@ -79,8 +79,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "proxy_limit_rate": ("rate", "0", "ngx_http_proxy_module",
                          "the body is held, and the peer not read, past the rate"),
     "proxy_max_temp_file_size": ("size", "1024m", "ngx_http_proxy_module",
-                                 "accepted: responses never go to temp files (they stream with back-pressure, "
-                                 "as nginx's with 0)"),
+                                 "accepted: responses never go to temp files (they stream with "
+                                 "back-pressure, as nginx's with 0)"),
     "send_timeout": ("time", "60s", "ngx_http_core_module",
                      "upgraded (tunnelled) connections; other responses keep 60s"),
     "client_header_timeout": ("time", "60s", "ngx_http_core_module", ""),
