@@ -59,6 +59,7 @@ from scriptlb.config.model import (
     ProxyConf,
     ProxyPassConf,
     ProxySslConf,
+    ProxyStoreConf,
     PythonConf,
     RealIpConf,
     ResolverConf,
@@ -410,6 +411,7 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
         source=server.source,
         ssl=_ssl_conf(server, chain),
         rewrite=tuple(_resolved(server.values.get("rewrite_ops", ()))),
+        fallback=_location_conf(LocationDraft(source=server.source), chain, resolver),
     )
 
 
@@ -570,6 +572,7 @@ def _location_conf(
         limit_rate=_get(chain, "limit_rate", 0),
         limit_rate_after=_get(chain, "limit_rate_after", 0),
         proxy_limit_rate=_get(chain, "proxy_limit_rate", 0),
+        proxy_store=_proxy_store(chain),
         client_body=_client_body_conf(chain),
         access_log=tuple(access_logs),
         source=loc.source,
@@ -593,6 +596,13 @@ def _location_conf(
     if "health_checks" in loc.values:
         resolver.add_health_checks(loc, conf)
     return conf
+
+
+def _proxy_store(chain: Sequence[LevelDraft]) -> ProxyStoreConf | None:
+    store = _get(chain, "proxy_store", False)
+    if store is False:
+        return None
+    return ProxyStoreConf(None if store is True else store, _get(chain, "proxy_store_access", 0o600))
 
 
 def _ssi_conf(chain: Sequence[LevelDraft]) -> SsiConf | None:

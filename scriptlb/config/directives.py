@@ -341,6 +341,26 @@ def _location_args(node: Node) -> tuple[str, str]:
     return "", arg
 
 
+def _proxy_store(state: State, node: Node, draft: LevelDraft) -> None:
+    """``proxy_store on | off | string``: True, False or the string's Template."""
+    value = node.args[0]
+    stored: bool | Template = value == "on" if value in ("on", "off") else template(node, value)
+    _store(node, draft.values, stored)
+
+
+def _store_access(node: Node) -> int:
+    """``proxy_store_access users:rw group:rw all:r`` -> a file mode (nginx's words)."""
+    mode = 0
+    for arg in node.args:
+        who, sep, rights = arg.partition(":")
+        shift = {"user": 6, "group": 3, "all": 0}.get(who)
+        if not sep or shift is None or rights not in ("r", "w", "rw"):
+            raise fail(node, f'invalid value "{arg}"')
+        bits = (4 if "r" in rights else 0) | (2 if "w" in rights else 0)
+        mode |= bits << shift
+    return mode
+
+
 def _in_location_if(handler: Handler) -> Handler:
     """A directive nginx takes in an ``if`` of a location (not of a server)."""
 
@@ -1594,6 +1614,8 @@ _SPECS: tuple[Spec, ...] = (
     _spec("limit_rate", HSL | Ctx.IF, ONE, _in_location_if(_slot(_size))),
     _spec("limit_rate_after", HSL | Ctx.IF, ONE, _in_location_if(_slot(_size))),
     _spec("proxy_limit_rate", HSL, ONE, _slot(_size)),
+    _spec("proxy_store", HSL, ONE, _proxy_store),
+    _spec("proxy_store_access", HSL, (1, 3), _slot(_store_access)),
     _spec("large_client_header_buffers", HS, (2, 2), _large_client_header_buffers),
     _spec("return", Ctx.SERVER | Ctx.LOCATION, (1, 2), _return),
     _spec("log_format", Ctx.HTTP, (2, None), _log_format),

@@ -524,6 +524,14 @@ class ClientBodyConf:
 
 
 @dataclass(frozen=True, slots=True)
+class ProxyStoreConf:
+    """``proxy_store on`` (``value`` None: the static handler's path) or ``proxy_store string``."""
+
+    value: Template | None = None
+    mode: int = 0o600  # proxy_store_access
+
+
+@dataclass(frozen=True, slots=True)
 class SsiConf:
     """``ssi on`` and its settings (ngx_http_ssi_module): which responses the static handler
     runs the SSI commands of."""
@@ -625,6 +633,7 @@ class LocationConf:
     limit_rate: int = 0  # limit_rate: bytes/s of a response (0: none)
     limit_rate_after: int = 0  # limit_rate_after: bytes sent before limit_rate applies
     proxy_limit_rate: int = 0  # proxy_limit_rate: bytes/s read from the peer (0: none)
+    proxy_store: ProxyStoreConf | None = None  # proxy_store: 200 responses also written to a file
     client_body: ClientBodyConf = field(default_factory=ClientBodyConf)
     access_log: tuple[AccessLogConf, ...] = ()  # empty = off
     source: Source | None = None
@@ -772,6 +781,9 @@ class ServerConf:
     # the server's own rewrite directives (each location's list starts with them): what runs
     # for a URI no location matches
     rewrite: tuple[RewriteOp, ...] = ()
+    # what serves a URI no location matches: the server's own settings (root, logs...), as
+    # nginx's server-level location configuration
+    fallback: LocationConf | None = None
 
 
 # --------------------------------------------------------------------------- stream context

@@ -81,6 +81,9 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "proxy_max_temp_file_size": ("size", "1024m", "ngx_http_proxy_module",
                                  "accepted: responses never go to temp files (they stream with "
                                  "back-pressure, as nginx's with 0)"),
+    "proxy_store": ("on | off | string", "off", "ngx_http_proxy_module",
+                    "200 responses to GET; a temp file beside the target, renamed when complete"),
+    "proxy_store_access": ("users:permissions ...", "user:rw", "ngx_http_proxy_module", ""),
     "send_timeout": ("time", "60s", "ngx_http_core_module",
                      "upgraded (tunnelled) connections; other responses keep 60s"),
     "client_header_timeout": ("time", "60s", "ngx_http_core_module", ""),

@@ -68,6 +68,7 @@ from scriptlb.request.retry import (
     failure_for_status,
     is_stale_connection,
 )
+from scriptlb.request.store import ResponseStore, body_filters
 from scriptlb.routing.uri import split_local_addr
 from scriptlb.state.stats import WEIGHT_GENERATION
 
@@ -146,7 +147,7 @@ class UpstreamRequest:
         self.attempt: Attempt | None = None  # the try in progress
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
-        self._rate: ResponseRate | None = None  # limit_rate / proxy_limit_rate on the response
+        self._rate: ResponseStore | ResponseRate | None = None  # proxy_store, limit_rate... (store.py)
         self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
         self.hook_exit: HookOutcome | None = None  # a hook's ngx.exit(N) run: $balancer_trace
         self.pass_uri: str | None = None  # proxy_pass with variables: its URI part, as evaluated
@@ -529,9 +530,10 @@ class UpstreamRequest:
         if attempt is not None:
             self.attempt = None
             attempt.end(DONE, self.exchange)
-        rate = self._rate
-        if rate is not None and rate.holding:
-            rate.then = self.exchange.finish  # (the peer is done: the body still waits for the rate)
+        filters = self._rate
+        if filters is not None:  # (proxy_store names its file; the rate may still hold the body)
+            self._rate = None
+            filters.complete(self.exchange.finish)
             return
         self.exchange.finish()
 
@@ -541,6 +543,9 @@ class UpstreamRequest:
         if attempt is None:
             return  # (the try already ended: nothing waits for this connection any more)
         attempt.conn = None  # (closed by the connection itself)
+        if self._rate is not None:  # (a half body: no stored file, nothing more held)
+            self._rate.cancel()
+            self._rate = None
         if self._passing:
             self._failed_mid_body(attempt, err)
         elif is_stale_connection(err.failure, err.response_started, attempt.reused, self._stream_body,
@@ -580,8 +585,8 @@ class UpstreamRequest:
             client.send_head(response.status, headers, response.content_length, reason=response.reason)
         else:
             _send_head_unusual(ex, response, headers)
-        if location.rated:  # limit_rate, proxy_limit_rate or a `set` (maybe of $limit_rate)
-            self._rate = ResponseRate.for_exchange(self)
+        if location.body_filtered:  # limit_rate, proxy_limit_rate, a `set` (of $limit_rate?), proxy_store
+            self._rate = body_filters(self, response.status)
         conn.stream_to(self)  # the body that came with the head goes out with it
         if self.attempt is attempt:  # still streaming: not completed by stream_to
             client.flush()

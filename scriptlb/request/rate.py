@@ -88,6 +88,13 @@ class ResponseRate:
         if self._timer is None:
             self._flush()
 
+    def complete(self, finish: Callable[[], None]) -> None:
+        """The peer's body is complete: ``finish`` once the body still held is sent."""
+        if self._pending:
+            self.then = finish
+        else:
+            finish()
+
     def cancel(self) -> None:
         timer, self._timer = self._timer, None
         if timer is not None:

@@ -344,6 +344,7 @@ class LocationRuntime:
         "access_logs",
         "add_headers",
         "add_trailers",
+        "body_filtered",
         "conf",
         "content",
         "dynamic",
@@ -357,7 +358,6 @@ class LocationRuntime:
         "preaccess",
         "proxy_bind",
         "proxy_host",
-        "rated",
         "realip",
         "realip_server",
         "response_filter",
@@ -383,8 +383,9 @@ class LocationRuntime:
             self.access = access_phase(conf)
         # stub_status / api / prometheus (scriptlb.request.handlers): content(exchange) answers
         self.content: Callable[[Any], None] | None = None
-        # limit_rate / proxy_limit_rate may apply to a response (scriptlb.request.rate)
-        self.rated = bool(conf.limit_rate or conf.proxy_limit_rate or _sets(conf.rewrite, "limit_rate"))
+        # limit_rate / proxy_limit_rate / proxy_store may apply to a response (scriptlb.request.store)
+        self.body_filtered = bool(conf.limit_rate or conf.proxy_limit_rate or conf.proxy_store is not None
+                                  or _sets(conf.rewrite, "limit_rate"))
         # keepalive_time / keepalive_disable: allowed(exchange) -> whether keep-alive may stay on
         self.keepalive_check = keepalive_check(conf)
         # expires + add_header (scriptlb.request.headers_filter): None, or
@@ -548,7 +549,8 @@ class ServerRuntime:
         self._matched: dict[str, LocationRuntime] = {}  # uri -> location, see match
         for loc in conf.locations:
             self._by_id[id(loc)] = builder(loc)
-        self.default_location = builder(LocationConf(modifier="", pattern="", rewrite=conf.rewrite))
+        fallback = conf.fallback or LocationConf(modifier="", pattern="", rewrite=conf.rewrite)
+        self.default_location = builder(fallback)
 
     def named(self, name: str) -> LocationRuntime | None:
         """The ``location @name`` (error_page's target), None if there is none."""
