@@ -38,6 +38,7 @@ TIERS: dict[str, str] = {
     "test_access_status.py": "protocol",
     "test_add_trailer.py": "protocol",
     "test_ssi.py": "protocol",
+    "test_proxy_store.py": "protocol",
     "test_listen_options.py": "protocol",
     "test_expect_continue_nginx.py": "protocol",
     "test_limit_rate.py": "protocol",
