@@ -390,10 +390,12 @@ def test_upstream_cookie_connection_time_and_empty_arg(tmp_path: Path) -> None:
     assert response.header("x-empty") == "[]"
 
 
-def test_default_root_is_under_the_prefix_and_unmatched_uris_get_404(tmp_path: Path) -> None:
+def test_default_root_is_under_the_prefix_and_serves_unmatched_uris(tmp_path: Path) -> None:
     (tmp_path / "html" / "a").mkdir(parents=True)
     (tmp_path / "html" / "a" / "f").write_text("under prefix")
-    (tmp_path / "html" / "x").write_text("not reachable: no location matches /x")
+    (tmp_path / "html" / "x").write_text("no location matches /x: the server's root serves it")
     with run(conf("location /a/ { }"), tmp_path) as lb:
         assert get(lb.port, "/a/f").body == b"under prefix"
-        assert get(lb.port, "/x").status == 404
+        # (as nginx: a URI no location matches gets the server's own settings, its root too)
+        assert get(lb.port, "/x").body == b"no location matches /x: the server's root serves it"
+        assert get(lb.port, "/y").status == 404
