@@ -136,3 +136,23 @@ def test_ssi_directive_errors(tmp_path: Path, line: str, error: str) -> None:
         load_conf(text, tmp_path)
     assert error in str(err.value)
     assert re.search(r"nginx.conf:2|\.conf:2", str(err.value))
+
+
+def test_ssi_over_a_proxied_response(tmp_path: Path) -> None:
+    page = b'X<!--#include virtual="/ret?x=2" -->Y<!--#echo var="uri" -->'
+    with (Backends(respond(body=page, headers={"Content-Type": "text/html", "ETag": '"e"'})) as html_peer,
+          Backends(respond(body=page, headers={"Content-Type": "text/plain"})) as text_peer):
+        text = f"""daemon off; master_process off;
+        http {{ server {{
+            listen {{port0}};
+            location /ret {{ return 200 "ret:$arg_x"; }}
+            location /html/ {{ ssi on; proxy_pass http://{html_peer[0].addr}; }}
+            location /text/ {{ ssi on; proxy_pass http://{text_peer[0].addr}; }}
+        }} }}"""
+        with Scriptlb(text, tmp_path) as lb:
+            html = raw_exchange(lb.port, b"GET /html/p HTTP/1.0\r\n\r\n")
+            plain = raw_exchange(lb.port, b"GET /text/p HTTP/1.0\r\n\r\n")
+    head, _, body = html.partition(b"\r\n\r\n")
+    assert body == b"Xret:2Y/html/p"
+    assert b"Content-Length: %d\r\n" % len(body) in head and b"ETag" not in head
+    assert plain.endswith(page)  # not an ssi_types type

@@ -239,7 +239,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
              "static files of a location without proxy_pass/return: GET/HEAD, read whole (64m at most)"),
     "index": ("file ...", "index.html", "ngx_http_index_module", "no variables"),
     "ssi": ("on | off", "off", "ngx_http_ssi_module",
-            "files the static handler serves (not proxied responses); include virtual/file (set, wait), "
+            "static files and proxied responses (collected whole); include virtual/file (set, wait), "
             "echo, set, config, if/elif/else/endif; a subrequest runs in-process, one after another"),
     "ssi_types": ("mime-type ...", "text/html", "ngx_http_ssi_module", ""),
     "ssi_silent_errors": ("on | off", "off", "ngx_http_ssi_module", ""),

@@ -59,7 +59,6 @@ from scriptlb.request.attempt import (
     clock,
 )
 from scriptlb.request.headers_filter import with_kept
-from scriptlb.request.rate import ResponseRate
 from scriptlb.request.retry import (
     NON_IDEMPOTENT_METHODS,
     RETRY,
@@ -68,7 +67,7 @@ from scriptlb.request.retry import (
     failure_for_status,
     is_stale_connection,
 )
-from scriptlb.request.store import ResponseStore, body_filters
+from scriptlb.request.store import body_filters
 from scriptlb.routing.uri import split_local_addr
 from scriptlb.state.stats import WEIGHT_GENERATION
 
@@ -147,7 +146,7 @@ class UpstreamRequest:
         self.attempt: Attempt | None = None  # the try in progress
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
-        self._rate: ResponseStore | ResponseRate | None = None  # proxy_store, limit_rate... (store.py)
+        self._rate: Any = None  # the body filters: ssi, proxy_store, limit_rate... (store.py)
         self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
         self.hook_exit: HookOutcome | None = None  # a hook's ngx.exit(N) run: $balancer_trace
         self.pass_uri: str | None = None  # proxy_pass with variables: its URI part, as evaluated
@@ -532,7 +531,6 @@ class UpstreamRequest:
             attempt.end(DONE, self.exchange)
         filters = self._rate
         if filters is not None:  # (proxy_store names its file; the rate may still hold the body)
-            self._rate = None
             filters.complete(self.exchange.finish)
             return
         self.exchange.finish()
@@ -581,12 +579,15 @@ class UpstreamRequest:
             headers = trace.headers(ex, headers)
         ex.response_headers = headers
         client = ex.conn
+        if location.body_filtered:  # ssi, proxy_store, limit_rate... (scriptlb.request.store)
+            self._rate = filters = body_filters(self, response, headers)
+            if filters is not None and filters.holds_head and location.add_trailers is None:
+                conn.stream_to(self)  # (the filter sends the head with the body it made)
+                return
         if not ex.err_status and location.add_trailers is None:  # (the usual response)
             client.send_head(response.status, headers, response.content_length, reason=response.reason)
         else:
             _send_head_unusual(ex, response, headers)
-        if location.body_filtered:  # limit_rate, proxy_limit_rate, a `set` (of $limit_rate?), proxy_store
-            self._rate = body_filters(self, response.status)
         conn.stream_to(self)  # the body that came with the head goes out with it
         if self.attempt is attempt:  # still streaming: not completed by stream_to
             client.flush()

@@ -57,6 +57,7 @@ class ResponseRate:
         "_timer",
         "then",
     )
+    holds_head = False
 
     def __init__(self, owner: Any, rate: int, after: int, peer_rate: int) -> None:
         exchange = owner.exchange

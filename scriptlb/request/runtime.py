@@ -385,7 +385,7 @@ class LocationRuntime:
         self.content: Callable[[Any], None] | None = None
         # limit_rate / proxy_limit_rate / proxy_store may apply to a response (scriptlb.request.store)
         self.body_filtered = bool(conf.limit_rate or conf.proxy_limit_rate or conf.proxy_store is not None
-                                  or _sets(conf.rewrite, "limit_rate"))
+                                  or conf.ssi is not None or _sets(conf.rewrite, "limit_rate"))
         # keepalive_time / keepalive_disable: allowed(exchange) -> whether keep-alive may stay on
         self.keepalive_check = keepalive_check(conf)
         # expires + add_header (scriptlb.request.headers_filter): None, or

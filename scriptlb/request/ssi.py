@@ -1,7 +1,7 @@
-"""Server side includes (ngx_http_ssi_module) over the files the static handler serves.
+"""Server side includes (ngx_http_ssi_module) over the files the static handler serves and
+over proxied responses (``SsiBody``: the body is collected whole first).
 
-A file of a type ``ssi_types`` names, in a location with ``ssi on``, is split at load of the
-request into text and ``<!--# command param="value" ... -->`` commands (``parse``, pure), then
+A body of a type ``ssi_types`` names, in a location with ``ssi on``, is split into text and ``<!--# command param="value" ... -->`` commands (``parse``, pure), then
 run in order (``SsiRun``): ``include virtual=``/``file=`` runs a subrequest through the normal
 location handling, in-process (``scriptlb.request.subrequest``), its body written in place or,
 with ``set=``, kept in an SSI variable; ``echo``, ``set``, ``config`` and
@@ -333,6 +333,57 @@ class SsiRun:
 
         self._pending = run_subrequest(self.exchange, uri, included)
         return True
+
+
+_DROPPED_BY_SSI = (b"content-length", b"etag", b"last-modified", b"accept-ranges")
+
+
+class SsiBody:
+    """A proxied response whose body runs SSI (a body filter, see scriptlb.request.store): the
+    body is collected whole, the commands run, then the head (without the peer's length,
+    validators and ranges, as nginx's SSI header filter) goes out with the output."""
+
+    __slots__ = ("_chunks", "_conf", "_headers", "_owner", "_reason", "_run", "_status")
+    holds_head = True  # (the proxy does not send the head: this filter does, at the end)
+
+    def __init__(self, owner: Any, conf: SsiConf, status: int, headers: bytes, reason: bytes | None) -> None:
+        self._owner = owner
+        self._conf = conf
+        self._status = status
+        self._reason = reason
+        lines = headers.split(b"\r\n")
+        self._headers = b"".join(line + b"\r\n" for line in lines
+                                 if line and line.split(b":", 1)[0].strip().lower() not in _DROPPED_BY_SSI)
+        self._chunks: list[bytes] = []
+        self._run: SsiRun | None = None
+
+    @property
+    def holding(self) -> bool:
+        return False
+
+    def body(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def complete(self, finish: Callable[[], None]) -> None:
+        exchange = self._owner.exchange
+
+        def done(output: bytes) -> None:
+            self._run = None
+            if exchange.conn.closed:
+                return
+            exchange.conn.send_head(self._status, self._headers, len(output), reason=self._reason)
+            exchange.conn.send_body(output)
+            finish()
+
+        self._run = SsiRun(exchange, self._conf, parse(b"".join(self._chunks)), done)
+        self._chunks = []
+        self._run.start()
+
+    def cancel(self) -> None:
+        run, self._run = self._run, None
+        self._chunks = []
+        if run is not None:
+            run.cancel()
 
 
 def _nothing(body: bytes) -> None:

@@ -24,6 +24,7 @@ class ResponseStore:
     """One response's body on its way to the file (and on to the client: ``send``)."""
 
     __slots__ = ("_exchange", "_file", "_next", "_target", "_temp", "mode")
+    holds_head = False
 
     def __init__(self, exchange: Any, target: str, mode: int, next_filter: ResponseRate | None) -> None:
         self._exchange = exchange
@@ -104,11 +105,21 @@ def store_target(exchange: Any) -> str | None:
     return str(conf.alias + uri[conf.alias_prefix:] if conf.alias_prefix >= 0 else conf.alias)
 
 
-def body_filters(owner: Any, status: int) -> ResponseStore | ResponseRate | None:
-    """What this response's body passes through: proxy_store (a 200 to a GET), then the rates."""
+def body_filters(owner: Any, response: Any, headers: bytes) -> Any:
+    """What this response's body passes through: SSI (``ssi on`` for its type: the whole of it),
+    else proxy_store (a 200 to a GET), then the rates. None: the body goes straight out."""
     exchange = owner.exchange
-    rate = ResponseRate.for_exchange(owner)
     conf = exchange.location.conf
+    status = response.status
+    ssi = conf.ssi
+    if ssi is not None and exchange.method == "GET" and not exchange.err_status:
+        from scriptlb.request.ssi import SsiBody, applies
+
+        content_type = next((value for name, value in response.headers
+                             if name.lower() == b"content-type"), b"")
+        if applies(ssi, content_type):
+            return SsiBody(owner, ssi, status, headers, response.reason)
+    rate = ResponseRate.for_exchange(owner)
     if conf.proxy_store is None or status != 200 or exchange.method != "GET":
         return rate
     target = store_target(exchange)
