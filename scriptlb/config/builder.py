@@ -567,7 +567,7 @@ def _location_conf(
         keepalive_requests=_get(chain, "keepalive_requests", 1000),
         send_timeout=_get(chain, "send_timeout", 60.0),
         keepalive_header=_get(chain, "keepalive_header", None),
-        keepalive_time=_get(chain, "keepalive_time", 3600.0),
+        keepalive_time=_get(chain, "keepalive_time", None),
         keepalive_disable=_get(chain, "keepalive_disable", ("msie6",)),
         limit_rate=_get(chain, "limit_rate", 0),
         limit_rate_after=_get(chain, "limit_rate_after", 0),

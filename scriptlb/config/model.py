@@ -628,7 +628,7 @@ class LocationConf:
     keepalive_requests: int = 1000
     send_timeout: float = 60.0  # send_timeout: how long the client may leave our writes unread
     keepalive_header: int | None = None  # keepalive_timeout's second value: "Keep-Alive: timeout=N"
-    keepalive_time: float = 3600.0  # keepalive_time: no keep-alive for requests after this age
+    keepalive_time: float | None = None  # keepalive_time: no keep-alive after this age (None: 1h)
     keepalive_disable: tuple[str, ...] = ("msie6",)  # browsers whose connections are not kept
     limit_rate: int = 0  # limit_rate: bytes/s of a response (0: none)
     limit_rate_after: int = 0  # limit_rate_after: bytes sent before limit_rate applies

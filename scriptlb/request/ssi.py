@@ -1,10 +1,11 @@
 """Server side includes (ngx_http_ssi_module) over the files the static handler serves and
 over proxied responses (``SsiBody``: the body is collected whole first).
 
-A body of a type ``ssi_types`` names, in a location with ``ssi on``, is split into text and ``<!--# command param="value" ... -->`` commands (``parse``, pure), then
-run in order (``SsiRun``): ``include virtual=``/``file=`` runs a subrequest through the normal
-location handling, in-process (``scriptlb.request.subrequest``), its body written in place or,
-with ``set=``, kept in an SSI variable; ``echo``, ``set``, ``config`` and
+A body of a type ``ssi_types`` names, in a location with ``ssi on``, is split into text and
+``<!--# command param="value" ... -->`` commands (``parse``, pure), then run in order
+(``SsiRun``): ``include virtual=``/``file=`` runs a subrequest through the normal location
+handling, in-process (``scriptlb.request.subrequest``), its body written in place or, with
+``set=``, kept in an SSI variable; ``echo``, ``set``, ``config`` and
 ``if``/``elif``/``else``/``endif`` as nginx's. Subrequests run one after another (nginx runs
 those without ``wait`` side by side; the output is the same). A command that fails writes
 ``config errmsg`` (unless ``ssi_silent_errors``) and logs why.
