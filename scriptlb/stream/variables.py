@@ -19,7 +19,9 @@ from scriptlb.variables.evaluate import _ms, _TimeFormats
 Getter = Callable[[Any], "str | None"]
 Clock = Callable[[], float]
 
-_HOSTNAME = socket.gethostname()
+_HOSTNAME = socket.gethostname().lower()  # (nginx lower-cases it)
+# $nginx_version: the nginx release whose behaviour scriptlb follows (what configs compare)
+NGINX_VERSION = "1.22.1"
 
 
 def _attr(name: str) -> Getter:
@@ -42,6 +44,21 @@ def _per_try(field: str, timed: bool) -> Getter:
     return get
 
 
+def _cached(name: str) -> Getter:
+    """A counter read once per session: nginx caches a cacheable variable's first value, so a
+    log line after ``return $bytes_sent`` repeats what the text said."""
+    slot = "var_" + name
+    get_value = _attr(name)
+
+    def get(session: Any) -> str | None:
+        cache: dict[str, str | None] = session.ctx_cache
+        if slot not in cache:
+            cache[slot] = get_value(session)
+        return cache[slot]
+
+    return get
+
+
 def _upstream_addr(session: Any) -> str | None:
     tries = session.tries
     return ", ".join([t.addr for t in tries]) if tries else None
@@ -56,19 +73,25 @@ def _binary_remote_addr(session: Any) -> str | None:
         return None
 
 
+def _limit_conn_status(session: Any) -> str | None:
+    limit = session.limit
+    return (limit.conn_status or None) if limit is not None else None
+
+
 _SIMPLE: dict[str, Getter] = {
     "remote_addr": _attr("remote_addr"),
     "remote_port": _attr("remote_port"),
     "binary_remote_addr": _binary_remote_addr,
     "server_addr": _attr("server_addr"),
     "server_port": _attr("server_port"),
-    "bytes_sent": _attr("bytes_sent"),
-    "bytes_received": _attr("bytes_received"),
-    "status": _attr("status"),
+    "bytes_sent": _cached("bytes_sent"),
+    "bytes_received": _cached("bytes_received"),
+    "status": lambda s: str(s.status) if s.ended else "000",  # (nginx's, before the end)
     "protocol": lambda s: "TCP",
     "connection": _attr("conn_id"),
     "hostname": lambda s: _HOSTNAME,
     "pid": lambda s: str(os.getpid()),
+    "nginx_version": lambda s: NGINX_VERSION,
     "upstream_addr": _upstream_addr,
     "upstream_connect_time": _per_try("connect_time", timed=True),
     "upstream_first_byte_time": _per_try("header_time", timed=True),
@@ -78,6 +101,7 @@ _SIMPLE: dict[str, Getter] = {
     "ssl_preread_server_name": _attr("ssl_server_name"),
     "ssl_preread_protocol": _attr("ssl_protocol"),
     "ssl_preread_alpn_protocols": _attr("ssl_alpn_protocols"),
+    "limit_conn_status": _limit_conn_status,
     "proxy_protocol_addr": _attr("proxy_protocol_addr"),
     "proxy_protocol_port": _attr("proxy_protocol_port"),
 }
