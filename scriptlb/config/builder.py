@@ -23,6 +23,7 @@ from scriptlb.config.directives import (
     default_redirect,
     listen_name,
     lookup,
+    with_file_cache,
 )
 from scriptlb.config.drafts import (
     Header,
@@ -574,7 +575,7 @@ def _location_conf(
         proxy_limit_rate=_get(chain, "proxy_limit_rate", 0),
         proxy_store=_proxy_store(chain),
         client_body=_client_body_conf(chain),
-        access_log=tuple(access_logs),
+        access_log=with_file_cache(access_logs, _get(chain, "open_log_file_cache", None)),
         source=loc.source,
         log_hook=_log_hook(chain),
         add_headers=tuple(_get(chain, "add_header", ())),

@@ -27,6 +27,7 @@ from typing import Any, TypeGuard
 
 from scriptlb.config.model import GeoConf, MapConf, Template, Var
 from scriptlb.config.templates import KNOWN_VARIABLES, VARIABLE_PREFIXES
+from scriptlb.http.proxy_protocol import tlv_text
 from scriptlb.http.tls import TLS_VARIABLES
 from scriptlb.request_view import Header, RequestView
 
@@ -363,7 +364,16 @@ def _upstream_cookie_family(suffix: str) -> Getter:
     return get
 
 
+def _proxy_protocol_tlv_family(name: str) -> Getter:
+    """$proxy_protocol_tlv_NAME: a TLV of the connection's PROXY v2 header."""
+    def get(ex: RequestView) -> str | None:
+        return tlv_text(getattr(getattr(ex, "conn", None), "proxy_protocol", None), name)
+
+    return get
+
+
 _FAMILIES: dict[str, Callable[[str], Getter]] = {
+    "proxy_protocol_tlv_": _proxy_protocol_tlv_family,
     "upstream_cookie_": _upstream_cookie_family,
     "http_": _http_family,
     "arg_": _arg_family,
