@@ -346,7 +346,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
 # nginx directives scriptlb refuses on purpose (an "unknown directive" error), and why
 REFUSED: dict[str, str] = {
     "http2, quic, listen ... udp": "HTTP/1.x and TCP only",
-    "proxy_cache*, proxy_store": "a load balancer, not a cache: responses are streamed",
+    "proxy_cache*": "a load balancer, not a cache: responses are streamed",
     "gzip*, sub_filter": "responses pass as the peer sent them",
     "fastcgi_*, uwsgi_*, scgi_*, grpc_*, memcached_*": "HTTP/1.x peers only",
     "*_by_lua*": "the hooks are Python: *_by_python*",
