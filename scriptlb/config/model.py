@@ -538,6 +538,7 @@ class ProxyPassConf:
     # names that are no upstream's are looked up with ``resolver`` (scriptlb.request.dynamic_pass)
     template: Template | None = None
     resolver: ResolverConf | None = None
+    proxy_port: str = "80"  # value of $proxy_port: the URL's port, or the scheme's default
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,7 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "connection_time",
         # proxy
         "proxy_host",
+        "proxy_port",
         "proxy_add_x_forwarded_for",
         # upstream, one entry per try joined with ", " as nginx does
         "upstream_addr",

@@ -154,6 +154,16 @@ def _proxy_host(ex: RequestView) -> str | None:
     return getattr(ex, "proxy_host", None) or None
 
 
+def _proxy_port(ex: RequestView) -> str | None:
+    """nginx's $proxy_port: proxy_pass with variables sets it per request, else the location's."""
+    port = getattr(ex, "proxy_port", None)
+    if port is None:
+        location = getattr(ex, "location", None)
+        proxy_pass = getattr(getattr(location, "conf", None), "proxy_pass", None)
+        port = None if proxy_pass is None else proxy_pass.proxy_port
+    return port
+
+
 def _proxy_add_x_forwarded_for(ex: RequestView) -> str | None:
     forwarded = _join_headers(ex.headers, b"x_forwarded_for", b", ")
     return ex.remote_addr if forwarded is None else f"{forwarded}, {ex.remote_addr}"
@@ -496,6 +506,7 @@ _SIMPLE: dict[str, Getter] = {
     "connection": _attr("conn_id"),
     "connection_requests": _attr("conn_requests"),
     "proxy_host": _proxy_host,
+    "proxy_port": _proxy_port,
     "proxy_add_x_forwarded_for": _proxy_add_x_forwarded_for,
     "upstream_addr": _upstream_addr,
     "upstream_status": _upstream_status,
