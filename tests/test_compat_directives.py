@@ -358,7 +358,8 @@ def test_rewrite_flags(tmp_path: Path) -> None:
         ("rewrite ^ /x sometimes;", 'invalid parameter "sometimes"'),
         ("if ($uri) return 204;", 'directive "if" has no opening "{"'),
         ("if (-f $uri) { return 204; }", "file tests"),
-        ("if ($uri) { proxy_pass http://127.0.0.1:1; }", '"proxy_pass" directive is not allowed here'),
+        ("if ($uri) { proxy_pass http://127.0.0.1:1/x; }", '"proxy_pass" cannot have URI part'),
+        ("if ($uri) { proxy_set_header X y; }", '"proxy_set_header" directive is not allowed here'),
         ("return 200 $undeclared;", 'unknown "undeclared" variable'),
     ],
 )
@@ -411,10 +412,12 @@ def test_upstream_http_variables_read_the_peer_head_as_it_came(tmp_path: Path) -
     assert response.header("x-seen") == "[v1|h|a, b]"
 
 
-def test_default_root_is_under_the_prefix_and_unmatched_uris_get_404(tmp_path: Path) -> None:
+def test_default_root_is_under_the_prefix_and_serves_unmatched_uris(tmp_path: Path) -> None:
     (tmp_path / "html" / "a").mkdir(parents=True)
     (tmp_path / "html" / "a" / "f").write_text("under prefix")
-    (tmp_path / "html" / "x").write_text("not reachable: no location matches /x")
+    (tmp_path / "html" / "x").write_text("no location matches /x: the server's root serves it")
     with run(conf("location /a/ { }"), tmp_path) as lb:
         assert get(lb.port, "/a/f").body == b"under prefix"
-        assert get(lb.port, "/x").status == 404
+        # (as nginx: a URI no location matches gets the server's own settings, its root too)
+        assert get(lb.port, "/x").body == b"no location matches /x: the server's root serves it"
+        assert get(lb.port, "/y").status == 404

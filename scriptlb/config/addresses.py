@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import ListenConf, PeerAddr, Source, UpstreamServerConf
 from scriptlb.config.parser import Node
-from scriptlb.config.units import parse_int, parse_time
+from scriptlb.config.units import parse_int, parse_size, parse_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +98,7 @@ def parse_listen(node: Node) -> list[ListenConf]:
     text = node.args[0]
     default_server = reuseport = ssl = proxy_protocol = False
     backlog = 511
+    buffers = {"sndbuf": 0, "rcvbuf": 0}
     for param in node.args[1:]:
         if param in ("default_server", "default"):
             default_server = True
@@ -115,6 +116,12 @@ def parse_listen(node: Node) -> list[ListenConf]:
             if not value:
                 raise ConfigError(f'invalid backlog "{param}"', node.source)
             backlog = value
+        elif param.startswith(("sndbuf=", "rcvbuf=")):
+            name, _, value_text = param.partition("=")
+            size = parse_size(value_text)
+            if not size:
+                raise ConfigError(f'invalid {name} "{value_text}"', node.source)
+            buffers[name] = size
         else:
             raise ConfigError(f'invalid parameter "{param}"', node.source)
 
@@ -124,7 +131,7 @@ def parse_listen(node: Node) -> list[ListenConf]:
 
     def listen(host: str | None, port: int, unix_path: str | None = None) -> ListenConf:
         return ListenConf(host, port, unix_path, default_server, reuseport, backlog, node.source, ssl,
-                          proxy_protocol)
+                          proxy_protocol, buffers["sndbuf"], buffers["rcvbuf"])
 
     ports = _port_range(node, text)
     if ports is not None:  # ADDR:LOW-HIGH (or a bare LOW-HIGH): one socket per port, as nginx

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from scriptlb.config.addresses import AddressError, ProxyUrl, parse_proxy_url, proxy_host_port, resolve
@@ -60,12 +60,14 @@ from scriptlb.config.model import (
     ProxyConf,
     ProxyPassConf,
     ProxySslConf,
+    ProxyStoreConf,
     PythonConf,
     RealIpConf,
     ResolverConf,
     RewriteOp,
     ServerConf,
     Source,
+    SsiConf,
     SslCertificate,
     SslConf,
     Template,
@@ -74,7 +76,7 @@ from scriptlb.config.model import (
     UpstreamServerConf,
 )
 from scriptlb.config.parser import Node
-from scriptlb.config.rewrite import DraftOp, with_body
+from scriptlb.config.rewrite import DraftOp, IfDraft, with_body
 from scriptlb.config.stream import stream_conf
 from scriptlb.config.templates import compile_template, declared_variables
 
@@ -403,31 +405,57 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
         source=server.source,
         ssl=_ssl_conf(server, chain),
         rewrite=tuple(_resolved(server.values.get("rewrite_ops", ()))),
+        fallback=_location_conf(LocationDraft(source=server.source), chain, resolver),
     )
 
 
-def _rewrite_ops(chain: Sequence[LevelDraft]) -> tuple[RewriteOp, ...]:
+def _rewrite_ops(
+    chain: Sequence[LevelDraft], if_location: Callable[[IfDraft], LocationConf | None] | None = None
+) -> tuple[RewriteOp, ...]:
     """The server's rewrite-module directives, then the location's (each level its own, in
-    order; http has none). An ``if`` comes with the block read after it."""
+    order; http has none). An ``if`` comes with the block read after it; ``if_location``
+    builds the location of a location's ``if`` that holds directives of its own."""
     ops: list[RewriteOp] = []
     server = next(level for level in chain if isinstance(level, ServerDraft))
     own = chain[0]
     # (a named location is entered past the server's rewrite phase, as nginx)
     levels = (own,) if isinstance(own, LocationDraft) and own.pattern.startswith("@") else (server, own)
     for level in levels:
-        ops += _resolved(level.values.get("rewrite_ops", ()))
+        ops += _resolved(level.values.get("rewrite_ops", ()), if_location if level is own else None)
     return tuple(ops)
 
 
-def _resolved(entries: Sequence[DraftOp]) -> list[RewriteOp]:
+def _resolved(
+    entries: Sequence[DraftOp], if_location: Callable[[IfDraft], LocationConf | None] | None = None
+) -> list[RewriteOp]:
     out = []
     for entry in entries:
         if isinstance(entry, tuple):
             op, body = entry
-            out.append(with_body(op, _resolved(body.ops)))
+            location = if_location(body) if if_location is not None and body.has_content() else None
+            out.append(with_body(op, _resolved(body.ops), location))
         else:
             out.append(entry)
     return out
+
+
+def _if_location(
+    body: LocationDraft, loc: LocationDraft, parents: Sequence[LevelDraft], resolver: _ProxyPassResolver,
+    outer_pass: ProxyPassConf | None,
+) -> LocationConf:
+    """The location an ``if`` block of ``loc`` makes (nginx's if-in-location): ``loc``'s
+    settings with the block's over them; ``proxy_pass`` is inherited, an own one may not have
+    a URI part. Its rewrite directives run inline (the block's ops), not again here."""
+    conf = _location_conf(body, (loc, *parents), resolver)
+    if body.proxy_pass is None:
+        return dataclasses.replace(conf, proxy_pass=outer_pass, rewrite=())
+    if conf.proxy_pass is not None and conf.proxy_pass.uri is not None:
+        raise ConfigError(
+            '"proxy_pass" cannot have URI part in location given by regular expression, '
+            'or inside named location, or inside "if" statement, or inside "limit_except" block',
+            body.proxy_pass[1],
+        )
+    return dataclasses.replace(conf, rewrite=())
 def _check_peer_tls(servers: tuple[ServerConf, ...]) -> None:
     """proxy_pass https://: build each distinct client context once, for its errors."""
     from scriptlb.http.tls import TlsConfigError, client_context
@@ -531,6 +559,14 @@ def _location_conf(
         client_body_timeout=_get(chain, "client_body_timeout", 60.0),
         keepalive_timeout=_get(chain, "keepalive_timeout", 75.0),
         keepalive_requests=_get(chain, "keepalive_requests", 1000),
+        send_timeout=_get(chain, "send_timeout", 60.0),
+        keepalive_header=_get(chain, "keepalive_header", None),
+        keepalive_time=_get(chain, "keepalive_time", None),
+        keepalive_disable=_get(chain, "keepalive_disable", ("msie6",)),
+        limit_rate=_get(chain, "limit_rate", 0),
+        limit_rate_after=_get(chain, "limit_rate_after", 0),
+        proxy_limit_rate=_get(chain, "proxy_limit_rate", 0),
+        proxy_store=_proxy_store(chain),
         client_body=_client_body_conf(chain),
         access_log=with_file_cache(access_logs, _get(chain, "open_log_file_cache", None)),
         source=loc.source,
@@ -539,11 +575,12 @@ def _location_conf(
         add_trailers=tuple(_get(chain, "add_trailer", ())),
         expires=_expires(chain),
         try_files=_get(chain, "try_files", None),
-        limit_except=_limit_except(loc, chain),
-        rewrite=_rewrite_ops(chain),
+        limit_except=_limit_except(loc, chain, resolver, proxy_pass),
+        rewrite=_rewrite_ops(chain, lambda body: _if_location(body, loc, parents, resolver, proxy_pass)),
         error_pages=tuple(_get(chain, "error_page", ())),
         intercept_errors=_get(chain, "proxy_intercept_errors", False),
         index=_get(chain, "index", ("index.html",)),
+        ssi=_ssi_conf(chain),
         **_root_or_alias(chain),
         absolute_redirect=_get(chain, "absolute_redirect", True),
         server_name_in_redirect=_get(chain, "server_name_in_redirect", False),
@@ -553,6 +590,26 @@ def _location_conf(
     if "health_checks" in loc.values:
         resolver.add_health_checks(loc, conf)
     return conf
+
+
+def _proxy_store(chain: Sequence[LevelDraft]) -> ProxyStoreConf | None:
+    store = _get(chain, "proxy_store", False)
+    if store is False:
+        return None
+    return ProxyStoreConf(None if store is True else store, _get(chain, "proxy_store_access", 0o600))
+
+
+def _ssi_conf(chain: Sequence[LevelDraft]) -> SsiConf | None:
+    """``ssi on`` and its settings (each merged on its own, as nginx's); None when off."""
+    if not _get(chain, "ssi", False):
+        return None
+    types = _get(chain, "ssi_types", ())
+    return SsiConf(
+        types=("*",) if "*" in types else ("text/html", *types),
+        silent_errors=_get(chain, "ssi_silent_errors", False),
+        last_modified=_get(chain, "ssi_last_modified", False),
+        value_length=_get(chain, "ssi_value_length", 256),
+    )
 
 
 def _root_or_alias(chain: Sequence[LevelDraft]) -> dict[str, Any]:
@@ -567,15 +624,20 @@ def _root_or_alias(chain: Sequence[LevelDraft]) -> dict[str, Any]:
     return {"root": os.path.join(getattr(chain[-1], "prefix", ""), "html")}
 
 
-def _limit_except(loc: LocationDraft, chain: Sequence[LevelDraft]) -> LimitExceptConf | None:
+def _limit_except(loc: LocationDraft, chain: Sequence[LevelDraft], resolver: _ProxyPassResolver,
+                  outer_pass: ProxyPassConf | None) -> LimitExceptConf | None:
     """The location's own limit_except (a nested location does not inherit it, as nginx)."""
     found = loc.values.get("limit_except")
     if found is None:
         return None
     methods, block = found
     settings = _access_settings((block, *chain), loc)
+    location = None
+    if block.proxy_pass is not None:
+        own = _if_location(block, loc, chain[1:], resolver, outer_pass)
+        location = dataclasses.replace(own, limit_except=None)
     return LimitExceptConf(methods, settings["access"], settings["auth_basic"],
-                           settings["auth_basic_user_file"])
+                           settings["auth_basic_user_file"], location)
 
 
 def _expires(chain: Sequence[LevelDraft]) -> ExpiresConf | None:
@@ -799,7 +861,7 @@ def _check_listens(servers: tuple[ServerConf, ...]) -> tuple[ServerConf, ...]:
         if len(defaults) > 1:
             second = defaults[1]
             raise ConfigError(f"a duplicate default server for {listen_name(second)}", second.source)
-        with_options = [lc for lc in listens if lc.reuseport or lc.backlog != 511]
+        with_options = [lc for lc in listens if lc.reuseport or lc.backlog != 511 or lc.sndbuf or lc.rcvbuf]
         if len(with_options) > 1:
             raise ConfigError(
                 f"duplicate listen options for {listen_name(with_options[1])}", with_options[1].source
@@ -813,6 +875,7 @@ def _check_listens(servers: tuple[ServerConf, ...]) -> tuple[ServerConf, ...]:
         opt = options.get(listen.key)
         if opt is None:
             return listen
-        return dataclasses.replace(listen, reuseport=opt.reuseport, backlog=opt.backlog)
+        return dataclasses.replace(listen, reuseport=opt.reuseport, backlog=opt.backlog, sndbuf=opt.sndbuf,
+                                   rcvbuf=opt.rcvbuf)
 
     return tuple(dataclasses.replace(s, listens=tuple(shared(lc) for lc in s.listens)) for s in servers)

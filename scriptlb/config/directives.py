@@ -404,6 +404,37 @@ def _location_args(node: Node) -> tuple[str, str]:
     return "", arg
 
 
+def _proxy_store(state: State, node: Node, draft: LevelDraft) -> None:
+    """``proxy_store on | off | string``: True, False or the string's Template."""
+    value = node.args[0]
+    stored: bool | Template = value == "on" if value in ("on", "off") else template(node, value)
+    _store(node, draft.values, stored)
+
+
+def _store_access(node: Node) -> int:
+    """``proxy_store_access users:rw group:rw all:r`` -> a file mode (nginx's words)."""
+    mode = 0
+    for arg in node.args:
+        who, sep, rights = arg.partition(":")
+        shift = {"user": 6, "group": 3, "all": 0}.get(who)
+        if not sep or shift is None or rights not in ("r", "w", "rw"):
+            raise fail(node, f'invalid value "{arg}"')
+        bits = (4 if "r" in rights else 0) | (2 if "w" in rights else 0)
+        mode |= bits << shift
+    return mode
+
+
+def _in_location_if(handler: Handler) -> Handler:
+    """A directive nginx takes in an ``if`` of a location (not of a server)."""
+
+    def checked(state: State, node: Node, draft: Any) -> Any:
+        if isinstance(draft, rewrite.IfDraft) and not draft.in_location:
+            raise fail(node, f'"{node.name}" directive is not allowed here')
+        return handler(state, node, draft)
+
+    return checked
+
+
 def _proxy_pass(state: State, node: Node, draft: LocationDraft) -> None:
     if draft.proxy_pass is not None:
         raise fail(node, '"proxy_pass" directive is duplicate')
@@ -459,8 +490,11 @@ def _proxy_next_upstream(state: State, node: Node, draft: LevelDraft) -> None:
 
 def _keepalive_timeout(state: State, node: Node, draft: LevelDraft) -> None:
     timeout = msec(node)
-    if len(node.args) > 1 and parse_time(node.args[1], seconds_only=True) is None:
-        raise fail(node, f'"{node.name}" directive invalid value')  # the Keep-Alive header time
+    if len(node.args) > 1:
+        header = parse_time(node.args[1], seconds_only=True)  # the Keep-Alive header's time
+        if header is None:
+            raise fail(node, f'"{node.name}" directive invalid value')
+        draft.values["keepalive_header"] = int(header)
     _store(node, draft.values, timeout)
 
 
@@ -867,7 +901,9 @@ def _if(state: State, node: Node, draft: Any) -> tuple[Ctx, Any]:
         op = rewrite.if_op(node, template, _check_regex)
     except ValueError as e:
         raise fail(node, str(e)) from None
-    body = rewrite.IfDraft()
+    in_location = isinstance(draft, LocationDraft)
+    body = rewrite.IfDraft(modifier=draft.modifier, pattern=draft.pattern, source=node.source,
+                           in_location=True) if in_location else rewrite.IfDraft()
     rewrite.ops_of(draft).append((op, body))  # (the body is read next; the builder joins them)
     return Ctx.IF, body
 
@@ -1396,7 +1432,8 @@ def _limit_except(state: State, node: Node, draft: LocationDraft) -> tuple[Ctx, 
         methods.add(name.upper())
     if "GET" in methods:
         methods.add("HEAD")
-    block = LevelDraft()
+    # (a location's draft: proxy_pass may stand in the block, as in nginx)
+    block = LocationDraft(modifier=draft.modifier, pattern=draft.pattern, source=node.source)
     draft.values["limit_except"] = (frozenset(methods), block)
     return Ctx.LIMIT_EXCEPT, block
 
@@ -1687,7 +1724,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("listen", Ctx.SERVER, (1, None), _listen),
     _spec("server_name", Ctx.SERVER, (1, None), _server_name),
     _spec("location", Ctx.SERVER | Ctx.LOCATION, (1, 2), _location, block=True),
-    _spec("proxy_pass", Ctx.LOCATION, ONE, _proxy_pass),
+    _spec("proxy_pass", Ctx.LOCATION | Ctx.IF | Ctx.LIMIT_EXCEPT, ONE, _in_location_if(_proxy_pass)),
     _spec("proxy_set_header", HSL, (2, 2), _proxy_set_header),
     _spec("proxy_http_version", HSL, ONE, _proxy_http_version),
     _spec("proxy_connect_timeout", HSL, ONE, _slot(msec)),
@@ -1703,10 +1740,16 @@ _SPECS: tuple[Spec, ...] = (
     _spec("client_body_timeout", HSL, ONE, _slot(msec)),
     _spec("keepalive_timeout", HSL, (1, 2), _keepalive_timeout),
     _spec("keepalive_requests", HSL, ONE, _slot(number)),
+    _spec("send_timeout", HSL, ONE, _slot(msec)),
+    _spec("limit_rate", HSL | Ctx.IF, ONE, _in_location_if(_slot(_size))),
+    _spec("limit_rate_after", HSL | Ctx.IF, ONE, _in_location_if(_slot(_size))),
+    _spec("proxy_limit_rate", HSL, ONE, _slot(_size)),
+    _spec("proxy_store", HSL, ONE, _proxy_store),
+    _spec("proxy_store_access", HSL, (1, 3), _slot(_store_access)),
     _spec("large_client_header_buffers", HS, (2, 2), _large_client_header_buffers),
     _spec("return", Ctx.SERVER | Ctx.LOCATION, (1, 2), _return),
     _spec("log_format", Ctx.HTTP, (2, None), _log_format),
-    _spec("access_log", HSL, (1, None), _access_log),
+    _spec("access_log", HSL | Ctx.IF, (1, None), _in_location_if(_access_log)),
     # client request heads and bodies
     _spec("client_header_buffer_size", HS, ONE, _slot(_size)),
     _spec("underscores_in_headers", HS, FLAG, _slot(flag)),
@@ -1715,10 +1758,18 @@ _SPECS: tuple[Spec, ...] = (
     _spec("client_body_temp_path", HSL, (1, 4), _temp_path),
     _spec("client_body_in_file_only", HSL, ONE, _slot(_in_file_only)),
     _spec("client_body_in_single_buffer", HSL, FLAG, _slot(flag)),
+    # server side includes (ngx_http_ssi_module)
+    _spec("ssi", HSL | Ctx.IF, FLAG, _in_location_if(_slot(flag))),
+    _spec("ssi_types", HSL, (1, None), _slot(lambda node: tuple(node.args))),
+    _spec("ssi_silent_errors", HSL, FLAG, _slot(flag)),
+    _spec("ssi_last_modified", HSL, FLAG, _slot(flag)),
+    _spec("ssi_value_length", HSL, ONE, _slot(_size)),
+    _spec("ssi_min_file_chunk", HSL, ONE, _accepted(_size)),
     # upstream response buffers
     _spec("proxy_buffer_size", HSL, ONE, _slot(_size)),
     _spec("proxy_buffers", HSL, (2, 2), _slot(_bufs)),
     _spec("proxy_busy_buffers_size", HSL, ONE, _slot(_size)),
+    _spec("proxy_max_temp_file_size", HSL, ONE, _accepted(_size)),
     # python hooks
     _spec("python_package_path", Ctx.HTTP, ONE, _python_package_path),
     _spec("python_code_cache", Ctx.HTTP, FLAG, _slot(flag)),
@@ -1787,9 +1838,9 @@ _SPECS: tuple[Spec, ...] = (
     _spec("api", Ctx.LOCATION, (0, 1), _content_handler),
     _spec("prometheus", Ctx.LOCATION, NONE, _content_handler),
     _spec("status_zone", Ctx.SERVER, ONE, _slot(lambda node: node.args[0])),
-    _spec("add_header", HSL, (2, 3), _add_header),
-    _spec("add_trailer", HSL, (2, 3), _add_header),  # (same syntax and merge)
-    _spec("expires", HSL, (1, 2), _expires),
+    _spec("add_header", HSL | Ctx.IF, (2, 3), _in_location_if(_add_header)),
+    _spec("add_trailer", HSL | Ctx.IF, (2, 3), _in_location_if(_add_header)),  # (same syntax and merge)
+    _spec("expires", HSL | Ctx.IF, (1, 2), _in_location_if(_expires)),
     _spec("try_files", Ctx.SERVER | Ctx.LOCATION, (2, None), _try_files),
     # the rewrite module (return is above; inside `if` it is one of the ordered directives)
     _spec("set", Ctx.SERVER | Ctx.LOCATION | Ctx.IF, (2, 2),
@@ -1834,8 +1885,8 @@ _SPECS: tuple[Spec, ...] = (
     _spec("sendfile", HSL, FLAG, _accepted(flag)),
     _spec("tcp_nopush", HSL, FLAG, _accepted(flag)),
     _spec("tcp_nodelay", HSL, FLAG, _accepted(flag)),
-    _spec("keepalive_time", HSL | Ctx.UPSTREAM, ONE, _accepted(msec)),
-    _spec("keepalive_disable", HSL, (1, None), _accepted(_keepalive_disable)),
+    _spec("keepalive_time", HSL | Ctx.UPSTREAM, ONE, _slot(msec)),
+    _spec("keepalive_disable", HSL, (1, None), _slot(_keepalive_disable)),
     # TLS termination (ngx_http_ssl_module)
     _spec("ssl_certificate", HS, ONE, _ssl_file_list),
     _spec("ssl_certificate_key", HS, ONE, _ssl_file_list),

@@ -422,6 +422,8 @@ class ListenConf:
     source: Source | None = None
     ssl: bool = False  # `listen ... ssl`: TLS is terminated on this socket
     proxy_protocol: bool = False  # `listen ... proxy_protocol`: connections start with a PROXY header
+    sndbuf: int = 0  # `listen ... sndbuf=size`: SO_SNDBUF of the socket (0: the system's)
+    rcvbuf: int = 0  # `listen ... rcvbuf=size`: SO_RCVBUF of the socket (0: the system's)
 
     @property
     def key(self) -> ListenKey:
@@ -568,6 +570,25 @@ class ClientBodyConf:
 
 
 @dataclass(frozen=True, slots=True)
+class ProxyStoreConf:
+    """``proxy_store on`` (``value`` None: the static handler's path) or ``proxy_store string``."""
+
+    value: Template | None = None
+    mode: int = 0o600  # proxy_store_access
+
+
+@dataclass(frozen=True, slots=True)
+class SsiConf:
+    """``ssi on`` and its settings (ngx_http_ssi_module): which responses the static handler
+    runs the SSI commands of."""
+
+    types: tuple[str, ...] = ("text/html",)  # ssi_types (text/html always); ("*",): every type
+    silent_errors: bool = False  # ssi_silent_errors: no errmsg for a failed command
+    last_modified: bool = False  # ssi_last_modified: keep the file's Last-Modified
+    value_length: int = 256  # ssi_value_length: the longest parameter value
+
+
+@dataclass(frozen=True, slots=True)
 class AddHeaderConf:
     """``add_header name value [always]``."""
 
@@ -585,6 +606,8 @@ class LimitExceptConf:
     access: tuple[AccessRule, ...] = ()
     auth_basic: str | None = None
     auth_basic_user_file: str | None = None
+    # a proxy_pass of the block: the location the other methods continue in
+    location: LocationConf | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -623,6 +646,9 @@ class RewriteOp:
     flag: str = ""  # rewrite: "" | "last" | "break" | "redirect" | "permanent"
     body: tuple[RewriteOp, ...] = ()
     ret: ReturnConf | None = None
+    # if in a location with directives of its own (proxy_pass, add_header...): the location the
+    # request continues in once the condition holds (nginx's if-block pseudo-location)
+    location: LocationConf | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -646,6 +672,14 @@ class LocationConf:
     client_body_timeout: float = 60.0
     keepalive_timeout: float = 75.0  # 0 disables client keep-alive
     keepalive_requests: int = 1000
+    send_timeout: float = 60.0  # send_timeout: how long the client may leave our writes unread
+    keepalive_header: int | None = None  # keepalive_timeout's second value: "Keep-Alive: timeout=N"
+    keepalive_time: float | None = None  # keepalive_time: no keep-alive after this age (None: 1h)
+    keepalive_disable: tuple[str, ...] = ("msie6",)  # browsers whose connections are not kept
+    limit_rate: int = 0  # limit_rate: bytes/s of a response (0: none)
+    limit_rate_after: int = 0  # limit_rate_after: bytes sent before limit_rate applies
+    proxy_limit_rate: int = 0  # proxy_limit_rate: bytes/s read from the peer (0: none)
+    proxy_store: ProxyStoreConf | None = None  # proxy_store: 200 responses also written to a file
     client_body: ClientBodyConf = field(default_factory=ClientBodyConf)
     access_log: tuple[AccessLogConf, ...] = ()  # empty = off
     source: Source | None = None
@@ -672,6 +706,7 @@ class LocationConf:
     try_files: TryFilesConf | None = None
     limit_except: LimitExceptConf | None = None
     index: tuple[str, ...] = ("index.html",)
+    ssi: SsiConf | None = None  # ssi on: the static handler runs the file's SSI commands
     # balancer_trace_header / balancer_trace_allow: the trace header, for these clients only
     trace_header: bool = False
     trace_allow: tuple[str, ...] = ()  # normalized CIDRs, "unix:" or "all"; () = nobody
@@ -792,6 +827,9 @@ class ServerConf:
     # the server's own rewrite directives (each location's list starts with them): what runs
     # for a URI no location matches
     rewrite: tuple[RewriteOp, ...] = ()
+    # what serves a URI no location matches: the server's own settings (root, logs...), as
+    # nginx's server-level location configuration
+    fallback: LocationConf | None = None
 
 
 # --------------------------------------------------------------------------- stream context

@@ -47,7 +47,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                "upstream parameters: weight, max_fails, fail_timeout, max_conns, backup, down, "
                "slow_start, drain, resolve and service= (nginx Plus)"),
     "upstream": ("name { ... }", "-", "ngx_http_upstream_module", ""),
-    "listen": ("address[:port[-port]] [default_server] [ssl] [proxy_protocol] [reuseport] [backlog=N]",
+    "listen": ("address[:port[-port]] [default_server] [ssl] [proxy_protocol] [reuseport] [backlog=N] "
+               "[sndbuf=size] [rcvbuf=size]",
                "*:80 | *:8000", "ngx_http_core_module",
                "http2 and quic are refused (HTTP/1.1 only); proxy_protocol (v1, v2) not with ssl"),
     "server_name": ("name ...", '""', "ngx_http_core_module", ""),
@@ -79,6 +80,22 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "proxy_buffer_size": ("size", "4k|8k", "ngx_http_proxy_module", ""),
     "proxy_buffers": ("number size", "8 4k|8k", "ngx_http_proxy_module", ""),
     "proxy_busy_buffers_size": ("size", "8k|16k", "ngx_http_proxy_module", ""),
+    "limit_rate": ("rate", "0", "ngx_http_core_module",
+                   "proxied responses (files are written whole); `set $limit_rate` changes it per request"),
+    "limit_rate_after": ("size", "0", "ngx_http_core_module", "proxied responses"),
+    "proxy_limit_rate": ("rate", "0", "ngx_http_proxy_module",
+                         "the body is held, and the peer not read, past the rate"),
+    "proxy_max_temp_file_size": ("size", "1024m", "ngx_http_proxy_module",
+                                 "accepted: responses never go to temp files (they stream with "
+                                 "back-pressure, as nginx's with 0)"),
+    "proxy_store": ("on | off | string", "off", "ngx_http_proxy_module",
+                    "200 responses to GET; a temp file beside the target, renamed when complete"),
+    "proxy_store_access": ("users:permissions ...", "user:rw", "ngx_http_proxy_module", ""),
+    "keepalive_time": ("time", "1h", "ngx_http_core_module",
+                       "a request on an older connection is its last (the default is checked on POSTs "
+                       "only); in upstream: accepted"),
+    "send_timeout": ("time", "60s", "ngx_http_core_module",
+                     "upgraded (tunnelled) connections; other responses keep 60s"),
     "client_header_timeout": ("time", "60s", "ngx_http_core_module", ""),
     "client_body_timeout": ("time", "60s", "ngx_http_core_module", ""),
     "keepalive_timeout": ("timeout [header_timeout] (http) / timeout (upstream)", "75s / 60s",
@@ -243,14 +260,23 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                       "ngx_stream_split_clients_module",
                       "MurmurHash2 of the string, as nginx (the same clients get the same part)"),
     "if": ("(condition) { ... }", "-", "ngx_http_rewrite_module",
-           "$var, = / != (a literal), ~ ~* !~ !~* (captures $1..$9); no file tests; only set, rewrite, "
-           "break and return inside"),
+           "$var, = / != (a literal), ~ ~* !~ !~* (captures $1..$9); no file tests; set, rewrite, "
+           "break and return inside; in a location also proxy_pass (no URI part), add_header, add_trailer, "
+           "expires, access_log, ssi: the block is then the location the request goes on in"),
     "rewrite": ("regex replacement [last | break | redirect | permanent]", "-",
                 "ngx_http_rewrite_module", ""),
     "break": ("", "-", "ngx_http_rewrite_module", ""),
     "root": ("path", "html", "ngx_http_core_module",
              "static files of a location without proxy_pass/return: GET/HEAD, read whole (64m at most)"),
     "index": ("file ...", "index.html", "ngx_http_index_module", "no variables"),
+    "ssi": ("on | off", "off", "ngx_http_ssi_module",
+            "static files and proxied responses (collected whole); include virtual/file (set, wait), "
+            "echo, set, config, if/elif/else/endif; a subrequest runs in-process, one after another"),
+    "ssi_types": ("mime-type ...", "text/html", "ngx_http_ssi_module", ""),
+    "ssi_silent_errors": ("on | off", "off", "ngx_http_ssi_module", ""),
+    "ssi_last_modified": ("on | off", "off", "ngx_http_ssi_module", ""),
+    "ssi_value_length": ("length", "256", "ngx_http_ssi_module", ""),
+    "ssi_min_file_chunk": ("size", "1k", "ngx_http_ssi_module", "accepted, unused (files are read whole)"),
     "add_trailer": ("name value [always]", "-", "ngx_http_headers_module",
                     "trailers of chunked responses to HTTP/1.1 clients (the response is then chunked)"),
     "expires": ("[modified] time | epoch | max | off", "off", "ngx_http_headers_module",
@@ -258,7 +284,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "try_files": ("file ... uri | file ... =code", "-", "ngx_http_core_module",
                   "a name ending in / tests a directory; the fallback may be @name"),
     "limit_except": ("method ... { ... }", "-", "ngx_http_core_module",
-                     "allow, deny, auth_basic and auth_basic_user_file inside"),
+                     "allow, deny, auth_basic, auth_basic_user_file and proxy_pass (no URI part) inside"),
     "alias": ("path", "-", "ngx_http_core_module",
               "replaces the location's prefix (a regex location's alias names the file); no variables"),
     "absolute_redirect": ("on | off", "on", "ngx_http_core_module",
@@ -289,8 +315,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                     "http: accepted, scriptlb always sets TCP_NODELAY; "
                     "stream: set on both sides of a session"),
     "keepalive_disable": ("none | browser ...", "msie6", "ngx_http_core_module",
-                          "accepted: no browser is told apart (keep-alive stays on for all)"),
-    "keepalive_time": ("time", "1h", "ngx_http_core_module", "accepted, not enforced yet"),
+                          "msie6: POSTs from MSIE 4-6 (not 6 SV1); safari: Safari on Mac OS X"),
     "set_real_ip_from": ("address | CIDR | unix: | name", "-",
                          "ngx_http_realip_module / ngx_stream_realip_module",
                          "a name stands for the addresses it resolves to at load time; stream: a trusted "
@@ -321,7 +346,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
 # nginx directives scriptlb refuses on purpose (an "unknown directive" error), and why
 REFUSED: dict[str, str] = {
     "http2, quic, listen ... udp": "HTTP/1.x and TCP only",
-    "proxy_cache*, proxy_store": "a load balancer, not a cache: responses are streamed",
+    "proxy_cache*": "a load balancer, not a cache: responses are streamed",
     "gzip*, sub_filter": "responses pass as the peer sent them",
     "fastcgi_*, uwsgi_*, scgi_*, grpc_*, memcached_*": "HTTP/1.x peers only",
     "*_by_lua*": "the hooks are Python: *_by_python*",

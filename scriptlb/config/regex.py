@@ -16,6 +16,10 @@ _PCRE_NAMED_GROUP = re.compile(r"\(\?<(?=[A-Za-z_])")
 _PCRE_QUOTED = re.compile(r"\\Q(.*?)(?:\\E|$)", re.DOTALL)
 
 
+# PCRE's Unicode classes Python's ``re`` lacks, as the nearest class it has
+_PCRE_CLASSES = {r"\p{N}": r"\d", r"\p{Nd}": r"\d", r"\p{L}": r"[^\W\d_]"}
+
+
 def compile_nginx_regex(pattern: str, caseless: bool = False) -> re.Pattern[str]:
     """Compile a PCRE-style nginx regex with Python's ``re``; raises ``re.error``.
 
@@ -23,4 +27,7 @@ def compile_nginx_regex(pattern: str, caseless: bool = False) -> re.Pattern[str]
     """
     if "\\Q" in pattern:
         pattern = _PCRE_QUOTED.sub(lambda m: re.escape(m.group(1)), pattern)
+    if "\\p{" in pattern:
+        for pcre, python in _PCRE_CLASSES.items():
+            pattern = pattern.replace(pcre, python)
     return re.compile(_PCRE_NAMED_GROUP.sub("(?P<", pattern), re.IGNORECASE if caseless else 0)

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from scriptlb.config.drafts import LocationDraft
 from scriptlb.config.model import ReturnConf, RewriteOp
 
 if TYPE_CHECKING:
@@ -24,25 +25,39 @@ _OPERATORS = ("=", "!=", "~", "~*", "!~", "!~*")
 
 
 @dataclass(eq=False)
-class IfDraft:
-    """An ``if`` block being read: its directives, in order."""
+class IfDraft(LocationDraft):
+    """An ``if`` block being read: its rewrite directives in order (``ops``); in a location, the
+    other directives it holds make it a location of its own (``in_location``)."""
 
     ops: list[DraftOp] = field(default_factory=list)
-    values: dict[str, Any] = field(default_factory=dict)
+    in_location: bool = False
+
+    def has_content(self) -> bool:
+        """Whether the block holds more than rewrite directives."""
+        return bool(self.values) or self.proxy_pass is not None or self.access_logs is not None
 
 
 # a level's directive as read: an ``if`` comes with the block read after it (the builder joins them)
 DraftOp: TypeAlias = "RewriteOp | tuple[RewriteOp, IfDraft]"
 
 
+# a named group of a PCRE regex: "(?<name>", "(?P<name>", "(?'name'"
+_NAMED_GROUP = re.compile(r"\(\?(?:P?<|')([A-Za-z_][A-Za-z0-9_]*)[>']")
+
+
 def declared_variables(nodes: Iterable[Any]) -> frozenset[str]:
-    """The names every ``set $name`` of the config declares (lower-cased)."""
+    """The names every ``set $name`` of the config declares, and the named captures of its
+    ``server_name`` regexes (nginx makes them variables), lower-cased."""
     names: set[str] = set()
     stack = list(nodes)
     while stack:
         node = stack.pop()
         if node.name == "set" and node.args and node.args[0].startswith("$"):
             names.add(node.args[0][1:].lower())
+        elif node.name == "server_name":
+            for arg in node.args:
+                if arg.startswith("~"):
+                    names.update(name.lower() for name in _NAMED_GROUP.findall(arg))
         if node.children:
             stack.extend(node.children)
     return frozenset(names)
@@ -94,8 +109,9 @@ def if_op(node: Any, template: Any, check_regex: Any) -> RewriteOp:
     raise ValueError(f'invalid condition "{" ".join(node.args)}"')
 
 
-def with_body(op: RewriteOp, ops: list[RewriteOp]) -> RewriteOp:
-    return RewriteOp(op.kind, op.name, op.value, op.operator, op.pattern, op.flag, tuple(ops), op.ret)
+def with_body(op: RewriteOp, ops: list[RewriteOp], location: Any = None) -> RewriteOp:
+    return RewriteOp(op.kind, op.name, op.value, op.operator, op.pattern, op.flag, tuple(ops), op.ret,
+                     location)
 
 
 def return_op(ret: ReturnConf) -> RewriteOp:

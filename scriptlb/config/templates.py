@@ -27,6 +27,7 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "request_method",
         "request_uri",
         "request_length",
+        "limit_rate",
         "request_body",
         "request_body_file",
         "uri",

@@ -891,7 +891,8 @@ class ClientConnection(asyncio.Protocol):
     def send_continue(self) -> None:
         """Answer ``Expect: 100-continue`` once the handler is ready to read the body."""
         request = self._active_request
-        if request is not None and request.expect_continue and not request.body_size and not request.complete:
+        if (request is not None and request.expect_continue and not request.body_size
+                and request.version != "1.0"):  # (never to an HTTP/1.0 client, RFC 9110)
             request.expect_continue = False
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -1089,6 +1090,11 @@ class ClientConnection(asyncio.Protocol):
             self.respond(status, b"", b"")
         else:
             self.respond(status, b"Content-Type: text/html\r\n", page)
+
+    @property
+    def keeps_alive(self) -> bool:
+        """Whether the connection stays open after the active response (so far)."""
+        return self._keep_alive
 
     def close_after_response(self) -> None:
         """Do not keep the connection alive after the current response."""

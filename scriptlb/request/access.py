@@ -69,7 +69,7 @@ class LimitExcept:
     (``inner``); nginx gives every other method the block's configuration, where those do not
     run: its check decides at once."""
 
-    __slots__ = ("check", "inner", "methods")
+    __slots__ = ("check", "inner", "location", "methods")
 
     def __init__(self, conf: LocationConf, inner: Any) -> None:
         limit = conf.limit_except
@@ -77,6 +77,7 @@ class LimitExcept:
         self.methods = limit.methods
         self.check = _access_check(limit.access, limit.auth_basic, limit.auth_basic_user_file)
         self.inner = inner
+        self.location = limit.location  # the block's proxy_pass: where the other methods go
 
     def run(self, exchange: Any) -> int:
         from scriptlb.request.rewrite import BREAK, DONE
@@ -85,6 +86,8 @@ class LimitExcept:
             return self.inner.run(exchange) if self.inner is not None else BREAK
         refused = self.check(exchange) if self.check is not None else None
         if refused is None:
+            if self.location is not None:
+                exchange.location = exchange.server.location_of(self.location)
             return BREAK
         exchange.finish_with_page(*refused)
         return DONE

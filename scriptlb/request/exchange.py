@@ -166,6 +166,11 @@ class Exchange:
         self.max_body_size = conf.client_max_body_size  # 0 = unlimited
         self.body_timeout = conf.client_body_timeout
         self.keepalive_timeout = conf.keepalive_timeout
+        location = self.location
+        # keepalive_time, keepalive_disable (the usual GET in the usual location: two tests)
+        if ((location.keepalive_check is not None or self.method == "POST")
+                and not location.keepalive_allowed(self)):
+            self.keepalive_timeout = 0.0
         self.keepalive_requests = conf.keepalive_requests
 
     # ------------------------------------------------------------------ routing

@@ -39,7 +39,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from scriptlb.config.model import NextUpstream
-from scriptlb.http.downstream import CLIENT_SEND_TIMEOUT, DROPPED, UNSENT
+from scriptlb.http.downstream import DROPPED, UNSENT
 from scriptlb.http.request_body import SpooledBody
 from scriptlb.http.response_head import ResponseHead
 from scriptlb.http.tls import handshake_error_text
@@ -68,6 +68,7 @@ from scriptlb.request.retry import (
     failure_for_status,
     is_stale_connection,
 )
+from scriptlb.request.store import body_filters
 from scriptlb.routing.uri import split_local_addr
 from scriptlb.state.stats import WEIGHT_GENERATION
 
@@ -105,6 +106,7 @@ class UpstreamRequest:
         "_head",
         "_local_addr",
         "_passing",
+        "_rate",
         "_started",
         "_state",
         "_stream_body",
@@ -142,6 +144,7 @@ class UpstreamRequest:
         self.attempt: Attempt | None = None  # the try in progress
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
+        self._rate: Any = None  # the body filters: ssi, proxy_store, limit_rate... (store.py)
         self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
         self.hook_exit: HookOutcome | None = None  # a hook's ngx.exit(N) run: $balancer_trace
         self.pass_uri: str | None = None  # proxy_pass with variables: its URI part, as evaluated
@@ -170,6 +173,8 @@ class UpstreamRequest:
         ex.proxy_host = self.location.proxy_host or ex.proxy_host  # (proxy_pass with variables set it)
         request = ex.request
         if request.complete or not request.has_body:
+            if request.expect_continue:  # nginx answers it even when there is no body to read
+                ex.conn.send_continue()
             self._begin_tries()  # (no body to wait for or stream: the usual GET)
             return
         self._stream_body = self._wants_streamed_body()
@@ -226,6 +231,8 @@ class UpstreamRequest:
         if attempt is not None:
             self.attempt = None
             attempt.end(ABANDONED, self.exchange)
+        if self._rate is not None:
+            self._rate.cancel()
 
     # ------------------------------------------------------------------ the tries loop
 
@@ -530,13 +537,21 @@ class UpstreamRequest:
         self.exchange.finish_with_page(status)
 
     def upstream_body(self, data: bytes) -> None:
-        self.exchange.conn.send_body(data)
+        rate = self._rate
+        if rate is None:
+            self.exchange.conn.send_body(data)
+        else:
+            rate.body(data)
 
     def upstream_complete(self) -> None:
         attempt = self.attempt
         if attempt is not None:
             self.attempt = None
             attempt.end(DONE, self.exchange)
+        filters = self._rate
+        if filters is not None:  # (proxy_store names its file; the rate may still hold the body)
+            filters.complete(self.exchange.finish)
+            return
         self.exchange.finish()
 
     def upstream_failed(self, err: UpstreamError) -> None:
@@ -545,6 +560,9 @@ class UpstreamRequest:
         if attempt is None:
             return  # (the try already ended: nothing waits for this connection any more)
         attempt.conn = None  # (closed by the connection itself)
+        if self._rate is not None:  # (a half body: no stored file, nothing more held)
+            self._rate.cancel()
+            self._rate = None
         if self._passing:
             self._failed_mid_body(attempt, err)
         elif is_stale_connection(err.failure, err.response_started, attempt.reused, self._stream_body,
@@ -595,6 +613,10 @@ class UpstreamRequest:
         if trace is not None:  # balancer_trace_header on
             headers = trace.headers(ex, headers)
         ex.response_headers = headers
+        if location.body_filtered:  # ssi, proxy_store, limit_rate... (scriptlb.request.store)
+            self._rate = filters = body_filters(self, response, headers)
+            if filters is not None and filters.holds_head and location.add_trailers is None:
+                return  # (the filter sends the head with the body it made)
         if not ex.err_status and location.add_trailers is None:
             ex.conn.send_head(response.status, headers, response.content_length, reason=response.reason)
         else:
@@ -617,7 +639,8 @@ class UpstreamRequest:
         upstream_transport, from_upstream = conn.detach()
         attempt.conn = None
         assert client.transport is not None
-        tunnel = self._tunnel = Tunnel(self.loop, ex.read_timeout, ex.send_timeout, CLIENT_SEND_TIMEOUT,
+        client_timeout = ex.location.conf.send_timeout  # (send_timeout: the client side's)
+        tunnel = self._tunnel = Tunnel(self.loop, ex.read_timeout, ex.send_timeout, client_timeout,
                                        self._tunnel_ended)
         client_side, upstream_side = tunnel.sides(client.transport, upstream_transport)
         upstream_transport.set_protocol(upstream_side)

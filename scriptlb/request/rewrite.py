@@ -48,6 +48,11 @@ def _set(op: RewriteOp) -> Step:
     assert op.value is not None
     render = compile_template(op.value)
     name = op.name
+    if name == "limit_rate":  # (nginx's set handler: a size, 0 when invalid)
+        from scriptlb.request.rate import set_value
+
+        plain = render
+        render = lambda ex: set_value(plain(ex))  # noqa: E731
 
     def step(ex: Any) -> int:
         values = ex.variables
@@ -91,11 +96,22 @@ def _condition(op: RewriteOp) -> Callable[[Any], bool]:
 def _if(op: RewriteOp) -> Step:
     condition = _condition(op)
     body = _compile(op.body)
+    location = op.location
+    if location is None:
+        def step(ex: Any) -> int:
+            return _run(body, ex) if condition(ex) else CONTINUE
 
-    def step(ex: Any) -> int:
-        return _run(body, ex) if condition(ex) else CONTINUE
+        return step
 
-    return step
+    def enter(ex: Any) -> int:
+        # a block with directives of its own: the request goes on in its location (content
+        # handler, proxy settings, headers) once the rewrite phase is over
+        if not condition(ex):
+            return CONTINUE
+        ex.location = ex.server.location_of(location)
+        return _run(body, ex)
+
+    return enter
 
 
 def _rewrite(op: RewriteOp) -> Step:

@@ -29,10 +29,12 @@ from scriptlb.config.model import (
     LocationConf,
     MainConf,
     PythonConf,
+    RewriteOp,
     ServerConf,
     Template,
     UpstreamConf,
 )
+from scriptlb.config.regex import compile_nginx_regex
 from scriptlb.http.downstream import HOP_BY_HOP
 from scriptlb.http.pool import ConnectionPool
 from scriptlb.request.accesslog import PhaseClock
@@ -284,17 +286,78 @@ def _connection_listed(connection: bytes) -> frozenset[bytes]:
     return frozenset(token.strip().lower() for token in connection.split(b","))
 
 
+def _sets(ops: tuple[RewriteOp, ...], name: str) -> bool:
+    """Whether a ``set $name`` is among the rewrite directives (in ``if`` blocks too)."""
+    return any((op.kind == "set" and op.name == name) or _sets(op.body, name) for op in ops)
+
+
+def keepalive_check(conf: LocationConf) -> Callable[[Any], bool]:
+    """``allowed(exchange)``: nginx's keep-alive conditions beyond the count and the timeout
+    (ngx_http_update_location_config): the connection's age (keepalive_time), and the browsers
+    keepalive_disable names (MSIE 4/5/6-without-SV1 for POSTs, Safari on Mac OS X)."""
+    limit = conf.keepalive_time or 3600.0
+    msie6 = "msie6" in conf.keepalive_disable
+    safari = "safari" in conf.keepalive_disable
+
+    def allowed(exchange: Any) -> bool:
+        if exchange.loop.time() - exchange.conn.opened > limit:
+            return False
+        if (msie6 and exchange.method == "POST") or safari:
+            agent = exchange.header("user-agent")
+            if agent:
+                if msie6 and exchange.method == "POST" and _old_msie(agent):
+                    return False
+                if safari and _mac_safari(agent):
+                    return False
+        return True
+
+    return allowed
+
+
+def _old_msie(agent: str) -> bool:
+    """nginx's headers_in.msie6 (ngx_http_process_user_agent)."""
+    at = agent.find("MSIE ")
+    if at < 0 or at + 7 >= len(agent) or "Opera" in agent or agent[at + 6] != ".":
+        return False
+    version = agent[at + 5]
+    return version in "45" or (version == "6" and "SV1" not in agent[at + 8:])
+
+
+def _mac_safari(agent: str) -> bool:
+    """nginx's headers_in.safari: Safari on Mac OS X, not MSIE, Opera, Gecko or Chrome."""
+    if "MSIE " in agent or "Opera" in agent or "Gecko/" in agent or "Chrome/" in agent:
+        return False
+    return "Safari/" in agent and "Mac OS X" in agent
+
+
+def with_keepalive_header(add_headers: Callable[[Any, int, bytes], bytes] | None, seconds: int
+                          ) -> Callable[[Any, int, bytes], bytes]:
+    """keepalive_timeout's second value: "Keep-Alive: timeout=N" on responses whose connection
+    stays open (after the location's own headers filter)."""
+    line = b"Keep-Alive: timeout=%d\r\n" % seconds
+
+    def apply(exchange: Any, status: int, headers: bytes) -> bytes:
+        if add_headers is not None:
+            headers = add_headers(exchange, status, headers)
+        return headers + line if exchange.conn.keeps_alive else headers
+
+    return apply
+
+
 class LocationRuntime:
     __slots__ = (
         "access",
         "access_logs",
         "add_headers",
         "add_trailers",
+        "body_filtered",
         "conf",
         "content",
         "dynamic",
         "error_pages",
         "header_rewrite",
+        "keepalive_allowed",
+        "keepalive_check",
         "limits",
         "log_hook",
         "plain_proxy",
@@ -328,6 +391,15 @@ class LocationRuntime:
             self.access = access_phase(conf)
         # stub_status / api / prometheus (scriptlb.request.handlers): content(exchange) answers
         self.content: Callable[[Any], None] | None = None
+        # limit_rate / proxy_limit_rate / proxy_store may apply to a response (scriptlb.request.store)
+        self.body_filtered = bool(conf.limit_rate or conf.proxy_limit_rate or conf.proxy_store is not None
+                                  or conf.ssi is not None or _sets(conf.rewrite, "limit_rate"))
+        # keepalive_time / keepalive_disable: allowed(exchange) -> whether keep-alive may stay on;
+        # run for every request only when keepalive_time is set or safari named (else for POSTs,
+        # msie6's only method: the usual GET pays one comparison)
+        self.keepalive_allowed = keepalive_check(conf)
+        every = conf.keepalive_time is not None or "safari" in conf.keepalive_disable
+        self.keepalive_check = self.keepalive_allowed if every else None
         # expires + add_header (scriptlb.request.headers_filter): None, or
         # apply(exchange, status, headers) -> headers
         self.add_headers: Callable[[Any, int, bytes], bytes] | None = None
@@ -335,6 +407,8 @@ class LocationRuntime:
             from scriptlb.request.headers_filter import response_headers_filter
 
             self.add_headers = response_headers_filter(conf.add_headers, conf.expires)
+        if conf.keepalive_header is not None:
+            self.add_headers = with_keepalive_header(self.add_headers, conf.keepalive_header)
         # add_trailer (scriptlb.request.headers_filter): None, or the trailers of a chunked response
         self.add_trailers: Any = None
         if conf.add_trailers:
@@ -408,7 +482,8 @@ class LocationRuntime:
         # a peer's response goes to the client with its own headers and nothing added or hidden
         # (proxy_redirect & co. aside, which look only at responses that need them)
         self.plain_response = (self.add_headers is None and self.add_trailers is None
-                               and self.response_filter is None and self.trace is None)
+                               and self.response_filter is None and self.trace is None
+                               and not self.body_filtered)
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
         ret = conf.return_
@@ -469,24 +544,43 @@ _MATCH_CACHE_URI_MAX = 256
 class ServerRuntime:
     """One ``server`` block: its name and its locations."""
 
-    __slots__ = ("_builder", "_by_id", "_matched", "conf", "default_location", "matcher", "name")
+    __slots__ = ("_builder", "_by_id", "_matched", "conf", "default_location", "matcher", "name",
+                 "name_regexes")
 
     def __init__(self, conf: ServerConf, builder: Callable[[LocationConf], LocationRuntime]) -> None:
         self.conf = conf
-        self.name = next((n for n in conf.server_names if not n.startswith(("~", "*", "."))), "")
+        # nginx's $server_name: the first name as written (a regex's "~" and a wildcard's "*"
+        # kept, the leading dot of ".example.com" not)
+        first = conf.server_names[0] if conf.server_names else ""
+        self.name = first[1:] if first.startswith(".") else first
         self.matcher = LocationMatcher(conf.locations)
+        # server_name regexes with named captures: their groups are variables ($name)
+        self.name_regexes = tuple(
+            regex for regex in (
+                compile_nginx_regex(n[1:], any("A" <= ch <= "Z" for ch in n[1:]))
+                for n in conf.server_names if n.startswith("~")
+            ) if regex.groupindex
+        )
         self._builder = builder
         self._by_id: dict[int, LocationRuntime] = {}
         self._matched: dict[str, LocationRuntime] = {}  # uri -> location, see match
         for loc in conf.locations:
             self._by_id[id(loc)] = builder(loc)
-        self.default_location = builder(LocationConf(modifier="", pattern="", rewrite=conf.rewrite))
+        fallback = conf.fallback or LocationConf(modifier="", pattern="", rewrite=conf.rewrite)
+        self.default_location = builder(fallback)
 
     def named(self, name: str) -> LocationRuntime | None:
         """The ``location @name`` (error_page's target), None if there is none."""
         conf = self.matcher.named.get(name)
         if conf is None:
             return None
+        found = self._by_id.get(id(conf))
+        if found is None:
+            found = self._by_id[id(conf)] = self._builder(conf)
+        return found
+
+    def location_of(self, conf: LocationConf) -> LocationRuntime:
+        """The runtime of a location the config built beside the tree (an ``if`` block's)."""
         found = self._by_id.get(id(conf))
         if found is None:
             found = self._by_id[id(conf)] = self._builder(conf)

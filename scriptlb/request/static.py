@@ -28,7 +28,7 @@ MAX_FILE = 64 * 1024 * 1024
 class StaticFiles:
     """``content(exchange)`` for one location: its root and index files, from the config."""
 
-    __slots__ = ("alias", "index", "prefix", "root")
+    __slots__ = ("alias", "index", "prefix", "root", "ssi")
 
     def __init__(self, conf: LocationConf) -> None:
         self.root = conf.root.rstrip("/") or "/"
@@ -37,6 +37,7 @@ class StaticFiles:
         # alias names the file itself)
         self.alias = conf.alias
         self.prefix = conf.alias_prefix
+        self.ssi = conf.ssi  # ssi on: files of its types run their SSI commands
 
     def __call__(self, exchange: Any) -> None:
         method = exchange.method
@@ -96,6 +97,13 @@ class StaticFiles:
             exchange.finish_with_page(403)
             return
         content_type = _TYPES.get(os.path.splitext(path)[1], _DEFAULT_TYPE)
+        ssi = self.ssi
+        if ssi is not None and exchange.method == "GET":
+            from scriptlb.request.ssi import applies
+
+            if applies(ssi, content_type):
+                self._ssi(exchange, ssi, body, content_type, info)
+                return
         headers = (
             b"Content-Type: " + content_type + b"\r\n"
             + b"Last-Modified: " + http_date(info.st_mtime).encode("ascii") + b"\r\n"
@@ -103,6 +111,25 @@ class StaticFiles:
             + b"Accept-Ranges: bytes\r\n"
         )
         exchange.respond(200, headers, body)
+
+    def _ssi(self, exchange: Any, ssi: Any, body: bytes, content_type: bytes, info: os.stat_result) -> None:
+        """The file's SSI commands run, then the output is the response (no ETag, no ranges;
+        Last-Modified only with ssi_last_modified, as nginx)."""
+        from scriptlb.request.exchange import Waiting
+        from scriptlb.request.ssi import SsiRun, parse
+
+        headers = b"Content-Type: " + content_type + b"\r\n"
+        if ssi.last_modified:
+            headers += b"Last-Modified: " + http_date(info.st_mtime).encode("ascii") + b"\r\n"
+
+        def done(output: bytes) -> None:
+            exchange.upstream_request = None
+            if not exchange.conn.closed:
+                exchange.respond(200, headers, output)
+
+        run = SsiRun(exchange, ssi, parse(body), done)
+        exchange.upstream_request = Waiting(run)  # (the client going away cancels the run)
+        run.start()
 
 
 class TryFiles:

@@ -82,6 +82,19 @@ def _remote_user(ex: RequestView) -> str | None:
     return user if colon and user else None  # nginx declines without "user:"
 
 
+def _limit_rate(ex: RequestView) -> str | None:
+    """A ``set $limit_rate`` value (a size in bytes already), else the location's limit_rate
+    once the response is being sent (nginx takes it then: 0 in the response's own headers)."""
+    values = getattr(ex, "variables", None)
+    if values and "limit_rate" in values:
+        return str(values["limit_rate"])
+    location = getattr(ex, "location", None)
+    conn = getattr(ex, "conn", None)
+    if location is None or conn is None or not conn.response_started:
+        return "0"
+    return str(location.conf.limit_rate)
+
+
 def _status(ex: RequestView) -> str | None:
     return f"{ex.status:03d}"
 
@@ -466,6 +479,7 @@ _SIMPLE: dict[str, Getter] = {
     "request_method": _attr("method"),
     "request_uri": _attr("request_uri"),
     "request_length": _attr("request_length"),
+    "limit_rate": _limit_rate,
     "uri": _attr("uri"),
     "document_uri": _attr("uri"),
     "args": _args,
@@ -565,9 +579,26 @@ def _getter(var: Var, clock: Clock, lookup: Callable[[str, Clock], Getter]) -> G
 def _set_variable(name: str) -> Getter:
     def get(ex: RequestView) -> str | None:
         values = getattr(ex, "variables", None)
-        return values.get(name) if values else None
+        if values:
+            value: str | None = values.get(name)
+            if value is not None:
+                return value
+        # a named capture of the server_name regex that selected the server (matched again
+        # only when read: the request pays nothing for it otherwise)
+        regexes = getattr(getattr(ex, "server", None), "name_regexes", None)
+        return name_capture(regexes, getattr(ex, "host", ""), name) if regexes else None
 
     return get
+
+
+def name_capture(regexes: tuple[re.Pattern[str], ...], host: str, name: str) -> str | None:
+    """``name``'s group in the first of ``regexes`` that matches ``host`` (the server's
+    server_name regexes, tried in nginx's order)."""
+    for regex in regexes:
+        match = regex.search(host)
+        if match is not None:
+            return match.group(name) if name in regex.groupindex else None
+    return None
 
 
 def _capture(number: int) -> Getter:
