@@ -167,9 +167,7 @@ class Exchange:
         self.body_timeout = conf.client_body_timeout
         self.keepalive_timeout = conf.keepalive_timeout
         location = self.location
-        # keepalive_time, keepalive_disable (the usual GET in the usual location: two tests)
-        if ((location.keepalive_check is not None or self.method == "POST")
-                and not location.keepalive_allowed(self)):
+        if not location.keepalive_allowed(self):  # keepalive_time, keepalive_disable
             self.keepalive_timeout = 0.0
         self.keepalive_requests = conf.keepalive_requests
 

@@ -295,7 +295,7 @@ def keepalive_check(conf: LocationConf) -> Callable[[Any], bool]:
     """``allowed(exchange)``: nginx's keep-alive conditions beyond the count and the timeout
     (ngx_http_update_location_config): the connection's age (keepalive_time), and the browsers
     keepalive_disable names (MSIE 4/5/6-without-SV1 for POSTs, Safari on Mac OS X)."""
-    limit = conf.keepalive_time or 3600.0
+    limit = 3600.0 if conf.keepalive_time is None else conf.keepalive_time
     msie6 = "msie6" in conf.keepalive_disable
     safari = "safari" in conf.keepalive_disable
 
@@ -357,7 +357,6 @@ class LocationRuntime:
         "error_pages",
         "header_rewrite",
         "keepalive_allowed",
-        "keepalive_check",
         "limits",
         "log_hook",
         "plain_proxy",
@@ -394,12 +393,9 @@ class LocationRuntime:
         # limit_rate / proxy_limit_rate / proxy_store may apply to a response (scriptlb.request.store)
         self.body_filtered = bool(conf.limit_rate or conf.proxy_limit_rate or conf.proxy_store is not None
                                   or conf.ssi is not None or _sets(conf.rewrite, "limit_rate"))
-        # keepalive_time / keepalive_disable: allowed(exchange) -> whether keep-alive may stay on;
-        # run for every request only when keepalive_time is set or safari named (else for POSTs,
-        # msie6's only method: the usual GET pays one comparison)
+        # keepalive_time / keepalive_disable: allowed(exchange) -> whether keep-alive may stay on
+        # (every request: keepalive_time's default of 1h applies to connections that never POST)
         self.keepalive_allowed = keepalive_check(conf)
-        every = conf.keepalive_time is not None or "safari" in conf.keepalive_disable
-        self.keepalive_check = self.keepalive_allowed if every else None
         # expires + add_header (scriptlb.request.headers_filter): None, or
         # apply(exchange, status, headers) -> headers
         self.add_headers: Callable[[Any, int, bytes], bytes] | None = None
