@@ -164,7 +164,7 @@ def _main_conf(
         error_log=tuple(main.error_logs) or (ErrorLogConf("stderr", "error"),),
         worker_connections=v.get("worker_connections", 512),
         http=http,
-        stream=stream_conf(main.stream, _upstream_conf, _ssl_conf) if main.stream is not None else None,
+        stream=stream_conf(main.stream, _upstream_conf, _ssl_conf, _checked_proxy_ssl_conf) if main.stream is not None else None,
         worker_shutdown_timeout=v.get("worker_shutdown_timeout", 0.0),
         files=files,
         warnings=tuple(state.warnings),
@@ -449,6 +449,18 @@ def _check_peer_tls(servers: tuple[ServerConf, ...]) -> None:
                 client_context(location.proxy.ssl)
             except TlsConfigError as e:
                 raise ConfigError(str(e), e.source or proxy_pass.source) from None
+
+
+def _checked_proxy_ssl_conf(chain: Sequence[LevelDraft], source: Source | None) -> ProxySslConf:
+    """A stream server's proxy_ssl_* settings, its client context built once for its errors."""
+    from scriptlb.http.tls import TlsConfigError, client_context
+
+    conf = _proxy_ssl_conf(chain)
+    try:
+        client_context(conf)
+    except TlsConfigError as e:
+        raise ConfigError(str(e), e.source or source) from None
+    return conf
 
 
 def _ssl_conf(server: ServerDraft, chain: Sequence[LevelDraft]) -> SslConf | None:

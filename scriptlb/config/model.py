@@ -765,6 +765,7 @@ class StreamProxyConf:
     upload_rate: int = 0  # bytes per second towards the upstream, 0 = unlimited
     half_close: bool = False  # proxy_half_close: pass an EOF on and wait for the other side's
     proxy_protocol: bool = False  # send a PROXY protocol (v1) header to the peer first
+    ssl: ProxySslConf | None = None  # proxy_ssl on: TLS to the peers (http's proxy_ssl_* settings)
 
 
 @dataclass(frozen=True, slots=True)

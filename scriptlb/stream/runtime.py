@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 from scriptlb.config.model import (
     ListenKey,
     MainConf,
+    ProxySslConf,
     PythonConf,
     StreamServerConf,
     UpstreamConf,
@@ -60,6 +61,7 @@ class StreamRuntime:
             key: self._upstream(u) for key, u in self.conf.upstreams.items()
         }
         self._dynamic: dict[str, UpstreamRuntime] = {}
+        self._client_contexts: dict[ProxySslConf, ssl.SSLContext] = {}
         self._getters: dict[str, variables.Getter] = {}
         self._files: dict[str, LogFile] = {}
         self.conn_ids = itertools.count(1)
@@ -99,6 +101,17 @@ class StreamRuntime:
         self._maps[name] = _empty
         getter = self._maps[name] = map_getter(map_conf, self._compile)
         return getter
+
+    def peer_tls(self, conf: ProxySslConf) -> tuple[Any, Callable[[Session], str] | None]:
+        """A server's TLS to its peers: (PeerTls, proxy_ssl_name's getter or None). Servers with
+        the same settings share one client context (built once per worker)."""
+        from scriptlb.http.tls import PeerTls, client_context  # (only configs with TLS load ssl)
+
+        context = self._client_contexts.get(conf)
+        if context is None:
+            context = self._client_contexts[conf] = client_context(conf)
+        name = self._compile(conf.name) if conf.name is not None else None
+        return PeerTls(context, lambda session: "", conf.server_name, conf.session_reuse), name
 
     def open_log(self, conf: Any) -> AccessLog:
         return open_access_log(conf, self.loop, self._files, lookup=self.lookup)
@@ -194,6 +207,22 @@ class StreamServerRuntime:
                 self._route = runtime.template(proxy_pass.template.raw)
             elif proxy_pass.upstream is not None:
                 self._upstream = runtime.upstreams[proxy_pass.upstream]
+        self.peer_tls: Any = None  # proxy_ssl on: a scriptlb.http.tls.PeerTls
+        self._tls_name: Callable[[Session], str] | None = None
+        if conf.proxy.ssl is not None and proxy_pass is not None:
+            self.peer_tls, self._tls_name = runtime.peer_tls(conf.proxy.ssl)
+
+    def peer_tls_name(self, session: Session) -> str:
+        """The name a session's TLS to its peer is for (proxy_ssl_name, else the host of
+        proxy_pass: the upstream's name, the address, the variable's value), without a port,
+        as nginx's ngx_stream_proxy_ssl_name."""
+        if self._tls_name is not None:
+            name = self._tls_name(session)
+        elif self._upstream is not None:
+            name = self._upstream.conf.name
+        else:
+            name = session.proxy_target
+        return _without_port(name)
 
     def tls_context(self) -> ssl.SSLContext | None:
         if self._tls is None and self.conf.ssl is not None:
@@ -220,7 +249,7 @@ class StreamServerRuntime:
                                session.log_context(None))
             session.status = 500
             return None
-        value = self._route(session)
+        value = session.proxy_target = self._route(session)
         upstream = self.runtime.dynamic_upstream(value) if value else None
         if upstream is None:
             errorlog.log_error("error", f'no upstream for "{value}"', session.conn_id,
@@ -256,6 +285,14 @@ class _Dispatch(asyncio.Protocol):
 
 def _empty(session: Any) -> str:
     return ""
+
+
+def _without_port(name: str) -> str:
+    """``host:port`` -> ``host``, ``[v6]:port`` -> ``[v6]`` (nginx cuts at the first ":" after
+    a bracketed address, or at the first ":")."""
+    start = name.find("]") if name.startswith("[") else 0
+    colon = name.find(":", max(start, 0))
+    return name[:colon] if colon >= 0 else name
 
 
 def _is_ip(host: str | None) -> bool:
