@@ -412,10 +412,14 @@ class ProxySslConf:
     verify_depth: int = 1
     protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
     ciphers: str = "DEFAULT"
-    certificate: str | None = None  # a client certificate for the peers
-    certificate_key: str | None = None
+    # a client certificate for the peers: a path, or a template (evaluated per connection)
+    certificate: str | Template | None = None
+    certificate_key: str | Template | None = None
     session_reuse: bool = True
     password_file: str | None = None
+    crl: str | None = None  # revoked peer certificates (proxy_ssl_crl)
+    # proxy_ssl_conf_command NAME VALUE, in order: (name, value, value as a path under the prefix)
+    conf_commands: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -723,6 +727,7 @@ class SslConf:
     # ssl_session_ticket_key: (file, its directive) in order (the first encrypts)
     session_ticket_keys: tuple[tuple[str, Source | None], ...] = ()
     client_certificate: str | None = None
+    trusted_certificate: str | None = None  # CAs that verify, their names not sent to clients
     verify_client: str = "off"  # off | on | optional | optional_no_ca
     verify_depth: int = 1
     dhparam: str | None = None

@@ -323,7 +323,8 @@ d.DIRECTIVES["ssl_preread"] = (d._spec("ssl_preread", SS, d.FLAG, _ssl_preread),
 _SSL_DIRECTIVES = (
     "ssl_certificate", "ssl_certificate_key", "ssl_protocols", "ssl_ciphers", "ssl_prefer_server_ciphers",
     "ssl_ecdh_curve", "ssl_session_cache", "ssl_session_timeout", "ssl_session_tickets",
-    "ssl_session_ticket_key", "ssl_client_certificate", "ssl_verify_client", "ssl_verify_depth",
+    "ssl_session_ticket_key", "ssl_client_certificate", "ssl_trusted_certificate",
+    "ssl_verify_client", "ssl_verify_depth",
     "ssl_dhparam", "ssl_password_file",
 )
 # TLS to the peers (ngx_stream_proxy_module's proxy_ssl_*): http's handlers and checks, but
@@ -331,7 +332,7 @@ _SSL_DIRECTIVES = (
 _PROXY_SSL_DIRECTIVES = (
     "proxy_ssl_server_name", "proxy_ssl_verify", "proxy_ssl_trusted_certificate", "proxy_ssl_verify_depth",
     "proxy_ssl_protocols", "proxy_ssl_ciphers", "proxy_ssl_certificate", "proxy_ssl_certificate_key",
-    "proxy_ssl_session_reuse", "proxy_ssl_password_file",
+    "proxy_ssl_session_reuse", "proxy_ssl_password_file", "proxy_ssl_conf_command", "proxy_ssl_crl",
 )
 for _name in (*_SSL_DIRECTIVES, *_PROXY_SSL_DIRECTIVES):
     _http = next(s for s in d.DIRECTIVES[_name] if s.contexts & Ctx.SERVER)
@@ -341,6 +342,15 @@ for _name in (*_SSL_DIRECTIVES, *_PROXY_SSL_DIRECTIVES):
 
 def _proxy_ssl_name(state: State, node: Node, draft: Any) -> None:
     d._store(node, draft.values, d.template(node, node.args[0], _known(state, node)))
+
+
+def _proxy_ssl_file(state: State, node: Node, draft: Any) -> None:
+    d.proxy_ssl_file(state, node, draft, _known(state, node))
+
+
+for _name in ("proxy_ssl_certificate", "proxy_ssl_certificate_key"):
+    d.DIRECTIVES[_name] = (*(s for s in d.DIRECTIVES[_name] if not s.contexts & SS),
+                           d._spec(_name, SS, d.ONE, _proxy_ssl_file))
 
 
 d.DIRECTIVES["proxy_ssl"] = (d._spec("proxy_ssl", SS, d.FLAG, d._slot(flag)),)

@@ -633,7 +633,12 @@ class Runtime:
         return DynamicPass(_compile(pass_conf.template), resolver, self.upstreams, self._adhoc)
 
     def _peer_tls(self, conf: LocationConf, proxy_host: str) -> Any:
-        from scriptlb.http.tls import PeerTls, client_context, proxy_host_name  # (only TLS configs)
+        from scriptlb.http.tls import (  # (only TLS configs)
+            PeerTls,
+            certificate_pair,
+            client_context,
+            proxy_host_name,
+        )
 
         ssl_conf = conf.proxy.ssl
         contexts = self._tls_contexts
@@ -647,7 +652,8 @@ class Runtime:
         else:
             host = proxy_host_name(proxy_host)
             name = lambda ex: host  # noqa: E731
-        return PeerTls(context, name, ssl_conf.server_name, ssl_conf.session_reuse)
+        pair = certificate_pair(ssl_conf, _compile, self.conf.prefix)
+        return PeerTls(context, name, ssl_conf.server_name, ssl_conf.session_reuse, ssl_conf, pair)
 
     def _log_hook_for(self, conf: LocationConf) -> LogHookRunner | None:
         hook = conf.log_hook

@@ -105,13 +105,14 @@ class StreamRuntime:
     def peer_tls(self, conf: ProxySslConf) -> tuple[Any, Callable[[Session], str] | None]:
         """A server's TLS to its peers: (PeerTls, proxy_ssl_name's getter or None). Servers with
         the same settings share one client context (built once per worker)."""
-        from scriptlb.http.tls import PeerTls, client_context  # (only configs with TLS load ssl)
+        from scriptlb.http.tls import PeerTls, certificate_pair, client_context  # (only TLS configs)
 
         context = self._client_contexts.get(conf)
         if context is None:
             context = self._client_contexts[conf] = client_context(conf)
         name = self._compile(conf.name) if conf.name is not None else None
-        return PeerTls(context, lambda session: "", conf.server_name, conf.session_reuse), name
+        pair = certificate_pair(conf, self._compile, self.prefix)
+        return PeerTls(context, lambda session: "", conf.server_name, conf.session_reuse, conf, pair), name
 
     def open_log(self, conf: Any) -> AccessLog:
         return open_access_log(conf, self.loop, self._files, lookup=self.lookup)

@@ -320,8 +320,17 @@ class Session(asyncio.Protocol):
 
             tls_name = self.server.peer_tls_name(self)
             key = (name, tls_name)
-            opening = open_tls_connection(loop, side, addr.host, addr.port, addr.unix_path, None, tls.context,
-                                          tls.server_hostname(tls_name), tls.session(key), tls.keeper(key))
+            from scriptlb.http.tls import TlsConfigError
+
+            try:
+                context = tls.context_for(self)
+            except TlsConfigError as e:  # a certificate named by variables that does not load
+                errorlog.log_error("error", f"{e} while {_CONNECTING}", self.conn_id, self.log_context(name))
+                self._finish(INTERNAL_ERROR)
+                return
+            opening = open_tls_connection(loop, side, addr.host, addr.port, addr.unix_path, None, context,
+                                          tls.server_hostname(tls_name), tls.session(key, context),
+                                          tls.keeper(key, context))
         elif addr.unix_path is not None:
             opening = loop.create_unix_connection(lambda: side, addr.unix_path)
         else:
