@@ -233,10 +233,12 @@ class StreamServerRuntime:
 
     def tls_context(self) -> ssl.SSLContext | None:
         if self._tls is None and self.conf.ssl is not None:
-            from scriptlb.http.tls import server_context  # (only configs with TLS load ssl)
+            from scriptlb.http.tls import server_context, sni_context  # (only configs with TLS load ssl)
             from scriptlb.http.tls_sessions import sessions_directory
 
-            self._tls = server_context(self.conf.ssl, sessions_directory(self.runtime.prefix))
+            context = server_context(self.conf.ssl, sessions_directory(self.runtime.prefix))
+            # one server per stream listen: the callback only keeps the name ($ssl_server_name)
+            self._tls = sni_context(context, lambda name: context)
         return self._tls
 
     def session_factory(self, key: ListenKey) -> Callable[[], Session]:
