@@ -14,7 +14,8 @@ NEED_MORE = "again"
 NOT_TLS = "declined"  # not a TLS handshake (or a malformed one): proxied without the variables
 DONE = "ok"
 
-_VERSIONS = {0x0002: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2", 0x0304: "TLSv1.3"}
+_VERSIONS = {0x0002: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2",
+             0x0304: "TLSv1.3"}
 _SNI = 0
 _ALPN = 16
 _SUPPORTED_VERSIONS = 43
