@@ -156,6 +156,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "proxy_ssl": ("on | off", "off", "ngx_stream_proxy_module",
                   "TLS to the peers of a stream server, with the proxy_ssl_* directives (http's, in stream "
                   "too); the name (proxy_ssl_name, else the host of proxy_pass) loses its port, as nginx"),
+    "ssl_handshake_timeout": ("time", "60s", "ngx_stream_ssl_module", ""),
     "proxy_ssl_crl": ("file", "-", "ngx_http_proxy_module / ngx_stream_proxy_module",
                       "revoked peer certificates, checked for the whole chain (with proxy_ssl_verify on)"),
     "proxy_ssl_conf_command": ("name value", "-", "ngx_http_proxy_module / ngx_stream_proxy_module",

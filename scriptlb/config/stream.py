@@ -279,7 +279,8 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
                             access_logs=tuple(logs or ()), source=server.source,
                             ssl_preread=bool(values.get("ssl_preread", False)),
                             proxy_protocol_listens=tuple(server.proxy_protocol_listens),
-                            ssl=ssl_conf(server, (server, stream)), return_text=return_text)
+                            ssl=ssl_conf(server, (server, stream)), return_text=return_text,
+                            ssl_handshake_timeout=values.get("ssl_handshake_timeout", 60.0))
 
 
 def _template(text: str, source: Source, maps: dict[str, Any]) -> Any:
@@ -373,5 +374,6 @@ for _name in ("proxy_ssl_certificate", "proxy_ssl_certificate_key"):
 
 
 d.DIRECTIVES["proxy_ssl"] = (d._spec("proxy_ssl", SS, d.FLAG, d._slot(flag)),)
+d.DIRECTIVES["ssl_handshake_timeout"] = (d._spec("ssl_handshake_timeout", SS, d.ONE, d._slot(msec)),)
 d.DIRECTIVES["proxy_ssl_name"] = (*d.DIRECTIVES["proxy_ssl_name"],
                                   d._spec("proxy_ssl_name", SS, d.ONE, _proxy_ssl_name))

@@ -170,14 +170,17 @@ class StreamRuntime:
         factories = {key: self.servers[key].session_factory(key) for key in served}
         return lambda: _Dispatch(factories)
 
-    def ssl_context(self, keys: list[ListenKey]) -> ssl.SSLContext | None:
-        """The TLS context of a socket whose listen has ``ssl`` (None: plain TCP)."""
+    def ssl_context(self, keys: list[ListenKey]) -> tuple[ssl.SSLContext, float] | None:
+        """The TLS context of a socket whose listen has ``ssl`` and its server's
+        ssl_handshake_timeout (None: plain TCP)."""
         for key in keys:
             server = self.servers.get(key)
             if server is None or server.conf.ssl is None:
                 continue
             if any(listen.key == key and listen.ssl for listen in server.conf.listens):
-                return server.tls_context()
+                context = server.tls_context()
+                assert context is not None  # (a server with an SslConf has a context)
+                return context, server.conf.ssl_handshake_timeout
         return None
 
     def sessions(self) -> list[Session]:
