@@ -114,8 +114,8 @@ def test_proxy_ssl_name_sni_session_reuse_and_verification_as_nginx(tmp_path: Pa
     for who, where in _each_runner(tmp_path, files):
         with _running(who, where, stream) as log:
             answers = [_read(port) for port in (p[0], p[2], p[1], p[1], p[2], p[3])]
-            wait_for(lambda log=log: "while SSL handshaking to upstream" in log.read_text(),
-                     timeout=IO_TIMEOUT)
+            said = 'upstream SSL certificate does not match "other.test" while SSL handshaking to upstream'
+            wait_for(lambda log=log, said=said: said in log.read_text(), timeout=IO_TIMEOUT)
         results[who] = answers
     assert results["scriptlb"] == [b"[lb.test] . TLSv1.3", b"[] . TLSv1.3", b"[] . TLSv1.3",
                                    b"[] r TLSv1.3", b"[] . TLSv1.3", b""]

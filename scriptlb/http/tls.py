@@ -582,11 +582,17 @@ def certificate_pair(conf: ProxySslConf, compile_template: Callable[[Any], Calla
     return pair
 
 
+_NAME_MISMATCH = frozenset({62, 64})  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
 def handshake_error_text(exc: ssl.SSLError) -> str:
     """nginx's error-log text for a failed handshake with a peer (without "while ...")."""
     if isinstance(exc, ssl.SSLEOFError):
         return "peer closed connection in SSL handshake"
     if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code in _NAME_MISMATCH:  # (nginx checks the name apart, after the chain)
+            name = (exc.verify_message or "").partition("'")[2].rpartition("'")[0]
+            return f'upstream SSL certificate does not match "{name}"'
         return f"upstream SSL certificate verify error: ({exc.verify_code}:{exc.verify_message})"
     return f"SSL_do_handshake() failed ({_reason(exc)})"
 
