@@ -332,3 +332,25 @@ def test_preread_takes_supported_versions_for_tls13_whatever_it_lists() -> None:
                           "3c1b273fbfde4b000000000007002b0007027f1c")
     parsed = parse_client_hello(hello)
     assert (parsed.status, parsed.protocol) == (DONE, "TLSv1.3")
+
+
+def test_proxy_ssl_verify_depth_as_nginx(tmp_path: Path, ca: trustme.CA) -> None:
+    """A peer certificate two intermediate CAs below the trusted one: nginx's default depth (1)
+    refuses it, depth 2 verifies it (the peer sends its chain)."""
+    intermediate = ca.create_child_ca().create_child_ca()
+    files = {"peer.pem": _pem(intermediate.issue_cert("peer.test")), "ca.pem": ca.cert_pem.bytes()}
+    p = free_ports(3)
+    stream = f"""
+        proxy_ssl on; proxy_ssl_verify on; proxy_ssl_trusted_certificate ca.pem; proxy_ssl_name peer.test;
+        proxy_ssl_session_reuse off;
+        server {{ listen 127.0.0.1:{p[0]}; proxy_pass 127.0.0.1:{p[2]}; }}
+        server {{ listen 127.0.0.1:{p[1]}; proxy_pass 127.0.0.1:{p[2]}; proxy_ssl_verify_depth 2; }}
+        server {{ listen 127.0.0.1:{p[2]} ssl; proxy_ssl off; ssl_certificate peer.pem;
+                 ssl_certificate_key peer.pem; return verified; }}
+    """
+    results = {}
+    for who, where in _each_runner(tmp_path, files):
+        with _running(who, where, stream):
+            results[who] = [_read(port) for port in p[:2]]
+    assert results["scriptlb"] == [b"", b"verified"]
+    assert results["scriptlb"] == results.get("nginx", results["scriptlb"])

@@ -145,7 +145,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "proxy_ssl_trusted_certificate": ("file", "-",
                                       "ngx_http_proxy_module", "required by proxy_ssl_verify on"),
     "proxy_ssl_verify_depth": ("number", "1",
-                               "ngx_http_proxy_module", "accepted (OpenSSL's default depth applies)"),
+                               "ngx_http_proxy_module", "as nginx (OpenSSL's count: the intermediate CAs a "
+                               "peer's chain may hold)"),
     "proxy_ssl_protocols": ("[TLSv1] [TLSv1.1] [TLSv1.2] [TLSv1.3]", "TLSv1.2 TLSv1.3",
                             "ngx_http_proxy_module", ""),
     "proxy_ssl_ciphers": ("ciphers", "DEFAULT", "ngx_http_proxy_module", ""),

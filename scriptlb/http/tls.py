@@ -527,6 +527,9 @@ def client_context(conf: ProxySslConf) -> ssl.SSLContext:
                                  f"({_reason(e)})", None)
         ctx.check_hostname = True
         ctx.verify_mode = ssl.CERT_REQUIRED
+        from scriptlb.http import tls_native
+
+        tls_native.set_verify_depth(ctx, conf.verify_depth)
         _load_crl(ctx, conf.crl)
     else:
         ctx.check_hostname = False

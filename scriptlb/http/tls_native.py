@@ -295,6 +295,16 @@ def verify_without_failing(ctx: ssl.SSLContext, depth: int) -> None:
     lib.ctx_set_verify_depth(pointer, depth)
 
 
+def set_verify_depth(ctx: ssl.SSLContext, depth: int) -> bool:
+    """The longest chain a context verifies (nginx's proxy_ssl_verify_depth); False when
+    libssl could not be reached (OpenSSL's default depth then applies)."""
+    lib = _lib()
+    if lib is None:
+        return False
+    lib.ctx_set_verify_depth(_context_pointer(ctx), depth)
+    return True
+
+
 def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> None:
     """Encrypt and decrypt session tickets with ``keys`` (TICKET_KEYS_SIZE bytes)."""
     lib = _lib()
