@@ -410,6 +410,8 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
         source=server.source,
         ssl=_ssl_conf(server, chain),
         rewrite=tuple(_resolved(server.values.get("rewrite_ops", ()))),
+        default_location=_location_conf(LocationDraft(modifier="", pattern="", source=server.source),
+                                        chain, resolver),
     )
 
 

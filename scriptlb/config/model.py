@@ -751,6 +751,9 @@ class ServerConf:
     # the server's own rewrite directives (each location's list starts with them): what runs
     # for a URI no location matches
     rewrite: tuple[RewriteOp, ...] = ()
+    # what serves a URI no location matches: the server's own settings (root, add_header,
+    # access_log, ...), as nginx's server-level configuration (None: a bare location, 404)
+    default_location: LocationConf | None = None
 
 
 # --------------------------------------------------------------------------- stream context

@@ -469,7 +469,8 @@ class ServerRuntime:
         self._matched: dict[str, LocationRuntime] = {}  # uri -> location, see match
         for loc in conf.locations:
             self._by_id[id(loc)] = builder(loc)
-        self.default_location = builder(LocationConf(modifier="", pattern="", rewrite=conf.rewrite))
+        default = conf.default_location or LocationConf(modifier="", pattern="", rewrite=conf.rewrite)
+        self.default_location = builder(default)
 
     def named(self, name: str) -> LocationRuntime | None:
         """The ``location @name`` (error_page's target), None if there is none."""
