@@ -354,3 +354,13 @@ def test_proxy_ssl_verify_depth_as_nginx(tmp_path: Path, ca: trustme.CA) -> None
             results[who] = [_read(port) for port in p[:2]]
     assert results["scriptlb"] == [b"", b"verified"]
     assert results["scriptlb"] == results.get("nginx", results["scriptlb"])
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("backend:123", "backend"), ("backend", "backend"), ("[::1]:8443", "[::1]"), ("[::1]", "[::1]"),
+    ("", ""),
+])
+def test_proxy_ssl_name_loses_its_port_as_nginx(name: str, expected: str) -> None:
+    from scriptlb.http.tls import name_without_port
+
+    assert name_without_port(name) == expected

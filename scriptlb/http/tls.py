@@ -671,6 +671,14 @@ class PeerTls:
         return name if (self.sni or self.context.check_hostname) and name else None
 
 
+def name_without_port(name: str) -> str:
+    """proxy_ssl_name's value without a port, as nginx's ngx_http_upstream_ssl_name and
+    ngx_stream_proxy_ssl_name: ``host:port`` -> ``host``, ``[v6]:port`` -> ``[v6]``."""
+    start = name.find("]") if name.startswith("[") else 0
+    colon = name.find(":", max(start, 0))
+    return name[:colon] if colon >= 0 else name
+
+
 def proxy_host_name(proxy_host: str) -> str:
     """proxy_ssl_name's default: the host of the proxy_pass URL (no port, no brackets)."""
     if proxy_host.startswith("["):

@@ -638,6 +638,7 @@ class Runtime:
             PeerTls,
             certificate_pair,
             client_context,
+            name_without_port,
             proxy_host_name,
         )
 
@@ -647,7 +648,8 @@ class Runtime:
         if context is None:
             context = contexts[ssl_conf] = client_context(ssl_conf)
         if ssl_conf.name is not None:
-            name = _compile(ssl_conf.name)
+            render = _compile(ssl_conf.name)
+            name = lambda ex: name_without_port(render(ex))  # noqa: E731
         elif not proxy_host:  # proxy_pass with variables: the host it evaluated to
             name = lambda ex: proxy_host_name(ex.proxy_host)  # noqa: E731
         else:

@@ -232,7 +232,9 @@ class StreamServerRuntime:
             name = self._upstream.conf.name
         else:
             name = session.proxy_target
-        return _without_port(name)
+        from scriptlb.http.tls import name_without_port  # (only configs with TLS load ssl)
+
+        return name_without_port(name)
 
     def tls_context(self) -> ssl.SSLContext | None:
         if self._tls is None and self.conf.ssl is not None:
@@ -297,14 +299,6 @@ class _Dispatch(asyncio.Protocol):
 
 def _empty(session: Any) -> str:
     return ""
-
-
-def _without_port(name: str) -> str:
-    """``host:port`` -> ``host``, ``[v6]:port`` -> ``[v6]`` (nginx cuts at the first ":" after
-    a bracketed address, or at the first ":")."""
-    start = name.find("]") if name.startswith("[") else 0
-    colon = name.find(":", max(start, 0))
-    return name[:colon] if colon >= 0 else name
 
 
 def _is_ip(host: str | None) -> bool:
