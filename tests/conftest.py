@@ -129,6 +129,7 @@ TIERS: dict[str, str] = {
     "test_stream_access.py": "protocol",
     "test_geo.py": "protocol",
     "test_stream_script.py": "protocol",
+    "test_stream_ssl.py": "protocol",
     "test_access_log_files.py": "protocol",
     "test_tiers.py": "unit",
     "test_tls.py": "protocol",

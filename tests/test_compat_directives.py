@@ -412,12 +412,16 @@ def test_upstream_http_variables_read_the_peer_head_as_it_came(tmp_path: Path) -
     assert response.header("x-seen") == "[v1|h|a, b]"
 
 
-def test_default_root_is_under_the_prefix_and_serves_unmatched_uris(tmp_path: Path) -> None:
+def test_default_root_is_under_the_prefix_and_unmatched_uris_get_the_server_s(tmp_path: Path) -> None:
+    """A URI no location matches is served with the server's own settings, as nginx's (which
+    serves /x here from the server's root, with its add_header)."""
     (tmp_path / "html" / "a").mkdir(parents=True)
     (tmp_path / "html" / "a" / "f").write_text("under prefix")
-    (tmp_path / "html" / "x").write_text("no location matches /x: the server's root serves it")
-    with run(conf("location /a/ { }"), tmp_path) as lb:
+    (tmp_path / "html" / "x").write_text("no location matches /x: the server's root")
+    with run(conf("add_header X-Server yes always; location /a/ { }"), tmp_path) as lb:
         assert get(lb.port, "/a/f").body == b"under prefix"
-        # (as nginx: a URI no location matches gets the server's own settings, its root too)
-        assert get(lb.port, "/x").body == b"no location matches /x: the server's root serves it"
-        assert get(lb.port, "/y").status == 404
+        response = get(lb.port, "/x")
+        assert response.body == b"no location matches /x: the server's root"
+        assert ("X-Server", "yes") in response.headers
+        missing = get(lb.port, "/nothing")
+    assert missing.status == 404 and ("X-Server", "yes") in missing.headers

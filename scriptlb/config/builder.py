@@ -167,7 +167,8 @@ def _main_conf(
         error_log=tuple(main.error_logs) or (ErrorLogConf("stderr", "error"),),
         worker_connections=v.get("worker_connections", 512),
         http=http,
-        stream=stream_conf(main.stream, _upstream_conf, _ssl_conf) if main.stream is not None else None,
+        stream=(stream_conf(main.stream, _upstream_conf, _ssl_conf, _checked_proxy_ssl_conf)
+                if main.stream is not None else None),
         worker_shutdown_timeout=v.get("worker_shutdown_timeout", 0.0),
         files=files,
         warnings=tuple(state.warnings),
@@ -473,6 +474,18 @@ def _check_peer_tls(servers: tuple[ServerConf, ...]) -> None:
                 raise ConfigError(str(e), e.source or proxy_pass.source) from None
 
 
+def _checked_proxy_ssl_conf(chain: Sequence[LevelDraft], source: Source | None) -> ProxySslConf:
+    """A stream server's proxy_ssl_* settings, its client context built once for its errors."""
+    from scriptlb.http.tls import TlsConfigError, client_context
+
+    conf = _proxy_ssl_conf(chain)
+    try:
+        client_context(conf)
+    except TlsConfigError as e:
+        raise ConfigError(str(e), e.source or source) from None
+    return conf
+
+
 def _ssl_conf(server: ServerDraft, chain: Sequence[LevelDraft]) -> SslConf | None:
     """The server's TLS settings when one of its listens has ``ssl`` (checked by building the
     context once, so a bad certificate or key is a config error with its file:line)."""
@@ -500,6 +513,7 @@ def _ssl_conf(server: ServerDraft, chain: Sequence[LevelDraft]) -> SslConf | Non
         session_tickets=_get(chain, "ssl_session_tickets", True),
         session_ticket_keys=tuple(_get(chain, "ssl_session_ticket_key", [])),
         client_certificate=_get(chain, "ssl_client_certificate", None),
+        trusted_certificate=_get(chain, "ssl_trusted_certificate", None),
         verify_client=_get(chain, "ssl_verify_client", "off"),
         verify_depth=_get(chain, "ssl_verify_depth", 1),
         dhparam=_get(chain, "ssl_dhparam", None),
@@ -785,7 +799,8 @@ def _proxy_ssl_conf(chain: Sequence[LevelDraft]) -> ProxySslConf:
     certificate = _get(chain, "proxy_ssl_certificate", None)
     key = _get(chain, "proxy_ssl_certificate_key", None)
     if certificate is not None and key is None:
-        raise ConfigError(f'no "proxy_ssl_certificate_key" is defined for certificate "{certificate[0]}"',
+        shown = certificate[0] if isinstance(certificate[0], str) else certificate[0].raw
+        raise ConfigError(f'no "proxy_ssl_certificate_key" is defined for certificate "{shown}"',
                           certificate[1])
     return ProxySslConf(
         server_name=_get(chain, "proxy_ssl_server_name", d.server_name),
@@ -799,6 +814,8 @@ def _proxy_ssl_conf(chain: Sequence[LevelDraft]) -> ProxySslConf:
         certificate_key=key[0] if key is not None else None,
         session_reuse=_get(chain, "proxy_ssl_session_reuse", d.session_reuse),
         password_file=_get(chain, "proxy_ssl_password_file", d.password_file),
+        crl=_get(chain, "proxy_ssl_crl", d.crl),
+        conf_commands=tuple(_get(chain, "proxy_ssl_conf_command", d.conf_commands)),
     )
 
 

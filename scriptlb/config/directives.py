@@ -1688,9 +1688,20 @@ def _ssl_session_cache(state: State, node: Node, draft: LevelDraft) -> None:
     _store(node, draft.values, " ".join(node.args))
 
 
-def _proxy_ssl_file(state: State, node: Node, draft: LevelDraft) -> None:
-    """proxy_ssl_certificate / _key: the path and the line (where a missing pair points)."""
-    _store(node, draft.values, (state.path(node.args[0]), node.source))
+def proxy_ssl_file(state: State, node: Node, draft: Any, known: Callable[[str], bool] | None = None) -> None:
+    """proxy_ssl_certificate / _key: the path and the line (where a missing pair points); with
+    variables a template, its value's path resolved against the prefix per connection."""
+    raw = node.args[0]
+    value = template(node, raw, known) if "$" in raw else state.path(raw)
+    _store(node, draft.values, (value, node.source))
+
+
+def _proxy_ssl_conf_command(state: State, node: Node, draft: Any) -> None:
+    """proxy_ssl_conf_command NAME VALUE: OpenSSL's SSL_CONF_cmd, every line in order (a level
+    with its own lines replaces the inherited ones). The value is kept as written and against
+    the prefix too: a command taking a file or directory gets the latter, as nginx's."""
+    name, value = node.args
+    draft.values.setdefault(node.name, []).append((name, value, state.path(value)))
 
 
 def _proxy_ssl_name(state: State, node: Node, draft: LevelDraft) -> None:
@@ -1899,6 +1910,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("ssl_session_tickets", HS, FLAG, _slot(flag)),
     _spec("ssl_session_ticket_key", HS, ONE, _ssl_file_list),
     _spec("ssl_client_certificate", HS, ONE, _ssl_path),
+    _spec("ssl_trusted_certificate", HS, ONE, _ssl_path),
     _spec("ssl_verify_client", HS, ONE, _ssl_verify_client),
     _spec("ssl_verify_depth", HS, ONE, _slot(number)),
     _spec("ssl_dhparam", HS, ONE, _ssl_path),
@@ -1911,8 +1923,10 @@ _SPECS: tuple[Spec, ...] = (
     _spec("proxy_ssl_verify_depth", HSL, ONE, _slot(number)),
     _spec("proxy_ssl_protocols", HSL, (1, None), _ssl_protocols),
     _spec("proxy_ssl_ciphers", HSL, ONE, _slot(lambda node: node.args[0])),
-    _spec("proxy_ssl_certificate", HSL, ONE, _proxy_ssl_file),
-    _spec("proxy_ssl_certificate_key", HSL, ONE, _proxy_ssl_file),
+    _spec("proxy_ssl_certificate", HSL, ONE, proxy_ssl_file),
+    _spec("proxy_ssl_certificate_key", HSL, ONE, proxy_ssl_file),
+    _spec("proxy_ssl_conf_command", HSL, (2, 2), _proxy_ssl_conf_command),
+    _spec("proxy_ssl_crl", HSL, ONE, _ssl_path),
     _spec("proxy_ssl_session_reuse", HSL, FLAG, _slot(flag)),
     _spec("proxy_ssl_password_file", HSL, ONE, _ssl_path),
 )

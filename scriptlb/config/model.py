@@ -459,10 +459,14 @@ class ProxySslConf:
     verify_depth: int = 1
     protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
     ciphers: str = "DEFAULT"
-    certificate: str | None = None  # a client certificate for the peers
-    certificate_key: str | None = None
+    # a client certificate for the peers: a path, or a template (evaluated per connection)
+    certificate: str | Template | None = None
+    certificate_key: str | Template | None = None
     session_reuse: bool = True
     password_file: str | None = None
+    crl: str | None = None  # revoked peer certificates (proxy_ssl_crl)
+    # proxy_ssl_conf_command NAME VALUE, in order: (name, value, value as a path under the prefix)
+    conf_commands: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -804,6 +808,7 @@ class SslConf:
     # ssl_session_ticket_key: (file, its directive) in order (the first encrypts)
     session_ticket_keys: tuple[tuple[str, Source | None], ...] = ()
     client_certificate: str | None = None
+    trusted_certificate: str | None = None  # CAs that verify, their names not sent to clients
     verify_client: str = "off"  # off | on | optional | optional_no_ca
     verify_depth: int = 1
     dhparam: str | None = None
@@ -851,6 +856,7 @@ class StreamProxyConf:
     upload_rate: int | Template = 0
     half_close: bool = False  # proxy_half_close: pass an EOF on and wait for the other side's
     proxy_protocol: bool = False  # send a PROXY protocol (v1) header to the peer first
+    ssl: ProxySslConf | None = None  # proxy_ssl on: TLS to the peers (http's proxy_ssl_* settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -878,6 +884,7 @@ class StreamServerConf:
     tcp_nodelay: bool = True  # TCP_NODELAY on both sides of a session
     proxy_bind: Template | None = None  # the local address of peer connections (empty: none)
     error_log: tuple[ErrorLogConf, ...] = ()  # the server's (or stream's) error_log; (): the main's
+    ssl_handshake_timeout: float = 60.0
     return_text: Template | None = None  # `return`: the session's content instead of proxying
     sets: tuple[tuple[str, Template], ...] = ()  # `set $name value` (preaccess phase), in order
     realip: RealIpConf | None = None  # `set_real_ip_from`: trusted senders of PROXY headers

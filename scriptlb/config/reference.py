@@ -176,12 +176,24 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "proxy_ssl_trusted_certificate": ("file", "-",
                                       "ngx_http_proxy_module", "required by proxy_ssl_verify on"),
     "proxy_ssl_verify_depth": ("number", "1",
-                               "ngx_http_proxy_module", "accepted (OpenSSL's default depth applies)"),
+                               "ngx_http_proxy_module", "as nginx (OpenSSL's count: the intermediate CAs a "
+                               "peer's chain may hold)"),
     "proxy_ssl_protocols": ("[TLSv1] [TLSv1.1] [TLSv1.2] [TLSv1.3]", "TLSv1.2 TLSv1.3",
                             "ngx_http_proxy_module", ""),
     "proxy_ssl_ciphers": ("ciphers", "DEFAULT", "ngx_http_proxy_module", ""),
-    "proxy_ssl_certificate": ("file", "-", "ngx_http_proxy_module", "a client certificate for the peers"),
-    "proxy_ssl_certificate_key": ("file", "-", "ngx_http_proxy_module", ""),
+    "proxy_ssl_certificate": ("file", "-", "ngx_http_proxy_module / ngx_stream_proxy_module",
+                              "a client certificate for the peers; with variables, the pair is loaded "
+                              "per connection (once per pair and worker), an empty value sends none"),
+    "proxy_ssl_certificate_key": ("file", "-", "ngx_http_proxy_module / ngx_stream_proxy_module", ""),
+    "proxy_ssl": ("on | off", "off", "ngx_stream_proxy_module",
+                  "TLS to the peers of a stream server, with the proxy_ssl_* directives (http's, in stream "
+                  "too); the name (proxy_ssl_name, else the host of proxy_pass) loses its port, as nginx"),
+    "ssl_handshake_timeout": ("time", "60s", "ngx_stream_ssl_module", ""),
+    "proxy_ssl_crl": ("file", "-", "ngx_http_proxy_module / ngx_stream_proxy_module",
+                      "revoked peer certificates, checked for the whole chain (with proxy_ssl_verify on)"),
+    "proxy_ssl_conf_command": ("name value", "-", "ngx_http_proxy_module / ngx_stream_proxy_module",
+                               "OpenSSL's SSL_CONF_cmd, every line in order; file and directory values "
+                               "against the prefix, as nginx"),
     "proxy_ssl_password_file": ("file", "-", "ngx_http_proxy_module", ""),
     "proxy_ssl_session_reuse": ("on | off", "on", "ngx_http_proxy_module",
                                 "a new connection resumes the last session of its peer (by address "
@@ -208,6 +220,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                                "ngx_http_ssl_module", "nginx's 48- or 80-byte file; several (key "
                                "rotation): the first encrypts, all decrypt, as nginx"),
     "ssl_client_certificate": ("file", "-", "ngx_http_ssl_module", ""),
+    "ssl_trusted_certificate": ("file", "-", "ngx_http_ssl_module / ngx_stream_ssl_module",
+                                "CAs that verify client certificates without being named to clients"),
     "ssl_verify_client": ("on | off | optional | optional_no_ca", "off", "ngx_http_ssl_module",
                           "as nginx: the handshake finishes and requests get the 400 pages "
                           "(495/496); stream: the connection is closed after the handshake"),

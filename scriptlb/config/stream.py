@@ -329,16 +329,17 @@ for _s in _SPECS:
 # --------------------------------------------------------------------------- building
 
 
-def stream_conf(draft: StreamDraft, upstream_conf: Any, ssl_conf: Any) -> StreamConf:
-    """The frozen stream block; ``upstream_conf(UpstreamDraft, values_owner)`` and
-    ``ssl_conf(server, chain)`` are http's builders (the same UpstreamConf and SslConf)."""
+def stream_conf(draft: StreamDraft, upstream_conf: Any, ssl_conf: Any, proxy_ssl_conf: Any) -> StreamConf:
+    """The frozen stream block; ``upstream_conf(UpstreamDraft, values_owner)``,
+    ``ssl_conf(server, chain)`` and ``proxy_ssl_conf(chain, source)`` are http's builders (the
+    same UpstreamConf, SslConf and ProxySslConf)."""
     for name, source in draft.deferred_names:
         if not _declared(draft, name):
             raise ConfigError(f'unknown "{name}" variable', source)
     upstreams: dict[str, UpstreamConf] = {
         key: upstream_conf(u, draft) for key, u in draft.upstreams.items()
     }
-    servers = tuple(_server_conf(s, draft, upstreams, ssl_conf) for s in draft.servers)
+    servers = tuple(_server_conf(s, draft, upstreams, ssl_conf, proxy_ssl_conf) for s in draft.servers)
     _check_listens(servers)
     return StreamConf(upstreams=upstreams, servers=servers, log_formats=dict(draft.log_formats),
                       maps=dict(draft.maps), limit_zones=dict(draft.limit_zones),
@@ -347,11 +348,11 @@ def stream_conf(draft: StreamDraft, upstream_conf: Any, ssl_conf: Any) -> Stream
 
 
 def _server_conf(server: StreamServerDraft, stream: StreamDraft,
-                 upstreams: dict[str, UpstreamConf], ssl_conf: Any) -> StreamServerConf:
+                 upstreams: dict[str, UpstreamConf], ssl_conf: Any, proxy_ssl_conf: Any) -> StreamServerConf:
     values = {**stream.values, **server.values}
     proxy = StreamProxyConf(**{
         field: values[name] for name, field in _PROXY_FIELDS.items() if name in values
-    })
+    }, ssl=proxy_ssl_conf((server, stream), server.source) if values.get("proxy_ssl") else None)
     proxy_pass = None
     if server.proxy_pass is not None:
         proxy_pass = _resolve_proxy_pass(*server.proxy_pass, upstreams, stream)
@@ -375,7 +376,8 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
                             proxy_bind=_proxy_bind_value(values),
                             error_log=tuple(values.get("error_log", ())),
                             return_text=return_text, sets=tuple(server.sets), realip=_realip(values),
-                            resolver=_resolver(values))
+                            resolver=_resolver(values),
+                            ssl_handshake_timeout=values.get("ssl_handshake_timeout", 60.0))
 
 
 def _resolver(values: dict[str, Any]) -> ResolverConf | None:
@@ -454,13 +456,40 @@ d.DIRECTIVES["ssl_preread"] = (d._spec("ssl_preread", SS, d.FLAG, _ssl_preread),
 _SSL_DIRECTIVES = (
     "ssl_certificate", "ssl_certificate_key", "ssl_protocols", "ssl_ciphers", "ssl_prefer_server_ciphers",
     "ssl_ecdh_curve", "ssl_session_cache", "ssl_session_timeout", "ssl_session_tickets",
-    "ssl_session_ticket_key", "ssl_client_certificate", "ssl_verify_client", "ssl_verify_depth",
+    "ssl_session_ticket_key", "ssl_client_certificate", "ssl_trusted_certificate",
+    "ssl_verify_client", "ssl_verify_depth",
     "ssl_dhparam", "ssl_password_file",
 )
-for _name in _SSL_DIRECTIVES:
+# TLS to the peers (ngx_stream_proxy_module's proxy_ssl_*): http's handlers and checks, but
+# proxy_ssl_name takes stream's variables
+_PROXY_SSL_DIRECTIVES = (
+    "proxy_ssl_server_name", "proxy_ssl_verify", "proxy_ssl_trusted_certificate", "proxy_ssl_verify_depth",
+    "proxy_ssl_protocols", "proxy_ssl_ciphers", "proxy_ssl_certificate", "proxy_ssl_certificate_key",
+    "proxy_ssl_session_reuse", "proxy_ssl_password_file", "proxy_ssl_conf_command", "proxy_ssl_crl",
+)
+for _name in (*_SSL_DIRECTIVES, *_PROXY_SSL_DIRECTIVES):
     _http = next(s for s in d.DIRECTIVES[_name] if s.contexts & Ctx.SERVER)
     d.DIRECTIVES[_name] = (*d.DIRECTIVES[_name],
                            d._spec(_name, SS, (_http.min_args, _http.max_args), _http.handler))
+
+
+def _proxy_ssl_name(state: State, node: Node, draft: Any) -> None:
+    d._store(node, draft.values, d.template(node, node.args[0], _known(state, node)))
+
+
+def _proxy_ssl_file(state: State, node: Node, draft: Any) -> None:
+    d.proxy_ssl_file(state, node, draft, _known(state, node))
+
+
+for _name in ("proxy_ssl_certificate", "proxy_ssl_certificate_key"):
+    d.DIRECTIVES[_name] = (*(s for s in d.DIRECTIVES[_name] if not s.contexts & SS),
+                           d._spec(_name, SS, d.ONE, _proxy_ssl_file))
+
+
+d.DIRECTIVES["proxy_ssl"] = (d._spec("proxy_ssl", SS, d.FLAG, d._slot(flag)),)
+d.DIRECTIVES["ssl_handshake_timeout"] = (d._spec("ssl_handshake_timeout", SS, d.ONE, d._slot(msec)),)
+d.DIRECTIVES["proxy_ssl_name"] = (*d.DIRECTIVES["proxy_ssl_name"],
+                                  d._spec("proxy_ssl_name", SS, d.ONE, _proxy_ssl_name))
 
 
 # --------------------------------------------------------------------------- access, limit_conn,

@@ -122,6 +122,12 @@ STREAM_VARIABLES: frozenset[str] = frozenset(
         "limit_conn_status",
         "nginx_version", "realip_remote_addr", "realip_remote_port",
         "proxy_protocol_server_addr", "proxy_protocol_server_port",
+        # ngx_stream_ssl_module's, of a session on a `listen ... ssl` port
+        "ssl_protocol", "ssl_cipher", "ssl_ciphers", "ssl_curves", "ssl_session_id",
+        "ssl_session_reused", "ssl_server_name", "ssl_alpn_protocol", "ssl_client_verify",
+        "ssl_client_s_dn", "ssl_client_i_dn", "ssl_client_serial", "ssl_client_fingerprint",
+        "ssl_client_v_start", "ssl_client_v_end", "ssl_client_v_remain", "ssl_client_raw_cert",
+        "ssl_client_escaped_cert", "ssl_client_cert",
     }
 )
 

@@ -254,16 +254,21 @@ def _set_client_verification(ctx: ssl.SSLContext, conf: SslConf) -> None:
     ctx.scriptlb_verify_client = conf.verify_client  # type: ignore[attr-defined]  # (client_refusal)
     if conf.verify_client == "off":
         return
-    if conf.client_certificate is None:
+    # (optional_no_ca asks for any certificate: it needs no CA, as in nginx)
+    if conf.client_certificate is None and conf.verify_client != "optional_no_ca":
         raise TlsConfigError('no ssl_client_certificate for ssl_verify_client', conf.source)
-    try:
-        ctx.load_verify_locations(conf.client_certificate)
-    except (OSError, ssl.SSLError) as e:
-        raise TlsConfigError(f'SSL_CTX_load_verify_locations("{conf.client_certificate}") failed '
-                             f"({_reason(e)})", conf.source)
+    for path in (conf.client_certificate, conf.trusted_certificate):
+        if path is None:
+            continue
+        try:
+            ctx.load_verify_locations(path)
+        except (OSError, ssl.SSLError) as e:
+            raise TlsConfigError(f'SSL_CTX_load_verify_locations("{path}") failed '
+                                 f"({_reason(e)})", conf.source)
     from scriptlb.http import tls_native
 
-    tls_native.send_client_ca_names(ctx, conf.client_certificate)
+    if conf.client_certificate is not None:  # (ssl_trusted_certificate's names are not sent)
+        tls_native.send_client_ca_names(ctx, conf.client_certificate)
     if tls_native.available():
         tls_native.verify_without_failing(ctx, conf.verify_depth)
         return
@@ -522,15 +527,65 @@ def client_context(conf: ProxySslConf) -> ssl.SSLContext:
                                  f"({_reason(e)})", None)
         ctx.check_hostname = True
         ctx.verify_mode = ssl.CERT_REQUIRED
+        from scriptlb.http import tls_native
+
+        tls_native.set_verify_depth(ctx, conf.verify_depth)
+        _load_crl(ctx, conf.crl)
     else:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    if conf.certificate is not None and conf.certificate_key is not None:
-        pair = SslCertificate(conf.certificate, conf.certificate_key)
+    certificate, key = conf.certificate, conf.certificate_key
+    if isinstance(certificate, str) and isinstance(key, str):  # (with variables: per connection)
         password = _password(SslConf(password_file=conf.password_file))
-        _load_pair(ctx, pair, password)
+        _load_pair(ctx, SslCertificate(certificate, key), password)
     ctx.set_alpn_protocols(ALPN)
+    if conf.conf_commands:
+        from scriptlb.http import tls_native
+
+        refused = tls_native.conf_commands(ctx, conf.conf_commands)
+        if refused is not None:
+            raise TlsConfigError(refused, None)
     return ctx
+
+
+def _load_crl(ctx: ssl.SSLContext, path: str | None) -> None:
+    """proxy_ssl_crl / ssl_crl: the revocation lists of a file, checked for the whole chain
+    (nginx's ngx_ssl_crl: X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL)."""
+    if path is None:
+        return
+    try:
+        ctx.load_verify_locations(path)
+    except (OSError, ssl.SSLError) as e:
+        raise TlsConfigError(f'X509_LOOKUP_load_file("{path}") failed ({_reason(e)})', None)
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+
+
+def certificate_pair(conf: ProxySslConf, compile_template: Callable[[Any], Callable[[Any], str]],
+                     prefix: str) -> Callable[[Any], tuple[str, str]] | None:
+    """proxy_ssl_certificate / _key with variables: what gives a request's or session's
+    (certificate, key) paths, relative ones against the prefix as nginx's (None: no variables)."""
+    certificate, key = conf.certificate, conf.certificate_key
+    if isinstance(certificate, str | None) and isinstance(key, str | None):
+        return None
+
+    def getter(value: Any) -> Callable[[Any], str]:
+        if isinstance(value, str | None):
+            text = value or ""
+            return lambda owner: text
+        return compile_template(value)
+
+    get_certificate, get_key = getter(certificate), getter(key)
+
+    def pair(owner: Any) -> tuple[str, str]:
+        path = get_certificate(owner)
+        if not path:
+            return "", ""
+        return os.path.join(prefix, path), os.path.join(prefix, get_key(owner))
+
+    return pair
+
+
+_NAME_MISMATCH = frozenset({62, 64})  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
 
 def handshake_error_text(exc: ssl.SSLError) -> str:
@@ -538,6 +593,9 @@ def handshake_error_text(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLEOFError):
         return "peer closed connection in SSL handshake"
     if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code in _NAME_MISMATCH:  # (nginx checks the name apart, after the chain)
+            name = (exc.verify_message or "").partition("'")[2].rpartition("'")[0]
+            return f'upstream SSL certificate does not match "{name}"'
         return f"upstream SSL certificate verify error: ({exc.verify_code}:{exc.verify_message})"
     return f"SSL_do_handshake() failed ({_reason(exc)})"
 
@@ -551,22 +609,53 @@ class PeerTls:
     ``proxy_ssl_session_reuse`` the last session of each peer (by address and TLS name, as
     nginx keeps one per peer) for the next new connection to resume."""
 
-    __slots__ = ("context", "name", "sessions", "sni")
+    __slots__ = ("_contexts", "_pair", "conf", "context", "name", "sessions", "sni")
 
     def __init__(self, context: ssl.SSLContext, name: Callable[[Any], str], sni: bool,
-                 session_reuse: bool = True) -> None:
+                 session_reuse: bool = True, conf: ProxySslConf | None = None,
+                 pair: Callable[[Any], tuple[str, str]] | None = None) -> None:
         self.context = context
         self.name = name
         self.sni = sni
         self.sessions: dict[tuple[str, str | None], ssl.SSLSession] | None = {} if session_reuse else None
+        self.conf = conf
+        # proxy_ssl_certificate with variables: (certificate, key) paths of a request or session
+        self._pair = pair
+        self._contexts: dict[tuple[str, str], ssl.SSLContext] = {}
 
-    def session(self, key: tuple[str, str | None]) -> ssl.SSLSession | None:
-        return self.sessions.get(key) if self.sessions is not None else None
+    def context_for(self, owner: Any) -> ssl.SSLContext:
+        """The context of one connection: with a certificate named by variables, a context
+        holding that pair (built once per pair, as nginx loads it per connection; an empty
+        certificate value sends none); raises TlsConfigError when the pair does not load."""
+        if self._pair is None:
+            return self.context
+        certificate, key = self._pair(owner)
+        if not certificate:
+            return self.context
+        context = self._contexts.get((certificate, key))
+        if context is None:
+            assert self.conf is not None
+            from dataclasses import replace
 
-    def keeper(self, key: tuple[str, str | None]) -> Callable[[ssl.SSLSession], None] | None:
+            context = client_context(replace(self.conf, certificate=certificate, certificate_key=key))
+            if len(self._contexts) >= MAX_PEER_SESSIONS:
+                del self._contexts[next(iter(self._contexts))]
+            self._contexts[(certificate, key)] = context
+        return context
+
+    def session(self, key: tuple[str, str | None],
+                context: ssl.SSLContext | None = None) -> ssl.SSLSession | None:
+        """The session to resume (a context of its own, for a certificate named by variables,
+        resumes none: a session belongs to the context that made it)."""
+        if self.sessions is None or (context is not None and context is not self.context):
+            return None
+        return self.sessions.get(key)
+
+    def keeper(self, key: tuple[str, str | None],
+               context: ssl.SSLContext | None = None) -> Callable[[ssl.SSLSession], None] | None:
         """What stores a new connection's session under ``key`` (None: reuse is off)."""
         sessions = self.sessions
-        if sessions is None:
+        if sessions is None or (context is not None and context is not self.context):
             return None
 
         def keep(session: ssl.SSLSession) -> None:
@@ -580,6 +669,14 @@ class PeerTls:
     def server_hostname(self, name: str) -> str | None:
         """What to give the handshake: the name when it is sent or verified, else None."""
         return name if (self.sni or self.context.check_hostname) and name else None
+
+
+def name_without_port(name: str) -> str:
+    """proxy_ssl_name's value without a port, as nginx's ngx_http_upstream_ssl_name and
+    ngx_stream_proxy_ssl_name: ``host:port`` -> ``host``, ``[v6]:port`` -> ``[v6]``."""
+    start = name.find("]") if name.startswith("[") else 0
+    colon = name.find(":", max(start, 0))
+    return name[:colon] if colon >= 0 else name
 
 
 def proxy_host_name(proxy_host: str) -> str:

@@ -156,6 +156,28 @@ class _Lib:
         self.group_to_name.argtypes = [ctypes.c_void_p, ctypes.c_int]
         self.group_to_name.restype = ctypes.c_char_p
 
+        self.conf_ctx_new = lib.SSL_CONF_CTX_new
+        self.conf_ctx_new.argtypes = []
+        self.conf_ctx_new.restype = ctypes.c_void_p
+        self.conf_ctx_free = lib.SSL_CONF_CTX_free
+        self.conf_ctx_free.argtypes = [ctypes.c_void_p]
+        self.conf_ctx_free.restype = None
+        self.conf_ctx_set_flags = lib.SSL_CONF_CTX_set_flags
+        self.conf_ctx_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        self.conf_ctx_set_flags.restype = ctypes.c_uint
+        self.conf_ctx_set_ssl_ctx = lib.SSL_CONF_CTX_set_ssl_ctx
+        self.conf_ctx_set_ssl_ctx.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.conf_ctx_set_ssl_ctx.restype = None
+        self.conf_cmd = lib.SSL_CONF_cmd
+        self.conf_cmd.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+        self.conf_cmd.restype = ctypes.c_int
+        self.conf_cmd_value_type = lib.SSL_CONF_cmd_value_type
+        self.conf_cmd_value_type.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self.conf_cmd_value_type.restype = ctypes.c_int
+        self.conf_ctx_finish = lib.SSL_CONF_CTX_finish
+        self.conf_ctx_finish.argtypes = [ctypes.c_void_p]
+        self.conf_ctx_finish.restype = ctypes.c_int
+
         self.ctx_sess_set_new_cb = lib.SSL_CTX_sess_set_new_cb
         self.ctx_sess_set_get_cb = lib.SSL_CTX_sess_set_get_cb
         self.ctx_sess_set_remove_cb = lib.SSL_CTX_sess_set_remove_cb
@@ -273,6 +295,16 @@ def verify_without_failing(ctx: ssl.SSLContext, depth: int) -> None:
     lib.ctx_set_verify_depth(pointer, depth)
 
 
+def set_verify_depth(ctx: ssl.SSLContext, depth: int) -> bool:
+    """The longest chain a context verifies (nginx's proxy_ssl_verify_depth); False when
+    libssl could not be reached (OpenSSL's default depth then applies)."""
+    lib = _lib()
+    if lib is None:
+        return False
+    lib.ctx_set_verify_depth(_context_pointer(ctx), depth)
+    return True
+
+
 def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> None:
     """Encrypt and decrypt session tickets with ``keys`` (TICKET_KEYS_SIZE bytes)."""
     lib = _lib()
@@ -294,6 +326,39 @@ def send_client_ca_names(ctx: ssl.SSLContext, path: str) -> bool:
         return False
     lib.ctx_set_client_ca_list(_context_pointer(ctx), names)  # (the context owns the list now)
     return True
+
+
+# SSL_CONF_FLAG_FILE | _CLIENT | _SERVER | _CERTIFICATE: nginx's flags for ssl_conf_command
+_CONF_FLAGS = 0x2 | 0x4 | 0x8 | 0x20
+
+
+_CONF_TYPE_FILE = 2
+_CONF_TYPE_DIR = 3
+
+
+def conf_commands(ctx: ssl.SSLContext, commands: tuple[tuple[str, str, str], ...]) -> str | None:
+    """OpenSSL configuration commands on a context (``ssl_conf_command``, as nginx's
+    ngx_ssl_conf_commands): (name, value, value as a full path), the path given to commands
+    that take a file or a directory; the text of the first one OpenSSL refuses, else None."""
+    lib = _lib()
+    if lib is None:
+        return "is not supported by scriptlb on this Python (its libssl could not be reached)"
+    conf = lib.conf_ctx_new()
+    if not conf:
+        return "SSL_CONF_CTX_new() failed"
+    try:
+        lib.conf_ctx_set_flags(conf, _CONF_FLAGS)
+        lib.conf_ctx_set_ssl_ctx(conf, _context_pointer(ctx))
+        for name, text, path in commands:
+            kind = lib.conf_cmd_value_type(conf, name.encode())
+            value = path if kind in (_CONF_TYPE_FILE, _CONF_TYPE_DIR) else text
+            if lib.conf_cmd(conf, name.encode(), value.encode()) <= 0:
+                return f'SSL_CONF_cmd("{name}", "{value}") failed'
+        if lib.conf_ctx_finish(conf) != 1:
+            return "SSL_CONF_finish() failed"
+    finally:
+        lib.conf_ctx_free(conf)
+    return None
 
 
 def set_groups_list(ctx: ssl.SSLContext, groups: str) -> bool:

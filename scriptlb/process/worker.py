@@ -51,7 +51,6 @@ PASSIVE_SYNC = 0.1  # seconds between two readings of the shared passive health 
 
 # A graceful stop waits for in-flight requests, checking this often.
 _DRAIN_POLL = 0.05
-STREAM_HANDSHAKE_TIMEOUT = 60.0
 
 
 class Worker:
@@ -213,10 +212,11 @@ class Worker:
         if factory is None:
             return
         tls = self.stream.ssl_context(keys)
-        if tls is not None:  # (nginx's stream handshake timeout: ssl_handshake_timeout's 60 s default)
+        if tls is not None:
             from scriptlb.http.tls_transport import listen_text, tls_protocol_factory  # (TLS configs only)
 
-            factory = tls_protocol_factory(factory, tls, self.loop, STREAM_HANDSHAKE_TIMEOUT,
+            context, handshake_timeout = tls
+            factory = tls_protocol_factory(factory, context, self.loop, handshake_timeout,
                                            listen_text(keys[0]), None)
         server = await self.loop.create_server(factory, sock=sock, backlog=self._backlog(keys))
         self._servers.append(server)

@@ -42,7 +42,7 @@ from scriptlb.config.model import NextUpstream
 from scriptlb.http.downstream import DROPPED, UNSENT
 from scriptlb.http.request_body import SpooledBody
 from scriptlb.http.response_head import ResponseHead
-from scriptlb.http.tls import handshake_error_text
+from scriptlb.http.tls import TlsConfigError, handshake_error_text
 from scriptlb.http.tls_transport import open_tls_connection
 from scriptlb.http.tunnel import UPSTREAM_TIMED_OUT, Tunnel
 from scriptlb.http.upstream import PREMATURE, ConnState, UpstreamConnection, UpstreamError
@@ -372,9 +372,14 @@ class UpstreamRequest:
             # our own TLS transport (tls_transport): it can resume the peer's last session
             name = attempt.tls_name
             key = (attempt.addr, name)
+            try:
+                context = tls.context_for(self.exchange)
+            except TlsConfigError as e:  # a certificate named by variables that does not load
+                self._no_certificate(attempt, str(e))
+                return
             opening = open_tls_connection(loop, conn, addr.host, addr.port, addr.unix_path, self._local_addr,
-                                          tls.context, tls.server_hostname(name or ""), tls.session(key),
-                                          tls.keeper(key))
+                                          context, tls.server_hostname(name or ""), tls.session(key, context),
+                                          tls.keeper(key, context))
         elif addr.unix_path is not None:
             opening = loop.create_unix_connection(lambda: conn, addr.unix_path)
         else:
@@ -705,6 +710,16 @@ class UpstreamRequest:
         errorlog.log_error("error", "no live upstreams while connecting to upstream",
                            ex.conn_id, ex.log_context(None))
         ex.finish_with_page(502)
+
+    def _no_certificate(self, attempt: Attempt, text: str) -> None:
+        """nginx's answer when proxy_ssl_certificate's variables name a pair that does not load:
+        500, the peer not blamed."""
+        ex = self.exchange
+        self.attempt = None
+        attempt.conn = None
+        errorlog.log_error("error", f"{text} while {_CONNECTING}", ex.conn_id, ex.log_context(attempt.addr))
+        attempt.end(ABANDONED, ex)
+        ex.finish_with_page(500)
 
     def _log_error(self, attempt: Attempt, err: UpstreamError, phase: str, level: str = "error") -> None:
         ex = self.exchange

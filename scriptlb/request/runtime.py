@@ -734,7 +734,13 @@ class Runtime:
         return DynamicPass(_compile(pass_conf.template), resolver, self.upstreams, self._adhoc)
 
     def _peer_tls(self, conf: LocationConf, proxy_host: str) -> Any:
-        from scriptlb.http.tls import PeerTls, client_context, proxy_host_name  # (only TLS configs)
+        from scriptlb.http.tls import (  # (only TLS configs)
+            PeerTls,
+            certificate_pair,
+            client_context,
+            name_without_port,
+            proxy_host_name,
+        )
 
         ssl_conf = conf.proxy.ssl
         contexts = self._tls_contexts
@@ -742,13 +748,15 @@ class Runtime:
         if context is None:
             context = contexts[ssl_conf] = client_context(ssl_conf)
         if ssl_conf.name is not None:
-            name = _compile(ssl_conf.name)
+            render = _compile(ssl_conf.name)
+            name = lambda ex: name_without_port(render(ex))  # noqa: E731
         elif not proxy_host:  # proxy_pass with variables: the host it evaluated to
             name = lambda ex: proxy_host_name(ex.proxy_host)  # noqa: E731
         else:
             host = proxy_host_name(proxy_host)
             name = lambda ex: host  # noqa: E731
-        return PeerTls(context, name, ssl_conf.server_name, ssl_conf.session_reuse)
+        pair = certificate_pair(ssl_conf, _compile, self.conf.prefix)
+        return PeerTls(context, name, ssl_conf.server_name, ssl_conf.session_reuse, ssl_conf, pair)
 
     def _log_hook_for(self, conf: LocationConf) -> LogHookRunner | None:
         hook = conf.log_hook

@@ -14,7 +14,8 @@ NEED_MORE = "again"
 NOT_TLS = "declined"  # not a TLS handshake (or a malformed one): proxied without the variables
 DONE = "ok"
 
-_VERSIONS = {0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2", 0x0304: "TLSv1.3"}
+_VERSIONS = {0x0002: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2",
+             0x0304: "TLSv1.3"}
 _SNI = 0
 _ALPN = 16
 _SUPPORTED_VERSIONS = 43
@@ -85,8 +86,11 @@ def _handshake_bytes(data: bytes) -> bytes | None:
 
 def parse_client_hello(data: bytes) -> Hello:
     """What the bytes read so far say (see the module docstring)."""
-    if not data:
+    if len(data) < 5:
         return Hello(NEED_MORE)
+    if data[0] & 0x80 and data[2] == 1 and data[3] in (0, 3):
+        # an SSLv2-framed ClientHello: its version, nothing else (nginx reads no further)
+        return Hello(DONE, protocol=_VERSIONS.get(int.from_bytes(data[3:5], "big"), ""))
     if data[0] != 0x16:
         return Hello(NOT_TLS)  # nginx: "ssl preread: not a handshake"
     handshake = _handshake_bytes(data)
@@ -115,16 +119,21 @@ def _parse_hello(r: _Reader) -> Hello:
     r.take(r.u8())  # compression methods
     if not r.left():
         return hello
-    extensions = r.sub(r.u16())
-    while extensions.left():
-        kind = extensions.u16()
-        body = extensions.sub(extensions.u16())
+    # as nginx's parser: the extensions run to the end of the hello (their total length is
+    # not checked), and supported_versions is skipped by its list's own length
+    r.take(2)
+    while r.left():
+        kind = r.u16()
+        length = r.u16()
+        if kind == _SUPPORTED_VERSIONS:
+            hello.protocol = "TLSv1.3"  # (nginx: the extension's presence says TLSv1.3)
+            r.take(r.u8())
+            continue
+        body = r.sub(length)
         if kind == _SNI:
             hello.server_name = _server_name(body)
         elif kind == _ALPN:
             hello.alpn = _alpn(body)
-        elif kind == _SUPPORTED_VERSIONS:
-            hello.protocol = _highest_version(body) or hello.protocol
     return hello
 
 
@@ -145,12 +154,3 @@ def _alpn(body: _Reader) -> str:
         found.append(protocols.take(protocols.u8()).decode("latin-1"))
     return ",".join(found)
 
-
-def _highest_version(body: _Reader) -> str:
-    versions = body.sub(body.u8())
-    best = 0
-    while versions.left() >= 2:
-        version = versions.u16()
-        if version in _VERSIONS and version > best:  # GREASE values are not in the table
-            best = version
-    return _VERSIONS.get(best, "")

@@ -24,6 +24,7 @@ from scriptlb.config.model import (
     ListenKey,
     MainConf,
     PeerAddr,
+    ProxySslConf,
     PythonConf,
     ResolverConf,
     StreamServerConf,
@@ -74,6 +75,7 @@ class StreamRuntime:
             key: self._upstream(u) for key, u in self.conf.upstreams.items()
         }
         self._dynamic: dict[str, UpstreamRuntime] = {}
+        self._client_contexts: dict[ProxySslConf, ssl.SSLContext] = {}
         self._resolvers: dict[ResolverConf, NameResolver] = {}
         self._getters: dict[str, variables.Getter] = {}
         self._files: dict[str, LogFile] = {}
@@ -130,6 +132,18 @@ class StreamRuntime:
             assert split_conf is not None
             getter = self._maps[name] = split_getter(split_conf, self._compile)
         return getter
+
+    def peer_tls(self, conf: ProxySslConf) -> tuple[Any, Callable[[Session], str] | None]:
+        """A server's TLS to its peers: (PeerTls, proxy_ssl_name's getter or None). Servers with
+        the same settings share one client context (built once per worker)."""
+        from scriptlb.http.tls import PeerTls, certificate_pair, client_context  # (only TLS configs)
+
+        context = self._client_contexts.get(conf)
+        if context is None:
+            context = self._client_contexts[conf] = client_context(conf)
+        name = self._compile(conf.name) if conf.name is not None else None
+        pair = certificate_pair(conf, self._compile, self.prefix)
+        return PeerTls(context, lambda session: "", conf.server_name, conf.session_reuse, conf, pair), name
 
     def limit_zones(self) -> dict[str, Any]:
         """limit_conn_zone: one scriptlb.request.limits.LimitZone per zone and worker."""
@@ -239,14 +253,17 @@ class StreamRuntime:
         factories = {key: self.servers[key].session_factory(key) for key in served}
         return lambda: _Dispatch(factories)
 
-    def ssl_context(self, keys: list[ListenKey]) -> ssl.SSLContext | None:
-        """The TLS context of a socket whose listen has ``ssl`` (None: plain TCP)."""
+    def ssl_context(self, keys: list[ListenKey]) -> tuple[ssl.SSLContext, float] | None:
+        """The TLS context of a socket whose listen has ``ssl`` and its server's
+        ssl_handshake_timeout (None: plain TCP)."""
         for key in keys:
             server = self.servers.get(key)
             if server is None or server.conf.ssl is None:
                 continue
             if any(listen.key == key and listen.ssl for listen in server.conf.listens):
-                return server.tls_context()
+                context = server.tls_context()
+                assert context is not None  # (a server with an SslConf has a context)
+                return context, server.conf.ssl_handshake_timeout
         return None
 
     def sessions(self) -> list[Session]:
@@ -308,6 +325,24 @@ class StreamServerRuntime:
                 self._route = runtime.template(proxy_pass.template.raw)
             elif proxy_pass.upstream is not None:
                 self._upstream = runtime.upstreams[proxy_pass.upstream]
+        self.peer_tls: Any = None  # proxy_ssl on: a scriptlb.http.tls.PeerTls
+        self._tls_name: Callable[[Session], str] | None = None
+        if conf.proxy.ssl is not None and proxy_pass is not None:
+            self.peer_tls, self._tls_name = runtime.peer_tls(conf.proxy.ssl)
+
+    def peer_tls_name(self, session: Session) -> str:
+        """The name a session's TLS to its peer is for (proxy_ssl_name, else the host of
+        proxy_pass: the upstream's name, the address, the variable's value), without a port,
+        as nginx's ngx_stream_proxy_ssl_name."""
+        if self._tls_name is not None:
+            name = self._tls_name(session)
+        elif self._upstream is not None:
+            name = self._upstream.conf.name
+        else:
+            name = session.proxy_target
+        from scriptlb.http.tls import name_without_port  # (only configs with TLS load ssl)
+
+        return name_without_port(name)
 
     def _rate(self, value: int | Template) -> Callable[[Any], int]:
         """A session's rate: the configured size, or its template's value read as a size (0,
@@ -323,10 +358,12 @@ class StreamServerRuntime:
 
     def tls_context(self) -> ssl.SSLContext | None:
         if self._tls is None and self.conf.ssl is not None:
-            from scriptlb.http.tls import server_context  # (only configs with TLS load ssl)
+            from scriptlb.http.tls import server_context, sni_context  # (only configs with TLS load ssl)
             from scriptlb.http.tls_sessions import sessions_directory
 
-            self._tls = server_context(self.conf.ssl, sessions_directory(self.runtime.prefix))
+            context = server_context(self.conf.ssl, sessions_directory(self.runtime.prefix))
+            # one server per stream listen: the callback only keeps the name ($ssl_server_name)
+            self._tls = sni_context(context, lambda name: context)
         return self._tls
 
     def session_factory(self, key: ListenKey) -> Callable[[], Session]:
@@ -346,7 +383,8 @@ class StreamServerRuntime:
         if self._route is None:
             _refused(session, "no upstream configuration")
             return None
-        return self.runtime.dynamic_upstream(self._route(session), session, self.resolver)
+        value = session.proxy_target = self._route(session)
+        return self.runtime.dynamic_upstream(value, session, self.resolver)
 
     def log_session(self, session: Session) -> None:
         for log in self.access_logs:

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar, cast
 
 from scriptlb.http import safety
@@ -46,13 +47,14 @@ if TYPE_CHECKING:
     from scriptlb.stream.runtime import StreamServerRuntime
 
 _CONNECTING = "proxying connection"  # nginx's log action for the whole proxy phase
+_HANDSHAKING = "SSL handshaking to upstream"
 _PREREAD_LIMIT = 16384  # preread_buffer_size
 _PREREAD_TIMEOUT = 30.0  # preread_timeout
 
 OK, BAD_REQUEST, FORBIDDEN, INTERNAL_ERROR, BAD_GATEWAY = 200, 400, 403, 500, 502
 
 
-_Opening: TypeAlias = "asyncio.Task[tuple[asyncio.BaseTransport, PeerSide]]"  # a peer connection opening
+_Opening: TypeAlias = "asyncio.Task[object]"  # a peer connection opening (plain, or TLS)
 
 _Callback = TypeVar("_Callback", bound=Callable[..., Any])
 
@@ -140,6 +142,7 @@ class Session(asyncio.Protocol):
         self.ssl_server_name = self.ssl_protocol = self.ssl_alpn_protocols = ""
         self.proxy_protocol: Header | None = None  # the PROXY header read, if any
         self.proxy_protocol_addr: str | None = None
+        self.proxy_target = ""  # `proxy_pass $var`'s value (the host of TLS to the peer)
         self.proxy_protocol_port: str | None = None
         # the connection's own address once realip replaced it ($realip_remote_addr/_port)
         self.realip_remote_addr = self.realip_remote_port = ""
@@ -414,7 +417,28 @@ class Session(asyncio.Protocol):
         self.tries.append(attempt)
         side = PeerSide(self)
         loop = self.loop
-        if addr.unix_path is not None:
+        opening: Coroutine[Any, Any, object]
+        tls = self.server.peer_tls
+        if tls is not None:
+            # our own TLS transport: the side gets connection_made once the handshake is done
+            # (under proxy_connect_timeout, as nginx's), and the peer's last session resumes
+            from scriptlb.http.tls_transport import open_tls_connection  # (TLS configs only)
+
+            tls_name = self.server.peer_tls_name(self)
+            key = (name, tls_name)
+            from scriptlb.http.tls import TlsConfigError
+
+            try:
+                context = tls.context_for(self)
+            except TlsConfigError as e:  # a certificate named by variables that does not load
+                errorlog.log_error("error", f"{e} while {_CONNECTING}", self.conn_id, self.log_context(name))
+                self._finish(INTERNAL_ERROR)
+                return
+            local = self._local_address() if addr.unix_path is None else None
+            opening = open_tls_connection(loop, side, addr.host, addr.port, addr.unix_path, local, context,
+                                          tls.server_hostname(tls_name), tls.session(key, context),
+                                          tls.keeper(key, context))
+        elif addr.unix_path is not None:
             opening = loop.create_unix_connection(lambda: side, addr.unix_path)
         else:
             assert addr.host is not None  # (an address without unix_path has a host)
@@ -457,21 +481,21 @@ class Session(asyncio.Protocol):
         if self._connect_timer is not None:
             self._connect_timer.cancel()
         try:
-            failure, text = _connect_failure(task)
+            failure, text, action = _connect_failure(task)
             if failure is None:
                 self._relay(side)
                 return
             side.abort()
-            self._try_failed(failure, text)
+            self._try_failed(failure, text, action)
         except Exception as exc:
             self._crashed(exc, _CONNECTING)
 
-    def _try_failed(self, failure: Failure, text: str) -> None:
+    def _try_failed(self, failure: Failure, text: str, action: str = _CONNECTING) -> None:
         """nginx's ngx_stream_proxy_next_upstream: log, free as failed, retry or 502."""
         attempt = self.attempt
         assert attempt is not None
         self.attempt = None
-        errorlog.log_error("error", f"{text} while {_CONNECTING}", self.conn_id,
+        errorlog.log_error("error", f"{text} while {action}", self.conn_id,
                            self.log_context(attempt.addr))
         attempt.end(FAILED, self, failure, _CONNECTING)
         proxy = self.server.conf.proxy
@@ -819,12 +843,19 @@ def _abort_all(transports: tuple[Any, ...]) -> None:
             transport.abort()
 
 
-def _connect_failure(task: _Opening) -> tuple[Failure | None, str]:
+def _connect_failure(task: _Opening) -> tuple[Failure | None, str, str]:
+    """Why opening the peer connection failed: (failure, log text, nginx's log action); a
+    failure of None: it is open."""
     if task.cancelled():
-        return Failure.TIMEOUT, "upstream timed out (110: Connection timed out)"
+        return Failure.TIMEOUT, "upstream timed out (110: Connection timed out)", _CONNECTING
     exc = task.exception()
     if exc is None:
-        return None, ""
+        return None, "", ""
+    tls = sys.modules.get("ssl")  # (loaded only by configs with TLS: no SSLError without it)
+    if tls is not None and isinstance(exc, tls.SSLError):
+        from scriptlb.http.tls import handshake_error_text
+
+        return Failure.ERROR, handshake_error_text(exc), _HANDSHAKING
     if not isinstance(exc, OSError):
         raise exc
-    return Failure.ERROR, f"connect() failed {errorlog.os_error_text(exc)}"
+    return Failure.ERROR, f"connect() failed {errorlog.os_error_text(exc)}", _CONNECTING

@@ -126,6 +126,25 @@ def _clocked(name: str, clock: Clock) -> Getter:
 _CLOCKED = frozenset({"session_time", "msec", "time_local", "time_iso8601"})
 
 
+class _TlsView:
+    """What http's ``$ssl_*`` getters read of an exchange (``ex.conn.tls``), for a session:
+    the SSLObject of its ``listen ... ssl`` connection, None on a plain one."""
+
+    __slots__ = ("conn", "tls")
+
+    def __init__(self, session: Any) -> None:
+        self.conn = self
+        transport = session.transport
+        self.tls = transport.get_extra_info("ssl_object") if transport is not None else None
+
+
+def _tls_getter(http_getter: Getter) -> Getter:
+    def get(session: Any) -> str | None:
+        return http_getter(_TlsView(session))
+
+    return get
+
+
 def _header_field(session: Any, field: str) -> str | None:
     header = session.proxy_protocol
     value = getattr(header, field, None) if header is not None else None
@@ -145,6 +164,11 @@ def _capture(number: int) -> Getter:
         return captures[number] if number < len(captures) else None
 
     return get
+
+
+def _tls_names() -> frozenset[str]:
+    return frozenset(name for name in STREAM_VARIABLES if name.startswith("ssl_")
+                     and not name.startswith("ssl_preread_"))
 
 
 def _stored(name: str) -> Getter:
@@ -171,9 +195,13 @@ def variable_getter(name: str, clock: Clock = time.time, stored: frozenset[str] 
         return _tlv(name[len(_TLV_PREFIX):])
     if name in stored:
         return _stored(name)
+    if name in _tls_names():
+        from scriptlb.http.tls import TLS_VARIABLES  # (the same values as http's, one implementation)
+
+        return _tls_getter(TLS_VARIABLES[name])
     raise KeyError(name)
 
 
 def missing_names() -> frozenset[str]:
     """Names the config accepts in stream that have no getter here (kept empty by a test)."""
-    return STREAM_VARIABLES - frozenset(_SIMPLE) - _CLOCKED
+    return STREAM_VARIABLES - frozenset(_SIMPLE) - _CLOCKED - _tls_names()
