@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,7 @@ class StreamRuntime:
         self._getters: dict[str, variables.Getter] = {}
         self._files: dict[str, LogFile] = {}
         self.conn_ids = itertools.count(1)
+        self._datagram_listeners: list[Any] = []  # scriptlb.stream.udp.UdpListener
         self.servers: dict[ListenKey, StreamServerRuntime] = {}
         for server in self.conf.servers:
             runtime = StreamServerRuntime(server, self)
@@ -152,6 +154,20 @@ class StreamRuntime:
         factories = {key: self.servers[key].session_factory(key) for key in served}
         return lambda: _Dispatch(factories)
 
+    def listen_datagrams(self, sock: socket.socket, keys: list[ListenKey]) -> None:
+        """Read a ``listen ... udp`` socket in this worker (one key: UDP sockets are not shared
+        by a wildcard and specific addresses)."""
+        from scriptlb.stream.udp import UdpListener  # (configs with udp listens only)
+
+        server = next((self.servers[key] for key in keys if key in self.servers), None)
+        if server is not None:
+            self._datagram_listeners.append(UdpListener(server, sock))
+
+    def stop_datagrams(self) -> None:
+        listeners, self._datagram_listeners = self._datagram_listeners, []
+        for listener in listeners:
+            listener.close()
+
     def ssl_context(self, keys: list[ListenKey]) -> ssl.SSLContext | None:
         """The TLS context of a socket whose listen has ``ssl`` (None: plain TCP)."""
         for key in keys:
@@ -171,6 +187,7 @@ class StreamRuntime:
             file.reopen()
 
     def close(self) -> None:
+        self.stop_datagrams()
         for file in self._files.values():
             file.flush()
             file.close()

@@ -76,6 +76,8 @@ class Session(asyncio.Protocol):
     """The client connection of one stream session (see the module docstring)."""
 
     is_stream: Literal[True] = True  # (request_view: a stream session)
+    protocol = "TCP"  # $protocol
+    client_word = "client"  # nginx's "client A connected to B" ("udp client" for datagrams)
     # what the hook API and the shared log helpers read on an http exchange, empty here
     method = ""
     request_uri = ""
@@ -143,8 +145,9 @@ class Session(asyncio.Protocol):
             self.server_name = f"{local[0]}:{local[1]}" if ":" not in local[0] else f"[{local[0]}]:{local[1]}"
         self.server.sessions.add(self)
         if errorlog.enabled("info"):
-            errorlog.log_error("info", f"client {_joined(self.remote_addr, self.remote_port)} connected to "
-                               f"{self.server_name}", self.conn_id)
+            client = _joined(self.remote_addr, self.remote_port)
+            errorlog.log_error("info", f"{self.client_word} {client} connected to {self.server_name}",
+                               self.conn_id)
         try:
             if self._prereading or self._proxy_header:
                 self._arm_timer(_PREREAD_TIMEOUT)

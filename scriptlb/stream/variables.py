@@ -65,7 +65,7 @@ _SIMPLE: dict[str, Getter] = {
     "bytes_sent": _attr("bytes_sent"),
     "bytes_received": _attr("bytes_received"),
     "status": _attr("status"),
-    "protocol": lambda s: "TCP",
+    "protocol": _attr("protocol"),
     "connection": _attr("conn_id"),
     "hostname": lambda s: _HOSTNAME,
     "pid": lambda s: str(os.getpid()),

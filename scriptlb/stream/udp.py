@@ -1,0 +1,373 @@
+"""Datagram sessions: ``listen ... udp`` in a stream server (nginx's ngx_event_udp + the
+SOCK_DGRAM paths of ngx_stream_proxy_module).
+
+Theory of operation
+-------------------
+A ``UdpListener`` reads the listening socket (one per worker and socket) and keeps a session
+per client address, as nginx keys its UDP "connections" per worker. A datagram from an
+unknown address starts a ``UdpSession``: the same tries loop, variables and access log as a
+TCP session, over a connected UDP socket to the peer (``connect()`` on a datagram socket is
+immediate, so a try cannot fail to connect; an ICMP port unreachable shows up later as
+ECONNREFUSED on that socket, which marks the peer failed — nginx does not retry a datagram
+session on another peer once its datagrams went out).
+
+One datagram in is one datagram out, both ways: boundaries are kept, zero-length datagrams
+included. A session ends (nginx's ``ngx_stream_proxy_test_finalize``) once
+``proxy_responses`` datagrams per client datagram came back, or when ``proxy_timeout``
+passes without traffic: status 200 when the expected responses came (or none was
+configured), else ``upstream timed out`` and 502. ``proxy_requests N`` unbinds the session
+from its client address after N datagrams: the next datagram starts a new session while this
+one waits for its responses.
+
+Rate limits (``proxy_upload_rate``/``proxy_download_rate``) delay reading as nginx does. A
+client datagram that arrives while its session's reading is delayed is dropped (nginx reads
+it into the session's handler, which does not take it); a peer's datagrams wait in the kernel.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Any
+
+from scriptlb.http import safety
+from scriptlb.logs import errorlog
+from scriptlb.request.attempt import FAILED
+from scriptlb.request.retry import Failure
+from scriptlb.stream.session import _CONNECTING, BAD_GATEWAY, OK, PeerSide, Session
+
+if TYPE_CHECKING:
+    from scriptlb.config.model import PeerAddr
+    from scriptlb.state.peers import Peer
+    from scriptlb.stream.runtime import StreamServerRuntime
+
+MAX_DATAGRAM = 65535
+READS_PER_WAKEUP = 64  # datagrams read in one readiness callback before others get the loop
+Address = tuple[Any, ...]  # a socket address as recvfrom gives it
+
+
+class UdpListener:
+    """One ``listen ... udp`` socket in a worker: its datagrams, its sessions by client address."""
+
+    def __init__(self, server: StreamServerRuntime, sock: socket.socket) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.sock = sock
+        self.local = sock.getsockname()
+        self.sessions: dict[Address, UdpSession] = {}
+        self.closed = False
+        self.loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                data, addr = self.sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # (an unconnected socket gets no ICMP errors; be safe)
+                errorlog.log_error("error", f"recvmsg() failed {errorlog.os_error_text(exc)}")
+                return
+            try:
+                self._dispatch(data, addr)
+            except Exception as exc:
+                safety.report(exc, "reading a datagram (stream session)")
+
+    def _dispatch(self, data: bytes, addr: Address) -> None:
+        session = self.sessions.get(addr)
+        if session is None:
+            session = UdpSession(self.server, next(self.server.runtime.conn_ids))
+            self.sessions[addr] = session
+            session.connection_made(ClientDatagrams(self, addr, session))
+        session.datagram(data)
+
+    def send(self, addr: Address, data: bytes) -> int:
+        """Send one datagram to a client; a full socket buffer drops it (UDP gives no
+        delivery promise, and a session must not queue without bound)."""
+        try:
+            return self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            errorlog.log_error("error", f"sendmsg() failed {errorlog.os_error_text(exc)}")
+            return 0
+
+    def detach(self, addr: Address, session: UdpSession) -> None:
+        if self.sessions.get(addr) is session:
+            del self.sessions[addr]
+
+    def close(self) -> None:
+        """Stop reading (a worker's stop): the sessions end now, as nginx's do ("disconnected
+        on shutdown"); the socket itself belongs to the master."""
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        for session in list(self.sessions.values()):
+            session.shutdown()
+        self.sessions.clear()
+
+
+class ClientDatagrams:
+    """What a session writes to and reads from: one client address on a listening socket, with
+    the transport calls a stream Session makes (asyncio's names)."""
+
+    def __init__(self, listener: UdpListener, addr: Address, session: UdpSession) -> None:
+        self.listener = listener
+        self.addr = addr
+        self.session: UdpSession | None = session
+        self.paused = False  # reading delayed (proxy_upload_rate): datagrams are dropped
+        self._closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return self.addr
+        if name == "sockname":
+            return self.listener.local
+        return default
+
+    def write(self, data: bytes) -> None:
+        self.listener.send(self.addr, data)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass  # (a datagram is sent at once or dropped)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        session, self.session = self.session, None
+        if session is not None:
+            self.listener.detach(self.addr, session)
+            self.listener.loop.call_soon(session.connection_lost, None)
+
+    abort = close
+
+
+class PeerDatagrams:
+    """A connected UDP socket to the peer, with the transport calls a PeerSide's owner makes;
+    its datagrams go to the PeerSide, a socket error to the session."""
+
+    def __init__(self, session: UdpSession, side: PeerSide, sock: socket.socket) -> None:
+        self.session = session
+        self.side = side
+        self.sock = sock
+        self.loop = session.loop
+        self._reading = False
+        self._closed = False
+        self.resume_reading()
+
+    def _readable(self) -> None:
+        for _ in range(READS_PER_WAKEUP):
+            if not self._reading:
+                return
+            try:
+                data = self.sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.pause_reading()
+                self.session.peer_error(exc, "recv() failed")
+                return
+            self.side.data_received(data)
+
+    def write(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            pass  # dropped: as a full socket buffer drops it on the way anyway
+        except OSError as exc:
+            self.session.peer_error(exc, "send() failed")
+
+    def pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closed:
+            self._reading = True
+            self.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.pause_reading()
+        self._closed = True
+        self.sock.close()
+        self.side.connection_lost(None)
+
+    abort = close
+
+
+class UdpSession(Session):
+    """A stream session over datagrams (see the module docstring)."""
+
+    protocol = "UDP"
+    client_word = "udp client"
+
+    def __init__(self, server: StreamServerRuntime, conn_id: int) -> None:
+        super().__init__(server, conn_id)
+        self.requests = 0  # datagrams from the client
+        self.responses = 0  # datagrams from the peer
+        self._peer_error = False  # the peer's socket failed: the peer is freed as failed
+        self._client: ClientDatagrams | None = None
+
+    def connection_made(self, base: Any) -> None:
+        self._client = base
+        super().connection_made(base)
+
+    def datagram(self, data: bytes) -> None:
+        """A client datagram (the listener's dispatch)."""
+        client = self._client
+        if self._ended or client is None or client.paused:
+            return  # (delayed by proxy_upload_rate: nginx's handler does not take it)
+        self.requests += 1
+        self.data_received(data)
+        if self.peer is not None:
+            self._test_finalize()
+
+    def _connect(self, name: str, addr: PeerAddr, peer: Peer | None) -> None:
+        from scriptlb.stream.session import StreamAttempt
+
+        attempt = StreamAttempt(self._upstream, self._state, name, addr, peer, None, (name,))
+        self.attempt = attempt
+        self.tries.append(attempt)
+        side = PeerSide(self)
+        host = addr.host or ""
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect((host, addr.port))
+        except OSError as exc:
+            sock.close()
+            self._try_failed(Failure.ERROR, f"connect() failed {errorlog.os_error_text(exc)}")
+            return
+        # no connect to wait for: the PeerSide's connection_made relays at once
+        side.connection_made(PeerDatagrams(self, side, sock))  # type: ignore[arg-type]
+
+    def peer_connected(self, side: PeerSide) -> None:
+        if self._ended:
+            side.abort()
+            return
+        self._relay(side)
+        if self.requests:  # (datagrams held while a hook chose the peer)
+            self._test_finalize()
+
+    def peer_data(self, data: bytes) -> None:
+        self.responses += 1
+        super().peer_data(data)
+        self._test_finalize()
+
+    def peer_error(self, exc: OSError, what: str) -> None:
+        """ECONNREFUSED (the peer's ICMP port unreachable) and its kind on the peer's socket:
+        nginx counts it as the peer's last datagram, frees the peer as failed, and does not
+        retry (the client's datagrams went out already)."""
+        if self._ended:
+            return
+        self._peer_error = True
+        action = "reading from upstream" if what.startswith("recv") else "sending to upstream"
+        errorlog.log_error("error", f"{what} {errorlog.os_error_text(exc)} while proxying and {action}",
+                           self.conn_id, self.log_context(self._peer_name()))
+        if what.startswith("send"):
+            self._finish(OK)
+            return
+        self.responses += 1
+        self._test_finalize()
+
+    def _test_finalize(self) -> None:
+        """nginx's ngx_stream_proxy_test_finalize for datagrams."""
+        if self._ended:
+            return
+        proxy = self.server.conf.proxy
+        if proxy.requests:
+            if self.requests < proxy.requests:
+                return
+            self._unbind()
+        if proxy.responses is None or self.responses < proxy.responses * self.requests:
+            return
+        if self.peer is None:
+            return
+        self._udp_info("udp done")
+        self._finish(OK)
+
+    def _unbind(self) -> None:
+        client = self._client
+        if client is not None:
+            client.listener.detach(client.addr, self)
+
+    def _on_timer(self, timeout: float) -> None:
+        if self._ended or self._prereading or self.peer is None:
+            super()._on_timer(timeout)
+            return
+        idle = self.loop.time() - self._active
+        if idle < timeout:
+            self._timer = self.loop.call_at(self._active + timeout, self._on_timer, timeout)
+            return
+        self._timer = None
+        responses = self.server.conf.proxy.responses
+        if responses is None or self.responses >= responses * self.requests:
+            self._udp_info("udp timed out")
+            self._finish(OK)
+            return
+        self._peer_error = True  # (nginx: the peer's read error, so the peer is freed as failed)
+        errorlog.log_error("error", "upstream timed out (110: Connection timed out) while "
+                           "proxying connection", self.conn_id, self.log_context(self._peer_name()))
+        self._finish(BAD_GATEWAY)
+
+    def _peer_name(self) -> str | None:
+        attempt = self.attempt
+        return attempt.addr if attempt is not None else None
+
+    def _udp_info(self, what: str) -> None:
+        if errorlog.enabled("info"):
+            errorlog.log_error("info", f"{what}, packets from/to client:{self.requests}/{self.responses}, "
+                               f"{self.byte_counts()}", self.conn_id)
+
+    def _finish(self, status: int) -> None:
+        if self._ended:
+            return
+        attempt = self.attempt
+        if self._peer_error and attempt is not None and self.peer is not None:
+            # freed as failed (max_fails), the session itself keeps its status
+            self.attempt = None
+            self._ended_attempt_failed(attempt)
+        super()._finish(status)
+
+    def _ended_attempt_failed(self, attempt: Any) -> None:
+        attempt.end(FAILED, self, Failure.ERROR, _CONNECTING)
+
+    def shutdown(self) -> None:
+        """The worker stops: nginx ends a datagram session at once."""
+        if not self._ended:
+            if errorlog.enabled("info"):
+                errorlog.log_error("info", "disconnected on shutdown", self.conn_id)
+            self._finish(OK)
+
