@@ -120,6 +120,7 @@ TIERS: dict[str, str] = {
     "test_stats.py": "unit",
     "test_status.py": "unit",
     "test_stream.py": "protocol",
+    "test_stream_script.py": "protocol",
     "test_tiers.py": "unit",
     "test_tls.py": "protocol",
     "test_tls_listeners.py": "protocol",

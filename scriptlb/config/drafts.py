@@ -129,6 +129,8 @@ class StreamServerDraft:
     proxy_pass: tuple[str, Source] | None = None
     access_logs: list[AccessLogConf] | None = None
     proxy_protocol_listens: list[ListenKey] = field(default_factory=list)
+    return_text: tuple[str, Source] | None = None
+    content: str = ""  # "proxy_pass" or "return": the last one read is the handler, as nginx
 
 
 @dataclass(eq=False)

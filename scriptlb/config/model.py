@@ -793,6 +793,7 @@ class StreamServerConf:
     ssl_preread: bool = False  # read the TLS ClientHello for $ssl_preread_* before proxying
     proxy_protocol_listens: tuple[ListenKey, ...] = ()  # keys of `listen ... proxy_protocol`
     ssl: SslConf | None = None  # TLS termination on its `listen ... ssl` sockets (http's settings)
+    return_text: Template | None = None  # `return`: the session's content instead of proxying
 
 
 @dataclass(frozen=True, slots=True)

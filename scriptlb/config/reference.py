@@ -78,7 +78,10 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                           "ngx_http_core_module / ngx_http_upstream_module", ""),
     "keepalive_requests": ("number", "1000", "ngx_http_core_module / ngx_http_upstream_module", ""),
     "large_client_header_buffers": ("number size", "4 8k", "ngx_http_core_module", ""),
-    "return": ("code [text] | code URL | URL", "-", "ngx_http_rewrite_module", ""),
+    "return": ("code [text] | code URL | URL (http) / value (stream)", "-",
+               "ngx_http_rewrite_module / ngx_stream_return_module",
+               "stream: sends the value (with variables) and closes; the last of return and proxy_pass "
+               "is the server's handler, as nginx"),
     "log_format": ("name [escape=default|json|none] string ...", "combined", "ngx_http_log_module", ""),
     "access_log": ("path [format [buffer=size] [flush=time] [if=condition]] | off", "off",
                    "ngx_http_log_module", "nginx defaults to logs/access.log combined"),

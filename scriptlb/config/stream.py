@@ -130,6 +130,16 @@ def _proxy_pass(state: State, node: Node, draft: StreamServerDraft) -> None:
     if draft.proxy_pass is not None:
         raise fail(node, '"proxy_pass" directive is duplicate')
     draft.proxy_pass = (node.args[0], node.source)
+    draft.content = "proxy_pass"
+
+
+def _return(state: State, node: Node, draft: StreamServerDraft) -> None:
+    """``return TEXT``: send the text (with variables) and close (ngx_stream_return_module)."""
+    if draft.return_text is not None:
+        raise fail(node, '"return" directive is duplicate')
+    d.template(node, node.args[0], _known(state, node))
+    draft.return_text = (node.args[0], node.source)
+    draft.content = "return"
 
 
 def _log_format(state: State, node: Node, draft: StreamDraft) -> None:
@@ -239,6 +249,7 @@ _SPECS = (
     d._spec("log_format", Ctx.STREAM, (2, None), _log_format),
     d._spec("map", Ctx.STREAM, (2, 2), _map, block=True),
     d._spec("access_log", SS, (1, None), _access_log),
+    d._spec("return", Ctx.STREAM_SERVER, d.ONE, _return),
 )
 
 for _s in _SPECS:
@@ -272,6 +283,10 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
     proxy_pass = None
     if server.proxy_pass is not None:
         proxy_pass = _resolve_proxy_pass(*server.proxy_pass, upstreams, stream.maps)
+    return_text = None
+    if server.content == "return" and server.return_text is not None:
+        return_text = _template(*server.return_text, stream.maps)
+        proxy_pass = None
     logs = server.access_logs if server.access_logs is not None else stream.access_logs
     listens = tuple(server.listens)
     if not listens:
@@ -280,17 +295,21 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
                             access_logs=tuple(logs or ()), source=server.source,
                             ssl_preread=bool(values.get("ssl_preread", False)),
                             proxy_protocol_listens=tuple(server.proxy_protocol_listens),
-                            ssl=ssl_conf(server, (server, stream)))
+                            ssl=ssl_conf(server, (server, stream)), return_text=return_text)
+
+
+def _template(text: str, source: Source, maps: dict[str, Any]) -> Any:
+    """A stream template, its names checked once every ``map`` of the block is known."""
+    try:
+        return compile_template(text, lambda name: is_stream_variable(name) or name in maps)
+    except ValueError as err:
+        raise ConfigError(str(err), source) from None
 
 
 def _resolve_proxy_pass(text: str, source: Source, upstreams: dict[str, UpstreamConf],
                         maps: dict[str, Any]) -> StreamProxyPass:
     if "$" in text:
-        try:
-            template = compile_template(text, lambda name: is_stream_variable(name) or name in maps)
-        except ValueError as err:
-            raise ConfigError(str(err), source) from None
-        return StreamProxyPass(None, template, source)
+        return StreamProxyPass(None, _template(text, source, maps), source)
     key = text.lower()
     if key in upstreams:
         return StreamProxyPass(key, None, source)

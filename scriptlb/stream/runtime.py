@@ -33,7 +33,7 @@ from scriptlb.state.stats import Recorder, UpstreamStats
 from scriptlb.stream import variables
 from scriptlb.stream.maps import map_getter
 from scriptlb.stream.session import Session
-from scriptlb.variables.evaluate import compile_template
+from scriptlb.variables.evaluate import compile_template, compile_template_bytes
 
 STATS_PREFIX = "stream:"
 _MAX_DYNAMIC = 256  # `proxy_pass $var` addresses kept per worker (values come from clients)
@@ -88,6 +88,10 @@ class StreamRuntime:
 
     def _compile(self, template: Any) -> Any:
         return compile_template(template, lookup=self.lookup)
+
+    def template_bytes(self, template: Any) -> Callable[[Any], bytes]:
+        """A template rendered to the bytes a session sends (``return``)."""
+        return compile_template_bytes(template, lookup=self.lookup)
 
     def lookup(self, name: str, clock: Any = time.time) -> Any:
         """A stream variable's getter: a ``map``'s, else the session's own."""
@@ -206,6 +210,8 @@ class StreamServerRuntime:
         proxy_pass = conf.proxy_pass
         self._upstream = None
         self._route = None
+        # `return`: the text a session gets instead of a proxied connection
+        self.returns = runtime.template_bytes(conf.return_text) if conf.return_text is not None else None
         if proxy_pass is not None:
             if proxy_pass.template is not None:
                 self._route = runtime.template(proxy_pass.template.raw)

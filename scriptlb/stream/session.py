@@ -260,6 +260,9 @@ class Session(asyncio.Protocol):
     # ------------------------------------------------------------------ the tries loop
 
     def _begin_tries(self) -> None:
+        if self.server.returns is not None:
+            self._return_text(self.server.returns)
+            return
         upstream = self.server.upstream_for(self)
         if upstream is None:
             self._finish(BAD_GATEWAY if self.status == OK else self.status)
@@ -275,6 +278,14 @@ class Session(asyncio.Protocol):
         if self._pending_size >= self.server.conf.proxy.buffer_size:
             self._gate().close(WAITING)
         self._next_try()
+
+    def _return_text(self, render: Any) -> None:
+        """``return``: send the text and end the session (closing flushes it first)."""
+        text = render(self)
+        if text and self.transport is not None:
+            self.transport.write(text)
+            self.bytes_sent += len(text)
+        self._finish(OK)
 
     def _next_try(self) -> None:
         upstream = self._upstream
@@ -541,6 +552,11 @@ class Session(asyncio.Protocol):
 
     def header(self, name: str) -> None:
         return None
+
+    @property
+    def ended(self) -> bool:
+        """The session has its final status ($status reads "000" before)."""
+        return self._ended
 
     def stream_variable(self, name: str) -> str | None:
         return self.server.runtime.variable(self, name)

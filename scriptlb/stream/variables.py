@@ -19,7 +19,9 @@ from scriptlb.variables.evaluate import _ms, _TimeFormats
 Getter = Callable[[Any], "str | None"]
 Clock = Callable[[], float]
 
-_HOSTNAME = socket.gethostname()
+_HOSTNAME = socket.gethostname().lower()  # (nginx lower-cases it)
+# $nginx_version: the nginx release whose behaviour scriptlb follows (what configs compare)
+NGINX_VERSION = "1.22.1"
 
 
 def _attr(name: str) -> Getter:
@@ -38,6 +40,21 @@ def _per_try(field: str, timed: bool) -> Getter:
         if timed:
             return ", ".join([_ms(getattr(t, field)) for t in tries])
         return ", ".join([str(getattr(t, field, 0) or 0) for t in tries])
+
+    return get
+
+
+def _cached(name: str) -> Getter:
+    """A counter read once per session: nginx caches a cacheable variable's first value, so a
+    log line after ``return $bytes_sent`` repeats what the text said."""
+    slot = "var_" + name
+    get_value = _attr(name)
+
+    def get(session: Any) -> str | None:
+        cache: dict[str, str | None] = session.ctx_cache
+        if slot not in cache:
+            cache[slot] = get_value(session)
+        return cache[slot]
 
     return get
 
@@ -62,13 +79,14 @@ _SIMPLE: dict[str, Getter] = {
     "binary_remote_addr": _binary_remote_addr,
     "server_addr": _attr("server_addr"),
     "server_port": _attr("server_port"),
-    "bytes_sent": _attr("bytes_sent"),
-    "bytes_received": _attr("bytes_received"),
-    "status": _attr("status"),
+    "bytes_sent": _cached("bytes_sent"),
+    "bytes_received": _cached("bytes_received"),
+    "status": lambda s: str(s.status) if s.ended else "000",  # (nginx's, before the end)
     "protocol": _attr("protocol"),
     "connection": _attr("conn_id"),
     "hostname": lambda s: _HOSTNAME,
     "pid": lambda s: str(os.getpid()),
+    "nginx_version": lambda s: NGINX_VERSION,
     "upstream_addr": _upstream_addr,
     "upstream_connect_time": _per_try("connect_time", timed=True),
     "upstream_first_byte_time": _per_try("header_time", timed=True),

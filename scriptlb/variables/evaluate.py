@@ -641,11 +641,13 @@ def _value_bytes(value: str) -> bytes:
         return value.encode("utf-8", "surrogateescape")
 
 
-def compile_template_bytes(template: Template, clock: Clock = time.time) -> Callable[[RequestView], bytes]:
+def compile_template_bytes(template: Template, clock: Clock = time.time,
+                           lookup: Callable[[str, Clock], Getter] = variable_getter,
+                           ) -> Callable[[RequestView], bytes]:
     """``compile_template`` for bytes on the wire (``return`` bodies, Location): literals are
     the config file's bytes, variables the bytes they were read from (nginx copies bytes)."""
     pieces: list[bytes | Getter] = [
-        var_getter(part, clock) if isinstance(part, Var)
+        _getter(part, clock, lookup) if isinstance(part, Var)
         else part.encode("utf-8", "surrogateescape")
         for part in template.parts
     ]
