@@ -184,6 +184,11 @@ class PeerDatagrams:
                 return
             self.side.data_received(data)
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return self.sock.getpeername() if not self._closed else default
+        return default  # (no "socket": TCP options such as tcp_nodelay are not for datagrams)
+
     def write(self, data: bytes) -> None:
         if self._closed:
             return
@@ -299,8 +304,9 @@ class UdpSession(Session):
         if what.startswith("send"):
             self._finish(OK)
             return
-        self.responses += 1
-        self._test_finalize()
+        # nginx passes the failed read on as the peer's last (empty) datagram: the client
+        # gets an empty datagram, and it counts as a response
+        self.peer_data(b"")
 
     def _test_finalize(self) -> None:
         """nginx's ngx_stream_proxy_test_finalize for datagrams."""
