@@ -46,43 +46,63 @@ Address = tuple[Any, ...]  # a socket address as recvfrom gives it
 
 
 class UdpListener:
-    """One ``listen ... udp`` socket in a worker: its datagrams, its sessions by client address."""
+    """One ``listen ... udp`` socket in a worker: its datagrams, its sessions by client address.
+
+    On a wildcard address (``listen 53 udp``) each datagram's destination is read (IP_PKTINFO):
+    it is the session's $server_addr, part of its key, and the source of what is sent back
+    (a client's connected socket takes answers only from the address it sent to)."""
 
     def __init__(self, server: StreamServerRuntime, sock: socket.socket) -> None:
         self.server = server
         self.loop = server.loop
         self.sock = sock
-        self.local = sock.getsockname()
-        self.sessions: dict[Address, UdpSession] = {}
+        self.local: Address = sock.getsockname()
+        self.v6 = sock.family == socket.AF_INET6
+        self.pktinfo = self.local[0] in ("0.0.0.0", "::")
+        if self.pktinfo:
+            if self.v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        self.sessions: dict[tuple[Address, Address], UdpSession] = {}
         self.closed = False
         self.loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
         for _ in range(READS_PER_WAKEUP):
             try:
-                data, addr = self.sock.recvfrom(MAX_DATAGRAM)
+                data, addr, local = self._receive()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # (an unconnected socket gets no ICMP errors; be safe)
                 errorlog.log_error("error", f"recvmsg() failed {errorlog.os_error_text(exc)}")
                 return
             try:
-                self._dispatch(data, addr)
+                self._dispatch(data, addr, local)
             except Exception as exc:
                 safety.report(exc, "reading a datagram (stream session)")
 
-    def _dispatch(self, data: bytes, addr: Address) -> None:
-        session = self.sessions.get(addr)
+    def _receive(self) -> tuple[bytes, Address, Address]:
+        if not self.pktinfo:
+            data, addr = self.sock.recvfrom(MAX_DATAGRAM)
+            return data, addr, self.local
+        data, ancillary, _flags, addr = self.sock.recvmsg(MAX_DATAGRAM, _PKTINFO_SPACE)
+        return data, addr, (_destination(ancillary, self.v6) or self.local[0], *self.local[1:])
+
+    def _dispatch(self, data: bytes, addr: Address, local: Address) -> None:
+        session = self.sessions.get((addr, local))
         if session is None:
             session = UdpSession(self.server, next(self.server.runtime.conn_ids))
-            self.sessions[addr] = session
-            session.connection_made(ClientDatagrams(self, addr, session))
+            self.sessions[(addr, local)] = session
+            session.connection_made(ClientDatagrams(self, addr, local, session))
         session.datagram(data)
 
-    def send(self, addr: Address, data: bytes) -> int:
+    def send(self, addr: Address, local: Address, data: bytes) -> int:
         """Send one datagram to a client; a full socket buffer drops it (UDP gives no
         delivery promise, and a session must not queue without bound)."""
         try:
+            if self.pktinfo:
+                return self.sock.sendmsg([data], [_source(local[0], self.v6)], 0, addr)
             return self.sock.sendto(data, addr)
         except (BlockingIOError, InterruptedError):
             return 0
@@ -90,9 +110,9 @@ class UdpListener:
             errorlog.log_error("error", f"sendmsg() failed {errorlog.os_error_text(exc)}")
             return 0
 
-    def detach(self, addr: Address, session: UdpSession) -> None:
-        if self.sessions.get(addr) is session:
-            del self.sessions[addr]
+    def detach(self, addr: Address, local: Address, session: UdpSession) -> None:
+        if self.sessions.get((addr, local)) is session:
+            del self.sessions[(addr, local)]
 
     def close(self) -> None:
         """Stop reading (a worker's stop): the sessions end now, as nginx's do ("disconnected
@@ -106,13 +126,37 @@ class UdpListener:
         self.sessions.clear()
 
 
+# IP_PKTINFO (Linux's value: Python 3.11's socket module does not name it)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_PKTINFO_SPACE = socket.CMSG_SPACE(20)  # struct in6_pktinfo, the larger of the two
+
+
+def _destination(ancillary: list[tuple[int, int, bytes]], v6: bool) -> str | None:
+    """A datagram's destination address from its IP_PKTINFO / IPV6_PKTINFO message."""
+    for level, kind, raw in ancillary:
+        if not v6 and level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(raw) >= 12:
+            return socket.inet_ntop(socket.AF_INET, raw[8:12])  # in_pktinfo.ipi_addr
+        if v6 and level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(raw) >= 16:
+            return socket.inet_ntop(socket.AF_INET6, raw[:16])  # in6_pktinfo.ipi6_addr
+    return None
+
+
+def _source(host: str, v6: bool) -> tuple[int, int, bytes]:
+    """The ancillary message that sends from ``host`` (the address the client sent to)."""
+    if v6:
+        return socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, socket.inet_pton(socket.AF_INET6, host) + bytes(4)
+    # in_pktinfo: ifindex 0, ipi_spec_dst = host, ipi_addr unused
+    return socket.IPPROTO_IP, IP_PKTINFO, bytes(4) + socket.inet_pton(socket.AF_INET, host) + bytes(4)
+
+
 class ClientDatagrams:
     """What a session writes to and reads from: one client address on a listening socket, with
     the transport calls a stream Session makes (asyncio's names)."""
 
-    def __init__(self, listener: UdpListener, addr: Address, session: UdpSession) -> None:
+    def __init__(self, listener: UdpListener, addr: Address, local: Address, session: UdpSession) -> None:
         self.listener = listener
         self.addr = addr
+        self.local = local
         self.session: UdpSession | None = session
         self.paused = False  # reading delayed (proxy_upload_rate): datagrams are dropped
         self._closing = False
@@ -121,11 +165,11 @@ class ClientDatagrams:
         if name == "peername":
             return self.addr
         if name == "sockname":
-            return self.listener.local
+            return self.local
         return default
 
     def write(self, data: bytes) -> None:
-        self.listener.send(self.addr, data)
+        self.listener.send(self.addr, self.local, data)
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -151,7 +195,7 @@ class ClientDatagrams:
         self._closing = True
         session, self.session = self.session, None
         if session is not None:
-            self.listener.detach(self.addr, session)
+            self.listener.detach(self.addr, self.local, session)
             self.listener.loop.call_soon(session.connection_lost, None)
 
     abort = close
@@ -327,7 +371,7 @@ class UdpSession(Session):
     def _unbind(self) -> None:
         client = self._client
         if client is not None:
-            client.listener.detach(client.addr, self)
+            client.listener.detach(client.addr, client.local, self)
 
     def _on_timer(self, timeout: float) -> None:
         if self._ended or self._prereading or self.peer is None:
