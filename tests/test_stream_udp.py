@@ -191,6 +191,40 @@ def test_a_silent_peer_times_out_502_when_answers_were_expected(tmp_path: Path) 
             in (tmp_path / "error.log").read_text())
 
 
+def test_proxy_protocol_rides_in_the_first_datagram(tmp_path: Path) -> None:
+    """nginx's PROXY v1 header (TCP4: nginx names the family only) and the client's first
+    datagram go out as one datagram; the next ones go as they came."""
+    (port,) = free_udp_ports(1)
+    with UdpPeer() as peer, scriptlb_stream(tmp_path, f"""
+            server {{ listen 127.0.0.1:{port} udp; proxy_pass {peer.addr}; proxy_protocol on; }}
+            """), udp_client() as client:
+        first = udp_ask(client, port, b"hello")
+        assert udp_ask(client, port, b"again") == [b"again"]
+    assert first[0].startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ")
+    assert first[0].endswith(f" {port}\r\nhello".encode())
+
+
+def test_sessions_are_bounded_by_worker_connections(tmp_path: Path) -> None:
+    """Forged source addresses cost nothing: past worker_connections live sessions a new
+    client's datagram is dropped, with nginx's alert, and the live sessions go on."""
+    (port,) = free_udp_ports(1)
+    with UdpPeer() as peer, scriptlb_stream(tmp_path, f"""
+            proxy_timeout 5s;
+            server {{ listen 127.0.0.1:{port} udp; proxy_pass {peer.addr}; }}
+            """, main="master_process off; events { worker_connections 2; }"):
+        clients = [udp_client(timeout=0.5) for _ in range(3)]
+        try:
+            assert udp_ask(clients[0], port, b"a") == [b"a"]
+            assert udp_ask(clients[1], port, b"b") == [b"b"]
+            assert udp_ask(clients[2], port, b"c") == []
+            assert udp_ask(clients[0], port, b"d") == [b"d"]
+        finally:
+            for client in clients:
+                client.close()
+    assert "[alert]" in (tmp_path / "error.log").read_text()
+    assert "2 worker_connections are not enough" in (tmp_path / "error.log").read_text()
+
+
 @pytest.mark.slow
 def test_workers_with_reuseport_keep_a_client_on_its_session(tmp_path: Path) -> None:
     """Two workers, one socket each: the kernel hashes a client address to one socket, so a

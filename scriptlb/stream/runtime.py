@@ -65,6 +65,8 @@ class StreamRuntime:
         self._files: dict[str, LogFile] = {}
         self.conn_ids = itertools.count(1)
         self._datagram_listeners: list[Any] = []  # scriptlb.stream.udp.UdpListener
+        self.datagram_sessions = 0  # live UDP sessions in this worker
+        self.max_datagram_sessions = conf.worker_connections
         self.servers: dict[ListenKey, StreamServerRuntime] = {}
         for server in self.conf.servers:
             runtime = StreamServerRuntime(server, self)

@@ -66,6 +66,7 @@ class UdpListener:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         self.sessions: dict[tuple[Address, Address], UdpSession] = {}
         self.closed = False
+        self._refused_logged = -1.0
         self.loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
@@ -92,10 +93,22 @@ class UdpListener:
     def _dispatch(self, data: bytes, addr: Address, local: Address) -> None:
         session = self.sessions.get((addr, local))
         if session is None:
-            session = UdpSession(self.server, next(self.server.runtime.conn_ids))
+            runtime = self.server.runtime
+            if runtime.datagram_sessions >= runtime.max_datagram_sessions:
+                # source addresses cost nothing to forge: sessions (a peer socket each) are
+                # bounded by worker_connections, as nginx's are; the datagram is dropped
+                self._refuse(runtime.max_datagram_sessions)
+                return
+            session = UdpSession(self.server, next(runtime.conn_ids))
             self.sessions[(addr, local)] = session
             session.connection_made(ClientDatagrams(self, addr, local, session))
         session.datagram(data)
+
+    def _refuse(self, limit: int) -> None:
+        now = self.loop.time()
+        if now - self._refused_logged >= 1.0:  # (a flood must not flood the log too)
+            self._refused_logged = now
+            errorlog.log_error("alert", f"{limit} worker_connections are not enough")
 
     def send(self, addr: Address, local: Address, data: bytes) -> int:
         """Send one datagram to a client; a full socket buffer drops it (UDP gives no
@@ -124,6 +137,26 @@ class UdpListener:
         for session in list(self.sessions.values()):
             session.shutdown()
         self.sessions.clear()
+
+
+def _peer_socket(addr: PeerAddr) -> socket.socket:
+    """A datagram socket connected to the peer (immediate: nothing goes on the wire)."""
+    if addr.unix_path is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        target: Any = addr.unix_path
+    else:
+        host = addr.host or ""
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        target = (host, addr.port)
+    try:
+        sock.setblocking(False)
+        if addr.unix_path is not None:
+            sock.bind("")  # (Linux autobind: an address the peer can answer to)
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 # IP_PKTINFO (Linux's value: Python 3.11's socket module does not name it)
@@ -212,6 +245,8 @@ class PeerDatagrams:
         self.loop = session.loop
         self._reading = False
         self._closed = False
+        self.hold_first = False  # the first write waits for the next: a PROXY header's datagram
+        self._held = b""
         self.resume_reading()
 
     def _readable(self) -> None:
@@ -236,6 +271,12 @@ class PeerDatagrams:
     def write(self, data: bytes) -> None:
         if self._closed:
             return
+        if self.hold_first:
+            self.hold_first = False
+            self._held = data
+            return
+        if self._held:
+            data, self._held = self._held + data, b""
         try:
             self.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -291,7 +332,14 @@ class UdpSession(Session):
 
     def connection_made(self, base: Any) -> None:
         self._client = base
+        self.server.runtime.datagram_sessions += 1
         super().connection_made(base)
+
+    def _gone(self) -> None:
+        if self._client is not None:
+            self._client = None
+            self.server.runtime.datagram_sessions -= 1
+        super()._gone()
 
     def datagram(self, data: bytes) -> None:
         """A client datagram (the listener's dispatch)."""
@@ -310,17 +358,16 @@ class UdpSession(Session):
         self.attempt = attempt
         self.tries.append(attempt)
         side = PeerSide(self)
-        host = addr.host or ""
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.setblocking(False)
-            sock.connect((host, addr.port))
+            sock = _peer_socket(addr)
         except OSError as exc:
-            sock.close()
             self._try_failed(Failure.ERROR, f"connect() failed {errorlog.os_error_text(exc)}")
             return
+        peer_socket = PeerDatagrams(self, side, sock)
+        # nginx sends the PROXY header in the same datagram as the client's first one
+        peer_socket.hold_first = self.server.conf.proxy.proxy_protocol
         # no connect to wait for: the PeerSide's connection_made relays at once
-        side.connection_made(PeerDatagrams(self, side, sock))  # type: ignore[arg-type]
+        side.connection_made(peer_socket)  # type: ignore[arg-type]
 
     def peer_connected(self, side: PeerSide) -> None:
         if self._ended:
