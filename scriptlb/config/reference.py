@@ -26,7 +26,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "events": ("{ ... }", "-", "core", ""),
     "worker_connections": ("number", "512", "core (events)", ""),
     "http": ("{ ... }", "-", "ngx_http_core_module", ""),
-    "stream": ("{ ... }", "-", "ngx_stream_core_module", "TCP balancing: see docs/stream.md"),
+    "stream": ("{ ... }", "-", "ngx_stream_core_module", "TCP and UDP balancing: see docs/stream.md"),
     "worker_shutdown_timeout": ("time", "0 (none)", "core",
                                 "old workers' wait for open connections and stream sessions"),
     "proxy_timeout": ("time", "10m", "ngx_stream_proxy_module", "idle time between reads/writes"),
@@ -34,6 +34,10 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "proxy_upload_rate": ("size", "0", "ngx_stream_proxy_module", "bytes/s towards the peer"),
     "proxy_half_close": ("on | off", "off", "ngx_stream_proxy_module", ""),
     "proxy_protocol": ("on | off", "off", "ngx_stream_proxy_module", "PROXY v1 to the peer"),
+    "proxy_requests": ("number", "0", "ngx_stream_proxy_module",
+                       "udp: client datagrams after which a session stops taking its address's datagrams"),
+    "proxy_responses": ("number", "-", "ngx_stream_proxy_module",
+                        "udp: datagrams expected back per client datagram; the session then ends"),
     "ssl_preread": ("on | off", "off", "ngx_stream_ssl_preread_module", "SNI/ALPN without termination"),
     "server": ("{ ... } (http) / address [parameters] (upstream)", "-",
                "ngx_http_core_module / ngx_http_upstream_module",
@@ -288,7 +292,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
 
 # nginx directives scriptlb refuses on purpose (an "unknown directive" error), and why
 REFUSED: dict[str, str] = {
-    "http2, quic, listen ... udp": "HTTP/1.x and TCP only",
+    "http2, quic": "HTTP/1.x only",
     "proxy_cache*, proxy_store": "a load balancer, not a cache: responses are streamed",
     "gzip*, sub_filter": "responses pass as the peer sent them",
     "fastcgi_*, uwsgi_*, scgi_*, grpc_*, memcached_*": "HTTP/1.x peers only",
