@@ -12,7 +12,8 @@ ECONNREFUSED on that socket, which marks the peer failed — nginx does not retr
 session on another peer once its datagrams went out).
 
 One datagram in is one datagram out, both ways: boundaries are kept, zero-length datagrams
-included. A session ends (nginx's ``ngx_stream_proxy_test_finalize``) once
+included; as nginx, a datagram longer than ``proxy_buffer_size`` is cut to it, except a
+session's first client datagram. A session ends (nginx's ``ngx_stream_proxy_test_finalize``) once
 ``proxy_responses`` datagrams per client datagram came back, or when ``proxy_timeout``
 passes without traffic: status 200 when the expected responses came (or none was
 configured), else ``upstream timed out`` and 502. ``proxy_requests N`` unbinds the session
@@ -245,6 +246,8 @@ class PeerDatagrams:
         self.loop = session.loop
         self._reading = False
         self._closed = False
+        # a peer's datagram is read into proxy_buffer_size, the rest lost (nginx's)
+        self.size = session.server.conf.proxy.buffer_size
         self.hold_first = False  # the first write waits for the next: a PROXY header's datagram
         self._held = b""
         self.resume_reading()
@@ -254,7 +257,7 @@ class PeerDatagrams:
             if not self._reading:
                 return
             try:
-                data = self.sock.recv(MAX_DATAGRAM)
+                data = self.sock.recv(self.size)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -346,6 +349,10 @@ class UdpSession(Session):
         client = self._client
         if self._ended or client is None or client.paused:
             return  # (delayed by proxy_upload_rate: nginx's handler does not take it)
+        if self.requests:
+            # nginx: the first datagram is the session's preread buffer, whole; later ones
+            # are read into proxy_buffer_size and what does not fit is lost
+            data = data[:self.server.conf.proxy.buffer_size]
         self.requests += 1
         self.data_received(data)
         if self.peer is not None:
