@@ -9,6 +9,7 @@ address).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -242,6 +243,27 @@ def test_workers_with_reuseport_keep_a_client_on_its_session(tmp_path: Path) -> 
             with udp_client() as client:
                 answers = {udp_ask(client, port, b"?")[0] for _ in range(4)}
             assert len(answers) == 1
+
+
+@pytest.mark.slow
+def test_a_reload_keeps_the_socket_and_old_workers_end_their_sessions(tmp_path: Path) -> None:
+    """HUP: the new worker reads the same socket (a datagram sent meanwhile waits in it); the
+    old worker ends its datagram sessions at once, as nginx ("disconnected on shutdown")."""
+    (port,) = free_udp_ports(1)
+    with UdpPeer(source_port) as peer, scriptlb_stream(tmp_path, f"""
+            proxy_timeout 1m;
+            server {{ listen 127.0.0.1:{port} udp; proxy_pass {peer.addr}; }}
+            """, main="") as where, udp_client() as client:
+        (before,) = udp_ask(client, port, b"?")
+        conf = where / "scriptlb.conf"
+        conf.write_text(conf.read_text().replace("proxy_timeout 1m;", "proxy_timeout 50s;"))
+        log = where / "error.log"
+        pid = int((where / "pid").read_text())
+        os.kill(pid, signal.SIGHUP)
+        wait_for(lambda: log.read_text().count("start worker process") >= 2)
+        wait_for(lambda: "disconnected on shutdown" in log.read_text())
+        (after,) = udp_ask(client, port, b"?")
+    assert after != before  # a new session (its own peer socket) in the new worker
 
 
 # --------------------------------------------------------------------------- against nginx
