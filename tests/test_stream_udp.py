@@ -229,6 +229,33 @@ def test_sessions_are_bounded_by_worker_connections(tmp_path: Path) -> None:
     assert "2 worker_connections are not enough" in (tmp_path / "error.log").read_text()
 
 
+def test_a_hook_balances_datagram_sessions_with_the_session_s_variables(tmp_path: Path) -> None:
+    """balancer_by_python over UDP peers: ngx.var has $protocol UDP and the client's port; the
+    hook's pick holds for the session's later datagrams (one peer socket per session)."""
+    (port,) = free_udp_ports(1)
+    with UdpPeer(lambda data, addr: [b"A"]) as a, UdpPeer(lambda data, addr: [b"B"]) as b, \
+            scriptlb_stream(tmp_path, f"""
+            log_format s '$protocol $upstream_addr';
+            access_log {tmp_path}/s.log s;
+            proxy_timeout 300ms;
+            upstream u {{
+                server {a.addr}; server {b.addr};
+                balancer_by_python_block {{
+                    if ngx.var.protocol == "UDP":
+                        peers = upstream.get_primary_peers()
+                        balancer.set_current_peer(peers[int(ngx.var.remote_port) % 2]["name"])
+                }}
+            }}
+            server {{ listen 127.0.0.1:{port} udp; proxy_pass u; }}
+            """):
+        for _ in range(4):
+            with udp_client() as client:
+                chosen = b"AB"[client.getsockname()[1] % 2:][:1]
+                assert {udp_ask(client, port, b"?")[0] for _ in range(3)} == {chosen}
+        lines = read_log_lines(tmp_path / "s.log", 4)
+    assert len(lines) == 4 and all(line.startswith("UDP 127.0.0.1:") for line in lines)
+
+
 @pytest.mark.slow
 def test_workers_with_reuseport_keep_a_client_on_its_session(tmp_path: Path) -> None:
     """Two workers, one socket each: the kernel hashes a client address to one socket, so a
