@@ -121,7 +121,7 @@ TIERS: dict[str, str] = {
     "test_status.py": "unit",
     "test_stream.py": "protocol",
     "test_stream_script.py": "protocol",
-    "test_stream_udp.py": "protocol",
+    "test_stream_udp.py": "integration",
     "test_tiers.py": "unit",
     "test_tls.py": "protocol",
     "test_tls_listeners.py": "protocol",
