@@ -7,9 +7,10 @@ A ``UdpListener`` reads the listening socket (one per worker and socket) and kee
 per client address, as nginx keys its UDP "connections" per worker. A datagram from an
 unknown address starts a ``UdpSession``: the same tries loop, variables and access log as a
 TCP session, over a connected UDP socket to the peer (``connect()`` on a datagram socket is
-immediate, so a try cannot fail to connect; an ICMP port unreachable shows up later as
-ECONNREFUSED on that socket, which marks the peer failed — nginx does not retry a datagram
-session on another peer once its datagrams went out).
+immediate and local: only a local error such as no route makes the next try; an ICMP port
+unreachable shows up later as ECONNREFUSED on that socket, which marks the peer failed —
+nginx does not retry a datagram session on another peer once its datagrams went out). Live
+sessions per worker are bounded by ``worker_connections`` (source addresses are forgeable).
 
 One datagram in is one datagram out, both ways: boundaries are kept, zero-length datagrams
 included; as nginx, a datagram longer than ``proxy_buffer_size`` is cut to it, except a
@@ -34,7 +35,7 @@ from scriptlb.http import safety
 from scriptlb.logs import errorlog
 from scriptlb.request.attempt import FAILED
 from scriptlb.request.retry import Failure
-from scriptlb.stream.session import _CONNECTING, BAD_GATEWAY, OK, PeerSide, Session
+from scriptlb.stream.session import _CONNECTING, BAD_GATEWAY, OK, PeerSide, Session, StreamAttempt
 
 if TYPE_CHECKING:
     from scriptlb.config.model import PeerAddr
@@ -262,9 +263,12 @@ class PeerDatagrams:
                 return
             except OSError as exc:
                 self.pause_reading()
-                self.session.peer_error(exc, "recv() failed")
+                try:
+                    self.session.peer_error(exc, "recv() failed")
+                except Exception as err:
+                    self.session._crashed(err, "reading from upstream")
                 return
-            self.side.data_received(data)
+            self.side.data_received(data)  # (its own safety net)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "peername":
@@ -359,8 +363,6 @@ class UdpSession(Session):
             self._test_finalize()
 
     def _connect(self, name: str, addr: PeerAddr, peer: Peer | None) -> None:
-        from scriptlb.stream.session import StreamAttempt
-
         attempt = StreamAttempt(self._upstream, self._state, name, addr, peer, None, (name,))
         self.attempt = attempt
         self.tries.append(attempt)
