@@ -213,15 +213,17 @@ def test_sessions_are_bounded_by_worker_connections(tmp_path: Path) -> None:
     client's datagram is dropped, with nginx's alert, and the live sessions go on."""
     (port,) = free_udp_ports(1)
     with UdpPeer() as peer, scriptlb_stream(tmp_path, f"""
-            proxy_timeout 5s;
+            proxy_timeout 1s;
             server {{ listen 127.0.0.1:{port} udp; proxy_pass {peer.addr}; }}
             """, main="master_process off; events { worker_connections 2; }"):
-        clients = [udp_client(timeout=0.5) for _ in range(3)]
+        clients = [udp_client(timeout=0.3) for _ in range(3)]
         try:
             assert udp_ask(clients[0], port, b"a") == [b"a"]
             assert udp_ask(clients[1], port, b"b") == [b"b"]
             assert udp_ask(clients[2], port, b"c") == []
             assert udp_ask(clients[0], port, b"d") == [b"d"]
+            # once the two sessions timed out, their places are free again
+            wait_for(lambda: udp_ask(clients[2], port, b"e") == [b"e"], timeout=10)
         finally:
             for client in clients:
                 client.close()
