@@ -120,6 +120,8 @@ TIERS: dict[str, str] = {
     "test_stats.py": "unit",
     "test_status.py": "unit",
     "test_stream.py": "protocol",
+    "test_stream_access.py": "protocol",
+    "test_geo.py": "protocol",
     "test_stream_script.py": "protocol",
     "test_stream_udp.py": "integration",
     "test_tiers.py": "unit",

@@ -20,7 +20,7 @@ from enum import IntFlag
 from typing import Any
 
 from scriptlb.config import rewrite
-from scriptlb.config.addresses import parse_listen, parse_upstream_server
+from scriptlb.config.addresses import AddressError, parse_listen, parse_upstream_server, split_host_port
 from scriptlb.config.drafts import (
     HookDraft,
     HttpDraft,
@@ -54,6 +54,7 @@ from scriptlb.config.model import (
     RewriteOp,
     SharedDictConf,
     Source,
+    SyslogConf,
     Template,
     TextRewrite,
     TryFilesConf,
@@ -207,17 +208,78 @@ def _user(state: State, node: Node, draft: MainDraft) -> None:
     _store(node, draft.values, (entry.pw_uid, gid))
 
 
-def _error_log(state: State, node: Node, draft: MainDraft) -> None:
+def _error_log(state: State, node: Node, draft: Any) -> None:
+    """``error_log FILE | stderr | syslog:... [LEVEL]``: the lines of one level add up; in
+    ``stream`` and its servers they replace the outer level's (the values' "error_log")."""
     target = node.args[0]
-    if target.startswith(("syslog:", "memory:")):
+    if target.startswith("memory:"):
         raise fail(node, f'error_log "{target}" is not supported by scriptlb')
-    path = "stderr" if target == "stderr" else state.path(target)
+    syslog = None
+    if target.startswith("syslog:"):
+        path, syslog = target, syslog_conf(node, target[len("syslog:"):])
+    else:
+        path = "stderr" if target == "stderr" else state.path(target)
     level = "error"
     if len(node.args) > 1:
         level = node.args[1]
         if level not in LOG_LEVELS:
             raise fail(node, f'invalid log level "{level}"')
-    draft.error_logs.append(ErrorLogConf(path=path, level=level))
+    conf = ErrorLogConf(path=path, level=level, syslog=syslog)
+    if isinstance(draft, MainDraft):
+        draft.error_logs.append(conf)
+    else:
+        draft.values.setdefault("error_log", []).append(conf)
+
+
+_SYSLOG_FACILITIES = (
+    "kern", "user", "mail", "daemon", "auth", "intern", "lpr", "news", "uucp", "clock", "authpriv",
+    "ftp", "ntp", "audit", "alert", "cron", "local0", "local1", "local2", "local3", "local4",
+    "local5", "local6", "local7",
+)
+
+
+def syslog_conf(node: Node, text: str) -> SyslogConf:
+    """``server=ADDR,facility=F,severity=S,tag=T,nohostname`` as ngx_syslog_process_conf reads
+    them (its messages); ``severity`` is accepted and, as nginx does for error_log, unused."""
+    from scriptlb.config.addresses import resolve
+
+    fields: dict[str, Any] = {}
+    server = None
+    for param in text.split(","):
+        name, eq, value = param.partition("=")
+        if param == "nohostname":
+            fields["hostname"] = False
+        elif name == "server" and eq:
+            if server is not None:
+                raise fail(node, 'duplicate syslog "server"')
+            server = value
+        elif name == "facility" and eq:
+            if value not in _SYSLOG_FACILITIES:
+                raise fail(node, f'unknown syslog facility "{value}"')
+            fields["facility"] = _SYSLOG_FACILITIES.index(value)
+        elif name == "severity" and eq:
+            if value not in LOG_LEVELS:
+                raise fail(node, f'unknown syslog severity "{value}"')
+        elif name == "tag" and eq:
+            if len(value) > 32:
+                raise fail(node, 'syslog tag length exceeds 32')
+            if not all(c.isalnum() or c == "_" for c in value):
+                raise fail(node, 'syslog "tag" only allows alphanumeric characters and underscore')
+            fields["tag"] = value
+        else:
+            raise fail(node, f'unknown syslog parameter "{param}"')
+    if server is None:
+        raise fail(node, "no syslog server specified")
+    if server.startswith("unix:"):
+        return SyslogConf(None, 0, server[len("unix:"):], **fields)
+    try:
+        target = split_host_port(server)
+    except AddressError as err:
+        raise fail(node, f'{err.kind} in "{server}"') from None
+    addrs = resolve(target.host or "", target.port or 514)
+    if not addrs:
+        raise fail(node, f'host not found in "{server}"')
+    return SyslogConf(addrs[0].host, addrs[0].port, **fields)
 
 
 def _events(state: State, node: Node, draft: MainDraft) -> tuple[Ctx, Any]:
@@ -648,9 +710,10 @@ def _proxy_cookie_path(state: State, node: Node, draft: LevelDraft) -> None:
         rules.append(TextRewrite("prefix", template(node, replacement), pattern=template(node, pattern)))
 
 
-def _proxy_bind(state: State, node: Node, draft: LevelDraft) -> None:
+def _proxy_bind(state: State, node: Node, draft: LevelDraft,
+                known: Callable[[str], bool] | None = None) -> None:
     """``proxy_bind address [transparent] | off``: the address may have variables (an empty
-    value binds nothing, as nginx)."""
+    value binds nothing, as nginx); ``known``: the block's variable names (stream's)."""
     if "proxy_bind" in draft.values:
         raise fail(node, '"proxy_bind" directive is duplicate')
     if len(node.args) == 2:
@@ -661,7 +724,7 @@ def _proxy_bind(state: State, node: Node, draft: LevelDraft) -> None:
     if value == "off":
         draft.values["proxy_bind"] = OFF
         return
-    bind = template(node, value)
+    bind = template(node, value, known)
     if bind.static is not None and _bind_address(bind.static) is None:
         raise fail(node, f'invalid address "{value}"')
     draft.values["proxy_bind"] = bind
@@ -1123,13 +1186,15 @@ _LIMIT_LOG_LEVELS = ("info", "notice", "warn", "error")
 _MIN_LIMIT_ZONE = 8 * 4096  # nginx: 8 pages
 
 
-def _limit_zone(state: State, node: Node, draft: HttpDraft) -> None:
+def _limit_zone(state: State, node: Node, draft: HttpDraft,
+                known: Callable[[str], bool] | None = None) -> None:
     """``limit_req_zone KEY zone=NAME:SIZE rate=N(r/s|r/m)`` / ``limit_conn_zone KEY zone=NAME:SIZE``
-    (ngx_http_limit_req_zone's checks and words)."""
+    (ngx_http_limit_req_zone's checks and words); ``known``: the block's variable names
+    (stream's limit_conn_zone)."""
     from scriptlb.config.model import LimitZoneConf
 
     kind = node.name[: -len("_zone")]
-    key = template(node, node.args[0])
+    key = template(node, node.args[0], known)
     name = ""
     size = rate = 0
     for value in node.args[1:]:
@@ -1417,6 +1482,16 @@ def _map(state: State, node: Node, draft: HttpDraft) -> None:
     draft.maps[conf.variable] = conf
 
 
+def _geo(state: State, node: Node, draft: HttpDraft) -> None:
+    """``geo [ADDRESS] $variable { ... }`` (ngx_http_geo_module; scriptlb.config.geo)."""
+    from scriptlb.config.geo import parse_geo
+
+    conf = parse_geo(node, None, http=True, warn=state.warn)
+    if conf.variable in KNOWN_VARIABLES:
+        raise fail(node, f'the duplicate "{conf.variable}" variable')
+    draft.maps[conf.variable] = conf
+
+
 def _match(state: State, node: Node, draft: HttpDraft) -> tuple[Ctx, Any]:
     name = node.args[0]
     if name in draft.matches:
@@ -1635,6 +1710,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("health_check", Ctx.LOCATION, (0, None), _health_check),
     _spec("match", Ctx.HTTP, ONE, _match, block=True),
     _spec("map", Ctx.HTTP, (2, 2), _map, block=True),
+    _spec("geo", Ctx.HTTP, (1, 2), _geo, block=True),
     _spec("status", Ctx.MATCH, (1, None), _match_status),
     _spec("header", Ctx.MATCH, (1, 3), _match_header),
     _spec("body", Ctx.MATCH, (2, 2), _match_body),

@@ -16,6 +16,7 @@ from scriptlb.config.model import (
     AccessLogConf,
     BalancerMethodConf,
     ErrorLogConf,
+    GeoConf,
     ListenConf,
     ListenKey,
     LogFormat,
@@ -95,7 +96,7 @@ class HttpDraft(LevelDraft):
     log_formats: dict[str, LogFormat] = field(default_factory=dict)
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)
     matches: dict[str, MatchDraft] = field(default_factory=dict)
-    maps: dict[str, MapConf] = field(default_factory=dict)  # by variable name
+    maps: dict[str, MapConf | GeoConf] = field(default_factory=dict)  # map, geo: by variable name
     limit_zones: dict[str, Any] = field(default_factory=dict)  # LimitZoneConf by name
 
 
@@ -146,3 +147,4 @@ class StreamDraft:
     maps: dict[str, Any] = field(default_factory=dict)  # variable name -> MapConf
     # variables named before any map defined them, checked at the block's end
     deferred_names: list[tuple[str, Source]] = field(default_factory=list)
+    limit_zones: dict[str, Any] = field(default_factory=dict)  # limit_conn_zone: LimitZoneConf by name

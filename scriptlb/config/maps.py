@@ -110,7 +110,7 @@ def _template(node: Node, raw: str) -> Template:
 
 
 def declared_map_variables(nodes: Sequence[Node]) -> frozenset[str]:
-    """The variables the ``map`` blocks of the http blocks in ``nodes`` define (pre-scan: a
+    """The variables the ``map`` and ``geo`` blocks of the http blocks in ``nodes`` define (pre-scan: a
     map may be used above the lines that define it, as nginx resolves names at the end)."""
     names: set[str] = set()
     for node in nodes:
@@ -119,4 +119,6 @@ def declared_map_variables(nodes: Sequence[Node]) -> frozenset[str]:
         for child in node.children:
             if child.name == "map" and len(child.args) == 2 and child.args[1].startswith("$"):
                 names.add(child.args[1][1:].lower())
+            elif child.name == "geo" and child.args and child.args[-1].startswith("$"):
+                names.add(child.args[-1][1:].lower())
     return frozenset(names)

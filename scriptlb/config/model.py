@@ -63,9 +63,23 @@ class Var:
 
 
 @dataclass(frozen=True, slots=True)
+class SyslogConf:
+    """``syslog:server=ADDR[,facility=F][,tag=T][,nohostname]`` (nginx's ngx_syslog_process_conf):
+    where the datagrams go and their header's fields."""
+
+    host: str | None  # an IP literal (a name is resolved at load time), None for a unix socket
+    port: int = 514
+    unix_path: str | None = None
+    facility: int = 23  # local7
+    tag: str = "nginx"
+    hostname: bool = True  # nohostname leaves the HOSTNAME field out
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorLogConf:
-    path: str  # absolute path, or "stderr"
+    path: str  # absolute path, "stderr", or the "syslog:..." text of a syslog target
     level: str = "error"  # debug info notice warn error crit alert emerg
+    syslog: SyslogConf | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +244,23 @@ class MapConf:
 
 
 @dataclass(frozen=True, slots=True)
+class GeoConf:
+    """A ``geo [ADDRESS] $variable { ... }`` block (ngx_http_geo_module, ngx_stream_geo_module),
+    with its ``delete`` lines applied: what is left to look an address up in."""
+
+    variable: str  # without "$", lower-cased
+    source: Template | None  # None: the client's address
+    ranges: bool = False
+    # CIDR mode: (normalized network, value), the last line for a network winning
+    networks: tuple[tuple[str, str], ...] = ()
+    # ranges mode: (first, last, value) over IPv4 as integers, sorted, not overlapping
+    spans: tuple[tuple[int, int, str], ...] = ()
+    default: str = ""
+    proxies: tuple[str, ...] = ()  # http: trusted addresses whose X-Forwarded-For is read
+    proxy_recursive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class HttpConf:
     upstreams: dict[str, UpstreamConf]  # explicit `upstream` blocks and implicit ones (below)
     servers: tuple[ServerConf, ...]
@@ -237,7 +268,7 @@ class HttpConf:
     python: PythonConf = field(default_factory=PythonConf)
     shared_dicts: dict[str, SharedDictConf] = field(default_factory=dict)  # by name, in file order
     matches: dict[str, MatchConf] = field(default_factory=dict)  # `match` blocks by name
-    maps: dict[str, MapConf] = field(default_factory=dict)  # `map` blocks by variable name
+    maps: dict[str, MapConf | GeoConf] = field(default_factory=dict)  # `map`, `geo` blocks by variable
     limit_zones: dict[str, LimitZoneConf] = field(default_factory=dict)  # limit_req/conn zones by name
 
     def hooks(self) -> tuple[HookConf, ...]:
@@ -765,8 +796,10 @@ class StreamProxyConf:
     next_upstream_tries: int = 0  # 0 = unlimited
     next_upstream_timeout: float = 0.0  # 0 = unlimited
     buffer_size: int = 16384
-    download_rate: int = 0  # bytes per second towards the client, 0 = unlimited
-    upload_rate: int = 0  # bytes per second towards the upstream, 0 = unlimited
+    # bytes per second towards the client / the upstream, 0 = unlimited; a Template (variables)
+    # is evaluated once per session when it connects
+    download_rate: int | Template = 0
+    upload_rate: int | Template = 0
     half_close: bool = False  # proxy_half_close: pass an EOF on and wait for the other side's
     proxy_protocol: bool = False  # send a PROXY protocol (v1) header to the peer first
     requests: int = 0  # proxy_requests (udp): client datagrams that end a session's binding, 0 = none
@@ -793,6 +826,11 @@ class StreamServerConf:
     ssl_preread: bool = False  # read the TLS ClientHello for $ssl_preread_* before proxying
     proxy_protocol_listens: tuple[ListenKey, ...] = ()  # keys of `listen ... proxy_protocol`
     ssl: SslConf | None = None  # TLS termination on its `listen ... ssl` sockets (http's settings)
+    access: tuple[AccessRule, ...] = ()  # allow / deny (ngx_stream_access_module)
+    limits: LimitsConf | None = None  # limit_conn (ngx_stream_limit_conn_module); None: no limit
+    tcp_nodelay: bool = True  # TCP_NODELAY on both sides of a session
+    proxy_bind: Template | None = None  # the local address of peer connections (empty: none)
+    error_log: tuple[ErrorLogConf, ...] = ()  # the server's (or stream's) error_log; (): the main's
     return_text: Template | None = None  # `return`: the session's content instead of proxying
 
 
@@ -815,7 +853,8 @@ class StreamConf:
     upstreams: dict[str, UpstreamConf]
     servers: tuple[StreamServerConf, ...]
     log_formats: dict[str, LogFormat]
-    maps: dict[str, StreamMapConf] = field(default_factory=dict)  # by variable name
+    maps: dict[str, StreamMapConf | GeoConf] = field(default_factory=dict)  # map, geo by variable
+    limit_zones: dict[str, LimitZoneConf] = field(default_factory=dict)  # limit_conn_zone by name
 
     def hooks(self) -> tuple[HookConf, ...]:
         return tuple(u.hook for u in self.upstreams.values() if u.hook is not None)

@@ -18,6 +18,7 @@ from scriptlb.config.directives import Ctx, State, fail, flag, msec, number
 from scriptlb.config.drafts import MainDraft, StreamDraft, StreamServerDraft, UpstreamDraft
 from scriptlb.config.errors import ConfigError
 from scriptlb.config.model import (
+    LimitsConf,
     ListenConf,
     ListenKey,
     PeerAddr,
@@ -215,6 +216,15 @@ def _size(node: Node) -> int:
     return value
 
 
+def _rate(state: State, node: Node, draft: Any) -> None:
+    """``proxy_download_rate`` / ``proxy_upload_rate SIZE``: a size, or text with variables
+    whose value is read as one per session (nginx's complex value size)."""
+    if "$" in node.args[0]:
+        d._store(node, draft.values, d.template(node, node.args[0], _known(state, node)))
+    else:
+        d._store(node, draft.values, _size(node))
+
+
 def _worker_shutdown_timeout(state: State, node: Node, draft: MainDraft) -> None:
     d._store(node, draft.values, msec(node))
 
@@ -240,8 +250,8 @@ _SPECS = (
     d._spec("proxy_next_upstream_tries", SS, d.ONE, d._slot(number)),
     d._spec("proxy_next_upstream_timeout", SS, d.ONE, d._slot(msec)),
     d._spec("proxy_buffer_size", SS, d.ONE, d._slot(_size)),
-    d._spec("proxy_download_rate", SS, d.ONE, d._slot(_size)),
-    d._spec("proxy_upload_rate", SS, d.ONE, d._slot(_size)),
+    d._spec("proxy_download_rate", SS, d.ONE, _rate),
+    d._spec("proxy_upload_rate", SS, d.ONE, _rate),
     d._spec("proxy_half_close", SS, d.FLAG, d._slot(flag)),
     d._spec("proxy_protocol", SS, d.FLAG, d._slot(flag)),
     d._spec("proxy_requests", SS, d.ONE, d._slot(number)),
@@ -271,7 +281,7 @@ def stream_conf(draft: StreamDraft, upstream_conf: Any, ssl_conf: Any) -> Stream
     servers = tuple(_server_conf(s, draft, upstreams, ssl_conf) for s in draft.servers)
     _check_listens(servers)
     return StreamConf(upstreams=upstreams, servers=servers, log_formats=dict(draft.log_formats),
-                      maps=dict(draft.maps))
+                      maps=dict(draft.maps), limit_zones=dict(draft.limit_zones))
 
 
 def _server_conf(server: StreamServerDraft, stream: StreamDraft,
@@ -295,7 +305,13 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
                             access_logs=tuple(logs or ()), source=server.source,
                             ssl_preread=bool(values.get("ssl_preread", False)),
                             proxy_protocol_listens=tuple(server.proxy_protocol_listens),
-                            ssl=ssl_conf(server, (server, stream)), return_text=return_text)
+                            ssl=ssl_conf(server, (server, stream)),
+                            access=tuple(values.get("access_rules", ())),
+                            limits=_limits_conf(values, stream.limit_zones),
+                            tcp_nodelay=values.get("tcp_nodelay", True),
+                            proxy_bind=_proxy_bind_value(values),
+                            error_log=tuple(values.get("error_log", ())),
+                            return_text=return_text)
 
 
 def _template(text: str, source: Source, maps: dict[str, Any]) -> Any:
@@ -365,3 +381,60 @@ for _name in _SSL_DIRECTIVES:
     _http = next(s for s in d.DIRECTIVES[_name] if s.contexts & Ctx.SERVER)
     d.DIRECTIVES[_name] = (*d.DIRECTIVES[_name],
                            d._spec(_name, SS, (_http.min_args, _http.max_args), _http.handler))
+
+
+# --------------------------------------------------------------------------- access, limit_conn,
+# tcp_nodelay, proxy_bind: http's handlers over stream's variable names
+
+
+def _limit_conn_zone(state: State, node: Node, draft: StreamDraft) -> None:
+    d._limit_zone(state, node, draft, _known(state, node))  # type: ignore[arg-type]  # (a StreamDraft has limit_zones too)
+
+
+def _stream_proxy_bind(state: State, node: Node, draft: Any) -> None:
+    d._proxy_bind(state, node, draft, _known(state, node))
+
+
+def _limits_conf(values: dict[str, Any], zones: dict[str, Any]) -> LimitsConf | None:
+    """A server's limit_conn lines (the innermost level's), each naming a limit_conn_zone."""
+    conns = values.get("limit_conn", ())
+    if not conns:
+        return None
+    for limit in conns:
+        if limit.zone not in zones:
+            raise ConfigError(f'zero size shared memory zone "{limit.zone}"', limit.source)
+    return LimitsConf(conns=tuple(conns), conn_log_level=values.get("limit_conn_log_level", "error"),
+                      conn_dry_run=values.get("limit_conn_dry_run", False))
+
+
+def _proxy_bind_value(values: dict[str, Any]) -> Any:
+    bind = values.get("proxy_bind")
+    return None if bind is None or bind == d.OFF else bind
+
+
+def _geo(state: State, node: Node, draft: StreamDraft) -> None:
+    """``geo [ADDRESS] $variable { ... }`` (ngx_stream_geo_module: no ``proxy`` lines)."""
+    from scriptlb.config.geo import parse_geo
+
+    conf = parse_geo(node, _known(state, node), http=False, warn=state.warn)
+    if is_stream_variable(conf.variable):
+        raise fail(node, f'the duplicate "{conf.variable}" variable')
+    draft.maps[conf.variable] = conf
+
+
+_MORE_SPECS = (
+    d._spec("allow", SS, d.ONE, d._access_rule),
+    d._spec("deny", SS, d.ONE, d._access_rule),
+    d._spec("limit_conn_zone", Ctx.STREAM, (2, 2), _limit_conn_zone),
+    d._spec("limit_conn", SS, (2, 2), d._limit_conn),
+    d._spec("limit_conn_log_level", SS, d.ONE, d._limit_log_level),
+    d._spec("limit_conn_dry_run", SS, d.FLAG, d._slot(flag)),
+    d._spec("tcp_nodelay", SS, d.FLAG, d._slot(flag)),
+    d._spec("proxy_bind", SS, (1, 2), _stream_proxy_bind),
+    d._spec("error_log", SS, (1, 2), d._error_log),
+    d._spec("geo", Ctx.STREAM, (1, 2), _geo, block=True),
+)
+
+
+for _s in _MORE_SPECS:
+    d.DIRECTIVES[_s.name] = (*d.DIRECTIVES.get(_s.name, ()), _s)

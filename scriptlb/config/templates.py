@@ -117,6 +117,7 @@ STREAM_VARIABLES: frozenset[str] = frozenset(
         "upstream_session_time", "upstream_bytes_sent", "upstream_bytes_received",
         "ssl_preread_server_name", "ssl_preread_protocol", "ssl_preread_alpn_protocols",
         "proxy_protocol_addr", "proxy_protocol_port",
+        "limit_conn_status",
         "nginx_version",
     }
 )

@@ -18,11 +18,12 @@ so concurrent workers never interleave inside a line.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from scriptlb.config.model import ErrorLogConf
+from scriptlb.config.model import ErrorLogConf, SyslogConf
 from scriptlb.request_view import HookRequest
 
 # nginx's order: a target at level L receives every line at L or more severe
@@ -80,6 +81,63 @@ class _Target:
             self.fd = -1
 
 
+class _SyslogTarget:
+    """``error_log syslog:...``: each line one UDP (or unix datagram) message with an RFC 3164
+    header, as ngx_syslog_writer sends it: ``<PRI>Mmm dd hh:mm:ss HOST TAG: `` then nginx's
+    whole line; the severity is the line's level. Sends never block nor raise (a lost datagram
+    is lost, as nginx's)."""
+
+    __slots__ = ("address", "conf", "path", "rank", "sock")
+
+    def __init__(self, conf: SyslogConf, path: str, level: str) -> None:
+        self.conf = conf
+        self.path = path
+        self.rank = level_rank(level)
+        if conf.unix_path is not None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.address: Any = conf.unix_path
+        else:
+            family = socket.AF_INET6 if ":" in (conf.host or "") else socket.AF_INET
+            self.sock = socket.socket(family, socket.SOCK_DGRAM)
+            self.address = (conf.host, conf.port)
+        self.sock.setblocking(False)
+
+    def send(self, level_rank: int, line: bytes) -> None:
+        conf = self.conf
+        now = time.localtime()
+        stamp = f"{time.strftime('%b', now)} {now.tm_mday:2d} {time.strftime('%H:%M:%S', now)}"
+        host = f"{_HOSTNAME} " if conf.hostname else ""
+        header = f"<{conf.facility * 8 + level_rank}>{stamp} {host}{conf.tag}: ".encode("ascii", "replace")
+        try:
+            self.sock.sendto(header + line.rstrip(b"\n")[:_SYSLOG_MAX], self.address)
+        except OSError:
+            pass  # no listener, a full buffer: nginx drops the message too
+
+    @property
+    def fd(self) -> int:
+        """The socket's descriptor (what a process keeps open to go on logging)."""
+        return self.sock.fileno()
+
+    def write(self, data: bytes) -> None:  # (lines without a level: written as errors)
+        self.send(_RANK["error"], data)
+
+    def reopen(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_HOSTNAME = socket.gethostname().lower()
+_SYSLOG_MAX = 4096  # nginx's NGX_SYSLOG_MAX_STR, less its header
+
+
+def _target(conf: ErrorLogConf) -> _Target | _SyslogTarget:
+    if conf.syslog is not None:
+        return _SyslogTarget(conf.syslog, conf.path, conf.level)
+    return _Target(conf.path, conf.level)
+
+
 class ErrorLog:
     """The error-log targets of one configuration."""
 
@@ -87,7 +145,9 @@ class ErrorLog:
 
     def __init__(self, confs: Iterable[ErrorLogConf] = (), clock: Callable[[], float] = time.time) -> None:
         """Opens every file now (an OSError here is nginx's ``[emerg] open() failed``)."""
-        self.targets = [_Target(c.path, c.level) for c in confs] or [_Target(STDERR, "error")]
+        self.targets: list[_Target | _SyslogTarget] = [_target(c) for c in confs]
+        if not self.targets:
+            self.targets.append(_Target(STDERR, "error"))
         self.max_rank = max(t.rank for t in self.targets)
         self._clock = clock
         self._stamp_second = -1
@@ -104,7 +164,10 @@ class ErrorLog:
         data = self.format(level, msg, conn_id, ctx).encode("utf-8", "backslashreplace")
         for target in self.targets:
             if rank <= target.rank:
-                target.write(data)
+                if isinstance(target, _SyslogTarget):
+                    target.send(rank, data)
+                else:
+                    target.write(data)
 
     def format(self, level: str, msg: str, conn_id: int | None = None, ctx: str = "") -> str:
         conn = f"*{conn_id} " if conn_id is not None else ""
@@ -156,6 +219,25 @@ def install(error_log: ErrorLog) -> ErrorLog:
 
 def current() -> ErrorLog:
     return _SINK.log
+
+
+class using:
+    """``with using(log):`` the lines written inside go to ``log``, not the process's error log
+    (nginx's connection log: a stream server's own error_log); synchronous code only."""
+
+    __slots__ = ("log", "previous")
+
+    def __init__(self, log: ErrorLog) -> None:
+        self.log = log
+        self.previous: ErrorLog | None = None
+
+    def __enter__(self) -> ErrorLog:
+        self.previous, _SINK.log = _SINK.log, self.log
+        return self.log
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None and _SINK.log is self.log:
+            _SINK.log = self.previous
 
 
 def log_error(level: str, msg: str, conn_id: int | None = None, ctx: str = "") -> None:

@@ -105,7 +105,7 @@ def _install_error_log(new: errorlog.ErrorLog) -> None:
 def _error_log_file(conf: MainConf) -> str | None:
     """The file a daemon's stderr goes to: the first error_log that is a file."""
     for entry in conf.error_log:
-        if entry.path not in ("stderr", "stdout"):
+        if entry.path not in ("stderr", "stdout") and entry.syslog is None:
             return entry.path
     return None
 
@@ -181,6 +181,10 @@ def _clear_shared_zones(conf: MainConf) -> None:
         remove_files(directory, name)
     for zone in (conf.http.limit_zones.values() if conf.http is not None else ()):
         remove_files(directory, f"{zone.kind}.{zone.name}")  # (scriptlb.request.limits.zone_path)
+    from scriptlb.request.limits import stream_zone_directory
+
+    for zone in (conf.stream.limit_zones.values() if conf.stream is not None else ()):
+        remove_files(stream_zone_directory(directory), f"{zone.kind}.{zone.name}")
     from scriptlb.http.tls_sessions import clear_zones
 
     clear_zones(conf.prefix)

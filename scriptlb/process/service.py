@@ -23,7 +23,7 @@ _CONSOLE = ("stderr", "stdout")
 
 def log_paths(conf: MainConf) -> list[str]:
     """Every file the instance logs to: error logs, then every location's access logs."""
-    paths = [entry.path for entry in conf.error_log if entry.path not in _CONSOLE]
+    paths = [entry.path for entry in conf.error_log if entry.path not in _CONSOLE and entry.syslog is None]
     if conf.http is not None:
         for server in conf.http.servers:
             for location in server.locations:

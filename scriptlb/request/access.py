@@ -117,9 +117,9 @@ def _compile_rules(rules: tuple[AccessRule, ...]) -> list[tuple[bool, Network]]:
              ipaddress.ip_network(rule.network)) for rule in rules]
 
 
-def _allowed(rules: list[tuple[bool, Network]], exchange: Any) -> bool:
+def _allowed(rules: list[tuple[bool, Network]], client: Any) -> bool:
     """The first matching rule decides; none matching allows (nginx's NGX_DECLINED)."""
-    remote = exchange.remote_addr
+    remote = client.remote_addr
     address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     if remote != "unix:":
         address = ipaddress.ip_address(remote)
@@ -133,6 +133,13 @@ def _allowed(rules: list[tuple[bool, Network]], exchange: Any) -> bool:
         elif address is not None and address.version == network.version and address in network:
             return allow
     return True
+
+
+def rules_check(access: tuple[AccessRule, ...]) -> Callable[[Any], bool]:
+    """``allow``/``deny`` lines as one test of a client (anything with ``remote_addr``: an
+    exchange, a stream session): True lets it through."""
+    rules = _compile_rules(access)
+    return lambda client: _allowed(rules, client)
 
 
 def address_matcher(networks: Sequence[str]) -> Callable[[Any], bool]:

@@ -56,6 +56,12 @@ def _now_ms() -> int:
 _CLOCK: Callable[[], int] | None = None  # tests may pin the clock (milliseconds)
 
 
+def stream_zone_directory(directory: str) -> str:
+    """Where the stream block's zones live: apart from http's, whose names they may share
+    (nginx keeps the two blocks' zones apart too)."""
+    return os.path.join(directory, "stream")
+
+
 def zone_path(directory: str, conf: LimitZoneConf) -> str:
     return os.path.join(directory, f"{conf.kind}.{conf.name}")
 
@@ -299,7 +305,7 @@ class LimitPhase:
                 errorlog.log_error("alert", "could not allocate node in limit_conn zone "
                                    f'"{zone.conf.name}"', exchange.conn_id, exchange.log_context(None))
             else:
-                dry = ", dry run" if conf.conn_dry_run else ""
+                dry = ", dry run," if conf.conn_dry_run else ""  # (nginx's words, commas and all)
                 errorlog.log_error(conf.conn_log_level,
                                    f'limiting connections{dry} by zone "{zone.conf.name}"',
                                    exchange.conn_id, exchange.log_context(None))

@@ -140,7 +140,7 @@ class UpstreamRequest:
         # proxy_bind, or a hook's bind_to_local_addr
         self._local_addr: tuple[str, int] | None = None
         if self.location.proxy_bind is not None:
-            self._local_addr = _bind_address(self.location.proxy_bind(exchange), exchange)
+            self._local_addr = local_address(self.location.proxy_bind(exchange), exchange)
         self.attempt: Attempt | None = None  # the try in progress
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
@@ -673,8 +673,8 @@ def _send_head_unusual(ex: Exchange, response: ResponseHead, headers: bytes) -> 
         ex.conn.send_head(response.status, headers, length, reason=response.reason)
 
 
-def _bind_address(text: str, exchange: Exchange) -> tuple[str, int] | None:
-    """proxy_bind's value for this request; an empty one binds nothing, an invalid one is
+def local_address(text: str, exchange: Any) -> tuple[str, int] | None:
+    """proxy_bind's value for this request or session; an empty one binds nothing, an invalid one is
     logged and binds nothing (nginx's ngx_http_upstream_set_local)."""
     if not text:
         return None

@@ -95,6 +95,12 @@ class RealIp:
             values = values[:1]  # (nginx 1.22 keeps the first line of the other headers)
         return self._forwarded(conn.remote_addr, [v.decode("latin-1") for v in values])
 
+    def forwarded_address(self, addr: str, lines: list[str]) -> str:
+        """The address X-Forwarded-For ``lines`` give for ``addr`` when it is trusted, else
+        ``addr`` (geo's ``proxy``: ngx_http_get_forwarded_addr over the geo's proxies)."""
+        found = self._forwarded(addr, lines) if lines and self.trusted(addr) else None
+        return found[0] if found is not None else addr
+
     def _forwarded(self, addr: str, lines: list[str]) -> tuple[str, int] | None:
         """ngx_http_get_forwarded_addr: the header lines from the last, each from its right."""
         outcome, current, found = DECLINED, (addr, 0), False

@@ -22,6 +22,7 @@ from scriptlb.balancing import create_balancer
 from scriptlb.balancing.round_robin import RoundRobin
 from scriptlb.config.model import (
     AccessLogConf,
+    GeoConf,
     HookConf,
     HttpConf,
     ListenKey,
@@ -534,7 +535,7 @@ class Runtime:
         self.zone_counts: dict[str, list[int]] = {}
         self.status: WorkerStatus | None = None  # the instance's counters, set by the worker
         http = conf.http or HttpConf(upstreams={}, servers=(), log_formats={})
-        use_maps(http.maps)
+        use_maps(http.maps, _geo_forwarded)
         self.upstreams = {
             name: UpstreamRuntime(up, loop, http.python, recorder) for name, up in http.upstreams.items()
         }
@@ -769,3 +770,17 @@ class Runtime:
         """USR1: each access-log path is reopened once (nginx reopens each open file once)."""
         for file in self._log_files.values():
             file.reopen()
+
+
+def _geo_forwarded(conf: GeoConf) -> Callable[[str, Any], str]:
+    """A geo block's ``proxy`` lines: a trusted address gives way to X-Forwarded-For's."""
+    from scriptlb.config.model import RealIpConf
+    from scriptlb.request.realip import RealIp
+
+    reader = RealIp(RealIpConf(conf.proxies, "x-forwarded-for", conf.proxy_recursive))
+
+    def forwarded(addr: str, exchange: Any) -> str:
+        lines = [v.decode("latin-1") for n, v in exchange.headers if n.lower() == b"x-forwarded-for"]
+        return reader.forwarded_address(addr, lines)
+
+    return forwarded

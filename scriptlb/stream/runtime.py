@@ -19,14 +19,18 @@ if TYPE_CHECKING:
     import ssl
 
 from scriptlb.config.model import (
+    GeoConf,
     ListenKey,
     MainConf,
     PythonConf,
     StreamServerConf,
+    Template,
     UpstreamConf,
     UpstreamServerConf,
 )
+from scriptlb.config.units import parse_size
 from scriptlb.logs import errorlog
+from scriptlb.request.access import rules_check
 from scriptlb.request.accesslog import AccessLog, LogFile, open_access_log
 from scriptlb.request.runtime import UpstreamRuntime
 from scriptlb.state.stats import Recorder, UpstreamStats
@@ -34,6 +38,7 @@ from scriptlb.stream import variables
 from scriptlb.stream.maps import map_getter
 from scriptlb.stream.session import Session
 from scriptlb.variables.evaluate import compile_template, compile_template_bytes
+from scriptlb.variables.geo import GeoVariable
 
 STATS_PREFIX = "stream:"
 _MAX_DYNAMIC = 256  # `proxy_pass $var` addresses kept per worker (values come from clients)
@@ -63,6 +68,7 @@ class StreamRuntime:
         self._dynamic: dict[str, UpstreamRuntime] = {}
         self._getters: dict[str, variables.Getter] = {}
         self._files: dict[str, LogFile] = {}
+        self._limit_zones: dict[str, Any] | None = None
         self.conn_ids = itertools.count(1)
         self._datagram_listeners: list[Any] = []  # scriptlb.stream.udp.UdpListener
         self.datagram_sessions = 0  # live UDP sessions in this worker
@@ -105,8 +111,22 @@ class StreamRuntime:
             return variables.variable_getter(name, clock)
         # built on first use: a map may name a map defined after it (a cycle reads "")
         self._maps[name] = _empty
-        getter = self._maps[name] = map_getter(map_conf, self._compile)
+        if isinstance(map_conf, GeoConf):
+            getter = self._maps[name] = GeoVariable(map_conf, self._compile)
+        else:
+            getter = self._maps[name] = map_getter(map_conf, self._compile)
         return getter
+
+    def limit_zones(self) -> dict[str, Any]:
+        """limit_conn_zone: one scriptlb.request.limits.LimitZone per zone and worker."""
+        if self._limit_zones is None:
+            from scriptlb.request.limits import LimitZone, stream_zone_directory
+            from scriptlb.state.shared_dict import zone_directory
+
+            directory = stream_zone_directory(zone_directory(self.prefix))
+            self._limit_zones = {name: LimitZone(zone, directory)
+                                 for name, zone in self.conf.limit_zones.items()}
+        return self._limit_zones
 
     def open_log(self, conf: Any) -> AccessLog:
         return open_access_log(conf, self.loop, self._files, lookup=self.lookup)
@@ -191,12 +211,21 @@ class StreamRuntime:
     def reopen_logs(self) -> None:
         for file in self._files.values():
             file.reopen()
+        for server in self._servers():
+            if server.error_log is not None:
+                server.error_log.reopen()
 
     def close(self) -> None:
         self.stop_datagrams()
         for file in self._files.values():
             file.flush()
             file.close()
+        for server in self._servers():
+            if server.error_log is not None:
+                server.error_log.close()
+
+    def _servers(self) -> list[StreamServerRuntime]:
+        return list({id(s): s for s in self.servers.values()}.values())
 
 
 class StreamServerRuntime:
@@ -209,6 +238,18 @@ class StreamServerRuntime:
         self.sessions: set[Session] = set()
         self._tls: ssl.SSLContext | None = None  # the server's TLS context, built on first use
         self.access_logs = [runtime.open_log(log) for log in conf.access_logs]
+        self.upload_rate = self._rate(conf.proxy.upload_rate)
+        self.download_rate = self._rate(conf.proxy.download_rate)
+        self.error_log = errorlog.ErrorLog(conf.error_log) if conf.error_log else None
+        # nginx's preaccess (limit_conn) and access (allow/deny) phases; None: nothing to do
+        self.limits: Any = None
+        if conf.limits is not None:
+            from scriptlb.request.limits import LimitPhase
+
+            self.limits = LimitPhase(conf.limits, runtime.limit_zones(), runtime._compile)
+        self.access: Callable[[Any], bool] | None = rules_check(conf.access) if conf.access else None
+        self.proxy_bind: Callable[[Any], str] | None = (
+            runtime._compile(conf.proxy_bind) if conf.proxy_bind is not None else None)
         proxy_pass = conf.proxy_pass
         self._upstream = None
         self._route = None
@@ -219,6 +260,18 @@ class StreamServerRuntime:
                 self._route = runtime.template(proxy_pass.template.raw)
             elif proxy_pass.upstream is not None:
                 self._upstream = runtime.upstreams[proxy_pass.upstream]
+
+    def _rate(self, value: int | Template) -> Callable[[Any], int]:
+        """A session's rate: the configured size, or its template's value read as a size (0,
+        unlimited, when it is not one, as nginx)."""
+        if isinstance(value, int):
+            return lambda session: value
+        render = self.runtime._compile(value)
+
+        def rate(session: Any) -> int:
+            return parse_size(render(session) or "") or 0
+
+        return rate
 
     def tls_context(self) -> ssl.SSLContext | None:
         if self._tls is None and self.conf.ssl is not None:

@@ -12,7 +12,8 @@ and nothing is retried.
 The relay copies bytes as they come, both ways. Back-pressure: each transport's write buffer
 is capped at ``proxy_buffer_size``; past it the *other* side stops reading until it drains, so
 a slow reader holds at most about that much per direction. ``proxy_upload_rate`` /
-``proxy_download_rate`` pause reading as nginx's limit_rate does.
+``proxy_download_rate`` pass at most their budget and pause reading as nginx's limit_rate does
+(scriptlb.stream.relay.RatedFlow).
 
 Ending (nginx's default, ``proxy_half_close`` off): when either side sends EOF, the session
 ends once what that side sent has been written on (``close()`` flushes), status 200.
@@ -23,8 +24,10 @@ re-armed lazily). The access log line is written once, when the session ends.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar, cast
 
 from scriptlb.http import safety
 from scriptlb.http.proxy_protocol import NEED_MORE as PP_NEED_MORE
@@ -34,7 +37,7 @@ from scriptlb.request.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord
 from scriptlb.request.retry import Failure
 from scriptlb.stream.preread import DONE as HELLO_DONE
 from scriptlb.stream.preread import NEED_MORE, parse_client_hello
-from scriptlb.stream.relay import PEER_FULL, RATE, WAITING, ReadGate, rate_delay
+from scriptlb.stream.relay import PEER_FULL, WAITING, RatedFlow, ReadGate
 
 if TYPE_CHECKING:
     from scriptlb.config.model import PeerAddr
@@ -45,10 +48,36 @@ _CONNECTING = "proxying connection"  # nginx's log action for the whole proxy ph
 _PREREAD_LIMIT = 16384  # preread_buffer_size
 _PREREAD_TIMEOUT = 30.0  # preread_timeout
 
-OK, BAD_REQUEST, INTERNAL_ERROR, BAD_GATEWAY = 200, 400, 500, 502
+OK, BAD_REQUEST, FORBIDDEN, INTERNAL_ERROR, BAD_GATEWAY = 200, 400, 403, 500, 502
 
 
 _Opening: TypeAlias = "asyncio.Task[tuple[asyncio.BaseTransport, PeerSide]]"  # a peer connection opening
+
+_Callback = TypeVar("_Callback", bound=Callable[..., Any])
+
+
+def _in_server_log(method: _Callback) -> _Callback:
+    """A transport or timer callback of a session: it runs with the session's server
+    ``error_log`` as the process's error log (nginx's connection log) when the server has its
+    own, and whatever it raises ends the session with both sides closed (the safety net: no
+    exception may leave a socket open or reach the event loop)."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any) -> Any:
+        session = self.session if isinstance(self, PeerSide) else self
+        if session is None:
+            return method(self, *args)
+        try:
+            if session.error_log is None:
+                return method(self, *args)
+            with errorlog.using(session.error_log):
+                return method(self, *args)
+        except Exception as exc:
+            session._crashed(exc, method.__name__)
+            return None
+
+    return cast(_Callback, run)
+
 
 class StreamAttempt(Attempt):
     """One connection attempt of a session, with the bytes that crossed it ($upstream_bytes_*,
@@ -89,6 +118,7 @@ class Session(asyncio.Protocol):
         self.server = server
         self.loop = server.loop
         self.conn_id = conn_id
+        self.error_log = server.error_log  # the server's own error_log, None: the process's
         proxy = server.conf.proxy
         self.connect_timeout = proxy.connect_timeout
         self.send_timeout = proxy.timeout
@@ -108,6 +138,7 @@ class Session(asyncio.Protocol):
         self.ssl_server_name = self.ssl_protocol = self.ssl_alpn_protocols = ""
         self.proxy_protocol_addr: str | None = None
         self.proxy_protocol_port: str | None = None
+        self.limit: Any = None  # limit_conn's LimitState (scriptlb.request.limits), once it ran
         self.transport: asyncio.Transport | None = None
         self.gate: ReadGate | None = None
         self.peer: PeerSide | None = None
@@ -126,9 +157,13 @@ class Session(asyncio.Protocol):
         self._ended = False
         self._client_eof = False  # the client finished sending before the peer was connected
         self._eofs = 0  # proxy_half_close: 1 = the client's EOF seen, 2 = the peer's
+        self._start_sec = 0
+        self._upload: RatedFlow | None = None  # proxy_upload_rate's flow, once connected
+        self._download: RatedFlow | None = None
 
     # ------------------------------------------------------------------ client side
 
+    @_in_server_log
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         # a connection's transport: asyncio's, or uvloop's (which does not subclass Transport)
         self.transport = transport = cast(asyncio.Transport, base)
@@ -144,15 +179,16 @@ class Session(asyncio.Protocol):
             self.server_addr, self.server_port = local[0], str(local[1])
             self.server_name = f"{local[0]}:{local[1]}" if ":" not in local[0] else f"[{local[0]}]:{local[1]}"
         self.server.sessions.add(self)
+        _no_delay(transport, self.server.conf.tcp_nodelay)
         if errorlog.enabled("info"):
             client = _joined(self.remote_addr, self.remote_port)
             errorlog.log_error("info", f"{self.client_word} {client} connected to {self.server_name}",
                                self.conn_id)
         try:
-            if self._prereading or self._proxy_header:
+            if self._proxy_header:
                 self._arm_timer(_PREREAD_TIMEOUT)
             else:
-                self._begin_tries()
+                self._run_phases()
         except Exception as exc:
             self._crashed(exc, "starting the session")
 
@@ -161,15 +197,16 @@ class Session(asyncio.Protocol):
         assert gate is not None  # (connection_made sets it, before any other callback)
         return gate
 
+    @_in_server_log
     def data_received(self, data: bytes) -> None:
         try:
             self._active = self.loop.time()
             self.bytes_received += len(data)
-            peer = self.peer
-            if peer is not None and self.attempt is not None:
-                self.attempt.bytes_sent += len(data)
-                peer.transport.write(data)
-                self._limit(self.gate, self.server.conf.proxy.upload_rate, self.bytes_received)
+            if self.peer is not None and self.attempt is not None:
+                if self._upload is not None:
+                    self._upload.feed(data)
+                else:
+                    self._to_peer(data)
                 return
             self._pending.append(data)
             self._pending_size += len(data)
@@ -182,6 +219,7 @@ class Session(asyncio.Protocol):
         except Exception as exc:
             self._crashed(exc, "reading from client")
 
+    @_in_server_log
     def eof_received(self) -> bool:
         try:
             if self.peer is None and not (self._prereading or self._proxy_header or self._ended):
@@ -192,6 +230,7 @@ class Session(asyncio.Protocol):
             self._crashed(exc, "reading from client")
         return True
 
+    @_in_server_log
     def connection_lost(self, exc: Exception | None) -> None:
         try:
             if not self._ended:
@@ -229,11 +268,27 @@ class Session(asyncio.Protocol):
         self.bytes_received -= header.length  # $bytes_received counts the payload only, as nginx
         rest = data[header.length:]
         self._pending, self._pending_size = ([rest], len(rest)) if rest else ([], 0)
+        self._cancel_timer()
+        self._run_phases()
+
+    def _run_phases(self) -> None:
+        """nginx's stream phases once the connection (and its PROXY header) is in: preaccess
+        (limit_conn), access (allow/deny), preread (ssl_preread), then content (the tries)."""
+        server = self.server
+        if server.limits is not None:
+            status, _ = server.limits.run(self)
+            if status:
+                self._finish(status)
+                return
+        if server.access is not None and not server.access(self):
+            errorlog.log_error("error", "access forbidden by rule", self.conn_id, self.log_context(None))
+            self._finish(FORBIDDEN)
+            return
         if self._prereading:
-            if rest:
+            self._arm_timer(_PREREAD_TIMEOUT)
+            if self._pending:
                 self._preread()
             return
-        self._cancel_timer()
         self._begin_tries()
 
     def _preread(self) -> None:
@@ -275,6 +330,7 @@ class Session(asyncio.Protocol):
         else:
             self._state = upstream.balancer.new_request(tries_cap, key_getter(self))
         self._started = self.loop.time()
+        self._start_sec = int(time.time())  # (nginx's u->start_sec: the rates count from it)
         if self._pending_size >= self.server.conf.proxy.buffer_size:
             self._gate().close(WAITING)
         self._next_try()
@@ -309,8 +365,9 @@ class Session(asyncio.Protocol):
             record = TryRecord(upstream.name, clock())
             record.response_time = 0.0
             self.tries.append(record)
-            errorlog.log_error("error", f"no live upstreams while {_CONNECTING}",
-                               self.conn_id, self.log_context(None))
+            # (nginx finds no peer right after setting this action, before any byte is relayed)
+            errorlog.log_error("error", "no live upstreams while connecting to upstream",
+                               self.conn_id, self.log_context(upstream.name))  # (nginx names the upstream)
             self._finish(BAD_GATEWAY)
             return
         self._connect(peer.name, peer.addr, peer)
@@ -325,11 +382,21 @@ class Session(asyncio.Protocol):
             opening = loop.create_unix_connection(lambda: side, addr.unix_path)
         else:
             assert addr.host is not None  # (an address without unix_path has a host)
-            opening = loop.create_connection(lambda: side, addr.host, addr.port)
+            opening = loop.create_connection(lambda: side, addr.host, addr.port,
+                                             local_addr=self._local_address())
         task = loop.create_task(opening)
         self._connect_timer = loop.call_later(self.connect_timeout, task.cancel)
         self._connecting = task
         task.add_done_callback(lambda done: self._connected(done, side))
+
+    def _local_address(self) -> tuple[str, int] | None:
+        """proxy_bind's address for this session's peer connections (None: the OS picks)."""
+        bind = self.server.proxy_bind
+        if bind is None:
+            return None
+        from scriptlb.request.proxy import local_address
+
+        return local_address(bind(self), self)
 
     def peer_connected(self, side: PeerSide) -> None:
         """The peer's connection is up (its connection_made: before the opening task's own
@@ -342,6 +409,7 @@ class Session(asyncio.Protocol):
             self._connect_timer.cancel()
         self._relay(side)
 
+    @_in_server_log
     def _connected(self, task: _Opening, side: PeerSide) -> None:
         if self._connecting is not task:  # relayed already (peer_connected), or the session ended
             if not task.cancelled():
@@ -384,15 +452,19 @@ class Session(asyncio.Protocol):
         # a session's try is connected by its PeerSide, which answers what Attempt.end reads
         # of a connection (sent, received), not an UpstreamConnection
         attempt.connected(side)  # type: ignore[arg-type]
+        self._peer_is_live(attempt)
         self.peer = side
         side.transport.set_write_buffer_limits(high=self.server.conf.proxy.buffer_size)
+        _no_delay(side.transport, self.server.conf.tcp_nodelay)
         pending, self._pending, self._pending_size = self._pending, [], 0
         if self.server.conf.proxy.proxy_protocol:
-            header = v1_header(self.remote_addr, self.remote_port, self.server_addr, self.server_port)
-            pending.insert(0, header)
+            self._to_peer(v1_header(self.remote_addr, self.remote_port, self.server_addr, self.server_port))
+        self._start_flows(side)
         for chunk in pending:
-            attempt.bytes_sent += len(chunk)
-            side.transport.write(chunk)
+            if self._upload is not None:
+                self._upload.feed(chunk)
+            else:
+                self._to_peer(chunk)
         self._gate().open(WAITING)
         self._active = self.loop.time()
         self._arm_timer(self.read_timeout)
@@ -401,6 +473,43 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ peer side (PeerSide calls)
 
+    def _peer_is_live(self, attempt: StreamAttempt) -> None:
+        """nginx's stream round robin "notify" on connect: a peer chosen again after its
+        fail_timeout that accepts the connection has its failures forgiven at once (not when
+        the session ends: sessions opened meanwhile go to it too)."""
+        peer, upstream = attempt.peer, self._upstream
+        if peer is None or upstream is None or upstream.peers.single:
+            return
+        fails = peer.fails
+        if not fails or peer.accessed >= peer.checked:
+            return
+        peer.fails = 0
+        stats = upstream.stats
+        if stats is not None and upstream.conf.zone and upstream.peers.holds(peer):
+            stats.passive_free(peer, False, fails, self.loop.time())
+
+    def _start_flows(self, side: PeerSide) -> None:
+        """proxy_upload_rate / proxy_download_rate, evaluated once connected (as nginx)."""
+        server = self.server
+        up, down = server.upload_rate(self), server.download_rate(self)
+        if up:
+            self._upload = RatedFlow(up, self._start_sec, self._gate(), self._to_peer, self.loop)
+        if down:
+            self._download = RatedFlow(down, self._start_sec, side.gate, self._to_client, self.loop)
+
+    def _to_peer(self, data: bytes) -> None:
+        attempt, peer = self.attempt, self.peer
+        if attempt is not None:
+            attempt.bytes_sent += len(data)
+        if peer is not None and not peer.transport.is_closing():
+            peer.transport.write(data)
+
+    def _to_client(self, data: bytes) -> None:
+        self.bytes_sent += len(data)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
     def peer_data(self, data: bytes) -> None:
         self._active = self.loop.time()
         attempt = self.attempt
@@ -408,13 +517,10 @@ class Session(asyncio.Protocol):
             if not attempt.bytes_received:
                 attempt.header_time = clock() - attempt.started  # $upstream_first_byte_time
             attempt.bytes_received += len(data)
-        self.bytes_sent += len(data)
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
-        peer = self.peer
-        if peer is not None:
-            self._limit(peer.gate, self.server.conf.proxy.download_rate, self.bytes_sent)
+        if self._download is not None:
+            self._download.feed(data)
+        else:
+            self._to_client(data)
 
     def peer_eof(self) -> None:
         self._eof_from(client=False)
@@ -422,7 +528,11 @@ class Session(asyncio.Protocol):
     def _eof_from(self, client: bool) -> None:
         """One side finished sending. nginx's default ends the session (once what it sent is
         written on); with proxy_half_close the EOF is passed on and the session ends when both
-        sides have finished."""
+        sides have finished. Bytes a rate limit still holds go first."""
+        flow = self._upload if client else self._download
+        if flow is not None and flow.held:
+            flow.after = lambda: self._eof_from(client)
+            return
         if self.server.conf.proxy.half_close and self.peer is not None:
             self._eofs |= 1 if client else 2
             if self._eofs != 3:
@@ -434,22 +544,15 @@ class Session(asyncio.Protocol):
         self._finish(OK)
 
     def peer_lost(self) -> None:
-        if not self._ended:
-            self._info("upstream disconnected")
-            self._finish(OK)
+        if self._ended:
+            return
+        if self._download is not None and self._download.held:
+            self._download.after = self.peer_lost  # (what the peer sent is still owed)
+            return
+        self._info("upstream disconnected")
+        self._finish(OK)
 
     # ------------------------------------------------------------------ limits, timers
-
-    def _limit(self, gate: ReadGate | None, rate: int, done: int) -> None:
-        if not rate or gate is None:
-            return
-        delay = rate_delay(rate, self._started_loop(), done, self.loop.time())
-        if delay:
-            gate.close(RATE)
-            self.loop.call_later(delay, gate.open, RATE)
-
-    def _started_loop(self) -> float:
-        return self._started
 
     def _arm_timer(self, timeout: float) -> None:
         self._cancel_timer()
@@ -461,6 +564,7 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
+    @_in_server_log
     def _on_timer(self, timeout: float) -> None:
         self._timer = None
         if self._ended:
@@ -486,6 +590,9 @@ class Session(asyncio.Protocol):
         self._ended = True
         self.status = status
         self._cancel_timer()
+        for flow in (self._upload, self._download):
+            if flow is not None:
+                flow.close()
         task, self._connecting = self._connecting, None
         if task is not None:
             task.cancel()
@@ -497,6 +604,8 @@ class Session(asyncio.Protocol):
                 attempt.end(ABANDONED, self)  # the client left while connecting
         if self.transport is not None:
             self.transport.close()
+        if self.limit is not None:
+            self.limit.release()  # limit_conn: this session no longer counts
         transports = self._transports()
         if any(t is not None and t.get_write_buffer_size() for t in transports):
             # close() waits for the write buffers to drain; a side that never reads again
@@ -512,6 +621,7 @@ class Session(asyncio.Protocol):
         self.server.sessions.discard(self)
         self.peer = None
 
+    @_in_server_log
     def close(self) -> None:
         """Close now (a worker's fast stop, or worker_shutdown_timeout)."""
         transports = self._transports()
@@ -521,11 +631,21 @@ class Session(asyncio.Protocol):
                 transport.abort()
 
     def _crashed(self, exc: BaseException, where: str) -> None:
+        """An unexpected exception: report it, end the session (logged, 500) and abort both
+        sides and any connect in progress, even when ending it raises too."""
         safety.report(exc, f"{where} (stream session)")
-        if not self._ended:
-            self._finish(INTERNAL_ERROR)
-        if self.transport is not None:
-            self.transport.abort()
+        transports = self._transports()
+        try:
+            if not self._ended:
+                self._finish(INTERNAL_ERROR)
+        except Exception as err:
+            safety.report(err, "ending a stream session")
+        finally:
+            self._ended = True
+            task, self._connecting = self._connecting, None
+            if task is not None:
+                task.cancel()
+            _abort_all((*transports, *self._transports()))
 
     def _info(self, what: str) -> None:
         if errorlog.enabled("info"):  # (nginx writes this one without the session's context)
@@ -583,6 +703,7 @@ class PeerSide(asyncio.Protocol):
         all payload."""
         return self.received
 
+    @_in_server_log
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         # a connection's transport: asyncio's, or uvloop's (which does not subclass Transport)
         self.transport = transport = cast(asyncio.Transport, base)
@@ -594,6 +715,7 @@ class PeerSide(asyncio.Protocol):
             except Exception as exc:
                 session._crashed(exc, _CONNECTING)
 
+    @_in_server_log
     def data_received(self, data: bytes) -> None:
         session = self.session
         if session is not None:
@@ -602,6 +724,7 @@ class PeerSide(asyncio.Protocol):
             except Exception as exc:
                 session._crashed(exc, "reading from upstream")
 
+    @_in_server_log
     def eof_received(self) -> bool:
         session = self.session
         if session is not None:
@@ -611,6 +734,7 @@ class PeerSide(asyncio.Protocol):
                 session._crashed(exc, "reading from upstream")
         return True
 
+    @_in_server_log
     def connection_lost(self, exc: Exception | None) -> None:
         session, self.session = self.session, None
         if session is not None and session.peer is self:
@@ -641,6 +765,15 @@ class PeerSide(asyncio.Protocol):
 
 def _joined(addr: str, port: str) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _no_delay(transport: Any, on: bool) -> None:
+    """tcp_nodelay, set as nginx does on both sides (whatever the loop's transports chose)."""
+    import socket
+
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(on))
 
 
 def _abort_all(transports: tuple[Any, ...]) -> None:

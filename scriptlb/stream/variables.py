@@ -73,6 +73,11 @@ def _binary_remote_addr(session: Any) -> str | None:
         return None
 
 
+def _limit_conn_status(session: Any) -> str | None:
+    limit = session.limit
+    return (limit.conn_status or None) if limit is not None else None
+
+
 _SIMPLE: dict[str, Getter] = {
     "remote_addr": _attr("remote_addr"),
     "remote_port": _attr("remote_port"),
@@ -96,6 +101,7 @@ _SIMPLE: dict[str, Getter] = {
     "ssl_preread_server_name": _attr("ssl_server_name"),
     "ssl_preread_protocol": _attr("ssl_protocol"),
     "ssl_preread_alpn_protocols": _attr("ssl_alpn_protocols"),
+    "limit_conn_status": _limit_conn_status,
     "proxy_protocol_addr": _attr("proxy_protocol_addr"),
     "proxy_protocol_port": _attr("proxy_protocol_port"),
 }

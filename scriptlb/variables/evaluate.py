@@ -23,9 +23,9 @@ import re
 import socket
 import time
 from collections.abc import Callable, Iterable
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
-from scriptlb.config.model import MapConf, Template, Var
+from scriptlb.config.model import GeoConf, MapConf, Template, Var
 from scriptlb.config.templates import KNOWN_VARIABLES, VARIABLE_PREFIXES
 from scriptlb.http.tls import TLS_VARIABLES
 from scriptlb.request_view import Header, RequestView
@@ -489,13 +489,20 @@ _SIMPLE: dict[str, Getter] = {
 _DECLARED: dict[str, Getter] = {}
 
 
-def use_maps(maps: dict[str, MapConf]) -> None:
-    """Make the ``map`` variables of a configuration (HttpConf.maps) readable, replacing the
-    previous configuration's. Called before the configuration's templates are compiled."""
+def use_maps(maps: dict[str, MapConf | GeoConf], forwarded: Callable[[GeoConf], Any] | None = None) -> None:
+    """Make the ``map`` and ``geo`` variables of a configuration (HttpConf.maps) readable,
+    replacing the previous configuration's. Called before the configuration's templates are
+    compiled. ``forwarded(conf)``: a geo block's X-Forwarded-For reader, for one with ``proxy``."""
+    from scriptlb.variables.geo import GeoVariable
     from scriptlb.variables.maps import MapVariable
 
     _DECLARED.clear()
-    _DECLARED.update({name: MapVariable(conf, compile_template) for name, conf in maps.items()})
+    for name, conf in maps.items():
+        if isinstance(conf, GeoConf):
+            reader = forwarded(conf) if forwarded is not None and conf.proxies else None
+            _DECLARED[name] = GeoVariable(conf, compile_template, reader)
+        else:
+            _DECLARED[name] = MapVariable(conf, compile_template)
 
 
 _SIMPLE.update(TLS_VARIABLES)
