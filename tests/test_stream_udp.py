@@ -208,6 +208,27 @@ def test_proxy_protocol_rides_in_the_first_datagram(tmp_path: Path) -> None:
     assert first[0].endswith(f" {port}\r\nhello".encode())
 
 
+def test_proxy_bind_sets_the_peer_socket_s_source_address(tmp_path: Path) -> None:
+    (port,) = free_udp_ports(1)
+    with UdpPeer(lambda data, addr: [addr[0].encode()]) as peer, scriptlb_stream(tmp_path, f"""
+            server {{ listen 127.0.0.1:{port} udp; proxy_pass {peer.addr}; proxy_bind 127.0.0.2; }}
+            """), udp_client() as client:
+        assert udp_ask(client, port, b"?") == [b"127.0.0.2"]
+
+
+def test_a_rate_limit_delays_datagrams_but_never_splits_one(tmp_path: Path) -> None:
+    """proxy_download_rate 500 and 1000-byte datagrams: each comes whole (nginx cuts a TCP
+    stream to the budget, never a datagram), the second after the pause the first earned."""
+    (port,) = free_udp_ports(1)
+    with UdpPeer() as peer, scriptlb_stream(tmp_path, f"""
+            server {{ listen 127.0.0.1:{port} udp; proxy_pass {peer.addr}; proxy_download_rate 500; }}
+            """), udp_client() as client:
+        assert udp_ask(client, port, b"d" * 1000) == [b"d" * 1000]
+        started = time.monotonic()
+        assert udp_ask(client, port, b"e" * 1000) == [b"e" * 1000]
+        assert time.monotonic() - started >= 0.5  # (earned: 2 s; only a lower bound is safe)
+
+
 def test_sessions_are_bounded_by_worker_connections(tmp_path: Path) -> None:
     """Forged source addresses cost nothing: past worker_connections live sessions a new
     client's datagram is dropped, with nginx's alert, and the live sessions go on."""

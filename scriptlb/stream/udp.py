@@ -141,8 +141,9 @@ class UdpListener:
         self.sessions.clear()
 
 
-def _peer_socket(addr: PeerAddr) -> socket.socket:
-    """A datagram socket connected to the peer (immediate: nothing goes on the wire)."""
+def _peer_socket(addr: PeerAddr, local: tuple[str, int] | None = None) -> socket.socket:
+    """A datagram socket connected to the peer (immediate: nothing goes on the wire), from
+    ``local`` (proxy_bind) when given."""
     if addr.unix_path is not None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         target: Any = addr.unix_path
@@ -154,6 +155,8 @@ def _peer_socket(addr: PeerAddr) -> socket.socket:
         sock.setblocking(False)
         if addr.unix_path is not None:
             sock.bind("")  # (Linux autobind: an address the peer can answer to)
+        elif local is not None:
+            sock.bind(local)
         sock.connect(target)
     except OSError:
         sock.close()
@@ -368,7 +371,7 @@ class UdpSession(Session):
         self.tries.append(attempt)
         side = PeerSide(self)
         try:
-            sock = _peer_socket(addr)
+            sock = _peer_socket(addr, self._local_address() if addr.unix_path is None else None)
         except OSError as exc:
             self._try_failed(Failure.ERROR, f"connect() failed {errorlog.os_error_text(exc)}")
             return
@@ -377,6 +380,12 @@ class UdpSession(Session):
         peer_socket.hold_first = self.server.conf.proxy.proxy_protocol
         # no connect to wait for: the PeerSide's connection_made relays at once
         side.connection_made(peer_socket)  # type: ignore[arg-type]
+
+    def _start_flows(self, side: PeerSide) -> None:
+        super()._start_flows(side)
+        for flow in (self._upload, self._download):
+            if flow is not None:
+                flow.whole = True  # (nginx cuts a stream to the budget, never a datagram)
 
     def peer_connected(self, side: PeerSide) -> None:
         if self._ended:
