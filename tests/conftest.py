@@ -124,6 +124,7 @@ TIERS: dict[str, str] = {
     "test_geo.py": "protocol",
     "test_stream_script.py": "protocol",
     "test_stream_udp.py": "integration",
+    "test_access_log_files.py": "protocol",
     "test_tiers.py": "unit",
     "test_tls.py": "protocol",
     "test_tls_listeners.py": "protocol",

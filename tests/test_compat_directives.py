@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import Backends, Scriptlb, get, load_conf, respond
+from helpers import Backends, Scriptlb, get, load_conf, raw, respond
 
 from scriptlb.config import ConfigError
 
@@ -387,6 +387,28 @@ def test_upstream_cookie_connection_time_and_empty_arg(tmp_path: Path) -> None:
     seconds = response.header("x-time") or ""
     assert seconds.count(".") == 1 and len(seconds.split(".")[1]) == 3 and float(seconds) >= 0
     assert response.header("x-empty") == "[]"
+
+
+def test_upstream_http_variables_read_the_peer_head_as_it_came(tmp_path: Path) -> None:
+    # (the proxy reads the pairs of a response head only when a variable asks: mixed-case
+    # names, blanks around values, a repeated header and a hidden one all read as parsed)
+    head = (b"HTTP/1.1 200 OK\r\nx-MIXED-case:  v1 \r\nX-Hidden: h\r\nX-Two: a\r\nX-Two: b\r\n"
+            b"Content-Length: 2\r\n\r\nok")
+    with Backends(raw(head, close=False)) as bk:
+        text = conf(f"""
+            location / {{
+                proxy_hide_header X-Hidden;
+                add_header X-Seen
+                    "[$upstream_http_x_mixed_case|$upstream_http_x_hidden|$upstream_http_x_two]";
+                proxy_pass http://{bk[0].addr};
+            }}
+        """)
+        with run(text, tmp_path) as lb:
+            response = get(lb.port, "/")
+    assert response.status == 200 and response.body == b"ok"
+    assert response.header("x-mixed-case") == "v1" and response.header("x-hidden") is None
+    assert [v for k, v in response.headers if k == "X-Two"] == ["a", "b"]
+    assert response.header("x-seen") == "[v1|h|a, b]"
 
 
 def test_default_root_is_under_the_prefix_and_unmatched_uris_get_404(tmp_path: Path) -> None:

@@ -574,7 +574,8 @@ def test_log_format_and_access_log(tmp_path: Path) -> None:
         ("access_log logs/a.log combined flush=1s;", 'no buffer is defined for access_log "logs/a.log"'),
         ("access_log logs/a.log combined bogus;", 'invalid parameter "bogus"'),
         ("access_log off combined;", 'invalid parameter "combined"'),
-        ("access_log logs/$host.log;", 'access_log "logs/$host.log" is not supported by scriptlb'),
+        ("access_log logs/$host.log combined buffer=1k;", "buffered logs cannot have variables in name"),
+        ("access_log syslog:server=x;", 'access_log "syslog:server=x" is not supported by scriptlb'),
     ],
 )
 def test_log_errors(tmp_path: Path, body: str, message: str) -> None:

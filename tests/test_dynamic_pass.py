@@ -173,11 +173,13 @@ def test_hostile_values_in_the_url_get_an_error_and_the_worker_keeps_serving(tmp
 
 def test_parse_target_as_nginx() -> None:
     t = parse_target("http://h:8080")
-    assert (t.host, t.port, t.uri, t.proxy_host) == ("h", 8080, None, "h:8080")
+    assert (t.host, t.port, t.uri, t.proxy_host, t.proxy_port) == ("h", 8080, None, "h:8080", "8080")
     t = parse_target("https://[::1]:443/x?y")
     assert (t.host, t.port, t.uri, t.proxy_host, t.ssl) == ("::1", 443, "/x?y", "[::1]", True)
+    assert (parse_target("https://h").proxy_port, parse_target("http://h:80").proxy_port) == ("443", "80")
     assert parse_target("http://h?a=b").uri == "/?a=b"
-    assert parse_target("http://unix:/tmp/s.sock:/p").unix_path == "/tmp/s.sock"
+    t = parse_target("http://unix:/tmp/s.sock:/p")
+    assert (t.unix_path, t.proxy_host, t.proxy_port) == ("/tmp/s.sock", "localhost", "")
     with pytest.raises(AddressError):
         parse_target("ftp://h")
 
@@ -193,3 +195,60 @@ def test_config_errors_name_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r'"health_check" requires "proxy_pass" to an upstream'):
         load_conf("http { server { listen 127.0.0.1:1;\n"
                   "location / { proxy_pass http://$host; health_check; } } }", tmp_path)
+
+
+PROXY_VARS = """
+    upstream up {{ server {peer}; }}
+    server {{
+        listen {listen};
+        proxy_set_header X-PP "$proxy_host|$proxy_port";
+        location /block {{ proxy_pass http://up; }}
+        location /addr {{ proxy_pass http://{peer}; }}
+        location /unix {{ proxy_pass http://unix:{sock}; }}
+        location /var {{ proxy_pass http://$arg_to; }}
+    }}
+"""
+
+
+@pytest.mark.skipif(NGINX is None, reason="needs nginx")
+def test_proxy_host_and_port_as_nginx(tmp_path: Path) -> None:
+    """$proxy_host and $proxy_port for an upstream block, an address, a unix socket and
+    proxy_pass with variables, beside nginx."""
+    import asyncio
+
+    sock_path = tmp_path / "peer.sock"
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(str(sock_path))
+    unix.listen(8)
+
+    def x_pp(response: bytes) -> str:
+        status_line, _, rest = response.partition(b"\r\n")
+        if b" 200 " not in status_line:
+            return status_line.decode()
+        lines = rest.partition(b"\r\n\r\n")[2].decode("latin-1").splitlines()
+        return next(line for line in lines if line.lower().startswith("x-pp:")).split(":", 1)[1].strip()
+
+    paths = ["/block", "/addr", "/unix", "/var?to=up", "/var?to={peer}"]
+    with Backends(echo(), echo()) as bk:
+        bk[1].server.close()  # type: ignore[union-attr]
+
+        async def serve_unix() -> None:
+            bk[1].server = await asyncio.start_unix_server(bk[1].handle, sock=unix)
+
+        bk.run(serve_unix())
+        values = dict(peer=bk[0].addr, sock=sock_path)
+        port = free_ports(1)[0]
+        requests = [_request(p.replace("{peer}", bk[0].addr), "x") for p in paths]
+        ngx_dir, lb_dir = tmp_path / "nginx", tmp_path / "scriptlb"
+        ngx_dir.mkdir()
+        lb_dir.mkdir()
+        with nginx_running(ngx_dir, PROXY_VARS.format(listen=f"127.0.0.1:{port}", **values)):
+            theirs = [x_pp(raw_exchange(port, r)) for r in requests]
+        block = PROXY_VARS.format(listen="{port0}", **values)
+        lb_conf = "daemon off; master_process off; http { " + block + " }"
+        with Scriptlb(lb_conf, lb_dir) as lb:
+            ours = [x_pp(raw_exchange(lb.port, r)) for r in requests]
+    assert ours == theirs
+    peer_port = bk[0].addr.rsplit(":", 1)[1]
+    assert ours == ["up|80", f"{bk[0].addr}|{peer_port}", "localhost|", "up|80",
+                    f"{bk[0].addr}|{peer_port}"]

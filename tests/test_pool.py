@@ -4,6 +4,8 @@ expiry by the sweep timer, connections that die while idle."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from helpers import run_loop_until
 
@@ -33,9 +35,10 @@ class FakeConn:
     def is_reusable(self, max_requests: int) -> bool:
         return self.reusable
 
-    def make_idle(self, now: float) -> None:
+    def make_idle(self, now: float, on_lost: Callable[[Any], None]) -> None:
         self.state = ConnState.IDLE
         self.idle_since = now
+        self.on_idle_lost = on_lost
 
     def close(self) -> None:
         self.state = ConnState.CLOSED

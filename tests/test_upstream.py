@@ -7,7 +7,8 @@ import asyncio
 import pytest
 from helpers import run_loop_until
 
-from scriptlb.http.upstream import ConnState, ResponseHead, UpstreamConnection, UpstreamError
+from scriptlb.http.response_head import ResponseHead
+from scriptlb.http.upstream import ConnState, UpstreamConnection, UpstreamError
 from scriptlb.request.retry import Failure
 
 HEAD = b"GET / HTTP/1.1\r\nHost: u\r\n\r\n"
@@ -200,9 +201,8 @@ def test_idle_connection_receiving_data_is_dropped(loop: asyncio.AbstractEventLo
     conn, transport = connect(loop)
     send(conn)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    conn.make_idle(0.0)
     lost: list[UpstreamConnection] = []
-    conn.on_idle_lost = lost.append
+    conn.make_idle(0.0, lost.append)
     conn.data_received(b"HTTP/1.1 408 Request Time-out\r\n\r\n")
     assert lost == [conn] and transport.closed and conn.state is ConnState.CLOSED
 
@@ -246,6 +246,7 @@ def test_a_second_response_after_the_first_is_never_mixed_in(loop: asyncio.Abstr
                        b"HTTP/1.1 500 Oops\r\nX-B: 2\r\nContent-Length: 0\r\n\r\n")
     assert handler.head is not None and handler.head.status == 200
     assert handler.head.headers == [(b"Content-Length", b"2"), (b"X-A", b"1")]
+    assert handler.head.client_headers() == b"X-A: 1\r\n" and handler.head.content_length == 2
     assert handler.complete and handler.error is None and not conn.is_reusable(0)
 
 
@@ -266,3 +267,94 @@ def test_start_on_a_transport_closing_under_us_fails_soon_instead_of_raising(
     run_loop_until(loop, lambda: handler.error is not None)
     assert handler.error is not None and str(handler.error) == "upstream prematurely closed connection"
     assert not handler.error.request_sent
+
+
+# ---------------------------------------------------------------- the response head, read lean
+
+
+def test_head_lines_for_the_client_and_pairs_read_only_when_asked(loop: asyncio.AbstractEventLoop) -> None:
+    conn, _ = connect(loop)
+    handler = send(conn)
+    conn.data_received(b"HTTP/1.1 200 Fine\r\nServer: peer\r\nDate: x\r\nX-Tail:  spaced \t\r\n"
+                       b"content-LENGTH: 2\r\nCONNECTION: keep-alive\r\nX-Accel-Buffering: no\r\n"
+                       b"Set-Cookie: a=1\r\n\r\nok")
+    response = handler.head
+    assert response is not None and handler.complete and handler.body == b"ok"
+    assert (response.status, response.reason, response.content_length) == (200, b"Fine", 2)
+    assert not response.close and response.rewritable  # (Set-Cookie: proxy_cookie_* may edit it)
+    # hidden: framing, Date, Server, X-Accel-*; blanks around a value go, as llhttp parses it
+    assert response.client_headers() == b"X-Tail: spaced\r\nSet-Cookie: a=1\r\n"
+    assert response._headers is None  # nobody asked for the pairs yet
+    assert list(response) == [(b"Server", b"peer"), (b"Date", b"x"), (b"X-Tail", b"spaced"),
+                              (b"content-LENGTH", b"2"), (b"CONNECTION", b"keep-alive"),
+                              (b"X-Accel-Buffering", b"no"), (b"Set-Cookie", b"a=1")]
+    assert len(response) == 7 and response[2] == (b"X-Tail", b"spaced")
+
+
+def test_a_head_split_across_reads_mid_name(loop: asyncio.AbstractEventLoop) -> None:
+    conn, _ = connect(loop)
+    handler = send(conn)
+    pieces = (b"HTTP/1.1 201 Cre", b"ated\r\nX-Lo", b"ng: va", b"lue\r\nConte", b"nt-Length: 3\r\n\r",
+              b"\nabc")
+    for piece in pieces:
+        conn.data_received(piece)
+    response = handler.head
+    assert response is not None and handler.body == b"abc" and handler.complete
+    assert (response.status, response.reason, response.content_length) == (201, b"Created", 3)
+    assert response.client_headers() == b"X-Long: value\r\n"
+    assert response.headers == [(b"X-Long", b"value"), (b"Content-Length", b"3")]
+
+
+def test_the_pairs_are_the_final_heads_after_an_interim_one(loop: asyncio.AbstractEventLoop) -> None:
+    conn, _ = connect(loop)
+    handler = send(conn)
+    conn.data_received(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+    conn.data_received(b"HTTP/1.1 200 OK\r\nX-B: 2\r\nContent-Length: 0\r\n\r\n")
+    response = handler.head
+    assert response is not None and response.status == 200 and handler.complete
+    assert response.client_headers() == b"X-B: 2\r\n" and response.reason == b"OK"
+    assert response.headers == [(b"X-B", b"2"), (b"Content-Length", b"0")]
+    assert conn.is_reusable(max_requests=100)
+
+
+def test_the_pairs_of_a_head_read_with_a_large_body(loop: asyncio.AbstractEventLoop) -> None:
+    conn, _ = connect(loop)
+    handler = send(conn)
+    body = b"x" * 100_000
+    conn.data_received(b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    response = handler.head
+    assert response is not None and handler.body == body and handler.complete
+    assert len(response.raw) < 100  # the head is kept for the pairs, not the body read with it
+    assert response.headers == [(b"X-A", b"1"), (b"Content-Length", b"100000")]
+
+
+def test_a_header_named_in_connection_is_hop_by_hop(loop: asyncio.AbstractEventLoop) -> None:
+    conn, _ = connect(loop)
+    handler = send(conn)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nX-End: 2\r\n"
+                       b"Content-Length: 0\r\n\r\n")
+    response = handler.head
+    assert response is not None and response.connection == b"keep-alive, X-Hop"
+    assert response.client_headers() == b"X-End: 2\r\n"
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",  # duplicate length
+    b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 2\r\n\r\nok",  # obs-fold
+])
+def test_odd_framing_is_an_invalid_header(loop: asyncio.AbstractEventLoop, head: bytes) -> None:
+    conn, transport = connect(loop)
+    handler = send(conn)
+    conn.data_received(head)
+    assert handler.head is None and handler.error is not None and transport.closed
+    assert handler.error.failure == Failure.INVALID_HEADER
+    assert str(handler.error) == "upstream sent invalid header"
+
+
+def test_a_chunked_response_in_mixed_case_has_no_length(loop: asyncio.AbstractEventLoop) -> None:
+    conn, _ = connect(loop)
+    handler = send(conn)
+    conn.data_received(b"HTTP/1.1 200 OK\r\ntransfer-ENCODING: chunked\r\nX-A: 1\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    response = handler.head
+    assert response is not None and response.chunked and response.content_length is None
+    assert handler.body == b"ok" and handler.complete and response.client_headers() == b"X-A: 1\r\n"

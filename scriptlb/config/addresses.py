@@ -259,6 +259,20 @@ class ProxyUrl:
     ssl: bool = False  # https://
 
 
+def proxy_host_port(parsed: ProxyUrl) -> tuple[str, str]:
+    """nginx's ``$proxy_host`` and ``$proxy_port`` of a proxy_pass URL (ngx_http_proxy_set_vars):
+    the host with the port unless it is the scheme's default, and that port ("80"/"443" when the
+    URL names none); a unix socket is "localhost" with an empty port."""
+    target = parsed.target
+    if target.unix_path is not None:
+        return "localhost", ""
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    default = 443 if parsed.ssl else 80
+    if target.port in (None, default):
+        return host, str(default)
+    return f"{host}:{target.port}", str(target.port)
+
+
 def parse_proxy_url(url: str) -> ProxyUrl:
     """``http[s]://host[:port][/uri]`` or ``http[s]://unix:/path[:/uri]``; raises AddressError."""
     ssl = url[:8].lower() == "https://"

@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from scriptlb.config.addresses import AddressError, ProxyUrl, parse_proxy_url, resolve
+from scriptlb.config.addresses import AddressError, ProxyUrl, parse_proxy_url, proxy_host_port, resolve
 from scriptlb.config.directives import (
     COMBINED_FORMAT,
     OFF,
@@ -23,6 +23,7 @@ from scriptlb.config.directives import (
     default_redirect,
     listen_name,
     lookup,
+    with_file_cache,
 )
 from scriptlb.config.drafts import (
     Header,
@@ -321,9 +322,11 @@ class _ProxyPassResolver:
         if explicit is not None:
             if target.port is not None:
                 raise ConfigError(f'upstream "{explicit}" may not have port {target.port}', source)
-            return ProxyPassConf(explicit, parsed.uri, explicit, source, parsed.ssl)
+            return ProxyPassConf(explicit, parsed.uri, explicit, source, parsed.ssl,
+                                 proxy_port="443" if parsed.ssl else "80")
         key = self._implicit(parsed, source)
-        return ProxyPassConf(key, parsed.uri, _proxy_host(parsed), source, parsed.ssl)
+        host, port = proxy_host_port(parsed)
+        return ProxyPassConf(key, parsed.uri, host, source, parsed.ssl, proxy_port=port)
 
     @staticmethod
     def _dynamic(url: str, source: Source, template: Any, chain: Sequence[LevelDraft]) -> ProxyPassConf:
@@ -367,15 +370,6 @@ def _url_error(kind: str, url: str) -> str:
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _proxy_host(parsed: ProxyUrl) -> str:
-    """nginx's $proxy_host: the URL's host, with the port unless it is 80."""
-    target = parsed.target
-    if target.unix_path is not None:
-        return "localhost"
-    host = f"[{target.host}]" if ":" in target.host else target.host
-    return host if target.port in (None, 443 if parsed.ssl else 80) else f"{host}:{target.port}"
 
 
 # --------------------------------------------------------------------------- servers
@@ -538,7 +532,7 @@ def _location_conf(
         keepalive_timeout=_get(chain, "keepalive_timeout", 75.0),
         keepalive_requests=_get(chain, "keepalive_requests", 1000),
         client_body=_client_body_conf(chain),
-        access_log=tuple(access_logs),
+        access_log=with_file_cache(access_logs, _get(chain, "open_log_file_cache", None)),
         source=loc.source,
         log_hook=_log_hook(chain),
         add_headers=tuple(_get(chain, "add_header", ())),

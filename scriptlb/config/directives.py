@@ -46,6 +46,7 @@ from scriptlb.config.model import (
     ErrorPageConf,
     ExpiresConf,
     ListenConf,
+    LogFileCacheConf,
     LogFormat,
     NextUpstream,
     PeerAddr,
@@ -897,7 +898,7 @@ def _access_log(state: State, node: Node, draft: Any) -> None:
 
 
 def add_access_log(state: State, node: Node, draft: Any, formats: dict[str, LogFormat],
-                   default_format: str | None) -> None:
+                   default_format: str | None, known: Callable[[str], bool] | None = None) -> None:
     """``access_log PATH [FORMAT [buffer=SIZE [flush=TIME]]] | off`` onto ``draft.access_logs``;
     stream has no default format (nginx: "log format is not specified")."""
     if draft.access_logs is None:
@@ -907,7 +908,7 @@ def add_access_log(state: State, node: Node, draft: Any, formats: dict[str, LogF
         if len(node.args) > 1:
             raise fail(node, f'invalid parameter "{node.args[1]}"')
         return  # an empty list at this level: off, and nothing inherited
-    if target.startswith("syslog:") or "$" in target:
+    if target.startswith("syslog:"):
         raise fail(node, f'access_log "{target}" is not supported by scriptlb')
     format_name = node.args[1] if len(node.args) > 1 else default_format
     if format_name is None:
@@ -915,10 +916,13 @@ def add_access_log(state: State, node: Node, draft: Any, formats: dict[str, LogF
     log_format = formats.get(format_name)
     if log_format is None:
         raise fail(node, f'unknown log format "{format_name}"')
-    buffer, flush, condition = 0, None, None
+    buffer, flush, condition, gzip = 0, None, None, 0
     for param in node.args[2:]:
-        if param.startswith("if="):
-            condition = template(node, param[len("if="):])
+        if param == "gzip" or param.startswith("gzip="):
+            buffer = buffer or 64 * 1024  # (nginx's default buffer of a compressed log)
+            gzip = _gzip_level(node, param)
+        elif param.startswith("if="):
+            condition = template(node, param[len("if="):], known)
         elif param.startswith("buffer="):
             buffer = parse_size(param[len("buffer=") :]) or 0
             if not buffer:
@@ -932,7 +936,58 @@ def add_access_log(state: State, node: Node, draft: Any, formats: dict[str, LogF
     if flush is not None and not buffer:
         raise fail(node, f'no buffer is defined for access_log "{target}"')
     path = target if target in ("stderr", "stdout") else state.path(target)
-    draft.access_logs.append(AccessLogConf(path, log_format, buffer, flush or 0.0, condition))
+    path_template = None
+    if "$" in target:
+        if buffer:
+            raise fail(node, "buffered logs cannot have variables in name")
+        path_template = template(node, path, known)
+    draft.access_logs.append(AccessLogConf(path, log_format, buffer, flush or 0.0, condition, gzip,
+                                           path_template))
+
+
+def _open_log_file_cache(state: State, node: Node, draft: Any) -> None:
+    """``open_log_file_cache max=N [inactive=T] [min_uses=N] [valid=T] | off``."""
+    if node.args == ("off",):
+        _store(node, draft.values, None)
+        return
+    found: dict[str, float] = {}
+    for arg in node.args:
+        name, eq, text = arg.partition("=")
+        if name in ("max", "min_uses") and eq:
+            value: float | None = parse_int(text)
+            if value is None or value <= 0:
+                raise fail(node, f'invalid "{name}" value "{text}"')
+        elif name in ("inactive", "valid") and eq:
+            value = parse_time(text)
+            if value is None:
+                raise fail(node, f'invalid "{name}" value "{text}"')
+        else:
+            raise fail(node, f'invalid "open_log_file_cache" parameter "{arg}"')
+        found[name] = value
+    if "max" not in found:
+        raise fail(node, '"open_log_file_cache" must have "max" parameter')
+    _store(node, draft.values, LogFileCacheConf(
+        int(found["max"]), found.get("inactive", 10.0), int(found.get("min_uses", 1)),
+        found.get("valid", 60.0)))
+
+
+def with_file_cache(logs: Any, cache: LogFileCacheConf | None) -> tuple[AccessLogConf, ...]:
+    """The logs of a level with its ``open_log_file_cache`` (only a path with variables uses it)."""
+    import dataclasses
+
+    return tuple(dataclasses.replace(log, file_cache=cache) if cache and log.path_template else log
+                 for log in logs)
+
+
+def _gzip_level(node: Node, param: str) -> int:
+    """``gzip`` (level 1, zlib's best speed) or ``gzip=1..9``."""
+    if param == "gzip":
+        return 1
+    text = param[len("gzip="):]
+    level = int(text) if text.isdigit() else 0
+    if not 1 <= level <= 9:
+        raise fail(node, f'invalid compression level "{text}"')
+    return level
 
 
 # --------------------------------------------------------------------------- python hooks
@@ -1681,6 +1736,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("balancer_trace_header", HSL, FLAG, _slot(flag)),
     _spec("balancer_trace_allow", HSL, (1, None), _trace_allow),
     _spec("set_real_ip_from", HSL, ONE, _set_real_ip_from),
+    _spec("open_log_file_cache", HSL | Ctx.STREAM | Ctx.STREAM_SERVER, (1, 4), _open_log_file_cache),
     _spec("limit_req_zone", Ctx.HTTP, (2, 3), _limit_zone),
     _spec("limit_req", HSL, (1, 3), _limit_req),
     _spec("limit_req_status", HSL, ONE, _limit_status),

@@ -132,6 +132,7 @@ class StreamServerDraft:
     proxy_protocol_listens: list[ListenKey] = field(default_factory=list)
     return_text: tuple[str, Source] | None = None
     content: str = ""  # "proxy_pass" or "return": the last one read is the handler, as nginx
+    sets: list[tuple[str, Any]] = field(default_factory=list)  # `set $name value`, in order
 
 
 @dataclass(eq=False)
@@ -147,4 +148,7 @@ class StreamDraft:
     maps: dict[str, Any] = field(default_factory=dict)  # variable name -> MapConf
     # variables named before any map defined them, checked at the block's end
     deferred_names: list[tuple[str, Source]] = field(default_factory=list)
+    split_clients: dict[str, Any] = field(default_factory=dict)  # variable name -> StreamSplitConf
+    # names a session stores itself: `set` targets and map regexes' named captures
+    stored: set[str] = field(default_factory=set)
     limit_zones: dict[str, Any] = field(default_factory=dict)  # limit_conn_zone: LimitZoneConf by name

@@ -122,6 +122,20 @@ class AccessLogConf:
     buffer: int = 0  # access_log ... buffer=SIZE: bytes kept before a write; 0 = write per request
     flush: float = 0.0  # access_log ... flush=TIME: the longest a buffered line may wait
     condition: Template | None = None  # access_log ... if=COND: logged unless "" or "0"
+    gzip: int = 0  # access_log ... gzip[=LEVEL]: each buffer written as one gzip member
+    path_template: Template | None = None  # a path with variables: opened for each line
+    file_cache: LogFileCacheConf | None = None  # open_log_file_cache, for a path_template
+
+
+@dataclass(frozen=True, slots=True)
+class LogFileCacheConf:
+    """``open_log_file_cache max=N [inactive=T] [min_uses=N] [valid=T]``: descriptors of log
+    files whose names have variables, kept open (nginx's defaults)."""
+
+    max: int
+    inactive: float = 10.0  # a file unused this long is closed
+    min_uses: int = 1  # uses within `inactive` before its descriptor is kept
+    valid: float = 60.0  # a kept descriptor is reopened after this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,6 +540,7 @@ class ProxyPassConf:
     # names that are no upstream's are looked up with ``resolver`` (scriptlb.request.dynamic_pass)
     template: Template | None = None
     resolver: ResolverConf | None = None
+    proxy_port: str = "80"  # value of $proxy_port: the URL's port, or the scheme's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -832,6 +847,19 @@ class StreamServerConf:
     proxy_bind: Template | None = None  # the local address of peer connections (empty: none)
     error_log: tuple[ErrorLogConf, ...] = ()  # the server's (or stream's) error_log; (): the main's
     return_text: Template | None = None  # `return`: the session's content instead of proxying
+    sets: tuple[tuple[str, Template], ...] = ()  # `set $name value` (preaccess phase), in order
+    realip: RealIpConf | None = None  # `set_real_ip_from`: trusted senders of PROXY headers
+    resolver: ResolverConf | None = None  # names in `proxy_pass $var` values
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSplitConf:
+    """``split_clients SOURCE $variable { PERCENT% value; ... * value; }``: MurmurHash2 of the
+    source picks a part; ``bounds`` are nginx's cumulative 32-bit limits (0: the rest)."""
+
+    variable: str
+    source: Template
+    parts: tuple[tuple[int, str], ...]  # (upper bound, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -855,6 +883,10 @@ class StreamConf:
     log_formats: dict[str, LogFormat]
     maps: dict[str, StreamMapConf | GeoConf] = field(default_factory=dict)  # map, geo by variable
     limit_zones: dict[str, LimitZoneConf] = field(default_factory=dict)  # limit_conn_zone by name
+    split_clients: dict[str, StreamSplitConf] = field(default_factory=dict)  # by variable name
+    stored: frozenset[str] = frozenset()  # `set` targets and named captures: a session's own
+    # the block's own access_log lines: nginx creates their files at start, used or not
+    access_logs: tuple[AccessLogConf, ...] = ()
 
     def hooks(self) -> tuple[HookConf, ...]:
         return tuple(u.hook for u in self.upstreams.values() if u.hook is not None)

@@ -94,8 +94,14 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                "stream: sends the value (with variables) and closes; the last of return and proxy_pass "
                "is the server's handler, as nginx"),
     "log_format": ("name [escape=default|json|none] string ...", "combined", "ngx_http_log_module", ""),
-    "access_log": ("path [format [buffer=size] [flush=time] [if=condition]] | off", "off",
-                   "ngx_http_log_module", "nginx defaults to logs/access.log combined"),
+    "access_log": ("path [format [buffer=size] [gzip[=level]] [flush=time] [if=condition]] | off", "off",
+                   "ngx_http_log_module", "nginx defaults to logs/access.log combined; gzip: each buffer "
+                   "written as one gzip member (level 1, a 64k buffer unless given); a path with variables "
+                   "is opened for each line (not with buffer or gzip)"),
+    "open_log_file_cache": ("max=N [inactive=time] [min_uses=N] [valid=time] | off", "off",
+                            "ngx_http_log_module / ngx_stream_log_module",
+                            "descriptors of logs whose paths have variables (inactive 10s, min_uses 1, "
+                            "valid 60s)"),
     "python_package_path": ("patterns", "-", "scriptlb (lua_package_path)", "$prefix and $hook_dir expand"),
     "python_code_cache": ("on | off", "on", "scriptlb (lua_code_cache)", ""),
     "python_memory_limit": ("size | off", "1g", "scriptlb",
@@ -139,7 +145,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                   "fields), watched in etcd (docs/cluster.md); timeout defaults to 3s"),
     "resolver": ("address[:port] ... [valid=time] [ipv4=on|off] [ipv6=on|off]", "-", "ngx_http_core_module",
                  "used by `server NAME resolve` and by proxy_pass with variables (IP addresses only, "
-                 "no status_zone)"),
+                 "no status_zone); stream: names in `proxy_pass $var` values, a cached answer "
+                 "starting at a random address as nginx's"),
     "resolver_timeout": ("time", "30s", "ngx_http_core_module", ""),
     "state": ("file", "-", "ngx_http_upstream_module (nginx Plus)",
               "the servers the API leaves, read at load time; replaces the block's server lines"),
@@ -197,7 +204,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "map": ("string $variable { ... }", "-", "ngx_http_map_module / ngx_stream_map_module",
             "strings (case-insensitive), default, `~`/`~*` regexes in order, hostnames, volatile, include; "
             "evaluated when read; regex captures ($1) in values are refused; "
-            "stream's own map (docs/stream.md): strings, hostnames, regexes, default"),
+            "stream's own map (docs/stream.md): strings, hostnames, regexes (with $1 and named captures "
+            "in values, and after), default"),
     "status": ("[!] code[-code] ...", "-", "ngx_http_upstream_hc_module (match)", ""),
     "header": ("name [= | != | ~ | !~ value] | ! name", "-", "ngx_http_upstream_hc_module (match)", ""),
     "body": ("~ | !~ regex", "-", "ngx_http_upstream_hc_module (match)", ""),
@@ -232,7 +240,12 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                           "Server, Date and the framing headers stay scriptlb's own"),
     "proxy_ignore_headers": ("field ...", "-", "ngx_http_proxy_module",
                              "accepted: scriptlb neither caches nor follows X-Accel-*"),
-    "set": ("$variable value", "-", "ngx_http_rewrite_module", "compiled at load"),
+    "set": ("$variable value", "-", "ngx_http_rewrite_module / ngx_stream_set_module",
+            "compiled at load; stream: run in order before the content (return, proxy_pass), and may "
+            "overwrite a map's or split_clients' value"),
+    "split_clients": ("string $variable { percent value; ... * value; }", "-",
+                      "ngx_stream_split_clients_module",
+                      "MurmurHash2 of the string, as nginx (the same clients get the same part)"),
     "if": ("(condition) { ... }", "-", "ngx_http_rewrite_module",
            "$var, = / != (a literal), ~ ~* !~ !~* (captures $1..$9); no file tests; only set, rewrite, "
            "break and return inside"),
@@ -282,8 +295,11 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "keepalive_disable": ("none | browser ...", "msie6", "ngx_http_core_module",
                           "accepted: no browser is told apart (keep-alive stays on for all)"),
     "keepalive_time": ("time", "1h", "ngx_http_core_module", "accepted, not enforced yet"),
-    "set_real_ip_from": ("address | CIDR | unix: | name", "-", "ngx_http_realip_module",
-                         "a name stands for the addresses it resolves to at load time"),
+    "set_real_ip_from": ("address | CIDR | unix: | name", "-",
+                         "ngx_http_realip_module / ngx_stream_realip_module",
+                         "a name stands for the addresses it resolves to at load time; stream: a trusted "
+                         "sender's PROXY header gives $remote_addr/$remote_port ($realip_remote_addr keeps "
+                         "the connection's)"),
     "real_ip_header": ("field | X-Real-IP | X-Forwarded-For | proxy_protocol", "X-Real-IP",
                        "ngx_http_realip_module", "the server's settings apply before the rewrite phase, "
                        "a location's after it (nginx's post-read and preaccess phases)"),

@@ -22,16 +22,20 @@ from scriptlb.config.model import (
     ListenConf,
     ListenKey,
     PeerAddr,
+    RealIpConf,
+    ResolverConf,
     Source,
     StreamConf,
     StreamMapConf,
     StreamProxyConf,
     StreamProxyPass,
     StreamServerConf,
+    StreamSplitConf,
     UpstreamConf,
     UpstreamServerConf,
 )
 from scriptlb.config.parser import Node
+from scriptlb.config.regex import compile_nginx_regex
 from scriptlb.config.templates import compile_template, is_stream_variable
 from scriptlb.config.units import parse_size
 
@@ -149,7 +153,7 @@ def _log_format(state: State, node: Node, draft: StreamDraft) -> None:
 
 def _access_log(state: State, node: Node, draft: Any) -> None:
     assert state.stream is not None
-    d.add_access_log(state, node, draft, state.stream.log_formats, None)
+    d.add_access_log(state, node, draft, state.stream.log_formats, None, _known(state, node))
 
 
 def _known(state: State, node: Node) -> Any:
@@ -158,19 +162,85 @@ def _known(state: State, node: Node) -> Any:
     stream = state.stream
 
     def known(name: str) -> bool:
-        if not is_stream_variable(name) and stream is not None and name not in stream.maps:
+        if not is_stream_variable(name) and stream is not None and not _declared(stream, name):
             stream.deferred_names.append((name, node.source))
         return True
 
     return known
 
 
-def _map(state: State, node: Node, draft: StreamDraft) -> None:
-    """``map SOURCE $var { key value; ... }``: read here, its lines are not directives."""
-    source_text, target = node.args
+def _declared(stream: StreamDraft, name: str) -> bool:
+    """A name the stream block defines itself: map, split_clients, set, named capture."""
+    return name in stream.maps or name in stream.split_clients or name in stream.stored
+
+
+def _new_variable(node: Node, stream: StreamDraft, target: str) -> str:
+    """The name a ``map`` / ``split_clients`` defines: not a built-in one; a second definition
+    replaces the first, as nginx's changeable variables."""
     if not target.startswith("$"):
         raise fail(node, f'invalid variable name "{target}"')
     name = target[1:].lower()
+    if is_stream_variable(name):
+        raise fail(node, f'the duplicate "{name}" variable')
+    stream.maps.pop(name, None)
+    stream.split_clients.pop(name, None)
+    return name
+
+
+def _set(state: State, node: Node, draft: StreamServerDraft) -> None:
+    """``set $name value`` (ngx_stream_set_module): run before access checks and content."""
+    assert state.stream is not None
+    target, raw = node.args
+    if not target.startswith("$"):
+        raise fail(node, f'invalid variable name "{target}"')
+    name = target[1:].lower()
+    if is_stream_variable(name):
+        raise fail(node, f'the duplicate "{name}" variable')
+    state.stream.stored.add(name)
+    draft.sets.append((name, d.template(node, raw, _known(state, node))))
+
+
+def _split_clients(state: State, node: Node, draft: StreamDraft) -> None:
+    """``split_clients SOURCE $var { 10% a; * b; }``: the parts' shares of the 32-bit hash."""
+    source_text, target = node.args
+    name = _new_variable(node, draft, target)
+    source = d.template(node, source_text, _known(state, node))
+    parts: list[tuple[int, str]] = []
+    total = last = 0
+    for line in node.children or ():
+        if line.children is not None or len(line.args) != 1:
+            raise fail(line, f'invalid percent value "{line.name}"')
+        share = _percent(line)
+        total = total + share if share else 10000
+        if total > 10000:
+            raise fail(line, "percent total is greater than 100%")
+        bound = 0
+        if share and total != 10000:
+            last += share * 0xFFFFFFFF // 10000
+            bound = last
+        parts.append((bound, line.args[0]))
+    draft.split_clients[name] = StreamSplitConf(name, source, tuple(parts))
+
+
+def _percent(line: Node) -> int:
+    """nginx's ``ngx_atofp(value, 2)`` of ``N[.NN]%`` in hundredths; 0 for ``*``."""
+    text = line.name
+    if text == "*":
+        return 0
+    whole, _, fraction = text[:-1].partition(".")
+    if (not text.endswith("%") or not whole.isdigit() or len(fraction) > 2
+            or (fraction and not fraction.isdigit())):
+        raise fail(line, f'invalid percent value "{text}"')
+    value = int(whole) * 100 + int(fraction.ljust(2, "0") or 0)
+    if value == 0:
+        raise fail(line, f'invalid percent value "{text}"')
+    return value
+
+
+def _map(state: State, node: Node, draft: StreamDraft) -> None:
+    """``map SOURCE $var { key value; ... }``: read here, its lines are not directives."""
+    source_text, target = node.args
+    name = _new_variable(node, draft, target)
     known = _known(state, node)
     source = d.template(node, source_text, known)
     exact: dict[str, Any] = {}
@@ -197,6 +267,7 @@ def _map(state: State, node: Node, draft: StreamDraft) -> None:
             caseless = key.startswith("~*")
             pattern = key[2:] if caseless else key[1:]
             d._check_regex(line, pattern, caseless)
+            draft.stored.update(n.lower() for n in compile_nginx_regex(pattern).groupindex)
             regexes.append((pattern, caseless, value))
         elif hostnames and (key.startswith(("*.", ".")) or key.endswith(".*")):
             wildcards.append((key.lower(), value))
@@ -260,6 +331,11 @@ _SPECS = (
     d._spec("map", Ctx.STREAM, (2, 2), _map, block=True),
     d._spec("access_log", SS, (1, None), _access_log),
     d._spec("return", Ctx.STREAM_SERVER, d.ONE, _return),
+    d._spec("set", Ctx.STREAM_SERVER, (2, 2), _set),
+    d._spec("set_real_ip_from", SS, d.ONE, d._set_real_ip_from),
+    d._spec("resolver", SS | SU, (1, None), d._resolver),
+    d._spec("resolver_timeout", SS | SU, d.ONE, d._slot(msec)),
+    d._spec("split_clients", Ctx.STREAM, (2, 2), _split_clients, block=True),
 )
 
 for _s in _SPECS:
@@ -273,7 +349,7 @@ def stream_conf(draft: StreamDraft, upstream_conf: Any, ssl_conf: Any) -> Stream
     """The frozen stream block; ``upstream_conf(UpstreamDraft, values_owner)`` and
     ``ssl_conf(server, chain)`` are http's builders (the same UpstreamConf and SslConf)."""
     for name, source in draft.deferred_names:
-        if name not in draft.maps:
+        if not _declared(draft, name):
             raise ConfigError(f'unknown "{name}" variable', source)
     upstreams: dict[str, UpstreamConf] = {
         key: upstream_conf(u, draft) for key, u in draft.upstreams.items()
@@ -281,7 +357,9 @@ def stream_conf(draft: StreamDraft, upstream_conf: Any, ssl_conf: Any) -> Stream
     servers = tuple(_server_conf(s, draft, upstreams, ssl_conf) for s in draft.servers)
     _check_listens(servers)
     return StreamConf(upstreams=upstreams, servers=servers, log_formats=dict(draft.log_formats),
-                      maps=dict(draft.maps), limit_zones=dict(draft.limit_zones))
+                      maps=dict(draft.maps), limit_zones=dict(draft.limit_zones),
+                      split_clients=dict(draft.split_clients),
+                      stored=frozenset(draft.stored), access_logs=tuple(draft.access_logs or ()))
 
 
 def _server_conf(server: StreamServerDraft, stream: StreamDraft,
@@ -292,17 +370,18 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
     })
     proxy_pass = None
     if server.proxy_pass is not None:
-        proxy_pass = _resolve_proxy_pass(*server.proxy_pass, upstreams, stream.maps)
+        proxy_pass = _resolve_proxy_pass(*server.proxy_pass, upstreams, stream)
     return_text = None
     if server.content == "return" and server.return_text is not None:
-        return_text = _template(*server.return_text, stream.maps)
+        return_text = _template(*server.return_text, stream)
         proxy_pass = None
     logs = server.access_logs if server.access_logs is not None else stream.access_logs
     listens = tuple(server.listens)
     if not listens:
         raise ConfigError('no "listen" is defined for server', server.source)
     return StreamServerConf(listens=listens, proxy_pass=proxy_pass, proxy=proxy,
-                            access_logs=tuple(logs or ()), source=server.source,
+                            access_logs=d.with_file_cache(logs or (), values.get("open_log_file_cache")),
+                            source=server.source,
                             ssl_preread=bool(values.get("ssl_preread", False)),
                             proxy_protocol_listens=tuple(server.proxy_protocol_listens),
                             ssl=ssl_conf(server, (server, stream)),
@@ -311,21 +390,38 @@ def _server_conf(server: StreamServerDraft, stream: StreamDraft,
                             tcp_nodelay=values.get("tcp_nodelay", True),
                             proxy_bind=_proxy_bind_value(values),
                             error_log=tuple(values.get("error_log", ())),
-                            return_text=return_text)
+                            return_text=return_text, sets=tuple(server.sets), realip=_realip(values),
+                            resolver=_resolver(values))
 
 
-def _template(text: str, source: Source, maps: dict[str, Any]) -> Any:
+def _resolver(values: dict[str, Any]) -> ResolverConf | None:
+    """The server's ``resolver`` (else the block's), for ``proxy_pass $var`` names."""
+    resolver = values.get("resolver")
+    if resolver is None:
+        return None
+    conf: ResolverConf = dataclasses.replace(resolver, timeout=values.get("resolver_timeout", 30.0))
+    return conf
+
+
+def _realip(values: dict[str, Any]) -> RealIpConf | None:
+    """ngx_stream_realip_module: a trusted peer's PROXY header gives the client address (the
+    server's own list replaces the block's)."""
+    trusted = values.get("set_real_ip_from")
+    return RealIpConf(tuple(trusted), "proxy_protocol") if trusted else None
+
+
+def _template(text: str, source: Source, stream: StreamDraft) -> Any:
     """A stream template, its names checked once every ``map`` of the block is known."""
     try:
-        return compile_template(text, lambda name: is_stream_variable(name) or name in maps)
+        return compile_template(text, lambda name: is_stream_variable(name) or _declared(stream, name))
     except ValueError as err:
         raise ConfigError(str(err), source) from None
 
 
 def _resolve_proxy_pass(text: str, source: Source, upstreams: dict[str, UpstreamConf],
-                        maps: dict[str, Any]) -> StreamProxyPass:
+                        stream: StreamDraft) -> StreamProxyPass:
     if "$" in text:
-        return StreamProxyPass(None, _template(text, source, maps), source)
+        return StreamProxyPass(None, _template(text, source, stream), source)
     key = text.lower()
     if key in upstreams:
         return StreamProxyPass(key, None, source)

@@ -62,6 +62,7 @@ KNOWN_VARIABLES: frozenset[str] = frozenset(
         "connection_time",
         # proxy
         "proxy_host",
+        "proxy_port",
         "proxy_add_x_forwarded_for",
         # upstream, one entry per try joined with ", " as nginx does
         "upstream_addr",
@@ -118,18 +119,25 @@ STREAM_VARIABLES: frozenset[str] = frozenset(
         "ssl_preread_server_name", "ssl_preread_protocol", "ssl_preread_alpn_protocols",
         "proxy_protocol_addr", "proxy_protocol_port",
         "limit_conn_status",
-        "nginx_version",
+        "nginx_version", "realip_remote_addr", "realip_remote_port",
+        "proxy_protocol_server_addr", "proxy_protocol_server_port",
     }
 )
 
 
+# stream's variable families: $proxy_protocol_tlv_NAME
+STREAM_PREFIXES: tuple[str, ...] = ("proxy_protocol_tlv_",)
+
+
 def is_stream_variable(name: str) -> bool:
-    return name in STREAM_VARIABLES
+    return name in STREAM_VARIABLES or any(
+        name.startswith(p) and len(name) > len(p) for p in STREAM_PREFIXES)
 
 
 # families: $http_user_agent, $arg_id, $cookie_session, $sent_http_content_type, ...
 VARIABLE_PREFIXES: tuple[str, ...] = (
     "http_", "arg_", "cookie_", "sent_http_", "sent_trailer_", "upstream_http_", "upstream_cookie_",
+    "proxy_protocol_tlv_",
 )
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")

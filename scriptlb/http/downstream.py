@@ -1039,8 +1039,8 @@ class ClientConnection(asyncio.Protocol):
                 self._activating = False
             if not self._queue:
                 self._queue = _NO_QUEUE  # (an emptied deque still holds its ~600-byte block)
-        if self.active is not None or self.closed:
-            return
+            if self.active is not None or self.closed:
+                return
         if self._pending_error is not None:
             self._client_error(self._pending_error)
             return

@@ -48,6 +48,7 @@ class ConnectionPool:
         # per key, a stack of idle connections (most recent last)
         self._by_key: dict[PoolKey, list[UpstreamConnection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        self._forget_lost = self._forget  # (one bound method, not one per release)
         self.closed = False
         # counters, for tests and the status page
         self.reused = 0
@@ -94,12 +95,12 @@ class ConnectionPool:
             self._forget(oldest)
             oldest.close()
             self.evicted += 1
-        conn.make_idle(self.loop.time())
-        conn.on_idle_lost = self._forget
+        conn.make_idle(self.loop.time(), self._forget_lost)
         self._idle[conn] = None
-        stack = self._by_key.get(conn.key)
+        key = conn.key
+        stack = self._by_key.get(key)
         if stack is None:
-            self._by_key[conn.key] = [conn]  # (setdefault would build a list for every release)
+            self._by_key[key] = [conn]  # (setdefault would build a list for every release)
         else:
             stack.append(conn)
         self.released += 1

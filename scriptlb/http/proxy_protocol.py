@@ -23,6 +23,8 @@ class Header:
     port: str | None = None
     server_addr: str | None = None
     server_port: str | None = None
+    tlvs: bytes = b""  # v2: the TLVs after the addresses, read when a variable asks
+
 
 
 NEED_MORE = "again"
@@ -40,10 +42,16 @@ def read_header(data: bytes) -> Header | str:
         return BROKEN
     end = data.find(b"\r\n")
     if end < 0:
-        return BROKEN if len(data) >= V1_MAX else NEED_MORE
+        return BROKEN if len(data) >= V1_MAX or not _v1_start(data[6:]) else NEED_MORE
     if end + 2 > V1_MAX:
         return BROKEN
     return _read_v1(data[:end].decode("latin-1"), end + 2)
+
+
+def _v1_start(rest: bytes) -> bool:
+    """Whether what follows "PROXY " so far can still become a header: nginx refuses anything
+    else at once (``PROXY INVALID`` is a broken header, not a wait for more bytes)."""
+    return any(word[:len(rest)] == rest[:len(word)] for word in (b"UNKNOWN", b"TCP4 ", b"TCP6 "))
 
 
 def _read_v1(line: str, length: int) -> Header | str:
@@ -94,8 +102,9 @@ def _read_v2(data: bytes) -> Header | str:
         return Header(total)
     else:
         return BROKEN
+    addresses = 12 if family >> 4 == 1 else 36
     return Header(total, str(src), str(int.from_bytes(ports[0:2], "big")),
-                  str(dst), str(int.from_bytes(ports[2:4], "big")))
+                  str(dst), str(int.from_bytes(ports[2:4], "big")), bytes(body[addresses:]))
 
 
 def v1_header(client_addr: str, client_port: str, server_addr: str, server_port: str) -> bytes:
@@ -105,3 +114,68 @@ def v1_header(client_addr: str, client_port: str, server_addr: str, server_port:
     except ValueError:
         return b"PROXY UNKNOWN\r\n"
     return f"PROXY {family} {client_addr} {server_addr} {client_port} {server_port}\r\n".encode("ascii")
+
+
+# $proxy_protocol_tlv_NAME: nginx's names of the v2 types (ngx_proxy_protocol_tlv_entries)
+TLV_TYPES = {"alpn": 0x01, "authority": 0x02, "unique_id": 0x05, "ssl": 0x20, "netns": 0x30}
+TLV_SSL_TYPES = {"version": 0x21, "cn": 0x22, "cipher": 0x23, "sig_alg": 0x24, "key_alg": 0x25}
+_SSL = 0x20
+_SSL_HEAD = 5  # client (1 byte), verify (4 bytes), then the sub-TLVs
+
+
+class TlvError(ValueError):
+    """A TLV nginx cannot read (broken lengths, a bad 0x name): the variable is an error."""
+
+
+def tlv_value(tlvs: bytes, name: str) -> bytes | None:
+    """ngx_proxy_protocol_get_tlv: the value of TLV ``name`` (``alpn``..., ``0xHEX``, ``ssl_*``
+    for the SSL TLV's fields), None when absent or the name is unknown; TlvError when the
+    TLVs are broken."""
+    if name.startswith("ssl_"):
+        ssl = _lookup(tlvs, _SSL)
+        if ssl is None:
+            return None
+        if len(ssl) < _SSL_HEAD:
+            raise TlvError("broken PROXY protocol TLV")
+        name = name[4:]
+        if name == "verify":
+            return str(int.from_bytes(ssl[1:5], "big")).encode()
+        return _lookup_named(ssl[_SSL_HEAD:], name, TLV_SSL_TYPES)
+    return _lookup_named(tlvs, name, TLV_TYPES)
+
+
+def _lookup_named(tlvs: bytes, name: str, types: dict[str, int]) -> bytes | None:
+    if name.startswith("0x"):
+        digits = name[2:]
+        if not digits or any(c not in "0123456789abcdefABCDEF" for c in digits):
+            raise TlvError(f'invalid PROXY protocol TLV "{name}"')
+        return _lookup(tlvs, int(digits, 16))
+    kind = types.get(name)
+    return None if kind is None else _lookup(tlvs, kind)
+
+
+def _lookup(tlvs: bytes, kind: int) -> bytes | None:
+    at = 0
+    while at < len(tlvs):
+        if len(tlvs) - at < 3:
+            raise TlvError("broken PROXY protocol TLV")
+        length = int.from_bytes(tlvs[at + 1:at + 3], "big")
+        start = at + 3
+        if len(tlvs) - start < length:
+            raise TlvError("broken PROXY protocol TLV")
+        if tlvs[at] == kind:
+            return tlvs[start:start + length]
+        at = start + length
+    return None
+
+
+def tlv_text(header: Header | None, name: str) -> str | None:
+    """``$proxy_protocol_tlv_NAME`` of a connection's header (one char per byte): not found
+    without a v2 header, an absent TLV, or a broken TLV list."""
+    if header is None or not header.tlvs:
+        return None
+    try:
+        value = tlv_value(header.tlvs, name)
+    except TlvError:
+        return None
+    return None if value is None else value.decode("latin-1")

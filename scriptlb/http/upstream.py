@@ -40,7 +40,8 @@ from typing import Protocol, cast
 import httptools
 
 from scriptlb.config.model import NextUpstream
-from scriptlb.http import safety
+from scriptlb.http import response_head, safety
+from scriptlb.http.response_head import KINDS, ResponseHead
 from scriptlb.logs import errorlog
 
 
@@ -64,25 +65,6 @@ class Failure(enum.IntEnum):
 # what makes two upstream connections interchangeable (attempt.pool_key): the peer's
 # address text, the name it is addressed by, and the local address a hook bound to
 PoolKey = tuple[str, str, tuple[str, int] | None]
-
-# Response headers nginx never passes to the client: hop-by-hop ones, the framing we redo, and
-# proxy_hide_header's defaults (Date, Server, X-Pad, X-Accel-*) since we send our own.
-HIDDEN_RESPONSE_HEADERS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-        b"content-length",
-        b"date",
-        b"server",
-        b"x-pad",
-    }
-)
-
 
 class ConnState(enum.Enum):
     NEW = "new"
@@ -115,95 +97,11 @@ class UpstreamError(Exception):
         self.request_sent = request_sent  # request bytes went out (no resending a POST then)
 
 
-# What on_header does with a response header, by lower-cased name (absent: pass it on).
-_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _HIDDEN = range(4)
-_HEADER_KIND = {name: _HIDDEN for name in HIDDEN_RESPONSE_HEADERS} | {
-    b"content-length": _CONTENT_LENGTH,
-    b"transfer-encoding": _TRANSFER_ENCODING,
-    b"connection": _CONNECTION,
-}
-
-
-class ResponseHead:
-    """The parsed status line and headers of one upstream response.
-
-    The headers are classified once, as they are parsed (``UpstreamConnection.on_header``):
-    ``headers`` keeps every pair as received (``$upstream_http_*``), ``lines`` the
-    ``Name: value\\r\\n`` lines the client gets, so a response is not scanned again.
-    """
-
-    __slots__ = ("chunked", "close", "connection", "content_length", "headers", "lines", "reason",
-                 "rewritable", "status")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.reason = b""  # the peer's own phrase, passed to the client as nginx does
-        self.headers: list[tuple[bytes, bytes]] = []  # as received, original case
-        self.lines: list[bytes] = []  # the headers passed to the client, as lines
-        self.content_length: int | None = None
-        self.chunked = False
-        self.close = False  # "Connection: close" or an HTTP/1.0 response without keep-alive
-        self.connection: bytes | None = None  # the Connection header's value
-        # a Location, Refresh or Set-Cookie is among the lines (proxy_redirect / proxy_cookie_*
-        # may have to edit them), or an X-Accel-Redirect came: other responses are not looked
-        # at again
-        self.rewritable = False
-
-    def client_headers(self) -> bytes:
-        """The headers to pass to the client, as ``Name: value\\r\\n`` lines."""
-        connection = self.connection
-        listed = (_connection_tokens(connection)
-                  if connection is not None and connection not in _PLAIN_CONNECTION else None)
-        if not listed:
-            return b"".join(self.lines)
-        out = []  # Connection names more headers as hop-by-hop (rare): drop those too
-        for name, value in self.headers:
-            lower = name.lower()
-            if lower in _HEADER_KIND or lower.startswith(b"x-accel-") or lower in listed:
-                continue
-            out.append(name + b": " + value + b"\r\n")
-        return b"".join(out)
-
-
-_BLANKS = frozenset({b" ", b"\t"})  # a value's last byte, when it must be stripped
-
-# on_header's memo: a header name as the peer spells it -> what to do with it (the same few
-# spellings come in every response; bounded, since peers choose names)
-_PASSED = -1
-_REWRITABLE = -2  # passed on, and noted (ResponseHead.rewritable)
-_REWRITABLE_NAMES = frozenset((b"location", b"refresh", b"set-cookie"))
-_ACCEL_REDIRECT = -3  # hidden, and noted (ResponseHead.rewritable)
-_KIND_BY_NAME: dict[bytes, int] = {}
-_KIND_MEMO_SIZE = 512
-
-
-def _header_kind(name: bytes) -> int:
-    lower = name.lower()
-    kind = _HEADER_KIND.get(lower)
-    if kind is None:
-        if lower == b"x-accel-redirect":
-            kind = _ACCEL_REDIRECT
-        else:
-            kind = _HIDDEN if lower[:8] == b"x-accel-" else (
-                _REWRITABLE if lower in _REWRITABLE_NAMES else _PASSED)
-    if len(_KIND_BY_NAME) >= _KIND_MEMO_SIZE:
-        _KIND_BY_NAME.clear()
-    _KIND_BY_NAME[name] = kind
-    return kind
-
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
-
-
-def _connection_tokens(connection: bytes) -> frozenset[bytes] | None:
-    """Header names listed in Connection (hop-by-hop by declaration), lower-cased; None for
-    the usual plain "keep-alive" / "close"."""
-    if connection in _PLAIN_CONNECTION:
-        return None
-    tokens = {t.strip().lower() for t in connection.split(b",")}
-    tokens.discard(b"close")
-    tokens.discard(b"keep-alive")
-    tokens.discard(b"")
-    return frozenset(tokens) or None
+# (module constants: on_header reads them for every header line)
+_PASSED, _LENGTH = response_head.PASSED, response_head.LENGTH
+_CONNECTION, _REWRITABLE = response_head.CONNECTION, response_head.REWRITABLE
+_PLAIN_CONNECTION = response_head.PLAIN_CONNECTION
+_RAW_KEPT = response_head.RAW_KEPT
 
 
 class UpstreamHandler(Protocol):
@@ -227,12 +125,12 @@ class UpstreamConnection(asyncio.Protocol):
         "_early_body",
         "_extra_bytes",
         "_handler",
-        "_head_bytes",
+        "_head_buf",
         "_head_dispatched",
         "_head_only",
         "_header_done",
-        "_http11",
         "_in_feed",
+        "_interim",
         "_last_read",
         "_owner",
         "_parser",
@@ -279,7 +177,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_idle_lost: object = None  # set by the pool: callable(conn) when an idle conn dies
         self.on_writable: Callable[[], None] | None = None  # a streamed body may flow again
         self.head_limit = 0  # proxy_buffer_size of the request in flight: the largest head (0: none)
-        self._head_bytes = 0  # response bytes read while its head is incomplete
+        self._head_buf = b""  # response bytes read while its head is incomplete
+        self._interim = False  # a 1xx head came before the final one
         # bytes of the request in flight: to the peer and from it (the peer statistics)
         self.sent = 0
         self.received = 0
@@ -301,7 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = False
         self._handler: UpstreamHandler | None = None  # None once it was told the outcome
         self._owner: UpstreamHandler | None = None  # who to tell about a bug in a callback
-        self._response: ResponseHead | None = None
+        self._response = ResponseHead()  # (a new one per request, from start)
         self._header_done = False
         self._head_dispatched = False
         self.response_started = False  # any response byte arrived
@@ -312,8 +211,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_feed = False  # inside feed_data: completion is delivered after it returns
         self._early_body: list[bytes] = []
         self._extra_bytes = False  # bytes after the response's end: the connection is unusable
-        self._closing_after = False  # we asked the peer to close (Connection: close)
-        self._http11 = True
+        # we asked the peer to close (Connection: close), or spoke HTTP/1.0 to it: no reuse
+        self._closing_after = False
         self.upgrade = False  # the client asked to switch protocols: a 101 ends the head
         self._upgraded = False  # ... and the peer sent it: the rest is a tunnel's
         self.upgraded_data = b""  # bytes after the 101's head
@@ -337,11 +236,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._last_read = self.loop.time()
             self.response_started = True
             self.received += len(data)
-            if not self._header_done and self.head_limit:
-                # nginx reads the head into one proxy_buffer_size buffer
-                before = self._head_bytes
-                self._head_bytes = before + len(data)
-                if self._head_bytes > self.head_limit and self._head_too_big(data, before):
+            if not self._header_done:
+                before = self._head_buf
+                head = self._head_buf = before + data if before else data
+                limit = self.head_limit  # (nginx reads the head into one proxy_buffer_size buffer)
+                if limit and len(head) > limit and self._head_too_big(data, len(before)):
                     self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
                     return
             self._in_feed = True
@@ -370,7 +269,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._head_dispatched = True
                 handler = self._handler
                 if handler is not None:
-                    handler.upstream_head(self._response)  # type: ignore[arg-type]  # (set by start)
+                    handler.upstream_head(self._response)
             elif self.response_complete:
                 self._deliver_completion()
         except Exception as exc:
@@ -464,22 +363,17 @@ class UpstreamConnection(asyncio.Protocol):
         self._handler = handler
         self._owner = handler
         self._response = ResponseHead()
-        self._header_done = False
-        self._head_bytes = 0
-        self._head_dispatched = False
         self._head_only = head_only
-        self._http11 = http11
-        self._closing_after = close_after
-        self.response_started = False
-        self.response_complete = False
-        self.request_sent = False
-        self.request_complete = False
-        self._streaming = False
-        if self._early_body:
-            self._early_body = []
-        self._extra_bytes = False
-        self._read_paused = False
-        self._upgraded = False
+        self._closing_after = close_after or not http11
+        if self.requests > 1:
+            # a pooled connection: is_reusable held when it went idle, so its last response
+            # was complete (_head_buf, _interim and _early_body emptied, _upgraded,
+            # _extra_bytes and _read_paused False); reset what its last request set
+            self._header_done = self._head_dispatched = self._streaming = False
+            self.response_started = self.response_complete = False
+            self.request_sent = self.request_complete = False
+            if self._early_body:
+                self._early_body = []
         transport = self.transport
         if self.state is not ACTIVE or transport is None or transport.is_closing():
             # the peer closed it a moment ago (connection_lost may even have run already):
@@ -553,25 +447,23 @@ class UpstreamConnection(asyncio.Protocol):
         nobody said ``Connection: close``, nothing unexpected arrived, and the connection has
         not reached ``keepalive_requests``.
         """
-        response = self._response
         return (
-            self.state is ACTIVE
-            and self.response_complete
+            self.response_complete
             and self.request_complete
-            and response is not None
-            and not response.close
-            and self._http11
+            and self.state is ACTIVE
+            and not self._response.close
             and not self._closing_after
             and not self._extra_bytes
             and not self._read_paused
             and (not max_requests or self.requests < max_requests)
         )
 
-    def make_idle(self, now: float) -> None:
+    def make_idle(self, now: float, on_lost: Callable[[UpstreamConnection], None]) -> None:
+        """Into the pool (``on_lost``: the pool's callback if the idle connection dies)."""
         self.state = IDLE
-        self.on_writable = None
         self.idle_since = now
-        self._handler = self._owner = None  # (the parser stays: the next request reuses it)
+        self.on_idle_lost = on_lost
+        self.on_writable = self._handler = self._owner = None  # (the parser stays for the next)
 
     def is_alive(self) -> bool:
         """Still open as far as the transport knows (the pool skips ones closing under it)."""
@@ -617,58 +509,61 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         # the reason phrase (the code comes from the parser); it may arrive in pieces
-        response = self._response
-        if response is not None and not self._header_done:
-            response.reason += status
+        if not self._header_done:
+            self._response.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # (this runs for every header of every response: a lookup, and for the usual hidden
+        # ones nothing more; the pairs themselves are parsed again only if something reads them)
+        kind = KINDS[name]
+        if not kind:  # hidden (Date, Server, ...)
+            return
         if self.response_complete:
-            self._extra_bytes = True  # a second response we never asked for
+            # a second response we never asked for (maybe in the read that brought the head
+            # not yet handed on): not a word of it in that head; on_headers_complete marks the
+            # connection unusable
             return
-        if value[-1:] in _BLANKS:
-            value = value.rstrip(b" \t")
-        response: ResponseHead = self._response  # type: ignore[assignment]  # (set by start)
-        # classified here, once (this runs for every header of every response): passed on as a
-        # line for the client, or noted (framing, Connection), or hidden
-        response.headers.append((name, value))
-        kind = _KIND_BY_NAME.get(name)
-        if kind is None:
-            kind = _header_kind(name)
+        response = self._response
+        # (the value's trailing blanks go; llhttp took the ones before it)
         if kind == _PASSED:
-            response.lines.append(name + b": " + value + b"\r\n")
-        elif kind == _HIDDEN:  # (Date, Server: in most responses, tested before the framing)
-            return
-        elif kind == _CONTENT_LENGTH:
+            response.lines += name + b": " + value.rstrip(b" \t") + b"\r\n"
+        elif kind == _LENGTH:
             response.content_length = int(value)  # llhttp validated the digits and duplicates
-        elif kind == _CONNECTION:
-            connection = response.connection
-            response.connection = value if connection is None else connection + b", " + value
-        elif kind == _TRANSFER_ENCODING:
-            response.chunked = True
-        elif kind < _PASSED:  # (Location, Refresh, Set-Cookie; X-Accel-Redirect: hidden)
+        elif kind != _CONNECTION or value not in _PLAIN_CONNECTION:
+            # (a plain "Connection: keep-alive" says nothing parser.should_keep_alive does not)
+            value = value.rstrip(b" \t")
             if kind == _REWRITABLE:
-                response.lines.append(name + b": " + value + b"\r\n")
-            response.rewritable = True
+                response.lines += name + b": " + value + b"\r\n"
+            response.note(kind, value)
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        response = self._response
-        assert parser is not None and response is not None
+        assert parser is not None
         if self.response_complete:
-            self._extra_bytes = True
+            self._extra_bytes = True  # a second response we never asked for
             return
         status = parser.get_status_code()
-        if status == 101 and self.upgrade:
-            self._upgraded = True  # a final head: the exchange decides (a tunnel)
-        elif 100 <= status < 200:
-            self._response = ResponseHead()  # 1xx interim response: nginx ignores it, so do we
-            return
+        if 100 <= status < 200:
+            if status == 101 and self.upgrade:
+                self._upgraded = True  # a final head: the exchange decides (a tunnel)
+            else:
+                self._interim = True  # 1xx interim response: nginx ignores it, so do we
+                self._response = ResponseHead()
+                return
+        response = self._response
         response.status = status
         # (no get_http_version(): nobody reads the peer's version, and httptools builds it with
         # str.format, costly per response)
         response.close = not parser.should_keep_alive()
         if response.chunked:
             response.content_length = None
+        data = self._head_buf
+        self._head_buf = b""
+        if len(data) <= _RAW_KEPT and not self._interim and not self.upgrade:
+            response.raw = data  # (the usual head: a few hundred bytes, in one read)
+        else:
+            response.keep_raw(data, self._interim, self.upgrade)
+            self._interim = False
         self._header_done = True
         if self._head_only or status in (204, 304):
             self._complete_now_without_body()
@@ -689,7 +584,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._upgraded:
             return  # (llhttp ends the 101's "message" at its head: the connection is no HTTP now)
-        if self._response is None or not self._header_done:
+        if not self._header_done:
             self._response = ResponseHead()  # after a 1xx: the real response follows
             return
         self._parser_ended = True  # llhttp saw the end itself: it can parse the next response
@@ -724,7 +619,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _is_close_delimited(self) -> bool:
         response = self._response
-        return response is not None and response.content_length is None and not response.chunked
+        return response.content_length is None and not response.chunked
 
     def _fail(self, failure: Failure, message: str, phase: str = "") -> None:
         """Close the connection and tell the handler, once."""

@@ -38,7 +38,7 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 
-from scriptlb.config.addresses import AddressError, parse_proxy_url
+from scriptlb.config.addresses import AddressError, parse_proxy_url, proxy_host_port
 from scriptlb.config.model import PeerAddr, ResolverConf, UpstreamConf, UpstreamServerConf
 from scriptlb.logs import errorlog
 
@@ -238,16 +238,17 @@ class AdhocUpstreams:
 class Target:
     """What one evaluation of the URL asks for."""
 
-    __slots__ = ("host", "port", "proxy_host", "ssl", "unix_path", "uri")
+    __slots__ = ("host", "port", "proxy_host", "proxy_port", "ssl", "unix_path", "uri")
 
     def __init__(self, host: str, port: int | None, unix_path: str | None, uri: str | None, ssl: bool,
-                 proxy_host: str) -> None:
+                 proxy_host: str, proxy_port: str) -> None:
         self.host = host
         self.port = port
         self.unix_path = unix_path
         self.uri = uri
         self.ssl = ssl
         self.proxy_host = proxy_host
+        self.proxy_port = proxy_port
 
 
 def parse_target(url: str) -> Target:
@@ -260,13 +261,8 @@ def parse_target(url: str) -> Target:
     parsed = parse_proxy_url(url)
     target = parsed.target
     uri = parsed.uri
-    if target.unix_path is not None:
-        proxy_host = "localhost"
-    else:
-        host = f"[{target.host}]" if ":" in target.host else target.host
-        default = 443 if parsed.ssl else 80
-        proxy_host = host if target.port in (None, default) else f"{host}:{target.port}"
-    return Target(target.host, target.port, target.unix_path, uri, parsed.ssl, proxy_host)
+    proxy_host, proxy_port = proxy_host_port(parsed)
+    return Target(target.host, target.port, target.unix_path, uri, parsed.ssl, proxy_host, proxy_port)
 
 
 class DynamicPass:
@@ -292,6 +288,7 @@ class DynamicPass:
             exchange.finish_with_page(500)
             return
         exchange.proxy_host = target.proxy_host
+        exchange.proxy_port = target.proxy_port
         upstream = self._named(target)
         if upstream is not None:
             exchange.proxy_to(upstream, target.uri)

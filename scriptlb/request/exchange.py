@@ -20,6 +20,7 @@ is a bug, reported as an ``[alert]`` (``safety.report``) and the request is fini
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from scriptlb.http import responses, safety
@@ -75,6 +76,7 @@ class Exchange:
         "max_body_size",
         "method",
         "proxy_host",
+        "proxy_port",  # set by proxy_pass with variables only ($proxy_port reads the location's)
         "read_timeout",
         "realip",
         "request",
@@ -118,8 +120,9 @@ class Exchange:
         self.tries: list[TryRecord] = []
         self.upstream_name: str | None = None
         # for $upstream_http_*: the peer's headers once a response came (a shared empty tuple
-        # until then: no list allocated for requests that never get one)
-        self.upstream_headers: list[tuple[bytes, bytes]] | tuple[()] = ()
+        # until then: no list allocated for requests that never get one; then the response
+        # head, which parses its pairs when read)
+        self.upstream_headers: Sequence[tuple[bytes, bytes]] = ()
         self.response_headers: bytes = b""  # sent to the client, for $sent_http_*
         # per-request timeouts (copied from the location when proxying starts; hooks change them)
         self.connect_timeout = 60.0

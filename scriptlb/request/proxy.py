@@ -41,10 +41,11 @@ from typing import TYPE_CHECKING, Any
 from scriptlb.config.model import NextUpstream
 from scriptlb.http.downstream import CLIENT_SEND_TIMEOUT, DROPPED, UNSENT
 from scriptlb.http.request_body import SpooledBody
+from scriptlb.http.response_head import ResponseHead
 from scriptlb.http.tls import handshake_error_text
 from scriptlb.http.tls_transport import open_tls_connection
 from scriptlb.http.tunnel import UPSTREAM_TIMED_OUT, Tunnel
-from scriptlb.http.upstream import PREMATURE, ConnState, ResponseHead, UpstreamConnection, UpstreamError
+from scriptlb.http.upstream import PREMATURE, ConnState, UpstreamConnection, UpstreamError
 from scriptlb.logs import errorlog
 from scriptlb.request.attempt import (
     ABANDONED,
@@ -489,7 +490,7 @@ class UpstreamRequest:
         if conn is not None:
             conn.abort()
         ex = self.exchange
-        ex.upstream_headers = response.headers
+        ex.upstream_headers = response  # (its pairs, parsed if something reads them)
         attempt.end(DONE, ex)
         kept = b"".join(name + b": " + value + b"\r\n" for name, value in response.headers
                         if name.lower() in _KEPT_BY_ACCEL_REDIRECT)
@@ -547,11 +548,27 @@ class UpstreamRequest:
         ex = self.exchange
         self._passing = True
         ex.status = response.status
-        ex.upstream_headers = response.headers
-        headers = response.client_headers()
+        ex.upstream_headers = response  # (its pairs, parsed if something reads them)
+        headers = response.lines if response.connection is None else response.client_headers()
         location = ex.location
         if response.rewritable and location.header_rewrite is not None:  # proxy_redirect, proxy_cookie_*
             headers = location.header_rewrite(ex, headers)
+        client = ex.conn
+        if location.plain_response and not ex.err_status:  # (the usual response)
+            ex.response_headers = headers
+            client.send_head(response.status, headers, response.content_length, reason=response.reason)
+        else:
+            self._send_head_edited(ex, response, headers)
+        conn.stream_to(self)  # the body that came with the head goes out with it
+        if self.attempt is attempt:  # still streaming: not completed by stream_to
+            client.flush()
+            if client.writing_paused:
+                conn.pause_reading()
+
+    def _send_head_edited(self, ex: Exchange, response: ResponseHead, headers: bytes) -> None:
+        """The head of a response whose headers the location edits, or after an internal
+        redirect."""
+        location = ex.location
         if location.response_filter is not None:  # proxy_hide_header, proxy_pass_header
             headers = location.response_filter(headers, response.headers)
         if location.add_headers is not None:
@@ -560,16 +577,10 @@ class UpstreamRequest:
         if trace is not None:  # balancer_trace_header on
             headers = trace.headers(ex, headers)
         ex.response_headers = headers
-        client = ex.conn
-        if not ex.err_status and location.add_trailers is None:  # (the usual response)
-            client.send_head(response.status, headers, response.content_length, reason=response.reason)
+        if not ex.err_status and location.add_trailers is None:
+            ex.conn.send_head(response.status, headers, response.content_length, reason=response.reason)
         else:
             _send_head_unusual(ex, response, headers)
-        conn.stream_to(self)  # the body that came with the head goes out with it
-        if self.attempt is attempt:  # still streaming: not completed by stream_to
-            client.flush()
-            if client.writing_paused:
-                conn.pause_reading()
 
     def _start_tunnel(self, attempt: Attempt, response: ResponseHead) -> None:
         """The peer switched protocols: pass its 101 on, then join the two sockets. The try
@@ -579,7 +590,7 @@ class UpstreamRequest:
         ex = self.exchange
         self._passing = True
         ex.status = 101
-        ex.upstream_headers = response.headers
+        ex.upstream_headers = response  # (its pairs, parsed if something reads them)
         headers = response.client_headers() + _upgrade_lines(response.headers)
         ex.response_headers = headers
         client = ex.conn

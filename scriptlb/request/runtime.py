@@ -293,6 +293,7 @@ class LocationRuntime:
         "limits",
         "log_hook",
         "plain_proxy",
+        "plain_response",
         "plan",
         "preaccess",
         "proxy_bind",
@@ -399,6 +400,10 @@ class LocationRuntime:
             from scriptlb.variables.trace import TraceHeader
 
             self.trace = TraceHeader(address_matcher(conf.trace_allow))
+        # a peer's response goes to the client with its own headers and nothing added or hidden
+        # (proxy_redirect & co. aside, which look only at responses that need them)
+        self.plain_response = (self.add_headers is None and self.add_trailers is None
+                               and self.response_filter is None and self.trace is None)
         self.proxy_host = conf.proxy_pass.proxy_host if conf.proxy_pass is not None else ""
         self.plan = RequestPlan(conf, upstream.conf if upstream is not None else None, self.proxy_host)
         ret = conf.return_

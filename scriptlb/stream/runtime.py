@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     import ssl
 
+from scriptlb.config.addresses import AddressError, split_host_port
 from scriptlb.config.model import (
     GeoConf,
     ListenKey,
     MainConf,
+    PeerAddr,
     PythonConf,
+    ResolverConf,
     StreamServerConf,
     Template,
     UpstreamConf,
@@ -32,13 +36,18 @@ from scriptlb.config.units import parse_size
 from scriptlb.logs import errorlog
 from scriptlb.request.access import rules_check
 from scriptlb.request.accesslog import AccessLog, LogFile, open_access_log
+from scriptlb.request.dynamic_pass import NameResolver, ResolveFailed
+from scriptlb.request.realip import RealIp
 from scriptlb.request.runtime import UpstreamRuntime
 from scriptlb.state.stats import Recorder, UpstreamStats
 from scriptlb.stream import variables
-from scriptlb.stream.maps import map_getter
+from scriptlb.stream.maps import map_getter, split_getter
 from scriptlb.stream.session import Session
 from scriptlb.variables.evaluate import compile_template, compile_template_bytes
 from scriptlb.variables.geo import GeoVariable
+
+# where a session goes: an upstream, a name lookup under way, or nowhere (status set)
+Routed: TypeAlias = "UpstreamRuntime | asyncio.Future[UpstreamRuntime | None] | None"
 
 STATS_PREFIX = "stream:"
 _MAX_DYNAMIC = 256  # `proxy_pass $var` addresses kept per worker (values come from clients)
@@ -60,12 +69,13 @@ class StreamRuntime:
         self.recorder = recorder
         self.python = conf.http.python if conf.http is not None else PythonConf()
         self._maps: dict[str, Any] = {}
-        for name in self.conf.maps:
+        for name in (*self.conf.maps, *self.conf.split_clients):
             self.lookup(name)
         self.upstreams: dict[str, UpstreamRuntime] = {
             key: self._upstream(u) for key, u in self.conf.upstreams.items()
         }
         self._dynamic: dict[str, UpstreamRuntime] = {}
+        self._resolvers: dict[ResolverConf, NameResolver] = {}
         self._getters: dict[str, variables.Getter] = {}
         self._files: dict[str, LogFile] = {}
         self._limit_zones: dict[str, Any] | None = None
@@ -74,6 +84,9 @@ class StreamRuntime:
         self.datagram_sessions = 0  # live UDP sessions in this worker
         self.max_datagram_sessions = conf.worker_connections
         self.servers: dict[ListenKey, StreamServerRuntime] = {}
+        for log in self.conf.access_logs:  # (files nginx creates even when no server writes them)
+            if log.path_template is None:
+                self.open_log(log)
         for server in self.conf.servers:
             runtime = StreamServerRuntime(server, self)
             for listen in server.listens:
@@ -102,19 +115,24 @@ class StreamRuntime:
         return compile_template_bytes(template, lookup=self.lookup)
 
     def lookup(self, name: str, clock: Any = time.time) -> Any:
-        """A stream variable's getter: a ``map``'s, else the session's own."""
+        """A stream variable's getter: a ``map``'s or ``split_clients``', else the session's
+        own (built-in, ``set``, a capture)."""
         getter = self._maps.get(name)
         if getter is not None:
             return getter
         map_conf = self.conf.maps.get(name)
-        if map_conf is None:
-            return variables.variable_getter(name, clock)
+        split_conf = self.conf.split_clients.get(name)
+        if map_conf is None and split_conf is None:
+            return variables.variable_getter(name, clock, self.conf.stored)
         # built on first use: a map may name a map defined after it (a cycle reads "")
         self._maps[name] = _empty
         if isinstance(map_conf, GeoConf):
             getter = self._maps[name] = GeoVariable(map_conf, self._compile)
-        else:
+        elif map_conf is not None:
             getter = self._maps[name] = map_getter(map_conf, self._compile)
+        else:
+            assert split_conf is not None
+            getter = self._maps[name] = split_getter(split_conf, self._compile)
         return getter
 
     def limit_zones(self) -> dict[str, Any]:
@@ -143,30 +161,75 @@ class StreamRuntime:
                 self._getters[name] = getter
         return getter(session)
 
-    def dynamic_upstream(self, value: str) -> UpstreamRuntime | None:
-        """``proxy_pass $var``'s value: an upstream's name, else an ``IP:PORT`` address."""
+    def dynamic_upstream(self, value: str, session: Session,
+                         resolver: NameResolver | None) -> Routed:
+        """``proxy_pass $var``'s value, as nginx's ngx_stream_proxy_handler: an upstream's
+        name, else an address, else a name looked up with the server's ``resolver`` (a
+        future then). A value that names nothing usable is logged, and the session ends 500."""
         upstream = self.upstreams.get(value.lower())
         if upstream is not None:
             return upstream
+        try:
+            target = split_host_port(value)
+        except AddressError as err:
+            _refused(session, f'{err.kind} in upstream "{value}"')
+            return None
+        if target.unix_path is None and target.port is None:
+            _refused(session, f'no port in upstream "{target.host}"')
+            return None
+        if target.unix_path is not None:
+            return self._address(value, PeerAddr(None, 0, target.unix_path))
+        assert target.port is not None
+        if _is_ip(target.host):
+            return self._address(value, PeerAddr(target.host, target.port))
+        if resolver is None:
+            _refused(session, f"no resolver defined to resolve {target.host}")
+            return None
+        name = target.host.lower().rstrip(".")
+        cached = resolver.cached(name)
+        if cached is not None:
+            # nginx's resolver hands a cached answer out from a random address on
+            # (ngx_resolver_export with rotate), a fresh one in the answer's order
+            start = random.randrange(len(cached))
+            return self._resolved(target.host, cached[start:] + cached[:start], target.port)
+        return asyncio.ensure_future(self._lookup(resolver, name, target.host, target.port, session))
+
+    async def _lookup(self, resolver: NameResolver, name: str, host: str, port: int,
+                      session: Session) -> UpstreamRuntime | None:
+        try:
+            addresses = await resolver.resolve(name)
+        except ResolveFailed as err:
+            _refused(session, f"{host} could not be resolved {err}")
+            return None
+        return self._resolved(host, addresses, port)
+
+    def _resolved(self, host: str, addresses: tuple[str, ...], port: int) -> UpstreamRuntime:
+        """The name's addresses in the answer's order, made afresh for each session as
+        nginx's ngx_stream_upstream_create_round_robin_peer (one try per address)."""
+        servers = tuple(UpstreamServerConf(f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}",
+                                           (PeerAddr(ip, port),), max_fails=0) for ip in addresses)
+        conf = UpstreamConf(name=f"{host}:{port}", servers=servers, implicit=True)
+        return UpstreamRuntime(conf, self.loop, self.python, None)
+
+    def _address(self, value: str, addr: PeerAddr) -> UpstreamRuntime:
         upstream = self._dynamic.get(value)
         if upstream is not None:
             return upstream
-        from scriptlb.config.addresses import AddressError, split_host_port
-        from scriptlb.config.model import PeerAddr
-
-        try:
-            target = split_host_port(value)
-        except AddressError:
-            return None
-        if target.unix_path is not None or target.port is None or not _is_ip(target.host):
-            return None  # names would need a resolver
-        addr = PeerAddr(target.host, target.port)
         conf = UpstreamConf(name=value, servers=(UpstreamServerConf(value, (addr,)),), implicit=True)
         upstream = UpstreamRuntime(conf, self.loop, self.python, None)
         if len(self._dynamic) >= _MAX_DYNAMIC:
             self._dynamic.pop(next(iter(self._dynamic)))
         self._dynamic[value] = upstream
         return upstream
+
+    def name_resolver(self, conf: ResolverConf | None) -> NameResolver | None:
+        """One lookup cache per distinct ``resolver`` configuration in this worker."""
+        if conf is None:
+            return None
+        resolver = self._resolvers.get(conf)
+        if resolver is None:
+            resolver = self._resolvers[conf] = NameResolver(conf)
+        return resolver
 
     def session_factory(self, keys: list[ListenKey]) -> Callable[[], asyncio.Protocol] | None:
         """The protocol factory of a listening socket serving ``keys`` (None: not stream's).
@@ -255,6 +318,10 @@ class StreamServerRuntime:
         self._route = None
         # `return`: the text a session gets instead of a proxied connection
         self.returns = runtime.template_bytes(conf.return_text) if conf.return_text is not None else None
+        # `set`: (name, value) in order, run before the content phase
+        self.sets = tuple((name, runtime._compile(value)) for name, value in conf.sets)
+        self.realip = RealIp(conf.realip) if conf.realip is not None else None
+        self.resolver = runtime.name_resolver(conf.resolver)
         if proxy_pass is not None:
             if proxy_pass.template is not None:
                 self._route = runtime.template(proxy_pass.template.raw)
@@ -290,21 +357,15 @@ class StreamServerRuntime:
 
         return new_session
 
-    def upstream_for(self, session: Session) -> UpstreamRuntime | None:
+    def upstream_for(self, session: Session) -> Routed:
+        """Where the session goes: an upstream, a lookup under way, or None (logged, with the
+        session's status set)."""
         if self._upstream is not None:
             return self._upstream
         if self._route is None:
-            errorlog.log_error("error", "no upstream configuration", session.conn_id,
-                               session.log_context(None))
-            session.status = 500
+            _refused(session, "no upstream configuration")
             return None
-        value = self._route(session)
-        upstream = self.runtime.dynamic_upstream(value) if value else None
-        if upstream is None:
-            errorlog.log_error("error", f'no upstream for "{value}"', session.conn_id,
-                               session.log_context(None))
-            return None
-        return upstream
+        return self.runtime.dynamic_upstream(self._route(session), session, self.resolver)
 
     def log_session(self, session: Session) -> None:
         for log in self.access_logs:
@@ -330,6 +391,12 @@ class _Dispatch(asyncio.Protocol):
         session = factory()
         transport.set_protocol(session)
         session.connection_made(transport)
+
+
+def _refused(session: Session, text: str) -> None:
+    """A session nginx ends 500 before any try: the reason at error level."""
+    errorlog.log_error("error", text, session.conn_id, session.log_context(None, proxying=True))
+    session.status = 500
 
 
 def _empty(session: Any) -> str:

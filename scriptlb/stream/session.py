@@ -34,6 +34,7 @@ from scriptlb.http.proxy_protocol import NEED_MORE as PP_NEED_MORE
 from scriptlb.http.proxy_protocol import V1_MAX, Header, read_header, v1_header
 from scriptlb.logs import errorlog
 from scriptlb.request.attempt import ABANDONED, DONE, FAILED, Attempt, TryRecord, chosen_anyway, clock
+from scriptlb.request.realip import RealIp, parse_addr_port
 from scriptlb.request.retry import Failure
 from scriptlb.stream.preread import DONE as HELLO_DONE
 from scriptlb.stream.preread import NEED_MORE, parse_client_hello
@@ -129,15 +130,21 @@ class Session(asyncio.Protocol):
         self.bytes_received = 0  # from the client
         self.tries: list[TryRecord] = []
         self.ctx: dict[str, object] = {}
-        self.ctx_cache: dict[str, str | None] = {}  # map values, evaluated once per session
+        # variable values by name, as nginx's s->variables: map / split_clients values (evaluated
+        # once), `set` values, named captures, the byte counters once read
+        self.ctx_cache: dict[str, str | None] = {}
+        self.captures: tuple[str, ...] = ()  # the last regex match's ($1...)
         self.last_failure: tuple[str, int] | None = None
         self.tries_left = 0
         self.tries_cap = proxy.next_upstream_tries
         self.remote_addr = self.remote_port = self.server_addr = self.server_port = ""
         self.server_name = ""
         self.ssl_server_name = self.ssl_protocol = self.ssl_alpn_protocols = ""
+        self.proxy_protocol: Header | None = None  # the PROXY header read, if any
         self.proxy_protocol_addr: str | None = None
         self.proxy_protocol_port: str | None = None
+        # the connection's own address once realip replaced it ($realip_remote_addr/_port)
+        self.realip_remote_addr = self.realip_remote_port = ""
         self.limit: Any = None  # limit_conn's LimitState (scriptlb.request.limits), once it ran
         self.transport: asyncio.Transport | None = None
         self.gate: ReadGate | None = None
@@ -263,6 +270,7 @@ class Session(asyncio.Protocol):
             self.bytes_received = 0  # (nginx counts what the proxy reads, not the handshake)
             self._finish(BAD_REQUEST)
             return
+        self.proxy_protocol = header
         self.proxy_protocol_addr, self.proxy_protocol_port = header.addr, header.port
         self._proxy_header = False
         self.bytes_received -= header.length  # $bytes_received counts the payload only, as nginx
@@ -272,9 +280,15 @@ class Session(asyncio.Protocol):
         self._run_phases()
 
     def _run_phases(self) -> None:
-        """nginx's stream phases once the connection (and its PROXY header) is in: preaccess
-        (limit_conn), access (allow/deny), preread (ssl_preread), then content (the tries)."""
+        """nginx's stream phases once the connection (and its PROXY header) is in: post-accept
+        (realip), preaccess (``set``, then limit_conn: nginx runs a phase's handlers in
+        reverse module order), access (allow/deny), preread (ssl_preread), then content (the
+        tries, or ``return``)."""
         server = self.server
+        if server.realip is not None and self.proxy_protocol_addr is not None:
+            self._real_ip(server.realip)
+        for name, value in server.sets:
+            self.ctx_cache[name] = value(self)
         if server.limits is not None:
             status, _ = server.limits.run(self)
             if status:
@@ -290,6 +304,16 @@ class Session(asyncio.Protocol):
                 self._preread()
             return
         self._begin_tries()
+
+    def _real_ip(self, realip: RealIp) -> None:
+        """ngx_stream_realip_module: a trusted sender's PROXY header address is the client's."""
+        if not realip.trusted(self.remote_addr):
+            return
+        found = parse_addr_port(self.proxy_protocol_addr or "")
+        if found is None:
+            return
+        self.realip_remote_addr, self.realip_remote_port = self.remote_addr, self.remote_port
+        self.remote_addr, self.remote_port = found[0], self.proxy_protocol_port or "0"
 
     def _preread(self) -> None:
         data = b"".join(self._pending)
@@ -319,6 +343,21 @@ class Session(asyncio.Protocol):
             self._return_text(self.server.returns)
             return
         upstream = self.server.upstream_for(self)
+        if isinstance(upstream, asyncio.Future):
+            upstream.add_done_callback(self._looked_up)
+            return
+        self._start_tries(upstream)
+
+    def _looked_up(self, done: asyncio.Future[Any]) -> None:
+        """``proxy_pass $var`` named a host: its lookup ended (None: failed, logged)."""
+        if self._ended:
+            return
+        try:
+            self._start_tries(done.result())
+        except Exception as exc:
+            self._crashed(exc, "resolving a proxy_pass name")
+
+    def _start_tries(self, upstream: Any) -> None:
         if upstream is None:
             self._finish(BAD_GATEWAY if self.status == OK else self.status)
             return
@@ -660,11 +699,12 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ what logs and hooks read
 
-    def log_context(self, peer_name: str | None) -> str:
-        """nginx's stream suffix: ``, client: ..., server: ...`` and, once proxying,
-        ``, upstream: "...", bytes from/to client:R/S, bytes from/to upstream:R/S``."""
+    def log_context(self, peer_name: str | None, proxying: bool = False) -> str:
+        """nginx's stream suffix: ``, client: ..., server: ...`` and, once proxying (or
+        choosing where to: ``proxying``), ``, upstream: "...", bytes from/to client:R/S,
+        bytes from/to upstream:R/S``."""
         text = f", client: {self.remote_addr}, server: {self.server_name}"
-        if self._upstream is None:
+        if self._upstream is None and not proxying:
             return text
         if peer_name is not None:
             text += f', upstream: "{peer_name}"'

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from scriptlb.config.templates import STREAM_VARIABLES
+from scriptlb.http.proxy_protocol import tlv_text
 from scriptlb.variables.evaluate import _ms, _TimeFormats
 
 Getter = Callable[[Any], "str | None"]
@@ -104,6 +105,10 @@ _SIMPLE: dict[str, Getter] = {
     "limit_conn_status": _limit_conn_status,
     "proxy_protocol_addr": _attr("proxy_protocol_addr"),
     "proxy_protocol_port": _attr("proxy_protocol_port"),
+    "proxy_protocol_server_addr": lambda s: _header_field(s, "server_addr"),
+    "proxy_protocol_server_port": lambda s: _header_field(s, "server_port"),
+    "realip_remote_addr": lambda s: s.realip_remote_addr or s.remote_addr,
+    "realip_remote_port": lambda s: s.realip_remote_port or s.remote_port,
 }
 
 
@@ -121,13 +126,51 @@ def _clocked(name: str, clock: Clock) -> Getter:
 _CLOCKED = frozenset({"session_time", "msec", "time_local", "time_iso8601"})
 
 
-def variable_getter(name: str, clock: Clock = time.time) -> Getter:
-    """The getter of stream variable ``$name``; KeyError for a name stream does not have."""
+def _header_field(session: Any, field: str) -> str | None:
+    header = session.proxy_protocol
+    value = getattr(header, field, None) if header is not None else None
+    return None if value is None else str(value)
+
+
+def _tlv(name: str) -> Getter:
+    return lambda session: tlv_text(session.proxy_protocol, name)
+
+
+_TLV_PREFIX = "proxy_protocol_tlv_"
+
+
+def _capture(number: int) -> Getter:
+    def get(session: Any) -> str | None:
+        captures: tuple[str, ...] = session.captures
+        return captures[number] if number < len(captures) else None
+
+    return get
+
+
+def _stored(name: str) -> Getter:
+    """A variable the session holds itself (``set``, a named capture): "" until given one."""
+
+    def get(session: Any) -> str | None:
+        value: str | None = session.ctx_cache.get(name, "")
+        return value
+
+    return get
+
+
+def variable_getter(name: str, clock: Clock = time.time, stored: frozenset[str] = frozenset()) -> Getter:
+    """The getter of stream variable ``$name`` (``stored``: the names sessions hold, ``set``
+    targets and named captures); KeyError for a name stream does not have."""
     getter = _SIMPLE.get(name)
     if getter is not None:
         return getter
     if name in _CLOCKED:
         return _clocked(name, clock)
+    if name.isdigit():
+        return _capture(int(name))
+    if name.startswith(_TLV_PREFIX) and len(name) > len(_TLV_PREFIX):
+        return _tlv(name[len(_TLV_PREFIX):])
+    if name in stored:
+        return _stored(name)
     raise KeyError(name)
 
 

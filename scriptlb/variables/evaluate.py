@@ -27,6 +27,7 @@ from typing import Any, TypeGuard
 
 from scriptlb.config.model import GeoConf, MapConf, Template, Var
 from scriptlb.config.templates import KNOWN_VARIABLES, VARIABLE_PREFIXES
+from scriptlb.http.proxy_protocol import tlv_text
 from scriptlb.http.tls import TLS_VARIABLES
 from scriptlb.request_view import Header, RequestView
 
@@ -138,6 +139,16 @@ def _proxy_protocol(field: str) -> Getter:
 
 def _proxy_host(ex: RequestView) -> str | None:
     return getattr(ex, "proxy_host", None) or None
+
+
+def _proxy_port(ex: RequestView) -> str | None:
+    """nginx's $proxy_port: proxy_pass with variables sets it per request, else the location's."""
+    port = getattr(ex, "proxy_port", None)
+    if port is None:
+        location = getattr(ex, "location", None)
+        proxy_pass = getattr(getattr(location, "conf", None), "proxy_pass", None)
+        port = None if proxy_pass is None else proxy_pass.proxy_port
+    return port
 
 
 def _proxy_add_x_forwarded_for(ex: RequestView) -> str | None:
@@ -350,7 +361,16 @@ def _upstream_cookie_family(suffix: str) -> Getter:
     return get
 
 
+def _proxy_protocol_tlv_family(name: str) -> Getter:
+    """$proxy_protocol_tlv_NAME: a TLV of the connection's PROXY v2 header."""
+    def get(ex: RequestView) -> str | None:
+        return tlv_text(getattr(getattr(ex, "conn", None), "proxy_protocol", None), name)
+
+    return get
+
+
 _FAMILIES: dict[str, Callable[[str], Getter]] = {
+    "proxy_protocol_tlv_": _proxy_protocol_tlv_family,
     "upstream_cookie_": _upstream_cookie_family,
     "http_": _http_family,
     "arg_": _arg_family,
@@ -472,6 +492,7 @@ _SIMPLE: dict[str, Getter] = {
     "connection": _attr("conn_id"),
     "connection_requests": _attr("conn_requests"),
     "proxy_host": _proxy_host,
+    "proxy_port": _proxy_port,
     "proxy_add_x_forwarded_for": _proxy_add_x_forwarded_for,
     "upstream_addr": _upstream_addr,
     "upstream_status": _upstream_status,
