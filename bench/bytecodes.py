@@ -1,7 +1,7 @@
 """Python bytecodes per proxied request, by function: where bench/instructions.py's count goes.
 
     .venv/bin/python bench/bytecodes.py [--low 100] [--high 400] [--conf-extra "python_peer_stats off;"]
-                                        [--hook]
+                                        [--hook | --hook-module]
 
 Runs one scriptlb worker (``master_process off``, the config of bench/instructions.py) under a
 ``sys.settrace`` hook that counts the bytecodes each Python function executes (opcode events),
@@ -27,7 +27,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import bench_conf  # noqa: E402
 import bench_proc  # noqa: E402
 import instructions  # noqa: E402
 
@@ -77,16 +76,6 @@ def run(procs: bench_proc.Procs, work: Path, conf: str, port: int, count: int) -
     return counts
 
 
-def with_hook(conf: str, backend_port: int) -> str:
-    """``conf`` (bench/instructions.py's proxy) with the crc32 balancer hook in its upstream."""
-    hook = bench_conf.python_hook([backend_port, backend_port], keepalive=False)  # (a tuple of two)
-    block = "balancer_by_python_block {\n" + hook + "}\n"
-    marker = "keepalive 16; }"
-    if marker not in conf:
-        raise SystemExit("the proxy config changed: no upstream block to put the hook in")
-    return conf.replace(marker, "keepalive 16;\n" + block + "}", 1)
-
-
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--traced":
         return traced_main(sys.argv[2], sys.argv[4:])
@@ -98,6 +87,8 @@ def main() -> int:
     parser.add_argument("--hook", action="store_true",
                         help="the upstream picks its peer with bench/run.py's crc32 hook, as ported "
                              "from OpenResty (keepalive N pools it, no enable_keepalive)")
+    parser.add_argument("--hook-module", action="store_true",
+                        help="the same hook importing its pick from a module on python_package_path")
     parser.add_argument("--min", type=float, default=3.0,
                         help="list the functions with at least this many bytecodes per request")
     opts = parser.parse_args()
@@ -117,9 +108,8 @@ def main() -> int:
             results = []
             for count in (opts.low, opts.high):
                 port, = bench_proc.free_ports(1)
-                conf = instructions.proxy_conf(work / f"p{count}", port, backend_port, opts.conf_extra)
-                if opts.hook:
-                    conf = with_hook(conf, backend_port)
+                style = "module" if opts.hook_module else "ported" if opts.hook else ""
+                conf = instructions.hook_conf(work / f"p{count}", port, backend_port, style, opts.conf_extra)
                 results.append(run(procs, work, conf, port, count))
         finally:
             procs.stop_all()

@@ -1,6 +1,7 @@
 """Instructions per proxied request, counted by valgrind (callgrind): a noise-free A/B.
 
-    .venv/bin/python bench/instructions.py [--low 200] [--high 1200] [--metrics | --sync | --trace | --tls]
+    .venv/bin/python bench/instructions.py [--low 200] [--high 1200]
+                                           [--metrics | --sync | --trace | --tls | --hook | --hook-module]
 
 Wall-clock A/Bs on a shared or virtual machine wander by more than the few percent some
 features cost (the peer statistics' budget is 3%). Instruction counts do not: this
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import re
 import shutil
 import sys
@@ -44,6 +46,34 @@ TRACE_CONFIGS = {"trace header off": "",
 # --tls: the same proxy with its listen terminating TLS (a trustme certificate), the client on
 # HTTPS keep-alive: the difference is what TLS costs per request in user mode
 TLS_CONFIGS = {"plain HTTP": "", "HTTPS": " ssl"}
+
+
+# --hook: round robin against bench/run.py's crc32 hook as ported from OpenResty (scriptlb-hook-ported:
+# `keepalive N` pools the hook's peers, no enable_keepalive, the code inline); --hook-module: that
+# inline hook against the same pick imported from a module on python_package_path
+# (scriptlb-hook-module), the ratio the issue holds within 5%
+HOOK_CONFIGS = {"round robin": "", "hook inline": "ported"}
+HOOK_MODULE_CONFIGS = {"hook inline": "ported", "hook module": "module"}
+
+
+def hook_conf(prefix: Path, listen: int, backend: int, style: str, extra: str = "") -> str:
+    """proxy_conf with bench/bench_conf.py's crc32 hook in the upstream ("" = none): "ported" inline,
+    or "module" (writes ``prefix``/lib/picker.py and points python_package_path at it)."""
+    import bench_conf
+
+    ports = [backend, backend]  # two "peers" on the one backend: the hook's modulo still picks
+    if style == "module":
+        (prefix / "lib").mkdir(parents=True, exist_ok=True)
+        (prefix / "lib" / f"{bench_conf.PICKER_MODULE}.py").write_text(bench_conf.picker_module(ports))
+        code = bench_conf.python_module_hook()
+        extra += f' python_package_path "{prefix}/lib/?.py";'
+    elif style == "ported":
+        code = bench_conf.python_hook(ports, keepalive=False)
+    else:
+        return proxy_conf(prefix, listen, backend, extra)
+    conf = proxy_conf(prefix, listen, backend, extra)
+    marker = "keepalive 16; }"
+    return conf.replace(marker, "keepalive 16;\n    balancer_by_python_block {\n" + code + "    }\n  }", 1)
 
 
 def proxy_conf(prefix: Path, listen: int, backend: int, extra: str, server_extra: str = "",
@@ -141,9 +171,12 @@ def instructions(procs: bench_proc.Procs, work: Path, name: str, conf: str, port
     (prefix / "scriptlb.conf").write_text(conf)
     out = prefix / "callgrind.out"
     pattern = f"{out}.%p" if master else str(out)
+    # a fixed hash seed: string hashes decide how many probes each dict lookup takes, and a
+    # random seed moves the count by ~2k instructions between runs of the same code
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = procs.start(name, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={pattern}",
                               sys.executable, "-m", "scriptlb", "-p", str(prefix), "-c",
-                              str(prefix / "scriptlb.conf")], cwd=str(HERE.parent))
+                              str(prefix / "scriptlb.conf")], cwd=str(HERE.parent), env=env)
     if not bench_proc.wait_port(port, proc, timeout=300):
         raise SystemExit(f"{name} did not start:\n{proc.log_tail()}")
     send(port, 1 + count, tls)
@@ -203,9 +236,15 @@ def main() -> int:
                         help="--sync: the hook reads and counts (get + incr) or only reads (2 gets)")
     parser.add_argument("--trace", action="store_true", help="compare balancer_trace_header off/on instead")
     parser.add_argument("--tls", action="store_true", help="compare plain HTTP and HTTPS keep-alive instead")
+    parser.add_argument("--hook", action="store_true",
+                        help="compare round robin and the crc32 hook as ported (keepalive N, inline)")
+    parser.add_argument("--hook-module", action="store_true",
+                        help="compare the inline crc32 hook and the same pick imported from a module")
     opts = parser.parse_args()
+    hooked = opts.hook or opts.hook_module
     configs = (METRICS_CONFIGS if opts.metrics else SYNC_CONFIGS if opts.sync
-               else TRACE_CONFIGS if opts.trace else TLS_CONFIGS if opts.tls else CONFIGS)
+               else TRACE_CONFIGS if opts.trace else TLS_CONFIGS if opts.tls
+               else HOOK_CONFIGS if opts.hook else HOOK_MODULE_CONFIGS if opts.hook_module else CONFIGS)
     if opts.sync and shutil.which("redis-server") is None:
         print("redis-server is missing: bash scripts/install-test-tools", file=sys.stderr)
         return 1
@@ -241,6 +280,8 @@ def main() -> int:
                                          opts.sync_hook)
                     elif opts.metrics:
                         conf = proxy_conf(prefix, port, backend_port, "", extra)
+                    elif hooked:
+                        conf = hook_conf(prefix, port, backend_port, extra, "python_peer_stats off;")
                     elif opts.tls:
                         certificate = tls_files(work) if extra else ""
                         conf = proxy_conf(prefix, port, backend_port, "", certificate, extra)
@@ -264,6 +305,15 @@ def main() -> int:
     if opts.tls:
         on, off = per_request["HTTPS"], per_request["plain HTTP"]
         print(f"TLS: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
+        return 0
+    if opts.hook:
+        on, off = per_request["hook inline"], per_request["round robin"]
+        print(f"crc32 hook: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
+        return 0
+    if opts.hook_module:
+        module, inline = per_request["hook module"], per_request["hook inline"]
+        print(f"module hook / inline hook: {module / inline:.3f} ({module - inline:+,.0f} instructions "
+              "per request, user mode)")
         return 0
     if opts.trace:
         on, off = per_request["trace header on"], per_request["trace header off"]

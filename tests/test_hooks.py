@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ from hook_helpers import exchange, run, runner
 
 from scriptlb.config import ConfigError, load
 from scriptlb.config.model import HookConf, PeerAddr, PythonConf, Source
-from scriptlb.hookrt.hooks import HookRunner, load_and_check, precompile
+from scriptlb.hookrt.hooks import HookRunner, load_and_check, load_code, precompile
 from scriptlb.replay.synthetic import SyntheticUpstream
+from scriptlb.sandbox.policy import HOOK_FUNCTION
 
 CHUNK = "balancer_by_python(/t/scriptlb.conf:1)"
 
@@ -123,6 +125,80 @@ def test_outcome_is_per_run() -> None:
     first, second = hook.run(ex, hook.upstream), hook.run(ex, hook.upstream)
     assert (first.addr, first.exit_status) == (PeerAddr("127.0.0.1", 1), None)
     assert (second.addr, second.exit_status) == (None, 503)
+
+
+# A hook's top-level code runs as a function body when nothing tells the two apart (its names
+# are the call's locals: fresh every run, read without dict lookups); otherwise as a module body.
+FUNCTION_OR_MODULE = [
+    ("PORTS = (1, 2)\ni = ngx.crc32_long(ngx.var.uri) % 2\n"
+     "ok, err = balancer.set_current_peer('127.0.0.1', PORTS[i])\n", True, 1),  # crc32("/a") is even
+    # closures and methods read the top-level names (one bound after the definitions)
+    ("PORTS = (9001, 9002)\ndef pick(i):\n    return PORTS[i]\nclass Ring:\n"
+     "    def __init__(self, ports):\n        self.ports = ports\n    def first(self):\n"
+     "        return self.ports[0] + OFFSET\nOFFSET = 5\n"
+     "balancer.set_current_peer('127.0.0.1', Ring(PORTS).first() + pick(1) - 9002)\n", True, 9006),
+    # `global` reaches the run's globals: a module body
+    ("def bump():\n    global port\n    port = 7\nbump()\nbalancer.set_current_peer('127.0.0.1', port)\n",
+     False, 7),
+    # a rebound builtin is read before its binding: a global, where a local would be unbound
+    ("peer = str(8)\nstr = None\nbalancer.set_current_peer('127.0.0.1', int(peer))\n", False, 8),
+    # a class body reads the names it binds from the globals, not from a function around it
+    ("PORT = 8\nclass A:\n    PORT = PORT + 1\nbalancer.set_current_peer('127.0.0.1', A.PORT)\n", False, 9),
+]
+
+
+@pytest.mark.parametrize(("code", "as_function", "port"), FUNCTION_OR_MODULE)
+def test_top_level_code_runs_as_a_function_when_nothing_tells_them_apart(code: str, as_function: bool,
+                                                                         port: int) -> None:
+    hook = runner(code)
+    assert (load_code(hook.conf).co_names == (HOOK_FUNCTION,)) is as_function
+    for uri in ("/a", "/a"):  # twice: the second run sees nothing of the first
+        outcome = hook.run(exchange(uri), hook.upstream)
+        assert (outcome.error, outcome.addr) == (None, PeerAddr("127.0.0.1", port))
+
+
+def test_a_name_bound_in_an_earlier_run_is_unbound_in_the_next() -> None:
+    logs: list[tuple[str, str]] = []
+    hook = runner("if ngx.var.uri == '/set':\n    port = 1\nbalancer.set_current_peer('127.0.0.1', port)\n",
+                  logs=logs)
+    assert load_code(hook.conf).co_names == (HOOK_FUNCTION,)
+    assert hook.run(exchange("/set"), hook.upstream).addr == PeerAddr("127.0.0.1", 1)
+    assert hook.run(exchange("/other"), hook.upstream).error == "runtime_error"
+    assert "UnboundLocalError" in logs[-1][1] and ":4: " in logs[-1][1]  # (a NameError; its conf line)
+
+
+def _names_read_through_guards(code: str) -> set[str]:
+    hook = runner(code)
+    compiled = load_code(hook.conf)
+    names: set[str] = set()
+    stack = [compiled]
+    while stack:
+        current = stack.pop()
+        names.update(n for n in current.co_names if n.startswith("_") and n.endswith("_"))
+        stack.extend(c for c in current.co_consts if isinstance(c, type(compiled)))
+    return names
+
+
+def test_members_of_imported_stand_ins_are_read_directly_and_stay_read_only() -> None:
+    code = ("import zlib\nimport math as m\nport = zlib.crc32(b'/') % 2 + int(m.floor(1.5))\n"
+            "balancer.set_current_peer('127.0.0.1', port)\n")
+    assert "_getattr_" not in _names_read_through_guards(code)
+    assert run(code).outcome.addr == PeerAddr("127.0.0.1", zlib.crc32(b"/") % 2 + 1)
+    # bound some other way too: no longer known to be a module, read through the guard
+    rebound = "import zlib\nif ngx.var.uri:\n    zlib = ngx\nzlib.crc32"
+    assert "_getattr_" in _names_read_through_guards(rebound)
+    result = run("import zlib\nzlib.crc32 = len\n")
+    assert result.kind == "runtime_error" and "cannot modify a 'SafeModule'" in result.logs[0][1]
+
+
+def test_unpacking_into_names_pulls_one_item_more_at_most() -> None:
+    code = ("def endless():\n    while True:\n        yield 1\n"
+            "try:\n    a, b = endless()\nexcept ValueError as err:\n    ngx.ctx['err'] = str(err)\n"
+            "for k, v in {'127.0.0.1': 9}.items():\n    balancer.set_current_peer(k, v)\n")
+    result = run(code)
+    assert result.exchange.ctx == {"err": "too many values to unpack (expected 2)"}
+    assert result.outcome.addr == PeerAddr("127.0.0.1", 9)
+    assert "_unpack_sequence_" not in _names_read_through_guards(code)
 
 
 # --------------------------------------------------------------------------- files and cache

@@ -144,6 +144,35 @@ def test_header_names_with_underscores_or_invalid_characters_are_dropped(tmp_pat
     assert seen == [[b"X-Good"], [b"X-Good", b"X_Real_IP"], [b"X-Good", b"X.Dot", b"X_Real_IP"]]
 
 
+def test_a_dropped_header_line_is_logged_with_the_request_line(tmp_path: Path) -> None:
+    """The request line is known before the first header (the method is read once per
+    request, with the target): an invalid first header's log line names the request."""
+    request = b"GET /named HTTP/1.1\r\nX_First: 1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    with (RecordingBackend() as backend,
+          proxy_process("scriptlb", tmp_path / "p", proxied(backend.port)) as proxy):
+        answer, _ = exchange(proxy.port, request)
+        assert answer.startswith(b"HTTP/1.1 200")
+        lines = [line for line in proxy.error_log.splitlines() if "invalid header line" in line]
+    assert len(lines) == 1 and 'request: "GET /named HTTP/1.1"' in lines[0]
+
+
+def test_headers_named_by_connection_are_dropped_for_that_request_only(tmp_path: Path) -> None:
+    """A header the client's Connection header names is hop-by-hop: not forwarded. The next
+    request on the same connection, without such a Connection header, forwards it."""
+    first = (b"GET /1 HTTP/1.1\r\nHost: t\r\nConnection: X-Hop, keep-alive\r\nX-Hop: 1\r\n"
+             b"X-Kept: 1\r\n\r\n")
+    second = b"GET /2 HTTP/1.1\r\nHost: t\r\nX-Hop: 2\r\nX-Kept: 2\r\nConnection: close\r\n\r\n"
+    with RecordingBackend() as backend:
+        with proxy_process("scriptlb", tmp_path / "p", proxied(backend.port)) as proxy:
+            answer, _ = exchange(proxy.port, first + second)
+            assert answer.count(b"HTTP/1.1 200") == 2
+        heads = [received.head for received in backend.requests]
+    assert len(heads) == 2
+    first_lines, second_lines = (head.split(b"\r\n") for head in heads)
+    assert b"X-Kept: 1" in first_lines and not any(line.startswith(b"X-Hop") for line in first_lines)
+    assert b"X-Hop: 2" in second_lines and b"X-Kept: 2" in second_lines
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_request_trailers_never_reach_the_backend(tmp_path: Path, kind: str) -> None:
     """A chunked body's trailers are dropped (the body is sent again with a length), even as

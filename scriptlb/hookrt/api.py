@@ -805,6 +805,8 @@ class Ngx:
         return zlib.crc32(_text_bytes(value, "crc32_short"))
 
     def crc32_long(self, value: object) -> int:
+        if type(value) is str and value.isascii():  # as crc32_short (same bytes either way)
+            return zlib.crc32(value.encode("ascii"))
         return zlib.crc32(_text_bytes(value, "crc32_long"))
 
     def md5(self, value: object) -> str:

@@ -23,6 +23,7 @@ import os
 import time
 import traceback
 from bisect import bisect_left
+from collections.abc import Callable
 from types import CodeType, TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -38,10 +39,11 @@ from scriptlb.sandbox import limits, lint
 from scriptlb.sandbox.guards import make_builtins
 from scriptlb.sandbox.importer import HOOK_DIR_KEY, OWNER_KEY, Importer
 from scriptlb.sandbox.limits import HookTimeout
-from scriptlb.sandbox.policy import HookCompileError, compile_hook
+from scriptlb.sandbox.policy import HOOK_FUNCTION, HookCompileError, compile_hook
 
 _Result = TypeVar("_Result")  # what a runner's run() returns for a failed run
 _BUDGET = limits.BUDGET
+_CONTEXT = api.CURRENT  # (never rebound: runs point its fields at their request)
 _clock = limits.clock
 # scriptlb_hook_duration_seconds' buckets: hook runs take microseconds to their budget (10 ms)
 RUN_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
@@ -64,7 +66,7 @@ class _Printer:
 
 _PRINTER = _Printer()
 IMPORTER = Importer()
-BUILTINS = make_builtins({"__import__": IMPORTER, "_print_": lambda _getattr=None: _PRINTER})
+BUILTINS = make_builtins({"__import__": IMPORTER.__call__, "_print_": lambda _getattr=None: _PRINTER})
 _NAMESPACE = {"ngx": api.ngx}
 
 
@@ -74,6 +76,8 @@ def _fresh_globals(name: str, hook_dir: str | None = None) -> dict[str, Any]:
 
 
 IMPORTER.configure((), _fresh_globals, _NAMESPACE)
+# what a run's globals provide: a hook rebinding none of them runs as a function (compile_hook)
+_BODY_NAMES = frozenset(BUILTINS) | frozenset(_fresh_globals("__hook__"))
 _CODE_CACHE: dict[tuple[str, str], CodeType] = {}
 _PYTHON_CONF = [PythonConf()]  # the http{} settings of the last precompiled config
 # The code of each hook as compiled when the configuration loaded (precompile). Workers forked
@@ -110,7 +114,7 @@ def load_code(hook: HookConf) -> CodeType:
     key = (hook.chunk_name, source)
     code = _CODE_CACHE.get(key)
     if code is None:
-        code = compile_hook(source, hook.chunk_name, first_line)
+        code = compile_hook(source, hook.chunk_name, first_line, _BODY_NAMES)
         if len(_CODE_CACHE) > 256:
             _CODE_CACHE.clear()
         _CODE_CACHE[key] = code
@@ -327,18 +331,18 @@ class _Runner(Generic[_Result]):
         self._limit = _RateLimit()
         limits.quiet_unraisable_stops()  # a generator finalized past the budget: no stderr noise
         self._globals = _fresh_globals("__hook__", os.path.dirname(_error_file(conf)))
-        # for the metrics (scriptlb.ops.metrics): runs, failures by kind, durations per bucket
-        self.runs = 0
+        # for the metrics (scriptlb.ops.metrics): failures by kind, durations per bucket
         self.failures: dict[str, int] = {}
         self.durations = [0] * (len(RUN_BUCKETS) + 1)
         self.duration_sum = 0.0
         self.last_spent = 0.0  # the last run's duration (seconds): HookOutcome.spent
-        self._code: CodeType | None = None
+        self._call: Callable[[], object] | None = None  # what a run calls (code cache on)
         self._compile_error: str | None = None
         self.breaker = Breaker(conf.breaker) if conf.breaker is not None else None
         self._tripped = False  # the breaker is open or probing (one test on the hot path)
-        if self.python.code_cache:
-            self._code = self._load()
+        self._cached = self.python.code_cache  # (one attribute read per run)
+        if self._cached:
+            self._call = self._callable(self._load())
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.chunk} timeout={self.timeout}>"
@@ -361,57 +365,86 @@ class _Runner(Generic[_Result]):
         """Run the hook once. None when it ran to its end; otherwise what ``_fail`` returned
         for the error (already logged). Never raises (except KeyboardInterrupt-like stops).
 
-        The subclasses' hot paths go through here: no allocation beyond the globals' copy."""
-        breaker = self.breaker
-        if self._tripped and breaker is not None and not breaker.admits(api.clock()):
+        Every balancer try and log run goes through here: what does not change per run (the
+        code, the phase, the sink) is read off the runner, and the run allocates nothing but
+        its globals' copy (a Lua chunk's fresh environment)."""
+        if self._tripped and not self._admitted():
             return self._skip(outcome, exchange)
-        if self.python.code_cache:
-            code = self._code
-        else:
-            IMPORTER.forget()
-            code = self._load()
-        if code is None:
+        call = self._call if self._cached else self._reload()
+        if call is None:
             self.last_spent = 0.0
             return self._failed(outcome, "compile_error", self._compile_error or "cannot load hook", exchange)
-        context = api.CURRENT
+        context = _CONTEXT
         context.exchange = exchange
         if exchange.is_stream:
             context.stream, context.http = exchange, None
         else:
             context.http, context.stream = exchange, None
-        context.upstream, context.phase = upstream, self.phase
-        context.outcome, context.log, context.logged = outcome, self.log, 0
-        fuse = limits.current_fuse()
-        if fuse is not None:
-            fuse.run_started()
+        context.upstream = upstream
+        context.phase = self.phase
+        context.outcome = outcome
+        context.log = self.log
+        context.logged = 0
         budget = _BUDGET
         budget.tripped = False
-        started = _clock()
+        stamp = limits.STAMP  # the hard fuse's stamp (a worker's own mapping)
+        stamp.value = started = _clock()
         budget.deadline = started + self.timeout
         failure: BaseException | None = None
         try:
-            exec(code, self._globals.copy())
+            call()
         except (Exception, HookTimeout) as err:
             failure = err
         finally:
             budget.deadline = 0.0
+            stamp.value = 0.0
             stopped = budget.tripped
             context.exchange = context.http = context.stream = None
             context.upstream = context.outcome = None
-            if fuse is not None:
-                fuse.run_ended()
             self.last_spent = spent = _clock() - started
-            self.runs += 1
             self.duration_sum += spent
             self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
         if stopped or failure is not None:
             return self._failed_run(outcome, failure, stopped, exchange)
-        if self._tripped and breaker is not None:  # the probe succeeded
-            breaker.succeeded()
-            self._tripped = False
-            self._emit("notice", f"{self.directive} {self.chunk}: circuit breaker closed, "
-                       "the hook runs again", None)
+        if self._tripped:  # the probe succeeded
+            self._closed()
         return None
+
+    @property
+    def runs(self) -> int:
+        """Runs that started (the durations' histogram counts each once)."""
+        return sum(self.durations)
+
+    def _reload(self) -> Callable[[], object] | None:
+        """``python_code_cache off``: modules and the hook are read again for every run."""
+        IMPORTER.forget()
+        return self._callable(self._load())
+
+    def _callable(self, code: CodeType | None) -> Callable[[], object] | None:
+        """What a run calls: the hook's function (compiled as one, see compile_hook), defined
+        in the runner's globals, which no run can change; or else the module body, executed
+        in a fresh copy of them."""
+        if code is None:
+            return None
+        base = self._globals
+        if code.co_names == (HOOK_FUNCTION,):  # (hook code cannot spell the name)
+            exec(code, base)
+            function: Callable[[], object] = base.pop(HOOK_FUNCTION)
+            return function
+        return lambda: exec(code, base.copy())
+
+    def _admitted(self) -> bool:
+        """The breaker is open or probing: may this run go ahead (the probe)?"""
+        breaker = self.breaker
+        return breaker is None or breaker.admits(api.clock())
+
+    def _closed(self) -> None:
+        breaker = self.breaker
+        if breaker is not None:
+            breaker.succeeded()
+        self._tripped = False
+        self._emit("notice", f"{self.directive} {self.chunk}: circuit breaker closed, "
+                   "the hook runs again", None)
 
     def _failed_run(self, outcome: HookOutcome, failure: BaseException | None, stopped: bool,
                     exchange: HookRequest) -> _Result:
@@ -494,11 +527,15 @@ class HookRunner(_Runner[HookOutcome]):
     def run(self, exchange: HookedRequest, upstream: HookUpstream | None = None) -> HookOutcome:
         """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops)."""
         outcome = HookOutcome()
-        failed = self._execute(exchange, upstream or self.upstream or api.NO_UPSTREAM, outcome)
+        if upstream is None:
+            upstream = self.upstream or api.NO_UPSTREAM
+        failed = self._execute(exchange, upstream, outcome)
         outcome.spent = self.last_spent
         if failed is not None:
             return failed
         status = outcome.exit_status
+        if status is None and outcome.addr is not None:  # a peer was set: the usual run
+            return outcome
         if status is not None and not 300 <= status <= 999:
             what = "falling back" if self.conf.fallback else "answering 500"
             return self._failed(outcome, "exit_error",

@@ -108,6 +108,31 @@ def _refuse_duplicate(headers: list[tuple[bytes, bytes]], lower: bytes) -> None:
                                    f'"{previous}" while reading client request headers')
 
 
+_TRAILING_SPACE = (b" ", b"\t")
+
+
+def _noted_header(request: Request, lower: bytes, value: bytes) -> None:
+    """A header line the client connection acts on (``lower``: its name lower-cased, a name
+    whose length is one of _NOTED_HEADER_LENGTHS), already stored in ``request.headers``."""
+    if lower == b"host":
+        if request.host is not None:
+            raise ClientError(400, "client sent duplicate host header while reading client request headers")
+        request.host = value
+    elif lower == b"content-length":
+        _refuse_duplicate(request.headers, lower)
+        request.content_length = _content_length(value)
+    elif lower == b"transfer-encoding":
+        _refuse_duplicate(request.headers, lower)
+        request.chunked = True  # (its value is checked once the head is read, as nginx)
+    elif lower == b"expect":
+        _refuse_duplicate(request.headers, lower)
+        request.expect_continue = value.lower() == b"100-continue"
+    elif lower == b"connection":
+        request.connection = value if request.connection is None else request.connection + b"," + value
+    elif lower in _UNIQUE_HEADERS:  # (the If-*, Authorization...)
+        _refuse_duplicate(request.headers, lower)
+
+
 def next_connection_id() -> int:
     """nginx's connection counter ($connection, the ``*N`` in error-log lines)."""
     return next(_conn_ids)
@@ -536,7 +561,11 @@ class ClientConnection(asyncio.Protocol):
             if heading and (self._line_bytes or len(data) > self._header_line_max):
                 self._check_line_start(data)
             self._fed = 0
-            self._feed(data)
+            try:
+                self._parser.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as stop:
+                # (an Upgrade request's head, a client error a callback raised, bad bytes)
+                self._feed_stopped(stop, data)
             if self._parsing is not None or self._line_bytes:
                 # (a body read in this feed and not ended by it: its handler is told now)
                 body_for = self._body_for
@@ -633,10 +662,10 @@ class ClientConnection(asyncio.Protocol):
             return ClientError(414, "client sent too long URI while reading client request line")
         return ClientError(494, "client sent too long header line while reading client request headers")
 
-    def _feed(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
+    def _feed_stopped(self, stop: Exception, data: bytes) -> None:
+        """llhttp stopped before the end of ``data`` (see data_received's feed)."""
+        if isinstance(stop, httptools.HttpParserUpgrade):
+            upgrade = stop
             # llhttp stops after an "Upgrade" request head (delivered as a plain request). What
             # follows belongs to the new protocol if the peer switches (a tunnel takes it, see
             # switch_protocols), else it is the next request: nothing more is read until the
@@ -645,17 +674,17 @@ class ClientConnection(asyncio.Protocol):
             offset = int(upgrade.args[0])
             if offset < len(data):
                 self._upgrade_early += data[offset:]
-        except httptools.HttpParserCallbackError as err:
-            cause = err.__context__
+        elif isinstance(stop, httptools.HttpParserCallbackError):
+            cause = stop.__context__
             if isinstance(cause, ClientError):
                 raise cause from None
             if isinstance(cause, _ParsingEnded):
                 return
             if isinstance(cause, MemoryError):
                 raise cause from None
-            raise  # a bug in a callback must not masquerade as a client error
-        except httptools.HttpParserError as err:
-            message = self._parse_error_message(err)
+            raise stop  # a bug in a callback must not masquerade as a client error
+        else:
+            message = self._parse_error_message(stop)
             # (a coding after "chunked" is one nginx does not implement: 501, as any other; a
             # second Transfer-Encoding line is a duplicate: 400)
             unknown = "unknown \"Transfer-Encoding\"" in message
@@ -698,17 +727,19 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
+        if not request.method:  # (known once the target begins: error logs of the head show it)
+            request.method = self._parser.get_method().decode("ascii")
         request.target += url
         if len(request.target) > self.listener.header_buffers[1]:
             raise ClientError(414, "client sent too long URI while reading client request line")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # (runs for every header line: the usual one is measured, checked and stored; only
+        # the few names the client connection acts on go on to _noted_header)
+        request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         if self._head_done:
             return  # a trailer: dropped, as nginx does (never merged into the request head)
-        request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
-        if not request.method:
-            request.method = self._parser.get_method().decode("ascii")
-        if value[-1:] in (b" ", b"\t"):
+        if value[-1:] in _TRAILING_SPACE:
             value = value.rstrip(b" \t")
         line = len(name) + len(value) + 4
         request.head_size += line
@@ -722,27 +753,12 @@ class ClientConnection(asyncio.Protocol):
                                self._log_context())
             return
         request.headers.append((name, value))
-        if len(name) not in _NOTED_HEADER_LENGTHS:  # lower-case only the few names we act on
-            return
-        lower = name.lower()
-        if lower == b"host":
-            if request.host is not None:
-                raise ClientError(400, "client sent duplicate host header "
-                                       "while reading client request headers")
-            request.host = value
-        elif lower == b"content-length":
-            _refuse_duplicate(request.headers, lower)
-            request.content_length = _content_length(value)
-        elif lower == b"transfer-encoding":
-            _refuse_duplicate(request.headers, lower)
-            request.chunked = True  # (its value is checked once the head is read, as nginx)
-        elif lower == b"expect":
-            _refuse_duplicate(request.headers, lower)
-            request.expect_continue = value.lower() == b"100-continue"
-        elif lower == b"connection":
-            request.connection = value if request.connection is None else request.connection + b"," + value
-        elif lower in _UNIQUE_HEADERS:  # (the If-*, Authorization...)
-            _refuse_duplicate(request.headers, lower)
+        if len(name) in _NOTED_HEADER_LENGTHS:  # lower-case only the few names we act on
+            lower = name.lower()
+            if lower == b"host" and request.host is None:  # (every request has one)
+                request.host = value
+            else:
+                _noted_header(request, lower, value)
 
     def _valid_header_name(self, name: bytes) -> bool:
         if name and not name.translate(None, _NAME_CHARS):
@@ -767,15 +783,16 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._version_hint = None  # (it was this request's, the first in its read)
         request.version = version
-        if request.version not in ("1.1", "1.0"):
+        if version not in ("1.1", "1.0"):
             raise ClientError(400, "client sent invalid request while reading client request line")
         if request.method == "CONNECT":
             raise ClientError(405, "client sent invalid method while reading client request line")
-        if request.version == "1.1" and request.host is None:
+        if version == "1.1" and request.host is None:
             raise ClientError(400, "client sent HTTP/1.1 request without \"Host\" header "
                                    "while reading client request headers")
         request.keep_alive = parser.should_keep_alive()
-        self._read_framing(request)
+        if request.chunked or request.content_length:  # (has_body stays False: the usual GET)
+            self._read_framing(request)
         handler = self.listener.open_exchange(self, request)
         limit = handler.max_body_size
         if limit and request.content_length is not None and request.content_length > limit:
@@ -794,9 +811,10 @@ class ClientConnection(asyncio.Protocol):
             self._pause_reading()  # parse no further ahead until the active request is answered
 
     def _read_framing(self, request: Request) -> None:
-        # llhttp already rejects Content-Length together with Transfer-Encoding, duplicate
-        # Content-Length lines and a coding after "chunked"; on_header noted the values.
-        request.has_body = request.chunked or bool(request.content_length)
+        """A request with a body (chunked, or a Content-Length above 0). llhttp already rejects
+        Content-Length together with Transfer-Encoding, duplicate Content-Length lines and a
+        coding after "chunked"; on_header noted the values."""
+        request.has_body = True
         if request.chunked:
             if request.version == "1.0":
                 raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "

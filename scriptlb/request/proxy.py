@@ -77,7 +77,6 @@ if TYPE_CHECKING:
     from scriptlb.http.pool import ConnectionPool
     from scriptlb.request.exchange import Exchange
     from scriptlb.request.runtime import UpstreamRuntime
-    from scriptlb.state.peers import Peer
 
 
 _READING_HEADER = "reading response header from upstream"  # nginx's log action
@@ -104,7 +103,6 @@ class UpstreamRequest:
         "_body_conn",
         "_connecting",
         "_head",
-        "_idempotent",
         "_local_addr",
         "_passing",
         "_started",
@@ -137,7 +135,6 @@ class UpstreamRequest:
         self._head = b""
         self._body: bytes | SpooledBody = b""  # (bytes, or the file a big body was spooled to)
         self._started = 0.0  # for proxy_next_upstream_timeout
-        self._idempotent = True
         # proxy_bind, or a hook's bind_to_local_addr
         self._local_addr: tuple[str, int] | None = None
         if self.location.proxy_bind is not None:
@@ -148,6 +145,11 @@ class UpstreamRequest:
         self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
         self.hook_exit: HookOutcome | None = None  # a hook's ngx.exit(N) run: $balancer_trace
         self.pass_uri: str | None = None  # proxy_pass with variables: its URI part, as evaluated
+
+    @property
+    def _idempotent(self) -> bool:
+        """retry.is_idempotent, inlined (read only when a try failed)."""
+        return self.exchange.method not in NON_IDEMPOTENT_METHODS
 
     @property
     def connection(self) -> UpstreamConnection | None:
@@ -264,7 +266,6 @@ class UpstreamRequest:
             self._state = upstream.balancer.new_request(tries_cap, key_getter(ex))
         ex.tries_cap = tries_cap
         self._started = self.loop.time()
-        self._idempotent = ex.method not in NON_IDEMPOTENT_METHODS  # (retry.is_idempotent, inlined)
         self._next_try()
 
     def _build_head(self) -> None:
@@ -287,9 +288,9 @@ class UpstreamRequest:
         state = self._state
         ex.tries_left = state.tries
         hook = upstream.hook
-        if hook is None:
-            outcome = None
-        else:
+        outcome = None
+        addr = None
+        if hook is not None:
             outcome = hook.run(ex, upstream)
             if outcome.exit_status is not None:
                 self.hook_exit = outcome
@@ -301,42 +302,32 @@ class UpstreamRequest:
             if outcome.recreate:
                 self._build_head()
             addr = outcome.addr
-            if addr is not None:
-                state.tries += outcome.more_tries
-                chosen = upstream.peers.by_name.get(addr.name)
-                if chosen is not None and (chosen.down or chosen.fails):  # (one test when usable)
-                    chosen_anyway(upstream, chosen, outcome, ex, self.loop.time(), _CONNECTING)
-                # A hook-set peer's pool: the hook pool when enable_keepalive asked for it (this
-                # try's override), else the upstream's keepalive N pool as for its own peers (as
-                # OpenResty's keepalive module pools whatever peer the balancer hook set). Either
-                # needs nginx's recipe: HTTP/1.1 to the peer, no "Connection: close".
-                keepalive = outcome.keepalive
-                if keepalive is None:
-                    pool = upstream.pool if self.plan.pooled else None
-                else:
-                    pool = None if self.plan.close_after else upstream.hook_pool(*keepalive)
-                self._start_attempt(addr.name, addr, None, outcome.host or "", pool, outcome)
+        if addr is None:
+            peer = upstream.balancer.get(state, self.loop.time())
+            if peer is None:
+                self._no_live_upstreams(outcome)
                 return
-        peer = upstream.balancer.get(state, self.loop.time())
-        if peer is None:
-            self._no_live_upstreams(outcome)
-            return
-        pool = upstream.pool if self.plan.pooled else None
-        self._start_attempt(peer.name, peer.addr, peer, "", pool, outcome)
-
-    def _start_attempt(self, name: str, addr: PeerAddr, peer: Peer | None, host: str,
-                       pool: ConnectionPool | None, hook: HookOutcome | None) -> None:
+            name = peer.name
+            addr = peer.addr
+            host = ""
+            pool = upstream.pool if self.plan.pooled else None
+        else:
+            assert outcome is not None  # (a hook set the address)
+            peer = None
+            name = addr.name
+            host = outcome.host or ""
+            pool = self._hook_peer_pool(addr, outcome)
+        # the try (one function with the choice above: this runs for every request)
         tls = self.location.tls
         tls_name = None
         if tls is not None:
             # the hook's host (set_current_peer's third argument) is this try's TLS name; a
             # pooled connection is reused only for the same name (and never for plain HTTP)
-            tls_name = host or tls.name(self.exchange)
+            tls_name = host or tls.name(ex)
             host = "https:" + tls_name
         key = (name, host, self._local_addr)  # the pool key (see Attempt)
-        attempt = self.attempt = Attempt(self.upstream, self._state, name, addr, peer, pool, key, hook,
-                                         tls_name)
-        self.exchange.tries.append(attempt)
+        attempt = self.attempt = Attempt(upstream, state, name, addr, peer, pool, key, outcome, tls_name)
+        ex.tries.append(attempt)
         conn = pool.acquire(key) if pool is not None else None
         if conn is None:
             self._connect(attempt)
@@ -345,6 +336,22 @@ class UpstreamRequest:
             attempt.connect_time = 0.0
             attempt.reused = True
             self._send_request(conn)
+
+    def _hook_peer_pool(self, addr: PeerAddr, outcome: HookOutcome) -> ConnectionPool | None:
+        """A hook-set peer's try: the pool its connection comes from and goes back to."""
+        upstream = self.upstream
+        self._state.tries += outcome.more_tries
+        chosen = upstream.peers.by_name.get(addr.name)
+        if chosen is not None and (chosen.down or chosen.fails):  # (one test when usable)
+            chosen_anyway(upstream, chosen, outcome, self.exchange, self.loop.time(), _CONNECTING)
+        # The hook pool when enable_keepalive asked for it (this try's override), else the
+        # upstream's keepalive N pool as for its own peers (as OpenResty's keepalive module
+        # pools whatever peer the balancer hook set). Either needs nginx's recipe: HTTP/1.1 to
+        # the peer, no "Connection: close".
+        keepalive = outcome.keepalive
+        if keepalive is None:
+            return upstream.pool if self.plan.pooled else None
+        return None if self.plan.close_after else upstream.hook_pool(*keepalive)
 
     def _connect(self, attempt: Attempt) -> None:
         addr = attempt.peer_addr
@@ -394,31 +401,42 @@ class UpstreamRequest:
     def _send_request(self, conn: UpstreamConnection) -> None:
         ex = self.exchange
         plan = self.plan
-        streamed = self._stream_body
-        body = None if streamed else self._body
-        spooled = body if isinstance(body, SpooledBody) else None
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
-        # a 101 from the peer may switch this connection only if the client's Connection header
-        # names "upgrade" (llhttp then saw an Upgrade request) and it sent an Upgrade header
         connection = ex.request.connection
-        conn.upgrade = (connection is not None and b"upgrade" in connection.lower()
-                        and ex.header("upgrade") is not None)
-        head = self._head
-        if streamed:  # what arrived already goes with the head, in one write (as nginx)
-            early, last = self._body_bytes()
-            head += early
-        conn.start(self, head, body if isinstance(body, bytes) else None, ex.read_timeout,
-                   ex.send_timeout, ex.method == "HEAD", plan.http11, plan.close_after)
-        if spooled is not None:
-            spooled.send(conn)  # (every try again from the file's start)
-        elif streamed:
-            if last:
-                conn.write_body(b"", last=True)
-                ex.conn.resume_body()  # (paused while connecting if much was waiting)
-                return
-            self._body_conn = conn
-            conn.on_writable = self._pump_body
-            self._pump_body()
+        if connection is not None:
+            # a 101 from the peer may switch this connection only if the client's Connection
+            # header names "upgrade" (llhttp then saw an Upgrade request) and it sent an
+            # Upgrade header
+            conn.upgrade = b"upgrade" in connection.lower() and ex.header("upgrade") is not None
+        else:
+            conn.upgrade = False
+        if self._stream_body:
+            self._send_streamed(conn)
+            return
+        body = self._body
+        if isinstance(body, bytes):  # (b"": the usual GET)
+            conn.start(self, self._head, body, ex.read_timeout, ex.send_timeout, ex.method == "HEAD",
+                       plan.http11, plan.close_after)
+        else:
+            conn.start(self, self._head, None, ex.read_timeout, ex.send_timeout, ex.method == "HEAD",
+                       plan.http11, plan.close_after)
+            body.send(conn)  # (a spooled body: every try again from the file's start)
+
+    def _send_streamed(self, conn: UpstreamConnection) -> None:
+        """proxy_request_buffering off: what arrived already goes with the head, in one write
+        (as nginx); the rest follows as it comes."""
+        ex = self.exchange
+        plan = self.plan
+        early, last = self._body_bytes()
+        conn.start(self, self._head + early, None, ex.read_timeout, ex.send_timeout, ex.method == "HEAD",
+                   plan.http11, plan.close_after)
+        if last:
+            conn.write_body(b"", last=True)
+            ex.conn.resume_body()  # (paused while connecting if much was waiting)
+            return
+        self._body_conn = conn
+        conn.on_writable = self._pump_body
+        self._pump_body()
 
     def _body_bytes(self) -> tuple[bytes, bool]:
         """A streamed body's bytes that arrived and were not sent yet, framed for the peer,

@@ -169,6 +169,7 @@ class RequestPlan:
         "dynamic",
         "dynamic_headers",
         "http11",
+        "keeps_target",
         "location_prefix",
         "method",
         "pass_client_headers",
@@ -209,6 +210,8 @@ class RequestPlan:
         self.replace_uri = pass_conf.uri if pass_conf is not None else None
         # proxy_pass with variables: the URI part evaluated per request replaces the whole URI
         self.dynamic = pass_conf is not None and pass_conf.template is not None
+        # the client's target goes as it came when it is origin-form (see build_head)
+        self.keeps_target = self.replace_uri is None and not self.dynamic
         self.location_prefix = location.pattern if location.modifier in ("", "^~", "=") else ""
         self.method = _compile(proxy.method) if proxy.method is not None else None
         self.pass_client_headers = proxy.pass_request_headers
@@ -240,24 +243,26 @@ class RequestPlan:
         return new + "?" + exchange.args if exchange.args is not None else new
 
     def build_head(self, exchange: Exchange, body_length: int | None, chunked: bool = False) -> bytes:
-        target = exchange.request.target
-        if self.replace_uri is not None or target[:1] != b"/" or self.dynamic:
+        request = exchange.request
+        target = request.target
+        if not self.keeps_target or target[:1] != b"/":
             target = self.upstream_uri(exchange).encode("latin-1")
         # (else the client's target, as it came: the bytes upstream_uri would decode and encode)
         method = exchange.method if self.method is None else self.method(exchange)
         parts = [method.encode("latin-1"), b" ", target, self.version_line, self.static_headers]
-        for name, getter in self.dynamic_headers:
-            text = getter(exchange)
-            if text:
-                parts.append(name + b": " + text.encode("latin-1", "replace") + b"\r\n")
-        skip = self.skip_client
-        connection = exchange.request.connection
-        listed = _connection_listed(connection) if connection is not None else None
-        for name, value in exchange.headers if self.pass_client_headers else ():
-            lower = name.lower()
-            if lower in skip or (listed and lower in listed):
-                continue
-            parts += (name, b": ", value, b"\r\n")
+        if self.dynamic_headers:
+            for name, getter in self.dynamic_headers:
+                text = getter(exchange)
+                if text:
+                    parts.append(name + b": " + text.encode("latin-1", "replace") + b"\r\n")
+        if self.pass_client_headers:
+            skip = self.skip_client
+            connection = request.connection
+            if connection is not None:  # it may name more hop-by-hop headers
+                skip = skip | _connection_listed(connection)
+            for name, value in exchange.headers:
+                if name.lower() not in skip:
+                    parts += (name, b": ", value, b"\r\n")
         if body_length is not None:
             parts.append(b"Content-Length: %d\r\n" % body_length)
         elif chunked:

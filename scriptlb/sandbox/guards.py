@@ -49,6 +49,22 @@ _CHECKED: dict[type, dict[str, Callable[..., Any]]] = {}  # type -> name -> fn(o
 _DYNAMIC: dict[type, Callable[[Any, str], Any]] = {}  # type -> lookup(obj, name) (ngx.var)
 _CLASS_ATTRS: dict[type, frozenset[str]] = {}  # exposed class -> readable class attributes
 _WRITABLE: set[type] = {dict, set, deque, OrderedDict, defaultdict, Counter}
+# _ATTRS and _CHECKED merged, for one lookup per read: type -> name -> None (a plain name) or the
+# checked method (plain names win, as they are tested first); kept in step by expose*()
+_NAMES: dict[type, dict[str, Callable[..., Any] | None]] = {}
+
+
+def _not_exposed(*_args: Any) -> None:
+    """A marker (``_NAMES``' default), never called."""
+    raise AssertionError("not a method")
+
+
+
+def _merge(cls: type) -> None:
+    table: dict[str, Callable[..., Any] | None] = {
+        name: method for name, method in _CHECKED.get(cls, {}).items() if not name.startswith("_")}
+    table.update(dict.fromkeys(_ATTRS.get(cls, ())))
+    _NAMES[cls] = table
 
 
 def expose(cls: type, names: Iterable[str]) -> None:
@@ -58,6 +74,7 @@ def expose(cls: type, names: Iterable[str]) -> None:
     if bad:
         raise ValueError(f"cannot expose private names {bad}")
     _ATTRS[cls] = names
+    _merge(cls)
 
 
 def readable_names(cls: type) -> frozenset[str]:
@@ -67,6 +84,7 @@ def readable_names(cls: type) -> frozenset[str]:
 def expose_checked(cls: type, methods: dict[str, Callable[..., Any]]) -> None:
     """Hand out ``methods[name]`` bound to the instance instead of the real method."""
     _CHECKED.setdefault(cls, {}).update(methods)
+    _merge(cls)
 
 
 def expose_dynamic(cls: type, lookup: Callable[[Any, str], Any]) -> None:
@@ -104,20 +122,30 @@ def too_big(what: str, size: int, limit: int) -> SandboxLimitError:
 def guarded_getattr(obj: Any, name: str, *default: Any) -> Any:
     """``_getattr_`` and the hook's ``getattr``: registered names only."""
     cls = type(obj)
-    names = _ATTRS.get(cls)
-    if names is not None and name in names:
-        return getattr(obj, name)
-    if (type(cls) is HookClass and type(name) is str and not name.startswith("_")  # a hook object
-            and (name in obj.__dict__ or _defined_by_hook(cls, name))):
-        return getattr(obj, name, *default)
+    table = _NAMES.get(cls)
+    if table is not None:
+        how = table.get(name, _not_exposed)
+        if how is None:
+            return getattr(obj, name)
+        if how is not _not_exposed:
+            return partial(how, obj)  # a checked method, bound
+    # A type is in at most one of the registries below, so their order is the hot paths':
+    # module members (dynamic), checked methods (str.encode), hook objects.
     dynamic = _DYNAMIC.get(cls)
-    if dynamic is not None and type(name) is str and not name.startswith("_"):
-        try:
-            return dynamic(obj, name)
-        except AttributeError:
-            if default:
-                return default[0]
-            raise
+    if dynamic is not None:
+        if type(name) is str and not name.startswith("_"):
+            try:
+                return dynamic(obj, name)
+            except AttributeError:
+                if default:
+                    return default[0]
+                raise
+    elif type(name) is str and not name.startswith("_"):
+        checked = _CHECKED.get(cls)
+        if checked is not None and name in checked:
+            return partial(checked[name], obj)
+        if type(cls) is HookClass and (name in obj.__dict__ or _defined_by_hook(cls, name)):  # a hook object
+            return getattr(obj, name, *default)
     return _getattr_slow(obj, name, default)
 
 
@@ -362,6 +390,8 @@ def _check_format_args(args: Any) -> None:
 
 def guarded_mod(a: Any, b: Any) -> Any:
     cls = type(a)
+    if cls is int:  # (the usual `hash % len(peers)`)
+        return a % b
     if cls is str:
         _check_percent_format(a)
         _check_format_args(b)
@@ -664,13 +694,20 @@ _SAFE_ERRORS = frozenset({"strict", "ignore", "replace", "backslashreplace", "su
 def _check_codec(encoding: Any, errors: Any) -> None:
     if type(encoding) is not str or type(errors) is not str:
         raise TypeError("encoding and errors must be str")
+    if encoding in SAFE_CODECS and errors in _SAFE_ERRORS:  # a codec's own name: no lookup needed
+        return
     if codecs.lookup(encoding).name not in SAFE_CODECS:
         raise LookupError(f"encoding '{encoding}' is not allowed in hooks")
     if errors not in _SAFE_ERRORS:
         raise LookupError(f"error handler '{errors}' is not allowed in hooks")
 
 
-def _checked_encode(s: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+_UTF8, _STRICT = "utf-8", "strict"  # the defaults below, by identity
+
+
+def _checked_encode(s: str, encoding: str = _UTF8, errors: str = _STRICT) -> bytes:
+    if encoding is _UTF8 and errors is _STRICT:  # `text.encode()`: nothing to check
+        return s.encode()
     _check_codec(encoding, errors)
     return s.encode(encoding, errors)
 

@@ -35,13 +35,18 @@ _GENERATION = 0  # the owner cache's key for the importer generation it was fill
 
 
 class PackageModule:
-    """A sandboxed module as its importers see it: its public globals, read-only."""
+    """A sandboxed module as its importers see it: its public globals, read-only.
 
-    __slots__ = ("_globals", "_name")
+    The module's live globals are also the instance's ``__dict__``, so ``picker.pick`` compiled
+    as a plain attribute read (policy.py) is a dict lookup in C; private names (its builtins,
+    import cache) stay out of reach: hook code cannot spell them, ``_getattr_`` refuses them."""
+
+    __slots__ = ("__dict__", "_globals", "_name")
 
     def __init__(self, name: str, namespace: dict[str, Any]) -> None:
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_globals", namespace)
+        object.__setattr__(self, "__dict__", namespace)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name not in self._globals:
@@ -98,19 +103,27 @@ class Importer:
 
     def __call__(self, name: str, globals: dict[str, Any] | None = None, locals: Any = None,
                  fromlist: Any = (), level: int = 0) -> Any:
+        """``__import__``: a module imported before by the same hook or module costs two dict
+        lookups (the hooks' builtins hold this bound method: a plain call, no ``__call__``
+        slot). ``import a.b`` (no fromlist) is cached apart from ``from a.b import c``: the
+        first returns ``a``."""
+        if globals is not None:
+            owner = globals.get(OWNER_KEY)
+            if owner is not None and owner.get(_GENERATION) == self._generation:
+                module = owner.get(name if fromlist or "." not in name else ("import", name))
+                if module is not None:
+                    return module
+        return self._first_import(name, globals, fromlist, level)
+
+    def _first_import(self, name: str, globals: dict[str, Any] | None, fromlist: Any, level: int) -> Any:
         owner = globals.get(OWNER_KEY) if globals is not None else None
         if owner is None or globals is None:
             return self._resolve(name, fromlist, level, {}, None)
-        key = name if fromlist or "." not in name else ("import", name)
-        if owner.get(_GENERATION) == self._generation:
-            module = owner.get(key)
-            if module is not None:
-                return module
-        else:
+        if owner.get(_GENERATION) != self._generation:
             owner.clear()
             owner[_GENERATION] = self._generation
         module = self._resolve(name, fromlist, level, owner, globals.get(HOOK_DIR_KEY))
-        owner[key] = module
+        owner[name if fromlist or "." not in name else ("import", name)] = module
         return module
 
     def _resolve(self, name: str, fromlist: Any, level: int, owner: dict[Any, Any],

@@ -33,11 +33,11 @@ request parser or a body buffer fails a client, not the hook.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import resource
 import signal
-import struct
 import sys
 import time
 from typing import Any
@@ -114,21 +114,33 @@ def charge(items: int, ns_per_item: float) -> None:
 
 # --------------------------------------------------------------------------- hard fuse
 
-_STAMP = struct.Struct("=q")  # monotonic_ns when the current run started; 0 = idle
+
+def _stamp() -> ctypes.c_double:
+    """One float in a shared anonymous mapping (the watchdog, forked later, sees the writes)."""
+    return ctypes.c_double.from_buffer(mmap.mmap(-1, ctypes.sizeof(ctypes.c_double)))
+
+
+# The current run's start (``clock()`` seconds; 0.0 = idle), which the runner writes directly
+# (``limits.STAMP.value = started``: one store, no call, on every run): the worker's fuse mapping
+# once install_worker_fuse() armed it, else a private one nobody reads. ``clock`` is
+# perf_counter, CLOCK_MONOTONIC on Linux: system-wide, so the watchdog process reads the same
+# clock.
+STAMP = _stamp()
 
 
 class WorkerFuse:
     """The per-worker hard fuse: a watchdog process plus an optional address-space limit.
 
-    ``run_started()``/``run_ended()`` write one 8-byte stamp into a shared anonymous mapping
-    (about 100 ns); the watchdog polls it and kills the worker when a run overstays.
+    A run's start goes into ``stamp`` (one float in a shared anonymous mapping; the runner
+    writes ``limits.STAMP``, which install_worker_fuse() points here); the watchdog polls it
+    and kills the worker when a run overstays.
     """
 
     def __init__(self, hard_seconds: float = 2.0, poll: float = 0.1, memory_bytes: int = 0) -> None:
         self.hard_seconds = hard_seconds
         self.poll = poll
         self.memory_bytes = memory_bytes  # resident memory above which the worker is retired; 0: off
-        self._map = mmap.mmap(-1, _STAMP.size)
+        self.stamp = _stamp()
         self._pid = 0
 
     def start(self) -> int:
@@ -148,10 +160,10 @@ class WorkerFuse:
         return pid
 
     def run_started(self) -> None:
-        _STAMP.pack_into(self._map, 0, time.monotonic_ns())
+        self.stamp.value = clock()
 
     def run_ended(self) -> None:
-        _STAMP.pack_into(self._map, 0, 0)
+        self.stamp.value = 0.0
 
     def stop(self) -> None:
         if self._pid:
@@ -161,11 +173,11 @@ class WorkerFuse:
             self._pid = 0
 
     def _watch(self, worker: int) -> None:
-        limit_ns = int(self.hard_seconds * 1e9)
         retiring = False
+        stamp = self.stamp
         while os.getppid() == worker:  # the worker died: we were re-parented
-            started = _STAMP.unpack_from(self._map, 0)[0]
-            if started and time.monotonic_ns() - started > limit_ns:
+            started = stamp.value
+            if started and clock() - started > self.hard_seconds:
                 msg = (f"scriptlb: a hook run exceeded the hard limit of {self.hard_seconds}s, "
                        f"killing worker {worker}\n")
                 with contextlib.suppress(OSError):
@@ -253,12 +265,13 @@ def install_worker_fuse(hard_seconds: float = 2.0, memory_bytes: int = 0,
     deep overflows the default 8 MiB stack and crashes the worker); 512 MiB pushes that past
     what a hook can build within its budgets.
     """
-    global _FUSE
+    global _FUSE, STAMP
     _raise_stack_limit(stack_bytes)
     quiet_unraisable_stops()
     fuse = WorkerFuse(hard_seconds, memory_bytes=max(memory_bytes, 0))
     fuse.start()
     _FUSE = fuse
+    STAMP = fuse.stamp
     return fuse
 
 

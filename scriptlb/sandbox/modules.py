@@ -49,13 +49,20 @@ from scriptlb.sandbox.limits import MAX_INT_BITS, MAX_ITEMS, MAX_REPEAT
 
 
 class SafeModule:
-    """A module stand-in: a name and a read-only table of members."""
+    """A module stand-in: a name and a read-only table of members.
 
-    __slots__ = ("_members", "_name")
+    The table is also the instance's ``__dict__``, so ``math.sqrt`` compiled as a plain
+    attribute read (policy.py: a name only ever bound by ``import``) finds the member in C;
+    hook code cannot reach the table (``__dict__`` is a private name, setting is refused) and
+    the class defines no public name that could shadow a member."""
+
+    __slots__ = ("__dict__", "_members", "_name")
 
     def __init__(self, name: str, members: dict[str, Any]) -> None:
+        table = dict(members)
         object.__setattr__(self, "_name", name)
-        object.__setattr__(self, "_members", dict(members))
+        object.__setattr__(self, "_members", table)
+        object.__setattr__(self, "__dict__", table)
 
     def __getattr__(self, name: str) -> Any:  # also serves `from math import sqrt`
         if name.startswith("_"):

@@ -101,7 +101,8 @@ def _tick_stmt(like: _Located) -> ast.Expr:
 # The API globals every run gets. Attribute reads on them skip ``_getattr_`` when the module
 # never rebinds the name (see ``_rebound_names``): every public attribute of those objects is
 # API by construction (api.py keeps internals behind ``_``), so the guard would only cost time.
-# One level deeper is direct too for the namespaces below, e.g. ``ngx.var.uri``.
+# One level deeper is direct too for the namespaces below, e.g. ``ngx.var.uri``. So are reads on
+# names only ever bound by ``import`` (``_module_names``): ``picker.pick``, ``zlib.crc32``.
 API_GLOBALS = frozenset({"ngx", "balancer", "upstream"})
 _API_NAMESPACES = frozenset({"var", "shared", "worker", "req", "balancer", "upstream"})
 
@@ -125,6 +126,39 @@ def _rebound_names(tree: ast.AST) -> set[str]:
     return bound
 
 
+def _is_flat_tuple(target: ast.expr) -> bool:
+    """``a, b`` (names only: nothing nested, no starred name)."""
+    return (isinstance(target, ast.Tuple) and bool(target.elts)
+            and all(isinstance(elt, ast.Name) for elt in target.elts))
+
+
+def _module_names(tree: ast.AST) -> set[str]:
+    """Names bound only by ``import x`` / ``import x as y``: each holds a module stand-in
+    (scriptlb.sandbox.importer: a ``SafeModule``, a ``PackageModule`` or an API namespace), whose
+    public attributes are all its members, read-only, so ``x.name`` needs no ``_getattr_``."""
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.asname or alias.name.partition(".")[0] for alias in node.names)
+    if not imported:
+        return imported
+    other: set[str] = set()  # bound some other way somewhere (from-import, assignment, argument...)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            other.update(alias.asname or alias.name for alias in node.names)
+        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            other.add(node.id)
+        elif isinstance(node, ast.arg):
+            other.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            other.add(node.name)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            other.update(node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            other.add(node.name)
+    return imported - other
+
+
 def _is_super_init(node: ast.Attribute) -> bool:
     """``super().__init__`` (zero-argument super only)."""
     call = node.value
@@ -139,11 +173,11 @@ class HookPolicy(RestrictingNodeTransformer):
     def __init__(self, errors: list[str], warnings: list[str], used_names: dict[str, bool]) -> None:
         super().__init__(errors, warnings, used_names)
         self.error_lines: list[tuple[int | None, str]] = []
-        self.direct_names: frozenset[str] = frozenset()
+        self.direct_names: frozenset[str] | set[str] = frozenset()
         self._class_inits: set[int] = set()  # ids of the `def __init__` nodes of class bodies
 
     def visit_Module(self, node: ast.Module) -> _Visited:
-        self.direct_names = API_GLOBALS - _rebound_names(node)
+        self.direct_names = (API_GLOBALS - _rebound_names(node)) | _module_names(node)
         return super().visit_Module(node)
 
     # ---------------------------------------------------------------- direct API access
@@ -194,6 +228,24 @@ class HookPolicy(RestrictingNodeTransformer):
         if name == "__init__" and id(node) in self._class_inits:
             return
         super().check_name(node, name, allow_magic_methods=False)
+
+    # ---------------------------------------------------------------- unpacking
+
+    def visit_Assign(self, node: ast.Assign) -> _Visited:
+        """``ok, err = balancer.set_current_peer(...)``: unpacking into plain names is left to
+        the interpreter, which pulls at most one item more than there are names (RestrictedPython's
+        ``_unpack_sequence_`` would list the whole iterable first, then unpack the same way)."""
+        if len(node.targets) == 1 and _is_flat_tuple(node.targets[0]):
+            return self.node_contents_visit(node)
+        return super().visit_Assign(node)
+
+    def guard_iter(self, node: ast.For | ast.comprehension) -> _Visited:
+        """``for key, value in ...``: plain names need no per-item ``_iter_unpack_sequence_``."""
+        if not _is_flat_tuple(node.target):
+            return super().guard_iter(node)
+        node = _in_place(node, self.node_contents_visit(node))
+        node.iter = _call("_getiter_", [node.iter], node.iter)
+        return node
 
     # ---------------------------------------------------------------- budget ticks
 
@@ -317,14 +369,27 @@ class HookPolicy(RestrictingNodeTransformer):
         return self._starred_display(_in_place(node, super().visit_Tuple(node)))
 
 
-def compile_hook(source: str, filename: str, first_line: int = 1) -> CodeType:
+# The function a hook's top-level code is compiled into (``compile_hook(..., body_names=...)``):
+# hook code cannot spell the name, so a module defining it is the wrapper.
+HOOK_FUNCTION = "__hook__"
+
+
+def compile_hook(source: str, filename: str, first_line: int = 1,
+                 body_names: frozenset[str] | None = None) -> CodeType:
     """Compile hook (or hook module) source under the policy.
 
     ``first_line`` is the line of ``source``'s first line in ``filename`` (a config block's
     body starts inside the config file), so tracebacks and errors carry the real line.
+
+    With ``body_names`` (the names a run's globals provide: builtins and API), a hook whose
+    top-level code can run as a function body without a visible difference is compiled as a
+    module defining ``HOOK_FUNCTION()``: a run calls it, and its top-level names are that
+    call's locals, fresh on every run like a module's fresh globals, at a fraction of the
+    cost (a module body looks every name up in up to three dicts, and a fresh dict per run
+    defeats the interpreter's global caches). See ``_runs_as_function`` for the exceptions.
     """
     try:
-        return _compile(source, filename, first_line)
+        return _compile(source, filename, first_line, body_names)
     except SyntaxError as err:
         lineno = (err.lineno or 1) + first_line - 1
         raise HookCompileError(f"{type(err).__name__}: {err.msg}", lineno) from None
@@ -333,10 +398,11 @@ def compile_hook(source: str, filename: str, first_line: int = 1) -> CodeType:
         raise HookCompileError(f"{type(err).__name__}: {err}", first_line) from None
 
 
-def _compile(source: str, filename: str, first_line: int) -> CodeType:
+def _compile(source: str, filename: str, first_line: int, body_names: frozenset[str] | None) -> CodeType:
     tree = ast.parse(source, filename, "exec")
     if first_line != 1:
         ast.increment_lineno(tree, first_line - 1)
+    as_function = body_names is not None and _runs_as_function(tree, body_names)
     errors: list[str] = []
     policy = HookPolicy(errors, [], {})
     tree = policy.visit(tree)
@@ -344,4 +410,60 @@ def _compile(source: str, filename: str, first_line: int) -> CodeType:
         lineno, info = policy.error_lines[0]
         raise HookCompileError(f"SandboxError: {info}", lineno)
     ast.fix_missing_locations(tree)
-    return compile(tree, filename, "exec", dont_inherit=True)
+    code = compile(tree, filename, "exec", dont_inherit=True)  # a module's errors (return, yield...)
+    if not as_function:
+        return code
+    return compile(_as_function(tree), filename, "exec", dont_inherit=True)
+
+
+def _runs_as_function(tree: ast.Module, body_names: frozenset[str]) -> bool:
+    """Whether the top-level code behaves the same as a function body. Not when it uses
+    ``global`` (it would reach the runner's lasting globals), rebinds a name the globals
+    provide (read before its binding, a local is unbound, a global is not), or has a class
+    body binding a name the hook binds too (a class body reads the names it binds from its
+    own dict and the globals, never from the function around it)."""
+    top = _scope_bindings(tree.body)
+    if not top.isdisjoint(body_names):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            return False
+        if isinstance(node, ast.ClassDef) and not _scope_bindings(node.body).isdisjoint(top):
+            return False
+    return True
+
+
+def _scope_bindings(body: list[ast.stmt]) -> set[str]:
+    """The names ``body`` binds in its own scope: not inside the functions, lambdas and classes
+    it defines (their names only). Comprehension targets count (a walrus in one binds here)."""
+    names: set[str] = set()
+    stack: list[ast.AST] = list(body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            continue
+        if isinstance(node, ast.Lambda):
+            continue
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, ast.alias):
+            names.add(node.asname or node.name.partition(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+        stack.extend(ast.iter_child_nodes(node))
+    return names
+
+
+def _as_function(tree: ast.Module) -> ast.Module:
+    """``def HOOK_FUNCTION(): <the module's statements>`` (the policy has transformed them)."""
+    body: list[ast.stmt] = list(tree.body) or [ast.Pass()]
+    function = ast.FunctionDef(name=HOOK_FUNCTION, args=ast.arguments([], [], None, [], [], None, []),
+                               body=body, decorator_list=[], returns=None, type_comment=None)
+    function.lineno = getattr(body[0], "lineno", 1)  # (an empty hook's Pass has no position)
+    function.col_offset = 0
+    function.end_lineno = max(getattr(stmt, "end_lineno", None) or function.lineno for stmt in body)
+    function.end_col_offset = 0
+    module = ast.Module([function], [])
+    ast.fix_missing_locations(module)
+    return module
