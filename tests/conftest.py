@@ -130,6 +130,7 @@ TIERS: dict[str, str] = {
     "test_geo.py": "protocol",
     "test_stream_script.py": "protocol",
     "test_stream_ssl.py": "protocol",
+    "test_stream_udp.py": "integration",
     "test_access_log_files.py": "protocol",
     "test_tiers.py": "unit",
     "test_tls.py": "protocol",

@@ -141,3 +141,71 @@ def nginx_stream(tmp_path: Path, stream_block: str) -> Iterator[Path]:
                      error_level="info")
     with nginx_process(tmp_path, conf) as prefix:
         yield prefix
+
+
+class UdpPeer:
+    """A UDP server in a thread: ``reply(datagram, client_address)`` gives the datagrams sent
+    back (None: an echo). ``received`` counts what came in."""
+
+    def __init__(self, reply: Callable[[bytes, tuple[str, int]], list[bytes]] | None = None) -> None:
+        self.reply = reply or (lambda data, addr: [data])
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.addr = f"127.0.0.1:{self.port}"
+        self.received = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except (TimeoutError, OSError):
+                continue
+            self.received += 1
+            for answer in self.reply(data, addr):
+                with contextlib.suppress(OSError):
+                    self.sock.sendto(answer, addr)
+
+    def __enter__(self) -> UdpPeer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+def free_udp_ports(count: int) -> list[int]:
+    """UDP ports free right now (bound, read, closed), for a process that binds them itself."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def udp_client(timeout: float = IO_TIMEOUT) -> socket.socket:
+    """A client socket with its own source port (one datagram session per port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(timeout)
+    return sock
+
+
+def udp_ask(sock: socket.socket, port: int, data: bytes, answers: int = 1) -> list[bytes]:
+    """Send one datagram to ``port``, read ``answers`` datagrams back (fewer on a timeout)."""
+    sock.sendto(data, ("127.0.0.1", port))
+    got = []
+    for _ in range(answers):
+        try:
+            got.append(sock.recv(65536))
+        except TimeoutError:
+            break
+    return got

@@ -14,8 +14,11 @@ import mmap
 from dataclasses import dataclass, field
 from enum import IntFlag
 
-# ListenConf.key: (host, port, unix path), the identity of a listening socket
+# ListenConf.key: (host, port, unix path), the identity of a listening socket; a datagram
+# socket (stream's `listen ... udp`) has UDP_KEY in the path's place, a text no path can be
+# (NUL ends a socket path), so `listen 53` and `listen 53 udp` are two sockets, as in nginx
 ListenKey = tuple[str | None, int, str | None]
+UDP_KEY = "\x00udp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,11 +427,12 @@ class ListenConf:
     proxy_protocol: bool = False  # `listen ... proxy_protocol`: connections start with a PROXY header
     sndbuf: int = 0  # `listen ... sndbuf=size`: SO_SNDBUF of the socket (0: the system's)
     rcvbuf: int = 0  # `listen ... rcvbuf=size`: SO_RCVBUF of the socket (0: the system's)
+    udp: bool = False  # stream's `listen ... udp`: a datagram socket, a session per client address
 
     @property
     def key(self) -> ListenKey:
         """Identity of the listening socket; servers with the same key share it."""
-        return (self.host, self.port, self.unix_path)
+        return (self.host, self.port, UDP_KEY if self.udp else self.unix_path)
 
 
 class NextUpstream(IntFlag):
@@ -857,6 +861,8 @@ class StreamProxyConf:
     half_close: bool = False  # proxy_half_close: pass an EOF on and wait for the other side's
     proxy_protocol: bool = False  # send a PROXY protocol (v1) header to the peer first
     ssl: ProxySslConf | None = None  # proxy_ssl on: TLS to the peers (http's proxy_ssl_* settings)
+    requests: int = 0  # proxy_requests (udp): client datagrams that end a session's binding, 0 = none
+    responses: int | None = None  # proxy_responses (udp): datagrams expected per request, None = any
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "events": ("{ ... }", "-", "core", ""),
     "worker_connections": ("number", "512", "core (events)", ""),
     "http": ("{ ... }", "-", "ngx_http_core_module", ""),
-    "stream": ("{ ... }", "-", "ngx_stream_core_module", "TCP balancing: see docs/stream.md"),
+    "stream": ("{ ... }", "-", "ngx_stream_core_module", "TCP and UDP balancing: see docs/stream.md"),
     "worker_shutdown_timeout": ("time", "0 (none)", "core",
                                 "old workers' wait for open connections and stream sessions"),
     "proxy_timeout": ("time", "10m", "ngx_stream_proxy_module", "idle time between reads/writes"),
@@ -41,6 +41,10 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                           "bytes/s towards the peer; variables allowed, as proxy_download_rate"),
     "proxy_half_close": ("on | off", "off", "ngx_stream_proxy_module", ""),
     "proxy_protocol": ("on | off", "off", "ngx_stream_proxy_module", "PROXY v1 to the peer"),
+    "proxy_requests": ("number", "0", "ngx_stream_proxy_module",
+                       "udp: client datagrams after which a session stops taking its address's datagrams"),
+    "proxy_responses": ("number", "-", "ngx_stream_proxy_module",
+                        "udp: datagrams expected back per client datagram; the session then ends"),
     "ssl_preread": ("on | off", "off", "ngx_stream_ssl_preread_module", "SNI/ALPN without termination"),
     "server": ("{ ... } (http) / address [parameters] (upstream)", "-",
                "ngx_http_core_module / ngx_http_upstream_module",
@@ -359,12 +363,12 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
 
 # nginx directives scriptlb refuses on purpose (an "unknown directive" error), and why
 REFUSED: dict[str, str] = {
-    "http2, quic, listen ... udp": "HTTP/1.x and TCP only",
+    "http2, quic": "HTTP/1.x only",
     "proxy_cache*": "a load balancer, not a cache: responses are streamed",
     "gzip*, sub_filter": "responses pass as the peer sent them",
     "fastcgi_*, uwsgi_*, scgi_*, grpc_*, memcached_*": "HTTP/1.x peers only",
     "*_by_lua*": "the hooks are Python: *_by_python*",
-    "alias, try_files, autoindex": "static files are root + index only (fixtures and error pages)",
+    "autoindex": "no directory listings: static files are root/alias, index and try_files",
 }
 
 

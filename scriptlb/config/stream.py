@@ -54,7 +54,13 @@ _PROXY_FIELDS = {
     "proxy_upload_rate": "upload_rate",
     "proxy_half_close": "half_close",
     "proxy_protocol": "proxy_protocol",
+    "proxy_requests": "requests",
+    "proxy_responses": "responses",
 }
+
+# listen parameters nginx refuses beside `udp` (ngx_stream_core_listen)
+_NOT_WITH_UDP = ("backlog", "ssl", "proxy_protocol", "so_keepalive", "fastopen", "deferred",
+                 "accept_filter", "multipath")
 
 
 # --------------------------------------------------------------------------- handlers
@@ -105,13 +111,21 @@ def _server(state: State, node: Node, draft: StreamDraft) -> tuple[Ctx, Any]:
 def _listen(state: State, node: Node, draft: StreamServerDraft) -> None:
     params = list(node.args[1:])
     for param in params:
-        if param == "udp":
-            raise fail(node, f'the "{param}" parameter of "listen" is not supported by scriptlb')
         if param in ("default_server", "default"):
             raise fail(node, f'invalid parameter "{param}"')
+    udp = "udp" in params
+    if udp:
+        for param in params:
+            name = param.split("=", 1)[0]
+            if name in _NOT_WITH_UDP:
+                raise fail(node, f'"{name}" parameter is incompatible with "udp"')
     accepts_header = "proxy_protocol" in params
-    plain = Node(node.name, tuple(a for a in node.args if a != "proxy_protocol"), node.source)
+    plain = Node(node.name, tuple(a for a in node.args if a not in ("proxy_protocol", "udp")), node.source)
     listens = parse_listen(plain)
+    if udp:
+        if any(listen.unix_path is not None for listen in listens):
+            raise fail(node, 'the "udp" parameter of "listen" needs an address and port in scriptlb')
+        listens = [dataclasses.replace(listen, udp=True) for listen in listens]
     draft.listens.extend(listens)
     if accepts_header:
         draft.proxy_protocol_listens.extend(listen.key for listen in listens)
@@ -311,6 +325,8 @@ _SPECS = (
     d._spec("proxy_upload_rate", SS, d.ONE, _rate),
     d._spec("proxy_half_close", SS, d.FLAG, d._slot(flag)),
     d._spec("proxy_protocol", SS, d.FLAG, d._slot(flag)),
+    d._spec("proxy_requests", SS, d.ONE, d._slot(number)),
+    d._spec("proxy_responses", SS, d.ONE, d._slot(number)),
     d._spec("log_format", Ctx.STREAM, (2, None), _log_format),
     d._spec("map", Ctx.STREAM, (2, 2), _map, block=True),
     d._spec("access_log", SS, (1, None), _access_log),

@@ -13,6 +13,9 @@ what this module does:
   ``listen 127.0.0.1:80``) is not bound separately (Linux would refuse it); it shares the
   wildcard socket, and the worker picks the server block by the connection's local address.
   So several keys can map to one socket object: a worker serves each distinct socket once.
+- ``listen ... udp`` (stream): a datagram socket of its own (no listen()); a specific address
+  beside a wildcard one binds separately (SO_REUSEADDR lets UDP do it, the kernel then hands
+  each datagram to the most specific socket), as it has no connection to take the address from.
 - ``unix:/path``: a stale socket file (nobody accepting on it) is removed before bind; the
   file is chmod 0666 like nginx's, and removed when the master closes the socket for good.
 - On reload the new set takes over every socket whose identity (key, worker slot) is still
@@ -83,7 +86,7 @@ def configured_listens(conf: MainConf) -> dict[ListenKey, ListenConf]:
 
 def _wildcard_for(listen: ListenConf, listens: dict[ListenKey, ListenConf]) -> ListenKey | None:
     """The key of the wildcard listen that covers ``listen``, if it must share that socket."""
-    if listen.unix_path is not None or listen.host in WILDCARDS or listen.reuseport:
+    if listen.unix_path is not None or listen.host in WILDCARDS or listen.reuseport or listen.udp:
         return None
     wildcard_host = "::" if listen.host is not None and ":" in listen.host else "0.0.0.0"
     wildcard = listens.get((wildcard_host, listen.port, None))
@@ -147,7 +150,7 @@ class ListenerSet:
         slot: Slot = (listen.key, worker_id)
         inherited = _inheritable(previous, listen, worker_id) if previous is not None else None
         if inherited is not None:
-            if inherited.conf.backlog != listen.backlog:
+            if inherited.conf.backlog != listen.backlog and not listen.udp:
                 inherited.sock.listen(listen.backlog)  # nginx re-listens to apply a new backlog
             self._bound[slot] = Listener(listen, inherited.sock, worker_id)
             return
@@ -280,7 +283,8 @@ def _new_socket(listen: ListenConf) -> socket.socket:
     if listen.unix_path is not None:
         return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     ipv6 = listen.host is not None and ":" in listen.host
-    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM)
+    kind = socket.SOCK_DGRAM if listen.udp else socket.SOCK_STREAM
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, kind)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if listen.reuseport:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -303,7 +307,8 @@ def _sockaddr(listen: ListenConf) -> str | tuple[str, int]:
 def _start_listening(sock: socket.socket, listen: ListenConf) -> None:
     if listen.unix_path is not None:
         os.chmod(listen.unix_path, 0o666)  # nginx: any local user may connect
-    sock.listen(listen.backlog)
+    if not listen.udp:
+        sock.listen(listen.backlog)
     sock.setblocking(False)
 
 

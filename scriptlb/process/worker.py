@@ -208,6 +208,10 @@ class Worker:
             self._servers.append(server)
 
     async def _start_stream_server(self, sock: socket.socket, keys: list[ListenKey]) -> None:
+        if sock.type == socket.SOCK_DGRAM:  # `listen ... udp`: read by the stream runtime itself
+            if self.stream is not None:
+                self.stream.listen_datagrams(sock, keys)
+            return
         factory = self.stream.session_factory(keys) if self.stream is not None else None
         if factory is None:
             return
@@ -253,6 +257,8 @@ class Worker:
             runtime.health.stop()
         for server in self._servers:
             server.close()  # stop accepting
+        if self.stream is not None:
+            self.stream.stop_datagrams()  # (nginx ends datagram sessions on a worker's stop)
         # connections accepted in this loop turn get connection_made in the next: let them
         # register before draining, or the worker exits under them
         await asyncio.sleep(0)

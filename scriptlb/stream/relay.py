@@ -57,7 +57,8 @@ class RatedFlow:
     paused), then a pause of ``n / rate`` seconds after passing ``n`` bytes, and while the budget
     is spent a wait for the next whole second that refills it."""
 
-    __slots__ = ("_timer", "after", "clock", "gate", "held", "loop", "passed", "rate", "start_sec", "write")
+    __slots__ = ("_timer", "after", "clock", "gate", "held", "loop", "passed", "rate", "start_sec", "whole",
+                 "write")
 
     def __init__(self, rate: int, start_sec: int, gate: ReadGate, write: Callable[[bytes], None],
                  loop: Any, clock: Callable[[], float] = time.time) -> None:
@@ -71,6 +72,7 @@ class RatedFlow:
         self.held: deque[bytes] = deque()
         self._timer: Any = None
         self.after: Callable[[], None] | None = None  # run once what is held has passed (an EOF)
+        self.whole = False  # datagrams: a chunk passes whole once the budget is positive (nginx)
 
     def feed(self, data: bytes) -> None:
         self.held.append(data)
@@ -87,7 +89,7 @@ class RatedFlow:
                 self._wait(max(-limit / self.rate, int(now) + 1 - now) + 0.001)
                 return
             chunk = self.held.popleft()
-            if len(chunk) > limit:
+            if len(chunk) > limit and not self.whole:
                 self.held.appendleft(chunk[limit:])
                 chunk = chunk[:limit]
             self.passed += len(chunk)

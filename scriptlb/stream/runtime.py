@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -81,6 +82,9 @@ class StreamRuntime:
         self._files: dict[str, LogFile] = {}
         self._limit_zones: dict[str, Any] | None = None
         self.conn_ids = itertools.count(1)
+        self._datagram_listeners: list[Any] = []  # scriptlb.stream.udp.UdpListener
+        self.datagram_sessions = 0  # live UDP sessions in this worker
+        self.max_datagram_sessions = conf.worker_connections
         self.servers: dict[ListenKey, StreamServerRuntime] = {}
         for log in self.conf.access_logs:  # (files nginx creates even when no server writes them)
             if log.path_template is None:
@@ -253,6 +257,20 @@ class StreamRuntime:
         factories = {key: self.servers[key].session_factory(key) for key in served}
         return lambda: _Dispatch(factories)
 
+    def listen_datagrams(self, sock: socket.socket, keys: list[ListenKey]) -> None:
+        """Read a ``listen ... udp`` socket in this worker (one key: UDP sockets are not shared
+        by a wildcard and specific addresses)."""
+        from scriptlb.stream.udp import UdpListener  # (configs with udp listens only)
+
+        server = next((self.servers[key] for key in keys if key in self.servers), None)
+        if server is not None:
+            self._datagram_listeners.append(UdpListener(server, sock))
+
+    def stop_datagrams(self) -> None:
+        listeners, self._datagram_listeners = self._datagram_listeners, []
+        for listener in listeners:
+            listener.close()
+
     def ssl_context(self, keys: list[ListenKey]) -> tuple[ssl.SSLContext, float] | None:
         """The TLS context of a socket whose listen has ``ssl`` and its server's
         ssl_handshake_timeout (None: plain TCP)."""
@@ -278,6 +296,7 @@ class StreamRuntime:
                 server.error_log.reopen()
 
     def close(self) -> None:
+        self.stop_datagrams()
         for file in self._files.values():
             file.flush()
             file.close()

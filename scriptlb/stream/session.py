@@ -108,6 +108,8 @@ class Session(asyncio.Protocol):
     """The client connection of one stream session (see the module docstring)."""
 
     is_stream: Literal[True] = True  # (request_view: a stream session)
+    protocol = "TCP"  # $protocol
+    client_word = "client"  # nginx's "client A connected to B" ("udp client" for datagrams)
     # what the hook API and the shared log helpers read on an http exchange, empty here
     method = ""
     request_uri = ""
@@ -189,8 +191,9 @@ class Session(asyncio.Protocol):
         self.server.sessions.add(self)
         _no_delay(transport, self.server.conf.tcp_nodelay)
         if errorlog.enabled("info"):
-            errorlog.log_error("info", f"client {_joined(self.remote_addr, self.remote_port)} connected to "
-                               f"{self.server_name}", self.conn_id)
+            client = _joined(self.remote_addr, self.remote_port)
+            errorlog.log_error("info", f"{self.client_word} {client} connected to {self.server_name}",
+                               self.conn_id)
         try:
             if self._proxy_header:
                 self._arm_timer(_PREREAD_TIMEOUT)

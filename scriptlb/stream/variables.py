@@ -88,7 +88,7 @@ _SIMPLE: dict[str, Getter] = {
     "bytes_sent": _cached("bytes_sent"),
     "bytes_received": _cached("bytes_received"),
     "status": lambda s: str(s.status) if s.ended else "000",  # (nginx's, before the end)
-    "protocol": lambda s: "TCP",
+    "protocol": _attr("protocol"),
     "connection": _attr("conn_id"),
     "hostname": lambda s: _HOSTNAME,
     "pid": lambda s: str(os.getpid()),
