@@ -447,3 +447,23 @@ def test_a_closed_connection_is_freed_without_the_cyclic_collector(tmp_path: Pat
         finally:
             gc.enable()
     assert after - before <= 2, (before, after)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_more_header_lines_than_max_headers_is_a_400(tmp_path: Path, kind: str) -> None:
+    """max_headers 5: five header lines pass, six are a 400; a line dropped as invalid does
+    not count."""
+    def request(count: int, invalid: bytes = b"") -> bytes:
+        extra = b"".join(b"X-Blah: %d\r\n" % n for n in range(count - 2))
+        return b"GET / HTTP/1.1\r\nHost: t\r\n" + invalid + extra + b"Connection: close\r\n\r\n"
+
+    answers = []
+    with (RecordingBackend() as backend,
+          proxy_process(kind, tmp_path / kind, proxied(backend.port, "max_headers 5;")) as proxy):
+        for data in (request(5), request(6), request(5, b"X_Drop: 1\r\n")):
+            answer, _ = exchange(proxy.port, data)
+            answers.append(answer.split(b"\r\n", 1)[0])
+        log = proxy.error_log
+    assert answers == [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 200 OK"]
+    if kind == "scriptlb":
+        assert "client sent too many header lines while reading client request headers" in log

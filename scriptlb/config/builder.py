@@ -400,6 +400,7 @@ def _server_conf(server: ServerDraft, http: HttpDraft, resolver: _ProxyPassResol
         locations=tuple(conf for loc in locations for conf in _location_tree(loc, chain, resolver)),
         client_header_timeout=_get(chain, "client_header_timeout", 60.0),
         large_client_header_buffers=_get(chain, "large_client_header_buffers", (4, 8192)),
+        max_headers=_get(chain, "max_headers", 1000),
         client_header_buffer_size=_get(chain, "client_header_buffer_size", 1024),
         underscores_in_headers=_get(chain, "underscores_in_headers", False),
         ignore_invalid_headers=_get(chain, "ignore_invalid_headers", True),

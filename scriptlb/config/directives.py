@@ -1758,6 +1758,7 @@ _SPECS: tuple[Spec, ...] = (
     _spec("proxy_store", HSL, ONE, _proxy_store),
     _spec("proxy_store_access", HSL, (1, 3), _slot(_store_access)),
     _spec("large_client_header_buffers", HS, (2, 2), _large_client_header_buffers),
+    _spec("max_headers", HS, ONE, _slot(number)),
     _spec("return", Ctx.SERVER | Ctx.LOCATION, (1, 2), _return),
     _spec("log_format", Ctx.HTTP, (2, None), _log_format),
     _spec("access_log", HSL | Ctx.IF, (1, None), _in_location_if(_access_log)),

@@ -827,6 +827,7 @@ class ServerConf:
     locations: tuple[LocationConf, ...]  # in declaration order; matching order is computed at runtime
     client_header_timeout: float = 60.0
     large_client_header_buffers: tuple[int, int] = (4, 8192)  # (number, size)
+    max_headers: int = 1000  # max_headers: more request header lines than this is a 400
     client_header_buffer_size: int = 1024  # accepted (the head's limit is the line above)
     underscores_in_headers: bool = False
     ignore_invalid_headers: bool = True

@@ -106,6 +106,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                           "ngx_http_core_module / ngx_http_upstream_module", ""),
     "keepalive_requests": ("number", "1000", "ngx_http_core_module / ngx_http_upstream_module", ""),
     "large_client_header_buffers": ("number size", "4 8k", "ngx_http_core_module", ""),
+    "max_headers": ("number", "1000", "ngx_http_core_module",
+                    "the default server's value, as large_client_header_buffers (nginx 1.27.2)"),
     "return": ("code [text] | code URL | URL (http) / value (stream)", "-",
                "ngx_http_rewrite_module / ngx_stream_return_module",
                "stream: sends the value (with variables) and closes; the last of return and proxy_pass "

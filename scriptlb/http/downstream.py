@@ -241,6 +241,7 @@ class ListenerContext:
         open_exchange: OpenExchange,
         header_timeout: float = 60.0,
         header_buffers: tuple[int, int] = (4, 8192),
+        max_headers: int = 1000,
         keys: tuple[ListenKey, ...] = (),
         connections: set[ClientConnection] | None = None,
         max_connections: int = 0,
@@ -259,6 +260,7 @@ class ListenerContext:
         # the default server's values: the Host (hence the server) is unknown while reading a head
         self.header_timeout = header_timeout
         self.header_buffers = header_buffers
+        self.max_headers = max_headers
         self.underscores_in_headers = underscores_in_headers
         self.ignore_invalid_headers = ignore_invalid_headers
         self.proxy_protocol = False  # listen ... proxy_protocol
@@ -787,6 +789,8 @@ class ClientConnection(asyncio.Protocol):
             raise ClientError(400, "client sent invalid request while reading client request line")
         if request.method == "CONNECT":
             raise ClientError(405, "client sent invalid method while reading client request line")
+        if len(request.headers) > self.listener.max_headers:  # (ignored invalid lines not counted)
+            raise ClientError(400, "client sent too many header lines while reading client request headers")
         if version == "1.1" and request.host is None:
             raise ClientError(400, "client sent HTTP/1.1 request without \"Host\" header "
                                    "while reading client request headers")

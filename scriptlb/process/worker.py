@@ -182,6 +182,7 @@ class Worker:
                 partial(Exchange, runtime),
                 header_timeout=server_conf.client_header_timeout,
                 header_buffers=server_conf.large_client_header_buffers,
+                max_headers=server_conf.max_headers,
                 keys=tuple(keys),
                 connections=connections,
                 max_connections=self.conf.worker_connections,
