@@ -59,10 +59,10 @@ def port_of(sock: socket.socket) -> int:
     return sock.getsockname()[1]
 
 
-def free_ports(count: int) -> list[int]:
+def free_ports(count: int, kind: socket.SocketKind = socket.SOCK_STREAM) -> list[int]:
     """Ports the OS considers free right now (bound to port 0, read, closed), for configs run
-    by a separate process, which must bind them itself."""
-    socks = [socket.socket() for _ in range(count)]
+    by a separate process, which must bind them itself (``kind``: TCP, or SOCK_DGRAM for UDP)."""
+    socks = [socket.socket(socket.AF_INET, kind) for _ in range(count)]
     try:
         for sock in socks:
             sock.bind(("127.0.0.1", 0))

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from helpers import free_ports
 from nginx_oracle import NGINX, main_conf, nginx_process
 
 IO_TIMEOUT = 10.0
@@ -181,14 +182,7 @@ class UdpPeer:
 
 def free_udp_ports(count: int) -> list[int]:
     """UDP ports free right now (bound, read, closed), for a process that binds them itself."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    return free_ports(count, socket.SOCK_DGRAM)
 
 
 def udp_client(timeout: float = IO_TIMEOUT) -> socket.socket:

@@ -38,19 +38,6 @@ from scriptlb.http.line_ends import crlf_head_part
 from scriptlb.http.request_body import EMPTY_BODY, BodyFileError, RequestBody
 from scriptlb.logs import errorlog
 
-# Hop-by-hop headers (RFC 9110 7.6.1) plus the ones nginx never forwards from a client.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-    }
-)
-
 # nginx's send_timeout default: how long a client may leave our writes unread before we give up.
 CLIENT_SEND_TIMEOUT = 60.0
 # Statuses that never carry a body (RFC 9110 6.4.1).

@@ -16,9 +16,8 @@ from typing import overload
 
 import httptools
 
-# Response headers nginx never passes to the client: hop-by-hop ones, the framing we redo, and
-# proxy_hide_header's defaults (Date, Server, X-Pad, X-Accel-*) since we send our own.
-HIDDEN_RESPONSE_HEADERS = frozenset(
+# Hop-by-hop headers (RFC 9110 7.6.1) plus the ones nginx never forwards from a client.
+HOP_BY_HOP = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -27,12 +26,11 @@ HIDDEN_RESPONSE_HEADERS = frozenset(
         b"transfer-encoding",
         b"upgrade",
         b"proxy-connection",
-        b"content-length",
-        b"date",
-        b"server",
-        b"x-pad",
     }
 )
+# proxy_hide_header's defaults (Date, Server, X-Pad, X-Accel-*) since we send our own, and the
+# hop-by-hop ones
+HIDDEN_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length", b"date", b"server", b"x-pad"}
 
 # What a header line is to the proxy, by its name as the peer spells it (KINDS[name]):
 # hidden (0: a false value, the usual case tested first), passed on untouched, or noted

@@ -35,8 +35,8 @@ from scriptlb.config.model import (
     UpstreamConf,
 )
 from scriptlb.config.regex import compile_nginx_regex
-from scriptlb.http.downstream import HOP_BY_HOP
 from scriptlb.http.pool import ConnectionPool
+from scriptlb.http.response_head import HOP_BY_HOP
 from scriptlb.request.accesslog import PhaseClock
 from scriptlb.routing.locations import LocationMatcher, ServerSelector, selectors_by_listen
 from scriptlb.routing.uri import quote_uri
