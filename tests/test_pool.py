@@ -4,6 +4,7 @@ expiry by the sweep timer, connections that die while idle."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,9 +23,10 @@ class FakeTransport:
 
 
 class FakeConn:
-    def __init__(self, key: tuple, reusable: bool = True) -> None:
+    def __init__(self, key: tuple, reusable: bool = True, age: float = 0.0) -> None:
         self.key = key
         self.reusable = reusable
+        self.connected_at = time.monotonic() - age  # (the loop's clock: asyncio's is monotonic)
         self.state = ConnState.ACTIVE
         self.idle_since = 0.0
         self.on_idle_lost: object = None
@@ -131,3 +133,14 @@ def test_connection_closing_under_the_pool_is_skipped(loop: asyncio.AbstractEven
     pool.release(closing)  # type: ignore[arg-type]
     closing.closing = True
     assert pool.acquire(A) is good and closing.closed and len(pool) == 0
+
+
+def test_a_connection_older_than_keepalive_time_is_closed_when_released(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """The upstream keepalive_time (ngx_http_upstream_keepalive_module): checked when the
+    connection comes back, whatever its requests or idle time."""
+    pool = ConnectionPool(loop, max_idle=4, max_age=10.0)
+    old, young = FakeConn(A, age=11.0), FakeConn(A, age=9.0)
+    assert not pool.release(old) and old.closed  # type: ignore[arg-type]
+    assert pool.release(young) and not young.closed  # type: ignore[arg-type]
+    assert pool.acquire(A) is young and pool.acquire(A) is None

@@ -242,6 +242,7 @@ def _upstream_conf(upstream: UpstreamDraft, http: HttpDraft | StreamDraft) -> Up
         keepalive=v.get("keepalive", 0),
         keepalive_timeout=v.get("keepalive_timeout", 60.0),
         keepalive_requests=v.get("keepalive_requests", 1000),
+        keepalive_time=v.get("keepalive_time", 3600.0),
         balancer_keepalive=v.get("balancer_keepalive", 32),
         source=upstream.source,
         zone=v.get("zone"),

@@ -399,6 +399,7 @@ class UpstreamConf:
     keepalive: int = 0  # max idle connections cached per worker; 0 = no pool
     keepalive_timeout: float = 60.0
     keepalive_requests: int = 1000
+    keepalive_time: float = 3600.0  # a pooled connection older than this is closed when released
     # OpenResty's balancer_keepalive: idle connections kept per worker for peers a hook set
     # with enable_keepalive() (one LRU pool per upstream, keyed by address and host)
     balancer_keepalive: int = 32

@@ -96,8 +96,8 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
                     "200 responses to GET; a temp file beside the target, renamed when complete"),
     "proxy_store_access": ("users:permissions ...", "user:rw", "ngx_http_proxy_module", ""),
     "keepalive_time": ("time", "1h", "ngx_http_core_module",
-                       "a request on an older connection is its last (the default is checked on POSTs "
-                       "only); in upstream: accepted"),
+                       "a request on an older connection is its last; in upstream (ngx_http_upstream_"
+                       "keepalive_module), a pooled connection older than this is closed when released"),
     "send_timeout": ("time", "60s", "ngx_http_core_module",
                      "upgraded (tunnelled) connections; other responses keep 60s"),
     "client_header_timeout": ("time", "60s", "ngx_http_core_module", ""),

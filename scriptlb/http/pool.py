@@ -38,11 +38,13 @@ class ConnectionPool:
         max_idle: int,
         idle_timeout: float = 60.0,
         max_requests: int = 1000,
+        max_age: float = 3600.0,
     ) -> None:
         self.loop = loop
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.max_requests = max_requests
+        self.max_age = max_age  # keepalive_time: a connection older than this is not kept
         # every idle connection, least recently released first (LRU order for eviction)
         self._idle: OrderedDict[UpstreamConnection, None] = OrderedDict()
         # per key, a stack of idle connections (most recent last)
@@ -90,12 +92,16 @@ class ConnectionPool:
         if self.closed or self.max_idle <= 0 or not conn.is_reusable(self.max_requests):
             conn.close()
             return False
+        now = self.loop.time()
+        if now - conn.connected_at > self.max_age:
+            conn.close()
+            return False
         if len(self._idle) >= self.max_idle:
             oldest = next(iter(self._idle))
             self._forget(oldest)
             oldest.close()
             self.evicted += 1
-        conn.make_idle(self.loop.time(), self._forget_lost)
+        conn.make_idle(now, self._forget_lost)
         self._idle[conn] = None
         key = conn.key
         stack = self._by_key.get(key)

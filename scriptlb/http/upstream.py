@@ -146,6 +146,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_write_paused",
         "_write_paused_at",
         "body_received",
+        "connected_at",
         "head_limit",
         "idle_since",
         "key",
@@ -168,6 +169,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: PoolKey, peer_name: str) -> None:
         self.loop = loop
+        self.connected_at = loop.time()  # (made as the connect starts: the upstream keepalive_time)
         self.key = key  # pool key: (peer address name, host name)
         self.peer_name = peer_name
         self.state = NEW

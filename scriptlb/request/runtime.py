@@ -88,7 +88,8 @@ class UpstreamRuntime:
         self.peers = PeerSet.from_conf(conf)
         self.balancer = create_balancer(conf, self.peers)
         self.key_getter = _balancer_key_getter(self.balancer, conf)
-        self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests)
+        self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests,
+                                   conf.keepalive_time)
         # this upstream's records in the instance's live peer statistics (python_peer_stats)
         self.stats = UpstreamStats(recorder, conf.name) if recorder is not None else None
         if self.stats is not None:
@@ -115,7 +116,7 @@ class UpstreamRuntime:
         pool = self._hook_pool
         if pool is None:
             pool = self._hook_pool = ConnectionPool(
-                self.loop, self.conf.balancer_keepalive, idle_timeout, max_requests
+                self.loop, self.conf.balancer_keepalive, idle_timeout, max_requests, self.conf.keepalive_time
             )
         pool.idle_timeout = idle_timeout
         pool.max_requests = max_requests
