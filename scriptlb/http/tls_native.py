@@ -86,142 +86,85 @@ _TICKET_CALLBACK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c
                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
 
 
+def _typed(function: Any, argtypes: list[Any], restype: Any) -> Any:
+    """A C function with its argument and return types set (ctypes guesses int otherwise)."""
+    function.argtypes = argtypes
+    function.restype = restype
+    return function
+
+
 class _Lib:
     """libssl's functions, typed."""
 
     def __init__(self, path: str, crypto_path: str) -> None:
         lib = ctypes.CDLL(path)
         self._crypto(ctypes.CDLL(crypto_path))
-        self.ctx_set_verify = lib.SSL_CTX_set_verify
-        self.ctx_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-        self.ctx_set_verify.restype = None
-        self.ctx_get_verify_mode = lib.SSL_CTX_get_verify_mode
-        self.ctx_get_verify_mode.argtypes = [ctypes.c_void_p]
-        self.ctx_get_verify_mode.restype = ctypes.c_int
-        self.ctx_get_verify_callback = lib.SSL_CTX_get_verify_callback
-        self.ctx_get_verify_callback.argtypes = [ctypes.c_void_p]
-        self.ctx_get_verify_callback.restype = ctypes.c_void_p
-        self.ctx_get_verify_depth = lib.SSL_CTX_get_verify_depth
-        self.ctx_get_verify_depth.argtypes = [ctypes.c_void_p]
-        self.ctx_get_verify_depth.restype = ctypes.c_int
-        self.ctx_set_verify_depth = lib.SSL_CTX_set_verify_depth
-        self.ctx_set_verify_depth.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        self.ctx_set_verify_depth.restype = None
-        self.ctx_get_options = lib.SSL_CTX_get_options
-        self.ctx_get_options.argtypes = [ctypes.c_void_p]
-        self.ctx_get_options.restype = ctypes.c_uint64
-        self.load_client_ca_file = lib.SSL_load_client_CA_file
-        self.load_client_ca_file.argtypes = [ctypes.c_char_p]
-        self.load_client_ca_file.restype = ctypes.c_void_p
-        self.ctx_set_client_ca_list = lib.SSL_CTX_set_client_CA_list
-        self.ctx_set_client_ca_list.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        self.ctx_set_client_ca_list.restype = None
-        self.ctx_set_timeout = lib.SSL_CTX_set_timeout
-        self.ctx_set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_long]
-        self.ctx_set_timeout.restype = ctypes.c_long
-        self.ctx_ctrl = lib.SSL_CTX_ctrl
-        self.ctx_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-        self.ctx_ctrl.restype = ctypes.c_long
-        self.set_verify = lib.SSL_set_verify
-        self.set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-        self.set_verify.restype = None
-        self.set_verify_depth = lib.SSL_set_verify_depth
-        self.set_verify_depth.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        self.set_verify_depth.restype = None
-        self.get_ssl_ctx = lib.SSL_get_SSL_CTX
-        self.get_ssl_ctx.argtypes = [ctypes.c_void_p]
-        self.get_ssl_ctx.restype = ctypes.c_void_p
-        self.set_shutdown = lib.SSL_set_shutdown
-        self.set_shutdown.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        self.set_shutdown.restype = None
-        self.get_verify_result = lib.SSL_get_verify_result
-        self.get_verify_result.argtypes = [ctypes.c_void_p]
-        self.get_verify_result.restype = ctypes.c_long
-        self.verify_cert_error_string = lib.X509_verify_cert_error_string  # (libcrypto's, via libssl)
-        self.verify_cert_error_string.argtypes = [ctypes.c_long]
-        self.verify_cert_error_string.restype = ctypes.c_char_p
-        self.ctx_callback_ctrl = lib.SSL_CTX_callback_ctrl
-        self.ctx_callback_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-        self.ctx_callback_ctrl.restype = ctypes.c_long
-        self.ctrl = lib.SSL_ctrl
-        self.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-        self.ctrl.restype = ctypes.c_long
-        self.cipher_find = lib.SSL_CIPHER_find
-        self.cipher_find.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        self.cipher_find.restype = ctypes.c_void_p
-        self.cipher_get_name = lib.SSL_CIPHER_get_name
-        self.cipher_get_name.argtypes = [ctypes.c_void_p]
-        self.cipher_get_name.restype = ctypes.c_char_p
-        self.group_to_name = lib.SSL_group_to_name
-        self.group_to_name.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        self.group_to_name.restype = ctypes.c_char_p
+        self.ctx_set_verify = _typed(lib.SSL_CTX_set_verify,
+            [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p], None)
+        self.ctx_get_verify_mode = _typed(lib.SSL_CTX_get_verify_mode, [ctypes.c_void_p], ctypes.c_int)
+        self.ctx_get_verify_callback = _typed(lib.SSL_CTX_get_verify_callback,
+            [ctypes.c_void_p], ctypes.c_void_p)
+        self.ctx_get_verify_depth = _typed(lib.SSL_CTX_get_verify_depth, [ctypes.c_void_p], ctypes.c_int)
+        self.ctx_set_verify_depth = _typed(lib.SSL_CTX_set_verify_depth,
+            [ctypes.c_void_p, ctypes.c_int], None)
+        self.ctx_get_options = _typed(lib.SSL_CTX_get_options, [ctypes.c_void_p], ctypes.c_uint64)
+        self.load_client_ca_file = _typed(lib.SSL_load_client_CA_file, [ctypes.c_char_p], ctypes.c_void_p)
+        self.ctx_set_client_ca_list = _typed(lib.SSL_CTX_set_client_CA_list,
+            [ctypes.c_void_p, ctypes.c_void_p], None)
+        self.ctx_set_timeout = _typed(lib.SSL_CTX_set_timeout,
+            [ctypes.c_void_p, ctypes.c_long], ctypes.c_long)
+        self.ctx_ctrl = _typed(lib.SSL_CTX_ctrl,
+            [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p], ctypes.c_long)
+        self.set_verify = _typed(lib.SSL_set_verify, [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p], None)
+        self.set_verify_depth = _typed(lib.SSL_set_verify_depth, [ctypes.c_void_p, ctypes.c_int], None)
+        self.get_ssl_ctx = _typed(lib.SSL_get_SSL_CTX, [ctypes.c_void_p], ctypes.c_void_p)
+        self.set_shutdown = _typed(lib.SSL_set_shutdown, [ctypes.c_void_p, ctypes.c_int], None)
+        self.get_verify_result = _typed(lib.SSL_get_verify_result, [ctypes.c_void_p], ctypes.c_long)
+        # (libcrypto's, via libssl)
+        self.verify_cert_error_string = _typed(lib.X509_verify_cert_error_string,
+            [ctypes.c_long], ctypes.c_char_p)
+        self.ctx_callback_ctrl = _typed(lib.SSL_CTX_callback_ctrl,
+            [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p], ctypes.c_long)
+        self.ctrl = _typed(lib.SSL_ctrl,
+            [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p], ctypes.c_long)
+        self.cipher_find = _typed(lib.SSL_CIPHER_find, [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_void_p)
+        self.cipher_get_name = _typed(lib.SSL_CIPHER_get_name, [ctypes.c_void_p], ctypes.c_char_p)
+        self.group_to_name = _typed(lib.SSL_group_to_name, [ctypes.c_void_p, ctypes.c_int], ctypes.c_char_p)
 
-        self.conf_ctx_new = lib.SSL_CONF_CTX_new
-        self.conf_ctx_new.argtypes = []
-        self.conf_ctx_new.restype = ctypes.c_void_p
-        self.conf_ctx_free = lib.SSL_CONF_CTX_free
-        self.conf_ctx_free.argtypes = [ctypes.c_void_p]
-        self.conf_ctx_free.restype = None
-        self.conf_ctx_set_flags = lib.SSL_CONF_CTX_set_flags
-        self.conf_ctx_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
-        self.conf_ctx_set_flags.restype = ctypes.c_uint
-        self.conf_ctx_set_ssl_ctx = lib.SSL_CONF_CTX_set_ssl_ctx
-        self.conf_ctx_set_ssl_ctx.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        self.conf_ctx_set_ssl_ctx.restype = None
-        self.conf_cmd = lib.SSL_CONF_cmd
-        self.conf_cmd.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
-        self.conf_cmd.restype = ctypes.c_int
-        self.conf_cmd_value_type = lib.SSL_CONF_cmd_value_type
-        self.conf_cmd_value_type.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        self.conf_cmd_value_type.restype = ctypes.c_int
-        self.conf_ctx_finish = lib.SSL_CONF_CTX_finish
-        self.conf_ctx_finish.argtypes = [ctypes.c_void_p]
-        self.conf_ctx_finish.restype = ctypes.c_int
+        self.conf_ctx_new = _typed(lib.SSL_CONF_CTX_new, [], ctypes.c_void_p)
+        self.conf_ctx_free = _typed(lib.SSL_CONF_CTX_free, [ctypes.c_void_p], None)
+        self.conf_ctx_set_flags = _typed(lib.SSL_CONF_CTX_set_flags,
+            [ctypes.c_void_p, ctypes.c_uint], ctypes.c_uint)
+        self.conf_ctx_set_ssl_ctx = _typed(lib.SSL_CONF_CTX_set_ssl_ctx,
+            [ctypes.c_void_p, ctypes.c_void_p], None)
+        self.conf_cmd = _typed(lib.SSL_CONF_cmd,
+            [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p], ctypes.c_int)
+        self.conf_cmd_value_type = _typed(lib.SSL_CONF_cmd_value_type,
+            [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int)
+        self.conf_ctx_finish = _typed(lib.SSL_CONF_CTX_finish, [ctypes.c_void_p], ctypes.c_int)
 
-        self.ctx_sess_set_new_cb = lib.SSL_CTX_sess_set_new_cb
-        self.ctx_sess_set_get_cb = lib.SSL_CTX_sess_set_get_cb
-        self.ctx_sess_set_remove_cb = lib.SSL_CTX_sess_set_remove_cb
-        for setter in (self.ctx_sess_set_new_cb, self.ctx_sess_set_get_cb, self.ctx_sess_set_remove_cb):
-            setter.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-            setter.restype = None
-        self.session_get_id = lib.SSL_SESSION_get_id
-        self.session_get_id.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]
-        self.session_get_id.restype = ctypes.c_void_p
-        self.session_get_timeout = lib.SSL_SESSION_get_timeout
-        self.session_get_timeout.argtypes = [ctypes.c_void_p]
-        self.session_get_timeout.restype = ctypes.c_long
-        self.i2d_session = lib.i2d_SSL_SESSION
-        self.i2d_session.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        self.i2d_session.restype = ctypes.c_int
-        self.d2i_session = lib.d2i_SSL_SESSION
-        self.d2i_session.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
-        self.d2i_session.restype = ctypes.c_void_p
+        callback_setter = [ctypes.c_void_p, ctypes.c_void_p]
+        self.ctx_sess_set_new_cb = _typed(lib.SSL_CTX_sess_set_new_cb, callback_setter, None)
+        self.ctx_sess_set_get_cb = _typed(lib.SSL_CTX_sess_set_get_cb, callback_setter, None)
+        self.ctx_sess_set_remove_cb = _typed(lib.SSL_CTX_sess_set_remove_cb, callback_setter, None)
+        self.session_get_id = _typed(lib.SSL_SESSION_get_id,
+            [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)], ctypes.c_void_p)
+        self.session_get_timeout = _typed(lib.SSL_SESSION_get_timeout, [ctypes.c_void_p], ctypes.c_long)
+        self.i2d_session = _typed(lib.i2d_SSL_SESSION, [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int)
+        self.d2i_session = _typed(lib.d2i_SSL_SESSION,
+            [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long], ctypes.c_void_p)
 
     def _crypto(self, crypto: ctypes.CDLL) -> None:
         """libcrypto's, for session tickets and curve names."""
-        self.rand_bytes = crypto.RAND_bytes
-        self.rand_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        self.rand_bytes.restype = ctypes.c_int
-        self.aes_256_cbc = crypto.EVP_aes_256_cbc
-        self.aes_256_cbc.argtypes = []
-        self.aes_256_cbc.restype = ctypes.c_void_p
-        self.sha256 = crypto.EVP_sha256
-        self.sha256.argtypes = []
-        self.sha256.restype = ctypes.c_void_p
-        cipher_init = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
-        self.encrypt_init = crypto.EVP_EncryptInit_ex
-        self.encrypt_init.argtypes = cipher_init
-        self.encrypt_init.restype = ctypes.c_int
-        self.decrypt_init = crypto.EVP_DecryptInit_ex
-        self.decrypt_init.argtypes = cipher_init
-        self.decrypt_init.restype = ctypes.c_int
-        self.hmac_init = crypto.HMAC_Init_ex
-        self.hmac_init.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p,
-                                   ctypes.c_void_p]
-        self.hmac_init.restype = ctypes.c_int
-        self.nid2sn = crypto.OBJ_nid2sn
-        self.nid2sn.argtypes = [ctypes.c_int]
-        self.nid2sn.restype = ctypes.c_char_p
+        self.rand_bytes = _typed(crypto.RAND_bytes, [ctypes.c_void_p, ctypes.c_int], ctypes.c_int)
+        self.aes_256_cbc = _typed(crypto.EVP_aes_256_cbc, [], ctypes.c_void_p)
+        self.sha256 = _typed(crypto.EVP_sha256, [], ctypes.c_void_p)
+        cipher_init = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        self.encrypt_init = _typed(crypto.EVP_EncryptInit_ex, cipher_init, ctypes.c_int)
+        self.decrypt_init = _typed(crypto.EVP_DecryptInit_ex, cipher_init, ctypes.c_int)
+        self.hmac_init = _typed(crypto.HMAC_Init_ex, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int,
+                                                      ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int)
+        self.nid2sn = _typed(crypto.OBJ_nid2sn, [ctypes.c_int], ctypes.c_char_p)
 
 
 def _loaded_library(name: str) -> str | None:
