@@ -167,10 +167,7 @@ class DnsServer:
         self.records: dict[tuple[str, str], list[tuple[str, int]]] = {}
         self.fail = False
         self.queries = 0
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
+        self.port = free_ports(1, socket.SOCK_DGRAM)[0]
         self._server = dnslib.server.DNSServer(self, port=self.port, address="127.0.0.1",
                                                logger=dnslib.server.DNSLogger("-request,-reply,-truncated"
                                                                               ",-recv,-send,-data,-error"))

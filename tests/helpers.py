@@ -3,7 +3,9 @@ asyncio backends that misbehave on demand.
 
 Everything listens on 127.0.0.1 with OS-chosen ports: a socket is bound to port 0 and kept, its
 port is written into the config, and the same socket is handed to the worker, so no port is ever
-guessed or raced for. Waits are on readiness (events, futures) and every loop is bounded.
+guessed or raced for. A port another process must bind comes from ``free_ports``, below the
+ephemeral range, so no port-0 bind can take it in between. Waits are on readiness (events,
+futures) and every loop is bounded.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import os
 import re
 import signal
 import socket
@@ -59,17 +62,55 @@ def port_of(sock: socket.socket) -> int:
     return sock.getsockname()[1]
 
 
-def free_ports(count: int, kind: socket.SocketKind = socket.SOCK_STREAM) -> list[int]:
-    """Ports the OS considers free right now (bound to port 0, read, closed), for configs run
-    by a separate process, which must bind them itself (``kind``: TCP, or SOCK_DGRAM for UDP)."""
-    socks = [socket.socket(socket.AF_INET, kind) for _ in range(count)]
+def _ephemeral_port_range() -> tuple[int, int]:
+    """The OS's range for port-0 binds and outgoing connections' source ports."""
     try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# Ports for another process are taken from below the ephemeral range: a port the OS hands out for
+# port 0 (a test backend, a client's source port) can then never be one that free_ports just
+# closed and wrote into a config, which is the race that made a nginx or scriptlb start fail with
+# "Address already in use". Each pytest process starts at its own offset and never hands out a
+# port twice until it has been round the whole range.
+_PORT_FLOOR = 10000
+_port_cursor = os.getpid() * 7919
+_handed_out: set[int] = set()
+
+
+def _port_is_free(port: int, kind: socket.SocketKind) -> bool:
+    """True if ``port`` on 127.0.0.1 can be bound right now, for TCP and for ``kind``. No
+    SO_REUSEADDR: a port with connections still in TIME_WAIT counts as taken."""
+    for sock_kind in {socket.SOCK_STREAM, kind}:
+        with socket.socket(socket.AF_INET, sock_kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def free_ports(count: int, kind: socket.SocketKind = socket.SOCK_STREAM) -> list[int]:
+    """Ports free right now (the OS confirms each by a bind), for configs run by a separate
+    process, which must bind them itself (``kind``: TCP, or SOCK_DGRAM for UDP as well)."""
+    global _port_cursor
+    floor, ceiling = _PORT_FLOOR, _ephemeral_port_range()[0]
+    span = ceiling - floor
+    ports: list[int] = []
+    for _ in range(2 * span):
+        _port_cursor = (_port_cursor + 1) % span
+        if _port_cursor == 0:
+            _handed_out.clear()  # been round the whole range: ports from long ago are reusable
+        port = floor + _port_cursor
+        if port not in _handed_out and _port_is_free(port, kind):
+            _handed_out.add(port)
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise RuntimeError(f"no {count} free ports between {floor} and {ceiling}")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition",
