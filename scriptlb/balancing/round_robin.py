@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from scriptlb.state.stats import UpstreamStats
 
 
+_new_state = object.__new__
+
+
 class RoundRobin:
     """nginx's default balancing method. Implements ``scriptlb.balancing.base.Balancer``."""
 
@@ -47,10 +50,17 @@ class RoundRobin:
         self.rebuild(self.peers)
 
     def new_request(self, tries_cap: int, key: str | bytes | None = None) -> BalancerState:
-        # (no key: not hashed; initial_tries inlined: once per request)
+        # (no key: not hashed; initial_tries and BalancerState's constructor inlined, once
+        # per request: a class's Python __init__ costs more than its stores)
         peers = self.peers
         tries = peers.tries
-        return BalancerState(peers, tries_cap if tries_cap and tries > tries_cap else tries)
+        state = _new_state(BalancerState)
+        state.peer_set = peers
+        state.tries = tries_cap if tries_cap and tries > tries_cap else tries
+        state.tried = 0
+        state.on_backup = False
+        state.current = None
+        return state
 
     # ------------------------------------------------------------------ get
 

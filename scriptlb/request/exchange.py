@@ -50,6 +50,7 @@ class Exchange:
     """One request: what variables, hooks and logs read, and the code that serves it."""
 
     __slots__ = (
+        "_ctx",  # see ctx
         "_early_status",
         "_finished",
         "_kept_headers",  # see kept_headers (unset until an internal redirect keeps some)
@@ -61,8 +62,6 @@ class Exchange:
         "bytes_sent",
         "captures",
         "conn",
-        "connect_timeout",
-        "ctx",
         "err_status",
         "headers",
         "host",
@@ -77,22 +76,17 @@ class Exchange:
         "method",
         "proxy_host",
         "proxy_port",  # set by proxy_pass with variables only ($proxy_port reads the location's)
-        "read_timeout",
         "realip",
         "request",
         "request_uri",
         "response_headers",
         "runtime",
-        "send_timeout",
         "sent_trailers",  # add_trailer's lines, once sent (unset otherwise: $sent_trailer_*)
         "server",
         "start_time",
         "status",
         "tries",
-        "tries_cap",
-        "tries_left",
         "upstream_headers",
-        "upstream_name",
         "upstream_request",
         "uri",
         "variables",
@@ -116,22 +110,16 @@ class Exchange:
         self.status = 0
         self.body_bytes_sent = 0
         self.bytes_sent = 0
-        self.ctx: dict[str, object] = {}  # ngx.ctx (the hook API wraps it in its Lua-style view)
+        self._ctx: dict[str, object] | None = None
         self.tries: list[TryRecord] = []
-        self.upstream_name: str | None = None
         # for $upstream_http_*: the peer's headers once a response came (a shared empty tuple
         # until then: no list allocated for requests that never get one; then the response
         # head, which parses its pairs when read)
         self.upstream_headers: Sequence[tuple[bytes, bytes]] = ()
         self.response_headers: bytes = b""  # sent to the client, for $sent_http_*
-        # per-request timeouts (copied from the location when proxying starts; hooks change them)
-        self.connect_timeout = 60.0
-        self.send_timeout = 60.0
-        self.read_timeout = 60.0
-        # the tries loop, for the hook API
+        # the tries loop's last failed try, for the hook API (the rest of its state: the
+        # properties below read the upstream request)
         self.last_failure: tuple[str, int] | None = None
-        self.tries_left = 0
-        self.tries_cap = 0
         self.proxy_host = ""
         # the client a trusted proxy named (scriptlb.request.realip)
         self.realip: tuple[str, int] | None = None
@@ -156,20 +144,27 @@ class Exchange:
             self.args = args if sep else None
             self.server = server = cached[2]
             self.host = cached[1] or server.name
-            self.location = server.match(path)
+            # (ServerRuntime.match, its memo's answer inlined)
+            location = server.matched.get(path) or server.match(path)
+            self.location = location
         else:
             self._route()
+            location = self.location
         if conn.refusal is not None and not self._early_status:
             self._refuse(conn.refusal)
         # what the client connection reads (plain attributes: read on every request)
-        conf = self.location.conf
+        conf = location.conf
         self.max_body_size = conf.client_max_body_size  # 0 = unlimited
         self.body_timeout = conf.client_body_timeout
-        self.keepalive_timeout = conf.keepalive_timeout
-        location = self.location
-        if not location.keepalive_allowed(self):  # keepalive_time, keepalive_disable
-            self.keepalive_timeout = 0.0
         self.keepalive_requests = conf.keepalive_requests
+        # keepalive_time (the connection's age), then keepalive_disable (browsers: None when
+        # it has no rule for this method, the usual case)
+        agents = location.keepalive_agents if self.method != "POST" else location.keepalive_agents_post
+        if (conn.loop.time() - conn.opened > location.keepalive_time
+                or (agents is not None and not agents(self))):
+            self.keepalive_timeout = 0.0
+        else:
+            self.keepalive_timeout = conf.keepalive_timeout
 
     # ------------------------------------------------------------------ routing
 
@@ -255,6 +250,73 @@ class Exchange:
     @property
     def server_port(self) -> int:
         return self.conn.server_port
+
+    @property
+    def ctx(self) -> dict[str, object]:
+        """ngx.ctx (the hook API replaces it with its Lua-style view), made on first use: most
+        requests never touch it."""
+        ctx = self._ctx
+        if ctx is None:
+            ctx = self._ctx = {}
+        return ctx
+
+    @ctx.setter
+    def ctx(self, value: dict[str, object]) -> None:
+        self._ctx = value
+
+    # the tries loop's state, as the hook API reads and sets it (a hook runs only while the
+    # upstream request is the exchange's; the values outside it are nginx's defaults)
+    def _proxying(self) -> UpstreamRequest | None:
+        upstream_request = self.upstream_request
+        return upstream_request if isinstance(upstream_request, UpstreamRequest) else None
+
+    @property
+    def upstream_name(self) -> str | None:
+        proxying = self._proxying()
+        return proxying.upstream.name if proxying is not None else None
+
+    @property
+    def tries_left(self) -> int:
+        proxying = self._proxying()
+        return proxying.tries_left if proxying is not None else 0
+
+    @property
+    def tries_cap(self) -> int:
+        proxying = self._proxying()
+        return proxying.tries_cap if proxying is not None else 0
+
+    @property
+    def connect_timeout(self) -> float:
+        proxying = self._proxying()
+        return proxying.connect_timeout if proxying is not None else self.location.conf.proxy.connect_timeout
+
+    @connect_timeout.setter
+    def connect_timeout(self, seconds: float) -> None:
+        proxying = self._proxying()
+        if proxying is not None:
+            proxying.connect_timeout = seconds
+
+    @property
+    def send_timeout(self) -> float:
+        proxying = self._proxying()
+        return proxying.send_timeout if proxying is not None else self.location.conf.proxy.send_timeout
+
+    @send_timeout.setter
+    def send_timeout(self, seconds: float) -> None:
+        proxying = self._proxying()
+        if proxying is not None:
+            proxying.send_timeout = seconds
+
+    @property
+    def read_timeout(self) -> float:
+        proxying = self._proxying()
+        return proxying.read_timeout if proxying is not None else self.location.conf.proxy.read_timeout
+
+    @read_timeout.setter
+    def read_timeout(self, seconds: float) -> None:
+        proxying = self._proxying()
+        if proxying is not None:
+            proxying.read_timeout = seconds
 
     @property
     def kept_headers(self) -> bytes:

@@ -6,7 +6,7 @@ The exchange (``exchange.py``) hands a proxied request to an ``UpstreamRequest``
 machine driven by callbacks, with no task per request::
 
     start: per-request timeouts; buffer the body (proxy_request_buffering on)
-    _begin_tries: build the upstream request once; balancer.new_request
+    start: build the upstream request once; balancer.new_request
     _next_try: hook seam -> peer (hook's address, or balancer.get; None = no live upstreams)
       -> an Attempt (attempt.py) -> its pool's connection, or _connect (a task only to open a
          new connection, connect_timeout)
@@ -95,8 +95,9 @@ class UpstreamRequest:
     """nginx's ``r->upstream`` for one proxied request: the per-request settings, the tries loop
     and the response streaming (see the module docstring).
 
-    What the hook API and variables read stays on the exchange (``tries``, ``tries_left``,
-    ``last_failure``, the three timeouts); the try in progress is ``attempt``.
+    What the hook API and variables read is on the exchange (``tries``, ``last_failure``; it
+    reads ``tries_left``, ``tries_cap`` and the three timeouts from here); the try in progress
+    is ``attempt``.
     """
 
     __slots__ = (
@@ -114,33 +115,41 @@ class UpstreamRequest:
         "_waiting_body",
         "attempt",
         "conf",
+        "connect_timeout",
         "exchange",
         "hook_exit",
         "location",
         "loop",
         "pass_uri",
         "plan",
+        "read_timeout",
+        "send_timeout",
         "upstream",
     )
+    # set when the tries begin (start)
+    _state: Any  # the balancer's per-request state (tries budget, tried peers)
+    _head: bytes  # the request head for the peer
+    _started: float  # for proxy_next_upstream_timeout
 
     def __init__(self, exchange: Exchange, upstream: UpstreamRuntime) -> None:
         self.exchange = exchange
         self.upstream = upstream
-        self.location = exchange.location
+        self.location = location = exchange.location
         self.loop = exchange.loop
-        self.conf = exchange.location.conf.proxy
-        self.plan = exchange.location.plan
+        self.conf = conf = location.conf.proxy
+        self.plan = location.plan
+        # this request's timeouts (a hook's set_timeouts changes them: the exchange's setters)
+        self.connect_timeout = conf.connect_timeout
+        self.send_timeout = conf.send_timeout
+        self.read_timeout = conf.read_timeout
         self._waiting_body = False  # buffering the request body before the first try
         self._stream_body = False  # proxy_request_buffering off: body sent as it arrives
         self._body_conn: UpstreamConnection | None = None  # where the streamed body goes now
-        self._state: Any = None  # the balancer's per-request state (tries budget, tried peers)
-        self._head = b""
         self._body: bytes | SpooledBody = b""  # (bytes, or the file a big body was spooled to)
-        self._started = 0.0  # for proxy_next_upstream_timeout
         # proxy_bind, or a hook's bind_to_local_addr
         self._local_addr: tuple[str, int] | None = None
-        if self.location.proxy_bind is not None:
-            self._local_addr = local_address(self.location.proxy_bind(exchange), exchange)
+        if location.proxy_bind is not None:
+            self._local_addr = local_address(location.proxy_bind(exchange), exchange)
         self.attempt: Attempt | None = None  # the try in progress
         self._connecting: asyncio.Task[object] | None = None
         self._passing = False  # the response is going to the client: no retry any more
@@ -155,6 +164,16 @@ class UpstreamRequest:
         return self.exchange.method not in NON_IDEMPOTENT_METHODS
 
     @property
+    def tries_left(self) -> int:
+        """The tries budget, the try in progress included (the hook API reads it)."""
+        return int(self._state.tries)
+
+    @property
+    def tries_cap(self) -> int:
+        """proxy_next_upstream_tries (0: no cap; the hook API reads it)."""
+        return self.conf.next_upstream_tries
+
+    @property
     def connection(self) -> UpstreamConnection | None:
         """The upstream connection of the try in progress."""
         attempt = self.attempt
@@ -163,33 +182,59 @@ class UpstreamRequest:
     # ------------------------------------------------------------------ the exchange's calls
 
     def start(self) -> None:
-        """Per-request copies of the location's settings; the body first if it is buffered."""
+        """Begin the tries: at once for a request without a body (the usual GET) or with one
+        streamed as it arrives, else once the buffered body is complete (body_received calls
+        this again then). The upstream request is built once, then the balancer's request
+        starts and the first try runs."""
         ex = self.exchange
-        conf = self.conf
-        ex.connect_timeout = conf.connect_timeout
-        ex.send_timeout = conf.send_timeout
-        ex.read_timeout = conf.read_timeout
-        ex.upstream_name = self.upstream.name
-        ex.proxy_host = self.location.proxy_host or ex.proxy_host  # (proxy_pass with variables set it)
+        proxy_host = self.location.proxy_host
+        if proxy_host:  # (else proxy_pass with variables set it)
+            ex.proxy_host = proxy_host
         request = ex.request
-        if request.complete or not request.has_body:
-            if request.expect_continue:  # nginx answers it even when there is no body to read
-                ex.conn.send_continue()
-            self._begin_tries()  # (no body to wait for or stream: the usual GET)
-            return
+        if request.has_body and not request.complete:
+            if self._holds_body(ex):
+                return
+        elif request.expect_continue:  # nginx answers it even when there is no body to read
+            ex.conn.send_continue()
+        plan = self.plan
+        if plan.body_override is None and request.content_length is None and not request.has_body:
+            self._head = plan.build_head(ex, None)  # (the usual GET: _build_head's last case)
+        else:
+            if not self._stream_body and request.has_body:
+                self._body = request.body.buffered()  # bytes, or the file it was spooled to
+            if plan.body_override is not None:
+                self._body = plan.body_override(ex)
+            self._build_head()
+        upstream = self.upstream
+        stats = upstream.stats
+        if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
+            # a hook set a weight. The generation is compared here, not through
+            # stats.weights_stale(), because this runs for every request: one load, no call
+            upstream.refresh_weights()
+        key_getter = upstream.key_getter
+        if key_getter is None:
+            self._state = upstream.balancer.new_request(self.conf.next_upstream_tries)
+        else:
+            self._state = upstream.balancer.new_request(self.conf.next_upstream_tries, key_getter(ex))
+        self._started = self.loop.time()
+        self._next_try()
+
+    def _holds_body(self, ex: Exchange) -> bool:
+        """A body still arriving: streamed (False: the tries begin now) or buffered (True:
+        they begin once it is complete)."""
         self._stream_body = self._wants_streamed_body()
         ex.conn.send_continue()
         if self._stream_body:
-            self._begin_tries()
-        else:
-            self._waiting_body = True  # body_received() starts the tries
+            return False
+        self._waiting_body = True  # body_received() starts the tries
+        return True
 
     def body_received(self) -> None:
         if self._stream_body:
             self._pump_body()
         elif self._waiting_body and self.exchange.request.complete:
             self._waiting_body = False
-            self._begin_tries()
+            self.start()
 
     def client_paused(self) -> None:
         conn = self.connection
@@ -246,35 +291,6 @@ class UpstreamRequest:
             return False  # (proxy_set_body, proxy_pass_request_body off: the client's is dropped)
         return not (request.chunked and not self.plan.http11)
 
-    def _begin_tries(self) -> None:
-        """Build the upstream request once, start the balancer's request, run the first try."""
-        ex = self.exchange
-        upstream = self.upstream
-        tries_cap = self.conf.next_upstream_tries
-        request = ex.request
-        plan = self.plan
-        if plan.body_override is None and request.content_length is None and not request.has_body:
-            self._head = plan.build_head(ex, None)  # (the usual GET: _build_head's last case)
-        else:
-            if not self._stream_body and request.has_body:
-                self._body = request.body.buffered()  # bytes, or the file it was spooled to
-            if plan.body_override is not None:
-                self._body = plan.body_override(ex)
-            self._build_head()
-        stats = upstream.stats
-        if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
-            # a hook set a weight. The generation is compared here, not through
-            # stats.weights_stale(), because this runs for every request: one load, no call
-            upstream.refresh_weights()
-        key_getter = upstream.key_getter
-        if key_getter is None:
-            self._state = upstream.balancer.new_request(tries_cap)
-        else:
-            self._state = upstream.balancer.new_request(tries_cap, key_getter(ex))
-        ex.tries_cap = tries_cap
-        self._started = self.loop.time()
-        self._next_try()
-
     def _build_head(self) -> None:
         """The request line and headers for the peer (again after a hook's recreate_request)."""
         ex = self.exchange
@@ -293,7 +309,6 @@ class UpstreamRequest:
         ex = self.exchange
         upstream = self.upstream
         state = self._state
-        ex.tries_left = state.tries
         hook = upstream.hook
         outcome = None
         addr = None
@@ -338,11 +353,20 @@ class UpstreamRequest:
         conn = pool.acquire(key) if pool is not None else None
         if conn is None:
             self._connect(attempt)
-        else:
-            attempt.conn = conn  # (from its pool: no connect time)
-            attempt.connect_time = 0.0
-            attempt.reused = True
+            return
+        attempt.conn = conn  # (from its pool: no connect time)
+        attempt.connect_time = 0.0
+        attempt.reused = True
+        body = self._body
+        if not isinstance(body, bytes) or self._stream_body:
             self._send_request(conn)
+            return
+        # _send_request's usual case (a pooled connection, no body or a buffered one in memory)
+        plan = self.plan
+        conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
+        conn.upgrade = ex.request.connection is not None and self._upgrade_asked()
+        conn.start(self, self._head, body, self.read_timeout, self.send_timeout, ex.method == "HEAD",
+                   plan.http11, plan.close_after)
 
     def _hook_peer_pool(self, addr: PeerAddr, outcome: HookOutcome) -> ConnectionPool | None:
         """A hook-set peer's try: the pool its connection comes from and goes back to."""
@@ -386,7 +410,7 @@ class UpstreamRequest:
             assert addr.host is not None  # (an address without unix_path has a host)
             opening = loop.create_connection(lambda: conn, addr.host, addr.port, local_addr=self._local_addr)
         task = loop.create_task(opening)
-        timer = loop.call_later(self.exchange.connect_timeout, task.cancel)
+        timer = loop.call_later(self.connect_timeout, task.cancel)
         self._connecting = task
         task.add_done_callback(lambda done: self._connected(done, conn, timer))
 
@@ -414,25 +438,27 @@ class UpstreamRequest:
         ex = self.exchange
         plan = self.plan
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
-        connection = ex.request.connection
-        if connection is not None:
-            # a 101 from the peer may switch this connection only if the client's Connection
-            # header names "upgrade" (llhttp then saw an Upgrade request) and it sent an
-            # Upgrade header
-            conn.upgrade = b"upgrade" in connection.lower() and ex.header("upgrade") is not None
-        else:
-            conn.upgrade = False
+        conn.upgrade = ex.request.connection is not None and self._upgrade_asked()
         if self._stream_body:
             self._send_streamed(conn)
             return
         body = self._body
         if isinstance(body, bytes):  # (b"": the usual GET)
-            conn.start(self, self._head, body, ex.read_timeout, ex.send_timeout, ex.method == "HEAD",
+            conn.start(self, self._head, body, self.read_timeout, self.send_timeout, ex.method == "HEAD",
                        plan.http11, plan.close_after)
         else:
-            conn.start(self, self._head, None, ex.read_timeout, ex.send_timeout, ex.method == "HEAD",
+            conn.start(self, self._head, None, self.read_timeout, self.send_timeout, ex.method == "HEAD",
                        plan.http11, plan.close_after)
             body.send(conn)  # (a spooled body: every try again from the file's start)
+
+    def _upgrade_asked(self) -> bool:
+        """A 101 from the peer may switch the connection only if the client's Connection
+        header names "upgrade" (llhttp then saw an Upgrade request) and it sent an Upgrade
+        header."""
+        ex = self.exchange
+        connection = ex.request.connection
+        return (connection is not None and b"upgrade" in connection.lower()
+                and ex.header("upgrade") is not None)
 
     def _send_streamed(self, conn: UpstreamConnection) -> None:
         """proxy_request_buffering off: what arrived already goes with the head, in one write
@@ -440,7 +466,7 @@ class UpstreamRequest:
         ex = self.exchange
         plan = self.plan
         early, last = self._body_bytes()
-        conn.start(self, self._head + early, None, ex.read_timeout, ex.send_timeout, ex.method == "HEAD",
+        conn.start(self, self._head + early, None, self.read_timeout, self.send_timeout, ex.method == "HEAD",
                    plan.http11, plan.close_after)
         if last:
             conn.write_body(b"", last=True)
@@ -490,9 +516,39 @@ class UpstreamRequest:
         assert attempt is not None
         attempt.header_time = clock() - attempt.started
         attempt.status = status = response.status
+        if (status >= 300 or status == 101 or response.rewritable) and self._diverted(attempt, response):
+            return
+        # give the client this response, streaming its body with back-pressure
+        conn = attempt.conn
+        assert conn is not None
+        ex = self.exchange
+        self._passing = True
+        ex.status = status
+        ex.upstream_headers = response  # (its pairs, parsed if something reads them)
+        headers = response.lines if response.connection is None else response.client_headers()
+        location = ex.location
+        if response.rewritable and location.header_rewrite is not None:  # proxy_redirect, proxy_cookie_*
+            headers = location.header_rewrite(ex, headers)
+        client = ex.conn
+        if location.plain_response and not ex.err_status:  # (the usual response)
+            ex.response_headers = headers
+            client.send_head(status, headers, response.content_length, reason=response.reason)
+        else:
+            self._send_head_edited(ex, response, headers)
+        conn.stream_to(self)  # the body that came with the head goes out with it
+        if self.attempt is attempt:  # still streaming: not completed by stream_to
+            client.flush()
+            if client.writing_paused:
+                conn.pause_reading()
+
+    def _diverted(self, attempt: Attempt, response: ResponseHead) -> bool:
+        """A response that does not go to the client as it is: a 101 (the tunnel), a status
+        proxy_next_upstream retries, X-Accel-Redirect, an error_page (proxy_intercept_errors).
+        True when it was handled here."""
+        status = response.status
         if status == 101:  # (only when the client asked to switch: see UpstreamConnection)
             self._start_tunnel(attempt, response)
-            return
+            return True
         failure = failure_for_status(status) if status >= 403 else None
         if failure is not None and self.conf.next_upstream & NextUpstream(int(failure)):
             verdict = decide(failure, self._state.tries - 1, self._started, self.loop.time(), self.conf,
@@ -501,13 +557,13 @@ class UpstreamRequest:
                 self.attempt = None
                 attempt.end(NEXT, self.exchange, failure, _READING_HEADER)
                 self._next_try()
-                return
+                return True
         if response.rewritable and self._accel_redirect(attempt, response):
-            return
+            return True
         if status >= 300 and self.exchange.intercepts(status):
             self._intercepted(attempt, response)
-            return
-        self._pass_response(attempt, response)
+            return True
+        return False
 
     def _accel_redirect(self, attempt: Attempt, response: ResponseHead) -> bool:
         """X-Accel-Redirect (unless proxy_ignore_headers names it): the peer's response is
@@ -582,30 +638,6 @@ class UpstreamRequest:
 
     # ------------------------------------------------------------------ try outcomes
 
-    def _pass_response(self, attempt: Attempt, response: ResponseHead) -> None:
-        """Give the client this response, streaming its body with back-pressure."""
-        conn = attempt.conn
-        assert conn is not None
-        ex = self.exchange
-        self._passing = True
-        ex.status = response.status
-        ex.upstream_headers = response  # (its pairs, parsed if something reads them)
-        headers = response.lines if response.connection is None else response.client_headers()
-        location = ex.location
-        if response.rewritable and location.header_rewrite is not None:  # proxy_redirect, proxy_cookie_*
-            headers = location.header_rewrite(ex, headers)
-        client = ex.conn
-        if location.plain_response and not ex.err_status:  # (the usual response)
-            ex.response_headers = headers
-            client.send_head(response.status, headers, response.content_length, reason=response.reason)
-        else:
-            self._send_head_edited(ex, response, headers)
-        conn.stream_to(self)  # the body that came with the head goes out with it
-        if self.attempt is attempt:  # still streaming: not completed by stream_to
-            client.flush()
-            if client.writing_paused:
-                conn.pause_reading()
-
     def _send_head_edited(self, ex: Exchange, response: ResponseHead, headers: bytes) -> None:
         """The head of a response whose headers the location edits, or after an internal
         redirect."""
@@ -645,7 +677,7 @@ class UpstreamRequest:
         attempt.conn = None
         assert client.transport is not None
         client_timeout = ex.location.conf.send_timeout  # (send_timeout: the client side's)
-        tunnel = self._tunnel = Tunnel(self.loop, ex.read_timeout, ex.send_timeout, client_timeout,
+        tunnel = self._tunnel = Tunnel(self.loop, self.read_timeout, self.send_timeout, client_timeout,
                                        self._tunnel_ended)
         client_side, upstream_side = tunnel.sides(client.transport, upstream_transport)
         upstream_transport.set_protocol(upstream_side)
