@@ -106,7 +106,6 @@ class Exchange:
         self.method = request.method
         self.http_version = request.version
         self.headers = request.headers
-        self.request_uri = request_uri = request.target.decode("latin-1")
         self.status = 0
         self.body_bytes_sent = 0
         self.bytes_sent = 0
@@ -134,22 +133,19 @@ class Exchange:
         self.captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
         self._finished = False  # finish() ran: the log phase too (it runs once per request)
         self.upstream_request: UpstreamRequest | Waiting | None = None  # set when proxying (or waiting)
-        # routing: the usual case inlined (an origin-form target whose path needs no
-        # normalizing, the Host of the connection's previous request); _route does all cases
-        path, sep, args = request_uri.partition("?")
+        # routing: the usual case inlined (the target of the connection's previous request
+        # again, under the same Host); _route_target does the other cases
         cached = conn.host_cache
-        if (request_uri[:1] == "/" and "%" not in path and "//" not in path and "/." not in path
-                and cached is not None and cached[0] == request.host):
-            self.uri = path
-            self.args = args if sep else None
-            self.server = server = cached[2]
-            self.host = cached[1] or server.name
-            # (ServerRuntime.match, its memo's answer inlined)
-            location = server.matched.get(path) or server.match(path)
-            self.location = location
+        route: ConnRoute | None = cached[2] if cached is not None and cached[0] == request.host else None
+        if route is not None and route.target == request.target:
+            self.request_uri = route.request_uri
+            self.uri = route.uri
+            self.args = route.args
+            self.server = route.server
+            self.host = route.host
+            self.location = location = route.location
         else:
-            self._route()
-            location = self.location
+            location = self._route_target(route)
         if conn.refusal is not None and not self._early_status:
             self._refuse(conn.refusal)
         # what the client connection reads (plain attributes: read on every request)
@@ -159,7 +155,7 @@ class Exchange:
         self.keepalive_requests = conf.keepalive_requests
         # keepalive_time (the connection's age), then keepalive_disable (browsers: None when
         # it has no rule for this method, the usual case)
-        agents = location.keepalive_agents if self.method != "POST" else location.keepalive_agents_post
+        agents = location.keepalive_agents if request.method != "POST" else location.keepalive_agents_post
         if (conn.loop.time() - conn.opened > location.keepalive_time
                 or (agents is not None and not agents(self))):
             self.keepalive_timeout = 0.0
@@ -167,6 +163,27 @@ class Exchange:
             self.keepalive_timeout = conf.keepalive_timeout
 
     # ------------------------------------------------------------------ routing
+
+    def _route_target(self, route: ConnRoute | None) -> LocationRuntime:
+        """Routing beyond the connection's memo: an origin-form target whose path needs no
+        normalizing, under the Host of the connection's previous request (remembered for the
+        next request); _route does all other cases."""
+        request = self.request
+        target = request.target
+        self.request_uri = request_uri = target.decode("latin-1")
+        path, sep, args = request_uri.partition("?")
+        if (route is not None and request_uri[:1] == "/" and "%" not in path and "//" not in path
+                and "/." not in path):
+            self.uri = path
+            self.args = query = args if sep else None
+            self.server = server = route.server
+            self.host = route.host
+            self.location = location = server.match(path)
+            route.target, route.request_uri, route.uri, route.args, route.location = (
+                target, request_uri, path, query, location)
+            return location
+        self._route()
+        return self.location
 
     def _route(self) -> None:
         target = self.request.target
@@ -188,14 +205,14 @@ class Exchange:
         conn = self.conn
         cached = conn.host_cache
         if cached is not None and cached[0] == raw_host:
-            host, self.server = cached[1], cached[2]  # keep-alive: same Host, same server
+            host, self.server = cached[1], cached[2].server  # keep-alive: same Host, same server
         else:
             host = normalize_host(raw_host.decode("latin-1")) if raw_host is not None else None
             self.server = self.conn_route().select(host)
             if raw_host is not None and host is None:
                 self._early_status = 400  # nginx: client sent invalid host header
             else:
-                conn.host_cache = (raw_host, host, self.server)
+                conn.host_cache = (raw_host, host, ConnRoute(self.server, host or self.server.name))
         self.host = host or self.server.name
         self.location = self.server.match(uri)
 
@@ -822,6 +839,25 @@ class Exchange:
             return errorlog.request_context(self, None)
         scheme = "https" if self.location.tls is not None else "http"
         return errorlog.request_context(self, f"{scheme}://{peer_name}{self.location.plan.upstream_uri(self)}")
+
+
+class ConnRoute:
+    """The server of a client connection's requests under one Host (what the connection keeps
+    in ``host_cache``, after the raw Host and its normalized name), and the routing of the last
+    origin-form target seen there: a keep-alive client's next request mostly names the same
+    Host, often the same target (``target`` None: none yet)."""
+
+    __slots__ = ("args", "host", "location", "request_uri", "server", "target", "uri")
+    # (the target's routing: set with target)
+    request_uri: str
+    uri: str
+    args: str | None
+    location: LocationRuntime
+
+    def __init__(self, server: ServerRuntime, host: str) -> None:
+        self.server = server
+        self.host = host  # $host: the normalized Host, else the server's name
+        self.target: bytes | None = None
 
 
 def log_client_error(runtime: Runtime, conn: ClientConnection, request: Request, status: int) -> None:
