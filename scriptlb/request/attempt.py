@@ -172,59 +172,38 @@ class Attempt(TryRecord):
         self.conn = None
         peer = self.peer
         self.peer = None
-        status = self.status or 0
         # (a stream session's PeerSide offers the same counts, copied from its StreamAttempt)
         if conn is not None and BYTE_COUNTS_READ[0] and conn.sent:
             self.bytes_sent = conn.sent
             self.bytes_received = conn.received
             self.response_length = conn.body_received
-        if outcome in (DONE, UPGRADED):
-            sample: float | None = elapsed if outcome == DONE else self.header_time
+        if outcome == DONE:  # (the usual end: the whole response went to the client)
+            sample: float | None = elapsed
             counted = stats_failed = False
-            if peer is not None and upstream.observe is not None and sample is not None:
-                upstream.observe(peer, self.connect_time, self.header_time, sample, upstream.loop.time())
+            if upstream.observe is not None and peer is not None:
+                upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
             if conn is not None:
-                if self.pool is not None:
-                    self.pool.release(conn)
+                pool = self.pool
+                if pool is not None:
+                    pool.release(conn)
                 else:
                     conn.close()
         else:
-            if conn is not None:
-                conn.abort()
-            if outcome == NEXT:
-                assert failure is not None
-                sample = elapsed
-                counted = stats_failed = is_counted_failure(failure, True)
-                if peer is not None and upstream.observe is not None:
-                    upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
-            elif outcome == FAILED:
-                assert failure is not None
-                self.status = last_failure_status(failure)
-                status = 0  # (the statistics: no response)
-                # a timeout's duration says the peer is slow; a refused or reset connection's
-                # says nothing (it would make a dead peer look like the fastest one)
-                sample = elapsed if failure is Failure.TIMEOUT else None
-                counted = stats_failed = True
-            else:  # BROKEN, ABANDONED
-                sample = None
-                counted = False
-                stats_failed = outcome == BROKEN
-        index = self.stats_index
+            sample, counted, stats_failed = self._end_otherwise(outcome, conn, peer, elapsed, failure)
         stats = upstream.stats  # (an index is only given out with statistics)
+        index = self.stats_index
         if index >= 0 and stats is not None:
             self.stats_index = -1
+            status = 0 if outcome == FAILED else (self.status or 0)  # (FAILED: no response)
             if conn is not None:
                 stats.finish(index, status, sample, stats_failed, conn.sent, conn.received, self.header_time)
             else:
                 stats.finish(index, status, sample, stats_failed)
         if peer is not None:
-            now = upstream.loop.time()
-            fails_before = peer.fails
-            disabled = upstream.balancer.free(self.state, peer, counted, now)
-            if stats is not None and (counted or fails_before) and upstream.conf.zone \
-                    and not upstream.peers.single and upstream.peers.holds(peer):
-                # a zone: one passive state for every worker, which alone says "disabled"
-                disabled = stats.passive_free(peer, counted, fails_before, now)
+            if stats is not None and (counted or peer.fails):
+                disabled = self._free_shared(upstream, stats, peer, counted)
+            else:
+                disabled = upstream.balancer.free(self.state, peer, counted, upstream.loop.time())
             if disabled:
                 if index >= 0 and stats is not None:
                     stats.recorder.became_unavailable(index)
@@ -236,3 +215,46 @@ class Attempt(TryRecord):
         if failure is not None:
             exchange.last_failure = (last_failure_state(failure), last_failure_status(failure))
         return failure
+
+    def _end_otherwise(self, outcome: int, conn: UpstreamConnection | None, peer: Peer | None,
+                       elapsed: float, failure: Failure | None) -> tuple[float | None, bool, bool]:
+        """end's part for the outcomes other than DONE: the latency sample, whether the try
+        counts as a failure (for max_fails) and whether it failed (for the statistics)."""
+        upstream = self.upstream
+        if outcome == UPGRADED:
+            sample = self.header_time  # (a tunnel's life says nothing about the peer's speed)
+            if upstream.observe is not None and peer is not None and sample is not None:
+                upstream.observe(peer, self.connect_time, self.header_time, sample, upstream.loop.time())
+            if conn is not None:
+                if self.pool is not None:
+                    self.pool.release(conn)
+                else:
+                    conn.close()
+            return sample, False, False
+        if conn is not None:
+            conn.abort()
+        if outcome == NEXT:
+            assert failure is not None
+            counted = is_counted_failure(failure, True)
+            if peer is not None and upstream.observe is not None:
+                upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
+            return elapsed, counted, counted
+        if outcome == FAILED:
+            assert failure is not None
+            self.status = last_failure_status(failure)
+            # a timeout's duration says the peer is slow; a refused or reset connection's
+            # says nothing (it would make a dead peer look like the fastest one)
+            return (elapsed if failure is Failure.TIMEOUT else None), True, True
+        return None, False, outcome == BROKEN  # BROKEN, ABANDONED
+
+    def _free_shared(self, upstream: UpstreamRuntime, stats: Any, peer: Peer, counted: bool) -> bool:
+        """The balancer's free with live statistics, for a failure or a peer with failures:
+        in a zone, the passive health state is every worker's, and it alone says whether the
+        peer is now disabled."""
+        now = upstream.loop.time()
+        fails_before = peer.fails
+        disabled: bool = upstream.balancer.free(self.state, peer, counted, now)
+        if (counted or fails_before) and upstream.conf.zone and not upstream.peers.single \
+                and upstream.peers.holds(peer):
+            disabled = stats.passive_free(peer, counted, fails_before, now)
+        return disabled
