@@ -37,7 +37,7 @@ nginx's whole milliseconds (variables truncate).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from scriptlb.logs import errorlog
 from scriptlb.request.retry import Failure, is_counted_failure, last_failure_state, last_failure_status
@@ -50,6 +50,18 @@ if TYPE_CHECKING:
     from scriptlb.http.upstream import PoolKey, UpstreamConnection
     from scriptlb.request.runtime import UpstreamRuntime
     from scriptlb.state.peers import Peer
+    from scriptlb.state.stats import UpstreamStats
+
+
+class TriesLoop(Protocol):
+    """What ``Attempt.end`` reads of the request's tries loop (``proxy.UpstreamRequest``)."""
+
+    @property
+    def upstream(self) -> UpstreamRuntime: ...
+    @property
+    def balancer_state(self) -> Any: ...  # the balancer's per-request state (tries budget)
+    @property
+    def exchange(self) -> Any: ...
 
 clock = time.perf_counter  # the tries' clock (see the module docstring)
 
@@ -108,13 +120,11 @@ def chosen_anyway(upstream: UpstreamRuntime, peer: Peer, outcome: Any, exchange:
 class Attempt(TryRecord):
     """One try: its peer, connection, pool, statistics index and ``$upstream_*`` record."""
 
-    __slots__ = ("conn", "key", "peer", "peer_addr", "pool", "reused", "state", "stats_index", "tls_name",
-                 "upstream")
+    __slots__ = ("conn", "key", "peer", "peer_addr", "pool", "reused", "stats_index", "tls_name")
 
     def __init__(
         self,
-        upstream: UpstreamRuntime,
-        state: Any,
+        stats: UpstreamStats | None,
         name: str,
         peer_addr: PeerAddr,
         peer: Peer | None,
@@ -138,8 +148,6 @@ class Attempt(TryRecord):
         self.response_time: float | None = None
         # (bytes_sent, bytes_received, response_length: set by end() when a request was
         # sent; $upstream_bytes_* read 0 until then)
-        self.upstream = upstream
-        self.state = state  # the balancer's per-request state (tries budget, tried peers)
         self.peer_addr = peer_addr
         self.peer = peer  # the balancer's peer to free; None for a hook-set address
         self.pool = pool  # where the connection goes back; None: closed after the response
@@ -147,7 +155,6 @@ class Attempt(TryRecord):
         self.conn: UpstreamConnection | None = None
         self.reused = False  # the connection came from the pool
         self.tls_name = tls_name  # proxy_pass https://: the name sent / verified
-        stats = upstream.stats
         if stats is None:
             self.stats_index = -1  # -1: nothing to finish in the statistics
         elif peer is not None:
@@ -163,10 +170,11 @@ class Attempt(TryRecord):
         self.conn = conn
         self.connect_time = clock() - self.started
 
-    def end(self, outcome: int, exchange: Any, failure: Failure | None = None,
+    def end(self, outcome: int, tries: TriesLoop, failure: Failure | None = None,
             phase: str = "") -> Failure | None:
-        """End the try (see the module docstring); returns ``failure`` for the retry decision."""
-        upstream = self.upstream
+        """End the try (see the module docstring); returns ``failure`` for the retry decision.
+        ``tries`` is the tries loop of the request (its upstream, balancer state, exchange)."""
+        upstream = tries.upstream
         self.response_time = elapsed = clock() - self.started  # nginx: every try has one
         conn = self.conn
         self.conn = None
@@ -189,7 +197,8 @@ class Attempt(TryRecord):
                 else:
                     conn.close()
         else:
-            sample, counted, stats_failed = self._end_otherwise(outcome, conn, peer, elapsed, failure)
+            sample, counted, stats_failed = self._end_otherwise(upstream, outcome, conn, peer, elapsed,
+                                                                failure)
         stats = upstream.stats  # (an index is only given out with statistics)
         index = self.stats_index
         if index >= 0 and stats is not None:
@@ -201,26 +210,27 @@ class Attempt(TryRecord):
                 stats.finish(index, status, sample, stats_failed)
         if peer is not None:
             if stats is not None and (counted or peer.fails):
-                disabled = self._free_shared(upstream, stats, peer, counted)
+                disabled = _free_shared(upstream, tries.balancer_state, stats, peer, counted)
             else:
-                disabled = upstream.balancer.free(self.state, peer, counted, upstream.loop.time())
+                disabled = upstream.balancer.free(tries.balancer_state, peer, counted, upstream.loop.time())
             if disabled:
                 if index >= 0 and stats is not None:
                     stats.recorder.became_unavailable(index)
                 # this failure reached max_fails: nginx says so
+                exchange = tries.exchange
                 errorlog.log_error("warn", f"upstream server temporarily disabled while {phase}",
                                    exchange.conn_id, exchange.log_context(peer.name))
-        elif failure is not None and self.state.tries:
-            self.state.tries -= 1  # a hook-set peer: the budget is ours to count
+        elif failure is not None and tries.balancer_state.tries:
+            tries.balancer_state.tries -= 1  # a hook-set peer: the budget is ours to count
         if failure is not None:
-            exchange.last_failure = (last_failure_state(failure), last_failure_status(failure))
+            tries.exchange.last_failure = (last_failure_state(failure), last_failure_status(failure))
         return failure
 
-    def _end_otherwise(self, outcome: int, conn: UpstreamConnection | None, peer: Peer | None,
-                       elapsed: float, failure: Failure | None) -> tuple[float | None, bool, bool]:
+    def _end_otherwise(self, upstream: UpstreamRuntime, outcome: int, conn: UpstreamConnection | None,
+                       peer: Peer | None, elapsed: float, failure: Failure | None
+                       ) -> tuple[float | None, bool, bool]:
         """end's part for the outcomes other than DONE: the latency sample, whether the try
         counts as a failure (for max_fails) and whether it failed (for the statistics)."""
-        upstream = self.upstream
         if outcome == UPGRADED:
             sample = self.header_time  # (a tunnel's life says nothing about the peer's speed)
             if upstream.observe is not None and peer is not None and sample is not None:
@@ -247,14 +257,16 @@ class Attempt(TryRecord):
             return (elapsed if failure is Failure.TIMEOUT else None), True, True
         return None, False, outcome == BROKEN  # BROKEN, ABANDONED
 
-    def _free_shared(self, upstream: UpstreamRuntime, stats: Any, peer: Peer, counted: bool) -> bool:
-        """The balancer's free with live statistics, for a failure or a peer with failures:
-        in a zone, the passive health state is every worker's, and it alone says whether the
-        peer is now disabled."""
-        now = upstream.loop.time()
-        fails_before = peer.fails
-        disabled: bool = upstream.balancer.free(self.state, peer, counted, now)
-        if (counted or fails_before) and upstream.conf.zone and not upstream.peers.single \
-                and upstream.peers.holds(peer):
-            disabled = stats.passive_free(peer, counted, fails_before, now)
-        return disabled
+
+def _free_shared(upstream: UpstreamRuntime, state: Any, stats: UpstreamStats, peer: Peer,
+                 counted: bool) -> bool:
+    """The balancer's free with live statistics, for a failure or a peer with failures: in a
+    zone, the passive health state is every worker's, and it alone says whether the peer is
+    now disabled."""
+    now = upstream.loop.time()
+    fails_before = peer.fails
+    disabled: bool = upstream.balancer.free(state, peer, counted, now)
+    if (counted or fails_before) and upstream.conf.zone and not upstream.peers.single \
+            and upstream.peers.holds(peer):
+        disabled = stats.passive_free(peer, counted, fails_before, now)
+    return disabled

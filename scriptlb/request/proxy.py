@@ -109,11 +109,11 @@ class UpstreamRequest:
         "_passing",
         "_rate",
         "_started",
-        "_state",
         "_stream_body",
         "_tunnel",
         "_waiting_body",
         "attempt",
+        "balancer_state",
         "conf",
         "connect_timeout",
         "exchange",
@@ -127,7 +127,7 @@ class UpstreamRequest:
         "upstream",
     )
     # set when the tries begin (start)
-    _state: Any  # the balancer's per-request state (tries budget, tried peers)
+    balancer_state: Any  # the balancer's per-request state (tries budget, tried peers)
     _head: bytes  # the request head for the peer
     _started: float  # for proxy_next_upstream_timeout
 
@@ -166,7 +166,7 @@ class UpstreamRequest:
     @property
     def tries_left(self) -> int:
         """The tries budget, the try in progress included (the hook API reads it)."""
-        return int(self._state.tries)
+        return int(self.balancer_state.tries)
 
     @property
     def tries_cap(self) -> int:
@@ -213,9 +213,9 @@ class UpstreamRequest:
             upstream.refresh_weights()
         key_getter = upstream.key_getter
         if key_getter is None:
-            self._state = upstream.balancer.new_request(self.conf.next_upstream_tries)
+            self.balancer_state = upstream.balancer.new_request(self.conf.next_upstream_tries)
         else:
-            self._state = upstream.balancer.new_request(self.conf.next_upstream_tries, key_getter(ex))
+            self.balancer_state = upstream.balancer.new_request(self.conf.next_upstream_tries, key_getter(ex))
         self._started = self.loop.time()
         self._next_try()
 
@@ -275,7 +275,7 @@ class UpstreamRequest:
         attempt = self.attempt
         if attempt is not None:
             self.attempt = None
-            attempt.end(ABANDONED, self.exchange)
+            attempt.end(ABANDONED, self)
         if self._rate is not None:
             self._rate.cancel()
 
@@ -308,7 +308,6 @@ class UpstreamRequest:
         """The hook seam, then a peer, then a connection to it (nginx's upstream_connect)."""
         ex = self.exchange
         upstream = self.upstream
-        state = self._state
         hook = upstream.hook
         outcome = None
         addr = None
@@ -325,7 +324,7 @@ class UpstreamRequest:
                 self._build_head()
             addr = outcome.addr
         if addr is None:
-            peer = upstream.balancer.get(state, self.loop.time())
+            peer = upstream.balancer.get(self.balancer_state, self.loop.time())
             if peer is None:
                 self._no_live_upstreams(outcome)
                 return
@@ -348,7 +347,7 @@ class UpstreamRequest:
             tls_name = host or tls.name(ex)
             host = "https:" + tls_name
         key = (name, host, self._local_addr)  # the pool key (see Attempt)
-        attempt = self.attempt = Attempt(upstream, state, name, addr, peer, pool, key, outcome, tls_name)
+        attempt = self.attempt = Attempt(upstream.stats, name, addr, peer, pool, key, outcome, tls_name)
         ex.tries.append(attempt)
         conn = pool.acquire(key) if pool is not None else None
         if conn is None:
@@ -371,7 +370,7 @@ class UpstreamRequest:
     def _hook_peer_pool(self, addr: PeerAddr, outcome: HookOutcome) -> ConnectionPool | None:
         """A hook-set peer's try: the pool its connection comes from and goes back to."""
         upstream = self.upstream
-        self._state.tries += outcome.more_tries
+        self.balancer_state.tries += outcome.more_tries
         chosen = upstream.peers.by_name.get(addr.name)
         if chosen is not None and (chosen.down or chosen.fails):  # (one test when usable)
             chosen_anyway(upstream, chosen, outcome, self.exchange, self.loop.time(), _CONNECTING)
@@ -551,11 +550,11 @@ class UpstreamRequest:
             return True
         failure = failure_for_status(status) if status >= 403 else None
         if failure is not None and self.conf.next_upstream & NextUpstream(int(failure)):
-            verdict = decide(failure, self._state.tries - 1, self._started, self.loop.time(), self.conf,
-                             self._idempotent, request_sent=True)
+            verdict = decide(failure, self.balancer_state.tries - 1, self._started, self.loop.time(),
+                             self.conf, self._idempotent, request_sent=True)
             if verdict == RETRY:
                 self.attempt = None
-                attempt.end(NEXT, self.exchange, failure, _READING_HEADER)
+                attempt.end(NEXT, self, failure, _READING_HEADER)
                 self._next_try()
                 return True
         if response.rewritable and self._accel_redirect(attempt, response):
@@ -577,7 +576,7 @@ class UpstreamRequest:
             conn.abort()
         ex = self.exchange
         ex.upstream_headers = response  # (its pairs, parsed if something reads them)
-        attempt.end(DONE, ex)
+        attempt.end(DONE, self)
         kept = b"".join(name + b": " + value + b"\r\n" for name, value in response.headers
                         if name.lower() in _KEPT_BY_ACCEL_REDIRECT)
         ex.accel_redirect(uri.decode("latin-1"), kept)
@@ -590,7 +589,7 @@ class UpstreamRequest:
         conn, attempt.conn = attempt.conn, None
         if conn is not None:
             conn.abort()
-        attempt.end(DONE, self.exchange)
+        attempt.end(DONE, self)
         status = response.status
         if status == 401:  # nginx keeps the peer's challenges for the error page's answer
             self.exchange.keep_headers(b"".join(name + b": " + value + b"\r\n" for name, value in
@@ -608,7 +607,7 @@ class UpstreamRequest:
         attempt = self.attempt
         if attempt is not None:
             self.attempt = None
-            attempt.end(DONE, self.exchange)
+            attempt.end(DONE, self)
         filters = self._rate
         if filters is not None:  # (proxy_store names its file; the rate may still hold the body)
             filters.complete(self.exchange.finish)
@@ -699,7 +698,7 @@ class UpstreamRequest:
                 ex.conn.bytes_sent += tunnel.sent_to_client
                 ex.conn.body_bytes_sent += tunnel.sent_to_client
             if attempt is not None:
-                attempt.end(UPGRADED, ex)
+                attempt.end(UPGRADED, self)
             ex.finish(UNSENT)
         except Exception as exc:
             ex.crashed(exc, "proxying upgraded connection")
@@ -711,9 +710,9 @@ class UpstreamRequest:
         self.attempt = None
         self._body_conn = None
         self._log_error(attempt, err, err.phase)
-        failure = attempt.end(FAILED, self.exchange, err.failure, err.phase)
+        failure = attempt.end(FAILED, self, err.failure, err.phase)
         assert failure is not None
-        verdict = decide(failure, self._state.tries, self._started, self.loop.time(), self.conf,
+        verdict = decide(failure, self.balancer_state.tries, self._started, self.loop.time(), self.conf,
                          self._idempotent, request_sent=err.request_sent)
         if verdict == RETRY:
             self._next_try()
@@ -730,7 +729,7 @@ class UpstreamRequest:
         """The client already has part of the response: close it, never fake a complete one."""
         self.attempt = None
         self._log_error(attempt, err, "reading upstream")
-        attempt.end(BROKEN, self.exchange)
+        attempt.end(BROKEN, self)
         self.exchange.finish(DROPPED)
 
     def _no_live_upstreams(self, hook: HookOutcome | None) -> None:
@@ -750,7 +749,7 @@ class UpstreamRequest:
         self.attempt = None
         attempt.conn = None
         errorlog.log_error("error", f"{text} while {_CONNECTING}", ex.conn_id, ex.log_context(attempt.addr))
-        attempt.end(ABANDONED, ex)
+        attempt.end(ABANDONED, self)
         ex.finish_with_page(500)
 
     def _log_error(self, attempt: Attempt, err: UpstreamError, phase: str, level: str = "error") -> None:
