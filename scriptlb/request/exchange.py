@@ -19,6 +19,7 @@ is a bug, reported as an ``[alert]`` (``safety.report``) and the request is fini
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,11 +51,11 @@ class Exchange:
     """One request: what variables, hooks and logs read, and the code that serves it."""
 
     __slots__ = (
-        "_ctx",  # see ctx
+        "_ctx",  # see ctx (unset until then)
         "_early_status",
         "_finished",
         "_kept_headers",  # see kept_headers (unset until an internal redirect keeps some)
-        "_redirected",
+        "_redirected",  # error_page redirected this request, once as nginx (unset until then)
         "_redirects_left",  # internal redirects still allowed (unset until the first one)
         "args",
         "body_bytes_sent",
@@ -71,7 +72,6 @@ class Exchange:
         "last_failure",
         "limit",
         "location",
-        "loop",
         "max_body_size",
         "method",
         "proxy_host",
@@ -95,13 +95,13 @@ class Exchange:
     # set by the routing (the constructor's usual case, or _route)
     server: ServerRuntime
     location: LocationRuntime
+    _ctx: dict[str, object]
 
     def __init__(self, runtime: Runtime, conn: ClientConnection, request: Request) -> None:
         runtime.requests += 1  # (stub_status's "requests": every request, rejected ones too)
         self.conn = conn
         self.request = request
         self.runtime = runtime
-        self.loop = conn.loop
         self.start_time = time.time()
         self.method = request.method
         self.http_version = request.version
@@ -109,7 +109,6 @@ class Exchange:
         self.status = 0
         self.body_bytes_sent = 0
         self.bytes_sent = 0
-        self._ctx: dict[str, object] | None = None
         self.tries: list[TryRecord] = []
         # for $upstream_http_*: the peer's headers once a response came (a shared empty tuple
         # until then: no list allocated for requests that never get one; then the response
@@ -125,7 +124,6 @@ class Exchange:
         self.limit: LimitState | None = None  # limit_req / limit_conn outcome (scriptlb.request.limits)
 
         self._early_status = 0  # an error found while routing, answered when we become active
-        self._redirected = False  # error_page redirected this request (once, as nginx)
         # error_page: the status the final response carries (0: its own; OWN_STATUS: its own,
         # with kept_headers, after X-Accel-Redirect)
         self.err_status = 0
@@ -272,7 +270,7 @@ class Exchange:
     def ctx(self) -> dict[str, object]:
         """ngx.ctx (the hook API replaces it with its Lua-style view), made on first use: most
         requests never touch it."""
-        ctx = self._ctx
+        ctx: dict[str, object] | None = getattr(self, "_ctx", None)
         if ctx is None:
             ctx = self._ctx = {}
         return ctx
@@ -286,6 +284,10 @@ class Exchange:
     def _proxying(self) -> UpstreamRequest | None:
         upstream_request = self.upstream_request
         return upstream_request if isinstance(upstream_request, UpstreamRequest) else None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.conn.loop
 
     @property
     def upstream_name(self) -> str | None:
@@ -607,7 +609,7 @@ class Exchange:
             # (before error_page, as nginx: a redirected 400, 497, 500... still ends the connection)
             self.conn.close_after_response()
         pages = self.location.error_pages if self.location is not None else None
-        if pages is not None and not self._redirected:
+        if pages is not None and not hasattr(self, "_redirected"):
             page = pages.get(status)
             if page is not None and self._error_page(page, status):
                 return
@@ -730,7 +732,7 @@ class Exchange:
         error_page (the proxy then calls finish_with_page)."""
         location = self.location
         return (location.conf.intercept_errors and location.error_pages is not None
-                and not self._redirected and status in location.error_pages)
+                and not hasattr(self, "_redirected") and status in location.error_pages)
 
     def _error_page(self, page: ErrorPage, status: int) -> bool:
         """Redirect to the error page (see scriptlb.request.error_pages); False: no such location."""
@@ -792,12 +794,13 @@ class Exchange:
             zone = location.zone
             if zone is not None:  # status_zone: responses by class, for the metrics
                 zone[self.status // 100] += 1
-            hook = location.log_hook
-            if hook is None:
-                for log in location.access_logs:
-                    log.write(self)
-            else:
-                self._log_with_hook(hook)
+            if location.logged:
+                hook = location.log_hook
+                if hook is None:
+                    for log in location.access_logs:
+                        log.write(self)
+                else:
+                    self._log_with_hook(hook)
             limit = self.limit
             if limit is not None and limit.held:
                 limit.release()  # limit_conn: this request no longer counts

@@ -130,12 +130,18 @@ class UpstreamRequest:
     balancer_state: Any  # the balancer's per-request state (tries budget, tried peers)
     _head: bytes  # the request head for the peer
     _started: float  # for proxy_next_upstream_timeout
+    # unset until they happen (read with a default: never on the usual path)
+    _connecting: asyncio.Task[object] | None  # opening a new connection (None: done)
+    _passing: bool  # the response is going to the client: no retry any more
+    _tunnel: Tunnel  # after a 101: the two sockets joined
+    hook_exit: HookOutcome  # a hook's ngx.exit(N) run, for $balancer_trace
+    pass_uri: str | None  # proxy_pass with variables: its URI part, as evaluated
 
     def __init__(self, exchange: Exchange, upstream: UpstreamRuntime) -> None:
         self.exchange = exchange
         self.upstream = upstream
         self.location = location = exchange.location
-        self.loop = exchange.loop
+        self.loop = exchange.conn.loop
         self.conf = conf = location.conf.proxy
         self.plan = location.plan
         # this request's timeouts (a hook's set_timeouts changes them: the exchange's setters)
@@ -151,12 +157,7 @@ class UpstreamRequest:
         if location.proxy_bind is not None:
             self._local_addr = local_address(location.proxy_bind(exchange), exchange)
         self.attempt: Attempt | None = None  # the try in progress
-        self._connecting: asyncio.Task[object] | None = None
-        self._passing = False  # the response is going to the client: no retry any more
         self._rate: Any = None  # the body filters: ssi, proxy_store, limit_rate... (store.py)
-        self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
-        self.hook_exit: HookOutcome | None = None  # a hook's ngx.exit(N) run: $balancer_trace
-        self.pass_uri: str | None = None  # proxy_pass with variables: its URI part, as evaluated
 
     @property
     def _idempotent(self) -> bool:
@@ -250,11 +251,11 @@ class UpstreamRequest:
         """What this request was doing when the client half-closed, in nginx's words for the
         log line; None when nginx carries on regardless: a response streaming buffered
         (``proxy_buffering on``), a tunnel (after a 101, the half-close is passed on)."""
-        if self._tunnel is not None:
+        if hasattr(self, "_tunnel"):
             return None
         if self.exchange.conn.response_started:
             return None if self.conf.buffering else "sending to client"
-        if self._connecting is not None:
+        if getattr(self, "_connecting", None) is not None:
             return _CONNECTING
         attempt = self.attempt
         conn = attempt.conn if attempt is not None else None
@@ -266,9 +267,10 @@ class UpstreamRequest:
         """The client side ended the request (or a bug did): stop everything, free the peer."""
         self._waiting_body = False
         self._body_conn = None
-        if self._tunnel is not None:
-            self._tunnel.end("")  # (ends the try and logs the request)
-        connecting = self._connecting
+        tunnel: Tunnel | None = getattr(self, "_tunnel", None)
+        if tunnel is not None:
+            tunnel.end("")  # (ends the try and logs the request)
+        connecting = getattr(self, "_connecting", None)
         self._connecting = None
         if connecting is not None:
             connecting.cancel()
@@ -623,7 +625,7 @@ class UpstreamRequest:
         if self._rate is not None:  # (a half body: no stored file, nothing more held)
             self._rate.cancel()
             self._rate = None
-        if self._passing:
+        if getattr(self, "_passing", False):
             self._failed_mid_body(attempt, err)
         elif is_stale_connection(err.failure, err.response_started, attempt.reused, self._stream_body,
                                  self._idempotent, self.conf.next_upstream):
@@ -685,7 +687,7 @@ class UpstreamRequest:
         tunnel.start(from_client, from_upstream)
 
     def _tunnel_ended(self, reason: str) -> None:
-        tunnel = self._tunnel
+        tunnel: Tunnel | None = getattr(self, "_tunnel", None)
         attempt = self.attempt
         self.attempt = None
         ex = self.exchange

@@ -241,7 +241,7 @@ class RequestPlan:
         replacing the location prefix of the normalized URI)."""
         if self.dynamic:
             upstream_request = exchange.upstream_request
-            pass_uri = upstream_request.pass_uri if upstream_request is not None else None
+            pass_uri: str | None = getattr(upstream_request, "pass_uri", None)
             if pass_uri is not None:
                 return pass_uri
         if self.replace_uri is None:
@@ -389,6 +389,7 @@ class LocationRuntime:
         "keepalive_time",
         "limits",
         "log_hook",
+        "logged",
         "plain_proxy",
         "plain_response",
         "plan",
@@ -412,6 +413,7 @@ class LocationRuntime:
         self.upstream = upstream
         self.access_logs = access_logs
         self.log_hook = log_hook  # log_by_python, run by the exchange after the access logs
+        self.logged = bool(access_logs) or log_hook is not None  # (the log phase has work)
         # allow/deny + auth_basic (scriptlb.request.access): None, or check(exchange) -> refusal | None
         self.access: Callable[[Any], tuple[int, bytes] | None] | None = None
         if conf.access or conf.auth_basic_user_file is not None:
