@@ -67,9 +67,9 @@ class RoundRobin:
     def get(self, state: BalancerState, now: float) -> Peer | None:
         peer_set = state.peer_set
         peer: Peer | None
-        if peer_set.single:
+        single = peer_set.only
+        if single is not None:
             # A single peer ignores max_fails: there is nothing else to send the request to.
-            single = peer_set.primary[0]
             full = single.max_conns and single.conns >= single.max_conns  # (Peer.is_full, inlined)
             peer = None if single.down or full else single
         else:

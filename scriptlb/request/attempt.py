@@ -132,18 +132,21 @@ class Attempt(TryRecord):
         key: PoolKey,
         hook: HookOutcome | None = None,
         tls_name: str | None = None,
+        reused: UpstreamConnection | None = None,
     ) -> None:
         """``key`` is the pool key, what makes two connections interchangeable: the peer's
         address text (with its port, or ``unix:path``), the name the peer is addressed by (a
         hook's ``set_current_peer`` host; ``https:`` + the TLS server name, so two names on one
-        address never share a connection), and the local address a hook bound to."""
+        address never share a connection), and the local address a hook bound to. ``reused``
+        is the connection the try got from its pool (None: a new one is opened for it)."""
         # (TryRecord's fields, assigned here: one constructor call per try)
         self.addr = name
         self.started = clock()
         # the hook run's HookOutcome (None: no hook): kept as is, read only by $balancer_trace
         self.hook = hook
         self.status: int | None = None
-        self.connect_time: float | None = None
+        # (a connection from the pool: no connect time)
+        self.connect_time: float | None = None if reused is None else 0.0
         self.header_time: float | None = None
         self.response_time: float | None = None
         # (bytes_sent, bytes_received, response_length: set by end() when a request was
@@ -152,8 +155,8 @@ class Attempt(TryRecord):
         self.peer = peer  # the balancer's peer to free; None for a hook-set address
         self.pool = pool  # where the connection goes back; None: closed after the response
         self.key = key
-        self.conn: UpstreamConnection | None = None
-        self.reused = False  # the connection came from the pool
+        self.conn: UpstreamConnection | None = reused
+        self.reused = reused is not None  # the connection came from the pool
         self.tls_name = tls_name  # proxy_pass https://: the name sent / verified
         if stats is None:
             self.stats_index = -1  # -1: nothing to finish in the statistics

@@ -349,15 +349,12 @@ class UpstreamRequest:
             tls_name = host or tls.name(ex)
             host = "https:" + tls_name
         key = (name, host, self._local_addr)  # the pool key (see Attempt)
-        attempt = self.attempt = Attempt(upstream.stats, name, addr, peer, pool, key, outcome, tls_name)
-        ex.tries.append(attempt)
         conn = pool.acquire(key) if pool is not None else None
+        attempt = self.attempt = Attempt(upstream.stats, name, addr, peer, pool, key, outcome, tls_name, conn)
+        ex.tries.append(attempt)
         if conn is None:
             self._connect(attempt)
             return
-        attempt.conn = conn  # (from its pool: no connect time)
-        attempt.connect_time = 0.0
-        attempt.reused = True
         body = self._body
         if not isinstance(body, bytes) or self._stream_body:
             self._send_request(conn)
