@@ -108,7 +108,6 @@ class UpstreamRequest:
         "_local_addr",
         "_passing",
         "_rate",
-        "_started",
         "_stream_body",
         "_tunnel",
         "_waiting_body",
@@ -129,7 +128,6 @@ class UpstreamRequest:
     # set when the tries begin (start)
     balancer_state: Any  # the balancer's per-request state (tries budget, tried peers)
     _head: bytes  # the request head for the peer
-    _started: float  # for proxy_next_upstream_timeout
     # unset until they happen (read with a default: never on the usual path)
     _connecting: asyncio.Task[object] | None  # opening a new connection (None: done)
     _passing: bool  # the response is going to the client: no retry any more
@@ -163,6 +161,11 @@ class UpstreamRequest:
     def _idempotent(self) -> bool:
         """retry.is_idempotent, inlined (read only when a try failed)."""
         return self.exchange.method not in NON_IDEMPOTENT_METHODS
+
+    @property
+    def _tries_started(self) -> float:
+        """When the first try began, on the tries' clock (proxy_next_upstream_timeout)."""
+        return self.exchange.tries[0].started
 
     @property
     def tries_left(self) -> int:
@@ -217,7 +220,6 @@ class UpstreamRequest:
             self.balancer_state = upstream.balancer.new_request(self.conf.next_upstream_tries)
         else:
             self.balancer_state = upstream.balancer.new_request(self.conf.next_upstream_tries, key_getter(ex))
-        self._started = self.loop.time()
         self._next_try()
 
     def _holds_body(self, ex: Exchange) -> bool:
@@ -549,8 +551,8 @@ class UpstreamRequest:
             return True
         failure = failure_for_status(status) if status >= 403 else None
         if failure is not None and self.conf.next_upstream & NextUpstream(int(failure)):
-            verdict = decide(failure, self.balancer_state.tries - 1, self._started, self.loop.time(),
-                             self.conf, self._idempotent, request_sent=True)
+            verdict = decide(failure, self.balancer_state.tries - 1, self._tries_started, clock(), self.conf,
+                             self._idempotent, request_sent=True)
             if verdict == RETRY:
                 self.attempt = None
                 attempt.end(NEXT, self, failure, _READING_HEADER)
@@ -711,7 +713,7 @@ class UpstreamRequest:
         self._log_error(attempt, err, err.phase)
         failure = attempt.end(FAILED, self, err.failure, err.phase)
         assert failure is not None
-        verdict = decide(failure, self.balancer_state.tries, self._started, self.loop.time(), self.conf,
+        verdict = decide(failure, self.balancer_state.tries, self._tries_started, clock(), self.conf,
                          self._idempotent, request_sent=err.request_sent)
         if verdict == RETRY:
             self._next_try()
