@@ -75,9 +75,10 @@ from scriptlb.state.stats import WEIGHT_GENERATION
 if TYPE_CHECKING:
     from scriptlb.config.model import PeerAddr
     from scriptlb.hookrt.api import HookOutcome
+    from scriptlb.http.downstream import Request
     from scriptlb.http.pool import ConnectionPool
     from scriptlb.request.exchange import Exchange
-    from scriptlb.request.runtime import UpstreamRuntime
+    from scriptlb.request.runtime import RequestPlan, UpstreamRuntime
 
 
 _READING_HEADER = "reading response header from upstream"  # nginx's log action
@@ -195,20 +196,13 @@ class UpstreamRequest:
         if proxy_host:  # (else proxy_pass with variables set it)
             ex.proxy_host = proxy_host
         request = ex.request
-        if request.has_body and not request.complete:
-            if self._holds_body(ex):
-                return
-        elif request.expect_continue:  # nginx answers it even when there is no body to read
-            ex.conn.send_continue()
         plan = self.plan
-        if plan.body_override is None and request.content_length is None and not request.has_body:
-            self._head = plan.build_head(ex, None)  # (the usual GET: _build_head's last case)
+        if (request.has_body or request.content_length is not None or request.expect_continue
+                or plan.body_override is not None):
+            if not self._prepare_body(ex, request, plan):
+                return
         else:
-            if not self._stream_body and request.has_body:
-                self._body = request.body.buffered()  # bytes, or the file it was spooled to
-            if plan.body_override is not None:
-                self._body = plan.body_override(ex)
-            self._build_head()
+            self._head = plan.build_head(ex, None)  # (the usual GET: _build_head's last case)
         upstream = self.upstream
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
@@ -221,6 +215,25 @@ class UpstreamRequest:
         else:
             self.balancer_state = upstream.balancer.new_request(self.conf.next_upstream_tries, key_getter(ex))
         self._next_try()
+
+    def _prepare_body(self, ex: Exchange, request: Request, plan: RequestPlan) -> bool:
+        """start's part for a request with a body, a Content-Length, an Expect or a body of the
+        location's own: the body and the head for the peer; False while a buffered body is
+        still arriving."""
+        if request.has_body and not request.complete:
+            if self._holds_body(ex):
+                return False
+        elif request.expect_continue:  # nginx answers it even when there is no body to read
+            ex.conn.send_continue()
+        if plan.body_override is None and request.content_length is None and not request.has_body:
+            self._head = plan.build_head(ex, None)  # (an Expect without a body)
+        else:
+            if not self._stream_body and request.has_body:
+                self._body = request.body.buffered()  # bytes, or the file it was spooled to
+            if plan.body_override is not None:
+                self._body = plan.body_override(ex)
+            self._build_head()
+        return True
 
     def _holds_body(self, ex: Exchange) -> bool:
         """A body still arriving: streamed (False: the tries begin now) or buffered (True:
