@@ -70,8 +70,11 @@ class RoundRobin:
         single = peer_set.only
         if single is not None:
             # A single peer ignores max_fails: there is nothing else to send the request to.
-            full = single.max_conns and single.conns >= single.max_conns  # (Peer.is_full, inlined)
-            peer = None if single.down or full else single
+            if not single.down and not (single.max_conns and single.conns >= single.max_conns):
+                state.current = single  # (Peer.is_full, inlined)
+                single.conns += 1
+                return single
+            peer = None
         else:
             peer = self._get_weighted(state, now)
         if peer is None:

@@ -55,13 +55,14 @@ class Exchange:
         "_early_status",
         "_finished",
         "_kept_headers",  # see kept_headers (unset until an internal redirect keeps some)
+        "_last_failure",  # see last_failure (unset until a try failed)
         "_redirected",  # error_page redirected this request, once as nginx (unset until then)
         "_redirects_left",  # internal redirects still allowed (unset until the first one)
         "args",
         "body_bytes_sent",
         "body_timeout",
         "bytes_sent",
-        "captures",
+        "captures",  # $0..$9 of the last rewrite/if match (unset until one)
         "conn",
         "err_status",
         "headers",
@@ -69,12 +70,11 @@ class Exchange:
         "http_version",
         "keepalive_requests",
         "keepalive_timeout",
-        "last_failure",
         "limit",
         "location",
         "max_body_size",
         "method",
-        "proxy_host",
+        "proxy_host",  # $proxy_host (unset until proxying starts)
         "proxy_port",  # set by proxy_pass with variables only ($proxy_port reads the location's)
         "realip",
         "request",
@@ -96,6 +96,10 @@ class Exchange:
     server: ServerRuntime
     location: LocationRuntime
     _ctx: dict[str, object]
+    # unset until set (readers take a default)
+    captures: tuple[str, ...] | None
+    proxy_host: str
+    _last_failure: tuple[str, int] | None
 
     def __init__(self, runtime: Runtime, conn: ClientConnection, request: Request) -> None:
         runtime.requests += 1  # (stub_status's "requests": every request, rejected ones too)
@@ -115,10 +119,6 @@ class Exchange:
         # head, which parses its pairs when read)
         self.upstream_headers: Sequence[tuple[bytes, bytes]] = ()
         self.response_headers: bytes = b""  # sent to the client, for $sent_http_*
-        # the tries loop's last failed try, for the hook API (the rest of its state: the
-        # properties below read the upstream request)
-        self.last_failure: tuple[str, int] | None = None
-        self.proxy_host = ""
         # the client a trusted proxy named (scriptlb.request.realip)
         self.realip: tuple[str, int] | None = None
         self.limit: LimitState | None = None  # limit_req / limit_conn outcome (scriptlb.request.limits)
@@ -128,7 +128,6 @@ class Exchange:
         # with kept_headers, after X-Accel-Redirect)
         self.err_status = 0
         self.variables: dict[str, str] | None = None  # the rewrite module's `set` values
-        self.captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
         self._finished = False  # finish() ran: the log phase too (it runs once per request)
         self.upstream_request: UpstreamRequest | Waiting | None = None  # set when proxying (or waiting)
         # routing: the usual case inlined (the target of the connection's previous request
@@ -288,6 +287,16 @@ class Exchange:
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return self.conn.loop
+
+    @property
+    def last_failure(self) -> tuple[str, int] | None:
+        """(kind, status) of the tries loop's last failed try, for the hook API."""
+        failure: tuple[str, int] | None = getattr(self, "_last_failure", None)
+        return failure
+
+    @last_failure.setter
+    def last_failure(self, failure: tuple[str, int] | None) -> None:
+        self._last_failure = failure
 
     @property
     def upstream_name(self) -> str | None:
@@ -791,10 +800,10 @@ class Exchange:
         if not self._finished:
             self._finished = True
             location = self.location
-            zone = location.zone
-            if zone is not None:  # status_zone: responses by class, for the metrics
-                zone[self.status // 100] += 1
-            if location.logged:
+            if location.logged:  # (a status zone, access logs or a log hook)
+                zone = location.zone
+                if zone is not None:  # status_zone: responses by class, for the metrics
+                    zone[self.status // 100] += 1
                 hook = location.log_hook
                 if hook is None:
                     for log in location.access_logs:

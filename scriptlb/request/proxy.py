@@ -130,6 +130,8 @@ class UpstreamRequest:
     balancer_state: Any  # the balancer's per-request state (tries budget, tried peers)
     _head: bytes  # the request head for the peer
     # unset until they happen (read with a default: never on the usual path)
+    _waiting_body: bool  # buffering the request body before the first try
+    _body_conn: UpstreamConnection | None  # where the streamed body goes now
     _connecting: asyncio.Task[object] | None  # opening a new connection (None: done)
     _passing: bool  # the response is going to the client: no retry any more
     _tunnel: Tunnel  # after a 101: the two sockets joined
@@ -147,9 +149,7 @@ class UpstreamRequest:
         self.connect_timeout = conf.connect_timeout
         self.send_timeout = conf.send_timeout
         self.read_timeout = conf.read_timeout
-        self._waiting_body = False  # buffering the request body before the first try
         self._stream_body = False  # proxy_request_buffering off: body sent as it arrives
-        self._body_conn: UpstreamConnection | None = None  # where the streamed body goes now
         self._body: bytes | SpooledBody = b""  # (bytes, or the file a big body was spooled to)
         # proxy_bind, or a hook's bind_to_local_addr
         self._local_addr: tuple[str, int] | None = None
@@ -241,6 +241,7 @@ class UpstreamRequest:
         self._stream_body = self._wants_streamed_body()
         ex.conn.send_continue()
         if self._stream_body:
+            self._body_conn = None  # (until the connection is open)
             return False
         self._waiting_body = True  # body_received() starts the tries
         return True
@@ -248,7 +249,7 @@ class UpstreamRequest:
     def body_received(self) -> None:
         if self._stream_body:
             self._pump_body()
-        elif self._waiting_body and self.exchange.request.complete:
+        elif getattr(self, "_waiting_body", False) and self.exchange.request.complete:
             self._waiting_body = False
             self.start()
 

@@ -413,7 +413,8 @@ class LocationRuntime:
         self.upstream = upstream
         self.access_logs = access_logs
         self.log_hook = log_hook  # log_by_python, run by the exchange after the access logs
-        self.logged = bool(access_logs) or log_hook is not None  # (the log phase has work)
+        # the log phase has work (the Runtime sets it too for a status_zone)
+        self.logged = bool(access_logs) or log_hook is not None
         # allow/deny + auth_basic (scriptlb.request.access): None, or check(exchange) -> refusal | None
         self.access: Callable[[Any], tuple[int, bytes] | None] | None = None
         if conf.access or conf.auth_basic_user_file is not None:
@@ -720,6 +721,7 @@ class Runtime:
         )
         if conf.status_zone is not None:
             location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
+            location.logged = True
         if conf.handler is not None:
             from scriptlb.request.handlers import content_handler
 
