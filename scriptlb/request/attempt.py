@@ -158,13 +158,12 @@ class Attempt(TryRecord):
         self.conn: UpstreamConnection | None = reused
         self.reused = reused is not None  # the connection came from the pool
         self.tls_name = tls_name  # proxy_pass https://: the name sent / verified
-        if stats is None:
-            self.stats_index = -1  # -1: nothing to finish in the statistics
-        elif peer is not None:
-            self.stats_index = index = peer.stats_index
-            stats.start(index)
-        else:
-            self.stats_index = stats.start_address(name)
+        if stats is not None:  # (without them stats_index stays unset: end reads it only with them)
+            if peer is not None:
+                self.stats_index = index = peer.stats_index
+                stats.start(index)
+            else:
+                self.stats_index = stats.start_address(name)
 
     def __repr__(self) -> str:
         return f"<Attempt {self.addr} {self.status} conn={self.conn!r}>"
@@ -203,21 +202,24 @@ class Attempt(TryRecord):
             sample, counted, stats_failed = self._end_otherwise(upstream, outcome, conn, peer, elapsed,
                                                                 failure)
         stats = upstream.stats  # (an index is only given out with statistics)
-        index = self.stats_index
-        if index >= 0 and stats is not None:
-            self.stats_index = -1
-            status = 0 if outcome == FAILED else (self.status or 0)  # (FAILED: no response)
-            if conn is not None:
-                stats.finish(index, status, sample, stats_failed, conn.sent, conn.received, self.header_time)
-            else:
-                stats.finish(index, status, sample, stats_failed)
+        index = -1
+        if stats is not None:
+            index = self.stats_index
+            if index >= 0:
+                self.stats_index = -1
+                status = 0 if outcome == FAILED else (self.status or 0)  # (FAILED: no response)
+                if conn is not None:
+                    stats.finish(index, status, sample, stats_failed, conn.sent, conn.received,
+                                 self.header_time)
+                else:
+                    stats.finish(index, status, sample, stats_failed)
         if peer is not None:
             if stats is not None and (counted or peer.fails):
                 disabled = _free_shared(upstream, tries.balancer_state, stats, peer, counted)
             else:
                 disabled = upstream.balancer.free(tries.balancer_state, peer, counted, upstream.loop.time())
             if disabled:
-                if index >= 0 and stats is not None:
+                if index >= 0 and stats is not None:  # (index: with statistics only)
                     stats.recorder.became_unavailable(index)
                 # this failure reached max_fails: nginx says so
                 exchange = tries.exchange

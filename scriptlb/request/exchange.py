@@ -404,9 +404,8 @@ class Exchange:
                     self.finish_with_page(self._early_status)
                     return
                 location = self.location
-                upstream = location.upstream
-                # (the usual location: no phase before the proxy has work)
-                if location.plain_proxy and upstream is not None:
+                upstream = location.plain_upstream
+                if upstream is not None:  # (the usual location: no phase before the proxy has work)
                     self.upstream_request = proxying = UpstreamRequest(self, upstream)
                     proxying.start()
                     return

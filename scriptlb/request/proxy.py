@@ -75,6 +75,7 @@ from scriptlb.state.stats import WEIGHT_GENERATION
 if TYPE_CHECKING:
     from scriptlb.config.model import PeerAddr
     from scriptlb.hookrt.api import HookOutcome
+    from scriptlb.hookrt.hooks import HookRunner
     from scriptlb.http.downstream import Request
     from scriptlb.http.pool import ConnectionPool
     from scriptlb.request.exchange import Exchange
@@ -119,7 +120,6 @@ class UpstreamRequest:
         "exchange",
         "hook_exit",
         "location",
-        "loop",
         "pass_uri",
         "plan",
         "read_timeout",
@@ -142,7 +142,6 @@ class UpstreamRequest:
         self.exchange = exchange
         self.upstream = upstream
         self.location = location = exchange.location
-        self.loop = exchange.conn.loop
         self.conf = conf = location.conf.proxy
         self.plan = location.plan
         # this request's timeouts (a hook's set_timeouts changes them: the exchange's setters)
@@ -162,6 +161,10 @@ class UpstreamRequest:
     def _idempotent(self) -> bool:
         """retry.is_idempotent, inlined (read only when a try failed)."""
         return self.exchange.method not in NON_IDEMPOTENT_METHODS
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.exchange.conn.loop
 
     @property
     def _tries_started(self) -> float:
@@ -202,7 +205,7 @@ class UpstreamRequest:
             if not self._prepare_body(ex, request, plan):
                 return
         else:
-            self._head = plan.build_head(ex, None)  # (the usual GET: _build_head's last case)
+            self._head = plan.bodiless_head(ex)  # (the usual GET: _build_head's last case)
         upstream = self.upstream
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
@@ -226,7 +229,7 @@ class UpstreamRequest:
         elif request.expect_continue:  # nginx answers it even when there is no body to read
             ex.conn.send_continue()
         if plan.body_override is None and request.content_length is None and not request.has_body:
-            self._head = plan.build_head(ex, None)  # (an Expect without a body)
+            self._head = plan.bodiless_head(ex)  # (an Expect without a body)
         else:
             if not self._stream_body and request.has_body:
                 self._body = request.body.buffered()  # bytes, or the file it was spooled to
@@ -326,23 +329,13 @@ class UpstreamRequest:
         """The hook seam, then a peer, then a connection to it (nginx's upstream_connect)."""
         ex = self.exchange
         upstream = self.upstream
-        hook = upstream.hook
         outcome = None
-        addr = None
-        if hook is not None:
-            outcome = hook.run(ex, upstream)
-            if outcome.exit_status is not None:
-                self.hook_exit = outcome
-                ex.finish_with_page(outcome.exit_status)
-                return
-            # what the run changes for this and later tries: bind address, rebuilt request
-            if outcome.local_addr is not None:
-                self._local_addr = split_local_addr(outcome.local_addr)
-            if outcome.recreate:
-                self._build_head()
-            addr = outcome.addr
-        if addr is None:
-            peer = upstream.balancer.get(self.balancer_state, self.loop.time())
+        if upstream.hook is not None:
+            outcome = self._run_hook(upstream.hook)
+            if outcome is None:
+                return  # (the hook ended the request: ngx.exit)
+        if outcome is None or outcome.addr is None:
+            peer = upstream.balancer.get(self.balancer_state, ex.conn.loop.time())
             if peer is None:
                 self._no_live_upstreams(outcome)
                 return
@@ -350,8 +343,8 @@ class UpstreamRequest:
             addr = peer.addr
             host = ""
             pool = upstream.pool if self.plan.pooled else None
-        else:
-            assert outcome is not None  # (a hook set the address)
+        else:  # (the hook set the address)
+            addr = outcome.addr
             peer = None
             name = addr.name
             host = outcome.host or ""
@@ -381,6 +374,21 @@ class UpstreamRequest:
         conn.upgrade = ex.request.connection is not None and self._upgrade_asked()
         conn.start(self, self._head, body, self.read_timeout, self.send_timeout, ex.method == "HEAD",
                    plan.http11, plan.close_after)
+
+    def _run_hook(self, hook: HookRunner) -> HookOutcome | None:
+        """The balancer hook's run before a try, and what it changes for this and later tries
+        (bind address, rebuilt request); None when it ended the request (ngx.exit)."""
+        ex = self.exchange
+        outcome = hook.run(ex, self.upstream)
+        if outcome.exit_status is not None:
+            self.hook_exit = outcome
+            ex.finish_with_page(outcome.exit_status)
+            return None
+        if outcome.local_addr is not None:
+            self._local_addr = split_local_addr(outcome.local_addr)
+        if outcome.recreate:
+            self._build_head()
+        return outcome
 
     def _hook_peer_pool(self, addr: PeerAddr, outcome: HookOutcome) -> ConnectionPool | None:
         """A hook-set peer's try: the pool its connection comes from and goes back to."""

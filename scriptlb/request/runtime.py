@@ -254,16 +254,24 @@ class RequestPlan:
         return new + "?" + exchange.args if exchange.args is not None else new
 
     def build_head(self, exchange: Exchange, body_length: int | None, chunked: bool = False) -> bytes:
+        """The request line and headers for the peer: with a Content-Length (``body_length``),
+        chunked, or neither (no body)."""
+        if body_length is None and not chunked:
+            return self.bodiless_head(exchange)
+        return self._build_head(exchange, body_length, chunked)
+
+    def bodiless_head(self, exchange: Exchange) -> bytes:
+        """build_head for a request without a body (the usual GET)."""
         request = exchange.request
         target = request.target
-        if self.repeats and body_length is None and not chunked and target[:1] == b"/":
-            # the usual request: the head after the target depends on the method and the
-            # client's headers alone, and is most often the one made for the request before
+        if self.repeats and target[:1] == b"/":
+            # the head after the target depends on the method and the client's headers alone,
+            # and is most often the one made for the request before
             last = self._last_fields
             method = exchange.method
             if last[1] == exchange.headers and last[0] == method and last[2] == request.connection:
                 return last[3] + target + last[4]
-        return self._build_head(exchange, body_length, chunked)
+        return self._build_head(exchange, None, False)
 
     def _build_head(self, exchange: Exchange, body_length: int | None, chunked: bool) -> bytes:
         request = exchange.request
@@ -390,8 +398,8 @@ class LocationRuntime:
         "limits",
         "log_hook",
         "logged",
-        "plain_proxy",
         "plain_response",
+        "plain_upstream",
         "plan",
         "preaccess",
         "proxy_bind",
@@ -491,7 +499,8 @@ class LocationRuntime:
         # limit_req / limit_conn: a scriptlb.request.limits.LimitPhase (set by the Runtime)
         self.limits: Any = None
         self.preaccess = False  # realip or limits to run before the access phase (the Runtime sets it)
-        self.plain_proxy = False  # nothing but proxy_pass to an upstream (the Runtime sets it)
+        # the upstream of a location that does nothing but proxy_pass to it (the Runtime sets it)
+        self.plain_upstream: UpstreamRuntime | None = None
         # set_real_ip_from & co (scriptlb.request.realip): None, or client(exchange) -> (addr, port) | None;
         # the server's before the rewrite phase, the location's (when it differs) after it
         self.realip: Any = None
@@ -714,11 +723,12 @@ class Runtime:
         has_work = location.realip is not None or location.limits is not None
         location.preaccess = has_work and conf.return_ is None
         # a location whose requests go straight to the proxy: the exchange skips every phase test
-        location.plain_proxy = (
+        plain = (
             upstream is not None and conf.return_ is None and location.rewrite is None
             and location.access is None and location.dynamic is None and not location.preaccess
             and location.realip_server is None
         )
+        location.plain_upstream = upstream if plain else None
         if conf.status_zone is not None:
             location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
             location.logged = True
