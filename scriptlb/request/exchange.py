@@ -792,13 +792,16 @@ class Exchange:
         changes nothing the client sees, status, bytes and connection are settled), then the
         client connection's part. Never raises from the log phase."""
         conn = self.conn
-        if end == SENT:
-            conn.end_body()
-        self.bytes_sent = conn.bytes_sent
-        self.body_bytes_sent = conn.body_bytes_sent
+        location = self.location
+        if location.logged or location.add_trailers is not None:
+            # the body's end (with add_trailer's lines, made while the upstream side is still
+            # ours), then the counts the log phase reads; else the connection ends the body
+            if end == SENT:
+                conn.end_body()
+            self.bytes_sent = conn.bytes_sent
+            self.body_bytes_sent = conn.body_bytes_sent
         if not self._finished:
             self._finished = True
-            location = self.location
             if location.logged:  # (a status zone, access logs or a log hook)
                 zone = location.zone
                 if zone is not None:  # status_zone: responses by class, for the metrics
