@@ -5,8 +5,9 @@ Theory of operation
 The exchange (``exchange.py``) hands a proxied request to an ``UpstreamRequest``, a state
 machine driven by callbacks, with no task per request::
 
-    start: per-request timeouts; buffer the body (proxy_request_buffering on)
-    start: build the upstream request once; balancer.new_request
+    __init__: per-request timeouts
+    start: buffer the body (proxy_request_buffering on); build the upstream request once;
+      balancer.new_request
     _next_try: hook seam -> peer (hook's address, or balancer.get; None = no live upstreams)
       -> an Attempt (attempt.py) -> its pool's connection, or _connect (a task only to open a
          new connection, connect_timeout)
@@ -19,8 +20,8 @@ response byte went to the client there is no retry. Every try ends in ``Attempt.
 or close of the connection, the free of the peer, statistics and timing live there alone.
 
 Timeouts are per request: ``connect_timeout``/``send_timeout``/``read_timeout`` are copied from
-the location when proxying starts and every try reads them from the exchange (a hook's
-``set_timeouts`` changes this request only).
+the location when proxying starts and every try reads them here (a hook's ``set_timeouts``,
+through the exchange's properties of the same names, changes this request only).
 
 Pooling: a balancer peer's connection goes to the upstream's ``keepalive N`` pool; so does a
 hook-set peer's (keyed by address, host name and bind address, as OpenResty's keepalive module
