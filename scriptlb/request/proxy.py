@@ -206,7 +206,7 @@ class UpstreamRequest:
             if not self._prepare_body(ex, request, plan):
                 return
         else:
-            self._head = plan.bodiless_head(ex)  # (the usual GET: _build_head's last case)
+            self._head = plan.build_head(ex)  # (the usual GET: _build_head's last case)
         upstream = self.upstream
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
@@ -230,7 +230,7 @@ class UpstreamRequest:
         elif request.expect_continue:  # nginx answers it even when there is no body to read
             ex.conn.send_continue()
         if plan.body_override is None and request.content_length is None and not request.has_body:
-            self._head = plan.bodiless_head(ex)  # (an Expect without a body)
+            self._head = plan.build_head(ex)  # (an Expect without a body)
         else:
             if not self._stream_body and request.has_body:
                 self._body = request.body.buffered()  # bytes, or the file it was spooled to
