@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,55 @@ def test_float_increments_and_a_value_incremented_after_a_merge(synced: SyncedSh
     synced.incr("f", 0.25)
     [push] = synced.collect()
     assert (push.op, push.gen, push.payload) == (b"c", b"2", b"0.75")
+
+
+# --------------------------------------------------------------------------- the sync loop
+
+
+class _RedisCancellingItsCaller:
+    """Just what DictSync calls of a redis client, answering at once, without I/O. The script
+    call cancels the task that made it, as a stopping node does, in the step the call ends."""
+
+    def __init__(self) -> None:
+        self.script_calls = 0
+        self.caller: asyncio.Task[None] | None = None  # the sync's task
+
+    def register_script(self, text: str) -> object:
+        async def script(keys: list[bytes], args: list[object]) -> list[object]:
+            self.script_calls += 1
+            assert self.caller is not None
+            self.caller.cancel()
+            return [b"1-0", []]
+
+        return script
+
+    async def ping(self) -> bool:
+        return True
+
+    async def xrevrange(self, name: bytes, count: int) -> list[object]:
+        return []
+
+    async def scan_iter(self, match: bytes, count: int) -> AsyncIterator[bytes]:
+        for key in ():
+            yield key
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_cancel_as_a_redis_call_ends_stops_the_sync(synced: SyncedSharedDict) -> None:
+    """A cancelled sync task ends, even when the cancel comes in the step its Redis call
+    answers (asyncio.wait_for on Python 3.11 lost such a cancel, and the task ran on)."""
+    from scriptlb.state.dict_sync import DictSync
+
+    client = _RedisCancellingItsCaller()
+    sync = DictSync(synced, DictSyncConf("redis://127.0.0.1:1/0", 0.01, "t:"), lambda conf: client)
+
+    async def scenario() -> None:
+        task = client.caller = asyncio.create_task(sync.run())
+        done, _ = await asyncio.wait([task], timeout=5)
+        assert done, f"the sync ran on after its cancel ({client.script_calls} rounds)"
+        assert task.cancelled()
+
+    asyncio.run(scenario())
+    assert client.script_calls == 1

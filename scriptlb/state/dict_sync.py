@@ -258,7 +258,11 @@ class DictSync:
                            STREAM_MAXLEN]
         for push in pushes:
             args.extend(push.args())
-        result = await asyncio.wait_for(self._script(keys=[], args=args), TIMEOUT)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result of a call that
+        # ends in the same step as a cancel of this task, and the cancel is lost (the sync then
+        # runs on after its node cancelled it)
+        async with asyncio.timeout(TIMEOUT):
+            result = await self._script(keys=[], args=args)
         return result[0], result[1]
 
     async def _resync(self) -> int:
@@ -286,7 +290,8 @@ class DictSync:
         for rkey in rkeys:
             pipe.hgetall(rkey)
             pipe.pttl(rkey)
-        replies = await asyncio.wait_for(pipe.execute(), TIMEOUT)
+        async with asyncio.timeout(TIMEOUT):
+            replies = await pipe.execute()
         skip = len(self.prefix) + 2
         states = [ClusterState(rkey[skip:], replies[2 * i], int(replies[2 * i + 1]))
                   for i, rkey in enumerate(rkeys)]
