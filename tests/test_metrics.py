@@ -6,7 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import textwrap
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,48 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+def grew_by(before: dict, count: int, **labels: str) -> Callable[[dict, str], bool]:
+    """A condition for ``Scraper.settled``: the named total (of the series with ``labels``)
+    grew by ``count`` since ``before``."""
+    return lambda samples, name: total(samples, name, **labels) - total(before, name, **labels) == count
+
+
+# Figures each worker publishes on its own schedule: in two scrapes in a row, the requests and
+# responses grew by the earlier scrape and the others not at all: the figures have settled.
+_ONE_MORE = ("scriptlb_http_requests_total", "scriptlb_http_responses_total")
+_SETTLING = ("scriptlb_upstream_server_requests_total", "scriptlb_hook_runs_total",
+             "scriptlb_hook_duration_seconds_count")
+
+
+class Scraper:
+    """Scrapes one port and numbers the scrapes (each is a request the later ones count)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.count = 0
+
+    def __call__(self) -> dict:
+        self.count += 1
+        return scrape(self.port)
+
+    def settled(self, **reached: Callable[[dict, str], bool]) -> tuple[dict, int]:
+        """A scrape taken once the workers' figures stopped moving and every ``reached``
+        condition holds, and its number: what a fixed sleep guessed, and a loaded machine can
+        outlast."""
+        previous = [(self(), self.count)]
+
+        def confirmed() -> tuple[dict, int] | None:
+            current = self()
+            (last, number), previous[0] = previous[0], (current, self.count)
+            moved = any(total(current, name) != total(last, name) + 1 for name in _ONE_MORE) or any(
+                total(current, name) != total(last, name) for name in _SETTLING)
+            if moved or not all(check(last, name) for name, check in reached.items()):
+                return None
+            return last, number
+
+        return wait_for(confirmed, 15, "the workers' figures to settle", 0.2)  # type: ignore[return-value]
 
 
 def total(samples: dict, name: str, **labels: str) -> float:
@@ -72,24 +114,33 @@ def test_metrics_add_up_over_two_workers(tmp_path: Path) -> None:
             """))
         with master_process(tmp_path, conf):
             wait_for(lambda: _up(port), what="the metrics location")
-            time.sleep(0.3)  # every worker published its start
-            before = scrape(port)
+            scraper = Scraper(port)
+            before, first = scraper.settled()  # every worker published its start
             sent = 40
             for _ in range(sent):
                 assert fetch(port)[0] == 200
             hooked = 6
             for _ in range(hooked):
                 assert fetch(port, "/hooked")[0] == 200
-            time.sleep(1.3)  # the other worker's figures: within 100 ms; its hook runs: within 1 s
-            after = scrape(port)
-            time.sleep(0.3)  # the scrape's own response, published by its worker
-            zone = json.loads(fetch(port, "/api/9/http/server_zones/front")[2])
-            assert zone["responses"]["2xx"] == total(after, "scriptlb_http_responses_total", code="2xx") + 1
+            # the other worker's figures come within 100 ms, its hook runs within 1 s
+            after, last = scraper.settled(
+                scriptlb_upstream_server_requests_total=grew_by(before, sent, upstream="backend"),
+                scriptlb_hook_runs_total=grew_by(before, hooked, upstream="hooked"))
+            scrapes = last - first  # the scrapes ``after`` counts: ``before`` and those up to it
+            answered = [scraper.count - last + 1]  # ``after`` and the scrapes since
+
+            def zone_counts_the_scrapes() -> bool:
+                zone = json.loads(fetch(port, "/api/9/http/server_zones/front")[2])
+                expected = total(after, "scriptlb_http_responses_total", code="2xx") + answered[0]
+                answered[0] += 1  # this call, for the next one
+                return zone["responses"]["2xx"] == expected
+
+            wait_for(zone_counts_the_scrapes, 10, "the server zone to count the scrapes", 0.2)
 
     def delta(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
 
-    assert delta("scriptlb_http_requests_total") == sent + hooked + 1  # and the second scrape itself
+    assert delta("scriptlb_http_requests_total") == sent + hooked + scrapes  # and the scrapes themselves
     assert delta("scriptlb_upstream_server_requests_total", upstream="backend") == sent
     assert delta("scriptlb_hook_runs_total", upstream="hooked", phase="balancer", outcome="ok") == hooked
     assert delta("scriptlb_hook_duration_seconds_count", upstream="hooked") == hooked
@@ -98,8 +149,8 @@ def test_metrics_add_up_over_two_workers(tmp_path: Path) -> None:
     assert delta("scriptlb_upstream_server_response_time_seconds_count", upstream="backend") == sent
     buckets = "scriptlb_upstream_server_response_time_seconds_bucket"
     assert delta(buckets, upstream="backend", le="+Inf") == sent
-    # the first scrape's response is counted in the second
-    assert delta("scriptlb_http_responses_total", server_zone="front", code="2xx") == sent + hooked + 1
+    # the scrapes' responses are counted in the next ones
+    assert delta("scriptlb_http_responses_total", server_zone="front", code="2xx") == sent + hooked + scrapes
     # both servers took a share, and the per-server series add up to the totals
     shares = [delta("scriptlb_upstream_server_requests_total", upstream="backend", server=b.addr)
               for b in bk]
