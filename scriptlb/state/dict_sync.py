@@ -177,6 +177,7 @@ class DictSync:
     async def run(self) -> None:
         backoff = BACKOFF_FIRST
         while not self._stopping:
+            _raise_lost_cancel()
             try:
                 if not self.connected:
                     await self._connect()
@@ -258,10 +259,7 @@ class DictSync:
                            STREAM_MAXLEN]
         for push in pushes:
             args.extend(push.args())
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result of a call that
-        # ends in the same step as a cancel of this task, and the cancel is lost (the sync then
-        # runs on after its node cancelled it)
-        async with asyncio.timeout(TIMEOUT):
+        async with asyncio.timeout(TIMEOUT):  # (not wait_for: see _raise_lost_cancel)
             result = await self._script(keys=[], args=args)
         return result[0], result[1]
 
@@ -297,6 +295,17 @@ class DictSync:
                   for i, rkey in enumerate(rkeys)]
         self.shared.apply(states, self.node)
         return len(states)
+
+
+def _raise_lost_cancel() -> None:
+    """Raise the cancel of this task if a library lost it. On Python 3.11, asyncio.wait_for
+    returns the result of a call that ends in the same step as a cancel of its caller and drops
+    the cancel; redis-py wraps every command's write in one (with ``socket_timeout``), so a
+    cancelled sync task went on merging, and whoever awaited its end waited for ever. The
+    request stays counted (``Task.cancelling``) until someone takes it back."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _glob_escape(text: bytes) -> bytes:
