@@ -36,46 +36,36 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return samples
 
 
-def grew_by(before: dict, count: int, **labels: str) -> Callable[[dict, str], bool]:
-    """A condition for ``Scraper.settled``: the named total (of the series with ``labels``)
-    grew by ``count`` since ``before``."""
-    return lambda samples, name: total(samples, name, **labels) - total(before, name, **labels) == count
-
-
-# Figures each worker publishes on its own schedule: in two scrapes in a row, the requests and
-# responses grew by the earlier scrape and the others not at all: the figures have settled.
-_ONE_MORE = ("scriptlb_http_requests_total", "scriptlb_http_responses_total")
-_SETTLING = ("scriptlb_upstream_server_requests_total", "scriptlb_hook_runs_total",
-             "scriptlb_hook_duration_seconds_count")
-
-
 class Scraper:
-    """Scrapes one port and numbers the scrapes (each is a request the later ones count)."""
+    """Scrapes one port, counting the scrapes answered: each is a request the figures count
+    (at its start, as nginx counts requests; its response once it is sent)."""
 
     def __init__(self, port: int) -> None:
         self.port = port
-        self.count = 0
+        self.answered = 0
 
     def __call__(self) -> dict:
-        self.count += 1
-        return scrape(self.port)
+        samples = scrape(self.port)
+        self.answered += 1
+        return samples
 
-    def settled(self, **reached: Callable[[dict, str], bool]) -> tuple[dict, int]:
-        """A scrape taken once the workers' figures stopped moving and every ``reached``
-        condition holds, and its number: what a fixed sleep guessed, and a loaded machine can
-        outlast."""
-        previous = [(self(), self.count)]
+    def up(self) -> bool:
+        try:
+            self()
+        except OSError:
+            return False
+        return True
 
-        def confirmed() -> tuple[dict, int] | None:
-            current = self()
-            (last, number), previous[0] = previous[0], (current, self.count)
-            moved = any(total(current, name) != total(last, name) + 1 for name in _ONE_MORE) or any(
-                total(current, name) != total(last, name) for name in _SETTLING)
-            if moved or not all(check(last, name) for name, check in reached.items()):
-                return None
-            return last, number
+    def once(self, reached: Callable[[dict, int], bool], what: str) -> dict:
+        """The first scrape whose figures say ``reached(samples, scrapes counted in them)``:
+        the other worker publishes its figures within 100 ms, its hook runs within 1 s, later
+        on a loaded machine; a fixed sleep guessed, this waits for exact figures."""
 
-        return wait_for(confirmed, 15, "the workers' figures to settle", 0.2)  # type: ignore[return-value]
+        def scrape_reaching() -> dict | None:
+            samples = self()
+            return samples if reached(samples, self.answered) else None
+
+        return wait_for(scrape_reaching, 15, what, 0.1)  # type: ignore[return-value]
 
 
 def total(samples: dict, name: str, **labels: str) -> float:
@@ -113,58 +103,55 @@ def test_metrics_add_up_over_two_workers(tmp_path: Path) -> None:
             }}
             """))
         with master_process(tmp_path, conf):
-            wait_for(lambda: _up(port), what="the metrics location")
             scraper = Scraper(port)
-            before, first = scraper.settled()  # every worker published its start
+            wait_for(scraper.up, what="the metrics location")
             sent = 40
             for _ in range(sent):
                 assert fetch(port)[0] == 200
             hooked = 6
             for _ in range(hooked):
                 assert fetch(port, "/hooked")[0] == 200
-            # the other worker's figures come within 100 ms, its hook runs within 1 s
-            after, last = scraper.settled(
-                scriptlb_upstream_server_requests_total=grew_by(before, sent, upstream="backend"),
-                scriptlb_hook_runs_total=grew_by(before, hooked, upstream="hooked"))
-            scrapes = last - first  # the scrapes ``after`` counts: ``before`` and those up to it
-            answered = [scraper.count - last + 1]  # ``after`` and the scrapes since
 
-            def zone_counts_the_scrapes() -> bool:
+            def everything_counted(samples: dict, scrapes: int) -> bool:
+                proxied = total(samples, "scriptlb_upstream_server_responses_total", upstream="backend")
+                return (total(samples, "scriptlb_http_requests_total") == sent + hooked + scrapes
+                        and proxied == sent
+                        and total(samples, "scriptlb_hook_runs_total", upstream="hooked") == hooked)
+
+            after = scraper.once(everything_counted, "every request and hook run counted")
+            scrapes = scraper.answered  # every request to /metrics, this one included
+            api_calls = [0]
+
+            def zone_counts_every_response() -> bool:
                 zone = json.loads(fetch(port, "/api/9/http/server_zones/front")[2])
-                expected = total(after, "scriptlb_http_responses_total", code="2xx") + answered[0]
-                answered[0] += 1  # this call, for the next one
-                return zone["responses"]["2xx"] == expected
+                answered = sent + hooked + scrapes + api_calls[0]  # before this call
+                api_calls[0] += 1
+                return zone["responses"]["2xx"] == answered
 
-            wait_for(zone_counts_the_scrapes, 10, "the server zone to count the scrapes", 0.2)
+            wait_for(zone_counts_every_response, 10, "the server zone to count every response", 0.1)
 
-    def delta(name: str, **labels: str) -> float:
-        return total(after, name, **labels) - total(before, name, **labels)
+    def counted(name: str, **labels: str) -> float:  # (the master's start cleared the figures)
+        return total(after, name, **labels)
 
-    assert delta("scriptlb_http_requests_total") == sent + hooked + scrapes  # and the scrapes themselves
-    assert delta("scriptlb_upstream_server_requests_total", upstream="backend") == sent
-    assert delta("scriptlb_hook_runs_total", upstream="hooked", phase="balancer", outcome="ok") == hooked
-    assert delta("scriptlb_hook_duration_seconds_count", upstream="hooked") == hooked
-    assert delta("scriptlb_upstream_server_responses_total", upstream="backend", code="2xx") == sent
-    assert delta("scriptlb_upstream_server_responses_total", code="5xx") == 0
-    assert delta("scriptlb_upstream_server_response_time_seconds_count", upstream="backend") == sent
+    assert counted("scriptlb_http_requests_total") == sent + hooked + scrapes
+    assert counted("scriptlb_upstream_server_requests_total", upstream="backend") == sent
+    assert counted("scriptlb_hook_runs_total", upstream="hooked", phase="balancer", outcome="ok") == hooked
+    assert counted("scriptlb_hook_duration_seconds_count", upstream="hooked") == hooked
+    assert counted("scriptlb_upstream_server_responses_total", upstream="backend", code="2xx") == sent
+    assert counted("scriptlb_upstream_server_responses_total", code="5xx") == 0
+    assert counted("scriptlb_upstream_server_response_time_seconds_count", upstream="backend") == sent
     buckets = "scriptlb_upstream_server_response_time_seconds_bucket"
-    assert delta(buckets, upstream="backend", le="+Inf") == sent
-    # the scrapes' responses are counted in the next ones
-    assert delta("scriptlb_http_responses_total", server_zone="front", code="2xx") == sent + hooked + scrapes
+    assert counted(buckets, upstream="backend", le="+Inf") == sent
+    # a scrape's own response is counted in the next one
+    responses = counted("scriptlb_http_responses_total", server_zone="front", code="2xx")
+    assert responses == sent + hooked + scrapes - 1
     # both servers took a share, and the per-server series add up to the totals
-    shares = [delta("scriptlb_upstream_server_requests_total", upstream="backend", server=b.addr)
+    shares = [counted("scriptlb_upstream_server_requests_total", upstream="backend", server=b.addr)
               for b in bk]
     assert sum(shares) == sent and all(shares)
     assert total(after, "scriptlb_upstream_server_state") == 3
     assert total(after, "scriptlb_connections", state="accepted") >= sent + 2
     assert total(after, "scriptlb_connections", state="active") >= 1
-
-
-def _up(port: int) -> bool:
-    try:
-        return fetch(port, "/metrics")[0] == 200
-    except OSError:
-        return False
 
 
 def test_grafana_dashboard_uses_only_exported_families() -> None:
