@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 from cluster_servers import DnsServer, EtcdServer, RedisServer
-from helpers import Backends, answers, free_ports, master_process, respond, wait_for, with_hook_budget
+from helpers import (
+    Backend,
+    Backends,
+    answers,
+    free_ports,
+    master_process,
+    respond,
+    wait_for,
+    with_hook_budget,
+)
 
 from scriptlb.config.model import DictSyncConf
 from scriptlb.ops.cluster import ClusterStatus
@@ -446,10 +455,16 @@ def test_etcd_membership_reaches_every_node_and_survives_an_etcd_crash(
 # --------------------------------------------------------------------------- DNS membership
 
 
+def _workers(backend: Backend) -> set[str | None]:
+    """The workers (``$pid``, sent by ``_dns_conf``'s nodes) whose requests ``backend`` got."""
+    return {request.header("X-Worker") for request in backend.requests}
+
+
 def _dns_conf(dns: DnsServer, servers: str) -> Callable[[Path, int], str]:
     def conf_for(node_prefix: Path, port: int) -> str:
         text = node_conf(node_prefix, port, "zone u 64k;\n" + servers, "", "")
         text = text.replace("worker_processes 1;", "worker_processes 2;")
+        text = text.replace("proxy_pass http://u;", "proxy_pass http://u; proxy_set_header X-Worker $pid;")
         return text.replace("access_log off;", f"access_log off;\n    resolver 127.0.0.1:{dns.port} ipv6=off;"
                                                "\n    resolver_timeout 1s;")
     return conf_for
@@ -470,7 +485,10 @@ def test_srv_records_changing_under_load(tmp_path: Path, capsys: pytest.CaptureF
         with three_nodes(tmp_path, conf_for, count=1) as nodes:
             prefix, port = nodes[0]
             store = PeerListStore(zone_directory(str(prefix)))
-            wait_for(lambda: _bodies(port, 4) == {"b0"}, 10, "b0 from DNS")
+            # each worker applies the list at its next poll of the store: until both have, one
+            # may still have none, and the load's first request to it would get a 502
+            wait_for(lambda: _bodies(port, 4) == {"b0"} and len(_workers(backends[0])) == 2, 10,
+                     "b0 from DNS in both workers")
             with Load([port], rate=40, seconds=8.0) as load:
                 dns.records[srv] = [(f"10 1 {backends[0].port} b.svc.test.", 1),
                                     (f"10 1 {backends[1].port} b.svc.test.", 1)]
