@@ -258,3 +258,37 @@ def test_a_cancel_as_a_redis_call_ends_stops_the_sync(synced: SyncedSharedDict, 
 
     asyncio.run(scenario())
     assert client.script_calls == 1
+
+
+def test_a_cancel_lost_in_a_dns_lookup_stops_the_membership(tmp_path: Path) -> None:
+    """dnspython's queries are asyncio.wait_for calls: a cancel lost in one (Python 3.11) must
+    still end the membership's loop, or the cluster process never stops."""
+    from scriptlb.ops.resolver import DnsMembership
+    from scriptlb.state.peer_lists import PeerListStore
+
+    conf = http(tmp_path, "resolver 127.0.0.1:1; upstream u { zone u; server app.test:8080 resolve; }")
+    assert conf.http is not None
+    upstream = conf.http.upstreams["u"]
+    membership = DnsMembership(upstream, upstream.resolver, PeerListStore(str(tmp_path)))
+    lookups = []
+
+    async def lookup_losing_the_cancel(line: object) -> tuple[list[object], float]:
+        lookups.append(line)
+        assert caller is not None
+        caller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)
+        return [], 0.01
+
+    membership.lookup = lookup_losing_the_cancel  # type: ignore[method-assign]
+    caller: asyncio.Task[None] | None = None
+
+    async def scenario() -> None:
+        nonlocal caller
+        caller = asyncio.create_task(membership.run())
+        done, _ = await asyncio.wait([caller], timeout=5)
+        assert done, f"the membership ran on after its cancel ({len(lookups)} lookups)"
+        assert caller.cancelled()
+
+    asyncio.run(scenario())
+    assert len(lookups) == 1

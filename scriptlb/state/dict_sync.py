@@ -177,17 +177,18 @@ class DictSync:
     async def run(self) -> None:
         backoff = BACKOFF_FIRST
         while not self._stopping:
-            _raise_lost_cancel()
             try:
                 if not self.connected:
                     await self._connect()
                     backoff = BACKOFF_FIRST
                 await self.round()
+                raise_lost_cancel()
                 await asyncio.sleep(self.conf.interval)
             except asyncio.CancelledError:
                 raise
             except Exception as err:
                 self._lost(err)
+                raise_lost_cancel()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -259,7 +260,7 @@ class DictSync:
                            STREAM_MAXLEN]
         for push in pushes:
             args.extend(push.args())
-        async with asyncio.timeout(TIMEOUT):  # (not wait_for: see _raise_lost_cancel)
+        async with asyncio.timeout(TIMEOUT):  # (not wait_for: see raise_lost_cancel)
             result = await self._script(keys=[], args=args)
         return result[0], result[1]
 
@@ -297,10 +298,11 @@ class DictSync:
         return len(states)
 
 
-def _raise_lost_cancel() -> None:
-    """Raise the cancel of this task if a library lost it. On Python 3.11, asyncio.wait_for
-    returns the result of a call that ends in the same step as a cancel of its caller and drops
-    the cancel; redis-py wraps every command's write in one (with ``socket_timeout``), so a
+def raise_lost_cancel() -> None:
+    """Raise the cancel of this task if a library lost it: for a loop of the cluster process,
+    before it sleeps. On Python 3.11, asyncio.wait_for returns the result of a call
+    that ends in the same step as a cancel of its caller and drops the cancel; redis-py wraps
+    every command's write in one (with ``socket_timeout``), dnspython every DNS query, so a
     cancelled sync task went on merging, and whoever awaited its end waited for ever. The
     request stays counted (``Task.cancelling``) until someone takes it back."""
     task = asyncio.current_task()
