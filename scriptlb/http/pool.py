@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 
-from scriptlb.http.upstream import ACTIVE, IDLE, PoolKey, UpstreamConnection
+from scriptlb.http.upstream import ACTIVE, PoolKey, UpstreamConnection
 
 # The sweep checks expiry at this fraction of keepalive_timeout (bounded below and above), so a
 # connection outlives its timeout by at most this slack.
@@ -44,25 +44,24 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.max_requests = max_requests
         self.max_age = max_age  # keepalive_time: a connection older than this is not kept
-        # every idle connection, least recently released first (LRU order for eviction: a
-        # dict keeps insertion order, and costs less per insert and delete than an OrderedDict)
-        self._idle: dict[UpstreamConnection, None] = {}
+        # every idle connection and when it was released, least recently released first (LRU
+        # order for eviction: a dict keeps insertion order, and costs less per insert and
+        # delete than an OrderedDict)
+        self._idle: dict[UpstreamConnection, float] = {}
         # per key, a stack of idle connections (most recent last)
         self._by_key: dict[PoolKey, list[UpstreamConnection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._forget_lost = self._forget  # (one bound method, not one per release)
         self.closed = False
         self._keeping = max_idle > 0  # (not closed, and a keepalive N to keep them in)
-        # counters, for tests and the status page
-        self.reused = 0
-        self.released = 0
+        # counters, for tests and the status page (none per request: they would cost every one)
         self.evicted = 0
         self.expired = 0
 
     def __repr__(self) -> str:
         return (
             f"<ConnectionPool idle={len(self._idle)}/{self.max_idle} timeout={self.idle_timeout}s "
-            f"reused={self.reused} released={self.released}>"
+            f"evicted={self.evicted} expired={self.expired}>"
         )
 
     def __len__(self) -> int:
@@ -76,11 +75,12 @@ class ConnectionPool:
         while stack:
             conn = stack.pop()
             del self._idle[conn]
-            transport = conn.transport  # (conn.is_alive(), inlined: once per request)
-            if conn.state is IDLE and transport is not None and not transport.is_closing():
+            # (conn.is_alive(), inlined: once per request; a pooled connection is IDLE: any
+            # other way out of the pool goes through _forget)
+            transport = conn.transport
+            if transport is not None and not transport.is_closing():
                 # (on_idle_lost stays: it is called only while the connection is IDLE)
                 conn.state = ACTIVE
-                self.reused += 1
                 return conn
             conn.on_idle_lost = None
             conn.close()  # closing under us (its connection_lost is still to come)
@@ -88,24 +88,20 @@ class ConnectionPool:
 
     def release(self, conn: UpstreamConnection) -> bool:
         """Keep ``conn`` for a later request if it is reusable; else close it. True if kept."""
-        if not self._keeping or not conn.is_reusable(self.max_requests):
-            conn.close()
-            return False
         now = self.loop.time()
-        if now - conn.connected_at > self.max_age:
+        if (not self._keeping or now - conn.connected_at > self.max_age
+                or not conn.park(self.max_requests, self._forget_lost)):
             conn.close()
             return False
         idle = self._idle
         if len(idle) >= self.max_idle:
-            self._evict_oldest()
-        conn.make_idle(now, self._forget_lost)
-        idle[conn] = None
+            self._evict_oldest()  # (conn is not among them yet)
+        idle[conn] = now
         stack = self._by_key.get(conn.key)
         if stack is None:
             self._by_key[conn.key] = [conn]  # (setdefault would build a list for every release)
         else:
             stack.append(conn)
-        self.released += 1
         if self._sweeper is None:
             self._schedule_sweep()
         return True
@@ -148,8 +144,8 @@ class ConnectionPool:
         self._sweeper = None
         deadline = self.loop.time() - self.idle_timeout
         # LRU order is release order, so expired connections are all at the front
-        for conn in list(self._idle):
-            if conn.idle_since > deadline:
+        for conn, idle_since in list(self._idle.items()):
+            if idle_since > deadline:
                 break
             self._forget(conn)
             conn.close()

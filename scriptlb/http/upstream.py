@@ -27,7 +27,8 @@ answers through that handler, never through futures (no task wake-up per request
 Timeouts are nginx's idle timers (between two reads, between two writes), kept with one
 ``TimerHandle`` re-armed lazily from the time of the last read.
 
-``is_reusable`` is the one predicate that decides whether the connection may go back to the pool.
+``is_reusable`` is the one predicate that decides whether the connection may go back to the pool
+(``park``, the pool's one call, asks it inline and makes the connection idle).
 """
 
 from __future__ import annotations
@@ -150,7 +151,6 @@ class UpstreamConnection(asyncio.Protocol):
         "body_received",
         "connected_at",
         "head_limit",
-        "idle_since",
         "key",
         "loop",
         "on_idle_lost",
@@ -175,7 +175,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = NEW
         self.transport: asyncio.Transport | None = None
         self.requests = 0  # requests sent on this connection (keepalive_requests)
-        self.idle_since = 0.0
         self.on_idle_lost: object = None  # set by the pool: callable(conn) when an idle conn dies
         self.on_writable: Callable[[], None] | None = None  # a streamed body may flow again
         self.head_limit = 0  # proxy_buffer_size of the request in flight: the largest head (0: none)
@@ -212,8 +211,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._streaming = False  # the handler accepted the body (stream_to)
         self._early_body: list[bytes] = []
         # this connection carries no further request: we asked the peer to close (Connection:
-        # close) or spoke HTTP/1.0 to it, the peer said it closes, or bytes came after a
-        # response's end
+        # close) or spoke HTTP/1.0 to it, the peer said it closes, bytes came after a
+        # response's end, or it is closed
         self._spent = False
         self.upgrade = False  # the client asked to switch protocols: a 101 ends the head
         self._upgraded = False  # ... and the peer sent it: the rest is a tunnel's
@@ -303,6 +302,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _lost(self, exc: Exception | None) -> None:
         state = self.state
         self.state = CLOSED
+        self._spent = True
         self._cancel_timer()
         if state is CLOSED:
             return  # we closed it ourselves and already reported why
@@ -461,18 +461,27 @@ class UpstreamConnection(asyncio.Protocol):
         return (
             self.response_complete
             and self.request_complete
-            and self.state is ACTIVE
-            and not self._spent
+            and not self._spent  # (also once closed)
             and not self._read_paused
-            and (not max_requests or self.requests < max_requests)
+            and (self.requests < max_requests or not max_requests)
         )
 
-    def make_idle(self, now: float, on_lost: Callable[[UpstreamConnection], None]) -> None:
-        """Into the pool (``on_lost``: the pool's callback if the idle connection dies)."""
+    def park(self, max_requests: int, on_lost: Callable[[UpstreamConnection], None]) -> bool:
+        """Into the pool if this connection may carry another request (``on_lost``: the pool's
+        callback if the idle connection dies); False, and nothing changed, if not."""
+        # (is_reusable's conditions, written out: one call less for every pooled request)
+        if not (
+            self.response_complete
+            and self.request_complete
+            and not self._spent
+            and not self._read_paused
+            and (self.requests < max_requests or not max_requests)
+        ):
+            return False
         self.state = IDLE
-        self.idle_since = now
         self.on_idle_lost = on_lost
         self.on_writable = self._handler = self._owner = None  # (the parser stays for the next)
+        return True
 
     def is_alive(self) -> bool:
         """Still open as far as the transport knows (the pool skips ones closing under it)."""
@@ -484,6 +493,7 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self.state = CLOSED
+        self._spent = True
         self._cancel_timer()
         self._handler = self._owner = None
         self._parser = None
@@ -498,6 +508,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.state is not CLOSED:
             self.state = CLOSED
+            self._spent = True
             self._cancel_timer()
             transport = self.transport
             if transport is not None:
@@ -510,6 +521,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._handler = None
         if self.state is not CLOSED:
             self.state = CLOSED
+            self._spent = True
             self._cancel_timer()
             if self.transport is not None:
                 self.transport.abort()
@@ -559,8 +571,8 @@ class UpstreamConnection(asyncio.Protocol):
         # str.format, costly per response)
         if not parser.should_keep_alive():
             response.close = self._spent = True
-        if response.chunked:
-            response.content_length = None
+        # (response.content_length stays None when response.chunked: llhttp refuses a
+        # Content-Length beside a Transfer-Encoding)
         data = self._head_buf
         self._head_buf = b""
         # (self.received: len(data), the bytes read since the request started)
