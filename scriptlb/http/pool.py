@@ -93,10 +93,9 @@ class ConnectionPool:
                 or not conn.park(self.max_requests, self._forget_lost)):
             conn.close()
             return False
-        idle = self._idle
-        if len(idle) >= self.max_idle:
+        if len(self._idle) >= self.max_idle:
             self._evict_oldest()  # (conn is not among them yet)
-        idle[conn] = now
+        self._idle[conn] = now
         stack = self._by_key.get(conn.key)
         if stack is None:
             self._by_key[conn.key] = [conn]  # (setdefault would build a list for every release)

@@ -142,7 +142,6 @@ class UpstreamConnection(asyncio.Protocol):
         "_response",
         "_send_timeout",
         "_spent",
-        "_streaming",
         "_timer",
         "_timer_when",
         "_upgraded",
@@ -208,8 +207,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_dispatched = False
         self.response_complete = False
         self.request_complete = False  # the request's bytes, body too, were handed to the socket
-        self._streaming = False  # the handler accepted the body (stream_to)
-        self._early_body: list[bytes] = []
+        # body chunks parsed before the handler accepted the body; None once it did (stream_to):
+        # then every chunk goes straight to it
+        self._early_body: list[bytes] | None = []
         # this connection carries no further request: we asked the peer to close (Connection:
         # close) or spoke HTTP/1.0 to it, the peer said it closes, bytes came after a
         # response's end, or it is closed
@@ -248,12 +248,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._last_read = self.loop.time()
             self.received += len(data)
             if not self._header_done:
-                before = self._head_buf
-                self._head_buf = before + data if before else data
+                self._head_buf += data  # (the first read: b"" + data is data, no copy)
                 # (self.received: the head's length so far; nginx reads the head into one
                 # proxy_buffer_size buffer)
-                if (self.received > self.head_limit and self.head_limit
-                        and self._head_too_big(data, len(before))):
+                if self.received > self.head_limit and self.head_limit and self._head_too_big(data):
                     self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
                     return
             try:
@@ -372,11 +370,10 @@ class UpstreamConnection(asyncio.Protocol):
         if close_after or not http11:
             self._spent = True
         # A pooled connection: is_reusable held when it went idle, so its last response was
-        # complete (_head_buf, _interim and _early_body emptied, _upgraded, _spent and
-        # _read_paused False); reset what its last request set. (A new one: no matter.)
-        self._header_done = self._head_dispatched = self._streaming = self.response_complete = False
-        if self._early_body:
-            self._early_body = []
+        # complete (_head_buf emptied, _interim, _upgraded, _spent and _read_paused False);
+        # reset what its last request set. (A new one: no matter.)
+        self._header_done = self._head_dispatched = self.response_complete = False
+        self._early_body = []
         transport = self.transport
         if self.state is not ACTIVE or transport is None or transport.is_closing():
             # the peer closed it a moment ago (connection_lost may even have run already):
@@ -429,10 +426,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def stream_to(self, handler: UpstreamHandler) -> None:
         """The handler accepts the body: hand over what arrived with the head, then stream."""
-        self._streaming = True
         early = self._early_body
+        self._early_body = None
         if early:
-            self._early_body = []
             for chunk in early:
                 handler.upstream_body(chunk)
         if self.response_complete and self._handler is not None:
@@ -601,12 +597,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._spent = True  # body bytes for a HEAD response: unusable connection
             return
         self.body_received += len(data)
-        if self._streaming:
+        early = self._early_body
+        if early is None:  # (streaming)
             handler = self._handler
             if handler is not None:  # (not if dropped by the handler while this read is parsed)
                 handler.upstream_body(data)
         else:
-            self._early_body.append(data)  # (stream_to hands them on)
+            early.append(data)  # (stream_to hands them on)
 
     def on_message_complete(self) -> None:
         # (not after a 1xx head: the real response follows; nor after the 101 we take: llhttp
@@ -618,17 +615,16 @@ class UpstreamConnection(asyncio.Protocol):
         """Tell the handler the response is complete, once, and never from inside the parser:
         the handler may reuse this very connection for the next request right away."""
         handler = self._handler
-        if self._streaming and self.response_complete and handler is not None:
+        if self._early_body is None and self.response_complete and handler is not None:
             self._handler = None
             handler.upstream_complete()
 
     # ------------------------------------------------------------------ internals
 
-    def _head_too_big(self, data: bytes, before: int) -> bool:
-        """``data`` takes the head past ``head_limit`` (``before``: head bytes read until now):
-        does the head end within the limit? (Checked before httptools accumulates a header line
-        of any length.)"""
-        room = self.head_limit - before  # the head must end within these bytes of data
+    def _head_too_big(self, data: bytes) -> bool:
+        """``data`` takes the head past ``head_limit``: does the head end within the limit?
+        (Checked before httptools accumulates a header line of any length.)"""
+        room = self.head_limit - (self.received - len(data))  # the head must end within these bytes of data
         return (data.find(b"\n\r\n", 0, room) == -1 and data.find(b"\n\n", 0, room) == -1
                 and not data.startswith((b"\n", b"\r\n")))
 
