@@ -27,6 +27,7 @@ class FakeConn:
         self.key = key
         self.reusable = reusable
         self.connected_at = time.monotonic() - age  # (the loop's clock: asyncio's is monotonic)
+        self.last_read = time.monotonic()
         self.state = ConnState.ACTIVE
         self.on_idle_lost: object = None
         self.closed = False

@@ -88,7 +88,7 @@ class ConnectionPool:
 
     def release(self, conn: UpstreamConnection) -> bool:
         """Keep ``conn`` for a later request if it is reusable; else close it. True if kept."""
-        now = self.loop.time()
+        now = conn.last_read  # (the response's last read: this loop tick, usually)
         if (not self._keeping or now - conn.connected_at > self.max_age
                 or not conn.park(self.max_requests, self._forget_lost)):
             conn.close()

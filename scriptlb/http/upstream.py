@@ -133,7 +133,6 @@ class UpstreamConnection(asyncio.Protocol):
         "_head_only",
         "_header_done",
         "_interim",
-        "_last_read",
         "_needs_parser",
         "_owner",
         "_parser",
@@ -151,6 +150,7 @@ class UpstreamConnection(asyncio.Protocol):
         "connected_at",
         "head_limit",
         "key",
+        "last_read",
         "loop",
         "on_idle_lost",
         "on_writable",
@@ -189,7 +189,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._send_timeout = 60.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = _NEVER  # (when the timer fires; _NEVER while there is none)
-        self._last_read = 0.0
+        # the loop time of the last read (or of the request's start): the read timeout counts
+        # from it, and the pool takes it for the release time (the same loop tick)
+        self.last_read = 0.0
         self._read_paused = False  # back-pressure from the client: no read timeout meanwhile
         self._write_paused = False
         self._write_paused_at = 0.0
@@ -205,7 +207,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._response = ResponseHead()  # (a new one per request, from start)
         self._header_done = False
         self._head_dispatched = False
-        self.response_complete = False
+        self.response_complete = True  # (no response expected before start: bytes are unexpected)
         self.request_complete = False  # the request's bytes, body too, were handed to the socket
         # body chunks parsed before the handler accepted the body; None once it did (stream_to):
         # then every chunk goes straight to it
@@ -241,11 +243,10 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # (one function: this runs for every read; the try is free until something raises)
         try:
-            parser = self._parser
-            if parser is None or self.response_complete or self.state is not ACTIVE:
+            if self.response_complete or self.state is not ACTIVE:
                 self._unexpected_bytes()
                 return
-            self._last_read = self.loop.time()
+            self.last_read = self.loop.time()
             self.received += len(data)
             if not self._header_done:
                 self._head_buf += data  # (the first read: b"" + data is data, no copy)
@@ -257,7 +258,7 @@ class UpstreamConnection(asyncio.Protocol):
             try:
                 # (the parser callbacks only note what they see: the handler hears of the head
                 # and of the end after this returns, so it may reuse or drop this connection)
-                parser.feed_data(data)
+                self._parser.feed_data(data)  # type: ignore[union-attr]  # (ACTIVE, started: it has one)
             except httptools.HttpParserCallbackError as err:
                 raise (err.__context__ or err) from None  # a bug in our callbacks, not the peer's fault
             except httptools.HttpParserUpgrade as upgrade:
@@ -385,7 +386,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._read_timeout = read_timeout
         self._send_timeout = send_timeout
-        self._last_read = now = self.loop.time()
+        self.last_read = now = self.loop.time()
         if now + read_timeout < self._timer_when:
             self._arm_timer(read_timeout)  # (else the pending timer re-checks when it fires)
         if body:
@@ -443,7 +444,7 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self._read_paused and self.transport is not None and self.state is ACTIVE:
             self._read_paused = False
-            self._last_read = self.loop.time()  # the idle timer restarts from now
+            self.last_read = self.loop.time()  # the idle timer restarts from now
             self.transport.resume_reading()
             self._arm_timer(self._read_timeout)
 
@@ -704,7 +705,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif self._read_paused:
             return  # the client is slow; the client side's send timer watches that
         else:
-            deadline = self._last_read + self._read_timeout
+            deadline = self.last_read + self._read_timeout
         if now < deadline:
             self._timer_when = deadline
             self._timer = self.loop.call_at(deadline, self._on_timer)
