@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Any
 
 from helpers import run_loop_until
 
@@ -34,11 +32,10 @@ class FakeConn:
         self.closing = False  # the transport is closing (peer closed, connection_lost pending)
         self.transport = FakeTransport(self)
 
-    def park(self, max_requests: int, on_lost: Callable[[Any], None]) -> bool:
+    def park(self, max_requests: int) -> bool:
         if not self.reusable:
             return False
         self.state = ConnState.IDLE
-        self.on_idle_lost = on_lost
         return True
 
     def close(self) -> None:

@@ -203,7 +203,8 @@ def test_idle_connection_receiving_data_is_dropped(loop: asyncio.AbstractEventLo
     send(conn)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     lost: list[UpstreamConnection] = []
-    assert conn.park(0, lost.append)
+    assert conn.park(0)
+    conn.on_idle_lost = lost.append
     conn.data_received(b"HTTP/1.1 408 Request Time-out\r\n\r\n")
     assert lost == [conn] and transport.closed and conn.state is ConnState.CLOSED
 

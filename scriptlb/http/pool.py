@@ -90,9 +90,10 @@ class ConnectionPool:
         """Keep ``conn`` for a later request if it is reusable; else close it. True if kept."""
         now = conn.last_read  # (the response's last read: this loop tick, usually)
         if (not self._keeping or now - conn.connected_at > self.max_age
-                or not conn.park(self.max_requests, self._forget_lost)):
+                or not conn.park(self.max_requests)):
             conn.close()
             return False
+        conn.on_idle_lost = self._forget_lost
         if len(self._idle) >= self.max_idle:
             self._evict_oldest()  # (conn is not among them yet)
         self._idle[conn] = now

@@ -84,7 +84,7 @@ class ResponseHead(Sequence[Header]):
     # the response's bytes up to the end of its head, maybe more (set by the parser, with
     # keep_raw when more is to be said)
     raw = b""
-    _upgrade = False  # a 101 is the final head (the client asked to switch)
+    upgraded = False  # a 101 is the final head (the client asked to switch)
     _headers: list[Header] | None = None
 
     def keep_raw(self, data: bytes, interim: bool, upgrade: bool) -> None:
@@ -96,13 +96,13 @@ class ResponseHead(Sequence[Header]):
             if end >= 0:
                 data = data[:end + 4]
         self.raw = data
-        self._upgrade = upgrade
+        self.upgraded = upgrade
 
     @property
     def headers(self) -> list[Header]:
         headers = self._headers
         if headers is None:
-            headers = self._headers = _collected(self.raw, self._upgrade)
+            headers = self._headers = _collected(self.raw, self.upgraded)
         return headers
 
     def __len__(self) -> int:

@@ -126,11 +126,12 @@ _TIMED_OUT = "upstream timed out (110: Connection timed out)"
 class UpstreamConnection(asyncio.Protocol):
     # __slots__: cheaper attribute access on the per-request path, typos fail loudly
     __slots__ = (
+        "_clock",
         "_early_body",
         "_handler",
         "_head_buf",
-        "_head_dispatched",
         "_head_only",
+        "_head_ready",
         "_header_done",
         "_interim",
         "_needs_parser",
@@ -168,6 +169,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: PoolKey, peer_name: str) -> None:
         self.loop = loop
+        self._clock = loop.time  # (one bound method: read for every read)
         self.connected_at = loop.time()  # (made as the connect starts: the upstream keepalive_time)
         self.key = key  # pool key: (peer address name, host name)
         self.peer_name = peer_name
@@ -206,7 +208,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._owner: UpstreamHandler | None = None  # who to tell about a bug in a callback
         self._response = ResponseHead()  # (a new one per request, from start)
         self._header_done = False
-        self._head_dispatched = False
+        self._head_ready = False  # the head is parsed, the handler not told yet
         self.response_complete = True  # (no response expected before start: bytes are unexpected)
         self.request_complete = False  # the request's bytes, body too, were handed to the socket
         # body chunks parsed before the handler accepted the body; None once it did (stream_to):
@@ -246,7 +248,7 @@ class UpstreamConnection(asyncio.Protocol):
             if self.response_complete or self.state is not ACTIVE:
                 self._unexpected_bytes()
                 return
-            self.last_read = self.loop.time()
+            self.last_read = self._clock()
             self.received += len(data)
             if not self._header_done:
                 self._head_buf += data  # (the first read: b"" + data is data, no copy)
@@ -274,8 +276,8 @@ class UpstreamConnection(asyncio.Protocol):
                     self._fail_parse()
                     return
                 self._spent = True  # garbage after a complete response: deliver, never reuse
-            if self._header_done and not self._head_dispatched:
-                self._head_dispatched = True
+            if self._head_ready:
+                self._head_ready = False
                 handler = self._handler
                 if handler is not None:
                     handler.upstream_head(self._response)
@@ -310,7 +312,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._parser is None or self.response_complete:
             return
-        if self._head_dispatched and self._is_close_delimited():
+        if self._header_done and self._is_close_delimited():
             self.on_message_complete()  # a body without length ends with the connection
             self._deliver_completion()
             return
@@ -371,9 +373,9 @@ class UpstreamConnection(asyncio.Protocol):
         if close_after or not http11:
             self._spent = True
         # A pooled connection: is_reusable held when it went idle, so its last response was
-        # complete (_head_buf emptied, _interim, _upgraded, _spent and _read_paused False);
-        # reset what its last request set. (A new one: no matter.)
-        self._header_done = self._head_dispatched = self.response_complete = False
+        # complete (_head_buf emptied, _head_ready, _interim, _upgraded, _spent and
+        # _read_paused False); reset what its last request set. (A new one: no matter.)
+        self._header_done = self.response_complete = False
         self._early_body = []
         transport = self.transport
         if self.state is not ACTIVE or transport is None or transport.is_closing():
@@ -386,7 +388,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._read_timeout = read_timeout
         self._send_timeout = send_timeout
-        self.last_read = now = self.loop.time()
+        self.last_read = now = self._clock()
         if now + read_timeout < self._timer_when:
             self._arm_timer(read_timeout)  # (else the pending timer re-checks when it fires)
         if body:
@@ -463,9 +465,9 @@ class UpstreamConnection(asyncio.Protocol):
             and (self.requests < max_requests or not max_requests)
         )
 
-    def park(self, max_requests: int, on_lost: Callable[[UpstreamConnection], None]) -> bool:
-        """Into the pool if this connection may carry another request (``on_lost``: the pool's
-        callback if the idle connection dies); False, and nothing changed, if not."""
+    def park(self, max_requests: int) -> bool:
+        """Into the pool (IDLE) if this connection may carry another request; False, and
+        nothing changed, if not. (The pool sets on_idle_lost.)"""
         # (is_reusable's conditions, written out: one call less for every pooled request)
         if not (
             self.response_complete
@@ -476,8 +478,8 @@ class UpstreamConnection(asyncio.Protocol):
         ):
             return False
         self.state = IDLE
-        self.on_idle_lost = on_lost
-        self.on_writable = self._handler = self._owner = None  # (the parser stays for the next)
+        # (the handler was told the end: _handler is None; the parser stays for the next)
+        self.on_writable = self._owner = None
         return True
 
     def is_alive(self) -> bool:
@@ -554,8 +556,7 @@ class UpstreamConnection(asyncio.Protocol):
         response.note(kind, value)
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
-        assert parser is not None
+        parser: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]  # (its callback)
         if self.response_complete:
             self._spent = True  # a second response we never asked for
             return
@@ -573,13 +574,13 @@ class UpstreamConnection(asyncio.Protocol):
         data = self._head_buf
         self._head_buf = b""
         # (self.received: len(data), the bytes read since the request started)
-        if self.received <= _RAW_KEPT and not self._interim and not self.upgrade:
+        if self.received <= _RAW_KEPT and not self._interim:
             response.raw = data  # (the usual head: a few hundred bytes, in one read)
             response.reason = _OK if data.startswith(_OK_LINE) else response_head.status_reason(data)
         else:
-            response.keep_raw(data, self._interim, self.upgrade)
+            response.keep_raw(data, self._interim, self._upgraded)
             self._interim = False
-        self._header_done = True
+        self._header_done = self._head_ready = True
         if self._head_only or status in (204, 304):
             self._complete_now_without_body()
 
@@ -587,7 +588,8 @@ class UpstreamConnection(asyncio.Protocol):
         """A 1xx head: the one to skip (nginx ignores interim responses, so do we), or the
         101 that ends the head (the client asked to switch; the exchange decides: a tunnel)."""
         if status == 101 and self.upgrade:
-            self._upgraded = True
+            self._upgraded = self._spent = True
+            self._response.upgraded = True  # (its pairs are the 101's)
             return False
         self._interim = True
         self._response = ResponseHead()  # the real response follows
@@ -607,9 +609,9 @@ class UpstreamConnection(asyncio.Protocol):
             early.append(data)  # (stream_to hands them on)
 
     def on_message_complete(self) -> None:
-        # (not after a 1xx head: the real response follows; nor after the 101 we take: llhttp
-        # ends its "message" at the head, the connection is no HTTP now)
-        if self._header_done and not self._upgraded:
+        # (not after a 1xx head: the real response follows; after the 101 we take too: llhttp
+        # ends its "message" at the head, the rest is the tunnel's)
+        if self._header_done:
             self.response_complete = True  # (data_received tells the handler, after the parser)
 
     def _deliver_completion(self) -> None:
@@ -643,7 +645,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _fail(self, failure: Failure, message: str, phase: str = "") -> None:
         """Close the connection and tell the handler, once."""
         if not phase:
-            phase = "reading upstream" if self._head_dispatched else "reading response header from upstream"
+            told = self._header_done and not self._head_ready  # (the handler has the head)
+            phase = "reading upstream" if told else "reading response header from upstream"
         err = UpstreamError(failure, message, phase=phase, response_started=self.response_started,
                             request_sent=self.request_sent)
         handler = self._handler
