@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 
+import httptools
 import pytest
 from helpers import run_loop_until
 
@@ -361,3 +362,33 @@ def test_a_chunked_response_in_mixed_case_has_no_length(loop: asyncio.AbstractEv
     response = handler.head
     assert response is not None and response.chunked and response.content_length is None
     assert handler.body == b"ok" and handler.complete and response.client_headers() == b"X-A: 1\r\n"
+
+
+class _StatusRecorder:
+    """llhttp's own view of a status line: what its on_status callback reports."""
+
+    def __init__(self) -> None:
+        self.reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+
+@pytest.mark.parametrize("line", [
+    b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 404 Not Found\r\n", b"HTTP/1.0 200 OK\r\n", b"HTTP/1.1 200\r\n",
+    b"HTTP/1.1 200 \r\n", b"HTTP/1.1 200  two spaces \r\n", b"HTTP/1.1 200 bare LF\n", b"HTTP/1.1 200\n",
+    b"\r\n\r\nHTTP/1.1 200 after empty lines\r\n", b"HTTP/1.1 099 Low\r\n",
+    b"HTTP/1.1 200 \xff\x80 obs-text\r\n", b"RTSP/1.0 200 OK\r\n", b"HTTP/1.1 302 Moved\tTemporarily\r\n",
+])
+def test_the_reason_phrase_is_llhttps(loop: asyncio.AbstractEventLoop, line: bytes) -> None:
+    """The reason phrase is read from the head's bytes, not from a parser callback: the same
+    bytes as llhttp's on_status, however the peer writes its status line."""
+    recorder = _StatusRecorder()
+    parser = httptools.HttpResponseParser(recorder)
+    parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+    parser.feed_data(line + b"Content-Length: 0\r\n\r\n")
+    conn, _ = connect(loop)
+    handler = send(conn)
+    conn.data_received(line + b"Content-Length: 0\r\n\r\n")
+    assert handler.head is not None and handler.complete
+    assert handler.head.reason == recorder.reason
