@@ -446,7 +446,7 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self._read_paused and self.transport is not None and self.state is ACTIVE:
             self._read_paused = False
-            self.last_read = self.loop.time()  # the idle timer restarts from now
+            self.last_read = self._clock()  # the idle timer restarts from now
             self.transport.resume_reading()
             self._arm_timer(self._read_timeout)
 
@@ -546,14 +546,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._response.content_length = int(value)  # llhttp validated the digits and duplicates
         elif kind != _CONNECTION or value not in _PLAIN_CONNECTION:
             # (a plain "Connection: keep-alive" says nothing parser.should_keep_alive does not)
-            self._note(name, kind, value.rstrip(b" \t"))
-
-    def _note(self, name: bytes, kind: int, value: bytes) -> None:
-        """A header the proxy acts on (see KINDS): passed on too if it may be rewritten."""
-        response = self._response
-        if kind == _REWRITABLE:
-            response.lines += name + b": " + value + b"\r\n"
-        response.note(kind, value)
+            value = value.rstrip(b" \t")
+            response = self._response
+            if kind == _REWRITABLE:
+                response.lines += name + b": " + value + b"\r\n"
+            response.note(kind, value)
 
     def on_headers_complete(self) -> None:
         parser: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]  # (its callback)
