@@ -64,8 +64,10 @@ class Failure(enum.IntEnum):
 
 
 # what makes two upstream connections interchangeable (attempt.pool_key): the peer's
-# address text, the name it is addressed by, and the local address a hook bound to
-PoolKey = tuple[str, str, tuple[str, int] | None]
+# address text, the name it is addressed by, and the local address a hook bound to; the usual
+# connection (no name, no bound address) is keyed by the address text alone, a string whose
+# hash is computed once, where a tuple is hashed again on every pool lookup
+PoolKey = str | tuple[str, str, tuple[str, int] | None]
 
 class ConnState(enum.Enum):
     NEW = "new"
@@ -171,7 +173,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.loop = loop
         self._clock = loop.time  # (one bound method: read for every read)
         self.connected_at = loop.time()  # (made as the connect starts: the upstream keepalive_time)
-        self.key = key  # pool key: (peer address name, host name)
+        self.key = key  # pool key (PoolKey)
         self.peer_name = peer_name
         self.state = NEW
         self.transport: asyncio.Transport | None = None
