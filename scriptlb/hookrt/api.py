@@ -457,21 +457,33 @@ class VarView:
         return _variable(self, name)
 
     def __getattribute__(self, name: str) -> object:
-        """``ngx.var.uri`` (compiled as a plain attribute read): straight to the variable, with
-        no failed normal lookup first (``__getattr__`` would cost an internal AttributeError)."""
+        """``ngx.var.NAME`` read other than as written so (``v = ngx.var; v.uri``): straight to
+        the variable, with no failed normal lookup first (``__getattr__`` would cost an internal
+        AttributeError). Private names are the object's own (no variable name is cached with
+        a leading ``_``, see ``_variable_getter``)."""
+        if name in _GETTERS:
+            return hook_variable(name)
         if name[:1] == "_":
             return object.__getattribute__(self, name)
-        exchange = CURRENT.http  # (None in a stream session: its variables are its own)
-        getter = _GETTERS.get(name)
-        if getter is None or exchange is None:
-            return _variable(self, name)
-        try:
-            return getter(exchange)
-        except AttributeError:
-            return None
+        return _variable(self, name)
 
 
-_GETTERS: dict[str, Getter] = {}  # variable name (as hook code wrote it) -> getter
+# variable name (as hook code wrote it) -> getter; never a name starting with "_" (VarView)
+_GETTERS: dict[str, Getter] = {}
+
+
+def hook_variable(name: str) -> str | None:
+    """``ngx.var.NAME`` as the compiler policy writes it (``_var_("NAME")``, NAME a constant
+    from hook code, never private): what ``VarView`` answers for that name, with no attribute
+    protocol around it."""
+    exchange = CURRENT.http  # (None in a stream session: its variables are its own)
+    getter = _GETTERS.get(name)
+    if getter is None or exchange is None:
+        return _variable(_VAR_VIEW, name)
+    try:
+        return getter(exchange)
+    except AttributeError:
+        return None
 
 
 def _variable(_view: VarView, name: object) -> str | None:
@@ -508,7 +520,8 @@ def _variable_getter(name: str) -> Getter:
         getter = variable_getter(name.lower(), _clock)
     except KeyError:
         getter = _missing_variable
-    if len(_GETTERS) < 1024 and len(name) <= 256:  # names come from hook code: stay bounded
+    # names come from hook code: stay bounded; a private name is never one of VarView's
+    if len(_GETTERS) < 1024 and len(name) <= 256 and name[:1] != "_":
         _GETTERS[name] = getter
     return getter
 
@@ -735,7 +748,9 @@ def _request_ctx(exchange: HookRequest) -> Ctx:
 class Ngx:
     """The ``ngx`` namespace."""
 
-    __slots__ = ()
+    # the namespaces are the instance's slots, not class attributes: ``ngx.var`` on every run
+    # is then a slot read (a class attribute read through an instance is a full lookup)
+    __slots__ = ("req", "shared", "var", "worker")
 
     OK, ERROR, AGAIN, DONE, DECLINED = 0, -1, -2, -4, -5
     STDERR, EMERG, ALERT, CRIT, ERR, WARN, NOTICE, INFO, DEBUG = range(9)
@@ -746,10 +761,11 @@ class Ngx:
     HTTP_INTERNAL_SERVER_ERROR, HTTP_BAD_GATEWAY = 500, 502
     HTTP_SERVICE_UNAVAILABLE, HTTP_GATEWAY_TIMEOUT = 503, 504
 
-    var = VarView()
-    shared = SharedView()
-    worker = Worker()
-    req = Req()
+    def __init__(self) -> None:
+        self.var = VarView()
+        self.shared = SharedView()
+        self.worker = Worker()
+        self.req = Req()
 
     @property
     def ctx(self) -> Ctx:
@@ -904,6 +920,7 @@ class Upstream:
 
 balancer = NgxBalancer()
 ngx = Ngx()
+_VAR_VIEW = ngx.var
 upstream = Upstream()
 
 _public = [name for name in dir(Ngx) if not name.startswith("_")]

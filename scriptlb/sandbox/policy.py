@@ -193,10 +193,20 @@ class HookPolicy(RestrictingNodeTransformer):
                 and isinstance(value.value, ast.Name) and value.value.id == "ngx"
                 and "ngx" in self.direct_names)
 
+    def _is_variable(self, node: ast.Attribute) -> bool:
+        """``ngx.var.NAME`` read directly (``_is_direct``)."""
+        value = node.value
+        return (isinstance(value, ast.Attribute) and value.attr == "var"
+                and isinstance(value.value, ast.Name) and value.value.id == "ngx")
+
     def visit_Attribute(self, node: ast.Attribute) -> _Visited:
         if _is_super_init(node):
             return _call("_super_init_", [self.visit(node.value)], node)
         if isinstance(node.ctx, ast.Load) and self._is_direct(node):
+            if self._is_variable(node):
+                # the variable itself, as ngx.var's attribute read answers it (the runtime's
+                # _var_), without the attribute protocol's lookup around that answer
+                return _call("_var_", [ast.Constant(node.attr)], node)
             node.value = self.visit(node.value)  # a Name, or a direct Attribute: left plain
             return node
         return super().visit_Attribute(node)
