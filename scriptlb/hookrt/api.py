@@ -202,6 +202,13 @@ def _run_upstream() -> HookUpstream:
     return upstream
 
 
+def _refusal(run: RunContext) -> RuntimeError:
+    """Why the balancer API refuses this call: no run in progress, or not a balancer run."""
+    if run.outcome is None:
+        return RuntimeError("no request found")
+    return _disabled(run.phase)
+
+
 def _balancer_outcome() -> HookOutcome:
     """The outcome of the current run, which must be a balancer run (balancer.* and ngx.exit)."""
     run = CURRENT  # _current() inlined: these calls are on the balancer's hot path
@@ -230,7 +237,9 @@ def _is_number(value: object) -> TypeGuard[int | float]:
 
 _IPV4 = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})")
 _UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
-_PEER_CACHE: dict[str | tuple[str, int], PeerAddr | str] = {}  # addr (port 0) or (addr, port) -> parsed
+# set_current_peer's addr -> its port argument (None or an int) -> the parsed address or the error
+_PEER_CACHE: dict[str, dict[int | None, PeerAddr | str]] = {}
+_PEER_CACHE_SIZE = [0]  # entries in all of _PEER_CACHE's dicts
 _PEER_CACHE_MAX = 4096
 _CACHED_ADDR_MAX = 128  # "unix:" + the longest socket path fits
 
@@ -308,12 +317,19 @@ def parse_peer(addr: str, default_port: int) -> PeerAddr | str:
     return PeerAddr(ip, port)
 
 
-def _parse_cached(addr: str, port: int) -> PeerAddr | str:
-    parsed = parse_peer(addr, port)
-    if len(addr) <= _CACHED_ADDR_MAX:  # real addresses are short; hook-made junk is not kept
-        if len(_PEER_CACHE) >= _PEER_CACHE_MAX:
+def _parse_argument(addr: object, port: object) -> PeerAddr | str:
+    """``set_current_peer``'s address and port arguments, checked and parsed; kept for the
+    next call with the same arguments (a port given as none or an int)."""
+    if type(addr) is not str:
+        raise _bad_type(1, "set_current_peer", "string", addr)
+    parsed = parse_peer(addr, _port_argument(port))
+    if len(addr) <= _CACHED_ADDR_MAX and (port is None or type(port) is int):
+        # real addresses are short and few; hook-made junk is not kept, nor kept growing
+        if _PEER_CACHE_SIZE[0] >= _PEER_CACHE_MAX:
             _PEER_CACHE.clear()
-        _PEER_CACHE[addr if port == 0 else (addr, port)] = parsed
+            _PEER_CACHE_SIZE[0] = 0
+        _PEER_CACHE.setdefault(addr, {})[port] = parsed
+        _PEER_CACHE_SIZE[0] += 1
     return parsed
 
 
@@ -343,25 +359,19 @@ class NgxBalancer:
     def set_current_peer(self, addr: object, port: object = None, host: object = None) -> Result:
         run = CURRENT
         outcome = run.outcome
-        if outcome is None:
-            raise RuntimeError("no request found")
-        if run.phase is not BALANCER_PHASE:
-            raise _disabled(run.phase)
-        if type(addr) is not str:
-            raise _bad_type(1, "set_current_peer", "string", addr)
-        # the hot path: an address seen before ("ip:port", or "ip" with an int port)
-        if port is None:
-            parsed = _PEER_CACHE.get(addr)
-        else:
-            parsed = _PEER_CACHE.get((addr, port)) if type(port) is int else None
+        if outcome is None or run.phase is not BALANCER_PHASE:
+            raise _refusal(run)
+        # the hot path: an address seen before with the same port argument (none or an int)
+        ports = _PEER_CACHE.get(addr) if type(addr) is str else None
+        parsed = ports.get(port) if ports is not None and (port is None or type(port) is int) else None
         if parsed is None:
-            parsed = _parse_cached(addr, _port_argument(port))
+            parsed = _parse_argument(addr, port)
         if host is not None:
             if type(host) is not str:
                 raise _bad_type(3, "set_current_peer", "string", host)
             if host and _HOST_NAME.fullmatch(host) is None:
                 return None, "invalid host name"  # it would become a Host header and TLS SNI
-        if isinstance(parsed, str):
+        if type(parsed) is str:
             return None, parsed
         outcome.addr = parsed
         outcome.host = host or None  # a later call without host clears it; "" is nil
@@ -817,12 +827,12 @@ class Ngx:
 
     def crc32_short(self, value: object) -> int:
         if type(value) is str and value.isascii():  # the hot path of hash-by-URI hooks
-            return zlib.crc32(value.encode("ascii"))
+            return zlib.crc32(value.encode())  # (ASCII: the same bytes, with no codec lookup)
         return zlib.crc32(_text_bytes(value, "crc32_short"))
 
     def crc32_long(self, value: object) -> int:
         if type(value) is str and value.isascii():  # as crc32_short (same bytes either way)
-            return zlib.crc32(value.encode("ascii"))
+            return zlib.crc32(value.encode())
         return zlib.crc32(_text_bytes(value, "crc32_long"))
 
     def md5(self, value: object) -> str:

@@ -47,7 +47,7 @@ _CONTEXT = api.CURRENT  # (never rebound: runs point its fields at their request
 _clock = limits.clock
 # scriptlb_hook_duration_seconds' buckets: hook runs take microseconds to their budget (10 ms)
 RUN_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
-_FIRST_BUCKET = RUN_BUCKETS[0]  # where a balancer run usually lands: one float comparison
+_BUCKET_0, _BUCKET_1, _BUCKET_2, _BUCKET_3 = RUN_BUCKETS[:4]  # where balancer runs land
 _BALANCER = api.BALANCER_PHASE
 # the scriptlb package (this file is one level below it): frames from there are host code
 _HOST_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -392,7 +392,7 @@ class _Runner(Generic[_Result]):
         context.log = self.log
         context.logged = 0
         budget = _BUDGET
-        budget.tripped = False
+        budget.tripped = False  # (False between runs already: see limits.tick)
         stamp = limits.STAMP  # the hard fuse's stamp (a worker's own mapping)
         stamp.value = started = _clock()
         budget.deadline = started + self.timeout
@@ -403,7 +403,7 @@ class _Runner(Generic[_Result]):
             failure = err
         finally:
             self._ended(started)
-        stopped = budget.tripped
+            stopped, budget.tripped = budget.tripped, False
         if stopped or failure is not None:
             return self._failed_run(outcome, failure, stopped, exchange)
         if self._tripped:  # the probe succeeded
@@ -566,8 +566,7 @@ class HookRunner(_Runner[HookOutcome]):
         context.outcome = outcome
         context.log = self.log
         context.logged = 0
-        budget = _BUDGET
-        budget.tripped = False
+        budget = _BUDGET  # (its tripped flag is False between runs: see limits.tick)
         stamp = limits.STAMP
         stamp.value = started = _clock()
         budget.deadline = started + self.timeout
@@ -575,24 +574,31 @@ class HookRunner(_Runner[HookOutcome]):
             call()
         except BaseException as err:
             self._ended(started)
+            stopped, budget.tripped = budget.tripped, False
             if not isinstance(err, (Exception, HookTimeout)):
                 raise
             outcome.spent = self.last_spent
-            return self._failed_run(outcome, err, budget.tripped, exchange)
+            return self._failed_run(outcome, err, stopped, exchange)
         budget.deadline = 0.0
         stamp.value = 0.0
         context.exchange = context.http = context.stream = None
         context.upstream = context.outcome = None
-        outcome.spent = self.last_spent = spent = _clock() - started
+        outcome.spent = spent = _clock() - started
         self.duration_sum += spent
-        if spent <= _FIRST_BUCKET:
-            self.durations[0] += 1
+        # the histogram's bucket: bisect_left(RUN_BUCKETS, spent), its usual answers compared
+        # here (bisect's generic comparisons cost more than the run's own bookkeeping)
+        if spent <= _BUCKET_3:
+            self.durations[0 if spent <= _BUCKET_0 else 1 if spent <= _BUCKET_1 else
+                           2 if spent <= _BUCKET_2 else 3] += 1
         else:
             self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
         if budget.tripped:  # it caught the timeout (a bare except) and ended anyway
+            budget.tripped = False
+            self.last_spent = spent
             return self._failed_run(outcome, None, True, exchange)
         if outcome.addr is not None and outcome.exit_status is None:
             return outcome
+        self.last_spent = spent
         return self._checked(outcome, exchange)
 
     def _set_request_kind(self, exchange: HookedRequest) -> None:
