@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import operator
 import os
 import re
 import reprlib
@@ -525,11 +526,22 @@ def _clock() -> float:
     return CURRENT.now or _WALL[0]()
 
 
+# Variables that are a str attribute of the request (RequestView types them so), whose getter
+# would be ``str(value)`` of that str: read with a C attribute getter, without a Python frame
+# (``ngx.var.uri`` is what hash-by-URI hooks read on every try).
+_TEXT_ATTRIBUTES = {"uri": "uri", "document_uri": "uri", "request_uri": "request_uri"}
+
+
 def _variable_getter(name: str) -> Getter:
-    try:
-        getter = variable_getter(name.lower(), _clock)
-    except KeyError:
-        getter = _missing_variable
+    lowered = name.lower()
+    attribute = _TEXT_ATTRIBUTES.get(lowered)
+    if attribute is not None:
+        getter: Getter = operator.attrgetter(attribute)
+    else:
+        try:
+            getter = variable_getter(lowered, _clock)
+        except KeyError:
+            getter = _missing_variable
     # names come from hook code: stay bounded; a private name is never one of VarView's
     if len(_GETTERS) < 1024 and len(name) <= 256 and name[:1] != "_":
         _GETTERS[name] = getter
