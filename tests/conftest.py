@@ -119,6 +119,7 @@ TIERS: dict[str, str] = {
     "test_sandbox_classes.py": "unit",
     "test_sandbox_corpus.py": "unit",
     "test_sandbox_fuse.py": "integration",
+    "test_sandbox_known_numbers.py": "unit",
     "test_sandbox_redteam.py": "unit",
     "test_sandbox_semantics.py": "unit",
     "test_service.py": "integration",
