@@ -28,7 +28,8 @@ def _compiled_names(source: str) -> set[str]:
 
 
 UNGUARDED = {
-    "crc of a variable modulo a length": "peers = [1, 2]\nx = peers[ngx.crc32_long(ngx.var.uri) % len(peers)]",
+    "crc of a variable modulo a length":
+        "peers = [1, 2]\nx = peers[ngx.crc32_long(ngx.var.uri) % len(peers)]",
     "a name bound once to a number": "PORTS = (1, 2)\ni = ngx.crc32_short(ngx.var.uri) % 2\nx = PORTS[i]",
     "a chain of such names": "i = len('abc')\nj = i % 2\nk = -j\nx = (1, 2)[k]",
     "zlib's checksum in a function": """

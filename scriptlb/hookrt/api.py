@@ -372,7 +372,7 @@ class NgxBalancer:
                 raise _bad_type(3, "set_current_peer", "string", host)
             if host and _HOST_NAME.fullmatch(host) is None:
                 return None, "invalid host name"  # it would become a Host header and TLS SNI
-        if type(parsed) is str:
+        if isinstance(parsed, str):
             return None, parsed
         outcome.addr = parsed
         outcome.host = host or None  # a later call without host clears it; "" is nil

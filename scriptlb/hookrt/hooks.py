@@ -558,7 +558,7 @@ class HookRunner(_Runner[HookOutcome]):
         context.exchange = exchange
         # (http and stream are None between runs: set the one this request is)
         if type(exchange) is self._http_class:
-            context.http = exchange
+            context.http = exchange  # type: ignore[assignment]  # (an HTTP request's class)
         else:
             self._set_request_kind(exchange)
         context.upstream = upstream

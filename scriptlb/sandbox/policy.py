@@ -224,7 +224,8 @@ def _imported_modules(tree: ast.AST, module_names: set[str]) -> dict[str, str]:
 class _Numbers:
     """Which expressions of one module are known numbers (see above)."""
 
-    def __init__(self, tree: ast.Module, direct_names: frozenset[str] | set[str], module_names: set[str]) -> None:
+    def __init__(self, tree: ast.Module, direct_names: frozenset[str] | set[str],
+                 module_names: set[str]) -> None:
         self.bindings = _binding_counts(tree)
         self.ngx = "ngx" in direct_names
         self.modules = _imported_modules(tree, module_names)
