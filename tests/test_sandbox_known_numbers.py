@@ -120,3 +120,21 @@ def test_variable_reads_keep_their_answers() -> None:
     """, uri="/a/b?x=1")
     assert result.kind is None, result.outcome.message
     assert result.ctx["r"] == ["/a/b", "/a/b?x=1", "/a/b", None, "/a/b", "/a/b", "GET"]
+
+
+def test_encode_without_arguments_keeps_its_answers() -> None:
+    assert "_encode_" in _compiled_names("x = ngx.var.uri.encode()")
+    assert "_encode_" not in _compiled_names("import zlib\nx = 'a'.encode('latin-1')")
+    result = run("""
+        class Text:
+            def encode(self):
+                return "own"
+        ngx.ctx["r"] = ["é/a".encode(), ngx.var.uri.encode(), Text().encode()]
+        balancer.set_current_peer("127.0.0.1", 1)
+    """, uri="/u")
+    assert result.kind is None, result.outcome.message
+    assert result.ctx["r"] == ["é/a".encode(), b"/u", "own"]
+    refused = run('x = b"a".encode()\nbalancer.set_current_peer("127.0.0.1", 1)')
+    plain = run('f = b"a".encode\nbalancer.set_current_peer("127.0.0.1", 1)')
+    assert refused.kind == plain.kind == "runtime_error"
+    assert refused.outcome.message.split(": ", 2)[2] == plain.outcome.message.split(": ", 2)[2]

@@ -328,6 +328,15 @@ class HookPolicy(RestrictingNodeTransformer):
             return node
         return super().visit_Attribute(node)
 
+    def visit_Call(self, node: ast.Call) -> _Visited:
+        """``text.encode()`` (no arguments, not an API or module member): ``_encode_(text)``,
+        the guarded method's answer in one call (guards.encoded)."""
+        func = node.func
+        if (isinstance(func, ast.Attribute) and func.attr == "encode" and isinstance(func.ctx, ast.Load)
+                and not node.args and not node.keywords and not self._is_direct(func)):
+            return _call("_encode_", [self.visit(func.value)], node)
+        return super().visit_Call(node)
+
     def error(self, node: ast.AST, info: str) -> None:
         super().error(node, info)
         self.error_lines.append((getattr(node, "lineno", None), info))
