@@ -75,6 +75,7 @@ TIERS: dict[str, str] = {
     "test_fuzz_clients.py": "integration",
     "test_health.py": "integration",
     "test_hook_breaker.py": "unit",
+    "test_hook_run_path.py": "unit",
     "test_hooks.py": "unit",
     "test_hooks_integration.py": "integration",
     "test_hooks_keepalive_pool.py": "integration",

@@ -47,7 +47,7 @@ _CONTEXT = api.CURRENT  # (never rebound: runs point its fields at their request
 _clock = limits.clock
 # scriptlb_hook_duration_seconds' buckets: hook runs take microseconds to their budget (10 ms)
 RUN_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
-_BUCKET_0, _BUCKET_1, _BUCKET_2, _BUCKET_3 = RUN_BUCKETS[:4]  # where balancer runs land
+_BUCKET_0, _BUCKET_1, _BUCKET_2, _BUCKET_3, _BUCKET_4, _BUCKET_5 = RUN_BUCKETS[:6]  # where runs land
 _BALANCER = api.BALANCER_PHASE
 # the scriptlb package (this file is one level below it): frames from there are host code
 _HOST_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -587,9 +587,9 @@ class HookRunner(_Runner[HookOutcome]):
         self.duration_sum += spent
         # the histogram's bucket: bisect_left(RUN_BUCKETS, spent), its usual answers compared
         # here (bisect's generic comparisons cost more than the run's own bookkeeping)
-        if spent <= _BUCKET_3:
-            self.durations[0 if spent <= _BUCKET_0 else 1 if spent <= _BUCKET_1 else
-                           2 if spent <= _BUCKET_2 else 3] += 1
+        if spent <= _BUCKET_5:
+            self.durations[0 if spent <= _BUCKET_0 else 1 if spent <= _BUCKET_1 else 2 if spent <= _BUCKET_2
+                           else 3 if spent <= _BUCKET_3 else 4 if spent <= _BUCKET_4 else 5] += 1
         else:
             self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
         if budget.tripped:  # it caught the timeout (a bare except) and ended anyway
