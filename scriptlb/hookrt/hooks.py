@@ -338,7 +338,7 @@ class _Runner(Generic[_Result]):
         self.failures: dict[str, int] = {}
         self.durations = [0] * (len(RUN_BUCKETS) + 1)
         self.duration_sum = 0.0
-        self.last_spent = 0.0  # the last run's duration (seconds): HookOutcome.spent
+        self.last_spent = 0.0  # the duration (seconds) of the last run through _execute
         self._call: Callable[[], object] | None = None  # what a run calls (code cache on)
         self._compile_error: str | None = None
         self.breaker = Breaker(conf.breaker) if conf.breaker is not None else None
@@ -594,11 +594,9 @@ class HookRunner(_Runner[HookOutcome]):
             self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
         if budget.tripped:  # it caught the timeout (a bare except) and ended anyway
             budget.tripped = False
-            self.last_spent = spent
             return self._failed_run(outcome, None, True, exchange)
         if outcome.addr is not None and outcome.exit_status is None:
             return outcome
-        self.last_spent = spent
         return self._checked(outcome, exchange)
 
     def _set_request_kind(self, exchange: HookedRequest) -> None:
