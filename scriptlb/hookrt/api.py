@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import operator
 import os
 import re
 import reprlib
@@ -202,6 +203,13 @@ def _run_upstream() -> HookUpstream:
     return upstream
 
 
+def _refusal(run: RunContext) -> RuntimeError:
+    """Why the balancer API refuses this call: no run in progress, or not a balancer run."""
+    if run.outcome is None:
+        return RuntimeError("no request found")
+    return _disabled(run.phase)
+
+
 def _balancer_outcome() -> HookOutcome:
     """The outcome of the current run, which must be a balancer run (balancer.* and ngx.exit)."""
     run = CURRENT  # _current() inlined: these calls are on the balancer's hot path
@@ -230,7 +238,9 @@ def _is_number(value: object) -> TypeGuard[int | float]:
 
 _IPV4 = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})")
 _UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
-_PEER_CACHE: dict[str | tuple[str, int], PeerAddr | str] = {}  # addr (port 0) or (addr, port) -> parsed
+# set_current_peer's addr -> its port argument (None or an int) -> the parsed address or the error
+_PEER_CACHE: dict[str, dict[int | None, PeerAddr | str]] = {}
+_PEER_CACHE_SIZE = [0]  # entries in all of _PEER_CACHE's dicts
 _PEER_CACHE_MAX = 4096
 _CACHED_ADDR_MAX = 128  # "unix:" + the longest socket path fits
 
@@ -308,12 +318,19 @@ def parse_peer(addr: str, default_port: int) -> PeerAddr | str:
     return PeerAddr(ip, port)
 
 
-def _parse_cached(addr: str, port: int) -> PeerAddr | str:
-    parsed = parse_peer(addr, port)
-    if len(addr) <= _CACHED_ADDR_MAX:  # real addresses are short; hook-made junk is not kept
-        if len(_PEER_CACHE) >= _PEER_CACHE_MAX:
+def _parse_argument(addr: object, port: object) -> PeerAddr | str:
+    """``set_current_peer``'s address and port arguments, checked and parsed; kept for the
+    next call with the same arguments (a port given as none or an int)."""
+    if type(addr) is not str:
+        raise _bad_type(1, "set_current_peer", "string", addr)
+    parsed = parse_peer(addr, _port_argument(port))
+    if len(addr) <= _CACHED_ADDR_MAX and (port is None or type(port) is int):
+        # real addresses are short and few; hook-made junk is not kept, nor kept growing
+        if _PEER_CACHE_SIZE[0] >= _PEER_CACHE_MAX:
             _PEER_CACHE.clear()
-        _PEER_CACHE[addr if port == 0 else (addr, port)] = parsed
+            _PEER_CACHE_SIZE[0] = 0
+        _PEER_CACHE.setdefault(addr, {})[port] = parsed
+        _PEER_CACHE_SIZE[0] += 1
     return parsed
 
 
@@ -343,19 +360,13 @@ class NgxBalancer:
     def set_current_peer(self, addr: object, port: object = None, host: object = None) -> Result:
         run = CURRENT
         outcome = run.outcome
-        if outcome is None:
-            raise RuntimeError("no request found")
-        if run.phase is not BALANCER_PHASE:
-            raise _disabled(run.phase)
-        if type(addr) is not str:
-            raise _bad_type(1, "set_current_peer", "string", addr)
-        # the hot path: an address seen before ("ip:port", or "ip" with an int port)
-        if port is None:
-            parsed = _PEER_CACHE.get(addr)
-        else:
-            parsed = _PEER_CACHE.get((addr, port)) if type(port) is int else None
+        if outcome is None or run.phase is not BALANCER_PHASE:
+            raise _refusal(run)
+        # the hot path: an address seen before with the same port argument (none or an int)
+        ports = _PEER_CACHE.get(addr) if type(addr) is str else None
+        parsed = ports.get(port) if ports is not None and (port is None or type(port) is int) else None
         if parsed is None:
-            parsed = _parse_cached(addr, _port_argument(port))
+            parsed = _parse_argument(addr, port)
         if host is not None:
             if type(host) is not str:
                 raise _bad_type(3, "set_current_peer", "string", host)
@@ -457,21 +468,33 @@ class VarView:
         return _variable(self, name)
 
     def __getattribute__(self, name: str) -> object:
-        """``ngx.var.uri`` (compiled as a plain attribute read): straight to the variable, with
-        no failed normal lookup first (``__getattr__`` would cost an internal AttributeError)."""
+        """``ngx.var.NAME`` read other than as written so (``v = ngx.var; v.uri``): straight to
+        the variable, with no failed normal lookup first (``__getattr__`` would cost an internal
+        AttributeError). Private names are the object's own (no variable name is cached with
+        a leading ``_``, see ``_variable_getter``)."""
+        if name in _GETTERS:
+            return hook_variable(name)
         if name[:1] == "_":
             return object.__getattribute__(self, name)
-        exchange = CURRENT.http  # (None in a stream session: its variables are its own)
-        getter = _GETTERS.get(name)
-        if getter is None or exchange is None:
-            return _variable(self, name)
-        try:
-            return getter(exchange)
-        except AttributeError:
-            return None
+        return _variable(self, name)
 
 
-_GETTERS: dict[str, Getter] = {}  # variable name (as hook code wrote it) -> getter
+# variable name (as hook code wrote it) -> getter; never a name starting with "_" (VarView)
+_GETTERS: dict[str, Getter] = {}
+
+
+def hook_variable(name: str) -> str | None:
+    """``ngx.var.NAME`` as the compiler policy writes it (``_var_("NAME")``, NAME a constant
+    from hook code, never private): what ``VarView`` answers for that name, with no attribute
+    protocol around it."""
+    exchange = CURRENT.http  # (None in a stream session: its variables are its own)
+    getter = _GETTERS.get(name)
+    if getter is None or exchange is None:
+        return _variable(_VAR_VIEW, name)
+    try:
+        return getter(exchange)
+    except AttributeError:
+        return None
 
 
 def _variable(_view: VarView, name: object) -> str | None:
@@ -503,12 +526,24 @@ def _clock() -> float:
     return CURRENT.now or _WALL[0]()
 
 
+# Variables that are a str attribute of the request (RequestView types them so), whose getter
+# would be ``str(value)`` of that str: read with a C attribute getter, without a Python frame
+# (``ngx.var.uri`` is what hash-by-URI hooks read on every try).
+_TEXT_ATTRIBUTES = {"uri": "uri", "document_uri": "uri", "request_uri": "request_uri"}
+
+
 def _variable_getter(name: str) -> Getter:
-    try:
-        getter = variable_getter(name.lower(), _clock)
-    except KeyError:
-        getter = _missing_variable
-    if len(_GETTERS) < 1024 and len(name) <= 256:  # names come from hook code: stay bounded
+    lowered = name.lower()
+    attribute = _TEXT_ATTRIBUTES.get(lowered)
+    if attribute is not None:
+        getter: Getter = operator.attrgetter(attribute)
+    else:
+        try:
+            getter = variable_getter(lowered, _clock)
+        except KeyError:
+            getter = _missing_variable
+    # names come from hook code: stay bounded; a private name is never one of VarView's
+    if len(_GETTERS) < 1024 and len(name) <= 256 and name[:1] != "_":
         _GETTERS[name] = getter
     return getter
 
@@ -735,7 +770,9 @@ def _request_ctx(exchange: HookRequest) -> Ctx:
 class Ngx:
     """The ``ngx`` namespace."""
 
-    __slots__ = ()
+    # the namespaces are the instance's slots, not class attributes: ``ngx.var`` on every run
+    # is then a slot read (a class attribute read through an instance is a full lookup)
+    __slots__ = ("req", "shared", "var", "worker")
 
     OK, ERROR, AGAIN, DONE, DECLINED = 0, -1, -2, -4, -5
     STDERR, EMERG, ALERT, CRIT, ERR, WARN, NOTICE, INFO, DEBUG = range(9)
@@ -746,10 +783,11 @@ class Ngx:
     HTTP_INTERNAL_SERVER_ERROR, HTTP_BAD_GATEWAY = 500, 502
     HTTP_SERVICE_UNAVAILABLE, HTTP_GATEWAY_TIMEOUT = 503, 504
 
-    var = VarView()
-    shared = SharedView()
-    worker = Worker()
-    req = Req()
+    def __init__(self) -> None:
+        self.var = VarView()
+        self.shared = SharedView()
+        self.worker = Worker()
+        self.req = Req()
 
     @property
     def ctx(self) -> Ctx:
@@ -801,12 +839,12 @@ class Ngx:
 
     def crc32_short(self, value: object) -> int:
         if type(value) is str and value.isascii():  # the hot path of hash-by-URI hooks
-            return zlib.crc32(value.encode("ascii"))
+            return zlib.crc32(value.encode())  # (ASCII: the same bytes, with no codec lookup)
         return zlib.crc32(_text_bytes(value, "crc32_short"))
 
     def crc32_long(self, value: object) -> int:
         if type(value) is str and value.isascii():  # as crc32_short (same bytes either way)
-            return zlib.crc32(value.encode("ascii"))
+            return zlib.crc32(value.encode())
         return zlib.crc32(_text_bytes(value, "crc32_long"))
 
     def md5(self, value: object) -> str:
@@ -904,6 +942,7 @@ class Upstream:
 
 balancer = NgxBalancer()
 ngx = Ngx()
+_VAR_VIEW = ngx.var
 upstream = Upstream()
 
 _public = [name for name in dir(Ngx) if not name.startswith("_")]

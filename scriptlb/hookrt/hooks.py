@@ -47,6 +47,8 @@ _CONTEXT = api.CURRENT  # (never rebound: runs point its fields at their request
 _clock = limits.clock
 # scriptlb_hook_duration_seconds' buckets: hook runs take microseconds to their budget (10 ms)
 RUN_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
+_BUCKET_0, _BUCKET_1, _BUCKET_2, _BUCKET_3, _BUCKET_4, _BUCKET_5 = RUN_BUCKETS[:6]  # where runs land
+_BALANCER = api.BALANCER_PHASE
 # the scriptlb package (this file is one level below it): frames from there are host code
 _HOST_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
@@ -66,7 +68,8 @@ class _Printer:
 
 _PRINTER = _Printer()
 IMPORTER = Importer()
-BUILTINS = make_builtins({"__import__": IMPORTER.__call__, "_print_": lambda _getattr=None: _PRINTER})
+BUILTINS = make_builtins({"__import__": IMPORTER.__call__, "_print_": lambda _getattr=None: _PRINTER,
+                          "_var_": api.hook_variable})
 _NAMESPACE = {"ngx": api.ngx}
 
 
@@ -131,8 +134,8 @@ def _config_error(hook: HookConf, err: Exception, where: str | None = None) -> C
 
 
 _LINT_API = {"balancer": api.balancer, "ngx": api.ngx, "upstream": api.upstream,
-             "ngx.balancer": api.balancer, "ngx.upstream": api.upstream, "ngx.req": api.Ngx.req,
-             "ngx.worker": api.Ngx.worker}
+             "ngx.balancer": api.balancer, "ngx.upstream": api.upstream, "ngx.req": api.ngx.req,
+             "ngx.worker": api.ngx.worker}
 
 
 def _module_tree(path: str) -> ast.Module | str:
@@ -335,7 +338,7 @@ class _Runner(Generic[_Result]):
         self.failures: dict[str, int] = {}
         self.durations = [0] * (len(RUN_BUCKETS) + 1)
         self.duration_sum = 0.0
-        self.last_spent = 0.0  # the last run's duration (seconds): HookOutcome.spent
+        self.last_spent = 0.0  # the duration (seconds) of the last run through _execute
         self._call: Callable[[], object] | None = None  # what a run calls (code cache on)
         self._compile_error: str | None = None
         self.breaker = Breaker(conf.breaker) if conf.breaker is not None else None
@@ -343,6 +346,9 @@ class _Runner(Generic[_Result]):
         self._cached = self.python.code_cache  # (one attribute read per run)
         if self._cached:
             self._call = self._callable(self._load())
+        # what a balancer run calls without the checks of _execute: the compiled hook while the
+        # code is cached and the breaker closed, else None (the run takes the general path)
+        self._ready: Callable[[], object] | None = self._call
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.chunk} timeout={self.timeout}>"
@@ -386,7 +392,7 @@ class _Runner(Generic[_Result]):
         context.log = self.log
         context.logged = 0
         budget = _BUDGET
-        budget.tripped = False
+        budget.tripped = False  # (False between runs already: see limits.tick)
         stamp = limits.STAMP  # the hard fuse's stamp (a worker's own mapping)
         stamp.value = started = _clock()
         budget.deadline = started + self.timeout
@@ -396,19 +402,25 @@ class _Runner(Generic[_Result]):
         except (Exception, HookTimeout) as err:
             failure = err
         finally:
-            budget.deadline = 0.0
-            stamp.value = 0.0
-            stopped = budget.tripped
-            context.exchange = context.http = context.stream = None
-            context.upstream = context.outcome = None
-            self.last_spent = spent = _clock() - started
-            self.duration_sum += spent
-            self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
+            self._ended(started)
+            stopped, budget.tripped = budget.tripped, False
         if stopped or failure is not None:
             return self._failed_run(outcome, failure, stopped, exchange)
         if self._tripped:  # the probe succeeded
             self._closed()
         return None
+
+    def _ended(self, started: float) -> None:
+        """After a run, however it ended: no deadline, no fuse stamp, no request in the API;
+        its duration counted (``last_spent``, the histogram)."""
+        _BUDGET.deadline = 0.0
+        limits.STAMP.value = 0.0
+        context = _CONTEXT
+        context.exchange = context.http = context.stream = None
+        context.upstream = context.outcome = None
+        self.last_spent = spent = _clock() - started
+        self.duration_sum += spent
+        self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
 
     @property
     def runs(self) -> int:
@@ -443,6 +455,7 @@ class _Runner(Generic[_Result]):
         if breaker is not None:
             breaker.succeeded()
         self._tripped = False
+        self._ready = self._call if self._cached else None
         self._emit("notice", f"{self.directive} {self.chunk}: circuit breaker closed, "
                    "the hook runs again", None)
 
@@ -465,6 +478,7 @@ class _Runner(Generic[_Result]):
         breaker = self.breaker
         if breaker is not None and kind in _COUNTED and breaker.failed(api.clock()):
             self._tripped = True
+            self._ready = None
             conf = breaker.conf
             self._emit("error", f"{self.directive} {self.chunk}: circuit breaker open after {conf.fails} "
                        f"failed runs in {conf.window:g}s, skipping the hook for {conf.cooldown:g}s "
@@ -522,17 +536,93 @@ class HookRunner(_Runner[HookOutcome]):
     def __init__(self, conf: HookConf, upstream: HookUpstream | None = None, python: PythonConf | None = None,
                  log: LogSink | None = None) -> None:
         self.upstream = upstream
+        self._http_class: type | None = None  # the class of the HTTP requests it runs for
         super().__init__(conf, python, log or errorlog_sink)
 
     def run(self, exchange: HookedRequest, upstream: HookUpstream | None = None) -> HookOutcome:
-        """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops)."""
+        """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops).
+
+        The usual run (code cached, breaker closed, the hook sets a peer) is written out here
+        in one frame: it runs before every try of every request. It does what ``_execute``
+        does, in the same order; every other case goes through ``_run_checked``."""
         outcome = HookOutcome()
+        # the fields the tries loop reads after every run, as the instance's own: a read of a
+        # class-level default is a dictionary miss, then a class lookup, every time
+        outcome.exit_status = outcome.local_addr = outcome.keepalive = None
+        outcome.more_tries = 0
+        outcome.recreate = False
+        call = self._ready
+        if call is None or upstream is None:
+            return self._run_checked(exchange, upstream, outcome)
+        context = _CONTEXT
+        context.exchange = exchange
+        # (http and stream are None between runs: set the one this request is)
+        if type(exchange) is self._http_class:
+            context.http = exchange  # type: ignore[assignment]  # (an HTTP request's class)
+        else:
+            self._set_request_kind(exchange)
+        context.upstream = upstream
+        context.phase = _BALANCER
+        context.outcome = outcome
+        context.log = self.log
+        context.logged = 0
+        budget = _BUDGET  # (its tripped flag is False between runs: see limits.tick)
+        stamp = limits.STAMP
+        stamp.value = started = _clock()
+        budget.deadline = started + self.timeout
+        try:
+            call()
+        except BaseException as err:
+            self._ended(started)
+            stopped, budget.tripped = budget.tripped, False
+            if not isinstance(err, (Exception, HookTimeout)):
+                raise
+            outcome.spent = self.last_spent
+            return self._failed_run(outcome, err, stopped, exchange)
+        budget.deadline = 0.0
+        stamp.value = 0.0
+        context.exchange = context.http = context.stream = None
+        context.upstream = context.outcome = None
+        outcome.spent = spent = _clock() - started
+        self.duration_sum += spent
+        # the histogram's bucket: bisect_left(RUN_BUCKETS, spent), its usual answers compared
+        # here (bisect's generic comparisons cost more than the run's own bookkeeping)
+        if spent <= _BUCKET_5:
+            self.durations[0 if spent <= _BUCKET_0 else 1 if spent <= _BUCKET_1 else 2 if spent <= _BUCKET_2
+                           else 3 if spent <= _BUCKET_3 else 4 if spent <= _BUCKET_4 else 5] += 1
+        else:
+            self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
+        if budget.tripped:  # it caught the timeout (a bare except) and ended anyway
+            budget.tripped = False
+            return self._failed_run(outcome, None, True, exchange)
+        if outcome.addr is not None and outcome.exit_status is None:
+            return outcome
+        return self._checked(outcome, exchange)
+
+    def _set_request_kind(self, exchange: HookedRequest) -> None:
+        """``CURRENT.stream`` or ``CURRENT.http`` for a request of a class not seen yet or a
+        stream session; an HTTP request's class is remembered (``is_stream`` is a class-level
+        attribute: reading it costs a class lookup)."""
+        if exchange.is_stream:
+            _CONTEXT.stream = exchange
+        else:
+            _CONTEXT.http = exchange
+            self._http_class = type(exchange)
+
+    def _run_checked(self, exchange: HookedRequest, upstream: HookUpstream | None,
+                     outcome: HookOutcome) -> HookOutcome:
+        """A run through ``_execute``: the breaker open or probing, ``python_code_cache off``,
+        a compile error, or no upstream given."""
         if upstream is None:
             upstream = self.upstream or api.NO_UPSTREAM
         failed = self._execute(exchange, upstream, outcome)
         outcome.spent = self.last_spent
         if failed is not None:
             return failed
+        return self._checked(outcome, exchange)
+
+    def _checked(self, outcome: HookOutcome, exchange: HookedRequest) -> HookOutcome:
+        """What a run that ended set: a peer (the usual), ngx.exit's status or nothing."""
         status = outcome.exit_status
         if status is None and outcome.addr is not None:  # a peer was set: the usual run
             return outcome

@@ -107,12 +107,12 @@ class Importer:
         lookups (the hooks' builtins hold this bound method: a plain call, no ``__call__``
         slot). ``import a.b`` (no fromlist) is cached apart from ``from a.b import c``: the
         first returns ``a``."""
-        if globals is not None:
-            owner = globals.get(OWNER_KEY)
-            if owner is not None and owner.get(_GENERATION) == self._generation:
-                module = owner.get(name if fromlist or "." not in name else ("import", name))
-                if module is not None:
-                    return module
+        try:  # (no globals, no cache yet, another generation, a first import: _first_import)
+            owner = globals[OWNER_KEY]  # type: ignore[index]  # (None: the TypeError below)
+            if owner[_GENERATION] == self._generation:
+                return owner[name if fromlist or "." not in name else ("import", name)]
+        except (KeyError, TypeError):
+            pass
         return self._first_import(name, globals, fromlist, level)
 
     def _first_import(self, name: str, globals: dict[str, Any] | None, fromlist: Any, level: int) -> Any:

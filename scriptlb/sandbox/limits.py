@@ -80,9 +80,13 @@ clock = time.perf_counter
 
 
 def tick() -> None:
-    """Planted by the compiler policy; raises HookTimeout once the run's deadline has passed."""
+    """Planted by the compiler policy; raises HookTimeout once the run's deadline has passed.
+    Outside a run (deadline 0.0: hook code resumed later) it raises without marking a run
+    stopped, so ``tripped`` is False whenever no run is in progress and a runner need not
+    clear it before each run (it clears it after a run that tripped it)."""
     if clock() > BUDGET.deadline:
-        BUDGET.tripped = True
+        if BUDGET.deadline:
+            BUDGET.tripped = True
         raise HookTimeout
 
 

@@ -159,6 +159,117 @@ def _module_names(tree: ast.AST) -> set[str]:
     return imported - other
 
 
+# --------------------------------------------------------------------------- known numbers
+#
+# ``_mod_`` exists for %-formatting (a str or bytes on the left) and ``_getitem_`` for keys
+# whose hash or comparison walks a container. Where the code itself shows that the left
+# operand of ``%`` or a subscript's key is a number, neither guard has anything to check, and
+# the plain operation is compiled (a guard is a Python call: the usual ``peers[crc % n]`` of a
+# balancer hook pays two per run otherwise). A number here is:
+# * an int or float literal;
+# * a call of a function that returns only ints, by a name that means that function wherever it
+#   is read (never bound anywhere in the module): the builtins below, ``ngx.crc32_short``/
+#   ``crc32_long`` (``ngx`` never rebound) and zlib's checksums (a name only ever bound by
+#   ``import zlib``: the allow-listed stand-in, which no module on python_package_path can
+#   shadow);
+# * ``-x``/``+x`` or ``x % y`` of a number ``x`` (int or float arithmetic: never formatting);
+# * a name bound exactly once in the whole module, by ``name = <a number>``: wherever it is
+#   read it holds that number, or it is unbound (an error), or it reads a builtin or API global
+#   of that name, none of which is a str, bytes or container.
+
+_INT_BUILTINS = frozenset({"len", "hash", "ord"})
+_INT_API = frozenset({"crc32_short", "crc32_long"})  # ngx.X
+_INT_MODULE_FUNCTIONS = {"zlib": frozenset({"crc32", "adler32"})}
+_NUMBER_TYPES = (int, float)
+
+
+def _binding_counts(tree: ast.AST) -> dict[str, int]:
+    """How many places bind each name, in any scope (``global``/``nonlocal`` count twice: a
+    name declared so is never a known number)."""
+    counts: dict[str, int] = {}
+
+    def bind(name: str, times: int = 1) -> None:
+        counts[name] = counts.get(name, 0) + times
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            bind(node.id)
+        elif isinstance(node, ast.arg):
+            bind(node.arg)
+        elif isinstance(node, ast.alias):
+            bind(node.asname or node.name.partition(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bind(node.name)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            for name in node.names:
+                bind(name, 2)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bind(node.name)
+    return counts
+
+
+def _imported_modules(tree: ast.AST, module_names: set[str]) -> dict[str, str]:
+    """name -> module, for the names only ever bound by ``import module [as name]``, always
+    of the same module."""
+    modules: dict[str, set[str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                bound = alias.asname or alias.name.partition(".")[0]
+                modules.setdefault(bound, set()).add(alias.name if alias.asname else bound)
+    return {name: next(iter(found)) for name, found in modules.items()
+            if name in module_names and len(found) == 1}
+
+
+class _Numbers:
+    """Which expressions of one module are known numbers (see above)."""
+
+    def __init__(self, tree: ast.Module, direct_names: frozenset[str] | set[str],
+                 module_names: set[str]) -> None:
+        self.bindings = _binding_counts(tree)
+        self.ngx = "ngx" in direct_names
+        self.modules = _imported_modules(tree, module_names)
+        self.names: set[str] = set()
+        single = [node for node in ast.walk(tree) if isinstance(node, ast.Assign) and len(node.targets) == 1
+                  and isinstance(node.targets[0], ast.Name) and self.bindings.get(node.targets[0].id) == 1]
+        changed = True
+        while changed:  # `j = i % 3` after `i = len(x)`: until nothing more is known
+            changed = False
+            for assign in single:
+                name = assign.targets[0].id  # type: ignore[attr-defined]  # (a Name: see single)
+                if name not in self.names and self.is_number(assign.value):
+                    self.names.add(name)
+                    changed = True
+
+    def is_number(self, node: ast.expr) -> bool:
+        if isinstance(node, ast.Constant):
+            return type(node.value) in _NUMBER_TYPES
+        if isinstance(node, ast.Name):
+            return node.id in self.names
+        if isinstance(node, ast.UnaryOp):
+            return isinstance(node.op, (ast.USub, ast.UAdd)) and self.is_number(node.operand)
+        if isinstance(node, ast.BinOp):
+            return isinstance(node.op, ast.Mod) and self.is_number(node.left)
+        if isinstance(node, ast.Call):
+            return self._int_function(node.func)
+        return False
+
+    def _int_function(self, func: ast.expr) -> bool:
+        if isinstance(func, ast.Name):
+            return func.id in _INT_BUILTINS and func.id not in self.bindings
+        if not (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)):
+            return False
+        owner = func.value.id
+        if owner == "ngx":
+            return self.ngx and func.attr in _INT_API
+        return func.attr in _INT_MODULE_FUNCTIONS.get(self.modules.get(owner, ""), ())
+
+
+def _is_plain_key(node: ast.expr) -> bool:
+    """A literal subscript key that is no container: str, bytes, a number, None..."""
+    return isinstance(node, ast.Constant) and not isinstance(node.value, (tuple, frozenset))
+
+
 def _is_super_init(node: ast.Attribute) -> bool:
     """``super().__init__`` (zero-argument super only)."""
     call = node.value
@@ -175,10 +286,16 @@ class HookPolicy(RestrictingNodeTransformer):
         self.error_lines: list[tuple[int | None, str]] = []
         self.direct_names: frozenset[str] | set[str] = frozenset()
         self._class_inits: set[int] = set()  # ids of the `def __init__` nodes of class bodies
+        self.numbers: _Numbers | None = None
 
     def visit_Module(self, node: ast.Module) -> _Visited:
-        self.direct_names = (API_GLOBALS - _rebound_names(node)) | _module_names(node)
+        module_names = _module_names(node)
+        self.direct_names = (API_GLOBALS - _rebound_names(node)) | module_names
+        self.numbers = _Numbers(node, self.direct_names, module_names)
         return super().visit_Module(node)
+
+    def _is_number(self, node: ast.expr) -> bool:
+        return self.numbers is not None and self.numbers.is_number(node)
 
     # ---------------------------------------------------------------- direct API access
 
@@ -193,13 +310,32 @@ class HookPolicy(RestrictingNodeTransformer):
                 and isinstance(value.value, ast.Name) and value.value.id == "ngx"
                 and "ngx" in self.direct_names)
 
+    def _is_variable(self, node: ast.Attribute) -> bool:
+        """``ngx.var.NAME`` read directly (``_is_direct``)."""
+        value = node.value
+        return (isinstance(value, ast.Attribute) and value.attr == "var"
+                and isinstance(value.value, ast.Name) and value.value.id == "ngx")
+
     def visit_Attribute(self, node: ast.Attribute) -> _Visited:
         if _is_super_init(node):
             return _call("_super_init_", [self.visit(node.value)], node)
         if isinstance(node.ctx, ast.Load) and self._is_direct(node):
+            if self._is_variable(node):
+                # the variable itself, as ngx.var's attribute read answers it (the runtime's
+                # _var_), without the attribute protocol's lookup around that answer
+                return _call("_var_", [ast.Constant(node.attr)], node)
             node.value = self.visit(node.value)  # a Name, or a direct Attribute: left plain
             return node
         return super().visit_Attribute(node)
+
+    def visit_Call(self, node: ast.Call) -> _Visited:
+        """``text.encode()`` (no arguments, not an API or module member): ``_encode_(text)``,
+        the guarded method's answer in one call (guards.encoded)."""
+        func = node.func
+        if (isinstance(func, ast.Attribute) and func.attr == "encode" and isinstance(func.ctx, ast.Load)
+                and not node.args and not node.keywords and not self._is_direct(func)):
+            return _call("_encode_", [self.visit(func.value)], node)
+        return super().visit_Call(node)
 
     def error(self, node: ast.AST, info: str) -> None:
         super().error(node, info)
@@ -304,6 +440,8 @@ class HookPolicy(RestrictingNodeTransformer):
     def visit_Subscript(self, node: ast.Subscript) -> _Visited:
         """``d[key] = v`` / ``del d[key]``: the key is hashed or compared; ``_key_`` checks it
         (loads go through ``_getitem_``, which checks it too)."""
+        if isinstance(node.ctx, ast.Load) and (_is_plain_key(node.slice) or self._is_number(node.slice)):
+            return self.node_contents_visit(node)  # nothing for _getitem_ to check (known numbers)
         visited = super().visit_Subscript(node)  # a load becomes a _getitem_ call
         if isinstance(visited, ast.Subscript) and not isinstance(visited.slice, ast.Slice):
             visited.slice = _work_checked(visited.slice, "_key_")
@@ -334,9 +472,10 @@ class HookPolicy(RestrictingNodeTransformer):
     # ---------------------------------------------------------------- size guards
 
     def visit_BinOp(self, node: ast.BinOp) -> _Visited:
+        number_mod = isinstance(node.op, ast.Mod) and self._is_number(node.left)  # (before the visit)
         node = _in_place(node, super().visit_BinOp(node))
         guard = _GUARDED_BINOPS.get(type(node.op))
-        if guard is None:
+        if guard is None or number_mod:  # a number % anything: arithmetic (known numbers)
             return node
         return _call(guard, [node.left, node.right], node)
 
