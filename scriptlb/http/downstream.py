@@ -127,8 +127,6 @@ def next_connection_id() -> int:
 
 
 
-# the last bytes of a request line -> its HTTP version (httptools validated it when it parses)
-_VERSION_HINTS = {b" HTTP/1.1": "1.1", b" HTTP/1.0": "1.0"}
 # the usual methods, as llhttp gives them -> the same str each time (no decoding per request)
 _METHODS = {method.encode("ascii"): method
             for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
@@ -375,7 +373,6 @@ class ClientConnection(asyncio.Protocol):
         "_timer",
         "_timer_when",
         "_upgrade_early",
-        "_version_hint",
         "_writing_paused",
         "active",
         "body_bytes_sent",
@@ -454,7 +451,6 @@ class ClientConnection(asyncio.Protocol):
         self._line_bytes = 0  # bytes of the head's incomplete last line
         self._framing_bytes = 0  # chunked body: bytes since the last chunk boundary or body byte
         self._fed = 0  # _FED_* flags of the feed in progress
-        self._version_hint: str | None = None  # see data_received
         self._body_for: Any = None  # the handler that got body bytes in the feed in progress
         # add_trailer: None, or what makes the trailers of the chunked response in progress
         self.trailers: Callable[[], bytes] | None = None
@@ -546,61 +542,63 @@ class ClientConnection(asyncio.Protocol):
             return
         self.listener.reusable.pop(self, None)  # a connection that reads is no longer idle
         parsing = self._parsing
-        heading = parsing is None or not self._head_done
-        # Bare LFs (rare): an LF left once every CRLF is gone. (One fast call on a read of
-        # usual size; a large one is counted instead of copied.)
-        if heading and (10 in data.replace(b"\r\n", b"") if len(data) <= _REWRITE_MAX
-                        else data.count(b"\n") != data.count(b"\r\n")):
-            fixed, end = crlf_head_part(data, self._last_data if parsing is not None else b"")
-            if end < len(data):
-                # a body came with the head: handled as a read of its own, as it came (one
-                # copy, instead of joining it to the rewritten head)
-                self.data_received(fixed)
-                self.data_received(data[end:])
-                return
-            data = fixed
-        if parsing is None:
-            # A read that starts a request (the usual one) has its HTTP version at the end of
-            # its first line: on_headers_complete takes it from there (httptools's
-            # get_http_version() builds the string with str.format, costly per request).
-            first, line_end, _ = data.partition(b"\r\n")
-            self._version_hint = _VERSION_HINTS.get(first[-9:]) if line_end else None
         try:
-            if heading and (self._line_bytes or len(data) > self._header_line_max):
-                self._check_line_start(data)
+            if parsing is None or not self._head_done:
+                size = len(data)
+                # Bare LFs (rare): an LF left once every CRLF is gone. (One fast call on a read
+                # of usual size; a large one is counted instead of copied.)
+                if (10 in data.replace(b"\r\n", b"") if size <= _REWRITE_MAX
+                        else data.count(b"\n") != data.count(b"\r\n")):
+                    data = self._with_crlf(data, parsing)
+                    if not data:
+                        return  # (fed as two reads)
+                    size = len(data)
+                if self._line_bytes or size > self._header_line_max:
+                    self._check_line_start(data)
             self._fed = 0
             try:
                 self._parser.feed_data(data)
             except (httptools.HttpParserError, httptools.HttpParserUpgrade) as stop:
                 # (an Upgrade request's head, a client error a callback raised, bad bytes)
                 self._feed_stopped(stop, data)
-            if self._parsing is not None or self._line_bytes:
-                if self._parsing is not parsing:
-                    self._head_begun()
-                # (a body read in this feed and not ended by it: its handler is told now)
-                body_for = self._body_for
-                if body_for is not None:
-                    self._body_for = None
-                    active = self.active
-                    if active is body_for and active is not None:
-                        active.body_received()
-                self._check_partial_line(data)
+            if self._parsing is None and not self._line_bytes:
+                self._last_data = b""  # (the usual read: whole requests)
+            else:
+                self._fed_partly(data, parsing)
         except ClientError as err:
             self._client_error(err)
-            return
         except MemoryError:
             self._out_of_memory()
-            return
+
+    def _with_crlf(self, data: bytes, parsing: Request | None) -> bytes:
+        """A read whose head has bare LFs, rewritten; b"" when a body came with the head: then
+        both were handled as reads of their own, the body as it came (one copy, instead of
+        joining it to the rewritten head)."""
+        fixed, end = crlf_head_part(data, self._last_data if parsing is not None else b"")
+        if end < len(data):
+            self.data_received(fixed)
+            self.data_received(data[end:])
+            return b""
+        return fixed
+
+    def _fed_partly(self, data: bytes, parsing: Request | None) -> None:
+        """After a feed that ended inside a request (its head, or its body)."""
+        if self._parsing is not parsing and self._parsing is not None and not self._head_done \
+                and self.active is None and not self.closed:
+            # a head begun by this read: client_header_timeout runs from now (when a request
+            # is being served, its end arms it; a head that comes whole arms nothing)
+            self._arm(_HEAD, self.listener.header_timeout)
+        # (a body read in this feed and not ended by it: its handler is told now)
+        body_for = self._body_for
+        if body_for is not None:
+            self._body_for = None
+            active = self.active
+            if active is body_for and active is not None:
+                active.body_received()
+        self._check_partial_line(data)
         # a head still arriving keeps a reference to its last bytes (the timeout log's wording,
         # see _line_received); any other connection holds none
         self._last_data = data if self._parsing is not None and not self._head_done else b""
-
-    def _head_begun(self) -> None:
-        """After a feed that began a request whose head is not whole yet: client_header_timeout
-        runs from now (unless a request is being served: its end arms it). A head that comes in
-        one read, the usual one, arms nothing."""
-        if self._parsing is not None and not self._head_done and self.active is None and not self.closed:
-            self._arm(_HEAD, self.listener.header_timeout)
 
     def eof_received(self) -> bool | None:
         # A half-closed client may still read our answer to what it already sent (not over
@@ -744,7 +742,8 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         if not request.method:  # (known once the target begins: error logs of the head show it)
-            request.method = self._method()
+            method = self._parser.get_method()  # (_method, inlined: once per request)
+            request.method = _METHODS.get(method) or method.decode("ascii")
         target = request.target = request.target + url
         if len(target) > self._header_line_max:
             raise ClientError(414, "client sent too long URI while reading client request line")
@@ -762,14 +761,16 @@ class ClientConnection(asyncio.Protocol):
             return  # a trailer: dropped, as nginx does (never merged into the request head)
         value = value.rstrip(b" \t")  # (the same object when there is nothing to strip)
         line = len(name) + len(value) + 4
-        request.head_size += line
-        if line > self._header_line_max or request.head_size > self._head_max:
+        size = request.head_size = request.head_size + line
+        if line > self._header_line_max or size > self._head_max:
             raise ClientError(494, "client sent too long header line while reading client request headers")
-        noted = _HEADER_NAMES.get(name)
-        if noted is None:
-            noted = self._first_seen_name(name, value)
-            if noted is None:
+        try:
+            noted = _HEADER_NAMES[name]
+        except KeyError:
+            first_seen = self._first_seen_name(name, value)
+            if first_seen is None:
                 return  # an invalid line, ignored
+            noted = first_seen
         request.headers.append((name, value))
         if noted:
             if noted is _HOST and request.host is None:  # (every request has one)
@@ -802,22 +803,20 @@ class ClientConnection(asyncio.Protocol):
         parser = self._parser
         if not request.method:
             request.method = self._method()
-        version = self._version_hint
-        if version is None:
-            version = parser.get_http_version()
-        else:
-            self._version_hint = None  # (it was this request's, the first in its read)
-        request.version = version
-        if version not in ("1.1", "1.0"):
-            raise ClientError(400, "client sent invalid request while reading client request line")
+        keep_alive = parser.should_keep_alive()
+        # llhttp speaks HTTP 0.9, 1.0, 1.1 and 2.0 and keeps only 1.1 alive unless told so by a
+        # Connection header: the usual request is HTTP/1.1 (request.version's default) without
+        # asking (httptools's get_http_version() builds its string with str.format, per call)
+        if not keep_alive or request.connection is not None:
+            self._read_version(request)
         if request.method == "CONNECT":
             raise ClientError(405, "client sent invalid method while reading client request line")
         if len(request.headers) > self.listener.max_headers:  # (ignored invalid lines not counted)
             raise ClientError(400, "client sent too many header lines while reading client request headers")
-        if version == "1.1" and request.host is None:
+        if request.host is None and request.version == "1.1":
             raise ClientError(400, "client sent HTTP/1.1 request without \"Host\" header "
                                    "while reading client request headers")
-        request.keep_alive = parser.should_keep_alive()
+        request.keep_alive = keep_alive
         if request.chunked or request.content_length:  # (has_body stays False: the usual GET)
             self._read_framing(request)
         handler = self.listener.open_exchange(self, request)
@@ -832,6 +831,12 @@ class ClientConnection(asyncio.Protocol):
                 self._queue = deque()
             self._queue.append((request, handler))
             self._pause_reading()  # parse no further ahead until the active request is answered
+
+    def _read_version(self, request: Request) -> None:
+        """The request's HTTP version, from the parser: one we speak, or a 400."""
+        version = request.version = self._parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise ClientError(400, "client sent invalid request while reading client request line")
 
     def _read_framing(self, request: Request) -> None:
         """A request with a body (chunked, or a Content-Length above 0). llhttp already rejects
