@@ -741,11 +741,13 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
-        if not request.method:  # (known once the target begins: error logs of the head show it)
+        if request.method:
+            url = request.target + url  # (the target came in pieces: reads ended inside it)
+        else:  # the first piece (the method is known once the target begins: error logs show it)
             method = self._parser.get_method()  # (_method, inlined: once per request)
             request.method = _METHODS.get(method) or method.decode("ascii")
-        target = request.target = request.target + url
-        if len(target) > self._header_line_max:
+        request.target = url
+        if len(url) > self._header_line_max:
             raise ClientError(414, "client sent too long URI while reading client request line")
 
     def _method(self) -> str:
@@ -995,7 +997,7 @@ class ClientConnection(asyncio.Protocol):
         end = _KEEP_ALIVE_END if self._keep_alive else _CLOSE_END
         # (the head is kept for $sent_http_content_length & co.)
         head = self.sent_head = b"".join((head_start(status, reason), headers, framing, end))
-        self.bytes_sent += len(head)
+        self.bytes_sent = len(head)  # (the response's first bytes: one head per response)
         # Corked: the head goes out with the first body bytes (one syscall instead of two), or
         # at flush() when the caller has no body at hand.
         self._pending_head = head

@@ -173,11 +173,13 @@ class _DateCache:
     it also owns the per-second cache of full error responses, which embed the date.
     """
 
-    __slots__ = ("head_starts", "head_starts_size", "header", "responses", "second", "text", "until")
+    __slots__ = ("head_starts", "head_starts_size", "header", "responses", "second", "since", "text", "until")
 
     def __init__(self) -> None:
         self.second = -1
-        self.until = -1.0  # the next second, as a float: head_start compares the clock with it
+        # the second's bounds as floats: head_start compares the clock with them
+        self.since = -1.0
+        self.until = -1.0
         self.text = ""
         self.header = b""
         self.responses: dict[tuple[int, bool, bool], bytes] = {}
@@ -190,6 +192,7 @@ class _DateCache:
         second = int(now)
         if second != self.second:
             self.second = second
+            self.since = float(second)
             self.until = second + 1.0
             self.text = formatdate(second, usegmt=True)
             self.header = f"Date: {self.text}\r\n".encode("ascii")
@@ -219,13 +222,13 @@ def head_start(status: int, reason: bytes | None) -> bytes:
     once per second for each status (one call per response instead of three)."""
     clock = _CLOCK
     now = _wall_clock()
-    if now >= clock.until or now < clock.second:
+    if clock.since <= now < clock.until:
+        try:
+            return clock.head_starts[status][reason]
+        except KeyError:
+            pass
+    else:
         clock.refresh(now)
-    starts = clock.head_starts.get(status)
-    if starts is not None:
-        start = starts.get(reason)
-        if start is not None:
-            return start
     return _new_head_start(status, reason)
 
 
