@@ -28,6 +28,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
+from time import time as _wall_clock
 from typing import Any, Protocol, cast
 
 import httptools
@@ -37,6 +38,7 @@ from scriptlb.http import responses
 from scriptlb.http.line_ends import REWRITE_MAX as _REWRITE_MAX
 from scriptlb.http.line_ends import crlf_head_part
 from scriptlb.http.request_body import EMPTY_BODY, BodyFileError, RequestBody
+from scriptlb.http.responses import CLOCK as _CLOCK
 from scriptlb.http.responses import head_start
 from scriptlb.logs import errorlog
 
@@ -995,8 +997,16 @@ class ClientConnection(asyncio.Protocol):
         if status >= 400 and request.has_body and not request.complete:
             self._keep_alive = False  # we will not read the rest of the body
         end = _KEEP_ALIVE_END if self._keep_alive else _CLOSE_END
+        clock = _CLOCK  # (head_start, inlined: once per response)
+        if clock.since <= _wall_clock() < clock.until:
+            try:
+                start = clock.head_starts[status][reason]
+            except KeyError:
+                start = head_start(status, reason)
+        else:
+            start = head_start(status, reason)
         # (the head is kept for $sent_http_content_length & co.)
-        head = self.sent_head = b"".join((head_start(status, reason), headers, framing, end))
+        head = self.sent_head = b"".join((start, headers, framing, end))
         self.bytes_sent = len(head)  # (the response's first bytes: one head per response)
         # Corked: the head goes out with the first body bytes (one syscall instead of two), or
         # at flush() when the caller has no body at hand.
@@ -1053,7 +1063,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.bytes_sent += size
             transport = self.transport  # (_write, inlined: once per response)
-            if transport is not None and not self.closed and not transport.is_closing():
+            if not self.closed and transport is not None and not transport.is_closing():
                 transport.write(head + data if head else data)
 
     def end_body(self) -> None:

@@ -166,7 +166,7 @@ def closes_connection(status: int) -> bool:
 # --------------------------------------------------------------------------- Date
 
 
-class _DateCache:
+class DateCache:
     """The RFC 7231 date of the current second (nginx's ngx_cached_http_time).
 
     A process-wide cache of a pure function of the clock, refreshed at most once a second;
@@ -184,7 +184,8 @@ class _DateCache:
         self.header = b""
         self.responses: dict[tuple[int, bool, bool], bytes] = {}
         # status -> peer's phrase or None -> status line + Server + Date of this second (by
-        # status first: no key tuple to build and hash per response)
+        # status first: no key tuple to build and hash per response); valid while the wall
+        # clock is in [since, until), which a caller may test itself (see head_start)
         self.head_starts: dict[int, dict[bytes | None, bytes]] = {}
         self.head_starts_size = 0
 
@@ -201,7 +202,8 @@ class _DateCache:
             self.head_starts_size = 0
 
 
-_CLOCK = _DateCache()
+# (public for the response writer's fast path: ClientConnection.send_head)
+CLOCK = _CLOCK = DateCache()
 
 
 def http_date(now: float | None = None) -> str:
