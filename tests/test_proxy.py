@@ -513,7 +513,7 @@ def test_location_match_memo_gives_the_matchers_answer_and_stays_bounded(
             got = [server.match(uri).conf.pattern for uri in uris]
             assert got[:5] == ["/exact", "/a/", "\\.png$", "/", "/"]
             assert set(got[5:]) == {"/"}
-            assert len(server._matched) <= 8
+            assert len(server.matched) <= 8
     finally:
         loop.close()
 

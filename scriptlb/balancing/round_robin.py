@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from scriptlb.state.stats import UpstreamStats
 
 
+_new_state = object.__new__
+
+
 class RoundRobin:
     """nginx's default balancing method. Implements ``scriptlb.balancing.base.Balancer``."""
 
@@ -47,21 +50,31 @@ class RoundRobin:
         self.rebuild(self.peers)
 
     def new_request(self, tries_cap: int, key: str | bytes | None = None) -> BalancerState:
-        # (no key: not hashed; initial_tries inlined: once per request)
+        # (no key: not hashed; initial_tries and BalancerState's constructor inlined, once
+        # per request: a class's Python __init__ costs more than its stores)
         peers = self.peers
         tries = peers.tries
-        return BalancerState(peers, tries_cap if tries_cap and tries > tries_cap else tries)
+        state = _new_state(BalancerState)
+        state.peer_set = peers
+        state.tries = tries_cap if tries_cap and tries > tries_cap else tries
+        state.tried = 0
+        state.on_backup = False
+        state.current = None
+        return state
 
     # ------------------------------------------------------------------ get
 
     def get(self, state: BalancerState, now: float) -> Peer | None:
         peer_set = state.peer_set
         peer: Peer | None
-        if peer_set.single:
+        single = peer_set.only
+        if single is not None:
             # A single peer ignores max_fails: there is nothing else to send the request to.
-            single = peer_set.primary[0]
-            full = single.max_conns and single.conns >= single.max_conns  # (Peer.is_full, inlined)
-            peer = None if single.down or full else single
+            if not single.down and not (single.max_conns and single.conns >= single.max_conns):
+                state.current = single  # (Peer.is_full, inlined)
+                single.conns += 1
+                return single
+            peer = None
         else:
             peer = self._get_weighted(state, now)
         if peer is None:

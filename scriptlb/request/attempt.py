@@ -37,7 +37,7 @@ nginx's whole milliseconds (variables truncate).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from scriptlb.logs import errorlog
 from scriptlb.request.retry import Failure, is_counted_failure, last_failure_state, last_failure_status
@@ -50,6 +50,18 @@ if TYPE_CHECKING:
     from scriptlb.http.upstream import PoolKey, UpstreamConnection
     from scriptlb.request.runtime import UpstreamRuntime
     from scriptlb.state.peers import Peer
+    from scriptlb.state.stats import UpstreamStats
+
+
+class TriesLoop(Protocol):
+    """What ``Attempt.end`` reads of the request's tries loop (``proxy.UpstreamRequest``)."""
+
+    @property
+    def upstream(self) -> UpstreamRuntime: ...
+    @property
+    def balancer_state(self) -> Any: ...  # the balancer's per-request state (tries budget)
+    @property
+    def exchange(self) -> Any: ...
 
 clock = time.perf_counter  # the tries' clock (see the module docstring)
 
@@ -108,13 +120,11 @@ def chosen_anyway(upstream: UpstreamRuntime, peer: Peer, outcome: Any, exchange:
 class Attempt(TryRecord):
     """One try: its peer, connection, pool, statistics index and ``$upstream_*`` record."""
 
-    __slots__ = ("conn", "key", "peer", "peer_addr", "pool", "reused", "state", "stats_index", "tls_name",
-                 "upstream")
+    __slots__ = ("conn", "key", "peer", "peer_addr", "pool", "reused", "stats_index", "tls_name")
 
     def __init__(
         self,
-        upstream: UpstreamRuntime,
-        state: Any,
+        stats: UpstreamStats | None,
         name: str,
         peer_addr: PeerAddr,
         peer: Peer | None,
@@ -122,39 +132,38 @@ class Attempt(TryRecord):
         key: PoolKey,
         hook: HookOutcome | None = None,
         tls_name: str | None = None,
+        reused: UpstreamConnection | None = None,
     ) -> None:
         """``key`` is the pool key, what makes two connections interchangeable: the peer's
         address text (with its port, or ``unix:path``), the name the peer is addressed by (a
         hook's ``set_current_peer`` host; ``https:`` + the TLS server name, so two names on one
-        address never share a connection), and the local address a hook bound to."""
+        address never share a connection), and the local address a hook bound to. ``reused``
+        is the connection the try got from its pool (None: a new one is opened for it)."""
         # (TryRecord's fields, assigned here: one constructor call per try)
         self.addr = name
         self.started = clock()
         # the hook run's HookOutcome (None: no hook): kept as is, read only by $balancer_trace
         self.hook = hook
         self.status: int | None = None
-        self.connect_time: float | None = None
+        # (a connection from the pool: no connect time)
+        self.connect_time: float | None = None if reused is None else 0.0
         self.header_time: float | None = None
         self.response_time: float | None = None
         # (bytes_sent, bytes_received, response_length: set by end() when a request was
         # sent; $upstream_bytes_* read 0 until then)
-        self.upstream = upstream
-        self.state = state  # the balancer's per-request state (tries budget, tried peers)
         self.peer_addr = peer_addr
         self.peer = peer  # the balancer's peer to free; None for a hook-set address
         self.pool = pool  # where the connection goes back; None: closed after the response
         self.key = key
-        self.conn: UpstreamConnection | None = None
-        self.reused = False  # the connection came from the pool
+        self.conn: UpstreamConnection | None = reused
+        self.reused = reused is not None  # the connection came from the pool
         self.tls_name = tls_name  # proxy_pass https://: the name sent / verified
-        stats = upstream.stats
-        if stats is None:
-            self.stats_index = -1  # -1: nothing to finish in the statistics
-        elif peer is not None:
-            self.stats_index = index = peer.stats_index
-            stats.start(index)
-        else:
-            self.stats_index = stats.start_address(name)
+        if stats is not None:  # (without them stats_index stays unset: end reads it only with them)
+            if peer is not None:
+                self.stats_index = index = peer.stats_index
+                stats.start(index)
+            else:
+                self.stats_index = stats.start_address(name)
 
     def __repr__(self) -> str:
         return f"<Attempt {self.addr} {self.status} conn={self.conn!r}>"
@@ -163,76 +172,106 @@ class Attempt(TryRecord):
         self.conn = conn
         self.connect_time = clock() - self.started
 
-    def end(self, outcome: int, exchange: Any, failure: Failure | None = None,
+    def end(self, outcome: int, tries: TriesLoop, failure: Failure | None = None,
             phase: str = "") -> Failure | None:
-        """End the try (see the module docstring); returns ``failure`` for the retry decision."""
-        upstream = self.upstream
+        """End the try (see the module docstring); returns ``failure`` for the retry decision.
+        ``tries`` is the tries loop of the request (its upstream, balancer state, exchange)."""
+        upstream = tries.upstream
         self.response_time = elapsed = clock() - self.started  # nginx: every try has one
         conn = self.conn
         self.conn = None
         peer = self.peer
         self.peer = None
-        status = self.status or 0
         # (a stream session's PeerSide offers the same counts, copied from its StreamAttempt)
         if conn is not None and BYTE_COUNTS_READ[0] and conn.sent:
             self.bytes_sent = conn.sent
             self.bytes_received = conn.received
             self.response_length = conn.body_received
-        if outcome in (DONE, UPGRADED):
-            sample: float | None = elapsed if outcome == DONE else self.header_time
+        if outcome == DONE:  # (the usual end: the whole response went to the client)
+            sample: float | None = elapsed
             counted = stats_failed = False
-            if peer is not None and upstream.observe is not None and sample is not None:
+            if upstream.observe is not None and peer is not None:
+                upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
+            if conn is not None:
+                pool = self.pool
+                if pool is not None:
+                    pool.release(conn)
+                else:
+                    conn.close()
+        else:
+            sample, counted, stats_failed = self._end_otherwise(upstream, outcome, conn, peer, elapsed,
+                                                                failure)
+        stats = upstream.stats  # (an index is only given out with statistics)
+        index = -1
+        if stats is not None:
+            index = self.stats_index
+            if index >= 0:
+                self.stats_index = -1
+                status = 0 if outcome == FAILED else (self.status or 0)  # (FAILED: no response)
+                if conn is not None:
+                    stats.finish(index, status, sample, stats_failed, conn.sent, conn.received,
+                                 self.header_time)
+                else:
+                    stats.finish(index, status, sample, stats_failed)
+        if peer is not None:
+            if stats is not None and (counted or peer.fails):
+                disabled = _free_shared(upstream, tries.balancer_state, stats, peer, counted)
+            else:
+                disabled = upstream.balancer.free(tries.balancer_state, peer, counted, upstream.loop.time())
+            if disabled:
+                if index >= 0 and stats is not None:  # (index: with statistics only)
+                    stats.recorder.became_unavailable(index)
+                # this failure reached max_fails: nginx says so
+                exchange = tries.exchange
+                errorlog.log_error("warn", f"upstream server temporarily disabled while {phase}",
+                                   exchange.conn_id, exchange.log_context(peer.name))
+        elif failure is not None and tries.balancer_state.tries:
+            tries.balancer_state.tries -= 1  # a hook-set peer: the budget is ours to count
+        if failure is not None:
+            tries.exchange.last_failure = (last_failure_state(failure), last_failure_status(failure))
+        return failure
+
+    def _end_otherwise(self, upstream: UpstreamRuntime, outcome: int, conn: UpstreamConnection | None,
+                       peer: Peer | None, elapsed: float, failure: Failure | None
+                       ) -> tuple[float | None, bool, bool]:
+        """end's part for the outcomes other than DONE: the latency sample, whether the try
+        counts as a failure (for max_fails) and whether it failed (for the statistics)."""
+        if outcome == UPGRADED:
+            sample = self.header_time  # (a tunnel's life says nothing about the peer's speed)
+            if upstream.observe is not None and peer is not None and sample is not None:
                 upstream.observe(peer, self.connect_time, self.header_time, sample, upstream.loop.time())
             if conn is not None:
                 if self.pool is not None:
                     self.pool.release(conn)
                 else:
                     conn.close()
-        else:
-            if conn is not None:
-                conn.abort()
-            if outcome == NEXT:
-                assert failure is not None
-                sample = elapsed
-                counted = stats_failed = is_counted_failure(failure, True)
-                if peer is not None and upstream.observe is not None:
-                    upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
-            elif outcome == FAILED:
-                assert failure is not None
-                self.status = last_failure_status(failure)
-                status = 0  # (the statistics: no response)
-                # a timeout's duration says the peer is slow; a refused or reset connection's
-                # says nothing (it would make a dead peer look like the fastest one)
-                sample = elapsed if failure is Failure.TIMEOUT else None
-                counted = stats_failed = True
-            else:  # BROKEN, ABANDONED
-                sample = None
-                counted = False
-                stats_failed = outcome == BROKEN
-        index = self.stats_index
-        stats = upstream.stats  # (an index is only given out with statistics)
-        if index >= 0 and stats is not None:
-            self.stats_index = -1
-            if conn is not None:
-                stats.finish(index, status, sample, stats_failed, conn.sent, conn.received, self.header_time)
-            else:
-                stats.finish(index, status, sample, stats_failed)
-        if peer is not None:
-            now = upstream.loop.time()
-            fails_before = peer.fails
-            disabled = upstream.balancer.free(self.state, peer, counted, now)
-            if stats is not None and (counted or fails_before) and upstream.conf.zone \
-                    and not upstream.peers.single and upstream.peers.holds(peer):
-                # a zone: one passive state for every worker, which alone says "disabled"
-                disabled = stats.passive_free(peer, counted, fails_before, now)
-            if disabled:
-                if index >= 0 and stats is not None:
-                    stats.recorder.became_unavailable(index)
-                # this failure reached max_fails: nginx says so
-                errorlog.log_error("warn", f"upstream server temporarily disabled while {phase}",
-                                   exchange.conn_id, exchange.log_context(peer.name))
-        elif failure is not None and self.state.tries:
-            self.state.tries -= 1  # a hook-set peer: the budget is ours to count
-        if failure is not None:
-            exchange.last_failure = (last_failure_state(failure), last_failure_status(failure))
-        return failure
+            return sample, False, False
+        if conn is not None:
+            conn.abort()
+        if outcome == NEXT:
+            assert failure is not None
+            counted = is_counted_failure(failure, True)
+            if peer is not None and upstream.observe is not None:
+                upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
+            return elapsed, counted, counted
+        if outcome == FAILED:
+            assert failure is not None
+            self.status = last_failure_status(failure)
+            # a timeout's duration says the peer is slow; a refused or reset connection's
+            # says nothing (it would make a dead peer look like the fastest one)
+            return (elapsed if failure is Failure.TIMEOUT else None), True, True
+        return None, False, outcome == BROKEN  # BROKEN, ABANDONED
+
+
+def _free_shared(upstream: UpstreamRuntime, state: Any, stats: UpstreamStats, peer: Peer,
+                 counted: bool) -> bool:
+    """The balancer's free with live statistics, for a failure or a peer with failures: in a
+    zone, the passive health state is every worker's, and it alone says whether the peer is
+    now disabled."""
+    now = upstream.loop.time()
+    fails_before = peer.fails
+    disabled: bool = upstream.balancer.free(state, peer, counted, now)
+    if (counted or fails_before) and upstream.conf.zone and not upstream.peers.single \
+            and upstream.peers.holds(peer):
+        disabled = stats.passive_free(peer, counted, fails_before, now)
+    return disabled

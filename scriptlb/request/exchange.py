@@ -19,6 +19,7 @@ is a bug, reported as an ``[alert]`` (``safety.report``) and the request is fini
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,49 +51,42 @@ class Exchange:
     """One request: what variables, hooks and logs read, and the code that serves it."""
 
     __slots__ = (
+        "_ctx",  # see ctx (unset until then)
         "_early_status",
         "_finished",
         "_kept_headers",  # see kept_headers (unset until an internal redirect keeps some)
-        "_redirected",
+        "_last_failure",  # see last_failure (unset until a try failed)
+        "_redirected",  # error_page redirected this request, once as nginx (unset until then)
         "_redirects_left",  # internal redirects still allowed (unset until the first one)
         "args",
         "body_bytes_sent",
         "body_timeout",
         "bytes_sent",
-        "captures",
+        "captures",  # $0..$9 of the last rewrite/if match (unset until one)
         "conn",
-        "connect_timeout",
-        "ctx",
         "err_status",
         "headers",
         "host",
         "http_version",
         "keepalive_requests",
         "keepalive_timeout",
-        "last_failure",
         "limit",
         "location",
-        "loop",
         "max_body_size",
         "method",
-        "proxy_host",
+        "proxy_host",  # $proxy_host (unset until proxying starts)
         "proxy_port",  # set by proxy_pass with variables only ($proxy_port reads the location's)
-        "read_timeout",
         "realip",
         "request",
         "request_uri",
         "response_headers",
         "runtime",
-        "send_timeout",
         "sent_trailers",  # add_trailer's lines, once sent (unset otherwise: $sent_trailer_*)
         "server",
         "start_time",
         "status",
         "tries",
-        "tries_cap",
-        "tries_left",
         "upstream_headers",
-        "upstream_name",
         "upstream_request",
         "uri",
         "variables",
@@ -101,77 +95,92 @@ class Exchange:
     # set by the routing (the constructor's usual case, or _route)
     server: ServerRuntime
     location: LocationRuntime
+    _ctx: dict[str, object]
+    # unset until set (readers take a default)
+    captures: tuple[str, ...] | None
+    proxy_host: str
+    _last_failure: tuple[str, int] | None
 
     def __init__(self, runtime: Runtime, conn: ClientConnection, request: Request) -> None:
         runtime.requests += 1  # (stub_status's "requests": every request, rejected ones too)
         self.conn = conn
         self.request = request
         self.runtime = runtime
-        self.loop = conn.loop
         self.start_time = time.time()
         self.method = request.method
         self.http_version = request.version
         self.headers = request.headers
-        self.request_uri = request_uri = request.target.decode("latin-1")
         self.status = 0
         self.body_bytes_sent = 0
         self.bytes_sent = 0
-        self.ctx: dict[str, object] = {}  # ngx.ctx (the hook API wraps it in its Lua-style view)
         self.tries: list[TryRecord] = []
-        self.upstream_name: str | None = None
         # for $upstream_http_*: the peer's headers once a response came (a shared empty tuple
         # until then: no list allocated for requests that never get one; then the response
         # head, which parses its pairs when read)
         self.upstream_headers: Sequence[tuple[bytes, bytes]] = ()
         self.response_headers: bytes = b""  # sent to the client, for $sent_http_*
-        # per-request timeouts (copied from the location when proxying starts; hooks change them)
-        self.connect_timeout = 60.0
-        self.send_timeout = 60.0
-        self.read_timeout = 60.0
-        # the tries loop, for the hook API
-        self.last_failure: tuple[str, int] | None = None
-        self.tries_left = 0
-        self.tries_cap = 0
-        self.proxy_host = ""
         # the client a trusted proxy named (scriptlb.request.realip)
         self.realip: tuple[str, int] | None = None
         self.limit: LimitState | None = None  # limit_req / limit_conn outcome (scriptlb.request.limits)
 
         self._early_status = 0  # an error found while routing, answered when we become active
-        self._redirected = False  # error_page redirected this request (once, as nginx)
         # error_page: the status the final response carries (0: its own; OWN_STATUS: its own,
         # with kept_headers, after X-Accel-Redirect)
         self.err_status = 0
         self.variables: dict[str, str] | None = None  # the rewrite module's `set` values
-        self.captures: tuple[str, ...] | None = None  # $0..$9 of the last rewrite/if match
         self._finished = False  # finish() ran: the log phase too (it runs once per request)
         self.upstream_request: UpstreamRequest | Waiting | None = None  # set when proxying (or waiting)
-        # routing: the usual case inlined (an origin-form target whose path needs no
-        # normalizing, the Host of the connection's previous request); _route does all cases
-        path, sep, args = request_uri.partition("?")
+        # routing: the usual case inlined (the target of the connection's previous request
+        # again, under the same Host); _route_target does the other cases
         cached = conn.host_cache
-        if (request_uri[:1] == "/" and "%" not in path and "//" not in path and "/." not in path
-                and cached is not None and cached[0] == request.host):
-            self.uri = path
-            self.args = args if sep else None
-            self.server = server = cached[2]
-            self.host = cached[1] or server.name
-            self.location = server.match(path)
+        route: ConnRoute | None = cached[2] if cached is not None and cached[0] == request.host else None
+        if route is not None and route.target == request.target:
+            self.request_uri = route.request_uri
+            self.uri = route.uri
+            self.args = route.args
+            self.server = route.server
+            self.host = route.host
+            self.location = location = route.location
         else:
-            self._route()
+            location = self._route_target(route)
         if conn.refusal is not None and not self._early_status:
             self._refuse(conn.refusal)
         # what the client connection reads (plain attributes: read on every request)
-        conf = self.location.conf
+        conf = location.conf
         self.max_body_size = conf.client_max_body_size  # 0 = unlimited
         self.body_timeout = conf.client_body_timeout
-        self.keepalive_timeout = conf.keepalive_timeout
-        location = self.location
-        if not location.keepalive_allowed(self):  # keepalive_time, keepalive_disable
-            self.keepalive_timeout = 0.0
         self.keepalive_requests = conf.keepalive_requests
+        # keepalive_time (the connection's age), then keepalive_disable (browsers: None when
+        # it has no rule for this method, the usual case)
+        agents = location.keepalive_agents if request.method != "POST" else location.keepalive_agents_post
+        if (conn.loop.time() - conn.opened > location.keepalive_time
+                or (agents is not None and not agents(self))):
+            self.keepalive_timeout = 0.0
+        else:
+            self.keepalive_timeout = conf.keepalive_timeout
 
     # ------------------------------------------------------------------ routing
+
+    def _route_target(self, route: ConnRoute | None) -> LocationRuntime:
+        """Routing beyond the connection's memo: an origin-form target whose path needs no
+        normalizing, under the Host of the connection's previous request (remembered for the
+        next request); _route does all other cases."""
+        request = self.request
+        target = request.target
+        self.request_uri = request_uri = target.decode("latin-1")
+        path, sep, args = request_uri.partition("?")
+        if (route is not None and request_uri[:1] == "/" and "%" not in path and "//" not in path
+                and "/." not in path):
+            self.uri = path
+            self.args = query = args if sep else None
+            self.server = server = route.server
+            self.host = route.host
+            self.location = location = server.match(path)
+            route.target, route.request_uri, route.uri, route.args, route.location = (
+                target, request_uri, path, query, location)
+            return location
+        self._route()
+        return self.location
 
     def _route(self) -> None:
         target = self.request.target
@@ -193,14 +202,14 @@ class Exchange:
         conn = self.conn
         cached = conn.host_cache
         if cached is not None and cached[0] == raw_host:
-            host, self.server = cached[1], cached[2]  # keep-alive: same Host, same server
+            host, self.server = cached[1], cached[2].server  # keep-alive: same Host, same server
         else:
             host = normalize_host(raw_host.decode("latin-1")) if raw_host is not None else None
             self.server = self.conn_route().select(host)
             if raw_host is not None and host is None:
                 self._early_status = 400  # nginx: client sent invalid host header
             else:
-                conn.host_cache = (raw_host, host, self.server)
+                conn.host_cache = (raw_host, host, ConnRoute(self.server, host or self.server.name))
         self.host = host or self.server.name
         self.location = self.server.match(uri)
 
@@ -255,6 +264,87 @@ class Exchange:
     @property
     def server_port(self) -> int:
         return self.conn.server_port
+
+    @property
+    def ctx(self) -> dict[str, object]:
+        """ngx.ctx (the hook API replaces it with its Lua-style view), made on first use: most
+        requests never touch it."""
+        ctx: dict[str, object] | None = getattr(self, "_ctx", None)
+        if ctx is None:
+            ctx = self._ctx = {}
+        return ctx
+
+    @ctx.setter
+    def ctx(self, value: dict[str, object]) -> None:
+        self._ctx = value
+
+    # the tries loop's state, as the hook API reads and sets it (a hook runs only while the
+    # upstream request is the exchange's; the values outside it are nginx's defaults)
+    def _proxying(self) -> UpstreamRequest | None:
+        upstream_request = self.upstream_request
+        return upstream_request if isinstance(upstream_request, UpstreamRequest) else None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.conn.loop
+
+    @property
+    def last_failure(self) -> tuple[str, int] | None:
+        """(kind, status) of the tries loop's last failed try, for the hook API."""
+        failure: tuple[str, int] | None = getattr(self, "_last_failure", None)
+        return failure
+
+    @last_failure.setter
+    def last_failure(self, failure: tuple[str, int] | None) -> None:
+        self._last_failure = failure
+
+    @property
+    def upstream_name(self) -> str | None:
+        proxying = self._proxying()
+        return proxying.upstream.name if proxying is not None else None
+
+    @property
+    def tries_left(self) -> int:
+        proxying = self._proxying()
+        return proxying.tries_left if proxying is not None else 0
+
+    @property
+    def tries_cap(self) -> int:
+        proxying = self._proxying()
+        return proxying.tries_cap if proxying is not None else 0
+
+    @property
+    def connect_timeout(self) -> float:
+        proxying = self._proxying()
+        return proxying.connect_timeout if proxying is not None else self.location.conf.proxy.connect_timeout
+
+    @connect_timeout.setter
+    def connect_timeout(self, seconds: float) -> None:
+        proxying = self._proxying()
+        if proxying is not None:
+            proxying.connect_timeout = seconds
+
+    @property
+    def send_timeout(self) -> float:
+        proxying = self._proxying()
+        return proxying.send_timeout if proxying is not None else self.location.conf.proxy.send_timeout
+
+    @send_timeout.setter
+    def send_timeout(self, seconds: float) -> None:
+        proxying = self._proxying()
+        if proxying is not None:
+            proxying.send_timeout = seconds
+
+    @property
+    def read_timeout(self) -> float:
+        proxying = self._proxying()
+        return proxying.read_timeout if proxying is not None else self.location.conf.proxy.read_timeout
+
+    @read_timeout.setter
+    def read_timeout(self, seconds: float) -> None:
+        proxying = self._proxying()
+        if proxying is not None:
+            proxying.read_timeout = seconds
 
     @property
     def kept_headers(self) -> bytes:
@@ -314,9 +404,8 @@ class Exchange:
                     self.finish_with_page(self._early_status)
                     return
                 location = self.location
-                upstream = location.upstream
-                # (the usual location: no phase before the proxy has work)
-                if location.plain_proxy and upstream is not None:
+                upstream = location.plain_upstream
+                if upstream is not None:  # (the usual location: no phase before the proxy has work)
                     self.upstream_request = proxying = UpstreamRequest(self, upstream)
                     proxying.start()
                     return
@@ -528,7 +617,7 @@ class Exchange:
             # (before error_page, as nginx: a redirected 400, 497, 500... still ends the connection)
             self.conn.close_after_response()
         pages = self.location.error_pages if self.location is not None else None
-        if pages is not None and not self._redirected:
+        if pages is not None and not hasattr(self, "_redirected"):
             page = pages.get(status)
             if page is not None and self._error_page(page, status):
                 return
@@ -651,7 +740,7 @@ class Exchange:
         error_page (the proxy then calls finish_with_page)."""
         location = self.location
         return (location.conf.intercept_errors and location.error_pages is not None
-                and not self._redirected and status in location.error_pages)
+                and not hasattr(self, "_redirected") and status in location.error_pages)
 
     def _error_page(self, page: ErrorPage, status: int) -> bool:
         """Redirect to the error page (see scriptlb.request.error_pages); False: no such location."""
@@ -703,22 +792,26 @@ class Exchange:
         changes nothing the client sees, status, bytes and connection are settled), then the
         client connection's part. Never raises from the log phase."""
         conn = self.conn
-        if end == SENT:
-            conn.end_body()
-        self.bytes_sent = conn.bytes_sent
-        self.body_bytes_sent = conn.body_bytes_sent
+        location = self.location
+        if location.logged or location.add_trailers is not None:
+            # the body's end (with add_trailer's lines, made while the upstream side is still
+            # ours), then the counts the log phase reads; else the connection ends the body
+            if end == SENT:
+                conn.end_body()
+            self.bytes_sent = conn.bytes_sent
+            self.body_bytes_sent = conn.body_bytes_sent
         if not self._finished:
             self._finished = True
-            location = self.location
-            zone = location.zone
-            if zone is not None:  # status_zone: responses by class, for the metrics
-                zone[self.status // 100] += 1
-            hook = location.log_hook
-            if hook is None:
-                for log in location.access_logs:
-                    log.write(self)
-            else:
-                self._log_with_hook(hook)
+            if location.logged:  # (a status zone, access logs or a log hook)
+                zone = location.zone
+                if zone is not None:  # status_zone: responses by class, for the metrics
+                    zone[self.status // 100] += 1
+                hook = location.log_hook
+                if hook is None:
+                    for log in location.access_logs:
+                        log.write(self)
+                else:
+                    self._log_with_hook(hook)
             limit = self.limit
             if limit is not None and limit.held:
                 limit.release()  # limit_conn: this request no longer counts
@@ -760,6 +853,25 @@ class Exchange:
             return errorlog.request_context(self, None)
         scheme = "https" if self.location.tls is not None else "http"
         return errorlog.request_context(self, f"{scheme}://{peer_name}{self.location.plan.upstream_uri(self)}")
+
+
+class ConnRoute:
+    """The server of a client connection's requests under one Host (what the connection keeps
+    in ``host_cache``, after the raw Host and its normalized name), and the routing of the last
+    origin-form target seen there: a keep-alive client's next request mostly names the same
+    Host, often the same target (``target`` None: none yet)."""
+
+    __slots__ = ("args", "host", "location", "request_uri", "server", "target", "uri")
+    # (the target's routing: set with target)
+    request_uri: str
+    uri: str
+    args: str | None
+    location: LocationRuntime
+
+    def __init__(self, server: ServerRuntime, host: str) -> None:
+        self.server = server
+        self.host = host  # $host: the normalized Host, else the server's name
+        self.target: bytes | None = None
 
 
 def log_client_error(runtime: Runtime, conn: ClientConnection, request: Request, status: int) -> None:

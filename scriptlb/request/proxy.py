@@ -5,8 +5,9 @@ Theory of operation
 The exchange (``exchange.py``) hands a proxied request to an ``UpstreamRequest``, a state
 machine driven by callbacks, with no task per request::
 
-    start: per-request timeouts; buffer the body (proxy_request_buffering on)
-    _begin_tries: build the upstream request once; balancer.new_request
+    __init__: per-request timeouts
+    start: buffer the body (proxy_request_buffering on); build the upstream request once;
+      balancer.new_request
     _next_try: hook seam -> peer (hook's address, or balancer.get; None = no live upstreams)
       -> an Attempt (attempt.py) -> its pool's connection, or _connect (a task only to open a
          new connection, connect_timeout)
@@ -19,8 +20,8 @@ response byte went to the client there is no retry. Every try ends in ``Attempt.
 or close of the connection, the free of the peer, statistics and timing live there alone.
 
 Timeouts are per request: ``connect_timeout``/``send_timeout``/``read_timeout`` are copied from
-the location when proxying starts and every try reads them from the exchange (a hook's
-``set_timeouts`` changes this request only).
+the location when proxying starts and every try reads them here (a hook's ``set_timeouts``,
+through the exchange's properties of the same names, changes this request only).
 
 Pooling: a balancer peer's connection goes to the upstream's ``keepalive N`` pool; so does a
 hook-set peer's (keyed by address, host name and bind address, as OpenResty's keepalive module
@@ -75,9 +76,11 @@ from scriptlb.state.stats import WEIGHT_GENERATION
 if TYPE_CHECKING:
     from scriptlb.config.model import PeerAddr
     from scriptlb.hookrt.api import HookOutcome
+    from scriptlb.hookrt.hooks import HookRunner
+    from scriptlb.http.downstream import Request
     from scriptlb.http.pool import ConnectionPool
     from scriptlb.request.exchange import Exchange
-    from scriptlb.request.runtime import UpstreamRuntime
+    from scriptlb.request.runtime import RequestPlan, UpstreamRuntime
 
 
 _READING_HEADER = "reading response header from upstream"  # nginx's log action
@@ -95,8 +98,9 @@ class UpstreamRequest:
     """nginx's ``r->upstream`` for one proxied request: the per-request settings, the tries loop
     and the response streaming (see the module docstring).
 
-    What the hook API and variables read stays on the exchange (``tries``, ``tries_left``,
-    ``last_failure``, the three timeouts); the try in progress is ``attempt``.
+    What the hook API and variables read is on the exchange (``tries``, ``last_failure``; it
+    reads ``tries_left``, ``tries_cap`` and the three timeouts from here); the try in progress
+    is ``attempt``.
     """
 
     __slots__ = (
@@ -107,52 +111,76 @@ class UpstreamRequest:
         "_local_addr",
         "_passing",
         "_rate",
-        "_started",
-        "_state",
         "_stream_body",
         "_tunnel",
         "_waiting_body",
         "attempt",
+        "balancer_state",
         "conf",
+        "connect_timeout",
         "exchange",
         "hook_exit",
         "location",
-        "loop",
         "pass_uri",
         "plan",
+        "read_timeout",
+        "send_timeout",
         "upstream",
     )
+    # set when the tries begin (start)
+    balancer_state: Any  # the balancer's per-request state (tries budget, tried peers)
+    _head: bytes  # the request head for the peer
+    # unset until they happen (read with a default: never on the usual path)
+    _waiting_body: bool  # buffering the request body before the first try
+    _body_conn: UpstreamConnection | None  # where the streamed body goes now
+    _connecting: asyncio.Task[object] | None  # opening a new connection (None: done)
+    _passing: bool  # the response is going to the client: no retry any more
+    _tunnel: Tunnel  # after a 101: the two sockets joined
+    hook_exit: HookOutcome  # a hook's ngx.exit(N) run, for $balancer_trace
+    pass_uri: str | None  # proxy_pass with variables: its URI part, as evaluated
 
     def __init__(self, exchange: Exchange, upstream: UpstreamRuntime) -> None:
         self.exchange = exchange
         self.upstream = upstream
-        self.location = exchange.location
-        self.loop = exchange.loop
-        self.conf = exchange.location.conf.proxy
-        self.plan = exchange.location.plan
-        self._waiting_body = False  # buffering the request body before the first try
+        self.location = location = exchange.location
+        self.conf = conf = location.conf.proxy
+        self.plan = location.plan
+        # this request's timeouts (a hook's set_timeouts changes them: the exchange's setters)
+        self.connect_timeout = conf.connect_timeout
+        self.send_timeout = conf.send_timeout
+        self.read_timeout = conf.read_timeout
         self._stream_body = False  # proxy_request_buffering off: body sent as it arrives
-        self._body_conn: UpstreamConnection | None = None  # where the streamed body goes now
-        self._state: Any = None  # the balancer's per-request state (tries budget, tried peers)
-        self._head = b""
         self._body: bytes | SpooledBody = b""  # (bytes, or the file a big body was spooled to)
-        self._started = 0.0  # for proxy_next_upstream_timeout
         # proxy_bind, or a hook's bind_to_local_addr
         self._local_addr: tuple[str, int] | None = None
-        if self.location.proxy_bind is not None:
-            self._local_addr = local_address(self.location.proxy_bind(exchange), exchange)
+        if location.proxy_bind is not None:
+            self._local_addr = local_address(location.proxy_bind(exchange), exchange)
         self.attempt: Attempt | None = None  # the try in progress
-        self._connecting: asyncio.Task[object] | None = None
-        self._passing = False  # the response is going to the client: no retry any more
         self._rate: Any = None  # the body filters: ssi, proxy_store, limit_rate... (store.py)
-        self._tunnel: Tunnel | None = None  # after a 101: the two sockets joined
-        self.hook_exit: HookOutcome | None = None  # a hook's ngx.exit(N) run: $balancer_trace
-        self.pass_uri: str | None = None  # proxy_pass with variables: its URI part, as evaluated
 
     @property
     def _idempotent(self) -> bool:
         """retry.is_idempotent, inlined (read only when a try failed)."""
         return self.exchange.method not in NON_IDEMPOTENT_METHODS
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.exchange.conn.loop
+
+    @property
+    def _tries_started(self) -> float:
+        """When the first try began, on the tries' clock (proxy_next_upstream_timeout)."""
+        return self.exchange.tries[0].started
+
+    @property
+    def tries_left(self) -> int:
+        """The tries budget, the try in progress included (the hook API reads it)."""
+        return int(self.balancer_state.tries)
+
+    @property
+    def tries_cap(self) -> int:
+        """proxy_next_upstream_tries (0: no cap; the hook API reads it)."""
+        return self.conf.next_upstream_tries
 
     @property
     def connection(self) -> UpstreamConnection | None:
@@ -163,33 +191,71 @@ class UpstreamRequest:
     # ------------------------------------------------------------------ the exchange's calls
 
     def start(self) -> None:
-        """Per-request copies of the location's settings; the body first if it is buffered."""
+        """Begin the tries: at once for a request without a body (the usual GET) or with one
+        streamed as it arrives, else once the buffered body is complete (body_received calls
+        this again then). The upstream request is built once, then the balancer's request
+        starts and the first try runs."""
         ex = self.exchange
-        conf = self.conf
-        ex.connect_timeout = conf.connect_timeout
-        ex.send_timeout = conf.send_timeout
-        ex.read_timeout = conf.read_timeout
-        ex.upstream_name = self.upstream.name
-        ex.proxy_host = self.location.proxy_host or ex.proxy_host  # (proxy_pass with variables set it)
+        proxy_host = self.location.proxy_host
+        if proxy_host:  # (else proxy_pass with variables set it)
+            ex.proxy_host = proxy_host
         request = ex.request
-        if request.complete or not request.has_body:
-            if request.expect_continue:  # nginx answers it even when there is no body to read
-                ex.conn.send_continue()
-            self._begin_tries()  # (no body to wait for or stream: the usual GET)
-            return
+        plan = self.plan
+        if (request.has_body or request.content_length is not None or request.expect_continue
+                or plan.body_override is not None):
+            if not self._prepare_body(ex, request, plan):
+                return
+        else:
+            self._head = plan.build_head(ex)  # (the usual GET: _build_head's last case)
+        upstream = self.upstream
+        stats = upstream.stats
+        if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
+            # a hook set a weight. The generation is compared here, not through
+            # stats.weights_stale(), because this runs for every request: one load, no call
+            upstream.refresh_weights()
+        key_getter = upstream.key_getter
+        if key_getter is None:
+            self.balancer_state = upstream.balancer.new_request(self.conf.next_upstream_tries)
+        else:
+            self.balancer_state = upstream.balancer.new_request(self.conf.next_upstream_tries, key_getter(ex))
+        self._next_try()
+
+    def _prepare_body(self, ex: Exchange, request: Request, plan: RequestPlan) -> bool:
+        """start's part for a request with a body, a Content-Length, an Expect or a body of the
+        location's own: the body and the head for the peer; False while a buffered body is
+        still arriving."""
+        if request.has_body and not request.complete:
+            if self._holds_body(ex):
+                return False
+        elif request.expect_continue:  # nginx answers it even when there is no body to read
+            ex.conn.send_continue()
+        if plan.body_override is None and request.content_length is None and not request.has_body:
+            self._head = plan.build_head(ex)  # (an Expect without a body)
+        else:
+            if not self._stream_body and request.has_body:
+                self._body = request.body.buffered()  # bytes, or the file it was spooled to
+            if plan.body_override is not None:
+                self._body = plan.body_override(ex)
+            self._build_head()
+        return True
+
+    def _holds_body(self, ex: Exchange) -> bool:
+        """A body still arriving: streamed (False: the tries begin now) or buffered (True:
+        they begin once it is complete)."""
         self._stream_body = self._wants_streamed_body()
         ex.conn.send_continue()
         if self._stream_body:
-            self._begin_tries()
-        else:
-            self._waiting_body = True  # body_received() starts the tries
+            self._body_conn = None  # (until the connection is open)
+            return False
+        self._waiting_body = True  # body_received() starts the tries
+        return True
 
     def body_received(self) -> None:
         if self._stream_body:
             self._pump_body()
-        elif self._waiting_body and self.exchange.request.complete:
+        elif getattr(self, "_waiting_body", False) and self.exchange.request.complete:
             self._waiting_body = False
-            self._begin_tries()
+            self.start()
 
     def client_paused(self) -> None:
         conn = self.connection
@@ -205,11 +271,11 @@ class UpstreamRequest:
         """What this request was doing when the client half-closed, in nginx's words for the
         log line; None when nginx carries on regardless: a response streaming buffered
         (``proxy_buffering on``), a tunnel (after a 101, the half-close is passed on)."""
-        if self._tunnel is not None:
+        if hasattr(self, "_tunnel"):
             return None
         if self.exchange.conn.response_started:
             return None if self.conf.buffering else "sending to client"
-        if self._connecting is not None:
+        if getattr(self, "_connecting", None) is not None:
             return _CONNECTING
         attempt = self.attempt
         conn = attempt.conn if attempt is not None else None
@@ -221,16 +287,17 @@ class UpstreamRequest:
         """The client side ended the request (or a bug did): stop everything, free the peer."""
         self._waiting_body = False
         self._body_conn = None
-        if self._tunnel is not None:
-            self._tunnel.end("")  # (ends the try and logs the request)
-        connecting = self._connecting
+        tunnel: Tunnel | None = getattr(self, "_tunnel", None)
+        if tunnel is not None:
+            tunnel.end("")  # (ends the try and logs the request)
+        connecting = getattr(self, "_connecting", None)
         self._connecting = None
         if connecting is not None:
             connecting.cancel()
         attempt = self.attempt
         if attempt is not None:
             self.attempt = None
-            attempt.end(ABANDONED, self.exchange)
+            attempt.end(ABANDONED, self)
         if self._rate is not None:
             self._rate.cancel()
 
@@ -245,35 +312,6 @@ class UpstreamRequest:
         if self.plan.body_override is not None:
             return False  # (proxy_set_body, proxy_pass_request_body off: the client's is dropped)
         return not (request.chunked and not self.plan.http11)
-
-    def _begin_tries(self) -> None:
-        """Build the upstream request once, start the balancer's request, run the first try."""
-        ex = self.exchange
-        upstream = self.upstream
-        tries_cap = self.conf.next_upstream_tries
-        request = ex.request
-        plan = self.plan
-        if plan.body_override is None and request.content_length is None and not request.has_body:
-            self._head = plan.build_head(ex, None)  # (the usual GET: _build_head's last case)
-        else:
-            if not self._stream_body and request.has_body:
-                self._body = request.body.buffered()  # bytes, or the file it was spooled to
-            if plan.body_override is not None:
-                self._body = plan.body_override(ex)
-            self._build_head()
-        stats = upstream.stats
-        if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
-            # a hook set a weight. The generation is compared here, not through
-            # stats.weights_stale(), because this runs for every request: one load, no call
-            upstream.refresh_weights()
-        key_getter = upstream.key_getter
-        if key_getter is None:
-            self._state = upstream.balancer.new_request(tries_cap)
-        else:
-            self._state = upstream.balancer.new_request(tries_cap, key_getter(ex))
-        ex.tries_cap = tries_cap
-        self._started = self.loop.time()
-        self._next_try()
 
     def _build_head(self) -> None:
         """The request line and headers for the peer (again after a hook's recreate_request)."""
@@ -292,25 +330,13 @@ class UpstreamRequest:
         """The hook seam, then a peer, then a connection to it (nginx's upstream_connect)."""
         ex = self.exchange
         upstream = self.upstream
-        state = self._state
-        ex.tries_left = state.tries
-        hook = upstream.hook
         outcome = None
-        addr = None
-        if hook is not None:
-            outcome = hook.run(ex, upstream)
-            if outcome.exit_status is not None:
-                self.hook_exit = outcome
-                ex.finish_with_page(outcome.exit_status)
-                return
-            # what the run changes for this and later tries: bind address, rebuilt request
-            if outcome.local_addr is not None:
-                self._local_addr = split_local_addr(outcome.local_addr)
-            if outcome.recreate:
-                self._build_head()
-            addr = outcome.addr
-        if addr is None:
-            peer = upstream.balancer.get(state, self.loop.time())
+        if upstream.hook is not None:
+            outcome = self._run_hook(upstream.hook)
+            if outcome is None:
+                return  # (the hook ended the request: ngx.exit)
+        if outcome is None or outcome.addr is None:
+            peer = upstream.balancer.get(self.balancer_state, ex.conn.loop.time())
             if peer is None:
                 self._no_live_upstreams(outcome)
                 return
@@ -318,8 +344,8 @@ class UpstreamRequest:
             addr = peer.addr
             host = ""
             pool = upstream.pool if self.plan.pooled else None
-        else:
-            assert outcome is not None  # (a hook set the address)
+        else:  # (the hook set the address)
+            addr = outcome.addr
             peer = None
             name = addr.name
             host = outcome.host or ""
@@ -333,21 +359,42 @@ class UpstreamRequest:
             tls_name = host or tls.name(ex)
             host = "https:" + tls_name
         key = (name, host, self._local_addr)  # the pool key (see Attempt)
-        attempt = self.attempt = Attempt(upstream, state, name, addr, peer, pool, key, outcome, tls_name)
-        ex.tries.append(attempt)
         conn = pool.acquire(key) if pool is not None else None
+        attempt = self.attempt = Attempt(upstream.stats, name, addr, peer, pool, key, outcome, tls_name, conn)
+        ex.tries.append(attempt)
         if conn is None:
             self._connect(attempt)
-        else:
-            attempt.conn = conn  # (from its pool: no connect time)
-            attempt.connect_time = 0.0
-            attempt.reused = True
+            return
+        body = self._body
+        if not isinstance(body, bytes) or self._stream_body:
             self._send_request(conn)
+            return
+        # _send_request's usual case (a pooled connection, no body or a buffered one in memory)
+        plan = self.plan
+        conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
+        conn.upgrade = ex.request.connection is not None and self._upgrade_asked()
+        conn.start(self, self._head, body, self.read_timeout, self.send_timeout, ex.method == "HEAD",
+                   plan.http11, plan.close_after)
+
+    def _run_hook(self, hook: HookRunner) -> HookOutcome | None:
+        """The balancer hook's run before a try, and what it changes for this and later tries
+        (bind address, rebuilt request); None when it ended the request (ngx.exit)."""
+        ex = self.exchange
+        outcome = hook.run(ex, self.upstream)
+        if outcome.exit_status is not None:
+            self.hook_exit = outcome
+            ex.finish_with_page(outcome.exit_status)
+            return None
+        if outcome.local_addr is not None:
+            self._local_addr = split_local_addr(outcome.local_addr)
+        if outcome.recreate:
+            self._build_head()
+        return outcome
 
     def _hook_peer_pool(self, addr: PeerAddr, outcome: HookOutcome) -> ConnectionPool | None:
         """A hook-set peer's try: the pool its connection comes from and goes back to."""
         upstream = self.upstream
-        self._state.tries += outcome.more_tries
+        self.balancer_state.tries += outcome.more_tries
         chosen = upstream.peers.by_name.get(addr.name)
         if chosen is not None and (chosen.down or chosen.fails):  # (one test when usable)
             chosen_anyway(upstream, chosen, outcome, self.exchange, self.loop.time(), _CONNECTING)
@@ -386,7 +433,7 @@ class UpstreamRequest:
             assert addr.host is not None  # (an address without unix_path has a host)
             opening = loop.create_connection(lambda: conn, addr.host, addr.port, local_addr=self._local_addr)
         task = loop.create_task(opening)
-        timer = loop.call_later(self.exchange.connect_timeout, task.cancel)
+        timer = loop.call_later(self.connect_timeout, task.cancel)
         self._connecting = task
         task.add_done_callback(lambda done: self._connected(done, conn, timer))
 
@@ -414,25 +461,27 @@ class UpstreamRequest:
         ex = self.exchange
         plan = self.plan
         conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
-        connection = ex.request.connection
-        if connection is not None:
-            # a 101 from the peer may switch this connection only if the client's Connection
-            # header names "upgrade" (llhttp then saw an Upgrade request) and it sent an
-            # Upgrade header
-            conn.upgrade = b"upgrade" in connection.lower() and ex.header("upgrade") is not None
-        else:
-            conn.upgrade = False
+        conn.upgrade = ex.request.connection is not None and self._upgrade_asked()
         if self._stream_body:
             self._send_streamed(conn)
             return
         body = self._body
         if isinstance(body, bytes):  # (b"": the usual GET)
-            conn.start(self, self._head, body, ex.read_timeout, ex.send_timeout, ex.method == "HEAD",
+            conn.start(self, self._head, body, self.read_timeout, self.send_timeout, ex.method == "HEAD",
                        plan.http11, plan.close_after)
         else:
-            conn.start(self, self._head, None, ex.read_timeout, ex.send_timeout, ex.method == "HEAD",
+            conn.start(self, self._head, None, self.read_timeout, self.send_timeout, ex.method == "HEAD",
                        plan.http11, plan.close_after)
             body.send(conn)  # (a spooled body: every try again from the file's start)
+
+    def _upgrade_asked(self) -> bool:
+        """A 101 from the peer may switch the connection only if the client's Connection
+        header names "upgrade" (llhttp then saw an Upgrade request) and it sent an Upgrade
+        header."""
+        ex = self.exchange
+        connection = ex.request.connection
+        return (connection is not None and b"upgrade" in connection.lower()
+                and ex.header("upgrade") is not None)
 
     def _send_streamed(self, conn: UpstreamConnection) -> None:
         """proxy_request_buffering off: what arrived already goes with the head, in one write
@@ -440,7 +489,7 @@ class UpstreamRequest:
         ex = self.exchange
         plan = self.plan
         early, last = self._body_bytes()
-        conn.start(self, self._head + early, None, ex.read_timeout, ex.send_timeout, ex.method == "HEAD",
+        conn.start(self, self._head + early, None, self.read_timeout, self.send_timeout, ex.method == "HEAD",
                    plan.http11, plan.close_after)
         if last:
             conn.write_body(b"", last=True)
@@ -490,24 +539,54 @@ class UpstreamRequest:
         assert attempt is not None
         attempt.header_time = clock() - attempt.started
         attempt.status = status = response.status
+        if (status >= 300 or status == 101 or response.rewritable) and self._diverted(attempt, response):
+            return
+        # give the client this response, streaming its body with back-pressure
+        conn = attempt.conn
+        assert conn is not None
+        ex = self.exchange
+        self._passing = True
+        ex.status = status
+        ex.upstream_headers = response  # (its pairs, parsed if something reads them)
+        headers = response.lines if response.connection is None else response.client_headers()
+        location = ex.location
+        if response.rewritable and location.header_rewrite is not None:  # proxy_redirect, proxy_cookie_*
+            headers = location.header_rewrite(ex, headers)
+        client = ex.conn
+        if location.plain_response and not ex.err_status:  # (the usual response)
+            ex.response_headers = headers
+            client.send_head(status, headers, response.content_length, reason=response.reason)
+        else:
+            self._send_head_edited(ex, response, headers)
+        conn.stream_to(self)  # the body that came with the head goes out with it
+        if self.attempt is attempt:  # still streaming: not completed by stream_to
+            client.flush()
+            if client.writing_paused:
+                conn.pause_reading()
+
+    def _diverted(self, attempt: Attempt, response: ResponseHead) -> bool:
+        """A response that does not go to the client as it is: a 101 (the tunnel), a status
+        proxy_next_upstream retries, X-Accel-Redirect, an error_page (proxy_intercept_errors).
+        True when it was handled here."""
+        status = response.status
         if status == 101:  # (only when the client asked to switch: see UpstreamConnection)
             self._start_tunnel(attempt, response)
-            return
+            return True
         failure = failure_for_status(status) if status >= 403 else None
         if failure is not None and self.conf.next_upstream & NextUpstream(int(failure)):
-            verdict = decide(failure, self._state.tries - 1, self._started, self.loop.time(), self.conf,
+            verdict = decide(failure, self.balancer_state.tries - 1, self._tries_started, clock(), self.conf,
                              self._idempotent, request_sent=True)
             if verdict == RETRY:
                 self.attempt = None
-                attempt.end(NEXT, self.exchange, failure, _READING_HEADER)
+                attempt.end(NEXT, self, failure, _READING_HEADER)
                 self._next_try()
-                return
+                return True
         if response.rewritable and self._accel_redirect(attempt, response):
-            return
+            return True
         if status >= 300 and self.exchange.intercepts(status):
             self._intercepted(attempt, response)
-            return
-        self._pass_response(attempt, response)
+            return True
+        return False
 
     def _accel_redirect(self, attempt: Attempt, response: ResponseHead) -> bool:
         """X-Accel-Redirect (unless proxy_ignore_headers names it): the peer's response is
@@ -521,7 +600,7 @@ class UpstreamRequest:
             conn.abort()
         ex = self.exchange
         ex.upstream_headers = response  # (its pairs, parsed if something reads them)
-        attempt.end(DONE, ex)
+        attempt.end(DONE, self)
         kept = b"".join(name + b": " + value + b"\r\n" for name, value in response.headers
                         if name.lower() in _KEPT_BY_ACCEL_REDIRECT)
         ex.accel_redirect(uri.decode("latin-1"), kept)
@@ -534,7 +613,7 @@ class UpstreamRequest:
         conn, attempt.conn = attempt.conn, None
         if conn is not None:
             conn.abort()
-        attempt.end(DONE, self.exchange)
+        attempt.end(DONE, self)
         status = response.status
         if status == 401:  # nginx keeps the peer's challenges for the error page's answer
             self.exchange.keep_headers(b"".join(name + b": " + value + b"\r\n" for name, value in
@@ -552,7 +631,7 @@ class UpstreamRequest:
         attempt = self.attempt
         if attempt is not None:
             self.attempt = None
-            attempt.end(DONE, self.exchange)
+            attempt.end(DONE, self)
         filters = self._rate
         if filters is not None:  # (proxy_store names its file; the rate may still hold the body)
             filters.complete(self.exchange.finish)
@@ -568,7 +647,7 @@ class UpstreamRequest:
         if self._rate is not None:  # (a half body: no stored file, nothing more held)
             self._rate.cancel()
             self._rate = None
-        if self._passing:
+        if getattr(self, "_passing", False):
             self._failed_mid_body(attempt, err)
         elif is_stale_connection(err.failure, err.response_started, attempt.reused, self._stream_body,
                                  self._idempotent, self.conf.next_upstream):
@@ -581,30 +660,6 @@ class UpstreamRequest:
         self.exchange.crashed(exc, where)
 
     # ------------------------------------------------------------------ try outcomes
-
-    def _pass_response(self, attempt: Attempt, response: ResponseHead) -> None:
-        """Give the client this response, streaming its body with back-pressure."""
-        conn = attempt.conn
-        assert conn is not None
-        ex = self.exchange
-        self._passing = True
-        ex.status = response.status
-        ex.upstream_headers = response  # (its pairs, parsed if something reads them)
-        headers = response.lines if response.connection is None else response.client_headers()
-        location = ex.location
-        if response.rewritable and location.header_rewrite is not None:  # proxy_redirect, proxy_cookie_*
-            headers = location.header_rewrite(ex, headers)
-        client = ex.conn
-        if location.plain_response and not ex.err_status:  # (the usual response)
-            ex.response_headers = headers
-            client.send_head(response.status, headers, response.content_length, reason=response.reason)
-        else:
-            self._send_head_edited(ex, response, headers)
-        conn.stream_to(self)  # the body that came with the head goes out with it
-        if self.attempt is attempt:  # still streaming: not completed by stream_to
-            client.flush()
-            if client.writing_paused:
-                conn.pause_reading()
 
     def _send_head_edited(self, ex: Exchange, response: ResponseHead, headers: bytes) -> None:
         """The head of a response whose headers the location edits, or after an internal
@@ -645,7 +700,7 @@ class UpstreamRequest:
         attempt.conn = None
         assert client.transport is not None
         client_timeout = ex.location.conf.send_timeout  # (send_timeout: the client side's)
-        tunnel = self._tunnel = Tunnel(self.loop, ex.read_timeout, ex.send_timeout, client_timeout,
+        tunnel = self._tunnel = Tunnel(self.loop, self.read_timeout, self.send_timeout, client_timeout,
                                        self._tunnel_ended)
         client_side, upstream_side = tunnel.sides(client.transport, upstream_transport)
         upstream_transport.set_protocol(upstream_side)
@@ -654,7 +709,7 @@ class UpstreamRequest:
         tunnel.start(from_client, from_upstream)
 
     def _tunnel_ended(self, reason: str) -> None:
-        tunnel = self._tunnel
+        tunnel: Tunnel | None = getattr(self, "_tunnel", None)
         attempt = self.attempt
         self.attempt = None
         ex = self.exchange
@@ -667,7 +722,7 @@ class UpstreamRequest:
                 ex.conn.bytes_sent += tunnel.sent_to_client
                 ex.conn.body_bytes_sent += tunnel.sent_to_client
             if attempt is not None:
-                attempt.end(UPGRADED, ex)
+                attempt.end(UPGRADED, self)
             ex.finish(UNSENT)
         except Exception as exc:
             ex.crashed(exc, "proxying upgraded connection")
@@ -679,9 +734,9 @@ class UpstreamRequest:
         self.attempt = None
         self._body_conn = None
         self._log_error(attempt, err, err.phase)
-        failure = attempt.end(FAILED, self.exchange, err.failure, err.phase)
+        failure = attempt.end(FAILED, self, err.failure, err.phase)
         assert failure is not None
-        verdict = decide(failure, self._state.tries, self._started, self.loop.time(), self.conf,
+        verdict = decide(failure, self.balancer_state.tries, self._tries_started, clock(), self.conf,
                          self._idempotent, request_sent=err.request_sent)
         if verdict == RETRY:
             self._next_try()
@@ -698,7 +753,7 @@ class UpstreamRequest:
         """The client already has part of the response: close it, never fake a complete one."""
         self.attempt = None
         self._log_error(attempt, err, "reading upstream")
-        attempt.end(BROKEN, self.exchange)
+        attempt.end(BROKEN, self)
         self.exchange.finish(DROPPED)
 
     def _no_live_upstreams(self, hook: HookOutcome | None) -> None:
@@ -718,7 +773,7 @@ class UpstreamRequest:
         self.attempt = None
         attempt.conn = None
         errorlog.log_error("error", f"{text} while {_CONNECTING}", ex.conn_id, ex.log_context(attempt.addr))
-        attempt.end(ABANDONED, ex)
+        attempt.end(ABANDONED, self)
         ex.finish_with_page(500)
 
     def _log_error(self, attempt: Attempt, err: UpstreamError, phase: str, level: str = "error") -> None:

@@ -167,6 +167,7 @@ class RequestPlan:
     headers to drop, the proxy_pass URI replacement and whether connections are pooled."""
 
     __slots__ = (
+        "_last_fields",
         "body_override",
         "close_after",
         "dynamic",
@@ -177,6 +178,7 @@ class RequestPlan:
         "method",
         "pass_client_headers",
         "pooled",
+        "repeats",
         "replace_uri",
         "sends_no_body",
         "skip_client",
@@ -227,13 +229,19 @@ class RequestPlan:
             self.body_override = compile_template_bytes(proxy.set_body)
         elif not proxy.pass_request_body:
             self.body_override = _no_body
+        # a head made of the client's request line and headers alone (no proxy_method, no
+        # variables): build_head keeps the last one made for a request without a body, as
+        # (method, client headers, Connection, the method's bytes, what follows the target)
+        self.repeats = self.keeps_target and self.method is None and not self.dynamic_headers
+        self._last_fields: tuple[str, list[tuple[bytes, bytes]], bytes | None, bytes, bytes] = (
+            "", [], None, b"", b"")
 
     def upstream_uri(self, exchange: Exchange) -> str:
         """The URI sent to the peer (nginx: the client's URI as sent, or proxy_pass's URI part
         replacing the location prefix of the normalized URI)."""
         if self.dynamic:
             upstream_request = exchange.upstream_request
-            pass_uri = upstream_request.pass_uri if upstream_request is not None else None
+            pass_uri: str | None = getattr(upstream_request, "pass_uri", None)
             if pass_uri is not None:
                 return pass_uri
         if self.replace_uri is None:
@@ -245,14 +253,36 @@ class RequestPlan:
         new = quote_uri(self.replace_uri + rest)
         return new + "?" + exchange.args if exchange.args is not None else new
 
-    def build_head(self, exchange: Exchange, body_length: int | None, chunked: bool = False) -> bytes:
+    def build_head(self, exchange: Exchange, body_length: int | None = None, chunked: bool = False) -> bytes:
+        """The request line and headers for the peer: with a Content-Length (``body_length``),
+        chunked, or neither (no body: the usual GET)."""
+        request = exchange.request
+        target = request.target
+        if self.repeats and body_length is None and not chunked and target[:1] == b"/":
+            # the head after the target depends on the method and the client's headers alone,
+            # and is most often the one made for the request before
+            last = self._last_fields
+            method = exchange.method
+            if last[1] == exchange.headers and last[0] == method and last[2] == request.connection:
+                return last[3] + target + last[4]
+        return self._build_head(exchange, body_length, chunked)
+
+    def _build_head(self, exchange: Exchange, body_length: int | None, chunked: bool) -> bytes:
         request = exchange.request
         target = request.target
         if not self.keeps_target or target[:1] != b"/":
             target = self.upstream_uri(exchange).encode("latin-1")
         # (else the client's target, as it came: the bytes upstream_uri would decode and encode)
         method = exchange.method if self.method is None else self.method(exchange)
-        parts = [method.encode("latin-1"), b" ", target, self.version_line, self.static_headers]
+        prefix = method.encode("latin-1") + b" "
+        rest = self._fields(exchange, body_length, chunked)
+        if self.repeats and body_length is None and not chunked:
+            self._last_fields = (method, list(exchange.headers), request.connection, prefix, rest)
+        return prefix + target + rest
+
+    def _fields(self, exchange: Exchange, body_length: int | None, chunked: bool) -> bytes:
+        """The head after the request target: the version, the header lines, the blank line."""
+        parts = [self.version_line, self.static_headers]
         if self.dynamic_headers:
             for name, getter in self.dynamic_headers:
                 text = getter(exchange)
@@ -260,7 +290,7 @@ class RequestPlan:
                     parts.append(name + b": " + text.encode("latin-1", "replace") + b"\r\n")
         if self.pass_client_headers:
             skip = self.skip_client
-            connection = request.connection
+            connection = exchange.request.connection
             if connection is not None:  # it may name more hop-by-hop headers
                 skip = skip | _connection_listed(connection)
             for name, value in exchange.headers:
@@ -292,24 +322,23 @@ def _sets(ops: tuple[RewriteOp, ...], name: str) -> bool:
     return any((op.kind == "set" and op.name == name) or _sets(op.body, name) for op in ops)
 
 
-def keepalive_check(conf: LocationConf) -> Callable[[Any], bool]:
-    """``allowed(exchange)``: nginx's keep-alive conditions beyond the count and the timeout
-    (ngx_http_update_location_config): the connection's age (keepalive_time), and the browsers
-    keepalive_disable names (MSIE 4/5/6-without-SV1 for POSTs, Safari on Mac OS X)."""
-    limit = 3600.0 if conf.keepalive_time is None else conf.keepalive_time
-    msie6 = "msie6" in conf.keepalive_disable
+def keepalive_agents(conf: LocationConf, method: str) -> Callable[[Any], bool] | None:
+    """``allowed(exchange)`` for requests with ``method``: the browsers keepalive_disable names
+    (ngx_http_update_location_config: MSIE 4/5/6-without-SV1 for POSTs, Safari on Mac OS X);
+    None when no rule concerns such requests. (The connection's age, keepalive_time, is
+    tested by the exchange itself: LocationRuntime.keepalive_time.)"""
+    msie6 = "msie6" in conf.keepalive_disable and method == "POST"
     safari = "safari" in conf.keepalive_disable
+    if not msie6 and not safari:
+        return None
 
     def allowed(exchange: Any) -> bool:
-        if exchange.loop.time() - exchange.conn.opened > limit:
-            return False
-        if (msie6 and exchange.method == "POST") or safari:
-            agent = exchange.header("user-agent")
-            if agent:
-                if msie6 and exchange.method == "POST" and _old_msie(agent):
-                    return False
-                if safari and _mac_safari(agent):
-                    return False
+        agent = exchange.header("user-agent")
+        if agent:
+            if msie6 and _old_msie(agent):
+                return False
+            if safari and _mac_safari(agent):
+                return False
         return True
 
     return allowed
@@ -357,11 +386,14 @@ class LocationRuntime:
         "dynamic",
         "error_pages",
         "header_rewrite",
-        "keepalive_allowed",
+        "keepalive_agents",
+        "keepalive_agents_post",
+        "keepalive_time",
         "limits",
         "log_hook",
-        "plain_proxy",
+        "logged",
         "plain_response",
+        "plain_upstream",
         "plan",
         "preaccess",
         "proxy_bind",
@@ -383,6 +415,8 @@ class LocationRuntime:
         self.upstream = upstream
         self.access_logs = access_logs
         self.log_hook = log_hook  # log_by_python, run by the exchange after the access logs
+        # the log phase has work (the Runtime sets it too for a status_zone)
+        self.logged = bool(access_logs) or log_hook is not None
         # allow/deny + auth_basic (scriptlb.request.access): None, or check(exchange) -> refusal | None
         self.access: Callable[[Any], tuple[int, bytes] | None] | None = None
         if conf.access or conf.auth_basic_user_file is not None:
@@ -394,9 +428,12 @@ class LocationRuntime:
         # limit_rate / proxy_limit_rate / proxy_store may apply to a response (scriptlb.request.store)
         self.body_filtered = bool(conf.limit_rate or conf.proxy_limit_rate or conf.proxy_store is not None
                                   or conf.ssi is not None or _sets(conf.rewrite, "limit_rate"))
-        # keepalive_time / keepalive_disable: allowed(exchange) -> whether keep-alive may stay on
-        # (every request: keepalive_time's default of 1h applies to connections that never POST)
-        self.keepalive_allowed = keepalive_check(conf)
+        # keepalive_time: the age past which a connection is not kept (every request: its
+        # default of 1h applies too); keepalive_disable: allowed(exchange) -> whether a browser
+        # may keep it, for POSTs and for other methods (None: no rule, the usual case)
+        self.keepalive_time = 3600.0 if conf.keepalive_time is None else conf.keepalive_time
+        self.keepalive_agents = keepalive_agents(conf, "GET")
+        self.keepalive_agents_post = keepalive_agents(conf, "POST")
         # expires + add_header (scriptlb.request.headers_filter): None, or
         # apply(exchange, status, headers) -> headers
         self.add_headers: Callable[[Any, int, bytes], bytes] | None = None
@@ -456,7 +493,8 @@ class LocationRuntime:
         # limit_req / limit_conn: a scriptlb.request.limits.LimitPhase (set by the Runtime)
         self.limits: Any = None
         self.preaccess = False  # realip or limits to run before the access phase (the Runtime sets it)
-        self.plain_proxy = False  # nothing but proxy_pass to an upstream (the Runtime sets it)
+        # the upstream of a location that does nothing but proxy_pass to it (the Runtime sets it)
+        self.plain_upstream: UpstreamRuntime | None = None
         # set_real_ip_from & co (scriptlb.request.realip): None, or client(exchange) -> (addr, port) | None;
         # the server's before the rewrite phase, the location's (when it differs) after it
         self.realip: Any = None
@@ -541,7 +579,7 @@ _MATCH_CACHE_URI_MAX = 256
 class ServerRuntime:
     """One ``server`` block: its name and its locations."""
 
-    __slots__ = ("_builder", "_by_id", "_matched", "conf", "default_location", "matcher", "name",
+    __slots__ = ("_builder", "_by_id", "conf", "default_location", "matched", "matcher", "name",
                  "name_regexes")
 
     def __init__(self, conf: ServerConf, builder: Callable[[LocationConf], LocationRuntime]) -> None:
@@ -560,7 +598,8 @@ class ServerRuntime:
         )
         self._builder = builder
         self._by_id: dict[int, LocationRuntime] = {}
-        self._matched: dict[str, LocationRuntime] = {}  # uri -> location, see match
+        # uri -> location, see match (the exchange looks here first itself: every request)
+        self.matched: dict[str, LocationRuntime] = {}
         for loc in conf.locations:
             self._by_id[id(loc)] = builder(loc)
         fallback = conf.fallback or LocationConf(modifier="", pattern="", rewrite=conf.rewrite)
@@ -586,7 +625,7 @@ class ServerRuntime:
     def match(self, uri: str) -> LocationRuntime:
         """The location for ``uri``; recent answers are remembered (the same few URIs come
         again and again; the cache is bounded: clients choose URIs)."""
-        found = self._matched.get(uri)
+        found = self.matched.get(uri)
         if found is not None:
             return found
         conf = self.matcher.match(uri)
@@ -597,9 +636,9 @@ class ServerRuntime:
             if found is None:  # the matcher's own locations (automatic 301s): built on first use
                 found = self._by_id[id(conf)] = self._builder(conf)
         if len(uri) <= _MATCH_CACHE_URI_MAX:
-            if len(self._matched) >= _MATCH_CACHE_SIZE:
-                self._matched.clear()
-            self._matched[uri] = found
+            if len(self.matched) >= _MATCH_CACHE_SIZE:
+                self.matched.clear()
+            self.matched[uri] = found
         return found
 
 
@@ -678,13 +717,15 @@ class Runtime:
         has_work = location.realip is not None or location.limits is not None
         location.preaccess = has_work and conf.return_ is None
         # a location whose requests go straight to the proxy: the exchange skips every phase test
-        location.plain_proxy = (
+        plain = (
             upstream is not None and conf.return_ is None and location.rewrite is None
             and location.access is None and location.dynamic is None and not location.preaccess
             and location.realip_server is None
         )
+        location.plain_upstream = upstream if plain else None
         if conf.status_zone is not None:
             location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
+            location.logged = True
         if conf.handler is not None:
             from scriptlb.request.handlers import content_handler
 

@@ -109,13 +109,14 @@ class PeerSet:
     never subject to ``max_fails`` and a failure on it is never retried.
     """
 
-    __slots__ = ("backup", "by_name", "name", "primary", "single", "tries")
+    __slots__ = ("backup", "by_name", "name", "only", "primary", "single", "tries")
 
     def __init__(self, name: str, primary: list[Peer], backup: list[Peer]) -> None:
         self.name = name  # $upstream_addr shows the upstream name when no peer is live
         self.primary = primary
         self.backup = backup
         self.single = len(primary) == 1 and not backup
+        self.only = primary[0] if self.single else None  # (single's peer)
         # nginx >= 1.19.6: the initial tries budget counts the addresses that are not down
         self.tries = sum(1 for p in primary if not p.down) + sum(1 for p in backup if not p.down)
         # address -> its first peer (primary list first): what a hook's set_current_peer names

@@ -93,7 +93,7 @@ class StreamAttempt(Attempt):
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def end(self, outcome: int, exchange: Any, failure: Failure | None = None,
+    def end(self, outcome: int, tries: Any, failure: Failure | None = None,
             phase: str = "") -> Failure | None:
         """``Attempt.end``, with this connection's bytes for the peer statistics (the API's
         ``sent``/``received``): ``Attempt.end`` reads them off the connection, and a session
@@ -101,7 +101,7 @@ class StreamAttempt(Attempt):
         conn: Any = self.conn
         if conn is not None:
             conn.sent, conn.received = self.bytes_sent, self.bytes_received
-        return super().end(outcome, exchange, failure, phase)
+        return super().end(outcome, tries, failure, phase)
 
 
 class Session(asyncio.Protocol):
@@ -415,7 +415,7 @@ class Session(asyncio.Protocol):
         self._connect(peer.name, peer.addr, peer)
 
     def _connect(self, name: str, addr: PeerAddr, peer: Peer | None) -> None:
-        attempt = StreamAttempt(self._upstream, self._state, name, addr, peer, None, (name,))
+        attempt = StreamAttempt(self._upstream.stats, name, addr, peer, None, (name,))
         self.attempt = attempt
         self.tries.append(attempt)
         side = PeerSide(self)
@@ -736,6 +736,19 @@ class Session(asyncio.Protocol):
 
     def header(self, name: str) -> None:
         return None
+
+    # what Attempt.end reads of its tries loop (attempt.TriesLoop): the session is its own
+    @property
+    def upstream(self) -> Any:
+        return self._upstream
+
+    @property
+    def balancer_state(self) -> Any:
+        return self._state
+
+    @property
+    def exchange(self) -> Session:
+        return self
 
     @property
     def ended(self) -> bool:
