@@ -15,9 +15,19 @@ from pathlib import Path
 
 import pytest
 from cluster_servers import DnsServer, EtcdServer, RedisServer
-from helpers import Backends, answers, free_ports, master_process, respond, wait_for
+from helpers import (
+    Backend,
+    Backends,
+    answers,
+    free_ports,
+    master_process,
+    respond,
+    wait_for,
+    with_hook_budget,
+)
 
 from scriptlb.config.model import DictSyncConf
+from scriptlb.ops.cluster import ClusterStatus
 from scriptlb.state.dict_sync import DictSync
 from scriptlb.state.shared_dict import SharedDict, SyncedSharedDict, zone_directory
 
@@ -37,6 +47,15 @@ async def _converged(zones: list[SyncedSharedDict], key: str, value: object, tim
             return time.monotonic() - start
         await asyncio.sleep(0.01)
     raise AssertionError(f"{key}: {[zone.get(key)[0] for zone in zones]} != {value}")
+
+
+async def _until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Until ``predicate`` holds (checked while the sync tasks run), or fail saying what."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 def test_three_zones_merge_counters_exactly_through_a_redis_crash(tmp_path: Path) -> None:
@@ -64,7 +83,8 @@ def test_three_zones_merge_counters_exactly_through_a_redis_crash(tmp_path: Path
                 for zone in zones:
                     zone.incr("hits", 1, 0)
             assert [zone.get("hits")[0] for zone in zones] == [350, 350, 350]  # local, go on serving
-            await asyncio.sleep(0.3)  # a few failed rounds
+            await _until(lambda: all(sync.reachable is False for sync in syncs),
+                         "every zone to see Redis gone")
             redis.start()
             await _converged(zones, "hits", 450)
             await _converged(zones, "motd", "bye")  # restored from the nodes
@@ -106,8 +126,8 @@ def test_password_from_a_file_and_a_wrong_one(tmp_path: Path) -> None:
             good.incr("n", 2, 0)
             bad.incr("n", 5, 0)
             await _converged([good], "n", 2)
-            await asyncio.sleep(0.3)
-            assert bad.get("n")[0] == 5 and syncs[1].reachable is False
+            await _until(lambda: syncs[1].reachable is False, "the wrong password to be refused")
+            assert bad.get("n")[0] == 5
         finally:
             for task in tasks:
                 task.cancel()
@@ -153,21 +173,42 @@ http {{
 """
 
 
+def store_up(prefix: Path, kind: str, name: str) -> bool | None:
+    """Whether the node's cluster process last saw its ``kind`` store for ``name`` reachable
+    (None: it has not reported that store yet)."""
+    state = ClusterStatus.read(zone_directory(str(prefix))).get(kind, {}).get(name)
+    return None if state is None else bool(state["up"])
+
+
+def wait_stores(nodes: list[tuple[Path, int]], kind: str, name: str, up: bool) -> None:
+    """Until every node's cluster process has seen the store ``up`` (or down): a test that kills
+    a store, or needs the nodes merged, waits on this instead of a sleep, which a loaded machine
+    can outlast (a cluster process not yet connected when Redis is killed sees no outage)."""
+    for prefix, _ in nodes:
+        wait_for(lambda prefix=prefix: store_up(prefix, kind, name) is up, 20,
+                 f"{prefix.name} to see {kind} {name} {'up' if up else 'down'}")
+
+
 @contextmanager
-def three_nodes(tmp_path: Path, conf_for: Callable[[Path, int], str],
-                count: int = 3) -> Iterator[list[tuple[Path, int]]]:
-    """Three masters (one worker and one cluster process each) on their own ports/prefixes."""
+def three_nodes(tmp_path: Path, conf_for: Callable[[Path, int], str], count: int = 3,
+                synced: tuple[str, ...] = ()) -> Iterator[list[tuple[Path, int]]]:
+    """Three masters (one worker and one cluster process each) on their own ports/prefixes,
+    answering, and merged with Redis for the ``synced`` dicts. Hooks get the suite's budget
+    (``with_hook_budget``): a hook cut off by the 10 ms default under load falls back to the
+    upstream's balancer, which a test of a hook's policy would count against the policy."""
     ports = free_ports(count)
     nodes = []
     with ExitStack() as stack:
         for i, port in enumerate(ports):
             prefix = tmp_path / f"node{i}"
             prefix.mkdir()
-            (prefix / "scriptlb.conf").write_text(conf_for(prefix, port))
+            (prefix / "scriptlb.conf").write_text(with_hook_budget(conf_for(prefix, port)))
             stack.enter_context(master_process(prefix, prefix / "scriptlb.conf"))
             nodes.append((prefix, port))
         for _, port in nodes:
             wait_for(lambda port=port: answers(port, "/ready") is not None, 20, f"node on {port}")
+        for name in synced:
+            wait_stores(nodes, "redis", name, up=True)
         yield nodes
 
 
@@ -216,6 +257,15 @@ class Load:
         for thread in self._threads:
             thread.join(self.seconds + 30)
 
+    def served(self) -> int:
+        with self._lock:
+            return sum(self.statuses.values())
+
+    def wait_served(self, count: int) -> None:
+        """Until ``count`` requests have been answered in all (a step of a test measured in
+        requests, not in seconds a loaded machine may not give the clients)."""
+        wait_for(lambda: self.served() >= count, 20, f"{count} requests served")
+
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self.wait()
@@ -252,7 +302,7 @@ def test_rate_aware_limit_holds_for_the_cluster(tmp_path: Path, capsys: pytest.C
             return node_conf(prefix, port, f"server {backends[0].addr};", zones,
                              f"balancer_by_python_file {hook_file};")
 
-        with three_nodes(tmp_path, conf_for) as nodes:
+        with three_nodes(tmp_path, conf_for, synced=("rate",)) as nodes:
             time.sleep(1.0 - time.time() % 1.0)
             started = time.time()
             with Load([port for _, port in nodes], rate=2 * limit / 3, seconds=5.2) as load:
@@ -279,14 +329,16 @@ def test_counts_survive_a_redis_crash_under_load(tmp_path: Path) -> None:
         def conf_for(prefix: Path, port: int) -> str:
             return node_conf(prefix, port, f"server {backends[0].addr};", zone, hook)
 
-        with three_nodes(tmp_path, conf_for) as nodes:
+        with three_nodes(tmp_path, conf_for, synced=("hits",)) as nodes:
             readiness = 3  # the probes counted too
-            with Load([port for _, port in nodes], rate=50, seconds=3.0) as load:
-                time.sleep(1.0)
+            with Load([port for _, port in nodes], rate=50, seconds=30.0) as load:
+                load.wait_served(50)
                 redis.kill()
-                time.sleep(0.7)
+                wait_stores(nodes, "redis", "hits", up=False)
+                load.wait_served(load.served() + 50)  # served while Redis is gone
                 redis.start()
-                load.wait()
+                wait_stores(nodes, "redis", "hits", up=True)
+                load.wait_served(load.served() + 50)
             served = sum(load.statuses.values()) + readiness
             zones = [SharedDict(zone_directory(str(prefix)), "hits", ZONE_SIZE) for prefix, _ in nodes]
             try:
@@ -403,10 +455,16 @@ def test_etcd_membership_reaches_every_node_and_survives_an_etcd_crash(
 # --------------------------------------------------------------------------- DNS membership
 
 
+def _workers(backend: Backend) -> set[str | None]:
+    """The workers (``$pid``, sent by ``_dns_conf``'s nodes) whose requests ``backend`` got."""
+    return {request.header("X-Worker") for request in backend.requests}
+
+
 def _dns_conf(dns: DnsServer, servers: str) -> Callable[[Path, int], str]:
     def conf_for(node_prefix: Path, port: int) -> str:
         text = node_conf(node_prefix, port, "zone u 64k;\n" + servers, "", "")
         text = text.replace("worker_processes 1;", "worker_processes 2;")
+        text = text.replace("proxy_pass http://u;", "proxy_pass http://u; proxy_set_header X-Worker $pid;")
         return text.replace("access_log off;", f"access_log off;\n    resolver 127.0.0.1:{dns.port} ipv6=off;"
                                                "\n    resolver_timeout 1s;")
     return conf_for
@@ -427,7 +485,10 @@ def test_srv_records_changing_under_load(tmp_path: Path, capsys: pytest.CaptureF
         with three_nodes(tmp_path, conf_for, count=1) as nodes:
             prefix, port = nodes[0]
             store = PeerListStore(zone_directory(str(prefix)))
-            wait_for(lambda: _bodies(port, 4) == {"b0"}, 10, "b0 from DNS")
+            # each worker applies the list at its next poll of the store: until both have, one
+            # may still have none, and the load's first request to it would get a 502
+            wait_for(lambda: _bodies(port, 4) == {"b0"} and len(_workers(backends[0])) == 2, 10,
+                     "b0 from DNS in both workers")
             with Load([port], rate=40, seconds=8.0) as load:
                 dns.records[srv] = [(f"10 1 {backends[0].port} b.svc.test.", 1),
                                     (f"10 1 {backends[1].port} b.svc.test.", 1)]
@@ -436,8 +497,9 @@ def test_srv_records_changing_under_load(tmp_path: Path, capsys: pytest.CaptureF
                 dns.records[srv] = [(f"10 1 {backends[1].port} b.svc.test.", 1)]
                 removed = _propagation([port], {"b1"})
                 assert {e.server: e.id for e in store.read()["u"].servers} == {backends[1].addr: b1_id}
+                failing_from = dns.queries
                 dns.fail = True
-                time.sleep(2.5)  # two TTLs of failed lookups
+                wait_for(lambda: dns.queries >= failing_from + 2, 10, "two failed lookups")
                 assert _bodies(port, 4) == {"b1"}
                 dns.fail = False
                 load.wait()

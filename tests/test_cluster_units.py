@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -195,3 +198,97 @@ def test_float_increments_and_a_value_incremented_after_a_merge(synced: SyncedSh
     synced.incr("f", 0.25)
     [push] = synced.collect()
     assert (push.op, push.gen, push.payload) == (b"c", b"2", b"0.75")
+
+
+# --------------------------------------------------------------------------- the sync loop
+
+
+class _RedisCancellingItsCaller:
+    """Just what DictSync calls of a redis client, answering at once, without I/O. The script
+    call cancels the task that made it, as a stopping node does, in the step the call ends;
+    ``lose`` also catches that cancel and answers, as Python 3.11's wait_for inside redis-py
+    did."""
+
+    def __init__(self, lose: bool) -> None:
+        self.lose = lose
+        self.script_calls = 0
+        self.caller: asyncio.Task[None] | None = None  # the sync's task
+
+    def register_script(self, text: str) -> object:
+        async def script(keys: list[bytes], args: list[object]) -> list[object]:
+            self.script_calls += 1
+            assert self.caller is not None
+            self.caller.cancel()
+            if self.lose:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0)
+            return [b"1-0", []]
+
+        return script
+
+    async def ping(self) -> bool:
+        return True
+
+    async def xrevrange(self, name: bytes, count: int) -> list[object]:
+        return []
+
+    async def scan_iter(self, match: bytes, count: int) -> AsyncIterator[bytes]:
+        for key in ():
+            yield key
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("lose", [False, True], ids=["delivered", "lost by the client"])
+def test_a_cancel_as_a_redis_call_ends_stops_the_sync(synced: SyncedSharedDict, lose: bool) -> None:
+    """A cancelled sync task ends, even when the cancel comes in the step its Redis call
+    answers (asyncio.wait_for on Python 3.11 loses such a cancel), even when the client lost
+    it: the task ran on, and the test awaiting it hung."""
+    from scriptlb.state.dict_sync import DictSync
+
+    client = _RedisCancellingItsCaller(lose)
+    sync = DictSync(synced, DictSyncConf("redis://127.0.0.1:1/0", 0.01, "t:"), lambda conf: client)
+
+    async def scenario() -> None:
+        task = client.caller = asyncio.create_task(sync.run())
+        done, _ = await asyncio.wait([task], timeout=5)
+        assert done, f"the sync ran on after its cancel ({client.script_calls} rounds)"
+        assert task.cancelled()
+
+    asyncio.run(scenario())
+    assert client.script_calls == 1
+
+
+def test_a_cancel_lost_in_a_dns_lookup_stops_the_membership(tmp_path: Path) -> None:
+    """dnspython's queries are asyncio.wait_for calls: a cancel lost in one (Python 3.11) must
+    still end the membership's loop, or the cluster process never stops."""
+    from scriptlb.ops.resolver import DnsMembership
+    from scriptlb.state.peer_lists import PeerListStore
+
+    conf = http(tmp_path, "resolver 127.0.0.1:1; upstream u { zone u; server app.test:8080 resolve; }")
+    assert conf.http is not None
+    upstream = conf.http.upstreams["u"]
+    membership = DnsMembership(upstream, upstream.resolver, PeerListStore(str(tmp_path)))
+    lookups = []
+
+    async def lookup_losing_the_cancel(line: object) -> tuple[list[object], float]:
+        lookups.append(line)
+        assert caller is not None
+        caller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)
+        return [], 0.01
+
+    membership.lookup = lookup_losing_the_cancel  # type: ignore[method-assign]
+    caller: asyncio.Task[None] | None = None
+
+    async def scenario() -> None:
+        nonlocal caller
+        caller = asyncio.create_task(membership.run())
+        done, _ = await asyncio.wait([caller], timeout=5)
+        assert done, f"the membership ran on after its cancel ({len(lookups)} lookups)"
+        assert caller.cancelled()
+
+    asyncio.run(scenario())
+    assert len(lookups) == 1

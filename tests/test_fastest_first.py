@@ -108,7 +108,10 @@ ERROR_LOG_CONF = "error_log {tmp}/error.log notice;\n"
 def test_fastest_first_with_sub_millisecond_peers(tmp_path: Path) -> None:
     """Backends answering in well under a millisecond: $upstream_response_time reads 0.000 and
     an average can be 0; the hook must keep running (no ZeroDivisionError) and keep every
-    peer at a real weight (all equally fast: the split stays even)."""
+    peer at a real weight. How even the split is depends on the machine: a loaded one adds
+    milliseconds to some tries (this process runs the client, the worker and the backends), and
+    a peer whose average is 3 ms gets weight 3; the weights for given averages are
+    test_hooks_kit's. Whatever the noise, no weight goes below 1 of 21: every peer is sampled."""
     with Backends(respond(body=b"a"), respond(body=b"b"), respond(body=b"c")) as backends:
         conf = ERROR_LOG_CONF.format(tmp=tmp_path) + CONF.format(
             a=backends[0].addr, b=backends[1].addr, c=backends[2].addr, ft=FAIL_TIMEOUT, hook=HOOK)
@@ -118,5 +121,5 @@ def test_fastest_first_with_sub_millisecond_peers(tmp_path: Path) -> None:
             weights = [p.weight for p in lb.runtime().upstreams["b"].peers.primary]
     log = (tmp_path / "error.log").read_text()
     assert "log_by_python" not in log, log[-2000:]
-    assert min(delta) >= 50, delta  # no peer was starved by a bogus ratio
+    assert min(delta) >= 300 // 21 - 2, delta  # weight 1 against 10 and 10 at the least
     assert all(w >= 1 for w in weights), weights

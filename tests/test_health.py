@@ -197,7 +197,9 @@ def test_mandatory_peer_waits_for_its_first_pass(tmp_path: Path) -> None:
         with Scriptlb(f"daemon off; master_process off; error_log {tmp_path}/e.log info;\nhttp {{ {http} }}",
                       tmp_path) as lb:
             wait_for(lambda: _checks(bk[1]) >= 2 and _checks(bk[0]) >= 1, what="checks of both")
-            time.sleep(0.3)
+            # the good peer's pass is applied once its check's answer is read: until then no
+            # peer may be chosen (a 502), which a sleep only guessed the end of
+            wait_for(lambda: get(lb.port).status == 200, what="the good peer's first pass")
             statuses = [get(lb.port).status for _ in range(10)]
             assert statuses == [200] * 10
             assert proxied(bk[1]) == []

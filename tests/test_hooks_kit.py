@@ -179,6 +179,18 @@ def test_fastest_first_turns_latencies_into_weights(hook_file) -> None:
     assert kit.peer(PEERS[0]).weight == 10
 
 
+def test_fastest_first_treats_sub_millisecond_peers_as_equally_fast(hook_file) -> None:
+    """Below the resolution of $upstream_response_time (1 ms) a difference is noise: averages of
+    0 and 0.9 ms give the same weight (not 10 against 1), and 2 ms is half as fast as 1 ms."""
+    kit = hook_file(HOOKS / "fastest_first.py", phase="log", peers=PEERS, server_args=" max_fails=0",
+                    shared_dicts={"fastest_first": "1m"})
+    for peer, latency in zip(PEERS, (0.0, 0.0009, 0.002), strict=True):
+        kit.record(peer, latency=latency)
+    outcome = kit.log(upstream_addr=PEERS[0], upstream_status="200", upstream_response_time="0.000").outcome
+    assert outcome == "ok"
+    assert [kit.peer(p).weight for p in PEERS] == [10, 10, 5]
+
+
 # --------------------------------------------------------------------------- the kit itself
 
 

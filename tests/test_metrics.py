@@ -6,7 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import textwrap
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,38 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+class Scraper:
+    """Scrapes one port, counting the scrapes answered: each is a request the figures count
+    (at its start, as nginx counts requests; its response once it is sent)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.answered = 0
+
+    def __call__(self) -> dict:
+        samples = scrape(self.port)
+        self.answered += 1
+        return samples
+
+    def up(self) -> bool:
+        try:
+            self()
+        except OSError:
+            return False
+        return True
+
+    def once(self, reached: Callable[[dict, int], bool], what: str) -> dict:
+        """The first scrape whose figures say ``reached(samples, scrapes counted in them)``:
+        the other worker publishes its figures within 100 ms, its hook runs within 1 s, later
+        on a loaded machine; a fixed sleep guessed, this waits for exact figures."""
+
+        def scrape_reaching() -> dict | None:
+            samples = self()
+            return samples if reached(samples, self.answered) else None
+
+        return wait_for(scrape_reaching, 15, what, 0.1)  # type: ignore[return-value]
 
 
 def total(samples: dict, name: str, **labels: str) -> float:
@@ -71,49 +103,55 @@ def test_metrics_add_up_over_two_workers(tmp_path: Path) -> None:
             }}
             """))
         with master_process(tmp_path, conf):
-            wait_for(lambda: _up(port), what="the metrics location")
-            time.sleep(0.3)  # every worker published its start
-            before = scrape(port)
+            scraper = Scraper(port)
+            wait_for(scraper.up, what="the metrics location")
             sent = 40
             for _ in range(sent):
                 assert fetch(port)[0] == 200
             hooked = 6
             for _ in range(hooked):
                 assert fetch(port, "/hooked")[0] == 200
-            time.sleep(1.3)  # the other worker's figures: within 100 ms; its hook runs: within 1 s
-            after = scrape(port)
-            time.sleep(0.3)  # the scrape's own response, published by its worker
-            zone = json.loads(fetch(port, "/api/9/http/server_zones/front")[2])
-            assert zone["responses"]["2xx"] == total(after, "scriptlb_http_responses_total", code="2xx") + 1
 
-    def delta(name: str, **labels: str) -> float:
-        return total(after, name, **labels) - total(before, name, **labels)
+            def everything_counted(samples: dict, scrapes: int) -> bool:
+                proxied = total(samples, "scriptlb_upstream_server_responses_total", upstream="backend")
+                return (total(samples, "scriptlb_http_requests_total") == sent + hooked + scrapes
+                        and proxied == sent
+                        and total(samples, "scriptlb_hook_runs_total", upstream="hooked") == hooked)
 
-    assert delta("scriptlb_http_requests_total") == sent + hooked + 1  # and the second scrape itself
-    assert delta("scriptlb_upstream_server_requests_total", upstream="backend") == sent
-    assert delta("scriptlb_hook_runs_total", upstream="hooked", phase="balancer", outcome="ok") == hooked
-    assert delta("scriptlb_hook_duration_seconds_count", upstream="hooked") == hooked
-    assert delta("scriptlb_upstream_server_responses_total", upstream="backend", code="2xx") == sent
-    assert delta("scriptlb_upstream_server_responses_total", code="5xx") == 0
-    assert delta("scriptlb_upstream_server_response_time_seconds_count", upstream="backend") == sent
+            after = scraper.once(everything_counted, "every request and hook run counted")
+            scrapes = scraper.answered  # every request to /metrics, this one included
+            api_calls = [0]
+
+            def zone_counts_every_response() -> bool:
+                zone = json.loads(fetch(port, "/api/9/http/server_zones/front")[2])
+                answered = sent + hooked + scrapes + api_calls[0]  # before this call
+                api_calls[0] += 1
+                return zone["responses"]["2xx"] == answered
+
+            wait_for(zone_counts_every_response, 10, "the server zone to count every response", 0.1)
+
+    def counted(name: str, **labels: str) -> float:  # (the master's start cleared the figures)
+        return total(after, name, **labels)
+
+    assert counted("scriptlb_http_requests_total") == sent + hooked + scrapes
+    assert counted("scriptlb_upstream_server_requests_total", upstream="backend") == sent
+    assert counted("scriptlb_hook_runs_total", upstream="hooked", phase="balancer", outcome="ok") == hooked
+    assert counted("scriptlb_hook_duration_seconds_count", upstream="hooked") == hooked
+    assert counted("scriptlb_upstream_server_responses_total", upstream="backend", code="2xx") == sent
+    assert counted("scriptlb_upstream_server_responses_total", code="5xx") == 0
+    assert counted("scriptlb_upstream_server_response_time_seconds_count", upstream="backend") == sent
     buckets = "scriptlb_upstream_server_response_time_seconds_bucket"
-    assert delta(buckets, upstream="backend", le="+Inf") == sent
-    # the first scrape's response is counted in the second
-    assert delta("scriptlb_http_responses_total", server_zone="front", code="2xx") == sent + hooked + 1
+    assert counted(buckets, upstream="backend", le="+Inf") == sent
+    # a scrape's own response is counted in the next one
+    responses = counted("scriptlb_http_responses_total", server_zone="front", code="2xx")
+    assert responses == sent + hooked + scrapes - 1
     # both servers took a share, and the per-server series add up to the totals
-    shares = [delta("scriptlb_upstream_server_requests_total", upstream="backend", server=b.addr)
+    shares = [counted("scriptlb_upstream_server_requests_total", upstream="backend", server=b.addr)
               for b in bk]
     assert sum(shares) == sent and all(shares)
     assert total(after, "scriptlb_upstream_server_state") == 3
     assert total(after, "scriptlb_connections", state="accepted") >= sent + 2
     assert total(after, "scriptlb_connections", state="active") >= 1
-
-
-def _up(port: int) -> bool:
-    try:
-        return fetch(port, "/metrics")[0] == 200
-    except OSError:
-        return False
 
 
 def test_grafana_dashboard_uses_only_exported_families() -> None:

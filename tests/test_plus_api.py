@@ -9,6 +9,7 @@ import http.client
 import json
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +127,9 @@ def test_api_reads_writes_in_every_worker_and_survives_a_restart(tmp_path: Path)
             while len(workers_seen(bk[2])) < 2 and time.monotonic() < deadline:
                 worker_of(port)
             assert len(workers_seen(bk[2])) == 2, "both workers use the added server"
-            time.sleep(0.2)  # another worker's tries reach the statistics within 50 ms
-            peers = api(port, "GET", "/api/9/http/upstreams/backend")[1]["peers"]
+            # another worker's tries reach the statistics within 50 ms, later on a loaded machine
+            peers = wait_for(lambda: _peers_when(port, lambda p: p[2]["requests"] >= 2),
+                             what="both workers' tries of the added server in the statistics")
             assert [p["server"] for p in peers] == [bk[0].addr, bk[1].addr, bk[2].addr]
             assert peers[2]["requests"] >= 2  # the shared statistics know the new peer
             assert peers[2]["selected"].endswith("Z") and peers[2]["responses"]["2xx"] >= 2
@@ -190,6 +192,12 @@ def test_drain_lets_requests_in_flight_finish(tmp_path: Path) -> None:
             assert len(bk[0].requests) == served
             peers = api(port, "GET", "/api/9/http/upstreams/backend")[1]["peers"]
             assert peers[0]["state"] == "draining"
+
+
+def _peers_when(port: int, holds: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]] | None:
+    """The upstream's peers as the API shows them, once ``holds`` is true of them."""
+    peers = api(port, "GET", "/api/9/http/upstreams/backend")[1]["peers"]
+    return peers if holds(peers) else None
 
 
 def wait_for_started(started: list[float], timeout: float = 0.5) -> bool:
@@ -296,8 +304,9 @@ def test_peer_codes_bytes_unavail_and_header_time(tmp_path: Path) -> None:
             wait_for(lambda: api_ready(port), what="the API")
             for _ in range(3):  # the dead peer is tried once, then unavailable for 60 s
                 worker_of(port)
-            time.sleep(0.2)  # the tries reach the statistics within 50 ms
-            live, down = api(port, "GET", "/api/9/http/upstreams/backend")[1]["peers"]
+            # the tries reach the statistics within 50 ms, later on a loaded machine
+            live, down = wait_for(lambda: _peers_when(port, lambda p: p[0]["responses"]["total"] == 3),
+                                  what="the three tries in the statistics")
     assert live["responses"]["codes"] == {"200": 2, "404": 1}
     assert (live["responses"]["2xx"], live["responses"]["4xx"], live["responses"]["total"]) == (2, 1, 3)
     assert live["sent"] == sum(seen) and len(seen) == 3

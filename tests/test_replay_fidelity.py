@@ -150,18 +150,18 @@ def _delayed(delay: float):
 
 # Per method: the backends' added latencies and the requests sent (from two client threads).
 # fastest_first's weights are round(10 x fastest / own), so a measured ratio near a rounding
-# edge (x.5) flips a weight between the live run and the replay. At 30/50/150 ms the ratios are
-# 0.6 and 0.2, mid-interval (weights 6 and 2); the milliseconds a loaded machine adds to every
-# try (all of it runs in this process) raise the first ratio towards 0.65, so the middle weight
-# may be 7 in one run and 6 in the other: one step, about 3.5 points of share, within the
-# tolerance. (20/30 ms, 0.667, sat just above that edge: noise on either side of the run could
-# land a step below, and the replay's model a step above.) Few requests suffice (its smooth
-# round robin has no randomness). ewma draws random pairs: more requests for its shares to
-# settle within the tolerance.
+# edge (x.5) flips a weight between the live run and the replay. At 60/100/300 ms the ratios are
+# 0.6 and 0.2, mid-interval (weights 6 and 2). The live averages start from each peer's first
+# sample, taken whole, and the milliseconds a loaded machine adds to one try (all of it runs in
+# this process) can move a ratio: latencies this long keep such an early sample from moving the
+# middle weight more than one step (about 3.5 points of share, within the tolerance), where at
+# half these latencies a preempted first try locked in weight 8 against the replay's 6. Few
+# requests suffice (its smooth round robin has no randomness). ewma draws random pairs: more
+# requests for its shares to settle within the tolerance.
 LATENCY_DRIVEN = {
     "fastest_first": (
-        (0.030, 0.050, 0.150),
-        600,
+        (0.060, 0.100, 0.300),
+        400,
         {
             "server_args": " max_fails=0",
             "http_extra": "python_shared_dict fastest_first 1m;",

@@ -288,6 +288,25 @@ def test_the_recorder_publishes_a_batch_within_the_flush_interval(tmp_path: Path
     stats.close()
 
 
+def test_a_try_not_published_yet_is_a_selection_for_its_worker(tmp_path: Path) -> None:
+    """The worker's own view (the API's ``selected``) counts a try it has not published, as
+    its requests and responses do: a peer with requests and no "selected" was one batch late."""
+    stats, recorder, (a, _), loop = _recorder(tmp_path)
+    slot = stats.slot("u", False, 0)
+    assert recorder.unpublished_selected(a, stats.selected(slot)) is None  # never chosen
+    before = time.time()
+    recorder.start(a)
+    assert stats.selected(slot) is None  # not published yet
+    unpublished = recorder.unpublished_selected(a, stats.selected(slot))
+    assert unpublished is not None and unpublished >= before
+    loop.run_until_complete(asyncio.sleep(FLUSH_INTERVAL * 2))  # the armed flush runs
+    published = stats.selected(slot)
+    assert published is not None and published >= before
+    assert recorder.unpublished_selected(a, published) == published  # nothing pending
+    loop.close()
+    stats.close()
+
+
 def test_codes_bytes_unavail_and_header_times_add_up_over_batches(tmp_path: Path) -> None:
     stats, recorder, (a, _), loop = _recorder(tmp_path)
     slot = stats.slot("u", False, 0)

@@ -151,9 +151,8 @@ class ClusterNode:
             sync.stop()
         if graceful:
             with contextlib.suppress(Exception, asyncio.TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.gather(*(sync.final_round() for sync in self.syncs)), FINAL_ROUND_TIMEOUT
-                )
+                async with asyncio.timeout(FINAL_ROUND_TIMEOUT):
+                    await asyncio.gather(*(sync.final_round() for sync in self.syncs))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -73,7 +73,9 @@ class Etcd:
     async def _open(
         self, path: str, body: dict[str, Any]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
+        # (not wait_for: on Python 3.11 it can lose a cancel that comes as the call ends)
+        async with asyncio.timeout(self.timeout):
+            reader, writer = await asyncio.open_connection(self.host, self.port)
         payload = json.dumps(body).encode()
         writer.write(
             f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
@@ -87,7 +89,8 @@ class Etcd:
         """One unary gateway call: the decoded JSON reply."""
         reader, writer = await self._open(path, body)
         try:
-            return await asyncio.wait_for(_read_reply(reader), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await _read_reply(reader)
         finally:
             writer.close()
 
@@ -117,7 +120,8 @@ class Etcd:
         }
         reader, writer = await self._open("/v3/watch", request)
         try:
-            status, headers = await asyncio.wait_for(_read_head(reader), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                status, headers = await _read_head(reader)
             if status != 200:
                 raise EtcdError(f"watch answered {status}")
             async for message in _json_stream(reader, headers):

@@ -251,13 +251,16 @@ class PeerProbe:
                 connecting = asyncio.open_unix_connection(addr.unix_path)
             else:
                 connecting = asyncio.open_connection(addr.host, port)
-            reader, writer = await asyncio.wait_for(connecting, check.connect_timeout)
+            # (not wait_for: on Python 3.11 it can lose a cancel that comes as the call ends)
+            async with asyncio.timeout(check.connect_timeout):
+                reader, writer = await connecting
         except TimeoutError:
             return "upstream timed out (110: Connection timed out) while connecting to upstream"
         except OSError as err:
             return f"connect() failed {errorlog.os_error_text(err)} while connecting to upstream"
         try:
-            return await asyncio.wait_for(self._exchange(reader, writer), check.read_timeout)
+            async with asyncio.timeout(check.read_timeout):
+                return await self._exchange(reader, writer)
         except TimeoutError:
             return f"upstream timed out (110: Connection timed out) {_READING}"
         except OSError as err:

@@ -423,7 +423,7 @@ def _peer_json(upstream: UpstreamRuntime, peer: Peer, entry: ServerEntry | None,
     }
     if peer.max_conns:
         result["max_conns"] = peer.max_conns
-    selected = stats.stats.selected(stats.slot_of(peer)) if stats is not None else None
+    selected = stats.selected(peer) if stats is not None else None
     if selected is not None:
         result["selected"] = _iso(selected)
     if header_samples:

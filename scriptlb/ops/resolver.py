@@ -37,6 +37,7 @@ from scriptlb.config.addresses import split_host_port
 from scriptlb.config.model import ResolverConf, UpstreamConf, UpstreamServerConf
 from scriptlb.logs import errorlog
 from scriptlb.ops.discovery import EMPTY_PLACEHOLDER, SourceState, same_members, write_members
+from scriptlb.state.dict_sync import raise_lost_cancel
 from scriptlb.state.peer_lists import PeerListStore
 
 MIN_TTL = 1.0  # seconds: a TTL of 0 must not make the task query in a loop
@@ -160,6 +161,7 @@ class DnsMembership:
             if changed:
                 self.apply()
             next_due = min(line.due for line in self.lines)
+            raise_lost_cancel()  # (dnspython's queries are wait_for calls)
             await asyncio.sleep(max(0.05, next_due - time.monotonic()))
 
     async def refresh(self, line: Line) -> bool:

@@ -182,11 +182,13 @@ class DictSync:
                     await self._connect()
                     backoff = BACKOFF_FIRST
                 await self.round()
+                raise_lost_cancel()
                 await asyncio.sleep(self.conf.interval)
             except asyncio.CancelledError:
                 raise
             except Exception as err:
                 self._lost(err)
+                raise_lost_cancel()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -258,7 +260,8 @@ class DictSync:
                            STREAM_MAXLEN]
         for push in pushes:
             args.extend(push.args())
-        result = await asyncio.wait_for(self._script(keys=[], args=args), TIMEOUT)
+        async with asyncio.timeout(TIMEOUT):  # (not wait_for: see raise_lost_cancel)
+            result = await self._script(keys=[], args=args)
         return result[0], result[1]
 
     async def _resync(self) -> int:
@@ -286,12 +289,25 @@ class DictSync:
         for rkey in rkeys:
             pipe.hgetall(rkey)
             pipe.pttl(rkey)
-        replies = await asyncio.wait_for(pipe.execute(), TIMEOUT)
+        async with asyncio.timeout(TIMEOUT):
+            replies = await pipe.execute()
         skip = len(self.prefix) + 2
         states = [ClusterState(rkey[skip:], replies[2 * i], int(replies[2 * i + 1]))
                   for i, rkey in enumerate(rkeys)]
         self.shared.apply(states, self.node)
         return len(states)
+
+
+def raise_lost_cancel() -> None:
+    """Raise the cancel of this task if a library lost it: for a loop of the cluster process,
+    before it sleeps. On Python 3.11, asyncio.wait_for returns the result of a call
+    that ends in the same step as a cancel of its caller and drops the cancel; redis-py wraps
+    every command's write in one (with ``socket_timeout``), dnspython every DNS query, so a
+    cancelled sync task went on merging, and whoever awaited its end waited for ever. The
+    request stays counted (``Task.cancelling``) until someone takes it back."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _glob_escape(text: bytes) -> bytes:

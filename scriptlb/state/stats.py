@@ -785,6 +785,12 @@ class Recorder:
         buckets = [count + self.buckets[at + b] for b, count in enumerate(histogram[0])]
         return buckets, histogram[1] + (self.sample_sum[index] if self.samples[index] else 0.0)
 
+    def unpublished_selected(self, index: int, selected: float | None) -> float | None:
+        """``PeerStats.selected`` for this worker: a try it started and has not published yet
+        makes it now (its batch would be stamped with the time it is published, and the other
+        figures this worker reports already count that try)."""
+        return self._clock() if self.started[index] else selected
+
     def unpublished_classes(self, index: int, classes: list[int]) -> list[int]:
         """``PeerStats.classes`` with this worker's unpublished responses added."""
         mine = _classes(self.codes[index])
@@ -906,6 +912,11 @@ class UpstreamStats:
     def histogram(self, peer: Peer) -> tuple[list[int], float]:
         """The peer's response-time samples per bucket and their sum (all workers')."""
         return self.recorder.unpublished_histogram(peer.stats_index, self.stats.histogram(self.slot_of(peer)))
+
+    def selected(self, peer: Peer) -> float | None:
+        """When the peer was last chosen (None: never), as every worker published it or this
+        one chose it since."""
+        return self.recorder.unpublished_selected(peer.stats_index, self.stats.selected(self.slot_of(peer)))
 
     def classes(self, peer: Peer) -> list[int]:
         """The peer's responses 1xx..5xx: every worker's published and this one's all."""
