@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Any
 
 from helpers import run_loop_until
 
@@ -27,20 +25,18 @@ class FakeConn:
         self.key = key
         self.reusable = reusable
         self.connected_at = time.monotonic() - age  # (the loop's clock: asyncio's is monotonic)
+        self.last_read = time.monotonic()
         self.state = ConnState.ACTIVE
-        self.idle_since = 0.0
         self.on_idle_lost: object = None
         self.closed = False
         self.closing = False  # the transport is closing (peer closed, connection_lost pending)
         self.transport = FakeTransport(self)
 
-    def is_reusable(self, max_requests: int) -> bool:
-        return self.reusable
-
-    def make_idle(self, now: float, on_lost: Callable[[Any], None]) -> None:
+    def park(self, max_requests: int) -> bool:
+        if not self.reusable:
+            return False
         self.state = ConnState.IDLE
-        self.idle_since = now
-        self.on_idle_lost = on_lost
+        return True
 
     def close(self) -> None:
         self.state = ConnState.CLOSED

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
+import httptools
 import pytest
 from helpers import run_loop_until
 
@@ -202,7 +204,8 @@ def test_idle_connection_receiving_data_is_dropped(loop: asyncio.AbstractEventLo
     send(conn)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     lost: list[UpstreamConnection] = []
-    conn.make_idle(0.0, lost.append)
+    assert conn.park(0)
+    conn.on_idle_lost = lost.append
     conn.data_received(b"HTTP/1.1 408 Request Time-out\r\n\r\n")
     assert lost == [conn] and transport.closed and conn.state is ConnState.CLOSED
 
@@ -234,7 +237,8 @@ def test_completion_is_delivered_after_the_parser_returns(loop: asyncio.Abstract
     handler = send(conn)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
     seen: list[bool] = []
-    handler.upstream_complete = lambda: seen.append(conn._in_feed)  # type: ignore[method-assign]
+    handler.upstream_complete = lambda: seen.append(  # type: ignore[method-assign]
+        any(frame.function.startswith("on_") for frame in inspect.stack()))  # a parser callback
     conn.data_received(b"cd")
     assert seen == [False]  # the handler may reuse the connection at once: not mid-parse
 
@@ -358,3 +362,33 @@ def test_a_chunked_response_in_mixed_case_has_no_length(loop: asyncio.AbstractEv
     response = handler.head
     assert response is not None and response.chunked and response.content_length is None
     assert handler.body == b"ok" and handler.complete and response.client_headers() == b"X-A: 1\r\n"
+
+
+class _StatusRecorder:
+    """llhttp's own view of a status line: what its on_status callback reports."""
+
+    def __init__(self) -> None:
+        self.reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+
+@pytest.mark.parametrize("line", [
+    b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 404 Not Found\r\n", b"HTTP/1.0 200 OK\r\n", b"HTTP/1.1 200\r\n",
+    b"HTTP/1.1 200 \r\n", b"HTTP/1.1 200  two spaces \r\n", b"HTTP/1.1 200 bare LF\n", b"HTTP/1.1 200\n",
+    b"\r\n\r\nHTTP/1.1 200 after empty lines\r\n", b"HTTP/1.1 099 Low\r\n",
+    b"HTTP/1.1 200 \xff\x80 obs-text\r\n", b"RTSP/1.0 200 OK\r\n", b"HTTP/1.1 302 Moved\tTemporarily\r\n",
+])
+def test_the_reason_phrase_is_llhttps(loop: asyncio.AbstractEventLoop, line: bytes) -> None:
+    """The reason phrase is read from the head's bytes, not from a parser callback: the same
+    bytes as llhttp's on_status, however the peer writes its status line."""
+    recorder = _StatusRecorder()
+    parser = httptools.HttpResponseParser(recorder)
+    parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+    parser.feed_data(line + b"Content-Length: 0\r\n\r\n")
+    conn, _ = connect(loop)
+    handler = send(conn)
+    conn.data_received(line + b"Content-Length: 0\r\n\r\n")
+    assert handler.head is not None and handler.complete
+    assert handler.head.reason == recorder.reason

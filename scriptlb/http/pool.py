@@ -21,9 +21,8 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 
-from scriptlb.http.upstream import ACTIVE, IDLE, PoolKey, UpstreamConnection
+from scriptlb.http.upstream import ACTIVE, PoolKey, UpstreamConnection
 
 # The sweep checks expiry at this fraction of keepalive_timeout (bounded below and above), so a
 # connection outlives its timeout by at most this slack.
@@ -45,23 +44,24 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.max_requests = max_requests
         self.max_age = max_age  # keepalive_time: a connection older than this is not kept
-        # every idle connection, least recently released first (LRU order for eviction)
-        self._idle: OrderedDict[UpstreamConnection, None] = OrderedDict()
+        # every idle connection and when it was released, least recently released first (LRU
+        # order for eviction: a dict keeps insertion order, and costs less per insert and
+        # delete than an OrderedDict)
+        self._idle: dict[UpstreamConnection, float] = {}
         # per key, a stack of idle connections (most recent last)
         self._by_key: dict[PoolKey, list[UpstreamConnection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._forget_lost = self._forget  # (one bound method, not one per release)
         self.closed = False
-        # counters, for tests and the status page
-        self.reused = 0
-        self.released = 0
+        self._keeping = max_idle > 0  # (not closed, and a keepalive N to keep them in)
+        # counters, for tests and the status page (none per request: they would cost every one)
         self.evicted = 0
         self.expired = 0
 
     def __repr__(self) -> str:
         return (
             f"<ConnectionPool idle={len(self._idle)}/{self.max_idle} timeout={self.idle_timeout}s "
-            f"reused={self.reused} released={self.released}>"
+            f"evicted={self.evicted} expired={self.expired}>"
         )
 
     def __len__(self) -> int:
@@ -69,47 +69,39 @@ class ConnectionPool:
 
     def acquire(self, key: PoolKey) -> UpstreamConnection | None:
         """An idle connection to ``key``, now ACTIVE and out of the pool, or None."""
+        # (an emptied stack stays under its key until the next sweep: the usual one-connection
+        # key is then looked up once here and once in release, and no list is made per request)
         stack = self._by_key.get(key)
         while stack:
             conn = stack.pop()
             del self._idle[conn]
+            # (conn.is_alive(), inlined: once per request; a pooled connection is IDLE: any
+            # other way out of the pool goes through _forget)
+            transport = conn.transport
+            if transport is not None and not transport.is_closing():
+                # (on_idle_lost stays: it is called only while the connection is IDLE)
+                conn.state = ACTIVE
+                return conn
             conn.on_idle_lost = None
-            transport = conn.transport  # (conn.is_alive(), inlined: once per request)
-            if conn.state is not IDLE or transport is None or transport.is_closing():
-                conn.close()  # closing under us (its connection_lost is still to come)
-                continue
-            conn.state = ACTIVE
-            self.reused += 1
-            if not stack:
-                del self._by_key[key]
-            return conn
-        if stack is not None:
-            del self._by_key[key]
+            conn.close()  # closing under us (its connection_lost is still to come)
         return None
 
     def release(self, conn: UpstreamConnection) -> bool:
         """Keep ``conn`` for a later request if it is reusable; else close it. True if kept."""
-        if self.closed or self.max_idle <= 0 or not conn.is_reusable(self.max_requests):
+        now = conn.last_read  # (the response's last read: this loop tick, usually)
+        if (not self._keeping or now - conn.connected_at > self.max_age
+                or not conn.park(self.max_requests)):
             conn.close()
             return False
-        now = self.loop.time()
-        if now - conn.connected_at > self.max_age:
-            conn.close()
-            return False
+        conn.on_idle_lost = self._forget_lost
         if len(self._idle) >= self.max_idle:
-            oldest = next(iter(self._idle))
-            self._forget(oldest)
-            oldest.close()
-            self.evicted += 1
-        conn.make_idle(now, self._forget_lost)
-        self._idle[conn] = None
-        key = conn.key
-        stack = self._by_key.get(key)
+            self._evict_oldest()  # (conn is not among them yet)
+        self._idle[conn] = now
+        stack = self._by_key.get(conn.key)
         if stack is None:
-            self._by_key[key] = [conn]  # (setdefault would build a list for every release)
+            self._by_key[conn.key] = [conn]  # (setdefault would build a list for every release)
         else:
             stack.append(conn)
-        self.released += 1
         if self._sweeper is None:
             self._schedule_sweep()
         return True
@@ -117,12 +109,14 @@ class ConnectionPool:
     def close(self) -> None:
         """Close every idle connection and keep no more (worker shutdown)."""
         self.closed = True
+        self._keeping = False
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
         for conn in list(self._idle):
             self._forget(conn)
             conn.close()
+        self._by_key.clear()  # (the emptied stacks)
 
     # ------------------------------------------------------------------ internals
 
@@ -136,6 +130,12 @@ class ConnectionPool:
                 if not stack:
                     del self._by_key[conn.key]
 
+    def _evict_oldest(self) -> None:
+        oldest = next(iter(self._idle))
+        self._forget(oldest)
+        oldest.close()
+        self.evicted += 1
+
     def _schedule_sweep(self) -> None:
         period = min(max(self.idle_timeout / 4, _SWEEP_MIN), _SWEEP_MAX)
         self._sweeper = self.loop.call_later(period, self._sweep)
@@ -144,11 +144,14 @@ class ConnectionPool:
         self._sweeper = None
         deadline = self.loop.time() - self.idle_timeout
         # LRU order is release order, so expired connections are all at the front
-        for conn in list(self._idle):
-            if conn.idle_since > deadline:
+        for conn, idle_since in list(self._idle.items()):
+            if idle_since > deadline:
                 break
             self._forget(conn)
             conn.close()
             self.expired += 1
+        by_key = self._by_key
+        if len(by_key) > len(self._idle):  # (some stacks are empty: acquire leaves them)
+            self._by_key = {key: stack for key, stack in by_key.items() if stack}
         if self._idle and not self.closed:
             self._schedule_sweep()

@@ -84,24 +84,25 @@ class ResponseHead(Sequence[Header]):
     # the response's bytes up to the end of its head, maybe more (set by the parser, with
     # keep_raw when more is to be said)
     raw = b""
-    _upgrade = False  # a 101 is the final head (the client asked to switch)
+    upgraded = False  # a 101 is the final head (the client asked to switch)
     _headers: list[Header] | None = None
 
     def keep_raw(self, data: bytes, interim: bool, upgrade: bool) -> None:
         """The bytes the head came in (``interim``: 1xx heads came first; ``upgrade``: a 101
-        is the final head), for ``headers``."""
+        is the final head), for ``headers``; and the reason phrase from them."""
+        self.reason = _final_reason(data, upgrade) if interim else status_reason(data)
         if len(data) > RAW_KEPT and not interim:
             end = data.find(b"\r\n\r\n")  # (not the body too, while the response lasts)
             if end >= 0:
                 data = data[:end + 4]
         self.raw = data
-        self._upgrade = upgrade
+        self.upgraded = upgrade
 
     @property
     def headers(self) -> list[Header]:
         headers = self._headers
         if headers is None:
-            headers = self._headers = _collected(self.raw, self._upgrade)
+            headers = self._headers = _collected(self.raw, self.upgraded)
         return headers
 
     def __len__(self) -> int:
@@ -165,8 +166,30 @@ def _connection_tokens(connection: bytes) -> frozenset[bytes] | None:
     return frozenset(tokens) or None
 
 
+def status_reason(head: bytes) -> bytes:
+    """The reason phrase of the status line ``head`` starts with, as llhttp read it: the
+    parser accepted the line, so it is empty lines (skipped), a version without blanks, one
+    space, three digits, then a space and the phrase, or the end of the line (CR LF, or a
+    bare LF)."""
+    head = head.lstrip(b"\r\n")
+    line = head[:head.find(b"\n")]
+    if line[-1:] == b"\r":
+        line = line[:-1]
+    return line[line.find(b" ") + 5:]
+
+
+def _final_reason(data: bytes, upgrade: bool) -> bytes:
+    """The reason phrase of the final head in ``data``, after 1xx ones."""
+    return _collector(data, upgrade).final_reason
+
+
 def _collected(data: bytes, upgrade: bool) -> list[Header]:
     """The header pairs of the final head in ``data``, as the upstream parser saw them."""
+    return _collector(data, upgrade).final or []
+
+
+def _collector(data: bytes, upgrade: bool) -> _Collector:
+    """``data`` parsed again, its heads collected."""
     collector = _Collector(upgrade)
     parser = collector.parser = httptools.HttpResponseParser(collector)
     parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
@@ -174,13 +197,13 @@ def _collected(data: bytes, upgrade: bool) -> list[Header]:
         parser.feed_data(data)
     except (httptools.HttpParserError, httptools.HttpParserUpgrade):
         pass  # (past the head: a body, or a new protocol after a 101; the head is collected)
-    return collector.final or []
+    return collector
 
 
 class _Collector:
     """The callbacks of ``_reparsed``'s parser: the headers of the first final head."""
 
-    __slots__ = ("final", "headers", "parser", "reason", "upgrade")
+    __slots__ = ("final", "final_reason", "headers", "parser", "reason", "upgrade")
 
     def __init__(self, upgrade: bool) -> None:
         self.upgrade = upgrade
@@ -188,6 +211,7 @@ class _Collector:
         self.headers: list[Header] = []
         self.final: list[Header] | None = None
         self.reason = b""
+        self.final_reason = b""
 
     def on_message_begin(self) -> None:
         if self.final is None:
@@ -205,5 +229,6 @@ class _Collector:
     def on_headers_complete(self) -> None:
         assert self.parser is not None
         status = self.parser.get_status_code()
-        if self.final is None and (status >= 200 or (status == 101 and self.upgrade)):
+        if self.final is None and (not 100 <= status < 200 or (status == 101 and self.upgrade)):
             self.final = self.headers
+            self.final_reason = self.reason

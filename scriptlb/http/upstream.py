@@ -27,7 +27,8 @@ answers through that handler, never through futures (no task wake-up per request
 Timeouts are nginx's idle timers (between two reads, between two writes), kept with one
 ``TimerHandle`` re-armed lazily from the time of the last read.
 
-``is_reusable`` is the one predicate that decides whether the connection may go back to the pool.
+``is_reusable`` is the one predicate that decides whether the connection may go back to the pool
+(``park``, the pool's one call, asks it inline and makes the connection idle).
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ class Failure(enum.IntEnum):
 
 
 # what makes two upstream connections interchangeable (attempt.pool_key): the peer's
-# address text, the name it is addressed by, and the local address a hook bound to
-PoolKey = tuple[str, str, tuple[str, int] | None]
+# address text, the name it is addressed by, and the local address a hook bound to; the usual
+# connection (no name, no bound address) is keyed by the address text alone, a string whose
+# hash is computed once, where a tuple is hashed again on every pool lookup
+PoolKey = str | tuple[str, str, tuple[str, int] | None]
 
 class ConnState(enum.Enum):
     NEW = "new"
@@ -115,31 +118,32 @@ class UpstreamHandler(Protocol):
 
 
 PREMATURE = "upstream prematurely closed connection"
+_NEVER = float("inf")  # (_timer_when without a timer)
+# the usual status line, and its reason phrase without a search for it
+_OK_LINE = b"HTTP/1.1 200 OK\r\n"
+_OK = b"OK"
 _TIMED_OUT = "upstream timed out (110: Connection timed out)"
 
 
 class UpstreamConnection(asyncio.Protocol):
     # __slots__: cheaper attribute access on the per-request path, typos fail loudly
     __slots__ = (
-        "_closing_after",
+        "_clock",
         "_early_body",
-        "_extra_bytes",
         "_handler",
         "_head_buf",
-        "_head_dispatched",
         "_head_only",
+        "_head_ready",
         "_header_done",
-        "_in_feed",
         "_interim",
-        "_last_read",
+        "_needs_parser",
         "_owner",
         "_parser",
-        "_parser_ended",
         "_read_paused",
         "_read_timeout",
         "_response",
         "_send_timeout",
-        "_streaming",
+        "_spent",
         "_timer",
         "_timer_when",
         "_upgraded",
@@ -148,18 +152,16 @@ class UpstreamConnection(asyncio.Protocol):
         "body_received",
         "connected_at",
         "head_limit",
-        "idle_since",
         "key",
+        "last_read",
         "loop",
         "on_idle_lost",
         "on_writable",
         "peer_name",
         "received",
         "request_complete",
-        "request_sent",
         "requests",
         "response_complete",
-        "response_started",
         "sent",
         "state",
         "transport",
@@ -169,13 +171,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: PoolKey, peer_name: str) -> None:
         self.loop = loop
+        self._clock = loop.time  # (one bound method: read for every read)
         self.connected_at = loop.time()  # (made as the connect starts: the upstream keepalive_time)
-        self.key = key  # pool key: (peer address name, host name)
+        self.key = key  # pool key (PoolKey)
         self.peer_name = peer_name
         self.state = NEW
         self.transport: asyncio.Transport | None = None
         self.requests = 0  # requests sent on this connection (keepalive_requests)
-        self.idle_since = 0.0
         self.on_idle_lost: object = None  # set by the pool: callable(conn) when an idle conn dies
         self.on_writable: Callable[[], None] | None = None  # a streamed body may flow again
         self.head_limit = 0  # proxy_buffer_size of the request in flight: the largest head (0: none)
@@ -190,37 +192,50 @@ class UpstreamConnection(asyncio.Protocol):
         self._read_timeout = 60.0
         self._send_timeout = 60.0
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_when = 0.0
-        self._last_read = 0.0
+        self._timer_when = _NEVER  # (when the timer fires; _NEVER while there is none)
+        # the loop time of the last read (or of the request's start): the read timeout counts
+        # from it, and the pool takes it for the release time (the same loop tick)
+        self.last_read = 0.0
         self._read_paused = False  # back-pressure from the client: no read timeout meanwhile
         self._write_paused = False
         self._write_paused_at = 0.0
 
         # per-request state
         self._parser: httptools.HttpResponseParser | None = None
-        self._parser_ended = False  # the parser completed its last message on its own
+        # the parser may be inside a message (none yet, or the last response was to a HEAD:
+        # llhttp waits for a body we ended ourselves): the next request needs a new one
+        self._needs_parser = True
         self._head_only = False
         self._handler: UpstreamHandler | None = None  # None once it was told the outcome
         self._owner: UpstreamHandler | None = None  # who to tell about a bug in a callback
         self._response = ResponseHead()  # (a new one per request, from start)
         self._header_done = False
-        self._head_dispatched = False
-        self.response_started = False  # any response byte arrived
-        self.response_complete = False
-        self.request_sent = False  # request bytes were handed to the socket
-        self.request_complete = False  # ... and the body too
-        self._streaming = False  # the handler accepted the body (stream_to)
-        self._in_feed = False  # inside feed_data: completion is delivered after it returns
-        self._early_body: list[bytes] = []
-        self._extra_bytes = False  # bytes after the response's end: the connection is unusable
-        # we asked the peer to close (Connection: close), or spoke HTTP/1.0 to it: no reuse
-        self._closing_after = False
+        self._head_ready = False  # the head is parsed, the handler not told yet
+        self.response_complete = True  # (no response expected before start: bytes are unexpected)
+        self.request_complete = False  # the request's bytes, body too, were handed to the socket
+        # body chunks parsed before the handler accepted the body; None once it did (stream_to):
+        # then every chunk goes straight to it
+        self._early_body: list[bytes] | None = []
+        # this connection carries no further request: we asked the peer to close (Connection:
+        # close) or spoke HTTP/1.0 to it, the peer said it closes, bytes came after a
+        # response's end, or it is closed
+        self._spent = False
         self.upgrade = False  # the client asked to switch protocols: a 101 ends the head
         self._upgraded = False  # ... and the peer sent it: the rest is a tunnel's
         self.upgraded_data = b""  # bytes after the 101's head
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.peer_name} {self.state.value} requests={self.requests}>"
+
+    @property
+    def response_started(self) -> bool:
+        """Any byte of the response in flight arrived."""
+        return self.received > 0
+
+    @property
+    def request_sent(self) -> bool:
+        """Bytes of the request in flight were handed to the socket."""
+        return self.sent > 0
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -232,43 +247,39 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # (one function: this runs for every read; the try is free until something raises)
         try:
-            if self.state is not ACTIVE or self._parser is None or self.response_complete:
+            if self.response_complete or self.state is not ACTIVE:
                 self._unexpected_bytes()
                 return
-            self._last_read = self.loop.time()
-            self.response_started = True
+            self.last_read = self._clock()
             self.received += len(data)
             if not self._header_done:
-                before = self._head_buf
-                head = self._head_buf = before + data if before else data
-                limit = self.head_limit  # (nginx reads the head into one proxy_buffer_size buffer)
-                if limit and len(head) > limit and self._head_too_big(data, len(before)):
+                self._head_buf += data  # (the first read: b"" + data is data, no copy)
+                # (self.received: the head's length so far; nginx reads the head into one
+                # proxy_buffer_size buffer)
+                if self.received > self.head_limit and self.head_limit and self._head_too_big(data):
                     self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
                     return
-            self._in_feed = True
             try:
-                self._parser.feed_data(data)
+                # (the parser callbacks only note what they see: the handler hears of the head
+                # and of the end after this returns, so it may reuse or drop this connection)
+                self._parser.feed_data(data)  # type: ignore[union-attr]  # (ACTIVE, started: it has one)
             except httptools.HttpParserCallbackError as err:
                 raise (err.__context__ or err) from None  # a bug in our callbacks, not the peer's fault
             except httptools.HttpParserUpgrade as upgrade:
                 if self._upgraded:  # the 101 we may take: what follows is the new protocol's
                     self.upgraded_data = data[int(upgrade.args[0]):]
                 elif not self.response_complete:  # a 101 the client did not ask for
-                    self._in_feed = False
                     self._fail_parse()
                     return
                 else:
-                    self._extra_bytes = True
+                    self._spent = True
             except httptools.HttpParserError:
                 if not self.response_complete:
-                    self._in_feed = False
                     self._fail_parse()
                     return
-                self._extra_bytes = True  # garbage after a complete response: deliver, never reuse
-            finally:
-                self._in_feed = False
-            if self._header_done and not self._head_dispatched:
-                self._head_dispatched = True
+                self._spent = True  # garbage after a complete response: deliver, never reuse
+            if self._head_ready:
+                self._head_ready = False
                 handler = self._handler
                 if handler is not None:
                     handler.upstream_head(self._response)
@@ -294,6 +305,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _lost(self, exc: Exception | None) -> None:
         state = self.state
         self.state = CLOSED
+        self._spent = True
         self._cancel_timer()
         if state is CLOSED:
             return  # we closed it ourselves and already reported why
@@ -302,8 +314,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._parser is None or self.response_complete:
             return
-        if self._head_dispatched and self._is_close_delimited():
+        if self._header_done and self._is_close_delimited():
             self.on_message_complete()  # a body without length ends with the connection
+            self._deliver_completion()
             return
         if exc is not None and isinstance(exc, OSError) and exc.errno:
             text = f"recv() failed {errorlog.os_error_text(exc)}"
@@ -351,42 +364,34 @@ class UpstreamConnection(asyncio.Protocol):
     ) -> None:
         """Send a request (``body`` None: the body follows through ``write_body``); the
         response goes to ``handler``."""
-        self.requests += 1
-        self.sent = self.received = self.body_received = 0
         # (the per-request state, reset here: one call per request)
-        if not self._parser_ended or self._parser is None:
-            # a parser is reused on a keep-alive connection only when it ended the previous
-            # response itself (not after HEAD, where we end it: llhttp would wait for a body)
-            self._parser = httptools.HttpResponseParser(self)
-            # nginx reads a peer's lines ended by a bare LF (its own parser's rule); the
-            # response is re-framed for the client, so this opens no smuggling path
-            self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
-        self._parser_ended = False
-        self._handler = handler
-        self._owner = handler
+        self.requests += 1
+        self.received = self.body_received = 0
+        if self._needs_parser:
+            self._new_parser()
+        self._handler = self._owner = handler
         self._response = ResponseHead()
         self._head_only = head_only
-        self._closing_after = close_after or not http11
-        if self.requests > 1:
-            # a pooled connection: is_reusable held when it went idle, so its last response
-            # was complete (_head_buf, _interim and _early_body emptied, _upgraded,
-            # _extra_bytes and _read_paused False); reset what its last request set
-            self._header_done = self._head_dispatched = self._streaming = False
-            self.response_started = self.response_complete = False
-            self.request_sent = self.request_complete = False
-            if self._early_body:
-                self._early_body = []
+        if close_after or not http11:
+            self._spent = True
+        # A pooled connection: is_reusable held when it went idle, so its last response was
+        # complete (_head_buf emptied, _head_ready, _interim, _upgraded, _spent and
+        # _read_paused False); reset what its last request set. (A new one: no matter.)
+        self._header_done = self.response_complete = False
+        self._early_body = []
         transport = self.transport
         if self.state is not ACTIVE or transport is None or transport.is_closing():
             # the peer closed it a moment ago (connection_lost may even have run already):
             # fail like a connection closed before the response, after this call returns (a
             # reused one is retried fresh)
+            self.sent = 0
+            self.request_complete = False
             self.loop.call_soon(self._fail_soon, handler)
             return
         self._read_timeout = read_timeout
         self._send_timeout = send_timeout
-        self._last_read = now = self.loop.time()
-        if self._timer is None or now + read_timeout < self._timer_when:
+        self.last_read = now = self._clock()
+        if now + read_timeout < self._timer_when:
             self._arm_timer(read_timeout)  # (else the pending timer re-checks when it fires)
         if body:
             transport.writelines((head, body))
@@ -394,8 +399,14 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             transport.write(head)
             self.sent = len(head)
-        self.request_sent = True
         self.request_complete = body is not None
+
+    def _new_parser(self) -> None:
+        self._needs_parser = False
+        self._parser = parser = httptools.HttpResponseParser(self)
+        # nginx reads a peer's lines ended by a bare LF (its own parser's rule); the response
+        # is re-framed for the client, so this opens no smuggling path
+        parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
 
     def _fail_soon(self, handler: UpstreamHandler) -> None:
         if self._handler is handler:  # (not if the request gave up on us meanwhile)
@@ -420,10 +431,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def stream_to(self, handler: UpstreamHandler) -> None:
         """The handler accepts the body: hand over what arrived with the head, then stream."""
-        self._streaming = True
         early = self._early_body
+        self._early_body = None
         if early:
-            self._early_body = []
             for chunk in early:
                 handler.upstream_body(chunk)
         if self.response_complete and self._handler is not None:
@@ -438,7 +448,7 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self._read_paused and self.transport is not None and self.state is ACTIVE:
             self._read_paused = False
-            self._last_read = self.loop.time()  # the idle timer restarts from now
+            self.last_read = self._clock()  # the idle timer restarts from now
             self.transport.resume_reading()
             self._arm_timer(self._read_timeout)
 
@@ -452,20 +462,27 @@ class UpstreamConnection(asyncio.Protocol):
         return (
             self.response_complete
             and self.request_complete
-            and self.state is ACTIVE
-            and not self._response.close
-            and not self._closing_after
-            and not self._extra_bytes
+            and not self._spent  # (also once closed)
             and not self._read_paused
-            and (not max_requests or self.requests < max_requests)
+            and (self.requests < max_requests or not max_requests)
         )
 
-    def make_idle(self, now: float, on_lost: Callable[[UpstreamConnection], None]) -> None:
-        """Into the pool (``on_lost``: the pool's callback if the idle connection dies)."""
+    def park(self, max_requests: int) -> bool:
+        """Into the pool (IDLE) if this connection may carry another request; False, and
+        nothing changed, if not. (The pool sets on_idle_lost.)"""
+        # (is_reusable's conditions, written out: one call less for every pooled request)
+        if not (
+            self.response_complete
+            and self.request_complete
+            and not self._spent
+            and not self._read_paused
+            and (self.requests < max_requests or not max_requests)
+        ):
+            return False
         self.state = IDLE
-        self.idle_since = now
-        self.on_idle_lost = on_lost
-        self.on_writable = self._handler = self._owner = None  # (the parser stays for the next)
+        # (the handler was told the end: _handler is None; the parser stays for the next)
+        self.on_writable = self._owner = None
+        return True
 
     def is_alive(self) -> bool:
         """Still open as far as the transport knows (the pool skips ones closing under it)."""
@@ -477,6 +494,7 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self.state = CLOSED
+        self._spent = True
         self._cancel_timer()
         self._handler = self._owner = None
         self._parser = None
@@ -491,6 +509,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.state is not CLOSED:
             self.state = CLOSED
+            self._spent = True
             self._cancel_timer()
             transport = self.transport
             if transport is not None:
@@ -503,114 +522,111 @@ class UpstreamConnection(asyncio.Protocol):
         self._handler = None
         if self.state is not CLOSED:
             self.state = CLOSED
+            self._spent = True
             self._cancel_timer()
             if self.transport is not None:
                 self.transport.abort()
 
     # ------------------------------------------------------------------ parser callbacks
 
-    def on_status(self, status: bytes) -> None:
-        # the reason phrase (the code comes from the parser); it may arrive in pieces
-        if not self._header_done:
-            self._response.reason += status
+    # (no on_status: the reason phrase is read from the head's bytes with the rest of it, one
+    # parser callback less per response)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # (this runs for every header of every response: a lookup, and for the usual hidden
         # ones nothing more; the pairs themselves are parsed again only if something reads them)
         kind = KINDS[name]
-        if not kind:  # hidden (Date, Server, ...)
+        if not kind or self.response_complete:
+            # hidden (Date, Server, ...); or a second response we never asked for (maybe in
+            # the read that brought the head not yet handed on): not a word of it in that head
+            # (on_headers_complete marks the connection unusable)
             return
-        if self.response_complete:
-            # a second response we never asked for (maybe in the read that brought the head
-            # not yet handed on): not a word of it in that head; on_headers_complete marks the
-            # connection unusable
-            return
-        response = self._response
         # (the value's trailing blanks go; llhttp took the ones before it)
         if kind == _PASSED:
-            response.lines += name + b": " + value.rstrip(b" \t") + b"\r\n"
+            self._response.lines += name + b": " + value.rstrip(b" \t") + b"\r\n"
         elif kind == _LENGTH:
-            response.content_length = int(value)  # llhttp validated the digits and duplicates
+            self._response.content_length = int(value)  # llhttp validated the digits and duplicates
         elif kind != _CONNECTION or value not in _PLAIN_CONNECTION:
             # (a plain "Connection: keep-alive" says nothing parser.should_keep_alive does not)
             value = value.rstrip(b" \t")
+            response = self._response
             if kind == _REWRITABLE:
                 response.lines += name + b": " + value + b"\r\n"
             response.note(kind, value)
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
-        assert parser is not None
+        parser: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]  # (its callback)
         if self.response_complete:
-            self._extra_bytes = True  # a second response we never asked for
+            self._spent = True  # a second response we never asked for
             return
         status = parser.get_status_code()
-        if 100 <= status < 200:
-            if status == 101 and self.upgrade:
-                self._upgraded = True  # a final head: the exchange decides (a tunnel)
-            else:
-                self._interim = True  # 1xx interim response: nginx ignores it, so do we
-                self._response = ResponseHead()
-                return
+        if status < 200 and status >= 100 and self._interim_head(status):
+            return
         response = self._response
         response.status = status
         # (no get_http_version(): nobody reads the peer's version, and httptools builds it with
         # str.format, costly per response)
-        response.close = not parser.should_keep_alive()
-        if response.chunked:
-            response.content_length = None
+        if not parser.should_keep_alive():
+            response.close = self._spent = True
+        # (response.content_length stays None when response.chunked: llhttp refuses a
+        # Content-Length beside a Transfer-Encoding)
         data = self._head_buf
         self._head_buf = b""
-        if len(data) <= _RAW_KEPT and not self._interim and not self.upgrade:
+        # (self.received: len(data), the bytes read since the request started)
+        if self.received <= _RAW_KEPT and not self._interim:
             response.raw = data  # (the usual head: a few hundred bytes, in one read)
+            response.reason = _OK if data.startswith(_OK_LINE) else response_head.status_reason(data)
         else:
-            response.keep_raw(data, self._interim, self.upgrade)
+            response.keep_raw(data, self._interim, self._upgraded)
             self._interim = False
-        self._header_done = True
+        self._header_done = self._head_ready = True
         if self._head_only or status in (204, 304):
             self._complete_now_without_body()
 
+    def _interim_head(self, status: int) -> bool:
+        """A 1xx head: the one to skip (nginx ignores interim responses, so do we), or the
+        101 that ends the head (the client asked to switch; the exchange decides: a tunnel)."""
+        if status == 101 and self.upgrade:
+            self._upgraded = self._spent = True
+            self._response.upgraded = True  # (its pairs are the 101's)
+            return False
+        self._interim = True
+        self._response = ResponseHead()  # the real response follows
+        return True
+
     def on_body(self, data: bytes) -> None:
         if self.response_complete:
-            self._extra_bytes = True  # body bytes for a HEAD response: unusable connection
+            self._spent = True  # body bytes for a HEAD response: unusable connection
             return
-        handler = self._handler
-        if handler is None:
-            return  # dropped by the handler while this chunk was being parsed
         self.body_received += len(data)
-        if self._streaming:
-            handler.upstream_body(data)
+        early = self._early_body
+        if early is None:  # (streaming)
+            handler = self._handler
+            if handler is not None:  # (not if dropped by the handler while this read is parsed)
+                handler.upstream_body(data)
         else:
-            self._early_body.append(data)
+            early.append(data)  # (stream_to hands them on)
 
     def on_message_complete(self) -> None:
-        if self._upgraded:
-            return  # (llhttp ends the 101's "message" at its head: the connection is no HTTP now)
-        if not self._header_done:
-            self._response = ResponseHead()  # after a 1xx: the real response follows
-            return
-        self._parser_ended = True  # llhttp saw the end itself: it can parse the next response
-        if self.response_complete:
-            return
-        self.response_complete = True
-        if not self._in_feed:
-            self._deliver_completion()  # (inside feed_data: data_received delivers it after)
+        # (not after a 1xx head: the real response follows; after the 101 we take too: llhttp
+        # ends its "message" at the head, the rest is the tunnel's)
+        if self._header_done:
+            self.response_complete = True  # (data_received tells the handler, after the parser)
 
     def _deliver_completion(self) -> None:
         """Tell the handler the response is complete, once, and never from inside the parser:
         the handler may reuse this very connection for the next request right away."""
         handler = self._handler
-        if self._streaming and self.response_complete and handler is not None:
+        if self._early_body is None and self.response_complete and handler is not None:
             self._handler = None
             handler.upstream_complete()
 
     # ------------------------------------------------------------------ internals
 
-    def _head_too_big(self, data: bytes, before: int) -> bool:
-        """``data`` takes the head past ``head_limit`` (``before``: head bytes read until now):
-        does the head end within the limit? (Checked before httptools accumulates a header line
-        of any length.)"""
-        room = self.head_limit - before  # the head must end within these bytes of data
+    def _head_too_big(self, data: bytes) -> bool:
+        """``data`` takes the head past ``head_limit``: does the head end within the limit?
+        (Checked before httptools accumulates a header line of any length.)"""
+        room = self.head_limit - (self.received - len(data))  # the head must end within these bytes of data
         return (data.find(b"\n\r\n", 0, room) == -1 and data.find(b"\n\n", 0, room) == -1
                 and not data.startswith((b"\n", b"\r\n")))
 
@@ -618,6 +634,8 @@ class UpstreamConnection(asyncio.Protocol):
         # HEAD, 204, 304: llhttp cannot be told a HEAD response has no body, so we end the
         # response ourselves; any byte after it marks the connection unusable (on_body).
         self.response_complete = True
+        if self._head_only:
+            self._needs_parser = True  # (llhttp would read the next response as this one's body)
 
     def _is_close_delimited(self) -> bool:
         response = self._response
@@ -626,7 +644,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _fail(self, failure: Failure, message: str, phase: str = "") -> None:
         """Close the connection and tell the handler, once."""
         if not phase:
-            phase = "reading upstream" if self._head_dispatched else "reading response header from upstream"
+            told = self._header_done and not self._head_ready  # (the handler has the head)
+            phase = "reading upstream" if told else "reading response header from upstream"
         err = UpstreamError(failure, message, phase=phase, response_started=self.response_started,
                             request_sent=self.request_sent)
         handler = self._handler
@@ -644,7 +663,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _unexpected_bytes(self) -> None:
         # Data on an idle connection, or after the response ended: the peer is confused or
         # closing; the connection can not carry another request.
-        self._extra_bytes = True
+        self._spent = True
         if self.state is IDLE:
             self.close()
             self._notify_idle_lost()
@@ -659,7 +678,7 @@ class UpstreamConnection(asyncio.Protocol):
         between requests (it re-checks the state when it fires), so a busy keep-alive
         connection schedules about one timer per timeout period, not one per request."""
         when = self.loop.time() + timeout
-        if self._timer is None or when < self._timer_when:
+        if when < self._timer_when:  # (always when there is no timer: _NEVER)
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_when = when
@@ -669,6 +688,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._timer_when = _NEVER
 
     def _on_timer(self) -> None:
         try:
@@ -678,6 +698,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _timer_fired(self) -> None:
         self._timer = None
+        self._timer_when = _NEVER
         if self.state is not ACTIVE or self.response_complete:
             return
         now = self.loop.time()
@@ -686,7 +707,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif self._read_paused:
             return  # the client is slow; the client side's send timer watches that
         else:
-            deadline = self._last_read + self._read_timeout
+            deadline = self.last_read + self._read_timeout
         if now < deadline:
             self._timer_when = deadline
             self._timer = self.loop.call_at(deadline, self._on_timer)

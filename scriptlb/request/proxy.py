@@ -358,7 +358,8 @@ class UpstreamRequest:
             # pooled connection is reused only for the same name (and never for plain HTTP)
             tls_name = host or tls.name(ex)
             host = "https:" + tls_name
-        key = (name, host, self._local_addr)  # the pool key (see Attempt)
+        local_addr = self._local_addr
+        key = (name, host, local_addr) if host or local_addr is not None else name  # (PoolKey)
         conn = pool.acquire(key) if pool is not None else None
         attempt = self.attempt = Attempt(upstream.stats, name, addr, peer, pool, key, outcome, tls_name, conn)
         ex.tries.append(attempt)
