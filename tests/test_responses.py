@@ -280,3 +280,27 @@ def test_error_responses_equal_a_real_nginx(tmp_path: Path) -> None:
 def test_peer_status_line_is_the_peers_code_and_phrase() -> None:
     assert peer_status_line(404, b"Nope") == b"HTTP/1.1 404 Nope\r\n"
     assert peer_status_line(503, b"") == b"HTTP/1.1 503\r\n"  # nginx: no phrase, no space
+
+
+def test_head_start_is_the_status_line_server_and_this_seconds_date(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built once per second for each status and phrase; a new second (or a clock set back)
+    gives the new Date, and the peer's phrase (or none) is kept as it came."""
+    now = [NOV_22 + 0.5]
+    monkeypatch.setattr(responses, "_wall_clock", lambda: now[0])
+    start = responses.head_start(200, b"OK")
+    assert start == b"HTTP/1.1 200 OK\r\nServer: scriptlb\r\nDate: Sun, 22 Nov 2026 10:00:00 GMT\r\n"
+    assert responses.head_start(200, b"OK") is start  # (this second's, remembered)
+    assert responses.head_start(502, None).startswith(b"HTTP/1.1 502 Bad Gateway\r\nServer: scriptlb\r\n")
+    assert responses.head_start(503, b"").startswith(b"HTTP/1.1 503\r\n")
+    now[0] = NOV_22 + 1.0
+    assert responses.head_start(200, b"OK").endswith(b"Date: Sun, 22 Nov 2026 10:00:01 GMT\r\n")
+    now[0] = NOV_22 - 0.5  # the clock set back
+    assert responses.head_start(200, b"OK").endswith(b"Date: Sun, 22 Nov 2026 09:59:59 GMT\r\n")
+
+
+def test_head_starts_of_one_second_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peers choose their phrases: past the bound a head start is built and not remembered."""
+    monkeypatch.setattr(responses, "_wall_clock", lambda: NOV_22 + 7.5)
+    for n in range(300):
+        assert responses.head_start(200, b"phrase %d" % n).startswith(b"HTTP/1.1 200 phrase %d\r\n" % n)
+    assert sum(len(starts) for starts in responses.CLOCK.head_starts.values()) <= 256

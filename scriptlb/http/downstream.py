@@ -28,14 +28,18 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
+from time import time as _wall_clock
 from typing import Any, Protocol, cast
 
 import httptools
 
 from scriptlb.config.model import ClientBodyConf, ListenKey
 from scriptlb.http import responses
+from scriptlb.http.line_ends import REWRITE_MAX as _REWRITE_MAX
 from scriptlb.http.line_ends import crlf_head_part
 from scriptlb.http.request_body import EMPTY_BODY, BodyFileError, RequestBody
+from scriptlb.http.responses import CLOCK as _CLOCK
+from scriptlb.http.responses import head_start
 from scriptlb.logs import errorlog
 
 # nginx's send_timeout default: how long a client may leave our writes unread before we give up.
@@ -49,9 +53,10 @@ _conn_ids = itertools.count(1)
 # underscores_in_headers on). llhttp already refuses what is not an RFC 9110 token.
 _NAME_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-"
 _NAME_CHARS_UNDERSCORE = _NAME_CHARS + b"_"
-# names found valid, so that the common ones cost one set lookup (bounded: clients choose names)
-_VALID_NAMES: set[bytes] = set()
-_VALID_NAMES_MAX = 4096
+# names found valid -> what on_header does with them (see _NOTED_NAMES), so that a name a
+# client repeats costs one dict lookup (bounded: clients choose names)
+_HEADER_NAMES: dict[bytes, bytes] = {}
+_HEADER_NAMES_MAX = 4096
 _VALID_NAME_LENGTH_MAX = 64
 
 # nginx's lingering close: after the last response, read and drop what the client still sends
@@ -69,10 +74,10 @@ _UNIQUE_HEADERS = frozenset((
     b"content-range", b"if-range", b"transfer-encoding", b"expect", b"authorization",
     b"proxy-authorization",
 ))
-# lengths of the request header names on_header acts on: host, expect, connection,
-# content-length, transfer-encoding and the unique ones (every other name is stored without
-# being lower-cased)
-_NOTED_HEADER_LENGTHS = frozenset({4, 6, 10, 14, 17} | {len(name) for name in _UNIQUE_HEADERS})
+_HOST = b"host"
+# the request headers the client connection acts on, lower case (each name maps to itself:
+# on_header tells them apart by identity); every other name is stored without being looked at
+_NOTED_NAMES = {name: name for name in (_HOST, b"expect", b"connection", *_UNIQUE_HEADERS)}
 
 
 def _check_transfer_encoding(headers: list[tuple[bytes, bytes]]) -> None:
@@ -95,13 +100,10 @@ def _refuse_duplicate(headers: list[tuple[bytes, bytes]], lower: bytes) -> None:
                                    f'"{previous}" while reading client request headers')
 
 
-_TRAILING_SPACE = (b" ", b"\t")
-
-
 def _noted_header(request: Request, lower: bytes, value: bytes) -> None:
-    """A header line the client connection acts on (``lower``: its name lower-cased, a name
-    whose length is one of _NOTED_HEADER_LENGTHS), already stored in ``request.headers``."""
-    if lower == b"host":
+    """A header line the client connection acts on (``lower``: its name lower-cased, one of
+    _NOTED_NAMES), already stored in ``request.headers``."""
+    if lower is _HOST:
         if request.host is not None:
             raise ClientError(400, "client sent duplicate host header while reading client request headers")
         request.host = value
@@ -127,12 +129,27 @@ def next_connection_id() -> int:
 
 
 
-# the last bytes of a request line -> its HTTP version (httptools validated it when it parses)
-_VERSION_HINTS = {b" HTTP/1.1": "1.1", b" HTTP/1.0": "1.0"}
+# the usual methods, as llhttp gives them -> the same str each time (no decoding per request)
+_METHODS = {method.encode("ascii"): method
+            for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")}
 
 # Content-Length -> its header line, built once each (bounded: lengths are the peers' choice)
 _LENGTH_LINES: dict[int, bytes] = {}
 _LENGTH_LINES_MAX = 1024
+
+
+def _length_line(content_length: int) -> bytes:
+    """A Content-Length line not in _LENGTH_LINES yet, built and remembered."""
+    line = b"Content-Length: %d\r\n" % content_length
+    if len(_LENGTH_LINES) >= _LENGTH_LINES_MAX:
+        _LENGTH_LINES.clear()
+    _LENGTH_LINES[content_length] = line
+    return line
+
+
+# the last line of a response head, as keep-alive has it
+_KEEP_ALIVE_END = b"Connection: keep-alive\r\n\r\n"
+_CLOSE_END = b"Connection: close\r\n\r\n"
 
 # How a request ends, as the exchange's one finish (Exchange.finish) takes it: what becomes
 # of the client connection after the log phase.
@@ -313,7 +330,7 @@ class _ParsingEnded(Exception):
     """Raised by a parser callback to stop parsing: nothing after a request without
     keep-alive is read (nginx does not look past it)."""
 
-# timer phases
+# timer phases (in this order: _activate ends those before _SEND with one comparison)
 _IDLE, _HEAD, _BODY, _SEND, _NONE = range(5)
 _PHASE_TEXT = {
     _IDLE: "",
@@ -358,7 +375,6 @@ class ClientConnection(asyncio.Protocol):
         "_timer",
         "_timer_when",
         "_upgrade_early",
-        "_version_hint",
         "_writing_paused",
         "active",
         "body_bytes_sent",
@@ -437,7 +453,6 @@ class ClientConnection(asyncio.Protocol):
         self._line_bytes = 0  # bytes of the head's incomplete last line
         self._framing_bytes = 0  # chunked body: bytes since the last chunk boundary or body byte
         self._fed = 0  # _FED_* flags of the feed in progress
-        self._version_hint: str | None = None  # see data_received
         self._body_for: Any = None  # the handler that got body bytes in the feed in progress
         # add_trailer: None, or what makes the trailers of the chunked response in progress
         self.trailers: Callable[[], bytes] | None = None
@@ -527,49 +542,62 @@ class ClientConnection(asyncio.Protocol):
             # we stopped parsing this connection; the error is answered in order
             self._last_request += self._last_request == 1
             return
-        reusable = self.listener.reusable
-        if reusable:
-            reusable.pop(self, None)  # a connection that reads is no longer idle
-        heading = self._parsing is None or not self._head_done
-        if heading and data.count(b"\n") != data.count(b"\r\n"):  # bare LFs (rare)
-            fixed, end = crlf_head_part(data, self._last_data if self._parsing is not None else b"")
-            if end < len(data):
-                # a body came with the head: handled as a read of its own, as it came (one
-                # copy, instead of joining it to the rewritten head)
-                self.data_received(fixed)
-                self.data_received(data[end:])
-                return
-            data = fixed
-        if self._parsing is None:
-            # A read that starts a request (the usual one) has its HTTP version at the end of
-            # its first line: on_headers_complete takes it from there (httptools's
-            # get_http_version() builds the string with str.format, costly per request).
-            line_end = data.find(b"\r\n")
-            self._version_hint = _VERSION_HINTS.get(data[line_end - 9:line_end]) if line_end > 9 else None
+        self.listener.reusable.pop(self, None)  # a connection that reads is no longer idle
+        parsing = self._parsing
         try:
-            if heading and (self._line_bytes or len(data) > self._header_line_max):
-                self._check_line_start(data)
+            if parsing is None or not self._head_done:
+                size = len(data)
+                # Bare LFs (rare): an LF left once every CRLF is gone. (One fast call on a read
+                # of usual size; a large one is counted instead of copied.)
+                if (10 in data.replace(b"\r\n", b"") if size <= _REWRITE_MAX
+                        else data.count(b"\n") != data.count(b"\r\n")):
+                    data = self._with_crlf(data, parsing)
+                    if not data:
+                        return  # (fed as two reads)
+                    size = len(data)
+                if self._line_bytes or size > self._header_line_max:
+                    self._check_line_start(data)
             self._fed = 0
             try:
                 self._parser.feed_data(data)
             except (httptools.HttpParserError, httptools.HttpParserUpgrade) as stop:
                 # (an Upgrade request's head, a client error a callback raised, bad bytes)
                 self._feed_stopped(stop, data)
-            if self._parsing is not None or self._line_bytes:
-                # (a body read in this feed and not ended by it: its handler is told now)
-                body_for = self._body_for
-                if body_for is not None:
-                    self._body_for = None
-                    active = self.active
-                    if active is body_for and active is not None:
-                        active.body_received()
-                self._check_partial_line(data)
+            if self._parsing is None and not self._line_bytes:
+                self._last_data = b""  # (the usual read: whole requests)
+            else:
+                self._fed_partly(data, parsing)
         except ClientError as err:
             self._client_error(err)
-            return
         except MemoryError:
             self._out_of_memory()
-            return
+
+    def _with_crlf(self, data: bytes, parsing: Request | None) -> bytes:
+        """A read whose head has bare LFs, rewritten; b"" when a body came with the head: then
+        both were handled as reads of their own, the body as it came (one copy, instead of
+        joining it to the rewritten head)."""
+        fixed, end = crlf_head_part(data, self._last_data if parsing is not None else b"")
+        if end < len(data):
+            self.data_received(fixed)
+            self.data_received(data[end:])
+            return b""
+        return fixed
+
+    def _fed_partly(self, data: bytes, parsing: Request | None) -> None:
+        """After a feed that ended inside a request (its head, or its body)."""
+        if self._parsing is not parsing and self._parsing is not None and not self._head_done \
+                and self.active is None and not self.closed:
+            # a head begun by this read: client_header_timeout runs from now (when a request
+            # is being served, its end arms it; a head that comes whole arms nothing)
+            self._arm(_HEAD, self.listener.header_timeout)
+        # (a body read in this feed and not ended by it: its handler is told now)
+        body_for = self._body_for
+        if body_for is not None:
+            self._body_for = None
+            active = self.active
+            if active is body_for and active is not None:
+                active.body_received()
+        self._check_partial_line(data)
         # a head still arriving keeps a reference to its last bytes (the timeout log's wording,
         # see _line_received); any other connection holds none
         self._last_data = data if self._parsing is not None and not self._head_done else b""
@@ -711,16 +739,23 @@ class ClientConnection(asyncio.Protocol):
             raise _ParsingEnded
         self._parsing = Request()
         self._head_done = False
-        if self.active is None:
-            self._arm(_HEAD, self.listener.header_timeout)
+        # (client_header_timeout is armed after the feed, for a head that did not arrive whole)
 
     def on_url(self, url: bytes) -> None:
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
-        if not request.method:  # (known once the target begins: error logs of the head show it)
-            request.method = self._parser.get_method().decode("ascii")
-        request.target += url
-        if len(request.target) > self.listener.header_buffers[1]:
+        if request.method:
+            url = request.target + url  # (the target came in pieces: reads ended inside it)
+        else:  # the first piece (the method is known once the target begins: error logs show it)
+            method = self._parser.get_method()  # (_method, inlined: once per request)
+            request.method = _METHODS.get(method) or method.decode("ascii")
+        request.target = url
+        if len(url) > self._header_line_max:
             raise ClientError(414, "client sent too long URI while reading client request line")
+
+    def _method(self) -> str:
+        """The method of the request being parsed (the usual ones are the same str each time)."""
+        method = self._parser.get_method()
+        return _METHODS.get(method) or method.decode("ascii")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # (runs for every header line: the usual one is measured, checked and stored; only
@@ -728,71 +763,71 @@ class ClientConnection(asyncio.Protocol):
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         if self._head_done:
             return  # a trailer: dropped, as nginx does (never merged into the request head)
-        if value[-1:] in _TRAILING_SPACE:
-            value = value.rstrip(b" \t")
+        value = value.rstrip(b" \t")  # (the same object when there is nothing to strip)
         line = len(name) + len(value) + 4
-        request.head_size += line
-        if line > self._header_line_max or request.head_size > self._head_max:
+        size = request.head_size = request.head_size + line
+        if line > self._header_line_max or size > self._head_max:
             raise ClientError(494, "client sent too long header line while reading client request headers")
-        if (name not in _VALID_NAMES and not self._valid_header_name(name)
-                and self.listener.ignore_invalid_headers):
+        try:
+            noted = _HEADER_NAMES[name]
+        except KeyError:
+            first_seen = self._first_seen_name(name, value)
+            if first_seen is None:
+                return  # an invalid line, ignored
+            noted = first_seen
+        request.headers.append((name, value))
+        if noted:
+            if noted is _HOST and request.host is None:  # (every request has one)
+                request.host = value
+            else:
+                _noted_header(request, noted, value)
+
+    def _first_seen_name(self, name: bytes, value: bytes) -> bytes | None:
+        """A header name not in _HEADER_NAMES: its entry there (remembered when the name is
+        valid whatever underscores_in_headers says), or None for a line to ignore (logged)."""
+        if name and not name.translate(None, _NAME_CHARS):
+            noted = _NOTED_NAMES.get(name.lower(), b"")
+            if len(_HEADER_NAMES) < _HEADER_NAMES_MAX and len(name) <= _VALID_NAME_LENGTH_MAX:
+                _HEADER_NAMES[name] = noted
+            return noted
+        underscores = self.listener.underscores_in_headers
+        if (not name or not underscores or name.translate(None, _NAME_CHARS_UNDERSCORE)) \
+                and self.listener.ignore_invalid_headers:
             text = (name + b": " + value).decode("latin-1")
             errorlog.log_error("info", f'client sent invalid header line: "{text}" '
                                        "while reading client request headers", self.conn_id,
                                self._log_context())
-            return
-        request.headers.append((name, value))
-        if len(name) in _NOTED_HEADER_LENGTHS:  # lower-case only the few names we act on
-            lower = name.lower()
-            if lower == b"host" and request.host is None:  # (every request has one)
-                request.host = value
-            else:
-                _noted_header(request, lower, value)
-
-    def _valid_header_name(self, name: bytes) -> bool:
-        if name and not name.translate(None, _NAME_CHARS):
-            if len(_VALID_NAMES) < _VALID_NAMES_MAX and len(name) <= _VALID_NAME_LENGTH_MAX:
-                _VALID_NAMES.add(name)  # (valid whatever underscores_in_headers says)
-            return True
-        underscores = self.listener.underscores_in_headers
-        return bool(name) and underscores and not name.translate(None, _NAME_CHARS_UNDERSCORE)
+            return None
+        return _NOTED_NAMES.get(name.lower(), b"")
 
     def on_headers_complete(self) -> None:
-        request = self._parsing
-        assert request is not None
+        request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         self._head_done = True
         self._line_bytes = 0
-        self._framing_bytes = 0
         parser = self._parser
         if not request.method:
-            request.method = parser.get_method().decode("ascii")
-        version = self._version_hint
-        if version is None:
-            version = parser.get_http_version()
-        else:
-            self._version_hint = None  # (it was this request's, the first in its read)
-        request.version = version
-        if version not in ("1.1", "1.0"):
-            raise ClientError(400, "client sent invalid request while reading client request line")
+            request.method = self._method()
+        keep_alive = parser.should_keep_alive()
+        # llhttp speaks HTTP 0.9, 1.0, 1.1 and 2.0 and keeps only 1.1 alive unless told so by a
+        # Connection header: the usual request is HTTP/1.1 (request.version's default) without
+        # asking (httptools's get_http_version() builds its string with str.format, per call)
+        if not keep_alive or request.connection is not None:
+            self._read_version(request)
         if request.method == "CONNECT":
             raise ClientError(405, "client sent invalid method while reading client request line")
         if len(request.headers) > self.listener.max_headers:  # (ignored invalid lines not counted)
             raise ClientError(400, "client sent too many header lines while reading client request headers")
-        if version == "1.1" and request.host is None:
+        if request.host is None and request.version == "1.1":
             raise ClientError(400, "client sent HTTP/1.1 request without \"Host\" header "
                                    "while reading client request headers")
-        request.keep_alive = parser.should_keep_alive()
+        request.keep_alive = keep_alive
         if request.chunked or request.content_length:  # (has_body stays False: the usual GET)
             self._read_framing(request)
         handler = self.listener.open_exchange(self, request)
-        limit = handler.max_body_size
-        if limit and request.content_length is not None and request.content_length > limit:
-            raise ClientError(413, f"client intended to send too large body: "
-                                   f"{request.content_length} bytes")
-        self._parsing_handler = handler
         if request.has_body:
-            request.body = RequestBody(handler.client_body)
-            self._arm(_BODY, handler.body_timeout)
+            self._expect_body(request, handler)
+        else:
+            self._parsing_handler = handler
         if self.active is None:
             self._activate(request, handler)
         else:
@@ -801,16 +836,34 @@ class ClientConnection(asyncio.Protocol):
             self._queue.append((request, handler))
             self._pause_reading()  # parse no further ahead until the active request is answered
 
+    def _read_version(self, request: Request) -> None:
+        """The request's HTTP version, from the parser: one we speak, or a 400."""
+        version = request.version = self._parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise ClientError(400, "client sent invalid request while reading client request line")
+
     def _read_framing(self, request: Request) -> None:
         """A request with a body (chunked, or a Content-Length above 0). llhttp already rejects
         Content-Length together with Transfer-Encoding, duplicate Content-Length lines and a
         coding after "chunked"; on_header noted the values."""
         request.has_body = True
         if request.chunked:
+            self._framing_bytes = 0
             if request.version == "1.0":
                 raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "
                                        "while reading client request headers")
             _check_transfer_encoding(request.headers)
+
+    def _expect_body(self, request: Request, handler: RequestHandler) -> None:
+        """The body of a request whose handler is known: its limit (client_max_body_size), where
+        it will wait, and client_body_timeout."""
+        limit = handler.max_body_size
+        if limit and request.content_length is not None and request.content_length > limit:
+            raise ClientError(413, f"client intended to send too large body: "
+                                   f"{request.content_length} bytes")
+        self._parsing_handler = handler
+        request.body = RequestBody(handler.client_body)
+        self._arm(_BODY, handler.body_timeout)
 
     def on_body(self, chunk: bytes) -> None:
         request = self._parsing
@@ -838,20 +891,19 @@ class ClientConnection(asyncio.Protocol):
         self._fed |= _FED_CHUNK
 
     def on_message_complete(self) -> None:
-        request = self._parsing
+        request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         handler = self._parsing_handler
-        assert request is not None and handler is not None
         request.complete = True
         self._parsing = None
         self._parsing_handler = None
         if not request.keep_alive:
             self._last_request = 1
         if handler is self.active:
-            if self._phase == _BODY:
-                self._phase = _NONE
-            self._body_for = None  # (told now, with the end)
             if request.has_body:  # (a request without one was served or proxied by start())
-                handler.body_received()
+                if self._phase == _BODY:
+                    self._phase = _NONE
+                self._body_for = None  # (told now, with the end)
+                handler.body_received()  # type: ignore[union-attr]  # (the active one)
         elif self.active is None and not self._queue and not self.closed:
             # answered before its parse ended (no body): now idle until the next request
             self._arm(_IDLE, self._last_keepalive_timeout)
@@ -862,21 +914,21 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ request lifecycle
 
     def _activate(self, request: Request, handler: RequestHandler) -> None:
+        # (sent_head is b"" already: finish_response emptied it)
         self.active = handler
         self._active_request = request
-        self.requests += 1
+        requests = self.requests = self.requests + 1
         self.response_started = False
-        self.sent_head = b""
         self.bytes_sent = 0
         self.body_bytes_sent = 0
         self._keep_alive = (
             request.keep_alive
             and not self.listener.shutting_down
             and handler.keepalive_timeout > 0
-            and self.requests < handler.keepalive_requests
+            and requests < handler.keepalive_requests
         )
-        if (not request.has_body or request.complete) and self._phase in (_HEAD, _BODY, _IDLE):
-            self._phase = _NONE
+        if self._phase < _SEND and (not request.has_body or request.complete):
+            self._phase = _NONE  # (no timer of the client's side runs while it is served)
         handler.start()
 
     def send_continue(self) -> None:
@@ -931,24 +983,46 @@ class ClientConnection(asyncio.Protocol):
         ``reason``: a proxied response's own phrase (b"": none, as the peer sent it); None:
         nginx's phrase for the status.
         """
-        request = self._active_request
-        assert request is not None and not self.response_started
+        request: Request = self._active_request  # type: ignore[assignment]  # (one is active)
         self.response_started = True
         if head_only is None:
             head_only = request.method == "HEAD"
+        if head_only or content_length is None or status < 200 or status in _NO_BODY_STATUS:
+            self._send_head_framed(request, status, headers, content_length, head_only, reason)
+            return
+        # the usual response: a body of known length
+        self._body_allowed = True
+        self._chunked = False
+        framing = _LENGTH_LINES.get(content_length) or _length_line(content_length)
+        if status >= 400 and request.has_body and not request.complete:
+            self._keep_alive = False  # we will not read the rest of the body
+        end = _KEEP_ALIVE_END if self._keep_alive else _CLOSE_END
+        clock = _CLOCK  # (head_start, inlined: once per response)
+        if clock.since <= _wall_clock() < clock.until:
+            try:
+                start = clock.head_starts[status][reason]
+            except KeyError:
+                start = head_start(status, reason)
+        else:
+            start = head_start(status, reason)
+        # (the head is kept for $sent_http_content_length & co.)
+        head = self.sent_head = b"".join((start, headers, framing, end))
+        self.bytes_sent = len(head)  # (the response's first bytes: one head per response)
+        # Corked: the head goes out with the first body bytes (one syscall instead of two), or
+        # at flush() when the caller has no body at hand.
+        self._pending_head = head
+
+    def _send_head_framed(self, request: Request, status: int, headers: bytes, content_length: int | None,
+                          head_only: bool, reason: bytes | None) -> None:
+        """send_head for every other response: no body (HEAD, 1xx, 204, 304) or one of unknown
+        length (chunked, or close-delimited for HTTP/1.0)."""
         self._body_allowed = not head_only and status not in _NO_BODY_STATUS and status >= 200
         framing = b""
         self._chunked = False
         if status in _NO_BODY_STATUS:
             pass
         elif content_length is not None:
-            known = _LENGTH_LINES.get(content_length)  # (the same few lengths come again and again)
-            if known is None:
-                known = b"Content-Length: %d\r\n" % content_length
-                if len(_LENGTH_LINES) >= _LENGTH_LINES_MAX:
-                    _LENGTH_LINES.clear()
-                _LENGTH_LINES[content_length] = known
-            framing = known
+            framing = _LENGTH_LINES.get(content_length) or _length_line(content_length)
         elif request.version == "1.1":
             if not head_only:
                 self._chunked = True
@@ -960,12 +1034,9 @@ class ClientConnection(asyncio.Protocol):
         if status == 101:  # (nginx's header filter: a switch says so, whatever keep-alive was)
             end = b"Connection: upgrade\r\n\r\n"
         else:
-            end = b"Connection: keep-alive\r\n\r\n" if self._keep_alive else b"Connection: close\r\n\r\n"
-        # (the head is kept for $sent_http_content_length & co.)
-        head = self.sent_head = b"".join((responses.head_start(status, reason), headers, framing, end))
+            end = _KEEP_ALIVE_END if self._keep_alive else _CLOSE_END
+        head = self.sent_head = b"".join((head_start(status, reason), headers, framing, end))
         self.bytes_sent += len(head)
-        # Corked: the head goes out with the first body bytes (one syscall instead of two), or
-        # at flush() when the caller has no body at hand.
         self._pending_head = head
 
     def flush(self) -> None:
@@ -979,19 +1050,20 @@ class ClientConnection(asyncio.Protocol):
         if not self._body_allowed or not data:
             self.flush()
             return
-        self.body_bytes_sent += len(data)
+        size = len(data)
+        self.body_bytes_sent += size
         head = self._pending_head
         self._pending_head = b""
         if self._chunked:
-            frame = b"%x\r\n" % len(data)
-            self.bytes_sent += len(frame) + len(data) + 2
+            frame = b"%x\r\n" % size
+            self.bytes_sent += len(frame) + size + 2
             transport = self.transport
             if transport is not None and not self.closed and not transport.is_closing():
                 transport.writelines((head, frame, data, b"\r\n") if head else (frame, data, b"\r\n"))
         else:
-            self.bytes_sent += len(data)
+            self.bytes_sent += size
             transport = self.transport  # (_write, inlined: once per response)
-            if transport is not None and not self.closed and not transport.is_closing():
+            if not self.closed and transport is not None and not transport.is_closing():
                 transport.write(head + data if head else data)
 
     def end_body(self) -> None:
@@ -1055,8 +1127,13 @@ class ClientConnection(asyncio.Protocol):
             self._client_error(self._pending_error)
             return
         if self._parsing is None:
-            self._arm(_IDLE, self._last_keepalive_timeout)
-            self.listener.reusable[self] = None  # idle keep-alive: may be closed to make room
+            # idle keep-alive (_arm, inlined: once per request); the connection may be closed to
+            # make room
+            when = self._deadline = self.loop.time() + self._last_keepalive_timeout
+            self._phase = _IDLE
+            if self._timer is None or when < self._timer_when:
+                self._set_timer(when)
+            self.listener.reusable[self] = None
         elif not self._head_done:
             self._arm(_HEAD, self.listener.header_timeout)  # a pipelined head, still incomplete
         if self._reading_paused:
@@ -1258,14 +1335,20 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _arm(self, phase: int, timeout: float) -> None:
+        """Wait for ``phase`` (a new request, the rest of a head...) for at most ``timeout``."""
         self._phase = phase
-        when = self.loop.time() + timeout
-        self._deadline = when
+        when = self._deadline = self.loop.time() + timeout
         if self._timer is None or when < self._timer_when:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_when = when
-            self._timer = self.loop.call_at(when, self._on_timer)
+            self._set_timer(when)
+
+    def _set_timer(self, when: float) -> None:
+        """The timer fires later than ``when`` (or not at all): it is set again. (One that fires
+        earlier finds the deadline ahead and sets itself again then: a deadline that moves
+        later costs no timer call.)"""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_when = when
+        self._timer = self.loop.call_at(when, self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

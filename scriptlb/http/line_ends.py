@@ -24,15 +24,15 @@ _BODY_HEADERS = (b"content-length:", b"transfer-encoding:")
 
 # the most of a read rewritten (a longer head is refused by the head limits anyway); the
 # rest of the read is passed on as it came
-_REWRITE_MAX = 32 * 1024  # (its copy stays below malloc's mmap threshold: no heap growth)
+REWRITE_MAX = 32 * 1024  # (its copy stays below malloc's mmap threshold: no heap growth)
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 def crlf_head(data: bytes, before: bytes) -> bytes:
     """``data`` with every bare LF of the head(s) it carries preceded by a CR. ``before``: the
     bytes of this head read earlier (b"" when ``data`` begins it). The caller calls this only
-    when ``data.count(b"\n") != data.count(b"\r\n")``: a read with CRLF everywhere (the
-    common case) costs two counts and nothing else."""
+    when ``data`` has an LF that is not part of a CRLF: a read with CRLF everywhere (the
+    common case) costs one search and nothing else."""
     fixed, end = crlf_head_part(data, before)
     return fixed + data[end:]
 
@@ -56,7 +56,7 @@ def _rewritten_end(data: bytes, tail: bytes) -> int:
     whole_head = not tail
     announces_body = False
     pos = 0
-    size = min(len(data), _REWRITE_MAX)
+    size = min(len(data), REWRITE_MAX)
     while pos < size:
         lf = data.find(b"\n", pos, size)
         if lf == -1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from email.utils import formatdate
+from time import time as _wall_clock
 
 SERVER_NAME = "scriptlb"
 
@@ -165,34 +166,44 @@ def closes_connection(status: int) -> bool:
 # --------------------------------------------------------------------------- Date
 
 
-class _DateCache:
+class DateCache:
     """The RFC 7231 date of the current second (nginx's ngx_cached_http_time).
 
     A process-wide cache of a pure function of the clock, refreshed at most once a second;
     it also owns the per-second cache of full error responses, which embed the date.
     """
 
-    __slots__ = ("head_starts", "header", "responses", "second", "text")
+    __slots__ = ("head_starts", "head_starts_size", "header", "responses", "second", "since", "text", "until")
 
     def __init__(self) -> None:
         self.second = -1
+        # the second's bounds as floats: head_start compares the clock with them
+        self.since = -1.0
+        self.until = -1.0
         self.text = ""
         self.header = b""
         self.responses: dict[tuple[int, bool, bool], bytes] = {}
-        # (status, peer's phrase or None) -> status line + Server + Date of this second
-        self.head_starts: dict[tuple[int, bytes | None], bytes] = {}
+        # status -> peer's phrase or None -> status line + Server + Date of this second (by
+        # status first: no key tuple to build and hash per response); valid while the wall
+        # clock is in [since, until), which a caller may test itself (see head_start)
+        self.head_starts: dict[int, dict[bytes | None, bytes]] = {}
+        self.head_starts_size = 0
 
     def refresh(self, now: float) -> None:
         second = int(now)
         if second != self.second:
             self.second = second
+            self.since = float(second)
+            self.until = second + 1.0
             self.text = formatdate(second, usegmt=True)
             self.header = f"Date: {self.text}\r\n".encode("ascii")
             self.responses.clear()
             self.head_starts.clear()
+            self.head_starts_size = 0
 
 
-_CLOCK = _DateCache()
+# (public for the response writer's fast path: ClientConnection.send_head)
+CLOCK = _CLOCK = DateCache()
 
 
 def http_date(now: float | None = None) -> str:
@@ -212,16 +223,25 @@ def head_start(status: int, reason: bytes | None) -> bytes:
     else the peer's own, see peer_status_line), ``Server`` and this second's ``Date``; built
     once per second for each status (one call per response instead of three)."""
     clock = _CLOCK
-    now = time.time()
-    if int(now) != clock.second:
+    now = _wall_clock()
+    if clock.since <= now < clock.until:
+        try:
+            return clock.head_starts[status][reason]
+        except KeyError:
+            pass
+    else:
         clock.refresh(now)
-    key = (status, reason)
-    start = clock.head_starts.get(key)
-    if start is None:
-        line = status_line(status) if reason is None else peer_status_line(status, reason)
-        start = line + _SERVER_HEADER + clock.header
-        if len(clock.head_starts) < _PEER_STATUS_LINES_MAX:  # (peers choose the phrases: bounded)
-            clock.head_starts[key] = start
+    return _new_head_start(status, reason)
+
+
+def _new_head_start(status: int, reason: bytes | None) -> bytes:
+    """head_start's line for a status and phrase not seen this second, built and remembered."""
+    clock = _CLOCK
+    line = status_line(status) if reason is None else peer_status_line(status, reason)
+    start = line + _SERVER_HEADER + clock.header
+    if clock.head_starts_size < _PEER_STATUS_LINES_MAX:  # (peers choose the phrases: bounded)
+        clock.head_starts.setdefault(status, {})[reason] = start
+        clock.head_starts_size += 1
     return start
 
 
