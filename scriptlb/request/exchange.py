@@ -47,6 +47,27 @@ if TYPE_CHECKING:
 OWN_STATUS = -1  # err_status: the final response keeps its own status (see Exchange.err_status)
 
 
+class _TryTimeout:
+    """A timeout of the tries loop read and set through the exchange, as the hook API does: the
+    upstream request's while it proxies, the location's (read only) before it starts."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, exchange: Exchange | None, owner: type | None = None) -> Any:
+        if exchange is None:
+            return self  # (read on the class)
+        proxying = exchange._proxying()
+        source = proxying if proxying is not None else exchange.location.conf.proxy
+        seconds: float = getattr(source, self.name)
+        return seconds
+
+    def __set__(self, exchange: Exchange, seconds: float) -> None:
+        proxying = exchange._proxying()
+        if proxying is not None:
+            setattr(proxying, self.name, seconds)
+
+
 class Exchange:
     """One request: what variables, hooks and logs read, and the code that serves it."""
 
@@ -313,38 +334,10 @@ class Exchange:
         proxying = self._proxying()
         return proxying.tries_cap if proxying is not None else 0
 
-    @property
-    def connect_timeout(self) -> float:
-        proxying = self._proxying()
-        return proxying.connect_timeout if proxying is not None else self.location.conf.proxy.connect_timeout
-
-    @connect_timeout.setter
-    def connect_timeout(self, seconds: float) -> None:
-        proxying = self._proxying()
-        if proxying is not None:
-            proxying.connect_timeout = seconds
-
-    @property
-    def send_timeout(self) -> float:
-        proxying = self._proxying()
-        return proxying.send_timeout if proxying is not None else self.location.conf.proxy.send_timeout
-
-    @send_timeout.setter
-    def send_timeout(self, seconds: float) -> None:
-        proxying = self._proxying()
-        if proxying is not None:
-            proxying.send_timeout = seconds
-
-    @property
-    def read_timeout(self) -> float:
-        proxying = self._proxying()
-        return proxying.read_timeout if proxying is not None else self.location.conf.proxy.read_timeout
-
-    @read_timeout.setter
-    def read_timeout(self, seconds: float) -> None:
-        proxying = self._proxying()
-        if proxying is not None:
-            proxying.read_timeout = seconds
+    # the three timeouts of the tries loop (set_timeouts changes them for the current request)
+    connect_timeout = _TryTimeout()
+    send_timeout = _TryTimeout()
+    read_timeout = _TryTimeout()
 
     @property
     def kept_headers(self) -> bytes:
