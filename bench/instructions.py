@@ -56,6 +56,17 @@ HOOK_CONFIGS = {"round robin": "", "hook inline": "ported"}
 HOOK_MODULE_CONFIGS = {"hook inline": "ported", "hook module": "module"}
 
 
+# the comparisons printed as "what: +N instructions per request": option, what, the config
+# labels with and without it (the default, statistics on/off, when no option is given)
+DIFFERENCES = (
+    ("sync", "shared dict sync", "sync on", "sync off"),
+    ("metrics", "metrics", "metrics on", "metrics off"),
+    ("tls", "TLS", "HTTPS", "plain HTTP"),
+    ("hook", "crc32 hook", "hook inline", "round robin"),
+    ("trace", "trace header", "trace header on", "trace header off"),
+)
+
+
 def hook_conf(prefix: Path, listen: int, backend: int, style: str, extra: str = "") -> str:
     """proxy_conf with bench/bench_conf.py's crc32 hook in the upstream ("" = none): "ported" inline,
     or "module" (writes ``prefix``/lib/picker.py and points python_package_path at it)."""
@@ -294,34 +305,18 @@ def main() -> int:
                 print(f"{label:24s} {per_request[label]:10,.0f} instructions per request", flush=True)
         finally:
             procs.stop_all()
-    if opts.sync:
-        on, off = per_request["sync on"], per_request["sync off"]
-        print(f"shared dict sync: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
-        return 0
-    if opts.metrics:
-        on, off = per_request["metrics on"], per_request["metrics off"]
-        print(f"metrics: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
-        return 0
-    if opts.tls:
-        on, off = per_request["HTTPS"], per_request["plain HTTP"]
-        print(f"TLS: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
-        return 0
-    if opts.hook:
-        on, off = per_request["hook inline"], per_request["round robin"]
-        print(f"crc32 hook: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
-        return 0
     if opts.hook_module:
         module, inline = per_request["hook module"], per_request["hook inline"]
         print(f"module hook / inline hook: {module / inline:.3f} ({module - inline:+,.0f} instructions "
               "per request, user mode)")
         return 0
-    if opts.trace:
-        on, off = per_request["trace header on"], per_request["trace header off"]
-        print(f"trace header: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
-        return 0
-    on, off = per_request["python_peer_stats on"], per_request["python_peer_stats off"]
-    print(f"peer statistics: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
-    print(f"peer statistics, wall-clock micro-cost: {wall_micro_us():.2f} us per request")
+    compared = next(((what, on, off) for flag, what, on, off in DIFFERENCES if getattr(opts, flag)),
+                    ("peer statistics", "python_peer_stats on", "python_peer_stats off"))
+    what, on_label, off_label = compared
+    on, off = per_request[on_label], per_request[off_label]
+    print(f"{what}: {on - off:+,.0f} instructions per request ({on / off - 1:+.1%}, user mode)")
+    if not any(getattr(opts, flag) for flag, *_ in DIFFERENCES):
+        print(f"peer statistics, wall-clock micro-cost: {wall_micro_us():.2f} us per request")
     return 0
 
 

@@ -221,11 +221,14 @@ HOOK_BUDGET = "1s"
 
 
 def with_hook_budget(text: str) -> str:
-    """``text`` with ``HOOK_BUDGET`` for its hooks at http level, unless it sets a budget itself."""
+    """``text`` with ``HOOK_BUDGET`` for its hooks at http level, and for the stream hooks at
+    stream level (stream has its own), unless it sets a budget itself."""
     if "_by_python" not in text or "_by_python_timeout" in text:
         return text
     budget = f" balancer_by_python_timeout {HOOK_BUDGET}; log_by_python_timeout {HOOK_BUDGET};"
-    return re.sub(r"(?m)^(\s*http\s*\{)", lambda m: m.group(1) + budget, text, count=1)
+    text = re.sub(r"(?m)^(\s*http\s*\{)", lambda m: m.group(1) + budget, text, count=1)
+    stream_budget = f" balancer_by_python_timeout {HOOK_BUDGET};"
+    return re.sub(r"(?m)^(\s*stream\s*\{)", lambda m: m.group(1) + stream_budget, text, count=1)
 
 
 class Scriptlb:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Self
 
 from helpers import free_ports
 from nginx_oracle import NGINX, main_conf, nginx_process
@@ -45,17 +46,15 @@ def never_read(conn: socket.socket) -> None:
     time.sleep(IO_TIMEOUT)
 
 
-class TcpPeer:
-    """A TCP server in a thread running ``handler`` per connection (closed after it)."""
+class _ThreadPeer:
+    """A server socket bound on 127.0.0.1 (OS-chosen port) served by a thread: ``_serve_one``
+    handles one arrival; the loop wakes every 0.1 s to see whether the test has ended."""
 
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
         self.addr = f"127.0.0.1:{self.port}"
-        self.accepted = 0
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
@@ -63,18 +62,14 @@ class TcpPeer:
         self.sock.settimeout(0.1)
         while not self._stop:
             try:
-                conn, _ = self.sock.accept()
+                self._serve_one()
             except (TimeoutError, OSError):
                 continue
-            self.accepted += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
-    def _handle(self, conn: socket.socket) -> None:
-        conn.settimeout(IO_TIMEOUT)
-        with contextlib.suppress(OSError), conn:
-            self.handler(conn)
+    def _serve_one(self) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> TcpPeer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -82,6 +77,26 @@ class TcpPeer:
         self._stop = True
         self._thread.join(2)
         self.sock.close()
+
+
+class TcpPeer(_ThreadPeer):
+    """A TCP server in a thread running ``handler`` per connection (closed after it)."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.accepted = 0
+        super().__init__(socket.socket())
+        self.sock.listen(64)
+
+    def _serve_one(self) -> None:
+        conn, _ = self.sock.accept()
+        self.accepted += 1
+        threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        conn.settimeout(IO_TIMEOUT)
+        with contextlib.suppress(OSError), conn:
+            self.handler(conn)
 
 
 class TlsPeer(TcpPeer):
@@ -144,40 +159,21 @@ def nginx_stream(tmp_path: Path, stream_block: str) -> Iterator[Path]:
         yield prefix
 
 
-class UdpPeer:
+class UdpPeer(_ThreadPeer):
     """A UDP server in a thread: ``reply(datagram, client_address)`` gives the datagrams sent
     back (None: an echo). ``received`` counts what came in."""
 
     def __init__(self, reply: Callable[[bytes, tuple[str, int]], list[bytes]] | None = None) -> None:
         self.reply = reply or (lambda data, addr: [data])
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.addr = f"127.0.0.1:{self.port}"
         self.received = 0
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
+        super().__init__(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
 
-    def _serve(self) -> None:
-        self.sock.settimeout(0.1)
-        while not self._stop:
-            try:
-                data, addr = self.sock.recvfrom(65536)
-            except (TimeoutError, OSError):
-                continue
-            self.received += 1
-            for answer in self.reply(data, addr):
-                with contextlib.suppress(OSError):
-                    self.sock.sendto(answer, addr)
-
-    def __enter__(self) -> UdpPeer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._thread.join(2)
-        self.sock.close()
+    def _serve_one(self) -> None:
+        data, addr = self.sock.recvfrom(65536)
+        self.received += 1
+        for answer in self.reply(data, addr):
+            with contextlib.suppress(OSError):
+                self.sock.sendto(answer, addr)
 
 
 def free_udp_ports(count: int) -> list[int]:
