@@ -96,8 +96,7 @@ import os
 import struct
 import time
 import weakref
-from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -399,12 +398,14 @@ class PeerStats:
     def publish_tallies(self, slot: int, tallies: list[int], total: float, header_total: float = 0.0) -> None:
         """Add one process's responses by class 1xx..5xx, response-time samples per bucket,
         bytes sent and received, times unavailable and header-time samples (``tallies``: the
-        five, ``BUCKET_SLOTS``, then the four; the words are contiguous: one slice read and
-        one slice write), and the two samples' sums."""
+        five, ``BUCKET_SLOTS``, then the four, contiguous words), and the two samples' sums.
+        Only the words with something to add are touched: a word of the shared map costs
+        several times a list item to read and write."""
         at = slot + self._mine + _CLASSES
         q = self._q
-        end = at + len(tallies)
-        q[at:end] = array("q", [a + b for a, b in zip(q[at:end].tolist(), tallies, strict=True)])
+        for offset, count in enumerate(tallies):
+            if count:  # (most are 0: a batch's responses fall in one class and a few buckets)
+                q[at + offset] += count
         if total or header_total:
             d, at = self._d, slot + self._mine + _TIME_SUM
             d[at] += total
@@ -641,6 +642,10 @@ class PeerStats:
 FLUSH_INTERVAL = 0.05  # seconds: how far behind one worker's tries may look to the others
 _NO_BUCKETS = [0] * BUCKET_SLOTS
 
+# One ended try as ``Recorder.finish`` keeps it until its peer's next ``tally``: (status, latency
+# sample, bytes sent, bytes received, time to the response header); None: not measured.
+EndedTry = tuple[int, float | None, int, int, float | None]
+
 
 class Recorder:
     """One worker's tries, gathered in plain lists and published to the shared file in batches
@@ -650,18 +655,22 @@ class Recorder:
     Why batches: in CPython a store into the shared map costs several times a list store, and
     recording every try straight into the map (start, end, the averages' read-modify-write)
     was a visible share of a proxied request's instructions (the figures: bench/README.md,
-    ``bench/instructions.py``). Gathered here, a try costs two short method calls; a busy peer
-    is published 20 times a second. Other workers see this worker's tries up to
-    ``FLUSH_INTERVAL`` late; this worker's own reads (``UpstreamStats.figures``) add what it has
-    not published yet, so a hook always sees its own worker's tries. A worker killed outright
-    loses its last batch.
+    ``bench/instructions.py``). Gathered here, a try's start adds one to a list cell and its
+    end appends one tuple to its peer's ``ended`` list; ``tally`` folds a peer's ended tries
+    into its figures a batch at a time (transposed with ``zip``, then ``sum``, ``sorted`` and
+    ``bisect`` over whole columns), before the flush or any reader of that peer uses them: a
+    dozen figures updated per try, one Python store each, cost several times that. A busy
+    peer is published 20 times a second. Other workers see this worker's tries up to
+    ``FLUSH_INTERVAL`` late; this worker's own reads (``UpstreamStats.figures``, ``average``)
+    tally first and add what it has not published yet, so a hook always sees its own worker's
+    tries. A worker killed outright loses its last batch.
 
     Indexes are dense (``index_of(slot)``): ``Peer.stats_index`` holds a peer's."""
 
     __slots__ = (
-        "_clock", "_loop", "_slots", "_timer", "buckets", "codes", "failure_time", "failures", "finished",
-        "header_samples", "header_sum", "index", "received", "sample_max", "sample_sum", "samples", "sent",
-        "started", "stats", "status", "unavail",
+        "_clock", "_loop", "_slots", "_timer", "buckets", "codes", "ended", "failure_time", "failures",
+        "finished", "header_samples", "header_sum", "index", "received", "sample_max", "sample_sum",
+        "samples", "sent", "started", "stats", "status", "unavail",
     )
 
     def __init__(self, stats: PeerStats, loop: Any, clock: Callable[[], float] = time.time) -> None:
@@ -671,6 +680,9 @@ class Recorder:
         self._timer: Any = None  # the scheduled flush, if any
         self._slots: list[int] = []  # index -> slot
         self.index: dict[int, int] = {}  # slot -> index
+        # per index: the tries ended since its last tally, in the order they ended
+        self.ended: list[list[EndedTry]] = []
+        # per index, the figures not published yet (of the ended tries: once tallied)
         self.started: list[int] = []
         self.finished: list[int] = []
         self.failures: list[int] = []
@@ -679,8 +691,8 @@ class Recorder:
         self.samples: list[int] = []
         self.sample_sum: list[float] = []
         self.sample_max: list[float] = []
-        # per index: responses by status (0: none), a dict: a peer answers few distinct codes,
-        # so a flush reads one or two items (the parser's statuses bound it to 1000 keys)
+        # responses by status (0: none), a dict: a peer answers few distinct codes, so a flush
+        # reads one or two items (the parser's statuses bound it to 1000 keys)
         self.codes: list[dict[int, int]] = []
         self.sent: list[int] = []  # bytes
         self.received: list[int] = []
@@ -703,6 +715,7 @@ class Recorder:
                 column.append(0)
             for float_column in (self.failure_time, self.sample_sum, self.sample_max, self.header_sum):
                 float_column.append(0.0)
+            self.ended.append([])
             self.codes.append({})
             self.buckets.extend([0] * BUCKET_SLOTS)
         return index
@@ -717,35 +730,50 @@ class Recorder:
                received: int = 0, header_time: float | None = None) -> None:
         """A started try ends: its status (0: no response; 0..999), its time as a latency
         sample (None: it says nothing about the peer), whether it failed, the bytes sent to
-        and received from the peer, and its time to the response header (None: none came)."""
-        self.finished[index] += 1
-        self.status[index] = status
-        codes = self.codes[index]
-        codes[status] = codes.get(status, 0) + 1
-        if sent:
-            self.sent[index] += sent
-        if received:
-            self.received[index] += received
-        if header_time is not None:
-            self.header_samples[index] += 1
-            self.header_sum[index] += header_time
-        if self._timer is None:  # (a long try may end after the flush its start armed)
-            self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
+        and received from the peer, and its time to the response header (None: none came).
+        Kept as one tuple until the peer's next ``tally``; a failure's time is taken now."""
+        self.ended[index].append((status, sample, sent, received, header_time))
         if failed:
             self.failures[index] += 1
             self.failure_time[index] = self._clock()
-        if sample is not None:
-            self.samples[index] += 1
-            self.buckets[index * BUCKET_SLOTS + bisect_left(TIME_BUCKETS, sample)] += 1
-            self.sample_sum[index] += sample
-            if sample > self.sample_max[index]:
-                self.sample_max[index] = sample
+        if self._timer is None:  # (a long try may end after the flush its start armed)
+            self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
 
     def became_unavailable(self, index: int) -> None:
         """A failure of a try to the peer at ``index`` reached its max_fails (rare)."""
         self.unavail[index] += 1
         if self._timer is None:
             self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
+
+    def tally(self, index: int) -> None:
+        """Fold the peer's tries ended since its last tally into its unpublished figures: the
+        same figures as adding each try as it ended (the sums run in the order they ended; the
+        last status is the last try's)."""
+        tries = self.ended[index]
+        if not tries:
+            return
+        self.ended[index] = []
+        statuses, samples, sent, received, headers = zip(*tries, strict=True)
+        count = len(statuses)
+        self.finished[index] += count
+        self.status[index] = statuses[-1]
+        _count_codes(self.codes[index], statuses)
+        self.sent[index] += sum(sent)
+        self.received[index] += sum(received)
+        if None in headers:  # (a try without a response header: no sample)
+            headers = tuple(h for h in headers if h is not None)
+        if headers:
+            self.header_samples[index] += len(headers)
+            self.header_sum[index] = sum(headers, self.header_sum[index])
+        if None in samples:  # (a try whose time says nothing about the peer)
+            samples = tuple(s for s in samples if s is not None)
+        if samples:
+            self.samples[index] += len(samples)
+            self.sample_sum[index] = sum(samples, self.sample_sum[index])
+            ordered = sorted(samples)
+            if ordered[-1] > self.sample_max[index]:
+                self.sample_max[index] = ordered[-1]
+            _count_buckets(self.buckets, index * BUCKET_SLOTS, ordered)
 
     def flush(self) -> None:
         """Publish every peer's unpublished tries (a scheduled flush is then not needed: an
@@ -756,8 +784,11 @@ class Recorder:
         now = self._clock()
         publish = self.stats.publish
         started, finished, failures, samples = self.started, self.finished, self.failures, self.samples
+        ended = self.ended
         for index, slot in enumerate(self._slots):
-            if not (started[index] or finished[index] or self.unavail[index]):
+            if ended[index]:
+                self.tally(index)
+            elif not (started[index] or finished[index] or self.unavail[index]):
                 continue
             publish(slot, started[index], finished[index], failures[index], self.status[index],
                     self.failure_time[index], samples[index], self.sample_sum[index],
@@ -781,6 +812,7 @@ class Recorder:
         self, index: int, histogram: tuple[list[int], float]
     ) -> tuple[list[int], float]:
         """``PeerStats.histogram`` with this worker's unpublished samples added."""
+        self.tally(index)
         at = index * BUCKET_SLOTS
         buckets = [count + self.buckets[at + b] for b, count in enumerate(histogram[0])]
         return buckets, histogram[1] + (self.sample_sum[index] if self.samples[index] else 0.0)
@@ -793,11 +825,13 @@ class Recorder:
 
     def unpublished_classes(self, index: int, classes: list[int]) -> list[int]:
         """``PeerStats.classes`` with this worker's unpublished responses added."""
+        self.tally(index)
         mine = _classes(self.codes[index])
         return [count + mine[c] for c, count in enumerate(classes)]
 
     def unpublished_codes(self, index: int, codes: dict[int, int]) -> dict[int, int]:
         """``PeerStats.codes`` with this worker's unpublished responses added."""
+        self.tally(index)
         result = dict(codes)
         for code, count in self.codes[index].items():
             if FIRST_CODE <= code < FIRST_CODE + CODE_WORDS:
@@ -806,12 +840,15 @@ class Recorder:
 
     def unpublished_traffic(self, index: int, traffic: list[float]) -> list[float]:
         """``PeerStats.traffic`` with this worker's unpublished tries added."""
+        self.tally(index)
         mine = (self.sent[index], self.received[index], self.unavail[index], self.header_samples[index],
                 self.header_sum[index])
         return [a + b for a, b in zip(traffic, mine, strict=True)]
 
     def unpublished(self, index: int, figures: tuple[Any, ...]) -> tuple[Any, ...]:
         """``PeerStats.figures`` with this worker's unpublished tries added."""
+        if self.ended[index]:
+            self.tally(index)
         started, finished, failures = self.started[index], self.finished[index], self.failures[index]
         if not (started or finished):
             return figures
@@ -822,6 +859,31 @@ class Recorder:
             last_failure = self.failure_time[index]
         active = max(0, active + started - finished)
         return (requests + started, failed + failures, active, last_status, last_failure, *averages)
+
+
+def _count_codes(codes: dict[int, int], statuses: tuple[int, ...]) -> None:
+    """Add a batch's statuses to a peer's counts by status: a batch is usually one status
+    throughout (counted at C speed), else each is added."""
+    first = statuses[0]
+    if statuses.count(first) == len(statuses):
+        codes[first] = codes.get(first, 0) + len(statuses)
+        return
+    for status in statuses:
+        codes[status] = codes.get(status, 0) + 1
+
+
+def _count_buckets(buckets: list[int], at: int, ordered: list[float]) -> None:
+    """Add sorted samples to the response-time buckets at ``buckets[at:at + BUCKET_SLOTS]``
+    (a sample's bucket is ``bisect_left(TIME_BUCKETS, sample)``): a batch within one bucket
+    (the usual) in one step, else one bisect of the batch per bucket edge it spans."""
+    low = bisect_left(TIME_BUCKETS, ordered[0])
+    high = bisect_left(TIME_BUCKETS, ordered[-1])
+    counted = 0
+    for bucket in range(low, high):  # (samples up to the bucket's edge, minus those below it)
+        upto = bisect_right(ordered, TIME_BUCKETS[bucket])
+        buckets[at + bucket] += upto - counted
+        counted = upto
+    buckets[at + high] += len(ordered) - counted
 
 
 def _classes(codes: dict[int, int]) -> list[int]:
@@ -948,8 +1010,10 @@ class UpstreamStats:
         statistics' clock). The round trip's average (its peak average with ``peak``), or the
         time to the response header's with ``header``: what ``ewma`` and ``least_time`` read."""
         recorder = self.recorder
-        ewma, peak_ewma, stamp, header_ewma, header_stamp = self.stats.averages(self.slot_of(peer))
         index = peer.stats_index
+        if recorder.ended[index]:
+            recorder.tally(index)
+        ewma, peak_ewma, stamp, header_ewma, header_stamp = self.stats.averages(self.slot_of(peer))
         now = recorder.now()
         if header:
             value, stamp = header_ewma, header_stamp
