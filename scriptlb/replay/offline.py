@@ -189,7 +189,7 @@ class Offline:
         api.set_shared_dicts({})
         recorder = getattr(self, "recorder", None)
         if recorder is not None:
-            recorder._timer = None  # (its virtual timer dies with the loop)
+            recorder.timer = None  # (its virtual timer dies with the loop)
         stats: PeerStats | None = getattr(self, "stats", None)  # (None too if __init__ failed early)
         if stats is not None:
             stats.close()

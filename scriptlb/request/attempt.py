@@ -161,7 +161,10 @@ class Attempt(TryRecord):
         if stats is not None:  # (without them stats_index stays unset: end reads it only with them)
             if peer is not None:
                 self.stats_index = index = peer.stats_index
-                stats.start(index)
+                # stats.start(index), inlined: one call less per try
+                stats.started[index] += 1
+                if stats.recorder.timer is None:
+                    stats.recorder.arm_flush()
             else:
                 self.stats_index = stats.start_address(name)
 

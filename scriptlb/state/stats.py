@@ -100,6 +100,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import compress
 from typing import TYPE_CHECKING, Any, Protocol
 
 from scriptlb.config.model import HttpConf
@@ -403,9 +404,9 @@ class PeerStats:
         several times a list item to read and write."""
         at = slot + self._mine + _CLASSES
         q = self._q
-        for offset, count in enumerate(tallies):
-            if count:  # (most are 0: a batch's responses fall in one class and a few buckets)
-                q[at + offset] += count
+        # (most are 0: a batch's responses fall in one class and a few buckets)
+        for offset in compress(range(len(tallies)), tallies):
+            q[at + offset] += tallies[offset]
         if total or header_total:
             d, at = self._d, slot + self._mine + _TIME_SUM
             d[at] += total
@@ -668,16 +669,17 @@ class Recorder:
     Indexes are dense (``index_of(slot)``): ``Peer.stats_index`` holds a peer's."""
 
     __slots__ = (
-        "_clock", "_loop", "_slots", "_timer", "buckets", "codes", "ended", "failure_time", "failures",
-        "finished", "header_samples", "header_sum", "index", "received", "sample_max", "sample_sum",
-        "samples", "sent", "started", "stats", "status", "unavail",
+        "_clock", "_loop", "_slots", "buckets", "codes", "ended", "failure_time", "failures", "finished",
+        "header_samples", "header_sum", "index", "received", "sample_max", "sample_sum", "samples", "sent",
+        "started", "stats", "status", "timer", "unavail",
     )
 
     def __init__(self, stats: PeerStats, loop: Any, clock: Callable[[], float] = time.time) -> None:
         self.stats = stats
         self._loop = loop
         self._clock = clock  # wall-clock seconds (an offline replay passes its virtual clock)
-        self._timer: Any = None  # the scheduled flush, if any
+        # the scheduled flush; None: none is due (the tries loop reads it: see UpstreamStats.started)
+        self.timer: Any = None
         self._slots: list[int] = []  # index -> slot
         self.index: dict[int, int] = {}  # slot -> index
         # per index: the tries ended since its last tally, in the order they ended
@@ -721,10 +723,14 @@ class Recorder:
         return index
 
     def start(self, index: int) -> None:
-        """A try to the peer at ``index`` starts."""
+        """A try to the peer at ``index`` starts (the http tries loop inlines this)."""
         self.started[index] += 1
-        if self._timer is None:
-            self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
+        if self.timer is None:
+            self.arm_flush()
+
+    def arm_flush(self) -> None:
+        """Schedule the flush of what was recorded since the last one (none is due)."""
+        self.timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
 
     def finish(self, index: int, status: int, sample: float | None, failed: bool, sent: int = 0,
                received: int = 0, header_time: float | None = None) -> None:
@@ -736,14 +742,14 @@ class Recorder:
         if failed:
             self.failures[index] += 1
             self.failure_time[index] = self._clock()
-        if self._timer is None:  # (a long try may end after the flush its start armed)
-            self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
+        if self.timer is None:  # (a long try may end after the flush its start armed)
+            self.timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
 
     def became_unavailable(self, index: int) -> None:
         """A failure of a try to the peer at ``index`` reached its max_fails (rare)."""
         self.unavail[index] += 1
-        if self._timer is None:
-            self._timer = self._loop.call_later(FLUSH_INTERVAL, self.flush)
+        if self.timer is None:
+            self.arm_flush()
 
     def tally(self, index: int) -> None:
         """Fold the peer's tries ended since its last tally into its unpublished figures: the
@@ -778,9 +784,9 @@ class Recorder:
     def flush(self) -> None:
         """Publish every peer's unpublished tries (a scheduled flush is then not needed: an
         explicit one, at worker exit, must leave no timer to run after the file is closed)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         now = self._clock()
         publish = self.stats.publish
         started, finished, failures, samples = self.started, self.finished, self.failures, self.samples
@@ -903,7 +909,8 @@ class UpstreamStats:
     hook-set weights (one load when nothing changed). Balancers that cache weights (``hash``'s
     total) recompute them when it returns True; round robin and its kin read them live."""
 
-    __slots__ = ("backup", "finish", "generation", "name", "primary", "recorder", "start", "stats", "words")
+    __slots__ = ("backup", "finish", "generation", "name", "primary", "recorder", "start", "started", "stats",
+                 "words")
 
     def __init__(self, recorder: Recorder, upstream: str) -> None:
         stats = self.stats = recorder.stats
@@ -914,6 +921,9 @@ class UpstreamStats:
         # the tries loop's calls, bound once: a try pays no lookup or wrapper for them
         self.start = recorder.start
         self.finish = recorder.finish
+        # the recorder's per-peer count of tries started: the http tries loop inlines ``start``
+        # (``started[index] += 1``, then ``recorder.arm_flush()`` when ``recorder.timer`` is None)
+        self.started = recorder.started
         self.words = stats._q  # for weights_stale's one load
 
     def passive_free(self, peer: Any, failed: bool, fails_before: int, now: float) -> bool:
