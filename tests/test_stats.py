@@ -7,6 +7,7 @@ real processes (``subprocess`` running the recorder, and ``os.fork``) sharing on
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import os
 import subprocess
@@ -23,6 +24,7 @@ from scriptlb.state.peers import PeerSet
 from scriptlb.state.stats import (
     DECAY_TIME,
     FLUSH_INTERVAL,
+    TIME_BUCKETS,
     PeerKey,
     PeerStats,
     Recorder,
@@ -305,6 +307,54 @@ def test_a_try_not_published_yet_is_a_selection_for_its_worker(tmp_path: Path) -
     assert recorder.unpublished_selected(a, published) == published  # nothing pending
     loop.close()
     stats.close()
+
+
+class NoFlushLoop:
+    """Enough of a loop (and of its timer handle) for a Recorder whose flushes the test makes."""
+
+    def call_later(self, delay: float, callback: object) -> NoFlushLoop:
+        return self
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_a_batch_of_ended_tries_tallies_as_the_tries_one_by_one(tmp_path: Path) -> None:
+    """The recorder folds a peer's ended tries in a batch (transposed, summed, sorted into
+    buckets): the published figures equal those of a recorder made to tally after every try,
+    samples on the bucket edges, unmeasured ones and a mix of statuses included."""
+    (tmp_path / "x.conf").write_text(
+        "events {}\nhttp {\n upstream u { server 127.0.0.1:1; server 127.0.0.1:2; }\n}\n")
+    conf = load("x.conf", str(tmp_path))
+    assert conf.http is not None
+    samples = [0.005, 0.0051, None, 0.0, 0.01, 2.4, 10.0, 10.5, 0.3, None, 0.005, 0.049]
+    statuses = [200, 200, 0, 404, 200, 502, 200, 200, 999, 0, 101, 200]
+    published = []
+    for one_by_one in (True, False):
+        stats = PeerStats.open(str(tmp_path / f"s{one_by_one}"), layout_of(conf.http))
+        recorder = Recorder(stats, NoFlushLoop(), clock=lambda: T0)
+        a = recorder.index_of(stats.slot("u", False, 0))
+        slot = stats.slot("u", False, 0)
+        for i, (status, sample) in enumerate(zip(statuses, samples, strict=True)):
+            recorder.start(a)
+            header = None if sample is None else sample / 2
+            recorder.finish(a, status, sample, status == 0, 10 * i, 7 * i, header)
+            if one_by_one:
+                recorder.unpublished(a, stats.figures(slot))  # a reader: tallies the one try
+        recorder.flush()
+        published.append((stats.figures(slot), stats.histogram(slot), stats.codes(slot),
+                          stats.classes(slot), stats.traffic(slot), stats.averages(slot)))
+        stats.close()
+    assert published[0] == published[1]
+    figures, (buckets, total), codes, _, traffic, _ = published[1]
+    measured = [s for s in samples if s is not None]
+    expected = [0] * len(buckets)
+    for sample in measured:
+        expected[bisect.bisect_left(TIME_BUCKETS, sample)] += 1
+    assert buckets == expected and total == sum(measured)
+    assert codes == {200: 6, 404: 1, 502: 1, 101: 1}  # 0 and 999: not kept
+    assert figures[:4] == (12, 2, 0, 200)
+    assert traffic[:4] == [10 * 66, 7 * 66, 0, len(measured)]
 
 
 def test_codes_bytes_unavail_and_header_times_add_up_over_batches(tmp_path: Path) -> None:
