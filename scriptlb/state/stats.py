@@ -412,6 +412,31 @@ class PeerStats:
             d[at] += total
             d[at + 1] += header_total
 
+    def publish_counts(self, slot: int, codes: dict[int, int], buckets: list[int], at: int,
+                       traffic: tuple[int, int, int, int], total: float, header_total: float) -> None:
+        """``publish_tallies`` and ``publish_codes`` in one, for ``Recorder.flush``: a batch's
+        responses per status code (each also counted in its class 1xx..5xx; codes outside
+        100..599 are not kept), its samples per response-time bucket
+        (``buckets[at:at + BUCKET_SLOTS]``), ``traffic`` (bytes sent and received, times
+        unavailable, header-time samples) and the two samples' sums. Only the words with
+        something to add are touched (a word of the map costs several list items to add to)."""
+        q = self._q
+        mine = slot + self._mine
+        code_words = slot + self._mine_codes - FIRST_CODE
+        for code, count in codes.items():
+            if FIRST_CODE <= code < FIRST_CODE + CODE_WORDS:
+                q[mine + _CLASSES + code // 100 - 1] += count
+                q[code_words + code] += count
+        bucket_words = mine + _BUCKETS - at
+        for bucket in compress(range(at, at + BUCKET_SLOTS), buckets[at : at + BUCKET_SLOTS]):
+            q[bucket_words + bucket] += buckets[bucket]
+        for offset in compress(range(4), traffic):  # (_SENT, _RECEIVED, _UNAVAIL, _HEADER_SAMPLES)
+            q[mine + _SENT + offset] += traffic[offset]
+        if total or header_total:
+            d, at = self._d, mine + _TIME_SUM
+            d[at] += total
+            d[at + 1] += header_total
+
     def publish_codes(self, slot: int, codes: Iterable[tuple[int, int]]) -> None:
         """Add one process's responses per status code ((code, count); codes outside
         100..599 are not kept)."""
@@ -801,14 +826,12 @@ class Recorder:
                     self.sample_max[index], now, self.header_samples[index], self.header_sum[index])
             bt = index * BUCKET_SLOTS
             codes = self.codes[index]
-            tallies = _classes(codes) + self.buckets[bt : bt + BUCKET_SLOTS]
-            tallies += (self.sent[index], self.received[index], self.unavail[index],
-                        self.header_samples[index])
-            self.stats.publish_tallies(slot, tallies, self.sample_sum[index] if samples[index] else 0.0,
-                                       self.header_sum[index])
-            if codes:
-                self.stats.publish_codes(slot, codes.items())
-                codes.clear()
+            traffic = (self.sent[index], self.received[index], self.unavail[index],
+                       self.header_samples[index])
+            self.stats.publish_counts(slot, codes, self.buckets, bt, traffic,
+                                      self.sample_sum[index] if samples[index] else 0.0,
+                                      self.header_sum[index])
+            codes.clear()
             self.buckets[bt : bt + BUCKET_SLOTS] = _NO_BUCKETS
             started[index] = finished[index] = failures[index] = samples[index] = 0
             self.sent[index] = self.received[index] = self.unavail[index] = self.header_samples[index] = 0
