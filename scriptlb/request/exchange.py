@@ -399,8 +399,7 @@ class Exchange:
                 location = self.location
                 upstream = location.plain_upstream
                 if upstream is not None:  # (the usual location: no phase before the proxy has work)
-                    self.upstream_request = proxying = UpstreamRequest(self, upstream)
-                    proxying.start()
+                    UpstreamRequest(self, upstream)  # (it is upstream_request, and starts, at once)
                     return
                 realip = self.location.realip_server  # (nginx's post-read phase)
                 if realip is not None and self.realip is None:
@@ -429,8 +428,7 @@ class Exchange:
                 else:
                     self.conn.send_continue()  # nginx reads (and discards) the body first
                 return
-            self.upstream_request = UpstreamRequest(self, location.upstream)
-            self.upstream_request.start()
+            UpstreamRequest(self, location.upstream)
         except Exception as exc:
             self.crashed(exc, "starting request")
 
@@ -460,9 +458,7 @@ class Exchange:
     def proxy_to(self, upstream: UpstreamRuntime, pass_uri: str | None) -> None:
         """Proxy to an upstream proxy_pass with variables chose (``pass_uri``: the URI to send,
         None for the client's)."""
-        self.upstream_request = UpstreamRequest(self, upstream)
-        self.upstream_request.pass_uri = pass_uri
-        self.upstream_request.start()
+        UpstreamRequest(self, upstream, pass_uri)  # (it is upstream_request from its start)
 
     def body_received(self) -> None:
         try:
