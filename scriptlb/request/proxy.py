@@ -402,7 +402,7 @@ class UpstreamRequest:
             pool = self._hook_peer_pool(addr, outcome)
             attempt = self.attempt = self._keyed_attempt(addr.name, None, outcome.host or "", pool, outcome)
             attempt.peer_addr = addr
-        ex.tries.append(attempt)
+        ex.tries += (attempt,)  # (the first: the shared empty tuple + this one is this one)
         conn = attempt.conn
         if conn is None:
             self._connect(attempt)
@@ -828,7 +828,7 @@ class UpstreamRequest:
         record = TryRecord(self.upstream.name, 0.0, hook)
         record.status = 502
         record.response_time = 0.0  # nginx logs "0.000" for it: every try has a response time
-        ex.tries.append(record)
+        ex.tries += (record,)
         errorlog.log_error("error", "no live upstreams while connecting to upstream",
                            ex.conn_id, ex.log_context(None))
         ex.finish_with_page(502)
