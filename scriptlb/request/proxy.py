@@ -128,7 +128,6 @@ class UpstreamRequest:
         "_connecting",
         "_head",
         "_local_addr",
-        "_passing",
         "_rate",
         "_stream_body",
         "_tunnel",
@@ -149,7 +148,6 @@ class UpstreamRequest:
     _waiting_body: bool  # buffering the request body before the first try
     _body_conn: UpstreamConnection | None  # where the streamed body goes now
     _connecting: asyncio.Task[object] | None  # opening a new connection (None: done)
-    _passing: bool  # the response is going to the client: no retry any more
     _tunnel: Tunnel  # after a 101: the two sockets joined
     hook_exit: HookOutcome  # a hook's ngx.exit(N) run, for $balancer_trace
     pass_uri: str | None  # proxy_pass with variables: its URI part, as evaluated
@@ -184,7 +182,7 @@ class UpstreamRequest:
         proxy_host = location.proxy_host
         if proxy_host:  # (else proxy_pass with variables set it)
             exchange.proxy_host = proxy_host
-        self._head = plan.build_head(exchange)
+        self._head = plan.build_plain_head(exchange)
         # (_begin_tries, inlined)
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
@@ -611,7 +609,6 @@ class UpstreamRequest:
         conn = attempt.conn
         assert conn is not None
         ex = self.exchange
-        self._passing = True
         ex.status = status
         ex.upstream_headers = response  # (its pairs, parsed if something reads them)
         headers = response.lines if response.connection is None else response.client_headers()
@@ -713,7 +710,7 @@ class UpstreamRequest:
         if self._rate is not None:  # (a half body: no stored file, nothing more held)
             self._rate.cancel()
             self._rate = None
-        if getattr(self, "_passing", False):
+        if attempt.status is not None:  # (its head came and was not diverted: the response is the client's)
             self._failed_mid_body(attempt, err)
         elif is_stale_connection(err.failure, err.response_started, attempt.reused, self._stream_body,
                                  self._idempotent, self.conf.next_upstream):
@@ -754,7 +751,6 @@ class UpstreamRequest:
         conn = attempt.conn
         assert conn is not None
         ex = self.exchange
-        self._passing = True
         ex.status = 101
         ex.upstream_headers = response  # (its pairs, parsed if something reads them)
         headers = response.client_headers() + _upgrade_lines(response.headers)

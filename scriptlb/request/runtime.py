@@ -253,6 +253,18 @@ class RequestPlan:
         new = quote_uri(self.replace_uri + rest)
         return new + "?" + exchange.args if exchange.args is not None else new
 
+    def build_plain_head(self, exchange: Exchange) -> bytes:
+        """build_head for a request without a body (the usual GET), the memo's case: the head
+        after the target depends on the method and the client's headers alone, and is most
+        often the one made for the request before."""
+        request = exchange.request
+        target = request.target
+        last = self._last_fields
+        if (self.repeats and target[:1] == b"/" and last[1] == exchange.headers and last[0] == exchange.method
+                and last[2] == request.connection):
+            return last[3] + target + last[4]
+        return self._build_head(exchange, None, False)
+
     def build_head(self, exchange: Exchange, body_length: int | None = None, chunked: bool = False) -> bytes:
         """The request line and headers for the peer: with a Content-Length (``body_length``),
         chunked, or neither (no body: the usual GET)."""
