@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import ssl
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -95,6 +96,13 @@ _HANDSHAKING = "SSL handshaking to upstream"
 STREAM_BODY_WAITING = 64 * 1024
 
 
+class _Streamed(enum.Enum):
+    STREAMED = "streamed"  # (an enum: a marker mypy tells apart by identity)
+
+
+STREAMED = _Streamed.STREAMED  # the request body goes as it arrives (proxy_request_buffering off)
+
+
 class _Timeout:
     """One of the tries loop's three timeouts of a request: the location's (``conf``) until a
     hook's set_timeouts sets one, which gives the request its own copy of the settings (the
@@ -129,7 +137,6 @@ class UpstreamRequest:
         "_head",
         "_local_addr",
         "_rate",
-        "_stream_body",
         "_tunnel",
         "_waiting_body",
         "attempt",
@@ -163,8 +170,9 @@ class UpstreamRequest:
         # request its own copy, see _Timeout); the location's upstream request template
         self.conf = conf = location.conf.proxy
         self.plan = plan = location.plan
-        self._stream_body = False  # proxy_request_buffering off: body sent as it arrives
-        self._body: bytes | SpooledBody = b""  # (bytes, or the file a big body was spooled to)
+        # bytes (b"": none), the file a big body was spooled to, or STREAMED (sent as it
+        # arrives: proxy_request_buffering off)
+        self._body: bytes | SpooledBody | _Streamed = b""
         # proxy_bind, or a hook's bind_to_local_addr
         self._local_addr: tuple[str, int] | None = None
         if location.proxy_bind is not None:
@@ -279,7 +287,7 @@ class UpstreamRequest:
         if plan.body_override is None and request.content_length is None and not request.has_body:
             self._head = plan.build_head(ex)  # (an Expect without a body)
         else:
-            if not self._stream_body and request.has_body:
+            if self._body is not STREAMED and request.has_body:
                 self._body = request.body.buffered()  # bytes, or the file it was spooled to
             if plan.body_override is not None:
                 self._body = plan.body_override(ex)
@@ -289,16 +297,17 @@ class UpstreamRequest:
     def _holds_body(self, ex: Exchange) -> bool:
         """A body still arriving: streamed (False: the tries begin now) or buffered (True:
         they begin once it is complete)."""
-        self._stream_body = self._wants_streamed_body()
+        streamed = self._wants_streamed_body()
         ex.conn.send_continue()
-        if self._stream_body:
+        if streamed:
+            self._body = STREAMED
             self._body_conn = None  # (until the connection is open)
             return False
         self._waiting_body = True  # body_received() starts the tries
         return True
 
     def body_received(self) -> None:
-        if self._stream_body:
+        if self._body is STREAMED:
             self._pump_body()
         elif getattr(self, "_waiting_body", False) and self.exchange.request.complete:
             self._waiting_body = False
@@ -364,14 +373,15 @@ class UpstreamRequest:
         """The request line and headers for the peer (again after a hook's recreate_request)."""
         ex = self.exchange
         request = ex.request
-        if self._stream_body:
+        body = self._body
+        if body is STREAMED:
             self._head = self.plan.build_head(ex, request.content_length, chunked=request.chunked)
         elif self.plan.sends_no_body:  # proxy_pass_request_body off
             self._head = self.plan.build_head(ex, None)
         else:
             sends_length = (request.has_body or request.content_length is not None  # incl. "0"
                             or self.plan.body_override is not None)
-            self._head = self.plan.build_head(ex, len(self._body) if sends_length else None)
+            self._head = self.plan.build_head(ex, len(body) if sends_length else None)
 
     def _next_try(self) -> None:
         """The hook seam, then a peer, then a connection to it (nginx's upstream_connect)."""
@@ -406,7 +416,7 @@ class UpstreamRequest:
             self._connect(attempt)
             return
         body = self._body
-        if not isinstance(body, bytes) or self._stream_body:
+        if not isinstance(body, bytes):  # (spooled or STREAMED)
             self._send_request(conn)
             return
         # _send_request's usual case (a pooled connection, no body or a buffered one in memory)
@@ -525,10 +535,10 @@ class UpstreamRequest:
         conf = self.conf
         conn.head_limit = conf.buffer_size  # proxy_buffer_size
         conn.upgrade = ex.request.connection is not None and self._upgrade_asked()
-        if self._stream_body:
+        body = self._body
+        if body is STREAMED:
             self._send_streamed(conn)
             return
-        body = self._body
         if isinstance(body, bytes):  # (b"": the usual GET)
             conn.start(self, self._head, body, conf.read_timeout, conf.send_timeout, ex.method == "HEAD",
                        plan.http11, plan.close_after)
@@ -712,7 +722,7 @@ class UpstreamRequest:
             self._rate = None
         if attempt.status is not None:  # (its head came and was not diverted: the response is the client's)
             self._failed_mid_body(attempt, err)
-        elif is_stale_connection(err.failure, err.response_started, attempt.reused, self._stream_body,
+        elif is_stale_connection(err.failure, err.response_started, attempt.reused, self._body is STREAMED,
                                  self._idempotent, self.conf.next_upstream):
             self._retry_fresh(attempt, err)
         else:
