@@ -138,7 +138,6 @@ class Attempt(TryRecord):
         peer: Peer | None,
         pool: ConnectionPool | None,
         reused: UpstreamConnection | None = None,
-        hook: HookOutcome | None = None,
     ) -> None:
         """``name`` is the address text, ``peer`` the balancer's peer (None for an address a
         hook set), ``pool`` where the connection goes back (None: closed after the response),
@@ -146,8 +145,8 @@ class Attempt(TryRecord):
         # (TryRecord's fields, assigned here: one constructor call per try)
         self.addr = name
         self.started = clock()
-        # the hook run's HookOutcome (None: no hook): kept as is, read only by $balancer_trace
-        self.hook = hook
+        # (hook: the hook run's HookOutcome, set by the tries loop after a hook ran; unset
+        # without one, and $balancer_trace, its only reader, takes None then)
         self.status: int | None = None
         # (a connection from the pool: no connect time)
         self.connect_time: float | None = None if reused is None else 0.0
@@ -193,7 +192,7 @@ class Attempt(TryRecord):
         peer = self.peer
         self.peer = None
         # (a stream session's PeerSide offers the same counts, copied from its StreamAttempt)
-        if conn is not None and BYTE_COUNTS_READ[0] and conn.sent:
+        if BYTE_COUNTS_READ[0] and conn is not None and conn.sent:
             self.bytes_sent = conn.sent
             self.bytes_received = conn.received
             self.response_length = conn.body_received

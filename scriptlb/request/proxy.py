@@ -402,7 +402,9 @@ class UpstreamRequest:
             if self._local_addr is None and ex.location.tls is None:
                 # the usual try: the pool key is the peer's address text
                 conn = pool.acquire(name) if pool is not None else None
-                attempt = self.attempt = Attempt(upstream.stats, name, peer, pool, conn, outcome)
+                attempt = self.attempt = Attempt(upstream.stats, name, peer, pool, conn)
+                if outcome is not None:  # (a hook ran and left the choice to the balancer)
+                    attempt.hook = outcome
             else:
                 attempt = self.attempt = self._keyed_attempt(name, peer, "", pool, outcome)
         else:  # (the hook set the address)
@@ -443,7 +445,9 @@ class UpstreamRequest:
         local_addr = self._local_addr
         key = (name, host, local_addr) if host or local_addr is not None else name  # (PoolKey)
         conn = pool.acquire(key) if pool is not None else None
-        attempt = Attempt(self.upstream.stats, name, peer, pool, conn, outcome)
+        attempt = Attempt(self.upstream.stats, name, peer, pool, conn)
+        if outcome is not None:
+            attempt.hook = outcome
         attempt.key = key
         attempt.tls_name = tls_name
         return attempt
@@ -613,7 +617,9 @@ class UpstreamRequest:
         assert attempt is not None
         attempt.header_time = clock() - attempt.started
         attempt.status = status = response.status
-        if (status >= 300 or status == 101 or response.rewritable) and self._diverted(attempt, response):
+        # (a 200 without Location, Refresh or X-Accel-* goes to the client as it is: the usual
+        # response, one test; _diverted tells the other statuses apart)
+        if (status != 200 or response.rewritable) and self._diverted(attempt, response):
             return
         # give the client this response, streaming its body with back-pressure
         conn = attempt.conn
