@@ -780,7 +780,7 @@ class Exchange:
         client connection's part. Never raises from the log phase."""
         conn = self.conn
         location = self.location
-        if location.logged or location.add_trailers is not None:
+        if location.ends_body:  # (logged, or add_trailer)
             # the body's end (with add_trailer's lines, made while the upstream side is still
             # ours), then the counts the log phase reads; else the connection ends the body
             if end == SENT:

@@ -398,22 +398,28 @@ class UpstreamRequest:
                 self._no_live_upstreams(outcome)
                 return
             name = peer.name
-            pool = upstream.pool if self.plan.pooled else None
             if self._local_addr is None and ex.location.tls is None:
                 # the usual try: the pool key is the peer's address text
-                conn = pool.acquire(name) if pool is not None else None
+                pool: ConnectionPool | None
+                if self.plan.pooled:
+                    pool = upstream.pool
+                    conn = pool.acquire(name)
+                else:
+                    pool = conn = None
                 attempt = self.attempt = Attempt(upstream.stats, name, peer, pool, conn)
                 if outcome is not None:  # (a hook ran and left the choice to the balancer)
                     attempt.hook = outcome
             else:
+                pool = upstream.pool if self.plan.pooled else None
                 attempt = self.attempt = self._keyed_attempt(name, peer, "", pool, outcome)
+                conn = attempt.conn
         else:  # (the hook set the address)
             addr = outcome.addr
             pool = self._hook_peer_pool(addr, outcome)
             attempt = self.attempt = self._keyed_attempt(addr.name, None, outcome.host or "", pool, outcome)
             attempt.peer_addr = addr
+            conn = attempt.conn
         ex.tries += (attempt,)  # (the first: the shared empty tuple + this one is this one)
-        conn = attempt.conn
         if conn is None:
             self._connect(attempt)
             return

@@ -396,6 +396,7 @@ class LocationRuntime:
         "conf",
         "content",
         "dynamic",
+        "ends_body",
         "error_pages",
         "header_rewrite",
         "keepalive_agents",
@@ -429,6 +430,7 @@ class LocationRuntime:
         self.log_hook = log_hook  # log_by_python, run by the exchange after the access logs
         # the log phase has work (the Runtime sets it too for a status_zone)
         self.logged = bool(access_logs) or log_hook is not None
+        self.ends_body = self.logged  # the exchange's finish ends the body itself (with add_trailer too)
         # allow/deny + auth_basic (scriptlb.request.access): None, or check(exchange) -> refusal | None
         self.access: Callable[[Any], tuple[int, bytes] | None] | None = None
         if conf.access or conf.auth_basic_user_file is not None:
@@ -461,6 +463,7 @@ class LocationRuntime:
             from scriptlb.request.headers_filter import AddHeaders
 
             self.add_trailers = AddHeaders(conf.add_trailers, trailers=True)
+            self.ends_body = True
         # proxy_hide_header / proxy_pass_header (scriptlb.request.headers_filter)
         self.response_filter: Callable[[bytes, Any], bytes] | None = None
         if conf.proxy.hide_headers or conf.proxy.pass_headers:
@@ -737,7 +740,7 @@ class Runtime:
         location.plain_upstream = upstream if plain else None
         if conf.status_zone is not None:
             location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
-            location.logged = True
+            location.logged = location.ends_body = True
         if conf.handler is not None:
             from scriptlb.request.handlers import content_handler
 
