@@ -190,7 +190,7 @@ class UpstreamRequest:
         proxy_host = location.proxy_host
         if proxy_host:  # (else proxy_pass with variables set it)
             exchange.proxy_host = proxy_host
-        self._head = plan.build_plain_head(exchange)
+        self._head = plan.build_head(exchange)
         # (_begin_tries, inlined)
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
@@ -375,13 +375,13 @@ class UpstreamRequest:
         request = ex.request
         body = self._body
         if body is STREAMED:
-            self._head = self.plan.build_head(ex, request.content_length, chunked=request.chunked)
+            self._head = self.plan.build_framed_head(ex, request.content_length, chunked=request.chunked)
         elif self.plan.sends_no_body:  # proxy_pass_request_body off
-            self._head = self.plan.build_head(ex, None)
+            self._head = self.plan.build_head(ex)
         else:
             sends_length = (request.has_body or request.content_length is not None  # incl. "0"
                             or self.plan.body_override is not None)
-            self._head = self.plan.build_head(ex, len(body) if sends_length else None)
+            self._head = self.plan.build_framed_head(ex, len(body) if sends_length else None)
 
     def _next_try(self) -> None:
         """The hook seam, then a peer, then a connection to it (nginx's upstream_connect)."""

@@ -253,10 +253,10 @@ class RequestPlan:
         new = quote_uri(self.replace_uri + rest)
         return new + "?" + exchange.args if exchange.args is not None else new
 
-    def build_plain_head(self, exchange: Exchange) -> bytes:
-        """build_head for a request without a body (the usual GET), the memo's case: the head
-        after the target depends on the method and the client's headers alone, and is most
-        often the one made for the request before."""
+    def build_head(self, exchange: Exchange) -> bytes:
+        """The request line and headers for the peer of a request without a body (the usual
+        GET). The head after the target depends on the method and the client's headers alone,
+        and is most often the one made for the request before (the memo)."""
         request = exchange.request
         target = request.target
         last = self._last_fields
@@ -265,18 +265,11 @@ class RequestPlan:
             return last[3] + target + last[4]
         return self._build_head(exchange, None, False)
 
-    def build_head(self, exchange: Exchange, body_length: int | None = None, chunked: bool = False) -> bytes:
-        """The request line and headers for the peer: with a Content-Length (``body_length``),
-        chunked, or neither (no body: the usual GET)."""
-        request = exchange.request
-        target = request.target
-        if self.repeats and body_length is None and not chunked and target[:1] == b"/":
-            # the head after the target depends on the method and the client's headers alone,
-            # and is most often the one made for the request before
-            last = self._last_fields
-            method = exchange.method
-            if last[1] == exchange.headers and last[0] == method and last[2] == request.connection:
-                return last[3] + target + last[4]
+    def build_framed_head(self, exchange: Exchange, body_length: int | None, chunked: bool = False) -> bytes:
+        """build_head with a body's framing: a Content-Length (``body_length``), chunked, or
+        neither (the body is not sent: build_head's)."""
+        if body_length is None and not chunked:
+            return self.build_head(exchange)
         return self._build_head(exchange, body_length, chunked)
 
     def _build_head(self, exchange: Exchange, body_length: int | None, chunked: bool) -> bytes:
