@@ -416,9 +416,16 @@ class UpstreamRequest:
         else:  # (the hook set the address)
             addr = outcome.addr
             pool = self._hook_peer_pool(addr, outcome)
-            attempt = self.attempt = self._keyed_attempt(addr.name, None, outcome.host or "", pool, outcome)
+            host = outcome.host
+            if host or self._local_addr is not None or ex.location.tls is not None:
+                attempt = self.attempt = self._keyed_attempt(addr.name, None, host or "", pool, outcome)
+                conn = attempt.conn
+            else:  # (the usual hook-set try: keyed by the address text too)
+                name = addr.name
+                conn = pool.acquire(name) if pool is not None else None
+                attempt = self.attempt = Attempt(upstream.stats, name, None, pool, conn)
+                attempt.hook = outcome
             attempt.peer_addr = addr
-            conn = attempt.conn
         ex.tries += (attempt,)  # (the first: the shared empty tuple + this one is this one)
         if conn is None:
             self._connect(attempt)
