@@ -71,12 +71,18 @@ class HookOutcome:
     """What one balancer run decided. Class-level defaults keep a run's allocation to one empty
     object.
 
+    ``plain`` is True while the run did nothing for the tries loop to act on but the peer:
+    every API call that sets more than that (more tries, a keepalive override, a local address,
+    a rebuilt request, ``ngx.exit``) and every failure clears it, so the tries loop tests one
+    flag where it would otherwise test each of those fields on every try.
+
     ``error`` says why the try falls back: None (fine), "runtime_error", "timeout",
     "compile_error", "no_peer", "exit_error" (``ngx.exit`` with a code below 300) or
     "breaker_open" (skipped: the circuit breaker is open). With ``balancer_by_python_fallback
     off`` every error but "no_peer" comes with ``exit_status`` 500.
     """
 
+    plain: bool = False  # (HookRunner.run sets it True before the hook runs)
     addr: PeerAddr | None = None  # set_current_peer's address; None: fall back
     host: str | None = None  # set_current_peer's host (Host/SNI/pool key)
     more_tries: int = 0  # granted by set_more_tries (clamped), counted only with a peer
@@ -395,6 +401,7 @@ class NgxBalancer:
             warning = "reduced tries due to limit"
         # OpenResty wraps a negative grant into a huge unsigned one; we clamp (docs' intent)
         outcome.more_tries = min(max(count, 0), MAX_MORE_TRIES)
+        outcome.plain = False
         return True, warning
 
     def get_last_failure(self) -> tuple[str | None, int | None]:
@@ -438,10 +445,13 @@ class NgxBalancer:
         if outcome.addr is None:
             return None, "no current peer set"
         outcome.keepalive = (float(idle_timeout), int(max_requests))
+        outcome.plain = False
         return _OK
 
     def recreate_request(self) -> Result:
-        _balancer_outcome().recreate = True
+        outcome = _balancer_outcome()
+        outcome.recreate = True
+        outcome.plain = False
         return _OK
 
     def bind_to_local_addr(self, addr: object) -> Result:
@@ -452,6 +462,7 @@ class NgxBalancer:
         if isinstance(parsed, str):
             return None, f"invalid addr {addr}"  # every unparsable input (OpenResty's http side is UB)
         outcome.local_addr = parsed.name if parsed.port else parsed.host
+        outcome.plain = False
         return _OK
 
 
@@ -827,6 +838,7 @@ class Ngx:
         if status == self.OK:
             return
         outcome.exit_status = status  # >= 300 ends the request; anything else -> fallback
+        outcome.plain = False
 
     def now(self) -> float:
         return round(_WALL[0](), 3)

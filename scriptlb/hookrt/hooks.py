@@ -546,11 +546,10 @@ class HookRunner(_Runner[HookOutcome]):
         in one frame: it runs before every try of every request. It does what ``_execute``
         does, in the same order; every other case goes through ``_run_checked``."""
         outcome = HookOutcome()
-        # the fields the tries loop reads after every run, as the instance's own: a read of a
-        # class-level default is a dictionary miss, then a class lookup, every time
-        outcome.exit_status = outcome.local_addr = outcome.keepalive = None
-        outcome.more_tries = 0
-        outcome.recreate = False
+        # what the tries loop reads first after every run (the API calls that set more than
+        # the peer clear it), as the instance's own: a read of a class-level default is a
+        # dictionary miss, then a class lookup, every time
+        outcome.plain = True
         call = self._ready
         if call is None or upstream is None:
             return self._run_checked(exchange, upstream, outcome)
@@ -595,7 +594,7 @@ class HookRunner(_Runner[HookOutcome]):
         if budget.tripped:  # it caught the timeout (a bare except) and ended anyway
             budget.tripped = False
             return self._failed_run(outcome, None, True, exchange)
-        if outcome.addr is not None and outcome.exit_status is None:
+        if outcome.plain and outcome.addr is not None:
             return outcome
         return self._checked(outcome, exchange)
 
@@ -648,7 +647,7 @@ class HookRunner(_Runner[HookOutcome]):
         servers (OpenResty's round robin over them) either way."""
         outcome.addr = outcome.host = outcome.exit_status = outcome.keepalive = outcome.local_addr = None
         outcome.more_tries = 0
-        outcome.recreate = False
+        outcome.recreate = outcome.plain = False
         outcome.error = kind
         if kind != "no_peer" and not self.conf.fallback:
             outcome.exit_status = 500

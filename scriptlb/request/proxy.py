@@ -382,6 +382,8 @@ class UpstreamRequest:
         (bind address, rebuilt request); None when it ended the request (ngx.exit)."""
         ex = self.exchange
         outcome = hook.run(ex, self.upstream)
+        if outcome.plain:  # (the usual run: it set the peer and nothing else)
+            return outcome
         if outcome.exit_status is not None:
             self.hook_exit = outcome
             ex.finish_with_page(outcome.exit_status)
@@ -395,7 +397,6 @@ class UpstreamRequest:
     def _hook_peer_pool(self, addr: PeerAddr, outcome: HookOutcome) -> ConnectionPool | None:
         """A hook-set peer's try: the pool its connection comes from and goes back to."""
         upstream = self.upstream
-        self.balancer_state.tries += outcome.more_tries
         chosen = upstream.peers.by_name.get(addr.name)
         if chosen is not None and (chosen.down or chosen.fails):  # (one test when usable)
             chosen_anyway(upstream, chosen, outcome, self.exchange, self.loop.time(), _CONNECTING)
@@ -403,6 +404,9 @@ class UpstreamRequest:
         # upstream's keepalive N pool as for its own peers (as OpenResty's keepalive module
         # pools whatever peer the balancer hook set). Either needs nginx's recipe: HTTP/1.1 to
         # the peer, no "Connection: close".
+        if outcome.plain:  # (the usual run: no more tries granted, no keepalive override)
+            return upstream.pool if self.plan.pooled else None
+        self.balancer_state.tries += outcome.more_tries
         keepalive = outcome.keepalive
         if keepalive is None:
             return upstream.pool if self.plan.pooled else None
