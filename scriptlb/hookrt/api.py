@@ -244,8 +244,9 @@ def _is_number(value: object) -> TypeGuard[int | float]:
 
 _IPV4 = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})")
 _UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
-# set_current_peer's addr -> its port argument (None or an int) -> the parsed address or the error
-_PEER_CACHE: dict[str, dict[int | None, PeerAddr | str]] = {}
+# set_current_peer's addr -> its port argument (None or an int) -> the parsed address (an
+# address that does not parse is not kept: its call takes the checking path every time)
+_PEER_CACHE: dict[str, dict[int | None, PeerAddr]] = {}
 _PEER_CACHE_SIZE = [0]  # entries in all of _PEER_CACHE's dicts
 _PEER_CACHE_MAX = 4096
 _CACHED_ADDR_MAX = 128  # "unix:" + the longest socket path fits
@@ -330,7 +331,7 @@ def _parse_argument(addr: object, port: object) -> PeerAddr | str:
     if type(addr) is not str:
         raise _bad_type(1, "set_current_peer", "string", addr)
     parsed = parse_peer(addr, _port_argument(port))
-    if len(addr) <= _CACHED_ADDR_MAX and (port is None or type(port) is int):
+    if isinstance(parsed, PeerAddr) and len(addr) <= _CACHED_ADDR_MAX and (port is None or type(port) is int):
         # real addresses are short and few; hook-made junk is not kept, nor kept growing
         if _PEER_CACHE_SIZE[0] >= _PEER_CACHE_MAX:
             _PEER_CACHE.clear()
@@ -338,6 +339,23 @@ def _parse_argument(addr: object, port: object) -> PeerAddr | str:
         _PEER_CACHE.setdefault(addr, {})[port] = parsed
         _PEER_CACHE_SIZE[0] += 1
     return parsed
+
+
+def _set_peer(outcome: HookOutcome, parsed: PeerAddr | None, addr: object, port: object,
+              host: object) -> Result:
+    """``set_current_peer`` past its hot path: arguments not seen before (checked and parsed
+    here) or a host name, checked in OpenResty's order."""
+    checked = _parse_argument(addr, port) if parsed is None else parsed
+    if host is not None:
+        if type(host) is not str:
+            raise _bad_type(3, "set_current_peer", "string", host)
+        if host and _HOST_NAME.fullmatch(host) is None:
+            return None, "invalid host name"  # it would become a Host header and TLS SNI
+    if isinstance(checked, str):
+        return None, checked
+    outcome.addr = checked
+    outcome.host = host or None  # a later call without host clears it; "" is nil
+    return _OK
 
 
 def _port_argument(port: object) -> int:
@@ -368,20 +386,14 @@ class NgxBalancer:
         outcome = run.outcome
         if outcome is None or run.phase is not BALANCER_PHASE:
             raise _refusal(run)
-        # the hot path: an address seen before with the same port argument (none or an int)
+        # the hot path: an address seen before with the same port argument (none or an int),
+        # without a host name
         ports = _PEER_CACHE.get(addr) if type(addr) is str else None
         parsed = ports.get(port) if ports is not None and (port is None or type(port) is int) else None
-        if parsed is None:
-            parsed = _parse_argument(addr, port)
-        if host is not None:
-            if type(host) is not str:
-                raise _bad_type(3, "set_current_peer", "string", host)
-            if host and _HOST_NAME.fullmatch(host) is None:
-                return None, "invalid host name"  # it would become a Host header and TLS SNI
-        if isinstance(parsed, str):
-            return None, parsed
+        if parsed is None or host is not None:
+            return _set_peer(outcome, parsed, addr, port, host)
         outcome.addr = parsed
-        outcome.host = host or None  # a later call without host clears it; "" is nil
+        outcome.host = None  # (a later call without host clears an earlier call's)
         return _OK
 
     def set_more_tries(self, count: object) -> Result:
@@ -689,6 +701,7 @@ class _ShortRepr(reprlib.Repr):
         return super().repr1(x, level)
 
 
+_crc32 = zlib.crc32
 _SHORT = _ShortRepr()
 _SHORT.maxstring = _SHORT.maxother = MAX_LOG_MESSAGE
 
@@ -850,14 +863,20 @@ class Ngx:
         return CURRENT.phase
 
     def crc32_short(self, value: object) -> int:
-        if type(value) is str and value.isascii():  # the hot path of hash-by-URI hooks
-            return zlib.crc32(value.encode())  # (ASCII: the same bytes, with no codec lookup)
-        return zlib.crc32(_text_bytes(value, "crc32_short"))
+        if type(value) is str:  # the hot path of hash-by-URI hooks: _text_bytes' usual case
+            try:
+                return _crc32(value.encode("latin-1"))
+            except UnicodeEncodeError:
+                pass
+        return _crc32(_text_bytes(value, "crc32_short"))
 
     def crc32_long(self, value: object) -> int:
-        if type(value) is str and value.isascii():  # as crc32_short (same bytes either way)
-            return zlib.crc32(value.encode())
-        return zlib.crc32(_text_bytes(value, "crc32_long"))
+        if type(value) is str:  # as crc32_short (the same bytes either way)
+            try:
+                return _crc32(value.encode("latin-1"))
+            except UnicodeEncodeError:
+                pass
+        return _crc32(_text_bytes(value, "crc32_long"))
 
     def md5(self, value: object) -> str:
         return hashlib.md5(_text_bytes(value, "md5"), usedforsecurity=False).hexdigest()

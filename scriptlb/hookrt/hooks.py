@@ -25,7 +25,7 @@ import traceback
 from bisect import bisect_left
 from collections.abc import Callable
 from types import CodeType, TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from scriptlb.config import load
 from scriptlb.config.errors import ConfigError
@@ -418,6 +418,7 @@ class _Runner(Generic[_Result]):
         context = _CONTEXT
         context.exchange = context.http = context.stream = None
         context.upstream = context.outcome = None
+        context.phase = _BALANCER  # (between runs: a balancer run need not set it)
         self.last_spent = spent = _clock() - started
         self.duration_sum += spent
         self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
@@ -540,63 +541,10 @@ class HookRunner(_Runner[HookOutcome]):
         super().__init__(conf, python, log or errorlog_sink)
 
     def run(self, exchange: HookedRequest, upstream: HookUpstream | None = None) -> HookOutcome:
-        """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops).
-
-        The usual run (code cached, breaker closed, the hook sets a peer) is written out here
-        in one frame: it runs before every try of every request. It does what ``_execute``
-        does, in the same order; every other case goes through ``_run_checked``."""
-        outcome = HookOutcome()
-        # what the tries loop reads first after every run (the API calls that set more than
-        # the peer clear it), as the instance's own: a read of a class-level default is a
-        # dictionary miss, then a class lookup, every time
-        outcome.plain = True
-        call = self._ready
-        if call is None or upstream is None:
-            return self._run_checked(exchange, upstream, outcome)
-        context = _CONTEXT
-        context.exchange = exchange
-        # (http and stream are None between runs: set the one this request is)
-        if type(exchange) is self._http_class:
-            context.http = exchange  # type: ignore[assignment]  # (an HTTP request's class)
-        else:
-            self._set_request_kind(exchange)
-        context.upstream = upstream
-        context.phase = _BALANCER
-        context.outcome = outcome
-        context.log = self.log
-        context.logged = 0
-        budget = _BUDGET  # (its tripped flag is False between runs: see limits.tick)
-        stamp = limits.STAMP
-        stamp.value = started = _clock()
-        budget.deadline = started + self.timeout
-        try:
-            call()
-        except BaseException as err:
-            self._ended(started)
-            stopped, budget.tripped = budget.tripped, False
-            if not isinstance(err, (Exception, HookTimeout)):
-                raise
-            outcome.spent = self.last_spent
-            return self._failed_run(outcome, err, stopped, exchange)
-        budget.deadline = 0.0
-        stamp.value = 0.0
-        context.exchange = context.http = context.stream = None
-        context.upstream = context.outcome = None
-        outcome.spent = spent = _clock() - started
-        self.duration_sum += spent
-        # the histogram's bucket: bisect_left(RUN_BUCKETS, spent), its usual answers compared
-        # here (bisect's generic comparisons cost more than the run's own bookkeeping)
-        if spent <= _BUCKET_5:
-            self.durations[0 if spent <= _BUCKET_0 else 1 if spent <= _BUCKET_1 else 2 if spent <= _BUCKET_2
-                           else 3 if spent <= _BUCKET_3 else 4 if spent <= _BUCKET_4 else 5] += 1
-        else:
-            self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
-        if budget.tripped:  # it caught the timeout (a bare except) and ended anyway
-            budget.tripped = False
-            return self._failed_run(outcome, None, True, exchange)
-        if outcome.plain and outcome.addr is not None:
-            return outcome
-        return self._checked(outcome, exchange)
+        """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops)."""
+        outcome = run_try(_Try(exchange, upstream), self)
+        assert outcome is not None  # (_Try hands every outcome back as it is)
+        return outcome
 
     def _set_request_kind(self, exchange: HookedRequest) -> None:
         """``CURRENT.stream`` or ``CURRENT.http`` for a request of a class not seen yet or a
@@ -657,6 +605,100 @@ class HookRunner(_Runner[HookOutcome]):
         self._reset(outcome, "breaker_open")
         outcome.message = f"{self.chunk}: circuit breaker open, hook skipped"
         return outcome
+
+
+class HookTries(Protocol):
+    """A tries loop as ``run_try`` sees it: ``proxy.UpstreamRequest``, or ``_Try`` (``HookRunner.run``)."""
+
+    @property
+    def exchange(self) -> HookedRequest: ...
+    @property
+    def upstream(self) -> HookUpstream | None: ...
+
+    def apply_hook_outcome(self, outcome: HookOutcome) -> HookOutcome | None:
+        """What a run that did more than set the peer changes for this and later tries; None
+        when that ended the request (ngx.exit)."""
+
+
+class _Try:
+    """``HookRunner.run``'s arguments as ``run_try``'s tries loop, which hands every outcome back."""
+
+    __slots__ = ("exchange", "upstream")
+
+    def __init__(self, exchange: HookedRequest, upstream: HookUpstream | None) -> None:
+        self.exchange = exchange
+        self.upstream = upstream
+
+    @staticmethod
+    def apply_hook_outcome(outcome: HookOutcome) -> HookOutcome:
+        return outcome
+
+
+def run_try(tries: HookTries, runner: HookRunner) -> HookOutcome | None:
+    """Run ``runner``'s hook before a try of ``tries``. Never raises (except KeyboardInterrupt-
+    like stops). A plain outcome (the usual run: it set the peer and nothing else) comes back
+    as it is; any other through ``tries.apply_hook_outcome``.
+
+    The HTTP tries loop takes this function as its own method, so the usual run (code cached,
+    breaker closed, the hook sets a peer) is written out here, in the one frame between the
+    loop and the hook's code: it runs before every try of every request. It does what
+    ``_execute`` does, in the same order; every other case goes through ``_run_checked``."""
+    outcome = HookOutcome()
+    # what the tries loop reads first after every run (the API calls that set more than the
+    # peer clear it), as the instance's own: a read of a class-level default is a dictionary
+    # miss, then a class lookup, every time
+    outcome.plain = True
+    exchange = tries.exchange
+    upstream = tries.upstream
+    try:
+        call = runner._ready
+    except AttributeError:  # another runner behind the seam (a stand-in): its own run()
+        return tries.apply_hook_outcome(runner.run(exchange, upstream))
+    if call is None or upstream is None:
+        return tries.apply_hook_outcome(runner._run_checked(exchange, upstream, outcome))
+    context = _CONTEXT
+    context.exchange = exchange
+    # (http and stream are None between runs: set the one this request is)
+    if type(exchange) is runner._http_class:
+        context.http = exchange  # type: ignore[assignment]  # (an HTTP request's class)
+    else:
+        runner._set_request_kind(exchange)
+    context.upstream = upstream
+    context.outcome = outcome  # (the phase is the balancer's between runs: see _ended)
+    context.log = runner.log
+    context.logged = 0
+    budget = _BUDGET  # (its tripped flag is False between runs: see limits.tick)
+    stamp = limits.STAMP
+    stamp.value = started = _clock()
+    budget.deadline = started + runner.timeout
+    try:
+        call()
+    except BaseException as err:
+        runner._ended(started)
+        stopped, budget.tripped = budget.tripped, False
+        if not isinstance(err, (Exception, HookTimeout)):
+            raise
+        outcome.spent = runner.last_spent
+        return tries.apply_hook_outcome(runner._failed_run(outcome, err, stopped, exchange))
+    budget.deadline = 0.0
+    stamp.value = 0.0
+    context.exchange = context.http = context.stream = None
+    context.upstream = context.outcome = None
+    outcome.spent = spent = _clock() - started
+    runner.duration_sum += spent
+    # the histogram's bucket: bisect_left(RUN_BUCKETS, spent), its usual answers compared
+    # here (bisect's generic comparisons cost more than the run's own bookkeeping)
+    if spent <= _BUCKET_5:
+        runner.durations[0 if spent <= _BUCKET_0 else 1 if spent <= _BUCKET_1 else 2 if spent <= _BUCKET_2
+                         else 3 if spent <= _BUCKET_3 else 4 if spent <= _BUCKET_4 else 5] += 1
+    else:
+        runner.durations[bisect_left(RUN_BUCKETS, spent)] += 1
+    if budget.tripped:  # it caught the timeout (a bare except) and ended anyway
+        budget.tripped = False
+        return tries.apply_hook_outcome(runner._failed_run(outcome, None, True, exchange))
+    if outcome.plain and outcome.addr is not None:
+        return outcome
+    return tries.apply_hook_outcome(runner._checked(outcome, exchange))
 
 
 class LogHookRunner(_Runner[str]):

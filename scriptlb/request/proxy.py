@@ -40,6 +40,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from scriptlb.config.model import NextUpstream
+from scriptlb.hookrt.hooks import run_try
 from scriptlb.http.downstream import DROPPED, UNSENT
 from scriptlb.http.request_body import SpooledBody
 from scriptlb.http.response_head import ResponseHead
@@ -76,7 +77,6 @@ from scriptlb.state.stats import WEIGHT_GENERATION
 if TYPE_CHECKING:
     from scriptlb.config.model import PeerAddr
     from scriptlb.hookrt.api import HookOutcome
-    from scriptlb.hookrt.hooks import HookRunner
     from scriptlb.http.downstream import Request
     from scriptlb.http.pool import ConnectionPool
     from scriptlb.request.exchange import Exchange
@@ -377,16 +377,17 @@ class UpstreamRequest:
         conn.start(self, self._head, body, self.read_timeout, self.send_timeout, ex.method == "HEAD",
                    plan.http11, plan.close_after)
 
-    def _run_hook(self, hook: HookRunner) -> HookOutcome | None:
-        """The balancer hook's run before a try, and what it changes for this and later tries
-        (bind address, rebuilt request); None when it ended the request (ngx.exit)."""
-        ex = self.exchange
-        outcome = hook.run(ex, self.upstream)
-        if outcome.plain:  # (the usual run: it set the peer and nothing else)
-            return outcome
+    # The balancer hook's run before a try: hooks.run_try, taken as this class's own method so
+    # that the tries loop enters it with no frame of ours in between (it runs before every
+    # try); a run that did more than set the peer comes back through apply_hook_outcome.
+    _run_hook = run_try
+
+    def apply_hook_outcome(self, outcome: HookOutcome) -> HookOutcome | None:
+        """What a run that did more than set the peer changes for this and later tries (bind
+        address, rebuilt request); None when it ended the request (ngx.exit)."""
         if outcome.exit_status is not None:
             self.hook_exit = outcome
-            ex.finish_with_page(outcome.exit_status)
+            self.exchange.finish_with_page(outcome.exit_status)
             return None
         if outcome.local_addr is not None:
             self._local_addr = split_local_addr(outcome.local_addr)
