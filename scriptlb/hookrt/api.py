@@ -511,13 +511,16 @@ def hook_variable(name: str) -> str | None:
     from hook code, never private): what ``VarView`` answers for that name, with no attribute
     protocol around it."""
     exchange = CURRENT.http  # (None in a stream session: its variables are its own)
-    getter = _GETTERS.get(name)
-    if getter is None or exchange is None:
-        return _variable(_VAR_VIEW, name)
-    try:
-        return getter(exchange)
-    except AttributeError:
-        return None
+    if exchange is not None:
+        try:
+            getter = _GETTERS[name]
+        except KeyError:  # (a name not read yet: _variable finds its getter and keeps it)
+            return _variable(_VAR_VIEW, name)
+        try:
+            return getter(exchange)
+        except AttributeError:
+            return None
+    return _variable(_VAR_VIEW, name)
 
 
 def _variable(_view: VarView, name: object) -> str | None:

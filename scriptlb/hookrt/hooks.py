@@ -537,24 +537,17 @@ class HookRunner(_Runner[HookOutcome]):
     def __init__(self, conf: HookConf, upstream: HookUpstream | None = None, python: PythonConf | None = None,
                  log: LogSink | None = None) -> None:
         self.upstream = upstream
-        self._http_class: type | None = None  # the class of the HTTP requests it runs for
         super().__init__(conf, python, log or errorlog_sink)
 
     def run(self, exchange: HookedRequest, upstream: HookUpstream | None = None) -> HookOutcome:
         """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops)."""
-        outcome = run_try(_Try(exchange, upstream), self)
-        assert outcome is not None  # (_Try hands every outcome back as it is)
-        return outcome
-
-    def _set_request_kind(self, exchange: HookedRequest) -> None:
-        """``CURRENT.stream`` or ``CURRENT.http`` for a request of a class not seen yet or a
-        stream session; an HTTP request's class is remembered (``is_stream`` is a class-level
-        attribute: reading it costs a class lookup)."""
-        if exchange.is_stream:
-            _CONTEXT.stream = exchange
-        else:
-            _CONTEXT.http = exchange
-            self._http_class = type(exchange)
+        if upstream is None or exchange.is_stream:  # (a stream session's variables are its own)
+            outcome = HookOutcome()
+            outcome.plain = True
+            return self._run_checked(exchange, upstream, outcome)
+        ran = run_try(_Try(exchange, upstream), self)
+        assert ran is not None  # (_Try hands every outcome back as it is)
+        return ran
 
     def _run_checked(self, exchange: HookedRequest, upstream: HookUpstream | None,
                      outcome: HookOutcome) -> HookOutcome:
@@ -608,12 +601,13 @@ class HookRunner(_Runner[HookOutcome]):
 
 
 class HookTries(Protocol):
-    """A tries loop as ``run_try`` sees it: ``proxy.UpstreamRequest``, or ``_Try`` (``HookRunner.run``)."""
+    """An HTTP request's tries loop as ``run_try`` sees it: ``proxy.UpstreamRequest``, or
+    ``_Try`` (``HookRunner.run``)."""
 
     @property
-    def exchange(self) -> HookedRequest: ...
+    def exchange(self) -> RequestView: ...
     @property
-    def upstream(self) -> HookUpstream | None: ...
+    def upstream(self) -> HookUpstream: ...
 
     def apply_hook_outcome(self, outcome: HookOutcome) -> HookOutcome | None:
         """What a run that did more than set the peer changes for this and later tries; None
@@ -625,7 +619,7 @@ class _Try:
 
     __slots__ = ("exchange", "upstream")
 
-    def __init__(self, exchange: HookedRequest, upstream: HookUpstream | None) -> None:
+    def __init__(self, exchange: RequestView, upstream: HookUpstream) -> None:
         self.exchange = exchange
         self.upstream = upstream
 
@@ -635,9 +629,9 @@ class _Try:
 
 
 def run_try(tries: HookTries, runner: HookRunner) -> HookOutcome | None:
-    """Run ``runner``'s hook before a try of ``tries``. Never raises (except KeyboardInterrupt-
-    like stops). A plain outcome (the usual run: it set the peer and nothing else) comes back
-    as it is; any other through ``tries.apply_hook_outcome``.
+    """Run ``runner``'s hook before a try of an HTTP request's ``tries``. Never raises (except
+    KeyboardInterrupt-like stops). A plain outcome (the usual run: it set the peer and nothing
+    else) comes back as it is; any other through ``tries.apply_hook_outcome``.
 
     The HTTP tries loop takes this function as its own method, so the usual run (code cached,
     breaker closed, the hook sets a peer) is written out here, in the one frame between the
@@ -654,15 +648,10 @@ def run_try(tries: HookTries, runner: HookRunner) -> HookOutcome | None:
         call = runner._ready
     except AttributeError:  # another runner behind the seam (a stand-in): its own run()
         return tries.apply_hook_outcome(runner.run(exchange, upstream))
-    if call is None or upstream is None:
+    if call is None:
         return tries.apply_hook_outcome(runner._run_checked(exchange, upstream, outcome))
     context = _CONTEXT
-    context.exchange = exchange
-    # (http and stream are None between runs: set the one this request is)
-    if type(exchange) is runner._http_class:
-        context.http = exchange  # type: ignore[assignment]  # (an HTTP request's class)
-    else:
-        runner._set_request_kind(exchange)
+    context.exchange = context.http = exchange  # (stream stays None: it is None between runs)
     context.upstream = upstream
     context.outcome = outcome  # (the phase is the balancer's between runs: see _ended)
     context.log = runner.log
@@ -682,17 +671,15 @@ def run_try(tries: HookTries, runner: HookRunner) -> HookOutcome | None:
         return tries.apply_hook_outcome(runner._failed_run(outcome, err, stopped, exchange))
     budget.deadline = 0.0
     stamp.value = 0.0
-    context.exchange = context.http = context.stream = None
+    context.exchange = context.http = None
     context.upstream = context.outcome = None
     outcome.spent = spent = _clock() - started
     runner.duration_sum += spent
     # the histogram's bucket: bisect_left(RUN_BUCKETS, spent), its usual answers compared
     # here (bisect's generic comparisons cost more than the run's own bookkeeping)
-    if spent <= _BUCKET_5:
-        runner.durations[0 if spent <= _BUCKET_0 else 1 if spent <= _BUCKET_1 else 2 if spent <= _BUCKET_2
-                         else 3 if spent <= _BUCKET_3 else 4 if spent <= _BUCKET_4 else 5] += 1
-    else:
-        runner.durations[bisect_left(RUN_BUCKETS, spent)] += 1
+    runner.durations[0 if spent <= _BUCKET_0 else 1 if spent <= _BUCKET_1 else 2 if spent <= _BUCKET_2
+                     else 3 if spent <= _BUCKET_3 else 4 if spent <= _BUCKET_4 else 5 if spent <= _BUCKET_5
+                     else bisect_left(RUN_BUCKETS, spent)] += 1
     if budget.tripped:  # it caught the timeout (a bare except) and ended anyway
         budget.tripped = False
         return tries.apply_hook_outcome(runner._failed_run(outcome, None, True, exchange))
