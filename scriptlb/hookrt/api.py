@@ -341,10 +341,11 @@ def _parse_argument(addr: object, port: object) -> PeerAddr | str:
     return parsed
 
 
-def _set_peer(outcome: HookOutcome, parsed: PeerAddr | None, addr: object, port: object,
-              host: object) -> Result:
+def _set_peer(outcome: HookOutcome, addr: object, port: object, host: object) -> Result:
     """``set_current_peer`` past its hot path: arguments not seen before (checked and parsed
     here) or a host name, checked in OpenResty's order."""
+    ports = _PEER_CACHE.get(addr) if type(addr) is str else None
+    parsed = ports.get(port) if ports is not None and (port is None or type(port) is int) else None
     checked = _parse_argument(addr, port) if parsed is None else parsed
     if host is not None:
         if type(host) is not str:
@@ -388,13 +389,15 @@ class NgxBalancer:
             raise _refusal(run)
         # the hot path: an address seen before with the same port argument (none or an int),
         # without a host name
-        ports = _PEER_CACHE.get(addr) if type(addr) is str else None
-        parsed = ports.get(port) if ports is not None and (port is None or type(port) is int) else None
-        if parsed is None or host is not None:
-            return _set_peer(outcome, parsed, addr, port, host)
-        outcome.addr = parsed
-        outcome.host = None  # (a later call without host clears an earlier call's)
-        return _OK
+        if type(addr) is str and (port is None or type(port) is int) and host is None:
+            try:
+                parsed = _PEER_CACHE[addr][port]
+            except KeyError:  # (not seen yet, or did not parse)
+                return _set_peer(outcome, addr, port, host)
+            outcome.addr = parsed
+            outcome.host = None  # (a later call without host clears an earlier call's)
+            return _OK
+        return _set_peer(outcome, addr, port, host)
 
     def set_more_tries(self, count: object) -> Result:
         outcome = _balancer_outcome()

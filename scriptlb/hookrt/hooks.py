@@ -394,7 +394,7 @@ class _Runner(Generic[_Result]):
         budget = _BUDGET
         budget.tripped = False  # (False between runs already: see limits.tick)
         stamp = limits.STAMP  # the hard fuse's stamp (a worker's own mapping)
-        stamp.value = started = _clock()
+        stamp[0] = started = _clock()
         budget.deadline = started + self.timeout
         failure: BaseException | None = None
         try:
@@ -414,7 +414,7 @@ class _Runner(Generic[_Result]):
         """After a run, however it ended: no deadline, no fuse stamp, no request in the API;
         its duration counted (``last_spent``, the histogram)."""
         _BUDGET.deadline = 0.0
-        limits.STAMP.value = 0.0
+        limits.STAMP[0] = 0.0
         context = _CONTEXT
         context.exchange = context.http = context.stream = None
         context.upstream = context.outcome = None
@@ -658,7 +658,7 @@ def run_try(tries: HookTries, runner: HookRunner) -> HookOutcome | None:
     context.logged = 0
     budget = _BUDGET  # (its tripped flag is False between runs: see limits.tick)
     stamp = limits.STAMP
-    stamp.value = started = _clock()
+    stamp[0] = started = _clock()
     budget.deadline = started + runner.timeout
     try:
         call()
@@ -670,7 +670,7 @@ def run_try(tries: HookTries, runner: HookRunner) -> HookOutcome | None:
         outcome.spent = runner.last_spent
         return tries.apply_hook_outcome(runner._failed_run(outcome, err, stopped, exchange))
     budget.deadline = 0.0
-    stamp.value = 0.0
+    stamp[0] = 0.0
     context.exchange = context.http = None
     context.upstream = context.outcome = None
     outcome.spent = spent = _clock() - started
