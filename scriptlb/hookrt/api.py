@@ -124,7 +124,8 @@ class HookUpstream(Protocol):
 class RunContext:
     """The run in progress (or none): what the API objects read and write."""
 
-    __slots__ = ("exchange", "http", "log", "logged", "now", "outcome", "phase", "stream", "upstream")
+    __slots__ = ("counted", "exchange", "http", "log", "logged", "now", "outcome", "phase", "stream",
+                 "upstream")
 
     def __init__(self) -> None:
         self.exchange: HookRequest | None = None
@@ -136,6 +137,10 @@ class RunContext:
         self.phase = BALANCER_PHASE  # the run's phase: ngx.get_phase(); balancer.* only in "balancer"
         self.log: LogSink | None = None  # the runner's
         self.logged = 0  # ngx.log lines of this run (capped: a loop must not flood the log)
+        # the outcome of the run ``logged`` counts for: a balancer run's outcome is its own, so
+        # ngx.log starts the count of a new run itself, and a run that logs nothing (the usual)
+        # spends nothing on the count (a log run, whose outcome is shared, resets it: _execute)
+        self.counted: HookOutcome | None = None
         self.now = 0.0  # the log phase's time (time.time()) for $request_time & co; 0.0 = the clock
 
 
@@ -838,6 +843,9 @@ class Ngx:
             raise RuntimeError("no request found")
         if type(level) is not int or not 0 <= level <= 8:
             raise ValueError("bad log level")
+        if run.counted is not run.outcome:  # this run's first line
+            run.counted = run.outcome
+            run.logged = 0
         run.logged += 1
         if run.logged > MAX_LOGS_PER_RUN:
             if run.logged == MAX_LOGS_PER_RUN + 1:

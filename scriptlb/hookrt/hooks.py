@@ -391,6 +391,7 @@ class _Runner(Generic[_Result]):
         context.outcome = outcome
         context.log = self.log
         context.logged = 0
+        context.counted = outcome  # (LOG_OUTCOME is every log run's: start the count here)
         budget = _BUDGET
         budget.tripped = False  # (False between runs already: see limits.tick)
         stamp = limits.STAMP  # the hard fuse's stamp (a worker's own mapping)
@@ -642,34 +643,32 @@ def run_try(tries: HookTries, runner: HookRunner) -> HookOutcome | None:
     # peer clear it), as the instance's own: a read of a class-level default is a dictionary
     # miss, then a class lookup, every time
     outcome.plain = True
-    exchange = tries.exchange
-    upstream = tries.upstream
     try:
         call = runner._ready
     except AttributeError:  # another runner behind the seam (a stand-in): its own run()
-        return tries.apply_hook_outcome(runner.run(exchange, upstream))
+        return tries.apply_hook_outcome(runner.run(tries.exchange, tries.upstream))
     if call is None:
-        return tries.apply_hook_outcome(runner._run_checked(exchange, upstream, outcome))
+        return tries.apply_hook_outcome(runner._run_checked(tries.exchange, tries.upstream, outcome))
     context = _CONTEXT
-    context.exchange = context.http = exchange  # (stream stays None: it is None between runs)
-    context.upstream = upstream
-    context.outcome = outcome  # (the phase is the balancer's between runs: see _ended)
+    context.exchange = context.http = tries.exchange  # (stream stays None: it is between runs)
+    context.upstream = tries.upstream
+    # (the phase is the balancer's between runs: see _ended; ngx.log counts its lines per
+    # outcome: see RunContext.counted)
+    context.outcome = outcome
     context.log = runner.log
-    context.logged = 0
-    budget = _BUDGET  # (its tripped flag is False between runs: see limits.tick)
     stamp = limits.STAMP
     stamp[0] = started = _clock()
-    budget.deadline = started + runner.timeout
+    _BUDGET.deadline = started + runner.timeout  # (its tripped flag is False between runs: see limits.tick)
     try:
         call()
     except BaseException as err:
         runner._ended(started)
-        stopped, budget.tripped = budget.tripped, False
+        stopped, _BUDGET.tripped = _BUDGET.tripped, False
         if not isinstance(err, (Exception, HookTimeout)):
             raise
         outcome.spent = runner.last_spent
-        return tries.apply_hook_outcome(runner._failed_run(outcome, err, stopped, exchange))
-    budget.deadline = 0.0
+        return tries.apply_hook_outcome(runner._failed_run(outcome, err, stopped, tries.exchange))
+    _BUDGET.deadline = 0.0
     stamp[0] = 0.0
     context.exchange = context.http = None
     context.upstream = context.outcome = None
@@ -680,12 +679,12 @@ def run_try(tries: HookTries, runner: HookRunner) -> HookOutcome | None:
     runner.durations[0 if spent <= _BUCKET_0 else 1 if spent <= _BUCKET_1 else 2 if spent <= _BUCKET_2
                      else 3 if spent <= _BUCKET_3 else 4 if spent <= _BUCKET_4 else 5 if spent <= _BUCKET_5
                      else bisect_left(RUN_BUCKETS, spent)] += 1
-    if budget.tripped:  # it caught the timeout (a bare except) and ended anyway
-        budget.tripped = False
-        return tries.apply_hook_outcome(runner._failed_run(outcome, None, True, exchange))
+    if _BUDGET.tripped:  # it caught the timeout (a bare except) and ended anyway
+        _BUDGET.tripped = False
+        return tries.apply_hook_outcome(runner._failed_run(outcome, None, True, tries.exchange))
     if outcome.plain and outcome.addr is not None:
         return outcome
-    return tries.apply_hook_outcome(runner._checked(outcome, exchange))
+    return tries.apply_hook_outcome(runner._checked(outcome, tries.exchange))
 
 
 class LogHookRunner(_Runner[str]):
