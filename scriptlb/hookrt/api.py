@@ -221,6 +221,16 @@ def _refusal(run: RunContext) -> RuntimeError:
     return _disabled(run.phase)
 
 
+def _not_plain(outcome: HookOutcome) -> None:
+    """The run does more than set the peer (HookOutcome.plain): from its first such call, the
+    fields the tries loop then reads are the instance's own (a class-level default read through
+    an instance is a dictionary miss, then a class lookup)."""
+    if outcome.plain:
+        outcome.plain = outcome.recreate = False
+        outcome.more_tries = 0
+        outcome.exit_status = outcome.keepalive = outcome.local_addr = None
+
+
 def _balancer_outcome() -> HookOutcome:
     """The outcome of the current run, which must be a balancer run (balancer.* and ngx.exit)."""
     run = CURRENT  # _current() inlined: these calls are on the balancer's hot path
@@ -420,8 +430,8 @@ class NgxBalancer:
             count = cap - total
             warning = "reduced tries due to limit"
         # OpenResty wraps a negative grant into a huge unsigned one; we clamp (docs' intent)
+        _not_plain(outcome)
         outcome.more_tries = min(max(count, 0), MAX_MORE_TRIES)
-        outcome.plain = False
         return True, warning
 
     def get_last_failure(self) -> tuple[str | None, int | None]:
@@ -464,14 +474,14 @@ class NgxBalancer:
             raise ValueError("bad argument #2 to 'enable_keepalive' (expected >= 0)")
         if outcome.addr is None:
             return None, "no current peer set"
+        _not_plain(outcome)
         outcome.keepalive = (float(idle_timeout), int(max_requests))
-        outcome.plain = False
         return _OK
 
     def recreate_request(self) -> Result:
         outcome = _balancer_outcome()
+        _not_plain(outcome)
         outcome.recreate = True
-        outcome.plain = False
         return _OK
 
     def bind_to_local_addr(self, addr: object) -> Result:
@@ -481,8 +491,8 @@ class NgxBalancer:
         parsed = parse_peer(addr, 0) if addr[:5].lower() != "unix:" else "unix"
         if isinstance(parsed, str):
             return None, f"invalid addr {addr}"  # every unparsable input (OpenResty's http side is UB)
+        _not_plain(outcome)
         outcome.local_addr = parsed.name if parsed.port else parsed.host
-        outcome.plain = False
         return _OK
 
 
@@ -864,8 +874,8 @@ class Ngx:
             raise ValueError("bad argument to 'ngx.exit': does not accept NGX_AGAIN or NGX_DONE")
         if status == self.OK:
             return
+        _not_plain(outcome)
         outcome.exit_status = status  # >= 300 ends the request; anything else -> fallback
-        outcome.plain = False
 
     def now(self) -> float:
         return round(_WALL[0](), 3)

@@ -682,8 +682,11 @@ def run_try(tries: HookTries, runner: HookRunner) -> HookOutcome | None:
     if _BUDGET.tripped:  # it caught the timeout (a bare except) and ended anyway
         _BUDGET.tripped = False
         return tries.apply_hook_outcome(runner._failed_run(outcome, None, True, tries.exchange))
-    if outcome.plain and outcome.addr is not None:
-        return outcome
+    if outcome.addr is not None:
+        if outcome.plain:
+            return outcome
+        if outcome.exit_status is None:  # (what _checked would pass as it is)
+            return tries.apply_hook_outcome(outcome)
     return tries.apply_hook_outcome(runner._checked(outcome, tries.exchange))
 
 
