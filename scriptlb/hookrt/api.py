@@ -887,19 +887,13 @@ class Ngx:
         return CURRENT.phase
 
     def crc32_short(self, value: object) -> int:
-        if type(value) is str:  # the hot path of hash-by-URI hooks: _text_bytes' usual case
-            try:
-                return _crc32(value.encode("latin-1"))
-            except UnicodeEncodeError:
-                pass
+        if type(value) is str and value.isascii():  # the hot path of hash-by-URI hooks
+            return _crc32(value.encode())  # (ASCII: the same bytes, with no codec lookup)
         return _crc32(_text_bytes(value, "crc32_short"))
 
     def crc32_long(self, value: object) -> int:
-        if type(value) is str:  # as crc32_short (the same bytes either way)
-            try:
-                return _crc32(value.encode("latin-1"))
-            except UnicodeEncodeError:
-                pass
+        if type(value) is str and value.isascii():  # as crc32_short (same bytes either way)
+            return _crc32(value.encode())
         return _crc32(_text_bytes(value, "crc32_long"))
 
     def md5(self, value: object) -> str:
