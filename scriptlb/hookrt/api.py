@@ -531,13 +531,13 @@ def hook_variable(name: str) -> str | None:
     exchange = CURRENT.http  # (None in a stream session: its variables are its own)
     if exchange is not None:
         try:
-            getter = _GETTERS[name]
-        except KeyError:  # (a name not read yet: _variable finds its getter and keeps it)
-            return _variable(_VAR_VIEW, name)
-        try:
-            return getter(exchange)
-        except AttributeError:
+            return _GETTERS[name](exchange)
+        except AttributeError:  # a variable this exchange cannot provide (as _variable)
             return None
+        except KeyError:
+            # a name not read yet: _variable finds its getter and keeps it (a getter's own
+            # KeyError, were there one, is raised again there: getters only read)
+            pass
     return _variable(_VAR_VIEW, name)
 
 
