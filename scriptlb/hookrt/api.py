@@ -82,7 +82,7 @@ class HookOutcome:
     off`` every error but "no_peer" comes with ``exit_status`` 500.
     """
 
-    plain: bool = False  # (HookRunner.run sets it True before the hook runs)
+    plain: bool = False  # (a run sets it True before the hook runs: hooks.run_try)
     addr: PeerAddr | None = None  # set_current_peer's address; None: fall back
     host: str | None = None  # set_current_peer's host (Host/SNI/pool key)
     more_tries: int = 0  # granted by set_more_tries (clamped), counted only with a peer
