@@ -49,7 +49,6 @@ class Outcome:
     keepalive: tuple[float, int] | None = None  # enable_keepalive(idle_timeout, max_requests)
     local_addr: str | None = None  # bind_to_local_addr
     recreate: bool = False  # recreate_request
-    plain: bool = False  # (HookOutcome.plain: False, the tries loop reads each field above)
 
 
 class FakeHook:

@@ -646,7 +646,10 @@ def run_try(tries: HookTries, runner: HookRunner) -> HookOutcome | None:
     try:
         call = runner._ready
     except AttributeError:  # another runner behind the seam (a stand-in): its own run()
-        return tries.apply_hook_outcome(runner.run(tries.exchange, tries.upstream))
+        ran = runner.run(tries.exchange, tries.upstream)
+        if not hasattr(ran, "plain"):  # an outcome of its own making: every field is read
+            ran.plain = False
+        return tries.apply_hook_outcome(ran)
     if call is None:
         return tries.apply_hook_outcome(runner._run_checked(tries.exchange, tries.upstream, outcome))
     context = _CONTEXT
