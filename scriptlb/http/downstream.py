@@ -122,6 +122,11 @@ def _noted_header(request: Request, lower: bytes, value: bytes) -> None:
         _refuse_duplicate(request.headers, lower)
 
 
+def _count_ignored(request: Request, line: int) -> None:
+    """A header line counted against the limits but not kept (see Request.head_size)."""
+    request.ignored_size = getattr(request, "ignored_size", 0) + line
+
+
 def next_connection_id() -> int:
     """nginx's connection counter ($connection, the ``*N`` in error-log lines)."""
     return next(_conn_ids)
@@ -174,9 +179,9 @@ class Request:
         "content_length",
         "expect_continue",
         "has_body",
-        "head_size",
         "headers",
         "host",
+        "ignored_size",
         "keep_alive",
         "method",
         "target",
@@ -195,11 +200,22 @@ class Request:
         self.connection: bytes | None = None  # the Connection header (it may list hop-by-hop names)
         self.expect_continue = False
         self.keep_alive = True
-        self.head_size = 0
         # what arrived and was not taken by the handler (memory, then a file: request_body)
         self.body: RequestBody = EMPTY_BODY
         self.body_size = 0  # bytes received so far (decoded, without chunk framing)
         self.complete = False
+
+    # bytes of the header lines counted but not kept (ignored invalid lines, the one over a
+    # limit): left unset until there is one, as in the usual request
+    ignored_size: int
+
+    @property
+    def head_size(self) -> int:
+        """The header lines' bytes as the limits count them (name, value, ": " and CRLF each),
+        for $request_length: summed when read rather than line by line while parsing."""
+        headers = self.headers
+        return (sum([len(name) + len(value) for name, value in headers]) + 4 * len(headers)
+                + getattr(self, "ignored_size", 0))
 
     def take_body(self) -> bytes:
         """Everything received and held in memory so far, joined; the buffer is emptied."""
@@ -332,6 +348,14 @@ class _ParsingEnded(Exception):
 
 # timer phases (in this order: _activate ends those before _SEND with one comparison)
 _IDLE, _HEAD, _BODY, _SEND, _NONE = range(5)
+
+# What the head being parsed still needs checked (ClientConnection._head_checks). A head that
+# begins and ends in one small read can outgrow no limit (see _unchecked_max): its lines are
+# only stored, and when nothing unusual came with it, its end is not checked either.
+_NO_CHECKS = 0  # the usual head so far
+_AT_END = 1  # its end: an unusual method, or a header the connection acts on (framing...)
+_EVERY_LINE = 2  # every line measured, and the end: a head read in pieces, or from a large
+# read; also a chunked body's trailers (dropped)
 _PHASE_TEXT = {
     _IDLE: "",
     _HEAD: "while reading client request headers",
@@ -354,8 +378,11 @@ class ClientConnection(asyncio.Protocol):
         "_eof",
         "_fed",
         "_framing_bytes",
+        "_careful_read",
+        "_head_checks",
         "_head_done",
         "_head_max",
+        "_head_size",
         "_header_line_max",
         "_keep_alive",
         "_last_data",
@@ -374,6 +401,7 @@ class ClientConnection(asyncio.Protocol):
         "_reading_paused",
         "_timer",
         "_timer_when",
+        "_unchecked_max",
         "_upgrade_early",
         "_writing_paused",
         "active",
@@ -420,6 +448,12 @@ class ClientConnection(asyncio.Protocol):
         number, size = listener.header_buffers  # large_client_header_buffers
         self._header_line_max = size
         self._head_max = number * size
+        # The largest read in which a head that begins there cannot outgrow a limit (its lines
+        # are then not measured one by one): no line over large_client_header_buffers' size
+        # (a line counts at most one byte more than it takes: ": " for ":"), no head over their
+        # total (a line counts at most twice what it takes), no more lines than max_headers
+        # (a kept line takes 4 bytes at least).
+        self._unchecked_max = min(size - 1, self._head_max // 2, 4 * listener.max_headers)
         self.closed = False
         # The request layer's per-connection caches, opaque here (this layer cannot name their
         # types): its runtime.ServerRoute, and (raw Host, normalized host, the ServerRuntime
@@ -447,6 +481,9 @@ class ClientConnection(asyncio.Protocol):
         self._parsing: Request | None = None
         self._parsing_handler: RequestHandler | None = None
         self._head_done = False  # the request being parsed is past its head (errors: body)
+        self._head_checks = _NO_CHECKS  # what its head still needs checked (_NO_CHECKS...)
+        self._head_size = 0  # its header lines' bytes so far, when measured (_EVERY_LINE)
+        self._careful_read = True  # the read being parsed is larger than _unchecked_max
         self._last_data = b""  # the last bytes read while a head is incomplete (timeout logs)
         # Limits on what httptools accumulates itself (a header line, a trailer) before any of
         # our callbacks sees it: counted from the bytes read, checked before and after a feed.
@@ -555,17 +592,20 @@ class ClientConnection(asyncio.Protocol):
                     if not data:
                         return  # (fed as two reads)
                     size = len(data)
+                self._careful_read = size > self._unchecked_max
                 if self._line_bytes or size > self._header_line_max:
                     self._check_line_start(data)
+            else:
+                self._careful_read = True  # (a body's read: a head after it is measured)
             self._fed = 0
             try:
                 self._parser.feed_data(data)
             except (httptools.HttpParserError, httptools.HttpParserUpgrade) as stop:
                 # (an Upgrade request's head, a client error a callback raised, bad bytes)
                 self._feed_stopped(stop, data)
-            if self._parsing is None and not self._line_bytes:
-                self._last_data = b""  # (the usual read: whole requests)
-            else:
+            # (the usual read: whole requests. A read that begins between requests finds no
+            # line in progress nor a head's last bytes kept: there is nothing to reset)
+            if self._parsing is not None or parsing is not None:
                 self._fed_partly(data, parsing)
         except ClientError as err:
             self._client_error(err)
@@ -648,6 +688,10 @@ class ClientConnection(asyncio.Protocol):
             self._line_bytes = 0
             return
         if not self._head_done:
+            if self._head_checks != _EVERY_LINE:
+                # the rest of this head comes in other reads: from now on each line is measured
+                self._head_checks = _EVERY_LINE
+                self._head_size = request.head_size
             if self._fed & _FED_BODY:
                 # this head began after a body in the same read: its first bytes are not
                 # counted (at most one read: still bounded)
@@ -739,18 +783,38 @@ class ClientConnection(asyncio.Protocol):
             raise _ParsingEnded
         self._parsing = Request()
         self._head_done = False
+        if self._careful_read:
+            self._head_checks = _EVERY_LINE
+            self._head_size = 0
+        else:
+            self._head_checks = _NO_CHECKS
         # (client_header_timeout is armed after the feed, for a head that did not arrive whole)
 
     def on_url(self, url: bytes) -> None:
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
+        if self._head_checks:  # (_EVERY_LINE: a target that may come in pieces, or be too long)
+            self._measured_url(request, url)
+            return
+        # the whole target, in a small read (the method is known once the target begins: error
+        # logs show it)
+        method = self._parser.get_method()  # (_method, inlined: once per request)
+        request.method = _METHODS.get(method) or self._unusual_method(method)
+        request.target = url
+
+    def _measured_url(self, request: Request, url: bytes) -> None:
         if request.method:
             url = request.target + url  # (the target came in pieces: reads ended inside it)
-        else:  # the first piece (the method is known once the target begins: error logs show it)
-            method = self._parser.get_method()  # (_method, inlined: once per request)
-            request.method = _METHODS.get(method) or method.decode("ascii")
+        else:
+            request.method = self._method()
         request.target = url
         if len(url) > self._header_line_max:
             raise ClientError(414, "client sent too long URI while reading client request line")
+
+    def _unusual_method(self, method: bytes) -> str:
+        """A method not in _METHODS (CONNECT is among them): the end of its head is checked."""
+        if self._head_checks == _NO_CHECKS:
+            self._head_checks = _AT_END
+        return method.decode("ascii")
 
     def _method(self) -> str:
         """The method of the request being parsed (the usual ones are the same str each time)."""
@@ -758,29 +822,51 @@ class ClientConnection(asyncio.Protocol):
         return _METHODS.get(method) or method.decode("ascii")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # (runs for every header line: the usual one is measured, checked and stored; only
-        # the few names the client connection acts on go on to _noted_header)
+        # (runs for every header line: the usual one is stored; only the few names the client
+        # connection acts on go on to _noted_header)
+        if self._head_checks == _EVERY_LINE:
+            self._measured_header(name, value)
+            return
+        value = value.rstrip(b" \t")  # (the same object when there is nothing to strip)
+        try:
+            noted = _HEADER_NAMES[name]
+        except KeyError:
+            first_seen = self._first_seen_name(name, value)
+            if first_seen is None:
+                _count_ignored(self._parsing, len(name) + len(value) + 4)  # type: ignore[arg-type]
+                return  # an invalid line, ignored
+            noted = first_seen
+        request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
+        request.headers.append((name, value))
+        if noted:
+            if noted is _HOST and request.host is None:  # (every request has one)
+                request.host = value
+            else:
+                self._head_checks = _AT_END
+                _noted_header(request, noted, value)
+
+    def _measured_header(self, name: bytes, value: bytes) -> None:
+        """on_header for a head that may outgrow a limit: each line is measured first."""
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         if self._head_done:
             return  # a trailer: dropped, as nginx does (never merged into the request head)
-        value = value.rstrip(b" \t")  # (the same object when there is nothing to strip)
+        value = value.rstrip(b" \t")
         line = len(name) + len(value) + 4
-        size = request.head_size = request.head_size + line
+        size = self._head_size = self._head_size + line
         if line > self._header_line_max or size > self._head_max:
+            _count_ignored(request, line)
             raise ClientError(494, "client sent too long header line while reading client request headers")
         try:
             noted = _HEADER_NAMES[name]
         except KeyError:
             first_seen = self._first_seen_name(name, value)
             if first_seen is None:
+                _count_ignored(request, line)
                 return  # an invalid line, ignored
             noted = first_seen
         request.headers.append((name, value))
         if noted:
-            if noted is _HOST and request.host is None:  # (every request has one)
-                request.host = value
-            else:
-                _noted_header(request, noted, value)
+            _noted_header(request, noted, value)
 
     def _first_seen_name(self, name: bytes, value: bytes) -> bytes | None:
         """A header name not in _HEADER_NAMES: its entry there (remembered when the name is
@@ -803,11 +889,28 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         self._head_done = True
+        keep_alive = self._parser.should_keep_alive()
+        # The usual head passes every check below without looking: HTTP/1.1 kept alive, with a
+        # Host, a usual method, none of the headers the connection acts on, from a small read.
+        if self._head_checks or not keep_alive or request.host is None:
+            self._check_head(request, keep_alive)
+        handler = self.listener.open_exchange(self, request)
+        if request.has_body:
+            self._expect_body(request, handler)
+        if self.active is None:
+            self._activate(request, handler)
+        else:
+            if not self._queue:
+                self._queue = deque()
+            self._queue.append((request, handler))
+            self._pause_reading()  # parse no further ahead until the active request is answered
+
+    def _check_head(self, request: Request, keep_alive: bool) -> None:
+        """The end of a head that is not the usual one: its version, method, count of lines,
+        Host and framing."""
         self._line_bytes = 0
-        parser = self._parser
         if not request.method:
             request.method = self._method()
-        keep_alive = parser.should_keep_alive()
         # llhttp speaks HTTP 0.9, 1.0, 1.1 and 2.0 and keeps only 1.1 alive unless told so by a
         # Connection header: the usual request is HTTP/1.1 (request.version's default) without
         # asking (httptools's get_http_version() builds its string with str.format, per call)
@@ -823,18 +926,6 @@ class ClientConnection(asyncio.Protocol):
         request.keep_alive = keep_alive
         if request.chunked or request.content_length:  # (has_body stays False: the usual GET)
             self._read_framing(request)
-        handler = self.listener.open_exchange(self, request)
-        if request.has_body:
-            self._expect_body(request, handler)
-        else:
-            self._parsing_handler = handler
-        if self.active is None:
-            self._activate(request, handler)
-        else:
-            if not self._queue:
-                self._queue = deque()
-            self._queue.append((request, handler))
-            self._pause_reading()  # parse no further ahead until the active request is answered
 
     def _read_version(self, request: Request) -> None:
         """The request's HTTP version, from the parser: one we speak, or a 400."""
@@ -848,6 +939,7 @@ class ClientConnection(asyncio.Protocol):
         coding after "chunked"; on_header noted the values."""
         request.has_body = True
         if request.chunked:
+            self._head_checks = _EVERY_LINE  # (its trailers: on_header drops them)
             self._framing_bytes = 0
             if request.version == "1.0":
                 raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "
@@ -892,20 +984,23 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
-        handler = self._parsing_handler
         request.complete = True
         self._parsing = None
-        self._parsing_handler = None
         if not request.keep_alive:
             self._last_request = 1
-        if handler is self.active:
-            if request.has_body:  # (a request without one was served or proxied by start())
+        if request.has_body:  # (only a request with a body has a _parsing_handler)
+            handler = self._parsing_handler
+            self._parsing_handler = None
+            if handler is self.active:
                 if self._phase == _BODY:
                     self._phase = _NONE
                 self._body_for = None  # (told now, with the end)
                 handler.body_received()  # type: ignore[union-attr]  # (the active one)
-        elif self.active is None and not self._queue and not self.closed:
-            # answered before its parse ended (no body): now idle until the next request
+                return
+        elif self._active_request is request:
+            return  # (a request without one was served or proxied by start())
+        if self.active is None and not self._queue and not self.closed:
+            # answered before its parse ended: now idle until the next request
             self._arm(_IDLE, self._last_keepalive_timeout)
             self.listener.reusable[self] = None
         elif self._phase == _BODY:
