@@ -46,6 +46,8 @@ from scriptlb.logs import errorlog
 CLIENT_SEND_TIMEOUT = 60.0
 # Statuses that never carry a body (RFC 9110 6.4.1).
 _NO_BODY_STATUS = frozenset({101, 204, 304})
+# the statuses send_head does not frame as the usual response: those, and every other below 200
+_UNUSUAL_BODY_STATUS = _NO_BODY_STATUS | frozenset(range(200))
 
 _conn_ids = itertools.count(1)
 
@@ -155,6 +157,26 @@ def _length_line(content_length: int) -> bytes:
 # the last line of a response head, as keep-alive has it
 _KEEP_ALIVE_END = b"Connection: keep-alive\r\n\r\n"
 _CLOSE_END = b"Connection: close\r\n\r\n"
+
+# Content-Length -> its line and the head's last line, one dict for each Connection value
+# (send_head's usual response: one lookup; bounded as _LENGTH_LINES)
+_KEEP_ALIVE_TAILS: dict[int, bytes] = {}
+_CLOSE_TAILS: dict[int, bytes] = {}
+
+
+def _length_tail(tails: dict[int, bytes], content_length: int) -> bytes:
+    """A head's Content-Length and Connection lines not in ``tails`` yet, built and remembered."""
+    end = _KEEP_ALIVE_END if tails is _KEEP_ALIVE_TAILS else _CLOSE_END
+    tail = (_LENGTH_LINES.get(content_length) or _length_line(content_length)) + end
+    if len(tails) >= _LENGTH_LINES_MAX:
+        tails.clear()
+    tails[content_length] = tail
+    return tail
+
+# How the active response's body goes out (ClientConnection._body_framing; bits)
+_AS_IS = 0  # as it comes: a Content-Length, or until the connection closes
+_CHUNKED = 1  # in chunks (also set for a 1xx head of unknown length, which has no body)
+_NO_BODY = 2  # none (HEAD, 1xx, 204, 304): what is sent as its body is dropped
 
 # How a request ends, as the exchange's one finish (Exchange.finish) takes it: what becomes
 # of the client connection after the log phase.
@@ -371,10 +393,9 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_activating",
         "_active_request",
-        "_body_allowed",
         "_body_for",
+        "_body_framing",
         "_careful_read",
-        "_chunked",
         "_deadline",
         "_eof",
         "_fed",
@@ -402,6 +423,7 @@ class ClientConnection(asyncio.Protocol):
         "_timer",
         "_timer_when",
         "_unchecked_max",
+        "_unusual",
         "_upgrade_early",
         "_writing_paused",
         "active",
@@ -506,11 +528,15 @@ class ClientConnection(asyncio.Protocol):
         self._activating = False  # finish_response is serving the queue (no recursion)
         self._last_keepalive_timeout = 75.0
         self._upgrade_early = b""  # bytes after an Upgrade request's head (see data_received)
+        # Something other than one request at a time on a connection that reads happened (a
+        # pipelined request, a half-close, paused reading, a pending error, a last request, a
+        # lingering close; it stays set): data_received and finish_response then check what
+        # they skip for the usual connection.
+        self._unusual = False
 
         # response state of the active request
         self._keep_alive = False
-        self._chunked = False
-        self._body_allowed = True
+        self._body_framing = _AS_IS
         self.response_started = False
         self.bytes_sent = 0
         self.body_bytes_sent = 0
@@ -572,12 +598,7 @@ class ClientConnection(asyncio.Protocol):
         self._last_data = b""
 
     def data_received(self, data: bytes) -> None:
-        if self._linger_until:
-            self._lingering_data()
-            return
-        if self._pending_error is not None or self._last_request:
-            # we stopped parsing this connection; the error is answered in order
-            self._last_request += self._last_request == 1
+        if self._unusual and self._not_parsed():
             return
         self.listener.reusable.pop(self, None)  # a connection that reads is no longer idle
         parsing = self._parsing
@@ -611,6 +632,17 @@ class ClientConnection(asyncio.Protocol):
             self._client_error(err)
         except MemoryError:
             self._out_of_memory()
+
+    def _not_parsed(self) -> bool:
+        """Whether a read is dropped: during a lingering close, or once we stopped parsing this
+        connection (an error is answered in order, or a request without keep-alive came)."""
+        if self._linger_until:
+            self._lingering_data()
+            return True
+        if self._pending_error is not None or self._last_request:
+            self._last_request += self._last_request == 1
+            return True
+        return False
 
     def _with_crlf(self, data: bytes, parsing: Request | None) -> bytes:
         """A read whose head has bare LFs, rewritten; b"" when a body came with the head: then
@@ -646,6 +678,7 @@ class ClientConnection(asyncio.Protocol):
         # A half-closed client may still read our answer to what it already sent (not over
         # TLS: the TLS layer closes the connection whatever we answer, and warns if we say True)
         self._eof = True
+        self._unusual = True
         if self._linger_until:
             self._end_lingering()  # the client closed its side: the lingering close is over
             return True
@@ -735,6 +768,7 @@ class ClientConnection(asyncio.Protocol):
             offset = int(upgrade.args[0])
             if offset < len(data):
                 self._upgrade_early += data[offset:]
+                self._unusual = True
         elif isinstance(stop, httptools.HttpParserCallbackError):
             cause = stop.__context__
             if isinstance(cause, ClientError):
@@ -780,6 +814,7 @@ class ClientConnection(asyncio.Protocol):
             # nothing after a request without keep-alive, or once we close, is parsed (this
             # may run inside the feed that closed the connection)
             self._last_request = 2
+            self._unusual = True
             raise _ParsingEnded
         self._parsing = Request()
         self._head_done = False
@@ -903,6 +938,7 @@ class ClientConnection(asyncio.Protocol):
             if not self._queue:
                 self._queue = deque()
             self._queue.append((request, handler))
+            self._unusual = True
             self._pause_reading()  # parse no further ahead until the active request is answered
 
     def _check_head(self, request: Request, keep_alive: bool) -> None:
@@ -988,6 +1024,7 @@ class ClientConnection(asyncio.Protocol):
         self._parsing = None
         if not request.keep_alive:
             self._last_request = 1
+            self._unusual = True
         if request.has_body:  # (only a request with a body has a _parsing_handler)
             handler = self._parsing_handler
             self._parsing_handler = None
@@ -1082,16 +1119,18 @@ class ClientConnection(asyncio.Protocol):
         self.response_started = True
         if head_only is None:
             head_only = request.method == "HEAD"
-        if head_only or content_length is None or status < 200 or status in _NO_BODY_STATUS:
+        if head_only or content_length is None or status in _UNUSUAL_BODY_STATUS:
             self._send_head_framed(request, status, headers, content_length, head_only, reason)
             return
         # the usual response: a body of known length
-        self._body_allowed = True
-        self._chunked = False
-        framing = _LENGTH_LINES.get(content_length) or _length_line(content_length)
+        self._body_framing = _AS_IS
         if status >= 400 and request.has_body and not request.complete:
             self._keep_alive = False  # we will not read the rest of the body
-        end = _KEEP_ALIVE_END if self._keep_alive else _CLOSE_END
+        tails = _KEEP_ALIVE_TAILS if self._keep_alive else _CLOSE_TAILS
+        try:
+            tail = tails[content_length]
+        except KeyError:
+            tail = _length_tail(tails, content_length)
         clock = _CLOCK  # (head_start, inlined: once per response)
         if clock.since <= _wall_clock() < clock.until:
             try:
@@ -1101,7 +1140,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             start = head_start(status, reason)
         # (the head is kept for $sent_http_content_length & co.)
-        head = self.sent_head = b"".join((start, headers, framing, end))
+        head = self.sent_head = b"".join((start, headers, tail))
         self.bytes_sent = len(head)  # (the response's first bytes: one head per response)
         # Corked: the head goes out with the first body bytes (one syscall instead of two), or
         # at flush() when the caller has no body at hand.
@@ -1111,19 +1150,20 @@ class ClientConnection(asyncio.Protocol):
                           head_only: bool, reason: bytes | None) -> None:
         """send_head for every other response: no body (HEAD, 1xx, 204, 304) or one of unknown
         length (chunked, or close-delimited for HTTP/1.0)."""
-        self._body_allowed = not head_only and status not in _NO_BODY_STATUS and status >= 200
+        body_allowed = not head_only and status not in _NO_BODY_STATUS and status >= 200
+        body_framing = _AS_IS if body_allowed else _NO_BODY
         framing = b""
-        self._chunked = False
         if status in _NO_BODY_STATUS:
             pass
         elif content_length is not None:
             framing = _LENGTH_LINES.get(content_length) or _length_line(content_length)
         elif request.version == "1.1":
             if not head_only:
-                self._chunked = True
+                body_framing |= _CHUNKED
                 framing = b"Transfer-Encoding: chunked\r\n"
         elif not head_only:
             self._keep_alive = False  # an HTTP/1.0 client learns the end of the body from the close
+        self._body_framing = body_framing
         if status >= 400 and request.has_body and not request.complete:
             self._keep_alive = False  # we will not read the rest of the body
         if status == 101:  # (nginx's header filter: a switch says so, whatever keep-alive was)
@@ -1142,30 +1182,39 @@ class ClientConnection(asyncio.Protocol):
             self._write(head)
 
     def send_body(self, data: bytes) -> None:
-        if not self._body_allowed or not data:
-            self.flush()
+        if self._body_framing or not data:
+            if self._body_framing == _CHUNKED and data:
+                self._send_chunk(data)
+            else:
+                self.flush()  # (no body: a HEAD's, a 204's...)
             return
+        size = len(data)
+        self.body_bytes_sent += size
+        self.bytes_sent += size
+        head = self._pending_head
+        if head:  # (the first bytes of the body: the head goes with them)
+            self._pending_head = b""
+            data = head + data
+        transport = self.transport  # (_write, inlined: once per response)
+        if not self.closed and transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _send_chunk(self, data: bytes) -> None:
         size = len(data)
         self.body_bytes_sent += size
         head = self._pending_head
         self._pending_head = b""
-        if self._chunked:
-            frame = b"%x\r\n" % size
-            self.bytes_sent += len(frame) + size + 2
-            transport = self.transport
-            if transport is not None and not self.closed and not transport.is_closing():
-                transport.writelines((head, frame, data, b"\r\n") if head else (frame, data, b"\r\n"))
-        else:
-            self.bytes_sent += size
-            transport = self.transport  # (_write, inlined: once per response)
-            if not self.closed and transport is not None and not transport.is_closing():
-                transport.write(head + data if head else data)
+        frame = b"%x\r\n" % size
+        self.bytes_sent += len(frame) + size + 2
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            transport.writelines((head, frame, data, b"\r\n") if head else (frame, data, b"\r\n"))
 
     def end_body(self) -> None:
         """Write the end of a chunked body (idempotent; with the ``trailers`` the response has)
         and anything still corked."""
-        if self._chunked and self._body_allowed:
-            self._chunked = False
+        if self._body_framing == _CHUNKED:
+            self._body_framing = _AS_IS
             make_trailers = self.trailers
             if make_trailers is not None:
                 self.trailers = None
@@ -1182,7 +1231,7 @@ class ClientConnection(asyncio.Protocol):
     def finish_response(self) -> None:
         """The response is complete: end the chunked body and serve the next request (or the
         queued ones)."""
-        if self._chunked or self._pending_head:
+        if self._body_framing or self._pending_head:
             self.end_body()  # (usually done already: the exchange ends the body before its log)
         self.trailers = None  # (a response without a body did not use them)
         request = self._active_request
@@ -1199,6 +1248,21 @@ class ClientConnection(asyncio.Protocol):
             self._last_keepalive_timeout = active.keepalive_timeout
             self.active = None
         self.sent_head = b""  # logged already; an idle connection holds no response bytes
+        if self._unusual or not self._keep_alive or self.closed or self._parsing is not None:
+            self._after_response()
+            return
+        # the usual connection: idle keep-alive (_arm, inlined: once per request); it may be
+        # closed to make room
+        when = self._deadline = self.loop.time() + self._last_keepalive_timeout
+        self._phase = _IDLE
+        if self._timer is None or when < self._timer_when:
+            self._set_timer(when)
+        self.listener.reusable[self] = None
+
+    def _after_response(self) -> None:
+        """finish_response's end for a connection that is not the usual one: close it, or serve
+        the queued requests, the pending error, the next head's timeout, the refused upgrade's
+        bytes."""
         if not self._keep_alive or self.closed or (self._eof and not self._queue):
             self._close_after_response()
             return
@@ -1222,12 +1286,7 @@ class ClientConnection(asyncio.Protocol):
             self._client_error(self._pending_error)
             return
         if self._parsing is None:
-            # idle keep-alive (_arm, inlined: once per request); the connection may be closed to
-            # make room
-            when = self._deadline = self.loop.time() + self._last_keepalive_timeout
-            self._phase = _IDLE
-            if self._timer is None or when < self._timer_when:
-                self._set_timer(when)
+            self._arm(_IDLE, self._last_keepalive_timeout)  # idle keep-alive
             self.listener.reusable[self] = None
         elif not self._head_done:
             self._arm(_HEAD, self.listener.header_timeout)  # a pipelined head, still incomplete
@@ -1270,7 +1329,7 @@ class ClientConnection(asyncio.Protocol):
         self._active_request = None
         self.flush()
         if self.transport is not None:
-            self.transport.abort() if self._chunked else self.transport.close()
+            self.transport.abort() if self._body_framing & _CHUNKED else self.transport.close()
         self.closed = True
 
     def _write(self, data: bytes) -> None:
@@ -1309,6 +1368,7 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_timer()
         self.listener.reusable.pop(self, None)
         self._linger_until = self.loop.time() + LINGERING_TIME
+        self._unusual = True
         transport.write_eof()
         self._timer = self.loop.call_later(LINGERING_TIMEOUT, self._end_lingering)
         self._reading_paused = False
@@ -1361,6 +1421,7 @@ class ClientConnection(asyncio.Protocol):
             handler_told = True
         if self.active is not None:
             self._pending_error = err  # answered after the request in flight, in order
+            self._unusual = True
             self._keep_alive = False
             return
         errorlog.log_error(err.level, str(err), self.conn_id, self._log_context())
@@ -1422,6 +1483,7 @@ class ClientConnection(asyncio.Protocol):
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self.closed:
             self._reading_paused = True
+            self._unusual = True
             self.transport.pause_reading()
 
     def _resume_reading(self) -> None:
