@@ -833,7 +833,10 @@ class ClientConnection(asyncio.Protocol):
         # the whole target, in a small read (the method is known once the target begins: error
         # logs show it)
         method = self._parser.get_method()  # (_method, inlined: once per request)
-        request.method = _METHODS.get(method) or self._unusual_method(method)
+        try:
+            request.method = _METHODS[method]
+        except KeyError:
+            request.method = self._unusual_method(method)
         request.target = url
 
     def _measured_url(self, request: Request, url: bytes) -> None:
@@ -1059,8 +1062,10 @@ class ClientConnection(asyncio.Protocol):
             and handler.keepalive_timeout > 0
             and requests < handler.keepalive_requests
         )
-        if self._phase < _SEND and (not request.has_body or request.complete):
-            self._phase = _NONE  # (no timer of the client's side runs while it is served)
+        if request.has_body and self._phase < _SEND and request.complete:
+            self._phase = _NONE  # (no body to wait for now)
+        # (no timer of the client's side runs while it is served: a wait for a head or the next
+        # request that is still armed is void once a request is active, see _on_timer)
         handler.start()
 
     def send_continue(self) -> None:
@@ -1517,6 +1522,8 @@ class ClientConnection(asyncio.Protocol):
         self._timer = None
         if self._phase == _NONE or self.closed:
             return
+        if self._phase < _BODY and self.active is not None:
+            return  # (waiting for a request or its head ended when one became active)
         if self.loop.time() < self._deadline:
             self._timer_when = self._deadline
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
