@@ -420,6 +420,7 @@ class ClientConnection(asyncio.Protocol):
         "_pp_pending",
         "_queue",
         "_reading_paused",
+        "_reusable",
         "_timer",
         "_timer_when",
         "_unchecked_max",
@@ -452,6 +453,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, listener: ListenerContext, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.listener = listener
+        self._reusable = listener.reusable  # (the hot path's use of it, one lookup nearer)
         self.loop = loop or asyncio.get_running_loop()
         self.conn_id = next_connection_id()
         self.transport: asyncio.Transport | None = None
@@ -600,7 +602,7 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._unusual and self._not_parsed():
             return
-        self.listener.reusable.pop(self, None)  # a connection that reads is no longer idle
+        self._reusable.pop(self, None)  # a connection that reads is no longer idle
         parsing = self._parsing
         try:
             if parsing is None or not self._head_done:
@@ -613,9 +615,10 @@ class ClientConnection(asyncio.Protocol):
                     if not data:
                         return  # (fed as two reads)
                     size = len(data)
-                self._careful_read = size > self._unchecked_max
-                if self._line_bytes or size > self._header_line_max:
-                    self._check_line_start(data)
+                if size > self._unchecked_max or self._line_bytes:
+                    self._large_read(data, size)
+                else:
+                    self._careful_read = False
             else:
                 self._careful_read = True  # (a body's read: a head after it is measured)
             self._fed = 0
@@ -705,6 +708,12 @@ class ClientConnection(asyncio.Protocol):
             self.active.writing_resumed()
 
     # ------------------------------------------------------------------ parsing
+
+    def _large_read(self, data: bytes, size: int) -> None:
+        """Before feeding a read larger than _unchecked_max, or one that continues a line."""
+        self._careful_read = size > self._unchecked_max
+        if self._line_bytes or size > self._header_line_max:
+            self._check_line_start(data)
 
     def _check_line_start(self, data: bytes) -> None:
         """Before a feed: the line in progress must not outgrow large_client_header_buffers
@@ -935,14 +944,33 @@ class ClientConnection(asyncio.Protocol):
         handler = self.listener.open_exchange(self, request)
         if request.has_body:
             self._expect_body(request, handler)
-        if self.active is None:
-            self._activate(request, handler)
-        else:
-            if not self._queue:
-                self._queue = deque()
-            self._queue.append((request, handler))
-            self._unusual = True
-            self._pause_reading()  # parse no further ahead until the active request is answered
+        if self.active is not None:
+            self._enqueue(request, handler)
+            return
+        # (_activate, inlined: once per request)
+        self.active = handler
+        self._active_request = request
+        requests = self.requests = self.requests + 1
+        self.response_started = False
+        self.bytes_sent = 0
+        self.body_bytes_sent = 0
+        self._keep_alive = (
+            keep_alive
+            and not self.listener.shutting_down
+            and handler.keepalive_timeout > 0
+            and requests < handler.keepalive_requests
+        )
+        if request.has_body and self._phase < _SEND and request.complete:
+            self._phase = _NONE
+        handler.start()
+
+    def _enqueue(self, request: Request, handler: RequestHandler) -> None:
+        """A pipelined request, parsed while another is served: it waits for its turn."""
+        if not self._queue:
+            self._queue = deque()
+        self._queue.append((request, handler))
+        self._unusual = True
+        self._pause_reading()  # parse no further ahead until the active request is answered
 
     def _check_head(self, request: Request, keep_alive: bool) -> None:
         """The end of a head that is not the usual one: its version, method, count of lines,
@@ -1049,7 +1077,8 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ request lifecycle
 
     def _activate(self, request: Request, handler: RequestHandler) -> None:
-        # (sent_head is b"" already: finish_response emptied it)
+        """The request becomes the active one (inlined in on_headers_complete: keep both alike).
+        (sent_head is b"" already: finish_response emptied it.)"""
         self.active = handler
         self._active_request = request
         requests = self.requests = self.requests + 1
@@ -1262,7 +1291,7 @@ class ClientConnection(asyncio.Protocol):
         self._phase = _IDLE
         if self._timer is None or when < self._timer_when:
             self._set_timer(when)
-        self.listener.reusable[self] = None
+        self._reusable[self] = None
 
     def _after_response(self) -> None:
         """finish_response's end for a connection that is not the usual one: close it, or serve
