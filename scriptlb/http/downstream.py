@@ -371,9 +371,10 @@ class _ParsingEnded(Exception):
 # timer phases (in this order: _activate ends those before _SEND with one comparison)
 _IDLE, _HEAD, _BODY, _SEND, _NONE = range(5)
 
-# What the head being parsed still needs checked (ClientConnection._head_checks). A head that
-# begins and ends in one small read can outgrow no limit (see _unchecked_max): its lines are
-# only stored, and when nothing unusual came with it, its end is not checked either.
+# What the head being parsed still needs checked (ClientConnection._head_checks, set by each
+# read for the heads that begin in it). A head that begins and ends in one small read can
+# outgrow no limit (see _unchecked_max): its lines are only stored, and when nothing unusual
+# came with it, its end is not checked either.
 _NO_CHECKS = 0  # the usual head so far
 _AT_END = 1  # its end: an unusual method, or a header the connection acts on (framing...)
 _EVERY_LINE = 2  # every line measured, and the end: a head read in pieces, or from a large
@@ -395,7 +396,6 @@ class ClientConnection(asyncio.Protocol):
         "_active_request",
         "_body_for",
         "_body_framing",
-        "_careful_read",
         "_deadline",
         "_eof",
         "_fed",
@@ -505,9 +505,10 @@ class ClientConnection(asyncio.Protocol):
         self._parsing: Request | None = None
         self._parsing_handler: RequestHandler | None = None
         self._head_done = False  # the request being parsed is past its head (errors: body)
-        self._head_checks = _NO_CHECKS  # what its head still needs checked (_NO_CHECKS...)
+        # what its head still needs checked (_NO_CHECKS...): set by each read for the heads
+        # that begin in it
+        self._head_checks = _NO_CHECKS
         self._head_size = 0  # its header lines' bytes so far, when measured (_EVERY_LINE)
-        self._careful_read = True  # the read being parsed is larger than _unchecked_max
         self._last_data = b""  # the last bytes read while a head is incomplete (timeout logs)
         # Limits on what httptools accumulates itself (a header line, a trailer) before any of
         # our callbacks sees it: counted from the bytes read, checked before and after a feed.
@@ -617,10 +618,10 @@ class ClientConnection(asyncio.Protocol):
                     size = len(data)
                 if size > self._unchecked_max or self._line_bytes:
                     self._large_read(data, size)
-                else:
-                    self._careful_read = False
+                elif parsing is None:
+                    self._head_checks = _NO_CHECKS  # (a head that continues keeps _EVERY_LINE)
             else:
-                self._careful_read = True  # (a body's read: a head after it is measured)
+                self._head_checks = _EVERY_LINE  # (a body's read: a head after it is measured)
             self._fed = 0
             try:
                 self._parser.feed_data(data)
@@ -710,8 +711,9 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ parsing
 
     def _large_read(self, data: bytes, size: int) -> None:
-        """Before feeding a read larger than _unchecked_max, or one that continues a line."""
-        self._careful_read = size > self._unchecked_max
+        """Before feeding a read larger than _unchecked_max, or one that continues a line (of
+        a head measured already): the heads in it are measured line by line."""
+        self._head_checks = _EVERY_LINE
         if self._line_bytes or size > self._header_line_max:
             self._check_line_start(data)
 
@@ -827,11 +829,8 @@ class ClientConnection(asyncio.Protocol):
             raise _ParsingEnded
         self._parsing = Request()
         self._head_done = False
-        if self._careful_read:
-            self._head_checks = _EVERY_LINE
+        if self._head_checks:  # (as the read, or a head before this one in it, left them)
             self._head_size = 0
-        else:
-            self._head_checks = _NO_CHECKS
         # (client_header_timeout is armed after the feed, for a head that did not arrive whole)
 
     def on_url(self, url: bytes) -> None:
