@@ -423,6 +423,7 @@ class ClientConnection(asyncio.Protocol):
         "_reusable",
         "_timer",
         "_timer_when",
+        "_trailers",
         "_unchecked_max",
         "_unusual",
         "_upgrade_early",
@@ -447,7 +448,6 @@ class ClientConnection(asyncio.Protocol):
         "server_addr",
         "server_port",
         "tls",
-        "trailers",
         "transport",
     )
 
@@ -516,8 +516,7 @@ class ClientConnection(asyncio.Protocol):
         self._framing_bytes = 0  # chunked body: bytes since the last chunk boundary or body byte
         self._fed = 0  # _FED_* flags of the feed in progress
         self._body_for: Any = None  # the handler that got body bytes in the feed in progress
-        # add_trailer: None, or what makes the trailers of the chunked response in progress
-        self.trailers: Callable[[], bytes] | None = None
+        self._trailers: Callable[[], bytes] | None = None  # (see trailers)
         # 1: a request without keep-alive was parsed (nothing after it is read), 2: more came
         self._last_request = 0
         self._linger_until = 0.0  # lingering close: its deadline (0: not lingering)
@@ -531,9 +530,9 @@ class ClientConnection(asyncio.Protocol):
         self._activating = False  # finish_response is serving the queue (no recursion)
         self._last_keepalive_timeout = 75.0
         self._upgrade_early = b""  # bytes after an Upgrade request's head (see data_received)
-        # Something other than one request at a time on a connection that reads happened (a
-        # pipelined request, a half-close, paused reading, a pending error, a last request, a
-        # lingering close; it stays set): data_received and finish_response then check what
+        # Something other than one request at a time on an open connection that reads happened
+        # (a pipelined request, a half-close, paused reading, a pending error, a last request,
+        # a close, add_trailer's trailers; it stays set): the per-request paths then check what
         # they skip for the usual connection.
         self._unusual = False
 
@@ -565,7 +564,7 @@ class ClientConnection(asyncio.Protocol):
             # nginx drops the connection it cannot take and says why
             errorlog.log_error("alert", f"{listener.max_connections} worker_connections are not enough")
             listener.dropped += 1  # accepted but not handled (stub_status's "handled")
-            self.closed = True
+            self.closed = self._unusual = True
             transport.abort()
             return
         listener.connections.add(self)
@@ -573,7 +572,7 @@ class ClientConnection(asyncio.Protocol):
         self._arm(_HEAD, self.listener.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.closed = self._unusual = True
         listener = self.listener
         listener.connections.discard(self)
         listener.reusable.pop(self, None)
@@ -821,7 +820,7 @@ class ClientConnection(asyncio.Protocol):
         return "client sent invalid request while reading client request line"
 
     def on_message_begin(self) -> None:
-        if self._last_request or self.closed:
+        if self._unusual and (self._last_request or self.closed):
             # nothing after a request without keep-alive, or once we close, is parsed (this
             # may run inside the feed that closed the connection)
             self._last_request = 2
@@ -1248,9 +1247,9 @@ class ClientConnection(asyncio.Protocol):
         and anything still corked."""
         if self._body_framing == _CHUNKED:
             self._body_framing = _AS_IS
-            make_trailers = self.trailers
+            make_trailers = self._trailers
             if make_trailers is not None:
-                self.trailers = None
+                self._trailers = None
                 trailers = make_trailers()
                 end = b"0\r\n" + trailers + b"\r\n" if trailers else b"0\r\n\r\n"
             else:
@@ -1266,7 +1265,6 @@ class ClientConnection(asyncio.Protocol):
         queued ones)."""
         if self._body_framing or self._pending_head:
             self.end_body()  # (usually done already: the exchange ends the body before its log)
-        self.trailers = None  # (a response without a body did not use them)
         request = self._active_request
         if request is not None:
             if request.has_body:
@@ -1296,6 +1294,7 @@ class ClientConnection(asyncio.Protocol):
         """finish_response's end for a connection that is not the usual one: close it, or serve
         the queued requests, the pending error, the next head's timeout, the refused upgrade's
         bytes."""
+        self._trailers = None  # (a response without a body did not use them)
         if not self._keep_alive or self.closed or (self._eof and not self._queue):
             self._close_after_response()
             return
@@ -1347,6 +1346,17 @@ class ClientConnection(asyncio.Protocol):
             self.respond(status, b"Content-Type: text/html\r\n", page)
 
     @property
+    def trailers(self) -> Callable[[], bytes] | None:
+        """add_trailer: None, or what makes the trailers of the chunked response in progress."""
+        return self._trailers
+
+    @trailers.setter
+    def trailers(self, make: Callable[[], bytes] | None) -> None:
+        self._trailers = make
+        if make is not None:
+            self._unusual = True  # (finish_response clears them on its unusual path only)
+
+    @property
     def keeps_alive(self) -> bool:
         """Whether the connection stays open after the active response (so far)."""
         return self._keep_alive
@@ -1363,7 +1373,7 @@ class ClientConnection(asyncio.Protocol):
         self.flush()
         if self.transport is not None:
             self.transport.abort() if self._body_framing & _CHUNKED else self.transport.close()
-        self.closed = True
+        self.closed = self._unusual = True
 
     def _write(self, data: bytes) -> None:
         # A client that went away may still have its connection_lost pending, and uvloop
@@ -1374,7 +1384,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed:
-            self.closed = True
+            self.closed = self._unusual = True
             self._cancel_timer()
             self.listener.reusable.pop(self, None)
             if self.transport is not None:
@@ -1397,7 +1407,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self._queue = _NO_QUEUE
-        self.closed = True  # for everybody else; the transport stays open while we linger
+        self.closed = self._unusual = True  # for everybody else; the transport stays open while we linger
         self._cancel_timer()
         self.listener.reusable.pop(self, None)
         self._linger_until = self.loop.time() + LINGERING_TIME
@@ -1480,7 +1490,7 @@ class ClientConnection(asyncio.Protocol):
             pass
         if self.transport is not None and not self._linger_until:
             self.transport.abort() if not self.closed else self.transport.close()
-            self.closed = True
+            self.closed = self._unusual = True
 
     def _proxy_protocol_header(self, data: bytes) -> bytes:
         """The PROXY protocol header (v1 or v2) before the first request; returns the bytes
@@ -1497,7 +1507,7 @@ class ClientConnection(asyncio.Protocol):
             shown = pending[:V1_MAX].decode("latin-1").encode("unicode_escape").decode("ascii")
             errorlog.log_error("error", f'broken header: "{shown}" while reading PROXY protocol',
                                self.conn_id, self._log_context())
-            self.closed = True
+            self.closed = self._unusual = True
             if self.transport is not None:
                 self.transport.close()
             return b""
