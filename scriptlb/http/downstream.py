@@ -942,37 +942,37 @@ class ClientConnection(asyncio.Protocol):
         handler = self.listener.open_exchange(self, request)
         if request.has_body:
             self._expect_body(request, handler)
-        if self.active is not None:
-            self._enqueue(request, handler)
+        elif self.active is None:
+            # the usual request becomes the active one (_activate, inlined: once per request;
+            # without a body, no body timeout to end)
+            self.active = handler
+            self._active_request = request
+            requests = self.requests = self.requests + 1
+            self.response_started = False
+            self.bytes_sent = 0
+            self.body_bytes_sent = 0
+            self._keep_alive = (
+                keep_alive
+                and not self.listener.shutting_down
+                and handler.keepalive_timeout > 0
+                and requests < handler.keepalive_requests
+            )
+            handler.start()
             return
-        # (_activate, inlined: once per request)
-        self.active = handler
-        self._active_request = request
-        requests = self.requests = self.requests + 1
-        self.response_started = False
-        self.bytes_sent = 0
-        self.body_bytes_sent = 0
-        self._keep_alive = (
-            keep_alive
-            and not self.listener.shutting_down
-            and handler.keepalive_timeout > 0
-            and requests < handler.keepalive_requests
-        )
-        if request.has_body and self._phase < _SEND and request.complete:
-            self._phase = _NONE
-        handler.start()
-
-    def _enqueue(self, request: Request, handler: RequestHandler) -> None:
-        """A pipelined request, parsed while another is served: it waits for its turn."""
-        if not self._queue:
-            self._queue = deque()
-        self._queue.append((request, handler))
-        self._unusual = True
-        self._pause_reading()  # parse no further ahead until the active request is answered
+        if self.active is None:
+            self._activate(request, handler)
+        else:
+            if not self._queue:
+                self._queue = deque()
+            self._queue.append((request, handler))
+            self._unusual = True
+            self._pause_reading()  # parse no further ahead until the active request is answered
 
     def _check_head(self, request: Request, keep_alive: bool) -> None:
         """The end of a head that is not the usual one: its version, method, count of lines,
         Host and framing."""
+        if not self._head_checks:
+            self._head_checks = _AT_END  # (on_message_complete checks its end too)
         self._line_bytes = 0
         if not request.method:
             request.method = self._method()
@@ -1051,26 +1051,35 @@ class ClientConnection(asyncio.Protocol):
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         request.complete = True
         self._parsing = None
-        if not request.keep_alive:
-            self._last_request = 1
-            self._unusual = True
-        if request.has_body:  # (only a request with a body has a _parsing_handler)
-            handler = self._parsing_handler
-            self._parsing_handler = None
-            if handler is self.active:
-                if self._phase == _BODY:
-                    self._phase = _NONE
-                self._body_for = None  # (told now, with the end)
-                handler.body_received()  # type: ignore[union-attr]  # (the active one)
-                return
-        elif self._active_request is request:
-            return  # (a request without one was served or proxied by start())
+        # (a head without checks was kept alive and announced no body: see _check_head)
+        if self._head_checks and self._checked_message_complete(request):
+            return
+        if self._active_request is request:
+            return  # (a request without a body was served or proxied by start())
         if self.active is None and not self._queue and not self.closed:
             # answered before its parse ended: now idle until the next request
             self._arm(_IDLE, self._last_keepalive_timeout)
             self.listener.reusable[self] = None
         elif self._phase == _BODY:
             self._phase = _NONE  # a queued request's body is complete: no body is awaited now
+
+    def _checked_message_complete(self, request: Request) -> bool:
+        """on_message_complete for a request whose head was checked: the end of keep-alive, the
+        end of a body (its handler is told; True then, when it is the active one)."""
+        if not request.keep_alive:
+            self._last_request = 1
+            self._unusual = True
+        if not request.has_body:  # (only a request with a body has a _parsing_handler)
+            return False
+        handler = self._parsing_handler
+        self._parsing_handler = None
+        if handler is not self.active:
+            return False
+        if self._phase == _BODY:
+            self._phase = _NONE
+        self._body_for = None  # (told now, with the end)
+        handler.body_received()  # type: ignore[union-attr]  # (the active one)
+        return True
 
     # ------------------------------------------------------------------ request lifecycle
 
