@@ -824,7 +824,6 @@ class ClientConnection(asyncio.Protocol):
             # nothing after a request without keep-alive, or once we close, is parsed (this
             # may run inside the feed that closed the connection)
             self._last_request = 2
-            self._unusual = True
             raise _ParsingEnded
         self._parsing = Request()
         self._head_done = False
@@ -1420,7 +1419,6 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_timer()
         self.listener.reusable.pop(self, None)
         self._linger_until = self.loop.time() + LINGERING_TIME
-        self._unusual = True
         transport.write_eof()
         self._timer = self.loop.call_later(LINGERING_TIMEOUT, self._end_lingering)
         self._reading_paused = False
