@@ -221,15 +221,17 @@ class Request:
         self.has_body = False  # chunked, or a Content-Length above 0
         self.connection: bytes | None = None  # the Connection header (it may list hop-by-hop names)
         self.expect_continue = False
-        self.keep_alive = True
         # what arrived and was not taken by the handler (memory, then a file: request_body)
         self.body: RequestBody = EMPTY_BODY
         self.body_size = 0  # bytes received so far (decoded, without chunk framing)
         self.complete = False
 
+    # Left unset in the usual request (read with getattr, by the paths of the unusual one):
     # bytes of the header lines counted but not kept (ignored invalid lines, the one over a
-    # limit): left unset until there is one, as in the usual request
+    # limit), and whether the connection may stay open after it (set when its head is checked:
+    # False for HTTP/1.0 without keep-alive, "Connection: close"...).
     ignored_size: int
+    keep_alive: bool
 
     @property
     def head_size(self) -> int:
@@ -1065,7 +1067,7 @@ class ClientConnection(asyncio.Protocol):
     def _checked_message_complete(self, request: Request) -> bool:
         """on_message_complete for a request whose head was checked: the end of keep-alive, the
         end of a body (its handler is told; True then, when it is the active one)."""
-        if not request.keep_alive:
+        if not getattr(request, "keep_alive", True):
             self._last_request = 1
             self._unusual = True
         if not request.has_body:  # (only a request with a body has a _parsing_handler)
@@ -1092,7 +1094,7 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_sent = 0
         self.body_bytes_sent = 0
         self._keep_alive = (
-            request.keep_alive
+            getattr(request, "keep_alive", True)
             and not self.listener.shutting_down
             and handler.keepalive_timeout > 0
             and requests < handler.keepalive_requests
