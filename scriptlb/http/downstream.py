@@ -124,6 +124,14 @@ def _noted_header(request: Request, lower: bytes, value: bytes) -> None:
         _refuse_duplicate(request.headers, lower)
 
 
+def _has_bare_lf(data: bytes) -> bool:
+    """Whether a read has an LF that is not part of a CRLF (rare): one left once every CRLF is
+    gone (one fast call on a read of usual size; a large one is counted instead of copied)."""
+    if len(data) <= _REWRITE_MAX:
+        return 10 in data.replace(b"\r\n", b"")
+    return data.count(b"\n") != data.count(b"\r\n")
+
+
 def _count_ignored(request: Request, line: int) -> None:
     """A header line counted against the limits but not kept (see Request.head_size)."""
     request.ignored_size = getattr(request, "ignored_size", 0) + line
@@ -607,20 +615,23 @@ class ClientConnection(asyncio.Protocol):
         self._reusable.pop(self, None)  # a connection that reads is no longer idle
         parsing = self._parsing
         try:
-            if parsing is None or not self._head_done:
+            if parsing is None:  # the usual read: a request (or more), between requests
                 size = len(data)
-                # Bare LFs (rare): an LF left once every CRLF is gone. (One fast call on a read
-                # of usual size; a large one is counted instead of copied.)
+                # (_has_bare_lf, inlined: once per request)
                 if (10 in data.replace(b"\r\n", b"") if size <= _REWRITE_MAX
                         else data.count(b"\n") != data.count(b"\r\n")):
                     data = self._with_crlf(data, parsing)
                     if not data:
                         return  # (fed as two reads)
                     size = len(data)
-                if size > self._unchecked_max or self._line_bytes:
+                if size > self._unchecked_max:  # (no line is in progress between requests)
                     self._large_read(data, size)
-                elif parsing is None:
-                    self._head_checks = _NO_CHECKS  # (a head that continues keeps _EVERY_LINE)
+                else:
+                    self._head_checks = _NO_CHECKS
+            elif not self._head_done:
+                data = self._head_read(data, parsing)
+                if not data:
+                    return  # (fed as two reads)
             else:
                 self._head_checks = _EVERY_LINE  # (a body's read: a head after it is measured)
             self._fed = 0
@@ -637,6 +648,18 @@ class ClientConnection(asyncio.Protocol):
             self._client_error(err)
         except MemoryError:
             self._out_of_memory()
+
+    def _head_read(self, data: bytes, parsing: Request) -> bytes:
+        """data_received's part for a read that continues a head (measured line by line: it
+        keeps _EVERY_LINE, and so do the heads after it in the read)."""
+        if _has_bare_lf(data):
+            data = self._with_crlf(data, parsing)
+            if not data:
+                return b""
+        size = len(data)
+        if size > self._unchecked_max or self._line_bytes:
+            self._large_read(data, size)
+        return data
 
     def _not_parsed(self) -> bool:
         """Whether a read is dropped: during a lingering close, or once we stopped parsing this
