@@ -121,7 +121,6 @@ PREMATURE = "upstream prematurely closed connection"
 _NEVER = float("inf")  # (_timer_when without a timer)
 # the usual status line, and its reason phrase without a search for it
 _OK_LINE = b"HTTP/1.1 200 OK\r\n"
-_OK = b"OK"
 _TIMED_OUT = "upstream timed out (110: Connection timed out)"
 
 
@@ -130,6 +129,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_clock",
         "_early_body",
+        "_early_more",
         "_handler",
         "_head_buf",
         "_head_only",
@@ -213,9 +213,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_ready = False  # the head is parsed, the handler not told yet
         self.response_complete = True  # (no response expected before start: bytes are unexpected)
         self.request_complete = False  # the request's bytes, body too, were handed to the socket
-        # body chunks parsed before the handler accepted the body; None once it did (stream_to):
-        # then every chunk goes straight to it
-        self._early_body: list[bytes] | None = []
+        # the body bytes parsed before the handler accepted the body: the first chunk (b"" for
+        # none yet), and the rest in a list (rare: a chunked body in several chunks in the read
+        # that brought the head); _early_body is None once the handler accepted the body
+        # (stream_to): then every chunk goes straight to it. (The usual small response has one
+        # chunk there: no list made for it.)
+        self._early_body: bytes | None = b""
+        self._early_more: list[bytes] | None = None
         # this connection carries no further request: we asked the peer to close (Connection:
         # close) or spoke HTTP/1.0 to it, the peer said it closes, bytes came after a
         # response's end, or it is closed
@@ -247,7 +251,10 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # (one function: this runs for every read; the try is free until something raises)
         try:
-            if self.response_complete or self.state is not ACTIVE:
+            if self.response_complete:
+                # (this covers an idle connection too: one is pooled only with its response
+                # complete; and no read comes before connection_made or once the transport
+                # was closed)
                 self._unexpected_bytes()
                 return
             self.last_read = self._clock()
@@ -280,9 +287,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self._spent = True  # garbage after a complete response: deliver, never reuse
             if self._head_ready:
                 self._head_ready = False
-                handler = self._handler
-                if handler is not None:
-                    handler.upstream_head(self._response)
+                # (start set the handler, and nothing in this read can have cleared it: it is
+                # told of a failure only on the paths that returned above)
+                self._handler.upstream_head(self._response)  # type: ignore[union-attr]
             elif self.response_complete:
                 self._deliver_completion()
         except Exception as exc:
@@ -378,9 +385,11 @@ class UpstreamConnection(asyncio.Protocol):
         # complete (_head_buf emptied, _head_ready, _interim, _upgraded, _spent and
         # _read_paused False); reset what its last request set. (A new one: no matter.)
         self._header_done = self.response_complete = False
-        self._early_body = []
-        transport = self.transport
-        if self.state is not ACTIVE or transport is None or transport.is_closing():
+        self._early_body = b""
+        # (ACTIVE implies a transport: connection_made gives it, only detach takes it back and
+        # that makes the connection CLOSED)
+        transport: asyncio.Transport = self.transport  # type: ignore[assignment]
+        if self.state is not ACTIVE or transport.is_closing():
             # the peer closed it a moment ago (connection_lost may even have run already):
             # fail like a connection closed before the response, after this call returns (a
             # reused one is retried fresh)
@@ -434,8 +443,9 @@ class UpstreamConnection(asyncio.Protocol):
         early = self._early_body
         self._early_body = None
         if early:
-            for chunk in early:
-                handler.upstream_body(chunk)
+            handler.upstream_body(early)
+            if self._early_more is not None:
+                self._hand_over_more(handler)
         if self.response_complete and self._handler is not None:
             self._handler = None
             handler.upstream_complete()
@@ -575,7 +585,8 @@ class UpstreamConnection(asyncio.Protocol):
         # (self.received: len(data), the bytes read since the request started)
         if self.received <= _RAW_KEPT and not self._interim:
             response.raw = data  # (the usual head: a few hundred bytes, in one read)
-            response.reason = _OK if data.startswith(_OK_LINE) else response_head.status_reason(data)
+            if not data.startswith(_OK_LINE):  # (the usual "OK" is ResponseHead's default)
+                response.reason = response_head.status_reason(data)
         else:
             response.keep_raw(data, self._interim, self._upgraded)
             self._interim = False
@@ -604,8 +615,19 @@ class UpstreamConnection(asyncio.Protocol):
             handler = self._handler
             if handler is not None:  # (not if dropped by the handler while this read is parsed)
                 handler.upstream_body(data)
+        elif not early:
+            self._early_body = data  # (stream_to hands it on)
+        elif self._early_more is None:
+            self._early_more = [data]
         else:
-            early.append(data)  # (stream_to hands them on)
+            self._early_more.append(data)
+
+    def _hand_over_more(self, handler: UpstreamHandler) -> None:
+        """stream_to's part for the body chunks after the first that came with the head."""
+        more = self._early_more
+        self._early_more = None
+        for chunk in more or ():
+            handler.upstream_body(chunk)
 
     def on_message_complete(self) -> None:
         # (not after a 1xx head: the real response follows; after the 101 we take too: llhttp
