@@ -74,8 +74,12 @@ class ConnectionPool:
     def acquire(self, key: PoolKey) -> UpstreamConnection | None:
         """An idle connection to ``key``, now ACTIVE and out of the pool, or None."""
         # (an emptied stack stays under its key until the next sweep: the usual one-connection
-        # key is then looked up once here and once in release, and no list is made per request)
-        stack = self._by_key.get(key)
+        # key is then looked up once here and once in release, and no list is made per request;
+        # a subscript costs less than get, and the KeyError comes only for a key not seen since)
+        try:
+            stack = self._by_key[key]
+        except KeyError:
+            return None
         while stack:
             conn = stack.pop()
             del self._idle[conn]
