@@ -123,19 +123,55 @@ _NEVER = float("inf")  # (_timer_when without a timer)
 _OK_LINE = b"HTTP/1.1 200 OK\r\n"
 _TIMED_OUT = "upstream timed out (110: Connection timed out)"
 
+# What a response head's headers said, as the full parser's on_header noted it: the
+# ResponseHead fields lines, content_length, chunked, connection, rewritable and reason
+HeadTemplate = tuple[bytes, int | None, bool, bytes | None, bool, bytes]
+# The heads seen lately (every upstream connection of the worker), by their bytes from the
+# status line to the empty line that ends them: a response whose first read starts with one
+# of them needs no callback per header (see data_received). Bounded, since peers choose them.
+HEADS: dict[bytes, HeadTemplate] = {}
+_HEADS_MAX = 256
+_MEMO_TRIAL = 8  # misses before a connection may give up on the memo
+
+
+def _response_parser(protocol: object) -> httptools.HttpResponseParser:
+    parser = httptools.HttpResponseParser(protocol)
+    # nginx reads a peer's lines ended by a bare LF (its own parser's rule); the response
+    # is re-framed for the client, so this opens no smuggling path
+    parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+    return parser
+
+
+class _Bare:
+    """The bare parser's protocol: the connection's callbacks but on_header, so that llhttp
+    does not hand each header line over (httptools looks the callbacks up once, when the
+    parser is made)."""
+
+    __slots__ = ("on_body", "on_headers_complete", "on_message_complete")
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.on_headers_complete = conn.on_headers_complete
+        self.on_body = conn.on_body
+        self.on_message_complete = conn.on_message_complete
+
 
 class UpstreamConnection(asyncio.Protocol):
     # __slots__: cheaper attribute access on the per-request path, typos fail loudly
     __slots__ = (
+        "_bare_parser",
         "_clock",
         "_early_body",
         "_early_more",
+        "_full_parser",
         "_handler",
         "_head_buf",
+        "_head_key",
         "_head_only",
         "_head_ready",
         "_header_done",
         "_interim",
+        "_memo_misses",
+        "_memo_on",
         "_needs_parser",
         "_owner",
         "_parser",
@@ -144,6 +180,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_response",
         "_send_timeout",
         "_spent",
+        "_template",
         "_timer",
         "_timer_when",
         "_upgraded",
@@ -201,7 +238,18 @@ class UpstreamConnection(asyncio.Protocol):
         self._write_paused_at = 0.0
 
         # per-request state
+        # the parser of the response in flight: the full one (a callback per header) or, for a
+        # head seen before (HEADS), the bare one (no header callbacks: the template says what
+        # the headers said)
         self._parser: httptools.HttpResponseParser | None = None
+        self._full_parser: httptools.HttpResponseParser | None = None
+        self._bare_parser: httptools.HttpResponseParser | None = None
+        self._template: HeadTemplate | None = None  # this response's head, when seen before
+        self._head_key: bytes | None = None  # the first read's head, to remember its template
+        # the memo stays off for a connection whose peer's heads do not repeat (a per-response
+        # cookie or id): it would only add its look-up to every response
+        self._memo_on = True
+        self._memo_misses = 0
         # the parser may be inside a message (none yet, or the last response was to a HEAD:
         # llhttp waits for a body we ended ourselves): the next request needs a new one
         self._needs_parser = True
@@ -260,6 +308,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.last_read = self._clock()
             self.received += len(data)
             if not self._header_done:
+                if not self._head_buf and self._memo_on:
+                    # the response's first read: if its head is byte for byte one parsed before
+                    # (HEADS: Date changes once a second, the rest of a peer's head seldom),
+                    # what its headers say is known, and the parser need not call on_header
+                    # for each of them. (No "\r\n\r\n": a short key no head is kept under.)
+                    try:
+                        self._template = HEADS[data[:data.find(b"\r\n\r\n") + 4]]
+                        self._parser = self._bare_parser or self._new_bare_parser()
+                    except KeyError:
+                        self._head_unknown(data)
                 self._head_buf += data  # (the first read: b"" + data is data, no copy)
                 # (self.received: the head's length so far; nginx reads the head into one
                 # proxy_buffer_size buffer)
@@ -304,7 +362,7 @@ class UpstreamConnection(asyncio.Protocol):
         # cycles, so a closed connection goes with its last reference instead of waiting for
         # (and feeding) the cyclic garbage collector, whose full passes stall the loop under
         # many connections.
-        self._parser = None
+        self._parser = self._full_parser = self._bare_parser = None
         self._owner = self._handler = None
         self.on_writable = None
         self.on_idle_lost = None
@@ -412,10 +470,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _new_parser(self) -> None:
         self._needs_parser = False
-        self._parser = parser = httptools.HttpResponseParser(self)
-        # nginx reads a peer's lines ended by a bare LF (its own parser's rule); the response
-        # is re-framed for the client, so this opens no smuggling path
-        parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+        self._parser = self._full_parser = _response_parser(self)
+        self._bare_parser = None  # (made again when a head seen before comes)
+
+    def _head_unknown(self, data: bytes) -> None:
+        """A response's first read whose head is not in HEADS: the full parser reads it, and
+        on_headers_complete keeps what its headers say under these bytes (_remember_head)."""
+        self._template = None
+        self._head_key = data[:data.find(b"\r\n\r\n") + 4]
+        self._parser = self._full_parser
+
+    def _new_bare_parser(self) -> httptools.HttpResponseParser:
+        self._bare_parser = parser = _response_parser(_Bare(self))
+        return parser
 
     def _fail_soon(self, handler: UpstreamHandler) -> None:
         if self._handler is handler:  # (not if the request gave up on us meanwhile)
@@ -433,6 +500,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sent += len(data)
             if last:
                 self.request_complete = True
+                # (nothing more to send; a complete request has no on_writable, so park need
+                # not clear it)
+                self.on_writable = None
 
     @property
     def write_buffer_full(self) -> bool:
@@ -490,8 +560,9 @@ class UpstreamConnection(asyncio.Protocol):
         ):
             return False
         self.state = IDLE
-        # (the handler was told the end: _handler is None; the parser stays for the next)
-        self.on_writable = self._owner = None
+        # (the handler was told the end: _handler is None; the parser stays for the next;
+        # on_writable is None once the request is complete)
+        self._owner = None
         return True
 
     def is_alive(self) -> bool:
@@ -507,7 +578,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._spent = True
         self._cancel_timer()
         self._handler = self._owner = None
-        self._parser = None
+        self._parser = self._full_parser = self._bare_parser = None
         self.on_writable = self.on_idle_lost = None
         data, self.upgraded_data = self.upgraded_data, b""
         self.transport = None
@@ -543,13 +614,16 @@ class UpstreamConnection(asyncio.Protocol):
     # parser callback less per response)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # (this runs for every header of every response: a lookup, and for the usual hidden
-        # ones nothing more; the pairs themselves are parsed again only if something reads them)
+        # (the full parser's: this runs for every header of a head not seen before: a lookup,
+        # and for the usual hidden ones nothing more; the pairs themselves are parsed again
+        # only if something reads them)
         kind = KINDS[name]
-        if not kind or self.response_complete:
-            # hidden (Date, Server, ...); or a second response we never asked for (maybe in
-            # the read that brought the head not yet handed on): not a word of it in that head
-            # (on_headers_complete marks the connection unusable)
+        if not kind or self._header_done:
+            # hidden (Date, Server, ...); or past the head: a chunked body's trailer fields
+            # (nginx does not pass them: they are no response header) or a second response
+            # we never asked for (on_headers_complete marks the connection unusable). Maybe in
+            # the read that brought the head, not yet handed on: not a word of them in that
+            # head (the bare parser, for a head seen before, never sees them either)
             return
         # (the value's trailing blanks go; llhttp took the ones before it)
         if kind == _PASSED:
@@ -582,11 +656,21 @@ class UpstreamConnection(asyncio.Protocol):
         # Content-Length beside a Transfer-Encoding)
         data = self._head_buf
         self._head_buf = b""
+        template = self._template
+        if template is not None:  # (the bare parser's: a head seen before, in the first read)
+            (response.lines, response.content_length, response.chunked, response.connection,
+             response.rewritable, response.reason) = template
+            if self.received <= _RAW_KEPT:
+                response.raw = data
+            else:
+                response.keep_raw(data, False, False)
         # (self.received: len(data), the bytes read since the request started)
-        if self.received <= _RAW_KEPT and not self._interim:
+        elif self.received <= _RAW_KEPT and not self._interim:
             response.raw = data  # (the usual head: a few hundred bytes, in one read)
             if not data.startswith(_OK_LINE):  # (the usual "OK" is ResponseHead's default)
                 response.reason = response_head.status_reason(data)
+            if self._head_key is not None:
+                self._remember_head(response, data)
         else:
             response.keep_raw(data, self._interim, self._upgraded)
             self._interim = False
@@ -604,6 +688,24 @@ class UpstreamConnection(asyncio.Protocol):
         self._interim = True
         self._response = ResponseHead()  # the real response follows
         return True
+
+    def _remember_head(self, response: ResponseHead, data: bytes) -> None:
+        """A head parsed with its callbacks (the full parser): keep what its headers said, for
+        the next response that comes with the same bytes. Only a final head that started the
+        read (no 1xx before it, not a 101), complete in it: then the bytes up to its first
+        empty line decide every field of the template."""
+        key: bytes = self._head_key  # type: ignore[assignment]  # (the caller checked)
+        self._head_key = None
+        self._memo_misses = misses = self._memo_misses + 1
+        if misses > _MEMO_TRIAL and misses * 4 > self.requests:
+            self._memo_on = False  # (this peer's heads do not repeat)
+            return
+        if (response.status >= 200 and not self._upgraded and key[-4:] == b"\r\n\r\n"
+                and key[:5] == b"HTTP/" and data.startswith(key)):
+            if len(HEADS) >= _HEADS_MAX:
+                HEADS.clear()  # (peers choose the bytes: bounded)
+            HEADS[key] = (response.lines, response.content_length, response.chunked, response.connection,
+                          response.rewritable, response.reason)
 
     def on_body(self, data: bytes) -> None:
         if self.response_complete:
