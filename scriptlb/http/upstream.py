@@ -123,9 +123,10 @@ _NEVER = float("inf")  # (_timer_when without a timer)
 _OK_LINE = b"HTTP/1.1 200 OK\r\n"
 _TIMED_OUT = "upstream timed out (110: Connection timed out)"
 
-# What a response head's headers said, as the full parser's on_header noted it: the
-# ResponseHead fields lines, content_length, chunked, connection, rewritable and reason
-HeadTemplate = tuple[bytes, int | None, bool, bytes | None, bool, bytes]
+# What the full parser found in a response head (its status line, headers and llhttp's
+# keep-alive verdict, all decided by the head's bytes): the ResponseHead fields status, close,
+# lines, content_length, chunked, connection, rewritable and reason
+HeadTemplate = tuple[int, bool, bytes, int | None, bool, bytes | None, bool, bytes]
 # The heads seen lately (every upstream connection of the worker), by their bytes from the
 # status line to the empty line that ends them: a response whose first read starts with one
 # of them needs no callback per header (see data_received). Bounded, since peers choose them.
@@ -308,17 +309,20 @@ class UpstreamConnection(asyncio.Protocol):
             self.last_read = self._clock()
             self.received += len(data)
             if not self._header_done:
-                if not self._head_buf and self._memo_on:
-                    # the response's first read: if its head is byte for byte one parsed before
-                    # (HEADS: Date changes once a second, the rest of a peer's head seldom),
-                    # what its headers say is known, and the parser need not call on_header
-                    # for each of them. (No "\r\n\r\n": a short key no head is kept under.)
-                    try:
-                        self._template = HEADS[data[:data.find(b"\r\n\r\n") + 4]]
-                        self._parser = self._bare_parser or self._new_bare_parser()
-                    except KeyError:
-                        self._head_unknown(data)
-                self._head_buf += data  # (the first read: b"" + data is data, no copy)
+                if self._head_buf:
+                    self._head_buf += data  # (a head in several reads, or after a 1xx one)
+                else:  # the response's first read
+                    self._head_buf = data
+                    if self._memo_on:
+                        # if its head is byte for byte one parsed before (HEADS: Date changes
+                        # once a second, the rest of a peer's head seldom), what it says is
+                        # known, and the parser need not call on_header for each header. (No
+                        # "\r\n\r\n" in the read: a short key no head is kept under.)
+                        try:
+                            self._template = HEADS[data[:data.find(b"\r\n\r\n") + 4]]
+                            self._parser = self._bare_parser or self._new_bare_parser()
+                        except KeyError:
+                            self._head_unknown(data)
                 # (self.received: the head's length so far; nginx reads the head into one
                 # proxy_buffer_size buffer)
                 if self.received > self.head_limit and self.head_limit and self._head_too_big(data):
@@ -639,10 +643,33 @@ class UpstreamConnection(asyncio.Protocol):
             response.note(kind, value)
 
     def on_headers_complete(self) -> None:
-        parser: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]  # (its callback)
         if self.response_complete:
             self._spent = True  # a second response we never asked for
             return
+        template = self._template
+        if template is None:
+            self._head_parsed()  # (the full parser's)
+            return
+        # the bare parser's: a head seen before, whole in the first read; its template says
+        # what the full parser found in the same bytes (status line, headers, keep-alive)
+        response = self._response
+        (response.status, response.close, response.lines, response.content_length, response.chunked,
+         response.connection, response.rewritable, response.reason) = template
+        if response.close:
+            self._spent = True
+        data = self._head_buf
+        self._head_buf = b""
+        if self.received <= _RAW_KEPT:
+            response.raw = data
+        else:
+            response.keep_raw(data, False, False)
+        self._header_done = self._head_ready = True
+        if self._head_only or response.status in (204, 304):
+            self._complete_now_without_body()
+
+    def _head_parsed(self) -> None:
+        """on_headers_complete for the full parser: the head was noted header by header."""
+        parser: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]  # (its callback)
         status = parser.get_status_code()
         if status < 200 and status >= 100 and self._interim_head(status):
             return
@@ -656,16 +683,8 @@ class UpstreamConnection(asyncio.Protocol):
         # Content-Length beside a Transfer-Encoding)
         data = self._head_buf
         self._head_buf = b""
-        template = self._template
-        if template is not None:  # (the bare parser's: a head seen before, in the first read)
-            (response.lines, response.content_length, response.chunked, response.connection,
-             response.rewritable, response.reason) = template
-            if self.received <= _RAW_KEPT:
-                response.raw = data
-            else:
-                response.keep_raw(data, False, False)
         # (self.received: len(data), the bytes read since the request started)
-        elif self.received <= _RAW_KEPT and not self._interim:
+        if self.received <= _RAW_KEPT and not self._interim:
             response.raw = data  # (the usual head: a few hundred bytes, in one read)
             if not data.startswith(_OK_LINE):  # (the usual "OK" is ResponseHead's default)
                 response.reason = response_head.status_reason(data)
@@ -704,8 +723,8 @@ class UpstreamConnection(asyncio.Protocol):
                 and key[:5] == b"HTTP/" and data.startswith(key)):
             if len(HEADS) >= _HEADS_MAX:
                 HEADS.clear()  # (peers choose the bytes: bounded)
-            HEADS[key] = (response.lines, response.content_length, response.chunked, response.connection,
-                          response.rewritable, response.reason)
+            HEADS[key] = (response.status, response.close, response.lines, response.content_length,
+                          response.chunked, response.connection, response.rewritable, response.reason)
 
     def on_body(self, data: bytes) -> None:
         if self.response_complete:
