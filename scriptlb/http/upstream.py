@@ -125,8 +125,10 @@ _TIMED_OUT = "upstream timed out (110: Connection timed out)"
 
 # What the full parser found in a response head (its status line, headers and llhttp's
 # keep-alive verdict, all decided by the head's bytes): the ResponseHead fields status, close,
-# lines, content_length, chunked, connection, rewritable and reason
-HeadTemplate = tuple[int, bool, bytes, int | None, bool, bytes | None, bool, bytes]
+# lines, content_length, chunked, connection, rewritable and reason; and the length of the
+# body that follows the key when it is framed by its Content-Length and the key is exactly the
+# head (lines ended by CR LF), else -1 (see _replay)
+HeadTemplate = tuple[int, bool, bytes, int | None, bool, bytes | None, bool, bytes, int]
 # The heads seen lately (every upstream connection of the worker), by their bytes from the
 # status line to the empty line that ends them: a response whose first read starts with one
 # of them needs no callback per header (see data_received). Bounded, since peers choose them.
@@ -309,6 +311,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.last_read = self._clock()
             self.received += len(data)
             if not self._header_done:
+                # (self.received: the head's length so far; nginx reads the head into one
+                # proxy_buffer_size buffer)
+                if self.received > self.head_limit and self.head_limit and self._head_too_big(data):
+                    self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
+                    return
                 if self._head_buf:
                     self._head_buf += data  # (a head in several reads, or after a 1xx one)
                 else:  # the response's first read
@@ -319,15 +326,19 @@ class UpstreamConnection(asyncio.Protocol):
                         # known, and the parser need not call on_header for each header. (No
                         # "\r\n\r\n" in the read: a short key no head is kept under.)
                         try:
-                            self._template = HEADS[data[:data.find(b"\r\n\r\n") + 4]]
-                            self._parser = self._bare_parser or self._new_bare_parser()
+                            key = data[:data.find(b"\r\n\r\n") + 4]
+                            template = HEADS[key]
                         except KeyError:
                             self._head_unknown(data)
-                # (self.received: the head's length so far; nginx reads the head into one
-                # proxy_buffer_size buffer)
-                if self.received > self.head_limit and self.head_limit and self._head_too_big(data):
-                    self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
-                    return
+                        else:
+                            self._template = template
+                            length = template[8]
+                            if len(data) - len(key) == length and not self._head_only:
+                                self._replay(data, length)  # (instead of the parser)
+                                self._head_ready = False
+                                self._handler.upstream_head(self._response)  # type: ignore[union-attr]
+                                return
+                            self._parser = self._bare_parser or self._new_bare_parser()
             try:
                 # (the parser callbacks only note what they see: the handler hears of the head
                 # and of the end after this returns, so it may reuse or drop this connection)
@@ -654,7 +665,7 @@ class UpstreamConnection(asyncio.Protocol):
         # what the full parser found in the same bytes (status line, headers, keep-alive)
         response = self._response
         (response.status, response.close, response.lines, response.content_length, response.chunked,
-         response.connection, response.rewritable, response.reason) = template
+         response.connection, response.rewritable, response.reason, _) = template
         if response.close:
             self._spent = True
         data = self._head_buf
@@ -666,6 +677,18 @@ class UpstreamConnection(asyncio.Protocol):
         self._header_done = self._head_ready = True
         if self._head_only or response.status in (204, 304):
             self._complete_now_without_body()
+
+    def _replay(self, data: bytes, length: int) -> None:
+        """The first read holds a head seen before and exactly the body its Content-Length
+        announces (``length``), nothing more: the parser's part is known, so it is played
+        here, the callbacks it would make for these bytes (the head, one body chunk, the end)
+        without running it. The head's bytes were validated when they were first parsed, and
+        llhttp does not look into a body of known length. (The parser, not fed, stays at the
+        start of a message.)"""
+        self.on_headers_complete()
+        if length:
+            self.on_body(data[-length:])
+        self.on_message_complete()
 
     def _head_parsed(self) -> None:
         """on_headers_complete for the full parser: the head was noted header by header."""
@@ -723,8 +746,12 @@ class UpstreamConnection(asyncio.Protocol):
                 and key[:5] == b"HTTP/" and data.startswith(key)):
             if len(HEADS) >= _HEADS_MAX:
                 HEADS.clear()  # (peers choose the bytes: bounded)
+            length = response.content_length
+            if length is None or response.status in (204, 304) or key.count(b"\n") != key.count(b"\r\n"):
+                length = -1
             HEADS[key] = (response.status, response.close, response.lines, response.content_length,
-                          response.chunked, response.connection, response.rewritable, response.reason)
+                          response.chunked, response.connection, response.rewritable, response.reason,
+                          length)
 
     def on_body(self, data: bytes) -> None:
         if self.response_complete:
