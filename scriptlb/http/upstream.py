@@ -686,9 +686,12 @@ class UpstreamConnection(asyncio.Protocol):
         llhttp does not look into a body of known length. (The parser, not fed, stays at the
         start of a message.)"""
         self.on_headers_complete()
+        # (then on_body's and on_message_complete's part, for the body before the handler
+        # accepted it, of a response that is neither HEAD's nor without a body)
         if length:
-            self.on_body(data[-length:])
-        self.on_message_complete()
+            self.body_received = length
+            self._early_body = data[-length:]
+        self.response_complete = True
 
     def _head_parsed(self) -> None:
         """on_headers_complete for the full parser: the head was noted header by header."""
