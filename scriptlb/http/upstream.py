@@ -126,8 +126,8 @@ _TIMED_OUT = "upstream timed out (110: Connection timed out)"
 # What the full parser found in a response head (its status line, headers and llhttp's
 # keep-alive verdict, all decided by the head's bytes): the ResponseHead fields status, close,
 # lines, content_length, chunked, connection, rewritable and reason; and the length of the
-# body that follows the key when it is framed by its Content-Length and the key is exactly the
-# head (lines ended by CR LF), else -1 (see _replay)
+# whole response, the key and the body its Content-Length announces, when the key is exactly
+# the head (lines ended by CR LF) and the status allows a body, else -1 (see _replay)
 HeadTemplate = tuple[int, bool, bytes, int | None, bool, bytes | None, bool, bytes, int]
 # The heads seen lately (every upstream connection of the worker), by their bytes from the
 # status line to the empty line that ends them: a response whose first read starts with one
@@ -332,9 +332,8 @@ class UpstreamConnection(asyncio.Protocol):
                             self._head_unknown(data)
                         else:
                             self._template = template
-                            length = template[8]
-                            if len(data) - len(key) == length and not self._head_only:
-                                self._replay(data, length)  # (instead of the parser)
+                            if len(data) == template[8] and not self._head_only:
+                                self._replay(data, key)  # (instead of the parser)
                                 self._head_ready = False
                                 self._handler.upstream_head(self._response)  # type: ignore[union-attr]
                                 return
@@ -678,9 +677,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self._head_only or response.status in (204, 304):
             self._complete_now_without_body()
 
-    def _replay(self, data: bytes, length: int) -> None:
-        """The first read holds a head seen before and exactly the body its Content-Length
-        announces (``length``), nothing more: the parser's part is known, so it is played
+    def _replay(self, data: bytes, head: bytes) -> None:
+        """The first read holds a head seen before (``head``) and exactly the body its
+        Content-Length announces, nothing more: the parser's part is known, so it is played
         here, the callbacks it would make for these bytes (the head, one body chunk, the end)
         without running it. The head's bytes were validated when they were first parsed, and
         llhttp does not look into a body of known length. (The parser, not fed, stays at the
@@ -688,9 +687,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_headers_complete()
         # (then on_body's and on_message_complete's part, for the body before the handler
         # accepted it, of a response that is neither HEAD's nor without a body)
-        if length:
-            self.body_received = length
-            self._early_body = data[-length:]
+        body = data[len(head):]
+        if body:
+            self.body_received = len(body)
+            self._early_body = body
         self.response_complete = True
 
     def _head_parsed(self) -> None:
@@ -750,11 +750,12 @@ class UpstreamConnection(asyncio.Protocol):
             if len(HEADS) >= _HEADS_MAX:
                 HEADS.clear()  # (peers choose the bytes: bounded)
             length = response.content_length
-            if length is None or response.status in (204, 304) or key.count(b"\n") != key.count(b"\r\n"):
-                length = -1
+            whole = len(key) + length if length is not None else -1
+            if response.status in (204, 304) or key.count(b"\n") != key.count(b"\r\n"):
+                whole = -1
             HEADS[key] = (response.status, response.close, response.lines, response.content_length,
                           response.chunked, response.connection, response.rewritable, response.reason,
-                          length)
+                          whole)
 
     def on_body(self, data: bytes) -> None:
         if self.response_complete:
