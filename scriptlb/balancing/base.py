@@ -39,6 +39,8 @@ class BalancerState:
         return self.peer_set.backup if self.on_backup else self.peer_set.primary
 
     def __repr__(self) -> str:
+        if not hasattr(self, "tried"):  # (round robin's state for a single peer: the budget alone)
+            return f"<BalancerState tries={self.tries} single>"
         return (
             f"<BalancerState tries={self.tries} tried={self.tried:#b} "
             f"{'backup' if self.on_backup else 'primary'} current={self.current and self.current.name}>"

@@ -57,26 +57,27 @@ class RoundRobin:
         state = _new_state(BalancerState)
         state.peer_set = peers
         state.tries = tries_cap if tries_cap and tries > tries_cap else tries
-        state.tried = 0
-        state.on_backup = False
-        state.current = None
+        if peers.only is None:
+            state.tried = 0
+            state.on_backup = False
+            state.current = None
+        # (else nginx's single peer: nothing to choose, so nothing to remember but the tries
+        # budget; get and free read no more of the state then)
         return state
 
     # ------------------------------------------------------------------ get
 
     def get(self, state: BalancerState, now: float) -> Peer | None:
         peer_set = state.peer_set
-        peer: Peer | None
         single = peer_set.only
         if single is not None:
-            # A single peer ignores max_fails: there is nothing else to send the request to.
-            if not single.down and not (single.max_conns and single.conns >= single.max_conns):
-                state.current = single  # (Peer.is_full, inlined)
-                single.conns += 1
-                return single
-            peer = None
-        else:
-            peer = self._get_weighted(state, now)
+            # A single peer ignores max_fails: there is nothing else to send the request to
+            # (nor a backup: a single peer has none).
+            if single.down or (single.max_conns and single.conns >= single.max_conns):
+                return None  # (Peer.is_full, inlined)
+            single.conns += 1
+            return single
+        peer = self._get_weighted(state, now)
         if peer is None:
             if state.on_backup or not peer_set.backup:
                 return None
@@ -127,12 +128,12 @@ class RoundRobin:
     # ------------------------------------------------------------------ free
 
     def free(self, state: BalancerState, peer: Peer, failed: bool, now: float) -> bool:
-        state.current = None
         if state.peer_set.single:
             # nginx: no failure accounting for a single peer, and never a retry on it
             peer.conns -= 1
             state.tries = 0
             return False
+        state.current = None
         disabled = False
         if failed:
             disabled = self._account_failure(peer, now)

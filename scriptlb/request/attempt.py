@@ -121,29 +121,32 @@ class Attempt(TryRecord):
     """One try: its peer, connection, pool, statistics index and ``$upstream_*`` record."""
 
     __slots__ = ("conn", "key", "peer", "peer_addr", "pool", "reused", "stats_index", "tls_name")
+    # What opening a connection reads (most tries reuse a pooled one), set by the tries loop
+    # only when not the usual (unset otherwise; read through connect_addr and pool_key):
+    peer_addr: PeerAddr  # the address a hook set (else the peer's)
+    # the pool key, what makes two connections interchangeable: the peer's address text (with
+    # its port, or ``unix:path``: the usual key, ``addr``), or that with the name the peer is
+    # addressed by (a hook's ``set_current_peer`` host; ``https:`` + the TLS server name, so
+    # two names on one address never share a connection) and the local address a try binds
+    key: PoolKey
+    tls_name: str | None  # proxy_pass https://: the name sent / verified
 
     def __init__(
         self,
         stats: UpstreamStats | None,
         name: str,
-        peer_addr: PeerAddr,
         peer: Peer | None,
         pool: ConnectionPool | None,
-        key: PoolKey,
-        hook: HookOutcome | None = None,
-        tls_name: str | None = None,
         reused: UpstreamConnection | None = None,
     ) -> None:
-        """``key`` is the pool key, what makes two connections interchangeable: the peer's
-        address text (with its port, or ``unix:path``), the name the peer is addressed by (a
-        hook's ``set_current_peer`` host; ``https:`` + the TLS server name, so two names on one
-        address never share a connection), and the local address a hook bound to. ``reused``
-        is the connection the try got from its pool (None: a new one is opened for it)."""
+        """``name`` is the address text, ``peer`` the balancer's peer (None for an address a
+        hook set), ``pool`` where the connection goes back (None: closed after the response),
+        ``reused`` the connection the try got from its pool (None: a new one is opened)."""
         # (TryRecord's fields, assigned here: one constructor call per try)
         self.addr = name
         self.started = clock()
-        # the hook run's HookOutcome (None: no hook): kept as is, read only by $balancer_trace
-        self.hook = hook
+        # (hook: the hook run's HookOutcome, set by the tries loop after a hook ran; unset
+        # without one, and $balancer_trace, its only reader, takes None then)
         self.status: int | None = None
         # (a connection from the pool: no connect time)
         self.connect_time: float | None = None if reused is None else 0.0
@@ -151,19 +154,25 @@ class Attempt(TryRecord):
         self.response_time: float | None = None
         # (bytes_sent, bytes_received, response_length: set by end() when a request was
         # sent; $upstream_bytes_* read 0 until then)
-        self.peer_addr = peer_addr
         self.peer = peer  # the balancer's peer to free; None for a hook-set address
-        self.pool = pool  # where the connection goes back; None: closed after the response
-        self.key = key
+        self.pool = pool
         self.conn: UpstreamConnection | None = reused
         self.reused = reused is not None  # the connection came from the pool
-        self.tls_name = tls_name  # proxy_pass https://: the name sent / verified
         if stats is not None:  # (without them stats_index stays unset: end reads it only with them)
             if peer is not None:
                 self.stats_index = index = peer.stats_index
                 stats.start(index)
             else:
                 self.stats_index = stats.start_address(name)
+
+    def connect_addr(self) -> PeerAddr:
+        """The address to open a connection to (read before the try ends: end lets go of the peer)."""
+        peer = self.peer
+        return peer.addr if peer is not None else self.peer_addr
+
+    def pool_key(self) -> PoolKey:
+        key: PoolKey = getattr(self, "key", self.addr)
+        return key
 
     def __repr__(self) -> str:
         return f"<Attempt {self.addr} {self.status} conn={self.conn!r}>"
@@ -183,7 +192,7 @@ class Attempt(TryRecord):
         peer = self.peer
         self.peer = None
         # (a stream session's PeerSide offers the same counts, copied from its StreamAttempt)
-        if conn is not None and BYTE_COUNTS_READ[0] and conn.sent:
+        if BYTE_COUNTS_READ[0] and conn is not None and conn.sent:
             self.bytes_sent = conn.sent
             self.bytes_received = conn.received
             self.response_length = conn.body_received

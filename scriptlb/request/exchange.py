@@ -80,7 +80,7 @@ class Exchange:
         "_redirected",  # error_page redirected this request, once as nginx (unset until then)
         "_redirects_left",  # internal redirects still allowed (unset until the first one)
         "args",
-        "body_bytes_sent",
+        "body_bytes_sent",  # (unset: see the annotations below)
         "body_timeout",
         "bytes_sent",
         "captures",  # $0..$9 of the last rewrite/if match (unset until one)
@@ -121,6 +121,14 @@ class Exchange:
     captures: tuple[str, ...] | None
     proxy_host: str
     _last_failure: tuple[str, int] | None
+    variables: dict[str, str] | None  # the rewrite module's `set` values
+    # for $upstream_http_*: the peer's response head once one came (it parses its pairs when
+    # read; readers take an empty tuple until then)
+    upstream_headers: Sequence[tuple[bytes, bytes]]
+    response_headers: bytes  # the head's lines sent to the client, for $sent_http_* (b"")
+    # the response's bytes, for the log phase: set by finish when it has work (else 0)
+    bytes_sent: int
+    body_bytes_sent: int
 
     def __init__(self, runtime: Runtime, conn: ClientConnection, request: Request) -> None:
         runtime.requests += 1  # (stub_status's "requests": every request, rejected ones too)
@@ -132,14 +140,9 @@ class Exchange:
         self.http_version = request.version
         self.headers = request.headers
         self.status = 0
-        self.body_bytes_sent = 0
-        self.bytes_sent = 0
-        self.tries: list[TryRecord] = []
-        # for $upstream_http_*: the peer's headers once a response came (a shared empty tuple
-        # until then: no list allocated for requests that never get one; then the response
-        # head, which parses its pairs when read)
-        self.upstream_headers: Sequence[tuple[bytes, bytes]] = ()
-        self.response_headers: bytes = b""  # sent to the client, for $sent_http_*
+        # the tries ($upstream_*): a shared empty tuple until the first (a tuple of one then:
+        # one object, and none for a request never proxied)
+        self.tries: tuple[TryRecord, ...] = ()
         # the client a trusted proxy named (scriptlb.request.realip)
         self.realip: tuple[str, int] | None = None
         self.limit: LimitState | None = None  # limit_req / limit_conn outcome (scriptlb.request.limits)
@@ -148,7 +151,6 @@ class Exchange:
         # error_page: the status the final response carries (0: its own; OWN_STATUS: its own,
         # with kept_headers, after X-Accel-Redirect)
         self.err_status = 0
-        self.variables: dict[str, str] | None = None  # the rewrite module's `set` values
         self._finished = False  # finish() ran: the log phase too (it runs once per request)
         self.upstream_request: UpstreamRequest | Waiting | None = None  # set when proxying (or waiting)
         # routing: the usual case inlined (the target of the connection's previous request
@@ -156,12 +158,8 @@ class Exchange:
         cached = conn.host_cache
         route: ConnRoute | None = cached[2] if cached is not None and cached[0] == request.host else None
         if route is not None and route.target == request.target:
-            self.request_uri = route.request_uri
-            self.uri = route.uri
-            self.args = route.args
-            self.server = route.server
-            self.host = route.host
-            self.location = location = route.location
+            self.request_uri, self.uri, self.args, self.server, self.host, location = route.routed
+            self.location = location
         else:
             location = self._route_target(route)
         if conn.refusal is not None and not self._early_status:
@@ -195,10 +193,10 @@ class Exchange:
             self.uri = path
             self.args = query = args if sep else None
             self.server = server = route.server
-            self.host = route.host
+            self.host = host = route.host
             self.location = location = server.match(path)
-            route.target, route.request_uri, route.uri, route.args, route.location = (
-                target, request_uri, path, query, location)
+            route.target = target
+            route.routed = (request_uri, path, query, server, host, location)
             return location
         self._route()
         return self.location
@@ -399,8 +397,7 @@ class Exchange:
                 location = self.location
                 upstream = location.plain_upstream
                 if upstream is not None:  # (the usual location: no phase before the proxy has work)
-                    self.upstream_request = proxying = UpstreamRequest(self, upstream)
-                    proxying.start()
+                    UpstreamRequest(self, upstream)  # (it is upstream_request, and starts, at once)
                     return
                 realip = self.location.realip_server  # (nginx's post-read phase)
                 if realip is not None and self.realip is None:
@@ -429,8 +426,7 @@ class Exchange:
                 else:
                     self.conn.send_continue()  # nginx reads (and discards) the body first
                 return
-            self.upstream_request = UpstreamRequest(self, location.upstream)
-            self.upstream_request.start()
+            UpstreamRequest(self, location.upstream)
         except Exception as exc:
             self.crashed(exc, "starting request")
 
@@ -460,9 +456,7 @@ class Exchange:
     def proxy_to(self, upstream: UpstreamRuntime, pass_uri: str | None) -> None:
         """Proxy to an upstream proxy_pass with variables chose (``pass_uri``: the URI to send,
         None for the client's)."""
-        self.upstream_request = UpstreamRequest(self, upstream)
-        self.upstream_request.pass_uri = pass_uri
-        self.upstream_request.start()
+        UpstreamRequest(self, upstream, pass_uri)  # (it is upstream_request from its start)
 
     def body_received(self) -> None:
         try:
@@ -786,7 +780,7 @@ class Exchange:
         client connection's part. Never raises from the log phase."""
         conn = self.conn
         location = self.location
-        if location.logged or location.add_trailers is not None:
+        if location.ends_body:  # (logged, or add_trailer)
             # the body's end (with add_trailer's lines, made while the upstream side is still
             # ours), then the counts the log phase reads; else the connection ends the body
             if end == SENT:
@@ -854,12 +848,10 @@ class ConnRoute:
     origin-form target seen there: a keep-alive client's next request mostly names the same
     Host, often the same target (``target`` None: none yet)."""
 
-    __slots__ = ("args", "host", "location", "request_uri", "server", "target", "uri")
-    # (the target's routing: set with target)
-    request_uri: str
-    uri: str
-    args: str | None
-    location: LocationRuntime
+    __slots__ = ("host", "routed", "server", "target")
+    # the target's routing, set with target, as the exchange takes it in one unpacking:
+    # (request_uri, uri, args, server, host, location)
+    routed: tuple[str, str, str | None, ServerRuntime, str, LocationRuntime]
 
     def __init__(self, server: ServerRuntime, host: str) -> None:
         self.server = server

@@ -5,9 +5,8 @@ Theory of operation
 The exchange (``exchange.py``) hands a proxied request to an ``UpstreamRequest``, a state
 machine driven by callbacks, with no task per request::
 
-    __init__: per-request timeouts
-    start: buffer the body (proxy_request_buffering on); build the upstream request once;
-      balancer.new_request
+    __init__ (a request without a body: start's usual case inlined) / start: buffer the body
+      (proxy_request_buffering on); build the upstream request once; balancer.new_request
     _next_try: hook seam -> peer (hook's address, or balancer.get; None = no live upstreams)
       -> an Attempt (attempt.py) -> its pool's connection, or _connect (a task only to open a
          new connection, connect_timeout)
@@ -19,9 +18,9 @@ A response that is not retried streams to the client with back-pressure both way
 response byte went to the client there is no retry. Every try ends in ``Attempt.end``: release
 or close of the connection, the free of the peer, statistics and timing live there alone.
 
-Timeouts are per request: ``connect_timeout``/``send_timeout``/``read_timeout`` are copied from
-the location when proxying starts and every try reads them here (a hook's ``set_timeouts``,
-through the exchange's properties of the same names, changes this request only).
+Timeouts are per request: ``connect_timeout``/``send_timeout``/``read_timeout`` are the
+location's ``conf`` until a hook's ``set_timeouts`` (through the exchange's attributes of the
+same names) gives this request its own copy of the settings; every try reads ``conf``.
 
 Pooling: a balancer peer's connection goes to the upstream's ``keepalive N`` pool; so does a
 hook-set peer's (keyed by address, host name and bind address, as OpenResty's keepalive module
@@ -35,6 +34,8 @@ Callbacks from the upstream connection and the connect task are guarded like the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
 import ssl
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,7 @@ if TYPE_CHECKING:
     from scriptlb.http.pool import ConnectionPool
     from scriptlb.request.exchange import Exchange
     from scriptlb.request.runtime import RequestPlan, UpstreamRuntime
+    from scriptlb.state.peers import Peer
 
 
 _READING_HEADER = "reading response header from upstream"  # nginx's log action
@@ -92,6 +94,31 @@ _HANDSHAKING = "SSL handshaking to upstream"
 
 # proxy_request_buffering off: stop reading the client when this much body waits for a peer
 STREAM_BODY_WAITING = 64 * 1024
+
+
+class _Streamed(enum.Enum):
+    STREAMED = "streamed"  # (an enum: a marker mypy tells apart by identity)
+
+
+STREAMED = _Streamed.STREAMED  # the request body goes as it arrives (proxy_request_buffering off)
+
+
+class _Timeout:
+    """One of the tries loop's three timeouts of a request: the location's (``conf``) until a
+    hook's set_timeouts sets one, which gives the request its own copy of the settings (the
+    tries read ``conf`` alone: no per-request copy of the three values)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, tries: UpstreamRequest | None, owner: type | None = None) -> Any:
+        if tries is None:
+            return self  # (read on the class)
+        return getattr(tries.conf, self.name)
+
+    def __set__(self, tries: UpstreamRequest, seconds: float) -> None:
+        changed: dict[str, Any] = {self.name: seconds}
+        tries.conf = dataclasses.replace(tries.conf, **changed)
 
 
 class UpstreamRequest:
@@ -109,22 +136,16 @@ class UpstreamRequest:
         "_connecting",
         "_head",
         "_local_addr",
-        "_passing",
         "_rate",
-        "_stream_body",
         "_tunnel",
         "_waiting_body",
         "attempt",
         "balancer_state",
         "conf",
-        "connect_timeout",
         "exchange",
         "hook_exit",
-        "location",
         "pass_uri",
         "plan",
-        "read_timeout",
-        "send_timeout",
         "upstream",
     )
     # set when the tries begin (start)
@@ -134,29 +155,58 @@ class UpstreamRequest:
     _waiting_body: bool  # buffering the request body before the first try
     _body_conn: UpstreamConnection | None  # where the streamed body goes now
     _connecting: asyncio.Task[object] | None  # opening a new connection (None: done)
-    _passing: bool  # the response is going to the client: no retry any more
     _tunnel: Tunnel  # after a 101: the two sockets joined
     hook_exit: HookOutcome  # a hook's ngx.exit(N) run, for $balancer_trace
     pass_uri: str | None  # proxy_pass with variables: its URI part, as evaluated
 
-    def __init__(self, exchange: Exchange, upstream: UpstreamRuntime) -> None:
+    def __init__(self, exchange: Exchange, upstream: UpstreamRuntime, pass_uri: str | None = None) -> None:
+        """Proxying begins here: the exchange's upstream request is this one from now on, and
+        the usual request (no body) goes on to its first try at once (start's usual case,
+        inlined: one call fewer per request); ``pass_uri``: see proxy_to."""
         self.exchange = exchange
         self.upstream = upstream
-        self.location = location = exchange.location
+        location = exchange.location
+        # the location's settings (the timeouts among them: a hook's set_timeouts gives this
+        # request its own copy, see _Timeout); the location's upstream request template
         self.conf = conf = location.conf.proxy
-        self.plan = location.plan
-        # this request's timeouts (a hook's set_timeouts changes them: the exchange's setters)
-        self.connect_timeout = conf.connect_timeout
-        self.send_timeout = conf.send_timeout
-        self.read_timeout = conf.read_timeout
-        self._stream_body = False  # proxy_request_buffering off: body sent as it arrives
-        self._body: bytes | SpooledBody = b""  # (bytes, or the file a big body was spooled to)
+        self.plan = plan = location.plan
+        # bytes (b"": none), the file a big body was spooled to, or STREAMED (sent as it
+        # arrives: proxy_request_buffering off)
+        self._body: bytes | SpooledBody | _Streamed = b""
         # proxy_bind, or a hook's bind_to_local_addr
         self._local_addr: tuple[str, int] | None = None
         if location.proxy_bind is not None:
             self._local_addr = local_address(location.proxy_bind(exchange), exchange)
         self.attempt: Attempt | None = None  # the try in progress
         self._rate: Any = None  # the body filters: ssi, proxy_store, limit_rate... (store.py)
+        if pass_uri is not None:
+            self.pass_uri = pass_uri
+        exchange.upstream_request = self
+        request = exchange.request
+        if (request.has_body or request.content_length is not None or request.expect_continue
+                or plan.body_override is not None):
+            self.start()
+            return
+        proxy_host = location.proxy_host
+        if proxy_host:  # (else proxy_pass with variables set it)
+            exchange.proxy_host = proxy_host
+        self._head = plan.build_head(exchange)
+        # (_begin_tries, inlined)
+        stats = upstream.stats
+        if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
+            upstream.refresh_weights()  # (see _begin_tries)
+        key_getter = upstream.key_getter
+        if key_getter is None:
+            self.balancer_state = upstream.balancer.new_request(conf.next_upstream_tries)
+        else:
+            self.balancer_state = upstream.balancer.new_request(conf.next_upstream_tries,
+                                                                key_getter(exchange))
+        self._next_try()
+
+    # this request's timeouts (the hook API reads and sets them through the exchange)
+    connect_timeout = _Timeout()
+    send_timeout = _Timeout()
+    read_timeout = _Timeout()
 
     @property
     def _idempotent(self) -> bool:
@@ -191,12 +241,12 @@ class UpstreamRequest:
     # ------------------------------------------------------------------ the exchange's calls
 
     def start(self) -> None:
-        """Begin the tries: at once for a request without a body (the usual GET) or with one
-        streamed as it arrives, else once the buffered body is complete (body_received calls
-        this again then). The upstream request is built once, then the balancer's request
-        starts and the first try runs."""
+        """Begin the tries (the constructor does for a request without a body): at once for a
+        request whose body is streamed as it arrives, else once the buffered body is complete
+        (body_received calls this again then). The upstream request is built once, then the
+        balancer's request starts and the first try runs."""
         ex = self.exchange
-        proxy_host = self.location.proxy_host
+        proxy_host = ex.location.proxy_host
         if proxy_host:  # (else proxy_pass with variables set it)
             ex.proxy_host = proxy_host
         request = ex.request
@@ -206,7 +256,11 @@ class UpstreamRequest:
             if not self._prepare_body(ex, request, plan):
                 return
         else:
-            self._head = plan.build_head(ex)  # (the usual GET: _build_head's last case)
+            self._head = plan.build_head(ex)
+        self._begin_tries()
+
+    def _begin_tries(self) -> None:
+        """The balancer's request, then the first try."""
         upstream = self.upstream
         stats = upstream.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
@@ -217,7 +271,8 @@ class UpstreamRequest:
         if key_getter is None:
             self.balancer_state = upstream.balancer.new_request(self.conf.next_upstream_tries)
         else:
-            self.balancer_state = upstream.balancer.new_request(self.conf.next_upstream_tries, key_getter(ex))
+            self.balancer_state = upstream.balancer.new_request(self.conf.next_upstream_tries,
+                                                                key_getter(self.exchange))
         self._next_try()
 
     def _prepare_body(self, ex: Exchange, request: Request, plan: RequestPlan) -> bool:
@@ -232,7 +287,7 @@ class UpstreamRequest:
         if plan.body_override is None and request.content_length is None and not request.has_body:
             self._head = plan.build_head(ex)  # (an Expect without a body)
         else:
-            if not self._stream_body and request.has_body:
+            if self._body is not STREAMED and request.has_body:
                 self._body = request.body.buffered()  # bytes, or the file it was spooled to
             if plan.body_override is not None:
                 self._body = plan.body_override(ex)
@@ -242,16 +297,17 @@ class UpstreamRequest:
     def _holds_body(self, ex: Exchange) -> bool:
         """A body still arriving: streamed (False: the tries begin now) or buffered (True:
         they begin once it is complete)."""
-        self._stream_body = self._wants_streamed_body()
+        streamed = self._wants_streamed_body()
         ex.conn.send_continue()
-        if self._stream_body:
+        if streamed:
+            self._body = STREAMED
             self._body_conn = None  # (until the connection is open)
             return False
         self._waiting_body = True  # body_received() starts the tries
         return True
 
     def body_received(self) -> None:
-        if self._stream_body:
+        if self._body is STREAMED:
             self._pump_body()
         elif getattr(self, "_waiting_body", False) and self.exchange.request.complete:
             self._waiting_body = False
@@ -317,14 +373,15 @@ class UpstreamRequest:
         """The request line and headers for the peer (again after a hook's recreate_request)."""
         ex = self.exchange
         request = ex.request
-        if self._stream_body:
-            self._head = self.plan.build_head(ex, request.content_length, chunked=request.chunked)
+        body = self._body
+        if body is STREAMED:
+            self._head = self.plan.build_framed_head(ex, request.content_length, chunked=request.chunked)
         elif self.plan.sends_no_body:  # proxy_pass_request_body off
-            self._head = self.plan.build_head(ex, None)
+            self._head = self.plan.build_head(ex)
         else:
             sends_length = (request.has_body or request.content_length is not None  # incl. "0"
                             or self.plan.body_override is not None)
-            self._head = self.plan.build_head(ex, len(self._body) if sends_length else None)
+            self._head = self.plan.build_framed_head(ex, len(body) if sends_length else None)
 
     def _next_try(self) -> None:
         """The hook seam, then a peer, then a connection to it (nginx's upstream_connect)."""
@@ -341,17 +398,57 @@ class UpstreamRequest:
                 self._no_live_upstreams(outcome)
                 return
             name = peer.name
-            addr = peer.addr
-            host = ""
-            pool = upstream.pool if self.plan.pooled else None
+            if self._local_addr is None and ex.location.tls is None:
+                # the usual try: the pool key is the peer's address text
+                pool: ConnectionPool | None
+                if self.plan.pooled:
+                    pool = upstream.pool
+                    conn = pool.acquire(name)
+                else:
+                    pool = conn = None
+                attempt = self.attempt = Attempt(upstream.stats, name, peer, pool, conn)
+                if outcome is not None:  # (a hook ran and left the choice to the balancer)
+                    attempt.hook = outcome
+            else:
+                pool = upstream.pool if self.plan.pooled else None
+                attempt = self.attempt = self._keyed_attempt(name, peer, "", pool, outcome)
+                conn = attempt.conn
         else:  # (the hook set the address)
             addr = outcome.addr
-            peer = None
-            name = addr.name
-            host = outcome.host or ""
             pool = self._hook_peer_pool(addr, outcome)
-        # the try (one function with the choice above: this runs for every request)
-        tls = self.location.tls
+            host = outcome.host
+            if host or self._local_addr is not None or ex.location.tls is not None:
+                attempt = self.attempt = self._keyed_attempt(addr.name, None, host or "", pool, outcome)
+                conn = attempt.conn
+            else:  # (the usual hook-set try: keyed by the address text too)
+                name = addr.name
+                conn = pool.acquire(name) if pool is not None else None
+                attempt = self.attempt = Attempt(upstream.stats, name, None, pool, conn)
+                attempt.hook = outcome
+            attempt.peer_addr = addr
+        ex.tries += (attempt,)  # (the first: the shared empty tuple + this one is this one)
+        if conn is None:
+            self._connect(attempt)
+            return
+        body = self._body
+        if not isinstance(body, bytes):  # (spooled or STREAMED)
+            self._send_request(conn)
+            return
+        # _send_request's usual case (a pooled connection, no body or a buffered one in memory)
+        plan = self.plan
+        conf = self.conf
+        conn.head_limit = conf.buffer_size  # proxy_buffer_size
+        conn.upgrade = ex.request.connection is not None and self._upgrade_asked()
+        conn.start(self, self._head, body, conf.read_timeout, conf.send_timeout, ex.method == "HEAD",
+                   plan.http11, plan.close_after)
+
+    def _keyed_attempt(self, name: str, peer: Peer | None, host: str, pool: ConnectionPool | None,
+                       outcome: HookOutcome | None) -> Attempt:
+        """_next_try's try when its pool key is more than the address text: to a peer by a
+        hook's host name, through proxy_pass https:// (the TLS name), from a bound local
+        address (proxy_bind, a hook's bind_to_local_addr)."""
+        ex = self.exchange
+        tls = ex.location.tls
         tls_name = None
         if tls is not None:
             # the hook's host (set_current_peer's third argument) is this try's TLS name; a
@@ -361,21 +458,12 @@ class UpstreamRequest:
         local_addr = self._local_addr
         key = (name, host, local_addr) if host or local_addr is not None else name  # (PoolKey)
         conn = pool.acquire(key) if pool is not None else None
-        attempt = self.attempt = Attempt(upstream.stats, name, addr, peer, pool, key, outcome, tls_name, conn)
-        ex.tries.append(attempt)
-        if conn is None:
-            self._connect(attempt)
-            return
-        body = self._body
-        if not isinstance(body, bytes) or self._stream_body:
-            self._send_request(conn)
-            return
-        # _send_request's usual case (a pooled connection, no body or a buffered one in memory)
-        plan = self.plan
-        conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
-        conn.upgrade = ex.request.connection is not None and self._upgrade_asked()
-        conn.start(self, self._head, body, self.read_timeout, self.send_timeout, ex.method == "HEAD",
-                   plan.http11, plan.close_after)
+        attempt = Attempt(self.upstream.stats, name, peer, pool, conn)
+        if outcome is not None:
+            attempt.hook = outcome
+        attempt.key = key
+        attempt.tls_name = tls_name
+        return attempt
 
     def _run_hook(self, hook: HookRunner) -> HookOutcome | None:
         """The balancer hook's run before a try, and what it changes for this and later tries
@@ -409,16 +497,16 @@ class UpstreamRequest:
         return None if self.plan.close_after else upstream.hook_pool(*keepalive)
 
     def _connect(self, attempt: Attempt) -> None:
-        addr = attempt.peer_addr
+        addr = attempt.connect_addr()
         loop = self.loop
-        conn = UpstreamConnection(loop, attempt.key, attempt.addr)
+        conn = UpstreamConnection(loop, attempt.pool_key(), attempt.addr)
         attempt.conn = conn
         attempt.reused = False
-        tls = self.location.tls
+        tls = self.exchange.location.tls
         opening: Coroutine[Any, Any, object]
         if tls is not None:
             # our own TLS transport (tls_transport): it can resume the peer's last session
-            name = attempt.tls_name
+            name = attempt.tls_name  # (set by _keyed_attempt: a TLS location's tries)
             key = (attempt.addr, name)
             try:
                 context = tls.context_for(self.exchange)
@@ -434,7 +522,7 @@ class UpstreamRequest:
             assert addr.host is not None  # (an address without unix_path has a host)
             opening = loop.create_connection(lambda: conn, addr.host, addr.port, local_addr=self._local_addr)
         task = loop.create_task(opening)
-        timer = loop.call_later(self.connect_timeout, task.cancel)
+        timer = loop.call_later(self.conf.connect_timeout, task.cancel)
         self._connecting = task
         task.add_done_callback(lambda done: self._connected(done, conn, timer))
 
@@ -461,17 +549,18 @@ class UpstreamRequest:
     def _send_request(self, conn: UpstreamConnection) -> None:
         ex = self.exchange
         plan = self.plan
-        conn.head_limit = self.conf.buffer_size  # proxy_buffer_size
+        conf = self.conf
+        conn.head_limit = conf.buffer_size  # proxy_buffer_size
         conn.upgrade = ex.request.connection is not None and self._upgrade_asked()
-        if self._stream_body:
+        body = self._body
+        if body is STREAMED:
             self._send_streamed(conn)
             return
-        body = self._body
         if isinstance(body, bytes):  # (b"": the usual GET)
-            conn.start(self, self._head, body, self.read_timeout, self.send_timeout, ex.method == "HEAD",
+            conn.start(self, self._head, body, conf.read_timeout, conf.send_timeout, ex.method == "HEAD",
                        plan.http11, plan.close_after)
         else:
-            conn.start(self, self._head, None, self.read_timeout, self.send_timeout, ex.method == "HEAD",
+            conn.start(self, self._head, None, conf.read_timeout, conf.send_timeout, ex.method == "HEAD",
                        plan.http11, plan.close_after)
             body.send(conn)  # (a spooled body: every try again from the file's start)
 
@@ -490,7 +579,8 @@ class UpstreamRequest:
         ex = self.exchange
         plan = self.plan
         early, last = self._body_bytes()
-        conn.start(self, self._head + early, None, self.read_timeout, self.send_timeout, ex.method == "HEAD",
+        conf = self.conf
+        conn.start(self, self._head + early, None, conf.read_timeout, conf.send_timeout, ex.method == "HEAD",
                    plan.http11, plan.close_after)
         if last:
             conn.write_body(b"", last=True)
@@ -540,13 +630,14 @@ class UpstreamRequest:
         assert attempt is not None
         attempt.header_time = clock() - attempt.started
         attempt.status = status = response.status
-        if (status >= 300 or status == 101 or response.rewritable) and self._diverted(attempt, response):
+        # (a 200 without Location, Refresh or X-Accel-* goes to the client as it is: the usual
+        # response, one test; _diverted tells the other statuses apart)
+        if (status != 200 or response.rewritable) and self._diverted(attempt, response):
             return
         # give the client this response, streaming its body with back-pressure
         conn = attempt.conn
         assert conn is not None
         ex = self.exchange
-        self._passing = True
         ex.status = status
         ex.upstream_headers = response  # (its pairs, parsed if something reads them)
         headers = response.lines if response.connection is None else response.client_headers()
@@ -648,9 +739,9 @@ class UpstreamRequest:
         if self._rate is not None:  # (a half body: no stored file, nothing more held)
             self._rate.cancel()
             self._rate = None
-        if getattr(self, "_passing", False):
+        if attempt.status is not None:  # (its head came and was not diverted: the response is the client's)
             self._failed_mid_body(attempt, err)
-        elif is_stale_connection(err.failure, err.response_started, attempt.reused, self._stream_body,
+        elif is_stale_connection(err.failure, err.response_started, attempt.reused, self._body is STREAMED,
                                  self._idempotent, self.conf.next_upstream):
             self._retry_fresh(attempt, err)
         else:
@@ -670,7 +761,7 @@ class UpstreamRequest:
             headers = location.response_filter(headers, response.headers)
         if location.add_headers is not None:
             headers = location.add_headers(ex, response.status, headers)
-        trace = self.location.trace
+        trace = location.trace
         if trace is not None:  # balancer_trace_header on
             headers = trace.headers(ex, headers)
         ex.response_headers = headers
@@ -689,7 +780,6 @@ class UpstreamRequest:
         conn = attempt.conn
         assert conn is not None
         ex = self.exchange
-        self._passing = True
         ex.status = 101
         ex.upstream_headers = response  # (its pairs, parsed if something reads them)
         headers = response.client_headers() + _upgrade_lines(response.headers)
@@ -701,7 +791,8 @@ class UpstreamRequest:
         attempt.conn = None
         assert client.transport is not None
         client_timeout = ex.location.conf.send_timeout  # (send_timeout: the client side's)
-        tunnel = self._tunnel = Tunnel(self.loop, self.read_timeout, self.send_timeout, client_timeout,
+        conf = self.conf
+        tunnel = self._tunnel = Tunnel(self.loop, conf.read_timeout, conf.send_timeout, client_timeout,
                                        self._tunnel_ended)
         client_side, upstream_side = tunnel.sides(client.transport, upstream_transport)
         upstream_transport.set_protocol(upstream_side)
@@ -762,7 +853,7 @@ class UpstreamRequest:
         record = TryRecord(self.upstream.name, 0.0, hook)
         record.status = 502
         record.response_time = 0.0  # nginx logs "0.000" for it: every try has a response time
-        ex.tries.append(record)
+        ex.tries += (record,)
         errorlog.log_error("error", "no live upstreams while connecting to upstream",
                            ex.conn_id, ex.log_context(None))
         ex.finish_with_page(502)

@@ -18,7 +18,7 @@ from scriptlb.config.units import parse_size
 
 def effective_limit_rate(exchange: Any) -> int:
     """``$limit_rate``: a ``set $limit_rate`` value, else the location's limit_rate."""
-    values = exchange.variables
+    values = getattr(exchange, "variables", None)  # (unset until a `set`)
     if values:
         value = values.get("limit_rate")
         if value is not None:
@@ -75,7 +75,8 @@ class ResponseRate:
     def for_exchange(cls, owner: Any) -> ResponseRate | None:
         exchange = owner.exchange
         conf = exchange.location.conf
-        rate = effective_limit_rate(exchange) if conf.limit_rate or exchange.variables else 0
+        sets = getattr(exchange, "variables", None)  # (unset until a `set`)
+        rate = effective_limit_rate(exchange) if conf.limit_rate or sets else 0
         if not rate and not conf.proxy_limit_rate:
             return None
         return cls(owner, rate, conf.limit_rate_after, conf.proxy_limit_rate)

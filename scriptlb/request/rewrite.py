@@ -55,7 +55,7 @@ def _set(op: RewriteOp) -> Step:
         render = lambda ex: set_value(plain(ex))  # noqa: E731
 
     def step(ex: Any) -> int:
-        values = ex.variables
+        values = getattr(ex, "variables", None)  # (unset until the first `set`)
         if values is None:
             values = ex.variables = {}
         values[name] = render(ex)

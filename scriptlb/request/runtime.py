@@ -253,18 +253,23 @@ class RequestPlan:
         new = quote_uri(self.replace_uri + rest)
         return new + "?" + exchange.args if exchange.args is not None else new
 
-    def build_head(self, exchange: Exchange, body_length: int | None = None, chunked: bool = False) -> bytes:
-        """The request line and headers for the peer: with a Content-Length (``body_length``),
-        chunked, or neither (no body: the usual GET)."""
+    def build_head(self, exchange: Exchange) -> bytes:
+        """The request line and headers for the peer of a request without a body (the usual
+        GET). The head after the target depends on the method and the client's headers alone,
+        and is most often the one made for the request before (the memo)."""
         request = exchange.request
         target = request.target
-        if self.repeats and body_length is None and not chunked and target[:1] == b"/":
-            # the head after the target depends on the method and the client's headers alone,
-            # and is most often the one made for the request before
-            last = self._last_fields
-            method = exchange.method
-            if last[1] == exchange.headers and last[0] == method and last[2] == request.connection:
-                return last[3] + target + last[4]
+        last = self._last_fields
+        if (self.repeats and target[:1] == b"/" and last[1] == exchange.headers and last[0] == exchange.method
+                and last[2] == request.connection):
+            return last[3] + target + last[4]
+        return self._build_head(exchange, None, False)
+
+    def build_framed_head(self, exchange: Exchange, body_length: int | None, chunked: bool = False) -> bytes:
+        """build_head with a body's framing: a Content-Length (``body_length``), chunked, or
+        neither (the body is not sent: build_head's)."""
+        if body_length is None and not chunked:
+            return self.build_head(exchange)
         return self._build_head(exchange, body_length, chunked)
 
     def _build_head(self, exchange: Exchange, body_length: int | None, chunked: bool) -> bytes:
@@ -384,6 +389,7 @@ class LocationRuntime:
         "conf",
         "content",
         "dynamic",
+        "ends_body",
         "error_pages",
         "header_rewrite",
         "keepalive_agents",
@@ -417,6 +423,7 @@ class LocationRuntime:
         self.log_hook = log_hook  # log_by_python, run by the exchange after the access logs
         # the log phase has work (the Runtime sets it too for a status_zone)
         self.logged = bool(access_logs) or log_hook is not None
+        self.ends_body = self.logged  # the exchange's finish ends the body itself (with add_trailer too)
         # allow/deny + auth_basic (scriptlb.request.access): None, or check(exchange) -> refusal | None
         self.access: Callable[[Any], tuple[int, bytes] | None] | None = None
         if conf.access or conf.auth_basic_user_file is not None:
@@ -449,6 +456,7 @@ class LocationRuntime:
             from scriptlb.request.headers_filter import AddHeaders
 
             self.add_trailers = AddHeaders(conf.add_trailers, trailers=True)
+            self.ends_body = True
         # proxy_hide_header / proxy_pass_header (scriptlb.request.headers_filter)
         self.response_filter: Callable[[bytes, Any], bytes] | None = None
         if conf.proxy.hide_headers or conf.proxy.pass_headers:
@@ -725,7 +733,7 @@ class Runtime:
         location.plain_upstream = upstream if plain else None
         if conf.status_zone is not None:
             location.zone = self.zone_counts.setdefault(conf.status_zone, [0] * 10)
-            location.logged = True
+            location.logged = location.ends_body = True
         if conf.handler is not None:
             from scriptlb.request.handlers import content_handler
 

@@ -415,7 +415,7 @@ class Session(asyncio.Protocol):
         self._connect(peer.name, peer.addr, peer)
 
     def _connect(self, name: str, addr: PeerAddr, peer: Peer | None) -> None:
-        attempt = StreamAttempt(self._upstream.stats, name, addr, peer, None, (name,))
+        attempt = StreamAttempt(self._upstream.stats, name, peer, None)
         self.attempt = attempt
         self.tries.append(attempt)
         side = PeerSide(self)

@@ -366,7 +366,7 @@ class UdpSession(Session):
             self._test_finalize()
 
     def _connect(self, name: str, addr: PeerAddr, peer: Peer | None) -> None:
-        attempt = StreamAttempt(self._upstream.stats, name, addr, peer, None, (name,))
+        attempt = StreamAttempt(self._upstream.stats, name, peer, None)
         self.attempt = attempt
         self.tries.append(attempt)
         side = PeerSide(self)

@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeGuard
 
 from scriptlb.config.model import GeoConf, MapConf, Template, Var
@@ -269,7 +269,7 @@ def _upstream_http_family(suffix: str) -> Getter:
     wanted = suffix.encode("latin-1")
 
     def get(ex: RequestView) -> str | None:
-        headers = ex.upstream_headers
+        headers = getattr(ex, "upstream_headers", ())  # (unset until a peer's response came)
         return _join_headers(headers, wanted, b", ") if headers else None
 
     return get
@@ -299,7 +299,7 @@ def _sent_http_family(suffix: str) -> Getter:
         if framing:
             head = getattr(ex, "sent_head", b"")  # the whole head as written (framing included)
             return _join_headers(_split_header_block(head), wanted, b", ") if head else None
-        block = ex.response_headers
+        block = getattr(ex, "response_headers", b"")  # (unset until a response head was made)
         if not block:
             return None
         return _join_headers(_split_header_block(block), wanted, b", ")
@@ -361,7 +361,8 @@ def _upstream_cookie_family(suffix: str) -> Getter:
 
     def get(ex: RequestView) -> str | None:
         # ngx_http_parse_set_cookie_lines: the name first, spaces (not tabs) around "="
-        for name, value in ex.upstream_headers:
+        headers: Sequence[tuple[bytes, bytes]] = getattr(ex, "upstream_headers", ())  # (unset until one came)
+        for name, value in headers:
             if name.lower() == b"set-cookie":
                 text = value.decode("latin-1")
                 if text[:len(wanted)].lower() != wanted:
@@ -501,8 +502,9 @@ _SIMPLE: dict[str, Getter] = {
     "connections_writing": lambda ex: _connections(ex, "writing"),
     "connections_waiting": lambda ex: _connections(ex, "waiting"),
     "status": _status,
-    "body_bytes_sent": _attr("body_bytes_sent"),
-    "bytes_sent": _attr("bytes_sent"),
+    # (an exchange sets them as its log phase begins: 0 before)
+    "body_bytes_sent": lambda ex: str(getattr(ex, "body_bytes_sent", 0)),
+    "bytes_sent": lambda ex: str(getattr(ex, "bytes_sent", 0)),
     "connection": _attr("conn_id"),
     "connection_requests": _attr("conn_requests"),
     "proxy_host": _proxy_host,
