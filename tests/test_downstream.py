@@ -566,3 +566,50 @@ def test_each_pipelined_request_keeps_its_own_http_version(loop: asyncio.Abstrac
     h.feed(b"\r\nGET /4 HTTP/1.1\r\nHost: x\r\n\r\n")  # (an empty line before a request is skipped)
     assert [(handler.request.target, handler.request.version) for handler in h.handlers] == [
         (b"/1", "1.0"), (b"/2", "1.1"), (b"/3", "1.0"), (b"/4", "1.1")]
+
+
+# Heads for a listener with 40-byte header buffers (80 bytes a head) and up to 20 lines: a head
+# of 39 bytes or less that comes in one read is stored without its lines being measured (it
+# cannot outgrow a limit), a larger one or one in pieces is measured line by line.
+_SMALL_BUFFERS = {"header_buffers": (2, 40), "max_headers": 20}
+_HEADS = [
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: 1 \r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nB.d: 1\r\n\r\n",  # an invalid line: ignored, but counted
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"PUT / HTTP/1.1\r\nHost: a\r\nIf-Match: x\r\n\r\n",
+    b"GET / HTTP/1.0\r\nX: y\r\n\r\n",
+    b"PROPFIND / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"CONNECT a:1 HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nab",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * 40 + b"\r\n\r\n",  # a line over the buffer
+    b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-Long: 0123456789abcdef\r\n" * 3 + b"\r\n",  # over the head
+    b"GET / HTTP/1.1\r\nHost: a\r\n" + b"a:\r\n" * 20 + b"\r\n",  # over max_headers
+]
+
+
+def _outcome(loop: asyncio.AbstractEventLoop, reads: list[bytes]) -> tuple[object, ...]:
+    h = Harness(loop, **_SMALL_BUFFERS)
+    out = b""
+    for data in reads:
+        if h.transport.closed:
+            break  # (a closed socket reads nothing more)
+        out += h.feed(data)
+    seen = [(r.method, r.target, r.version, r.headers, r.head_size, r.body_size, r.complete)
+            for r in (handler.request for handler in h.handlers)]
+    return status_of(out), h.transport.closed, seen
+
+
+@pytest.mark.parametrize("raw", _HEADS)
+def test_a_head_is_checked_alike_in_one_read_or_in_pieces(loop: asyncio.AbstractEventLoop,
+                                                          raw: bytes) -> None:
+    whole = _outcome(loop, [raw])
+    for cut in range(1, len(raw)):
+        assert _outcome(loop, [raw[:cut], raw[cut:]]) == whole, cut
+    assert _outcome(loop, [raw[i:i + 1] for i in range(len(raw))]) == whole
+
+
+def test_head_size_counts_every_header_line_kept_or_ignored(loop: asyncio.AbstractEventLoop) -> None:
+    # name + value (trailing blanks stripped) + 4 for ": " and CRLF, ignored lines included
+    assert _outcome(loop, [_HEADS[0]])[2][0][4] == (4 + 1 + 4) + (1 + 1 + 4)
+    assert _outcome(loop, [_HEADS[1]])[2][0][4] == (4 + 1 + 4) + (3 + 1 + 4)

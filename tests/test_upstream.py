@@ -9,6 +9,7 @@ import httptools
 import pytest
 from helpers import run_loop_until
 
+from scriptlb.http import upstream
 from scriptlb.http.response_head import ResponseHead
 from scriptlb.http.upstream import ConnState, UpstreamConnection, UpstreamError
 from scriptlb.request.retry import Failure
@@ -392,3 +393,122 @@ def test_the_reason_phrase_is_llhttps(loop: asyncio.AbstractEventLoop, line: byt
     conn.data_received(line + b"Content-Length: 0\r\n\r\n")
     assert handler.head is not None and handler.complete
     assert handler.head.reason == recorder.reason
+
+
+# Heads a peer may send, each read the first time by the full parser (a callback per header)
+# and the next time, the same bytes, by the bare parser (the memo's template) when the memo
+# keeps it (None: only when the head comes in a read of its own, a first read past RAW_KEPT is
+# not kept): what the exchange sees must not tell the two apart.
+_REMEMBERED_HEADS = [
+    (True, b"HTTP/1.1 200 OK\r\nServer: s\r\nDate: d\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
+           b"Connection: keep-alive\r\n\r\nok"),
+    (True, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A:  1 \t\r\n\r\n"
+           b"2\r\nok\r\n0\r\nX-T: t\r\n\r\n"),
+    (True, b"HTTP/1.1 201 Created Here\r\nLocation: /x\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+           b"Content-Length: 2\r\n\r\nok"),
+    (True, b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: h\r\nX-Keep: k\r\n"
+           b"Content-Length: 2\r\n\r\nok"),
+    (True, b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive \r\nContent-Length: 2\r\n\r\nok"),
+    (True, b"HTTP/1.1 200 OK\nX-Bare: lf\nContent-Length: 6\n\nok\r\n\r\n"),  # (the key runs into the body)
+    (True, b"HTTP/1.1 404 \r\nContent-Length: 0\r\n\r\n"),
+    (True, b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    (True, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"),
+    (True, b"HTTP/1.1 200 OK\r\nX-Accel-Redirect: /in\r\nX-Accel-Buffering: no\r\nContent-Length: 0\r\n\r\n"),
+    (True, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nX-Second: 2\r\n\r\n"),
+    (False, b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),  # (the key must start the head)
+    (None, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n" + b"x" * 5000),  # (kept when read apart)
+    (False, b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * 5000 + b"\r\nContent-Length: 0\r\n\r\n"),
+]
+
+
+def _seen(handler: Handler) -> tuple[object, ...]:
+    head = handler.head
+    assert head is not None
+    return (head.status, head.reason, head.close, head.content_length, head.chunked, head.connection,
+            head.rewritable, head.lines, head.client_headers(), head.headers, handler.body, handler.complete,
+            handler.error)
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize(("kept", "response"), _REMEMBERED_HEADS)
+def test_a_head_seen_before_reads_the_same_without_header_callbacks(
+        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch, kept: bool | None,
+        response: bytes, split: bool) -> None:
+    """Whole, a response seen before is not parsed at all (its head and body are known);
+    split after its head (``split``), the bare parser reads it."""
+    calls: list[bytes] = []
+    full = UpstreamConnection.on_header
+
+    def counted(self: UpstreamConnection, name: bytes, value: bytes) -> None:
+        calls.append(name)
+        full(self, name, value)
+
+    monkeypatch.setattr(UpstreamConnection, "on_header", counted)
+    kept = split if kept is None else kept
+    cut = response.find(b"\r\n\r\n") + 4 if split else len(response)
+    upstream.HEADS.clear()
+    seen = []
+    per_read = []
+    for _ in range(2):
+        conn, _ = connect(loop)  # (a new connection each time: the memo is the worker's)
+        handler = send(conn)
+        conn.data_received(response[:cut])
+        if response[cut:]:
+            conn.data_received(response[cut:])
+        seen.append((_seen(handler), conn.is_reusable(0)))
+        per_read.append(len(calls))
+    assert seen[0] == seen[1]
+    assert bool(upstream.HEADS) is kept
+    assert per_read[0] > 0
+    assert per_read[1] == per_read[0] if kept else per_read[1] == 2 * per_read[0]
+
+
+def test_a_head_seen_before_is_remembered_and_reused(loop: asyncio.AbstractEventLoop) -> None:
+    upstream.HEADS.clear()
+    response = b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+    conn, _ = connect(loop)
+    for _ in range(3):
+        handler = send(conn)
+        conn.data_received(response)
+        assert handler.complete and handler.body == b"ok" and conn.park(0)
+        conn.state = ConnState.ACTIVE  # (what the pool's acquire does)
+    assert list(upstream.HEADS) == [response[:-2]]
+
+
+@pytest.mark.parametrize("response", [
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Le",  # (the head in two reads)
+    b"RTSP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+])
+def test_heads_not_read_whole_from_the_first_read_are_not_remembered(
+        loop: asyncio.AbstractEventLoop, response: bytes) -> None:
+    upstream.HEADS.clear()
+    conn, _ = connect(loop)
+    handler = send(conn)
+    conn.data_received(response)
+    if handler.head is None:
+        conn.data_received(b"ngth: 0\r\n\r\n")
+    assert handler.head is not None and handler.complete
+    assert not upstream.HEADS
+
+
+def test_a_peer_whose_heads_never_repeat_stops_filling_the_memo(loop: asyncio.AbstractEventLoop) -> None:
+    upstream.HEADS.clear()
+    conn, _ = connect(loop)
+    for i in range(40):
+        handler = send(conn)
+        conn.data_received(b"HTTP/1.1 200 OK\r\nX-Request-Id: %d\r\nContent-Length: 0\r\n\r\n" % i)
+        assert handler.complete and handler.head is not None
+        assert handler.head.lines == b"X-Request-Id: %d\r\n" % i
+        assert conn.park(0)
+        conn.state = ConnState.ACTIVE
+    assert 0 < len(upstream.HEADS) < 40
+
+
+def test_the_memo_is_bounded(loop: asyncio.AbstractEventLoop) -> None:
+    upstream.HEADS.clear()
+    for i in range(600):
+        conn, _ = connect(loop)
+        send(conn)
+        conn.data_received(b"HTTP/1.1 200 OK\r\nX-Request-Id: %d\r\nContent-Length: 0\r\n\r\n" % i)
+    assert 0 < len(upstream.HEADS) <= 256

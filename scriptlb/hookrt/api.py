@@ -71,12 +71,18 @@ class HookOutcome:
     """What one balancer run decided. Class-level defaults keep a run's allocation to one empty
     object.
 
+    ``plain`` is True while the run did nothing for the tries loop to act on but the peer:
+    every API call that sets more than that (more tries, a keepalive override, a local address,
+    a rebuilt request, ``ngx.exit``) and every failure clears it, so the tries loop tests one
+    flag where it would otherwise test each of those fields on every try.
+
     ``error`` says why the try falls back: None (fine), "runtime_error", "timeout",
     "compile_error", "no_peer", "exit_error" (``ngx.exit`` with a code below 300) or
     "breaker_open" (skipped: the circuit breaker is open). With ``balancer_by_python_fallback
     off`` every error but "no_peer" comes with ``exit_status`` 500.
     """
 
+    plain: bool = False  # (a run sets it True before the hook runs: hooks.run_try)
     addr: PeerAddr | None = None  # set_current_peer's address; None: fall back
     host: str | None = None  # set_current_peer's host (Host/SNI/pool key)
     more_tries: int = 0  # granted by set_more_tries (clamped), counted only with a peer
@@ -118,7 +124,8 @@ class HookUpstream(Protocol):
 class RunContext:
     """The run in progress (or none): what the API objects read and write."""
 
-    __slots__ = ("exchange", "http", "log", "logged", "now", "outcome", "phase", "stream", "upstream")
+    __slots__ = ("counted", "exchange", "http", "log", "logged", "now", "outcome", "phase", "stream",
+                 "upstream")
 
     def __init__(self) -> None:
         self.exchange: HookRequest | None = None
@@ -130,6 +137,10 @@ class RunContext:
         self.phase = BALANCER_PHASE  # the run's phase: ngx.get_phase(); balancer.* only in "balancer"
         self.log: LogSink | None = None  # the runner's
         self.logged = 0  # ngx.log lines of this run (capped: a loop must not flood the log)
+        # the outcome of the run ``logged`` counts for: a balancer run's outcome is its own, so
+        # ngx.log starts the count of a new run itself, and a run that logs nothing (the usual)
+        # spends nothing on the count (a log run, whose outcome is shared, resets it: _execute)
+        self.counted: HookOutcome | None = None
         self.now = 0.0  # the log phase's time (time.time()) for $request_time & co; 0.0 = the clock
 
 
@@ -210,6 +221,16 @@ def _refusal(run: RunContext) -> RuntimeError:
     return _disabled(run.phase)
 
 
+def _not_plain(outcome: HookOutcome) -> None:
+    """The run does more than set the peer (HookOutcome.plain): from its first such call, the
+    fields the tries loop then reads are the instance's own (a class-level default read through
+    an instance is a dictionary miss, then a class lookup)."""
+    if outcome.plain:
+        outcome.plain = outcome.recreate = False
+        outcome.more_tries = 0
+        outcome.exit_status = outcome.keepalive = outcome.local_addr = None
+
+
 def _balancer_outcome() -> HookOutcome:
     """The outcome of the current run, which must be a balancer run (balancer.* and ngx.exit)."""
     run = CURRENT  # _current() inlined: these calls are on the balancer's hot path
@@ -238,8 +259,9 @@ def _is_number(value: object) -> TypeGuard[int | float]:
 
 _IPV4 = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})")
 _UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
-# set_current_peer's addr -> its port argument (None or an int) -> the parsed address or the error
-_PEER_CACHE: dict[str, dict[int | None, PeerAddr | str]] = {}
+# set_current_peer's addr -> its port argument (None or an int) -> the parsed address (an
+# address that does not parse is not kept: its call takes the checking path every time)
+_PEER_CACHE: dict[str, dict[int | None, PeerAddr]] = {}
 _PEER_CACHE_SIZE = [0]  # entries in all of _PEER_CACHE's dicts
 _PEER_CACHE_MAX = 4096
 _CACHED_ADDR_MAX = 128  # "unix:" + the longest socket path fits
@@ -324,7 +346,7 @@ def _parse_argument(addr: object, port: object) -> PeerAddr | str:
     if type(addr) is not str:
         raise _bad_type(1, "set_current_peer", "string", addr)
     parsed = parse_peer(addr, _port_argument(port))
-    if len(addr) <= _CACHED_ADDR_MAX and (port is None or type(port) is int):
+    if isinstance(parsed, PeerAddr) and len(addr) <= _CACHED_ADDR_MAX and (port is None or type(port) is int):
         # real addresses are short and few; hook-made junk is not kept, nor kept growing
         if _PEER_CACHE_SIZE[0] >= _PEER_CACHE_MAX:
             _PEER_CACHE.clear()
@@ -332,6 +354,24 @@ def _parse_argument(addr: object, port: object) -> PeerAddr | str:
         _PEER_CACHE.setdefault(addr, {})[port] = parsed
         _PEER_CACHE_SIZE[0] += 1
     return parsed
+
+
+def _set_peer(outcome: HookOutcome, addr: object, port: object, host: object) -> Result:
+    """``set_current_peer`` past its hot path: arguments not seen before (checked and parsed
+    here) or a host name, checked in OpenResty's order."""
+    ports = _PEER_CACHE.get(addr) if type(addr) is str else None
+    parsed = ports.get(port) if ports is not None and (port is None or type(port) is int) else None
+    checked = _parse_argument(addr, port) if parsed is None else parsed
+    if host is not None:
+        if type(host) is not str:
+            raise _bad_type(3, "set_current_peer", "string", host)
+        if host and _HOST_NAME.fullmatch(host) is None:
+            return None, "invalid host name"  # it would become a Host header and TLS SNI
+    if isinstance(checked, str):
+        return None, checked
+    outcome.addr = checked
+    outcome.host = host or None  # a later call without host clears it; "" is nil
+    return _OK
 
 
 def _port_argument(port: object) -> int:
@@ -362,21 +402,17 @@ class NgxBalancer:
         outcome = run.outcome
         if outcome is None or run.phase is not BALANCER_PHASE:
             raise _refusal(run)
-        # the hot path: an address seen before with the same port argument (none or an int)
-        ports = _PEER_CACHE.get(addr) if type(addr) is str else None
-        parsed = ports.get(port) if ports is not None and (port is None or type(port) is int) else None
-        if parsed is None:
-            parsed = _parse_argument(addr, port)
-        if host is not None:
-            if type(host) is not str:
-                raise _bad_type(3, "set_current_peer", "string", host)
-            if host and _HOST_NAME.fullmatch(host) is None:
-                return None, "invalid host name"  # it would become a Host header and TLS SNI
-        if isinstance(parsed, str):
-            return None, parsed
-        outcome.addr = parsed
-        outcome.host = host or None  # a later call without host clears it; "" is nil
-        return _OK
+        # the hot path: an address seen before with the same port argument (none or an int),
+        # without a host name
+        if type(addr) is str and (port is None or type(port) is int) and host is None:
+            try:
+                parsed = _PEER_CACHE[addr][port]
+            except KeyError:  # (not seen yet, or did not parse)
+                return _set_peer(outcome, addr, port, host)
+            outcome.addr = parsed
+            outcome.host = None  # (a later call without host clears an earlier call's)
+            return _OK
+        return _set_peer(outcome, addr, port, host)
 
     def set_more_tries(self, count: object) -> Result:
         outcome = _balancer_outcome()
@@ -394,6 +430,7 @@ class NgxBalancer:
             count = cap - total
             warning = "reduced tries due to limit"
         # OpenResty wraps a negative grant into a huge unsigned one; we clamp (docs' intent)
+        _not_plain(outcome)
         outcome.more_tries = min(max(count, 0), MAX_MORE_TRIES)
         return True, warning
 
@@ -437,11 +474,14 @@ class NgxBalancer:
             raise ValueError("bad argument #2 to 'enable_keepalive' (expected >= 0)")
         if outcome.addr is None:
             return None, "no current peer set"
+        _not_plain(outcome)
         outcome.keepalive = (float(idle_timeout), int(max_requests))
         return _OK
 
     def recreate_request(self) -> Result:
-        _balancer_outcome().recreate = True
+        outcome = _balancer_outcome()
+        _not_plain(outcome)
+        outcome.recreate = True
         return _OK
 
     def bind_to_local_addr(self, addr: object) -> Result:
@@ -451,6 +491,7 @@ class NgxBalancer:
         parsed = parse_peer(addr, 0) if addr[:5].lower() != "unix:" else "unix"
         if isinstance(parsed, str):
             return None, f"invalid addr {addr}"  # every unparsable input (OpenResty's http side is UB)
+        _not_plain(outcome)
         outcome.local_addr = parsed.name if parsed.port else parsed.host
         return _OK
 
@@ -488,13 +529,16 @@ def hook_variable(name: str) -> str | None:
     from hook code, never private): what ``VarView`` answers for that name, with no attribute
     protocol around it."""
     exchange = CURRENT.http  # (None in a stream session: its variables are its own)
-    getter = _GETTERS.get(name)
-    if getter is None or exchange is None:
-        return _variable(_VAR_VIEW, name)
-    try:
-        return getter(exchange)
-    except AttributeError:
-        return None
+    if exchange is not None:
+        try:
+            return _GETTERS[name](exchange)
+        except AttributeError:  # a variable this exchange cannot provide (as _variable)
+            return None
+        except KeyError:
+            # a name not read yet: _variable finds its getter and keeps it (a getter's own
+            # KeyError, were there one, is raised again there: getters only read)
+            pass
+    return _variable(_VAR_VIEW, name)
 
 
 def _variable(_view: VarView, name: object) -> str | None:
@@ -678,6 +722,7 @@ class _ShortRepr(reprlib.Repr):
         return super().repr1(x, level)
 
 
+_crc32 = zlib.crc32
 _SHORT = _ShortRepr()
 _SHORT.maxstring = _SHORT.maxother = MAX_LOG_MESSAGE
 
@@ -808,6 +853,9 @@ class Ngx:
             raise RuntimeError("no request found")
         if type(level) is not int or not 0 <= level <= 8:
             raise ValueError("bad log level")
+        if run.counted is not run.outcome:  # this run's first line
+            run.counted = run.outcome
+            run.logged = 0
         run.logged += 1
         if run.logged > MAX_LOGS_PER_RUN:
             if run.logged == MAX_LOGS_PER_RUN + 1:
@@ -826,6 +874,7 @@ class Ngx:
             raise ValueError("bad argument to 'ngx.exit': does not accept NGX_AGAIN or NGX_DONE")
         if status == self.OK:
             return
+        _not_plain(outcome)
         outcome.exit_status = status  # >= 300 ends the request; anything else -> fallback
 
     def now(self) -> float:
@@ -839,13 +888,13 @@ class Ngx:
 
     def crc32_short(self, value: object) -> int:
         if type(value) is str and value.isascii():  # the hot path of hash-by-URI hooks
-            return zlib.crc32(value.encode())  # (ASCII: the same bytes, with no codec lookup)
-        return zlib.crc32(_text_bytes(value, "crc32_short"))
+            return _crc32(value.encode())  # (ASCII: the same bytes, with no codec lookup)
+        return _crc32(_text_bytes(value, "crc32_short"))
 
     def crc32_long(self, value: object) -> int:
         if type(value) is str and value.isascii():  # as crc32_short (same bytes either way)
-            return zlib.crc32(value.encode())
-        return zlib.crc32(_text_bytes(value, "crc32_long"))
+            return _crc32(value.encode())
+        return _crc32(_text_bytes(value, "crc32_long"))
 
     def md5(self, value: object) -> str:
         return hashlib.md5(_text_bytes(value, "md5"), usedforsecurity=False).hexdigest()

@@ -25,7 +25,7 @@ import traceback
 from bisect import bisect_left
 from collections.abc import Callable
 from types import CodeType, TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from scriptlb.config import load
 from scriptlb.config.errors import ConfigError
@@ -391,10 +391,11 @@ class _Runner(Generic[_Result]):
         context.outcome = outcome
         context.log = self.log
         context.logged = 0
+        context.counted = outcome  # (LOG_OUTCOME is every log run's: start the count here)
         budget = _BUDGET
         budget.tripped = False  # (False between runs already: see limits.tick)
         stamp = limits.STAMP  # the hard fuse's stamp (a worker's own mapping)
-        stamp.value = started = _clock()
+        stamp[0] = started = _clock()
         budget.deadline = started + self.timeout
         failure: BaseException | None = None
         try:
@@ -414,10 +415,11 @@ class _Runner(Generic[_Result]):
         """After a run, however it ended: no deadline, no fuse stamp, no request in the API;
         its duration counted (``last_spent``, the histogram)."""
         _BUDGET.deadline = 0.0
-        limits.STAMP.value = 0.0
+        limits.STAMP[0] = 0.0
         context = _CONTEXT
         context.exchange = context.http = context.stream = None
         context.upstream = context.outcome = None
+        context.phase = _BALANCER  # (between runs: a balancer run need not set it)
         self.last_spent = spent = _clock() - started
         self.duration_sum += spent
         self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
@@ -536,78 +538,17 @@ class HookRunner(_Runner[HookOutcome]):
     def __init__(self, conf: HookConf, upstream: HookUpstream | None = None, python: PythonConf | None = None,
                  log: LogSink | None = None) -> None:
         self.upstream = upstream
-        self._http_class: type | None = None  # the class of the HTTP requests it runs for
         super().__init__(conf, python, log or errorlog_sink)
 
     def run(self, exchange: HookedRequest, upstream: HookUpstream | None = None) -> HookOutcome:
-        """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops).
-
-        The usual run (code cached, breaker closed, the hook sets a peer) is written out here
-        in one frame: it runs before every try of every request. It does what ``_execute``
-        does, in the same order; every other case goes through ``_run_checked``."""
-        outcome = HookOutcome()
-        # the fields the tries loop reads after every run, as the instance's own: a read of a
-        # class-level default is a dictionary miss, then a class lookup, every time
-        outcome.exit_status = outcome.local_addr = outcome.keepalive = None
-        outcome.more_tries = 0
-        outcome.recreate = False
-        call = self._ready
-        if call is None or upstream is None:
+        """Run the hook for this try. Never raises (except KeyboardInterrupt-like stops)."""
+        if upstream is None or exchange.is_stream:  # (a stream session's variables are its own)
+            outcome = HookOutcome()
+            outcome.plain = True
             return self._run_checked(exchange, upstream, outcome)
-        context = _CONTEXT
-        context.exchange = exchange
-        # (http and stream are None between runs: set the one this request is)
-        if type(exchange) is self._http_class:
-            context.http = exchange  # type: ignore[assignment]  # (an HTTP request's class)
-        else:
-            self._set_request_kind(exchange)
-        context.upstream = upstream
-        context.phase = _BALANCER
-        context.outcome = outcome
-        context.log = self.log
-        context.logged = 0
-        budget = _BUDGET  # (its tripped flag is False between runs: see limits.tick)
-        stamp = limits.STAMP
-        stamp.value = started = _clock()
-        budget.deadline = started + self.timeout
-        try:
-            call()
-        except BaseException as err:
-            self._ended(started)
-            stopped, budget.tripped = budget.tripped, False
-            if not isinstance(err, (Exception, HookTimeout)):
-                raise
-            outcome.spent = self.last_spent
-            return self._failed_run(outcome, err, stopped, exchange)
-        budget.deadline = 0.0
-        stamp.value = 0.0
-        context.exchange = context.http = context.stream = None
-        context.upstream = context.outcome = None
-        outcome.spent = spent = _clock() - started
-        self.duration_sum += spent
-        # the histogram's bucket: bisect_left(RUN_BUCKETS, spent), its usual answers compared
-        # here (bisect's generic comparisons cost more than the run's own bookkeeping)
-        if spent <= _BUCKET_5:
-            self.durations[0 if spent <= _BUCKET_0 else 1 if spent <= _BUCKET_1 else 2 if spent <= _BUCKET_2
-                           else 3 if spent <= _BUCKET_3 else 4 if spent <= _BUCKET_4 else 5] += 1
-        else:
-            self.durations[bisect_left(RUN_BUCKETS, spent)] += 1
-        if budget.tripped:  # it caught the timeout (a bare except) and ended anyway
-            budget.tripped = False
-            return self._failed_run(outcome, None, True, exchange)
-        if outcome.addr is not None and outcome.exit_status is None:
-            return outcome
-        return self._checked(outcome, exchange)
-
-    def _set_request_kind(self, exchange: HookedRequest) -> None:
-        """``CURRENT.stream`` or ``CURRENT.http`` for a request of a class not seen yet or a
-        stream session; an HTTP request's class is remembered (``is_stream`` is a class-level
-        attribute: reading it costs a class lookup)."""
-        if exchange.is_stream:
-            _CONTEXT.stream = exchange
-        else:
-            _CONTEXT.http = exchange
-            self._http_class = type(exchange)
+        ran = run_try(_Try(exchange, upstream), self)
+        assert ran is not None  # (_Try hands every outcome back as it is)
+        return ran
 
     def _run_checked(self, exchange: HookedRequest, upstream: HookUpstream | None,
                      outcome: HookOutcome) -> HookOutcome:
@@ -648,7 +589,7 @@ class HookRunner(_Runner[HookOutcome]):
         servers (OpenResty's round robin over them) either way."""
         outcome.addr = outcome.host = outcome.exit_status = outcome.keepalive = outcome.local_addr = None
         outcome.more_tries = 0
-        outcome.recreate = False
+        outcome.recreate = outcome.plain = False
         outcome.error = kind
         if kind != "no_peer" and not self.conf.fallback:
             outcome.exit_status = 500
@@ -658,6 +599,98 @@ class HookRunner(_Runner[HookOutcome]):
         self._reset(outcome, "breaker_open")
         outcome.message = f"{self.chunk}: circuit breaker open, hook skipped"
         return outcome
+
+
+class HookTries(Protocol):
+    """An HTTP request's tries loop as ``run_try`` sees it: ``proxy.UpstreamRequest``, or
+    ``_Try`` (``HookRunner.run``)."""
+
+    @property
+    def exchange(self) -> RequestView: ...
+    @property
+    def upstream(self) -> HookUpstream: ...
+
+    def apply_hook_outcome(self, outcome: HookOutcome) -> HookOutcome | None:
+        """What a run that did more than set the peer changes for this and later tries; None
+        when that ended the request (ngx.exit)."""
+
+
+class _Try:
+    """``HookRunner.run``'s arguments as ``run_try``'s tries loop, which hands every outcome back."""
+
+    __slots__ = ("exchange", "upstream")
+
+    def __init__(self, exchange: RequestView, upstream: HookUpstream) -> None:
+        self.exchange = exchange
+        self.upstream = upstream
+
+    @staticmethod
+    def apply_hook_outcome(outcome: HookOutcome) -> HookOutcome:
+        return outcome
+
+
+def run_try(tries: HookTries, runner: HookRunner) -> HookOutcome | None:
+    """Run ``runner``'s hook before a try of an HTTP request's ``tries``. Never raises (except
+    KeyboardInterrupt-like stops). A plain outcome (the usual run: it set the peer and nothing
+    else) comes back as it is; any other through ``tries.apply_hook_outcome``.
+
+    The HTTP tries loop takes this function as its own method, so the usual run (code cached,
+    breaker closed, the hook sets a peer) is written out here, in the one frame between the
+    loop and the hook's code: it runs before every try of every request. It does what
+    ``_execute`` does, in the same order; every other case goes through ``_run_checked``."""
+    outcome = HookOutcome()
+    # what the tries loop reads first after every run (the API calls that set more than the
+    # peer clear it), as the instance's own: a read of a class-level default is a dictionary
+    # miss, then a class lookup, every time
+    outcome.plain = True
+    try:
+        call = runner._ready
+    except AttributeError:  # another runner behind the seam (a stand-in): its own run()
+        ran = runner.run(tries.exchange, tries.upstream)
+        if not hasattr(ran, "plain"):  # an outcome of its own making: every field is read
+            ran.plain = False
+        return tries.apply_hook_outcome(ran)
+    if call is None:
+        return tries.apply_hook_outcome(runner._run_checked(tries.exchange, tries.upstream, outcome))
+    context = _CONTEXT
+    context.exchange = context.http = tries.exchange  # (stream stays None: it is between runs)
+    context.upstream = tries.upstream
+    # (the phase is the balancer's between runs: see _ended; ngx.log counts its lines per
+    # outcome: see RunContext.counted)
+    context.outcome = outcome
+    context.log = runner.log
+    stamp = limits.STAMP
+    stamp[0] = started = _clock()
+    _BUDGET.deadline = started + runner.timeout  # (its tripped flag is False between runs: see limits.tick)
+    try:
+        call()
+    except BaseException as err:
+        runner._ended(started)
+        stopped, _BUDGET.tripped = _BUDGET.tripped, False
+        if not isinstance(err, (Exception, HookTimeout)):
+            raise
+        outcome.spent = runner.last_spent
+        return tries.apply_hook_outcome(runner._failed_run(outcome, err, stopped, tries.exchange))
+    _BUDGET.deadline = 0.0
+    stamp[0] = 0.0
+    context.exchange = context.http = None
+    context.upstream = context.outcome = None
+    outcome.spent = spent = _clock() - started
+    runner.duration_sum += spent
+    # the histogram's bucket: bisect_left(RUN_BUCKETS, spent), its usual answers compared
+    # here (bisect's generic comparisons cost more than the run's own bookkeeping)
+    runner.durations[0 if spent <= _BUCKET_0 else 1 if spent <= _BUCKET_1 else 2 if spent <= _BUCKET_2
+                     else 3 if spent <= _BUCKET_3 else 4 if spent <= _BUCKET_4 else 5 if spent <= _BUCKET_5
+                     else bisect_left(RUN_BUCKETS, spent)] += 1
+    if _BUDGET.tripped:  # it caught the timeout (a bare except) and ended anyway
+        _BUDGET.tripped = False
+        return tries.apply_hook_outcome(runner._failed_run(outcome, None, True, tries.exchange))
+    if outcome.addr is not None:
+        if outcome.plain:
+            return outcome
+        if outcome.exit_status is None:  # (what _checked would pass as it is)
+            return tries.apply_hook_outcome(outcome)
+    return tries.apply_hook_outcome(runner._checked(outcome, tries.exchange))
 
 
 class LogHookRunner(_Runner[str]):

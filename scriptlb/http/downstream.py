@@ -46,6 +46,8 @@ from scriptlb.logs import errorlog
 CLIENT_SEND_TIMEOUT = 60.0
 # Statuses that never carry a body (RFC 9110 6.4.1).
 _NO_BODY_STATUS = frozenset({101, 204, 304})
+# the statuses send_head does not frame as the usual response: those, and every other below 200
+_UNUSUAL_BODY_STATUS = _NO_BODY_STATUS | frozenset(range(200))
 
 _conn_ids = itertools.count(1)
 
@@ -122,6 +124,19 @@ def _noted_header(request: Request, lower: bytes, value: bytes) -> None:
         _refuse_duplicate(request.headers, lower)
 
 
+def _has_bare_lf(data: bytes) -> bool:
+    """Whether a read has an LF that is not part of a CRLF (rare): one left once every CRLF is
+    gone (one fast call on a read of usual size; a large one is counted instead of copied)."""
+    if len(data) <= _REWRITE_MAX:
+        return 10 in data.replace(b"\r\n", b"")
+    return data.count(b"\n") != data.count(b"\r\n")
+
+
+def _count_ignored(request: Request, line: int) -> None:
+    """A header line counted against the limits but not kept (see Request.head_size)."""
+    request.ignored_size = getattr(request, "ignored_size", 0) + line
+
+
 def next_connection_id() -> int:
     """nginx's connection counter ($connection, the ``*N`` in error-log lines)."""
     return next(_conn_ids)
@@ -151,6 +166,26 @@ def _length_line(content_length: int) -> bytes:
 _KEEP_ALIVE_END = b"Connection: keep-alive\r\n\r\n"
 _CLOSE_END = b"Connection: close\r\n\r\n"
 
+# Content-Length -> its line and the head's last line, one dict for each Connection value
+# (send_head's usual response: one lookup; bounded as _LENGTH_LINES)
+_KEEP_ALIVE_TAILS: dict[int, bytes] = {}
+_CLOSE_TAILS: dict[int, bytes] = {}
+
+
+def _length_tail(tails: dict[int, bytes], content_length: int) -> bytes:
+    """A head's Content-Length and Connection lines not in ``tails`` yet, built and remembered."""
+    end = _KEEP_ALIVE_END if tails is _KEEP_ALIVE_TAILS else _CLOSE_END
+    tail = (_LENGTH_LINES.get(content_length) or _length_line(content_length)) + end
+    if len(tails) >= _LENGTH_LINES_MAX:
+        tails.clear()
+    tails[content_length] = tail
+    return tail
+
+# How the active response's body goes out (ClientConnection._body_framing; bits)
+_AS_IS = 0  # as it comes: a Content-Length, or until the connection closes
+_CHUNKED = 1  # in chunks (also set for a 1xx head of unknown length, which has no body)
+_NO_BODY = 2  # none (HEAD, 1xx, 204, 304): what is sent as its body is dropped
+
 # How a request ends, as the exchange's one finish (Exchange.finish) takes it: what becomes
 # of the client connection after the log phase.
 SENT = 0  # our response went out whole: end its body, then serve the connection's next request
@@ -174,9 +209,9 @@ class Request:
         "content_length",
         "expect_continue",
         "has_body",
-        "head_size",
         "headers",
         "host",
+        "ignored_size",
         "keep_alive",
         "method",
         "target",
@@ -194,12 +229,25 @@ class Request:
         self.has_body = False  # chunked, or a Content-Length above 0
         self.connection: bytes | None = None  # the Connection header (it may list hop-by-hop names)
         self.expect_continue = False
-        self.keep_alive = True
-        self.head_size = 0
         # what arrived and was not taken by the handler (memory, then a file: request_body)
         self.body: RequestBody = EMPTY_BODY
         self.body_size = 0  # bytes received so far (decoded, without chunk framing)
         self.complete = False
+
+    # Left unset in the usual request (read with getattr, by the paths of the unusual one):
+    # bytes of the header lines counted but not kept (ignored invalid lines, the one over a
+    # limit), and whether the connection may stay open after it (set when its head is checked:
+    # False for HTTP/1.0 without keep-alive, "Connection: close"...).
+    ignored_size: int
+    keep_alive: bool
+
+    @property
+    def head_size(self) -> int:
+        """The header lines' bytes as the limits count them (name, value, ": " and CRLF each),
+        for $request_length: summed when read rather than line by line while parsing."""
+        headers = self.headers
+        return (sum([len(name) + len(value) for name, value in headers]) + 4 * len(headers)
+                + getattr(self, "ignored_size", 0))
 
     def take_body(self) -> bytes:
         """Everything received and held in memory so far, joined; the buffer is emptied."""
@@ -332,6 +380,15 @@ class _ParsingEnded(Exception):
 
 # timer phases (in this order: _activate ends those before _SEND with one comparison)
 _IDLE, _HEAD, _BODY, _SEND, _NONE = range(5)
+
+# What the head being parsed still needs checked (ClientConnection._head_checks, set by each
+# read for the heads that begin in it). A head that begins and ends in one small read can
+# outgrow no limit (see _unchecked_max): its lines are only stored, and when nothing unusual
+# came with it, its end is not checked either.
+_NO_CHECKS = 0  # the usual head so far
+_AT_END = 1  # its end: an unusual method, or a header the connection acts on (framing...)
+_EVERY_LINE = 2  # every line measured, and the end: a head read in pieces, or from a large
+# read; also a chunked body's trailers (dropped)
 _PHASE_TEXT = {
     _IDLE: "",
     _HEAD: "while reading client request headers",
@@ -347,15 +404,16 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_activating",
         "_active_request",
-        "_body_allowed",
         "_body_for",
-        "_chunked",
+        "_body_framing",
         "_deadline",
         "_eof",
         "_fed",
         "_framing_bytes",
+        "_head_checks",
         "_head_done",
         "_head_max",
+        "_head_size",
         "_header_line_max",
         "_keep_alive",
         "_last_data",
@@ -372,8 +430,12 @@ class ClientConnection(asyncio.Protocol):
         "_pp_pending",
         "_queue",
         "_reading_paused",
+        "_reusable",
         "_timer",
         "_timer_when",
+        "_trailers",
+        "_unchecked_max",
+        "_unusual",
         "_upgrade_early",
         "_writing_paused",
         "active",
@@ -396,12 +458,12 @@ class ClientConnection(asyncio.Protocol):
         "server_addr",
         "server_port",
         "tls",
-        "trailers",
         "transport",
     )
 
     def __init__(self, listener: ListenerContext, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.listener = listener
+        self._reusable = listener.reusable  # (the hot path's use of it, one lookup nearer)
         self.loop = loop or asyncio.get_running_loop()
         self.conn_id = next_connection_id()
         self.transport: asyncio.Transport | None = None
@@ -420,6 +482,12 @@ class ClientConnection(asyncio.Protocol):
         number, size = listener.header_buffers  # large_client_header_buffers
         self._header_line_max = size
         self._head_max = number * size
+        # The largest read in which a head that begins there cannot outgrow a limit (its lines
+        # are then not measured one by one): no line over large_client_header_buffers' size
+        # (a line counts at most one byte more than it takes: ": " for ":"), no head over their
+        # total (a line counts at most twice what it takes), no more lines than max_headers
+        # (a kept line takes 4 bytes at least).
+        self._unchecked_max = min(size - 1, self._head_max // 2, 4 * listener.max_headers)
         self.closed = False
         # The request layer's per-connection caches, opaque here (this layer cannot name their
         # types): its runtime.ServerRoute, and (raw Host, normalized host, the ServerRuntime
@@ -447,6 +515,10 @@ class ClientConnection(asyncio.Protocol):
         self._parsing: Request | None = None
         self._parsing_handler: RequestHandler | None = None
         self._head_done = False  # the request being parsed is past its head (errors: body)
+        # what its head still needs checked (_NO_CHECKS...): set by each read for the heads
+        # that begin in it
+        self._head_checks = _NO_CHECKS
+        self._head_size = 0  # its header lines' bytes so far, when measured (_EVERY_LINE)
         self._last_data = b""  # the last bytes read while a head is incomplete (timeout logs)
         # Limits on what httptools accumulates itself (a header line, a trailer) before any of
         # our callbacks sees it: counted from the bytes read, checked before and after a feed.
@@ -454,8 +526,7 @@ class ClientConnection(asyncio.Protocol):
         self._framing_bytes = 0  # chunked body: bytes since the last chunk boundary or body byte
         self._fed = 0  # _FED_* flags of the feed in progress
         self._body_for: Any = None  # the handler that got body bytes in the feed in progress
-        # add_trailer: None, or what makes the trailers of the chunked response in progress
-        self.trailers: Callable[[], bytes] | None = None
+        self._trailers: Callable[[], bytes] | None = None  # (see trailers)
         # 1: a request without keep-alive was parsed (nothing after it is read), 2: more came
         self._last_request = 0
         self._linger_until = 0.0  # lingering close: its deadline (0: not lingering)
@@ -469,11 +540,15 @@ class ClientConnection(asyncio.Protocol):
         self._activating = False  # finish_response is serving the queue (no recursion)
         self._last_keepalive_timeout = 75.0
         self._upgrade_early = b""  # bytes after an Upgrade request's head (see data_received)
+        # Something other than one request at a time on an open connection that reads happened
+        # (a pipelined request, a half-close, paused reading, a pending error, a last request,
+        # a close, add_trailer's trailers; it stays set): the per-request paths then check what
+        # they skip for the usual connection.
+        self._unusual = False
 
         # response state of the active request
         self._keep_alive = False
-        self._chunked = False
-        self._body_allowed = True
+        self._body_framing = _AS_IS
         self.response_started = False
         self.bytes_sent = 0
         self.body_bytes_sent = 0
@@ -499,7 +574,7 @@ class ClientConnection(asyncio.Protocol):
             # nginx drops the connection it cannot take and says why
             errorlog.log_error("alert", f"{listener.max_connections} worker_connections are not enough")
             listener.dropped += 1  # accepted but not handled (stub_status's "handled")
-            self.closed = True
+            self.closed = self._unusual = True
             transport.abort()
             return
         listener.connections.add(self)
@@ -507,7 +582,7 @@ class ClientConnection(asyncio.Protocol):
         self._arm(_HEAD, self.listener.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.closed = self._unusual = True
         listener = self.listener
         listener.connections.discard(self)
         listener.reusable.pop(self, None)
@@ -535,42 +610,67 @@ class ClientConnection(asyncio.Protocol):
         self._last_data = b""
 
     def data_received(self, data: bytes) -> None:
-        if self._linger_until:
-            self._lingering_data()
+        if self._unusual and self._not_parsed():
             return
-        if self._pending_error is not None or self._last_request:
-            # we stopped parsing this connection; the error is answered in order
-            self._last_request += self._last_request == 1
-            return
-        self.listener.reusable.pop(self, None)  # a connection that reads is no longer idle
+        self._reusable.pop(self, None)  # a connection that reads is no longer idle
         parsing = self._parsing
         try:
-            if parsing is None or not self._head_done:
+            if parsing is None:  # the usual read: a request (or more), between requests
                 size = len(data)
-                # Bare LFs (rare): an LF left once every CRLF is gone. (One fast call on a read
-                # of usual size; a large one is counted instead of copied.)
+                # (_has_bare_lf, inlined: once per request)
                 if (10 in data.replace(b"\r\n", b"") if size <= _REWRITE_MAX
                         else data.count(b"\n") != data.count(b"\r\n")):
                     data = self._with_crlf(data, parsing)
                     if not data:
                         return  # (fed as two reads)
                     size = len(data)
-                if self._line_bytes or size > self._header_line_max:
-                    self._check_line_start(data)
+                if size > self._unchecked_max:  # (no line is in progress between requests)
+                    self._large_read(data, size)
+                else:
+                    self._head_checks = _NO_CHECKS
+            elif not self._head_done:
+                data = self._head_read(data, parsing)
+                if not data:
+                    return  # (fed as two reads)
+            else:
+                self._head_checks = _EVERY_LINE  # (a body's read: a head after it is measured)
             self._fed = 0
             try:
                 self._parser.feed_data(data)
             except (httptools.HttpParserError, httptools.HttpParserUpgrade) as stop:
                 # (an Upgrade request's head, a client error a callback raised, bad bytes)
                 self._feed_stopped(stop, data)
-            if self._parsing is None and not self._line_bytes:
-                self._last_data = b""  # (the usual read: whole requests)
-            else:
+            # (the usual read: whole requests. A read that begins between requests finds no
+            # line in progress nor a head's last bytes kept: there is nothing to reset)
+            if self._parsing is not None or parsing is not None:
                 self._fed_partly(data, parsing)
         except ClientError as err:
             self._client_error(err)
         except MemoryError:
             self._out_of_memory()
+
+    def _head_read(self, data: bytes, parsing: Request) -> bytes:
+        """data_received's part for a read that continues a head (measured line by line: it
+        keeps _EVERY_LINE, and so do the heads after it in the read)."""
+        if _has_bare_lf(data):
+            data = self._with_crlf(data, parsing)
+            if not data:
+                return b""
+        size = len(data)
+        if size > self._unchecked_max or self._line_bytes:
+            self._large_read(data, size)
+        return data
+
+    def _not_parsed(self) -> bool:
+        """Whether a read is dropped: during a lingering close, or once we stopped parsing this
+        connection (an error is answered in order, or a request without keep-alive came)."""
+        if self._linger_until:
+            self._lingering_data()
+            return True
+        if self._pending_error is not None or self._last_request:
+            self._last_request += self._last_request == 1
+            return True
+        return False
 
     def _with_crlf(self, data: bytes, parsing: Request | None) -> bytes:
         """A read whose head has bare LFs, rewritten; b"" when a body came with the head: then
@@ -606,6 +706,7 @@ class ClientConnection(asyncio.Protocol):
         # A half-closed client may still read our answer to what it already sent (not over
         # TLS: the TLS layer closes the connection whatever we answer, and warns if we say True)
         self._eof = True
+        self._unusual = True
         if self._linger_until:
             self._end_lingering()  # the client closed its side: the lingering close is over
             return True
@@ -633,6 +734,13 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ parsing
 
+    def _large_read(self, data: bytes, size: int) -> None:
+        """Before feeding a read larger than _unchecked_max, or one that continues a line (of
+        a head measured already): the heads in it are measured line by line."""
+        self._head_checks = _EVERY_LINE
+        if self._line_bytes or size > self._header_line_max:
+            self._check_line_start(data)
+
     def _check_line_start(self, data: bytes) -> None:
         """Before a feed: the line in progress must not outgrow large_client_header_buffers
         (httptools would keep adding to its copy of it)."""
@@ -648,6 +756,10 @@ class ClientConnection(asyncio.Protocol):
             self._line_bytes = 0
             return
         if not self._head_done:
+            if self._head_checks != _EVERY_LINE:
+                # the rest of this head comes in other reads: from now on each line is measured
+                self._head_checks = _EVERY_LINE
+                self._head_size = request.head_size
             if self._fed & _FED_BODY:
                 # this head began after a body in the same read: its first bytes are not
                 # counted (at most one read: still bounded)
@@ -691,6 +803,7 @@ class ClientConnection(asyncio.Protocol):
             offset = int(upgrade.args[0])
             if offset < len(data):
                 self._upgrade_early += data[offset:]
+                self._unusual = True
         elif isinstance(stop, httptools.HttpParserCallbackError):
             cause = stop.__context__
             if isinstance(cause, ClientError):
@@ -732,25 +845,45 @@ class ClientConnection(asyncio.Protocol):
         return "client sent invalid request while reading client request line"
 
     def on_message_begin(self) -> None:
-        if self._last_request or self.closed:
+        if self._unusual and (self._last_request or self.closed):
             # nothing after a request without keep-alive, or once we close, is parsed (this
             # may run inside the feed that closed the connection)
             self._last_request = 2
             raise _ParsingEnded
         self._parsing = Request()
         self._head_done = False
+        if self._head_checks:  # (as the read, or a head before this one in it, left them)
+            self._head_size = 0
         # (client_header_timeout is armed after the feed, for a head that did not arrive whole)
 
     def on_url(self, url: bytes) -> None:
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
+        if self._head_checks:  # (_EVERY_LINE: a target that may come in pieces, or be too long)
+            self._measured_url(request, url)
+            return
+        # the whole target, in a small read (the method is known once the target begins: error
+        # logs show it)
+        method = self._parser.get_method()  # (_method, inlined: once per request)
+        try:
+            request.method = _METHODS[method]
+        except KeyError:
+            request.method = self._unusual_method(method)
+        request.target = url
+
+    def _measured_url(self, request: Request, url: bytes) -> None:
         if request.method:
             url = request.target + url  # (the target came in pieces: reads ended inside it)
-        else:  # the first piece (the method is known once the target begins: error logs show it)
-            method = self._parser.get_method()  # (_method, inlined: once per request)
-            request.method = _METHODS.get(method) or method.decode("ascii")
+        else:
+            request.method = self._method()
         request.target = url
         if len(url) > self._header_line_max:
             raise ClientError(414, "client sent too long URI while reading client request line")
+
+    def _unusual_method(self, method: bytes) -> str:
+        """A method not in _METHODS (CONNECT is among them): the end of its head is checked."""
+        if self._head_checks == _NO_CHECKS:
+            self._head_checks = _AT_END
+        return method.decode("ascii")
 
     def _method(self) -> str:
         """The method of the request being parsed (the usual ones are the same str each time)."""
@@ -758,29 +891,51 @@ class ClientConnection(asyncio.Protocol):
         return _METHODS.get(method) or method.decode("ascii")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # (runs for every header line: the usual one is measured, checked and stored; only
-        # the few names the client connection acts on go on to _noted_header)
+        # (runs for every header line: the usual one is stored; only the few names the client
+        # connection acts on go on to _noted_header)
+        if self._head_checks == _EVERY_LINE:
+            self._measured_header(name, value)
+            return
+        value = value.rstrip(b" \t")  # (the same object when there is nothing to strip)
+        try:
+            noted = _HEADER_NAMES[name]
+        except KeyError:
+            first_seen = self._first_seen_name(name, value)
+            if first_seen is None:
+                _count_ignored(self._parsing, len(name) + len(value) + 4)  # type: ignore[arg-type]
+                return  # an invalid line, ignored
+            noted = first_seen
+        request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
+        request.headers.append((name, value))
+        if noted:
+            if noted is _HOST and request.host is None:  # (every request has one)
+                request.host = value
+            else:
+                self._head_checks = _AT_END
+                _noted_header(request, noted, value)
+
+    def _measured_header(self, name: bytes, value: bytes) -> None:
+        """on_header for a head that may outgrow a limit: each line is measured first."""
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         if self._head_done:
             return  # a trailer: dropped, as nginx does (never merged into the request head)
-        value = value.rstrip(b" \t")  # (the same object when there is nothing to strip)
+        value = value.rstrip(b" \t")
         line = len(name) + len(value) + 4
-        size = request.head_size = request.head_size + line
+        size = self._head_size = self._head_size + line
         if line > self._header_line_max or size > self._head_max:
+            _count_ignored(request, line)
             raise ClientError(494, "client sent too long header line while reading client request headers")
         try:
             noted = _HEADER_NAMES[name]
         except KeyError:
             first_seen = self._first_seen_name(name, value)
             if first_seen is None:
+                _count_ignored(request, line)
                 return  # an invalid line, ignored
             noted = first_seen
         request.headers.append((name, value))
         if noted:
-            if noted is _HOST and request.host is None:  # (every request has one)
-                request.host = value
-            else:
-                _noted_header(request, noted, value)
+            _noted_header(request, noted, value)
 
     def _first_seen_name(self, name: bytes, value: bytes) -> bytes | None:
         """A header name not in _HEADER_NAMES: its entry there (remembered when the name is
@@ -803,11 +958,48 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
         self._head_done = True
+        keep_alive = self._parser.should_keep_alive()
+        # The usual head passes every check below without looking: HTTP/1.1 kept alive, with a
+        # Host, a usual method, none of the headers the connection acts on, from a small read.
+        if self._head_checks or not keep_alive or request.host is None:
+            self._check_head(request, keep_alive)
+        handler = self.listener.open_exchange(self, request)
+        if request.has_body:
+            self._expect_body(request, handler)
+        elif self.active is None:
+            # the usual request becomes the active one (_activate, inlined: once per request;
+            # without a body, no body timeout to end)
+            self.active = handler
+            self._active_request = request
+            requests = self.requests = self.requests + 1
+            self.response_started = False
+            self.bytes_sent = 0
+            self.body_bytes_sent = 0
+            self._keep_alive = (
+                keep_alive
+                and not self.listener.shutting_down
+                and handler.keepalive_timeout > 0
+                and requests < handler.keepalive_requests
+            )
+            handler.start()
+            return
+        if self.active is None:
+            self._activate(request, handler)
+        else:
+            if not self._queue:
+                self._queue = deque()
+            self._queue.append((request, handler))
+            self._unusual = True
+            self._pause_reading()  # parse no further ahead until the active request is answered
+
+    def _check_head(self, request: Request, keep_alive: bool) -> None:
+        """The end of a head that is not the usual one: its version, method, count of lines,
+        Host and framing."""
+        if not self._head_checks:
+            self._head_checks = _AT_END  # (on_message_complete checks its end too)
         self._line_bytes = 0
-        parser = self._parser
         if not request.method:
             request.method = self._method()
-        keep_alive = parser.should_keep_alive()
         # llhttp speaks HTTP 0.9, 1.0, 1.1 and 2.0 and keeps only 1.1 alive unless told so by a
         # Connection header: the usual request is HTTP/1.1 (request.version's default) without
         # asking (httptools's get_http_version() builds its string with str.format, per call)
@@ -823,18 +1015,6 @@ class ClientConnection(asyncio.Protocol):
         request.keep_alive = keep_alive
         if request.chunked or request.content_length:  # (has_body stays False: the usual GET)
             self._read_framing(request)
-        handler = self.listener.open_exchange(self, request)
-        if request.has_body:
-            self._expect_body(request, handler)
-        else:
-            self._parsing_handler = handler
-        if self.active is None:
-            self._activate(request, handler)
-        else:
-            if not self._queue:
-                self._queue = deque()
-            self._queue.append((request, handler))
-            self._pause_reading()  # parse no further ahead until the active request is answered
 
     def _read_version(self, request: Request) -> None:
         """The request's HTTP version, from the parser: one we speak, or a 400."""
@@ -848,6 +1028,7 @@ class ClientConnection(asyncio.Protocol):
         coding after "chunked"; on_header noted the values."""
         request.has_body = True
         if request.chunked:
+            self._head_checks = _EVERY_LINE  # (its trailers: on_header drops them)
             self._framing_bytes = 0
             if request.version == "1.0":
                 raise ClientError(400, "client sent \"Transfer-Encoding\" with HTTP/1.0 "
@@ -892,29 +1073,43 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         request: Request = self._parsing  # type: ignore[assignment]  # (set by on_message_begin)
-        handler = self._parsing_handler
         request.complete = True
         self._parsing = None
-        self._parsing_handler = None
-        if not request.keep_alive:
-            self._last_request = 1
-        if handler is self.active:
-            if request.has_body:  # (a request without one was served or proxied by start())
-                if self._phase == _BODY:
-                    self._phase = _NONE
-                self._body_for = None  # (told now, with the end)
-                handler.body_received()  # type: ignore[union-attr]  # (the active one)
-        elif self.active is None and not self._queue and not self.closed:
-            # answered before its parse ended (no body): now idle until the next request
+        # (a head without checks was kept alive and announced no body: see _check_head)
+        if self._head_checks and self._checked_message_complete(request):
+            return
+        if self._active_request is request:
+            return  # (a request without a body was served or proxied by start())
+        if self.active is None and not self._queue and not self.closed:
+            # answered before its parse ended: now idle until the next request
             self._arm(_IDLE, self._last_keepalive_timeout)
             self.listener.reusable[self] = None
         elif self._phase == _BODY:
             self._phase = _NONE  # a queued request's body is complete: no body is awaited now
 
+    def _checked_message_complete(self, request: Request) -> bool:
+        """on_message_complete for a request whose head was checked: the end of keep-alive, the
+        end of a body (its handler is told; True then, when it is the active one)."""
+        if not getattr(request, "keep_alive", True):
+            self._last_request = 1
+            self._unusual = True
+        if not request.has_body:  # (only a request with a body has a _parsing_handler)
+            return False
+        handler = self._parsing_handler
+        self._parsing_handler = None
+        if handler is not self.active:
+            return False
+        if self._phase == _BODY:
+            self._phase = _NONE
+        self._body_for = None  # (told now, with the end)
+        handler.body_received()  # type: ignore[union-attr]  # (the active one)
+        return True
+
     # ------------------------------------------------------------------ request lifecycle
 
     def _activate(self, request: Request, handler: RequestHandler) -> None:
-        # (sent_head is b"" already: finish_response emptied it)
+        """The request becomes the active one (inlined in on_headers_complete: keep both alike).
+        (sent_head is b"" already: finish_response emptied it.)"""
         self.active = handler
         self._active_request = request
         requests = self.requests = self.requests + 1
@@ -922,13 +1117,15 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_sent = 0
         self.body_bytes_sent = 0
         self._keep_alive = (
-            request.keep_alive
+            getattr(request, "keep_alive", True)
             and not self.listener.shutting_down
             and handler.keepalive_timeout > 0
             and requests < handler.keepalive_requests
         )
-        if self._phase < _SEND and (not request.has_body or request.complete):
-            self._phase = _NONE  # (no timer of the client's side runs while it is served)
+        if request.has_body and self._phase < _SEND and request.complete:
+            self._phase = _NONE  # (no body to wait for now)
+        # (no timer of the client's side runs while it is served: a wait for a head or the next
+        # request that is still armed is void once a request is active, see _on_timer)
         handler.start()
 
     def send_continue(self) -> None:
@@ -987,16 +1184,18 @@ class ClientConnection(asyncio.Protocol):
         self.response_started = True
         if head_only is None:
             head_only = request.method == "HEAD"
-        if head_only or content_length is None or status < 200 or status in _NO_BODY_STATUS:
+        if head_only or content_length is None or status in _UNUSUAL_BODY_STATUS:
             self._send_head_framed(request, status, headers, content_length, head_only, reason)
             return
         # the usual response: a body of known length
-        self._body_allowed = True
-        self._chunked = False
-        framing = _LENGTH_LINES.get(content_length) or _length_line(content_length)
+        self._body_framing = _AS_IS
         if status >= 400 and request.has_body and not request.complete:
             self._keep_alive = False  # we will not read the rest of the body
-        end = _KEEP_ALIVE_END if self._keep_alive else _CLOSE_END
+        tails = _KEEP_ALIVE_TAILS if self._keep_alive else _CLOSE_TAILS
+        try:
+            tail = tails[content_length]
+        except KeyError:
+            tail = _length_tail(tails, content_length)
         clock = _CLOCK  # (head_start, inlined: once per response)
         if clock.since <= _wall_clock() < clock.until:
             try:
@@ -1006,7 +1205,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             start = head_start(status, reason)
         # (the head is kept for $sent_http_content_length & co.)
-        head = self.sent_head = b"".join((start, headers, framing, end))
+        head = self.sent_head = b"".join((start, headers, tail))
         self.bytes_sent = len(head)  # (the response's first bytes: one head per response)
         # Corked: the head goes out with the first body bytes (one syscall instead of two), or
         # at flush() when the caller has no body at hand.
@@ -1016,19 +1215,20 @@ class ClientConnection(asyncio.Protocol):
                           head_only: bool, reason: bytes | None) -> None:
         """send_head for every other response: no body (HEAD, 1xx, 204, 304) or one of unknown
         length (chunked, or close-delimited for HTTP/1.0)."""
-        self._body_allowed = not head_only and status not in _NO_BODY_STATUS and status >= 200
+        body_allowed = not head_only and status not in _NO_BODY_STATUS and status >= 200
+        body_framing = _AS_IS if body_allowed else _NO_BODY
         framing = b""
-        self._chunked = False
         if status in _NO_BODY_STATUS:
             pass
         elif content_length is not None:
             framing = _LENGTH_LINES.get(content_length) or _length_line(content_length)
         elif request.version == "1.1":
             if not head_only:
-                self._chunked = True
+                body_framing |= _CHUNKED
                 framing = b"Transfer-Encoding: chunked\r\n"
         elif not head_only:
             self._keep_alive = False  # an HTTP/1.0 client learns the end of the body from the close
+        self._body_framing = body_framing
         if status >= 400 and request.has_body and not request.complete:
             self._keep_alive = False  # we will not read the rest of the body
         if status == 101:  # (nginx's header filter: a switch says so, whatever keep-alive was)
@@ -1047,33 +1247,42 @@ class ClientConnection(asyncio.Protocol):
             self._write(head)
 
     def send_body(self, data: bytes) -> None:
-        if not self._body_allowed or not data:
-            self.flush()
+        if self._body_framing or not data:
+            if self._body_framing == _CHUNKED and data:
+                self._send_chunk(data)
+            else:
+                self.flush()  # (no body: a HEAD's, a 204's...)
             return
+        size = len(data)
+        self.body_bytes_sent += size
+        self.bytes_sent += size
+        head = self._pending_head
+        if head:  # (the first bytes of the body: the head goes with them)
+            self._pending_head = b""
+            data = head + data
+        transport = self.transport  # (_write, inlined: once per response)
+        if not self.closed and transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _send_chunk(self, data: bytes) -> None:
         size = len(data)
         self.body_bytes_sent += size
         head = self._pending_head
         self._pending_head = b""
-        if self._chunked:
-            frame = b"%x\r\n" % size
-            self.bytes_sent += len(frame) + size + 2
-            transport = self.transport
-            if transport is not None and not self.closed and not transport.is_closing():
-                transport.writelines((head, frame, data, b"\r\n") if head else (frame, data, b"\r\n"))
-        else:
-            self.bytes_sent += size
-            transport = self.transport  # (_write, inlined: once per response)
-            if not self.closed and transport is not None and not transport.is_closing():
-                transport.write(head + data if head else data)
+        frame = b"%x\r\n" % size
+        self.bytes_sent += len(frame) + size + 2
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            transport.writelines((head, frame, data, b"\r\n") if head else (frame, data, b"\r\n"))
 
     def end_body(self) -> None:
         """Write the end of a chunked body (idempotent; with the ``trailers`` the response has)
         and anything still corked."""
-        if self._chunked and self._body_allowed:
-            self._chunked = False
-            make_trailers = self.trailers
+        if self._body_framing == _CHUNKED:
+            self._body_framing = _AS_IS
+            make_trailers = self._trailers
             if make_trailers is not None:
-                self.trailers = None
+                self._trailers = None
                 trailers = make_trailers()
                 end = b"0\r\n" + trailers + b"\r\n" if trailers else b"0\r\n\r\n"
             else:
@@ -1087,9 +1296,8 @@ class ClientConnection(asyncio.Protocol):
     def finish_response(self) -> None:
         """The response is complete: end the chunked body and serve the next request (or the
         queued ones)."""
-        if self._chunked or self._pending_head:
+        if self._body_framing or self._pending_head:
             self.end_body()  # (usually done already: the exchange ends the body before its log)
-        self.trailers = None  # (a response without a body did not use them)
         request = self._active_request
         if request is not None:
             if request.has_body:
@@ -1104,6 +1312,22 @@ class ClientConnection(asyncio.Protocol):
             self._last_keepalive_timeout = active.keepalive_timeout
             self.active = None
         self.sent_head = b""  # logged already; an idle connection holds no response bytes
+        if self._unusual or not self._keep_alive or self.closed or self._parsing is not None:
+            self._after_response()
+            return
+        # the usual connection: idle keep-alive (_arm, inlined: once per request); it may be
+        # closed to make room
+        when = self._deadline = self.loop.time() + self._last_keepalive_timeout
+        self._phase = _IDLE
+        if self._timer is None or when < self._timer_when:
+            self._set_timer(when)
+        self._reusable[self] = None
+
+    def _after_response(self) -> None:
+        """finish_response's end for a connection that is not the usual one: close it, or serve
+        the queued requests, the pending error, the next head's timeout, the refused upgrade's
+        bytes."""
+        self._trailers = None  # (a response without a body did not use them)
         if not self._keep_alive or self.closed or (self._eof and not self._queue):
             self._close_after_response()
             return
@@ -1127,12 +1351,7 @@ class ClientConnection(asyncio.Protocol):
             self._client_error(self._pending_error)
             return
         if self._parsing is None:
-            # idle keep-alive (_arm, inlined: once per request); the connection may be closed to
-            # make room
-            when = self._deadline = self.loop.time() + self._last_keepalive_timeout
-            self._phase = _IDLE
-            if self._timer is None or when < self._timer_when:
-                self._set_timer(when)
+            self._arm(_IDLE, self._last_keepalive_timeout)  # idle keep-alive
             self.listener.reusable[self] = None
         elif not self._head_done:
             self._arm(_HEAD, self.listener.header_timeout)  # a pipelined head, still incomplete
@@ -1160,6 +1379,17 @@ class ClientConnection(asyncio.Protocol):
             self.respond(status, b"Content-Type: text/html\r\n", page)
 
     @property
+    def trailers(self) -> Callable[[], bytes] | None:
+        """add_trailer: None, or what makes the trailers of the chunked response in progress."""
+        return self._trailers
+
+    @trailers.setter
+    def trailers(self, make: Callable[[], bytes] | None) -> None:
+        self._trailers = make
+        if make is not None:
+            self._unusual = True  # (finish_response clears them on its unusual path only)
+
+    @property
     def keeps_alive(self) -> bool:
         """Whether the connection stays open after the active response (so far)."""
         return self._keep_alive
@@ -1175,8 +1405,8 @@ class ClientConnection(asyncio.Protocol):
         self._active_request = None
         self.flush()
         if self.transport is not None:
-            self.transport.abort() if self._chunked else self.transport.close()
-        self.closed = True
+            self.transport.abort() if self._body_framing & _CHUNKED else self.transport.close()
+        self.closed = self._unusual = True
 
     def _write(self, data: bytes) -> None:
         # A client that went away may still have its connection_lost pending, and uvloop
@@ -1187,7 +1417,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed:
-            self.closed = True
+            self.closed = self._unusual = True
             self._cancel_timer()
             self.listener.reusable.pop(self, None)
             if self.transport is not None:
@@ -1210,7 +1440,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self._queue = _NO_QUEUE
-        self.closed = True  # for everybody else; the transport stays open while we linger
+        self.closed = self._unusual = True  # for everybody else; the transport stays open while we linger
         self._cancel_timer()
         self.listener.reusable.pop(self, None)
         self._linger_until = self.loop.time() + LINGERING_TIME
@@ -1266,6 +1496,7 @@ class ClientConnection(asyncio.Protocol):
             handler_told = True
         if self.active is not None:
             self._pending_error = err  # answered after the request in flight, in order
+            self._unusual = True
             self._keep_alive = False
             return
         errorlog.log_error(err.level, str(err), self.conn_id, self._log_context())
@@ -1291,7 +1522,7 @@ class ClientConnection(asyncio.Protocol):
             pass
         if self.transport is not None and not self._linger_until:
             self.transport.abort() if not self.closed else self.transport.close()
-            self.closed = True
+            self.closed = self._unusual = True
 
     def _proxy_protocol_header(self, data: bytes) -> bytes:
         """The PROXY protocol header (v1 or v2) before the first request; returns the bytes
@@ -1308,7 +1539,7 @@ class ClientConnection(asyncio.Protocol):
             shown = pending[:V1_MAX].decode("latin-1").encode("unicode_escape").decode("ascii")
             errorlog.log_error("error", f'broken header: "{shown}" while reading PROXY protocol',
                                self.conn_id, self._log_context())
-            self.closed = True
+            self.closed = self._unusual = True
             if self.transport is not None:
                 self.transport.close()
             return b""
@@ -1327,6 +1558,7 @@ class ClientConnection(asyncio.Protocol):
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self.closed:
             self._reading_paused = True
+            self._unusual = True
             self.transport.pause_reading()
 
     def _resume_reading(self) -> None:
@@ -1360,6 +1592,8 @@ class ClientConnection(asyncio.Protocol):
         self._timer = None
         if self._phase == _NONE or self.closed:
             return
+        if self._phase < _BODY and self.active is not None:
+            return  # (waiting for a request or its head ended when one became active)
         if self.loop.time() < self._deadline:
             self._timer_when = self._deadline
             self._timer = self.loop.call_at(self._deadline, self._on_timer)

@@ -28,6 +28,7 @@ from scriptlb.http.upstream import ACTIVE, PoolKey, UpstreamConnection
 # connection outlives its timeout by at most this slack.
 _SWEEP_MIN = 0.05
 _SWEEP_MAX = 1.0
+_KEEP_NONE = float("-inf")
 
 
 class ConnectionPool:
@@ -53,7 +54,10 @@ class ConnectionPool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._forget_lost = self._forget  # (one bound method, not one per release)
         self.closed = False
-        self._keeping = max_idle > 0  # (not closed, and a keepalive N to keep them in)
+        # the oldest a connection may be to be kept: release's one test of its age and of
+        # whether the pool keeps any (-inf, which every age exceeds, when it is closed or has
+        # no room: keepalive 0)
+        self._age_limit = max_age if max_idle > 0 else _KEEP_NONE
         # counters, for tests and the status page (none per request: they would cost every one)
         self.evicted = 0
         self.expired = 0
@@ -70,15 +74,18 @@ class ConnectionPool:
     def acquire(self, key: PoolKey) -> UpstreamConnection | None:
         """An idle connection to ``key``, now ACTIVE and out of the pool, or None."""
         # (an emptied stack stays under its key until the next sweep: the usual one-connection
-        # key is then looked up once here and once in release, and no list is made per request)
-        stack = self._by_key.get(key)
+        # key is then looked up once here and once in release, and no list is made per request;
+        # a subscript costs less than get, and the KeyError comes only for a key not seen since)
+        try:
+            stack = self._by_key[key]
+        except KeyError:
+            return None
         while stack:
             conn = stack.pop()
             del self._idle[conn]
-            # (conn.is_alive(), inlined: once per request; a pooled connection is IDLE: any
-            # other way out of the pool goes through _forget)
-            transport = conn.transport
-            if transport is not None and not transport.is_closing():
+            # (conn.is_alive(), inlined: once per request; a pooled connection is IDLE, so it
+            # has a transport: any other way out of the pool goes through _forget)
+            if not conn.transport.is_closing():  # type: ignore[union-attr]
                 # (on_idle_lost stays: it is called only while the connection is IDLE)
                 conn.state = ACTIVE
                 return conn
@@ -89,19 +96,18 @@ class ConnectionPool:
     def release(self, conn: UpstreamConnection) -> bool:
         """Keep ``conn`` for a later request if it is reusable; else close it. True if kept."""
         now = conn.last_read  # (the response's last read: this loop tick, usually)
-        if (not self._keeping or now - conn.connected_at > self.max_age
-                or not conn.park(self.max_requests)):
+        if now - conn.connected_at > self._age_limit or not conn.park(self.max_requests):
             conn.close()
             return False
         conn.on_idle_lost = self._forget_lost
-        if len(self._idle) >= self.max_idle:
+        idle = self._idle
+        if len(idle) >= self.max_idle:
             self._evict_oldest()  # (conn is not among them yet)
-        self._idle[conn] = now
-        stack = self._by_key.get(conn.key)
-        if stack is None:
+        idle[conn] = now
+        try:  # (a subscript and a rare KeyError: cheaper than get and a test for None)
+            self._by_key[conn.key].append(conn)
+        except KeyError:
             self._by_key[conn.key] = [conn]  # (setdefault would build a list for every release)
-        else:
-            stack.append(conn)
         if self._sweeper is None:
             self._schedule_sweep()
         return True
@@ -109,7 +115,7 @@ class ConnectionPool:
     def close(self) -> None:
         """Close every idle connection and keep no more (worker shutdown)."""
         self.closed = True
-        self._keeping = False
+        self._age_limit = _KEEP_NONE
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -71,7 +71,9 @@ class ResponseHead(Sequence[Header]):
     # close, lines and raw), and making one costs no Python frame. (No __slots__: then every
     # field would have to be written for each response.)
     status = 0
-    reason = b""  # the peer's own phrase, passed to the client as nginx does
+    # the peer's own phrase, passed to the client as nginx does (the parser sets it unless the
+    # status line is the usual "HTTP/1.1 200 OK")
+    reason = b"OK"
     close = False  # "Connection: close" or an HTTP/1.0 response without keep-alive
     content_length: int | None = None
     chunked = False

@@ -121,21 +121,60 @@ PREMATURE = "upstream prematurely closed connection"
 _NEVER = float("inf")  # (_timer_when without a timer)
 # the usual status line, and its reason phrase without a search for it
 _OK_LINE = b"HTTP/1.1 200 OK\r\n"
-_OK = b"OK"
 _TIMED_OUT = "upstream timed out (110: Connection timed out)"
+
+# What the full parser found in a response head (its status line, headers and llhttp's
+# keep-alive verdict, all decided by the head's bytes): the ResponseHead fields status, close,
+# lines, content_length, chunked, connection, rewritable and reason; and the length of the
+# whole response, the key and the body its Content-Length announces, when the key is exactly
+# the head (lines ended by CR LF) and the status allows a body, else -1 (see _replay)
+HeadTemplate = tuple[int, bool, bytes, int | None, bool, bytes | None, bool, bytes, int]
+# The heads seen lately (every upstream connection of the worker), by their bytes from the
+# status line to the empty line that ends them: a response whose first read starts with one
+# of them needs no callback per header (see data_received). Bounded, since peers choose them.
+HEADS: dict[bytes, HeadTemplate] = {}
+_HEADS_MAX = 256
+_MEMO_TRIAL = 8  # misses before a connection may give up on the memo
+
+
+def _response_parser(protocol: object) -> httptools.HttpResponseParser:
+    parser = httptools.HttpResponseParser(protocol)
+    # nginx reads a peer's lines ended by a bare LF (its own parser's rule); the response
+    # is re-framed for the client, so this opens no smuggling path
+    parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+    return parser
+
+
+class _Bare:
+    """The bare parser's protocol: the connection's callbacks but on_header, so that llhttp
+    does not hand each header line over (httptools looks the callbacks up once, when the
+    parser is made)."""
+
+    __slots__ = ("on_body", "on_headers_complete", "on_message_complete")
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.on_headers_complete = conn.on_headers_complete
+        self.on_body = conn.on_body
+        self.on_message_complete = conn.on_message_complete
 
 
 class UpstreamConnection(asyncio.Protocol):
     # __slots__: cheaper attribute access on the per-request path, typos fail loudly
     __slots__ = (
+        "_bare_parser",
         "_clock",
         "_early_body",
+        "_early_more",
+        "_full_parser",
         "_handler",
         "_head_buf",
+        "_head_key",
         "_head_only",
         "_head_ready",
         "_header_done",
         "_interim",
+        "_memo_misses",
+        "_memo_on",
         "_needs_parser",
         "_owner",
         "_parser",
@@ -144,6 +183,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_response",
         "_send_timeout",
         "_spent",
+        "_template",
         "_timer",
         "_timer_when",
         "_upgraded",
@@ -201,7 +241,18 @@ class UpstreamConnection(asyncio.Protocol):
         self._write_paused_at = 0.0
 
         # per-request state
+        # the parser of the response in flight: the full one (a callback per header) or, for a
+        # head seen before (HEADS), the bare one (no header callbacks: the template says what
+        # the headers said)
         self._parser: httptools.HttpResponseParser | None = None
+        self._full_parser: httptools.HttpResponseParser | None = None
+        self._bare_parser: httptools.HttpResponseParser | None = None
+        self._template: HeadTemplate | None = None  # this response's head, when seen before
+        self._head_key: bytes | None = None  # the first read's head, to remember its template
+        # the memo stays off for a connection whose peer's heads do not repeat (a per-response
+        # cookie or id): it would only add its look-up to every response
+        self._memo_on = True
+        self._memo_misses = 0
         # the parser may be inside a message (none yet, or the last response was to a HEAD:
         # llhttp waits for a body we ended ourselves): the next request needs a new one
         self._needs_parser = True
@@ -213,9 +264,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_ready = False  # the head is parsed, the handler not told yet
         self.response_complete = True  # (no response expected before start: bytes are unexpected)
         self.request_complete = False  # the request's bytes, body too, were handed to the socket
-        # body chunks parsed before the handler accepted the body; None once it did (stream_to):
-        # then every chunk goes straight to it
-        self._early_body: list[bytes] | None = []
+        # the body bytes parsed before the handler accepted the body: the first chunk (b"" for
+        # none yet), and the rest in a list (rare: a chunked body in several chunks in the read
+        # that brought the head); _early_body is None once the handler accepted the body
+        # (stream_to): then every chunk goes straight to it. (The usual small response has one
+        # chunk there: no list made for it.)
+        self._early_body: bytes | None = b""
+        self._early_more: list[bytes] | None = None
         # this connection carries no further request: we asked the peer to close (Connection:
         # close) or spoke HTTP/1.0 to it, the peer said it closes, bytes came after a
         # response's end, or it is closed
@@ -247,18 +302,42 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # (one function: this runs for every read; the try is free until something raises)
         try:
-            if self.response_complete or self.state is not ACTIVE:
+            if self.response_complete:
+                # (this covers an idle connection too: one is pooled only with its response
+                # complete; and no read comes before connection_made or once the transport
+                # was closed)
                 self._unexpected_bytes()
                 return
             self.last_read = self._clock()
             self.received += len(data)
             if not self._header_done:
-                self._head_buf += data  # (the first read: b"" + data is data, no copy)
                 # (self.received: the head's length so far; nginx reads the head into one
                 # proxy_buffer_size buffer)
                 if self.received > self.head_limit and self.head_limit and self._head_too_big(data):
                     self._fail(Failure.INVALID_HEADER, "upstream sent too big header")
                     return
+                if self._head_buf:
+                    self._head_buf += data  # (a head in several reads, or after a 1xx one)
+                else:  # the response's first read
+                    self._head_buf = data
+                    if self._memo_on:
+                        # if its head is byte for byte one parsed before (HEADS: Date changes
+                        # once a second, the rest of a peer's head seldom), what it says is
+                        # known, and the parser need not call on_header for each header. (No
+                        # "\r\n\r\n" in the read: a short key no head is kept under.)
+                        try:
+                            key = data[:data.find(b"\r\n\r\n") + 4]
+                            template = HEADS[key]
+                        except KeyError:
+                            self._head_unknown(data)
+                        else:
+                            self._template = template
+                            if len(data) == template[8] and not self._head_only:
+                                self._replay(data, key)  # (instead of the parser)
+                                self._head_ready = False
+                                self._handler.upstream_head(self._response)  # type: ignore[union-attr]
+                                return
+                            self._parser = self._bare_parser or self._new_bare_parser()
             try:
                 # (the parser callbacks only note what they see: the handler hears of the head
                 # and of the end after this returns, so it may reuse or drop this connection)
@@ -280,9 +359,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self._spent = True  # garbage after a complete response: deliver, never reuse
             if self._head_ready:
                 self._head_ready = False
-                handler = self._handler
-                if handler is not None:
-                    handler.upstream_head(self._response)
+                # (start set the handler, and nothing in this read can have cleared it: it is
+                # told of a failure only on the paths that returned above)
+                self._handler.upstream_head(self._response)  # type: ignore[union-attr]
             elif self.response_complete:
                 self._deliver_completion()
         except Exception as exc:
@@ -297,7 +376,7 @@ class UpstreamConnection(asyncio.Protocol):
         # cycles, so a closed connection goes with its last reference instead of waiting for
         # (and feeding) the cyclic garbage collector, whose full passes stall the loop under
         # many connections.
-        self._parser = None
+        self._parser = self._full_parser = self._bare_parser = None
         self._owner = self._handler = None
         self.on_writable = None
         self.on_idle_lost = None
@@ -378,9 +457,11 @@ class UpstreamConnection(asyncio.Protocol):
         # complete (_head_buf emptied, _head_ready, _interim, _upgraded, _spent and
         # _read_paused False); reset what its last request set. (A new one: no matter.)
         self._header_done = self.response_complete = False
-        self._early_body = []
-        transport = self.transport
-        if self.state is not ACTIVE or transport is None or transport.is_closing():
+        self._early_body = b""
+        # (ACTIVE implies a transport: connection_made gives it, only detach takes it back and
+        # that makes the connection CLOSED)
+        transport: asyncio.Transport = self.transport  # type: ignore[assignment]
+        if self.state is not ACTIVE or transport.is_closing():
             # the peer closed it a moment ago (connection_lost may even have run already):
             # fail like a connection closed before the response, after this call returns (a
             # reused one is retried fresh)
@@ -403,10 +484,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _new_parser(self) -> None:
         self._needs_parser = False
-        self._parser = parser = httptools.HttpResponseParser(self)
-        # nginx reads a peer's lines ended by a bare LF (its own parser's rule); the response
-        # is re-framed for the client, so this opens no smuggling path
-        parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
+        self._parser = self._full_parser = _response_parser(self)
+        self._bare_parser = None  # (made again when a head seen before comes)
+
+    def _head_unknown(self, data: bytes) -> None:
+        """A response's first read whose head is not in HEADS: the full parser reads it, and
+        on_headers_complete keeps what its headers say under these bytes (_remember_head)."""
+        self._template = None
+        self._head_key = data[:data.find(b"\r\n\r\n") + 4]
+        self._parser = self._full_parser
+
+    def _new_bare_parser(self) -> httptools.HttpResponseParser:
+        self._bare_parser = parser = _response_parser(_Bare(self))
+        return parser
 
     def _fail_soon(self, handler: UpstreamHandler) -> None:
         if self._handler is handler:  # (not if the request gave up on us meanwhile)
@@ -424,6 +514,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sent += len(data)
             if last:
                 self.request_complete = True
+                # (nothing more to send; a complete request has no on_writable, so park need
+                # not clear it)
+                self.on_writable = None
 
     @property
     def write_buffer_full(self) -> bool:
@@ -434,8 +527,9 @@ class UpstreamConnection(asyncio.Protocol):
         early = self._early_body
         self._early_body = None
         if early:
-            for chunk in early:
-                handler.upstream_body(chunk)
+            handler.upstream_body(early)
+            if self._early_more is not None:
+                self._hand_over_more(handler)
         if self.response_complete and self._handler is not None:
             self._handler = None
             handler.upstream_complete()
@@ -480,8 +574,9 @@ class UpstreamConnection(asyncio.Protocol):
         ):
             return False
         self.state = IDLE
-        # (the handler was told the end: _handler is None; the parser stays for the next)
-        self.on_writable = self._owner = None
+        # (the handler was told the end: _handler is None; the parser stays for the next;
+        # on_writable is None once the request is complete)
+        self._owner = None
         return True
 
     def is_alive(self) -> bool:
@@ -497,7 +592,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._spent = True
         self._cancel_timer()
         self._handler = self._owner = None
-        self._parser = None
+        self._parser = self._full_parser = self._bare_parser = None
         self.on_writable = self.on_idle_lost = None
         data, self.upgraded_data = self.upgraded_data, b""
         self.transport = None
@@ -533,13 +628,16 @@ class UpstreamConnection(asyncio.Protocol):
     # parser callback less per response)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # (this runs for every header of every response: a lookup, and for the usual hidden
-        # ones nothing more; the pairs themselves are parsed again only if something reads them)
+        # (the full parser's: this runs for every header of a head not seen before: a lookup,
+        # and for the usual hidden ones nothing more; the pairs themselves are parsed again
+        # only if something reads them)
         kind = KINDS[name]
-        if not kind or self.response_complete:
-            # hidden (Date, Server, ...); or a second response we never asked for (maybe in
-            # the read that brought the head not yet handed on): not a word of it in that head
-            # (on_headers_complete marks the connection unusable)
+        if not kind or self._header_done:
+            # hidden (Date, Server, ...); or past the head: a chunked body's trailer fields
+            # (nginx does not pass them: they are no response header) or a second response
+            # we never asked for (on_headers_complete marks the connection unusable). Maybe in
+            # the read that brought the head, not yet handed on: not a word of them in that
+            # head (the bare parser, for a head seen before, never sees them either)
             return
         # (the value's trailing blanks go; llhttp took the ones before it)
         if kind == _PASSED:
@@ -555,10 +653,49 @@ class UpstreamConnection(asyncio.Protocol):
             response.note(kind, value)
 
     def on_headers_complete(self) -> None:
-        parser: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]  # (its callback)
         if self.response_complete:
             self._spent = True  # a second response we never asked for
             return
+        template = self._template
+        if template is None:
+            self._head_parsed()  # (the full parser's)
+            return
+        # the bare parser's: a head seen before, whole in the first read; its template says
+        # what the full parser found in the same bytes (status line, headers, keep-alive)
+        response = self._response
+        (response.status, response.close, response.lines, response.content_length, response.chunked,
+         response.connection, response.rewritable, response.reason, _) = template
+        if response.close:
+            self._spent = True
+        data = self._head_buf
+        self._head_buf = b""
+        if self.received <= _RAW_KEPT:
+            response.raw = data
+        else:
+            response.keep_raw(data, False, False)
+        self._header_done = self._head_ready = True
+        if self._head_only or response.status in (204, 304):
+            self._complete_now_without_body()
+
+    def _replay(self, data: bytes, head: bytes) -> None:
+        """The first read holds a head seen before (``head``) and exactly the body its
+        Content-Length announces, nothing more: the parser's part is known, so it is played
+        here, the callbacks it would make for these bytes (the head, one body chunk, the end)
+        without running it. The head's bytes were validated when they were first parsed, and
+        llhttp does not look into a body of known length. (The parser, not fed, stays at the
+        start of a message.)"""
+        self.on_headers_complete()
+        # (then on_body's and on_message_complete's part, for the body before the handler
+        # accepted it, of a response that is neither HEAD's nor without a body)
+        body = data[len(head):]
+        if body:
+            self.body_received = len(body)
+            self._early_body = body
+        self.response_complete = True
+
+    def _head_parsed(self) -> None:
+        """on_headers_complete for the full parser: the head was noted header by header."""
+        parser: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]  # (its callback)
         status = parser.get_status_code()
         if status < 200 and status >= 100 and self._interim_head(status):
             return
@@ -575,7 +712,10 @@ class UpstreamConnection(asyncio.Protocol):
         # (self.received: len(data), the bytes read since the request started)
         if self.received <= _RAW_KEPT and not self._interim:
             response.raw = data  # (the usual head: a few hundred bytes, in one read)
-            response.reason = _OK if data.startswith(_OK_LINE) else response_head.status_reason(data)
+            if not data.startswith(_OK_LINE):  # (the usual "OK" is ResponseHead's default)
+                response.reason = response_head.status_reason(data)
+            if self._head_key is not None:
+                self._remember_head(response, data)
         else:
             response.keep_raw(data, self._interim, self._upgraded)
             self._interim = False
@@ -594,6 +734,29 @@ class UpstreamConnection(asyncio.Protocol):
         self._response = ResponseHead()  # the real response follows
         return True
 
+    def _remember_head(self, response: ResponseHead, data: bytes) -> None:
+        """A head parsed with its callbacks (the full parser): keep what its headers said, for
+        the next response that comes with the same bytes. Only a final head that started the
+        read (no 1xx before it, not a 101), complete in it: then the bytes up to its first
+        empty line decide every field of the template."""
+        key: bytes = self._head_key  # type: ignore[assignment]  # (the caller checked)
+        self._head_key = None
+        self._memo_misses = misses = self._memo_misses + 1
+        if misses > _MEMO_TRIAL and misses * 4 > self.requests:
+            self._memo_on = False  # (this peer's heads do not repeat)
+            return
+        if (response.status >= 200 and not self._upgraded and key[-4:] == b"\r\n\r\n"
+                and key[:5] == b"HTTP/" and data.startswith(key)):
+            if len(HEADS) >= _HEADS_MAX:
+                HEADS.clear()  # (peers choose the bytes: bounded)
+            length = response.content_length
+            whole = len(key) + length if length is not None else -1
+            if response.status in (204, 304) or key.count(b"\n") != key.count(b"\r\n"):
+                whole = -1
+            HEADS[key] = (response.status, response.close, response.lines, response.content_length,
+                          response.chunked, response.connection, response.rewritable, response.reason,
+                          whole)
+
     def on_body(self, data: bytes) -> None:
         if self.response_complete:
             self._spent = True  # body bytes for a HEAD response: unusable connection
@@ -604,8 +767,19 @@ class UpstreamConnection(asyncio.Protocol):
             handler = self._handler
             if handler is not None:  # (not if dropped by the handler while this read is parsed)
                 handler.upstream_body(data)
+        elif not early:
+            self._early_body = data  # (stream_to hands it on)
+        elif self._early_more is None:
+            self._early_more = [data]
         else:
-            early.append(data)  # (stream_to hands them on)
+            self._early_more.append(data)
+
+    def _hand_over_more(self, handler: UpstreamHandler) -> None:
+        """stream_to's part for the body chunks after the first that came with the head."""
+        more = self._early_more
+        self._early_more = None
+        for chunk in more or ():
+            handler.upstream_body(chunk)
 
     def on_message_complete(self) -> None:
         # (not after a 1xx head: the real response follows; after the 101 we take too: llhttp

@@ -41,6 +41,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from scriptlb.config.model import NextUpstream
+from scriptlb.hookrt.hooks import run_try
 from scriptlb.http.downstream import DROPPED, UNSENT
 from scriptlb.http.request_body import SpooledBody
 from scriptlb.http.response_head import ResponseHead
@@ -77,7 +78,6 @@ from scriptlb.state.stats import WEIGHT_GENERATION
 if TYPE_CHECKING:
     from scriptlb.config.model import PeerAddr
     from scriptlb.hookrt.api import HookOutcome
-    from scriptlb.hookrt.hooks import HookRunner
     from scriptlb.http.downstream import Request
     from scriptlb.http.pool import ConnectionPool
     from scriptlb.request.exchange import Exchange
@@ -465,14 +465,17 @@ class UpstreamRequest:
         attempt.tls_name = tls_name
         return attempt
 
-    def _run_hook(self, hook: HookRunner) -> HookOutcome | None:
-        """The balancer hook's run before a try, and what it changes for this and later tries
-        (bind address, rebuilt request); None when it ended the request (ngx.exit)."""
-        ex = self.exchange
-        outcome = hook.run(ex, self.upstream)
+    # The balancer hook's run before a try: hooks.run_try, taken as this class's own method so
+    # that the tries loop enters it with no frame of ours in between (it runs before every
+    # try); a run that did more than set the peer comes back through apply_hook_outcome.
+    _run_hook = run_try
+
+    def apply_hook_outcome(self, outcome: HookOutcome) -> HookOutcome | None:
+        """What a run that did more than set the peer changes for this and later tries (bind
+        address, rebuilt request); None when it ended the request (ngx.exit)."""
         if outcome.exit_status is not None:
             self.hook_exit = outcome
-            ex.finish_with_page(outcome.exit_status)
+            self.exchange.finish_with_page(outcome.exit_status)
             return None
         if outcome.local_addr is not None:
             self._local_addr = split_local_addr(outcome.local_addr)
@@ -483,7 +486,6 @@ class UpstreamRequest:
     def _hook_peer_pool(self, addr: PeerAddr, outcome: HookOutcome) -> ConnectionPool | None:
         """A hook-set peer's try: the pool its connection comes from and goes back to."""
         upstream = self.upstream
-        self.balancer_state.tries += outcome.more_tries
         chosen = upstream.peers.by_name.get(addr.name)
         if chosen is not None and (chosen.down or chosen.fails):  # (one test when usable)
             chosen_anyway(upstream, chosen, outcome, self.exchange, self.loop.time(), _CONNECTING)
@@ -491,6 +493,9 @@ class UpstreamRequest:
         # upstream's keepalive N pool as for its own peers (as OpenResty's keepalive module
         # pools whatever peer the balancer hook set). Either needs nginx's recipe: HTTP/1.1 to
         # the peer, no "Connection: close".
+        if outcome.plain:  # (the usual run: no more tries granted, no keepalive override)
+            return upstream.pool if self.plan.pooled else None
+        self.balancer_state.tries += outcome.more_tries
         keepalive = outcome.keepalive
         if keepalive is None:
             return upstream.pool if self.plan.pooled else None

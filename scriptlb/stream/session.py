@@ -392,11 +392,12 @@ class Session(asyncio.Protocol):
         hook = upstream.hook
         if hook is not None:
             outcome = hook.run(self, upstream)
-            if outcome.exit_status is not None:
+            if not outcome.plain and outcome.exit_status is not None:
                 self._finish(outcome.exit_status)
                 return
             if outcome.addr is not None:
-                state.tries += outcome.more_tries
+                if not outcome.plain:  # (more_tries is 0 in a plain run)
+                    state.tries += outcome.more_tries
                 chosen = upstream.peers.by_name.get(outcome.addr.name)
                 if chosen is not None and (chosen.down or chosen.fails):
                     chosen_anyway(upstream, chosen, outcome, self, self.loop.time(), _CONNECTING)
