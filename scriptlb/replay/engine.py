@@ -33,7 +33,6 @@ from scriptlb.request.retry import (
     last_failure_state,
     last_failure_status,
 )
-from scriptlb.state.stats import WEIGHT_GENERATION
 
 _FAILURE_OF = {ERROR: Failure.ERROR, TIMEOUT: Failure.TIMEOUT}
 NO_PEER = -1  # Result.first_peer of a request that reached no peer
@@ -221,7 +220,6 @@ class Engine:
         self._buckets = buckets  # requests after the last bucket's end count in the last one
         # proxy_next_upstream_tries (a walk in the test kit may impose its own)
         self._tries_cap = self.conf.next_upstream_tries if tries_cap is None else tries_cap
-        self._key_getter = self.upstream.key_getter
         self._log_hook = offline.log_hook
         self._stats = self.upstream.stats
         # every try's decision, when asked (the test kit's and `hook run --tries`' walk):
@@ -243,17 +241,7 @@ class Engine:
         flight.bucket = self._bucket_number(now)
         if self.result.decisions is not None:
             flight.peers = []
-        upstream = self.upstream
-        stats = self._stats
-        if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
-            # a hook set a weight. The generation is compared here, not through
-            # stats.weights_stale(), because this runs for every request: one load, no call
-            upstream.refresh_weights()
-        getter = self._key_getter
-        if getter is None:
-            flight.state = upstream.balancer.new_request(self._tries_cap)
-        else:
-            flight.state = upstream.balancer.new_request(self._tries_cap, getter(ex))
+        flight.state = self.upstream.balancer_request(self._tries_cap, ex)
         self._next_try(flight)
 
     # ------------------------------------------------------------------ one try

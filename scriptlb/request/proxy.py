@@ -73,7 +73,6 @@ from scriptlb.request.retry import (
 )
 from scriptlb.request.store import body_filters
 from scriptlb.routing.uri import split_local_addr
-from scriptlb.state.stats import WEIGHT_GENERATION
 
 if TYPE_CHECKING:
     from scriptlb.config.model import PeerAddr
@@ -191,16 +190,7 @@ class UpstreamRequest:
         if proxy_host:  # (else proxy_pass with variables set it)
             exchange.proxy_host = proxy_host
         self._head = plan.build_head(exchange)
-        # (_begin_tries, inlined)
-        stats = upstream.stats
-        if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
-            upstream.refresh_weights()  # (see _begin_tries)
-        key_getter = upstream.key_getter
-        if key_getter is None:
-            self.balancer_state = upstream.balancer.new_request(conf.next_upstream_tries)
-        else:
-            self.balancer_state = upstream.balancer.new_request(conf.next_upstream_tries,
-                                                                key_getter(exchange))
+        self.balancer_state = upstream.balancer_request(conf.next_upstream_tries, exchange)
         self._next_try()
 
     # this request's timeouts (the hook API reads and sets them through the exchange)
@@ -261,18 +251,7 @@ class UpstreamRequest:
 
     def _begin_tries(self) -> None:
         """The balancer's request, then the first try."""
-        upstream = self.upstream
-        stats = upstream.stats
-        if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
-            # a hook set a weight. The generation is compared here, not through
-            # stats.weights_stale(), because this runs for every request: one load, no call
-            upstream.refresh_weights()
-        key_getter = upstream.key_getter
-        if key_getter is None:
-            self.balancer_state = upstream.balancer.new_request(self.conf.next_upstream_tries)
-        else:
-            self.balancer_state = upstream.balancer.new_request(self.conf.next_upstream_tries,
-                                                                key_getter(self.exchange))
+        self.balancer_state = self.upstream.balancer_request(self.conf.next_upstream_tries, self.exchange)
         self._next_try()
 
     def _prepare_body(self, ex: Exchange, request: Request, plan: RequestPlan) -> bool:

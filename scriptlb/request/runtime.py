@@ -41,7 +41,7 @@ from scriptlb.request.accesslog import PhaseClock
 from scriptlb.routing.locations import LocationMatcher, ServerSelector, selectors_by_listen
 from scriptlb.routing.uri import quote_uri
 from scriptlb.state.peers import PeerSet
-from scriptlb.state.stats import Recorder, UpstreamStats
+from scriptlb.state.stats import WEIGHT_GENERATION, Recorder, UpstreamStats
 from scriptlb.variables.evaluate import use_maps
 
 if TYPE_CHECKING:
@@ -139,6 +139,19 @@ class UpstreamRuntime:
         stats = self.stats
         if stats is not None and stats.refresh_weights(self.peers.primary, self.peers.backup):
             self.balancer.weights_changed()
+
+    def balancer_request(self, tries_cap: int, request: Any) -> Any:
+        """The balancer's state for one request (``tries_cap``: proxy_next_upstream_tries),
+        keyed by ``request`` for hash methods; weights a hook set since the last request are
+        taken first. (The generation is compared here rather than through
+        stats.weights_stale(): this runs for every request, one load and no call.)"""
+        stats = self.stats
+        if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
+            self.refresh_weights()
+        key_getter = self.key_getter
+        if key_getter is None:
+            return self.balancer.new_request(tries_cap)
+        return self.balancer.new_request(tries_cap, key_getter(request))
 
     def close(self) -> None:
         self.pool.close()
