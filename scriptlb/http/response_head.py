@@ -100,6 +100,16 @@ class ResponseHead(Sequence[Header]):
         self.raw = data
         self.upgraded = upgrade
 
+    def remembered(self, head: bytes) -> ResponseHead:
+        """This head's fields in a copy for every later response whose head is the same bytes
+        ``head`` (the upstream memo): they all share it, and nobody changes it. Its ``raw`` is
+        ``head`` alone (the pairs are the same; no body kept with it)."""
+        twin = ResponseHead()
+        twin.__dict__.update(self.__dict__)
+        twin.raw = head
+        twin._headers = None
+        return twin
+
     @property
     def headers(self) -> list[Header]:
         headers = self._headers

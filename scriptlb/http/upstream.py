@@ -124,11 +124,12 @@ _OK_LINE = b"HTTP/1.1 200 OK\r\n"
 _TIMED_OUT = "upstream timed out (110: Connection timed out)"
 
 # What the full parser found in a response head (its status line, headers and llhttp's
-# keep-alive verdict, all decided by the head's bytes): the ResponseHead fields status, close,
-# lines, content_length, chunked, connection, rewritable and reason; and the length of the
-# whole response, the key and the body its Content-Length announces, when the key is exactly
-# the head (lines ended by CR LF) and the status allows a body, else -1 (see _replay)
-HeadTemplate = tuple[int, bool, bytes, int | None, bool, bytes | None, bool, bytes, int]
+# keep-alive verdict, all decided by the head's bytes): a ResponseHead shared by every
+# response that comes with the same head bytes (nobody changes one once its parser is done:
+# a per-response object less); and the length of the whole response, the key and the body
+# its Content-Length announces, when the key is exactly the head (lines ended by CR LF) and
+# the status allows a body, else -1 (see data_received's replay)
+HeadTemplate = tuple[ResponseHead, int]
 # The heads seen lately (every upstream connection of the worker), by their bytes from the
 # status line to the empty line that ends them: a response whose first read starts with one
 # of them needs no callback per header (see data_received). Bounded, since peers choose them.
@@ -247,7 +248,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser: httptools.HttpResponseParser | None = None
         self._full_parser: httptools.HttpResponseParser | None = None
         self._bare_parser: httptools.HttpResponseParser | None = None
-        self._template: HeadTemplate | None = None  # this response's head, when seen before
+        # this response's head when seen before (HEADS) and read by the bare parser
+        self._template: ResponseHead | None = None
         self._head_key: bytes | None = None  # the first read's head, to remember its template
         # the memo stays off for a connection whose peer's heads do not repeat (a per-response
         # cookie or id): it would only add its look-up to every response
@@ -318,26 +320,42 @@ class UpstreamConnection(asyncio.Protocol):
                     return
                 if self._head_buf:
                     self._head_buf += data  # (a head in several reads, or after a 1xx one)
-                else:  # the response's first read
+                elif self._memo_on:  # the response's first read
+                    # if its head is byte for byte one parsed before (HEADS: Date changes once
+                    # a second, the rest of a peer's head seldom), what it says is known, and
+                    # the parser need not call on_header for each header. (No "\r\n\r\n" in
+                    # the read: a short key no head is kept under.)
+                    try:
+                        key = data[:data.find(b"\r\n\r\n") + 4]
+                        response, whole = HEADS[key]
+                    except KeyError:
+                        self._head_unknown(data, key)
+                    else:
+                        self._response = response
+                        if len(data) == whole and not self._head_only:
+                            # The read holds that head and exactly the body its Content-Length
+                            # announces, nothing more: the parser's part is known, so it is
+                            # played here instead (on_headers_complete's, on_body's and
+                            # on_message_complete's, for a body the handler has not accepted
+                            # yet). The head's bytes were validated when they were first parsed,
+                            # and llhttp does not look into a body of known length; the parser,
+                            # not fed, stays at the start of a message. (Inline: this is the
+                            # usual response.)
+                            if response.close:
+                                self._spent = True
+                            self._header_done = self.response_complete = True
+                            body = data[len(key):]
+                            if body:
+                                self.body_received = len(body)
+                                self._early_body = body
+                            self._handler.upstream_head(response)  # type: ignore[union-attr]
+                            return
+                        self._head_buf = data
+                        self._template = response
+                        self._parser = self._bare_parser or self._new_bare_parser()
+                else:
                     self._head_buf = data
-                    if self._memo_on:
-                        # if its head is byte for byte one parsed before (HEADS: Date changes
-                        # once a second, the rest of a peer's head seldom), what it says is
-                        # known, and the parser need not call on_header for each header. (No
-                        # "\r\n\r\n" in the read: a short key no head is kept under.)
-                        try:
-                            key = data[:data.find(b"\r\n\r\n") + 4]
-                            template = HEADS[key]
-                        except KeyError:
-                            self._head_unknown(data)
-                        else:
-                            self._template = template
-                            if len(data) == template[8] and not self._head_only:
-                                self._replay(data, key)  # (instead of the parser)
-                                self._head_ready = False
-                                self._handler.upstream_head(self._response)  # type: ignore[union-attr]
-                                return
-                            self._parser = self._bare_parser or self._new_bare_parser()
+                    self._response = ResponseHead()
             try:
                 # (the parser callbacks only note what they see: the handler hears of the head
                 # and of the end after this returns, so it may reuse or drop this connection)
@@ -449,7 +467,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._needs_parser:
             self._new_parser()
         self._handler = self._owner = handler
-        self._response = ResponseHead()
+        # (self._response: the first read sets it, a memo's shared head or a new one)
         self._head_only = head_only
         if close_after or not http11:
             self._spent = True
@@ -487,11 +505,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = self._full_parser = _response_parser(self)
         self._bare_parser = None  # (made again when a head seen before comes)
 
-    def _head_unknown(self, data: bytes) -> None:
-        """A response's first read whose head is not in HEADS: the full parser reads it, and
-        on_headers_complete keeps what its headers say under these bytes (_remember_head)."""
+    def _head_unknown(self, data: bytes, key: bytes) -> None:
+        """A response's first read whose head (``key``) is not in HEADS: the full parser reads
+        it, and on_headers_complete keeps what its headers say under these bytes
+        (_remember_head)."""
+        self._head_buf = data
+        self._response = ResponseHead()
         self._template = None
-        self._head_key = data[:data.find(b"\r\n\r\n") + 4]
+        self._head_key = key
         self._parser = self._full_parser
 
     def _new_bare_parser(self) -> httptools.HttpResponseParser:
@@ -656,42 +677,19 @@ class UpstreamConnection(asyncio.Protocol):
         if self.response_complete:
             self._spent = True  # a second response we never asked for
             return
-        template = self._template
-        if template is None:
+        response = self._template
+        if response is None:
             self._head_parsed()  # (the full parser's)
             return
-        # the bare parser's: a head seen before, whole in the first read; its template says
-        # what the full parser found in the same bytes (status line, headers, keep-alive)
-        response = self._response
-        (response.status, response.close, response.lines, response.content_length, response.chunked,
-         response.connection, response.rewritable, response.reason, _) = template
+        # the bare parser's: a head seen before, whole in the first read; the memo's head
+        # (self._response already) says what the full parser found in the same bytes (status
+        # line, headers, keep-alive)
         if response.close:
             self._spent = True
-        data = self._head_buf
         self._head_buf = b""
-        if self.received <= _RAW_KEPT:
-            response.raw = data
-        else:
-            response.keep_raw(data, False, False)
         self._header_done = self._head_ready = True
         if self._head_only or response.status in (204, 304):
             self._complete_now_without_body()
-
-    def _replay(self, data: bytes, head: bytes) -> None:
-        """The first read holds a head seen before (``head``) and exactly the body its
-        Content-Length announces, nothing more: the parser's part is known, so it is played
-        here, the callbacks it would make for these bytes (the head, one body chunk, the end)
-        without running it. The head's bytes were validated when they were first parsed, and
-        llhttp does not look into a body of known length. (The parser, not fed, stays at the
-        start of a message.)"""
-        self.on_headers_complete()
-        # (then on_body's and on_message_complete's part, for the body before the handler
-        # accepted it, of a response that is neither HEAD's nor without a body)
-        body = data[len(head):]
-        if body:
-            self.body_received = len(body)
-            self._early_body = body
-        self.response_complete = True
 
     def _head_parsed(self) -> None:
         """on_headers_complete for the full parser: the head was noted header by header."""
@@ -753,9 +751,7 @@ class UpstreamConnection(asyncio.Protocol):
             whole = len(key) + length if length is not None else -1
             if response.status in (204, 304) or key.count(b"\n") != key.count(b"\r\n"):
                 whole = -1
-            HEADS[key] = (response.status, response.close, response.lines, response.content_length,
-                          response.chunked, response.connection, response.rewritable, response.reason,
-                          whole)
+            HEADS[key] = (response.remembered(key), whole)
 
     def on_body(self, data: bytes) -> None:
         if self.response_complete:
