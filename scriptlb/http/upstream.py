@@ -183,6 +183,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_read_timeout",
         "_response",
         "_send_timeout",
+        "_sink",
         "_spent",
         "_template",
         "_timer",
@@ -273,6 +274,9 @@ class UpstreamConnection(asyncio.Protocol):
         # chunk there: no list made for it.)
         self._early_body: bytes | None = b""
         self._early_more: list[bytes] | None = None
+        # where stream_to sends the body chunks that come after it (set only then, cleared
+        # when the response ends: a pooled connection keeps no client alive)
+        self._sink: Callable[[bytes], object] | None = None
         # this connection carries no further request: we asked the peer to close (Connection:
         # close) or spoke HTTP/1.0 to it, the peer said it closes, bytes came after a
         # response's end, or it is closed
@@ -395,7 +399,7 @@ class UpstreamConnection(asyncio.Protocol):
         # (and feeding) the cyclic garbage collector, whose full passes stall the loop under
         # many connections.
         self._parser = self._full_parser = self._bare_parser = None
-        self._owner = self._handler = None
+        self._owner = self._handler = self._sink = None
         self.on_writable = None
         self.on_idle_lost = None
 
@@ -543,17 +547,24 @@ class UpstreamConnection(asyncio.Protocol):
     def write_buffer_full(self) -> bool:
         return self._write_paused
 
-    def stream_to(self, handler: UpstreamHandler) -> None:
-        """The handler accepts the body: hand over what arrived with the head, then stream."""
+    def stream_to(self, handler: UpstreamHandler, sink: Callable[[bytes], object] | None = None) -> None:
+        """The handler accepts the body: hand over what arrived with the head, then stream.
+        The body goes to ``sink``, the handler's ``upstream_body`` unless given (the client's
+        own send when nothing sits between: one call less per chunk)."""
+        if sink is None:
+            sink = handler.upstream_body
         early = self._early_body
         self._early_body = None
         if early:
-            handler.upstream_body(early)
+            sink(early)
             if self._early_more is not None:
-                self._hand_over_more(handler)
-        if self.response_complete and self._handler is not None:
-            self._handler = None
-            handler.upstream_complete()
+                self._hand_over_more(sink)
+        if self.response_complete:
+            if self._handler is not None:
+                self._handler = None
+                handler.upstream_complete()
+        else:
+            self._sink = sink  # (the rest of the body: on_body)
 
     def pause_reading(self) -> None:
         if not self._read_paused and self.transport is not None and self.state is ACTIVE:
@@ -612,7 +623,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = CLOSED
         self._spent = True
         self._cancel_timer()
-        self._handler = self._owner = None
+        self._handler = self._owner = self._sink = None
         self._parser = self._full_parser = self._bare_parser = None
         self.on_writable = self.on_idle_lost = None
         data, self.upgraded_data = self.upgraded_data, b""
@@ -760,9 +771,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.body_received += len(data)
         early = self._early_body
         if early is None:  # (streaming)
-            handler = self._handler
-            if handler is not None:  # (not if dropped by the handler while this read is parsed)
-                handler.upstream_body(data)
+            if self._handler is not None:  # (not if dropped by the handler while this read is parsed)
+                self._sink(data)  # type: ignore[misc]  # (stream_to set it: _early_body is None)
         elif not early:
             self._early_body = data  # (stream_to hands it on)
         elif self._early_more is None:
@@ -770,12 +780,12 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._early_more.append(data)
 
-    def _hand_over_more(self, handler: UpstreamHandler) -> None:
+    def _hand_over_more(self, sink: Callable[[bytes], object]) -> None:
         """stream_to's part for the body chunks after the first that came with the head."""
         more = self._early_more
         self._early_more = None
         for chunk in more or ():
-            handler.upstream_body(chunk)
+            sink(chunk)
 
     def on_message_complete(self) -> None:
         # (not after a 1xx head: the real response follows; after the 101 we take too: llhttp
@@ -788,7 +798,7 @@ class UpstreamConnection(asyncio.Protocol):
         the handler may reuse this very connection for the next request right away."""
         handler = self._handler
         if self._early_body is None and self.response_complete and handler is not None:
-            self._handler = None
+            self._handler = self._sink = None
             handler.upstream_complete()
 
     # ------------------------------------------------------------------ internals

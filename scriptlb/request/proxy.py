@@ -634,7 +634,9 @@ class UpstreamRequest:
             client.send_head(status, headers, response.content_length, reason=response.reason)
         else:
             self._send_head_edited(ex, response, headers)
-        conn.stream_to(self)  # the body that came with the head goes out with it
+        # the body that came with the head goes out with it; straight to the client unless
+        # body filters sit between
+        conn.stream_to(self, client.send_body if self._rate is None else self.upstream_body)
         if self.attempt is attempt:  # still streaming: not completed by stream_to
             client.flush()
             if client.writing_paused:
