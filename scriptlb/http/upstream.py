@@ -330,7 +330,8 @@ class UpstreamConnection(asyncio.Protocol):
                     # the parser need not call on_header for each header. (No "\r\n\r\n" in
                     # the read: a short key no head is kept under.)
                     try:
-                        key = data[:data.find(b"\r\n\r\n") + 4]
+                        end = data.find(b"\r\n\r\n") + 4
+                        key = data[:end]
                         response, whole = HEADS[key]
                     except KeyError:
                         self._head_unknown(data, key)
@@ -348,10 +349,9 @@ class UpstreamConnection(asyncio.Protocol):
                             if response.close:
                                 self._spent = True
                             self._header_done = self.response_complete = True
-                            body = data[len(key):]
-                            if body:
-                                self.body_received = len(body)
-                                self._early_body = body
+                            # (no body: b"" and 0, as start left them)
+                            self._early_body = data[end:]
+                            self.body_received = whole - end  # (the Content-Length)
                             self._handler.upstream_head(response)  # type: ignore[union-attr]
                             return
                         self._head_buf = data
