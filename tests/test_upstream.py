@@ -512,3 +512,33 @@ def test_the_memo_is_bounded(loop: asyncio.AbstractEventLoop) -> None:
         send(conn)
         conn.data_received(b"HTTP/1.1 200 OK\r\nX-Request-Id: %d\r\nContent-Length: 0\r\n\r\n" % i)
     assert 0 < len(upstream.HEADS) <= 256
+
+
+@pytest.mark.parametrize("response", [response for kept, response in _REMEMBERED_HEADS if kept])
+def test_a_head_seen_before_on_the_same_connection_reads_the_same(
+        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch, response: bytes) -> None:
+    """A connection knows the last head it found in the memo by its bytes alone (no look-up):
+    the same response again on it reads as the full parser read it the first time."""
+    calls: list[bytes] = []
+    full = UpstreamConnection.on_header
+
+    def counted(self: UpstreamConnection, name: bytes, value: bytes) -> None:
+        calls.append(name)
+        full(self, name, value)
+
+    monkeypatch.setattr(UpstreamConnection, "on_header", counted)
+    upstream.HEADS.clear()
+    conn, _ = connect(loop)
+    seen = []
+    per_read = []
+    for _ in range(3):
+        handler = send(conn)
+        conn.data_received(response)
+        seen.append(_seen(handler))
+        per_read.append(len(calls))
+        if not conn.park(0):
+            break  # (a response that ends the connection: once is all it gets)
+        conn.state = ConnState.ACTIVE  # (what the pool's acquire does)
+        upstream.HEADS.clear()  # (only the connection's own memory of the head is left)
+    assert all(one == seen[0] for one in seen)
+    assert per_read[0] > 0 and all(count == per_read[0] for count in per_read)  # one full parse

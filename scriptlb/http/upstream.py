@@ -128,8 +128,8 @@ _TIMED_OUT = "upstream timed out (110: Connection timed out)"
 # response that comes with the same head bytes (nobody changes one once its parser is done:
 # a per-response object less); and the length of the whole response, the key and the body
 # its Content-Length announces, when the key is exactly the head (lines ended by CR LF) and
-# the status allows a body, else -1 (see data_received's replay)
-HeadTemplate = tuple[ResponseHead, int]
+# the status allows a body, else -1 (see data_received's replay); and the key's length
+HeadTemplate = tuple[ResponseHead, int, int]
 # The heads seen lately (every upstream connection of the worker), by their bytes from the
 # status line to the empty line that ends them: a response whose first read starts with one
 # of them needs no callback per header (see data_received). Bounded, since peers choose them.
@@ -182,6 +182,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_read_paused",
         "_read_timeout",
         "_response",
+        "_seen",
+        "_seen_key",
         "_send_timeout",
         "_sink",
         "_spent",
@@ -256,6 +258,13 @@ class UpstreamConnection(asyncio.Protocol):
         # cookie or id): it would only add its look-up to every response
         self._memo_on = True
         self._memo_misses = 0
+        # the last head this connection found in HEADS, and its template: a peer sends the
+        # same head again and again (until Date turns), and a read that starts with it is
+        # known at the cost of comparing bytes, without cutting the key out and hashing it.
+        # (A key ends at its first empty line, so a read that starts with it has that head.
+        # None yet: the empty tuple, a prefix nothing starts with.)
+        self._seen_key: bytes | tuple[()] = ()
+        self._seen: HeadTemplate | None = None
         # the parser may be inside a message (none yet, or the last response was to a HEAD:
         # llhttp waits for a body we ended ourselves): the next request needs a new one
         self._needs_parser = True
@@ -327,15 +336,10 @@ class UpstreamConnection(asyncio.Protocol):
                 elif self._memo_on:  # the response's first read
                     # if its head is byte for byte one parsed before (HEADS: Date changes once
                     # a second, the rest of a peer's head seldom), what it says is known, and
-                    # the parser need not call on_header for each header. (No "\r\n\r\n" in
-                    # the read: a short key no head is kept under.)
-                    try:
-                        end = data.find(b"\r\n\r\n") + 4
-                        key = data[:end]
-                        response, whole = HEADS[key]
-                    except KeyError:
-                        self._head_unknown(data, key)
-                    else:
+                    # the parser need not call on_header for each header
+                    template = self._seen if data.startswith(self._seen_key) else self._recall(data)
+                    if template is not None:
+                        response, whole, end = template
                         self._response = response
                         if len(data) == whole and not self._head_only:
                             # The read holds that head and exactly the body its Content-Length
@@ -508,6 +512,18 @@ class UpstreamConnection(asyncio.Protocol):
         self._needs_parser = False
         self._parser = self._full_parser = _response_parser(self)
         self._bare_parser = None  # (made again when a head seen before comes)
+
+    def _recall(self, data: bytes) -> HeadTemplate | None:
+        """The template of a response's first read whose head is not this connection's last
+        one, from HEADS (then it is the last one); None if not there: the full parser reads
+        it (_head_unknown). (No "\r\n\r\n" in the read: a short key no head is kept under.)"""
+        key = data[:data.find(b"\r\n\r\n") + 4]
+        template = HEADS.get(key)
+        if template is None:
+            self._head_unknown(data, key)
+        else:
+            self._seen_key, self._seen = key, template
+        return template
 
     def _head_unknown(self, data: bytes, key: bytes) -> None:
         """A response's first read whose head (``key``) is not in HEADS: the full parser reads
@@ -762,7 +778,8 @@ class UpstreamConnection(asyncio.Protocol):
             whole = len(key) + length if length is not None else -1
             if response.status in (204, 304) or key.count(b"\n") != key.count(b"\r\n"):
                 whole = -1
-            HEADS[key] = (response.remembered(key), whole)
+            HEADS[key] = self._seen = (response.remembered(key), whole, len(key))
+            self._seen_key = key
 
     def on_body(self, data: bytes) -> None:
         if self.response_complete:
