@@ -14,9 +14,10 @@ answers through that handler, never through futures (no task wake-up per request
 
 * ``upstream_head(response)`` once the response head is parsed (after ``feed_data`` returned,
   so the handler never runs inside a parser callback). The handler either accepts the body
-  with ``stream_to(handler)`` — body bytes that arrived with the head are delivered then, and
-  from then on every decoded chunk goes straight to ``upstream_body`` — or drops the connection
-  (``abort``) to try another peer;
+  with ``stream_to(handler, sink)`` — body bytes that arrived with the head are delivered then,
+  and from then on every decoded chunk goes straight to ``sink`` (the client's send when no
+  body filter sits between; the handler's ``upstream_body`` by default) — or drops the
+  connection (``abort``) to try another peer;
 * ``upstream_complete()`` at the end of the body;
 * ``upstream_failed(err)`` exactly once if anything goes wrong, with an ``UpstreamError``
   carrying the nginx failure kind (error / timeout / invalid_header), nginx's log text and the
