@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from scriptlb.balancing import create_balancer
+from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.round_robin import RoundRobin
 from scriptlb.config.model import (
     AccessLogConf,
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 
 Getter = Callable[[Any], str]
 
+_new_state = object.__new__  # (a BalancerState without its Python __init__: see balancer_request)
+
 # Client headers never forwarded as they are: hop-by-hop ones, the framing we redo, and Expect
 # (we answer 100-continue ourselves), as nginx's default proxy_set_header list does.
 _NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"expect"}
@@ -75,7 +78,7 @@ class UpstreamRuntime:
 
     __slots__ = (
         "_hook_pool", "balancer", "conf", "hook", "key_getter", "loop", "name", "observe", "peers", "pool",
-        "stats",
+        "round_robin_state", "stats",
     )
 
     def __init__(
@@ -88,6 +91,10 @@ class UpstreamRuntime:
         self.peers = PeerSet.from_conf(conf)
         self.balancer = create_balancer(conf, self.peers)
         self.key_getter = _balancer_key_getter(self.balancer, conf)
+        # round robin's per-request state (or a method's that inherits it, unkeyed): made by
+        # balancer_request itself
+        self.round_robin_state = (self.key_getter is None
+                                  and getattr(type(self.balancer), "new_request", None) is RoundRobin.new_request)
         self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests,
                                    conf.keepalive_time)
         # this upstream's records in the instance's live peer statistics (python_peer_stats)
@@ -148,6 +155,19 @@ class UpstreamRuntime:
         stats = self.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
             self.refresh_weights()
+        if self.round_robin_state:
+            # RoundRobin.new_request inlined (keep both alike): round robin's state, and that
+            # of the methods built on it, made here rather than one call further
+            peers = self.balancer.peers
+            tries = peers.tries
+            state = _new_state(BalancerState)
+            state.peer_set = peers
+            state.tries = tries_cap if tries_cap and tries > tries_cap else tries
+            if peers.only is None:
+                state.tried = 0
+                state.on_backup = False
+                state.current = None
+            return state
         key_getter = self.key_getter
         if key_getter is None:
             return self.balancer.new_request(tries_cap)
