@@ -74,6 +74,7 @@ class RoundRobin:
         if single is not None:
             # A single peer ignores max_fails: there is nothing else to send the request to
             # (nor a backup: a single peer has none).
+            # (the tries loop takes a usable single peer itself, without a call: keep both alike)
             if single.down or (single.max_conns and single.conns >= single.max_conns):
                 return None  # (Peer.is_full, inlined)
             single.conns += 1

@@ -377,10 +377,17 @@ class UpstreamRequest:
             if outcome is None:
                 return  # (the hook ended the request: ngx.exit)
         if outcome is None or outcome.addr is None:
-            peer = upstream.balancer.get(self.balancer_state, ex.conn.loop.time())
-            if peer is None:
-                self._no_live_upstreams(outcome)
-                return
+            state = self.balancer_state
+            peer = state.peer_set.only if upstream.round_robin_get else None
+            if peer is not None and not peer.down and not peer.max_conns:
+                # round robin's get for nginx's single peer, inlined (the one-server upstream):
+                # nothing to choose, no clock to read
+                peer.conns += 1
+            else:
+                peer = upstream.balancer.get(state, ex.conn.loop.time())
+                if peer is None:
+                    self._no_live_upstreams(outcome)
+                    return
             name = peer.name
             if self._local_addr is None and ex.location.tls is None:
                 # the usual try: the pool key is the peer's address text

@@ -78,7 +78,7 @@ class UpstreamRuntime:
 
     __slots__ = (
         "_hook_pool", "balancer", "conf", "hook", "key_getter", "loop", "name", "observe", "peers", "pool",
-        "round_robin_state", "stats",
+        "round_robin_get", "round_robin_state", "stats",
     )
 
     def __init__(
@@ -95,6 +95,9 @@ class UpstreamRuntime:
         # balancer_request itself
         self.round_robin_state = (self.key_getter is None
                                   and getattr(type(self.balancer), "new_request", None) is RoundRobin.new_request)
+        # round robin's get (or a method's that inherits it): the tries loop takes a single
+        # peer itself
+        self.round_robin_get = getattr(type(self.balancer), "get", None) is RoundRobin.get
         self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests,
                                    conf.keepalive_time)
         # this upstream's records in the instance's live peer statistics (python_peer_stats)
