@@ -622,8 +622,7 @@ class UpstreamRequest:
     # ------------------------------------------------------------------ UpstreamHandler callbacks
 
     def upstream_head(self, response: ResponseHead) -> None:
-        attempt = self.attempt
-        assert attempt is not None
+        attempt: Attempt = self.attempt  # type: ignore[assignment]  # (a head comes to a try in progress)
         attempt.header_time = clock() - attempt.started
         attempt.status = status = response.status
         # (a 200 without Location, Refresh or X-Accel-* goes to the client as it is: the usual
@@ -631,8 +630,7 @@ class UpstreamRequest:
         if (status != 200 or response.rewritable) and self._diverted(attempt, response):
             return
         # give the client this response, streaming its body with back-pressure
-        conn = attempt.conn
-        assert conn is not None
+        conn: UpstreamConnection = attempt.conn  # type: ignore[assignment]  # (the head came on it)
         ex = self.exchange
         ex.status = status
         ex.upstream_headers = response  # (its pairs, parsed if something reads them)

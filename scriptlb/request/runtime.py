@@ -93,11 +93,12 @@ class UpstreamRuntime:
         self.key_getter = _balancer_key_getter(self.balancer, conf)
         # round robin's per-request state (or a method's that inherits it, unkeyed): made by
         # balancer_request itself
+        method = type(self.balancer)
         self.round_robin_state = (self.key_getter is None
-                                  and getattr(type(self.balancer), "new_request", None) is RoundRobin.new_request)
+                                  and getattr(method, "new_request", None) is RoundRobin.new_request)
         # round robin's get (or a method's that inherits it): the tries loop takes a single
         # peer itself
-        self.round_robin_get = getattr(type(self.balancer), "get", None) is RoundRobin.get
+        self.round_robin_get = getattr(method, "get", None) is RoundRobin.get
         self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests,
                                    conf.keepalive_time)
         # this upstream's records in the instance's live peer statistics (python_peer_stats)
@@ -296,7 +297,9 @@ class RequestPlan:
         request = exchange.request
         target = request.target
         last = self._last_fields
-        if (self.repeats and target[:1] == b"/" and last[1] == exchange.headers and last[0] == exchange.method
+        # (no test of self.repeats: without it the memo keeps its first value, whose method
+        # "" matches no request)
+        if (target[:1] == b"/" and last[1] == exchange.headers and last[0] == exchange.method
                 and last[2] == request.connection):
             return last[3] + target + last[4]
         return self._build_head(exchange, None, False)
