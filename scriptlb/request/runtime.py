@@ -78,7 +78,7 @@ class UpstreamRuntime:
 
     __slots__ = (
         "_hook_pool", "balancer", "conf", "hook", "key_getter", "loop", "name", "observe", "peers", "pool",
-        "round_robin_get", "round_robin_state", "stats",
+        "round_robin_get", "round_robin_state", "single_state", "stats",
     )
 
     def __init__(
@@ -119,6 +119,23 @@ class UpstreamRuntime:
             from scriptlb.hookrt.hooks import HookRunner
 
             self.hook = HookRunner(conf.hook, self, python)
+        self.single_state = self._single_peer_state()
+
+    def _single_peer_state(self) -> BalancerState | None:
+        """The balancer state every request shares for nginx's single peer under round robin
+        (or a method built on it) when no hook runs: such a request has nothing to choose,
+        nothing to remember and never a second try (round robin's free spends the budget), so
+        its budget reads 0 from the start. The budget's readers see what they saw with a state
+        of their own: the retry decisions (after the free, or "this try excluded": nothing
+        left either way); a hook (set_more_tries) would read and change it, hence none. One
+        object fewer per request. None otherwise."""
+        peers = self.balancer.peers
+        if not self.round_robin_state or self.hook is not None or peers.only is None:
+            return None
+        state = _new_state(BalancerState)
+        state.peer_set = peers
+        state.tries = 0
+        return state
 
     def hook_pool(self, idle_timeout: float, max_requests: int) -> ConnectionPool:
         """OpenResty's pool for hook-set peers: ``balancer_keepalive`` connections (default 32) per
@@ -143,6 +160,7 @@ class UpstreamRuntime:
             self.stats.rebind()
             self.stats.assign_indexes(self.peers.primary, self.peers.backup)
         self.balancer.rebuild(self.peers)
+        self.single_state = self._single_peer_state()
 
     def refresh_weights(self) -> None:
         """Take weights hooks set (``upstream.set_peer_weight``, in any worker) since the last
@@ -159,6 +177,9 @@ class UpstreamRuntime:
         stats = self.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
             self.refresh_weights()
+        state = self.single_state
+        if state is not None:
+            return state
         if self.round_robin_state:
             # RoundRobin.new_request inlined (keep both alike): round robin's state, and that
             # of the methods built on it, made here rather than one call further
