@@ -127,10 +127,11 @@ class UpstreamRuntime:
         nothing to remember and never a second try (round robin's free spends the budget), so
         its budget reads 0 from the start. The budget's readers see what they saw with a state
         of their own: the retry decisions (after the free, or "this try excluded": nothing
-        left either way); a hook (set_more_tries) would read and change it, hence none. One
-        object fewer per request. None otherwise."""
+        left either way); a hook (set_more_tries) would read and change it, hence none when
+        the upstream has one (balancer_request tests it per request). One object fewer per
+        request. None when the upstream has more than one peer or another method."""
         peers = self.balancer.peers
-        if not self.round_robin_state or self.hook is not None or peers.only is None:
+        if not self.round_robin_state or peers.only is None:
             return None
         state = _new_state(BalancerState)
         state.peer_set = peers
@@ -178,7 +179,7 @@ class UpstreamRuntime:
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
             self.refresh_weights()
         state = self.single_state
-        if state is not None:
+        if state is not None and self.hook is None:  # (see _single_peer_state)
             return state
         if self.round_robin_state:
             # RoundRobin.new_request inlined (keep both alike): round robin's state, and that
