@@ -396,8 +396,7 @@ class Exchange:
                 if self._early_status:
                     self.finish_with_page(self._early_status)
                     return
-                location = self.location
-                upstream = location.plain_upstream
+                upstream = self.location.plain_upstream
                 if upstream is not None:  # (the usual location: no phase before the proxy has work)
                     UpstreamRequest(self, upstream)  # (it is upstream_request, and starts, at once)
                     return
