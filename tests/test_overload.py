@@ -193,12 +193,15 @@ def test_a_bug_in_a_callback_is_an_alert_and_a_502(tmp_path: Path, capfd, monkey
 
 def test_a_bug_after_the_response_started_closes_the_client(tmp_path: Path, monkeypatch) -> None:
     """Once the client has the head, a bug cannot become a 502: the connection is closed."""
-    from scriptlb.request.proxy import UpstreamRequest
+    from scriptlb.http.downstream import ClientConnection
 
-    def broken(self: UpstreamRequest, data: bytes) -> None:
+    # (the peer's body chunks go straight to the client connection's send_body: the bug is
+    # planted there, once the head is out)
+    def broken(self: ClientConnection, data: bytes) -> None:
+        self.flush()
         raise RuntimeError("planted bug in the body")
 
-    monkeypatch.setattr(UpstreamRequest, "upstream_body", broken)
+    monkeypatch.setattr(ClientConnection, "send_body", broken)
     with Backends(respond(body=b"x" * 1000)) as bk, \
             Scriptlb(CONF, tmp_path, tmp=tmp_path, servers=servers(bk[0].addr)) as lb:
         with HttpConnection(lb.port) as conn:
