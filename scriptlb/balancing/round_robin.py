@@ -51,7 +51,8 @@ class RoundRobin:
 
     def new_request(self, tries_cap: int, key: str | bytes | None = None) -> BalancerState:
         # (no key: not hashed; initial_tries and BalancerState's constructor inlined, once
-        # per request: a class's Python __init__ costs more than its stores)
+        # per request: a class's Python __init__ costs more than its stores; the tries loop's
+        # UpstreamRuntime.balancer_request makes the same state inline: keep both alike)
         peers = self.peers
         tries = peers.tries
         state = _new_state(BalancerState)
@@ -73,6 +74,7 @@ class RoundRobin:
         if single is not None:
             # A single peer ignores max_fails: there is nothing else to send the request to
             # (nor a backup: a single peer has none).
+            # (the tries loop takes a usable single peer itself, without a call: keep both alike)
             if single.down or (single.max_conns and single.conns >= single.max_conns):
                 return None  # (Peer.is_full, inlined)
             single.conns += 1

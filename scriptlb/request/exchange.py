@@ -93,7 +93,7 @@ class Exchange:
         "keepalive_timeout",
         "limit",
         "location",
-        "max_body_size",
+        "max_body_size",  # (with body_timeout: set for a request with a body alone)
         "method",
         "proxy_host",  # $proxy_host (unset until proxying starts)
         "proxy_port",  # set by proxy_pass with variables only ($proxy_port reads the location's)
@@ -164,10 +164,12 @@ class Exchange:
             location = self._route_target(route)
         if conn.refusal is not None and not self._early_status:
             self._refuse(conn.refusal)
-        # what the client connection reads (plain attributes: read on every request)
+        # what the client connection reads (plain attributes: read on every request; the
+        # body's two only for a request with a body, and set only then)
         conf = location.conf
-        self.max_body_size = conf.client_max_body_size  # 0 = unlimited
-        self.body_timeout = conf.client_body_timeout
+        if request.has_body:
+            self.max_body_size = conf.client_max_body_size  # 0 = unlimited
+            self.body_timeout = conf.client_body_timeout
         self.keepalive_requests = conf.keepalive_requests
         # keepalive_time (the connection's age), then keepalive_disable (browsers: None when
         # it has no rule for this method, the usual case)
@@ -394,8 +396,7 @@ class Exchange:
                 if self._early_status:
                     self.finish_with_page(self._early_status)
                     return
-                location = self.location
-                upstream = location.plain_upstream
+                upstream = self.location.plain_upstream
                 if upstream is not None:  # (the usual location: no phase before the proxy has work)
                     UpstreamRequest(self, upstream)  # (it is upstream_request, and starts, at once)
                     return

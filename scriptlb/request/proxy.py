@@ -372,10 +372,17 @@ class UpstreamRequest:
             if outcome is None:
                 return  # (the hook ended the request: ngx.exit)
         if outcome is None or outcome.addr is None:
-            peer = upstream.balancer.get(self.balancer_state, ex.conn.loop.time())
-            if peer is None:
-                self._no_live_upstreams(outcome)
-                return
+            state = self.balancer_state
+            peer = state.peer_set.only if upstream.round_robin_get else None
+            if peer is not None and not peer.down and not peer.max_conns:
+                # round robin's get for nginx's single peer, inlined (the one-server upstream):
+                # nothing to choose, no clock to read
+                peer.conns += 1
+            else:
+                peer = upstream.balancer.get(state, ex.conn.loop.time())
+                if peer is None:
+                    self._no_live_upstreams(outcome)
+                    return
             name = peer.name
             if self._local_addr is None and ex.location.tls is None:
                 # the usual try: the pool key is the peer's address text
@@ -610,8 +617,7 @@ class UpstreamRequest:
     # ------------------------------------------------------------------ UpstreamHandler callbacks
 
     def upstream_head(self, response: ResponseHead) -> None:
-        attempt = self.attempt
-        assert attempt is not None
+        attempt: Attempt = self.attempt  # type: ignore[assignment]  # (a head comes to a try in progress)
         attempt.header_time = clock() - attempt.started
         attempt.status = status = response.status
         # (a 200 without Location, Refresh or X-Accel-* goes to the client as it is: the usual
@@ -619,8 +625,7 @@ class UpstreamRequest:
         if (status != 200 or response.rewritable) and self._diverted(attempt, response):
             return
         # give the client this response, streaming its body with back-pressure
-        conn = attempt.conn
-        assert conn is not None
+        conn: UpstreamConnection = attempt.conn  # type: ignore[assignment]  # (the head came on it)
         ex = self.exchange
         ex.status = status
         ex.upstream_headers = response  # (its pairs, parsed if something reads them)

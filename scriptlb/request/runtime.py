@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from scriptlb.balancing import create_balancer
+from scriptlb.balancing.base import BalancerState
 from scriptlb.balancing.round_robin import RoundRobin
 from scriptlb.config.model import (
     AccessLogConf,
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 
 Getter = Callable[[Any], str]
 
+_new_state = object.__new__  # (a BalancerState without its Python __init__: see balancer_request)
+
 # Client headers never forwarded as they are: hop-by-hop ones, the framing we redo, and Expect
 # (we answer 100-continue ourselves), as nginx's default proxy_set_header list does.
 _NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"expect"}
@@ -75,7 +78,7 @@ class UpstreamRuntime:
 
     __slots__ = (
         "_hook_pool", "balancer", "conf", "hook", "key_getter", "loop", "name", "observe", "peers", "pool",
-        "stats",
+        "round_robin_get", "round_robin_state", "single_state", "stats",
     )
 
     def __init__(
@@ -88,6 +91,14 @@ class UpstreamRuntime:
         self.peers = PeerSet.from_conf(conf)
         self.balancer = create_balancer(conf, self.peers)
         self.key_getter = _balancer_key_getter(self.balancer, conf)
+        # round robin's per-request state (or a method's that inherits it, unkeyed): made by
+        # balancer_request itself
+        method = type(self.balancer)
+        self.round_robin_state = (self.key_getter is None
+                                  and getattr(method, "new_request", None) is RoundRobin.new_request)
+        # round robin's get (or a method's that inherits it): the tries loop takes a single
+        # peer itself
+        self.round_robin_get = getattr(method, "get", None) is RoundRobin.get
         self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests,
                                    conf.keepalive_time)
         # this upstream's records in the instance's live peer statistics (python_peer_stats)
@@ -108,6 +119,24 @@ class UpstreamRuntime:
             from scriptlb.hookrt.hooks import HookRunner
 
             self.hook = HookRunner(conf.hook, self, python)
+        self.single_state = self._single_peer_state()
+
+    def _single_peer_state(self) -> BalancerState | None:
+        """The balancer state every request shares for nginx's single peer under round robin
+        (or a method built on it) when no hook runs: such a request has nothing to choose,
+        nothing to remember and never a second try (round robin's free spends the budget), so
+        its budget reads 0 from the start. The budget's readers see what they saw with a state
+        of their own: the retry decisions (after the free, or "this try excluded": nothing
+        left either way); a hook (set_more_tries) would read and change it, hence none when
+        the upstream has one (balancer_request tests it per request). One object fewer per
+        request. None when the upstream has more than one peer or another method."""
+        peers = self.balancer.peers
+        if not self.round_robin_state or peers.only is None:
+            return None
+        state = _new_state(BalancerState)
+        state.peer_set = peers
+        state.tries = 0
+        return state
 
     def hook_pool(self, idle_timeout: float, max_requests: int) -> ConnectionPool:
         """OpenResty's pool for hook-set peers: ``balancer_keepalive`` connections (default 32) per
@@ -132,6 +161,7 @@ class UpstreamRuntime:
             self.stats.rebind()
             self.stats.assign_indexes(self.peers.primary, self.peers.backup)
         self.balancer.rebuild(self.peers)
+        self.single_state = self._single_peer_state()
 
     def refresh_weights(self) -> None:
         """Take weights hooks set (``upstream.set_peer_weight``, in any worker) since the last
@@ -148,6 +178,22 @@ class UpstreamRuntime:
         stats = self.stats
         if stats is not None and stats.words[WEIGHT_GENERATION] != stats.generation:
             self.refresh_weights()
+        state = self.single_state
+        if state is not None and self.hook is None:  # (see _single_peer_state)
+            return state
+        if self.round_robin_state:
+            # RoundRobin.new_request inlined (keep both alike): round robin's state, and that
+            # of the methods built on it, made here rather than one call further
+            peers = self.balancer.peers
+            tries = peers.tries
+            state = _new_state(BalancerState)
+            state.peer_set = peers
+            state.tries = tries_cap if tries_cap and tries > tries_cap else tries
+            if peers.only is None:
+                state.tried = 0
+                state.on_backup = False
+                state.current = None
+            return state
         key_getter = self.key_getter
         if key_getter is None:
             return self.balancer.new_request(tries_cap)
@@ -273,7 +319,9 @@ class RequestPlan:
         request = exchange.request
         target = request.target
         last = self._last_fields
-        if (self.repeats and target[:1] == b"/" and last[1] == exchange.headers and last[0] == exchange.method
+        # (no test of self.repeats: without it the memo keeps its first value, whose method
+        # "" matches no request)
+        if (target[:1] == b"/" and last[1] == exchange.headers and last[0] == exchange.method
                 and last[2] == request.connection):
             return last[3] + target + last[4]
         return self._build_head(exchange, None, False)
