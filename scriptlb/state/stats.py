@@ -950,8 +950,8 @@ class UpstreamStats:
     hook-set weights (one load when nothing changed). Balancers that cache weights (``hash``'s
     total) recompute them when it returns True; round robin and its kin read them live."""
 
-    __slots__ = ("backup", "finish", "generation", "name", "primary", "recorder", "start", "started", "stats",
-                 "words")
+    __slots__ = ("backup", "ended", "finish", "generation", "name", "primary", "recorder", "start", "started",
+                 "stats", "words")
 
     def __init__(self, recorder: Recorder, upstream: str) -> None:
         stats = self.stats = recorder.stats
@@ -965,6 +965,10 @@ class UpstreamStats:
         # the recorder's per-peer count of tries started: the http tries loop inlines ``start``
         # (``started[index] += 1``, then ``recorder.arm_flush()`` when ``recorder.timer`` is None)
         self.started = recorder.started
+        # ... and its per-peer lists of ended tries: the tries loop inlines ``finish`` for a
+        # try that went well (the tuple appended to ``ended[index]``; ``recorder.arm_flush()``
+        # when that list was empty and ``recorder.timer`` is None)
+        self.ended = recorder.ended
         self.words = stats._q  # for weights_stale's one load
 
     def passive_free(self, peer: Any, failed: bool, fails_before: int, now: float) -> bool:
