@@ -809,16 +809,25 @@ class Recorder:
         _count_codes(self.codes[index], statuses)
         self.sent[index] += sum(sent)
         self.received[index] += sum(received)
-        if None in headers:  # (a try without a response header: no sample)
+        # (None: a try without a response header, or whose time says nothing about the peer.
+        # sum raises at the first None: the Nones are then left out, and a batch without any,
+        # the usual, is not searched for them, a comparison per try)
+        try:
+            header_sum = sum(headers, self.header_sum[index])
+        except TypeError:
             headers = tuple(h for h in headers if h is not None)
+            header_sum = sum(headers, self.header_sum[index])
         if headers:
             self.header_samples[index] += len(headers)
-            self.header_sum[index] = sum(headers, self.header_sum[index])
-        if None in samples:  # (a try whose time says nothing about the peer)
+            self.header_sum[index] = header_sum
+        try:
+            sample_sum = sum(samples, self.sample_sum[index])
+        except TypeError:
             samples = tuple(s for s in samples if s is not None)
+            sample_sum = sum(samples, self.sample_sum[index])
         if samples:
             self.samples[index] += len(samples)
-            self.sample_sum[index] = sum(samples, self.sample_sum[index])
+            self.sample_sum[index] = sample_sum
             ordered = sorted(samples)
             if ordered[-1] > self.sample_max[index]:
                 self.sample_max[index] = ordered[-1]
