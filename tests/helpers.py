@@ -174,7 +174,12 @@ def release_closed_ports() -> None:
 @contextlib.contextmanager
 def master_process(prefix: Path, conf_file: Path) -> Iterator[subprocess.Popen[bytes]]:
     """``scriptlb -p prefix -c conf_file`` as a real master (the config says ``daemon off;``),
-    stopped gracefully (QUIT) when the block ends, whatever happened in it."""
+    stopped gracefully (QUIT) when the block ends, whatever happened in it. Its hooks get
+    ``HOOK_BUDGET`` unless the config sets a budget (``with_hook_budget``)."""
+    text = conf_file.read_text()
+    budgeted = with_hook_budget(text)
+    if budgeted != text:
+        conf_file.write_text(budgeted)
     proc = subprocess.Popen([sys.executable, "-m", "scriptlb", "-p", str(prefix), "-c", str(conf_file)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
