@@ -691,6 +691,10 @@ class Recorder:
     tally first and add what it has not published yet, so a hook always sees its own worker's
     tries. A worker killed outright loses its last batch.
 
+    A peer's ``ended`` list is non-empty only while a flush is due (``finish`` arms one after
+    appending, ``flush`` tallies every peer's): the tries loop, which appends a try that went
+    well itself, looks at the flush timer only when it finds that list empty.
+
     Indexes are dense (``index_of(slot)``): ``Peer.stats_index`` holds a peer's."""
 
     __slots__ = (
