@@ -158,14 +158,14 @@ class Attempt(TryRecord):
         self.pool = pool
         self.conn: UpstreamConnection | None = reused
         self.reused = reused is not None  # the connection came from the pool
-        if stats is not None:  # (without them stats_index stays unset: end reads it only with them)
+        if stats is not None:
             if peer is not None:
-                self.stats_index = index = peer.stats_index
-                # stats.start(index), inlined: one call less per try
-                stats.started[index] += 1
+                # stats.start(peer.stats_index), inlined: one call less per try (end finds the
+                # index on the peer again)
+                stats.started[peer.stats_index] += 1
                 if stats.recorder.timer is None:
                     stats.recorder.arm_flush()
-            else:
+            else:  # (a hook-set address: the index of its peer, -1 for none; unset without statistics)
                 self.stats_index = stats.start_address(name)
 
     def connect_addr(self) -> PeerAddr:
@@ -193,32 +193,57 @@ class Attempt(TryRecord):
         conn = self.conn
         self.conn = None
         peer = self.peer
-        self.peer = None
+        self.peer = None  # (also what keeps a second end from counting the try again)
         # (a stream session's PeerSide offers the same counts, copied from its StreamAttempt)
         if BYTE_COUNTS_READ[0] and conn is not None and conn.sent:
             self.bytes_sent = conn.sent
             self.bytes_received = conn.received
             self.response_length = conn.body_received
-        if outcome == DONE:  # (the usual end: the whole response went to the client)
-            sample: float | None = elapsed
-            counted = stats_failed = False
-            if upstream.observe is not None and peer is not None:
-                upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
-            if conn is not None:
-                pool = self.pool
-                if pool is not None:
-                    pool.release(conn)
-                else:
-                    conn.close()
+        if outcome != DONE or peer is None or conn is None:
+            return self._end_otherwise(upstream, tries, outcome, conn, peer, elapsed, failure, phase)
+        # the usual end: the balancer's peer sent the whole response, which went to the client
+        if upstream.observe is not None:
+            upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
+        pool = self.pool
+        if pool is not None:
+            pool.release(conn)
         else:
-            sample, counted, stats_failed = self._end_otherwise(upstream, outcome, conn, peer, elapsed,
+            conn.close()
+        stats = upstream.stats
+        if stats is not None:
+            # stats.finish(index, status, elapsed, False, sent, received, header_time), inlined:
+            # the try as Recorder.finish keeps it, with no call. A peer's list of ended tries
+            # is only non-empty while a flush is due (flush empties them all when it runs), so
+            # the flush timer needs a look only when the list is empty.
+            ended = stats.ended[peer.stats_index]
+            if not ended and stats.recorder.timer is None:
+                stats.recorder.arm_flush()
+            ended.append((self.status or 0, elapsed, conn.sent, conn.received, self.header_time))
+            if peer.fails:  # (a success may forgive a zone peer's shared failures)
+                disabled = _free_shared(upstream, tries.balancer_state, stats, peer, False)
+            else:
+                disabled = upstream.balancer.free(tries.balancer_state, peer, False, upstream.loop.time())
+        else:
+            disabled = upstream.balancer.free(tries.balancer_state, peer, False, upstream.loop.time())
+        if disabled:
+            self._disabled(tries, stats, peer, phase)
+        return None
+
+    def _end_otherwise(self, upstream: UpstreamRuntime, tries: TriesLoop, outcome: int,
+                       conn: UpstreamConnection | None, peer: Peer | None, elapsed: float,
+                       failure: Failure | None, phase: str) -> Failure | None:
+        """end for the outcomes other than the usual DONE (a failure, a retried status, a
+        broken or abandoned try, a tunnel, a hook-set address, a try without a connection)."""
+        sample, counted, stats_failed = self._settle_connection(upstream, outcome, conn, peer, elapsed,
                                                                 failure)
         stats = upstream.stats  # (an index is only given out with statistics)
-        index = -1
         if stats is not None:
-            index = self.stats_index
-            if index >= 0:
+            if peer is not None:
+                index = peer.stats_index
+            else:  # (a hook-set address; unset after a first end that had the balancer's peer)
+                index = getattr(self, "stats_index", -1)
                 self.stats_index = -1
+            if index >= 0:
                 status = 0 if outcome == FAILED else (self.status or 0)  # (FAILED: no response)
                 if conn is not None:
                     stats.finish(index, status, sample, stats_failed, conn.sent, conn.received,
@@ -231,23 +256,38 @@ class Attempt(TryRecord):
             else:
                 disabled = upstream.balancer.free(tries.balancer_state, peer, counted, upstream.loop.time())
             if disabled:
-                if index >= 0 and stats is not None:  # (index: with statistics only)
-                    stats.recorder.became_unavailable(index)
-                # this failure reached max_fails: nginx says so
-                exchange = tries.exchange
-                errorlog.log_error("warn", f"upstream server temporarily disabled while {phase}",
-                                   exchange.conn_id, exchange.log_context(peer.name))
+                self._disabled(tries, stats, peer, phase)
         elif failure is not None and tries.balancer_state.tries:
             tries.balancer_state.tries -= 1  # a hook-set peer: the budget is ours to count
         if failure is not None:
             tries.exchange.last_failure = (last_failure_state(failure), last_failure_status(failure))
         return failure
 
-    def _end_otherwise(self, upstream: UpstreamRuntime, outcome: int, conn: UpstreamConnection | None,
-                       peer: Peer | None, elapsed: float, failure: Failure | None
-                       ) -> tuple[float | None, bool, bool]:
-        """end's part for the outcomes other than DONE: the latency sample, whether the try
-        counts as a failure (for max_fails) and whether it failed (for the statistics)."""
+    @staticmethod
+    def _disabled(tries: TriesLoop, stats: UpstreamStats | None, peer: Peer, phase: str) -> None:
+        """This try's failure reached the peer's max_fails: the statistics count it, and nginx
+        says so."""
+        if stats is not None:
+            stats.recorder.became_unavailable(peer.stats_index)
+        exchange = tries.exchange
+        errorlog.log_error("warn", f"upstream server temporarily disabled while {phase}",
+                           exchange.conn_id, exchange.log_context(peer.name))
+
+    def _settle_connection(self, upstream: UpstreamRuntime, outcome: int, conn: UpstreamConnection | None,
+                           peer: Peer | None, elapsed: float, failure: Failure | None
+                           ) -> tuple[float | None, bool, bool]:
+        """_end_otherwise's first part: the observation, the connection released or closed,
+        and the latency sample, whether the try counts as a failure (for max_fails) and
+        whether it failed (for the statistics)."""
+        if outcome == DONE:  # (a hook-set address, or no connection)
+            if upstream.observe is not None and peer is not None:
+                upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
+            if conn is not None:
+                if self.pool is not None:
+                    self.pool.release(conn)
+                else:
+                    conn.close()
+            return elapsed, False, False
         if outcome == UPGRADED:
             sample = self.header_time  # (a tunnel's life says nothing about the peer's speed)
             if upstream.observe is not None and peer is not None and sample is not None:

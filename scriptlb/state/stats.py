@@ -691,6 +691,10 @@ class Recorder:
     tally first and add what it has not published yet, so a hook always sees its own worker's
     tries. A worker killed outright loses its last batch.
 
+    A peer's ``ended`` list is non-empty only while a flush is due (``finish`` arms one after
+    appending, ``flush`` tallies every peer's): the tries loop, which appends a try that went
+    well itself, looks at the flush timer only when it finds that list empty.
+
     Indexes are dense (``index_of(slot)``): ``Peer.stats_index`` holds a peer's."""
 
     __slots__ = (
@@ -809,16 +813,25 @@ class Recorder:
         _count_codes(self.codes[index], statuses)
         self.sent[index] += sum(sent)
         self.received[index] += sum(received)
-        if None in headers:  # (a try without a response header: no sample)
+        # (None: a try without a response header, or whose time says nothing about the peer.
+        # sum raises at the first None: the Nones are then left out, and a batch without any,
+        # the usual, is not searched for them, a comparison per try)
+        try:
+            header_sum = sum(headers, self.header_sum[index])
+        except TypeError:
             headers = tuple(h for h in headers if h is not None)
+            header_sum = sum(headers, self.header_sum[index])
         if headers:
             self.header_samples[index] += len(headers)
-            self.header_sum[index] = sum(headers, self.header_sum[index])
-        if None in samples:  # (a try whose time says nothing about the peer)
+            self.header_sum[index] = header_sum
+        try:
+            sample_sum = sum(samples, self.sample_sum[index])
+        except TypeError:
             samples = tuple(s for s in samples if s is not None)
+            sample_sum = sum(samples, self.sample_sum[index])
         if samples:
             self.samples[index] += len(samples)
-            self.sample_sum[index] = sum(samples, self.sample_sum[index])
+            self.sample_sum[index] = sample_sum
             ordered = sorted(samples)
             if ordered[-1] > self.sample_max[index]:
                 self.sample_max[index] = ordered[-1]
@@ -950,8 +963,8 @@ class UpstreamStats:
     hook-set weights (one load when nothing changed). Balancers that cache weights (``hash``'s
     total) recompute them when it returns True; round robin and its kin read them live."""
 
-    __slots__ = ("backup", "finish", "generation", "name", "primary", "recorder", "start", "started", "stats",
-                 "words")
+    __slots__ = ("backup", "ended", "finish", "generation", "name", "primary", "recorder", "start", "started",
+                 "stats", "words")
 
     def __init__(self, recorder: Recorder, upstream: str) -> None:
         stats = self.stats = recorder.stats
@@ -965,6 +978,10 @@ class UpstreamStats:
         # the recorder's per-peer count of tries started: the http tries loop inlines ``start``
         # (``started[index] += 1``, then ``recorder.arm_flush()`` when ``recorder.timer`` is None)
         self.started = recorder.started
+        # ... and its per-peer lists of ended tries: the tries loop inlines ``finish`` for a
+        # try that went well (the tuple appended to ``ended[index]``; ``recorder.arm_flush()``
+        # when that list was empty and ``recorder.timer`` is None)
+        self.ended = recorder.ended
         self.words = stats._q  # for weights_stale's one load
 
     def passive_free(self, peer: Any, failed: bool, fails_before: int, now: float) -> bool:
