@@ -51,8 +51,7 @@ class RoundRobin:
 
     def new_request(self, tries_cap: int, key: str | bytes | None = None) -> BalancerState:
         # (no key: not hashed; initial_tries and BalancerState's constructor inlined, once
-        # per request: a class's Python __init__ costs more than its stores; the tries loop's
-        # UpstreamRuntime.balancer_request makes the same state inline: keep both alike)
+        # per request: a class's Python __init__ costs more than its stores)
         peers = self.peers
         tries = peers.tries
         state = _new_state(BalancerState)

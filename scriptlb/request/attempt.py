@@ -279,17 +279,9 @@ class Attempt(TryRecord):
         """_end_otherwise's first part: the observation, the connection released or closed,
         and the latency sample, whether the try counts as a failure (for max_fails) and
         whether it failed (for the statistics)."""
-        if outcome == DONE:  # (a hook-set address, or no connection)
-            if upstream.observe is not None and peer is not None:
-                upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
-            if conn is not None:
-                if self.pool is not None:
-                    self.pool.release(conn)
-                else:
-                    conn.close()
-            return elapsed, False, False
-        if outcome == UPGRADED:
-            sample = self.header_time  # (a tunnel's life says nothing about the peer's speed)
+        if outcome in (DONE, UPGRADED):  # (DONE: a hook-set address, or no connection)
+            # a tunnel's life says nothing about the peer's speed: its sample is the head's time
+            sample = elapsed if outcome == DONE else self.header_time
             if upstream.observe is not None and peer is not None and sample is not None:
                 upstream.observe(peer, self.connect_time, self.header_time, sample, upstream.loop.time())
             if conn is not None:

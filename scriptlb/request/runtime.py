@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 Getter = Callable[[Any], str]
 
-_new_state = object.__new__  # (a BalancerState without its Python __init__: see balancer_request)
+_new_state = object.__new__  # (a BalancerState without its Python __init__)
 
 # Client headers never forwarded as they are: hop-by-hop ones, the framing we redo, and Expect
 # (we answer 100-continue ourselves), as nginx's default proxy_set_header list does.
@@ -91,8 +91,8 @@ class UpstreamRuntime:
         self.peers = PeerSet.from_conf(conf)
         self.balancer = create_balancer(conf, self.peers)
         self.key_getter = _balancer_key_getter(self.balancer, conf)
-        # round robin's per-request state (or a method's that inherits it, unkeyed): made by
-        # balancer_request itself
+        # round robin's per-request state (or a method's that inherits it, unkeyed): for a
+        # single peer, one state shared by the requests (see _single_peer_state)
         method = type(self.balancer)
         self.round_robin_state = (self.key_getter is None
                                   and getattr(method, "new_request", None) is RoundRobin.new_request)
@@ -180,19 +180,6 @@ class UpstreamRuntime:
             self.refresh_weights()
         state = self.single_state
         if state is not None and self.hook is None:  # (see _single_peer_state)
-            return state
-        if self.round_robin_state:
-            # RoundRobin.new_request inlined (keep both alike): round robin's state, and that
-            # of the methods built on it, made here rather than one call further
-            peers = self.balancer.peers
-            tries = peers.tries
-            state = _new_state(BalancerState)
-            state.peer_set = peers
-            state.tries = tries_cap if tries_cap and tries > tries_cap else tries
-            if peers.only is None:
-                state.tried = 0
-                state.on_backup = False
-                state.current = None
             return state
         key_getter = self.key_getter
         if key_getter is None:
