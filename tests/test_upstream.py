@@ -429,13 +429,8 @@ def _seen(handler: Handler) -> tuple[object, ...]:
             handler.error)
 
 
-@pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize(("kept", "response"), _REMEMBERED_HEADS)
-def test_a_head_seen_before_reads_the_same_without_header_callbacks(
-        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch, kept: bool | None,
-        response: bytes, split: bool) -> None:
-    """Whole, a response seen before is not parsed at all (its head and body are known);
-    split after its head (``split``), the bare parser reads it."""
+def _header_callbacks(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The names of the headers the full parser's on_header callback will see, in order."""
     calls: list[bytes] = []
     full = UpstreamConnection.on_header
 
@@ -444,6 +439,17 @@ def test_a_head_seen_before_reads_the_same_without_header_callbacks(
         full(self, name, value)
 
     monkeypatch.setattr(UpstreamConnection, "on_header", counted)
+    return calls
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize(("kept", "response"), _REMEMBERED_HEADS)
+def test_a_head_seen_before_reads_the_same_without_header_callbacks(
+        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch, kept: bool | None,
+        response: bytes, split: bool) -> None:
+    """Whole, a response seen before is not parsed at all (its head and body are known);
+    split after its head (``split``), the bare parser reads it."""
+    calls = _header_callbacks(monkeypatch)
     kept = split if kept is None else kept
     cut = response.find(b"\r\n\r\n") + 4 if split else len(response)
     upstream.HEADS.clear()
@@ -519,14 +525,7 @@ def test_a_head_seen_before_on_the_same_connection_reads_the_same(
         loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch, response: bytes) -> None:
     """A connection knows the last head it found in the memo by its bytes alone (no look-up):
     the same response again on it reads as the full parser read it the first time."""
-    calls: list[bytes] = []
-    full = UpstreamConnection.on_header
-
-    def counted(self: UpstreamConnection, name: bytes, value: bytes) -> None:
-        calls.append(name)
-        full(self, name, value)
-
-    monkeypatch.setattr(UpstreamConnection, "on_header", counted)
+    calls = _header_callbacks(monkeypatch)
     upstream.HEADS.clear()
     conn, _ = connect(loop)
     seen = []
