@@ -250,6 +250,24 @@ def test_a_hook_reads_the_figures_and_sets_weights(tmp_path: Path) -> None:
            "id=(None, 'bad peer id') now=4" in log
 
 
+def test_the_tries_to_an_address_a_hook_set_end_in_the_figures(tmp_path: Path) -> None:
+    """A try to an address the hook set (no balancer's peer) is recorded at its end as the
+    balancer's tries are: no longer active, its status the last."""
+    with Backends(respond(body=b"a"), respond(body=b"b")) as backends:
+        conf = upstream_conf([b.addr for b in backends], extra="""balancer_by_python_block {
+                    first = upstream.get_primary_peers()[0]
+                    ngx.log(ngx.NOTICE, "seen=", first["requests"], ",", first["active"], ",",
+                            first["last_status"])
+                    balancer.set_current_peer(first["name"])
+                }""", main_extra="error_log {tmp}/error.log notice;")
+        with Scriptlb(conf.replace("{tmp}", str(tmp_path)), tmp_path) as lb:
+            bodies = [get(lb.port).body for _ in range(4)]
+    log = (tmp_path / "error.log").read_text()
+    assert bodies == [b"a"] * 4
+    assert [line.split("seen=")[1].split(" ")[0] for line in log.splitlines() if "seen=" in line] == [
+        "0,0,None", "1,0,200", "2,0,200", "3,0,200"]
+
+
 # --------------------------------------------------------------------------- real processes
 
 MASTER_CONF = """

@@ -199,10 +199,11 @@ class Attempt(TryRecord):
             self.bytes_sent = conn.sent
             self.bytes_received = conn.received
             self.response_length = conn.body_received
-        if outcome != DONE or peer is None or conn is None:
+        if outcome != DONE or conn is None:
             return self._end_otherwise(upstream, tries, outcome, conn, peer, elapsed, failure, phase)
-        # the usual end: the balancer's peer sent the whole response, which went to the client
-        if upstream.observe is not None:
+        # the usual end: the peer (the balancer's, or an address a hook set) sent the whole
+        # response, which went to the client
+        if peer is not None and upstream.observe is not None:
             upstream.observe(peer, self.connect_time, self.header_time, elapsed, upstream.loop.time())
         pool = self.pool
         if pool is not None:
@@ -211,18 +212,24 @@ class Attempt(TryRecord):
             conn.close()
         stats = upstream.stats
         if stats is not None:
-            # stats.finish(index, status, elapsed, False, sent, received, header_time), inlined:
-            # the try as Recorder.finish keeps it, with no call. A peer's list of ended tries
-            # is only non-empty while a flush is due (flush empties them all when it runs), so
-            # the flush timer needs a look only when the list is empty.
-            ended = stats.ended[peer.stats_index]
-            if not ended and stats.recorder.timer is None:
-                stats.recorder.arm_flush()
-            ended.append((self.status or 0, elapsed, conn.sent, conn.received, self.header_time))
-            if peer.fails:  # (a success may forgive a zone peer's shared failures)
-                disabled = _free_shared(upstream, tries.balancer_state, stats, peer, False)
-            else:
-                disabled = upstream.balancer.free(tries.balancer_state, peer, False, upstream.loop.time())
+            if peer is not None:
+                index = peer.stats_index
+            else:  # (a hook-set address: its peer's index, -1 for none; recorded once)
+                index = self.stats_index
+                self.stats_index = -1
+            if index >= 0:
+                # stats.finish(index, status, elapsed, False, sent, received, header_time),
+                # inlined: the try as Recorder.finish keeps it, with no call. A peer's list of
+                # ended tries is only non-empty while a flush is due (flush empties them all
+                # when it runs), so the flush timer needs a look only when the list is empty.
+                ended = stats.ended[index]
+                if not ended and stats.recorder.timer is None:
+                    stats.recorder.arm_flush()
+                ended.append((self.status or 0, elapsed, conn.sent, conn.received, self.header_time))
+        if peer is None:
+            return None  # (a hook-set address: no balancer's peer to free, no budget spent)
+        if stats is not None and peer.fails:  # (a success may forgive a zone peer's shared failures)
+            disabled = _free_shared(upstream, tries.balancer_state, stats, peer, False)
         else:
             disabled = upstream.balancer.free(tries.balancer_state, peer, False, upstream.loop.time())
         if disabled:
@@ -233,7 +240,7 @@ class Attempt(TryRecord):
                        conn: UpstreamConnection | None, peer: Peer | None, elapsed: float,
                        failure: Failure | None, phase: str) -> Failure | None:
         """end for the outcomes other than the usual DONE (a failure, a retried status, a
-        broken or abandoned try, a tunnel, a hook-set address, a try without a connection)."""
+        broken or abandoned try, a tunnel, a try without a connection)."""
         sample, counted, stats_failed = self._settle_connection(upstream, outcome, conn, peer, elapsed,
                                                                 failure)
         stats = upstream.stats  # (an index is only given out with statistics)
@@ -279,7 +286,7 @@ class Attempt(TryRecord):
         """_end_otherwise's first part: the observation, the connection released or closed,
         and the latency sample, whether the try counts as a failure (for max_fails) and
         whether it failed (for the statistics)."""
-        if outcome in (DONE, UPGRADED):  # (DONE: a hook-set address, or no connection)
+        if outcome in (DONE, UPGRADED):  # (DONE: a try without a connection)
             # a tunnel's life says nothing about the peer's speed: its sample is the head's time
             sample = elapsed if outcome == DONE else self.header_time
             if upstream.observe is not None and peer is not None and sample is not None:
