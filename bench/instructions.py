@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/instructions.py [--low 200] [--high 1200]
                                            [--metrics | --sync | --trace | --tls | --hook | --hook-module]
+                                           [--peers N]
 
 Wall-clock A/Bs on a shared or virtual machine wander by more than the few percent some
 features cost (the peer statistics' budget is 3%). Instruction counts do not: this
@@ -88,12 +89,15 @@ def hook_conf(prefix: Path, listen: int, backend: int, style: str, extra: str = 
 
 
 def proxy_conf(prefix: Path, listen: int, backend: int, extra: str, server_extra: str = "",
-               listen_params: str = "") -> str:
+               listen_params: str = "", peers: int = 1) -> str:
+    """``peers``: how many servers the upstream has (the same backend each time: round robin
+    chooses among them as among distinct ones; one is nginx's single peer, nothing to choose)."""
+    servers = f"server 127.0.0.1:{backend}; " * peers
     return (
         f"daemon off; master_process off; error_log {prefix}/error.log error; pid {prefix}/pid;\n"
         "events {}\n"
         f"http {{ access_log off; {extra}\n"
-        f"  upstream b {{ server 127.0.0.1:{backend}; keepalive 16; }}\n"
+        f"  upstream b {{ {servers}keepalive 16; }}\n"
         f"  server {{ listen 127.0.0.1:{listen}{listen_params}; {server_extra}\n"
         '    location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; }\n'
         "  }\n}\n"
@@ -251,6 +255,9 @@ def main() -> int:
                         help="compare round robin and the crc32 hook as ported (keepalive N, inline)")
     parser.add_argument("--hook-module", action="store_true",
                         help="compare the inline crc32 hook and the same pick imported from a module")
+    parser.add_argument("--peers", type=int, default=1,
+                        help="servers in the round robin upstream (default 1, nginx's single peer; "
+                             "make bench's upstream has 4)")
     opts = parser.parse_args()
     hooked = opts.hook or opts.hook_module
     configs = (METRICS_CONFIGS if opts.metrics else SYNC_CONFIGS if opts.sync
@@ -297,7 +304,7 @@ def main() -> int:
                         certificate = tls_files(work) if extra else ""
                         conf = proxy_conf(prefix, port, backend_port, "", certificate, extra)
                     else:
-                        conf = proxy_conf(prefix, port, backend_port, extra)
+                        conf = proxy_conf(prefix, port, backend_port, extra, peers=opts.peers)
                     name = f"{label}-{count}".replace(" ", "_")
                     counts.append(instructions(procs, work, name, conf, port, count, master=opts.sync,
                                                tls=bool(opts.tls and extra)))
