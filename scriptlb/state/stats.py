@@ -673,6 +673,18 @@ _NO_BUCKETS = [0] * BUCKET_SLOTS
 EndedTry = tuple[int, float | None, int, int, float | None]
 
 
+def _known_sum(values: tuple[Any, ...], start: float) -> tuple[tuple[Any, ...], float]:
+    """The values that are not None (a try without a response header, or whose time says
+    nothing about the peer) and ``start`` plus their sum. sum raises at the first None: only
+    then are the Nones left out, so a batch without any, the usual, is not searched for them
+    (a comparison per try)."""
+    try:
+        return values, sum(values, start)
+    except TypeError:
+        known = tuple(v for v in values if v is not None)
+        return known, sum(known, start)
+
+
 class Recorder:
     """One worker's tries, gathered in plain lists and published to the shared file in batches
     (``PeerStats.publish``) at most ``FLUSH_INTERVAL`` after the first unpublished one, and
@@ -813,22 +825,11 @@ class Recorder:
         _count_codes(self.codes[index], statuses)
         self.sent[index] += sum(sent)
         self.received[index] += sum(received)
-        # (None: a try without a response header, or whose time says nothing about the peer.
-        # sum raises at the first None: the Nones are then left out, and a batch without any,
-        # the usual, is not searched for them, a comparison per try)
-        try:
-            header_sum = sum(headers, self.header_sum[index])
-        except TypeError:
-            headers = tuple(h for h in headers if h is not None)
-            header_sum = sum(headers, self.header_sum[index])
+        headers, header_sum = _known_sum(headers, self.header_sum[index])
         if headers:
             self.header_samples[index] += len(headers)
             self.header_sum[index] = header_sum
-        try:
-            sample_sum = sum(samples, self.sample_sum[index])
-        except TypeError:
-            samples = tuple(s for s in samples if s is not None)
-            sample_sum = sum(samples, self.sample_sum[index])
+        samples, sample_sum = _known_sum(samples, self.sample_sum[index])
         if samples:
             self.samples[index] += len(samples)
             self.sample_sum[index] = sample_sum
