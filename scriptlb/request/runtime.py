@@ -78,7 +78,7 @@ class UpstreamRuntime:
 
     __slots__ = (
         "_hook_pool", "balancer", "conf", "hook", "key_getter", "loop", "name", "observe", "peers", "pool",
-        "round_robin_get", "round_robin_state", "single_state", "stats",
+        "round_robin_get", "single_state", "stats",
     )
 
     def __init__(
@@ -91,14 +91,9 @@ class UpstreamRuntime:
         self.peers = PeerSet.from_conf(conf)
         self.balancer = create_balancer(conf, self.peers)
         self.key_getter = _balancer_key_getter(self.balancer, conf)
-        # round robin's per-request state (or a method's that inherits it, unkeyed): for a
-        # single peer, one state shared by the requests (see _single_peer_state)
-        method = type(self.balancer)
-        self.round_robin_state = (self.key_getter is None
-                                  and getattr(method, "new_request", None) is RoundRobin.new_request)
         # round robin's get (or a method's that inherits it): the tries loop takes a single
         # peer itself
-        self.round_robin_get = getattr(method, "get", None) is RoundRobin.get
+        self.round_robin_get = getattr(type(self.balancer), "get", None) is RoundRobin.get
         self.pool = ConnectionPool(loop, conf.keepalive, conf.keepalive_timeout, conf.keepalive_requests,
                                    conf.keepalive_time)
         # this upstream's records in the instance's live peer statistics (python_peer_stats)
@@ -131,7 +126,9 @@ class UpstreamRuntime:
         the upstream has one (balancer_request tests it per request). One object fewer per
         request. None when the upstream has more than one peer or another method."""
         peers = self.balancer.peers
-        if not self.round_robin_state or peers.only is None:
+        round_robin_state = (self.key_getter is None  # (round robin's, or an unkeyed method's built on it)
+                             and getattr(type(self.balancer), "new_request", None) is RoundRobin.new_request)
+        if not round_robin_state or peers.only is None:
             return None
         state = _new_state(BalancerState)
         state.peer_set = peers
