@@ -1,7 +1,7 @@
 """Python bytecodes per proxied request, by function: where bench/instructions.py's count goes.
 
     .venv/bin/python bench/bytecodes.py [--low 100] [--high 400] [--conf-extra "python_peer_stats off;"]
-                                        [--hook | --hook-module]
+                                        [--hook | --hook-module] [--peers N]
 
 Runs one scriptlb worker (``master_process off``, the config of bench/instructions.py) under a
 ``sys.settrace`` hook that counts the bytecodes each Python function executes (opcode events),
@@ -89,6 +89,9 @@ def main() -> int:
                              "from OpenResty (keepalive N pools it, no enable_keepalive)")
     parser.add_argument("--hook-module", action="store_true",
                         help="the same hook importing its pick from a module on python_package_path")
+    parser.add_argument("--peers", type=int, default=1,
+                        help="servers in the round robin upstream (default 1, nginx's single peer; "
+                             "make bench's has 4)")
     parser.add_argument("--min", type=float, default=3.0,
                         help="list the functions with at least this many bytecodes per request")
     opts = parser.parse_args()
@@ -109,7 +112,8 @@ def main() -> int:
             for count in (opts.low, opts.high):
                 port, = bench_proc.free_ports(1)
                 style = "module" if opts.hook_module else "ported" if opts.hook else ""
-                conf = instructions.hook_conf(work / f"p{count}", port, backend_port, style, opts.conf_extra)
+                conf = instructions.hook_conf(work / f"p{count}", port, backend_port, style, opts.conf_extra,
+                                              peers=opts.peers)
                 results.append(run(procs, work, conf, port, count))
         finally:
             procs.stop_all()

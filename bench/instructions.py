@@ -68,9 +68,10 @@ DIFFERENCES = (
 )
 
 
-def hook_conf(prefix: Path, listen: int, backend: int, style: str, extra: str = "") -> str:
+def hook_conf(prefix: Path, listen: int, backend: int, style: str, extra: str = "", peers: int = 1) -> str:
     """proxy_conf with bench/bench_conf.py's crc32 hook in the upstream ("" = none): "ported" inline,
-    or "module" (writes ``prefix``/lib/picker.py and points python_package_path at it)."""
+    or "module" (writes ``prefix``/lib/picker.py and points python_package_path at it). ``peers``
+    is proxy_conf's, for round robin (a hook picks between two addresses whatever it is)."""
     import bench_conf
 
     ports = [backend, backend]  # two "peers" on the one backend: the hook's modulo still picks
@@ -82,7 +83,7 @@ def hook_conf(prefix: Path, listen: int, backend: int, style: str, extra: str = 
     elif style == "ported":
         code = bench_conf.python_hook(ports, keepalive=False)
     else:
-        return proxy_conf(prefix, listen, backend, extra)
+        return proxy_conf(prefix, listen, backend, extra, peers=peers)
     conf = proxy_conf(prefix, listen, backend, extra)
     marker = "keepalive 16; }"
     return conf.replace(marker, "keepalive 16;\n    balancer_by_python_block {\n" + code + "    }\n  }", 1)
