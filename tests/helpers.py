@@ -637,6 +637,16 @@ class Backends:
 
     def __exit__(self, *exc: object) -> None:
         async def stop() -> None:
+            # Stop accepting first, and let the connections accepted by now make their
+            # transports before the servers close: on Python 3.11 a connection whose transport
+            # is made after Server.close() fails an assertion inside asyncio, which swallows
+            # it and leaks the socket (a ResourceWarning later, in whichever test is running).
+            loop = asyncio.get_running_loop()
+            for backend in self.backends:
+                if backend.server is not None and backend.sock.fileno() >= 0:
+                    loop.remove_reader(backend.sock.fileno())
+            for _ in range(3):  # the accepting task, the transport's connection_made, the handler
+                await asyncio.sleep(0)
             for backend in self.backends:
                 if backend.server is not None:
                     backend.server.close()
