@@ -77,6 +77,15 @@ def write_conf(prefix: Path, port: int, servers: list[str]) -> Path:
     return conf
 
 
+def no_new_request_reaches(backend: Any, port: int, requests: int = 10) -> bool:
+    """``requests`` proxied GETs over new connections (spread over the workers): none reached
+    ``backend``?"""
+    served = len(backend.requests)
+    for _ in range(requests):
+        worker_of(port)
+    return len(backend.requests) == served
+
+
 def workers_seen(backend: Any) -> set[str]:
     return {r.header("X-Worker") or "" for r in backend.requests}
 
@@ -142,11 +151,9 @@ def test_api_reads_writes_in_every_worker_and_survives_a_restart(tmp_path: Path)
                 f"server {bk[0].addr} weight=5 max_fails=1 fail_timeout=10s max_conns=0;\n"
                 f"server {bk[2].addr} weight=2 max_fails=1 fail_timeout=10s max_conns=0;\n"
             )
-            time.sleep(0.3)  # every worker polled the change
-            served = len(bk[1].requests)
-            for _ in range(20):
-                worker_of(port)
-            assert len(bk[1].requests) == served, "a removed server gets no new request"
+            # every worker polls the change (within 50 ms, later on a loaded machine)
+            wait_for(lambda: no_new_request_reaches(bk[1], port), what="every worker to drop the server")
+            assert no_new_request_reaches(bk[1], port, 20), "a removed server gets no new request"
 
         # a restart keeps the list through the state file
         with master_process(tmp_path, conf):
@@ -175,8 +182,11 @@ def test_drain_lets_requests_in_flight_finish(tmp_path: Path) -> None:
             conn = None
             for _ in range(10):  # a request in flight on the slow server
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                before = len(started)
                 conn.request("GET", "/")
-                if wait_for_started(started):
+                # (this request's start: an earlier one that started late, on a loaded machine,
+                # must not pass for it)
+                if wait_for_started(started, before):
                     break
                 conn.getresponse().read()
                 conn.close()
@@ -185,11 +195,10 @@ def test_drain_lets_requests_in_flight_finish(tmp_path: Path) -> None:
             assert status == 200 and entry["drain"] is True
             assert conn.getresponse().read() == b"slow"  # the one in flight finished
             conn.close()
-            time.sleep(0.3)
-            served = len(bk[0].requests)
-            for _ in range(10):
-                worker_of(port)
-            assert len(bk[0].requests) == served
+            # every worker polls the change (within 50 ms, later on a loaded machine)
+            wait_for(lambda: no_new_request_reaches(bk[0], port),
+                     what="every worker to stop sending to the draining server")
+            assert no_new_request_reaches(bk[0], port)
             peers = api(port, "GET", "/api/9/http/upstreams/backend")[1]["peers"]
             assert peers[0]["state"] == "draining"
 
@@ -200,11 +209,12 @@ def _peers_when(port: int, holds: Callable[[list[dict[str, Any]]], bool]) -> lis
     return peers if holds(peers) else None
 
 
-def wait_for_started(started: list[float], timeout: float = 0.5) -> bool:
+def wait_for_started(started: list[float], before: int, timeout: float = 0.5) -> bool:
+    """Did the slow server start a request after it had started ``before`` of them?"""
     deadline = time.monotonic() + timeout
-    while not started and time.monotonic() < deadline:
+    while len(started) <= before and time.monotonic() < deadline:
         time.sleep(0.01)
-    return bool(started)
+    return len(started) > before
 
 
 # --------------------------------------------------------------------------- in-process
