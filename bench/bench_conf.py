@@ -59,10 +59,14 @@ TARGETS: tuple[Target, ...] = (
     # optional reference, not in the default set: bench/floor_proxy.py, a minimal uvloop+httptools
     # proxy showing what the same event loop and parser reach here
     Target("py-floor", "minimal uvloop+httptools proxy (reference floor, not scriptlb)", "floor"),
+    # the same floor doing the least any proxy must: forward the client's headers, time the
+    # backend's answer out (bench/floor_proxy.py --forward-headers)
+    Target("py-floor-headers", "the py-floor forwarding the client's headers, with a read timeout "
+           "(reference, not scriptlb)", "floor"),
 )
 TARGET_NAMES = tuple(t.name for t in TARGETS)
-# optional targets (named with --targets): the py-floor reference and the two ported-hook styles
-OPTIONAL_TARGETS = ("py-floor", "scriptlb-hook-module", "scriptlb-hook-ported")
+# optional targets (named with --targets): the py-floor references and the two ported-hook styles
+OPTIONAL_TARGETS = ("py-floor", "py-floor-headers", "scriptlb-hook-module", "scriptlb-hook-ported")
 DEFAULT_TARGETS = tuple(t.name for t in TARGETS if t.name not in OPTIONAL_TARGETS)
 # the high-concurrency run (--overload-connections): scriptlb beside nginx and HAProxy
 OVERLOAD_TARGETS = ("scriptlb", "nginx", "haproxy")  # scriptlb first: a short budget keeps it

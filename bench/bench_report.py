@@ -48,6 +48,9 @@ RATIOS = (
     # the optional py-floor reference (bench/floor_proxy.py): how far scriptlb is from the floor
     ("scriptlb / py-floor req/s", "scriptlb", "py-floor", "rps", None, None),
     ("CPU-normalized scriptlb / py-floor", "py-floor", "scriptlb", "cpu_s_per_1k", None, None),
+    # what forwarding the client's headers and a read timeout cost the floor itself
+    ("CPU-normalized py-floor-headers / py-floor", "py-floor", "py-floor-headers", "cpu_s_per_1k",
+     None, None),
 )
 IDLE_GOAL_KIB = 8.0
 

@@ -1,11 +1,19 @@
 """A deliberately minimal uvloop + httptools reverse proxy: the floor of Python's per-request cost.
 
-    python bench/floor_proxy.py LISTEN_PORT BACKEND_PORT,BACKEND_PORT,...
+    python bench/floor_proxy.py LISTEN_PORT BACKEND_PORT,BACKEND_PORT,... [--forward-headers]
 
 Not scriptlb and not a product: no config, no header rewriting, no timeouts, no retries, GET
 only, responses passed through as received. The harness runs it as the optional ``py-floor``
 target (``--targets ...,py-floor``) to show what the same event loop and parser reach on this
 machine, so the gap between it and scriptlb is the cost of scriptlb's own per-request work.
+
+It does less than any proxy must: it sends the backend a fixed request head (the client's
+headers are not even parsed) and waits on the backend without a timeout. ``--forward-headers``
+(the ``py-floor-headers`` target) adds just that minimum, in subclasses so that the plain floor
+runs the same code as before: the client's headers are forwarded (but Host and Connection,
+which a proxy replaces) and each request to the backend arms a read timeout, cancelled when
+the response is complete. What that adds is spent before any of nginx's semantics (header
+edits, pool limits, retries, failure accounting, logging).
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import sys
 
 import httptools
 import uvloop
+
+READ_TIMEOUT = 60.0  # --forward-headers: the backend's read timeout (nginx's proxy_read_timeout)
 
 
 class Upstream(asyncio.Protocol):
@@ -28,6 +38,7 @@ class Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.send = transport.write  # type: ignore[attr-defined]  # (a bound method: no extra call)
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
@@ -97,8 +108,7 @@ class Client(asyncio.Protocol):
         if idle:
             up = idle.pop()
             up.client = self
-            assert up.transport is not None
-            up.transport.write(request)
+            up.send(request)
         else:
             task = asyncio.ensure_future(self.proxy.connect(self, port, request))
             self.proxy.tasks.add(task)
@@ -112,15 +122,68 @@ class Proxy:
         self.idle: dict[int, list[Upstream]] = {p: [] for p in backends}
         self.turn = 0
         self.tasks: set[asyncio.Future] = set()
+        self.client: type[Client] = Client
+        self.upstream: type[Upstream] = Upstream
 
     def pick(self) -> int:
         self.turn += 1
         return self.backends[self.turn % len(self.backends)]
 
     async def connect(self, client: Client, port: int, request: bytes) -> None:
-        transport, up = await self.loop.create_connection(lambda: Upstream(self, port), "127.0.0.1", port)
+        _transport, up = await self.loop.create_connection(lambda: self.upstream(self, port),
+                                                           "127.0.0.1", port)
         up.client = client
-        transport.write(request)
+        up.send(request)
+
+
+class TimedUpstream(Upstream):
+    """--forward-headers: a read timeout per request, as any proxy has."""
+
+    timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.send = self._send_timed
+
+    def _send_timed(self, request: bytes) -> None:
+        self.timer = self.proxy.loop.call_later(READ_TIMEOUT, self._timed_out)
+        assert self.transport is not None
+        self.transport.write(request)
+
+    def _timed_out(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def on_message_complete(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        super().on_message_complete()
+
+
+class ForwardingClient(Client):
+    """--forward-headers: the client's headers go to the backend (Host and Connection replaced)."""
+
+    headers: list[tuple[bytes, bytes]]
+
+    def on_url(self, url: bytes) -> None:
+        self.url = url
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_message_complete(self) -> None:
+        keep = self.parser.should_keep_alive()
+        lines = [b"GET " + self.url + b" HTTP/1.1\r\nHost: backend\r\n"]
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower != b"host" and lower != b"connection":
+                lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"\r\n")
+        self.queue.append((b"".join(lines), keep))
+        if not self.busy:
+            self.next()
 
 
 def main() -> int:
@@ -129,7 +192,10 @@ def main() -> int:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     proxy = Proxy(loop, backends)
-    loop.run_until_complete(loop.create_server(lambda: Client(proxy), "127.0.0.1", listen, backlog=4096))
+    if "--forward-headers" in sys.argv[3:]:
+        proxy.client, proxy.upstream = ForwardingClient, TimedUpstream
+    loop.run_until_complete(loop.create_server(lambda: proxy.client(proxy), "127.0.0.1", listen,
+                                               backlog=4096))
     try:
         loop.run_forever()
     except KeyboardInterrupt:

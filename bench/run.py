@@ -268,6 +268,8 @@ class Harness:
         elif t.kind == "floor":
             argv = [sys.executable, str(HERE / "floor_proxy.py"), str(listen),
                     ",".join(str(p) for p in self.backend_ports)]
+            if t.name == "py-floor-headers":
+                argv.append("--forward-headers")
         else:
             argv = [sys.executable, "-m", "scriptlb", "-p", prefix, "-c", conf]
         proc = self.procs.start(t.name, argv, cpus=self.cpus_for(t), cwd=str(ROOT))
