@@ -77,13 +77,24 @@ def write_conf(prefix: Path, port: int, servers: list[str]) -> Path:
     return conf
 
 
-def no_new_request_reaches(backend: Any, port: int, requests: int = 10) -> bool:
-    """``requests`` proxied GETs over new connections (spread over the workers): none reached
-    ``backend``?"""
+def no_new_request_reaches(backend: Any, port: int, per_worker: int = 10, workers: int = 2) -> bool:
+    """Proxied GETs over new connections until each of the ``workers`` answered ``per_worker``
+    of them (bounded): did none reach ``backend``?
+
+    Counted per worker because a worker that has not polled a change yet sends the server only
+    its share of requests. Smooth weighted round robin gives every peer its weight in any run of
+    sum(weights) requests, so with ``per_worker`` at least that sum a True means that every
+    worker had applied the change (one that had not would have sent the server one of them)."""
     served = len(backend.requests)
-    for _ in range(requests):
-        worker_of(port)
-    return len(backend.requests) == served
+    answered: dict[str, int] = {}
+    for _ in range(per_worker * workers * 10):
+        worker = worker_of(port)  # (the echo of the request, whose X-Worker is the worker's pid)
+        answered[worker] = answered.get(worker, 0) + 1
+        if len(backend.requests) != served:
+            return False
+        if len(answered) >= workers and min(answered.values()) >= per_worker:
+            return True
+    return False  # the connections never reached every worker: not known yet
 
 
 def workers_seen(backend: Any) -> set[str]:
@@ -151,9 +162,11 @@ def test_api_reads_writes_in_every_worker_and_survives_a_restart(tmp_path: Path)
                 f"server {bk[0].addr} weight=5 max_fails=1 fail_timeout=10s max_conns=0;\n"
                 f"server {bk[2].addr} weight=2 max_fails=1 fail_timeout=10s max_conns=0;\n"
             )
-            # every worker polls the change (within 50 ms, later on a loaded machine)
-            wait_for(lambda: no_new_request_reaches(bk[1], port), what="every worker to drop the server")
-            assert no_new_request_reaches(bk[1], port, 20), "a removed server gets no new request"
+            # every worker polls the change (within 50 ms, later on a loaded machine); weights
+            # 5 + 1 + 2 before: 10 requests per worker show a worker that has not
+            wait_for(lambda: no_new_request_reaches(bk[1], port), timeout=40,
+                     what="every worker to drop the server")
+            assert no_new_request_reaches(bk[1], port), "a removed server gets no new request"
 
         # a restart keeps the list through the state file
         with master_process(tmp_path, conf):
@@ -196,7 +209,7 @@ def test_drain_lets_requests_in_flight_finish(tmp_path: Path) -> None:
             assert conn.getresponse().read() == b"slow"  # the one in flight finished
             conn.close()
             # every worker polls the change (within 50 ms, later on a loaded machine)
-            wait_for(lambda: no_new_request_reaches(bk[0], port),
+            wait_for(lambda: no_new_request_reaches(bk[0], port), timeout=40,
                      what="every worker to stop sending to the draining server")
             assert no_new_request_reaches(bk[0], port)
             peers = api(port, "GET", "/api/9/http/upstreams/backend")[1]["peers"]
