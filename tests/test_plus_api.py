@@ -82,9 +82,9 @@ def no_new_request_reaches(backend: Any, port: int, per_worker: int = 10, worker
     of them (bounded): did none reach ``backend``?
 
     Counted per worker because a worker that has not polled a change yet sends the server only
-    its share of requests. Smooth weighted round robin gives every peer its weight in any run of
-    sum(weights) requests, so with ``per_worker`` at least that sum a True means that every
-    worker had applied the change (one that had not would have sent the server one of them)."""
+    its share of requests. Smooth weighted round robin gives every peer its weight in each cycle
+    of sum(weights) requests, so with ``per_worker`` above that sum a worker that had not
+    applied the change would almost surely have sent the server one of them."""
     served = len(backend.requests)
     answered: dict[str, int] = {}
     for _ in range(per_worker * workers * 10):
